@@ -1,0 +1,1 @@
+"""Command-line interfaces: thin click commands over the library."""

@@ -1,0 +1,341 @@
+"""Configuration: YAML file -> frozen dataclass.
+
+Every key has a default, so no file is needed. The file is ``/etc/llem/llem.yaml`` or the one
+named by ``LLEM_CONFIG``; ``LLEM_<SECTION>_<KEY>`` environment variables override single keys
+(``LLEM_SAMPLER_INTERVAL_S=1``). Unknown keys are rejected with the nearest valid name.
+
+PyYAML is imported only when a file is actually read: the Prolog and sampler paths must start
+fast on nodes that run on defaults.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from llem.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/llem/llem.yaml")
+
+# Environment variables that start with LLEM_ but are not config keys.
+NON_KEY_ENV = frozenset(
+    {"LLEM_CONFIG", "LLEM_POWERCAP_ROOT", "LLEM_BIN", "LLEM_SHARE_DIR", "LLEM_DEBUG"}
+)
+
+MIN_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    interval_s: float = 10.0
+    """Seconds between two reads of every sensor (0.1 at least; RAPL needs a few seconds)."""
+    linger_s: float = 0.0
+    """How long the node sampler stays up after its last job is gone."""
+    nice: int = 10
+    """Niceness the sampler sets for itself so that it never competes with jobs."""
+
+
+@dataclass(frozen=True)
+class EstimateConfig:
+    cpu_tdp_w: float | None = None
+    """TDP of one CPU package in watts; None looks the CPU model up in share/cpu_tdp.csv."""
+    cpu_idle_fraction: float = 0.3
+    """Share of TDP drawn by an idle package (methodology.md gives the basis)."""
+    memory_w_per_gb: float = 0.3725
+    """DRAM power per GB in use (Green Algorithms' figure)."""
+
+
+@dataclass(frozen=True)
+class CarbonConfig:
+    region: str | None = None
+    """Grid region for the intensity table (ISO country, US-XX, eGRID, cloud region)."""
+    pue: float | dict[str, float] = 1.0
+    """Power usage effectiveness: a constant, or a mapping of 'YYYY-MM' to a value."""
+    intensity_file: str | None = None
+    """CSV of hourly intensity (UTC timestamp, gCO2e/kWh, optional region)."""
+    intensity_g_per_kwh: float | None = None
+    """A constant intensity that overrides the tables (source: 'configured constant')."""
+    provider: str | None = None
+    """Optional online provider: 'electricitymaps' or 'uk-carbon-intensity'; off by default."""
+    provider_token: str | None = None
+    """Token of the online provider, where it needs one."""
+
+
+@dataclass(frozen=True)
+class EmbodiedConfig:
+    enabled: bool = False
+    gpu_kgco2e: float = 150.0
+    gpu_lifetime_years: float = 6.0
+    node_kgco2e: float = 2500.0
+    node_lifetime_years: float = 6.0
+
+
+@dataclass(frozen=True)
+class Config:
+    cluster: str = "default"
+    """Cluster name; Slurm's SLURM_CLUSTER_NAME wins inside jobs."""
+    state_dir: str = "/var/lib/llem"
+    """Node-local directory of the node store (root-owned)."""
+    spool_dir: str = "/var/spool/llem"
+    """Shared directory where epilogs drop finished jobs' slices."""
+    ledger: str = "/var/lib/llem/ledger.db"
+    """Path of the cluster ledger (SQLite)."""
+    sensors: str | tuple[str, ...] = "auto"
+    """'auto', or a list of sensor names among 'rapl', 'nvml', 'estimate'."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    carbon: CarbonConfig = field(default_factory=CarbonConfig)
+    embodied: EmbodiedConfig = field(default_factory=EmbodiedConfig)
+    source: str = "defaults"
+    """Where this configuration came from (a path, or 'defaults'); not a key."""
+
+
+SENSOR_NAMES = ("rapl", "nvml", "estimate")
+_SECTIONS = {
+    "sampler": SamplerConfig,
+    "estimate": EstimateConfig,
+    "carbon": CarbonConfig,
+    "embodied": EmbodiedConfig,
+}
+_TOP_KEYS = tuple(f.name for f in fields(Config) if f.name != "source")
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. ``sampler.interval_s``."""
+    keys = []
+    for name in _TOP_KEYS:
+        if name in _SECTIONS:
+            keys += [f"{name}.{f.name}" for f in fields(_SECTIONS[name])]
+        else:
+            keys.append(name)
+    return keys
+
+
+def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _check_type(key: str, value: Any, annotation: str, where: str) -> Any:
+    """Validate one value against the field's annotation (kept as a string)."""
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: '{key}' may not be empty")
+    if key == "sensors":
+        if value == "auto":
+            return value
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ConfigError(f"{where}: 'sensors' must be 'auto' or a list of sensor names")
+        for s in items:
+            if s not in SENSOR_NAMES:
+                raise _unknown_sensor(s, where)
+        return tuple(items)
+    if key == "carbon.pue" and isinstance(value, dict):
+        out = {}
+        for month, pue in value.items():
+            month = str(month)
+            if len(month) != 7 or month[4] != "-" or not (month[:4] + month[5:]).isdigit():
+                raise ConfigError(f"{where}: 'carbon.pue' month '{month}' is not YYYY-MM")
+            out[month] = _number(key, pue, where)
+            _check_range(key, out[month], where)
+        return out
+    if annotation.startswith("float") or annotation.startswith("int"):
+        if annotation.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+            return value
+        number = _number(key, value, where)
+        _check_range(key, number, where)
+        return number
+    if annotation.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+        return value
+    if annotation.startswith("str"):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _unknown_sensor(name: str, where: str) -> ConfigError:
+    near = difflib.get_close_matches(name, SENSOR_NAMES, n=1)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return ConfigError(
+        f"{where}: unknown sensor '{name}' in 'sensors' (valid: {', '.join(SENSOR_NAMES)}){hint}"
+    )
+
+
+def _number(key: str, value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}") from None
+
+
+def _check_range(key: str, value: float, where: str) -> None:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{where}: '{key}' must be a finite number")
+    if key == "sampler.interval_s" and value < MIN_INTERVAL_S:
+        raise ConfigError(f"{where}: 'sampler.interval_s' must be at least {MIN_INTERVAL_S} s")
+    if key == "carbon.pue" and value < 1.0:
+        raise ConfigError(f"{where}: 'carbon.pue' must be at least 1.0, got {value}")
+    if key == "estimate.cpu_idle_fraction" and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{where}: 'estimate.cpu_idle_fraction' must be between 0 and 1")
+    if value < 0:
+        raise ConfigError(f"{where}: '{key}' may not be negative, got {value}")
+
+
+def _annotations(cls) -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(cls)}
+
+
+def from_mapping(data: Mapping[str, Any], where: str = "config") -> Config:
+    """Build a Config from a parsed mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys to values")
+    top = _annotations(Config)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key)
+        if key not in _TOP_KEYS:
+            raise _unknown(key, all_keys() + list(_SECTIONS), where)
+        if key in _SECTIONS:
+            cls = _SECTIONS[key]
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: '{key}' must be a mapping of keys to values")
+            sub = _annotations(cls)
+            sub_kwargs = {}
+            for sub_key, sub_value in value.items():
+                dotted = f"{key}.{sub_key}"
+                if sub_key not in sub:
+                    raise _unknown(dotted, all_keys(), where)
+                sub_kwargs[sub_key] = _check_type(dotted, sub_value, sub[sub_key], where)
+            kwargs[key] = cls(**sub_kwargs)
+        else:
+            kwargs[key] = _check_type(key, value, top[key], where)
+    return Config(**kwargs, source=where)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    import yaml  # only when a file exists: keeps the default start-up path light
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: malformed YAML{pos}: {e.problem or e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: malformed YAML: {e}") from e
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """Turn LLEM_<KEY> variables into a nested mapping of raw values (YAML scalars)."""
+    by_env = {"LLEM_" + k.upper().replace(".", "_"): k for k in all_keys()}
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith("LLEM_") or name in NON_KEY_ENV:
+            continue
+        key = by_env.get(name)
+        if key is None:
+            near = difflib.get_close_matches(name, list(by_env), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise ConfigError(f"environment: unknown variable {name}{hint}")
+        value: Any = raw
+        if key == "sensors" and raw != "auto":
+            value = [s.strip() for s in raw.split(",") if s.strip()]
+        elif key == "embodied.enabled":
+            value = raw.strip().lower() in ("1", "true", "yes", "on")
+        elif key in ("sampler.nice",):
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(f"environment: {name} must be an integer, got {raw!r}") from None
+        if "." in key:
+            section, sub = key.split(".", 1)
+            out.setdefault(section, {})[sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env["LLEM_CONFIG"]) if env.get("LLEM_CONFIG") else DEFAULT_CONFIG_PATH
+
+
+def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration in effect.
+
+    Args:
+        path: a YAML file; default ``$LLEM_CONFIG`` or ``/etc/llem/llem.yaml``. An explicitly
+            named file (argument or LLEM_CONFIG) must exist; the default one may be absent.
+        env: the environment for ``LLEM_*`` overrides (default ``os.environ``).
+
+    Raises:
+        ConfigError: unreadable or malformed file, unknown key, wrong type or range.
+    """
+    env = os.environ if env is None else env
+    explicit = path is not None or bool(env.get("LLEM_CONFIG"))
+    file = Path(path) if path is not None else config_path(env)
+    data: dict[str, Any] = {}
+    where = "defaults"
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{file}: config file not found") from None
+        text = None
+    except PermissionError:
+        raise ConfigError(f"{file}: permission denied reading the config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: cannot read the config file: {e}") from e
+    if text is not None:
+        where = str(file)
+        parsed = _parse_yaml(text, where)
+        if parsed is None:
+            parsed = {}
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"{where}: the top level must be a mapping of keys to values")
+        data = parsed
+        from_mapping(data, where)  # report file errors against the file, before overrides
+    overrides = _env_overrides(env)
+    if overrides:
+        from_mapping(overrides, "environment")
+        data = _merge(data, overrides)
+        where = f"{where} + environment" if where != "defaults" else "defaults + environment"
+    return from_mapping(data, where)
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    """The configuration as plain data (for `llem doctor` and JSON output)."""
+    from dataclasses import asdict
+
+    out = asdict(config)
+    if isinstance(out.get("sensors"), tuple):
+        out["sensors"] = list(out["sensors"])
+    return out
