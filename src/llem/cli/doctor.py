@@ -1,0 +1,170 @@
+"""``llem doctor``: what this node can measure, and exactly why not."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import pwd
+import stat
+import sys
+from pathlib import Path
+
+import click
+
+from llem import __version__
+from llem import config as config_mod
+from llem.errors import ConfigError
+
+
+def _path_info(path: str) -> dict:
+    p = Path(path)
+    info: dict = {"path": path, "exists": False}
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        parent = p.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        info["creatable"] = os.access(parent, os.W_OK | os.X_OK)
+        return info
+    except OSError as e:
+        info["error"] = e.strerror
+        return info
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    info.update(
+        exists=True,
+        type="symlink" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "file",
+        owner=owner,
+        mode=f"{stat.S_IMODE(st.st_mode):04o}",
+        writable=os.access(p, os.W_OK),
+    )
+    if st.st_mode & stat.S_IWOTH:
+        info["warning"] = "writable by everyone"
+    return info
+
+
+def diagnose(env: dict | None = None) -> dict:
+    """Everything ``llem doctor`` reports, as data."""
+    from llem.sensors import probe_all
+
+    env = dict(os.environ) if env is None else env
+    report: dict = {
+        "llem": __version__,
+        "python": sys.version.split()[0],
+        "host": platform.node(),
+        "node": env.get("SLURMD_NODENAME") or platform.node().split(".")[0],
+        "uid": os.geteuid(),
+        "config_file": str(config_mod.config_path(env)),
+        "config_error": None,
+        "problems": [],
+    }
+    try:
+        config = config_mod.load(env=env)
+    except ConfigError as e:
+        report["config_error"] = str(e)
+        report["problems"].append(f"config: {e}")
+        config = config_mod.Config(source="defaults (the config is invalid)")
+    report["config_source"] = config.source
+    report["config"] = config_mod.as_dict(config)
+    if report["config"]["carbon"].get("provider_token"):
+        report["config"]["carbon"]["provider_token"] = "***"
+    probes = probe_all(env)
+    report["sensors"] = [
+        {
+            "sensor": p.sensor,
+            "available": p.available,
+            "devices": [{"key": d.key, "component": d.component, "source": d.source,
+                         "method": d.method} for d in p.devices],
+            "problems": list(p.problems),
+            "notes": list(p.notes),
+        }
+        for p in probes
+    ]
+    coverage = {}
+    for component in ("cpu", "dram", "gpu"):
+        measured = [p.sensor for p in probes if p.available and p.sensor != "estimate"
+                    and any(d.component == component for d in p.devices)]
+        if measured:
+            coverage[component] = f"measured ({', '.join(measured)})"
+        elif component in ("cpu", "dram"):
+            coverage[component] = "estimated (model: docs/methodology.md)"
+        else:
+            coverage[component] = "none (no NVIDIA GPU or driver found)"
+    report["coverage"] = coverage
+    report["paths"] = {
+        "state_dir": _path_info(config.state_dir),
+        "spool_dir": _path_info(config.spool_dir),
+        "ledger": _path_info(config.ledger),
+    }
+    for name, info in report["paths"].items():
+        if info.get("warning"):
+            report["problems"].append(f"{name} {info['path']}: {info['warning']}")
+    report["environment"] = {k: v for k, v in sorted(env.items()) if k.startswith("LLEM_")}
+    if os.geteuid() != 0:
+        report["notes"] = ["not running as root: what root-only counters show may differ"]
+    return report
+
+
+def render(report: dict) -> str:
+    out = [f"llem {report['llem']} on {report['node']} (host {report['host']}, uid {report['uid']},"
+           f" Python {report['python']})", ""]
+    out.append(f"Config: {report['config_source']}")
+    if report["config_error"]:
+        out.append(f"  ERROR {report['config_error']}")
+    out.append("")
+    out.append("What this node measures:")
+    for component, how in report["coverage"].items():
+        out.append(f"  {component:<5} {how}")
+    out.append("")
+    out.append("Sensors:")
+    for s in report["sensors"]:
+        state = "available" if s["available"] else "not available"
+        out.append(f"  {s['sensor']}: {state}")
+        for d in s["devices"]:
+            out.append(f"    {d['key']} ({d['component']}, {d['source']}, {d['method']})")
+        for p in s["problems"]:
+            out.append(f"    why not: {p}")
+        for n in s["notes"]:
+            out.append(f"    note: {n}")
+    out.append("")
+    out.append("Paths:")
+    for name, info in report["paths"].items():
+        if info["exists"]:
+            desc = (f"{info['type']}, owner {info['owner']}, mode {info['mode']}, "
+                    f"{'writable' if info['writable'] else 'not writable'} by this user")
+        elif "error" in info:
+            desc = f"cannot inspect: {info['error']}"
+        else:
+            desc = "missing (" + ("can be created" if info.get("creatable") else
+                                  "cannot be created by this user") + ")"
+        out.append(f"  {name:<9} {info['path']}: {desc}")
+    if report["environment"]:
+        out.append("")
+        out.append("Environment:")
+        for k, v in report["environment"].items():
+            out.append(f"  {k}={v}")
+    for note in report.get("notes", []):
+        out.append(f"\nNote: {note}")
+    if report["problems"]:
+        out.append("")
+        out.append("Problems:")
+        out.extend(f"  - {p}" for p in report["problems"])
+    return "\n".join(out)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool) -> None:
+    """Show what this node can measure and exactly why not.
+
+    Exits 1 when the configuration is invalid, 0 otherwise (a node with nothing to read is
+    not an error: llem then estimates, and says so).
+    """
+    report = diagnose()
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    ctx.exit(1 if report["config_error"] else 0)

@@ -1,0 +1,101 @@
+"""``llem sampler``: the node sampler, standalone.
+
+Kept free of click and of anything heavy: it starts on every job, so its imports are part of
+the job's start-up cost (docs/performance.md has the figure). ``llem.cli.main`` hands
+``llem sampler ...`` straight to :func:`main` before click is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from llem import config as config_mod
+from llem.errors import LlemError
+
+log = logging.getLogger("llem.sampler")
+
+
+def node_name(env: dict | None = None) -> str:
+    """Slurm's node name when there is one (several slurmd may share a host), else the host."""
+    env = os.environ if env is None else env
+    return env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+
+def store_path(config: config_mod.Config, node: str) -> Path:
+    return Path(config.state_dir) / f"node-{node}.db"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="llem sampler",
+        description="Read this node's energy counters every interval into the node store.",
+    )
+    p.add_argument("--interval", type=float, help="seconds between reads (default from config)")
+    p.add_argument("--store", type=Path, help="node store file (default STATE_DIR/node-NODE.db)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="llem sampler: %(levelname)s %(message)s")
+    try:
+        return _run(args)
+    except LlemError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llem.sampler import Sampler
+    from llem.sensors import open_sensors
+    from llem.store.node import open_or_quarantine
+
+    config = config_mod.load()
+    interval_s = args.interval if args.interval is not None else config.sampler.interval_s
+    if interval_s < config_mod.MIN_INTERVAL_S:
+        raise LlemError(f"--interval must be at least {config_mod.MIN_INTERVAL_S} s")
+    try:
+        os.nice(config.sampler.nice)
+    except OSError:
+        pass
+    path = args.store or store_path(config, node_name())
+    store, moved = open_or_quarantine(path)
+    if moved is not None:
+        log.error("corrupt node store moved to %s", moved)
+    opened = open_sensors(config)
+    for note in opened.notes:
+        log.info("%s", note)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    if args.duration is not None:
+        timer = threading.Timer(args.duration, stop.set)
+        timer.daemon = True
+        timer.start()
+    sampler = Sampler(opened.sensors, [store], interval_s=interval_s)
+    log.info("sampling %d devices every %.3g s into %s", len(sampler.devices), interval_s, path)
+    try:
+        sampler.run(stop)
+    finally:
+        opened.close()
+        store.close()
+    log.info("stopped after %d intervals", sampler.intervals)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""``llem wrap [--name NAME] [--json] [--output FILE] -- CMD ...``"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from llem import config as config_mod
+from llem.errors import LlemError
+from llem.sampler import Sampler
+from llem.sensors import open_sensors
+from llem.units import format_energy_j
+from llem.wrap import Accumulator, ChildRunner, exit_status, result, run_sampler_thread
+
+
+def carbon_for(config: config_mod.Config, acc: Accumulator, duration_s: float) -> tuple[dict, float | None, list[str]]:
+    """The carbon object and CO2e of the window; (carbon, co2e_g, notes)."""
+    carbon = {
+        "region": config.carbon.region,
+        "intensity_g_per_kwh": None,
+        "source": None,
+        "year": None,
+        "basis": None,
+        "pue": config.carbon.pue if isinstance(config.carbon.pue, float) else None,
+        "reason": "carbon accounting is not available in this version of llem",
+    }
+    return carbon, None, []
+
+
+def render_summary(res: dict) -> str:
+    name = f"'{res['name']}'" if res["name"] else "command"
+    lines = [
+        f"llem: {name} ran {res['duration_s']:.2f} s, exit status {res['exit_code']}",
+    ]
+    if not res["components"]:
+        lines.append("  no energy data: no sensor could be opened (see 'llem doctor')")
+    else:
+        power = res["average_power_w"]
+        power_s = f", average {power:.1f} W" if power is not None else ""
+        lines.append(
+            f"  energy {format_energy_j(res['energy_j'])}{power_s} ({res['source']}; "
+            "whole node while the command ran, not only the command)"
+        )
+        width = max(len(c["device"]) for c in res["components"])
+        for c in res["components"]:
+            how = f"{c['source']}, {c['sensor']} {c['method'].replace('_', ' ')}"
+            extra = "  (not added: overlaps others)" if c["component"] == "psys" else ""
+            lines.append(
+                f"  {c['component']:<4} {c['device']:<{width}} {format_energy_j(c['energy_j']):>12}"
+                f"  {how}, coverage {c['coverage'] * 100:.0f}%{extra}"
+            )
+    carbon = res["carbon"]
+    if res["co2e_g"] is None:
+        lines.append(f"  CO2e n/a: {carbon.get('reason', 'no intensity')}")
+    else:
+        pue = carbon.get("pue")
+        lines.append(
+            f"  CO2e {res['co2e_g']:.3f} g at {carbon['intensity_g_per_kwh']:.1f} gCO2e/kWh "
+            f"({carbon['region']}, {carbon['source']}, {carbon['year']}, {carbon['basis']}), "
+            f"PUE {pue}"
+        )
+    for event in res["events"]:
+        lines.append(f"  event: {event['kind']} {event['device'] or ''} {event['detail']}".rstrip())
+    for note in res["notes"]:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def _write_output(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LlemError(f"{path}: cannot write the output file: {e.strerror or e}") from e
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False},
+)
+@click.option("--name", "-n", help="A name for this measurement window.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the JSON object to this file.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds between sensor reads (default: the smaller of 1 s and "
+                   "sampler.interval_s).")
+@click.option("--quiet", "-q", is_flag=True, help="No summary on stderr.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def wrap(ctx: click.Context, name: str | None, as_json: bool, output: Path | None,
+         interval: float | None, quiet: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND and report the energy used while it ran.
+
+    Exits with COMMAND's exit status (128+N when it is killed by signal N). The summary goes
+    to stderr; --json prints one object to stdout.
+
+    \b
+    Example:
+      llem wrap --name train -- python train.py --epochs 3
+    """
+    config = config_mod.load()
+    interval_s = interval if interval is not None else min(1.0, config.sampler.interval_s)
+    opened = open_sensors(config)
+    notes = list(opened.notes)
+    if os.environ.get("SLURM_JOB_ID"):
+        notes.append(
+            "inside a Slurm job: measured standalone (the node sampler's window API is not "
+            "available in this version)"
+        )
+    acc = Accumulator()
+    sampler = Sampler(opened.sensors, [acc], interval_s=interval_s)
+    sampler.start()
+    runner = ChildRunner(command)
+    t0 = time.monotonic()
+    try:
+        runner.start()
+    except FileNotFoundError:
+        opened.close()
+        click.echo(f"llem wrap: {command[0]}: command not found", err=True)
+        ctx.exit(127)
+    except PermissionError:
+        opened.close()
+        click.echo(f"llem wrap: {command[0]}: permission denied", err=True)
+        ctx.exit(126)
+    stop = threading.Event()
+    thread = run_sampler_thread(sampler, stop)
+    try:
+        returncode = runner.wait()
+    finally:
+        duration_s = time.monotonic() - t0
+        stop.set()
+        thread.join(timeout=10)
+        runner.restore()
+        opened.close()
+    carbon, co2e_g, carbon_notes = carbon_for(config, acc, duration_s)
+    res = result(acc, name=name, command=command, exit_code=exit_status(returncode),
+                 duration_s=duration_s, carbon=carbon, co2e_g=co2e_g,
+                 notes=notes + carbon_notes)
+    if not quiet:
+        click.echo(render_summary(res), err=True)
+    text = json.dumps(res, indent=None, sort_keys=False)
+    if output is not None:
+        _write_output(output, text + "\n")
+    if as_json:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    ctx.exit(exit_status(returncode))

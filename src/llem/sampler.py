@@ -1,0 +1,206 @@
+"""The sampler loop: read every sensor each interval, turn counter steps into energy, hand the
+interval to its sinks (the node store, or the in-memory accumulator of ``llem wrap``).
+
+Clock, sensors and sinks are injected. Durations come from the monotonic clock; wall-clock
+time only places intervals on the calendar. A wall clock that jumps (NTP step, manual change)
+is recorded as an event and the interval keeps its true, monotonic length.
+
+Pacing is deadline-based (no drift); the wait is on a ``threading.Event`` so that SIGTERM wakes
+the loop at once, which takes a final reading, flushes and returns well within a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol, Sequence
+
+from llem.sensors.base import OK, Device, Reading, Sensor
+from llem.store.node import EnergyRow, Event, Interval
+from llem.units import GAP, NS_PER_S, counter_delta
+
+log = logging.getLogger(__name__)
+
+# A wall clock that moved this much more or less than the monotonic clock has jumped.
+CLOCK_JUMP_NS = 2 * NS_PER_S
+
+
+class Clock(Protocol):
+    def monotonic_ns(self) -> int: ...
+
+    def time_ns(self) -> int: ...
+
+
+class SystemClock:
+    def monotonic_ns(self) -> int:
+        return time.monotonic_ns()
+
+    def time_ns(self) -> int:
+        return time.time_ns()
+
+
+class Sink(Protocol):
+    def register_devices(self, devices: Iterable[Device], ts_ns: int) -> None: ...
+
+    def write(self, interval: Interval) -> object: ...
+
+
+@dataclass
+class _DeviceState:
+    device: Device
+    raw_uj: int | None = None
+    mono_ns: int | None = None
+    lost: bool = False
+
+
+class Sampler:
+    """Reads sensors and produces :class:`Interval` objects.
+
+    Args:
+        sensors: opened sensors; their device lists are fixed.
+        sinks: where each interval goes (``register_devices`` once, then ``write``).
+        clock: monotonic and wall time (injected in tests).
+        interval_s: seconds between reads (at least 0.1).
+        sampler_id: identifies this sampler's run in the store (pid and start time by default).
+    """
+
+    def __init__(
+        self,
+        sensors: Sequence[Sensor],
+        sinks: Sequence[Sink],
+        clock: Clock | None = None,
+        interval_s: float = 10.0,
+        sampler_id: str | None = None,
+    ) -> None:
+        if interval_s < 0.1:
+            raise ValueError(f"interval_s must be at least 0.1, got {interval_s}")
+        self.sensors = list(sensors)
+        self.sinks = list(sinks)
+        self.clock = clock or SystemClock()
+        self.interval_s = interval_s
+        self.sampler_id = sampler_id or f"{os.getpid()}-{time.time_ns()}"
+        self.devices: list[Device] = [d for s in self.sensors for d in s.devices()]
+        self._state = {d.key: _DeviceState(d) for d in self.devices}
+        self._last_mono: int | None = None
+        self._last_wall: int | None = None
+        self.intervals = 0
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _read_all(self, mono_ns: int) -> list[Reading]:
+        readings: list[Reading] = []
+        for sensor in self.sensors:
+            try:
+                readings.extend(sensor.read(mono_ns))
+            except Exception as e:  # a sensor's bug must not stop the others
+                log.exception("sensor %s failed", sensor.name)
+                readings.extend(
+                    Reading(d.key, None, mono_ns, "error", f"{type(e).__name__}: {e}")
+                    for d in sensor.devices()
+                )
+        return readings
+
+    def start(self) -> None:
+        """Take the baseline reading (no energy yet) and register the devices with the sinks."""
+        mono, wall = self.clock.monotonic_ns(), self.clock.time_ns()
+        for sink in self.sinks:
+            sink.register_devices(self.devices, wall)
+        for reading in self._read_all(mono):
+            st = self._state.get(reading.device_key)
+            if st is not None and reading.energy_uj is not None:
+                st.raw_uj, st.mono_ns = reading.energy_uj, reading.mono_ns
+        self._last_mono, self._last_wall = mono, wall
+
+    def tick(self) -> Interval:
+        """Read every device once and emit the interval since the previous read."""
+        if self._last_mono is None or self._last_wall is None:
+            raise RuntimeError("Sampler.start() must be called before tick()")
+        mono, wall = self.clock.monotonic_ns(), self.clock.time_ns()
+        events: list[Event] = []
+        elapsed_ns = mono - self._last_mono
+        start_wall = self._last_wall
+        end_wall = wall
+        if abs((wall - self._last_wall) - elapsed_ns) > CLOCK_JUMP_NS:
+            jump_s = ((wall - self._last_wall) - elapsed_ns) / NS_PER_S
+            events.append(Event(wall, "clock_jump", f"wall clock moved {jump_s:+.3f} s"))
+            end_wall = start_wall + elapsed_ns
+        rows = [self._row(r, events, wall) for r in self._read_all(mono)]
+        interval = Interval(
+            self.sampler_id, start_wall, end_wall, self._last_mono, mono, tuple(rows),
+            tuple(events),
+        )
+        self._last_mono, self._last_wall = mono, wall
+        for sink in self.sinks:
+            sink.write(interval)
+        self.intervals += 1
+        return interval
+
+    def _row(self, reading: Reading, events: list[Event], wall: int) -> EnergyRow:
+        st = self._state[reading.device_key]
+        dev = st.device
+        if reading.status != OK or reading.energy_uj is None:
+            if reading.status == "lost" and not st.lost:
+                events.append(Event(wall, "device_lost", reading.error or "", dev.key))
+                st.lost = True
+            # Keep the last good raw value: if the device comes back, the step spans the gap
+            # and is judged (plausibility, reset) like any other.
+            return EnergyRow(dev.key, 0, GAP, reading.status, None)
+        if st.lost:
+            events.append(Event(wall, "device_back", "", dev.key))
+            st.lost = False
+        elapsed_s = None if st.mono_ns is None else (reading.mono_ns - st.mono_ns) / NS_PER_S
+        step = counter_delta(
+            st.raw_uj, reading.energy_uj, dev.max_range_uj,
+            elapsed_s=elapsed_s, max_power_w=dev.max_power_w,
+        )
+        if step.kind in ("reset", "gap"):
+            events.append(Event(wall, f"counter_{step.kind}",
+                                f"{st.raw_uj} -> {reading.energy_uj}", dev.key))
+        st.raw_uj, st.mono_ns = reading.energy_uj, reading.mono_ns
+        return EnergyRow(dev.key, step.delta, step.kind, OK, reading.energy_uj)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(
+        self,
+        stop: threading.Event,
+        max_intervals: int | None = None,
+        on_interval: Callable[[Interval], None] | None = None,
+    ) -> None:
+        """Sample until ``stop`` is set (or ``max_intervals``), then take a final reading.
+
+        The caller calls :meth:`start` first, or lets ``run`` do it.
+        """
+        if self._last_mono is None:
+            self.start()
+        interval_ns = int(self.interval_s * NS_PER_S)
+        next_deadline = self.clock.monotonic_ns() + interval_ns
+        while True:
+            remaining = (next_deadline - self.clock.monotonic_ns()) / NS_PER_S
+            if remaining > 0 and stop.wait(remaining):
+                break
+            if stop.is_set():
+                break
+            interval = self.tick()
+            if on_interval is not None:
+                on_interval(interval)
+            if max_intervals is not None and self.intervals >= max_intervals:
+                return
+            next_deadline += interval_ns
+            now = self.clock.monotonic_ns()
+            if next_deadline <= now:  # overran (suspended, stalled): skip the missed beats
+                missed = (now - next_deadline) // interval_ns + 1
+                next_deadline += missed * interval_ns
+        interval = self.tick()  # the final reading: the last partial interval is not lost
+        if on_interval is not None:
+            on_interval(interval)
+
+    def close(self) -> None:
+        for sensor in self.sensors:
+            try:
+                sensor.close()
+            except Exception:
+                log.exception("closing sensor %s failed", sensor.name)

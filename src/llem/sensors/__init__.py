@@ -1,0 +1,116 @@
+"""Sensors and their discovery.
+
+``auto`` opens RAPL where a package counter can be read, NVML where a driver and GPUs exist,
+and the estimate model for whatever CPU or DRAM has no counter, so that every component the
+node has is either measured or estimated, never silently missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from llem.config import Config
+from llem.errors import ConfigError, SensorPermissionError, SensorUnavailable
+from llem.sensors.base import Probe, Sensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenedSensors:
+    sensors: list[Sensor] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        for s in self.sensors:
+            try:
+                s.close()
+            except Exception:
+                log.exception("closing sensor %s", s.name)
+
+
+def open_sensors(
+    config: Config,
+    *,
+    env: Mapping[str, str] | None = None,
+    proc_root: str | os.PathLike = "/proc",
+    gpus: Iterable[str] | None = None,
+) -> OpenedSensors:
+    """Open the sensors the configuration asks for.
+
+    Args:
+        config: the configuration (``sensors``: ``auto`` or a list).
+        env: environment for ``LLEM_POWERCAP_ROOT`` / ``LLEM_HWMON_ROOT`` (default os.environ).
+        proc_root: the /proc tree for the estimate model.
+        gpus: restrict NVML to these GPUs (UUIDs or minor numbers), e.g. a job's allocation.
+
+    Raises:
+        SensorUnavailable / SensorPermissionError: a sensor named explicitly cannot be opened.
+    """
+    from llem.sensors import rapl
+
+    env = os.environ if env is None else env
+    wanted = ("rapl", "nvml", "estimate") if config.sensors == "auto" else tuple(config.sensors)
+    explicit = config.sensors != "auto"
+    out = OpenedSensors()
+    measured_components: set[str] = set()
+
+    if "rapl" in wanted:
+        try:
+            sensor = rapl.RaplSensor(rapl.powercap_root(env), rapl.hwmon_root(env))
+            out.sensors.append(sensor)
+            out.notes.extend(sensor.notes)
+            measured_components |= {d.component for d in sensor.devices()}
+        except (SensorUnavailable, SensorPermissionError) as e:
+            if explicit:
+                raise
+            out.notes.append(f"rapl: {e}")
+
+    if "nvml" in wanted:
+        try:
+            from llem.sensors import nvml
+
+            out.sensors.append(nvml.NvmlSensor(select=gpus))
+        except SensorUnavailable as e:
+            if explicit:
+                raise
+            out.notes.append(f"nvml: {e}")
+        except SensorPermissionError as e:
+            if explicit:
+                raise
+            out.notes.append(f"nvml: {e}")
+
+    if "estimate" in wanted:
+        missing = tuple(c for c in ("cpu", "dram") if c not in measured_components)
+        if missing:
+            from llem.sensors import estimate
+
+            try:
+                out.sensors.append(
+                    estimate.EstimateSensor(config.estimate, components=missing,
+                                            proc_root=proc_root)
+                )
+                out.notes.append(
+                    f"estimate: {', '.join(missing)} estimated by the model (no counter)"
+                )
+            except (SensorUnavailable, OSError) as e:
+                if explicit:
+                    raise ConfigError(f"estimate sensor: {e}") from e
+                out.notes.append(f"estimate: {e}")
+    return out
+
+
+def probe_all(env: Mapping[str, str] | None = None, proc_root: str | os.PathLike = "/proc") -> list[Probe]:
+    """Every sensor's probe, for ``llem doctor``."""
+    from llem.sensors import estimate, nvml, rapl
+
+    env = os.environ if env is None else env
+    return [
+        rapl.probe(rapl.powercap_root(env), rapl.hwmon_root(env)),
+        nvml.probe(),
+        estimate.probe(proc_root=Path(proc_root)),
+    ]

@@ -1,0 +1,1 @@
+"""Storage: the node-local store (and, later, the cluster ledger)."""

@@ -1,0 +1,108 @@
+import threading
+import time
+
+import pytest
+
+from llem.sampler import Sampler
+from llem.store.node import NodeStore
+from llem.wrap import Accumulator
+from tests.fakes import BrokenSensor, FakeClock, FakeSensor
+
+
+def make(tmp_path, sensors, clock=None, interval_s=1.0):
+    store = NodeStore(tmp_path / "state" / "node.db")
+    clock = clock or FakeClock()
+    s = Sampler(sensors, [store], clock=clock, interval_s=interval_s, sampler_id="t")
+    return s, store, clock
+
+
+def test_energy_per_interval_and_totals(tmp_path):
+    sensor = FakeSensor({"a": 0, "b": 1000})
+    s, store, clock = make(tmp_path, [sensor])
+    s.start()
+    for _ in range(5):
+        clock.advance(1.0)
+        sensor.counters["a"] += 100_000
+        sensor.counters["b"] += 7
+        s.tick()
+    assert store.energy_by_device() == {"fake:a": 500_000, "fake:b": 35}
+    assert store.query("SELECT COUNT(*) FROM intervals")[0][0] == 5
+
+
+def test_wrap_reset_and_lost_device(tmp_path):
+    sensor = FakeSensor({"w": 990, "r": 5_000_000, "l": 0}, max_range_uj=1000)
+    sensor_r = sensor
+    s, store, clock = make(tmp_path, [sensor])
+    s.start()
+    clock.advance(1)
+    sensor.counters.update(w=10, r=5_000_100, l=50)  # w wraps: 20 uJ
+    s.tick()
+    clock.advance(1)
+    sensor.counters.update(w=30)
+    sensor_r.counters["r"] = 3  # r goes back beyond any range: w/ max_range 1000 -> reset
+    sensor.status["l"] = "lost"
+    s.tick()
+    rows = store.query("SELECT device_key, energy_uj, kind, status FROM energy ORDER BY interval_id, device_key")
+    assert rows == [
+        ("fake:l", 50, "ok", "ok"), ("fake:r", 100, "ok", "ok"), ("fake:w", 20, "wrap", "ok"),
+        ("fake:l", 0, "gap", "lost"), ("fake:r", 0, "reset", "ok"), ("fake:w", 20, "ok", "ok"),
+    ]
+    kinds = [k for (k,) in store.query("SELECT kind FROM events ORDER BY id")]
+    assert sorted(kinds) == ["counter_reset", "device_lost"]
+
+
+def test_broken_sensor_does_not_stop_the_others(tmp_path):
+    good = FakeSensor({"g": 0})
+    bad = BrokenSensor({"x": 0}, name="broken")
+    s, store, clock = make(tmp_path, [good, bad])
+    s.start()
+    clock.advance(1)
+    good.counters["g"] = 42
+    s.tick()
+    assert store.energy_by_device()["fake:g"] == 42
+    assert store.query("SELECT status FROM energy WHERE device_key='fake:x'") == [("error",)]
+
+
+def test_clock_jump_is_recorded_and_interval_keeps_its_true_length(tmp_path):
+    sensor = FakeSensor({"a": 0})
+    s, store, clock = make(tmp_path, [sensor])
+    s.start()
+    clock.advance(1.0, wall_extra_s=-3600)  # NTP steps the wall clock back an hour
+    sensor.counters["a"] = 10
+    iv = s.tick()
+    assert iv.end_ns - iv.start_ns == 1_000_000_000
+    assert [e.kind for e in iv.events] == ["clock_jump"]
+    assert "-3600" in iv.events[0].detail
+
+
+def test_implausible_jump_is_a_gap_never_a_huge_energy(tmp_path):
+    sensor = FakeSensor({"a": 0}, max_power_w=500)
+    s, store, clock = make(tmp_path, [sensor])
+    s.start()
+    clock.advance(1)
+    sensor.counters["a"] = 10**20
+    s.tick()
+    assert store.energy_by_device()["fake:a"] == 0
+
+
+def test_interval_floor():
+    with pytest.raises(ValueError):
+        Sampler([], [], interval_s=0.05)
+
+
+def test_run_paces_and_stops_promptly_with_final_reading(tmp_path):
+    sensor = FakeSensor({"a": 0})
+    acc = Accumulator()
+    s = Sampler([sensor], [acc], interval_s=0.1)
+    stop = threading.Event()
+    t = threading.Thread(target=s.run, args=(stop,))
+    t.start()
+    time.sleep(0.55)
+    t0 = time.monotonic()
+    stop.set()
+    t.join(2)
+    assert not t.is_alive()
+    assert time.monotonic() - t0 < 0.5
+    # ~5 paced ticks plus the final one
+    assert 4 <= s.intervals <= 8
+    assert acc.mono_ns == pytest.approx(0.55e9, rel=0.25)
