@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh machine, then run the whole suite.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k rapl).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -x scripts/install-slurm.sh ] && [ "$(id -u)" = 0 ]; then
+    # Debian's slurm-wlm and munge for the tests against a real local Slurm (marker: slurm).
+    bash scripts/install-slurm.sh
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+# pytest exits 5 when it collected no test: that fails this script too.
+exec .venv/bin/python -m pytest "$@"
