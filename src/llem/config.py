@@ -238,7 +238,10 @@ def _parse_yaml(text: str, where: str) -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{where}: malformed YAML{pos}: {e.problem or e}") from e
+        context = ""
+        if e.context and e.context_mark is not None and e.context_mark is not mark:
+            context = f" ({e.context} that starts at line {e.context_mark.line + 1})"
+        raise ConfigError(f"{where}: malformed YAML{pos}: {e.problem or e}{context}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: malformed YAML: {e}") from e
 

@@ -1,0 +1,115 @@
+import os
+
+import pytest
+
+from llem import config
+from llem.errors import ConfigError
+
+
+def load_text(tmp_path, text, env=None):
+    p = tmp_path / "llem.yaml"
+    p.write_text(text)
+    return config.load(p, env=env or {})
+
+
+def test_defaults_without_any_file(tmp_path):
+    c = config.load(env={"LLEM_CONFIG": ""})
+    assert c.sampler.interval_s == 10.0 and c.state_dir == "/var/lib/llem"
+    assert c.sensors == "auto"
+
+
+def test_every_key_has_a_default():
+    c = config.Config()
+    for key in config.all_keys():
+        obj = c
+        for part in key.split("."):
+            obj = getattr(obj, part)  # raises if a key had no default
+
+
+def test_full_file(tmp_path):
+    c = load_text(tmp_path, """
+cluster: hpc1
+state_dir: /srv/llem
+sensors: [rapl, nvml]
+sampler:
+  interval_s: 0.5
+carbon:
+  region: DE
+  pue: {2026-01: 1.4, 2026-02: 1.3}
+embodied:
+  enabled: true
+""")
+    assert c.cluster == "hpc1" and c.sensors == ("rapl", "nvml")
+    assert c.sampler.interval_s == 0.5 and c.carbon.pue == {"2026-01": 1.4, "2026-02": 1.3}
+    assert c.embodied.enabled is True
+    assert c.source.endswith("llem.yaml")
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"malformed YAML at line 4, column 1: .*flow sequence that starts at line 3"):
+        load_text(tmp_path, "cluster: a\nsampler:\n  interval_s: [1, 2\n")
+
+
+def test_unknown_key_names_the_nearest_valid_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'sampler.intervl_s'; did you mean 'sampler.interval_s'"):
+        load_text(tmp_path, "sampler:\n  intervl_s: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'stat_dir'; did you mean 'state_dir'"):
+        load_text(tmp_path, "stat_dir: /x\n")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("sampler:\n  interval_s: fast\n", "'sampler.interval_s' must be a number"),
+    ("sampler:\n  interval_s: 0.01\n", "at least 0.1"),
+    ("sampler: 5\n", "'sampler' must be a mapping"),
+    ("embodied:\n  enabled: 'yes'\n", "must be true or false"),
+    ("carbon:\n  pue: 0.8\n", "at least 1.0"),
+    ("carbon:\n  pue: {January: 1.2}\n", "not YYYY-MM"),
+    ("sensors: [rapl, nvm]\n", "did you mean 'nvml'"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("sampler:\n  nice: 1.5\n", "must be an integer"),
+    ("sampler:\n  interval_s: .nan\n", "finite"),
+])
+def test_wrong_types_and_ranges(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_text(tmp_path, text)
+
+
+def test_empty_file_is_defaults(tmp_path):
+    assert load_text(tmp_path, "").sampler.interval_s == 10.0
+
+
+def test_explicit_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(env={"LLEM_CONFIG": str(tmp_path / "nope.yaml")})
+
+
+def test_binary_garbage_file(tmp_path):
+    p = tmp_path / "llem.yaml"
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError):
+        config.load(p, env={})
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(tmp_path):
+    p = tmp_path / "llem.yaml"
+    p.write_text("cluster: x\n")
+    p.chmod(0)
+    with pytest.raises(ConfigError, match="permission denied"):
+        config.load(p, env={})
+
+
+def test_env_overrides_win_over_the_file(tmp_path):
+    c = load_text(tmp_path, "sampler:\n  interval_s: 5\n",
+                  env={"LLEM_SAMPLER_INTERVAL_S": "0.25", "LLEM_SENSORS": "rapl,estimate",
+                       "LLEM_CARBON_REGION": "FR", "LLEM_POWERCAP_ROOT": "/x"})
+    assert c.sampler.interval_s == 0.25 and c.sensors == ("rapl", "estimate")
+    assert c.carbon.region == "FR"
+    assert c.source.endswith("+ environment")
+
+
+def test_bad_env_override_is_reported_as_such(tmp_path):
+    with pytest.raises(ConfigError, match="environment: 'sampler.interval_s' must be a number"):
+        config.load(env={"LLEM_SAMPLER_INTERVAL_S": "soon", "LLEM_CONFIG": "/dev/null"})
+    with pytest.raises(ConfigError, match="did you mean LLEM_SAMPLER_INTERVAL_S"):
+        config.load(env={"LLEM_SAMPLER_INTERVALS": "1", "LLEM_CONFIG": "/dev/null"})

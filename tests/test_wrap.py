@@ -1,0 +1,147 @@
+"""`llem wrap` on real processes: exit codes, signals, the JSON contract, exact energies."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.powercap import DEFAULT_RANGE_UJ, FakePowercap
+
+LLEM = [sys.executable, "-m", "llem.cli.main"]
+
+
+def env_for(tree=None, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
+    env["LLEM_CONFIG"] = "/dev/null"
+    if tree is not None:
+        env["LLEM_POWERCAP_ROOT"] = str(tree.path)
+        env["LLEM_SENSORS"] = "rapl"
+    env.update(extra)
+    return env
+
+
+def wrap(args, tree=None, **kw):
+    return subprocess.run(LLEM + ["wrap", *args], capture_output=True, text=True,
+                          env=env_for(tree), timeout=60, **kw)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    pc = FakePowercap(tmp_path / "pc")
+    pc.add_socket(0, energy_uj=1_000_000)
+    pc.add_socket(1, energy_uj=2_000_000)
+    return pc
+
+
+def burner(tree, steps):
+    """A child that advances the fake counters itself while it runs: the energy is known."""
+    paths = {k: str(p) for k, p in tree.zones.items()}
+    code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        zones = {{k: Path(v) for k, v in {paths!r}.items()}}
+        for name, delta in {steps!r}:
+            f = zones[name] / "energy_uj"
+            rng = int((zones[name] / "max_energy_range_uj").read_text())
+            f.write_text(str((int(f.read_text()) + delta) % rng))
+            time.sleep(0.15)
+    """)
+    return [sys.executable, "-c", code]
+
+
+def test_exact_energy_against_a_powercap_tree_with_a_wrap(tree):
+    tree.set("intel-rapl:0", DEFAULT_RANGE_UJ - 2_000_000)  # package-0 will wrap mid-run
+    steps = [("intel-rapl:0", 1_500_000), ("intel-rapl:0", 1_500_000),
+             ("intel-rapl:1", 4_000_000), ("intel-rapl:0:1", 250_000)]
+    r = wrap(["--json", "--interval", "0.1", "--name", "t1", "--", *burner(tree, steps)], tree)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    energy = {c["device"]: c["energy_j"] for c in out["components"]}
+    assert energy == {"package-0": 3.0, "package-1": 4.0, "dram-0": 0.25, "dram-1": 0.0}
+    assert out["energy_j"] == 7.25
+    assert out["source"] == "measured"
+    assert all(c["source"] == "measured" and c["coverage"] == 1.0 for c in out["components"])
+    assert out["name"] == "t1"
+    assert "package-0" in r.stderr and "measured" in r.stderr
+
+
+def test_json_follows_the_documented_schema(tree):
+    r = wrap(["--json", "--", "true"], tree)
+    out = json.loads(r.stdout)
+    assert out["schema"] == "llem.wrap/1"
+    types = {"name": (str, type(None)), "duration_s": float, "energy_j": (int, float),
+             "components": list, "co2e_g": (float, type(None)), "carbon": dict,
+             "exit_code": int, "start": str, "end": str, "source": str, "scope": str}
+    for key, t in types.items():
+        assert isinstance(out[key], t), key
+    for c in out["components"]:
+        assert set(c) >= {"component", "device", "energy_j", "source"}
+        assert c["component"] in ("cpu", "dram", "gpu", "psys")
+        assert c["source"] in ("measured", "estimated")
+    assert set(out["carbon"]) >= {"region", "intensity_g_per_kwh", "source", "year", "pue"}
+    if out["co2e_g"] is None:
+        assert "co2e" in r.stderr.lower() or "CO2e" in r.stderr
+
+
+def test_output_file(tree, tmp_path):
+    target = tmp_path / "w.json"
+    r = wrap(["--output", str(target), "--", "true"], tree)
+    assert r.returncode == 0 and r.stdout == ""
+    assert json.loads(target.read_text())["exit_code"] == 0
+
+
+@pytest.mark.parametrize("code", [0, 1, 3, 255])
+def test_exit_code_is_the_commands(tree, code):
+    r = wrap(["--", sys.executable, "-c", f"raise SystemExit({code})"], tree)
+    assert r.returncode == code
+
+
+def test_killed_by_signal_exits_128_plus_n(tree):
+    r = wrap(["--json", "--", sys.executable, "-c",
+              "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], tree)
+    assert r.returncode == 128 + signal.SIGKILL
+    assert json.loads(r.stdout)["exit_code"] == 137
+
+
+def test_command_not_found(tree):
+    r = wrap(["--", "no-such-command-llem"], tree)
+    assert r.returncode == 127 and "command not found" in r.stderr
+
+
+def test_sigterm_is_forwarded_to_the_command(tree, tmp_path):
+    marker = tmp_path / "got-term"
+    child = textwrap.dedent(f"""
+        import signal, sys, time, pathlib
+        def on_term(signum, frame):
+            pathlib.Path({str(marker)!r}).write_text("term")
+            sys.exit(42)
+        signal.signal(signal.SIGTERM, on_term)
+        pathlib.Path({str(marker)!r} + ".ready").write_text("")
+        time.sleep(30)
+    """)
+    proc = subprocess.Popen(LLEM + ["wrap", "--json", "--", sys.executable, "-c", child],
+                            env=env_for(tree), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "got-term.ready").exists():
+        assert time.monotonic() < deadline, "child never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert marker.read_text() == "term"
+    assert proc.returncode == 42
+    assert json.loads(out)["exit_code"] == 42
+
+
+def test_no_sensor_at_all_still_runs_the_command(tmp_path):
+    env = env_for(LLEM_POWERCAP_ROOT=str(tmp_path / "none"), LLEM_SENSORS="rapl")
+    r = subprocess.run(LLEM + ["wrap", "--", "true"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    # rapl named explicitly but absent: a clear error, exit 1, no traceback
+    assert r.returncode == 1
+    assert r.stderr.startswith("Error: ") and "Traceback" not in r.stderr
