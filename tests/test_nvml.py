@@ -434,9 +434,7 @@ def test_no_permission_at_init(fake: FakeNvml) -> None:
 def test_no_permission_on_read_is_an_error_reading(fake: FakeNvml) -> None:
     three_gpus(fake)
     with nvml.NvmlSensor() as sensor:
-        fake.gpus[0].errors["nvmlDeviceGetTotalEnergyConsumption"] = (
-            pynvml.NVML_ERROR_NO_PERMISSION
-        )
+        fake.gpus[0].errors["nvmlDeviceGetTotalEnergyConsumption"] = pynvml.NVML_ERROR_NO_PERMISSION
         readings = by_key(sensor.read(1 * S))
     assert readings[f"nvml:{UUID_A}"].status == ERROR
     assert "no permission" in readings[f"nvml:{UUID_A}"].error
@@ -477,9 +475,8 @@ def test_driver_without_gpus(fake: FakeNvml) -> None:
 
 
 def test_error_mapping_raises_from_the_nvml_error() -> None:
-    with pytest.raises(SensorReadError) as e:
-        with nvml._nvml_errors("gpu0 energy"):
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_CORRUPTED_INFOROM)
+    with pytest.raises(SensorReadError) as e, nvml._nvml_errors("gpu0 energy"):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_CORRUPTED_INFOROM)
     assert str(e.value) == "gpu0 energy: NVML error 14: Corrupted infoROM"
     assert isinstance(e.value.__cause__, pynvml.NVMLError_CorruptedInforom)
 
@@ -497,8 +494,10 @@ def test_probe_lists_gpus_and_how_each_is_read(fake: FakeNvml) -> None:
     assert probe.notes == (
         "NVIDIA driver 550.54.15",
         f"gpu0: NVIDIA H100 80GB HBM3, {UUID_B}, minor 0, NVML index 1: energy counter",
-        f"gpu1: NVIDIA H100 80GB HBM3, {UUID_C}, minor 1, NVML index 2: "
-        "no energy counter, power polled and integrated by llem",
+        (
+            f"gpu1: NVIDIA H100 80GB HBM3, {UUID_C}, minor 1, NVML index 2: "
+            "no energy counter, power polled and integrated by llem"
+        ),
         f"gpu2: NVIDIA H100 80GB HBM3, {UUID_A}, minor 2, NVML index 0: energy counter",
     )
     assert fake.count("nvmlInit") == fake.count("nvmlShutdown") == 1

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llem.errors import LlemError, SensorPermissionError, SensorReadError, SensorUnavailable
 from llem.sensors.base import (
@@ -35,6 +36,9 @@ from llem.sensors.base import (
     Probe,
     Reading,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 log = logging.getLogger(__name__)
 
@@ -372,9 +376,7 @@ class NvmlSensor:
         """
         _init()
         try:
-            self.driver_version = _optional(
-                "driver version", _pynvml().nvmlSystemGetDriverVersion
-            )
+            self.driver_version = _optional("driver version", _pynvml().nvmlSystemGetDriverVersion)
             found = _discover(power_margin)
             self._gpus = _select(found, select)
         except BaseException:
@@ -403,7 +405,7 @@ class NvmlSensor:
             self._closed = True
             _shutdown()
 
-    def __enter__(self) -> NvmlSensor:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
