@@ -10,8 +10,8 @@ loaded; Volta and newer). Where a GPU has no such counter, the sensor polls
 with the trapezoid rule into a synthetic counter (``method="power_poll"``, still measured).
 
 GPUs are identified by UUID and by minor number (``/dev/nvidiaN``), which is what Slurm's GRES
-index means. The NVML index follows PCI bus order (or ``CUDA_DEVICE_ORDER``-like driver
-settings) and may differ from the minor number, so it is never used to select a GPU.
+index means. The NVML index follows PCI bus order, while the driver hands out minor numbers
+as it probes the boards, so the two may differ: the NVML index never selects a GPU.
 """
 
 from __future__ import annotations
