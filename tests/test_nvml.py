@@ -7,15 +7,18 @@ reach a real driver unnoticed.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import pynvml
 import pytest
 
+import llem
 from llem import units
 from llem.errors import SensorPermissionError, SensorReadError, SensorUnavailable
 from llem.sensors import nvml
@@ -241,7 +244,12 @@ def test_close_shuts_nvml_down_once(fake: FakeNvml) -> None:
 
 def test_importing_the_module_does_not_import_pynvml() -> None:
     code = "import sys, llem.sensors.nvml; assert 'pynvml' not in sys.modules, 'eager import'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    src = str(Path(llem.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+    }
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
 # --- selection ---------------------------------------------------------------------------
