@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakenvml.lib import FakeGpu, GccMissing, build, write_state
+from tests.fakenvml.lib import FakeGpu, GccMissing, build, write_state
 
 import llem
 from llem import units
