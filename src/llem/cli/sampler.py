@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -25,7 +24,7 @@ log = logging.getLogger("llem.sampler")
 def node_name(env: dict | None = None) -> str:
     """Slurm's node name when there is one (several slurmd may share a host), else the host."""
     env = os.environ if env is None else env
-    return env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    return env.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]
 
 
 def store_path(config: config_mod.Config, node: str) -> Path:
