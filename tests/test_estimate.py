@@ -191,6 +191,8 @@ def test_cpu_devices_are_marked_estimated(proc):
     assert device.attrs["model_name"] == XEON_6248
     assert device.attrs["tdp_source"] == "config"
     assert device.attrs["tdp_fallback"] is False
+    assert device.attrs["sockets"] == 1
+    assert device.attrs["memory_total_bytes"] == 64 * 1024**3
 
 
 # --- TDP choice -------------------------------------------------------------------------------
@@ -378,6 +380,22 @@ def test_malformed_table_rows_are_skipped(tmp_path):
         ],
     )
     assert list(load_tdp_table(path)) == ["good 1"]
+
+
+def test_duplicate_table_rows_warn_and_the_later_wins(tmp_path, caplog):
+    path = write_table(
+        tmp_path / "t.csv",
+        [("X", "A", "alpha 1", 100, 10, "first"), ("X", "A", "Alpha  1", 110, 10, "second")],
+    )
+    assert load_tdp_table(path)["alpha 1"].source == "second"
+    assert "replaces the first" in caplog.text
+
+
+def test_binary_table_falls_back(tmp_path):
+    (tmp_path / "t.csv").write_bytes(b"\xff\xfe\x00garbage")
+    proc = FakeProc(tmp_path / "proc", model=XEON_6248, cores=20)
+    sensor = EstimateSensor(components=("cpu",), proc_root=proc.root, tdp_table=tmp_path / "t.csv")
+    assert sensor.devices()[0].attrs["tdp_fallback"] is True
 
 
 # --- DRAM -------------------------------------------------------------------------------------

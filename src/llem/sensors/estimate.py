@@ -33,10 +33,14 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llem.config import EstimateConfig
 from llem.errors import SensorUnavailable
 from llem.sensors.base import ERROR, ESTIMATED, MODEL, Device, Probe, Reading
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +156,11 @@ def normalise_model(model_name: str) -> str:
     return " ".join(word for word in text.split() if word not in _NOISE_WORDS)
 
 
-def default_tdp_table() -> Path | os.PathLike:
+def default_tdp_table() -> Traversable:
     """Where the shipped table lives: ``llem.share/cpu_tdp.csv``."""
     from importlib.resources import files  # only when the shipped table is needed
 
-    return files("llem.share") / TDP_TABLE_NAME  # type: ignore[return-value]
+    return files("llem.share") / TDP_TABLE_NAME
 
 
 def load_tdp_table(path: str | os.PathLike | None = None) -> dict[str, TdpRow]:
@@ -168,13 +172,16 @@ def load_tdp_table(path: str | os.PathLike | None = None) -> dict[str, TdpRow]:
 
     Returns:
         Rows by their normalised ``match`` key. Rows with a blank key or a non-positive or
-        unparsable ``tdp_w``/``cores`` are skipped with a warning.
+        unparsable ``tdp_w``/``cores`` are skipped with a warning; of two rows with the same
+        key, the later one wins, with a warning.
 
     Raises:
         OSError: the file cannot be read.
+        ValueError: the file is not UTF-8 text.
+        csv.Error: the file is not CSV.
     """
     source = default_tdp_table() if path is None else Path(path)
-    with source.open(encoding="utf-8", newline="") as handle:  # type: ignore[union-attr]
+    with source.open(encoding="utf-8", newline="") as handle:
         return _parse_tdp_rows(csv.DictReader(handle), str(path or TDP_TABLE_NAME))
 
 
@@ -198,6 +205,8 @@ def _parse_tdp_rows(records: Iterable[dict[str, str]], where: str) -> dict[str, 
                 "%s:%d: skipped a TDP row with no key or a non-positive figure", where, line
             )
             continue
+        if row.match in table:
+            log.warning("%s:%d: a second row for %r replaces the first", where, line, row.match)
         table[row.match] = row
     return table
 
@@ -448,9 +457,10 @@ class EstimateSensor:
         try:
             cpuinfo_text = _read_text(self._proc, "cpuinfo")
         except OSError as e:
-            log.warning("estimate: cannot read %s (%s); assuming 1 package", self._proc, e)
+            log.warning("estimate: cannot read %s (%s); assuming 1 package", e.filename, e)
             cpuinfo_text = ""
         self.cpu = parse_cpuinfo(cpuinfo_text, count_logical_cpus(stat_text))
+        memory_total_bytes = self._memory_total_bytes()
         table = self._table(tdp_table)
         self.tdp = choose_tdp(self.cpu, self._config, table)
         if self.tdp.fallback:
@@ -483,9 +493,17 @@ class EstimateSensor:
                         "sockets": self.cpu.sockets,
                         "cores_per_package": self.cpu.cores_per_package,
                         "idle_fraction": self._config.cpu_idle_fraction,
+                        "memory_total_bytes": memory_total_bytes,
                     },
                 )
             )
+
+    def _memory_total_bytes(self) -> int | None:
+        """MemTotal for the devices' identity; None when /proc/meminfo cannot say."""
+        try:
+            return parse_meminfo(_read_text(self._proc, "meminfo"))[0]
+        except (OSError, ValueError):
+            return None
 
     def _table(self, tdp_table: str | os.PathLike | None) -> dict[str, TdpRow]:
         if self._config.cpu_tdp_w is not None:
