@@ -145,3 +145,17 @@ def test_no_sensor_at_all_still_runs_the_command(tmp_path):
     # rapl named explicitly but absent: a clear error, exit 1, no traceback
     assert r.returncode == 1
     assert r.stderr.startswith("Error: ") and "Traceback" not in r.stderr
+
+
+def test_no_counters_means_estimated_and_said_so(tmp_path):
+    env = env_for(LLEM_POWERCAP_ROOT=str(tmp_path / "none"))
+    r = subprocess.run(LLEM + ["wrap", "--json", "--", sys.executable, "-c",
+                               "sum(i * i for i in range(2 * 10**6))"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["source"] == "estimated"
+    assert {c["component"] for c in out["components"]} == {"cpu", "dram"}
+    assert all(c["source"] == "estimated" and c["method"] == "model" for c in out["components"])
+    assert out["energy_j"] > 0
+    assert "estimated" in r.stderr and "no RAPL package" in r.stderr

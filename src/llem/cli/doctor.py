@@ -72,7 +72,7 @@ def diagnose(env: dict | None = None) -> dict:
     report["config"] = config_mod.as_dict(config)
     if report["config"]["carbon"].get("provider_token"):
         report["config"]["carbon"]["provider_token"] = "***"
-    probes = probe_all(env)
+    probes = probe_all(config, env)
     report["sensors"] = [
         {
             "sensor": p.sensor,

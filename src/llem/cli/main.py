@@ -86,8 +86,12 @@ def run(command, argv: list[str] | None = None, prog_name: str = "llem") -> int:
 
     from llem.errors import LlemError
 
+    import logging
+
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args or os.environ.get("LLEM_DEBUG") == "1"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="llem: %(levelname)s: %(message)s")
     try:
         result = command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:

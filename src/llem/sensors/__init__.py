@@ -104,7 +104,11 @@ def open_sensors(
     return out
 
 
-def probe_all(env: Mapping[str, str] | None = None, proc_root: str | os.PathLike = "/proc") -> list[Probe]:
+def probe_all(
+    config: Config,
+    env: Mapping[str, str] | None = None,
+    proc_root: str | os.PathLike = "/proc",
+) -> list[Probe]:
     """Every sensor's probe, for ``llem doctor``."""
     from llem.sensors import estimate, nvml, rapl
 
@@ -112,5 +116,5 @@ def probe_all(env: Mapping[str, str] | None = None, proc_root: str | os.PathLike
     return [
         rapl.probe(rapl.powercap_root(env), rapl.hwmon_root(env)),
         nvml.probe(),
-        estimate.probe(proc_root=Path(proc_root)),
+        estimate.probe(proc_root=Path(proc_root), config=config.estimate),
     ]

@@ -1,0 +1,57 @@
+import json
+import os
+import subprocess
+import sys
+
+from tests.powercap import FakePowercap
+
+LLEM = [sys.executable, "-m", "llem.cli.main"]
+
+
+def doctor(env_extra, *args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
+    env.update(env_extra)
+    return subprocess.run(LLEM + ["doctor", *args], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+def test_node_with_nothing_to_read(tmp_path):
+    r = doctor({"LLEM_CONFIG": "/dev/null", "LLEM_POWERCAP_ROOT": str(tmp_path / "none"),
+                "LLEM_HWMON_ROOT": str(tmp_path / "none")})
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "rapl: not available" in out and "does not exist: no powercap interface" in out
+    assert "nvml: not available" in out and "no NVIDIA driver" in out
+    assert "cpu   estimated" in out and "gpu   none" in out
+    assert "state_dir /var/lib/llem" in out
+
+
+def test_json_and_a_measured_node(tmp_path):
+    pc = FakePowercap(tmp_path / "pc")
+    pc.add_socket(0)
+    r = doctor({"LLEM_CONFIG": "/dev/null", "LLEM_POWERCAP_ROOT": str(pc.path),
+                "LLEM_STATE_DIR": str(tmp_path / "state")}, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["coverage"]["cpu"] == "measured (rapl)"
+    rapl = next(s for s in report["sensors"] if s["sensor"] == "rapl")
+    assert [d["key"] for d in rapl["devices"]] == ["rapl:package-0", "rapl:dram-0"]
+    assert report["paths"]["state_dir"]["path"] == str(tmp_path / "state")
+
+
+def test_invalid_config_is_shown_and_exits_1(tmp_path):
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text("sampler:\n  intervl_s: 3\n")
+    r = doctor({"LLEM_CONFIG": str(cfg), "LLEM_POWERCAP_ROOT": str(tmp_path / "none")})
+    assert r.returncode == 1
+    assert "did you mean 'sampler.interval_s'" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_group_help_lists_every_command():
+    r = subprocess.run(LLEM + ["--help"], capture_output=True, text=True, timeout=60)
+    for command in ("wrap", "doctor", "sampler"):
+        assert command in r.stdout
+    for command in ("wrap", "doctor", "sampler"):
+        h = subprocess.run(LLEM + [command, "-h"], capture_output=True, text=True, timeout=60)
+        assert h.returncode == 0 and "usage" in h.stdout.lower(), command
