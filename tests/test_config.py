@@ -113,3 +113,9 @@ def test_bad_env_override_is_reported_as_such(tmp_path):
         config.load(env={"LLEM_SAMPLER_INTERVAL_S": "soon", "LLEM_CONFIG": "/dev/null"})
     with pytest.raises(ConfigError, match="did you mean LLEM_SAMPLER_INTERVAL_S"):
         config.load(env={"LLEM_SAMPLER_INTERVALS": "1", "LLEM_CONFIG": "/dev/null"})
+
+
+def test_choice_keys(tmp_path):
+    with pytest.raises(ConfigError, match="'aggregate.processed' must be one of archive, delete"):
+        load_text(tmp_path, "aggregate:\n  processed: shred\n")
+    assert load_text(tmp_path, "aggregate:\n  processed: delete\n").aggregate.processed == "delete"

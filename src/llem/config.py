@@ -75,6 +75,22 @@ class EmbodiedConfig:
 
 
 @dataclass(frozen=True)
+class AggregateConfig:
+    grace_s: float = 3600.0
+    """How long a job waits for its missing nodes before it is marked incomplete."""
+    processed: str = "archive"
+    """What becomes of merged slices: 'archive' (moved under archive_dir) or 'delete'."""
+    archive_dir: str | None = None
+    """Where merged slices go (default SPOOL_DIR/archive)."""
+    quarantine_dir: str | None = None
+    """Where bad slices go (default SPOOL_DIR/quarantine)."""
+    outbox_dir: str | None = None
+    """Node-local folder of slices waiting for the spool (default STATE_DIR/outbox)."""
+    node_retention_days: float = 30.0
+    """Node stores drop sealed, exported data older than this."""
+
+
+@dataclass(frozen=True)
 class Config:
     cluster: str = "default"
     """Cluster name; Slurm's SLURM_CLUSTER_NAME wins inside jobs."""
@@ -90,16 +106,19 @@ class Config:
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
     embodied: EmbodiedConfig = field(default_factory=EmbodiedConfig)
+    aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     source: str = "defaults"
     """Where this configuration came from (a path, or 'defaults'); not a key."""
 
 
 SENSOR_NAMES = ("rapl", "nvml", "estimate")
+CHOICES = {"aggregate.processed": ("archive", "delete")}
 _SECTIONS = {
     "sampler": SamplerConfig,
     "estimate": EstimateConfig,
     "carbon": CarbonConfig,
     "embodied": EmbodiedConfig,
+    "aggregate": AggregateConfig,
 }
 _TOP_KEYS = tuple(f.name for f in fields(Config) if f.name != "source")
 
@@ -162,6 +181,9 @@ def _check_type(key: str, value: Any, annotation: str, where: str) -> Any:
     if annotation.startswith("str"):
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+        if key in CHOICES and str(value) not in CHOICES[key]:
+            raise ConfigError(f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}, "
+                              f"got {value!r}")
         return str(value)
     return value
 

@@ -85,7 +85,78 @@ def _v1(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1,)
+def _v2(db: sqlite3.Connection) -> None:
+    """Jobs on the node, their attributed energy, the unattributed remainder, windows."""
+    _run_script(
+        db,
+        """
+        CREATE TABLE jobs (
+            run_id INTEGER PRIMARY KEY,
+            job_id TEXT NOT NULL,
+            array_job_id TEXT,
+            array_task_id TEXT,
+            cluster TEXT NOT NULL,
+            node TEXT NOT NULL,
+            uid INTEGER,
+            user TEXT,
+            gid INTEGER,
+            account TEXT,
+            partition TEXT,
+            nodelist TEXT,
+            num_nodes INTEGER,
+            cpus INTEGER,
+            gpus TEXT NOT NULL DEFAULT '[]',
+            tag TEXT,
+            name TEXT,
+            cgroup TEXT,
+            start_ns INTEGER NOT NULL,
+            end_ns INTEGER,
+            state TEXT NOT NULL DEFAULT 'running'
+                CHECK (state IN ('running', 'ended', 'sealed', 'exported')),
+            coverage REAL,
+            flags TEXT NOT NULL DEFAULT '[]',
+            exported_ns INTEGER,
+            UNIQUE (job_id, start_ns)
+        );
+        CREATE INDEX jobs_by_state ON jobs (state);
+        CREATE TABLE job_energy (
+            interval_id INTEGER NOT NULL REFERENCES intervals (id),
+            run_id INTEGER NOT NULL REFERENCES jobs (run_id),
+            device_key TEXT NOT NULL REFERENCES devices (key),
+            energy_uj INTEGER NOT NULL CHECK (energy_uj >= 0),
+            method TEXT NOT NULL,
+            share REAL NOT NULL CHECK (share >= 0 AND share <= 1),
+            PRIMARY KEY (run_id, interval_id, device_key)
+        ) WITHOUT ROWID;
+        CREATE TABLE remainder (
+            interval_id INTEGER NOT NULL REFERENCES intervals (id),
+            device_key TEXT NOT NULL REFERENCES devices (key),
+            energy_uj INTEGER NOT NULL CHECK (energy_uj >= 0),
+            PRIMARY KEY (interval_id, device_key)
+        ) WITHOUT ROWID;
+        CREATE TABLE windows (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER REFERENCES jobs (run_id),
+            job_id TEXT,
+            step_id TEXT,
+            name TEXT NOT NULL,
+            uid INTEGER,
+            pid INTEGER,
+            start_ns INTEGER NOT NULL,
+            end_ns INTEGER,
+            start_mono_ns INTEGER NOT NULL,
+            end_mono_ns INTEGER,
+            counters_start TEXT NOT NULL DEFAULT '{}',
+            counters_end TEXT,
+            energy TEXT,
+            status TEXT NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'closed', 'abandoned'))
+        );
+        CREATE INDEX windows_by_run ON windows (run_id);
+        """,
+    )
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -113,6 +184,65 @@ class Event:
 
 
 @dataclass(frozen=True)
+class JobRecord:
+    """One run of a job on this node (a requeued job gets a new run with the same job_id).
+
+    ``gpus`` lists the device keys (``nvml:GPU-...``) allocated to the job on this node;
+    ``state`` goes running -> ended (Epilog) -> sealed (coverage and flags computed) ->
+    exported (its slice is in the spool).
+    """
+
+    job_id: str
+    cluster: str
+    node: str
+    start_ns: int
+    uid: int | None = None
+    user: str | None = None
+    gid: int | None = None
+    account: str | None = None
+    partition: str | None = None
+    nodelist: str | None = None
+    num_nodes: int | None = None
+    cpus: int | None = None
+    gpus: tuple[str, ...] = ()
+    tag: str | None = None
+    name: str | None = None
+    cgroup: str | None = None
+    array_job_id: str | None = None
+    array_task_id: str | None = None
+    end_ns: int | None = None
+    state: str = "running"
+    coverage: float | None = None
+    flags: tuple[str, ...] = ()
+    run_id: int | None = None
+
+
+JOB_COLUMNS = (
+    "job_id", "array_job_id", "array_task_id", "cluster", "node", "uid", "user", "gid",
+    "account", "partition", "nodelist", "num_nodes", "cpus", "gpus", "tag", "name", "cgroup",
+    "start_ns", "end_ns", "state", "coverage", "flags",
+)
+
+
+def _job_from_row(row: Sequence) -> JobRecord:
+    values = dict(zip(("run_id",) + JOB_COLUMNS, row))
+    values["gpus"] = tuple(json.loads(values["gpus"] or "[]"))
+    values["flags"] = tuple(json.loads(values["flags"] or "[]"))
+    return JobRecord(**values)
+
+
+@dataclass(frozen=True)
+class JobShare:
+    """A job's share of one device's energy in one interval (see llem.attribution)."""
+
+    run_id: int
+    device_key: str
+    energy_uj: int
+    method: str
+    share: float
+
+
+@dataclass(frozen=True)
 class Interval:
     """One sampler interval: wall-clock span, monotonic span, per-device energy, events."""
 
@@ -123,6 +253,9 @@ class Interval:
     mono_end_ns: int
     rows: tuple[EnergyRow, ...]
     events: tuple[Event, ...] = ()
+    shares: tuple[JobShare, ...] = ()
+    remainder: tuple[tuple[str, int], ...] = ()
+    """(device_key, energy_uj) that belongs to no job; with ``shares`` it sums to ``rows``."""
 
 
 INT64_MAX = 2**63 - 1
@@ -262,6 +395,18 @@ class NodeStore:
                 [(interval_id, r.device_key, r.energy_uj, r.kind, r.status, _int64(r.raw_uj))
                  for r in interval.rows],
             )
+            if interval.shares:
+                self.db.executemany(
+                    "INSERT INTO job_energy (interval_id, run_id, device_key, energy_uj, method,"
+                    " share) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(interval_id, j.run_id, j.device_key, j.energy_uj, j.method, j.share)
+                     for j in interval.shares],
+                )
+            if interval.remainder:
+                self.db.executemany(
+                    "INSERT INTO remainder (interval_id, device_key, energy_uj) VALUES (?, ?, ?)",
+                    [(interval_id, key, uj) for key, uj in interval.remainder],
+                )
             self._insert_events(interval.events)
             result.append(interval_id)
 
@@ -290,6 +435,53 @@ class NodeStore:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise StoreError(f"{self.path}: write failed: {e}") from e
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def add_job(self, job: JobRecord) -> int:
+        """Record a job run (idempotent on job_id and start_ns); return its run_id."""
+        values = [getattr(job, c) for c in JOB_COLUMNS]
+        values[JOB_COLUMNS.index("gpus")] = json.dumps(list(job.gpus))
+        values[JOB_COLUMNS.index("flags")] = json.dumps(list(job.flags))
+        out: list[int] = []
+
+        def txn() -> None:
+            self.db.execute(
+                f"INSERT OR IGNORE INTO jobs ({', '.join(JOB_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})",
+                values,
+            )
+            out.append(self.db.execute(
+                "SELECT run_id FROM jobs WHERE job_id = ? AND start_ns = ?",
+                (job.job_id, job.start_ns),
+            ).fetchone()[0])
+
+        self._write(txn)
+        return out[0]
+
+    def jobs(self, where: str = "1", params: Sequence = ()) -> list[JobRecord]:
+        rows = self.query(
+            f"SELECT run_id, {', '.join(JOB_COLUMNS)} FROM jobs WHERE {where} ORDER BY run_id",
+            params,
+        )
+        return [_job_from_row(r) for r in rows]
+
+    def running_jobs(self) -> list[JobRecord]:
+        return self.jobs("state = 'running'")
+
+    def latest_run(self, job_id: str) -> JobRecord | None:
+        found = self.jobs("job_id = ? ORDER BY start_ns DESC LIMIT 1", (job_id,))
+        return found[0] if found else None
+
+    def update_job(self, run_id: int, **fields: object) -> None:
+        """Set columns of a job run (``gpus``/``flags`` given as sequences)."""
+        for key in fields:
+            if key not in JOB_COLUMNS and key != "exported_ns":
+                raise ValueError(f"unknown job column {key}")
+        values = [json.dumps(list(v)) if k in ("gpus", "flags") else v for k, v in fields.items()]
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._write(lambda: self.db.execute(
+            f"UPDATE jobs SET {sets} WHERE run_id = ?", (*values, run_id)))
 
     # -- reading ---------------------------------------------------------------------------
 
