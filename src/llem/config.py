@@ -100,6 +100,8 @@ class Config:
     """Shared directory where epilogs drop finished jobs' slices."""
     ledger: str = "/var/lib/llem/ledger.db"
     """Path of the cluster ledger (SQLite)."""
+    run_dir: str = "/run/llem"
+    """Node-local runtime folder: the sampler's lock, pid file and the socket of `llem wrap`."""
     sensors: str | tuple[str, ...] = "auto"
     """'auto', or a list of sensor names among 'rapl', 'nvml', 'estimate'."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Protocol, Sequence
 
 from llem.sensors.base import OK, Device, Reading, Sensor
@@ -74,6 +74,7 @@ class Sampler:
         clock: Clock | None = None,
         interval_s: float = 10.0,
         sampler_id: str | None = None,
+        attribute: Callable[[Interval], Interval] | None = None,
     ) -> None:
         if interval_s < 0.1:
             raise ValueError(f"interval_s must be at least 0.1, got {interval_s}")
@@ -87,6 +88,9 @@ class Sampler:
         self._last_mono: int | None = None
         self._last_wall: int | None = None
         self.intervals = 0
+        self.attribute = attribute
+        self.wake = threading.Event()
+        """Set it to make the loop take a reading now (a job ends, a window opens)."""
 
     # -- one step --------------------------------------------------------------------------
 
@@ -132,11 +136,24 @@ class Sampler:
             self.sampler_id, start_wall, end_wall, self._last_mono, mono, tuple(rows),
             tuple(events),
         )
+        if self.attribute is not None:
+            interval = self._attributed(interval)
         self._last_mono, self._last_wall = mono, wall
         for sink in self.sinks:
             sink.write(interval)
         self.intervals += 1
         return interval
+
+    def _attributed(self, interval: Interval) -> Interval:
+        try:
+            return self.attribute(interval)  # type: ignore[misc]
+        except Exception as e:
+            # Never lose the node's energy because attribution broke: all of it is remainder.
+            log.exception("attribution failed")
+            rest = tuple((r.device_key, r.energy_uj) for r in interval.rows if r.energy_uj)
+            event = Event(interval.end_ns, "attribution_error", f"{type(e).__name__}: {e}")
+            return replace(interval, remainder=rest, shares=(),
+                           events=interval.events + (event,))
 
     def _row(self, reading: Reading, events: list[Event], wall: int) -> EnergyRow:
         st = self._state[reading.device_key]
@@ -180,8 +197,11 @@ class Sampler:
         next_deadline = self.clock.monotonic_ns() + interval_ns
         while True:
             remaining = (next_deadline - self.clock.monotonic_ns()) / NS_PER_S
-            if remaining > 0 and stop.wait(remaining):
-                break
+            woken = False
+            if remaining > 0:
+                woken = self.wake.wait(remaining) or stop.is_set()
+                if woken:
+                    self.wake.clear()
             if stop.is_set():
                 break
             interval = self.tick()
@@ -189,6 +209,8 @@ class Sampler:
                 on_interval(interval)
             if max_intervals is not None and self.intervals >= max_intervals:
                 return
+            if woken:
+                continue  # an extra reading on request: the regular beat is unchanged
             next_deadline += interval_ns
             now = self.clock.monotonic_ns()
             if next_deadline <= now:  # overran (suspended, stalled): skip the missed beats

@@ -75,9 +75,11 @@ def _run(args: argparse.Namespace) -> int:
     for note in opened.notes:
         log.info("%s", note)
     stop = threading.Event()
+    sampler = Sampler(opened.sensors, [store], interval_s=interval_s)
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
+        sampler.wake.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
@@ -85,7 +87,6 @@ def _run(args: argparse.Namespace) -> int:
         timer = threading.Timer(args.duration, stop.set)
         timer.daemon = True
         timer.start()
-    sampler = Sampler(opened.sensors, [store], interval_s=interval_s)
     log.info("sampling %d devices every %.3g s into %s", len(sampler.devices), interval_s, path)
     try:
         sampler.run(stop)
