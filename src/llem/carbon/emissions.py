@@ -11,10 +11,10 @@ factor changes old reports, and every result carries the factors it used (``carb
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
-from collections.abc import Mapping
 
 from llem.carbon.hourly import SECONDS_PER_HOUR
 from llem.carbon.intensity import IntensityModel, resolve

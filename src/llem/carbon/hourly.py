@@ -27,10 +27,10 @@ import csv
 import io
 import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from collections.abc import Iterable, Mapping
 
 from llem.errors import ConfigError
 
@@ -60,7 +60,7 @@ class HourlySeries:
         return len(self.g_per_kwh_by_hour)
 
 
-def hour_start(ts: int | float | datetime) -> int:
+def hour_start(ts: float | datetime) -> int:
     """UTC epoch seconds of the start of the clock hour that contains ``ts``.
 
     Raises:
@@ -70,7 +70,7 @@ def hour_start(ts: int | float | datetime) -> int:
         if ts.tzinfo is None:
             raise ValueError(f"naive datetime {ts.isoformat()}: give a time zone (UTC)")
         ts = ts.timestamp()
-    return int(math.floor(ts / SECONDS_PER_HOUR)) * SECONDS_PER_HOUR
+    return math.floor(ts / SECONDS_PER_HOUR) * SECONDS_PER_HOUR
 
 
 def iso_hour(epoch_s: int) -> str:

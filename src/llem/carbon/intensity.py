@@ -12,9 +12,9 @@ An hour that had to use step 2 while an hourly series was configured is flagged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from collections.abc import Iterable, Mapping
 
 from llem.carbon import tables
 from llem.carbon.hourly import HourlySeries, hour_start, read_hourly_file
@@ -68,7 +68,7 @@ class IntensityModel:
     notes: tuple[str, ...] = field(default_factory=tuple)
     licence: str = ""
 
-    def for_hour(self, hour_start_utc: int | float | datetime) -> HourIntensity:
+    def for_hour(self, hour_start_utc: float | datetime) -> HourIntensity:
         """The intensity of the clock hour containing ``hour_start_utc`` (epoch s, or aware)."""
         hour = hour_start(hour_start_utc)
         if self.hourly is not None:

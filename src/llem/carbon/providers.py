@@ -26,9 +26,9 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from collections.abc import Callable, Iterable
 
 from llem.carbon.hourly import (
     MAX_G_PER_KWH,

@@ -97,11 +97,15 @@ def statement(
     measured_pct = 100.0 * measured_j / total_j if total_j else 0.0
     estimated_pct = 100.0 * estimated_j / total_j if total_j else 0.0
     sentences = [
-        f"{subject} used {format_kwh(total_kwh)} of electricity at the hardware ({parts}) on "
-        f"{hardware}, as accounted by llem {version}.",
-        f"Of this energy, {measured_pct:.1f} % was measured with hardware energy counters "
-        f"(NVML, RAPL) and {estimated_pct:.1f} % was estimated from a power model (TDP and "
-        "utilisation).",
+        (
+            f"{subject} used {format_kwh(total_kwh)} of electricity at the hardware ({parts}) on "
+            f"{hardware}, as accounted by llem {version}."
+        ),
+        (
+            f"Of this energy, {measured_pct:.1f} % was measured with hardware energy counters "
+            f"(NVML, RAPL) and {estimated_pct:.1f} % was estimated from a power model (TDP and "
+            "utilisation)."
+        ),
         f"With a power usage effectiveness (PUE) of {_pue(carbon.get('pue'))} and a grid carbon "
         f"intensity of {float(carbon['intensity_g_per_kwh']):,.1f} gCO2e/kWh "
         f"({carbon['source']}; data year {carbon['year']}; {carbon['basis']} basis; region "

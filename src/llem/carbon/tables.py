@@ -12,9 +12,9 @@ import difflib
 import functools
 import io
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable
 
 from llem.errors import ConfigError
 

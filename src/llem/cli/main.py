@@ -21,6 +21,7 @@ COMMANDS = {
     "wrap": "llem.cli.wrap:wrap",
     "doctor": "llem.cli.doctor:doctor",
     "sampler": "llem.cli.sampler:sampler",
+    "carbon": "llem.cli.carbon:carbon",
 }
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
