@@ -21,7 +21,13 @@ from llem.carbon.emissions import (
     operational,
     pue_for_month,
 )
-from llem.carbon.hourly import HourlySeries, hour_start, parse_hourly, read_hourly_file
+from llem.carbon.hourly import (
+    HourlySeries,
+    energy_by_hour,
+    hour_start,
+    parse_hourly,
+    read_hourly_file,
+)
 from llem.carbon.intensity import HourIntensity, IntensityModel, resolve
 from llem.carbon.statement import CITATION_BIBTEX, how_to_cite, statement
 from llem.carbon.tables import AnnualIntensity, load_tables, lookup
@@ -34,6 +40,7 @@ __all__ = [
     "HourlySeries",
     "IntensityModel",
     "embodied_g_per_hour",
+    "energy_by_hour",
     "emissions",
     "hour_start",
     "how_to_cite",

@@ -73,6 +73,30 @@ def hour_start(ts: float | datetime) -> int:
     return math.floor(ts / SECONDS_PER_HOUR) * SECONDS_PER_HOUR
 
 
+def energy_by_hour(start_s: float, end_s: float, energy_j: float) -> dict[int, float]:
+    """Spread energy used evenly over [start_s, end_s) across the UTC clock hours it touches.
+
+    For a job or an interval whose power is taken as constant; finer intervals give finer
+    results. Keys are hour starts (UTC epoch seconds), values joules; their sum is
+    ``energy_j``.
+
+    Raises:
+        ValueError: ``end_s`` before ``start_s``, or negative energy.
+    """
+    if end_s < start_s or energy_j < 0:
+        raise ValueError(f"bad interval [{start_s}, {end_s}) or energy {energy_j} J")
+    if end_s == start_s:
+        return {hour_start(start_s): float(energy_j)} if energy_j else {}
+    out: dict[int, float] = {}
+    hour = hour_start(start_s)
+    while hour < end_s:
+        overlap = min(end_s, hour + SECONDS_PER_HOUR) - max(start_s, hour)
+        if overlap > 0:
+            out[hour] = energy_j * overlap / (end_s - start_s)
+        hour += SECONDS_PER_HOUR
+    return out
+
+
 def iso_hour(epoch_s: int) -> str:
     """``2024-03-31T01:00:00Z`` for an epoch second."""
     return datetime.fromtimestamp(epoch_s, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
