@@ -6,10 +6,10 @@ import csv
 import json
 
 import pytest
+from llem.share.carbon import build_tables
 
 from llem.carbon import tables
 from llem.errors import ConfigError
-from llem.share.carbon import build_tables
 
 # Lines copied verbatim from carbontracker 2.4.7's data/carbon-intensities.csv (the OWID
 # grapher export of Ember's data) and codecarbon 3.3.2's data files (see SOURCES.md).
