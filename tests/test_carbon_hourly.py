@@ -122,7 +122,12 @@ def _london(*args):
         from zoneinfo import ZoneInfo
 
         return datetime(*args, tzinfo=ZoneInfo("Europe/London")).timestamp()
-    except (ImportError, KeyError, OSError, ValueError):  # no time-zone data on this machine: the UTC figures below still hold
+    except (
+        ImportError,
+        KeyError,
+        OSError,
+        ValueError,
+    ):  # no time-zone data on this machine: the UTC figures below still hold
         return None
 
 
