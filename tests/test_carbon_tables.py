@@ -215,8 +215,15 @@ def test_share_dir_override_and_egrid_subregions_table(tmp_path, monkeypatch):
     monkeypatch.setenv("LLEM_SHARE_DIR", str(tmp_path))
     row = tables.lookup("rfce")
     assert (row.g_per_kwh, row.kind) == (300.5, "eGRID subregion")
+    assert tables.lookup("DE").g_per_kwh == 344.14  # the other shipped tables stay in use
+    (tmp_path / "countries.csv").write_text(
+        f"{header}\nDE,DEU,Germany,1.5,2030,direct,site table,internal\n", encoding="utf-8"
+    )
+    tables._load.cache_clear()
+    assert tables.lookup("deu").g_per_kwh == 1.5  # a file of the same name replaces it
     with pytest.raises(ConfigError):
-        tables.lookup("DE")  # only the override directory is read
+        tables.lookup("FR")
+    tables._load.cache_clear()
 
 
 def test_bad_table_row_is_reported(tmp_path):

@@ -75,12 +75,15 @@ def share_dir() -> Path | None:
 
 
 def _read_text(name: str, directory: str | None) -> tuple[str, str] | None:
-    """(text, where) of a table file, or None when it does not exist."""
+    """(text, where) of a table file, or None when it does not exist.
+
+    A file in ``directory`` takes the place of the shipped file of the same name; the other
+    shipped files stay in use (so a site can add ``egrid_subregions.csv`` alone).
+    """
     if directory is not None:
         path = Path(directory) / name
-        if not path.is_file():
-            return None
-        return path.read_text(encoding="utf-8"), str(path)
+        if path.is_file():
+            return path.read_text(encoding="utf-8"), str(path)
     from importlib.resources import files  # only when tables are really needed
 
     resource = files("llem.share.carbon").joinpath(name)
@@ -137,7 +140,7 @@ def _load(directory: str | None) -> tuple[AnnualIntensity, ...]:
 
 
 def load_tables(directory: str | os.PathLike | None = None) -> tuple[AnnualIntensity, ...]:
-    """Every shipped row; ``directory`` (or ``$LLEM_SHARE_DIR``) replaces the shipped tables."""
+    """Every row; files in ``directory`` (or ``$LLEM_SHARE_DIR``) replace shipped ones."""
     if directory is None:
         override = share_dir()
         directory = str(override) if override else None
@@ -160,7 +163,7 @@ def lookup(
     Args:
         region: any accepted code, case-insensitive.
         year: a data year (``2023``) or span as written in the table; None for the latest.
-        directory: a directory of tables to use instead of the shipped ones.
+        directory: a directory whose tables replace the shipped ones of the same name.
 
     Raises:
         ConfigError: the region is unknown (with close matches), has no shipped figure (eGRID
