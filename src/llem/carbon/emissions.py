@@ -23,8 +23,8 @@ from llem.errors import ConfigError
 J_PER_KWH = 3_600_000.0
 HOURS_PER_YEAR = 365.25 * 24  # a lifetime in years is amortised over calendar hours
 EMBODIED_DEFAULTS_SOURCE = (
-    "defaults: 150 kgCO2e per GPU (Luccioni et al. 2022, BLOOM), 2500 kgCO2e per node "
-    "(BLOOM; Cloud Carbon Footprint), 6-year lifetimes"
+    "defaults: 150 kgCO2e per GPU and 2500 kgCO2e per node over 6 years, from Luccioni et "
+    "al. 2022 (BLOOM); see docs/carbon.md"
 )
 
 
