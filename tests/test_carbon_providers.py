@@ -209,3 +209,13 @@ def test_nothing_is_fetched_when_no_hours_are_asked(server):
     model = carbon.resolve(em_config(server))
     assert server.requests == []
     assert model.for_hour(T22).flagged_fallback is True
+
+
+def test_an_unreadable_cache_is_ignored_said_and_replaced(server, tmp_path):
+    path = cache_path(tmp_path, "electricitymaps", "DE")
+    path.write_text("garbage\n", encoding="utf-8")
+    server.serve(EM_BODY)
+    result = carbon.emissions(em_config(server), {T22: KWH_J}, cache_dir=str(tmp_path))
+    assert result.operational_g == pytest.approx(302)
+    assert "ignoring the unreadable intensity cache" in result.carbon["notes"][0]
+    assert read_cache(path) == {T22: 302.0}

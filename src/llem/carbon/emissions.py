@@ -116,6 +116,15 @@ def embodied(embodied_config, gpu_hours: float, node_hours: float) -> tuple[floa
     }
 
 
+def _nominal_pue(
+    pue: float | Mapping[str, float], energy_j_by_hour: Mapping[int, float]
+) -> float | None:
+    """The PUE to show when no energy was used: the first hour's month's, or the constant."""
+    if not isinstance(pue, Mapping):
+        return float(pue)
+    return pue_for_month(pue, month_of(min(energy_j_by_hour))) if energy_j_by_hour else None
+
+
 def _joined(weights: dict[str, float]) -> str:
     """Distinct labels, the one carrying most energy first."""
     return "; ".join(k for k, _ in sorted(weights.items(), key=lambda kv: -kv[1]))
@@ -164,8 +173,7 @@ def operational(
         mean_pue = facility_kwh / energy_kwh
     else:
         intensity = model.annual.g_per_kwh
-        mean_pue = pue_for_month(pue, month_of(min(energy_j_by_hour))) if energy_j_by_hour else (
-            float(pue) if not isinstance(pue, Mapping) else None)  # fmt: skip
+        mean_pue = _nominal_pue(pue, energy_j_by_hour)
     annual = model.annual
     fields: dict[str, Any] = {
         "region": model.region,
@@ -214,8 +222,8 @@ def emissions(
         ValueError: a key that is not an hour start, or a negative energy.
     """
     if model is None:
-        model = resolve(config, hours=list(energy_j_by_hour), cache_dir=cache_dir,
-                        share_dir=share_dir)  # fmt: skip
+        hours = list(energy_j_by_hour)
+        model = resolve(config, hours=hours, cache_dir=cache_dir, share_dir=share_dir)
     grams, energy_kwh, facility_kwh, fields = operational(
         energy_j_by_hour, model, config.carbon.pue
     )

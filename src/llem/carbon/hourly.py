@@ -325,9 +325,14 @@ def read_cache(path: Path) -> dict[int, float]:
     return dict(parse_hourly(text, str(path), allow_gaps=True).g_per_kwh_by_hour)
 
 
-def write_cache(path: Path, g_per_kwh_by_hour: Mapping[int, float]) -> None:
-    """Merge hours into a cache file, atomically (write a temporary file, then rename)."""
-    merged = {**read_cache(path), **g_per_kwh_by_hour}
+def write_cache(path: Path, g_per_kwh_by_hour: Mapping[int, float], merge: bool = True) -> None:
+    """Merge hours into a cache file, atomically (write a temporary file, then rename).
+
+    Raises:
+        ConfigError: the existing cache file is unreadable and ``merge`` is True.
+        OSError: the file cannot be written.
+    """
+    merged = {**(read_cache(path) if merge else {}), **g_per_kwh_by_hour}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with tmp.open("w", encoding="utf-8", newline="") as f:

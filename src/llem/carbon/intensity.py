@@ -12,8 +12,8 @@ An hour that had to use step 2 while an hourly series was configured is flagged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from llem.carbon import tables
@@ -76,10 +76,7 @@ class IntensityModel:
             if value is not None:
                 year = str(datetime.fromtimestamp(hour, tz=timezone.utc).year)
                 return HourIntensity(value, self.hourly.source, False, year, self.hourly.basis)
-            return HourIntensity(
-                self.annual.g_per_kwh, self.annual.source, True, self.annual.year,
-                self.annual.basis,
-            )  # fmt: skip
+            return replace(self.annual, flagged_fallback=True)
         return self.annual
 
 
@@ -122,20 +119,13 @@ def resolve(
             provider or a missing token, a bad intensity_basis.
     """
     carbon = config.carbon
-    user_basis = _check_basis(getattr(carbon, "intensity_basis", None))
+    basis = _check_basis(getattr(carbon, "intensity_basis", None))
+    row = _configured_row(carbon, share_dir)
     notes: list[str] = []
-    row = None
-    if carbon.region:
-        try:
-            row = tables.lookup(carbon.region, directory=share_dir)
-        except ConfigError:
-            if carbon.intensity_g_per_kwh is None:
-                raise
-            # With a constant the region is only a label: any code is accepted.
     if carbon.intensity_g_per_kwh is not None:
-        annual = HourIntensity(float(carbon.intensity_g_per_kwh), CONSTANT_SOURCE, False, "n/a",
-                               user_basis)  # fmt: skip
-        region, default, licence = (row.region if row else (carbon.region or "n/a")), False, ""
+        g = float(carbon.intensity_g_per_kwh)
+        annual = HourIntensity(g, CONSTANT_SOURCE, False, "n/a", basis)
+        region, default, licence = (row.region if row else carbon.region or "n/a"), False, ""
     elif row is not None:
         annual, region, default, licence = (
             _annual_from_table(row, False),
@@ -151,35 +141,41 @@ def resolve(
             True,
             world.licence,
         )
-        notes.append(f"no carbon.region configured: using the world default ({world.g_per_kwh:g} "
-                     f"gCO2e/kWh, {world.year})")  # fmt: skip
+        notes.append(
+            f"no carbon.region configured: using the world default ({world.g_per_kwh:g} "
+            f"gCO2e/kWh, {world.year})"
+        )
 
     hourly = None
     if carbon.intensity_file:
-        names = {carbon.region} | set(row.aliases if row else ()) | ({row.region} if row else set())
-        names.discard(None)
-        hourly = read_hourly_file(carbon.intensity_file, names or None, basis=user_basis)
+        names = {row.region, *row.aliases} if row else set()
+        names |= {carbon.region} if carbon.region else set()
+        hourly = read_hourly_file(carbon.intensity_file, names or None, basis=basis)
     elif carbon.provider:
         from llem.carbon import providers  # urllib and json only when a provider is set
 
-        zone = getattr(carbon, "provider_zone", None) or carbon.region
         result = providers.lookup_hours(
-            carbon.provider, zone, hours, cache_dir=cache_dir, token=carbon.provider_token,
+            carbon.provider,
+            getattr(carbon, "provider_zone", None) or carbon.region,
+            hours,
+            cache_dir=cache_dir,
+            token=carbon.provider_token,
             url=getattr(carbon, "provider_url", None),
             timeout_s=getattr(carbon, "provider_timeout_s", 10.0),
             **({"get": provider_get} if provider_get else {}),
-        )  # fmt: skip
+        )
         hourly = result.series
         notes.extend(result.notes)
     return IntensityModel(region, annual, hourly, default, tuple(notes), licence)
 
 
-def describe(model: IntensityModel) -> Mapping[str, object]:
-    """The model's annual figure as the ``carbon`` object's leading fields."""
-    return {
-        "region": model.region,
-        "intensity_g_per_kwh": model.annual.g_per_kwh,
-        "source": model.annual.source,
-        "year": model.annual.year,
-        "basis": model.annual.basis,
-    }
+def _configured_row(carbon, share_dir: str | None) -> tables.AnnualIntensity | None:
+    """The table row of ``carbon.region``; None without a region, or for a mere label."""
+    if not carbon.region:
+        return None
+    try:
+        return tables.lookup(carbon.region, directory=share_dir)
+    except ConfigError:
+        if carbon.intensity_g_per_kwh is None:
+            raise
+        return None  # with a constant the region is only a label: any code is accepted

@@ -118,15 +118,21 @@ def _iso_minute(epoch_s: int) -> str:
 
 
 def fetch_electricitymaps(
-    zone: str, start_s: int, end_s: int, *, token: str, url: str, timeout_s: float,
+    zone: str,
+    start_s: int,
+    end_s: int,
+    *,
+    token: str,
+    url: str,
+    timeout_s: float,
     get: Fetcher = http_get,
-) -> dict[int, float]:  # fmt: skip
+) -> dict[int, float]:
     """Hourly intensities of ``zone`` for hours in [start_s, end_s) (one request)."""
     query = urllib.parse.urlencode(
         {"zone": zone, "start": iso_hour(start_s), "end": iso_hour(end_s)}
     )
-    data = _json(get(f"{url}/v3/carbon-intensity/past-range?{query}", {"auth-token": token},
-                     timeout_s))  # fmt: skip
+    answer = get(f"{url}/v3/carbon-intensity/past-range?{query}", {"auth-token": token}, timeout_s)
+    data = _json(answer)
     points = data.get("data", data.get("history"))
     if not isinstance(points, list):
         raise ProviderError("malformed answer: no 'data' list")
@@ -146,8 +152,8 @@ def fetch_uk_carbon_intensity(
     start_s: int, end_s: int, *, url: str, timeout_s: float, get: Fetcher = http_get
 ) -> dict[int, float]:
     """Hourly means of GB's half-hourly national intensity for hours in [start_s, end_s)."""
-    data = _json(get(f"{url}/intensity/{_iso_minute(start_s)}/{_iso_minute(end_s)}", {},
-                     timeout_s))  # fmt: skip
+    answer = get(f"{url}/intensity/{_iso_minute(start_s)}/{_iso_minute(end_s)}", {}, timeout_s)
+    data = _json(answer)
     points = data.get("data")
     if not isinstance(points, list):
         raise ProviderError("malformed answer: no 'data' list")
@@ -227,16 +233,21 @@ def lookup_hours(
     label = LABELS[provider]
     wanted = sorted({h - h % SECONDS_PER_HOUR for h in hours})
     path = cache_path(cache_dir, provider, zone_key) if cache_dir else None
-    cached = read_cache(path) if path else {}
+    notes: list[str] = []
+    try:
+        cached = read_cache(path) if path else {}
+    except ConfigError as e:
+        notes.append(f"ignoring the unreadable intensity cache: {e}")
+        cached = {}
     missing = [h for h in wanted if h not in cached]
     fetched: dict[int, float] = {}
-    notes: list[str] = []
     for start, end in _runs(missing, MAX_RANGE_HOURS[provider]):
         try:
             if provider == ELECTRICITYMAPS:
-                fetched.update(fetch_electricitymaps(
-                    zone_key, start, end, token=token or "", url=base, timeout_s=timeout_s,
-                    get=get))  # fmt: skip
+                got = fetch_electricitymaps(
+                    zone_key, start, end, token=token or "", url=base, timeout_s=timeout_s, get=get
+                )
+                fetched.update(got)
             else:
                 fetched.update(
                     fetch_uk_carbon_intensity(start, end, url=base, timeout_s=timeout_s, get=get)
@@ -250,6 +261,8 @@ def lookup_hours(
     if fetched and path:
         try:
             write_cache(path, fetched)
+        except ConfigError:
+            write_cache(path, fetched, merge=False)  # replace an unreadable cache
         except OSError as e:
             notes.append(f"cannot write the intensity cache {path}: {e}")
     known = {**cached, **fetched}
