@@ -103,3 +103,27 @@ def test_missing_year_is_error_exit_1(capsys):
 
 def test_missing_argument_is_usage_error_exit_2(capsys):
     assert run(cli, ["carbon", "intensity"]) == 2
+
+
+def test_every_command_is_documented():
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[1] / "docs" / "carbon.md").read_text("utf-8")
+    for name in carbon_group.commands:
+        assert f"llem carbon {name}" in docs, name
+
+
+def test_installed_entry_point_prints_error_and_exits_1():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "llem.cli.main", "carbon", "intensity", "atlantis"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("Error: unknown carbon region 'atlantis'")
+    assert "Traceback" not in proc.stderr
