@@ -14,12 +14,12 @@ DE_TEXT = """\
 DE (Germany): 344.14 gCO2e/kWh
   year:    2024
   basis:   lifecycle
-  source:  Ember via Our World in Data (carbon-intensities.csv)
+  source:  Ember via Our World in Data
   licence: CC BY 4.0
 """
 FR_JSON = (
-    '{"region": "FR", "intensity_g_per_kwh": 44.179, "source": "Ember via Our World in Data '
-    '(carbon-intensities.csv)", "year": "2024", "basis": "lifecycle", "licence": "CC BY 4.0", '
+    '{"region": "FR", "intensity_g_per_kwh": 44.179, "source": "Ember via Our World in Data", '
+    '"year": "2024", "basis": "lifecycle", "licence": "CC BY 4.0", '
     '"name": "France", "kind": "country", "aliases": ["FRA"]}\n'
 )
 
@@ -60,10 +60,7 @@ def test_regions_lists_every_shipped_row_with_sources():
     assert lines[0] == "REGION                        gCO2e/kWh  YEAR       BASIS      NAME"
     assert "DE                               344.14  2024       lifecycle  Germany" in lines
     assert lines.index("") == 1 + 305  # header, 305 rows, blank line
-    assert (
-        "  212 country row(s): Ember via Our World in Data (carbon-intensities.csv); "
-        "licence: CC BY 4.0" in lines
-    )
+    assert "  212 country row(s): Ember via Our World in Data; licence: CC BY 4.0" in lines
     assert lines[-1] == (
         "  eGRID subregions: not shipped (no honest offline source; see SOURCES.md)"
     )

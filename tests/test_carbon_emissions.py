@@ -44,7 +44,7 @@ def test_table_region_figure():
     assert result.carbon == {
         "region": "DE",
         "intensity_g_per_kwh": 344.14,
-        "source": "Ember via Our World in Data (carbon-intensities.csv)",
+        "source": "Ember via Our World in Data",
         "year": "2024",
         "basis": "lifecycle",
         "pue": 1.0,

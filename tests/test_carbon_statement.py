@@ -61,7 +61,7 @@ def test_statement_numbers():
     assert "8.0 % was estimated from a power model" in text
     assert (
         "With a power usage effectiveness (PUE) of 1.20 and a grid carbon intensity of "
-        "344.1 gCO2e/kWh (Ember via Our World in Data (carbon-intensities.csv); data year 2024; "
+        "344.1 gCO2e/kWh (Ember via Our World in Data; data year 2024; "
         "lifecycle basis; region DE), this corresponds to 5.162 kgCO2e of operational emissions, "
         "plus 117.9 gCO2e of embodied (manufacturing) emissions (2.85 gCO2e per GPU-hour, "
         "47.53 gCO2e per node-hour), 5.280 kgCO2e in total."

@@ -151,7 +151,7 @@ def test_build_fills_missing_countries_and_the_world_mean(built):
     countries = _rows(built / "countries.csv")
     assert countries["NA"]["name"] == "Namibia"
     assert countries["NA"]["year"] == "2022"
-    assert "global_energy_mix.json" in countries["NA"]["source"]
+    assert countries["NA"]["source"] == "Ember via Our World in Data, OWID energy data"
     world = _rows(built / "world.csv")["WORLD"]
     # Western Sahara (2009) is older than 5 years before the newest record: left out.
     expected = (56.039 * 514.11 + 59.259 * 1.35) / (514.11 + 1.35)

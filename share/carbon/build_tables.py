@@ -39,7 +39,7 @@ WORLD_MAX_AGE_YEARS = 5  # country rows older than this (from the newest) stay o
 OWID_SOURCE = "Ember via Our World in Data"
 OWID_LICENCE = "CC BY 4.0"
 EGRID_LICENCE = "public domain (US EPA)"
-GCP_SOURCE = "Google Cloud region carbon data"
+GCP_SOURCE = "Google Cloud region grid carbon intensity"
 GCP_LICENCE = "see SOURCES.md"
 
 # Rows of Google's file that codecarbon misspelt; the key is codecarbon's, the value Google's.
@@ -73,7 +73,7 @@ def read_owid_csv(path: Path) -> list[dict[str, str]]:
                     "g_co2e_per_kwh": _fmt(float(rec[value_col])),
                     "year": str(int(rec["Year"])),
                     "basis": "lifecycle",
-                    "source": f"{OWID_SOURCE} ({path.name})",
+                    "source": OWID_SOURCE,
                     "licence": OWID_LICENCE,
                 }
             )
@@ -87,7 +87,7 @@ def read_energy_mix(path: Path) -> dict[str, dict]:
 
 
 def fill_missing_countries(
-    rows: list[dict[str, str]], mix: dict[str, dict], alpha2_of: dict[str, str], path: Path
+    rows: list[dict[str, str]], mix: dict[str, dict], alpha2_of: dict[str, str]
 ) -> list[dict[str, str]]:
     """Countries that the energy-mix file has and the OWID CSV lacks (e.g. Namibia, 'NA')."""
     have = {r["aliases"] for r in rows}
@@ -103,14 +103,14 @@ def fill_missing_countries(
                 "g_co2e_per_kwh": _fmt(float(rec["carbon_intensity"])),
                 "year": str(int(rec["year"])),
                 "basis": "lifecycle",
-                "source": f"{OWID_SOURCE} ({path.name})",
+                "source": f"{OWID_SOURCE}, OWID energy data",
                 "licence": OWID_LICENCE,
             }
         )
     return added
 
 
-def world_row(mix: dict[str, dict], path: Path) -> dict[str, str]:
+def world_row(mix: dict[str, dict]) -> dict[str, str]:
     """Generation-weighted mean of the country intensities of the energy-mix file."""
     newest = max(int(r["year"]) for r in mix.values())
     used = [
@@ -129,7 +129,7 @@ def world_row(mix: dict[str, dict], path: Path) -> dict[str, str]:
         "g_co2e_per_kwh": _fmt(g),
         "year": span,
         "basis": "lifecycle",
-        "source": f"llem mean of {OWID_SOURCE} country figures ({path.name})",
+        "source": f"llem's generation-weighted mean of {OWID_SOURCE} country figures",
         "licence": OWID_LICENCE,
     }
 
@@ -155,7 +155,7 @@ def read_egrid_states(path: Path) -> list[dict[str, str]]:
                 "g_co2e_per_kwh": _fmt(float(rec["emissions"]) * G_PER_KWH_PER_LB_PER_MWH),
                 "year": str(year),
                 "basis": "direct",
-                "source": f"EPA eGRID{year} {field} ({path.name})".replace("  ", " "),
+                "source": f"US EPA eGRID{year}, state output emission rate {field}".strip(),
                 "licence": EGRID_LICENCE,
             }
         )
@@ -186,7 +186,7 @@ def read_egrid_subregions(path: Path, year: int) -> list[dict[str, str]]:
                     "g_co2e_per_kwh": _fmt(float(rec["SRC2ERTA"]) * G_PER_KWH_PER_LB_PER_MWH),
                     "year": str(year),
                     "basis": "direct",
-                    "source": f"EPA eGRID{year} SRC2ERTA ({path.name})",
+                    "source": f"US EPA eGRID{year}, subregion output emission rate SRC2ERTA",
                     "licence": EGRID_LICENCE,
                 }
             )
@@ -210,7 +210,7 @@ def read_gcp(path: Path, year: int) -> list[dict[str, str]]:
                     "g_co2e_per_kwh": _fmt(float(rec["impact"])),
                     "year": str(year),
                     "basis": "lifecycle",
-                    "source": f"{GCP_SOURCE} {year} ({path.name})",
+                    "source": f"{GCP_SOURCE} {year}",
                     "licence": GCP_LICENCE,
                 }
             )
@@ -242,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         countries = read_owid_csv(args.owid_csv)
         if mix is not None:
             alpha2_of = _alpha2_by_alpha3(countries)
-            countries += fill_missing_countries(countries, mix, alpha2_of, args.energy_mix)
+            countries += fill_missing_countries(countries, mix, alpha2_of)
         write_table(args.out / "countries.csv", sorted(countries, key=lambda r: r["region"]))
     if mix is not None:
-        write_table(args.out / "world.csv", [world_row(mix, args.energy_mix)])
+        write_table(args.out / "world.csv", [world_row(mix)])
     if args.egrid_states:
         write_table(args.out / "us_states.csv", read_egrid_states(args.egrid_states))
     if args.egrid_subregions:
