@@ -96,6 +96,13 @@ class Server:
         self.status, self.delay_s = status, delay_s
 
 
+@pytest.fixture(autouse=True)
+def _no_public_hosts(monkeypatch):
+    """Should a test forget provider_url, it reaches a closed local port, never the internet."""
+    local = {name: "http://127.0.0.1:9" for name in providers.DEFAULT_URLS}
+    monkeypatch.setattr(providers, "DEFAULT_URLS", local)
+
+
 @pytest.fixture
 def server():
     s = Server()
@@ -219,3 +226,11 @@ def test_an_unreadable_cache_is_ignored_said_and_replaced(server, tmp_path):
     assert result.operational_g == pytest.approx(302)
     assert "ignoring the unreadable intensity cache" in result.carbon["notes"][0]
     assert read_cache(path) == {T22: 302.0}
+
+
+def test_the_public_url_is_the_default_and_never_reached_here():
+    # With the guard above, a forgotten provider_url fails fast on a closed local port.
+    config = Config(carbon=CarbonConfig(region="GB", provider="uk-carbon-intensity"))
+    result = carbon.emissions(config, {T22: KWH_J})
+    assert "cannot connect" in result.carbon["notes"][0]
+    assert result.carbon["fallback_hours"] == 1
