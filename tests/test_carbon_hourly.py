@@ -177,3 +177,24 @@ def test_hours_outside_the_file_fall_back_to_the_annual_figure_and_are_flagged(t
     assert result.carbon["hourly_coverage"] == 0.5
     assert result.carbon["source"].count(";") >= 1  # both sources are named
     assert result.carbon["year"] == "2024"
+
+
+def test_job_across_midnight_and_the_autumn_dst_change(tmp_path):
+    """23:30 BST on 26 October to 01:30 GMT on 27 October 2024: 3 hours, the clock shows 2."""
+    t = int(datetime(2024, 10, 26, 22, tzinfo=timezone.utc).timestamp())
+    start_s, end_s = t + 1800, t + 3 * H + 1800  # 22:30 UTC to 01:30 UTC
+    local_start, local_end = _london(2024, 10, 26, 23, 30), _london(2024, 10, 27, 1, 30)
+    if local_start is not None:
+        assert (local_start, local_end) == (start_s, end_s)
+    path = tmp_path / "hourly.csv"
+    path.write_text(
+        "timestamp,g_co2e_per_kwh\n"
+        "2024-10-26T22:00:00Z,210\n2024-10-26T23:00:00Z,190\n"
+        "2024-10-27T00:00:00Z,170\n2024-10-27T01:00:00Z,150\n",
+        encoding="utf-8",
+    )
+    config = Config(carbon=CarbonConfig(region="GB", intensity_file=str(path)))
+    result = carbon.emissions(config, energy_by_hour(start_s, end_s, 3 * 3.6e6))  # 1 kW, 3 h
+    assert result.energy_kwh == pytest.approx(3.0)
+    assert result.operational_g == pytest.approx(0.5 * 210 + 190 + 170 + 0.5 * 150)
+    assert result.carbon["fallback_hours"] == 0

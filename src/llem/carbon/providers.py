@@ -226,6 +226,8 @@ def lookup_hours(
             are not raised: they become notes, and the hours stay uncovered.
     """
     check_provider(provider, token)
+    if not timeout_s > 0:
+        raise ConfigError(f"carbon.provider_timeout_s must be positive, got {timeout_s}")
     if provider == ELECTRICITYMAPS and not zone:
         raise ConfigError("carbon.provider 'electricitymaps' needs carbon.region (its zone)")
     zone_key = zone if provider == ELECTRICITYMAPS else "GB"
