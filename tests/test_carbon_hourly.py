@@ -117,11 +117,11 @@ def test_energy_by_hour_splits_at_clock_hours_and_keeps_the_total():
         energy_by_hour(10, 5, 1.0)
 
 
-def _london(*args):
+def _london(*args, fold=0):
     try:
         from zoneinfo import ZoneInfo
 
-        return datetime(*args, tzinfo=ZoneInfo("Europe/London")).timestamp()
+        return datetime(*args, tzinfo=ZoneInfo("Europe/London"), fold=fold).timestamp()
     except (
         ImportError,
         KeyError,
@@ -180,10 +180,13 @@ def test_hours_outside_the_file_fall_back_to_the_annual_figure_and_are_flagged(t
 
 
 def test_job_across_midnight_and_the_autumn_dst_change(tmp_path):
-    """23:30 BST on 26 October to 01:30 GMT on 27 October 2024: 3 hours, the clock shows 2."""
+    """23:30 BST on 26 October to 01:30 GMT on 27 October 2024: 3 hours, the clock shows 2.
+
+    01:30 happens twice that night (BST, then GMT); the job ends at the second (fold=1).
+    """
     t = int(datetime(2024, 10, 26, 22, tzinfo=timezone.utc).timestamp())
     start_s, end_s = t + 1800, t + 3 * H + 1800  # 22:30 UTC to 01:30 UTC
-    local_start, local_end = _london(2024, 10, 26, 23, 30), _london(2024, 10, 27, 1, 30)
+    local_start, local_end = _london(2024, 10, 26, 23, 30), _london(2024, 10, 27, 1, 30, fold=1)
     if local_start is not None:
         assert (local_start, local_end) == (start_s, end_s)
     path = tmp_path / "hourly.csv"
