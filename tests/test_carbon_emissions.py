@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llem import carbon
 from llem.carbon.emissions import HOURS_PER_YEAR, pue_for_month
@@ -157,3 +160,25 @@ def test_for_hour_floors_to_the_clock_hour_and_takes_aware_datetimes():
     assert model.for_hour(when) == model.for_hour(hour(2024, 3, 31, 1))
     with pytest.raises(ValueError, match="naive"):
         model.for_hour(datetime(2024, 3, 31, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    start_s=st.integers(min_value=1_600_000_000, max_value=1_800_000_000),
+    duration_s=st.integers(min_value=1, max_value=3 * 24 * 3600),
+    energy_j=st.floats(min_value=0, max_value=1e10, allow_nan=False),
+    g_per_kwh=st.floats(min_value=0, max_value=1500, allow_nan=False),
+    pue=st.floats(min_value=1.0, max_value=3.0, allow_nan=False),
+)
+def test_emissions_are_energy_times_pue_times_a_constant_intensity(
+    start_s, duration_s, energy_j, g_per_kwh, pue
+):
+    energy = carbon.energy_by_hour(start_s, start_s + duration_s, energy_j)
+    assert all(h % H == 0 for h in energy)
+    assert sum(energy.values()) == pytest.approx(energy_j, rel=1e-9, abs=1e-6)
+    config = Config(carbon=CarbonConfig(intensity_g_per_kwh=g_per_kwh, pue=pue))
+    result = carbon.emissions(config, energy)
+    assert result.operational_g == pytest.approx(
+        energy_j / KWH_J * pue * g_per_kwh, rel=1e-9, abs=1e-6
+    )
+    json.dumps(result.carbon)  # the carbon object is plain JSON
