@@ -63,6 +63,15 @@ class CarbonConfig:
     """Optional online provider: 'electricitymaps' or 'uk-carbon-intensity'; off by default."""
     provider_token: str | None = None
     """Token of the online provider, where it needs one."""
+    intensity_basis: str | None = None
+    """Basis of intensity_file or intensity_g_per_kwh: 'lifecycle' or 'direct' (None: shown
+    as 'unspecified'). Shipped tables and providers carry their own basis."""
+    provider_zone: str | None = None
+    """The provider's zone (Electricity Maps, e.g. 'DE' or 'US-CAL-CISO'); default: region."""
+    provider_url: str | None = None
+    """Base URL of the provider's API (a mirror or proxy); default: the provider's own."""
+    provider_timeout_s: float = 10.0
+    """Time-out of one provider request; on time-out the annual table is used, and said."""
 
 
 @dataclass(frozen=True)

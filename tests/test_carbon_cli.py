@@ -1,0 +1,127 @@
+"""``llem carbon``: exact output, JSON contract, help, and errors through the main entry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from llem.cli.carbon import carbon as carbon_group
+from llem.cli.main import cli, run
+
+DE_TEXT = """\
+DE (Germany): 344.14 gCO2e/kWh
+  year:    2024
+  basis:   lifecycle
+  source:  Ember via Our World in Data
+  licence: CC BY 4.0
+"""
+FR_JSON = (
+    '{"region": "FR", "intensity_g_per_kwh": 44.179, "source": "Ember via Our World in Data", '
+    '"year": "2024", "basis": "lifecycle", "licence": "CC BY 4.0", '
+    '"name": "France", "kind": "country", "aliases": ["FRA"]}\n'
+)
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["carbon", *args], catch_exceptions=False)
+
+
+def test_intensity_text_output_is_exact():
+    result = invoke("intensity", "de")
+    assert result.exit_code == 0
+    assert result.output == DE_TEXT
+
+
+def test_intensity_json_output_is_exact():
+    result = invoke("intensity", "FRA", "--json")
+    assert result.exit_code == 0
+    assert result.output == FR_JSON
+    # The leading fields are those of the carbon object of 'llem wrap --json'.
+    assert list(json.loads(result.output))[:5] == [
+        "region", "intensity_g_per_kwh", "source", "year", "basis",
+    ]  # fmt: skip
+
+
+def test_intensity_of_a_us_state_and_a_cloud_region_with_year():
+    result = invoke("intensity", "us-tx", "--year", "2023")
+    assert result.output.splitlines()[0] == "US-TX (Texas): 349.801 gCO2e/kWh"
+    assert "  basis:   direct" in result.output
+    result = invoke("intensity", "gcp:us-central1", "--json")
+    data = json.loads(result.output)
+    assert (data["intensity_g_per_kwh"], data["year"]) == (430.0, "2023")
+
+
+def test_regions_lists_every_shipped_row_with_sources():
+    result = invoke("regions")
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0] == "REGION                        gCO2e/kWh  YEAR       BASIS      NAME"
+    assert "DE                               344.14  2024       lifecycle  Germany" in lines
+    assert lines.index("") == 1 + 305  # header, 305 rows, blank line
+    assert "  212 country row(s): Ember via Our World in Data; licence: CC BY 4.0" in lines
+    assert lines[-1] == (
+        "  eGRID subregions: not shipped (no honest offline source; see SOURCES.md)"
+    )
+
+
+def test_regions_json():
+    data = json.loads(invoke("regions", "--json").output)
+    assert len(data) == 305
+    assert {d["basis"] for d in data} == {"lifecycle", "direct"}
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+@pytest.mark.parametrize("sub", [[], ["intensity"], ["regions"]])
+def test_help_everywhere(sub, flag):
+    result = invoke(*sub, flag)
+    assert result.exit_code == 0
+    assert result.output.startswith("Usage: ")
+
+
+def test_every_command_has_help_text():
+    for name, command in carbon_group.commands.items():
+        assert command.help and len(command.help) > 20, name
+
+
+def test_unknown_region_is_error_exit_1(capsys):
+    assert run(cli, ["carbon", "intensity", "Germny"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: unknown carbon region 'Germny'; close matches: DE")
+
+
+def test_missing_year_is_error_exit_1(capsys):
+    assert run(cli, ["carbon", "intensity", "DE", "--year", "2019"]) == 1
+    assert capsys.readouterr().err == (
+        "Error: region 'DE' has no figure for year 2019 (have: 2024)\n"
+    )
+
+
+def test_missing_argument_is_usage_error_exit_2(capsys):
+    assert run(cli, ["carbon", "intensity"]) == 2
+
+
+def test_every_command_is_documented():
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[1] / "docs" / "carbon.md").read_text("utf-8")
+    for name in carbon_group.commands:
+        assert f"llem carbon {name}" in docs, name
+
+
+def test_installed_entry_point_prints_error_and_exits_1():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "llem.cli.main", "carbon", "intensity", "atlantis"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("Error: unknown carbon region 'atlantis'")
+    assert "Traceback" not in proc.stderr

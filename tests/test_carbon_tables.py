@@ -1,0 +1,233 @@
+"""The shipped tables: known figures against their sources, look-up, and the rebuild script."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from llem.share.carbon import build_tables
+
+from llem.carbon import tables
+from llem.errors import ConfigError
+
+# Lines copied verbatim from carbontracker 2.4.7's data/carbon-intensities.csv (the OWID
+# grapher export of Ember's data) and codecarbon 3.3.2's data files (see SOURCES.md).
+OWID_CSV = """\
+alpha-2,Year,Entity,Code,Carbon intensity of electricity (gCO2eq/kWh)
+CN,2024,China,CHN,559.5517
+DE,2024,Germany,DEU,344.13992
+EH,2009,Western Sahara,ESH,666.6666
+FR,2024,France,FRA,44.179085
+GB,2024,United Kingdom,GBR,210.89114
+IN,2024,India,IND,708.3216
+NO,2024,Norway,NOR,30.745583
+PL,2024,Poland,POL,614.98236
+US,2024,United States,USA,383.5492
+"""
+USA_EMISSIONS = {
+    "_unit": {"emissions": "lbs/MWh", "regionCode": "2 digit state/region code"},
+    "_source": {
+        "name": "EPA eGRID2023, annual CO2 equivalent total output emission rate",
+        "url": "https://www.epa.gov/egrid/download-data",
+        "field": "STC2ERTA",
+        "year": 2023,
+    },
+    "california": {"emissions": 394.769, "regionCode": "CA"},
+    "district of columbia": {"emissions": 395.011, "regionCode": "DC"},
+    "texas": {"emissions": 771.179, "regionCode": "TX"},
+    "wyoming": {"emissions": 1833.263, "regionCode": "WY"},
+    "usa": {"emissions": 770.884, "regionCode": "usa"},
+}
+IMPACT_CSV = (
+    "\ufeffprovider,providerName,offsetRatio,region,regionName,country_name,countryIsoCode,"
+    "state,city,impact,source,comment\n"
+    "gcp,Google Cloud Platform,100,europe-west1,,Belgium,BEL,,St. Ghislain,122,"
+    "https://cloud.google.com/sustainability/region-carbon#data,\n"
+    "gcp,Google Cloud Platform,100,me-cenrtal1,,Qatar,QAT,,Doha,575,"
+    "https://cloud.google.com/sustainability/region-carbon#data,\n"
+    "aws,Amazon Web Services,100,us-east-1,,USA,USA,Virginia,,379,x,\n"
+)
+ENERGY_MIX = {
+    "FRA": {"carbon_intensity": 56.039, "country_name": "France", "total_TWh": 514.11,
+            "year": 2023},
+    "NAM": {"carbon_intensity": 59.259, "country_name": "Namibia", "total_TWh": 1.35,
+            "year": 2022},
+    "ESH": {"carbon_intensity": 666.667, "country_name": "Western Sahara", "total_TWh": 0.09,
+            "year": 2009},
+}  # fmt: skip
+
+KNOWN_COUNTRIES = [
+    # code, alpha-3, g/kWh as published (rounded to 3 decimals by the build), year
+    ("FR", "FRA", 44.179, "2024"),
+    ("DE", "DEU", 344.14, "2024"),
+    ("GB", "GBR", 210.891, "2024"),
+    ("US", "USA", 383.549, "2024"),
+    ("IN", "IND", 708.322, "2024"),
+    ("NO", "NOR", 30.746, "2024"),
+    ("PL", "POL", 614.982, "2024"),
+    ("CN", "CHN", 559.552, "2024"),
+    ("EH", "ESH", 666.667, "2009"),
+]
+
+
+@pytest.fixture
+def built(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "carbon-intensities.csv").write_text(OWID_CSV, encoding="utf-8")
+    (src / "usa_emissions.json").write_text(json.dumps(USA_EMISSIONS), encoding="utf-8")
+    (src / "impact.csv").write_text(IMPACT_CSV, encoding="utf-8")
+    (src / "global_energy_mix.json").write_text(json.dumps(ENERGY_MIX), encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    rc = build_tables.main(
+        [
+            "--owid-csv", str(src / "carbon-intensities.csv"),
+            "--energy-mix", str(src / "global_energy_mix.json"),
+            "--egrid-states", str(src / "usa_emissions.json"),
+            "--gcp-csv", str(src / "impact.csv"), "--gcp-year", "2023",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    return out
+
+
+def _rows(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        return {r["region"]: r for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize(("code", "alpha3", "g_per_kwh", "year"), KNOWN_COUNTRIES)
+def test_known_country_figures_match_the_source(code, alpha3, g_per_kwh, year):
+    for key in (code, alpha3, code.lower(), alpha3.lower()):
+        row = tables.lookup(key)
+        assert row.region == code
+        assert row.g_per_kwh == pytest.approx(g_per_kwh, abs=1e-9)
+        assert row.year == year
+        assert row.basis == "lifecycle"
+        assert row.licence == "CC BY 4.0"
+        assert "Our World in Data" in row.source
+
+
+def test_shipped_tables_equal_a_rebuild_from_the_source_lines(built):
+    shipped = _rows(build_tables.Path(build_tables.__file__).parent / "countries.csv")
+    rebuilt = _rows(built / "countries.csv")
+    for code, row in rebuilt.items():
+        assert shipped[code] == row
+    shipped_states = _rows(build_tables.Path(build_tables.__file__).parent / "us_states.csv")
+    for code, row in _rows(built / "us_states.csv").items():
+        assert shipped_states[code] == row
+    shipped_cloud = _rows(build_tables.Path(build_tables.__file__).parent / "cloud_regions.csv")
+    for code, row in _rows(built / "cloud_regions.csv").items():
+        assert shipped_cloud[code] == row
+
+
+def test_build_converts_egrid_lb_per_mwh_to_g_per_kwh(built):
+    states = _rows(built / "us_states.csv")
+    assert set(states) == {
+        "US-CA",
+        "US-DC",
+        "US-TX",
+        "US-WY",
+    }  # the national 'usa' row is not a state
+    assert float(states["US-CA"]["g_co2e_per_kwh"]) == pytest.approx(394.769 * 0.453592, abs=5e-4)
+    assert float(states["US-WY"]["g_co2e_per_kwh"]) == pytest.approx(831.553, abs=5e-4)
+    assert states["US-DC"]["name"] == "District of Columbia"
+    assert states["US-TX"]["year"] == "2023"
+    assert states["US-TX"]["basis"] == "direct"
+    assert "eGRID2023" in states["US-TX"]["source"]
+
+
+def test_build_keeps_gcp_only_and_fixes_codecarbons_typo(built):
+    cloud = _rows(built / "cloud_regions.csv")
+    assert set(cloud) == {"gcp:europe-west1", "gcp:me-central1"}
+    assert cloud["gcp:europe-west1"]["g_co2e_per_kwh"] == "122"
+    assert cloud["gcp:me-central1"]["year"] == "2023"
+
+
+def test_build_fills_missing_countries_and_the_world_mean(built):
+    countries = _rows(built / "countries.csv")
+    assert countries["NA"]["name"] == "Namibia"
+    assert countries["NA"]["year"] == "2022"
+    assert countries["NA"]["source"] == "Ember via Our World in Data, OWID energy data"
+    world = _rows(built / "world.csv")["WORLD"]
+    # Western Sahara (2009) is older than 5 years before the newest record: left out.
+    expected = (56.039 * 514.11 + 59.259 * 1.35) / (514.11 + 1.35)
+    assert float(world["g_co2e_per_kwh"]) == pytest.approx(expected, abs=5e-4)
+    assert world["year"] == "2022-2023"
+
+
+def test_gcp_needs_a_year(tmp_path):
+    path = tmp_path / "impact.csv"
+    path.write_text(IMPACT_CSV, encoding="utf-8")
+    with pytest.raises(SystemExit):
+        build_tables.main(["--gcp-csv", str(path), "--out", str(tmp_path)])
+
+
+def test_every_shipped_row_has_full_provenance():
+    rows = tables.load_tables()
+    kinds = {r.kind for r in rows}
+    assert kinds == {"country", "US state", "cloud region", "world"}
+    assert sum(r.kind == "country" for r in rows) == 213
+    assert sum(r.kind == "US state" for r in rows) == 51
+    assert sum(r.kind == "cloud region" for r in rows) == 40
+    for r in rows:
+        assert r.region and r.name and r.source and r.licence and r.year
+        assert r.basis in ("lifecycle", "direct")
+        assert 0 <= r.g_per_kwh < 2000
+
+
+def test_us_state_and_cloud_region_codes():
+    assert tables.lookup("us-ca").g_per_kwh == pytest.approx(179.064)
+    assert tables.lookup("US-CA").year == "2023"
+    assert tables.lookup("gcp:europe-west1").g_per_kwh == 122
+    assert tables.lookup("EUROPE-WEST1").region == "gcp:europe-west1"
+    assert tables.lookup("world").region == "WORLD"
+
+
+def test_unknown_region_lists_close_matches():
+    with pytest.raises(ConfigError) as e:
+        tables.lookup("DEX")
+    assert "unknown carbon region 'DEX'" in str(e.value)
+    assert "DE" in str(e.value).split("close matches:")[1]
+    with pytest.raises(ConfigError, match="close matches: gcp:europe-west1"):
+        tables.lookup("gcp:europe-wets1")
+
+
+def test_egrid_subregion_is_recognised_but_not_shipped():
+    with pytest.raises(ConfigError, match="eGRID subregion 'RFCE' is recognised but llem ships"):
+        tables.lookup("rfce")
+
+
+def test_year_selects_a_row_or_says_which_years_exist():
+    assert tables.lookup("DE", 2024).year == "2024"
+    with pytest.raises(ConfigError, match=r"no figure for year 2019 \(have: 2024\)"):
+        tables.lookup("DE", "2019")
+
+
+def test_share_dir_override_and_egrid_subregions_table(tmp_path, monkeypatch):
+    header = ",".join(tables.COLUMNS)
+    (tmp_path / "egrid_subregions.csv").write_text(
+        f"{header}\nRFCE,,RFC East,300.5,2023,direct,test,public domain\n", encoding="utf-8"
+    )
+    monkeypatch.setenv("LLEM_SHARE_DIR", str(tmp_path))
+    row = tables.lookup("rfce")
+    assert (row.g_per_kwh, row.kind) == (300.5, "eGRID subregion")
+    assert tables.lookup("DE").g_per_kwh == 344.14  # the other shipped tables stay in use
+    (tmp_path / "countries.csv").write_text(
+        f"{header}\nDE,DEU,Germany,1.5,2030,direct,site table,internal\n", encoding="utf-8"
+    )
+    tables._load.cache_clear()
+    assert tables.lookup("deu").g_per_kwh == 1.5  # a file of the same name replaces it
+    with pytest.raises(ConfigError):
+        tables.lookup("FR")
+    tables._load.cache_clear()
+
+
+def test_bad_table_row_is_reported(tmp_path):
+    header = ",".join(tables.COLUMNS)
+    text = f"{header}\nXX,,X,12,2023,marginal,s,l\n"
+    with pytest.raises(ConfigError, match="line 2"):
+        tables.parse_table(text, "t.csv", "country")
