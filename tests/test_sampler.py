@@ -94,15 +94,32 @@ def test_run_paces_and_stops_promptly_with_final_reading(tmp_path):
     sensor = FakeSensor({"a": 0})
     acc = Accumulator()
     s = Sampler([sensor], [acc], interval_s=0.1)
-    stop = threading.Event()
-    t = threading.Thread(target=s.run, args=(stop,))
+    t = threading.Thread(target=s.run)
     t.start()
     time.sleep(0.55)
     t0 = time.monotonic()
-    stop.set()
+    s.stop()
     t.join(2)
     assert not t.is_alive()
     assert time.monotonic() - t0 < 0.5
     # ~5 paced ticks plus the final one
     assert 4 <= s.intervals <= 8
     assert acc.mono_ns == pytest.approx(0.55e9, rel=0.25)
+
+
+def test_wake_takes_an_extra_reading_without_moving_the_beat(tmp_path):
+    sensor = FakeSensor({"a": 0})
+    s = Sampler([sensor], [Accumulator()], interval_s=5.0)
+    t = threading.Thread(target=s.run)
+    t.start()
+    try:
+        time.sleep(0.2)
+        s.wake.set()
+        deadline = time.monotonic() + 2
+        while s.intervals < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.intervals == 1
+    finally:
+        s.stop()
+        t.join(2)
+    assert s.intervals == 2  # the final reading

@@ -159,3 +159,31 @@ def test_no_counters_means_estimated_and_said_so(tmp_path):
     assert all(c["source"] == "estimated" and c["method"] == "model" for c in out["components"])
     assert out["energy_j"] > 0
     assert "estimated" in r.stderr and "no RAPL package" in r.stderr
+
+
+def test_emissions_follow_the_named_region_and_pue(tree, tmp_path):
+    from llem.carbon import lookup
+
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text("carbon:\n  region: FR\n  pue: 1.5\n")
+    steps = [("intel-rapl:0", 36_000_000)]  # 36 J = 0.00001 kWh
+    env = env_for(tree, LLEM_CONFIG=str(cfg))
+    r = subprocess.run(LLEM + ["wrap", "--json", "--", *burner(tree, steps)],
+                       capture_output=True, text=True, env=env, timeout=60)
+    out = json.loads(r.stdout)
+    fr = lookup("FR")
+    assert out["energy_j"] == 36.0
+    assert out["carbon"]["region"] == "FR" and out["carbon"]["pue"] == 1.5
+    assert out["carbon"]["year"] == str(fr.year) and out["carbon"]["basis"] == fr.basis
+    assert out["co2e_g"] == pytest.approx(36 / 3.6e6 * 1.5 * fr.g_per_kwh, rel=1e-6)
+    assert "region FR" in r.stderr and "PUE 1.5" in r.stderr
+
+
+def test_unknown_region_keeps_the_measurement(tree):
+    env = env_for(tree, LLEM_CARBON_REGION="Atlantis")
+    r = subprocess.run(LLEM + ["wrap", "--json", "--", sys.executable, "-c", "raise SystemExit(4)"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 4
+    out = json.loads(r.stdout)
+    assert out["co2e_g"] is None and "unknown carbon region 'Atlantis'" in out["carbon"]["reason"]
+    assert out["components"]

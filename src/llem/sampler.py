@@ -91,6 +91,12 @@ class Sampler:
         self.attribute = attribute
         self.wake = threading.Event()
         """Set it to make the loop take a reading now (a job ends, a window opens)."""
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Make :meth:`run` take its final reading and return (safe from signal handlers)."""
+        self.stopping.set()
+        self.wake.set()
 
     # -- one step --------------------------------------------------------------------------
 
@@ -183,14 +189,14 @@ class Sampler:
 
     def run(
         self,
-        stop: threading.Event,
         max_intervals: int | None = None,
         on_interval: Callable[[Interval], None] | None = None,
     ) -> None:
-        """Sample until ``stop`` is set (or ``max_intervals``), then take a final reading.
+        """Sample until :meth:`stop` is called (or ``max_intervals``), then take a final reading.
 
         The caller calls :meth:`start` first, or lets ``run`` do it.
         """
+        stop = self.stopping
         if self._last_mono is None:
             self.start()
         interval_ns = int(self.interval_s * NS_PER_S)
@@ -199,7 +205,7 @@ class Sampler:
             remaining = (next_deadline - self.clock.monotonic_ns()) / NS_PER_S
             woken = False
             if remaining > 0:
-                woken = self.wake.wait(remaining) or stop.is_set()
+                woken = self.wake.wait(remaining)
                 if woken:
                     self.wake.clear()
             if stop.is_set():

@@ -187,7 +187,7 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def run_sampler_thread(sampler, stop: threading.Event) -> threading.Thread:
-    thread = threading.Thread(target=sampler.run, args=(stop,), name="llem-sampler", daemon=True)
+def run_sampler_thread(sampler) -> threading.Thread:
+    thread = threading.Thread(target=sampler.run, name="llem-sampler", daemon=True)
     thread.start()
     return thread

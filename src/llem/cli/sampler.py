@@ -74,22 +74,20 @@ def _run(args: argparse.Namespace) -> int:
     opened = open_sensors(config)
     for note in opened.notes:
         log.info("%s", note)
-    stop = threading.Event()
     sampler = Sampler(opened.sensors, [store], interval_s=interval_s)
 
     def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-        sampler.wake.set()
+        sampler.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     if args.duration is not None:
-        timer = threading.Timer(args.duration, stop.set)
+        timer = threading.Timer(args.duration, sampler.stop)
         timer.daemon = True
         timer.start()
     log.info("sampling %d devices every %.3g s into %s", len(sampler.devices), interval_s, path)
     try:
-        sampler.run(stop)
+        sampler.run()
     finally:
         opened.close()
         store.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,18 +18,28 @@ from llem.units import format_energy_j
 from llem.wrap import Accumulator, ChildRunner, exit_status, result, run_sampler_thread
 
 
-def carbon_for(config: config_mod.Config, acc: Accumulator, duration_s: float) -> tuple[dict, float | None, list[str]]:
-    """The carbon object and CO2e of the window; (carbon, co2e_g, notes)."""
-    carbon = {
-        "region": config.carbon.region,
-        "intensity_g_per_kwh": None,
-        "source": None,
-        "year": None,
-        "basis": None,
-        "pue": config.carbon.pue if isinstance(config.carbon.pue, float) else None,
-        "reason": "carbon accounting is not available in this version of llem",
-    }
-    return carbon, None, []
+def carbon_for(config: config_mod.Config, acc: Accumulator,
+               duration_s: float) -> tuple[dict, float | None, list[str]]:
+    """The carbon object and CO2e of the window; (carbon, co2e_g, notes).
+
+    A carbon problem (an unknown region, a bad intensity file) never loses the measurement:
+    the energy is still reported, with ``co2e_g`` null and the reason.
+    """
+    from llem import carbon
+    from llem.errors import LlemError
+
+    unknown = {"region": config.carbon.region, "intensity_g_per_kwh": None, "source": None,
+               "year": None, "basis": None, "pue": None}
+    if not acc.devices:
+        return {**unknown, "reason": "no energy was measured"}, None, []
+    energy_j = {hour: uj / 1e6 for hour, uj in acc.by_hour_uj.items()}
+    n_gpus = sum(1 for t in acc.devices.values() if t.device.component == "gpu")
+    hours = duration_s / 3600
+    try:
+        result = carbon.emissions(config, energy_j, gpu_hours=n_gpus * hours, node_hours=hours)
+    except (LlemError, ValueError) as e:
+        return {**unknown, "reason": f"carbon: {e}"}, None, [f"carbon: {e}"]
+    return result.carbon, result.co2e_g, list(result.carbon.get("notes", []))
 
 
 def render_summary(res: dict) -> str:
@@ -59,11 +68,12 @@ def render_summary(res: dict) -> str:
     if res["co2e_g"] is None:
         lines.append(f"  CO2e n/a: {carbon.get('reason', 'no intensity')}")
     else:
-        pue = carbon.get("pue")
+        embodied = carbon.get("embodied") or {}
+        extra = f", embodied included" if embodied.get("enabled") else ""
         lines.append(
             f"  CO2e {res['co2e_g']:.3f} g at {carbon['intensity_g_per_kwh']:.1f} gCO2e/kWh "
-            f"({carbon['region']}, {carbon['source']}, {carbon['year']}, {carbon['basis']}), "
-            f"PUE {pue}"
+            f"(region {carbon['region']}: {carbon['source']}, {carbon['year']}, "
+            f"{carbon['basis']}), PUE {carbon['pue']}{extra}"
         )
     for event in res["events"]:
         lines.append(f"  event: {event['kind']} {event['device'] or ''} {event['detail']}".rstrip())
@@ -130,13 +140,12 @@ def wrap(ctx: click.Context, name: str | None, as_json: bool, output: Path | Non
         opened.close()
         click.echo(f"llem wrap: {command[0]}: permission denied", err=True)
         ctx.exit(126)
-    stop = threading.Event()
-    thread = run_sampler_thread(sampler, stop)
+    thread = run_sampler_thread(sampler)
     try:
         returncode = runner.wait()
     finally:
         duration_s = time.monotonic() - t0
-        stop.set()
+        sampler.stop()
         thread.join(timeout=10)
         runner.restore()
         opened.close()
