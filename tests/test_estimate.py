@@ -595,3 +595,14 @@ def test_probe_on_this_machine():
     result = probe()
     assert result.available
     assert any(d.component == "cpu" for d in result.devices)
+
+
+def test_reads_closer_than_a_clock_tick_are_not_a_stall(proc):
+    """An extra reading 5 ms after the last sees no /proc/stat change: no error, no loss."""
+    sensor = cpu_sensor(proc)
+    sensor.read(10 * S)
+    (quick,) = sensor.read(10 * S + 5_000_000)  # /proc/stat unchanged
+    assert (quick.status, quick.energy_uj) == (OK, 0)
+    proc.advance(500, 500)
+    (later,) = sensor.read(20 * S)  # the whole 10 s at u = 0.5, none lost
+    assert later.energy_uj == 975_000_000

@@ -22,6 +22,8 @@ COMMANDS = {
 # They are listed in `llem --help` through small click shims.
 FAST_COMMANDS = {
     "sampler": "llem.cli.sampler:main",
+    "prolog": "llem.cli.slurm:prolog_main",
+    "epilog": "llem.cli.slurm:epilog_main",
 }
 
 

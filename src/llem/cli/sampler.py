@@ -39,6 +39,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--interval", type=float, help="seconds between reads (default from config)")
     p.add_argument("--store", type=Path, help="node store file (default STATE_DIR/node-NODE.db)")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--node", help="run as the Slurm node sampler of NODE (started by the Prolog)")
+    p.add_argument("--daemon", action="store_true",
+                   help="with --node: log to RUN_DIR/NODE/sampler.log (stdio is /dev/null)")
     p.add_argument("--verbose", "-v", action="store_true")
     return p.parse_args(argv)
 
@@ -54,7 +57,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _node_mode(args: argparse.Namespace) -> int:
+    from llem.nodesampler import NodePaths, record_problem, run_node_sampler
+
+    config = config_mod.load()
+    paths = NodePaths.of(config, args.node)
+    if args.daemon:
+        import logging.handlers
+
+        paths.ensure()
+        handler = logging.handlers.RotatingFileHandler(
+            paths.run / "sampler.log", maxBytes=1_000_000, backupCount=2)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+    try:
+        return run_node_sampler(config, args.node, args.interval)
+    except Exception as e:
+        log.exception("node sampler failed")
+        record_problem(paths, f"node sampler failed: {type(e).__name__}: {e}")
+        return 1
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.node:
+        return _node_mode(args)
     from llem.sampler import Sampler
     from llem.sensors import open_sensors
     from llem.store.node import open_or_quarantine

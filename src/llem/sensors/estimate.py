@@ -356,6 +356,10 @@ def parse_meminfo(text: str) -> tuple[int, int]:
     return total, min(max(total - values["MemAvailable"], 0), total)
 
 
+STALL_GRACE_NS = 500_000_000
+"""Reads of /proc/stat closer than this that see no tick are not a stall."""
+
+
 def utilisation(prev: CpuTimes, cur: CpuTimes) -> float:
     """Share of CPU time spent busy between two ``/proc/stat`` samples, in 0..1.
 
@@ -583,6 +587,11 @@ class EstimateSensor:
         try:
             u = utilisation(prev_times, times)
         except ValueError as e:
+            if elapsed_ns < STALL_GRACE_NS and times.total_ticks == prev_times.total_ticks:
+                # /proc/stat moves in clock ticks (10 ms): reads closer than that (an extra
+                # reading for a window or an Epilog) see no change. Keep the baseline; the next
+                # read covers this span too.
+                return self._oks(mono_ns)
             # No utilisation can be known for this span: restart the baseline here.
             self._cpu_prev = (mono_ns, times)
             log.warning("estimate: %s; %.1f s not estimated", e, elapsed_ns / NS_PER_S)

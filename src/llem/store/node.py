@@ -187,7 +187,8 @@ class Event:
 class JobRecord:
     """One run of a job on this node (a requeued job gets a new run with the same job_id).
 
-    ``gpus`` lists the device keys (``nvml:GPU-...``) allocated to the job on this node;
+    ``gpus`` lists the job's GPUs on this node as Slurm gives them (``SLURM_JOB_GPUS``): the
+    ``/dev/nvidiaN`` minor numbers, as strings; the sampler maps them to NVML devices;
     ``state`` goes running -> ended (Epilog) -> sealed (coverage and flags computed) ->
     exported (its slice is in the spool).
     """
@@ -470,8 +471,8 @@ class NodeStore:
         return self.jobs("state = 'running'")
 
     def latest_run(self, job_id: str) -> JobRecord | None:
-        found = self.jobs("job_id = ? ORDER BY start_ns DESC LIMIT 1", (job_id,))
-        return found[0] if found else None
+        found = self.jobs("job_id = ?", (job_id,))
+        return max(found, key=lambda j: j.start_ns) if found else None
 
     def update_job(self, run_id: int, **fields: object) -> None:
         """Set columns of a job run (``gpus``/``flags`` given as sequences)."""
