@@ -777,9 +777,9 @@ class SlurmCluster:
         return bool(res.stdout.strip())
 
     def queued_jobs(self) -> list[str]:
-        """Ids of every job the controller knows in a non-final state."""
-        res = self.run(["squeue", "-h", "-o", "%i"], timeout=10)
-        return res.stdout.split()
+        """Ids of the jobs that are pending, running or suspended (not those completing)."""
+        res = self.run(["squeue", "-h", "-o", "%i %t"], timeout=10)
+        return [line.split()[0] for line in res.stdout.splitlines() if line.split()[1:] != ["CG"]]
 
     def node_states(self) -> dict[str, str]:
         """Node name -> lower-case sinfo state (``idle``, ``mixed``, ``drained``, ...)."""
