@@ -497,7 +497,7 @@ class SlurmCluster:
         if self in SlurmCluster.running:
             SlurmCluster.running.remove(self)
         if self._daemons and self._daemon_alive("slurmctld"):
-            self._cancel_everything()
+            self.cancel_all()
         # slurmd first, so that no node is still reporting to a dying controller.
         node_procs = [p for n, p in self._daemons.items() if n != "slurmctld"]
         _terminate_pids([p.pid for p in node_procs], own_children=True)
@@ -548,9 +548,10 @@ class SlurmCluster:
         states = self.node_states()
         return len(states) == self.node_count and all(s == "idle" for s in states.values())
 
-    def _cancel_everything(self) -> None:
+    def cancel_all(self, timeout_s: float = 15) -> None:
+        """``scancel`` every job and wait (bounded) until the queue is empty."""
         self.run(["scancel", "--full", f"--partition={self.partition}"], timeout=10)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             res = self.run(["squeue", "-h", "-o", "%i"], timeout=10)
             if res.returncode != 0 or not res.stdout.strip():

@@ -55,8 +55,9 @@ def plugin_so(spank_cluster) -> Path:
 
 @pytest.fixture
 def cluster(spank_cluster, plugin_so) -> SlurmCluster:
-    """The module's cluster, with its plugstack.conf back to the default after the test."""
+    """The module's cluster; after the test: no job left, plugstack.conf back to the default."""
     yield spank_cluster
+    spank_cluster.cancel_all()  # a job wrongly accepted must not fail the next tests
     spank_cluster.write_plugstack([f"optional {plugin_so}"])
     assert spank_cluster.drained_nodes() == {}, spank_cluster.logs()
 
