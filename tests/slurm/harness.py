@@ -27,9 +27,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import ClassVar
 
 SBIN = Path("/usr/sbin")
 SLURMCTLD = SBIN / "slurmctld"
@@ -139,7 +140,7 @@ class _Munge:
                 raise HarnessError("munged started but munge -n | unmunge still fails")
             time.sleep(0.05)
         cls.started_pid = int(pid_file.read_text().strip())
-        _Registry.write_munge(cls.started_pid)
+        _Registry.write("munged", MUNGE_SOCKET_DIR, [cls.started_pid])
 
     @classmethod
     def release(cls) -> None:
@@ -148,14 +149,16 @@ class _Munge:
             return
         _terminate_pids([cls.started_pid], own_children=False)
         cls.started_pid = None
-        _Registry.remove_munge()
+        _Registry.remove("munged")
 
 
 # --------------------------------------------------------------------------- processes
 
 
 def _run(cmd: Sequence[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    proc = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
     if proc.returncode != 0:
         raise HarnessError(
             f"{' '.join(cmd)} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
@@ -221,14 +224,18 @@ def _terminate_pids(pids: Iterable[int], own_children: bool, grace_s: float = 5.
 
 
 class _Registry:
-    """Files under /run naming the daemons of each running cluster, for crash clean-up."""
+    """Files under /run naming each running cluster's daemons, for crash clean-up.
+
+    One file per cluster directory (``base_dir.name`` is unique), so that concurrent runs
+    never overwrite each other's entry.
+    """
 
     @staticmethod
-    def _path(name: str) -> Path:
-        return REGISTRY_DIR / f"{name}.json"
+    def _path(key: str) -> Path:
+        return REGISTRY_DIR / f"{key}.json"
 
     @classmethod
-    def write(cls, name: str, base_dir: Path, pids: Sequence[int]) -> None:
+    def write(cls, key: str, base_dir: Path, pids: Sequence[int]) -> None:
         REGISTRY_DIR.mkdir(mode=0o700, exist_ok=True)
         entry = {
             "owner_pid": os.getpid(),
@@ -236,29 +243,26 @@ class _Registry:
             "base_dir": str(base_dir),
             "daemons": [{"pid": p, "cmdline": _cmdline(p)} for p in pids],
         }
-        tmp = cls._path(name).with_suffix(".tmp")
+        tmp = cls._path(key).with_suffix(".tmp")
         tmp.write_text(json.dumps(entry))
-        tmp.rename(cls._path(name))
+        tmp.rename(cls._path(key))
 
     @classmethod
-    def remove(cls, name: str) -> None:
-        cls._path(name).unlink(missing_ok=True)
-
-    @classmethod
-    def write_munge(cls, pid: int) -> None:
-        cls.write("munged", Path("/run/munge"), [pid])
-
-    @classmethod
-    def remove_munge(cls) -> None:
-        cls.remove("munged")
+    def remove(cls, key: str) -> None:
+        cls._path(key).unlink(missing_ok=True)
 
     @classmethod
     def reap_stale(cls) -> list[str]:
-        """Kill the daemons of clusters whose owning process is gone; returns what was done."""
+        """Kill what crashed runs left behind; returns what was done.
+
+        First the daemons of every entry whose owning process is gone; then any slurmctld
+        or slurmd reading a harness ``slurm.conf`` (under ``llem-slurm-*``) that no live
+        entry names (left by a run killed between spawn and registry write, or by an entry
+        lost some other way). Daemons of a real, site-configured Slurm never match.
+        """
         done = []
-        if not REGISTRY_DIR.is_dir():
-            return done
-        for path in sorted(REGISTRY_DIR.glob("*.json")):
+        live_pids: set[int] = set()
+        for path in sorted(REGISTRY_DIR.glob("*.json")) if REGISTRY_DIR.is_dir() else []:
             try:
                 entry = json.loads(path.read_text())
             except (OSError, ValueError):
@@ -266,7 +270,9 @@ class _Registry:
                 continue
             owner = entry.get("owner_pid")
             if owner and _alive(owner) and _cmdline(owner) == entry.get("owner_cmdline"):
-                continue  # a live run owns it (maybe this very process): leave it alone
+                # A live run owns it (maybe this very process): leave it alone.
+                live_pids.update(d["pid"] for d in entry.get("daemons", []))
+                continue
             # Only kill a PID whose command line is still the one recorded: PIDs get reused.
             stale = [
                 d["pid"]
@@ -275,11 +281,28 @@ class _Registry:
             ]
             _terminate_pids(stale, own_children=False)
             base_dir = Path(entry.get("base_dir", ""))
-            if path.stem != "munged" and base_dir.name.startswith("llem-slurm-"):
+            if base_dir.name.startswith("llem-slurm-"):
                 shutil.rmtree(base_dir, ignore_errors=True)
             path.unlink(missing_ok=True)
             done.append(f"{path.stem}: killed stale pids {stale}")
+        orphans = [pid for pid in _harness_daemon_pids() if pid not in live_pids]
+        if orphans:
+            _terminate_pids(orphans, own_children=False)
+            done.append(f"killed unregistered harness daemons {orphans}")
         return done
+
+
+def _harness_daemon_pids() -> list[int]:
+    """PIDs of slurmctld/slurmd processes started by this harness (any run)."""
+    marker = f" -f {tempfile.gettempdir()}/llem-slurm-"
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        cmdline = _cmdline(int(proc.name)) or ""
+        if cmdline.startswith((f"{SLURMCTLD} ", f"{SLURMD} ")) and marker in cmdline:
+            pids.append(int(proc.name))
+    return [p for p in pids if _alive(p)]
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -323,7 +346,7 @@ class SlurmCluster:
     """
 
     #: Clusters started and not yet stopped in this process (for failure reports).
-    running: "list[SlurmCluster]" = []
+    running: ClassVar[list[SlurmCluster]] = []
 
     #: The one partition, holding every node.
     partition = "debug"
@@ -427,7 +450,7 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self):
         self.start()
         return self
 
@@ -459,7 +482,7 @@ class SlurmCluster:
         self.write_config()
         return self.base_dir
 
-    def start(self, timeout_s: float = 30.0) -> "SlurmCluster":
+    def start(self, timeout_s: float = 30.0) -> SlurmCluster:
         """Start munged (if needed), slurmctld and the slurmd; wait until all nodes are idle.
 
         Raises:
@@ -481,10 +504,12 @@ class SlurmCluster:
             for node in self.nodes:
                 self._spawn(node, [str(SLURMD), "-D", "-f", str(self.conf_path), "-N", node])
             self._wait_for(self._all_idle, timeout_s, "all nodes to become idle")
-        except BaseException:
+        except BaseException as exc:  # no daemon left behind, even on Ctrl-C
             logs = self.logs()
             self.stop()
-            raise HarnessError(f"cluster {self.name} did not start\n{logs}") from None
+            if not isinstance(exc, Exception):
+                raise
+            raise HarnessError(f"cluster {self.name} did not start: {exc}\n{logs}") from exc
         self.startup_s = time.monotonic() - t0
         SlurmCluster.running.append(self)
         return self
@@ -506,7 +531,8 @@ class SlurmCluster:
         for proc in self._daemons.values():
             proc.poll()
         self._daemons.clear()
-        _Registry.remove(self.name)
+        if self.base_dir is not None:
+            _Registry.remove(self.base_dir.name)
         if self._munge_acquired:
             _Munge.release()
             self._munge_acquired = False
@@ -515,17 +541,20 @@ class SlurmCluster:
             self.base_dir = None
 
     def _spawn(self, key: str, cmd: list[str]) -> None:
-        log = open(self.log_dir / f"{key}.stdout", "ab")
         env = dict(os.environ)
         env.update(self.extra_env)
         env["SLURM_CONF"] = str(self.conf_path)
         # Our own session: a Ctrl-C in the terminal reaches pytest, which then stops us.
-        self._daemons[key] = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            cwd=str(self._dir),
-        )
-        log.close()
-        _Registry.write(self.name, self._dir, [p.pid for p in self._daemons.values()])
+        with open(self.log_dir / f"{key}.stdout", "ab") as log:
+            self._daemons[key] = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                cwd=str(self._dir),
+            )
+        _Registry.write(self._dir.name, self._dir, [p.pid for p in self._daemons.values()])
 
     def _daemon_alive(self, key: str) -> bool:
         proc = self._daemons.get(key)
@@ -635,8 +664,10 @@ class SlurmCluster:
             if value is not None:
                 lines.append(f"{key}={Path(value).resolve()}")
         lines += [
-            f"NodeName={nodes} NodeHostname=localhost NodeAddr=127.0.0.1 Port={ports} "
-            f"CPUs={self.cpus_per_node} RealMemory=1000{gres} State=UNKNOWN",
+            (
+                f"NodeName={nodes} NodeHostname=localhost NodeAddr=127.0.0.1 Port={ports} "
+                f"CPUs={self.cpus_per_node} RealMemory=1000{gres} State=UNKNOWN"
+            ),
             f"PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             *self.extra_conf,
         ]
@@ -681,11 +712,15 @@ class SlurmCluster:
         if user is not None:
             # runuser keeps the environment except HOME/SHELL/USER/LOGNAME; pass the
             # Slurm-relevant part explicitly so it survives any PAM env reset.
-            passed = [f"{k}={v}" for k, v in full_env.items() if k == "SLURM_CONF" or
-                      k in self.extra_env or (env and k in env)]
+            passed = [
+                f"{k}={v}"
+                for k, v in full_env.items()
+                if k == "SLURM_CONF" or k in self.extra_env or (env and k in env)
+            ]
             cmd = ["/usr/sbin/runuser", "-u", user, "--", "/usr/bin/env", *passed, *cmd]
         proc = subprocess.run(
             cmd,
+            check=False,
             env=full_env,
             capture_output=True,
             text=True,
@@ -765,13 +800,10 @@ class SlurmCluster:
             info = self.job_info(job_id)
             state = info.get("JobState", "")
             # COMPLETING means an Epilog still runs somewhere; wait for it to end too.
-            if state in FINAL_STATES and info.get("NodeList") is not None:
-                if not self._job_completing(job_id):
-                    return state
+            if state in FINAL_STATES and not self._job_completing(job_id):
+                return state
             time.sleep(0.1)
-        raise HarnessError(
-            f"job {job_id} not finished after {timeout} s: {info}\n{self.logs()}"
-        )
+        raise HarnessError(f"job {job_id} not finished after {timeout} s: {info}\n{self.logs()}")
 
     def _job_completing(self, job_id: str) -> bool:
         res = self.run(["squeue", "-h", "-t", "CG", "-j", str(job_id), "-o", "%i"], timeout=10)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import REGISTRY_DIR, TEST_USER, TEST_USER2, SlurmCluster, _alive
+from .harness import REGISTRY_DIR, TEST_USER, TEST_USER2, SlurmCluster, _alive, _Registry
 
 pytestmark = pytest.mark.slurm
 
@@ -85,8 +85,13 @@ def test_two_gpu_jobs_on_one_node_get_different_gpus(slurm_cluster):
     node = slurm_cluster.nodes[0]
     jobs = [
         slurm_cluster.submit(
-            [f"--nodelist={node}", "--gres=gpu:1", "--output=gpu-%j.out",
-             "--wrap", "/usr/bin/printenv SLURM_JOB_GPUS; /bin/sleep 1"]
+            [
+                f"--nodelist={node}",
+                "--gres=gpu:1",
+                "--output=gpu-%j.out",
+                "--wrap",
+                "/usr/bin/printenv SLURM_JOB_GPUS; /bin/sleep 1",
+            ]
         )
         for _ in range(2)
     ]
@@ -111,9 +116,7 @@ def test_factory_cluster_with_its_own_prolog(slurm_cluster_factory):
     assert cluster.startup_s is not None and cluster.startup_s < 10
     job = cluster.submit(["-N2", "--wrap", "/bin/true"])
     assert cluster.wait_job(job) == "COMPLETED"
-    assert sorted(p.name for p in marker.glob("ran.*")) == [
-        f"ran.{n}.{job}" for n in cluster.nodes
-    ]
+    assert sorted(p.name for p in marker.glob("ran.*")) == [f"ran.{n}.{job}" for n in cluster.nodes]
     _assert_healthy(cluster)
 
 
@@ -158,14 +161,32 @@ def test_a_crashed_run_leaves_nothing_behind(slurm_available, tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert len(pids) == 2 and all(_alive(p) for p in pids)
-    assert (REGISTRY_DIR / "llemcrash.json").exists()
+    entries = list(REGISTRY_DIR.glob("llem-slurm-llemcrash-*.json"))
+    assert len(entries) == 1
 
     with SlurmCluster(nodes=1, name="llemafter", node_prefix="a", port_base=17950):
         deadline = time.monotonic() + 5
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(_alive(p) for p in pids)
-        assert not (REGISTRY_DIR / "llemcrash.json").exists()
+        assert not entries[0].exists()
+
+
+def test_unregistered_harness_daemons_are_stopped_too(slurm_available):
+    """A daemon whose registry entry got lost (killed between spawn and write) still goes."""
+    c = SlurmCluster(nodes=1, name="llemlost", node_prefix="l", port_base=17800).start()
+    pids = [p.pid for p in c._daemons.values()]
+    try:
+        _Registry.remove(c.base_dir.name)
+        _Registry.reap_stale()
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            for proc in c._daemons.values():
+                proc.poll()  # our children: reap them, or they linger as zombies
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        c.stop()
 
 
 @pytest.fixture
@@ -186,9 +207,21 @@ def test_ci_turns_a_skipped_slurm_test_into_a_failure():
         if ci is not None:
             env["CI"] = ci
         return subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             f"{Path(__file__).relative_to(REPO)}::test_skip_probe"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"{Path(__file__).relative_to(REPO)}::test_skip_probe",
+            ],
+            check=False,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     in_ci = run_probe("true")

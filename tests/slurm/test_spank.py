@@ -24,7 +24,11 @@ INVALID_MESSAGE = "llem: invalid --energy-tag"
 
 def _make(*targets: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["make", "-C", str(SPANK_DIR), *targets], capture_output=True, text=True, timeout=120
+        ["make", "-C", str(SPANK_DIR), *targets],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -87,8 +91,12 @@ def test_make_check_passes():
 
 def test_make_install_honours_destdir_and_paths(tmp_path):
     res = _make(
-        "install", f"DESTDIR={tmp_path}", "prefix=/opt/llem", "libdir=/opt/llem/lib64",
-        "plugindir=/opt/llem/lib64/slurm", "sysconfdir=/opt/llem/etc",
+        "install",
+        f"DESTDIR={tmp_path}",
+        "prefix=/opt/llem",
+        "libdir=/opt/llem/lib64",
+        "plugindir=/opt/llem/lib64/slurm",
+        "sysconfdir=/opt/llem/etc",
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "opt/llem/lib64/slurm/llem.so").is_file()
@@ -155,9 +163,7 @@ def test_no_tag_no_variable(cluster):
     assert _tags(cluster, job) == {"prolog": {None}, "epilog": {None}}
 
 
-@pytest.mark.parametrize(
-    "tag", ["bad tag", "semi;colon", "", "x" * 65, "ünï", "a/b", "$(id)"]
-)
+@pytest.mark.parametrize("tag", ["bad tag", "semi;colon", "", "x" * 65, "ünï", "a/b", "$(id)"])
 def test_invalid_tag_is_refused_at_submission(cluster, tag):
     before = cluster.queued_jobs()
     res = cluster.submit([f"--energy-tag={tag}", "--hold", "--wrap", "/bin/true"], check=False)
@@ -213,8 +219,9 @@ def test_required_tag_refuses_a_job_without_a_tag(cluster, plugin_so):
 
 def test_invalid_environment_tag_is_refused_with_a_required_plugin(cluster, plugin_so):
     cluster.write_plugstack([f"required {plugin_so}"])
-    res = cluster.submit(["--hold", "--wrap", "/bin/true"], env={"LLEM_ENERGY_TAG": "no good"},
-                         check=False)
+    res = cluster.submit(
+        ["--hold", "--wrap", "/bin/true"], env={"LLEM_ENERGY_TAG": "no good"}, check=False
+    )
     assert res.returncode != 0
     assert "invalid LLEM_ENERGY_TAG='no good'" in res.stderr
     assert cluster.queued_jobs() == []
