@@ -232,6 +232,15 @@ def test_required_tag_refuses_a_job_without_a_tag(cluster, plugin_so):
     assert cluster.wait_job(job) == "COMPLETED"
 
 
+def test_invalid_environment_tag_with_an_optional_plugin_is_reported_and_dropped(cluster):
+    res = cluster.srun(["/bin/true"], env={"LLEM_ENERGY_TAG": "no good"})
+    assert "invalid LLEM_ENERGY_TAG='no good'" in res.stderr
+    assert res.returncode == 0, res.output  # optional: Slurm ignores the plugin's error
+    job = cluster.submit(["--wrap", "/bin/true"], env={"LLEM_ENERGY_TAG": "no good"})
+    assert cluster.wait_job(job) == "COMPLETED"
+    assert _tags(cluster, job)["prolog"] == {None}
+
+
 def test_invalid_environment_tag_is_refused_with_a_required_plugin(cluster, plugin_so):
     cluster.write_plugstack([f"required {plugin_so}"])
     res = cluster.submit(
