@@ -120,6 +120,16 @@ def test_factory_cluster_with_its_own_prolog(slurm_cluster_factory):
     _assert_healthy(cluster)
 
 
+def test_extra_conf_and_env_reach_slurm(slurm_cluster_factory):
+    cluster = slurm_cluster_factory(
+        nodes=1, extra_conf=["KillWait=7"], env={"LLEM_HARNESS_PROBE": "from-harness"}
+    )
+    config = cluster.run(["scontrol", "show", "config"]).stdout
+    assert any(line.split() == ["KillWait", "=", "7", "sec"] for line in config.splitlines())
+    res = cluster.srun(["/usr/bin/printenv", "LLEM_HARNESS_PROBE"])
+    assert res.stdout.strip() == "from-harness", res.output
+
+
 def test_a_failing_prolog_drains_the_node_and_the_harness_sees_it(slurm_cluster_factory):
     """The "no node drained" assertion used everywhere can fail."""
     cluster = slurm_cluster_factory(nodes=1, start=False)
