@@ -13,7 +13,8 @@ Usage::
 
 Daemons run in the foreground (``-D``) as children of the test process and are stopped by
 PID; every running cluster is recorded under :data:`REGISTRY_DIR` so that a later run kills
-what a crashed run left behind. Only one process at a time should use a given cluster name.
+what a crashed run left behind. Clusters that run at the same time need their own node names
+and ports (:class:`ClusterFactory` hands them out).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ MUNGED = SBIN / "munged"
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_SOCKET_DIR = Path("/run/munge")
 SPANK_HEADER = Path("/usr/include/slurm/spank.h")
-SLURM_PLUGIN_DIR = Path("/usr/lib/x86_64-linux-gnu/slurm-wlm")
+# proctrack/cgroup needs the v1 freezer here (SLURM-LAB.md); elsewhere fall back to linuxproc.
+CGROUP_V1_FREEZER = Path("/sys/fs/cgroup/freezer")
 
 REGISTRY_DIR = Path("/run/llem-slurm-harness")
 TEST_USER = "llemtest"
@@ -122,9 +124,12 @@ class _Munge:
 
     @classmethod
     def acquire(cls) -> None:
+        if not _munge_works():
+            cls._start()
         cls.users += 1
-        if _munge_works():
-            return
+
+    @classmethod
+    def _start(cls) -> None:
         if not MUNGE_KEY.exists():
             _run(["/usr/sbin/mungekey", "--create", f"--keyfile={MUNGE_KEY}"], timeout=30)
             shutil.chown(MUNGE_KEY, "munge", "munge")
@@ -335,10 +340,12 @@ class SlurmCluster:
         extra_conf: extra ``slurm.conf`` lines, appended last (later keys win).
         env: extra environment for the daemons and the client commands. Note that slurmd
             gives the Prolog/Epilog an environment of its own, without these.
-        name: cluster name; also keys the crash registry, so concurrent clusters need
-            different names (and different ``node_prefix`` and ports: cgroups are per node
-            name, ports are per machine).
-        node_prefix: node names are this plus 1..N.
+        use_cgroups: ``proctrack/cgroup``, ``task/cgroup`` and ``jobacct_gather/cgroup``
+            (True), or ``proctrack/linuxproc`` without a task plugin (False); None: cgroups
+            where the cgroup v1 freezer exists.
+        name: cluster name (``ClusterName``, ``SLURM_CLUSTER_NAME``).
+        node_prefix: node names are this plus 1..N. Clusters running at the same time need
+            different prefixes (cgroups are per node name) and different ports.
         port_base: slurmd ports are ``port_base+1 .. port_base+N``; slurmctld listens on
             ``port_base``.
         base_dir: where to put everything; a fresh ``/tmp/llem-slurm-*`` when None.
@@ -363,6 +370,7 @@ class SlurmCluster:
         plugstack: Sequence[str] = (),
         extra_conf: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        use_cgroups: bool | None = None,
         name: str = "llemtest",
         node_prefix: str = "n",
         port_base: int = 17000,
@@ -381,6 +389,7 @@ class SlurmCluster:
         self.plugstack = list(plugstack)
         self.extra_conf = list(extra_conf)
         self.extra_env = dict(env or {})
+        self.use_cgroups = CGROUP_V1_FREEZER.is_dir() if use_cgroups is None else use_cgroups
         self.name = name
         self.node_prefix = node_prefix
         self.port_base = port_base
@@ -614,16 +623,14 @@ class SlurmCluster:
         gres = f" Gres=gpu:fake:{self.gpus_per_node}" if self.gpus_per_node else ""
         lines = [
             f"ClusterName={self.name}",
-            f"SlurmctldHost={socket.gethostname()}(127.0.0.1)",
+            # slurmctld compares this with its own short host name.
+            f"SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)",
             f"SlurmctldPort={self.port_base}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             "MpiDefault=none",
-            "ProctrackType=proctrack/cgroup",
-            "TaskPlugin=task/cgroup",
-            "JobAcctGatherType=jobacct_gather/cgroup",
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={d / 'log' / 'jobcomp.txt'}",
@@ -653,6 +660,18 @@ class SlurmCluster:
             "SlurmdDebug=info",
             f"PlugStackConfig={self.plugstack_path}",
         ]
+        if self.use_cgroups:
+            lines += [
+                "ProctrackType=proctrack/cgroup",
+                "TaskPlugin=task/cgroup",
+                "JobAcctGatherType=jobacct_gather/cgroup",
+            ]
+        else:
+            lines += [
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "JobAcctGatherType=jobacct_gather/linux",
+            ]
         if self.gpus_per_node:
             lines.append("GresTypes=gpu")
         for key, value in (

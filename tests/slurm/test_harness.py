@@ -130,6 +130,17 @@ def test_extra_conf_and_env_reach_slurm(slurm_cluster_factory):
     assert res.stdout.strip() == "from-harness", res.output
 
 
+def test_cluster_without_cgroups(slurm_cluster_factory):
+    """The proctrack/linuxproc fallback for hosts without the cgroup v1 freezer."""
+    cluster = slurm_cluster_factory(nodes=2, gpus_per_node=1, use_cgroups=False)
+    config = cluster.run(["scontrol", "show", "config"]).stdout
+    assert "proctrack/linuxproc" in config
+    res = cluster.srun(["-N2", "--gres=gpu:1", "/usr/bin/printenv", "CUDA_VISIBLE_DEVICES"])
+    assert res.returncode == 0, res.output
+    assert res.stdout.split() == ["0", "0"]
+    _assert_healthy(cluster)
+
+
 def test_a_failing_prolog_drains_the_node_and_the_harness_sees_it(slurm_cluster_factory):
     """The "no node drained" assertion used everywhere can fail."""
     cluster = slurm_cluster_factory(nodes=1, start=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import TEST_USER, SlurmCluster
+from .harness import SPANK_HEADER, TEST_USER, SlurmCluster
 
 pytestmark = pytest.mark.slurm
 
@@ -28,7 +28,7 @@ def build_tools() -> None:
     """Skip (a failure in CI) unless spank.h and the build tools are installed."""
     missing = [
         tool
-        for tool in ("/usr/include/slurm/spank.h", "/usr/bin/make", "/usr/bin/nm")
+        for tool in (str(SPANK_HEADER), "/usr/bin/make", "/usr/bin/nm")
         if not Path(tool).exists()
     ]
     if shutil.which(os.environ.get("CC", "cc")) is None:
