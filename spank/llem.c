@@ -143,19 +143,20 @@ static int is_submitting_side(spank_context_t ctx)
 
 static int energy_tag_cb(int val, const char *optarg, int remote)
 {
+    int rc = 0;
+
     (void)val;
-    if (!tag_is_valid(optarg)) {
-        if (remote) {
-            /* Already checked on the submitting side; never fail a step here. */
-            slurm_error("llem: ignoring invalid --energy-tag received by the job");
-            return 0;
-        }
+    if (tag_is_valid(optarg)) {
+        copy_tag(option_tag, optarg);
+    } else if (remote) {
+        /* Already checked on the submitting side; never fail a step here. */
+        slurm_error("llem: ignoring invalid --energy-tag received by the job");
+    } else {
         slurm_error("llem: invalid --energy-tag '%s': use 1 to %d %s",
                     optarg ? optarg : "", TAG_MAX_LEN, TAG_ALLOWED);
-        return -1;
+        rc = -1; /* srun/sbatch/salloc stop here, before anything is queued */
     }
-    copy_tag(option_tag, optarg);
-    return 0;
+    return rc;
 }
 
 int slurm_spank_init(spank_t sp, int ac, char **av)
@@ -232,17 +233,18 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 {
     spank_context_t ctx = spank_context();
     spank_err_t err;
+    int rc = 0;
 
     (void)ac;
     (void)av;
-    if (is_submitting_side(ctx))
-        return publish_tag(sp);
-
-    if (ctx == S_CTX_REMOTE && option_tag[0] != '\0') {
+    if (is_submitting_side(ctx)) {
+        rc = publish_tag(sp);
+    } else if (ctx == S_CTX_REMOTE && option_tag[0] != '\0') {
+        /* Let tools inside the job (llem wrap) see the tag; never fail the step. */
         err = spank_setenv(sp, TAG_ENV, option_tag, 1);
         if (err != ESPANK_SUCCESS)
             slurm_error("llem: cannot set %s in the job: %s", TAG_ENV,
                         spank_strerror(err));
     }
-    return 0;
+    return rc;
 }
