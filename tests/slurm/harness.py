@@ -895,6 +895,11 @@ class SlurmCluster:
             return "(no logs)"
         chunks = []
         for path in sorted(self.log_dir.iterdir()):
+            # A daemon's stdout repeats its log file; it matters only when that is missing
+            # (a daemon that died before opening it).
+            log_file = "slurmctld.log" if path.stem == "slurmctld" else f"slurmd-{path.stem}.log"
+            if path.suffix == ".stdout" and (self.log_dir / log_file).is_file():
+                continue
             try:
                 lines = path.read_text(errors="replace").splitlines()
             except OSError:
