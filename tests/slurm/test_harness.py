@@ -120,6 +120,21 @@ def test_factory_cluster_with_its_own_prolog(slurm_cluster_factory):
     _assert_healthy(cluster)
 
 
+def test_epilog_slurmctld_sees_job_name_and_nodelist(slurm_cluster_factory):
+    cluster = slurm_cluster_factory(nodes=2, start=False)
+    cluster.epilog_slurmctld = cluster.write_env_dump_script("epilog-ctld")
+    cluster.start()
+    job = cluster.submit(["-N2", "--job-name=train-42", "--wrap", "/bin/true"])
+    assert cluster.wait_job(job) == "COMPLETED"
+    deadline = time.monotonic() + 10  # runs on the controller, after the job's end
+    while not cluster.env_dumps("epilog-ctld", job) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    env = cluster.env_dumps("epilog-ctld", job)["ctld"]
+    assert env["SLURM_JOB_NAME"] == "train-42"
+    assert env["SLURM_JOB_NODELIST"] == f"{cluster.node_prefix}[1-2]"
+    assert env["SLURM_JOB_USER"] == TEST_USER
+
+
 def test_extra_conf_and_env_reach_slurm(slurm_cluster_factory):
     cluster = slurm_cluster_factory(
         nodes=1, extra_conf=["KillWait=7"], env={"LLEM_HARNESS_PROBE": "from-harness"}
