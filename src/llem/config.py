@@ -22,8 +22,9 @@ DEFAULT_CONFIG_PATH = Path("/etc/llem/llem.yaml")
 
 # Environment variables that start with LLEM_ but are not config keys.
 NON_KEY_ENV = frozenset(
-    {"LLEM_CONFIG", "LLEM_POWERCAP_ROOT", "LLEM_HWMON_ROOT", "LLEM_BIN", "LLEM_SHARE_DIR",
-     "LLEM_DEBUG"}
+    {"LLEM_CONFIG", "LLEM_POWERCAP_ROOT", "LLEM_HWMON_ROOT", "LLEM_SHARE_DIR", "LLEM_DEBUG",
+     # read by the Slurm hook scripts (slurm/llem-hook.sh), not by llem itself
+     "LLEM_BIN", "LLEM_TIMEOUT", "LLEM_DEFAULTS_FILE"}
 )
 
 MIN_INTERVAL_S = 0.1

@@ -415,8 +415,21 @@ class WindowServer:
             (interval.end_ns, interval_id, json.dumps(_raw_counters(interval)),
              json.dumps(energy, sort_keys=True), window_id),
         )
-        return {"ok": True, "window_id": window_id, "end_ns": interval.end_ns,
-                "energy_uj": energy}
+        devices = {
+            key: {"component": c, "device": n, "source": src, "sensor": sen, "method": m}
+            for key, c, n, src, sen, m in self.store.query(
+                "SELECT key, component, name, source, sensor, method FROM devices")
+            if key in energy
+        }
+        start_ns = self.store.query("SELECT start_ns FROM windows WHERE id = ?",
+                                    (window_id,))[0][0]
+        covered_ns = self.store.query(
+            "SELECT COALESCE(SUM(end_ns - start_ns), 0) FROM intervals WHERE id > ? AND id <= ?",
+            (start_interval, interval_id))[0][0]
+        span_ns = max(1, interval.end_ns - start_ns)
+        return {"ok": True, "window_id": window_id, "start_ns": start_ns,
+                "end_ns": interval.end_ns, "energy_uj": energy, "devices": devices,
+                "coverage": round(min(1.0, covered_ns / span_ns), 4)}
 
 
 def _raw_counters(interval) -> dict[str, int]:

@@ -54,7 +54,8 @@ def render_summary(res: dict) -> str:
         power_s = f", average {power:.1f} W" if power is not None else ""
         lines.append(
             f"  energy {format_energy_j(res['energy_j'])}{power_s} ({res['source']}; "
-            "whole node while the command ran, not only the command)"
+            + ("the job's attributed share of the node)" if res["scope"] == "job" else
+               "whole node while the command ran, not only the command)")
         )
         width = max(len(c["device"]) for c in res["components"])
         for c in res["components"]:
@@ -80,6 +81,77 @@ def render_summary(res: dict) -> str:
     for note in res["notes"]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+def _emit(res: dict, as_json: bool, output: Path | None, quiet: bool) -> None:
+    if not quiet:
+        click.echo(render_summary(res), err=True)
+    text = json.dumps(res)
+    if output is not None:
+        _write_output(output, text + "\n")
+    if as_json:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
+def _job_window(ctx: click.Context, config: config_mod.Config, path: Path, window: dict,
+                name: str | None, as_json: bool, output: Path | None, quiet: bool,
+                command: tuple[str, ...]) -> None:
+    """Run CMD inside a named window that the node sampler keeps for this job."""
+    from llem.sensors.base import Device
+    from llem.timeline import split_by_hour
+    from llem.windows import WindowError, close_window
+    from llem.wrap import DeviceTotal
+
+    runner = ChildRunner(command)
+    t0 = time.monotonic()
+    try:
+        runner.start()
+    except OSError as e:
+        status = 127 if isinstance(e, FileNotFoundError) else 126
+        click.echo(f"llem wrap: {command[0]}: {e.strerror}", err=True)
+        _close_quietly(path, window)
+        ctx.exit(status)
+    try:
+        returncode = runner.wait()
+    finally:
+        duration_s = time.monotonic() - t0
+        runner.restore()
+    notes = [f"window {window['window_id']} of Slurm job {os.environ.get('SLURM_JOB_ID')} "
+             f"on node {os.environ.get('SLURMD_NODENAME')}: the job's attributed share"]
+    acc = Accumulator()
+    try:
+        closed = close_window(path, os.environ, window["window_id"])
+    except WindowError as e:
+        notes.append(f"{e}: the window's energy is unknown")
+        closed = {"start_ns": window["start_ns"], "end_ns": window["start_ns"],
+                  "energy_uj": {}, "devices": {}, "coverage": 0.0}
+    span_ns = max(1, closed["end_ns"] - closed["start_ns"])
+    acc.start_ns, acc.end_ns, acc.mono_ns = closed["start_ns"], closed["end_ns"], span_ns
+    for key, meta in closed["devices"].items():
+        dev = Device(key, meta["component"], meta["device"], meta["sensor"], meta["source"],
+                     meta["method"])
+        uj = int(closed["energy_uj"].get(key, 0))
+        acc.devices[key] = DeviceTotal(dev, uj, int(closed["coverage"] * span_ns))
+        for hour, part in split_by_hour(closed["start_ns"], closed["end_ns"], uj).items():
+            acc.by_hour_uj[hour] = acc.by_hour_uj.get(hour, 0) + part
+    carbon, co2e_g, carbon_notes = carbon_for(config, acc, duration_s)
+    res = result(acc, name=name, command=command, exit_code=exit_status(returncode),
+                 duration_s=duration_s, carbon=carbon, co2e_g=co2e_g,
+                 notes=notes + carbon_notes)
+    res["scope"] = "job"
+    res["window_id"] = window["window_id"]
+    _emit(res, as_json, output, quiet)
+    ctx.exit(exit_status(returncode))
+
+
+def _close_quietly(path: Path, window: dict) -> None:
+    from llem.windows import WindowError, close_window
+
+    try:
+        close_window(path, os.environ, window["window_id"])
+    except WindowError:
+        pass
 
 
 def _write_output(path: Path, text: str) -> None:
@@ -117,14 +189,23 @@ def wrap(ctx: click.Context, name: str | None, as_json: bool, output: Path | Non
       llem wrap --name train -- python train.py --epochs 3
     """
     config = config_mod.load()
+    notes: list[str] = []
+    if os.environ.get("SLURM_JOB_ID"):
+        from llem.windows import WindowError, open_window, socket_path
+
+        path = socket_path(config.run_dir, os.environ)
+        try:
+            if path is None:
+                raise WindowError("SLURMD_NODENAME is not set")
+            window = open_window(path, os.environ, name)
+        except WindowError as e:
+            notes.append(f"inside Slurm job {os.environ['SLURM_JOB_ID']}: {e}; measured "
+                         "standalone instead (the whole node, not the job's share)")
+        else:
+            _job_window(ctx, config, path, window, name, as_json, output, quiet, command)
     interval_s = interval if interval is not None else min(1.0, config.sampler.interval_s)
     opened = open_sensors(config)
-    notes = list(opened.notes)
-    if os.environ.get("SLURM_JOB_ID"):
-        notes.append(
-            "inside a Slurm job: measured standalone (the node sampler's window API is not "
-            "available in this version)"
-        )
+    notes += opened.notes
     acc = Accumulator()
     sampler = Sampler(opened.sensors, [acc], interval_s=interval_s)
     sampler.start()
@@ -153,12 +234,5 @@ def wrap(ctx: click.Context, name: str | None, as_json: bool, output: Path | Non
     res = result(acc, name=name, command=command, exit_code=exit_status(returncode),
                  duration_s=duration_s, carbon=carbon, co2e_g=co2e_g,
                  notes=notes + carbon_notes)
-    if not quiet:
-        click.echo(render_summary(res), err=True)
-    text = json.dumps(res, indent=None, sort_keys=False)
-    if output is not None:
-        _write_output(output, text + "\n")
-    if as_json:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
+    _emit(res, as_json, output, quiet)
     ctx.exit(exit_status(returncode))

@@ -1,0 +1,204 @@
+"""A node "site" for llem under the test harness: config, fake RAPL and NVML hardware that
+advance at known powers, Prolog/Epilog wrappers around the real slurm/*.sh, and a copy of
+llem that the unprivileged job users can import with the system Python."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import stat
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tests.fakenvml import lib as fakenvml
+from tests.powercap import FakePowercap
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+PACKAGE_W = 40.0
+DRAM_W = 4.0
+GPU_W = (100.0, 300.0)  # minor 0, minor 1
+
+
+class Hardware:
+    """Counters advanced by a thread at fixed powers: RAPL (uJ, wraps) and NVML (mJ)."""
+
+    def __init__(self, base: Path) -> None:
+        self.powercap = FakePowercap(base / "powercap")
+        self.powercap.add_zone("0", "package-0", 0, max_range_uj=2**32)
+        self.powercap.add_zone("0:0", "dram", 0, max_range_uj=2**32)
+        self.nvml_dir = fakenvml.build(base / "nvml")
+        self.nvml_state = base / "nvml.state"
+        self.gpus = [fakenvml.FakeGpu(uuid=f"GPU-llemtest-{i}", minor=i, power_mw=int(w * 1000))
+                     for i, w in enumerate(GPU_W)]
+        self._energy_mj = [0.0 for _ in self.gpus]
+        fakenvml.write_state(self.nvml_state, self.gpus)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            dt = now - last
+            last = now
+            self.powercap.advance("intel-rapl:0", int(PACKAGE_W * dt * 1e6))
+            self.powercap.advance("intel-rapl:0:0", int(DRAM_W * dt * 1e6))
+            for i, gpu in enumerate(self.gpus):
+                self._energy_mj[i] += GPU_W[i] * dt * 1000
+                gpu.energy_mj = int(self._energy_mj[i])
+            fakenvml.write_state(self.nvml_state, self.gpus)
+
+
+def _copy_module(name: str, dest: Path) -> None:
+    module = __import__(name)
+    path = Path(module.__file__)
+    if path.name == "__init__.py":
+        shutil.copytree(path.parent, dest / path.parent.name,
+                        ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    else:
+        shutil.copy2(path, dest / path.name)
+
+
+class Site:
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="llem-site-"))
+        os.chmod(self.base, 0o755)
+        self.hw = Hardware(self.base / "hw")
+        self.config = self.base / "llem.yaml"
+        self.defaults = self.base / "default-llem"
+        self.userlib = self.base / "userlib"
+        self.out = self.base / "out"
+        self.state_dir = self.base / "state"
+        self.run_dir = self.base / "run"
+        self.spool_dir = self.base / "spool"
+        self.write_config()
+        self.llem_bin = self._llem_bin()
+        self.write_defaults()
+        self._user_copy()
+        self.out.mkdir()
+        os.chmod(self.out, 0o1777)
+        for p in [self.base, *self.base.rglob("*")]:
+            if p.is_dir() and not p.is_symlink() and p != self.out:
+                p.chmod(p.stat().st_mode | 0o755)
+            elif p.is_file():
+                p.chmod(p.stat().st_mode | 0o444)
+
+    def write_config(self, text: str | None = None) -> None:
+        self.config.write_text(text if text is not None else (
+            f"cluster: llemtest\nstate_dir: {self.state_dir}\nrun_dir: {self.run_dir}\n"
+            f"spool_dir: {self.spool_dir}\n"
+            "sampler:\n  interval_s: 0.5\n  linger_s: 0\ncarbon:\n  region: FR\n"))
+        self.config.chmod(0o644)
+
+    def write_defaults(self, **override: str) -> None:
+        values = {"LLEM_BIN": str(self.llem_bin), "LLEM_CONFIG": str(self.config),
+                  "LLEM_POWERCAP_ROOT": str(self.hw.powercap.path), "LLEM_TIMEOUT": "20"}
+        values.update(override)
+        self.defaults.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+
+    def _llem_bin(self) -> Path:
+        beside = Path(sys.executable).with_name("llem")
+        if beside.exists():
+            return beside
+        script = self.base / "llem-bin"
+        script.write_text(f"#!/bin/sh\nexec {sys.executable} -m llem.cli.main \"$@\"\n")
+        script.chmod(0o755)
+        return script
+
+    def _user_copy(self) -> None:
+        """llem and its pure-Python needs, importable by any user with the system Python."""
+        self.userlib.mkdir()
+        shutil.copytree(REPO / "src" / "llem", self.userlib / "llem",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / "share", self.userlib / "llem" / "share",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("click", "yaml", "pynvml"):
+            _copy_module(name, self.userlib)
+        try:
+            _copy_module("_yaml", self.userlib)
+        except ImportError:
+            pass
+
+    def hook(self, kind: str) -> Path:
+        """A wrapper that gives the real slurm/<kind>.sh this site's settings."""
+        path = self.base / f"{kind}-wrapper.sh"
+        path.write_text(
+            "#!/bin/bash\n"
+            f"export LLEM_DEFAULTS_FILE={self.defaults}\n"
+            f"export LD_LIBRARY_PATH={self.hw.nvml_dir}\n"
+            f"export FAKE_NVML_STATE={self.hw.nvml_state}\n"
+            f"exec /bin/bash {REPO / 'slurm' / (kind + '.sh')}\n")
+        path.chmod(0o755)
+        return path
+
+    @property
+    def user_env(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(self.userlib), "LLEM_CONFIG": str(self.config),
+                "LLEM_POWERCAP_ROOT": str(self.hw.powercap.path)}
+
+    def wrap_cmd(self) -> str:
+        return f"{SYSTEM_PYTHON} -m llem.cli.main wrap"
+
+    def store(self, node: str) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.state_dir / f'node-{node}.db'}?mode=ro", uri=True,
+                               timeout=10)
+
+    def sampler_pid(self, node: str) -> int | None:
+        try:
+            return int((self.run_dir / node / "sampler.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def wait_sealed(self, node: str, job_id: str, timeout: float = 30) -> tuple:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                db = self.store(node)
+                row = db.execute("SELECT run_id, state, coverage, flags, gpus, start_ns, end_ns "
+                                 "FROM jobs WHERE job_id = ? ORDER BY run_id DESC", (job_id,)
+                                 ).fetchone()
+                db.close()
+                if row and row[1] in ("sealed", "exported"):
+                    return row
+            except sqlite3.Error:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} not sealed on {node} within {timeout} s")
+
+    def cleanup(self) -> None:
+        self.hw.stop()
+        for node_dir in self.run_dir.glob("*"):
+            pid = self.sampler_pid(node_dir.name)
+            if pid:
+                try:
+                    os.kill(pid, 15)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.5)
+        if os.environ.get("LLEM_KEEP_SITE"):
+            print(f"llem site kept at {self.base}")
+            return
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def burn(seconds: float) -> str:
+    """A one-line shell command that keeps one CPU busy for ``seconds``."""
+    return (f"{SYSTEM_PYTHON} -c 'import time; t = time.time() + {seconds}; "
+            "any(iter(lambda: time.time() > t, True))'")
+
+
+def is_executable_by_others(path: Path) -> bool:
+    return bool(path.stat().st_mode & stat.S_IXOTH)
