@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the real-Slurm tests (tests/slurm/) and the SPANK plugin (spank/) need:
-# slurmctld, slurmd, munged, Slurm's client commands, spank.h, a C compiler and runuser.
+# slurmctld, slurmd, munged, Slurm's client commands, spank.h, a C compiler and runuser,
+# and shellcheck for the Slurm hook scripts (slurm/*.sh).
 #
 # Idempotent: does nothing when everything is already there. Never starts a daemon (the
 # test harness starts and stops its own). Exits non-zero with a message when something is
@@ -16,7 +17,7 @@ case "${1:-}" in
     *) echo "usage: $0 [--check]" >&2; exit 2 ;;
 esac
 
-packages=(slurm-wlm munge libslurm-dev gcc make libc6-dev binutils util-linux)
+packages=(slurm-wlm munge libslurm-dev gcc make libc6-dev binutils util-linux shellcheck)
 
 # path -> package that provides it
 declare -A wanted=(
@@ -30,6 +31,7 @@ declare -A wanted=(
     [/usr/bin/make]=make
     [/usr/bin/nm]=binutils
     [/usr/sbin/runuser]=util-linux
+    [/usr/bin/shellcheck]=shellcheck
 )
 
 missing=()
