@@ -5,12 +5,57 @@
 # Epilog exits non-zero. So: absolute paths only, a time limit around llem, every branch
 # logged with logger(1), and exit status 0 whatever happens inside llem.
 #
+# The common case needs no Python: the hook drops a registration file (the job's Slurm
+# variables and the time) into RUN_DIR/NODE/jobs/ and wakes the node sampler, which takes it
+# from there. Only when no sampler is alive does it run `llem prolog` / `llem epilog`, which
+# start one (Prolog) or seal the job themselves (Epilog).
+#
 # Settings come from /etc/default/llem (or the file named by LLEM_DEFAULTS_FILE), read as
 # plain KEY=VALUE lines, never executed, so that a broken file cannot break the hook:
 #   LLEM_BIN=/opt/llem/venv/bin/llem     the llem executable (a virtual environment is fine)
 #   LLEM_CONFIG=/etc/llem/llem.yaml      the config file
 #   LLEM_TIMEOUT=10                      seconds before llem is killed
+#   LLEM_RUN_DIR=/run/llem               the config's run_dir (this variable sets both)
 # Any other LLEM_* line (LLEM_POWERCAP_ROOT, ...) is exported to llem as it is.
+
+LLEM_JOB_VARS=(SLURM_JOB_ID SLURM_JOB_UID SLURM_JOB_USER SLURM_JOB_GID SLURM_JOB_ACCOUNT
+    SLURM_JOB_PARTITION SLURM_CLUSTER_NAME SLURMD_NODENAME SLURM_NODELIST SLURM_JOB_NUM_NODES
+    SLURM_JOB_CPUS_PER_NODE SLURM_JOB_GPUS SLURM_JOB_NAME SLURM_ARRAY_JOB_ID
+    SLURM_ARRAY_TASK_ID SPANK_LLEM_ENERGY_TAG)
+
+# Write the registration, then hand it to a live sampler. Returns 0 when a sampler took it.
+llem_fast_path() {
+    local kind=$1 node=${SLURMD_NODENAME:-} job=${SLURM_JOB_ID:-}
+    local dir jobs suffix tmp now var pid
+    case $node in ''|.*|*[!A-Za-z0-9._-]*) return 1 ;; esac
+    case $job in ''|*[!0-9]*) return 1 ;; esac
+    dir=${LLEM_RUN_DIR:-/run/llem}/$node
+    jobs=$dir/jobs
+    # The sampler creates jobs/ (root, 0700); anything else is not ours to write into.
+    [ -d "$jobs" ] && [ ! -L "$jobs" ] && [ -O "$jobs" ] || return 1
+    now=${EPOCHREALTIME//[.,]/}
+    suffix=start
+    [ "$kind" = epilog ] && suffix=end
+    tmp=$jobs/.$job.$suffix.$$
+    if ! {
+        printf 'LLEM_EVENT_US=%s\0' "$now"
+        for var in "${LLEM_JOB_VARS[@]}"; do
+            if [ -n "${!var+set}" ]; then printf '%s=%s\0' "$var" "${!var}"; fi
+        done
+    } > "$tmp" 2>/dev/null || ! /bin/mv -f "$tmp" "$jobs/$job.$suffix"; then
+        /bin/rm -f "$tmp"
+        return 1
+    fi
+    # A live sampler holds sampler.lock; if we can take it, there is none.
+    if /usr/bin/flock -n "$dir/sampler.lock" /bin/true 2>/dev/null; then
+        return 1
+    fi
+    read -r pid < "$dir/sampler.pid" 2>/dev/null
+    case $pid in ''|*[!0-9]*) return 1 ;; esac
+    kill -USR1 "$pid" 2>/dev/null || return 1
+    /usr/bin/logger -t "llem-$kind" -- "job $job: handed to the node sampler (pid $pid)" 2>/dev/null
+    return 0
+}
 
 llem_hook() {
     local kind=$1 tag="llem-$1" job=${SLURM_JOB_ID:-?}
@@ -37,6 +82,9 @@ llem_hook() {
     LLEM_TIMEOUT=${LLEM_TIMEOUT:-10}
     case $LLEM_TIMEOUT in ''|*[!0-9]*) LLEM_TIMEOUT=10 ;; esac
 
+    if [ "$kind" != epilog-slurmctld ] && llem_fast_path "$kind"; then
+        return 0
+    fi
     if [ ! -x "$LLEM_BIN" ]; then
         /usr/bin/logger -t "$tag" -- "job $job: $LLEM_BIN is not executable; llem skipped" 2>/dev/null
         return 0

@@ -34,8 +34,9 @@ MIN_INTERVAL_S = 0.1
 class SamplerConfig:
     interval_s: float = 10.0
     """Seconds between two reads of every sensor (0.1 at least; RAPL needs a few seconds)."""
-    linger_s: float = 0.0
-    """How long the node sampler stays up after its last job is gone."""
+    linger_s: float = 600.0
+    """How long the node sampler stays up after its last job is gone (it keeps measuring the
+    idle node meanwhile, and later jobs start without paying for its start-up)."""
     nice: int = 10
     """Niceness the sampler sets for itself so that it never competes with jobs."""
 

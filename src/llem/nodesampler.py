@@ -70,6 +70,11 @@ class NodePaths:
     def problems(self) -> Path:
         return self.run / "problems.log"
 
+    @property
+    def jobs(self) -> Path:
+        """Registrations dropped by the Slurm hooks (root only)."""
+        return self.run / "jobs"
+
     def ensure(self) -> None:
         """Create the run folder: root-owned, traversable (users reach the socket)."""
         from llem.store.node import ensure_private_dir
@@ -77,6 +82,7 @@ class NodePaths:
         ensure_private_dir(self.run.parent, mode=0o755)
         ensure_private_dir(self.run, mode=0o755)
         os.chmod(self.run, 0o755)
+        ensure_private_dir(self.jobs, mode=0o700)
 
 
 def record_problem(paths: NodePaths, message: str) -> None:
@@ -432,6 +438,17 @@ class WindowServer:
                 "coverage": round(min(1.0, covered_ns / span_ns), 4)}
 
 
+def _pid_is_mine(paths: NodePaths) -> bool:
+    try:
+        return int(paths.pid_file.read_text()) == os.getpid()
+    except (OSError, ValueError):
+        return False
+
+
+def after_seal(run) -> None:
+    """What happens to a sealed job: its export (see llem.export, when installed)."""
+
+
 def _raw_counters(interval) -> dict[str, int]:
     return {r.device_key: r.raw_uj for r in interval.rows if r.raw_uj is not None}
 
@@ -439,6 +456,7 @@ def _raw_counters(interval) -> dict[str, int]:
 def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
                      env: Mapping[str, str] | None = None) -> int:
     """The body of ``llem sampler --node NODE --daemon``; returns the exit status."""
+    from llem.nodejobs import finalize_ended, ingest, pending
     from llem.sampler import Sampler
     from llem.sensors import open_sensors
     from llem.store.node import Event, open_or_quarantine
@@ -460,6 +478,7 @@ def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
         record_problem(paths, f"corrupt node store moved to {moved}")
     started_ns = time.time_ns()
     last = store.query("SELECT MAX(end_ns) FROM intervals")[0][0]
+    ingest(store, paths.jobs, config.cluster, node)
     running = store.running_jobs()
     if running and last is not None:
         gap_s = (started_ns - last) / 1e9
@@ -492,10 +511,19 @@ def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGUSR1, lambda s, f: sampler.wake.set())
 
+    cluster = config.cluster
+
     def on_interval(interval) -> None:
         interval_id = store.query("SELECT MAX(id) FROM intervals WHERE sampler_id = ?",
                                   (sampler.sampler_id,))[0][0]
         windows.process(interval_id, interval)
+        # Jobs that ended before this reading are complete: seal them. Then take in new
+        # registrations; an ended job asks for its final reading at once.
+        for run in finalize_ended(store, interval.end_ns):
+            after_seal(run)
+        ingested = ingest(store, paths.jobs, cluster, node)
+        if any(kind == "end" for _, kind in ingested):
+            sampler.wake.set()
         busy = store.query("SELECT COUNT(*) FROM jobs WHERE state IN ('running', 'ended')")[0][0]
         if busy:
             idle_since[0] = None
@@ -504,6 +532,10 @@ def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
         if idle_since[0] is not None and time.monotonic() - idle_since[0] >= config.sampler.linger_s:
             sampler.stop()
 
+    def has_work() -> bool:
+        return bool(pending(paths.jobs)) or store.query(
+            "SELECT COUNT(*) FROM jobs WHERE state IN ('running', 'ended')")[0][0] > 0
+
     try:
         windows.start()
         sampler.start()
@@ -511,25 +543,35 @@ def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
             sampler.run(on_interval=on_interval)
             if terminate.is_set():
                 break
-            # Exit only under the node lock, after one more look: a Prolog that registered a
-            # job meanwhile saw this sampler alive and relies on it.
+            # Exit protocol. A hook writes its registration first and then looks at the
+            # sampler lock: whatever it wrote before we release the lock, we see below.
             with locked(paths.node_lock):
-                if store.query("SELECT COUNT(*) FROM jobs WHERE state IN ('running', 'ended')"
-                               )[0][0] and not terminate.is_set():
+                if has_work():
                     sampler.stopping.clear()
                     idle_since[0] = None
                     continue
-                windows.close()
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            if pending(paths.jobs):
+                try:  # written while we let go: take the lock back unless another has it
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    sampler.stopping.clear()
+                    idle_since[0] = None
+                    continue
+                except BlockingIOError:
+                    pass
+            windows.close()
+            if _pid_is_mine(paths):
                 paths.pid_file.unlink(missing_ok=True)
-                os.close(lock_fd)
-                lock_fd = -1
-                break
+            os.close(lock_fd)
+            lock_fd = -1
+            break
     finally:
         windows.close()
         store.add_events([Event(time.time_ns(), "sampler_stop", f"pid {os.getpid()}")])
         opened.close()
         store.close()
         if lock_fd >= 0:
-            paths.pid_file.unlink(missing_ok=True)
+            if _pid_is_mine(paths):
+                paths.pid_file.unlink(missing_ok=True)
             os.close(lock_fd)
     return 0

@@ -1,13 +1,17 @@
-"""``llem prolog`` and ``llem epilog``: called by slurm/prolog.sh and slurm/epilog.sh as root.
+"""``llem prolog`` and ``llem epilog``: the slow path of the Slurm hooks, as root.
 
-They never fail the job: whatever breaks is logged (stderr, which the shell wrapper sends to
-syslog, and the node's problems.log that `llem doctor` shows) and the exit status is 0.
-They import only what they need (no click): they run on every job start and end.
+slurm/llem-hook.sh handles the common case in bash (a registration file and a signal to the
+live node sampler). These commands run when no sampler is alive: they take the registration
+into the node store themselves, start the sampler (Prolog), or seal the job without it
+(Epilog). They also work when called directly, without a registration file.
+
+They never fail the job: whatever breaks is logged (stderr, which the hook sends to syslog,
+and the node's problems.log that `llem doctor` shows) and the exit status is 0. They import
+only what they need (no click).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -17,16 +21,10 @@ from typing import Mapping
 
 log = logging.getLogger("llem.slurm")
 
-FINAL_READING_WAIT_S = 1.0
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-
 
 def _guarded(kind: str, body, env: Mapping[str, str]) -> int:
     """Run the hook; any failure is logged and recorded, never returned to Slurm."""
-    _setup_logging()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     t0 = time.perf_counter()
     try:
         body(env)
@@ -54,119 +52,59 @@ def _record(env: Mapping[str, str], message: str) -> None:
         pass
 
 
-def _ensure_sampler(paths, node: str, env: Mapping[str, str]) -> None:
-    from llem.nodesampler import sampler_pid, spawn_sampler
+def _context(env: Mapping[str, str]):
+    from llem import config as config_mod
+    from llem.nodesampler import NodePaths
+    from llem.slurm import job_id_from_env, node_name
 
-    if sampler_pid(paths) is None:
-        pid = spawn_sampler(node, env)
-        log.info("llem: started the node sampler for %s (pid %d)", node, pid)
+    config = config_mod.load(env=env)
+    node = node_name(env)
+    paths = NodePaths.of(config, node)
+    paths.ensure()
+    return config, node, paths, job_id_from_env(env)
 
 
 def prolog_body(env: Mapping[str, str]) -> None:
-    from llem import config as config_mod
-    from llem.nodesampler import NodePaths, locked
-    from llem.slurm import gpu_minors, job_from_env, node_name
+    from llem.nodejobs import ingest
+    from llem.nodesampler import locked, sampler_pid, spawn_sampler
+    from llem.slurm import gpu_minors, job_from_env
     from llem.store.node import NodeStore
 
-    config = config_mod.load(env=env)
-    node = node_name(env)
-    job = job_from_env(env, config.cluster, time.time_ns(), gpu_minors(env))
-    paths = NodePaths.of(config, node)
-    paths.ensure()
+    config, node, paths, job_id = _context(env)
     with locked(paths.node_lock):
         with NodeStore(paths.store) as store:
-            run_id = store.add_job(job)
-        _ensure_sampler(paths, node, env)
-    log.info("llem prolog: job %s run %d on %s registered", job.job_id, run_id, node)
+            ingest(store, paths.jobs, config.cluster, node)
+            if not store.jobs("job_id = ? AND state = 'running'", (job_id,)):
+                store.add_job(job_from_env(env, config.cluster, time.time_ns(), gpu_minors(env)))
+        if sampler_pid(paths) is None:
+            pid = spawn_sampler(node, env)
+            log.info("llem: started the node sampler for %s (pid %d)", node, pid)
+    log.info("llem prolog: job %s registered on %s", job_id, node)
 
 
 def epilog_body(env: Mapping[str, str]) -> None:
-    from llem import config as config_mod
-    from llem.nodesampler import NodePaths, locked, sampler_pid
-    from llem.slurm import gpu_minors, job_from_env, job_id_from_env, node_name
+    from llem.nodejobs import end_job, ingest, seal
+    from llem.nodesampler import locked, sampler_pid, spawn_sampler
     from llem.store.node import NodeStore
 
-    config = config_mod.load(env=env)
-    node = node_name(env)
-    job_id = job_id_from_env(env)
-    paths = NodePaths.of(config, node)
-    paths.ensure()
-    end_ns = time.time_ns()
-    flags: list[str] = []
+    config, node, paths, job_id = _context(env)
     with locked(paths.node_lock):
         with NodeStore(paths.store) as store:
-            runs = store.jobs("job_id = ? AND state = 'running'", (job_id,))
-            if runs:
-                run = max(runs, key=lambda r: r.start_ns)
-            else:
-                # The Prolog did not register it (llem broken then, or installed mid-job):
-                # keep a record so that the ledger knows this job ran without data.
-                run_id = store.add_job(job_from_env(env, config.cluster, end_ns,
-                                                    gpu_minors(env)))
-                run = store.jobs("run_id = ?", (run_id,))[0]
-                flags.append("no_prolog")
-            store.update_job(run.run_id, end_ns=end_ns, state="ended")
-        pid = sampler_pid(paths)
-    if pid and pid > 0:
-        try:
-            os.kill(pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            pid = None
-    with NodeStore(paths.store) as store:
-        if not (pid and pid > 0 and _wait_final_reading(store, end_ns)):
-            flags.append("no_final_reading")
-        coverage, seen = seal_figures(store, run.run_id, run.start_ns, end_ns)
-        store.update_job(run.run_id, state="sealed", coverage=coverage,
-                         flags=sorted(set(flags) | seen))
-    with locked(paths.node_lock):
-        with NodeStore(paths.store) as store:
+            ingest(store, paths.jobs, config.cluster, node)
+            ended = store.jobs("job_id = ? AND state = 'ended'", (job_id,))
+            run = max(ended, key=lambda r: r.start_ns) if ended else end_job(
+                store, dict(env), config.cluster, time.time_ns())
+            pid = sampler_pid(paths)
+            if pid and pid > 0:
+                os.kill(pid, signal.SIGUSR1)  # it takes the final reading and seals the job
+                log.info("llem epilog: job %s handed to the node sampler (pid %d)", job_id, pid)
+                return
+            seal(store, run, {"no_final_reading"})
             others = store.running_jobs()
-        if others:
-            _ensure_sampler(paths, node, env)  # a sampler that died is restarted for them
-    log.info("llem epilog: job %s sealed on %s, coverage %.3f, flags %s", job_id, node,
-             coverage, ",".join(sorted(set(flags) | seen)) or "none")
-
-
-def _wait_final_reading(store, end_ns: int) -> bool:
-    deadline = time.monotonic() + FINAL_READING_WAIT_S
-    while time.monotonic() < deadline:
-        last = store.query("SELECT MAX(end_ns) FROM intervals")[0][0]
-        if last is not None and last >= end_ns:
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def seal_figures(store, run_id: int, start_ns: int, end_ns: int) -> tuple[float, set[str]]:
-    """Coverage (share of the job's wall time inside sampler intervals) and flags."""
-    span = max(1, end_ns - start_ns)
-    rows = store.query(
-        "SELECT start_ns, end_ns FROM intervals WHERE end_ns > ? AND start_ns < ? ORDER BY start_ns",
-        (start_ns, end_ns))
-    covered, cursor = 0, start_ns
-    for s, e in rows:
-        s, e = max(s, cursor, start_ns), min(e, end_ns)
-        if e > s:
-            covered += e - s
-            cursor = e
-    coverage = round(min(1.0, covered / span), 4)
-    flags: set[str] = set()
-    kinds = {k for (k,) in store.query(
-        "SELECT DISTINCT kind FROM events WHERE ts_ns >= ? AND ts_ns <= ?", (start_ns, end_ns))}
-    if "sampler_restart" in kinds:
-        flags.add("sampler_restart")
-    if kinds & {"counter_reset", "counter_gap", "device_lost"} or coverage < 0.99:
-        flags.add("gap")
-    if "attribution_error" in kinds:
-        flags.add("attribution_error")
-    if "clock_jump" in kinds:
-        flags.add("clock_jump")
-    sources = {s for (s,) in store.query(
-        "SELECT DISTINCT d.source FROM job_energy j JOIN devices d ON d.key = j.device_key "
-        "WHERE j.run_id = ?", (run_id,))}
-    if "estimated" in sources:
-        flags.add("estimated")
-    return coverage, flags
+        if others:  # the sampler died while jobs run: restart it for them
+            spawn_sampler(node, env)
+            log.info("llem: restarted the node sampler for %s", node)
+    log.info("llem epilog: job %s sealed on %s without a sampler", job_id, node)
 
 
 def prolog_main(argv: list[str] | None = None) -> int:
@@ -175,5 +113,5 @@ def prolog_main(argv: list[str] | None = None) -> int:
 
 
 def epilog_main(argv: list[str] | None = None) -> int:
-    """llem epilog: final reading, seal and export the job's data (Slurm Epilog)."""
+    """llem epilog: the job's final reading, sealing and export (Slurm Epilog)."""
     return _guarded("epilog", epilog_body, os.environ)

@@ -1,0 +1,158 @@
+"""Job registrations from the Slurm hooks, and sealing finished jobs.
+
+The Prolog/Epilog hook (slurm/llem-hook.sh) does the common case in bash alone, off the
+Python start-up cost: it drops a registration file into ``RUN_DIR/NODE/jobs/`` (root-only)
+and wakes the live sampler, which ingests it. The file is ``<job>.start`` or ``<job>.end``:
+``KEY=VALUE`` records separated by NUL bytes, the Slurm variables of the hook's environment
+plus ``LLEM_EVENT_US`` (wall-clock microseconds when the hook ran). Python's ``llem prolog``
+and ``llem epilog`` ingest the same files when no sampler is alive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+from llem.store.node import JobRecord, NodeStore
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^([0-9]+)\.(start|end)$")
+
+
+def parse_registration(data: bytes) -> dict[str, str]:
+    env = {}
+    for item in data.split(b"\0"):
+        if not item:
+            continue
+        key, sep, value = item.decode("utf-8", "replace").partition("=")
+        if not sep or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
+            raise ValueError(f"bad record {item[:40]!r}")
+        env[key] = value
+    if "LLEM_EVENT_US" not in env or not env["LLEM_EVENT_US"].isdigit():
+        raise ValueError("no LLEM_EVENT_US")
+    return env
+
+
+def pending(jobs_dir: Path) -> list[tuple[str, str, Path]]:
+    """(job_id, 'start'|'end', path) of waiting registrations, every start before any end."""
+    try:
+        names = os.listdir(jobs_dir)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        m = _NAME.match(name)
+        if m:
+            found.append((m.group(1), m.group(2), jobs_dir / name))
+    return sorted(found, key=lambda f: (f[1] != "start", int(f[0])))
+
+
+def ingest(store: NodeStore, jobs_dir: Path, cluster: str, node: str) -> list[tuple[str, str]]:
+    """Move waiting registrations into the store; return what was ingested.
+
+    A file that cannot be parsed is moved to ``jobs/bad/`` (kept, never deleted) and logged.
+    """
+    from llem.slurm import gpu_minors, job_from_env
+
+    done = []
+    for job_id, kind, path in pending(jobs_dir):
+        try:
+            env = parse_registration(path.read_bytes())
+            if env.get("SLURM_JOB_ID") != job_id:
+                raise ValueError(f"SLURM_JOB_ID {env.get('SLURM_JOB_ID')!r} in {path.name}")
+            at_ns = int(env["LLEM_EVENT_US"]) * 1000
+            env.setdefault("SLURMD_NODENAME", node)
+            if kind == "start":
+                store.add_job(job_from_env(env, cluster, at_ns, gpu_minors(env)))
+            else:
+                end_job(store, env, cluster, at_ns)
+            path.unlink()
+            done.append((job_id, kind))
+        except (OSError, ValueError) as e:
+            log.error("bad job registration %s: %s", path, e)
+            bad = jobs_dir / "bad"
+            bad.mkdir(mode=0o700, exist_ok=True)
+            try:
+                os.replace(path, bad / f"{path.name}.{time.time_ns()}")
+            except OSError:
+                pass
+    return done
+
+
+def end_job(store: NodeStore, env: dict, cluster: str, end_ns: int) -> JobRecord:
+    """Mark the job's latest running run ended; a job the Prolog never registered gets a
+    run of its own (flag ``no_prolog``) so that the ledger knows it ran without data."""
+    from llem.slurm import gpu_minors, job_from_env
+
+    job_id = env["SLURM_JOB_ID"]
+    runs = store.jobs("job_id = ? AND state = 'running'", (job_id,))
+    if runs:
+        run = max(runs, key=lambda r: r.start_ns)
+        flags = list(run.flags)
+    else:
+        record = job_from_env(env, cluster, end_ns, gpu_minors(env))
+        run = store.jobs("run_id = ?", (store.add_job(record),))[0]
+        flags = ["no_prolog"]
+    store.update_job(run.run_id, end_ns=max(end_ns, run.start_ns), state="ended", flags=flags)
+    return store.jobs("run_id = ?", (run.run_id,))[0]
+
+
+def seal_figures(store: NodeStore, run_id: int, start_ns: int,
+                 end_ns: int) -> tuple[float, set[str]]:
+    """Coverage (share of the job's wall time inside sampler intervals) and flags."""
+    span = max(1, end_ns - start_ns)
+    rows = store.query(
+        "SELECT start_ns, end_ns FROM intervals WHERE end_ns > ? AND start_ns < ? "
+        "ORDER BY start_ns", (start_ns, end_ns))
+    covered, cursor = 0, start_ns
+    for s, e in rows:
+        s, e = max(s, cursor, start_ns), min(e, end_ns)
+        if e > s:
+            covered += e - s
+            cursor = e
+    coverage = round(min(1.0, covered / span), 4)
+    flags: set[str] = set()
+    kinds = {k for (k,) in store.query(
+        "SELECT DISTINCT kind FROM events WHERE ts_ns >= ? AND ts_ns <= ?", (start_ns, end_ns))}
+    if "sampler_restart" in kinds:
+        flags.add("sampler_restart")
+    if kinds & {"counter_reset", "counter_gap", "device_lost"} or coverage < 0.99:
+        flags.add("gap")
+    for kind in ("attribution_error", "clock_jump"):
+        if kind in kinds:
+            flags.add(kind)
+    sources = {s for (s,) in store.query(
+        "SELECT DISTINCT d.source FROM job_energy j JOIN devices d ON d.key = j.device_key "
+        "WHERE j.run_id = ?", (run_id,))}
+    if "estimated" in sources:
+        flags.add("estimated")
+    return coverage, flags
+
+
+def seal(store: NodeStore, run: JobRecord, extra_flags: set[str] | frozenset = frozenset()) -> JobRecord:
+    """Compute coverage and flags of an ended run and mark it sealed."""
+    assert run.end_ns is not None
+    coverage, flags = seal_figures(store, run.run_id, run.start_ns, run.end_ns)
+    all_flags = sorted(set(run.flags) | flags | set(extra_flags))
+    store.update_job(run.run_id, state="sealed", coverage=coverage, flags=all_flags)
+    log.info("job %s sealed: coverage %.3f, flags %s", run.job_id, coverage,
+             ",".join(all_flags) or "none")
+    return store.jobs("run_id = ?", (run.run_id,))[0]
+
+
+def finalize_ended(store: NodeStore, up_to_ns: int,
+                   extra_flags: set[str] | frozenset = frozenset()) -> list[JobRecord]:
+    """Seal every ended run whose end is covered by data up to ``up_to_ns``."""
+    out = []
+    for run in store.jobs("state = 'ended' AND end_ns <= ?", (up_to_ns,)):
+        out.append(seal(store, run, extra_flags))
+    return out
+
+
+def dumps_flags(flags) -> str:
+    return json.dumps(sorted(flags))
