@@ -3,9 +3,11 @@
 concurrent jobs, on a real local Slurm (the test harness; needs root and Slurm installed by
 scripts/install-slurm.sh).
 
-Latency: two clusters run side by side, identical but for the Prolog (llem's slurm/prolog.sh
-vs none); `srun -w NODE true` alternates between them (paired runs) and the median of the
-differences is the added latency. Sampler: 16 `sleep` jobs share one node, the sampler reads
+Latency: clusters run side by side, identical but for their Prolog/Epilog: llem's
+slurm/prolog.sh and epilog.sh; trivial scripts that only `exit 0`; and none. `srun -w NODE
+true` alternates between them (paired runs); the median of the differences between llem and
+the trivial scripts is what llem adds (Slurm itself adds the trivial scripts' cost to any site
+that has a Prolog and an Epilog at all). Sampler: 16 `sleep` jobs share one node, the sampler reads
 every 1 s, and its CPU time over a window is divided by the window.
 
 Usage: python bench/bench_slurm.py [--pairs N] [--window S]
@@ -55,29 +57,40 @@ def main() -> None:
     site.hw.start()
     with_llem = SlurmCluster(nodes=1, gpus_per_node=2, cpus_per_node=16, name="benchllem",
                              node_prefix="bl", port_base=17500)
+    trivial = SlurmCluster(nodes=1, gpus_per_node=2, cpus_per_node=16, name="benchtriv",
+                           node_prefix="bt", port_base=17600)
     without = SlurmCluster(nodes=1, gpus_per_node=2, cpus_per_node=16, name="benchnone",
-                           node_prefix="bn", port_base=17600)
+                           node_prefix="bn", port_base=17700)
+    clusters = {"llem": (with_llem, "bl1"), "trivial": (trivial, "bt1"),
+                "none": (without, "bn1")}
     try:
         with_llem.prepare()
         with_llem.prolog = site.hook("prolog")
         with_llem.epilog = site.hook("epilog")
         with_llem.start()
+        trivial.prepare()
+        trivial.prolog = trivial.write_script("prolog.sh", "#!/bin/bash\nexit 0\n")
+        trivial.epilog = trivial.write_script("epilog.sh", "#!/bin/bash\nexit 0\n")
+        trivial.start()
         without.start()
         env = site.user_env
-        for cluster, node in ((with_llem, "bl1"), (without, "bn1")):  # warm-up
+        for cluster, node in clusters.values():  # warm-up
             for _ in range(3):
                 timed_srun(cluster, node, env)
-        diffs, on, off = [], [], []
+        times: dict[str, list[float]] = {k: [] for k in clusters}
         for _ in range(args.pairs):
-            a = timed_srun(with_llem, "bl1", env)
-            b = timed_srun(without, "bn1", env)
-            on.append(a)
-            off.append(b)
-            diffs.append(a - b)
+            for name, (cluster, node) in clusters.items():
+                times[name].append(timed_srun(cluster, node, env))
+        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        added = statistics.median(a - b for a, b in zip(times["llem"], times["trivial"])) * 1000
+        slurm_cost = statistics.median(
+            a - b for a, b in zip(times["trivial"], times["none"])) * 1000
         print(f"job start latency, srun -w NODE true, {args.pairs} paired runs")
-        print(f"  with the llem Prolog/Epilog: median {statistics.median(on) * 1000:.1f} ms")
-        print(f"  without:                     median {statistics.median(off) * 1000:.1f} ms")
-        print(f"  added (median of pair differences): {statistics.median(diffs) * 1000:.1f} ms")
+        print(f"  llem Prolog/Epilog:            median {med['llem']:.1f} ms")
+        print(f"  trivial Prolog/Epilog (exit 0): median {med['trivial']:.1f} ms")
+        print(f"  no Prolog/Epilog:              median {med['none']:.1f} ms")
+        print(f"  added by llem (llem - trivial, median of paired differences): {added:.1f} ms")
+        print(f"  Slurm's own cost of having a Prolog/Epilog (trivial - none): {slurm_cost:.1f} ms")
 
         jobs = [with_llem.submit(["-w", "bl1", "-n1", "--wrap", "sleep 600"], env=env)
                 for _ in range(16)]
@@ -107,8 +120,8 @@ def main() -> None:
         print(f"  CPU: {share * 100:.3f} % of one core, RSS {rss / 1024:.1f} MiB")
         with_llem.run(["scancel", *jobs])
     finally:
-        with_llem.stop()
-        without.stop()
+        for cluster, _ in clusters.values():
+            cluster.stop()
         site.cleanup()
 
 

@@ -105,6 +105,7 @@ class Site:
 
     def write_defaults(self, **override: str) -> None:
         values = {"LLEM_BIN": str(self.llem_bin), "LLEM_CONFIG": str(self.config),
+                  "LLEM_RUN_DIR": str(self.run_dir),
                   "LLEM_POWERCAP_ROOT": str(self.hw.powercap.path), "LLEM_TIMEOUT": "20"}
         values.update(override)
         self.defaults.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
