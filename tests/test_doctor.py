@@ -55,3 +55,17 @@ def test_group_help_lists_every_command():
     for command in ("wrap", "doctor", "sampler"):
         h = subprocess.run(LLEM + [command, "-h"], capture_output=True, text=True, timeout=60)
         assert h.returncode == 0 and "usage" in h.stdout.lower(), command
+
+
+def test_hook_run_dir_mismatch_and_recent_problems(tmp_path):
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\nstate_dir: {tmp_path / 'state'}\n")
+    defaults = tmp_path / "default-llem"
+    defaults.write_text("LLEM_BIN=/opt/llem/bin/llem\n")  # no LLEM_RUN_DIR: /run/llem
+    (tmp_path / "run" / "t9").mkdir(parents=True)
+    (tmp_path / "run" / "t9" / "problems.log").write_text("2026-01-01 llem prolog job 5: boom\n")
+    r = doctor({"LLEM_CONFIG": str(cfg), "LLEM_DEFAULTS_FILE": str(defaults),
+                "SLURMD_NODENAME": "t9", "LLEM_POWERCAP_ROOT": str(tmp_path / "none")})
+    assert r.returncode == 0, r.stderr
+    assert f"set LLEM_RUN_DIR={tmp_path / 'run'} in {defaults}" in r.stdout
+    assert "problem: 2026-01-01 llem prolog job 5: boom" in r.stdout

@@ -47,6 +47,47 @@ def _path_info(path: str) -> dict:
     return info
 
 
+def _hook_defaults(env: dict) -> dict[str, str]:
+    """The LLEM_* settings the Slurm hooks read (plain KEY=VALUE lines)."""
+    path = Path(env.get("LLEM_DEFAULTS_FILE") or "/etc/default/llem")
+    out = {"_file": str(path)}
+    try:
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.startswith("LLEM_"):
+                out[key] = value.strip().strip("\"'")
+    except OSError:
+        out["_missing"] = "yes"
+    return out
+
+
+def _node_sampler(config, node: str, env: dict, problems: list[str]) -> dict:
+    from llem.nodejobs import pending
+    from llem.nodesampler import NodePaths, sampler_pid
+
+    paths = NodePaths.of(config, node)
+    info: dict = {"run_dir": str(paths.run), "store": str(paths.store)}
+    pid = sampler_pid(paths) if paths.run.is_dir() else None
+    info["pid"] = pid
+    info["pending_registrations"] = len(pending(paths.jobs))
+    try:
+        lines = paths.problems.read_text().splitlines()
+        info["recent_problems"] = lines[-10:]
+    except OSError:
+        info["recent_problems"] = []
+    if info["recent_problems"]:
+        problems.append(f"recent problems of the Slurm hooks on {node}: see 'Node sampler'")
+    hook = _hook_defaults(env)
+    info["hook_settings"] = hook
+    hook_run_dir = hook.get("LLEM_RUN_DIR", "/run/llem")
+    if hook_run_dir.rstrip("/") != config.run_dir.rstrip("/"):
+        problems.append(
+            f"the Slurm hooks look for the node sampler under {hook_run_dir} but the config's "
+            f"run_dir is {config.run_dir}: set LLEM_RUN_DIR={config.run_dir} in "
+            f"{hook['_file']} (otherwise every job start pays for Python)")
+    return info
+
+
 def diagnose(env: dict | None = None) -> dict:
     """Everything ``llem doctor`` reports, as data."""
     from llem.sensors import probe_all
@@ -103,6 +144,7 @@ def diagnose(env: dict | None = None) -> dict:
     for name, info in report["paths"].items():
         if info.get("warning"):
             report["problems"].append(f"{name} {info['path']}: {info['warning']}")
+    report["node_sampler"] = _node_sampler(config, report["node"], env, report["problems"])
     report["environment"] = {k: v for k, v in sorted(env.items()) if k.startswith("LLEM_")}
     if os.geteuid() != 0:
         report["notes"] = ["not running as root: what root-only counters show may differ"]
@@ -142,6 +184,15 @@ def render(report: dict) -> str:
             desc = "missing (" + ("can be created" if info.get("creatable") else
                                   "cannot be created by this user") + ")"
         out.append(f"  {name:<9} {info['path']}: {desc}")
+    ns = report["node_sampler"]
+    out.append("")
+    out.append("Node sampler:")
+    state = f"running, pid {ns['pid']}" if ns["pid"] else "not running"
+    out.append(f"  {state}; run dir {ns['run_dir']}; store {ns['store']}")
+    if ns["pending_registrations"]:
+        out.append(f"  {ns['pending_registrations']} job registration(s) waiting")
+    for line in ns["recent_problems"]:
+        out.append(f"  problem: {line}")
     if report["environment"]:
         out.append("")
         out.append("Environment:")
