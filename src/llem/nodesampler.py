@@ -275,10 +275,12 @@ class WindowServer:
     sampler took a reading, in the sampler's own thread (one SQLite writer).
     """
 
-    def __init__(self, path: Path, sampler, store) -> None:
+    def __init__(self, path: Path, sampler, store, ingest_pending=None) -> None:
         self.path = path
         self.sampler = sampler
         self.store = store
+        self.ingest_pending = ingest_pending
+        """Called when a request names a job not registered yet (its Prolog just ran)."""
         self.requests: queue.Queue = queue.Queue()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -382,6 +384,9 @@ class WindowServer:
         if not job_id.isdigit():
             return {"ok": False, "error": "job_id must be a Slurm job id"}
         runs = self.store.jobs("job_id = ? AND state = 'running'", (job_id,))
+        if not runs and self.ingest_pending is not None:
+            self.ingest_pending()
+            runs = self.store.jobs("job_id = ? AND state = 'running'", (job_id,))
         if not runs:
             return {"ok": False, "error": f"job {job_id} is not running on this node"}
         job = max(runs, key=lambda r: r.start_ns)
@@ -499,7 +504,8 @@ def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
     sampler = Sampler(opened.sensors, [store],
                       interval_s=interval_s or config.sampler.interval_s,
                       sampler_id=f"{node}-{os.getpid()}-{started_ns}", attribute=attributor)
-    windows = WindowServer(paths.socket, sampler, store)
+    windows = WindowServer(paths.socket, sampler, store,
+                           lambda: ingest(store, paths.jobs, config.cluster, node))
     idle_since: list[float | None] = [None]
     terminate = threading.Event()
 
