@@ -16,6 +16,7 @@ import sys
 COMMANDS = {
     "wrap": "llem.cli.wrap:wrap",
     "doctor": "llem.cli.doctor:doctor",
+    "aggregate": "llem.cli.aggregate:aggregate",
 }
 # Commands on the job start-up path: argparse-based, dispatched before click is imported.
 # They are listed in `llem --help` through small click shims.
