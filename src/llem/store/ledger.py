@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 LEDGER_MODE = 0o644
 HEADER_SLACK_NS = 5 * 10**9
 """Clock skew allowed between slurmctld (header end time) and the nodes (run start)."""
+HEADER_AFTER_NS = 600 * 10**9
+"""How long after its nodes' Epilogs slurmctld's EpilogSlurmctld may still run."""
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:
@@ -518,10 +520,10 @@ def group_runs(nodes: list[dict], headers: list[dict]) -> list[dict]:
 
     Node runs that overlap in time belong to one run (all nodes of an allocation run
     together); a requeued or restarted job starts after every node of the previous run has
-    ended, so it opens a new run. A header goes to the last run that started before the
-    header's end (plus :data:`HEADER_SLACK_NS` of clock skew), or to the run that starts at
-    the header's start when slurmctld gave one; a header with no run stands alone (nodes not
-    reported yet). Pure: the same node runs and headers give the same runs in any order.
+    ended, so it opens a new run. A header goes to the run that starts at the header's start
+    when slurmctld gave one, else to the run whose end is nearest the header's end among the
+    runs that started before it and ended at most :data:`HEADER_AFTER_NS` before it; a header
+    with no run stands alone (its nodes have not reported yet). Pure: the same node runs and headers give the same runs in any order.
     """
     runs: list[dict] = []
     for node in sorted(nodes, key=lambda n: (n["start_ns"], n["node"], n["end_ns"])):
@@ -550,8 +552,12 @@ def _run_of_header(runs: list[dict], header: dict) -> dict | None:
         for run in runs:
             if abs(run["start_ns"] - header["start_ns"]) <= HEADER_SLACK_NS:
                 return run
-    candidates = [r for r in runs if r["start_ns"] <= header["end_ns"] + HEADER_SLACK_NS]
-    return candidates[-1] if candidates else None
+    end_ns = header["end_ns"]
+    candidates = [r for r in runs if r["start_ns"] - HEADER_SLACK_NS <= end_ns
+                  <= r["end_ns"] + HEADER_AFTER_NS]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda r: (abs(r["end_ns"] - end_ns), r["start_ns"]))
 
 
 def summarize_run(run: dict, energy: Mapping[int, Mapping[str, int]], now_ns: int,
