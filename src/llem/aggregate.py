@@ -37,7 +37,6 @@ from llem.store.ledger import Ledger, QuarantineEntry, digest
 log = logging.getLogger(__name__)
 
 MAX_SLICE_BYTES = 64 * 1024 * 1024
-BATCH_SIZE = 500
 SKIP_DIRS = ("archive", "quarantine")
 
 
@@ -217,7 +216,7 @@ def _judge(cand: Candidate) -> None:
 
 
 def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float = 0.0,
-                   batch_size: int = BATCH_SIZE,
+                   batch_size: int | None = None,
                    after_commit: Callable[[int], None] | None = None) -> AggregateResult:
     """Merge everything in the spool into the ledger, once.
 
@@ -225,7 +224,7 @@ def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float =
         config: spool, ledger, archive, quarantine and grace settings.
         now_ns: the time that decides grace periods (default now).
         wait_s: how long to wait for another aggregator's lock.
-        batch_size: slices per ledger transaction.
+        batch_size: slices per ledger transaction (default ``aggregate.batch_size``).
         after_commit: called with the batch number after each commit (tests).
 
     Raises:
@@ -236,6 +235,7 @@ def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float =
     now_ns = time.time_ns() if now_ns is None else now_ns
     spool = check_spool_dir(Path(config.spool_dir))
     result = AggregateResult()
+    batch_size = max(1, batch_size or config.aggregate.batch_size)
     with AggregateLock(config.ledger, wait_s), Ledger(config.ledger) as ledger:
         paths = list_spool(spool)
         for number, start in enumerate(range(0, len(paths), batch_size)):

@@ -88,6 +88,8 @@ class AggregateConfig:
     """Node-local folder of slices waiting for the spool (default STATE_DIR/outbox)."""
     node_retention_days: float = 30.0
     """Node stores drop sealed, exported data older than this."""
+    batch_size: int = 500
+    """Slices merged per ledger transaction (short transactions keep readers and crashes cheap)."""
 
 
 @dataclass(frozen=True)
