@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MAX_SLICE_BYTES = 64 * 1024 * 1024
 SKIP_DIRS = ("archive", "quarantine")
+
 
 
 class LedgerBusy(LedgerError):
@@ -124,6 +126,7 @@ class Candidate:
     newer: str | None = None
     owner_uid: int | None = None
     size: int | None = None
+    gone: bool = False
 
 
 def list_spool(spool: Path) -> list[Path]:
@@ -145,6 +148,9 @@ def read_candidate(path: Path, *, euid: int | None = None) -> Candidate:
     cand = Candidate(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        cand.gone = True
+        return cand
     except OSError as e:
         cand.reason = ("a symlink, refused" if e.errno == errno.ELOOP
                        else f"cannot open: {e.strerror}")
@@ -160,6 +166,7 @@ def read_candidate(path: Path, *, euid: int | None = None) -> Candidate:
     cand.sha = digest(cand.raw)
     if cand.reason is None:
         _judge(cand)
+    cand.raw = b""  # parsed; do not keep a batch of raw files in memory
     return cand
 
 
@@ -236,27 +243,31 @@ def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float =
     spool = check_spool_dir(Path(config.spool_dir))
     result = AggregateResult()
     batch_size = max(1, batch_size or config.aggregate.batch_size)
+    jobs: set = set()
     with AggregateLock(config.ledger, wait_s), Ledger(config.ledger) as ledger:
-        paths = list_spool(spool)
-        for number, start in enumerate(range(0, len(paths), batch_size)):
-            _merge_batch(config, ledger, paths[start:start + batch_size], now_ns, result)
+        candidates = map(read_candidate, list_spool(spool))
+        for number in itertools.count():
+            batch = list(itertools.islice(candidates, batch_size))
+            if not batch:
+                break
+            jobs |= _merge_batch(config, ledger, batch, now_ns, result)
             if after_commit is not None:
                 after_commit(number)
         result.incomplete = ledger.mark_incomplete(now_ns, config.aggregate.grace_s)
+    result.jobs = len(jobs)
     result.elapsed_s = time.monotonic() - t0
-    for name in result.newer:
-        log.error("%s: %s", name, "written by a newer llem; upgrade llem on this host")
     return result
 
 
-def _merge_batch(config: Config, ledger: Ledger, paths: list[Path], now_ns: int,
-                 result: AggregateResult) -> None:
+def _merge_batch(config: Config, ledger: Ledger, batch: list[Candidate], now_ns: int,
+                 result: AggregateResult) -> set:
     good, bad = [], []
-    for path in paths:
-        cand = read_candidate(path)
+    for cand in batch:
+        if cand.gone:
+            continue
         if cand.newer:
-            result.newer.append(path.name)
-            log.error("%s: %s", path, cand.newer)
+            result.newer.append(cand.path.name)
+            log.error("%s: %s", cand.path, cand.newer)
         elif cand.reason:
             bad.append(cand)
         else:
@@ -272,8 +283,8 @@ def _merge_batch(config: Config, ledger: Ledger, paths: list[Path], now_ns: int,
         _quarantine(config, cand)
     result.merged += stats.merged
     result.unchanged += stats.unchanged
-    result.jobs += len(stats.jobs_touched)
     result.quarantined += [(c.path.name, c.reason or "") for c in bad]
+    return stats.jobs_touched
 
 
 def _dispose(config: Config, path: Path, now_ns: int) -> None:

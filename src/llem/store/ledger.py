@@ -88,6 +88,9 @@ def _v1(db: sqlite3.Connection) -> None:
             account TEXT, partition TEXT, nodelist TEXT, num_nodes INTEGER, cpus INTEGER,
             gpus TEXT NOT NULL DEFAULT '[]', tag TEXT, name TEXT, node_state TEXT,
             coverage REAL, flags TEXT NOT NULL DEFAULT '[]',
+            energy_uj INTEGER NOT NULL, cpu_energy_uj INTEGER NOT NULL,
+            dram_energy_uj INTEGER NOT NULL, gpu_energy_uj INTEGER NOT NULL,
+            other_energy_uj INTEGER NOT NULL, estimated_energy_uj INTEGER NOT NULL,
             created_ns INTEGER NOT NULL, digest TEXT NOT NULL,
             UNIQUE (cluster, job_id, node, start_ns)
         );
@@ -99,7 +102,6 @@ def _v1(db: sqlite3.Connection) -> None:
             energy_uj INTEGER NOT NULL CHECK (energy_uj >= 0),
             PRIMARY KEY (job_node_id, device_key, hour_s, method)
         ) WITHOUT ROWID;
-        CREATE INDEX job_energy_by_hour ON job_energy (hour_s);
         CREATE TABLE job_node_totals (
             job_node_id INTEGER NOT NULL REFERENCES job_nodes (id) ON DELETE CASCADE,
             device_key TEXT NOT NULL,
@@ -139,6 +141,9 @@ def _v1(db: sqlite3.Connection) -> None:
     """)
 
 
+ENERGY_COLUMNS = ("energy_uj", "cpu_energy_uj", "dram_energy_uj", "gpu_energy_uj",
+                  "other_energy_uj", "estimated_energy_uj")
+
 MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1,)
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -150,7 +155,9 @@ CANONICAL_QUERIES = {
     "job_runs": "SELECT * FROM job_runs",
     "job_nodes": "SELECT cluster, job_id, node, start_ns, end_ns, run_start_ns, array_job_id, "
                  "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, "
-                 "gpus, tag, name, node_state, coverage, flags, created_ns, digest FROM job_nodes",
+                 "gpus, tag, name, node_state, coverage, flags, energy_uj, cpu_energy_uj, "
+                 "dram_energy_uj, gpu_energy_uj, other_energy_uj, estimated_energy_uj, "
+                 "created_ns, digest FROM job_nodes",
     "job_energy": f"SELECT {_NODE_KEY}, e.device_key, e.hour_s, e.method, e.component, "
                   "e.source, e.sensor, e.energy_uj FROM job_energy e JOIN job_nodes jn "
                   "ON jn.id = e.job_node_id",
@@ -220,6 +227,7 @@ class Ledger:
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self._devices_seen: set[tuple] = set()
         try:
             if readonly:
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
@@ -231,6 +239,9 @@ class Ledger:
                 self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
                 self.db.execute("PRAGMA journal_mode = WAL")
                 self.db.execute("PRAGMA synchronous = NORMAL")
+                # Merges touch the job tables' right edges and their indexes: a 64 MB page
+                # cache keeps them in memory (the default 2 MB thrashes past ~1e5 jobs).
+                self.db.execute("PRAGMA cache_size = -65536")
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.execute("PRAGMA busy_timeout = 30000")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -266,13 +277,16 @@ class Ledger:
             self.db.execute("COMMIT")
             return out
         except sqlite3.DatabaseError as e:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
+            self._rollback()
             raise LedgerError(f"{self.path}: ledger write failed: {e}") from e
         except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
+            self._rollback()
             raise
+
+    def _rollback(self) -> None:
+        self._devices_seen.clear()
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 
     # -- merging -----------------------------------------------------------------------------
 
@@ -317,6 +331,14 @@ class Ledger:
         return self._merge_header(data)
 
     def _upsert_devices(self, cluster: str, node: str, devices: Mapping[str, dict]) -> None:
+        # Nodes send the same devices in every slice: skip what this connection already wrote
+        # (a rolled-back transaction clears the cache, see _txn).
+        fingerprint = (cluster, node, tuple(
+            (k, d["component"], d.get("name"), d["sensor"], d["source"], d["method"])
+            for k, d in sorted(devices.items())))
+        if fingerprint in self._devices_seen:
+            return
+        self._devices_seen.add(fingerprint)
         self.db.executemany(
             "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (cluster, node, device_key) DO UPDATE SET component = excluded.component,"
@@ -336,17 +358,19 @@ class Ledger:
                 return False  # the same slice again, or an older export of the run
             self.db.execute("DELETE FROM job_nodes WHERE id = ?", (row[0],))
         self._upsert_devices(cluster, node, data["devices"])
+        totals = _component_totals(data)
         cur = self.db.execute(
             "INSERT INTO job_nodes (cluster, job_id, node, start_ns, end_ns, array_job_id, "
             "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, gpus,"
-            " tag, name, node_state, coverage, flags, created_ns, digest) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " tag, name, node_state, coverage, flags, energy_uj, cpu_energy_uj, dram_energy_uj,"
+            " gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest) "
+            f"VALUES ({', '.join('?' * 29)})",
             (cluster, job["job_id"], node, job["start_ns"], job["end_ns"],
              job.get("array_job_id"), job.get("array_task_id"), job.get("user"), job.get("uid"),
              job.get("gid"), job.get("account"), job.get("partition"), job.get("nodelist"),
              job.get("num_nodes"), job.get("cpus"), json.dumps(sorted(job.get("gpus") or [])),
              job.get("tag"), job.get("name"), job.get("state"), job.get("coverage"),
-             json.dumps(sorted(job.get("flags") or [])), data["created_ns"], sha))
+             json.dumps(sorted(job.get("flags") or [])), *totals, data["created_ns"], sha))
         job_node_id = cur.lastrowid
         devices = data["devices"]
         self.db.executemany(
@@ -406,7 +430,7 @@ class Ledger:
         """Recompute the job's runs from its node runs and headers (order-independent)."""
         cols = ("id", "node", "start_ns", "end_ns", "array_job_id", "array_task_id", "user",
                 "uid", "account", "partition", "name", "tag", "nodelist", "num_nodes", "gpus",
-                "coverage")
+                "coverage", "run_start_ns") + ENERGY_COLUMNS
         nodes = [dict(zip(cols, r)) for r in self.db.execute(
             f"SELECT {', '.join(cols)} FROM job_nodes WHERE cluster = ? AND job_id = ? "
             "ORDER BY start_ns, node", (cluster, job_id))]
@@ -417,31 +441,16 @@ class Ledger:
             f"SELECT {', '.join(hcols)} FROM job_headers WHERE cluster = ? AND job_id = ? "
             "ORDER BY end_ns", (cluster, job_id))]
         runs = group_runs(nodes, headers)
-        energy = self._energy_by_node(nodes)
         self.db.execute("DELETE FROM job_runs WHERE cluster = ? AND job_id = ?",
                         (cluster, job_id))
         for run in runs:
-            row = summarize_run(run, energy, now_ns, grace_s)
+            row = summarize_run(run, now_ns, grace_s)
             self.db.execute(
                 f"INSERT INTO job_runs (cluster, job_id, {', '.join(row)}) "
                 f"VALUES (?, ?, {', '.join('?' * len(row))})", (cluster, job_id, *row.values()))
             self.db.executemany("UPDATE job_nodes SET run_start_ns = ? WHERE id = ?",
-                                [(row["run_start_ns"], n["id"]) for n in run["nodes"]])
-
-    def _energy_by_node(self, nodes: list[dict]) -> dict[int, dict[str, int]]:
-        out: dict[int, dict[str, int]] = {}
-        ids = [n["id"] for n in nodes]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            for job_node_id, component, source, energy_uj in self.db.execute(
-                    "SELECT job_node_id, component, source, SUM(energy_uj) FROM job_energy "
-                    f"WHERE job_node_id IN ({', '.join('?' * len(chunk))}) "
-                    "GROUP BY job_node_id, component, source", chunk):
-                totals = out.setdefault(job_node_id, {})
-                totals[component] = totals.get(component, 0) + energy_uj
-                if source == "estimated":
-                    totals["estimated"] = totals.get("estimated", 0) + energy_uj
-        return out
+                                [(row["run_start_ns"], n["id"]) for n in run["nodes"]
+                                 if n["run_start_ns"] != row["run_start_ns"]])
 
     def mark_incomplete(self, now_ns: int, grace_s: float) -> int:
         """Runs still pending past their grace period become incomplete; return how many."""
@@ -560,8 +569,21 @@ def _run_of_header(runs: list[dict], header: dict) -> dict | None:
     return min(candidates, key=lambda r: (abs(r["end_ns"] - end_ns), r["start_ns"]))
 
 
-def summarize_run(run: dict, energy: Mapping[int, Mapping[str, int]], now_ns: int,
-                  grace_s: float) -> dict:
+def _component_totals(data: dict) -> tuple[int, ...]:
+    """A job slice's energy in the order of :data:`ENERGY_COLUMNS`."""
+    devices = data["devices"]
+    by: dict[str, int] = {"cpu": 0, "dram": 0, "gpu": 0, "other": 0, "estimated": 0}
+    for row in data["energy"]:
+        dev = devices[row["device"]]
+        comp = dev["component"]
+        by[comp if comp in ("cpu", "dram", "gpu") else "other"] += row["energy_uj"]
+        if dev["source"] == "estimated":
+            by["estimated"] += row["energy_uj"]
+    total = by["cpu"] + by["dram"] + by["gpu"] + by["other"]
+    return total, by["cpu"], by["dram"], by["gpu"], by["other"], by["estimated"]
+
+
+def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
     """The ``job_runs`` row of one run: header fields first, node fields where it has none."""
     header = run["header"] or {}
     first = run["nodes"][0] if run["nodes"] else {}
@@ -584,16 +606,12 @@ def summarize_run(run: dict, energy: Mapping[int, Mapping[str, int]], now_ns: in
     end_ns = max([run["end_ns"]] + ([header["end_ns"]] if header else []))
     status = "complete" if complete else (
         "incomplete" if now_ns - end_ns > grace_s * 1e9 else "pending")
-    totals: dict[str, int] = {}
-    for node in run["nodes"]:
-        for key, value in energy.get(node["id"], {}).items():
-            totals[key] = totals.get(key, 0) + value
+    totals = {col: sum(n[col] for n in run["nodes"]) for col in ENERGY_COLUMNS}
     gpu_seconds = sum(len(json.loads(n["gpus"] or "[]")) * (n["end_ns"] - n["start_ns"]) / 1e9
                       for n in run["nodes"])
     durations = [(n["end_ns"] - n["start_ns"], n["coverage"]) for n in run["nodes"]]
     weight = sum(d for d, c in durations if c is not None)
     coverage = (sum(d * c for d, c in durations if c is not None) / weight) if weight else None
-    components = ("cpu", "dram", "gpu")
     return {
         "run_start_ns": run["start_ns"], "run_end_ns": end_ns,
         "array_job_id": pick("array_job_id"), "array_task_id": pick("array_task_id"),
@@ -603,12 +621,7 @@ def summarize_run(run: dict, energy: Mapping[int, Mapping[str, int]], now_ns: in
         "exit_code": header.get("exit_code"), "signal": header.get("signal"),
         "derived_exit_code": header.get("derived_exit_code"), "has_header": int(bool(header)),
         "status": status, "nodes_reported": len(reported), "missing_nodes": json.dumps(missing),
-        "energy_uj": sum(v for k, v in totals.items() if k != "estimated"),
-        "cpu_energy_uj": totals.get("cpu", 0), "dram_energy_uj": totals.get("dram", 0),
-        "gpu_energy_uj": totals.get("gpu", 0),
-        "other_energy_uj": sum(v for k, v in totals.items()
-                               if k not in components and k != "estimated"),
-        "estimated_energy_uj": totals.get("estimated", 0),
+        **totals,
         "gpu_seconds": round(gpu_seconds, 3),
         "coverage": round(coverage, 6) if coverage is not None else None,
     }
