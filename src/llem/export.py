@@ -441,6 +441,7 @@ def flush_outbox(config: Config, *, timeout_s: float = DELIVERY_TIMEOUT_S) -> Fl
         try:
             os.setsid()
             if os.fork() == 0:
+                _detach_fds(write_fd)
                 _flush_worker(config, write_fd)
         finally:
             os._exit(0)
@@ -456,6 +457,19 @@ def flush_outbox(config: Config, *, timeout_s: float = DELIVERY_TIMEOUT_S) -> Fl
         log.warning("spool %s: %s; %d slice(s) wait in the outbox", config.spool_dir,
                     result.error, result.pending)
     return result
+
+
+def _detach_fds(keep_fd: int) -> None:
+    """In the delivery grandchild: hold none of the caller's files open.
+
+    slurmd reads the Epilog's output until every holder closes it, and a caller's locks live
+    as long as any inherited descriptor: a grandchild hung on the spool must hold neither.
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, 65536)
 
 
 def _collect(read_fd: int, timeout_s: float, result: FlushResult) -> None:
