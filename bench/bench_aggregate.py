@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_spool import make_spool  # noqa: E402
+from make_spool import make_spool
 
-from llem.aggregate import aggregate_once  # noqa: E402
-from llem.config import AggregateConfig, Config  # noqa: E402
+from llem.aggregate import aggregate_once
+from llem.config import AggregateConfig, Config
 
 
 def ledger_bytes(path: str) -> int:

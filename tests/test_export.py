@@ -173,7 +173,7 @@ def test_unknown_run_is_an_error(tmp_path):
 
 
 def test_node_slice_hourly_totals_with_gaps(tmp_path):
-    store, run_id = build_store(tmp_path / "s" / "node.db")
+    store, _ = build_store(tmp_path / "s" / "node.db")
     store.write(Interval("s", T0 + 5400 * S, T0 + 5460 * S, 100, 101,
                          (EnergyRow("rapl:package-0", 0, "reset", "ok", None),)))
     data = export_node(store, node_config(tmp_path), "n1", since_ns=T0, now_ns=T0 + 7200 * S)
@@ -350,7 +350,8 @@ def frozen_filesystem(tmp_path):
     """An ext4 loop mount frozen with fsfreeze: every write blocks, like a hung NFS server."""
     if os.geteuid() != 0 or not shutil.which("fsfreeze") or not shutil.which("mkfs.ext4"):
         pytest.skip("needs root, fsfreeze and mkfs.ext4")
-    image, mnt = Path(f"/tmp/llem-freeze-{os.getpid()}.img"), Path(f"/tmp/llem-freeze-{os.getpid()}")
+    mnt = Path(f"/tmp/llem-freeze-{os.getpid()}")
+    image = Path(f"{mnt}.img")
     mnt.mkdir(exist_ok=True)
     subprocess.run(["truncate", "-s", "8M", str(image)], check=True)
     if subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True).returncode:

@@ -179,16 +179,16 @@ def _node_totals(store: NodeStore, start_ns: int, end_ns: int) -> dict[str, dict
     span = "SELECT id FROM intervals WHERE end_ns > ? AND start_ns < ?"
     params = (start_ns, end_ns)
     out: dict[str, dict] = {}
+    where = f"WHERE interval_id IN ({span})"
     queries = (
-        ("measured_uj", f"SELECT device_key, SUM(energy_uj) FROM energy "
-                        f"WHERE interval_id IN ({span}) GROUP BY device_key"),
-        ("attributed_uj", f"SELECT device_key, SUM(energy_uj) FROM job_energy "
-                          f"WHERE interval_id IN ({span}) GROUP BY device_key"),
-        ("remainder_uj", f"SELECT device_key, SUM(energy_uj) FROM remainder "
-                         f"WHERE interval_id IN ({span}) GROUP BY device_key"),
-        ("gap_intervals", f"SELECT device_key, COUNT(*) FROM energy WHERE interval_id IN "
-                          f"({span}) AND (kind IN {_NO_DATA_KINDS} OR status != 'ok') "
-                          f"GROUP BY device_key"),
+        ("measured_uj", f"SELECT device_key, SUM(energy_uj) FROM energy {where} "
+                        "GROUP BY device_key"),
+        ("attributed_uj", f"SELECT device_key, SUM(energy_uj) FROM job_energy {where} "
+                          "GROUP BY device_key"),
+        ("remainder_uj", f"SELECT device_key, SUM(energy_uj) FROM remainder {where} "
+                         "GROUP BY device_key"),
+        ("gap_intervals", f"SELECT device_key, COUNT(*) FROM energy {where} AND "
+                          f"(kind IN {_NO_DATA_KINDS} OR status != 'ok') GROUP BY device_key"),
     )
     for field_name, sql in queries:
         for device, value in store.query(sql, params):

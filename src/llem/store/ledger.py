@@ -532,7 +532,8 @@ def group_runs(nodes: list[dict], headers: list[dict]) -> list[dict]:
     ended, so it opens a new run. A header goes to the run that starts at the header's start
     when slurmctld gave one, else to the run whose end is nearest the header's end among the
     runs that started before it and ended at most :data:`HEADER_AFTER_NS` before it; a header
-    with no run stands alone (its nodes have not reported yet). Pure: the same node runs and headers give the same runs in any order.
+    with no run stands alone (its nodes have not reported yet). Pure: the same node runs and
+    headers give the same runs in any order.
     """
     runs: list[dict] = []
     for node in sorted(nodes, key=lambda n: (n["start_ns"], n["node"], n["end_ns"])):
