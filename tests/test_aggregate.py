@@ -358,3 +358,28 @@ def test_sigkill_at_random_points_then_rerun_gives_the_clean_ledger(tmp_path):
         assert [n for n in os.listdir(cfg.spool_dir) if n not in ("archive", "quarantine")] == []
     print(f"clean run {clean_s:.2f} s; {killed_mid_merge} of 20 kills landed mid-merge")
     assert killed_mid_merge >= 5, "the kills never landed inside a merge"
+
+
+def test_two_aggregators_at_once_give_the_clean_ledger(tmp_path):
+    template, _ = _template_spool(tmp_path)
+    clean = _fresh(tmp_path, template, "clean")
+    assert _cli(clean, "--once").returncode == 0
+    cfg = _fresh(tmp_path, template, "both")
+    procs = [_cli(cfg, "--once", "--wait", "60", stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    merged = sorted(int(out.split()[1]) for out, _ in outs)
+    assert merged[0] == 0 and merged[1] == 301  # the second found the spool already merged
+    assert dump(cfg) == dump(clean)
+
+
+def test_watch_survives_a_broken_spool(tmp_path, caplog):
+    from llem.aggregate import watch
+
+    cfg = config(tmp_path)
+    Path(cfg.spool_dir).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.spool_dir).write_text("not a directory")
+    passes = []
+    watch(cfg, 0.5, stop=lambda: len(caplog.records) >= 2, on_pass=passes.append)
+    assert passes == [] and "cannot use the spool" in caplog.records[0].message

@@ -303,12 +303,18 @@ def _quarantine(config: Config, cand: Candidate) -> None:
     log.warning("quarantined %s: %s", cand.path.name, cand.reason)
     reason = {"file": cand.path.name, "reason": cand.reason, "owner_uid": cand.owner_uid,
               "size": cand.size, "sha256": cand.sha, "ts_ns": time.time_ns()}
-    write_atomic(target, cand.path.name + ".reason",
-                 (json.dumps(reason, sort_keys=True) + "\n").encode(), 0o640)
+    # A name llem never wrote may be too long for a ".reason" beside it: fall back to its hash.
+    reason_name = cand.path.name + ".reason"
+    if len(reason_name.encode()) > 255:
+        reason_name = f"sha256-{cand.sha}.reason"
     try:
+        write_atomic(target, reason_name,
+                     (json.dumps(reason, sort_keys=True) + "\n").encode(), 0o640)
         os.replace(cand.path, target / cand.path.name)
     except FileNotFoundError:
         pass
+    except OSError as e:  # the ledger has logged it; the file stays and is retried next pass
+        log.error("cannot move %s to the quarantine %s: %s", cand.path, target, e)
 
 
 def _private_dir(path: Path) -> None:
@@ -335,6 +341,8 @@ def watch(config: Config, every_s: float, *, stop: Callable[[], bool] = lambda: 
                 on_pass(res)
         except LedgerBusy as e:
             log.info("%s", e)
+        except LedgerError as e:  # a spool or ledger problem: say so, and try again later
+            log.error("%s", e)
         deadline = time.monotonic() + every_s
         while not stop() and time.monotonic() < deadline:
             time.sleep(min(0.2, every_s))

@@ -583,6 +583,13 @@ def prune_node_store(store: NodeStore, older_than_ns: int) -> dict[str, int]:
     return counts
 
 
+def prune_by_config(store: NodeStore, config: Config, *, now_ns: int | None = None) -> dict:
+    """:func:`prune_node_store` with the cut at ``aggregate.node_retention_days`` ago."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    days_ns = int(config.aggregate.node_retention_days * 86400 * NS_PER_S)
+    return prune_node_store(store, now_ns - days_ns)
+
+
 # -- job headers from EpilogSlurmctld ----------------------------------------------------------
 
 
