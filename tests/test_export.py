@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -262,12 +263,30 @@ def mounted_tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def _nobody_can_run_llem() -> bool:
-    try:
-        return subprocess.run([os.sys.executable, "-c", "import llem.export"], user=65534,
-                              group=65534, capture_output=True, timeout=60).returncode == 0
-    except OSError:
-        return False
+def _python_for_nobody(root: Path) -> tuple[str, dict] | None:
+    """An interpreter and environment in which uid 65534 can import llem.export, or None.
+
+    This interpreter may live under /root; the system one with a world-readable copy of
+    the package does as well (llem.export needs nothing outside the standard library).
+    """
+    import llem
+
+    src = root / "src"
+    shutil.copytree(Path(llem.__file__).parent, src / "llem",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [src, *src.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    for exe, env in ((os.sys.executable, {}), ("/usr/bin/python3", {"PYTHONPATH": str(src)})):
+        env = {**os.environ, "HOME": "/tmp", **env}
+        try:
+            ok = subprocess.run([exe, "-c", "import llem.export"], user=65534, group=65534,
+                                env=env, capture_output=True, timeout=60,
+                                cwd="/").returncode == 0
+        except OSError:
+            ok = False
+        if ok:
+            return exe, env
+    return None
 
 
 def test_full_spool_keeps_the_slice_in_the_outbox(tmp_path):
@@ -313,14 +332,18 @@ def test_read_only_spool_keeps_the_slice_in_the_outbox(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a non-root run is covered by the test above")
-def test_spool_without_write_permission_as_a_non_root_delivery(tmp_path):
+def test_spool_without_write_permission_as_a_non_root_delivery(tmp_path, request):
     """Root ignores modes, so the unwritable spool is tried by a child running as nobody."""
-    if not _nobody_can_run_llem():
-        pytest.skip("this Python or llem is not readable by nobody (uid 65534)")
-    os.chmod(tmp_path, 0o755)
-    spool = tmp_path / "spool"
+    # pytest's tmp_path lies under a 0700 folder of root's: use one that nobody can reach.
+    root = Path(tempfile.mkdtemp(prefix="llem-nobody-"))
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    os.chmod(root, 0o755)
+    python = _python_for_nobody(root)
+    if python is None:
+        pytest.skip("no Python that uid 65534 can run llem with")
+    spool = root / "spool"
     spool.mkdir(mode=0o755)  # root's, not writable by nobody
-    state = tmp_path / "nobody-state"
+    state = root / "nobody-state"
     state.mkdir(mode=0o700)
     os.chown(state, 65534, 65534)
     data = job_slices(tmp_path, nodes=("n1",))[0]
@@ -330,15 +353,11 @@ def test_spool_without_write_permission_as_a_non_root_delivery(tmp_path):
         "from llem.export import deliver, pending_slices\n"
         f"cfg = Config(cluster='c1', state_dir={str(state)!r}, spool_dir={str(spool)!r})\n"
         "t0 = time.monotonic()\n"
-        "deliver(cfg, json.loads(open(sys.argv[1]).read()))\n"
+        "deliver(cfg, json.loads(sys.argv[1]))\n"
         "print(len(pending_slices(cfg)), round(time.monotonic() - t0, 2))\n"
     )
-    src = tmp_path / "slice.json"
-    src.write_bytes(encode(data))
-    os.chmod(src, 0o644)
-    proc = subprocess.run([os.sys.executable, "-c", code, str(src)], user=65534, group=65534,
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "HOME": "/tmp"})
+    proc = subprocess.run([python[0], "-c", code, json.dumps(data)], user=65534, group=65534,
+                          capture_output=True, text=True, timeout=60, env=python[1], cwd="/")
     assert proc.returncode == 0, proc.stderr
     pending, elapsed = proc.stdout.split()
     assert pending == "1" and float(elapsed) < 1.5
