@@ -268,3 +268,39 @@ def test_readers_are_not_blocked_by_a_merge_in_progress(tmp_path):
         assert reader.query("SELECT COUNT(*) FROM job_runs") == [(1,)]
         ledger.db.execute("ROLLBACK")
         reader.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a reader as another user")
+def test_a_user_reads_the_ledger_during_and_between_merges(request):
+    """Read-only users cannot create -wal/-shm: between merges the ledger leaves WAL mode."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from tests.test_export import _python_for_nobody
+
+    root = Path(tempfile.mkdtemp(prefix="llem-reader-"))
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    os.chmod(root, 0o755)
+    python = _python_for_nobody(root)
+    if python is None:
+        pytest.skip("no Python that uid 65534 can run llem with")
+    path = root / "ledger" / "ledger.db"
+    code = ("from llem.store.ledger import Ledger\n"
+            f"print(Ledger({str(path)!r}, readonly=True).query('SELECT COUNT(*) FROM meta')[0][0])")
+
+    def read() -> str:
+        proc = subprocess.run([python[0], "-c", code], user=65534, group=65534, env=python[1],
+                              capture_output=True, text=True, timeout=60, cwd="/")
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    writer = Ledger(path)
+    writer.db.execute("BEGIN IMMEDIATE")
+    writer.db.execute("INSERT INTO meta VALUES ('x', '1')")
+    assert read() == "1"  # a merge in progress: the committed state
+    writer.db.execute("COMMIT")
+    assert read() == "2"
+    writer.close()
+    assert read() == "2"  # no writer: no -wal/-shm, still readable

@@ -512,6 +512,19 @@ class Ledger:
         return "; ".join(r[0] for r in self.db.execute("PRAGMA integrity_check"))
 
     def close(self) -> None:
+        """Close; a writer first leaves WAL mode when no reader is in (see below).
+
+        SQLite removes the ``-wal`` and ``-shm`` files when the last connection closes, and a
+        user who may not write the ledger's directory cannot open a WAL database without
+        them. Between merges the ledger is therefore left in rollback-journal mode, which any
+        user with read access can open; the next merge switches back to WAL.
+        """
+        try:
+            if not self.readonly and not self.db.in_transaction:
+                self.db.execute("PRAGMA busy_timeout = 1000")
+                self.db.execute("PRAGMA journal_mode = DELETE")
+        except sqlite3.Error as e:  # a reader is in: it keeps the WAL files alive meanwhile
+            log.debug("%s: ledger left in WAL mode: %s", self.path, e)
         try:
             self.db.close()
         except sqlite3.Error:
