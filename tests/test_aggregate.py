@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -383,3 +384,31 @@ def test_watch_survives_a_broken_spool(tmp_path, caplog):
     passes = []
     watch(cfg, 0.5, stop=lambda: len(caplog.records) >= 2, on_pass=passes.append)
     assert passes == [] and "cannot use the spool" in caplog.records[0].message
+
+
+def test_cli_text_summary_and_busy_message(tmp_path):
+    cfg = config(tmp_path)
+    for data in job_slices(tmp_path, "100"):
+        spool_slice(cfg, data)
+    proc = _cli(cfg, "--once")
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"merged 3 slice\(s\), 0 already in the ledger, 0 quarantined, "
+                        r"1 job\(s\) updated, 0 marked incomplete, in \d+\.\d\d s\n", proc.stdout)
+    with AggregateLock(cfg.ledger):
+        proc = _cli(cfg, "--once")
+    assert (proc.returncode, proc.stdout) == (0, "")
+    assert proc.stderr == (f"llem aggregate: another llem aggregate holds {cfg.ledger}.lock; "
+                           "nothing done (it will merge these slices)\n")
+
+
+def test_bench_generator_makes_mergeable_slices(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from make_spool import make_spool
+    finally:
+        sys.path.pop(0)
+    cfg = config(tmp_path)
+    counts = make_spool(Path(cfg.spool_dir), nodes=8, jobs=5)
+    res = aggregate_once(cfg)
+    assert res.merged == counts["job_slices"] + counts["node_slices"]
+    assert res.quarantined == [] and res.jobs == counts["jobs"]

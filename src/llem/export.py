@@ -356,14 +356,14 @@ def export_node_since_last(store: NodeStore, config: Config, node: str, *,
         return None
     path = deliver(config, data)
     ensure_private_dir(mark.parent)
-    write_atomic(mark.parent, mark.name, json.dumps({"hour_ns": data["as_of_ns"]}).encode(),
+    write_atomic(mark.parent, mark.name, json.dumps({"as_of_ns": data["as_of_ns"]}).encode(),
                  0o600)
     return path
 
 
 def _read_mark(mark: Path) -> int | None:
     try:
-        return int(json.loads(mark.read_text())["hour_ns"])
+        return int(json.loads(mark.read_text())["as_of_ns"])
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
