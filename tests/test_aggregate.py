@@ -412,3 +412,15 @@ def test_bench_generator_makes_mergeable_slices(tmp_path):
     res = aggregate_once(cfg)
     assert res.merged == counts["job_slices"] + counts["node_slices"]
     assert res.quarantined == [] and res.jobs == counts["jobs"]
+
+
+def test_stale_temporary_files_are_swept_fresh_ones_kept(tmp_path):
+    cfg = config(tmp_path)
+    spool = Path(cfg.spool_dir)
+    spool.mkdir(mode=0o700)
+    stale, fresh = spool / ".tmp.1.2.job.c1.n1.x.json", spool / ".tmp.3.4.job.c1.n1.y.json"
+    stale.write_bytes(b"{half")
+    fresh.write_bytes(b"{being written")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    res = aggregate_once(cfg)
+    assert res.quarantined == [] and not stale.exists() and fresh.exists()

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MAX_SLICE_BYTES = 64 * 1024 * 1024
 SKIP_DIRS = ("archive", "quarantine")
+STALE_TMP_S = 3600.0
 
 
 
@@ -129,17 +130,35 @@ class Candidate:
     gone: bool = False
 
 
-def list_spool(spool: Path) -> list[Path]:
-    """Slice files at the top of the spool, in name order."""
+def list_spool(spool: Path, *, now_s: float | None = None) -> list[Path]:
+    """Slice files at the top of the spool, in name order.
+
+    Temporary files (``.tmp.*``) older than :data:`STALE_TMP_S` were left by a delivery that
+    died half-way (its outbox copy is still there and will be sent again): removed.
+    """
+    now_s = time.time() if now_s is None else now_s
     out = []
     with os.scandir(spool) as entries:
         for entry in entries:
+            if entry.name.startswith(".tmp."):
+                _sweep_stale(entry, now_s)
+                continue
             if entry.name.startswith(".") or entry.name in SKIP_DIRS:
                 continue
             if entry.is_dir(follow_symlinks=False):
                 continue
             out.append(Path(entry.path))
     return sorted(out)
+
+
+def _sweep_stale(entry: os.DirEntry, now_s: float) -> None:
+    try:
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and now_s - st.st_mtime > STALE_TMP_S:
+            os.unlink(entry.path)
+            log.info("removed %s, left by a delivery that died half-way", entry.path)
+    except OSError:
+        pass
 
 
 def read_candidate(path: Path, *, euid: int | None = None) -> Candidate:
