@@ -424,3 +424,16 @@ def test_stale_temporary_files_are_swept_fresh_ones_kept(tmp_path):
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     res = aggregate_once(cfg)
     assert res.quarantined == [] and not stale.exists() and fresh.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership is checked when aggregating as root")
+def test_header_owned_by_the_slurm_user_is_accepted_job_slice_is_not(tmp_path):
+    cfg = config(tmp_path, header_owners="4242")
+    header = spool_slice(cfg, header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1",
+                                                    now_ns=T0 + 5401 * S))
+    job = spool_slice(cfg, job_slices(tmp_path, "100", nodes=("n1",))[0])
+    os.chown(header, 4242, 4242)
+    os.chown(job, 4242, 4242)
+    res = aggregate_once(cfg, now_ns=NOW)
+    assert res.merged == 1
+    assert [n for n, _ in res.quarantined] == [job.name]

@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import pwd
 import stat
 import time
 from dataclasses import dataclass, field
@@ -151,6 +152,20 @@ def list_spool(spool: Path, *, now_s: float | None = None) -> list[Path]:
     return sorted(out)
 
 
+def _uids(names: str) -> frozenset[int]:
+    """Uids of a comma-separated list of user names or numbers; unknown names are skipped."""
+    out = set()
+    for name in (n.strip() for n in names.split(",")):
+        if name.isdigit():
+            out.add(int(name))
+        elif name:
+            try:
+                out.add(pwd.getpwnam(name).pw_uid)
+            except KeyError:
+                log.warning("aggregate.header_owners: no user %r on this host", name)
+    return frozenset(out)
+
+
 def _sweep_stale(entry: os.DirEntry, now_s: float) -> None:
     try:
         st = entry.stat(follow_symlinks=False)
@@ -161,8 +176,16 @@ def _sweep_stale(entry: os.DirEntry, now_s: float) -> None:
         pass
 
 
-def read_candidate(path: Path, *, euid: int | None = None) -> Candidate:
-    """Read and check one spool file; never raises for a bad file (``reason`` says why)."""
+def read_candidate(path: Path, *, euid: int | None = None,
+                   header_uids: frozenset[int] = frozenset()) -> Candidate:
+    """Read and check one spool file; never raises for a bad file (``reason`` says why).
+
+    Args:
+        path: the file.
+        euid: the aggregator's effective uid (default: this process's).
+        header_uids: owners besides root whose *header* slices are accepted (slurmctld's
+            EpilogSlurmctld runs as SlurmctldUser).
+    """
     euid = os.geteuid() if euid is None else euid
     cand = Candidate(path)
     try:
@@ -177,7 +200,8 @@ def read_candidate(path: Path, *, euid: int | None = None) -> Candidate:
     try:
         st = os.fstat(fd)
         cand.owner_uid, cand.size = st.st_uid, st.st_size
-        cand.reason = _check_file(st, euid)
+        trusted = header_uids if path.name.startswith("header.") else frozenset()
+        cand.reason = _check_file(st, euid, trusted)
         if cand.reason is None:
             cand.raw = _read_all(fd, st.st_size)
     finally:
@@ -189,10 +213,10 @@ def read_candidate(path: Path, *, euid: int | None = None) -> Candidate:
     return cand
 
 
-def _check_file(st: os.stat_result, euid: int) -> str | None:
+def _check_file(st: os.stat_result, euid: int, trusted: frozenset[int]) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
-    if euid == 0 and st.st_uid != 0:
+    if euid == 0 and st.st_uid != 0 and st.st_uid not in trusted:
         return (f"owned by uid {st.st_uid}, not root: slices come only from root's Epilog "
                 "(dropped by a user?)")
     if st.st_mode & stat.S_IWOTH:
@@ -264,7 +288,8 @@ def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float =
     batch_size = max(1, batch_size or config.aggregate.batch_size)
     jobs: set = set()
     with AggregateLock(config.ledger, wait_s), Ledger(config.ledger) as ledger:
-        candidates = map(read_candidate, list_spool(spool))
+        header_uids = _uids(config.aggregate.header_owners)
+        candidates = (read_candidate(p, header_uids=header_uids) for p in list_spool(spool))
         for number in itertools.count():
             batch = list(itertools.islice(candidates, batch_size))
             if not batch:
