@@ -99,6 +99,11 @@ class AggregateConfig:
     """Node-local folder of slices waiting for the spool (default STATE_DIR/outbox)."""
     node_retention_days: float = 30.0
     """Node stores drop sealed, exported data older than this."""
+    header_owners: str = "slurm"
+    """Users besides root (names or uids, comma-separated) whose job header slices the
+    aggregator accepts: EpilogSlurmctld runs as SlurmctldUser."""
+    batch_size: int = 500
+    """Slices merged per ledger transaction (short transactions keep readers and crashes cheap)."""
 
 
 @dataclass(frozen=True)

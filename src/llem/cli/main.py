@@ -17,6 +17,7 @@ COMMANDS = {
     "wrap": "llem.cli.wrap:wrap",
     "doctor": "llem.cli.doctor:doctor",
     "carbon": "llem.cli.carbon:carbon",
+    "aggregate": "llem.cli.aggregate:aggregate",
 }
 # Commands on the job start-up path: argparse-based, dispatched before click is imported.
 # They are listed in `llem --help` through small click shims.

@@ -1,0 +1,416 @@
+"""The slice schema: what a node (or slurmctld) hands to the cluster ledger.
+
+A slice is one JSON object with ``"schema": "llem.slice/1"`` and a ``kind``:
+
+``job``
+    one run of one job on one node: the job's metadata, its energy per device and UTC clock
+    hour with provenance, its windows, and the node's own totals over the job's span.
+    Natural key: (cluster, job_id, node, start_ns).
+``node``
+    hourly totals of one node per device: measured, attributed to jobs, unattributed
+    remainder, and how many intervals had no data. Natural key per row: (cluster, node,
+    hour_s, device); a later export of a partial hour (larger ``as_of_ns``) replaces it.
+``header``
+    what slurmctld knows of a job when it ends (EpilogSlurmctld): name, nodelist, account,
+    user, exit code. Natural key: (cluster, job_id, end_ns).
+
+Energies are integers in microjoules, times integers in nanoseconds since the epoch, hours
+the epoch second of the UTC hour's start. :func:`validate` says precisely what is wrong with
+a slice; a newer schema raises :class:`NewerSchema` instead, since it is not damage but a
+sign that this llem must be upgraded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+SCHEMA = "llem.slice/1"
+SCHEMA_PREFIX = "llem.slice/"
+SCHEMA_VERSION = 1
+KINDS = ("job", "node", "header")
+
+# Names that may appear in a file name: admin-controlled identifiers only (cluster, node, job
+# id). Anything a user chooses (job name, tag, window name) lives inside the JSON.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,127}$")
+
+COMPONENTS = ("cpu", "dram", "gpu", "psys", "other")
+SOURCES = ("measured", "estimated")
+JOB_STATES = ("running", "ended", "sealed", "exported")
+WINDOW_STATUSES = ("open", "closed", "abandoned")
+MIN_TS_NS = 946_684_800 * 10**9  # 2000-01-01: a clock before that is broken
+MAX_TS_NS = 4_102_444_800 * 10**9  # 2100-01-01
+# 100 kW for an hour on one device: beyond any real device, so a sign of garbage.
+MAX_DEVICE_HOUR_UJ = 100_000 * 3600 * 10**6
+
+
+class SliceError(ValueError):
+    """A slice is damaged or foreign; the message is the precise reason."""
+
+
+class NewerSchema(SliceError):
+    """A slice written by a newer llem: upgrade the aggregator, do not quarantine."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _need(obj: Mapping, key: str, where: str) -> Any:
+    if key not in obj:
+        raise SliceError(f"{where}: missing '{key}'")
+    return obj[key]
+
+
+def _str(obj: Mapping, key: str, where: str, *, optional: bool = False) -> str | None:
+    value = obj.get(key) if optional else _need(obj, key, where)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise SliceError(f"{where}: '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _safe(obj: Mapping, key: str, where: str) -> str:
+    value = _str(obj, key, where)
+    if not SAFE_NAME.match(value):
+        raise SliceError(f"{where}: '{key}' {value!r} has characters outside [A-Za-z0-9_+-]")
+    return value
+
+
+def _ts(obj: Mapping, key: str, where: str, *, optional: bool = False) -> int | None:
+    value = obj.get(key) if optional else _need(obj, key, where)
+    if value is None and optional:
+        return None
+    if not _is_int(value) or not MIN_TS_NS <= value <= MAX_TS_NS:
+        raise SliceError(f"{where}: '{key}' must be epoch nanoseconds (2000-2100), got {value!r}")
+    return value
+
+
+def _energy(value: Any, where: str, limit_uj: int | None = None) -> int:
+    if not _is_int(value):
+        raise SliceError(f"{where}: energy must be an integer of microjoules, got {value!r}")
+    if value < 0:
+        raise SliceError(f"{where}: negative energy {value} uJ")
+    if limit_uj is not None and value > limit_uj:
+        raise SliceError(f"{where}: impossible energy {value} uJ (more than {limit_uj})")
+    return value
+
+
+def _hour(value: Any, where: str) -> int:
+    if not _is_int(value) or value % 3600 or not MIN_TS_NS <= value * 10**9 <= MAX_TS_NS:
+        raise SliceError(f"{where}: hour must be the epoch second of a UTC hour, got {value!r}")
+    return value
+
+
+def _span(start_ns: int, end_ns: int | None, where: str) -> None:
+    if end_ns is not None and end_ns < start_ns:
+        raise SliceError(f"{where}: end before start ({end_ns} < {start_ns})")
+
+
+def check_schema(data: Any) -> None:
+    """Raise SliceError unless ``data`` is a slice of a schema version this llem reads.
+
+    Raises:
+        NewerSchema: a later ``llem.slice/N``; the admin must upgrade llem.
+        SliceError: not a slice, or an unknown schema.
+    """
+    if not isinstance(data, dict):
+        raise SliceError("not a JSON object")
+    schema = data.get("schema")
+    if not isinstance(schema, str) or not schema.startswith(SCHEMA_PREFIX):
+        raise SliceError(f"foreign file: schema is {schema!r}, not {SCHEMA!r}")
+    version = schema[len(SCHEMA_PREFIX):]
+    if not version.isdigit():
+        raise SliceError(f"foreign file: schema {schema!r} has no version number")
+    if int(version) > SCHEMA_VERSION:
+        raise NewerSchema(
+            f"schema {schema!r} is newer than this llem reads ({SCHEMA}); upgrade llem on the "
+            "aggregator (the slice is left in the spool)"
+        )
+    if int(version) < 1:
+        raise SliceError(f"foreign file: unknown schema {schema!r}")
+
+
+def validate(data: Any) -> dict:
+    """Check a parsed slice completely; return it unchanged.
+
+    Raises:
+        NewerSchema, SliceError: see :func:`check_schema`; SliceError names the field and the
+            value that is wrong.
+    """
+    check_schema(data)
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise SliceError(f"unknown slice kind {kind!r} (expected one of {', '.join(KINDS)})")
+    _safe(data, "cluster", "slice")
+    _ts(data, "created_ns", "slice")
+    if kind == "header":
+        _validate_header(data)
+        return data
+    _safe(data, "node", "slice")
+    devices = _validate_devices(data)
+    if kind == "job":
+        _validate_job(data, devices)
+    else:
+        _validate_node(data, devices)
+    return data
+
+
+def _validate_devices(data: Mapping) -> dict:
+    devices = _need(data, "devices", "slice")
+    if not isinstance(devices, dict):
+        raise SliceError("slice: 'devices' must be an object of device key -> description")
+    for key, dev in devices.items():
+        where = f"device {key!r}"
+        if not isinstance(dev, dict):
+            raise SliceError(f"{where}: must be an object")
+        if dev.get("component") not in COMPONENTS:
+            raise SliceError(f"{where}: unknown component {dev.get('component')!r}")
+        if dev.get("source") not in SOURCES:
+            raise SliceError(f"{where}: source must be measured or estimated, got "
+                             f"{dev.get('source')!r}")
+        _str(dev, "sensor", where)
+        _str(dev, "method", where)
+    return devices
+
+
+def _validate_job(data: Mapping, devices: Mapping) -> None:
+    job = _need(data, "job", "slice")
+    if not isinstance(job, dict):
+        raise SliceError("slice: 'job' must be an object")
+    _safe(job, "job_id", "job")
+    start_ns = _ts(job, "start_ns", "job")
+    end_ns = _ts(job, "end_ns", "job")
+    _span(start_ns, end_ns, "job")
+    for key in ("user", "account", "partition", "nodelist", "name", "tag"):
+        value = job.get(key)
+        if value is not None and not isinstance(value, str):
+            raise SliceError(f"job: '{key}' must be a string or null, got {value!r}")
+    coverage = job.get("coverage")
+    if coverage is not None and (not isinstance(coverage, (int, float)) or not 0 <= coverage <= 1):
+        raise SliceError(f"job: coverage must be between 0 and 1, got {coverage!r}")
+    num_nodes = job.get("num_nodes")
+    if num_nodes is not None and (not _is_int(num_nodes) or num_nodes < 1):
+        raise SliceError(f"job: num_nodes must be a positive integer, got {num_nodes!r}")
+    if not isinstance(job.get("flags", []), list) or not isinstance(job.get("gpus", []), list):
+        raise SliceError("job: 'flags' and 'gpus' must be lists")
+    first_hour, last_hour = start_ns // 10**9 // 3600 * 3600, end_ns // 10**9 // 3600 * 3600
+    rows = _need(data, "energy", "slice")
+    if not isinstance(rows, list):
+        raise SliceError("slice: 'energy' must be a list")
+    for i, row in enumerate(rows):
+        # Fast path for the common, valid row; the slow path below names what is wrong.
+        if (type(row) is dict and row.get("device") in devices
+                and type(row.get("hour_s")) is int and first_hour <= row["hour_s"] <= last_hour
+                and row["hour_s"] % 3600 == 0 and type(row.get("energy_uj")) is int
+                and 0 <= row["energy_uj"] <= MAX_DEVICE_HOUR_UJ
+                and type(row.get("method")) is str and row["method"]):
+            continue
+        _energy_row(row, f"energy[{i}]", devices, first_hour, last_hour)
+    for i, win in enumerate(data.get("windows", [])):
+        _validate_window(win, f"windows[{i}]")
+    totals = _need(data, "node_totals", "slice")
+    if not isinstance(totals, dict):
+        raise SliceError("slice: 'node_totals' must be an object")
+    for key, row in totals.items():
+        where = f"node_totals[{key!r}]"
+        if key not in devices or not isinstance(row, dict):
+            raise SliceError(f"{where}: unknown device or not an object")
+        for field in ("measured_uj", "attributed_uj", "remainder_uj"):
+            _energy(row.get(field), f"{where}.{field}")
+
+
+def _energy_row(row: Any, where: str, devices: Mapping, first_hour: int,
+                last_hour: int) -> None:
+    if not isinstance(row, dict):
+        raise SliceError(f"{where}: must be an object")
+    if row.get("device") not in devices:
+        raise SliceError(f"{where}: device {row.get('device')!r} is not in 'devices'")
+    hour = _hour(row.get("hour_s"), where)
+    if not first_hour <= hour <= last_hour:
+        raise SliceError(f"{where}: hour {hour} outside the job's span")
+    _energy(row.get("energy_uj"), where, MAX_DEVICE_HOUR_UJ)
+    _str(row, "method", where)
+    raise SliceError(f"{where}: invalid row")  # pragma: no cover - the fast path accepts it
+
+
+def _validate_window(win: Any, where: str) -> None:
+    if not isinstance(win, dict):
+        raise SliceError(f"{where}: must be an object")
+    _str(win, "name", where)
+    start_ns = _ts(win, "start_ns", where)
+    _span(start_ns, _ts(win, "end_ns", where, optional=True), where)
+    if win.get("status") not in WINDOW_STATUSES:
+        raise SliceError(f"{where}: unknown status {win.get('status')!r}")
+    energy = win.get("energy") or {}
+    if not isinstance(energy, dict):
+        raise SliceError(f"{where}: 'energy' must be an object of device -> uJ")
+    for key, value in energy.items():
+        _energy(value, f"{where}.energy[{key!r}]")
+
+
+def _validate_node(data: Mapping, devices: Mapping) -> None:
+    _ts(data, "as_of_ns", "slice")
+    _hour(data.get("from_hour_s"), "slice.from_hour_s")
+    rows = _need(data, "hours", "slice")
+    if not isinstance(rows, list):
+        raise SliceError("slice: 'hours' must be a list")
+    for i, row in enumerate(rows):
+        where = f"hours[{i}]"
+        if not isinstance(row, dict):
+            raise SliceError(f"{where}: must be an object")
+        if row.get("device") not in devices:
+            raise SliceError(f"{where}: device {row.get('device')!r} is not in 'devices'")
+        _hour(row.get("hour_s"), where)
+        measured = _energy(row.get("measured_uj"), f"{where}.measured_uj", MAX_DEVICE_HOUR_UJ)
+        attributed = _energy(row.get("attributed_uj"), f"{where}.attributed_uj")
+        remainder = _energy(row.get("remainder_uj"), f"{where}.remainder_uj")
+        if attributed + remainder > measured + 1000:
+            raise SliceError(f"{where}: attributed + remainder ({attributed + remainder} uJ) "
+                             f"exceeds measured ({measured} uJ)")
+        for field in ("intervals", "gap_intervals", "covered_ns"):
+            value = row.get(field)
+            if not _is_int(value) or value < 0:
+                raise SliceError(f"{where}: '{field}' must be a non-negative integer")
+        if row["covered_ns"] > 3600 * 10**9 + 10**9:
+            raise SliceError(f"{where}: covered_ns exceeds one hour")
+
+
+def _validate_header(data: Mapping) -> None:
+    job = _need(data, "job", "slice")
+    if not isinstance(job, dict):
+        raise SliceError("slice: 'job' must be an object")
+    _safe(job, "job_id", "job")
+    end_ns = _ts(job, "end_ns", "job")
+    start_ns = _ts(job, "start_ns", "job", optional=True)
+    if start_ns is not None:
+        _span(start_ns, end_ns, "job")
+    for key in ("exit_code", "signal", "derived_exit_code", "uid"):
+        value = job.get(key)
+        if value is not None and not _is_int(value):
+            raise SliceError(f"job: '{key}' must be an integer or null, got {value!r}")
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Expand Slurm hostlist syntax into host names, in order, without duplicates.
+
+    ``n[1-3,5],gpu[01-02]`` -> n1 n2 n3 n5 gpu01 gpu02; several bracket groups in one name
+    multiply (``r[1-2]n[1-2]`` -> r1n1 r1n2 r2n1 r2n2); zero padding is kept from the range's
+    first bound.
+
+    Raises:
+        ValueError: unbalanced brackets, an empty or reversed range, or more than a million
+            names (a typo, not a cluster).
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for part in _split_top(hostlist.strip()):
+        for host in _expand_one(part):
+            if host not in seen:
+                seen.add(host)
+                out.append(host)
+    return out
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError(f"nested brackets in hostlist {text!r}")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in hostlist {text!r}")
+        if ch in ", " and depth == 0:
+            if cur:
+                parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise ValueError(f"unbalanced '[' in hostlist {text!r}")
+    if cur:
+        parts.append("".join(cur))
+    return parts
+
+
+def _expand_one(pattern: str) -> list[str]:
+    open_at = pattern.find("[")
+    if open_at < 0:
+        return [pattern]
+    close_at = pattern.index("]", open_at)
+    head, body, tail = pattern[:open_at], pattern[open_at + 1:close_at], pattern[close_at + 1:]
+    tails = _expand_one(tail)
+    out = []
+    for item in _range_items(body, pattern):
+        out.extend(head + item + t for t in tails)
+        if len(out) > 1_000_000:
+            raise ValueError(f"hostlist {pattern!r} expands to more than a million names")
+    return out
+
+
+def _range_items(body: str, pattern: str) -> list[str]:
+    items: list[str] = []
+    for piece in body.split(","):
+        lo, sep, hi = piece.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"bad range {piece!r} in hostlist {pattern!r}")
+        if not sep:
+            items.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"reversed range {piece!r} in hostlist {pattern!r}")
+        if int(hi) - int(lo) > 1_000_000:
+            raise ValueError(f"range {piece!r} in hostlist {pattern!r} is too large")
+        width = len(lo) if lo.startswith("0") else 0
+        items.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+    return items
+
+
+def file_name(data: Mapping) -> str:
+    """The spool file name of a validated slice: admin-controlled identifiers only.
+
+    ``<kind>.<cluster>.<node>.<key>.<created_ns>.json``; the node of a header slice is
+    ``ctld``. Nothing a user chooses (job name, tag, window names) ever appears in it.
+    """
+    kind = data["kind"]
+    node = data.get("node", "ctld") if kind != "header" else "ctld"
+    if kind == "job":
+        key = f"{data['job']['job_id']}-{data['job']['start_ns']}"
+    elif kind == "header":
+        key = f"{data['job']['job_id']}-{data['job']['end_ns']}"
+    else:
+        key = f"{data['from_hour_s']}-{data['as_of_ns']}"
+    name = f"{kind}.{data['cluster']}.{node}.{key}.{data['created_ns']}.json"
+    for part in (data["cluster"], node):
+        if not SAFE_NAME.match(part):
+            raise SliceError(f"unsafe name {part!r} for a file name")
+    return name
+
+
+def parse_file_name(name: str) -> dict[str, str]:
+    """The parts of a slice file name; raise SliceError for a name llem never writes."""
+    parts = name.split(".")
+    if len(parts) != 6 or parts[-1] != "json" or parts[0] not in KINDS:
+        raise SliceError(f"file name {name!r} is not a slice name "
+                         "(<kind>.<cluster>.<node>.<key>.<created_ns>.json)")
+    return {"kind": parts[0], "cluster": parts[1], "node": parts[2], "key": parts[3],
+            "created_ns": parts[4]}
+
+
+def check_name_matches(name: str, data: Mapping) -> None:
+    """Refuse a slice whose content does not match its file name (kind, cluster, node).
+
+    Raises:
+        SliceError: a mismatch, named precisely.
+    """
+    parts = parse_file_name(name)
+    expected_node = "ctld" if data["kind"] == "header" else data["node"]
+    for field, value in (("kind", data["kind"]), ("cluster", data["cluster"]),
+                         ("node", expected_node)):
+        if parts[field] != value:
+            raise SliceError(f"{field} {value!r} in the slice does not match {parts[field]!r} "
+                             f"in its file name")

@@ -1,0 +1,651 @@
+"""The cluster ledger: every SQL statement on the ledger lives in this module.
+
+SQLite in WAL mode by default: readers (``llem-acct``, ``llem report``) are never blocked by
+a merge, which commits one short transaction per batch of slices. A server database can
+later stand behind the same :class:`Ledger` methods without touching the CLI.
+
+Merging is idempotent on natural keys, never on file names:
+
+* a job run on a node: (cluster, job_id, node, start_ns); a re-export of the same run replaces
+  it when it is newer (larger ``created_ns``, ties broken by the slice's digest), so merging
+  slices twice or in any order gives the same ledger;
+* a node hour: (cluster, node, hour_s, device); the row with the larger ``as_of_ns`` wins;
+* a job header: (cluster, job_id, end_ns).
+
+``job_runs`` (one row per run of a job across its nodes, with summary totals) is derived:
+after each merge touching a job, its runs are recomputed from its node runs and headers (see
+:func:`group_runs`), so the result depends on the set of slices, not their order.
+
+The schema is documented in ``docs/ledger.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from llem import slices
+from llem.errors import LedgerError
+
+log = logging.getLogger(__name__)
+
+LEDGER_MODE = 0o644
+HEADER_SLACK_NS = 5 * 10**9
+"""Clock skew allowed between slurmctld (header end time) and the nodes (run start)."""
+HEADER_AFTER_NS = 600 * 10**9
+"""How long after its nodes' Epilogs slurmctld's EpilogSlurmctld may still run."""
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    _run_script(db, """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE devices (
+            cluster TEXT NOT NULL, node TEXT NOT NULL, device_key TEXT NOT NULL,
+            component TEXT NOT NULL, name TEXT, sensor TEXT NOT NULL,
+            source TEXT NOT NULL, method TEXT NOT NULL,
+            PRIMARY KEY (cluster, node, device_key)
+        ) WITHOUT ROWID;
+        CREATE TABLE job_runs (
+            cluster TEXT NOT NULL, job_id TEXT NOT NULL, run_start_ns INTEGER NOT NULL,
+            run_end_ns INTEGER, array_job_id TEXT, array_task_id TEXT,
+            user TEXT, uid INTEGER, account TEXT, partition TEXT, name TEXT, tag TEXT,
+            nodelist TEXT, num_nodes INTEGER,
+            state TEXT, exit_code INTEGER, signal INTEGER, derived_exit_code INTEGER,
+            has_header INTEGER NOT NULL DEFAULT 0,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'complete', 'incomplete')),
+            nodes_reported INTEGER NOT NULL, missing_nodes TEXT NOT NULL DEFAULT '[]',
+            energy_uj INTEGER NOT NULL DEFAULT 0, cpu_energy_uj INTEGER NOT NULL DEFAULT 0,
+            dram_energy_uj INTEGER NOT NULL DEFAULT 0, gpu_energy_uj INTEGER NOT NULL DEFAULT 0,
+            other_energy_uj INTEGER NOT NULL DEFAULT 0,
+            estimated_energy_uj INTEGER NOT NULL DEFAULT 0,
+            gpu_seconds REAL NOT NULL DEFAULT 0, coverage REAL,
+            PRIMARY KEY (cluster, job_id, run_start_ns)
+        );
+        CREATE INDEX job_runs_by_user ON job_runs (user, run_start_ns);
+        CREATE INDEX job_runs_by_account ON job_runs (account, run_start_ns);
+        CREATE INDEX job_runs_by_time ON job_runs (run_start_ns);
+        CREATE INDEX job_runs_by_end ON job_runs (run_end_ns);
+        CREATE INDEX job_runs_pending ON job_runs (status) WHERE status != 'complete';
+        CREATE TABLE job_nodes (
+            id INTEGER PRIMARY KEY,
+            cluster TEXT NOT NULL, job_id TEXT NOT NULL, node TEXT NOT NULL,
+            start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL, run_start_ns INTEGER,
+            array_job_id TEXT, array_task_id TEXT, user TEXT, uid INTEGER, gid INTEGER,
+            account TEXT, partition TEXT, nodelist TEXT, num_nodes INTEGER, cpus INTEGER,
+            gpus TEXT NOT NULL DEFAULT '[]', tag TEXT, name TEXT, node_state TEXT,
+            coverage REAL, flags TEXT NOT NULL DEFAULT '[]',
+            energy_uj INTEGER NOT NULL, cpu_energy_uj INTEGER NOT NULL,
+            dram_energy_uj INTEGER NOT NULL, gpu_energy_uj INTEGER NOT NULL,
+            other_energy_uj INTEGER NOT NULL, estimated_energy_uj INTEGER NOT NULL,
+            created_ns INTEGER NOT NULL, digest TEXT NOT NULL,
+            UNIQUE (cluster, job_id, node, start_ns)
+        );
+        CREATE INDEX job_nodes_by_node ON job_nodes (node, start_ns);
+        CREATE TABLE job_energy (
+            job_node_id INTEGER NOT NULL REFERENCES job_nodes (id) ON DELETE CASCADE,
+            device_key TEXT NOT NULL, hour_s INTEGER NOT NULL, method TEXT NOT NULL,
+            component TEXT NOT NULL, source TEXT NOT NULL, sensor TEXT NOT NULL,
+            energy_uj INTEGER NOT NULL CHECK (energy_uj >= 0),
+            PRIMARY KEY (job_node_id, device_key, hour_s, method)
+        ) WITHOUT ROWID;
+        CREATE TABLE job_node_totals (
+            job_node_id INTEGER NOT NULL REFERENCES job_nodes (id) ON DELETE CASCADE,
+            device_key TEXT NOT NULL,
+            measured_uj INTEGER NOT NULL, attributed_uj INTEGER NOT NULL,
+            remainder_uj INTEGER NOT NULL, gap_intervals INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (job_node_id, device_key)
+        ) WITHOUT ROWID;
+        CREATE TABLE windows (
+            job_node_id INTEGER NOT NULL REFERENCES job_nodes (id) ON DELETE CASCADE,
+            name TEXT NOT NULL, step_id TEXT NOT NULL DEFAULT '', start_ns INTEGER NOT NULL,
+            end_ns INTEGER, status TEXT NOT NULL, energy_uj INTEGER NOT NULL DEFAULT 0,
+            energy TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (job_node_id, name, step_id, start_ns)
+        ) WITHOUT ROWID;
+        CREATE TABLE job_headers (
+            cluster TEXT NOT NULL, job_id TEXT NOT NULL, end_ns INTEGER NOT NULL,
+            start_ns INTEGER, array_job_id TEXT, array_task_id TEXT, user TEXT, uid INTEGER,
+            account TEXT, partition TEXT, name TEXT, nodelist TEXT, num_nodes INTEGER,
+            state TEXT, exit_code INTEGER, signal INTEGER, derived_exit_code INTEGER,
+            PRIMARY KEY (cluster, job_id, end_ns)
+        ) WITHOUT ROWID;
+        CREATE TABLE node_hours (
+            cluster TEXT NOT NULL, node TEXT NOT NULL, hour_s INTEGER NOT NULL,
+            device_key TEXT NOT NULL, component TEXT NOT NULL, source TEXT NOT NULL,
+            measured_uj INTEGER NOT NULL, attributed_uj INTEGER NOT NULL,
+            remainder_uj INTEGER NOT NULL, intervals INTEGER NOT NULL,
+            gap_intervals INTEGER NOT NULL, covered_ns INTEGER NOT NULL,
+            as_of_ns INTEGER NOT NULL,
+            PRIMARY KEY (cluster, node, hour_s, device_key)
+        ) WITHOUT ROWID;
+        CREATE INDEX node_hours_by_hour ON node_hours (hour_s);
+        CREATE TABLE quarantine (
+            file TEXT NOT NULL, digest TEXT NOT NULL, reason TEXT NOT NULL,
+            owner_uid INTEGER, size INTEGER, ts_ns INTEGER NOT NULL,
+            PRIMARY KEY (file, digest)
+        )
+    """)
+
+
+ENERGY_COLUMNS = ("energy_uj", "cpu_energy_uj", "dram_energy_uj", "gpu_energy_uj",
+                  "other_energy_uj", "estimated_energy_uj")
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Columns compared by the canonical dump: natural keys and data, never row ids or times of
+# merging, so that two ledgers holding the same facts dump the same.
+_NODE_KEY = "jn.cluster, jn.job_id, jn.node, jn.start_ns"
+CANONICAL_QUERIES = {
+    "devices": "SELECT * FROM devices",
+    "job_runs": "SELECT * FROM job_runs",
+    "job_nodes": "SELECT cluster, job_id, node, start_ns, end_ns, run_start_ns, array_job_id, "
+                 "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, "
+                 "gpus, tag, name, node_state, coverage, flags, energy_uj, cpu_energy_uj, "
+                 "dram_energy_uj, gpu_energy_uj, other_energy_uj, estimated_energy_uj, "
+                 "created_ns, digest FROM job_nodes",
+    "job_energy": f"SELECT {_NODE_KEY}, e.device_key, e.hour_s, e.method, e.component, "
+                  "e.source, e.sensor, e.energy_uj FROM job_energy e JOIN job_nodes jn "
+                  "ON jn.id = e.job_node_id",
+    "job_node_totals": f"SELECT {_NODE_KEY}, t.device_key, t.measured_uj, t.attributed_uj, "
+                       "t.remainder_uj, t.gap_intervals FROM job_node_totals t "
+                       "JOIN job_nodes jn ON jn.id = t.job_node_id",
+    "windows": f"SELECT {_NODE_KEY}, w.name, w.step_id, w.start_ns, w.end_ns, w.status, "
+               "w.energy_uj, w.energy FROM windows w JOIN job_nodes jn ON jn.id = w.job_node_id",
+    "job_headers": "SELECT * FROM job_headers",
+    "node_hours": "SELECT * FROM node_hours",
+    "quarantine": "SELECT file, digest, reason, owner_uid, size FROM quarantine",
+}
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """A slice refused by the aggregator, as logged in the ledger."""
+
+    file: str
+    digest: str
+    reason: str
+    owner_uid: int | None
+    size: int | None
+    ts_ns: int
+
+
+@dataclass
+class MergeStats:
+    """What one :meth:`Ledger.merge` did."""
+
+    merged: int = 0
+    unchanged: int = 0
+    jobs_touched: set = field(default_factory=set)
+
+
+def digest(data: bytes) -> str:
+    """The SHA-256 of a slice's bytes (hex)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_parent(path: Path) -> None:
+    parent = path.parent
+    try:
+        parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        st = os.lstat(parent)
+    except OSError as e:
+        raise LedgerError(f"{parent}: cannot create the ledger's directory: {e.strerror}") from e
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise LedgerError(f"{parent}: the ledger's directory is not a real directory")
+    if st.st_mode & stat.S_IWOTH or st.st_uid not in (0, os.geteuid()):
+        raise LedgerError(f"{parent}: the ledger's directory is writable by others or owned by "
+                          "another user; refusing to write the ledger there")
+
+
+class Ledger:
+    """The cluster ledger (SQLite).
+
+    Args:
+        path: the database file; created (mode 0644, directory 0755) when absent.
+        readonly: open for reading only (``llem-acct``, ``llem report``); never creates.
+
+    Raises:
+        LedgerError: cannot open or create it, a symlink in its place, not a database, or a
+            schema newer than this llem.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._devices_seen: set[tuple] = set()
+        try:
+            if readonly:
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                          isolation_level=None, timeout=10.0)
+            else:
+                _check_parent(self.path)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, LEDGER_MODE)
+                os.close(fd)
+                self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+                self.db.execute("PRAGMA journal_mode = WAL")
+                self.db.execute("PRAGMA synchronous = NORMAL")
+                # Merges touch the job tables' right edges and their indexes: a 64 MB page
+                # cache keeps them in memory (the default 2 MB thrashes past ~1e5 jobs).
+                self.db.execute("PRAGMA cache_size = -65536")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA busy_timeout = 30000")
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            raise LedgerError(f"{self.path}: not a usable ledger database: {e}") from e
+        except OSError as e:
+            raise LedgerError(f"{self.path}: cannot open the ledger: {e.strerror or e}") from e
+        if version > SCHEMA_VERSION:
+            self.db.close()
+            raise LedgerError(f"{self.path}: ledger schema {version} is newer than this llem "
+                              f"knows ({SCHEMA_VERSION}); upgrade llem")
+        if version < SCHEMA_VERSION:
+            if readonly:
+                raise LedgerError(f"{self.path}: the ledger needs migrating by llem aggregate")
+            self._migrate()
+
+    def _migrate(self) -> None:
+        def body() -> None:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            for number in range(version, SCHEMA_VERSION):
+                MIGRATIONS[number](self.db)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('created_ns', ?)",
+                            (str(time.time_ns()),))
+        self._txn(body)
+
+    def _txn(self, body: Callable[[], Any]) -> Any:
+        if self.readonly:
+            raise LedgerError(f"{self.path}: opened read-only")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            out = body()
+            self.db.execute("COMMIT")
+            return out
+        except sqlite3.DatabaseError as e:
+            self._rollback()
+            raise LedgerError(f"{self.path}: ledger write failed: {e}") from e
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        self._devices_seen.clear()
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+    # -- merging -----------------------------------------------------------------------------
+
+    def merge(self, items: Iterable[tuple[dict, str]], *, now_ns: int, grace_s: float,
+              quarantined: Iterable[QuarantineEntry] = ()) -> MergeStats:
+        """Merge validated slices (with their digests) and log refused ones, in one transaction.
+
+        Args:
+            items: (slice, digest of its bytes) pairs, already validated.
+            now_ns: the time that decides whether a pending job is past its grace period.
+            grace_s: how long a run waits for missing nodes before it is incomplete.
+            quarantined: refused slices to log.
+        """
+        stats = MergeStats()
+
+        def body() -> None:
+            touched: set[tuple[str, str]] = set()
+            for data, sha in items:
+                changed = self._merge_one(data, sha)
+                stats.merged += int(changed)
+                stats.unchanged += int(not changed)
+                if changed and data["kind"] in ("job", "header"):
+                    touched.add((data["cluster"], data["job"]["job_id"]))
+            for entry in quarantined:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO quarantine VALUES (?, ?, ?, ?, ?, ?)",
+                    (entry.file, entry.digest, entry.reason, entry.owner_uid, entry.size,
+                     entry.ts_ns))
+            for cluster, job_id in sorted(touched):
+                self._regroup(cluster, job_id, now_ns, grace_s)
+            stats.jobs_touched = touched
+
+        self._txn(body)
+        return stats
+
+    def _merge_one(self, data: dict, sha: str) -> bool:
+        kind = data["kind"]
+        if kind == "job":
+            return self._merge_job(data, sha)
+        if kind == "node":
+            return self._merge_node(data)
+        return self._merge_header(data)
+
+    def _upsert_devices(self, cluster: str, node: str, devices: Mapping[str, dict]) -> None:
+        # Nodes send the same devices in every slice: skip what this connection already wrote
+        # (a rolled-back transaction clears the cache, see _txn).
+        fingerprint = (cluster, node, tuple(
+            (k, d["component"], d.get("name"), d["sensor"], d["source"], d["method"])
+            for k, d in sorted(devices.items())))
+        if fingerprint in self._devices_seen:
+            return
+        self._devices_seen.add(fingerprint)
+        self.db.executemany(
+            "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (cluster, node, device_key) DO UPDATE SET component = excluded.component,"
+            " name = excluded.name, sensor = excluded.sensor, source = excluded.source, "
+            "method = excluded.method",
+            [(cluster, node, key, d["component"], d.get("name"), d["sensor"], d["source"],
+              d["method"]) for key, d in sorted(devices.items())])
+
+    def _merge_job(self, data: dict, sha: str) -> bool:
+        job, cluster, node = data["job"], data["cluster"], data["node"]
+        row = self.db.execute(
+            "SELECT id, created_ns, digest FROM job_nodes WHERE cluster = ? AND job_id = ? "
+            "AND node = ? AND start_ns = ?", (cluster, job["job_id"], node, job["start_ns"])
+        ).fetchone()
+        if row is not None:
+            if (row[1], row[2]) >= (data["created_ns"], sha):
+                return False  # the same slice again, or an older export of the run
+            self.db.execute("DELETE FROM job_nodes WHERE id = ?", (row[0],))
+        self._upsert_devices(cluster, node, data["devices"])
+        totals = _component_totals(data)
+        cur = self.db.execute(
+            "INSERT INTO job_nodes (cluster, job_id, node, start_ns, end_ns, array_job_id, "
+            "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, gpus,"
+            " tag, name, node_state, coverage, flags, energy_uj, cpu_energy_uj, dram_energy_uj,"
+            " gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest) "
+            f"VALUES ({', '.join('?' * 29)})",
+            (cluster, job["job_id"], node, job["start_ns"], job["end_ns"],
+             job.get("array_job_id"), job.get("array_task_id"), job.get("user"), job.get("uid"),
+             job.get("gid"), job.get("account"), job.get("partition"), job.get("nodelist"),
+             job.get("num_nodes"), job.get("cpus"), json.dumps(sorted(job.get("gpus") or [])),
+             job.get("tag"), job.get("name"), job.get("state"), job.get("coverage"),
+             json.dumps(sorted(job.get("flags") or [])), *totals, data["created_ns"], sha))
+        job_node_id = cur.lastrowid
+        devices = data["devices"]
+        self.db.executemany(
+            "INSERT INTO job_energy VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO UPDATE SET energy_uj = energy_uj + excluded.energy_uj",
+            [(job_node_id, r["device"], r["hour_s"], r["method"],
+              devices[r["device"]]["component"], devices[r["device"]]["source"],
+              devices[r["device"]]["sensor"], r["energy_uj"]) for r in data["energy"]])
+        self.db.executemany(
+            "INSERT INTO job_node_totals VALUES (?, ?, ?, ?, ?, ?)",
+            [(job_node_id, key, t["measured_uj"], t["attributed_uj"], t["remainder_uj"],
+              t.get("gap_intervals", 0)) for key, t in data["node_totals"].items()])
+        self.db.executemany(
+            "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(job_node_id, w["name"], w.get("step_id") or "", w["start_ns"], w.get("end_ns"),
+              w["status"], sum((w.get("energy") or {}).values()),
+              json.dumps(w.get("energy") or {}, sort_keys=True))
+             for w in data.get("windows", [])])
+        return True
+
+    def _merge_node(self, data: dict) -> bool:
+        cluster, node, devices = data["cluster"], data["node"], data["devices"]
+        self._upsert_devices(cluster, node, devices)
+        before = self.db.total_changes
+        self.db.executemany(
+            "INSERT INTO node_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (cluster, node, hour_s, device_key) DO UPDATE SET "
+            "component = excluded.component, source = excluded.source, "
+            "measured_uj = excluded.measured_uj, attributed_uj = excluded.attributed_uj, "
+            "remainder_uj = excluded.remainder_uj, intervals = excluded.intervals, "
+            "gap_intervals = excluded.gap_intervals, covered_ns = excluded.covered_ns, "
+            "as_of_ns = excluded.as_of_ns "
+            "WHERE (excluded.as_of_ns, excluded.measured_uj, excluded.attributed_uj, "
+            "excluded.remainder_uj) > (node_hours.as_of_ns, node_hours.measured_uj, "
+            "node_hours.attributed_uj, node_hours.remainder_uj)",
+            [(cluster, node, r["hour_s"], r["device"], devices[r["device"]]["component"],
+              devices[r["device"]]["source"], r["measured_uj"], r["attributed_uj"],
+              r["remainder_uj"], r["intervals"], r["gap_intervals"], r["covered_ns"],
+              data["as_of_ns"]) for r in data["hours"]])
+        return self.db.total_changes - before > 0
+
+    def _merge_header(self, data: dict) -> bool:
+        job = data["job"]
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO job_headers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, ?)",
+            (data["cluster"], job["job_id"], job["end_ns"], job.get("start_ns"),
+             job.get("array_job_id"), job.get("array_task_id"), job.get("user"), job.get("uid"),
+             job.get("account"), job.get("partition"), job.get("name"), job.get("nodelist"),
+             job.get("num_nodes"), job.get("state"), job.get("exit_code"), job.get("signal"),
+             job.get("derived_exit_code")))
+        return cur.rowcount > 0
+
+    # -- runs and completeness ---------------------------------------------------------------
+
+    def _regroup(self, cluster: str, job_id: str, now_ns: int, grace_s: float) -> None:
+        """Recompute the job's runs from its node runs and headers (order-independent)."""
+        cols = ("id", "node", "start_ns", "end_ns", "array_job_id", "array_task_id", "user",
+                "uid", "account", "partition", "name", "tag", "nodelist", "num_nodes", "gpus",
+                "coverage", "run_start_ns") + ENERGY_COLUMNS
+        nodes = [dict(zip(cols, r)) for r in self.db.execute(
+            f"SELECT {', '.join(cols)} FROM job_nodes WHERE cluster = ? AND job_id = ? "
+            "ORDER BY start_ns, node", (cluster, job_id))]
+        hcols = ("end_ns", "start_ns", "array_job_id", "array_task_id", "user", "uid",
+                 "account", "partition", "name", "nodelist", "num_nodes", "state", "exit_code",
+                 "signal", "derived_exit_code")
+        headers = [dict(zip(hcols, r)) for r in self.db.execute(
+            f"SELECT {', '.join(hcols)} FROM job_headers WHERE cluster = ? AND job_id = ? "
+            "ORDER BY end_ns", (cluster, job_id))]
+        runs = group_runs(nodes, headers)
+        self.db.execute("DELETE FROM job_runs WHERE cluster = ? AND job_id = ?",
+                        (cluster, job_id))
+        for run in runs:
+            row = summarize_run(run, now_ns, grace_s)
+            self.db.execute(
+                f"INSERT INTO job_runs (cluster, job_id, {', '.join(row)}) "
+                f"VALUES (?, ?, {', '.join('?' * len(row))})", (cluster, job_id, *row.values()))
+            self.db.executemany("UPDATE job_nodes SET run_start_ns = ? WHERE id = ?",
+                                [(row["run_start_ns"], n["id"]) for n in run["nodes"]
+                                 if n["run_start_ns"] != row["run_start_ns"]])
+
+    def mark_incomplete(self, now_ns: int, grace_s: float) -> int:
+        """Runs still pending past their grace period become incomplete; return how many."""
+        cut_ns = now_ns - int(grace_s * 1e9)
+        return self._txn(lambda: self.db.execute(
+            "UPDATE job_runs SET status = 'incomplete' WHERE status = 'pending' "
+            "AND run_end_ns < ?", (cut_ns,)).rowcount)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        """Run a read-only query (the place where report and acct SQL will grow)."""
+        try:
+            return self.db.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise LedgerError(f"{self.path}: query failed: {e}") from e
+
+    def job_runs(self, job_id: str | None = None, cluster: str | None = None) -> list[dict]:
+        """Job runs as dicts (``missing_nodes`` decoded), newest first."""
+        where, params = [], []
+        if job_id is not None:
+            where.append("job_id = ?")
+            params.append(job_id)
+        if cluster is not None:
+            where.append("cluster = ?")
+            params.append(cluster)
+        cur = self.db.execute(
+            f"SELECT * FROM job_runs WHERE {' AND '.join(where) or '1'} "
+            "ORDER BY run_start_ns DESC, cluster, job_id", params)
+        names = [d[0] for d in cur.description]
+        out = [dict(zip(names, r)) for r in cur.fetchall()]
+        for run in out:
+            run["missing_nodes"] = json.loads(run["missing_nodes"])
+        return out
+
+    def job_energy_by_node(self, cluster: str, job_id: str) -> dict[str, int]:
+        """Total attributed energy per node of a job (all runs), microjoules."""
+        return dict(self.query(
+            "SELECT jn.node, SUM(e.energy_uj) FROM job_energy e JOIN job_nodes jn "
+            "ON jn.id = e.job_node_id WHERE jn.cluster = ? AND jn.job_id = ? GROUP BY jn.node",
+            (cluster, job_id)))
+
+    def quarantine_log(self) -> list[QuarantineEntry]:
+        """Every slice refused so far, oldest first."""
+        return [QuarantineEntry(*r) for r in self.query(
+            "SELECT file, digest, reason, owner_uid, size, ts_ns FROM quarantine "
+            "ORDER BY ts_ns, file")]
+
+    def canonical_dump(self) -> str:
+        """The ledger's facts as sorted JSON lines: equal dumps mean equal ledgers."""
+        lines = []
+        for table, sql in CANONICAL_QUERIES.items():
+            rows = sorted(json.dumps(list(r)) for r in self.db.execute(sql))
+            lines.append(f"# {table} {len(rows)}")
+            lines.extend(rows)
+        return "\n".join(lines) + "\n"
+
+    def integrity_check(self) -> str:
+        return "; ".join(r[0] for r in self.db.execute("PRAGMA integrity_check"))
+
+    def close(self) -> None:
+        """Close; a writer first leaves WAL mode when no reader is in (see below).
+
+        SQLite removes the ``-wal`` and ``-shm`` files when the last connection closes, and a
+        user who may not write the ledger's directory cannot open a WAL database without
+        them. Between merges the ledger is therefore left in rollback-journal mode, which any
+        user with read access can open; the next merge switches back to WAL.
+        """
+        try:
+            if not self.readonly and not self.db.in_transaction:
+                self.db.execute("PRAGMA busy_timeout = 1000")
+                self.db.execute("PRAGMA journal_mode = DELETE")
+        except sqlite3.Error as e:  # a reader is in: it keeps the WAL files alive meanwhile
+            log.debug("%s: ledger left in WAL mode: %s", self.path, e)
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def group_runs(nodes: list[dict], headers: list[dict]) -> list[dict]:
+    """Group a job's node runs into runs of the job, and attach each header to its run.
+
+    Node runs that overlap in time belong to one run (all nodes of an allocation run
+    together); a requeued or restarted job starts after every node of the previous run has
+    ended, so it opens a new run. A header goes to the run that starts at the header's start
+    when slurmctld gave one, else to the run whose end is nearest the header's end among the
+    runs that started before it and ended at most :data:`HEADER_AFTER_NS` before it; a header
+    with no run stands alone (its nodes have not reported yet). Pure: the same node runs and
+    headers give the same runs in any order.
+    """
+    runs: list[dict] = []
+    for node in sorted(nodes, key=lambda n: (n["start_ns"], n["node"], n["end_ns"])):
+        if runs and node["start_ns"] <= runs[-1]["end_ns"]:
+            runs[-1]["nodes"].append(node)
+            runs[-1]["end_ns"] = max(runs[-1]["end_ns"], node["end_ns"])
+        else:
+            runs.append({"start_ns": node["start_ns"], "end_ns": node["end_ns"],
+                         "nodes": [node], "header": None})
+    orphans = []
+    for header in sorted(headers, key=lambda h: h["end_ns"]):
+        target = _run_of_header(runs, header)
+        if target is None:
+            orphans.append(header)
+        elif target["header"] is None or target["header"]["end_ns"] < header["end_ns"]:
+            target["header"] = header
+    for header in orphans:
+        start = header["start_ns"] if header["start_ns"] is not None else header["end_ns"]
+        runs.append({"start_ns": start, "end_ns": header["end_ns"], "nodes": [],
+                     "header": header})
+    return sorted(runs, key=lambda r: r["start_ns"])
+
+
+def _run_of_header(runs: list[dict], header: dict) -> dict | None:
+    if header["start_ns"] is not None:
+        for run in runs:
+            if abs(run["start_ns"] - header["start_ns"]) <= HEADER_SLACK_NS:
+                return run
+    end_ns = header["end_ns"]
+    candidates = [r for r in runs if r["start_ns"] - HEADER_SLACK_NS <= end_ns
+                  <= r["end_ns"] + HEADER_AFTER_NS]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda r: (abs(r["end_ns"] - end_ns), r["start_ns"]))
+
+
+def _component_totals(data: dict) -> tuple[int, ...]:
+    """A job slice's energy in the order of :data:`ENERGY_COLUMNS`."""
+    devices = data["devices"]
+    by: dict[str, int] = {"cpu": 0, "dram": 0, "gpu": 0, "other": 0, "estimated": 0}
+    for row in data["energy"]:
+        dev = devices[row["device"]]
+        comp = dev["component"]
+        by[comp if comp in ("cpu", "dram", "gpu") else "other"] += row["energy_uj"]
+        if dev["source"] == "estimated":
+            by["estimated"] += row["energy_uj"]
+    total = by["cpu"] + by["dram"] + by["gpu"] + by["other"]
+    return total, by["cpu"], by["dram"], by["gpu"], by["other"], by["estimated"]
+
+
+def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
+    """The ``job_runs`` row of one run: header fields first, node fields where it has none."""
+    header = run["header"] or {}
+    first = run["nodes"][0] if run["nodes"] else {}
+
+    def pick(key: str) -> Any:
+        value = header.get(key)
+        if value is None:
+            value = next((n[key] for n in run["nodes"] if n.get(key) is not None), None)
+        return value
+
+    nodelist = pick("nodelist")
+    reported = sorted({n["node"] for n in run["nodes"]})
+    expected = _expected_nodes(nodelist)
+    missing = sorted(set(expected) - set(reported)) if expected is not None else []
+    num_nodes = len(expected) if expected is not None else pick("num_nodes")
+    if expected is not None:
+        complete = not missing
+    else:
+        complete = num_nodes is not None and len(reported) >= num_nodes
+    end_ns = max([run["end_ns"]] + ([header["end_ns"]] if header else []))
+    status = "complete" if complete else (
+        "incomplete" if now_ns - end_ns > grace_s * 1e9 else "pending")
+    totals = {col: sum(n[col] for n in run["nodes"]) for col in ENERGY_COLUMNS}
+    gpu_seconds = sum(len(json.loads(n["gpus"] or "[]")) * (n["end_ns"] - n["start_ns"]) / 1e9
+                      for n in run["nodes"])
+    durations = [(n["end_ns"] - n["start_ns"], n["coverage"]) for n in run["nodes"]]
+    weight = sum(d for d, c in durations if c is not None)
+    coverage = (sum(d * c for d, c in durations if c is not None) / weight) if weight else None
+    return {
+        "run_start_ns": run["start_ns"], "run_end_ns": end_ns,
+        "array_job_id": pick("array_job_id"), "array_task_id": pick("array_task_id"),
+        "user": pick("user"), "uid": pick("uid"), "account": pick("account"),
+        "partition": pick("partition"), "name": pick("name"), "tag": first.get("tag"),
+        "nodelist": nodelist, "num_nodes": num_nodes, "state": header.get("state"),
+        "exit_code": header.get("exit_code"), "signal": header.get("signal"),
+        "derived_exit_code": header.get("derived_exit_code"), "has_header": int(bool(header)),
+        "status": status, "nodes_reported": len(reported), "missing_nodes": json.dumps(missing),
+        **totals,
+        "gpu_seconds": round(gpu_seconds, 3),
+        "coverage": round(coverage, 6) if coverage is not None else None,
+    }
+
+
+def _expected_nodes(nodelist: str | None) -> list[str] | None:
+    if not nodelist:
+        return None
+    try:
+        return slices.expand_hostlist(nodelist)
+    except ValueError as e:
+        log.warning("cannot expand the nodelist %r: %s", nodelist, e)
+        return None

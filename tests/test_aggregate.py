@@ -1,0 +1,439 @@
+"""``llem aggregate``: spool to ledger, bad slices, ownership, lock, archive, CLI."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from llem import slices
+from llem.aggregate import (
+    AggregateLock, LedgerBusy, aggregate_once, archive_dir, quarantine_dir, quarantine_report,
+)
+from llem.config import AggregateConfig
+from llem.export import encode, header_slice_from_env, write_atomic
+from llem.store.ledger import Ledger
+from tests.test_export import ENV, S, T0, job_slices, node_config, spool_slice
+
+NOW = T0 + 10 * 3600 * S
+
+
+def config(tmp_path, **aggregate):
+    return node_config(tmp_path, "admin", **aggregate)
+
+
+def dump(cfg) -> str:
+    with Ledger(cfg.ledger, readonly=True) as ledger:
+        return ledger.canonical_dump()
+
+
+def test_once_merges_the_spool_and_archives_by_date(tmp_path):
+    cfg = config(tmp_path)
+    for data in job_slices(tmp_path, "100"):
+        spool_slice(cfg, data)
+    res = aggregate_once(cfg, now_ns=NOW)
+    assert (res.merged, res.jobs, res.quarantined) == (3, 1, [])
+    assert [n for n in os.listdir(cfg.spool_dir) if n != "archive"] == []
+    day = time.strftime("%Y-%m-%d", time.gmtime(NOW // S))
+    assert len(os.listdir(archive_dir(cfg) / day)) == 3
+    with Ledger(cfg.ledger, readonly=True) as ledger:
+        (run,) = ledger.job_runs("100")
+        assert run["status"] == "complete"
+        assert set(ledger.job_energy_by_node("c1", "100")) == {"n1", "n2", "n3"}
+
+
+def test_delete_mode_and_a_second_pass_with_nothing_new(tmp_path):
+    cfg = config(tmp_path, processed="delete")
+    for data in job_slices(tmp_path, "100"):
+        spool_slice(cfg, data)
+    aggregate_once(cfg, now_ns=NOW)
+    assert os.listdir(cfg.spool_dir) == []
+    before = dump(cfg)
+    res = aggregate_once(cfg, now_ns=NOW)
+    assert res.merged == 0 and dump(cfg) == before
+
+
+def test_the_same_slices_again_change_nothing(tmp_path):
+    cfg = config(tmp_path)
+    items = job_slices(tmp_path, "100")
+    for data in items:
+        spool_slice(cfg, data)
+    aggregate_once(cfg, now_ns=NOW)
+    before = dump(cfg)
+    for data in items[::-1]:  # re-delivered (e.g. an outbox retry after a lost rename)
+        spool_slice(cfg, data)
+    res = aggregate_once(cfg, now_ns=NOW)
+    assert (res.merged, res.unchanged) == (0, 3)
+    assert dump(cfg) == before
+
+
+def test_completeness_third_node_late(tmp_path):
+    cfg = config(tmp_path, grace_s=600)
+    n1, n2, n3 = job_slices(tmp_path, "100")
+    spool_slice(cfg, n1)
+    spool_slice(cfg, n2)
+    end_ns = n1["job"]["end_ns"]
+    aggregate_once(cfg, now_ns=end_ns + 60 * S)
+    with Ledger(cfg.ledger, readonly=True) as ledger:
+        assert ledger.job_runs("100")[0]["status"] == "pending"
+    res = aggregate_once(cfg, now_ns=end_ns + 700 * S)  # nothing new, grace over
+    assert res.incomplete == 1
+    with Ledger(cfg.ledger, readonly=True) as ledger:
+        run = ledger.job_runs("100")[0]
+        assert (run["status"], run["missing_nodes"]) == ("incomplete", ["n3"])
+    spool_slice(cfg, n3)
+    aggregate_once(cfg, now_ns=end_ns + 7200 * S)
+    with Ledger(cfg.ledger, readonly=True) as ledger:
+        run = ledger.job_runs("100")[0]
+        assert (run["status"], run["missing_nodes"], run["nodes_reported"]) == \
+            ("complete", [], 3)
+
+
+def test_header_slice_through_the_spool(tmp_path):
+    cfg = config(tmp_path)
+    spool_slice(cfg, header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1",
+                                           now_ns=T0 + 5401 * S))
+    for data in job_slices(tmp_path, "100"):
+        spool_slice(cfg, data)
+    aggregate_once(cfg, now_ns=NOW)
+    with Ledger(cfg.ledger, readonly=True) as ledger:
+        (run,) = ledger.job_runs("100")
+        assert (run["has_header"], run["state"], run["name"]) == (1, "COMPLETED", "my job")
+
+
+# -- bad slices ------------------------------------------------------------------------------
+
+
+def _bad(tmp_path, kind):
+    """(file name, bytes) of one bad slice of the given kind."""
+    good = job_slices(tmp_path, "100", nodes=("n1",))[0]
+    name = slices.file_name(good)
+    raw = encode(good)
+    if kind == "truncated":
+        return name, raw[: len(raw) // 2]
+    if kind == "corrupt":
+        return name, b"\x00\xff" * 50
+    if kind == "not_json":
+        return name, b"{this is not json}"
+    if kind == "empty":
+        return name, b""
+    if kind == "wrong_schema":
+        good["schema"] = "something/1"
+    elif kind == "node_mismatch":
+        return name.replace(".n1.", ".n7."), raw
+    elif kind == "negative":
+        good["energy"][0]["energy_uj"] = -1
+    elif kind == "end_before_start":
+        good["job"]["end_ns"] = good["job"]["start_ns"] - S
+    elif kind == "impossible":
+        good["node_totals"]["nvml:GPU-a"]["measured_uj"] = "lots"
+    elif kind == "bad_name":
+        return "notes.txt", raw
+    return name, encode(good)
+
+
+BAD_KINDS = ["truncated", "corrupt", "not_json", "empty", "wrong_schema", "node_mismatch",
+             "negative", "end_before_start", "impossible", "bad_name"]
+REASONS = {"truncated": "truncated", "corrupt": "corrupt", "not_json": "corrupt",
+           "empty": "empty", "wrong_schema": "foreign file", "node_mismatch": "does not match",
+           "negative": "negative energy", "end_before_start": "end before start",
+           "impossible": "integer", "bad_name": "not a slice name"}
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_slice_is_quarantined_and_the_rest_goes_on(tmp_path, kind, caplog):
+    cfg = config(tmp_path)
+    for data in job_slices(tmp_path / "good", "200"):
+        spool_slice(cfg, data)
+    name, raw = _bad(tmp_path, kind)
+    write_atomic(Path(cfg.spool_dir), name, raw)
+    res = aggregate_once(cfg, now_ns=NOW)
+    assert res.merged == 3
+    assert [n for n, _ in res.quarantined] == [name]
+    assert REASONS[kind] in res.quarantined[0][1]
+    assert (quarantine_dir(cfg) / name).exists()
+    assert not (Path(cfg.spool_dir) / name).exists()
+    report = quarantine_report(cfg)
+    assert [r["file"] for r in report] == [name] and REASONS[kind] in report[0]["reason"]
+    assert any(name in r.message and "quarantined" in r.message for r in caplog.records)
+    with Ledger(cfg.ledger, readonly=True) as ledger:
+        assert [e.file for e in ledger.quarantine_log()] == [name]
+        assert ledger.job_runs("200")[0]["status"] == "complete"
+
+
+def test_newer_schema_is_left_in_place_with_a_clear_error(tmp_path):
+    cfg = config(tmp_path)
+    data = job_slices(tmp_path, "100", nodes=("n1",))[0]
+    data["schema"] = "llem.slice/7"
+    path = spool_slice(cfg, data)
+    proc = _cli(cfg, "--once")
+    assert proc.returncode == 1
+    assert "newer llem" in proc.stderr and "upgrade llem" in proc.stderr
+    assert path.exists() and quarantine_report(cfg) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership is checked when aggregating as root")
+def test_slice_dropped_by_a_non_root_user_is_refused(tmp_path):
+    cfg = config(tmp_path)
+    data = job_slices(tmp_path, "100", nodes=("n1",))[0]
+    path = spool_slice(cfg, data)
+    os.chown(path, 1000, 1000)
+    res = aggregate_once(cfg, now_ns=NOW)
+    assert res.merged == 0
+    assert "owned by uid 1000, not root" in res.quarantined[0][1]
+    with Ledger(cfg.ledger, readonly=True) as ledger:
+        assert ledger.job_runs() == []
+
+
+def test_symlink_in_the_spool_is_refused(tmp_path):
+    cfg = config(tmp_path)
+    target = tmp_path / "elsewhere.json"
+    target.write_bytes(encode(job_slices(tmp_path, "100", nodes=("n1",))[0]))
+    Path(cfg.spool_dir).mkdir(mode=0o700)
+    os.symlink(target, Path(cfg.spool_dir) / "job.c1.n1.100-1.1.json")
+    res = aggregate_once(cfg, now_ns=NOW)
+    assert "symlink" in res.quarantined[0][1]
+    assert target.exists()
+
+
+def test_spool_writable_by_others_is_refused(tmp_path):
+    cfg = config(tmp_path)
+    Path(cfg.spool_dir).mkdir()
+    os.chmod(cfg.spool_dir, 0o777)
+    with pytest.raises(Exception, match="writable by others"):
+        aggregate_once(cfg)
+
+
+# -- lock ------------------------------------------------------------------------------------
+
+
+def test_second_aggregator_exits_cleanly_or_waits(tmp_path):
+    cfg = config(tmp_path)
+    spool_slice(cfg, job_slices(tmp_path, "100", nodes=("n1",))[0])
+    Path(cfg.ledger).parent.mkdir(parents=True, exist_ok=True)
+    with AggregateLock(cfg.ledger):
+        with pytest.raises(LedgerBusy, match="another llem aggregate"):
+            aggregate_once(cfg)
+        proc = _cli(cfg, "--once")
+        assert proc.returncode == 0 and "another llem aggregate holds" in proc.stderr
+    lock = AggregateLock(cfg.ledger).__enter__()
+    threading.Timer(0.3, lock.__exit__).start()
+    res = aggregate_once(cfg, wait_s=5)  # waits for the first, then merges
+    assert res.merged == 1
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+
+def _write_yaml(cfg, path: Path) -> Path:
+    agg = cfg.aggregate
+    path.write_text(
+        f"cluster: {cfg.cluster}\nstate_dir: {cfg.state_dir}\nspool_dir: {cfg.spool_dir}\n"
+        f"ledger: {cfg.ledger}\naggregate:\n  grace_s: {agg.grace_s}\n"
+        f"  processed: {agg.processed}\n  batch_size: {agg.batch_size}\n")
+    return path
+
+
+def _cli(cfg, *args, **popen):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
+    env["LLEM_CONFIG"] = str(_write_yaml(cfg, Path(cfg.spool_dir).parent / "llem.yaml"))
+    cmd = [sys.executable, "-c", "from llem.cli.main import main; main()", "aggregate", *args]
+    if popen:
+        return subprocess.Popen(cmd, env=env, **popen)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_once_json_summary(tmp_path):
+    cfg = config(tmp_path)
+    for data in job_slices(tmp_path, "100"):
+        spool_slice(cfg, data)
+    proc = _cli(cfg, "--once", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["merged"], out["jobs"], out["quarantined"]) == (3, 1, [])
+
+
+def test_cli_help():
+    proc = subprocess.run([sys.executable, "-c", "from llem.cli.main import main; main()",
+                           "aggregate", "-h"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--watch" in proc.stdout and "--once" in proc.stdout
+
+
+def test_cli_watch_merges_new_slices_and_stops_on_sigterm(tmp_path):
+    cfg = config(tmp_path)
+    Path(cfg.spool_dir).mkdir(mode=0o700)
+    proc = _cli(cfg, "--watch", "--every", "0.5", stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True)
+    try:
+        for data in job_slices(tmp_path, "100"):
+            spool_slice(cfg, data)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if Path(cfg.ledger).exists():
+                with Ledger(cfg.ledger, readonly=True) as ledger:
+                    if ledger.job_runs("100") and ledger.job_runs("100")[0]["nodes_reported"] == 3:
+                        break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("watch mode did not merge the slices")
+        proc.terminate()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# -- crash safety ----------------------------------------------------------------------------
+
+
+def _template_spool(tmp_path) -> tuple[Path, list]:
+    """300 job slices of 100 three-node jobs, a header and a truncated file."""
+    template = tmp_path / "template"
+    template.mkdir()
+    base = job_slices(tmp_path / "gen", "1")
+    items = []
+    for j in range(100):
+        for data in base:
+            d = json.loads(json.dumps(data))
+            d["job"]["job_id"] = str(1000 + j)
+            d["job"]["start_ns"] += j * 7200 * S
+            d["job"]["end_ns"] += j * 7200 * S
+            for row in d["energy"]:
+                row["hour_s"] += j * 7200
+            for w in d["windows"]:
+                w["start_ns"] += j * 7200 * S
+                w["end_ns"] += j * 7200 * S
+            items.append(d)
+    items.append(header_slice_from_env({**ENV, "SLURM_JOB_ID": "1000"}, "c1",
+                                       now_ns=T0 + 5401 * S))
+    for d in items:
+        (template / slices.file_name(d)).write_bytes(encode(d))
+    (template / "job.c1.n1.9-9.9.json").write_bytes(b'{"schema": "llem.slice/1", "ki')
+    return template, items
+
+
+def _fresh(tmp_path, template, name) -> object:
+    root = tmp_path / name
+    root.mkdir()
+    cfg = replace(node_config(root, "admin"),
+                  aggregate=AggregateConfig(grace_s=10**9, batch_size=4))
+    shutil.copytree(template, cfg.spool_dir)
+    os.chmod(cfg.spool_dir, 0o700)
+    return cfg
+
+
+def test_sigkill_at_random_points_then_rerun_gives_the_clean_ledger(tmp_path):
+    import random
+
+    template, items = _template_spool(tmp_path)
+    clean = _fresh(tmp_path, template, "clean")
+    t0 = time.monotonic()
+    proc = _cli(clean, "--once")
+    clean_s = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr
+    expected = dump(clean)
+    assert "# job_runs 100" in expected and "# quarantine 1" in expected
+    rng = random.Random(4)
+    killed_mid_merge = 0
+    for run in range(20):
+        cfg = _fresh(tmp_path, template, f"run{run}")
+        proc = _cli(cfg, "--once", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, clean_s))
+        proc.kill()  # SIGKILL
+        proc.wait(10)
+        left = len([n for n in os.listdir(cfg.spool_dir)
+                    if n not in ("archive", "quarantine")])
+        killed_mid_merge += 0 < left < len(items) + 1
+        rerun = _cli(cfg, "--once")
+        assert rerun.returncode == 0, rerun.stderr
+        assert dump(cfg) == expected, f"run {run}: ledger differs after a kill"
+        with Ledger(cfg.ledger, readonly=True) as ledger:
+            assert ledger.integrity_check() == "ok"
+        assert [n for n in os.listdir(cfg.spool_dir) if n not in ("archive", "quarantine")] == []
+    print(f"clean run {clean_s:.2f} s; {killed_mid_merge} of 20 kills landed mid-merge")
+    assert killed_mid_merge >= 5, "the kills never landed inside a merge"
+
+
+def test_two_aggregators_at_once_give_the_clean_ledger(tmp_path):
+    template, _ = _template_spool(tmp_path)
+    clean = _fresh(tmp_path, template, "clean")
+    assert _cli(clean, "--once").returncode == 0
+    cfg = _fresh(tmp_path, template, "both")
+    procs = [_cli(cfg, "--once", "--wait", "60", stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    merged = sorted(int(out.split()[1]) for out, _ in outs)
+    assert merged[0] == 0 and merged[1] == 301  # the second found the spool already merged
+    assert dump(cfg) == dump(clean)
+
+
+def test_watch_survives_a_broken_spool(tmp_path, caplog):
+    from llem.aggregate import watch
+
+    cfg = config(tmp_path)
+    Path(cfg.spool_dir).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.spool_dir).write_text("not a directory")
+    passes = []
+    watch(cfg, 0.5, stop=lambda: len(caplog.records) >= 2, on_pass=passes.append)
+    assert passes == [] and "cannot use the spool" in caplog.records[0].message
+
+
+def test_cli_text_summary_and_busy_message(tmp_path):
+    cfg = config(tmp_path)
+    for data in job_slices(tmp_path, "100"):
+        spool_slice(cfg, data)
+    proc = _cli(cfg, "--once")
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"merged 3 slice\(s\), 0 already in the ledger, 0 quarantined, "
+                        r"1 job\(s\) updated, 0 marked incomplete, in \d+\.\d\d s\n", proc.stdout)
+    with AggregateLock(cfg.ledger):
+        proc = _cli(cfg, "--once")
+    assert (proc.returncode, proc.stdout) == (0, "")
+    assert proc.stderr == (f"llem aggregate: another llem aggregate holds {cfg.ledger}.lock; "
+                           "nothing done (it will merge these slices)\n")
+
+
+def test_bench_generator_makes_mergeable_slices(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from make_spool import make_spool
+    finally:
+        sys.path.pop(0)
+    cfg = config(tmp_path)
+    counts = make_spool(Path(cfg.spool_dir), nodes=8, jobs=5)
+    res = aggregate_once(cfg)
+    assert res.merged == counts["job_slices"] + counts["node_slices"]
+    assert res.quarantined == [] and res.jobs == counts["jobs"]
+
+
+def test_stale_temporary_files_are_swept_fresh_ones_kept(tmp_path):
+    cfg = config(tmp_path)
+    spool = Path(cfg.spool_dir)
+    spool.mkdir(mode=0o700)
+    stale, fresh = spool / ".tmp.1.2.job.c1.n1.x.json", spool / ".tmp.3.4.job.c1.n1.y.json"
+    stale.write_bytes(b"{half")
+    fresh.write_bytes(b"{being written")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    res = aggregate_once(cfg)
+    assert res.quarantined == [] and not stale.exists() and fresh.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership is checked when aggregating as root")
+def test_header_owned_by_the_slurm_user_is_accepted_job_slice_is_not(tmp_path):
+    cfg = config(tmp_path, header_owners="4242")
+    header = spool_slice(cfg, header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1",
+                                                    now_ns=T0 + 5401 * S))
+    job = spool_slice(cfg, job_slices(tmp_path, "100", nodes=("n1",))[0])
+    os.chown(header, 4242, 4242)
+    os.chown(job, 4242, 4242)
+    res = aggregate_once(cfg, now_ns=NOW)
+    assert res.merged == 1
+    assert [n for n, _ in res.quarantined] == [job.name]

@@ -1,0 +1,501 @@
+"""Export: job and node slices from a real node store, outbox and bounded spool delivery.
+
+The helpers at the top (``build_store``, ``node_config``, ``spool_slice``) are shared with the
+ledger and aggregate tests.
+"""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from llem import export, slices
+from llem.config import AggregateConfig, Config
+from llem.errors import LedgerError
+from llem.export import (
+    deliver, encode, export_and_deliver, export_job, export_node, flush_outbox,
+    header_slice_from_env, pending_slices, prune_node_store, write_atomic, write_header,
+)
+from llem.sensors.base import Device
+from llem.store.node import EnergyRow, Interval, JobRecord, JobShare, NodeStore
+
+S = 10**9
+# 2023-11-14 21:00:00 UTC: an hour boundary, so tests can cross the next one on purpose.
+T0 = 1_699_995_600 * S
+assert T0 % (3600 * S) == 0
+
+DEVICES = (
+    Device("rapl:package-0", "cpu", "package-0", "rapl", "measured", "counter"),
+    Device("rapl:dram-0", "dram", "dram-0", "rapl", "measured", "counter"),
+    Device("nvml:GPU-a", "gpu", "gpu0", "nvml", "measured", "counter"),
+)
+
+
+def node_config(tmp_path, node="n1", **aggregate) -> Config:
+    """A config whose node-local state, spool and ledger live under tmp_path."""
+    return Config(
+        cluster="c1", state_dir=str(tmp_path / "state" / node),
+        spool_dir=str(tmp_path / "spool"), ledger=str(tmp_path / "ledger" / "ledger.db"),
+        aggregate=AggregateConfig(**aggregate),
+    )
+
+
+def build_store(path, node="n1", job_id="100", start_ns=T0 + 1800 * S, seconds=3600,
+                step_s=60, nodelist="n[1-3]", user="alice", name="train; rm -rf /",
+                cpu_uw=100_000_000, gpu_uw=250_000_000, windows=True,
+                end=True) -> tuple[NodeStore, int]:
+    """A node store with one job run on ``node``, sampled every ``step_s`` seconds.
+
+    Per interval: the CPU package draws ``cpu_uw`` microwatts, 60 % attributed to the job;
+    DRAM 10 W, half attributed; the GPU ``gpu_uw``, all to the job. The default run starts
+    at 21:30 and lasts an hour, so its energy falls in two clock hours.
+    """
+    store = NodeStore(path)
+    store.register_devices(DEVICES, start_ns)
+    run_id = store.add_job(JobRecord(
+        job_id=job_id, cluster="c1", node=node, start_ns=start_ns, uid=1000, user=user,
+        account="physics", partition="gpu", nodelist=nodelist, num_nodes=3, cpus=8,
+        gpus=("nvml:GPU-a",), tag="exp-1", name=name))
+    add_intervals(store, run_id, start_ns, seconds, step_s, cpu_uw, gpu_uw)
+    if windows:
+        store.db.execute(
+            "INSERT INTO windows (run_id, job_id, step_id, name, start_ns, end_ns, "
+            "start_mono_ns, end_mono_ns, energy, status) VALUES (?, ?, '0', 'epoch 1', ?, ?, "
+            "0, 1, ?, 'closed')",
+            (run_id, job_id, start_ns + 60 * S, start_ns + 600 * S,
+             json.dumps({"nvml:GPU-a": 135_000_000})))
+    if end:
+        store.update_job(run_id, end_ns=start_ns + seconds * S, state="sealed", coverage=1.0)
+    return store, run_id
+
+
+def add_intervals(store, run_id, start_ns, seconds, step_s, cpu_uw=100_000_000,
+                  gpu_uw=250_000_000, first_id=0):
+    for i in range(seconds // step_s):
+        a = start_ns + i * step_s * S
+        b = a + step_s * S
+        cpu, dram, gpu = cpu_uw * step_s, 10_000_000 * step_s, gpu_uw * step_s
+        shares = [JobShare(run_id, "rapl:package-0", cpu * 6 // 10, "cpu_time", 0.6),
+                  JobShare(run_id, "rapl:dram-0", dram // 2, "memory_share", 0.5),
+                  JobShare(run_id, "nvml:GPU-a", gpu, "gpu_allocation", 1.0)]
+        store.write(Interval(
+            "s", a, b, first_id + i, first_id + i + 1,
+            (EnergyRow("rapl:package-0", cpu, "ok", "ok", None),
+             EnergyRow("rapl:dram-0", dram, "ok", "ok", None),
+             EnergyRow("nvml:GPU-a", gpu, "ok", "ok", None)),
+            shares=tuple(shares),
+            remainder=(("rapl:package-0", cpu - cpu * 6 // 10), ("rapl:dram-0", dram - dram // 2),
+                       ("nvml:GPU-a", 0))))
+
+
+def spool_slice(config: Config, data: dict) -> Path:
+    """Drop a slice straight into the spool as the Epilog's delivery would."""
+    spool = export.check_spool_dir(Path(config.spool_dir))
+    return write_atomic(spool, slices.file_name(data), encode(data), 0o640)
+
+
+def job_slices(tmp_path, job_id="100", nodes=("n1", "n2", "n3"), **kwargs) -> list[dict]:
+    """One job slice per node of a multi-node job, each from its own real node store."""
+    out = []
+    for i, node in enumerate(nodes):
+        store, run_id = build_store(tmp_path / f"store-{job_id}-{node}" / "node.db", node=node,
+                                    job_id=job_id, **kwargs)
+        out.append(export_job(store, run_id, node_config(tmp_path, node),
+                              now_ns=T0 + 10 * 3600 * S + i))
+        store.close()
+    return out
+
+
+# -- job slices ------------------------------------------------------------------------------
+
+
+def test_job_slice_energy_per_device_and_clock_hour(tmp_path):
+    store, run_id = build_store(tmp_path / "s" / "node.db")
+    data = export_job(store, run_id, node_config(tmp_path), now_ns=T0 + 5 * 3600 * S)
+    assert data["schema"] == "llem.slice/1" and data["kind"] == "job"
+    assert (data["cluster"], data["node"], data["job"]["job_id"], data["job"]["start_ns"]) == \
+        ("c1", "n1", "100", T0 + 1800 * S)
+    by = {(r["device"], r["hour_s"]): r for r in data["energy"]}
+    h0, h1 = T0 // S, T0 // S + 3600
+    # 21:30-22:00 and 22:00-22:30: half the hour's energy in each clock hour.
+    assert by[("nvml:GPU-a", h0)]["energy_uj"] == 250_000_000 * 1800
+    assert by[("nvml:GPU-a", h1)]["energy_uj"] == 250_000_000 * 1800
+    assert by[("nvml:GPU-a", h0)]["method"] == "gpu_allocation"
+    assert by[("rapl:package-0", h0)]["energy_uj"] == 60_000_000 * 1800
+    assert data["devices"]["nvml:GPU-a"] == {"component": "gpu", "name": "gpu0",
+                                             "sensor": "nvml", "source": "measured",
+                                             "method": "counter"}
+    assert data["windows"] == [{"name": "epoch 1", "step_id": "0", "start_ns": T0 + 1860 * S,
+                                "end_ns": T0 + 2400 * S, "status": "closed",
+                                "energy": {"nvml:GPU-a": 135_000_000}}]
+    assert data["job"]["name"] == "train; rm -rf /" and data["job"]["coverage"] == 1.0
+
+
+def test_node_totals_reconcile_measured_attributed_remainder(tmp_path):
+    store, run_id = build_store(tmp_path / "s" / "node.db")
+    data = export_job(store, run_id, node_config(tmp_path))
+    for key, t in data["node_totals"].items():
+        assert t["attributed_uj"] + t["remainder_uj"] == t["measured_uj"], key
+    assert data["node_totals"]["rapl:package-0"]["measured_uj"] == 100_000_000 * 3600
+    job_sum = sum(r["energy_uj"] for r in data["energy"] if r["device"] == "rapl:package-0")
+    assert job_sum == data["node_totals"]["rapl:package-0"]["attributed_uj"]
+
+
+def test_file_name_has_no_user_controlled_characters(tmp_path):
+    store, run_id = build_store(tmp_path / "s" / "node.db", name="../../etc/x y", user="bob")
+    data = export_job(store, run_id, node_config(tmp_path))
+    name = slices.file_name(data)
+    assert name == f"job.c1.n1.100-{T0 + 1800 * S}.{data['created_ns']}.json"
+    assert "/" not in name and "bob" not in name and "x y" not in name
+
+
+def test_run_without_end_is_exported_with_a_flag(tmp_path):
+    store, run_id = build_store(tmp_path / "s" / "node.db", end=False)
+    data = export_job(store, run_id, node_config(tmp_path))
+    assert data["job"]["end_ns"] == T0 + 5400 * S
+    assert "end_estimated" in data["job"]["flags"]
+
+
+def test_unknown_run_is_an_error(tmp_path):
+    store, _ = build_store(tmp_path / "s" / "node.db")
+    with pytest.raises(LedgerError, match="no job run 99"):
+        export_job(store, 99, node_config(tmp_path))
+
+
+# -- node slices -----------------------------------------------------------------------------
+
+
+def test_node_slice_hourly_totals_with_gaps(tmp_path):
+    store, _ = build_store(tmp_path / "s" / "node.db")
+    store.write(Interval("s", T0 + 5400 * S, T0 + 5460 * S, 100, 101,
+                         (EnergyRow("rapl:package-0", 0, "reset", "ok", None),)))
+    data = export_node(store, node_config(tmp_path), "n1", since_ns=T0, now_ns=T0 + 7200 * S)
+    rows = {(r["hour_s"], r["device"]): r for r in data["hours"]}
+    h0, h1 = T0 // S, T0 // S + 3600
+    assert rows[(h0, "rapl:package-0")]["measured_uj"] == 100_000_000 * 1800
+    assert rows[(h0, "rapl:package-0")]["intervals"] == 30
+    r1 = rows[(h1, "rapl:package-0")]
+    assert (r1["intervals"], r1["gap_intervals"]) == (31, 1)
+    assert r1["covered_ns"] == 1800 * S
+    for r in data["hours"]:
+        assert r["attributed_uj"] + r["remainder_uj"] == r["measured_uj"]
+    assert data["as_of_ns"] == T0 + 5460 * S
+
+
+def test_node_export_since_last_moves_its_mark(tmp_path):
+    cfg = node_config(tmp_path)
+    store, _ = build_store(tmp_path / "state" / "n1" / "node.db")
+    first = export.export_node_since_last(store, cfg, "n1", now_ns=T0 + 4000 * S)
+    assert first is not None
+    sent = sorted(p.name for p in Path(cfg.spool_dir).iterdir())
+    assert len(sent) == 1 and sent[0].startswith("node.c1.n1.")
+    add_intervals(store, 1, T0 + 5400 * S, 600, 60, first_id=1000)
+    export.export_node_since_last(store, cfg, "n1", now_ns=T0 + 6100 * S)
+    second = json.loads(sorted(Path(cfg.spool_dir).glob("node.*"))[-1].read_bytes())
+    # The second export starts at the hour where the first stopped (partial), not before.
+    assert second["from_hour_s"] == T0 // S + 3600
+
+
+# -- delivery --------------------------------------------------------------------------------
+
+
+def test_deliver_puts_the_slice_in_the_spool_atomically(tmp_path):
+    cfg = node_config(tmp_path)
+    store, run_id = build_store(tmp_path / "state" / "n1" / "node.db")
+    path = export_and_deliver(store, run_id, cfg)
+    spool = Path(cfg.spool_dir)
+    files = os.listdir(spool)
+    assert files == [path.name]
+    assert json.loads((spool / path.name).read_bytes())["job"]["job_id"] == "100"
+    assert pending_slices(cfg) == []
+    assert stat.S_IMODE(os.stat(spool).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(export.outbox_dir(cfg)).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(spool / path.name).st_mode) == 0o640
+    assert store.jobs("run_id = ?", (run_id,))[0].state == "exported"
+
+
+def test_spool_writable_by_others_is_refused_and_the_slice_waits(tmp_path):
+    cfg = node_config(tmp_path)
+    spool = Path(cfg.spool_dir)
+    spool.mkdir()
+    os.chmod(spool, 0o777)
+    deliver(cfg, job_slices(tmp_path, nodes=("n1",))[0])
+    assert os.listdir(spool) == []
+    assert len(pending_slices(cfg)) == 1
+    result = flush_outbox(cfg)
+    assert "writable by others" in result.error and result.pending == 1
+    os.chmod(spool, 0o750)
+    assert flush_outbox(cfg).pending == 0
+    assert len(os.listdir(spool)) == 1
+
+
+def test_symlinked_spool_is_refused(tmp_path):
+    cfg = node_config(tmp_path)
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    os.symlink(tmp_path / "elsewhere", cfg.spool_dir)
+    deliver(cfg, job_slices(tmp_path, nodes=("n1",))[0])
+    assert os.listdir(tmp_path / "elsewhere") == []
+    assert "not a real directory" in flush_outbox(cfg).error
+
+
+def _can_mount() -> bool:
+    return os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+@contextmanager
+def mounted_tmpfs(path: Path, size: str):
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                           str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _python_for_nobody(root: Path) -> tuple[str, dict] | None:
+    """An interpreter and environment in which uid 65534 can import llem.export, or None.
+
+    This interpreter may live under /root; the system one with a world-readable copy of
+    the package does as well (llem.export needs nothing outside the standard library).
+    """
+    import llem
+
+    src = root / "src"
+    shutil.copytree(Path(llem.__file__).parent, src / "llem",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [src, *src.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    for exe, env in ((os.sys.executable, {}), ("/usr/bin/python3", {"PYTHONPATH": str(src)})):
+        env = {**os.environ, "HOME": "/tmp", **env}
+        try:
+            ok = subprocess.run([exe, "-c", "import llem.export"], user=65534, group=65534,
+                                env=env, capture_output=True, timeout=60,
+                                cwd="/").returncode == 0
+        except OSError:
+            ok = False
+        if ok:
+            return exe, env
+    return None
+
+
+def test_full_spool_keeps_the_slice_in_the_outbox(tmp_path):
+    if not _can_mount():
+        pytest.skip("needs root to mount a small tmpfs")
+    cfg = node_config(tmp_path)
+    with mounted_tmpfs(Path(cfg.spool_dir), "64k") as spool:
+        filler = spool / ".filler"
+        with open(filler, "wb") as f:
+            try:
+                f.write(b"x" * 200_000)
+            except OSError:
+                pass
+        data = job_slices(tmp_path, nodes=("n1",))[0]
+        t0 = time.monotonic()
+        deliver(cfg, data)
+        assert time.monotonic() - t0 < 1.5
+        assert [p.name for p in pending_slices(cfg)] == [slices.file_name(data)]
+        assert [n for n in os.listdir(spool) if not n.startswith(".filler")] == []
+        assert "full" in flush_outbox(cfg).error
+        filler.unlink()
+        assert flush_outbox(cfg).pending == 0
+        assert os.listdir(spool) == [slices.file_name(data)]
+
+
+def test_read_only_spool_keeps_the_slice_in_the_outbox(tmp_path):
+    cfg = node_config(tmp_path)
+    data = job_slices(tmp_path, nodes=("n1",))[0]
+    if not _can_mount():  # a non-root user is held back by the directory's mode
+        spool = Path(cfg.spool_dir)
+        spool.mkdir(mode=0o500)
+        deliver(cfg, data)
+        assert len(pending_slices(cfg)) == 1 and os.listdir(spool) == []
+        return
+    with mounted_tmpfs(Path(cfg.spool_dir), "1m") as spool:
+        subprocess.run(["mount", "-o", "remount,ro", str(spool)], check=True)
+        deliver(cfg, data)
+        assert len(pending_slices(cfg)) == 1
+        assert "read-only" in flush_outbox(cfg).error
+        subprocess.run(["mount", "-o", "remount,rw", str(spool)], check=True)
+        assert flush_outbox(cfg).pending == 0
+        assert os.listdir(spool) == [slices.file_name(data)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a non-root run is covered by the test above")
+def test_spool_without_write_permission_as_a_non_root_delivery(tmp_path, request):
+    """Root ignores modes, so the unwritable spool is tried by a child running as nobody."""
+    # pytest's tmp_path lies under a 0700 folder of root's: use one that nobody can reach.
+    root = Path(tempfile.mkdtemp(prefix="llem-nobody-"))
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    os.chmod(root, 0o755)
+    python = _python_for_nobody(root)
+    if python is None:
+        pytest.skip("no Python that uid 65534 can run llem with")
+    spool = root / "spool"
+    spool.mkdir(mode=0o755)  # root's, not writable by nobody
+    state = root / "nobody-state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    data = job_slices(tmp_path, nodes=("n1",))[0]
+    code = (
+        "import json, sys, time\n"
+        "from llem.config import Config\n"
+        "from llem.export import deliver, pending_slices\n"
+        f"cfg = Config(cluster='c1', state_dir={str(state)!r}, spool_dir={str(spool)!r})\n"
+        "t0 = time.monotonic()\n"
+        "deliver(cfg, json.loads(sys.argv[1]))\n"
+        "print(len(pending_slices(cfg)), round(time.monotonic() - t0, 2))\n"
+    )
+    proc = subprocess.run([python[0], "-c", code, json.dumps(data)], user=65534, group=65534,
+                          capture_output=True, text=True, timeout=60, env=python[1], cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    pending, elapsed = proc.stdout.split()
+    assert pending == "1" and float(elapsed) < 1.5
+    assert os.listdir(spool) == []
+
+
+@contextmanager
+def frozen_filesystem(tmp_path):
+    """An ext4 loop mount frozen with fsfreeze: every write blocks, like a hung NFS server."""
+    if os.geteuid() != 0 or not shutil.which("fsfreeze") or not shutil.which("mkfs.ext4"):
+        pytest.skip("needs root, fsfreeze and mkfs.ext4")
+    mnt = Path(f"/tmp/llem-freeze-{os.getpid()}")
+    image = Path(f"{mnt}.img")
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["truncate", "-s", "8M", str(image)], check=True)
+    if subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True).returncode:
+        pytest.skip("mkfs.ext4 failed")
+    if subprocess.run(["mount", "-o", "loop", str(image), str(mnt)],
+                      capture_output=True).returncode:
+        image.unlink()
+        pytest.skip("cannot loop-mount here")
+    spool = mnt / "spool"
+    spool.mkdir(mode=0o700)
+    frozen = False
+    try:
+        def freeze():
+            nonlocal frozen
+            subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+            frozen = True
+
+        def thaw():
+            nonlocal frozen
+            subprocess.run(["fsfreeze", "-u", str(mnt)], check=False)
+            frozen = False
+
+        yield spool, freeze, thaw
+    finally:
+        if frozen:
+            subprocess.run(["fsfreeze", "-u", str(mnt)], check=False)
+        time.sleep(0.5)  # let the released delivery process finish before unmounting
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        image.unlink(missing_ok=True)
+        mnt.rmdir()
+
+
+def test_hung_spool_never_blocks_delivery_beyond_a_second(tmp_path):
+    with frozen_filesystem(tmp_path) as (spool, freeze, thaw):
+        cfg = replace(node_config(tmp_path), spool_dir=str(spool))
+        data = job_slices(tmp_path, nodes=("n1",))[0]
+        freeze()
+        # As slurmd runs an Epilog: output on pipes that must reach EOF, although the delivery
+        # process it started is hung on the spool (it must not hold the Epilog's stdout).
+        code = ("import json, sys, time\nfrom llem.config import Config\n"
+                "from llem.export import deliver\nt0 = time.monotonic()\n"
+                "deliver(Config(**json.loads(sys.argv[1])), json.loads(sys.argv[2]))\n"
+                "print(round(time.monotonic() - t0, 3))")
+        args = json.dumps({"cluster": "c1", "state_dir": cfg.state_dir,
+                           "spool_dir": cfg.spool_dir})
+        t0 = time.monotonic()
+        proc = subprocess.run([os.sys.executable, "-c", code, args, json.dumps(data)],
+                              capture_output=True, text=True, timeout=60)
+        assert time.monotonic() - t0 < 2.5, "the Epilog's pipes stayed open"
+        assert proc.returncode == 0, proc.stderr
+        assert float(proc.stdout) < 1.5
+        assert len(pending_slices(cfg)) == 1
+        t0 = time.monotonic()
+        second = flush_outbox(cfg)  # a later Epilog while the first delivery is still hung
+        assert time.monotonic() - t0 < 1.5
+        assert second.pending == 1 and "another delivery" in second.error
+        thaw()
+        deadline = time.monotonic() + 10
+        while pending_slices(cfg) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the hung delivery resumes by itself once the spool answers
+        assert pending_slices(cfg) == []
+        assert os.listdir(spool) == [slices.file_name(data)]
+
+
+# -- headers ---------------------------------------------------------------------------------
+
+ENV = {
+    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "my job", "SLURM_JOB_NODELIST": "n[1-3]",
+    "SLURM_JOB_ACCOUNT": "physics", "SLURM_JOB_USER": "alice", "SLURM_JOB_UID": "1000",
+    "SLURM_JOB_PARTITION": "gpu", "SLURM_JOB_EXIT_CODE": "0", "SLURM_JOB_DERIVED_EC": "0",
+    "SLURM_CLUSTER_NAME": "c1",
+}
+
+
+@pytest.mark.parametrize("extra, state, exit_code, sig", [
+    ({}, "COMPLETED", 0, 0),
+    ({"SLURM_JOB_EXIT_CODE": str(3 << 8)}, "FAILED", 3, 0),
+    ({"SLURM_JOB_EXIT_CODE": "9"}, "SIGNALED", 0, 9),
+    ({"SLURM_JOB_EXIT_CODE2": "0:15"}, "SIGNALED", 0, 15),
+    ({"SLURM_JOB_DERIVED_EC": "2:0"}, "FAILED", 0, 0),
+    ({"SLURM_JOB_EXIT_CODE": ""}, "UNKNOWN", None, None),
+])
+def test_header_from_epilog_slurmctld_env(extra, state, exit_code, sig):
+    data = header_slice_from_env({**ENV, **extra}, "other", now_ns=T0)
+    job = data["job"]
+    assert data["cluster"] == "c1" and data["kind"] == "header"
+    assert (job["state"], job["exit_code"], job["signal"]) == (state, exit_code, sig)
+    assert (job["job_id"], job["name"], job["num_nodes"], job["end_ns"]) == \
+        ("4242", "my job", 3, T0)
+
+
+def test_header_uses_start_and_end_times_when_slurm_gives_them():
+    env = {**ENV, "SLURM_JOB_START_TIME": str(T0 // S), "SLURM_JOB_END_TIME": str(T0 // S + 60),
+           "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2"}
+    job = header_slice_from_env(env, "c1", now_ns=T0 + 999 * S)["job"]
+    assert (job["start_ns"], job["end_ns"]) == (T0, T0 + 60 * S)
+    assert (job["array_job_id"], job["array_task_id"]) == ("4240", "2")
+
+
+def test_header_without_a_job_id_is_refused():
+    with pytest.raises(LedgerError, match="job_id"):
+        header_slice_from_env({**ENV, "SLURM_JOB_ID": "../x"}, "c1")
+
+
+def test_write_header_delivers_to_the_spool(tmp_path):
+    cfg = node_config(tmp_path, node="ctld")
+    path = write_header(cfg, ENV)
+    assert path.name.startswith("header.c1.ctld.4242-")
+    assert os.listdir(cfg.spool_dir) == [path.name]
+
+
+# -- retention -------------------------------------------------------------------------------
+
+
+def test_prune_drops_only_exported_old_data(tmp_path):
+    store, run_id = build_store(tmp_path / "s" / "node.db")
+    other = store.add_job(JobRecord(job_id="101", cluster="c1", node="n1",
+                                    start_ns=T0 + 20000 * S))
+    add_intervals(store, other, T0 + 20000 * S, 600, 60, first_id=500)
+    cut = T0 + 10000 * S
+    assert prune_node_store(store, cut).get("jobs", 0) == 0  # sealed, not exported: kept
+    store.update_job(run_id, state="exported", exported_ns=T0 + 5400 * S)
+    counts = prune_node_store(store, cut)
+    assert counts["jobs"] == 1 and counts["intervals"] == 60
+    assert [j.job_id for j in store.jobs()] == ["101"]
+    assert store.query("SELECT COUNT(*) FROM intervals")[0][0] == 10
+    assert store.integrity_check() == "ok"
+    assert store.query("PRAGMA foreign_key_check") == []

@@ -1,0 +1,306 @@
+"""The ledger: idempotent merges, runs, completeness, hostlists, schema checks, readers."""
+
+import copy
+import json
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from llem import slices
+from llem.errors import LedgerError
+from llem.export import header_slice_from_env
+from llem.slices import SliceError, expand_hostlist
+from llem.store.ledger import Ledger, digest, group_runs
+from tests.test_export import ENV, S, T0, job_slices
+
+NOW = T0 + 10 * 3600 * S
+GRACE_S = 3600.0
+
+
+def merge(ledger, items, now_ns=NOW, grace_s=GRACE_S):
+    return ledger.merge([(d, digest(json.dumps(d, sort_keys=True).encode())) for d in items],
+                        now_ns=now_ns, grace_s=grace_s)
+
+
+# -- hostlists -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, hosts", [
+    ("n1", ["n1"]),
+    ("n[1-3,5],gpu[01-02]", ["n1", "n2", "n3", "n5", "gpu01", "gpu02"]),
+    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+    ("node[008-011]", ["node008", "node009", "node010", "node011"]),
+    ("a,b,a", ["a", "b"]),
+    ("n[9-10]-ib", ["n9-ib", "n10-ib"]),
+    ("", []),
+])
+def test_expand_hostlist(text, hosts):
+    assert expand_hostlist(text) == hosts
+
+
+@pytest.mark.parametrize("bad", ["n[1-3", "n1-3]", "n[3-1]", "n[a-b]", "n[[1]]", "n[1-]"])
+def test_expand_hostlist_rejects_malformed(bad):
+    with pytest.raises(ValueError):
+        expand_hostlist(bad)
+
+
+# -- schema and files ------------------------------------------------------------------------
+
+
+def test_ledger_is_wal_with_documented_modes(tmp_path):
+    path = tmp_path / "l" / "ledger.db"
+    with Ledger(path) as ledger:
+        assert ledger.query("PRAGMA journal_mode") == [("wal",)]
+        assert ledger.integrity_check() == "ok"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o755
+
+
+def test_newer_ledger_schema_is_refused(tmp_path):
+    path = tmp_path / "ledger.db"
+    Ledger(path).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(LedgerError, match="upgrade llem"):
+        Ledger(path)
+
+
+def test_symlinked_ledger_is_refused(tmp_path):
+    os.symlink("/etc/hostname", tmp_path / "ledger.db")
+    with pytest.raises(LedgerError):
+        Ledger(tmp_path / "ledger.db")
+
+
+def test_ledger_in_a_directory_writable_by_others_is_refused(tmp_path):
+    (tmp_path / "open").mkdir()
+    os.chmod(tmp_path / "open", 0o777)
+    with pytest.raises(LedgerError, match="writable by others"):
+        Ledger(tmp_path / "open" / "ledger.db")
+
+
+# -- merging ---------------------------------------------------------------------------------
+
+
+def test_merge_twice_and_in_another_order_gives_the_same_ledger(tmp_path):
+    items = job_slices(tmp_path, "100") + job_slices(tmp_path, "101", nodes=("n1", "n2"),
+                                                     nodelist="n[1-2]")
+    header = header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1", now_ns=T0 + 5401 * S)
+    items.append(header)
+    dumps = []
+    for n, order in enumerate([items, items[::-1], items[2:] + items[:2]]):
+        with Ledger(tmp_path / f"l{n}" / "ledger.db") as ledger:
+            merge(ledger, order)
+            once = ledger.canonical_dump()
+            stats = merge(ledger, order)
+            assert stats.merged == 0 and stats.unchanged == len(order)
+            assert ledger.canonical_dump() == once
+            dumps.append(once)
+    assert dumps[0] == dumps[1] == dumps[2]
+    assert "# job_energy 0" not in dumps[0]
+
+
+def test_job_run_totals_and_energy_per_node(tmp_path):
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        merge(ledger, job_slices(tmp_path, "100"))
+        (run,) = ledger.job_runs("100")
+        assert run["status"] == "complete" and run["nodes_reported"] == 3
+        assert run["gpu_energy_uj"] == 3 * 250_000_000 * 3600
+        assert run["cpu_energy_uj"] == 3 * 60_000_000 * 3600
+        assert run["energy_uj"] == run["gpu_energy_uj"] + run["cpu_energy_uj"] + \
+            run["dram_energy_uj"]
+        assert run["gpu_seconds"] == 3 * 3600.0
+        assert run["user"] == "alice" and run["tag"] == "exp-1"
+        assert ledger.job_energy_by_node("c1", "100") == {
+            n: (250_000_000 + 60_000_000 + 5_000_000) * 3600 for n in ("n1", "n2", "n3")}
+        hours = ledger.query("SELECT DISTINCT hour_s FROM job_energy ORDER BY hour_s")
+        assert hours == [(T0 // S,), (T0 // S + 3600,)]
+
+
+def test_a_newer_export_of_the_same_run_replaces_it(tmp_path):
+    old = job_slices(tmp_path, "100", nodes=("n1",))[0]
+    new = copy.deepcopy(old)
+    new["created_ns"] += 1
+    for row in new["energy"]:
+        row["energy_uj"] //= 2
+    for order in ([old, new], [new, old]):
+        with Ledger(tmp_path / f"l{order[0] is old}.db") as ledger:
+            merge(ledger, order)
+            assert ledger.query("SELECT COUNT(*) FROM job_nodes") == [(1,)]
+            assert ledger.job_runs("100")[0]["gpu_energy_uj"] == 250_000_000 * 3600 // 2
+
+
+def test_node_hour_keeps_the_latest_export(tmp_path):
+    def node_slice(as_of_ns, measured):
+        return {"schema": slices.SCHEMA, "kind": "node", "cluster": "c1", "node": "n1",
+                "created_ns": as_of_ns, "from_hour_s": T0 // S, "as_of_ns": as_of_ns,
+                "devices": {"rapl:package-0": {"component": "cpu", "name": "p0",
+                                               "sensor": "rapl", "source": "measured",
+                                               "method": "counter"}},
+                "hours": [{"hour_s": T0 // S, "device": "rapl:package-0",
+                           "measured_uj": measured, "attributed_uj": measured // 2,
+                           "remainder_uj": measured // 2, "intervals": 3, "gap_intervals": 0,
+                           "covered_ns": 180 * S}]}
+    partial, full = node_slice(T0 + 600 * S, 1000), node_slice(T0 + 3600 * S, 6000)
+    for order in ([partial, full], [full, partial]):
+        with Ledger(tmp_path / f"n{order[0] is full}.db") as ledger:
+            merge(ledger, [slices.validate(s) for s in order])
+            assert ledger.query("SELECT measured_uj, as_of_ns FROM node_hours") == \
+                [(6000, T0 + 3600 * S)]
+
+
+# -- runs and completeness -------------------------------------------------------------------
+
+
+def test_requeued_job_keeps_both_runs(tmp_path):
+    first = job_slices(tmp_path / "a", "100", seconds=600)
+    second = job_slices(tmp_path / "b", "100", start_ns=T0 + 7200 * S, seconds=600)
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        merge(ledger, second[:1] + first + second[1:])
+        runs = ledger.job_runs("100")
+        assert [r["run_start_ns"] for r in runs] == [T0 + 7200 * S, T0 + 1800 * S]
+        assert all(r["status"] == "complete" and r["nodes_reported"] == 3 for r in runs)
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_third_node_late_or_never(tmp_path, late):
+    n1, n2, n3 = job_slices(tmp_path, "100")
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        merge(ledger, [n1, n2], now_ns=T0 + 5400 * S + 60 * S)
+        (run,) = ledger.job_runs("100")
+        assert run["status"] == "pending" and run["missing_nodes"] == ["n3"]
+        later = T0 + 5400 * S + int(GRACE_S * S) + S
+        ledger.mark_incomplete(later, GRACE_S)
+        (run,) = ledger.job_runs("100")
+        assert run["status"] == "incomplete" and run["missing_nodes"] == ["n3"]
+        if late:
+            merge(ledger, [n3], now_ns=later + 3600 * S)
+            (run,) = ledger.job_runs("100")
+            assert run["status"] == "complete" and run["missing_nodes"] == []
+
+
+def test_node_reporting_twice_changes_nothing(tmp_path):
+    n1, n2, n3 = job_slices(tmp_path, "100")
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        merge(ledger, [n1, n2, n3])
+        before = ledger.canonical_dump()
+        merge(ledger, [n3, n3])
+        assert ledger.canonical_dump() == before
+
+
+def test_header_fields_win_and_header_alone_is_pending(tmp_path):
+    header = header_slice_from_env({**ENV, "SLURM_JOB_ID": "100", "SLURM_JOB_NAME": "real",
+                                    "SLURM_JOB_EXIT_CODE": str(1 << 8)}, "c1",
+                                   now_ns=T0 + 5402 * S)
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        merge(ledger, [header], now_ns=T0 + 5403 * S)
+        (run,) = ledger.job_runs("100")
+        assert run["status"] == "pending" and run["missing_nodes"] == ["n1", "n2", "n3"]
+        merge(ledger, job_slices(tmp_path, "100"), now_ns=T0 + 5403 * S)
+        (run,) = ledger.job_runs("100")
+        assert (run["name"], run["state"], run["exit_code"], run["has_header"]) == \
+            ("real", "FAILED", 1, 1)
+        assert run["status"] == "complete"
+
+
+def test_group_runs_is_order_independent():
+    nodes = [{"id": i, "node": f"n{i % 3}", "start_ns": T0 + s * S, "end_ns": T0 + (s + 10) * S}
+             for i, s in enumerate([0, 1, 2, 13, 14, 15])]
+    # The first run's header comes 1 s after its last node, the same second the requeued run
+    # starts: it still belongs to the first run.
+    headers = [{"end_ns": T0 + 13 * S, "start_ns": None},
+               {"end_ns": T0 + 26 * S, "start_ns": None},
+               {"end_ns": T0 + 5000 * S, "start_ns": None}]
+    a = group_runs(nodes, headers)
+    b = group_runs(nodes[::-1], headers[::-1])
+    assert [(r["start_ns"], r["header"]["end_ns"], len(r["nodes"])) for r in a] == \
+        [(T0, T0 + 13 * S, 3), (T0 + 13 * S, T0 + 26 * S, 3), (T0 + 5000 * S, T0 + 5000 * S, 0)]
+    assert [[n["id"] for n in r["nodes"]] for r in a] == [[n["id"] for n in r["nodes"]] for r in b]
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def _job(tmp_path):
+    return job_slices(tmp_path, "100", nodes=("n1",))[0]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d["energy"][0].update(energy_uj=-5), "negative energy"),
+    (lambda d: d["job"].update(end_ns=d["job"]["start_ns"] - 1), "end before start"),
+    (lambda d: d["energy"][0].update(energy_uj=10**30), "impossible energy"),
+    (lambda d: d["energy"][0].update(hour_s=d["energy"][0]["hour_s"] + 86400), "outside"),
+    (lambda d: d["energy"][0].update(device="nvml:GPU-z"), "not in 'devices'"),
+    (lambda d: d["job"].update(job_id="1/../2"), "characters outside"),
+    (lambda d: d.update(node="n 1"), "characters outside"),
+    (lambda d: d.update(schema="other/1"), "foreign file"),
+    (lambda d: d["job"].update(coverage=1.5), "coverage"),
+    (lambda d: d["devices"]["nvml:GPU-a"].update(source="guessed"), "source"),
+    (lambda d: d.pop("node_totals"), "missing 'node_totals'"),
+])
+def test_validation_names_the_problem(tmp_path, damage, message):
+    data = _job(tmp_path)
+    damage(data)
+    with pytest.raises(SliceError, match=message):
+        slices.validate(data)
+
+
+def test_newer_schema_is_its_own_error(tmp_path):
+    data = _job(tmp_path)
+    data["schema"] = "llem.slice/2"
+    with pytest.raises(slices.NewerSchema, match="upgrade llem"):
+        slices.validate(data)
+
+
+# -- readers ---------------------------------------------------------------------------------
+
+
+def test_readers_are_not_blocked_by_a_merge_in_progress(tmp_path):
+    path = tmp_path / "ledger.db"
+    with Ledger(path) as ledger:
+        merge(ledger, job_slices(tmp_path, "100"))
+        ledger.db.execute("BEGIN IMMEDIATE")  # a merge holding the write lock
+        ledger.db.execute("DELETE FROM job_runs")
+        reader = Ledger(path, readonly=True)
+        reader.db.execute("PRAGMA busy_timeout = 0")
+        assert reader.query("SELECT COUNT(*) FROM job_runs") == [(1,)]
+        ledger.db.execute("ROLLBACK")
+        reader.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a reader as another user")
+def test_a_user_reads_the_ledger_during_and_between_merges(request):
+    """Read-only users cannot create -wal/-shm: between merges the ledger leaves WAL mode."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from tests.test_export import _python_for_nobody
+
+    root = Path(tempfile.mkdtemp(prefix="llem-reader-"))
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    os.chmod(root, 0o755)
+    python = _python_for_nobody(root)
+    if python is None:
+        pytest.skip("no Python that uid 65534 can run llem with")
+    path = root / "ledger" / "ledger.db"
+    code = ("from llem.store.ledger import Ledger\n"
+            f"print(Ledger({str(path)!r}, readonly=True).query('SELECT COUNT(*) FROM meta')[0][0])")
+
+    def read() -> str:
+        proc = subprocess.run([python[0], "-c", code], user=65534, group=65534, env=python[1],
+                              capture_output=True, text=True, timeout=60, cwd="/")
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    writer = Ledger(path)
+    writer.db.execute("BEGIN IMMEDIATE")
+    writer.db.execute("INSERT INTO meta VALUES ('x', '1')")
+    assert read() == "1"  # a merge in progress: the committed state
+    writer.db.execute("COMMIT")
+    assert read() == "2"
+    writer.close()
+    assert read() == "2"  # no writer: no -wal/-shm, still readable
