@@ -450,8 +450,60 @@ def _pid_is_mine(paths: NodePaths) -> bool:
         return False
 
 
-def after_seal(run) -> None:
-    """What happens to a sealed job: its export (see llem.export, when installed)."""
+class Housekeeping:
+    """The sampler's chores between readings: export sealed jobs and the node's hours to the
+    spool (through the node-local outbox, bounded in time), retry the outbox, prune old data.
+
+    A failure is logged and recorded for `llem doctor`; it never stops the sampling.
+    """
+
+    NODE_EXPORT_EVERY_S = 300.0
+    FLUSH_EVERY_S = 60.0
+    PRUNE_EVERY_S = 86400.0
+    DELIVERY_TIMEOUT_S = 0.5
+
+    def __init__(self, store, config: Config, paths: "NodePaths") -> None:
+        self.store = store
+        self.config = config
+        self.paths = paths
+        now = time.monotonic()
+        self._next_node_export = now + 5.0
+        self._next_flush = now + self.FLUSH_EVERY_S
+        self._next_prune = now + 60.0
+
+    def _guard(self, what: str, body) -> None:
+        try:
+            body()
+        except Exception as e:  # noqa: BLE001
+            log.exception("%s failed", what)
+            record_problem(self.paths, f"sampler: {what} failed: {type(e).__name__}: {e}")
+
+    def job_sealed(self, run) -> None:
+        from llem.export import export_job, deliver
+
+        def export() -> None:
+            data = export_job(self.store, run.run_id, self.config)
+            deliver(self.config, data, timeout_s=self.DELIVERY_TIMEOUT_S)
+            self.store.update_job(run.run_id, state="exported", exported_ns=data["created_ns"])
+
+        self._guard(f"export of job {run.job_id}", export)
+
+    def tick(self) -> None:
+        from llem.export import export_node_since_last, flush_outbox, pending_slices, prune_by_config
+
+        now = time.monotonic()
+        if now >= self._next_node_export:
+            self._next_node_export = now + self.NODE_EXPORT_EVERY_S
+            self._guard("node export", lambda: export_node_since_last(
+                self.store, self.config, self.paths.node))
+        if now >= self._next_flush:
+            self._next_flush = now + self.FLUSH_EVERY_S
+            if pending_slices(self.config):
+                self._guard("outbox flush", lambda: flush_outbox(
+                    self.config, timeout_s=self.DELIVERY_TIMEOUT_S))
+        if now >= self._next_prune:
+            self._next_prune = now + self.PRUNE_EVERY_S
+            self._guard("pruning", lambda: prune_by_config(self.store, self.config))
 
 
 def _raw_counters(interval) -> dict[str, int]:
@@ -518,6 +570,7 @@ def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
     signal.signal(signal.SIGUSR1, lambda s, f: sampler.wake.set())
 
     cluster = config.cluster
+    chores = Housekeeping(store, config, paths)
 
     def on_interval(interval) -> None:
         interval_id = store.query("SELECT MAX(id) FROM intervals WHERE sampler_id = ?",
@@ -526,7 +579,8 @@ def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
         # Jobs that ended before this reading are complete: seal them. Then take in new
         # registrations; an ended job asks for its final reading at once.
         for run in finalize_ended(store, interval.end_ns):
-            after_seal(run)
+            chores.job_sealed(run)
+        chores.tick()
         ingested = ingest(store, paths.jobs, cluster, node)
         if any(kind == "end" for _, kind in ingested):
             sampler.wake.set()

@@ -25,6 +25,7 @@ FAST_COMMANDS = {
     "sampler": "llem.cli.sampler:main",
     "prolog": "llem.cli.slurm:prolog_main",
     "epilog": "llem.cli.slurm:epilog_main",
+    "epilog-slurmctld": "llem.cli.slurm:slurmctld_epilog_main",
 }
 
 

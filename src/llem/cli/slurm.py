@@ -99,12 +99,37 @@ def epilog_body(env: Mapping[str, str]) -> None:
                 os.kill(pid, signal.SIGUSR1)  # it takes the final reading and seals the job
                 log.info("llem epilog: job %s handed to the node sampler (pid %d)", job_id, pid)
                 return
-            seal(store, run, {"no_final_reading"})
+            run = seal(store, run, {"no_final_reading"})
+            _export(store, run, config)
             others = store.running_jobs()
         if others:  # the sampler died while jobs run: restart it for them
             spawn_sampler(node, env)
             log.info("llem: restarted the node sampler for %s", node)
     log.info("llem epilog: job %s sealed on %s without a sampler", job_id, node)
+
+
+def _export(store, run, config) -> None:
+    from llem.export import export_and_deliver
+
+    try:
+        export_and_deliver(store, run.run_id, config)
+    except Exception as e:  # noqa: BLE001 - the job is sealed; a later Epilog retries the outbox
+        log.error("llem epilog: export of job %s failed: %s", run.job_id, e)
+
+
+def slurmctld_epilog_body(env: Mapping[str, str]) -> None:
+    from llem import config as config_mod
+    from llem.export import write_header
+
+    config = config_mod.load(env=env)
+    path = write_header(config, env)
+    log.info("llem epilog-slurmctld: header of job %s written (%s)", env.get("SLURM_JOB_ID"),
+             path.name)
+
+
+def slurmctld_epilog_main(argv: list[str] | None = None) -> int:
+    """llem epilog-slurmctld: the job's name, nodelist and final state for the ledger."""
+    return _guarded("epilog-slurmctld", slurmctld_epilog_body, os.environ)
 
 
 def prolog_main(argv: list[str] | None = None) -> int:
