@@ -99,7 +99,7 @@ class Site:
     def write_config(self, text: str | None = None) -> None:
         self.config.write_text(text if text is not None else (
             f"cluster: llemtest\nstate_dir: {self.state_dir}\nrun_dir: {self.run_dir}\n"
-            f"spool_dir: {self.spool_dir}\n"
+            f"spool_dir: {self.spool_dir}\nledger: {self.state_dir / 'ledger.db'}\n"
             "sampler:\n  interval_s: 0.5\n  linger_s: 0\ncarbon:\n  region: FR\n"))
         self.config.chmod(0o644)
 

@@ -29,6 +29,7 @@ def cluster(slurm_module_cluster_factory, site):
                                      node_prefix="s", port_base=17300, start=False)
     c.prolog = site.hook("prolog")
     c.epilog = site.hook("epilog")
+    c.epilog_slurmctld = site.hook("epilog-slurmctld")
     c.start()
     return c
 
@@ -243,3 +244,53 @@ def test_broken_llem_never_drains_the_node(cluster, site, breakage):
     finally:
         site.write_config()
         site.write_defaults()
+
+
+def test_end_to_end_epilogs_export_and_the_ledger_holds_every_job(cluster, site):
+    """Jobs run, Epilogs export through the outbox to the spool, `llem aggregate` merges."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    n1, n2, n3 = cluster.nodes
+    multi = submit(cluster, site, ["-N3", "-w", f"{n1},{n2},{n3}", "-J", "e2e-multi",
+                                   "--wrap", f"srun {burn(1.0)}"])
+    single = submit(cluster, site, ["-w", n2, "-J", "e2e-single", "--gres=gpu:1",
+                                    "--wrap", "sleep 1"])
+    assert finished(cluster, multi) == "COMPLETED"
+    assert finished(cluster, single) == "COMPLETED"
+    for node in (n1, n2, n3):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            row = site.wait_sealed(node, multi)
+            if row[1] == "exported":
+                break
+            time.sleep(0.2)
+        assert row[1] == "exported", (node, row)
+    env = {**os.environ, "LLEM_CONFIG": str(site.config)}
+    env.pop("LLEM_POWERCAP_ROOT", None)
+    deadline = time.monotonic() + 30
+    while True:  # the header slice comes from the controller, a moment after the job
+        r = subprocess.run([sys.executable, "-m", "llem.cli.main", "aggregate", "--once",
+                            "--json"], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        db = sqlite3.connect(f"file:{site.base / 'state' / 'ledger.db'}?mode=ro", uri=True)
+        runs = {job: db.execute("SELECT status, name FROM job_runs WHERE job_id = ?",
+                                (job,)).fetchone() for job in (multi, single)}
+        if all(r and r[1] for r in runs.values()) or time.monotonic() > deadline:
+            break
+        db.close()
+        time.sleep(1)
+    try:
+        assert runs[multi] == ("complete", "e2e-multi"), runs
+        assert runs[single] == ("complete", "e2e-single"), runs
+        per_node = dict(db.execute(
+            "SELECT n.node, SUM(e.energy_uj) FROM job_nodes n JOIN job_energy e "
+            "ON e.job_node_id = n.id WHERE n.job_id = ? GROUP BY n.node", (multi,)))
+        assert set(per_node) == {n1, n2, n3} and all(v > 0 for v in per_node.values())
+        gpu = db.execute(
+            "SELECT SUM(e.energy_uj) FROM job_nodes n JOIN job_energy e ON e.job_node_id = n.id"
+            " WHERE n.job_id = ? AND e.component = 'gpu'", (single,)).fetchone()[0]
+        assert gpu and gpu > 0
+    finally:
+        db.close()
