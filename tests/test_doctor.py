@@ -69,3 +69,20 @@ def test_hook_run_dir_mismatch_and_recent_problems(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"set LLEM_RUN_DIR={tmp_path / 'run'} in {defaults}" in r.stdout
     assert "problem: 2026-01-01 llem prolog job 5: boom" in r.stdout
+
+
+def test_quarantined_slices_are_listed(tmp_path):
+    import json as _json
+
+    spool = tmp_path / "spool"
+    q = spool / "quarantine"
+    q.mkdir(parents=True)
+    (q / "bad.json").write_text("{truncated")
+    (q / "bad.json.reason").write_text(_json.dumps({"file": "bad.json",
+                                                   "reason": "not JSON: truncated"}))
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(f"spool_dir: {spool}\nstate_dir: {tmp_path / 'state'}\n")
+    r = doctor({"LLEM_CONFIG": str(cfg), "LLEM_POWERCAP_ROOT": str(tmp_path / "none")})
+    assert r.returncode == 0, r.stderr
+    assert f"quarantined: {q / 'bad.json'}: not JSON: truncated" in r.stdout
+    assert "1 slice(s) in quarantine" in r.stdout

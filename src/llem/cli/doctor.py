@@ -61,6 +61,27 @@ def _hook_defaults(env: dict) -> dict[str, str]:
     return out
 
 
+def _spool(config, problems: list[str]) -> dict:
+    from llem.aggregate import quarantine_report
+    from llem.export import pending_slices
+
+    info: dict = {"outbox_pending": 0, "quarantined": []}
+    try:
+        info["outbox_pending"] = len(pending_slices(config))
+    except OSError as e:
+        info["outbox_error"] = str(e)
+    try:
+        info["quarantined"] = quarantine_report(config)
+    except OSError as e:
+        info["quarantine_error"] = str(e)
+    if info["quarantined"]:
+        problems.append(f"{len(info['quarantined'])} slice(s) in quarantine (see 'Spool')")
+    if info["outbox_pending"]:
+        problems.append(f"{info['outbox_pending']} slice(s) wait in the outbox: is the spool "
+                        f"{config.spool_dir} reachable?")
+    return info
+
+
 def _node_sampler(config, node: str, env: dict, problems: list[str]) -> dict:
     from llem.nodejobs import pending
     from llem.nodesampler import NodePaths, sampler_pid
@@ -145,6 +166,7 @@ def diagnose(env: dict | None = None) -> dict:
         if info.get("warning"):
             report["problems"].append(f"{name} {info['path']}: {info['warning']}")
     report["node_sampler"] = _node_sampler(config, report["node"], env, report["problems"])
+    report["spool"] = _spool(config, report["problems"])
     report["environment"] = {k: v for k, v in sorted(env.items()) if k.startswith("LLEM_")}
     if os.geteuid() != 0:
         report["notes"] = ["not running as root: what root-only counters show may differ"]
@@ -193,6 +215,14 @@ def render(report: dict) -> str:
         out.append(f"  {ns['pending_registrations']} job registration(s) waiting")
     for line in ns["recent_problems"]:
         out.append(f"  problem: {line}")
+    sp = report["spool"]
+    if sp["outbox_pending"] or sp["quarantined"]:
+        out.append("")
+        out.append("Spool:")
+        if sp["outbox_pending"]:
+            out.append(f"  {sp['outbox_pending']} slice(s) waiting in the node's outbox")
+        for q in sp["quarantined"]:
+            out.append(f"  quarantined: {q.get('path')}: {q.get('reason')}")
     if report["environment"]:
         out.append("")
         out.append("Environment:")
