@@ -64,3 +64,13 @@ def test_hook_runs_llem_with_the_settings(tmp_path):
                     f"LLEM_BIN={fake}\nLLEM_CONFIG=\"/etc/x.yaml\"\nLLEM_POWERCAP_ROOT=/p\n")
     assert r.returncode == 0
     assert seen.read_text().strip() == "prolog /etc/x.yaml /p"
+
+
+def test_python_and_bash_record_the_same_variables():
+    import re
+
+    from llem.nodejobs import JOB_VARS
+
+    text = (REPO / "slurm" / "llem-hook.sh").read_text()
+    block = text[text.index("LLEM_JOB_VARS=("):text.index(")", text.index("LLEM_JOB_VARS=("))]
+    assert tuple(re.findall(r"[A-Z_]+", block.split("(", 1)[1])) == JOB_VARS

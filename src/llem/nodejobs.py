@@ -156,3 +156,27 @@ def finalize_ended(store: NodeStore, up_to_ns: int,
 
 def dumps_flags(flags) -> str:
     return json.dumps(sorted(flags))
+
+
+JOB_VARS = (
+    "SLURM_JOB_ID", "SLURM_JOB_UID", "SLURM_JOB_USER", "SLURM_JOB_GID", "SLURM_JOB_ACCOUNT",
+    "SLURM_JOB_PARTITION", "SLURM_CLUSTER_NAME", "SLURMD_NODENAME", "SLURM_NODELIST",
+    "SLURM_JOB_NUM_NODES", "SLURM_JOB_CPUS_PER_NODE", "SLURM_JOB_GPUS", "SLURM_JOB_NAME",
+    "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SPANK_LLEM_ENERGY_TAG",
+)
+"""The variables slurm/llem-hook.sh records (keep the two lists equal)."""
+
+
+def write_registration(jobs_dir: Path, kind: str, env: dict, at_ns: int | None = None) -> Path:
+    """What the hook's bash does, in Python (``llem demo``, tests): ``<job>.start|end``."""
+    job_id = env["SLURM_JOB_ID"]
+    if not job_id.isdigit() or kind not in ("start", "end"):
+        raise ValueError(f"bad registration {job_id!r} {kind!r}")
+    at_ns = time.time_ns() if at_ns is None else at_ns
+    records = [f"LLEM_EVENT_US={at_ns // 1000}"]
+    records += [f"{k}={env[k]}" for k in JOB_VARS if k in env]
+    tmp = jobs_dir / f".{job_id}.{kind}.{os.getpid()}"
+    tmp.write_bytes(b"".join(r.encode() + b"\0" for r in records))
+    final = jobs_dir / f"{job_id}.{kind}"
+    os.replace(tmp, final)
+    return final

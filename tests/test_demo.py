@@ -1,0 +1,33 @@
+"""`llem demo`: the whole pipeline on this machine, without Slurm or root."""
+
+import sqlite3
+import subprocess
+import sys
+
+
+def test_demo_runs_the_pipeline_end_to_end(tmp_path):
+    base = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "llem.cli.main", "demo", "--dir", str(base)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "merged" in r.stdout and "Next, try:" in r.stdout
+    db = sqlite3.connect(base / "ledger.db")
+    runs = {row[0]: row[1:] for row in db.execute(
+        "SELECT job_id, status, name, user, energy_uj, cpu_energy_uj, coverage FROM job_runs")}
+    assert set(runs) == {"101", "102", "103", "104"}
+    assert all(v[0] == "complete" for v in runs.values())
+    assert runs["101"][1:3] == ("cpu-heavy", "alice")
+    # the CPU-heavy job got CPU energy; the idle one sharing its node next to none
+    assert runs["101"][4] > 10 * max(1, runs["102"][4])
+    nodes = db.execute("SELECT COUNT(DISTINCT node) FROM job_nodes WHERE job_id = '103'")
+    assert nodes.fetchone()[0] == 2
+    windows = dict(db.execute("SELECT name, status FROM windows"))
+    assert windows == {"prepare": "closed", "compute": "closed"}
+    db.close()
+
+
+def test_demo_refuses_a_folder_in_use(tmp_path):
+    (tmp_path / "x").write_text("mine")
+    r = subprocess.run([sys.executable, "-m", "llem.cli.main", "demo", "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not empty" in r.stderr
