@@ -186,6 +186,18 @@ class Demo:
                     self._wake(node)
                     time.sleep(0.1)
 
+    def flush(self, timeout_s: float = 20.0) -> None:
+        """Wait until every slice has left the outbox for the spool."""
+        from llem.export import flush_outbox, pending_slices
+
+        config = self.config()
+        deadline = time.monotonic() + timeout_s
+        while pending_slices(config):
+            if time.monotonic() > deadline:
+                raise LlemError(f"slices still wait in the outbox after {timeout_s} s")
+            flush_outbox(config, timeout_s=2.0)
+            time.sleep(0.05)
+
     def stop_samplers(self) -> None:
         from llem.nodesampler import NodePaths, sampler_pid
 
@@ -227,6 +239,7 @@ class Demo:
                 self.end_job(job)
                 self.say(f"  job {job.job_id} ended")
             self.wait_exported()
+            self.flush()
             self.say("  samplers sealed and exported every job to the spool")
         finally:
             self.stop_samplers()
