@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import time
 
 import pytest
 
 from .harness import TEST_USER, TEST_USER2
-from .llem_site import GPU_W, Site, burn
+from .llem_site import GPU_W, REPO, Site, burn
 
 pytestmark = pytest.mark.slurm
 
@@ -30,6 +32,14 @@ def cluster(slurm_module_cluster_factory, site):
     c.prolog = site.hook("prolog")
     c.epilog = site.hook("epilog")
     c.epilog_slurmctld = site.hook("epilog-slurmctld")
+    # The llem SPANK plugin, so that --energy-tag reaches the ledger.
+    build = subprocess.run(["make", "-C", str(REPO / "spank"), "all"], capture_output=True,
+                           text=True, timeout=120)
+    assert build.returncode == 0, build.stdout + build.stderr
+    so = c.prepare() / "llem.so"
+    shutil.copy(REPO / "spank" / "llem.so", so)
+    so.chmod(0o755)
+    c.plugstack = [f"optional {so}"]
     c.start()
     return c
 
@@ -254,9 +264,12 @@ def test_end_to_end_epilogs_export_and_the_ledger_holds_every_job(cluster, site)
 
     n1, n2, n3 = cluster.nodes
     multi = submit(cluster, site, ["-N3", "-w", f"{n1},{n2},{n3}", "-J", "e2e-multi",
-                                   "--wrap", f"srun {burn(1.0)}"])
-    single = submit(cluster, site, ["-w", n2, "-J", "e2e-single", "--gres=gpu:1",
-                                    "--wrap", "sleep 1"])
+                                   "--energy-tag=exp2", "--wrap", f"srun {burn(1.0)}"])
+    single = submit(cluster, site, ["-w", n2, "-J", "e2e-single", "--gres=gpu:1"],
+                    script="#!/bin/bash\n#SBATCH --energy-tag=exp3\nsleep 1\n")
+    r = cluster.srun(["-w", n1, "--energy-tag=exp1", "-J", "e2e-srun", "true"],
+                     env=site.user_env)
+    assert r.returncode == 0, r.output
     assert finished(cluster, multi) == "COMPLETED"
     assert finished(cluster, single) == "COMPLETED"
     for node in (n1, n2, n3):
@@ -284,6 +297,8 @@ def test_end_to_end_epilogs_export_and_the_ledger_holds_every_job(cluster, site)
     try:
         assert runs[multi] == ("complete", "e2e-multi"), runs
         assert runs[single] == ("complete", "e2e-single"), runs
+        tags = dict(db.execute("SELECT name, tag FROM job_runs WHERE name LIKE 'e2e-%'"))
+        assert tags == {"e2e-multi": "exp2", "e2e-single": "exp3", "e2e-srun": "exp1"}, tags
         per_node = dict(db.execute(
             "SELECT n.node, SUM(e.energy_uj) FROM job_nodes n JOIN job_energy e "
             "ON e.job_node_id = n.id WHERE n.job_id = ? GROUP BY n.node", (multi,)))
