@@ -21,7 +21,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,20 +54,16 @@ def check_spool_dir(path: Path, *, create: bool = True) -> Path:
     Raises:
         LedgerError: a symlink, not a directory, writable by others, or cannot be created.
     """
-    try:
-        if create:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(path)
-    except OSError as e:
-        raise LedgerError(f"{path}: cannot use the spool: {e.strerror or e}") from e
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise LedgerError(f"{path}: the spool is not a real directory (a symlink or a file)")
-    if st.st_mode & stat.S_IWOTH:
-        raise LedgerError(
-            f"{path}: the spool is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"anyone could drop slices there; fix with 'chmod o-w {path}'"
-        )
-    return path
+    from llem.safedir import dir_problem
+
+    problem = dir_problem(path, create_mode=0o700 if create else None, group_write_ok=True,
+                          owner_check=False)
+    if problem is None:
+        return path
+    if problem.startswith(("cannot be used", "permission denied")):
+        raise LedgerError(f"{path}: cannot use the spool: {problem.split(': ', 1)[-1]}")
+    extra = "; anyone could drop slices there" if "writable" in problem else ""
+    raise LedgerError(f"{path}: the spool {problem}{extra}")
 
 
 def write_atomic(directory: Path, name: str, data: bytes, mode: int = 0o640) -> Path:

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sqlite3
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,17 +198,12 @@ def digest(data: bytes) -> str:
 
 
 def _check_parent(path: Path) -> None:
-    parent = path.parent
-    try:
-        parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        st = os.lstat(parent)
-    except OSError as e:
-        raise LedgerError(f"{parent}: cannot create the ledger's directory: {e.strerror}") from e
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise LedgerError(f"{parent}: the ledger's directory is not a real directory")
-    if st.st_mode & stat.S_IWOTH or st.st_uid not in (0, os.geteuid()):
-        raise LedgerError(f"{parent}: the ledger's directory is writable by others or owned by "
-                          "another user; refusing to write the ledger there")
+    from llem.safedir import dir_problem
+
+    problem = dir_problem(path.parent, create_mode=0o755, group_write_ok=True)
+    if problem is not None:
+        raise LedgerError(f"{path.parent}: the ledger's directory {problem}; refusing to write "
+                          "the ledger there")
 
 
 class Ledger:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sqlite3
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,26 +273,11 @@ def ensure_private_dir(path: Path, mode: int = 0o750) -> Path:
         StoreError: the path is a symlink, not a directory, owned by another non-root user, or
             writable by group or others.
     """
-    try:
-        path.mkdir(mode=mode, parents=True, exist_ok=True)
-        st = os.lstat(path)
-    except PermissionError:
-        raise StoreError(f"{path}: permission denied creating the state directory") from None
-    except OSError as e:
-        raise StoreError(f"{path}: cannot create the state directory: {e.strerror}") from e
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise StoreError(f"{path}: not a real directory (a symlink or a file); refusing to use it")
-    euid = os.geteuid()
-    if st.st_uid not in (euid, 0):
-        raise StoreError(
-            f"{path}: owned by uid {st.st_uid}, not by this user (uid {euid}) or root; refusing "
-            "to write through a directory another user controls"
-        )
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise StoreError(
-            f"{path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); fix with "
-            f"'chmod go-w {path}'"
-        )
+    from llem.safedir import dir_problem
+
+    problem = dir_problem(path, create_mode=mode)
+    if problem is not None:
+        raise StoreError(f"{path}: {problem}; refusing to use it")
     return path
 
 
