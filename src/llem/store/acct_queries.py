@@ -281,12 +281,11 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
     """
     where, params = where_clause(f)
     if group is None:
-        keys = ""
+        keys, n = "", 0
     elif group == "run":
-        keys = "r.cluster, r.job_id, r.run_start_ns, "
+        keys, n = "r.cluster, r.job_id, r.run_start_ns, ", 3
     else:
-        keys = f"{GROUP_KEYS[group]}, "
-    n = keys.count(",")
+        keys, n = f"{GROUP_KEYS[group]}, ", 1
     groups = ", ".join(str(i) for i in range(1, n + 2))
     return ledger.query(
         f"SELECT {keys}e.hour_s, SUM(e.energy_uj) FROM job_runs r "
