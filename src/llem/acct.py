@@ -754,26 +754,20 @@ def format_time(ts_ns: int | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts_ns // S))
 
 
+def _formatter(kind: str, units: str | None):
+    """value -> text for a field kind (None -> empty, or ``Unknown`` for times)."""
+    simple = {
+        "energy": lambda v: format_energy(v, units), "time": format_time,
+        "elapsed": format_elapsed, "watts": "{:.1f}".format, "intensity": "{:.1f}".format,
+        "float1": "{:.1f}".format, "percent": lambda v: f"{v * 100:.1f}%",
+        "co2e": format_co2e,
+    }.get(kind, str)
+    empty = "Unknown" if kind == "time" else ""
+    return lambda v: empty if v is None else simple(v)
+
+
 def _text(value: Any, kind: str, units: str | None) -> str:
-    if value is None:
-        return "" if kind != "time" else "Unknown"
-    if kind == "energy":
-        return format_energy(value, units)
-    if kind == "time":
-        return format_time(value)
-    if kind == "elapsed":
-        return format_elapsed(value)
-    if kind == "watts":
-        return f"{value:.1f}"
-    if kind == "percent":
-        return f"{value * 100:.1f}%"
-    if kind == "intensity":
-        return f"{value:.1f}"
-    if kind == "co2e":
-        return format_co2e(value)
-    if kind == "float1":
-        return f"{value:.1f}"
-    return str(value)
+    return _formatter(kind, units)(value)
 
 
 def _cell(text: str, width: int) -> str:
@@ -793,9 +787,10 @@ def render_table(columns: Sequence[Column], rows: Sequence[dict], *, noheader: b
         lines.append("".join(c.field.name[:abs(c.width)].rjust(abs(c.width)) + " "
                              for c in columns))
         lines.append("".join("-" * abs(c.width) + " " for c in columns))
+    cols = [(c.field.name, _formatter(c.field.kind, units), c.width) for c in columns]
     for row in rows:
-        lines.append("".join(_cell(_text(row.get(c.field.name), c.field.kind, units), c.width)
-                             + " " for c in columns))
+        lines.append("".join([_cell(fmt(row.get(name)), width) + " "
+                              for name, fmt, width in cols]))
     return "".join(line + "\n" for line in lines)
 
 
@@ -806,9 +801,9 @@ def render_parsable(columns: Sequence[Column], rows: Sequence[dict], *, noheader
     lines = []
     if not noheader:
         lines.append(delimiter.join(c.field.name for c in columns) + end)
+    cols = [(c.field.name, _formatter(c.field.kind, units)) for c in columns]
     for row in rows:
-        lines.append(delimiter.join(_text(row.get(c.field.name), c.field.kind, units)
-                                    for c in columns) + end)
+        lines.append(delimiter.join([fmt(row.get(name)) for name, fmt in cols]) + end)
     return "".join(line + "\n" for line in lines)
 
 
