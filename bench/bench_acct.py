@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     size_mb = os.path.getsize(args.ledger) / 1e6
     print(f"ledger: {args.ledger}: {total:,} job runs, {size_mb:,.0f} MB; "
           f"{sum(n for _, n in users):,} runs in the last 30 days, {len(users)} users")
+    if not users:
+        raise SystemExit("no runs ended in the last 30 days: build the ledger with a recent "
+                         "--now (make_ledger.py's default is the current time)")
     acct = _acct_cmd() + ["--ledger", args.ledger]
     median_user, median_n = users[len(users) // 2]
     busiest, busiest_n = users[-1]

@@ -289,7 +289,7 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
     groups = ", ".join(str(i) for i in range(1, n + 2))
     return ledger.query(
         f"SELECT {keys}e.hour_s, SUM(e.energy_uj) FROM job_runs r "
-        "JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id "
+        "CROSS JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id "
         "AND jn.run_start_ns = r.run_start_ns "
         f"JOIN job_energy e ON e.job_node_id = jn.id WHERE {where} "
         f"GROUP BY {groups} ORDER BY {groups}", params)
@@ -299,7 +299,9 @@ def run_nodes(ledger, f: RunFilter) -> list[tuple[str, str]]:
     """Distinct (cluster, node) of the runs matching ``f`` (for the statement's hardware)."""
     where, params = where_clause(f)
     return ledger.query(
-        "SELECT DISTINCT jn.cluster, jn.node FROM job_runs r JOIN job_nodes jn "
+        # CROSS JOIN keeps job_runs outermost: left free, the planner scans all of job_nodes
+        # in node order to save a sort (13 s instead of 0.2 s on a million jobs).
+        "SELECT DISTINCT jn.cluster, jn.node FROM job_runs r CROSS JOIN job_nodes jn "
         "ON jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns"
         f" WHERE {where} ORDER BY 1, 2", params)
 
