@@ -317,7 +317,6 @@ class AcctOptions:
     Attributes:
         ledger: the ledger's path.
         filter: the run selection.
-        steps: -j items with a step part: (job_id, step) pairs to show (None: every step).
         allocations: ``-X``: no step (window) rows.
         columns: the fields to show.
         mode: ``table``, ``parsable`` (``-p``), ``parsable2`` (``-P``) or ``json``.
@@ -332,7 +331,6 @@ class AcctOptions:
 
     ledger: str
     filter: RunFilter
-    steps: tuple[tuple[str, str], ...] | None = None
     allocations: bool = False
     columns: tuple[Column, ...] = ()
     mode: str = "table"
@@ -416,9 +414,6 @@ def build_options(*, ledger: str, cluster: str, current_user: str, is_root: bool
         units = units.upper()
         if units not in ENERGY_PREFIXES[1:]:
             raise AcctUsageError("--units", f"invalid unit '{units}' (use K, M, G, T or P)")
-    steps = None
-    if job_specs is not None and any(s.step for s in job_specs):
-        steps = tuple((s.job_id, s.step) for s in job_specs if s.step)
     f = RunFilter(
         clusters=cluster_list, users=user_list, accounts=split_list(accounts),
         partitions=split_list(partitions),
@@ -427,7 +422,7 @@ def build_options(*, ledger: str, cluster: str, current_user: str, is_root: bool
     mode = "json" if as_json else "parsable" if parsable else "parsable2" if parsable2 \
         else "table"
     return AcctOptions(
-        ledger=ledger, filter=f, steps=steps, allocations=allocations,
+        ledger=ledger, filter=f, allocations=allocations,
         columns=tuple(parse_format(fmt, totals_by)), mode=mode,
         delimiter="|" if delimiter is None else delimiter, noheader=noheader, units=units,
         totals_by=totals_by, statement=statement, window=(start, end),
@@ -570,6 +565,7 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "_gpu_hours": run["gpu_seconds"] / 3600,
         "_node_hours": (run["num_nodes"] or 0) * elapsed_s / 3600,
         "_key": (run["cluster"], run["job_id"], run["run_start_ns"]),
+        "_array": (run["array_job_id"], run["array_task_id"]),
     }
 
 
@@ -905,11 +901,24 @@ class Report:
     status: int = 0
 
 
-def _step_wanted(steps: tuple[tuple[str, str], ...] | None, row: dict) -> bool:
-    if steps is None:
+def _spec_matches(spec: JobSpec, run: dict) -> bool:
+    """Whether a ``-j`` item names this run (its job id, its array, or its array task)."""
+    if spec.task_id is not None:
+        return run["_array"] == (spec.job_id, spec.task_id)
+    return spec.job_id in (run["JobIDRaw"], run["_array"][0])
+
+
+def _shown(specs: tuple[JobSpec, ...] | None, run: dict, window: dict | None) -> bool:
+    """sacct's rule: ``-j 12`` shows job 12 and its steps, ``-j 12.train`` only that step."""
+    if specs is None or not any(s.step for s in specs):
         return True
-    job_id = row["_parent"][1]
-    return any(job_id == j and s in (row["JobName"], row["_step_id"]) for j, s in steps)
+    for spec in specs:
+        if not _spec_matches(spec, run):
+            continue
+        if not spec.step or (window is not None
+                             and spec.step in (window["JobName"], window["_step_id"])):
+            return True
+    return False
 
 
 def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
@@ -925,31 +934,26 @@ def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
                 ledger, opts.filter, "run"):
             hourly.setdefault((cluster, job_id, run_start_ns), {})[hour_s] = uj / UJ_PER_J
     add_carbon(runs, carbon, hourly)
+    specs = opts.filter.jobs
     if opts.allocations or not runs:
-        return runs
+        return [run for run in runs if _shown(specs, run, None)]
     parents = {r["_key"]: r for r in runs}
     windows = q.select_windows(ledger, list(parents))
-    if not windows:
-        return [] if opts.steps is not None and not _jobs_without_step(opts) else runs
-    devices = q.device_components(ledger, {(w[0], w[10]) for w in windows})
-    steps = [w for w in window_rows(windows, devices, parents) if _step_wanted(opts.steps, w)]
-    add_carbon(steps, carbon)
+    steps: list[dict] = []
+    if windows:
+        devices = q.device_components(ledger, {(w[0], w[10]) for w in windows})
+        steps = [w for w in window_rows(windows, devices, parents)
+                 if _shown(specs, parents[w["_parent"]], w)]
+        add_carbon(steps, carbon)
     by_parent: dict[tuple, list[dict]] = {}
     for step in steps:
         by_parent.setdefault(step["_parent"], []).append(step)
     out = []
-    whole_jobs = _jobs_without_step(opts)
     for run in runs:
-        children = by_parent.get(run["_key"], [])
-        if opts.steps is None or run["JobIDRaw"] in whole_jobs:
+        if _shown(specs, run, None):
             out.append(run)
-        out += children
+        out += by_parent.get(run["_key"], [])
     return out
-
-
-def _jobs_without_step(opts: AcctOptions) -> set[str]:
-    jobs = opts.filter.jobs or ()
-    return {s.job_id for s in jobs if not s.step}
 
 
 def total_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
