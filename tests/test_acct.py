@@ -217,6 +217,7 @@ def test_totals_per_user_account_day(env):
     (("-E", "0301", "-S", "022826"), []),
     (("-E", "2026-03-01T12:30"), ["5001", "5001.train"]),
     (("-M", "other"), []),
+    (("--name", "sim,prep"), ["5009_1", "5003"]),
 ])
 def test_filters(env, args, ids):
     base = ["-a", "-S", "2026-03-01", "-E", "2026-03-03"]
@@ -334,6 +335,7 @@ def test_help_and_docs_name_every_flag_and_field():
                  "--starttime", "--endtime", "--nodelist", "--allocations", "--format",
                  "--helpformat", "--noheader", "--parsable", "--parsable2", "--delimiter",
                  "--json", "--units", "--clusters", "--since", "--totals", "--statement",
+                 "--duplicates", "--name", "--allclusters",
                  "--ledger", "--debug"):
         assert flag in r.output, flag
         assert flag in docs, flag
@@ -353,3 +355,23 @@ def test_llem_lists_acct_and_import_path_is_light():
             "'yaml') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]"  # carbon, the ledger and YAML load only when used
+
+
+def test_requeued_job_latest_run_unless_duplicates(tmp_path, monkeypatch):
+    d = tmp_path / "lib"
+    d.mkdir(mode=0o755)
+    ledger = d / "ledger.db"
+    make_ledger.write_jobs(ledger, [
+        job("7000", "alice", "physics", "cpu", T, T + 600, ["c0001"], state="SIGNALED"),
+        job("7000", "alice", "physics", "cpu", T + H, T + H + 900, ["c0002"])])
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(CONFIG + f"ledger: {ledger}\n")
+    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
+    fields = ("-P", "-n", "-o", "JobID,State,NodeList,ConsumedEnergyRaw")
+    _, out, _ = acct_run(*WHOLE, *fields)
+    assert out == "7000|COMPLETED|c0002|99000\n"
+    _, out, _ = acct_run(*WHOLE, "-D", *fields)
+    assert out == "7000|SIGNALED|c0001|66000\n7000|COMPLETED|c0002|99000\n"
+    _, out, _ = acct_run(*WHOLE, "--totals", "user", "-P", "-n", "-o",
+                         "User,NJobs,ConsumedEnergyRaw")
+    assert out == "alice|2|165000\n"  # totals count the energy of every run

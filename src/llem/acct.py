@@ -318,6 +318,7 @@ class AcctOptions:
         ledger: the ledger's path.
         filter: the run selection.
         allocations: ``-X``: no step (window) rows.
+        duplicates: ``-D``: every run of a requeued job, not only its latest.
         columns: the fields to show.
         mode: ``table``, ``parsable`` (``-p``), ``parsable2`` (``-P``) or ``json``.
         delimiter: of parsable output.
@@ -332,6 +333,7 @@ class AcctOptions:
     ledger: str
     filter: RunFilter
     allocations: bool = False
+    duplicates: bool = False
     columns: tuple[Column, ...] = ()
     mode: str = "table"
     delimiter: str = "|"
@@ -352,7 +354,8 @@ def build_options(*, ledger: str, cluster: str, current_user: str, is_root: bool
                   allocations: bool = False, fmt: str | None = None, noheader: bool = False,
                   parsable: bool = False, parsable2: bool = False, delimiter: str | None = None,
                   as_json: bool = False, units: str | None = None, clusters: str | None = None,
-                  totals: str | None = None, statement: bool = False) -> AcctOptions:
+                  totals: str | None = None, statement: bool = False, names: str | None = None,
+                  duplicates: bool = False) -> AcctOptions:
     """Turn the raw option values into :class:`AcctOptions`, with sacct's defaults.
 
     Defaults as sacct: without ``-S`` and ``-j``, runs since 00:00 today; ``-E`` defaults
@@ -418,11 +421,12 @@ def build_options(*, ledger: str, cluster: str, current_user: str, is_root: bool
         clusters=cluster_list, users=user_list, accounts=split_list(accounts),
         partitions=split_list(partitions),
         states=parse_states(states) if states is not None else None,
-        start_ns=_to_ns(start), end_ns=_to_ns(end), jobs=job_specs, nodes=node_list)
+        start_ns=_to_ns(start), end_ns=_to_ns(end), jobs=job_specs, nodes=node_list,
+        names=split_list(names))
     mode = "json" if as_json else "parsable" if parsable else "parsable2" if parsable2 \
         else "table"
     return AcctOptions(
-        ledger=ledger, filter=f, allocations=allocations,
+        ledger=ledger, filter=f, allocations=allocations, duplicates=duplicates,
         columns=tuple(parse_format(fmt, totals_by)), mode=mode,
         delimiter="|" if delimiter is None else delimiter, noheader=noheader, units=units,
         totals_by=totals_by, statement=statement, window=(start, end),
@@ -921,12 +925,24 @@ def _shown(specs: tuple[JobSpec, ...] | None, run: dict, window: dict | None) ->
     return False
 
 
+def latest_runs(runs: list[dict]) -> list[dict]:
+    """Only the latest run of each job among ``runs`` (sacct without ``-D``), order kept."""
+    latest: dict[tuple[str, str], int] = {}
+    for run in runs:
+        cluster, job_id, start_ns = run["_key"]
+        if start_ns > latest.get((cluster, job_id), -1):
+            latest[(cluster, job_id)] = start_ns
+    return [run for run in runs if latest[run["_key"][:2]] == run["_key"][2]]
+
+
 def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
     """Job rows (and their window rows, unless ``-X``), in sacct's order: a job, then its
     steps."""
     from llem.store import acct_queries as q
 
     runs = [run_row(dict(zip(RUN_COLUMNS, r))) for r in q.select_runs(ledger, opts.filter)]
+    if not opts.duplicates:
+        runs = latest_runs(runs)
     hourly = None
     if carbon is not None and not carbon.constant and runs:
         hourly = {}

@@ -43,6 +43,7 @@ def _filter_options(fn):
                      help="Jobs that started at or before TIME. Default now."),
         click.option("--since", metavar="DURATION",
                      help="Shorthand for -S now-DURATION: 30d, 12h, 2w, 90m."),
+        click.option("--name", "names", metavar="NAME[,...]", help="Only jobs with these names."),
         click.option("-N", "--nodelist", metavar="HOSTLIST",
                      help="Jobs that ran on any of these nodes (n[1-4],gpu01)."),
         click.option("-M", "--clusters", metavar="CLUSTER[,...]|all",
@@ -61,6 +62,8 @@ def _output_options(fn):
         click.option("-o", "--format", "fmt", metavar="FIELD[%WIDTH][,...]",
                      help="Fields to show (-e lists them); %WIDTH sets a width, %-WIDTH "
                           "left-justifies."),
+        click.option("-D", "--duplicates", is_flag=True,
+                     help="Every run of a requeued job (default: only its latest run)."),
         click.option("-e", "--helpformat", is_flag=True, help="List the fields and exit."),
         click.option("-n", "--noheader", is_flag=True, help="No header lines."),
         click.option("-p", "--parsable", is_flag=True,

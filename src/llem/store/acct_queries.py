@@ -83,6 +83,7 @@ class RunFilter:
         end_ns: runs that started at or before this time.
         jobs: job ids, array tasks (the step part is applied by the caller).
         nodes: host names; runs with at least one of them.
+        names: job names.
     """
 
     clusters: tuple[str, ...] | None = None
@@ -94,6 +95,7 @@ class RunFilter:
     end_ns: int | None = None
     jobs: tuple[JobSpec, ...] | None = None
     nodes: tuple[str, ...] | None = None
+    names: tuple[str, ...] | None = None
 
 
 def open_ledger(path: str | os.PathLike):
@@ -174,6 +176,8 @@ def where_clause(f: RunFilter) -> tuple[str, list]:
         where.append(_in("r.partition", f.partitions, params))
     if f.states is not None:
         where.append(_in("COALESCE(r.state, 'UNKNOWN')", f.states, params))
+    if f.names is not None:
+        where.append(_in("r.name", f.names, params))
     if f.start_ns is not None:
         where.append("r.run_end_ns >= ?")
         params.append(f.start_ns)
