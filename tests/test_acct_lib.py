@@ -15,7 +15,7 @@ from llem.acct import (
 from llem.carbon.statement import format_co2e, format_kwh
 from llem.config import load
 from llem.store.acct_queries import JobSpec
-from tests.test_acct import CONFIG, JOBS, T, WHOLE, acct_run, env, utc  # noqa: F401
+from tests.test_acct import CONFIG, T, WHOLE, acct_run, env, utc  # noqa: F401 (fixtures)
 
 NOW = datetime(2026, 3, 2, 15, 30, 45)
 

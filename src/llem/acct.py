@@ -11,7 +11,6 @@ is joules, as in sacct), seconds and grams CO2e.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import time
@@ -129,6 +128,8 @@ def _lookup(name: str, catalogue: Mapping[str, Field]) -> Field:
     for known in catalogue:
         if known.lower() == name.lower():
             return catalogue[known]
+    import difflib  # only for the error message
+
     near = difflib.get_close_matches(name, list(catalogue), n=1, cutoff=0.5)
     hint = f"; did you mean '{near[0]}'?" if near else ""
     raise AcctUsageError("-o/--format", f"unknown field '{name}'{hint} (llem-acct -e lists them)")
