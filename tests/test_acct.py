@@ -375,3 +375,56 @@ def test_requeued_job_latest_run_unless_duplicates(tmp_path, monkeypatch):
     _, out, _ = acct_run(*WHOLE, "--totals", "user", "-P", "-n", "-o",
                          "User,NJobs,ConsumedEnergyRaw")
     assert out == "alice|2|165000\n"  # totals count the energy of every run
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run llem-acct as another user")
+def test_a_user_reads_a_root_ledger_and_adds_no_index(request, tmp_path):
+    """A user runs llem-acct on the root-owned 0644 ledger: it reads, and writes nothing."""
+    import shutil
+    import sqlite3
+    import tempfile
+
+    import click
+    import yaml
+
+    from tests.test_export import _python_for_nobody
+
+    root = Path(tempfile.mkdtemp(prefix="llem-acct-reader-"))
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    os.chmod(root, 0o755)
+    python = _python_for_nobody(root)
+    if python is None:
+        pytest.skip("no Python that uid 65534 can run llem with")
+    for module in (click, yaml):  # world-readable copies beside llem's
+        dest = root / "src" / module.__name__
+        if not dest.exists():
+            shutil.copytree(Path(module.__file__).parent, dest,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    if not (root / "src" / "llem" / "share").exists():  # installed as llem.share
+        shutil.copytree(ROOT / "share", root / "src" / "llem" / "share",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [root / "src", *(root / "src").rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    python = (python[0], {**python[1], "PYTHONPATH": str(root / "src")})
+    (root / "ledger").mkdir(mode=0o755)
+    ledger = root / "ledger" / "ledger.db"
+    make_ledger.write_jobs(ledger, JOBS)
+    cfg = root / "llem.yaml"
+    cfg.write_text(CONFIG + f"ledger: {ledger}\n")
+    cfg.chmod(0o644)
+    before = ledger.stat().st_mtime_ns
+    env = {**python[1], "LLEM_CONFIG": str(cfg), "TZ": "UTC"}
+    r = subprocess.run([python[0], "-c", "from llem.cli.acct import main; main()", *WHOLE],
+                       user=65534, group=65534, env=env, capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == TABLE
+    assert ledger.stat().st_mtime_ns == before
+    db = sqlite3.connect(ledger)
+    names = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    db.close()
+    assert "job_runs_by_user_end" not in names
+    r = subprocess.run([python[0], "-c", "from llem.cli.acct import main; main()", "-X"],
+                       user=65534, group=65534, env=env, capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 0 and "no jobs match (user " in r.stderr  # nobody sees only nobody
