@@ -1,18 +1,151 @@
-"""``llem-acct``: sacct-style energy and emissions accounting over the cluster ledger.
+"""``llem-acct`` (also ``llem acct``): sacct-style energy and emissions from the cluster ledger.
 
-Not built yet: it needs the cluster ledger (issue "The cluster ledger") and is the subject of
-the ``llem-acct`` issue. Until then the command says so plainly and exits 1.
+The command parses sacct's flags into one :class:`llem.acct.AcctOptions`, asks
+:func:`llem.acct.report` for the text and prints it. Usage errors (an unknown flag or field,
+a bad time) exit 2, library errors (no ledger, a bad carbon configuration) exit 1 through
+:func:`llem.cli.main.run`; an empty result says so on stderr and exits 0.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+from datetime import datetime
+
+import click
+
+from llem import acct as lib
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _filter_options(fn):
+    """sacct's selection flags, with sacct's letters and meanings."""
+    opts = [
+        click.option("-j", "--jobs", metavar="JOB[.STEP|_TASK][,...]",
+                     help="Only these jobs: JOB, JOB.STEP (a step or window name), array task "
+                          "JOB_TASK. No default time window then, and every user's jobs."),
+        click.option("-u", "--user", "users", metavar="USER[,...]",
+                     help="Only these users (names or uids). Default: yourself."),
+        click.option("-a", "--allusers", is_flag=True, help="Every user's jobs."),
+        click.option("-A", "--accounts", metavar="ACCOUNT[,...]", help="Only these accounts."),
+        click.option("-r", "--partition", "partitions", metavar="PART[,...]",
+                     help="Only these partitions."),
+        click.option("-s", "--state", "states", metavar="STATE[,...]",
+                     help="Only these states: CD, F, CA, TO, OOM, NF, PR or their names "
+                          "(CA/TO/OOM/NF/PR select SIGNALED), UNKNOWN."),
+        click.option("-S", "--starttime", metavar="TIME",
+                     help="Jobs that ran at or after TIME. Default 00:00 today (none with "
+                          "-j). TIME: YYYY-MM-DD[THH:MM[:SS]], MMDD[YY], HH:MM, "
+                          "now[-N[units]], today, midnight."),
+        click.option("-E", "--endtime", metavar="TIME",
+                     help="Jobs that started at or before TIME. Default now."),
+        click.option("--since", metavar="DURATION",
+                     help="Shorthand for -S now-DURATION: 30d, 12h, 2w, 90m."),
+        click.option("--name", "names", metavar="NAME[,...]", help="Only jobs with these names."),
+        click.option("-N", "--nodelist", metavar="HOSTLIST",
+                     help="Jobs that ran on any of these nodes (n[1-4],gpu01)."),
+        click.option("-M", "--clusters", metavar="CLUSTER[,...]|all",
+                     help="Only these clusters. Default: the configured cluster (all when "
+                          "none is configured)."),
+        click.option("-L", "--allclusters", is_flag=True, help="Every cluster (= -M all)."),
+    ]
+    return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
+
+
+def _output_options(fn):
+    """sacct's output flags, then llem's own."""
+    opts = [
+        click.option("-X", "--allocations", is_flag=True,
+                     help="Only the jobs, no step (window) rows."),
+        click.option("-o", "--format", "fmt", metavar="FIELD[%WIDTH][,...]",
+                     help="Fields to show (-e lists them); %WIDTH sets a width, %-WIDTH "
+                          "left-justifies."),
+        click.option("-D", "--duplicates", is_flag=True,
+                     help="Every run of a requeued job (default: only its latest run)."),
+        click.option("-e", "--helpformat", is_flag=True, help="List the fields and exit."),
+        click.option("-n", "--noheader", is_flag=True, help="No header lines."),
+        click.option("-p", "--parsable", is_flag=True,
+                     help="Fields separated by '|', with a '|' at the end of each line."),
+        click.option("-P", "--parsable2", is_flag=True,
+                     help="Fields separated by '|', nothing at the end."),
+        click.option("--delimiter", metavar="TEXT", help="Separator for -p and -P."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="JSON (schema llem.acct/1, docs/acct-json.md)."),
+        click.option("--units", metavar="[KMGTP]",
+                     help="Show energies in this unit (K = kJ, M = MJ, ...)."),
+        click.option("--totals", metavar="BY",
+                     help="One row per user, account, partition, tag, day or month (of the "
+                          "runs' start) instead of one per job."),
+        click.option("--statement", is_flag=True,
+                     help="Print a citable paragraph on the energy and emissions of the "
+                          "selected jobs."),
+        click.option("--ledger", metavar="PATH",
+                     help="The cluster ledger (default: 'ledger' in the llem configuration)."),
+        click.option("--debug", is_flag=True, help="Show tracebacks of errors."),
+    ]
+    return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
+
+
+def _current_user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+@click.command("acct", context_settings=CONTEXT)
+@_filter_options
+@_output_options
+@click.version_option(None, "-V", "--version", package_name="llem", prog_name="llem-acct")
+def acct(helpformat: bool, ledger: str | None, debug: bool, allclusters: bool,
+         clusters: str | None, **raw) -> int:
+    """Energy and CO2e of Slurm jobs, the sacct way.
+
+    Reads the cluster ledger written by 'llem aggregate'. Without -a you see your own jobs;
+    without -S or -j, the jobs since 00:00 today. Examples:
+
+    \b
+      llem-acct --since 30d
+      llem-acct -j 1234 -o JobID,Elapsed,GPUEnergy,CO2e
+      llem-acct -a --since 30d --totals account
+      llem-acct -S 2026-01-01 -E 2026-03-31 --statement
+    """
+    if helpformat:
+        click.echo(lib.helpformat(), nl=False)
+        click.echo("\nWith --totals:")
+        click.echo(lib.helpformat(totals=True), nl=False)
+        return 0
+    from llem import config as config_mod
+    from llem.store import acct_queries
+
+    cfg = config_mod.load()
+    try:
+        opts = lib.build_options(
+            ledger=ledger or cfg.ledger, cluster=cfg.cluster, current_user=_current_user(),
+            is_root=os.getuid() == 0, now=datetime.now(),
+            clusters="all" if allclusters else clusters, **raw)
+    except lib.AcctUsageError as e:
+        raise click.BadParameter(str(e), param_hint=f"'{e.option}'") from None
+    acct_queries.ensure_indexes(opts.ledger)
+    with acct_queries.open_ledger(opts.ledger) as led:
+        out = lib.report(led, opts, cfg)
+    sys.stdout.write(out.stdout)
+    sys.stdout.flush()
+    for note in out.notes:
+        click.echo(note, err=True)
+    return out.status
 
 
 def main() -> None:
-    print(
-        "Error: llem-acct is not available yet: the cluster ledger it reads is not built in "
-        "this version of llem. Use 'llem wrap -- CMD' to measure a command.",
-        file=sys.stderr,
-    )
-    sys.exit(1)
+    """The ``llem-acct`` console script."""
+    from llem.cli.main import run
+
+    sys.exit(run(acct, prog_name="llem-acct"))
+
+
+if __name__ == "__main__":
+    main()

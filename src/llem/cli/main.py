@@ -19,6 +19,7 @@ COMMANDS = {
     "carbon": "llem.cli.carbon:carbon",
     "aggregate": "llem.cli.aggregate:aggregate",
     "demo": "llem.cli.demo:demo",
+    "acct": "llem.cli.acct:acct",
 }
 # Commands on the job start-up path: argparse-based, dispatched before click is imported.
 # They are listed in `llem --help` through small click shims.

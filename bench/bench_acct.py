@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Time ``llem-acct`` on a large ledger, as a user feels it (interpreter start included).
+
+    python bench/bench_acct.py --ledger /tmp/bench/ledger.db        # an existing ledger
+    python bench/bench_acct.py --jobs 1000000 --dir /tmp/bench      # build one first
+
+Figures printed (wall seconds, best and median of ``--repeat`` runs, each a fresh process):
+
+* ``llem-acct --user U --since 30d`` for a median user and for the busiest user of the
+  last 30 days (target: under 0.3 s for a user);
+* ``llem-acct -a --since 30d --totals account`` (target: under 1 s);
+* ``llem-acct -a --since 30d -X -P`` (every job of the month, for scale);
+* the import time of the ``llem-acct`` path (``python -X importtime``), the interpreter's own
+  start for comparison, and a check that no heavy module (pandas, numpy) is imported.
+
+Before timing, the two acct indexes (:data:`llem.store.acct_queries.ACCT_INDEXES`) are added
+the way an admin's first ``llem-acct`` adds them; the time that took is printed too.
+``PYTHONDONTWRITEBYTECODE`` is removed from the children's environment so that they use
+compiled bytecode, as an installed llem does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+HEAVY = ("pandas", "numpy", "matplotlib", "scipy")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.setdefault("LLEM_CONFIG", str(HERE / "acct-bench.yaml"))
+    return env
+
+
+def _acct_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("llem-acct")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "llem.cli.acct"]
+
+
+def timed(cmd: list[str], repeat: int) -> tuple[float, float, int]:
+    """(best, median) wall seconds over ``repeat`` fresh processes, and the output's lines."""
+    times, lines = [], 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+        times.append(time.perf_counter() - t0)
+        if r.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr}")
+        lines = r.stdout.count("\n")
+    return min(times), statistics.median(times), lines
+
+
+def import_times(cmd: list[str]) -> tuple[float, list[tuple[float, str]], list[str]]:
+    """Run ``cmd`` (python arguments) under ``-X importtime``.
+
+    Returns:
+        (ms of every top-level import but the interpreter's own start-up (site, encodings),
+        the five slowest top-level imports as (ms, name), heavy modules seen).
+    """
+    r = subprocess.run([sys.executable, "-X", "importtime", *cmd], capture_output=True,
+                       text=True, env=_env())
+    top: list[tuple[float, str]] = []
+    heavy = set()
+    in_startup = True
+    for line in r.stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _, cumulative, name = line[len("import time:"):].split("|")
+        if name.strip().split(".")[0] in HEAVY:
+            heavy.add(name.strip())
+        if name.startswith("  "):  # nested
+            continue
+        if in_startup and name.strip() == "site":
+            in_startup = False
+            continue
+        if not in_startup:
+            top.append((int(cumulative) / 1000, name.strip()))
+    return sum(ms for ms, _ in top), sorted(top, reverse=True)[:5], sorted(heavy)
+
+
+def start_ms(repeat: int = 5) -> float:
+    best = min(timed([sys.executable, "-c", "pass"], 1)[0] for _ in range(repeat))
+    return best * 1000
+
+
+def users_by_jobs(ledger: str, start_ns: int) -> list[tuple[str, int]]:
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+    rows = db.execute("SELECT user, COUNT(*) FROM job_runs WHERE run_end_ns >= ? GROUP BY user "
+                      "ORDER BY 2", (start_ns,)).fetchall()
+    total = db.execute("SELECT COUNT(*) FROM job_runs").fetchone()[0]
+    db.close()
+    return rows, total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ledger", help="an existing ledger")
+    parser.add_argument("--jobs", type=int, help="build a ledger of this many jobs first")
+    parser.add_argument("--dir", default="/tmp/llem-bench-acct",
+                        help="where to build it (a directory not writable by others)")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    if args.ledger is None:
+        if not args.jobs:
+            parser.error("give --ledger PATH or --jobs N")
+        import make_ledger
+
+        os.makedirs(args.dir, mode=0o755, exist_ok=True)
+        args.ledger = os.path.join(args.dir, f"ledger-{args.jobs}.db")
+        if not os.path.exists(args.ledger):
+            t0 = time.perf_counter()
+            make_ledger.write_jobs(args.ledger, make_ledger.generate(args.jobs))
+            print(f"built {args.jobs:,} jobs in {time.perf_counter() - t0:.1f} s")
+    from llem.store.acct_queries import ensure_indexes
+
+    t0 = time.perf_counter()
+    added = ensure_indexes(args.ledger)
+    print(f"acct indexes {'present' if added else 'NOT added (read-only)'} after "
+          f"{time.perf_counter() - t0:.2f} s")
+    month_ns = (int(time.time()) - 30 * 86400) * 10**9
+    users, total = users_by_jobs(args.ledger, month_ns)
+    size_mb = os.path.getsize(args.ledger) / 1e6
+    print(f"ledger: {args.ledger}: {total:,} job runs, {size_mb:,.0f} MB; "
+          f"{sum(n for _, n in users):,} runs in the last 30 days, {len(users)} users")
+    if not users:
+        raise SystemExit("no runs ended in the last 30 days: build the ledger with a recent "
+                         "--now (make_ledger.py's default is the current time)")
+    acct = _acct_cmd() + ["--ledger", args.ledger]
+    median_user, median_n = users[len(users) // 2]
+    busiest, busiest_n = users[-1]
+    cases = [
+        (f"--user {median_user} --since 30d (median user, {median_n} runs)",
+         ["--user", median_user, "--since", "30d"], 0.3),
+        (f"--user {busiest} --since 30d (busiest user, {busiest_n} runs)",
+         ["--user", busiest, "--since", "30d"], None),
+        ("-a --since 30d --totals account", ["-a", "--since", "30d", "--totals", "account"],
+         1.0),
+        ("-a --since 30d -X -P (every run)", ["-a", "--since", "30d", "-X", "-P"], None),
+    ]
+    print(f"{'command':<58} {'best s':>7} {'median s':>8} {'lines':>7}  target")
+    for label, extra, target in cases:
+        best, med, lines = timed(acct + extra, args.repeat)
+        verdict = "" if target is None else (f"< {target} s " +
+                                             ("ok" if med < target else "MISSED"))
+        print(f"{'llem-acct ' + label:<58} {best:7.3f} {med:8.3f} {lines:7d}  {verdict}")
+    ms, _, heavy = import_times(["-c", "import llem.cli.acct"])
+    print(f"import llem.cli.acct (the console script's import): {ms:.1f} ms")
+    ms, slowest, heavy_run = import_times(["-m", "llem.cli.acct", "--ledger", args.ledger,
+                                           "--user", median_user, "--since", "30d"])
+    print(f"every import of a whole `llem-acct --user U --since 30d` run: {ms:.1f} ms; slowest: "
+          + ", ".join(f"{name} {t:.1f} ms" for t, name in slowest))
+    print(f"interpreter start (python -c pass): {start_ms():.0f} ms; heavy modules imported: "
+          f"{', '.join(sorted(set(heavy) | set(heavy_run))) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

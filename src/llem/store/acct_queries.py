@@ -1,0 +1,315 @@
+"""Every SQL statement that ``llem-acct`` runs against the cluster ledger.
+
+Read-only: the ledger is opened with :class:`llem.store.ledger.Ledger` (``readonly=True``)
+and only ``SELECT`` statements go through :meth:`Ledger.query`. The one exception is
+:func:`ensure_indexes`, which adds two accelerating indexes with ``CREATE INDEX IF NOT
+EXISTS`` when, and only when, the caller may write the ledger (an admin, the bench); the
+queries are correct without them, only slower on large ledgers.
+
+Selections are described by :class:`RunFilter` (built by :mod:`llem.acct` from the command
+line) and turned into one ``WHERE`` clause over ``job_runs`` by :func:`where_clause`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from llem.errors import LedgerError
+
+log = logging.getLogger(__name__)
+
+ACCT_INDEXES = (
+    # `--user U --since 30d` asks for runs that *ended* after the start of the window: the
+    # schema's (user, run_start_ns) index cannot bound that, (user, run_end_ns) can.
+    "CREATE INDEX IF NOT EXISTS job_runs_by_user_end ON job_runs (user, run_end_ns)",
+    "CREATE INDEX IF NOT EXISTS job_runs_by_account_end ON job_runs (account, run_end_ns)",
+)
+
+RUN_COLUMNS = (
+    "cluster", "job_id", "run_start_ns", "run_end_ns", "array_job_id", "array_task_id",
+    "user", "uid", "account", "partition", "name", "tag", "nodelist", "num_nodes", "state",
+    "status", "energy_uj", "cpu_energy_uj", "dram_energy_uj", "gpu_energy_uj",
+    "other_energy_uj", "estimated_energy_uj", "gpu_seconds", "coverage",
+)
+"""The ``job_runs`` columns of :func:`select_runs`' rows, in order."""
+
+WINDOW_COLUMNS = ("cluster", "job_id", "run_start_ns", "name", "step_id", "start_ns",
+                  "end_ns", "status", "nodes", "energy_uj", "node", "energy")
+"""The columns of :func:`select_windows`' rows, in order (one row per node of a window)."""
+
+TOTAL_COLUMNS = ("key", "njobs", "elapsed_ns", "energy_uj", "cpu_energy_uj", "dram_energy_uj",
+                 "gpu_energy_uj", "other_energy_uj", "estimated_energy_uj", "gpu_seconds",
+                 "node_ns", "covered_ns", "coverage_ns")
+"""The columns of :func:`select_totals`' rows, in order."""
+
+GROUP_KEYS = {
+    "user": "COALESCE(r.user, '')",
+    "account": "COALESCE(r.account, '')",
+    "partition": "COALESCE(r.partition, '')",
+    "tag": "COALESCE(r.tag, '')",
+    "day": "date(r.run_start_ns / 1000000000, 'unixepoch', 'localtime')",
+    "month": "strftime('%Y-%m', r.run_start_ns / 1000000000, 'unixepoch', 'localtime')",
+}
+"""SQL of each ``--totals`` key; days and months are those of the run's start, local time."""
+
+CHUNK = 400  # bound parameters per IN list, well under SQLite's limit
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One item of ``-j``: ``1234``, ``1234.train`` (a step or window), ``1234_7`` (array)."""
+
+    job_id: str
+    task_id: str | None = None
+    step: str | None = None
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs of ``job_runs`` to select; None means no restriction.
+
+    Attributes:
+        clusters: cluster names.
+        users: user names; numeric items match the uid.
+        accounts: account names.
+        partitions: partition names.
+        states: ledger states (``COMPLETED``, ``FAILED``, ``SIGNALED``, ``UNKNOWN``).
+        start_ns: runs that ended at or after this time (ns since the epoch).
+        end_ns: runs that started at or before this time.
+        jobs: job ids, array tasks (the step part is applied by the caller).
+        nodes: host names; runs with at least one of them.
+        names: job names.
+    """
+
+    clusters: tuple[str, ...] | None = None
+    users: tuple[str, ...] | None = None
+    accounts: tuple[str, ...] | None = None
+    partitions: tuple[str, ...] | None = None
+    states: tuple[str, ...] | None = None
+    start_ns: int | None = None
+    end_ns: int | None = None
+    jobs: tuple[JobSpec, ...] | None = None
+    nodes: tuple[str, ...] | None = None
+    names: tuple[str, ...] | None = None
+
+
+def open_ledger(path: str | os.PathLike):
+    """Open the ledger read-only, with a message that says what to do when that fails.
+
+    Raises:
+        LedgerError: no such file, not readable, not a ledger, or a newer schema.
+    """
+    from llem.store.ledger import Ledger
+
+    path = Path(path)
+    if not path.exists():
+        raise LedgerError(
+            f"no ledger at {path}. Set 'ledger:' in the llem configuration (or LLEM_LEDGER), or "
+            "pass --ledger PATH; on a new installation run 'llem aggregate --once' first")
+    if not os.access(path, os.R_OK):
+        raise LedgerError(
+            f"{path}: permission denied reading the ledger; ask your administrator (the ledger "
+            "is normally mode 0644, see docs/ledger.md, Permissions)")
+    ledger = Ledger(path, readonly=True)
+    try:
+        ledger.db.execute("SELECT 1 FROM job_runs LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as e:
+        ledger.close()
+        raise LedgerError(f"{path}: not a usable ledger: {e}") from e
+    return ledger
+
+
+def ensure_indexes(path: str | os.PathLike) -> bool:
+    """Add :data:`ACCT_INDEXES` when this process may write the ledger; True when present.
+
+    A reader who may not write the ledger is left alone (its queries use the schema's
+    indexes). Failures (a busy or read-only ledger) are logged and ignored.
+    """
+    path = Path(path)
+    if not (path.exists() and os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        return False
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None, timeout=1)
+        try:
+            present = {r[0] for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'job_runs'")}
+            if {"job_runs_by_user_end", "job_runs_by_account_end"} <= present:
+                return True
+            for sql in ACCT_INDEXES:
+                db.execute(sql)
+            return True
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        log.debug("%s: acct indexes not added: %s", path, e)
+        return False
+
+
+def _in(column: str, values: Sequence, params: list) -> str:
+    params.extend(values)
+    return f"{column} IN ({', '.join('?' * len(values))})"
+
+
+def where_clause(f: RunFilter) -> tuple[str, list]:
+    """The ``WHERE`` clause (over ``job_runs r``) and its parameters."""
+    where: list[str] = []
+    params: list = []
+    if f.clusters is not None:
+        where.append(_in("r.cluster", f.clusters, params))
+    if f.users is not None:
+        names = [u for u in f.users if not u.isdigit()]
+        uids = [int(u) for u in f.users if u.isdigit()]
+        either = []
+        if names:
+            either.append(_in("r.user", names, params))
+        if uids:
+            either.append(_in("r.uid", uids, params))
+        where.append(f"({' OR '.join(either)})")
+    if f.accounts is not None:
+        where.append(_in("r.account", f.accounts, params))
+    if f.partitions is not None:
+        where.append(_in("r.partition", f.partitions, params))
+    if f.states is not None:
+        where.append(_in("COALESCE(r.state, 'UNKNOWN')", f.states, params))
+    if f.names is not None:
+        where.append(_in("r.name", f.names, params))
+    if f.start_ns is not None:
+        where.append("r.run_end_ns >= ?")
+        params.append(f.start_ns)
+    if f.end_ns is not None:
+        where.append("r.run_start_ns <= ?")
+        params.append(f.end_ns)
+    if f.jobs is not None:
+        either = []
+        for spec in f.jobs:
+            if spec.task_id is not None:
+                either.append("(r.array_job_id = ? AND r.array_task_id = ?)")
+                params += [spec.job_id, spec.task_id]
+            else:
+                either.append("(r.job_id = ? OR r.array_job_id = ?)")
+                params += [spec.job_id, spec.job_id]
+        where.append(f"({' OR '.join(either)})")
+    if f.nodes is not None:
+        where.append(
+            "EXISTS (SELECT 1 FROM job_nodes jn WHERE jn.cluster = r.cluster AND "
+            "jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns AND "
+            + _in("jn.node", f.nodes, params) + ")")
+    return " AND ".join(where) or "1", params
+
+
+def select_runs(ledger, f: RunFilter) -> list[tuple]:
+    """Runs matching ``f``, oldest start first, as tuples of :data:`RUN_COLUMNS`."""
+    where, params = where_clause(f)
+    cols = ", ".join(f"r.{c}" for c in RUN_COLUMNS)
+    return ledger.query(
+        f"SELECT {cols} FROM job_runs r WHERE {where} "
+        "ORDER BY r.run_start_ns, r.cluster, r.job_id", params)
+
+
+def _chunks(items: Sequence, size: int = CHUNK) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def select_windows(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
+    """The named windows (steps) of runs given as (cluster, job_id, run_start_ns).
+
+    One row per node of each window, as tuples of :data:`WINDOW_COLUMNS` (``nodes`` is 1;
+    ``energy`` the JSON of energy per device). Ordered by start.
+    """
+    wanted = set(runs)
+    by_cluster: dict[str, list[str]] = {}
+    for cluster, job_id, _ in wanted:
+        by_cluster.setdefault(cluster, []).append(job_id)
+    out = []
+    for cluster, job_ids in by_cluster.items():
+        for chunk in _chunks(sorted(set(job_ids))):
+            params = [cluster, *chunk]
+            rows = ledger.query(
+                "SELECT jn.cluster, jn.job_id, jn.run_start_ns, w.name, w.step_id, w.start_ns,"
+                " w.end_ns, w.status, 1, w.energy_uj, jn.node, w.energy FROM job_nodes jn "
+                "JOIN windows w ON w.job_node_id = jn.id WHERE jn.cluster = ? AND "
+                f"jn.job_id IN ({', '.join('?' * len(chunk))})", params)
+            out += [r for r in rows if (r[0], r[1], r[2]) in wanted]
+    out.sort(key=lambda r: (r[5], r[3], r[10]))
+    return out
+
+
+def device_components(ledger, nodes: Iterable[tuple[str, str]]) -> dict[tuple, tuple[str, str]]:
+    """(cluster, node, device_key) -> (component, source) for the given (cluster, node)s."""
+    by_cluster: dict[str, set[str]] = {}
+    for cluster, node in nodes:
+        by_cluster.setdefault(cluster, set()).add(node)
+    out = {}
+    for cluster, names in by_cluster.items():
+        for chunk in _chunks(sorted(names)):
+            for node, key, component, source in ledger.query(
+                    "SELECT node, device_key, component, source FROM devices WHERE cluster = ? "
+                    f"AND node IN ({', '.join('?' * len(chunk))})", [cluster, *chunk]):
+                out[(cluster, node, key)] = (component, source)
+    return out
+
+
+def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
+    """Sums over the runs matching ``f`` grouped by ``by`` (a key of :data:`GROUP_KEYS`).
+
+    Rows are tuples of :data:`TOTAL_COLUMNS`, ordered by key: ``elapsed_ns`` is the sum of
+    the runs' wall times, ``node_ns`` of nodes x wall time, ``covered_ns`` of coverage x wall
+    time over the runs that have a coverage, whose wall time sums to ``coverage_ns``.
+    """
+    where, params = where_clause(f)
+    span = "(r.run_end_ns - r.run_start_ns)"
+    return ledger.query(
+        f"SELECT {GROUP_KEYS[by]} AS k, COUNT(*), SUM({span}), SUM(r.energy_uj), "
+        "SUM(r.cpu_energy_uj), SUM(r.dram_energy_uj), SUM(r.gpu_energy_uj), "
+        "SUM(r.other_energy_uj), SUM(r.estimated_energy_uj), SUM(r.gpu_seconds), "
+        f"SUM(COALESCE(r.num_nodes, 0) * {span}), SUM(r.coverage * {span}), "
+        f"SUM(CASE WHEN r.coverage IS NOT NULL THEN {span} ELSE 0 END) "
+        f"FROM job_runs r WHERE {where} GROUP BY k ORDER BY k", params)
+
+
+def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]:
+    """Attributed energy per clock hour of the runs matching ``f``.
+
+    Args:
+        ledger: the open ledger.
+        f: the selection.
+        group: None for one series over all runs (rows ``(hour_s, energy_uj)``); ``"run"``
+            for one per run (rows ``(cluster, job_id, run_start_ns, hour_s, energy_uj)``); or
+            a key of :data:`GROUP_KEYS` (rows ``(key, hour_s, energy_uj)``).
+    """
+    where, params = where_clause(f)
+    if group is None:
+        keys, n = "", 0
+    elif group == "run":
+        keys, n = "r.cluster, r.job_id, r.run_start_ns, ", 3
+    else:
+        keys, n = f"{GROUP_KEYS[group]}, ", 1
+    groups = ", ".join(str(i) for i in range(1, n + 2))
+    return ledger.query(
+        f"SELECT {keys}e.hour_s, SUM(e.energy_uj) FROM job_runs r "
+        "CROSS JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id "
+        "AND jn.run_start_ns = r.run_start_ns "
+        f"JOIN job_energy e ON e.job_node_id = jn.id WHERE {where} "
+        f"GROUP BY {groups} ORDER BY {groups}", params)
+
+
+def run_nodes(ledger, f: RunFilter) -> list[tuple[str, str]]:
+    """Distinct (cluster, node) of the runs matching ``f`` (for the statement's hardware)."""
+    where, params = where_clause(f)
+    return ledger.query(
+        # CROSS JOIN keeps job_runs outermost: left free, the planner scans all of job_nodes
+        # in node order to save a sort (13 s instead of 0.2 s on a million jobs).
+        "SELECT DISTINCT jn.cluster, jn.node FROM job_runs r CROSS JOIN job_nodes jn "
+        "ON jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns"
+        f" WHERE {where} ORDER BY 1, 2", params)
+
+
+def clusters(ledger) -> list[str]:
+    """The clusters that have runs in the ledger."""
+    return [r[0] for r in ledger.query("SELECT DISTINCT cluster FROM job_runs ORDER BY 1")]

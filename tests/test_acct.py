@@ -1,0 +1,430 @@
+"""``llem-acct``: exact output of the table, -p, -P, --json and --totals; filters; errors."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from llem.cli.acct import acct
+from llem.cli.main import run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import make_ledger  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+H = 3600
+T = 1_772_359_200  # 2026-03-01T10:00:00Z
+CONFIG = """cluster: c1
+carbon:
+  region: DE
+  intensity_g_per_kwh: 400
+  pue: 1.2
+"""
+
+
+def job(job_id, user, account, partition, start_s, end_s, nodes, *, gpus=0, cpu_w=100,
+        dram_w=10, gpu_w=250, estimated=False, state="COMPLETED", windows=(), tag=None,
+        array=None, name="train", cluster="c1"):
+    return {
+        "cluster": cluster, "job_id": job_id,
+        "array_job_id": array[0] if array else None,
+        "array_task_id": array[1] if array else None, "user": user, "uid": 1000,
+        "account": account, "partition": partition, "name": name, "tag": tag, "state": state,
+        "start_s": start_s, "end_s": end_s, "nodes": list(nodes),
+        "nodelist": make_ledger.nodelist(list(nodes)), "gpus_per_node": gpus, "cpu_w": cpu_w,
+        "dram_w": dram_w, "gpu_w": gpu_w, "estimated": estimated, "coverage": 1.0,
+        "windows": list(windows)}
+
+
+JOBS = [
+    # 2 nodes x 2 h x (100 + 10 + 4 x 250 W) = 15,984,000 J
+    job("5001", "alice", "physics", "gpu", T, T + 2 * H, ["g0001", "g0002"], gpus=4,
+        windows=[("train", "0", T + 600, T + 600 + H)]),
+    # array task 5009_1: 30 min x 220 W = 396,000 J, estimated
+    job("5010", "bob", "chem", "cpu", T + 3 * H, T + 3 * H + 1800, ["c0001"], cpu_w=200,
+        dram_w=20, estimated=True, state="FAILED", array=("5009", "1"), name="sim"),
+    # next day: 300 s x 55 W = 16,500 J
+    job("5003", "alice", "physics", "cpu", T + 23 * H, T + 23 * H + 300, ["c0002"],
+        cpu_w=50, dram_w=5, tag="exp-1", name="prep"),
+]
+
+
+@pytest.fixture(autouse=True)
+def utc(monkeypatch):
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A ledger of JOBS and a config naming it; LLEM_CONFIG points at the config."""
+    d = tmp_path / "lib"
+    d.mkdir(mode=0o755)
+    ledger = d / "ledger.db"
+    make_ledger.write_jobs(ledger, JOBS)
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(CONFIG + f"ledger: {ledger}\n")
+    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
+    return ledger
+
+
+def acct_run(*args):
+    """Run the command as llem-acct does (errors through llem.cli.main.run)."""
+    runner = CliRunner()
+    result = {}
+
+    def body():
+        result["status"] = run(acct, list(args), prog_name="llem-acct")
+
+    with runner.isolation() as streams:  # (stdout, stderr, mixed output) in click 8.2
+        body()
+        return result["status"], streams[0].getvalue().decode(), streams[1].getvalue().decode()
+
+
+WHOLE = ("-a", "-S", "2026-03-01", "-E", "2026-03-03")
+
+TABLE = """\
+       JobID    JobName      User    Account  Partition      State    Elapsed   NNodes ConsumedEnergy EnergySource       CO2e 
+------------ ---------- --------- ---------- ---------- ---------- ---------- -------- -------------- ------------ ---------- 
+5001              train     alice    physics        gpu  COMPLETED   02:00:00        2         15.98M     measured    2.131kg 
+5001.train        train     alice    physics        gpu     closed   01:00:00        2          7.99M     measured    1.066kg 
+5009_1              sim       bob       chem        cpu     FAILED   00:30:00        1        396.00K    estimated      52.8g 
+5003               prep     alice    physics        cpu  COMPLETED   00:05:00        1         16.50K     measured       2.2g 
+CO2e: grid intensity 400 gCO2e/kWh (configured constant (carbon.intensity_g_per_kwh); year n/a; unspecified basis; region DE); PUE 1.2.
+"""
+
+
+def test_default_table_exact(env):
+    status, out, err = acct_run(*WHOLE)
+    assert (status, err) == (0, "")
+    assert out == TABLE
+
+
+def test_parsable_with_trailing_delimiter_and_parsable2_without(env):
+    fields = ("-o", "JobID,JobIDRaw,User,Start,End,ConsumedEnergyRaw,GPUEnergy,CO2e")
+    status, out, err = acct_run(*WHOLE, "-X", "-p", *fields)
+    assert status == 0
+    assert out == (
+        "JobID|JobIDRaw|User|Start|End|ConsumedEnergyRaw|GPUEnergy|CO2e|\n"
+        "5001|5001|alice|2026-03-01T10:00:00|2026-03-01T12:00:00|15984000|14.40M|2.131kg|\n"
+        "5009_1|5010|bob|2026-03-01T13:00:00|2026-03-01T13:30:00|396000|0|52.8g|\n"
+        "5003|5003|alice|2026-03-02T09:00:00|2026-03-02T09:05:00|16500|0|2.2g|\n")
+    assert err.startswith("CO2e: grid intensity 400 gCO2e/kWh (configured constant")
+    status, out, _ = acct_run(*WHOLE, "-X", "-P", "-n", "--delimiter", ";", "-o",
+                              "JobID,ConsumedEnergyRaw,EnergySource")
+    assert out == "5001;15984000;measured\n5009_1;396000;estimated\n5003;16500;measured\n"
+
+
+def test_widths_truncation_and_units(env):
+    status, out, _ = acct_run(*WHOLE, "-X", "-o", "JobID%4,User%-8,ConsumedEnergy%9",
+                              "--units", "K")
+    assert out == (
+        "JobI     User ConsumedE \n"
+        "---- -------- --------- \n"
+        "5001 alice    15984.00K \n"
+        "500+ bob        396.00K \n"
+        "5003 alice       16.50K \n")
+
+
+def test_json_exact(env):
+    status, out, err = acct_run(*WHOLE, "-j", "5001", "--json", "-o",
+                                "JobID,JobName,Start,Elapsed,ConsumedEnergyRaw,GPUEnergy,"
+                                "EnergySource,Coverage,CarbonIntensity,CO2e")
+    assert status == 0 and err == ""
+    doc = json.loads(out)
+    doc["generated_at"] = "X"
+    assert doc == {
+        "schema": "llem.acct/1", "generated_at": "X",
+        "query": {"start": "2026-03-01T00:00:00+00:00", "end": "2026-03-03T00:00:00+00:00",
+                  "clusters": ["c1"], "users": None, "accounts": None, "partitions": None,
+                  "states": None, "nodes": None, "jobs": ["5001"], "totals_by": None},
+        "units": {"energy": "J", "power": "W", "time": "s", "co2e": "g",
+                  "carbon_intensity": "gCO2e/kWh", "coverage": "fraction"},
+        "carbon": {"region": "DE", "intensity_g_per_kwh": 400.0,
+                   "source": "configured constant (carbon.intensity_g_per_kwh)",
+                   "year": "n/a", "basis": "unspecified", "pue": 1.2, "hourly_source": None,
+                   "embodied": None, "region_is_default": False},
+        "fields": ["JobID", "JobName", "Start", "Elapsed", "ConsumedEnergyRaw", "GPUEnergy",
+                   "EnergySource", "Coverage", "CarbonIntensity", "CO2e"],
+        "jobs": [
+            {"JobID": "5001", "JobName": "train", "Start": "2026-03-01T10:00:00Z",
+             "Elapsed": 7200, "ConsumedEnergyRaw": 15984000, "GPUEnergy": 14400000.0,
+             "EnergySource": "measured", "Coverage": 1.0, "CarbonIntensity": 400.0,
+             "CO2e": 2131.2},
+            {"JobID": "5001.train", "JobName": "train", "Start": "2026-03-01T10:10:00Z",
+             "Elapsed": 3600, "ConsumedEnergyRaw": 7992000, "GPUEnergy": 7200000.0,
+             "EnergySource": "measured", "Coverage": None, "CarbonIntensity": 400.0,
+             "CO2e": 1065.6},
+        ],
+    }
+
+
+def test_json_without_format_has_every_field(env):
+    _, out, _ = acct_run(*WHOLE, "-X", "--json")
+    doc = json.loads(out)
+    from llem.acct import FIELDS
+
+    assert doc["fields"] == list(FIELDS)
+    assert [j["JobIDRaw"] for j in doc["jobs"]] == ["5001", "5010", "5003"]
+    assert doc["jobs"][1]["JobID"] == "5009_1" and doc["jobs"][1]["AllocGPUs"] == 0
+
+
+def test_totals_per_user_account_day(env):
+    _, out, _ = acct_run(*WHOLE, "--totals", "user", "-P")
+    assert out == (
+        "User|NJobs|Elapsed|GPUHours|ConsumedEnergy|GPUEnergy|EnergySource|CO2e\n"
+        "alice|2|02:05:00|16.0|16.00M|14.40M|measured|2.133kg\n"
+        "bob|1|00:30:00|0.0|396.00K|0|estimated|52.8g\n")
+    _, out, _ = acct_run(*WHOLE, "--totals", "day", "-P", "-o",
+                         "Day,NJobs,ConsumedEnergyRaw,Coverage")
+    assert out == ("Day|NJobs|ConsumedEnergyRaw|Coverage\n"
+                   "2026-03-01|2|16380000|100.0%\n2026-03-02|1|16500|100.0%\n")
+    _, out, _ = acct_run(*WHOLE, "--totals", "month", "--json", "-o", "Month,NJobs,CO2e")
+    doc = json.loads(out)
+    assert doc["totals"] == [{"Month": "2026-03", "NJobs": 3, "CO2e": 2186.2}]
+    _, out, _ = acct_run(*WHOLE, "--totals", "account")
+    assert out.splitlines()[2].split() == ["chem", "1", "00:30:00", "0.0", "396.00K", "0",
+                                           "estimated", "52.8g"]
+    assert out.splitlines()[-1].startswith("CO2e: grid intensity 400")
+
+
+@pytest.mark.parametrize("args, ids", [
+    (("-u", "bob"), ["5009_1"]),
+    (("-A", "physics", "-X"), ["5001", "5003"]),
+    (("-r", "gpu"), ["5001", "5001.train"]),
+    (("-s", "F"), ["5009_1"]),
+    (("-s", "CD", "-X"), ["5001", "5003"]),
+    (("-N", "g[0002-0003]", "-X"), ["5001"]),
+    (("-j", "5009_1"), ["5009_1"]),
+    (("-j", "5009"), ["5009_1"]),
+    (("-j", "5001.train"), ["5001.train"]),
+    (("-j", "5001.0"), ["5001.train"]),
+    (("-j", "5001", "-X"), ["5001"]),
+    (("-j", "5001.train,5003"), ["5001.train", "5003"]),
+    (("-j", "5001.train", "-X"), []),
+    (("-j", "5009_1.0"), []),
+    (("-j", "5009_2"), []),
+    (("-j", "5001.nope"), []),
+    (("-S", "2026-03-01T14:00", "-X"), ["5003"]),
+    (("-E", "0301", "-S", "022826"), []),
+    (("-E", "2026-03-01T12:30"), ["5001", "5001.train"]),
+    (("-M", "other"), []),
+    (("--name", "sim,prep"), ["5009_1", "5003"]),
+])
+def test_filters(env, args, ids):
+    base = ["-a", "-S", "2026-03-01", "-E", "2026-03-03"]
+    for opt in ("-S", "-E"):
+        if opt in args:
+            i = base.index(opt)
+            del base[i:i + 2]
+    if "-j" in args:
+        base = ["-a"]
+    _, out, _ = acct_run(*base, *args, "-P", "-n", "-o", "JobID")
+    assert out.split() == ids
+
+
+def test_without_a_you_see_your_own_jobs_root_sees_all():
+    from datetime import datetime
+
+    from llem.acct import build_options
+
+    now = datetime(2026, 3, 2, 12, 0, 5)
+    common = dict(ledger="l.db", cluster="default", now=now)
+    opts = build_options(current_user="carol", is_root=False, **common)
+    assert opts.filter.users == ("carol",) and opts.filter.clusters is None
+    assert opts.window == (datetime(2026, 3, 2), datetime(2026, 3, 2, 12, 0, 5))
+    assert build_options(current_user="root", is_root=True, **common).filter.users is None
+    assert build_options(current_user="carol", is_root=False, allusers=True,
+                         **common).filter.users is None
+    opts = build_options(current_user="carol", is_root=False, jobs="12", **common)
+    assert opts.filter.users is None and opts.window == (None, None)
+    opts = build_options(current_user="carol", is_root=False, since="2w", **common)
+    assert opts.window[0] == datetime(2026, 2, 16, 12, 0, 5)
+
+
+def test_empty_result_says_so_and_exits_0(env):
+    status, out, err = acct_run("-u", "nobody", "-S", "2026-03-01", "-E", "2026-03-03")
+    assert status == 0
+    assert out.splitlines()[0].split()[0] == "JobID" and len(out.splitlines()) == 2
+    assert err == ("llem-acct: no jobs match (user nobody, cluster c1, from 2026-03-01T00:00:00 "
+                   "to 2026-03-03T00:00:00); widen the window with -S or --since, or use -a "
+                   "for all users\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("-o", "JobID,Energy"), "Invalid value for '-o/--format': unknown field 'Energy'; "
+                             "did you mean 'GPUEnergy'?"),
+    (("-S", "yesterday-ish"), "Invalid value for '-S/--starttime': invalid time "
+                              "'yesterday-ish'"),
+    (("-S", "2026-02-30"), "Invalid value for '-S/--starttime': invalid time '2026-02-30': "
+                           "day is out of range for month"),
+    (("--since", "3x"), "Invalid value for '--since': invalid duration '3x'"),
+    (("--since", "3d", "-S", "today"), "give either --since or -S/--starttime"),
+    (("-s", "R"), "unknown or unsupported state 'R'"),
+    (("-j", "abc"), "invalid job id 'abc'"),
+    (("--totals", "node"), "unknown key 'node'"),
+    (("--units", "X"), "invalid unit 'X'"),
+    (("--bogus",), "No such option '--bogus'"),
+    (("-E", "2026-01-01", "-S", "2026-02-01"), "is before start"),
+    (("-p", "--json"), "give only one of -p, -P and --json"),
+])
+def test_usage_errors_exit_2(env, args, message):
+    status, out, err = acct_run(*args)
+    assert status == 2 and out == ""
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_and_unreadable_ledger_exit_1(tmp_path, env):
+    status, out, err = acct_run("--ledger", str(tmp_path / "none.db"))
+    assert status == 1
+    assert err == (f"Error: no ledger at {tmp_path / 'none.db'}. Set 'ledger:' in the llem "
+                   "configuration (or LLEM_LEDGER), or pass --ledger PATH; on a new "
+                   "installation run 'llem aggregate --once' first\n")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database at all" * 100)
+    status, _, err = acct_run("--ledger", str(junk))
+    assert status == 1 and err.startswith(f"Error: {junk}: not a usable ledger database")
+    if os.getuid() != 0:
+        env.chmod(0o000)
+        try:
+            status, _, err = acct_run("-a")
+        finally:
+            env.chmod(0o644)
+        assert status == 1 and "permission denied reading the ledger; ask your administrator" \
+            in err
+
+
+def test_helpformat_lists_every_field(env):
+    status, out, _ = acct_run("-e")
+    assert status == 0
+    assert out.splitlines()[0] == ("JobID               JobIDRaw            JobName             "
+                                   "Cluster")
+    for name in ("ConsumedEnergyRaw", "CO2e", "EnergySource", "NJobs", "Month"):
+        assert name in out
+
+
+def test_console_script_subprocess_debug_and_llem_acct(env):
+    exe = [sys.executable, "-c", "from llem.cli.acct import main; main()"]
+    envv = {**os.environ, "TZ": "UTC"}
+    r = subprocess.run(exe + list(WHOLE), capture_output=True, text=True, env=envv, timeout=60)
+    assert r.returncode == 0 and r.stdout == TABLE
+    r = subprocess.run([sys.executable, "-m", "llem.cli.main", "acct", *WHOLE], capture_output=True,
+                       text=True, env=envv, timeout=60)
+    assert r.returncode == 0 and r.stdout == TABLE
+    r = subprocess.run(exe + ["--ledger", "/nonexistent/l.db"], capture_output=True, text=True,
+                       env=envv, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    r = subprocess.run(exe + ["--ledger", "/nonexistent/l.db", "--debug"], capture_output=True,
+                       text=True, env=envv, timeout=60)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "LedgerError" in r.stderr
+
+
+def test_help_and_docs_name_every_flag_and_field():
+    r = CliRunner().invoke(acct, ["-h"])
+    assert r.exit_code == 0
+    docs = (ROOT / "docs" / "acct.md").read_text("utf-8")
+    for flag in ("--jobs", "--user", "--allusers", "--accounts", "--partition", "--state",
+                 "--starttime", "--endtime", "--nodelist", "--allocations", "--format",
+                 "--helpformat", "--noheader", "--parsable", "--parsable2", "--delimiter",
+                 "--json", "--units", "--clusters", "--since", "--totals", "--statement",
+                 "--duplicates", "--name", "--allclusters",
+                 "--ledger", "--debug"):
+        assert flag in r.output, flag
+        assert flag in docs, flag
+    from llem.acct import FIELDS, TOTAL_FIELDS
+
+    for name in list(FIELDS) + list(TOTAL_FIELDS):
+        assert f"`{name}`" in docs, name
+    assert "llem.acct/1" in (ROOT / "docs" / "acct-json.md").read_text("utf-8")
+
+
+def test_llem_lists_acct_and_import_path_is_light():
+    r = subprocess.run([sys.executable, "-m", "llem.cli.main", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "acct" in r.stdout
+    code = ("import sys, llem.cli.acct, llem.acct, llem.store.acct_queries; "
+            "print(sorted(m for m in ('pandas', 'numpy', 'llem.carbon', 'llem.store.ledger', "
+            "'yaml') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "[]"  # carbon, the ledger and YAML load only when used
+
+
+def test_requeued_job_latest_run_unless_duplicates(tmp_path, monkeypatch):
+    d = tmp_path / "lib"
+    d.mkdir(mode=0o755)
+    ledger = d / "ledger.db"
+    make_ledger.write_jobs(ledger, [
+        job("7000", "alice", "physics", "cpu", T, T + 600, ["c0001"], state="SIGNALED"),
+        job("7000", "alice", "physics", "cpu", T + H, T + H + 900, ["c0002"])])
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(CONFIG + f"ledger: {ledger}\n")
+    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
+    fields = ("-P", "-n", "-o", "JobID,State,NodeList,ConsumedEnergyRaw")
+    _, out, _ = acct_run(*WHOLE, *fields)
+    assert out == "7000|COMPLETED|c0002|99000\n"
+    _, out, _ = acct_run(*WHOLE, "-D", *fields)
+    assert out == "7000|SIGNALED|c0001|66000\n7000|COMPLETED|c0002|99000\n"
+    _, out, _ = acct_run(*WHOLE, "--totals", "user", "-P", "-n", "-o",
+                         "User,NJobs,ConsumedEnergyRaw")
+    assert out == "alice|2|165000\n"  # totals count the energy of every run
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run llem-acct as another user")
+def test_a_user_reads_a_root_ledger_and_adds_no_index(request, tmp_path):
+    """A user runs llem-acct on the root-owned 0644 ledger: it reads, and writes nothing."""
+    import shutil
+    import sqlite3
+    import tempfile
+
+    import click
+    import yaml
+
+    from tests.test_export import _python_for_nobody
+
+    root = Path(tempfile.mkdtemp(prefix="llem-acct-reader-"))
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    os.chmod(root, 0o755)
+    python = _python_for_nobody(root)
+    if python is None:
+        pytest.skip("no Python that uid 65534 can run llem with")
+    for module in (click, yaml):  # world-readable copies beside llem's
+        dest = root / "src" / module.__name__
+        if not dest.exists():
+            shutil.copytree(Path(module.__file__).parent, dest,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    if not (root / "src" / "llem" / "share").exists():  # installed as llem.share
+        shutil.copytree(ROOT / "share", root / "src" / "llem" / "share",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [root / "src", *(root / "src").rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    python = (python[0], {**python[1], "PYTHONPATH": str(root / "src")})
+    (root / "ledger").mkdir(mode=0o755)
+    ledger = root / "ledger" / "ledger.db"
+    make_ledger.write_jobs(ledger, JOBS)
+    cfg = root / "llem.yaml"
+    cfg.write_text(CONFIG + f"ledger: {ledger}\n")
+    cfg.chmod(0o644)
+    before = ledger.stat().st_mtime_ns
+    env = {**python[1], "LLEM_CONFIG": str(cfg), "TZ": "UTC"}
+    r = subprocess.run([python[0], "-c", "from llem.cli.acct import main; main()", *WHOLE],
+                       user=65534, group=65534, env=env, capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == TABLE
+    assert ledger.stat().st_mtime_ns == before
+    db = sqlite3.connect(ledger)
+    names = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    db.close()
+    assert "job_runs_by_user_end" not in names
+    r = subprocess.run([python[0], "-c", "from llem.cli.acct import main; main()", "-X"],
+                       user=65534, group=65534, env=env, capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 0 and "no jobs match (user " in r.stderr  # nobody sees only nobody
