@@ -11,6 +11,8 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "merged" in r.stdout and "Next, try:" in r.stdout
+    # shown with llem-acct: totals per user, then every job and its windows
+    assert "NJobs" in r.stdout and "104.compute" in r.stdout and "CO2e: grid intensity" in r.stdout
     db = sqlite3.connect(base / "ledger.db")
     runs = {row[0]: row[1:] for row in db.execute(
         "SELECT job_id, status, name, user, energy_uj, cpu_energy_uj, coverage FROM job_runs")}

@@ -28,7 +28,7 @@ def demo(base: Path | None) -> None:
     Demo(base, say=lambda line: click.echo(line)).run()
     ledger = base / "ledger.db"
     click.echo("")
-    for args in (["-a", "-T", "user"], ["-a", "-X", "-o",
+    for args in (["-a", "--totals", "user"], ["-a", "-o",
                  "JobID,JobName,User,Account,NNodes,Elapsed,ConsumedEnergy,EnergySource,"
                  "Coverage,CO2e"]):
         cmd = ["llem-acct", "--ledger", str(ledger), "-S", "today", *args]
