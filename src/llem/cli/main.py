@@ -18,6 +18,7 @@ COMMANDS = {
     "doctor": "llem.cli.doctor:doctor",
     "carbon": "llem.cli.carbon:carbon",
     "aggregate": "llem.cli.aggregate:aggregate",
+    "report": "llem.cli.report:report",
 }
 # Commands on the job start-up path: argparse-based, dispatched before click is imported.
 # They are listed in `llem --help` through small click shims.
