@@ -20,7 +20,13 @@ from llem.cli.report import report as report_cli
 from llem.report import build_report, frames, plots, render
 from llem.store import report_queries as q
 from tests.test_report_data import (
-    ESTIMATED, NOVEMBER, Job, build_ledger, report_config, utc_ns, write_yaml,
+    ESTIMATED,
+    NOVEMBER,
+    Job,
+    build_ledger,
+    report_config,
+    utc_ns,
+    write_yaml,
 )
 
 UJ_PER_KWH = 3.6e12
@@ -167,7 +173,7 @@ def test_idle_threshold_is_a_parameter(ledger_path):
 def test_reconciliation_from_the_nodes_hourly_totals(ledger_path, nov):
     r = nov.reconciliation
     start_s, end_s = NOV.start_ns // 10**9, NOV.end_ns // 10**9
-    measured, attributed, remainder = sql(
+    measured, _attributed, remainder = sql(
         ledger_path, "SELECT SUM(measured_uj), SUM(attributed_uj), SUM(remainder_uj) "
                      "FROM node_hours WHERE hour_s >= ? AND hour_s < ?", (start_s, end_s))[0]
     assert r["measured_kwh"] == pytest.approx(measured / UJ_PER_KWH)
@@ -217,7 +223,7 @@ def test_an_empty_month_is_clear_and_exits_0(ledger_path, monkeypatch, tmp_path)
 
 
 def test_an_empty_month_in_html_has_no_plots(ledger_path, monkeypatch, tmp_path):
-    status, out, err = cli(["monthly", "--month", "2023-06", "--out", str(tmp_path / "o")],
+    status, _out, _err = cli(["monthly", "--month", "2023-06", "--out", str(tmp_path / "o")],
                            monkeypatch, tmp_path, ledger_path)
     assert status == 0
     files = sorted(p.name for p in (tmp_path / "o").iterdir())
@@ -244,7 +250,7 @@ def test_an_account_statement_holds_only_that_account(ledger_path, monkeypatch, 
     assert r.totals["energy_kwh"] == pytest.approx(uj / UJ_PER_KWH)
     assert set(r.groups["user"]["user"]) == {"alice", "bob"}
     assert r.reconciliation is None
-    status, out, err = cli(["account", "physics", "--month", "2023-11", "--format", "md"],
+    status, out, _err = cli(["account", "physics", "--month", "2023-11", "--format", "md"],
                            monkeypatch, tmp_path, ledger_path)
     assert status == 0
     assert out.startswith("# Energy statement: account physics, 2023-11")
@@ -317,7 +323,7 @@ def test_embodied_share_when_enabled(ledger_path):
 
 def test_html_with_plots_is_one_self_contained_file(ledger_path, monkeypatch, tmp_path):
     out_dir = tmp_path / "out"
-    status, out, err = cli(["monthly", "--month", "2023-11", "--out", str(out_dir)],
+    status, _out, err = cli(["monthly", "--month", "2023-11", "--out", str(out_dir)],
                            monkeypatch, tmp_path, ledger_path)
     assert status == 0, err
     names = sorted(p.name for p in out_dir.iterdir())
@@ -385,7 +391,7 @@ def test_without_pandas_the_error_names_the_extra(ledger_path, tmp_path):
             "'--month', '2023-11']; main()")
     env = {"LLEM_CONFIG": str(write_yaml(tmp_path / "llem.yaml", ledger_path)),
            "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                          env=env, cwd=tmp_path)
     assert res.returncode == 1
     assert res.stderr.strip() == ("Error: llem report needs pandas and matplotlib: "

@@ -1,4 +1,4 @@
-"""Test ledgers for ``llem report``, built the way production builds them.
+"""Test ledgers for ``llem report`` (helpers, no tests), built as production builds them.
 
 Every job is sampled into a real node store (``tests.test_export.build_store``), exported as
 a job slice (``export_job``) and the node's hourly totals as a node slice (``export_node``),

@@ -44,7 +44,7 @@ def screenshot(exe: str, page: Path, png: Path, profile: Path) -> subprocess.Com
          "--disable-component-update", "--disable-sync", "--no-first-run",
          f"--user-data-dir={profile}", f"--screenshot={png}",
          f"--window-size={WIDTH},{HEIGHT}", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_html_report_renders_in_headless_chromium(tmp_path):

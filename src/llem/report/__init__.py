@@ -39,9 +39,9 @@ def require(*modules: str) -> None:
             f"llem report needs {' and '.join(missing)}: {INSTALL_HINT}")
 
 
-def build_report(ledger, config, period: "Period", *, account: str | None = None,
+def build_report(ledger, config, period: Period, *, account: str | None = None,
                  idle_w: float | None = None, top_n: int = 20, model=None,
-                 with_previous: bool = True) -> "Report":
+                 with_previous: bool = True) -> Report:
     """Compute a report of ``period`` from an open ledger.
 
     Args:

@@ -189,7 +189,7 @@ def totals(jobs: pd.DataFrame) -> dict[str, Any]:
         "operational_kg": float(jobs["operational_kg"].sum()),
         "embodied_kg": float(jobs["embodied_kg"].sum()),
         "co2e_kg": float(jobs["co2e_kg"].sum()),
-        "jobs": int(len(jobs)),
+        "jobs": len(jobs),
         "users": int(jobs["user"].nunique()),
         "accounts": int(jobs["account"].nunique()),
         "gpu_h": gpu_h,
@@ -286,7 +286,7 @@ def gpu_energy_distribution(jobs: pd.DataFrame) -> dict[str, Any]:
     if values.empty:
         return {"jobs": 0}
     qs = values.quantile([0.1, 0.5, 0.9])
-    return {"jobs": int(len(values)), "p10": float(qs[0.1]), "median": float(qs[0.5]),
+    return {"jobs": len(values), "p10": float(qs[0.1]), "median": float(qs[0.5]),
             "p90": float(qs[0.9]), "max": float(values.max())}
 
 
@@ -323,7 +323,7 @@ def reconciliation(node_rows: Sequence[tuple], job_node_rows: Sequence[tuple]) -
         "attributed_kwh": float(nodes["attributed_uj"].sum()) / UJ_PER_KWH,
         "remainder_kwh": float(nodes["remainder_uj"].sum()) / UJ_PER_KWH,
         "jobs_kwh": float(jobs["energy_uj"].sum()) / UJ_PER_KWH,
-        "nodes": int(len(per_node)),
+        "nodes": len(per_node),
         "by_component": by_component.reset_index(),
         "nodes_with_gaps": gaps.sort_values(["gap_intervals", "node"],
                                             ascending=[False, True]).reset_index(drop=True),

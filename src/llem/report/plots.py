@@ -7,6 +7,7 @@ values as direct labels, and every axis names its unit.
 from __future__ import annotations
 
 import io
+import math
 import time
 
 from llem.report.frames import Report
@@ -35,10 +36,14 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _label_bars(ax, bars, fmt="{:,.1f}") -> None:
+def _num(value: float) -> str:
+    return f"{value:,.1f}" if abs(value) >= 10 else f"{value:,.3f}"
+
+
+def _label_bars(ax, bars) -> None:
     for bar in bars:
         w = bar.get_width()
-        ax.annotate(fmt.format(w), (w, bar.get_y() + bar.get_height() / 2),
+        ax.annotate(_num(w), (w, bar.get_y() + bar.get_height() / 2),
                     xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
 
 
@@ -65,7 +70,9 @@ def daily_by_account(report: Report) -> bytes:
                    hatch=HATCHES[i % len(HATCHES)], edgecolor="black", linewidth=0.4)
             bottom = vals if bottom is None else bottom + vals
         ax.set_ylabel(unit)
-        ax.margins(y=0.08)
+        # Stacked zero-height bars leave sticky edges that defeat margins: set the top.
+        top = float(bottom.max()) if bottom is not None and len(bottom) else 0.0
+        ax.set_ylim(0, top * 1.1 if top > 0 else 1.0)
         ax.grid(axis="y", alpha=0.3)
         ax.set_xticks(list(x))
         ax.set_xticklabels([day[5:] for day in pivot.index], rotation=90, fontsize=7)
@@ -109,9 +116,12 @@ def gpu_energy_distribution(report: Report) -> bytes:
     ax.hist(values, bins=40, color="#a6a6a6", edgecolor="black", hatch="..")
     g = report.gpu_energy
     for key, style in (("p10", ":"), ("median", "-"), ("p90", "--")):
-        ax.axvline(g[key], color="black", linestyle=style, linewidth=1.2)
-        ax.annotate(f"{key} {g[key]:.3f}", (g[key], ax.get_ylim()[1] * 0.95), rotation=90,
-                    va="top", ha="right", fontsize=8)
+        ax.axvline(g[key], color="black", linestyle=style, linewidth=1.4,
+                   label=f"{key} {g[key]:.3f} kWh/GPU-h")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("energy per GPU-hour (kWh per GPU-hour, all components)")
     ax.set_ylabel("jobs")
     ax.set_title(f"Energy per GPU-hour over {g['jobs']:,} GPU jobs, {report.period.label}")
@@ -126,8 +136,8 @@ def waste_by_account(report: Report, n: int = 15) -> bytes:
     bars = ax.barh(w["account"].astype(str), w["idle_kwh"], color="#4d4d4d",
                    edgecolor="black", hatch="xx")
     for bar, share in zip(bars, w["idle_share"]):
-        text = f"{bar.get_width():,.1f}" + (f" ({share * 100:.0f} % of GPU energy)"
-                                            if share == share and share is not None else "")
+        text = _num(bar.get_width()) + (f" ({share * 100:.0f} % of GPU energy)"
+                                            if share is not None and not math.isnan(share) else "")
         ax.annotate(text, (bar.get_width(), bar.get_y() + bar.get_height() / 2),
                     xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     ax.set_xlabel("energy of idle allocated GPUs (kWh)")

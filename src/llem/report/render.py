@@ -105,7 +105,7 @@ def _table_specs(report: Report) -> list[tuple[str, str, pd.DataFrame]]:
                       r["by_component"]))
         specs.append(("nodes_with_gaps", "Nodes with gaps", r["nodes_with_gaps"]))
     specs.append(("change", f"Change against {report.previous.label}",
-                  report.change.drop(columns="key")))
+                  report.change))
     return specs
 
 
@@ -255,7 +255,7 @@ border-bottom:1px solid #999}table{border-collapse:collapse;margin:.5em 0;font-s
 th,td{border:1px solid #bbb;padding:3px 7px}th{background:#eee;text-align:left}
 td.n{text-align:right;font-variant-numeric:tabular-nums}.note{background:#f4f4f4;
 border-left:4px solid #555;padding:.4em .8em;margin:.4em 0}.carbon{font-size:12px;color:#333}
-img{max-width:100%;border:1px solid #ddd;margin:.5em 0}code{font-size:12px}
+img{max-width:100%;border:1px solid #ddd;margin:.5em 0}code{font-size:12px;white-space:nowrap}
 .kpi{display:inline-block;border:1px solid #999;padding:.4em .9em;margin:.2em;min-width:9em}
 .kpi b{display:block;font-size:20px}
 """
