@@ -91,7 +91,8 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
     if account is None:
         recon = frames.reconciliation(
             q.node_hours(ledger, period.start_ns, period.end_ns),
-            q.job_energy_by_node(ledger, period.start_ns, period.end_ns))
+            q.job_nodes_in_period(ledger, period.start_ns, period.end_ns),
+            totals["energy_kwh"])
     gpu_values = jobs.loc[jobs["gpu_h"] > 0, "kwh_per_gpu_h"].dropna()
     return frames.Report(
         period=period, previous=previous, cluster=config.cluster, account=account,

@@ -293,16 +293,16 @@ def gpu_energy_distribution(jobs: pd.DataFrame) -> dict[str, Any]:
 # -- reconciliation ------------------------------------------------------------------------------
 
 
-def reconciliation(node_rows: Sequence[tuple], job_node_rows: Sequence[tuple]) -> dict[str, Any]:
+def reconciliation(node_rows: Sequence[tuple], job_nodes: Sequence[str],
+                   jobs_kwh: float) -> dict[str, Any]:
     """Node energy measured vs attributed to jobs vs the unattributed remainder, and gaps.
 
-    ``node_rows`` come from the nodes' own hourly totals (``node_hours``); ``job_node_rows``
-    are the jobs' energy per node in the ledger. ``attributed_kwh`` (what the nodes
-    attributed to all jobs) above ``jobs_kwh`` (what job slices delivered) means job slices
-    not merged yet, or jobs of another account.
+    ``node_rows`` come from the nodes' own hourly totals (``node_hours``); ``job_nodes`` are
+    the nodes that ran the period's jobs and ``jobs_kwh`` the jobs' energy in the ledger.
+    ``attributed_kwh`` (what the nodes attributed to all jobs) above ``jobs_kwh`` (what job
+    slices delivered) means job slices not merged yet.
     """
     nodes = pd.DataFrame.from_records(node_rows, columns=q.NODE_HOUR_COLUMNS)
-    jobs = pd.DataFrame.from_records(job_node_rows, columns=["node", "energy_uj"])
     by_component = (nodes.groupby("component")[["measured_uj", "attributed_uj",
                                                  "remainder_uj"]].sum() / UJ_PER_KWH)
     by_component.columns = ["measured_kwh", "attributed_kwh", "remainder_kwh"]
@@ -316,13 +316,12 @@ def reconciliation(node_rows: Sequence[tuple], job_node_rows: Sequence[tuple]) -
     # (counter resets, missed intervals) mark a node here; the covered share is shown beside.
     gaps = per_node[per_node["gap_intervals"] > 0]
     gaps = gaps.reset_index()[["node", "hours", "gap_intervals", "intervals", "covered_share"]]
-    jobs_nodes = set(jobs["node"])
-    without = sorted(jobs_nodes - set(per_node.index))
+    without = sorted(set(job_nodes) - set(per_node.index))
     return {
         "measured_kwh": measured,
         "attributed_kwh": float(nodes["attributed_uj"].sum()) / UJ_PER_KWH,
         "remainder_kwh": float(nodes["remainder_uj"].sum()) / UJ_PER_KWH,
-        "jobs_kwh": float(jobs["energy_uj"].sum()) / UJ_PER_KWH,
+        "jobs_kwh": jobs_kwh,
         "nodes": len(per_node),
         "by_component": by_component.reset_index(),
         "nodes_with_gaps": gaps.sort_values(["gap_intervals", "node"],

@@ -190,17 +190,13 @@ def node_hours(ledger: Ledger, start_ns: int, end_ns: int) -> list[tuple]:
     """, params)
 
 
-def job_energy_by_node(ledger: Ledger, start_ns: int, end_ns: int,
-                       account: str | None = None) -> list[tuple]:
-    """(node, energy_uj) of the jobs' energy inside the period, per node."""
-    params, filt = _params(start_ns, end_ns, account)
-    return ledger.query(f"""
-        WITH {_NODES_CTE.format(account_filter=filt)}
-        SELECT n.node, SUM(e.energy_uj) FROM nodes n
-        CROSS JOIN job_energy e ON e.job_node_id = n.node_id
-        WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
-        GROUP BY n.node
-    """, params)
+def job_nodes_in_period(ledger: Ledger, start_ns: int, end_ns: int) -> list[str]:
+    """Nodes that ran a job overlapping the period (no pass over the energy rows)."""
+    params, _ = _params(start_ns, end_ns, None)
+    return [r[0] for r in ledger.query(f"""
+        WITH {_NODES_CTE.format(account_filter="")}
+        SELECT DISTINCT node FROM nodes WHERE overlap_s > 0 ORDER BY node
+    """, params)]
 
 
 def has_any_data(ledger: Ledger) -> bool:
