@@ -26,10 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_spool  # noqa: E402  (bench/ is not a package)
+import make_spool
 
-from llem import slices  # noqa: E402
-from llem.store.ledger import Ledger, digest  # noqa: E402
+from llem import slices
+from llem.store.ledger import Ledger, digest
 
 T0 = int(datetime(2024, 2, 15, tzinfo=timezone.utc).timestamp())
 JOBS_PER_NODE = 170
@@ -96,7 +96,7 @@ def ledger_size(path: Path, month: str) -> dict:
 
     p = frames.month_period(month)
     with q.open_readonly(path) as ledger:
-        count = lambda sql, *a: ledger.query(sql, a)[0][0]  # noqa: E731
+        count = lambda sql, *a: ledger.query(sql, a)[0][0]
         return {
             "file_mb": round(os.path.getsize(path) / 2**20, 1),
             "job_runs": count("SELECT COUNT(*) FROM job_runs"),

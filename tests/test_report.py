@@ -419,3 +419,12 @@ def test_the_queries_module_holds_the_sql():
     for name in ("frames.py", "render.py", "plots.py", "__init__.py"):
         text = (Path(frames.__file__).parent / name).read_text()
         assert "SELECT" not in text and "FROM job_" not in text
+
+
+def test_long_tables_are_cut_in_md_and_html_but_whole_in_csv(nov, monkeypatch):
+    monkeypatch.setattr(render, "MAX_ROWS", 2)
+    md = render.to_markdown(nov)
+    assert "... and 2 more rows (every row is in the csv and json formats)" in md  # 4 users
+    assert "and 2 more rows" in render.to_html(nov, {})
+    users = pd.read_csv(io.StringIO(render.to_csv_tables(nov)["by_user.csv"]))
+    assert len(users) == 4

@@ -206,9 +206,21 @@ def to_csv(report: Report) -> str:
 # -- Markdown -----------------------------------------------------------------------------------
 
 
+MAX_ROWS = 50
+"""Rows of a table shown in md and html; CSV and JSON carry every row."""
+
+
+def _more(frame: pd.DataFrame) -> str:
+    extra = len(frame) - MAX_ROWS
+    return (f"... and {extra:,} more rows (every row is in the csv and json formats)"
+            if extra > 0 else "")
+
+
 def _md_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "_none_\n"
+    more = _more(frame)
+    frame = frame.head(MAX_ROWS)
     cols = [c for c in frame.columns if c != "key"]
     head = "| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |"
     sep = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---"
@@ -219,7 +231,7 @@ def _md_table(frame: pd.DataFrame) -> str:
         cells = [fmt(row[c], key if c in ("value", "previous", "current") else c)
                  for c in cols]
         lines.append("| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (f"\n{more}\n" if more else "")
 
 
 def to_markdown(report: Report, plot_files: list[str] = ()) -> str:
@@ -264,6 +276,8 @@ img{max-width:100%;border:1px solid #ddd;margin:.5em 0}code{font-size:12px;white
 def _html_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "<p><em>none</em></p>"
+    more = _more(frame)
+    frame = frame.head(MAX_ROWS)
     cols = [c for c in frame.columns if c != "key"]
     out = ["<table><thead><tr>"]
     out += [f"<th>{html.escape(HEADERS.get(c, c))}</th>" for c in cols]
@@ -280,6 +294,8 @@ def _html_table(frame: pd.DataFrame) -> str:
             out.append(f"<td{cls}>{cell}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
+    if more:
+        out.append(f"<p><em>{html.escape(more)}</em></p>")
     return "".join(out)
 
 

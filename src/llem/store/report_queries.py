@@ -16,7 +16,7 @@ is :mod:`llem.report.frames`' job.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from llem.store.ledger import Ledger
 
