@@ -12,6 +12,7 @@ import this package. :func:`require` turns their absence into a clear error.
 from __future__ import annotations
 
 import importlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from llem.errors import LlemError
@@ -79,20 +80,31 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
     )
     q.load_hour_factors(ledger, factors.g_per_uj_by_hour)
 
-    jobs, runs, energy = _jobs(ledger, period, account, idle_w, factors)
-    totals = frames.totals(jobs)
-    carbon_fields = _carbon_fields(ledger, config, model, period, account, energy, totals)
-    if with_previous:
-        prev_jobs, _, _ = _jobs(ledger, previous, account, idle_w, factors)
-        previous_totals = frames.totals(prev_jobs)
-    else:
-        previous_totals = {}
-    recon = None
-    if account is None:
-        recon = frames.reconciliation(
-            q.node_hours(ledger, period.start_ns, period.end_ns),
-            q.job_nodes_in_period(ledger, period.start_ns, period.end_ns),
-            totals["energy_kwh"])
+    # The previous period and the nodes' hourly totals are independent reads: each runs in
+    # its own read-only connection and thread (sqlite3 releases the GIL while a query runs),
+    # beside the current period's queries on the caller's connection.
+    def previous_totals_of(conn) -> dict:
+        q.load_hour_factors(conn, factors.g_per_uj_by_hour)
+        return frames.totals(_jobs(conn, previous, account, idle_w, factors)[0])
+
+    def node_rows_of(conn) -> tuple:
+        return (q.node_hours(conn, period.start_ns, period.end_ns),
+                q.job_nodes_in_period(conn, period.start_ns, period.end_ns))
+
+    side = {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        if with_previous:
+            side["previous"] = pool.submit(_own_connection, ledger.path, previous_totals_of)
+        if account is None:
+            side["nodes"] = pool.submit(_own_connection, ledger.path, node_rows_of)
+        jobs, runs, energy = _jobs(ledger, period, account, idle_w, factors)
+        totals = frames.totals(jobs)
+        carbon_fields = _carbon_fields(ledger, config, model, period, account, energy, totals)
+        previous_totals = side["previous"].result() if with_previous else {}
+        recon = None
+        if account is None:
+            node_rows, job_nodes = side["nodes"].result()
+            recon = frames.reconciliation(node_rows, job_nodes, totals["energy_kwh"])
     gpu_values = jobs.loc[jobs["gpu_h"] > 0, "kwh_per_gpu_h"].dropna()
     return frames.Report(
         period=period, previous=previous, cluster=config.cluster, account=account,
@@ -104,6 +116,13 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
         change=frames.change(totals, previous_totals), previous_totals=previous_totals,
         notes=frames.notes_for(totals, carbon_fields),
     )
+
+
+def _own_connection(path, body):
+    from llem.store import report_queries as q
+
+    with q.open_readonly(path) as conn:
+        return body(conn)
 
 
 def _jobs(ledger, period, account, idle_w, factors):
