@@ -197,9 +197,3 @@ def job_nodes_in_period(ledger: Ledger, start_ns: int, end_ns: int) -> list[str]
         WITH {_NODES_CTE.format(account_filter="")}
         SELECT DISTINCT node FROM nodes WHERE overlap_s > 0 ORDER BY node
     """, params)]
-
-
-def has_any_data(ledger: Ledger) -> bool:
-    """Whether the ledger holds any job run or node hour at all."""
-    return bool(ledger.query("SELECT EXISTS (SELECT 1 FROM job_runs) "
-                             "OR EXISTS (SELECT 1 FROM node_hours)")[0][0])
