@@ -85,7 +85,7 @@ def test_totals_equal_a_direct_sum_over_the_ledger(ledger_path, nov):
                                 "WHERE end_ns > ? AND start_ns < ?",
                    (NOV.end_ns, NOV.start_ns, NOV.start_ns, NOV.end_ns))[0]
     assert t["gpu_h"] == pytest.approx(gpu_s / 3600)
-    (jobs,) = sql(ledger_path, "SELECT COUNT(*) FROM job_runs WHERE run_end_ns >= ? "
+    (jobs,) = sql(ledger_path, "SELECT COUNT(*) FROM job_runs WHERE run_end_ns > ? "
                                "AND run_start_ns < ?", (NOV.start_ns, NOV.end_ns))[0]
     assert t["jobs"] == jobs == 6
 

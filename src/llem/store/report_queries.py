@@ -34,7 +34,7 @@ _NODES_CTE = """
         FROM job_runs r
         CROSS JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id
                          AND jn.run_start_ns = r.run_start_ns
-        WHERE r.run_end_ns >= :start_ns AND r.run_start_ns < :end_ns {account_filter}
+        WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {account_filter}
     )
 """
 
@@ -88,7 +88,7 @@ def runs(ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None)
                MAX(0, MIN(r.run_end_ns, :end_ns) - MAX(r.run_start_ns, :start_ns)) / 1e9,
                COALESCE(p.node_s, 0), COALESCE(p.gpu_s, 0)
         FROM job_runs r LEFT JOIN per_run p ON p.run_id = r.rowid
-        WHERE r.run_end_ns >= :start_ns AND r.run_start_ns < :end_ns {filt}
+        WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {filt}
     """, params)
 
 
