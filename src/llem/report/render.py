@@ -114,7 +114,9 @@ def totals_frame(report: Report) -> pd.DataFrame:
             for key, label in TOTAL_ROWS]
     c = report.carbon
     for key in ("region", "intensity_g_per_kwh", "source", "year", "basis", "pue"):
-        rows.append({"figure": f"carbon {key}", "key": f"carbon_{key}", "value": c.get(key)})
+        # Shown as given (344.14, not 344.1): the factors are quoted, not measured.
+        rows.append({"figure": f"carbon {key}", "key": f"carbon_{key}",
+                     "value": str(c.get(key))})
     rows.append({"figure": "idle threshold (W per GPU)", "key": "idle_w",
                  "value": report.idle_w})
     return pd.DataFrame(rows)
