@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ -x scripts/install-slurm.sh ] && [ "$(id -u)" = 0 ]; then
-    # Debian's slurm-wlm and munge for the tests against a real local Slurm (marker: slurm).
+if [ "$(id -u)" = 0 ]; then
+    # Debian's slurm-wlm and munge for the tests against a real local Slurm (marker: slurm),
+    # and chromium for the test that opens the HTML report.
     bash scripts/install-slurm.sh
+    bash scripts/install-chromium.sh
 fi
 
 python3 -m venv .venv

@@ -20,6 +20,7 @@ COMMANDS = {
     "aggregate": "llem.cli.aggregate:aggregate",
     "demo": "llem.cli.demo:demo",
     "acct": "llem.cli.acct:acct",
+    "report": "llem.cli.report:report",
 }
 # Commands on the job start-up path: argparse-based, dispatched before click is imported.
 # They are listed in `llem --help` through small click shims.

@@ -1,0 +1,407 @@
+"""Pure functions: ledger rows (tuples from :mod:`llem.store.report_queries`) -> frames.
+
+Nothing here reads the ledger, the configuration or the clock, and nothing prints: every
+figure of a report is computed once here, and :mod:`llem.report.render` only formats it, so
+the same numbers appear in every format.
+
+Units live in column names: ``_kwh``, ``_kg`` (CO2e), ``_h`` (hours), ``_w`` (watts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+
+from llem.store import report_queries as q
+
+UJ_PER_KWH = 3.6e12
+GROUP_KEYS = ("account", "user", "partition", "tag")
+DEFAULT_IDLE_W = 100.0
+IDLE_DEFINITION = (
+    "a GPU allocated to a job counts as idle when its average power over the job's time on "
+    "its node (its measured or estimated energy divided by that time) stayed below {w:g} W; "
+    "waste is the energy such GPUs drew inside the period. Idle power of data-centre GPUs is "
+    "about 30-90 W (A100, H100), busy power 200-700 W."
+)
+NONE_LABEL = "(none)"
+
+
+@dataclass(frozen=True)
+class Period:
+    """A half-open UTC period ``[start_ns, end_ns)`` with a label (``2026-10``)."""
+
+    start_ns: int
+    end_ns: int
+    label: str
+    kind: str = "month"  # or "range"
+
+    @property
+    def start_iso(self) -> str:
+        return _iso(self.start_ns)
+
+    @property
+    def end_iso(self) -> str:
+        return _iso(self.end_ns)
+
+    def hours(self) -> list[int]:
+        """UTC hour starts (epoch s) of every clock hour the period touches."""
+        first = self.start_ns // 10**9 // q.HOUR_S * q.HOUR_S
+        return list(range(first, -(-self.end_ns // 10**9), q.HOUR_S))
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def month_period(month: str) -> Period:
+    """The calendar month ``YYYY-MM`` (UTC).
+
+    Raises:
+        ValueError: not a ``YYYY-MM`` month.
+    """
+    try:
+        start = datetime.strptime(month, "%Y-%m").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise ValueError(f"month must be YYYY-MM, got {month!r}") from None
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else \
+        start.replace(month=start.month + 1)
+    return Period(int(start.timestamp()) * 10**9, int(end.timestamp()) * 10**9, month)
+
+
+def range_period(since: datetime, until: datetime) -> Period:
+    """Any period; naive datetimes are taken as UTC.
+
+    Raises:
+        ValueError: until is not after since.
+    """
+    since, until = (d if d.tzinfo else d.replace(tzinfo=timezone.utc) for d in (since, until))
+    if until <= since:
+        raise ValueError(f"--until ({until:%Y-%m-%d %H:%M}) must be after --since "
+                         f"({since:%Y-%m-%d %H:%M})")
+    label = f"{since:%Y-%m-%d}..{until:%Y-%m-%d}"
+    return Period(int(since.timestamp() * 1e9), int(until.timestamp() * 1e9), label, "range")
+
+
+def previous_period(period: Period) -> Period:
+    """The calendar month before a month; the same length just before any other period."""
+    if period.kind == "month":
+        start = datetime.fromtimestamp(period.start_ns // 10**9, tz=timezone.utc)
+        prev = start.replace(year=start.year - 1, month=12) if start.month == 1 else \
+            start.replace(month=start.month - 1)
+        return month_period(prev.strftime("%Y-%m"))
+    length = period.end_ns - period.start_ns
+    start, end = period.start_ns - length, period.start_ns
+    return Period(start, end, f"{_iso(start)[:10]}..{_iso(end)[:10]}", "range")
+
+
+@dataclass(frozen=True)
+class Factors:
+    """Carbon factors the report applies: per-hour grams per microjoule and embodied rates."""
+
+    g_per_uj_by_hour: Mapping[int, float]
+    embodied_gpu_g_per_h: float = 0.0
+    embodied_node_g_per_h: float = 0.0
+
+
+def hour_factors(hours: Sequence[int], intensity_g_per_kwh, pue_of_hour) -> dict[int, float]:
+    """grams CO2e per microjoule of IT energy for each hour: intensity x PUE / 3.6e12.
+
+    Args:
+        hours: UTC hour starts.
+        intensity_g_per_kwh: hour -> gCO2e/kWh (a callable).
+        pue_of_hour: hour -> PUE (a callable).
+    """
+    return {h: intensity_g_per_kwh(h) * pue_of_hour(h) / UJ_PER_KWH for h in hours}
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+
+def jobs_frame(run_rows: Sequence[tuple], energy_rows: Sequence[tuple],
+               idle_rows: Sequence[tuple], factors: Factors) -> pd.DataFrame:
+    """One row per job run overlapping the period, with its figures inside the period."""
+    runs = pd.DataFrame.from_records(run_rows, columns=q.RUN_COLUMNS)
+    energy = pd.DataFrame.from_records(energy_rows, columns=q.ENERGY_COLUMNS)
+    idle = pd.DataFrame.from_records(idle_rows, columns=q.IDLE_COLUMNS)
+    sums = energy.drop(columns="day_s").groupby("run_id").sum()
+    jobs = runs.set_index("run_id").join(sums, how="left").join(
+        idle.set_index("run_id"), how="left")
+    numeric = [c for c in q.ENERGY_COLUMNS[2:]] + list(q.IDLE_COLUMNS[1:])
+    jobs[numeric] = jobs[numeric].fillna(0)
+    for col in ("user", "account", "partition", "tag"):
+        jobs[col] = jobs[col].fillna(NONE_LABEL).replace("", NONE_LABEL)
+    out = pd.DataFrame(index=jobs.index)
+    for col in ("cluster", "job_id", "user", "account", "partition", "tag", "name", "state",
+                "status", "run_start_ns", "run_end_ns", "num_nodes"):
+        out[col] = jobs[col]
+    out["energy_kwh"] = jobs["energy_uj"] / UJ_PER_KWH
+    for comp in ("cpu", "dram", "gpu", "other"):
+        out[f"{comp}_kwh"] = jobs[f"{comp}_uj"] / UJ_PER_KWH
+    out["estimated_kwh"] = jobs["estimated_uj"] / UJ_PER_KWH
+    out["gpu_h"] = jobs["gpu_s"] / 3600.0
+    out["node_h"] = jobs["node_s"] / 3600.0
+    out["overlap_h"] = jobs["overlap_s"] / 3600.0
+    out["coverage"] = jobs["coverage"]
+    out["operational_kg"] = jobs["operational_g"] / 1000.0
+    out["embodied_kg"] = (out["gpu_h"] * factors.embodied_gpu_g_per_h
+                          + out["node_h"] * factors.embodied_node_g_per_h) / 1000.0
+    out["co2e_kg"] = out["operational_kg"] + out["embodied_kg"]
+    out["kwh_per_gpu_h"] = (out["energy_kwh"] / out["gpu_h"]).where(out["gpu_h"] > 0)
+    out["allocated_gpus"] = jobs["allocated_gpus"].astype(int)
+    out["idle_gpus"] = jobs["idle_gpus"].astype(int)
+    out["idle_kwh"] = jobs["idle_energy_uj"] / UJ_PER_KWH
+    out["idle_gpu_h"] = jobs["idle_gpu_s"] / 3600.0
+    return out.reset_index(drop=True)
+
+
+def _share(part: float, whole: float) -> float | None:
+    return part / whole if whole > 0 else None
+
+
+def coverage_of(jobs: pd.DataFrame) -> float | None:
+    """Time-weighted coverage (share of the jobs' wall time with data), over known values."""
+    known = jobs[jobs["coverage"].notna() & (jobs["overlap_h"] > 0)]
+    weight = float(known["overlap_h"].sum())
+    if not weight:
+        return None
+    return float((known["coverage"] * known["overlap_h"]).sum() / weight)
+
+
+def totals(jobs: pd.DataFrame) -> dict[str, Any]:
+    """The period's totals over all jobs."""
+    total = float(jobs["energy_kwh"].sum())
+    estimated = float(jobs["estimated_kwh"].sum())
+    gpu_h = float(jobs["gpu_h"].sum())
+    return {
+        "energy_kwh": total,
+        "cpu_kwh": float(jobs["cpu_kwh"].sum()),
+        "dram_kwh": float(jobs["dram_kwh"].sum()),
+        "gpu_kwh": float(jobs["gpu_kwh"].sum()),
+        "other_kwh": float(jobs["other_kwh"].sum()),
+        "measured_kwh": total - estimated,
+        "estimated_kwh": estimated,
+        "measured_share": _share(total - estimated, total),
+        "operational_kg": float(jobs["operational_kg"].sum()),
+        "embodied_kg": float(jobs["embodied_kg"].sum()),
+        "co2e_kg": float(jobs["co2e_kg"].sum()),
+        "jobs": len(jobs),
+        "users": int(jobs["user"].nunique()),
+        "accounts": int(jobs["account"].nunique()),
+        "gpu_h": gpu_h,
+        "node_h": float(jobs["node_h"].sum()),
+        "kwh_per_gpu_h": (float(jobs.loc[jobs["gpu_h"] > 0, "energy_kwh"].sum()) / gpu_h
+                          if gpu_h > 0 else None),
+        "coverage": coverage_of(jobs),
+        "idle_kwh": float(jobs["idle_kwh"].sum()),
+        "idle_gpu_h": float(jobs["idle_gpu_h"].sum()),
+        "incomplete_jobs": int((jobs["status"] != "complete").sum()),
+    }
+
+
+def by_group(jobs: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Energy, CO2e, GPU-hours and energy per GPU-hour per value of ``key``, largest first."""
+    cols = ["energy_kwh", "gpu_kwh", "estimated_kwh", "operational_kg", "embodied_kg",
+            "co2e_kg", "gpu_h"]
+    if jobs.empty:
+        return pd.DataFrame(columns=[key, "jobs", *cols, "kwh_per_gpu_h", "energy_share",
+                                     "measured_share"])
+    g = jobs.groupby(key, sort=False)
+    out = g[cols].sum()
+    out.insert(0, "jobs", g.size())
+    gpu_energy = jobs[jobs["gpu_h"] > 0].groupby(key)["energy_kwh"].sum()
+    out["kwh_per_gpu_h"] = (gpu_energy.reindex(out.index) / out["gpu_h"]).where(out["gpu_h"] > 0)
+    total = out["energy_kwh"].sum()
+    out["energy_share"] = out["energy_kwh"] / total if total > 0 else 0.0
+    out["measured_share"] = (1 - out["estimated_kwh"] / out["energy_kwh"]).where(
+        out["energy_kwh"] > 0)
+    out = out.drop(columns="estimated_kwh").reset_index()
+    return out.sort_values(["energy_kwh", key], ascending=[False, True]).reset_index(drop=True)
+
+
+def top_jobs(jobs: pd.DataFrame, n: int = 20) -> pd.DataFrame:
+    """The ``n`` jobs with most energy in the period, with their ``llem-acct -j`` command."""
+    cols = ["job_id", "user", "account", "partition", "name", "energy_kwh", "gpu_kwh",
+            "co2e_kg", "gpu_h", "kwh_per_gpu_h", "start", "state", "command"]
+    if jobs.empty:
+        return pd.DataFrame(columns=cols)
+    top = jobs.sort_values(["energy_kwh", "job_id"], ascending=[False, True]).head(n).copy()
+    top["start"] = [_iso(ns) for ns in top["run_start_ns"]]
+    top["command"] = [f"llem-acct -j {j}" for j in top["job_id"]]
+    top["state"] = top["state"].fillna(top["status"])
+    return top[cols].reset_index(drop=True)
+
+
+def waste(jobs: pd.DataFrame, n: int = 20) -> dict[str, pd.DataFrame]:
+    """Idle-GPU energy per job (top ``n``), per user and per account."""
+    wasted = jobs[jobs["idle_gpus"] > 0]
+    out: dict[str, pd.DataFrame] = {}
+    job_cols = ["job_id", "user", "account", "idle_gpus", "allocated_gpus", "idle_kwh",
+                "idle_gpu_h", "gpu_kwh", "command"]
+    top = wasted.sort_values(["idle_kwh", "idle_gpu_h", "job_id"],
+                             ascending=[False, False, True]).head(n).copy()
+    top["command"] = [f"llem-acct -j {j}" for j in top["job_id"]]
+    out["jobs"] = top[job_cols].reset_index(drop=True)
+    for key in ("user", "account"):
+        cols = [key, "jobs", "idle_gpu_h", "idle_kwh", "gpu_kwh", "idle_share"]
+        if wasted.empty:
+            out[key] = pd.DataFrame(columns=cols)
+            continue
+        g = wasted.groupby(key)
+        frame = g[["idle_gpu_h", "idle_kwh"]].sum()
+        frame.insert(0, "jobs", g.size())
+        gpu = jobs.groupby(key)["gpu_kwh"].sum().reindex(frame.index)
+        frame["gpu_kwh"] = gpu
+        frame["idle_share"] = (frame["idle_kwh"] / gpu).where(gpu > 0)
+        out[key] = frame.reset_index().sort_values(
+            ["idle_kwh", "idle_gpu_h", key], ascending=[False, False, True]
+        ).reset_index(drop=True)[cols]
+    return out
+
+
+def daily(energy_rows: Sequence[tuple], jobs_runs: Sequence[tuple]) -> pd.DataFrame:
+    """Energy and operational CO2e per UTC day and account (for the stacked plot)."""
+    energy = pd.DataFrame.from_records(energy_rows, columns=q.ENERGY_COLUMNS)
+    if energy.empty:
+        return pd.DataFrame(columns=["day", "account", "energy_kwh", "operational_kg"])
+    runs = pd.DataFrame.from_records(jobs_runs, columns=q.RUN_COLUMNS)[["run_id", "account"]]
+    runs["account"] = runs["account"].fillna(NONE_LABEL).replace("", NONE_LABEL)
+    merged = energy.merge(runs, on="run_id", how="left")
+    g = merged.groupby(["day_s", "account"])[["energy_uj", "operational_g"]].sum().reset_index()
+    g["day"] = pd.to_datetime(g["day_s"], unit="s", utc=True).dt.strftime("%Y-%m-%d")
+    g["energy_kwh"] = g["energy_uj"] / UJ_PER_KWH
+    g["operational_kg"] = g["operational_g"] / 1000.0
+    return g[["day", "account", "energy_kwh", "operational_kg"]].sort_values(
+        ["day", "account"]).reset_index(drop=True)
+
+
+def gpu_energy_distribution(jobs: pd.DataFrame) -> dict[str, Any]:
+    """Quantiles of energy per GPU-hour over jobs with GPUs (kWh per GPU-hour)."""
+    values = jobs["kwh_per_gpu_h"].dropna()
+    values = values[jobs.loc[values.index, "gpu_h"] > 0]
+    if values.empty:
+        return {"jobs": 0}
+    qs = values.quantile([0.1, 0.5, 0.9])
+    return {"jobs": len(values), "p10": float(qs[0.1]), "median": float(qs[0.5]),
+            "p90": float(qs[0.9]), "max": float(values.max())}
+
+
+# -- reconciliation ------------------------------------------------------------------------------
+
+
+def reconciliation(node_rows: Sequence[tuple], job_nodes: Sequence[str],
+                   jobs_kwh: float) -> dict[str, Any]:
+    """Node energy measured vs attributed to jobs vs the unattributed remainder, and gaps.
+
+    ``node_rows`` come from the nodes' own hourly totals (``node_hours``); ``job_nodes`` are
+    the nodes that ran the period's jobs and ``jobs_kwh`` the jobs' energy in the ledger.
+    ``attributed_kwh`` (what the nodes attributed to all jobs) above ``jobs_kwh`` (what job
+    slices delivered) means job slices not merged yet.
+    """
+    nodes = pd.DataFrame.from_records(node_rows, columns=q.NODE_HOUR_COLUMNS)
+    by_component = (nodes.groupby("component")[["measured_uj", "attributed_uj",
+                                                 "remainder_uj"]].sum() / UJ_PER_KWH)
+    by_component.columns = ["measured_kwh", "attributed_kwh", "remainder_kwh"]
+    measured = float(nodes["measured_uj"].sum()) / UJ_PER_KWH
+    per_node = nodes.groupby("node").agg(
+        hours=("hours", "max"), gap_intervals=("gap_intervals", "sum"),
+        intervals=("intervals", "sum"), covered_ns=("covered_ns", "sum"),
+        device_hours=("device_hours", "sum"), measured_uj=("measured_uj", "sum"))
+    per_node["covered_share"] = per_node["covered_ns"] / (per_node["device_hours"] * 3600e9)
+    # Samplers run while jobs run, so hours without jobs are not covered: only recorded gaps
+    # (counter resets, missed intervals) mark a node here; the covered share is shown beside.
+    gaps = per_node[per_node["gap_intervals"] > 0]
+    gaps = gaps.reset_index()[["node", "hours", "gap_intervals", "intervals", "covered_share"]]
+    without = sorted(set(job_nodes) - set(per_node.index))
+    return {
+        "measured_kwh": measured,
+        "attributed_kwh": float(nodes["attributed_uj"].sum()) / UJ_PER_KWH,
+        "remainder_kwh": float(nodes["remainder_uj"].sum()) / UJ_PER_KWH,
+        "jobs_kwh": jobs_kwh,
+        "nodes": len(per_node),
+        "by_component": by_component.reset_index(),
+        "nodes_with_gaps": gaps.sort_values(["gap_intervals", "node"],
+                                            ascending=[False, True]).reset_index(drop=True),
+        "nodes_without_totals": without,
+    }
+
+
+# -- change against the previous period ---------------------------------------------------------
+
+CHANGE_KEYS = (("energy_kwh", "Energy (kWh)"), ("co2e_kg", "CO2e (kg)"),
+               ("jobs", "Jobs"), ("gpu_h", "GPU-hours"),
+               ("kwh_per_gpu_h", "kWh per GPU-hour"), ("idle_kwh", "Idle-GPU energy (kWh)"),
+               ("measured_share", "Measured share"))
+
+
+def change(current: Mapping[str, Any], previous: Mapping[str, Any]) -> pd.DataFrame:
+    """Current vs previous totals, with the relative change (None where undefined)."""
+    rows = []
+    for key, label in CHANGE_KEYS:
+        cur, prev = current.get(key), previous.get(key)
+        rel = None
+        if cur is not None and prev not in (None, 0) and not _nan(prev):
+            rel = (cur - prev) / abs(prev)
+        rows.append({"figure": label, "key": key, "previous": prev, "current": cur,
+                     "change": rel})
+    return pd.DataFrame(rows, dtype=object)
+
+
+def _nan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """Every figure of one report; renderers only format these."""
+
+    period: Period
+    previous: Period
+    cluster: str
+    account: str | None
+    totals: dict[str, Any]
+    carbon: dict[str, Any]
+    groups: dict[str, pd.DataFrame]
+    top_jobs: pd.DataFrame
+    waste: dict[str, pd.DataFrame]
+    idle_w: float
+    daily: pd.DataFrame
+    gpu_energy: dict[str, Any]
+    kwh_per_gpu_h: pd.Series
+    reconciliation: dict[str, Any] | None
+    change: pd.DataFrame
+    previous_totals: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.totals["jobs"] == 0 and not (
+            self.reconciliation and self.reconciliation["nodes"])
+
+    @property
+    def idle_definition(self) -> str:
+        return IDLE_DEFINITION.format(w=self.idle_w)
+
+
+def notes_for(totals: Mapping[str, Any], carbon: Mapping[str, Any]) -> list[str]:
+    """What the reader must know to trust the figures."""
+    notes = []
+    if totals["jobs"] and totals["measured_share"] == 0:
+        notes.append("All job energy in this period is estimated (no energy counters were "
+                     "available: the estimate model of docs/estimate-model.md); measured "
+                     "share 0 %.")
+    elif totals["measured_share"] is not None and totals["measured_share"] < 1:
+        notes.append(f"{(1 - totals['measured_share']) * 100:.1f} % of the job energy is "
+                     "estimated, not measured.")
+    if totals["incomplete_jobs"]:
+        notes.append(f"{totals['incomplete_jobs']} job run(s) are pending or incomplete "
+                     "(some nodes have not reported yet): their energy may still grow.")
+    notes.extend(carbon.get("notes") or [])
+    return notes

@@ -1,0 +1,362 @@
+"""Render a :class:`~llem.report.frames.Report` as Markdown, CSV, JSON or one HTML file.
+
+Renderers only format: every number comes from the Report, so the formats agree. JSON and
+CSV carry full precision; Markdown and HTML round for reading.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from typing import Any
+
+import pandas as pd
+
+from llem.report.frames import Report
+
+JSON_SCHEMA = "llem.report/1"
+
+TOTAL_ROWS = (
+    ("energy_kwh", "Energy, all components (kWh)"),
+    ("cpu_kwh", "  CPU (kWh)"), ("dram_kwh", "  DRAM (kWh)"), ("gpu_kwh", "  GPU (kWh)"),
+    ("other_kwh", "  other (kWh)"),
+    ("operational_kg", "CO2e operational (kg)"), ("embodied_kg", "CO2e embodied (kg)"),
+    ("co2e_kg", "CO2e total (kg)"),
+    ("jobs", "Job runs"), ("users", "Users"), ("accounts", "Accounts"),
+    ("gpu_h", "GPU-hours"), ("node_h", "Node-hours"), ("kwh_per_gpu_h", "kWh per GPU-hour"),
+    ("measured_share", "Measured share of energy"), ("coverage", "Coverage (time with data)"),
+    ("idle_kwh", "Idle-GPU energy (kWh)"), ("idle_gpu_h", "Idle GPU-hours"),
+)
+SHARE_KEYS = {"measured_share", "coverage", "energy_share", "idle_share", "covered_share",
+              "change"}
+HEADERS = {
+    "jobs": "jobs", "energy_kwh": "energy kWh", "gpu_kwh": "GPU kWh", "co2e_kg": "CO2e kg",
+    "operational_kg": "operational kg", "embodied_kg": "embodied kg", "gpu_h": "GPU-h",
+    "kwh_per_gpu_h": "kWh/GPU-h", "energy_share": "share", "measured_share": "measured",
+    "idle_gpus": "idle GPUs", "allocated_gpus": "GPUs", "idle_kwh": "idle kWh",
+    "idle_gpu_h": "idle GPU-h", "idle_share": "idle share of GPU kWh",
+    "covered_share": "covered", "gap_intervals": "gap intervals",
+    "measured_kwh": "measured kWh", "attributed_kwh": "attributed kWh",
+    "remainder_kwh": "remainder kWh",
+}
+
+
+def fmt(value: Any, key: str = "") -> str:
+    """A value for reading: shares as %, floats with 3 significant decimals, None as '-'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key in SHARE_KEYS:
+        return f"{value * 100:+.1f} %" if key == "change" else f"{value * 100:.1f} %"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:,.1f}"
+        return f"{value:,.3f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def carbon_line(report: Report) -> str:
+    """The provenance that every CO2e figure carries."""
+    c = report.carbon
+    text = (f"CO2e uses grid intensity {c.get('intensity_g_per_kwh')} gCO2e/kWh for region "
+            f"{c.get('region')} (source: {c.get('source')}; year {c.get('year')}; basis "
+            f"{c.get('basis')}) and PUE {c.get('pue')}")
+    if c.get("pue_by_month"):
+        text += f" (by month: {c['pue_by_month']})"
+    emb = c.get("embodied")
+    text += (f"; embodied: {emb['source']}." if emb else "; embodied emissions not included "
+             "(embodied.enabled is off).")
+    return text
+
+
+def title(report: Report) -> str:
+    who = f"account {report.account}" if report.account else f"cluster {report.cluster}"
+    kind = "Energy statement" if report.account else "Energy and emissions report"
+    return f"{kind}: {who}, {report.period.label}"
+
+
+def period_line(report: Report) -> str:
+    return (f"Period {report.period.start_iso} to {report.period.end_iso} (end excluded); "
+            f"previous: {report.previous.label}.")
+
+
+def _table_specs(report: Report) -> list[tuple[str, str, pd.DataFrame]]:
+    """(id, heading, frame) of every table, in reading order."""
+    specs = [("totals", "Totals", totals_frame(report))]
+    names = {"account": "By account", "user": "By user", "partition": "By partition",
+             "tag": "By tag"}
+    for key, heading in names.items():
+        if report.account and key == "account":
+            continue
+        specs.append((f"by_{key}", heading, report.groups[key]))
+    specs.append(("top_jobs", "Top jobs by energy", report.top_jobs))
+    specs.append(("waste_jobs", "Waste: jobs with idle GPUs", report.waste["jobs"]))
+    specs.append(("waste_users", "Waste by user", report.waste["user"]))
+    if not report.account:
+        specs.append(("waste_accounts", "Waste by account", report.waste["account"]))
+    if report.reconciliation:
+        r = report.reconciliation
+        specs.append(("reconciliation", "Reconciliation", reconciliation_frame(report)))
+        specs.append(("reconciliation_components", "Reconciliation by component",
+                      r["by_component"]))
+        specs.append(("nodes_with_gaps", "Nodes with gaps", r["nodes_with_gaps"]))
+    specs.append(("change", f"Change against {report.previous.label}",
+                  report.change))
+    return specs
+
+
+def totals_frame(report: Report) -> pd.DataFrame:
+    rows = [{"figure": label, "key": key, "value": report.totals.get(key)}
+            for key, label in TOTAL_ROWS]
+    c = report.carbon
+    for key in ("region", "intensity_g_per_kwh", "source", "year", "basis", "pue"):
+        # Shown as given (344.14, not 344.1): the factors are quoted, not measured.
+        rows.append({"figure": f"carbon {key}", "key": f"carbon_{key}",
+                     "value": str(c.get(key))})
+    rows.append({"figure": "idle threshold (W per GPU)", "key": "idle_w",
+                 "value": report.idle_w})
+    return pd.DataFrame(rows)
+
+
+def reconciliation_frame(report: Report) -> pd.DataFrame:
+    r = report.reconciliation
+    rows = [
+        ("Node energy measured (kWh)", "measured_kwh"),
+        ("Attributed to jobs by the nodes (kWh)", "attributed_kwh"),
+        ("Unattributed remainder (kWh)", "remainder_kwh"),
+        ("Job energy in the ledger (kWh)", "jobs_kwh"),
+        ("Nodes reporting hourly totals", "nodes"),
+    ]
+    out = [{"figure": label, "key": key, "value": r[key]} for label, key in rows]
+    out.append({"figure": "Nodes with job energy but no hourly totals", "key": "without",
+                "value": ", ".join(r["nodes_without_totals"]) or "none"})
+    return pd.DataFrame(out)
+
+
+# -- JSON ---------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item"):  # numpy scalars
+        return _plain(value.item())
+    return value
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    return [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def to_dict(report: Report) -> dict:
+    """The report as plain data (full precision), the JSON format's content."""
+    out = {
+        "schema": JSON_SCHEMA, "cluster": report.cluster, "account": report.account,
+        "period": {"label": report.period.label, "start": report.period.start_iso,
+                   "end": report.period.end_iso,
+                   "start_ns": report.period.start_ns, "end_ns": report.period.end_ns},
+        "previous_period": report.previous.label,
+        "empty": report.empty,
+        "totals": {k: _plain(v) for k, v in report.totals.items()},
+        "carbon": {k: v for k, v in report.carbon.items() if k != "operational_kg_check"},
+        "idle_threshold_w": report.idle_w, "idle_definition": report.idle_definition,
+        "groups": {k: _records(v) for k, v in report.groups.items()},
+        "top_jobs": _records(report.top_jobs),
+        "waste": {k: _records(v) for k, v in report.waste.items()},
+        "daily": _records(report.daily),
+        "energy_per_gpu_hour": report.gpu_energy,
+        "change": _records(report.change),
+        "previous_totals": {k: _plain(v) for k, v in report.previous_totals.items()},
+        "notes": report.notes,
+    }
+    if report.reconciliation:
+        r = dict(report.reconciliation)
+        r["by_component"] = _records(r["by_component"])
+        r["nodes_with_gaps"] = _records(r["nodes_with_gaps"])
+        out["reconciliation"] = r
+    return out
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(to_dict(report), indent=2, sort_keys=True, default=str) + "\n"
+
+
+# -- CSV ----------------------------------------------------------------------------------------
+
+
+def to_csv_tables(report: Report) -> dict[str, str]:
+    """File name -> CSV text, one file per table (full precision)."""
+    out = {}
+    for ident, _, frame in _table_specs(report):
+        out[f"{ident}.csv"] = frame.to_csv(index=False, lineterminator="\n")
+    out["daily.csv"] = report.daily.to_csv(index=False, lineterminator="\n")
+    return out
+
+
+def to_csv(report: Report) -> str:
+    """All tables in one stream, each introduced by a ``# table`` comment line."""
+    buf = io.StringIO()
+    for name, text in to_csv_tables(report).items():
+        buf.write(f"# {name[:-4]}\n{text}\n")
+    return buf.getvalue()
+
+
+# -- Markdown -----------------------------------------------------------------------------------
+
+
+MAX_ROWS = 50
+"""Rows of a table shown in md and html; CSV and JSON carry every row."""
+
+
+def _more(frame: pd.DataFrame) -> str:
+    extra = len(frame) - MAX_ROWS
+    return (f"... and {extra:,} more rows (every row is in the csv and json formats)"
+            if extra > 0 else "")
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "_none_\n"
+    more = _more(frame)
+    frame = frame.head(MAX_ROWS)
+    cols = [c for c in frame.columns if c != "key"]
+    head = "| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |"
+    sep = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---"
+                         for c in cols) + "|"
+    lines = [head, sep]
+    for row in frame.to_dict("records"):
+        key = row.get("key", "")
+        cells = [fmt(row[c], key if c in ("value", "previous", "current") else c)
+                 for c in cols]
+        lines.append("| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |")
+    return "\n".join(lines) + "\n" + (f"\n{more}\n" if more else "")
+
+
+def to_markdown(report: Report, plot_files: list[str] = ()) -> str:
+    parts = [f"# {title(report)}\n", period_line(report) + "\n", carbon_line(report) + "\n"]
+    if report.empty:
+        parts.append(f"**No data**: the ledger holds no job or node energy for "
+                     f"{report.period.label}.\n")
+    for note in report.notes:
+        parts.append(f"> {note}\n")
+    for ident, heading, frame in _table_specs(report):
+        parts.append(f"## {heading}\n")
+        if ident.startswith("waste"):
+            parts.append(f"Idle GPU: {report.idle_definition}\n")
+        parts.append(_md_table(frame))
+    g = report.gpu_energy
+    if g.get("jobs"):
+        parts.append("## Energy per GPU-hour\n")
+        parts.append(f"Over {g['jobs']:,} GPU jobs: p10 {g['p10']:.3f}, median "
+                     f"{g['median']:.3f}, p90 {g['p90']:.3f}, max {g['max']:.3f} kWh per "
+                     "GPU-hour.\n")
+    for name in plot_files:
+        parts.append(f"![{name}]({name})\n")
+    return "\n".join(parts)
+
+
+# -- HTML ---------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:DejaVu Sans,Helvetica,Arial,sans-serif;max-width:1100px;margin:1.5em auto;
+color:#111;line-height:1.4;font-size:14px}
+h1{font-size:22px;border-bottom:2px solid #111}h2{font-size:17px;margin-top:1.6em;
+border-bottom:1px solid #999}table{border-collapse:collapse;margin:.5em 0;font-size:13px}
+th,td{border:1px solid #bbb;padding:3px 7px}th{background:#eee;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}.note{background:#f4f4f4;
+border-left:4px solid #555;padding:.4em .8em;margin:.4em 0}.carbon{font-size:12px;color:#333}
+img{max-width:100%;border:1px solid #ddd;margin:.5em 0}code{font-size:12px;white-space:nowrap}
+.kpi{display:inline-block;border:1px solid #999;padding:.4em .9em;margin:.2em;min-width:9em}
+.kpi b{display:block;font-size:20px}
+"""
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "<p><em>none</em></p>"
+    more = _more(frame)
+    frame = frame.head(MAX_ROWS)
+    cols = [c for c in frame.columns if c != "key"]
+    out = ["<table><thead><tr>"]
+    out += [f"<th>{html.escape(HEADERS.get(c, c))}</th>" for c in cols]
+    out.append("</tr></thead><tbody>")
+    for row in frame.to_dict("records"):
+        key = row.get("key", "")
+        out.append("<tr>")
+        for c in cols:
+            v = row[c]
+            text = fmt(v, key if c in ("value", "previous", "current") else c)
+            cls = ' class="n"' if isinstance(v, (int, float)) and not isinstance(v, bool) \
+                else ""
+            cell = f"<code>{html.escape(text)}</code>" if c == "command" else html.escape(text)
+            out.append(f"<td{cls}>{cell}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    if more:
+        out.append(f"<p><em>{html.escape(more)}</em></p>")
+    return "".join(out)
+
+
+PLOT_CAPTIONS = {
+    "daily_energy_co2e_by_account.png": "Daily energy (kWh) and operational CO2e (kg) stacked "
+                                        "by account",
+    "top_users.png": "Top users by energy (kWh)",
+    "energy_per_gpu_hour.png": "Distribution of energy per GPU-hour over GPU jobs",
+    "waste_by_account.png": "Energy of idle allocated GPUs by account (kWh)",
+}
+
+
+def to_html(report: Report, plots: dict[str, bytes]) -> str:
+    """One self-contained HTML file: plots embedded as base64 PNG, no external resource."""
+    t = report.totals
+    esc = html.escape
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+             f"<title>{esc(title(report))}</title><style>{CSS}</style></head><body>",
+             f"<h1>{esc(title(report))}</h1>", f"<p>{esc(period_line(report))}</p>",
+             f"<p class='carbon'>{esc(carbon_line(report))}</p>"]
+    if report.empty:
+        parts.append(f"<p class='note'><b>No data</b>: the ledger holds no job or node energy "
+                     f"for {esc(report.period.label)}.</p>")
+    for note in report.notes:
+        parts.append(f"<p class='note'>{esc(note)}</p>")
+    kpis = (("Energy", fmt(t["energy_kwh"]) + " kWh"), ("CO2e", fmt(t["co2e_kg"]) + " kg"),
+            ("Jobs", fmt(t["jobs"])), ("GPU-hours", fmt(t["gpu_h"])),
+            ("Measured", fmt(t["measured_share"], "measured_share")),
+            ("Idle-GPU energy", fmt(t["idle_kwh"]) + " kWh"))
+    parts.append("<div>" + "".join(f"<span class='kpi'>{esc(k)}<b>{esc(v)}</b></span>"
+                                   for k, v in kpis) + "</div>")
+    order = list(plots)
+    for ident, heading, frame in _table_specs(report):
+        parts.append(f"<h2 id='{ident}'>{esc(heading)}</h2>")
+        if ident == "totals" and "daily_energy_co2e_by_account.png" in plots:
+            parts.append(_img("daily_energy_co2e_by_account.png", plots))
+        if ident == "by_user" and "top_users.png" in plots:
+            parts.append(_img("top_users.png", plots))
+        if ident == "waste_jobs":
+            parts.append(f"<p>Idle GPU: {esc(report.idle_definition)}</p>")
+        if ident in ("waste_accounts", "waste_users") and "waste_by_account.png" in plots \
+                and (ident == "waste_accounts" or report.account):
+            parts.append(_img("waste_by_account.png", plots))
+        parts.append(_html_table(frame))
+        if ident == "top_jobs" and "energy_per_gpu_hour.png" in plots:
+            parts.append("<h2>Energy per GPU-hour</h2>")
+            parts.append(_img("energy_per_gpu_hour.png", plots))
+    shown = "".join(parts)
+    for name in order:  # any plot not placed above
+        if f"alt='{name}'" not in shown:
+            parts.append(_img(name, plots))
+    parts.append("<p class='carbon'>Generated by llem report. Figures: energy in kWh of IT "
+                 "equipment (PUE applied only in CO2e); CO2e in kg.</p></body></html>")
+    return "\n".join(parts)
+
+
+def _img(name: str, plots: dict[str, bytes]) -> str:
+    data = base64.b64encode(plots[name]).decode("ascii")
+    caption = PLOT_CAPTIONS.get(name, name)
+    return (f"<figure><img alt='{name}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+

@@ -1,0 +1,199 @@
+"""Every SQL statement ``llem report`` runs on the cluster ledger (read-only).
+
+The report reads the ledger through :meth:`Ledger.query` on a read-only connection and
+never changes the schema. A period is ``[start_ns, end_ns)``; energy rows are picked by their
+clock hour (``hour_s`` in ``[start_s, end_s)``), reached through ``job_runs`` (time index) and
+``job_nodes`` (unique key prefix), as ``docs/ledger.md`` describes: ``job_energy`` has no
+``hour_s`` index on purpose.
+
+Carbon factors are per clock hour (grid intensity x PUE of the hour's month): they are loaded
+into a TEMP table (the temp schema is writable even on a read-only connection) so that
+operational CO2e is summed inside the same pass over the energy rows.
+
+Queries return plain tuples with the column names in ``*_COLUMNS``; turning them into frames
+is :mod:`llem.report.frames`' job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from llem.store.ledger import Ledger
+
+HOUR_S = 3600
+DAY_S = 86400
+
+# Runs that overlap the period, joined to their node runs. CROSS JOIN fixes the join order
+# (runs by time index -> node runs by key -> energy rows by primary key): left to itself the
+# planner scans all of job_energy, which grows with the ledger's whole history.
+_NODES_CTE = """
+    nodes AS (
+        SELECT jn.id AS node_id, r.rowid AS run_id, jn.node AS node, jn.gpus AS gpus,
+               jn.start_ns AS start_ns, jn.end_ns AS end_ns,
+               MAX(0, MIN(jn.end_ns, :end_ns) - MAX(jn.start_ns, :start_ns)) / 1e9 AS overlap_s
+        FROM job_runs r
+        CROSS JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id
+                         AND jn.run_start_ns = r.run_start_ns
+        WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {account_filter}
+    )
+"""
+
+
+def _params(start_ns: int, end_ns: int, account: str | None) -> tuple[dict, str]:
+    params = {"start_ns": start_ns, "end_ns": end_ns,
+              "start_s": start_ns // 10**9, "end_s": -(-end_ns // 10**9)}
+    if account is None:
+        return params, ""
+    params["account"] = account
+    return params, "AND r.account = :account"
+
+
+def open_readonly(path) -> Ledger:
+    """The ledger opened for reading only (never created, never migrated).
+
+    Memory-mapped reads (up to 4 GiB of the file): the report reads the period's rows
+    through primary keys, scattered over the file; mmap saves a copy per page (~25 %).
+    """
+    ledger = Ledger(path, readonly=True)
+    ledger.query("PRAGMA mmap_size = 4294967296")
+    return ledger
+
+
+def load_hour_factors(ledger: Ledger, g_per_uj_by_hour: Mapping[int, float]) -> None:
+    """(Re)load the per-hour carbon factors (grams CO2e per microjoule) into temp.factors."""
+    ledger.query("CREATE TEMP TABLE IF NOT EXISTS factors "
+                 "(hour_s INTEGER PRIMARY KEY, g_per_uj REAL NOT NULL)")
+    ledger.query("DELETE FROM temp.factors")
+    ledger.db.executemany("INSERT INTO temp.factors VALUES (?, ?)",
+                          sorted(g_per_uj_by_hour.items()))
+
+
+RUN_COLUMNS = ("run_id", "cluster", "job_id", "run_start_ns", "run_end_ns", "user", "account",
+               "partition", "tag", "name", "state", "status", "coverage", "num_nodes",
+               "overlap_s", "node_s", "gpu_s")
+
+
+def runs(ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None) -> list[tuple]:
+    """One row per job run overlapping the period, with its node- and GPU-seconds in it."""
+    params, filt = _params(start_ns, end_ns, account)
+    return ledger.query(f"""
+        WITH {_NODES_CTE.format(account_filter=filt)},
+        per_run AS (
+            SELECT run_id, SUM(overlap_s) AS node_s,
+                   SUM(json_array_length(gpus) * overlap_s) AS gpu_s
+            FROM nodes GROUP BY run_id
+        )
+        SELECT r.rowid, r.cluster, r.job_id, r.run_start_ns, r.run_end_ns, r.user, r.account,
+               r.partition, r.tag, r.name, r.state, r.status, r.coverage, r.num_nodes,
+               MAX(0, MIN(r.run_end_ns, :end_ns) - MAX(r.run_start_ns, :start_ns)) / 1e9,
+               COALESCE(p.node_s, 0), COALESCE(p.gpu_s, 0)
+        FROM job_runs r LEFT JOIN per_run p ON p.run_id = r.rowid
+        WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {filt}
+    """, params)
+
+
+ENERGY_COLUMNS = ("run_id", "day_s", "energy_uj", "cpu_uj", "dram_uj", "gpu_uj", "other_uj",
+                  "estimated_uj", "operational_g")
+
+
+def energy_by_run_day(ledger: Ledger, start_ns: int, end_ns: int,
+                      account: str | None = None) -> list[tuple]:
+    """Energy of each run per UTC day of the period, by component, with operational CO2e.
+
+    Needs :func:`load_hour_factors` first; an hour without a factor counts 0 g (the caller
+    loads every hour of the period).
+    """
+    params, filt = _params(start_ns, end_ns, account)
+    return ledger.query(f"""
+        WITH {_NODES_CTE.format(account_filter=filt)}
+        SELECT n.run_id, e.hour_s - e.hour_s % {DAY_S} AS day_s, SUM(e.energy_uj),
+               SUM(CASE WHEN e.component = 'cpu' THEN e.energy_uj ELSE 0 END),
+               SUM(CASE WHEN e.component = 'dram' THEN e.energy_uj ELSE 0 END),
+               SUM(CASE WHEN e.component = 'gpu' THEN e.energy_uj ELSE 0 END),
+               SUM(CASE WHEN e.component NOT IN ('cpu', 'dram', 'gpu')
+                        THEN e.energy_uj ELSE 0 END),
+               SUM(CASE WHEN e.source = 'estimated' THEN e.energy_uj ELSE 0 END),
+               SUM(e.energy_uj * COALESCE(f.g_per_uj, 0))
+        FROM nodes n
+        CROSS JOIN job_energy e ON e.job_node_id = n.node_id
+        LEFT JOIN temp.factors f ON f.hour_s = e.hour_s
+        WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
+        GROUP BY n.run_id, day_s
+    """, params)
+
+
+def energy_by_hour(ledger: Ledger, start_ns: int, end_ns: int,
+                   account: str | None = None) -> list[tuple]:
+    """(hour_s, energy_uj) of the jobs' energy over the period, for the carbon provenance."""
+    params, filt = _params(start_ns, end_ns, account)
+    return ledger.query(f"""
+        WITH {_NODES_CTE.format(account_filter=filt)}
+        SELECT e.hour_s, SUM(e.energy_uj) FROM nodes n
+        CROSS JOIN job_energy e ON e.job_node_id = n.node_id
+        WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
+        GROUP BY e.hour_s ORDER BY e.hour_s
+    """, params)
+
+
+IDLE_COLUMNS = ("run_id", "idle_gpus", "allocated_gpus", "idle_energy_uj", "idle_gpu_s")
+
+
+def idle_gpus(ledger: Ledger, start_ns: int, end_ns: int, idle_w: float,
+              account: str | None = None) -> list[tuple]:
+    """Per run: allocated GPUs whose average power over the job on that node was below
+    ``idle_w`` watts, their energy inside the period (uJ) and their GPU-seconds in it.
+
+    A GPU is judged over the whole job on its node (not only the part inside the period), so
+    that a job crossing the month's end is judged once, the same way in both months.
+    """
+    params, filt = _params(start_ns, end_ns, account)
+    params["idle_w"] = idle_w
+    return ledger.query(f"""
+        WITH {_NODES_CTE.format(account_filter=filt)},
+        gpu AS (
+            SELECT n.run_id, n.overlap_s, (n.end_ns - n.start_ns) / 1e9 AS span_s,
+                   (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
+                     WHERE e.job_node_id = n.node_id AND e.device_key = g.value) AS total_uj,
+                   (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
+                     WHERE e.job_node_id = n.node_id AND e.device_key = g.value
+                       AND e.hour_s >= :start_s AND e.hour_s < :end_s) AS period_uj
+            FROM nodes n, json_each(n.gpus) g
+        )
+        SELECT run_id,
+               SUM(total_uj < :idle_w * span_s * 1e6), COUNT(*),
+               SUM(CASE WHEN total_uj < :idle_w * span_s * 1e6 THEN period_uj ELSE 0 END),
+               SUM(CASE WHEN total_uj < :idle_w * span_s * 1e6 THEN overlap_s ELSE 0 END)
+        FROM gpu GROUP BY run_id
+    """, params)
+
+
+NODE_HOUR_COLUMNS = ("node", "component", "source", "measured_uj", "attributed_uj",
+                     "remainder_uj", "intervals", "gap_intervals", "covered_ns", "hours",
+                     "device_hours")
+
+
+def node_hours(ledger: Ledger, start_ns: int, end_ns: int) -> list[tuple]:
+    """The nodes' own hourly totals over the period, per node and component.
+
+    Walks the primary key node by node (cluster, node, hour range): through the
+    ``node_hours_by_hour`` index every row is a random look-up into the table, 10x slower.
+    """
+    params, _ = _params(start_ns, end_ns, None)
+    return ledger.query("""
+        SELECT h.node, h.component, h.source, SUM(h.measured_uj), SUM(h.attributed_uj),
+               SUM(h.remainder_uj), SUM(h.intervals), SUM(h.gap_intervals),
+               SUM(h.covered_ns), COUNT(DISTINCT h.hour_s), COUNT(*)
+        FROM (SELECT DISTINCT cluster, node FROM devices) d
+        CROSS JOIN node_hours h ON h.cluster = d.cluster AND h.node = d.node
+             AND h.hour_s >= :start_s AND h.hour_s < :end_s
+        GROUP BY h.node, h.component, h.source
+    """, params)
+
+
+def job_nodes_in_period(ledger: Ledger, start_ns: int, end_ns: int) -> list[str]:
+    """Nodes that ran a job overlapping the period (no pass over the energy rows)."""
+    params, _ = _params(start_ns, end_ns, None)
+    return [r[0] for r in ledger.query(f"""
+        WITH {_NODES_CTE.format(account_filter="")}
+        SELECT DISTINCT node FROM nodes WHERE overlap_s > 0 ORDER BY node
+    """, params)]
