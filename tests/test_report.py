@@ -428,3 +428,30 @@ def test_long_tables_are_cut_in_md_and_html_but_whole_in_csv(nov, monkeypatch):
     assert "and 2 more rows" in render.to_html(nov, {})
     users = pd.read_csv(io.StringIO(render.to_csv_tables(nov)["by_user.csv"]))
     assert len(users) == 4
+
+
+def test_report_and_llem_acct_agree(ledger_path, monkeypatch, tmp_path):
+    """Over a period that holds every job whole, the report's totals per account and in all
+    equal llem-acct's totals for the same period (energy and CO2e)."""
+    config_file = write_yaml(tmp_path / "llem.yaml", ledger_path)
+    from datetime import datetime
+
+    period = frames.range_period(datetime(2023, 10, 1), datetime(2024, 1, 1))
+    with q.open_readonly(ledger_path) as ledger:
+        rep = build_report(ledger, report_config(ledger_path), period)
+    r = subprocess.run(
+        [sys.executable, "-m", "llem.cli.acct", "--ledger", str(ledger_path), "-a", "-M", "all",
+         "-S", "2023-10-01T00:00", "-E", "2024-01-01T00:00", "--totals", "account", "--json"],
+        capture_output=True, text=True, env={**__import__("os").environ,
+                                             "LLEM_CONFIG": str(config_file)}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    acct = {row["Account"]: row for row in json.loads(r.stdout)["totals"]}
+    by_account = rep.groups["account"].set_index("account")
+    assert set(acct) == set(by_account.index)
+    for account, row in acct.items():
+        assert by_account.loc[account, "energy_kwh"] == pytest.approx(
+            row["ConsumedEnergyRaw"] / 3.6e6, rel=1e-9), account
+        assert by_account.loc[account, "co2e_kg"] * 1000 == pytest.approx(row["CO2e"],
+                                                                          rel=1e-6), account
+    assert rep.totals["energy_kwh"] == pytest.approx(
+        sum(row["ConsumedEnergyRaw"] for row in acct.values()) / 3.6e6, rel=1e-9)
