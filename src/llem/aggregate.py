@@ -148,8 +148,8 @@ def list_spool(spool: Path, *, now_s: float | None = None) -> list[Path]:
                 continue
             if entry.is_dir(follow_symlinks=False):
                 continue
-            out.append(Path(entry.path))
-    return sorted(out)
+            out.append(entry.name)
+    return [spool / name for name in sorted(out)]  # sorting strings: Paths compare slowly
 
 
 def _uids(names: str) -> frozenset[int]:
