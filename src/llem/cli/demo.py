@@ -35,9 +35,14 @@ def demo(base: Path | None) -> None:
         click.echo("$ " + " ".join(cmd))
         subprocess.run([sys.executable, "-m", "llem.cli.acct", *cmd[1:]], check=False)
         click.echo("")
+    tries = [
+        (f"llem-acct --ledger {ledger} -a -S today", "every job and its windows"),
+        (f"llem-acct --ledger {ledger} -a -S today --json", "the same as JSON"),
+        ("llem wrap -- YOUR COMMAND", "measure any command"),
+        ("llem doctor", "what this machine measures, and why not"),
+        (f"rm -r {base}", "when done"),
+    ]
+    width = max(len(cmd) for cmd, _ in tries)
     click.echo("Next, try:")
-    click.echo(f"  llem-acct --ledger {ledger} -a -S today          # every job and its windows")
-    click.echo(f"  llem-acct --ledger {ledger} -a -S today --json   # the same as JSON")
-    click.echo("  llem wrap -- YOUR COMMAND                        # measure any command")
-    click.echo("  llem doctor                                      # what this machine measures")
-    click.echo(f"  rm -r {base}                                     # when done")
+    for cmd, why in tries:
+        click.echo(f"  {cmd:<{width}}  # {why}")
