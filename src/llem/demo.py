@@ -90,7 +90,8 @@ class Demo:
             f"run_dir: {self.base / 'run'}\n"
             f"spool_dir: {self.base / 'spool'}\n"
             f"ledger: {self.base / 'ledger.db'}\n"
-            "sampler:\n  interval_s: 0.5\n  linger_s: 0\n")
+            # The demo stops its samplers itself; they must not leave before the first job.
+            "sampler:\n  interval_s: 0.5\n  linger_s: 120\n")
 
     @property
     def env(self) -> dict[str, str]:
@@ -179,10 +180,13 @@ class Demo:
         config = self.config()
         deadline = time.monotonic() + timeout_s
         for node in NODES:
+            expected = {job.job_id for job in JOBS if node in job.nodes}
             with NodeStore(NodePaths.of(config, node).store, readonly=True) as store:
-                while store.query("SELECT COUNT(*) FROM jobs WHERE state != 'exported'")[0][0]:
+                while expected - {j for (j,) in store.query(
+                        "SELECT job_id FROM jobs WHERE state = 'exported'")}:
                     if time.monotonic() > deadline:
-                        raise LlemError(f"jobs on {node} were not exported in {timeout_s} s")
+                        raise LlemError(f"jobs on {node} were not exported in {timeout_s} s; "
+                                        f"see {NodePaths.of(config, node).run / 'sampler.log'}")
                     self._wake(node)
                     time.sleep(0.1)
 
