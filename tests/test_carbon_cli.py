@@ -59,16 +59,16 @@ def test_regions_lists_every_shipped_row_with_sources():
     lines = result.output.splitlines()
     assert lines[0] == "REGION                        gCO2e/kWh  YEAR       BASIS      NAME"
     assert "DE                               344.14  2024       lifecycle  Germany" in lines
-    assert lines.index("") == 1 + 305  # header, 305 rows, blank line
+    assert lines.index("") == 1 + 332  # header, 332 rows, blank line
     assert "  212 country row(s): Ember via Our World in Data; licence: CC BY 4.0" in lines
-    assert lines[-1] == (
-        "  eGRID subregions: not shipped (no honest offline source; see SOURCES.md)"
-    )
+    assert any(line.startswith("   27 eGRID subregion row(s): US EPA eGRID2023 subregion")
+               for line in lines)
+    assert not any("not shipped" in line for line in lines)
 
 
 def test_regions_json():
     data = json.loads(invoke("regions", "--json").output)
-    assert len(data) == 305
+    assert len(data) == 332  # 213 countries, 51 states, 27 eGRID subregions, 40 GCP, world
     assert {d["basis"] for d in data} == {"lifecycle", "direct"}
 
 

