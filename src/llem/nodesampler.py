@@ -14,26 +14,24 @@ no stale pid file or late-reaped zombie can fool), ``<node>/sampler.pid``, ``<no
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
-import queue
-import select
 import signal
-import socket
-import struct
 import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from llem.config import Config
-from llem.errors import LlemError, StoreError
+from llem.errors import LlemError
+
+if TYPE_CHECKING:
+    import socket
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +176,8 @@ def spawn_sampler(node: str, env: Mapping[str, str], timeout_s: float = 2.0) -> 
     os.close(write_fd)
     try:
         os.waitpid(pid, 0)
+        import select
+
         ready, _, _ = select.select([read_fd], [], [], timeout_s)
         data = os.read(read_fd, 32) if ready else b""
     finally:
@@ -276,6 +276,8 @@ class WindowServer:
     """
 
     def __init__(self, path: Path, sampler, store, ingest_pending=None) -> None:
+        import queue
+
         self.path = path
         self.sampler = sampler
         self.store = store
@@ -287,6 +289,8 @@ class WindowServer:
         self._closing = False
 
     def start(self) -> None:
+        import socket
+
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -310,6 +314,8 @@ class WindowServer:
             self.path.unlink()
         except OSError:
             pass
+        import queue
+
         while True:  # nobody waits forever on a sampler that is going away
             try:
                 _, reply = self.requests.get_nowait()
@@ -326,6 +332,10 @@ class WindowServer:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
+        import queue
+        import socket
+        import struct
+
         with conn:
             conn.settimeout(10)
             try:
@@ -363,6 +373,8 @@ class WindowServer:
     # -- in the sampler's thread, after each reading ----------------------------------------
 
     def process(self, interval_id: int, interval) -> None:
+        import queue
+
         while True:
             try:
                 (pid, uid, request), reply = self.requests.get_nowait()

@@ -70,7 +70,7 @@ def render_summary(res: dict) -> str:
         lines.append(f"  CO2e n/a: {carbon.get('reason', 'no intensity')}")
     else:
         embodied = carbon.get("embodied") or {}
-        extra = f", embodied included" if embodied.get("enabled") else ""
+        extra = ", embodied included" if embodied.get("enabled") else ""
         lines.append(
             f"  CO2e {res['co2e_g']:.3f} g at {carbon['intensity_g_per_kwh']:.1f} gCO2e/kWh "
             f"(region {carbon['region']}: {carbon['source']}, {carbon['year']}, "
