@@ -87,6 +87,26 @@ def _ts(obj: Mapping, key: str, where: str, *, optional: bool = False) -> int | 
     return value
 
 
+# Optional job fields, each a string (or integer) or null: anything else could not be stored.
+JOB_TEXT = ("array_job_id", "array_task_id", "user", "account", "partition", "nodelist", "name",
+            "tag", "state")
+JOB_INTS = ("uid", "gid", "num_nodes", "cpus")
+HEADER_TEXT = ("array_job_id", "array_task_id", "user", "account", "partition", "nodelist",
+               "name", "state")
+HEADER_INTS = ("uid", "num_nodes", "exit_code", "signal", "derived_exit_code")
+
+
+def _optional_fields(job: Mapping, text: tuple[str, ...], ints: tuple[str, ...]) -> None:
+    for key in text:
+        value = job.get(key)
+        if value is not None and type(value) is not str:
+            raise SliceError(f"job: '{key}' must be a string or null, got {value!r}")
+    for key in ints:
+        value = job.get(key)
+        if value is not None and type(value) is not int:
+            raise SliceError(f"job: '{key}' must be an integer or null, got {value!r}")
+
+
 def _energy(value: Any, where: str, limit_uj: int | None = None) -> int:
     if not _is_int(value):
         raise SliceError(f"{where}: energy must be an integer of microjoules, got {value!r}")
@@ -183,18 +203,20 @@ def _validate_job(data: Mapping, devices: Mapping) -> None:
     start_ns = _ts(job, "start_ns", "job")
     end_ns = _ts(job, "end_ns", "job")
     _span(start_ns, end_ns, "job")
-    for key in ("user", "account", "partition", "nodelist", "name", "tag"):
-        value = job.get(key)
-        if value is not None and not isinstance(value, str):
-            raise SliceError(f"job: '{key}' must be a string or null, got {value!r}")
+    _optional_fields(job, JOB_TEXT, JOB_INTS)
     coverage = job.get("coverage")
-    if coverage is not None and (not isinstance(coverage, (int, float)) or not 0 <= coverage <= 1):
+    if coverage is not None and (type(coverage) not in (int, float) or not 0 <= coverage <= 1):
         raise SliceError(f"job: coverage must be between 0 and 1, got {coverage!r}")
     num_nodes = job.get("num_nodes")
-    if num_nodes is not None and (not _is_int(num_nodes) or num_nodes < 1):
+    if num_nodes is not None and num_nodes < 1:
         raise SliceError(f"job: num_nodes must be a positive integer, got {num_nodes!r}")
-    if not isinstance(job.get("flags", []), list) or not isinstance(job.get("gpus", []), list):
-        raise SliceError("job: 'flags' and 'gpus' must be lists")
+    state = job.get("state")
+    if state is not None and state not in JOB_STATES:
+        raise SliceError(f"job: unknown state {state!r}")
+    for key in ("flags", "gpus"):
+        items = job.get(key, [])
+        if not isinstance(items, list) or not all(type(i) is str for i in items):
+            raise SliceError(f"job: '{key}' must be a list of strings, got {items!r}")
     first_hour, last_hour = start_ns // 10**9 // 3600 * 3600, end_ns // 10**9 // 3600 * 3600
     rows = _need(data, "energy", "slice")
     if not isinstance(rows, list):
@@ -239,6 +261,9 @@ def _validate_window(win: Any, where: str) -> None:
     if not isinstance(win, dict):
         raise SliceError(f"{where}: must be an object")
     _str(win, "name", where)
+    step_id = win.get("step_id")
+    if step_id is not None and type(step_id) is not str:
+        raise SliceError(f"{where}: 'step_id' must be a string or null, got {step_id!r}")
     start_ns = _ts(win, "start_ns", where)
     _span(start_ns, _ts(win, "end_ns", where, optional=True), where)
     if win.get("status") not in WINDOW_STATUSES:
@@ -286,10 +311,7 @@ def _validate_header(data: Mapping) -> None:
     start_ns = _ts(job, "start_ns", "job", optional=True)
     if start_ns is not None:
         _span(start_ns, end_ns, "job")
-    for key in ("exit_code", "signal", "derived_exit_code", "uid"):
-        value = job.get(key)
-        if value is not None and not _is_int(value):
-            raise SliceError(f"job: '{key}' must be an integer or null, got {value!r}")
+    _optional_fields(job, HEADER_TEXT, HEADER_INTS)
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
