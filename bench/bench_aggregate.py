@@ -2,18 +2,22 @@
 """Aggregation rate: slices and jobs merged per second, a pass with nothing new, ledger size.
 
 Generates a spool with bench/make_spool.py (default 100 nodes x 100 job slices each = 10,000
-job slices, plus one node slice of 24 hours per node), then times ``aggregate_once`` on a
-fresh ledger, a second pass over an empty spool, and a re-merge of the same slices (all
-unchanged, the idempotence path). Runs in well under two minutes on 2 cores.
+job slices, plus one node slice of 24 hours per node), then, for each repetition, copies it
+into a fresh spool, flushes it to disk (``sync``: on a cluster the Epilogs wrote the slices
+long before the pass) and times ``aggregate_once`` on a fresh ledger; then a second pass over
+an empty spool and a re-merge of the same slices (all unchanged, the idempotence path).
 
-Usage: python bench/bench_aggregate.py [--nodes N] [--jobs M] [--batch B]
+Usage: python bench/bench_aggregate.py [--nodes N] [--jobs M] [--batch B] [--repeat R]
+           [--processed archive|delete] [--readers auto|K] [--template DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -31,38 +35,80 @@ def ledger_bytes(path: str) -> int:
     return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
 
 
+def cpu_s() -> tuple[float, float]:
+    """CPU seconds of this process and of its finished children (the reader processes)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def template_spool(path: Path, nodes: int, jobs: int) -> dict[str, int]:
+    """Generate the spool once; reuse it when a previous run left it (``--template``)."""
+    marker = path / ".counts"
+    if marker.exists():
+        job_slices, n_jobs, node_slices = map(int, marker.read_text().split())
+        return {"job_slices": job_slices, "jobs": n_jobs, "node_slices": node_slices}
+    t0 = time.perf_counter()
+    counts = make_spool(path, nodes, jobs)
+    marker.write_text(f"{counts['job_slices']} {counts['jobs']} {counts['node_slices']}\n")
+    print(f"generated {counts['job_slices']} job slices ({counts['jobs']} jobs) and "
+          f"{counts['node_slices']} node slices in {time.perf_counter() - t0:.1f} s")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=100, help="job slices per node")
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--repeat", type=int, default=1, help="first passes to time")
+    parser.add_argument("--processed", choices=("archive", "delete"), default="archive",
+                        help="what becomes of merged slices (default: archive, as shipped)")
+    parser.add_argument("--readers", default="auto", help="aggregate.readers (auto or K)")
+    parser.add_argument("--template", type=Path,
+                        help="keep the generated spool here and reuse it in later runs")
     args = parser.parse_args()
+    readers = args.readers if args.readers == "auto" else int(args.readers)
     with tempfile.TemporaryDirectory(prefix="llem-bench-") as tmp:
         root = Path(tmp)
-        template = root / "template"
-        t0 = time.perf_counter()
-        counts = make_spool(template, args.nodes, args.jobs)
+        template = args.template or root / "template"
+        counts = template_spool(template, args.nodes, args.jobs)
         total = counts["job_slices"] + counts["node_slices"]
-        print(f"generated {counts['job_slices']} job slices ({counts['jobs']} jobs) and "
-              f"{counts['node_slices']} node slices in {time.perf_counter() - t0:.1f} s; "
-              f"spool {sum(p.stat().st_size for p in template.iterdir()) / 1e6:.1f} MB")
-        cfg = Config(cluster="bench", state_dir=str(root / "state"),
-                     spool_dir=str(root / "spool"), ledger=str(root / "ledger" / "ledger.db"),
-                     aggregate=AggregateConfig(processed="delete", batch_size=args.batch))
-        shutil.copytree(template, cfg.spool_dir)
-        res = aggregate_once(cfg)
-        print(f"first pass: {res.merged} slices in {res.elapsed_s:.2f} s = "
-              f"{res.merged / res.elapsed_s:,.0f} slices/s, {res.jobs / res.elapsed_s:,.0f} "
-              f"jobs/s ({res.jobs} jobs, {len(res.quarantined)} quarantined)")
-        assert res.merged == total, (res.merged, total)
+        size = sum(e.stat().st_size for e in os.scandir(template) if e.name.endswith(".json"))
+        print(f"spool: {total} slices, {size / 1e6:.1f} MB; processed: {args.processed}, "
+              f"readers: {readers}, batch: {args.batch}, CPUs: {os.cpu_count()}")
+        rates = []
+        for rep in range(args.repeat):
+            run = root / f"run{rep}"
+            cfg = Config(cluster="bench", state_dir=str(run / "state"),
+                         spool_dir=str(run / "spool"), ledger=str(run / "ledger" / "ledger.db"),
+                         aggregate=AggregateConfig(processed=args.processed,
+                                                   batch_size=args.batch, readers=readers))
+            shutil.copytree(template, cfg.spool_dir, ignore=shutil.ignore_patterns(".counts"))
+            os.sync()
+            (me0, kids0) = cpu_s()
+            res = aggregate_once(cfg)
+            (me1, kids1) = cpu_s()
+            assert res.merged == total, (res.merged, total)
+            rates.append(res.merged / res.elapsed_s)
+            print(f"first pass: {res.merged} slices in {res.elapsed_s:.2f} s = {rates[-1]:,.0f} "
+                  f"slices/s, {res.jobs / res.elapsed_s:,.0f} jobs/s ({res.jobs} jobs, "
+                  f"{len(res.quarantined)} quarantined); CPU: aggregator {me1 - me0:.1f} s, "
+                  f"readers {kids1 - kids0:.1f} s")
+            if rep < args.repeat - 1:
+                shutil.rmtree(run)
+        if args.repeat > 1:
+            print(f"first pass over {args.repeat} runs: best {max(rates):,.0f}, median "
+                  f"{statistics.median(rates):,.0f}, worst {min(rates):,.0f} slices/s")
         res2 = aggregate_once(cfg)
         print(f"second pass, nothing new: {res2.elapsed_s * 1000:.0f} ms")
+        size = ledger_bytes(cfg.ledger)
         shutil.rmtree(cfg.spool_dir)
-        shutil.copytree(template, cfg.spool_dir)
+        shutil.copytree(template, cfg.spool_dir, ignore=shutil.ignore_patterns(".counts"))
+        os.sync()
         res3 = aggregate_once(cfg)
         print(f"same slices again (all unchanged): {res3.unchanged} in {res3.elapsed_s:.2f} s ="
               f" {res3.unchanged / res3.elapsed_s:,.0f} slices/s")
-        size = ledger_bytes(cfg.ledger)
         print(f"ledger: {size / 1e6:.1f} MB, {size / res.jobs:,.0f} bytes per job, "
               f"{size / counts['job_slices']:,.0f} bytes per job slice")
 

@@ -136,15 +136,20 @@ def _bad(tmp_path, kind):
         good["node_totals"]["nvml:GPU-a"]["measured_uj"] = "lots"
     elif kind == "bad_name":
         return "notes.txt", raw
+    elif kind == "wrong_type":
+        good["job"]["cpus"] = {"count": 8}
+    elif kind == "nested":
+        return name, b'{"schema": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
     return name, encode(good)
 
 
 BAD_KINDS = ["truncated", "corrupt", "not_json", "empty", "wrong_schema", "node_mismatch",
-             "negative", "end_before_start", "impossible", "bad_name"]
+             "negative", "end_before_start", "impossible", "bad_name", "wrong_type", "nested"]
 REASONS = {"truncated": "truncated", "corrupt": "corrupt", "not_json": "corrupt",
            "empty": "empty", "wrong_schema": "foreign file", "node_mismatch": "does not match",
            "negative": "negative energy", "end_before_start": "end before start",
-           "impossible": "integer", "bad_name": "not a slice name"}
+           "impossible": "integer", "bad_name": "not a slice name",
+           "wrong_type": "'cpus' must be an integer", "nested": "nested too deeply"}
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -237,7 +242,8 @@ def _write_yaml(cfg, path: Path) -> Path:
     path.write_text(
         f"cluster: {cfg.cluster}\nstate_dir: {cfg.state_dir}\nspool_dir: {cfg.spool_dir}\n"
         f"ledger: {cfg.ledger}\naggregate:\n  grace_s: {agg.grace_s}\n"
-        f"  processed: {agg.processed}\n  batch_size: {agg.batch_size}\n")
+        f"  processed: {agg.processed}\n  batch_size: {agg.batch_size}\n"
+        f"  readers: {agg.readers}\n")
     return path
 
 
@@ -319,46 +325,64 @@ def _template_spool(tmp_path) -> tuple[Path, list]:
     return template, items
 
 
-def _fresh(tmp_path, template, name) -> object:
+def _fresh(tmp_path, template, name, readers=0) -> object:
     root = tmp_path / name
     root.mkdir()
     cfg = replace(node_config(root, "admin"),
-                  aggregate=AggregateConfig(grace_s=10**9, batch_size=4))
+                  aggregate=AggregateConfig(grace_s=10**9, batch_size=4, readers=readers))
     shutil.copytree(template, cfg.spool_dir)
     os.chmod(cfg.spool_dir, 0o700)
     return cfg
 
 
-def test_sigkill_at_random_points_then_rerun_gives_the_clean_ledger(tmp_path):
+def _spool_left(cfg) -> int:
+    return len([n for n in os.listdir(cfg.spool_dir) if n not in ("archive", "quarantine")])
+
+
+def _run_until_merging(cfg, total: int) -> tuple[subprocess.Popen, float, float]:
+    """Start a pass; return it, the seconds until its first batch left the spool, and then."""
+    t0 = time.monotonic()
+    proc = _cli(cfg, "--once", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and _spool_left(cfg) == total:
+        time.sleep(0.002)
+    return proc, time.monotonic() - t0, t0
+
+
+@pytest.mark.parametrize("readers", [0, 2])
+def test_sigkill_at_random_points_then_rerun_gives_the_clean_ledger(tmp_path, readers):
     import random
 
     template, items = _template_spool(tmp_path)
-    clean = _fresh(tmp_path, template, "clean")
-    t0 = time.monotonic()
-    proc = _cli(clean, "--once")
+    total = len(items) + 1
+    clean = _fresh(tmp_path, template, "clean", readers)
+    proc, first_batch_s, t0 = _run_until_merging(clean, total)
+    assert proc.wait(120) == 0
     clean_s = time.monotonic() - t0
-    assert proc.returncode == 0, proc.stderr
     expected = dump(clean)
     assert "# job_runs 100" in expected and "# quarantine 1" in expected
+    merging_s = max(0.05, clean_s - first_batch_s)
     rng = random.Random(4)
     killed_mid_merge = 0
     for run in range(20):
-        cfg = _fresh(tmp_path, template, f"run{run}")
-        proc = _cli(cfg, "--once", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.1, clean_s))
+        cfg = _fresh(tmp_path, template, f"run{run}", readers)
+        if run % 4 == 0:  # anywhere: start-up, lock, reading, merging
+            proc = _cli(cfg, "--once", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.0, clean_s))
+        else:  # somewhere in the merge, which is most of the pass on a big spool
+            proc, _, _ = _run_until_merging(cfg, total)
+            time.sleep(rng.uniform(0.0, 0.7 * merging_s))
         proc.kill()  # SIGKILL
         proc.wait(10)
-        left = len([n for n in os.listdir(cfg.spool_dir)
-                    if n not in ("archive", "quarantine")])
-        killed_mid_merge += 0 < left < len(items) + 1
+        killed_mid_merge += 0 < _spool_left(cfg) < total
         rerun = _cli(cfg, "--once")
         assert rerun.returncode == 0, rerun.stderr
         assert dump(cfg) == expected, f"run {run}: ledger differs after a kill"
         with Ledger(cfg.ledger, readonly=True) as ledger:
             assert ledger.integrity_check() == "ok"
-        assert [n for n in os.listdir(cfg.spool_dir) if n not in ("archive", "quarantine")] == []
-    print(f"clean run {clean_s:.2f} s; {killed_mid_merge} of 20 kills landed mid-merge")
-    assert killed_mid_merge >= 5, "the kills never landed inside a merge"
+        assert _spool_left(cfg) == 0
+    print(f"clean run {clean_s:.2f} s (merging {merging_s:.2f} s); {killed_mid_merge} of 20 "
+          "kills landed mid-merge")
+    assert killed_mid_merge >= 8, "the kills rarely landed inside a merge"
 
 
 def test_two_aggregators_at_once_give_the_clean_ledger(tmp_path):

@@ -119,3 +119,14 @@ def test_choice_keys(tmp_path):
     with pytest.raises(ConfigError, match="'aggregate.processed' must be one of archive, delete"):
         load_text(tmp_path, "aggregate:\n  processed: shred\n")
     assert load_text(tmp_path, "aggregate:\n  processed: delete\n").aggregate.processed == "delete"
+
+
+def test_aggregate_readers_is_auto_or_a_count(tmp_path):
+    assert config.load(env={"LLEM_CONFIG": "/dev/null"}).aggregate.readers == "auto"
+    assert load_text(tmp_path, "aggregate:\n  readers: 3\n").aggregate.readers == 3
+    assert load_text(tmp_path, "aggregate:\n  readers: 0\n").aggregate.readers == 0
+    assert config.load(env={"LLEM_CONFIG": "/dev/null",
+                            "LLEM_AGGREGATE_READERS": "2"}).aggregate.readers == 2
+    for bad in ("-1", "many", "true", "1.5"):
+        with pytest.raises(ConfigError, match="'aggregate.readers' must be 'auto' or a whole"):
+            load_text(tmp_path, f"aggregate:\n  readers: {bad}\n")

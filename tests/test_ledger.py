@@ -130,6 +130,15 @@ def test_a_newer_export_of_the_same_run_replaces_it(tmp_path):
             merge(ledger, order)
             assert ledger.query("SELECT COUNT(*) FROM job_nodes") == [(1,)]
             assert ledger.job_runs("100")[0]["gpu_energy_uj"] == 250_000_000 * 3600 // 2
+            # The replaced run's rows went with it; the new ones belong to the new job node.
+            assert ledger.query("SELECT SUM(energy_uj), COUNT(*) FROM job_energy") == [
+                (sum(r["energy_uj"] for r in new["energy"]), len(new["energy"]))]
+            for table, count in (("job_energy", len(new["energy"])),
+                                 ("job_node_totals", len(new["node_totals"])),
+                                 ("windows", len(new["windows"]))):
+                assert count > 0
+                assert ledger.query(f"SELECT COUNT(*) FROM {table} t JOIN job_nodes n "
+                                    "ON n.id = t.job_node_id") == [(count,)], table
 
 
 def test_node_hour_keeps_the_latest_export(tmp_path):
@@ -239,9 +248,34 @@ def _job(tmp_path):
     (lambda d: d["job"].update(coverage=1.5), "coverage"),
     (lambda d: d["devices"]["nvml:GPU-a"].update(source="guessed"), "source"),
     (lambda d: d.pop("node_totals"), "missing 'node_totals'"),
+    # Well-formed JSON of the wrong type, which SQLite could not store (or would store as
+    # text in an integer column): refused here, or it would stop every later pass.
+    (lambda d: d["job"].update(cpus={"a": 1}), "'cpus' must be an integer"),
+    (lambda d: d["job"].update(uid="1000"), "'uid' must be an integer"),
+    (lambda d: d["job"].update(num_nodes=True), "'num_nodes' must be an integer"),
+    (lambda d: d["job"].update(state=["sealed"]), "'state' must be a string"),
+    (lambda d: d["job"].update(state="lost"), "unknown state"),
+    (lambda d: d["job"].update(array_task_id=3), "'array_task_id' must be a string"),
+    (lambda d: d["job"].update(gpus=[{"x": 1}, {"y": 2}]), "'gpus' must be a list of strings"),
+    (lambda d: d["job"].update(flags="partial"), "'flags' must be a list of strings"),
+    (lambda d: d["windows"][0].update(step_id=0), "'step_id' must be a string"),
 ])
 def test_validation_names_the_problem(tmp_path, damage, message):
     data = _job(tmp_path)
+    damage(data)
+    with pytest.raises(SliceError, match=message):
+        slices.validate(data)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d["job"].update(nodelist=["n1"]), "'nodelist' must be a string"),
+    (lambda d: d["job"].update(num_nodes="3"), "'num_nodes' must be an integer"),
+    (lambda d: d["job"].update(state={"a": 1}), "'state' must be a string"),
+    (lambda d: d["job"].update(exit_code=1.5), "'exit_code' must be an integer"),
+])
+def test_header_validation_names_the_problem(damage, message):
+    data = header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1", now_ns=T0 + 60 * S)
+    slices.validate(data)
     damage(data)
     with pytest.raises(SliceError, match=message):
         slices.validate(data)
@@ -252,6 +286,36 @@ def test_newer_schema_is_its_own_error(tmp_path):
     data["schema"] = "llem.slice/2"
     with pytest.raises(slices.NewerSchema, match="upgrade llem"):
         slices.validate(data)
+
+
+# -- background checkpoints ------------------------------------------------------------------
+
+
+def test_background_checkpoints_give_the_same_ledger_and_stop_with_it(tmp_path):
+    import threading
+
+    def names():
+        return [t.name for t in threading.enumerate() if t.name == "llem-ledger-checkpoint"]
+
+    items = []
+    for j in range(20):
+        for data in job_slices(tmp_path / f"g{j}", str(100 + j)):
+            data["job"]["job_id"] = str(100 + j)
+            items.append(data)
+    dumps = []
+    for background in (False, True):
+        path = tmp_path / f"ledger-{background}.db"
+        with Ledger(path, background_checkpoint=background) as ledger:
+            assert len(names()) == int(background)
+            for k in range(0, len(items), 6):
+                merge(ledger, items[k:k + 6])
+            dumps.append(ledger.canonical_dump())
+        assert names() == []
+        assert not os.path.exists(f"{path}-wal")  # closed, and left in rollback-journal mode
+        with Ledger(path, readonly=True) as ledger:
+            assert ledger.integrity_check() == "ok"
+            assert ledger.query("PRAGMA journal_mode") == [("delete",)]
+    assert dumps[0] == dumps[1] and "# job_runs 20" in dumps[0]
 
 
 # -- readers ---------------------------------------------------------------------------------

@@ -17,28 +17,32 @@ newer llem is left in place and reported, so that the admin upgrades instead of 
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import fcntl
 import itertools
 import json
 import logging
 import os
 import pwd
+import queue
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from llem import slices
 from llem.config import Config
 from llem.errors import LedgerError
 from llem.export import check_spool_dir, write_atomic
-from llem.store.ledger import Ledger, QuarantineEntry, digest
+from llem.slicereader import Candidate, no_cyclic_gc, read_all, read_candidate, reader_count
+from llem.store.ledger import Ledger, QuarantineEntry
+
+__all__ = ["AggregateLock", "AggregateResult", "Candidate", "LedgerBusy", "aggregate_once",
+           "list_spool", "quarantine_report", "read_candidate", "watch"]
 
 log = logging.getLogger(__name__)
 
-MAX_SLICE_BYTES = 64 * 1024 * 1024
 SKIP_DIRS = ("archive", "quarantine")
 STALE_TMP_S = 3600.0
 
@@ -116,22 +120,7 @@ class AggregateLock:
 # -- reading slices ----------------------------------------------------------------------------
 
 
-@dataclass
-class Candidate:
-    """One spool file, read and judged."""
-
-    path: Path
-    raw: bytes = b""
-    data: dict | None = None
-    sha: str = ""
-    reason: str | None = None
-    newer: str | None = None
-    owner_uid: int | None = None
-    size: int | None = None
-    gone: bool = False
-
-
-def list_spool(spool: Path, *, now_s: float | None = None) -> list[Path]:
+def list_spool(spool: Path, *, now_s: float | None = None) -> list[str]:
     """Slice files at the top of the spool, in name order.
 
     Temporary files (``.tmp.*``) older than :data:`STALE_TMP_S` were left by a delivery that
@@ -149,7 +138,7 @@ def list_spool(spool: Path, *, now_s: float | None = None) -> list[Path]:
             if entry.is_dir(follow_symlinks=False):
                 continue
             out.append(entry.name)
-    return [spool / name for name in sorted(out)]  # sorting strings: Paths compare slowly
+    return [os.path.join(spool, name) for name in sorted(out)]  # strings: Paths are slow
 
 
 def _uids(names: str) -> frozenset[int]:
@@ -174,92 +163,6 @@ def _sweep_stale(entry: os.DirEntry, now_s: float) -> None:
             log.info("removed %s, left by a delivery that died half-way", entry.path)
     except OSError:
         pass
-
-
-def read_candidate(path: Path, *, euid: int | None = None,
-                   header_uids: frozenset[int] = frozenset()) -> Candidate:
-    """Read and check one spool file; never raises for a bad file (``reason`` says why).
-
-    Args:
-        path: the file.
-        euid: the aggregator's effective uid (default: this process's).
-        header_uids: owners besides root whose *header* slices are accepted (slurmctld's
-            EpilogSlurmctld runs as SlurmctldUser).
-    """
-    euid = os.geteuid() if euid is None else euid
-    cand = Candidate(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        cand.gone = True
-        return cand
-    except OSError as e:
-        cand.reason = ("a symlink, refused" if e.errno == errno.ELOOP
-                       else f"cannot open: {e.strerror}")
-        return cand
-    try:
-        st = os.fstat(fd)
-        cand.owner_uid, cand.size = st.st_uid, st.st_size
-        trusted = header_uids if path.name.startswith("header.") else frozenset()
-        cand.reason = _check_file(st, euid, trusted)
-        if cand.reason is None:
-            cand.raw = _read_all(fd, st.st_size)
-    finally:
-        os.close(fd)
-    cand.sha = digest(cand.raw)
-    if cand.reason is None:
-        _judge(cand)
-    cand.raw = b""  # parsed; do not keep a batch of raw files in memory
-    return cand
-
-
-def _check_file(st: os.stat_result, euid: int, trusted: frozenset[int]) -> str | None:
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
-    if euid == 0 and st.st_uid != 0 and st.st_uid not in trusted:
-        return (f"owned by uid {st.st_uid}, not root: slices come only from root's Epilog "
-                "(dropped by a user?)")
-    if st.st_mode & stat.S_IWOTH:
-        return "writable by others"
-    if st.st_size > MAX_SLICE_BYTES:
-        return f"too large ({st.st_size} bytes)"
-    if st.st_size == 0:
-        return "empty (truncated)"
-    return None
-
-
-def _read_all(fd: int, size: int) -> bytes:
-    chunks, total = [], 0
-    while total <= size:
-        chunk = os.read(fd, max(size - total, 0) + 1)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
-
-
-def _judge(cand: Candidate) -> None:
-    try:
-        data = json.loads(cand.raw)
-    except UnicodeDecodeError:
-        cand.reason = "corrupt: not UTF-8"
-        return
-    except json.JSONDecodeError as e:
-        near_end = e.pos >= len(cand.raw.rstrip()) - 1
-        cand.reason = (f"truncated: JSON ends early ({e.msg} at byte {e.pos})" if near_end
-                       else f"corrupt: not JSON ({e.msg} at byte {e.pos})")
-        return
-    try:
-        slices.validate(data)
-        slices.check_name_matches(cand.path.name, data)
-    except slices.NewerSchema as e:
-        cand.newer = str(e)
-        return
-    except slices.SliceError as e:
-        cand.reason = f"foreign or impossible: {e}"
-        return
-    cand.data = data
 
 
 # -- one pass ----------------------------------------------------------------------------------
@@ -287,74 +190,123 @@ def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float =
     result = AggregateResult()
     batch_size = max(1, batch_size or config.aggregate.batch_size)
     jobs: set = set()
-    with AggregateLock(config.ledger, wait_s), Ledger(config.ledger) as ledger:
-        header_uids = _uids(config.aggregate.header_owners)
-        candidates = (read_candidate(p, header_uids=header_uids) for p in list_spool(spool))
-        for number in itertools.count():
-            batch = list(itertools.islice(candidates, batch_size))
-            if not batch:
-                break
-            jobs |= _merge_batch(config, ledger, batch, now_ns, result)
-            if after_commit is not None:
-                after_commit(number)
+    with AggregateLock(config.ledger, wait_s), no_cyclic_gc(), \
+            Ledger(config.ledger, background_checkpoint=True) as ledger, \
+            _Disposer(config, now_ns) as disposer:
+        paths = list_spool(spool)
+        readers = reader_count(config.aggregate.readers, len(paths))
+        candidates = read_all(paths, readers=readers,
+                              header_uids=_uids(config.aggregate.header_owners),
+                              ahead=2 * batch_size)
+        with contextlib.closing(candidates):
+            for number in itertools.count():
+                batch = list(itertools.islice(candidates, batch_size))
+                if not batch:
+                    break
+                jobs |= _merge_batch(config, ledger, disposer, batch, now_ns, result)
+                if after_commit is not None:
+                    after_commit(number)
         result.incomplete = ledger.mark_incomplete(now_ns, config.aggregate.grace_s)
     result.jobs = len(jobs)
     result.elapsed_s = time.monotonic() - t0
     return result
 
 
-def _merge_batch(config: Config, ledger: Ledger, batch: list[Candidate], now_ns: int,
-                 result: AggregateResult) -> set:
+def _merge_batch(config: Config, ledger: Ledger, disposer: "_Disposer", batch: list[Candidate],
+                 now_ns: int, result: AggregateResult) -> set:
     good, bad = [], []
     for cand in batch:
         if cand.gone:
             continue
         if cand.newer:
-            result.newer.append(cand.path.name)
+            result.newer.append(cand.name)
             log.error("%s: %s", cand.path, cand.newer)
         elif cand.reason:
             bad.append(cand)
         else:
             good.append(cand)
-    entries = [QuarantineEntry(c.path.name, c.sha, c.reason or "", c.owner_uid, c.size, now_ns)
+    entries = [QuarantineEntry(c.name, c.sha, c.reason or "", c.owner_uid, c.size, now_ns)
                for c in bad]
-    stats = ledger.merge([(c.data, c.sha) for c in good], now_ns=now_ns,
-                         grace_s=config.aggregate.grace_s, quarantined=entries)
+    stats = ledger.merge_prepared([c.prepared for c in good], now_ns=now_ns,
+                                  grace_s=config.aggregate.grace_s, quarantined=entries)
     # Only now, with the merge committed, do files leave the spool.
-    for cand in good:
-        _dispose(config, cand.path, now_ns)
+    disposer.put([cand.path for cand in good])
     for cand in bad:
         _quarantine(config, cand)
     result.merged += stats.merged
     result.unchanged += stats.unchanged
-    result.quarantined += [(c.path.name, c.reason or "") for c in bad]
+    result.quarantined += [(c.name, c.reason or "") for c in bad]
     return stats.jobs_touched
 
 
-def _dispose(config: Config, path: Path, now_ns: int) -> None:
+class _Disposer:
+    """Archives or deletes merged slices in a thread, each batch after its commit.
+
+    Renaming and unlinking are system calls that let go of the GIL, so the next batch is
+    merged meanwhile. Leaving the ``with`` waits until every batch is disposed of, and raises
+    the first error (the files concerned stay in the spool; merging them again changes
+    nothing).
+    """
+
+    def __init__(self, config: Config, now_ns: int) -> None:
+        self.config, self.now_ns = config, now_ns
+        self.batches: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="llem-dispose")
+
+    def __enter__(self) -> "_Disposer":
+        self.thread.start()
+        return self
+
+    def put(self, paths: list[str]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.batches.put(paths)
+
+    def _run(self) -> None:
+        while (paths := self.batches.get()) is not None:
+            if self.error is None:
+                try:
+                    _dispose(self.config, paths, self.now_ns)
+                except (OSError, LedgerError) as e:
+                    self.error = e
+
+    def __exit__(self, exc_type: type | None, *_: object) -> None:
+        self.batches.put(None)
+        self.thread.join()
+        if exc_type is None and self.error is not None:
+            raise self.error
+
+
+def _dispose(config: Config, paths: list[str], now_ns: int) -> None:
     if config.aggregate.processed == "delete":
-        _unlink(path)
+        for path in paths:
+            _unlink(path)
         return
     day = time.strftime("%Y-%m-%d", time.gmtime(now_ns // 10**9))
     target = archive_dir(config) / day
     _private_dir(target)
-    os.replace(path, target / path.name)
+    for path in paths:
+        try:
+            os.replace(path, target / os.path.basename(path))
+        except FileNotFoundError:  # already gone: nothing to keep
+            pass
 
 
 def _quarantine(config: Config, cand: Candidate) -> None:
     target = quarantine_dir(config)
     _private_dir(target)
-    log.warning("quarantined %s: %s", cand.path.name, cand.reason)
-    reason = {"file": cand.path.name, "reason": cand.reason, "owner_uid": cand.owner_uid,
+    log.warning("quarantined %s: %s", cand.name, cand.reason)
+    reason = {"file": cand.name, "reason": cand.reason, "owner_uid": cand.owner_uid,
               "size": cand.size, "sha256": cand.sha, "ts_ns": time.time_ns()}
     # A name llem never wrote may be too long for a ".reason" beside it: fall back to its hash.
-    reason_name = cand.path.name + ".reason"
+    reason_name = cand.name + ".reason"
     if len(reason_name.encode()) > 255:
         reason_name = f"sha256-{cand.sha}.reason"
     try:
         write_atomic(target, reason_name,
                      (json.dumps(reason, sort_keys=True) + "\n").encode(), 0o640)
-        os.replace(cand.path, target / cand.path.name)
+        os.replace(cand.path, target / cand.name)
     except FileNotFoundError:
         pass
     except OSError as e:  # the ledger has logged it; the file stays and is retried next pass
@@ -368,7 +320,7 @@ def _private_dir(path: Path) -> None:
         raise LedgerError(f"{path}: not a private directory; refusing to move slices there")
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -104,6 +104,9 @@ class AggregateConfig:
     aggregator accepts: EpilogSlurmctld runs as SlurmctldUser."""
     batch_size: int = 500
     """Slices merged per ledger transaction (short transactions keep readers and crashes cheap)."""
+    readers: str | int = "auto"
+    """Processes that read and check slices while the aggregator writes the ledger: 'auto'
+    (one fewer than the CPUs, at most 4, none for a small pass) or a number (0: none)."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,15 @@ def _check_type(key: str, value: Any, annotation: str, where: str) -> Any:
             if s not in SENSOR_NAMES:
                 raise _unknown_sensor(s, where)
         return tuple(items)
+    if key == "aggregate.readers":
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}: 'aggregate.readers' must be 'auto' or a whole number "
+                              f"of processes (0 or more), got {value!r}")
+        return value
     if key == "carbon.pue" and isinstance(value, dict):
         out = {}
         for month, pue in value.items():

@@ -26,10 +26,11 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from llem import slices
 from llem.errors import LedgerError
@@ -212,16 +213,20 @@ class Ledger:
     Args:
         path: the database file; created (mode 0644, directory 0755) when absent.
         readonly: open for reading only (``llem-acct``, ``llem report``); never creates.
+        background_checkpoint: copy the WAL into the database in a thread of its own after
+            each commit (``llem aggregate``), instead of in the committing call.
 
     Raises:
         LedgerError: cannot open or create it, a symlink in its place, not a database, or a
             schema newer than this llem.
     """
 
-    def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False,
+                 background_checkpoint: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self._devices_seen: set[tuple] = set()
+        self._checkpointer: _Checkpointer | None = None
         try:
             if readonly:
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
@@ -251,6 +256,10 @@ class Ledger:
             if readonly:
                 raise LedgerError(f"{self.path}: the ledger needs migrating by llem aggregate")
             self._migrate()
+        if background_checkpoint and not readonly:
+            # The committing connection checkpoints only if the thread falls far behind.
+            self.db.execute(f"PRAGMA wal_autocheckpoint = {_Checkpointer.FALLBACK_PAGES}")
+            self._checkpointer = _Checkpointer(self.path)
 
     def _migrate(self) -> None:
         def body() -> None:
@@ -269,6 +278,8 @@ class Ledger:
             self.db.execute("BEGIN IMMEDIATE")
             out = body()
             self.db.execute("COMMIT")
+            if self._checkpointer is not None:
+                self._checkpointer.poke()
             return out
         except sqlite3.DatabaseError as e:
             self._rollback()
@@ -294,100 +305,82 @@ class Ledger:
             grace_s: how long a run waits for missing nodes before it is incomplete.
             quarantined: refused slices to log.
         """
+        return self.merge_prepared((prepare(data, sha) for data, sha in items), now_ns=now_ns,
+                                   grace_s=grace_s, quarantined=quarantined)
+
+    def merge_prepared(self, items: Iterable[Prepared], *, now_ns: int, grace_s: float,
+                       quarantined: Iterable[QuarantineEntry] = ()) -> MergeStats:
+        """:meth:`merge` for slices already turned into rows by :func:`prepare`.
+
+        The aggregator prepares slices in reader processes, so that this process only writes.
+        """
         stats = MergeStats()
 
         def body() -> None:
             touched: set[tuple[str, str]] = set()
-            for data, sha in items:
-                changed = self._merge_one(data, sha)
+            for item in items:
+                kind = item[0]
+                if kind == "job":
+                    changed = self._merge_job(item)
+                elif kind == "node":
+                    changed = self._merge_node(item)
+                else:
+                    changed = self._merge_header(item)
                 stats.merged += int(changed)
                 stats.unchanged += int(not changed)
-                if changed and data["kind"] in ("job", "header"):
-                    touched.add((data["cluster"], data["job"]["job_id"]))
+                if changed and kind != "node":
+                    touched.add(item[1])
             for entry in quarantined:
                 self.db.execute(
                     "INSERT OR IGNORE INTO quarantine VALUES (?, ?, ?, ?, ?, ?)",
                     (entry.file, entry.digest, entry.reason, entry.owner_uid, entry.size,
                      entry.ts_ns))
-            for cluster, job_id in sorted(touched):
-                self._regroup(cluster, job_id, now_ns, grace_s)
+            self._regroup(touched, now_ns, grace_s)
             stats.jobs_touched = touched
 
         self._txn(body)
         return stats
 
-    def _merge_one(self, data: dict, sha: str) -> bool:
-        kind = data["kind"]
-        if kind == "job":
-            return self._merge_job(data, sha)
-        if kind == "node":
-            return self._merge_node(data)
-        return self._merge_header(data)
-
-    def _upsert_devices(self, cluster: str, node: str, devices: Mapping[str, dict]) -> None:
+    def _upsert_devices(self, rows: tuple) -> None:
         # Nodes send the same devices in every slice: skip what this connection already wrote
         # (a rolled-back transaction clears the cache, see _txn).
-        fingerprint = (cluster, node, tuple(
-            (k, d["component"], d.get("name"), d["sensor"], d["source"], d["method"])
-            for k, d in sorted(devices.items())))
-        if fingerprint in self._devices_seen:
+        if rows in self._devices_seen:
             return
-        self._devices_seen.add(fingerprint)
+        self._devices_seen.add(rows)
         self.db.executemany(
             "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (cluster, node, device_key) DO UPDATE SET component = excluded.component,"
             " name = excluded.name, sensor = excluded.sensor, source = excluded.source, "
-            "method = excluded.method",
-            [(cluster, node, key, d["component"], d.get("name"), d["sensor"], d["source"],
-              d["method"]) for key, d in sorted(devices.items())])
+            "method = excluded.method", rows)
 
-    def _merge_job(self, data: dict, sha: str) -> bool:
-        job, cluster, node = data["job"], data["cluster"], data["node"]
-        row = self.db.execute(
-            "SELECT id, created_ns, digest FROM job_nodes WHERE cluster = ? AND job_id = ? "
-            "AND node = ? AND start_ns = ?", (cluster, job["job_id"], node, job["start_ns"])
-        ).fetchone()
-        if row is not None:
-            if (row[1], row[2]) >= (data["created_ns"], sha):
+    def _merge_job(self, item: Prepared) -> bool:
+        _, _, key, created_ns, sha, devices, job_node, energy, totals, windows = item
+        if not self.db.execute(_INSERT_JOB_NODE + _NEW_RUN_ONLY, job_node).rowcount:
+            row = self.db.execute(
+                "SELECT id, created_ns, digest FROM job_nodes WHERE cluster = ? AND job_id = ? "
+                "AND node = ? AND start_ns = ?", key).fetchone()
+            if (row[1], row[2]) >= (created_ns, sha):
                 return False  # the same slice again, or an older export of the run
             self.db.execute("DELETE FROM job_nodes WHERE id = ?", (row[0],))
-        self._upsert_devices(cluster, node, data["devices"])
-        totals = _component_totals(data)
-        cur = self.db.execute(
-            "INSERT INTO job_nodes (cluster, job_id, node, start_ns, end_ns, array_job_id, "
-            "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, gpus,"
-            " tag, name, node_state, coverage, flags, energy_uj, cpu_energy_uj, dram_energy_uj,"
-            " gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest) "
-            f"VALUES ({', '.join('?' * 29)})",
-            (cluster, job["job_id"], node, job["start_ns"], job["end_ns"],
-             job.get("array_job_id"), job.get("array_task_id"), job.get("user"), job.get("uid"),
-             job.get("gid"), job.get("account"), job.get("partition"), job.get("nodelist"),
-             job.get("num_nodes"), job.get("cpus"), json.dumps(sorted(job.get("gpus") or [])),
-             job.get("tag"), job.get("name"), job.get("state"), job.get("coverage"),
-             json.dumps(sorted(job.get("flags") or [])), *totals, data["created_ns"], sha))
-        job_node_id = cur.lastrowid
-        devices = data["devices"]
+            self.db.execute(_INSERT_JOB_NODE, job_node)
+        # The rows below name their job node by last_insert_rowid(), the job_nodes row just
+        # inserted: inserts into WITHOUT ROWID tables (these, and devices) leave it alone, and
+        # it saves rebuilding every row with the id in Python.
+        self._upsert_devices(devices)
         self.db.executemany(
-            "INSERT INTO job_energy VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT DO UPDATE SET energy_uj = energy_uj + excluded.energy_uj",
-            [(job_node_id, r["device"], r["hour_s"], r["method"],
-              devices[r["device"]]["component"], devices[r["device"]]["source"],
-              devices[r["device"]]["sensor"], r["energy_uj"]) for r in data["energy"]])
+            "INSERT INTO job_energy VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO UPDATE SET energy_uj = energy_uj + excluded.energy_uj", energy)
         self.db.executemany(
-            "INSERT INTO job_node_totals VALUES (?, ?, ?, ?, ?, ?)",
-            [(job_node_id, key, t["measured_uj"], t["attributed_uj"], t["remainder_uj"],
-              t.get("gap_intervals", 0)) for key, t in data["node_totals"].items()])
-        self.db.executemany(
-            "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(job_node_id, w["name"], w.get("step_id") or "", w["start_ns"], w.get("end_ns"),
-              w["status"], sum((w.get("energy") or {}).values()),
-              json.dumps(w.get("energy") or {}, sort_keys=True))
-             for w in data.get("windows", [])])
+            "INSERT INTO job_node_totals VALUES (last_insert_rowid(), ?, ?, ?, ?, ?)", totals)
+        if windows:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO windows VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?)",
+                windows)
         return True
 
-    def _merge_node(self, data: dict) -> bool:
-        cluster, node, devices = data["cluster"], data["node"], data["devices"]
-        self._upsert_devices(cluster, node, devices)
+    def _merge_node(self, item: Prepared) -> bool:
+        _, devices, hours = item
+        self._upsert_devices(devices)
         before = self.db.total_changes
         self.db.executemany(
             "INSERT INTO node_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -399,52 +392,61 @@ class Ledger:
             "as_of_ns = excluded.as_of_ns "
             "WHERE (excluded.as_of_ns, excluded.measured_uj, excluded.attributed_uj, "
             "excluded.remainder_uj) > (node_hours.as_of_ns, node_hours.measured_uj, "
-            "node_hours.attributed_uj, node_hours.remainder_uj)",
-            [(cluster, node, r["hour_s"], r["device"], devices[r["device"]]["component"],
-              devices[r["device"]]["source"], r["measured_uj"], r["attributed_uj"],
-              r["remainder_uj"], r["intervals"], r["gap_intervals"], r["covered_ns"],
-              data["as_of_ns"]) for r in data["hours"]])
+            "node_hours.attributed_uj, node_hours.remainder_uj)", hours)
         return self.db.total_changes - before > 0
 
-    def _merge_header(self, data: dict) -> bool:
-        job = data["job"]
+    def _merge_header(self, item: Prepared) -> bool:
         cur = self.db.execute(
             "INSERT OR IGNORE INTO job_headers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " ?, ?, ?)",
-            (data["cluster"], job["job_id"], job["end_ns"], job.get("start_ns"),
-             job.get("array_job_id"), job.get("array_task_id"), job.get("user"), job.get("uid"),
-             job.get("account"), job.get("partition"), job.get("name"), job.get("nodelist"),
-             job.get("num_nodes"), job.get("state"), job.get("exit_code"), job.get("signal"),
-             job.get("derived_exit_code")))
+            " ?, ?, ?)", item[2])
         return cur.rowcount > 0
 
     # -- runs and completeness ---------------------------------------------------------------
 
-    def _regroup(self, cluster: str, job_id: str, now_ns: int, grace_s: float) -> None:
-        """Recompute the job's runs from its node runs and headers (order-independent)."""
-        cols = ("id", "node", "start_ns", "end_ns", "array_job_id", "array_task_id", "user",
-                "uid", "account", "partition", "name", "tag", "nodelist", "num_nodes", "gpus",
-                "coverage", "run_start_ns") + ENERGY_COLUMNS
-        nodes = [dict(zip(cols, r)) for r in self.db.execute(
-            f"SELECT {', '.join(cols)} FROM job_nodes WHERE cluster = ? AND job_id = ? "
-            "ORDER BY start_ns, node", (cluster, job_id))]
-        hcols = ("end_ns", "start_ns", "array_job_id", "array_task_id", "user", "uid",
-                 "account", "partition", "name", "nodelist", "num_nodes", "state", "exit_code",
-                 "signal", "derived_exit_code")
-        headers = [dict(zip(hcols, r)) for r in self.db.execute(
-            f"SELECT {', '.join(hcols)} FROM job_headers WHERE cluster = ? AND job_id = ? "
-            "ORDER BY end_ns", (cluster, job_id))]
-        runs = group_runs(nodes, headers)
-        self.db.execute("DELETE FROM job_runs WHERE cluster = ? AND job_id = ?",
-                        (cluster, job_id))
-        for run in runs:
-            row = summarize_run(run, now_ns, grace_s)
-            self.db.execute(
-                f"INSERT INTO job_runs (cluster, job_id, {', '.join(row)}) "
-                f"VALUES (?, ?, {', '.join('?' * len(row))})", (cluster, job_id, *row.values()))
-            self.db.executemany("UPDATE job_nodes SET run_start_ns = ? WHERE id = ?",
-                                [(row["run_start_ns"], n["id"]) for n in run["nodes"]
-                                 if n["run_start_ns"] != row["run_start_ns"]])
+    _NODE_COLS = ("id", "node", "start_ns", "end_ns", "array_job_id", "array_task_id", "user",
+                  "uid", "account", "partition", "name", "tag", "nodelist", "num_nodes", "gpus",
+                  "coverage", "run_start_ns") + ENERGY_COLUMNS
+    _HEADER_COLS = ("end_ns", "start_ns", "array_job_id", "array_task_id", "user", "uid",
+                    "account", "partition", "name", "nodelist", "num_nodes", "state",
+                    "exit_code", "signal", "derived_exit_code")
+    _REGROUP_CHUNK = 500
+
+    def _regroup(self, jobs: Iterable[tuple[str, str]], now_ns: int, grace_s: float) -> None:
+        """Recompute these jobs' runs from their node runs and headers (order-independent).
+
+        Jobs are read and rewritten a few hundred at a time, not one by one: a batch of
+        slices touches hundreds of jobs, and per-statement overhead was most of the cost.
+        """
+        by_cluster: dict[str, list[str]] = {}
+        for cluster, job_id in jobs:
+            by_cluster.setdefault(cluster, []).append(job_id)
+        ncols, hcols = self._NODE_COLS, self._HEADER_COLS
+        for cluster, ids in sorted(by_cluster.items()):
+            ids.sort()
+            for i in range(0, len(ids), self._REGROUP_CHUNK):
+                part = ids[i:i + self._REGROUP_CHUNK]
+                where = f"cluster = ? AND job_id IN ({', '.join('?' * len(part))})"
+                nodes: dict[str, list[dict]] = {job_id: [] for job_id in part}
+                for r in self.db.execute(
+                        f"SELECT job_id, {', '.join(ncols)} FROM job_nodes WHERE {where}",
+                        (cluster, *part)):
+                    nodes[r[0]].append(dict(zip(ncols, r[1:])))
+                headers: dict[str, list[dict]] = {job_id: [] for job_id in part}
+                for r in self.db.execute(
+                        f"SELECT job_id, {', '.join(hcols)} FROM job_headers WHERE {where}",
+                        (cluster, *part)):
+                    headers[r[0]].append(dict(zip(hcols, r[1:])))
+                self.db.execute(f"DELETE FROM job_runs WHERE {where}", (cluster, *part))
+                rows, moved = [], []
+                for job_id in part:
+                    for run in group_runs(nodes[job_id], headers[job_id]):
+                        row = summarize_run(run, now_ns, grace_s)
+                        rows.append((cluster, job_id, *[row[c] for c in _RUN_COLUMNS]))
+                        start = row["run_start_ns"]
+                        moved += [(start, n["id"]) for n in run["nodes"]
+                                  if n["run_start_ns"] != start]
+                self.db.executemany(_INSERT_JOB_RUN, rows)
+                self.db.executemany("UPDATE job_nodes SET run_start_ns = ? WHERE id = ?", moved)
 
     def mark_incomplete(self, now_ns: int, grace_s: float) -> int:
         """Runs still pending past their grace period become incomplete; return how many."""
@@ -513,6 +515,9 @@ class Ledger:
         them. Between merges the ledger is therefore left in rollback-journal mode, which any
         user with read access can open; the next merge switches back to WAL.
         """
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
         try:
             if not self.readonly and not self.db.in_transaction:
                 self.db.execute("PRAGMA busy_timeout = 1000")
@@ -529,6 +534,129 @@ class Ledger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+Prepared = tuple
+"""A slice as rows (see :func:`prepare`): plain tuples, lists and scalars only, so that reader
+processes can hand it over with :mod:`marshal`."""
+
+_INSERT_JOB_NODE = (
+    "INSERT INTO job_nodes (cluster, job_id, node, start_ns, end_ns, array_job_id, "
+    "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, gpus, tag, "
+    "name, node_state, coverage, flags, energy_uj, cpu_energy_uj, dram_energy_uj, "
+    "gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest) "
+    f"VALUES ({', '.join('?' * 29)})")
+_NEW_RUN_ONLY = " ON CONFLICT (cluster, job_id, node, start_ns) DO NOTHING"
+_SORTED_JSON = json.JSONEncoder(sort_keys=True, separators=(", ", ": "))
+
+
+_RUN_COLUMNS = ("run_start_ns", "run_end_ns", "array_job_id", "array_task_id", "user", "uid",
+                "account", "partition", "name", "tag", "nodelist", "num_nodes", "state",
+                "exit_code", "signal", "derived_exit_code", "has_header", "status",
+                "nodes_reported", "missing_nodes", *ENERGY_COLUMNS, "gpu_seconds", "coverage")
+"""The columns :func:`summarize_run` fills, in its order."""
+_INSERT_JOB_RUN = (f"INSERT INTO job_runs (cluster, job_id, {', '.join(_RUN_COLUMNS)}) "
+                   f"VALUES ({', '.join('?' * (2 + len(_RUN_COLUMNS)))})")
+
+
+def prepare(data: dict, sha: str) -> Prepared:
+    """A validated slice (see :func:`llem.slices.validate`) as the rows the ledger stores.
+
+    Pure (no database), so that it runs in the aggregator's reader processes:
+
+    * job: ``("job", (cluster, job_id), natural key, created_ns, digest, device rows,
+      job_nodes row, job_energy rows, job_node_totals rows, windows rows)``, the last three
+      without their ``job_node_id``;
+    * node: ``("node", device rows, node_hours rows)``;
+    * header: ``("header", (cluster, job_id), job_headers row)``.
+    """
+    kind, cluster = data["kind"], data["cluster"]
+    if kind == "header":
+        job = data["job"]
+        return ("header", (cluster, job["job_id"]), (
+            cluster, job["job_id"], job["end_ns"], job.get("start_ns"), job.get("array_job_id"),
+            job.get("array_task_id"), job.get("user"), job.get("uid"), job.get("account"),
+            job.get("partition"), job.get("name"), job.get("nodelist"), job.get("num_nodes"),
+            job.get("state"), job.get("exit_code"), job.get("signal"),
+            job.get("derived_exit_code")))
+    node, devices = data["node"], data["devices"]
+    device_rows = tuple((cluster, node, key, d["component"], d.get("name"), d["sensor"],
+                         d["source"], d["method"]) for key, d in sorted(devices.items()))
+    if kind == "node":
+        as_of_ns = data["as_of_ns"]
+        return ("node", device_rows, [
+            (cluster, node, r["hour_s"], r["device"], devices[r["device"]]["component"],
+             devices[r["device"]]["source"], r["measured_uj"], r["attributed_uj"],
+             r["remainder_uj"], r["intervals"], r["gap_intervals"], r["covered_ns"], as_of_ns)
+            for r in data["hours"]])
+    job = data["job"]
+    job_id, start_ns = job["job_id"], job["start_ns"]
+    job_node = (
+        cluster, job_id, node, start_ns, job["end_ns"], job.get("array_job_id"),
+        job.get("array_task_id"), job.get("user"), job.get("uid"), job.get("gid"),
+        job.get("account"), job.get("partition"), job.get("nodelist"), job.get("num_nodes"),
+        job.get("cpus"), json.dumps(sorted(job.get("gpus") or [])), job.get("tag"),
+        job.get("name"), job.get("state"), job.get("coverage"),
+        json.dumps(sorted(job.get("flags") or [])), *_component_totals(data),
+        data["created_ns"], sha)
+    described = {key: (d["component"], d["source"], d["sensor"]) for key, d in devices.items()}
+    energy = [(r["device"], r["hour_s"], r["method"], *described[r["device"]], r["energy_uj"])
+              for r in data["energy"]]
+    totals = [(key, t["measured_uj"], t["attributed_uj"], t["remainder_uj"],
+               t.get("gap_intervals", 0)) for key, t in data["node_totals"].items()]
+    windows = [(w["name"], w.get("step_id") or "", w["start_ns"], w.get("end_ns"), w["status"],
+                sum((w.get("energy") or {}).values()),
+                _SORTED_JSON.encode(w.get("energy") or {}))
+               for w in data.get("windows", [])]
+    return ("job", (cluster, job_id), (cluster, job_id, node, start_ns), data["created_ns"], sha,
+            device_rows, job_node, energy, totals, windows)
+
+
+class _Checkpointer:
+    """Copies committed WAL frames into the database from a thread with its own connection.
+
+    A checkpoint is a few milliseconds of copying per batch; SQLite runs it beside the writer
+    (``PASSIVE``: it never blocks the writer or readers), and the sqlite3 module lets go of the
+    GIL meanwhile, so the aggregator's next batch does not wait for it.
+    """
+
+    FALLBACK_PAGES = 65536
+    """WAL pages (256 MB at 4 KB) after which the writer checkpoints itself."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name="llem-ledger-checkpoint")
+        self.thread.start()
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def close(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=1.0)
+        except sqlite3.Error as e:
+            log.debug("%s: no background checkpoints: %s", self.path, e)
+            return
+        try:
+            while True:
+                self.wake.wait()
+                self.wake.clear()
+                if self.stopping:
+                    return
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as e:  # the writer's own checkpoints still run
+                    log.debug("%s: background checkpoint: %s", self.path, e)
+        finally:
+            db.close()
 
 
 def group_runs(nodes: list[dict], headers: list[dict]) -> list[dict]:
