@@ -368,3 +368,63 @@ def test_a_user_reads_the_ledger_during_and_between_merges(request):
     assert read() == "2"
     writer.close()
     assert read() == "2"  # no writer: no -wal/-shm, still readable
+
+
+# -- damage anywhere -------------------------------------------------------------------------
+
+
+def _paths(value, prefix=()):
+    """Every place in a JSON document, as a path of keys and indexes."""
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _paths(v, prefix + (i,))
+
+
+@pytest.mark.parametrize("kind", ["job", "header", "node"])
+def test_any_damage_is_refused_or_merges_cleanly(tmp_path, kind):
+    """Replace one value anywhere with something of another type: validation refuses it with
+    SliceError, or the ledger stores it; nothing else may happen (a crash would stop every
+    later pass on that slice)."""
+    import random
+
+    if kind == "job":
+        base = _job(tmp_path)
+    elif kind == "header":
+        base = header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1", now_ns=T0 + 60 * S)
+    else:
+        base = {"schema": slices.SCHEMA, "kind": "node", "cluster": "c1", "node": "n1",
+                "created_ns": T0 + 7200 * S, "from_hour_s": T0 // S // 3600 * 3600,
+                "as_of_ns": T0 + 7200 * S, "devices": _job(tmp_path)["devices"],
+                "hours": [{"device": "nvml:GPU-a", "hour_s": T0 // S // 3600 * 3600,
+                           "measured_uj": 10**9, "attributed_uj": 5 * 10**8,
+                           "remainder_uj": 5 * 10**8, "intervals": 60, "gap_intervals": 0,
+                           "covered_ns": 3600 * S}]}
+    slices.validate(base)
+    places = [p for p in _paths(base) if p]
+    odd = [None, True, -1, 0, 1.5, 2**70, "", "x", "1/..", [], [1], {}, {"a": 1}, ["a", "b"]]
+    rng = random.Random(7)
+    refused = merged = 0
+    with Ledger(tmp_path / "fuzz.db") as ledger:
+        for n in range(400):
+            data = copy.deepcopy(base)
+            place = rng.choice(places)
+            parent = data
+            for key in place[:-1]:
+                parent = parent[key]
+            if rng.random() < 0.15 and isinstance(parent, dict):
+                del parent[place[-1]]
+            else:
+                parent[place[-1]] = copy.deepcopy(rng.choice(odd))
+            try:
+                slices.validate(data)
+            except SliceError:
+                refused += 1
+                continue
+            ledger.merge([(data, f"{n:064x}")], now_ns=NOW, grace_s=GRACE_S)
+            merged += 1
+        assert ledger.integrity_check() == "ok"
+    assert refused > 100 and merged > 10, (refused, merged)

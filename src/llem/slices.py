@@ -22,6 +22,7 @@ sign that this llem must be upgraded.
 
 from __future__ import annotations
 
+import operator
 import re
 from typing import Any, Mapping
 
@@ -52,8 +53,12 @@ class NewerSchema(SliceError):
     """A slice written by a newer llem: upgrade the aggregator, do not quarantine."""
 
 
+INT64_MAX = 2**63 - 1
+"""The largest integer SQLite stores: anything beyond is damage, not data."""
+
+
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return type(value) is int and -INT64_MAX - 1 <= value <= INT64_MAX
 
 
 def _need(obj: Mapping, key: str, where: str) -> Any:
@@ -103,16 +108,17 @@ def _optional_fields(job: Mapping, text: tuple[str, ...], ints: tuple[str, ...])
             raise SliceError(f"job: '{key}' must be a string or null, got {value!r}")
     for key in ints:
         value = job.get(key)
-        if value is not None and type(value) is not int:
+        if value is not None and not _is_int(value):
             raise SliceError(f"job: '{key}' must be an integer or null, got {value!r}")
 
 
 def _energy(value: Any, where: str, limit_uj: int | None = None) -> int:
-    if not _is_int(value):
+    if type(value) is not int:
         raise SliceError(f"{where}: energy must be an integer of microjoules, got {value!r}")
     if value < 0:
         raise SliceError(f"{where}: negative energy {value} uJ")
-    if limit_uj is not None and value > limit_uj:
+    limit_uj = INT64_MAX if limit_uj is None else limit_uj
+    if value > limit_uj:
         raise SliceError(f"{where}: impossible energy {value} uJ (more than {limit_uj})")
     return value
 
@@ -192,6 +198,8 @@ def _validate_devices(data: Mapping) -> dict:
                              f"{dev.get('source')!r}")
         _str(dev, "sensor", where)
         _str(dev, "method", where)
+        if dev.get("name") is not None and type(dev["name"]) is not str:
+            raise SliceError(f"{where}: 'name' must be a string or null, got {dev['name']!r}")
     return devices
 
 
@@ -221,40 +229,66 @@ def _validate_job(data: Mapping, devices: Mapping) -> None:
     rows = _need(data, "energy", "slice")
     if not isinstance(rows, list):
         raise SliceError("slice: 'energy' must be a list")
-    for i, row in enumerate(rows):
-        # Fast path for the common, valid row; the slow path below names what is wrong.
-        if (type(row) is dict and row.get("device") in devices
-                and type(row.get("hour_s")) is int and first_hour <= row["hour_s"] <= last_hour
-                and row["hour_s"] % 3600 == 0 and type(row.get("energy_uj")) is int
-                and 0 <= row["energy_uj"] <= MAX_DEVICE_HOUR_UJ
-                and type(row.get("method")) is str and row["method"]):
-            continue
-        _energy_row(row, f"energy[{i}]", devices, first_hour, last_hour)
-    for i, win in enumerate(data.get("windows", [])):
+    # Fast path for valid rows (tens per slice, millions per pass); the slow path names the
+    # first row that is wrong and what is wrong with it.
+    try:
+        for device, hour, method, uj in map(_ENERGY_FIELDS, rows):
+            if not (type(device) is str and device in devices and type(hour) is int
+                    and first_hour <= hour <= last_hour and not hour % 3600
+                    and type(uj) is int and 0 <= uj <= MAX_DEVICE_HOUR_UJ
+                    and type(method) is str and method):
+                raise LookupError
+    except (LookupError, TypeError):
+        for i, row in enumerate(rows):
+            _energy_row(row, f"energy[{i}]", devices, first_hour, last_hour)
+    windows = data.get("windows", [])
+    if not isinstance(windows, list):
+        raise SliceError(f"slice: 'windows' must be a list, got {windows!r}")
+    for i, win in enumerate(windows):
         _validate_window(win, f"windows[{i}]")
     totals = _need(data, "node_totals", "slice")
     if not isinstance(totals, dict):
         raise SliceError("slice: 'node_totals' must be an object")
     for key, row in totals.items():
+        if key in devices and type(row) is dict:
+            try:
+                m, a, r = _TOTAL_FIELDS(row)
+                gaps = row.get("gap_intervals", 0)
+                if (type(m) is int and type(a) is int and type(r) is int and type(gaps) is int
+                        and 0 <= min(m, a, r, gaps) and max(m, a, r, gaps) <= INT64_MAX):
+                    continue
+            except KeyError:
+                pass
         where = f"node_totals[{key!r}]"
         if key not in devices or not isinstance(row, dict):
             raise SliceError(f"{where}: unknown device or not an object")
         for field in ("measured_uj", "attributed_uj", "remainder_uj"):
             _energy(row.get(field), f"{where}.{field}")
+        gaps = row.get("gap_intervals", 0)
+        if not _is_int(gaps) or gaps < 0:
+            raise SliceError(f"{where}: 'gap_intervals' must be a non-negative integer, "
+                             f"got {gaps!r}")
+
+
+def _known(device: Any, devices: Mapping) -> bool:
+    return type(device) is str and device in devices
+
+
+_ENERGY_FIELDS = operator.itemgetter("device", "hour_s", "method", "energy_uj")
+_TOTAL_FIELDS = operator.itemgetter("measured_uj", "attributed_uj", "remainder_uj")
 
 
 def _energy_row(row: Any, where: str, devices: Mapping, first_hour: int,
                 last_hour: int) -> None:
     if not isinstance(row, dict):
         raise SliceError(f"{where}: must be an object")
-    if row.get("device") not in devices:
+    if not _known(row.get("device"), devices):
         raise SliceError(f"{where}: device {row.get('device')!r} is not in 'devices'")
     hour = _hour(row.get("hour_s"), where)
     if not first_hour <= hour <= last_hour:
         raise SliceError(f"{where}: hour {hour} outside the job's span")
     _energy(row.get("energy_uj"), where, MAX_DEVICE_HOUR_UJ)
     _str(row, "method", where)
-    raise SliceError(f"{where}: invalid row")  # pragma: no cover - the fast path accepts it
 
 
 def _validate_window(win: Any, where: str) -> None:
@@ -285,7 +319,7 @@ def _validate_node(data: Mapping, devices: Mapping) -> None:
         where = f"hours[{i}]"
         if not isinstance(row, dict):
             raise SliceError(f"{where}: must be an object")
-        if row.get("device") not in devices:
+        if not _known(row.get("device"), devices):
             raise SliceError(f"{where}: device {row.get('device')!r} is not in 'devices'")
         _hour(row.get("hour_s"), where)
         measured = _energy(row.get("measured_uj"), f"{where}.measured_uj", MAX_DEVICE_HOUR_UJ)
