@@ -138,18 +138,22 @@ def _bad(tmp_path, kind):
         return "notes.txt", raw
     elif kind == "wrong_type":
         good["job"]["cpus"] = {"count": 8}
+    elif kind == "window_sum":
+        good["windows"][0]["energy"] = {"nvml:GPU-a": 2**63 - 1, "rapl:package-0": 1}
     elif kind == "nested":
         return name, b'{"schema": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
     return name, encode(good)
 
 
 BAD_KINDS = ["truncated", "corrupt", "not_json", "empty", "wrong_schema", "node_mismatch",
-             "negative", "end_before_start", "impossible", "bad_name", "wrong_type", "nested"]
+             "negative", "end_before_start", "impossible", "bad_name", "wrong_type", "nested",
+             "window_sum"]
 REASONS = {"truncated": "truncated", "corrupt": "corrupt", "not_json": "corrupt",
            "empty": "empty", "wrong_schema": "foreign file", "node_mismatch": "does not match",
            "negative": "negative energy", "end_before_start": "end before start",
            "impossible": "integer", "bad_name": "not a slice name",
-           "wrong_type": "'cpus' must be an integer", "nested": "nested too deeply"}
+           "wrong_type": "'cpus' must be an integer", "nested": "nested too deeply",
+           "window_sum": "beyond what the ledger stores"}
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -171,6 +175,22 @@ def test_bad_slice_is_quarantined_and_the_rest_goes_on(tmp_path, kind, caplog):
     with Ledger(cfg.ledger, readonly=True) as ledger:
         assert [e.file for e in ledger.quarantine_log()] == [name]
         assert ledger.job_runs("200")[0]["status"] == "complete"
+
+
+def test_text_that_is_not_unicode_is_replaced_and_the_job_kept(tmp_path):
+    """A job name of bytes that are not UTF-8 reaches the slice as lone surrogates, which
+    SQLite cannot store: the name gets U+FFFD, the job and its energy are merged."""
+    cfg = config(tmp_path)
+    for data in job_slices(tmp_path, "100"):
+        data["job"]["name"] = "r\u00e9sum\udce9 \U0001f600"
+        data["windows"][0]["name"] = "step\udcff"
+        spool_slice(cfg, data)
+    res = aggregate_once(cfg, now_ns=NOW)
+    assert (res.merged, res.quarantined) == (3, [])
+    with Ledger(cfg.ledger, readonly=True) as ledger:
+        (run,) = ledger.job_runs("100")
+        assert run["name"] == "r\u00e9sum\ufffd \U0001f600" and run["status"] == "complete"
+        assert {r[0] for r in ledger.query("SELECT name FROM windows")} >= {"step\ufffd"}
 
 
 def test_newer_schema_is_left_in_place_with_a_clear_error(tmp_path):

@@ -214,6 +214,22 @@ def test_header_fields_win_and_header_alone_is_pending(tmp_path):
         assert run["status"] == "complete"
 
 
+def test_headers_without_their_nodes_sharing_a_start_make_one_run(tmp_path):
+    """A header re-sent (no end time from Slurm: "now" each time), or one with a start and
+    one without ending at that start, used to give two runs with the same key."""
+    first = header_slice_from_env({**ENV, "SLURM_JOB_ID": "300"}, "c1", now_ns=T0 + 60 * S)
+    first["job"]["start_ns"] = T0
+    again = copy.deepcopy(first)
+    again["job"]["end_ns"] += 5 * S
+    no_start = copy.deepcopy(first)
+    no_start["job"].update(start_ns=None, end_ns=first["job"]["start_ns"])
+    for order in ([first, again, no_start], [no_start, again, first]):
+        with Ledger(tmp_path / f"h{order[0] is first}.db") as ledger:
+            merge(ledger, order)
+            (run,) = ledger.job_runs("300")
+            assert run["run_end_ns"] == again["job"]["end_ns"] and run["status"] == "pending"
+
+
 def test_group_runs_is_order_independent():
     nodes = [{"id": i, "node": f"n{i % 3}", "start_ns": T0 + s * S, "end_ns": T0 + (s + 10) * S}
              for i, s in enumerate([0, 1, 2, 13, 14, 15])]

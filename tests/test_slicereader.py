@@ -59,15 +59,59 @@ def test_readers_give_exactly_what_reading_here_gives(tmp_path, monkeypatch, rea
     assert _wire(read_all(paths, readers=readers, ahead=2)) == _wire(here)
 
 
+def test_readers_are_isolated_from_the_current_folder(tmp_path, monkeypatch, caplog):
+    """A llem package (or a json module) planted in the folder the aggregator runs from is
+    never imported by a reader."""
+    paths = _spool(tmp_path)
+    planted = tmp_path / "planted"
+    (planted / "llem").mkdir(parents=True)
+    marker = tmp_path / "imported"
+    for name in ("llem/__init__.py", "json.py"):
+        (planted / name).write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(planted)
+    monkeypatch.setenv("PYTHONPATH", str(planted))
+    with caplog.at_level(logging.WARNING, logger="llem.slicereader"):
+        got = _wire(read_all(paths, readers=1))
+    assert not marker.exists()
+    assert caplog.records == []  # the reader did the work: nothing fell back
+    monkeypatch.undo()
+    assert got == _wire(read_all(paths, readers=0))
+
+
+def test_a_reader_with_other_code_refuses_and_the_aggregator_reads(tmp_path, monkeypatch,
+                                                                   caplog):
+    """After an upgrade in place, a new reader must not feed an old aggregator."""
+    paths = _spool(tmp_path)
+    expected = _wire(read_all(paths, readers=0))
+    monkeypatch.setattr(slicereader, "wire_fingerprint", lambda: "0123456789abcdef")
+    with caplog.at_level(logging.WARNING, logger="llem.slicereader"):
+        assert _wire(read_all(paths, readers=1)) == expected
+    assert any("ended early (status 3)" in r.message for r in caplog.records)
+
+
+def test_fingerprint_is_the_same_in_another_process():
+    out = subprocess.run([sys.executable, "-c", "from llem.slicereader import wire_fingerprint;"
+                          " print(wire_fingerprint())"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
+    assert out.stdout.strip() == slicereader.wire_fingerprint()
+
+
 def test_candidates_survive_the_trip_between_processes(tmp_path):
     path = _spool(tmp_path)[0]
     cand = read_candidate(path)
     assert Candidate.from_wire(marshal.loads(marshal.dumps(cand.to_wire()))) == cand
 
 
-def _reader_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children()
-            if "llem.slicereader" in " ".join(p.cmdline())]
+def _reader_children(parent: psutil.Process | None = None) -> list[psutil.Process]:
+    out = []
+    for child in (parent or psutil.Process()).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and \
+                    "llem.slicereader" in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return out
 
 
 def test_a_reader_that_dies_mid_pass_is_replaced_by_reading_here(tmp_path, monkeypatch,
@@ -90,7 +134,9 @@ def test_a_reader_that_dies_mid_pass_is_replaced_by_reading_here(tmp_path, monke
 
 def test_readers_are_stopped_when_the_pass_stops_early(tmp_path, monkeypatch):
     monkeypatch.setattr(slicereader, "CHUNK", 2)
-    cands = read_all(_spool(tmp_path), readers=2, ahead=2)
+    make_spool(tmp_path / "spool", nodes=20, jobs=20)  # more than the pipes hold
+    cands = read_all(sorted(str(p) for p in (tmp_path / "spool").iterdir()), readers=2,
+                     ahead=2)
     next(cands)
     assert len(_reader_children()) == 2
     cands.close()  # the aggregator failed, or was interrupted
@@ -168,7 +214,7 @@ def test_readers_leave_when_the_aggregator_is_killed(tmp_path):
     deadline = time.monotonic() + 30
     readers = []
     while time.monotonic() < deadline and len(readers) < 2 and proc.poll() is None:
-        readers = [p for p in aggregator.children() if "llem.slicereader" in " ".join(p.cmdline())]
+        readers = _reader_children(aggregator)
         time.sleep(0.01)
     assert len(readers) == 2, "the aggregator started no readers"
     proc.send_signal(signal.SIGKILL)

@@ -5,10 +5,11 @@ and size, decodes and validates it, and turns a good slice into the ledger's row
 (:func:`llem.store.ledger.prepare`). It never raises for a bad file: ``reason`` says why.
 
 That work is most of a pass's CPU time, so :func:`read_all` hands it to reader processes
-(``python -m llem.slicereader``) when the spool is large, while the aggregator only writes
-the ledger. A reader is a fresh interpreter started with ``close_fds``: it holds neither the
-aggregator's lock nor its database, and it leaves on its own when the aggregator dies (end
-of its input, or a broken output pipe). Results come back in spool order, whatever the
+(:func:`main`) when the spool is large, while the aggregator only writes the ledger. A reader
+is a fresh, isolated interpreter (``-I``, run from ``/``) started with ``close_fds``: it holds
+neither the aggregator's lock nor its database, it refuses to run code other than the
+aggregator's (:func:`wire_fingerprint`), and it leaves on its own when the aggregator dies
+(end of its input, or a broken output pipe). Results come back in spool order, whatever the
 number of readers, as :mod:`marshal` data (plain values only, nothing that runs code). If a
 reader fails, the rest of the pass is read in the aggregator itself.
 """
@@ -18,20 +19,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import hashlib
 import json
 import logging
 import marshal
 import os
 import queue
+import re
 import stat
 import struct
 import subprocess
 import sys
 import threading
 import traceback
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from llem import slices
 from llem.store.ledger import Prepared, digest, prepare
@@ -48,6 +52,7 @@ MIN_SLICES_PER_READER = 500
 """Below this many slices per reader, starting one (~60 ms) costs more than it saves."""
 MAX_READERS = 4
 _FRAME = struct.Struct("<Q")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass
@@ -157,16 +162,22 @@ def _judge(cand: Candidate, raw: bytes) -> None:
     except RecursionError:
         cand.reason = "corrupt: JSON nested too deeply"
         return
+    if _SURROGATE_ESCAPE.search(raw):
+        # Text that is not Unicode (a job name made of bytes that are not UTF-8, escaped by
+        # the exporter as lone surrogates) cannot be stored: each such character becomes
+        # U+FFFD, and the job's energy is kept.
+        data = slices.replace_lone_surrogates(data)
     try:
         slices.validate(data)
         slices.check_name_matches(cand.name, data)
+        cand.prepared = prepare(data, cand.sha)
     except slices.NewerSchema as e:
         cand.newer = str(e)
-        return
     except slices.SliceError as e:
         cand.reason = f"foreign or impossible: {e}"
-        return
-    cand.prepared = prepare(data, cand.sha)
+    except (LookupError, TypeError, ValueError, OverflowError) as e:
+        # validate() should have refused it; never let one slice stop every pass
+        cand.reason = f"cannot be stored: {type(e).__name__}: {e}"
 
 
 @contextlib.contextmanager
@@ -253,7 +264,7 @@ class _Pool:
         try:
             for k in range(n):
                 self.readers.append(_Reader(chunks[k::n], header_uids, self.stop, per_reader))
-        except OSError as e:
+        except Exception as e:  # OSError, or a thread that cannot start
             self.close()
             raise _ReaderFailed(f"cannot start a reader process: {e}") from e
 
@@ -261,12 +272,19 @@ class _Pool:
         reader = self.readers[number % len(self.readers)]
         item = reader.results.get()
         if item is None:
+            try:
+                status = reader.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                status = None
             raise _ReaderFailed(f"reader process {reader.proc.pid} ended early "
-                                f"(status {reader.proc.poll()})")
-        status, payload = marshal.loads(item)
-        if status != "ok":
-            raise _ReaderFailed(f"reader process {reader.proc.pid} failed: {payload}")
-        return [Candidate.from_wire(w) for w in payload]
+                                f"(status {status})")
+        try:
+            status, payload = marshal.loads(item)
+            if status == "ok":
+                return [Candidate.from_wire(w) for w in payload]
+        except (ValueError, TypeError, EOFError) as e:
+            raise _ReaderFailed(f"reader process {reader.proc.pid} sent garbage: {e}") from e
+        raise _ReaderFailed(f"reader process {reader.proc.pid} failed: {payload}")
 
     def close(self) -> None:
         self.stop.set()
@@ -274,19 +292,23 @@ class _Pool:
             reader.close()
 
 
+# How a reader starts: isolated (-I: no PYTHON* variables, no user site, not the current
+# folder on sys.path, run from /), with the aggregator's own llem folder appended to the path
+# so that it finds llem even when only the aggregator's sys.path had it.
+_BOOT = ("import sys; sys.path.append(sys.argv[1]); "
+         "from llem.slicereader import main; sys.exit(main(sys.argv[2:]))")
+
+
 class _Reader:
     def __init__(self, chunks: list[list[str]], header_uids: frozenset[int],
                  stop: threading.Event, ahead: int) -> None:
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root,
-                                                        env.get("PYTHONPATH")) if p)
         if not sys.executable:
             raise OSError("no Python interpreter path (sys.executable is empty)")
+        package_root = str(Path(__file__).resolve().parent.parent)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llem.slicereader",
+            [sys.executable, "-I", "-c", _BOOT, package_root, wire_fingerprint(),
              ",".join(str(u) for u in sorted(header_uids))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/", close_fds=True)
         self.stop = stop
         self.results: queue.Queue[bytes | None] = queue.Queue(maxsize=ahead)
         self.threads = [
@@ -375,16 +397,53 @@ def _read_exactly(inp: BinaryIO, n: int) -> bytes | None:
 # -- the reader process ------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m llem.slicereader [UIDS]``: a reader process (see :func:`serve`).
+def wire_fingerprint() -> str:
+    """A digest of the code that makes and reads what readers send (bytecode and constants).
 
-    UIDS are the owners besides root whose header slices are accepted, comma-separated.
+    The aggregator passes its own to each reader, which refuses to work with a different one:
+    after an upgrade in place, a long-running ``llem aggregate --watch`` still runs the old
+    code while a new reader would load the new, and their rows might not line up.
+    """
+    from llem.store import ledger
+
+    digest_ = hashlib.sha256()
+    for code in (ledger.prepare.__code__, ledger._component_totals.__code__,
+                 Candidate.to_wire.__code__, Candidate.from_wire.__func__.__code__,
+                 read_candidate.__code__, _judge.__code__):
+        _code_digest(code, digest_)
+    digest_.update(repr((ledger._INSERT_JOB_NODE, ledger._RUN_COLUMNS,
+                         ledger.SCHEMA_VERSION)).encode())
+    return digest_.hexdigest()[:16]
+
+
+def _code_digest(code: types.CodeType, into: Any) -> None:
+    into.update(code.co_code)
+    into.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _code_digest(const, into)
+        elif isinstance(const, frozenset):  # its order varies with the hash seed
+            into.update(repr(sorted(map(repr, const))).encode())
+        else:
+            into.update(repr(const).encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A reader process: ``main([FINGERPRINT, UIDS])`` (see :func:`serve`).
+
+    FINGERPRINT is the aggregator's :func:`wire_fingerprint` (exit 3 if it differs); UIDS are
+    the owners besides root whose header slices are accepted, comma-separated.
     """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the aggregator's to handle
     argv = sys.argv[1:] if argv is None else argv
-    header_uids = frozenset(int(u) for u in (argv[0].split(",") if argv and argv[0] else []))
+    if not argv or argv[0] != wire_fingerprint():
+        print(f"llem.slicereader: this llem ({wire_fingerprint()}) is not the aggregator's "
+              f"({argv[0] if argv else 'none'}); it reads the spool itself", file=sys.stderr)
+        return 3
+    uids = argv[1] if len(argv) > 1 else ""
+    header_uids = frozenset(int(u) for u in uids.split(",") if u)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the result stream
     gc.disable()  # see no_cyclic_gc

@@ -348,6 +348,20 @@ def _validate_header(data: Mapping) -> None:
     _optional_fields(job, HEADER_TEXT, HEADER_INTS)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(value: Any) -> Any:
+    """``value`` with every string's lone surrogates (text that is not Unicode) as U+FFFD."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {replace_lone_surrogates(k): replace_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [replace_lone_surrogates(v) for v in value]
+    return value
+
+
 def expand_hostlist(hostlist: str) -> list[str]:
     """Expand Slurm hostlist syntax into host names, in order, without duplicates.
 

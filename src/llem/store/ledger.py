@@ -608,6 +608,8 @@ def prepare(data: dict, sha: str) -> Prepared:
                 sum((w.get("energy") or {}).values()),
                 _SORTED_JSON.encode(w.get("energy") or {}))
                for w in data.get("windows", [])]
+    if any(w[5] > slices.INT64_MAX for w in windows):
+        raise slices.SliceError("a window's energy is beyond what the ledger stores")
     return ("job", (cluster, job_id), (cluster, job_id, node, start_ns), data["created_ns"], sha,
             device_rows, job_node, energy, totals, windows)
 
@@ -679,16 +681,24 @@ def group_runs(nodes: list[dict], headers: list[dict]) -> list[dict]:
             runs.append({"start_ns": node["start_ns"], "end_ns": node["end_ns"],
                          "nodes": [node], "header": None})
     orphans = []
-    for header in sorted(headers, key=lambda h: h["end_ns"]):
+    # A total order, so that headers with equal ends give the same result in any order.
+    for header in sorted(headers, key=lambda h: (h["end_ns"], json.dumps(h, sort_keys=True,
+                                                                        default=str))):
         target = _run_of_header(runs, header)
         if target is None:
             orphans.append(header)
         elif target["header"] is None or target["header"]["end_ns"] < header["end_ns"]:
             target["header"] = header
+    alone: dict[int, dict] = {}  # headers with no run yet, by their start (the run's key)
     for header in orphans:
         start = header["start_ns"] if header["start_ns"] is not None else header["end_ns"]
-        runs.append({"start_ns": start, "end_ns": header["end_ns"], "nodes": [],
-                     "header": header})
+        if start in alone:  # re-sent, or one with and one without a start: the later wins
+            if alone[start]["header"]["end_ns"] <= header["end_ns"]:
+                alone[start].update(end_ns=header["end_ns"], header=header)
+            continue
+        alone[start] = {"start_ns": start, "end_ns": header["end_ns"], "nodes": [],
+                        "header": header}
+    runs += alone.values()
     return sorted(runs, key=lambda r: r["start_ns"])
 
 
@@ -716,6 +726,8 @@ def _component_totals(data: dict) -> tuple[int, ...]:
         if dev["source"] == "estimated":
             by["estimated"] += row["energy_uj"]
     total = by["cpu"] + by["dram"] + by["gpu"] + by["other"]
+    if total > slices.INT64_MAX:
+        raise slices.SliceError(f"energy total {total} uJ is beyond what the ledger stores")
     return total, by["cpu"], by["dram"], by["gpu"], by["other"], by["estimated"]
 
 
@@ -742,7 +754,14 @@ def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
     end_ns = max([run["end_ns"]] + ([header["end_ns"]] if header else []))
     status = "complete" if complete else (
         "incomplete" if now_ns - end_ns > grace_s * 1e9 else "pending")
+    # Each node's energy fits in 64 bits (see prepare); thousands of absurd ones together
+    # might not, and SQLite would refuse the row: saturate, and say so.
     totals = {col: sum(n[col] for n in run["nodes"]) for col in ENERGY_COLUMNS}
+    for col, value in totals.items():
+        if value > slices.INT64_MAX:
+            log.warning("run of %d node(s): %s %d uJ is beyond 64 bits; stored as %d",
+                        len(run["nodes"]), col, value, slices.INT64_MAX)
+            totals[col] = slices.INT64_MAX
     gpu_seconds = sum(len(json.loads(n["gpus"] or "[]")) * (n["end_ns"] - n["start_ns"]) / 1e9
                       for n in run["nodes"])
     durations = [(n["end_ns"] - n["start_ns"], n["coverage"]) for n in run["nodes"]]
