@@ -499,3 +499,21 @@ def test_prune_drops_only_exported_old_data(tmp_path):
     assert store.query("SELECT COUNT(*) FROM intervals")[0][0] == 10
     assert store.integrity_check() == "ok"
     assert store.query("PRAGMA foreign_key_check") == []
+
+
+def test_job_names_of_non_utf8_bytes_are_kept_as_replacement_characters(tmp_path):
+    """Python holds environment bytes that are not UTF-8 as lone surrogates, which SQLite
+    and strict JSON readers refuse: the node store and the header get U+FFFD instead, and the
+    job is still measured."""
+    from llem.slurm import job_from_env
+
+    raw = os.fsdecode(b"r\xe9sum\xe9 \xf0\x9f\x98\x80")  # Latin-1 bytes, then a real emoji
+    env = {**ENV, "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": raw}
+    job = job_from_env(env, "c1", T0, ())
+    with NodeStore(tmp_path / "node.db") as store:
+        store.add_job(job)
+    assert job.name == "r\ufffdsum\ufffd \U0001f600"
+    header = header_slice_from_env(env, "c1", now_ns=T0 + 60 * S)
+    assert header["job"]["name"] == job.name
+    encode(header).decode("utf-8")  # strict UTF-8: no surrogate escapes in the file
+    slices.validate(header)

@@ -648,6 +648,7 @@ def header_slice_from_env(env: Mapping[str, str], cluster: str, *,
     Raises:
         LedgerError: no usable SLURM_JOB_ID or cluster name.
     """
+    env = slices.replace_lone_surrogates(dict(env))  # a job name of non-UTF-8 bytes
     now_ns = time.time_ns() if now_ns is None else now_ns
     start_s = _env_int(env, "SLURM_JOB_START_TIME")
     end_s = _env_int(env, "SLURM_JOB_END_TIME")

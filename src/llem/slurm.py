@@ -70,7 +70,14 @@ def tag_from_env(env: Mapping[str, str]) -> str | None:
 
 def job_from_env(env: Mapping[str, str], cluster: str, start_ns: int,
                  gpu_keys: tuple[str, ...] = ()) -> JobRecord:
-    """A JobRecord from the slurmd Prolog/Epilog environment (Slurm 22.05 and later)."""
+    """A JobRecord from the slurmd Prolog/Epilog environment (Slurm 22.05 and later).
+
+    Text that is not Unicode (names of non-UTF-8 bytes, which Python's environment holds as
+    lone surrogates and SQLite refuses) gets U+FFFD, so that the job is still measured.
+    """
+    from llem.slices import replace_lone_surrogates
+
+    env = replace_lone_surrogates(dict(env))
     return JobRecord(
         job_id=job_id_from_env(env),
         cluster=env.get("SLURM_CLUSTER_NAME") or cluster,
