@@ -35,11 +35,8 @@ from typing import Callable
 from llem.config import Config
 from llem.errors import LedgerError
 from llem.export import check_spool_dir, write_atomic
-from llem.slicereader import Candidate, no_cyclic_gc, read_all, read_candidate, reader_count
+from llem.slicereader import Candidate, no_cyclic_gc, read_all, reader_count
 from llem.store.ledger import Ledger, QuarantineEntry
-
-__all__ = ["AggregateLock", "AggregateResult", "Candidate", "LedgerBusy", "aggregate_once",
-           "list_spool", "quarantine_report", "read_candidate", "watch"]
 
 log = logging.getLogger(__name__)
 

@@ -354,11 +354,11 @@ class Ledger:
             "method = excluded.method", rows)
 
     def _merge_job(self, item: Prepared) -> bool:
-        _, _, key, created_ns, sha, devices, job_node, energy, totals, windows = item
+        _, _, created_ns, sha, devices, job_node, energy, totals, windows = item
         if not self.db.execute(_INSERT_JOB_NODE + _NEW_RUN_ONLY, job_node).rowcount:
             row = self.db.execute(
                 "SELECT id, created_ns, digest FROM job_nodes WHERE cluster = ? AND job_id = ? "
-                "AND node = ? AND start_ns = ?", key).fetchone()
+                "AND node = ? AND start_ns = ?", job_node[:4]).fetchone()
             if (row[1], row[2]) >= (created_ns, sha):
                 return False  # the same slice again, or an older export of the run
             self.db.execute("DELETE FROM job_nodes WHERE id = ?", (row[0],))
@@ -547,7 +547,7 @@ _INSERT_JOB_NODE = (
     "gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest) "
     f"VALUES ({', '.join('?' * 29)})")
 _NEW_RUN_ONLY = " ON CONFLICT (cluster, job_id, node, start_ns) DO NOTHING"
-_SORTED_JSON = json.JSONEncoder(sort_keys=True, separators=(", ", ": "))
+_SORTED_JSON = json.JSONEncoder(sort_keys=True)  # json.dumps(..., sort_keys=True), reused
 
 
 _RUN_COLUMNS = ("run_start_ns", "run_end_ns", "array_job_id", "array_task_id", "user", "uid",
@@ -564,9 +564,9 @@ def prepare(data: dict, sha: str) -> Prepared:
 
     Pure (no database), so that it runs in the aggregator's reader processes:
 
-    * job: ``("job", (cluster, job_id), natural key, created_ns, digest, device rows,
-      job_nodes row, job_energy rows, job_node_totals rows, windows rows)``, the last three
-      without their ``job_node_id``;
+    * job: ``("job", (cluster, job_id), created_ns, digest, device rows, job_nodes row (its
+      first four values are the natural key), job_energy rows, job_node_totals rows, windows
+      rows)``, the last three without their ``job_node_id``;
     * node: ``("node", device rows, node_hours rows)``;
     * header: ``("header", (cluster, job_id), job_headers row)``.
     """
@@ -610,8 +610,8 @@ def prepare(data: dict, sha: str) -> Prepared:
                for w in data.get("windows", [])]
     if any(w[5] > slices.INT64_MAX for w in windows):
         raise slices.SliceError("a window's energy is beyond what the ledger stores")
-    return ("job", (cluster, job_id), (cluster, job_id, node, start_ns), data["created_ns"], sha,
-            device_rows, job_node, energy, totals, windows)
+    return ("job", (cluster, job_id), data["created_ns"], sha, device_rows, job_node, energy,
+            totals, windows)
 
 
 class _Checkpointer:
