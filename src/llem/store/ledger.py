@@ -689,13 +689,11 @@ def group_runs(nodes: list[dict], headers: list[dict]) -> list[dict]:
             orphans.append(header)
         elif target["header"] is None or target["header"]["end_ns"] < header["end_ns"]:
             target["header"] = header
-    alone: dict[int, dict] = {}  # headers with no run yet, by their start (the run's key)
+    # Headers with no run yet, by their start (the run's key). Two with one start (a re-sent
+    # header, or one with and one without a start) are one run: the later, in sorted order.
+    alone: dict[int, dict] = {}
     for header in orphans:
         start = header["start_ns"] if header["start_ns"] is not None else header["end_ns"]
-        if start in alone:  # re-sent, or one with and one without a start: the later wins
-            if alone[start]["header"]["end_ns"] <= header["end_ns"]:
-                alone[start].update(end_ns=header["end_ns"], header=header)
-            continue
         alone[start] = {"start_ns": start, "end_ns": header["end_ns"], "nodes": [],
                         "header": header}
     runs += alone.values()
