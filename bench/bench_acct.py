@@ -13,7 +13,7 @@ Figures printed (wall seconds, best and median of ``--repeat`` runs, each a fres
 * the import time of the ``llem-acct`` path (``python -X importtime``), the interpreter's own
   start for comparison, and a check that no heavy module (pandas, numpy) is imported.
 
-Before timing, the two acct indexes (:data:`llem.store.acct_queries.ACCT_INDEXES`) are added
+Before timing, the two acct indexes (:data:`llem.cluster.acct_queries.ACCT_INDEXES`) are added
 the way an admin's first ``llem-acct`` adds them; the time that took is printed too.
 ``PYTHONDONTWRITEBYTECODE`` is removed from the children's environment so that they use
 compiled bytecode, as an installed llem does.
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             make_ledger.write_jobs(args.ledger, make_ledger.generate(args.jobs))
             print(f"built {args.jobs:,} jobs in {time.perf_counter() - t0:.1f} s")
-    from llem.store.acct_queries import ensure_indexes
+    from llem.cluster.acct_queries import ensure_indexes
 
     t0 = time.perf_counter()
     added = ensure_indexes(args.ledger)

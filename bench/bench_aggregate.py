@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_spool import make_spool
 
-from llem.aggregate import aggregate_once
+from llem.cluster.aggregate import aggregate_once
 from llem.config import AggregateConfig, Config
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_spool
 
 from llem import slices
-from llem.store.ledger import Ledger, digest
+from llem.cluster.ledger import Ledger, digest
 
 T0 = int(datetime(2024, 2, 15, tzinfo=timezone.utc).timestamp())
 JOBS_PER_NODE = 170
@@ -91,8 +91,8 @@ def _fix_totals(data: dict) -> None:
 
 
 def ledger_size(path: Path, month: str) -> dict:
+    from llem.cluster import report_queries as q
     from llem.report import frames
-    from llem.store import report_queries as q
 
     p = frames.month_period(month)
     with q.open_readonly(path) as ledger:
@@ -109,9 +109,9 @@ def ledger_size(path: Path, month: str) -> dict:
 
 
 def time_in_process(path: Path, month: str) -> dict[str, float]:
+    from llem.cluster import report_queries as q
     from llem.config import CarbonConfig, Config
     from llem.report import build_report, frames, plots, render
-    from llem.store import report_queries as q
 
     cfg = Config(cluster="bench", ledger=str(path), carbon=CarbonConfig(region="DE", pue=1.3))
     t0 = time.perf_counter()

@@ -34,9 +34,9 @@ def rss_kib(field: str = "VmRSS") -> int:
 
 def measure_ticks(ticks: int, with_gpus: bool, tmp: Path) -> dict:
     """Runs in a child process (LD_LIBRARY_PATH must be set before start for the fake NVML)."""
+    from llem.node.store import NodeStore
     from llem.sampler import Sampler
     from llem.sensors.rapl import RaplSensor
-    from llem.store.node import NodeStore
     from tests.powercap import FakePowercap
 
     pc = FakePowercap(tmp / "powercap")
@@ -152,7 +152,7 @@ def main() -> None:
     entry = "llem.cli.sampler"
     print("import time of the sampler entry point")
     print(f"  python -X importtime, {entry} cumulative: {importtime_tree(entry) / 1000:.1f} ms")
-    path = "import llem.cli.sampler, llem.sampler, llem.sensors, llem.sensors.rapl, llem.store.node"
+    path = "import llem.cli.sampler, llem.sampler, llem.sensors, llem.sensors.rapl, llem.node.store"
     low, mid = import_time_ms(path)
     print(f"  whole sampler path (entry, loop, rapl, store), wall over bare python: "
           f"min {low:.1f} ms, median {mid:.1f} ms")

@@ -3,7 +3,7 @@
 
     python bench/make_ledger.py --jobs 1000000 --out /tmp/ledger.db [--seed 1] [--days 365]
 
-The ledger is created by :class:`llem.store.ledger.Ledger`, so its schema is the real one;
+The ledger is created by :class:`llem.cluster.ledger.Ledger`, so its schema is the real one;
 rows are then written directly (``executemany``, one transaction per 20,000 jobs, journal
 off) instead of through slices and ``llem aggregate``, which would take hours for a million
 jobs. The schema's indexes are dropped during the load and re-created from their own SQL at
@@ -40,10 +40,10 @@ NODE_PREFIX = {"gpu": ("g", 400), "cpu": ("c", 800), "bigmem": ("m", 40), "debug
 
 def _import_ledger():
     try:
-        from llem.store.ledger import Ledger
+        from llem.cluster.ledger import Ledger
     except ImportError:  # run from a checkout without installing
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        from llem.store.ledger import Ledger
+        from llem.cluster.ledger import Ledger
     return Ledger
 
 

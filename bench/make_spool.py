@@ -4,7 +4,7 @@
 Each job runs on 1 to 4 consecutive nodes (so ``n[0012-0015]`` style nodelists), 1 to 6
 hours, on nodes of 2 CPU packages, 2 DRAM zones and 4 GPUs (8 devices); one or two named
 windows per job; plus one node slice per node with its hourly totals. Files are written
-exactly as the Epilog's delivery writes them (``llem.export.write_atomic``).
+exactly as the Epilog's delivery writes them (``llem.fsutil.write_atomic``).
 
 Usage: python bench/make_spool.py --nodes N --jobs M --out DIR [--seed S]
        (M jobs per node on average: N*M/avg_nodes_per_job jobs, ~N*M job slices)
@@ -17,7 +17,8 @@ import random
 from pathlib import Path
 
 from llem import slices
-from llem.export import encode, write_atomic
+from llem.fsutil import write_atomic
+from llem.slices import encode
 
 S = 10**9
 T0 = 1_700_000_000 // 3600 * 3600

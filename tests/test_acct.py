@@ -350,8 +350,8 @@ def test_llem_lists_acct_and_import_path_is_light():
     r = subprocess.run([sys.executable, "-m", "llem.cli.main", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "acct" in r.stdout
-    code = ("import sys, llem.cli.acct, llem.acct, llem.store.acct_queries; "
-            "print(sorted(m for m in ('pandas', 'numpy', 'llem.carbon', 'llem.store.ledger', "
+    code = ("import sys, llem.cli.acct, llem.acct, llem.cluster.acct_queries; "
+            "print(sorted(m for m in ('pandas', 'numpy', 'llem.carbon', 'llem.cluster.ledger', "
             "'yaml') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]"  # carbon, the ledger and YAML load only when used

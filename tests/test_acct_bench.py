@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from llem.store.ledger import SCHEMA_VERSION, Ledger
+from llem.cluster.ledger import SCHEMA_VERSION, Ledger
 from tests.test_acct import ROOT, acct_run, make_ledger, utc  # noqa: F401
 
 NOW_S = 1_780_000_000

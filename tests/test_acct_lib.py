@@ -9,13 +9,20 @@ import pytest
 
 from llem import carbon
 from llem.acct import (
-    AcctUsageError, compress_hostlist, format_elapsed, format_energy, parse_format,
-    parse_jobs, parse_since, parse_time, resolve_carbon,
+    AcctUsageError,
+    format_elapsed,
+    format_energy,
+    parse_format,
+    parse_jobs,
+    parse_since,
+    parse_time,
+    resolve_carbon,
 )
 from llem.carbon.statement import format_co2e, format_kwh
+from llem.cluster.acct_queries import JobSpec
 from llem.config import load
-from llem.store.acct_queries import JobSpec
-from tests.test_acct import CONFIG, T, WHOLE, acct_run, env, utc  # noqa: F401 (fixtures)
+from llem.hostlist import compress_hostlist
+from tests.test_acct import CONFIG, WHOLE, T, acct_run, env, utc  # noqa: F401 (fixtures)
 
 NOW = datetime(2026, 3, 2, 15, 30, 45)
 
@@ -183,10 +190,9 @@ def test_statement_with_hourly_intensity_and_filters(env, tmp_path, monkeypatch)
 
 
 def test_windows_of_a_ledger_filled_by_the_aggregator(tmp_path, monkeypatch):
+    from llem.cluster.ledger import Ledger
     from tests.test_export import T0, job_slices
     from tests.test_ledger import merge
-
-    from llem.store.ledger import Ledger
 
     d = tmp_path / "lib"
     d.mkdir(mode=0o755)

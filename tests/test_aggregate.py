@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from llem import slices
-from llem.aggregate import (
-    AggregateLock, LedgerBusy, aggregate_once, archive_dir, quarantine_dir, quarantine_report,
-)
+from llem.cluster.aggregate import AggregateLock, LedgerBusy, aggregate_once, quarantine_report
+from llem.cluster.header import header_slice_from_env
+from llem.cluster.ledger import Ledger
 from llem.config import AggregateConfig
-from llem.export import encode, header_slice_from_env, write_atomic
-from llem.store.ledger import Ledger
-from tests.test_export import ENV, S, T0, job_slices, node_config, spool_slice
+from llem.fsutil import write_atomic
+from llem.paths import archive_dir, quarantine_dir
+from llem.slices import encode
+from tests.test_export import ENV, T0, S, job_slices, node_config, spool_slice
 
 NOW = T0 + 10 * 3600 * S
 
@@ -420,7 +421,7 @@ def test_two_aggregators_at_once_give_the_clean_ledger(tmp_path):
 
 
 def test_watch_survives_a_broken_spool(tmp_path, caplog):
-    from llem.aggregate import watch
+    from llem.cluster.aggregate import watch
 
     cfg = config(tmp_path)
     Path(cfg.spool_dir).parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llem.attribution import JobLoad, NodeLoad, attribute
+from llem.model import EnergyRow
+from llem.node.attribution import JobLoad, NodeLoad, attribute
 from llem.sensors.base import Device
-from llem.store.node import EnergyRow
 
 DEVICES = {
     "rapl:package-0": Device("rapl:package-0", "cpu", "package-0", "rapl", "measured", "counter"),

@@ -17,15 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from llem import export, slices
+from llem import slices
+from llem.cluster.header import header_slice_from_env, write_header
 from llem.config import AggregateConfig, Config
 from llem.errors import LedgerError
-from llem.export import (
-    deliver, encode, export_and_deliver, export_job, export_node, flush_outbox,
-    header_slice_from_env, pending_slices, prune_node_store, write_atomic, write_header,
-)
+from llem.fsutil import write_atomic
+from llem.model import EnergyRow, Interval, JobRecord, JobShare
+from llem.node import export
+from llem.node.export import export_and_deliver, export_job, export_node, prune_node_store
+from llem.node.outbox import deliver, flush_outbox, pending_slices
+from llem.node.store import NodeStore
+from llem.paths import outbox_dir
 from llem.sensors.base import Device
-from llem.store.node import EnergyRow, Interval, JobRecord, JobShare, NodeStore
+from llem.slices import encode
 
 S = 10**9
 # 2023-11-14 21:00:00 UTC: an hour boundary, so tests can cross the next one on purpose.
@@ -98,7 +102,7 @@ def add_intervals(store, run_id, start_ns, seconds, step_s, cpu_uw=100_000_000,
 
 def spool_slice(config: Config, data: dict) -> Path:
     """Drop a slice straight into the spool as the Epilog's delivery would."""
-    spool = export.check_spool_dir(Path(config.spool_dir))
+    spool = slices.check_spool_dir(Path(config.spool_dir))
     return write_atomic(spool, slices.file_name(data), encode(data), 0o640)
 
 
@@ -217,7 +221,7 @@ def test_deliver_puts_the_slice_in_the_spool_atomically(tmp_path):
     assert json.loads((spool / path.name).read_bytes())["job"]["job_id"] == "100"
     assert pending_slices(cfg) == []
     assert stat.S_IMODE(os.stat(spool).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(export.outbox_dir(cfg)).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(outbox_dir(cfg)).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(spool / path.name).st_mode) == 0o640
     assert store.jobs("run_id = ?", (run_id,))[0].state == "exported"
 
@@ -264,10 +268,10 @@ def mounted_tmpfs(path: Path, size: str):
 
 
 def _python_for_nobody(root: Path) -> tuple[str, dict] | None:
-    """An interpreter and environment in which uid 65534 can import llem.export, or None.
+    """An interpreter and environment in which uid 65534 can import llem.node.export, or None.
 
     This interpreter may live under /root; the system one with a world-readable copy of
-    the package does as well (llem.export needs nothing outside the standard library).
+    the package does as well (llem.node.export needs nothing outside the standard library).
     """
     import llem
 
@@ -279,7 +283,7 @@ def _python_for_nobody(root: Path) -> tuple[str, dict] | None:
     for exe, env in ((os.sys.executable, {}), ("/usr/bin/python3", {"PYTHONPATH": str(src)})):
         env = {**os.environ, "HOME": "/tmp", **env}
         try:
-            ok = subprocess.run([exe, "-c", "import llem.export"], user=65534, group=65534,
+            ok = subprocess.run([exe, "-c", "import llem.node.export"], user=65534, group=65534,
                                 env=env, capture_output=True, timeout=60,
                                 cwd="/").returncode == 0
         except OSError:
@@ -350,7 +354,7 @@ def test_spool_without_write_permission_as_a_non_root_delivery(tmp_path, request
     code = (
         "import json, sys, time\n"
         "from llem.config import Config\n"
-        "from llem.export import deliver, pending_slices\n"
+        "from llem.node.outbox import deliver, pending_slices\n"
         f"cfg = Config(cluster='c1', state_dir={str(state)!r}, spool_dir={str(spool)!r})\n"
         "t0 = time.monotonic()\n"
         "deliver(cfg, json.loads(sys.argv[1]))\n"
@@ -411,7 +415,7 @@ def test_hung_spool_never_blocks_delivery_beyond_a_second(tmp_path):
         # As slurmd runs an Epilog: output on pipes that must reach EOF, although the delivery
         # process it started is hung on the spool (it must not hold the Epilog's stdout).
         code = ("import json, sys, time\nfrom llem.config import Config\n"
-                "from llem.export import deliver\nt0 = time.monotonic()\n"
+                "from llem.node.outbox import deliver\nt0 = time.monotonic()\n"
                 "deliver(Config(**json.loads(sys.argv[1])), json.loads(sys.argv[2]))\n"
                 "print(round(time.monotonic() - t0, 3))")
         args = json.dumps({"cluster": "c1", "state_dir": cfg.state_dir,
@@ -505,7 +509,7 @@ def test_job_names_of_non_utf8_bytes_are_kept_as_replacement_characters(tmp_path
     """Python holds environment bytes that are not UTF-8 as lone surrogates, which SQLite
     and strict JSON readers refuse: the node store and the header get U+FFFD instead, and the
     job is still measured."""
-    from llem.slurm import job_from_env
+    from llem.node.slurm import job_from_env
 
     raw = os.fsdecode(b"r\xe9sum\xe9 \xf0\x9f\x98\x80")  # Latin-1 bytes, then a real emoji
     env = {**ENV, "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": raw}

@@ -9,11 +9,12 @@ import stat
 import pytest
 
 from llem import slices
+from llem.cluster.header import header_slice_from_env
+from llem.cluster.ledger import Ledger, digest, group_runs
 from llem.errors import LedgerError
-from llem.export import header_slice_from_env
-from llem.slices import SliceError, expand_hostlist
-from llem.store.ledger import Ledger, digest, group_runs
-from tests.test_export import ENV, S, T0, job_slices
+from llem.hostlist import expand_hostlist
+from llem.slices import SliceError
+from tests.test_export import ENV, T0, S, job_slices
 
 NOW = T0 + 10 * 3600 * S
 GRACE_S = 3600.0
@@ -367,7 +368,7 @@ def test_a_user_reads_the_ledger_during_and_between_merges(request):
     if python is None:
         pytest.skip("no Python that uid 65534 can run llem with")
     path = root / "ledger" / "ledger.db"
-    code = ("from llem.store.ledger import Ledger\n"
+    code = ("from llem.cluster.ledger import Ledger\n"
             f"print(Ledger({str(path)!r}, readonly=True).query('SELECT COUNT(*) FROM meta')[0][0])")
 
     def read() -> str:

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.fakenvml.lib import FakeGpu, GccMissing, build, write_state
 
 import llem
 from llem import units
+from tests.fakenvml.lib import FakeGpu, GccMissing, build, write_state
 
 S = 1_000_000_000  # ns
 REPLY_TIMEOUT_S = 30

@@ -17,8 +17,8 @@ import pytest
 from llem import carbon
 from llem.cli.main import run
 from llem.cli.report import report as report_cli
+from llem.cluster import report_queries as q
 from llem.report import build_report, frames, plots, render
-from llem.store import report_queries as q
 from tests.test_report_data import (
     ESTIMATED,
     NOVEMBER,
@@ -399,7 +399,7 @@ def test_without_pandas_the_error_names_the_extra(ledger_path, tmp_path):
 
 
 def test_the_node_side_never_imports_pandas_or_matplotlib():
-    code = ("import sys, llem.cli.main, llem.cli.slurm, llem.cli.sampler, llem.export; "
+    code = ("import sys, llem.cli.main, llem.cli.slurm, llem.cli.sampler, llem.node.export; "
             "print('pandas' in sys.modules, 'matplotlib' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)

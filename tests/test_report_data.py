@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from llem import slices
+from llem.cluster.ledger import Ledger, digest
 from llem.config import CarbonConfig, Config
-from llem.export import export_job, export_node
-from llem.store.ledger import Ledger, digest
+from llem.node.export import export_job, export_node
 from tests.test_export import build_store, node_config
 
 S = 10**9

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from llem.cluster import report_queries as q
 from llem.report import build_report, frames, plots, render
-from llem.store import report_queries as q
 from tests.test_report_data import NOVEMBER, build_ledger, report_config
 
 ARTEFACTS = Path(tempfile.gettempdir()) / "llem-report-artefacts"

@@ -3,8 +3,8 @@ import time
 
 import pytest
 
+from llem.node.store import NodeStore
 from llem.sampler import Sampler
-from llem.store.node import NodeStore
 from llem.wrap import Accumulator
 from tests.fakes import BrokenSensor, FakeClock, FakeSensor
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from llem import slicereader, slices
-from llem.export import encode, write_atomic
-from llem.slicereader import Candidate, read_all, read_candidate, reader_count, serve
-from llem.store.ledger import Ledger
+from llem import slices
+from llem.cluster import readers as slicereader
+from llem.cluster.ledger import Ledger
+from llem.cluster.readers import Candidate, read_all, read_candidate, reader_count, serve
+from llem.fsutil import write_atomic
+from llem.slices import encode
 from tests.test_export import job_slices, node_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -70,7 +72,7 @@ def test_readers_are_isolated_from_the_current_folder(tmp_path, monkeypatch, cap
         (planted / name).write_text(f"open({str(marker)!r}, 'w').close()\n")
     monkeypatch.chdir(planted)
     monkeypatch.setenv("PYTHONPATH", str(planted))
-    with caplog.at_level(logging.WARNING, logger="llem.slicereader"):
+    with caplog.at_level(logging.WARNING, logger="llem.cluster.readers"):
         got = _wire(read_all(paths, readers=1))
     assert not marker.exists()
     assert caplog.records == []  # the reader did the work: nothing fell back
@@ -84,13 +86,13 @@ def test_a_reader_with_other_code_refuses_and_the_aggregator_reads(tmp_path, mon
     paths = _spool(tmp_path)
     expected = _wire(read_all(paths, readers=0))
     monkeypatch.setattr(slicereader, "wire_fingerprint", lambda: "0123456789abcdef")
-    with caplog.at_level(logging.WARNING, logger="llem.slicereader"):
+    with caplog.at_level(logging.WARNING, logger="llem.cluster.readers"):
         assert _wire(read_all(paths, readers=1)) == expected
     assert any("ended early (status 3)" in r.message for r in caplog.records)
 
 
 def test_fingerprint_is_the_same_in_another_process():
-    out = subprocess.run([sys.executable, "-c", "from llem.slicereader import wire_fingerprint;"
+    out = subprocess.run([sys.executable, "-c", "from llem.cluster.readers import wire_fingerprint;"
                           " print(wire_fingerprint())"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
     assert out.stdout.strip() == slicereader.wire_fingerprint()
@@ -107,7 +109,7 @@ def _reader_children(parent: psutil.Process | None = None) -> list[psutil.Proces
     for child in (parent or psutil.Process()).children():
         try:
             if child.status() != psutil.STATUS_ZOMBIE and \
-                    "llem.slicereader" in " ".join(child.cmdline()):
+                    "llem.cluster.readers" in " ".join(child.cmdline()):
                 out.append(child)
         except psutil.Error:  # gone meanwhile
             pass
@@ -124,7 +126,7 @@ def test_a_reader_that_dies_mid_pass_is_replaced_by_reading_here(tmp_path, monke
     got = [next(cands).to_wire()]
     (child,) = _reader_children()
     child.kill()
-    with caplog.at_level(logging.WARNING, logger="llem.slicereader"):
+    with caplog.at_level(logging.WARNING, logger="llem.cluster.readers"):
         got += _wire(cands)
     assert got == expected
     assert any("ended early" in r.message and "reading the rest of the spool in the aggregator"
@@ -146,7 +148,7 @@ def test_readers_are_stopped_when_the_pass_stops_early(tmp_path, monkeypatch):
 def test_reader_that_cannot_start_falls_back_to_reading_here(tmp_path, monkeypatch, caplog):
     paths = _spool(tmp_path)
     monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
-    with caplog.at_level(logging.WARNING, logger="llem.slicereader"):
+    with caplog.at_level(logging.WARNING, logger="llem.cluster.readers"):
         assert _wire(read_all(paths, readers=1)) == _wire(read_all(paths, readers=0))
     assert any("cannot start a reader process" in r.message for r in caplog.records)
 
@@ -236,7 +238,7 @@ def test_readers_leave_when_the_aggregator_is_killed(tmp_path):
 def test_a_pass_with_readers_gives_the_ledger_of_a_pass_without(tmp_path):
     from dataclasses import replace
 
-    from llem.aggregate import aggregate_once
+    from llem.cluster.aggregate import aggregate_once
 
     dumps = []
     for readers in (0, 2):

@@ -69,7 +69,7 @@ def test_hook_runs_llem_with_the_settings(tmp_path):
 def test_python_and_bash_record_the_same_variables():
     import re
 
-    from llem.nodejobs import JOB_VARS
+    from llem.node.jobs import JOB_VARS
 
     text = (REPO / "slurm" / "llem-hook.sh").read_text()
     block = text[text.index("LLEM_JOB_VARS=("):text.index(")", text.index("LLEM_JOB_VARS=("))]

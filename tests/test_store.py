@@ -9,8 +9,9 @@ import time
 import pytest
 
 from llem.errors import StoreError
-from llem.store import node
-from llem.store.node import EnergyRow, Event, Interval, NodeStore, open_or_quarantine
+from llem.model import EnergyRow, Interval
+from llem.node import store as node
+from llem.node.store import NodeStore, open_or_quarantine
 from tests.powercap import FakePowercap
 
 

@@ -1,7 +1,6 @@
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import pytest
 
 from llem import units
 from llem.units import FIRST, GAP, OK, RESET, WRAP, counter_delta

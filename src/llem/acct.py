@@ -2,7 +2,7 @@
 
 Pure functions (no printing): the click command in :mod:`llem.cli.acct` parses the command
 line into :class:`AcctOptions`, and :func:`report` turns options and a ledger into the text
-to print. All SQL lives in :mod:`llem.store.acct_queries`. Nothing heavy is imported here;
+to print. All SQL lives in :mod:`llem.cluster.acct_queries`. Nothing heavy is imported here;
 the carbon tables load only when a carbon figure is shown.
 
 Units: the ledger keeps microjoules and nanoseconds; rows carry joules (``ConsumedEnergyRaw``
@@ -18,9 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Mapping, Sequence
 
-from llem.store.acct_queries import (
-    RUN_COLUMNS, TOTAL_COLUMNS, WINDOW_COLUMNS, JobSpec, RunFilter,
+from llem.cluster.acct_queries import (
+    RUN_COLUMNS,
+    TOTAL_COLUMNS,
+    WINDOW_COLUMNS,
+    JobSpec,
+    RunFilter,
 )
+from llem.hostlist import compress_hostlist
 
 JSON_SCHEMA = "llem.acct/1"
 S = 10**9
@@ -407,7 +412,7 @@ def build_options(*, ledger: str, cluster: str, current_user: str, is_root: bool
         cluster_list = None
     node_list = None
     if nodelist is not None:
-        from llem.slices import expand_hostlist
+        from llem.hostlist import expand_hostlist
 
         try:
             node_list = tuple(expand_hostlist(nodelist))
@@ -572,32 +577,6 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "_key": (run["cluster"], run["job_id"], run["run_start_ns"]),
         "_array": (run["array_job_id"], run["array_task_id"]),
     }
-
-
-def compress_hostlist(nodes: Sequence[str]) -> str:
-    """Slurm hostlist of host names: ``n[1-3,5],gpu01`` (zero padding kept)."""
-    groups: dict[tuple[str, int], list[int]] = {}
-    plain = []
-    for node in nodes:
-        m = re.fullmatch(r"(.*?)(\d+)", node)
-        if m:
-            groups.setdefault((m.group(1), len(m.group(2))), []).append(int(m.group(2)))
-        else:
-            plain.append(node)
-    parts = list(plain)
-    for (prefix, digits), numbers in sorted(groups.items()):
-        numbers = sorted(set(numbers))
-        if len(numbers) == 1:
-            parts.append(f"{prefix}{numbers[0]:0{digits}d}")
-            continue
-        ranges, first = [], numbers[0]
-        for prev, cur in zip(numbers, numbers[1:] + [None]):
-            if cur != prev + 1 if cur is not None else True:
-                ranges.append(f"{first:0{digits}d}" if first == prev
-                              else f"{first:0{digits}d}-{prev:0{digits}d}")
-                first = cur
-        parts.append(f"{prefix}[{','.join(ranges)}]")
-    return ",".join(parts)
 
 
 def window_rows(windows: Sequence[tuple], devices: Mapping[tuple, tuple[str, str]],
@@ -939,7 +918,7 @@ def latest_runs(runs: list[dict]) -> list[dict]:
 def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
     """Job rows (and their window rows, unless ``-X``), in sacct's order: a job, then its
     steps."""
-    from llem.store import acct_queries as q
+    from llem.cluster import acct_queries as q
 
     runs = [run_row(dict(zip(RUN_COLUMNS, r))) for r in q.select_runs(ledger, opts.filter)]
     if not opts.duplicates:
@@ -975,7 +954,7 @@ def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
 
 def total_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
     """One row per group of ``--totals``."""
-    from llem.store import acct_queries as q
+    from llem.cluster import acct_queries as q
 
     rows = [total_row(opts.totals_by, r)
             for r in q.select_totals(ledger, opts.filter, opts.totals_by)]
@@ -1034,7 +1013,7 @@ def statement_text(ledger, opts: AcctOptions, config) -> str:
     apply), energy per component and measured/estimated from the runs' totals.
     """
     from llem import carbon
-    from llem.store import acct_queries as q
+    from llem.cluster import acct_queries as q
 
     totals = [dict(zip(TOTAL_COLUMNS, r)) for r in q.select_totals(ledger, opts.filter, "month")]
     if not totals:

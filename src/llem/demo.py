@@ -106,7 +106,8 @@ class Demo:
         return config_mod.load(env=self.env)
 
     def start_samplers(self) -> None:
-        from llem.nodesampler import NodePaths, sampler_pid, spawn_sampler
+        from llem.node.daemon import sampler_pid, spawn_sampler
+        from llem.paths import NodePaths
 
         config = self.config()
         for node in NODES:
@@ -123,7 +124,8 @@ class Demo:
                 time.sleep(0.05)
 
     def _wake(self, node: str) -> None:
-        from llem.nodesampler import NodePaths, sampler_pid
+        from llem.node.daemon import sampler_pid
+        from llem.paths import NodePaths
 
         pid = sampler_pid(NodePaths.of(self.config(), node))
         if pid and pid > 0:
@@ -142,8 +144,8 @@ class Demo:
     # -- jobs --------------------------------------------------------------------------------
 
     def start_job(self, job: DemoJob) -> None:
-        from llem.nodejobs import write_registration
-        from llem.nodesampler import NodePaths
+        from llem.node.jobs import write_registration
+        from llem.paths import NodePaths
 
         config = self.config()
         for node in job.nodes:
@@ -157,9 +159,9 @@ class Demo:
                 job.procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
 
     def end_job(self, job: DemoJob) -> None:
-        from llem.export import write_header
-        from llem.nodejobs import write_registration
-        from llem.nodesampler import NodePaths
+        from llem.cluster.header import write_header
+        from llem.node.jobs import write_registration
+        from llem.paths import NodePaths
 
         status = 0
         for proc in job.procs:
@@ -174,8 +176,8 @@ class Demo:
         write_header(config, header_env)
 
     def wait_exported(self, timeout_s: float = 30.0) -> None:
-        from llem.nodesampler import NodePaths
-        from llem.store.node import NodeStore
+        from llem.node.store import NodeStore
+        from llem.paths import NodePaths
 
         config = self.config()
         deadline = time.monotonic() + timeout_s
@@ -192,7 +194,7 @@ class Demo:
 
     def flush(self, timeout_s: float = 20.0) -> None:
         """Wait until every slice has left the outbox for the spool."""
-        from llem.export import flush_outbox, pending_slices
+        from llem.node.outbox import flush_outbox, pending_slices
 
         config = self.config()
         deadline = time.monotonic() + timeout_s
@@ -203,7 +205,8 @@ class Demo:
             time.sleep(0.05)
 
     def stop_samplers(self) -> None:
-        from llem.nodesampler import NodePaths, sampler_pid
+        from llem.node.daemon import sampler_pid
+        from llem.paths import NodePaths
 
         config = self.config()
         for node in NODES:
@@ -215,7 +218,7 @@ class Demo:
                     pass
 
     def aggregate(self):
-        from llem.aggregate import aggregate_once
+        from llem.cluster.aggregate import aggregate_once
 
         return aggregate_once(self.config())
 

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Protocol, Sequence
 
+from llem.model import EnergyRow, Event, Interval
 from llem.sensors.base import OK, Device, Reading, Sensor
-from llem.store.node import EnergyRow, Event, Interval
 from llem.units import GAP, NS_PER_S, counter_delta
 
 log = logging.getLogger(__name__)

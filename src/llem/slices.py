@@ -22,9 +22,13 @@ sign that this llem must be upgraded.
 
 from __future__ import annotations
 
+import json
 import operator
 import re
+from pathlib import Path
 from typing import Any, Mapping
+
+from llem.errors import LedgerError
 
 SCHEMA = "llem.slice/1"
 SCHEMA_PREFIX = "llem.slice/"
@@ -362,84 +366,6 @@ def replace_lone_surrogates(value: Any) -> Any:
     return value
 
 
-def expand_hostlist(hostlist: str) -> list[str]:
-    """Expand Slurm hostlist syntax into host names, in order, without duplicates.
-
-    ``n[1-3,5],gpu[01-02]`` -> n1 n2 n3 n5 gpu01 gpu02; several bracket groups in one name
-    multiply (``r[1-2]n[1-2]`` -> r1n1 r1n2 r2n1 r2n2); zero padding is kept from the range's
-    first bound.
-
-    Raises:
-        ValueError: unbalanced brackets, an empty or reversed range, or more than a million
-            names (a typo, not a cluster).
-    """
-    out: list[str] = []
-    seen: set[str] = set()
-    for part in _split_top(hostlist.strip()):
-        for host in _expand_one(part):
-            if host not in seen:
-                seen.add(host)
-                out.append(host)
-    return out
-
-
-def _split_top(text: str) -> list[str]:
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch == "[":
-            depth += 1
-            if depth > 1:
-                raise ValueError(f"nested brackets in hostlist {text!r}")
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"unbalanced ']' in hostlist {text!r}")
-        if ch in ", " and depth == 0:
-            if cur:
-                parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if depth:
-        raise ValueError(f"unbalanced '[' in hostlist {text!r}")
-    if cur:
-        parts.append("".join(cur))
-    return parts
-
-
-def _expand_one(pattern: str) -> list[str]:
-    open_at = pattern.find("[")
-    if open_at < 0:
-        return [pattern]
-    close_at = pattern.index("]", open_at)
-    head, body, tail = pattern[:open_at], pattern[open_at + 1:close_at], pattern[close_at + 1:]
-    tails = _expand_one(tail)
-    out = []
-    for item in _range_items(body, pattern):
-        out.extend(head + item + t for t in tails)
-        if len(out) > 1_000_000:
-            raise ValueError(f"hostlist {pattern!r} expands to more than a million names")
-    return out
-
-
-def _range_items(body: str, pattern: str) -> list[str]:
-    items: list[str] = []
-    for piece in body.split(","):
-        lo, sep, hi = piece.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"bad range {piece!r} in hostlist {pattern!r}")
-        if not sep:
-            items.append(lo)
-            continue
-        if int(hi) < int(lo):
-            raise ValueError(f"reversed range {piece!r} in hostlist {pattern!r}")
-        if int(hi) - int(lo) > 1_000_000:
-            raise ValueError(f"range {piece!r} in hostlist {pattern!r} is too large")
-        width = len(lo) if lo.startswith("0") else 0
-        items.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
-    return items
-
-
 def file_name(data: Mapping) -> str:
     """The spool file name of a validated slice: admin-controlled identifiers only.
 
@@ -484,3 +410,41 @@ def check_name_matches(name: str, data: Mapping) -> None:
         if parts[field] != value:
             raise SliceError(f"{field} {value!r} in the slice does not match {parts[field]!r} "
                              f"in its file name")
+
+
+# -- the spool ------------------------------------------------------------------------------
+
+
+def encode(data: dict) -> bytes:
+    """A slice as compact, key-sorted UTF-8 JSON (the same slice gives the same bytes)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def check_spool_dir(path: Path, *, create: bool = True) -> Path:
+    """Make sure the spool is a real directory that no ordinary user can write into.
+
+    Raises:
+        LedgerError: a symlink, not a directory, writable by others, or cannot be created.
+    """
+    from llem.fsutil import dir_problem
+
+    problem = dir_problem(path, create_mode=0o700 if create else None, group_write_ok=True,
+                          owner_check=False)
+    if problem is None:
+        return path
+    if problem.startswith(("cannot be used", "permission denied")):
+        raise LedgerError(f"{path}: cannot use the spool: {problem.split(': ', 1)[-1]}")
+    extra = "; anyone could drop slices there" if "writable" in problem else ""
+    raise LedgerError(f"{path}: the spool {problem}{extra}")
+
+
+def checked(data: dict) -> dict:
+    """A slice about to leave its producer, validated as the aggregator will validate it.
+
+    Raises:
+        LedgerError: the slice is invalid (a bug in the producer: refuse to ship it).
+    """
+    try:
+        return validate(data)
+    except SliceError as e:
+        raise LedgerError(f"refusing to export an invalid slice: {e}") from e

@@ -16,10 +16,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from llem.model import Interval
 from llem.sensors.base import Device
-from llem.store.node import Interval
-from llem.timeline import split_by_hour
-from llem.units import NS_PER_S, OK, WRAP, uj_to_j
+from llem.units import NS_PER_S, OK, WRAP, split_by_hour, uj_to_j
 
 SCHEMA = "llem.wrap/1"
 FORWARDED_SIGNALS = (

@@ -120,7 +120,7 @@ def acct(helpformat: bool, ledger: str | None, debug: bool, allclusters: bool,
         click.echo(lib.helpformat(totals=True), nl=False)
         return 0
     from llem import config as config_mod
-    from llem.store import acct_queries
+    from llem.cluster import acct_queries
 
     cfg = config_mod.load()
     try:

@@ -34,7 +34,7 @@ def aggregate(mode: str, every_s: float, wait_s: float, as_json: bool, debug: bo
     Idempotent: a slice merged twice changes nothing. Bad slices go to the quarantine folder
     with a reason; slices from a newer llem stay in the spool (exit status 1).
     """
-    from llem.aggregate import LedgerBusy, aggregate_once, watch
+    from llem.cluster.aggregate import LedgerBusy, aggregate_once, watch
 
     cfg = config_mod.load()
     if mode == "watch":

@@ -62,8 +62,8 @@ def _hook_defaults(env: dict) -> dict[str, str]:
 
 
 def _spool(config, problems: list[str]) -> dict:
-    from llem.aggregate import quarantine_report
-    from llem.export import pending_slices
+    from llem.cluster.aggregate import quarantine_report
+    from llem.node.outbox import pending_slices
 
     info: dict = {"outbox_pending": 0, "quarantined": []}
     try:
@@ -83,8 +83,9 @@ def _spool(config, problems: list[str]) -> dict:
 
 
 def _node_sampler(config, node: str, env: dict, problems: list[str]) -> dict:
-    from llem.nodejobs import pending
-    from llem.nodesampler import NodePaths, sampler_pid
+    from llem.node.daemon import sampler_pid
+    from llem.node.jobs import pending
+    from llem.paths import NodePaths
 
     paths = NodePaths.of(config, node)
     info: dict = {"run_dir": str(paths.run), "store": str(paths.store)}

@@ -116,8 +116,8 @@ def _run(opts: ReportOptions) -> int:
     from llem.report import require
 
     require("pandas", *(("matplotlib",) if _wants_plots(opts) else ()))
+    from llem.cluster import report_queries as q
     from llem.report import build_report, plots, render
-    from llem.store import report_queries as q
 
     period = _period(opts)
     cfg = config_mod.load()

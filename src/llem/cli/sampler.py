@@ -21,16 +21,6 @@ from llem.errors import LlemError
 log = logging.getLogger("llem.sampler")
 
 
-def node_name(env: dict | None = None) -> str:
-    """Slurm's node name when there is one (several slurmd may share a host), else the host."""
-    env = os.environ if env is None else env
-    return env.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]
-
-
-def store_path(config: config_mod.Config, node: str) -> Path:
-    return Path(config.state_dir) / f"node-{node}.db"
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="llem sampler",
@@ -58,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _node_mode(args: argparse.Namespace) -> int:
-    from llem.nodesampler import NodePaths, record_problem, run_node_sampler
+    from llem.node.daemon import record_problem, run_node_sampler
+    from llem.paths import NodePaths
 
     config = config_mod.load()
     paths = NodePaths.of(config, args.node)
@@ -82,9 +73,9 @@ def _node_mode(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.node:
         return _node_mode(args)
+    from llem.node.store import open_or_quarantine
     from llem.sampler import Sampler
     from llem.sensors import open_sensors
-    from llem.store.node import open_or_quarantine
 
     config = config_mod.load()
     interval_s = args.interval if args.interval is not None else config.sampler.interval_s
@@ -94,7 +85,10 @@ def _run(args: argparse.Namespace) -> int:
         os.nice(config.sampler.nice)
     except OSError:
         pass
-    path = args.store or store_path(config, node_name())
+    from llem.node.slurm import node_name
+    from llem.paths import NodePaths
+
+    path = args.store or NodePaths.of(config, node_name(os.environ)).store
     store, moved = open_or_quarantine(path)
     if moved is not None:
         log.error("corrupt node store moved to %s", moved)

@@ -98,9 +98,9 @@ def _job_window(ctx: click.Context, config: config_mod.Config, path: Path, windo
                 name: str | None, as_json: bool, output: Path | None, quiet: bool,
                 command: tuple[str, ...]) -> None:
     """Run CMD inside a named window that the node sampler keeps for this job."""
+    from llem.node.windows import WindowError, close_window
     from llem.sensors.base import Device
-    from llem.timeline import split_by_hour
-    from llem.windows import WindowError, close_window
+    from llem.units import split_by_hour
     from llem.wrap import DeviceTotal
 
     runner = ChildRunner(command)
@@ -146,7 +146,7 @@ def _job_window(ctx: click.Context, config: config_mod.Config, path: Path, windo
 
 
 def _close_quietly(path: Path, window: dict) -> None:
-    from llem.windows import WindowError, close_window
+    from llem.node.windows import WindowError, close_window
 
     try:
         close_window(path, os.environ, window["window_id"])
@@ -191,7 +191,7 @@ def wrap(ctx: click.Context, name: str | None, as_json: bool, output: Path | Non
     config = config_mod.load()
     notes: list[str] = []
     if os.environ.get("SLURM_JOB_ID"):
-        from llem.windows import WindowError, open_window, socket_path
+        from llem.node.windows import WindowError, open_window, socket_path
 
         path = socket_path(config.run_dir, os.environ)
         try:

@@ -1,6 +1,6 @@
 """``llem report``: monthly and per-account energy and emissions reports from the ledger.
 
-Three layers: :mod:`llem.store.report_queries` (all SQL), :mod:`llem.report.frames` (pure:
+Three layers: :mod:`llem.cluster.report_queries` (all SQL), :mod:`llem.report.frames` (pure:
 rows -> frames and totals) and :mod:`llem.report.render` / :mod:`llem.report.plots` (formats).
 :func:`build_report` ties them: it reads the ledger and the carbon factors once and returns a
 :class:`~llem.report.frames.Report` that every format renders.
@@ -46,7 +46,7 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
     """Compute a report of ``period`` from an open ledger.
 
     Args:
-        ledger: a :class:`llem.store.ledger.Ledger` (read-only is enough).
+        ledger: a :class:`llem.cluster.ledger.Ledger` (read-only is enough).
         config: a :class:`llem.config.Config` (carbon and embodied factors, cluster name).
         period: the period; ``frames.month_period`` or ``frames.range_period``.
         account: restrict to one account (per-account statement); no reconciliation then.
@@ -62,8 +62,8 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
     require("pandas")
     from llem import carbon
     from llem.carbon.emissions import embodied_g_per_hour, month_of, pue_for_month
+    from llem.cluster import report_queries as q
     from llem.report import frames
-    from llem.store import report_queries as q
 
     idle_w = frames.DEFAULT_IDLE_W if idle_w is None else idle_w
     previous = frames.previous_period(period)
@@ -119,15 +119,15 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
 
 
 def _own_connection(path, body):
-    from llem.store import report_queries as q
+    from llem.cluster import report_queries as q
 
     with q.open_readonly(path) as conn:
         return body(conn)
 
 
 def _jobs(ledger, period, account, idle_w, factors):
+    from llem.cluster import report_queries as q
     from llem.report import frames
-    from llem.store import report_queries as q
 
     runs = q.runs(ledger, period.start_ns, period.end_ns, account)
     energy = q.energy_by_run_day(ledger, period.start_ns, period.end_ns, account)
@@ -143,7 +143,7 @@ def _carbon_fields(ledger, config, model, period, account, energy_rows, totals) 
     give the same provenance; an hourly series needs the hourly totals (one more pass).
     """
     from llem import carbon
-    from llem.store import report_queries as q
+    from llem.cluster import report_queries as q
 
     if model.hourly is None:
         by_hour: dict[int, float] = {}

@@ -1,4 +1,4 @@
-"""Pure functions: ledger rows (tuples from :mod:`llem.store.report_queries`) -> frames.
+"""Pure functions: ledger rows (tuples from :mod:`llem.cluster.report_queries`) -> frames.
 
 Nothing here reads the ledger, the configuration or the clock, and nothing prints: every
 figure of a report is computed once here, and :mod:`llem.report.render` only formats it, so
@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from llem.store import report_queries as q
+from llem.cluster import report_queries as q
 
 UJ_PER_KWH = 3.6e12
 GROUP_KEYS = ("account", "user", "partition", "tag")

@@ -1,6 +1,6 @@
 """Every SQL statement that ``llem-acct`` runs against the cluster ledger.
 
-Read-only: the ledger is opened with :class:`llem.store.ledger.Ledger` (``readonly=True``)
+Read-only: the ledger is opened with :class:`llem.cluster.ledger.Ledger` (``readonly=True``)
 and only ``SELECT`` statements go through :meth:`Ledger.query`. The one exception is
 :func:`ensure_indexes`, which adds two accelerating indexes with ``CREATE INDEX IF NOT
 EXISTS`` when, and only when, the caller may write the ledger (an admin, the bench); the
@@ -104,7 +104,7 @@ def open_ledger(path: str | os.PathLike):
     Raises:
         LedgerError: no such file, not readable, not a ledger, or a newer schema.
     """
-    from llem.store.ledger import Ledger
+    from llem.cluster.ledger import Ledger
 
     path = Path(path)
     if not path.exists():

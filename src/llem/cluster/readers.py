@@ -2,7 +2,7 @@
 
 :func:`read_candidate` opens one spool file without following links, checks its owner, mode
 and size, decodes and validates it, and turns a good slice into the ledger's rows
-(:func:`llem.store.ledger.prepare`). It never raises for a bad file: ``reason`` says why.
+(:func:`llem.cluster.ledger.prepare`). It never raises for a bad file: ``reason`` says why.
 
 That work is most of a pass's CPU time, so :func:`read_all` hands it to reader processes
 (:func:`main`) when the spool is large, while the aggregator only writes the ledger. A reader
@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+import llem
 from llem import slices
-from llem.store.ledger import Prepared, digest, prepare
+from llem.cluster.ledger import Prepared, digest, prepare
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ class _Pool:
 # folder on sys.path, run from /), with the aggregator's own llem folder appended to the path
 # so that it finds llem even when only the aggregator's sys.path had it.
 _BOOT = ("import sys; sys.path.append(sys.argv[1]); "
-         "from llem.slicereader import main; sys.exit(main(sys.argv[2:]))")
+         f"from {__name__} import main; sys.exit(main(sys.argv[2:]))")
 
 
 class _Reader:
@@ -304,7 +305,7 @@ class _Reader:
                  stop: threading.Event, ahead: int) -> None:
         if not sys.executable:
             raise OSError("no Python interpreter path (sys.executable is empty)")
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(llem.__file__).resolve().parent.parent)
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-c", _BOOT, package_root, wire_fingerprint(),
              ",".join(str(u) for u in sorted(header_uids))],
@@ -313,9 +314,9 @@ class _Reader:
         self.results: queue.Queue[bytes | None] = queue.Queue(maxsize=ahead)
         self.threads = [
             threading.Thread(target=self._send, args=(chunks,), daemon=True,
-                             name="llem-slicereader-send"),
+                             name="llem-reader-send"),
             threading.Thread(target=self._receive, daemon=True,
-                             name="llem-slicereader-receive"),
+                             name="llem-reader-receive"),
         ]
         for thread in self.threads:
             thread.start()
@@ -404,7 +405,7 @@ def wire_fingerprint() -> str:
     after an upgrade in place, a long-running ``llem aggregate --watch`` still runs the old
     code while a new reader would load the new, and their rows might not line up.
     """
-    from llem.store import ledger
+    from llem.cluster import ledger
 
     digest_ = hashlib.sha256()
     for code in (ledger.prepare.__code__, ledger._component_totals.__code__,
@@ -439,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the aggregator's to handle
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != wire_fingerprint():
-        print(f"llem.slicereader: this llem ({wire_fingerprint()}) is not the aggregator's "
+        print(f"{__name__}: this llem ({wire_fingerprint()}) is not the aggregator's "
               f"({argv[0] if argv else 'none'}); it reads the spool itself", file=sys.stderr)
         return 3
     uids = argv[1] if len(argv) > 1 else ""

@@ -19,11 +19,13 @@ for every interval and device, the jobs' shares plus the remainder equal the nod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Mapping, Sequence
 
+from llem.model import EnergyRow, JobShare
 from llem.sensors.base import Device
-from llem.store.node import EnergyRow, JobShare
 
 GPU_ALLOCATION = "gpu_allocation"
 GPU_SHARED = "gpu_shared"
@@ -108,3 +110,80 @@ def attribute(
         if rest:
             remainder.append((row.device_key, rest))
     return shares, remainder
+
+
+class JobAttributor:
+    """Reads the jobs' use of the node each interval and applies :func:`attribute`."""
+
+    def __init__(self, store, node: str, devices, started_ns: int,
+                 proc_root: str | os.PathLike = "/proc", cgroup_root: str | None = None) -> None:
+        from llem.node.usage import CgroupLocator, ProcScanner
+
+        self.store = store
+        self.node = node
+        self.devices = {d.key: d for d in devices}
+        self.gpu_by_minor = {str(d.attrs.get("minor")): d.key for d in devices
+                             if d.component == "gpu" and d.attrs.get("minor") is not None}
+        self.started_ns = started_ns
+        self.proc = Path(proc_root)
+        self.locator = CgroupLocator(Path(cgroup_root)) if cgroup_root else CgroupLocator()
+        self.scanner = ProcScanner(proc_root)
+        self._cpu_prev: dict[int, int] = {}
+        self._busy_prev: int | None = None
+        self.cgroups: dict[int, str] = {}
+
+    def _node_busy_ns(self) -> int | None:
+        try:
+            fields = (self.proc / "stat").read_text().split("\n", 1)[0].split()
+            ticks = sum(int(fields[i]) for i in (1, 2, 3, 6, 7))  # user nice system irq softirq
+        except (OSError, ValueError, IndexError):
+            return None
+        from llem.node.usage import CLK_TCK
+
+        return ticks * 1_000_000_000 // CLK_TCK
+
+    def _node_used_memory(self) -> int | None:
+        try:
+            info = {}
+            for line in (self.proc / "meminfo").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0]) * 1024
+            return info["MemTotal"] - info["MemAvailable"]
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+
+    def __call__(self, interval):
+        from llem.node.attribution import JobLoad, NodeLoad, attribute
+
+        jobs = self.store.jobs("state = 'running' OR (state = 'ended' AND end_ns >= ?)",
+                               (interval.start_ns,))
+        busy = self._node_busy_ns()
+        busy_delta = None if busy is None or self._busy_prev is None else busy - self._busy_prev
+        self._busy_prev = busy
+        loads = []
+        proc_usage = None
+        for job in jobs:
+            usage = self.locator.usage(job.job_id, job.uid, self.node)
+            if usage is None:
+                if proc_usage is None:
+                    proc_usage = self.scanner.usage_by_job({j.job_id for j in jobs})
+                usage = proc_usage.get(job.job_id)
+            else:
+                self.cgroups[job.run_id] = usage.source
+            cpu_delta = None
+            if usage is not None and usage.cpu_ns is not None:
+                prev = self._cpu_prev.get(job.run_id)
+                if prev is None:
+                    # A cgroup born after this sampler started counts from zero; otherwise
+                    # (the sampler restarted mid-job) the first reading is only a baseline.
+                    prev = 0 if job.start_ns >= self.started_ns else usage.cpu_ns
+                cpu_delta = max(0, usage.cpu_ns - prev)
+                self._cpu_prev[job.run_id] = usage.cpu_ns
+            gpus = tuple(self.gpu_by_minor[m] for m in job.gpus if m in self.gpu_by_minor)
+            loads.append(JobLoad(job.run_id, gpus, cpu_delta,
+                                 usage.memory_bytes if usage else None))
+        live = {j.run_id for j in jobs}
+        self._cpu_prev = {k: v for k, v in self._cpu_prev.items() if k in live}
+        shares, rest = attribute(interval.rows, self.devices, loads,
+                                 NodeLoad(busy_delta, self._node_used_memory()))
+        return replace(interval, shares=tuple(shares), remainder=tuple(rest))

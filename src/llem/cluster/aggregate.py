@@ -32,17 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from llem.cluster.ledger import Ledger, QuarantineEntry
+from llem.cluster.readers import Candidate, no_cyclic_gc, read_all, reader_count
 from llem.config import Config
 from llem.errors import LedgerError
-from llem.export import check_spool_dir, write_atomic
-from llem.slicereader import Candidate, no_cyclic_gc, read_all, reader_count
-from llem.store.ledger import Ledger, QuarantineEntry
+from llem.fsutil import write_atomic
+from llem.paths import archive_dir, quarantine_dir
+from llem.slices import check_spool_dir
 
 log = logging.getLogger(__name__)
 
 SKIP_DIRS = ("archive", "quarantine")
 STALE_TMP_S = 3600.0
-
 
 
 class LedgerBusy(LedgerError):
@@ -60,14 +61,6 @@ class AggregateResult:
     jobs: int = 0
     incomplete: int = 0
     elapsed_s: float = 0.0
-
-
-def archive_dir(config: Config) -> Path:
-    return Path(config.aggregate.archive_dir or Path(config.spool_dir) / "archive")
-
-
-def quarantine_dir(config: Config) -> Path:
-    return Path(config.aggregate.quarantine_dir or Path(config.spool_dir) / "quarantine")
 
 
 # -- lock --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from llem.store.ledger import Ledger
+from llem.cluster.ledger import Ledger
 
 HOUR_S = 3600
 DAY_S = 86400

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from llem import slices
 from llem.errors import LedgerError
+from llem.hostlist import expand_hostlist
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def digest(data: bytes) -> str:
 
 
 def _check_parent(path: Path) -> None:
-    from llem.safedir import dir_problem
+    from llem.fsutil import dir_problem
 
     problem = dir_problem(path.parent, create_mode=0o755, group_write_ok=True)
     if problem is not None:
@@ -784,7 +785,7 @@ def _expected_nodes(nodelist: str | None) -> list[str] | None:
     if not nodelist:
         return None
     try:
-        return slices.expand_hostlist(nodelist)
+        return expand_hostlist(nodelist)
     except ValueError as e:
         log.warning("cannot expand the nodelist %r: %s", nodelist, e)
         return None

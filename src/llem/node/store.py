@@ -19,11 +19,12 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from llem.errors import StoreError
+from llem.fsutil import ensure_private_dir
+from llem.model import Event, Interval, JobRecord
 from llem.sensors.base import Device
 
 log = logging.getLogger(__name__)
@@ -159,64 +160,6 @@ MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-@dataclass(frozen=True)
-class EnergyRow:
-    """The energy of one device over one interval.
-
-    ``energy_uj`` is zero, not missing, when ``kind`` says the step had no data (first read,
-    reset, gap) or ``status`` says the read failed: coverage comes from ``kind``/``status``.
-    """
-
-    device_key: str
-    energy_uj: int
-    kind: str
-    status: str
-    raw_uj: int | None
-
-
-@dataclass(frozen=True)
-class Event:
-    ts_ns: int
-    kind: str
-    detail: str = ""
-    device_key: str | None = None
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """One run of a job on this node (a requeued job gets a new run with the same job_id).
-
-    ``gpus`` lists the job's GPUs on this node as Slurm gives them (``SLURM_JOB_GPUS``): the
-    ``/dev/nvidiaN`` minor numbers, as strings; the sampler maps them to NVML devices;
-    ``state`` goes running -> ended (Epilog) -> sealed (coverage and flags computed) ->
-    exported (its slice is in the spool).
-    """
-
-    job_id: str
-    cluster: str
-    node: str
-    start_ns: int
-    uid: int | None = None
-    user: str | None = None
-    gid: int | None = None
-    account: str | None = None
-    partition: str | None = None
-    nodelist: str | None = None
-    num_nodes: int | None = None
-    cpus: int | None = None
-    gpus: tuple[str, ...] = ()
-    tag: str | None = None
-    name: str | None = None
-    cgroup: str | None = None
-    array_job_id: str | None = None
-    array_task_id: str | None = None
-    end_ns: int | None = None
-    state: str = "running"
-    coverage: float | None = None
-    flags: tuple[str, ...] = ()
-    run_id: int | None = None
-
-
 JOB_COLUMNS = (
     "job_id", "array_job_id", "array_task_id", "cluster", "node", "uid", "user", "gid",
     "account", "partition", "nodelist", "num_nodes", "cpus", "gpus", "tag", "name", "cgroup",
@@ -231,54 +174,12 @@ def _job_from_row(row: Sequence) -> JobRecord:
     return JobRecord(**values)
 
 
-@dataclass(frozen=True)
-class JobShare:
-    """A job's share of one device's energy in one interval (see llem.attribution)."""
-
-    run_id: int
-    device_key: str
-    energy_uj: int
-    method: str
-    share: float
-
-
-@dataclass(frozen=True)
-class Interval:
-    """One sampler interval: wall-clock span, monotonic span, per-device energy, events."""
-
-    sampler_id: str
-    start_ns: int
-    end_ns: int
-    mono_start_ns: int
-    mono_end_ns: int
-    rows: tuple[EnergyRow, ...]
-    events: tuple[Event, ...] = ()
-    shares: tuple[JobShare, ...] = ()
-    remainder: tuple[tuple[str, int], ...] = ()
-    """(device_key, energy_uj) that belongs to no job; with ``shares`` it sums to ``rows``."""
-
-
 INT64_MAX = 2**63 - 1
 
 
 def _int64(value: int | None) -> int | None:
     """SQLite integers are signed 64-bit; a raw counter beyond that is garbage, kept as NULL."""
     return value if value is not None and value <= INT64_MAX else None
-
-
-def ensure_private_dir(path: Path, mode: int = 0o750) -> Path:
-    """Create ``path`` if needed and refuse one that another user controls.
-
-    Raises:
-        StoreError: the path is a symlink, not a directory, owned by another non-root user, or
-            writable by group or others.
-    """
-    from llem.safedir import dir_problem
-
-    problem = dir_problem(path, create_mode=mode)
-    if problem is not None:
-        raise StoreError(f"{path}: {problem}; refusing to use it")
-    return path
 
 
 class NodeStore:

@@ -17,7 +17,8 @@ import re
 import time
 from pathlib import Path
 
-from llem.store.node import JobRecord, NodeStore
+from llem.model import JobRecord
+from llem.node.store import NodeStore
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def ingest(store: NodeStore, jobs_dir: Path, cluster: str, node: str) -> list[tu
 
     A file that cannot be parsed is moved to ``jobs/bad/`` (kept, never deleted) and logged.
     """
-    from llem.slurm import gpu_minors, job_from_env
+    from llem.node.slurm import gpu_minors, job_from_env
 
     done = []
     for job_id, kind, path in pending(jobs_dir):
@@ -87,7 +88,7 @@ def ingest(store: NodeStore, jobs_dir: Path, cluster: str, node: str) -> list[tu
 def end_job(store: NodeStore, env: dict, cluster: str, end_ns: int) -> JobRecord:
     """Mark the job's latest running run ended; a job the Prolog never registered gets a
     run of its own (flag ``no_prolog``) so that the ledger knows it ran without data."""
-    from llem.slurm import gpu_minors, job_from_env
+    from llem.node.slurm import gpu_minors, job_from_env
 
     job_id = env["SLURM_JOB_ID"]
     runs = store.jobs("job_id = ? AND state = 'running'", (job_id,))

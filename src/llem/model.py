@@ -1,0 +1,91 @@
+"""The types that cross the stages: readings turned into intervals, energy rows, events,
+job records and job shares. Plain frozen dataclasses; no storage or I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EnergyRow:
+    """The energy of one device over one interval.
+
+    ``energy_uj`` is zero, not missing, when ``kind`` says the step had no data (first read,
+    reset, gap) or ``status`` says the read failed: coverage comes from ``kind``/``status``.
+    """
+
+    device_key: str
+    energy_uj: int
+    kind: str
+    status: str
+    raw_uj: int | None
+
+
+@dataclass(frozen=True)
+class Event:
+    ts_ns: int
+    kind: str
+    detail: str = ""
+    device_key: str | None = None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One run of a job on this node (a requeued job gets a new run with the same job_id).
+
+    ``gpus`` lists the job's GPUs on this node as Slurm gives them (``SLURM_JOB_GPUS``): the
+    ``/dev/nvidiaN`` minor numbers, as strings; the sampler maps them to NVML devices;
+    ``state`` goes running -> ended (Epilog) -> sealed (coverage and flags computed) ->
+    exported (its slice is in the spool).
+    """
+
+    job_id: str
+    cluster: str
+    node: str
+    start_ns: int
+    uid: int | None = None
+    user: str | None = None
+    gid: int | None = None
+    account: str | None = None
+    partition: str | None = None
+    nodelist: str | None = None
+    num_nodes: int | None = None
+    cpus: int | None = None
+    gpus: tuple[str, ...] = ()
+    tag: str | None = None
+    name: str | None = None
+    cgroup: str | None = None
+    array_job_id: str | None = None
+    array_task_id: str | None = None
+    end_ns: int | None = None
+    state: str = "running"
+    coverage: float | None = None
+    flags: tuple[str, ...] = ()
+    run_id: int | None = None
+
+
+@dataclass(frozen=True)
+class JobShare:
+    """A job's share of one device's energy in one interval (see llem.node.attribution)."""
+
+    run_id: int
+    device_key: str
+    energy_uj: int
+    method: str
+    share: float
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One sampler interval: wall-clock span, monotonic span, per-device energy, events."""
+
+    sampler_id: str
+    start_ns: int
+    end_ns: int
+    mono_start_ns: int
+    mono_end_ns: int
+    rows: tuple[EnergyRow, ...]
+    events: tuple[Event, ...] = ()
+    shares: tuple[JobShare, ...] = ()
+    remainder: tuple[tuple[str, int], ...] = ()
+    """(device_key, energy_uj) that belongs to no job; with ``shares`` it sums to ``rows``."""

@@ -1,1 +1,0 @@
-"""Storage: the node-local store (and, later, the cluster ledger)."""
