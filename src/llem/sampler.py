@@ -7,6 +7,12 @@ is recorded as an event and the interval keeps its true, monotonic length.
 
 Pacing is deadline-based (no drift); the wait is on a ``threading.Event`` so that SIGTERM wakes
 the loop at once, which takes a final reading, flushes and returns well within a second.
+
+A counter whose range is small for its device's power (a 1,000 J RAPL range wraps every 20 s
+at 50 W, every second at 1,000 W) is read between intervals as often as it must be for no
+wrap to hide: at least twice per range at its plausible maximum power
+(:func:`counter_read_s`). These sub-reads only carry the counter forward and add up its
+energy; the interval and everything written stay one per ``interval_s``.
 """
 
 from __future__ import annotations
@@ -20,12 +26,23 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 from llem.model import EnergyRow, Event, Interval
 from llem.sensors.base import OK, Device, Reading, Sensor
-from llem.units import GAP, NS_PER_S, counter_delta
+from llem.units import FIRST, GAP, NS_PER_S, RESET, UJ_PER_J, WRAP, CounterDelta, counter_delta
 
 log = logging.getLogger(__name__)
 
 # A wall clock that moved this much more or less than the monotonic clock has jumped.
 CLOCK_JUMP_NS = 2 * NS_PER_S
+# Counters are never read faster than this, whatever their range (a sysfs read costs ~10 us).
+MIN_COUNTER_READ_S = 0.05
+
+
+def counter_read_s(device: Device) -> float | None:
+    """The longest pause between two reads of ``device``'s counter that keeps every wrap
+    visible: half its range at its plausible maximum power; None when it has no known range
+    or no power bound (NVML's counters never wrap; they only reset)."""
+    if not device.max_range_uj or not device.max_power_w:
+        return None
+    return device.max_range_uj / UJ_PER_J / (2 * device.max_power_w)
 
 
 class Clock(Protocol):
@@ -54,6 +71,33 @@ class _DeviceState:
     raw_uj: int | None = None
     mono_ns: int | None = None
     lost: bool = False
+    # What sub-reads between two intervals found: energy so far, whether the counter wrapped,
+    # and the first step that could not be trusted (then the interval has no data for it).
+    pending_uj: int = 0
+    pending_wrap: bool = False
+    pending_bad: str | None = None
+
+    def step(self, reading: Reading) -> CounterDelta:
+        """The counter's step since the last read; the state moves on to ``reading``."""
+        dev = self.device
+        elapsed_s = None if self.mono_ns is None else (reading.mono_ns - self.mono_ns) / NS_PER_S
+        step = counter_delta(self.raw_uj, reading.energy_uj, dev.max_range_uj,
+                             elapsed_s=elapsed_s, max_power_w=dev.max_power_w)
+        self.raw_uj, self.mono_ns = reading.energy_uj, reading.mono_ns
+        return step
+
+    def take_pending(self, last: CounterDelta) -> CounterDelta:
+        """The interval's step: the sub-reads' energy plus ``last``; the pending part is reset."""
+        bad, energy, wrapped = self.pending_bad, self.pending_uj, self.pending_wrap
+        self.pending_uj, self.pending_wrap, self.pending_bad = 0, False, None
+        if last.kind in (RESET, GAP):
+            return last
+        if bad is not None:
+            return CounterDelta(0, bad)
+        if last.kind == FIRST:
+            return last
+        kind = WRAP if wrapped or last.kind == WRAP else last.kind
+        return CounterDelta(energy + last.delta, kind)
 
 
 class Sampler:
@@ -92,6 +136,18 @@ class Sampler:
         self.wake = threading.Event()
         """Set it to make the loop take a reading now (a job ends, a window opens)."""
         self.stopping = threading.Event()
+        fast = {d.key: t for d in self.devices
+                if (t := counter_read_s(d)) is not None and t < interval_s}
+        self.counter_read_s = max(MIN_COUNTER_READ_S, min(fast.values())) if fast else None
+        """Seconds between sub-reads of fast-wrapping counters; None when none needs them."""
+        self._fast_keys = frozenset(fast)
+        self._fast_sensors = [s for s in self.sensors
+                              if any(d.key in fast for d in s.devices())]
+        self._pending_events: list[Event] = []
+        for key, t in fast.items():
+            if t < MIN_COUNTER_READ_S:
+                log.warning("%s: its counter may wrap unseen (needs a read every %.3f s; "
+                            "llem reads every %.2f s at most)", key, t, MIN_COUNTER_READ_S)
 
     def stop(self) -> None:
         """Make :meth:`run` take its final reading and return (safe from signal handlers)."""
@@ -100,9 +156,9 @@ class Sampler:
 
     # -- one step --------------------------------------------------------------------------
 
-    def _read_all(self, mono_ns: int) -> list[Reading]:
+    def _read_all(self, mono_ns: int, sensors: Sequence[Sensor] | None = None) -> list[Reading]:
         readings: list[Reading] = []
-        for sensor in self.sensors:
+        for sensor in self.sensors if sensors is None else sensors:
             try:
                 readings.extend(sensor.read(mono_ns))
             except Exception as e:  # a sensor's bug must not stop the others
@@ -137,6 +193,8 @@ class Sampler:
             jump_s = ((wall - self._last_wall) - elapsed_ns) / NS_PER_S
             events.append(Event(wall, "clock_jump", f"wall clock moved {jump_s:+.3f} s"))
             end_wall = start_wall + elapsed_ns
+        events.extend(self._pending_events)
+        self._pending_events.clear()
         rows = [self._row(r, events, wall) for r in self._read_all(mono)]
         interval = Interval(
             self.sampler_id, start_wall, end_wall, self._last_mono, mono, tuple(rows),
@@ -169,21 +227,39 @@ class Sampler:
                 events.append(Event(wall, "device_lost", reading.error or "", dev.key))
                 st.lost = True
             # Keep the last good raw value: if the device comes back, the step spans the gap
-            # and is judged (plausibility, reset) like any other.
+            # and is judged (plausibility, reset) like any other. What sub-reads saw of this
+            # interval is dropped with it (the interval has no data for the device).
+            st.take_pending(CounterDelta(0, GAP))
             return EnergyRow(dev.key, 0, GAP, reading.status, None)
         if st.lost:
             events.append(Event(wall, "device_back", "", dev.key))
             st.lost = False
-        elapsed_s = None if st.mono_ns is None else (reading.mono_ns - st.mono_ns) / NS_PER_S
-        step = counter_delta(
-            st.raw_uj, reading.energy_uj, dev.max_range_uj,
-            elapsed_s=elapsed_s, max_power_w=dev.max_power_w,
-        )
-        if step.kind in ("reset", "gap"):
-            events.append(Event(wall, f"counter_{step.kind}",
-                                f"{st.raw_uj} -> {reading.energy_uj}", dev.key))
-        st.raw_uj, st.mono_ns = reading.energy_uj, reading.mono_ns
+        prev = st.raw_uj
+        step = st.step(reading)
+        if step.kind in (RESET, GAP):
+            events.append(Event(wall, f"counter_{step.kind}", f"{prev} -> {reading.energy_uj}",
+                                dev.key))
+        step = st.take_pending(step)
         return EnergyRow(dev.key, step.delta, step.kind, OK, reading.energy_uj)
+
+    def subread(self) -> None:
+        """Carry fast-wrapping counters forward between intervals (no interval is emitted)."""
+        mono = self.clock.monotonic_ns()
+        for reading in self._read_all(mono, self._fast_sensors):
+            st = self._state.get(reading.device_key)
+            if (reading.device_key not in self._fast_keys or st is None or st.lost
+                    or reading.status != OK or reading.energy_uj is None or st.raw_uj is None):
+                continue  # errors and first reads are the next interval's to judge
+            prev = st.raw_uj
+            step = st.step(reading)
+            if step.kind in (RESET, GAP):
+                self._pending_events.append(Event(
+                    self.clock.time_ns(), f"counter_{step.kind}",
+                    f"{prev} -> {reading.energy_uj}", reading.device_key))
+                st.pending_bad = st.pending_bad or step.kind
+            else:
+                st.pending_uj += step.delta
+                st.pending_wrap = st.pending_wrap or step.kind == WRAP
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -202,12 +278,7 @@ class Sampler:
         interval_ns = int(self.interval_s * NS_PER_S)
         next_deadline = self.clock.monotonic_ns() + interval_ns
         while True:
-            remaining = (next_deadline - self.clock.monotonic_ns()) / NS_PER_S
-            woken = False
-            if remaining > 0:
-                woken = self.wake.wait(remaining)
-                if woken:
-                    self.wake.clear()
+            woken = self._wait_until(next_deadline)
             if stop.is_set():
                 break
             interval = self.tick()
@@ -225,6 +296,20 @@ class Sampler:
         interval = self.tick()  # the final reading: the last partial interval is not lost
         if on_interval is not None:
             on_interval(interval)
+
+    def _wait_until(self, deadline_ns: int) -> bool:
+        """Wait for the deadline or a wake-up (True), sub-reading fast counters meanwhile."""
+        sub_ns = None if self.counter_read_s is None else int(self.counter_read_s * NS_PER_S)
+        while True:
+            now = self.clock.monotonic_ns()
+            if deadline_ns <= now:
+                return False
+            wait_ns = deadline_ns - now if sub_ns is None else min(sub_ns, deadline_ns - now)
+            if self.wake.wait(wait_ns / NS_PER_S):
+                self.wake.clear()
+                return True
+            if sub_ns is not None and self.clock.monotonic_ns() < deadline_ns:
+                self.subread()
 
     def close(self) -> None:
         for sensor in self.sensors:

@@ -39,6 +39,10 @@ DEFAULT_HWMON_ROOT = "/sys/class/hwmon"
 # Plausibility bounds for a counter step (no CPU package or DIMM set draws more).
 PACKAGE_MAX_POWER_W = 1000.0
 DRAM_MAX_POWER_W = 500.0
+# Margin over the zone's own power limits (constraint_*_max_power_uw): short bursts above the
+# long-term limit are normal. The bound sets how often the counter is read (twice per range
+# at this power) and which steps are plausible, so it errs high.
+CONSTRAINT_MARGIN = 1.5
 
 _ZONE_DIR = re.compile(r"^(intel-rapl|intel-rapl-mmio):(\d+)(?::(\d+))?$")
 _PACKAGE_NAME = re.compile(r"^package-(\d+)(?:-die-(\d+))?$")
@@ -225,8 +229,20 @@ def _max_range(zone: Zone) -> int | None:
     return value if value > 0 else None
 
 
+def _max_power_w(zone: Zone) -> float:
+    """The most the zone can plausibly draw: its own power limits (``constraint_N_max_power_uw``)
+    with a margin when it states any, never above the generic bound for its component."""
+    bound = PACKAGE_MAX_POWER_W if zone.component == "cpu" else DRAM_MAX_POWER_W
+    stated = []
+    for path in zone.path.glob("constraint_*_max_power_uw"):
+        text = _read_text(path)
+        if text is not None and text.isdigit() and int(text) > 0:
+            stated.append(int(text) / 1e6)
+    return min(bound, max(stated) * CONSTRAINT_MARGIN) if stated else bound
+
+
 def _device(zone: Zone) -> Device:
-    max_power = PACKAGE_MAX_POWER_W if zone.component == "cpu" else DRAM_MAX_POWER_W
+    max_power = _max_power_w(zone)
     return Device(
         key=f"rapl:{zone.name}",
         component=zone.component,
