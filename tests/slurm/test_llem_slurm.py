@@ -12,7 +12,7 @@ import time
 import pytest
 
 from .harness import TEST_USER, TEST_USER2
-from .llem_site import GPU_W, REPO, Site, burn
+from .llem_site import GPU_W, OLD_BASHES, REPO, Site, burn
 
 pytestmark = pytest.mark.slurm
 
@@ -230,6 +230,36 @@ def test_sampler_killed_mid_job_gap_recorded_and_restarted(cluster, site):
     kinds = [k for (k,) in db.execute("SELECT kind FROM events WHERE kind = 'sampler_restart'")]
     db.close()
     assert kinds
+
+
+@pytest.mark.parametrize("bash", ["/bin/bash", *OLD_BASHES])
+def test_hooks_without_epochrealtime_record_every_job(cluster, site, bash):
+    """bash 4 (EL7, EL8) has no $EPOCHREALTIME: the hooks' fast path must still date the
+    registrations it hands to the node sampler, or the sampler cannot take the job."""
+    node = cluster.nodes[1]
+    bad = site.run_dir / node / "jobs" / "bad"
+    bad_before = set(os.listdir(bad)) if bad.exists() else set()
+    for kind in ("prolog", "epilog"):
+        site.hook(kind, bash=bash, no_epochrealtime=True)
+    try:
+        first = submit(cluster, site, ["-w", node, "-n1", "--wrap", "sleep 4"])
+        deadline = time.monotonic() + 20
+        while site.sampler_pid(node) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert site.sampler_pid(node)
+        # The sampler is alive: this job's Prolog, and both Epilogs, take the fast path.
+        second = submit(cluster, site, ["-w", node, "-n1", "--wrap", "sleep 1"])
+        assert finished(cluster, second) == "COMPLETED"
+        assert finished(cluster, first) == "COMPLETED"
+        for job in (first, second):
+            coverage, flags = site.wait_sealed(node, job)[2:4]
+            assert "time_from_mtime" not in json.loads(flags), (job, flags)
+            assert "no_prolog" not in json.loads(flags), (job, flags)
+            assert coverage > 0.5, (job, coverage, flags)
+        assert (set(os.listdir(bad)) if bad.exists() else set()) == bad_before
+    finally:
+        for kind in ("prolog", "epilog"):
+            site.hook(kind)
 
 
 @pytest.mark.parametrize("breakage", ["bad_config", "unwritable_state_dir", "not_importable",
