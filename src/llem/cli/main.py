@@ -91,11 +91,11 @@ def _fast_shim(name: str):
 
 def run(command, argv: list[str] | None = None, prog_name: str = "llem") -> int:
     """Run a click command with llem's error handling; return the exit status."""
+    import logging
+
     import click
 
     from llem.errors import LlemError
-
-    import logging
 
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args or os.environ.get("LLEM_DEBUG") == "1"

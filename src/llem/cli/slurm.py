@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 log = logging.getLogger("llem.slurm")
 
@@ -49,7 +49,7 @@ def _record(env: Mapping[str, str], message: str) -> None:
         except Exception:  # noqa: BLE001 - a bad config is the likely cause itself
             config = config_mod.Config()
         record_problem(NodePaths.of(config, node_name(env)), message)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001, S110 - the problem is already on stderr; never raise
         pass
 
 
