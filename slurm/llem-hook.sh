@@ -10,6 +10,9 @@
 # from there. Only when no sampler is alive does it run `llem prolog` / `llem epilog`, which
 # start one (Prolog) or seal the job themselves (Epilog).
 #
+# Runs on bash 4.2 and later (EL7, EL8 and newer): no bash-5-only feature without a fallback.
+# The one it would like is $EPOCHREALTIME (see llem_now_us).
+#
 # Settings come from /etc/default/llem (or the file named by LLEM_DEFAULTS_FILE), read as
 # plain KEY=VALUE lines, never executed, so that a broken file cannot break the hook:
 #   LLEM_BIN=/opt/llem/venv/bin/llem     the llem executable (a virtual environment is fine)
@@ -23,6 +26,31 @@ LLEM_JOB_VARS=(SLURM_JOB_ID SLURM_JOB_UID SLURM_JOB_USER SLURM_JOB_GID SLURM_JOB
     SLURM_JOB_CPUS_PER_NODE SLURM_JOB_GPUS SLURM_JOB_NAME SLURM_ARRAY_JOB_ID
     SLURM_ARRAY_TASK_ID SPANK_LLEM_ENERGY_TAG)
 
+# The hook's time in microseconds since the epoch, into the caller's $now (bash's dynamic
+# scope: no command substitution, so no fork on bash 5). Returns 1 when no clock gives
+# microseconds; the hook then leaves the job to `llem prolog` / `llem epilog`, whose clock is
+# exact, rather than write a registration the sampler cannot date.
+#   bash >= 5: $EPOCHREALTIME, free. Below 5 the name is not special, and a value found in the
+#     environment there is stale text: it is read only on bash 5.
+#   bash 4 (EL7, EL8): /bin/date +%s%6N (GNU coreutils, which every EL has; one fork and
+#     exec, about 2 ms). Not printf '%(%s)T' -1: whole seconds move the job's start
+#     and end by up to a second, which the coverage figure reads as a gap (and with no
+#     argument, bash 4.2's %(...)T prints the epoch, 0).
+#   The result must be all digits, at least 16 of them (seconds and 6 decimals): a date that
+#     does not know %N prints something else, and then we return 1.
+llem_now_us() {
+    now=
+    if [ "${BASH_VERSINFO[0]}" -ge 5 ] 2>/dev/null; then
+        now=${EPOCHREALTIME//[.,]/}
+    fi
+    if [ -z "$now" ]; then
+        now=$(/bin/date +%s%6N 2>/dev/null)
+    fi
+    case $now in ''|*[!0-9]*) now=; return 1 ;; esac
+    [ "${#now}" -ge 16 ] || { now=; return 1; }
+    return 0
+}
+
 # Write the registration, then hand it to a live sampler. Returns 0 when a sampler took it.
 llem_fast_path() {
     local kind=$1 node=${SLURMD_NODENAME:-} job=${SLURM_JOB_ID:-}
@@ -33,7 +61,10 @@ llem_fast_path() {
     jobs=$dir/jobs
     # The sampler creates jobs/ (root, 0700); anything else is not ours to write into.
     [ -d "$jobs" ] && [ ! -L "$jobs" ] && [ -O "$jobs" ] || return 1
-    now=${EPOCHREALTIME//[.,]/}
+    if ! llem_now_us; then
+        /usr/bin/logger -t "llem-$kind" -- "job $job: no microsecond clock (bash $BASH_VERSION, /bin/date); llem $kind takes the job" 2>/dev/null
+        return 1
+    fi
     suffix=start
     [ "$kind" = epilog ] && suffix=end
     tmp=$jobs/.$job.$suffix.$$

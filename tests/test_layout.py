@@ -40,7 +40,7 @@ def _crossings(files: list[Path], forbidden: tuple[str, ...], root: Path = SRC) 
     bad = []
     for path in files:
         rel = path.relative_to(root).as_posix()
-        for name in _imports(path):
+        for name in sorted(_imports(path)):
             hit = next((f for f in forbidden if name == f or name.startswith(f + ".")), None)
             if hit and not any(rel == a and name.startswith(m) for a, m in ALLOWED):
                 bad.append(f"{rel} imports {name}")

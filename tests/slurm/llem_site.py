@@ -23,6 +23,10 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 PACKAGE_W = 40.0
 DRAM_W = 4.0
 GPU_W = (100.0, 300.0)  # minor 0, minor 1
+# Real bash 4.x binaries to run the hooks under as well (colon-separated paths), see
+# tests/test_slurm_scripts.py. Not an LLEM_* name: llem refuses unknown LLEM_* variables,
+# and the llem processes of the tests inherit the environment.
+OLD_BASHES = [b for b in os.environ.get("TEST_OLD_BASH", "").split(":") if b]
 
 
 class Hardware:
@@ -133,16 +137,30 @@ class Site:
         except ImportError:
             pass
 
-    def hook(self, kind: str) -> Path:
-        """A wrapper that gives the real slurm/<kind>.sh this site's settings."""
+    def hook(self, kind: str, bash: str = "/bin/bash", no_epochrealtime: bool = False) -> Path:
+        """A wrapper that gives the real slurm/<kind>.sh this site's settings.
+
+        ``bash`` runs the script; ``no_epochrealtime`` unsets $EPOCHREALTIME before the
+        script's first line (through BASH_ENV), as on bash 4. Calling it again rewrites the
+        wrapper in place (atomically): slurmd reads it at every job.
+        """
         path = self.base / f"{kind}-wrapper.sh"
-        path.write_text(
+        bash_env = ""
+        if no_epochrealtime:
+            env_file = self.base / "no-epochrealtime.sh"
+            env_file.write_text("unset EPOCHREALTIME\n")
+            env_file.chmod(0o644)
+            bash_env = f"export BASH_ENV={env_file}\n"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(
             "#!/bin/bash\n"
             f"export LLEM_DEFAULTS_FILE={self.defaults}\n"
             f"export LD_LIBRARY_PATH={self.hw.nvml_dir}\n"
             f"export FAKE_NVML_STATE={self.hw.nvml_state}\n"
-            f"exec /bin/bash {REPO / 'slurm' / (kind + '.sh')}\n")
-        path.chmod(0o755)
+            f"{bash_env}"
+            f"exec {bash} {REPO / 'slurm' / (kind + '.sh')}\n")
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
         return path
 
     @property

@@ -78,6 +78,7 @@ def _fast_shim(name: str):
     module, attr = FAST_COMMANDS[name].split(":")
     doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()[0]
 
+    # Every argument, -h/--help included, goes to the fast command: it answers them itself.
     @click.command(name, context_settings={"ignore_unknown_options": True,
                                            "help_option_names": []})
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)

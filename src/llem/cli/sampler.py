@@ -22,7 +22,9 @@ log = logging.getLogger("llem.sampler")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    from llem.cli import argument_parser
+
+    p = argument_parser(
         prog="llem sampler",
         description="Read this node's energy counters every interval into the node store.",
     )

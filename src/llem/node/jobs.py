@@ -6,15 +6,23 @@ and wakes the live sampler, which ingests it. The file is ``<job>.start`` or ``<
 ``KEY=VALUE`` records separated by NUL bytes, the Slurm variables of the hook's environment
 plus ``LLEM_EVENT_US`` (wall-clock microseconds when the hook ran). Python's ``llem prolog``
 and ``llem epilog`` ingest the same files when no sampler is alive.
+
+A registration must never lose its job. One whose records parse but whose ``LLEM_EVENT_US``
+is missing or not a number (a hook on a shell without a usable clock) is dated by the file's
+mtime instead, flagged ``time_from_mtime``: the hook wrote the file at the event, so the
+mtime is the event's time to within the write, and the flag says where the time came from.
+Only a file that does not parse at all is moved to ``jobs/bad/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from llem.model import JobRecord
@@ -25,7 +33,15 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^([0-9]+)\.(start|end)$")
 
 
+TIME_FROM_MTIME = "time_from_mtime"
+"""Flag of a run whose start or end time is its registration file's mtime."""
+
+
 def parse_registration(data: bytes) -> dict[str, str]:
+    """The ``KEY=VALUE`` records of a registration; ValueError if one is not such a record.
+
+    ``LLEM_EVENT_US`` is not checked here: see :func:`event_ns`.
+    """
     env = {}
     for item in data.split(b"\0"):
         if not item:
@@ -34,9 +50,19 @@ def parse_registration(data: bytes) -> dict[str, str]:
         if not sep or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
             raise ValueError(f"bad record {item[:40]!r}")
         env[key] = value
-    if "LLEM_EVENT_US" not in env or not env["LLEM_EVENT_US"].isdigit():
-        raise ValueError("no LLEM_EVENT_US")
     return env
+
+
+def event_ns(env: dict[str, str], path: Path) -> tuple[int, tuple[str, ...]]:
+    """The registration's time (ns) and the flags it brings: ``LLEM_EVENT_US``, or else the
+    file's mtime with the flag ``time_from_mtime``."""
+    event_us = env.get("LLEM_EVENT_US", "")
+    if event_us.isdigit():
+        return int(event_us) * 1000, ()
+    at_ns = path.stat().st_mtime_ns
+    log.warning("job registration %s has LLEM_EVENT_US %r: dated by its mtime (flag %s)",
+                path, event_us[:40], TIME_FROM_MTIME)
+    return at_ns, (TIME_FROM_MTIME,)
 
 
 def pending(jobs_dir: Path) -> list[tuple[str, str, Path]]:
@@ -56,7 +82,8 @@ def pending(jobs_dir: Path) -> list[tuple[str, str, Path]]:
 def ingest(store: NodeStore, jobs_dir: Path, cluster: str, node: str) -> list[tuple[str, str]]:
     """Move waiting registrations into the store; return what was ingested.
 
-    A file that cannot be parsed is moved to ``jobs/bad/`` (kept, never deleted) and logged.
+    One with no usable ``LLEM_EVENT_US`` is dated by its mtime (see :func:`event_ns`). A file
+    that cannot be parsed is moved to ``jobs/bad/`` (kept, never deleted) and logged.
     """
     from llem.node.slurm import gpu_minors, job_from_env
 
@@ -66,12 +93,13 @@ def ingest(store: NodeStore, jobs_dir: Path, cluster: str, node: str) -> list[tu
             env = parse_registration(path.read_bytes())
             if env.get("SLURM_JOB_ID") != job_id:
                 raise ValueError(f"SLURM_JOB_ID {env.get('SLURM_JOB_ID')!r} in {path.name}")
-            at_ns = int(env["LLEM_EVENT_US"]) * 1000
+            at_ns, flags = event_ns(env, path)
             env.setdefault("SLURMD_NODENAME", node)
             if kind == "start":
-                store.add_job(job_from_env(env, cluster, at_ns, gpu_minors(env)))
+                record = job_from_env(env, cluster, at_ns, gpu_minors(env))
+                store.add_job(dataclasses.replace(record, flags=flags))
             else:
-                end_job(store, env, cluster, at_ns)
+                end_job(store, env, cluster, at_ns, flags)
             path.unlink()
             done.append((job_id, kind))
         except (OSError, ValueError) as e:
@@ -82,12 +110,24 @@ def ingest(store: NodeStore, jobs_dir: Path, cluster: str, node: str) -> list[tu
                 os.replace(path, bad / f"{path.name}.{time.time_ns()}")
             except OSError:
                 pass
+            _record_problem(store, jobs_dir, node,
+                            f"bad job registration {path.name} (kept in {bad}): {e}")
     return done
 
 
-def end_job(store: NodeStore, env: dict, cluster: str, end_ns: int) -> JobRecord:
-    """Mark the job's latest running run ended; a job the Prolog never registered gets a
-    run of its own (flag ``no_prolog``) so that the ledger knows it ran without data."""
+def _record_problem(store: NodeStore, jobs_dir: Path, node: str, message: str) -> None:
+    """Show a lost registration in `llem doctor` (the node's problems.log beside jobs/)."""
+    from llem.node.daemon import record_problem
+    from llem.paths import NodePaths
+
+    record_problem(NodePaths(node, jobs_dir.parent, store.path), message)
+
+
+def end_job(store: NodeStore, env: dict, cluster: str, end_ns: int,
+            extra_flags: Iterable[str] = ()) -> JobRecord:
+    """Mark the job's latest running run ended, adding ``extra_flags`` to its flags; a job
+    the Prolog never registered gets a run of its own (flag ``no_prolog``) so that the ledger
+    knows it ran without data."""
     from llem.node.slurm import gpu_minors, job_from_env
 
     job_id = env["SLURM_JOB_ID"]
@@ -99,6 +139,7 @@ def end_job(store: NodeStore, env: dict, cluster: str, end_ns: int) -> JobRecord
         record = job_from_env(env, cluster, end_ns, gpu_minors(env))
         run = store.jobs("run_id = ?", (store.add_job(record),))[0]
         flags = ["no_prolog"]
+    flags += [f for f in extra_flags if f not in flags]
     store.update_job(run.run_id, end_ns=max(end_ns, run.start_ns), state="ended", flags=flags)
     return store.jobs("run_id = ?", (run.run_id,))[0]
 
