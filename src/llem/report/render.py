@@ -218,22 +218,40 @@ def _more(frame: pd.DataFrame) -> str:
             if extra > 0 else "")
 
 
-def _md_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "_none_\n"
-    more = _more(frame)
-    frame = frame.head(MAX_ROWS)
-    cols = [c for c in frame.columns if c != "key"]
-    head = "| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |"
-    sep = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---"
-                         for c in cols) + "|"
-    lines = [head, sep]
+VALUE_COLUMNS = ("value", "previous", "current")
+"""Columns whose format follows the row's ``key`` (a share, a count...), not the column's."""
+
+
+def _columns(frame: pd.DataFrame) -> list[str]:
+    """The columns shown: all but ``key``, which only names the row for machines."""
+    return [c for c in frame.columns if c != "key"]
+
+
+def _texts(frame: pd.DataFrame, cols: list[str]) -> list[list[str]]:
+    """Every row's cells of ``cols`` as read (:func:`fmt`)."""
+    out = []
     for row in frame.to_dict("records"):
         key = row.get("key", "")
-        cells = [fmt(row[c], key if c in ("value", "previous", "current") else c)
-                 for c in cols]
-        lines.append("| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |")
-    return "\n".join(lines) + "\n" + (f"\n{more}\n" if more else "")
+        out.append([fmt(row[c], key if c in VALUE_COLUMNS else c) for c in cols])
+    return out
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    """A GitHub pipe table (through tabulate, as pandas' ``to_markdown``): numbers right."""
+    if frame.empty:
+        return "_none_\n"
+    from tabulate import tabulate
+
+    more = _more(frame)
+    frame = frame.head(MAX_ROWS)
+    cols = _columns(frame)
+    align = ["right" if pd.api.types.is_numeric_dtype(frame[c]) else "left" for c in cols]
+    # A "|" inside a cell would end it: names are users' own.
+    cells = [[text.replace("|", "\\|") for text in row] for row in _texts(frame, cols)]
+    # Cells are already formatted: no number parsing; keep the indent of sub-rows (CPU...).
+    table = tabulate(cells, headers=[HEADERS.get(c, c) for c in cols], tablefmt="pipe",
+                     colalign=align, disable_numparse=True, preserve_whitespace=True)
+    return table + "\n" + (f"\n{more}\n" if more else "")
 
 
 def to_markdown(report: Report, plot_files: list[str] = ()) -> str:
