@@ -146,6 +146,8 @@ def _modules(opts: ReportOptions) -> tuple[str, ...]:
         needs.append("matplotlib")
     if opts.fmt == "md":
         needs.append("tabulate")
+    if opts.fmt == "html":
+        needs.append("jinja2")
     return tuple(needs)
 
 
