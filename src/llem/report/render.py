@@ -11,7 +11,7 @@ import functools
 import io
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -357,14 +357,21 @@ def _kpis(report: Report) -> list[tuple[str, str]]:
             ("Idle-GPU energy", fmt(t["idle_kwh"]) + " kWh")]
 
 
+class Cell(NamedTuple):
+    """One table cell of the HTML page (a tuple: the template reads many thousands)."""
+
+    text: str
+    numeric: bool  # right-aligned, tabular figures
+    code: bool  # a command to copy, shown as code
+
+
 def _html_table(frame: pd.DataFrame) -> dict[str, Any]:
     """Headers, rows of cells and the cut-off note of one table (no rows: "none")."""
     more = _more(frame)
     frame = frame.head(MAX_ROWS)
     cols = _columns(frame)
     records = frame.to_dict("records")
-    rows = [[{"text": text, "numeric": _is_number(record[c]), "code": c == "command"}
-             for c, text in zip(cols, texts)]
+    rows = [[Cell(text, _is_number(record[c]), c == "command") for c, text in zip(cols, texts)]
             for record, texts in zip(records, _texts(records, cols))]
     return {"headers": [HEADERS.get(c, c) for c in cols], "rows": rows, "more": more}
 
