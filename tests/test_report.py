@@ -7,6 +7,7 @@ the sampling parameters, never from the report's own code.
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,18 @@ def nov(ledger_path):
 def sql(path, text, params=()):
     with q.open_readonly(path) as ledger:
         return ledger.query(text, params)
+
+
+def md_rows(md: str) -> list[list[str]]:
+    """The cells of every Markdown table line, without tabulate's padding."""
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+            for line in md.splitlines() if line.startswith("|")]
+
+
+def md_table(md: str, heading: str) -> list[str]:
+    """The lines of the table under ``## heading``."""
+    section = md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("|")]
 
 
 def cli(args, monkeypatch, tmp_path, ledger, region="DE"):
@@ -206,7 +219,7 @@ def test_a_month_of_only_estimated_data_says_so(tmp_path):
         r.totals["energy_kwh"] > 0
     assert any("All job energy in this period is estimated" in n for n in r.notes)
     md = render.to_markdown(r)
-    assert "measured share 0 %" in md and "| Measured share of energy | 0.0 % |" in md
+    assert "measured share 0 %" in md and ["Measured share of energy", "0.0 %"] in md_rows(md)
 
 
 def test_an_empty_month_is_clear_and_exits_0(ledger_path, monkeypatch, tmp_path):
@@ -272,9 +285,34 @@ def test_every_format_shows_the_same_numbers(nov):
     assert by_user["energy_kwh"].tolist() == pytest.approx(
         [u["energy_kwh"] for u in data["groups"]["user"]])
     md = render.to_markdown(nov)
-    assert f"| Energy, all components (kWh) | {render.fmt(nov.totals['energy_kwh'])} |" in md
+    assert ["Energy, all components (kWh)", render.fmt(nov.totals["energy_kwh"])] in md_rows(md)
     html_text = render.to_html(nov, {})
     assert render.fmt(nov.totals["energy_kwh"]) in html_text
+
+
+def test_markdown_tables_are_aligned_with_numbers_on_the_right(nov):
+    lines = md_table(render.to_markdown(nov), "By user")
+    assert len({len(line) for line in lines}) == 1  # padded: columns line up in plain text
+    header, separator = md_rows("\n".join(lines[:2]))
+    align = dict(zip(header, separator))
+    assert align["user"] == ":" + "-" * (len(align["user"]) - 1)  # names left
+    assert align["energy kWh"].endswith("-:") and align["jobs"].endswith("-:")  # numbers right
+    users = [row[0] for row in md_rows("\n".join(lines[2:]))]
+    assert users == list(nov.groups["user"]["user"])
+    assert md_rows("\n".join(md_table(render.to_markdown(nov), "Totals")))[3] == \
+        ["CPU (kWh)", render.fmt(nov.totals["cpu_kwh"])]
+    assert "|   CPU (kWh) " in render.to_markdown(nov)  # sub-rows keep their indent
+
+
+def test_a_pipe_in_a_name_stays_inside_its_cell(tmp_path):
+    path = build_ledger(tmp_path, [Job("301", "n1", "2023-11-02 08:00", 3600, "eve|ops",
+                                       "ops & <b>sec</b>", "gpu", "a|b")])
+    with q.open_readonly(path) as ledger:
+        r = build_report(ledger, report_config(path), NOV, with_previous=False)
+    md = render.to_markdown(r)
+    (header, _, row) = md_rows("\n".join(md_table(md, "By user")))
+    assert len(row) == len(header) and row[0] == "eve\\|ops"
+    assert md_rows("\n".join(md_table(md, "By tag")))[2][0] == "a\\|b"
 
 
 def test_every_co2e_figure_names_its_intensity_source_year_and_pue(nov):
@@ -339,6 +377,34 @@ def test_html_with_plots_is_one_self_contained_file(ledger_path, monkeypatch, tm
             assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("account, expected", [
+    (None, ["totals", "daily_energy_co2e_by_account.png", "by_account", "by_user",
+            "top_users.png", "by_partition", "by_tag", "top_jobs", "Energy per GPU-hour",
+            "energy_per_gpu_hour.png", "waste_jobs", "waste_users", "waste_accounts",
+            "waste_by_account.png", "reconciliation", "reconciliation_components",
+            "nodes_with_gaps", "change"]),
+    # A statement has no waste-by-account table: the waste plot goes above its users' waste.
+    ("biology", ["totals", "daily_energy_co2e_by_account.png", "by_user", "top_users.png",
+                 "by_partition", "by_tag", "top_jobs", "Energy per GPU-hour",
+                 "energy_per_gpu_hour.png", "waste_jobs", "waste_users",
+                 "waste_by_account.png", "change"]),
+])
+def test_each_plot_sits_above_its_table_in_html(ledger_path, account, expected):
+    with q.open_readonly(ledger_path) as ledger:
+        rep = build_report(ledger, report_config(ledger_path), NOV, account=account)
+    page = render.to_html(rep, plots.make_plots(rep))
+    found = re.findall(r"<h2 id='(\w+)'>|<h2>([^<]+)</h2>|<img alt='([\w.]+)'", page)
+    assert ["".join(groups) for groups in found] == expected
+
+
+def test_a_plot_without_a_place_still_shows_at_the_end(nov):
+    page = render.to_html(nov, {"other.png": b"\x89PNG\r\n\x1a\n"})
+    assert page.count("<img ") == 1
+    assert page.index("id='change'") < page.index("<img alt='other.png'") < page.index(
+        "Generated by llem report")
+    assert "<figcaption>other.png</figcaption>" in page
+
+
 def test_csv_and_json_files(ledger_path, monkeypatch, tmp_path):
     status, out, _ = cli(["monthly", "--month", "2023-11", "--format", "csv", "--out",
                           str(tmp_path / "c")], monkeypatch, tmp_path, ledger_path)
@@ -384,17 +450,23 @@ def test_report_is_listed_by_llem():
     assert "report" in res.stdout
 
 
-def test_without_pandas_the_error_names_the_extra(ledger_path, tmp_path):
-    # A real process in which pandas and matplotlib cannot be imported.
-    code = ("import sys; sys.modules['pandas'] = None; sys.modules['matplotlib'] = None; "
+@pytest.mark.parametrize("blocked, fmt, missing", [
+    (("pandas", "matplotlib"), "html", "pandas and matplotlib"),
+    (("tabulate",), "md", "tabulate"),
+    (("jinja2",), "html", "jinja2"),
+])
+def test_without_pandas_the_error_names_the_extra(ledger_path, tmp_path, blocked, fmt,
+                                                  missing):
+    # A real process in which these modules cannot be imported.
+    code = ("import sys; " + "".join(f"sys.modules[{m!r}] = None; " for m in blocked) +
             "from llem.cli.main import main; sys.argv = ['llem', 'report', 'monthly', "
-            "'--month', '2023-11']; main()")
+            f"'--month', '2023-11', '--format', {fmt!r}]; main()")
     env = {"LLEM_CONFIG": str(write_yaml(tmp_path / "llem.yaml", ledger_path)),
            "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                          env=env, cwd=tmp_path)
     assert res.returncode == 1
-    assert res.stderr.strip() == ("Error: llem report needs pandas and matplotlib: "
+    assert res.stderr.strip() == (f"Error: llem report needs {missing}: "
                                   "pip install 'llem[report]'")
 
 

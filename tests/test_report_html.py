@@ -6,6 +6,7 @@ committed). Without a ``chromium`` executable the test is skipped, except under 
 """
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 
 from llem.cluster import report_queries as q
 from llem.report import build_report, frames, plots, render
-from tests.test_report_data import NOVEMBER, build_ledger, report_config
+from tests.test_report_data import NOVEMBER, Job, build_ledger, report_config
 
 ARTEFACTS = Path(tempfile.gettempdir()) / "llem-report-artefacts"
 WIDTH, HEIGHT = 1200, 2000
@@ -38,13 +39,62 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def screenshot(exe: str, page: Path, png: Path, profile: Path) -> subprocess.CompletedProcess:
+def headless(exe: str, page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",
-         f"--user-data-dir={profile}", f"--screenshot={png}",
-         f"--window-size={WIDTH},{HEIGHT}", page.resolve().as_uri()],
+         f"--user-data-dir={profile}", *args, page.resolve().as_uri()],
         capture_output=True, text=True, timeout=120, check=False)
+
+
+def screenshot(exe: str, page: Path, png: Path, profile: Path) -> subprocess.CompletedProcess:
+    return headless(exe, page, profile, f"--screenshot={png}", f"--window-size={WIDTH},{HEIGHT}")
+
+
+# Names are users' own text: an account that tries to inject a script, a user and a tag with
+# markup and ampersands.
+HOSTILE_ACCOUNT = "<script>document.title='pwned'</script> & co"
+HOSTILE = [Job("301", "n1", "2023-11-02 08:00", 3600, "eve<i>&amp;", HOSTILE_ACCOUNT, "gpu",
+               "<b>tag</b>&"), *NOVEMBER[:2]]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    ledger_path = build_ledger(tmp_path_factory.mktemp("hostile"), HOSTILE)
+    with q.open_readonly(ledger_path) as ledger:
+        return build_report(ledger, report_config(ledger_path), frames.month_period("2023-11"),
+                            with_previous=False)
+
+
+def test_names_are_escaped_in_the_html(hostile):
+    page = render.to_html(hostile, {})
+    assert "<script" not in page and "<i>" not in page and "<b>tag" not in page
+    assert "&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt; &amp; co" in page
+    assert "eve&lt;i&gt;&amp;amp;" in page  # escaped once more, shown as typed
+    assert "&lt;b&gt;tag&lt;/b&gt;&amp;" in page
+    statement = build_statement(hostile)
+    assert "<script" not in statement and "&lt;script&gt;" in statement
+
+
+def build_statement(rep) -> str:
+    """The same report as a statement for the hostile account (its name in the title)."""
+    from dataclasses import replace
+
+    return render.to_html(replace(rep, account=HOSTILE_ACCOUNT), {})
+
+
+def test_a_browser_shows_hostile_names_as_text(hostile, tmp_path):
+    exe = chromium()
+    page = tmp_path / "hostile.html"
+    page.write_text(build_statement(hostile), encoding="utf-8")
+    res = headless(exe, page, tmp_path / "profile", "--dump-dom")
+    assert res.returncode == 0, res.stderr[-2000:]
+    dom = res.stdout
+    assert "<body" in dom and "</table>" in dom  # the page was parsed and serialised
+    assert "<script" not in dom  # no element was injected, so no script ran...
+    title = re.search(r"<title>(.*?)</title>", dom, re.S).group(1)
+    assert "pwned" in title and title.startswith("Energy statement: account &lt;script&gt;")
+    assert "<td>&lt;script&gt;document.title='pwned'&lt;/script&gt; &amp; co</td>" in dom
 
 
 def test_html_report_renders_in_headless_chromium(tmp_path):

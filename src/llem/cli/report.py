@@ -115,7 +115,7 @@ def _safe(text: str) -> str:
 def _run(opts: ReportOptions) -> int:
     from llem.report import require
 
-    require("pandas", *(("matplotlib",) if _wants_plots(opts) else ()))
+    require(*_modules(opts))
     from llem.cluster import report_queries as q
     from llem.report import build_report, plots, render
 
@@ -137,6 +137,18 @@ def _run(opts: ReportOptions) -> int:
 
 def _wants_plots(opts: ReportOptions) -> bool:
     return opts.fmt == "html" or (opts.fmt == "md" and opts.out is not None)
+
+
+def _modules(opts: ReportOptions) -> tuple[str, ...]:
+    """The optional modules (the report extra) that the chosen format needs."""
+    needs = ["pandas"]
+    if _wants_plots(opts):
+        needs.append("matplotlib")
+    if opts.fmt == "md":
+        needs.append("tabulate")
+    if opts.fmt == "html":
+        needs.append("jinja2")
+    return tuple(needs)
 
 
 def _write(rep, opts: ReportOptions, base: str, render, plots) -> None:

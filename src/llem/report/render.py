@@ -7,11 +7,11 @@ CSV carry full precision; Markdown and HTML round for reading.
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -218,22 +218,41 @@ def _more(frame: pd.DataFrame) -> str:
             if extra > 0 else "")
 
 
+VALUE_COLUMNS = ("value", "previous", "current")
+"""Columns whose format follows the row's ``key`` (a share, a count...), not the column's."""
+
+
+def _columns(frame: pd.DataFrame) -> list[str]:
+    """The columns shown: all but ``key``, which only names the row for machines."""
+    return [c for c in frame.columns if c != "key"]
+
+
+def _texts(records: list[dict], cols: list[str]) -> list[list[str]]:
+    """Every row's cells of ``cols`` as read (:func:`fmt`)."""
+    out = []
+    for row in records:
+        key = row.get("key", "")
+        out.append([fmt(row[c], key if c in VALUE_COLUMNS else c) for c in cols])
+    return out
+
+
 def _md_table(frame: pd.DataFrame) -> str:
+    """A GitHub pipe table (through tabulate, as pandas' ``to_markdown``): numbers right."""
     if frame.empty:
         return "_none_\n"
+    from tabulate import tabulate
+
     more = _more(frame)
     frame = frame.head(MAX_ROWS)
-    cols = [c for c in frame.columns if c != "key"]
-    head = "| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |"
-    sep = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---"
-                         for c in cols) + "|"
-    lines = [head, sep]
-    for row in frame.to_dict("records"):
-        key = row.get("key", "")
-        cells = [fmt(row[c], key if c in ("value", "previous", "current") else c)
-                 for c in cols]
-        lines.append("| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |")
-    return "\n".join(lines) + "\n" + (f"\n{more}\n" if more else "")
+    cols = _columns(frame)
+    align = ["right" if pd.api.types.is_numeric_dtype(frame[c]) else "left" for c in cols]
+    # A "|" inside a cell would end it: names are users' own.
+    texts = _texts(frame.to_dict("records"), cols)
+    cells = [[text.replace("|", "\\|") for text in row] for row in texts]
+    # Cells are already formatted: no number parsing; keep the indent of sub-rows (CPU...).
+    table = tabulate(cells, headers=[HEADERS.get(c, c) for c in cols], tablefmt="pipe",
+                     colalign=align, disable_numparse=True, preserve_whitespace=True)
+    return table + "\n" + (f"\n{more}\n" if more else "")
 
 
 def to_markdown(report: Report, plot_files: list[str] = ()) -> str:
@@ -260,46 +279,11 @@ def to_markdown(report: Report, plot_files: list[str] = ()) -> str:
 
 
 # -- HTML ---------------------------------------------------------------------------------------
-
-CSS = """
-body{font-family:DejaVu Sans,Helvetica,Arial,sans-serif;max-width:1100px;margin:1.5em auto;
-color:#111;line-height:1.4;font-size:14px}
-h1{font-size:22px;border-bottom:2px solid #111}h2{font-size:17px;margin-top:1.6em;
-border-bottom:1px solid #999}table{border-collapse:collapse;margin:.5em 0;font-size:13px}
-th,td{border:1px solid #bbb;padding:3px 7px}th{background:#eee;text-align:left}
-td.n{text-align:right;font-variant-numeric:tabular-nums}.note{background:#f4f4f4;
-border-left:4px solid #555;padding:.4em .8em;margin:.4em 0}.carbon{font-size:12px;color:#333}
-img{max-width:100%;border:1px solid #ddd;margin:.5em 0}code{font-size:12px;white-space:nowrap}
-.kpi{display:inline-block;border:1px solid #999;padding:.4em .9em;margin:.2em;min-width:9em}
-.kpi b{display:block;font-size:20px}
-"""
-
-
-def _html_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "<p><em>none</em></p>"
-    more = _more(frame)
-    frame = frame.head(MAX_ROWS)
-    cols = [c for c in frame.columns if c != "key"]
-    out = ["<table><thead><tr>"]
-    out += [f"<th>{html.escape(HEADERS.get(c, c))}</th>" for c in cols]
-    out.append("</tr></thead><tbody>")
-    for row in frame.to_dict("records"):
-        key = row.get("key", "")
-        out.append("<tr>")
-        for c in cols:
-            v = row[c]
-            text = fmt(v, key if c in ("value", "previous", "current") else c)
-            cls = ' class="n"' if isinstance(v, (int, float)) and not isinstance(v, bool) \
-                else ""
-            cell = f"<code>{html.escape(text)}</code>" if c == "command" else html.escape(text)
-            out.append(f"<td{cls}>{cell}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    if more:
-        out.append(f"<p><em>{html.escape(more)}</em></p>")
-    return "".join(out)
-
+#
+# The page is the jinja2 template templates/report.html (with templates/report.css), rendered
+# with autoescape on: job, user and account names are users' own text, and every value is
+# escaped where the template inserts it, never by hand here. This part only prepares plain
+# data: which tables, in which order, which plot goes beside which table.
 
 PLOT_CAPTIONS = {
     "daily_energy_co2e_by_account.png": "Daily energy (kWh) and operational CO2e (kg) stacked "
@@ -308,55 +292,94 @@ PLOT_CAPTIONS = {
     "energy_per_gpu_hour.png": "Distribution of energy per GPU-hour over GPU jobs",
     "waste_by_account.png": "Energy of idle allocated GPUs by account (kWh)",
 }
+GPU_PLOT = "energy_per_gpu_hour.png"
+"""Shown after the top jobs, under a heading of its own."""
 
 
 def to_html(report: Report, plots: dict[str, bytes]) -> str:
     """One self-contained HTML file: plots embedded as base64 PNG, no external resource."""
+    return _template().render(_html_context(report, plots))
+
+
+@functools.cache
+def _template():
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("llem.report", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("report.html")
+
+
+def _html_context(report: Report, plots: dict[str, bytes]) -> dict[str, Any]:
+    """Everything the template shows, as plain data (strings, lists, dicts)."""
+    figures = {name: _figure(name, data) for name, data in plots.items()}
+    beside = _plots_beside(report)
+    sections = [_section(report, ident, heading, frame, figures.get(beside.get(ident)),
+                         figures.get(GPU_PLOT) if ident == "top_jobs" else None)
+                for ident, heading, frame in _table_specs(report)]
+    placed = {s["figure"]["name"] for s in sections if s["figure"]}
+    placed |= {s["after"]["figure"]["name"] for s in sections if s["after"]}
+    return {
+        "title": title(report), "period_line": period_line(report),
+        "carbon_line": carbon_line(report), "empty": report.empty,
+        "period_label": report.period.label, "notes": report.notes, "kpis": _kpis(report),
+        "sections": sections,
+        "other_figures": [f for name, f in figures.items() if name not in placed],
+    }
+
+
+def _section(report: Report, ident: str, heading: str, frame: pd.DataFrame,
+             figure: dict | None, gpu_figure: dict | None) -> dict[str, Any]:
+    """One table with its heading, the plot above it and what follows it."""
+    return {
+        "ident": ident, "heading": heading, "figure": figure,
+        "idle_definition": report.idle_definition if ident == "waste_jobs" else None,
+        "table": _html_table(frame),
+        "after": {"heading": "Energy per GPU-hour", "figure": gpu_figure} if gpu_figure
+        else None,
+    }
+
+
+def _plots_beside(report: Report) -> dict[str, str]:
+    """Table id -> the plot shown above that table."""
+    # A statement has no waste-by-account table: its waste plot goes with its users' waste.
+    waste = "waste_users" if report.account else "waste_accounts"
+    return {"totals": "daily_energy_co2e_by_account.png", "by_user": "top_users.png",
+            waste: "waste_by_account.png"}
+
+
+def _kpis(report: Report) -> list[tuple[str, str]]:
+    """The headline figures shown as boxes above the tables."""
     t = report.totals
-    esc = html.escape
-    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-             f"<title>{esc(title(report))}</title><style>{CSS}</style></head><body>",
-             f"<h1>{esc(title(report))}</h1>", f"<p>{esc(period_line(report))}</p>",
-             f"<p class='carbon'>{esc(carbon_line(report))}</p>"]
-    if report.empty:
-        parts.append(f"<p class='note'><b>No data</b>: the ledger holds no job or node energy "
-                     f"for {esc(report.period.label)}.</p>")
-    for note in report.notes:
-        parts.append(f"<p class='note'>{esc(note)}</p>")
-    kpis = (("Energy", fmt(t["energy_kwh"]) + " kWh"), ("CO2e", fmt(t["co2e_kg"]) + " kg"),
+    return [("Energy", fmt(t["energy_kwh"]) + " kWh"), ("CO2e", fmt(t["co2e_kg"]) + " kg"),
             ("Jobs", fmt(t["jobs"])), ("GPU-hours", fmt(t["gpu_h"])),
             ("Measured", fmt(t["measured_share"], "measured_share")),
-            ("Idle-GPU energy", fmt(t["idle_kwh"]) + " kWh"))
-    parts.append("<div>" + "".join(f"<span class='kpi'>{esc(k)}<b>{esc(v)}</b></span>"
-                                   for k, v in kpis) + "</div>")
-    order = list(plots)
-    for ident, heading, frame in _table_specs(report):
-        parts.append(f"<h2 id='{ident}'>{esc(heading)}</h2>")
-        if ident == "totals" and "daily_energy_co2e_by_account.png" in plots:
-            parts.append(_img("daily_energy_co2e_by_account.png", plots))
-        if ident == "by_user" and "top_users.png" in plots:
-            parts.append(_img("top_users.png", plots))
-        if ident == "waste_jobs":
-            parts.append(f"<p>Idle GPU: {esc(report.idle_definition)}</p>")
-        if ident in ("waste_accounts", "waste_users") and "waste_by_account.png" in plots \
-                and (ident == "waste_accounts" or report.account):
-            parts.append(_img("waste_by_account.png", plots))
-        parts.append(_html_table(frame))
-        if ident == "top_jobs" and "energy_per_gpu_hour.png" in plots:
-            parts.append("<h2>Energy per GPU-hour</h2>")
-            parts.append(_img("energy_per_gpu_hour.png", plots))
-    shown = "".join(parts)
-    for name in order:  # any plot not placed above
-        if f"alt='{name}'" not in shown:
-            parts.append(_img(name, plots))
-    parts.append("<p class='carbon'>Generated by llem report. Figures: energy in kWh of IT "
-                 "equipment (PUE applied only in CO2e); CO2e in kg.</p></body></html>")
-    return "\n".join(parts)
+            ("Idle-GPU energy", fmt(t["idle_kwh"]) + " kWh")]
 
 
-def _img(name: str, plots: dict[str, bytes]) -> str:
-    data = base64.b64encode(plots[name]).decode("ascii")
-    caption = PLOT_CAPTIONS.get(name, name)
-    return (f"<figure><img alt='{name}' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+class Cell(NamedTuple):
+    """One table cell of the HTML page (a tuple: the template reads many thousands)."""
 
+    text: str
+    numeric: bool  # right-aligned, tabular figures
+    code: bool  # a command to copy, shown as code
+
+
+def _html_table(frame: pd.DataFrame) -> dict[str, Any]:
+    """Headers, rows of cells and the cut-off note of one table (no rows: "none")."""
+    more = _more(frame)
+    frame = frame.head(MAX_ROWS)
+    cols = _columns(frame)
+    records = frame.to_dict("records")
+    rows = [[Cell(text, _is_number(record[c]), c == "command") for c, text in zip(cols, texts)]
+            for record, texts in zip(records, _texts(records, cols))]
+    return {"headers": [HEADERS.get(c, c) for c in cols], "rows": rows, "more": more}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _figure(name: str, png: bytes) -> dict[str, str]:
+    return {"name": name, "data": base64.b64encode(png).decode("ascii"),
+            "caption": PLOT_CAPTIONS.get(name, name)}
