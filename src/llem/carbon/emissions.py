@@ -19,8 +19,8 @@ from typing import Any
 from llem.carbon.hourly import SECONDS_PER_HOUR
 from llem.carbon.intensity import IntensityModel, resolve
 from llem.errors import ConfigError
+from llem.units import J_PER_KWH
 
-J_PER_KWH = 3_600_000.0
 HOURS_PER_YEAR = 365.25 * 24  # a lifetime in years is amortised over calendar hours
 EMBODIED_DEFAULTS_SOURCE = (
     "defaults: 150 kgCO2e per GPU and 2500 kgCO2e per node over 6 years, from Luccioni et "
