@@ -6,50 +6,56 @@ is shown.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
-from llem.units import J_PER_KWH
+if TYPE_CHECKING:
+    from llem.carbon.emissions import Factors
 
 
-@dataclass
+@dataclass(frozen=True)
 class Carbon:
-    """The configured emission factors, resolved once, and how to apply them fast.
+    """The configured emission factors (:class:`llem.carbon.Factors`), resolved once, and
+    how ``llem-acct`` applies them to a row.
 
     When the intensity is one annual figure and the PUE a constant, every joule has the same
     factor and a row's emissions need only its total energy; otherwise the hourly energy of
     each row goes through :func:`llem.carbon.emissions`.
+
+    Attributes:
+        config: the configuration the factors come from.
+        factors: the factors.
+        info: the factors as the footer and the JSON ``carbon`` object name them.
     """
 
     config: Any
-    model: Any
-    constant: bool
-    g_per_kwh: float
-    pue: Any
-    gpu_g_per_hour: float = 0.0
-    node_g_per_hour: float = 0.0
+    factors: Factors
     info: dict = field(default_factory=dict)
+
+    @property
+    def constant(self) -> bool:
+        """Whether a row's total energy is enough (the same factor in every hour)."""
+        return self.factors.constant
 
     def grams(self, energy_j: float, gpu_hours: float, node_hours: float,
               energy_j_by_hour: Mapping[int, float] | None = None) -> tuple[float, float]:
         """(grams CO2e, grid gCO2e/kWh applied) of one row."""
-        if self.constant or not energy_j_by_hour:
-            pue = self.pue if self.constant else self._nominal_pue(energy_j_by_hour)
-            grams = energy_j / J_PER_KWH * pue * self.g_per_kwh
-            return grams + gpu_hours * self.gpu_g_per_hour + \
-                node_hours * self.node_g_per_hour, self.g_per_kwh
         from llem import carbon
 
-        em = carbon.emissions(self.config, energy_j_by_hour, gpu_hours, node_hours,
-                              model=self.model)
+        f = self.factors
+        if self.constant or not energy_j_by_hour:
+            g_per_kwh = f.model.annual.g_per_kwh
+            grams = carbon.operational_g(energy_j, self._nominal_pue(energy_j_by_hour), g_per_kwh)
+            return grams + f.embodied_g(gpu_hours, node_hours), g_per_kwh
+        em = carbon.emissions(self.config, energy_j_by_hour, gpu_hours, node_hours, resolved=f)
         return em.co2e_g, em.carbon["intensity_g_per_kwh"]
 
     def _nominal_pue(self, energy_j_by_hour: Mapping[int, float] | None) -> float:
-        from llem import carbon
-
-        if not isinstance(self.pue, Mapping):
-            return float(self.pue)
-        return carbon.pue_for_month(self.pue, time.strftime("%Y-%m", time.gmtime(
+        """The PUE of the first hour's month (of this month when there is no hour)."""
+        if self.constant:
+            return self.factors.pue
+        return self.factors.pue_of_month(time.strftime("%Y-%m", time.gmtime(
             min(energy_j_by_hour) if energy_j_by_hour else time.time())))
 
     def footer(self) -> str:
@@ -71,34 +77,24 @@ def resolve_carbon(config) -> Carbon:
     Raises:
         ConfigError: an unknown region or a bad intensity file.
     """
-    from collections.abc import Mapping as _Mapping
-
     from llem import carbon
-    from llem.carbon.emissions import embodied_g_per_hour
 
-    model = carbon.resolve(config)
-    pue = config.carbon.pue
-    constant = model.hourly is None and not isinstance(pue, _Mapping)
-    annual = model.annual
-    emb = config.embodied
-    gpu_rate = node_rate = 0.0
+    f = carbon.factors(config)
+    model, pue, annual = f.model, f.pue, f.model.annual
     embodied_text = None
-    if emb.enabled:
-        gpu_rate = embodied_g_per_hour(emb.gpu_kgco2e, emb.gpu_lifetime_years)
-        node_rate = embodied_g_per_hour(emb.node_kgco2e, emb.node_lifetime_years)
-        embodied_text = f"{gpu_rate:.2f} g per GPU-hour, {node_rate:.2f} g per node-hour"
-    pue_text = (f"{float(pue):g}" if not isinstance(pue, _Mapping) else
+    if f.embodied_enabled:
+        embodied_text = (f"{f.gpu_g_per_hour:.2f} g per GPU-hour, "
+                         f"{f.node_g_per_hour:.2f} g per node-hour")
+    pue_text = (f"{float(pue):g}" if not isinstance(pue, Mapping) else
                 "by month (" + ", ".join(f"{m}: {v:g}" for m, v in sorted(pue.items())) + ")")
     info = {
         "region": model.region, "intensity_g_per_kwh": annual.g_per_kwh,
         "source": annual.source, "year": annual.year, "basis": annual.basis,
-        "pue": pue_text if isinstance(pue, _Mapping) else float(pue),
+        "pue": pue_text if isinstance(pue, Mapping) else float(pue),
         "hourly_source": model.hourly.source if model.hourly is not None else None,
         "embodied": embodied_text, "region_is_default": model.is_default_region,
     }
-    return Carbon(config=config, model=model, constant=constant, g_per_kwh=annual.g_per_kwh,
-                  pue=pue, gpu_g_per_hour=gpu_rate, node_g_per_hour=node_rate, info=info)
-
+    return Carbon(config=config, factors=f, info=info)
 
 
 def add_carbon(rows: list[dict], carbon: Carbon | None,
