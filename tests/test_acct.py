@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -303,12 +304,23 @@ def test_missing_and_unreadable_ledger_exit_1(tmp_path, env):
 
 
 def test_helpformat_lists_every_field(env):
+    from llem.acct import FIELDS, TOTAL_FIELDS
+
     status, out, _ = acct_run("-e")
     assert status == 0
     assert out.splitlines()[0] == ("JobID               JobIDRaw            JobName             "
                                    "Cluster")
-    for name in ("ConsumedEnergyRaw", "CO2e", "EnergySource", "NJobs", "Month"):
-        assert name in out
+    jobs, totals = out.split("\nWith --totals:\n")
+    for text, catalogue in ((jobs, FIELDS), (totals, TOTAL_FIELDS)):
+        grid, descriptions = text.split("\n\n")
+        assert grid.split() == list(catalogue)
+        for field in catalogue.values():
+            assert f"{field.name:<18} {field.help}" in descriptions.splitlines(), field.name
+
+
+def _mentions(text: str, flag: str) -> bool:
+    """``flag`` as a whole word: ``--parsable`` is not found in ``--parsable2``."""
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text) is not None
 
 
 def test_console_script_subprocess_debug_and_llem_acct(env):
@@ -328,21 +340,24 @@ def test_console_script_subprocess_debug_and_llem_acct(env):
 
 
 def test_help_and_docs_name_every_flag_and_field():
+    import click
+
     r = CliRunner().invoke(acct, ["-h"])
     assert r.exit_code == 0
     docs = (ROOT / "docs" / "acct.md").read_text("utf-8")
-    for flag in ("--jobs", "--user", "--allusers", "--accounts", "--partition", "--state",
-                 "--starttime", "--endtime", "--nodelist", "--allocations", "--format",
-                 "--helpformat", "--noheader", "--parsable", "--parsable2", "--delimiter",
-                 "--json", "--units", "--clusters", "--since", "--totals", "--statement",
-                 "--duplicates", "--name", "--allclusters",
-                 "--ledger", "--debug"):
-        assert flag in r.output, flag
-        assert flag in docs, flag
-    from llem.acct import FIELDS, TOTAL_FIELDS
+    params = [p for p in acct.get_params(click.Context(acct)) if isinstance(p, click.Option)]
+    flags = [flag for p in params for flag in (*p.opts, *p.secondary_opts)]
+    assert len(flags) > 40  # every option, each with its short and long name
+    for flag in flags:
+        assert _mentions(r.output, flag), flag
+        assert _mentions(docs, flag), flag
+    from llem.acct import FIELDS, TOTAL_FIELDS, TOTAL_KEYS
 
     for name in list(FIELDS) + list(TOTAL_FIELDS):
         assert f"`{name}`" in docs, name
+    totals_help = next(p.help for p in params if "--totals" in p.opts)
+    for key in TOTAL_KEYS:  # the keys -T accepts, in its help and its docs
+        assert re.search(rf"\b{key}\b", totals_help) and f"`{key}`" in docs, key
     assert "llem.acct/1" in (ROOT / "docs" / "acct-json.md").read_text("utf-8")
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The unit constants of llem, as integers: ``//`` and ``%`` stay exact, and ``/`` is true
+# division all the same (``x / J_PER_KWH`` equals ``x / 3_600_000.0`` for any x below 2**53).
 UJ_PER_J = 1_000_000
 J_PER_KWH = 3_600_000
 UJ_PER_KWH = UJ_PER_J * J_PER_KWH

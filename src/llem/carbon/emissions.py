@@ -4,6 +4,12 @@
     embodied_g    = gpu_hours x gpu_kgCO2e x 1000 / (gpu_lifetime_years x 8766 h)
                   + node_hours x node_kgCO2e x 1000 / (node_lifetime_years x 8766 h)
 
+This module is the one place that computes them: :class:`Factors` holds a configuration's
+factors resolved once, :func:`operational_g` is the arithmetic of one hour, and
+:func:`emissions` applies them to energy by clock hour with provenance. ``llem wrap``,
+``llem-acct`` (its rows and ``--statement``) and ``llem report`` (which sums
+:meth:`Factors.g_per_uj` in SQL) all go through them.
+
 Energy is the stored truth; emissions are computed whenever they are shown, so a corrected
 factor changes old reports, and every result carries the factors it used (``carbon``).
 """
@@ -19,8 +25,8 @@ from typing import Any
 from llem.carbon.hourly import SECONDS_PER_HOUR
 from llem.carbon.intensity import IntensityModel, resolve
 from llem.errors import ConfigError
+from llem.units import J_PER_KWH, UJ_PER_KWH
 
-J_PER_KWH = 3_600_000.0
 HOURS_PER_YEAR = 365.25 * 24  # a lifetime in years is amortised over calendar hours
 EMBODIED_DEFAULTS_SOURCE = (
     "defaults: 150 kgCO2e per GPU and 2500 kgCO2e per node over 6 years, from Luccioni et "
@@ -93,18 +99,93 @@ def embodied_g_per_hour(kgco2e: float, lifetime_years: float) -> float:
     return kgco2e * 1000.0 / (lifetime_years * HOURS_PER_YEAR)
 
 
-def embodied(embodied_config, gpu_hours: float, node_hours: float) -> tuple[float, dict | None]:
+def operational_g(energy_j: float, pue: float, g_per_kwh: float) -> float:
+    """Grams CO2e of IT energy used in one hour: energy (kWh) x PUE x grid intensity."""
+    return energy_j / J_PER_KWH * pue * g_per_kwh
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A configuration's emission factors, resolved once.
+
+    Attributes:
+        model: the grid intensity: an annual figure, and an hourly series where configured.
+        pue: a constant, or ``YYYY-MM`` -> PUE (see :func:`pue_for_month`).
+        embodied_config: the ``embodied`` configuration section.
+        gpu_g_per_hour: embodied grams CO2e per GPU-hour (0 when disabled).
+        node_g_per_hour: embodied grams CO2e per node-hour (0 when disabled).
+    """
+
+    model: IntensityModel
+    pue: float | Mapping[str, float]
+    embodied_config: Any = None
+    gpu_g_per_hour: float = 0.0
+    node_g_per_hour: float = 0.0
+
+    @property
+    def constant(self) -> bool:
+        """Whether every hour has the same factor (annual intensity, constant PUE): then a
+        total energy needs no split by hour."""
+        return self.model.hourly is None and not isinstance(self.pue, Mapping)
+
+    @property
+    def embodied_enabled(self) -> bool:
+        return self.embodied_config is not None and bool(self.embodied_config.enabled)
+
+    def pue_of_month(self, month: str) -> float:
+        """The PUE of a ``YYYY-MM`` month (see :func:`pue_for_month`)."""
+        return pue_for_month(self.pue, month)
+
+    def of_hour(self, hour_start_utc: int) -> tuple[Any, float]:
+        """(HourIntensity, PUE) that apply to the clock hour starting at ``hour_start_utc``."""
+        return self.model.for_hour(hour_start_utc), self.pue_of_month(month_of(hour_start_utc))
+
+    def g_per_uj(self, hour_start_utc: int) -> float:
+        """Grams CO2e per microjoule of IT energy in that hour, intensity x PUE / 3.6e12: the
+        factor of :func:`operational_g` for sums that run elsewhere (``llem report`` in SQL)."""
+        hi, pue = self.of_hour(hour_start_utc)
+        return hi.g_per_kwh * pue / UJ_PER_KWH
+
+    def embodied_g(self, gpu_hours: float, node_hours: float) -> float:
+        """Embodied grams CO2e of GPU-hours and node-hours (0 when disabled)."""
+        if not self.embodied_enabled:
+            return 0.0
+        if gpu_hours < 0 or node_hours < 0:
+            raise ValueError(f"negative device hours: gpu {gpu_hours}, node {node_hours}")
+        return gpu_hours * self.gpu_g_per_hour + node_hours * self.node_g_per_hour
+
+
+def factors(config, model: IntensityModel | None = None, **resolve_kwargs) -> Factors:
+    """Resolve ``config``'s factors (the intensity model unless ``model`` is given).
+
+    Args:
+        config: a :class:`llem.config.Config`.
+        model: an already resolved intensity model.
+        resolve_kwargs: passed to :func:`llem.carbon.resolve` (``hours``, ``cache_dir``,
+            ``share_dir``).
+
+    Raises:
+        ConfigError: an unknown region, a bad intensity file, a lifetime that is not positive.
+    """
+    if model is None:
+        model = resolve(config, **resolve_kwargs)
+    emb = config.embodied
+    gpu = node = 0.0
+    if emb.enabled:
+        gpu = embodied_g_per_hour(emb.gpu_kgco2e, emb.gpu_lifetime_years)
+        node = embodied_g_per_hour(emb.node_kgco2e, emb.node_lifetime_years)
+    return Factors(model, config.carbon.pue, emb, gpu, node)
+
+
+def embodied(f: Factors, gpu_hours: float, node_hours: float) -> tuple[float, dict | None]:
     """(grams CO2e, description) of the embodied share; (0, None) when disabled."""
-    if not embodied_config.enabled:
+    if not f.embodied_enabled:
         return 0.0, None
-    if gpu_hours < 0 or node_hours < 0:
-        raise ValueError(f"negative device hours: gpu {gpu_hours}, node {node_hours}")
-    gpu = embodied_g_per_hour(embodied_config.gpu_kgco2e, embodied_config.gpu_lifetime_years)
-    node = embodied_g_per_hour(embodied_config.node_kgco2e, embodied_config.node_lifetime_years)
-    grams = gpu_hours * gpu + node_hours * node
+    grams = f.embodied_g(gpu_hours, node_hours)
+    embodied_config = f.embodied_config
     return grams, {
-        "gpu_g_per_hour": round(gpu, 4),
-        "node_g_per_hour": round(node, 4),
+        "gpu_g_per_hour": round(f.gpu_g_per_hour, 4),
+        "node_g_per_hour": round(f.node_g_per_hour, 4),
         "gpu_hours": gpu_hours,
         "node_hours": node_hours,
         "source": (
@@ -141,6 +222,7 @@ def operational(
         ValueError: a key that is not the start of a UTC hour, or a negative or non-finite
             energy.
     """
+    f = Factors(model, pue)
     grams = energy_kwh = facility_kwh = covered_kwh = 0.0
     fallback_hours = 0
     sources: dict[str, float] = {}
@@ -153,13 +235,11 @@ def operational(
             raise ValueError(f"energy key {hour} is not the start of a UTC hour")
         if not math.isfinite(energy_j) or energy_j < 0:
             raise ValueError(f"energy of hour {hour} is {energy_j} J")
+        hi, hour_pue = f.of_hour(hour)
+        pue_used[month_of(hour)] = hour_pue
+        grams += operational_g(energy_j, hour_pue, hi.g_per_kwh)
         kwh = energy_j / J_PER_KWH
-        month = month_of(hour)
-        hour_pue = pue_for_month(pue, month)
-        pue_used[month] = hour_pue
-        hi = model.for_hour(hour)
         facility = kwh * hour_pue
-        grams += facility * hi.g_per_kwh
         energy_kwh += kwh
         facility_kwh += facility
         if kwh > 0 and hi.flagged_fallback:
@@ -204,6 +284,7 @@ def emissions(
     model: IntensityModel | None = None,
     cache_dir: str | None = None,
     share_dir: str | None = None,
+    resolved: Factors | None = None,
 ) -> Emissions:
     """Emissions of energy used over clock hours, under ``config``'s factors.
 
@@ -214,6 +295,7 @@ def emissions(
         gpu_hours: GPU-hours of the use (number of GPUs x hours), for the embodied share.
         node_hours: node-hours of the use, for the embodied share.
         model: an already resolved IntensityModel (default: ``resolve(config, ...)``).
+        resolved: already resolved factors (:func:`factors`); ``model`` is then ignored.
         cache_dir: directory of the online provider's cache, when one is configured.
         share_dir: a directory of tables instead of the shipped ones.
 
@@ -221,13 +303,12 @@ def emissions(
         ConfigError: an unknown region, a bad intensity file, a PUE month not covered.
         ValueError: a key that is not an hour start, or a negative energy.
     """
-    if model is None:
-        hours = list(energy_j_by_hour)
-        model = resolve(config, hours=hours, cache_dir=cache_dir, share_dir=share_dir)
-    grams, energy_kwh, facility_kwh, fields = operational(
-        energy_j_by_hour, model, config.carbon.pue
-    )
-    embodied_grams, embodied_fields = embodied(config.embodied, gpu_hours, node_hours)
+    if resolved is None:
+        resolved = factors(config, model, hours=list(energy_j_by_hour), cache_dir=cache_dir,
+                           share_dir=share_dir)
+    model = resolved.model
+    grams, energy_kwh, facility_kwh, fields = operational(energy_j_by_hour, model, resolved.pue)
+    embodied_grams, embodied_fields = embodied(resolved, gpu_hours, node_hours)
     fields["embodied"] = embodied_fields
     fields["notes"] = list(model.notes)
     return Emissions(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from llem import __version__
+from llem.units import J_PER_KWH
 
 CITATION_TITLE = "llem: energy and carbon accounting for Slurm clusters"
 CITATION_AUTHOR = "llem developers"
@@ -24,7 +25,6 @@ CITATION_BIBTEX = f"""@software{{llem,
   license = {{{CITATION_LICENSE}}}
 }}"""
 
-J_PER_KWH = 3_600_000.0
 SHARE_TOLERANCE = 0.005  # measured + estimated may differ from the total by 0.5 % (rounding)
 
 

@@ -61,23 +61,17 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
     """
     require("pandas")
     from llem import carbon
-    from llem.carbon.emissions import embodied_g_per_hour, month_of, pue_for_month
     from llem.cluster import report_queries as q
     from llem.report import frames
 
     idle_w = frames.DEFAULT_IDLE_W if idle_w is None else idle_w
     previous = frames.previous_period(period)
     hours = previous.hours() + period.hours() if with_previous else period.hours()
-    if model is None:
-        model = carbon.resolve(config, hours=hours)
-    pue = config.carbon.pue
-    emb = config.embodied
-    factors = frames.Factors(
-        frames.hour_factors(hours, lambda h: model.for_hour(h).g_per_kwh,
-                            lambda h: pue_for_month(pue, month_of(h))),
-        embodied_g_per_hour(emb.gpu_kgco2e, emb.gpu_lifetime_years) if emb.enabled else 0.0,
-        embodied_g_per_hour(emb.node_kgco2e, emb.node_lifetime_years) if emb.enabled else 0.0,
-    )
+    resolved = carbon.factors(config, model, hours=hours)
+    # the report sums energy x factor in SQL: the per-hour factors and embodied rates come
+    # from llem.carbon, as every other CO2e figure
+    factors = frames.Factors({h: resolved.g_per_uj(h) for h in hours},
+                             resolved.gpu_g_per_hour, resolved.node_g_per_hour)
     q.load_hour_factors(ledger, factors.g_per_uj_by_hour)
 
     # The previous period and the nodes' hourly totals are independent reads: each runs in
@@ -99,7 +93,8 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
             side["nodes"] = pool.submit(_own_connection, ledger.path, node_rows_of)
         jobs, runs, energy = _jobs(ledger, period, account, idle_w, factors)
         totals = frames.totals(jobs)
-        carbon_fields = _carbon_fields(ledger, config, model, period, account, energy, totals)
+        carbon_fields = _carbon_fields(ledger, config, resolved, period, account, energy,
+                                       totals)
         previous_totals = side["previous"].result() if with_previous else {}
         recon = None
         if account is None:
@@ -135,7 +130,7 @@ def _jobs(ledger, period, account, idle_w, factors):
     return frames.jobs_frame(runs, energy, idle, factors), runs, energy
 
 
-def _carbon_fields(ledger, config, model, period, account, energy_rows, totals) -> dict:
+def _carbon_fields(ledger, config, resolved, period, account, energy_rows, totals) -> dict:
     """The factors used (region, intensity, source, year, basis, PUE), via carbon.emissions.
 
     With only an annual intensity, the factors are the same in every hour of a day (PUE
@@ -145,7 +140,7 @@ def _carbon_fields(ledger, config, model, period, account, energy_rows, totals) 
     from llem import carbon
     from llem.cluster import report_queries as q
 
-    if model.hourly is None:
+    if resolved.model.hourly is None:
         by_hour: dict[int, float] = {}
         for row in energy_rows:
             by_hour[row[1]] = by_hour.get(row[1], 0.0) + row[2] / 1e6
@@ -153,7 +148,7 @@ def _carbon_fields(ledger, config, model, period, account, energy_rows, totals) 
         by_hour = {h: uj / 1e6 for h, uj in
                    q.energy_by_hour(ledger, period.start_ns, period.end_ns, account)}
     result = carbon.emissions(config, by_hour, gpu_hours=totals["gpu_h"],
-                              node_hours=totals["node_h"], model=model)
+                              node_hours=totals["node_h"], resolved=resolved)
     fields = dict(result.carbon)
     fields["operational_kg_check"] = result.operational_g / 1000.0
     return fields

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 from llem.config import EstimateConfig
 from llem.errors import SensorUnavailable
 from llem.sensors.base import ERROR, ESTIMATED, MODEL, Device, Probe, Reading
+from llem.units import NS_PER_S, UJ_PER_J
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 NAME = "estimate"
 SUPPORTED_COMPONENTS = ("cpu", "dram")
 BYTES_PER_GIB = 1024**3
-NS_PER_S = 1_000_000_000
-UJ_PER_J = 1_000_000
 TDP_TABLE_NAME = "cpu_tdp.csv"
 UNKNOWN_MODEL = "unknown"
 # The fallback's figures from the shipped table (median TDP/cores, largest TDP), for when the

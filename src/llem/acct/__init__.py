@@ -1,0 +1,116 @@
+"""``llem-acct`` as a library: the click command in :mod:`llem.cli.acct` parses the command line
+into :class:`AcctOptions` (:func:`build_options`), and :func:`report` turns options and a
+ledger into the text to print. Pure functions, no printing; all SQL lives in
+:mod:`llem.cluster.acct_queries`. Nothing heavy is imported here; the carbon tables load only
+when a carbon figure is shown.
+
+The modules follow the data:
+
+* :mod:`~llem.acct.fields`: the output fields, ``-o`` and ``-e``;
+* :mod:`~llem.acct.options`: sacct's syntax (times, jobs, states) and :class:`AcctOptions`;
+* :mod:`~llem.acct.rows`: ledger rows into raw values, sacct's selection, totals;
+* :mod:`~llem.acct.co2e`: CO2e of the rows (through :mod:`llem.carbon`);
+* :mod:`~llem.acct.render`: the table, ``-p``/``-P`` and ``--json``;
+* :mod:`~llem.acct.statement`: ``--statement``, and how a selection is named in messages.
+
+Units: the ledger keeps microjoules and nanoseconds; rows carry joules (``ConsumedEnergyRaw``
+is joules, as in sacct), seconds and grams CO2e.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from llem.acct.co2e import Carbon, add_carbon, resolve_carbon
+from llem.acct.errors import AcctUsageError
+from llem.acct.fields import (
+    CARBON_FIELDS,
+    FIELDS,
+    TOTAL_FIELDS,
+    TOTAL_KEYS,
+    Column,
+    Field,
+    helpformat,
+    parse_format,
+)
+from llem.acct.options import (
+    AcctOptions,
+    build_options,
+    parse_jobs,
+    parse_since,
+    parse_states,
+    parse_time,
+    split_list,
+)
+from llem.acct.render import (
+    JSON_SCHEMA,
+    format_co2e,
+    format_elapsed,
+    format_energy,
+    format_time,
+    render_json,
+    render_parsable,
+    render_table,
+)
+from llem.acct.rows import latest_runs, run_row, select_rows, total_row, total_rows, window_rows
+from llem.acct.statement import describe_selection, statement_text
+
+
+@dataclass(frozen=True)
+class Report:
+    """What to print: ``stdout`` text, ``notes`` for stderr, and the exit status."""
+
+    stdout: str
+    notes: tuple[str, ...] = ()
+    status: int = 0
+
+
+def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Report:
+    """The text ``llem-acct`` prints for ``opts``.
+
+    Raises:
+        ConfigError: the carbon configuration cannot be resolved.
+        LedgerError: a query failed.
+    """
+    if opts.statement:
+        return Report(statement_text(ledger, opts, config) + "\n")
+    names = {c.field.name for c in opts.columns}
+    needs_carbon = bool(names & CARBON_FIELDS) or (opts.mode == "json" and not opts.fields_given)
+    carbon = resolve_carbon(config) if needs_carbon else None
+    rows = total_rows(ledger, opts, carbon) if opts.totals_by else \
+        select_rows(ledger, opts, carbon)
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    columns = opts.columns
+    notes: list[str] = []
+    if opts.mode == "json":
+        if not opts.fields_given:
+            catalogue = TOTAL_FIELDS if opts.totals_by else FIELDS
+            names_all = ((TOTAL_KEYS[opts.totals_by],) if opts.totals_by else ()) + tuple(
+                n for n in catalogue if n not in TOTAL_KEYS.values() or not opts.totals_by)
+            columns = tuple(Column(catalogue[n], catalogue[n].width) for n in names_all)
+        return Report(render_json(columns, rows, opts=opts, carbon=carbon, generated_ns=now_ns))
+    if opts.mode == "table":
+        text = render_table(columns, rows, noheader=opts.noheader, units=opts.units)
+        if carbon is not None and rows:
+            text += carbon.footer() + "\n"
+    else:
+        text = render_parsable(columns, rows, noheader=opts.noheader, units=opts.units,
+                               delimiter=opts.delimiter, trailing=opts.mode == "parsable")
+        if carbon is not None and rows:
+            notes.append(carbon.footer())
+    if not rows:
+        notes.append(f"llem-acct: no jobs match ({describe_selection(opts)}); widen the window "
+                     "with -S or --since, or use -a for all users")
+    return Report(text, tuple(notes))
+
+
+__all__ = [
+    "CARBON_FIELDS", "FIELDS", "JSON_SCHEMA", "TOTAL_FIELDS", "TOTAL_KEYS", "AcctOptions",
+    "AcctUsageError", "Carbon", "Column", "Field", "Report", "add_carbon", "build_options",
+    "describe_selection", "format_co2e", "format_elapsed", "format_energy", "format_time",
+    "helpformat", "latest_runs", "parse_format", "parse_jobs", "parse_since", "parse_states",
+    "parse_time", "render_json", "render_parsable", "render_table", "report", "resolve_carbon",
+    "run_row", "select_rows", "split_list", "statement_text", "total_row", "total_rows",
+    "window_rows",
+]

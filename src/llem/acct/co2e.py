@@ -1,0 +1,121 @@
+"""CO2e of ``llem-acct``'s rows: the configured factors resolved once (:class:`Carbon`) and
+applied to every row (:func:`add_carbon`). The carbon tables load only when a carbon figure
+is shown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llem.carbon.emissions import Factors
+
+
+@dataclass(frozen=True)
+class Carbon:
+    """The configured emission factors (:class:`llem.carbon.Factors`), resolved once, and
+    how ``llem-acct`` applies them to a row.
+
+    When the intensity is one annual figure and the PUE a constant, every joule has the same
+    factor and a row's emissions need only its total energy; otherwise the hourly energy of
+    each row goes through :func:`llem.carbon.emissions`.
+
+    Attributes:
+        config: the configuration the factors come from.
+        factors: the factors.
+        info: the factors as the footer and the JSON ``carbon`` object name them.
+    """
+
+    config: Any
+    factors: Factors
+    info: dict = field(default_factory=dict)
+
+    @property
+    def constant(self) -> bool:
+        """Whether a row's total energy is enough (the same factor in every hour)."""
+        return self.factors.constant
+
+    def grams(self, energy_j: float, gpu_hours: float, node_hours: float,
+              energy_j_by_hour: Mapping[int, float] | None = None) -> tuple[float, float]:
+        """(grams CO2e, grid gCO2e/kWh applied) of one row."""
+        from llem import carbon
+
+        f = self.factors
+        if self.constant or not energy_j_by_hour:
+            g_per_kwh = f.model.annual.g_per_kwh
+            grams = carbon.operational_g(energy_j, self._nominal_pue(energy_j_by_hour), g_per_kwh)
+            return grams + f.embodied_g(gpu_hours, node_hours), g_per_kwh
+        em = carbon.emissions(self.config, energy_j_by_hour, gpu_hours, node_hours, resolved=f)
+        return em.co2e_g, em.carbon["intensity_g_per_kwh"]
+
+    def _nominal_pue(self, energy_j_by_hour: Mapping[int, float] | None) -> float:
+        """The PUE of the first hour's month (of this month when there is no hour)."""
+        if self.constant:
+            return self.factors.pue
+        return self.factors.pue_of_month(time.strftime("%Y-%m", time.gmtime(
+            min(energy_j_by_hour) if energy_j_by_hour else time.time())))
+
+    def footer(self) -> str:
+        """One line naming the intensity's source, year and the PUE."""
+        i = self.info
+        text = (f"CO2e: grid intensity {i['intensity_g_per_kwh']:g} gCO2e/kWh ({i['source']}; "
+                f"year {i['year']}; {i['basis']} basis; region {i['region']})")
+        if i.get("hourly_source"):
+            text += f", hourly where available ({i['hourly_source']})"
+        text += f"; PUE {i['pue']}"
+        if i.get("embodied"):
+            text += f"; embodied included ({i['embodied']})"
+        return text + "."
+
+
+def resolve_carbon(config) -> Carbon:
+    """Resolve ``config``'s carbon factors (imports :mod:`llem.carbon` on first use).
+
+    Raises:
+        ConfigError: an unknown region or a bad intensity file.
+    """
+    from llem import carbon
+
+    f = carbon.factors(config)
+    model, pue, annual = f.model, f.pue, f.model.annual
+    embodied_text = None
+    if f.embodied_enabled:
+        embodied_text = (f"{f.gpu_g_per_hour:.2f} g per GPU-hour, "
+                         f"{f.node_g_per_hour:.2f} g per node-hour")
+    pue_text = (f"{float(pue):g}" if not isinstance(pue, Mapping) else
+                "by month (" + ", ".join(f"{m}: {v:g}" for m, v in sorted(pue.items())) + ")")
+    info = {
+        "region": model.region, "intensity_g_per_kwh": annual.g_per_kwh,
+        "source": annual.source, "year": annual.year, "basis": annual.basis,
+        "pue": pue_text if isinstance(pue, Mapping) else float(pue),
+        "hourly_source": model.hourly.source if model.hourly is not None else None,
+        "embodied": embodied_text, "region_is_default": model.is_default_region,
+    }
+    return Carbon(config=config, factors=f, info=info)
+
+
+def add_carbon(rows: list[dict], carbon: Carbon | None,
+               hourly: Mapping[Any, Mapping[int, float]] | None = None) -> None:
+    """Fill ``CO2e`` (grams) and ``CarbonIntensity`` of rows in place.
+
+    Args:
+        rows: raw rows.
+        carbon: the factors; None leaves the fields empty.
+        hourly: row ``_key`` -> joules per hour, needed only when the factors vary by hour.
+    """
+    for row in rows:
+        if carbon is None:
+            row["CO2e"] = row["CarbonIntensity"] = None
+            continue
+        by_hour = None
+        if not carbon.constant:
+            if row.get("_key") is not None and hourly is not None:
+                by_hour = hourly.get(row["_key"])
+            elif row.get("_hour") is not None:
+                by_hour = {row["_hour"]: row["ConsumedEnergy"]}
+        row["CO2e"], row["CarbonIntensity"] = carbon.grams(
+            row["ConsumedEnergy"], row["_gpu_hours"], row["_node_hours"], by_hour)
+

@@ -1,0 +1,151 @@
+"""``llem-acct`` output fields: the catalogue, ``-o`` parsing and ``-e`` (helpformat).
+
+A :class:`Field` says how a value is shown (its ``kind``), :class:`Column` is a field with the
+width ``-o`` gave it. Job rows use :data:`FIELDS`, ``--totals`` rows :data:`TOTAL_FIELDS`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from llem.acct.errors import AcctUsageError
+
+
+@dataclass(frozen=True)
+class Field:
+    """One output field: its name, default width, kind (how it is shown) and description."""
+
+    name: str
+    width: int
+    kind: str
+    help: str
+
+
+FIELDS: dict[str, Field] = {f.name: f for f in (
+    Field("JobID", -12, "str", "job id; array tasks as JOB_TASK, windows (steps) as JOB.NAME"),
+    Field("JobIDRaw", -12, "str", "the job's own Slurm job id (array tasks too)"),
+    Field("JobName", 10, "str", "job name; for a window, its name"),
+    Field("Cluster", 10, "str", "cluster name"),
+    Field("User", 9, "str", "user name"),
+    Field("Account", 10, "str", "account"),
+    Field("Partition", 10, "str", "partition"),
+    Field("State", 10, "str", "COMPLETED, FAILED, SIGNALED or UNKNOWN; windows: closed/open/"
+                              "abandoned"),
+    Field("Start", 19, "time", "start (local time)"),
+    Field("End", 19, "time", "end (local time)"),
+    Field("Elapsed", 10, "elapsed", "wall time, [DD-]HH:MM:SS"),
+    Field("NNodes", 8, "int", "number of nodes"),
+    Field("NodeList", 15, "str", "nodes (Slurm hostlist)"),
+    Field("AllocGPUs", 9, "int", "GPUs allocated (GPU-seconds / wall time)"),
+    Field("ConsumedEnergy", 14, "energy", "energy of all components, joules with K/M/G/T/P "
+                                          "(x1000) suffixes"),
+    Field("ConsumedEnergyRaw", 17, "int", "energy of all components in joules"),
+    Field("CPUEnergy", 10, "energy", "CPU package energy, joules (suffixed)"),
+    Field("DRAMEnergy", 10, "energy", "DRAM energy, joules (suffixed)"),
+    Field("GPUEnergy", 10, "energy", "GPU energy, joules (suffixed)"),
+    Field("AvePower", 10, "watts", "mean power, watts (energy / elapsed)"),
+    Field("EnergySource", 12, "str", "measured, estimated, mixed (or none: no energy)"),
+    Field("Coverage", 8, "percent", "share of the wall time with data"),
+    Field("CarbonIntensity", 15, "intensity", "grid intensity applied, gCO2e/kWh"),
+    Field("CO2e", 10, "co2e", "emissions: energy x PUE x intensity (+ embodied when "
+                              "enabled), g/kg/t CO2e"),
+    Field("Tag", 10, "str", "the job's llem tag"),
+)}
+
+TOTAL_FIELDS: dict[str, Field] = {f.name: f for f in (
+    Field("User", 9, "str", "user name (--totals user)"),
+    Field("Account", 10, "str", "account (--totals account)"),
+    Field("Partition", 10, "str", "partition (--totals partition)"),
+    Field("Tag", 10, "str", "tag (--totals tag)"),
+    Field("Day", 10, "str", "day the runs started, local time (--totals day)"),
+    Field("Month", 7, "str", "month the runs started, local time (--totals month)"),
+    Field("NJobs", 8, "int", "number of job runs"),
+    Field("Elapsed", 13, "elapsed", "summed wall time of the runs"),
+    Field("NodeHours", 10, "float1", "nodes x wall time, hours"),
+    Field("GPUHours", 10, "float1", "GPU-hours"),
+    Field("ConsumedEnergy", 14, "energy", FIELDS["ConsumedEnergy"].help),
+    Field("ConsumedEnergyRaw", 17, "int", FIELDS["ConsumedEnergyRaw"].help),
+    Field("CPUEnergy", 10, "energy", FIELDS["CPUEnergy"].help),
+    Field("DRAMEnergy", 10, "energy", FIELDS["DRAMEnergy"].help),
+    Field("GPUEnergy", 10, "energy", FIELDS["GPUEnergy"].help),
+    Field("AvePower", 10, "watts", "mean power over the summed wall time, watts"),
+    Field("EnergySource", 12, "str", FIELDS["EnergySource"].help),
+    Field("Coverage", 8, "percent", "time-weighted share of wall time with data"),
+    Field("CarbonIntensity", 15, "intensity", FIELDS["CarbonIntensity"].help),
+    Field("CO2e", 10, "co2e", FIELDS["CO2e"].help),
+)}
+
+TOTAL_KEYS = {"user": "User", "account": "Account", "partition": "Partition", "tag": "Tag",
+              "day": "Day", "month": "Month"}
+DEFAULT_FORMAT = ("JobID", "JobName", "User", "Account", "Partition", "State", "Elapsed",
+                  "NNodes", "ConsumedEnergy", "EnergySource", "CO2e")
+DEFAULT_TOTALS_FORMAT = ("NJobs", "Elapsed", "GPUHours", "ConsumedEnergy", "GPUEnergy",
+                         "EnergySource", "CO2e")
+CARBON_FIELDS = frozenset({"CarbonIntensity", "CO2e"})
+ENERGY_PREFIXES = ("", "K", "M", "G", "T", "P")  # --units, and the suffixes of energy fields
+
+
+@dataclass(frozen=True)
+class Column:
+    """A field of the output with its width (negative: left-justified, as in sacct)."""
+
+    field: Field
+    width: int
+
+
+def _lookup(name: str, catalogue: Mapping[str, Field]) -> Field:
+    for known in catalogue:
+        if known.lower() == name.lower():
+            return catalogue[known]
+    import difflib  # only for the error message
+
+    near = difflib.get_close_matches(name, list(catalogue), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    raise AcctUsageError("-o/--format", f"unknown field '{name}'{hint} (llem-acct -e lists them)")
+
+
+def parse_format(text: str | None, totals_by: str | None = None) -> list[Column]:
+    """``-o`` text (``JobID,JobName%30,CO2e%-8``) into columns; default when None.
+
+    Field names are case-insensitive, as in sacct. ``%N`` sets the width; ``%-N``
+    left-justifies (JobID and JobIDRaw are always left-justified, as in sacct).
+
+    Raises:
+        AcctUsageError: an unknown field, or a bad width.
+    """
+    catalogue = TOTAL_FIELDS if totals_by else FIELDS
+    if text is None:
+        names = ((TOTAL_KEYS[totals_by],) + DEFAULT_TOTALS_FORMAT) if totals_by \
+            else DEFAULT_FORMAT
+        return [Column(catalogue[n], catalogue[n].width) for n in names]
+    columns = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, width = item.partition("%")
+        f = _lookup(name, catalogue)
+        if width:
+            if not re.fullmatch(r"-?\d+", width) or int(width) == 0:
+                raise AcctUsageError("-o/--format", f"bad width '%{width}' of field {f.name}")
+            n = int(width)
+            columns.append(Column(f, -abs(n) if f.width < 0 else n))
+        else:
+            columns.append(Column(f, f.width))
+    if not columns:
+        raise AcctUsageError("-o/--format", "no fields given")
+    return columns
+
+
+def helpformat(totals: bool = False) -> str:
+    """The field names, four to a line, like ``sacct -e``; then what each one means."""
+    catalogue = TOTAL_FIELDS if totals else FIELDS
+    names = list(catalogue)
+    lines = ["".join(f"{n:<20}" for n in names[i:i + 4]).rstrip()
+             for i in range(0, len(names), 4)]
+    lines.append("")
+    lines += [f"{f.name:<18} {f.help}" for f in catalogue.values()]
+    return "\n".join(lines) + "\n"
+

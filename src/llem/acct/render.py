@@ -1,0 +1,184 @@
+"""``llem-acct``'s output: sacct's fixed-width table, ``-p``/``-P`` and the ``--json`` document,
+and how each kind of field is shown (energy with K/M/G suffixes, CO2e, elapsed, times).
+
+Pure: rows of raw values (joules, seconds, epoch ns, grams) in, text out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Sequence
+
+from llem.acct.fields import ENERGY_PREFIXES, Column
+from llem.acct.options import spec_text
+from llem.units import NS_PER_S
+
+if TYPE_CHECKING:
+    from llem.acct.co2e import Carbon
+    from llem.acct.options import AcctOptions
+
+JSON_SCHEMA = "llem.acct/1"
+
+
+def format_energy(joules: float | None, units: str | None = None) -> str:
+    """sacct's way with ConsumedEnergy: ``850``, ``12.34K``, ``1.50M`` (x1000 steps).
+
+    With ``units`` (K, M, G, T, P) every value is shown in that unit.
+    """
+    if joules is None:
+        return ""
+    value = float(joules)
+    if units:
+        index = ENERGY_PREFIXES.index(units)
+    else:
+        index = 0
+        while abs(value) >= 1000 ** (index + 1) and index < len(ENERGY_PREFIXES) - 1:
+            index += 1
+    value /= 1000 ** index
+    if index == 0:
+        return str(round(value))
+    return f"{value:.2f}{ENERGY_PREFIXES[index]}"
+
+
+def format_co2e(grams: float | None) -> str:
+    """``812.3g``, ``1.234kg``, ``2.500t``."""
+    if grams is None:
+        return ""
+    if grams >= 1e6:
+        return f"{grams / 1e6:.3f}t"
+    if grams >= 1000:
+        return f"{grams / 1000:.3f}kg"
+    return f"{grams:.1f}g"
+
+
+def format_elapsed(seconds: float | None) -> str:
+    """``[DD-]HH:MM:SS``, as sacct."""
+    if seconds is None:
+        return ""
+    total = int(round(seconds))
+    days, rest = divmod(total, 86400)
+    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{text}" if days else text
+
+
+def format_time(ts_ns: int | None) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` in local time (sacct's default); ``Unknown`` when absent."""
+    if ts_ns is None:
+        return "Unknown"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts_ns // NS_PER_S))
+
+
+def _formatter(kind: str, units: str | None):
+    """value -> text for a field kind (None -> empty, or ``Unknown`` for times)."""
+    simple = {
+        "energy": lambda v: format_energy(v, units), "time": format_time,
+        "elapsed": format_elapsed, "watts": "{:.1f}".format, "intensity": "{:.1f}".format,
+        "float1": "{:.1f}".format, "percent": lambda v: f"{v * 100:.1f}%",
+        "co2e": format_co2e,
+    }.get(kind, str)
+    empty = "Unknown" if kind == "time" else ""
+    return lambda v: empty if v is None else simple(v)
+
+
+def _cell(text: str, width: int) -> str:
+    size = abs(width)
+    if len(text) > size:
+        text = text[:size - 1] + "+"
+    return text.ljust(size) if width < 0 else text.rjust(size)
+
+
+def render_table(columns: Sequence[Column], rows: Sequence[dict], *, noheader: bool,
+                 units: str | None) -> str:
+    """sacct's fixed-width table: right-justified cells (``%-N``, and JobID: left; headers
+    always right), ``+`` marks a cut, one space after every cell, dashes under the header."""
+    lines = []
+    if not noheader:
+        # sacct cuts header names without a '+' and right-justifies them
+        lines.append("".join(c.field.name[:abs(c.width)].rjust(abs(c.width)) + " "
+                             for c in columns))
+        lines.append("".join("-" * abs(c.width) + " " for c in columns))
+    cols = [(c.field.name, _formatter(c.field.kind, units), c.width) for c in columns]
+    for row in rows:
+        lines.append("".join([_cell(fmt(row.get(name)), width) + " "
+                              for name, fmt, width in cols]))
+    return "".join(line + "\n" for line in lines)
+
+
+def render_parsable(columns: Sequence[Column], rows: Sequence[dict], *, noheader: bool,
+                    units: str | None, delimiter: str, trailing: bool) -> str:
+    """``-p`` (a delimiter after every field) and ``-P`` (between fields only), as sacct."""
+    end = delimiter if trailing else ""
+    lines = []
+    if not noheader:
+        lines.append(delimiter.join(c.field.name for c in columns) + end)
+    cols = [(c.field.name, _formatter(c.field.kind, units)) for c in columns]
+    for row in rows:
+        lines.append(delimiter.join([fmt(row.get(name)) for name, fmt in cols]) + end)
+    return "".join(line + "\n" for line in lines)
+
+
+def _json_value(value: Any, kind: str) -> Any:
+    if value is None:
+        return None
+    if kind == "time":
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value // NS_PER_S))
+    if kind == "elapsed":
+        return int(round(value))
+    if kind == "energy":
+        return round(value, 3)
+    if kind in ("watts", "intensity", "float1"):
+        return round(value, 3)
+    if kind == "co2e":
+        return round(value, 3)
+    if kind == "percent":
+        return round(value, 4)
+    return value
+
+
+def render_json(columns: Sequence[Column], rows: Sequence[dict], *, opts: AcctOptions,
+                carbon: Carbon | None, generated_ns: int) -> str:
+    """The ``--json`` document (schema :data:`JSON_SCHEMA`, see docs/acct-json.md)."""
+    start, end = opts.window
+    f = opts.filter
+    doc: dict[str, Any] = {
+        "schema": JSON_SCHEMA,
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                      time.gmtime(generated_ns // NS_PER_S)),
+        "query": {
+            "start": _iso_local(start), "end": _iso_local(end),
+            "clusters": list(f.clusters) if f.clusters is not None else None,
+            "users": list(f.users) if f.users is not None else None,
+            "accounts": list(f.accounts) if f.accounts is not None else None,
+            "partitions": list(f.partitions) if f.partitions is not None else None,
+            "states": list(f.states) if f.states is not None else None,
+            "nodes": list(f.nodes) if f.nodes is not None else None,
+            "jobs": [spec_text(s) for s in f.jobs] if f.jobs is not None else None,
+            "totals_by": opts.totals_by,
+        },
+        "units": {"energy": "J", "power": "W", "time": "s", "co2e": "g",
+                  "carbon_intensity": "gCO2e/kWh", "coverage": "fraction"},
+        "carbon": _json_carbon(carbon),
+        "fields": [c.field.name for c in columns],
+    }
+    doc["totals" if opts.totals_by else "jobs"] = [
+        {c.field.name: _json_value(row.get(c.field.name), c.field.kind) for c in columns}
+        for row in rows]
+    return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+
+
+def _json_carbon(carbon: Carbon | None) -> dict | None:
+    if carbon is None:
+        return None
+    i = carbon.info
+    return {"region": i["region"], "intensity_g_per_kwh": i["intensity_g_per_kwh"],
+            "source": i["source"], "year": i["year"], "basis": i["basis"], "pue": i["pue"],
+            "hourly_source": i["hourly_source"], "embodied": i["embodied"],
+            "region_is_default": i["region_is_default"]}
+
+
+def _iso_local(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone().isoformat(timespec="seconds")

@@ -1,0 +1,225 @@
+"""``llem-acct``'s rows: ledger rows into raw field values (joules, seconds, epoch ns), the
+selection sacct makes (latest run of a requeued job, ``-j JOB.STEP``), a job's window rows
+after it, and ``--totals`` rows. All SQL is in :mod:`llem.cluster.acct_queries`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from llem.acct.co2e import add_carbon
+from llem.acct.fields import TOTAL_KEYS
+from llem.cluster.acct_queries import RUN_COLUMNS, TOTAL_COLUMNS, WINDOW_COLUMNS, JobSpec
+from llem.hostlist import compress_hostlist
+from llem.units import NS_PER_S, UJ_PER_J
+
+if TYPE_CHECKING:
+    from llem.acct.co2e import Carbon
+    from llem.acct.options import AcctOptions
+
+
+def energy_source(energy_uj: int, estimated_uj: int) -> str:
+    """``measured``, ``estimated``, ``mixed``, or ``none`` when there is no energy at all."""
+    if energy_uj <= 0:
+        return "none"
+    if estimated_uj <= 0:
+        return "measured"
+    return "estimated" if estimated_uj >= energy_uj else "mixed"
+
+
+def job_id_text(job_id: str, array_job_id: str | None, array_task_id: str | None) -> str:
+    """sacct's JobID: ``ARRAY_TASK`` for array tasks, else the job id."""
+    if array_job_id and array_task_id is not None:
+        return f"{array_job_id}_{array_task_id}"
+    return job_id
+
+
+def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The raw field values (joules, seconds, epoch ns) of one ``job_runs`` row."""
+    elapsed_s = max(0, (run["run_end_ns"] or run["run_start_ns"]) - run["run_start_ns"]) / NS_PER_S
+    energy_j = run["energy_uj"] / UJ_PER_J
+    return {
+        "JobID": job_id_text(run["job_id"], run["array_job_id"], run["array_task_id"]),
+        "JobIDRaw": run["job_id"], "JobName": run["name"], "Cluster": run["cluster"],
+        "User": run["user"], "Account": run["account"], "Partition": run["partition"],
+        "State": run["state"] or "UNKNOWN", "Start": run["run_start_ns"],
+        "End": run["run_end_ns"], "Elapsed": elapsed_s, "NNodes": run["num_nodes"],
+        "NodeList": run["nodelist"],
+        "AllocGPUs": round(run["gpu_seconds"] / elapsed_s) if elapsed_s else 0,
+        "ConsumedEnergy": energy_j, "ConsumedEnergyRaw": round(energy_j),
+        "CPUEnergy": run["cpu_energy_uj"] / UJ_PER_J,
+        "DRAMEnergy": run["dram_energy_uj"] / UJ_PER_J,
+        "GPUEnergy": run["gpu_energy_uj"] / UJ_PER_J,
+        "AvePower": energy_j / elapsed_s if elapsed_s else None,
+        "EnergySource": energy_source(run["energy_uj"], run["estimated_energy_uj"]),
+        "Coverage": run["coverage"], "Tag": run["tag"],
+        "_gpu_hours": run["gpu_seconds"] / 3600,
+        "_node_hours": (run["num_nodes"] or 0) * elapsed_s / 3600,
+        "_key": (run["cluster"], run["job_id"], run["run_start_ns"]),
+        "_array": (run["array_job_id"], run["array_task_id"]),
+    }
+
+
+def window_rows(windows: Sequence[tuple], devices: Mapping[tuple, tuple[str, str]],
+                parents: Mapping[tuple, dict]) -> list[dict[str, Any]]:
+    """One row per named window of a run (its nodes merged), like sacct's step rows.
+
+    Args:
+        windows: rows of :data:`WINDOW_COLUMNS` (one per node of a window).
+        devices: (cluster, node, device_key) -> (component, source).
+        parents: run key -> the run's row (for user, account, partition, ids).
+    """
+    merged: dict[tuple, dict] = {}
+    for w in windows:
+        w = dict(zip(WINDOW_COLUMNS, w))
+        key = (w["cluster"], w["job_id"], w["run_start_ns"], w["name"], w["step_id"])
+        m = merged.setdefault(key, {"start": w["start_ns"], "end": w["end_ns"], "nodes": [],
+                                    "by": {"cpu": 0, "dram": 0, "gpu": 0}, "energy": 0,
+                                    "estimated": 0, "gpus": 0, "status": w["status"]})
+        m["start"] = min(m["start"], w["start_ns"])
+        if w["end_ns"] is None or m["end"] is None:
+            m["end"] = None
+        else:
+            m["end"] = max(m["end"], w["end_ns"])
+        m["nodes"].append(w["node"])
+        if w["status"] != "closed":
+            m["status"] = w["status"]
+        for device, uj in json.loads(w["energy"] or "{}").items():
+            component, source = devices.get((w["cluster"], w["node"], device), ("other", ""))
+            m["energy"] += uj
+            if component in m["by"]:
+                m["by"][component] += uj
+            if component == "gpu":
+                m["gpus"] += 1
+            if source == "estimated":
+                m["estimated"] += uj
+    out = []
+    for (cluster, job_id, run_start_ns, name, step_id), m in merged.items():
+        parent = parents[(cluster, job_id, run_start_ns)]
+        end = m["end"] if m["end"] is not None else m["start"]
+        elapsed_s = max(0, end - m["start"]) / NS_PER_S
+        energy_j = m["energy"] / UJ_PER_J
+        label = name or step_id
+        out.append({
+            **{k: parent[k] for k in ("Cluster", "User", "Account", "Partition", "Tag")},
+            "JobID": f"{parent['JobID']}.{label}", "JobIDRaw": f"{job_id}.{label}",
+            "JobName": name, "State": m["status"], "Start": m["start"], "End": m["end"],
+            "Elapsed": elapsed_s, "NNodes": len(set(m["nodes"])),
+            "NodeList": compress_hostlist(sorted(set(m["nodes"]))), "AllocGPUs": m["gpus"],
+            "ConsumedEnergy": energy_j, "ConsumedEnergyRaw": round(energy_j),
+            "CPUEnergy": m["by"]["cpu"] / UJ_PER_J, "DRAMEnergy": m["by"]["dram"] / UJ_PER_J,
+            "GPUEnergy": m["by"]["gpu"] / UJ_PER_J,
+            "AvePower": energy_j / elapsed_s if elapsed_s else None,
+            "EnergySource": energy_source(m["energy"], m["estimated"]), "Coverage": None,
+            "_gpu_hours": m["gpus"] * elapsed_s / 3600,
+            "_node_hours": len(set(m["nodes"])) * elapsed_s / 3600,
+            "_key": None, "_step_id": step_id, "_parent": (cluster, job_id, run_start_ns),
+            "_hour": m["start"] // NS_PER_S // 3600 * 3600,
+        })
+    return out
+
+
+def total_row(by: str, values: Sequence) -> dict[str, Any]:
+    """The raw field values of one ``--totals`` group (a row of :data:`TOTAL_COLUMNS`)."""
+    t = dict(zip(TOTAL_COLUMNS, values))
+    elapsed_s = (t["elapsed_ns"] or 0) / NS_PER_S
+    energy_j = (t["energy_uj"] or 0) / UJ_PER_J
+    return {
+        TOTAL_KEYS[by]: t["key"], "NJobs": t["njobs"], "Elapsed": elapsed_s,
+        "NodeHours": (t["node_ns"] or 0) / NS_PER_S / 3600,
+        "GPUHours": (t["gpu_seconds"] or 0) / 3600,
+        "ConsumedEnergy": energy_j, "ConsumedEnergyRaw": round(energy_j),
+        "CPUEnergy": (t["cpu_energy_uj"] or 0) / UJ_PER_J,
+        "DRAMEnergy": (t["dram_energy_uj"] or 0) / UJ_PER_J,
+        "GPUEnergy": (t["gpu_energy_uj"] or 0) / UJ_PER_J,
+        "AvePower": energy_j / elapsed_s if elapsed_s else None,
+        "EnergySource": energy_source(t["energy_uj"] or 0, t["estimated_energy_uj"] or 0),
+        "Coverage": (t["covered_ns"] / t["coverage_ns"]) if t["coverage_ns"] else None,
+        "_gpu_hours": (t["gpu_seconds"] or 0) / 3600,
+        "_node_hours": (t["node_ns"] or 0) / NS_PER_S / 3600, "_key": t["key"],
+    }
+
+
+def _spec_matches(spec: JobSpec, run: dict) -> bool:
+    """Whether a ``-j`` item names this run (its job id, its array, or its array task)."""
+    if spec.task_id is not None:
+        return run["_array"] == (spec.job_id, spec.task_id)
+    return spec.job_id in (run["JobIDRaw"], run["_array"][0])
+
+
+def _shown(specs: tuple[JobSpec, ...] | None, run: dict, window: dict | None) -> bool:
+    """sacct's rule: ``-j 12`` shows job 12 and its steps, ``-j 12.train`` only that step."""
+    if specs is None or not any(s.step for s in specs):
+        return True
+    for spec in specs:
+        if not _spec_matches(spec, run):
+            continue
+        if not spec.step or (window is not None
+                             and spec.step in (window["JobName"], window["_step_id"])):
+            return True
+    return False
+
+
+def latest_runs(runs: list[dict]) -> list[dict]:
+    """Only the latest run of each job among ``runs`` (sacct without ``-D``), order kept."""
+    latest: dict[tuple[str, str], int] = {}
+    for run in runs:
+        cluster, job_id, start_ns = run["_key"]
+        if start_ns > latest.get((cluster, job_id), -1):
+            latest[(cluster, job_id)] = start_ns
+    return [run for run in runs if latest[run["_key"][:2]] == run["_key"][2]]
+
+
+def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
+    """Job rows (and their window rows, unless ``-X``), in sacct's order: a job, then its
+    steps."""
+    from llem.cluster import acct_queries as q
+
+    runs = [run_row(dict(zip(RUN_COLUMNS, r))) for r in q.select_runs(ledger, opts.filter)]
+    if not opts.duplicates:
+        runs = latest_runs(runs)
+    hourly = None
+    if carbon is not None and not carbon.constant and runs:
+        hourly = {}
+        for cluster, job_id, run_start_ns, hour_s, uj in q.hourly_energy(
+                ledger, opts.filter, "run"):
+            hourly.setdefault((cluster, job_id, run_start_ns), {})[hour_s] = uj / UJ_PER_J
+    add_carbon(runs, carbon, hourly)
+    specs = opts.filter.jobs
+    if opts.allocations or not runs:
+        return [run for run in runs if _shown(specs, run, None)]
+    parents = {r["_key"]: r for r in runs}
+    windows = q.select_windows(ledger, list(parents))
+    steps: list[dict] = []
+    if windows:
+        devices = q.device_components(ledger, {(w[0], w[10]) for w in windows})
+        steps = [w for w in window_rows(windows, devices, parents)
+                 if _shown(specs, parents[w["_parent"]], w)]
+        add_carbon(steps, carbon)
+    by_parent: dict[tuple, list[dict]] = {}
+    for step in steps:
+        by_parent.setdefault(step["_parent"], []).append(step)
+    out = []
+    for run in runs:
+        if _shown(specs, run, None):
+            out.append(run)
+        out += by_parent.get(run["_key"], [])
+    return out
+
+
+def total_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
+    """One row per group of ``--totals``."""
+    from llem.cluster import acct_queries as q
+
+    rows = [total_row(opts.totals_by, r)
+            for r in q.select_totals(ledger, opts.filter, opts.totals_by)]
+    hourly = None
+    if carbon is not None and not carbon.constant and rows:
+        hourly = {}
+        for key, hour_s, uj in q.hourly_energy(ledger, opts.filter, opts.totals_by):
+            hourly.setdefault(key, {})[hour_s] = uj / UJ_PER_J
+    add_carbon(rows, carbon, hourly)
+    return rows
+
+
