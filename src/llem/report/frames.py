@@ -18,8 +18,8 @@ from typing import Any
 import pandas as pd
 
 from llem.cluster import report_queries as q
+from llem.units import UJ_PER_KWH
 
-UJ_PER_KWH = 3.6e12
 GROUP_KEYS = ("account", "user", "partition", "tag")
 DEFAULT_IDLE_W = 100.0
 IDLE_DEFINITION = (
@@ -106,17 +106,6 @@ class Factors:
     g_per_uj_by_hour: Mapping[int, float]
     embodied_gpu_g_per_h: float = 0.0
     embodied_node_g_per_h: float = 0.0
-
-
-def hour_factors(hours: Sequence[int], intensity_g_per_kwh, pue_of_hour) -> dict[int, float]:
-    """grams CO2e per microjoule of IT energy for each hour: intensity x PUE / 3.6e12.
-
-    Args:
-        hours: UTC hour starts.
-        intensity_g_per_kwh: hour -> gCO2e/kWh (a callable).
-        pue_of_hour: hour -> PUE (a callable).
-    """
-    return {h: intensity_g_per_kwh(h) * pue_of_hour(h) / UJ_PER_KWH for h in hours}
 
 
 # -- jobs --------------------------------------------------------------------------------------
