@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -19,6 +21,7 @@ import pytest
 
 from llem import slices
 from llem.config import SamplerConfig
+from llem.errors import StoreError
 from llem.node.daemon import NodeDaemon, sampler_pid
 from llem.node.jobs import write_registration
 from llem.node.store import NodeStore
@@ -127,7 +130,16 @@ class Daemon:
         self.thread = threading.Thread(target=lambda: self.status.append(self.daemon.run()),
                                        name="node-daemon", daemon=True)
         self.thread.start()
-        wait_for(self.paths.socket.exists, "the daemon's socket")
+        # Up once it wrote an interval: its socket is bound by then (a crashed predecessor's
+        # socket file may still lie there, refusing connections).
+        wait_for(self.wrote_an_interval, "the daemon's first interval")
+
+    def wrote_an_interval(self) -> bool:
+        try:
+            return bool(self.query("SELECT COUNT(*) FROM intervals WHERE sampler_id LIKE ?",
+                                   (f"{NODE}-{os.getpid()}-%",))[0][0])
+        except StoreError:  # not there yet, or not migrated yet
+            return False
 
     def prolog(self, job_id: str, **env) -> None:
         write_registration(self.paths.jobs, "start", slurm_env(job_id, **env))
@@ -312,3 +324,43 @@ def test_daemon_leaves_after_linger_and_releases_the_lock(tmp_path):
     successor = node.make()
     assert successor.acquire_lock()
     successor.release_lock()
+
+
+def test_restart_after_a_crash_at_a_commit_point_is_recorded_on_the_job(tmp_path):
+    """The node sampler dies right after its 3rd committed interval (a deterministic crash
+    point, see tests/crash_sampler.py) with a job running; the next sampler takes over."""
+    from tests.crash_sampler import CRASH_EXIT
+    from tests.powercap import FakePowercap
+
+    node = Daemon(tmp_path, linger_s=600.0)
+    tree = FakePowercap(tmp_path / "powercap")
+    tree.add_socket(0)
+    node.prolog("107")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
+    env.update(LLEM_CONFIG="/dev/null", LLEM_POWERCAP_ROOT=str(tree.path), LLEM_SENSORS="rapl",
+               LLEM_CLUSTER="c1", LLEM_STATE_DIR=node.config.state_dir,
+               LLEM_SPOOL_DIR=node.config.spool_dir, LLEM_RUN_DIR=node.config.run_dir,
+               LLEM_SAMPLER_NICE="0", LLEM_TEST_CRASH_AFTER_COMMITS="3")
+    crashed = subprocess.run(
+        [sys.executable, "-m", "tests.crash_sampler", "--node", NODE, "--interval", "0.1"],
+        env=env, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=60)
+    assert crashed.returncode == CRASH_EXIT, crashed.stderr
+    assert node.paths.pid_file.exists()  # stale: the crash left it
+    assert sampler_pid(node.paths) is None  # but the lock died with the process
+    assert node.query("SELECT COUNT(*) FROM intervals") == [(3,)]
+    try:
+        node.start()
+        node.epilog("107")
+        wait_for(lambda: node.job_state("107") == "exported", "job 107 exported")
+    finally:
+        node.stop()
+    with node.store() as store:
+        assert store.integrity_check() == "ok"
+    assert sampler_pid(node.paths) is None
+    assert "sampler_restart" in json.loads(
+        node.query("SELECT flags FROM jobs WHERE job_id = '107'")[0][0])
+    starts = node.query("SELECT kind FROM events WHERE kind LIKE 'sampler_%' ORDER BY id")
+    assert starts == [("sampler_start",), ("sampler_restart",), ("sampler_start",),
+                      ("sampler_stop",)]
+    assert "sampler restarted with jobs running" in node.paths.problems.read_text()
