@@ -10,7 +10,6 @@ and ``llem epilog`` ingest the same files when no sampler is alive.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -128,7 +127,8 @@ def seal_figures(store: NodeStore, run_id: int, start_ns: int,
     return coverage, flags
 
 
-def seal(store: NodeStore, run: JobRecord, extra_flags: set[str] | frozenset = frozenset()) -> JobRecord:
+def seal(store: NodeStore, run: JobRecord,
+         extra_flags: set[str] | frozenset = frozenset()) -> JobRecord:
     """Compute coverage and flags of an ended run and mark it sealed."""
     assert run.end_ns is not None
     coverage, flags = seal_figures(store, run.run_id, run.start_ns, run.end_ns)
@@ -139,17 +139,9 @@ def seal(store: NodeStore, run: JobRecord, extra_flags: set[str] | frozenset = f
     return store.run(run.run_id)
 
 
-def finalize_ended(store: NodeStore, up_to_ns: int,
-                   extra_flags: set[str] | frozenset = frozenset()) -> list[JobRecord]:
+def finalize_ended(store: NodeStore, up_to_ns: int) -> list[JobRecord]:
     """Seal every ended run whose end is covered by data up to ``up_to_ns``."""
-    out = []
-    for run in store.runs_ended_by(up_to_ns):
-        out.append(seal(store, run, extra_flags))
-    return out
-
-
-def dumps_flags(flags) -> str:
-    return json.dumps(sorted(flags))
+    return [seal(store, run) for run in store.runs_ended_by(up_to_ns)]
 
 
 JOB_VARS = (
