@@ -4,6 +4,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -213,10 +214,13 @@ def test_sigterm_flushes_and_exits_within_a_second(tmp_path):
     tree.add_socket(0)
     path = tmp_path / "state" / "n.db"
     proc = _start_sampler(tree, path, 10.0)  # long interval: the final reading must flush it
+    watchdog = threading.Timer(30, proc.kill)  # bounds the read below: EOF at the latest
+    watchdog.start()
     try:
         for line in proc.stdout:  # the loop is running once it says so
             if "sampling" in line:
                 break
+        watchdog.cancel()
         time.sleep(0.3)
         tree.advance("intel-rapl:0", 5_000_000)
         t0 = time.monotonic()
