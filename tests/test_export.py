@@ -223,7 +223,7 @@ def test_deliver_puts_the_slice_in_the_spool_atomically(tmp_path):
     assert stat.S_IMODE(os.stat(spool).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(outbox_dir(cfg)).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(spool / path.name).st_mode) == 0o640
-    assert store.jobs("run_id = ?", (run_id,))[0].state == "exported"
+    assert store.run(run_id).state == "exported"
 
 
 def test_spool_writable_by_others_is_refused_and_the_slice_waits(tmp_path):

@@ -4,7 +4,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -77,7 +79,8 @@ def test_corrupt_store_is_quarantined_and_kept(tmp_path, damage):
         path.write_bytes(data[: len(data) // 2])
     store, moved = open_or_quarantine(path)
     assert moved is not None and moved.exists()
-    assert moved.read_bytes()[:20] == (b"this is not a databa" if damage == "garbage" else data[:20])
+    kept = b"this is not a databa" if damage == "garbage" else data[:20]
+    assert moved.read_bytes()[:20] == kept
     assert store.integrity_check() == "ok"
     assert store.query("SELECT kind FROM events") == [("store_quarantined",)]
 
@@ -111,11 +114,15 @@ def _sampler_env(tree):
     return env
 
 
-def _start_sampler(tree, store_path, interval_s):
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _start_sampler(tree, store_path, interval_s, module="llem.cli.sampler", **env):
     return subprocess.Popen(
-        [sys.executable, "-m", "llem.cli.sampler", "--interval", str(interval_s),
+        [sys.executable, "-m", module, "--interval", str(interval_s),
          "--store", str(store_path), "-v"],
-        env=_sampler_env(tree), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**_sampler_env(tree), **env}, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
 
@@ -135,8 +142,49 @@ def _wait_for_intervals(path, n, timeout=20):
     raise AssertionError(f"sampler wrote fewer than {n} intervals in {timeout} s")
 
 
-@pytest.mark.parametrize("run", range(5))
-def test_sigkill_loses_at_most_one_interval(tmp_path, run):
+def _assert_whole(store):
+    assert store.integrity_check() == "ok"
+    # Each interval is whole: an interval row always has its energy rows.
+    assert store.query(
+        "SELECT COUNT(*) FROM intervals i WHERE NOT EXISTS "
+        "(SELECT 1 FROM energy e WHERE e.interval_id = i.id)") == [(0,)]
+
+
+@pytest.mark.parametrize("commits, point", [
+    (1, "commit"), (4, "commit"), (1, "next-write"), (4, "next-write")])
+def test_crash_at_a_commit_point_loses_at_most_the_interval_in_flight(tmp_path, commits, point):
+    from tests.crash_sampler import CRASH_EXIT
+
+    tree = FakePowercap(tmp_path / "pc")
+    tree.add_socket(0)
+    path = tmp_path / "state" / "n.db"
+    proc = _start_sampler(tree, path, 0.1, module="tests.crash_sampler",
+                          LLEM_TEST_CRASH_AFTER_COMMITS=str(commits), LLEM_TEST_CRASH_POINT=point)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == CRASH_EXIT, output
+    with NodeStore(path) as store:
+        _assert_whole(store)
+        # Every committed interval is there; at "next-write" the one in flight is lost.
+        assert store.query("SELECT COUNT(*) FROM intervals") == [(commits,)]
+        devices = store.query("SELECT COUNT(*) FROM devices")[0][0]
+        assert store.query("SELECT COUNT(*) FROM energy") == [(commits * devices,)]
+    # The next sampler carries on in the same store.
+    proc = _start_sampler(tree, path, 0.1)
+    try:
+        _wait_for_intervals(path, commits + 1)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    with NodeStore(path) as store:
+        _assert_whole(store)
+
+
+def test_sigkill_at_a_random_moment_loses_at_most_one_interval(tmp_path):
+    # The one randomized kill: the deterministic points above cover the known places.
     tree = FakePowercap(tmp_path / "pc")
     tree.add_socket(0)
     path = tmp_path / "state" / "n.db"
@@ -154,15 +202,11 @@ def test_sigkill_loses_at_most_one_interval(tmp_path, run):
         if proc.poll() is None:
             proc.kill()
     store = NodeStore(path)
-    assert store.integrity_check() == "ok"
+    _assert_whole(store)
     last_end_ns = store.query("SELECT MAX(end_ns) FROM intervals")[0][0]
     # Everything up to one interval before the kill is on disk (plus scheduling slack on a
     # loaded 2-core machine).
     assert kill_wall_ns - last_end_ns <= (interval_s + 0.3) * 1e9
-    # Each interval is whole: an interval row always has its energy rows.
-    assert store.query(
-        "SELECT COUNT(*) FROM intervals i WHERE NOT EXISTS "
-        "(SELECT 1 FROM energy e WHERE e.interval_id = i.id)") == [(0,)]
 
 
 def test_sigterm_flushes_and_exits_within_a_second(tmp_path):
@@ -170,10 +214,13 @@ def test_sigterm_flushes_and_exits_within_a_second(tmp_path):
     tree.add_socket(0)
     path = tmp_path / "state" / "n.db"
     proc = _start_sampler(tree, path, 10.0)  # long interval: the final reading must flush it
+    watchdog = threading.Timer(30, proc.kill)  # bounds the read below: EOF at the latest
+    watchdog.start()
     try:
         for line in proc.stdout:  # the loop is running once it says so
             if "sampling" in line:
                 break
+        watchdog.cancel()
         time.sleep(0.3)
         tree.advance("intel-rapl:0", 5_000_000)
         t0 = time.monotonic()

@@ -8,7 +8,6 @@ import os
 
 from llem.node.hooks import _guarded, epilog_body, prolog_body, slurmctld_epilog_body
 
-
 _HOW_RUN = {
     "prolog": "Slurm's Prolog runs it, as root, through slurm/prolog.sh",
     "epilog": "Slurm's Epilog runs it, as root, through slurm/epilog.sh",

@@ -155,8 +155,7 @@ class JobAttributor:
     def __call__(self, interval):
         from llem.node.attribution import JobLoad, NodeLoad, attribute
 
-        jobs = self.store.jobs("state = 'running' OR (state = 'ended' AND end_ns >= ?)",
-                               (interval.start_ns,))
+        jobs = self.store.runs_active_since(interval.start_ns)
         busy = self._node_busy_ns()
         busy_delta = None if busy is None or self._busy_prev is None else busy - self._busy_prev
         self._busy_prev = busy

@@ -21,17 +21,21 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from llem.config import Config
 from llem.errors import LlemError
 from llem.fsutil import detach, locked
+from llem.model import Event
 from llem.node.attribution import JobAttributor
+from llem.node.jobs import finalize_ended, ingest, pending
+from llem.node.store import open_or_quarantine
 from llem.node.windows import WindowServer
 from llem.paths import NodePaths
+from llem.sampler import Clock, Sampler, SystemClock
 
 if TYPE_CHECKING:
-    pass
+    from llem.sensors import OpenedSensors
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,10 @@ class Housekeeping:
     spool (through the node-local outbox, bounded in time), retry the outbox, prune old data.
 
     A failure is logged and recorded for `llem doctor`; it never stops the sampling.
+
+    Args:
+        store, config, paths: the node's.
+        monotonic_s: the clock the chores are paced by (seconds).
     """
 
     NODE_EXPORT_EVERY_S = 300.0
@@ -134,11 +142,13 @@ class Housekeeping:
     PRUNE_EVERY_S = 86400.0
     DELIVERY_TIMEOUT_S = 0.5
 
-    def __init__(self, store, config: Config, paths: "NodePaths") -> None:
+    def __init__(self, store, config: Config, paths: "NodePaths",
+                 monotonic_s: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.config = config
         self.paths = paths
-        now = time.monotonic()
+        self.monotonic_s = monotonic_s
+        now = monotonic_s()
         self._next_node_export = now + 5.0
         self._next_flush = now + self.FLUSH_EVERY_S
         self._next_prune = now + 60.0
@@ -165,7 +175,7 @@ class Housekeeping:
         from llem.node.export import export_node_since_last, prune_by_config
         from llem.node.outbox import flush_outbox, pending_slices
 
-        now = time.monotonic()
+        now = self.monotonic_s()
         if now >= self._next_node_export:
             self._next_node_export = now + self.NODE_EXPORT_EVERY_S
             self._guard("node export", lambda: export_node_since_last(
@@ -180,129 +190,256 @@ class Housekeeping:
             self._guard("pruning", lambda: prune_by_config(self.store, self.config))
 
 
+def _open_sensors(config: Config, env: Mapping[str, str]) -> OpenedSensors:
+    from llem.sensors import open_sensors
+
+    return open_sensors(config, env=env)
+
+
+class NodeDaemon:
+    """The node sampler of one Slurm node name, the body of ``llem sampler --node NODE``.
+
+    :meth:`run` reads as its life: take the node's sampler lock (or leave at once: another
+    sampler serves the node), open the node store and note a restart in the middle of jobs,
+    open the sensors, then sample, serving windows and sealing and exporting ended jobs after
+    each reading, until told to stop or until no job has been left for ``sampler.linger_s``;
+    then leave by the exit protocol (:meth:`leave`), which loses no registration written
+    meanwhile.
+
+    Args:
+        config: the configuration (paths, interval, linger, niceness).
+        node: the Slurm node name.
+        interval_s: seconds between readings (default ``sampler.interval_s``).
+        env: the environment the sensors read (default ``os.environ``).
+        open_sensors: ``(config, env) -> OpenedSensors`` (default: the configured sensors).
+        clock: wall and monotonic time for the readings, the linger and the chores.
+        handle_signals: install the SIGTERM/SIGINT/SIGUSR1 handlers (main thread only).
+        proc_root: the /proc tree the attribution reads.
+        cgroup_root: the cgroup tree the attribution reads (default /sys/fs/cgroup).
+    """
+
+    def __init__(self, config: Config, node: str, *, interval_s: float | None = None,
+                 env: Mapping[str, str] | None = None,
+                 open_sensors: Callable[[Config, Mapping[str, str]], OpenedSensors] = _open_sensors,
+                 clock: Clock | None = None, handle_signals: bool = False,
+                 proc_root: str | os.PathLike = "/proc", cgroup_root: str | None = None) -> None:
+        self.config = config
+        self.node = node
+        self.paths = NodePaths.of(config, node)
+        self.interval_s = interval_s or config.sampler.interval_s
+        self.env = os.environ if env is None else env
+        self._open_sensors = open_sensors
+        self.clock = clock or SystemClock()
+        self.handle_signals = handle_signals
+        self.proc_root = proc_root
+        self.cgroup_root = cgroup_root
+        self.terminating = threading.Event()
+        self.lock_fd = -1
+        self.started_ns = 0
+        self.store = None
+        self.sensors: OpenedSensors | None = None
+        self.sampler: Sampler | None = None
+        self.windows: WindowServer | None = None
+        self.chores: Housekeeping | None = None
+        self._idle_since: float | None = None
+
+    def run(self) -> int:
+        """Serve the node until the sampler may leave; return the exit status."""
+        if not self.acquire_lock():
+            log.info("a sampler for %s is already running", self.node)
+            return 0
+        try:
+            self.open_store()
+            self.note_start()
+            self.lower_priority()
+            self.open_sensors()
+            if self.handle_signals:
+                self.install_signal_handlers()
+            self.sample()
+        finally:
+            self.shutdown()
+        return 0
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def acquire_lock(self) -> bool:
+        """Take the node's sampler lock (held for the whole life) and write the pid file;
+        False when another sampler holds it."""
+        self.paths.ensure()
+        fd = os.open(self.paths.sampler_lock,
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.lock_fd = fd
+        self.paths.pid_file.write_text(f"{os.getpid()}\n")
+        return True
+
+    def open_store(self) -> None:
+        """Open the node store; a corrupt one is moved aside and recorded as a problem."""
+        self.store, moved = open_or_quarantine(self.paths.store)
+        if moved is not None:
+            record_problem(self.paths, f"corrupt node store moved to {moved}")
+
+    def note_start(self) -> None:
+        """Take in waiting registrations and record the start; jobs that were running when
+        the last sampler stopped have a gap, recorded as a restart event and a problem."""
+        self.started_ns = self.clock.time_ns()
+        last_ns = self.store.last_interval_end_ns()
+        self.take_registrations()
+        running = self.store.running_jobs()
+        if running and last_ns is not None:
+            gap_s = (self.started_ns - last_ns) / 1e9
+            self.store.add_events([Event(
+                self.started_ns, "sampler_restart",
+                f"no data for {gap_s:.1f} s before this start; jobs "
+                f"{','.join(j.job_id for j in running)}")])
+            record_problem(self.paths,
+                           f"sampler restarted with jobs running; gap of {gap_s:.1f} s")
+        self.store.add_events([Event(self.started_ns, "sampler_start", f"pid {os.getpid()}")])
+
+    def lower_priority(self) -> None:
+        try:
+            os.nice(self.config.sampler.nice)
+        except OSError:
+            pass
+
+    def open_sensors(self) -> None:
+        """Open the sensors and build the sampler, its attribution, the window server and
+        the chores around them."""
+        self.sensors = self._open_sensors(self.config, self.env)
+        for note in self.sensors.notes:
+            log.info("%s", note)
+        devices = [d for s in self.sensors.sensors for d in s.devices()]
+        attributor = JobAttributor(self.store, self.node, devices, self.started_ns,
+                                   proc_root=self.proc_root, cgroup_root=self.cgroup_root)
+        self.sampler = Sampler(
+            self.sensors.sensors, [self.store], clock=self.clock, interval_s=self.interval_s,
+            sampler_id=f"{self.node}-{os.getpid()}-{self.started_ns}", attribute=attributor)
+        self.windows = WindowServer(self.paths.socket, self.sampler, self.store,
+                                     self.take_registrations)
+        self.chores = Housekeeping(self.store, self.config, self.paths,
+                                   lambda: self.clock.monotonic_ns() / 1e9)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT: stop after a final reading; SIGUSR1 (a hook handed a job
+        over): take a reading now."""
+        signal.signal(signal.SIGTERM, lambda s, f: self.terminate())
+        signal.signal(signal.SIGINT, lambda s, f: self.terminate())
+        signal.signal(signal.SIGUSR1, lambda s, f: self.wake())
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def sample(self) -> None:
+        """Sample until told to stop, or until idle and allowed out by :meth:`leave`."""
+        self.windows.start()
+        self.sampler.start()
+        while True:
+            self.sampler.run(on_interval=self.on_interval)
+            if self.terminating.is_set() or self.leave():
+                return
+
+    def on_interval(self, interval) -> None:
+        """After each reading: answer window requests, seal and export jobs that ended
+        before it, do the chores, take in new registrations, and watch for idleness."""
+        interval_id = self.store.last_interval_id(self.sampler.sampler_id)
+        self.windows.process(interval_id, interval)
+        # Jobs that ended before this reading are complete: seal them. Then take in new
+        # registrations; an ended job asks for its final reading at once.
+        for run in finalize_ended(self.store, interval.end_ns):
+            self.chores.job_sealed(run)
+        self.chores.tick()
+        if any(kind == "end" for _, kind in self.take_registrations()):
+            self.wake()
+        self.watch_idle()
+
+    def take_registrations(self) -> list[tuple[str, str]]:
+        """Move the hooks' waiting registrations into the store; return what was taken."""
+        return ingest(self.store, self.paths.jobs, self.config.cluster, self.node)
+
+    def watch_idle(self) -> None:
+        """Stop the sampler once no job has been left for ``sampler.linger_s``."""
+        now_s = self.clock.monotonic_ns() / 1e9
+        if self.store.unsealed_job_count():
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = now_s
+        linger_s = self.config.sampler.linger_s
+        if self._idle_since is not None and now_s - self._idle_since >= linger_s:
+            self.sampler.stop()
+
+    def wake(self) -> None:
+        """Take a reading now (safe from a signal handler)."""
+        if self.sampler is not None:
+            self.sampler.wake.set()
+
+    def terminate(self) -> None:
+        """Take a final reading and stop (safe from a signal handler)."""
+        self.terminating.set()
+        if self.sampler is not None:
+            self.sampler.stop()
+
+    # -- the exit protocol ---------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(pending(self.paths.jobs)) or self.store.unsealed_job_count() > 0
+
+    def leave(self) -> bool:
+        """Give up the sampler lock unless work came in; True once given up.
+
+        A hook writes its registration first and then looks at the sampler lock: whatever it
+        wrote before we release the lock, we see here, under the node lock; what it wrote
+        just after, we see in the jobs folder and take the lock back for, unless a new sampler
+        has it already.
+        """
+        with locked(self.paths.node_lock):
+            if self.has_work():
+                self.resume()
+                return False
+            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+        if pending(self.paths.jobs):
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.resume()
+                return False
+            except BlockingIOError:
+                pass
+        self.windows.close()
+        self.release_lock()
+        return True
+
+    def resume(self) -> None:
+        self.sampler.stopping.clear()
+        self._idle_since = None
+
+    # -- end -----------------------------------------------------------------------------------
+
+    def release_lock(self) -> None:
+        """Remove the pid file (when still ours) and let go of the sampler lock."""
+        if self.lock_fd < 0:
+            return
+        if _pid_is_mine(self.paths):
+            self.paths.pid_file.unlink(missing_ok=True)
+        os.close(self.lock_fd)
+        self.lock_fd = -1
+
+    def shutdown(self) -> None:
+        """Close whatever was opened, record the stop, and let go of the lock."""
+        if self.windows is not None:
+            self.windows.close()
+        if self.sampler is not None:
+            self.store.add_events([Event(self.clock.time_ns(), "sampler_stop",
+                                         f"pid {os.getpid()}")])
+        if self.sensors is not None:
+            self.sensors.close()
+        if self.store is not None:
+            self.store.close()
+        self.release_lock()
+
+
 def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
                      env: Mapping[str, str] | None = None) -> int:
     """The body of ``llem sampler --node NODE --daemon``; returns the exit status."""
-    from llem.model import Event
-    from llem.node.jobs import finalize_ended, ingest, pending
-    from llem.node.store import open_or_quarantine
-    from llem.sampler import Sampler
-    from llem.sensors import open_sensors
-
-    env = os.environ if env is None else env
-    paths = NodePaths.of(config, node)
-    paths.ensure()
-    lock_fd = os.open(paths.sampler_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock_fd)
-        log.info("a sampler for %s is already running", node)
-        return 0
-    paths.pid_file.write_text(f"{os.getpid()}\n")
-    store, moved = open_or_quarantine(paths.store)
-    if moved is not None:
-        record_problem(paths, f"corrupt node store moved to {moved}")
-    started_ns = time.time_ns()
-    last = store.query("SELECT MAX(end_ns) FROM intervals")[0][0]
-    ingest(store, paths.jobs, config.cluster, node)
-    running = store.running_jobs()
-    if running and last is not None:
-        gap_s = (started_ns - last) / 1e9
-        store.add_events([Event(started_ns, "sampler_restart",
-                                f"no data for {gap_s:.1f} s before this start; jobs "
-                                f"{','.join(j.job_id for j in running)}")])
-        record_problem(paths, f"sampler restarted with jobs running; gap of {gap_s:.1f} s")
-    store.add_events([Event(started_ns, "sampler_start", f"pid {os.getpid()}")])
-    try:
-        os.nice(config.sampler.nice)
-    except OSError:
-        pass
-    opened = open_sensors(config, env=env)
-    for note in opened.notes:
-        log.info("%s", note)
-    devices = [d for s in opened.sensors for d in s.devices()]
-    attributor = JobAttributor(store, node, devices, started_ns)
-    sampler = Sampler(opened.sensors, [store],
-                      interval_s=interval_s or config.sampler.interval_s,
-                      sampler_id=f"{node}-{os.getpid()}-{started_ns}", attribute=attributor)
-    windows = WindowServer(paths.socket, sampler, store,
-                           lambda: ingest(store, paths.jobs, config.cluster, node))
-    idle_since: list[float | None] = [None]
-    terminate = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        terminate.set()
-        sampler.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGUSR1, lambda s, f: sampler.wake.set())
-
-    cluster = config.cluster
-    chores = Housekeeping(store, config, paths)
-
-    def on_interval(interval) -> None:
-        interval_id = store.query("SELECT MAX(id) FROM intervals WHERE sampler_id = ?",
-                                  (sampler.sampler_id,))[0][0]
-        windows.process(interval_id, interval)
-        # Jobs that ended before this reading are complete: seal them. Then take in new
-        # registrations; an ended job asks for its final reading at once.
-        for run in finalize_ended(store, interval.end_ns):
-            chores.job_sealed(run)
-        chores.tick()
-        ingested = ingest(store, paths.jobs, cluster, node)
-        if any(kind == "end" for _, kind in ingested):
-            sampler.wake.set()
-        busy = store.query("SELECT COUNT(*) FROM jobs WHERE state IN ('running', 'ended')")[0][0]
-        if busy:
-            idle_since[0] = None
-        elif idle_since[0] is None:
-            idle_since[0] = time.monotonic()
-        if idle_since[0] is not None and time.monotonic() - idle_since[0] >= config.sampler.linger_s:
-            sampler.stop()
-
-    def has_work() -> bool:
-        return bool(pending(paths.jobs)) or store.query(
-            "SELECT COUNT(*) FROM jobs WHERE state IN ('running', 'ended')")[0][0] > 0
-
-    try:
-        windows.start()
-        sampler.start()
-        while True:
-            sampler.run(on_interval=on_interval)
-            if terminate.is_set():
-                break
-            # Exit protocol. A hook writes its registration first and then looks at the
-            # sampler lock: whatever it wrote before we release the lock, we see below.
-            with locked(paths.node_lock):
-                if has_work():
-                    sampler.stopping.clear()
-                    idle_since[0] = None
-                    continue
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
-            if pending(paths.jobs):
-                try:  # written while we let go: take the lock back unless another has it
-                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    sampler.stopping.clear()
-                    idle_since[0] = None
-                    continue
-                except BlockingIOError:
-                    pass
-            windows.close()
-            if _pid_is_mine(paths):
-                paths.pid_file.unlink(missing_ok=True)
-            os.close(lock_fd)
-            lock_fd = -1
-            break
-    finally:
-        windows.close()
-        store.add_events([Event(time.time_ns(), "sampler_stop", f"pid {os.getpid()}")])
-        opened.close()
-        store.close()
-        if lock_fd >= 0:
-            if _pid_is_mine(paths):
-                paths.pid_file.unlink(missing_ok=True)
-            os.close(lock_fd)
-    return 0
+    return NodeDaemon(config, node, interval_s=interval_s, env=env, handle_signals=True).run()

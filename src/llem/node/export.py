@@ -1,15 +1,10 @@
-"""From the node store to the spool: job and node slices, outbox and bounded delivery.
+"""From the node store to slices: job slices (Epilog, sampler) and node slices (sampler).
 
-The Epilog calls :func:`export_and_deliver` for each finished job run. A slice is first
-written to the node-local outbox (temporary name, fsync, rename), which never depends on the
-shared filesystem; then a detached grandchild process moves the outbox into ``spool_dir``
-while the caller waits at most ``timeout_s`` (1 s). A spool that is down, full or hung
-therefore never holds the Epilog longer than that: the slices stay in the outbox and the
-next :func:`flush_outbox` (a later Epilog, the sampler) sends them. Only one flusher runs at
-a time per outbox (flock), so a hung spool does not pile up blocked processes.
-
-Only reads go to the node store (``store.query``), apart from marking a run exported and
-:func:`prune_node_store`, which deletes what the ledger already holds.
+The Epilog calls :func:`export_and_deliver` for each finished job run: the slice goes to the
+node-local outbox and on to the spool within a time bound (:mod:`llem.node.outbox`). The node
+store is only read here (its named queries, :class:`~llem.node.store.NodeStore`), apart from
+marking a run exported and :func:`prune_node_store`, which deletes what the ledger already
+holds.
 """
 
 from __future__ import annotations
@@ -23,45 +18,37 @@ from typing import Iterable
 
 from llem import __version__, slices
 from llem.config import Config
-from llem.errors import LedgerError, StoreError
+from llem.errors import LedgerError
 from llem.fsutil import ensure_private_dir, write_atomic
 from llem.node.outbox import deliver
-from llem.node.store import NodeStore
+from llem.node.store import NO_DATA_KINDS, NodeStore
 from llem.units import HOUR_NS, NS_PER_S, split_by_hour
 
 log = logging.getLogger(__name__)
 
 NODE_MARK_FILE = "node-export.json"
-_NO_DATA_KINDS = ("first", "reset", "gap")
-
-
-# -- paths -----------------------------------------------------------------------------------
 
 
 # -- job slices ------------------------------------------------------------------------------
 
 
 def _devices(store: NodeStore, keys: Iterable[str] | None = None) -> dict[str, dict]:
-    rows = store.query("SELECT key, component, name, sensor, source, method FROM devices")
     wanted = None if keys is None else set(keys)
     out = {}
-    for key, component, name, sensor, source, method in rows:
+    for key, device in store.devices().items():
         if wanted is not None and key not in wanted:
             continue
+        component = device["component"]
         out[key] = {"component": component if component in slices.COMPONENTS else "other",
-                    "name": name, "sensor": sensor, "source": source, "method": method}
+                    "name": device["name"], "sensor": device["sensor"],
+                    "source": device["source"], "method": device["method"]}
     return out
 
 
 def _job_energy(store: NodeStore, run_id: int) -> list[dict]:
     """The run's energy per device, UTC hour and attribution method."""
     totals: dict[tuple[str, int, str], int] = {}
-    rows = store.query(
-        "SELECT je.device_key, je.method, i.start_ns, i.end_ns, je.energy_uj "
-        "FROM job_energy je JOIN intervals i ON i.id = je.interval_id WHERE je.run_id = ?",
-        (run_id,),
-    )
-    for device, method, start_ns, end_ns, energy_uj in rows:
+    for device, method, start_ns, end_ns, energy_uj in store.run_energy_rows(run_id):
         for hour_s, part_uj in split_by_hour(start_ns, end_ns, energy_uj).items():
             key = (device, hour_s, method)
             totals[key] = totals.get(key, 0) + part_uj
@@ -70,45 +57,14 @@ def _job_energy(store: NodeStore, run_id: int) -> list[dict]:
 
 
 def _windows(store: NodeStore, run_id: int) -> list[dict]:
-    rows = store.query(
-        "SELECT name, step_id, start_ns, end_ns, status, energy FROM windows WHERE run_id = ? "
-        "ORDER BY start_ns, id", (run_id,))
     out = []
-    for name, step_id, start_ns, end_ns, status, energy in rows:
+    for name, step_id, start_ns, end_ns, status, energy in store.run_windows(run_id):
         try:
             energy_map = {str(k): int(v) for k, v in json.loads(energy or "{}").items()}
         except (ValueError, TypeError, AttributeError):
             energy_map = {}
         out.append({"name": name, "step_id": step_id, "start_ns": start_ns, "end_ns": end_ns,
                     "status": status, "energy": energy_map})
-    return out
-
-
-def _node_totals(store: NodeStore, start_ns: int, end_ns: int) -> dict[str, dict]:
-    """The node's own measured, attributed and unattributed energy over a span.
-
-    Intervals are counted whole when they overlap the span (the sampler's intervals are a few
-    seconds; the job's own prolog and epilog bound it).
-    """
-    span = "SELECT id FROM intervals WHERE end_ns > ? AND start_ns < ?"
-    params = (start_ns, end_ns)
-    out: dict[str, dict] = {}
-    where = f"WHERE interval_id IN ({span})"
-    queries = (
-        ("measured_uj", f"SELECT device_key, SUM(energy_uj) FROM energy {where} "
-                        "GROUP BY device_key"),
-        ("attributed_uj", f"SELECT device_key, SUM(energy_uj) FROM job_energy {where} "
-                          "GROUP BY device_key"),
-        ("remainder_uj", f"SELECT device_key, SUM(energy_uj) FROM remainder {where} "
-                         "GROUP BY device_key"),
-        ("gap_intervals", f"SELECT device_key, COUNT(*) FROM energy {where} AND "
-                          f"(kind IN {_NO_DATA_KINDS} OR status != 'ok') GROUP BY device_key"),
-    )
-    for field_name, sql in queries:
-        for device, value in store.query(sql, params):
-            row = out.setdefault(device, {"measured_uj": 0, "attributed_uj": 0,
-                                          "remainder_uj": 0, "gap_intervals": 0})
-            row[field_name] = int(value or 0)
     return out
 
 
@@ -141,18 +97,18 @@ def export_job(store: NodeStore, run_id: int, config: Config, *,
         LedgerError: no such run, or the data does not make a valid slice.
     """
     now_ns = time.time_ns() if now_ns is None else now_ns
-    found = store.jobs("run_id = ?", (run_id,))
-    if not found:
+    job = store.run(run_id)
+    if job is None:
         raise LedgerError(f"{store.path}: no job run {run_id}")
-    job = found[0]
     meta = _job_meta(job)
     if job.end_ns is None:
-        last = store.query("SELECT MAX(i.end_ns) FROM job_energy je JOIN intervals i "
-                           "ON i.id = je.interval_id WHERE je.run_id = ?", (run_id,))[0][0]
+        last = store.run_last_data_ns(run_id)
         meta["end_ns"] = max(job.start_ns, last or now_ns)
         meta["flags"] = sorted(set(meta["flags"]) | {"end_estimated"})
     energy = _job_energy(store, run_id)
-    totals = _node_totals(store, job.start_ns, meta["end_ns"])
+    # Intervals overlapping the run count whole: they are a few seconds, and the run's own
+    # Prolog and Epilog bound it.
+    totals = store.device_totals(job.start_ns, meta["end_ns"])
     used = {r["device"] for r in energy} | set(totals)
     data = {
         "schema": slices.SCHEMA, "kind": "job", "cluster": job.cluster or config.cluster,
@@ -181,23 +137,14 @@ def export_node(store: NodeStore, config: Config, node: str, *, since_ns: int,
     now_ns = time.time_ns() if now_ns is None else now_ns
     until_ns = now_ns if until_ns is None else until_ns
     from_ns = since_ns // HOUR_NS * HOUR_NS
-    rows = store.query(
-        "SELECT i.id, i.start_ns, i.end_ns, e.device_key, e.energy_uj, e.kind, e.status, "
-        "COALESCE(r.energy_uj, 0), "
-        "(SELECT COALESCE(SUM(je.energy_uj), 0) FROM job_energy je "
-        " WHERE je.interval_id = i.id AND je.device_key = e.device_key) "
-        "FROM intervals i JOIN energy e ON e.interval_id = i.id "
-        "LEFT JOIN remainder r ON r.interval_id = i.id AND r.device_key = e.device_key "
-        "WHERE i.end_ns > ? AND i.start_ns < ?",
-        (from_ns, until_ns),
-    )
+    rows = store.device_interval_rows(from_ns, until_ns)
     if not rows:
         return None
     hours: dict[tuple[int, str], dict] = {}
     as_of_ns = 0
     for _, start_ns, end_ns, device, energy_uj, kind, status, rem_uj, att_uj in rows:
         as_of_ns = max(as_of_ns, end_ns)
-        no_data = kind in _NO_DATA_KINDS or status != "ok"
+        no_data = kind in NO_DATA_KINDS or status != "ok"
         for field_name, value in (("measured_uj", energy_uj), ("attributed_uj", att_uj),
                                   ("remainder_uj", rem_uj)):
             for hour_s, part in split_by_hour(start_ns, end_ns, value).items():
@@ -253,7 +200,7 @@ def export_node_since_last(store: NodeStore, config: Config, node: str, *,
     mark = Path(config.state_dir) / NODE_MARK_FILE
     since_ns = _read_mark(mark)
     if since_ns is None:
-        first = store.query("SELECT MIN(start_ns) FROM intervals")[0][0]
+        first = store.first_interval_start_ns()
         if first is None:
             return None
         retention_ns = int(config.aggregate.node_retention_days * 86400 * NS_PER_S)
@@ -304,37 +251,7 @@ def prune_node_store(store: NodeStore, older_than_ns: int) -> dict[str, int]:
     Returns:
         Rows deleted per table.
     """
-    counts: dict[str, int] = {}
-    db = store.db
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        runs = [r for (r,) in db.execute(
-            "SELECT run_id FROM jobs WHERE state = 'exported' AND end_ns IS NOT NULL "
-            "AND end_ns < ?", (older_than_ns,))]
-        # Keep intervals that an unexported run still needs, whatever their age.
-        keep_from = db.execute(
-            "SELECT MIN(start_ns) FROM jobs WHERE state != 'exported'").fetchone()[0]
-        cut_ns = older_than_ns if keep_from is None else min(older_than_ns, keep_from)
-        old = "SELECT id FROM intervals WHERE end_ns < ?"
-        marks = ",".join("?" * len(runs))
-        steps = [
-            ("windows", f"DELETE FROM windows WHERE run_id IN ({marks})", runs),
-            ("job_energy", f"DELETE FROM job_energy WHERE run_id IN ({marks})", runs),
-            ("jobs", f"DELETE FROM jobs WHERE run_id IN ({marks})", runs),
-            ("job_energy_old", f"DELETE FROM job_energy WHERE interval_id IN ({old})", [cut_ns]),
-            ("remainder", f"DELETE FROM remainder WHERE interval_id IN ({old})", [cut_ns]),
-            ("energy", f"DELETE FROM energy WHERE interval_id IN ({old})", [cut_ns]),
-            ("intervals", "DELETE FROM intervals WHERE end_ns < ?", [cut_ns]),
-            ("events", "DELETE FROM events WHERE ts_ns < ?", [cut_ns]),
-        ]
-        for table, sql, params in steps:
-            if params:
-                counts[table] = db.execute(sql, params).rowcount
-        db.execute("COMMIT")
-    except Exception as e:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise StoreError(f"{store.path}: pruning failed: {e}") from e
+    counts = store.prune(older_than_ns)
     log.info("pruned the node store %s: %s", store.path, counts)
     return counts
 
@@ -344,8 +261,3 @@ def prune_by_config(store: NodeStore, config: Config, *, now_ns: int | None = No
     now_ns = time.time_ns() if now_ns is None else now_ns
     days_ns = int(config.aggregate.node_retention_days * 86400 * NS_PER_S)
     return prune_node_store(store, now_ns - days_ns)
-
-
-# -- job headers from EpilogSlurmctld ----------------------------------------------------------
-
-

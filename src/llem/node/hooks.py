@@ -77,7 +77,7 @@ def prolog_body(env: Mapping[str, str]) -> None:
     with locked(paths.node_lock):
         with NodeStore(paths.store) as store:
             ingest(store, paths.jobs, config.cluster, node)
-            if not store.jobs("job_id = ? AND state = 'running'", (job_id,)):
+            if not store.runs_of(job_id, "running"):
                 store.add_job(job_from_env(env, config.cluster, time.time_ns(), gpu_minors(env)))
         if sampler_pid(paths) is None:
             pid = spawn_sampler(node, env)
@@ -95,7 +95,7 @@ def epilog_body(env: Mapping[str, str]) -> None:
     with locked(paths.node_lock):
         with NodeStore(paths.store) as store:
             ingest(store, paths.jobs, config.cluster, node)
-            ended = store.jobs("job_id = ? AND state = 'ended'", (job_id,))
+            ended = store.runs_of(job_id, "ended")
             run = max(ended, key=lambda r: r.start_ns) if ended else end_job(
                 store, dict(env), config.cluster, time.time_ns())
             pid = sampler_pid(paths)

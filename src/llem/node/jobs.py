@@ -17,7 +17,6 @@ Only a file that does not parse at all is moved to ``jobs/bad/``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -131,36 +130,32 @@ def end_job(store: NodeStore, env: dict, cluster: str, end_ns: int,
     from llem.node.slurm import gpu_minors, job_from_env
 
     job_id = env["SLURM_JOB_ID"]
-    runs = store.jobs("job_id = ? AND state = 'running'", (job_id,))
+    runs = store.runs_of(job_id, "running")
     if runs:
         run = max(runs, key=lambda r: r.start_ns)
         flags = list(run.flags)
     else:
         record = job_from_env(env, cluster, end_ns, gpu_minors(env))
-        run = store.jobs("run_id = ?", (store.add_job(record),))[0]
+        run = store.run(store.add_job(record))
         flags = ["no_prolog"]
     flags += [f for f in extra_flags if f not in flags]
     store.update_job(run.run_id, end_ns=max(end_ns, run.start_ns), state="ended", flags=flags)
-    return store.jobs("run_id = ?", (run.run_id,))[0]
+    return store.run(run.run_id)
 
 
 def seal_figures(store: NodeStore, run_id: int, start_ns: int,
                  end_ns: int) -> tuple[float, set[str]]:
     """Coverage (share of the job's wall time inside sampler intervals) and flags."""
     span = max(1, end_ns - start_ns)
-    rows = store.query(
-        "SELECT start_ns, end_ns FROM intervals WHERE end_ns > ? AND start_ns < ? "
-        "ORDER BY start_ns", (start_ns, end_ns))
     covered, cursor = 0, start_ns
-    for s, e in rows:
+    for s, e in store.interval_spans(start_ns, end_ns):
         s, e = max(s, cursor, start_ns), min(e, end_ns)
         if e > s:
             covered += e - s
             cursor = e
     coverage = round(min(1.0, covered / span), 4)
     flags: set[str] = set()
-    kinds = {k for (k,) in store.query(
-        "SELECT DISTINCT kind FROM events WHERE ts_ns >= ? AND ts_ns <= ?", (start_ns, end_ns))}
+    kinds = store.event_kinds_between(start_ns, end_ns)
     if "sampler_restart" in kinds:
         flags.add("sampler_restart")
     if kinds & {"counter_reset", "counter_gap", "device_lost"} or coverage < 0.99:
@@ -168,15 +163,13 @@ def seal_figures(store: NodeStore, run_id: int, start_ns: int,
     for kind in ("attribution_error", "clock_jump"):
         if kind in kinds:
             flags.add(kind)
-    sources = {s for (s,) in store.query(
-        "SELECT DISTINCT d.source FROM job_energy j JOIN devices d ON d.key = j.device_key "
-        "WHERE j.run_id = ?", (run_id,))}
-    if "estimated" in sources:
+    if "estimated" in store.run_sources(run_id):
         flags.add("estimated")
     return coverage, flags
 
 
-def seal(store: NodeStore, run: JobRecord, extra_flags: set[str] | frozenset = frozenset()) -> JobRecord:
+def seal(store: NodeStore, run: JobRecord,
+         extra_flags: set[str] | frozenset = frozenset()) -> JobRecord:
     """Compute coverage and flags of an ended run and mark it sealed."""
     assert run.end_ns is not None
     coverage, flags = seal_figures(store, run.run_id, run.start_ns, run.end_ns)
@@ -184,20 +177,12 @@ def seal(store: NodeStore, run: JobRecord, extra_flags: set[str] | frozenset = f
     store.update_job(run.run_id, state="sealed", coverage=coverage, flags=all_flags)
     log.info("job %s sealed: coverage %.3f, flags %s", run.job_id, coverage,
              ",".join(all_flags) or "none")
-    return store.jobs("run_id = ?", (run.run_id,))[0]
+    return store.run(run.run_id)
 
 
-def finalize_ended(store: NodeStore, up_to_ns: int,
-                   extra_flags: set[str] | frozenset = frozenset()) -> list[JobRecord]:
+def finalize_ended(store: NodeStore, up_to_ns: int) -> list[JobRecord]:
     """Seal every ended run whose end is covered by data up to ``up_to_ns``."""
-    out = []
-    for run in store.jobs("state = 'ended' AND end_ns <= ?", (up_to_ns,)):
-        out.append(seal(store, run, extra_flags))
-    return out
-
-
-def dumps_flags(flags) -> str:
-    return json.dumps(sorted(flags))
+    return [seal(store, run) for run in store.runs_ended_by(up_to_ns)]
 
 
 JOB_VARS = (

@@ -23,8 +23,6 @@ from typing import Mapping
 
 from llem.model import JobRecord
 
-_SAFE_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
-
 
 def _int(value: str | None) -> int | None:
     try:

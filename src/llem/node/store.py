@@ -20,7 +20,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from llem.errors import StoreError
 from llem.fsutil import ensure_private_dir
@@ -174,6 +174,26 @@ def _job_from_row(row: Sequence) -> JobRecord:
     return JobRecord(**values)
 
 
+NO_DATA_KINDS = ("first", "reset", "gap")
+"""Energy row kinds that carry no measurement (a baseline, a counter reset, a gap)."""
+
+
+def _prune_steps(runs: list[int], cut_ns: int) -> list[tuple[str, str, list[int]]]:
+    """The deletes of :meth:`NodeStore.prune`, children before parents."""
+    old = "SELECT id FROM intervals WHERE end_ns < ?"
+    marks = ",".join("?" * len(runs))
+    return [
+        ("windows", f"DELETE FROM windows WHERE run_id IN ({marks})", runs),
+        ("job_energy", f"DELETE FROM job_energy WHERE run_id IN ({marks})", runs),
+        ("jobs", f"DELETE FROM jobs WHERE run_id IN ({marks})", runs),
+        ("job_energy_old", f"DELETE FROM job_energy WHERE interval_id IN ({old})", [cut_ns]),
+        ("remainder", f"DELETE FROM remainder WHERE interval_id IN ({old})", [cut_ns]),
+        ("energy", f"DELETE FROM energy WHERE interval_id IN ({old})", [cut_ns]),
+        ("intervals", "DELETE FROM intervals WHERE end_ns < ?", [cut_ns]),
+        ("events", "DELETE FROM events WHERE ts_ns < ?", [cut_ns]),
+    ]
+
+
 INT64_MAX = 2**63 - 1
 
 
@@ -193,6 +213,10 @@ class NodeStore:
         StoreError: the file cannot be opened, is not a database, is corrupt, or has a newer
             schema than this llem.
     """
+
+    after_commit: Callable[[int], object] | None = None
+    """Called with the interval's id once :meth:`write` has committed it. Tests set it on an
+    instance to crash or stop the writer exactly after the Nth committed interval."""
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -297,6 +321,8 @@ class NodeStore:
             result.append(interval_id)
 
         self._write(txn)
+        if self.after_commit is not None:
+            self.after_commit(result[0])
         return result[0]
 
     def add_events(self, events: Iterable[Event]) -> None:
@@ -317,10 +343,14 @@ class NodeStore:
             self.db.execute("BEGIN IMMEDIATE")
             body()
             self.db.execute("COMMIT")
-        except sqlite3.DatabaseError as e:
+        except BaseException as e:
+            # Whatever broke the body, the transaction must not stay open: the next write
+            # would fail on BEGIN.
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: write failed: {e}") from e
+            if isinstance(e, sqlite3.DatabaseError):
+                raise StoreError(f"{self.path}: write failed: {e}") from e
+            raise
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -345,19 +375,42 @@ class NodeStore:
         self._write(txn)
         return out[0]
 
-    def jobs(self, where: str = "1", params: Sequence = ()) -> list[JobRecord]:
+    def _select_jobs(self, where: str, params: Sequence = ()) -> list[JobRecord]:
         rows = self.query(
             f"SELECT run_id, {', '.join(JOB_COLUMNS)} FROM jobs WHERE {where} ORDER BY run_id",
             params,
         )
         return [_job_from_row(r) for r in rows]
 
-    def running_jobs(self) -> list[JobRecord]:
-        return self.jobs("state = 'running'")
+    def jobs(self) -> list[JobRecord]:
+        """Every job run in the store, oldest first."""
+        return self._select_jobs("1")
 
-    def latest_run(self, job_id: str) -> JobRecord | None:
-        found = self.jobs("job_id = ?", (job_id,))
-        return max(found, key=lambda j: j.start_ns) if found else None
+    def run(self, run_id: int) -> JobRecord | None:
+        """One job run, or None when the store has no such run."""
+        found = self._select_jobs("run_id = ?", (run_id,))
+        return found[0] if found else None
+
+    def running_jobs(self) -> list[JobRecord]:
+        return self._select_jobs("state = 'running'")
+
+    def runs_of(self, job_id: str, state: str) -> list[JobRecord]:
+        """The runs of one Slurm job in one state (a requeued job has several runs)."""
+        return self._select_jobs("job_id = ? AND state = ?", (job_id, state))
+
+    def runs_ended_by(self, up_to_ns: int) -> list[JobRecord]:
+        """Ended (not yet sealed) runs whose end lies at or before ``up_to_ns``."""
+        return self._select_jobs("state = 'ended' AND end_ns <= ?", (up_to_ns,))
+
+    def runs_active_since(self, start_ns: int) -> list[JobRecord]:
+        """Runs that use the node in an interval starting at ``start_ns``: running ones, and
+        ended ones whose end falls in or after it."""
+        return self._select_jobs("state = 'running' OR (state = 'ended' AND end_ns >= ?)",
+                                 (start_ns,))
+
+    def unsealed_job_count(self) -> int:
+        """Runs still running or ended but not yet sealed: the sampler has work while > 0."""
+        return self.query("SELECT COUNT(*) FROM jobs WHERE state IN ('running', 'ended')")[0][0]
 
     def update_job(self, run_id: int, **fields: object) -> None:
         """Set columns of a job run (``gpus``/``flags`` given as sequences)."""
@@ -388,6 +441,171 @@ class NodeStore:
     def energy_by_device(self) -> dict[str, int]:
         """Total measured energy per device over the whole store (microjoules)."""
         return dict(self.query("SELECT device_key, SUM(energy_uj) FROM energy GROUP BY device_key"))
+
+    def devices(self) -> dict[str, dict[str, str]]:
+        """Every device the store knows: key -> component, name, sensor, source, method."""
+        rows = self.query("SELECT key, component, name, sensor, source, method FROM devices")
+        return {key: {"component": component, "name": name, "sensor": sensor,
+                      "source": source, "method": method}
+                for key, component, name, sensor, source, method in rows}
+
+    # -- intervals ---------------------------------------------------------------------------
+
+    def first_interval_start_ns(self) -> int | None:
+        return self.query("SELECT MIN(start_ns) FROM intervals")[0][0]
+
+    def last_interval_end_ns(self) -> int | None:
+        return self.query("SELECT MAX(end_ns) FROM intervals")[0][0]
+
+    def last_interval_id(self, sampler_id: str) -> int | None:
+        """The id of the latest interval written by one sampler run."""
+        return self.query("SELECT MAX(id) FROM intervals WHERE sampler_id = ?",
+                          (sampler_id,))[0][0]
+
+    def interval_spans(self, start_ns: int, end_ns: int) -> list[tuple[int, int]]:
+        """(start_ns, end_ns) of the intervals overlapping a span, in time order."""
+        return self.query(
+            "SELECT start_ns, end_ns FROM intervals WHERE end_ns > ? AND start_ns < ? "
+            "ORDER BY start_ns", (start_ns, end_ns))
+
+    def covered_ns_between(self, after_id: int, up_to_id: int) -> int:
+        """Wall time of the intervals with ``after_id < id <= up_to_id``."""
+        return self.query(
+            "SELECT COALESCE(SUM(end_ns - start_ns), 0) FROM intervals WHERE id > ? AND id <= ?",
+            (after_id, up_to_id))[0][0]
+
+    def event_kinds_between(self, start_ns: int, end_ns: int) -> set[str]:
+        return {k for (k,) in self.query(
+            "SELECT DISTINCT kind FROM events WHERE ts_ns >= ? AND ts_ns <= ?",
+            (start_ns, end_ns))}
+
+    # -- a run's energy ------------------------------------------------------------------------
+
+    def run_energy_rows(self, run_id: int) -> list[tuple[str, str, int, int, int]]:
+        """(device_key, method, interval start_ns, interval end_ns, energy_uj) of a run."""
+        return self.query(
+            "SELECT je.device_key, je.method, i.start_ns, i.end_ns, je.energy_uj "
+            "FROM job_energy je JOIN intervals i ON i.id = je.interval_id WHERE je.run_id = ?",
+            (run_id,))
+
+    def run_energy_between(self, run_id: int, after_id: int, up_to_id: int) -> dict[str, int]:
+        """A run's energy per device over the intervals with ``after_id < id <= up_to_id``."""
+        return dict(self.query(
+            "SELECT device_key, SUM(energy_uj) FROM job_energy WHERE run_id = ? AND "
+            "interval_id > ? AND interval_id <= ? GROUP BY device_key",
+            (run_id, after_id, up_to_id)))
+
+    def run_last_data_ns(self, run_id: int) -> int | None:
+        """The end of the last interval that gave the run energy."""
+        return self.query("SELECT MAX(i.end_ns) FROM job_energy je JOIN intervals i "
+                          "ON i.id = je.interval_id WHERE je.run_id = ?", (run_id,))[0][0]
+
+    def run_sources(self, run_id: int) -> set[str]:
+        """``measured`` / ``estimated``: the sources of the devices that gave the run energy."""
+        return {s for (s,) in self.query(
+            "SELECT DISTINCT d.source FROM job_energy j JOIN devices d ON d.key = j.device_key "
+            "WHERE j.run_id = ?", (run_id,))}
+
+    # -- the node's energy ---------------------------------------------------------------------
+
+    def device_totals(self, start_ns: int, end_ns: int) -> dict[str, dict[str, int]]:
+        """Per device: measured, attributed and unattributed energy, and intervals without
+        data, over the intervals that overlap a span (counted whole)."""
+        where = "WHERE interval_id IN (SELECT id FROM intervals WHERE end_ns > ? AND start_ns < ?)"
+        queries = (
+            ("measured_uj", f"SELECT device_key, SUM(energy_uj) FROM energy {where} "
+                            "GROUP BY device_key"),
+            ("attributed_uj", f"SELECT device_key, SUM(energy_uj) FROM job_energy {where} "
+                              "GROUP BY device_key"),
+            ("remainder_uj", f"SELECT device_key, SUM(energy_uj) FROM remainder {where} "
+                             "GROUP BY device_key"),
+            ("gap_intervals", f"SELECT device_key, COUNT(*) FROM energy {where} AND "
+                              f"(kind IN {NO_DATA_KINDS} OR status != 'ok') GROUP BY device_key"),
+        )
+        out: dict[str, dict[str, int]] = {}
+        for field_name, sql in queries:
+            for device, value in self.query(sql, (start_ns, end_ns)):
+                row = out.setdefault(device, {"measured_uj": 0, "attributed_uj": 0,
+                                              "remainder_uj": 0, "gap_intervals": 0})
+                row[field_name] = int(value or 0)
+        return out
+
+    def device_interval_rows(self, from_ns: int, until_ns: int) -> list[tuple]:
+        """One row per interval overlapping the span and device: (interval id, start_ns,
+        end_ns, device_key, measured energy_uj, kind, status, remainder_uj, attributed_uj)."""
+        return self.query(
+            "SELECT i.id, i.start_ns, i.end_ns, e.device_key, e.energy_uj, e.kind, e.status, "
+            "COALESCE(r.energy_uj, 0), "
+            "(SELECT COALESCE(SUM(je.energy_uj), 0) FROM job_energy je "
+            " WHERE je.interval_id = i.id AND je.device_key = e.device_key) "
+            "FROM intervals i JOIN energy e ON e.interval_id = i.id "
+            "LEFT JOIN remainder r ON r.interval_id = i.id AND r.device_key = e.device_key "
+            "WHERE i.end_ns > ? AND i.start_ns < ?",
+            (from_ns, until_ns),
+        )
+
+    # -- windows -------------------------------------------------------------------------------
+
+    def open_window(self, run_id: int, job_id: str, step_id: str | None, name: str, uid: int,
+                    pid: int, start_ns: int, start_interval_id: int,
+                    counters: Mapping[str, int]) -> int:
+        """Record an open window; return its id. ``start_mono_ns`` holds the interval id the
+        window starts after."""
+        out: list[int] = []
+        self._write(lambda: out.append(self.db.execute(
+            "INSERT INTO windows (run_id, job_id, step_id, name, uid, pid, start_ns, "
+            "start_mono_ns, counters_start, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open')",
+            (run_id, job_id, step_id, name, uid, pid, start_ns, start_interval_id,
+             json.dumps(dict(counters))),
+        ).lastrowid))
+        return out[0]
+
+    def window(self, window_id: object) -> tuple[int, int, int, str, int] | None:
+        """(run_id, uid, start interval id, status, start_ns) of a window, or None."""
+        rows = self.query(
+            "SELECT run_id, uid, start_mono_ns, status, start_ns FROM windows WHERE id = ?",
+            (window_id,))
+        return rows[0] if rows else None
+
+    def close_window(self, window_id: int, end_ns: int, end_interval_id: int,
+                     counters: Mapping[str, int], energy: Mapping[str, int]) -> None:
+        self._write(lambda: self.db.execute(
+            "UPDATE windows SET end_ns = ?, end_mono_ns = ?, counters_end = ?, energy = ?, "
+            "status = 'closed' WHERE id = ?",
+            (end_ns, end_interval_id, json.dumps(dict(counters)),
+             json.dumps(dict(energy), sort_keys=True), window_id),
+        ))
+
+    def run_windows(self, run_id: int) -> list[tuple]:
+        """(name, step_id, start_ns, end_ns, status, energy JSON) of a run's windows."""
+        return self.query(
+            "SELECT name, step_id, start_ns, end_ns, status, energy FROM windows "
+            "WHERE run_id = ? ORDER BY start_ns, id", (run_id,))
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def prune(self, older_than_ns: int) -> dict[str, int]:
+        """Delete exported runs that ended before ``older_than_ns`` and data older than it that
+        no unexported run needs, in one transaction; return the rows deleted per table."""
+        counts: dict[str, int] = {}
+
+        def txn() -> None:
+            runs = [r for (r,) in self.db.execute(
+                "SELECT run_id FROM jobs WHERE state = 'exported' AND end_ns IS NOT NULL "
+                "AND end_ns < ?", (older_than_ns,))]
+            # Keep intervals that an unexported run still needs, whatever their age.
+            keep_from = self.db.execute(
+                "SELECT MIN(start_ns) FROM jobs WHERE state != 'exported'").fetchone()[0]
+            cut_ns = older_than_ns if keep_from is None else min(older_than_ns, keep_from)
+            for table, sql, params in _prune_steps(runs, cut_ns):
+                if params:
+                    counts[table] = self.db.execute(sql, params).rowcount
+
+        try:
+            self._write(txn)
+        except StoreError as e:
+            raise StoreError(f"{self.path}: pruning failed: {e.__cause__ or e}") from e
+        return counts
 
     def close(self) -> None:
         try:

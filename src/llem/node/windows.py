@@ -194,72 +194,78 @@ class WindowServer:
                 reply.put({"ok": False, "error": f"{type(e).__name__}: {e}"})
 
     def _answer(self, pid: int, uid: int, request: dict, interval_id: int, interval) -> dict:
-        from llem.node.usage import pid_in_job_cgroup
-
         op = request.get("op")
         job_id = str(request.get("job_id", ""))
         if op not in ("open", "close"):
             return {"ok": False, "error": f"unknown op {op!r}"}
         if not job_id.isdigit():
             return {"ok": False, "error": "job_id must be a Slurm job id"}
-        runs = self.store.jobs("job_id = ? AND state = 'running'", (job_id,))
+        job = self._running_run(job_id)
+        if job is None:
+            return {"ok": False, "error": f"job {job_id} is not running on this node"}
+        refusal = _peer_refusal(pid, uid, job)
+        if refusal is not None:
+            return {"ok": False, "error": refusal}
+        if op == "open":
+            return self._open(pid, uid, request, job, interval_id, interval)
+        return self._close(uid, request, job, interval_id, interval)
+
+    def _running_run(self, job_id: str):
+        """The job's latest running run; a job whose Prolog just ran is ingested first."""
+        runs = self.store.runs_of(job_id, "running")
         if not runs and self.ingest_pending is not None:
             self.ingest_pending()
-            runs = self.store.jobs("job_id = ? AND state = 'running'", (job_id,))
-        if not runs:
-            return {"ok": False, "error": f"job {job_id} is not running on this node"}
-        job = max(runs, key=lambda r: r.start_ns)
-        if uid != 0 and uid != job.uid:
-            return {"ok": False, "error": f"permission denied: job {job_id} is not yours"}
-        if uid != 0 and pid_in_job_cgroup(pid, job_id) is False:
-            return {"ok": False, "error": f"permission denied: process {pid} is not in job "
-                                          f"{job_id}"}
-        if op == "open":
-            name = str(request.get("name") or "window")[:128]
-            step = request.get("step_id")
-            step = None if step in (None, "") else str(step)[:32]
-            cur = self.store.db.execute(
-                "INSERT INTO windows (run_id, job_id, step_id, name, uid, pid, start_ns, "
-                "start_mono_ns, counters_start, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open')",
-                (job.run_id, job_id, step, name, uid, pid, interval.end_ns, interval_id,
-                 json.dumps(_raw_counters(interval))),
-            )
-            return {"ok": True, "window_id": cur.lastrowid, "start_ns": interval.end_ns}
+            runs = self.store.runs_of(job_id, "running")
+        return max(runs, key=lambda r: r.start_ns) if runs else None
+
+    def _open(self, pid: int, uid: int, request: dict, job, interval_id: int,
+              interval) -> dict:
+        name = str(request.get("name") or "window")[:128]
+        step = request.get("step_id")
+        step = None if step in (None, "") else str(step)[:32]
+        window_id = self.store.open_window(job.run_id, job.job_id, step, name, uid, pid,
+                                           interval.end_ns, interval_id,
+                                           _raw_counters(interval))
+        return {"ok": True, "window_id": window_id, "start_ns": interval.end_ns}
+
+    def _close(self, uid: int, request: dict, job, interval_id: int, interval) -> dict:
         window_id = request.get("window_id")
-        row = self.store.query(
-            "SELECT run_id, uid, start_mono_ns, status FROM windows WHERE id = ?", (window_id,))
-        if not row or row[0][0] != job.run_id:
-            return {"ok": False, "error": f"no window {window_id} in job {job_id}"}
-        run_id, owner, start_interval, status = row[0]
+        found = self.store.window(window_id)
+        if found is None or found[0] != job.run_id:
+            return {"ok": False, "error": f"no window {window_id} in job {job.job_id}"}
+        run_id, owner, start_interval, status, start_ns = found
         if uid != 0 and uid != owner:
             return {"ok": False, "error": "permission denied: not your window"}
         if status != "open":
             return {"ok": False, "error": f"window {window_id} is already {status}"}
-        energy = dict(self.store.query(
-            "SELECT device_key, SUM(energy_uj) FROM job_energy WHERE run_id = ? AND "
-            "interval_id > ? AND interval_id <= ? GROUP BY device_key",
-            (run_id, start_interval, interval_id)))
-        self.store.db.execute(
-            "UPDATE windows SET end_ns = ?, end_mono_ns = ?, counters_end = ?, energy = ?, "
-            "status = 'closed' WHERE id = ?",
-            (interval.end_ns, interval_id, json.dumps(_raw_counters(interval)),
-             json.dumps(energy, sort_keys=True), window_id),
-        )
-        devices = {
-            key: {"component": c, "device": n, "source": src, "sensor": sen, "method": m}
-            for key, c, n, src, sen, m in self.store.query(
-                "SELECT key, component, name, source, sensor, method FROM devices")
-            if key in energy
-        }
-        start_ns = self.store.query("SELECT start_ns FROM windows WHERE id = ?",
-                                    (window_id,))[0][0]
-        covered_ns = self.store.query(
-            "SELECT COALESCE(SUM(end_ns - start_ns), 0) FROM intervals WHERE id > ? AND id <= ?",
-            (start_interval, interval_id))[0][0]
+        energy = self.store.run_energy_between(run_id, start_interval, interval_id)
+        self.store.close_window(window_id, interval.end_ns, interval_id,
+                                _raw_counters(interval), energy)
+        covered_ns = self.store.covered_ns_between(start_interval, interval_id)
         span_ns = max(1, interval.end_ns - start_ns)
         return {"ok": True, "window_id": window_id, "start_ns": start_ns,
-                "end_ns": interval.end_ns, "energy_uj": energy, "devices": devices,
+                "end_ns": interval.end_ns, "energy_uj": energy,
+                "devices": self._devices_of(energy),
                 "coverage": round(min(1.0, covered_ns / span_ns), 4)}
+
+    def _devices_of(self, energy: dict[str, int]) -> dict[str, dict]:
+        return {key: {"component": d["component"], "device": d["name"], "source": d["source"],
+                      "sensor": d["sensor"], "method": d["method"]}
+                for key, d in self.store.devices().items() if key in energy}
+
+
+def _peer_refusal(pid: int, uid: int, job) -> str | None:
+    """Why the peer may not use the job's windows, or None: root, or the job's owner from a
+    process inside the job's cgroup (where the node has job cgroups)."""
+    from llem.node.usage import pid_in_job_cgroup
+
+    if uid == 0:
+        return None
+    if uid != job.uid:
+        return f"permission denied: job {job.job_id} is not yours"
+    if pid_in_job_cgroup(pid, job.job_id) is False:
+        return f"permission denied: process {pid} is not in job {job.job_id}"
+    return None
 
 
 def _raw_counters(interval) -> dict[str, int]:
