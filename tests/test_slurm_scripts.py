@@ -151,7 +151,7 @@ def test_hooks_without_epochrealtime_hand_a_dated_job_to_the_sampler(bash, tmp_p
         assert r.returncode == 0, r.stderr
         assert ingest(store, jobs, "c", "t1") == [("42", "end")]
         after_ns = time.time_ns()
-        (run,) = store.jobs("job_id = '42'")
+        (run,) = store.jobs()
     assert not seen.exists()  # the fast path took both: llem was not needed
     assert not (jobs / "bad").exists()
     assert (run.state, run.user, run.uid, run.flags) == ("ended", "alice", 1000, ())
