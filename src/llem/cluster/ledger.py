@@ -27,7 +27,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -35,6 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 from llem import slices
 from llem.errors import LedgerError
 from llem.hostlist import expand_hostlist
+from llem.sqlite import Database, Messages, open_database, run_script
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,8 @@ HEADER_AFTER_NS = 600 * 10**9
 """How long after its nodes' Epilogs slurmctld's EpilogSlurmctld may still run."""
 
 
-def _run_script(db: sqlite3.Connection, script: str) -> None:
-    for statement in script.split(";"):
-        if statement.strip():
-            db.execute(statement)
-
-
 def _v1(db: sqlite3.Connection) -> None:
-    _run_script(db, """
+    run_script(db, """
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE devices (
             cluster TEXT NOT NULL, node TEXT NOT NULL, device_key TEXT NOT NULL,
@@ -148,6 +142,39 @@ ENERGY_COLUMNS = ("energy_uj", "cpu_energy_uj", "dram_energy_uj", "gpu_energy_uj
 MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1,)
 SCHEMA_VERSION = len(MIGRATIONS)
 
+
+def _check_parent(path: Path) -> None:
+    from llem.fsutil import dir_problem
+
+    problem = dir_problem(path, create_mode=0o755, group_write_ok=True)
+    if problem is not None:
+        raise LedgerError(f"{path}: the ledger's directory {problem}; refusing to write "
+                          "the ledger there")
+
+
+DATABASE = Database(
+    migrations=MIGRATIONS,
+    readable_from=1,
+    file_mode=LEDGER_MODE,
+    prepare_dir=_check_parent,
+    busy_timeout_s=30.0,
+    pragmas=("PRAGMA foreign_keys = ON", "PRAGMA busy_timeout = 30000"),
+    # Merges touch the job tables' right edges and their indexes: a 64 MB page cache keeps
+    # them in memory (the default 2 MB thrashes past ~1e5 jobs).
+    write_pragmas=("PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL",
+                   "PRAGMA cache_size = -65536"),
+    error=LedgerError,
+    messages=Messages(
+        not_a_database="{path}: not a usable ledger database: {error}",
+        cannot_open="{path}: cannot open the ledger: {error}",
+        newer="{path}: ledger schema {version} is newer than this llem knows ({known}); "
+              "upgrade llem",
+        needs_migrating="{path}: the ledger needs migrating by llem aggregate",
+        migration_failed="{path}: ledger write failed: {error}",
+    ),
+)
+"""How the ledger is opened: mode 0644 in a directory only root writes, WAL while writing."""
+
 # Columns compared by the canonical dump: natural keys and data, never row ids or times of
 # merging, so that two ledgers holding the same facts dump the same.
 _NODE_KEY = "jn.cluster, jn.job_id, jn.node, jn.start_ns"
@@ -199,15 +226,6 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _check_parent(path: Path) -> None:
-    from llem.fsutil import dir_problem
-
-    problem = dir_problem(path.parent, create_mode=0o755, group_write_ok=True)
-    if problem is not None:
-        raise LedgerError(f"{path.parent}: the ledger's directory {problem}; refusing to write "
-                          "the ledger there")
-
-
 class Ledger:
     """The cluster ledger (SQLite).
 
@@ -228,49 +246,11 @@ class Ledger:
         self.readonly = readonly
         self._devices_seen: set[tuple] = set()
         self._checkpointer: _Checkpointer | None = None
-        try:
-            if readonly:
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
-                                          isolation_level=None, timeout=10.0)
-            else:
-                _check_parent(self.path)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, LEDGER_MODE)
-                os.close(fd)
-                self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-                self.db.execute("PRAGMA journal_mode = WAL")
-                self.db.execute("PRAGMA synchronous = NORMAL")
-                # Merges touch the job tables' right edges and their indexes: a 64 MB page
-                # cache keeps them in memory (the default 2 MB thrashes past ~1e5 jobs).
-                self.db.execute("PRAGMA cache_size = -65536")
-            self.db.execute("PRAGMA foreign_keys = ON")
-            self.db.execute("PRAGMA busy_timeout = 30000")
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as e:
-            raise LedgerError(f"{self.path}: not a usable ledger database: {e}") from e
-        except OSError as e:
-            raise LedgerError(f"{self.path}: cannot open the ledger: {e.strerror or e}") from e
-        if version > SCHEMA_VERSION:
-            self.db.close()
-            raise LedgerError(f"{self.path}: ledger schema {version} is newer than this llem "
-                              f"knows ({SCHEMA_VERSION}); upgrade llem")
-        if version < SCHEMA_VERSION:
-            if readonly:
-                raise LedgerError(f"{self.path}: the ledger needs migrating by llem aggregate")
-            self._migrate()
+        self.db = open_database(self.path, DATABASE, readonly=readonly)
         if background_checkpoint and not readonly:
             # The committing connection checkpoints only if the thread falls far behind.
             self.db.execute(f"PRAGMA wal_autocheckpoint = {_Checkpointer.FALLBACK_PAGES}")
             self._checkpointer = _Checkpointer(self.path)
-
-    def _migrate(self) -> None:
-        def body() -> None:
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            for number in range(version, SCHEMA_VERSION):
-                MIGRATIONS[number](self.db)
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('created_ns', ?)",
-                            (str(time.time_ns()),))
-        self._txn(body)
 
     def _txn(self, body: Callable[[], Any]) -> Any:
         if self.readonly:
