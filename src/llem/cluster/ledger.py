@@ -139,7 +139,21 @@ def _v1(db: sqlite3.Connection) -> None:
 ENERGY_COLUMNS = ("energy_uj", "cpu_energy_uj", "dram_energy_uj", "gpu_energy_uj",
                   "other_energy_uj", "estimated_energy_uj")
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1,)
+
+
+def _v2(db: sqlite3.Connection) -> None:
+    """Indexes for ``llem-acct``'s time windows (they used to be added by its first run).
+
+    ``--user U --since 30d`` asks for runs that *ended* after the start of the window: the
+    (user, run_start_ns) index cannot bound that, (user, run_end_ns) can.
+    """
+    run_script(db, """
+        CREATE INDEX IF NOT EXISTS job_runs_by_user_end ON job_runs (user, run_end_ns);
+        CREATE INDEX IF NOT EXISTS job_runs_by_account_end ON job_runs (account, run_end_ns)
+    """)
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -173,7 +187,11 @@ DATABASE = Database(
         migration_failed="{path}: ledger write failed: {error}",
     ),
 )
-"""How the ledger is opened: mode 0644 in a directory only root writes, WAL while writing."""
+"""How the ledger is opened: mode 0644 in a directory only root writes, WAL while writing.
+
+``readable_from``: the migrations after the first add indexes only, so a reader (who never
+writes) reads a ledger that ``llem aggregate`` has not migrated yet as it is.
+"""
 
 # Columns compared by the canonical dump: natural keys and data, never row ids or times of
 # merging, so that two ledgers holding the same facts dump the same.
