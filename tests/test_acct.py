@@ -393,8 +393,9 @@ def test_requeued_job_latest_run_unless_duplicates(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run llem-acct as another user")
-def test_a_user_reads_a_root_ledger_and_adds_no_index(request, tmp_path):
-    """A user runs llem-acct on the root-owned 0644 ledger: it reads, and writes nothing."""
+def test_a_user_reads_an_old_root_ledger_and_writes_nothing(request, tmp_path):
+    """A user runs llem-acct on a root-owned 0644 ledger of the previous schema (before the
+    indexes by run end): it reads, and writes nothing; the next write open migrates it."""
     import shutil
     import sqlite3
     import tempfile
@@ -402,6 +403,7 @@ def test_a_user_reads_a_root_ledger_and_adds_no_index(request, tmp_path):
     import click
     import yaml
 
+    from llem.cluster.ledger import Ledger
     from tests.test_export import _python_for_nobody
 
     root = Path(tempfile.mkdtemp(prefix="llem-acct-reader-"))
@@ -424,6 +426,10 @@ def test_a_user_reads_a_root_ledger_and_adds_no_index(request, tmp_path):
     (root / "ledger").mkdir(mode=0o755)
     ledger = root / "ledger" / "ledger.db"
     make_ledger.write_jobs(ledger, JOBS)
+    db = sqlite3.connect(ledger)  # as llem before schema 2 left it
+    db.executescript("DROP INDEX job_runs_by_user_end; DROP INDEX job_runs_by_account_end; "
+                     "PRAGMA user_version = 1")
+    db.close()
     cfg = root / "llem.yaml"
     cfg.write_text(CONFIG + f"ledger: {ledger}\n")
     cfg.chmod(0o644)
@@ -435,11 +441,20 @@ def test_a_user_reads_a_root_ledger_and_adds_no_index(request, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout == TABLE
     assert ledger.stat().st_mtime_ns == before
-    db = sqlite3.connect(ledger)
-    names = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    db.close()
-    assert "job_runs_by_user_end" not in names
+    assert sorted(os.listdir(ledger.parent)) == ["ledger.db"]
+
+    def schema():
+        db = sqlite3.connect(ledger)
+        names = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        db.close()
+        return version, {"job_runs_by_user_end", "job_runs_by_account_end"} & names
+
+    assert schema() == (1, set())
     r = subprocess.run([python[0], "-c", "from llem.cli.acct import main; main()", "-X"],
                        user=65534, group=65534, env=env, capture_output=True, text=True,
                        timeout=60, cwd="/")
     assert r.returncode == 0 and "no jobs match (user " in r.stderr  # nobody sees only nobody
+    assert schema() == (1, set())
+    Ledger(ledger).close()  # the next write open (llem aggregate) adds them
+    assert schema() == (2, {"job_runs_by_user_end", "job_runs_by_account_end"})

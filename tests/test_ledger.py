@@ -69,6 +69,49 @@ def test_newer_ledger_schema_is_refused(tmp_path):
         Ledger(path)
 
 
+ACCT_INDEXES = {"job_runs_by_user_end", "job_runs_by_account_end"}
+
+
+def _indexes_and_version(path):
+    db = sqlite3.connect(path)
+    names = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    db.close()
+    return version, names
+
+
+def test_an_old_ledger_is_read_as_it_is_and_migrated_by_the_next_writer(tmp_path):
+    path = tmp_path / "ledger.db"
+    with Ledger(path) as ledger:
+        merge(ledger, job_slices(tmp_path, "100"))
+        dump = ledger.canonical_dump()
+    version, names = _indexes_and_version(path)
+    assert version == 2 and ACCT_INDEXES <= names
+    db = sqlite3.connect(path)  # schema 1, as llem before the acct indexes left it
+    db.executescript("DROP INDEX job_runs_by_user_end; DROP INDEX job_runs_by_account_end; "
+                     "PRAGMA user_version = 1")
+    db.close()
+    before = (path.read_bytes(), path.stat().st_mtime_ns, sorted(os.listdir(tmp_path)))
+    with Ledger(path, readonly=True) as ledger:
+        assert ledger.canonical_dump() == dump
+        assert [r["job_id"] for r in ledger.job_runs()] == ["100"]
+    assert (path.read_bytes(), path.stat().st_mtime_ns, sorted(os.listdir(tmp_path))) == before
+    with Ledger(path) as ledger:
+        assert ledger.canonical_dump() == dump
+    version, names = _indexes_and_version(path)
+    assert version == 2 and ACCT_INDEXES <= names
+
+
+def test_a_reader_refuses_a_ledger_older_than_it_reads(tmp_path):
+    path = tmp_path / "ledger.db"
+    Ledger(path).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 0")
+    db.close()
+    with pytest.raises(LedgerError, match="needs migrating by llem aggregate"):
+        Ledger(path, readonly=True)
+
+
 def test_symlinked_ledger_is_refused(tmp_path):
     os.symlink("/etc/hostname", tmp_path / "ledger.db")
     with pytest.raises(LedgerError):

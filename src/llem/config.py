@@ -163,59 +163,92 @@ def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
 
 def _check_type(key: str, value: Any, annotation: str, where: str) -> Any:
     """Validate one value against the field's annotation (kept as a string)."""
-    optional = "None" in annotation
     if value is None:
-        if optional:
+        if "None" in annotation:
             return None
         raise ConfigError(f"{where}: '{key}' may not be empty")
-    if key == "sensors":
-        if value == "auto":
-            return value
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise ConfigError(f"{where}: 'sensors' must be 'auto' or a list of sensor names")
-        for s in items:
-            if s not in SENSOR_NAMES:
-                raise _unknown_sensor(s, where)
-        return tuple(items)
-    if key == "aggregate.readers":
-        if value == "auto":
-            return value
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{where}: 'aggregate.readers' must be 'auto' or a whole number "
-                              f"of processes (0 or more), got {value!r}")
-        return value
-    if key == "carbon.pue" and isinstance(value, dict):
-        out = {}
-        for month, pue in value.items():
-            month = str(month)
-            if len(month) != 7 or month[4] != "-" or not (month[:4] + month[5:]).isdigit():
-                raise ConfigError(f"{where}: 'carbon.pue' month '{month}' is not YYYY-MM")
-            out[month] = _number(key, pue, where)
-            _check_range(key, out[month], where)
-        return out
-    if annotation.startswith("float") or annotation.startswith("int"):
-        if annotation.startswith("int"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
-            return value
-        number = _number(key, value, where)
-        _check_range(key, number, where)
-        return number
-    if annotation.startswith("bool"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
-        return value
-    if annotation.startswith("str"):
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
-        if key in CHOICES and str(value) not in CHOICES[key]:
-            raise ConfigError(f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}, "
-                              f"got {value!r}")
-        return str(value)
+    if key in _SPECIAL_KEYS:
+        return _SPECIAL_KEYS[key](value, where)
+    for prefix, check in _BY_TYPE:
+        if annotation.startswith(prefix):
+            return check(key, value, where)
     return value
+
+
+def _check_sensors(value: Any, where: str) -> Any:
+    if value == "auto":
+        return value
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ConfigError(f"{where}: 'sensors' must be 'auto' or a list of sensor names")
+    for s in items:
+        if s not in SENSOR_NAMES:
+            raise _unknown_sensor(s, where)
+    return tuple(items)
+
+
+def _check_readers(value: Any, where: str) -> Any:
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: 'aggregate.readers' must be 'auto' or a whole number "
+                          f"of processes (0 or more), got {value!r}")
+    return value
+
+
+def _check_pue(value: Any, where: str) -> Any:
+    """A constant PUE, or one per month (``{"2026-01": 1.3, ...}``)."""
+    key = "carbon.pue"
+    if not isinstance(value, dict):
+        return _check_float(key, value, where)
+    out = {}
+    for month, pue in value.items():
+        month = str(month)
+        if len(month) != 7 or month[4] != "-" or not (month[:4] + month[5:]).isdigit():
+            raise ConfigError(f"{where}: 'carbon.pue' month '{month}' is not YYYY-MM")
+        out[month] = _number(key, pue, where)
+        _check_range(key, out[month], where)
+    return out
+
+
+def _check_int(key: str, value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+    return value
+
+
+def _check_float(key: str, value: Any, where: str) -> float:
+    number = _number(key, value, where)
+    _check_range(key, number, where)
+    return number
+
+
+def _check_bool(key: str, value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _check_str(key: str, value: Any, where: str) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+    if key in CHOICES and str(value) not in CHOICES[key]:
+        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}, "
+                          f"got {value!r}")
+    return str(value)
+
+
+_SPECIAL_KEYS = {
+    "sensors": _check_sensors,
+    "aggregate.readers": _check_readers,
+    "carbon.pue": _check_pue,
+}
+"""Keys whose values are more than their annotation says."""
+_BY_TYPE = (("float", _check_float), ("int", _check_int), ("bool", _check_bool),
+            ("str", _check_str))
+"""Checks by the annotation's first type, in this order."""
 
 
 def _unknown_sensor(name: str, where: str) -> ConfigError:
@@ -264,23 +297,26 @@ def from_mapping(data: Mapping[str, Any], where: str = "config") -> Config:
         key = str(key)
         if key not in _TOP_KEYS:
             raise _unknown(key, all_keys() + list(_SECTIONS), where)
-        if key in _SECTIONS:
-            cls = _SECTIONS[key]
-            if value is None:
-                continue
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}: '{key}' must be a mapping of keys to values")
-            sub = _annotations(cls)
-            sub_kwargs = {}
-            for sub_key, sub_value in value.items():
-                dotted = f"{key}.{sub_key}"
-                if sub_key not in sub:
-                    raise _unknown(dotted, all_keys(), where)
-                sub_kwargs[sub_key] = _check_type(dotted, sub_value, sub[sub_key], where)
-            kwargs[key] = cls(**sub_kwargs)
-        else:
+        if key not in _SECTIONS:
             kwargs[key] = _check_type(key, value, top[key], where)
+        elif value is not None:  # an empty section keeps its defaults
+            kwargs[key] = _section(key, value, where)
     return Config(**kwargs, source=where)
+
+
+def _section(name: str, data: Any, where: str) -> Any:
+    """One section (``sampler:``, ``carbon:``, ...) as its dataclass."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: '{name}' must be a mapping of keys to values")
+    cls = _SECTIONS[name]
+    sub = _annotations(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{name}.{key}"
+        if key not in sub:
+            raise _unknown(dotted, all_keys(), where)
+        kwargs[key] = _check_type(dotted, value, sub[key], where)
+    return cls(**kwargs)
 
 
 def _parse_yaml(text: str, where: str) -> Any:
@@ -360,31 +396,41 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     file = Path(path) if path is not None else config_path(env)
     data: dict[str, Any] = {}
     where = "defaults"
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"{file}: config file not found") from None
-        text = None
-    except PermissionError:
-        raise ConfigError(f"{file}: permission denied reading the config file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file}: cannot read the config file: {e}") from e
+    text = _read_config_file(file, explicit)
     if text is not None:
         where = str(file)
-        parsed = _parse_yaml(text, where)
-        if parsed is None:
-            parsed = {}
-        if not isinstance(parsed, dict):
-            raise ConfigError(f"{where}: the top level must be a mapping of keys to values")
-        data = parsed
-        from_mapping(data, where)  # report file errors against the file, before overrides
+        data = _parse_file(text, where)
     overrides = _env_overrides(env)
     if overrides:
         from_mapping(overrides, "environment")
         data = _merge(data, overrides)
         where = f"{where} + environment" if where != "defaults" else "defaults + environment"
     return from_mapping(data, where)
+
+
+def _read_config_file(file: Path, explicit: bool) -> str | None:
+    """The file's text; None when the default file is absent (an explicit one must exist)."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{file}: config file not found") from None
+        return None
+    except PermissionError:
+        raise ConfigError(f"{file}: permission denied reading the config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: cannot read the config file: {e}") from e
+
+
+def _parse_file(text: str, where: str) -> dict[str, Any]:
+    """The file's mapping, checked on its own so that errors name the file, not overrides."""
+    parsed = _parse_yaml(text, where)
+    if parsed is None:
+        parsed = {}
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys to values")
+    from_mapping(parsed, where)
+    return parsed
 
 
 def as_dict(config: Config) -> dict[str, Any]:

@@ -29,9 +29,5 @@ class StoreError(LlemError):
     """The node store cannot be opened, migrated or written."""
 
 
-class SlurmError(LlemError):
-    """Talking to Slurm (environment, scontrol, cgroups) failed."""
-
-
 class LedgerError(LlemError):
     """The cluster ledger cannot be opened, read or merged into."""

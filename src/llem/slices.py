@@ -211,6 +211,19 @@ def _validate_job(data: Mapping, devices: Mapping) -> None:
     job = _need(data, "job", "slice")
     if not isinstance(job, dict):
         raise SliceError("slice: 'job' must be an object")
+    start_ns, end_ns = _validate_job_fields(job)
+    first_hour, last_hour = start_ns // 10**9 // 3600 * 3600, end_ns // 10**9 // 3600 * 3600
+    _validate_energy(_need(data, "energy", "slice"), devices, first_hour, last_hour)
+    windows = data.get("windows", [])
+    if not isinstance(windows, list):
+        raise SliceError(f"slice: 'windows' must be a list, got {windows!r}")
+    for i, win in enumerate(windows):
+        _validate_window(win, f"windows[{i}]")
+    _validate_node_totals(_need(data, "node_totals", "slice"), devices)
+
+
+def _validate_job_fields(job: Mapping) -> tuple[int, int]:
+    """Check a job slice's ``job`` object; return its start and end (ns)."""
     _safe(job, "job_id", "job")
     start_ns = _ts(job, "start_ns", "job")
     end_ns = _ts(job, "end_ns", "job")
@@ -229,8 +242,11 @@ def _validate_job(data: Mapping, devices: Mapping) -> None:
         items = job.get(key, [])
         if not isinstance(items, list) or not all(type(i) is str for i in items):
             raise SliceError(f"job: '{key}' must be a list of strings, got {items!r}")
-    first_hour, last_hour = start_ns // 10**9 // 3600 * 3600, end_ns // 10**9 // 3600 * 3600
-    rows = _need(data, "energy", "slice")
+    return start_ns, end_ns
+
+
+def _validate_energy(rows: Any, devices: Mapping, first_hour: int, last_hour: int) -> None:
+    """Check a job slice's energy rows: known devices, hours within the job, sane energy."""
     if not isinstance(rows, list):
         raise SliceError("slice: 'energy' must be a list")
     # Fast path for valid rows (tens per slice, millions per pass); the slow path names the
@@ -245,33 +261,39 @@ def _validate_job(data: Mapping, devices: Mapping) -> None:
     except (LookupError, TypeError):
         for i, row in enumerate(rows):
             _energy_row(row, f"energy[{i}]", devices, first_hour, last_hour)
-    windows = data.get("windows", [])
-    if not isinstance(windows, list):
-        raise SliceError(f"slice: 'windows' must be a list, got {windows!r}")
-    for i, win in enumerate(windows):
-        _validate_window(win, f"windows[{i}]")
-    totals = _need(data, "node_totals", "slice")
+
+
+def _validate_node_totals(totals: Any, devices: Mapping) -> None:
+    """Check the node's own totals over the job's span, per device."""
     if not isinstance(totals, dict):
         raise SliceError("slice: 'node_totals' must be an object")
     for key, row in totals.items():
-        if key in devices and type(row) is dict:
-            try:
-                m, a, r = _TOTAL_FIELDS(row)
-                gaps = row.get("gap_intervals", 0)
-                if (type(m) is int and type(a) is int and type(r) is int and type(gaps) is int
-                        and 0 <= min(m, a, r, gaps) and max(m, a, r, gaps) <= INT64_MAX):
-                    continue
-            except KeyError:
-                pass
-        where = f"node_totals[{key!r}]"
-        if key not in devices or not isinstance(row, dict):
-            raise SliceError(f"{where}: unknown device or not an object")
-        for field in ("measured_uj", "attributed_uj", "remainder_uj"):
-            _energy(row.get(field), f"{where}.{field}")
-        gaps = row.get("gap_intervals", 0)
-        if not _is_int(gaps) or gaps < 0:
-            raise SliceError(f"{where}: 'gap_intervals' must be a non-negative integer, "
-                             f"got {gaps!r}")
+        if not _node_total_is_valid(key, row, devices):  # fast path; else say what is wrong
+            _node_total_row(key, row, devices)
+
+
+def _node_total_is_valid(key: Any, row: Any, devices: Mapping) -> bool:
+    if key not in devices or type(row) is not dict:
+        return False
+    try:
+        m, a, r = _TOTAL_FIELDS(row)
+    except KeyError:
+        return False
+    gaps = row.get("gap_intervals", 0)
+    return (type(m) is int and type(a) is int and type(r) is int and type(gaps) is int
+            and 0 <= min(m, a, r, gaps) and max(m, a, r, gaps) <= INT64_MAX)
+
+
+def _node_total_row(key: Any, row: Any, devices: Mapping) -> None:
+    where = f"node_totals[{key!r}]"
+    if key not in devices or not isinstance(row, dict):
+        raise SliceError(f"{where}: unknown device or not an object")
+    for field in ("measured_uj", "attributed_uj", "remainder_uj"):
+        _energy(row.get(field), f"{where}.{field}")
+    gaps = row.get("gap_intervals", 0)
+    if not _is_int(gaps) or gaps < 0:
+        raise SliceError(f"{where}: 'gap_intervals' must be a non-negative integer, "
+                         f"got {gaps!r}")
 
 
 def _known(device: Any, devices: Mapping) -> bool:

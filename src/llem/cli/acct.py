@@ -130,7 +130,6 @@ def acct(helpformat: bool, ledger: str | None, debug: bool, allclusters: bool,
             clusters="all" if allclusters else clusters, **raw)
     except lib.AcctUsageError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.option}'") from None
-    acct_queries.ensure_indexes(opts.ledger)
     with acct_queries.open_ledger(opts.ledger) as led:
         out = lib.report(led, opts, cfg)
     sys.stdout.write(out.stdout)

@@ -1,10 +1,9 @@
 """Every SQL statement that ``llem-acct`` runs against the cluster ledger.
 
 Read-only: the ledger is opened with :class:`llem.cluster.ledger.Ledger` (``readonly=True``)
-and only ``SELECT`` statements go through :meth:`Ledger.query`. The one exception is
-:func:`ensure_indexes`, which adds two accelerating indexes with ``CREATE INDEX IF NOT
-EXISTS`` when, and only when, the caller may write the ledger (an admin, the bench); the
-queries are correct without them, only slower on large ledgers.
+and only ``SELECT`` statements go through :meth:`Ledger.query`. The indexes they use are the
+ledger's own (its migrations); on a ledger not yet migrated by ``llem aggregate`` the queries
+are as correct, only slower on large ledgers.
 
 Selections are described by :class:`RunFilter` (built by :mod:`llem.acct` from the command
 line) and turned into one ``WHERE`` clause over ``job_runs`` by :func:`where_clause`.
@@ -22,13 +21,6 @@ from typing import Iterable, Sequence
 from llem.errors import LedgerError
 
 log = logging.getLogger(__name__)
-
-ACCT_INDEXES = (
-    # `--user U --since 30d` asks for runs that *ended* after the start of the window: the
-    # schema's (user, run_start_ns) index cannot bound that, (user, run_end_ns) can.
-    "CREATE INDEX IF NOT EXISTS job_runs_by_user_end ON job_runs (user, run_end_ns)",
-    "CREATE INDEX IF NOT EXISTS job_runs_by_account_end ON job_runs (account, run_end_ns)",
-)
 
 RUN_COLUMNS = (
     "cluster", "job_id", "run_start_ns", "run_end_ns", "array_job_id", "array_task_id",
@@ -122,32 +114,6 @@ def open_ledger(path: str | os.PathLike):
         ledger.close()
         raise LedgerError(f"{path}: not a usable ledger: {e}") from e
     return ledger
-
-
-def ensure_indexes(path: str | os.PathLike) -> bool:
-    """Add :data:`ACCT_INDEXES` when this process may write the ledger; True when present.
-
-    A reader who may not write the ledger is left alone (its queries use the schema's
-    indexes). Failures (a busy or read-only ledger) are logged and ignored.
-    """
-    path = Path(path)
-    if not (path.exists() and os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
-        return False
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None, timeout=1)
-        try:
-            present = {r[0] for r in db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'job_runs'")}
-            if {"job_runs_by_user_end", "job_runs_by_account_end"} <= present:
-                return True
-            for sql in ACCT_INDEXES:
-                db.execute(sql)
-            return True
-        finally:
-            db.close()
-    except sqlite3.Error as e:
-        log.debug("%s: acct indexes not added: %s", path, e)
-        return False
 
 
 def _in(column: str, values: Sequence, params: list) -> str:

@@ -27,7 +27,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -35,6 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 from llem import slices
 from llem.errors import LedgerError
 from llem.hostlist import expand_hostlist
+from llem.sqlite import Database, Messages, open_database, run_script
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,8 @@ HEADER_AFTER_NS = 600 * 10**9
 """How long after its nodes' Epilogs slurmctld's EpilogSlurmctld may still run."""
 
 
-def _run_script(db: sqlite3.Connection, script: str) -> None:
-    for statement in script.split(";"):
-        if statement.strip():
-            db.execute(statement)
-
-
 def _v1(db: sqlite3.Connection) -> None:
-    _run_script(db, """
+    run_script(db, """
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE devices (
             cluster TEXT NOT NULL, node TEXT NOT NULL, device_key TEXT NOT NULL,
@@ -145,8 +139,59 @@ def _v1(db: sqlite3.Connection) -> None:
 ENERGY_COLUMNS = ("energy_uj", "cpu_energy_uj", "dram_energy_uj", "gpu_energy_uj",
                   "other_energy_uj", "estimated_energy_uj")
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1,)
+
+
+def _v2(db: sqlite3.Connection) -> None:
+    """Indexes for ``llem-acct``'s time windows (they used to be added by its first run).
+
+    ``--user U --since 30d`` asks for runs that *ended* after the start of the window: the
+    (user, run_start_ns) index cannot bound that, (user, run_end_ns) can.
+    """
+    run_script(db, """
+        CREATE INDEX IF NOT EXISTS job_runs_by_user_end ON job_runs (user, run_end_ns);
+        CREATE INDEX IF NOT EXISTS job_runs_by_account_end ON job_runs (account, run_end_ns)
+    """)
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _check_parent(path: Path) -> None:
+    from llem.fsutil import dir_problem
+
+    problem = dir_problem(path, create_mode=0o755, group_write_ok=True)
+    if problem is not None:
+        raise LedgerError(f"{path}: the ledger's directory {problem}; refusing to write "
+                          "the ledger there")
+
+
+DATABASE = Database(
+    migrations=MIGRATIONS,
+    readable_from=1,
+    file_mode=LEDGER_MODE,
+    prepare_dir=_check_parent,
+    busy_timeout_s=30.0,
+    pragmas=("PRAGMA foreign_keys = ON", "PRAGMA busy_timeout = 30000"),
+    # Merges touch the job tables' right edges and their indexes: a 64 MB page cache keeps
+    # them in memory (the default 2 MB thrashes past ~1e5 jobs).
+    write_pragmas=("PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL",
+                   "PRAGMA cache_size = -65536"),
+    error=LedgerError,
+    messages=Messages(
+        not_a_database="{path}: not a usable ledger database: {error}",
+        cannot_open="{path}: cannot open the ledger: {error}",
+        newer="{path}: ledger schema {version} is newer than this llem knows ({known}); "
+              "upgrade llem",
+        needs_migrating="{path}: the ledger needs migrating by llem aggregate",
+        migration_failed="{path}: ledger write failed: {error}",
+    ),
+)
+"""How the ledger is opened: mode 0644 in a directory only root writes, WAL while writing.
+
+``readable_from``: the migrations after the first add indexes only, so a reader (who never
+writes) reads a ledger that ``llem aggregate`` has not migrated yet as it is.
+"""
 
 # Columns compared by the canonical dump: natural keys and data, never row ids or times of
 # merging, so that two ledgers holding the same facts dump the same.
@@ -199,15 +244,6 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _check_parent(path: Path) -> None:
-    from llem.fsutil import dir_problem
-
-    problem = dir_problem(path.parent, create_mode=0o755, group_write_ok=True)
-    if problem is not None:
-        raise LedgerError(f"{path.parent}: the ledger's directory {problem}; refusing to write "
-                          "the ledger there")
-
-
 class Ledger:
     """The cluster ledger (SQLite).
 
@@ -228,49 +264,11 @@ class Ledger:
         self.readonly = readonly
         self._devices_seen: set[tuple] = set()
         self._checkpointer: _Checkpointer | None = None
-        try:
-            if readonly:
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
-                                          isolation_level=None, timeout=10.0)
-            else:
-                _check_parent(self.path)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, LEDGER_MODE)
-                os.close(fd)
-                self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-                self.db.execute("PRAGMA journal_mode = WAL")
-                self.db.execute("PRAGMA synchronous = NORMAL")
-                # Merges touch the job tables' right edges and their indexes: a 64 MB page
-                # cache keeps them in memory (the default 2 MB thrashes past ~1e5 jobs).
-                self.db.execute("PRAGMA cache_size = -65536")
-            self.db.execute("PRAGMA foreign_keys = ON")
-            self.db.execute("PRAGMA busy_timeout = 30000")
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as e:
-            raise LedgerError(f"{self.path}: not a usable ledger database: {e}") from e
-        except OSError as e:
-            raise LedgerError(f"{self.path}: cannot open the ledger: {e.strerror or e}") from e
-        if version > SCHEMA_VERSION:
-            self.db.close()
-            raise LedgerError(f"{self.path}: ledger schema {version} is newer than this llem "
-                              f"knows ({SCHEMA_VERSION}); upgrade llem")
-        if version < SCHEMA_VERSION:
-            if readonly:
-                raise LedgerError(f"{self.path}: the ledger needs migrating by llem aggregate")
-            self._migrate()
+        self.db = open_database(self.path, DATABASE, readonly=readonly)
         if background_checkpoint and not readonly:
             # The committing connection checkpoints only if the thread falls far behind.
             self.db.execute(f"PRAGMA wal_autocheckpoint = {_Checkpointer.FALLBACK_PAGES}")
             self._checkpointer = _Checkpointer(self.path)
-
-    def _migrate(self) -> None:
-        def body() -> None:
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            for number in range(version, SCHEMA_VERSION):
-                MIGRATIONS[number](self.db)
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('created_ns', ?)",
-                            (str(time.time_ns()),))
-        self._txn(body)
 
     def _txn(self, body: Callable[[], Any]) -> Any:
         if self.readonly:
@@ -421,33 +419,34 @@ class Ledger:
         by_cluster: dict[str, list[str]] = {}
         for cluster, job_id in jobs:
             by_cluster.setdefault(cluster, []).append(job_id)
-        ncols, hcols = self._NODE_COLS, self._HEADER_COLS
         for cluster, ids in sorted(by_cluster.items()):
             ids.sort()
             for i in range(0, len(ids), self._REGROUP_CHUNK):
-                part = ids[i:i + self._REGROUP_CHUNK]
-                where = f"cluster = ? AND job_id IN ({', '.join('?' * len(part))})"
-                nodes: dict[str, list[dict]] = {job_id: [] for job_id in part}
-                for r in self.db.execute(
-                        f"SELECT job_id, {', '.join(ncols)} FROM job_nodes WHERE {where}",
-                        (cluster, *part)):
-                    nodes[r[0]].append(dict(zip(ncols, r[1:])))
-                headers: dict[str, list[dict]] = {job_id: [] for job_id in part}
-                for r in self.db.execute(
-                        f"SELECT job_id, {', '.join(hcols)} FROM job_headers WHERE {where}",
-                        (cluster, *part)):
-                    headers[r[0]].append(dict(zip(hcols, r[1:])))
-                self.db.execute(f"DELETE FROM job_runs WHERE {where}", (cluster, *part))
-                rows, moved = [], []
-                for job_id in part:
-                    for run in group_runs(nodes[job_id], headers[job_id]):
-                        row = summarize_run(run, now_ns, grace_s)
-                        rows.append((cluster, job_id, *[row[c] for c in _RUN_COLUMNS]))
-                        start = row["run_start_ns"]
-                        moved += [(start, n["id"]) for n in run["nodes"]
-                                  if n["run_start_ns"] != start]
-                self.db.executemany(_INSERT_JOB_RUN, rows)
-                self.db.executemany("UPDATE job_nodes SET run_start_ns = ? WHERE id = ?", moved)
+                self._regroup_chunk(cluster, ids[i:i + self._REGROUP_CHUNK], now_ns, grace_s)
+
+    def _regroup_chunk(self, cluster: str, part: list[str], now_ns: int, grace_s: float) -> None:
+        where = f"cluster = ? AND job_id IN ({', '.join('?' * len(part))})"
+        nodes = self._rows_by_job("job_nodes", self._NODE_COLS, where, cluster, part)
+        headers = self._rows_by_job("job_headers", self._HEADER_COLS, where, cluster, part)
+        self.db.execute(f"DELETE FROM job_runs WHERE {where}", (cluster, *part))
+        rows, moved = [], []
+        for job_id in part:
+            for run in group_runs(nodes[job_id], headers[job_id]):
+                row = summarize_run(run, now_ns, grace_s)
+                rows.append((cluster, job_id, *[row[c] for c in _RUN_COLUMNS]))
+                start = row["run_start_ns"]
+                moved += [(start, n["id"]) for n in run["nodes"] if n["run_start_ns"] != start]
+        self.db.executemany(_INSERT_JOB_RUN, rows)
+        self.db.executemany("UPDATE job_nodes SET run_start_ns = ? WHERE id = ?", moved)
+
+    def _rows_by_job(self, table: str, columns: tuple[str, ...], where: str, cluster: str,
+                     job_ids: list[str]) -> dict[str, list[dict]]:
+        """``table``'s rows of these jobs as dicts of ``columns``, by job id."""
+        out: dict[str, list[dict]] = {job_id: [] for job_id in job_ids}
+        for r in self.db.execute(f"SELECT job_id, {', '.join(columns)} FROM {table} "
+                                 f"WHERE {where}", (cluster, *job_ids)):
+            out[r[0]].append(dict(zip(columns, r[1:])))
+        return out
 
     def mark_incomplete(self, now_ns: int, grace_s: float) -> int:
         """Runs still pending past their grace period become incomplete; return how many."""
@@ -571,29 +570,46 @@ def prepare(data: dict, sha: str) -> Prepared:
     * node: ``("node", device rows, node_hours rows)``;
     * header: ``("header", (cluster, job_id), job_headers row)``.
     """
-    kind, cluster = data["kind"], data["cluster"]
+    kind = data["kind"]
     if kind == "header":
-        job = data["job"]
-        return ("header", (cluster, job["job_id"]), (
-            cluster, job["job_id"], job["end_ns"], job.get("start_ns"), job.get("array_job_id"),
-            job.get("array_task_id"), job.get("user"), job.get("uid"), job.get("account"),
-            job.get("partition"), job.get("name"), job.get("nodelist"), job.get("num_nodes"),
-            job.get("state"), job.get("exit_code"), job.get("signal"),
-            job.get("derived_exit_code")))
-    node, devices = data["node"], data["devices"]
-    device_rows = tuple((cluster, node, key, d["component"], d.get("name"), d["sensor"],
-                         d["source"], d["method"]) for key, d in sorted(devices.items()))
+        return _prepare_header(data)
     if kind == "node":
-        as_of_ns = data["as_of_ns"]
-        return ("node", device_rows, [
-            (cluster, node, r["hour_s"], r["device"], devices[r["device"]]["component"],
-             devices[r["device"]]["source"], r["measured_uj"], r["attributed_uj"],
-             r["remainder_uj"], r["intervals"], r["gap_intervals"], r["covered_ns"], as_of_ns)
-            for r in data["hours"]])
-    job = data["job"]
-    job_id, start_ns = job["job_id"], job["start_ns"]
+        return _prepare_node(data)
+    return _prepare_job(data, sha)
+
+
+def _prepare_header(data: dict) -> Prepared:
+    cluster, job = data["cluster"], data["job"]
+    return ("header", (cluster, job["job_id"]), (
+        cluster, job["job_id"], job["end_ns"], job.get("start_ns"), job.get("array_job_id"),
+        job.get("array_task_id"), job.get("user"), job.get("uid"), job.get("account"),
+        job.get("partition"), job.get("name"), job.get("nodelist"), job.get("num_nodes"),
+        job.get("state"), job.get("exit_code"), job.get("signal"),
+        job.get("derived_exit_code")))
+
+
+def _device_rows(data: dict) -> tuple:
+    cluster, node = data["cluster"], data["node"]
+    return tuple((cluster, node, key, d["component"], d.get("name"), d["sensor"], d["source"],
+                  d["method"]) for key, d in sorted(data["devices"].items()))
+
+
+def _prepare_node(data: dict) -> Prepared:
+    cluster, node, devices, as_of_ns = (data["cluster"], data["node"], data["devices"],
+                                        data["as_of_ns"])
+    return ("node", _device_rows(data), [
+        (cluster, node, r["hour_s"], r["device"], devices[r["device"]]["component"],
+         devices[r["device"]]["source"], r["measured_uj"], r["attributed_uj"],
+         r["remainder_uj"], r["intervals"], r["gap_intervals"], r["covered_ns"], as_of_ns)
+        for r in data["hours"]])
+
+
+def _prepare_job(data: dict, sha: str) -> Prepared:
+    cluster, node, devices, job = data["cluster"], data["node"], data["devices"], data["job"]
+    job_id = job["job_id"]
+    device_rows = _device_rows(data)
     job_node = (
-        cluster, job_id, node, start_ns, job["end_ns"], job.get("array_job_id"),
+        cluster, job_id, node, job["start_ns"], job["end_ns"], job.get("array_job_id"),
         job.get("array_task_id"), job.get("user"), job.get("uid"), job.get("gid"),
         job.get("account"), job.get("partition"), job.get("nodelist"), job.get("num_nodes"),
         job.get("cpus"), json.dumps(sorted(job.get("gpus") or [])), job.get("tag"),
@@ -605,14 +621,40 @@ def prepare(data: dict, sha: str) -> Prepared:
               for r in data["energy"]]
     totals = [(key, t["measured_uj"], t["attributed_uj"], t["remainder_uj"],
                t.get("gap_intervals", 0)) for key, t in data["node_totals"].items()]
+    return ("job", (cluster, job_id), data["created_ns"], sha, device_rows, job_node, energy,
+            totals, _window_rows(data))
+
+
+def _window_rows(data: dict) -> list[tuple]:
     windows = [(w["name"], w.get("step_id") or "", w["start_ns"], w.get("end_ns"), w["status"],
                 sum((w.get("energy") or {}).values()),
                 _SORTED_JSON.encode(w.get("energy") or {}))
                for w in data.get("windows", [])]
     if any(w[5] > slices.INT64_MAX for w in windows):
         raise slices.SliceError("a window's energy is beyond what the ledger stores")
-    return ("job", (cluster, job_id), data["created_ns"], sha, device_rows, job_node, energy,
-            totals, windows)
+    return windows
+
+
+def _component_totals(data: dict) -> tuple[int, ...]:
+    """A job slice's energy in the order of :data:`ENERGY_COLUMNS`."""
+    devices = data["devices"]
+    by: dict[str, int] = {"cpu": 0, "dram": 0, "gpu": 0, "other": 0, "estimated": 0}
+    for row in data["energy"]:
+        dev = devices[row["device"]]
+        comp = dev["component"]
+        by[comp if comp in ("cpu", "dram", "gpu") else "other"] += row["energy_uj"]
+        if dev["source"] == "estimated":
+            by["estimated"] += row["energy_uj"]
+    total = by["cpu"] + by["dram"] + by["gpu"] + by["other"]
+    if total > slices.INT64_MAX:
+        raise slices.SliceError(f"energy total {total} uJ is beyond what the ledger stores")
+    return total, by["cpu"], by["dram"], by["gpu"], by["other"], by["estimated"]
+
+
+PREPARE_CODE = (prepare, _prepare_header, _device_rows, _prepare_node, _prepare_job,
+                _window_rows, _component_totals)
+"""The functions whose code makes the rows that reader processes hand over (see
+:func:`llem.cluster.readers.wire_fingerprint`)."""
 
 
 class _Checkpointer:
@@ -714,58 +756,25 @@ def _run_of_header(runs: list[dict], header: dict) -> dict | None:
     return min(candidates, key=lambda r: (abs(r["end_ns"] - end_ns), r["start_ns"]))
 
 
-def _component_totals(data: dict) -> tuple[int, ...]:
-    """A job slice's energy in the order of :data:`ENERGY_COLUMNS`."""
-    devices = data["devices"]
-    by: dict[str, int] = {"cpu": 0, "dram": 0, "gpu": 0, "other": 0, "estimated": 0}
-    for row in data["energy"]:
-        dev = devices[row["device"]]
-        comp = dev["component"]
-        by[comp if comp in ("cpu", "dram", "gpu") else "other"] += row["energy_uj"]
-        if dev["source"] == "estimated":
-            by["estimated"] += row["energy_uj"]
-    total = by["cpu"] + by["dram"] + by["gpu"] + by["other"]
-    if total > slices.INT64_MAX:
-        raise slices.SliceError(f"energy total {total} uJ is beyond what the ledger stores")
-    return total, by["cpu"], by["dram"], by["gpu"], by["other"], by["estimated"]
-
-
 def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
     """The ``job_runs`` row of one run: header fields first, node fields where it has none."""
     header = run["header"] or {}
-    first = run["nodes"][0] if run["nodes"] else {}
+    nodes = run["nodes"]
+    first = nodes[0] if nodes else {}
 
     def pick(key: str) -> Any:
         value = header.get(key)
         if value is None:
-            value = next((n[key] for n in run["nodes"] if n.get(key) is not None), None)
+            value = next((n[key] for n in nodes if n.get(key) is not None), None)
         return value
 
     nodelist = pick("nodelist")
-    reported = sorted({n["node"] for n in run["nodes"]})
-    expected = _expected_nodes(nodelist)
-    missing = sorted(set(expected) - set(reported)) if expected is not None else []
-    num_nodes = len(expected) if expected is not None else pick("num_nodes")
-    if expected is not None:
-        complete = not missing
-    else:
-        complete = num_nodes is not None and len(reported) >= num_nodes
+    reported = sorted({n["node"] for n in nodes})
+    missing, num_nodes, complete = _completeness(nodelist, reported, pick)
     end_ns = max([run["end_ns"]] + ([header["end_ns"]] if header else []))
     status = "complete" if complete else (
         "incomplete" if now_ns - end_ns > grace_s * 1e9 else "pending")
-    # Each node's energy fits in 64 bits (see prepare); thousands of absurd ones together
-    # might not, and SQLite would refuse the row: saturate, and say so.
-    totals = {col: sum(n[col] for n in run["nodes"]) for col in ENERGY_COLUMNS}
-    for col, value in totals.items():
-        if value > slices.INT64_MAX:
-            log.warning("run of %d node(s): %s %d uJ is beyond 64 bits; stored as %d",
-                        len(run["nodes"]), col, value, slices.INT64_MAX)
-            totals[col] = slices.INT64_MAX
-    gpu_seconds = sum(len(json.loads(n["gpus"] or "[]")) * (n["end_ns"] - n["start_ns"]) / 1e9
-                      for n in run["nodes"])
-    durations = [(n["end_ns"] - n["start_ns"], n["coverage"]) for n in run["nodes"]]
-    weight = sum(d for d, c in durations if c is not None)
-    coverage = (sum(d * c for d, c in durations if c is not None) / weight) if weight else None
+    coverage = _coverage(nodes)
     return {
         "run_start_ns": run["start_ns"], "run_end_ns": end_ns,
         "array_job_id": pick("array_job_id"), "array_task_id": pick("array_task_id"),
@@ -775,10 +784,52 @@ def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
         "exit_code": header.get("exit_code"), "signal": header.get("signal"),
         "derived_exit_code": header.get("derived_exit_code"), "has_header": int(bool(header)),
         "status": status, "nodes_reported": len(reported), "missing_nodes": json.dumps(missing),
-        **totals,
-        "gpu_seconds": round(gpu_seconds, 3),
+        **_energy_totals(nodes),
+        "gpu_seconds": round(_gpu_seconds(nodes), 3),
         "coverage": round(coverage, 6) if coverage is not None else None,
     }
+
+
+def _completeness(nodelist: str | None, reported: list[str],
+                  pick: Callable[[str], Any]) -> tuple[list[str], int | None, bool]:
+    """(missing nodes, number of nodes, complete?) of a run that ``reported`` nodes sent.
+
+    The nodelist (header or nodes) says which nodes to expect; without one, only how many
+    (``num_nodes``) can be checked.
+    """
+    expected = _expected_nodes(nodelist)
+    if expected is not None:
+        missing = sorted(set(expected) - set(reported))
+        return missing, len(expected), not missing
+    num_nodes = pick("num_nodes")
+    return [], num_nodes, num_nodes is not None and len(reported) >= num_nodes
+
+
+def _energy_totals(nodes: list[dict]) -> dict[str, int]:
+    """The run's energy per :data:`ENERGY_COLUMNS`, saturated at 64 bits.
+
+    Each node's energy fits in 64 bits (see prepare); thousands of absurd ones together might
+    not, and SQLite would refuse the row: saturate, and say so.
+    """
+    totals = {col: sum(n[col] for n in nodes) for col in ENERGY_COLUMNS}
+    for col, value in totals.items():
+        if value > slices.INT64_MAX:
+            log.warning("run of %d node(s): %s %d uJ is beyond 64 bits; stored as %d",
+                        len(nodes), col, value, slices.INT64_MAX)
+            totals[col] = slices.INT64_MAX
+    return totals
+
+
+def _gpu_seconds(nodes: list[dict]) -> float:
+    return sum(len(json.loads(n["gpus"] or "[]")) * (n["end_ns"] - n["start_ns"]) / 1e9
+               for n in nodes)
+
+
+def _coverage(nodes: list[dict]) -> float | None:
+    """The nodes' coverage weighted by their durations; None when no node has one."""
+    durations = [(n["end_ns"] - n["start_ns"], n["coverage"]) for n in nodes]
+    weight = sum(d for d, c in durations if c is not None)
+    return (sum(d * c for d, c in durations if c is not None) / weight) if weight else None
 
 
 def _expected_nodes(nodelist: str | None) -> list[str] | None:

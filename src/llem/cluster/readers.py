@@ -408,7 +408,7 @@ def wire_fingerprint() -> str:
     from llem.cluster import ledger
 
     digest_ = hashlib.sha256()
-    for code in (ledger.prepare.__code__, ledger._component_totals.__code__,
+    for code in (*(f.__code__ for f in ledger.PREPARE_CODE),
                  Candidate.to_wire.__code__, Candidate.from_wire.__func__.__code__,
                  read_candidate.__code__, _judge.__code__):
         _code_digest(code, digest_)

@@ -9,7 +9,8 @@ The store uses the standard library's ``sqlite3`` rather than sqlite-utils: the 
 on every job and sqlite-utils costs ~90 ms of imports (measured) against ~6 ms.
 
 Schema changes are migrations, applied in order inside one transaction and tracked with
-``PRAGMA user_version``. A newer schema than this llem knows is refused, never rewritten.
+``PRAGMA user_version``. A newer schema than this llem knows is refused, never rewritten
+(:mod:`llem.sqlite` opens and migrates both the node store and the ledger).
 """
 
 from __future__ import annotations
@@ -26,20 +27,13 @@ from llem.errors import StoreError
 from llem.fsutil import ensure_private_dir
 from llem.model import Event, Interval, JobRecord
 from llem.sensors.base import Device
+from llem.sqlite import Database, Messages, open_database, run_script
 
 log = logging.getLogger(__name__)
 
 
-def _run_script(db: sqlite3.Connection, script: str) -> None:
-    # executescript() would COMMIT the migration's transaction half-way: run statement by
-    # statement so that a migration applies whole or not at all.
-    for statement in script.split(";"):
-        if statement.strip():
-            db.execute(statement)
-
-
 def _v1(db: sqlite3.Connection) -> None:
-    _run_script(
+    run_script(
         db,
         """
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -87,7 +81,7 @@ def _v1(db: sqlite3.Connection) -> None:
 
 def _v2(db: sqlite3.Connection) -> None:
     """Jobs on the node, their attributed energy, the unattributed remainder, windows."""
-    _run_script(
+    run_script(
         db,
         """
         CREATE TABLE jobs (
@@ -159,6 +153,26 @@ def _v2(db: sqlite3.Connection) -> None:
 MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
+DATABASE = Database(
+    migrations=MIGRATIONS,
+    readable_from=SCHEMA_VERSION,
+    file_mode=0o640,
+    prepare_dir=ensure_private_dir,
+    busy_timeout_s=5.0,
+    pragmas=("PRAGMA busy_timeout = 5000", "PRAGMA foreign_keys = ON"),
+    write_pragmas=("PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL"),
+    error=StoreError,
+    messages=Messages(
+        not_a_database="{path}: not a usable SQLite database: {error}",
+        cannot_open="{path}: cannot open the node store: {error}",
+        newer="{path}: schema version {version} is newer than this llem knows ({known}); "
+              "upgrade llem on this node",
+        needs_migrating="{path}: schema version {version} needs migrating first",
+        migration_failed="{path}: migrating the node store failed: {error}",
+    ),
+)
+"""How the node store is opened: private directory, mode 0640, WAL (see the module doc)."""
+
 
 JOB_COLUMNS = (
     "job_id", "array_job_id", "array_task_id", "cluster", "node", "uid", "user", "gid",
@@ -221,54 +235,8 @@ class NodeStore:
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        try:
-            if readonly:
-                uri = f"file:{self.path}?mode=ro"
-                self.db = sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None)
-            else:
-                ensure_private_dir(self.path.parent)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
-                os.close(fd)
-                self.db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-            self.db.execute("PRAGMA busy_timeout = 5000")
-            if not readonly:
-                self.db.execute("PRAGMA journal_mode = WAL")
-                self.db.execute("PRAGMA synchronous = NORMAL")
-            self.db.execute("PRAGMA foreign_keys = ON")
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: not a usable SQLite database: {e}") from e
-        except OSError as e:
-            raise StoreError(f"{self.path}: cannot open the node store: {e.strerror or e}") from e
-        if version > SCHEMA_VERSION:
-            self.db.close()
-            raise StoreError(
-                f"{self.path}: schema version {version} is newer than this llem knows "
-                f"({SCHEMA_VERSION}); upgrade llem on this node"
-            )
-        if version < SCHEMA_VERSION:
-            if readonly:
-                raise StoreError(f"{self.path}: schema version {version} needs migrating first")
-            self._migrate(version)
+        self.db = open_database(self.path, DATABASE, readonly=readonly)
         self._known_devices: set[str] = set()
-
-    def _migrate(self, version: int) -> None:
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            # Re-read under the write lock: another process may have migrated meanwhile.
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            for number in range(version, SCHEMA_VERSION):
-                MIGRATIONS[number](self.db)
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self.db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('created_ns', ?)",
-                (str(time.time_ns()),),
-            )
-            self.db.execute("COMMIT")
-        except sqlite3.DatabaseError as e:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: migrating the node store failed: {e}") from e
 
     # -- writing ---------------------------------------------------------------------------
 
