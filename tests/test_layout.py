@@ -1,13 +1,10 @@
 """The tree follows the flow (docs/architecture.md): the node side and the admin side meet only
-in the spool contract, and module names written in strings still import."""
+in the spool contract. (Module names written in strings: tests/test_module_names.py.)"""
 
 from __future__ import annotations
 
 import ast
-import importlib.util
 from pathlib import Path
-
-import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "llem"
 
@@ -61,27 +58,3 @@ def test_the_checker_sees_a_crossing(tmp_path):
     bad.write_text("def f():\n    from llem.cluster.ledger import Ledger\n")
     assert _crossings([bad], ADMIN_SIDE, root=tmp_path) == [
         "node/bad.py imports llem.cluster.ledger", "node/bad.py imports llem.cluster.ledger.Ledger"]
-
-
-def _module_strings() -> list[tuple[str, str]]:
-    """Every ``"-m", "llem...."`` pair in a list or tuple literal under src/llem."""
-    found = []
-    for path in _files("."):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.List, ast.Tuple)):
-                items = node.elts
-                for a, b in zip(items, items[1:]):
-                    if (isinstance(a, ast.Constant) and a.value == "-m"
-                            and isinstance(b, ast.Constant) and isinstance(b.value, str)):
-                        found.append((path.relative_to(SRC).as_posix(), b.value))
-    return found
-
-
-@pytest.mark.parametrize("where,module", _module_strings())
-def test_modules_named_in_strings_exist(where, module):
-    assert importlib.util.find_spec(module) is not None, f"{where} runs -m {module}"
-
-
-def test_module_strings_are_found():
-    assert ("node/daemon.py", "llem.cli.sampler") in _module_strings()
