@@ -18,6 +18,7 @@ from llem.cluster.aggregate import AggregateLock, LedgerBusy, aggregate_once, qu
 from llem.cluster.header import header_slice_from_env
 from llem.cluster.ledger import Ledger
 from llem.config import AggregateConfig
+from llem.errors import LedgerError
 from llem.fsutil import write_atomic
 from llem.paths import archive_dir, quarantine_dir
 from llem.slices import encode
@@ -303,10 +304,12 @@ def test_cli_watch_merges_new_slices_and_stops_on_sigterm(tmp_path):
             spool_slice(cfg, data)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if Path(cfg.ledger).exists():
+            try:
                 with Ledger(cfg.ledger, readonly=True) as ledger:
                     if ledger.job_runs("100") and ledger.job_runs("100")[0]["nodes_reported"] == 3:
                         break
+            except LedgerError:
+                pass  # not there yet, or being created by the first pass (schema not written)
             time.sleep(0.2)
         else:
             raise AssertionError("watch mode did not merge the slices")
