@@ -21,7 +21,8 @@ from llem.config import AggregateConfig
 from llem.fsutil import write_atomic
 from llem.paths import archive_dir, quarantine_dir
 from llem.slices import encode
-from tests.test_export import ENV, T0, S, job_slices, node_config, spool_slice
+from tests.helpers.make_spool import make_spool
+from tests.helpers.nodes import ENV, T0, S, job_slices, node_config, spool_slice
 
 NOW = T0 + 10 * 3600 * S
 
@@ -447,11 +448,6 @@ def test_cli_text_summary_and_busy_message(tmp_path):
 
 
 def test_bench_generator_makes_mergeable_slices(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        from make_spool import make_spool
-    finally:
-        sys.path.pop(0)
     cfg = config(tmp_path)
     counts = make_spool(Path(cfg.spool_dir), nodes=8, jobs=5)
     res = aggregate_once(cfg)

@@ -1,7 +1,7 @@
 """``llem report``: totals against the ledger itself, waste, reconciliation, formats, CLI.
 
 Ledgers are built from real node stores -> job and node slices -> merge (see
-``tests/test_report_data.py``); expected figures come from direct SQL over the ledger or from
+``tests/helpers/report_data.py``); expected figures come from direct SQL over the ledger or from
 the sampling parameters, never from the report's own code.
 """
 
@@ -19,7 +19,7 @@ from llem.cli.main import run
 from llem.cli.report import report as report_cli
 from llem.cluster import report_queries as q
 from llem.report import build_report, frames, plots, render
-from tests.test_report_data import (
+from tests.helpers.report_data import (
     ESTIMATED,
     NOVEMBER,
     Job,
