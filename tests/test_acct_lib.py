@@ -194,7 +194,7 @@ def test_statement_with_hourly_intensity_and_filters(env, tmp_path, monkeypatch)
 def test_windows_of_a_ledger_filled_by_the_aggregator(tmp_path, monkeypatch):
     from llem.cluster.ledger import Ledger
     from tests.helpers.ledger import merge
-    from tests.helpers.nodes import T0, job_slices
+    from tests.helpers.nodes import job_slices
 
     d = tmp_path / "lib"
     d.mkdir(mode=0o755)
@@ -212,4 +212,3 @@ def test_windows_of_a_ledger_filled_by_the_aggregator(tmp_path, monkeypatch):
         "EnergySource|State\n"
         "100|alice|3|n[1-3]|3|2.70M|648.00K|3402000|measured|UNKNOWN\n"
         "100.epoch 1|alice|3|n[1-3]|3|405|0|405|measured|closed\n")
-    assert T0  # the slices' hour
