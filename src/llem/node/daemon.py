@@ -242,6 +242,8 @@ def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
 
     cluster = config.cluster
     chores = Housekeeping(store, config, paths)
+    from llem.node.metrics import NodeMetrics  # textfile for node_exporter (docs/metrics.md)
+    metrics = NodeMetrics.from_config(config, store, node, devices, sampler.interval_s)
 
     def on_interval(interval) -> None:
         interval_id = store.query("SELECT MAX(id) FROM intervals WHERE sampler_id = ?",
@@ -255,6 +257,7 @@ def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
         ingested = ingest(store, paths.jobs, cluster, node)
         if any(kind == "end" for _, kind in ingested):
             sampler.wake.set()
+        metrics.on_interval(interval)  # textfile for node_exporter; never raises
         busy = store.query("SELECT COUNT(*) FROM jobs WHERE state IN ('running', 'ended')")[0][0]
         if busy:
             idle_since[0] = None
