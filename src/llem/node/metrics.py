@@ -182,8 +182,11 @@ class NodeMetrics:
             ((node, k, devs[k].component, devs[k].source), w) for k, w in self.power_w.items()])
         out.add("llem_node_running_jobs", [((node,), len(self.jobs))])
         job_series = []
+        # Every component of the node, from 0: a job just started is there, and its counters
+        # never appear out of nothing (Prometheus's advice for labelled counters).
+        zero = {(d.component, d.source): 0 for d in devs.values()}
         for run_id, (job_id, *_rest) in self.jobs.items():
-            by_comp: dict[tuple[str, str], int] = {}
+            by_comp = dict(zero)
             for key, uj in self.job_uj.get(run_id, {}).items():
                 d = devs.get(key)
                 comp = (d.component, d.source) if d else ("other", "measured")
