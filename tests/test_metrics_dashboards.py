@@ -134,3 +134,12 @@ def test_every_query_returns_data_from_a_real_prometheus(tmp_path):
                 if not stack.query(filled(expr)):
                     empty.append(f"{path.name}: {expr}")
         assert not empty, "queries with no data:\n" + "\n".join(empty)
+
+
+def test_every_metric_is_documented_with_its_type_and_labels():
+    rows = {}
+    for line in (ROOT / "docs" / "metrics.md").read_text().splitlines():
+        m = re.match(r"^\| `(llem_\w+)` \| (\w+) \|([^|]*)\|", line)
+        if m:
+            rows[m.group(1)] = (m.group(2), tuple(re.findall(r"`(\w+)`", m.group(3))))
+    assert rows == {m.name: (m.type, m.labels) for m in ALL.values()}

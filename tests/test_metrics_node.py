@@ -84,6 +84,7 @@ class Rig:
                 self.gpu.counters[k] += gpu_uj
         interval = self.sampler.tick()
         self.metrics.on_interval(interval)
+        assert self.metrics.flush(5.0)
         return interval
 
 
@@ -241,3 +242,12 @@ def test_textfile_temporary_name_is_never_read_by_node_exporter(tmp_path, monkey
     write_textfile(tmp_path, "llem_node_x.prom", "x 1\n")
     assert seen and not seen[0].endswith(".prom") and seen[0].startswith(".")
     assert (tmp_path / "llem_node_x.prom").read_text() == "x 1\n"
+
+
+def test_the_textfile_is_readable_by_node_exporter_whatever_the_umask(tmp_path):
+    old = os.umask(0o027)  # the node sampler's umask
+    try:
+        path = write_textfile(tmp_path, "llem_node_x.prom", "x 1\n")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -137,9 +137,17 @@ Series = Sequence[tuple[Sequence[str], float]]
 class Exposition:
     """Collects families in catalogue order and renders the text format (version 0.0.4)."""
 
-    def __init__(self, catalogue: Iterable[Metric] = ALL.values()) -> None:
+    CACHE_MAX = 4096
+
+    def __init__(self, catalogue: Iterable[Metric] = ALL.values(),
+                 cache: dict | None = None) -> None:
         self._known = {m.name: m for m in catalogue}
         self._parts: list[str] = []
+        self._cache = cache if cache is not None else {}
+        """Rendered headers and series prefixes, kept between renders by a caller that
+        writes the same series every interval (the node sampler); bounded."""
+        if len(self._cache) > self.CACHE_MAX:
+            self._cache.clear()
 
     def add(self, name: str, series: Series) -> None:
         """Add a family; each series is (label values in the declared order, value).
@@ -148,20 +156,26 @@ class Exposition:
         label counts raise ``ValueError``: nothing reaches a file that the catalogue (and so
         the documentation and the dashboard test) does not know.
         """
-        metric = self._known.get(name)
-        if metric is None:
-            raise ValueError(f"metric {name} is not in llem's catalogue (llem.exposition)")
-        n = len(metric.labels)
-        lines = [f"# HELP {name} {metric.help}", f"# TYPE {name} {metric.type}"]
+        cache = self._cache
+        header = cache.get(name)
+        if header is None:
+            metric = self._known.get(name)
+            if metric is None:
+                raise ValueError(f"metric {name} is not in llem's catalogue (llem.exposition)")
+            header = cache[name] = (f"# HELP {name} {metric.help}\n# TYPE {name} {metric.type}",
+                                    metric.labels)
+        text, labels = header
+        lines = [text]
         for values, value in series:
-            if len(values) != n:
-                raise ValueError(f"{name}: {len(values)} label values for labels "
-                                 f"{', '.join(metric.labels)}")
-            if n:
-                pairs = ",".join(f'{k}="{escape(str(v))}"' for k, v in zip(metric.labels, values))
-                lines.append(f"{name}{{{pairs}}} {_number(value)}")
-            else:
-                lines.append(f"{name} {_number(value)}")
+            key = (name, *values)
+            prefix = cache.get(key)
+            if prefix is None:
+                if len(values) != len(labels):
+                    raise ValueError(f"{name}: {len(values)} label values for labels "
+                                     f"{', '.join(labels)}")
+                pairs = ",".join(f'{k}="{escape(str(v))}"' for k, v in zip(labels, values))
+                prefix = cache[key] = f"{name}{{{pairs}}} " if labels else f"{name} "
+            lines.append(prefix + _number(value))
         self._parts.append("\n".join(lines))
 
     def text(self) -> str:

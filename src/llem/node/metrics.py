@@ -17,15 +17,19 @@ With ``metrics.dcgm_job_mapping_dir`` set it also keeps the directory that
 ``dcgm-exporter --hpc-job-mapping-dir`` reads: one file per GPU, named by its NVML index,
 listing the ids of the running jobs allocated to that GPU, one per line.
 
-Cost: one indexed query of the running jobs per tick, one query per job when it is first
-seen, string formatting, one small write and a rename (``bench/bench_metrics.py``).
-A failure is logged and never stops the sampling.
+Cost (``bench/bench_metrics.py``): in the sampler's thread, one indexed query of the running
+jobs per tick (one more per job when it is first seen) and the text, its series' label
+strings cached between ticks; the write and the rename run in a writer thread
+(:class:`BackgroundWriter`), so the filesystem never holds the sampling. A failure is logged
+once and never stops the sampling.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,6 +43,60 @@ log = logging.getLogger(__name__)
 
 UJ_PER_J = 1_000_000
 NS_PER_S = 1_000_000_000
+
+
+class BackgroundWriter:
+    """Runs the latest submitted write in a thread of its own, so that the sampler never
+    waits on the filesystem (a rename on a busy ext4 journal takes milliseconds; a hung
+    network mount, forever). Only the newest write waits: a slow disk drops intermediate
+    files, never piles them up. At exit it waits a bounded time for the last one.
+    """
+
+    EXIT_WAIT_S = 1.0
+
+    def __init__(self, on_error: Callable[[Exception], None],
+                 on_success: Callable[[], None]) -> None:
+        self._on_error = on_error
+        self._on_success = on_success
+        self._cond = threading.Condition()
+        self._pending: Callable[[], None] | None = None
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="llem-metrics", daemon=True)
+        self._thread.start()
+        atexit.register(self.flush, self.EXIT_WAIT_S)
+
+    def submit(self, write: Callable[[], None]) -> None:
+        with self._cond:
+            self._pending = write
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None:
+                    self._cond.wait()
+                write, self._pending = self._pending, None
+                self._busy = True
+            try:
+                write()
+                self._on_success()
+            except Exception as e:  # noqa: BLE001 - logged by the owner
+                self._on_error(e)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """True once nothing is pending or being written; False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending is not None or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
 
 
 def textfile_name(node: str) -> str:
@@ -83,6 +141,8 @@ class NodeMetrics:
         self.last_tick_s: float | None = None
         self._failing = False
         self._dcgm_written: dict[str, str] = {}
+        self._render_cache: dict = {}
+        self._writer: BackgroundWriter | None = None
         gpus = [d for d in devices if d.component == "gpu"]
         self._gpu_index = {str(d.attrs.get("minor")): str(d.attrs.get("index"))
                            for d in gpus if d.attrs.get("minor") is not None
@@ -103,24 +163,40 @@ class NodeMetrics:
     # -- the sampler's call ----------------------------------------------------------------
 
     def on_interval(self, interval) -> None:
-        """Take in one stored interval and rewrite the files; never raises."""
+        """Take in one stored interval and hand the files to the writer; never raises."""
         if not self.enabled:
             return
         try:
             running = self._running()
             self.update(interval, running)
-            if self.textfile_dir is not None:
-                write_textfile(self.textfile_dir, self.file, self.render())
-            if self.dcgm_dir is not None:
-                self.write_dcgm_mapping(running)
-            if self._failing:
-                log.info("metrics: writing works again")
-                self._failing = False
+            text = self.render() if self.textfile_dir is not None else None
         except Exception as e:  # noqa: BLE001 - metrics never stop the sampling
-            if not self._failing:
-                log.warning("metrics: not written: %s: %s (logged once until it works again)",
-                            type(e).__name__, e)
-                self._failing = True
+            self._failed(e)
+            return
+        if self._writer is None:
+            self._writer = BackgroundWriter(self._failed, self._worked)
+        self._writer.submit(lambda: self._write(text, running))
+
+    def _write(self, text: str | None, running: Sequence[tuple]) -> None:
+        if text is not None:
+            write_textfile(self.textfile_dir, self.file, text)
+        if self.dcgm_dir is not None:
+            self.write_dcgm_mapping(running)
+
+    def flush(self, timeout_s: float = 1.0) -> bool:
+        """Wait (at most ``timeout_s``) until what was handed over is written."""
+        return self._writer is None or self._writer.flush(timeout_s)
+
+    def _failed(self, e: Exception) -> None:
+        if not self._failing:
+            log.warning("metrics: not written: %s: %s (logged once until it works again)",
+                        type(e).__name__, e)
+            self._failing = True
+
+    def _worked(self) -> None:
+        if self._failing:
+            log.info("metrics: writing works again")
+            self._failing = False
 
     def _running(self) -> list[tuple[int, str, str, str, str, str]]:
         """(run_id, job_id, user, account, partition, gpus JSON) of the running jobs."""
@@ -173,7 +249,7 @@ class NodeMetrics:
     def render(self) -> str:
         """The textfile's content: every node metric of the catalogue, no timestamps."""
         node = self.node
-        out = Exposition()
+        out = Exposition(cache=self._render_cache)
         devs = self.devices
         out.add("llem_node_energy_joules_total", [
             ((node, k, d.component, d.source), (self.node_uj or {}).get(k, 0) / UJ_PER_J)
