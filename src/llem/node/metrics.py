@@ -131,7 +131,7 @@ class NodeMetrics:
         self.clock = clock
         self.started_s = clock()
         self.file = textfile_name(node)
-        self.node_uj: dict[str, int] | None = None
+        self.node_uj: dict[str, int] = {k: 0 for k in self.devices}
         self.power_w: dict[str, float] = {}
         self.job_uj: dict[int, dict[str, int]] = {}
         self.jobs: dict[int, tuple[str, str, str, str]] = {}
@@ -143,6 +143,10 @@ class NodeMetrics:
         self._dcgm_written: dict[str, str] = {}
         self._render_cache: dict = {}
         self._writer: BackgroundWriter | None = None
+        if self.enabled:
+            # Once, before the first interval: the counters go on from the store's totals.
+            totals = store.energy_by_device()
+            self.node_uj = {k: int(totals.get(k) or 0) for k in self.devices}
         gpus = [d for d in devices if d.component == "gpu"]
         self._gpu_index = {str(d.attrs.get("minor")): str(d.attrs.get("index"))
                            for d in gpus if d.attrs.get("minor") is not None
@@ -211,11 +215,6 @@ class NodeMetrics:
         self.intervals += 1
         self.last_tick_s = interval.end_ns / NS_PER_S
         seconds = (interval.mono_end_ns - interval.mono_start_ns) / NS_PER_S
-        first = self.node_uj is None
-        if first:
-            # The store's totals already include this interval.
-            totals = self.store.energy_by_device()
-            self.node_uj = {k: int(totals.get(k) or 0) for k in self.devices}
         power: dict[str, float] = {}
         for row in interval.rows:
             if row.device_key not in self.devices:
@@ -225,8 +224,7 @@ class NodeMetrics:
             if row.status != OK or row.kind in (GAP, RESET):
                 self.gaps[row.device_key] += 1
                 continue
-            if not first:
-                self.node_uj[row.device_key] += row.energy_uj
+            self.node_uj[row.device_key] += row.energy_uj
             if row.kind != FIRST and seconds > 0:
                 power[row.device_key] = row.energy_uj / UJ_PER_J / seconds
         self.power_w = power
@@ -252,7 +250,7 @@ class NodeMetrics:
         out = Exposition(cache=self._render_cache)
         devs = self.devices
         out.add("llem_node_energy_joules_total", [
-            ((node, k, d.component, d.source), (self.node_uj or {}).get(k, 0) / UJ_PER_J)
+            ((node, k, d.component, d.source), self.node_uj[k] / UJ_PER_J)
             for k, d in devs.items()])
         out.add("llem_node_power_watts", [
             ((node, k, devs[k].component, devs[k].source), w) for k, w in self.power_w.items()])
