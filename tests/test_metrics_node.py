@@ -251,3 +251,15 @@ def test_the_textfile_is_readable_by_node_exporter_whatever_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_store_that_cannot_be_read_never_stops_the_sampler(tmp_path, caplog):
+    rig = Rig(tmp_path, textfile_dir=tmp_path, gpus=False)
+    interval = rig.tick()
+    rig.store.db.execute("ALTER TABLE energy RENAME TO energy_gone")  # every query now fails
+    rig.store.db.execute("ALTER TABLE jobs RENAME TO jobs_gone")
+    with caplog.at_level(logging.WARNING, logger="llem.node.metrics"):
+        metrics = NodeMetrics(rig.store, "n1", list(rig.devices.values()), 1.0, tmp_path)
+        metrics.on_interval(interval)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "totals could not be read" in messages and "not written" in messages

@@ -145,8 +145,12 @@ class NodeMetrics:
         self._writer: BackgroundWriter | None = None
         if self.enabled:
             # Once, before the first interval: the counters go on from the store's totals.
-            totals = store.energy_by_device()
-            self.node_uj = {k: int(totals.get(k) or 0) for k in self.devices}
+            try:
+                totals = store.energy_by_device()
+                self.node_uj = {k: int(totals.get(k) or 0) for k in self.devices}
+            except Exception as e:  # noqa: BLE001 - start from 0 (a counter reset), sample on
+                log.warning("metrics: the store's totals could not be read (%s); the energy "
+                            "counters start at 0", e)
         gpus = [d for d in devices if d.component == "gpu"]
         self._gpu_index = {str(d.attrs.get("minor")): str(d.attrs.get("index"))
                            for d in gpus if d.attrs.get("minor") is not None
