@@ -153,6 +153,8 @@ def test_prometheus_sees_the_node_store(node, tmp_path):
         assert info and info[0]["metric"]["account"] == "physics"
         assert info[0]["metric"]["user"] == "alice"
         assert 0 <= float(age[0]["value"][1]) < 3 * INTERVAL_S + 2
+        # node_exporter read the file without complaint (it also refuses timestamps).
+        assert stack.query("node_textfile_scrape_error")[0]["value"][1] == "0"
 
         # The Epilog ends the job: its series leave the file, and Prometheus marks them stale.
         _hook("epilog", env)
