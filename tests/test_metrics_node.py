@@ -10,7 +10,7 @@ import os
 import pytest
 
 from llem import config as config_mod
-from llem.errors import ConfigError
+from llem.errors import ConfigError, LlemError
 from llem.exposition import ALL, Exposition, escape, write_textfile
 from llem.model import JobRecord
 from llem.node.attribution import JobLoad, NodeLoad, attribute
@@ -263,3 +263,13 @@ def test_a_store_that_cannot_be_read_never_stops_the_sampler(tmp_path, caplog):
         metrics.on_interval(interval)
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "totals could not be read" in messages and "not written" in messages
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a folder to another user")
+def test_a_textfile_dir_owned_by_another_user_is_refused(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(LlemError, match="another user controls it"):
+        write_textfile(theirs, "llem_node_x.prom", "x 1\n")
+    assert list(theirs.iterdir()) == []
