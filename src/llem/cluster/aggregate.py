@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from llem.cluster.ledger import Ledger, QuarantineEntry
+from llem.cluster.pass_status import record_pass
 from llem.cluster.readers import Candidate, no_cyclic_gc, read_all, reader_count
 from llem.config import Config
 from llem.errors import LedgerError
@@ -188,6 +189,7 @@ def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float =
                 if after_commit is not None:
                     after_commit(number)
         result.incomplete = ledger.mark_incomplete(now_ns, config.aggregate.grace_s)
+        record_pass(config, result, time.monotonic() - t0)  # for `llem metrics`
     result.jobs = len(jobs)
     result.elapsed_s = time.monotonic() - t0
     return result
