@@ -20,7 +20,8 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 from llem.model import EnergyRow, Event, Interval
 from llem.sensors.base import OK, Device, Reading, Sensor
-from llem.units import GAP, NS_PER_S, counter_delta
+from llem.sensors.platform import PlatformResidual
+from llem.units import GAP, NS_PER_S, RESET, CounterDelta, counter_delta
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class _DeviceState:
     raw_uj: int | None = None
     mono_ns: int | None = None
     lost: bool = False
+    epoch: object = None
 
 
 class Sampler:
@@ -85,6 +87,10 @@ class Sampler:
         self.sampler_id = sampler_id or f"{os.getpid()}-{time.time_ns()}"
         self.devices: list[Device] = [d for s in self.sensors for d in s.devices()]
         self._state = {d.key: _DeviceState(d) for d in self.devices}
+        # Where a node meter is read, the part the components do not explain is a device.
+        self.platform = PlatformResidual.for_devices(self.devices)
+        if self.platform is not None:
+            self.devices.append(self.platform.device)
         self._last_mono: int | None = None
         self._last_wall: int | None = None
         self.intervals = 0
@@ -122,6 +128,7 @@ class Sampler:
             st = self._state.get(reading.device_key)
             if st is not None and reading.energy_uj is not None:
                 st.raw_uj, st.mono_ns = reading.energy_uj, reading.mono_ns
+                st.epoch = reading.epoch
         self._last_mono, self._last_wall = mono, wall
 
     def tick(self) -> Interval:
@@ -138,6 +145,8 @@ class Sampler:
             events.append(Event(wall, "clock_jump", f"wall clock moved {jump_s:+.3f} s"))
             end_wall = start_wall + elapsed_ns
         rows = [self._row(r, events, wall) for r in self._read_all(mono)]
+        if self.platform is not None:
+            rows.append(self.platform.row(rows, wall, events))
         interval = Interval(
             self.sampler_id, start_wall, end_wall, self._last_mono, mono, tuple(rows),
             tuple(events),
@@ -179,10 +188,15 @@ class Sampler:
             st.raw_uj, reading.energy_uj, dev.max_range_uj,
             elapsed_s=elapsed_s, max_power_w=dev.max_power_w,
         )
+        detail = f"{st.raw_uj} -> {reading.energy_uj}"
+        if st.raw_uj is not None and reading.epoch != st.epoch:
+            # The device says its counter restarted (pm_counters startup): no step to trust.
+            step = CounterDelta(0, RESET)
+            detail += f" (counter epoch {st.epoch} -> {reading.epoch})"
         if step.kind in ("reset", "gap"):
-            events.append(Event(wall, f"counter_{step.kind}",
-                                f"{st.raw_uj} -> {reading.energy_uj}", dev.key))
+            events.append(Event(wall, f"counter_{step.kind}", detail, dev.key))
         st.raw_uj, st.mono_ns = reading.energy_uj, reading.mono_ns
+        st.epoch = reading.epoch
         return EnergyRow(dev.key, step.delta, step.kind, OK, reading.energy_uj)
 
     # -- the loop --------------------------------------------------------------------------
