@@ -124,7 +124,7 @@ class Config:
     """Node-local runtime folder: the sampler's lock, pid file and the socket of `llem wrap`."""
     sensors: str | tuple[str, ...] = "auto"
     """'auto', or a list of sensor names among 'rapl', 'nvml', 'estimate', 'pm_counters',
-    'hwmon'."""
+    'hwmon', 'amdsmi'."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
@@ -134,7 +134,7 @@ class Config:
     """Where this configuration came from (a path, or 'defaults'); not a key."""
 
 
-SENSOR_NAMES = ("rapl", "nvml", "estimate", "pm_counters", "hwmon")
+SENSOR_NAMES = ("rapl", "nvml", "estimate", "pm_counters", "hwmon", "amdsmi")
 CHOICES = {"aggregate.processed": ("archive", "delete")}
 _SECTIONS = {
     "sampler": SamplerConfig,

@@ -20,7 +20,7 @@ from llem.sensors.base import Probe, Sensor
 
 log = logging.getLogger(__name__)
 
-AUTO = ("pm_counters", "hwmon", "rapl", "nvml", "estimate")
+AUTO = ("pm_counters", "hwmon", "rapl", "nvml", "amdsmi", "estimate")
 
 
 @dataclass
@@ -96,6 +96,18 @@ def open_sensors(
                 raise
             out.notes.append(f"nvml: {e}")
 
+    if "amdsmi" in wanted:
+        try:
+            from llem.sensors import amdsmi
+
+            sensor = amdsmi.AmdSmiSensor(select=gpus)
+            out.sensors.append(sensor)
+            out.notes.extend(sensor.notes)
+        except SensorUnavailable as e:
+            if explicit:
+                raise
+            out.notes.append(f"amdsmi: {e}")
+
     meters.one_source_per_gpu(out)
 
     if "estimate" in wanted:
@@ -124,12 +136,13 @@ def probe_all(
     proc_root: str | os.PathLike = "/proc",
 ) -> list[Probe]:
     """Every sensor's probe, for ``llem doctor``."""
-    from llem.sensors import estimate, hwmon, nvml, pm_counters, rapl
+    from llem.sensors import amdsmi, estimate, hwmon, nvml, pm_counters, rapl
 
     env = os.environ if env is None else env
     return [
         rapl.probe(rapl.powercap_root(env), rapl.hwmon_root(env)),
         nvml.probe(),
+        amdsmi.probe(),
         pm_counters.probe(pm_counters.root(env)),
         hwmon.probe(hwmon.root(env)),
         estimate.probe(proc_root=Path(proc_root), config=config.estimate),
