@@ -90,3 +90,15 @@ def test_invariant_jobs_plus_remainder_equal_the_node_for_every_device(
         assert got + left == r.energy_uj
     assert all(s.energy_uj >= 0 and 0 <= s.share <= 1 for s in shares)
     assert not any(s.device_key == "pm_counters:node" for s in shares)
+
+
+def test_the_node_attributor_knows_the_platform_device_from_the_sensors_devices(tmp_path):
+    from llem.node.attribution import JobAttributor
+
+    sensors_devices = [d for k, d in DEVICES.items() if k != "platform:node"]
+    attributor = JobAttributor(None, "n1", sensors_devices, 0, proc_root=tmp_path,
+                               cgroup_root=str(tmp_path))
+    assert attributor.devices["platform:node"].component == "platform"
+    shares, rest = attribute([row("platform:node", 10)], attributor.devices,
+                             [JobLoad(1, alloc_cpus=1)], NodeLoad(cpus=1))
+    assert by(shares) == {(1, "platform:node"): (10, PLATFORM_ALLOCATION)}

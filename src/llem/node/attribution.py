@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 
 from llem.model import EnergyRow, JobShare
 from llem.sensors.base import Device
+from llem.sensors.platform import PlatformResidual
 
 GPU_ALLOCATION = "gpu_allocation"
 GPU_SHARED = "gpu_shared"
@@ -150,6 +151,11 @@ class JobAttributor:
         self.store = store
         self.node = node
         self.devices = {d.key: d for d in devices}
+        # The sampler adds the platform device when a node meter is read (the sensors'
+        # devices do not include it): know it here too, whoever built the device list.
+        platform = PlatformResidual.for_devices(list(self.devices.values()))
+        if platform is not None:
+            self.devices.setdefault(platform.device.key, platform.device)
         self.gpu_by_minor = {str(d.attrs.get("minor")): d.key for d in devices
                              if d.component == "gpu" and d.attrs.get("minor") is not None}
         self.started_ns = started_ns
