@@ -132,3 +132,17 @@ def test_probe_says_the_averaging_window(tree):
     assert probe.available
     assert any("averaging window 30000 ms" in n for n in probe.notes)
 
+
+
+def test_jobs_shorter_than_the_meter_window_are_flagged(tmp_path, tree):
+    from llem.node.jobs import seal_figures
+    from llem.node.store import NodeStore
+
+    tree.add("node", 300_000_000, window_ms=30_000)
+    store = NodeStore(tmp_path / "node.db")
+    store.register_devices(hwmon.HwmonSensor(tree.path).devices(), 0)
+    s = 1_000_000_000
+    _, short = seal_figures(store, 1, 1_700_000_000 * s, 1_700_000_010 * s)
+    _, long = seal_figures(store, 2, 1_700_000_000 * s, 1_700_000_060 * s)
+    assert "shorter_than_meter_window" in short
+    assert "shorter_than_meter_window" not in long

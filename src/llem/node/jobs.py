@@ -132,7 +132,23 @@ def seal_figures(store: NodeStore, run_id: int, start_ns: int,
         "WHERE j.run_id = ?", (run_id,))}
     if "estimated" in sources:
         flags.add("estimated")
+    window_ms = meter_window_ms(store)
+    if window_ms and end_ns - start_ns < window_ms * 1_000_000:
+        flags.add("shorter_than_meter_window")  # the power meter averages over longer
     return coverage, flags
+
+
+def meter_window_ms(store: NodeStore) -> int | None:
+    """The longest averaging window of the node's power meters (hwmon), if any."""
+    windows = []
+    for (attrs,) in store.query("SELECT attrs FROM devices WHERE sensor = 'hwmon'"):
+        try:
+            value = json.loads(attrs).get("averaging_window_ms")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and value > 0:
+            windows.append(value)
+    return max(windows, default=None)
 
 
 def seal(store: NodeStore, run: JobRecord, extra_flags: set[str] | frozenset = frozenset()) -> JobRecord:
