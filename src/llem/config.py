@@ -23,6 +23,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/llem/llem.yaml")
 # Environment variables that start with LLEM_ but are not config keys.
 NON_KEY_ENV = frozenset(
     {"LLEM_CONFIG", "LLEM_POWERCAP_ROOT", "LLEM_HWMON_ROOT", "LLEM_SHARE_DIR", "LLEM_DEBUG",
+     "LLEM_PM_COUNTERS_ROOT",
      # read by the Slurm hook scripts (slurm/llem-hook.sh), not by llem itself
      "LLEM_BIN", "LLEM_TIMEOUT", "LLEM_DEFAULTS_FILE"}
 )
@@ -132,7 +133,8 @@ class Config:
     run_dir: str = "/run/llem"
     """Node-local runtime folder: the sampler's lock, pid file and the socket of `llem wrap`."""
     sensors: str | tuple[str, ...] = "auto"
-    """'auto', or a list of sensor names among 'rapl', 'nvml', 'estimate'."""
+    """'auto', or a list of sensor names among 'rapl', 'nvml', 'estimate', 'pm_counters',
+    'hwmon', 'amdsmi'."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
@@ -143,7 +145,7 @@ class Config:
     """Where this configuration came from (a path, or 'defaults'); not a key."""
 
 
-SENSOR_NAMES = ("rapl", "nvml", "estimate")
+SENSOR_NAMES = ("rapl", "nvml", "estimate", "pm_counters", "hwmon", "amdsmi")
 CHOICES = {"aggregate.processed": ("archive", "delete")}
 _SECTIONS = {
     "sampler": SamplerConfig,

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 from llem.model import EnergyRow, Event, Interval
 from llem.sensors.base import OK, Device, Reading, Sensor
+from llem.sensors.platform import PlatformResidual
 from llem.units import FIRST, GAP, NS_PER_S, RESET, UJ_PER_J, WRAP, CounterDelta, counter_delta
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class _DeviceState:
     pending_uj: int = 0
     pending_wrap: bool = False
     pending_bad: str | None = None
+    # The counter's epoch as the device states it (pm_counters' startup): a new one is a reset.
+    epoch: object = None
 
     def step(self, reading: Reading) -> CounterDelta:
         """The counter's step since the last read; the state moves on to ``reading``."""
@@ -83,7 +86,10 @@ class _DeviceState:
         elapsed_s = None if self.mono_ns is None else (reading.mono_ns - self.mono_ns) / NS_PER_S
         step = counter_delta(self.raw_uj, reading.energy_uj, dev.max_range_uj,
                              elapsed_s=elapsed_s, max_power_w=dev.max_power_w)
-        self.raw_uj, self.mono_ns = reading.energy_uj, reading.mono_ns
+        if self.raw_uj is not None and reading.epoch != self.epoch:
+            # The device says its counter restarted (pm_counters startup): no step to trust.
+            step = CounterDelta(0, RESET)
+        self.raw_uj, self.mono_ns, self.epoch = reading.energy_uj, reading.mono_ns, reading.epoch
         return step
 
     def take_pending(self, last: CounterDelta) -> CounterDelta:
@@ -129,6 +135,10 @@ class Sampler:
         self.sampler_id = sampler_id or f"{os.getpid()}-{time.time_ns()}"
         self.devices: list[Device] = [d for s in self.sensors for d in s.devices()]
         self._state = {d.key: _DeviceState(d) for d in self.devices}
+        # Where a node meter is read, the part the components do not explain is a device.
+        self.platform = PlatformResidual.for_devices(self.devices)
+        if self.platform is not None:
+            self.devices.append(self.platform.device)
         self._last_mono: int | None = None
         self._last_wall: int | None = None
         self.intervals = 0
@@ -178,6 +188,7 @@ class Sampler:
             st = self._state.get(reading.device_key)
             if st is not None and reading.energy_uj is not None:
                 st.raw_uj, st.mono_ns = reading.energy_uj, reading.mono_ns
+                st.epoch = reading.epoch
         self._last_mono, self._last_wall = mono, wall
 
     def tick(self) -> Interval:
@@ -196,6 +207,8 @@ class Sampler:
         events.extend(self._pending_events)
         self._pending_events.clear()
         rows = [self._row(r, events, wall) for r in self._read_all(mono)]
+        if self.platform is not None:
+            rows.append(self.platform.row(rows, wall, events))
         interval = Interval(
             self.sampler_id, start_wall, end_wall, self._last_mono, mono, tuple(rows),
             tuple(events),
@@ -234,11 +247,13 @@ class Sampler:
         if st.lost:
             events.append(Event(wall, "device_back", "", dev.key))
             st.lost = False
-        prev = st.raw_uj
+        prev, prev_epoch = st.raw_uj, st.epoch
         step = st.step(reading)
         if step.kind in (RESET, GAP):
-            events.append(Event(wall, f"counter_{step.kind}", f"{prev} -> {reading.energy_uj}",
-                                dev.key))
+            detail = f"{prev} -> {reading.energy_uj}"
+            if prev is not None and reading.epoch != prev_epoch:
+                detail += f" (counter epoch {prev_epoch} -> {reading.epoch})"
+            events.append(Event(wall, f"counter_{step.kind}", detail, dev.key))
         step = st.take_pending(step)
         return EnergyRow(dev.key, step.delta, step.kind, OK, reading.energy_uj)
 

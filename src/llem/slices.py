@@ -39,7 +39,7 @@ KINDS = ("job", "node", "header")
 # id). Anything a user chooses (job name, tag, window name) lives inside the JSON.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,127}$")
 
-COMPONENTS = ("cpu", "dram", "gpu", "psys", "other")
+COMPONENTS = ("cpu", "dram", "gpu", "psys", "platform", "other")
 SOURCES = ("measured", "estimated")
 JOB_STATES = ("running", "ended", "sealed", "exported")
 WINDOW_STATUSES = ("open", "closed", "abandoned")

@@ -51,6 +51,7 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "CPUEnergy": run["cpu_energy_uj"] / UJ_PER_J,
         "DRAMEnergy": run["dram_energy_uj"] / UJ_PER_J,
         "GPUEnergy": run["gpu_energy_uj"] / UJ_PER_J,
+        "PlatformEnergy": run["other_energy_uj"] / UJ_PER_J,  # jobs' only 'other': platform
         "AvePower": energy_j / elapsed_s if elapsed_s else None,
         "EnergySource": energy_source(run["energy_uj"], run["estimated_energy_uj"]),
         "Coverage": run["coverage"], "Tag": run["tag"],
@@ -75,7 +76,8 @@ def window_rows(windows: Sequence[tuple], devices: Mapping[tuple, tuple[str, str
         w = dict(zip(WINDOW_COLUMNS, w))
         key = (w["cluster"], w["job_id"], w["run_start_ns"], w["name"], w["step_id"])
         m = merged.setdefault(key, {"start": w["start_ns"], "end": w["end_ns"], "nodes": [],
-                                    "by": {"cpu": 0, "dram": 0, "gpu": 0}, "energy": 0,
+                                    "by": {"cpu": 0, "dram": 0, "gpu": 0, "platform": 0},
+                                    "energy": 0,
                                     "estimated": 0, "gpus": 0, "status": w["status"]})
         m["start"] = min(m["start"], w["start_ns"])
         if w["end_ns"] is None or m["end"] is None:
@@ -110,6 +112,7 @@ def window_rows(windows: Sequence[tuple], devices: Mapping[tuple, tuple[str, str
             "ConsumedEnergy": energy_j, "ConsumedEnergyRaw": round(energy_j),
             "CPUEnergy": m["by"]["cpu"] / UJ_PER_J, "DRAMEnergy": m["by"]["dram"] / UJ_PER_J,
             "GPUEnergy": m["by"]["gpu"] / UJ_PER_J,
+            "PlatformEnergy": m["by"]["platform"] / UJ_PER_J,
             "AvePower": energy_j / elapsed_s if elapsed_s else None,
             "EnergySource": energy_source(m["energy"], m["estimated"]), "Coverage": None,
             "_gpu_hours": m["gpus"] * elapsed_s / 3600,
@@ -133,6 +136,7 @@ def total_row(by: str, values: Sequence) -> dict[str, Any]:
         "CPUEnergy": (t["cpu_energy_uj"] or 0) / UJ_PER_J,
         "DRAMEnergy": (t["dram_energy_uj"] or 0) / UJ_PER_J,
         "GPUEnergy": (t["gpu_energy_uj"] or 0) / UJ_PER_J,
+        "PlatformEnergy": (t["other_energy_uj"] or 0) / UJ_PER_J,
         "AvePower": energy_j / elapsed_s if elapsed_s else None,
         "EnergySource": energy_source(t["energy_uj"] or 0, t["estimated_energy_uj"] or 0),
         "Coverage": (t["covered_ns"] / t["coverage_ns"]) if t["coverage_ns"] else None,

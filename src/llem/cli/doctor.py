@@ -110,6 +110,29 @@ def _node_sampler(config, node: str, env: dict, problems: list[str]) -> dict:
     return info
 
 
+def _sources(config, env: dict, report: dict) -> None:
+    """Which sensor measures what, as the sampler opens them (one source per device), and
+    whether a node meter gives the platform residual."""
+    from llem.sensors import open_sensors
+    from llem.sensors.platform import PlatformResidual
+
+    try:
+        opened = open_sensors(config, env=env)
+    except Exception as e:  # a sensor named explicitly in the config that cannot be opened
+        report["sources"] = [f"the sampler cannot open its sensors: {e}"]
+        report["problems"].append(f"sensors: {e}")
+        return
+    try:
+        report["sources"] = [n for n in opened.notes if "not read" in n]  # the choices
+        devices = [d for s in opened.sensors for d in s.devices()]
+        platform = PlatformResidual.for_devices(devices)
+        report["coverage"]["platform"] = (
+            f"measured ({', '.join(platform.meter_keys)} minus the parts)" if platform
+            else "none (no node meter: pm_counters, ACPI power meter or Grace Hopper module)")
+    finally:
+        opened.close()
+
+
 def diagnose(env: dict | None = None) -> dict:
     """Everything ``llem doctor`` reports, as data."""
     from llem.sensors import probe_all
@@ -156,8 +179,9 @@ def diagnose(env: dict | None = None) -> dict:
         elif component in ("cpu", "dram"):
             coverage[component] = "estimated (model: docs/methodology.md)"
         else:
-            coverage[component] = "none (no NVIDIA GPU or driver found)"
+            coverage[component] = "none (no NVIDIA or AMD GPU found)"
     report["coverage"] = coverage
+    _sources(config, env, report)
     report["paths"] = {
         "state_dir": _path_info(config.state_dir),
         "spool_dir": _path_info(config.spool_dir),
@@ -184,6 +208,8 @@ def render(report: dict) -> str:
     out.append("What this node measures:")
     for component, how in report["coverage"].items():
         out.append(f"  {component:<5} {how}")
+    for note in report.get("sources", []):
+        out.append(f"  source: {note}")
     out.append("")
     out.append("Sensors:")
     for s in report["sensors"]:

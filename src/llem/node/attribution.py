@@ -11,7 +11,12 @@ For each interval and each device of the node:
   remainder. Jobs' CPU time is not known per socket: every package is split alike.
 * **DRAM**: in proportion to each job's memory in use over the node's memory in use
   (``memory_share``).
-* Anything else (psys) goes to the remainder.
+* **Platform** (a node meter minus the parts: fans, NICs, disks, power-supply losses; see
+  llem.sensors.platform): static power, charged by allocation: each job's allocated CPUs over
+  the node's CPUs (``platform_allocation``), so a job alone on an exclusive node carries all
+  of it and the unallocated part of a shared node stays in the remainder. Where a job's
+  allocation is unknown, by CPU time like a package (``platform_cpu_time``).
+* Anything else (psys: a whole-node meter, never added) goes to the remainder.
 
 Integer arithmetic (floor for each job, the rest to the remainder) makes the invariant exact:
 for every interval and device, the jobs' shares plus the remainder equal the node's energy.
@@ -26,11 +31,14 @@ from typing import Mapping, Sequence
 
 from llem.model import EnergyRow, JobShare
 from llem.sensors.base import Device
+from llem.sensors.platform import PlatformResidual
 
 GPU_ALLOCATION = "gpu_allocation"
 GPU_SHARED = "gpu_shared"
 CPU_TIME = "cpu_time"
 MEMORY_SHARE = "memory_share"
+PLATFORM_ALLOCATION = "platform_allocation"
+PLATFORM_CPU_TIME = "platform_cpu_time"
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class JobLoad:
     """CPU time the job's processes used in the interval (None: unknown, counts as 0)."""
     memory_bytes: int | None = None
     """Memory the job holds (None: unknown, counts as 0)."""
+    alloc_cpus: int | None = None
+    """CPUs Slurm allocated to the job on this node (None: unknown)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class NodeLoad:
     """CPU time all processes used in the interval (from /proc/stat)."""
     used_memory_bytes: int | None = None
     """Memory in use on the node (MemTotal - MemAvailable)."""
+    cpus: int | None = None
+    """CPUs of the node, for allocation shares (None: unknown)."""
 
 
 def _split(energy_uj: int, weights: Sequence[tuple[int, int]], total: int,
@@ -92,6 +104,9 @@ def attribute(
                 got, rest = _split(row.energy_uj, [(r, 1) for r in holders], len(holders),
                                    row.device_key, method)
                 shares += got
+        elif device.component == "platform":
+            got, rest = _platform(row.energy_uj, row.device_key, jobs, node)
+            shares += got
         elif device.component in ("cpu", "dram"):
             if device.component == "cpu":
                 weights = [(j.run_id, max(0, j.cpu_ns or 0)) for j in jobs]
@@ -112,6 +127,20 @@ def attribute(
     return shares, remainder
 
 
+def _platform(energy_uj: int, key: str, jobs: Sequence[JobLoad],
+              node: NodeLoad) -> tuple[list[JobShare], int]:
+    """The platform's static power by allocated CPUs; by CPU time where that is unknown."""
+    if jobs and node.cpus and all(j.alloc_cpus is not None for j in jobs):
+        weights = [(j.run_id, max(0, j.alloc_cpus or 0)) for j in jobs]
+        total = max(node.cpus, sum(w for _, w in weights))
+        return _split(energy_uj, weights, total, key, PLATFORM_ALLOCATION)
+    weights = [(j.run_id, max(0, j.cpu_ns or 0)) for j in jobs]
+    total = max(node.busy_cpu_ns or 0, sum(w for _, w in weights))
+    if total <= 0:
+        return [], energy_uj
+    return _split(energy_uj, weights, total, key, PLATFORM_CPU_TIME)
+
+
 class JobAttributor:
     """Reads the jobs' use of the node each interval and applies :func:`attribute`."""
 
@@ -122,6 +151,11 @@ class JobAttributor:
         self.store = store
         self.node = node
         self.devices = {d.key: d for d in devices}
+        # The sampler adds the platform device when a node meter is read (the sensors'
+        # devices do not include it): know it here too, whoever built the device list.
+        platform = PlatformResidual.for_devices(list(self.devices.values()))
+        if platform is not None:
+            self.devices.setdefault(platform.device.key, platform.device)
         self.gpu_by_minor = {str(d.attrs.get("minor")): d.key for d in devices
                              if d.component == "gpu" and d.attrs.get("minor") is not None}
         self.started_ns = started_ns
@@ -131,6 +165,7 @@ class JobAttributor:
         self._cpu_prev: dict[int, int] = {}
         self._busy_prev: int | None = None
         self.cgroups: dict[int, str] = {}
+        self.node_cpus = os.cpu_count()
 
     def _node_busy_ns(self) -> int | None:
         try:
@@ -180,9 +215,10 @@ class JobAttributor:
                 self._cpu_prev[job.run_id] = usage.cpu_ns
             gpus = tuple(self.gpu_by_minor[m] for m in job.gpus if m in self.gpu_by_minor)
             loads.append(JobLoad(job.run_id, gpus, cpu_delta,
-                                 usage.memory_bytes if usage else None))
+                                 usage.memory_bytes if usage else None, job.cpus))
         live = {j.run_id for j in jobs}
         self._cpu_prev = {k: v for k, v in self._cpu_prev.items() if k in live}
         shares, rest = attribute(interval.rows, self.devices, loads,
-                                 NodeLoad(busy_delta, self._node_used_memory()))
+                                 NodeLoad(busy_delta, self._node_used_memory(),
+                                          self.node_cpus))
         return replace(interval, shares=tuple(shares), remainder=tuple(rest))

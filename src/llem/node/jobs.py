@@ -166,6 +166,9 @@ def seal_figures(store: NodeStore, run_id: int, start_ns: int,
             flags.add(kind)
     if "estimated" in store.run_sources(run_id):
         flags.add("estimated")
+    window_ms = store.meter_window_ms()
+    if window_ms and end_ns - start_ns < window_ms * 1_000_000:
+        flags.add("shorter_than_meter_window")  # the power meter averages over longer
     return coverage, flags
 
 

@@ -476,6 +476,18 @@ class NodeStore:
             "SELECT run_id, job_id, COALESCE(user, ''), COALESCE(account, ''), "
             "COALESCE(partition, ''), gpus FROM jobs WHERE state = 'running' ORDER BY run_id")
 
+    def meter_window_ms(self) -> int | None:
+        """The longest averaging window of the node's power meters (hwmon), if any."""
+        windows = []
+        for (attrs,) in self.query("SELECT attrs FROM devices WHERE sensor = 'hwmon'"):
+            try:
+                value = json.loads(attrs).get("averaging_window_ms")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, int) and value > 0:
+                windows.append(value)
+        return max(windows, default=None)
+
     def run_last_data_ns(self, run_id: int) -> int | None:
         """The end of the last interval that gave the run energy."""
         return self.query("SELECT MAX(i.end_ns) FROM job_energy je JOIN intervals i "

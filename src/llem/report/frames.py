@@ -295,7 +295,8 @@ def reconciliation(node_rows: Sequence[tuple], job_nodes: Sequence[str],
     by_component = (nodes.groupby("component")[["measured_uj", "attributed_uj",
                                                  "remainder_uj"]].sum() / UJ_PER_KWH)
     by_component.columns = ["measured_kwh", "attributed_kwh", "remainder_kwh"]
-    measured = float(nodes["measured_uj"].sum()) / UJ_PER_KWH
+    counted = nodes[nodes["component"] != "psys"]  # a whole-node meter overlaps the parts
+    measured = float(counted["measured_uj"].sum()) / UJ_PER_KWH
     per_node = nodes.groupby("node").agg(
         hours=("hours", "max"), gap_intervals=("gap_intervals", "sum"),
         intervals=("intervals", "sum"), covered_ns=("covered_ns", "sum"),
@@ -308,8 +309,8 @@ def reconciliation(node_rows: Sequence[tuple], job_nodes: Sequence[str],
     without = sorted(set(job_nodes) - set(per_node.index))
     return {
         "measured_kwh": measured,
-        "attributed_kwh": float(nodes["attributed_uj"].sum()) / UJ_PER_KWH,
-        "remainder_kwh": float(nodes["remainder_uj"].sum()) / UJ_PER_KWH,
+        "attributed_kwh": float(counted["attributed_uj"].sum()) / UJ_PER_KWH,
+        "remainder_kwh": float(counted["remainder_uj"].sum()) / UJ_PER_KWH,
         "jobs_kwh": jobs_kwh,
         "nodes": len(per_node),
         "by_component": by_component.reset_index(),

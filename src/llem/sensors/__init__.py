@@ -15,9 +15,12 @@ from typing import Iterable, Mapping
 
 from llem.config import Config
 from llem.errors import ConfigError, SensorPermissionError, SensorUnavailable
+from llem.sensors import meters
 from llem.sensors.base import Probe, Sensor
 
 log = logging.getLogger(__name__)
+
+AUTO = ("pm_counters", "hwmon", "rapl", "nvml", "amdsmi", "estimate")
 
 
 @dataclass
@@ -54,10 +57,19 @@ def open_sensors(
     from llem.sensors import rapl
 
     env = os.environ if env is None else env
-    wanted = ("rapl", "nvml", "estimate") if config.sensors == "auto" else tuple(config.sensors)
+    wanted = AUTO if config.sensors == "auto" else tuple(config.sensors)
     explicit = config.sensors != "auto"
     out = OpenedSensors()
     measured_components: set[str] = set()
+
+    # Node meters first: pm_counters' parts are read by one controller at the instant of its
+    # node meter, so they are preferred to RAPL for the platform residual (llem.sensors.meters).
+    meter_parts = meters.open_meters(wanted, explicit, env, out)
+    measured_components |= meter_parts
+    if "rapl" in wanted and "cpu" in meter_parts:
+        out.notes.append("rapl: not read: pm_counters measures this node's CPUs and memory "
+                         "(one source per physical device)")
+        wanted = tuple(w for w in wanted if w != "rapl")
 
     if "rapl" in wanted:
         try:
@@ -83,6 +95,20 @@ def open_sensors(
             if explicit:
                 raise
             out.notes.append(f"nvml: {e}")
+
+    if "amdsmi" in wanted:
+        try:
+            from llem.sensors import amdsmi
+
+            sensor = amdsmi.AmdSmiSensor(select=gpus)
+            out.sensors.append(sensor)
+            out.notes.extend(sensor.notes)
+        except SensorUnavailable as e:
+            if explicit:
+                raise
+            out.notes.append(f"amdsmi: {e}")
+
+    meters.one_source_per_gpu(out)
 
     if "estimate" in wanted:
         missing = tuple(c for c in ("cpu", "dram") if c not in measured_components)
@@ -110,11 +136,14 @@ def probe_all(
     proc_root: str | os.PathLike = "/proc",
 ) -> list[Probe]:
     """Every sensor's probe, for ``llem doctor``."""
-    from llem.sensors import estimate, nvml, rapl
+    from llem.sensors import amdsmi, estimate, hwmon, nvml, pm_counters, rapl
 
     env = os.environ if env is None else env
     return [
         rapl.probe(rapl.powercap_root(env), rapl.hwmon_root(env)),
         nvml.probe(),
+        amdsmi.probe(),
+        pm_counters.probe(pm_counters.root(env)),
+        hwmon.probe(hwmon.root(env)),
         estimate.probe(proc_root=Path(proc_root), config=config.estimate),
     ]

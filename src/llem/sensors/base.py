@@ -25,7 +25,7 @@ OK = "ok"
 LOST = "lost"  # the device is gone (GPU fell off the bus); others go on
 ERROR = "error"  # this read failed; the next may work
 
-COMPONENTS = ("cpu", "dram", "gpu", "psys")
+COMPONENTS = ("cpu", "dram", "gpu", "psys", "platform")
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ class Device:
 
     Attributes:
         key: unique and stable on the node, e.g. ``rapl:package-0``, ``nvml:GPU-8f3c...``.
-        component: ``cpu`` (a CPU package), ``dram``, ``gpu`` or ``psys`` (whole platform,
-            never added to the others).
+        component: ``cpu`` (a CPU package), ``dram``, ``gpu``, ``psys`` (a whole-platform
+            meter: RAPL psys, a node meter; never added to the others) or ``platform`` (the
+            node meter minus the components, see :mod:`llem.sensors.platform`).
         name: a short human name (``package-0``, ``dram-1``, ``gpu0``).
         sensor: the sensor module that reads it (``rapl``, ``nvml``, ``estimate``).
         source: ``measured`` or ``estimated``.
@@ -66,6 +67,10 @@ class Reading:
         mono_ns: when it was read, on the monotonic clock the sampler passed in.
         status: ``ok``, ``lost`` or ``error``.
         error: why the read failed, when it did.
+        epoch: the counter's epoch where the device tells it (pm_counters ``startup``, a
+            power-integrating sensor's restart count); a change between two reads is a reset
+            (a recorded gap) whatever the values, so a restarted counter that happens to
+            read higher is never taken for a forward step. None: not known.
     """
 
     device_key: str
@@ -73,6 +78,7 @@ class Reading:
     mono_ns: int
     status: str = OK
     error: str | None = None
+    epoch: object = None
 
 
 class Sensor(Protocol):

@@ -1,0 +1,88 @@
+"""`llem wrap --json` on a node meter: HPE Cray EX pm_counters advanced by a background
+writer at known powers, like the node controller (ten updates a second)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.pmcounters import FakePmCounters, PmWriter
+
+LLEM = [sys.executable, "-m", "llem.cli.main"]
+WATTS = {"energy": 400, "cpu_energy": 150, "memory_energy": 50, "accel0_energy": 40,
+         "accel1_energy": 40, "accel2_energy": 40, "accel3_energy": 40}
+EXPECTED_W = {"node": 400, "cpu": 150, "memory": 50, "accel0": 40, "accel1": 40, "accel2": 40,
+              "accel3": 40, "platform": 40}
+
+
+def wrap_json(fake, seconds, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
+    env.update(LLEM_CONFIG="/dev/null", LLEM_PM_COUNTERS_ROOT=str(fake.path),
+               LLEM_POWERCAP_ROOT=str(tmp_path / "no-powercap"),
+               LLEM_HWMON_ROOT=str(tmp_path / "no-hwmon"), LLEM_SENSORS="auto")
+    r = subprocess.run(LLEM + ["wrap", "--json", "--interval", "0.5", "--", "sleep",
+                               str(seconds)], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+def window_s(out):
+    t = [dt.datetime.fromisoformat(out[k].replace("Z", "+00:00")) for k in ("start", "end")]
+    return (t[1] - t[0]).total_seconds()
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return FakePmCounters(tmp_path / "pm_counters")
+
+
+def test_node_energy_and_each_domain_within_2_percent_with_the_platform_residual(
+        fake, tmp_path):
+    writer = PmWriter(fake, WATTS, hz=20)
+    writer.start()
+    try:
+        out, stderr = wrap_json(fake, 5, tmp_path)
+    finally:
+        writer.stop()
+    seconds = window_s(out)
+    power = {c["device"]: c["energy_j"] / seconds for c in out["components"]}
+    assert set(power) == set(EXPECTED_W)
+    for device, watts in EXPECTED_W.items():
+        assert power[device] == pytest.approx(watts, rel=0.02), device
+    by_device = {c["device"]: c for c in out["components"]}
+    assert by_device["node"]["component"] == "psys"
+    assert by_device["platform"]["component"] == "platform"
+    assert by_device["platform"]["method"] == "residual"
+    assert by_device["platform"]["source"] == "measured"
+    assert all(c["coverage"] == 1.0 for c in out["components"])
+    # The node's energy is the meter's: the counted parts plus the platform add up to it.
+    assert out["energy_j"] == pytest.approx(by_device["node"]["energy_j"], abs=0.01)
+    assert out["energy_j"] / seconds == pytest.approx(400, rel=0.02)
+    assert "platform" in stderr and "not added" in stderr
+
+
+def test_a_counter_restart_mid_run_is_a_recorded_gap(fake, tmp_path):
+    fake.advance(WATTS, 3600.0)  # an hour of counts before the restart: 1.44 MJ on the node
+    writer = PmWriter(fake, WATTS, hz=20)
+    writer.restart_at = 1.5
+    writer.start()
+    try:
+        out, _ = wrap_json(fake, 4, tmp_path)
+    finally:
+        writer.stop()
+    assert writer.restart_at is None, "the writer did not restart the counters"
+    resets = [e for e in out["events"] if e["kind"] == "counter_reset"]
+    assert {e["device"] for e in resets} >= {"pm_counters:node", "pm_counters:cpu",
+                                             "pm_counters:accel0"}
+    seconds = window_s(out)
+    for c in out["components"]:
+        assert 0 <= c["energy_j"] <= EXPECTED_W[c["device"]] * seconds * 1.02, c
+        assert c["coverage"] < 1.0, c  # the interval across the restart has no data
+        assert c["coverage"] > 0.6, c
+    assert 0 < out["energy_j"] < 400 * seconds
