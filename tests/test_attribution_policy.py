@@ -166,6 +166,11 @@ def test_configured_idle_power_wins_and_the_model_is_the_last_resort():
     assert got[DRAM.key] == IdlePower(2_500, "config")
     got = IdleLearner([estimated, DRAM]).resolve()
     assert got == {estimated.key: IdlePower(30_000, "model")}
+    # A measured package: the model's TDP of this CPU, never its plausibility bound.
+    bounded = Device(PKG.key, "cpu", "package-0", "rapl", "measured", "counter",
+                     max_power_w=1000.0)
+    assert IdleLearner([bounded]).resolve() == {}
+    assert IdleLearner([bounded], tdp_w=200.0).resolve() == {PKG.key: IdlePower(60_000, "model")}
 
 
 def test_cpu_lists_and_cgroup_allocations_v1_and_v2(tmp_path):

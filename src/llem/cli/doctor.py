@@ -112,8 +112,9 @@ def _node_sampler(config, node: str, env: dict, problems: list[str]) -> dict:
 
 def _attribution(config, devices, store_path) -> dict:
     """The attribution policy and the idle power in force for each CPU and DRAM device."""
-    from llem.node.idle import IdleLearner
+    from llem.node.idle import IdleLearner, package_tdp_w
 
+    tdp_w = package_tdp_w(config.estimate)
     store = None
     try:
         if store_path.is_file():
@@ -124,10 +125,10 @@ def _attribution(config, devices, store_path) -> dict:
         store = None
     try:
         learner = IdleLearner(devices, store, config.attribution.idle_w,
-                              config.estimate.cpu_idle_fraction)
+                              config.estimate.cpu_idle_fraction, tdp_w)
     except Exception:  # noqa: BLE001 - a store from an older llem has no idle_power yet
         learner = IdleLearner(devices, None, config.attribution.idle_w,
-                              config.estimate.cpu_idle_fraction)
+                              config.estimate.cpu_idle_fraction, tdp_w)
     finally:
         if store is not None:
             store.close()

@@ -148,7 +148,10 @@ def _cpu_dram(row: EnergyRow, component: str, jobs: Sequence[JobLoad], node: Nod
         method = CPU_ALLOCATION if component == "cpu" else MEMORY_ALLOCATION
         return _split(energy, weights, total, row.device_key, method)
     static = static_uj(idle_mw, interval_ns, energy)
-    got_static, rest_static = _split(static, weights, total, row.device_key, IDLE_ALLOCATION)
+    got_static, rest_static = [], 0
+    if static:  # no idle power known: no static rows at all (the store writes every share)
+        got_static, rest_static = _split(static, weights, total, row.device_key,
+                                         IDLE_ALLOCATION)
     got_dynamic, rest_dynamic = _by_use(energy - static, row.device_key, component, jobs, node)
     return got_static + got_dynamic, rest_static + rest_dynamic
 

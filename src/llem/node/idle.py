@@ -57,16 +57,43 @@ def configured_mw(idle_w: Mapping[str, float] | None, key: str, component: str) 
     return None if watts is None else int(round(float(watts) * 1000))
 
 
-def model_mw(device, idle_fraction: float) -> int | None:
-    """The estimate model's idle power of a CPU package: idle fraction x TDP."""
+def model_mw(device, idle_fraction: float, tdp_w: float | None = None) -> int | None:
+    """The estimate model's idle power of a CPU package: idle fraction x TDP.
+
+    Estimated packages carry their TDP; for a measured one ``tdp_w`` is the model's TDP of
+    this CPU (:func:`package_tdp_w`). ``max_power_w`` is a plausibility bound, not a TDP.
+    """
     if device.component != "cpu":
         return None
     attrs = device.attrs or {}
-    tdp_w = attrs.get("tdp_w") or device.max_power_w
+    tdp_w = attrs.get("tdp_w") or tdp_w
     fraction = attrs.get("idle_fraction", idle_fraction)
     if not tdp_w:
         return None
     return int(round(float(tdp_w) * float(fraction) * 1000))
+
+
+def package_tdp_w(estimate_config, proc_root="/proc") -> float | None:
+    """The estimate model's TDP of one package of this node (config, table or fallback)."""
+    from pathlib import Path
+
+    from llem.sensors import estimate
+
+    try:
+        proc = Path(proc_root)
+        stat_text = (proc / "stat").read_text()
+        try:
+            cpuinfo = (proc / "cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+        cpu = estimate.parse_cpuinfo(cpuinfo, estimate.count_logical_cpus(stat_text))
+        try:
+            table = estimate.load_tdp_table()
+        except Exception:  # noqa: BLE001 - the fallback figure needs no table
+            table = {}
+        return estimate.choose_tdp(cpu, estimate_config, table).tdp_w or None
+    except (OSError, ValueError):
+        return None
 
 
 class IdleLearner:
@@ -77,11 +104,13 @@ class IdleLearner:
         store: the node store (``idle_powers()`` / ``save_idle_power()``), or None.
         idle_w: ``attribution.idle_w`` (per device key or component), or None.
         idle_fraction: ``estimate.cpu_idle_fraction``, for the model fallback.
+        tdp_w: the model's TDP of a package, for measured packages (:func:`package_tdp_w`).
     """
 
     def __init__(self, devices: Iterable, store=None, idle_w: Mapping[str, float] | None = None,
-                 idle_fraction: float = 0.3) -> None:
+                 idle_fraction: float = 0.3, tdp_w: float | None = None) -> None:
         self.devices = {d.key: d for d in devices if d.component in ("cpu", "dram")}
+        self.tdp_w = tdp_w
         self.store = store
         self.idle_w = dict(idle_w or {})
         self.idle_fraction = idle_fraction
@@ -140,7 +169,7 @@ class IdleLearner:
             if learned is not None:
                 out[key] = IdlePower(learned[0], "learned", learned[1])
                 continue
-            mw = model_mw(device, self.idle_fraction)
+            mw = model_mw(device, self.idle_fraction, self.tdp_w)
             if mw is not None:
                 out[key] = IdlePower(mw, "model")
         return out
