@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from llem.cli.acct import acct
+from llem.cluster import ledger as ledger_mod
 from tests.helpers import ROOT, make_ledger
 from tests.helpers.acct import CONFIG, JOBS, WHOLE, H, T, acct_run, job
 
@@ -381,4 +382,5 @@ def test_a_user_reads_an_old_root_ledger_and_writes_nothing(request, tmp_path):
     assert r.returncode == 0 and "no jobs match (user " in r.stderr  # nobody sees only nobody
     assert schema() == (1, set())
     Ledger(ledger).close()  # the next write open (llem aggregate) adds them
-    assert schema() == (2, {"job_runs_by_user_end", "job_runs_by_account_end"})
+    assert schema() == (ledger_mod.SCHEMA_VERSION,
+                        {"job_runs_by_user_end", "job_runs_by_account_end"})

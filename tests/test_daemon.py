@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from llem import slices
-from llem.config import SamplerConfig
+from llem.config import AttributionConfig, SamplerConfig
 from llem.errors import StoreError
 from llem.node.daemon import NodeDaemon, sampler_pid
 from llem.node.jobs import write_registration
@@ -90,7 +90,9 @@ class BusyNode:
         self.dram.counters["dram"] += DRAM_UJ_PER_READ
 
     def _write_stat(self) -> None:
-        (self.proc / "stat").write_text(f"cpu  {self.busy_ticks} 0 0 1000 0 0 0 0 0 0\n")
+        (self.proc / "stat").write_text(f"cpu  {self.busy_ticks} 0 0 1000 0 0 0 0 0 0\n"
+                                        + "".join(f"cpu{i} 0 0 0 0 0 0 0 0 0 0\n"
+                                                  for i in range(8)))  # an 8-CPU node
 
     def open_sensors(self, config, env) -> OpenedSensors:
         return OpenedSensors([self.package, self.dram], ["fake node"])
@@ -113,7 +115,9 @@ class Daemon:
     def __init__(self, tmp_path: Path, linger_s: float) -> None:
         self.config = replace(
             node_config(tmp_path, NODE), run_dir=str(tmp_path / "run"),
-            sampler=SamplerConfig(interval_s=INTERVAL_S, linger_s=linger_s, nice=0))
+            sampler=SamplerConfig(interval_s=INTERVAL_S, linger_s=linger_s, nice=0),
+            # The figures below are the use rule's; the policies have tests of their own.
+            attribution=AttributionConfig(policy="use"))
         self.paths = NodePaths.of(self.config, NODE)
         self.paths.ensure()
         self.node = BusyNode(tmp_path / "node")

@@ -91,3 +91,25 @@ def test_quarantined_slices_are_listed(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"quarantined: {q / 'bad.json'}: not JSON: truncated" in r.stdout
     assert "1 slice(s) in quarantine" in r.stdout
+
+
+def test_attribution_policy_and_idle_powers_in_force(tmp_path):
+    from llem.node.store import NodeStore
+
+    pc = FakePowercap(tmp_path / "pc")
+    pc.add_socket(0)
+    state = tmp_path / "state"
+    with NodeStore(state / "node-n9.db") as store:  # what the node sampler learned
+        store.save_idle_power("rapl:dram-0", 3_500, 240, 1)
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(f"state_dir: {state}\nattribution:\n  policy: allocation\n"
+                   "  idle_w:\n    cpu: 42\n")
+    env = {"LLEM_CONFIG": str(cfg), "LLEM_POWERCAP_ROOT": str(pc.path), "SLURMD_NODENAME": "n9"}
+    r = doctor(env)
+    assert r.returncode == 0, r.stderr
+    assert "Attribution: policy allocation" in r.stdout
+    assert "idle power rapl:package-0: 42.0 W (config)" in r.stdout
+    assert "idle power rapl:dram-0: 3.5 W (learned, 240 idle samples)" in r.stdout
+    report = json.loads(doctor(env, "--json").stdout)
+    assert report["attribution"]["idle_w"]["rapl:dram-0"] == {
+        "w": 3.5, "source": "learned", "samples": 240}

@@ -406,3 +406,25 @@ def test_job_names_of_non_utf8_bytes_are_kept_as_replacement_characters(tmp_path
     assert header["job"]["name"] == job.name
     encode(header).decode("utf-8")  # strict UTF-8: no surrogate escapes in the file
     slices.validate(header)
+
+
+def test_a_concurrent_flush_is_waited_for_not_reported_as_a_hung_spool(tmp_path):
+    # llem demo printed "another delivery is still running (the spool may be hung)" whenever
+    # two deliveries into one outbox overlapped by a few milliseconds (issue 13, part 5).
+    import fcntl
+    import threading
+
+    cfg = node_config(tmp_path)
+    data = job_slices(tmp_path, nodes=("n1",))[0]
+    outbox = outbox_dir(cfg)
+    outbox.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(outbox / ".flush.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)  # another flush, busy for 0.3 s
+    threading.Timer(0.3, lambda: fcntl.flock(lock_fd, fcntl.LOCK_UN)).start()
+    try:
+        export_and_deliver_result = deliver(cfg, data, timeout_s=1.0)
+        assert export_and_deliver_result.name == slices.file_name(data)
+        assert pending_slices(cfg) == []
+        assert os.listdir(cfg.spool_dir) == [slices.file_name(data)]
+    finally:
+        os.close(lock_fd)

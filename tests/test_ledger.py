@@ -9,7 +9,7 @@ import pytest
 
 from llem import slices
 from llem.cluster.header import header_slice_from_env
-from llem.cluster.ledger import Ledger, group_runs
+from llem.cluster.ledger import SCHEMA_VERSION, Ledger, group_runs
 from llem.errors import LedgerError
 from llem.hostlist import expand_hostlist
 from llem.slices import SliceError
@@ -77,7 +77,7 @@ def test_an_old_ledger_is_read_as_it_is_and_migrated_by_the_next_writer(tmp_path
         merge(ledger, job_slices(tmp_path, "100"))
         dump = ledger.canonical_dump()
     version, names = _indexes_and_version(path)
-    assert version == 2 and ACCT_INDEXES <= names
+    assert version == SCHEMA_VERSION and ACCT_INDEXES <= names
     db = sqlite3.connect(path)  # schema 1, as llem before the acct indexes left it
     db.executescript("DROP INDEX job_runs_by_user_end; DROP INDEX job_runs_by_account_end; "
                      "PRAGMA user_version = 1")
@@ -90,7 +90,7 @@ def test_an_old_ledger_is_read_as_it_is_and_migrated_by_the_next_writer(tmp_path
     with Ledger(path) as ledger:
         assert ledger.canonical_dump() == dump
     version, names = _indexes_and_version(path)
-    assert version == 2 and ACCT_INDEXES <= names
+    assert version == SCHEMA_VERSION and ACCT_INDEXES <= names
 
 
 def test_a_reader_refuses_a_ledger_older_than_it_reads(tmp_path):

@@ -121,6 +121,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AttributionConfig:
+    policy: str = "hybrid"
+    """How CPU and DRAM energy of shared nodes is split: 'hybrid' (idle power by allocation,
+    the rest by use), 'use' or 'allocation'. A job holding the whole node gets all of it."""
+    idle_w: dict[str, float] | None = None
+    """Idle power in watts per component ('cpu', 'dram') or device key; default: learned by
+    the node sampler, else the estimate model's (docs/methodology.md)."""
+
+
+@dataclass(frozen=True)
 class Config:
     cluster: str = "default"
     """Cluster name; Slurm's SLURM_CLUSTER_NAME wins inside jobs."""
@@ -141,12 +151,14 @@ class Config:
     embodied: EmbodiedConfig = field(default_factory=EmbodiedConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
     source: str = "defaults"
     """Where this configuration came from (a path, or 'defaults'); not a key."""
 
 
 SENSOR_NAMES = ("rapl", "nvml", "estimate", "pm_counters", "hwmon", "amdsmi")
-CHOICES = {"aggregate.processed": ("archive", "delete")}
+CHOICES = {"aggregate.processed": ("archive", "delete"),
+           "attribution.policy": ("hybrid", "use", "allocation")}
 _SECTIONS = {
     "sampler": SamplerConfig,
     "estimate": EstimateConfig,
@@ -154,6 +166,7 @@ _SECTIONS = {
     "embodied": EmbodiedConfig,
     "aggregate": AggregateConfig,
     "metrics": MetricsConfig,
+    "attribution": AttributionConfig,
 }
 _TOP_KEYS = tuple(f.name for f in fields(Config) if f.name != "source")
 
@@ -227,6 +240,18 @@ def _check_pue(value: Any, where: str) -> Any:
     return out
 
 
+def _check_idle_w(value: Any, where: str) -> dict[str, float]:
+    """Idle watts per component or device key (``{cpu: 30, "rapl:dram-0": 2}``)."""
+    key = "attribution.idle_w"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{key}' must map components or device keys to watts")
+    out = {}
+    for name, watts in value.items():
+        out[str(name)] = _number(key, watts, where)
+        _check_range(key, out[str(name)], where)
+    return out
+
+
 def _check_int(key: str, value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
@@ -258,6 +283,7 @@ _SPECIAL_KEYS = {
     "sensors": _check_sensors,
     "aggregate.readers": _check_readers,
     "carbon.pue": _check_pue,
+    "attribution.idle_w": _check_idle_w,
 }
 """Keys whose values are more than their annotation says."""
 _BY_TYPE = (("float", _check_float), ("int", _check_int), ("bool", _check_bool),

@@ -139,6 +139,8 @@ class Demo:
             "SLURM_JOB_PARTITION": job.partition, "SLURM_CLUSTER_NAME": "demo",
             "SLURMD_NODENAME": node, "SLURM_NODELIST": ",".join(job.nodes),
             "SLURM_JOB_NUM_NODES": str(len(job.nodes)), "SLURM_JOB_NAME": job.name,
+            # One CPU each: the jobs share the node, and the idle one pays its reservation.
+            "SLURM_JOB_CPUS_PER_NODE": "1",
         }
 
     # -- jobs --------------------------------------------------------------------------------

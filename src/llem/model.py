@@ -61,6 +61,8 @@ class JobRecord:
     state: str = "running"
     coverage: float | None = None
     flags: tuple[str, ...] = ()
+    attribution: str | None = None
+    """JSON of the attribution in force for the run: policy, idle powers and their sources."""
     run_id: int | None = None
 
 

@@ -242,7 +242,26 @@ def _validate_job_fields(job: Mapping) -> tuple[int, int]:
         items = job.get(key, [])
         if not isinstance(items, list) or not all(type(i) is str for i in items):
             raise SliceError(f"job: '{key}' must be a list of strings, got {items!r}")
+    _validate_attribution(job.get("attribution"))
     return start_ns, end_ns
+
+
+ATTRIBUTION_POLICIES = ("exclusive", "hybrid", "use", "allocation")
+
+
+def _validate_attribution(value: Any) -> None:
+    """The optional ``job.attribution`` object: its policy, and idle powers in watts."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or value.get("policy") not in ATTRIBUTION_POLICIES:
+        raise SliceError(f"job: 'attribution' must be an object with a policy among "
+                         f"{', '.join(ATTRIBUTION_POLICIES)}, got {str(value)[:200]!r}")
+    idle = value.get("idle_w", {})
+    if not isinstance(idle, dict) or not all(
+            isinstance(v, dict) and type(v.get("w")) in (int, float) and v["w"] >= 0
+            and type(v.get("source")) is str for v in idle.values()):
+        raise SliceError(f"job: 'attribution.idle_w' must map devices to "
+                         f"{{w, source}}, got {str(idle)[:200]!r}")
 
 
 def _validate_energy(rows: Any, devices: Mapping, first_hour: int, last_hour: int) -> None:

@@ -53,6 +53,9 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("CO2e", 10, "co2e", "emissions: energy x PUE x intensity (+ embodied when "
                               "enabled), g/kg/t CO2e"),
     Field("Tag", 10, "str", "the job's llem tag"),
+    Field("Attribution", 11, "str", "how shared-node energy was charged: exclusive (the whole "
+                                    "node), hybrid (idle power by allocation + use), use, "
+                                    "allocation"),
 )}
 
 TOTAL_FIELDS: dict[str, Field] = {f.name: f for f in (

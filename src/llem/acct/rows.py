@@ -55,6 +55,8 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "AvePower": energy_j / elapsed_s if elapsed_s else None,
         "EnergySource": energy_source(run["energy_uj"], run["estimated_energy_uj"]),
         "Coverage": run["coverage"], "Tag": run["tag"],
+        "Attribution": ",".join(sorted(set((run.get("attribution") or "").split(",")) - {""}))
+                       or None,
         "_gpu_hours": run["gpu_seconds"] / 3600,
         "_node_hours": (run["num_nodes"] or 0) * elapsed_s / 3600,
         "_key": (run["cluster"], run["job_id"], run["run_start_ns"]),

@@ -8,6 +8,13 @@ from pathlib import Path
 
 import click
 
+UNITS = (
+    "Units: ConsumedEnergy and GPUEnergy in joules, as sacct shows them (K = thousand J, M =\n"
+    "million J; 3.6M J = 1 kWh); AvePower in watts. Attribution: how the node's energy was\n"
+    "split (hybrid: each job pays its CPUs' share of the idle power plus the power its work\n"
+    "adds, so the idle job 102 is not free; exclusive: a job holding the whole node pays all\n"
+    "of it; see docs/methodology.md).")
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--dir", "base", type=click.Path(file_okay=False, path_type=Path),
@@ -29,12 +36,14 @@ def demo(base: Path | None) -> None:
     ledger = base / "ledger.db"
     click.echo("")
     for args in (["-a", "--totals", "user"], ["-a", "-o",
-                 "JobID,JobName,User,Account,NNodes,Elapsed,ConsumedEnergy,EnergySource,"
-                 "Coverage,CO2e"]):
+                 "JobID,JobName,User,NNodes,Elapsed,ConsumedEnergy,AvePower,EnergySource,"
+                 "Attribution,Coverage,CO2e"]):
         cmd = ["llem-acct", "--ledger", str(ledger), "-S", "today", *args]
         click.echo("$ " + " ".join(cmd))
         subprocess.run([sys.executable, "-m", "llem.cli.acct", *cmd[1:]], check=False)
         click.echo("")
+    click.echo(UNITS)
+    click.echo("")
     tries = [
         (f"llem-acct --ledger {ledger} -a -S today", "every job and its windows"),
         (f"llem-acct --ledger {ledger} -a -S today --json", "the same as JSON"),

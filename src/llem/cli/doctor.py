@@ -133,6 +133,35 @@ def _sources(config, env: dict, report: dict) -> None:
         opened.close()
 
 
+def _attribution(config, devices, store_path) -> dict:
+    """The attribution policy and the idle power in force for each CPU and DRAM device."""
+    from llem.node.idle import IdleLearner, package_tdp_w
+
+    tdp_w = package_tdp_w(config.estimate)
+    store = None
+    try:
+        if store_path.is_file():
+            from llem.node.store import NodeStore
+
+            store = NodeStore(store_path, readonly=True)
+    except Exception:  # noqa: BLE001 - an unreadable store only hides learned figures
+        store = None
+    try:
+        learner = IdleLearner(devices, store, config.attribution.idle_w,
+                              config.estimate.cpu_idle_fraction, tdp_w)
+    except Exception:  # noqa: BLE001 - a store from an older llem has no idle_power yet
+        learner = IdleLearner(devices, None, config.attribution.idle_w,
+                              config.estimate.cpu_idle_fraction, tdp_w)
+    finally:
+        if store is not None:
+            store.close()
+    idle = learner.resolve()
+    return {"policy": config.attribution.policy,
+            "idle_w": {d.key: ({"w": idle[d.key].power_mw / 1000, "source": idle[d.key].source,
+                                "samples": idle[d.key].samples} if d.key in idle else None)
+                       for d in devices if d.component in ("cpu", "dram")}}
+
+
 def diagnose(env: dict | None = None) -> dict:
     """Everything ``llem doctor`` reports, as data."""
     from llem.sensors import probe_all
@@ -192,6 +221,11 @@ def diagnose(env: dict | None = None) -> dict:
             report["problems"].append(f"{name} {info['path']}: {info['warning']}")
     report["node_sampler"] = _node_sampler(config, report["node"], env, report["problems"])
     report["spool"] = _spool(config, report["problems"])
+    from llem.paths import NodePaths
+
+    report["attribution"] = _attribution(
+        config, [d for p in probes if p.available for d in p.devices],
+        NodePaths.of(config, report["node"]).store)
     report["environment"] = {k: v for k, v in sorted(env.items()) if k.startswith("LLEM_")}
     if os.geteuid() != 0:
         report["notes"] = ["not running as root: what root-only counters show may differ"]
@@ -233,6 +267,15 @@ def render(report: dict) -> str:
             desc = "missing (" + ("can be created" if info.get("creatable") else
                                   "cannot be created by this user") + ")"
         out.append(f"  {name:<9} {info['path']}: {desc}")
+    att = report["attribution"]
+    out.append("")
+    out.append(f"Attribution: policy {att['policy']} (a job holding every CPU of the node: "
+               "exclusive, the whole node)")
+    for key, idle in att["idle_w"].items():
+        how = ("none: shared by use alone" if idle is None else
+               f"{idle['w']:.1f} W ({idle['source']}"
+               + (f", {idle['samples']} idle samples)" if idle["source"] == "learned" else ")"))
+        out.append(f"  idle power {key}: {how}")
     ns = report["node_sampler"]
     out.append("")
     out.append("Node sampler:")

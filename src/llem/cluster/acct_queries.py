@@ -26,9 +26,14 @@ RUN_COLUMNS = (
     "cluster", "job_id", "run_start_ns", "run_end_ns", "array_job_id", "array_task_id",
     "user", "uid", "account", "partition", "name", "tag", "nodelist", "num_nodes", "state",
     "status", "energy_uj", "cpu_energy_uj", "dram_energy_uj", "gpu_energy_uj",
-    "other_energy_uj", "estimated_energy_uj", "gpu_seconds", "coverage",
+    "other_energy_uj", "estimated_energy_uj", "gpu_seconds", "coverage", "attribution",
 )
-"""The ``job_runs`` columns of :func:`select_runs`' rows, in order."""
+"""The columns of :func:`select_runs`' rows, in order: ``job_runs``'s, then the attribution
+policies of the run's nodes (comma-separated; None before ledger migration 3)."""
+
+_ATTRIBUTION_SQL = (
+    "(SELECT group_concat(DISTINCT json_extract(n.attribution, '$.policy')) FROM job_nodes n "
+    "WHERE n.cluster = r.cluster AND n.job_id = r.job_id AND n.run_start_ns = r.run_start_ns)")
 
 WINDOW_COLUMNS = ("cluster", "job_id", "run_start_ns", "name", "step_id", "start_ns",
                   "end_ns", "status", "nodes", "energy_uj", "node", "energy")
@@ -171,7 +176,10 @@ def where_clause(f: RunFilter) -> tuple[str, list]:
 def select_runs(ledger, f: RunFilter) -> list[tuple]:
     """Runs matching ``f``, oldest start first, as tuples of :data:`RUN_COLUMNS`."""
     where, params = where_clause(f)
-    cols = ", ".join(f"r.{c}" for c in RUN_COLUMNS)
+    cols = ", ".join(f"r.{c}" for c in RUN_COLUMNS[:-1])
+    has_column = any(row[1] == "attribution" for row in ledger.query(
+        "PRAGMA table_info(job_nodes)"))
+    cols += ", " + (_ATTRIBUTION_SQL if has_column else "NULL")
     return ledger.query(
         f"SELECT {cols} FROM job_runs r WHERE {where} "
         "ORDER BY r.run_start_ns, r.cluster, r.job_id", params)

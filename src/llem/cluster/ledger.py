@@ -153,7 +153,14 @@ def _v2(db: sqlite3.Connection) -> None:
     """)
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2)
+def _v3(db: sqlite3.Connection) -> None:
+    """The attribution in force for each job on each node (policy, allocation, idle powers),
+    as the slice's ``job.attribution`` JSON (issue 13)."""
+    if not any(r[1] == "attribution" for r in db.execute("PRAGMA table_info(job_nodes)")):
+        db.execute("ALTER TABLE job_nodes ADD COLUMN attribution TEXT")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -544,8 +551,8 @@ _INSERT_JOB_NODE = (
     "INSERT INTO job_nodes (cluster, job_id, node, start_ns, end_ns, array_job_id, "
     "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, gpus, tag, "
     "name, node_state, coverage, flags, energy_uj, cpu_energy_uj, dram_energy_uj, "
-    "gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest) "
-    f"VALUES ({', '.join('?' * 29)})")
+    "gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest, attribution) "
+    f"VALUES ({', '.join('?' * 30)})")
 _NEW_RUN_ONLY = " ON CONFLICT (cluster, job_id, node, start_ns) DO NOTHING"
 _SORTED_JSON = json.JSONEncoder(sort_keys=True)  # json.dumps(..., sort_keys=True), reused
 
@@ -615,7 +622,8 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         job.get("cpus"), json.dumps(sorted(job.get("gpus") or [])), job.get("tag"),
         job.get("name"), job.get("state"), job.get("coverage"),
         json.dumps(sorted(job.get("flags") or [])), *_component_totals(data),
-        data["created_ns"], sha)
+        data["created_ns"], sha,
+        _SORTED_JSON.encode(job["attribution"]) if job.get("attribution") else None)
     described = {key: (d["component"], d["source"], d["sensor"]) for key, d in devices.items()}
     energy = [(r["device"], r["hour_s"], r["method"], *described[r["device"]], r["energy_uj"])
               for r in data["energy"]]

@@ -1,22 +1,38 @@
 """Attribution of a node's energy to the jobs running on it: a pure, documented function.
 
-For each interval and each device of the node:
+For each interval and each device of the node (``docs/methodology.md`` has the rule with a
+worked example):
 
+* **Exclusive jobs** (a job that holds all of the node's CPUs, or was started with
+  ``--exclusive``): the whole energy of every device of the node goes to it (``exclusive``);
+  several such runs in one interval (one ending, the next starting) share it equally.
 * **GPU**: to the job the GPU is allocated to (``gpu_allocation``); a GPU shared by several
   jobs (MPS, sharding) is split equally between them (``gpu_shared``); a GPU allocated to no
   running job goes to the remainder.
-* **CPU package** (measured or estimated): in proportion to each job's CPU time in the
-  interval, over the node's busy CPU time (``cpu_time``). The busy time of processes outside
-  jobs, and the whole package energy of an interval in which nothing was busy, go to the
-  remainder. Jobs' CPU time is not known per socket: every package is split alike.
-* **DRAM**: in proportion to each job's memory in use over the node's memory in use
-  (``memory_share``).
+* **CPU package and DRAM**, by the policy (``attribution.policy``):
+
+  - ``use``: in proportion to each job's CPU time over the node's busy CPU time
+    (``cpu_time``), DRAM by memory in use over the node's memory in use (``memory_share``).
+    Busy time outside jobs, and a whole interval in which nothing was busy, go to the
+    remainder.
+  - ``allocation``: in proportion to the job's allocated CPUs over the node's CPUs
+    (``cpu_allocation``), DRAM by allocated memory over the node's memory
+    (``memory_allocation``); the unallocated share goes to the remainder.
+  - ``hybrid`` (the default): the device's *static* energy (its idle power x the interval, at
+    most the interval's energy) is shared by allocation (``idle_allocation``), the *dynamic*
+    rest by use as above. The unallocated static share goes to the remainder.
+
+  Where a job's allocation (or the node's size) is unknown, ``allocation`` and ``hybrid`` fall
+  back to ``use`` for that device and interval; the job is flagged by the caller.
 * **Platform** (a node meter minus the parts: fans, NICs, disks, power-supply losses; see
   llem.sensors.platform): static power, charged by allocation: each job's allocated CPUs over
-  the node's CPUs (``platform_allocation``), so a job alone on an exclusive node carries all
-  of it and the unallocated part of a shared node stays in the remainder. Where a job's
-  allocation is unknown, by CPU time like a package (``platform_cpu_time``).
-* Anything else (psys: a whole-node meter, never added) goes to the remainder.
+  the node's CPUs (``platform_allocation``), so the unallocated part of a shared node stays in
+  the remainder. Where a job's allocation is unknown, by CPU time like a package
+  (``platform_cpu_time``).
+* **Exclusive** jobs (holding all of the node's CPUs) take every device's energy (``exclusive``).
+* psys (a whole-node meter or RAPL's platform domain) is shown, never added: it always goes
+  to the remainder, under an exclusive job too, since the parts and the platform residual
+  already hold it.
 
 Integer arithmetic (floor for each job, the rest to the remainder) makes the invariant exact:
 for every interval and device, the jobs' shares plus the remainder equal the node's energy.
@@ -39,11 +55,19 @@ CPU_TIME = "cpu_time"
 MEMORY_SHARE = "memory_share"
 PLATFORM_ALLOCATION = "platform_allocation"
 PLATFORM_CPU_TIME = "platform_cpu_time"
+CPU_ALLOCATION = "cpu_allocation"
+MEMORY_ALLOCATION = "memory_allocation"
+IDLE_ALLOCATION = "idle_allocation"
+EXCLUSIVE = "exclusive"
+
+USE, ALLOCATION, HYBRID = "use", "allocation", "hybrid"
+POLICIES = (HYBRID, USE, ALLOCATION)
+"""The configurable policies (``attribution.policy``); ``exclusive`` applies by itself."""
 
 
 @dataclass(frozen=True)
 class JobLoad:
-    """One job's use of the node over one interval."""
+    """One job's use and allocation of the node over one interval."""
 
     run_id: int
     gpus: tuple[str, ...] = ()
@@ -53,7 +77,11 @@ class JobLoad:
     memory_bytes: int | None = None
     """Memory the job holds (None: unknown, counts as 0)."""
     alloc_cpus: int | None = None
-    """CPUs Slurm allocated to the job on this node (None: unknown)."""
+    """CPUs allocated to the job on this node (its cpuset; None: unknown)."""
+    alloc_memory_bytes: int | None = None
+    """Memory allocated to the job on this node (its cgroup limit; None: unknown)."""
+    exclusive: bool = False
+    """The job holds the whole node."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +91,9 @@ class NodeLoad:
     used_memory_bytes: int | None = None
     """Memory in use on the node (MemTotal - MemAvailable)."""
     cpus: int | None = None
-    """CPUs of the node, for allocation shares (None: unknown)."""
+    """CPUs of the node (None: unknown)."""
+    memory_bytes: int | None = None
+    """Memory of the node, MemTotal (None: unknown)."""
 
 
 def _split(energy_uj: int, weights: Sequence[tuple[int, int]], total: int,
@@ -75,8 +105,66 @@ def _split(energy_uj: int, weights: Sequence[tuple[int, int]], total: int,
             continue
         part = energy_uj * weight // total
         given += part
-        shares.append(JobShare(run_id, device_key, part, method, weight / total))
+        shares.append(JobShare(run_id, device_key, part, method, min(1.0, weight / total)))
     return shares, energy_uj - given
+
+
+def static_uj(idle_mw: int | None, interval_ns: int, energy_uj: int) -> int:
+    """The static part of an interval's energy: idle power x time, at most the energy."""
+    if not idle_mw or idle_mw <= 0 or interval_ns <= 0:
+        return 0
+    return min(energy_uj, idle_mw * interval_ns // 1_000_000)
+
+
+def _use_weights(component: str, jobs: Sequence[JobLoad], node: NodeLoad):
+    if component == "cpu":
+        weights = [(j.run_id, max(0, j.cpu_ns or 0)) for j in jobs]
+        node_total, method = node.busy_cpu_ns or 0, CPU_TIME
+    else:
+        weights = [(j.run_id, max(0, j.memory_bytes or 0)) for j in jobs]
+        node_total, method = node.used_memory_bytes or 0, MEMORY_SHARE
+    # Cgroup and /proc/stat accounting can disagree slightly: never give jobs more than all.
+    return weights, max(node_total, sum(w for _, w in weights)), method
+
+
+def _allocation_weights(component: str, jobs: Sequence[JobLoad], node: NodeLoad):
+    """(weights, total) by allocation, or None when an allocation or the node is unknown."""
+    if component == "cpu":
+        weights = [(j.run_id, j.alloc_cpus) for j in jobs]
+        node_total = node.cpus
+    else:
+        weights = [(j.run_id, j.alloc_memory_bytes) for j in jobs]
+        node_total = node.memory_bytes
+    if not node_total or any(w is None or w < 0 for _, w in weights):
+        return None
+    return weights, max(node_total, sum(w for _, w in weights))
+
+
+def _by_use(energy_uj: int, key: str, component: str, jobs, node) -> tuple[list, int]:
+    weights, total, method = _use_weights(component, jobs, node)
+    if total <= 0:
+        return [], energy_uj
+    return _split(energy_uj, weights, total, key, method)
+
+
+def _cpu_dram(row: EnergyRow, component: str, jobs: Sequence[JobLoad], node: NodeLoad,
+              policy: str, idle_mw: int | None, interval_ns: int) -> tuple[list, int]:
+    """Shares of one CPU package or DRAM row under ``policy``, and what is left."""
+    energy = row.energy_uj
+    alloc = None if policy == USE else _allocation_weights(component, jobs, node)
+    if alloc is None:
+        return _by_use(energy, row.device_key, component, jobs, node)
+    weights, total = alloc
+    if policy == ALLOCATION:
+        method = CPU_ALLOCATION if component == "cpu" else MEMORY_ALLOCATION
+        return _split(energy, weights, total, row.device_key, method)
+    static = static_uj(idle_mw, interval_ns, energy)
+    got_static, rest_static = [], 0
+    if static:  # no idle power known: no static rows at all (the store writes every share)
+        got_static, rest_static = _split(static, weights, total, row.device_key,
+                                         IDLE_ALLOCATION)
+    got_dynamic, rest_dynamic = _by_use(energy - static, row.device_key, component, jobs, node)
+    return got_static + got_dynamic, rest_static + rest_dynamic
 
 
 def attribute(
@@ -84,44 +172,54 @@ def attribute(
     devices: Mapping[str, Device],
     jobs: Sequence[JobLoad],
     node: NodeLoad,
+    *,
+    policy: str = USE,
+    idle_mw: Mapping[str, int] | None = None,
+    interval_ns: int = 0,
 ) -> tuple[list[JobShare], list[tuple[str, int]]]:
     """Split each row's energy between jobs; return (job shares, remainder per device).
+
+    Args:
+        rows: the interval's energy per device.
+        devices: the node's devices by key.
+        jobs: the jobs that ran in the interval, with their use and allocation.
+        node: the node's use and size.
+        policy: ``hybrid``, ``use`` or ``allocation`` (exclusive jobs take all regardless).
+        idle_mw: idle power per device key, milliwatts (``hybrid`` only).
+        interval_ns: the interval's length (``hybrid`` only).
 
     Rows without energy produce nothing. The result satisfies, for every row,
     ``sum(shares of the device) + remainder of the device == row.energy_uj``.
     """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown attribution policy {policy!r}")
+    idle_mw = idle_mw or {}
+    owners = [j.run_id for j in jobs if j.exclusive]
     shares: list[JobShare] = []
     remainder: list[tuple[str, int]] = []
     for row in rows:
         if row.energy_uj <= 0:
             continue
-        device = devices[row.device_key]
+        component = devices[row.device_key].component
         rest = row.energy_uj
-        if device.component == "gpu":
+        got: list[JobShare] = []
+        if component == "psys":
+            pass  # shown, never added (the parts and the platform residual hold it)
+        elif owners:
+            got, rest = _split(rest, [(r, 1) for r in owners], len(owners), row.device_key,
+                               EXCLUSIVE)
+        elif component == "gpu":
             holders = [j.run_id for j in jobs if row.device_key in j.gpus]
             if holders:
                 method = GPU_ALLOCATION if len(holders) == 1 else GPU_SHARED
-                got, rest = _split(row.energy_uj, [(r, 1) for r in holders], len(holders),
+                got, rest = _split(rest, [(r, 1) for r in holders], len(holders),
                                    row.device_key, method)
-                shares += got
-        elif device.component == "platform":
-            got, rest = _platform(row.energy_uj, row.device_key, jobs, node)
-            shares += got
-        elif device.component in ("cpu", "dram"):
-            if device.component == "cpu":
-                weights = [(j.run_id, max(0, j.cpu_ns or 0)) for j in jobs]
-                node_total = node.busy_cpu_ns or 0
-                method = CPU_TIME
-            else:
-                weights = [(j.run_id, max(0, j.memory_bytes or 0)) for j in jobs]
-                node_total = node.used_memory_bytes or 0
-                method = MEMORY_SHARE
-            # Cgroup and /proc/stat accounting can disagree slightly: never give jobs more
-            # than all of it.
-            total = max(node_total, sum(w for _, w in weights))
-            if total > 0:
-                got, rest = _split(row.energy_uj, weights, total, row.device_key, method)
-                shares += got
+        elif component == "platform":
+            got, rest = _platform(rest, row.device_key, jobs, node)
+        elif component in ("cpu", "dram") and jobs:
+            got, rest = _cpu_dram(row, component, jobs, node, policy,
+                                  idle_mw.get(row.device_key), interval_ns)
+        shares += got
         if rest:
             remainder.append((row.device_key, rest))
     return shares, remainder
@@ -130,7 +228,9 @@ def attribute(
 def _platform(energy_uj: int, key: str, jobs: Sequence[JobLoad],
               node: NodeLoad) -> tuple[list[JobShare], int]:
     """The platform's static power by allocated CPUs; by CPU time where that is unknown."""
-    if jobs and node.cpus and all(j.alloc_cpus is not None for j in jobs):
+    if not jobs:
+        return [], energy_uj
+    if node.cpus and all(j.alloc_cpus is not None for j in jobs):
         weights = [(j.run_id, max(0, j.alloc_cpus or 0)) for j in jobs]
         total = max(node.cpus, sum(w for _, w in weights))
         return _split(energy_uj, weights, total, key, PLATFORM_ALLOCATION)
@@ -141,13 +241,46 @@ def _platform(energy_uj: int, key: str, jobs: Sequence[JobLoad],
     return _split(energy_uj, weights, total, key, PLATFORM_CPU_TIME)
 
 
+@dataclass
+class _Allocation:
+    cpus: int | None
+    memory_bytes: int | None
+    exclusive: bool
+    final: bool
+    """Read from the job's cgroup (or no cgroup will come): not looked up again."""
+
+
+def node_cpus(proc_root: str | os.PathLike = "/proc") -> int | None:
+    """CPUs of the node: the ``cpuN`` lines of /proc/stat."""
+    try:
+        text = (Path(proc_root) / "stat").read_text()
+    except OSError:
+        return None
+    count = sum(1 for line in text.splitlines() if line.startswith("cpu") and line[3:4].isdigit())
+    return count or None
+
+
 class JobAttributor:
-    """Reads the jobs' use of the node each interval and applies :func:`attribute`."""
+    """Reads the jobs' use and allocation of the node each interval and applies
+    :func:`attribute` with the configured policy; records the policy and idle powers in
+    force with each job run (``jobs.attribution``) and teaches the idle learner.
+
+    Args:
+        store, node, devices, started_ns: the node store, node name, devices and the
+            sampler's start.
+        proc_root, cgroup_root: the /proc and cgroup trees read.
+        policy: ``hybrid``, ``use`` or ``allocation``.
+        idle: an :class:`llem.node.idle.IdleLearner` (None: one without config or store).
+    """
 
     def __init__(self, store, node: str, devices, started_ns: int,
-                 proc_root: str | os.PathLike = "/proc", cgroup_root: str | None = None) -> None:
+                 proc_root: str | os.PathLike = "/proc", cgroup_root: str | None = None,
+                 policy: str = HYBRID, idle=None) -> None:
+        from llem.node.idle import IdleLearner
         from llem.node.usage import CgroupLocator, ProcScanner
 
+        if policy not in POLICIES:
+            raise ValueError(f"unknown attribution policy {policy!r}")
         self.store = store
         self.node = node
         self.devices = {d.key: d for d in devices}
@@ -162,10 +295,15 @@ class JobAttributor:
         self.proc = Path(proc_root)
         self.locator = CgroupLocator(Path(cgroup_root)) if cgroup_root else CgroupLocator()
         self.scanner = ProcScanner(proc_root)
+        self.policy = policy
+        self.idle = idle if idle is not None else IdleLearner(devices)
+        self.node_cpus = node_cpus(proc_root)
+        self.node_memory_bytes = self._meminfo().get("MemTotal")
         self._cpu_prev: dict[int, int] = {}
         self._busy_prev: int | None = None
+        self._alloc: dict[int, _Allocation] = {}
+        self._recorded: dict[int, str] = {}
         self.cgroups: dict[int, str] = {}
-        self.node_cpus = os.cpu_count()
 
     def _node_busy_ns(self) -> int | None:
         try:
@@ -177,48 +315,123 @@ class JobAttributor:
 
         return ticks * 1_000_000_000 // CLK_TCK
 
-    def _node_used_memory(self) -> int | None:
+    def _meminfo(self) -> dict[str, int]:
         try:
             info = {}
             for line in (self.proc / "meminfo").read_text().splitlines():
                 key, _, rest = line.partition(":")
-                info[key] = int(rest.split()[0]) * 1024
-            return info["MemTotal"] - info["MemAvailable"]
-        except (OSError, ValueError, KeyError, IndexError):
+                if key in ("MemTotal", "MemAvailable"):
+                    info[key] = int(rest.split()[0]) * 1024
+            return info
+        except (OSError, ValueError, IndexError):
+            return {}
+
+    def _node_used_memory(self) -> int | None:
+        info = self._meminfo()
+        if "MemTotal" not in info or "MemAvailable" not in info:
             return None
+        return info["MemTotal"] - info["MemAvailable"]
 
-    def __call__(self, interval):
-        from llem.node.attribution import JobLoad, NodeLoad, attribute
+    def _allocation(self, job, has_cgroup: bool) -> _Allocation:
+        """The job's CPUs (Slurm's figure, else its cpuset) and memory limit (its cgroup)."""
+        known = self._alloc.get(job.run_id)
+        if known is not None and known.final:
+            return known
+        from llem.node.usage import cgroup_allocation
 
-        jobs = self.store.runs_active_since(interval.start_ns)
-        busy = self._node_busy_ns()
-        busy_delta = None if busy is None or self._busy_prev is None else busy - self._busy_prev
-        self._busy_prev = busy
-        loads = []
+        cpus, memory = (None, None)
+        if has_cgroup:
+            cpus, memory = cgroup_allocation(self.locator, job.job_id, job.uid, self.node)
+        cpus = job.cpus if job.cpus else cpus
+        exclusive = bool(cpus and self.node_cpus and cpus >= self.node_cpus)
+        alloc = _Allocation(cpus, memory, exclusive, final=has_cgroup)
+        self._alloc[job.run_id] = alloc
+        return alloc
+
+    def _usage(self, jobs):
+        """Each job's usage (cgroup, else /proc) and whether it came from a cgroup."""
+        out = {}
         proc_usage = None
         for job in jobs:
             usage = self.locator.usage(job.job_id, job.uid, self.node)
             if usage is None:
                 if proc_usage is None:
                     proc_usage = self.scanner.usage_by_job({j.job_id for j in jobs})
-                usage = proc_usage.get(job.job_id)
+                out[job.run_id] = (proc_usage.get(job.job_id), False)
             else:
                 self.cgroups[job.run_id] = usage.source
-            cpu_delta = None
-            if usage is not None and usage.cpu_ns is not None:
-                prev = self._cpu_prev.get(job.run_id)
-                if prev is None:
-                    # A cgroup born after this sampler started counts from zero; otherwise
-                    # (the sampler restarted mid-job) the first reading is only a baseline.
-                    prev = 0 if job.start_ns >= self.started_ns else usage.cpu_ns
-                cpu_delta = max(0, usage.cpu_ns - prev)
-                self._cpu_prev[job.run_id] = usage.cpu_ns
+                out[job.run_id] = (usage, True)
+        return out
+
+    def _cpu_delta(self, job, usage) -> int | None:
+        if usage is None or usage.cpu_ns is None:
+            return None
+        prev = self._cpu_prev.get(job.run_id)
+        if prev is None:
+            # A cgroup born after this sampler started counts from zero; otherwise (the
+            # sampler restarted mid-job) the first reading is only a baseline.
+            prev = 0 if job.start_ns >= self.started_ns else usage.cpu_ns
+        self._cpu_prev[job.run_id] = usage.cpu_ns
+        return max(0, usage.cpu_ns - prev)
+
+    def __call__(self, interval):
+        jobs = self.store.runs_active_since(interval.start_ns)
+        busy = self._node_busy_ns()
+        busy_delta = None if busy is None or self._busy_prev is None else busy - self._busy_prev
+        self._busy_prev = busy
+        interval_ns = max(0, interval.end_ns - interval.start_ns)
+        self.idle.observe(interval.rows, interval_ns, interval.end_ns, bool(jobs))
+        idle = self.idle.resolve()
+        usages = self._usage(jobs)
+        loads = []
+        for job in jobs:
+            usage, has_cgroup = usages[job.run_id]
+            alloc = self._allocation(job, has_cgroup)
             gpus = tuple(self.gpu_by_minor[m] for m in job.gpus if m in self.gpu_by_minor)
-            loads.append(JobLoad(job.run_id, gpus, cpu_delta,
-                                 usage.memory_bytes if usage else None, job.cpus))
+            loads.append(JobLoad(job.run_id, gpus, self._cpu_delta(job, usage),
+                                 usage.memory_bytes if usage else None,
+                                 alloc.cpus, alloc.memory_bytes, alloc.exclusive))
         live = {j.run_id for j in jobs}
         self._cpu_prev = {k: v for k, v in self._cpu_prev.items() if k in live}
-        shares, rest = attribute(interval.rows, self.devices, loads,
-                                 NodeLoad(busy_delta, self._node_used_memory(),
-                                          self.node_cpus))
+        self._alloc = {k: v for k, v in self._alloc.items() if k in live}
+        shares, rest = attribute(
+            interval.rows, self.devices, loads,
+            NodeLoad(busy_delta, self._node_used_memory(), self.node_cpus,
+                     self.node_memory_bytes),
+            policy=self.policy, idle_mw={k: v.power_mw for k, v in idle.items()},
+            interval_ns=interval_ns)
+        self._record(jobs, loads, idle)
         return replace(interval, shares=tuple(shares), remainder=tuple(rest))
+
+    def _record(self, jobs, loads, idle) -> None:
+        """Keep the policy and idle powers in force with each run, when they change."""
+        for job, load in zip(jobs, loads):
+            text = attribution_record(self.policy, load, idle, self.node_cpus,
+                                      self.node_memory_bytes)
+            if self._recorded.get(job.run_id, job.attribution) != text:
+                self.store.update_job(job.run_id, attribution=text)
+            self._recorded[job.run_id] = text
+        live = {j.run_id for j in jobs}
+        self._recorded = {k: v for k, v in self._recorded.items() if k in live}
+
+
+def attribution_record(policy: str, load: JobLoad, idle, node_cpus: int | None,
+                       node_memory_bytes: int | None) -> str:
+    """The JSON kept with a job run: the policy applied, its allocation and idle powers.
+
+    ``policy`` is ``exclusive`` for a job holding the whole node; ``allocation_unknown`` is
+    true when the job's CPUs could not be known and it was charged by use.
+    """
+    import json
+
+    # Flagged only where it changed the charge: hybrid with an idle power, or allocation.
+    wanted = policy == ALLOCATION or (policy == HYBRID and any(v.power_mw for v in idle.values()))
+    unknown = wanted and not load.exclusive and not (load.alloc_cpus and node_cpus)
+    return json.dumps({
+        "policy": EXCLUSIVE if load.exclusive else policy,
+        "cpus": load.alloc_cpus, "node_cpus": node_cpus,
+        "memory_bytes": load.alloc_memory_bytes, "node_memory_bytes": node_memory_bytes,
+        "idle_w": {k: {"w": v.power_mw / 1000, "source": v.source, "samples": v.samples}
+                   for k, v in sorted(idle.items())},
+        "allocation_unknown": unknown,
+    }, sort_keys=True)

@@ -28,6 +28,7 @@ from llem.errors import LlemError
 from llem.fsutil import detach, locked
 from llem.model import Event
 from llem.node.attribution import JobAttributor
+from llem.node.idle import IdleLearner, package_tdp_w
 from llem.node.jobs import finalize_ended, ingest, pending
 from llem.node.store import open_or_quarantine
 from llem.node.windows import WindowServer
@@ -313,8 +314,12 @@ class NodeDaemon:
         for note in self.sensors.notes:
             log.info("%s", note)
         devices = [d for s in self.sensors.sensors for d in s.devices()]
-        attributor = JobAttributor(self.store, self.node, devices, self.started_ns,
-                                   proc_root=self.proc_root, cgroup_root=self.cgroup_root)
+        attributor = JobAttributor(
+            self.store, self.node, devices, self.started_ns, proc_root=self.proc_root,
+            cgroup_root=self.cgroup_root, policy=self.config.attribution.policy,
+            idle=IdleLearner(devices, self.store, self.config.attribution.idle_w,
+                             self.config.estimate.cpu_idle_fraction,
+                             package_tdp_w(self.config.estimate, self.proc_root)))
         self.sampler = Sampler(
             self.sensors.sensors, [self.store], clock=self.clock, interval_s=self.interval_s,
             sampler_id=f"{self.node}-{os.getpid()}-{self.started_ns}", attribute=attributor)

@@ -76,7 +76,17 @@ def _job_meta(job) -> dict:
         "num_nodes": job.num_nodes, "cpus": job.cpus, "gpus": list(job.gpus), "tag": job.tag,
         "name": job.name, "start_ns": job.start_ns, "end_ns": job.end_ns, "state": job.state,
         "coverage": job.coverage, "flags": list(job.flags),
+        **_attribution(job.attribution),
     }
+
+
+def _attribution(text: str | None) -> dict:
+    """The run's attribution record (policy, allocation, idle powers), when it has one."""
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        value = None
+    return {"attribution": value} if isinstance(value, dict) else {}
 
 
 def export_job(store: NodeStore, run_id: int, config: Config, *,

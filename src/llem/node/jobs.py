@@ -177,6 +177,8 @@ def seal(store: NodeStore, run: JobRecord,
     """Compute coverage and flags of an ended run and mark it sealed."""
     assert run.end_ns is not None
     coverage, flags = seal_figures(store, run.run_id, run.start_ns, run.end_ns)
+    if run.attribution and '"allocation_unknown": true' in run.attribution:
+        flags.add("allocation_unknown")  # charged by use: Slurm did not say its CPUs
     all_flags = sorted(set(run.flags) | flags | set(extra_flags))
     store.update_job(run.run_id, state="sealed", coverage=coverage, flags=all_flags)
     log.info("job %s sealed: coverage %.3f, flags %s", run.job_id, coverage,

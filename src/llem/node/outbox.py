@@ -85,7 +85,9 @@ def flush_outbox(config: Config, *, timeout_s: float = DELIVERY_TIMEOUT_S) -> Fl
     read_fd, write_fd = os.pipe()
     if detach(write_fd):  # pragma: no cover - the delivery grandchild
         try:
-            _flush_worker(config, write_fd)
+            # Another flush of the same outbox (the sampler's, a header's) usually ends in
+            # milliseconds: wait for it within the caller's bound rather than give up at once.
+            _flush_worker(config, write_fd, lock_wait_s=max(0.0, timeout_s - 0.2))
         finally:
             os._exit(0)
     os.close(write_fd)
@@ -127,7 +129,20 @@ def _collect(read_fd: int, timeout_s: float, result: FlushResult) -> None:
         result.error = "the delivery process ended early"
 
 
-def _flush_worker(config: Config, write_fd: int) -> None:
+def _lock_within(lock_fd: int, wait_s: float) -> bool:
+    """Take the outbox's flush lock, waiting at most ``wait_s`` for another flush to end."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+
+def _flush_worker(config: Config, write_fd: int, lock_wait_s: float = 0.0) -> None:
     """The grandchild: move every outbox slice to the spool; report on ``write_fd``."""
     def say(line: str) -> None:
         try:
@@ -138,9 +153,7 @@ def _flush_worker(config: Config, write_fd: int) -> None:
     try:
         outbox = outbox_dir(config)
         lock_fd = os.open(outbox / ".flush.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not _lock_within(lock_fd, lock_wait_s):
             say("error another delivery is still running (the spool may be hung)")
             return
         spool = slices.check_spool_dir(Path(config.spool_dir))

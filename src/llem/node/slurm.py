@@ -83,7 +83,9 @@ def job_from_env(env: Mapping[str, str], cluster: str, start_ns: int,
         partition=env.get("SLURM_JOB_PARTITION") or None,
         nodelist=env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST") or None,
         num_nodes=_int(env.get("SLURM_JOB_NUM_NODES")),
-        cpus=_cpus_here(env.get("SLURM_JOB_CPUS_PER_NODE")),
+        cpus=_cpus_here(env.get("SLURM_JOB_CPUS_PER_NODE"),
+                        env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST"),
+                        node_name(env)),
         gpus=gpu_keys,
         tag=tag_from_env(env),
         name=env.get("SLURM_JOB_NAME") or None,
@@ -92,10 +94,25 @@ def job_from_env(env: Mapping[str, str], cluster: str, start_ns: int,
     )
 
 
-def _cpus_here(value: str | None) -> int | None:
-    """First figure of SLURM_JOB_CPUS_PER_NODE (``4(x2),2`` -> 4)."""
-    m = re.match(r"^(\d+)", value or "")
-    return int(m.group(1)) if m else None
+def _cpus_here(value: str | None, nodelist: str | None = None,
+               node: str | None = None) -> int | None:
+    """This node's figure of SLURM_JOB_CPUS_PER_NODE (``4(x2),2``: 4 on the first two nodes
+    of SLURM_NODELIST, 2 on the third); the first figure when the node is not found."""
+    counts: list[int] = []
+    for m in re.finditer(r"(\d+)(?:\(x(\d+)\))?", value or ""):
+        counts += [int(m.group(1))] * min(int(m.group(2) or 1), 100_000)
+    if not counts:
+        return None
+    if nodelist and node:
+        from llem.hostlist import expand_hostlist as expand
+
+        try:
+            names = expand(nodelist)
+        except ValueError:
+            names = []
+        if node in names and names.index(node) < len(counts):
+            return counts[names.index(node)]
+    return counts[0]
 
 
 # -- cgroups -------------------------------------------------------------------------------

@@ -150,7 +150,38 @@ def _v2(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2)
+def _v3(db: sqlite3.Connection) -> None:
+    """Attribution policy (issue 13): a job's static and dynamic shares of one device in one
+    interval are two rows (the method joins the key); the policy and idle powers in force
+    are kept with the job; the idle power learned per device survives restarts."""
+    run_script(
+        db,
+        """
+        CREATE TABLE job_energy_v3 (
+            interval_id INTEGER NOT NULL REFERENCES intervals (id),
+            run_id INTEGER NOT NULL REFERENCES jobs (run_id),
+            device_key TEXT NOT NULL REFERENCES devices (key),
+            energy_uj INTEGER NOT NULL CHECK (energy_uj >= 0),
+            method TEXT NOT NULL,
+            share REAL NOT NULL CHECK (share >= 0 AND share <= 1),
+            PRIMARY KEY (run_id, interval_id, device_key, method)
+        ) WITHOUT ROWID;
+        INSERT INTO job_energy_v3 SELECT interval_id, run_id, device_key, energy_uj, method,
+            share FROM job_energy;
+        DROP TABLE job_energy;
+        ALTER TABLE job_energy_v3 RENAME TO job_energy;
+        ALTER TABLE jobs ADD COLUMN attribution TEXT;
+        CREATE TABLE idle_power (
+            device_key TEXT PRIMARY KEY,
+            power_mw INTEGER NOT NULL CHECK (power_mw >= 0),
+            samples INTEGER NOT NULL CHECK (samples >= 0),
+            updated_ns INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        """,
+    )
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 DATABASE = Database(
@@ -177,7 +208,7 @@ DATABASE = Database(
 JOB_COLUMNS = (
     "job_id", "array_job_id", "array_task_id", "cluster", "node", "uid", "user", "gid",
     "account", "partition", "nodelist", "num_nodes", "cpus", "gpus", "tag", "name", "cgroup",
-    "start_ns", "end_ns", "state", "coverage", "flags",
+    "start_ns", "end_ns", "state", "coverage", "flags", "attribution",
 )
 
 
@@ -389,6 +420,19 @@ class NodeStore:
         sets = ", ".join(f"{k} = ?" for k in fields)
         self._write(lambda: self.db.execute(
             f"UPDATE jobs SET {sets} WHERE run_id = ?", (*values, run_id)))
+
+    def idle_powers(self) -> dict[str, tuple[int, int]]:
+        """Learned idle power per device: (milliwatts, idle samples behind it)."""
+        return {k: (mw, n) for k, mw, n in self.query(
+            "SELECT device_key, power_mw, samples FROM idle_power")}
+
+    def save_idle_power(self, device_key: str, power_mw: int, samples: int, ts_ns: int) -> None:
+        """Keep a learned idle power (see :mod:`llem.node.idle`)."""
+        self._write(lambda: self.db.execute(
+            "INSERT INTO idle_power (device_key, power_mw, samples, updated_ns) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (device_key) DO UPDATE SET "
+            "power_mw = excluded.power_mw, samples = excluded.samples, "
+            "updated_ns = excluded.updated_ns", (device_key, power_mw, samples, ts_ns)))
 
     # -- reading ---------------------------------------------------------------------------
 

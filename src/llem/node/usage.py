@@ -96,6 +96,66 @@ class CgroupLocator:
         return None
 
 
+UNLIMITED_BYTES = 2**62
+"""A v1 memory limit at or above this is "no limit" (the kernel shows ~2^63 rounded)."""
+
+
+def parse_cpu_list(text: str) -> int | None:
+    """Number of CPUs in a cpuset list (``0-3,8,10-11`` -> 7); None when unreadable."""
+    count = 0
+    try:
+        for part in text.strip().split(","):
+            if not part:
+                continue
+            first, _, last = part.partition("-")
+            count += int(last or first) - int(first) + 1
+    except ValueError:
+        return None
+    return count or None
+
+
+def _read_cpus(*paths: Path) -> int | None:
+    for path in paths:
+        try:
+            return parse_cpu_list(path.read_text())
+        except OSError:
+            continue
+    return None
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit() or int(text) >= UNLIMITED_BYTES:
+        return None  # "max" (v2) or the v1 sentinel: the job has no memory limit
+    return int(text)
+
+
+def cgroup_allocation(locator: CgroupLocator, job_id: str, uid: int | None,
+                      node: str) -> tuple[int | None, int | None]:
+    """The job's CPUs (its cpuset) and memory limit from its cgroup; None where unknown.
+
+    v1: ``cpuset/slurm[_<node>]/uid_<uid>/job_<id>/cpuset.effective_cpus`` (or
+    ``cpuset.cpus``) and ``memory/.../memory.limit_in_bytes``; v2: the job folder's
+    ``cpuset.cpus.effective`` and ``memory.max``. Without ``ConstrainCores`` a cpuset may hold
+    every CPU of the node: callers prefer Slurm's own figure (``SLURM_JOB_CPUS_PER_NODE``).
+    """
+    v2 = locator.v2(job_id)
+    if v2 is not None:
+        return (_read_cpus(v2 / "cpuset.cpus.effective", v2 / "cpuset.cpus"),
+                _read_limit(v2 / "memory.max"))
+    v1 = locator.v1(job_id, uid, node)
+    if v1 is None:
+        return None, None
+    cpu, mem = v1
+    relative = cpu.relative_to(cpu.parents[2])  # slurm_dir/uid_dir/job_dir
+    cpuset = locator.root / "cpuset" / relative
+    return (_read_cpus(cpuset / "cpuset.effective_cpus", cpuset / "cpuset.cpus"),
+            _read_limit(mem / "memory.limit_in_bytes"))
+
+
 class ProcScanner:
     """The ``proctrack/linuxproc`` fallback: a job's processes found through /proc.
 
