@@ -96,7 +96,7 @@ class Writer:
                     self.devices[dkey] = (cluster, node, key, component, key.split(":")[-1],
                                           sensor, source, "counter")
             node_total = sum(node_by.values())
-            gpus = json.dumps(sorted(f"GPU-{node}-{i}" for i in range(job["gpus_per_node"])))
+            gpus = json.dumps(sorted(f"nvml:GPU-{node}-{i}" for i in range(job["gpus_per_node"])))
             self.nodes.append((
                 job_node_id, cluster, job["job_id"], node, start_s * S, end_s * S, start_s * S,
                 job["array_job_id"], job["array_task_id"], job["user"], job["uid"], job["uid"],

@@ -116,14 +116,15 @@ class JobAttributor:
     """Reads the jobs' use of the node each interval and applies :func:`attribute`."""
 
     def __init__(self, store, node: str, devices, started_ns: int,
-                 proc_root: str | os.PathLike = "/proc", cgroup_root: str | None = None) -> None:
+                 proc_root: str | os.PathLike = "/proc", cgroup_root: str | None = None,
+                 gres_conf: str | os.PathLike | None = None) -> None:
+        from llem.node.slurm import GpuMap
         from llem.node.usage import CgroupLocator, ProcScanner
 
         self.store = store
         self.node = node
         self.devices = {d.key: d for d in devices}
-        self.gpu_by_minor = {str(d.attrs.get("minor")): d.key for d in devices
-                             if d.component == "gpu" and d.attrs.get("minor") is not None}
+        self.gpu_map = GpuMap(devices, node, gres_conf)
         self.started_ns = started_ns
         self.proc = Path(proc_root)
         self.locator = CgroupLocator(Path(cgroup_root)) if cgroup_root else CgroupLocator()
@@ -131,6 +132,15 @@ class JobAttributor:
         self._cpu_prev: dict[int, int] = {}
         self._busy_prev: int | None = None
         self.cgroups: dict[int, str] = {}
+
+    def _job_gpus(self, job) -> tuple[str, ...]:
+        """The job's GPUs as device keys: Slurm's indices are resolved once, at the job's
+        first interval, and stored (with any flag the resolution brings) in its record."""
+        keys, flags = self.gpu_map.resolve(job.gpus)
+        if keys != job.gpus or not set(flags) <= set(job.flags):
+            self.store.update_job(job.run_id, gpus=keys,
+                                  flags=sorted(set(job.flags) | set(flags)))
+        return keys
 
     def _node_busy_ns(self) -> int | None:
         try:
@@ -178,7 +188,7 @@ class JobAttributor:
                     prev = 0 if job.start_ns >= self.started_ns else usage.cpu_ns
                 cpu_delta = max(0, usage.cpu_ns - prev)
                 self._cpu_prev[job.run_id] = usage.cpu_ns
-            gpus = tuple(self.gpu_by_minor[m] for m in job.gpus if m in self.gpu_by_minor)
+            gpus = tuple(g for g in self._job_gpus(job) if g in self.devices)
             loads.append(JobLoad(job.run_id, gpus, cpu_delta,
                                  usage.memory_bytes if usage else None))
         live = {j.run_id for j in jobs}

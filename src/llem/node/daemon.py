@@ -29,6 +29,7 @@ from llem.fsutil import detach, locked
 from llem.model import Event
 from llem.node.attribution import JobAttributor
 from llem.node.jobs import finalize_ended, ingest, pending
+from llem.node.slurm import gres_conf_path
 from llem.node.store import open_or_quarantine
 from llem.node.windows import WindowServer
 from llem.paths import NodePaths
@@ -79,7 +80,8 @@ def sampler_pid(paths: NodePaths) -> int | None:
 def _clean_env(env: Mapping[str, str]) -> dict[str, str]:
     """The sampler serves every job: none of one job's variables go with it."""
     drop = ("SLURM_", "SPANK_", "CUDA_", "SLURMD_")
-    out = {k: v for k, v in env.items() if not k.startswith(drop)}
+    # SLURM_CONF is slurmd's own (it names the node's gres.conf), not the job's.
+    out = {k: v for k, v in env.items() if not k.startswith(drop) or k == "SLURM_CONF"}
     out.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     return out
 
@@ -314,7 +316,8 @@ class NodeDaemon:
             log.info("%s", note)
         devices = [d for s in self.sensors.sensors for d in s.devices()]
         attributor = JobAttributor(self.store, self.node, devices, self.started_ns,
-                                   proc_root=self.proc_root, cgroup_root=self.cgroup_root)
+                                   proc_root=self.proc_root, cgroup_root=self.cgroup_root,
+                                   gres_conf=gres_conf_path(self.env))
         self.sampler = Sampler(
             self.sensors.sensors, [self.store], clock=self.clock, interval_s=self.interval_s,
             sampler_id=f"{self.node}-{os.getpid()}-{self.started_ns}", attribute=attributor)
