@@ -32,6 +32,17 @@ class Carbon:
     config: Any
     factors: Factors
     info: dict = field(default_factory=dict)
+    years_used: dict = field(default_factory=dict)
+    """Data year label -> grams of CO2e priced with it, over the rows shown so far."""
+    figures: dict = field(default_factory=dict)
+    """Data year label -> the gCO2e/kWh of that label."""
+
+    def years(self) -> str:
+        """The data years the shown rows were priced with, most CO2e first (``2024; 2023``;
+        ``2024 for 2025`` marks a year the table lacks, priced with the nearest earlier)."""
+        if not self.years_used:
+            return str(self.info["year"])
+        return "; ".join(k for k, _ in sorted(self.years_used.items(), key=lambda kv: -kv[1]))
 
     @property
     def constant(self) -> bool:
@@ -47,9 +58,30 @@ class Carbon:
         if self.constant or not energy_j_by_hour:
             g_per_kwh = f.model.annual.g_per_kwh
             grams = carbon.operational_g(energy_j, self._nominal_pue(energy_j_by_hour), g_per_kwh)
+            self._count_year(f.model.annual.year, grams, g_per_kwh)
             return grams + f.embodied_g(gpu_hours, node_hours), g_per_kwh
         em = carbon.emissions(self.config, energy_j_by_hour, gpu_hours, node_hours, resolved=f)
+        if f.model.hourly is None:
+            for hour in energy_j_by_hour:
+                hi = f.model.for_hour(hour)
+                self.figures[hi.year] = hi.g_per_kwh
+        for year, grams in em.grams_by_year.items():
+            self._count_year(year, grams)
         return em.co2e_g, em.carbon["intensity_g_per_kwh"]
+
+    def _count_year(self, year: str, grams: float, g_per_kwh: float | None = None) -> None:
+        self.years_used[year] = self.years_used.get(year, 0.0) + grams
+        if g_per_kwh is not None:
+            self.figures[year] = g_per_kwh
+
+    def intensity_text(self) -> str:
+        """``344.14 gCO2e/kWh``, or the figure of each year used (``380.95 (2023), 344.14
+        (2024) gCO2e/kWh``) when the rows were priced with several years' figures."""
+        used = [y for y in self.years_used if y in self.figures]
+        if len(used) <= 1 or len({self.figures[y] for y in used}) <= 1:
+            return f"{self.info['intensity_g_per_kwh']:g} gCO2e/kWh"
+        parts = [f"{self.figures[y]:g} ({y})" for y in sorted(used)]
+        return ", ".join(parts) + " gCO2e/kWh"
 
     def _nominal_pue(self, energy_j_by_hour: Mapping[int, float] | None) -> float:
         """The PUE of the first hour's month (of this month when there is no hour)."""
@@ -61,8 +93,8 @@ class Carbon:
     def footer(self) -> str:
         """One line naming the intensity's source, year and the PUE."""
         i = self.info
-        text = (f"CO2e: grid intensity {i['intensity_g_per_kwh']:g} gCO2e/kWh ({i['source']}; "
-                f"year {i['year']}; {i['basis']} basis; region {i['region']})")
+        text = (f"CO2e: grid intensity {self.intensity_text()} ({i['source']}; "
+                f"year {self.years()}; {i['basis']} basis; region {i['region']})")
         if i.get("hourly_source"):
             text += f", hourly where available ({i['hourly_source']})"
         text += f"; PUE {i['pue']}"
