@@ -49,18 +49,44 @@ class Carbon:
         """Whether a row's total energy is enough (the same factor in every hour)."""
         return self.factors.constant
 
+    @property
+    def by_year_only(self) -> bool:
+        """Whether the factor changes only with the year (a table region's figures, constant
+        PUE, no hourly series): then a row inside one UTC year needs only its total."""
+        f = self.factors
+        return (f.model.hourly is None and f.model.varies_by_year
+                and not isinstance(f.pue, Mapping))
+
+    def year_hour(self, row: Mapping) -> int | None:
+        """An hour of the row's one UTC year (its start hour), or None when the row spans
+        years (or has no start): such a row needs its energy by hour."""
+        start_ns, end_ns = row.get("Start"), row.get("End")
+        if not isinstance(start_ns, int):
+            return None
+        end_ns = end_ns if isinstance(end_ns, int) else time.time_ns()
+        start_s, end_s = start_ns // 10**9, max(start_ns, end_ns) // 10**9
+        if time.gmtime(start_s).tm_year != time.gmtime(end_s).tm_year:
+            return None
+        return start_s - start_s % 3600
+
     def grams(self, energy_j: float, gpu_hours: float, node_hours: float,
               energy_j_by_hour: Mapping[int, float] | None = None) -> tuple[float, float]:
         """(grams CO2e, grid gCO2e/kWh applied) of one row."""
-        from llem import carbon
+        from llem.carbon.emissions import emissions, operational_g
 
         f = self.factors
         if self.constant or not energy_j_by_hour:
             g_per_kwh = f.model.annual.g_per_kwh
-            grams = carbon.operational_g(energy_j, self._nominal_pue(energy_j_by_hour), g_per_kwh)
+            grams = operational_g(energy_j, self._nominal_pue(energy_j_by_hour), g_per_kwh)
             self._count_year(f.model.annual.year, grams, g_per_kwh)
             return grams + f.embodied_g(gpu_hours, node_hours), g_per_kwh
-        em = carbon.emissions(self.config, energy_j_by_hour, gpu_hours, node_hours, resolved=f)
+        if self.by_year_only and len(energy_j_by_hour) == 1:
+            (hour, joules), = energy_j_by_hour.items()
+            hi = f.model.for_hour(hour)
+            grams = operational_g(joules, f.pue, hi.g_per_kwh)
+            self._count_year(hi.year, grams, hi.g_per_kwh)
+            return grams + f.embodied_g(gpu_hours, node_hours), hi.g_per_kwh
+        em = emissions(self.config, energy_j_by_hour, gpu_hours, node_hours, resolved=f)
         if f.model.hourly is None:
             for hour in energy_j_by_hour:
                 hi = f.model.for_hour(hour)
@@ -143,11 +169,14 @@ def add_carbon(rows: list[dict], carbon: Carbon | None,
             row["CO2e"] = row["CarbonIntensity"] = None
             continue
         by_hour = None
+        year_hour = carbon.year_hour(row) if carbon.by_year_only else None
         if not carbon.constant:
-            if row.get("_key") is not None and hourly is not None:
-                by_hour = hourly.get(row["_key"])
-            elif row.get("_hour") is not None:
+            if row.get("_hour") is not None:
                 by_hour = {row["_hour"]: row["ConsumedEnergy"]}
+            elif year_hour is not None:
+                by_hour = {year_hour: row["ConsumedEnergy"]}
+            elif row.get("_key") is not None and hourly is not None:
+                by_hour = hourly.get(row["_key"])
         row["CO2e"], row["CarbonIntensity"] = carbon.grams(
             row["ConsumedEnergy"], row["_gpu_hours"], row["_node_hours"], by_hour)
 

@@ -11,7 +11,9 @@ An hour that had to use step 2 while an hourly series was configured is flagged.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -73,6 +75,10 @@ class IntensityModel:
     licence: str = ""
     by_year: tuple[tuple[int, HourIntensity], ...] = ()
 
+    @functools.cached_property
+    def _by_year_map(self) -> dict[int, HourIntensity]:
+        return dict(self.by_year)
+
     @property
     def varies_by_year(self) -> bool:
         """Whether hours of different years may get different annual figures."""
@@ -83,8 +89,8 @@ class IntensityModel:
         year's (the year label then says so: ``2024 for 2025``)."""
         if not self.by_year:
             return self.annual
-        year = datetime.fromtimestamp(hour, tz=timezone.utc).year
-        by_year = dict(self.by_year)
+        year = time.gmtime(hour).tm_year
+        by_year = self._by_year_map
         if year in by_year:
             return by_year[year]
         earlier = [y for y in by_year if y < year]
