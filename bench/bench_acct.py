@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="where to build it (a directory not writable by others)")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(HERE))
     if args.ledger is None:
         if not args.jobs:
             parser.error("give --ledger PATH or --jobs N")
-        import make_ledger
+        sys.path.insert(0, str(HERE.parent))  # for tests.helpers
+        from tests.helpers import make_ledger
 
         os.makedirs(args.dir, mode=0o755, exist_ok=True)
         args.ledger = os.path.join(args.dir, f"ledger-{args.jobs}.db")

@@ -23,12 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers
 
-from make_spool import make_spool
-
-from llem.cluster.aggregate import aggregate_once
-from llem.config import AggregateConfig, Config
+from llem.cluster.aggregate import aggregate_once  # noqa: E402
+from llem.config import AggregateConfig, Config  # noqa: E402
+from tests.helpers.make_spool import make_spool  # noqa: E402
 
 
 def ledger_bytes(path: str) -> int:

@@ -25,11 +25,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_spool
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers
 
-from llem import slices
-from llem.cluster.ledger import Ledger, digest
+from llem import slices  # noqa: E402
+from llem.cluster.ledger import Ledger, digest  # noqa: E402
+from tests.helpers import make_spool  # noqa: E402
 
 T0 = int(datetime(2024, 2, 15, tzinfo=timezone.utc).timestamp())
 JOBS_PER_NODE = 170

@@ -9,6 +9,7 @@ if [ "$(id -u)" = 0 ]; then
     # and chromium for the test that opens the HTML report.
     bash scripts/install-slurm.sh
     bash scripts/install-chromium.sh
+    bash scripts/install-prometheus.sh  # node_exporter, prometheus, promtool: metrics tests
 fi
 
 python3 -m venv .venv

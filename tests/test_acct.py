@@ -5,92 +5,16 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from llem.cli.acct import acct
-from llem.cli.main import run
+from tests.helpers import ROOT, make_ledger
+from tests.helpers.acct import CONFIG, JOBS, WHOLE, H, T, acct_run, job
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import make_ledger  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-H = 3600
-T = 1_772_359_200  # 2026-03-01T10:00:00Z
-CONFIG = """cluster: c1
-carbon:
-  region: DE
-  intensity_g_per_kwh: 400
-  pue: 1.2
-"""
-
-
-def job(job_id, user, account, partition, start_s, end_s, nodes, *, gpus=0, cpu_w=100,
-        dram_w=10, gpu_w=250, estimated=False, state="COMPLETED", windows=(), tag=None,
-        array=None, name="train", cluster="c1"):
-    return {
-        "cluster": cluster, "job_id": job_id,
-        "array_job_id": array[0] if array else None,
-        "array_task_id": array[1] if array else None, "user": user, "uid": 1000,
-        "account": account, "partition": partition, "name": name, "tag": tag, "state": state,
-        "start_s": start_s, "end_s": end_s, "nodes": list(nodes),
-        "nodelist": make_ledger.nodelist(list(nodes)), "gpus_per_node": gpus, "cpu_w": cpu_w,
-        "dram_w": dram_w, "gpu_w": gpu_w, "estimated": estimated, "coverage": 1.0,
-        "windows": list(windows)}
-
-
-JOBS = [
-    # 2 nodes x 2 h x (100 + 10 + 4 x 250 W) = 15,984,000 J
-    job("5001", "alice", "physics", "gpu", T, T + 2 * H, ["g0001", "g0002"], gpus=4,
-        windows=[("train", "0", T + 600, T + 600 + H)]),
-    # array task 5009_1: 30 min x 220 W = 396,000 J, estimated
-    job("5010", "bob", "chem", "cpu", T + 3 * H, T + 3 * H + 1800, ["c0001"], cpu_w=200,
-        dram_w=20, estimated=True, state="FAILED", array=("5009", "1"), name="sim"),
-    # next day: 300 s x 55 W = 16,500 J
-    job("5003", "alice", "physics", "cpu", T + 23 * H, T + 23 * H + 300, ["c0002"],
-        cpu_w=50, dram_w=5, tag="exp-1", name="prep"),
-]
-
-
-@pytest.fixture(autouse=True)
-def utc(monkeypatch):
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """A ledger of JOBS and a config naming it; LLEM_CONFIG points at the config."""
-    d = tmp_path / "lib"
-    d.mkdir(mode=0o755)
-    ledger = d / "ledger.db"
-    make_ledger.write_jobs(ledger, JOBS)
-    cfg = tmp_path / "llem.yaml"
-    cfg.write_text(CONFIG + f"ledger: {ledger}\n")
-    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
-    return ledger
-
-
-def acct_run(*args):
-    """Run the command as llem-acct does (errors through llem.cli.main.run)."""
-    runner = CliRunner()
-    result = {}
-
-    def body():
-        result["status"] = run(acct, list(args), prog_name="llem-acct")
-
-    with runner.isolation() as streams:  # (stdout, stderr, mixed output) in click 8.2
-        body()
-        return result["status"], streams[0].getvalue().decode(), streams[1].getvalue().decode()
-
-
-WHOLE = ("-a", "-S", "2026-03-01", "-E", "2026-03-03")
+pytestmark = pytest.mark.usefixtures("utc")
 
 TABLE = """\
        JobID    JobName      User    Account  Partition      State    Elapsed   NNodes ConsumedEnergy EnergySource       CO2e 
@@ -405,12 +329,12 @@ def test_a_user_reads_an_old_root_ledger_and_writes_nothing(request, tmp_path):
     import yaml
 
     from llem.cluster.ledger import Ledger
-    from tests.test_export import _python_for_nobody
+    from tests.helpers.nobody import python_for_nobody
 
     root = Path(tempfile.mkdtemp(prefix="llem-acct-reader-"))
     request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
     os.chmod(root, 0o755)
-    python = _python_for_nobody(root)
+    python = python_for_nobody(root)
     if python is None:
         pytest.skip("no Python that uid 65534 can run llem with")
     for module in (click, yaml):  # world-readable copies beside llem's

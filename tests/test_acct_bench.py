@@ -1,4 +1,5 @@
-"""bench/make_ledger.py writes a consistent ledger with the real schema; bench_acct.py runs."""
+"""The ledger generator of bench/make_ledger.py (tests/helpers/make_ledger.py) writes a
+consistent ledger with the real schema; bench_acct.py runs."""
 
 import json
 import sqlite3
@@ -6,8 +7,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from llem.cluster.ledger import SCHEMA_VERSION, Ledger
-from tests.test_acct import ROOT, acct_run, make_ledger, utc  # noqa: F401
+from tests.helpers import ROOT, make_ledger
+from tests.helpers.acct import acct_run
+
+pytestmark = pytest.mark.usefixtures("utc")
 
 NOW_S = 1_780_000_000
 

@@ -22,7 +22,9 @@ from llem.carbon.statement import format_co2e, format_kwh
 from llem.cluster.acct_queries import JobSpec
 from llem.config import load
 from llem.hostlist import compress_hostlist
-from tests.test_acct import CONFIG, WHOLE, T, acct_run, env, utc  # noqa: F401 (fixtures)
+from tests.helpers.acct import CONFIG, WHOLE, T, acct_run
+
+pytestmark = pytest.mark.usefixtures("utc")
 
 NOW = datetime(2026, 3, 2, 15, 30, 45)
 
@@ -191,8 +193,8 @@ def test_statement_with_hourly_intensity_and_filters(env, tmp_path, monkeypatch)
 
 def test_windows_of_a_ledger_filled_by_the_aggregator(tmp_path, monkeypatch):
     from llem.cluster.ledger import Ledger
-    from tests.test_export import T0, job_slices
-    from tests.test_ledger import merge
+    from tests.helpers.ledger import merge
+    from tests.helpers.nodes import job_slices
 
     d = tmp_path / "lib"
     d.mkdir(mode=0o755)
@@ -210,4 +212,3 @@ def test_windows_of_a_ledger_filled_by_the_aggregator(tmp_path, monkeypatch):
         "EnergySource|State\n"
         "100|alice|3|n[1-3]|3|2.70M|648.00K|3402000|measured|UNKNOWN\n"
         "100.epoch 1|alice|3|n[1-3]|3|405|0|405|measured|closed\n")
-    assert T0  # the slices' hour

@@ -18,10 +18,12 @@ from llem.cluster.aggregate import AggregateLock, LedgerBusy, aggregate_once, qu
 from llem.cluster.header import header_slice_from_env
 from llem.cluster.ledger import Ledger
 from llem.config import AggregateConfig
+from llem.errors import LedgerError
 from llem.fsutil import write_atomic
 from llem.paths import archive_dir, quarantine_dir
 from llem.slices import encode
-from tests.test_export import ENV, T0, S, job_slices, node_config, spool_slice
+from tests.helpers.make_spool import make_spool
+from tests.helpers.nodes import ENV, T0, S, job_slices, node_config, spool_slice
 
 NOW = T0 + 10 * 3600 * S
 
@@ -146,9 +148,10 @@ def _bad(tmp_path, kind):
     return name, encode(good)
 
 
-BAD_KINDS = ["truncated", "corrupt", "not_json", "empty", "wrong_schema", "node_mismatch",
-             "negative", "end_before_start", "impossible", "bad_name", "wrong_type", "nested",
-             "window_sum"]
+BAD_KINDS = [
+    "truncated", "corrupt", "not_json", "empty", "wrong_schema", "node_mismatch",
+    "negative", "end_before_start", "impossible", "bad_name", "wrong_type", "nested",
+    "window_sum"]
 REASONS = {"truncated": "truncated", "corrupt": "corrupt", "not_json": "corrupt",
            "empty": "empty", "wrong_schema": "foreign file", "node_mismatch": "does not match",
            "negative": "negative energy", "end_before_start": "end before start",
@@ -303,10 +306,12 @@ def test_cli_watch_merges_new_slices_and_stops_on_sigterm(tmp_path):
             spool_slice(cfg, data)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if Path(cfg.ledger).exists():
+            try:
                 with Ledger(cfg.ledger, readonly=True) as ledger:
                     if ledger.job_runs("100") and ledger.job_runs("100")[0]["nodes_reported"] == 3:
                         break
+            except LedgerError:
+                pass  # not there yet, or being created by the first pass (schema not written)
             time.sleep(0.2)
         else:
             raise AssertionError("watch mode did not merge the slices")
@@ -447,11 +452,6 @@ def test_cli_text_summary_and_busy_message(tmp_path):
 
 
 def test_bench_generator_makes_mergeable_slices(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        from make_spool import make_spool
-    finally:
-        sys.path.pop(0)
     cfg = config(tmp_path)
     counts = make_spool(Path(cfg.spool_dir), nodes=8, jobs=5)
     res = aggregate_once(cfg)

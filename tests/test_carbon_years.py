@@ -68,7 +68,8 @@ def test_llem_acct_and_statement_price_each_year_and_name_the_years(tmp_path, mo
     """Through the real ledger writer and llem-acct: a 2023 job and a 2024 job in DE."""
     import json
 
-    from tests.test_acct import acct_run, job, make_ledger
+    from tests.helpers import make_ledger
+    from tests.helpers.acct import acct_run, job
 
     t23, t24 = hour(2023, 3), hour(2024, 3)
     ledger = tmp_path / "ledger.db"

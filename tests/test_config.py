@@ -1,6 +1,9 @@
 import os
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from llem import config
 from llem.errors import ConfigError
@@ -18,12 +21,76 @@ def test_defaults_without_any_file(tmp_path):
     assert c.sensors == "auto"
 
 
-def test_every_key_has_a_default():
-    c = config.Config()
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+_PLACEHOLDER = re.compile(r"\b[A-Z]+_DIR\b")  # a default computed from another key
+
+
+def _rows(text: str) -> dict[str, tuple[str, str]]:
+    """``| `key` | default | meaning |`` rows of a Markdown page: key -> (default, meaning)."""
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) >= 3 and cells[0].startswith("`"):
+            for key in re.findall(r"`([a-z_.*]+)`", cells[0]):
+                out[key] = (cells[1], "|".join(cells[2:]))
+    return out
+
+
+def _yaml_keys(text: str) -> set[str]:
+    """Dotted keys of the ``yaml`` examples of a Markdown page."""
+    keys = set()
+    for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+        for section, body in (yaml.safe_load(block) or {}).items():
+            if isinstance(body, dict):
+                keys |= {f"{section}.{k}" for k in body}
+    return keys
+
+
+def documented_keys() -> dict[str, str | None]:
+    """Every key the docs describe -> its documented default (None where none is given).
+
+    The user guide's table names each key or a whole section (``carbon.*``) with the page
+    that describes it; there a key is a row of the section's table or a line of its YAML.
+    """
+    guide_text = (DOCS / "user-guide.md").read_text("utf-8")
+    guide = _rows(guide_text[guide_text.index("\n## Configuration"):])
+    out: dict[str, str | None] = {}
+    for key, (default, meaning) in guide.items():
+        if not key.endswith(".*"):
+            out[key] = default
+            continue
+        section = key[:-2]
+        for page in re.findall(r"`docs/([a-z-]+\.md)`", meaning):
+            text = (DOCS / page).read_text("utf-8")
+            heading = re.search(rf"^## .*`{section}:`.*$", text, re.M)
+            if heading:  # the section's own table, if the page has one
+                part = text[heading.end():].split("\n## ", 1)[0]
+                for field, (value, _) in _rows(part).items():
+                    out[f"{section}.{field}"] = value
+            for dotted in _yaml_keys(text):
+                if dotted.startswith(section + "."):
+                    out.setdefault(dotted, None)
+    return out
+
+
+def _same_default(documented: str, actual) -> bool:
+    text = documented.strip("`")
+    if actual is None:
+        return text == "none" or bool(_PLACEHOLDER.search(text))
+    return yaml.safe_load(text) == actual
+
+
+def test_every_key_is_documented_with_its_default():
+    docs = documented_keys()
+    defaults = config.Config()
     for key in config.all_keys():
-        obj = c
+        assert key in docs, f"{key} is not in docs/user-guide.md nor the page it points to"
+        actual = defaults
         for part in key.split("."):
-            obj = getattr(obj, part)  # raises if a key had no default
+            actual = getattr(actual, part)
+        if docs[key]:
+            assert _same_default(docs[key], actual), (key, docs[key], actual)
+    assert set(docs) <= set(config.all_keys()), "the docs describe keys that do not exist"
 
 
 def test_full_file(tmp_path):

@@ -30,7 +30,7 @@ from llem.node.windows import WindowError, close_window, open_window
 from llem.paths import NodePaths, outbox_dir
 from llem.sensors import OpenedSensors
 from tests.fakes import FakeSensor
-from tests.test_export import node_config
+from tests.helpers.nodes import node_config
 
 NODE = "n1"
 INTERVAL_S = 0.2

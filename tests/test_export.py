@@ -1,7 +1,6 @@
 """Export: job and node slices from a real node store, outbox and bounded spool delivery.
 
-The helpers at the top (``build_store``, ``node_config``, ``spool_slice``) are shared with the
-ledger and aggregate tests.
+The node stores come from ``tests.helpers.nodes``.
 """
 
 import json
@@ -19,104 +18,24 @@ import pytest
 
 from llem import slices
 from llem.cluster.header import header_slice_from_env, write_header
-from llem.config import AggregateConfig, Config
 from llem.errors import LedgerError
-from llem.fsutil import write_atomic
-from llem.model import EnergyRow, Interval, JobRecord, JobShare
+from llem.model import EnergyRow, Interval, JobRecord
 from llem.node import export
 from llem.node.export import export_and_deliver, export_job, export_node, prune_node_store
 from llem.node.outbox import deliver, flush_outbox, pending_slices
 from llem.node.store import NodeStore
 from llem.paths import outbox_dir
-from llem.sensors.base import Device
 from llem.slices import encode
-
-S = 10**9
-# 2023-11-14 21:00:00 UTC: an hour boundary, so tests can cross the next one on purpose.
-T0 = 1_699_995_600 * S
-assert T0 % (3600 * S) == 0
-
-DEVICES = (
-    Device("rapl:package-0", "cpu", "package-0", "rapl", "measured", "counter"),
-    Device("rapl:dram-0", "dram", "dram-0", "rapl", "measured", "counter"),
-    Device("nvml:GPU-a", "gpu", "gpu0", "nvml", "measured", "counter"),
+from tests.helpers.nobody import python_for_nobody
+from tests.helpers.nodes import (
+    ENV,
+    T0,
+    S,
+    add_intervals,
+    build_store,
+    job_slices,
+    node_config,
 )
-
-
-def node_config(tmp_path, node="n1", **aggregate) -> Config:
-    """A config whose node-local state, spool and ledger live under tmp_path."""
-    return Config(
-        cluster="c1", state_dir=str(tmp_path / "state" / node),
-        spool_dir=str(tmp_path / "spool"), ledger=str(tmp_path / "ledger" / "ledger.db"),
-        aggregate=AggregateConfig(**aggregate),
-    )
-
-
-def build_store(path, node="n1", job_id="100", start_ns=T0 + 1800 * S, seconds=3600,
-                step_s=60, nodelist="n[1-3]", user="alice", name="train; rm -rf /",
-                cpu_uw=100_000_000, gpu_uw=250_000_000, windows=True,
-                end=True) -> tuple[NodeStore, int]:
-    """A node store with one job run on ``node``, sampled every ``step_s`` seconds.
-
-    Per interval: the CPU package draws ``cpu_uw`` microwatts, 60 % attributed to the job;
-    DRAM 10 W, half attributed; the GPU ``gpu_uw``, all to the job. The default run starts
-    at 21:30 and lasts an hour, so its energy falls in two clock hours.
-    """
-    store = NodeStore(path)
-    store.register_devices(DEVICES, start_ns)
-    run_id = store.add_job(JobRecord(
-        job_id=job_id, cluster="c1", node=node, start_ns=start_ns, uid=1000, user=user,
-        account="physics", partition="gpu", nodelist=nodelist, num_nodes=3, cpus=8,
-        gpus=("nvml:GPU-a",), tag="exp-1", name=name))
-    add_intervals(store, run_id, start_ns, seconds, step_s, cpu_uw, gpu_uw)
-    if windows:
-        store.db.execute(
-            "INSERT INTO windows (run_id, job_id, step_id, name, start_ns, end_ns, "
-            "start_mono_ns, end_mono_ns, energy, status) VALUES (?, ?, '0', 'epoch 1', ?, ?, "
-            "0, 1, ?, 'closed')",
-            (run_id, job_id, start_ns + 60 * S, start_ns + 600 * S,
-             json.dumps({"nvml:GPU-a": 135_000_000})))
-    if end:
-        store.update_job(run_id, end_ns=start_ns + seconds * S, state="sealed", coverage=1.0)
-    return store, run_id
-
-
-def add_intervals(store, run_id, start_ns, seconds, step_s, cpu_uw=100_000_000,
-                  gpu_uw=250_000_000, first_id=0):
-    for i in range(seconds // step_s):
-        a = start_ns + i * step_s * S
-        b = a + step_s * S
-        cpu, dram, gpu = cpu_uw * step_s, 10_000_000 * step_s, gpu_uw * step_s
-        shares = [JobShare(run_id, "rapl:package-0", cpu * 6 // 10, "cpu_time", 0.6),
-                  JobShare(run_id, "rapl:dram-0", dram // 2, "memory_share", 0.5),
-                  JobShare(run_id, "nvml:GPU-a", gpu, "gpu_allocation", 1.0)]
-        store.write(Interval(
-            "s", a, b, first_id + i, first_id + i + 1,
-            (EnergyRow("rapl:package-0", cpu, "ok", "ok", None),
-             EnergyRow("rapl:dram-0", dram, "ok", "ok", None),
-             EnergyRow("nvml:GPU-a", gpu, "ok", "ok", None)),
-            shares=tuple(shares),
-            remainder=(("rapl:package-0", cpu - cpu * 6 // 10), ("rapl:dram-0", dram - dram // 2),
-                       ("nvml:GPU-a", 0))))
-
-
-def spool_slice(config: Config, data: dict) -> Path:
-    """Drop a slice straight into the spool as the Epilog's delivery would."""
-    spool = slices.check_spool_dir(Path(config.spool_dir))
-    return write_atomic(spool, slices.file_name(data), encode(data), 0o640)
-
-
-def job_slices(tmp_path, job_id="100", nodes=("n1", "n2", "n3"), **kwargs) -> list[dict]:
-    """One job slice per node of a multi-node job, each from its own real node store."""
-    out = []
-    for i, node in enumerate(nodes):
-        store, run_id = build_store(tmp_path / f"store-{job_id}-{node}" / "node.db", node=node,
-                                    job_id=job_id, **kwargs)
-        out.append(export_job(store, run_id, node_config(tmp_path, node),
-                              now_ns=T0 + 10 * 3600 * S + i))
-        store.close()
-    return out
-
 
 # -- job slices ------------------------------------------------------------------------------
 
@@ -267,32 +186,6 @@ def mounted_tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def _python_for_nobody(root: Path) -> tuple[str, dict] | None:
-    """An interpreter and environment in which uid 65534 can import llem.node.export, or None.
-
-    This interpreter may live under /root; the system one with a world-readable copy of
-    the package does as well (llem.node.export needs nothing outside the standard library).
-    """
-    import llem
-
-    src = root / "src"
-    shutil.copytree(Path(llem.__file__).parent, src / "llem",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for path in [src, *src.rglob("*")]:
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)
-    for exe, env in ((os.sys.executable, {}), ("/usr/bin/python3", {"PYTHONPATH": str(src)})):
-        env = {**os.environ, "HOME": "/tmp", **env}
-        try:
-            ok = subprocess.run([exe, "-c", "import llem.node.export"], user=65534, group=65534,
-                                env=env, capture_output=True, timeout=60,
-                                cwd="/").returncode == 0
-        except OSError:
-            ok = False
-        if ok:
-            return exe, env
-    return None
-
-
 def test_full_spool_keeps_the_slice_in_the_outbox(tmp_path):
     if not _can_mount():
         pytest.skip("needs root to mount a small tmpfs")
@@ -342,7 +235,7 @@ def test_spool_without_write_permission_as_a_non_root_delivery(tmp_path, request
     root = Path(tempfile.mkdtemp(prefix="llem-nobody-"))
     request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
     os.chmod(root, 0o755)
-    python = _python_for_nobody(root)
+    python = python_for_nobody(root)
     if python is None:
         pytest.skip("no Python that uid 65534 can run llem with")
     spool = root / "spool"
@@ -440,14 +333,6 @@ def test_hung_spool_never_blocks_delivery_beyond_a_second(tmp_path):
 
 
 # -- headers ---------------------------------------------------------------------------------
-
-ENV = {
-    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "my job", "SLURM_JOB_NODELIST": "n[1-3]",
-    "SLURM_JOB_ACCOUNT": "physics", "SLURM_JOB_USER": "alice", "SLURM_JOB_UID": "1000",
-    "SLURM_JOB_PARTITION": "gpu", "SLURM_JOB_EXIT_CODE": "0", "SLURM_JOB_DERIVED_EC": "0",
-    "SLURM_CLUSTER_NAME": "c1",
-}
-
 
 @pytest.mark.parametrize("extra, state, exit_code, sig", [
     ({}, "COMPLETED", 0, 0),

@@ -1,7 +1,6 @@
 """The ledger: idempotent merges, runs, completeness, hostlists, schema checks, readers."""
 
 import copy
-import json
 import os
 import sqlite3
 import stat
@@ -10,20 +9,12 @@ import pytest
 
 from llem import slices
 from llem.cluster.header import header_slice_from_env
-from llem.cluster.ledger import Ledger, digest, group_runs
+from llem.cluster.ledger import Ledger, group_runs
 from llem.errors import LedgerError
 from llem.hostlist import expand_hostlist
 from llem.slices import SliceError
-from tests.test_export import ENV, T0, S, job_slices
-
-NOW = T0 + 10 * 3600 * S
-GRACE_S = 3600.0
-
-
-def merge(ledger, items, now_ns=NOW, grace_s=GRACE_S):
-    return ledger.merge([(d, digest(json.dumps(d, sort_keys=True).encode())) for d in items],
-                        now_ns=now_ns, grace_s=grace_s)
-
+from tests.helpers.ledger import GRACE_S, NOW, merge
+from tests.helpers.nodes import ENV, T0, S, job_slices
 
 # -- hostlists -------------------------------------------------------------------------------
 
@@ -402,12 +393,12 @@ def test_a_user_reads_the_ledger_during_and_between_merges(request):
     import tempfile
     from pathlib import Path
 
-    from tests.test_export import _python_for_nobody
+    from tests.helpers.nobody import python_for_nobody
 
     root = Path(tempfile.mkdtemp(prefix="llem-reader-"))
     request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
     os.chmod(root, 0o755)
-    python = _python_for_nobody(root)
+    python = python_for_nobody(root)
     if python is None:
         pytest.skip("no Python that uid 65534 can run llem with")
     path = root / "ledger" / "ledger.db"

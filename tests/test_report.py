@@ -1,7 +1,7 @@
 """``llem report``: totals against the ledger itself, waste, reconciliation, formats, CLI.
 
 Ledgers are built from real node stores -> job and node slices -> merge (see
-``tests/test_report_data.py``); expected figures come from direct SQL over the ledger or from
+``tests/helpers/report_data.py``); expected figures come from direct SQL over the ledger or from
 the sampling parameters, never from the report's own code.
 """
 
@@ -20,7 +20,7 @@ from llem.cli.main import run
 from llem.cli.report import report as report_cli
 from llem.cluster import report_queries as q
 from llem.report import build_report, frames, plots, render
-from tests.test_report_data import (
+from tests.helpers.report_data import (
     ESTIMATED,
     NOVEMBER,
     Job,
@@ -164,20 +164,29 @@ def test_previous_period_of_a_range_and_of_january():
 def test_idle_gpus_are_waste_with_the_threshold_stated(nov):
     jobs = nov.waste["jobs"].set_index("job_id")
     assert "104" in jobs.index  # 35 W all along
-    assert "101" not in jobs.index  # 250 W
-    assert jobs.loc["104", "idle_kwh"] == pytest.approx(6 * 0.035)
     assert jobs.loc["104", "idle_gpu_h"] == pytest.approx(6.0)
     assert nov.waste["account"].iloc[0]["account"] == "biology"
-    assert nov.waste["account"].iloc[0]["idle_share"] == pytest.approx(1.0)
     assert "below 100 W" in nov.idle_definition
     assert nov.totals["idle_kwh"] == pytest.approx(nov.waste["account"]["idle_kwh"].sum())
+
+
+def test_idle_gpus_are_judged_by_their_own_energy(nov):
+    jobs = nov.waste["jobs"].set_index("job_id")
+    assert "101" not in jobs.index  # 250 W
+    assert jobs.loc["104", "idle_kwh"] == pytest.approx(6 * 0.035)
+    assert nov.waste["account"].iloc[0]["idle_share"] == pytest.approx(1.0)
 
 
 def test_idle_threshold_is_a_parameter(ledger_path):
     with q.open_readonly(ledger_path) as ledger:
         r = build_report(ledger, report_config(ledger_path), NOV, idle_w=30.0)
-    assert "104" not in set(r.waste["jobs"]["job_id"])
     assert "below 30 W" in r.idle_definition
+
+
+def test_a_gpu_above_the_threshold_is_not_idle(ledger_path):
+    with q.open_readonly(ledger_path) as ledger:
+        r = build_report(ledger, report_config(ledger_path), NOV, idle_w=30.0)
+    assert "104" not in set(r.waste["jobs"]["job_id"])
 
 
 # -- reconciliation --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 
 from llem.cluster import report_queries as q
 from llem.report import build_report, frames, plots, render
-from tests.test_report_data import NOVEMBER, Job, build_ledger, report_config
+from tests.helpers.report_data import NOVEMBER, Job, build_ledger, report_config
 
 ARTEFACTS = Path(tempfile.gettempdir()) / "llem-report-artefacts"
 WIDTH, HEIGHT = 1200, 2000

@@ -19,12 +19,8 @@ from llem.cluster.ledger import Ledger
 from llem.cluster.readers import Candidate, read_all, read_candidate, reader_count, serve
 from llem.fsutil import write_atomic
 from llem.slices import encode
-from tests.test_export import job_slices, node_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from make_spool import make_spool  # noqa: E402
-
-sys.path.pop(0)
+from tests.helpers.make_spool import make_spool
+from tests.helpers.nodes import job_slices, node_config
 
 
 def _spool(tmp_path) -> list[str]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+from tests.helpers import ROOT
 from tests.powercap import DEFAULT_RANGE_UJ, FakePowercap
 
 LLEM = [sys.executable, "-m", "llem.cli.main"]
@@ -70,15 +72,35 @@ def test_exact_energy_against_a_powercap_tree_with_a_wrap(tree):
     assert "package-0" in r.stderr and "measured" in r.stderr
 
 
+JSON_TYPES = {"string": str, "int": int, "float": (int, float), "list": list, "object": dict,
+              "null": type(None), "list of strings": list}
+
+
+def documented_wrap_schema() -> dict[str, tuple[str, str]]:
+    """The ``llem.wrap/1`` table of docs/user-guide.md: key -> (type, meaning)."""
+    text = (ROOT / "docs" / "user-guide.md").read_text("utf-8")
+    table = text.split("Schema `llem.wrap/1`:", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            for key in re.findall(r"`([a-z0-9_]+)`", cells[0]):
+                rows[key] = (cells[1], cells[2])
+    return rows
+
+
 def test_json_follows_the_documented_schema(tree):
     r = wrap(["--json", "--", "true"], tree)
     out = json.loads(r.stdout)
     assert out["schema"] == "llem.wrap/1"
-    types = {"name": (str, type(None)), "duration_s": float, "energy_j": (int, float),
-             "components": list, "co2e_g": (float, type(None)), "carbon": dict,
-             "exit_code": int, "start": str, "end": str, "source": str, "scope": str}
-    for key, t in types.items():
-        assert isinstance(out[key], t), key
+    schema = documented_wrap_schema()
+    assert set(out) <= set(schema), "undocumented keys"
+    for key, (kind, meaning) in schema.items():
+        if key not in out:
+            assert meaning.startswith("only with"), f"{key} is documented but missing"
+            continue
+        types = tuple(JSON_TYPES[t.strip()] for t in kind.split(" or "))
+        assert isinstance(out[key], types) and not isinstance(out[key], bool), (key, kind)
     for c in out["components"]:
         assert set(c) >= {"component", "device", "energy_j", "source"}
         assert c["component"] in ("cpu", "dram", "gpu", "psys")

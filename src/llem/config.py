@@ -110,6 +110,16 @@ class AggregateConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    textfile_dir: str | None = None
+    """node_exporter's textfile directory: the node sampler writes llem_node_NODE.prom there
+    every interval (docs/metrics.md); None: off. It must be root's, not writable by others."""
+    dcgm_job_mapping_dir: str | None = None
+    """The directory dcgm-exporter's --hpc-job-mapping-dir reads (one file per GPU index,
+    listing its running jobs); None: off."""
+
+
+@dataclass(frozen=True)
 class Config:
     cluster: str = "default"
     """Cluster name; Slurm's SLURM_CLUSTER_NAME wins inside jobs."""
@@ -128,6 +138,7 @@ class Config:
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
     embodied: EmbodiedConfig = field(default_factory=EmbodiedConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "defaults"
     """Where this configuration came from (a path, or 'defaults'); not a key."""
 
@@ -140,6 +151,7 @@ _SECTIONS = {
     "carbon": CarbonConfig,
     "embodied": EmbodiedConfig,
     "aggregate": AggregateConfig,
+    "metrics": MetricsConfig,
 }
 _TOP_KEYS = tuple(f.name for f in fields(Config) if f.name != "source")
 

@@ -18,7 +18,7 @@ import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from llem.errors import LlemError, StoreError
 
@@ -119,8 +119,15 @@ def _unlink_quietly(path: Path) -> None:
 
 
 @contextmanager
-def locked(path: Path, timeout_s: float = 10.0) -> Iterator[int]:
-    """An exclusive flock on ``path``, waiting at most ``timeout_s``."""
+def locked(path: Path, timeout_s: float = 10.0, *, poll_s: float = 0.005,
+           busy: Callable[[], Exception] | None = None) -> Iterator[int]:
+    """An exclusive flock on ``path``, waiting at most ``timeout_s`` (0: one try).
+
+    Yields the lock file's descriptor; the lock goes with it (and with the process).
+
+    Raises:
+        LlemError, or what ``busy()`` returns: still held by another process at the deadline.
+    """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + timeout_s
     try:
@@ -129,9 +136,11 @@ def locked(path: Path, timeout_s: float = 10.0) -> Iterator[int]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline:
+                if time.monotonic() >= deadline:
+                    if busy is not None:
+                        raise busy() from None
                     raise LlemError(f"{path}: lock held by another process for {timeout_s} s")
-                time.sleep(0.005)
+                time.sleep(poll_s)
         yield fd
     finally:
         os.close(fd)

@@ -332,11 +332,10 @@ def write_cache(path: Path, g_per_kwh_by_hour: Mapping[int, float], merge: bool 
         ConfigError: the existing cache file is unreadable and ``merge`` is True.
         OSError: the file cannot be written.
     """
+    from llem.fsutil import write_atomic
+
     merged = {**(read_cache(path) if merge else {}), **g_per_kwh_by_hour}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        f.write("timestamp,g_co2e_per_kwh\n")
-        for ts in sorted(merged):
-            f.write(f"{iso_hour(ts)},{merged[ts]!r}\n")
-    os.replace(tmp, path)
+    lines = ["timestamp,g_co2e_per_kwh\n"]
+    lines += [f"{iso_hour(ts)},{merged[ts]!r}\n" for ts in sorted(merged)]
+    write_atomic(path.parent, path.name, "".join(lines).encode(), 0o644)

@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": "llem.cli.demo:demo",
     "acct": "llem.cli.acct:acct",
     "report": "llem.cli.report:report",
+    "metrics": "llem.cli.metrics:metrics",
 }
 # Commands on the job start-up path: argparse-based, dispatched before click is imported.
 # They are listed in `llem --help` through small click shims.

@@ -155,12 +155,11 @@ def _close_quietly(path: Path, window: dict) -> None:
 
 
 def _write_output(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    from llem.fsutil import write_atomic
+
+    try:  # 0o666: the umask decides, as for any file the user writes
+        write_atomic(path.parent, path.name, text.encode(), 0o666)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise LlemError(f"{path}: cannot write the output file: {e.strerror or e}") from e
 
 

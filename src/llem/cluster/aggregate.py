@@ -18,7 +18,6 @@ newer llem is left in place and reported, so that the admin upgrades instead of 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import json
 import logging
@@ -33,10 +32,11 @@ from pathlib import Path
 from typing import Callable
 
 from llem.cluster.ledger import Ledger, QuarantineEntry
+from llem.cluster.pass_status import record_pass
 from llem.cluster.readers import Candidate, no_cyclic_gc, read_all, reader_count
 from llem.config import Config
 from llem.errors import LedgerError
-from llem.fsutil import write_atomic
+from llem.fsutil import locked, write_atomic
 from llem.paths import archive_dir, quarantine_dir
 from llem.slices import check_spool_dir
 
@@ -84,18 +84,10 @@ class AggregateLock:
 
     def __enter__(self) -> "AggregateLock":
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        deadline = time.monotonic() + self.wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise LedgerBusy(f"another llem aggregate holds {self.path}; nothing done "
-                                     "(it will merge these slices)") from None
-                time.sleep(0.1)
+        self._held = locked(self.path, self.wait_s, poll_s=0.1, busy=lambda: LedgerBusy(
+            f"another llem aggregate holds {self.path}; nothing done (it will merge these "
+            "slices)"))
+        fd = self._held.__enter__()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -103,8 +95,8 @@ class AggregateLock:
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
-            os.close(self.fd)
             self.fd = None
+            self._held.__exit__(None, None, None)
 
 
 # -- reading slices ----------------------------------------------------------------------------
@@ -197,6 +189,7 @@ def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float =
                 if after_commit is not None:
                     after_commit(number)
         result.incomplete = ledger.mark_incomplete(now_ns, config.aggregate.grace_s)
+        record_pass(config, result, time.monotonic() - t0)  # for `llem metrics`
     result.jobs = len(jobs)
     result.elapsed_s = time.monotonic() - t0
     return result

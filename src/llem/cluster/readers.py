@@ -156,7 +156,8 @@ def _judge(cand: Candidate, raw: bytes) -> None:
         cand.reason = "corrupt: not UTF-8"
         return
     except json.JSONDecodeError as e:
-        near_end = e.pos >= len(raw.rstrip()) - 1
+        # A string left open reached the end of the data (json reports where it started).
+        near_end = e.pos >= len(raw.rstrip()) - 1 or e.msg.startswith("Unterminated string")
         cand.reason = (f"truncated: JSON ends early ({e.msg} at byte {e.pos})" if near_end
                        else f"corrupt: not JSON ({e.msg} at byte {e.pos})")
         return

@@ -325,6 +325,10 @@ class NodeDaemon:
                                      self.take_registrations)
         self.chores = Housekeeping(self.store, self.config, self.paths,
                                    lambda: self.clock.monotonic_ns() / 1e9)
+        from llem.node.metrics import NodeMetrics  # textfile for node_exporter (docs/metrics.md)
+
+        self.metrics = NodeMetrics.from_config(self.config, self.store, self.node, devices,
+                                               self.sampler.interval_s)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT: stop after a final reading; SIGUSR1 (a hook handed a job
@@ -356,6 +360,7 @@ class NodeDaemon:
         self.chores.tick()
         if any(kind == "end" for _, kind in self.take_registrations()):
             self.wake()
+        self.metrics.on_interval(interval)  # textfile for node_exporter; never raises
         self.watch_idle()
 
     def take_registrations(self) -> list[tuple[str, str]]:

@@ -149,7 +149,10 @@ def export_node(store: NodeStore, config: Config, node: str, *, since_ns: int,
                                   ("remainder_uj", rem_uj)):
             for hour_s, part in split_by_hour(start_ns, end_ns, value).items():
                 _hour_row(hours, hour_s, device)[field_name] += part
-        for hour_s, span_ns in _time_by_hour(start_ns, end_ns).items():
+        # The interval's time by clock hour (a zero-length interval still counts in its hour).
+        spans = split_by_hour(start_ns, end_ns, end_ns - start_ns) or {
+            start_ns // HOUR_NS * 3600: 0}
+        for hour_s, span_ns in spans.items():
             row = _hour_row(hours, hour_s, device)
             row["intervals"] += 1
             row["gap_intervals"] += int(no_data)
@@ -171,19 +174,6 @@ def _hour_row(hours: dict, hour_s: int, device: str) -> dict:
             "hour_s": hour_s, "device": device, "measured_uj": 0, "attributed_uj": 0,
             "remainder_uj": 0, "intervals": 0, "gap_intervals": 0, "covered_ns": 0}
     return row
-
-
-def _time_by_hour(start_ns: int, end_ns: int) -> dict[int, int]:
-    out: dict[int, int] = {}
-    t = start_ns
-    if end_ns <= start_ns:
-        return {start_ns // HOUR_NS * 3600: 0}
-    while t < end_ns:
-        hour_start = t // HOUR_NS * HOUR_NS
-        seg_end = min(end_ns, hour_start + HOUR_NS)
-        out[hour_start // NS_PER_S] = out.get(hour_start // NS_PER_S, 0) + seg_end - t
-        t = seg_end
-    return out
 
 
 def export_node_since_last(store: NodeStore, config: Config, node: str, *,

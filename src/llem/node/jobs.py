@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from llem.fsutil import write_atomic
 from llem.model import JobRecord
 from llem.node.store import NodeStore
 
@@ -202,8 +203,5 @@ def write_registration(jobs_dir: Path, kind: str, env: dict, at_ns: int | None =
     at_ns = time.time_ns() if at_ns is None else at_ns
     records = [f"LLEM_EVENT_US={at_ns // 1000}"]
     records += [f"{k}={env[k]}" for k in JOB_VARS if k in env]
-    tmp = jobs_dir / f".{job_id}.{kind}.{os.getpid()}"
-    tmp.write_bytes(b"".join(r.encode() + b"\0" for r in records))
-    final = jobs_dir / f"{job_id}.{kind}"
-    os.replace(tmp, final)
-    return final
+    data = b"".join(r.encode() + b"\0" for r in records)
+    return write_atomic(jobs_dir, f"{job_id}.{kind}", data, 0o600)

@@ -463,6 +463,19 @@ class NodeStore:
             "interval_id > ? AND interval_id <= ? GROUP BY device_key",
             (run_id, after_id, up_to_id)))
 
+    def run_energy_by_device(self, run_id: int) -> dict[str, int]:
+        """A run's energy so far per device."""
+        return {k: int(v) for k, v in self.query(
+            "SELECT device_key, SUM(energy_uj) FROM job_energy WHERE run_id = ? "
+            "GROUP BY device_key", (run_id,))}
+
+    def running_job_labels(self) -> list[tuple[int, str, str, str, str, str]]:
+        """(run_id, job_id, user, account, partition, gpus JSON) of the running runs, '' for
+        what is unknown (the metrics' labels)."""
+        return self.query(
+            "SELECT run_id, job_id, COALESCE(user, ''), COALESCE(account, ''), "
+            "COALESCE(partition, ''), gpus FROM jobs WHERE state = 'running' ORDER BY run_id")
+
     def run_last_data_ns(self, run_id: int) -> int | None:
         """The end of the last interval that gave the run energy."""
         return self.query("SELECT MAX(i.end_ns) FROM job_energy je JOIN intervals i "

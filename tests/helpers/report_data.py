@@ -1,6 +1,6 @@
-"""Test ledgers for ``llem report`` (helpers, no tests), built as production builds them.
+"""Test ledgers for ``llem report``, built as production builds them.
 
-Every job is sampled into a real node store (``tests.test_export.build_store``), exported as
+Every job is sampled into a real node store (``tests.helpers.nodes.build_store``), exported as
 a job slice (``export_job``) and the node's hourly totals as a node slice (``export_node``),
 checked with ``slices.validate`` and merged into a real ledger. Accounts, users, partitions
 and tags are set on the exported slice (the node store fixture has one account), and an
@@ -18,9 +18,7 @@ from llem import slices
 from llem.cluster.ledger import Ledger, digest
 from llem.config import CarbonConfig, Config
 from llem.node.export import export_job, export_node
-from tests.test_export import build_store, node_config
-
-S = 10**9
+from tests.helpers.nodes import S, build_store, node_config
 
 
 def utc_ns(text: str) -> int:
