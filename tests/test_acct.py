@@ -77,7 +77,8 @@ def test_json_exact(env):
         "carbon": {"region": "DE", "intensity_g_per_kwh": 400.0,
                    "source": "configured constant (carbon.intensity_g_per_kwh)",
                    "year": "n/a", "basis": "unspecified", "pue": 1.2, "hourly_source": None,
-                   "embodied": None, "region_is_default": False},
+                   "embodied": None, "region_is_default": False,
+                   "intensity_by_year": {"n/a": 400.0}},
         "fields": ["JobID", "JobName", "Start", "Elapsed", "ConsumedEnergyRaw", "GPUEnergy",
                    "EnergySource", "Coverage", "CarbonIntensity", "CO2e"],
         "jobs": [

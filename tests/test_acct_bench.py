@@ -84,3 +84,17 @@ def test_bench_acct_runs_and_prints_its_figures(tmp_path):
     for text in ("--user", "--totals account", "import llem.cli.acct", "heavy modules "
                  "imported: none"):
         assert text in r.stdout, text  # the figures depend on the machine
+
+
+def test_the_generated_ledger_names_job_gpus_as_its_energy_rows_do(tmp_path):
+    """Issue 13: job gpus were 'GPU-node-i' while the rows were 'nvml:GPU-node-i', so the
+    report called every GPU idle with 0 kWh of idle energy."""
+    from llem.cluster import report_queries as rq
+
+    path = build(tmp_path)
+    with Ledger(path, readonly=True) as ledger:
+        rows = rq.idle_gpus(ledger, 0, 2**62, 100.0)
+    idle = sum(r[1] for r in rows)
+    allocated = sum(r[2] for r in rows)
+    assert 0 < idle < allocated  # gpu_w is 80-400 W: some below 100 W, most above
+    assert sum(r[3] for r in rows) > 0 and sum(r[5] for r in rows) == 0

@@ -13,6 +13,7 @@ from llem.cli.main import cli, run
 DE_TEXT = """\
 DE (Germany): 344.14 gCO2e/kWh
   year:    2024
+  years:   2021, 2023, 2024
   basis:   lifecycle
   source:  Ember via Our World in Data
   licence: CC BY 4.0
@@ -20,7 +21,8 @@ DE (Germany): 344.14 gCO2e/kWh
 FR_JSON = (
     '{"region": "FR", "intensity_g_per_kwh": 44.179, "source": "Ember via Our World in Data", '
     '"year": "2024", "basis": "lifecycle", "licence": "CC BY 4.0", '
-    '"name": "France", "kind": "country", "aliases": ["FRA"]}\n'
+    '"name": "France", "kind": "country", "aliases": ["FRA"], "requested_year": null, '
+    '"year_note": null, "years": [2021, 2023, 2024]}\n'
 )
 
 
@@ -59,8 +61,8 @@ def test_regions_lists_every_shipped_row_with_sources():
     lines = result.output.splitlines()
     assert lines[0] == "REGION                        gCO2e/kWh  YEAR       BASIS      NAME"
     assert "DE                               344.14  2024       lifecycle  Germany" in lines
-    assert lines.index("") == 1 + 332  # header, 332 rows, blank line
-    assert "  212 country row(s): Ember via Our World in Data; licence: CC BY 4.0" in lines
+    assert lines.index("") == 1 + 725  # header, 725 rows, blank line
+    assert "  555 country row(s): Ember via Our World in Data; licence: CC BY 4.0" in lines
     assert any(line.startswith("   27 eGRID subregion row(s): US EPA eGRID2023 subregion")
                for line in lines)
     assert not any("not shipped" in line for line in lines)
@@ -68,7 +70,9 @@ def test_regions_lists_every_shipped_row_with_sources():
 
 def test_regions_json():
     data = json.loads(invoke("regions", "--json").output)
-    assert len(data) == 332  # 213 countries, 51 states, 27 eGRID subregions, 40 GCP, world
+    # 213 countries in 555 country-years, 51 states in 2 eGRID editions, 27 eGRID
+    # subregions, 40 GCP, world
+    assert len(data) == 725
     assert {d["basis"] for d in data} == {"lifecycle", "direct"}
 
 
@@ -94,7 +98,7 @@ def test_unknown_region_is_error_exit_1(capsys):
 def test_missing_year_is_error_exit_1(capsys):
     assert run(cli, ["carbon", "intensity", "DE", "--year", "2019"]) == 1
     assert capsys.readouterr().err == (
-        "Error: region 'DE' has no figure for year 2019 (have: 2024)\n"
+        "Error: region 'DE' has no figure for year 2019 (have: 2021, 2023, 2024)\n"
     )
 
 
@@ -125,3 +129,18 @@ def test_installed_entry_point_prints_error_and_exits_1():
     assert proc.stdout == ""
     assert proc.stderr.startswith("Error: unknown carbon region 'atlantis'")
     assert "Traceback" not in proc.stderr
+
+
+def test_every_shipped_year_answers_and_a_missing_one_takes_the_nearest_earlier():
+    from llem.carbon import tables
+
+    for row in tables.load_tables():
+        result = invoke("intensity", row.region, "--year", row.year, "--json")
+        assert result.exit_code == 0, (row.region, row.year)
+        data = json.loads(result.output)
+        assert (data["year"], data["intensity_g_per_kwh"]) == (row.year, row.g_per_kwh)
+    data = json.loads(invoke("intensity", "DE", "--year", "2022", "--json").output)
+    assert (data["year"], data["intensity_g_per_kwh"]) == ("2021", 352.423)
+    assert "nearest earlier year 2021" in data["year_note"]
+    text = invoke("intensity", "DE", "--year", "2022").output
+    assert "  year:    2021 (2022 not shipped: nearest earlier year 2021" in text

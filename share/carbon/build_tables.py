@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -57,12 +57,17 @@ def read_owid_csv(path: Path) -> list[dict[str, str]]:
     """Countries from an OWID grapher export with an added ``alpha-2`` column.
 
     Expected columns: ``alpha-2``, ``Year``, ``Entity``, ``Code`` (alpha-3) and
-    ``Carbon intensity of electricity (gCO2eq/kWh)`` (carbontracker's data file).
+    ``Carbon intensity of electricity (gCO2eq/kWh)`` (carbontracker's data file; releases
+    before 2.4 name the column ``(gCO2/kWh)``: the same Ember lifecycle figures).
     """
-    value_col = "Carbon intensity of electricity (gCO2eq/kWh)"
     rows = []
     with path.open(encoding="utf-8-sig", newline="") as f:
-        for rec in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        value_col = next((c for c in reader.fieldnames or ()
+                          if c.startswith("Carbon intensity of electricity")), None)
+        if value_col is None:
+            raise SystemExit(f"{path}: no 'Carbon intensity of electricity' column")
+        for rec in reader:
             alpha2, alpha3 = rec["alpha-2"].strip().upper(), rec["Code"].strip().upper()
             if len(alpha2) != 2 or len(alpha3) != 3:
                 continue  # aggregates such as continents carry no ISO code
@@ -79,6 +84,16 @@ def read_owid_csv(path: Path) -> list[dict[str, str]]:
                 }
             )
     return rows
+
+
+def merge_years(tables: list[list[dict[str, str]]]) -> list[dict[str, str]]:
+    """Rows of several releases of a table, one per (region, year): a later release's row
+    replaces an earlier one's (the publisher revises past years), every year is kept."""
+    merged: dict[tuple[str, str], dict[str, str]] = {}
+    for rows in tables:
+        for row in rows:
+            merged[(row["region"], row["year"])] = row
+    return sorted(merged.values(), key=lambda r: (r["region"], int(r["year"].split("-")[0])))
 
 
 def read_energy_mix(path: Path) -> dict[str, dict]:
@@ -136,13 +151,25 @@ def world_row(mix: dict[str, dict]) -> dict[str, str]:
 
 
 def read_egrid_states(path: Path) -> list[dict[str, str]]:
-    """codecarbon's ``usa_emissions.json``: eGRID state CO2e output rates in lb/MWh."""
+    """codecarbon's ``usa_emissions.json``: eGRID state output emission rates in lb/MWh.
+
+    Files from codecarbon 3 name their edition and field (``_source``: eGRID2023,
+    ``STC2ERTA``, CO2e) and unit (``_unit``). Older ones (``private_infra/2016/``, codecarbon
+    1.x and 2.x) name neither: the year is the folder codecarbon files them under, the unit
+    the lb/MWh its code converts from, and the field is unknown (the source says so).
+    """
     with path.open(encoding="utf-8") as f:
         data = json.load(f)
-    meta = data["_source"]
-    year, field = int(meta["year"]), meta.get("field", "")
-    if data["_unit"]["emissions"].replace(" ", "").lower() not in ("lbs/mwh", "lb/mwh"):
-        raise SystemExit(f"{path}: expected emissions in lb/MWh, got {data['_unit']['emissions']}")
+    meta = data.get("_source")
+    if meta is not None:
+        year, field = int(meta["year"]), meta.get("field", "")
+        if data["_unit"]["emissions"].replace(" ", "").lower() not in ("lbs/mwh", "lb/mwh"):
+            raise SystemExit(f"{path}: expected lb/MWh, got {data['_unit']['emissions']}")
+    elif path.parent.name.isdigit() and len(path.parent.name) == 4:
+        year = int(path.parent.name)
+        field = "(rate field not named in codecarbon's file: CO2 or CO2e)"
+    else:
+        raise SystemExit(f"{path}: no _source and no year folder: which eGRID edition is it?")
     rows = []
     for key, rec in data.items():
         code = str(rec.get("regionCode", "")) if isinstance(rec, dict) else ""
@@ -272,9 +299,12 @@ def write_table(path: Path, rows: list[dict[str, str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--owid-csv", type=Path, help="carbontracker data/carbon-intensities.csv")
+    parser.add_argument("--owid-csv", type=Path, action="append",
+                        help="carbontracker data/carbon-intensities.csv; repeat for several "
+                             "releases, oldest first (a later release's figure of a year wins)")
     parser.add_argument("--energy-mix", type=Path, help="codecarbon global_energy_mix.json")
-    parser.add_argument("--egrid-states", type=Path, help="codecarbon usa_emissions.json")
+    parser.add_argument("--egrid-states", type=Path, action="append",
+                        help="codecarbon usa_emissions.json; repeat for several editions")
     parser.add_argument("--egrid-subregions", type=Path, help="CSV export of eGRID's SRL sheet")
     parser.add_argument("--egrid-year", type=int, help="data year of --egrid-subregions")
     parser.add_argument("--egrid-subregions-hub", type=Path,
@@ -286,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mix = read_energy_mix(args.energy_mix) if args.energy_mix else None
     if args.owid_csv:
-        countries = read_owid_csv(args.owid_csv)
+        countries = merge_years([read_owid_csv(p) for p in args.owid_csv])
         if mix is not None:
             alpha2_of = _alpha2_by_alpha3(countries)
             countries += fill_missing_countries(countries, mix, alpha2_of)
@@ -294,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     if mix is not None:
         write_table(args.out / "world.csv", [world_row(mix)])
     if args.egrid_states:
-        write_table(args.out / "us_states.csv", read_egrid_states(args.egrid_states))
+        write_table(args.out / "us_states.csv",
+                    merge_years([read_egrid_states(p) for p in args.egrid_states]))
     if args.egrid_subregions:
         if not args.egrid_year:
             parser.error("--egrid-subregions needs --egrid-year")

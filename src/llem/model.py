@@ -33,8 +33,10 @@ class Event:
 class JobRecord:
     """One run of a job on this node (a requeued job gets a new run with the same job_id).
 
-    ``gpus`` lists the job's GPUs on this node as Slurm gives them (``SLURM_JOB_GPUS``): the
-    ``/dev/nvidiaN`` minor numbers, as strings; the sampler maps them to NVML devices;
+    ``gpus`` lists the job's GPUs on this node: first as Slurm gives them (``SLURM_JOB_GPUS``,
+    GRES indices as strings), then, from the job's first sampler interval, as the device keys
+    of the energy rows (``nvml:GPU-<uuid>``, see ``node.slurm.GpuMap``); an entry without a
+    ``:`` is an index that could not be resolved;
     ``state`` goes running -> ended (Epilog) -> sealed (coverage and flags computed) ->
     exported (its slice is in the spool).
     """

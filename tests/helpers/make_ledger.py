@@ -87,8 +87,8 @@ class Writer:
                     self.devices[dkey] = (cluster, node, key, component, key.split(":")[-1],
                                           sensor, source, "counter")
             node_total = sum(node_by.values())
-            # Slurm's GPU indices (minor numbers), as the Prolog records them
-            gpus = json.dumps([str(i) for i in range(job["gpus_per_node"])])
+            # the GPUs' device keys, as the sampler stores them (the energy rows' names)
+            gpus = json.dumps(sorted(f"nvml:GPU-{node}-{i}" for i in range(job["gpus_per_node"])))
             self.nodes.append((
                 job_node_id, cluster, job["job_id"], node, start_s * S, end_s * S, start_s * S,
                 job["array_job_id"], job["array_task_id"], job["user"], job["uid"], job["uid"],

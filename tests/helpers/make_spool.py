@@ -29,7 +29,7 @@ DEVICES = {
                              "source": "measured", "method": "counter"} for i in range(4)},
 }
 # What the Prolog records of a job's GPUs: Slurm's indices, the /dev/nvidiaN minor numbers.
-GPU_MINORS = [str(i) for i in range(4)]
+GPU_KEYS = [f"nvml:GPU-{i:04x}" for i in range(4)]  # as the sampler names a job's GPUs
 METHODS = {"cpu": "cpu_time", "dram": "memory_share", "gpu": "gpu_allocation"}
 POWER_W = {"cpu": 180, "dram": 20, "gpu": 300}
 
@@ -68,7 +68,7 @@ def job_slices(job_id: int, first_node: int, n_nodes: int, start_s: int, hours: 
             "job": {"job_id": str(job_id), "array_job_id": None, "array_task_id": None,
                     "user": f"user{job_id % 97}", "uid": 1000 + job_id % 97, "gid": 1000,
                     "account": f"acct{job_id % 13}", "partition": "gpu", "nodelist": nodelist,
-                    "num_nodes": n_nodes, "cpus": 64, "gpus": GPU_MINORS, "tag": None,
+                    "num_nodes": n_nodes, "cpus": 64, "gpus": GPU_KEYS, "tag": None,
                     "name": f"train-{job_id}", "start_ns": start_s * S + k * 1000,
                     "end_ns": end_s * S, "state": "sealed", "coverage": 1.0, "flags": []},
             "devices": DEVICES, "energy": energy, "windows": windows, "node_totals": totals,

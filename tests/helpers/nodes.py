@@ -3,9 +3,10 @@ acct and report tests.
 
 A store is filled through the production code of a compute node: the job is registered as
 the Slurm hook registers it (``write_registration`` of the Prolog's environment, then
-``ingest``, i.e. ``job_from_env`` with ``gpu_minors``: the job's GPUs are Slurm's indices,
-the ``/dev/nvidiaN`` minor numbers), each interval's energy is attributed by the sampler's
-``JobAttributor`` (which maps those minors to the NVML device keys) from a node-usage tree
+``ingest``, i.e. ``job_from_env`` with ``gpu_indices``: the job's GPUs are Slurm's GRES
+indices), each interval's energy is attributed by the sampler's ``JobAttributor`` (which
+resolves those indices to the NVML device keys at the job's first interval and stores the
+keys in the job's record; no gres.conf here: index = minor, flagged) from a node-usage tree
 (``/proc/stat``, ``/proc/meminfo``, the job's cgroup v2 folder) that the builder advances,
 and the job is ended and sealed through a registration and ``seal``. Only the sensors'
 readings (the energy rows) and the named window are written by hand.
@@ -36,7 +37,7 @@ assert T0 % (3600 * S) == 0
 
 GPU_UUID = "GPU-a"
 GPU_MINOR = 0
-"""The node's one GPU: what Slurm's GRES index (SLURM_JOB_GPUS) names is its minor number."""
+"""The node's one GPU; without a gres.conf the sampler takes Slurm's index as its minor."""
 GPU_KEY = f"nvml:{GPU_UUID}"
 DEVICES = (
     Device("rapl:package-0", "cpu", "package-0", "rapl", "measured", "counter"),

@@ -335,6 +335,9 @@ class SlurmCluster:
         gpus_per_node: fake GPUs per node (``/dev/nvidiaN``-like char devices ``c 195 N`` in
             the temp dir, ``gres.conf`` with ``AutoDetect=off`` and ``Type=fake``).
         cpus_per_node: CPUs each node declares (all nodes share the real cores).
+        gpu_minors: the minor number of each fake GPU file ``nvidia0``, ``nvidia1``, ...
+            (default: its own number); other values make a node whose Slurm GPU index is
+            not the minor number.
         prolog, epilog, epilog_slurmctld, prolog_slurmctld: absolute script paths, or None.
         plugstack: lines of ``plugstack.conf`` (for example ``optional /abs/llem.so k=v``).
         extra_conf: extra ``slurm.conf`` lines, appended last (later keys win).
@@ -363,6 +366,7 @@ class SlurmCluster:
         nodes: int = 3,
         gpus_per_node: int = 0,
         cpus_per_node: int = 2,
+        gpu_minors: Sequence[int] | None = None,
         prolog: str | os.PathLike | None = None,
         epilog: str | os.PathLike | None = None,
         epilog_slurmctld: str | os.PathLike | None = None,
@@ -381,6 +385,7 @@ class SlurmCluster:
             raise ValueError("nodes must be >= 1")
         self.node_count = nodes
         self.gpus_per_node = gpus_per_node
+        self.gpu_minors = list(gpu_minors) if gpu_minors else list(range(gpus_per_node))
         self.cpus_per_node = cpus_per_node
         self.prolog = prolog
         self.epilog = epilog
@@ -605,7 +610,8 @@ class SlurmCluster:
         for i in range(self.gpus_per_node):
             dev = self.gpu_dev_dir / f"nvidia{i}"
             if not dev.exists():
-                os.mknod(dev, 0o666 | 0o020000, os.makedev(195, i))  # S_IFCHR
+                os.mknod(dev, 0o666 | 0o020000,  # S_IFCHR
+                         os.makedev(195, self.gpu_minors[i]))
 
     def write_config(self) -> None:
         """(Re)write slurm.conf, cgroup.conf, gres.conf and plugstack.conf from the options.

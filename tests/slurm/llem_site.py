@@ -32,14 +32,15 @@ OLD_BASHES = [b for b in os.environ.get("TEST_OLD_BASH", "").split(":") if b]
 class Hardware:
     """Counters advanced by a thread at fixed powers: RAPL (uJ, wraps) and NVML (mJ)."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, gpu_w: tuple[float, ...] = GPU_W) -> None:
+        self.gpu_w = gpu_w
         self.powercap = FakePowercap(base / "powercap")
         self.powercap.add_zone("0", "package-0", 0, max_range_uj=2**32)
         self.powercap.add_zone("0:0", "dram", 0, max_range_uj=2**32)
         self.nvml_dir = fakenvml.build(base / "nvml")
         self.nvml_state = base / "nvml.state"
         self.gpus = [fakenvml.FakeGpu(uuid=f"GPU-llemtest-{i}", minor=i, power_mw=int(w * 1000))
-                     for i, w in enumerate(GPU_W)]
+                     for i, w in enumerate(gpu_w)]
         self._energy_mj = [0.0 for _ in self.gpus]
         fakenvml.write_state(self.nvml_state, self.gpus)
         self._stop = threading.Event()
@@ -61,7 +62,7 @@ class Hardware:
             self.powercap.advance("intel-rapl:0", int(PACKAGE_W * dt * 1e6))
             self.powercap.advance("intel-rapl:0:0", int(DRAM_W * dt * 1e6))
             for i, gpu in enumerate(self.gpus):
-                self._energy_mj[i] += GPU_W[i] * dt * 1000
+                self._energy_mj[i] += self.gpu_w[i] * dt * 1000
                 gpu.energy_mj = int(self._energy_mj[i])
             fakenvml.write_state(self.nvml_state, self.gpus)
 
@@ -77,10 +78,10 @@ def _copy_module(name: str, dest: Path) -> None:
 
 
 class Site:
-    def __init__(self) -> None:
+    def __init__(self, gpu_w: tuple[float, ...] = GPU_W) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="llem-site-"))
         os.chmod(self.base, 0o755)
-        self.hw = Hardware(self.base / "hw")
+        self.hw = Hardware(self.base / "hw", gpu_w)
         self.config = self.base / "llem.yaml"
         self.defaults = self.base / "default-llem"
         self.userlib = self.base / "userlib"

@@ -122,16 +122,17 @@ def test_shared_node_gpus_and_cpu_split_and_invariant(cluster, site):
     db = site.store(node)
     try:
         per_job = {}
-        for run_id, minor in ((b[0], gpus_b[0]), (i[0], gpus_i[0])):
+        for run_id, key in ((b[0], gpus_b[0]), (i[0], gpus_i[0])):
             rows = db.execute(
                 "SELECT d.attrs, SUM(j.energy_uj), SUM(iv.end_ns - iv.start_ns) FROM job_energy j "
                 "JOIN devices d ON d.key = j.device_key JOIN intervals iv ON iv.id = j.interval_id "
                 "WHERE j.run_id = ? AND d.component = 'gpu' GROUP BY d.key", (run_id,)).fetchall()
             assert len(rows) == 1, rows  # only its own GPU
             attrs, energy_uj, span_ns = rows[0]
-            assert str(json.loads(attrs)["minor"]) == minor
+            minor = json.loads(attrs)["minor"]
+            assert key == f"nvml:GPU-llemtest-{minor}"  # the job names the GPU by device key
             power_w = energy_uj / span_ns * 1e3
-            assert power_w == pytest.approx(GPU_W[int(minor)], rel=0.3)
+            assert power_w == pytest.approx(GPU_W[minor], rel=0.3)
             per_job[run_id] = energy_by_component(site, node, run_id)
         # By use (the default hybrid rule's dynamic part): the busy job far more than the idle
         # one, which pays its share of the idle power (tests/slurm/test_attribution_slurm.py).

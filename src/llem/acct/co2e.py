@@ -32,24 +32,82 @@ class Carbon:
     config: Any
     factors: Factors
     info: dict = field(default_factory=dict)
+    years_used: dict = field(default_factory=dict)
+    """Data year label -> grams of CO2e priced with it, over the rows shown so far."""
+    figures: dict = field(default_factory=dict)
+    """Data year label -> the gCO2e/kWh of that label."""
+
+    def years(self) -> str:
+        """The data years the shown rows were priced with, most CO2e first (``2024; 2023``;
+        ``2024 for 2025`` marks a year the table lacks, priced with the nearest earlier)."""
+        if not self.years_used:
+            return str(self.info["year"])
+        return "; ".join(k for k, _ in sorted(self.years_used.items(), key=lambda kv: -kv[1]))
 
     @property
     def constant(self) -> bool:
         """Whether a row's total energy is enough (the same factor in every hour)."""
         return self.factors.constant
 
+    @property
+    def by_year_only(self) -> bool:
+        """Whether the factor changes only with the year (a table region's figures, constant
+        PUE, no hourly series): then a row inside one UTC year needs only its total."""
+        f = self.factors
+        return (f.model.hourly is None and f.model.varies_by_year
+                and not isinstance(f.pue, Mapping))
+
+    def year_hour(self, row: Mapping) -> int | None:
+        """An hour of the row's one UTC year (its start hour), or None when the row spans
+        years (or has no start): such a row needs its energy by hour."""
+        start_ns, end_ns = row.get("Start"), row.get("End")
+        if not isinstance(start_ns, int):
+            return None
+        end_ns = end_ns if isinstance(end_ns, int) else time.time_ns()
+        start_s, end_s = start_ns // 10**9, max(start_ns, end_ns) // 10**9
+        if time.gmtime(start_s).tm_year != time.gmtime(end_s).tm_year:
+            return None
+        return start_s - start_s % 3600
+
     def grams(self, energy_j: float, gpu_hours: float, node_hours: float,
               energy_j_by_hour: Mapping[int, float] | None = None) -> tuple[float, float]:
         """(grams CO2e, grid gCO2e/kWh applied) of one row."""
-        from llem import carbon
+        from llem.carbon.emissions import emissions, operational_g
 
         f = self.factors
         if self.constant or not energy_j_by_hour:
             g_per_kwh = f.model.annual.g_per_kwh
-            grams = carbon.operational_g(energy_j, self._nominal_pue(energy_j_by_hour), g_per_kwh)
+            grams = operational_g(energy_j, self._nominal_pue(energy_j_by_hour), g_per_kwh)
+            self._count_year(f.model.annual.year, grams, g_per_kwh)
             return grams + f.embodied_g(gpu_hours, node_hours), g_per_kwh
-        em = carbon.emissions(self.config, energy_j_by_hour, gpu_hours, node_hours, resolved=f)
+        if self.by_year_only and len(energy_j_by_hour) == 1:
+            (hour, joules), = energy_j_by_hour.items()
+            hi = f.model.for_hour(hour)
+            grams = operational_g(joules, f.pue, hi.g_per_kwh)
+            self._count_year(hi.year, grams, hi.g_per_kwh)
+            return grams + f.embodied_g(gpu_hours, node_hours), hi.g_per_kwh
+        em = emissions(self.config, energy_j_by_hour, gpu_hours, node_hours, resolved=f)
+        if f.model.hourly is None:
+            for hour in energy_j_by_hour:
+                hi = f.model.for_hour(hour)
+                self.figures[hi.year] = hi.g_per_kwh
+        for year, grams in em.grams_by_year.items():
+            self._count_year(year, grams)
         return em.co2e_g, em.carbon["intensity_g_per_kwh"]
+
+    def _count_year(self, year: str, grams: float, g_per_kwh: float | None = None) -> None:
+        self.years_used[year] = self.years_used.get(year, 0.0) + grams
+        if g_per_kwh is not None:
+            self.figures[year] = g_per_kwh
+
+    def intensity_text(self) -> str:
+        """``344.14 gCO2e/kWh``, or the figure of each year used (``380.95 (2023), 344.14
+        (2024) gCO2e/kWh``) when the rows were priced with several years' figures."""
+        used = [y for y in self.years_used if y in self.figures]
+        if len(used) <= 1 or len({self.figures[y] for y in used}) <= 1:
+            return f"{self.info['intensity_g_per_kwh']:g} gCO2e/kWh"
+        parts = [f"{self.figures[y]:g} ({y})" for y in sorted(used)]
+        return ", ".join(parts) + " gCO2e/kWh"
 
     def _nominal_pue(self, energy_j_by_hour: Mapping[int, float] | None) -> float:
         """The PUE of the first hour's month (of this month when there is no hour)."""
@@ -61,8 +119,8 @@ class Carbon:
     def footer(self) -> str:
         """One line naming the intensity's source, year and the PUE."""
         i = self.info
-        text = (f"CO2e: grid intensity {i['intensity_g_per_kwh']:g} gCO2e/kWh ({i['source']}; "
-                f"year {i['year']}; {i['basis']} basis; region {i['region']})")
+        text = (f"CO2e: grid intensity {self.intensity_text()} ({i['source']}; "
+                f"year {self.years()}; {i['basis']} basis; region {i['region']})")
         if i.get("hourly_source"):
             text += f", hourly where available ({i['hourly_source']})"
         text += f"; PUE {i['pue']}"
@@ -111,11 +169,14 @@ def add_carbon(rows: list[dict], carbon: Carbon | None,
             row["CO2e"] = row["CarbonIntensity"] = None
             continue
         by_hour = None
+        year_hour = carbon.year_hour(row) if carbon.by_year_only else None
         if not carbon.constant:
-            if row.get("_key") is not None and hourly is not None:
-                by_hour = hourly.get(row["_key"])
-            elif row.get("_hour") is not None:
+            if row.get("_hour") is not None:
                 by_hour = {row["_hour"]: row["ConsumedEnergy"]}
+            elif year_hour is not None:
+                by_hour = {year_hour: row["ConsumedEnergy"]}
+            elif row.get("_key") is not None and hourly is not None:
+                by_hour = hourly.get(row["_key"])
         row["CO2e"], row["CarbonIntensity"] = carbon.grams(
             row["ConsumedEnergy"], row["_gpu_hours"], row["_node_hours"], by_hour)
 

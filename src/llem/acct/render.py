@@ -173,9 +173,11 @@ def _json_carbon(carbon: Carbon | None) -> dict | None:
         return None
     i = carbon.info
     return {"region": i["region"], "intensity_g_per_kwh": i["intensity_g_per_kwh"],
-            "source": i["source"], "year": i["year"], "basis": i["basis"], "pue": i["pue"],
+            "source": i["source"], "year": carbon.years(), "basis": i["basis"], "pue": i["pue"],
             "hourly_source": i["hourly_source"], "embodied": i["embodied"],
-            "region_is_default": i["region_is_default"]}
+            "region_is_default": i["region_is_default"],
+            "intensity_by_year": {y: carbon.figures[y] for y in sorted(carbon.years_used)
+                                  if y in carbon.figures}}
 
 
 def _iso_local(moment: datetime | None) -> str | None:

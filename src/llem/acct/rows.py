@@ -186,7 +186,8 @@ def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
     if not opts.duplicates:
         runs = latest_runs(runs)
     hourly = None
-    if carbon is not None and not carbon.constant and runs:
+    if carbon is not None and not carbon.constant and runs and not (
+            carbon.by_year_only and all(carbon.year_hour(r) is not None for r in runs)):
         hourly = {}
         for cluster, job_id, run_start_ns, hour_s, uj in q.hourly_energy(
                 ledger, opts.filter, "run"):

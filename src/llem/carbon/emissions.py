@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -49,6 +49,8 @@ class Emissions:
             ``year``, ``basis``, ``pue``, then ``licence``, ``hourly_coverage``,
             ``fallback_hours``, ``region_is_default``, ``pue_by_month``, ``embodied``,
             ``notes``.
+        grams_by_year: operational grams by the data year of the intensity applied (the
+            ``year`` labels of :class:`HourIntensity`).
     """
 
     co2e_g: float
@@ -57,6 +59,7 @@ class Emissions:
     energy_kwh: float
     facility_energy_kwh: float
     carbon: dict[str, Any]
+    grams_by_year: dict[str, float] = field(default_factory=dict)
 
 
 def month_of(hour_start_utc: int) -> str:
@@ -126,7 +129,8 @@ class Factors:
     def constant(self) -> bool:
         """Whether every hour has the same factor (annual intensity, constant PUE): then a
         total energy needs no split by hour."""
-        return self.model.hourly is None and not isinstance(self.pue, Mapping)
+        return (self.model.hourly is None and not self.model.varies_by_year
+                and not isinstance(self.pue, Mapping))
 
     @property
     def embodied_enabled(self) -> bool:
@@ -227,6 +231,7 @@ def operational(
     fallback_hours = 0
     sources: dict[str, float] = {}
     years: dict[str, float] = {}
+    grams_by_year: dict[str, float] = {}
     bases: dict[str, float] = {}
     pue_used: dict[str, float] = {}
     for hour in sorted(energy_j_by_hour):
@@ -237,7 +242,9 @@ def operational(
             raise ValueError(f"energy of hour {hour} is {energy_j} J")
         hi, hour_pue = f.of_hour(hour)
         pue_used[month_of(hour)] = hour_pue
-        grams += operational_g(energy_j, hour_pue, hi.g_per_kwh)
+        hour_g = operational_g(energy_j, hour_pue, hi.g_per_kwh)
+        grams += hour_g
+        grams_by_year[hi.year] = grams_by_year.get(hi.year, 0.0) + hour_g
         kwh = energy_j / J_PER_KWH
         facility = kwh * hour_pue
         energy_kwh += kwh
@@ -266,6 +273,7 @@ def operational(
         "hourly_coverage": None,
         "fallback_hours": fallback_hours,
         "region_is_default": model.is_default_region,
+        "grams_by_year": grams_by_year,
     }
     if model.hourly is not None:
         share = covered_kwh / facility_kwh if facility_kwh > 0 else 0.0
@@ -311,6 +319,7 @@ def emissions(
     embodied_grams, embodied_fields = embodied(resolved, gpu_hours, node_hours)
     fields["embodied"] = embodied_fields
     fields["notes"] = list(model.notes)
+    grams_by_year = fields.pop("grams_by_year")
     return Emissions(
         co2e_g=grams + embodied_grams,
         operational_g=grams,
@@ -318,4 +327,5 @@ def emissions(
         energy_kwh=energy_kwh,
         facility_energy_kwh=facility_kwh,
         carbon=fields,
+        grams_by_year=grams_by_year,
     )

@@ -11,7 +11,9 @@ An hour that had to use step 2 while an hourly series was configured is flagged.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -36,7 +38,9 @@ class HourIntensity:
         source: where the figure comes from.
         flagged_fallback: True when an hourly series was configured but did not cover this
             hour, so the annual figure was used.
-        year: data year (``2024``, a span ``2021-2023``, or ``n/a`` for a constant).
+        year: data year (``2024``, a span ``2021-2023``, or ``n/a`` for a constant); for an
+            hour of a year the table lacks, the figure's year and the hour's (``2024 for
+            2025``): the nearest earlier year was used.
         basis: ``lifecycle``, ``direct`` or ``unspecified``.
     """
 
@@ -59,6 +63,8 @@ class IntensityModel:
         is_default_region: True when no region was configured and the world figure applies.
         notes: what the user should know (provider failures, the default region).
         licence: the licence of the annual figure, when it comes from a table.
+        by_year: the region's annual figure of every shipped year (data year -> figure),
+            when the annual figure comes from a table; each hour then gets its own year's.
     """
 
     region: str
@@ -67,6 +73,29 @@ class IntensityModel:
     is_default_region: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
     licence: str = ""
+    by_year: tuple[tuple[int, HourIntensity], ...] = ()
+
+    @functools.cached_property
+    def _by_year_map(self) -> dict[int, HourIntensity]:
+        return dict(self.by_year)
+
+    @property
+    def varies_by_year(self) -> bool:
+        """Whether hours of different years may get different annual figures."""
+        return len({hi.g_per_kwh for _, hi in self.by_year}) > 1
+
+    def annual_for(self, hour: int) -> HourIntensity:
+        """The annual figure of the hour's UTC year: its own year's, or the nearest earlier
+        year's (the year label then says so: ``2024 for 2025``)."""
+        if not self.by_year:
+            return self.annual
+        year = time.gmtime(hour).tm_year
+        by_year = self._by_year_map
+        if year in by_year:
+            return by_year[year]
+        earlier = [y for y in by_year if y < year]
+        used = by_year[max(earlier) if earlier else min(by_year)]
+        return replace(used, year=f"{used.year} for {year}")
 
     def for_hour(self, hour_start_utc: float | datetime) -> HourIntensity:
         """The intensity of the clock hour containing ``hour_start_utc`` (epoch s, or aware)."""
@@ -76,8 +105,8 @@ class IntensityModel:
             if value is not None:
                 year = str(datetime.fromtimestamp(hour, tz=timezone.utc).year)
                 return HourIntensity(value, self.hourly.source, False, year, self.hourly.basis)
-            return replace(self.annual, flagged_fallback=True)
-        return self.annual
+            return replace(self.annual_for(hour), flagged_fallback=True)
+        return self.annual_for(hour)
 
 
 def _annual_from_table(row: tables.AnnualIntensity, default: bool) -> HourIntensity:
@@ -122,6 +151,7 @@ def resolve(
     basis = _check_basis(getattr(carbon, "intensity_basis", None))
     row = _configured_row(carbon, share_dir)
     notes: list[str] = []
+    by_year: tuple[tuple[int, HourIntensity], ...] = ()
     if carbon.intensity_g_per_kwh is not None:
         g = float(carbon.intensity_g_per_kwh)
         annual = HourIntensity(g, CONSTANT_SOURCE, False, "n/a", basis)
@@ -133,6 +163,8 @@ def resolve(
             False,
             row.licence,
         )
+        by_year = tuple((y, _annual_from_table(r, False)) for y, r in sorted(
+            tables.rows_by_year(row.region, directory=share_dir).items()))
     else:
         world = tables.world(directory=share_dir)
         annual, region, default, licence = (
@@ -166,7 +198,7 @@ def resolve(
         )
         hourly = result.series
         notes.extend(result.notes)
-    return IntensityModel(region, annual, hourly, default, tuple(notes), licence)
+    return IntensityModel(region, annual, hourly, default, tuple(notes), licence, by_year)
 
 
 def _configured_row(carbon, share_dir: str | None) -> tables.AnnualIntensity | None:

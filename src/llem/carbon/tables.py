@@ -183,6 +183,30 @@ def lookup(
     raise ConfigError(f"region '{rows[0].region}' has no figure for year {wanted} (have: {have})")
 
 
+def first_year(row: AnnualIntensity) -> int | None:
+    """The row's data year as a number (the first of a span ``2021-2023``), or None."""
+    head = row.year.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def rows_by_year(region: str, directory: str | os.PathLike | None = None
+                 ) -> dict[int, AnnualIntensity]:
+    """Every shipped year of a region: data year -> row (a span counts as its first year).
+
+    Raises:
+        ConfigError: the region is unknown.
+    """
+    rows = _index(load_tables(directory)).get(region.strip().upper())
+    if not rows:
+        raise _unknown_region(region, directory)
+    out: dict[int, AnnualIntensity] = {}
+    for row in rows:
+        year = first_year(row)
+        if year is not None:
+            out.setdefault(year, row)
+    return out
+
+
 def _unknown_region(region: str, directory: str | os.PathLike | None) -> ConfigError:
     code = region.strip().upper()
     if code in EGRID_SUBREGIONS:

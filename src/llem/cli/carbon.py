@@ -45,17 +45,40 @@ def intensity(region: str, year: str | None, as_json: bool) -> None:
 
     REGION is an ISO 3166-1 alpha-2 or alpha-3 country code (DE, DEU), a US state (US-CA), an
     eGRID subregion code, a Google Cloud region (gcp:europe-west1 or europe-west1), or WORLD;
-    case does not matter.
+    case does not matter. With --year, a year the tables lack gets the nearest earlier year's
+    figure (as llem prices energy of that year), and says so.
     """
-    row = tables.lookup(region, year)
+    row, note = _row_for(region, year)
+    years = sorted(tables.rows_by_year(row.region))
     if as_json:
-        click.echo(json.dumps(intensity_object(row)))
+        obj = intensity_object(row)
+        obj["requested_year"] = year
+        obj["year_note"] = note
+        obj["years"] = years
+        click.echo(json.dumps(obj))
         return
     click.echo(f"{row.region} ({row.name}): {row.g_per_kwh:g} gCO2e/kWh")
-    click.echo(f"  year:    {row.year}")
+    click.echo(f"  year:    {row.year}" + (f" ({note})" if note else ""))
+    click.echo(f"  years:   {', '.join(str(y) for y in years) or row.year}")
     click.echo(f"  basis:   {row.basis}")
     click.echo(f"  source:  {row.source}")
     click.echo(f"  licence: {row.licence}")
+
+
+def _row_for(region: str, year: str | None) -> tuple[tables.AnnualIntensity, str | None]:
+    """The row for ``year`` (exact, else the nearest earlier shipped year, with a note)."""
+    if year is None or not year.strip().isdigit():
+        return tables.lookup(region, year), None
+    wanted = int(year)
+    by_year = tables.rows_by_year(region)
+    if wanted in by_year:
+        return by_year[wanted], None
+    earlier = [y for y in by_year if y < wanted]
+    if not earlier:
+        return tables.lookup(region, year), None  # the table's own "no figure" error
+    used = max(earlier)
+    return by_year[used], (f"{wanted} not shipped: nearest earlier year {used}, as llem "
+                           f"prices energy used in {wanted}")
 
 
 @carbon.command("regions", context_settings=CONTEXT_SETTINGS)

@@ -135,7 +135,8 @@ def energy_by_hour(ledger: Ledger, start_ns: int, end_ns: int,
     """, params)
 
 
-IDLE_COLUMNS = ("run_id", "idle_gpus", "allocated_gpus", "idle_energy_uj", "idle_gpu_s")
+IDLE_COLUMNS = ("run_id", "idle_gpus", "allocated_gpus", "idle_energy_uj", "idle_gpu_s",
+                "unresolved_gpus")
 
 
 def idle_gpus(ledger: Ledger, start_ns: int, end_ns: int, idle_w: float,
@@ -144,7 +145,10 @@ def idle_gpus(ledger: Ledger, start_ns: int, end_ns: int, idle_w: float,
     ``idle_w`` watts, their energy inside the period (uJ) and their GPU-seconds in it.
 
     A GPU is judged over the whole job on its node (not only the part inside the period), so
-    that a job crossing the month's end is judged once, the same way in both months.
+    that a job crossing the month's end is judged once, the same way in both months. Only
+    GPUs named by device key (``nvml:GPU-...``, as the energy rows) are judged; an entry
+    without one (a Slurm index the node could not resolve, or a slice from before llem
+    resolved them) is counted in ``unresolved_gpus``, never called idle.
     """
     params, filt = _params(start_ns, end_ns, account)
     params["idle_w"] = idle_w
@@ -156,14 +160,18 @@ def idle_gpus(ledger: Ledger, start_ns: int, end_ns: int, idle_w: float,
                      WHERE e.job_node_id = n.node_id AND e.device_key = g.value) AS total_uj,
                    (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
                      WHERE e.job_node_id = n.node_id AND e.device_key = g.value
-                       AND e.hour_s >= :start_s AND e.hour_s < :end_s) AS period_uj
+                       AND e.hour_s >= :start_s AND e.hour_s < :end_s) AS period_uj,
+                   instr(g.value, ':') > 0 AS resolved
             FROM nodes n, json_each(n.gpus) g
+        ),
+        judged AS (
+            SELECT *, resolved AND total_uj < :idle_w * span_s * 1e6 AS idle FROM gpu
         )
-        SELECT run_id,
-               SUM(total_uj < :idle_w * span_s * 1e6), COUNT(*),
-               SUM(CASE WHEN total_uj < :idle_w * span_s * 1e6 THEN period_uj ELSE 0 END),
-               SUM(CASE WHEN total_uj < :idle_w * span_s * 1e6 THEN overlap_s ELSE 0 END)
-        FROM gpu GROUP BY run_id
+        SELECT run_id, SUM(idle), COUNT(*),
+               SUM(CASE WHEN idle THEN period_uj ELSE 0 END),
+               SUM(CASE WHEN idle THEN overlap_s ELSE 0 END),
+               SUM(NOT resolved)
+        FROM judged GROUP BY run_id
     """, params)
 
 

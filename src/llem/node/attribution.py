@@ -275,8 +275,10 @@ class JobAttributor:
 
     def __init__(self, store, node: str, devices, started_ns: int,
                  proc_root: str | os.PathLike = "/proc", cgroup_root: str | None = None,
-                 policy: str = HYBRID, idle=None) -> None:
+                 policy: str = HYBRID, idle=None,
+                 gres_conf: str | os.PathLike | None = None) -> None:
         from llem.node.idle import IdleLearner
+        from llem.node.slurm import GpuMap
         from llem.node.usage import CgroupLocator, ProcScanner
 
         if policy not in POLICIES:
@@ -289,8 +291,7 @@ class JobAttributor:
         platform = PlatformResidual.for_devices(list(self.devices.values()))
         if platform is not None:
             self.devices.setdefault(platform.device.key, platform.device)
-        self.gpu_by_minor = {str(d.attrs.get("minor")): d.key for d in devices
-                             if d.component == "gpu" and d.attrs.get("minor") is not None}
+        self.gpu_map = GpuMap(devices, node, gres_conf)
         self.started_ns = started_ns
         self.proc = Path(proc_root)
         self.locator = CgroupLocator(Path(cgroup_root)) if cgroup_root else CgroupLocator()
@@ -304,6 +305,15 @@ class JobAttributor:
         self._alloc: dict[int, _Allocation] = {}
         self._recorded: dict[int, str] = {}
         self.cgroups: dict[int, str] = {}
+
+    def _job_gpus(self, job) -> tuple[str, ...]:
+        """The job's GPUs as device keys: Slurm's indices are resolved once, at the job's
+        first interval, and stored (with any flag the resolution brings) in its record."""
+        keys, flags = self.gpu_map.resolve(job.gpus)
+        if keys != job.gpus or not set(flags) <= set(job.flags):
+            self.store.update_job(job.run_id, gpus=keys,
+                                  flags=sorted(set(job.flags) | set(flags)))
+        return keys
 
     def _node_busy_ns(self) -> int | None:
         try:
@@ -387,7 +397,7 @@ class JobAttributor:
         for job in jobs:
             usage, has_cgroup = usages[job.run_id]
             alloc = self._allocation(job, has_cgroup)
-            gpus = tuple(self.gpu_by_minor[m] for m in job.gpus if m in self.gpu_by_minor)
+            gpus = tuple(g for g in self._job_gpus(job) if g in self.devices)
             loads.append(JobLoad(job.run_id, gpus, self._cpu_delta(job, usage),
                                  usage.memory_bytes if usage else None,
                                  alloc.cpus, alloc.memory_bytes, alloc.exclusive))

@@ -30,6 +30,7 @@ from llem.model import Event
 from llem.node.attribution import JobAttributor
 from llem.node.idle import IdleLearner, package_tdp_w
 from llem.node.jobs import finalize_ended, ingest, pending
+from llem.node.slurm import gres_conf_path
 from llem.node.store import open_or_quarantine
 from llem.node.windows import WindowServer
 from llem.paths import NodePaths
@@ -80,7 +81,8 @@ def sampler_pid(paths: NodePaths) -> int | None:
 def _clean_env(env: Mapping[str, str]) -> dict[str, str]:
     """The sampler serves every job: none of one job's variables go with it."""
     drop = ("SLURM_", "SPANK_", "CUDA_", "SLURMD_")
-    out = {k: v for k, v in env.items() if not k.startswith(drop)}
+    # SLURM_CONF is slurmd's own (it names the node's gres.conf), not the job's.
+    out = {k: v for k, v in env.items() if not k.startswith(drop) or k == "SLURM_CONF"}
     out.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     return out
 
@@ -319,7 +321,8 @@ class NodeDaemon:
             cgroup_root=self.cgroup_root, policy=self.config.attribution.policy,
             idle=IdleLearner(devices, self.store, self.config.attribution.idle_w,
                              self.config.estimate.cpu_idle_fraction,
-                             package_tdp_w(self.config.estimate, self.proc_root)))
+                             package_tdp_w(self.config.estimate, self.proc_root)),
+            gres_conf=gres_conf_path(self.env))
         self.sampler = Sampler(
             self.sensors.sensors, [self.store], clock=self.clock, interval_s=self.interval_s,
             sampler_id=f"{self.node}-{os.getpid()}-{self.started_ns}", attribute=attributor)

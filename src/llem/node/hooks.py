@@ -70,7 +70,7 @@ def prolog_body(env: Mapping[str, str]) -> None:
     from llem.fsutil import locked
     from llem.node.daemon import sampler_pid, spawn_sampler
     from llem.node.jobs import ingest
-    from llem.node.slurm import gpu_minors, job_from_env
+    from llem.node.slurm import gpu_indices, job_from_env
     from llem.node.store import NodeStore
 
     config, node, paths, job_id = _context(env)
@@ -78,7 +78,7 @@ def prolog_body(env: Mapping[str, str]) -> None:
         with NodeStore(paths.store) as store:
             ingest(store, paths.jobs, config.cluster, node)
             if not store.runs_of(job_id, "running"):
-                store.add_job(job_from_env(env, config.cluster, time.time_ns(), gpu_minors(env)))
+                store.add_job(job_from_env(env, config.cluster, time.time_ns(), gpu_indices(env)))
         if sampler_pid(paths) is None:
             pid = spawn_sampler(node, env)
             log.info("llem: started the node sampler for %s (pid %d)", node, pid)

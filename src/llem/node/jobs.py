@@ -85,7 +85,7 @@ def ingest(store: NodeStore, jobs_dir: Path, cluster: str, node: str) -> list[tu
     One with no usable ``LLEM_EVENT_US`` is dated by its mtime (see :func:`event_ns`). A file
     that cannot be parsed is moved to ``jobs/bad/`` (kept, never deleted) and logged.
     """
-    from llem.node.slurm import gpu_minors, job_from_env
+    from llem.node.slurm import gpu_indices, job_from_env
 
     done = []
     for job_id, kind, path in pending(jobs_dir):
@@ -96,7 +96,7 @@ def ingest(store: NodeStore, jobs_dir: Path, cluster: str, node: str) -> list[tu
             at_ns, flags = event_ns(env, path)
             env.setdefault("SLURMD_NODENAME", node)
             if kind == "start":
-                record = job_from_env(env, cluster, at_ns, gpu_minors(env))
+                record = job_from_env(env, cluster, at_ns, gpu_indices(env))
                 store.add_job(dataclasses.replace(record, flags=flags))
             else:
                 end_job(store, env, cluster, at_ns, flags)
@@ -128,7 +128,7 @@ def end_job(store: NodeStore, env: dict, cluster: str, end_ns: int,
     """Mark the job's latest running run ended, adding ``extra_flags`` to its flags; a job
     the Prolog never registered gets a run of its own (flag ``no_prolog``) so that the ledger
     knows it ran without data."""
-    from llem.node.slurm import gpu_minors, job_from_env
+    from llem.node.slurm import gpu_indices, job_from_env
 
     job_id = env["SLURM_JOB_ID"]
     runs = store.runs_of(job_id, "running")
@@ -136,7 +136,7 @@ def end_job(store: NodeStore, env: dict, cluster: str, end_ns: int,
         run = max(runs, key=lambda r: r.start_ns)
         flags = list(run.flags)
     else:
-        record = job_from_env(env, cluster, end_ns, gpu_minors(env))
+        record = job_from_env(env, cluster, end_ns, gpu_indices(env))
         run = store.run(store.add_job(record))
         flags = ["no_prolog"]
     flags += [f for f in extra_flags if f not in flags]

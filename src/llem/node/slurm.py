@@ -1,7 +1,10 @@
 """The one place that talks to Slurm: the Prolog/Epilog environment and the jobs' cgroups.
 
-Slurm's GPU index (``SLURM_JOB_GPUS``) is the ``/dev/nvidiaN`` minor number, not the NVML
-index: allocations are mapped to NVML devices through their minor number.
+Slurm's GPU index (``SLURM_JOB_GPUS``) is the position of the GPU in the node's GRES records,
+which is neither the NVML index nor, in general, the ``/dev/nvidiaN`` minor number. The
+sampler resolves it the way slurmd numbers its records (:class:`GpuMap`, from the node's
+``gres.conf``) to the device keys the energy rows carry (``nvml:GPU-<uuid>``); where the
+records cannot be read it assumes index = minor number and flags the job.
 
 CPU time and memory per job come from the job's cgroup, which exists only once the job's
 first step (extern or batch) starts, i.e. after the Prolog: it is looked up again every
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Mapping
 
 from llem.model import JobRecord
@@ -47,8 +51,8 @@ def node_name(env: Mapping[str, str]) -> str:
     return name
 
 
-def gpu_minors(env: Mapping[str, str]) -> tuple[str, ...]:
-    """The job's GPUs on this node as minor numbers (``SLURM_JOB_GPUS=0,2``)."""
+def gpu_indices(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The job's GPUs on this node as Slurm's GRES indices (``SLURM_JOB_GPUS=0,2``)."""
     raw = env.get("SLURM_JOB_GPUS") or ""
     return tuple(g for g in (x.strip() for x in raw.split(",")) if g.isdigit())
 
@@ -113,6 +117,155 @@ def _cpus_here(value: str | None, nodelist: str | None = None,
         if node in names and names.index(node) < len(counts):
             return counts[names.index(node)]
     return counts[0]
+
+
+# -- GPU identity --------------------------------------------------------------------------
+
+GPU_INDEX_ASSUMED_MINOR = "gpu_index_assumed_minor"
+"""Flag of a job whose Slurm GPU indices were taken as minor numbers (no GRES records)."""
+GPU_UNRESOLVED = "gpu_unresolved"
+"""Flag of a job with a Slurm GPU index that names no GPU the sampler reads."""
+GPU_KEY_PREFIX = "nvml:"
+
+
+def is_device_key(gpu: str) -> bool:
+    """True for a resolved entry of a job's ``gpus`` (a device key), False for a raw index."""
+    return ":" in gpu
+
+
+def gres_conf_path(env: Mapping[str, str]) -> Path:
+    """The node's gres.conf: beside ``SLURM_CONF`` (slurmd gives it to the Prolog), else
+    Debian's and Slurm's default places."""
+    conf = env.get("SLURM_CONF")
+    if conf:
+        return Path(conf).parent / "gres.conf"
+    for candidate in (Path("/etc/slurm/gres.conf"), Path("/etc/slurm-llnl/gres.conf")):
+        if candidate.exists():
+            return candidate
+    return Path("/etc/slurm/gres.conf")
+
+
+def _gres_fields(line: str) -> dict[str, str]:
+    fields = {}
+    for item in line.split():
+        key, sep, value = item.partition("=")
+        if sep:
+            fields[key.lower()] = value
+    return fields
+
+
+def gres_gpu_files(text: str, node: str) -> tuple[list[str], bool]:
+    """The device files of this node's ``Name=gpu`` records, in slurmd's index order.
+
+    With ``AutoDetect=off`` (or none) slurmd numbers the records in the order of the file,
+    each ``File=`` range expanded in order. Under ``AutoDetect=nvml|nvidia|rsmi`` it merges
+    them with what it found and sorts them by file (``_sort_gpu_by_file`` in Slurm's
+    ``gpu_common.c``: by the file name's numeric suffix), so the numbering follows the
+    ``/dev/nvidiaN`` names. Lines for other nodes (``NodeName=``) are skipped.
+
+    Returns:
+        The files, and whether AutoDetect is on (then a node without ``File=`` lines numbers
+        the GPUs it finds by their ``/dev/nvidiaN`` names, i.e. by minor number).
+    """
+    from llem.hostlist import expand_hostlist
+
+    files: list[str] = []
+    autodetect = False
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = _gres_fields(line)
+        if "nodename" in fields and node not in expand_hostlist(fields["nodename"]):
+            continue
+        if fields.get("autodetect", "off").lower() not in ("off", "none", ""):
+            autodetect = True
+        if fields.get("name") == "gpu" and fields.get("file"):
+            files += expand_hostlist(fields["file"])
+    if autodetect:
+        files.sort(key=_file_suffix)  # stable, like Slurm's list_sort on equal keys
+    return files, autodetect
+
+
+def _file_suffix(path: str) -> int:
+    m = re.search(r"(\d+)$", path)
+    return int(m.group(1)) if m else 0
+
+
+def _trusted_file(path: Path) -> bool:
+    """gres.conf decides which GPU a job is charged for: only root (or us) may write it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+
+
+class GpuMap:
+    """Slurm GPU index -> device key on this node, built once per sampler life.
+
+    Args:
+        devices: the sampler's devices; GPUs carry ``attrs['minor']``.
+        node: Slurm's node name (selects ``NodeName=`` lines of gres.conf).
+        gres_conf: the node's gres.conf; None or unreadable: index = minor number, flagged.
+        minor_of: a device file's minor number (a test seam; default: ``os.stat``).
+    """
+
+    def __init__(self, devices, node: str, gres_conf: str | os.PathLike | None,
+                 minor_of=None) -> None:
+        minor_of = minor_of or _device_minor
+        self.by_minor = {int(d.attrs["minor"]): d.key for d in devices
+                         if d.component == "gpu" and d.attrs.get("minor") is not None}
+        self.keys = {d.key for d in devices if d.component == "gpu"}
+        self.minors: list[int | None] | None = None
+        self.source = "index = minor number (assumed)"
+        path = Path(gres_conf) if gres_conf else None
+        if path is not None and _trusted_file(path):
+            try:
+                files, autodetect = gres_gpu_files(path.read_text(errors="replace"), node)
+            except OSError:
+                files, autodetect = [], False
+            if files:
+                self.minors = [minor_of(f) for f in files]
+                self.source = f"GRES records of {path}"
+            elif autodetect:
+                self.minors = list(sorted(self.by_minor))
+                self.source = f"AutoDetect in {path}: GPUs by /dev/nvidiaN name"
+
+    def resolve(self, gpus: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The device keys of a job's ``gpus`` (Slurm indices; keys are kept), and the flags
+        the resolution brings. An index that names no GPU here stays as it is, flagged
+        ``gpu_unresolved``: the ledger and the report treat such an entry as unresolved."""
+        out, flags = [], set()
+        for gpu in gpus:
+            if is_device_key(gpu):
+                out.append(gpu)
+                continue
+            minor: int | None = None
+            if self.minors is None:
+                minor = int(gpu) if gpu.isdigit() else None
+                flags.add(GPU_INDEX_ASSUMED_MINOR)
+            elif gpu.isdigit() and int(gpu) < len(self.minors):
+                minor = self.minors[int(gpu)]
+            key = self.by_minor.get(minor) if minor is not None else None
+            if key is None:
+                flags.add(GPU_UNRESOLVED)
+                out.append(gpu)
+            else:
+                out.append(key)
+        return tuple(out), tuple(sorted(flags))
+
+
+def _device_minor(path: str) -> int | None:
+    """The minor number of a character device file (``/dev/nvidia3`` -> 3 on most nodes,
+    but only the device node itself says so)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.minor(st.st_rdev) if stat.S_ISCHR(st.st_mode) else None
 
 
 # -- cgroups -------------------------------------------------------------------------------

@@ -145,6 +145,7 @@ def jobs_frame(run_rows: Sequence[tuple], energy_rows: Sequence[tuple],
     out["idle_gpus"] = jobs["idle_gpus"].astype(int)
     out["idle_kwh"] = jobs["idle_energy_uj"] / UJ_PER_KWH
     out["idle_gpu_h"] = jobs["idle_gpu_s"] / 3600.0
+    out["unresolved_gpus"] = jobs["unresolved_gpus"].astype(int)
     return out.reset_index(drop=True)
 
 
@@ -188,6 +189,7 @@ def totals(jobs: pd.DataFrame) -> dict[str, Any]:
         "coverage": coverage_of(jobs),
         "idle_kwh": float(jobs["idle_kwh"].sum()),
         "idle_gpu_h": float(jobs["idle_gpu_h"].sum()),
+        "unresolved_gpus": int(jobs["unresolved_gpus"].sum()),
         "incomplete_jobs": int((jobs["status"] != "complete").sum()),
     }
 
@@ -393,5 +395,9 @@ def notes_for(totals: Mapping[str, Any], carbon: Mapping[str, Any]) -> list[str]
     if totals["incomplete_jobs"]:
         notes.append(f"{totals['incomplete_jobs']} job run(s) are pending or incomplete "
                      "(some nodes have not reported yet): their energy may still grow.")
+    if totals.get("unresolved_gpus"):
+        notes.append(f"{totals['unresolved_gpus']} allocated GPU(s) are known only by Slurm's "
+                     "index, not by device (slices from before llem resolved GPU identity, "
+                     "or a node without its gres.conf): they are not judged idle or busy.")
     notes.extend(carbon.get("notes") or [])
     return notes
