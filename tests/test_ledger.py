@@ -121,7 +121,7 @@ def test_symlinked_ledger_is_refused(tmp_path):
 def test_ledger_in_a_directory_writable_by_others_is_refused(tmp_path):
     (tmp_path / "open").mkdir()
     os.chmod(tmp_path / "open", 0o777)
-    with pytest.raises(LedgerError, match="writable by others"):
+    with pytest.raises(LedgerError, match="writable by group or others"):
         Ledger(tmp_path / "open" / "ledger.db")
 
 

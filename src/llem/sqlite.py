@@ -3,8 +3,9 @@
 Both follow one discipline, implemented here once:
 
 * a writer opens the file with ``O_NOFOLLOW`` (never through a symlink), creating it with the
-  database's mode in a directory checked first; a reader opens it with ``mode=ro`` and never
-  creates, migrates or otherwise writes anything;
+  database's mode in a directory checked first, and refuses the file, its ``-wal`` or its
+  ``-shm`` when another user owns them or may write them (a forged or swapped database); a
+  reader opens it with ``mode=ro`` and never creates, migrates or otherwise writes anything;
 * schema changes are migrations, numbered by ``PRAGMA user_version``, applied in order inside
   one ``BEGIN IMMEDIATE`` transaction (whole or not at all), the version re-read under the
   write lock since another process may have migrated meanwhile;
@@ -39,6 +40,7 @@ class Messages:
     newer: str
     needs_migrating: str
     migration_failed: str
+    untrusted: str = "{path}: {problem}; refusing to use it"
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def _connect(path: Path, spec: Database, *, readonly: bool) -> tuple[sqlite3.Con
                                  timeout=spec.busy_timeout_s)
         else:
             spec.prepare_dir(path.parent)
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, spec.file_mode))
+            _check_files(path, spec)
             db = sqlite3.connect(path, isolation_level=None, timeout=spec.busy_timeout_s)
     except sqlite3.DatabaseError as e:
         raise spec.error(msg.not_a_database.format(path=path, error=e)) from e
@@ -132,6 +134,30 @@ def _connect(path: Path, spec: Database, *, readonly: bool) -> tuple[sqlite3.Con
     except sqlite3.DatabaseError as e:
         db.close()
         raise spec.error(msg.not_a_database.format(path=path, error=e)) from e
+
+
+def _check_files(path: Path, spec: Database) -> None:
+    """Create the database file if absent; refuse it, its ``-wal`` or its ``-shm`` when
+    another user owns or may write them (see :func:`llem.fsutil.file_problem`).
+
+    The directory has been checked first (no one else may write it), so the names cannot
+    change between these checks and SQLite's own opens.
+    """
+    from llem.fsutil import file_problem
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, spec.file_mode)
+    try:
+        problems = [(path, file_problem(os.fstat(fd)))]
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        try:
+            problems.append((Path(f"{path}{suffix}"), file_problem(os.lstat(f"{path}{suffix}"))))
+        except FileNotFoundError:
+            pass
+    for name, problem in problems:
+        if problem is not None:
+            raise spec.error(spec.messages.untrusted.format(path=name, problem=problem))
 
 
 def _check_version(path: Path, spec: Database, version: int, *, readonly: bool) -> None:

