@@ -138,5 +138,108 @@ def test_a_node_store_owned_by_another_user_is_refused_too(tmp_path):
         NodeStore(path)
 
 
-def _unused():  # keep imports used while later sections grow
-    return sqlite3, time
+# -- item 6: readers cannot stall the aggregator ---------------------------------------------
+
+
+READER = """
+import sqlite3, sys
+db = sqlite3.connect("file:" + sys.argv[1] + "?mode=ro", uri=True, isolation_level=None,
+                     timeout=0)
+count = "SELECT COUNT(*) FROM job_runs"
+db.execute("BEGIN")
+print(db.execute(count).fetchone()[0], flush=True)  # a read transaction, held open
+sys.stdin.readline()
+print(db.execute(count).fetchone()[0], flush=True)  # the same snapshot
+db.execute("COMMIT")
+print(db.execute(count).fetchone()[0], flush=True)  # the merges since
+"""
+
+
+class HeldReader:
+    """A second process holding ``BEGIN; SELECT ...`` open on the ledger: as uid 65534 (a
+    user who may not write the ledger's directory) when root, else as this user."""
+
+    def __init__(self, ledger: Path) -> None:
+        exe, user = ("/usr/bin/python3", NOBODY) if os.geteuid() == 0 else (os.sys.executable,
+                                                                            None)
+        self.proc = subprocess.Popen(
+            [exe, "-I", "-c", READER, str(ledger)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/", user=user,
+            group=user)
+        self.first = self._line()
+
+    def _line(self) -> int:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the reader failed: {self.proc.stderr.read()}")
+        return int(line)
+
+    def finish(self) -> tuple[int, int]:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        out = self._line(), self._line()
+        assert self.proc.wait(timeout=30) == 0
+        return out
+
+
+def _timed_pass(config, **kwargs):
+    t0 = time.monotonic()
+    result = aggregate_once(config, **kwargs)
+    return result, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("opened", ["between passes", "during a pass"])
+def test_a_reader_holding_a_transaction_cannot_stall_aggregate(shared_tmp, opened):
+    """The attack: a user holds ``BEGIN; SELECT`` open on the ledger. Before the fix the
+    ledger was left in rollback-journal mode between passes, and the next pass waited for
+    the reader's lock until "database is locked" (30 s), on every pass."""
+    config = node_config(shared_tmp)
+    ledger = Path(config.ledger)
+    ledger.parent.mkdir(mode=0o755)
+    spool_one_job(config, shared_tmp, "100")
+    readers = []
+    if opened == "during a pass":
+        spool_one_job(config, shared_tmp, "101", node="n2")
+        aggregate_once(config, batch_size=1,
+                       after_commit=lambda n: n == 0 and readers.append(HeldReader(ledger)))
+        expected_first = 1
+    else:
+        aggregate_once(config)
+        readers.append(HeldReader(ledger))
+        expected_first = 1
+    reader = readers[0]
+    assert reader.first == expected_first
+    for job_id in ("200", "300"):  # two passes while the reader holds its snapshot
+        spool_one_job(config, shared_tmp, job_id)
+        result, elapsed_s = _timed_pass(config)
+        assert result.merged == 1 and elapsed_s < 5, (result, elapsed_s)
+    total = 4 if opened == "during a pass" else 3
+    assert reader.finish() == (expected_first, total)
+    # No writer, no reader: a user can still open the ledger, which is still in WAL mode.
+    fresh = HeldReader(ledger)
+    assert fresh.finish() == (total, total)
+    with Ledger(ledger, readonly=True) as view:
+        assert view.query("PRAGMA journal_mode") == [("wal",)]
+
+
+def test_a_ledger_left_in_rollback_mode_by_an_older_llem_says_why_it_waits(tmp_path):
+    """The one case a writer can still wait: the first switch to WAL of an old ledger."""
+    path = tmp_path / "ledger" / "ledger.db"
+    Ledger(path).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = DELETE")
+    db.execute("BEGIN")
+    db.execute("SELECT COUNT(*) FROM meta").fetchall()
+    from llem.cluster import ledger as ledger_module
+
+    spec = ledger_module.DATABASE
+    quick = type(spec)(**{**spec.__dict__, "busy_timeout_s": 0.1,
+                          "pragmas": ("PRAGMA foreign_keys = ON",)})
+    from llem.sqlite import open_database
+
+    with pytest.raises(LedgerError, match="rollback-journal mode"):
+        open_database(path, quick, readonly=False)
+    db.execute("COMMIT")
+    db.close()
+    with Ledger(path) as ledger:
+        assert ledger.query("PRAGMA journal_mode") == [("wal",)]

@@ -41,6 +41,7 @@ class Messages:
     needs_migrating: str
     migration_failed: str
     untrusted: str = "{path}: {problem}; refusing to use it"
+    busy: str = "{path}: locked by another process ({error}); try again later"
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,10 @@ def _connect(path: Path, spec: Database, *, readonly: bool) -> tuple[sqlite3.Con
         for pragma in (() if readonly else tuple(spec.write_pragmas)) + tuple(spec.pragmas):
             db.execute(pragma)
         return db, schema_version(db)
+    except sqlite3.OperationalError as e:
+        db.close()
+        template = msg.busy if "locked" in str(e) else msg.not_a_database
+        raise spec.error(template.format(path=path, error=e)) from e
     except sqlite3.DatabaseError as e:
         db.close()
         raise spec.error(msg.not_a_database.format(path=path, error=e)) from e
