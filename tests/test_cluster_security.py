@@ -7,6 +7,8 @@ user may write loaded by root, secrets that had to be world-readable (item 10).
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import shutil
 import sqlite3
@@ -17,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from llem import slices
 from llem.cluster.aggregate import aggregate_once
 from llem.cluster.ledger import Ledger
 from llem.errors import LedgerError, StoreError
 from llem.fsutil import write_atomic
 from llem.slices import encode, file_name
-from tests.test_export import job_slices, node_config
+from tests.test_export import T0, S, job_slices, node_config
 
 NOBODY = 65534
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
@@ -243,3 +246,81 @@ def test_a_ledger_left_in_rollback_mode_by_an_older_llem_says_why_it_waits(tmp_p
     db.close()
     with Ledger(path) as ledger:
         assert ledger.query("PRAGMA journal_mode") == [("wal",)]
+
+
+# -- item 10: identifiers, one rule everywhere -----------------------------------------------
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("n1.example", True), ("gpu-01_a", True), ("n1", True), ("N9.rack-2.site", True),
+    (".hidden", False), ("..", False), ("n1/../x", False), ("n 1", False), ("n1\n", False),
+    ("", False), ("-n1", False), ("n" * 129, False), ("nöd", False), ("n1;rm", False),
+])
+def test_one_identifier_rule_at_every_edge(tmp_path, name, ok):
+    """node.slurm.node_name, NodePaths and slice validation apply the same rule."""
+    from llem.node.slurm import node_name
+    from llem.paths import NodePaths
+
+    config = node_config(tmp_path)
+    data = copy.deepcopy(_one_job(tmp_path))
+    data["node"] = name
+    edges = [lambda: NodePaths.of(config, name),
+             lambda: slices.validate(data),
+             lambda: slices.check_identifier("cluster", name)]
+    if name:  # no SLURMD_NODENAME at all: the host name, outside Slurm
+        edges.append(lambda: node_name({"SLURMD_NODENAME": name}))
+    for edge in edges:
+        if ok:
+            edge()
+        else:
+            with pytest.raises(ValueError, match="characters outside|non-empty"):
+                edge()
+
+
+@functools.lru_cache(maxsize=1)
+def _job_template() -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="llem-sec-job-"))
+    try:
+        return job_slices(tmp, "100", nodes=("n1",))[0]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _one_job(_tmp_path) -> dict:
+    return _job_template()
+
+
+def test_a_job_on_a_node_with_a_dot_is_exported_and_merged(tmp_path):
+    """Before, ``n1.example`` was measured but every export of it was refused (the slice
+    file name's parts are separated by dots). Production path: a real node store on node
+    n1.example, export_job, the outbox's delivery to the spool, one aggregate pass."""
+    from llem.node.export import export_job
+    from llem.node.outbox import deliver
+    from llem.node.slurm import node_name
+    from tests.test_export import build_store
+
+    node = node_name({"SLURMD_NODENAME": "n1.example"})
+    config = node_config(tmp_path, node=node)
+    Path(config.spool_dir).mkdir(mode=0o700)
+    store, run_id = build_store(tmp_path / "store" / "node.db", node=node, job_id="4242",
+                                nodelist="n1.example")
+    data = export_job(store, run_id, config, now_ns=T0 + 10 * 3600 * S)
+    store.close()
+    deliver(config, data)
+    names = os.listdir(config.spool_dir)
+    assert names == ["job.c1.n1%2Eexample.4242-" f"{T0 + 1800 * S}.{data['created_ns']}.json"]
+    assert slices.parse_file_name(names[0])["node"] == "n1.example"
+    result = aggregate_once(config)
+    assert (result.merged, result.quarantined) == (1, [])
+    with Ledger(config.ledger, readonly=True) as ledger:
+        runs = ledger.job_runs("4242")
+        assert [(r["status"], r["nodes_reported"]) for r in runs] == [("complete", 1)]
+        assert ledger.job_energy_by_node("c1", "4242").keys() == {"n1.example"}
+
+
+def test_a_file_name_that_lies_about_a_dotted_node_is_refused(tmp_path):
+    data = copy.deepcopy(_one_job(tmp_path))
+    data["node"] = "n1.example"
+    with pytest.raises(slices.SliceError, match="does not match"):
+        slices.check_name_matches(slices.file_name(data).replace("n1%2Eexample", "n2"), data)
+    slices.check_name_matches(slices.file_name(data), data)

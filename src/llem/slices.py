@@ -38,7 +38,17 @@ KINDS = ("job", "node", "header")
 
 # Names that may appear in a file name: admin-controlled identifiers only (cluster, node, job
 # id). Anything a user chooses (job name, tag, window name) lives inside the JSON.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,127}$")
+IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+"""The one rule for identifiers that name files, folders and rows: cluster names, node names,
+job ids. The characters Slurm allows in node names (letters, digits, ``.``, ``_``, ``-``), plus
+``+`` of heterogeneous job ids; never a ``/``, never starting with ``.`` (no ``..``, no hidden
+file), at most 128 characters. Checked once where a name enters llem (``node.slurm``,
+``NodePaths``, slice validation) with this same rule; see :func:`check_identifier`."""
+SAFE_NAME = re.compile(rf"^{IDENTIFIER.pattern}\Z")
+IDENTIFIER_RULE = "letters, digits, '.', '_', '+', '-', not starting with one of '._+-', " \
+                  "at most 128"
+_IN_FILE_NAME_DOT = "%2E"
+"""How a dot inside an identifier is written in a spool file name, whose parts dots separate."""
 
 COMPONENTS = ("cpu", "dram", "gpu", "psys", "other")
 SOURCES = ("measured", "estimated")
@@ -95,11 +105,25 @@ def _str(obj: Mapping, key: str, where: str, *, optional: bool = False) -> str |
     return value
 
 
-def _safe(obj: Mapping, key: str, where: str) -> str:
-    value = _str(obj, key, where)
-    if not SAFE_NAME.match(value):
-        raise SliceError(f"{where}: '{key}' {_show(value)} has characters outside [A-Za-z0-9_+-]")
+def is_identifier(value: Any) -> bool:
+    """Whether ``value`` is a string that follows :data:`IDENTIFIER`."""
+    return type(value) is str and IDENTIFIER.fullmatch(value) is not None
+
+
+def check_identifier(what: str, value: Any) -> str:
+    """Return ``value`` if it is an identifier (see :data:`IDENTIFIER`).
+
+    Raises:
+        SliceError: (a ValueError) it is not; the message names ``what`` and the rule.
+    """
+    if not is_identifier(value):
+        raise SliceError(f"{what} {_show(value)} has characters outside [A-Za-z0-9._+-] or "
+                         f"breaks the rule for names ({IDENTIFIER_RULE})")
     return value
+
+
+def _safe(obj: Mapping, key: str, where: str) -> str:
+    return check_identifier(f"{where}: '{key}'", _str(obj, key, where))
 
 
 def _ts(obj: Mapping, key: str, where: str, *, optional: bool = False) -> int | None:
@@ -408,8 +432,9 @@ def replace_lone_surrogates(value: Any) -> Any:
 def file_name(data: Mapping) -> str:
     """The spool file name of a validated slice: admin-controlled identifiers only.
 
-    ``<kind>.<cluster>.<node>.<key>.<created_ns>.json``; the node of a header slice is
-    ``ctld``. Nothing a user chooses (job name, tag, window names) ever appears in it.
+    ``<kind>.<cluster>.<node>.<key>.<created_ns>.json``, a dot inside a part written ``%2E``;
+    the node of a header slice is ``ctld``. Nothing a user chooses (job name, tag, window
+    names) ever appears in it.
     """
     kind = data["kind"]
     node = data.get("node", "ctld") if kind != "header" else "ctld"
@@ -419,19 +444,23 @@ def file_name(data: Mapping) -> str:
         key = f"{data['job']['job_id']}-{data['job']['end_ns']}"
     else:
         key = f"{data['from_hour_s']}-{data['as_of_ns']}"
-    name = f"{kind}.{data['cluster']}.{node}.{key}.{data['created_ns']}.json"
     for part in (data["cluster"], node):
-        if not SAFE_NAME.match(part):
+        if not is_identifier(part):
             raise SliceError(f"unsafe name {_show(part)} for a file name")
-    return name
+    parts = (kind, data["cluster"], node, key, str(data["created_ns"]))
+    return ".".join(p.replace(".", _IN_FILE_NAME_DOT) for p in parts) + ".json"
 
 
 def parse_file_name(name: str) -> dict[str, str]:
-    """The parts of a slice file name; raise SliceError for a name llem never writes."""
+    """The parts of a slice file name; raise SliceError for a name llem never writes.
+
+    A dot inside an identifier (node ``n1.example``) is written ``%2E`` in the file name.
+    """
     parts = name.split(".")
     if len(parts) != 6 or parts[-1] != "json" or parts[0] not in KINDS:
         raise SliceError(f"file name {_show(name)} is not a slice name "
                          "(<kind>.<cluster>.<node>.<key>.<created_ns>.json)")
+    parts = [p.replace(_IN_FILE_NAME_DOT, ".") for p in parts]
     return {"kind": parts[0], "cluster": parts[1], "node": parts[2], "key": parts[3],
             "created_ns": parts[4]}
 
