@@ -324,3 +324,95 @@ def test_a_file_name_that_lies_about_a_dotted_node_is_refused(tmp_path):
     with pytest.raises(slices.SliceError, match="does not match"):
         slices.check_name_matches(slices.file_name(data).replace("n1%2Eexample", "n2"), data)
     slices.check_name_matches(slices.file_name(data), data)
+
+
+# -- item 10: the config file and its secrets ------------------------------------------------
+
+
+def _write_config(path: Path, text: str, owner: int = 0, mode: int = 0o644) -> Path:
+    path.write_text(text)
+    os.chown(path, owner, owner) if os.geteuid() == 0 else None
+    os.chmod(path, mode)
+    return path
+
+
+@root_only
+@pytest.mark.parametrize("owner, mode, refused", [
+    (NOBODY, 0o666, "owned by uid 65534, not root"),  # the attack: root loaded this file
+    (NOBODY, 0o644, "owned by uid 65534, not root"),
+    (0, 0o664, "writable by group or others"),
+    (0, 0o646, "writable by group or others"),
+    (0, 0o644, None),
+    (0, 0o600, None),
+])
+def test_root_refuses_a_config_file_another_user_could_write(tmp_path, owner, mode, refused):
+    from llem import config
+    from llem.errors import ConfigError
+
+    path = _write_config(tmp_path / "llem.yaml", f"spool_dir: {tmp_path}/spool\n", owner, mode)
+    if refused is None:
+        assert config.load(path, env={}).spool_dir == f"{tmp_path}/spool"
+        return
+    with pytest.raises(ConfigError, match=f"{path}: the config file is {refused}.*runs as root"):
+        config.load(path, env={})
+    with pytest.raises(ConfigError, match=refused):
+        config.load(env={"LLEM_CONFIG": str(path)})
+
+
+def test_a_cluster_name_follows_the_identifier_rule(tmp_path):
+    from llem import config
+    from llem.errors import ConfigError
+
+    path = _write_config(tmp_path / "llem.yaml", "cluster: ../etc\n")
+    with pytest.raises(ConfigError, match="'cluster' '../etc' has characters outside"):
+        config.load(path, env={})
+    assert config.load(_write_config(path, "cluster: hpc.example\n"), env={}).cluster == \
+        "hpc.example"
+
+
+@root_only
+def test_the_provider_token_lives_in_a_root_only_file_and_users_still_run(shared_tmp):
+    """Before, the token had to sit in the world-readable config, since llem-acct refused
+    an unreadable config. Now: carbon.provider_token_file, mode 0600; root reads the token
+    when it asks the provider; a user loads the same config, is told the token is for
+    admins only, and gets the annual table."""
+    from llem import config
+    from llem.errors import ConfigError
+    from tests.test_export import _python_for_nobody
+
+    token = _write_config(shared_tmp / "provider-token", "secret-token\n", 0, 0o600)
+    path = _write_config(
+        shared_tmp / "llem.yaml",
+        "carbon:\n  region: DE\n  provider: electricitymaps\n"
+        f"  provider_token_file: {token}\n")
+    assert config.load(path, env={}).carbon.token() == "secret-token"
+
+    python = _python_for_nobody(shared_tmp)
+    if python is None:
+        pytest.skip("no Python that uid 65534 can run llem with")
+    import llem.share
+
+    share = shared_tmp / "src" / "llem" / "share"  # the intensity tables, for that copy
+    if not share.exists():
+        shutil.copytree(Path(llem.share.__file__).parent, share,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for p in [share, *share.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    code = (
+        "from llem import config\n"
+        "from llem.carbon.intensity import resolve\n"
+        f"cfg = config.load({str(path)!r}, env={{}})\n"
+        "try:\n    cfg.carbon.token()\nexcept config.SecretUnavailable as e:\n    print(e)\n"
+        "def get(*a, **k):\n    raise AssertionError('no request without the token')\n"
+        "model = resolve(cfg, hours=[1700000000 // 3600 * 3600], provider_get=get)\n"
+        "print(model.notes[-1])\n")
+    proc = subprocess.run([python[0], "-c", code], user=NOBODY, group=NOBODY, env=python[1],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"carbon.provider_token_file {token} is readable by root and admins only"
+    assert "the online provider is not used, the annual table is" in lines[1]
+
+    os.chmod(token, 0o644)  # a secret every user can read is refused, not used
+    with pytest.raises(ConfigError, match="readable or writable by others"):
+        config.load(path, env={}).carbon.token()
