@@ -416,3 +416,33 @@ def test_the_provider_token_lives_in_a_root_only_file_and_users_still_run(shared
     os.chmod(token, 0o644)  # a secret every user can read is refused, not used
     with pytest.raises(ConfigError, match="readable or writable by others"):
         config.load(path, env={}).carbon.token()
+
+
+@root_only
+def test_a_user_locking_the_ledger_files_directly_is_named(shared_tmp):
+    """The limit that remains while users read the ledger file themselves: a POSIX read lock
+    taken with fcntl on the -shm's write-lock byte (no SQLite involved) makes writes fail.
+    The pass fails (the slice stays in the spool, nothing is lost) and names the culprit."""
+    config = node_config(shared_tmp)
+    ledger = Path(config.ledger)
+    ledger.parent.mkdir(mode=0o755)
+    spool_one_job(config, shared_tmp, "100")
+    aggregate_once(config)
+    locker = subprocess.Popen(
+        ["/usr/bin/python3", "-I", "-c",
+         "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1] + '-shm', os.O_RDONLY)\n"
+         "fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 120)\n"
+         "print('locked', flush=True); time.sleep(120)\n", str(ledger)],
+        stdout=subprocess.PIPE, text=True, user=NOBODY, group=NOBODY, cwd="/")
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        waiting = spool_one_job(config, shared_tmp, "200")
+        with pytest.raises(LedgerError, match=rf"held by pid {locker.pid} \(uid {NOBODY}\)"):
+            aggregate_once(config)
+        assert HeldReader(ledger).finish() == (1, 1)  # users still read it meanwhile
+    finally:
+        locker.kill()
+        locker.wait()
+    assert waiting in os.listdir(config.spool_dir)
+    assert aggregate_once(config).merged == 1

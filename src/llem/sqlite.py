@@ -133,9 +133,13 @@ def _connect(path: Path, spec: Database, *, readonly: bool) -> tuple[sqlite3.Con
             db.execute(pragma)
         return db, schema_version(db)
     except sqlite3.OperationalError as e:
+        if "locked" not in str(e) and "locking protocol" not in str(e):
+            db.close()
+            raise spec.error(msg.not_a_database.format(path=path, error=e)) from e
+        holders = lock_holders(path)  # before closing, which may delete a locked -shm
         db.close()
-        template = msg.busy if "locked" in str(e) else msg.not_a_database
-        raise spec.error(template.format(path=path, error=e)) from e
+        raise spec.error(msg.busy.format(path=path, error=e) + (
+            f" (locks on it held by {holders})" if holders else "")) from e
     except sqlite3.DatabaseError as e:
         db.close()
         raise spec.error(msg.not_a_database.format(path=path, error=e)) from e
@@ -163,6 +167,39 @@ def _check_files(path: Path, spec: Database) -> None:
     for name, problem in problems:
         if problem is not None:
             raise spec.error(spec.messages.untrusted.format(path=name, problem=problem))
+
+
+def lock_holders(path: Path) -> str:
+    """Who holds POSIX locks on the database, its ``-wal`` or its ``-shm``, from
+    ``/proc/locks``: "pid P (uid U), ..." (empty where none, or not Linux).
+
+    Any user who may read the files can lock them with ``fcntl`` and make writers wait; an
+    admin needs the culprit's name, not SQLite's "database is locked".
+    """
+    wanted = set()
+    for name in (str(path), f"{path}-wal", f"{path}-shm"):
+        try:
+            st = os.stat(name)
+        except OSError:
+            continue
+        wanted.add(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    pids = set()
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if (len(fields) >= 6 and fields[1] != "->" and fields[5] in wanted
+                        and fields[4].isdigit()):
+                    pids.add(int(fields[4]))
+    except OSError:
+        return ""
+    out = []
+    for pid in sorted(pids - {os.getpid()}):
+        try:
+            out.append(f"pid {pid} (uid {os.stat(f'/proc/{pid}').st_uid})")
+        except OSError:
+            out.append(f"pid {pid}")
+    return ", ".join(out)
 
 
 def _check_version(path: Path, spec: Database, version: int, *, readonly: bool) -> None:

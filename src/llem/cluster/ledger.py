@@ -190,7 +190,8 @@ DATABASE = Database(
         # WAL mode for good (see Ledger.close): only a ledger left in rollback-journal mode by
         # an older llem, with a reader in, can still make a writer wait, once.
         busy="{path}: the ledger is locked ({error}): a reader holds it in rollback-journal "
-             "mode, as earlier versions of llem left it; the next pass switches it to WAL for good",
+             "mode (as earlier versions of llem left it; the next pass switches it to WAL for "
+             "good), or a process locks its files directly",
     ),
 )
 """How the ledger is opened: mode 0644 in a directory only root writes, WAL while writing.
@@ -270,7 +271,12 @@ class Ledger:
         self.readonly = readonly
         self._devices_seen: set[tuple] = set()
         self._checkpointer: _Checkpointer | None = None
-        self.db = open_database(self.path, DATABASE, readonly=readonly)
+        try:
+            self.db = open_database(self.path, DATABASE, readonly=readonly)
+        except LedgerError:
+            if not readonly and _checked_ledger(self.path):
+                keep_wal_files(self.path)  # a failed open may have deleted them: users need them
+            raise
         if background_checkpoint and not readonly:
             # The committing connection checkpoints only if the thread falls far behind.
             self.db.execute(f"PRAGMA wal_autocheckpoint = {_Checkpointer.FALLBACK_PAGES}")
@@ -566,6 +572,18 @@ def _wal_keeper(path: Path) -> sqlite3.Connection | None:
     except sqlite3.Error as e:
         log.debug("%s: no read-only connection to keep the WAL files: %s", path, e)
         return None
+
+
+def _checked_ledger(path: Path) -> bool:
+    """Whether the ledger and its directory pass the writer's checks (nothing is written
+    beside a ledger that was refused)."""
+    from llem.fsutil import dir_problem, file_problem
+
+    try:
+        return (dir_problem(path.parent) is None
+                and file_problem(os.lstat(path)) is None)
+    except OSError:
+        return False
 
 
 def keep_wal_files(path: str | os.PathLike) -> None:
