@@ -186,3 +186,18 @@ def test_an_aggregate_pass_never_crashes(tmp_path_factory, cases, readers):
     assert all(len(r) <= MAX_REASON for _, r in result.quarantined)
     left = {e.name for e in os.scandir(spool) if e.is_file()}
     assert left == set(result.newer)  # nothing stuck in the spool
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(mutated())
+def test_validate_alone_accepts_or_raises_slice_error(case):
+    """The validator's own contract, which the exporter relies on too (slices.checked)."""
+    _, body = case
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return  # not JSON Python can hold: the reader's business (see above)
+    try:
+        slices.validate(data)
+    except slices.SliceError as e:
+        assert str(e) and len(str(e)) <= MAX_REASON, str(e)[:2000]

@@ -23,6 +23,7 @@ class SecretUnavailable(ConfigError):
     """A secret file that this user may not read (it is for root and admins): not a fault;
     what needs it is skipped, and said."""
 
+
 DEFAULT_CONFIG_PATH = Path("/etc/llem/llem.yaml")
 
 # Environment variables that start with LLEM_ but are not config keys.
