@@ -21,7 +21,7 @@ from llem.sensors import amdsmi as amd
 from llem.sensors.base import COUNTER, ERROR, OK, POWER_POLL
 from llem.units import NS_PER_S
 from tests.fakeamdsmi.lib import FakeAmdGpu, build, write_state
-from tests.test_pm_counters import Sink, StepClock
+from tests.helpers.meters import Sink, StepClock
 
 UNIT = 65536  # accumulator ticks per joule
 

@@ -251,7 +251,7 @@ def test_the_policy_travels_from_the_node_store_to_llem_acct(tmp_path, monkeypat
     from llem.cli.acct import acct
     from llem.cluster.ledger import Ledger, digest
     from llem.node.export import export_job
-    from tests.test_export import build_store, node_config
+    from tests.helpers.nodes import build_store, node_config
 
     items = []
     for i, (node, policy) in enumerate((("n1", "exclusive"), ("n2", "hybrid"))):

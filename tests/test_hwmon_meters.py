@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from llem.errors import SensorUnavailable
@@ -11,35 +9,7 @@ from llem.sampler import Sampler
 from llem.sensors import hwmon
 from llem.sensors.base import ERROR, OK, POWER_POLL
 from llem.units import RESET
-from tests.test_pm_counters import Sink, StepClock
-
-
-class FakeHwmon:
-    """``hwmonN`` folders; ``in_device`` puts the meter files in ``hwmonN/device/`` as the
-    ACPI driver does on kernels before 6.x."""
-
-    def __init__(self, root: Path) -> None:
-        self.path = Path(root)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.n = 0
-        self.files: dict[str, Path] = {}
-
-    def add(self, key: str, power_uw: int, oem: str | None = None, window_ms: int = 1000,
-            name: str = "power_meter", in_device: bool = False) -> Path:
-        hw = self.path / f"hwmon{self.n}"
-        self.n += 1
-        folder = hw / "device" if in_device else hw
-        folder.mkdir(parents=True)
-        (folder / "name").write_text(name + "\n")
-        (folder / "power1_average").write_text(f"{power_uw}\n")
-        (folder / "power1_average_interval").write_text(f"{window_ms}\n")
-        if oem is not None:
-            (folder / "power1_oem_info").write_text(oem + "\n")
-        self.files[key] = folder / "power1_average"
-        return folder
-
-    def set(self, key: str, power_uw: int | str) -> None:
-        self.files[key].write_text(f"{power_uw}\n")
+from tests.helpers.meters import FakeHwmon, Sink, StepClock
 
 
 @pytest.fixture

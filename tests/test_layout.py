@@ -58,3 +58,15 @@ def test_the_checker_sees_a_crossing(tmp_path):
     bad.write_text("def f():\n    from llem.cluster.ledger import Ledger\n")
     assert _crossings([bad], ADMIN_SIDE, root=tmp_path) == [
         "node/bad.py imports llem.cluster.ledger", "node/bad.py imports llem.cluster.ledger.Ledger"]
+
+
+def test_no_test_module_imports_another_or_bench():
+    """Shared builders live in tests/helpers and fixtures in tests/conftest.py."""
+    tests = Path(__file__).resolve().parent
+    bad = []
+    for path in sorted(tests.rglob("test_*.py")):
+        for name in sorted(_imports(path)):
+            leaf = name.split(".")
+            if any(part.startswith("test_") for part in leaf[:2]) or leaf[0] == "bench":
+                bad.append(f"{path.relative_to(tests).as_posix()} imports {name}")
+    assert bad == []

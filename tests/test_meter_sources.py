@@ -5,9 +5,9 @@ from __future__ import annotations
 from llem.config import Config
 from llem.sensors import OpenedSensors, meters, open_sensors
 from llem.sensors.base import Device
+from tests.helpers.meters import FakeHwmon
 from tests.pmcounters import FakePmCounters
 from tests.powercap import FakePowercap
-from tests.test_hwmon_meters import FakeHwmon
 
 
 class FakeNvml:

@@ -9,38 +9,15 @@ from llem.sampler import Sampler
 from llem.sensors import pm_counters
 from llem.sensors.base import ERROR, OK
 from llem.units import NS_PER_S, RESET, UJ_PER_J
+from tests.helpers.meters import Sink, StepClock
 from tests.pmcounters import FakePmCounters
 
 WATTS = {"energy": 400, "cpu_energy": 150, "memory_energy": 50, "accel0_energy": 40,
          "accel1_energy": 40, "accel2_energy": 40, "accel3_energy": 40}
 
 
-class StepClock:
-    def __init__(self) -> None:
-        self.mono = 10 * NS_PER_S
-        self.wall = 1_700_000_000 * NS_PER_S
-
-    def monotonic_ns(self) -> int:
-        return self.mono
-
-    def time_ns(self) -> int:
-        return self.wall
-
-    def step(self, seconds: float) -> None:
-        self.mono += int(seconds * NS_PER_S)
-        self.wall += int(seconds * NS_PER_S)
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.devices = []
-        self.intervals = []
-
-    def register_devices(self, devices, ts_ns):
-        self.devices = list(devices)
-
-    def write(self, interval):
-        self.intervals.append(interval)
 
 
 @pytest.fixture

@@ -97,7 +97,7 @@ def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
 def test_a_reader_reads_an_older_readable_schema_and_writes_nothing(tmp_path):
     path = tmp_path / "x.db"
     db = open_database(path, spec(_v1), readonly=False)
-    db.execute("PRAGMA journal_mode = DELETE")  # as the ledger leaves it (see Ledger.close)
+    db.execute("PRAGMA journal_mode = DELETE")  # as older llem left the ledger between passes
     db.close()
     before = (path.read_bytes(), path.stat().st_mtime_ns, sorted(os.listdir(tmp_path)))
     db = open_database(path, spec(_v1, _v2, readable_from=1), readonly=True)

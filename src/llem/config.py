@@ -18,6 +18,12 @@ from typing import Any, Mapping
 
 from llem.errors import ConfigError
 
+
+class SecretUnavailable(ConfigError):
+    """A secret file that this user may not read (it is for root and admins): not a fault;
+    what needs it is skipped, and said."""
+
+
 DEFAULT_CONFIG_PATH = Path("/etc/llem/llem.yaml")
 
 # Environment variables that start with LLEM_ but are not config keys.
@@ -65,7 +71,12 @@ class CarbonConfig:
     provider: str | None = None
     """Optional online provider: 'electricitymaps' or 'uk-carbon-intensity'; off by default."""
     provider_token: str | None = None
-    """Token of the online provider, where it needs one."""
+    """Token of the online provider, where it needs one. Better kept out of the config file
+    (which every user reads): see provider_token_file."""
+    provider_token_file: str | None = None
+    """A file holding the provider's token (its first line), readable by root (and an admin
+    group) only, never by others; read only when a provider request is made. Users, who may
+    not read it, get the annual table instead, and are told so."""
     intensity_basis: str | None = None
     """Basis of intensity_file or intensity_g_per_kwh: 'lifecycle' or 'direct' (None: shown
     as 'unspecified'). Shipped tables and providers carry their own basis."""
@@ -75,6 +86,21 @@ class CarbonConfig:
     """Base URL of the provider's API (a mirror or proxy); default: the provider's own."""
     provider_timeout_s: float = 10.0
     """Time-out of one provider request; on time-out the annual table is used, and said."""
+
+    def token(self) -> str | None:
+        """The provider's token: ``provider_token``, else the first line of
+        ``provider_token_file`` (see :func:`read_secret`); None when neither is set.
+
+        Raises:
+            SecretUnavailable: this user may not read the file (a user, not an admin).
+            ConfigError: the file is readable or writable by others, or (as root) owned by
+                another user.
+        """
+        if self.provider_token:
+            return self.provider_token
+        if not self.provider_token_file:
+            return None
+        return read_secret(self.provider_token_file, "carbon.provider_token_file")
 
 
 @dataclass(frozen=True)
@@ -339,9 +365,21 @@ def from_mapping(data: Mapping[str, Any], where: str = "config") -> Config:
             raise _unknown(key, all_keys() + list(_SECTIONS), where)
         if key not in _SECTIONS:
             kwargs[key] = _check_type(key, value, top[key], where)
+            if key == "cluster":
+                _check_cluster_name(kwargs[key], where)
         elif value is not None:  # an empty section keeps its defaults
             kwargs[key] = _section(key, value, where)
     return Config(**kwargs, source=where)
+
+
+def _check_cluster_name(name: str, where: str) -> None:
+    """The cluster name names files and rows: the one rule for identifiers (issue 20)."""
+    from llem.slices import SliceError, check_identifier
+
+    try:
+        check_identifier("'cluster'", name)
+    except SliceError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _section(name: str, data: Any, where: str) -> Any:
@@ -445,13 +483,39 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
         from_mapping(overrides, "environment")
         data = _merge(data, overrides)
         where = f"{where} + environment" if where != "defaults" else "defaults + environment"
-    return from_mapping(data, where)
+    config = from_mapping(data, where)
+    if config.carbon.provider_token and text is not None and os.geteuid() == 0:
+        _warn_inline_secret(file)
+    return config
+
+
+def _warn_inline_secret(file: Path) -> None:
+    import logging
+    import stat
+
+    try:
+        if os.stat(file).st_mode & stat.S_IROTH:
+            logging.getLogger(__name__).warning(
+                "%s: carbon.provider_token sits in a config file every user can read; move "
+                "it to carbon.provider_token_file (mode 0600)", file)
+    except OSError:
+        pass
 
 
 def _read_config_file(file: Path, explicit: bool) -> str | None:
-    """The file's text; None when the default file is absent (an explicit one must exist)."""
+    """The file's text; None when the default file is absent (an explicit one must exist).
+
+    As root, the file actually opened must be owned by root and writable by no one else
+    (see :func:`trust_problem`): what it says, root does (paths it writes, hooks it runs).
+    """
     try:
-        return file.read_text(encoding="utf-8")
+        with open(file, "rb") as f:
+            problem = trust_problem(os.fstat(f.fileno())) if os.geteuid() == 0 else None
+            if problem is not None:
+                raise ConfigError(f"{file}: the config file {problem}; llem runs as root "
+                                  "and refuses a file another user could have written "
+                                  "(fix with 'chown root' and 'chmod go-w')")
+            return f.read().decode("utf-8")
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{file}: config file not found") from None
@@ -460,6 +524,58 @@ def _read_config_file(file: Path, explicit: bool) -> str | None:
         raise ConfigError(f"{file}: permission denied reading the config file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file}: cannot read the config file: {e}") from e
+
+
+def trust_problem(st: os.stat_result) -> str | None:
+    """Why root may not trust a file it reads instructions or secrets from, or None.
+
+    It must be a regular file owned by root and writable by neither its group nor others.
+    """
+    import stat
+
+    if stat.S_ISCHR(st.st_mode) and st.st_uid == 0 and st.st_rdev == os.makedev(1, 3):
+        return None  # /dev/null: "no file", a common way to run on defaults
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != 0:
+        return f"is owned by uid {st.st_uid}, not root"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def read_secret(path: str | os.PathLike, key: str) -> str:
+    """The first line of a secret file, which others may neither read nor write.
+
+    Raises:
+        SecretUnavailable: this user may not read it (the file is for root and admins).
+        ConfigError: missing or empty; readable or writable by others; as root, not owned
+            by root or writable by its group.
+    """
+    import stat
+
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+                raise ConfigError(f"{key} {path}: readable or writable by others (mode "
+                                  f"{stat.S_IMODE(st.st_mode):o}); a secret must not be: "
+                                  "fix with 'chmod o-rw'")
+            problem = trust_problem(st) if os.geteuid() == 0 else None
+            if problem is not None:
+                raise ConfigError(f"{key} {path}: {problem}; root refuses a secret another "
+                                  "user could have written")
+            lines = f.read(4096).decode("utf-8", "replace").splitlines()
+    except PermissionError:
+        raise SecretUnavailable(f"{key} {path} is readable by root and admins only") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{key} {path}: not found") from None
+    except OSError as e:
+        raise ConfigError(f"{key} {path}: cannot read it: {e.strerror or e}") from e
+    secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise ConfigError(f"{key} {path}: empty")
+    return secret
 
 
 def _parse_file(text: str, where: str) -> dict[str, Any]:

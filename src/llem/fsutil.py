@@ -3,6 +3,8 @@
 - :func:`dir_problem` / :func:`ensure_private_dir`: a directory llem writes into must not be
   under another user's control (no symlink, a real directory, owned by this user or root,
   not writable by others, nor by the group where the place asks for it).
+- :func:`file_problem`: a file written by root (a database) is a regular file owned by this
+  user or root and writable by nobody else.
 - :func:`write_atomic`: temporary name, ``O_EXCL | O_NOFOLLOW``, fsync, rename, fsync dir.
 - :func:`locked`: an exclusive flock with a time bound.
 - :func:`detach`: fork, setsid, fork again, stdio to /dev/null, descriptors closed: a process
@@ -52,6 +54,25 @@ def dir_problem(path: Path, *, create_mode: int | None = None, group_write_ok: b
         who = "others" if group_write_ok else "group or others"
         fix = "o-w" if group_write_ok else "go-w"
         return f"is writable by {who} (mode {mode:o}); fix with 'chmod {fix} {path}'"
+    return None
+
+
+def file_problem(st: os.stat_result, *, euid: int | None = None) -> str | None:
+    """What is wrong with a file that a root process writes (a database, its ``-wal`` and
+    ``-shm``), from its ``lstat``/``fstat``, or None when it is fine.
+
+    It must be a regular file, owned by this user or root, and writable by nobody else: a
+    file another user owns or may write could have been forged or swapped in by them.
+    """
+    euid = os.geteuid() if euid is None else euid
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid not in (euid, 0):
+        return (f"is owned by uid {st.st_uid}, not by this user (uid {euid}) or root: another "
+                "user may have forged or swapped it")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+                "fix with 'chmod go-w'")
     return None
 
 

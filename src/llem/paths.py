@@ -26,6 +26,15 @@ class NodePaths:
 
     @classmethod
     def of(cls, config: Config, node: str) -> "NodePaths":
+        """The paths of ``node``.
+
+        Raises:
+            ValueError: the node name breaks :data:`llem.slices.IDENTIFIER` (``..``, ``/``):
+                the same rule as everywhere, so that no name reaches a path unchecked.
+        """
+        from llem.slices import check_identifier
+
+        check_identifier("node name", node)
         return cls(node, Path(config.run_dir) / node, Path(config.state_dir) / f"node-{node}.db")
 
     @property

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import operator
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,7 +38,17 @@ KINDS = ("job", "node", "header")
 
 # Names that may appear in a file name: admin-controlled identifiers only (cluster, node, job
 # id). Anything a user chooses (job name, tag, window name) lives inside the JSON.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,127}$")
+IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+"""The one rule for identifiers that name files, folders and rows: cluster names, node names,
+job ids. The characters Slurm allows in node names (letters, digits, ``.``, ``_``, ``-``), plus
+``+`` of heterogeneous job ids; never a ``/``, never starting with ``.`` (no ``..``, no hidden
+file), at most 128 characters. Checked once where a name enters llem (``node.slurm``,
+``NodePaths``, slice validation) with this same rule; see :func:`check_identifier`."""
+SAFE_NAME = re.compile(rf"^{IDENTIFIER.pattern}\Z")
+IDENTIFIER_RULE = "letters, digits, '.', '_', '+', '-', not starting with one of '._+-', " \
+                  "at most 128"
+_IN_FILE_NAME_DOT = "%2E"
+"""How a dot inside an identifier is written in a spool file name, whose parts dots separate."""
 
 COMPONENTS = ("cpu", "dram", "gpu", "psys", "platform", "other")
 SOURCES = ("measured", "estimated")
@@ -61,6 +72,20 @@ INT64_MAX = 2**63 - 1
 """The largest integer SQLite stores: anything beyond is damage, not data."""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlong = 40
+_REPR.maxlevel = 2
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, cut short: a reason names the value, it does not copy a huge one."""
+    try:
+        return _REPR.repr(value)
+    except (ValueError, RecursionError):  # an integer past Python's digit limit, say
+        return f"<{type(value).__name__}>"
+
+
 def _is_int(value: Any) -> bool:
     return type(value) is int and -INT64_MAX - 1 <= value <= INT64_MAX
 
@@ -76,15 +101,29 @@ def _str(obj: Mapping, key: str, where: str, *, optional: bool = False) -> str |
     if value is None and optional:
         return None
     if not isinstance(value, str) or not value:
-        raise SliceError(f"{where}: '{key}' must be a non-empty string, got {value!r}")
+        raise SliceError(f"{where}: '{key}' must be a non-empty string, got {_show(value)}")
+    return value
+
+
+def is_identifier(value: Any) -> bool:
+    """Whether ``value`` is a string that follows :data:`IDENTIFIER`."""
+    return type(value) is str and IDENTIFIER.fullmatch(value) is not None
+
+
+def check_identifier(what: str, value: Any) -> str:
+    """Return ``value`` if it is an identifier (see :data:`IDENTIFIER`).
+
+    Raises:
+        SliceError: (a ValueError) it is not; the message names ``what`` and the rule.
+    """
+    if not is_identifier(value):
+        raise SliceError(f"{what} {_show(value)} has characters outside [A-Za-z0-9._+-] or "
+                         f"breaks the rule for names ({IDENTIFIER_RULE})")
     return value
 
 
 def _safe(obj: Mapping, key: str, where: str) -> str:
-    value = _str(obj, key, where)
-    if not SAFE_NAME.match(value):
-        raise SliceError(f"{where}: '{key}' {value!r} has characters outside [A-Za-z0-9_+-]")
-    return value
+    return check_identifier(f"{where}: '{key}'", _str(obj, key, where))
 
 
 def _ts(obj: Mapping, key: str, where: str, *, optional: bool = False) -> int | None:
@@ -92,7 +131,8 @@ def _ts(obj: Mapping, key: str, where: str, *, optional: bool = False) -> int | 
     if value is None and optional:
         return None
     if not _is_int(value) or not MIN_TS_NS <= value <= MAX_TS_NS:
-        raise SliceError(f"{where}: '{key}' must be epoch nanoseconds (2000-2100), got {value!r}")
+        raise SliceError(f"{where}: '{key}' must be epoch nanoseconds (2000-2100), "
+                         f"got {_show(value)}")
     return value
 
 
@@ -109,16 +149,16 @@ def _optional_fields(job: Mapping, text: tuple[str, ...], ints: tuple[str, ...])
     for key in text:
         value = job.get(key)
         if value is not None and type(value) is not str:
-            raise SliceError(f"job: '{key}' must be a string or null, got {value!r}")
+            raise SliceError(f"job: '{key}' must be a string or null, got {_show(value)}")
     for key in ints:
         value = job.get(key)
         if value is not None and not _is_int(value):
-            raise SliceError(f"job: '{key}' must be an integer or null, got {value!r}")
+            raise SliceError(f"job: '{key}' must be an integer or null, got {_show(value)}")
 
 
 def _energy(value: Any, where: str, limit_uj: int | None = None) -> int:
     if type(value) is not int:
-        raise SliceError(f"{where}: energy must be an integer of microjoules, got {value!r}")
+        raise SliceError(f"{where}: energy must be an integer of microjoules, got {_show(value)}")
     if value < 0:
         raise SliceError(f"{where}: negative energy {value} uJ")
     limit_uj = INT64_MAX if limit_uj is None else limit_uj
@@ -129,7 +169,8 @@ def _energy(value: Any, where: str, limit_uj: int | None = None) -> int:
 
 def _hour(value: Any, where: str) -> int:
     if not _is_int(value) or value % 3600 or not MIN_TS_NS <= value * 10**9 <= MAX_TS_NS:
-        raise SliceError(f"{where}: hour must be the epoch second of a UTC hour, got {value!r}")
+        raise SliceError(f"{where}: hour must be the epoch second of a UTC hour, "
+                         f"got {_show(value)}")
     return value
 
 
@@ -149,17 +190,17 @@ def check_schema(data: Any) -> None:
         raise SliceError("not a JSON object")
     schema = data.get("schema")
     if not isinstance(schema, str) or not schema.startswith(SCHEMA_PREFIX):
-        raise SliceError(f"foreign file: schema is {schema!r}, not {SCHEMA!r}")
+        raise SliceError(f"foreign file: schema is {_show(schema)}, not {_show(SCHEMA)}")
     version = schema[len(SCHEMA_PREFIX):]
     if not version.isdigit():
-        raise SliceError(f"foreign file: schema {schema!r} has no version number")
+        raise SliceError(f"foreign file: schema {_show(schema)} has no version number")
     if int(version) > SCHEMA_VERSION:
         raise NewerSchema(
-            f"schema {schema!r} is newer than this llem reads ({SCHEMA}); upgrade llem on the "
+            f"schema {_show(schema)} is newer than this llem reads ({SCHEMA}); upgrade llem on the "
             "aggregator (the slice is left in the spool)"
         )
     if int(version) < 1:
-        raise SliceError(f"foreign file: unknown schema {schema!r}")
+        raise SliceError(f"foreign file: unknown schema {_show(schema)}")
 
 
 def validate(data: Any) -> dict:
@@ -172,7 +213,7 @@ def validate(data: Any) -> dict:
     check_schema(data)
     kind = data.get("kind")
     if kind not in KINDS:
-        raise SliceError(f"unknown slice kind {kind!r} (expected one of {', '.join(KINDS)})")
+        raise SliceError(f"unknown slice kind {_show(kind)} (expected one of {', '.join(KINDS)})")
     _safe(data, "cluster", "slice")
     _ts(data, "created_ns", "slice")
     if kind == "header":
@@ -192,18 +233,18 @@ def _validate_devices(data: Mapping) -> dict:
     if not isinstance(devices, dict):
         raise SliceError("slice: 'devices' must be an object of device key -> description")
     for key, dev in devices.items():
-        where = f"device {key!r}"
+        where = f"device {_show(key)}"
         if not isinstance(dev, dict):
             raise SliceError(f"{where}: must be an object")
         if dev.get("component") not in COMPONENTS:
-            raise SliceError(f"{where}: unknown component {dev.get('component')!r}")
+            raise SliceError(f"{where}: unknown component {_show(dev.get('component'))}")
         if dev.get("source") not in SOURCES:
             raise SliceError(f"{where}: source must be measured or estimated, got "
-                             f"{dev.get('source')!r}")
+                             f"{_show(dev.get('source'))}")
         _str(dev, "sensor", where)
         _str(dev, "method", where)
         if dev.get("name") is not None and type(dev["name"]) is not str:
-            raise SliceError(f"{where}: 'name' must be a string or null, got {dev['name']!r}")
+            raise SliceError(f"{where}: 'name' must be a string or null, got {_show(dev['name'])}")
     return devices
 
 
@@ -216,7 +257,7 @@ def _validate_job(data: Mapping, devices: Mapping) -> None:
     _validate_energy(_need(data, "energy", "slice"), devices, first_hour, last_hour)
     windows = data.get("windows", [])
     if not isinstance(windows, list):
-        raise SliceError(f"slice: 'windows' must be a list, got {windows!r}")
+        raise SliceError(f"slice: 'windows' must be a list, got {_show(windows)}")
     for i, win in enumerate(windows):
         _validate_window(win, f"windows[{i}]")
     _validate_node_totals(_need(data, "node_totals", "slice"), devices)
@@ -231,17 +272,17 @@ def _validate_job_fields(job: Mapping) -> tuple[int, int]:
     _optional_fields(job, JOB_TEXT, JOB_INTS)
     coverage = job.get("coverage")
     if coverage is not None and (type(coverage) not in (int, float) or not 0 <= coverage <= 1):
-        raise SliceError(f"job: coverage must be between 0 and 1, got {coverage!r}")
+        raise SliceError(f"job: coverage must be between 0 and 1, got {_show(coverage)}")
     num_nodes = job.get("num_nodes")
     if num_nodes is not None and num_nodes < 1:
-        raise SliceError(f"job: num_nodes must be a positive integer, got {num_nodes!r}")
+        raise SliceError(f"job: num_nodes must be a positive integer, got {_show(num_nodes)}")
     state = job.get("state")
     if state is not None and state not in JOB_STATES:
-        raise SliceError(f"job: unknown state {state!r}")
+        raise SliceError(f"job: unknown state {_show(state)}")
     for key in ("flags", "gpus"):
         items = job.get(key, [])
         if not isinstance(items, list) or not all(type(i) is str for i in items):
-            raise SliceError(f"job: '{key}' must be a list of strings, got {items!r}")
+            raise SliceError(f"job: '{key}' must be a list of strings, got {_show(items)}")
     _validate_attribution(job.get("attribution"))
     return start_ns, end_ns
 
@@ -304,7 +345,7 @@ def _node_total_is_valid(key: Any, row: Any, devices: Mapping) -> bool:
 
 
 def _node_total_row(key: Any, row: Any, devices: Mapping) -> None:
-    where = f"node_totals[{key!r}]"
+    where = f"node_totals[{_show(key)}]"
     if key not in devices or not isinstance(row, dict):
         raise SliceError(f"{where}: unknown device or not an object")
     for field in ("measured_uj", "attributed_uj", "remainder_uj"):
@@ -312,7 +353,7 @@ def _node_total_row(key: Any, row: Any, devices: Mapping) -> None:
     gaps = row.get("gap_intervals", 0)
     if not _is_int(gaps) or gaps < 0:
         raise SliceError(f"{where}: 'gap_intervals' must be a non-negative integer, "
-                         f"got {gaps!r}")
+                         f"got {_show(gaps)}")
 
 
 def _known(device: Any, devices: Mapping) -> bool:
@@ -328,7 +369,7 @@ def _energy_row(row: Any, where: str, devices: Mapping, first_hour: int,
     if not isinstance(row, dict):
         raise SliceError(f"{where}: must be an object")
     if not _known(row.get("device"), devices):
-        raise SliceError(f"{where}: device {row.get('device')!r} is not in 'devices'")
+        raise SliceError(f"{where}: device {_show(row.get('device'))} is not in 'devices'")
     hour = _hour(row.get("hour_s"), where)
     if not first_hour <= hour <= last_hour:
         raise SliceError(f"{where}: hour {hour} outside the job's span")
@@ -342,16 +383,16 @@ def _validate_window(win: Any, where: str) -> None:
     _str(win, "name", where)
     step_id = win.get("step_id")
     if step_id is not None and type(step_id) is not str:
-        raise SliceError(f"{where}: 'step_id' must be a string or null, got {step_id!r}")
+        raise SliceError(f"{where}: 'step_id' must be a string or null, got {_show(step_id)}")
     start_ns = _ts(win, "start_ns", where)
     _span(start_ns, _ts(win, "end_ns", where, optional=True), where)
     if win.get("status") not in WINDOW_STATUSES:
-        raise SliceError(f"{where}: unknown status {win.get('status')!r}")
+        raise SliceError(f"{where}: unknown status {_show(win.get('status'))}")
     energy = win.get("energy") or {}
     if not isinstance(energy, dict):
         raise SliceError(f"{where}: 'energy' must be an object of device -> uJ")
     for key, value in energy.items():
-        _energy(value, f"{where}.energy[{key!r}]")
+        _energy(value, f"{where}.energy[{_show(key)}]")
 
 
 def _validate_node(data: Mapping, devices: Mapping) -> None:
@@ -365,7 +406,7 @@ def _validate_node(data: Mapping, devices: Mapping) -> None:
         if not isinstance(row, dict):
             raise SliceError(f"{where}: must be an object")
         if not _known(row.get("device"), devices):
-            raise SliceError(f"{where}: device {row.get('device')!r} is not in 'devices'")
+            raise SliceError(f"{where}: device {_show(row.get('device'))} is not in 'devices'")
         _hour(row.get("hour_s"), where)
         measured = _energy(row.get("measured_uj"), f"{where}.measured_uj", MAX_DEVICE_HOUR_UJ)
         attributed = _energy(row.get("attributed_uj"), f"{where}.attributed_uj")
@@ -410,8 +451,9 @@ def replace_lone_surrogates(value: Any) -> Any:
 def file_name(data: Mapping) -> str:
     """The spool file name of a validated slice: admin-controlled identifiers only.
 
-    ``<kind>.<cluster>.<node>.<key>.<created_ns>.json``; the node of a header slice is
-    ``ctld``. Nothing a user chooses (job name, tag, window names) ever appears in it.
+    ``<kind>.<cluster>.<node>.<key>.<created_ns>.json``, a dot inside a part written ``%2E``;
+    the node of a header slice is ``ctld``. Nothing a user chooses (job name, tag, window
+    names) ever appears in it.
     """
     kind = data["kind"]
     node = data.get("node", "ctld") if kind != "header" else "ctld"
@@ -421,19 +463,23 @@ def file_name(data: Mapping) -> str:
         key = f"{data['job']['job_id']}-{data['job']['end_ns']}"
     else:
         key = f"{data['from_hour_s']}-{data['as_of_ns']}"
-    name = f"{kind}.{data['cluster']}.{node}.{key}.{data['created_ns']}.json"
     for part in (data["cluster"], node):
-        if not SAFE_NAME.match(part):
-            raise SliceError(f"unsafe name {part!r} for a file name")
-    return name
+        if not is_identifier(part):
+            raise SliceError(f"unsafe name {_show(part)} for a file name")
+    parts = (kind, data["cluster"], node, key, str(data["created_ns"]))
+    return ".".join(p.replace(".", _IN_FILE_NAME_DOT) for p in parts) + ".json"
 
 
 def parse_file_name(name: str) -> dict[str, str]:
-    """The parts of a slice file name; raise SliceError for a name llem never writes."""
+    """The parts of a slice file name; raise SliceError for a name llem never writes.
+
+    A dot inside an identifier (node ``n1.example``) is written ``%2E`` in the file name.
+    """
     parts = name.split(".")
     if len(parts) != 6 or parts[-1] != "json" or parts[0] not in KINDS:
-        raise SliceError(f"file name {name!r} is not a slice name "
+        raise SliceError(f"file name {_show(name)} is not a slice name "
                          "(<kind>.<cluster>.<node>.<key>.<created_ns>.json)")
+    parts = [p.replace(_IN_FILE_NAME_DOT, ".") for p in parts]
     return {"kind": parts[0], "cluster": parts[1], "node": parts[2], "key": parts[3],
             "created_ns": parts[4]}
 
@@ -449,7 +495,8 @@ def check_name_matches(name: str, data: Mapping) -> None:
     for field, value in (("kind", data["kind"]), ("cluster", data["cluster"]),
                          ("node", expected_node)):
         if parts[field] != value:
-            raise SliceError(f"{field} {value!r} in the slice does not match {parts[field]!r} "
+            raise SliceError(f"{field} {_show(value)} in the slice does not match "
+                             f"{_show(parts[field])} "
                              f"in its file name")
 
 

@@ -3,8 +3,9 @@
 Both follow one discipline, implemented here once:
 
 * a writer opens the file with ``O_NOFOLLOW`` (never through a symlink), creating it with the
-  database's mode in a directory checked first; a reader opens it with ``mode=ro`` and never
-  creates, migrates or otherwise writes anything;
+  database's mode in a directory checked first, and refuses the file, its ``-wal`` or its
+  ``-shm`` when another user owns them or may write them (a forged or swapped database); a
+  reader opens it with ``mode=ro`` and never creates, migrates or otherwise writes anything;
 * schema changes are migrations, numbered by ``PRAGMA user_version``, applied in order inside
   one ``BEGIN IMMEDIATE`` transaction (whole or not at all), the version re-read under the
   write lock since another process may have migrated meanwhile;
@@ -39,6 +40,8 @@ class Messages:
     newer: str
     needs_migrating: str
     migration_failed: str
+    untrusted: str = "{path}: {problem}; refusing to use it"
+    busy: str = "{path}: locked by another process ({error}); try again later"
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def _connect(path: Path, spec: Database, *, readonly: bool) -> tuple[sqlite3.Con
                                  timeout=spec.busy_timeout_s)
         else:
             spec.prepare_dir(path.parent)
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, spec.file_mode))
+            _check_files(path, spec)
             db = sqlite3.connect(path, isolation_level=None, timeout=spec.busy_timeout_s)
     except sqlite3.DatabaseError as e:
         raise spec.error(msg.not_a_database.format(path=path, error=e)) from e
@@ -129,9 +132,74 @@ def _connect(path: Path, spec: Database, *, readonly: bool) -> tuple[sqlite3.Con
         for pragma in (() if readonly else tuple(spec.write_pragmas)) + tuple(spec.pragmas):
             db.execute(pragma)
         return db, schema_version(db)
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e) and "locking protocol" not in str(e):
+            db.close()
+            raise spec.error(msg.not_a_database.format(path=path, error=e)) from e
+        holders = lock_holders(path)  # before closing, which may delete a locked -shm
+        db.close()
+        raise spec.error(msg.busy.format(path=path, error=e) + (
+            f" (locks on it held by {holders})" if holders else "")) from e
     except sqlite3.DatabaseError as e:
         db.close()
         raise spec.error(msg.not_a_database.format(path=path, error=e)) from e
+
+
+def _check_files(path: Path, spec: Database) -> None:
+    """Create the database file if absent; refuse it, its ``-wal`` or its ``-shm`` when
+    another user owns or may write them (see :func:`llem.fsutil.file_problem`).
+
+    The directory has been checked first (no one else may write it), so the names cannot
+    change between these checks and SQLite's own opens.
+    """
+    from llem.fsutil import file_problem
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, spec.file_mode)
+    try:
+        problems = [(path, file_problem(os.fstat(fd)))]
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        try:
+            problems.append((Path(f"{path}{suffix}"), file_problem(os.lstat(f"{path}{suffix}"))))
+        except FileNotFoundError:
+            pass
+    for name, problem in problems:
+        if problem is not None:
+            raise spec.error(spec.messages.untrusted.format(path=name, problem=problem))
+
+
+def lock_holders(path: Path) -> str:
+    """Who holds POSIX locks on the database, its ``-wal`` or its ``-shm``, from
+    ``/proc/locks``: "pid P (uid U), ..." (empty where none, or not Linux).
+
+    Any user who may read the files can lock them with ``fcntl`` and make writers wait; an
+    admin needs the culprit's name, not SQLite's "database is locked".
+    """
+    wanted = set()
+    for name in (str(path), f"{path}-wal", f"{path}-shm"):
+        try:
+            st = os.stat(name)
+        except OSError:
+            continue
+        wanted.add(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    pids = set()
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if (len(fields) >= 6 and fields[1] != "->" and fields[5] in wanted
+                        and fields[4].isdigit()):
+                    pids.add(int(fields[4]))
+    except OSError:
+        return ""
+    out = []
+    for pid in sorted(pids - {os.getpid()}):
+        try:
+            out.append(f"pid {pid} (uid {os.stat(f'/proc/{pid}').st_uid})")
+        except OSError:
+            out.append(f"pid {pid}")
+    return ", ".join(out)
 
 
 def _check_version(path: Path, spec: Database, version: int, *, readonly: bool) -> None:

@@ -185,13 +185,19 @@ def resolve(
         hourly = read_hourly_file(carbon.intensity_file, names or None, basis=basis)
     elif carbon.provider:
         from llem.carbon import providers  # urllib and json only when a provider is set
+        from llem.config import SecretUnavailable
 
+        try:  # issue 20: the token may live in a file only root and admins read
+            token = carbon.token() if hasattr(carbon, "token") else carbon.provider_token
+        except SecretUnavailable as e:
+            notes.append(f"{e}: the online provider is not used, the annual table is")
+            return IntensityModel(region, annual, None, default, tuple(notes), licence)
         result = providers.lookup_hours(
             carbon.provider,
             getattr(carbon, "provider_zone", None) or carbon.region,
             hours,
             cache_dir=cache_dir,
-            token=carbon.provider_token,
+            token=token,
             url=getattr(carbon, "provider_url", None),
             timeout_s=getattr(carbon, "provider_timeout_s", 10.0),
             **({"get": provider_get} if provider_get else {}),

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from llem.cluster.ledger import DATABASE as LEDGER_DATABASE
 from llem.cluster.ledger import Ledger, QuarantineEntry
 from llem.cluster.pass_status import record_pass
 from llem.cluster.readers import Candidate, no_cyclic_gc, read_all, reader_count
@@ -83,7 +84,7 @@ class AggregateLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "AggregateLock":
-        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        LEDGER_DATABASE.prepare_dir(self.path.parent)  # the ledger's own checks, first
         self._held = locked(self.path, self.wait_s, poll_s=0.1, busy=lambda: LedgerBusy(
             f"another llem aggregate holds {self.path}; nothing done (it will merge these "
             "slices)"))

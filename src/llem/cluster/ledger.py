@@ -167,7 +167,9 @@ SCHEMA_VERSION = len(MIGRATIONS)
 def _check_parent(path: Path) -> None:
     from llem.fsutil import dir_problem
 
-    problem = dir_problem(path, create_mode=0o755, group_write_ok=True)
+    # Not even the group may write here: a group member could swap in a forged ledger (or
+    # -wal) that root's aggregator would then extend and every report would trust.
+    problem = dir_problem(path, create_mode=0o755)
     if problem is not None:
         raise LedgerError(f"{path}: the ledger's directory {problem}; refusing to write "
                           "the ledger there")
@@ -192,6 +194,11 @@ DATABASE = Database(
               "upgrade llem",
         needs_migrating="{path}: the ledger needs migrating by llem aggregate",
         migration_failed="{path}: ledger write failed: {error}",
+        # WAL mode for good (see Ledger.close): only a ledger left in rollback-journal mode by
+        # an older llem, with a reader in, can still make a writer wait, once.
+        busy="{path}: the ledger is locked ({error}): a reader holds it in rollback-journal "
+             "mode (as earlier versions of llem left it; the next pass switches it to WAL for "
+             "good), or a process locks its files directly",
     ),
 )
 """How the ledger is opened: mode 0644 in a directory only root writes, WAL while writing.
@@ -271,7 +278,12 @@ class Ledger:
         self.readonly = readonly
         self._devices_seen: set[tuple] = set()
         self._checkpointer: _Checkpointer | None = None
-        self.db = open_database(self.path, DATABASE, readonly=readonly)
+        try:
+            self.db = open_database(self.path, DATABASE, readonly=readonly)
+        except LedgerError:
+            if not readonly and _checked_ledger(self.path):
+                keep_wal_files(self.path)  # a failed open may have deleted them: users need them
+            raise
         if background_checkpoint and not readonly:
             # The committing connection checkpoints only if the thread falls far behind.
             self.db.execute(f"PRAGMA wal_autocheckpoint = {_Checkpointer.FALLBACK_PAGES}")
@@ -515,32 +527,93 @@ class Ledger:
         return "; ".join(r[0] for r in self.db.execute("PRAGMA integrity_check"))
 
     def close(self) -> None:
-        """Close; a writer first leaves WAL mode when no reader is in (see below).
+        """Close, leaving the ledger in WAL mode with its ``-wal`` and ``-shm`` files in place.
 
-        SQLite removes the ``-wal`` and ``-shm`` files when the last connection closes, and a
-        user who may not write the ledger's directory cannot open a WAL database without
-        them. Between merges the ledger is therefore left in rollback-journal mode, which any
-        user with read access can open; the next merge switches back to WAL.
+        The ledger stays in WAL mode for good, so that no reader can ever stop a merge: in
+        rollback-journal mode a reader's open transaction holds a lock that every write (and
+        the switch back to WAL) must wait for, and a user holding ``BEGIN; SELECT`` stalled
+        ``llem aggregate`` until "database is locked" (issue 20).
+
+        A user who may not write the ledger's directory can open a WAL database only while
+        its ``-wal`` and ``-shm`` exist, and SQLite deletes them when the last connection
+        closes. So a writer checkpoints what it can without waiting (``TRUNCATE`` with no
+        busy wait: the WAL shrinks to nothing unless a reader is in), then closes while a
+        read-only connection of its own is open (SQLite deletes the files only under an
+        exclusive lock, which neither the writer, with the reader open, nor the read-only
+        connection can take), and finally makes sure both files exist.
         """
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
-        try:
-            if not self.readonly and not self.db.in_transaction:
-                self.db.execute("PRAGMA busy_timeout = 1000")
-                self.db.execute("PRAGMA journal_mode = DELETE")
-        except sqlite3.Error as e:  # a reader is in: it keeps the WAL files alive meanwhile
-            log.debug("%s: ledger left in WAL mode: %s", self.path, e)
+        keeper = None
+        if not self.readonly and not self.db.in_transaction:
+            try:
+                self.db.execute("PRAGMA busy_timeout = 0")
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as e:  # a reader is in: the WAL stays as it is meanwhile
+                log.debug("%s: no final checkpoint: %s", self.path, e)
+            keeper = _wal_keeper(self.path)
         try:
             self.db.close()
         except sqlite3.Error:
             pass
+        if keeper is not None:
+            keeper.close()
+        if not self.readonly:
+            keep_wal_files(self.path)
 
     def __enter__(self) -> "Ledger":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _wal_keeper(path: Path) -> sqlite3.Connection | None:
+    """A read-only connection that has opened the WAL (see :meth:`Ledger.close`)."""
+    try:
+        keeper = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                 timeout=0)
+        keeper.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return keeper
+    except sqlite3.Error as e:
+        log.debug("%s: no read-only connection to keep the WAL files: %s", path, e)
+        return None
+
+
+def _checked_ledger(path: Path) -> bool:
+    """Whether the ledger and its directory pass the writer's checks (nothing is written
+    beside a ledger that was refused)."""
+    from llem.fsutil import dir_problem, file_problem
+
+    try:
+        return (dir_problem(path.parent) is None
+                and file_problem(os.lstat(path)) is None)
+    except OSError:
+        return False
+
+
+def keep_wal_files(path: str | os.PathLike) -> None:
+    """Create the ledger's ``-wal`` and ``-shm`` (empty, :data:`LEDGER_MODE`) when absent.
+
+    Empty files are what SQLite itself leaves when it cannot delete them: a WAL with no
+    frames, and a wal-index that the next connection rebuilds. ``O_EXCL | O_NOFOLLOW`` in
+    the ledger's checked directory: nothing is written through a planted name.
+    """
+    for suffix in ("-wal", "-shm"):
+        try:
+            fd = os.open(f"{path}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         LEDGER_MODE)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            log.warning("%s%s: cannot create it (users without write access to the ledger's "
+                        "directory cannot read the ledger without it): %s", path, suffix, e)
+            continue
+        try:
+            os.fchmod(fd, LEDGER_MODE)
+        finally:
+            os.close(fd)
 
 
 Prepared = tuple

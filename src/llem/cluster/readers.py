@@ -52,6 +52,8 @@ so that they keep reading while a batch is written (and a bound on memory)."""
 MIN_SLICES_PER_READER = 500
 """Below this many slices per reader, starting one (~60 ms) costs more than it saves."""
 MAX_READERS = 4
+MAX_REASON_CHARS = 500
+"""A quarantine reason is about the file, never a copy of it."""
 _FRAME = struct.Struct("<Q")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -164,6 +166,9 @@ def _judge(cand: Candidate, raw: bytes) -> None:
     except RecursionError:
         cand.reason = "corrupt: JSON nested too deeply"
         return
+    except ValueError as e:  # not JSONDecodeError: Python's limit on integer digits
+        cand.reason = f"corrupt: a number too long to read ({str(e).split(':')[0]})"
+        return
     if _SURROGATE_ESCAPE.search(raw):
         # Text that is not Unicode (a job name made of bytes that are not UTF-8, escaped by
         # the exporter as lone surrogates) cannot be stored: each such character becomes
@@ -180,6 +185,10 @@ def _judge(cand: Candidate, raw: bytes) -> None:
     except (LookupError, TypeError, ValueError, OverflowError) as e:
         # validate() should have refused it; never let one slice stop every pass
         cand.reason = f"cannot be stored: {type(e).__name__}: {e}"
+    except Exception as e:  # RecursionError, MemoryError's kin: still this file's fault
+        cand.reason = f"cannot be checked: {type(e).__name__}: {e}"
+    if cand.reason is not None and len(cand.reason) > MAX_REASON_CHARS:
+        cand.reason = cand.reason[:MAX_REASON_CHARS - 3] + "..."
 
 
 @contextlib.contextmanager

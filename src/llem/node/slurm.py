@@ -45,10 +45,10 @@ def job_id_from_env(env: Mapping[str, str]) -> str:
 
 def node_name(env: Mapping[str, str]) -> str:
     """Slurm's node name (several slurmd may share a host); the host name outside Slurm."""
+    from llem.slices import check_identifier  # the one rule for names (issue 20)
+
     name = env.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
-        raise ValueError(f"node name {name[:64]!r} is not usable as a file name")
-    return name
+    return check_identifier("node name", name)
 
 
 def gpu_indices(env: Mapping[str, str]) -> tuple[str, ...]:
