@@ -39,6 +39,9 @@ CPU_TIME = "cpu_time"
 MEMORY_SHARE = "memory_share"
 PLATFORM_ALLOCATION = "platform_allocation"
 PLATFORM_CPU_TIME = "platform_cpu_time"
+PROC_TREE_FLAG = "proc_tree"
+"""Job flag: its CPU time and memory came from the process tree under its slurmstepd (no job
+cgroup), a weaker fact than a cgroup's (docs/methodology.md)."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,15 @@ class JobAttributor:
         except (OSError, ValueError, KeyError, IndexError):
             return None
 
+    def _flag_guess(self, job) -> None:
+        """Mark a run credited through the process tree, not through its cgroup: the flag
+        ``proc_tree`` (docs/methodology.md). Only a tree that held processes counts: on a
+        cgroup node, the moments before the job's cgroup exists credit nothing, flag nothing.
+        Set again each interval while missing, so that a concurrent update of the run's flags
+        cannot lose it."""
+        if PROC_TREE_FLAG not in job.flags:
+            self.store.update_job(job.run_id, flags=sorted({*job.flags, PROC_TREE_FLAG}))
+
     def __call__(self, interval):
         from llem.node.attribution import JobLoad, NodeLoad, attribute
 
@@ -200,8 +212,10 @@ class JobAttributor:
             usage = self.locator.usage(job.job_id, job.uid, self.node)
             if usage is None:
                 if proc_usage is None:
-                    proc_usage = self.scanner.usage_by_job({j.job_id for j in jobs})
+                    proc_usage = self.scanner.usage_by_job({j.job_id: j.uid for j in jobs})
                 usage = proc_usage.get(job.job_id)
+                if usage is not None and (usage.cpu_ns or usage.memory_bytes):
+                    self._flag_guess(job)
             else:
                 self.cgroups[job.run_id] = usage.source
             cpu_delta = None
