@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import stat
 import sys
 import time
 
@@ -224,3 +225,39 @@ def test_doctor_escapes_problem_texts(monkeypatch):
     assert not any(line.startswith("forged line") for line in text.splitlines())
     assert text.splitlines()[-1].startswith("  - job name evil\\x1b]0;pwned")
     assert text.splitlines()[-1].endswith("\\nforged line")
+
+
+# -- report files: never through a path someone else controls -------------------------------
+
+
+def test_report_never_writes_through_a_planted_symlink(forged_ledger, tmp_path):
+    out = tmp_path / "reports"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    base = "llem-report-c1-2023-11-14_to_2023-11-16"
+    for name in (f".{base}.json.tmp", f"{base}.json"):  # the old temp name, the final name
+        (out / name).unlink(missing_ok=True)
+        (out / name).symlink_to(victim)
+    status, printed, err = report_run("monthly", *PERIOD, "--format", "json", "--out",
+                                      str(out))
+    assert status == 0, err
+    assert victim.read_text() == "root's file\n"
+    final = out / f"{base}.json"
+    assert not final.is_symlink() and json.loads(final.read_text())["schema"]
+    assert stat.S_IMODE(final.stat().st_mode) & 0o022 == 0
+
+
+def test_report_refuses_an_output_folder_another_user_controls(forged_ledger, tmp_path):
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    status, _, err = report_run("monthly", *PERIOD, "--format", "json", "--out", str(link))
+    assert status == 1 and "not a real directory" in err and list(real.iterdir()) == []
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    status, _, err = report_run("monthly", *PERIOD, "--format", "csv", "--out", str(shared))
+    assert status == 1 and "writable by group or others" in err
+    assert list(shared.iterdir()) == []
