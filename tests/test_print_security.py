@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import stat
 import sys
 import time
@@ -261,3 +262,41 @@ def test_report_refuses_an_output_folder_another_user_controls(forged_ledger, tm
     status, _, err = report_run("monthly", *PERIOD, "--format", "csv", "--out", str(shared))
     assert status == 1 and "writable by group or others" in err
     assert list(shared.iterdir()) == []
+
+
+# -- sampler.log ----------------------------------------------------------------------------------
+
+
+def test_sampler_log_and_its_rotations_are_root_only(tmp_path):
+    from llem.cli.sampler import private_log_handler
+
+    log_path = tmp_path / "sampler.log"
+    log_path.write_text("from an older llem\n")
+    log_path.chmod(0o644)
+    old_rotation = tmp_path / "sampler.log.2"
+    old_rotation.write_text("older\n")
+    old_rotation.chmod(0o644)
+    handler = private_log_handler(log_path, max_bytes=200, backups=2)
+    logger = logging.getLogger("test.sampler.private")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        for i in range(40):
+            logger.warning("job %d of user alice named train", i)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    files = sorted(tmp_path.iterdir())
+    assert [p.name for p in files] == ["sampler.log", "sampler.log.1", "sampler.log.2"]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+
+
+def test_sampler_log_is_never_opened_through_a_symlink(tmp_path):
+    from llem.cli.sampler import private_log_handler
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    (tmp_path / "sampler.log").symlink_to(victim)
+    with pytest.raises(OSError):
+        private_log_handler(tmp_path / "sampler.log")
+    assert victim.read_text() == "keep\n"
