@@ -122,6 +122,17 @@ def test_a_job_without_slurmstepd_yet_has_nothing_and_the_title_is_read_again(tm
     assert scanner.usage_by_job({"100": ALICE})["100"].cpu_ns == 40 * NS_PER_TICK
 
 
+def test_slurmstepds_child_is_counted_once_it_becomes_the_user(tmp_path):
+    proc = cluster_node(tmp_path / "proc")
+    # slurmstepd forks: the child is root's and carries its parent's title until it drops
+    # to the job's user and execs the user's program.
+    proc.add(14, 10, 0, 5, title="slurmstepd: [100.batch]", comm="slurmstepd")
+    scanner = ProcScanner(proc.root)
+    assert scanner.usage_by_job({"100": ALICE})["100"].cpu_ns == 600 * NS_PER_TICK
+    proc.add(14, 10, ALICE, 80, title="python step.py", comm="python")
+    assert scanner.usage_by_job({"100": ALICE})["100"].cpu_ns == 680 * NS_PER_TICK
+
+
 def test_an_unknown_owner_lets_the_tree_alone_decide(tmp_path):
     cluster_node(tmp_path / "proc")
     usage = ProcScanner(tmp_path / "proc").usage_by_job({"100": None})

@@ -106,6 +106,10 @@ STEPD_TITLE = re.compile(rb"slurmstepd: \[(\d+)\.[A-Za-z0-9_+-]+\]")
 ``.0``...); JOBID is the job's own id (an array task's too)."""
 
 
+KTHREADD = 2
+"""The parent of every kernel thread."""
+
+
 @dataclass
 class _Proc:
     ppid: int
@@ -124,9 +128,9 @@ class ProcScanner:
     can set it. What leaves the tree (a double fork re-parented to init) is not credited to
     the job: it goes to the node's remainder, as Slurm's own ``proctrack/linuxproc`` loses it.
 
-    Per tick: one ``stat`` and one ``status`` read per process, plus the ``cmdline`` of root's
-    processes until they are known to be or not to be a job's slurmstepd (cached by pid and
-    start time).
+    Per tick: one ``stat`` read per process; ``status`` (the real uid) once per user process
+    and every tick for root's; ``cmdline`` for root's processes until they are known to be or
+    not to be a job's slurmstepd (caches keyed by pid and start time).
     """
 
     SOURCE = "proc-tree"
@@ -143,6 +147,8 @@ class ProcScanner:
         self.proc = Path(proc_root)
         self.trusted = frozenset({0, os.geteuid()}) if trusted_uids is None else trusted_uids
         self._stepd: dict[tuple[int, int], str | None] = {}
+        self._uid: dict[tuple[int, int], int] = {}
+        self._seen: set[tuple[int, int]] = set()
 
     def usage_by_job(self, owners: Mapping[str, int | None]) -> dict[str, JobUsage]:
         """CPU time and memory of each job's processes.
@@ -158,7 +164,7 @@ class ProcScanner:
         procs: dict[int, _Proc] = {}  # every readable process of the node
         children: dict[int, list[int]] = {}
         stepds: dict[int, str | None] = {}
-        seen: set[tuple[int, int]] = set()
+        self._seen = set()
         for pid in pids:
             proc, start = self._read(pid)
             if proc is None:
@@ -167,7 +173,6 @@ class ProcScanner:
             children.setdefault(proc.ppid, []).append(pid)
             if proc.uid in self.trusted:
                 key = (pid, start)
-                seen.add(key)
                 if key not in self._stepd:
                     job, final = self._stepd_job(pid)
                     if not final:
@@ -175,7 +180,8 @@ class ProcScanner:
                     self._stepd[key] = job
                 if self._stepd[key] is not None:
                     stepds[pid] = self._stepd[key]
-        self._stepd = {k: v for k, v in self._stepd.items() if k in seen}
+        self._stepd = {k: v for k, v in self._stepd.items() if k in self._seen}
+        self._uid = {k: v for k, v in self._uid.items() if k in self._seen}
         return {job: self._job_usage(job, uid, stepds, procs, children)
                 for job, uid in owners.items()}
 
@@ -199,10 +205,8 @@ class ProcScanner:
 
     def _read(self, pid: int) -> tuple[_Proc | None, int]:
         """The process's parent, real uid, CPU ticks and RSS; and its start time."""
-        base = self.proc / str(pid)
         try:
-            text = (base / "stat").read_text()
-            status = (base / "status").read_text()
+            text = (self.proc / str(pid) / "stat").read_text()
         except OSError:
             return None, 0
         fields = text[text.rfind(")") + 2:].split()
@@ -213,15 +217,33 @@ class ProcScanner:
             start = int(fields[19])
         except (IndexError, ValueError):
             return None, 0
-        uid = None
+        if pid == KTHREADD or ppid == KTHREADD:
+            return _Proc(ppid, None, ticks, rss), start  # a kernel thread: in no job's tree
+        key = (pid, start)
+        self._seen.add(key)
+        uid = self._uid.get(key)
+        if uid is None:
+            uid = self._real_uid(pid)
+            # A user's process cannot become another user; root's may still drop to one
+            # (slurmstepd's child before exec), so only other uids are kept.
+            if uid is not None and uid not in self.trusted:
+                self._uid[key] = uid
+        return _Proc(ppid, uid, ticks, rss), start
+
+    def _real_uid(self, pid: int) -> int | None:
+        """The real uid (``/proc/PID/status``; the folder's owner is the effective uid, and
+        root for a process that made itself non-dumpable: not a fact about its user)."""
+        try:
+            status = (self.proc / str(pid) / "status").read_text()
+        except OSError:
+            return None
         for line in status.splitlines():
             if line.startswith("Uid:"):
                 try:
-                    uid = int(line.split()[1])
+                    return int(line.split()[1])
                 except (IndexError, ValueError):
-                    uid = None
-                break
-        return _Proc(ppid, uid, ticks, rss), start
+                    return None
+        return None
 
     def _stepd_job(self, pid: int) -> tuple[str | None, bool]:
         """(the job a root process is the slurmstepd of, or None; whether that is final).
