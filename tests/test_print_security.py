@@ -300,3 +300,10 @@ def test_sampler_log_is_never_opened_through_a_symlink(tmp_path):
     with pytest.raises(OSError):
         private_log_handler(tmp_path / "sampler.log")
     assert victim.read_text() == "keep\n"
+
+
+def test_a_delimiter_that_numbers_use_is_escaped_in_numbers_too(forged_ledger):
+    status, out, _ = acct_run("-a", *WHEN, "-P", "--delimiter", ":", "-o", "JobID,Elapsed,User")
+    assert status == 0
+    assert out.splitlines()[1] == "100:01\\x3a00\\x3a00:alice"
+    assert all(line.count(":") == 2 for line in out.splitlines())

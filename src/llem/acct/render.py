@@ -7,6 +7,7 @@ Pure: rows of raw values (joules, seconds, epoch ns, grams) in, text out.
 from __future__ import annotations
 
 import json
+import string
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Sequence
@@ -71,6 +72,13 @@ def format_time(ts_ns: int | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts_ns // NS_PER_S))
 
 
+_OUR_TEXT = frozenset({"energy", "time", "elapsed", "watts", "intensity", "float1", "percent",
+                       "co2e"})
+"""Kinds whose text llem writes itself from a number: made of :data:`_OUR_CHARS` only, so
+they need escaping only when the delimiter uses one of those."""
+_OUR_CHARS = frozenset(string.ascii_letters + string.digits + ".:-+% ")
+
+
 def _formatter(kind: str, units: str | None, delimiter: str = ""):
     """value -> text for a field kind (None -> empty, or ``Unknown`` for times); every
     text is made safe (:func:`llem.safetext.safe_text`): names are chosen by users."""
@@ -81,6 +89,8 @@ def _formatter(kind: str, units: str | None, delimiter: str = ""):
         "co2e": format_co2e,
     }.get(kind, str)
     empty = "Unknown" if kind == "time" else ""
+    if kind in _OUR_TEXT and not set(delimiter) & _OUR_CHARS:
+        return lambda v: empty if v is None else simple(v)
     return lambda v: empty if v is None else safe_text(simple(v), delimiter)
 
 
