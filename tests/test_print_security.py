@@ -198,6 +198,25 @@ def test_report_csv_is_valid_csv_without_control_characters(forged_ledger):
     assert "evil\\x1b]0;pwned\\x07\\x1b[2J\\x1b[H<b>bold</b>|x" in sum(rows, [])
 
 
+def test_report_json_keeps_the_name_exactly_and_escaped_by_the_encoder(forged_ledger):
+    status, out, _ = report_run("monthly", *PERIOD, "--format", "json")
+    assert status == 0
+    assert ESC not in out and "\x07" not in out
+    strings = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str):
+            strings.append(value)
+
+    walk(json.loads(out))
+    assert JOB_NAME in strings
+
+
 # -- llem wrap and llem doctor -------------------------------------------------------------------
 
 
