@@ -24,6 +24,10 @@ from tests.promstack import Stack, promtool_check_metrics, stop, wait_for
 
 NODE = "m1"
 JOB = "4242"
+STEPD = ("import signal, subprocess, sys\np = subprocess.Popen(sys.argv[1:])\n"
+         "signal.signal(signal.SIGTERM, lambda *_: (p.terminate(), p.wait(), sys.exit(0)))\n"
+         "sys.exit(p.wait())")
+"""A parent process that stands for the job's slurmstepd and ends its child with itself."""
 INTERVAL_S = 1.0
 
 
@@ -104,11 +108,13 @@ def node(tmp_path):
     try:
         with Load(powercap):
             _hook("prolog", env)
-            # A process of the job (found through SLURM_JOB_ID, as proctrack/linuxproc does):
-            # the job gets a share of the package by its CPU time.
+            # A process of the job, under a stand-in for its slurmstepd (without cgroups, the
+            # job's processes are the tree under it: docs/security.md): the job gets a share
+            # of the package by its CPU time.
             burner = subprocess.Popen(
-                [sys.executable, "-c", "import time\nt=time.time()+60\nwhile time.time()<t: pass"],
-                env=env)
+                [f"slurmstepd: [{JOB}.batch]", "-c", STEPD, sys.executable, "-c",
+                 "import time\nt=time.time()+60\nwhile time.time()<t: pass"],
+                executable=sys.executable, env=env)
             yield env, paths, textfiles / textfile_name(NODE)
     finally:
         if burner is not None:

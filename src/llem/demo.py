@@ -51,6 +51,17 @@ def _wrap(name: str, cmd: list[str]) -> list[str]:
     return [sys.executable, "-m", "llem.cli.main", "wrap", "--quiet", "--name", name, "--", *cmd]
 
 
+_STEPD = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+
+
+def _start_in_step(job_id: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Run ``cmd`` under a stand-in for the job's slurmstepd (a parent process titled
+    ``slurmstepd: [JOB.batch]``, of the sampler's own user): without job cgroups, the sampler
+    credits a job only with the process tree under its slurmstepd (docs/security.md)."""
+    return subprocess.Popen([f"slurmstepd: [{job_id}.batch]", "-c", _STEPD, *cmd],
+                            executable=sys.executable, env=env, stdout=subprocess.DEVNULL)
+
+
 def _windows_job(demo: "Demo", job: DemoJob, node: str) -> list[list[str]]:
     script = (
         "import subprocess, sys\n"
@@ -158,7 +169,7 @@ class Demo:
         for node in job.nodes:
             env = self._job_env(job, node)
             for cmd in job.commands(self, job, node):
-                job.procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
+                job.procs.append(_start_in_step(job.job_id, cmd, env))
 
     def end_job(self, job: DemoJob) -> None:
         from llem.cluster.header import write_header

@@ -89,8 +89,9 @@ def test_batch_srun_array_and_multinode_jobs_all_have_data(cluster, site):
         assert finished(cluster, job) == "COMPLETED"
     for task in (f"{array}_1", f"{array}_2"):
         assert finished(cluster, task) == "COMPLETED"
-    run_id, _, coverage = site.wait_sealed(n1, batch)[:3]
+    run_id, _, coverage, flags = site.wait_sealed(n1, batch)[:4]
     assert coverage > 0.5
+    assert "proc_tree" not in json.loads(flags)  # a node with job cgroups never guesses
     energy = energy_by_component(site, n1, run_id)
     assert energy.get("cpu", 0) > 0 and energy.get("dram", 0) > 0
     for node in (n2, n3):

@@ -7,12 +7,14 @@ Pure: rows of raw values (joules, seconds, epoch ns, grams) in, text out.
 from __future__ import annotations
 
 import json
+import string
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Sequence
 
 from llem.acct.fields import ENERGY_PREFIXES, Column
 from llem.acct.options import spec_text
+from llem.safetext import safe_text
 from llem.units import NS_PER_S
 
 if TYPE_CHECKING:
@@ -70,8 +72,16 @@ def format_time(ts_ns: int | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts_ns // NS_PER_S))
 
 
-def _formatter(kind: str, units: str | None):
-    """value -> text for a field kind (None -> empty, or ``Unknown`` for times)."""
+_OUR_TEXT = frozenset({"energy", "time", "elapsed", "watts", "intensity", "float1", "percent",
+                       "co2e"})
+"""Kinds whose text llem writes itself from a number: made of :data:`_OUR_CHARS` only, so
+they need escaping only when the delimiter uses one of those."""
+_OUR_CHARS = frozenset(string.ascii_letters + string.digits + ".:-+% ")
+
+
+def _formatter(kind: str, units: str | None, delimiter: str = ""):
+    """value -> text for a field kind (None -> empty, or ``Unknown`` for times); every
+    text is made safe (:func:`llem.safetext.safe_text`): names are chosen by users."""
     simple = {
         "energy": lambda v: format_energy(v, units), "time": format_time,
         "elapsed": format_elapsed, "watts": "{:.1f}".format, "intensity": "{:.1f}".format,
@@ -79,7 +89,9 @@ def _formatter(kind: str, units: str | None):
         "co2e": format_co2e,
     }.get(kind, str)
     empty = "Unknown" if kind == "time" else ""
-    return lambda v: empty if v is None else simple(v)
+    if kind in _OUR_TEXT and not set(delimiter) & _OUR_CHARS:
+        return lambda v: empty if v is None else simple(v)
+    return lambda v: empty if v is None else safe_text(simple(v), delimiter)
 
 
 def _cell(text: str, width: int) -> str:
@@ -108,12 +120,14 @@ def render_table(columns: Sequence[Column], rows: Sequence[dict], *, noheader: b
 
 def render_parsable(columns: Sequence[Column], rows: Sequence[dict], *, noheader: bool,
                     units: str | None, delimiter: str, trailing: bool) -> str:
-    """``-p`` (a delimiter after every field) and ``-P`` (between fields only), as sacct."""
+    """``-p`` (a delimiter after every field) and ``-P`` (between fields only), as sacct;
+    unlike sacct, a value's characters that occur in the delimiter are escaped (``\\x7c``),
+    so that a name can never add a field or a row."""
     end = delimiter if trailing else ""
     lines = []
     if not noheader:
         lines.append(delimiter.join(c.field.name for c in columns) + end)
-    cols = [(c.field.name, _formatter(c.field.kind, units)) for c in columns]
+    cols = [(c.field.name, _formatter(c.field.kind, units, delimiter)) for c in columns]
     for row in rows:
         lines.append(delimiter.join([fmt(row.get(name)) for name, fmt in cols]) + end)
     return "".join(line + "\n" for line in lines)

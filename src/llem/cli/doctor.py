@@ -15,6 +15,7 @@ import click
 from llem import __version__
 from llem import config as config_mod
 from llem.errors import ConfigError
+from llem.safetext import safe_text
 
 
 def _path_info(path: str) -> dict:
@@ -299,12 +300,13 @@ def render(report: dict) -> str:
         for k, v in report["environment"].items():
             out.append(f"  {k}={v}")
     for note in report.get("notes", []):
-        out.append(f"\nNote: {note}")
+        out += ["", f"Note: {note}"]
     if report["problems"]:
         out.append("")
         out.append("Problems:")
         out.extend(f"  - {p}" for p in report["problems"])
-    return "\n".join(out)
+    # Names, paths and problem texts may come from users (jobs, slices): one rule for all.
+    return "\n".join(safe_text(line) for line in out)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -157,12 +157,10 @@ def _write(rep, opts: ReportOptions, base: str, render, plots) -> None:
                 "json": lambda: render.to_json(rep)}[opts.fmt]()
         click.echo(text, nl=False)
         return
-    out = opts.out or Path(".")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _checked_dir(opts.out or Path("."))
     written = []
     if opts.fmt == "csv":
-        folder = out / base
-        folder.mkdir(exist_ok=True)
+        folder = _checked_dir(out / base)
         for name, text in render.to_csv_tables(rep).items():
             written.append(_save(folder / name, text.encode()))
     elif opts.fmt == "json":
@@ -180,11 +178,25 @@ def _write(rep, opts: ReportOptions, base: str, render, plots) -> None:
         click.echo(str(path))
 
 
-def _save(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def _checked_dir(path: Path) -> Path:
+    """``path``, created if absent (0755), refused when another user controls it (a
+    symlink, someone else's directory, writable by group or others): reports are often
+    written by root."""
+    from llem.errors import LlemError
+    from llem.fsutil import dir_problem
+
+    problem = dir_problem(path, create_mode=0o755)
+    if problem is not None:
+        raise LlemError(f"{path}: {problem}; refusing to write the report there")
     return path
+
+
+def _save(path: Path, data: bytes) -> Path:
+    """Write through a fresh ``O_EXCL | O_NOFOLLOW`` temporary file in the same (checked)
+    directory, then rename: never through a file or symlink someone planted."""
+    from llem.fsutil import write_atomic
+
+    return write_atomic(path.parent, path.name, data, 0o644)
 
 
 def main() -> None:

@@ -49,6 +49,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+LOG_MODE = 0o600
+"""sampler.log is root's alone: it names every job, user and window of the node."""
+
+
+def private_log_handler(path: Path, max_bytes: int = 1_000_000, backups: int = 2):
+    """A rotating log handler whose files (the log and its rotated copies) are mode 0600,
+    opened without following a symlink; a log left readable by an older version is closed
+    to others too."""
+    import logging.handlers
+
+    class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+        def _open(self):
+            fd = os.open(self.baseFilename,
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, LOG_MODE)
+            os.fchmod(fd, LOG_MODE)
+            return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+    for i in range(1, backups + 1):
+        try:
+            fd = os.open(f"{path}.{i}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            os.fchmod(fd, LOG_MODE)
+        finally:
+            os.close(fd)
+    return PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups)
+
+
 def _node_mode(args: argparse.Namespace) -> int:
     from llem.node.daemon import record_problem, run_node_sampler
     from llem.paths import NodePaths
@@ -56,11 +85,8 @@ def _node_mode(args: argparse.Namespace) -> int:
     config = config_mod.load()
     paths = NodePaths.of(config, args.node)
     if args.daemon:
-        import logging.handlers
-
         paths.ensure()
-        handler = logging.handlers.RotatingFileHandler(
-            paths.run / "sampler.log", maxBytes=1_000_000, backupCount=2)
+        handler = private_log_handler(paths.run / "sampler.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root = logging.getLogger()
         root.handlers[:] = [handler]

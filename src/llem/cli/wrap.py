@@ -12,6 +12,7 @@ import click
 
 from llem import config as config_mod
 from llem.errors import LlemError
+from llem.safetext import safe_text
 from llem.sampler import Sampler
 from llem.sensors import open_sensors
 from llem.units import format_energy_j
@@ -80,7 +81,8 @@ def render_summary(res: dict) -> str:
         lines.append(f"  event: {event['kind']} {event['device'] or ''} {event['detail']}".rstrip())
     for note in res["notes"]:
         lines.append(f"  note: {note}")
-    return "\n".join(lines)
+    # The window name, the command and texts from the node sampler are not ours: made safe.
+    return "\n".join(safe_text(line) for line in lines)
 
 
 def _emit(res: dict, as_json: bool, output: Path | None, quiet: bool) -> None:
@@ -109,7 +111,7 @@ def _job_window(ctx: click.Context, config: config_mod.Config, path: Path, windo
         runner.start()
     except OSError as e:
         status = 127 if isinstance(e, FileNotFoundError) else 126
-        click.echo(f"llem wrap: {command[0]}: {e.strerror}", err=True)
+        click.echo(f"llem wrap: {safe_text(command[0])}: {e.strerror}", err=True)
         _close_quietly(path, window)
         ctx.exit(status)
     try:
@@ -214,11 +216,11 @@ def wrap(ctx: click.Context, name: str | None, as_json: bool, output: Path | Non
         runner.start()
     except FileNotFoundError:
         opened.close()
-        click.echo(f"llem wrap: {command[0]}: command not found", err=True)
+        click.echo(f"llem wrap: {safe_text(command[0])}: command not found", err=True)
         ctx.exit(127)
     except PermissionError:
         opened.close()
-        click.echo(f"llem wrap: {command[0]}: permission denied", err=True)
+        click.echo(f"llem wrap: {safe_text(command[0])}: permission denied", err=True)
         ctx.exit(126)
     thread = run_sampler_thread(sampler)
     try:

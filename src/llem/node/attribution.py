@@ -64,6 +64,10 @@ USE, ALLOCATION, HYBRID = "use", "allocation", "hybrid"
 POLICIES = (HYBRID, USE, ALLOCATION)
 """The configurable policies (``attribution.policy``); ``exclusive`` applies by itself."""
 
+PROC_TREE_FLAG = "proc_tree"
+"""Job flag: its CPU time and memory came from the process tree under its slurmstepd (no job
+cgroup), a weaker fact than a cgroup's (docs/methodology.md)."""
+
 
 @dataclass(frozen=True)
 class JobLoad:
@@ -342,6 +346,15 @@ class JobAttributor:
             return None
         return info["MemTotal"] - info["MemAvailable"]
 
+    def _flag_guess(self, job) -> None:
+        """Mark a run credited through the process tree, not through its cgroup: the flag
+        ``proc_tree`` (docs/methodology.md). Only a tree that held processes counts: on a
+        cgroup node, the moments before the job's cgroup exists credit nothing, flag nothing.
+        Set again each interval while missing, so that a concurrent update of the run's flags
+        cannot lose it."""
+        if PROC_TREE_FLAG not in job.flags:
+            self.store.update_job(job.run_id, flags=sorted({*job.flags, PROC_TREE_FLAG}))
+
     def _allocation(self, job, has_cgroup: bool) -> _Allocation:
         """The job's CPUs (Slurm's figure, else its cpuset) and memory limit (its cgroup)."""
         known = self._alloc.get(job.run_id)
@@ -366,8 +379,11 @@ class JobAttributor:
             usage = self.locator.usage(job.job_id, job.uid, self.node)
             if usage is None:
                 if proc_usage is None:
-                    proc_usage = self.scanner.usage_by_job({j.job_id for j in jobs})
-                out[job.run_id] = (proc_usage.get(job.job_id), False)
+                    proc_usage = self.scanner.usage_by_job({j.job_id: j.uid for j in jobs})
+                usage = proc_usage.get(job.job_id)
+                if usage is not None and (usage.cpu_ns or usage.memory_bytes):
+                    self._flag_guess(job)
+                out[job.run_id] = (usage, False)
             else:
                 self.cgroups[job.run_id] = usage.source
                 out[job.run_id] = (usage, True)

@@ -8,20 +8,25 @@ interval until found. Layouts:
   and ``/sys/fs/cgroup/memory/.../job_<id>/memory.usage_in_bytes``;
 * cgroup v2: ``/sys/fs/cgroup/system.slice/slurmstepd.scope/job_<id>/cpu.stat``
   (``usage_usec``) and ``memory.current``;
-* no cgroup (``proctrack/linuxproc``): the job's processes are found through ``/proc``
-  (``SLURM_JOB_ID`` in their environment, read by root) and their CPU time summed.
+* no cgroup (``proctrack/linuxproc``): the job's processes are found through ``/proc`` as
+  the process tree under the job's root-owned ``slurmstepd`` (never from a process's own
+  environment, which its user writes), run by the job's owner, and their CPU time summed;
+  the job is then flagged ``proc_tree`` (docs/methodology.md).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 @dataclass
@@ -30,7 +35,7 @@ class JobUsage:
 
     cpu_ns: int | None  # cumulative CPU time of the job's processes
     memory_bytes: int | None
-    source: str  # "cgroup-v1", "cgroup-v2", "proc", or "none"
+    source: str  # "cgroup-v1", "cgroup-v2", "proc-tree", or "none"
 
 
 def _read_int(path: Path) -> int | None:
@@ -156,64 +161,163 @@ def cgroup_allocation(locator: CgroupLocator, job_id: str, uid: int | None,
             _read_limit(mem / "memory.limit_in_bytes"))
 
 
+STEPD_TITLE = re.compile(rb"slurmstepd: \[(\d+)\.[A-Za-z0-9_+-]+\]")
+"""The title slurmstepd gives itself: ``slurmstepd: [JOBID.STEP]`` (``.batch``, ``.extern``,
+``.0``...); JOBID is the job's own id (an array task's too)."""
+
+
+KTHREADD = 2
+"""The parent of every kernel thread."""
+
+
+@dataclass
+class _Proc:
+    ppid: int
+    uid: int | None
+    ticks: int
+    rss: int
+
+
 class ProcScanner:
     """The ``proctrack/linuxproc`` fallback: a job's processes found through /proc.
 
-    The job of a process is read once from its environment (``SLURM_JOB_ID``) and cached by
-    (pid, start time), so a tick costs one ``stat`` read per process.
+    Only facts a user cannot forge decide which job a process belongs to (docs/security.md,
+    "Attribution without cgroups"): it must descend from one of the job's ``slurmstepd``
+    processes, which are root's (uid 0) and whose title names the job, and it must run as
+    the job's owner. A process's own environment (``SLURM_JOB_ID``) is never read: any user
+    can set it. What leaves the tree (a double fork re-parented to init) is not credited to
+    the job: it goes to the node's remainder, as Slurm's own ``proctrack/linuxproc`` loses it.
+
+    Per tick: one ``stat`` read per process; ``status`` (the real uid) once per user process
+    and every tick for root's; ``cmdline`` for root's processes until they are known to be or
+    not to be a job's slurmstepd (caches keyed by pid and start time).
     """
 
-    def __init__(self, proc_root: str | os.PathLike = "/proc") -> None:
-        self.proc = Path(proc_root)
-        self._job_of: dict[tuple[int, int], str | None] = {}
+    SOURCE = "proc-tree"
 
-    def usage_by_job(self, job_ids: set[str]) -> dict[str, JobUsage]:
-        cpu: dict[str, int] = {j: 0 for j in job_ids}
-        mem: dict[str, int] = {j: 0 for j in job_ids}
-        seen: set[tuple[int, int]] = set()
+    def __init__(self, proc_root: str | os.PathLike = "/proc",
+                 trusted_uids: frozenset[int] | None = None) -> None:
+        """Args:
+            proc_root: the /proc tree to read.
+            trusted_uids: owners whose processes may stand for a slurmstepd. Default: root
+                and this process's own user, which is root for the node sampler (a
+                sampler run by a user, as ``llem demo`` does, trusts only that user, who
+                owns its store anyway).
+        """
+        self.proc = Path(proc_root)
+        self.trusted = frozenset({0, os.geteuid()}) if trusted_uids is None else trusted_uids
+        self._stepd: dict[tuple[int, int], str | None] = {}
+        self._uid: dict[tuple[int, int], int] = {}
+        self._seen: set[tuple[int, int]] = set()
+
+    def usage_by_job(self, owners: Mapping[str, int | None]) -> dict[str, JobUsage]:
+        """CPU time and memory of each job's processes.
+
+        Args:
+            owners: job id -> the job's owner uid (None: unknown; then the tree alone
+                decides).
+        """
         try:
             pids = [int(p) for p in os.listdir(self.proc) if p.isdigit()]
         except OSError:
             return {}
+        procs: dict[int, _Proc] = {}  # every readable process of the node
+        children: dict[int, list[int]] = {}
+        stepds: dict[int, str | None] = {}
+        self._seen = set()
         for pid in pids:
-            stat = self._stat(pid)
-            if stat is None:
+            proc, start = self._read(pid)
+            if proc is None:
                 continue
-            key = (pid, stat[2])
-            seen.add(key)
-            if key not in self._job_of:
-                self._job_of[key] = self._job_env(pid)
-            job = self._job_of[key]
-            if job in cpu:
-                cpu[job] += (stat[0] * 1_000_000_000) // CLK_TCK
-                mem[job] += stat[1]
-        self._job_of = {k: v for k, v in self._job_of.items() if k in seen}
-        return {j: JobUsage(cpu[j], mem[j], "proc") for j in job_ids}
+            procs[pid] = proc
+            children.setdefault(proc.ppid, []).append(pid)
+            if proc.uid in self.trusted:
+                key = (pid, start)
+                if key not in self._stepd:
+                    job, final = self._stepd_job(pid)
+                    if not final:
+                        continue
+                    self._stepd[key] = job
+                if self._stepd[key] is not None:
+                    stepds[pid] = self._stepd[key]
+        self._stepd = {k: v for k, v in self._stepd.items() if k in self._seen}
+        self._uid = {k: v for k, v in self._uid.items() if k in self._seen}
+        return {job: self._job_usage(job, uid, stepds, procs, children)
+                for job, uid in owners.items()}
 
-    def _stat(self, pid: int) -> tuple[int, int, int] | None:
-        """(utime+stime ticks, rss bytes, start time) of a process."""
+    def _job_usage(self, job: str, uid: int | None, stepds: dict[int, str | None],
+                   procs: dict[int, _Proc], children: dict[int, list[int]]) -> JobUsage:
+        """The processes under the job's slurmstepds that run as the job's owner."""
+        cpu = mem = 0
+        todo = [c for pid, j in stepds.items() if j == job for c in children.get(pid, [])]
+        done: set[int] = set()
+        while todo:
+            pid = todo.pop()
+            if pid in done or pid in stepds:  # a slurmstepd is never followed into
+                continue
+            done.add(pid)
+            proc = procs[pid]
+            if uid is None or proc.uid == uid:
+                cpu += (proc.ticks * 1_000_000_000) // CLK_TCK
+                mem += proc.rss
+            todo.extend(children.get(pid, []))
+        return JobUsage(cpu, mem, self.SOURCE)
+
+    def _read(self, pid: int) -> tuple[_Proc | None, int]:
+        """The process's parent, real uid, CPU ticks and RSS; and its start time."""
         try:
             text = (self.proc / str(pid) / "stat").read_text()
         except OSError:
-            return None
+            return None, 0
         fields = text[text.rfind(")") + 2:].split()
         try:
+            ppid = int(fields[1])
             ticks = int(fields[11]) + int(fields[12])
-            rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            rss = int(fields[21]) * PAGE_SIZE
             start = int(fields[19])
         except (IndexError, ValueError):
-            return None
-        return ticks, rss, start
+            return None, 0
+        if pid == KTHREADD or ppid == KTHREADD:
+            return _Proc(ppid, None, ticks, rss), start  # a kernel thread: in no job's tree
+        key = (pid, start)
+        self._seen.add(key)
+        uid = self._uid.get(key)
+        if uid is None:
+            uid = self._real_uid(pid)
+            # A user's process cannot become another user; root's may still drop to one
+            # (slurmstepd's child before exec), so only other uids are kept.
+            if uid is not None and uid not in self.trusted:
+                self._uid[key] = uid
+        return _Proc(ppid, uid, ticks, rss), start
 
-    def _job_env(self, pid: int) -> str | None:
+    def _real_uid(self, pid: int) -> int | None:
+        """The real uid (``/proc/PID/status``; the folder's owner is the effective uid, and
+        root for a process that made itself non-dumpable: not a fact about its user)."""
         try:
-            data = (self.proc / str(pid) / "environ").read_bytes()
+            status = (self.proc / str(pid) / "status").read_text()
         except OSError:
             return None
-        for item in data.split(b"\0"):
-            if item.startswith(b"SLURM_JOB_ID="):
-                return item[13:].decode("ascii", "replace")
+        for line in status.splitlines():
+            if line.startswith("Uid:"):
+                try:
+                    return int(line.split()[1])
+                except (IndexError, ValueError):
+                    return None
         return None
+
+    def _stepd_job(self, pid: int) -> tuple[str | None, bool]:
+        """(the job a root process is the slurmstepd of, or None; whether that is final).
+
+        A slurmstepd sets its title just after it starts: until then (``slurmstepd`` without
+        a job) it is looked at again next time."""
+        try:
+            cmdline = (self.proc / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            return None, False
+        match = STEPD_TITLE.match(cmdline)
+        if match is not None:
+            return match.group(1).decode("ascii"), True
+        return None, b"slurmstepd" not in cmdline[:256]
 
 
 def pid_in_job_cgroup(pid: int, job_id: str, proc_root: str | os.PathLike = "/proc") -> bool | None:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from llem.report.frames import Report
+from llem.safetext import markdown_cell, safe_text
 
 JSON_SCHEMA = "llem.report/1"
 
@@ -188,12 +189,24 @@ def to_json(report: Report) -> str:
 # -- CSV ----------------------------------------------------------------------------------------
 
 
+def _csv(frame: pd.DataFrame) -> str:
+    """CSV through pandas (the csv module's minimal quoting: a delimiter, quote or line break
+    in a value is quoted), with every text cell made safe first (names are users' own: no
+    control character reaches whoever views the file, see llem.safetext)."""
+    texts = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    if texts:
+        frame = frame.copy()
+        for c in texts:
+            frame[c] = frame[c].map(lambda v: safe_text(v) if isinstance(v, str) else v)
+    return frame.to_csv(index=False, lineterminator="\n")
+
+
 def to_csv_tables(report: Report) -> dict[str, str]:
     """File name -> CSV text, one file per table (full precision)."""
     out = {}
     for ident, _, frame in _table_specs(report):
-        out[f"{ident}.csv"] = frame.to_csv(index=False, lineterminator="\n")
-    out["daily.csv"] = report.daily.to_csv(index=False, lineterminator="\n")
+        out[f"{ident}.csv"] = _csv(frame)
+    out["daily.csv"] = _csv(report.daily)
     return out
 
 
@@ -246,9 +259,10 @@ def _md_table(frame: pd.DataFrame) -> str:
     frame = frame.head(MAX_ROWS)
     cols = _columns(frame)
     align = ["right" if pd.api.types.is_numeric_dtype(frame[c]) else "left" for c in cols]
-    # A "|" inside a cell would end it: names are users' own.
+    # Names are users' own: a "|" would end the cell, markup or a control character would
+    # reach the reader (llem.safetext.markdown_cell).
     texts = _texts(frame.to_dict("records"), cols)
-    cells = [[text.replace("|", "\\|") for text in row] for row in texts]
+    cells = [[markdown_cell(text) for text in row] for row in texts]
     # Cells are already formatted: no number parsing; keep the indent of sub-rows (CPU...).
     table = tabulate(cells, headers=[HEADERS.get(c, c) for c in cols], tablefmt="pipe",
                      colalign=align, disable_numparse=True, preserve_whitespace=True)
@@ -256,12 +270,13 @@ def _md_table(frame: pd.DataFrame) -> str:
 
 
 def to_markdown(report: Report, plot_files: list[str] = ()) -> str:
-    parts = [f"# {title(report)}\n", period_line(report) + "\n", carbon_line(report) + "\n"]
+    parts = [f"# {markdown_cell(title(report))}\n", period_line(report) + "\n",
+             markdown_cell(carbon_line(report)) + "\n"]
     if report.empty:
         parts.append(f"**No data**: the ledger holds no job or node energy for "
                      f"{report.period.label}.\n")
     for note in report.notes:
-        parts.append(f"> {note}\n")
+        parts.append(f"> {markdown_cell(note)}\n")
     for ident, heading, frame in _table_specs(report):
         parts.append(f"## {heading}\n")
         if ident.startswith("waste"):
