@@ -134,8 +134,7 @@ def test_jobs_on_amd_gpus_get_their_own_gpu_and_a_platform_share(cluster, site):
         assert devices["platform:node"][0] == "platform"
         minors = set()
         for run_id, *_, gpus_json, _, _ in rows:
-            (minor,) = json.loads(gpus_json)
-            minors.add(minor)
+            (stored,) = json.loads(gpus_json)  # a device key: the sampler resolved the index
             gpu = db.execute(
                 "SELECT d.key, SUM(j.energy_uj), SUM(iv.end_ns - iv.start_ns) FROM job_energy j "
                 "JOIN devices d ON d.key = j.device_key JOIN intervals iv ON iv.id = "
@@ -143,7 +142,9 @@ def test_jobs_on_amd_gpus_get_their_own_gpu_and_a_platform_share(cluster, site):
                 (run_id,)).fetchall()
             assert len(gpu) == 1, gpu  # its own GPU only
             key, energy_uj, span_ns = gpu[0]
-            assert devices[key][2]["minor"] == int(minor)
+            assert key == stored  # the job names its GPU the way its energy rows do
+            minor = devices[key][2]["minor"]
+            minors.add(str(minor))
             assert energy_uj / span_ns * 1e3 == pytest.approx(AMD_W[int(minor)], rel=0.3)
             platform = db.execute(
                 "SELECT SUM(energy_uj), MIN(method) FROM job_energy WHERE run_id = ? AND "

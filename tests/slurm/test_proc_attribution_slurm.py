@@ -44,7 +44,8 @@ def cpu_energy(site, node, run_id) -> int:
     try:
         return db.execute(
             "SELECT COALESCE(SUM(j.energy_uj), 0) FROM job_energy j JOIN devices d "
-            "ON d.key = j.device_key WHERE j.run_id = ? AND d.component = 'cpu'",
+            "ON d.key = j.device_key WHERE j.run_id = ? AND d.component = 'cpu' "
+            "AND j.method = 'cpu_time'",  # its use; the static part goes by allocation
             (run_id,)).fetchone()[0]
     finally:
         db.close()

@@ -332,8 +332,9 @@ class NodeDaemon:
                                    lambda: self.clock.monotonic_ns() / 1e9)
         from llem.node.metrics import NodeMetrics  # textfile for node_exporter (docs/metrics.md)
 
-        self.metrics = NodeMetrics.from_config(self.config, self.store, self.node, devices,
-                                               self.sampler.interval_s)
+        # The sampler's devices: the sensors' and, with a node meter, the platform residual.
+        self.metrics = NodeMetrics.from_config(self.config, self.store, self.node,
+                                               self.sampler.devices, self.sampler.interval_s)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT: stop after a final reading; SIGUSR1 (a hook handed a job

@@ -152,9 +152,10 @@ class NodeMetrics:
                 log.warning("metrics: the store's totals could not be read (%s); the energy "
                             "counters start at 0", e)
         gpus = [d for d in devices if d.component == "gpu"]
-        self._gpu_index = {str(d.attrs.get("minor")): str(d.attrs.get("index"))
-                           for d in gpus if d.attrs.get("minor") is not None
-                           and d.attrs.get("index") is not None}
+        # Job records name their GPUs by device key once the sampler resolved Slurm's index
+        # (at the job's first interval): dcgm-exporter's files are named by NVML index.
+        self._gpu_index = {d.key: str(d.attrs.get("index")) for d in gpus
+                           if d.attrs.get("index") is not None}
 
     @classmethod
     def from_config(cls, config, store, node: str, devices: Sequence[Device],
@@ -288,8 +289,8 @@ class NodeMetrics:
             raise OSError(f"dcgm job-mapping directory {self.dcgm_dir}: {problem}")
         wanted: dict[str, list[str]] = {i: [] for i in self._gpu_index.values()}
         for _, job_id, _u, _a, _p, gpus in running:
-            for minor in json.loads(gpus or "[]"):
-                index = self._gpu_index.get(str(minor))
+            for key in json.loads(gpus or "[]"):
+                index = self._gpu_index.get(str(key))
                 if index is not None:
                     wanted[index].append(job_id)
         for index, jobs in wanted.items():
