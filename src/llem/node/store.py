@@ -191,6 +191,14 @@ def _job_from_row(row: Sequence) -> JobRecord:
 NO_DATA_KINDS = ("first", "reset", "gap")
 """Energy row kinds that carry no measurement (a baseline, a counter reset, a gap)."""
 
+_LOST_IN_INTERVAL = (
+    "EXISTS (SELECT 1 FROM energy e WHERE e.interval_id = i.id "
+    f"AND (e.kind IN {NO_DATA_KINDS} OR e.status != 'ok') "
+    "AND (e.device_key IN (SELECT device_key FROM job_energy WHERE run_id = ?) "
+    "OR NOT EXISTS (SELECT 1 FROM job_energy WHERE run_id = ?)))")
+"""SQL, with the interval as ``i`` and the run id twice: some device the run draws energy
+from (every device, when it has none yet) had no data in the interval."""
+
 
 def _prune_steps(runs: list[int], cut_ns: int) -> list[tuple[str, str, list[int]]]:
     """The deletes of :meth:`NodeStore.prune`, children before parents."""
@@ -436,11 +444,22 @@ class NodeStore:
             "SELECT start_ns, end_ns FROM intervals WHERE end_ns > ? AND start_ns < ? "
             "ORDER BY start_ns", (start_ns, end_ns))
 
-    def covered_ns_between(self, after_id: int, up_to_id: int) -> int:
-        """Wall time of the intervals with ``after_id < id <= up_to_id``."""
+    def covered_ns_between(self, after_id: int, up_to_id: int, run_id: int) -> int:
+        """Wall time of the intervals with ``after_id < id <= up_to_id`` in which every device
+        the run draws energy from had data (see :meth:`data_spans`)."""
         return self.query(
-            "SELECT COALESCE(SUM(end_ns - start_ns), 0) FROM intervals WHERE id > ? AND id <= ?",
-            (after_id, up_to_id))[0][0]
+            "SELECT COALESCE(SUM(i.end_ns - i.start_ns), 0) FROM intervals i "
+            f"WHERE i.id > ? AND i.id <= ? AND NOT ({_LOST_IN_INTERVAL})",
+            (after_id, up_to_id, run_id, run_id))[0][0]
+
+    def data_spans(self, start_ns: int, end_ns: int, run_id: int) -> list[tuple[int, int]]:
+        """(start_ns, end_ns) of the intervals overlapping a span, in time order, in which
+        every device the run draws energy from had data: an interval where one of them had
+        a gap, a reset or a read error is not covered (coverage never claims lost data)."""
+        return self.query(
+            "SELECT i.start_ns, i.end_ns FROM intervals i WHERE i.end_ns > ? AND "
+            f"i.start_ns < ? AND NOT ({_LOST_IN_INTERVAL}) ORDER BY i.start_ns",
+            (start_ns, end_ns, run_id, run_id))
 
     def event_kinds_between(self, start_ns: int, end_ns: int) -> set[str]:
         return {k for (k,) in self.query(
@@ -543,6 +562,16 @@ class NodeStore:
             (end_ns, end_interval_id, json.dumps(dict(counters)),
              json.dumps(dict(energy), sort_keys=True), window_id),
         ))
+
+    def window_count(self, run_id: int) -> int:
+        """How many windows a run has (open or not)."""
+        return self.query("SELECT COUNT(*) FROM windows WHERE run_id = ?", (run_id,))[0][0]
+
+    def window_counts_of_running(self) -> dict[int, int]:
+        """run_id -> number of windows, for the running runs that have any."""
+        return dict(self.query(
+            "SELECT w.run_id, COUNT(*) FROM windows w JOIN jobs j ON j.run_id = w.run_id "
+            "WHERE j.state = 'running' GROUP BY w.run_id"))
 
     def run_windows(self, run_id: int) -> list[tuple]:
         """(name, step_id, start_ns, end_ns, status, energy JSON) of a run's windows."""
