@@ -191,14 +191,6 @@ def _job_from_row(row: Sequence) -> JobRecord:
 NO_DATA_KINDS = ("first", "reset", "gap")
 """Energy row kinds that carry no measurement (a baseline, a counter reset, a gap)."""
 
-_LOST_IN_INTERVAL = (
-    "EXISTS (SELECT 1 FROM energy e WHERE e.interval_id = i.id "
-    f"AND (e.kind IN {NO_DATA_KINDS} OR e.status != 'ok') "
-    "AND (e.device_key IN (SELECT device_key FROM job_energy WHERE run_id = ?) "
-    "OR NOT EXISTS (SELECT 1 FROM job_energy WHERE run_id = ?)))")
-"""SQL, with the interval as ``i`` and the run id twice: some device the run draws energy
-from (every device, when it has none yet) had no data in the interval."""
-
 
 def _prune_steps(runs: list[int], cut_ns: int) -> list[tuple[str, str, list[int]]]:
     """The deletes of :meth:`NodeStore.prune`, children before parents."""
@@ -447,19 +439,31 @@ class NodeStore:
     def covered_ns_between(self, after_id: int, up_to_id: int, run_id: int) -> int:
         """Wall time of the intervals with ``after_id < id <= up_to_id`` in which every device
         the run draws energy from had data (see :meth:`data_spans`)."""
+        lost, params = self._lost_in_interval(run_id)
         return self.query(
             "SELECT COALESCE(SUM(i.end_ns - i.start_ns), 0) FROM intervals i "
-            f"WHERE i.id > ? AND i.id <= ? AND NOT ({_LOST_IN_INTERVAL})",
-            (after_id, up_to_id, run_id, run_id))[0][0]
+            f"WHERE i.id > ? AND i.id <= ? AND NOT {lost}",
+            (after_id, up_to_id, *params))[0][0]
 
     def data_spans(self, start_ns: int, end_ns: int, run_id: int) -> list[tuple[int, int]]:
         """(start_ns, end_ns) of the intervals overlapping a span, in time order, in which
-        every device the run draws energy from had data: an interval where one of them had
-        a gap, a reset or a read error is not covered (coverage never claims lost data)."""
+        every device the run draws energy from (every device, when it has none) had data: an
+        interval where one of them had a gap, a reset or a read error is not covered
+        (coverage never claims lost data)."""
+        lost, params = self._lost_in_interval(run_id)
         return self.query(
             "SELECT i.start_ns, i.end_ns FROM intervals i WHERE i.end_ns > ? AND "
-            f"i.start_ns < ? AND NOT ({_LOST_IN_INTERVAL}) ORDER BY i.start_ns",
-            (start_ns, end_ns, run_id, run_id))
+            f"i.start_ns < ? AND NOT {lost} ORDER BY i.start_ns",
+            (start_ns, end_ns, *params))
+
+    def _lost_in_interval(self, run_id: int) -> tuple[str, tuple]:
+        """SQL (the interval as ``i``) and its parameters: a device the run draws energy from
+        had no data in the interval. One index look-up per interval."""
+        devices = tuple(d for (d,) in self.query(
+            "SELECT DISTINCT device_key FROM job_energy WHERE run_id = ?", (run_id,)))
+        among = f" AND e.device_key IN ({', '.join('?' * len(devices))})" if devices else ""
+        return ("EXISTS (SELECT 1 FROM energy e WHERE e.interval_id = i.id AND "
+                f"(e.kind IN {NO_DATA_KINDS} OR e.status != 'ok'){among})", devices)
 
     def event_kinds_between(self, start_ns: int, end_ns: int) -> set[str]:
         return {k for (k,) in self.query(
