@@ -185,15 +185,21 @@ def test_slow_clients_are_capped_and_cut_at_the_deadline_while_others_are_served
     assert served_during is not None and served_during < attack_s
 
 
-@needs_root
-def test_a_request_larger_than_the_limit_is_refused(shared_dir):
-    daemon = Daemon(shared_dir, linger_s=600.0)
+def test_a_request_too_large_or_too_deep_is_refused_and_the_server_goes_on(tmp_path):
+    daemon = Daemon(tmp_path, linger_s=600.0)
     try:
         daemon.prolog(JOB)
         daemon.start()
+        sock = daemon.paths.socket
         with pytest.raises(WindowError, match="requests are at most 4096 bytes"):
-            windows.request(daemon.paths.socket, {"op": "open", "job_id": JOB,
-                                                  "name": "x" * 5000})
+            windows.request(sock, {"op": "open", "job_id": JOB, "name": "x" * 5000})
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.settimeout(10)
+            raw.connect(str(sock))
+            raw.sendall(b'{"op": ' + b"[" * 2000 + b"]" * 2000 + b"}\n")
+            answer = json.loads(raw.makefile("rb").readline())
+        assert answer == {"ok": False, "error": "bad request: nested too deep"}
+        assert ping(sock) == {"ok": True, "op": "ping"}
     finally:
         daemon.stop()
 

@@ -354,6 +354,8 @@ class WindowServer:
             return {"ok": False, "error": str(e)}
         except (OSError, ValueError) as e:
             return {"ok": False, "error": f"bad request: {e}"}
+        except RecursionError:  # JSON nested deeper than the parser goes
+            return {"ok": False, "error": "bad request: nested too deep"}
         reply: queue.Queue = queue.Queue(maxsize=1)
         self.requests.put(((pid, uid, request), reply))
         self._ask_for_reading(request["job_id"], reply)
