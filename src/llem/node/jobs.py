@@ -146,11 +146,10 @@ def end_job(store: NodeStore, env: dict, cluster: str, end_ns: int,
 
 def seal_figures(store: NodeStore, run_id: int, start_ns: int,
                  end_ns: int) -> tuple[float, set[str]]:
-    """Coverage (share of the job's wall time inside sampler intervals with data for the
-    job's devices) and flags."""
+    """Coverage (share of the job's wall time inside sampler intervals) and flags."""
     span = max(1, end_ns - start_ns)
     covered, cursor = 0, start_ns
-    for s, e in store.data_spans(start_ns, end_ns, run_id):
+    for s, e in store.interval_spans(start_ns, end_ns):
         s, e = max(s, cursor, start_ns), min(e, end_ns)
         if e > s:
             covered += e - s

@@ -438,32 +438,27 @@ class NodeStore:
 
     def covered_ns_between(self, after_id: int, up_to_id: int, run_id: int) -> int:
         """Wall time of the intervals with ``after_id < id <= up_to_id`` in which every device
-        the run draws energy from had data (see :meth:`data_spans`)."""
+        the run draws energy from had data: an interval where one of them had a gap, a reset
+        or a read error is not covered (a window's coverage never claims lost data). For a
+        run that drew no energy, an interval is covered when some device had data."""
         lost, params = self._lost_in_interval(run_id)
         return self.query(
             "SELECT COALESCE(SUM(i.end_ns - i.start_ns), 0) FROM intervals i "
             f"WHERE i.id > ? AND i.id <= ? AND NOT {lost}",
             (after_id, up_to_id, *params))[0][0]
 
-    def data_spans(self, start_ns: int, end_ns: int, run_id: int) -> list[tuple[int, int]]:
-        """(start_ns, end_ns) of the intervals overlapping a span, in time order, in which
-        every device the run draws energy from (every device, when it has none) had data: an
-        interval where one of them had a gap, a reset or a read error is not covered
-        (coverage never claims lost data)."""
-        lost, params = self._lost_in_interval(run_id)
-        return self.query(
-            "SELECT i.start_ns, i.end_ns FROM intervals i WHERE i.end_ns > ? AND "
-            f"i.start_ns < ? AND NOT {lost} ORDER BY i.start_ns",
-            (start_ns, end_ns, *params))
-
     def _lost_in_interval(self, run_id: int) -> tuple[str, tuple]:
         """SQL (the interval as ``i``) and its parameters: a device the run draws energy from
-        had no data in the interval. One index look-up per interval."""
+        had no data in the interval; for a run that drew none (an idle job), no device had
+        data. One index look-up per interval."""
         devices = tuple(d for (d,) in self.query(
             "SELECT DISTINCT device_key FROM job_energy WHERE run_id = ?", (run_id,)))
-        among = f" AND e.device_key IN ({', '.join('?' * len(devices))})" if devices else ""
+        if not devices:
+            return ("NOT EXISTS (SELECT 1 FROM energy e WHERE e.interval_id = i.id AND "
+                    f"e.kind NOT IN {NO_DATA_KINDS} AND e.status = 'ok')", ())
         return ("EXISTS (SELECT 1 FROM energy e WHERE e.interval_id = i.id AND "
-                f"(e.kind IN {NO_DATA_KINDS} OR e.status != 'ok'){among})", devices)
+                f"(e.kind IN {NO_DATA_KINDS} OR e.status != 'ok') AND "
+                f"e.device_key IN ({', '.join('?' * len(devices))}))", devices)
 
     def event_kinds_between(self, start_ns: int, end_ns: int) -> set[str]:
         return {k for (k,) in self.query(
