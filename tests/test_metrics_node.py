@@ -139,8 +139,10 @@ def test_dcgm_job_mapping_files_by_nvml_index(tmp_path):
     mapping = tmp_path / "dcgm"
     mapping.mkdir(mode=0o755)
     rig = Rig(tmp_path, dcgm_dir=mapping)
-    a = rig.job("55", gpus=("1",))  # minor 1 is NVML index 0 here
-    b = rig.job("56", gpus=("0",))
+    # Device keys, as the sampler stores a job's GPUs once it resolved Slurm's indices;
+    # fake:g0 is NVML index 0 (minor 1) here, fake:g1 index 1 (minor 0).
+    a = rig.job("55", gpus=("fake:g0",))
+    b = rig.job("56", gpus=("fake:g1",))
     rig.tick()
     assert (mapping / "0").read_text() == "55\n"
     assert (mapping / "1").read_text() == "56\n"

@@ -146,6 +146,8 @@ class Sampler:
         self.wake = threading.Event()
         """Set it to make the loop take a reading now (a job ends, a window opens)."""
         self.stopping = threading.Event()
+        self.next_deadline_ns: int | None = None
+        """When the next regular reading is due (monotonic ns), while :meth:`run` runs."""
         fast = {d.key: t for d in self.devices
                 if (t := counter_read_s(d)) is not None and t < interval_s}
         self.counter_read_s = max(MIN_COUNTER_READ_S, min(fast.values())) if fast else None
@@ -293,6 +295,7 @@ class Sampler:
         interval_ns = int(self.interval_s * NS_PER_S)
         next_deadline = self.clock.monotonic_ns() + interval_ns
         while True:
+            self.next_deadline_ns = next_deadline  # the window server plans around it
             woken = self._wait_until(next_deadline)
             if stop.is_set():
                 break

@@ -260,6 +260,9 @@ def _validate_job(data: Mapping, devices: Mapping) -> None:
         raise SliceError(f"slice: 'windows' must be a list, got {_show(windows)}")
     for i, win in enumerate(windows):
         _validate_window(win, f"windows[{i}]")
+    dropped = data.get("windows_dropped", 0)  # windows beyond the slice's cap, counted
+    if not _is_int(dropped) or not 0 <= dropped < 2**63:
+        raise SliceError(f"slice: 'windows_dropped' must be a count, got {_show(dropped)}")
     _validate_node_totals(_need(data, "node_totals", "slice"), devices)
 
 

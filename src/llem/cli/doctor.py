@@ -83,6 +83,25 @@ def _spool(config, problems: list[str]) -> dict:
     return info
 
 
+def _probe_window_server(path, pid: int | None) -> dict:
+    """Ask the node sampler's socket a harmless question (``ping``: no reading is taken)."""
+    from llem.node.windows import WindowError, ping
+
+    if not pid:
+        if path.exists():
+            return {"state": "stale", "problem": None}  # a dead sampler's socket: harmless
+        return {"state": "no sampler", "problem": None}
+    if not path.exists():
+        return {"state": "missing", "problem": f"the sampler (pid {pid}) has no socket at "
+                f"{path}: 'srun llem wrap' falls back to whole-node measurement"}
+    try:
+        ping(path)
+    except WindowError as e:
+        return {"state": "not answering", "problem": f"the sampler (pid {pid}) does not answer "
+                f"on {path} ({e}): 'srun llem wrap' falls back to whole-node measurement"}
+    return {"state": "answering", "problem": None}
+
+
 def _node_sampler(config, node: str, env: dict, problems: list[str]) -> dict:
     from llem.node.daemon import sampler_pid
     from llem.node.jobs import pending
@@ -100,6 +119,9 @@ def _node_sampler(config, node: str, env: dict, problems: list[str]) -> dict:
         info["recent_problems"] = []
     if info["recent_problems"]:
         problems.append(f"recent problems of the Slurm hooks on {node}: see 'Node sampler'")
+    info["window_server"] = _probe_window_server(paths.socket, pid)
+    if info["window_server"]["problem"]:
+        problems.append(f"window server of {node}: {info['window_server']['problem']}")
     hook = _hook_defaults(env)
     info["hook_settings"] = hook
     hook_run_dir = hook.get("LLEM_RUN_DIR", "/run/llem")
@@ -282,6 +304,8 @@ def render(report: dict) -> str:
     out.append("Node sampler:")
     state = f"running, pid {ns['pid']}" if ns["pid"] else "not running"
     out.append(f"  {state}; run dir {ns['run_dir']}; store {ns['store']}")
+    if ns["pid"]:
+        out.append(f"  window socket: {ns['window_server']['state']}")
     if ns["pending_registrations"]:
         out.append(f"  {ns['pending_registrations']} job registration(s) waiting")
     for line in ns["recent_problems"]:

@@ -168,7 +168,7 @@ def _write_output(path: Path, text: str) -> None:
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False},
 )
-@click.option("--name", "-n", help="A name for this measurement window.")
+@click.option("--name", "-n", help="A name for this measurement window (at most 128 characters).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the JSON object to this file.")

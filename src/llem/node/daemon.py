@@ -327,7 +327,8 @@ class NodeDaemon:
             self.sensors.sensors, [self.store], clock=self.clock, interval_s=self.interval_s,
             sampler_id=f"{self.node}-{os.getpid()}-{self.started_ns}", attribute=attributor)
         self.windows = WindowServer(self.paths.socket, self.sampler, self.store,
-                                     self.take_registrations)
+                                     self.take_registrations, pending_job=self.job_is_pending,
+                                     monotonic_s=lambda: self.clock.monotonic_ns() / 1e9)
         self.chores = Housekeeping(self.store, self.config, self.paths,
                                    lambda: self.clock.monotonic_ns() / 1e9)
         from llem.node.metrics import NodeMetrics  # textfile for node_exporter (docs/metrics.md)
@@ -371,7 +372,14 @@ class NodeDaemon:
 
     def take_registrations(self) -> list[tuple[str, str]]:
         """Move the hooks' waiting registrations into the store; return what was taken."""
-        return ingest(self.store, self.paths.jobs, self.config.cluster, self.node)
+        taken = ingest(self.store, self.paths.jobs, self.config.cluster, self.node)
+        if taken and self.windows is not None:
+            self.windows.refresh_jobs()  # requests are checked against the running jobs
+        return taken
+
+    def job_is_pending(self, job_id: str) -> bool:
+        """Whether a job's start registration waits to be taken in (its Prolog just ran)."""
+        return (self.paths.jobs / f"{job_id}.start").exists()
 
     def watch_idle(self) -> None:
         """Stop the sampler once no job has been left for ``sampler.linger_s``."""

@@ -22,6 +22,7 @@ from llem.errors import LedgerError
 from llem.fsutil import ensure_private_dir, write_atomic
 from llem.node.outbox import deliver
 from llem.node.store import NO_DATA_KINDS, NodeStore
+from llem.node.windows import MAX_NAME_CHARS, MAX_STEP_CHARS, MAX_WINDOWS_PER_JOB
 from llem.units import HOUR_NS, NS_PER_S, split_by_hour
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,34 @@ def _job_energy(store: NodeStore, run_id: int) -> list[dict]:
             for (d, h, m), uj in sorted(totals.items())]
 
 
-def _windows(store: NodeStore, run_id: int) -> list[dict]:
-    out = []
+SLICE_WINDOWS_MAX = MAX_WINDOWS_PER_JOB
+"""The most windows one job slice carries; the rest are counted in ``windows_dropped``."""
+SLICE_WINDOWS_MAX_BYTES = 8 * 1024 * 1024
+"""The most bytes (JSON) the windows of one job slice take, far below the aggregator's
+limit on a slice (``MAX_SLICE_BYTES`` in cluster/readers.py): a job always reaches the
+ledger, whatever its store holds."""
+
+
+def _windows(store: NodeStore, run_id: int) -> tuple[list[dict], int]:
+    """The run's windows for its slice, first opened first, within the slice's bounds;
+    and how many were left out."""
+    out: list[dict] = []
+    size = dropped = 0
     for name, step_id, start_ns, end_ns, status, energy in store.run_windows(run_id):
         try:
             energy_map = {str(k): int(v) for k, v in json.loads(energy or "{}").items()}
         except (ValueError, TypeError, AttributeError):
             energy_map = {}
-        out.append({"name": name, "step_id": step_id, "start_ns": start_ns, "end_ns": end_ns,
-                    "status": status, "energy": energy_map})
-    return out
+        win = {"name": str(name)[:MAX_NAME_CHARS],
+               "step_id": None if step_id is None else str(step_id)[:MAX_STEP_CHARS],
+               "start_ns": start_ns, "end_ns": end_ns, "status": status, "energy": energy_map}
+        win_bytes = len(json.dumps(win)) + 2
+        if len(out) >= SLICE_WINDOWS_MAX or size + win_bytes > SLICE_WINDOWS_MAX_BYTES:
+            dropped += 1
+            continue
+        size += win_bytes
+        out.append(win)
+    return out, dropped
 
 
 def _job_meta(job) -> dict:
@@ -120,13 +139,20 @@ def export_job(store: NodeStore, run_id: int, config: Config, *,
     # Prolog and Epilog bound it.
     totals = store.device_totals(job.start_ns, meta["end_ns"])
     used = {r["device"] for r in energy} | set(totals)
+    windows, windows_dropped = _windows(store, run_id)
+    if windows_dropped:
+        meta["flags"] = sorted(set(meta["flags"]) | {"windows_dropped"})
+        log.warning("job %s: %d window(s) left out of its slice (at most %d, %d bytes)",
+                    job.job_id, windows_dropped, SLICE_WINDOWS_MAX, SLICE_WINDOWS_MAX_BYTES)
     data = {
         "schema": slices.SCHEMA, "kind": "job", "cluster": job.cluster or config.cluster,
         "node": job.node, "created_ns": now_ns,
         "producer": {"llem": __version__, "host": socket.gethostname()},
         "job": meta, "devices": _devices(store, used), "energy": energy,
-        "windows": _windows(store, run_id), "node_totals": totals,
+        "windows": windows, "node_totals": totals,
     }
+    if windows_dropped:
+        data["windows_dropped"] = windows_dropped
     return slices.checked(data)
 
 

@@ -480,11 +480,29 @@ class NodeStore:
             "SELECT start_ns, end_ns FROM intervals WHERE end_ns > ? AND start_ns < ? "
             "ORDER BY start_ns", (start_ns, end_ns))
 
-    def covered_ns_between(self, after_id: int, up_to_id: int) -> int:
-        """Wall time of the intervals with ``after_id < id <= up_to_id``."""
+    def covered_ns_between(self, after_id: int, up_to_id: int, run_id: int) -> int:
+        """Wall time of the intervals with ``after_id < id <= up_to_id`` in which every device
+        the run draws energy from had data: an interval where one of them had a gap, a reset
+        or a read error is not covered (a window's coverage never claims lost data). For a
+        run that drew no energy, an interval is covered when some device had data."""
+        lost, params = self._lost_in_interval(run_id)
         return self.query(
-            "SELECT COALESCE(SUM(end_ns - start_ns), 0) FROM intervals WHERE id > ? AND id <= ?",
-            (after_id, up_to_id))[0][0]
+            "SELECT COALESCE(SUM(i.end_ns - i.start_ns), 0) FROM intervals i "
+            f"WHERE i.id > ? AND i.id <= ? AND NOT {lost}",
+            (after_id, up_to_id, *params))[0][0]
+
+    def _lost_in_interval(self, run_id: int) -> tuple[str, tuple]:
+        """SQL (the interval as ``i``) and its parameters: a device the run draws energy from
+        had no data in the interval; for a run that drew none (an idle job), no device had
+        data. One index look-up per interval."""
+        devices = tuple(d for (d,) in self.query(
+            "SELECT DISTINCT device_key FROM job_energy WHERE run_id = ?", (run_id,)))
+        if not devices:
+            return ("NOT EXISTS (SELECT 1 FROM energy e WHERE e.interval_id = i.id AND "
+                    f"e.kind NOT IN {NO_DATA_KINDS} AND e.status = 'ok')", ())
+        return ("EXISTS (SELECT 1 FROM energy e WHERE e.interval_id = i.id AND "
+                f"(e.kind IN {NO_DATA_KINDS} OR e.status != 'ok') AND "
+                f"e.device_key IN ({', '.join('?' * len(devices))}))", devices)
 
     def event_kinds_between(self, start_ns: int, end_ns: int) -> set[str]:
         return {k for (k,) in self.query(
@@ -612,6 +630,16 @@ class NodeStore:
             (end_ns, end_interval_id, json.dumps(dict(counters)),
              json.dumps(dict(energy), sort_keys=True), window_id),
         ))
+
+    def window_count(self, run_id: int) -> int:
+        """How many windows a run has (open or not)."""
+        return self.query("SELECT COUNT(*) FROM windows WHERE run_id = ?", (run_id,))[0][0]
+
+    def window_counts_of_running(self) -> dict[int, int]:
+        """run_id -> number of windows, for the running runs that have any."""
+        return dict(self.query(
+            "SELECT w.run_id, COUNT(*) FROM windows w JOIN jobs j ON j.run_id = w.run_id "
+            "WHERE j.state = 'running' GROUP BY w.run_id"))
 
     def run_windows(self, run_id: int) -> list[tuple]:
         """(name, step_id, start_ns, end_ns, status, energy JSON) of a run's windows."""

@@ -1,7 +1,16 @@
-"""The client side of ``llem wrap`` inside a Slurm job: named windows kept by the node sampler.
+"""Named windows of ``llem wrap`` inside a Slurm job, kept by the node sampler.
 
 The user's process cannot read root-only counters or write the root-owned store; it asks the
 node's sampler over its Unix socket, which checks who is asking (SO_PEERCRED).
+
+The socket is reachable by every user of the node, so the server treats each request as
+hostile (``docs/security.md``, "The window server"): connections are capped per uid and in
+all, a request must arrive whole within :data:`REQUEST_DEADLINE_S` and within
+:data:`MAX_REQUEST_BYTES`, it is checked (op, job, owner, process) before it may wake the
+sampler, the readings that requests force are rate-limited per job and spaced, and a job
+holds at most :data:`MAX_WINDOWS_PER_JOB` windows with names of at most
+:data:`MAX_NAME_CHARS` characters. An ``accept()`` error (out of descriptors, memory or
+buffers) is logged and backed off; the server keeps accepting.
 """
 
 from __future__ import annotations
@@ -9,16 +18,43 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import socket
+import struct
 import threading
+import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from llem.errors import LlemError
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 10.0
+
+# -- the limits (documented in docs/security.md; the client stays inside them) ---------------
+MAX_REQUEST_BYTES = 4096
+"""A request is one JSON line of at most this many bytes."""
+REQUEST_DEADLINE_S = 5.0
+"""The whole request must arrive within this time of the connection's accept."""
+ANSWER_WAIT_S = 8.0
+"""How long a request waits for the sampler's reading that answers it."""
+MAX_CONNECTIONS = 64
+"""Connections served at once, all peers together (one thread each)."""
+MAX_CONNECTIONS_PER_UID = 8
+"""Connections served at once for one uid; root is counted like any other uid."""
+MAX_WINDOWS_PER_JOB = 1000
+"""Windows one job run may open on one node."""
+MAX_NAME_CHARS = 128
+"""The longest window name."""
+MAX_STEP_CHARS = 32
+FORCED_READS_PER_JOB_S = 1.0
+"""Readings one job's requests may force per second; more requests share them."""
+MIN_READ_SPACING_S = 0.25
+"""A forced reading comes at least this long after the last reading and before the next
+regular one: reads closer than that could only turn a counter's update steps into gaps."""
+ACCEPT_BACKOFF_S = (0.05, 2.0)
+"""First and longest pause after a failed ``accept()``."""
 
 
 class WindowError(LlemError):
@@ -32,36 +68,59 @@ def socket_path(run_dir: str, env: Mapping[str, str]) -> Path | None:
     return Path(run_dir) / node / "sampler.sock"
 
 
-def request(path: Path, message: dict, timeout_s: float = TIMEOUT_S) -> dict:
-    """Send one request, return the sampler's answer; WindowError when refused or unreachable."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout_s)
-            sock.connect(str(path))
-            sock.sendall((json.dumps(message) + "\n").encode())
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError as e:
-        raise WindowError(f"node sampler not reachable at {path}: {e.strerror or e}") from e
-    try:
-        answer = json.loads(data.decode())
-    except ValueError as e:
-        raise WindowError(f"node sampler gave a malformed answer: {data[:80]!r}") from e
-    if not answer.get("ok"):
-        raise WindowError(f"node sampler refused: {answer.get('error', 'no reason given')}")
-    return answer
+def _exchange(path: Path, message: dict, timeout_s: float) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(str(path))
+        sock.sendall((json.dumps(message) + "\n").encode())
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def request(path: Path, message: dict, timeout_s: float = TIMEOUT_S,
+            sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Send one request, return the sampler's answer; WindowError when refused or unreachable.
+
+    A server that is busy (its connection caps are reached) is asked again, with a growing
+    pause, until ``timeout_s`` has passed.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = 0.05
+    while True:
+        try:
+            data = _exchange(path, message, max(0.1, deadline - time.monotonic()))
+        except OSError as e:
+            raise WindowError(f"node sampler not reachable at {path}: {e.strerror or e}") from e
+        try:
+            answer = json.loads(data.decode())
+        except ValueError as e:
+            raise WindowError(f"node sampler gave a malformed answer: {data[:80]!r}") from e
+        if not isinstance(answer, dict):
+            raise WindowError(f"node sampler gave a malformed answer: {data[:80]!r}")
+        if answer.get("busy") and time.monotonic() + pause < deadline:
+            sleep(pause)
+            pause = min(1.0, pause * 2)
+            continue
+        if not answer.get("ok"):
+            raise WindowError(f"node sampler refused: {answer.get('error', 'no reason given')}")
+        return answer
 
 
 def open_window(path: Path, env: Mapping[str, str], name: str | None) -> dict:
+    name = name or "window"
+    if len(name) > MAX_NAME_CHARS:
+        raise WindowError(f"window names are at most {MAX_NAME_CHARS} characters "
+                          f"(this one has {len(name)})")
     return request(path, {
         "op": "open",
         "job_id": env.get("SLURM_JOB_ID", ""),
         "step_id": env.get("SLURM_STEP_ID"),
-        "name": name or "window",
+        "name": name,
         "pid": os.getpid(),
     })
 
@@ -71,37 +130,107 @@ def close_window(path: Path, env: Mapping[str, str], window_id: int) -> dict:
                           "window_id": window_id})
 
 
+def ping(path: Path, timeout_s: float = 2.0) -> dict:
+    """Ask the server whether it answers (it does not wake the sampler); WindowError if not."""
+    return request(path, {"op": "ping"}, timeout_s=timeout_s)
+
+
 # -- the server side, in the node sampler ----------------------------------------------------
+
+
+class Refused(Exception):
+    """A request that is refused before any work; the message goes back to the peer."""
+
+
+def check_request(message: object) -> dict:
+    """The request's fields, checked and normalised; Refused with the reason otherwise."""
+    if not isinstance(message, dict):
+        raise Refused("bad request: not a JSON object")
+    op = message.get("op")
+    if op not in ("open", "close"):
+        raise Refused(f"unknown op {str(op)[:20]!r}")
+    job_id = message.get("job_id")
+    if not isinstance(job_id, str) or not job_id.isdigit() or len(job_id) > 20:
+        raise Refused("job_id must be a Slurm job id")
+    out = {"op": op, "job_id": job_id}
+    if op == "open":
+        name = message.get("name", "window") or "window"
+        if not isinstance(name, str):
+            raise Refused("the window name must be a string")
+        if len(name) > MAX_NAME_CHARS:
+            raise Refused(f"window names are at most {MAX_NAME_CHARS} characters")
+        step = message.get("step_id")
+        if step is not None and (type(step) not in (str, int) or len(str(step)) > MAX_STEP_CHARS):
+            raise Refused("step_id must be a Slurm step id")
+        out["name"] = name
+        out["step_id"] = None if step in (None, "") else str(step)
+    else:
+        window_id = message.get("window_id")
+        if type(window_id) is not int or not 0 < window_id < 2**63:
+            raise Refused("window_id must be a window id")
+        out["window_id"] = window_id
+    return out
+
+
+class _Job:
+    """What the server thread knows of a running job, between two readings."""
+
+    __slots__ = ("uid", "windows")
+
+    def __init__(self, uid: int | None, windows: int) -> None:
+        self.uid = uid
+        self.windows = windows
 
 
 class WindowServer:
     """``llem wrap`` inside a job opens and closes named windows over a Unix socket.
 
-    The peer is checked with SO_PEERCRED: the job's owner (or root), and where the node puts
-    jobs in cgroups, a process inside the job's cgroup. Requests are answered after the
-    sampler took a reading, in the sampler's own thread (one SQLite writer).
+    Each connection is served by a thread of its own, within the caps. The peer is checked
+    with SO_PEERCRED, in that thread, before anything else happens: the job's owner (or root),
+    and where the node puts jobs in cgroups, a process inside the job's cgroup. Only then is
+    the request queued for the sampler's thread (one SQLite writer), which checks it again and
+    answers it after its next reading; the reading is forced only within the rate limits.
+
+    Args:
+        path: the socket.
+        sampler: the sampler (its ``wake`` event; ``next_deadline_ns`` when it has one).
+        store: the node store (read and written in the sampler's thread only).
+        ingest_pending: called when a request names a job not registered yet.
+        pending_job: whether a job's start registration waits to be taken in.
+        monotonic_s: the clock of the limits.
     """
 
-    def __init__(self, path: Path, sampler, store, ingest_pending=None) -> None:
-        import queue
-
+    def __init__(self, path: Path, sampler, store, ingest_pending=None,
+                 pending_job: Callable[[str], bool] | None = None,
+                 monotonic_s: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self.sampler = sampler
         self.store = store
         self.ingest_pending = ingest_pending
-        """Called when a request names a job not registered yet (its Prolog just ran)."""
+        self.pending_job = pending_job
+        self.monotonic_s = monotonic_s
         self.requests: queue.Queue = queue.Queue()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._closing = False
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}
+        self._active: dict[int, int] = {}
+        self._active_total = 0
+        self._planned_at: float | None = None
+        self._last_forced: dict[str, float] = {}
+        self._last_read_s = float("-inf")
+        self.accept_errors = 0
+        self.forced_reads = 0
+
+    # -- life ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        import socket
-
         try:
             self.path.unlink()
         except FileNotFoundError:
             pass
+        self.refresh_jobs()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(self.path))
         os.chmod(self.path, 0o666)  # any user may connect; each request is checked
@@ -111,8 +240,12 @@ class WindowServer:
         self._thread.start()
 
     def close(self) -> None:
-        self._closing = True
+        self._closing.set()
         if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 self._sock.close()
             except OSError:
@@ -121,8 +254,6 @@ class WindowServer:
             self.path.unlink()
         except OSError:
             pass
-        import queue
-
         while True:  # nobody waits forever on a sampler that is going away
             try:
                 _, reply = self.requests.get_nowait()
@@ -130,45 +261,171 @@ class WindowServer:
                 break
             reply.put({"ok": False, "error": "the node sampler is stopping"})
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the accept loop -------------------------------------------------------------------
+
     def _serve(self) -> None:
-        while not self._closing:
+        pause = 0.0
+        while not self._closing.is_set():
             try:
                 conn, _ = self._sock.accept()  # type: ignore[union-attr]
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        import queue
-        import socket
-        import struct
-
-        with conn:
-            conn.settimeout(10)
+            except OSError as e:
+                if self._closing.is_set():
+                    return
+                pause = min(ACCEPT_BACKOFF_S[1], max(ACCEPT_BACKOFF_S[0], pause * 2))
+                self._accept_failed(e, pause)
+                self._closing.wait(pause)
+                continue
+            except Exception:  # noqa: BLE001 - never a silently dead server
+                log.exception("window server: accept failed")
+                self._closing.wait(ACCEPT_BACKOFF_S[1])
+                continue
+            pause = 0.0
             try:
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                        struct.calcsize("3i"))
-                pid, uid, _gid = struct.unpack("3i", creds)
-                data = b""
-                while not data.endswith(b"\n") and len(data) < 4096:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                request = json.loads(data.decode("utf-8"))
-                if not isinstance(request, dict):
-                    raise ValueError("request is not an object")
-            except (OSError, ValueError) as e:
-                self._reply(conn, {"ok": False, "error": f"bad request: {e}"})
+                self._admit(conn)
+            except Exception:  # noqa: BLE001
+                log.exception("window server: could not serve a connection")
+                conn.close()
+
+    def _accept_failed(self, error: OSError, pause: float) -> None:
+        self.accept_errors += 1
+        # Logged at the first error and then every 100th: a flood must not flood the log.
+        if self.accept_errors == 1 or self.accept_errors % 100 == 0:
+            log.warning("window server: accept() failed (%s; %d so far); retrying in %.2f s",
+                        os.strerror(error.errno) if error.errno else error,
+                        self.accept_errors, pause)
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Serve the connection in a thread of its own, or refuse it at once (caps reached)."""
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+        except OSError:
+            conn.close()
+            return
+        pid, uid, _gid = struct.unpack("3i", creds)
+        with self._lock:
+            admitted = (self._active_total < MAX_CONNECTIONS
+                        and self._active.get(uid, 0) < MAX_CONNECTIONS_PER_UID)
+            if admitted:
+                self._active_total += 1
+                self._active[uid] = self._active.get(uid, 0) + 1
+        if not admitted:
+            conn.setblocking(False)
+            self._reply(conn, {"ok": False, "busy": True,
+                               "error": "too many connections; try again"})
+            conn.close()
+            return
+        try:
+            threading.Thread(target=self._handle, args=(conn, pid, uid),
+                             name="llem-window", daemon=True).start()
+        except RuntimeError:  # no thread to be had: the peer is refused like a busy one
+            self._release(uid)
+            conn.close()
+
+    def _release(self, uid: int) -> None:
+        with self._lock:
+            self._active_total -= 1
+            left = self._active.get(uid, 1) - 1
+            if left:
+                self._active[uid] = left
+            else:
+                self._active.pop(uid, None)
+
+    # -- one connection --------------------------------------------------------------------
+
+    def _handle(self, conn: socket.socket, pid: int, uid: int) -> None:
+        try:
+            with conn:
+                self._reply(conn, self._serve_one(conn, pid, uid))
+        finally:
+            self._release(uid)
+
+    def _serve_one(self, conn: socket.socket, pid: int, uid: int) -> dict:
+        try:
+            message = json.loads(self._read_request(conn).decode("utf-8"))
+            if isinstance(message, dict) and message.get("op") == "ping":
+                return {"ok": True, "op": "ping"}
+            request = check_request(message)
+            self._admissible(pid, uid, request)
+        except Refused as e:
+            return {"ok": False, "error": str(e)}
+        except (OSError, ValueError) as e:
+            return {"ok": False, "error": f"bad request: {e}"}
+        except RecursionError:  # JSON nested deeper than the parser goes
+            return {"ok": False, "error": "bad request: nested too deep"}
+        reply: queue.Queue = queue.Queue(maxsize=1)
+        self.requests.put(((pid, uid, request), reply))
+        self._ask_for_reading(request["job_id"], reply)
+        try:
+            return reply.get(timeout=ANSWER_WAIT_S)
+        except queue.Empty:
+            return {"ok": False, "error": "the node sampler did not answer in time"}
+
+    def _read_request(self, conn: socket.socket) -> bytes:
+        """One line, whole within the deadline (not a timeout re-armed by each byte)."""
+        deadline = self.monotonic_s() + REQUEST_DEADLINE_S
+        data = b""
+        while not data.endswith(b"\n"):
+            left = deadline - self.monotonic_s()
+            if left <= 0:
+                raise Refused(f"the request did not arrive within {REQUEST_DEADLINE_S:g} s")
+            conn.settimeout(left)
+            try:
+                chunk = conn.recv(MAX_REQUEST_BYTES + 1 - len(data))
+            except socket.timeout:
+                raise Refused(f"the request did not arrive within {REQUEST_DEADLINE_S:g} s")
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > MAX_REQUEST_BYTES:
+                raise Refused(f"requests are at most {MAX_REQUEST_BYTES} bytes")
+        return data
+
+    def _admissible(self, pid: int, uid: int, request: dict) -> None:
+        """Refuse a request the peer may not make, from what the server thread knows."""
+        job_id = request["job_id"]
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            if self.pending_job is not None and self.pending_job(job_id):
+                return  # its Prolog just ran: the sampler's thread takes it in and checks
+            raise Refused(f"job {job_id} is not running on this node")
+        refusal = _peer_refusal(pid, uid, job_id, job.uid)
+        if refusal is not None:
+            raise Refused(refusal)
+        if request["op"] == "open" and job.windows >= MAX_WINDOWS_PER_JOB:
+            raise Refused(f"job {job_id} has {MAX_WINDOWS_PER_JOB} windows on this node, "
+                          "the most one job may open")
+
+    def _ask_for_reading(self, job_id: str, reply: queue.Queue) -> None:
+        """Wake the sampler for the request, within the rate limits.
+
+        Every queued request is answered after the next reading, whoever caused it. So a
+        request wakes the sampler only when no wake is planned yet, no sooner than
+        :data:`FORCED_READS_PER_JOB_S` allows for its job and :data:`MIN_READ_SPACING_S`
+        after the last reading, and not at all when the regular reading comes first.
+        """
+        with self._lock:
+            now = self.monotonic_s()
+            if self._planned_at is not None:
                 return
-            reply: queue.Queue = queue.Queue(maxsize=1)
-            self.requests.put(((pid, uid, request), reply))
+            at = max(now, self._last_read_s + MIN_READ_SPACING_S,
+                     self._last_forced.get(job_id, float("-inf")) + 1 / FORCED_READS_PER_JOB_S)
+            next_regular = getattr(self.sampler, "next_deadline_ns", None)
+            if next_regular is not None and next_regular / 1e9 - at < MIN_READ_SPACING_S:
+                return  # the regular reading answers it
+            self._planned_at = at
+            self._last_forced[job_id] = at
+        self._closing.wait(max(0.0, at - now))
+        with self._lock:
+            self._planned_at = None
+            answered = reply.full()
+        if not answered:
+            self.forced_reads += 1
             self.sampler.wake.set()
-            try:
-                answer = reply.get(timeout=8)
-            except queue.Empty:
-                answer = {"ok": False, "error": "the node sampler did not answer in time"}
-            self._reply(conn, answer)
 
     @staticmethod
     def _reply(conn: socket.socket, answer: dict) -> None:
@@ -179,34 +436,46 @@ class WindowServer:
 
     # -- in the sampler's thread, after each reading ----------------------------------------
 
-    def process(self, interval_id: int, interval) -> None:
-        import queue
+    def refresh_jobs(self) -> None:
+        """What the server thread checks requests against: running jobs and their windows."""
+        counts = self.store.window_counts_of_running()
+        jobs: dict[str, _Job] = {}
+        for run in self.store.running_jobs():
+            known = jobs.get(run.job_id)
+            windows = counts.get(run.run_id, 0)
+            if known is None or windows > known.windows:
+                jobs[run.job_id] = _Job(run.uid, windows)
+        with self._lock:
+            self._jobs = jobs
 
+    def process(self, interval_id: int, interval) -> None:
+        with self._lock:
+            self._last_read_s = self.monotonic_s()
         while True:
             try:
                 (pid, uid, request), reply = self.requests.get_nowait()
             except queue.Empty:
-                return
+                break
             try:
                 reply.put(self._answer(pid, uid, request, interval_id, interval))
             except Exception as e:  # one bad request must not stop the sampler
                 log.exception("window request failed")
                 reply.put({"ok": False, "error": f"{type(e).__name__}: {e}"})
+        self.refresh_jobs()
 
     def _answer(self, pid: int, uid: int, request: dict, interval_id: int, interval) -> dict:
-        op = request.get("op")
-        job_id = str(request.get("job_id", ""))
-        if op not in ("open", "close"):
-            return {"ok": False, "error": f"unknown op {op!r}"}
-        if not job_id.isdigit():
-            return {"ok": False, "error": "job_id must be a Slurm job id"}
+        try:
+            request = check_request(request)
+        except Refused as e:
+            return {"ok": False, "error": str(e)}
+        job_id = request["job_id"]
         job = self._running_run(job_id)
         if job is None:
             return {"ok": False, "error": f"job {job_id} is not running on this node"}
-        refusal = _peer_refusal(pid, uid, job)
+        refusal = _peer_refusal(pid, uid, job.job_id, job.uid)
         if refusal is not None:
             return {"ok": False, "error": refusal}
-        if op == "open":
+        if request["op"] == "open":
             return self._open(pid, uid, request, job, interval_id, interval)
         return self._close(uid, request, job, interval_id, interval)
 
@@ -220,16 +489,20 @@ class WindowServer:
 
     def _open(self, pid: int, uid: int, request: dict, job, interval_id: int,
               interval) -> dict:
-        name = str(request.get("name") or "window")[:128]
-        step = request.get("step_id")
-        step = None if step in (None, "") else str(step)[:32]
-        window_id = self.store.open_window(job.run_id, job.job_id, step, name, uid, pid,
-                                           interval.end_ns, interval_id,
-                                           _raw_counters(interval))
+        if self.store.window_count(job.run_id) >= MAX_WINDOWS_PER_JOB:
+            return {"ok": False, "error": f"job {job.job_id} has {MAX_WINDOWS_PER_JOB} windows "
+                                          "on this node, the most one job may open"}
+        window_id = self.store.open_window(job.run_id, job.job_id, request["step_id"],
+                                           request["name"], uid, pid, interval.end_ns,
+                                           interval_id, _raw_counters(interval))
+        with self._lock:
+            known = self._jobs.get(job.job_id)
+            if known is not None:
+                known.windows += 1
         return {"ok": True, "window_id": window_id, "start_ns": interval.end_ns}
 
     def _close(self, uid: int, request: dict, job, interval_id: int, interval) -> dict:
-        window_id = request.get("window_id")
+        window_id = request["window_id"]
         found = self.store.window(window_id)
         if found is None or found[0] != job.run_id:
             return {"ok": False, "error": f"no window {window_id} in job {job.job_id}"}
@@ -241,7 +514,7 @@ class WindowServer:
         energy = self.store.run_energy_between(run_id, start_interval, interval_id)
         self.store.close_window(window_id, interval.end_ns, interval_id,
                                 _raw_counters(interval), energy)
-        covered_ns = self.store.covered_ns_between(start_interval, interval_id)
+        covered_ns = self.store.covered_ns_between(start_interval, interval_id, run_id)
         span_ns = max(1, interval.end_ns - start_ns)
         return {"ok": True, "window_id": window_id, "start_ns": start_ns,
                 "end_ns": interval.end_ns, "energy_uj": energy,
@@ -254,17 +527,17 @@ class WindowServer:
                 for key, d in self.store.devices().items() if key in energy}
 
 
-def _peer_refusal(pid: int, uid: int, job) -> str | None:
+def _peer_refusal(pid: int, uid: int, job_id: str, job_uid: int | None) -> str | None:
     """Why the peer may not use the job's windows, or None: root, or the job's owner from a
     process inside the job's cgroup (where the node has job cgroups)."""
     from llem.node.usage import pid_in_job_cgroup
 
     if uid == 0:
         return None
-    if uid != job.uid:
-        return f"permission denied: job {job.job_id} is not yours"
-    if pid_in_job_cgroup(pid, job.job_id) is False:
-        return f"permission denied: process {pid} is not in job {job.job_id}"
+    if uid != job_uid:
+        return f"permission denied: job {job_id} is not yours"
+    if pid_in_job_cgroup(pid, job_id) is False:
+        return f"permission denied: process {pid} is not in job {job_id}"
     return None
 
 
