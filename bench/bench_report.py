@@ -96,7 +96,9 @@ def ledger_size(path: Path, month: str) -> dict:
 
     p = frames.month_period(month)
     with q.open_readonly(path) as ledger:
-        count = lambda sql, *a: ledger.query(sql, a)[0][0]
+        def count(sql, *a):
+            return ledger.query(sql, a)[0][0]
+
         return {
             "file_mb": round(os.path.getsize(path) / 2**20, 1),
             "job_runs": count("SELECT COUNT(*) FROM job_runs"),

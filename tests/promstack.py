@@ -84,7 +84,7 @@ class Stack:
     def exporter_url(self) -> str:
         return f"http://127.0.0.1:{self.exporter_port}/metrics"
 
-    def start(self) -> "Stack":
+    def start(self) -> Stack:
         exporter = need(NODE_EXPORTER)
         prometheus = need(PROMETHEUS)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ class Stack:
             stop(proc)
         self.procs.clear()
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

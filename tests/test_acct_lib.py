@@ -102,7 +102,7 @@ def test_constant_fast_path_equals_carbon_emissions(env, tmp_path):
     cfg = load()
     c = resolve_carbon(cfg)
     assert c.constant
-    for job_id, by_hour in _hourly_by_run(env).items():
+    for by_hour in _hourly_by_run(env).values():
         energy = sum(by_hour.values())
         grams, intensity = c.grams(energy, 1.5, 2.0)
         assert grams == pytest.approx(carbon.emissions(cfg, by_hour, 1.5, 2.0).co2e_g)

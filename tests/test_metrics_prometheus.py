@@ -61,7 +61,7 @@ class Load:
             self.powercap.advance("intel-rapl:0", 5_000_000)
             self.powercap.advance("intel-rapl:0:1", 500_000)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self.thread.start()
         return self
 

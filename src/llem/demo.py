@@ -17,9 +17,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from llem.errors import LlemError
 
@@ -34,7 +34,7 @@ class DemoJob:
     account: str
     partition: str
     nodes: tuple[str, ...]
-    commands: Callable[["Demo", "DemoJob", str], list[list[str]]]
+    commands: Callable[[Demo, DemoJob, str], list[list[str]]]
     procs: list[subprocess.Popen] = field(default_factory=list)
 
 
@@ -62,7 +62,7 @@ def _start_in_step(job_id: str, cmd: list[str], env: dict[str, str]) -> subproce
                             executable=sys.executable, env=env, stdout=subprocess.DEVNULL)
 
 
-def _windows_job(demo: "Demo", job: DemoJob, node: str) -> list[list[str]]:
+def _windows_job(demo: Demo, job: DemoJob, node: str) -> list[list[str]]:
     script = (
         "import subprocess, sys\n"
         f"subprocess.run({_wrap('prepare', _sleep(1.0))!r}, check=True)\n"

@@ -18,9 +18,9 @@ import fcntl
 import os
 import stat
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from llem.errors import LlemError, StoreError
 
@@ -160,7 +160,8 @@ def locked(path: Path, timeout_s: float = 10.0, *, poll_s: float = 0.005,
                 if time.monotonic() >= deadline:
                     if busy is not None:
                         raise busy() from None
-                    raise LlemError(f"{path}: lock held by another process for {timeout_s} s")
+                    raise LlemError(
+                        f"{path}: lock held by another process for {timeout_s} s") from None
                 time.sleep(poll_s)
         yield fd
     finally:

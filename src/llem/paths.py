@@ -25,7 +25,7 @@ class NodePaths:
     store: Path
 
     @classmethod
-    def of(cls, config: Config, node: str) -> "NodePaths":
+    def of(cls, config: Config, node: str) -> NodePaths:
         """The paths of ``node``.
 
         Raises:

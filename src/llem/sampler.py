@@ -21,8 +21,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Protocol
 
 from llem.model import EnergyRow, Event, Interval
 from llem.sensors.base import OK, Device, Reading, Sensor

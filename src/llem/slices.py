@@ -26,8 +26,9 @@ import json
 import operator
 import re
 import reprlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from llem.errors import LedgerError
 

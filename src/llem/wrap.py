@@ -13,8 +13,8 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from llem.model import Interval
 from llem.sensors.base import Device

@@ -7,8 +7,8 @@ width ``-o`` gave it. Job rows use :data:`FIELDS`, ``--totals`` rows :data:`TOTA
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from llem.acct.errors import AcctUsageError
 

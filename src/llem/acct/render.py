@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import string
 import time
+from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from llem.acct.fields import ENERGY_PREFIXES, Column
 from llem.acct.options import spec_text

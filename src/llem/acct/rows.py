@@ -6,7 +6,8 @@ after it, and ``--totals`` rows. All SQL is in :mod:`llem.cluster.acct_queries`.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from llem.acct.co2e import add_carbon
 from llem.acct.fields import TOTAL_KEYS

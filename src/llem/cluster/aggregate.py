@@ -27,9 +27,9 @@ import queue
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from llem.cluster.ledger import DATABASE as LEDGER_DATABASE
 from llem.cluster.ledger import Ledger, QuarantineEntry
@@ -83,7 +83,7 @@ class AggregateLock:
         self.wait_s = wait_s
         self.fd: int | None = None
 
-    def __enter__(self) -> "AggregateLock":
+    def __enter__(self) -> AggregateLock:
         LEDGER_DATABASE.prepare_dir(self.path.parent)  # the ledger's own checks, first
         self._held = locked(self.path, self.wait_s, poll_s=0.1, busy=lambda: LedgerBusy(
             f"another llem aggregate holds {self.path}; nothing done (it will merge these "
@@ -196,7 +196,7 @@ def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float =
     return result
 
 
-def _merge_batch(config: Config, ledger: Ledger, disposer: "_Disposer", batch: list[Candidate],
+def _merge_batch(config: Config, ledger: Ledger, disposer: _Disposer, batch: list[Candidate],
                  now_ns: int, result: AggregateResult) -> set:
     good, bad = [], []
     for cand in batch:
@@ -238,7 +238,7 @@ class _Disposer:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name="llem-dispose")
 
-    def __enter__(self) -> "_Disposer":
+    def __enter__(self) -> _Disposer:
         self.thread.start()
         return self
 

@@ -11,8 +11,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from llem import __version__, slices
 from llem.config import Config

@@ -27,9 +27,10 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from llem import slices
 from llem.errors import LedgerError
@@ -562,7 +563,7 @@ class Ledger:
         if not self.readonly:
             keep_wal_files(self.path)
 
-    def __enter__(self) -> "Ledger":
+    def __enter__(self) -> Ledger:
         return self
 
     def __exit__(self, *exc: object) -> None:

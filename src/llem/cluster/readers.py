@@ -33,9 +33,10 @@ import sys
 import threading
 import traceback
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import llem
 from llem import slices
@@ -80,7 +81,7 @@ class Candidate:
                 self.owner_uid, self.size, self.gone)
 
     @classmethod
-    def from_wire(cls, wire: tuple) -> "Candidate":
+    def from_wire(cls, wire: tuple) -> Candidate:
         path, prepared, sha, reason, newer, owner_uid, size, gone = wire
         return cls(path, prepared, sha, reason, newer, owner_uid, size, gone)
 
@@ -247,8 +248,7 @@ def read_all(paths: list[str | os.PathLike], *, readers: int = 0,
         try:
             pool = _Pool(readers, chunks, header_uids, ahead)
             for number in range(len(chunks)):
-                for cand in pool.result(number):
-                    yield cand
+                yield from pool.result(number)
                 done = number + 1
         except _ReaderFailed as e:
             log.warning("%s; reading the rest of the spool in the aggregator", e)

@@ -41,9 +41,9 @@ for every interval and device, the jobs' shares plus the remainder equal the nod
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from llem.model import EnergyRow, JobShare
 from llem.sensors.base import Device

@@ -21,7 +21,8 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from llem.config import Config
 from llem.errors import LlemError
@@ -145,7 +146,7 @@ class Housekeeping:
     PRUNE_EVERY_S = 86400.0
     DELIVERY_TIMEOUT_S = 0.5
 
-    def __init__(self, store, config: Config, paths: "NodePaths",
+    def __init__(self, store, config: Config, paths: NodePaths,
                  monotonic_s: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.config = config

@@ -13,8 +13,8 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from llem import __version__, slices
 from llem.config import Config

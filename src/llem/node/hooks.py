@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 log = logging.getLogger("llem.slurm")
 

@@ -16,8 +16,8 @@ rest shared by use. The idle power of a device comes from, in this order:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 from llem.units import OK
 

@@ -31,8 +31,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from llem.exposition import Exposition, write_textfile
 from llem.fsutil import dir_problem
@@ -159,7 +159,7 @@ class NodeMetrics:
 
     @classmethod
     def from_config(cls, config, store, node: str, devices: Sequence[Device],
-                    interval_s: float) -> "NodeMetrics":
+                    interval_s: float) -> NodeMetrics:
         metrics = getattr(config, "metrics", None)
         return cls(store, node, devices, interval_s,
                    getattr(metrics, "textfile_dir", None),
@@ -237,7 +237,7 @@ class NodeMetrics:
             totals = self.job_uj.get(share.run_id)
             if totals is not None:
                 totals[share.device_key] = totals.get(share.device_key, 0) + share.energy_uj
-        for run_id, job_id, user, account, partition, _ in running:
+        for run_id, *_ in running:
             if run_id not in self.job_uj:  # first seen: what the store holds, this interval in
                 self.job_uj[run_id] = self.store.run_energy_by_device(run_id)
         self.jobs = {r[0]: (r[1], r[2], r[3], r[4]) for r in running}

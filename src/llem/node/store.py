@@ -20,8 +20,8 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 from llem.errors import StoreError
 from llem.fsutil import ensure_private_dir
@@ -678,7 +678,7 @@ class NodeStore:
         except sqlite3.Error:
             pass
 
-    def __enter__(self) -> "NodeStore":
+    def __enter__(self) -> NodeStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -23,8 +23,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from llem.errors import LlemError
 
@@ -375,8 +375,9 @@ class WindowServer:
             conn.settimeout(left)
             try:
                 chunk = conn.recv(MAX_REQUEST_BYTES + 1 - len(data))
-            except socket.timeout:
-                raise Refused(f"the request did not arrive within {REQUEST_DEADLINE_S:g} s")
+            except TimeoutError:
+                raise Refused(
+                    f"the request did not arrive within {REQUEST_DEADLINE_S:g} s") from None
             if not chunk:
                 break
             data += chunk

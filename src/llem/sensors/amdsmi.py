@@ -29,8 +29,8 @@ import contextlib
 import io
 import logging
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 from llem.errors import SensorUnavailable
 from llem.sensors.base import COUNTER, ERROR, MEASURED, OK, POWER_POLL, Device, Probe, Reading

@@ -9,8 +9,9 @@ and says so through ``source`` and ``method``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 MEASURED = "measured"
 ESTIMATED = "estimated"

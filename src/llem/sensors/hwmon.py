@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from llem.errors import SensorPermissionError, SensorReadError, SensorUnavailable
 from llem.sensors.base import ERROR, MEASURED, OK, POWER_POLL, Device, Probe, Reading

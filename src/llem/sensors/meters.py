@@ -13,7 +13,7 @@ Called by :func:`llem.sensors.open_sensors`. The choices, each recorded as a not
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from llem.errors import SensorPermissionError, SensorUnavailable
 

@@ -27,8 +27,8 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from llem.model import EnergyRow, Event
 from llem.sensors.base import ESTIMATED, MEASURED, OK, Device

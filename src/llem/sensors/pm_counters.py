@@ -32,9 +32,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from llem.errors import SensorReadError, SensorUnavailable
 from llem.sensors.base import COUNTER, ERROR, MEASURED, OK, Device, Probe, Reading

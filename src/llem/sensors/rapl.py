@@ -24,9 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from llem.errors import SensorPermissionError, SensorReadError, SensorUnavailable
 from llem.sensors.base import COUNTER, ERROR, MEASURED, OK, Device, Probe, Reading
