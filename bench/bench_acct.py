@@ -67,15 +67,16 @@ def import_times(cmd: list[str]) -> tuple[float, list[tuple[float, str]], list[s
         (ms of every top-level import but the interpreter's own start-up (site, encodings),
         the five slowest top-level imports as (ms, name), heavy modules seen).
     """
-    r = subprocess.run([sys.executable, "-X", "importtime", *cmd], capture_output=True,
-                       text=True, env=_env())
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", *cmd], capture_output=True, text=True, env=_env()
+    )
     top: list[tuple[float, str]] = []
     heavy = set()
     in_startup = True
     for line in r.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        _, cumulative, name = line[len("import time:"):].split("|")
+        _, cumulative, name = line[len("import time:") :].split("|")
         if name.strip().split(".")[0] in HEAVY:
             heavy.add(name.strip())
         if name.startswith("  "):  # nested
@@ -95,8 +96,10 @@ def start_ms(repeat: int = 5) -> float:
 
 def users_by_jobs(ledger: str, start_ns: int) -> list[tuple[str, int]]:
     db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
-    rows = db.execute("SELECT user, COUNT(*) FROM job_runs WHERE run_end_ns >= ? GROUP BY user "
-                      "ORDER BY 2", (start_ns,)).fetchall()
+    rows = db.execute(
+        "SELECT user, COUNT(*) FROM job_runs WHERE run_end_ns >= ? GROUP BY user ORDER BY 2",
+        (start_ns,),
+    ).fetchall()
     total = db.execute("SELECT COUNT(*) FROM job_runs").fetchone()[0]
     db.close()
     return rows, total
@@ -106,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ledger", help="an existing ledger")
     parser.add_argument("--jobs", type=int, help="build a ledger of this many jobs first")
-    parser.add_argument("--dir", default="/tmp/llem-bench-acct",
-                        help="where to build it (a directory not writable by others)")
+    parser.add_argument(
+        "--dir",
+        default="/tmp/llem-bench-acct",
+        help="where to build it (a directory not writable by others)",
+    )
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
     if args.ledger is None:
@@ -138,37 +144,52 @@ def main(argv: list[str] | None = None) -> int:
     month_ns = (int(time.time()) - 30 * 86400) * 10**9
     users, total = users_by_jobs(args.ledger, month_ns)
     size_mb = os.path.getsize(args.ledger) / 1e6
-    print(f"ledger: {args.ledger}: {total:,} job runs, {size_mb:,.0f} MB; "
-          f"{sum(n for _, n in users):,} runs in the last 30 days, {len(users)} users")
+    print(
+        f"ledger: {args.ledger}: {total:,} job runs, {size_mb:,.0f} MB; "
+        f"{sum(n for _, n in users):,} runs in the last 30 days, {len(users)} users"
+    )
     if not users:
-        raise SystemExit("no runs ended in the last 30 days: build the ledger with a recent "
-                         "--now (make_ledger.py's default is the current time)")
+        raise SystemExit(
+            "no runs ended in the last 30 days: build the ledger with a recent "
+            "--now (make_ledger.py's default is the current time)"
+        )
     acct = _acct_cmd() + ["--ledger", args.ledger]
     median_user, median_n = users[len(users) // 2]
     busiest, busiest_n = users[-1]
     cases = [
-        (f"--user {median_user} --since 30d (median user, {median_n} runs)",
-         ["--user", median_user, "--since", "30d"], 0.3),
-        (f"--user {busiest} --since 30d (busiest user, {busiest_n} runs)",
-         ["--user", busiest, "--since", "30d"], None),
-        ("-a --since 30d --totals account", ["-a", "--since", "30d", "--totals", "account"],
-         1.0),
+        (
+            f"--user {median_user} --since 30d (median user, {median_n} runs)",
+            ["--user", median_user, "--since", "30d"],
+            0.3,
+        ),
+        (
+            f"--user {busiest} --since 30d (busiest user, {busiest_n} runs)",
+            ["--user", busiest, "--since", "30d"],
+            None,
+        ),
+        ("-a --since 30d --totals account", ["-a", "--since", "30d", "--totals", "account"], 1.0),
         ("-a --since 30d -X -P (every run)", ["-a", "--since", "30d", "-X", "-P"], None),
     ]
     print(f"{'command':<58} {'best s':>7} {'median s':>8} {'lines':>7}  target")
     for label, extra, target in cases:
         best, med, lines = timed(acct + extra, args.repeat)
-        verdict = "" if target is None else (f"< {target} s " +
-                                             ("ok" if med < target else "MISSED"))
+        verdict = (
+            "" if target is None else (f"< {target} s " + ("ok" if med < target else "MISSED"))
+        )
         print(f"{'llem-acct ' + label:<58} {best:7.3f} {med:8.3f} {lines:7d}  {verdict}")
     ms, _, heavy = import_times(["-c", "import llem.cli.acct"])
     print(f"import llem.cli.acct (the console script's import): {ms:.1f} ms")
-    ms, slowest, heavy_run = import_times(["-m", "llem.cli.acct", "--ledger", args.ledger,
-                                           "--user", median_user, "--since", "30d"])
-    print(f"every import of a whole `llem-acct --user U --since 30d` run: {ms:.1f} ms; slowest: "
-          + ", ".join(f"{name} {t:.1f} ms" for t, name in slowest))
-    print(f"interpreter start (python -c pass): {start_ms():.0f} ms; heavy modules imported: "
-          f"{', '.join(sorted(set(heavy) | set(heavy_run))) or 'none'}")
+    ms, slowest, heavy_run = import_times(
+        ["-m", "llem.cli.acct", "--ledger", args.ledger, "--user", median_user, "--since", "30d"]
+    )
+    print(
+        f"every import of a whole `llem-acct --user U --since 30d` run: {ms:.1f} ms; slowest: "
+        + ", ".join(f"{name} {t:.1f} ms" for t, name in slowest)
+    )
+    print(
+        f"interpreter start (python -c pass): {start_ms():.0f} ms; heavy modules imported: "
+        f"{', '.join(sorted(set(heavy) | set(heavy_run))) or 'none'}"
+    )
     return 0
 
 

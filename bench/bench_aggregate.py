@@ -50,8 +50,10 @@ def template_spool(path: Path, nodes: int, jobs: int) -> dict[str, int]:
     t0 = time.perf_counter()
     counts = make_spool(path, nodes, jobs)
     marker.write_text(f"{counts['job_slices']} {counts['jobs']} {counts['node_slices']}\n")
-    print(f"generated {counts['job_slices']} job slices ({counts['jobs']} jobs) and "
-          f"{counts['node_slices']} node slices in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"generated {counts['job_slices']} job slices ({counts['jobs']} jobs) and "
+        f"{counts['node_slices']} node slices in {time.perf_counter() - t0:.1f} s"
+    )
     return counts
 
 
@@ -61,11 +63,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100, help="job slices per node")
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=1, help="first passes to time")
-    parser.add_argument("--processed", choices=("archive", "delete"), default="archive",
-                        help="what becomes of merged slices (default: archive, as shipped)")
+    parser.add_argument(
+        "--processed",
+        choices=("archive", "delete"),
+        default="archive",
+        help="what becomes of merged slices (default: archive, as shipped)",
+    )
     parser.add_argument("--readers", default="auto", help="aggregate.readers (auto or K)")
-    parser.add_argument("--template", type=Path,
-                        help="keep the generated spool here and reuse it in later runs")
+    parser.add_argument(
+        "--template", type=Path, help="keep the generated spool here and reuse it in later runs"
+    )
     args = parser.parse_args()
     readers = args.readers if args.readers == "auto" else int(args.readers)
     with tempfile.TemporaryDirectory(prefix="llem-bench-") as tmp:
@@ -74,15 +81,22 @@ def main() -> None:
         counts = template_spool(template, args.nodes, args.jobs)
         total = counts["job_slices"] + counts["node_slices"]
         size = sum(e.stat().st_size for e in os.scandir(template) if e.name.endswith(".json"))
-        print(f"spool: {total} slices, {size / 1e6:.1f} MB; processed: {args.processed}, "
-              f"readers: {readers}, batch: {args.batch}, CPUs: {os.cpu_count()}")
+        print(
+            f"spool: {total} slices, {size / 1e6:.1f} MB; processed: {args.processed}, "
+            f"readers: {readers}, batch: {args.batch}, CPUs: {os.cpu_count()}"
+        )
         rates = []
         for rep in range(args.repeat):
             run = root / f"run{rep}"
-            cfg = Config(cluster="bench", state_dir=str(run / "state"),
-                         spool_dir=str(run / "spool"), ledger=str(run / "ledger" / "ledger.db"),
-                         aggregate=AggregateConfig(processed=args.processed,
-                                                   batch_size=args.batch, readers=readers))
+            cfg = Config(
+                cluster="bench",
+                state_dir=str(run / "state"),
+                spool_dir=str(run / "spool"),
+                ledger=str(run / "ledger" / "ledger.db"),
+                aggregate=AggregateConfig(
+                    processed=args.processed, batch_size=args.batch, readers=readers
+                ),
+            )
             shutil.copytree(template, cfg.spool_dir, ignore=shutil.ignore_patterns(".counts"))
             os.sync()
             (me0, kids0) = cpu_s()
@@ -90,15 +104,19 @@ def main() -> None:
             (me1, kids1) = cpu_s()
             assert res.merged == total, (res.merged, total)
             rates.append(res.merged / res.elapsed_s)
-            print(f"first pass: {res.merged} slices in {res.elapsed_s:.2f} s = {rates[-1]:,.0f} "
-                  f"slices/s, {res.jobs / res.elapsed_s:,.0f} jobs/s ({res.jobs} jobs, "
-                  f"{len(res.quarantined)} quarantined); CPU: aggregator {me1 - me0:.1f} s, "
-                  f"readers {kids1 - kids0:.1f} s")
+            print(
+                f"first pass: {res.merged} slices in {res.elapsed_s:.2f} s = {rates[-1]:,.0f} "
+                f"slices/s, {res.jobs / res.elapsed_s:,.0f} jobs/s ({res.jobs} jobs, "
+                f"{len(res.quarantined)} quarantined); CPU: aggregator {me1 - me0:.1f} s, "
+                f"readers {kids1 - kids0:.1f} s"
+            )
             if rep < args.repeat - 1:
                 shutil.rmtree(run)
         if args.repeat > 1:
-            print(f"first pass over {args.repeat} runs: best {max(rates):,.0f}, median "
-                  f"{statistics.median(rates):,.0f}, worst {min(rates):,.0f} slices/s")
+            print(
+                f"first pass over {args.repeat} runs: best {max(rates):,.0f}, median "
+                f"{statistics.median(rates):,.0f}, worst {min(rates):,.0f} slices/s"
+            )
         res2 = aggregate_once(cfg)
         print(f"second pass, nothing new: {res2.elapsed_s * 1000:.0f} ms")
         size = ledger_bytes(cfg.ledger)
@@ -106,10 +124,14 @@ def main() -> None:
         shutil.copytree(template, cfg.spool_dir, ignore=shutil.ignore_patterns(".counts"))
         os.sync()
         res3 = aggregate_once(cfg)
-        print(f"same slices again (all unchanged): {res3.unchanged} in {res3.elapsed_s:.2f} s ="
-              f" {res3.unchanged / res3.elapsed_s:,.0f} slices/s")
-        print(f"ledger: {size / 1e6:.1f} MB, {size / res.jobs:,.0f} bytes per job, "
-              f"{size / counts['job_slices']:,.0f} bytes per job slice")
+        print(
+            f"same slices again (all unchanged): {res3.unchanged} in {res3.elapsed_s:.2f} s ="
+            f" {res3.unchanged / res3.elapsed_s:,.0f} slices/s"
+        )
+        print(
+            f"ledger: {size / 1e6:.1f} MB, {size / res.jobs:,.0f} bytes per job, "
+            f"{size / counts['job_slices']:,.0f} bytes per job slice"
+        )
 
 
 if __name__ == "__main__":

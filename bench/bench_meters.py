@@ -30,8 +30,10 @@ def per_tick_ms(fn, ticks: int) -> tuple[float, float]:
     cpu0, wall0 = time.thread_time(), time.perf_counter()
     for _ in range(ticks):
         fn()
-    return (1000 * (time.thread_time() - cpu0) / ticks,
-            1000 * (time.perf_counter() - wall0) / ticks)
+    return (
+        1000 * (time.thread_time() - cpu0) / ticks,
+        1000 * (time.perf_counter() - wall0) / ticks,
+    )
 
 
 def main() -> None:
@@ -45,9 +47,19 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="llem-bench-meters-"))
     rocm = build(tmp / "rocm")
     state = tmp / "amdsmi.state"
-    write_state(state, [FakeAmdGpu(f"0000:{0xc1 + i:02x}:00.0",
-                                   f"5bff74bf-0000-1000-80ba-c1f3a1b2c3{i:02x}", card=i,
-                                   acc=65536 * 1000 * (i + 1), power_w=0) for i in range(8)])
+    write_state(
+        state,
+        [
+            FakeAmdGpu(
+                f"0000:{0xC1 + i:02x}:00.0",
+                f"5bff74bf-0000-1000-80ba-c1f3a1b2c3{i:02x}",
+                card=i,
+                acc=65536 * 1000 * (i + 1),
+                power_w=0,
+            )
+            for i in range(8)
+        ],
+    )
     os.environ["ROCM_PATH"] = str(rocm)  # read by amdsmi when it is first imported
     os.environ["FAKE_AMDSMI_STATE"] = str(state)
     pm = FakePmCounters(tmp / "pm_counters")
@@ -73,15 +85,20 @@ def main() -> None:
     pm_sensor = opened.sensors[0]
     pm_cpu_ms, _ = per_tick_ms(lambda: pm_sensor._snapshot(), args.ticks)
     failed = store.query("SELECT COUNT(*) FROM energy WHERE status != 'ok'")[0][0]
-    print(json.dumps({
-        "devices": [d.key for d in sampler.devices],
-        "failed_reads": failed,
-        "ticks": args.ticks,
-        "cpu_ms_per_tick": round(cpu_ms, 3),
-        "wall_ms_per_tick": round(wall_ms, 3),
-        "amdsmi_read_cpu_ms (8 GPUs, fake library included)": round(amd_cpu_ms, 3),
-        "pm_counters_snapshot_cpu_ms": round(pm_cpu_ms, 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "devices": [d.key for d in sampler.devices],
+                "failed_reads": failed,
+                "ticks": args.ticks,
+                "cpu_ms_per_tick": round(cpu_ms, 3),
+                "wall_ms_per_tick": round(wall_ms, 3),
+                "amdsmi_read_cpu_ms (8 GPUs, fake library included)": round(amd_cpu_ms, 3),
+                "pm_counters_snapshot_cpu_ms": round(pm_cpu_ms, 3),
+            },
+            indent=2,
+        )
+    )
     writer.stop()
     opened.close()
 

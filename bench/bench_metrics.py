@@ -47,9 +47,21 @@ def setup(tmp: Path):
     gpus = FakeSensor({f"gpu{i}": 0 for i in range(8)}, component="gpu")
     sensors = [RaplSensor(pc.path, hwmon=tmp / "none"), gpus]
     store = NodeStore(tmp / "state" / "node.db")
-    run_ids = [store.add_job(JobRecord(str(1000 + i), "c", "n1", 1, uid=1000 + i,
-                                       user=f"user{i}", account=f"acct{i % 4}", partition="p"))
-               for i in range(JOBS)]
+    run_ids = [
+        store.add_job(
+            JobRecord(
+                str(1000 + i),
+                "c",
+                "n1",
+                1,
+                uid=1000 + i,
+                user=f"user{i}",
+                account=f"acct{i % 4}",
+                partition="p",
+            )
+        )
+        for i in range(JOBS)
+    ]
     devices: list = []
 
     def attribute(interval):
@@ -59,12 +71,14 @@ def setup(tmp: Path):
                 continue
             if row.device_key.startswith("fake:gpu"):
                 i = int(row.device_key[8:])
-                shares.append(JobShare(run_ids[i], row.device_key, row.energy_uj,
-                                       "gpu_allocation", 1.0))
+                shares.append(
+                    JobShare(run_ids[i], row.device_key, row.energy_uj, "gpu_allocation", 1.0)
+                )
             else:
                 part = row.energy_uj // (JOBS + 1)
-                shares += [JobShare(r, row.device_key, part, "cpu_time", 1 / (JOBS + 1))
-                           for r in run_ids]
+                shares += [
+                    JobShare(r, row.device_key, part, "cpu_time", 1 / (JOBS + 1)) for r in run_ids
+                ]
         return replace(interval, shares=tuple(shares))
 
     sampler = Sampler(sensors, [store], interval_s=0.1, attribute=attribute)
@@ -110,29 +124,44 @@ def run(ticks: int, where: str | None) -> dict:
             call_wall.append(w1 - w0)
             write_wall.append(w2 - w1)
         text = (textfiles / "llem_node_n1.prom").read_text()
-        return {"tick": tick_cpu, "added": added_cpu, "call": call_wall, "write": write_wall,
-                "bytes": len(text.encode()), "lines": text.count("\n")}
+        return {
+            "tick": tick_cpu,
+            "added": added_cpu,
+            "call": call_wall,
+            "write": write_wall,
+            "bytes": len(text.encode()),
+            "lines": text.count("\n"),
+        }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ticks", type=int, default=2000)
-    parser.add_argument("--dir", default=None,
-                        help="folder for the store and textfile (default: the temp folder)")
+    parser.add_argument(
+        "--dir", default=None, help="folder for the store and textfile (default: the temp folder)"
+    )
     args = parser.parse_args()
     ms = 1000.0
     on = run(args.ticks, args.dir)
     fs = os.popen(f"df -T {args.dir or tempfile.gettempdir()} | tail -1").read().split()[1]
     mean = statistics.fmean
-    print(f"ticks: {args.ticks}, running jobs: {JOBS}, store and textfile on {fs}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"ticks: {args.ticks}, running jobs: {JOBS}, store and textfile on {fs}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"sampler tick CPU without the metrics call: mean {mean(on['tick']) * ms:.3f} ms")
-    print(f"added CPU per tick (sampler and writer threads): mean {mean(on['added']) * ms:.3f} "
-          f"ms, median {statistics.median(on['added']) * ms:.3f} ms")
-    print(f"sampler thread held by the metrics call: median "
-          f"{statistics.median(on['call']) * ms:.3f} ms, p99 {pct(on['call'], 0.99) * ms:.3f} ms")
-    print(f"writer thread, write + rename: median {statistics.median(on['write']) * ms:.3f} ms, "
-          f"p99 {pct(on['write'], 0.99) * ms:.3f} ms")
+    print(
+        f"added CPU per tick (sampler and writer threads): mean {mean(on['added']) * ms:.3f} "
+        f"ms, median {statistics.median(on['added']) * ms:.3f} ms"
+    )
+    print(
+        f"sampler thread held by the metrics call: median "
+        f"{statistics.median(on['call']) * ms:.3f} ms, p99 {pct(on['call'], 0.99) * ms:.3f} ms"
+    )
+    print(
+        f"writer thread, write + rename: median {statistics.median(on['write']) * ms:.3f} ms, "
+        f"p99 {pct(on['write'], 0.99) * ms:.3f} ms"
+    )
     print(f"textfile: {on['bytes']} bytes, {on['lines']} lines")
     return 0
 

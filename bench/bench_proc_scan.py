@@ -77,12 +77,16 @@ def main() -> int:
         owners = synthetic(Path(d), args.kthreads, args.daemons, args.jobs, args.procs)
         n = 2 + args.kthreads + args.daemons + args.jobs * (args.procs + 1)
         times = per_tick_ms(ProcScanner(d, trusted_uids=frozenset({0})), owners, args.ticks)
-        print(f"synthetic /proc, {n} processes, {args.jobs} jobs: median "
-              f"{statistics.median(times):.1f} ms/tick, max {max(times):.1f} ms")
+        print(
+            f"synthetic /proc, {n} processes, {args.jobs} jobs: median "
+            f"{statistics.median(times):.1f} ms/tick, max {max(times):.1f} ms"
+        )
     real = sum(1 for x in Path("/proc").iterdir() if x.name.isdigit())
     times = per_tick_ms(ProcScanner("/proc"), {"1": 0}, args.ticks)
-    print(f"this machine's /proc, {real} processes: median {statistics.median(times):.1f} "
-          f"ms/tick, max {max(times):.1f} ms")
+    print(
+        f"this machine's /proc, {real} processes: median {statistics.median(times):.1f} "
+        f"ms/tick, max {max(times):.1f} ms"
+    )
     return 0
 
 

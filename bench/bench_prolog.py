@@ -22,8 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def hook(defaults: Path, job: int) -> float:
-    env = {"SLURM_JOB_ID": str(job), "SLURMD_NODENAME": "b1", "SLURM_JOB_UID": "0",
-           "SLURM_JOB_USER": "root", "LLEM_DEFAULTS_FILE": str(defaults)}
+    env = {
+        "SLURM_JOB_ID": str(job),
+        "SLURMD_NODENAME": "b1",
+        "SLURM_JOB_UID": "0",
+        "SLURM_JOB_USER": "root",
+        "LLEM_DEFAULTS_FILE": str(defaults),
+    }
     t0 = time.perf_counter()
     subprocess.run(["/bin/bash", str(ROOT / "slurm" / "prolog.sh")], env=env, check=True)
     return (time.perf_counter() - t0) * 1000
@@ -53,10 +58,12 @@ def main() -> None:
         run_dir = base / "run"
         (base / "llem.yaml").write_text(
             f"state_dir: {base / 'state'}\nrun_dir: {run_dir}\nsampler:\n  interval_s: 10\n"
-            "  linger_s: 3600\n")
+            "  linger_s: 3600\n"
+        )
         defaults = base / "default-llem"
-        defaults.write_text(f"LLEM_BIN={llem_bin}\nLLEM_CONFIG={base / 'llem.yaml'}\n"
-                            f"LLEM_RUN_DIR={run_dir}\n")
+        defaults.write_text(
+            f"LLEM_BIN={llem_bin}\nLLEM_CONFIG={base / 'llem.yaml'}\nLLEM_RUN_DIR={run_dir}\n"
+        )
         cold, warm = [], []
         job = 1
         for _ in range(args.runs):
@@ -69,10 +76,14 @@ def main() -> None:
                 job += 1
         stop_sampler(run_dir)
     print(f"Prolog hook (slurm/prolog.sh) wall time, {args.runs} cold and {len(warm)} warm runs")
-    print(f"  live sampler (bash fast path): median {statistics.median(warm):.1f} ms, "
-          f"max {max(warm):.1f} ms")
-    print(f"  no sampler (llem prolog starts one): median {statistics.median(cold):.1f} ms, "
-          f"max {max(cold):.1f} ms")
+    print(
+        f"  live sampler (bash fast path): median {statistics.median(warm):.1f} ms, "
+        f"max {max(warm):.1f} ms"
+    )
+    print(
+        f"  no sampler (llem prolog starts one): median {statistics.median(cold):.1f} ms, "
+        f"max {max(cold):.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def build(path: Path, jobs: int, seed: int = 1) -> dict[str, int]:
     counts = {"jobs": 0, "job_slices": 0, "node_slices": 0, "nodes": nodes}
     t = time.perf_counter()
     with Ledger(path) as ledger:
+
         def flush() -> None:
             ledger.merge(batch, now_ns=(T0 + 90 * 86400) * S, grace_s=3600.0)
             batch.clear()
@@ -52,7 +53,7 @@ def build(path: Path, jobs: int, seed: int = 1) -> dict[str, int]:
         for job_id in range(1, jobs + 1):
             n_nodes = rng.choice((1, 1, 2, 4))
             first = rng.randrange(0, nodes - n_nodes + 1)
-            start_s = max(clock[first:first + n_nodes]) + rng.randint(1, 600)
+            start_s = max(clock[first : first + n_nodes]) + rng.randint(1, 600)
             hours = rng.uniform(0.2, 6.0)
             idle = job_id % 8 == 0
             for data in make_spool.job_slices(job_id, first, n_nodes, start_s, hours, rng):
@@ -96,14 +97,18 @@ def ledger_size(path: Path, month: str) -> dict:
 
     p = frames.month_period(month)
     with q.open_readonly(path) as ledger:
+
         def count(sql, *a):
             return ledger.query(sql, a)[0][0]
 
         return {
             "file_mb": round(os.path.getsize(path) / 2**20, 1),
             "job_runs": count("SELECT COUNT(*) FROM job_runs"),
-            "job_runs_in_month": count("SELECT COUNT(*) FROM job_runs WHERE run_end_ns >= ? "
-                                       "AND run_start_ns < ?", p.start_ns, p.end_ns),
+            "job_runs_in_month": count(
+                "SELECT COUNT(*) FROM job_runs WHERE run_end_ns >= ? AND run_start_ns < ?",
+                p.start_ns,
+                p.end_ns,
+            ),
             "job_nodes": count("SELECT COUNT(*) FROM job_nodes"),
             "job_energy_rows": count("SELECT COUNT(*) FROM job_energy"),
             "node_hours_rows": count("SELECT COUNT(*) FROM node_hours"),
@@ -124,9 +129,14 @@ def time_in_process(path: Path, month: str) -> dict[str, float]:
     t2 = time.perf_counter()
     page = render.to_html(rep, pngs)
     t3 = time.perf_counter()
-    return {"queries_and_frames_s": t1 - t0, "plots_s": t2 - t1, "html_s": t3 - t2,
-            "html_kb": len(page) / 1024, "jobs_in_report": rep.totals["jobs"],
-            "energy_kwh": rep.totals["energy_kwh"]}
+    return {
+        "queries_and_frames_s": t1 - t0,
+        "plots_s": t2 - t1,
+        "html_s": t3 - t2,
+        "html_kb": len(page) / 1024,
+        "jobs_in_report": rep.totals["jobs"],
+        "energy_kwh": rep.totals["energy_kwh"],
+    }
 
 
 def time_cli(path: Path, month: str, out: Path) -> float:
@@ -134,9 +144,24 @@ def time_cli(path: Path, month: str, out: Path) -> float:
     cfg.write_text(f"cluster: bench\nledger: {path}\ncarbon:\n  region: DE\n  pue: 1.3\n")
     env = dict(os.environ, LLEM_CONFIG=str(cfg))
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "llem.cli.main", "report", "monthly", "--month",
-                    month, "--format", "html", "--out", str(out / "html")], env=env,
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llem.cli.main",
+            "report",
+            "monthly",
+            "--month",
+            month,
+            "--format",
+            "html",
+            "--out",
+            str(out / "html"),
+        ],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - t
 
 
@@ -156,11 +181,14 @@ def main() -> None:
     for i in range(args.repeat):
         parts = time_in_process(path, args.month)
         cli_s = time_cli(path, args.month, work)
-        print(f"run {i + 1}: llem report monthly --month {args.month} --format html "
-              f"(CLI, new process, incl. imports): {cli_s:.2f} s; in-process: queries+frames "
-              f"{parts['queries_and_frames_s']:.2f} s, plots {parts['plots_s']:.2f} s, html "
-              f"{parts['html_s']:.2f} s ({parts['html_kb']:.0f} kB); "
-              f"{parts['jobs_in_report']:,} jobs, {parts['energy_kwh']:,.0f} kWh", flush=True)
+        print(
+            f"run {i + 1}: llem report monthly --month {args.month} --format html "
+            f"(CLI, new process, incl. imports): {cli_s:.2f} s; in-process: queries+frames "
+            f"{parts['queries_and_frames_s']:.2f} s, plots {parts['plots_s']:.2f} s, html "
+            f"{parts['html_s']:.2f} s ({parts['html_kb']:.0f} kB); "
+            f"{parts['jobs_in_report']:,} jobs, {parts['energy_kwh']:,.0f} kWh",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ def import_time_ms(module_code: str, runs: int = 21) -> tuple[float, float]:
 
     The minimum is the figure least disturbed by other load on the machine.
     """
+
     def times(code: str) -> list[float]:
         out = []
         for _ in range(runs):
@@ -89,14 +90,20 @@ def import_time_ms(module_code: str, runs: int = 21) -> tuple[float, float]:
         return out
 
     base, full = times("pass"), times(module_code)
-    return (1000 * (min(full) - min(base)),
-            1000 * (statistics.median(full) - statistics.median(base)))
+    return (
+        1000 * (min(full) - min(base)),
+        1000 * (statistics.median(full) - statistics.median(base)),
+    )
 
 
 def importtime_tree(module: str) -> int:
     """Cumulative microseconds of `module` from `python -X importtime`."""
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
-                         capture_output=True, text=True, check=True).stderr
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
     for line in out.splitlines():
         parts = [p.strip() for p in line.split("|")]
         if len(parts) == 3 and parts[2] == module:
@@ -126,14 +133,21 @@ def main() -> None:
                     continue
                 libdir = fakenvml.build(Path(tmp) / "lib")
                 state = Path(tmp) / "nvml.state"
-                fakenvml.write_state(state, [
-                    fakenvml.FakeGpu(uuid=f"GPU-bench-{i:04d}", minor=i, energy_mj=1000 * i,
-                                     power_mw=250_000) for i in range(8)
-                ])
+                fakenvml.write_state(
+                    state,
+                    [
+                        fakenvml.FakeGpu(
+                            uuid=f"GPU-bench-{i:04d}", minor=i, energy_mj=1000 * i, power_mw=250_000
+                        )
+                        for i in range(8)
+                    ],
+                )
                 env.update(LD_LIBRARY_PATH=str(libdir), FAKE_NVML_STATE=str(state))
             out = subprocess.run(
                 [sys.executable, __file__, "--child", kind, "--ticks", str(args.ticks)],
-                capture_output=True, text=True, env=env,
+                capture_output=True,
+                text=True,
+                env=env,
             )
             if out.returncode != 0:
                 print(out.stderr)
@@ -144,19 +158,27 @@ def main() -> None:
     for kind, r in results.items():
         label = "2 sockets (package+dram)" + (" + 8 GPUs (fake NVML)" if kind == "gpus" else "")
         print(f"  {label}: {r['devices']} devices")
-        print(f"    CPU per tick     {r['cpu_ms_per_tick']:.3f} ms  (wall {r['wall_ms_per_tick']:.3f} ms)")
+        print(
+            f"    CPU per tick     {r['cpu_ms_per_tick']:.3f} ms  (wall {r['wall_ms_per_tick']:.3f} ms)"
+        )
         if kind == "gpus":
-            print(f"    of which NVML reads {r['nvml_read_ms_per_tick']:.3f} ms (the fake "
-                  "library re-reads its state file on each call)")
+            print(
+                f"    of which NVML reads {r['nvml_read_ms_per_tick']:.3f} ms (the fake "
+                "library re-reads its state file on each call)"
+            )
         print(f"    RSS              {r['rss_mib']:.1f} MiB (peak {r['peak_rss_mib']:.1f} MiB)")
     entry = "llem.cli.sampler"
     print("import time of the sampler entry point")
     print(f"  python -X importtime, {entry} cumulative: {importtime_tree(entry) / 1000:.1f} ms")
     path = "import llem.cli.sampler, llem.sampler, llem.sensors, llem.sensors.rapl, llem.node.store"
     low, mid = import_time_ms(path)
-    print(f"  whole sampler path (entry, loop, rapl, store), wall over bare python: "
-          f"min {low:.1f} ms, median {mid:.1f} ms")
-    print(f"  pynvml, loaded only on nodes that probe GPUs: {importtime_tree('pynvml') / 1000:.1f} ms")
+    print(
+        f"  whole sampler path (entry, loop, rapl, store), wall over bare python: "
+        f"min {low:.1f} ms, median {mid:.1f} ms"
+    )
+    print(
+        f"  pynvml, loaded only on nodes that probe GPUs: {importtime_tree('pynvml') / 1000:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -53,16 +53,34 @@ def main() -> None:
     site = Site()
     site.write_config(
         f"cluster: bench\nstate_dir: {site.state_dir}\nrun_dir: {site.run_dir}\n"
-        f"spool_dir: {site.spool_dir}\nsampler:\n  interval_s: 1.0\n  linger_s: 3600\n")
+        f"spool_dir: {site.spool_dir}\nsampler:\n  interval_s: 1.0\n  linger_s: 3600\n"
+    )
     site.hw.start()
-    with_llem = SlurmCluster(nodes=1, gpus_per_node=2, cpus_per_node=16, name="benchllem",
-                             node_prefix="bl", port_base=17500)
-    trivial = SlurmCluster(nodes=1, gpus_per_node=2, cpus_per_node=16, name="benchtriv",
-                           node_prefix="bt", port_base=17600)
-    without = SlurmCluster(nodes=1, gpus_per_node=2, cpus_per_node=16, name="benchnone",
-                           node_prefix="bn", port_base=17700)
-    clusters = {"llem": (with_llem, "bl1"), "trivial": (trivial, "bt1"),
-                "none": (without, "bn1")}
+    with_llem = SlurmCluster(
+        nodes=1,
+        gpus_per_node=2,
+        cpus_per_node=16,
+        name="benchllem",
+        node_prefix="bl",
+        port_base=17500,
+    )
+    trivial = SlurmCluster(
+        nodes=1,
+        gpus_per_node=2,
+        cpus_per_node=16,
+        name="benchtriv",
+        node_prefix="bt",
+        port_base=17600,
+    )
+    without = SlurmCluster(
+        nodes=1,
+        gpus_per_node=2,
+        cpus_per_node=16,
+        name="benchnone",
+        node_prefix="bn",
+        port_base=17700,
+    )
+    clusters = {"llem": (with_llem, "bl1"), "trivial": (trivial, "bt1"), "none": (without, "bn1")}
     try:
         with_llem.prepare()
         with_llem.prolog = site.hook("prolog")
@@ -83,8 +101,9 @@ def main() -> None:
                 times[name].append(timed_srun(cluster, node, env))
         med = {k: statistics.median(v) * 1000 for k, v in times.items()}
         added = statistics.median(a - b for a, b in zip(times["llem"], times["trivial"])) * 1000
-        slurm_cost = statistics.median(
-            a - b for a, b in zip(times["trivial"], times["none"])) * 1000
+        slurm_cost = (
+            statistics.median(a - b for a, b in zip(times["trivial"], times["none"])) * 1000
+        )
         print(f"job start latency, srun -w NODE true, {args.pairs} paired runs")
         print(f"  llem Prolog/Epilog:            median {med['llem']:.1f} ms")
         print(f"  trivial Prolog/Epilog (exit 0): median {med['trivial']:.1f} ms")
@@ -92,8 +111,10 @@ def main() -> None:
         print(f"  added by llem (llem - trivial, median of paired differences): {added:.1f} ms")
         print(f"  Slurm's own cost of having a Prolog/Epilog (trivial - none): {slurm_cost:.1f} ms")
 
-        jobs = [with_llem.submit(["-w", "bl1", "-n1", "--wrap", "sleep 600"], env=env)
-                for _ in range(16)]
+        jobs = [
+            with_llem.submit(["-w", "bl1", "-n1", "--wrap", "sleep 600"], env=env)
+            for _ in range(16)
+        ]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             running = with_llem.run(["squeue", "-h", "-t", "R", "-o", "%i"]).stdout.split()
@@ -110,13 +131,18 @@ def main() -> None:
         import os
 
         share = (c1 - c0) / os.sysconf("SC_CLK_TCK") / (t1 - t0)
-        rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
-                   .splitlines() if line.startswith("VmRSS:"))
+        rss = next(
+            int(line.split()[1])
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )
         db = site.store("bl1")
         n_jobs = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running'").fetchone()[0]
         db.close()
-        print(f"node sampler, {n_jobs} running jobs on the node, interval 1 s, "
-              f"{args.window:.0f} s window")
+        print(
+            f"node sampler, {n_jobs} running jobs on the node, interval 1 s, "
+            f"{args.window:.0f} s window"
+        )
         print(f"  CPU: {share * 100:.3f} % of one core, RSS {rss / 1024:.1f} MiB")
         with_llem.run(["scancel", *jobs])
     finally:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build a realistic cluster ledger fast (``tests/helpers/make_ledger.py`` has the generator).
 
-    python bench/make_ledger.py --jobs 1000000 --out /tmp/ledger.db [--seed 1] [--days 365]
+python bench/make_ledger.py --jobs 1000000 --out /tmp/ledger.db [--seed 1] [--days 365]
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(args.out):
         parser.error(f"{args.out} exists; remove it first")
     t0 = time.perf_counter()
-    n = write_jobs(args.out, generate(args.jobs, seed=args.seed, now_s=args.now,
-                                      days=args.days))
+    n = write_jobs(args.out, generate(args.jobs, seed=args.seed, now_s=args.now, days=args.days))
     elapsed = time.perf_counter() - t0
     size = os.path.getsize(args.out)
-    print(f"{n} jobs in {elapsed:.1f} s ({n / elapsed:,.0f} jobs/s), ledger "
-          f"{size / 1e6:,.0f} MB ({size / max(n, 1):,.0f} B/job): {args.out}")
+    print(
+        f"{n} jobs in {elapsed:.1f} s ({n / elapsed:,.0f} jobs/s), ledger "
+        f"{size / 1e6:,.0f} MB ({size / max(n, 1):,.0f} B/job): {args.out}"
+    )
     return 0
 
 

@@ -15,5 +15,9 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
+# Lint and format first: cheap, and a failure here fails the run (pyproject.toml's rules).
+.venv/bin/ruff check src tests bench share scripts
+.venv/bin/ruff format --check src tests bench share scripts
+
 # pytest exits 5 when it collected no test: that fails this script too.
 exec .venv/bin/python -m pytest "$@"

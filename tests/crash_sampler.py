@@ -37,13 +37,16 @@ def install(commits: int, point: str) -> None:
         if point == "commit":
             os._exit(CRASH_EXIT)
         store.db.set_trace_callback(
-            lambda sql: os._exit(CRASH_EXIT) if sql.startswith("INSERT INTO energy") else None)
+            lambda sql: os._exit(CRASH_EXIT) if sql.startswith("INSERT INTO energy") else None
+        )
 
     NodeStore.after_commit = after_commit
 
 
 if __name__ == "__main__":
     # Taken out of the environment: llem's config refuses LLEM_ variables it does not know.
-    install(int(os.environ.pop("LLEM_TEST_CRASH_AFTER_COMMITS")),
-            os.environ.pop("LLEM_TEST_CRASH_POINT", "commit"))
+    install(
+        int(os.environ.pop("LLEM_TEST_CRASH_AFTER_COMMITS")),
+        os.environ.pop("LLEM_TEST_CRASH_POINT", "commit"),
+    )
     sys.exit(sampler.main())

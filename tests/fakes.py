@@ -37,9 +37,16 @@ class FakeSensor:
 
     def devices(self):
         return [
-            Device(key=f"fake:{k}", component=self.component, name=k, sensor="fake",
-                   source=MEASURED, method=COUNTER, max_range_uj=self.max_range_uj,
-                   max_power_w=self.max_power_w)
+            Device(
+                key=f"fake:{k}",
+                component=self.component,
+                name=k,
+                sensor="fake",
+                source=MEASURED,
+                method=COUNTER,
+                max_range_uj=self.max_range_uj,
+                max_power_w=self.max_power_w,
+            )
             for k in self.counters
         ]
 

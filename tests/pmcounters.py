@@ -29,8 +29,12 @@ class FakePmCounters:
     update sees two timestamps, never half a value.
     """
 
-    def __init__(self, root: Path, accels: int = 4, startup_us: int = 1_571_230_000_000_000,
-                 ) -> None:
+    def __init__(
+        self,
+        root: Path,
+        accels: int = 4,
+        startup_us: int = 1_571_230_000_000_000,
+    ) -> None:
         self.base = Path(root).parent / f".{Path(root).name}.d"
         self.base.mkdir(parents=True, exist_ok=True)
         self.path = Path(root)
@@ -49,8 +53,13 @@ class FakePmCounters:
         self.freshness += 1
         folder = self.base / f"scan-{self.freshness}"
         folder.mkdir()
-        files = {"generation": "7", "raw_scan_hz": "10", "version": "2",
-                 "startup": str(self.startup_us), "freshness": str(self.freshness)}
+        files = {
+            "generation": "7",
+            "raw_scan_hz": "10",
+            "version": "2",
+            "startup": str(self.startup_us),
+            "freshness": str(self.freshness),
+        }
         for name in self.names:
             files[name] = f"{int(self.joules[name])} J {self.ts_us} us"
             power = name.replace("energy", "power")
@@ -89,8 +98,12 @@ class FakePmCounters:
 class PmWriter(threading.Thread):
     """Advances a fake tree at fixed powers, ten updates a second, until stopped."""
 
-    def __init__(self, fake: FakePmCounters, watts: dict[str, float], hz: float = 10.0,
-                 ) -> None:
+    def __init__(
+        self,
+        fake: FakePmCounters,
+        watts: dict[str, float],
+        hz: float = 10.0,
+    ) -> None:
         super().__init__(daemon=True, name="pm-writer")
         self.fake, self.watts, self.period = fake, watts, 1.0 / hz
         self.stopping = threading.Event()

@@ -59,8 +59,13 @@ class FakePowercap:
                 os.symlink(path, link)
         return path
 
-    def add_socket(self, socket: int, dram: bool = True, energy_uj: int = 0,
-                   max_range_uj: int = DEFAULT_RANGE_UJ) -> None:
+    def add_socket(
+        self,
+        socket: int,
+        dram: bool = True,
+        energy_uj: int = 0,
+        max_range_uj: int = DEFAULT_RANGE_UJ,
+    ) -> None:
         self.add_zone(f"{socket}", f"package-{socket}", energy_uj, max_range_uj)
         self.add_zone(f"{socket}:0", "core", energy_uj // 2, max_range_uj)
         if dram:

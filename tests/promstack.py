@@ -89,23 +89,39 @@ class Stack:
         prometheus = need(PROMETHEUS)
         self.work.mkdir(parents=True, exist_ok=True)
         log = open(self.work / "node_exporter.log", "wb")
-        self.procs.append(subprocess.Popen(
-            [exporter, "--collector.disable-defaults", "--collector.textfile",
-             f"--collector.textfile.directory={self.textfile_dir}",
-             f"--web.listen-address=127.0.0.1:{self.exporter_port}"],
-            stdout=log, stderr=subprocess.STDOUT))
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    exporter,
+                    "--collector.disable-defaults",
+                    "--collector.textfile",
+                    f"--collector.textfile.directory={self.textfile_dir}",
+                    f"--web.listen-address=127.0.0.1:{self.exporter_port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
         wait_for("node_exporter", lambda: http_get(self.exporter_url), 15)
         config = self.work / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: node\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{self.exporter_port}']\n")
+            f"      - targets: ['127.0.0.1:{self.exporter_port}']\n"
+        )
         log = open(self.work / "prometheus.log", "wb")
-        self.procs.append(subprocess.Popen(
-            [prometheus, f"--config.file={config}",
-             f"--storage.tsdb.path={self.work / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.prom_port}"],
-            stdout=log, stderr=subprocess.STDOUT))
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    prometheus,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={self.work / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.prom_port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
         wait_for("prometheus ready", lambda: http_get(f"{self.prom_url}/-/ready"), 30)
         return self
 
@@ -130,5 +146,6 @@ class Stack:
 
 def promtool_check_metrics(text: str) -> subprocess.CompletedProcess:
     """``promtool check metrics`` on an exposition: its lint findings."""
-    return subprocess.run([need(PROMTOOL), "check", "metrics"], input=text.encode(),
-                          capture_output=True, timeout=30)
+    return subprocess.run(
+        [need(PROMTOOL), "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+    )

@@ -42,54 +42,113 @@ def test_parsable_with_trailing_delimiter_and_parsable2_without(env):
         "JobID|JobIDRaw|User|Start|End|ConsumedEnergyRaw|GPUEnergy|CO2e|\n"
         "5001|5001|alice|2026-03-01T10:00:00|2026-03-01T12:00:00|15984000|14.40M|2.131kg|\n"
         "5009_1|5010|bob|2026-03-01T13:00:00|2026-03-01T13:30:00|396000|0|52.8g|\n"
-        "5003|5003|alice|2026-03-02T09:00:00|2026-03-02T09:05:00|16500|0|2.2g|\n")
+        "5003|5003|alice|2026-03-02T09:00:00|2026-03-02T09:05:00|16500|0|2.2g|\n"
+    )
     assert err.startswith("CO2e: grid intensity 400 gCO2e/kWh (configured constant")
-    status, out, _ = acct_run(*WHOLE, "-X", "-P", "-n", "--delimiter", ";", "-o",
-                              "JobID,ConsumedEnergyRaw,EnergySource")
+    status, out, _ = acct_run(
+        *WHOLE, "-X", "-P", "-n", "--delimiter", ";", "-o", "JobID,ConsumedEnergyRaw,EnergySource"
+    )
     assert out == "5001;15984000;measured\n5009_1;396000;estimated\n5003;16500;measured\n"
 
 
 def test_widths_truncation_and_units(env):
-    status, out, _ = acct_run(*WHOLE, "-X", "-o", "JobID%4,User%-8,ConsumedEnergy%9",
-                              "--units", "K")
+    status, out, _ = acct_run(
+        *WHOLE, "-X", "-o", "JobID%4,User%-8,ConsumedEnergy%9", "--units", "K"
+    )
     assert out == (
         "JobI     User ConsumedE \n"
         "---- -------- --------- \n"
         "5001 alice    15984.00K \n"
         "500+ bob        396.00K \n"
-        "5003 alice       16.50K \n")
+        "5003 alice       16.50K \n"
+    )
 
 
 def test_json_exact(env):
-    status, out, err = acct_run(*WHOLE, "-j", "5001", "--json", "-o",
-                                "JobID,JobName,Start,Elapsed,ConsumedEnergyRaw,GPUEnergy,"
-                                "EnergySource,Coverage,CarbonIntensity,CO2e")
+    status, out, err = acct_run(
+        *WHOLE,
+        "-j",
+        "5001",
+        "--json",
+        "-o",
+        "JobID,JobName,Start,Elapsed,ConsumedEnergyRaw,GPUEnergy,"
+        "EnergySource,Coverage,CarbonIntensity,CO2e",
+    )
     assert status == 0 and err == ""
     doc = json.loads(out)
     doc["generated_at"] = "X"
     assert doc == {
-        "schema": "llem.acct/1", "generated_at": "X",
-        "query": {"start": "2026-03-01T00:00:00+00:00", "end": "2026-03-03T00:00:00+00:00",
-                  "clusters": ["c1"], "users": None, "accounts": None, "partitions": None,
-                  "states": None, "nodes": None, "jobs": ["5001"], "totals_by": None},
-        "units": {"energy": "J", "power": "W", "time": "s", "co2e": "g",
-                  "carbon_intensity": "gCO2e/kWh", "coverage": "fraction"},
-        "carbon": {"region": "DE", "intensity_g_per_kwh": 400.0,
-                   "source": "configured constant (carbon.intensity_g_per_kwh)",
-                   "year": "n/a", "basis": "unspecified", "pue": 1.2, "hourly_source": None,
-                   "embodied": None, "region_is_default": False,
-                   "intensity_by_year": {"n/a": 400.0}},
-        "fields": ["JobID", "JobName", "Start", "Elapsed", "ConsumedEnergyRaw", "GPUEnergy",
-                   "EnergySource", "Coverage", "CarbonIntensity", "CO2e"],
+        "schema": "llem.acct/1",
+        "generated_at": "X",
+        "query": {
+            "start": "2026-03-01T00:00:00+00:00",
+            "end": "2026-03-03T00:00:00+00:00",
+            "clusters": ["c1"],
+            "users": None,
+            "accounts": None,
+            "partitions": None,
+            "states": None,
+            "nodes": None,
+            "jobs": ["5001"],
+            "totals_by": None,
+        },
+        "units": {
+            "energy": "J",
+            "power": "W",
+            "time": "s",
+            "co2e": "g",
+            "carbon_intensity": "gCO2e/kWh",
+            "coverage": "fraction",
+        },
+        "carbon": {
+            "region": "DE",
+            "intensity_g_per_kwh": 400.0,
+            "source": "configured constant (carbon.intensity_g_per_kwh)",
+            "year": "n/a",
+            "basis": "unspecified",
+            "pue": 1.2,
+            "hourly_source": None,
+            "embodied": None,
+            "region_is_default": False,
+            "intensity_by_year": {"n/a": 400.0},
+        },
+        "fields": [
+            "JobID",
+            "JobName",
+            "Start",
+            "Elapsed",
+            "ConsumedEnergyRaw",
+            "GPUEnergy",
+            "EnergySource",
+            "Coverage",
+            "CarbonIntensity",
+            "CO2e",
+        ],
         "jobs": [
-            {"JobID": "5001", "JobName": "train", "Start": "2026-03-01T10:00:00Z",
-             "Elapsed": 7200, "ConsumedEnergyRaw": 15984000, "GPUEnergy": 14400000.0,
-             "EnergySource": "measured", "Coverage": 1.0, "CarbonIntensity": 400.0,
-             "CO2e": 2131.2},
-            {"JobID": "5001.train", "JobName": "train", "Start": "2026-03-01T10:10:00Z",
-             "Elapsed": 3600, "ConsumedEnergyRaw": 7992000, "GPUEnergy": 7200000.0,
-             "EnergySource": "measured", "Coverage": None, "CarbonIntensity": 400.0,
-             "CO2e": 1065.6},
+            {
+                "JobID": "5001",
+                "JobName": "train",
+                "Start": "2026-03-01T10:00:00Z",
+                "Elapsed": 7200,
+                "ConsumedEnergyRaw": 15984000,
+                "GPUEnergy": 14400000.0,
+                "EnergySource": "measured",
+                "Coverage": 1.0,
+                "CarbonIntensity": 400.0,
+                "CO2e": 2131.2,
+            },
+            {
+                "JobID": "5001.train",
+                "JobName": "train",
+                "Start": "2026-03-01T10:10:00Z",
+                "Elapsed": 3600,
+                "ConsumedEnergyRaw": 7992000,
+                "GPUEnergy": 7200000.0,
+                "EnergySource": "measured",
+                "Coverage": None,
+                "CarbonIntensity": 400.0,
+                "CO2e": 1065.6,
+            },
         ],
     }
 
@@ -109,49 +168,64 @@ def test_totals_per_user_account_day(env):
     assert out == (
         "User|NJobs|Elapsed|GPUHours|ConsumedEnergy|GPUEnergy|EnergySource|CO2e\n"
         "alice|2|02:05:00|16.0|16.00M|14.40M|measured|2.133kg\n"
-        "bob|1|00:30:00|0.0|396.00K|0|estimated|52.8g\n")
-    _, out, _ = acct_run(*WHOLE, "--totals", "day", "-P", "-o",
-                         "Day,NJobs,ConsumedEnergyRaw,Coverage")
-    assert out == ("Day|NJobs|ConsumedEnergyRaw|Coverage\n"
-                   "2026-03-01|2|16380000|100.0%\n2026-03-02|1|16500|100.0%\n")
+        "bob|1|00:30:00|0.0|396.00K|0|estimated|52.8g\n"
+    )
+    _, out, _ = acct_run(
+        *WHOLE, "--totals", "day", "-P", "-o", "Day,NJobs,ConsumedEnergyRaw,Coverage"
+    )
+    assert out == (
+        "Day|NJobs|ConsumedEnergyRaw|Coverage\n"
+        "2026-03-01|2|16380000|100.0%\n2026-03-02|1|16500|100.0%\n"
+    )
     _, out, _ = acct_run(*WHOLE, "--totals", "month", "--json", "-o", "Month,NJobs,CO2e")
     doc = json.loads(out)
     assert doc["totals"] == [{"Month": "2026-03", "NJobs": 3, "CO2e": 2186.2}]
     _, out, _ = acct_run(*WHOLE, "--totals", "account")
-    assert out.splitlines()[2].split() == ["chem", "1", "00:30:00", "0.0", "396.00K", "0",
-                                           "estimated", "52.8g"]
+    assert out.splitlines()[2].split() == [
+        "chem",
+        "1",
+        "00:30:00",
+        "0.0",
+        "396.00K",
+        "0",
+        "estimated",
+        "52.8g",
+    ]
     assert out.splitlines()[-1].startswith("CO2e: grid intensity 400")
 
 
-@pytest.mark.parametrize("args, ids", [
-    (("-u", "bob"), ["5009_1"]),
-    (("-A", "physics", "-X"), ["5001", "5003"]),
-    (("-r", "gpu"), ["5001", "5001.train"]),
-    (("-s", "F"), ["5009_1"]),
-    (("-s", "CD", "-X"), ["5001", "5003"]),
-    (("-N", "g[0002-0003]", "-X"), ["5001"]),
-    (("-j", "5009_1"), ["5009_1"]),
-    (("-j", "5009"), ["5009_1"]),
-    (("-j", "5001.train"), ["5001.train"]),
-    (("-j", "5001.0"), ["5001.train"]),
-    (("-j", "5001", "-X"), ["5001"]),
-    (("-j", "5001.train,5003"), ["5001.train", "5003"]),
-    (("-j", "5001.train", "-X"), []),
-    (("-j", "5009_1.0"), []),
-    (("-j", "5009_2"), []),
-    (("-j", "5001.nope"), []),
-    (("-S", "2026-03-01T14:00", "-X"), ["5003"]),
-    (("-E", "0301", "-S", "022826"), []),
-    (("-E", "2026-03-01T12:30"), ["5001", "5001.train"]),
-    (("-M", "other"), []),
-    (("--name", "sim,prep"), ["5009_1", "5003"]),
-])
+@pytest.mark.parametrize(
+    "args, ids",
+    [
+        (("-u", "bob"), ["5009_1"]),
+        (("-A", "physics", "-X"), ["5001", "5003"]),
+        (("-r", "gpu"), ["5001", "5001.train"]),
+        (("-s", "F"), ["5009_1"]),
+        (("-s", "CD", "-X"), ["5001", "5003"]),
+        (("-N", "g[0002-0003]", "-X"), ["5001"]),
+        (("-j", "5009_1"), ["5009_1"]),
+        (("-j", "5009"), ["5009_1"]),
+        (("-j", "5001.train"), ["5001.train"]),
+        (("-j", "5001.0"), ["5001.train"]),
+        (("-j", "5001", "-X"), ["5001"]),
+        (("-j", "5001.train,5003"), ["5001.train", "5003"]),
+        (("-j", "5001.train", "-X"), []),
+        (("-j", "5009_1.0"), []),
+        (("-j", "5009_2"), []),
+        (("-j", "5001.nope"), []),
+        (("-S", "2026-03-01T14:00", "-X"), ["5003"]),
+        (("-E", "0301", "-S", "022826"), []),
+        (("-E", "2026-03-01T12:30"), ["5001", "5001.train"]),
+        (("-M", "other"), []),
+        (("--name", "sim,prep"), ["5009_1", "5003"]),
+    ],
+)
 def test_filters(env, args, ids):
     base = ["-a", "-S", "2026-03-01", "-E", "2026-03-03"]
     for opt in ("-S", "-E"):
         if opt in args:
             i = base.index(opt)
-            del base[i:i + 2]
+            del base[i : i + 2]
     if "-j" in args:
         base = ["-a"]
     _, out, _ = acct_run(*base, *args, "-P", "-n", "-o", "JobID")
@@ -169,8 +243,10 @@ def test_without_a_you_see_your_own_jobs_root_sees_all():
     assert opts.filter.users == ("carol",) and opts.filter.clusters is None
     assert opts.window == (datetime(2026, 3, 2), datetime(2026, 3, 2, 12, 0, 5))
     assert build_options(current_user="root", is_root=True, **common).filter.users is None
-    assert build_options(current_user="carol", is_root=False, allusers=True,
-                         **common).filter.users is None
+    assert (
+        build_options(current_user="carol", is_root=False, allusers=True, **common).filter.users
+        is None
+    )
     opts = build_options(current_user="carol", is_root=False, jobs="12", **common)
     assert opts.filter.users is None and opts.window == (None, None)
     opts = build_options(current_user="carol", is_root=False, since="2w", **common)
@@ -181,28 +257,40 @@ def test_empty_result_says_so_and_exits_0(env):
     status, out, err = acct_run("-u", "nobody", "-S", "2026-03-01", "-E", "2026-03-03")
     assert status == 0
     assert out.splitlines()[0].split()[0] == "JobID" and len(out.splitlines()) == 2
-    assert err == ("llem-acct: no jobs match (user nobody, cluster c1, from 2026-03-01T00:00:00 "
-                   "to 2026-03-03T00:00:00); widen the window with -S or --since, or use -a "
-                   "for all users\n")
+    assert err == (
+        "llem-acct: no jobs match (user nobody, cluster c1, from 2026-03-01T00:00:00 "
+        "to 2026-03-03T00:00:00); widen the window with -S or --since, or use -a "
+        "for all users\n"
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (("-o", "JobID,Energy"), "Invalid value for '-o/--format': unknown field 'Energy'; "
-                             "did you mean 'GPUEnergy'?"),
-    (("-S", "yesterday-ish"), "Invalid value for '-S/--starttime': invalid time "
-                              "'yesterday-ish'"),
-    (("-S", "2026-02-30"), "Invalid value for '-S/--starttime': invalid time '2026-02-30': "
-                           "day is out of range for month"),
-    (("--since", "3x"), "Invalid value for '--since': invalid duration '3x'"),
-    (("--since", "3d", "-S", "today"), "give either --since or -S/--starttime"),
-    (("-s", "R"), "unknown or unsupported state 'R'"),
-    (("-j", "abc"), "invalid job id 'abc'"),
-    (("--totals", "node"), "unknown key 'node'"),
-    (("--units", "X"), "invalid unit 'X'"),
-    (("--bogus",), "No such option '--bogus'"),
-    (("-E", "2026-01-01", "-S", "2026-02-01"), "is before start"),
-    (("-p", "--json"), "give only one of -p, -P and --json"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("-o", "JobID,Energy"),
+            "Invalid value for '-o/--format': unknown field 'Energy'; did you mean 'GPUEnergy'?",
+        ),
+        (
+            ("-S", "yesterday-ish"),
+            "Invalid value for '-S/--starttime': invalid time 'yesterday-ish'",
+        ),
+        (
+            ("-S", "2026-02-30"),
+            "Invalid value for '-S/--starttime': invalid time '2026-02-30': "
+            "day is out of range for month",
+        ),
+        (("--since", "3x"), "Invalid value for '--since': invalid duration '3x'"),
+        (("--since", "3d", "-S", "today"), "give either --since or -S/--starttime"),
+        (("-s", "R"), "unknown or unsupported state 'R'"),
+        (("-j", "abc"), "invalid job id 'abc'"),
+        (("--totals", "node"), "unknown key 'node'"),
+        (("--units", "X"), "invalid unit 'X'"),
+        (("--bogus",), "No such option '--bogus'"),
+        (("-E", "2026-01-01", "-S", "2026-02-01"), "is before start"),
+        (("-p", "--json"), "give only one of -p, -P and --json"),
+    ],
+)
 def test_usage_errors_exit_2(env, args, message):
     status, out, err = acct_run(*args)
     assert status == 2 and out == ""
@@ -212,9 +300,11 @@ def test_usage_errors_exit_2(env, args, message):
 def test_missing_and_unreadable_ledger_exit_1(tmp_path, env):
     status, out, err = acct_run("--ledger", str(tmp_path / "none.db"))
     assert status == 1
-    assert err == (f"Error: no ledger at {tmp_path / 'none.db'}. Set 'ledger:' in the llem "
-                   "configuration (or LLEM_LEDGER), or pass --ledger PATH; on a new "
-                   "installation run 'llem aggregate --once' first\n")
+    assert err == (
+        f"Error: no ledger at {tmp_path / 'none.db'}. Set 'ledger:' in the llem "
+        "configuration (or LLEM_LEDGER), or pass --ledger PATH; on a new "
+        "installation run 'llem aggregate --once' first\n"
+    )
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"not a database at all" * 100)
     status, _, err = acct_run("--ledger", str(junk))
@@ -225,8 +315,7 @@ def test_missing_and_unreadable_ledger_exit_1(tmp_path, env):
             status, _, err = acct_run("-a")
         finally:
             env.chmod(0o644)
-        assert status == 1 and "permission denied reading the ledger; ask your administrator" \
-            in err
+        assert status == 1 and "permission denied reading the ledger; ask your administrator" in err
 
 
 def test_helpformat_lists_every_field(env):
@@ -234,8 +323,9 @@ def test_helpformat_lists_every_field(env):
 
     status, out, _ = acct_run("-e")
     assert status == 0
-    assert out.splitlines()[0] == ("JobID               JobIDRaw            JobName             "
-                                   "Cluster")
+    assert out.splitlines()[0] == (
+        "JobID               JobIDRaw            JobName             Cluster"
+    )
     jobs, totals = out.split("\nWith --totals:\n")
     for text, catalogue in ((jobs, FIELDS), (totals, TOTAL_FIELDS)):
         grid, descriptions = text.split("\n\n")
@@ -254,14 +344,29 @@ def test_console_script_subprocess_debug_and_llem_acct(env):
     envv = {**os.environ, "TZ": "UTC"}
     r = subprocess.run(exe + list(WHOLE), capture_output=True, text=True, env=envv, timeout=60)
     assert r.returncode == 0 and r.stdout == TABLE
-    r = subprocess.run([sys.executable, "-m", "llem.cli.main", "acct", *WHOLE], capture_output=True,
-                       text=True, env=envv, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "llem.cli.main", "acct", *WHOLE],
+        capture_output=True,
+        text=True,
+        env=envv,
+        timeout=60,
+    )
     assert r.returncode == 0 and r.stdout == TABLE
-    r = subprocess.run(exe + ["--ledger", "/nonexistent/l.db"], capture_output=True, text=True,
-                       env=envv, timeout=60)
+    r = subprocess.run(
+        exe + ["--ledger", "/nonexistent/l.db"],
+        capture_output=True,
+        text=True,
+        env=envv,
+        timeout=60,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    r = subprocess.run(exe + ["--ledger", "/nonexistent/l.db", "--debug"], capture_output=True,
-                       text=True, env=envv, timeout=60)
+    r = subprocess.run(
+        exe + ["--ledger", "/nonexistent/l.db", "--debug"],
+        capture_output=True,
+        text=True,
+        env=envv,
+        timeout=60,
+    )
     assert r.returncode == 1 and "Traceback" in r.stderr and "LedgerError" in r.stderr
 
 
@@ -288,12 +393,18 @@ def test_help_and_docs_name_every_flag_and_field():
 
 
 def test_llem_lists_acct_and_import_path_is_light():
-    r = subprocess.run([sys.executable, "-m", "llem.cli.main", "--help"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "llem.cli.main", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and "acct" in r.stdout
-    code = ("import sys, llem.cli.acct, llem.acct, llem.cluster.acct_queries; "
-            "print(sorted(m for m in ('pandas', 'numpy', 'llem.carbon', 'llem.cluster.ledger', "
-            "'yaml') if m in sys.modules))")
+    code = (
+        "import sys, llem.cli.acct, llem.acct, llem.cluster.acct_queries; "
+        "print(sorted(m for m in ('pandas', 'numpy', 'llem.carbon', 'llem.cluster.ledger', "
+        "'yaml') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]"  # carbon, the ledger and YAML load only when used
 
@@ -302,9 +413,13 @@ def test_requeued_job_latest_run_unless_duplicates(tmp_path, monkeypatch):
     d = tmp_path / "lib"
     d.mkdir(mode=0o755)
     ledger = d / "ledger.db"
-    make_ledger.write_jobs(ledger, [
-        job("7000", "alice", "physics", "cpu", T, T + 600, ["c0001"], state="SIGNALED"),
-        job("7000", "alice", "physics", "cpu", T + H, T + H + 900, ["c0002"])])
+    make_ledger.write_jobs(
+        ledger,
+        [
+            job("7000", "alice", "physics", "cpu", T, T + 600, ["c0001"], state="SIGNALED"),
+            job("7000", "alice", "physics", "cpu", T + H, T + H + 900, ["c0002"]),
+        ],
+    )
     cfg = tmp_path / "llem.yaml"
     cfg.write_text(CONFIG + f"ledger: {ledger}\n")
     monkeypatch.setenv("LLEM_CONFIG", str(cfg))
@@ -313,8 +428,9 @@ def test_requeued_job_latest_run_unless_duplicates(tmp_path, monkeypatch):
     assert out == "7000|COMPLETED|c0002|99000\n"
     _, out, _ = acct_run(*WHOLE, "-D", *fields)
     assert out == "7000|SIGNALED|c0001|66000\n7000|COMPLETED|c0002|99000\n"
-    _, out, _ = acct_run(*WHOLE, "--totals", "user", "-P", "-n", "-o",
-                         "User,NJobs,ConsumedEnergyRaw")
+    _, out, _ = acct_run(
+        *WHOLE, "--totals", "user", "-P", "-n", "-o", "User,NJobs,ConsumedEnergyRaw"
+    )
     assert out == "alice|2|165000\n"  # totals count the energy of every run
 
 
@@ -341,11 +457,17 @@ def test_a_user_reads_an_old_root_ledger_and_writes_nothing(request, tmp_path):
     for module in (click, yaml):  # world-readable copies beside llem's
         dest = root / "src" / module.__name__
         if not dest.exists():
-            shutil.copytree(Path(module.__file__).parent, dest,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+            shutil.copytree(
+                Path(module.__file__).parent,
+                dest,
+                ignore=shutil.ignore_patterns("__pycache__", "*.so"),
+            )
     if not (root / "src" / "llem" / "share").exists():  # installed as llem.share
-        shutil.copytree(ROOT / "share", root / "src" / "llem" / "share",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            ROOT / "share",
+            root / "src" / "llem" / "share",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
     for path in [root / "src", *(root / "src").rglob("*")]:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     python = (python[0], {**python[1], "PYTHONPATH": str(root / "src")})
@@ -353,17 +475,26 @@ def test_a_user_reads_an_old_root_ledger_and_writes_nothing(request, tmp_path):
     ledger = root / "ledger" / "ledger.db"
     make_ledger.write_jobs(ledger, JOBS)
     db = sqlite3.connect(ledger)  # as llem before schema 2 left it
-    db.executescript("DROP INDEX job_runs_by_user_end; DROP INDEX job_runs_by_account_end; "
-                     "PRAGMA user_version = 1")
+    db.executescript(
+        "DROP INDEX job_runs_by_user_end; DROP INDEX job_runs_by_account_end; "
+        "PRAGMA user_version = 1"
+    )
     db.close()
     cfg = root / "llem.yaml"
     cfg.write_text(CONFIG + f"ledger: {ledger}\n")
     cfg.chmod(0o644)
     before = ledger.stat().st_mtime_ns
     env = {**python[1], "LLEM_CONFIG": str(cfg), "TZ": "UTC"}
-    r = subprocess.run([python[0], "-c", "from llem.cli.acct import main; main()", *WHOLE],
-                       user=65534, group=65534, env=env, capture_output=True, text=True,
-                       timeout=60, cwd="/")
+    r = subprocess.run(
+        [python[0], "-c", "from llem.cli.acct import main; main()", *WHOLE],
+        user=65534,
+        group=65534,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == TABLE
     assert ledger.stat().st_mtime_ns == before
@@ -377,11 +508,20 @@ def test_a_user_reads_an_old_root_ledger_and_writes_nothing(request, tmp_path):
         return version, {"job_runs_by_user_end", "job_runs_by_account_end"} & names
 
     assert schema() == (1, set())
-    r = subprocess.run([python[0], "-c", "from llem.cli.acct import main; main()", "-X"],
-                       user=65534, group=65534, env=env, capture_output=True, text=True,
-                       timeout=60, cwd="/")
+    r = subprocess.run(
+        [python[0], "-c", "from llem.cli.acct import main; main()", "-X"],
+        user=65534,
+        group=65534,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
     assert r.returncode == 0 and "no jobs match (user " in r.stderr  # nobody sees only nobody
     assert schema() == (1, set())
     Ledger(ledger).close()  # the next write open (llem aggregate) adds them
-    assert schema() == (ledger_mod.SCHEMA_VERSION,
-                        {"job_runs_by_user_end", "job_runs_by_account_end"})
+    assert schema() == (
+        ledger_mod.SCHEMA_VERSION,
+        {"job_runs_by_user_end", "job_runs_by_account_end"},
+    )

@@ -29,35 +29,39 @@ pytestmark = pytest.mark.usefixtures("utc")
 NOW = datetime(2026, 3, 2, 15, 30, 45)
 
 
-@pytest.mark.parametrize("text, want", [
-    ("2026-01-05", datetime(2026, 1, 5)),
-    ("2026-01-05T07:08", datetime(2026, 1, 5, 7, 8)),
-    ("2026-01-05T07:08:09", datetime(2026, 1, 5, 7, 8, 9)),
-    ("0105", datetime(2026, 1, 5)),
-    ("010525", datetime(2025, 1, 5)),
-    ("1/5", datetime(2026, 1, 5)),
-    ("01/05/25", datetime(2025, 1, 5)),
-    ("1.5.25", datetime(2025, 1, 5)),
-    ("08:15", datetime(2026, 3, 2, 8, 15)),
-    ("now", datetime(2026, 3, 2, 15, 30, 45)),
-    ("now-3", datetime(2026, 3, 2, 15, 30, 42)),
-    ("now-2hours", datetime(2026, 3, 2, 13, 30, 45)),
-    ("now-1days", datetime(2026, 3, 1, 15, 30, 45)),
-    ("now-1week", datetime(2026, 2, 23, 15, 30, 45)),
-    ("now+10minutes", datetime(2026, 3, 2, 15, 40, 45)),
-    ("today", datetime(2026, 3, 2)),
-    ("midnight", datetime(2026, 3, 2)),
-    ("noon", datetime(2026, 3, 2, 12)),
-    ("teatime", datetime(2026, 3, 2, 16)),
-    ("fika", datetime(2026, 3, 2, 15)),
-    ("NOW-1DAYS", datetime(2026, 3, 1, 15, 30, 45)),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("2026-01-05", datetime(2026, 1, 5)),
+        ("2026-01-05T07:08", datetime(2026, 1, 5, 7, 8)),
+        ("2026-01-05T07:08:09", datetime(2026, 1, 5, 7, 8, 9)),
+        ("0105", datetime(2026, 1, 5)),
+        ("010525", datetime(2025, 1, 5)),
+        ("1/5", datetime(2026, 1, 5)),
+        ("01/05/25", datetime(2025, 1, 5)),
+        ("1.5.25", datetime(2025, 1, 5)),
+        ("08:15", datetime(2026, 3, 2, 8, 15)),
+        ("now", datetime(2026, 3, 2, 15, 30, 45)),
+        ("now-3", datetime(2026, 3, 2, 15, 30, 42)),
+        ("now-2hours", datetime(2026, 3, 2, 13, 30, 45)),
+        ("now-1days", datetime(2026, 3, 1, 15, 30, 45)),
+        ("now-1week", datetime(2026, 2, 23, 15, 30, 45)),
+        ("now+10minutes", datetime(2026, 3, 2, 15, 40, 45)),
+        ("today", datetime(2026, 3, 2)),
+        ("midnight", datetime(2026, 3, 2)),
+        ("noon", datetime(2026, 3, 2, 12)),
+        ("teatime", datetime(2026, 3, 2, 16)),
+        ("fika", datetime(2026, 3, 2, 15)),
+        ("NOW-1DAYS", datetime(2026, 3, 1, 15, 30, 45)),
+    ],
+)
 def test_sacct_time_syntax(text, want):
     assert parse_time(text, NOW) == want
 
 
-@pytest.mark.parametrize("text", ["yesterday", "2026-13-01", "now-3fortnights", "25:00", "1/32",
-                                  "2026-1-5", ""])
+@pytest.mark.parametrize(
+    "text", ["yesterday", "2026-13-01", "now-3fortnights", "25:00", "1/32", "2026-1-5", ""]
+)
 def test_bad_times(text):
     with pytest.raises(AcctUsageError):
         parse_time(text, NOW)
@@ -70,7 +74,11 @@ def test_since_jobs_formats_and_hostlists():
         with pytest.raises(AcctUsageError):
             parse_since(bad)
     assert parse_jobs("12,13.train,14_2,15_3.0") == (
-        JobSpec("12"), JobSpec("13", None, "train"), JobSpec("14", "2"), JobSpec("15", "3", "0"))
+        JobSpec("12"),
+        JobSpec("13", None, "train"),
+        JobSpec("14", "2"),
+        JobSpec("15", "3", "0"),
+    )
     assert [c.width for c in parse_format("jobid%20,co2e%-6,consumedenergy")] == [-20, -6, 14]
     assert [c.field.name for c in parse_format(None, "account")][:2] == ["Account", "NJobs"]
     with pytest.raises(AcctUsageError, match="bad width"):
@@ -78,19 +86,30 @@ def test_since_jobs_formats_and_hostlists():
     with pytest.raises(AcctUsageError, match="unknown field 'JobID'"):
         parse_format("Account,JobID", "account")
     assert [format_energy(v) for v in (0, 999.4, 1000, 1234.5, 15_984_000, 2.5e9, 7e12)] == [
-        "0", "999", "1.00K", "1.23K", "15.98M", "2.50G", "7.00T"]
+        "0",
+        "999",
+        "1.00K",
+        "1.23K",
+        "15.98M",
+        "2.50G",
+        "7.00T",
+    ]
     assert format_energy(15_984_000, "G") == "0.02G"
     assert [format_elapsed(s) for s in (0, 59, 3600, 86400 + 3661)] == [
-        "00:00:00", "00:00:59", "01:00:00", "1-01:01:01"]
-    assert compress_hostlist(["n1", "n2", "n3", "n5", "gpu01", "gpu02"]) == \
-        "gpu[01-02],n[1-3,5]"
+        "00:00:00",
+        "00:00:59",
+        "01:00:00",
+        "1-01:01:01",
+    ]
+    assert compress_hostlist(["n1", "n2", "n3", "n5", "gpu01", "gpu02"]) == "gpu[01-02],n[1-3,5]"
 
 
 def _hourly_by_run(ledger_path):
     db = sqlite3.connect(ledger_path)
     rows = db.execute(
         "SELECT jn.job_id, e.hour_s, SUM(e.energy_uj) FROM job_nodes jn JOIN job_energy e "
-        "ON e.job_node_id = jn.id GROUP BY 1, 2").fetchall()
+        "ON e.job_node_id = jn.id GROUP BY 1, 2"
+    ).fetchall()
     db.close()
     out = {}
     for job_id, hour, uj in rows:
@@ -121,7 +140,8 @@ def test_embodied_is_included_and_named(env, tmp_path, monkeypatch):
     assert json.loads(out)["carbon"]["embodied"] == "2.85 g per GPU-hour, 47.53 g per node-hour"
     _, out, _ = acct_run(*WHOLE)
     assert out.splitlines()[-1].endswith(
-        "PUE 1.2; embodied included (2.85 g per GPU-hour, 47.53 g per node-hour).")
+        "PUE 1.2; embodied included (2.85 g per GPU-hour, 47.53 g per node-hour)."
+    )
 
 
 def _hourly_config(tmp_path, env, pue="1.3"):
@@ -129,12 +149,15 @@ def _hourly_config(tmp_path, env, pue="1.3"):
     lines = ["timestamp,g_co2e_per_kwh"]
     for i in range(48):
         hour = T - 10 * 3600 + i * 3600
-        lines.append(datetime.utcfromtimestamp(hour).strftime("%Y-%m-%dT%H:%M:%SZ")
-                     + f",{100 + 10 * i}")
+        lines.append(
+            datetime.utcfromtimestamp(hour).strftime("%Y-%m-%dT%H:%M:%SZ") + f",{100 + 10 * i}"
+        )
     series.write_text("\n".join(lines) + "\n")
     cfg_path = tmp_path / "hourly.yaml"
-    cfg_path.write_text(f"cluster: c1\nledger: {env}\ncarbon:\n  region: DE\n"
-                        f"  intensity_file: {series}\n  pue: {pue}\n")
+    cfg_path.write_text(
+        f"cluster: c1\nledger: {env}\ncarbon:\n  region: DE\n"
+        f"  intensity_file: {series}\n  pue: {pue}\n"
+    )
     return cfg_path, {T - 10 * 3600 + i * 3600: 100 + 10 * i for i in range(48)}
 
 
@@ -142,8 +165,10 @@ def test_hourly_intensity_per_job_and_totals_equal_a_direct_sum(env, tmp_path, m
     cfg_path, intensity = _hourly_config(tmp_path, env)
     monkeypatch.setenv("LLEM_CONFIG", str(cfg_path))
     hourly = _hourly_by_run(env)
-    direct = {job: sum(j / 3.6e6 * 1.3 * intensity[h] for h, j in by_hour.items())
-              for job, by_hour in hourly.items()}
+    direct = {
+        job: sum(j / 3.6e6 * 1.3 * intensity[h] for h, j in by_hour.items())
+        for job, by_hour in hourly.items()
+    }
     _, out, _ = acct_run(*WHOLE, "-X", "--json", "-o", "JobIDRaw,CO2e,CarbonIntensity")
     doc = json.loads(out)
     got = {j["JobIDRaw"]: j["CO2e"] for j in doc["jobs"]}
@@ -153,8 +178,9 @@ def test_hourly_intensity_per_job_and_totals_equal_a_direct_sum(env, tmp_path, m
     assert doc["jobs"][0]["CarbonIntensity"] == 205.0
     _, out, _ = acct_run(*WHOLE, "--totals", "user", "--json", "-o", "User,CO2e")
     totals = {t["User"]: t["CO2e"] for t in json.loads(out)["totals"]}
-    assert totals == pytest.approx({"alice": direct["5001"] + direct["5003"],
-                                    "bob": direct["5010"]}, abs=1e-3)
+    assert totals == pytest.approx(
+        {"alice": direct["5001"] + direct["5003"], "bob": direct["5010"]}, abs=1e-3
+    )
 
 
 def test_statement_numbers_equal_a_direct_sum_over_the_ledger(env):
@@ -162,19 +188,26 @@ def test_statement_numbers_equal_a_direct_sum_over_the_ledger(env):
     assert status == 0, err
     db = sqlite3.connect(env)
     total_j = db.execute("SELECT SUM(energy_uj) FROM job_energy").fetchone()[0] / 1e6
-    gpu_j = db.execute("SELECT SUM(energy_uj) FROM job_energy WHERE component = 'gpu'"
-                       ).fetchone()[0] / 1e6
-    est_j = db.execute("SELECT SUM(energy_uj) FROM job_energy WHERE source = 'estimated'"
-                       ).fetchone()[0] / 1e6
+    gpu_j = (
+        db.execute("SELECT SUM(energy_uj) FROM job_energy WHERE component = 'gpu'").fetchone()[0]
+        / 1e6
+    )
+    est_j = (
+        db.execute("SELECT SUM(energy_uj) FROM job_energy WHERE source = 'estimated'").fetchone()[0]
+        / 1e6
+    )
     db.close()
     kwh = total_j / 3.6e6
     assert out.startswith(
         "The 3 job run(s) (cluster c1, from 2026-03-01T00:00:00 to 2026-03-03T00:00:00) used "
-        f"{format_kwh(kwh)} of electricity at the hardware (GPU {gpu_j / 3.6e6:,.3f} kWh, ")
+        f"{format_kwh(kwh)} of electricity at the hardware (GPU {gpu_j / 3.6e6:,.3f} kWh, "
+    )
     assert f"{100 * est_j / total_j:.1f} % was estimated" in out
-    assert (f"PUE) of 1.20 and a grid carbon intensity of 400.0 gCO2e/kWh (configured constant "
-            f"(carbon.intensity_g_per_kwh); data year n/a; unspecified basis; region DE), this "
-            f"corresponds to {format_co2e(kwh * 1.2 * 400)} of operational emissions.") in out
+    assert (
+        f"PUE) of 1.20 and a grid carbon intensity of 400.0 gCO2e/kWh (configured constant "
+        f"(carbon.intensity_g_per_kwh); data year n/a; unspecified basis; region DE), this "
+        f"corresponds to {format_co2e(kwh * 1.2 * 400)} of operational emissions."
+    ) in out
     assert "4 node(s) of cluster c1 (16.0 GPU-hours, 4.6 node-hours)" in out
 
 
@@ -183,8 +216,9 @@ def test_statement_with_hourly_intensity_and_filters(env, tmp_path, monkeypatch)
     monkeypatch.setenv("LLEM_CONFIG", str(cfg_path))
     _, out, _ = acct_run(*WHOLE, "-u", "alice", "--statement")
     hourly = _hourly_by_run(env)
-    grams = sum(j / 3.6e6 * intensity[h] for job in ("5001", "5003")
-                for h, j in hourly[job].items())
+    grams = sum(
+        j / 3.6e6 * intensity[h] for job in ("5001", "5003") for h, j in hourly[job].items()
+    )
     assert out.startswith("The 2 job run(s) (user alice, cluster c1, ")
     assert f"corresponds to {format_co2e(grams)} of operational emissions" in out
     _, out, _ = acct_run("-u", "nobody", "--statement")
@@ -203,12 +237,18 @@ def test_windows_of_a_ledger_filled_by_the_aggregator(tmp_path, monkeypatch):
     cfg = tmp_path / "llem.yaml"
     cfg.write_text(f"cluster: c1\nledger: {d / 'ledger.db'}\ncarbon:\n  intensity_g_per_kwh: 300\n")
     monkeypatch.setenv("LLEM_CONFIG", str(cfg))
-    status, out, err = acct_run("-j", "100", "-P", "-o",
-                                "JobID,User,NNodes,NodeList,AllocGPUs,GPUEnergy,CPUEnergy,"
-                                "ConsumedEnergyRaw,EnergySource,State")
+    status, out, err = acct_run(
+        "-j",
+        "100",
+        "-P",
+        "-o",
+        "JobID,User,NNodes,NodeList,AllocGPUs,GPUEnergy,CPUEnergy,"
+        "ConsumedEnergyRaw,EnergySource,State",
+    )
     assert status == 0, err
     assert out == (
         "JobID|User|NNodes|NodeList|AllocGPUs|GPUEnergy|CPUEnergy|ConsumedEnergyRaw|"
         "EnergySource|State\n"
         "100|alice|3|n[1-3]|3|2.70M|648.00K|3402000|measured|UNKNOWN\n"
-        "100.epoch 1|alice|3|n[1-3]|3|405|0|405|measured|closed\n")
+        "100.epoch 1|alice|3|n[1-3]|3|405|0|405|measured|closed\n"
+    )

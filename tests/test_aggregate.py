@@ -95,14 +95,14 @@ def test_completeness_third_node_late(tmp_path):
     aggregate_once(cfg, now_ns=end_ns + 7200 * S)
     with Ledger(cfg.ledger, readonly=True) as ledger:
         run = ledger.job_runs("100")[0]
-        assert (run["status"], run["missing_nodes"], run["nodes_reported"]) == \
-            ("complete", [], 3)
+        assert (run["status"], run["missing_nodes"], run["nodes_reported"]) == ("complete", [], 3)
 
 
 def test_header_slice_through_the_spool(tmp_path):
     cfg = config(tmp_path)
-    spool_slice(cfg, header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1",
-                                           now_ns=T0 + 5401 * S))
+    spool_slice(
+        cfg, header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1", now_ns=T0 + 5401 * S)
+    )
     for data in job_slices(tmp_path, "100"):
         spool_slice(cfg, data)
     aggregate_once(cfg, now_ns=NOW)
@@ -149,15 +149,35 @@ def _bad(tmp_path, kind):
 
 
 BAD_KINDS = [
-    "truncated", "corrupt", "not_json", "empty", "wrong_schema", "node_mismatch",
-    "negative", "end_before_start", "impossible", "bad_name", "wrong_type", "nested",
-    "window_sum"]
-REASONS = {"truncated": "truncated", "corrupt": "corrupt", "not_json": "corrupt",
-           "empty": "empty", "wrong_schema": "foreign file", "node_mismatch": "does not match",
-           "negative": "negative energy", "end_before_start": "end before start",
-           "impossible": "integer", "bad_name": "not a slice name",
-           "wrong_type": "'cpus' must be an integer", "nested": "nested too deeply",
-           "window_sum": "beyond what the ledger stores"}
+    "truncated",
+    "corrupt",
+    "not_json",
+    "empty",
+    "wrong_schema",
+    "node_mismatch",
+    "negative",
+    "end_before_start",
+    "impossible",
+    "bad_name",
+    "wrong_type",
+    "nested",
+    "window_sum",
+]
+REASONS = {
+    "truncated": "truncated",
+    "corrupt": "corrupt",
+    "not_json": "corrupt",
+    "empty": "empty",
+    "wrong_schema": "foreign file",
+    "node_mismatch": "does not match",
+    "negative": "negative energy",
+    "end_before_start": "end before start",
+    "impossible": "integer",
+    "bad_name": "not a slice name",
+    "wrong_type": "'cpus' must be an integer",
+    "nested": "nested too deeply",
+    "window_sum": "beyond what the ledger stores",
+}
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -267,7 +287,8 @@ def _write_yaml(cfg, path: Path) -> Path:
         f"cluster: {cfg.cluster}\nstate_dir: {cfg.state_dir}\nspool_dir: {cfg.spool_dir}\n"
         f"ledger: {cfg.ledger}\naggregate:\n  grace_s: {agg.grace_s}\n"
         f"  processed: {agg.processed}\n  batch_size: {agg.batch_size}\n"
-        f"  readers: {agg.readers}\n")
+        f"  readers: {agg.readers}\n"
+    )
     return path
 
 
@@ -291,16 +312,20 @@ def test_cli_once_json_summary(tmp_path):
 
 
 def test_cli_help():
-    proc = subprocess.run([sys.executable, "-c", "from llem.cli.main import main; main()",
-                           "aggregate", "-h"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from llem.cli.main import main; main()", "aggregate", "-h"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and "--watch" in proc.stdout and "--once" in proc.stdout
 
 
 def test_cli_watch_merges_new_slices_and_stops_on_sigterm(tmp_path):
     cfg = config(tmp_path)
     Path(cfg.spool_dir).mkdir(mode=0o700)
-    proc = _cli(cfg, "--watch", "--every", "0.5", stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True)
+    proc = _cli(
+        cfg, "--watch", "--every", "0.5", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         for data in job_slices(tmp_path, "100"):
             spool_slice(cfg, data)
@@ -343,8 +368,7 @@ def _template_spool(tmp_path) -> tuple[Path, list]:
                 w["start_ns"] += j * 7200 * S
                 w["end_ns"] += j * 7200 * S
             items.append(d)
-    items.append(header_slice_from_env({**ENV, "SLURM_JOB_ID": "1000"}, "c1",
-                                       now_ns=T0 + 5401 * S))
+    items.append(header_slice_from_env({**ENV, "SLURM_JOB_ID": "1000"}, "c1", now_ns=T0 + 5401 * S))
     for d in items:
         (template / slices.file_name(d)).write_bytes(encode(d))
     (template / "job.c1.n1.9-9.9.json").write_bytes(b'{"schema": "llem.slice/1", "ki')
@@ -354,8 +378,10 @@ def _template_spool(tmp_path) -> tuple[Path, list]:
 def _fresh(tmp_path, template, name, readers=0) -> object:
     root = tmp_path / name
     root.mkdir()
-    cfg = replace(node_config(root, "admin"),
-                  aggregate=AggregateConfig(grace_s=10**9, batch_size=4, readers=readers))
+    cfg = replace(
+        node_config(root, "admin"),
+        aggregate=AggregateConfig(grace_s=10**9, batch_size=4, readers=readers),
+    )
     shutil.copytree(template, cfg.spool_dir)
     os.chmod(cfg.spool_dir, 0o700)
     return cfg
@@ -406,8 +432,10 @@ def test_sigkill_at_random_points_then_rerun_gives_the_clean_ledger(tmp_path, re
         with Ledger(cfg.ledger, readonly=True) as ledger:
             assert ledger.integrity_check() == "ok"
         assert _spool_left(cfg) == 0
-    print(f"clean run {clean_s:.2f} s (merging {merging_s:.2f} s); {killed_mid_merge} of 20 "
-          "kills landed mid-merge")
+    print(
+        f"clean run {clean_s:.2f} s (merging {merging_s:.2f} s); {killed_mid_merge} of 20 "
+        "kills landed mid-merge"
+    )
     assert killed_mid_merge >= 8, "the kills rarely landed inside a merge"
 
 
@@ -416,8 +444,12 @@ def test_two_aggregators_at_once_give_the_clean_ledger(tmp_path):
     clean = _fresh(tmp_path, template, "clean")
     assert _cli(clean, "--once").returncode == 0
     cfg = _fresh(tmp_path, template, "both")
-    procs = [_cli(cfg, "--once", "--wait", "60", stdout=subprocess.PIPE,
-                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        _cli(
+            cfg, "--once", "--wait", "60", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     merged = sorted(int(out.split()[1]) for out, _ in outs)
@@ -442,13 +474,18 @@ def test_cli_text_summary_and_busy_message(tmp_path):
         spool_slice(cfg, data)
     proc = _cli(cfg, "--once")
     assert proc.returncode == 0, proc.stderr
-    assert re.fullmatch(r"merged 3 slice\(s\), 0 already in the ledger, 0 quarantined, "
-                        r"1 job\(s\) updated, 0 marked incomplete, in \d+\.\d\d s\n", proc.stdout)
+    assert re.fullmatch(
+        r"merged 3 slice\(s\), 0 already in the ledger, 0 quarantined, "
+        r"1 job\(s\) updated, 0 marked incomplete, in \d+\.\d\d s\n",
+        proc.stdout,
+    )
     with AggregateLock(cfg.ledger):
         proc = _cli(cfg, "--once")
     assert (proc.returncode, proc.stdout) == (0, "")
-    assert proc.stderr == (f"llem aggregate: another llem aggregate holds {cfg.ledger}.lock; "
-                           "nothing done (it will merge these slices)\n")
+    assert proc.stderr == (
+        f"llem aggregate: another llem aggregate holds {cfg.ledger}.lock; "
+        "nothing done (it will merge these slices)\n"
+    )
 
 
 def test_bench_generator_makes_mergeable_slices(tmp_path):
@@ -474,8 +511,9 @@ def test_stale_temporary_files_are_swept_fresh_ones_kept(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership is checked when aggregating as root")
 def test_header_owned_by_the_slurm_user_is_accepted_job_slice_is_not(tmp_path):
     cfg = config(tmp_path, header_owners="4242")
-    header = spool_slice(cfg, header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1",
-                                                    now_ns=T0 + 5401 * S))
+    header = spool_slice(
+        cfg, header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1", now_ns=T0 + 5401 * S)
+    )
     job = spool_slice(cfg, job_slices(tmp_path, "100", nodes=("n1",))[0])
     os.chown(header, 4242, 4242)
     os.chown(job, 4242, 4242)

@@ -27,9 +27,15 @@ UNIT = 65536  # accumulator ticks per joule
 
 
 def gpus(n=2, **kw):
-    return [FakeAmdGpu(f"0000:{0xc1 + 0x10 * i:02x}:00.0",
-                       f"5bff74bf-0000-1000-80ba-c1f3a1b2c3{i:02x}", card=i, **kw)
-            for i in range(n)]
+    return [
+        FakeAmdGpu(
+            f"0000:{0xC1 + 0x10 * i:02x}:00.0",
+            f"5bff74bf-0000-1000-80ba-c1f3a1b2c3{i:02x}",
+            card=i,
+            **kw,
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +101,7 @@ def advance_during_wait(state, later):
     def sleep(seconds):
         time.sleep(seconds)
         write_state(state, later)
+
     return sleep
 
 
@@ -131,12 +138,15 @@ def test_read_errors_and_reset_in_the_sampler(state):
 
 
 def test_missing_library_is_a_reason_not_a_crash_nor_stdout(tmp_path):
-    code = ("import json; from llem.sensors import amdsmi; p = amdsmi.probe(); "
-            "print(json.dumps([p.available, list(p.problems)]))")
+    code = (
+        "import json; from llem.sensors import amdsmi; p = amdsmi.probe(); "
+        "print(json.dumps([p.available, list(p.problems)]))"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("ROCM_PATH", "ROCM_HOME")}
     env["ROCM_PATH"] = str(tmp_path / "no-rocm")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     available, problems = json.loads(r.stdout)  # nothing else was printed
     assert available is False
@@ -156,18 +166,42 @@ def test_llem_wrap_json_with_fake_amd_gpus(rocm, tmp_path):
             accs[0] += int(250 * (now - last) * UNIT)
             accs[1] += int(100 * (now - last) * UNIT)
             last = now
-            write_state(state, [FakeAmdGpu(g.bdf, g.uuid, g.card, acc=a, power_w=p)
-                                for g, a, p in zip(gpus(2), accs, (250, 100))])
+            write_state(
+                state,
+                [
+                    FakeAmdGpu(g.bdf, g.uuid, g.card, acc=a, power_w=p)
+                    for g, a, p in zip(gpus(2), accs, (250, 100))
+                ],
+            )
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
-    env.update(LLEM_CONFIG="/dev/null", LLEM_SENSORS="amdsmi", ROCM_PATH=str(rocm),
-               FAKE_AMDSMI_STATE=str(state))
+    env.update(
+        LLEM_CONFIG="/dev/null",
+        LLEM_SENSORS="amdsmi",
+        ROCM_PATH=str(rocm),
+        FAKE_AMDSMI_STATE=str(state),
+    )
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     try:
-        r = subprocess.run([sys.executable, "-m", "llem.cli.main", "wrap", "--json",
-                            "--interval", "0.5", "--", "sleep", "3"],
-                           capture_output=True, text=True, env=env, timeout=60)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "llem.cli.main",
+                "wrap",
+                "--json",
+                "--interval",
+                "0.5",
+                "--",
+                "sleep",
+                "3",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
     finally:
         stop.set()
         thread.join()

@@ -31,8 +31,9 @@ def row(key, uj):
 def charged(shares):
     out = {}
     for s in shares:
-        out[(s.run_id, s.device_key, s.method)] = out.get((s.run_id, s.device_key, s.method),
-                                                          0) + s.energy_uj
+        out[(s.run_id, s.device_key, s.method)] = (
+            out.get((s.run_id, s.device_key, s.method), 0) + s.energy_uj
+        )
     return out
 
 
@@ -42,40 +43,71 @@ def test_idle_job_on_a_shared_node_is_charged_its_reservation_under_hybrid():
     # CPU time) also the 100 J dynamic; the two unallocated CPUs' 150 J stay with the node.
     jobs = [JobLoad(1, cpu_ns=10 * SECOND, alloc_cpus=1), JobLoad(2, cpu_ns=0, alloc_cpus=1)]
     node = NodeLoad(busy_cpu_ns=10 * SECOND, cpus=4)
-    shares, rest = attribute([row(PKG.key, 400_000_000)], DEVICES, jobs, node,
-                             policy="hybrid", idle_mw={PKG.key: 30_000}, interval_ns=10 * SECOND)
+    shares, rest = attribute(
+        [row(PKG.key, 400_000_000)],
+        DEVICES,
+        jobs,
+        node,
+        policy="hybrid",
+        idle_mw={PKG.key: 30_000},
+        interval_ns=10 * SECOND,
+    )
     assert charged(shares) == {
-        (1, PKG.key, "idle_allocation"): 75_000_000, (1, PKG.key, "cpu_time"): 100_000_000,
-        (2, PKG.key, "idle_allocation"): 75_000_000}
+        (1, PKG.key, "idle_allocation"): 75_000_000,
+        (1, PKG.key, "cpu_time"): 100_000_000,
+        (2, PKG.key, "idle_allocation"): 75_000_000,
+    }
     assert rest == [(PKG.key, 150_000_000)]
 
 
 def test_use_policy_is_todays_rule_and_leaves_the_idle_job_nothing():
     jobs = [JobLoad(1, cpu_ns=10 * SECOND, alloc_cpus=1), JobLoad(2, cpu_ns=0, alloc_cpus=1)]
-    shares, rest = attribute([row(PKG.key, 400)], DEVICES, jobs,
-                             NodeLoad(busy_cpu_ns=10 * SECOND, cpus=4), policy="use",
-                             idle_mw={PKG.key: 30_000}, interval_ns=10 * SECOND)
+    shares, rest = attribute(
+        [row(PKG.key, 400)],
+        DEVICES,
+        jobs,
+        NodeLoad(busy_cpu_ns=10 * SECOND, cpus=4),
+        policy="use",
+        idle_mw={PKG.key: 30_000},
+        interval_ns=10 * SECOND,
+    )
     assert charged(shares) == {(1, PKG.key, "cpu_time"): 400}
     assert rest == []
 
 
 def test_allocation_policy_splits_by_cpus_and_memory():
-    jobs = [JobLoad(1, alloc_cpus=3, alloc_memory_bytes=GiB),
-            JobLoad(2, alloc_cpus=1, alloc_memory_bytes=3 * GiB)]
-    shares, rest = attribute([row(PKG.key, 800), row(DRAM.key, 80)], DEVICES, jobs,
-                             NodeLoad(cpus=8, memory_bytes=8 * GiB), policy="allocation")
+    jobs = [
+        JobLoad(1, alloc_cpus=3, alloc_memory_bytes=GiB),
+        JobLoad(2, alloc_cpus=1, alloc_memory_bytes=3 * GiB),
+    ]
+    shares, rest = attribute(
+        [row(PKG.key, 800), row(DRAM.key, 80)],
+        DEVICES,
+        jobs,
+        NodeLoad(cpus=8, memory_bytes=8 * GiB),
+        policy="allocation",
+    )
     assert charged(shares) == {
-        (1, PKG.key, "cpu_allocation"): 300, (2, PKG.key, "cpu_allocation"): 100,
-        (1, DRAM.key, "memory_allocation"): 10, (2, DRAM.key, "memory_allocation"): 30}
+        (1, PKG.key, "cpu_allocation"): 300,
+        (2, PKG.key, "cpu_allocation"): 100,
+        (1, DRAM.key, "memory_allocation"): 10,
+        (2, DRAM.key, "memory_allocation"): 30,
+    }
     assert dict(rest) == {PKG.key: 400, DRAM.key: 40}
 
 
 def test_exclusive_job_takes_every_device_of_the_node():
     rows = [row(PKG.key, 400), row(DRAM.key, 40), row(GPU.key, 1000), row(PSYS.key, 50)]
-    shares, rest = attribute(rows, DEVICES, [JobLoad(7, cpu_ns=0, alloc_cpus=4, exclusive=True)],
-                             NodeLoad(busy_cpu_ns=SECOND, cpus=4), policy="hybrid")
-    assert charged(shares) == {(7, k, "exclusive"): uj for k, uj in
-                               ((PKG.key, 400), (DRAM.key, 40), (GPU.key, 1000))}
+    shares, rest = attribute(
+        rows,
+        DEVICES,
+        [JobLoad(7, cpu_ns=0, alloc_cpus=4, exclusive=True)],
+        NodeLoad(busy_cpu_ns=SECOND, cpus=4),
+        policy="hybrid",
+    )
+    assert charged(shares) == {
+        (7, k, "exclusive"): uj for k, uj in ((PKG.key, 400), (DRAM.key, 40), (GPU.key, 1000))
+    }
     # psys (a whole-node meter, or RAPL's platform domain) overlaps the parts: never added,
     # so it stays in the remainder under an exclusive job too.
     assert rest == [(PSYS.key, 50)]
@@ -83,9 +115,15 @@ def test_exclusive_job_takes_every_device_of_the_node():
 
 def test_unknown_allocation_falls_back_to_use():
     jobs = [JobLoad(1, cpu_ns=SECOND, alloc_cpus=None), JobLoad(2, cpu_ns=0, alloc_cpus=1)]
-    shares, rest = attribute([row(PKG.key, 100)], DEVICES, jobs,
-                             NodeLoad(busy_cpu_ns=SECOND, cpus=4), policy="hybrid",
-                             idle_mw={PKG.key: 10_000}, interval_ns=SECOND)
+    shares, rest = attribute(
+        [row(PKG.key, 100)],
+        DEVICES,
+        jobs,
+        NodeLoad(busy_cpu_ns=SECOND, cpus=4),
+        policy="hybrid",
+        idle_mw={PKG.key: 10_000},
+        interval_ns=SECOND,
+    )
     assert charged(shares) == {(1, PKG.key, "cpu_time"): 100}
 
 
@@ -100,31 +138,42 @@ def test_unknown_policy_is_refused():
         attribute([], DEVICES, [], NodeLoad(), policy="fair")
 
 
-job_loads = st.lists(st.builds(
-    JobLoad, run_id=st.integers(1, 10**6), gpus=st.sampled_from([(), (GPU.key,)]),
-    cpu_ns=st.none() | st.integers(-5, 10**12), memory_bytes=st.none() | st.integers(0, 10**12),
-    alloc_cpus=st.sampled_from([None, 1, 2, 4, 64]) | st.integers(0, 256),
-    alloc_memory_bytes=st.sampled_from([None, GiB]) | st.integers(0, 10**12),
-    exclusive=st.sampled_from([False] * 5 + [True])),
-    max_size=6, unique_by=lambda j: j.run_id)
+job_loads = st.lists(
+    st.builds(
+        JobLoad,
+        run_id=st.integers(1, 10**6),
+        gpus=st.sampled_from([(), (GPU.key,)]),
+        cpu_ns=st.none() | st.integers(-5, 10**12),
+        memory_bytes=st.none() | st.integers(0, 10**12),
+        alloc_cpus=st.sampled_from([None, 1, 2, 4, 64]) | st.integers(0, 256),
+        alloc_memory_bytes=st.sampled_from([None, GiB]) | st.integers(0, 10**12),
+        exclusive=st.sampled_from([False] * 5 + [True]),
+    ),
+    max_size=6,
+    unique_by=lambda j: j.run_id,
+)
 
 
 @settings(max_examples=600, deadline=None)
 @given(
     energies=st.fixed_dictionaries({k: st.integers(0, 10**13) for k in DEVICES}),
     jobs=job_loads,
-    node=st.builds(NodeLoad, busy_cpu_ns=st.none() | st.integers(0, 10**12),
-                   used_memory_bytes=st.none() | st.integers(0, 10**12),
-                   cpus=st.sampled_from([None, 2, 64]) | st.integers(0, 256),
-                   memory_bytes=st.none() | st.integers(0, 10**12)),
+    node=st.builds(
+        NodeLoad,
+        busy_cpu_ns=st.none() | st.integers(0, 10**12),
+        used_memory_bytes=st.none() | st.integers(0, 10**12),
+        cpus=st.sampled_from([None, 2, 64]) | st.integers(0, 256),
+        memory_bytes=st.none() | st.integers(0, 10**12),
+    ),
     policy=st.sampled_from(POLICIES),
     idle=st.dictionaries(st.sampled_from(sorted(DEVICES)), st.integers(0, 10**7)),
     interval_ns=st.integers(0, 60 * SECOND),
 )
 def test_invariant_is_exact_for_every_policy(energies, jobs, node, policy, idle, interval_ns):
     rows = [row(k, uj) for k, uj in energies.items()]
-    shares, rest = attribute(rows, DEVICES, jobs, node, policy=policy, idle_mw=idle,
-                             interval_ns=interval_ns)
+    shares, rest = attribute(
+        rows, DEVICES, jobs, node, policy=policy, idle_mw=idle, interval_ns=interval_ns
+    )
     for key, uj in energies.items():
         parts = [s.energy_uj for s in shares if s.device_key == key]
         assert all(p >= 0 for p in parts)
@@ -160,8 +209,15 @@ def test_idle_power_is_learned_while_no_job_runs_and_kept_across_restarts(tmp_pa
 
 
 def test_configured_idle_power_wins_and_the_model_is_the_last_resort():
-    estimated = Device("estimate:package-0", "cpu", "package-0", "estimate", "estimated",
-                       "model", attrs={"tdp_w": 100.0, "idle_fraction": 0.3})
+    estimated = Device(
+        "estimate:package-0",
+        "cpu",
+        "package-0",
+        "estimate",
+        "estimated",
+        "model",
+        attrs={"tdp_w": 100.0, "idle_fraction": 0.3},
+    )
     learner = IdleLearner([PKG, DRAM, estimated], None, {"cpu": 25, DRAM.key: 2.5})
     got = learner.resolve()
     assert got[PKG.key] == IdlePower(25_000, "config")
@@ -169,8 +225,7 @@ def test_configured_idle_power_wins_and_the_model_is_the_last_resort():
     got = IdleLearner([estimated, DRAM]).resolve()
     assert got == {estimated.key: IdlePower(30_000, "model")}
     # A measured package: the model's TDP of this CPU, never its plausibility bound.
-    bounded = Device(PKG.key, "cpu", "package-0", "rapl", "measured", "counter",
-                     max_power_w=1000.0)
+    bounded = Device(PKG.key, "cpu", "package-0", "rapl", "measured", "counter", max_power_w=1000.0)
     assert IdleLearner([bounded]).resolve() == {}
     assert IdleLearner([bounded], tdp_w=200.0).resolve() == {PKG.key: IdlePower(60_000, "model")}
 
@@ -220,11 +275,19 @@ def test_the_attributor_charges_an_exclusive_job_everything_and_records_the_poli
     store = NodeStore(tmp_path / "node.db")
     store.register_devices([PKG], 0)
     run = store.add_job(JobRecord("9", "c", "n1", start_ns=SECOND, cpus=4))
-    attributor = JobAttributor(store, "n1", [PKG], 0, proc_root=_proc(tmp_path),
-                               cgroup_root=str(tmp_path / "cg"), policy="hybrid")
+    attributor = JobAttributor(
+        store,
+        "n1",
+        [PKG],
+        0,
+        proc_root=_proc(tmp_path),
+        cgroup_root=str(tmp_path / "cg"),
+        policy="hybrid",
+    )
     out = attributor(_interval(1, 2, 40_000_000))
     assert [(s.run_id, s.energy_uj, s.method) for s in out.shares] == [
-        (run, 40_000_000, "exclusive")]
+        (run, 40_000_000, "exclusive")
+    ]
     record = json.loads(store.run(run).attribution)
     assert record["policy"] == "exclusive" and record["cpus"] == 4 and record["node_cpus"] == 4
 
@@ -234,9 +297,16 @@ def test_the_attributor_records_hybrid_idle_powers_and_flags_unknown_allocations
     store.register_devices([PKG], 0)
     known = store.add_job(JobRecord("10", "c", "n1", start_ns=SECOND, cpus=1))
     unknown = store.add_job(JobRecord("11", "c", "n1", start_ns=SECOND))
-    attributor = JobAttributor(store, "n1", [PKG], 0, proc_root=_proc(tmp_path),
-                               cgroup_root=str(tmp_path / "cg"), policy="hybrid",
-                               idle=IdleLearner([PKG], store, {"cpu": 30}))
+    attributor = JobAttributor(
+        store,
+        "n1",
+        [PKG],
+        0,
+        proc_root=_proc(tmp_path),
+        cgroup_root=str(tmp_path / "cg"),
+        policy="hybrid",
+        idle=IdleLearner([PKG], store, {"cpu": 30}),
+    )
     attributor(_interval(1, 2, 40_000_000))
     record = json.loads(store.run(known).attribution)
     assert record["policy"] == "hybrid" and record["allocation_unknown"] is False
@@ -256,8 +326,10 @@ def test_the_policy_travels_from_the_node_store_to_llem_acct(tmp_path, monkeypat
     items = []
     for i, (node, policy) in enumerate((("n1", "exclusive"), ("n2", "hybrid"))):
         store, run_id = build_store(tmp_path / node / "node.db", node=node, job_id="77")
-        record = {"policy": policy, "idle_w": {PKG.key: {"w": 30.0, "source": "learned",
-                                                          "samples": 40}}}
+        record = {
+            "policy": policy,
+            "idle_w": {PKG.key: {"w": 30.0, "source": "learned", "samples": 40}},
+        }
         store.update_job(run_id, attribution=json.dumps(record))
         data = export_job(store, run_id, node_config(tmp_path, node), now_ns=10**18 + i)
         store.close()
@@ -272,6 +344,7 @@ def test_the_policy_travels_from_the_node_store_to_llem_acct(tmp_path, monkeypat
     cfg = tmp_path / "llem.yaml"
     cfg.write_text(f"ledger: {ledger_path}\n")
     monkeypatch.setenv("LLEM_CONFIG", str(cfg))
-    result = CliRunner().invoke(acct, ["-a", "-S", "2000-01-01", "-X", "-P", "-n",
-                                       "-o", "JobID,Attribution"])
+    result = CliRunner().invoke(
+        acct, ["-a", "-S", "2000-01-01", "-X", "-P", "-n", "-o", "JobID,Attribution"]
+    )
     assert result.output == "77|exclusive,hybrid\n", result.output

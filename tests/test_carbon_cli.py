@@ -63,8 +63,10 @@ def test_regions_lists_every_shipped_row_with_sources():
     assert "DE                               344.14  2024       lifecycle  Germany" in lines
     assert lines.index("") == 1 + 725  # header, 725 rows, blank line
     assert "  555 country row(s): Ember via Our World in Data; licence: CC BY 4.0" in lines
-    assert any(line.startswith("   27 eGRID subregion row(s): US EPA eGRID2023 subregion")
-               for line in lines)
+    assert any(
+        line.startswith("   27 eGRID subregion row(s): US EPA eGRID2023 subregion")
+        for line in lines
+    )
     assert not any("not shipped" in line for line in lines)
 
 

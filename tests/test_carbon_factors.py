@@ -21,20 +21,35 @@ def hour(y, m, d, h):
 
 
 # Hours on both sides of a PUE month change, inside and outside the hourly series.
-ENERGY_J = {hour(2026, 1, 31, 22): 2.5 * KWH_J, hour(2026, 1, 31, 23): 0.7 * KWH_J,
-            hour(2026, 2, 1, 0): 1.1 * KWH_J, hour(2026, 2, 1, 5): 4.0 * KWH_J}
-SERIES = {hour(2026, 1, 31, 22): 120.0, hour(2026, 1, 31, 23): 480.0,
-          hour(2026, 2, 1, 0): 260.0}  # 2026-02-01T05 is not in it: the annual figure
+ENERGY_J = {
+    hour(2026, 1, 31, 22): 2.5 * KWH_J,
+    hour(2026, 1, 31, 23): 0.7 * KWH_J,
+    hour(2026, 2, 1, 0): 1.1 * KWH_J,
+    hour(2026, 2, 1, 5): 4.0 * KWH_J,
+}
+SERIES = {
+    hour(2026, 1, 31, 22): 120.0,
+    hour(2026, 1, 31, 23): 480.0,
+    hour(2026, 2, 1, 0): 260.0,
+}  # 2026-02-01T05 is not in it: the annual figure
 PUE = {"2026-01": 1.4, "2026-02": 1.15}
 
 
 def _hourly_config(tmp_path, embodied=True):
     series = tmp_path / "hourly.csv"
-    series.write_text("timestamp,g_co2e_per_kwh\n" + "".join(
-        f"{datetime.fromtimestamp(h, timezone.utc):%Y-%m-%dT%H:%M:%SZ},{g}\n"
-        for h, g in SERIES.items()))
-    return from_mapping({"carbon": {"region": "DE", "intensity_file": str(series), "pue": PUE},
-                         "embodied": {"enabled": embodied}})
+    series.write_text(
+        "timestamp,g_co2e_per_kwh\n"
+        + "".join(
+            f"{datetime.fromtimestamp(h, timezone.utc):%Y-%m-%dT%H:%M:%SZ},{g}\n"
+            for h, g in SERIES.items()
+        )
+    )
+    return from_mapping(
+        {
+            "carbon": {"region": "DE", "intensity_file": str(series), "pue": PUE},
+            "embodied": {"enabled": embodied},
+        }
+    )
 
 
 def test_report_factor_per_microjoule_is_intensity_times_pue_of_that_hour(tmp_path):
@@ -47,7 +62,7 @@ def test_report_factor_per_microjoule_is_intensity_times_pue_of_that_hour(tmp_pa
     # summed the way the report's SQL sums it, it is emissions()'s operational figure
     summed = sum(j * UJ_PER_J * f.g_per_uj(h) for h, j in ENERGY_J.items())
     assert summed == pytest.approx(carbon.emissions(config, ENERGY_J).operational_g, rel=1e-12)
-    want = (2.5 * 1.4 * 120 + 0.7 * 1.4 * 480 + 1.1 * 1.15 * 260 + 4.0 * 1.15 * annual)
+    want = 2.5 * 1.4 * 120 + 0.7 * 1.4 * 480 + 1.1 * 1.15 * 260 + 4.0 * 1.15 * annual
     assert summed == pytest.approx(want, rel=1e-12)
 
 
@@ -60,8 +75,12 @@ def test_acct_rows_apply_the_same_figures_as_emissions(tmp_path):
     assert (grams, intensity) == (em.co2e_g, em.carbon["intensity_g_per_kwh"])
     assert em.embodied_g == pytest.approx(2.0 * 150_000 / (6 * 8766) + 2_500_000 / (6 * 8766))
 
-    constant = from_mapping({"carbon": {"region": "FR", "intensity_g_per_kwh": 55.0,
-                                        "pue": 1.3}, "embodied": {"enabled": True}})
+    constant = from_mapping(
+        {
+            "carbon": {"region": "FR", "intensity_g_per_kwh": 55.0, "pue": 1.3},
+            "embodied": {"enabled": True},
+        }
+    )
     c = resolve_carbon(constant)
     assert c.constant
     grams, intensity = c.grams(sum(ENERGY_J.values()), 2.0, 1.0)

@@ -26,17 +26,20 @@ PL,2024,Poland,POL,614.98236
 US,2024,United States,USA,383.5492
 """
 # Older releases, oldest first (carbontracker 1.2.5 and 2.0.0; the column says gCO2/kWh).
-OWID_CSV_OLDER = ("""\
+OWID_CSV_OLDER = (
+    """\
 alpha-2,Entity,Code,Year,Carbon intensity of electricity (gCO2/kWh)
 DE,Germany,DEU,2021,352.42252
 EH,Western Sahara,ESH,2009,666.6666
 FR,France,FRA,2021,58.4792
-""", """\
+""",
+    """\
 alpha-2,Entity,Code,Year,Carbon intensity of electricity (gCO2/kWh)
 DE,Germany,DEU,2023,380.95047
 EH,Western Sahara,ESH,2009,666.6666
 FR,France,FRA,2023,56.03859
-""")
+""",
+)
 # codecarbon 1.2.0's data/private_infra/2016/usa_emissions.json (no _source, no _unit).
 USA_EMISSIONS_2016 = {
     "california": {"emissions": 452.541, "regionCode": "CA"},
@@ -173,8 +176,10 @@ def test_build_keeps_every_year_of_every_release(built):
 
 def test_a_later_release_revises_an_earlier_ones_year(tmp_path):
     old = [{"region": "DE", "year": "2023", "g_co2e_per_kwh": "381"}]
-    new = [{"region": "DE", "year": "2023", "g_co2e_per_kwh": "379"},
-           {"region": "DE", "year": "2024", "g_co2e_per_kwh": "344"}]
+    new = [
+        {"region": "DE", "year": "2023", "g_co2e_per_kwh": "379"},
+        {"region": "DE", "year": "2024", "g_co2e_per_kwh": "344"},
+    ]
     merged = build_tables.merge_years([old, new])
     assert [(r["year"], r["g_co2e_per_kwh"]) for r in merged] == [("2023", "379"), ("2024", "344")]
 

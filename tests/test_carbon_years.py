@@ -32,10 +32,17 @@ def test_the_shipped_years_differ():
     assert len({r.g_per_kwh for r in years.values()}) == len(years)
 
 
-@pytest.mark.parametrize(("year", "used", "label"), [
-    (2021, 2021, "2021"), (2022, 2021, "2021 for 2022"), (2023, 2023, "2023"),
-    (2024, 2024, "2024"), (2026, 2024, "2024 for 2026"), (2019, 2021, "2021 for 2019"),
-])
+@pytest.mark.parametrize(
+    ("year", "used", "label"),
+    [
+        (2021, 2021, "2021"),
+        (2022, 2021, "2021 for 2022"),
+        (2023, 2023, "2023"),
+        (2024, 2024, "2024"),
+        (2026, 2024, "2024 for 2026"),
+        (2019, 2021, "2021 for 2019"),
+    ],
+)
 def test_each_hour_gets_its_years_figure_or_the_nearest_earlier(year, used, label):
     model = carbon.resolve(de_config())
     hi = model.for_hour(hour(year))
@@ -73,10 +80,17 @@ def test_llem_acct_and_statement_price_each_year_and_name_the_years(tmp_path, mo
 
     t23, t24 = hour(2023, 3), hour(2024, 3)
     ledger = tmp_path / "ledger.db"
-    make_ledger.write_jobs(ledger, [
-        job("7001", "alice", "physics", "cpu", t23, t23 + 3600, ["c0001"], cpu_w=900, dram_w=100),
-        job("7002", "alice", "physics", "cpu", t24, t24 + 3600, ["c0001"], cpu_w=900, dram_w=100),
-    ])
+    make_ledger.write_jobs(
+        ledger,
+        [
+            job(
+                "7001", "alice", "physics", "cpu", t23, t23 + 3600, ["c0001"], cpu_w=900, dram_w=100
+            ),
+            job(
+                "7002", "alice", "physics", "cpu", t24, t24 + 3600, ["c0001"], cpu_w=900, dram_w=100
+            ),
+        ],
+    )
     cfg = tmp_path / "llem.yaml"
     cfg.write_text(f"cluster: c1\nledger: {ledger}\ncarbon:\n  region: DE\n  pue: 1.0\n")
     monkeypatch.setenv("LLEM_CONFIG", str(cfg))

@@ -32,8 +32,9 @@ def _commands() -> dict[str, click.Command]:
 
 COMMAND_TREE = _commands()
 # The commands users run (the fast hook commands are called by slurm/*.sh, not by people).
-USER_COMMANDS = {path: cmd for path, cmd in COMMAND_TREE.items()
-                 if path == "llem" or path.split()[1] in COMMANDS}
+USER_COMMANDS = {
+    path: cmd for path, cmd in COMMAND_TREE.items() if path == "llem" or path.split()[1] in COMMANDS
+}
 
 
 def _named(text: str, words: str) -> bool:
@@ -41,8 +42,12 @@ def _named(text: str, words: str) -> bool:
 
 
 def _options(cmd: click.Command) -> list[str]:
-    return [o for p in cmd.params if isinstance(p, click.Option) and not p.hidden
-            for o in (*p.opts, *p.secondary_opts)]
+    return [
+        o
+        for p in cmd.params
+        if isinstance(p, click.Option) and not p.hidden
+        for o in (*p.opts, *p.secondary_opts)
+    ]
 
 
 @pytest.mark.parametrize("path", sorted(COMMAND_TREE))

@@ -30,13 +30,17 @@ def command_paths(command: click.Command, path: tuple[str, ...] = ()):
 
 
 def console_scripts() -> dict[str, str]:
-    return {ep.name: ep.value for ep in distribution("llem").entry_points
-            if ep.group == "console_scripts"}
+    return {
+        ep.name: ep.value
+        for ep in distribution("llem").entry_points
+        if ep.group == "console_scripts"
+    }
 
 
 LLEM_PATHS = list(command_paths(cli))
 INVOCATIONS = [("llem", path) for path in LLEM_PATHS] + [
-    (script, ()) for script in sorted(console_scripts()) if script != "llem"]
+    (script, ()) for script in sorted(console_scripts()) if script != "llem"
+]
 
 
 def test_the_walk_finds_every_command():
@@ -49,8 +53,11 @@ def test_the_walk_finds_every_command():
 def entry_point_argv(script: str) -> list[str]:
     """Run a console script as its installed wrapper does, with this interpreter."""
     module, attr = console_scripts()[script].split(":")
-    return [sys.executable, "-c",
-            f"import sys; sys.argv[0] = {script!r}; from {module} import {attr}; {attr}()"]
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; sys.argv[0] = {script!r}; from {module} import {attr}; {attr}()",
+    ]
 
 
 def files_under(folder) -> list[str]:
@@ -63,13 +70,15 @@ def run_help(argv: list[str], tmp_path) -> None:
     for folder in (home, data, cwd):
         folder.mkdir()
     config = tmp_path / "llem.yaml"
-    config.write_text(f"state_dir: {data / 'state'}\nrun_dir: {data / 'run'}\n"
-                      f"spool_dir: {data / 'spool'}\nledger: {data / 'ledger.db'}\n")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LLEM_", "SLURM", "SPANK_"))}
+    config.write_text(
+        f"state_dir: {data / 'state'}\nrun_dir: {data / 'run'}\n"
+        f"spool_dir: {data / 'spool'}\nledger: {data / 'ledger.db'}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLEM_", "SLURM", "SPANK_"))}
     env.update(HOME=str(home), LLEM_CONFIG=str(config), SLURMD_NODENAME="t1")
-    r = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
-                       check=False)
+    r = subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Usage" in r.stdout, r.stdout + r.stderr
     for folder in (data, home, cwd):
@@ -77,8 +86,9 @@ def run_help(argv: list[str], tmp_path) -> None:
 
 
 @pytest.mark.parametrize("flag", ["-h", "--help"])
-@pytest.mark.parametrize("script,path", INVOCATIONS,
-                         ids=[" ".join((s, *p)) for s, p in INVOCATIONS])
+@pytest.mark.parametrize(
+    "script,path", INVOCATIONS, ids=[" ".join((s, *p)) for s, p in INVOCATIONS]
+)
 def test_help_prints_usage_and_has_no_side_effects(script, path, flag, tmp_path):
     run_help([*entry_point_argv(script), *path, flag], tmp_path)
 

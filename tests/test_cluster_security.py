@@ -42,9 +42,16 @@ def shared_tmp(request) -> Path:
 
 def as_nobody(code: str, cwd: Path | str = "/") -> subprocess.CompletedProcess:
     """Run Python ``code`` as uid/gid 65534 with the system interpreter (stdlib only)."""
-    return subprocess.run(["/usr/bin/python3", "-I", "-c", code], user=NOBODY, group=NOBODY,
-                          capture_output=True, text=True, timeout=60, cwd=cwd,
-                          env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    return subprocess.run(
+        ["/usr/bin/python3", "-I", "-c", code],
+        user=NOBODY,
+        group=NOBODY,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+    )
 
 
 def spool_one_job(config, tmp: Path, job_id: str = "100", node: str = "n1") -> str:
@@ -101,9 +108,10 @@ def test_a_forged_ledger_swapped_in_by_a_group_member_is_refused(shared_tmp):
     forge = (
         "import os, sqlite3\n"
         f"src = sqlite3.connect({str(ledger)!r}); dst = sqlite3.connect('forged.db')\n"
-        "src.backup(dst); dst.execute(\"UPDATE job_runs SET energy_uj = 1\"); dst.commit()\n"
+        'src.backup(dst); dst.execute("UPDATE job_runs SET energy_uj = 1"); dst.commit()\n'
         "dst.execute('PRAGMA journal_mode = DELETE'); dst.close()\n"
-        f"os.rename('forged.db', {str(ledger)!r})\n")
+        f"os.rename('forged.db', {str(ledger)!r})\n"
+    )
     proc = as_nobody(forge, cwd=ledger.parent)
     assert proc.returncode == 0, proc.stderr
     assert ledger.stat().st_uid == NOBODY  # the swap worked
@@ -163,12 +171,17 @@ class HeldReader:
     user who may not write the ledger's directory) when root, else as this user."""
 
     def __init__(self, ledger: Path) -> None:
-        exe, user = ("/usr/bin/python3", NOBODY) if os.geteuid() == 0 else (os.sys.executable,
-                                                                            None)
+        exe, user = ("/usr/bin/python3", NOBODY) if os.geteuid() == 0 else (os.sys.executable, None)
         self.proc = subprocess.Popen(
-            [exe, "-I", "-c", READER, str(ledger)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/", user=user,
-            group=user)
+            [exe, "-I", "-c", READER, str(ledger)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/",
+            user=user,
+            group=user,
+        )
         self.first = self._line()
 
     def _line(self) -> int:
@@ -203,8 +216,11 @@ def test_a_reader_holding_a_transaction_cannot_stall_aggregate(shared_tmp, opene
     readers = []
     if opened == "during a pass":
         spool_one_job(config, shared_tmp, "101", node="n2")
-        aggregate_once(config, batch_size=1,
-                       after_commit=lambda n: n == 0 and readers.append(HeldReader(ledger)))
+        aggregate_once(
+            config,
+            batch_size=1,
+            after_commit=lambda n: n == 0 and readers.append(HeldReader(ledger)),
+        )
         expected_first = 1
     else:
         aggregate_once(config)
@@ -236,8 +252,9 @@ def test_a_ledger_left_in_rollback_mode_by_an_older_llem_says_why_it_waits(tmp_p
     from llem.cluster import ledger as ledger_module
 
     spec = ledger_module.DATABASE
-    quick = type(spec)(**{**spec.__dict__, "busy_timeout_s": 0.1,
-                          "pragmas": ("PRAGMA foreign_keys = ON",)})
+    quick = type(spec)(
+        **{**spec.__dict__, "busy_timeout_s": 0.1, "pragmas": ("PRAGMA foreign_keys = ON",)}
+    )
     from llem.sqlite import open_database
 
     with pytest.raises(LedgerError, match="rollback-journal mode"):
@@ -251,11 +268,25 @@ def test_a_ledger_left_in_rollback_mode_by_an_older_llem_says_why_it_waits(tmp_p
 # -- item 10: identifiers, one rule everywhere -----------------------------------------------
 
 
-@pytest.mark.parametrize("name, ok", [
-    ("n1.example", True), ("gpu-01_a", True), ("n1", True), ("N9.rack-2.site", True),
-    (".hidden", False), ("..", False), ("n1/../x", False), ("n 1", False), ("n1\n", False),
-    ("", False), ("-n1", False), ("n" * 129, False), ("nöd", False), ("n1;rm", False),
-])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("n1.example", True),
+        ("gpu-01_a", True),
+        ("n1", True),
+        ("N9.rack-2.site", True),
+        (".hidden", False),
+        ("..", False),
+        ("n1/../x", False),
+        ("n 1", False),
+        ("n1\n", False),
+        ("", False),
+        ("-n1", False),
+        ("n" * 129, False),
+        ("nöd", False),
+        ("n1;rm", False),
+    ],
+)
 def test_one_identifier_rule_at_every_edge(tmp_path, name, ok):
     """node.slurm.node_name, NodePaths and slice validation apply the same rule."""
     from llem.node.slurm import node_name
@@ -264,9 +295,11 @@ def test_one_identifier_rule_at_every_edge(tmp_path, name, ok):
     config = node_config(tmp_path)
     data = copy.deepcopy(_one_job(tmp_path))
     data["node"] = name
-    edges = [lambda: NodePaths.of(config, name),
-             lambda: slices.validate(data),
-             lambda: slices.check_identifier("cluster", name)]
+    edges = [
+        lambda: NodePaths.of(config, name),
+        lambda: slices.validate(data),
+        lambda: slices.check_identifier("cluster", name),
+    ]
     if name:  # no SLURMD_NODENAME at all: the host name, outside Slurm
         edges.append(lambda: node_name({"SLURMD_NODENAME": name}))
     for edge in edges:
@@ -302,13 +335,14 @@ def test_a_job_on_a_node_with_a_dot_is_exported_and_merged(tmp_path):
     node = node_name({"SLURMD_NODENAME": "n1.example"})
     config = node_config(tmp_path, node=node)
     Path(config.spool_dir).mkdir(mode=0o700)
-    store, run_id = build_store(tmp_path / "store" / "node.db", node=node, job_id="4242",
-                                nodelist="n1.example")
+    store, run_id = build_store(
+        tmp_path / "store" / "node.db", node=node, job_id="4242", nodelist="n1.example"
+    )
     data = export_job(store, run_id, config, now_ns=T0 + 10 * 3600 * S)
     store.close()
     deliver(config, data)
     names = os.listdir(config.spool_dir)
-    assert names == ["job.c1.n1%2Eexample.4242-" f"{T0 + 1800 * S}.{data['created_ns']}.json"]
+    assert names == [f"job.c1.n1%2Eexample.4242-{T0 + 1800 * S}.{data['created_ns']}.json"]
     assert slices.parse_file_name(names[0])["node"] == "n1.example"
     result = aggregate_once(config)
     assert (result.merged, result.quarantined) == (1, [])
@@ -337,14 +371,17 @@ def _write_config(path: Path, text: str, owner: int = 0, mode: int = 0o644) -> P
 
 
 @root_only
-@pytest.mark.parametrize("owner, mode, refused", [
-    (NOBODY, 0o666, "owned by uid 65534, not root"),  # the attack: root loaded this file
-    (NOBODY, 0o644, "owned by uid 65534, not root"),
-    (0, 0o664, "writable by group or others"),
-    (0, 0o646, "writable by group or others"),
-    (0, 0o644, None),
-    (0, 0o600, None),
-])
+@pytest.mark.parametrize(
+    "owner, mode, refused",
+    [
+        (NOBODY, 0o666, "owned by uid 65534, not root"),  # the attack: root loaded this file
+        (NOBODY, 0o644, "owned by uid 65534, not root"),
+        (0, 0o664, "writable by group or others"),
+        (0, 0o646, "writable by group or others"),
+        (0, 0o644, None),
+        (0, 0o600, None),
+    ],
+)
 def test_root_refuses_a_config_file_another_user_could_write(tmp_path, owner, mode, refused):
     from llem import config
     from llem.errors import ConfigError
@@ -366,8 +403,9 @@ def test_a_cluster_name_follows_the_identifier_rule(tmp_path):
     path = _write_config(tmp_path / "llem.yaml", "cluster: ../etc\n")
     with pytest.raises(ConfigError, match="'cluster' '../etc' has characters outside"):
         config.load(path, env={})
-    assert config.load(_write_config(path, "cluster: hpc.example\n"), env={}).cluster == \
-        "hpc.example"
+    assert (
+        config.load(_write_config(path, "cluster: hpc.example\n"), env={}).cluster == "hpc.example"
+    )
 
 
 @root_only
@@ -383,8 +421,8 @@ def test_the_provider_token_lives_in_a_root_only_file_and_users_still_run(shared
     token = _write_config(shared_tmp / "provider-token", "secret-token\n", 0, 0o600)
     path = _write_config(
         shared_tmp / "llem.yaml",
-        "carbon:\n  region: DE\n  provider: electricitymaps\n"
-        f"  provider_token_file: {token}\n")
+        f"carbon:\n  region: DE\n  provider: electricitymaps\n  provider_token_file: {token}\n",
+    )
     assert config.load(path, env={}).carbon.token() == "secret-token"
 
     python = _python_for_nobody(shared_tmp)
@@ -394,8 +432,9 @@ def test_the_provider_token_lives_in_a_root_only_file_and_users_still_run(shared
 
     share = shared_tmp / "src" / "llem" / "share"  # the intensity tables, for that copy
     if not share.exists():
-        shutil.copytree(Path(llem.share.__file__).parent, share,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            Path(llem.share.__file__).parent, share, ignore=shutil.ignore_patterns("__pycache__")
+        )
         for p in [share, *share.rglob("*")]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
     code = (
@@ -405,9 +444,18 @@ def test_the_provider_token_lives_in_a_root_only_file_and_users_still_run(shared
         "try:\n    cfg.carbon.token()\nexcept config.SecretUnavailable as e:\n    print(e)\n"
         "def get(*a, **k):\n    raise AssertionError('no request without the token')\n"
         "model = resolve(cfg, hours=[1700000000 // 3600 * 3600], provider_get=get)\n"
-        "print(model.notes[-1])\n")
-    proc = subprocess.run([python[0], "-c", code], user=NOBODY, group=NOBODY, env=python[1],
-                          capture_output=True, text=True, timeout=60, cwd="/")
+        "print(model.notes[-1])\n"
+    )
+    proc = subprocess.run(
+        [python[0], "-c", code],
+        user=NOBODY,
+        group=NOBODY,
+        env=python[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"carbon.provider_token_file {token} is readable by root and admins only"
@@ -429,12 +477,22 @@ def test_a_user_locking_the_ledger_files_directly_is_named(shared_tmp):
     spool_one_job(config, shared_tmp, "100")
     aggregate_once(config)
     locker = subprocess.Popen(
-        ["/usr/bin/python3", "-I", "-c",
-         "import fcntl, os, sys, time\n"
-         "fd = os.open(sys.argv[1] + '-shm', os.O_RDONLY)\n"
-         "fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 120)\n"
-         "print('locked', flush=True); time.sleep(120)\n", str(ledger)],
-        stdout=subprocess.PIPE, text=True, user=NOBODY, group=NOBODY, cwd="/")
+        [
+            "/usr/bin/python3",
+            "-I",
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1] + '-shm', os.O_RDONLY)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 120)\n"
+            "print('locked', flush=True); time.sleep(120)\n",
+            str(ledger),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        user=NOBODY,
+        group=NOBODY,
+        cwd="/",
+    )
     try:
         assert locker.stdout.readline() == "locked\n"
         waiting = spool_one_job(config, shared_tmp, "200")

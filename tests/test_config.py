@@ -53,7 +53,7 @@ def documented_keys() -> dict[str, str | None]:
     that describes it; there a key is a row of the section's table or a line of its YAML.
     """
     guide_text = (DOCS / "user-guide.md").read_text("utf-8")
-    guide = _rows(guide_text[guide_text.index("\n## Configuration"):])
+    guide = _rows(guide_text[guide_text.index("\n## Configuration") :])
     out: dict[str, str | None] = {}
     for key, (default, meaning) in guide.items():
         if not key.endswith(".*"):
@@ -64,7 +64,7 @@ def documented_keys() -> dict[str, str | None]:
             text = (DOCS / page).read_text("utf-8")
             heading = re.search(rf"^## .*`{section}:`.*$", text, re.M)
             if heading:  # the section's own table, if the page has one
-                part = text[heading.end():].split("\n## ", 1)[0]
+                part = text[heading.end() :].split("\n## ", 1)[0]
                 for field, (value, _) in _rows(part).items():
                     out[f"{section}.{field}"] = value
             for dotted in _yaml_keys(text):
@@ -94,7 +94,9 @@ def test_every_key_is_documented_with_its_default():
 
 
 def test_full_file(tmp_path):
-    c = load_text(tmp_path, """
+    c = load_text(
+        tmp_path,
+        """
 cluster: hpc1
 state_dir: /srv/llem
 sensors: [rapl, nvml]
@@ -105,7 +107,8 @@ carbon:
   pue: {2026-01: 1.4, 2026-02: 1.3}
 embodied:
   enabled: true
-""")
+""",
+    )
     assert c.cluster == "hpc1" and c.sensors == ("rapl", "nvml")
     assert c.sampler.interval_s == 0.5 and c.carbon.pue == {"2026-01": 1.4, "2026-02": 1.3}
     assert c.embodied.enabled is True
@@ -113,29 +116,37 @@ embodied:
 
 
 def test_malformed_yaml_names_the_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"malformed YAML at line 4, column 1: .*flow sequence that starts at line 3"):
+    with pytest.raises(
+        ConfigError,
+        match=r"malformed YAML at line 4, column 1: .*flow sequence that starts at line 3",
+    ):
         load_text(tmp_path, "cluster: a\nsampler:\n  interval_s: [1, 2\n")
 
 
 def test_unknown_key_names_the_nearest_valid_one(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key 'sampler.intervl_s'; did you mean 'sampler.interval_s'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'sampler.intervl_s'; did you mean 'sampler.interval_s'"
+    ):
         load_text(tmp_path, "sampler:\n  intervl_s: 1\n")
     with pytest.raises(ConfigError, match=r"unknown key 'stat_dir'; did you mean 'state_dir'"):
         load_text(tmp_path, "stat_dir: /x\n")
 
 
-@pytest.mark.parametrize("text, match", [
-    ("sampler:\n  interval_s: fast\n", "'sampler.interval_s' must be a number"),
-    ("sampler:\n  interval_s: 0.01\n", "at least 0.1"),
-    ("sampler: 5\n", "'sampler' must be a mapping"),
-    ("embodied:\n  enabled: 'yes'\n", "must be true or false"),
-    ("carbon:\n  pue: 0.8\n", "at least 1.0"),
-    ("carbon:\n  pue: {January: 1.2}\n", "not YYYY-MM"),
-    ("sensors: [rapl, nvm]\n", "did you mean 'nvml'"),
-    ("- a\n- b\n", "top level must be a mapping"),
-    ("sampler:\n  nice: 1.5\n", "must be an integer"),
-    ("sampler:\n  interval_s: .nan\n", "finite"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("sampler:\n  interval_s: fast\n", "'sampler.interval_s' must be a number"),
+        ("sampler:\n  interval_s: 0.01\n", "at least 0.1"),
+        ("sampler: 5\n", "'sampler' must be a mapping"),
+        ("embodied:\n  enabled: 'yes'\n", "must be true or false"),
+        ("carbon:\n  pue: 0.8\n", "at least 1.0"),
+        ("carbon:\n  pue: {January: 1.2}\n", "not YYYY-MM"),
+        ("sensors: [rapl, nvm]\n", "did you mean 'nvml'"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("sampler:\n  nice: 1.5\n", "must be an integer"),
+        ("sampler:\n  interval_s: .nan\n", "finite"),
+    ],
+)
 def test_wrong_types_and_ranges(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_text(tmp_path, text)
@@ -167,9 +178,16 @@ def test_unreadable_file(tmp_path):
 
 
 def test_env_overrides_win_over_the_file(tmp_path):
-    c = load_text(tmp_path, "sampler:\n  interval_s: 5\n",
-                  env={"LLEM_SAMPLER_INTERVAL_S": "0.25", "LLEM_SENSORS": "rapl,estimate",
-                       "LLEM_CARBON_REGION": "FR", "LLEM_POWERCAP_ROOT": "/x"})
+    c = load_text(
+        tmp_path,
+        "sampler:\n  interval_s: 5\n",
+        env={
+            "LLEM_SAMPLER_INTERVAL_S": "0.25",
+            "LLEM_SENSORS": "rapl,estimate",
+            "LLEM_CARBON_REGION": "FR",
+            "LLEM_POWERCAP_ROOT": "/x",
+        },
+    )
     assert c.sampler.interval_s == 0.25 and c.sensors == ("rapl", "estimate")
     assert c.carbon.region == "FR"
     assert c.source.endswith("+ environment")
@@ -192,8 +210,12 @@ def test_aggregate_readers_is_auto_or_a_count(tmp_path):
     assert config.load(env={"LLEM_CONFIG": "/dev/null"}).aggregate.readers == "auto"
     assert load_text(tmp_path, "aggregate:\n  readers: 3\n").aggregate.readers == 3
     assert load_text(tmp_path, "aggregate:\n  readers: 0\n").aggregate.readers == 0
-    assert config.load(env={"LLEM_CONFIG": "/dev/null",
-                            "LLEM_AGGREGATE_READERS": "2"}).aggregate.readers == 2
+    assert (
+        config.load(
+            env={"LLEM_CONFIG": "/dev/null", "LLEM_AGGREGATE_READERS": "2"}
+        ).aggregate.readers
+        == 2
+    )
     for bad in ("-1", "many", "true", "1.5"):
         with pytest.raises(ConfigError, match="'aggregate.readers' must be 'auto' or a whole"):
             load_text(tmp_path, f"aggregate:\n  readers: {bad}\n")

@@ -50,21 +50,25 @@ def test_registered_job_gets_energy_and_jobs_plus_remainder_equal_the_node(node)
         "(SELECT COALESCE(SUM(je.energy_uj), 0) FROM job_energy je "
         " WHERE je.interval_id = e.interval_id AND je.device_key = e.device_key) "
         "FROM energy e LEFT JOIN remainder r "
-        "ON r.interval_id = e.interval_id AND r.device_key = e.device_key")
+        "ON r.interval_id = e.interval_id AND r.device_key = e.device_key"
+    )
     assert {device for _, device, *_ in rows} == {"fake:package", "fake:dram"}
     assert len(rows) >= 6
     for interval_id, device, measured, remainder, jobs in rows:
         assert jobs + remainder == measured, (interval_id, device)
     # The job's share follows its cgroup: 0.6 of the busy CPU time, 1 GiB of 4 GiB in use.
-    shares = dict(node.query(
-        "SELECT device_key, GROUP_CONCAT(DISTINCT share) FROM job_energy GROUP BY device_key"))
+    shares = dict(
+        node.query(
+            "SELECT device_key, GROUP_CONCAT(DISTINCT share) FROM job_energy GROUP BY device_key"
+        )
+    )
     assert shares == {"fake:package": str(JOB_CPU_SHARE), "fake:dram": "0.25"}
-    package = node.query("SELECT DISTINCT energy_uj FROM job_energy "
-                         "WHERE device_key = 'fake:package'")
+    package = node.query(
+        "SELECT DISTINCT energy_uj FROM job_energy WHERE device_key = 'fake:package'"
+    )
     assert package == [(int(PACKAGE_UJ_PER_READ * JOB_CPU_SHARE),)]
     assert node.query("SELECT SUM(energy_uj) FROM remainder")[0][0] > 0
-    assert node.query("SELECT uid, user, cpus, state FROM jobs") == [
-        (1000, "alice", 4, "running")]
+    assert node.query("SELECT uid, user, cpus, state FROM jobs") == [(1000, "alice", 4, "running")]
 
 
 def test_window_over_the_socket_as_root_carries_energy(node):
@@ -75,24 +79,37 @@ def test_window_over_the_socket_as_root_carries_energy(node):
     node.start()
     env = slurm_env("102")
     opened = open_window(node.paths.socket, env, "epoch 1")
-    start_interval = node.query("SELECT start_mono_ns FROM windows WHERE id = ?",
-                                (opened["window_id"],))[0][0]
-    wait_for(lambda: node.query("SELECT COUNT(*) FROM job_energy WHERE interval_id > ? "
-                                "AND device_key = 'fake:package'", (start_interval,))[0][0] >= 2,
-             "two intervals of job energy inside the window")
+    start_interval = node.query(
+        "SELECT start_mono_ns FROM windows WHERE id = ?", (opened["window_id"],)
+    )[0][0]
+    wait_for(
+        lambda: (
+            node.query(
+                "SELECT COUNT(*) FROM job_energy WHERE interval_id > ? "
+                "AND device_key = 'fake:package'",
+                (start_interval,),
+            )[0][0]
+            >= 2
+        ),
+        "two intervals of job energy inside the window",
+    )
     closed = close_window(node.paths.socket, env, opened["window_id"])
 
     assert closed["window_id"] == opened["window_id"]
     assert closed["energy_uj"]["fake:package"] >= 2 * int(PACKAGE_UJ_PER_READ * JOB_CPU_SHARE)
     status, energy, end_interval = node.query(
-        "SELECT status, energy, end_mono_ns FROM windows WHERE id = ?",
-        (opened["window_id"],))[0]
+        "SELECT status, energy, end_mono_ns FROM windows WHERE id = ?", (opened["window_id"],)
+    )[0]
     assert status == "closed"
     assert json.loads(energy) == closed["energy_uj"]
     # The window holds exactly the job's energy of the intervals it spans.
-    inside = dict(node.query(
-        "SELECT device_key, SUM(energy_uj) FROM job_energy WHERE interval_id > ? "
-        "AND interval_id <= ? GROUP BY device_key", (start_interval, end_interval)))
+    inside = dict(
+        node.query(
+            "SELECT device_key, SUM(energy_uj) FROM job_energy WHERE interval_id > ? "
+            "AND interval_id <= ? GROUP BY device_key",
+            (start_interval, end_interval),
+        )
+    )
     assert closed["energy_uj"] == inside
     with pytest.raises(WindowError, match="already closed"):
         close_window(node.paths.socket, env, opened["window_id"])
@@ -118,16 +135,26 @@ def test_ended_job_is_sealed_and_its_slice_validates(node):
     node.epilog("104")
     wait_for(lambda: node.job_state("104") == "exported", "job 104 exported")
 
-    found = [p for d in (Path(node.config.spool_dir), outbox_dir(node.config)) if d.is_dir()
-             for p in d.glob("*.json") if slices.parse_file_name(p.name)["kind"] == "job"]
+    found = [
+        p
+        for d in (Path(node.config.spool_dir), outbox_dir(node.config))
+        if d.is_dir()
+        for p in d.glob("*.json")
+        if slices.parse_file_name(p.name)["kind"] == "job"
+    ]
     assert len(found) == 1, found
     data = slices.validate(json.loads(found[0].read_bytes()))
     assert data["job"]["job_id"] == "104"
     assert data["job"]["user"] == "alice"
     assert data["job"]["end_ns"] is not None
     energy_uj = sum(row["energy_uj"] for row in data["energy"])
-    assert energy_uj == node.query("SELECT SUM(je.energy_uj) FROM job_energy je JOIN jobs j "
-                                   "ON j.run_id = je.run_id WHERE j.job_id = '104'")[0][0]
+    assert (
+        energy_uj
+        == node.query(
+            "SELECT SUM(je.energy_uj) FROM job_energy je JOIN jobs j "
+            "ON j.run_id = je.run_id WHERE j.job_id = '104'"
+        )[0][0]
+    )
     assert energy_uj > 0
     coverage, flags = node.query("SELECT coverage, flags FROM jobs WHERE job_id = '104'")[0]
     assert (coverage, json.loads(flags)) == (1.0, [])
@@ -178,14 +205,25 @@ def test_restart_after_a_crash_at_a_commit_point_is_recorded_on_the_job(tmp_path
     tree.add_socket(0)
     node.prolog("107")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
-    env.update(LLEM_CONFIG="/dev/null", LLEM_POWERCAP_ROOT=str(tree.path), LLEM_SENSORS="rapl",
-               LLEM_CLUSTER="c1", LLEM_STATE_DIR=node.config.state_dir,
-               LLEM_SPOOL_DIR=node.config.spool_dir, LLEM_RUN_DIR=node.config.run_dir,
-               LLEM_SAMPLER_NICE="0", LLEM_TEST_CRASH_AFTER_COMMITS="3")
+    env.update(
+        LLEM_CONFIG="/dev/null",
+        LLEM_POWERCAP_ROOT=str(tree.path),
+        LLEM_SENSORS="rapl",
+        LLEM_CLUSTER="c1",
+        LLEM_STATE_DIR=node.config.state_dir,
+        LLEM_SPOOL_DIR=node.config.spool_dir,
+        LLEM_RUN_DIR=node.config.run_dir,
+        LLEM_SAMPLER_NICE="0",
+        LLEM_TEST_CRASH_AFTER_COMMITS="3",
+    )
     crashed = subprocess.run(
         [sys.executable, "-m", "tests.crash_sampler", "--node", NODE, "--interval", "0.1"],
-        env=env, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
-        timeout=60)
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert crashed.returncode == CRASH_EXIT, crashed.stderr
     assert node.paths.pid_file.exists()  # stale: the crash left it
     assert sampler_pid(node.paths) is None  # but the lock died with the process
@@ -200,8 +238,13 @@ def test_restart_after_a_crash_at_a_commit_point_is_recorded_on_the_job(tmp_path
         assert store.integrity_check() == "ok"
     assert sampler_pid(node.paths) is None
     assert "sampler_restart" in json.loads(
-        node.query("SELECT flags FROM jobs WHERE job_id = '107'")[0][0])
+        node.query("SELECT flags FROM jobs WHERE job_id = '107'")[0][0]
+    )
     starts = node.query("SELECT kind FROM events WHERE kind LIKE 'sampler_%' ORDER BY id")
-    assert starts == [("sampler_start",), ("sampler_restart",), ("sampler_start",),
-                      ("sampler_stop",)]
+    assert starts == [
+        ("sampler_start",),
+        ("sampler_restart",),
+        ("sampler_start",),
+        ("sampler_stop",),
+    ]
     assert "sampler restarted with jobs running" in node.paths.problems.read_text()

@@ -12,13 +12,19 @@ LLEM = [sys.executable, "-m", "llem.cli.main"]
 def doctor(env_extra, *args):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
     env.update(env_extra)
-    return subprocess.run(LLEM + ["doctor", *args], capture_output=True, text=True, env=env,
-                          timeout=60)
+    return subprocess.run(
+        LLEM + ["doctor", *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def test_node_with_nothing_to_read(tmp_path):
-    r = doctor({"LLEM_CONFIG": "/dev/null", "LLEM_POWERCAP_ROOT": str(tmp_path / "none"),
-                "LLEM_HWMON_ROOT": str(tmp_path / "none")})
+    r = doctor(
+        {
+            "LLEM_CONFIG": "/dev/null",
+            "LLEM_POWERCAP_ROOT": str(tmp_path / "none"),
+            "LLEM_HWMON_ROOT": str(tmp_path / "none"),
+        }
+    )
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "rapl: not available" in out and "does not exist: no powercap interface" in out
@@ -30,8 +36,14 @@ def test_node_with_nothing_to_read(tmp_path):
 def test_json_and_a_measured_node(tmp_path):
     pc = FakePowercap(tmp_path / "pc")
     pc.add_socket(0)
-    r = doctor({"LLEM_CONFIG": "/dev/null", "LLEM_POWERCAP_ROOT": str(pc.path),
-                "LLEM_STATE_DIR": str(tmp_path / "state")}, "--json")
+    r = doctor(
+        {
+            "LLEM_CONFIG": "/dev/null",
+            "LLEM_POWERCAP_ROOT": str(pc.path),
+            "LLEM_STATE_DIR": str(tmp_path / "state"),
+        },
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["coverage"]["cpu"] == "measured (rapl)"
@@ -54,8 +66,11 @@ def test_group_help_lists_every_command():
     ``llem --help`` and answers ``-h`` through the installed entry point; except the Slurm
     hooks, which ignore their arguments and would run as a Prolog/Epilog (a bug)."""
     r = subprocess.run(LLEM + ["--help"], capture_output=True, text=True, timeout=60)
-    listed = {line.split()[0] for line in r.stdout.split("Commands:", 1)[1].splitlines()
-              if line.startswith("  ") and line.split()}
+    listed = {
+        line.split()[0]
+        for line in r.stdout.split("Commands:", 1)[1].splitlines()
+        if line.startswith("  ") and line.split()
+    }
     assert listed == set(COMMANDS) | set(FAST_COMMANDS)
     for command in sorted(listed - {"prolog", "epilog", "epilog-slurmctld"}):
         h = subprocess.run(LLEM + [command, "-h"], capture_output=True, text=True, timeout=60)
@@ -69,8 +84,14 @@ def test_hook_run_dir_mismatch_and_recent_problems(tmp_path):
     defaults.write_text("LLEM_BIN=/opt/llem/bin/llem\n")  # no LLEM_RUN_DIR: /run/llem
     (tmp_path / "run" / "t9").mkdir(parents=True)
     (tmp_path / "run" / "t9" / "problems.log").write_text("2026-01-01 llem prolog job 5: boom\n")
-    r = doctor({"LLEM_CONFIG": str(cfg), "LLEM_DEFAULTS_FILE": str(defaults),
-                "SLURMD_NODENAME": "t9", "LLEM_POWERCAP_ROOT": str(tmp_path / "none")})
+    r = doctor(
+        {
+            "LLEM_CONFIG": str(cfg),
+            "LLEM_DEFAULTS_FILE": str(defaults),
+            "SLURMD_NODENAME": "t9",
+            "LLEM_POWERCAP_ROOT": str(tmp_path / "none"),
+        }
+    )
     assert r.returncode == 0, r.stderr
     assert f"set LLEM_RUN_DIR={tmp_path / 'run'} in {defaults}" in r.stdout
     assert "problem: 2026-01-01 llem prolog job 5: boom" in r.stdout
@@ -83,8 +104,9 @@ def test_quarantined_slices_are_listed(tmp_path):
     q = spool / "quarantine"
     q.mkdir(parents=True)
     (q / "bad.json").write_text("{truncated")
-    (q / "bad.json.reason").write_text(_json.dumps({"file": "bad.json",
-                                                   "reason": "not JSON: truncated"}))
+    (q / "bad.json.reason").write_text(
+        _json.dumps({"file": "bad.json", "reason": "not JSON: truncated"})
+    )
     cfg = tmp_path / "llem.yaml"
     cfg.write_text(f"spool_dir: {spool}\nstate_dir: {tmp_path / 'state'}\n")
     r = doctor({"LLEM_CONFIG": str(cfg), "LLEM_POWERCAP_ROOT": str(tmp_path / "none")})
@@ -102,8 +124,9 @@ def test_attribution_policy_and_idle_powers_in_force(tmp_path):
     with NodeStore(state / "node-n9.db") as store:  # what the node sampler learned
         store.save_idle_power("rapl:dram-0", 3_500, 240, 1)
     cfg = tmp_path / "llem.yaml"
-    cfg.write_text(f"state_dir: {state}\nattribution:\n  policy: allocation\n"
-                   "  idle_w:\n    cpu: 42\n")
+    cfg.write_text(
+        f"state_dir: {state}\nattribution:\n  policy: allocation\n  idle_w:\n    cpu: 42\n"
+    )
     env = {"LLEM_CONFIG": str(cfg), "LLEM_POWERCAP_ROOT": str(pc.path), "SLURMD_NODENAME": "n9"}
     r = doctor(env)
     assert r.returncode == 0, r.stderr
@@ -112,4 +135,7 @@ def test_attribution_policy_and_idle_powers_in_force(tmp_path):
     assert "idle power rapl:dram-0: 3.5 W (learned, 240 idle samples)" in r.stdout
     report = json.loads(doctor(env, "--json").stdout)
     assert report["attribution"]["idle_w"]["rapl:dram-0"] == {
-        "w": 3.5, "source": "learned", "samples": 240}
+        "w": 3.5,
+        "source": "learned",
+        "samples": 240,
+    }

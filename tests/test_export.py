@@ -44,8 +44,12 @@ def test_job_slice_energy_per_device_and_clock_hour(tmp_path):
     store, run_id = build_store(tmp_path / "s" / "node.db")
     data = export_job(store, run_id, node_config(tmp_path), now_ns=T0 + 5 * 3600 * S)
     assert data["schema"] == "llem.slice/1" and data["kind"] == "job"
-    assert (data["cluster"], data["node"], data["job"]["job_id"], data["job"]["start_ns"]) == \
-        ("c1", "n1", "100", T0 + 1800 * S)
+    assert (data["cluster"], data["node"], data["job"]["job_id"], data["job"]["start_ns"]) == (
+        "c1",
+        "n1",
+        "100",
+        T0 + 1800 * S,
+    )
     by = {(r["device"], r["hour_s"]): r for r in data["energy"]}
     h0, h1 = T0 // S, T0 // S + 3600
     # 21:30-22:00 and 22:00-22:30: half the hour's energy in each clock hour.
@@ -53,12 +57,23 @@ def test_job_slice_energy_per_device_and_clock_hour(tmp_path):
     assert by[("nvml:GPU-a", h1)]["energy_uj"] == 250_000_000 * 1800
     assert by[("nvml:GPU-a", h0)]["method"] == "gpu_allocation"
     assert by[("rapl:package-0", h0)]["energy_uj"] == 60_000_000 * 1800
-    assert data["devices"]["nvml:GPU-a"] == {"component": "gpu", "name": "gpu0",
-                                             "sensor": "nvml", "source": "measured",
-                                             "method": "counter"}
-    assert data["windows"] == [{"name": "epoch 1", "step_id": "0", "start_ns": T0 + 1860 * S,
-                                "end_ns": T0 + 2400 * S, "status": "closed",
-                                "energy": {"nvml:GPU-a": 135_000_000}}]
+    assert data["devices"]["nvml:GPU-a"] == {
+        "component": "gpu",
+        "name": "gpu0",
+        "sensor": "nvml",
+        "source": "measured",
+        "method": "counter",
+    }
+    assert data["windows"] == [
+        {
+            "name": "epoch 1",
+            "step_id": "0",
+            "start_ns": T0 + 1860 * S,
+            "end_ns": T0 + 2400 * S,
+            "status": "closed",
+            "energy": {"nvml:GPU-a": 135_000_000},
+        }
+    ]
     assert data["job"]["name"] == "train; rm -rf /" and data["job"]["coverage"] == 1.0
 
 
@@ -98,8 +113,16 @@ def test_unknown_run_is_an_error(tmp_path):
 
 def test_node_slice_hourly_totals_with_gaps(tmp_path):
     store, _ = build_store(tmp_path / "s" / "node.db")
-    store.write(Interval("s", T0 + 5400 * S, T0 + 5460 * S, 100, 101,
-                         (EnergyRow("rapl:package-0", 0, "reset", "ok", None),)))
+    store.write(
+        Interval(
+            "s",
+            T0 + 5400 * S,
+            T0 + 5460 * S,
+            100,
+            101,
+            (EnergyRow("rapl:package-0", 0, "reset", "ok", None),),
+        )
+    )
     data = export_node(store, node_config(tmp_path), "n1", since_ns=T0, now_ns=T0 + 7200 * S)
     rows = {(r["hour_s"], r["device"]): r for r in data["hours"]}
     h0, h1 = T0 // S, T0 // S + 3600
@@ -176,8 +199,11 @@ def _can_mount() -> bool:
 @contextmanager
 def mounted_tmpfs(path: Path, size: str):
     path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                           str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
@@ -253,8 +279,16 @@ def test_spool_without_write_permission_as_a_non_root_delivery(tmp_path, request
         "deliver(cfg, json.loads(sys.argv[1]))\n"
         "print(len(pending_slices(cfg)), round(time.monotonic() - t0, 2))\n"
     )
-    proc = subprocess.run([python[0], "-c", code, json.dumps(data)], user=65534, group=65534,
-                          capture_output=True, text=True, timeout=60, env=python[1], cwd="/")
+    proc = subprocess.run(
+        [python[0], "-c", code, json.dumps(data)],
+        user=65534,
+        group=65534,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=python[1],
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr
     pending, elapsed = proc.stdout.split()
     assert pending == "1" and float(elapsed) < 1.5
@@ -272,14 +306,16 @@ def frozen_filesystem(tmp_path):
     subprocess.run(["truncate", "-s", "8M", str(image)], check=True)
     if subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True).returncode:
         pytest.skip("mkfs.ext4 failed")
-    if subprocess.run(["mount", "-o", "loop", str(image), str(mnt)],
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-o", "loop", str(image), str(mnt)], capture_output=True
+    ).returncode:
         image.unlink()
         pytest.skip("cannot loop-mount here")
     spool = mnt / "spool"
     spool.mkdir(mode=0o700)
     frozen = False
     try:
+
         def freeze():
             nonlocal frozen
             subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
@@ -307,15 +343,20 @@ def test_hung_spool_never_blocks_delivery_beyond_a_second(tmp_path):
         freeze()
         # As slurmd runs an Epilog: output on pipes that must reach EOF, although the delivery
         # process it started is hung on the spool (it must not hold the Epilog's stdout).
-        code = ("import json, sys, time\nfrom llem.config import Config\n"
-                "from llem.node.outbox import deliver\nt0 = time.monotonic()\n"
-                "deliver(Config(**json.loads(sys.argv[1])), json.loads(sys.argv[2]))\n"
-                "print(round(time.monotonic() - t0, 3))")
-        args = json.dumps({"cluster": "c1", "state_dir": cfg.state_dir,
-                           "spool_dir": cfg.spool_dir})
+        code = (
+            "import json, sys, time\nfrom llem.config import Config\n"
+            "from llem.node.outbox import deliver\nt0 = time.monotonic()\n"
+            "deliver(Config(**json.loads(sys.argv[1])), json.loads(sys.argv[2]))\n"
+            "print(round(time.monotonic() - t0, 3))"
+        )
+        args = json.dumps({"cluster": "c1", "state_dir": cfg.state_dir, "spool_dir": cfg.spool_dir})
         t0 = time.monotonic()
-        proc = subprocess.run([os.sys.executable, "-c", code, args, json.dumps(data)],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [os.sys.executable, "-c", code, args, json.dumps(data)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert time.monotonic() - t0 < 2.5, "the Epilog's pipes stayed open"
         assert proc.returncode == 0, proc.stderr
         assert float(proc.stdout) < 1.5
@@ -334,26 +375,39 @@ def test_hung_spool_never_blocks_delivery_beyond_a_second(tmp_path):
 
 # -- headers ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra, state, exit_code, sig", [
-    ({}, "COMPLETED", 0, 0),
-    ({"SLURM_JOB_EXIT_CODE": str(3 << 8)}, "FAILED", 3, 0),
-    ({"SLURM_JOB_EXIT_CODE": "9"}, "SIGNALED", 0, 9),
-    ({"SLURM_JOB_EXIT_CODE2": "0:15"}, "SIGNALED", 0, 15),
-    ({"SLURM_JOB_DERIVED_EC": "2:0"}, "FAILED", 0, 0),
-    ({"SLURM_JOB_EXIT_CODE": ""}, "UNKNOWN", None, None),
-])
+
+@pytest.mark.parametrize(
+    "extra, state, exit_code, sig",
+    [
+        ({}, "COMPLETED", 0, 0),
+        ({"SLURM_JOB_EXIT_CODE": str(3 << 8)}, "FAILED", 3, 0),
+        ({"SLURM_JOB_EXIT_CODE": "9"}, "SIGNALED", 0, 9),
+        ({"SLURM_JOB_EXIT_CODE2": "0:15"}, "SIGNALED", 0, 15),
+        ({"SLURM_JOB_DERIVED_EC": "2:0"}, "FAILED", 0, 0),
+        ({"SLURM_JOB_EXIT_CODE": ""}, "UNKNOWN", None, None),
+    ],
+)
 def test_header_from_epilog_slurmctld_env(extra, state, exit_code, sig):
     data = header_slice_from_env({**ENV, **extra}, "other", now_ns=T0)
     job = data["job"]
     assert data["cluster"] == "c1" and data["kind"] == "header"
     assert (job["state"], job["exit_code"], job["signal"]) == (state, exit_code, sig)
-    assert (job["job_id"], job["name"], job["num_nodes"], job["end_ns"]) == \
-        ("4242", "my job", 3, T0)
+    assert (job["job_id"], job["name"], job["num_nodes"], job["end_ns"]) == (
+        "4242",
+        "my job",
+        3,
+        T0,
+    )
 
 
 def test_header_uses_start_and_end_times_when_slurm_gives_them():
-    env = {**ENV, "SLURM_JOB_START_TIME": str(T0 // S), "SLURM_JOB_END_TIME": str(T0 // S + 60),
-           "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2"}
+    env = {
+        **ENV,
+        "SLURM_JOB_START_TIME": str(T0 // S),
+        "SLURM_JOB_END_TIME": str(T0 // S + 60),
+        "SLURM_ARRAY_JOB_ID": "4240",
+        "SLURM_ARRAY_TASK_ID": "2",
+    }
     job = header_slice_from_env(env, "c1", now_ns=T0 + 999 * S)["job"]
     assert (job["start_ns"], job["end_ns"]) == (T0, T0 + 60 * S)
     assert (job["array_job_id"], job["array_task_id"]) == ("4240", "2")
@@ -376,8 +430,7 @@ def test_write_header_delivers_to_the_spool(tmp_path):
 
 def test_prune_drops_only_exported_old_data(tmp_path):
     store, run_id = build_store(tmp_path / "s" / "node.db")
-    other = store.add_job(JobRecord(job_id="101", cluster="c1", node="n1",
-                                    start_ns=T0 + 20000 * S))
+    other = store.add_job(JobRecord(job_id="101", cluster="c1", node="n1", start_ns=T0 + 20000 * S))
     add_intervals(store, other, T0 + 20000 * S, 600, 60, first_id=500)
     cut = T0 + 10000 * S
     assert prune_node_store(store, cut).get("jobs", 0) == 0  # sealed, not exported: kept

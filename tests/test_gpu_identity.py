@@ -21,15 +21,19 @@ from llem.sensors.base import Device
 
 def gpu(minor: int, index: int, bus: str) -> Device:
     """A GPU as the NVML sensor describes it; NVML's index follows PCI order."""
-    return Device(key=f"nvml:GPU-m{minor}", component="gpu", name=f"gpu{minor}", sensor="nvml",
-                  source="measured", method="counter",
-                  attrs={"uuid": f"GPU-m{minor}", "minor": minor, "index": index,
-                         "pci_bus_id": bus})
+    return Device(
+        key=f"nvml:GPU-m{minor}",
+        component="gpu",
+        name=f"gpu{minor}",
+        sensor="nvml",
+        source="measured",
+        method="counter",
+        attrs={"uuid": f"GPU-m{minor}", "minor": minor, "index": index, "pci_bus_id": bus},
+    )
 
 
 # A node whose minor numbers are not in PCI order: NVML index 0 (bus 07) is /dev/nvidia2.
-NODE = [gpu(2, 0, "00000000:07:00.0"), gpu(0, 1, "00000000:0A:00.0"),
-        gpu(1, 2, "00000000:0C:00.0")]
+NODE = [gpu(2, 0, "00000000:07:00.0"), gpu(0, 1, "00000000:0A:00.0"), gpu(1, 2, "00000000:0C:00.0")]
 
 
 def conf(tmp_path, text):
@@ -53,22 +57,31 @@ def test_autodetect_numbers_the_gpus_by_device_file_not_by_pci_order(tmp_path):
 
 
 def test_explicit_records_keep_the_file_order_and_skip_other_nodes(tmp_path):
-    path = conf(tmp_path, "AutoDetect=off\n"
-                "NodeName=other Name=gpu File=/dev/nvidia[0-2]\n"
-                "NodeName=n[1-4] Name=gpu Type=a100 File=/dev/nvidia2  # the fast one\n"
-                "NodeName=n[1-4] Name=gpu Type=a100 File=/dev/nvidia[0-1]\n")
+    path = conf(
+        tmp_path,
+        "AutoDetect=off\n"
+        "NodeName=other Name=gpu File=/dev/nvidia[0-2]\n"
+        "NodeName=n[1-4] Name=gpu Type=a100 File=/dev/nvidia2  # the fast one\n"
+        "NodeName=n[1-4] Name=gpu Type=a100 File=/dev/nvidia[0-1]\n",
+    )
     assert gres_gpu_files(path.read_text(), "n1") == (
-        ["/dev/nvidia2", "/dev/nvidia0", "/dev/nvidia1"], False)
+        ["/dev/nvidia2", "/dev/nvidia0", "/dev/nvidia1"],
+        False,
+    )
     m = GpuMap(NODE, "n1", path, minor_of=by_name)
     assert m.resolve(("0",)) == (("nvml:GPU-m2",), ())
     assert m.resolve(("1", "2")) == (("nvml:GPU-m0", "nvml:GPU-m1"), ())
 
 
 def test_autodetect_with_records_sorts_them_by_the_files_number(tmp_path):
-    path = conf(tmp_path, "AutoDetect=nvml\nName=gpu File=/dev/nvidia10\n"
-                "Name=gpu File=/dev/nvidia[2,0]\n")
+    path = conf(
+        tmp_path, "AutoDetect=nvml\nName=gpu File=/dev/nvidia10\nName=gpu File=/dev/nvidia[2,0]\n"
+    )
     assert gres_gpu_files(path.read_text(), "n1")[0] == [
-        "/dev/nvidia0", "/dev/nvidia2", "/dev/nvidia10"]
+        "/dev/nvidia0",
+        "/dev/nvidia2",
+        "/dev/nvidia10",
+    ]
 
 
 def test_the_device_node_decides_the_minor_not_its_name(tmp_path):
@@ -95,7 +108,9 @@ def test_a_gres_conf_others_may_write_is_not_believed(tmp_path):
     assert GpuMap(NODE, "n1", path, minor_of=by_name).resolve(("0",))[0] == ("nvml:GPU-m2",)
     path.chmod(0o666)
     assert GpuMap(NODE, "n1", path, minor_of=by_name).resolve(("0",)) == (
-        ("nvml:GPU-m0",), (GPU_INDEX_ASSUMED_MINOR,))
+        ("nvml:GPU-m0",),
+        (GPU_INDEX_ASSUMED_MINOR,),
+    )
 
 
 def test_an_index_naming_no_gpu_here_stays_and_is_flagged(tmp_path):
@@ -111,8 +126,9 @@ def test_the_attributor_stores_the_keys_and_flags_at_the_first_interval(tmp_path
         run = store.add_job(JobRecord("7", "c", "n1", 1_000, gpus=("0", "1"), flags=("x",)))
         att = JobAttributor(store, "n1", NODE, 0, proc_root=tmp_path, gres_conf=path)
         att.gpu_map = GpuMap(NODE, "n1", path, minor_of=by_name)
-        rows = tuple(EnergyRow(d.key, 1_000_000 * (i + 1), "delta", "ok", None)
-                     for i, d in enumerate(NODE))
+        rows = tuple(
+            EnergyRow(d.key, 1_000_000 * (i + 1), "delta", "ok", None) for i, d in enumerate(NODE)
+        )
         out = att(Interval("s", 2_000, 3_000, 0, 1_000, rows))
         assert store.run(run).gpus == ("nvml:GPU-m2", "nvml:GPU-m0")
         assert store.run(run).flags == ("x",)
@@ -124,6 +140,12 @@ def test_the_attributor_stores_the_keys_and_flags_at_the_first_interval(tmp_path
 def test_the_sampler_keeps_slurmds_config_path_and_drops_the_jobs_variables():
     from llem.node.daemon import _clean_env
 
-    env = _clean_env({"SLURM_CONF": "/etc/slurm/slurm.conf", "SLURM_JOB_GPUS": "0",
-                      "CUDA_VISIBLE_DEVICES": "0", "PATH": "/bin"})
+    env = _clean_env(
+        {
+            "SLURM_CONF": "/etc/slurm/slurm.conf",
+            "SLURM_JOB_GPUS": "0",
+            "CUDA_VISIBLE_DEVICES": "0",
+            "PATH": "/bin",
+        }
+    )
     assert env == {"SLURM_CONF": "/etc/slurm/slurm.conf", "PATH": "/bin"}

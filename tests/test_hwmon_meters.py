@@ -40,8 +40,7 @@ def test_acpi_node_meter_power_is_integrated_between_reads(tree):
     (dev,) = sensor.devices()
     assert (dev.key, dev.component, dev.method) == ("hwmon:node", "psys", POWER_POLL)
     assert dev.attrs["meter"] == "node" and dev.attrs["averaging_window_ms"] == 1000
-    sink = sample(sensor, [(2.0, None), (1.0, lambda: tree.set("node", 500_000_000)),
-                           (0.5, None)])
+    sink = sample(sensor, [(2.0, None), (1.0, lambda: tree.set("node", 500_000_000)), (0.5, None)])
     # Each interval at the power the meter reports at its end: 2x350 + 1x500 + 0.5x500.
     assert energy_j(sink, "hwmon:node") == pytest.approx(1450.0, abs=1e-6)
 
@@ -76,8 +75,15 @@ def test_a_node_meter_wins_over_module_meters(tree):
 def test_a_failed_read_restarts_the_integration_as_a_recorded_gap(tree):
     tree.add("node", 300_000_000)
     sensor = hwmon.HwmonSensor(tree.path)
-    sink = sample(sensor, [(1.0, None), (1.0, lambda: tree.set("node", "garbage")),
-                           (5.0, lambda: tree.set("node", 300_000_000)), (1.0, None)])
+    sink = sample(
+        sensor,
+        [
+            (1.0, None),
+            (1.0, lambda: tree.set("node", "garbage")),
+            (5.0, lambda: tree.set("node", 300_000_000)),
+            (1.0, None),
+        ],
+    )
     node = [r for i in sink.intervals for r in i.rows if r.device_key == "hwmon:node"]
     assert [r.status for r in node] == [OK, ERROR, OK, OK]
     assert [r.kind for r in node] == ["ok", "gap", RESET, "ok"]
@@ -101,7 +107,6 @@ def test_probe_says_the_averaging_window(tree):
     probe = hwmon.probe(tree.path)
     assert probe.available
     assert any("averaging window 30000 ms" in n for n in probe.notes)
-
 
 
 def test_jobs_shorter_than_the_meter_window_are_flagged(tmp_path, tree):

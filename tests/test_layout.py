@@ -57,7 +57,9 @@ def test_the_checker_sees_a_crossing(tmp_path):
     bad.parent.mkdir()
     bad.write_text("def f():\n    from llem.cluster.ledger import Ledger\n")
     assert _crossings([bad], ADMIN_SIDE, root=tmp_path) == [
-        "node/bad.py imports llem.cluster.ledger", "node/bad.py imports llem.cluster.ledger.Ledger"]
+        "node/bad.py imports llem.cluster.ledger",
+        "node/bad.py imports llem.cluster.ledger.Ledger",
+    ]
 
 
 def test_no_test_module_imports_another_or_bench():

@@ -19,15 +19,18 @@ from tests.helpers.nodes import ENV, T0, S, job_slices
 # -- hostlists -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, hosts", [
-    ("n1", ["n1"]),
-    ("n[1-3,5],gpu[01-02]", ["n1", "n2", "n3", "n5", "gpu01", "gpu02"]),
-    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
-    ("node[008-011]", ["node008", "node009", "node010", "node011"]),
-    ("a,b,a", ["a", "b"]),
-    ("n[9-10]-ib", ["n9-ib", "n10-ib"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "text, hosts",
+    [
+        ("n1", ["n1"]),
+        ("n[1-3,5],gpu[01-02]", ["n1", "n2", "n3", "n5", "gpu01", "gpu02"]),
+        ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+        ("node[008-011]", ["node008", "node009", "node010", "node011"]),
+        ("a,b,a", ["a", "b"]),
+        ("n[9-10]-ib", ["n9-ib", "n10-ib"]),
+        ("", []),
+    ],
+)
 def test_expand_hostlist(text, hosts):
     assert expand_hostlist(text) == hosts
 
@@ -79,12 +82,18 @@ def test_an_old_ledger_is_read_as_it_is_and_migrated_by_the_next_writer(tmp_path
     version, names = _indexes_and_version(path)
     assert version == SCHEMA_VERSION and ACCT_INDEXES <= names
     db = sqlite3.connect(path)  # schema 1, as llem before the acct indexes left it
-    db.executescript("DROP INDEX job_runs_by_user_end; DROP INDEX job_runs_by_account_end; "
-                     "PRAGMA user_version = 1")
+    db.executescript(
+        "DROP INDEX job_runs_by_user_end; DROP INDEX job_runs_by_account_end; "
+        "PRAGMA user_version = 1"
+    )
     db.close()
+
     def state():  # a WAL-mode reader may create the -wal/-shm SQLite needs, nothing else
-        return (path.read_bytes(), path.stat().st_mtime_ns,
-                sorted(n for n in os.listdir(tmp_path) if not n.endswith(("-wal", "-shm"))))
+        return (
+            path.read_bytes(),
+            path.stat().st_mtime_ns,
+            sorted(n for n in os.listdir(tmp_path) if not n.endswith(("-wal", "-shm"))),
+        )
 
     before = state()
     with Ledger(path, readonly=True) as ledger:
@@ -124,8 +133,9 @@ def test_ledger_in_a_directory_writable_by_others_is_refused(tmp_path):
 
 
 def test_merge_twice_and_in_another_order_gives_the_same_ledger(tmp_path):
-    items = job_slices(tmp_path, "100") + job_slices(tmp_path, "101", nodes=("n1", "n2"),
-                                                     nodelist="n[1-2]")
+    items = job_slices(tmp_path, "100") + job_slices(
+        tmp_path, "101", nodes=("n1", "n2"), nodelist="n[1-2]"
+    )
     header = header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1", now_ns=T0 + 5401 * S)
     items.append(header)
     dumps = []
@@ -148,12 +158,14 @@ def test_job_run_totals_and_energy_per_node(tmp_path):
         assert run["status"] == "complete" and run["nodes_reported"] == 3
         assert run["gpu_energy_uj"] == 3 * 250_000_000 * 3600
         assert run["cpu_energy_uj"] == 3 * 60_000_000 * 3600
-        assert run["energy_uj"] == run["gpu_energy_uj"] + run["cpu_energy_uj"] + \
-            run["dram_energy_uj"]
+        assert (
+            run["energy_uj"] == run["gpu_energy_uj"] + run["cpu_energy_uj"] + run["dram_energy_uj"]
+        )
         assert run["gpu_seconds"] == 3 * 3600.0
         assert run["user"] == "alice" and run["tag"] == "exp-1"
         assert ledger.job_energy_by_node("c1", "100") == {
-            n: (250_000_000 + 60_000_000 + 5_000_000) * 3600 for n in ("n1", "n2", "n3")}
+            n: (250_000_000 + 60_000_000 + 5_000_000) * 3600 for n in ("n1", "n2", "n3")
+        }
         hours = ledger.query("SELECT DISTINCT hour_s FROM job_energy ORDER BY hour_s")
         assert hours == [(T0 // S,), (T0 // S + 3600,)]
 
@@ -171,32 +183,59 @@ def test_a_newer_export_of_the_same_run_replaces_it(tmp_path):
             assert ledger.job_runs("100")[0]["gpu_energy_uj"] == 250_000_000 * 3600 // 2
             # The replaced run's rows went with it; the new ones belong to the new job node.
             assert ledger.query("SELECT SUM(energy_uj), COUNT(*) FROM job_energy") == [
-                (sum(r["energy_uj"] for r in new["energy"]), len(new["energy"]))]
-            for table, count in (("job_energy", len(new["energy"])),
-                                 ("job_node_totals", len(new["node_totals"])),
-                                 ("windows", len(new["windows"]))):
+                (sum(r["energy_uj"] for r in new["energy"]), len(new["energy"]))
+            ]
+            for table, count in (
+                ("job_energy", len(new["energy"])),
+                ("job_node_totals", len(new["node_totals"])),
+                ("windows", len(new["windows"])),
+            ):
                 assert count > 0
-                assert ledger.query(f"SELECT COUNT(*) FROM {table} t JOIN job_nodes n "
-                                    "ON n.id = t.job_node_id") == [(count,)], table
+                assert ledger.query(
+                    f"SELECT COUNT(*) FROM {table} t JOIN job_nodes n ON n.id = t.job_node_id"
+                ) == [(count,)], table
 
 
 def test_node_hour_keeps_the_latest_export(tmp_path):
     def node_slice(as_of_ns, measured):
-        return {"schema": slices.SCHEMA, "kind": "node", "cluster": "c1", "node": "n1",
-                "created_ns": as_of_ns, "from_hour_s": T0 // S, "as_of_ns": as_of_ns,
-                "devices": {"rapl:package-0": {"component": "cpu", "name": "p0",
-                                               "sensor": "rapl", "source": "measured",
-                                               "method": "counter"}},
-                "hours": [{"hour_s": T0 // S, "device": "rapl:package-0",
-                           "measured_uj": measured, "attributed_uj": measured // 2,
-                           "remainder_uj": measured // 2, "intervals": 3, "gap_intervals": 0,
-                           "covered_ns": 180 * S}]}
+        return {
+            "schema": slices.SCHEMA,
+            "kind": "node",
+            "cluster": "c1",
+            "node": "n1",
+            "created_ns": as_of_ns,
+            "from_hour_s": T0 // S,
+            "as_of_ns": as_of_ns,
+            "devices": {
+                "rapl:package-0": {
+                    "component": "cpu",
+                    "name": "p0",
+                    "sensor": "rapl",
+                    "source": "measured",
+                    "method": "counter",
+                }
+            },
+            "hours": [
+                {
+                    "hour_s": T0 // S,
+                    "device": "rapl:package-0",
+                    "measured_uj": measured,
+                    "attributed_uj": measured // 2,
+                    "remainder_uj": measured // 2,
+                    "intervals": 3,
+                    "gap_intervals": 0,
+                    "covered_ns": 180 * S,
+                }
+            ],
+        }
+
     partial, full = node_slice(T0 + 600 * S, 1000), node_slice(T0 + 3600 * S, 6000)
     for order in ([partial, full], [full, partial]):
         with Ledger(tmp_path / f"n{order[0] is full}.db") as ledger:
             merge(ledger, [slices.validate(s) for s in order])
-            assert ledger.query("SELECT measured_uj, as_of_ns FROM node_hours") == \
-                [(6000, T0 + 3600 * S)]
+            assert ledger.query("SELECT measured_uj, as_of_ns FROM node_hours") == [
+                (6000, T0 + 3600 * S)
+            ]
 
 
 # -- runs and completeness -------------------------------------------------------------------
@@ -239,17 +278,28 @@ def test_node_reporting_twice_changes_nothing(tmp_path):
 
 
 def test_header_fields_win_and_header_alone_is_pending(tmp_path):
-    header = header_slice_from_env({**ENV, "SLURM_JOB_ID": "100", "SLURM_JOB_NAME": "real",
-                                    "SLURM_JOB_EXIT_CODE": str(1 << 8)}, "c1",
-                                   now_ns=T0 + 5402 * S)
+    header = header_slice_from_env(
+        {
+            **ENV,
+            "SLURM_JOB_ID": "100",
+            "SLURM_JOB_NAME": "real",
+            "SLURM_JOB_EXIT_CODE": str(1 << 8),
+        },
+        "c1",
+        now_ns=T0 + 5402 * S,
+    )
     with Ledger(tmp_path / "ledger.db") as ledger:
         merge(ledger, [header], now_ns=T0 + 5403 * S)
         (run,) = ledger.job_runs("100")
         assert run["status"] == "pending" and run["missing_nodes"] == ["n1", "n2", "n3"]
         merge(ledger, job_slices(tmp_path, "100"), now_ns=T0 + 5403 * S)
         (run,) = ledger.job_runs("100")
-        assert (run["name"], run["state"], run["exit_code"], run["has_header"]) == \
-            ("real", "FAILED", 1, 1)
+        assert (run["name"], run["state"], run["exit_code"], run["has_header"]) == (
+            "real",
+            "FAILED",
+            1,
+            1,
+        )
         assert run["status"] == "complete"
 
 
@@ -270,17 +320,24 @@ def test_headers_without_their_nodes_sharing_a_start_make_one_run(tmp_path):
 
 
 def test_group_runs_is_order_independent():
-    nodes = [{"id": i, "node": f"n{i % 3}", "start_ns": T0 + s * S, "end_ns": T0 + (s + 10) * S}
-             for i, s in enumerate([0, 1, 2, 13, 14, 15])]
+    nodes = [
+        {"id": i, "node": f"n{i % 3}", "start_ns": T0 + s * S, "end_ns": T0 + (s + 10) * S}
+        for i, s in enumerate([0, 1, 2, 13, 14, 15])
+    ]
     # The first run's header comes 1 s after its last node, the same second the requeued run
     # starts: it still belongs to the first run.
-    headers = [{"end_ns": T0 + 13 * S, "start_ns": None},
-               {"end_ns": T0 + 26 * S, "start_ns": None},
-               {"end_ns": T0 + 5000 * S, "start_ns": None}]
+    headers = [
+        {"end_ns": T0 + 13 * S, "start_ns": None},
+        {"end_ns": T0 + 26 * S, "start_ns": None},
+        {"end_ns": T0 + 5000 * S, "start_ns": None},
+    ]
     a = group_runs(nodes, headers)
     b = group_runs(nodes[::-1], headers[::-1])
-    assert [(r["start_ns"], r["header"]["end_ns"], len(r["nodes"])) for r in a] == \
-        [(T0, T0 + 13 * S, 3), (T0 + 13 * S, T0 + 26 * S, 3), (T0 + 5000 * S, T0 + 5000 * S, 0)]
+    assert [(r["start_ns"], r["header"]["end_ns"], len(r["nodes"])) for r in a] == [
+        (T0, T0 + 13 * S, 3),
+        (T0 + 13 * S, T0 + 26 * S, 3),
+        (T0 + 5000 * S, T0 + 5000 * S, 0),
+    ]
     assert [[n["id"] for n in r["nodes"]] for r in a] == [[n["id"] for n in r["nodes"]] for r in b]
 
 
@@ -291,30 +348,33 @@ def _job(tmp_path):
     return job_slices(tmp_path, "100", nodes=("n1",))[0]
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: d["energy"][0].update(energy_uj=-5), "negative energy"),
-    (lambda d: d["job"].update(end_ns=d["job"]["start_ns"] - 1), "end before start"),
-    (lambda d: d["energy"][0].update(energy_uj=10**30), "impossible energy"),
-    (lambda d: d["energy"][0].update(hour_s=d["energy"][0]["hour_s"] + 86400), "outside"),
-    (lambda d: d["energy"][0].update(device="nvml:GPU-z"), "not in 'devices'"),
-    (lambda d: d["job"].update(job_id="1/../2"), "characters outside"),
-    (lambda d: d.update(node="n 1"), "characters outside"),
-    (lambda d: d.update(schema="other/1"), "foreign file"),
-    (lambda d: d["job"].update(coverage=1.5), "coverage"),
-    (lambda d: d["devices"]["nvml:GPU-a"].update(source="guessed"), "source"),
-    (lambda d: d.pop("node_totals"), "missing 'node_totals'"),
-    # Well-formed JSON of the wrong type, which SQLite could not store (or would store as
-    # text in an integer column): refused here, or it would stop every later pass.
-    (lambda d: d["job"].update(cpus={"a": 1}), "'cpus' must be an integer"),
-    (lambda d: d["job"].update(uid="1000"), "'uid' must be an integer"),
-    (lambda d: d["job"].update(num_nodes=True), "'num_nodes' must be an integer"),
-    (lambda d: d["job"].update(state=["sealed"]), "'state' must be a string"),
-    (lambda d: d["job"].update(state="lost"), "unknown state"),
-    (lambda d: d["job"].update(array_task_id=3), "'array_task_id' must be a string"),
-    (lambda d: d["job"].update(gpus=[{"x": 1}, {"y": 2}]), "'gpus' must be a list of strings"),
-    (lambda d: d["job"].update(flags="partial"), "'flags' must be a list of strings"),
-    (lambda d: d["windows"][0].update(step_id=0), "'step_id' must be a string"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: d["energy"][0].update(energy_uj=-5), "negative energy"),
+        (lambda d: d["job"].update(end_ns=d["job"]["start_ns"] - 1), "end before start"),
+        (lambda d: d["energy"][0].update(energy_uj=10**30), "impossible energy"),
+        (lambda d: d["energy"][0].update(hour_s=d["energy"][0]["hour_s"] + 86400), "outside"),
+        (lambda d: d["energy"][0].update(device="nvml:GPU-z"), "not in 'devices'"),
+        (lambda d: d["job"].update(job_id="1/../2"), "characters outside"),
+        (lambda d: d.update(node="n 1"), "characters outside"),
+        (lambda d: d.update(schema="other/1"), "foreign file"),
+        (lambda d: d["job"].update(coverage=1.5), "coverage"),
+        (lambda d: d["devices"]["nvml:GPU-a"].update(source="guessed"), "source"),
+        (lambda d: d.pop("node_totals"), "missing 'node_totals'"),
+        # Well-formed JSON of the wrong type, which SQLite could not store (or would store as
+        # text in an integer column): refused here, or it would stop every later pass.
+        (lambda d: d["job"].update(cpus={"a": 1}), "'cpus' must be an integer"),
+        (lambda d: d["job"].update(uid="1000"), "'uid' must be an integer"),
+        (lambda d: d["job"].update(num_nodes=True), "'num_nodes' must be an integer"),
+        (lambda d: d["job"].update(state=["sealed"]), "'state' must be a string"),
+        (lambda d: d["job"].update(state="lost"), "unknown state"),
+        (lambda d: d["job"].update(array_task_id=3), "'array_task_id' must be a string"),
+        (lambda d: d["job"].update(gpus=[{"x": 1}, {"y": 2}]), "'gpus' must be a list of strings"),
+        (lambda d: d["job"].update(flags="partial"), "'flags' must be a list of strings"),
+        (lambda d: d["windows"][0].update(step_id=0), "'step_id' must be a string"),
+    ],
+)
 def test_validation_names_the_problem(tmp_path, damage, message):
     data = _job(tmp_path)
     damage(data)
@@ -322,12 +382,15 @@ def test_validation_names_the_problem(tmp_path, damage, message):
         slices.validate(data)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: d["job"].update(nodelist=["n1"]), "'nodelist' must be a string"),
-    (lambda d: d["job"].update(num_nodes="3"), "'num_nodes' must be an integer"),
-    (lambda d: d["job"].update(state={"a": 1}), "'state' must be a string"),
-    (lambda d: d["job"].update(exit_code=1.5), "'exit_code' must be an integer"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: d["job"].update(nodelist=["n1"]), "'nodelist' must be a string"),
+        (lambda d: d["job"].update(num_nodes="3"), "'num_nodes' must be an integer"),
+        (lambda d: d["job"].update(state={"a": 1}), "'state' must be a string"),
+        (lambda d: d["job"].update(exit_code=1.5), "'exit_code' must be an integer"),
+    ],
+)
 def test_header_validation_names_the_problem(damage, message):
     data = header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1", now_ns=T0 + 60 * S)
     slices.validate(data)
@@ -363,7 +426,7 @@ def test_background_checkpoints_give_the_same_ledger_and_stop_with_it(tmp_path):
         with Ledger(path, background_checkpoint=background) as ledger:
             assert len(names()) == int(background)
             for k in range(0, len(items), 6):
-                merge(ledger, items[k:k + 6])
+                merge(ledger, items[k : k + 6])
             dumps.append(ledger.canonical_dump())
         assert names() == []
         # closed: checkpointed to an empty WAL, kept (with -shm) for readers, still WAL mode
@@ -407,12 +470,22 @@ def test_a_user_reads_the_ledger_during_and_between_merges(request):
     if python is None:
         pytest.skip("no Python that uid 65534 can run llem with")
     path = root / "ledger" / "ledger.db"
-    code = ("from llem.cluster.ledger import Ledger\n"
-            f"print(Ledger({str(path)!r}, readonly=True).query('SELECT COUNT(*) FROM meta')[0][0])")
+    code = (
+        "from llem.cluster.ledger import Ledger\n"
+        f"print(Ledger({str(path)!r}, readonly=True).query('SELECT COUNT(*) FROM meta')[0][0])"
+    )
 
     def read() -> str:
-        proc = subprocess.run([python[0], "-c", code], user=65534, group=65534, env=python[1],
-                              capture_output=True, text=True, timeout=60, cwd="/")
+        proc = subprocess.run(
+            [python[0], "-c", code],
+            user=65534,
+            group=65534,
+            env=python[1],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
 
@@ -452,13 +525,28 @@ def test_any_damage_is_refused_or_merges_cleanly(tmp_path, kind):
     elif kind == "header":
         base = header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1", now_ns=T0 + 60 * S)
     else:
-        base = {"schema": slices.SCHEMA, "kind": "node", "cluster": "c1", "node": "n1",
-                "created_ns": T0 + 7200 * S, "from_hour_s": T0 // S // 3600 * 3600,
-                "as_of_ns": T0 + 7200 * S, "devices": _job(tmp_path)["devices"],
-                "hours": [{"device": "nvml:GPU-a", "hour_s": T0 // S // 3600 * 3600,
-                           "measured_uj": 10**9, "attributed_uj": 5 * 10**8,
-                           "remainder_uj": 5 * 10**8, "intervals": 60, "gap_intervals": 0,
-                           "covered_ns": 3600 * S}]}
+        base = {
+            "schema": slices.SCHEMA,
+            "kind": "node",
+            "cluster": "c1",
+            "node": "n1",
+            "created_ns": T0 + 7200 * S,
+            "from_hour_s": T0 // S // 3600 * 3600,
+            "as_of_ns": T0 + 7200 * S,
+            "devices": _job(tmp_path)["devices"],
+            "hours": [
+                {
+                    "device": "nvml:GPU-a",
+                    "hour_s": T0 // S // 3600 * 3600,
+                    "measured_uj": 10**9,
+                    "attributed_uj": 5 * 10**8,
+                    "remainder_uj": 5 * 10**8,
+                    "intervals": 60,
+                    "gap_intervals": 0,
+                    "covered_ns": 3600 * S,
+                }
+            ],
+        }
     slices.validate(base)
     places = [p for p in _paths(base) if p]
     odd = [None, True, -1, 0, 1.5, 2**70, "", "x", "1/..", [], [1], {}, {"a": 1}, ["a", "b"]]

@@ -19,8 +19,10 @@ from tests.promstack import promtool_check_metrics
 
 def write_yaml(tmp_path, cfg) -> Path:
     path = tmp_path / "llem.yaml"
-    path.write_text(f"cluster: {cfg.cluster}\nspool_dir: {cfg.spool_dir}\nledger: {cfg.ledger}\n"
-                    "carbon:\n  region: DE\n  intensity_g_per_kwh: 400\n  pue: 1.5\n")
+    path.write_text(
+        f"cluster: {cfg.cluster}\nspool_dir: {cfg.spool_dir}\nledger: {cfg.ledger}\n"
+        "carbon:\n  region: DE\n  intensity_g_per_kwh: 400\n  pue: 1.5\n"
+    )
     return path
 
 
@@ -38,16 +40,22 @@ def test_energy_and_co2e_per_account_match_the_ledger(tmp_path):
     physics = runs["100"]["energy_uj"] / 1e6
     chem = runs["200"]["energy_uj"] / 1e6
     assert physics > 0 and chem > 0
-    key = ("llem_account_energy_joules_total",
-           (("account", "physics"), ("cluster", "c1"), ("partition", "gpu"),
-            ("source", "measured")))
+    key = (
+        "llem_account_energy_joules_total",
+        (("account", "physics"), ("cluster", "c1"), ("partition", "gpu"), ("source", "measured")),
+    )
     assert got[key] == physics
-    chem_key = ("llem_account_energy_joules_total",
-                (("account", "chem"), ("cluster", "c1"), ("partition", "gpu"),
-                 ("source", "measured")))
+    chem_key = (
+        "llem_account_energy_joules_total",
+        (("account", "chem"), ("cluster", "c1"), ("partition", "gpu"), ("source", "measured")),
+    )
     assert got[chem_key] == chem
-    co2e = got[("llem_account_co2e_grams_total",
-                (("account", "physics"), ("cluster", "c1"), ("partition", "gpu")))]
+    co2e = got[
+        (
+            "llem_account_co2e_grams_total",
+            (("account", "physics"), ("cluster", "c1"), ("partition", "gpu")),
+        )
+    ]
     assert abs(co2e - physics / 3.6e6 * 1.5 * 400) < 1e-6
     info = [k for k in got if k[0] == "llem_carbon_info"]
     assert info and dict(info[0][1])["pue"] == "1.5"
@@ -97,8 +105,14 @@ def test_no_pass_recorded_and_empty_spool_leave_those_series_out(tmp_path):
 def _llem(args, tmp_path, cfg_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
     env["LLEM_CONFIG"] = str(cfg_path)
-    return subprocess.run([sys.executable, "-m", "llem.cli.main", "metrics", *args], env=env,
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, "-m", "llem.cli.main", "metrics", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
 
 
 def test_cli_textfile_passes_promtool(tmp_path):

@@ -24,13 +24,33 @@ ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = ROOT / "share" / "grafana"
 DASHBOARDS = sorted(GRAFANA.glob("*.json"))
 
-KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
-            "unless", "bool", "offset", "inf", "nan", "Inf", "NaN"}
+KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+    "Inf",
+    "NaN",
+}
 GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*[A-Za-z_][A-Za-z0-9_]*\s*\)\s*$")
 # Grafana's variables, as a dashboard would have them filled in for a test scrape.
-VARIABLES = {"$__rate_interval": "5s", "$__range": "1m", "$node": ".*", "$cluster": ".*",
-             "$account": ".*"}
+VARIABLES = {
+    "$__rate_interval": "5s",
+    "$__range": "1m",
+    "$node": ".*",
+    "$cluster": ".*",
+    "$account": ".*",
+}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -43,7 +63,7 @@ def metric_names(expr: str) -> set[str]:
     e = re.sub(r"(?<![\w:$.])\d+(\.\d+)?([eE][+-]?\d+)?", " ", e)
     names = set()
     for m in re.finditer(r"(?<![\w$:])[A-Za-z_:][A-Za-z0-9_:]*", e):
-        if m.group() in KEYWORDS or e[m.end():].lstrip().startswith("("):
+        if m.group() in KEYWORDS or e[m.end() :].lstrip().startswith("("):
             continue
         names.add(m.group())
     return names
@@ -70,18 +90,30 @@ def filled(expr: str) -> str:
 
 
 def test_the_extractor_finds_names_and_only_names():
-    expr = ('sum by (jobid, user) (rate(llem_job_energy_joules_total{node=~"$node",a="x y"}'
-            '[$__rate_interval]) * on (node) group_left (user) llem_job_info) / 3.6e6 '
-            "or vector(0) > bool 2 + node_cpu_seconds_total offset 5m")
-    assert metric_names(expr) == {"llem_job_energy_joules_total", "llem_job_info",
-                                  "node_cpu_seconds_total"}
+    expr = (
+        'sum by (jobid, user) (rate(llem_job_energy_joules_total{node=~"$node",a="x y"}'
+        "[$__rate_interval]) * on (node) group_left (user) llem_job_info) / 3.6e6 "
+        "or vector(0) > bool 2 + node_cpu_seconds_total offset 5m"
+    )
+    assert metric_names(expr) == {
+        "llem_job_energy_joules_total",
+        "llem_job_info",
+        "node_cpu_seconds_total",
+    }
 
 
 def test_dashboards_are_the_builders_output():
-    assert [p.name for p in DASHBOARDS] == ["llem-accounts.json", "llem-health.json",
-                                            "llem-nodes.json"]
-    r = subprocess.run([sys.executable, str(GRAFANA / "build_dashboards.py"), "--check"],
-                       capture_output=True, text=True, timeout=60)
+    assert [p.name for p in DASHBOARDS] == [
+        "llem-accounts.json",
+        "llem-health.json",
+        "llem-nodes.json",
+    ]
+    r = subprocess.run(
+        [sys.executable, str(GRAFANA / "build_dashboards.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -100,13 +132,23 @@ def test_every_exported_metric_has_a_panel():
 
 
 def test_every_query_parses(tmp_path):
-    rules = {"groups": [{"name": p.stem, "rules": [
-        {"record": f"llem:dashboard_query:{i}", "expr": filled(e)}
-        for i, e in enumerate(queries(p))]} for p in DASHBOARDS]}
+    rules = {
+        "groups": [
+            {
+                "name": p.stem,
+                "rules": [
+                    {"record": f"llem:dashboard_query:{i}", "expr": filled(e)}
+                    for i, e in enumerate(queries(p))
+                ],
+            }
+            for p in DASHBOARDS
+        ]
+    }
     path = tmp_path / "rules.yml"
     path.write_text(json.dumps(rules))  # JSON is YAML
-    r = subprocess.run([need(PROMTOOL), "check", "rules", str(path)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [need(PROMTOOL), "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -125,8 +167,11 @@ def test_every_query_returns_data_from_a_real_prometheus(tmp_path):
     write_textfile(textfiles, "llem_cluster.prom", collect(cfg))
 
     with Stack(textfiles, tmp_path / "prom") as stack:
-        wait_for("three scrapes", lambda: stack.query(
-            "count_over_time(llem_node_running_jobs[1m]) >= 3"), 30)
+        wait_for(
+            "three scrapes",
+            lambda: stack.query("count_over_time(llem_node_running_jobs[1m]) >= 3"),
+            30,
+        )
         empty = []
         for path in DASHBOARDS:
             for expr in queries(path):

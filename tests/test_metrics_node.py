@@ -30,8 +30,12 @@ def test_counters_equal_the_store_and_jobs_leave_at_the_epilog(tmp_path):
     got = parse((tmp_path / textfile_name("n1")).read_text())
     for key, uj in rig.store.energy_by_device().items():
         dev = rig.devices[key]
-        labels = (("component", dev.component), ("device", key), ("node", "n1"),
-                  ("source", "measured"))
+        labels = (
+            ("component", dev.component),
+            ("device", key),
+            ("node", "n1"),
+            ("source", "measured"),
+        )
         assert got[("llem_node_energy_joules_total", labels)] == uj / 1e6
     job_gpu = (("component", "gpu"), ("jobid", "101"), ("node", "n1"), ("source", "measured"))
     assert got[("llem_job_energy_joules_total", job_gpu)] == 80.0  # 4 ticks x 20 J
@@ -39,8 +43,20 @@ def test_counters_equal_the_store_and_jobs_leave_at_the_epilog(tmp_path):
     assert got[("llem_job_energy_joules_total", job_cpu)] == 20.0  # 4 x half of 10 J
     b_cpu = (("component", "cpu"), ("jobid", "102"), ("node", "n1"), ("source", "measured"))
     assert got[("llem_job_energy_joules_total", b_cpu)] == 1.0  # 1 tick x a tenth of 10 J
-    assert got[("llem_node_power_watts", (("component", "gpu"), ("device", "fake:g1"),
-                                          ("node", "n1"), ("source", "measured")))] == 20.0
+    assert (
+        got[
+            (
+                "llem_node_power_watts",
+                (
+                    ("component", "gpu"),
+                    ("device", "fake:g1"),
+                    ("node", "n1"),
+                    ("source", "measured"),
+                ),
+            )
+        ]
+        == 20.0
+    )
     assert got[("llem_node_running_jobs", (("node", "n1"),))] == 2
     assert got[("llem_sampler_intervals_total", (("node", "n1"),))] == 4
 
@@ -63,8 +79,20 @@ def test_a_restarted_sampler_starts_from_the_store_totals(tmp_path):
     got = parse((tmp_path / textfile_name("n1")).read_text())
     labels = (("component", "cpu"), ("jobid", "7"), ("node", "n1"), ("source", "measured"))
     assert got[("llem_job_energy_joules_total", labels)] == 40.0
-    assert got[("llem_node_energy_joules_total", (("component", "cpu"), ("device", "fake:pkg0"),
-                                                  ("node", "n1"), ("source", "measured")))] == 40.0
+    assert (
+        got[
+            (
+                "llem_node_energy_joules_total",
+                (
+                    ("component", "cpu"),
+                    ("device", "fake:pkg0"),
+                    ("node", "n1"),
+                    ("source", "measured"),
+                ),
+            )
+        ]
+        == 40.0
+    )
 
 
 def test_gaps_and_sensor_errors_are_counted(tmp_path):
@@ -87,7 +115,7 @@ def test_the_file_passes_promtool_and_uses_only_catalogued_names(tmp_path):
     for _ in range(2):
         rig.tick()
     text = (tmp_path / textfile_name("n1")).read_text()
-    assert "jobid=\"we\\\"ird\\\\job\\nid\"" in text
+    assert 'jobid="we\\"ird\\\\job\\nid"' in text
     lint = promtool_check_metrics(text)
     assert lint.returncode == 0 and not lint.stdout and not lint.stderr, lint
     names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}

@@ -24,27 +24,44 @@ from tests.promstack import Stack, promtool_check_metrics, stop, wait_for
 
 NODE = "m1"
 JOB = "4242"
-STEPD = ("import signal, subprocess, sys\np = subprocess.Popen(sys.argv[1:])\n"
-         "signal.signal(signal.SIGTERM, lambda *_: (p.terminate(), p.wait(), sys.exit(0)))\n"
-         "sys.exit(p.wait())")
+STEPD = (
+    "import signal, subprocess, sys\np = subprocess.Popen(sys.argv[1:])\n"
+    "signal.signal(signal.SIGTERM, lambda *_: (p.terminate(), p.wait(), sys.exit(0)))\n"
+    "sys.exit(p.wait())"
+)
 """A parent process that stands for the job's slurmstepd and ends its child with itself."""
 INTERVAL_S = 1.0
 
 
 def _env(tmp_path: Path, powercap: FakePowercap, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LLEM_", "SLURM_", "SPANK_", "SLURMD_"))}
-    env.update(LLEM_CONFIG=str(tmp_path / "llem.yaml"), LLEM_POWERCAP_ROOT=str(powercap.path),
-               SLURMD_NODENAME=NODE, SLURM_JOB_ID=JOB, SLURM_JOB_UID=str(os.getuid()),
-               SLURM_JOB_USER="alice", SLURM_JOB_ACCOUNT="physics", SLURM_JOB_PARTITION="cpu",
-               SLURM_CLUSTER_NAME="test")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LLEM_", "SLURM_", "SPANK_", "SLURMD_"))
+    }
+    env.update(
+        LLEM_CONFIG=str(tmp_path / "llem.yaml"),
+        LLEM_POWERCAP_ROOT=str(powercap.path),
+        SLURMD_NODENAME=NODE,
+        SLURM_JOB_ID=JOB,
+        SLURM_JOB_UID=str(os.getuid()),
+        SLURM_JOB_USER="alice",
+        SLURM_JOB_ACCOUNT="physics",
+        SLURM_JOB_PARTITION="cpu",
+        SLURM_CLUSTER_NAME="test",
+    )
     env.update(extra)
     return env
 
 
 def _hook(kind: str, env: dict[str, str]) -> None:
-    r = subprocess.run([sys.executable, "-m", "llem.cli.main", kind], env=env,
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "llem.cli.main", kind],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -86,8 +103,10 @@ def _check_within_one_interval(sample: list, history: list[tuple[int, int]], wha
     assert matches, f"{what}: Prometheus has {value} J, never a total of the node store"
     matched_end_s = max(matches) / 1e9
     later = [end for end, _ in history if matched_end_s < end / 1e9 <= scrape_s]
-    assert len(later) <= 1, (f"{what}: Prometheus's value is {len(later)} intervals behind the "
-                             "node store at the time of the scrape")
+    assert len(later) <= 1, (
+        f"{what}: Prometheus's value is {len(later)} intervals behind the "
+        "node store at the time of the scrape"
+    )
 
 
 @pytest.fixture
@@ -101,7 +120,8 @@ def node(tmp_path):
         f"cluster: test\nstate_dir: {tmp_path / 'state'}\nrun_dir: {tmp_path / 'run'}\n"
         f"spool_dir: {tmp_path / 'spool'}\nsensors: [rapl]\n"
         f"sampler:\n  interval_s: {INTERVAL_S}\n  linger_s: 600\n  nice: 0\n"
-        f"metrics:\n  textfile_dir: {textfiles}\n")
+        f"metrics:\n  textfile_dir: {textfiles}\n"
+    )
     env = _env(tmp_path, powercap)
     paths = NodePaths.of(config_mod.load(env=env), NODE)
     burner = None
@@ -112,9 +132,17 @@ def node(tmp_path):
             # job's processes are the tree under it: docs/security.md): the job gets a share
             # of the package by its CPU time.
             burner = subprocess.Popen(
-                [f"slurmstepd: [{JOB}.batch]", "-c", STEPD, sys.executable, "-c",
-                 "import time\nt=time.time()+60\nwhile time.time()<t: pass"],
-                executable=sys.executable, env=env)
+                [
+                    f"slurmstepd: [{JOB}.batch]",
+                    "-c",
+                    STEPD,
+                    sys.executable,
+                    "-c",
+                    "import time\nt=time.time()+60\nwhile time.time()<t: pass",
+                ],
+                executable=sys.executable,
+                env=env,
+            )
             yield env, paths, textfiles / textfile_name(NODE)
     finally:
         if burner is not None:
@@ -127,15 +155,21 @@ def node(tmp_path):
 
 def test_prometheus_sees_the_node_store(node, tmp_path):
     env, paths, textfile = node
-    wait_for("the textfile with the job", lambda: textfile.exists()
-             and f'jobid="{JOB}"' in textfile.read_text(), 20)
+    wait_for(
+        "the textfile with the job",
+        lambda: textfile.exists() and f'jobid="{JOB}"' in textfile.read_text(),
+        20,
+    )
     lint = promtool_check_metrics(textfile.read_text())
     assert lint.returncode == 0 and not lint.stdout and not lint.stderr, lint
 
     with Stack(tmp_path / "textfile", tmp_path / "prom") as stack:
         job_q = f'llem_job_energy_joules_total{{node="{NODE}",jobid="{JOB}",component="cpu"}}'
-        job = wait_for("the job's CPU energy in Prometheus",
-                       lambda: [r for r in stack.query(job_q) if float(r["value"][1]) > 0], 30)
+        job = wait_for(
+            "the job's CPU energy in Prometheus",
+            lambda: [r for r in stack.query(job_q) if float(r["value"][1]) > 0],
+            30,
+        )
         nodes = stack.query(f'llem_node_energy_joules_total{{node="{NODE}"}}')
         info = stack.query(f'llem_job_info{{jobid="{JOB}"}}')
         age = stack.query(f'time() - llem_sampler_last_tick_timestamp_seconds{{node="{NODE}"}}')
@@ -144,15 +178,20 @@ def test_prometheus_sees_the_node_store(node, tmp_path):
             for series in nodes:
                 key = series["metric"]["device"]
                 history = _cumulative(
-                    store, "SELECT i.end_ns, e.energy_uj FROM energy e JOIN intervals i "
-                    "ON i.id = e.interval_id WHERE e.device_key = ? ORDER BY i.id", (key,))
+                    store,
+                    "SELECT i.end_ns, e.energy_uj FROM energy e JOIN intervals i "
+                    "ON i.id = e.interval_id WHERE e.device_key = ? ORDER BY i.id",
+                    (key,),
+                )
                 _check_within_one_interval(series["value"], history, key)
             run_id = store.query("SELECT run_id FROM jobs WHERE job_id = ?", (JOB,))[0][0]
             history = _cumulative(
-                store, "SELECT i.end_ns, SUM(j.energy_uj) FROM job_energy j JOIN intervals i "
+                store,
+                "SELECT i.end_ns, SUM(j.energy_uj) FROM job_energy j JOIN intervals i "
                 "ON i.id = j.interval_id JOIN devices d ON d.key = j.device_key "
                 "WHERE j.run_id = ? AND d.component = 'cpu' GROUP BY i.id ORDER BY i.id",
-                (run_id,))
+                (run_id,),
+            )
             _check_within_one_interval(job[0]["value"], history, "job cpu")
         assert {s["metric"]["component"] for s in nodes} == {"cpu", "dram"}
         assert all(s["metric"]["source"] == "measured" for s in nodes)
@@ -164,7 +203,10 @@ def test_prometheus_sees_the_node_store(node, tmp_path):
 
         # The Epilog ends the job: its series leave the file, and Prometheus marks them stale.
         _hook("epilog", env)
-        wait_for("the job's series to go", lambda: not stack.query(job_q)
-                 and not stack.query(f'llem_job_info{{jobid="{JOB}"}}'), 20)
+        wait_for(
+            "the job's series to go",
+            lambda: not stack.query(job_q) and not stack.query(f'llem_job_info{{jobid="{JOB}"}}'),
+            20,
+        )
         assert stack.query(f'llem_node_running_jobs{{node="{NODE}"}}')[0]["value"][1] == "0"
         assert stack.query(f'llem_node_energy_joules_total{{node="{NODE}"}}')

@@ -45,7 +45,8 @@ def test_every_dash_m_module_imports_and_runs_as_main():
         module = importlib.import_module(name)  # ImportError names the module
         source = Path(module.__file__).read_text(encoding="utf-8")
         assert 'if __name__ == "__main__":' in source, (
-            f"{name} (python -m in {', '.join(where)}) does nothing when run as a script")
+            f"{name} (python -m in {', '.join(where)}) does nothing when run as a script"
+        )
 
 
 def _entry(spec: str):
@@ -73,8 +74,9 @@ def test_pyproject_lists_every_package():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     listed = set(project["tool"]["setuptools"]["packages"])
     src = ROOT / "src"
-    packages = {".".join(init.parent.relative_to(src).parts)
-                for init in (src / "llem").rglob("__init__.py")}
+    packages = {
+        ".".join(init.parent.relative_to(src).parts) for init in (src / "llem").rglob("__init__.py")
+    }
     assert "llem.cluster" in packages
     assert packages - listed == set(), "add these to [tool.setuptools] packages"
 
@@ -90,9 +92,15 @@ def test_reader_boot_code_starts_a_reader_in_a_fresh_isolated_interpreter():
     frame = marshal.dumps([])  # one chunk of no paths: answered by ("ok", [])
     request = readers._FRAME.pack(len(frame)) + frame
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", readers._BOOT, package_root, readers.wire_fingerprint(),
-         ""], input=request, capture_output=True, cwd="/", timeout=60)
+        [sys.executable, "-I", "-c", readers._BOOT, package_root, readers.wire_fingerprint(), ""],
+        input=request,
+        capture_output=True,
+        cwd="/",
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr.decode()
-    (size,) = readers._FRAME.unpack(proc.stdout[:readers._FRAME.size])
-    assert marshal.loads(proc.stdout[readers._FRAME.size:readers._FRAME.size + size]) == (
-        "ok", [])
+    (size,) = readers._FRAME.unpack(proc.stdout[: readers._FRAME.size])
+    assert marshal.loads(proc.stdout[readers._FRAME.size : readers._FRAME.size + size]) == (
+        "ok",
+        [],
+    )

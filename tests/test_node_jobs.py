@@ -8,8 +8,13 @@ import pytest
 from llem.node.jobs import end_job, ingest, write_registration
 from llem.node.store import NodeStore
 
-ENV = {"SLURM_JOB_ID": "7", "SLURMD_NODENAME": "t1", "SLURM_JOB_UID": "1000",
-       "SLURM_JOB_USER": "alice", "SLURM_JOB_GPUS": "1"}
+ENV = {
+    "SLURM_JOB_ID": "7",
+    "SLURMD_NODENAME": "t1",
+    "SLURM_JOB_UID": "1000",
+    "SLURM_JOB_USER": "alice",
+    "SLURM_JOB_GPUS": "1",
+}
 MTIME_NS = 1_790_000_000_123_456_789
 START_NS = 1_789_999_000_000_000_000
 
@@ -32,7 +37,8 @@ def hook_file(jobs, name, records):
 
 def env_records(event_us):
     return ([] if event_us is None else [f"LLEM_EVENT_US={event_us}"]) + [
-        f"{k}={v}" for k, v in ENV.items()]
+        f"{k}={v}" for k, v in ENV.items()
+    ]
 
 
 def test_a_dated_registration_is_taken_as_it_is(node):
@@ -42,7 +48,11 @@ def test_a_dated_registration_is_taken_as_it_is(node):
     assert ingest(store, jobs, "c", "t1") == [("7", "start"), ("7", "end")]
     (run,) = store.jobs()
     assert (run.start_ns, run.end_ns, run.state, run.flags) == (
-        5_000_000_000, 9_000_000_000, "ended", ())
+        5_000_000_000,
+        9_000_000_000,
+        "ended",
+        (),
+    )
     assert os.listdir(jobs) == []
 
 
@@ -55,7 +65,12 @@ def test_a_start_without_a_usable_time_is_dated_by_its_mtime(node, event_us):
     assert ingest(store, jobs, "c", "t1") == [("7", "start")]
     (run,) = store.jobs()
     assert (run.job_id, run.user, run.uid, run.gpus, run.state) == (
-        "7", "alice", 1000, ("1",), "running")
+        "7",
+        "alice",
+        1000,
+        ("1",),
+        "running",
+    )
     assert run.start_ns == MTIME_NS
     assert run.flags == ("time_from_mtime",)
     assert os.listdir(jobs) == []  # taken, not moved to bad/
@@ -79,11 +94,14 @@ def test_end_job_keeps_the_runs_flags_and_adds_new_ones_once(node):
     assert run.flags == ("no_prolog", "time_from_mtime")
 
 
-@pytest.mark.parametrize("content", [
-    b"not a registration",
-    b"LLEM_EVENT_US=1\0SLURM_JOB_ID=8\0",  # another job's file
-    b"LLEM_EVENT_US=1\0SLURM_JOB_ID=7\0SLURMD_NODENAME=../x\0",  # unusable node name
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not a registration",
+        b"LLEM_EVENT_US=1\0SLURM_JOB_ID=8\0",  # another job's file
+        b"LLEM_EVENT_US=1\0SLURM_JOB_ID=7\0SLURMD_NODENAME=../x\0",  # unusable node name
+    ],
+)
 def test_a_registration_that_does_not_parse_is_kept_in_bad_and_reported(node, content):
     store, jobs = node
     (jobs / "7.start").write_bytes(content)

@@ -12,12 +12,15 @@ from llem.units import NS_PER_S, RESET, UJ_PER_J
 from tests.helpers.meters import Sink, StepClock
 from tests.pmcounters import FakePmCounters
 
-WATTS = {"energy": 400, "cpu_energy": 150, "memory_energy": 50, "accel0_energy": 40,
-         "accel1_energy": 40, "accel2_energy": 40, "accel3_energy": 40}
-
-
-
-
+WATTS = {
+    "energy": 400,
+    "cpu_energy": 150,
+    "memory_energy": 50,
+    "accel0_energy": 40,
+    "accel1_energy": 40,
+    "accel2_energy": 40,
+    "accel3_energy": 40,
+}
 
 
 @pytest.fixture
@@ -56,7 +59,8 @@ def test_devices_node_cpu_memory_and_accels(fake):
     sensor = pm_counters.PmCountersSensor(fake.path)
     devs = {d.key: d for d in sensor.devices()}
     assert list(devs) == ["pm_counters:node", "pm_counters:cpu", "pm_counters:memory"] + [
-        f"pm_counters:accel{i}" for i in range(4)]
+        f"pm_counters:accel{i}" for i in range(4)
+    ]
     assert devs["pm_counters:node"].component == "psys"
     assert devs["pm_counters:node"].attrs["meter"] == "node"
     assert devs["pm_counters:memory"].component == "dram"
@@ -75,8 +79,7 @@ def test_energy_and_platform_residual_over_a_run(fake):
     assert energy_j(sink, "platform:node") == pytest.approx(200, abs=1)
     keys = [d.key for d in sink.devices]
     assert keys[-1] == "platform:node"
-    counted = [r for i in sink.intervals for r in i.rows
-               if r.device_key != "pm_counters:node"]
+    counted = [r for i in sink.intervals for r in i.rows if r.device_key != "pm_counters:node"]
     assert sum(r.energy_uj for r in counted) == pytest.approx(2000 * UJ_PER_J, abs=UJ_PER_J)
 
 

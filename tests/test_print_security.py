@@ -39,20 +39,23 @@ WHEN = ("-S", "2023-11-14", "-E", "2023-11-16")
 # -- the one rule --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw, shown", [
-    ("plain name-1.2_x", "plain name-1.2_x"),
-    ("a\nb\rc\td", "a\\nb\\rc\\td"),
-    (f"{ESC}]0;t\x07", "\\x1b]0;t\\x07"),
-    ("\x00\x7f\x85\x9b", "\\x00\\x7f\\x85\\x9b"),  # NUL, DEL, NEL and CSI (C1)
-    ("tx\u202etxt.exe", "tx\\u202etxt.exe"),  # right-to-left override
-    ("\u2066a\u2069\u200f\u061c", "\\u2066a\\u2069\\u200f\\u061c"),  # isolates and marks
-    ("a\u2028b", "a\\u2028b"),  # a line separator: str.splitlines() breaks there
-    ("back\\slash", "back\\\\slash"),  # so that "\\n" in a name is not read as a newline
-    ("sur\udc80", "sur\\udc80"),  # a lone surrogate would make print() raise
-    ("Zoë 東京 ✓", "Zoë 東京 ✓"),  # printable Unicode is kept
-    (None, ""),
-    (12.5, "12.5"),
-])
+@pytest.mark.parametrize(
+    "raw, shown",
+    [
+        ("plain name-1.2_x", "plain name-1.2_x"),
+        ("a\nb\rc\td", "a\\nb\\rc\\td"),
+        (f"{ESC}]0;t\x07", "\\x1b]0;t\\x07"),
+        ("\x00\x7f\x85\x9b", "\\x00\\x7f\\x85\\x9b"),  # NUL, DEL, NEL and CSI (C1)
+        ("tx\u202etxt.exe", "tx\\u202etxt.exe"),  # right-to-left override
+        ("\u2066a\u2069\u200f\u061c", "\\u2066a\\u2069\\u200f\\u061c"),  # isolates and marks
+        ("a\u2028b", "a\\u2028b"),  # a line separator: str.splitlines() breaks there
+        ("back\\slash", "back\\\\slash"),  # so that "\\n" in a name is not read as a newline
+        ("sur\udc80", "sur\\udc80"),  # a lone surrogate would make print() raise
+        ("Zoë 東京 ✓", "Zoë 東京 ✓"),  # printable Unicode is kept
+        (None, ""),
+        (12.5, "12.5"),
+    ],
+)
 def test_safe_text_escapes_what_controls_a_terminal_and_keeps_the_rest(raw, shown):
     assert safe_text(raw) == shown
 
@@ -67,10 +70,11 @@ def test_safe_text_escapes_the_delimiter_and_is_unambiguous():
 
 def test_markdown_cell_escapes_markup_and_html():
     assert markdown_cell("a|b") == "a\\|b"
-    assert markdown_cell("<img src=x onerror=alert(1)>") == \
-        "&lt;img src=x onerror=alert(1)&gt;"
-    assert markdown_cell("[click](javascript:x) *b* `c` _d_") == \
-        "\\[click\\](javascript:x) \\*b\\* \\`c\\` \\_d\\_"
+    assert markdown_cell("<img src=x onerror=alert(1)>") == "&lt;img src=x onerror=alert(1)&gt;"
+    assert (
+        markdown_cell("[click](javascript:x) *b* `c` _d_")
+        == "\\[click\\](javascript:x) \\*b\\* \\`c\\` \\_d\\_"
+    )
     assert markdown_cell(f"x{ESC}[2J") == "x\\\\x1b\\[2J"
 
 
@@ -84,18 +88,19 @@ def forged_ledger(tmp_path, monkeypatch):
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     cfg = node_config(tmp_path, "n1")
-    store, run_id = build_store(tmp_path / "store" / "node.db", job_id="100", name=JOB_NAME,
-                                windows=False)
-    window = store.open_window(run_id, "100", "0", WINDOW_NAME, 1000, 4321, T0 + 1900 * S, 1,
-                               {})
+    store, run_id = build_store(
+        tmp_path / "store" / "node.db", job_id="100", name=JOB_NAME, windows=False
+    )
+    window = store.open_window(run_id, "100", "0", WINDOW_NAME, 1000, 4321, T0 + 1900 * S, 1, {})
     store.close_window(window, T0 + 2500 * S, 5, {}, {GPU_KEY: 135_000_000})
     spool_slice(cfg, export_job(store, run_id, cfg, now_ns=T0 + 10 * 3600 * S))
     store.close()
     res = aggregate_once(cfg, now_ns=T0 + 10 * 3600 * S)
     assert (res.merged, res.quarantined) == (1, [])
     config_file = tmp_path / "llem.yaml"
-    config_file.write_text(f"cluster: c1\nledger: {cfg.ledger}\ncarbon:\n  region: DE\n"
-                           "  intensity_g_per_kwh: 400\n")
+    config_file.write_text(
+        f"cluster: c1\nledger: {cfg.ledger}\ncarbon:\n  region: DE\n  intensity_g_per_kwh: 400\n"
+    )
     monkeypatch.setenv("LLEM_CONFIG", str(config_file))
     yield cfg
     monkeypatch.undo()
@@ -182,7 +187,7 @@ def test_report_markdown_escapes_names(forged_ledger):
     (line,) = [x for x in out.splitlines() if "evil" in x]
     assert "evil\\\\x1b\\]0;pwned\\\\x07\\\\x1b\\[2J\\\\x1b\\[H&lt;b&gt;bold&lt;/b&gt;\\|x" in line
     # The row still has as many cells as its table's header.
-    table = out[:out.index(line)].rsplit("\n\n", 1)[-1].splitlines()
+    table = out[: out.index(line)].rsplit("\n\n", 1)[-1].splitlines()
     unescaped_bars = len(line.replace("\\|", "")) - len(line.replace("\\|", "").replace("|", ""))
     assert unescaped_bars == table[0].count("|")
 
@@ -259,8 +264,7 @@ def test_report_never_writes_through_a_planted_symlink(forged_ledger, tmp_path):
     for name in (f".{base}.json.tmp", f"{base}.json"):  # the old temp name, the final name
         (out / name).unlink(missing_ok=True)
         (out / name).symlink_to(victim)
-    status, printed, err = report_run("monthly", *PERIOD, "--format", "json", "--out",
-                                      str(out))
+    status, printed, err = report_run("monthly", *PERIOD, "--format", "json", "--out", str(out))
     assert status == 0, err
     assert victim.read_text() == "root's file\n"
     final = out / f"{base}.json"

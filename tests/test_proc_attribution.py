@@ -37,28 +37,64 @@ class FakeProc:
         self.busy_ticks = ticks
         (self.root / "stat").write_text(f"cpu  {ticks} 0 0 1000 0 0 0 0 0 0\n")
 
-    def add(self, pid: int, ppid: int, uid: int, ticks: int = 0, *, title: str = "",
-            env: dict | None = None, rss_pages: int = 10, comm: str = "proc") -> None:
+    def add(
+        self,
+        pid: int,
+        ppid: int,
+        uid: int,
+        ticks: int = 0,
+        *,
+        title: str = "",
+        env: dict | None = None,
+        rss_pages: int = 10,
+        comm: str = "proc",
+    ) -> None:
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
         self.set_ticks(pid, ppid, ticks, rss_pages, comm)
-        (d / "status").write_text(f"Name:\t{comm}\nPPid:\t{ppid}\n"
-                                  f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
-        (d / "cmdline").write_bytes(title.encode().replace(b" ", b"\0") + b"\0"
-                                    if title and not title.startswith("slurmstepd:")
-                                    else title.encode())
+        (d / "status").write_text(
+            f"Name:\t{comm}\nPPid:\t{ppid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+        )
+        (d / "cmdline").write_bytes(
+            title.encode().replace(b" ", b"\0") + b"\0"
+            if title and not title.startswith("slurmstepd:")
+            else title.encode()
+        )
         env = env or {}
-        (d / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0"
-                                             for k, v in env.items()))
+        (d / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
 
-    def set_ticks(self, pid: int, ppid: int, ticks: int, rss_pages: int = 10,
-                  comm: str = "proc") -> None:
+    def set_ticks(
+        self, pid: int, ppid: int, ticks: int, rss_pages: int = 10, comm: str = "proc"
+    ) -> None:
         # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
         # utime stime cutime cstime priority nice threads itreal starttime vsize rss
-        fields = ["S", ppid, pid, pid, 0, -1, 0, 0, 0, 0, 0, ticks, 0, 0, 0, 20, 0, 1, 0,
-                  pid * 7, 0, rss_pages]
+        fields = [
+            "S",
+            ppid,
+            pid,
+            pid,
+            0,
+            -1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            ticks,
+            0,
+            0,
+            0,
+            20,
+            0,
+            1,
+            0,
+            pid * 7,
+            0,
+            rss_pages,
+        ]
         (self.root / str(pid) / "stat").write_text(
-            f"{pid} ({comm}) " + " ".join(map(str, fields)) + "\n")
+            f"{pid} ({comm}) " + " ".join(map(str, fields)) + "\n"
+        )
 
 
 def cluster_node(root: Path) -> FakeProc:
@@ -74,14 +110,28 @@ def cluster_node(root: Path) -> FakeProc:
     proc = FakeProc(root)
     proc.add(1, 0, 0, title="/sbin/init", comm="systemd")
     proc.add(10, 1, 0, 3, title="slurmstepd: [100.batch]", comm="slurmstepd")
-    proc.add(11, 10, ALICE, 100, title="/bin/bash /var/spool/slurmd/job00100/slurm_script",
-             env={"SLURM_JOB_ID": "100"}, comm="bash")
-    proc.add(12, 11, ALICE, 500, title="python train.py", env={"SLURM_JOB_ID": "100"},
-             rss_pages=1000, comm="python")
+    proc.add(
+        11,
+        10,
+        ALICE,
+        100,
+        title="/bin/bash /var/spool/slurmd/job00100/slurm_script",
+        env={"SLURM_JOB_ID": "100"},
+        comm="bash",
+    )
+    proc.add(
+        12,
+        11,
+        ALICE,
+        500,
+        title="python train.py",
+        env={"SLURM_JOB_ID": "100"},
+        rss_pages=1000,
+        comm="python",
+    )
     proc.add(13, 12, 0, 50, title="/usr/bin/sudo-helper", comm="helper")
     proc.add(30, 1, 0, 2, title="slurmstepd: [200.batch]", comm="slurmstepd")
-    proc.add(31, 30, BOB, 70, title="/bin/bash script", env={"SLURM_JOB_ID": "200"},
-             comm="bash")
+    proc.add(31, 30, BOB, 70, title="/bin/bash script", env={"SLURM_JOB_ID": "200"}, comm="bash")
     proc.add(40, 1, BOB, 9000, title="busy-loop", env={"SLURM_JOB_ID": "100"}, comm="busy")
     proc.add(41, 1, BOB, 1, title="slurmstepd: [100.0]", comm="slurmstepd")
     proc.add(42, 41, BOB, 8000, title="busy-loop", env={"SLURM_JOB_ID": "100"}, comm="busy")
@@ -154,25 +204,38 @@ def node(tmp_path):
     store.register_devices([CPU], T0)
     runs = {}
     for job_id, uid, user in (("100", ALICE, "alice"), ("200", BOB, "bob")):
-        runs[job_id] = store.add_job(JobRecord(job_id=job_id, cluster="c1", node="n1",
-                                               start_ns=T0, uid=uid, user=user))
-    attributor = JobAttributor(store, "n1", [CPU], T0 - S, proc_root=proc.root,
-                               cgroup_root=str(tmp_path / "cgroup"))
+        runs[job_id] = store.add_job(
+            JobRecord(job_id=job_id, cluster="c1", node="n1", start_ns=T0, uid=uid, user=user)
+        )
+    attributor = JobAttributor(
+        store, "n1", [CPU], T0 - S, proc_root=proc.root, cgroup_root=str(tmp_path / "cgroup")
+    )
     yield proc, store, runs, attributor
     store.close()
 
 
 def interval(i: int, energy_uj: int) -> Interval:
-    return Interval("s", T0 + i * S, T0 + (i + 1) * S, i, i + 1,
-                    (EnergyRow("rapl:package-0", energy_uj, "ok", "ok", None),))
+    return Interval(
+        "s",
+        T0 + i * S,
+        T0 + (i + 1) * S,
+        i,
+        i + 1,
+        (EnergyRow("rapl:package-0", energy_uj, "ok", "ok", None),),
+    )
 
 
 def test_bobs_busy_loop_is_not_billed_to_alice_and_the_guess_is_flagged(node):
     proc, store, runs, attributor = node
     attributor(interval(0, 0))  # the baseline of /proc/stat
     # One second: everything's CPU time moves; the node was busy for all of it.
-    for pid, ticks in ((11, 100 + 10), (12, 500 + 30), (31, 70 + 5), (40, 9000 + 40),
-                       (42, 8000 + 15)):
+    for pid, ticks in (
+        (11, 100 + 10),
+        (12, 500 + 30),
+        (31, 70 + 5),
+        (40, 9000 + 40),
+        (42, 8000 + 15),
+    ):
         ppid = {11: 10, 12: 11, 31: 30, 40: 1, 42: 41}[pid]
         proc.set_ticks(pid, ppid, ticks)
     proc.set_node_busy(100)

@@ -27,8 +27,12 @@ def test_two_sockets_with_dram(tree):
     assert keys(s) == ["rapl:package-0", "rapl:package-1", "rapl:dram-0", "rapl:dram-1"]
     assert all(d.source == MEASURED and d.max_range_uj == DEFAULT_RANGE_UJ for d in s.devices())
     values = {r.device_key: r.energy_uj for r in s.read(1)}
-    assert values == {"rapl:package-0": 1_000_000, "rapl:package-1": 2_000_000,
-                      "rapl:dram-0": 100_000, "rapl:dram-1": 200_000}
+    assert values == {
+        "rapl:package-0": 1_000_000,
+        "rapl:package-1": 2_000_000,
+        "rapl:dram-0": 100_000,
+        "rapl:dram-1": 200_000,
+    }
 
 
 def test_core_and_psys_are_never_added(tmp_path):
@@ -70,8 +74,12 @@ def test_multi_die_packages_keep_distinct_names(tmp_path):
     pc.add_zone("1", "package-0-die-1")
     pc.add_zone("1:0", "dram")
     s = rapl.RaplSensor(pc.path, hwmon=tmp_path / "none")
-    assert keys(s) == ["rapl:package-0-die-0", "rapl:package-0-die-1",
-                       "rapl:dram-0-die-0", "rapl:dram-0-die-1"]
+    assert keys(s) == [
+        "rapl:package-0-die-0",
+        "rapl:package-0-die-1",
+        "rapl:dram-0-die-0",
+        "rapl:dram-0-die-1",
+    ]
 
 
 def test_amd_layout_without_dram(tmp_path):
@@ -107,9 +115,13 @@ def test_wrap_in_the_middle_of_a_window(tree):
     tree.advance("intel-rapl:0", 3_000_000)  # wraps
     second = {r.device_key: r.energy_uj for r in s.read(10**9)}
     assert second["rapl:package-0"] == 2_000_000
-    d = counter_delta(first["rapl:package-0"], second["rapl:package-0"],
-                      dev["rapl:package-0"].max_range_uj, elapsed_s=1.0,
-                      max_power_w=dev["rapl:package-0"].max_power_w)
+    d = counter_delta(
+        first["rapl:package-0"],
+        second["rapl:package-0"],
+        dev["rapl:package-0"].max_range_uj,
+        elapsed_s=1.0,
+        max_power_w=dev["rapl:package-0"].max_power_w,
+    )
     assert (d.kind, d.delta) == (WRAP, 3_000_000)
 
 
@@ -178,8 +190,11 @@ def test_root_only_energy_uj_seen_by_an_unprivileged_user():
     top = Path(tempfile.mkdtemp(prefix="llem-perm-"))
     try:
         # Everything the child needs, world-readable: the package and the tree.
-        shutil.copytree(Path(rapl.__file__).resolve().parents[1], top / "src" / "llem",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            Path(rapl.__file__).resolve().parents[1],
+            top / "src" / "llem",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
         pc = FakePowercap(top / "powercap")
         pc.add_socket(0)
         for p in [top, *top.rglob("*")]:
@@ -193,9 +208,14 @@ def test_root_only_energy_uj_seen_by_an_unprivileged_user():
             "print(p.available); print(p.problems[0])"
         )
         out = subprocess.run(
-            [python, "-c", code], capture_output=True, text=True, timeout=30, cwd="/",
+            [python, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/",
             env={"PYTHONPATH": str(top / "src"), "PATH": "/usr/bin:/bin"},
-            user=65534, group=65534,
+            user=65534,
+            group=65534,
         )
     finally:
         shutil.rmtree(top)

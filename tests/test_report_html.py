@@ -28,10 +28,13 @@ def chromium() -> str:
     if exe:
         return exe
     if os.environ.get("CI"):
-        pytest.fail("chromium is not installed but CI is set: install the Debian package "
-                    "'chromium' in the CI image")
-    pytest.skip("chromium is not installed (Debian package 'chromium'); the HTML report "
-                "was not rendered")
+        pytest.fail(
+            "chromium is not installed but CI is set: install the Debian package "
+            "'chromium' in the CI image"
+        )
+    pytest.skip(
+        "chromium is not installed (Debian package 'chromium'); the HTML report was not rendered"
+    )
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -41,10 +44,24 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def headless(exe: str, page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run",
-         f"--user-data-dir={profile}", *args, page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120, check=False)
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            *args,
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def screenshot(exe: str, page: Path, png: Path, profile: Path) -> subprocess.CompletedProcess:
@@ -54,16 +71,21 @@ def screenshot(exe: str, page: Path, png: Path, profile: Path) -> subprocess.Com
 # Names are users' own text: an account that tries to inject a script, a user and a tag with
 # markup and ampersands.
 HOSTILE_ACCOUNT = "<script>document.title='pwned'</script> & co"
-HOSTILE = [Job("301", "n1", "2023-11-02 08:00", 3600, "eve<i>&amp;", HOSTILE_ACCOUNT, "gpu",
-               "<b>tag</b>&"), *NOVEMBER[:2]]
+HOSTILE = [
+    Job(
+        "301", "n1", "2023-11-02 08:00", 3600, "eve<i>&amp;", HOSTILE_ACCOUNT, "gpu", "<b>tag</b>&"
+    ),
+    *NOVEMBER[:2],
+]
 
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     ledger_path = build_ledger(tmp_path_factory.mktemp("hostile"), HOSTILE)
     with q.open_readonly(ledger_path) as ledger:
-        return build_report(ledger, report_config(ledger_path), frames.month_period("2023-11"),
-                            with_previous=False)
+        return build_report(
+            ledger, report_config(ledger_path), frames.month_period("2023-11"), with_previous=False
+        )
 
 
 def test_names_are_escaped_in_the_html(hostile):

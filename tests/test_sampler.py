@@ -42,10 +42,16 @@ def test_wrap_reset_and_lost_device(tmp_path):
     sensor_r.counters["r"] = 3  # r goes back beyond any range: w/ max_range 1000 -> reset
     sensor.status["l"] = "lost"
     s.tick()
-    rows = store.query("SELECT device_key, energy_uj, kind, status FROM energy ORDER BY interval_id, device_key")
+    rows = store.query(
+        "SELECT device_key, energy_uj, kind, status FROM energy ORDER BY interval_id, device_key"
+    )
     assert rows == [
-        ("fake:l", 50, "ok", "ok"), ("fake:r", 100, "ok", "ok"), ("fake:w", 20, "wrap", "ok"),
-        ("fake:l", 0, "gap", "lost"), ("fake:r", 0, "reset", "ok"), ("fake:w", 20, "ok", "ok"),
+        ("fake:l", 50, "ok", "ok"),
+        ("fake:r", 100, "ok", "ok"),
+        ("fake:w", 20, "wrap", "ok"),
+        ("fake:l", 0, "gap", "lost"),
+        ("fake:r", 0, "reset", "ok"),
+        ("fake:w", 20, "ok", "ok"),
     ]
     kinds = [k for (k,) in store.query("SELECT kind FROM events ORDER BY id")]
     assert sorted(kinds) == ["counter_reset", "device_lost"]

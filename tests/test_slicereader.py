@@ -76,8 +76,7 @@ def test_readers_are_isolated_from_the_current_folder(tmp_path, monkeypatch, cap
     assert got == _wire(read_all(paths, readers=0))
 
 
-def test_a_reader_with_other_code_refuses_and_the_aggregator_reads(tmp_path, monkeypatch,
-                                                                   caplog):
+def test_a_reader_with_other_code_refuses_and_the_aggregator_reads(tmp_path, monkeypatch, caplog):
     """After an upgrade in place, a new reader must not feed an old aggregator."""
     paths = _spool(tmp_path)
     expected = _wire(read_all(paths, readers=0))
@@ -88,9 +87,17 @@ def test_a_reader_with_other_code_refuses_and_the_aggregator_reads(tmp_path, mon
 
 
 def test_fingerprint_is_the_same_in_another_process():
-    out = subprocess.run([sys.executable, "-c", "from llem.cluster.readers import wire_fingerprint;"
-                          " print(wire_fingerprint())"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from llem.cluster.readers import wire_fingerprint; print(wire_fingerprint())",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        check=True,
+    )
     assert out.stdout.strip() == slicereader.wire_fingerprint()
 
 
@@ -104,16 +111,16 @@ def _reader_children(parent: psutil.Process | None = None) -> list[psutil.Proces
     out = []
     for child in (parent or psutil.Process()).children():
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and \
-                    "llem.cluster.readers" in " ".join(child.cmdline()):
+            if child.status() != psutil.STATUS_ZOMBIE and "llem.cluster.readers" in " ".join(
+                child.cmdline()
+            ):
                 out.append(child)
         except psutil.Error:  # gone meanwhile
             pass
     return out
 
 
-def test_a_reader_that_dies_mid_pass_is_replaced_by_reading_here(tmp_path, monkeypatch,
-                                                                    caplog):
+def test_a_reader_that_dies_mid_pass_is_replaced_by_reading_here(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(slicereader, "CHUNK", 2)
     make_spool(tmp_path / "spool", nodes=20, jobs=20)  # more than the pipe holds
     paths = sorted(str(p) for p in (tmp_path / "spool").iterdir())
@@ -125,16 +132,18 @@ def test_a_reader_that_dies_mid_pass_is_replaced_by_reading_here(tmp_path, monke
     with caplog.at_level(logging.WARNING, logger="llem.cluster.readers"):
         got += _wire(cands)
     assert got == expected
-    assert any("ended early" in r.message and "reading the rest of the spool in the aggregator"
-               in r.message for r in caplog.records)
+    assert any(
+        "ended early" in r.message
+        and "reading the rest of the spool in the aggregator" in r.message
+        for r in caplog.records
+    )
     assert _reader_children() == []
 
 
 def test_readers_are_stopped_when_the_pass_stops_early(tmp_path, monkeypatch):
     monkeypatch.setattr(slicereader, "CHUNK", 2)
     make_spool(tmp_path / "spool", nodes=20, jobs=20)  # more than the pipes hold
-    cands = read_all(sorted(str(p) for p in (tmp_path / "spool").iterdir()), readers=2,
-                     ahead=2)
+    cands = read_all(sorted(str(p) for p in (tmp_path / "spool").iterdir()), readers=2, ahead=2)
     next(cands)
     assert len(_reader_children()) == 2
     cands.close()  # the aggregator failed, or was interrupted
@@ -169,17 +178,20 @@ def test_serve_stops_on_a_frame_cut_short():
     assert serve(inp, io.BytesIO(), header_uids=frozenset(), euid=0) == 1
 
 
-@pytest.mark.parametrize("setting, slices, cpus, expected", [
-    ("auto", 100_000, 1, 0),      # one CPU: reading in the aggregator is all there is
-    ("auto", 100_000, 2, 1),
-    ("auto", 100_000, 16, 4),     # at most four: the single writer cannot keep up with more
-    ("auto", 400, 16, 0),         # a small pass: starting a reader costs more than it saves
-    ("auto", 1_200, 16, 2),
-    (0, 100_000, 16, 0),
-    (3, 100_000, 2, 3),           # the admin's number wins over the CPU count
-    (3, 100, 16, 2),              # but no more readers than chunks
-    (2, 0, 16, 0),
-])
+@pytest.mark.parametrize(
+    "setting, slices, cpus, expected",
+    [
+        ("auto", 100_000, 1, 0),  # one CPU: reading in the aggregator is all there is
+        ("auto", 100_000, 2, 1),
+        ("auto", 100_000, 16, 4),  # at most four: the single writer cannot keep up with more
+        ("auto", 400, 16, 0),  # a small pass: starting a reader costs more than it saves
+        ("auto", 1_200, 16, 2),
+        (0, 100_000, 16, 0),
+        (3, 100_000, 2, 3),  # the admin's number wins over the CPU count
+        (3, 100, 16, 2),  # but no more readers than chunks
+        (2, 0, 16, 0),
+    ],
+)
 def test_reader_count(setting, slices, cpus, expected):
     assert reader_count(setting, slices, cpus) == expected
 
@@ -190,9 +202,11 @@ def test_reader_count(setting, slices, cpus, expected):
 def _config_file(tmp_path, readers) -> tuple[object, Path]:
     cfg = node_config(tmp_path, "admin")
     path = tmp_path / "llem.yaml"
-    path.write_text(f"cluster: {cfg.cluster}\nstate_dir: {cfg.state_dir}\n"
-                    f"spool_dir: {cfg.spool_dir}\nledger: {cfg.ledger}\n"
-                    f"aggregate:\n  processed: delete\n  batch_size: 50\n  readers: {readers}\n")
+    path.write_text(
+        f"cluster: {cfg.cluster}\nstate_dir: {cfg.state_dir}\n"
+        f"spool_dir: {cfg.spool_dir}\nledger: {cfg.ledger}\n"
+        f"aggregate:\n  processed: delete\n  batch_size: 50\n  readers: {readers}\n"
+    )
     return cfg, path
 
 
@@ -225,8 +239,11 @@ def test_readers_leave_when_the_aggregator_is_killed(tmp_path):
     assert rerun.returncode == 0, err
     assert os.listdir(cfg.spool_dir) == []
     with Ledger(cfg.ledger, readonly=True) as ledger:
-        assert ledger.query("SELECT COUNT(*) FROM job_nodes")[0][0] + \
-            ledger.query("SELECT COUNT(DISTINCT node) FROM node_hours")[0][0] == total
+        assert (
+            ledger.query("SELECT COUNT(*) FROM job_nodes")[0][0]
+            + ledger.query("SELECT COUNT(DISTINCT node) FROM node_hours")[0][0]
+            == total
+        )
         assert ledger.query("SELECT COUNT(DISTINCT job_id) FROM job_runs")[0][0] == counts["jobs"]
         assert ledger.integrity_check() == "ok"
 

@@ -37,9 +37,23 @@ RAW = "\x00RAW\x00"
 """A placeholder replaced by raw JSON text after encoding."""
 
 RAW_TOKENS = [
-    "1" * 4301, "-" + "9" * 4400, "1" * 100_000, "1e999", "-1e999", "NaN", "Infinity",
-    "-0", "0.0", "1" * 20, "-" + "1" * 19, "[" * 5000 + "]" * 5000, '{"a":' * 3000 + "1" +
-    "}" * 3000, '"\\ud800"', '"\\udfff\\ud800x"', '"\\u0000"', '"' + "x" * 100_000 + '"',
+    "1" * 4301,
+    "-" + "9" * 4400,
+    "1" * 100_000,
+    "1e999",
+    "-1e999",
+    "NaN",
+    "Infinity",
+    "-0",
+    "0.0",
+    "1" * 20,
+    "-" + "1" * 19,
+    "[" * 5000 + "]" * 5000,
+    '{"a":' * 3000 + "1" + "}" * 3000,
+    '"\\ud800"',
+    '"\\udfff\\ud800x"',
+    '"\\u0000"',
+    '"' + "x" * 100_000 + '"',
     "[" + ",".join(["1"] * 20_000) + "]",
 ]
 
@@ -54,12 +68,28 @@ def bases() -> dict[str, dict]:
         shutil.rmtree(tmp, ignore_errors=True)
     header = header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1", now_ns=T0 + 60 * S)
     hour = T0 // S // 3600 * 3600
-    node = {"schema": slices.SCHEMA, "kind": "node", "cluster": "c1", "node": "n1",
-            "created_ns": T0 + 7200 * S, "from_hour_s": hour, "as_of_ns": T0 + 7200 * S,
-            "devices": job["devices"],
-            "hours": [{"device": "nvml:GPU-a", "hour_s": hour, "measured_uj": 10**9,
-                       "attributed_uj": 5 * 10**8, "remainder_uj": 5 * 10**8,
-                       "intervals": 60, "gap_intervals": 0, "covered_ns": 3600 * S}]}
+    node = {
+        "schema": slices.SCHEMA,
+        "kind": "node",
+        "cluster": "c1",
+        "node": "n1",
+        "created_ns": T0 + 7200 * S,
+        "from_hour_s": hour,
+        "as_of_ns": T0 + 7200 * S,
+        "devices": job["devices"],
+        "hours": [
+            {
+                "device": "nvml:GPU-a",
+                "hour_s": hour,
+                "measured_uj": 10**9,
+                "attributed_uj": 5 * 10**8,
+                "remainder_uj": 5 * 10**8,
+                "intervals": 60,
+                "gap_intervals": 0,
+                "covered_ns": 3600 * S,
+            }
+        ],
+    }
     for data in (job, header, node):
         slices.validate(data)
     return {"job": job, "header": header, "node": node}
@@ -76,12 +106,16 @@ def _places(value, prefix=()):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.integers(min_value=-(2**80), max_value=2**80)
     | st.sampled_from([-1, 0, 2**63 - 1, 2**63, -(2**63) - 1, 10**30, T0, 3600])
-    | st.text(max_size=20) | st.sampled_from(["", "n1", "1/../2", "a\nb", "\u202e", "é"]),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    | st.text(max_size=20)
+    | st.sampled_from(["", "n1", "1/../2", "a\nb", "\u202e", "é"]),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -134,8 +168,9 @@ def test_read_candidate_accepts_or_gives_a_reason(tmp_path_factory, case):
     spool = tmp_path_factory.mktemp("spool")
     cand = read_candidate(_write(spool, name, body))  # must not raise
     assert not cand.gone
-    assert (cand.prepared is not None) + (cand.reason is not None) + (cand.newer is not None) \
-        == 1, cand
+    assert (cand.prepared is not None) + (cand.reason is not None) + (
+        cand.newer is not None
+    ) == 1, cand
     if cand.reason is not None:
         assert cand.reason and len(cand.reason) <= MAX_REASON, cand.reason[:2000]
 
@@ -181,8 +216,7 @@ def test_an_aggregate_pass_never_crashes(tmp_path_factory, cases, readers):
     result = aggregate_once(config)
     quarantined = {n for n, _ in result.quarantined}
     assert quarantined <= names
-    assert len(quarantined) + len(result.newer) + result.merged + result.unchanged \
-        == len(names)
+    assert len(quarantined) + len(result.newer) + result.merged + result.unchanged == len(names)
     assert all(len(r) <= MAX_REASON for _, r in result.quarantined)
     left = {e.name for e in os.scandir(spool) if e.is_file()}
     assert left == set(result.newer)  # nothing stuck in the spool

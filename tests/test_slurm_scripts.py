@@ -21,35 +21,54 @@ def test_scripts_exist():
     assert {"prolog.sh", "epilog.sh", "llem-hook.sh"} <= names
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None and not os.environ.get("CI"),
-                    reason="shellcheck not installed (scripts/install-slurm.sh installs it)")
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None and not os.environ.get("CI"),
+    reason="shellcheck not installed (scripts/install-slurm.sh installs it)",
+)
 def test_shellcheck_clean():
-    r = subprocess.run(["shellcheck", "-x", "-P", str(REPO / "slurm"), *map(str, SCRIPTS)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["shellcheck", "-x", "-P", str(REPO / "slurm"), *map(str, SCRIPTS)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def run_hook(kind, tmp_path, defaults: str, extra_env=None, bash="/bin/bash"):
     dfile = tmp_path / "default-llem"
     dfile.write_text(defaults)
-    env = {"SLURM_JOB_ID": "42", "SLURMD_NODENAME": "t1", "LLEM_DEFAULTS_FILE": str(dfile),
-           **(extra_env or {})}  # no PATH, no HOME: as slurmd runs it
+    env = {
+        "SLURM_JOB_ID": "42",
+        "SLURMD_NODENAME": "t1",
+        "LLEM_DEFAULTS_FILE": str(dfile),
+        **(extra_env or {}),
+    }  # no PATH, no HOME: as slurmd runs it
     t0 = time.monotonic()
-    r = subprocess.run([bash, str(REPO / "slurm" / f"{kind}.sh")], env=env,
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [bash, str(REPO / "slurm" / f"{kind}.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     return r, time.monotonic() - t0
 
 
 @pytest.mark.parametrize("bash", BASHES)
 @pytest.mark.parametrize("kind", ["prolog", "epilog"])
-@pytest.mark.parametrize("defaults", [
-    "LLEM_BIN=/nonexistent/llem\n",
-    "LLEM_BIN=/bin/false\n",
-    "this is not a settings file $(touch /tmp/llem-pwned)\nexit 1\n",
-    "LLEM_BIN={slow}\nLLEM_TIMEOUT=1\n",
-    "LLEM_BIN=/bin/true\nLLEM_TIMEOUT=abc\n",
-    "LLEM_BAD-KEY=1\n",
-])
+@pytest.mark.parametrize(
+    "defaults",
+    [
+        "LLEM_BIN=/nonexistent/llem\n",
+        "LLEM_BIN=/bin/false\n",
+        "this is not a settings file $(touch /tmp/llem-pwned)\nexit 1\n",
+        "LLEM_BIN={slow}\nLLEM_TIMEOUT=1\n",
+        "LLEM_BIN=/bin/true\nLLEM_TIMEOUT=abc\n",
+        "LLEM_BAD-KEY=1\n",
+    ],
+)
 def test_hook_exits_0_whatever_breaks(kind, tmp_path, defaults, bash):
     slow = tmp_path / "slow-llem"
     slow.write_text("#!/bin/sh\nexec /bin/sleep 30\n")  # a hung llem
@@ -64,11 +83,14 @@ def test_hook_exits_0_whatever_breaks(kind, tmp_path, defaults, bash):
 def test_hook_runs_llem_with_the_settings(tmp_path, bash):
     seen = tmp_path / "seen"
     fake = tmp_path / "fake-llem"
-    fake.write_text(f"#!/bin/sh\necho \"$1 $LLEM_CONFIG $LLEM_POWERCAP_ROOT\" > {seen}\n")
+    fake.write_text(f'#!/bin/sh\necho "$1 $LLEM_CONFIG $LLEM_POWERCAP_ROOT" > {seen}\n')
     fake.chmod(0o755)
-    r, _ = run_hook("prolog", tmp_path,
-                    f"LLEM_BIN={fake}\nLLEM_CONFIG=\"/etc/x.yaml\"\nLLEM_POWERCAP_ROOT=/p\n",
-                    bash=bash)
+    r, _ = run_hook(
+        "prolog",
+        tmp_path,
+        f'LLEM_BIN={fake}\nLLEM_CONFIG="/etc/x.yaml"\nLLEM_POWERCAP_ROOT=/p\n',
+        bash=bash,
+    )
     assert r.returncode == 0
     assert seen.read_text().strip() == "prolog /etc/x.yaml /p"
 
@@ -79,7 +101,7 @@ def test_python_and_bash_record_the_same_variables():
     from llem.node.jobs import JOB_VARS
 
     text = (REPO / "slurm" / "llem-hook.sh").read_text()
-    block = text[text.index("LLEM_JOB_VARS=("):text.index(")", text.index("LLEM_JOB_VARS=("))]
+    block = text[text.index("LLEM_JOB_VARS=(") : text.index(")", text.index("LLEM_JOB_VARS=("))]
     assert tuple(re.findall(r"[A-Z_]+", block.split("(", 1)[1])) == JOB_VARS
 
 
@@ -101,15 +123,21 @@ def live_sampler(tmp_path):
 
     node_dir = tmp_path / "run" / "t1"
     (node_dir / "jobs").mkdir(parents=True, mode=0o700)
-    code = ("import fcntl, os, signal, sys\n"
-            "fd = os.open(sys.argv[1] + '/sampler.lock', os.O_RDWR | os.O_CREAT, 0o600)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
-            "open(sys.argv[1] + '/sampler.pid', 'w').write(f'{os.getpid()}\\n')\n"
-            "print('ready', flush=True)\n"
-            "sys.stdin.read()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(node_dir)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    code = (
+        "import fcntl, os, signal, sys\n"
+        "fd = os.open(sys.argv[1] + '/sampler.lock', os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+        "open(sys.argv[1] + '/sampler.pid', 'w').write(f'{os.getpid()}\\n')\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(node_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         yield node_dir
@@ -123,22 +151,33 @@ def run_hook_as_bash4(kind, tmp_path, defaults, bash="/bin/bash", env_extra=None
     bash_env.write_text("unset EPOCHREALTIME\n")
     dfile = tmp_path / "default-llem"
     dfile.write_text(defaults)
-    env = {"SLURM_JOB_ID": "42", "SLURMD_NODENAME": "t1", "SLURM_JOB_UID": "1000",
-           "SLURM_JOB_USER": "alice", "LLEM_DEFAULTS_FILE": str(dfile),
-           "BASH_ENV": str(bash_env), **(env_extra or {})}
-    return subprocess.run([bash, str(REPO / "slurm" / f"{kind}.sh")], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    env = {
+        "SLURM_JOB_ID": "42",
+        "SLURMD_NODENAME": "t1",
+        "SLURM_JOB_UID": "1000",
+        "SLURM_JOB_USER": "alice",
+        "LLEM_DEFAULTS_FILE": str(dfile),
+        "BASH_ENV": str(bash_env),
+        **(env_extra or {}),
+    }
+    return subprocess.run(
+        [bash, str(REPO / "slurm" / f"{kind}.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("bash", BASHES)
-def test_hooks_without_epochrealtime_hand_a_dated_job_to_the_sampler(bash, tmp_path,
-                                                                     live_sampler):
+def test_hooks_without_epochrealtime_hand_a_dated_job_to_the_sampler(bash, tmp_path, live_sampler):
     from llem.node.jobs import ingest
     from llem.node.store import NodeStore
 
     seen = tmp_path / "llem-ran"
     fake = tmp_path / "fake-llem"
-    fake.write_text(f"#!/bin/sh\necho \"$1\" >> {seen}\n")
+    fake.write_text(f'#!/bin/sh\necho "$1" >> {seen}\n')
     fake.chmod(0o755)
     defaults = f"LLEM_BIN={fake}\nLLEM_RUN_DIR={tmp_path / 'run'}\n"
     jobs = live_sampler / "jobs"
@@ -166,17 +205,23 @@ def test_hook_with_no_clock_leaves_the_job_to_llem(kind, tmp_path, live_sampler,
     """No microsecond clock at all: nothing is written, and `llem KIND` takes the job."""
     seen = tmp_path / "llem-ran"
     fake = tmp_path / "fake-llem"
-    fake.write_text(f"#!/bin/sh\necho \"$1 $SLURM_JOB_ID\" >> {seen}\n")
+    fake.write_text(f'#!/bin/sh\necho "$1 $SLURM_JOB_ID" >> {seen}\n')
     fake.chmod(0o755)
     dfile = tmp_path / "default-llem"
     dfile.write_text(f"LLEM_BIN={fake}\nLLEM_RUN_DIR={tmp_path / 'run'}\n")
     # The hook as prolog.sh runs it, with its clock broken (a date without %N, say).
-    script = (f". {REPO / 'slurm' / 'llem-hook.sh'} && "
-              f"llem_now_us() {{ now=; return 1; }} && llem_hook {kind}")
-    r = subprocess.run([bash, "-c", script], capture_output=True, text=True, timeout=60,
-                       check=False,
-                       env={"SLURM_JOB_ID": "42", "SLURMD_NODENAME": "t1",
-                            "LLEM_DEFAULTS_FILE": str(dfile)})
+    script = (
+        f". {REPO / 'slurm' / 'llem-hook.sh'} && "
+        f"llem_now_us() {{ now=; return 1; }} && llem_hook {kind}"
+    )
+    r = subprocess.run(
+        [bash, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"SLURM_JOB_ID": "42", "SLURMD_NODENAME": "t1", "LLEM_DEFAULTS_FILE": str(dfile)},
+    )
     assert r.returncode == 0, r.stderr
     assert seen.read_text() == f"{kind} 42\n"
     assert sorted(p.name for p in (live_sampler / "jobs").iterdir()) == []

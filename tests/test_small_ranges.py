@@ -38,7 +38,11 @@ class Collect:
 
 def sampler(sensor, interval_s=1.0):
     clock, sink = FakeClock(), Collect()
-    return Sampler([sensor], [sink], clock=clock, interval_s=interval_s, sampler_id="t"), clock, sink
+    return (
+        Sampler([sensor], [sink], clock=clock, interval_s=interval_s, sampler_id="t"),
+        clock,
+        sink,
+    )
 
 
 def test_read_period_is_half_a_range_at_plausible_power():
@@ -125,12 +129,31 @@ def test_llem_wrap_loses_nothing_on_a_1000_j_counter_at_50_w(tmp_path):
     tree.add_zone("0", "package-0", 0, RANGE_UJ)
     writer = Writer(tree, "intel-rapl:0", 50.0)
     writer.start()
-    env = {"PATH": "/usr/bin:/bin", "LLEM_CONFIG": "/dev/null", "LLEM_SENSORS": "rapl",
-           "LLEM_POWERCAP_ROOT": str(tree.path)}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "LLEM_CONFIG": "/dev/null",
+        "LLEM_SENSORS": "rapl",
+        "LLEM_POWERCAP_ROOT": str(tree.path),
+    }
     try:
-        r = subprocess.run([sys.executable, "-m", "llem.cli.main", "wrap", "--json",
-                            "--interval", "1", "--", "sleep", "25"],
-                           capture_output=True, text=True, env=env, timeout=90)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "llem.cli.main",
+                "wrap",
+                "--json",
+                "--interval",
+                "1",
+                "--",
+                "sleep",
+                "25",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=90,
+        )
     finally:
         writer.stop.set()
         writer.join()

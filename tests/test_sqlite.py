@@ -22,8 +22,10 @@ MESSAGES = Messages(
 
 
 def _v1(db):
-    run_script(db, "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL); "
-                   "CREATE TABLE t (x INTEGER)")
+    run_script(
+        db,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL); CREATE TABLE t (x INTEGER)",
+    )
 
 
 def _v2(db):
@@ -32,10 +34,16 @@ def _v2(db):
 
 def spec(*migrations, readable_from=None, prepare_dir=lambda path: None):
     return Database(
-        migrations=migrations, readable_from=len(migrations) if readable_from is None
-        else readable_from, file_mode=0o600, prepare_dir=prepare_dir, busy_timeout_s=1.0,
-        pragmas=("PRAGMA foreign_keys = ON",), write_pragmas=("PRAGMA journal_mode = WAL",),
-        error=DbError, messages=MESSAGES)
+        migrations=migrations,
+        readable_from=len(migrations) if readable_from is None else readable_from,
+        file_mode=0o600,
+        prepare_dir=prepare_dir,
+        busy_timeout_s=1.0,
+        pragmas=("PRAGMA foreign_keys = ON",),
+        write_pragmas=("PRAGMA journal_mode = WAL",),
+        error=DbError,
+        messages=MESSAGES,
+    )
 
 
 def names(path):

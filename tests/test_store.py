@@ -18,8 +18,9 @@ from tests.powercap import FakePowercap
 
 
 def interval(i, rows=(("d", 5),)):
-    return Interval("s", i * 10, i * 10 + 10, i, i + 1,
-                    tuple(EnergyRow(k, e, "ok", "ok", e) for k, e in rows))
+    return Interval(
+        "s", i * 10, i * 10 + 10, i, i + 1, tuple(EnergyRow(k, e, "ok", "ok", e) for k, e in rows)
+    )
 
 
 def test_fresh_store_is_wal_and_migrated(tmp_path):
@@ -33,6 +34,7 @@ def test_fresh_store_is_wal_and_migrated(tmp_path):
 
 def test_reopen_keeps_data(tmp_path):
     from llem.sensors.base import Device
+
     dev = Device("d", "cpu", "d", "fake", "measured", "counter")
     with NodeStore(tmp_path / "n.db") as s:
         s.register_devices([dev], 1)
@@ -43,6 +45,7 @@ def test_reopen_keeps_data(tmp_path):
 
 def test_negative_energy_is_refused_by_the_schema(tmp_path):
     from llem.sensors.base import Device
+
     with NodeStore(tmp_path / "n.db") as s:
         s.register_devices([Device("d", "cpu", "d", "fake", "measured", "counter")], 1)
         with pytest.raises(StoreError):
@@ -67,6 +70,7 @@ def test_newer_schema_is_refused_not_rewritten(tmp_path):
 def test_corrupt_store_is_quarantined_and_kept(tmp_path, damage):
     path = tmp_path / "n.db"
     from llem.sensors.base import Device
+
     with NodeStore(path) as s:
         s.register_devices([Device("d", "cpu", "d", "fake", "measured", "counter")], 1)
         for i in range(200):
@@ -109,8 +113,12 @@ def test_refuses_a_symlink_in_place_of_the_database(tmp_path):
 
 def _sampler_env(tree):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
-    env.update(LLEM_POWERCAP_ROOT=str(tree.path), LLEM_SENSORS="rapl",
-               LLEM_CONFIG="/dev/null", PYTHONUNBUFFERED="1")
+    env.update(
+        LLEM_POWERCAP_ROOT=str(tree.path),
+        LLEM_SENSORS="rapl",
+        LLEM_CONFIG="/dev/null",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -119,10 +127,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _start_sampler(tree, store_path, interval_s, module="llem.cli.sampler", **env):
     return subprocess.Popen(
-        [sys.executable, "-m", module, "--interval", str(interval_s),
-         "--store", str(store_path), "-v"],
-        env={**_sampler_env(tree), **env}, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            module,
+            "--interval",
+            str(interval_s),
+            "--store",
+            str(store_path),
+            "-v",
+        ],
+        env={**_sampler_env(tree), **env},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -147,19 +166,27 @@ def _assert_whole(store):
     # Each interval is whole: an interval row always has its energy rows.
     assert store.query(
         "SELECT COUNT(*) FROM intervals i WHERE NOT EXISTS "
-        "(SELECT 1 FROM energy e WHERE e.interval_id = i.id)") == [(0,)]
+        "(SELECT 1 FROM energy e WHERE e.interval_id = i.id)"
+    ) == [(0,)]
 
 
-@pytest.mark.parametrize("commits, point", [
-    (1, "commit"), (4, "commit"), (1, "next-write"), (4, "next-write")])
+@pytest.mark.parametrize(
+    "commits, point", [(1, "commit"), (4, "commit"), (1, "next-write"), (4, "next-write")]
+)
 def test_crash_at_a_commit_point_loses_at_most_the_interval_in_flight(tmp_path, commits, point):
     from tests.crash_sampler import CRASH_EXIT
 
     tree = FakePowercap(tmp_path / "pc")
     tree.add_socket(0)
     path = tmp_path / "state" / "n.db"
-    proc = _start_sampler(tree, path, 0.1, module="tests.crash_sampler",
-                          LLEM_TEST_CRASH_AFTER_COMMITS=str(commits), LLEM_TEST_CRASH_POINT=point)
+    proc = _start_sampler(
+        tree,
+        path,
+        0.1,
+        module="tests.crash_sampler",
+        LLEM_TEST_CRASH_AFTER_COMMITS=str(commits),
+        LLEM_TEST_CRASH_POINT=point,
+    )
     try:
         output, _ = proc.communicate(timeout=60)
     finally:

@@ -49,8 +49,9 @@ JOB = "101"
 OWNER_UID = 1000  # the job's owner in slurm_env()
 NOBODY = 65534
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="the attacks run as other uids: root starts them")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the attacks run as other uids: root starts them"
+)
 
 
 @pytest.fixture
@@ -66,9 +67,15 @@ def as_user(uid: int, code: str, *args: str) -> subprocess.Popen:
     """Run ``code`` (Python, raw sockets only) as ``uid``; its stdout is piped."""
     # The system's Python: the test's own may live where other uids cannot reach it.
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    return subprocess.Popen([python, "-c", code, *args], user=uid, group=uid,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd="/")
+    return subprocess.Popen(
+        [python, "-c", code, *args],
+        user=uid,
+        group=uid,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
 
 
 def intervals(daemon: Daemon) -> int:
@@ -82,8 +89,12 @@ def intervals(daemon: Daemon) -> int:
 def test_server_survives_running_out_of_descriptors_and_root_is_served_again(tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "tests.window_server_proc", str(tmp_path), JOB, "3"],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     held: list[socket.socket] = []
     try:
         assert server.stdout.readline().strip() == "ready"
@@ -257,8 +268,9 @@ class QuantizedPackage(FakeSensor):
 
 def slow_daemon(base: Path) -> Daemon:
     daemon = Daemon(base, linger_s=600.0)
-    daemon.config = replace(daemon.config, sampler=SamplerConfig(
-        interval_s=SLOW_INTERVAL_S, linger_s=600.0, nice=0))
+    daemon.config = replace(
+        daemon.config, sampler=SamplerConfig(interval_s=SLOW_INTERVAL_S, linger_s=600.0, nice=0)
+    )
     daemon.node.package = QuantizedPackage(daemon.node)
     return daemon
 
@@ -300,7 +312,9 @@ def test_the_owners_flood_stays_within_the_rate_and_makes_no_gaps(shared_dir):
         last = daemon.query("SELECT MAX(id) FROM intervals")[0][0]
         kinds = daemon.query(
             "SELECT kind, COUNT(*) FROM energy WHERE device_key = 'fake:package' AND "
-            "interval_id > ? AND interval_id <= ? GROUP BY kind", (first, last))
+            "interval_id > ? AND interval_id <= ? GROUP BY kind",
+            (first, last),
+        )
     finally:
         daemon.stop()
     # Opens were served (the owner's windows are real), and each answered request waited
@@ -316,16 +330,20 @@ def _gap_store(path: Path) -> tuple[NodeStore, int]:
     store = NodeStore(path)
     store.register_devices([Device("pkg", "cpu", "pkg", "fake", "measured", "counter")], 1)
     s0 = 1_700_000_000 * 10**9
-    run_id = store.add_job(JobRecord(JOB, "c1", NODE, s0, uid=OWNER_UID, end_ns=s0 + 40 * 10**9,
-                                     state="ended"))
+    run_id = store.add_job(
+        JobRecord(JOB, "c1", NODE, s0, uid=OWNER_UID, end_ns=s0 + 40 * 10**9, state="ended")
+    )
     from llem.model import JobShare
 
     for i in range(4):
         kind, energy = ("gap", 0) if i == 2 else ("ok", 10**6)
         start, end = s0 + i * 10**10, s0 + (i + 1) * 10**10
         shares = (JobShare(run_id, "pkg", energy, "cpu_time", 1.0),) if energy else ()
-        store.write(Interval("s", start, end, i, i + 1,
-                             (EnergyRow("pkg", energy, kind, "ok", i),), shares=shares))
+        store.write(
+            Interval(
+                "s", start, end, i, i + 1, (EnergyRow("pkg", energy, kind, "ok", i),), shares=shares
+            )
+        )
     return store, run_id
 
 
@@ -359,9 +377,13 @@ def test_windows_and_names_are_capped_where_the_request_arrives(shared_dir, monk
         daemon.stop()
     assert daemon.query("SELECT COUNT(*) FROM windows") == [(5,)]
     with daemon.store() as store:
-        data = export_job(store, store.runs_of(JOB, "exported")[0].run_id
-                          if store.runs_of(JOB, "exported") else
-                          store.runs_of(JOB, "sealed")[0].run_id, daemon.config)
+        data = export_job(
+            store,
+            store.runs_of(JOB, "exported")[0].run_id
+            if store.runs_of(JOB, "exported")
+            else store.runs_of(JOB, "sealed")[0].run_id,
+            daemon.config,
+        )
     slices.validate(json.loads(slices.encode(data)))
     assert [w["name"] for w in data["windows"]] == [f"w{i}" for i in range(5)]
     assert "windows_dropped" not in data
@@ -380,8 +402,11 @@ def test_a_store_full_of_windows_still_makes_a_slice_the_aggregator_accepts(tmp_
         store.db.executemany(
             "INSERT INTO windows (run_id, job_id, name, uid, start_ns, start_mono_ns, energy, "
             "status) VALUES (?, ?, ?, ?, ?, 0, ?, 'closed')",
-            [(run_id, JOB, f"w{i}" + "x" * 5000, OWNER_UID, 1_700_000_000 * 10**9 + i, big)
-             for i in range(MAX_WINDOWS_PER_JOB + extra)])
+            [
+                (run_id, JOB, f"w{i}" + "x" * 5000, OWNER_UID, 1_700_000_000 * 10**9 + i, big)
+                for i in range(MAX_WINDOWS_PER_JOB + extra)
+            ],
+        )
         store.db.commit()
         data = export_job(store, run_id, node_config(tmp_path, NODE))
     encoded = slices.encode(data)
@@ -421,7 +446,9 @@ def test_doctor_probe_finds_a_live_server_answering(tmp_path):
         daemon.start()
         before = daemon.daemon.windows.forced_reads
         assert _probe_window_server(daemon.paths.socket, 4242) == {
-            "state": "answering", "problem": None}
+            "state": "answering",
+            "problem": None,
+        }
         assert daemon.daemon.windows.forced_reads == before  # a ping reads nothing
     finally:
         daemon.stop()

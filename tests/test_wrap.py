@@ -28,8 +28,9 @@ def env_for(tree=None, **extra):
 
 
 def wrap(args, tree=None, **kw):
-    return subprocess.run(LLEM + ["wrap", *args], capture_output=True, text=True,
-                          env=env_for(tree), timeout=60, **kw)
+    return subprocess.run(
+        LLEM + ["wrap", *args], capture_output=True, text=True, env=env_for(tree), timeout=60, **kw
+    )
 
 
 @pytest.fixture
@@ -58,8 +59,12 @@ def burner(tree, steps):
 
 def test_exact_energy_against_a_powercap_tree_with_a_wrap(tree):
     tree.set("intel-rapl:0", DEFAULT_RANGE_UJ - 2_000_000)  # package-0 will wrap mid-run
-    steps = [("intel-rapl:0", 1_500_000), ("intel-rapl:0", 1_500_000),
-             ("intel-rapl:1", 4_000_000), ("intel-rapl:0:1", 250_000)]
+    steps = [
+        ("intel-rapl:0", 1_500_000),
+        ("intel-rapl:0", 1_500_000),
+        ("intel-rapl:1", 4_000_000),
+        ("intel-rapl:0:1", 250_000),
+    ]
     r = wrap(["--json", "--interval", "0.1", "--name", "t1", "--", *burner(tree, steps)], tree)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -72,8 +77,15 @@ def test_exact_energy_against_a_powercap_tree_with_a_wrap(tree):
     assert "package-0" in r.stderr and "measured" in r.stderr
 
 
-JSON_TYPES = {"string": str, "int": int, "float": (int, float), "list": list, "object": dict,
-              "null": type(None), "list of strings": list}
+JSON_TYPES = {
+    "string": str,
+    "int": int,
+    "float": (int, float),
+    "list": list,
+    "object": dict,
+    "null": type(None),
+    "list of strings": list,
+}
 
 
 def documented_wrap_schema() -> dict[str, tuple[str, str]]:
@@ -124,8 +136,16 @@ def test_exit_code_is_the_commands(tree, code):
 
 
 def test_killed_by_signal_exits_128_plus_n(tree):
-    r = wrap(["--json", "--", sys.executable, "-c",
-              "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], tree)
+    r = wrap(
+        [
+            "--json",
+            "--",
+            sys.executable,
+            "-c",
+            "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+        ],
+        tree,
+    )
     assert r.returncode == 128 + signal.SIGKILL
     assert json.loads(r.stdout)["exit_code"] == 137
 
@@ -146,9 +166,13 @@ def test_sigterm_is_forwarded_to_the_command(tree, tmp_path):
         pathlib.Path({str(marker)!r} + ".ready").write_text("")
         time.sleep(30)
     """)
-    proc = subprocess.Popen(LLEM + ["wrap", "--json", "--", sys.executable, "-c", child],
-                            env=env_for(tree), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        LLEM + ["wrap", "--json", "--", sys.executable, "-c", child],
+        env=env_for(tree),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while not (tmp_path / "got-term.ready").exists():
         assert time.monotonic() < deadline, "child never started"
@@ -162,8 +186,9 @@ def test_sigterm_is_forwarded_to_the_command(tree, tmp_path):
 
 def test_no_sensor_at_all_still_runs_the_command(tmp_path):
     env = env_for(LLEM_POWERCAP_ROOT=str(tmp_path / "none"), LLEM_SENSORS="rapl")
-    r = subprocess.run(LLEM + ["wrap", "--", "true"], capture_output=True, text=True, env=env,
-                       timeout=60)
+    r = subprocess.run(
+        LLEM + ["wrap", "--", "true"], capture_output=True, text=True, env=env, timeout=60
+    )
     # rapl named explicitly but absent: a clear error, exit 1, no traceback
     assert r.returncode == 1
     assert r.stderr.startswith("Error: ") and "Traceback" not in r.stderr
@@ -171,9 +196,14 @@ def test_no_sensor_at_all_still_runs_the_command(tmp_path):
 
 def test_no_counters_means_estimated_and_said_so(tmp_path):
     env = env_for(LLEM_POWERCAP_ROOT=str(tmp_path / "none"))
-    r = subprocess.run(LLEM + ["wrap", "--json", "--", sys.executable, "-c",
-                               "sum(i * i for i in range(2 * 10**6))"],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        LLEM
+        + ["wrap", "--json", "--", sys.executable, "-c", "sum(i * i for i in range(2 * 10**6))"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["source"] == "estimated"
@@ -188,8 +218,13 @@ def test_emissions_follow_the_named_region_and_pue(tree, tmp_path):
     cfg.write_text("carbon:\n  region: FR\n  pue: 1.5\n")
     steps = [("intel-rapl:0", 36_000_000)]  # 36 J = 0.00001 kWh
     env = env_for(tree, LLEM_CONFIG=str(cfg))
-    r = subprocess.run(LLEM + ["wrap", "--json", "--", *burner(tree, steps)],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        LLEM + ["wrap", "--json", "--", *burner(tree, steps)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     out = json.loads(r.stdout)
     assert out["energy_j"] == 36.0
     assert out["carbon"]["region"] == "FR" and out["carbon"]["pue"] == 1.5
@@ -210,8 +245,13 @@ def test_emissions_follow_the_named_region_and_pue(tree, tmp_path):
 
 def test_unknown_region_keeps_the_measurement(tree):
     env = env_for(tree, LLEM_CARBON_REGION="Atlantis")
-    r = subprocess.run(LLEM + ["wrap", "--json", "--", sys.executable, "-c", "raise SystemExit(4)"],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        LLEM + ["wrap", "--json", "--", sys.executable, "-c", "raise SystemExit(4)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 4
     out = json.loads(r.stdout)
     assert out["co2e_g"] is None and "unknown carbon region 'Atlantis'" in out["carbon"]["reason"]

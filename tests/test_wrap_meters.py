@@ -14,20 +14,43 @@ import pytest
 from tests.pmcounters import FakePmCounters, PmWriter
 
 LLEM = [sys.executable, "-m", "llem.cli.main"]
-WATTS = {"energy": 400, "cpu_energy": 150, "memory_energy": 50, "accel0_energy": 40,
-         "accel1_energy": 40, "accel2_energy": 40, "accel3_energy": 40}
-EXPECTED_W = {"node": 400, "cpu": 150, "memory": 50, "accel0": 40, "accel1": 40, "accel2": 40,
-              "accel3": 40, "platform": 40}
+WATTS = {
+    "energy": 400,
+    "cpu_energy": 150,
+    "memory_energy": 50,
+    "accel0_energy": 40,
+    "accel1_energy": 40,
+    "accel2_energy": 40,
+    "accel3_energy": 40,
+}
+EXPECTED_W = {
+    "node": 400,
+    "cpu": 150,
+    "memory": 50,
+    "accel0": 40,
+    "accel1": 40,
+    "accel2": 40,
+    "accel3": 40,
+    "platform": 40,
+}
 
 
 def wrap_json(fake, seconds, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
-    env.update(LLEM_CONFIG="/dev/null", LLEM_PM_COUNTERS_ROOT=str(fake.path),
-               LLEM_POWERCAP_ROOT=str(tmp_path / "no-powercap"),
-               LLEM_HWMON_ROOT=str(tmp_path / "no-hwmon"), LLEM_SENSORS="auto")
-    r = subprocess.run(LLEM + ["wrap", "--json", "--interval", "0.5", "--", "sleep",
-                               str(seconds)], capture_output=True, text=True, env=env,
-                       timeout=60)
+    env.update(
+        LLEM_CONFIG="/dev/null",
+        LLEM_PM_COUNTERS_ROOT=str(fake.path),
+        LLEM_POWERCAP_ROOT=str(tmp_path / "no-powercap"),
+        LLEM_HWMON_ROOT=str(tmp_path / "no-hwmon"),
+        LLEM_SENSORS="auto",
+    )
+    r = subprocess.run(
+        LLEM + ["wrap", "--json", "--interval", "0.5", "--", "sleep", str(seconds)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout), r.stderr
 
@@ -42,8 +65,7 @@ def fake(tmp_path):
     return FakePmCounters(tmp_path / "pm_counters")
 
 
-def test_node_energy_and_each_domain_within_2_percent_with_the_platform_residual(
-        fake, tmp_path):
+def test_node_energy_and_each_domain_within_2_percent_with_the_platform_residual(fake, tmp_path):
     writer = PmWriter(fake, WATTS, hz=20)
     writer.start()
     try:
@@ -78,8 +100,11 @@ def test_a_counter_restart_mid_run_is_a_recorded_gap(fake, tmp_path):
         writer.stop()
     assert writer.restart_at is None, "the writer did not restart the counters"
     resets = [e for e in out["events"] if e["kind"] == "counter_reset"]
-    assert {e["device"] for e in resets} >= {"pm_counters:node", "pm_counters:cpu",
-                                             "pm_counters:accel0"}
+    assert {e["device"] for e in resets} >= {
+        "pm_counters:node",
+        "pm_counters:cpu",
+        "pm_counters:accel0",
+    }
     seconds = window_s(out)
     for c in out["components"]:
         assert 0 <= c["energy_j"] <= EXPECTED_W[c["device"]] * seconds * 1.02, c

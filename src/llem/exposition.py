@@ -55,61 +55,164 @@ def _m(name: str, type_: str, labels: str, help_: str, scope: str) -> Metric:
 
 
 NODE_METRICS: tuple[Metric, ...] = (
-    _m("llem_node_energy_joules_total", COUNTER, "node device component source",
-       "Energy measured (or estimated, see source) on one device of the node, in joules, "
-       "as held in the node store.", "node"),
-    _m("llem_node_power_watts", GAUGE, "node device component source",
-       "Mean power of one device over the last sampler interval, in watts.", "node"),
-    _m("llem_node_running_jobs", GAUGE, "node",
-       "Jobs running on the node, as the node sampler sees them.", "node"),
-    _m("llem_job_energy_joules_total", COUNTER, "node jobid component source",
-       "Energy attributed so far to a running job on this node, per component, in joules; "
-       "the series goes away when the job's Epilog has run.", "node"),
-    _m("llem_job_info", GAUGE, "node jobid user account partition",
-       "Always 1: who a running job belongs to (join on jobid).", "node"),
-    _m("llem_sampler_start_time_seconds", GAUGE, "node",
-       "When the node sampler started, Unix time in seconds.", "node"),
-    _m("llem_sampler_last_tick_timestamp_seconds", GAUGE, "node",
-       "End of the last interval the node sampler stored, Unix time in seconds.", "node"),
-    _m("llem_sampler_interval_seconds", GAUGE, "node",
-       "The sampler's configured interval between two reads, in seconds.", "node"),
-    _m("llem_sampler_intervals_total", COUNTER, "node",
-       "Intervals the node sampler stored since it started.", "node"),
-    _m("llem_sampler_gaps_total", COUNTER, "node device",
-       "Intervals with no energy for a device since the sampler started (failed read, "
-       "counter reset, implausible step).", "node"),
-    _m("llem_sampler_sensor_errors_total", COUNTER, "node device",
-       "Failed reads of a device since the sampler started (error or device lost).", "node"),
+    _m(
+        "llem_node_energy_joules_total",
+        COUNTER,
+        "node device component source",
+        "Energy measured (or estimated, see source) on one device of the node, in joules, "
+        "as held in the node store.",
+        "node",
+    ),
+    _m(
+        "llem_node_power_watts",
+        GAUGE,
+        "node device component source",
+        "Mean power of one device over the last sampler interval, in watts.",
+        "node",
+    ),
+    _m(
+        "llem_node_running_jobs",
+        GAUGE,
+        "node",
+        "Jobs running on the node, as the node sampler sees them.",
+        "node",
+    ),
+    _m(
+        "llem_job_energy_joules_total",
+        COUNTER,
+        "node jobid component source",
+        "Energy attributed so far to a running job on this node, per component, in joules; "
+        "the series goes away when the job's Epilog has run.",
+        "node",
+    ),
+    _m(
+        "llem_job_info",
+        GAUGE,
+        "node jobid user account partition",
+        "Always 1: who a running job belongs to (join on jobid).",
+        "node",
+    ),
+    _m(
+        "llem_sampler_start_time_seconds",
+        GAUGE,
+        "node",
+        "When the node sampler started, Unix time in seconds.",
+        "node",
+    ),
+    _m(
+        "llem_sampler_last_tick_timestamp_seconds",
+        GAUGE,
+        "node",
+        "End of the last interval the node sampler stored, Unix time in seconds.",
+        "node",
+    ),
+    _m(
+        "llem_sampler_interval_seconds",
+        GAUGE,
+        "node",
+        "The sampler's configured interval between two reads, in seconds.",
+        "node",
+    ),
+    _m(
+        "llem_sampler_intervals_total",
+        COUNTER,
+        "node",
+        "Intervals the node sampler stored since it started.",
+        "node",
+    ),
+    _m(
+        "llem_sampler_gaps_total",
+        COUNTER,
+        "node device",
+        "Intervals with no energy for a device since the sampler started (failed read, "
+        "counter reset, implausible step).",
+        "node",
+    ),
+    _m(
+        "llem_sampler_sensor_errors_total",
+        COUNTER,
+        "node device",
+        "Failed reads of a device since the sampler started (error or device lost).",
+        "node",
+    ),
 )
 
 CLUSTER_METRICS: tuple[Metric, ...] = (
-    _m("llem_account_energy_joules_total", COUNTER, "cluster account partition source",
-       "Energy of finished jobs merged into the ledger, per account and partition, in "
-       "joules; source says measured or estimated.", "cluster"),
-    _m("llem_account_co2e_grams_total", COUNTER, "cluster account partition",
-       "Operational emissions of that energy (energy x PUE x grid intensity of each hour), "
-       "in grams CO2e; llem_carbon_info names the factors.", "cluster"),
-    _m("llem_carbon_info", GAUGE, "region source year basis pue",
-       "Always 1: the grid intensity source and PUE behind llem_account_co2e_grams_total.",
-       "cluster"),
-    _m("llem_ledger_jobs", GAUGE, "cluster status",
-       "Job runs in the ledger by status (complete, pending, incomplete).", "cluster"),
-    _m("llem_aggregate_last_pass_timestamp_seconds", GAUGE, "",
-       "When the last llem aggregate pass ended, Unix time in seconds.", "cluster"),
-    _m("llem_aggregate_last_pass_duration_seconds", GAUGE, "",
-       "How long the last llem aggregate pass took, in seconds.", "cluster"),
-    _m("llem_aggregate_passes_total", COUNTER, "",
-       "llem aggregate passes recorded.", "cluster"),
-    _m("llem_aggregate_slices_merged_total", COUNTER, "",
-       "Slices merged into the ledger by recorded passes (re-merges that changed nothing "
-       "not counted).", "cluster"),
-    _m("llem_aggregate_slices_quarantined_total", COUNTER, "",
-       "Slices refused and quarantined, as logged in the ledger.", "cluster"),
-    _m("llem_spool_slices", GAUGE, "",
-       "Slices waiting in the spool for the next aggregate pass.", "cluster"),
-    _m("llem_spool_oldest_slice_timestamp_seconds", GAUGE, "",
-       "Modification time of the oldest slice waiting in the spool, Unix time in seconds "
-       "(absent when the spool is empty).", "cluster"),
+    _m(
+        "llem_account_energy_joules_total",
+        COUNTER,
+        "cluster account partition source",
+        "Energy of finished jobs merged into the ledger, per account and partition, in "
+        "joules; source says measured or estimated.",
+        "cluster",
+    ),
+    _m(
+        "llem_account_co2e_grams_total",
+        COUNTER,
+        "cluster account partition",
+        "Operational emissions of that energy (energy x PUE x grid intensity of each hour), "
+        "in grams CO2e; llem_carbon_info names the factors.",
+        "cluster",
+    ),
+    _m(
+        "llem_carbon_info",
+        GAUGE,
+        "region source year basis pue",
+        "Always 1: the grid intensity source and PUE behind llem_account_co2e_grams_total.",
+        "cluster",
+    ),
+    _m(
+        "llem_ledger_jobs",
+        GAUGE,
+        "cluster status",
+        "Job runs in the ledger by status (complete, pending, incomplete).",
+        "cluster",
+    ),
+    _m(
+        "llem_aggregate_last_pass_timestamp_seconds",
+        GAUGE,
+        "",
+        "When the last llem aggregate pass ended, Unix time in seconds.",
+        "cluster",
+    ),
+    _m(
+        "llem_aggregate_last_pass_duration_seconds",
+        GAUGE,
+        "",
+        "How long the last llem aggregate pass took, in seconds.",
+        "cluster",
+    ),
+    _m("llem_aggregate_passes_total", COUNTER, "", "llem aggregate passes recorded.", "cluster"),
+    _m(
+        "llem_aggregate_slices_merged_total",
+        COUNTER,
+        "",
+        "Slices merged into the ledger by recorded passes (re-merges that changed nothing "
+        "not counted).",
+        "cluster",
+    ),
+    _m(
+        "llem_aggregate_slices_quarantined_total",
+        COUNTER,
+        "",
+        "Slices refused and quarantined, as logged in the ledger.",
+        "cluster",
+    ),
+    _m(
+        "llem_spool_slices",
+        GAUGE,
+        "",
+        "Slices waiting in the spool for the next aggregate pass.",
+        "cluster",
+    ),
+    _m(
+        "llem_spool_oldest_slice_timestamp_seconds",
+        GAUGE,
+        "",
+        "Modification time of the oldest slice waiting in the spool, Unix time in seconds "
+        "(absent when the spool is empty).",
+        "cluster",
+    ),
 )
 
 ALL: Mapping[str, Metric] = {m.name: m for m in NODE_METRICS + CLUSTER_METRICS}
@@ -139,8 +242,9 @@ class Exposition:
 
     CACHE_MAX = 4096
 
-    def __init__(self, catalogue: Iterable[Metric] = ALL.values(),
-                 cache: dict | None = None) -> None:
+    def __init__(
+        self, catalogue: Iterable[Metric] = ALL.values(), cache: dict | None = None
+    ) -> None:
         self._known = {m.name: m for m in catalogue}
         self._parts: list[str] = []
         self._cache = cache if cache is not None else {}
@@ -162,8 +266,10 @@ class Exposition:
             metric = self._known.get(name)
             if metric is None:
                 raise ValueError(f"metric {name} is not in llem's catalogue (llem.exposition)")
-            header = cache[name] = (f"# HELP {name} {metric.help}\n# TYPE {name} {metric.type}",
-                                    metric.labels)
+            header = cache[name] = (
+                f"# HELP {name} {metric.help}\n# TYPE {name} {metric.type}",
+                metric.labels,
+            )
         text, labels = header
         lines = [text]
         for values, value in series:
@@ -171,8 +277,9 @@ class Exposition:
             prefix = cache.get(key)
             if prefix is None:
                 if len(values) != len(labels):
-                    raise ValueError(f"{name}: {len(values)} label values for labels "
-                                     f"{', '.join(labels)}")
+                    raise ValueError(
+                        f"{name}: {len(values)} label values for labels {', '.join(labels)}"
+                    )
                 pairs = ",".join(f'{k}="{escape(str(v))}"' for k, v in zip(labels, values))
                 prefix = cache[key] = f"{name}{{{pairs}}} " if labels else f"{name} "
             lines.append(prefix + _number(value))
@@ -209,7 +316,7 @@ def write_textfile(directory: Path, name: str, text: str, mode: int = 0o644) -> 
         os.fchmod(fd, mode)
         data = memoryview(text.encode("utf-8"))
         while data:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
     except BaseException:
         os.close(fd)
         _unlink(tmp)

@@ -25,8 +25,13 @@ from pathlib import Path
 from llem.errors import LlemError, StoreError
 
 
-def dir_problem(path: Path, *, create_mode: int | None = None, group_write_ok: bool = False,
-                owner_check: bool = True) -> str | None:
+def dir_problem(
+    path: Path,
+    *,
+    create_mode: int | None = None,
+    group_write_ok: bool = False,
+    owner_check: bool = True,
+) -> str | None:
     """What is wrong with ``path`` as a directory to write into, or None when it is fine.
 
     Args:
@@ -47,8 +52,10 @@ def dir_problem(path: Path, *, create_mode: int | None = None, group_write_ok: b
         return "is not a real directory (a symlink or a file)"
     euid = os.geteuid()
     if owner_check and st.st_uid not in (euid, 0):
-        return (f"is owned by uid {st.st_uid}, not by this user (uid {euid}) or root: another "
-                "user controls it")
+        return (
+            f"is owned by uid {st.st_uid}, not by this user (uid {euid}) or root: another "
+            "user controls it"
+        )
     mode = stat.S_IMODE(st.st_mode)
     if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not group_write_ok):
         who = "others" if group_write_ok else "group or others"
@@ -68,11 +75,15 @@ def file_problem(st: os.stat_result, *, euid: int | None = None) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
     if st.st_uid not in (euid, 0):
-        return (f"is owned by uid {st.st_uid}, not by this user (uid {euid}) or root: another "
-                "user may have forged or swapped it")
+        return (
+            f"is owned by uid {st.st_uid}, not by this user (uid {euid}) or root: another "
+            "user may have forged or swapped it"
+        )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return (f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
-                "fix with 'chmod go-w'")
+        return (
+            f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+            "fix with 'chmod go-w'"
+        )
     return None
 
 
@@ -103,7 +114,7 @@ def write_atomic(directory: Path, name: str, data: bytes, mode: int = 0o640) -> 
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -140,8 +151,13 @@ def _unlink_quietly(path: Path) -> None:
 
 
 @contextmanager
-def locked(path: Path, timeout_s: float = 10.0, *, poll_s: float = 0.005,
-           busy: Callable[[], Exception] | None = None) -> Iterator[int]:
+def locked(
+    path: Path,
+    timeout_s: float = 10.0,
+    *,
+    poll_s: float = 0.005,
+    busy: Callable[[], Exception] | None = None,
+) -> Iterator[int]:
     """An exclusive flock on ``path``, waiting at most ``timeout_s`` (0: one try).
 
     Yields the lock file's descriptor; the lock goes with it (and with the process).
@@ -161,7 +177,8 @@ def locked(path: Path, timeout_s: float = 10.0, *, poll_s: float = 0.005,
                     if busy is not None:
                         raise busy() from None
                     raise LlemError(
-                        f"{path}: lock held by another process for {timeout_s} s") from None
+                        f"{path}: lock held by another process for {timeout_s} s"
+                    ) from None
                 time.sleep(poll_s)
         yield fd
     finally:

@@ -56,7 +56,7 @@ def _expand_one(pattern: str) -> list[str]:
     if open_at < 0:
         return [pattern]
     close_at = pattern.index("]", open_at)
-    head, body, tail = pattern[:open_at], pattern[open_at + 1:close_at], pattern[close_at + 1:]
+    head, body, tail = pattern[:open_at], pattern[open_at + 1 : close_at], pattern[close_at + 1 :]
     tails = _expand_one(tail)
     out = []
     for item in _range_items(body, pattern):
@@ -103,8 +103,11 @@ def compress_hostlist(nodes: Sequence[str]) -> str:
         ranges, first = [], numbers[0]
         for prev, cur in zip(numbers, numbers[1:] + [None]):
             if cur != prev + 1 if cur is not None else True:
-                ranges.append(f"{first:0{digits}d}" if first == prev
-                              else f"{first:0{digits}d}-{prev:0{digits}d}")
+                ranges.append(
+                    f"{first:0{digits}d}"
+                    if first == prev
+                    else f"{first:0{digits}d}-{prev:0{digits}d}"
+                )
                 first = cur
         parts.append(f"{prefix}[{','.join(ranges)}]")
     return ",".join(parts)

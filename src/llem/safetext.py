@@ -29,8 +29,7 @@ _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 # C0, DEL, C1; Arabic letter mark; LRM/RLM; line and paragraph separators; bidi embeddings
 # and overrides (LRE RLE PDF LRO RLO); bidi isolates (LRI RLI FSI PDI); lone surrogates.
 _UNSAFE_CLASS = (
-    "\\\\\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-    "\ud800-\udfff"
+    "\\\\\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
 )
 _UNSAFE = re.compile(f"[{_UNSAFE_CLASS}]")
 _delimited: dict[str, re.Pattern[str]] = {}

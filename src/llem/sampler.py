@@ -85,8 +85,13 @@ class _DeviceState:
         """The counter's step since the last read; the state moves on to ``reading``."""
         dev = self.device
         elapsed_s = None if self.mono_ns is None else (reading.mono_ns - self.mono_ns) / NS_PER_S
-        step = counter_delta(self.raw_uj, reading.energy_uj, dev.max_range_uj,
-                             elapsed_s=elapsed_s, max_power_w=dev.max_power_w)
+        step = counter_delta(
+            self.raw_uj,
+            reading.energy_uj,
+            dev.max_range_uj,
+            elapsed_s=elapsed_s,
+            max_power_w=dev.max_power_w,
+        )
         if self.raw_uj is not None and reading.epoch != self.epoch:
             # The device says its counter restarted (pm_counters startup): no step to trust.
             step = CounterDelta(0, RESET)
@@ -149,18 +154,25 @@ class Sampler:
         self.stopping = threading.Event()
         self.next_deadline_ns: int | None = None
         """When the next regular reading is due (monotonic ns), while :meth:`run` runs."""
-        fast = {d.key: t for d in self.devices
-                if (t := counter_read_s(d)) is not None and t < interval_s}
+        fast = {
+            d.key: t
+            for d in self.devices
+            if (t := counter_read_s(d)) is not None and t < interval_s
+        }
         self.counter_read_s = max(MIN_COUNTER_READ_S, min(fast.values())) if fast else None
         """Seconds between sub-reads of fast-wrapping counters; None when none needs them."""
         self._fast_keys = frozenset(fast)
-        self._fast_sensors = [s for s in self.sensors
-                              if any(d.key in fast for d in s.devices())]
+        self._fast_sensors = [s for s in self.sensors if any(d.key in fast for d in s.devices())]
         self._pending_events: list[Event] = []
         for key, t in fast.items():
             if t < MIN_COUNTER_READ_S:
-                log.warning("%s: its counter may wrap unseen (needs a read every %.3f s; "
-                            "llem reads every %.2f s at most)", key, t, MIN_COUNTER_READ_S)
+                log.warning(
+                    "%s: its counter may wrap unseen (needs a read every %.3f s; "
+                    "llem reads every %.2f s at most)",
+                    key,
+                    t,
+                    MIN_COUNTER_READ_S,
+                )
 
     def stop(self) -> None:
         """Make :meth:`run` take its final reading and return (safe from signal handlers)."""
@@ -213,7 +225,12 @@ class Sampler:
         if self.platform is not None:
             rows.append(self.platform.row(rows, wall, events))
         interval = Interval(
-            self.sampler_id, start_wall, end_wall, self._last_mono, mono, tuple(rows),
+            self.sampler_id,
+            start_wall,
+            end_wall,
+            self._last_mono,
+            mono,
+            tuple(rows),
             tuple(events),
         )
         if self.attribute is not None:
@@ -232,8 +249,7 @@ class Sampler:
             log.exception("attribution failed")
             rest = tuple((r.device_key, r.energy_uj) for r in interval.rows if r.energy_uj)
             event = Event(interval.end_ns, "attribution_error", f"{type(e).__name__}: {e}")
-            return replace(interval, remainder=rest, shares=(),
-                           events=interval.events + (event,))
+            return replace(interval, remainder=rest, shares=(), events=interval.events + (event,))
 
     def _row(self, reading: Reading, events: list[Event], wall: int) -> EnergyRow:
         st = self._state[reading.device_key]
@@ -265,15 +281,26 @@ class Sampler:
         mono = self.clock.monotonic_ns()
         for reading in self._read_all(mono, self._fast_sensors):
             st = self._state.get(reading.device_key)
-            if (reading.device_key not in self._fast_keys or st is None or st.lost
-                    or reading.status != OK or reading.energy_uj is None or st.raw_uj is None):
+            if (
+                reading.device_key not in self._fast_keys
+                or st is None
+                or st.lost
+                or reading.status != OK
+                or reading.energy_uj is None
+                or st.raw_uj is None
+            ):
                 continue  # errors and first reads are the next interval's to judge
             prev = st.raw_uj
             step = st.step(reading)
             if step.kind in (RESET, GAP):
-                self._pending_events.append(Event(
-                    self.clock.time_ns(), f"counter_{step.kind}",
-                    f"{prev} -> {reading.energy_uj}", reading.device_key))
+                self._pending_events.append(
+                    Event(
+                        self.clock.time_ns(),
+                        f"counter_{step.kind}",
+                        f"{prev} -> {reading.energy_uj}",
+                        reading.device_key,
+                    )
+                )
                 st.pending_bad = st.pending_bad or step.kind
             else:
                 st.pending_uj += step.delta

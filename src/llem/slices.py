@@ -46,8 +46,9 @@ job ids. The characters Slurm allows in node names (letters, digits, ``.``, ``_`
 file), at most 128 characters. Checked once where a name enters llem (``node.slurm``,
 ``NodePaths``, slice validation) with this same rule; see :func:`check_identifier`."""
 SAFE_NAME = re.compile(rf"^{IDENTIFIER.pattern}\Z")
-IDENTIFIER_RULE = "letters, digits, '.', '_', '+', '-', not starting with one of '._+-', " \
-                  "at most 128"
+IDENTIFIER_RULE = (
+    "letters, digits, '.', '_', '+', '-', not starting with one of '._+-', at most 128"
+)
 _IN_FILE_NAME_DOT = "%2E"
 """How a dot inside an identifier is written in a spool file name, whose parts dots separate."""
 
@@ -118,8 +119,10 @@ def check_identifier(what: str, value: Any) -> str:
         SliceError: (a ValueError) it is not; the message names ``what`` and the rule.
     """
     if not is_identifier(value):
-        raise SliceError(f"{what} {_show(value)} has characters outside [A-Za-z0-9._+-] or "
-                         f"breaks the rule for names ({IDENTIFIER_RULE})")
+        raise SliceError(
+            f"{what} {_show(value)} has characters outside [A-Za-z0-9._+-] or "
+            f"breaks the rule for names ({IDENTIFIER_RULE})"
+        )
     return value
 
 
@@ -132,17 +135,35 @@ def _ts(obj: Mapping, key: str, where: str, *, optional: bool = False) -> int | 
     if value is None and optional:
         return None
     if not _is_int(value) or not MIN_TS_NS <= value <= MAX_TS_NS:
-        raise SliceError(f"{where}: '{key}' must be epoch nanoseconds (2000-2100), "
-                         f"got {_show(value)}")
+        raise SliceError(
+            f"{where}: '{key}' must be epoch nanoseconds (2000-2100), got {_show(value)}"
+        )
     return value
 
 
 # Optional job fields, each a string (or integer) or null: anything else could not be stored.
-JOB_TEXT = ("array_job_id", "array_task_id", "user", "account", "partition", "nodelist", "name",
-            "tag", "state")
+JOB_TEXT = (
+    "array_job_id",
+    "array_task_id",
+    "user",
+    "account",
+    "partition",
+    "nodelist",
+    "name",
+    "tag",
+    "state",
+)
 JOB_INTS = ("uid", "gid", "num_nodes", "cpus")
-HEADER_TEXT = ("array_job_id", "array_task_id", "user", "account", "partition", "nodelist",
-               "name", "state")
+HEADER_TEXT = (
+    "array_job_id",
+    "array_task_id",
+    "user",
+    "account",
+    "partition",
+    "nodelist",
+    "name",
+    "state",
+)
 HEADER_INTS = ("uid", "num_nodes", "exit_code", "signal", "derived_exit_code")
 
 
@@ -170,8 +191,9 @@ def _energy(value: Any, where: str, limit_uj: int | None = None) -> int:
 
 def _hour(value: Any, where: str) -> int:
     if not _is_int(value) or value % 3600 or not MIN_TS_NS <= value * 10**9 <= MAX_TS_NS:
-        raise SliceError(f"{where}: hour must be the epoch second of a UTC hour, "
-                         f"got {_show(value)}")
+        raise SliceError(
+            f"{where}: hour must be the epoch second of a UTC hour, got {_show(value)}"
+        )
     return value
 
 
@@ -192,7 +214,7 @@ def check_schema(data: Any) -> None:
     schema = data.get("schema")
     if not isinstance(schema, str) or not schema.startswith(SCHEMA_PREFIX):
         raise SliceError(f"foreign file: schema is {_show(schema)}, not {_show(SCHEMA)}")
-    version = schema[len(SCHEMA_PREFIX):]
+    version = schema[len(SCHEMA_PREFIX) :]
     if not version.isdigit():
         raise SliceError(f"foreign file: schema {_show(schema)} has no version number")
     if int(version) > SCHEMA_VERSION:
@@ -240,8 +262,9 @@ def _validate_devices(data: Mapping) -> dict:
         if dev.get("component") not in COMPONENTS:
             raise SliceError(f"{where}: unknown component {_show(dev.get('component'))}")
         if dev.get("source") not in SOURCES:
-            raise SliceError(f"{where}: source must be measured or estimated, got "
-                             f"{_show(dev.get('source'))}")
+            raise SliceError(
+                f"{where}: source must be measured or estimated, got {_show(dev.get('source'))}"
+            )
         _str(dev, "sensor", where)
         _str(dev, "method", where)
         if dev.get("name") is not None and type(dev["name"]) is not str:
@@ -299,14 +322,21 @@ def _validate_attribution(value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, dict) or value.get("policy") not in ATTRIBUTION_POLICIES:
-        raise SliceError(f"job: 'attribution' must be an object with a policy among "
-                         f"{', '.join(ATTRIBUTION_POLICIES)}, got {str(value)[:200]!r}")
+        raise SliceError(
+            f"job: 'attribution' must be an object with a policy among "
+            f"{', '.join(ATTRIBUTION_POLICIES)}, got {str(value)[:200]!r}"
+        )
     idle = value.get("idle_w", {})
     if not isinstance(idle, dict) or not all(
-            isinstance(v, dict) and type(v.get("w")) in (int, float) and v["w"] >= 0
-            and type(v.get("source")) is str for v in idle.values()):
-        raise SliceError(f"job: 'attribution.idle_w' must map devices to "
-                         f"{{w, source}}, got {str(idle)[:200]!r}")
+        isinstance(v, dict)
+        and type(v.get("w")) in (int, float)
+        and v["w"] >= 0
+        and type(v.get("source")) is str
+        for v in idle.values()
+    ):
+        raise SliceError(
+            f"job: 'attribution.idle_w' must map devices to {{w, source}}, got {str(idle)[:200]!r}"
+        )
 
 
 def _validate_energy(rows: Any, devices: Mapping, first_hour: int, last_hour: int) -> None:
@@ -317,10 +347,17 @@ def _validate_energy(rows: Any, devices: Mapping, first_hour: int, last_hour: in
     # first row that is wrong and what is wrong with it.
     try:
         for device, hour, method, uj in map(_ENERGY_FIELDS, rows):
-            if not (type(device) is str and device in devices and type(hour) is int
-                    and first_hour <= hour <= last_hour and not hour % 3600
-                    and type(uj) is int and 0 <= uj <= MAX_DEVICE_HOUR_UJ
-                    and type(method) is str and method):
+            if not (
+                type(device) is str
+                and device in devices
+                and type(hour) is int
+                and first_hour <= hour <= last_hour
+                and not hour % 3600
+                and type(uj) is int
+                and 0 <= uj <= MAX_DEVICE_HOUR_UJ
+                and type(method) is str
+                and method
+            ):
                 raise LookupError
     except (LookupError, TypeError):
         for i, row in enumerate(rows):
@@ -344,8 +381,14 @@ def _node_total_is_valid(key: Any, row: Any, devices: Mapping) -> bool:
     except KeyError:
         return False
     gaps = row.get("gap_intervals", 0)
-    return (type(m) is int and type(a) is int and type(r) is int and type(gaps) is int
-            and 0 <= min(m, a, r, gaps) and max(m, a, r, gaps) <= INT64_MAX)
+    return (
+        type(m) is int
+        and type(a) is int
+        and type(r) is int
+        and type(gaps) is int
+        and 0 <= min(m, a, r, gaps)
+        and max(m, a, r, gaps) <= INT64_MAX
+    )
 
 
 def _node_total_row(key: Any, row: Any, devices: Mapping) -> None:
@@ -356,8 +399,9 @@ def _node_total_row(key: Any, row: Any, devices: Mapping) -> None:
         _energy(row.get(field), f"{where}.{field}")
     gaps = row.get("gap_intervals", 0)
     if not _is_int(gaps) or gaps < 0:
-        raise SliceError(f"{where}: 'gap_intervals' must be a non-negative integer, "
-                         f"got {_show(gaps)}")
+        raise SliceError(
+            f"{where}: 'gap_intervals' must be a non-negative integer, got {_show(gaps)}"
+        )
 
 
 def _known(device: Any, devices: Mapping) -> bool:
@@ -368,8 +412,7 @@ _ENERGY_FIELDS = operator.itemgetter("device", "hour_s", "method", "energy_uj")
 _TOTAL_FIELDS = operator.itemgetter("measured_uj", "attributed_uj", "remainder_uj")
 
 
-def _energy_row(row: Any, where: str, devices: Mapping, first_hour: int,
-                last_hour: int) -> None:
+def _energy_row(row: Any, where: str, devices: Mapping, first_hour: int, last_hour: int) -> None:
     if not isinstance(row, dict):
         raise SliceError(f"{where}: must be an object")
     if not _known(row.get("device"), devices):
@@ -416,8 +459,10 @@ def _validate_node(data: Mapping, devices: Mapping) -> None:
         attributed = _energy(row.get("attributed_uj"), f"{where}.attributed_uj")
         remainder = _energy(row.get("remainder_uj"), f"{where}.remainder_uj")
         if attributed + remainder > measured + 1000:
-            raise SliceError(f"{where}: attributed + remainder ({attributed + remainder} uJ) "
-                             f"exceeds measured ({measured} uJ)")
+            raise SliceError(
+                f"{where}: attributed + remainder ({attributed + remainder} uJ) "
+                f"exceeds measured ({measured} uJ)"
+            )
         for field in ("intervals", "gap_intervals", "covered_ns"):
             value = row.get(field)
             if not _is_int(value) or value < 0:
@@ -481,11 +526,18 @@ def parse_file_name(name: str) -> dict[str, str]:
     """
     parts = name.split(".")
     if len(parts) != 6 or parts[-1] != "json" or parts[0] not in KINDS:
-        raise SliceError(f"file name {_show(name)} is not a slice name "
-                         "(<kind>.<cluster>.<node>.<key>.<created_ns>.json)")
+        raise SliceError(
+            f"file name {_show(name)} is not a slice name "
+            "(<kind>.<cluster>.<node>.<key>.<created_ns>.json)"
+        )
     parts = [p.replace(_IN_FILE_NAME_DOT, ".") for p in parts]
-    return {"kind": parts[0], "cluster": parts[1], "node": parts[2], "key": parts[3],
-            "created_ns": parts[4]}
+    return {
+        "kind": parts[0],
+        "cluster": parts[1],
+        "node": parts[2],
+        "key": parts[3],
+        "created_ns": parts[4],
+    }
 
 
 def check_name_matches(name: str, data: Mapping) -> None:
@@ -496,12 +548,17 @@ def check_name_matches(name: str, data: Mapping) -> None:
     """
     parts = parse_file_name(name)
     expected_node = "ctld" if data["kind"] == "header" else data["node"]
-    for field, value in (("kind", data["kind"]), ("cluster", data["cluster"]),
-                         ("node", expected_node)):
+    for field, value in (
+        ("kind", data["kind"]),
+        ("cluster", data["cluster"]),
+        ("node", expected_node),
+    ):
         if parts[field] != value:
-            raise SliceError(f"{field} {_show(value)} in the slice does not match "
-                             f"{_show(parts[field])} "
-                             f"in its file name")
+            raise SliceError(
+                f"{field} {_show(value)} in the slice does not match "
+                f"{_show(parts[field])} "
+                f"in its file name"
+            )
 
 
 # -- the spool ------------------------------------------------------------------------------
@@ -520,8 +577,9 @@ def check_spool_dir(path: Path, *, create: bool = True) -> Path:
     """
     from llem.fsutil import dir_problem
 
-    problem = dir_problem(path, create_mode=0o700 if create else None, group_write_ok=True,
-                          owner_check=False)
+    problem = dir_problem(
+        path, create_mode=0o700 if create else None, group_write_ok=True, owner_check=False
+    )
     if problem is None:
         return path
     if problem.startswith(("cannot be used", "permission denied")):

@@ -118,8 +118,9 @@ def _connect(path: Path, spec: Database, *, readonly: bool) -> tuple[sqlite3.Con
     msg = spec.messages
     try:
         if readonly:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                                 timeout=spec.busy_timeout_s)
+            db = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=spec.busy_timeout_s
+            )
         else:
             spec.prepare_dir(path.parent)
             _check_files(path, spec)
@@ -138,8 +139,10 @@ def _connect(path: Path, spec: Database, *, readonly: bool) -> tuple[sqlite3.Con
             raise spec.error(msg.not_a_database.format(path=path, error=e)) from e
         holders = lock_holders(path)  # before closing, which may delete a locked -shm
         db.close()
-        raise spec.error(msg.busy.format(path=path, error=e) + (
-            f" (locks on it held by {holders})" if holders else "")) from e
+        raise spec.error(
+            msg.busy.format(path=path, error=e)
+            + (f" (locks on it held by {holders})" if holders else "")
+        ) from e
     except sqlite3.DatabaseError as e:
         db.close()
         raise spec.error(msg.not_a_database.format(path=path, error=e)) from e
@@ -188,8 +191,12 @@ def lock_holders(path: Path) -> str:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             for line in f:
                 fields = line.split()
-                if (len(fields) >= 6 and fields[1] != "->" and fields[5] in wanted
-                        and fields[4].isdigit()):
+                if (
+                    len(fields) >= 6
+                    and fields[1] != "->"
+                    and fields[5] in wanted
+                    and fields[4].isdigit()
+                ):
                     pids.add(int(fields[4]))
     except OSError:
         return ""
@@ -207,8 +214,7 @@ def _check_version(path: Path, spec: Database, version: int, *, readonly: bool) 
     if version > spec.version:
         raise spec.error(msg.newer.format(path=path, version=version, known=spec.version))
     if readonly and version < spec.readable_from:
-        raise spec.error(msg.needs_migrating.format(path=path, version=version,
-                                                    known=spec.version))
+        raise spec.error(msg.needs_migrating.format(path=path, version=version, known=spec.version))
 
 
 def _migrate(db: sqlite3.Connection, path: Path, spec: Database) -> None:
@@ -219,8 +225,10 @@ def _migrate(db: sqlite3.Connection, path: Path, spec: Database) -> None:
         for number in range(version, spec.version):
             spec.migrations[number](db)
         db.execute(f"PRAGMA user_version = {spec.version}")
-        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('created_ns', ?)",
-                   (str(time.time_ns()),))
+        db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('created_ns', ?)",
+            (str(time.time_ns()),),
+        )
         db.execute("COMMIT")
     except sqlite3.DatabaseError as e:
         _rollback(db)

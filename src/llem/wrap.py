@@ -22,7 +22,12 @@ from llem.units import NS_PER_S, OK, WRAP, split_by_hour, uj_to_j
 
 SCHEMA = "llem.wrap/1"
 FORWARDED_SIGNALS = (
-    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
 )
 
 
@@ -62,8 +67,9 @@ class Accumulator:
                 total.energy_uj += row.energy_uj
                 total.covered_ns += length
                 if total.device.component != "psys":
-                    for hour, uj in split_by_hour(interval.start_ns, interval.end_ns,
-                                                  row.energy_uj).items():
+                    for hour, uj in split_by_hour(
+                        interval.start_ns, interval.end_ns, row.energy_uj
+                    ).items():
                         self.by_hour_uj[hour] = self.by_hour_uj.get(hour, 0) + uj
             else:
                 total.gaps += 1
@@ -72,8 +78,11 @@ class Accumulator:
 def _iso(ts_ns: int | None) -> str | None:
     if ts_ns is None:
         return None
-    return dt.datetime.fromtimestamp(ts_ns / NS_PER_S, dt.timezone.utc).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        dt.datetime.fromtimestamp(ts_ns / NS_PER_S, dt.timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 def overall_source(sources: Sequence[str]) -> str | None:
@@ -99,15 +108,17 @@ def result(
     components = []
     for total in acc.devices.values():
         d = total.device
-        components.append({
-            "component": d.component,
-            "device": d.name,
-            "energy_j": round(uj_to_j(total.energy_uj), 6),
-            "source": d.source,
-            "sensor": d.sensor,
-            "method": d.method,
-            "coverage": round(min(1.0, total.covered_ns / window_ns), 4),
-        })
+        components.append(
+            {
+                "component": d.component,
+                "device": d.name,
+                "energy_j": round(uj_to_j(total.energy_uj), 6),
+                "source": d.source,
+                "sensor": d.sensor,
+                "method": d.method,
+                "coverage": round(min(1.0, total.covered_ns / window_ns), 4),
+            }
+        )
     counted = [c for c in components if c["component"] != "psys"]
     energy_j = round(sum(c["energy_j"] for c in counted), 6)
     return {
@@ -125,8 +136,9 @@ def result(
         "components": components,
         "co2e_g": co2e_g,
         "carbon": carbon,
-        "events": [{"kind": e.kind, "device": e.device_key, "detail": e.detail}
-                   for e in acc.events],
+        "events": [
+            {"kind": e.kind, "device": e.device_key, "detail": e.detail} for e in acc.events
+        ],
         "notes": list(notes),
     }
 

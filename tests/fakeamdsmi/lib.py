@@ -46,10 +46,19 @@ def build(out_dir: Path) -> Path:
     lib.mkdir(parents=True, exist_ok=True)
     defined = set(_DEFINED.findall(SOURCE.read_text()))
     stubs = out_dir / "stubs.c"
-    stubs.write_text("".join(f"int {name}(void) {{ return 2; }}\n"
-                             for name in wrapper_symbols() if name not in defined))
-    subprocess.run([gcc, *CFLAGS, "-o", str(lib / "libamd_smi.so"), str(SOURCE), str(stubs)],
-                   check=True, capture_output=True, text=True)
+    stubs.write_text(
+        "".join(
+            f"int {name}(void) {{ return 2; }}\n"
+            for name in wrapper_symbols()
+            if name not in defined
+        )
+    )
+    subprocess.run(
+        [gcc, *CFLAGS, "-o", str(lib / "libamd_smi.so"), str(SOURCE), str(stubs)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out_dir
 
 
@@ -66,8 +75,10 @@ class FakeAmdGpu:
     error: int = 0
 
     def line(self) -> str:
-        return (f"gpu bdf={self.bdf} uuid={self.uuid} card={self.card} acc={self.acc} "
-                f"res={self.res} power_w={self.power_w} error={self.error}")
+        return (
+            f"gpu bdf={self.bdf} uuid={self.uuid} card={self.card} acc={self.acc} "
+            f"res={self.res} power_w={self.power_w} error={self.error}"
+        )
 
 
 def write_state(path: Path, gpus: Iterable[FakeAmdGpu], *, init_error: int = 0) -> None:

@@ -20,30 +20,96 @@ carbon:
 """
 
 
-def job(job_id, user, account, partition, start_s, end_s, nodes, *, gpus=0, cpu_w=100,
-        dram_w=10, gpu_w=250, estimated=False, state="COMPLETED", windows=(), tag=None,
-        array=None, name="train", cluster="c1"):
+def job(
+    job_id,
+    user,
+    account,
+    partition,
+    start_s,
+    end_s,
+    nodes,
+    *,
+    gpus=0,
+    cpu_w=100,
+    dram_w=10,
+    gpu_w=250,
+    estimated=False,
+    state="COMPLETED",
+    windows=(),
+    tag=None,
+    array=None,
+    name="train",
+    cluster="c1",
+):
     return {
-        "cluster": cluster, "job_id": job_id,
+        "cluster": cluster,
+        "job_id": job_id,
         "array_job_id": array[0] if array else None,
-        "array_task_id": array[1] if array else None, "user": user, "uid": 1000,
-        "account": account, "partition": partition, "name": name, "tag": tag, "state": state,
-        "start_s": start_s, "end_s": end_s, "nodes": list(nodes),
-        "nodelist": make_ledger.nodelist(list(nodes)), "gpus_per_node": gpus, "cpu_w": cpu_w,
-        "dram_w": dram_w, "gpu_w": gpu_w, "estimated": estimated, "coverage": 1.0,
-        "windows": list(windows)}
+        "array_task_id": array[1] if array else None,
+        "user": user,
+        "uid": 1000,
+        "account": account,
+        "partition": partition,
+        "name": name,
+        "tag": tag,
+        "state": state,
+        "start_s": start_s,
+        "end_s": end_s,
+        "nodes": list(nodes),
+        "nodelist": make_ledger.nodelist(list(nodes)),
+        "gpus_per_node": gpus,
+        "cpu_w": cpu_w,
+        "dram_w": dram_w,
+        "gpu_w": gpu_w,
+        "estimated": estimated,
+        "coverage": 1.0,
+        "windows": list(windows),
+    }
 
 
 JOBS = [
     # 2 nodes x 2 h x (100 + 10 + 4 x 250 W) = 15,984,000 J
-    job("5001", "alice", "physics", "gpu", T, T + 2 * H, ["g0001", "g0002"], gpus=4,
-        windows=[("train", "0", T + 600, T + 600 + H)]),
+    job(
+        "5001",
+        "alice",
+        "physics",
+        "gpu",
+        T,
+        T + 2 * H,
+        ["g0001", "g0002"],
+        gpus=4,
+        windows=[("train", "0", T + 600, T + 600 + H)],
+    ),
     # array task 5009_1: 30 min x 220 W = 396,000 J, estimated
-    job("5010", "bob", "chem", "cpu", T + 3 * H, T + 3 * H + 1800, ["c0001"], cpu_w=200,
-        dram_w=20, estimated=True, state="FAILED", array=("5009", "1"), name="sim"),
+    job(
+        "5010",
+        "bob",
+        "chem",
+        "cpu",
+        T + 3 * H,
+        T + 3 * H + 1800,
+        ["c0001"],
+        cpu_w=200,
+        dram_w=20,
+        estimated=True,
+        state="FAILED",
+        array=("5009", "1"),
+        name="sim",
+    ),
     # next day: 300 s x 55 W = 16,500 J
-    job("5003", "alice", "physics", "cpu", T + 23 * H, T + 23 * H + 300, ["c0002"],
-        cpu_w=50, dram_w=5, tag="exp-1", name="prep"),
+    job(
+        "5003",
+        "alice",
+        "physics",
+        "cpu",
+        T + 23 * H,
+        T + 23 * H + 300,
+        ["c0002"],
+        cpu_w=50,
+        dram_w=5,
+        tag="exp-1",
+        name="prep",
+    ),
 ]
 
 

@@ -39,10 +39,17 @@ GIB = 1 << 30
 def slurm_env(job_id: str, uid: int = 1000, user: str = "alice") -> dict[str, str]:
     """What slurmd puts in the Prolog and Epilog environment (Slurm 22.05)."""
     return {
-        "SLURM_JOB_ID": job_id, "SLURM_JOB_UID": str(uid), "SLURM_JOB_GID": str(uid),
-        "SLURM_JOB_USER": user, "SLURM_JOB_ACCOUNT": "physics", "SLURM_JOB_PARTITION": "cpu",
-        "SLURM_CLUSTER_NAME": "c1", "SLURMD_NODENAME": NODE, "SLURM_NODELIST": NODE,
-        "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_CPUS_PER_NODE": "4",
+        "SLURM_JOB_ID": job_id,
+        "SLURM_JOB_UID": str(uid),
+        "SLURM_JOB_GID": str(uid),
+        "SLURM_JOB_USER": user,
+        "SLURM_JOB_ACCOUNT": "physics",
+        "SLURM_JOB_PARTITION": "cpu",
+        "SLURM_CLUSTER_NAME": "c1",
+        "SLURMD_NODENAME": NODE,
+        "SLURM_NODELIST": NODE,
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_CPUS_PER_NODE": "4",
     }
 
 
@@ -84,9 +91,10 @@ class BusyNode:
         self.dram.counters["dram"] += DRAM_UJ_PER_READ
 
     def _write_stat(self) -> None:
-        (self.proc / "stat").write_text(f"cpu  {self.busy_ticks} 0 0 1000 0 0 0 0 0 0\n"
-                                        + "".join(f"cpu{i} 0 0 0 0 0 0 0 0 0 0\n"
-                                                  for i in range(8)))  # an 8-CPU node
+        (self.proc / "stat").write_text(
+            f"cpu  {self.busy_ticks} 0 0 1000 0 0 0 0 0 0\n"
+            + "".join(f"cpu{i} 0 0 0 0 0 0 0 0 0 0\n" for i in range(8))
+        )  # an 8-CPU node
 
     def open_sensors(self, config, env) -> OpenedSensors:
         return OpenedSensors([self.package, self.dram], ["fake node"])
@@ -108,10 +116,12 @@ class Daemon:
 
     def __init__(self, tmp_path: Path, linger_s: float) -> None:
         self.config = replace(
-            node_config(tmp_path, NODE), run_dir=str(tmp_path / "run"),
+            node_config(tmp_path, NODE),
+            run_dir=str(tmp_path / "run"),
             sampler=SamplerConfig(interval_s=INTERVAL_S, linger_s=linger_s, nice=0),
             # The figures below are the use rule's; the policies have tests of their own.
-            attribution=AttributionConfig(policy="use"))
+            attribution=AttributionConfig(policy="use"),
+        )
         self.paths = NodePaths.of(self.config, NODE)
         self.paths.ensure()
         self.node = BusyNode(tmp_path / "node")
@@ -120,13 +130,20 @@ class Daemon:
         self.status: list[int] = []
 
     def make(self) -> NodeDaemon:
-        return NodeDaemon(self.config, NODE, env={}, open_sensors=self.node.open_sensors,
-                          proc_root=self.node.proc, cgroup_root=str(self.node.cgroup))
+        return NodeDaemon(
+            self.config,
+            NODE,
+            env={},
+            open_sensors=self.node.open_sensors,
+            proc_root=self.node.proc,
+            cgroup_root=str(self.node.cgroup),
+        )
 
     def start(self) -> None:
         self.daemon = self.make()
-        self.thread = threading.Thread(target=lambda: self.status.append(self.daemon.run()),
-                                       name="node-daemon", daemon=True)
+        self.thread = threading.Thread(
+            target=lambda: self.status.append(self.daemon.run()), name="node-daemon", daemon=True
+        )
         self.thread.start()
         # Up once it wrote an interval: its socket is bound by then (a crashed predecessor's
         # socket file may still lie there, refusing connections).
@@ -134,8 +151,12 @@ class Daemon:
 
     def wrote_an_interval(self) -> bool:
         try:
-            return bool(self.query("SELECT COUNT(*) FROM intervals WHERE sampler_id LIKE ?",
-                                   (f"{NODE}-{os.getpid()}-%",))[0][0])
+            return bool(
+                self.query(
+                    "SELECT COUNT(*) FROM intervals WHERE sampler_id LIKE ?",
+                    (f"{NODE}-{os.getpid()}-%",),
+                )[0][0]
+            )
         except StoreError:  # not there yet, or not migrated yet
             return False
 
@@ -163,7 +184,9 @@ class Daemon:
     def job_intervals(self, job_id: str) -> int:
         return self.query(
             "SELECT COUNT(DISTINCT je.interval_id) FROM job_energy je JOIN jobs j "
-            "ON j.run_id = je.run_id WHERE j.job_id = ?", (job_id,))[0][0]
+            "ON j.run_id = je.run_id WHERE j.job_id = ?",
+            (job_id,),
+        )[0][0]
 
     def join(self, timeout_s: float = WAIT_S) -> None:
         self.thread.join(timeout_s)

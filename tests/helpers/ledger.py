@@ -10,5 +10,8 @@ GRACE_S = 3600.0
 
 
 def merge(ledger, items, now_ns=NOW, grace_s=GRACE_S):
-    return ledger.merge([(d, digest(json.dumps(d, sort_keys=True).encode())) for d in items],
-                        now_ns=now_ns, grace_s=grace_s)
+    return ledger.merge(
+        [(d, digest(json.dumps(d, sort_keys=True).encode())) for d in items],
+        now_ns=now_ns,
+        grace_s=grace_s,
+    )

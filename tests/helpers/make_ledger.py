@@ -65,12 +65,26 @@ class Writer:
         for node in job["nodes"]:
             job_node_id = self.next_id
             self.next_id += 1
-            devices = [("rapl:package-0" if not estimated else "estimate:cpu", "cpu",
-                        job["cpu_w"], src, "rapl" if not estimated else "estimate"),
-                       ("rapl:dram-0" if not estimated else "estimate:dram", "dram",
-                        job["dram_w"], src, "rapl" if not estimated else "estimate")]
-            devices += [(f"nvml:GPU-{node}-{i}", "gpu", job["gpu_w"], "measured", "nvml")
-                        for i in range(job["gpus_per_node"])]
+            devices = [
+                (
+                    "rapl:package-0" if not estimated else "estimate:cpu",
+                    "cpu",
+                    job["cpu_w"],
+                    src,
+                    "rapl" if not estimated else "estimate",
+                ),
+                (
+                    "rapl:dram-0" if not estimated else "estimate:dram",
+                    "dram",
+                    job["dram_w"],
+                    src,
+                    "rapl" if not estimated else "estimate",
+                ),
+            ]
+            devices += [
+                (f"nvml:GPU-{node}-{i}", "gpu", job["gpu_w"], "measured", "nvml")
+                for i in range(job["gpus_per_node"])
+            ]
             node_by = {"cpu": 0, "dram": 0, "gpu": 0}
             hour = start_s // 3600 * 3600
             while hour < end_s:
@@ -78,43 +92,113 @@ class Writer:
                 for key, component, watts, source, sensor in devices:
                     uj = overlap * watts * UJ
                     node_by[component] += uj
-                    self.energy.append((job_node_id, key, hour, "counter", component, source,
-                                        sensor, uj))
+                    self.energy.append(
+                        (job_node_id, key, hour, "counter", component, source, sensor, uj)
+                    )
                 hour += 3600
             for key, component, _, source, sensor in devices:
                 dkey = (cluster, node, key)
                 if dkey not in self.devices:
-                    self.devices[dkey] = (cluster, node, key, component, key.split(":")[-1],
-                                          sensor, source, "counter")
+                    self.devices[dkey] = (
+                        cluster,
+                        node,
+                        key,
+                        component,
+                        key.split(":")[-1],
+                        sensor,
+                        source,
+                        "counter",
+                    )
             node_total = sum(node_by.values())
             # the GPUs' device keys, as the sampler stores them (the energy rows' names)
             gpus = json.dumps(sorted(f"nvml:GPU-{node}-{i}" for i in range(job["gpus_per_node"])))
-            self.nodes.append((
-                job_node_id, cluster, job["job_id"], node, start_s * S, end_s * S, start_s * S,
-                job["array_job_id"], job["array_task_id"], job["user"], job["uid"], job["uid"],
-                job["account"], job["partition"], job["nodelist"], len(job["nodes"]), 32,
-                gpus, job["tag"], job["name"], "exported", job["coverage"], "[]", node_total,
-                node_by["cpu"], node_by["dram"], node_by["gpu"], 0,
-                node_by["cpu"] + node_by["dram"] if estimated else 0, end_s * S,
-                f"bench-{job['job_id']}-{node}"))
+            self.nodes.append(
+                (
+                    job_node_id,
+                    cluster,
+                    job["job_id"],
+                    node,
+                    start_s * S,
+                    end_s * S,
+                    start_s * S,
+                    job["array_job_id"],
+                    job["array_task_id"],
+                    job["user"],
+                    job["uid"],
+                    job["uid"],
+                    job["account"],
+                    job["partition"],
+                    job["nodelist"],
+                    len(job["nodes"]),
+                    32,
+                    gpus,
+                    job["tag"],
+                    job["name"],
+                    "exported",
+                    job["coverage"],
+                    "[]",
+                    node_total,
+                    node_by["cpu"],
+                    node_by["dram"],
+                    node_by["gpu"],
+                    0,
+                    node_by["cpu"] + node_by["dram"] if estimated else 0,
+                    end_s * S,
+                    f"bench-{job['job_id']}-{node}",
+                )
+            )
             for name, step_id, w_start, w_end in job["windows"]:
-                energy = {key: (w_end - w_start) * watts * UJ
-                          for key, _, watts, _, _ in devices}
-                self.windows.append((job_node_id, name, step_id, w_start * S, w_end * S,
-                                     "closed", sum(energy.values()),
-                                     json.dumps(energy, sort_keys=True)))
+                energy = {key: (w_end - w_start) * watts * UJ for key, _, watts, _, _ in devices}
+                self.windows.append(
+                    (
+                        job_node_id,
+                        name,
+                        step_id,
+                        w_start * S,
+                        w_end * S,
+                        "closed",
+                        sum(energy.values()),
+                        json.dumps(energy, sort_keys=True),
+                    )
+                )
             for k in totals:
                 totals[k] += node_by[k]
         total = sum(totals.values())
         n = len(job["nodes"])
-        self.runs.append((
-            cluster, job["job_id"], start_s * S, end_s * S, job["array_job_id"],
-            job["array_task_id"], job["user"], job["uid"], job["account"], job["partition"],
-            job["name"], job["tag"], job["nodelist"], n, job["state"],
-            0 if job["state"] == "COMPLETED" else 1, None, 0, 1, "complete", n, "[]", total,
-            totals["cpu"], totals["dram"], totals["gpu"], 0,
-            totals["cpu"] + totals["dram"] if estimated else 0,
-            float(n * job["gpus_per_node"] * (end_s - start_s)), job["coverage"]))
+        self.runs.append(
+            (
+                cluster,
+                job["job_id"],
+                start_s * S,
+                end_s * S,
+                job["array_job_id"],
+                job["array_task_id"],
+                job["user"],
+                job["uid"],
+                job["account"],
+                job["partition"],
+                job["name"],
+                job["tag"],
+                job["nodelist"],
+                n,
+                job["state"],
+                0 if job["state"] == "COMPLETED" else 1,
+                None,
+                0,
+                1,
+                "complete",
+                n,
+                "[]",
+                total,
+                totals["cpu"],
+                totals["dram"],
+                totals["gpu"],
+                0,
+                totals["cpu"] + totals["dram"] if estimated else 0,
+                float(n * job["gpus_per_node"] * (end_s - start_s)),
+                job["coverage"],
+            )
+        )
 
     def flush(self) -> None:
         db = self.db
@@ -126,11 +210,14 @@ class Writer:
             "num_nodes, cpus, gpus, tag, name, node_state, coverage, flags, energy_uj, "
             "cpu_energy_uj, dram_energy_uj, gpu_energy_uj, other_energy_uj, "
             f"estimated_energy_uj, created_ns, digest) VALUES ({', '.join('?' * 31)})",
-            self.nodes)
+            self.nodes,
+        )
         db.executemany("INSERT INTO job_energy VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.energy)
         db.executemany("INSERT INTO windows VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.windows)
-        db.executemany("INSERT OR IGNORE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       list(self.devices.values()))
+        db.executemany(
+            "INSERT OR IGNORE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            list(self.devices.values()),
+        )
         db.execute("COMMIT")
         self.runs, self.nodes, self.energy, self.windows = [], [], [], []
         self.devices = {}
@@ -138,22 +225,22 @@ class Writer:
 
 def nodelist(nodes: list[str]) -> str:
     prefix = nodes[0].rstrip("0123456789")
-    numbers = [n[len(prefix):] for n in nodes]
+    numbers = [n[len(prefix) :] for n in nodes]
     if len(nodes) == 1:
         return nodes[0]
     return f"{prefix}[{numbers[0]}-{numbers[-1]}]"  # consecutive nodes
 
 
-def generate(n_jobs: int, *, seed: int = 1, now_s: int | None = None, days: int = 365,
-             cluster: str = "bench"):
+def generate(
+    n_jobs: int, *, seed: int = 1, now_s: int | None = None, days: int = 365, cluster: str = "bench"
+):
     """Yield ``n_jobs`` job dicts (see :class:`Writer`), in order of start time."""
     rng = random.Random(seed)
     now_s = int(time.time()) if now_s is None else now_s
     first_s = now_s - days * 86400
     users = [f"u{i:03d}" for i in range(200)]
     accounts = [f"proj{i:02d}" for i in range(40)]
-    user_accounts = {u: [accounts[i % 40], accounts[(i * 7 + 3) % 40]]
-                     for i, u in enumerate(users)}
+    user_accounts = {u: [accounts[i % 40], accounts[(i * 7 + 3) % 40]] for i, u in enumerate(users)}
     # Some users run much more than others (Zipf-like), as on real clusters.
     weights = [1.0 / (1 + i) ** 0.8 for i in range(len(users))]
     starts = sorted(rng.randrange(first_s, now_s - 120) for _ in range(n_jobs))
@@ -193,17 +280,28 @@ def generate(n_jobs: int, *, seed: int = 1, now_s: int | None = None, days: int 
             if rng.random() < 0.5:
                 windows.append(("eval", "1", mid, end_s - 30))
         yield {
-            "cluster": cluster, "job_id": str(job_id), "array_job_id": array_of,
-            "array_task_id": str(task) if array_of else None, "user": user,
-            "uid": 10_000 + int(user[1:]), "account": rng.choice(user_accounts[user]),
-            "partition": partition, "name": rng.choice(names),
+            "cluster": cluster,
+            "job_id": str(job_id),
+            "array_job_id": array_of,
+            "array_task_id": str(task) if array_of else None,
+            "user": user,
+            "uid": 10_000 + int(user[1:]),
+            "account": rng.choice(user_accounts[user]),
+            "partition": partition,
+            "name": rng.choice(names),
             "tag": f"exp-{rng.randrange(50)}" if rng.random() < 0.2 else None,
             "state": rng.choices(("COMPLETED", "FAILED", "SIGNALED"), (0.80, 0.12, 0.08))[0],
-            "start_s": start_s, "end_s": max(end_s, start_s + 60), "nodes": nodes,
-            "nodelist": nodelist(nodes), "gpus_per_node": gpus,
-            "cpu_w": rng.randrange(60, 260), "dram_w": rng.randrange(8, 30),
-            "gpu_w": rng.randrange(80, 400), "estimated": rng.random() < 0.05,
-            "coverage": round(rng.uniform(0.97, 1.0), 4), "windows": windows,
+            "start_s": start_s,
+            "end_s": max(end_s, start_s + 60),
+            "nodes": nodes,
+            "nodelist": nodelist(nodes),
+            "gpus_per_node": gpus,
+            "cpu_w": rng.randrange(60, 260),
+            "dram_w": rng.randrange(8, 30),
+            "gpu_w": rng.randrange(80, 400),
+            "estimated": rng.random() < 0.05,
+            "coverage": round(rng.uniform(0.97, 1.0), 4),
+            "windows": windows,
         }
 
 
@@ -226,8 +324,12 @@ def write_jobs(path: str | os.PathLike, jobs, *, bulk: bool = True) -> int:
         db.execute("PRAGMA journal_mode = OFF")
         db.execute("PRAGMA synchronous = OFF")
         db.execute("PRAGMA cache_size = -262144")
-        indexes = [r for r in db.execute(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")]
+        indexes = [
+            r
+            for r in db.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            )
+        ]
         for name, _ in indexes:
             db.execute(f"DROP INDEX {name}")
     writer = Writer(db)

@@ -46,8 +46,15 @@ class FakeHwmon:
         self.n = 0
         self.files: dict[str, Path] = {}
 
-    def add(self, key: str, power_uw: int, oem: str | None = None, window_ms: int = 1000,
-            name: str = "power_meter", in_device: bool = False) -> Path:
+    def add(
+        self,
+        key: str,
+        power_uw: int,
+        oem: str | None = None,
+        window_ms: int = 1000,
+        name: str = "power_meter",
+        in_device: bool = False,
+    ) -> Path:
         hw = self.path / f"hwmon{self.n}"
         self.n += 1
         folder = hw / "device" if in_device else hw

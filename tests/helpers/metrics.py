@@ -24,8 +24,11 @@ def parse(text: str) -> dict[tuple[str, tuple], float]:
             continue
         head, value = line.rsplit(" ", 1)
         name, _, labels = head.partition("{")
-        pairs = tuple(sorted(tuple(p.split("=", 1)) for p in labels.rstrip("}").split('",')
-                             if p)) if labels else ()
+        pairs = (
+            tuple(sorted(tuple(p.split("=", 1)) for p in labels.rstrip("}").split('",') if p))
+            if labels
+            else ()
+        )
         pairs = tuple((k, v.strip('"')) for k, v in pairs)
         out[(name, pairs)] = float(value)
     return out
@@ -46,29 +49,56 @@ class Rig:
         self.loads: list[JobLoad] = []
         devices = [d for s in self.sensors for d in s.devices()]
         if gpus:  # minor and NVML index differ, as they may on real nodes
-            devices = [d if d.component != "gpu" else Device(
-                d.key, "gpu", d.name, "fake", MEASURED, COUNTER,
-                attrs={"minor": str(1 - i), "index": i})
-                for i, d in enumerate(devices[1:])]
+            devices = [
+                d
+                if d.component != "gpu"
+                else Device(
+                    d.key,
+                    "gpu",
+                    d.name,
+                    "fake",
+                    MEASURED,
+                    COUNTER,
+                    attrs={"minor": str(1 - i), "index": i},
+                )
+                for i, d in enumerate(devices[1:])
+            ]
             devices = [self.cpu.devices()[0]] + devices
         self.devices = {d.key: d for d in devices}
 
         def attr(interval):
             from dataclasses import replace
 
-            shares, rest = attribute(interval.rows, self.devices, self.loads,
-                                     NodeLoad(busy_cpu_ns=10**9, used_memory_bytes=None))
+            shares, rest = attribute(
+                interval.rows,
+                self.devices,
+                self.loads,
+                NodeLoad(busy_cpu_ns=10**9, used_memory_bytes=None),
+            )
             return replace(interval, shares=tuple(shares), remainder=tuple(rest))
 
-        self.sampler = Sampler(self.sensors, [self.store], clock=self.clock, interval_s=1.0,
-                               attribute=attr)
-        self.metrics = NodeMetrics(self.store, "n1", devices, 1.0, textfile_dir, dcgm_dir,
-                                   clock=lambda: 1_700_000_000.0)
+        self.sampler = Sampler(
+            self.sensors, [self.store], clock=self.clock, interval_s=1.0, attribute=attr
+        )
+        self.metrics = NodeMetrics(
+            self.store, "n1", devices, 1.0, textfile_dir, dcgm_dir, clock=lambda: 1_700_000_000.0
+        )
         self.sampler.start()
 
     def job(self, job_id: str, gpus=(), account="acct") -> int:
-        return self.store.add_job(JobRecord(job_id, "c", "n1", 1, uid=1000, user="u",
-                                            account=account, partition="p", gpus=tuple(gpus)))
+        return self.store.add_job(
+            JobRecord(
+                job_id,
+                "c",
+                "n1",
+                1,
+                uid=1000,
+                user="u",
+                account=account,
+                partition="p",
+                gpus=tuple(gpus),
+            )
+        )
 
     def tick(self, cpu_uj=10_000_000, gpu_uj=20_000_000):
         self.clock.advance(1.0)

@@ -17,16 +17,26 @@ def python_for_nobody(root: Path) -> tuple[str, dict] | None:
     import llem
 
     src = root / "src"
-    shutil.copytree(Path(llem.__file__).parent, src / "llem",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(llem.__file__).parent, src / "llem", ignore=shutil.ignore_patterns("__pycache__")
+    )
     for path in [src, *src.rglob("*")]:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     for exe, env in ((sys.executable, {}), ("/usr/bin/python3", {"PYTHONPATH": str(src)})):
         env = {**os.environ, "HOME": "/tmp", **env}
         try:
-            ok = subprocess.run([exe, "-c", "import llem.node.export"], user=65534, group=65534,
-                                env=env, capture_output=True, timeout=60,
-                                cwd="/").returncode == 0
+            ok = (
+                subprocess.run(
+                    [exe, "-c", "import llem.node.export"],
+                    user=65534,
+                    group=65534,
+                    env=env,
+                    capture_output=True,
+                    timeout=60,
+                    cwd="/",
+                ).returncode
+                == 0
+            )
         except OSError:
             ok = False
         if ok:

@@ -43,8 +43,15 @@ DEVICES = (
     Device("rapl:package-0", "cpu", "package-0", "rapl", "measured", "counter"),
     Device("rapl:dram-0", "dram", "dram-0", "rapl", "measured", "counter"),
     # as llem.sensors.nvml describes a GPU: key by UUID, name and attrs by minor number
-    Device(GPU_KEY, "gpu", f"gpu{GPU_MINOR}", "nvml", "measured", "counter",
-           attrs={"uuid": GPU_UUID, "minor": GPU_MINOR, "index": 0}),
+    Device(
+        GPU_KEY,
+        "gpu",
+        f"gpu{GPU_MINOR}",
+        "nvml",
+        "measured",
+        "counter",
+        attrs={"uuid": GPU_UUID, "minor": GPU_MINOR, "index": 0},
+    ),
 )
 
 JOB_CPU_SHARE = (6, 10)
@@ -57,22 +64,39 @@ JOB_MEMORY = 1 << 30
 def node_config(tmp_path, node="n1", **aggregate) -> Config:
     """A config whose node-local state, spool and ledger live under tmp_path."""
     return Config(
-        cluster="c1", state_dir=str(tmp_path / "state" / node),
-        spool_dir=str(tmp_path / "spool"), ledger=str(tmp_path / "ledger" / "ledger.db"),
+        cluster="c1",
+        state_dir=str(tmp_path / "state" / node),
+        spool_dir=str(tmp_path / "spool"),
+        ledger=str(tmp_path / "ledger" / "ledger.db"),
         aggregate=AggregateConfig(**aggregate),
     )
 
 
-def prolog_env(job_id="100", node="n1", nodelist="n[1-3]", user="alice",
-               name="train; rm -rf /", gpus=str(GPU_MINOR), account="physics",
-               partition="gpu", tag="exp-1") -> dict[str, str]:
+def prolog_env(
+    job_id="100",
+    node="n1",
+    nodelist="n[1-3]",
+    user="alice",
+    name="train; rm -rf /",
+    gpus=str(GPU_MINOR),
+    account="physics",
+    partition="gpu",
+    tag="exp-1",
+) -> dict[str, str]:
     """The slurmd Prolog's environment of a job (Slurm 22.05), as the hook records it."""
     env = {
-        "SLURM_JOB_ID": job_id, "SLURM_JOB_UID": "1000", "SLURM_JOB_GID": "1000",
-        "SLURM_JOB_USER": user, "SLURM_JOB_ACCOUNT": account, "SLURM_JOB_PARTITION": partition,
-        "SLURM_CLUSTER_NAME": "c1", "SLURMD_NODENAME": node, "SLURM_NODELIST": nodelist,
+        "SLURM_JOB_ID": job_id,
+        "SLURM_JOB_UID": "1000",
+        "SLURM_JOB_GID": "1000",
+        "SLURM_JOB_USER": user,
+        "SLURM_JOB_ACCOUNT": account,
+        "SLURM_JOB_PARTITION": partition,
+        "SLURM_CLUSTER_NAME": "c1",
+        "SLURMD_NODENAME": node,
+        "SLURM_NODELIST": nodelist,
         "SLURM_JOB_NUM_NODES": str(len(expand_hostlist(nodelist))),
-        "SLURM_JOB_CPUS_PER_NODE": "8", "SLURM_JOB_NAME": name,
+        "SLURM_JOB_CPUS_PER_NODE": "8",
+        "SLURM_JOB_NAME": name,
     }
     if gpus:
         env["SLURM_JOB_GPUS"] = gpus
@@ -89,10 +113,22 @@ def register(store: NodeStore, kind: str, env: dict[str, str], at_ns: int) -> No
     assert ingest(store, jobs_dir, "c1", env["SLURMD_NODENAME"]) == [(env["SLURM_JOB_ID"], kind)]
 
 
-def build_store(path, node="n1", job_id="100", start_ns=T0 + 1800 * S, seconds=3600,
-                step_s=60, nodelist="n[1-3]", user="alice", name="train; rm -rf /",
-                cpu_uw=100_000_000, gpu_uw=250_000_000, windows=True, end=True,
-                gpus=str(GPU_MINOR)) -> tuple[NodeStore, int]:
+def build_store(
+    path,
+    node="n1",
+    job_id="100",
+    start_ns=T0 + 1800 * S,
+    seconds=3600,
+    step_s=60,
+    nodelist="n[1-3]",
+    user="alice",
+    name="train; rm -rf /",
+    cpu_uw=100_000_000,
+    gpu_uw=250_000_000,
+    windows=True,
+    end=True,
+    gpus=str(GPU_MINOR),
+) -> tuple[NodeStore, int]:
     """A node store with one job run on ``node``, sampled every ``step_s`` seconds.
 
     Per interval: the CPU package draws ``cpu_uw`` microwatts and the job 60 % of the node's
@@ -107,8 +143,9 @@ def build_store(path, node="n1", job_id="100", start_ns=T0 + 1800 * S, seconds=3
     (run_id,) = [r.run_id for r in store.runs_of(job_id, "running") if r.start_ns == start_ns]
     add_intervals(store, run_id, start_ns, seconds, step_s, cpu_uw, gpu_uw)
     if windows:  # through the store's own window calls, as the window server makes them
-        window_id = store.open_window(run_id, job_id, "0", "epoch 1", 1000, 4242,
-                                      start_ns + 60 * S, 0, {})
+        window_id = store.open_window(
+            run_id, job_id, "0", "epoch 1", 1000, 4242, start_ns + 60 * S, 0, {}
+        )
         store.close_window(window_id, start_ns + 600 * S, 1, {}, {GPU_KEY: 135_000_000})
     if end:
         register(store, "end", env, start_ns + seconds * S)
@@ -125,8 +162,10 @@ def _advance_usage(root: Path, job_id: str, seconds: int) -> None:
     stat = proc / "stat"
     ticks = int(stat.read_text().split()[1]) if stat.exists() else 0
     stat.write_text(f"cpu  {ticks + seconds * CLK_TCK} 0 0 0 0 0 0 0 0 0\n")
-    (proc / "meminfo").write_text(f"MemTotal: {MEMORY_TOTAL >> 10} kB\n"
-                                  f"MemAvailable: {(MEMORY_TOTAL - NODE_MEMORY_USED) >> 10} kB\n")
+    (proc / "meminfo").write_text(
+        f"MemTotal: {MEMORY_TOTAL >> 10} kB\n"
+        f"MemAvailable: {(MEMORY_TOTAL - NODE_MEMORY_USED) >> 10} kB\n"
+    )
     cpu = cgroup / "cpu.stat"
     usec = int(cpu.read_text().split()[1]) if cpu.exists() else 0
     usec += seconds * 1_000_000 * JOB_CPU_SHARE[0] // JOB_CPU_SHARE[1]
@@ -134,26 +173,44 @@ def _advance_usage(root: Path, job_id: str, seconds: int) -> None:
     (cgroup / "memory.current").write_text(f"{JOB_MEMORY}\n")
 
 
-def add_intervals(store, run_id, start_ns, seconds, step_s, cpu_uw=100_000_000,
-                  gpu_uw=250_000_000, first_id=0):
+def add_intervals(
+    store, run_id, start_ns, seconds, step_s, cpu_uw=100_000_000, gpu_uw=250_000_000, first_id=0
+):
     """Sample ``seconds`` from ``start_ns`` while run ``run_id`` uses the node; the sampler's
     JobAttributor splits each interval between the jobs the store holds as running."""
     run = store.run(run_id)
     root = store.path.parent / "usage"
     _advance_usage(root, run.job_id, 0)
-    attributor = JobAttributor(store, run.node, DEVICES, started_ns=start_ns,
-                               proc_root=root / "proc", cgroup_root=str(root / "cgroup"))
+    attributor = JobAttributor(
+        store,
+        run.node,
+        DEVICES,
+        started_ns=start_ns,
+        proc_root=root / "proc",
+        cgroup_root=str(root / "cgroup"),
+    )
     attributor(Interval("s", start_ns, start_ns, first_id, first_id, ()))  # first reading
     for i in range(seconds // step_s):
         a = start_ns + i * step_s * S
         b = a + step_s * S
         _advance_usage(root, run.job_id, step_s)
         cpu, dram, gpu = cpu_uw * step_s, 10_000_000 * step_s, gpu_uw * step_s
-        store.write(attributor(Interval(
-            "s", a, b, first_id + i, first_id + i + 1,
-            (EnergyRow("rapl:package-0", cpu, "ok", "ok", None),
-             EnergyRow("rapl:dram-0", dram, "ok", "ok", None),
-             EnergyRow(GPU_KEY, gpu, "ok", "ok", None)))))
+        store.write(
+            attributor(
+                Interval(
+                    "s",
+                    a,
+                    b,
+                    first_id + i,
+                    first_id + i + 1,
+                    (
+                        EnergyRow("rapl:package-0", cpu, "ok", "ok", None),
+                        EnergyRow("rapl:dram-0", dram, "ok", "ok", None),
+                        EnergyRow(GPU_KEY, gpu, "ok", "ok", None),
+                    ),
+                )
+            )
+        )
 
 
 def spool_slice(config: Config, data: dict) -> Path:
@@ -166,18 +223,26 @@ def job_slices(tmp_path, job_id="100", nodes=("n1", "n2", "n3"), **kwargs) -> li
     """One job slice per node of a multi-node job, each from its own real node store."""
     out = []
     for i, node in enumerate(nodes):
-        store, run_id = build_store(tmp_path / f"store-{job_id}-{node}" / "node.db", node=node,
-                                    job_id=job_id, **kwargs)
-        out.append(export_job(store, run_id, node_config(tmp_path, node),
-                              now_ns=T0 + 10 * 3600 * S + i))
+        store, run_id = build_store(
+            tmp_path / f"store-{job_id}-{node}" / "node.db", node=node, job_id=job_id, **kwargs
+        )
+        out.append(
+            export_job(store, run_id, node_config(tmp_path, node), now_ns=T0 + 10 * 3600 * S + i)
+        )
         store.close()
     return out
 
 
 # The EpilogSlurmctld environment of a job (its header slice).
 ENV = {
-    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "my job", "SLURM_JOB_NODELIST": "n[1-3]",
-    "SLURM_JOB_ACCOUNT": "physics", "SLURM_JOB_USER": "alice", "SLURM_JOB_UID": "1000",
-    "SLURM_JOB_PARTITION": "gpu", "SLURM_JOB_EXIT_CODE": "0", "SLURM_JOB_DERIVED_EC": "0",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "my job",
+    "SLURM_JOB_NODELIST": "n[1-3]",
+    "SLURM_JOB_ACCOUNT": "physics",
+    "SLURM_JOB_USER": "alice",
+    "SLURM_JOB_UID": "1000",
+    "SLURM_JOB_PARTITION": "gpu",
+    "SLURM_JOB_EXIT_CODE": "0",
+    "SLURM_JOB_DERIVED_EC": "0",
     "SLURM_CLUSTER_NAME": "c1",
 }

@@ -45,18 +45,25 @@ class Job:
 def job_and_node_slices(tmp_path: Path, job: Job) -> list[dict]:
     store_path = tmp_path / "stores" / f"{job.job_id}-{job.node}" / "node.db"
     start_ns = utc_ns(job.start)
-    store, run_id = build_store(store_path, node=job.node, job_id=job.job_id,
-                                start_ns=start_ns, seconds=job.seconds, step_s=300,
-                                nodelist=job.node, user=job.user, name=f"job-{job.job_id}",
-                                cpu_uw=int(job.cpu_w * 1e6), gpu_uw=int(job.gpu_w * 1e6))
+    store, run_id = build_store(
+        store_path,
+        node=job.node,
+        job_id=job.job_id,
+        start_ns=start_ns,
+        seconds=job.seconds,
+        step_s=300,
+        nodelist=job.node,
+        user=job.user,
+        name=f"job-{job.job_id}",
+        cpu_uw=int(job.cpu_w * 1e6),
+        gpu_uw=int(job.gpu_w * 1e6),
+    )
     cfg = node_config(tmp_path, job.node)
     end_ns = start_ns + job.seconds * S
     data = export_job(store, run_id, cfg, now_ns=end_ns + S)
-    node = export_node(store, cfg, job.node, since_ns=start_ns, until_ns=end_ns,
-                       now_ns=end_ns + S)
+    node = export_node(store, cfg, job.node, since_ns=start_ns, until_ns=end_ns, now_ns=end_ns + S)
     store.close()
-    data["job"].update(account=job.account, partition=job.partition, tag=job.tag,
-                       num_nodes=1)
+    data["job"].update(account=job.account, partition=job.partition, tag=job.tag, num_nodes=1)
     out = [data, node]
     if job.estimated:
         for d in out:
@@ -84,10 +91,21 @@ NOVEMBER = [
     Job("101", "n1", "2023-11-02 08:00", 3 * 3600, "alice", "physics", "gpu", "exp-1"),
     Job("102", "n2", "2023-11-02 09:30", 2 * 3600, "bob", "physics", "gpu", "exp-2"),
     Job("103", "n3", "2023-11-10 12:00", 4 * 3600, "carol", "chemistry", "gpu", None),
-    Job("104", "n4", "2023-11-15 00:00", 6 * 3600, "dave", "biology", "gpu-long", "fold",
-        gpu_w=35.0),  # allocated GPU idle all along: waste
-    Job("105", "n5", "2023-11-20 18:00", 3600, "carol", "chemistry", "cpu", None,
-        gpu_w=0.0, cpu_w=150.0),
+    Job(
+        "104", "n4", "2023-11-15 00:00", 6 * 3600, "dave", "biology", "gpu-long", "fold", gpu_w=35.0
+    ),  # allocated GPU idle all along: waste
+    Job(
+        "105",
+        "n5",
+        "2023-11-20 18:00",
+        3600,
+        "carol",
+        "chemistry",
+        "cpu",
+        None,
+        gpu_w=0.0,
+        cpu_w=150.0,
+    ),
     Job("106", "n6", "2023-11-30 23:00", 2 * 3600, "alice", "physics", "gpu", "exp-1"),
     Job("090", "n7", "2023-10-20 10:00", 2 * 3600, "alice", "physics", "gpu", "exp-1"),
 ]
@@ -98,11 +116,11 @@ ESTIMATED = [
 
 
 def report_config(ledger: Path, region: str = "DE", pue: float = 1.2, **carbon) -> Config:
-    return Config(cluster="c1", ledger=str(ledger),
-                  carbon=CarbonConfig(region=region, pue=pue, **carbon))
+    return Config(
+        cluster="c1", ledger=str(ledger), carbon=CarbonConfig(region=region, pue=pue, **carbon)
+    )
 
 
 def write_yaml(path: Path, ledger: Path, region: str = "DE", pue: float = 1.2) -> Path:
-    path.write_text(f"cluster: c1\nledger: {ledger}\ncarbon:\n  region: {region}\n"
-                    f"  pue: {pue}\n")
+    path.write_text(f"cluster: c1\nledger: {ledger}\ncarbon:\n  region: {region}\n  pue: {pue}\n")
     return path

@@ -610,8 +610,11 @@ class SlurmCluster:
         for i in range(self.gpus_per_node):
             dev = self.gpu_dev_dir / f"nvidia{i}"
             if not dev.exists():
-                os.mknod(dev, 0o666 | 0o020000,  # S_IFCHR
-                         os.makedev(195, self.gpu_minors[i]))
+                os.mknod(
+                    dev,
+                    0o666 | 0o020000,  # S_IFCHR
+                    os.makedev(195, self.gpu_minors[i]),
+                )
 
     def write_config(self) -> None:
         """(Re)write slurm.conf, cgroup.conf, gres.conf and plugstack.conf from the options.

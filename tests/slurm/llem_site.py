@@ -39,8 +39,10 @@ class Hardware:
         self.powercap.add_zone("0:0", "dram", 0, max_range_uj=2**32)
         self.nvml_dir = fakenvml.build(base / "nvml")
         self.nvml_state = base / "nvml.state"
-        self.gpus = [fakenvml.FakeGpu(uuid=f"GPU-llemtest-{i}", minor=i, power_mw=int(w * 1000))
-                     for i, w in enumerate(gpu_w)]
+        self.gpus = [
+            fakenvml.FakeGpu(uuid=f"GPU-llemtest-{i}", minor=i, power_mw=int(w * 1000))
+            for i, w in enumerate(gpu_w)
+        ]
         self._energy_mj = [0.0 for _ in self.gpus]
         fakenvml.write_state(self.nvml_state, self.gpus)
         self._stop = threading.Event()
@@ -71,8 +73,12 @@ def _copy_module(name: str, dest: Path) -> None:
     module = __import__(name)
     path = Path(module.__file__)
     if path.name == "__init__.py":
-        shutil.copytree(path.parent, dest / path.parent.name,
-                        ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        shutil.copytree(
+            path.parent,
+            dest / path.parent.name,
+            ignore=shutil.ignore_patterns("__pycache__"),
+            dirs_exist_ok=True,
+        )
     else:
         shutil.copy2(path, dest / path.name)
 
@@ -102,16 +108,25 @@ class Site:
                 p.chmod(p.stat().st_mode | 0o444)
 
     def write_config(self, text: str | None = None) -> None:
-        self.config.write_text(text if text is not None else (
-            f"cluster: llemtest\nstate_dir: {self.state_dir}\nrun_dir: {self.run_dir}\n"
-            f"spool_dir: {self.spool_dir}\nledger: {self.state_dir / 'ledger.db'}\n"
-            "sampler:\n  interval_s: 0.5\n  linger_s: 0\ncarbon:\n  region: FR\n"))
+        self.config.write_text(
+            text
+            if text is not None
+            else (
+                f"cluster: llemtest\nstate_dir: {self.state_dir}\nrun_dir: {self.run_dir}\n"
+                f"spool_dir: {self.spool_dir}\nledger: {self.state_dir / 'ledger.db'}\n"
+                "sampler:\n  interval_s: 0.5\n  linger_s: 0\ncarbon:\n  region: FR\n"
+            )
+        )
         self.config.chmod(0o644)
 
     def write_defaults(self, **override: str) -> None:
-        values = {"LLEM_BIN": str(self.llem_bin), "LLEM_CONFIG": str(self.config),
-                  "LLEM_RUN_DIR": str(self.run_dir),
-                  "LLEM_POWERCAP_ROOT": str(self.hw.powercap.path), "LLEM_TIMEOUT": "20"}
+        values = {
+            "LLEM_BIN": str(self.llem_bin),
+            "LLEM_CONFIG": str(self.config),
+            "LLEM_RUN_DIR": str(self.run_dir),
+            "LLEM_POWERCAP_ROOT": str(self.hw.powercap.path),
+            "LLEM_TIMEOUT": "20",
+        }
         values.update(override)
         self.defaults.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
 
@@ -120,17 +135,23 @@ class Site:
         if beside.exists():
             return beside
         script = self.base / "llem-bin"
-        script.write_text(f"#!/bin/sh\nexec {sys.executable} -m llem.cli.main \"$@\"\n")
+        script.write_text(f'#!/bin/sh\nexec {sys.executable} -m llem.cli.main "$@"\n')
         script.chmod(0o755)
         return script
 
     def _user_copy(self) -> None:
         """llem and its pure-Python needs, importable by any user with the system Python."""
         self.userlib.mkdir()
-        shutil.copytree(REPO / "src" / "llem", self.userlib / "llem",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copytree(REPO / "share", self.userlib / "llem" / "share",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO / "src" / "llem",
+            self.userlib / "llem",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        shutil.copytree(
+            REPO / "share",
+            self.userlib / "llem" / "share",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
         for name in ("click", "yaml", "pynvml"):
             _copy_module(name, self.userlib)
         try:
@@ -159,22 +180,27 @@ class Site:
             f"export LD_LIBRARY_PATH={self.hw.nvml_dir}\n"
             f"export FAKE_NVML_STATE={self.hw.nvml_state}\n"
             f"{bash_env}"
-            f"exec {bash} {REPO / 'slurm' / (kind + '.sh')}\n")
+            f"exec {bash} {REPO / 'slurm' / (kind + '.sh')}\n"
+        )
         tmp.chmod(0o755)
         os.replace(tmp, path)
         return path
 
     @property
     def user_env(self) -> dict[str, str]:
-        return {"PYTHONPATH": str(self.userlib), "LLEM_CONFIG": str(self.config),
-                "LLEM_POWERCAP_ROOT": str(self.hw.powercap.path)}
+        return {
+            "PYTHONPATH": str(self.userlib),
+            "LLEM_CONFIG": str(self.config),
+            "LLEM_POWERCAP_ROOT": str(self.hw.powercap.path),
+        }
 
     def wrap_cmd(self) -> str:
         return f"{SYSTEM_PYTHON} -m llem.cli.main wrap"
 
     def store(self, node: str) -> sqlite3.Connection:
-        return sqlite3.connect(f"file:{self.state_dir / f'node-{node}.db'}?mode=ro", uri=True,
-                               timeout=10)
+        return sqlite3.connect(
+            f"file:{self.state_dir / f'node-{node}.db'}?mode=ro", uri=True, timeout=10
+        )
 
     def sampler_pid(self, node: str) -> int | None:
         try:
@@ -187,9 +213,11 @@ class Site:
         while time.monotonic() < deadline:
             try:
                 db = self.store(node)
-                row = db.execute("SELECT run_id, state, coverage, flags, gpus, start_ns, end_ns "
-                                 "FROM jobs WHERE job_id = ? ORDER BY run_id DESC", (job_id,)
-                                 ).fetchone()
+                row = db.execute(
+                    "SELECT run_id, state, coverage, flags, gpus, start_ns, end_ns "
+                    "FROM jobs WHERE job_id = ? ORDER BY run_id DESC",
+                    (job_id,),
+                ).fetchone()
                 db.close()
                 if row and row[1] in ("sealed", "exported"):
                     return row
@@ -216,8 +244,10 @@ class Site:
 
 def burn(seconds: float) -> str:
     """A one-line shell command that keeps one CPU busy for ``seconds``."""
-    return (f"{SYSTEM_PYTHON} -c 'import time; t = time.time() + {seconds}; "
-            "any(iter(lambda: time.time() > t, True))'")
+    return (
+        f"{SYSTEM_PYTHON} -c 'import time; t = time.time() + {seconds}; "
+        "any(iter(lambda: time.time() > t, True))'"
+    )
 
 
 def is_executable_by_others(path: Path) -> bool:

@@ -23,8 +23,10 @@ NODE_W = PACKAGE_W + DRAM_W + sum(GPU_W)
 def site():
     s = Site()
     # The samplers linger between jobs, as by default (600 s): a job then starts measured.
-    s.write_config(s.config.read_text().replace("linger_s: 0", "linger_s: 60")
-                   + f"attribution:\n  idle_w:\n    cpu: {IDLE_CPU_W}\n")
+    s.write_config(
+        s.config.read_text().replace("linger_s: 0", "linger_s: 60")
+        + f"attribution:\n  idle_w:\n    cpu: {IDLE_CPU_W}\n"
+    )
     s.hw.start()
     yield s
     s.cleanup()
@@ -32,8 +34,9 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(nodes=2, gpus_per_node=2, name="llemattr",
-                                     node_prefix="t", port_base=17500, start=False)
+    c = slurm_module_cluster_factory(
+        nodes=2, gpus_per_node=2, name="llemattr", node_prefix="t", port_base=17500, start=False
+    )
     c.prolog = site.hook("prolog")
     c.epilog = site.hook("epilog")
     c.epilog_slurmctld = site.hook("epilog-slurmctld")
@@ -58,9 +61,10 @@ def run_energy(db, run_id):
     """(method, component) -> uJ, the job's intervals' node energy, and its span (ns)."""
     by = {}
     for method, component, uj in db.execute(
-            "SELECT j.method, d.component, SUM(j.energy_uj) FROM job_energy j JOIN devices d "
-            "ON d.key = j.device_key WHERE j.run_id = ? GROUP BY j.method, d.component",
-            (run_id,)):
+        "SELECT j.method, d.component, SUM(j.energy_uj) FROM job_energy j JOIN devices d "
+        "ON d.key = j.device_key WHERE j.run_id = ? GROUP BY j.method, d.component",
+        (run_id,),
+    ):
         by[(method, component)] = uj
     return by
 
@@ -71,15 +75,17 @@ def invariant_violations(db):
         "COALESCE((SELECT SUM(energy_uj) FROM job_energy j WHERE j.interval_id = e.interval_id"
         " AND j.device_key = e.device_key), 0) + COALESCE((SELECT energy_uj FROM remainder r"
         " WHERE r.interval_id = e.interval_id AND r.device_key = e.device_key), 0) AS parts "
-        "FROM energy e WHERE e.energy_uj != parts").fetchall()
+        "FROM energy e WHERE e.energy_uj != parts"
+    ).fetchall()
 
 
 def test_exclusive_sleeping_jobs_pay_the_whole_node_on_every_node(cluster, site):
     t1, t2 = cluster.nodes
     single = submit(cluster, site, ["-w", t1, "--exclusive", "--wrap", "sleep 5"])
     assert cluster.wait_job(single, timeout=60) == "COMPLETED"
-    multi = submit(cluster, site, ["-N2", "-w", f"{t1},{t2}", "--exclusive", "--wrap",
-                                   "srun sleep 6"])
+    multi = submit(
+        cluster, site, ["-N2", "-w", f"{t1},{t2}", "--exclusive", "--wrap", "srun sleep 6"]
+    )
     assert cluster.wait_job(multi, timeout=60) == "COMPLETED"
     for job, nodes in ((single, (t1,)), (multi, (t1, t2))):
         for node in nodes:
@@ -93,11 +99,15 @@ def test_exclusive_sleeping_jobs_pay_the_whole_node_on_every_node(cluster, site)
                 left = db.execute(
                     "SELECT COALESCE(SUM(r.energy_uj), 0) FROM remainder r WHERE r.interval_id"
                     " IN (SELECT interval_id FROM job_energy WHERE run_id = ?)",
-                    (run_id,)).fetchone()[0]
+                    (run_id,),
+                ).fetchone()[0]
                 assert left == 0
                 assert invariant_violations(db) == []
-                record = json.loads(db.execute("SELECT attribution FROM jobs WHERE run_id = ?",
-                                               (run_id,)).fetchone()[0])
+                record = json.loads(
+                    db.execute(
+                        "SELECT attribution FROM jobs WHERE run_id = ?", (run_id,)
+                    ).fetchone()[0]
+                )
             finally:
                 db.close()
             assert record["policy"] == "exclusive" and record["cpus"] == record["node_cpus"]
@@ -105,8 +115,12 @@ def test_exclusive_sleeping_jobs_pay_the_whole_node_on_every_node(cluster, site)
             # its recorded coverage goes.
             span_s = (end_ns - start_ns) / 1e9
             assert coverage >= 0.9, (job, node, coverage)
-            assert sum(by.values()) / 1e6 == pytest.approx(NODE_W * span_s * coverage,
-                                                           rel=0.05), (job, node, by, span_s)
+            assert sum(by.values()) / 1e6 == pytest.approx(NODE_W * span_s * coverage, rel=0.05), (
+                job,
+                node,
+                by,
+                span_s,
+            )
 
 
 def test_shared_node_busy_and_idle_pay_reservation_plus_use(cluster, site):
@@ -121,8 +135,12 @@ def test_shared_node_busy_and_idle_pay_reservation_plus_use(cluster, site):
     try:
         by_b, by_i = run_energy(db, b[0]), run_energy(db, i[0])
         assert invariant_violations(db) == []
-        records = [json.loads(db.execute("SELECT attribution FROM jobs WHERE run_id = ?",
-                                         (r[0],)).fetchone()[0]) for r in (b, i)]
+        records = [
+            json.loads(
+                db.execute("SELECT attribution FROM jobs WHERE run_id = ?", (r[0],)).fetchone()[0]
+            )
+            for r in (b, i)
+        ]
     finally:
         db.close()
     for record in records:
@@ -133,7 +151,8 @@ def test_shared_node_busy_and_idle_pay_reservation_plus_use(cluster, site):
     for r, by in ((b, by_b), (i, by_i)):
         span_s = (r[6] - r[5]) / 1e9
         assert by[("idle_allocation", "cpu")] / 1e6 == pytest.approx(
-            IDLE_CPU_W / 2 * span_s, rel=0.15), (by, span_s)
+            IDLE_CPU_W / 2 * span_s, rel=0.15
+        ), (by, span_s)
     # The use: the busy job also pays for the CPU time it used; the sleeping one next to none.
     assert by_b.get(("cpu_time", "cpu"), 0) > 5 * max(1, by_i.get(("cpu_time", "cpu"), 0))
     # GPUs stay allocation-based: none were asked for, so neither job pays for one.
@@ -151,13 +170,38 @@ def test_the_policy_is_shown_by_llem_acct(cluster, site):
     env.pop("LLEM_POWERCAP_ROOT", None)
     deadline = time.monotonic() + 30
     while True:
-        r = subprocess.run([sys.executable, "-m", "llem.cli.main", "aggregate", "--once"],
-                           capture_output=True, text=True, env=env, timeout=120, check=False)
+        r = subprocess.run(
+            [sys.executable, "-m", "llem.cli.main", "aggregate", "--once"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
-        r = subprocess.run([sys.executable, "-m", "llem.cli.acct", "-a", "-L", "-S", "now-1hours",
-                            "-X", "-P", "-n", "-o", "JobID,Attribution", "-j",
-                            f"{shared},{whole}"],
-                           capture_output=True, text=True, env=env, timeout=60, check=False)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "llem.cli.acct",
+                "-a",
+                "-L",
+                "-S",
+                "now-1hours",
+                "-X",
+                "-P",
+                "-n",
+                "-o",
+                "JobID,Attribution",
+                "-j",
+                f"{shared},{whole}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
         if r.stdout.count("\n") == 2 or time.monotonic() > deadline:
             break
         time.sleep(1)

@@ -30,8 +30,9 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(nodes=1, gpus_per_node=2, name="llemdot",
-                                     node_prefix="d.rack", port_base=17350, start=False)
+    c = slurm_module_cluster_factory(
+        nodes=1, gpus_per_node=2, name="llemdot", node_prefix="d.rack", port_base=17350, start=False
+    )
     c.prolog = site.hook("prolog")
     c.epilog = site.hook("epilog")
     c.epilog_slurmctld = site.hook("epilog-slurmctld")
@@ -42,8 +43,11 @@ def cluster(slurm_module_cluster_factory, site):
 def test_a_job_on_a_node_with_a_dot_is_measured_exported_and_merged(cluster, site):
     (node,) = cluster.nodes
     assert node == "d.rack1"
-    job = cluster.submit(["-w", node, "-J", "dotted", "--gres=gpu:1", "--wrap", burn(1.0)],
-                         user=TEST_USER, env=site.user_env)
+    job = cluster.submit(
+        ["-w", node, "-J", "dotted", "--gres=gpu:1", "--wrap", burn(1.0)],
+        user=TEST_USER,
+        env=site.user_env,
+    )
     assert cluster.wait_job(job, timeout=60) == "COMPLETED"
     assert cluster.drained_nodes() == {}, cluster.logs()
     deadline = time.monotonic() + 30
@@ -57,15 +61,22 @@ def test_a_job_on_a_node_with_a_dot_is_measured_exported_and_merged(cluster, sit
     env.pop("LLEM_POWERCAP_ROOT", None)
     deadline = time.monotonic() + 30
     while True:  # the header slice comes from the controller, a moment after the job
-        r = subprocess.run([sys.executable, "-m", "llem.cli.main", "aggregate", "--once",
-                            "--json"], capture_output=True, text=True, env=env, timeout=120,
-                           check=False)
+        r = subprocess.run(
+            [sys.executable, "-m", "llem.cli.main", "aggregate", "--once", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         db = sqlite3.connect(f"file:{site.base / 'state' / 'ledger.db'}?mode=ro", uri=True)
-        run = db.execute("SELECT status, name, nodelist FROM job_runs WHERE job_id = ?",
-                         (job,)).fetchone()
-        nodes = db.execute("SELECT node, energy_uj FROM job_nodes WHERE job_id = ?",
-                           (job,)).fetchall()
+        run = db.execute(
+            "SELECT status, name, nodelist FROM job_runs WHERE job_id = ?", (job,)
+        ).fetchone()
+        nodes = db.execute(
+            "SELECT node, energy_uj FROM job_nodes WHERE job_id = ?", (job,)
+        ).fetchall()
         quarantined = db.execute("SELECT file, reason FROM quarantine").fetchall()
         db.close()
         if (run and run[1]) or time.monotonic() > deadline:

@@ -34,9 +34,15 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(nodes=1, gpus_per_node=2, gpu_minors=(1, 0),
-                                     name="llemgpu", node_prefix="g", port_base=17500,
-                                     start=False)
+    c = slurm_module_cluster_factory(
+        nodes=1,
+        gpus_per_node=2,
+        gpu_minors=(1, 0),
+        name="llemgpu",
+        node_prefix="g",
+        port_base=17500,
+        start=False,
+    )
     c.prolog = site.hook("prolog")
     c.epilog = site.hook("epilog")
     c.epilog_slurmctld = site.hook("epilog-slurmctld")
@@ -54,11 +60,16 @@ def gpu_power_w(site, node, run_id):
     """Average power of each GPU charged to the run, by device key."""
     db = site.store(node)
     try:
-        return {key: uj / ns * 1e3 for key, uj, ns in db.execute(
-            "SELECT j.device_key, SUM(j.energy_uj), SUM(iv.end_ns - iv.start_ns) "
-            "FROM job_energy j JOIN devices d ON d.key = j.device_key "
-            "JOIN intervals iv ON iv.id = j.interval_id "
-            "WHERE j.run_id = ? AND d.component = 'gpu' GROUP BY j.device_key", (run_id,))}
+        return {
+            key: uj / ns * 1e3
+            for key, uj, ns in db.execute(
+                "SELECT j.device_key, SUM(j.energy_uj), SUM(iv.end_ns - iv.start_ns) "
+                "FROM job_energy j JOIN devices d ON d.key = j.device_key "
+                "JOIN intervals iv ON iv.id = j.interval_id "
+                "WHERE j.run_id = ? AND d.component = 'gpu' GROUP BY j.device_key",
+                (run_id,),
+            )
+        }
     finally:
         db.close()
 
@@ -78,8 +89,14 @@ def test_slurm_index_zero_is_the_gpu_its_gres_record_names(cluster, site):
 def aggregate(site):
     env = {**os.environ, "LLEM_CONFIG": str(site.config)}
     env.pop("LLEM_POWERCAP_ROOT", None)
-    r = subprocess.run([sys.executable, "-m", "llem.cli.main", "aggregate", "--once", "--json"],
-                       capture_output=True, text=True, env=env, timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "llem.cli.main", "aggregate", "--once", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -99,8 +116,9 @@ def test_report_waste_on_a_ledger_built_by_prolog_sampler_epilog(cluster, site, 
     while True:
         aggregate(site)
         db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
-        row = db.execute("SELECT n.gpus, n.start_ns, n.end_ns FROM job_nodes n "
-                         "WHERE n.job_id = ?", (job,)).fetchone()
+        row = db.execute(
+            "SELECT n.gpus, n.start_ns, n.end_ns FROM job_nodes n WHERE n.job_id = ?", (job,)
+        ).fetchone()
         db.close()
         if row or time.monotonic() > deadline:
             break
@@ -119,10 +137,28 @@ def test_report_waste_on_a_ledger_built_by_prolog_sampler_epilog(cluster, site, 
     # and through `llem report` itself
     env = {**os.environ, "LLEM_CONFIG": str(site.config)}
     out = tmp_path / "rep"
-    r = subprocess.run([sys.executable, "-m", "llem.cli.main", "report", "monthly",
-                        "--since", "2000-01-01", "--until", "2100-01-01", "--format", "json",
-                        "--out", str(out)], capture_output=True, text=True, env=env,
-                       timeout=120, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llem.cli.main",
+            "report",
+            "monthly",
+            "--since",
+            "2000-01-01",
+            "--until",
+            "2100-01-01",
+            "--format",
+            "json",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads(next(out.glob("*.json")).read_text())
     rows = [r for recs in data["waste"].values() for r in recs if r.get("job_id") == job]

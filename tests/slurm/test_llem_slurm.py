@@ -27,14 +27,20 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(nodes=3, gpus_per_node=2, name="llemsite",
-                                     node_prefix="s", port_base=17300, start=False)
+    c = slurm_module_cluster_factory(
+        nodes=3, gpus_per_node=2, name="llemsite", node_prefix="s", port_base=17300, start=False
+    )
     c.prolog = site.hook("prolog")
     c.epilog = site.hook("epilog")
     c.epilog_slurmctld = site.hook("epilog-slurmctld")
     # The llem SPANK plugin, so that --energy-tag reaches the ledger.
-    build = subprocess.run(["make", "-C", str(REPO / "spank"), "all"], capture_output=True,
-                           text=True, timeout=120, check=False)
+    build = subprocess.run(
+        ["make", "-C", str(REPO / "spank"), "all"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert build.returncode == 0, build.stdout + build.stderr
     so = c.prepare() / "llem.so"
     shutil.copy(REPO / "spank" / "llem.so", so)
@@ -61,8 +67,9 @@ def finished(cluster, job, timeout=60):
 def job_rows(site, node, job):
     db = site.store(node)
     try:
-        return db.execute("SELECT run_id, state, coverage, flags FROM jobs WHERE job_id = ?",
-                          (job,)).fetchall()
+        return db.execute(
+            "SELECT run_id, state, coverage, flags FROM jobs WHERE job_id = ?", (job,)
+        ).fetchall()
     finally:
         db.close()
 
@@ -70,9 +77,13 @@ def job_rows(site, node, job):
 def energy_by_component(site, node, run_id):
     db = site.store(node)
     try:
-        return dict(db.execute(
-            "SELECT d.component, SUM(j.energy_uj) FROM job_energy j JOIN devices d "
-            "ON d.key = j.device_key WHERE j.run_id = ? GROUP BY d.component", (run_id,)))
+        return dict(
+            db.execute(
+                "SELECT d.component, SUM(j.energy_uj) FROM job_energy j JOIN devices d "
+                "ON d.key = j.device_key WHERE j.run_id = ? GROUP BY d.component",
+                (run_id,),
+            )
+        )
     finally:
         db.close()
 
@@ -81,8 +92,7 @@ def test_batch_srun_array_and_multinode_jobs_all_have_data(cluster, site):
     n1, n2, n3 = cluster.nodes
     batch = submit(cluster, site, ["-w", n1, "--wrap", burn(1.5)])
     array = submit(cluster, site, ["-w", n2, "--array=1-2", "--wrap", "sleep 1"])
-    multi = submit(cluster, site, ["-N2", "-w", f"{n2},{n3}", "--wrap",
-                                   f"srun {burn(1.5)}"])
+    multi = submit(cluster, site, ["-N2", "-w", f"{n2},{n3}", "--wrap", f"srun {burn(1.5)}"])
     r = cluster.srun(["-w", n3, "sleep", "1"], env=site.user_env)
     assert r.returncode == 0, r.output
     for job in (batch, multi):
@@ -105,8 +115,10 @@ def test_batch_srun_array_and_multinode_jobs_all_have_data(cluster, site):
         site.wait_sealed(n2, job_id)
     # The srun job (no batch script) was tracked too.
     db = site.store(n3)
-    assert db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('sealed', 'exported')"
-                      ).fetchone()[0] >= 2
+    assert (
+        db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('sealed', 'exported')").fetchone()[0]
+        >= 2
+    )
     db.close()
 
 
@@ -127,7 +139,9 @@ def test_shared_node_gpus_and_cpu_split_and_invariant(cluster, site):
             rows = db.execute(
                 "SELECT d.attrs, SUM(j.energy_uj), SUM(iv.end_ns - iv.start_ns) FROM job_energy j "
                 "JOIN devices d ON d.key = j.device_key JOIN intervals iv ON iv.id = j.interval_id "
-                "WHERE j.run_id = ? AND d.component = 'gpu' GROUP BY d.key", (run_id,)).fetchall()
+                "WHERE j.run_id = ? AND d.component = 'gpu' GROUP BY d.key",
+                (run_id,),
+            ).fetchall()
             assert len(rows) == 1, rows  # only its own GPU
             attrs, energy_uj, span_ns = rows[0]
             minor = json.loads(attrs)["minor"]
@@ -137,8 +151,12 @@ def test_shared_node_gpus_and_cpu_split_and_invariant(cluster, site):
             per_job[run_id] = energy_by_component(site, node, run_id)
         # By use (the default hybrid rule's dynamic part): the busy job far more than the idle
         # one, which pays its share of the idle power (tests/slurm/test_attribution_slurm.py).
-        use = dict(db.execute("SELECT run_id, SUM(energy_uj) FROM job_energy WHERE method = "
-                              "'cpu_time' GROUP BY run_id"))
+        use = dict(
+            db.execute(
+                "SELECT run_id, SUM(energy_uj) FROM job_energy WHERE method = "
+                "'cpu_time' GROUP BY run_id"
+            )
+        )
         assert use.get(b[0], 0) > 3 * use.get(i[0], 0)
         assert per_job[b[0]]["cpu"] > per_job[i[0]].get("cpu", 0)
         # The invariant, interval by interval and device by device.
@@ -147,7 +165,8 @@ def test_shared_node_gpus_and_cpu_split_and_invariant(cluster, site):
             "COALESCE((SELECT SUM(energy_uj) FROM job_energy j WHERE j.interval_id = e.interval_id"
             " AND j.device_key = e.device_key), 0) + COALESCE((SELECT energy_uj FROM remainder r"
             " WHERE r.interval_id = e.interval_id AND r.device_key = e.device_key), 0) AS parts "
-            "FROM energy e WHERE e.energy_uj != parts").fetchall()
+            "FROM energy e WHERE e.energy_uj != parts"
+        ).fetchall()
         assert bad == []
         assert db.execute("SELECT COUNT(*) FROM job_energy").fetchone()[0] > 0
     finally:
@@ -174,15 +193,27 @@ sleep 3
     while not (out / "right.json").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     intruder = cluster.run(
-        ["/usr/bin/python3", "-m", "llem.cli.main", "wrap", "--json", "--name", "intrude",
-         "--", "true"], user=TEST_USER2,
-        env={**site.user_env, "SLURM_JOB_ID": job, "SLURMD_NODENAME": node})
+        [
+            "/usr/bin/python3",
+            "-m",
+            "llem.cli.main",
+            "wrap",
+            "--json",
+            "--name",
+            "intrude",
+            "--",
+            "true",
+        ],
+        user=TEST_USER2,
+        env={**site.user_env, "SLURM_JOB_ID": job, "SLURMD_NODENAME": node},
+    )
     assert finished(cluster, job) == "COMPLETED"
     assert intruder.returncode == 0
     assert "permission denied" in intruder.stderr and "not yours" in intruder.stderr
     assert json.loads(intruder.stdout)["scope"] == "node"  # fell back to standalone
-    windows = {n: json.loads((out / f"{n}.json").read_text())
-               for n in ("outer", "inner", "left", "right")}
+    windows = {
+        n: json.loads((out / f"{n}.json").read_text()) for n in ("outer", "inner", "left", "right")
+    }
     for name, res in windows.items():
         assert res["scope"] == "job" and res["exit_code"] == 0, (name, res)
         assert res["window_id"] > 0
@@ -190,8 +221,9 @@ sleep 3
     assert windows["outer"]["energy_j"] >= windows["inner"]["energy_j"]
     run_id = site.wait_sealed(node, job)[0]
     db = site.store(node)
-    rows = db.execute("SELECT name, step_id, status, uid FROM windows WHERE run_id = ? "
-                      "ORDER BY id", (run_id,)).fetchall()
+    rows = db.execute(
+        "SELECT name, step_id, status, uid FROM windows WHERE run_id = ? ORDER BY id", (run_id,)
+    ).fetchall()
     db.close()
     names = sorted(r[0] for r in rows)
     assert names == ["inner", "left", "outer", "right"]
@@ -204,8 +236,9 @@ sleep 3
 def test_scancel_time_out_and_sigterm_ignoring_job_are_sealed(cluster, site):
     node = cluster.nodes[2]
     cancelled = submit(cluster, site, ["-w", node, "--wrap", "sleep 60"])
-    stubborn = submit(cluster, site, ["-w", node, "--wrap",
-                                      "trap '' TERM; while true; do sleep 0.2; done"])
+    stubborn = submit(
+        cluster, site, ["-w", node, "--wrap", "trap '' TERM; while true; do sleep 0.2; done"]
+    )
     timed_out = submit(cluster, site, ["-w", node, "--time=1", "--wrap", "sleep 300"])
     time.sleep(3)
     cluster.run(["scancel", cancelled, stubborn])
@@ -269,8 +302,9 @@ def test_hooks_without_epochrealtime_record_every_job(cluster, site, bash):
             site.hook(kind)
 
 
-@pytest.mark.parametrize("breakage", ["bad_config", "unwritable_state_dir", "not_importable",
-                                      "missing_binary"])
+@pytest.mark.parametrize(
+    "breakage", ["bad_config", "unwritable_state_dir", "not_importable", "missing_binary"]
+)
 def test_broken_llem_never_drains_the_node(cluster, site, breakage):
     node = cluster.nodes[0]
     try:
@@ -300,12 +334,27 @@ def test_end_to_end_epilogs_export_and_the_ledger_holds_every_job(cluster, site)
     import sys
 
     n1, n2, n3 = cluster.nodes
-    multi = submit(cluster, site, ["-N3", "-w", f"{n1},{n2},{n3}", "-J", "e2e-multi",
-                                   "--energy-tag=exp2", "--wrap", f"srun {burn(1.0)}"])
-    single = submit(cluster, site, ["-w", n2, "-J", "e2e-single", "--gres=gpu:1"],
-                    script="#!/bin/bash\n#SBATCH --energy-tag=exp3\nsleep 1\n")
-    r = cluster.srun(["-w", n1, "--energy-tag=exp1", "-J", "e2e-srun", "true"],
-                     env=site.user_env)
+    multi = submit(
+        cluster,
+        site,
+        [
+            "-N3",
+            "-w",
+            f"{n1},{n2},{n3}",
+            "-J",
+            "e2e-multi",
+            "--energy-tag=exp2",
+            "--wrap",
+            f"srun {burn(1.0)}",
+        ],
+    )
+    single = submit(
+        cluster,
+        site,
+        ["-w", n2, "-J", "e2e-single", "--gres=gpu:1"],
+        script="#!/bin/bash\n#SBATCH --energy-tag=exp3\nsleep 1\n",
+    )
+    r = cluster.srun(["-w", n1, "--energy-tag=exp1", "-J", "e2e-srun", "true"], env=site.user_env)
     assert r.returncode == 0, r.output
     assert finished(cluster, multi) == "COMPLETED"
     assert finished(cluster, single) == "COMPLETED"
@@ -321,13 +370,20 @@ def test_end_to_end_epilogs_export_and_the_ledger_holds_every_job(cluster, site)
     env.pop("LLEM_POWERCAP_ROOT", None)
     deadline = time.monotonic() + 30
     while True:  # the header slice comes from the controller, a moment after the job
-        r = subprocess.run([sys.executable, "-m", "llem.cli.main", "aggregate", "--once",
-                            "--json"], capture_output=True, text=True, env=env, timeout=120,
-                           check=False)
+        r = subprocess.run(
+            [sys.executable, "-m", "llem.cli.main", "aggregate", "--once", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         db = sqlite3.connect(f"file:{site.base / 'state' / 'ledger.db'}?mode=ro", uri=True)
-        runs = {job: db.execute("SELECT status, name FROM job_runs WHERE job_id = ?",
-                                (job,)).fetchone() for job in (multi, single)}
+        runs = {
+            job: db.execute("SELECT status, name FROM job_runs WHERE job_id = ?", (job,)).fetchone()
+            for job in (multi, single)
+        }
         if all(r and r[1] for r in runs.values()) or time.monotonic() > deadline:
             break
         db.close()
@@ -337,13 +393,19 @@ def test_end_to_end_epilogs_export_and_the_ledger_holds_every_job(cluster, site)
         assert runs[single] == ("complete", "e2e-single"), runs
         tags = dict(db.execute("SELECT name, tag FROM job_runs WHERE name LIKE 'e2e-%'"))
         assert tags == {"e2e-multi": "exp2", "e2e-single": "exp3", "e2e-srun": "exp1"}, tags
-        per_node = dict(db.execute(
-            "SELECT n.node, SUM(e.energy_uj) FROM job_nodes n JOIN job_energy e "
-            "ON e.job_node_id = n.id WHERE n.job_id = ? GROUP BY n.node", (multi,)))
+        per_node = dict(
+            db.execute(
+                "SELECT n.node, SUM(e.energy_uj) FROM job_nodes n JOIN job_energy e "
+                "ON e.job_node_id = n.id WHERE n.job_id = ? GROUP BY n.node",
+                (multi,),
+            )
+        )
         assert set(per_node) == {n1, n2, n3} and all(v > 0 for v in per_node.values())
         gpu = db.execute(
             "SELECT SUM(e.energy_uj) FROM job_nodes n JOIN job_energy e ON e.job_node_id = n.id"
-            " WHERE n.job_id = ? AND e.component = 'gpu'", (single,)).fetchone()[0]
+            " WHERE n.job_id = ? AND e.component = 'gpu'",
+            (single,),
+        ).fetchone()[0]
         assert gpu and gpu > 0
     finally:
         db.close()

@@ -22,8 +22,13 @@ pytestmark = pytest.mark.slurm
 
 AMD_W = (120.0, 280.0)  # GPU minor 0 (renderD128), minor 1
 UNIT = 65536  # amdsmi accumulator ticks per joule
-METER_W = {"energy": 900, "cpu_energy": 200, "memory_energy": 60, "accel0_energy": 120,
-           "accel1_energy": 280}
+METER_W = {
+    "energy": 900,
+    "cpu_energy": 200,
+    "memory_energy": 60,
+    "accel0_energy": 120,
+    "accel1_energy": 280,
+}
 
 
 class AmdGpus:
@@ -36,10 +41,16 @@ class AmdGpus:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def gpus(self):
-        return [fakeamdsmi.FakeAmdGpu(f"0000:{0xc1 + 0x10 * i:02x}:00.0",
-                                      f"5bff74bf-0000-1000-80ba-00000000000{i}", card=i,
-                                      acc=int(self.acc[i]), power_w=int(AMD_W[i]))
-                for i in range(2)]
+        return [
+            fakeamdsmi.FakeAmdGpu(
+                f"0000:{0xC1 + 0x10 * i:02x}:00.0",
+                f"5bff74bf-0000-1000-80ba-00000000000{i}",
+                card=i,
+                acc=int(self.acc[i]),
+                power_w=int(AMD_W[i]),
+            )
+            for i in range(2)
+        ]
 
     def write(self) -> None:
         fakeamdsmi.write_state(self.state, self.gpus())
@@ -69,8 +80,10 @@ class MeterSite(Site):
         self.amd = AmdGpus(self.base / "amd")
         self.pm = FakePmCounters(self.base / "pm_counters", accels=2)
         self.pm_writer = PmWriter(self.pm, METER_W, hz=10)
-        self.write_defaults(LLEM_PM_COUNTERS_ROOT=str(self.pm.path),
-                            LLEM_POWERCAP_ROOT=str(self.base / "no-powercap"))
+        self.write_defaults(
+            LLEM_PM_COUNTERS_ROOT=str(self.pm.path),
+            LLEM_POWERCAP_ROOT=str(self.base / "no-powercap"),
+        )
         for p in [self.base, *self.base.rglob("*")]:
             if p.is_dir() and not p.is_symlink():
                 p.chmod(p.stat().st_mode | 0o755)
@@ -82,7 +95,8 @@ class MeterSite(Site):
             f"export LLEM_DEFAULTS_FILE={self.defaults}\n"
             f"export ROCM_PATH={self.amd.rocm}\n"
             f"export FAKE_AMDSMI_STATE={self.amd.state}\n"
-            f"exec /bin/bash {REPO / 'slurm' / (kind + '.sh')}\n")
+            f"exec /bin/bash {REPO / 'slurm' / (kind + '.sh')}\n"
+        )
         path.chmod(0o755)
         return path
 
@@ -104,8 +118,9 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(nodes=1, gpus_per_node=2, name="llemmeters",
-                                     node_prefix="m", port_base=17400, start=False)
+    c = slurm_module_cluster_factory(
+        nodes=1, gpus_per_node=2, name="llemmeters", node_prefix="m", port_base=17400, start=False
+    )
     c.prolog = site.hook("prolog")
     c.epilog = site.hook("epilog")
     c.epilog_slurmctld = site.hook("epilog-slurmctld")
@@ -116,20 +131,27 @@ def cluster(slurm_module_cluster_factory, site):
 def test_jobs_on_amd_gpus_get_their_own_gpu_and_a_platform_share(cluster, site):
     node = cluster.nodes[0]
     env = site.user_env
-    jobs = [cluster.submit(["-w", node, "-n1", "--gres=gpu:1", "--wrap", burn(4)], env=env)
-            for _ in range(2)]
+    jobs = [
+        cluster.submit(["-w", node, "-n1", "--gres=gpu:1", "--wrap", burn(4)], env=env)
+        for _ in range(2)
+    ]
     for job in jobs:
         assert cluster.wait_job(job, timeout=60) == "COMPLETED", cluster.logs()
     assert cluster.drained_nodes() == {}
     rows = [site.wait_sealed(node, job) for job in jobs]
     db = site.store(node)
     try:
-        devices = {key: (component, sensor, json.loads(attrs)) for key, component, sensor, attrs
-                   in db.execute("SELECT key, component, sensor, attrs FROM devices")}
+        devices = {
+            key: (component, sensor, json.loads(attrs))
+            for key, component, sensor, attrs in db.execute(
+                "SELECT key, component, sensor, attrs FROM devices"
+            )
+        }
         sensors = {key: sensor for key, (_, sensor, _) in devices.items()}
         assert sorted(k for k, (c, _, _) in devices.items() if c == "gpu") == [
             "amdsmi:5bff74bf-0000-1000-80ba-000000000000",
-            "amdsmi:5bff74bf-0000-1000-80ba-000000000001"]
+            "amdsmi:5bff74bf-0000-1000-80ba-000000000001",
+        ]
         assert "pm_counters:accel0" not in sensors  # one source per GPU: amdsmi's
         assert devices["platform:node"][0] == "platform"
         minors = set()
@@ -139,7 +161,8 @@ def test_jobs_on_amd_gpus_get_their_own_gpu_and_a_platform_share(cluster, site):
                 "SELECT d.key, SUM(j.energy_uj), SUM(iv.end_ns - iv.start_ns) FROM job_energy j "
                 "JOIN devices d ON d.key = j.device_key JOIN intervals iv ON iv.id = "
                 "j.interval_id WHERE j.run_id = ? AND d.component = 'gpu' GROUP BY d.key",
-                (run_id,)).fetchall()
+                (run_id,),
+            ).fetchall()
             assert len(gpu) == 1, gpu  # its own GPU only
             key, energy_uj, span_ns = gpu[0]
             assert key == stored  # the job names its GPU the way its energy rows do
@@ -148,24 +171,35 @@ def test_jobs_on_amd_gpus_get_their_own_gpu_and_a_platform_share(cluster, site):
             assert energy_uj / span_ns * 1e3 == pytest.approx(AMD_W[int(minor)], rel=0.3)
             platform = db.execute(
                 "SELECT SUM(energy_uj), MIN(method) FROM job_energy WHERE run_id = ? AND "
-                "device_key = 'platform:node'", (run_id,)).fetchone()
+                "device_key = 'platform:node'",
+                (run_id,),
+            ).fetchone()
             assert platform[0] and platform[0] > 0 and platform[1] == "platform_allocation"
         assert minors == {"0", "1"}
         # Platform = meter - cpu - memory - GPUs (amdsmi), about 900-200-60-400 = 240 W.
-        meter, plat = (db.execute(
-            "SELECT SUM(energy_uj) FROM energy WHERE device_key = ? AND kind = 'ok'", (k,)
-        ).fetchone()[0] for k in ("pm_counters:node", "platform:node"))
+        meter, plat = (
+            db.execute(
+                "SELECT SUM(energy_uj) FROM energy WHERE device_key = ? AND kind = 'ok'", (k,)
+            ).fetchone()[0]
+            for k in ("pm_counters:node", "platform:node")
+        )
         assert meter > 0 and 0 < plat < meter
         bad = db.execute(
             "SELECT e.interval_id, e.device_key, e.energy_uj, "
             "COALESCE((SELECT SUM(energy_uj) FROM job_energy j WHERE j.interval_id = e.interval_id"
             " AND j.device_key = e.device_key), 0) + COALESCE((SELECT energy_uj FROM remainder r"
             " WHERE r.interval_id = e.interval_id AND r.device_key = e.device_key), 0) AS parts "
-            "FROM energy e WHERE e.energy_uj != parts").fetchall()
+            "FROM energy e WHERE e.energy_uj != parts"
+        ).fetchall()
         assert bad == []
-        platform_by_job = {job: db.execute(
-            "SELECT SUM(energy_uj) FROM job_energy WHERE run_id = ? AND device_key = "
-            "'platform:node'", (row[0],)).fetchone()[0] for job, row in zip(jobs, rows)}
+        platform_by_job = {
+            job: db.execute(
+                "SELECT SUM(energy_uj) FROM job_energy WHERE run_id = ? AND device_key = "
+                "'platform:node'",
+                (row[0],),
+            ).fetchone()[0]
+            for job, row in zip(jobs, rows)
+        }
     finally:
         db.close()
     # Through the Epilog's export, `llem aggregate` and `llem-acct`: PlatformEnergy.
@@ -176,13 +210,33 @@ def test_jobs_on_amd_gpus_get_their_own_gpu_and_a_platform_share(cluster, site):
     env = {**os.environ, "LLEM_CONFIG": str(site.config)}
     deadline = time.monotonic() + 30
     while True:  # the header slice comes from the controller, a moment after the job
-        r = subprocess.run([sys.executable, "-m", "llem.cli.main", "aggregate", "--once"],
-                           capture_output=True, text=True, env=env, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "llem.cli.main", "aggregate", "--once"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
-        r = subprocess.run([sys.executable, "-m", "llem.cli.main", "acct", "-j",
-                            ",".join(jobs), "-X", "-L", "--json", "-o",
-                            "JobID,PlatformEnergy,GPUEnergy"],
-                           capture_output=True, text=True, env=env, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "llem.cli.main",
+                "acct",
+                "-j",
+                ",".join(jobs),
+                "-X",
+                "-L",
+                "--json",
+                "-o",
+                "JobID,PlatformEnergy,GPUEnergy",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         got = {j["JobID"]: j for j in json.loads(r.stdout)["jobs"]}
         if set(got) == set(jobs) or time.monotonic() > deadline:

@@ -28,7 +28,8 @@ def site():
         f"cluster: llemtest\nstate_dir: {s.state_dir}\nrun_dir: {s.run_dir}\n"
         f"spool_dir: {s.spool_dir}\nledger: {s.state_dir / 'ledger.db'}\n"
         "sampler:\n  interval_s: 0.5\n  linger_s: 0\n"
-        f"metrics:\n  textfile_dir: {s.textfiles}\n  dcgm_job_mapping_dir: {s.dcgm}\n")
+        f"metrics:\n  textfile_dir: {s.textfiles}\n  dcgm_job_mapping_dir: {s.dcgm}\n"
+    )
     s.hw.start()
     yield s
     s.cleanup()
@@ -36,8 +37,9 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(nodes=1, gpus_per_node=2, name="llemmetrics",
-                                     node_prefix="p", port_base=17400, start=False)
+    c = slurm_module_cluster_factory(
+        nodes=1, gpus_per_node=2, name="llemmetrics", node_prefix="p", port_base=17400, start=False
+    )
     c.prolog = site.hook("prolog")
     c.epilog = site.hook("epilog")
     c.start()
@@ -63,11 +65,14 @@ def _read(path):
 
 def test_a_running_job_is_in_the_textfile_and_the_gpu_mapping_until_its_epilog(cluster, site):
     node = cluster.nodes[0]
-    job = cluster.submit(["-w", node, "-n1", "--gres=gpu:1", "--wrap", burn(4)],
-                         user=TEST_USER, env=site.user_env)
+    job = cluster.submit(
+        ["-w", node, "-n1", "--gres=gpu:1", "--wrap", burn(4)], user=TEST_USER, env=site.user_env
+    )
     textfile = site.textfiles / f"llem_node_{node}.prom"
-    gpu_energy = re.compile(rf'llem_job_energy_joules_total{{node="{node}",jobid="{job}",'
-                            r'component="gpu",source="measured"} ([0-9.e+]+)')
+    gpu_energy = re.compile(
+        rf'llem_job_energy_joules_total{{node="{node}",jobid="{job}",'
+        r'component="gpu",source="measured"} ([0-9.e+]+)'
+    )
 
     def job_has_gpu_energy():
         m = gpu_energy.search(_read(textfile))
@@ -79,12 +84,18 @@ def test_a_running_job_is_in_the_textfile_and_the_gpu_mapping_until_its_epilog(c
     assert f'llem_node_running_jobs{{node="{node}"}} 1' in text
     lint = promtool_check_metrics(text)
     assert lint.returncode == 0 and not lint.stdout and not lint.stderr, lint
-    mapping = _poll("the GPU job mapping", lambda: [p.name for p in site.dcgm.iterdir()
-                                                    if _read(p) == f"{job}\n"], 10)
+    mapping = _poll(
+        "the GPU job mapping",
+        lambda: [p.name for p in site.dcgm.iterdir() if _read(p) == f"{job}\n"],
+        10,
+    )
     assert len(mapping) == 1 and mapping[0] in ("0", "1")
 
     assert cluster.wait_job(job, timeout=60) == "COMPLETED"
-    _poll("the job to leave the textfile", lambda: textfile.exists()
-          and f'jobid="{job}"' not in _read(textfile), 20)
+    _poll(
+        "the job to leave the textfile",
+        lambda: textfile.exists() and f'jobid="{job}"' not in _read(textfile),
+        20,
+    )
     assert f'llem_node_running_jobs{{node="{node}"}} 0' in textfile.read_text()
     _poll("the GPU job mapping to empty", lambda: _read(site.dcgm / mapping[0]) == "", 10)

@@ -30,9 +30,15 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(nodes=1, gpus_per_node=1, name="llemproc",
-                                     node_prefix="p", port_base=17650, start=False,
-                                     use_cgroups=False)
+    c = slurm_module_cluster_factory(
+        nodes=1,
+        gpus_per_node=1,
+        name="llemproc",
+        node_prefix="p",
+        port_base=17650,
+        start=False,
+        use_cgroups=False,
+    )
     c.prolog = site.hook("prolog")
     c.epilog = site.hook("epilog")
     c.start()
@@ -46,7 +52,8 @@ def cpu_energy(site, node, run_id) -> int:
             "SELECT COALESCE(SUM(j.energy_uj), 0) FROM job_energy j JOIN devices d "
             "ON d.key = j.device_key WHERE j.run_id = ? AND d.component = 'cpu' "
             "AND j.method = 'cpu_time'",  # its use; the static part goes by allocation
-            (run_id,)).fetchone()[0]
+            (run_id,),
+        ).fetchone()[0]
     finally:
         db.close()
 
@@ -62,13 +69,34 @@ def test_a_forged_slurm_job_id_is_not_billed_to_the_job(cluster, site):
         time.sleep(0.2)
     # Bob's busy loop, outside any job, claiming to be Alice's sleeping job.
     loop = "import time; t = time.time() + 6; any(iter(lambda: time.time() > t, True))"
-    attack = subprocess.Popen(["runuser", "-u", TEST_USER2, "--", "env",
-                               f"SLURM_JOB_ID={idle}", SYSTEM_PYTHON, "-c", loop])
+    attack = subprocess.Popen(
+        [
+            "runuser",
+            "-u",
+            TEST_USER2,
+            "--",
+            "env",
+            f"SLURM_JOB_ID={idle}",
+            SYSTEM_PYTHON,
+            "-c",
+            loop,
+        ]
+    )
     # And a process of Bob's that calls itself Alice's slurmstepd, with a busy child.
     spawn = f"import subprocess; subprocess.call([{SYSTEM_PYTHON!r}, '-c', {loop!r}])"
-    forged = subprocess.Popen(["runuser", "-u", TEST_USER2, "--", "bash", "-c",
-                               f'exec -a "$0" {SYSTEM_PYTHON} -c "$1"',
-                               f"slurmstepd: [{idle}.0]", spawn])
+    forged = subprocess.Popen(
+        [
+            "runuser",
+            "-u",
+            TEST_USER2,
+            "--",
+            "bash",
+            "-c",
+            f'exec -a "$0" {SYSTEM_PYTHON} -c "$1"',
+            f"slurmstepd: [{idle}.0]",
+            spawn,
+        ]
+    )
     try:
         assert cluster.wait_job(idle, timeout=60) == "COMPLETED"
         assert cluster.wait_job(busy, timeout=60) == "COMPLETED"

@@ -78,8 +78,7 @@ def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Repo
     names = {c.field.name for c in opts.columns}
     needs_carbon = bool(names & CARBON_FIELDS) or (opts.mode == "json" and not opts.fields_given)
     carbon = resolve_carbon(config) if needs_carbon else None
-    rows = total_rows(ledger, opts, carbon) if opts.totals_by else \
-        select_rows(ledger, opts, carbon)
+    rows = total_rows(ledger, opts, carbon) if opts.totals_by else select_rows(ledger, opts, carbon)
     now_ns = time.time_ns() if now_ns is None else now_ns
     columns = opts.columns
     notes: list[str] = []
@@ -87,7 +86,8 @@ def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Repo
         if not opts.fields_given:
             catalogue = TOTAL_FIELDS if opts.totals_by else FIELDS
             names_all = ((TOTAL_KEYS[opts.totals_by],) if opts.totals_by else ()) + tuple(
-                n for n in catalogue if n not in TOTAL_KEYS.values() or not opts.totals_by)
+                n for n in catalogue if n not in TOTAL_KEYS.values() or not opts.totals_by
+            )
             columns = tuple(Column(catalogue[n], catalogue[n].width) for n in names_all)
         return Report(render_json(columns, rows, opts=opts, carbon=carbon, generated_ns=now_ns))
     if opts.mode == "table":
@@ -95,22 +95,60 @@ def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Repo
         if carbon is not None and rows:
             text += carbon.footer() + "\n"
     else:
-        text = render_parsable(columns, rows, noheader=opts.noheader, units=opts.units,
-                               delimiter=opts.delimiter, trailing=opts.mode == "parsable")
+        text = render_parsable(
+            columns,
+            rows,
+            noheader=opts.noheader,
+            units=opts.units,
+            delimiter=opts.delimiter,
+            trailing=opts.mode == "parsable",
+        )
         if carbon is not None and rows:
             notes.append(carbon.footer())
     if not rows:
-        notes.append(f"llem-acct: no jobs match ({describe_selection(opts)}); widen the window "
-                     "with -S or --since, or use -a for all users")
+        notes.append(
+            f"llem-acct: no jobs match ({describe_selection(opts)}); widen the window "
+            "with -S or --since, or use -a for all users"
+        )
     return Report(text, tuple(notes))
 
 
 __all__ = [
-    "CARBON_FIELDS", "FIELDS", "JSON_SCHEMA", "TOTAL_FIELDS", "TOTAL_KEYS", "AcctOptions",
-    "AcctUsageError", "Carbon", "Column", "Field", "Report", "add_carbon", "build_options",
-    "describe_selection", "format_co2e", "format_elapsed", "format_energy", "format_time",
-    "helpformat", "latest_runs", "parse_format", "parse_jobs", "parse_since", "parse_states",
-    "parse_time", "render_json", "render_parsable", "render_table", "report", "resolve_carbon",
-    "run_row", "select_rows", "split_list", "statement_text", "total_row", "total_rows",
+    "CARBON_FIELDS",
+    "FIELDS",
+    "JSON_SCHEMA",
+    "TOTAL_FIELDS",
+    "TOTAL_KEYS",
+    "AcctOptions",
+    "AcctUsageError",
+    "Carbon",
+    "Column",
+    "Field",
+    "Report",
+    "add_carbon",
+    "build_options",
+    "describe_selection",
+    "format_co2e",
+    "format_elapsed",
+    "format_energy",
+    "format_time",
+    "helpformat",
+    "latest_runs",
+    "parse_format",
+    "parse_jobs",
+    "parse_since",
+    "parse_states",
+    "parse_time",
+    "render_json",
+    "render_parsable",
+    "render_table",
+    "report",
+    "resolve_carbon",
+    "run_row",
+    "select_rows",
+    "split_list",
+    "statement_text",
+    "total_row",
+    "total_rows",
     "window_rows",
 ]

@@ -54,8 +54,7 @@ class Carbon:
         """Whether the factor changes only with the year (a table region's figures, constant
         PUE, no hourly series): then a row inside one UTC year needs only its total."""
         f = self.factors
-        return (f.model.hourly is None and f.model.varies_by_year
-                and not isinstance(f.pue, Mapping))
+        return f.model.hourly is None and f.model.varies_by_year and not isinstance(f.pue, Mapping)
 
     def year_hour(self, row: Mapping) -> int | None:
         """An hour of the row's one UTC year (its start hour), or None when the row spans
@@ -69,8 +68,13 @@ class Carbon:
             return None
         return start_s - start_s % 3600
 
-    def grams(self, energy_j: float, gpu_hours: float, node_hours: float,
-              energy_j_by_hour: Mapping[int, float] | None = None) -> tuple[float, float]:
+    def grams(
+        self,
+        energy_j: float,
+        gpu_hours: float,
+        node_hours: float,
+        energy_j_by_hour: Mapping[int, float] | None = None,
+    ) -> tuple[float, float]:
         """(grams CO2e, grid gCO2e/kWh applied) of one row."""
         from llem.carbon.emissions import emissions, operational_g
 
@@ -81,7 +85,7 @@ class Carbon:
             self._count_year(f.model.annual.year, grams, g_per_kwh)
             return grams + f.embodied_g(gpu_hours, node_hours), g_per_kwh
         if self.by_year_only and len(energy_j_by_hour) == 1:
-            (hour, joules), = energy_j_by_hour.items()
+            ((hour, joules),) = energy_j_by_hour.items()
             hi = f.model.for_hour(hour)
             grams = operational_g(joules, f.pue, hi.g_per_kwh)
             self._count_year(hi.year, grams, hi.g_per_kwh)
@@ -113,14 +117,19 @@ class Carbon:
         """The PUE of the first hour's month (of this month when there is no hour)."""
         if self.constant:
             return self.factors.pue
-        return self.factors.pue_of_month(time.strftime("%Y-%m", time.gmtime(
-            min(energy_j_by_hour) if energy_j_by_hour else time.time())))
+        return self.factors.pue_of_month(
+            time.strftime(
+                "%Y-%m", time.gmtime(min(energy_j_by_hour) if energy_j_by_hour else time.time())
+            )
+        )
 
     def footer(self) -> str:
         """One line naming the intensity's source, year and the PUE."""
         i = self.info
-        text = (f"CO2e: grid intensity {self.intensity_text()} ({i['source']}; "
-                f"year {self.years()}; {i['basis']} basis; region {i['region']})")
+        text = (
+            f"CO2e: grid intensity {self.intensity_text()} ({i['source']}; "
+            f"year {self.years()}; {i['basis']} basis; region {i['region']})"
+        )
         if i.get("hourly_source"):
             text += f", hourly where available ({i['hourly_source']})"
         text += f"; PUE {i['pue']}"
@@ -141,22 +150,31 @@ def resolve_carbon(config) -> Carbon:
     model, pue, annual = f.model, f.pue, f.model.annual
     embodied_text = None
     if f.embodied_enabled:
-        embodied_text = (f"{f.gpu_g_per_hour:.2f} g per GPU-hour, "
-                         f"{f.node_g_per_hour:.2f} g per node-hour")
-    pue_text = (f"{float(pue):g}" if not isinstance(pue, Mapping) else
-                "by month (" + ", ".join(f"{m}: {v:g}" for m, v in sorted(pue.items())) + ")")
+        embodied_text = (
+            f"{f.gpu_g_per_hour:.2f} g per GPU-hour, {f.node_g_per_hour:.2f} g per node-hour"
+        )
+    pue_text = (
+        f"{float(pue):g}"
+        if not isinstance(pue, Mapping)
+        else "by month (" + ", ".join(f"{m}: {v:g}" for m, v in sorted(pue.items())) + ")"
+    )
     info = {
-        "region": model.region, "intensity_g_per_kwh": annual.g_per_kwh,
-        "source": annual.source, "year": annual.year, "basis": annual.basis,
+        "region": model.region,
+        "intensity_g_per_kwh": annual.g_per_kwh,
+        "source": annual.source,
+        "year": annual.year,
+        "basis": annual.basis,
         "pue": pue_text if isinstance(pue, Mapping) else float(pue),
         "hourly_source": model.hourly.source if model.hourly is not None else None,
-        "embodied": embodied_text, "region_is_default": model.is_default_region,
+        "embodied": embodied_text,
+        "region_is_default": model.is_default_region,
     }
     return Carbon(config=config, factors=f, info=info)
 
 
-def add_carbon(rows: list[dict], carbon: Carbon | None,
-               hourly: Mapping[Any, Mapping[int, float]] | None = None) -> None:
+def add_carbon(
+    rows: list[dict], carbon: Carbon | None, hourly: Mapping[Any, Mapping[int, float]] | None = None
+) -> None:
     """Fill ``CO2e`` (grams) and ``CarbonIntensity`` of rows in place.
 
     Args:
@@ -178,5 +196,5 @@ def add_carbon(rows: list[dict], carbon: Carbon | None,
             elif row.get("_key") is not None and hourly is not None:
                 by_hour = hourly.get(row["_key"])
         row["CO2e"], row["CarbonIntensity"] = carbon.grams(
-            row["ConsumedEnergy"], row["_gpu_hours"], row["_node_hours"], by_hour)
-
+            row["ConsumedEnergy"], row["_gpu_hours"], row["_node_hours"], by_hour
+        )

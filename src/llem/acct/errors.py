@@ -13,4 +13,3 @@ class AcctUsageError(ValueError):
     def __init__(self, option: str, message: str) -> None:
         super().__init__(message)
         self.option = option
-

@@ -23,71 +23,120 @@ class Field:
     help: str
 
 
-FIELDS: dict[str, Field] = {f.name: f for f in (
-    Field("JobID", -12, "str", "job id; array tasks as JOB_TASK, windows (steps) as JOB.NAME"),
-    Field("JobIDRaw", -12, "str", "the job's own Slurm job id (array tasks too)"),
-    Field("JobName", 10, "str", "job name; for a window, its name"),
-    Field("Cluster", 10, "str", "cluster name"),
-    Field("User", 9, "str", "user name"),
-    Field("Account", 10, "str", "account"),
-    Field("Partition", 10, "str", "partition"),
-    Field("State", 10, "str", "COMPLETED, FAILED, SIGNALED or UNKNOWN; windows: closed/open/"
-                              "abandoned"),
-    Field("Start", 19, "time", "start (local time)"),
-    Field("End", 19, "time", "end (local time)"),
-    Field("Elapsed", 10, "elapsed", "wall time, [DD-]HH:MM:SS"),
-    Field("NNodes", 8, "int", "number of nodes"),
-    Field("NodeList", 15, "str", "nodes (Slurm hostlist)"),
-    Field("AllocGPUs", 9, "int", "GPUs allocated (GPU-seconds / wall time)"),
-    Field("ConsumedEnergy", 14, "energy", "energy of all components, joules with K/M/G/T/P "
-                                          "(x1000) suffixes"),
-    Field("ConsumedEnergyRaw", 17, "int", "energy of all components in joules"),
-    Field("CPUEnergy", 10, "energy", "CPU package energy, joules (suffixed)"),
-    Field("DRAMEnergy", 10, "energy", "DRAM energy, joules (suffixed)"),
-    Field("GPUEnergy", 10, "energy", "GPU energy, joules (suffixed)"),
-    Field("PlatformEnergy", 14, "energy", "node meter minus CPU, DRAM, GPUs, joules (suffixed)"),
-    Field("AvePower", 10, "watts", "mean power, watts (energy / elapsed)"),
-    Field("EnergySource", 12, "str", "measured, estimated, mixed (or none: no energy)"),
-    Field("Coverage", 8, "percent", "share of the wall time with data"),
-    Field("CarbonIntensity", 15, "intensity", "grid intensity applied, gCO2e/kWh"),
-    Field("CO2e", 10, "co2e", "emissions: energy x PUE x intensity (+ embodied when "
-                              "enabled), g/kg/t CO2e"),
-    Field("Tag", 10, "str", "the job's llem tag"),
-    Field("Attribution", 11, "str", "how shared-node energy was charged: exclusive (the whole "
-                                    "node), hybrid (idle power by allocation + use), use, "
-                                    "allocation"),
-)}
+FIELDS: dict[str, Field] = {
+    f.name: f
+    for f in (
+        Field("JobID", -12, "str", "job id; array tasks as JOB_TASK, windows (steps) as JOB.NAME"),
+        Field("JobIDRaw", -12, "str", "the job's own Slurm job id (array tasks too)"),
+        Field("JobName", 10, "str", "job name; for a window, its name"),
+        Field("Cluster", 10, "str", "cluster name"),
+        Field("User", 9, "str", "user name"),
+        Field("Account", 10, "str", "account"),
+        Field("Partition", 10, "str", "partition"),
+        Field(
+            "State",
+            10,
+            "str",
+            "COMPLETED, FAILED, SIGNALED or UNKNOWN; windows: closed/open/abandoned",
+        ),
+        Field("Start", 19, "time", "start (local time)"),
+        Field("End", 19, "time", "end (local time)"),
+        Field("Elapsed", 10, "elapsed", "wall time, [DD-]HH:MM:SS"),
+        Field("NNodes", 8, "int", "number of nodes"),
+        Field("NodeList", 15, "str", "nodes (Slurm hostlist)"),
+        Field("AllocGPUs", 9, "int", "GPUs allocated (GPU-seconds / wall time)"),
+        Field(
+            "ConsumedEnergy",
+            14,
+            "energy",
+            "energy of all components, joules with K/M/G/T/P (x1000) suffixes",
+        ),
+        Field("ConsumedEnergyRaw", 17, "int", "energy of all components in joules"),
+        Field("CPUEnergy", 10, "energy", "CPU package energy, joules (suffixed)"),
+        Field("DRAMEnergy", 10, "energy", "DRAM energy, joules (suffixed)"),
+        Field("GPUEnergy", 10, "energy", "GPU energy, joules (suffixed)"),
+        Field(
+            "PlatformEnergy", 14, "energy", "node meter minus CPU, DRAM, GPUs, joules (suffixed)"
+        ),
+        Field("AvePower", 10, "watts", "mean power, watts (energy / elapsed)"),
+        Field("EnergySource", 12, "str", "measured, estimated, mixed (or none: no energy)"),
+        Field("Coverage", 8, "percent", "share of the wall time with data"),
+        Field("CarbonIntensity", 15, "intensity", "grid intensity applied, gCO2e/kWh"),
+        Field(
+            "CO2e",
+            10,
+            "co2e",
+            "emissions: energy x PUE x intensity (+ embodied when enabled), g/kg/t CO2e",
+        ),
+        Field("Tag", 10, "str", "the job's llem tag"),
+        Field(
+            "Attribution",
+            11,
+            "str",
+            "how shared-node energy was charged: exclusive (the whole "
+            "node), hybrid (idle power by allocation + use), use, "
+            "allocation",
+        ),
+    )
+}
 
-TOTAL_FIELDS: dict[str, Field] = {f.name: f for f in (
-    Field("User", 9, "str", "user name (--totals user)"),
-    Field("Account", 10, "str", "account (--totals account)"),
-    Field("Partition", 10, "str", "partition (--totals partition)"),
-    Field("Tag", 10, "str", "tag (--totals tag)"),
-    Field("Day", 10, "str", "day the runs started, local time (--totals day)"),
-    Field("Month", 7, "str", "month the runs started, local time (--totals month)"),
-    Field("NJobs", 8, "int", "number of job runs"),
-    Field("Elapsed", 13, "elapsed", "summed wall time of the runs"),
-    Field("NodeHours", 10, "float1", "nodes x wall time, hours"),
-    Field("GPUHours", 10, "float1", "GPU-hours"),
-    Field("ConsumedEnergy", 14, "energy", FIELDS["ConsumedEnergy"].help),
-    Field("ConsumedEnergyRaw", 17, "int", FIELDS["ConsumedEnergyRaw"].help),
-    Field("CPUEnergy", 10, "energy", FIELDS["CPUEnergy"].help),
-    Field("DRAMEnergy", 10, "energy", FIELDS["DRAMEnergy"].help),
-    Field("GPUEnergy", 10, "energy", FIELDS["GPUEnergy"].help),
-    Field("PlatformEnergy", 14, "energy", FIELDS["PlatformEnergy"].help),
-    Field("AvePower", 10, "watts", "mean power over the summed wall time, watts"),
-    Field("EnergySource", 12, "str", FIELDS["EnergySource"].help),
-    Field("Coverage", 8, "percent", "time-weighted share of wall time with data"),
-    Field("CarbonIntensity", 15, "intensity", FIELDS["CarbonIntensity"].help),
-    Field("CO2e", 10, "co2e", FIELDS["CO2e"].help),
-)}
+TOTAL_FIELDS: dict[str, Field] = {
+    f.name: f
+    for f in (
+        Field("User", 9, "str", "user name (--totals user)"),
+        Field("Account", 10, "str", "account (--totals account)"),
+        Field("Partition", 10, "str", "partition (--totals partition)"),
+        Field("Tag", 10, "str", "tag (--totals tag)"),
+        Field("Day", 10, "str", "day the runs started, local time (--totals day)"),
+        Field("Month", 7, "str", "month the runs started, local time (--totals month)"),
+        Field("NJobs", 8, "int", "number of job runs"),
+        Field("Elapsed", 13, "elapsed", "summed wall time of the runs"),
+        Field("NodeHours", 10, "float1", "nodes x wall time, hours"),
+        Field("GPUHours", 10, "float1", "GPU-hours"),
+        Field("ConsumedEnergy", 14, "energy", FIELDS["ConsumedEnergy"].help),
+        Field("ConsumedEnergyRaw", 17, "int", FIELDS["ConsumedEnergyRaw"].help),
+        Field("CPUEnergy", 10, "energy", FIELDS["CPUEnergy"].help),
+        Field("DRAMEnergy", 10, "energy", FIELDS["DRAMEnergy"].help),
+        Field("GPUEnergy", 10, "energy", FIELDS["GPUEnergy"].help),
+        Field("PlatformEnergy", 14, "energy", FIELDS["PlatformEnergy"].help),
+        Field("AvePower", 10, "watts", "mean power over the summed wall time, watts"),
+        Field("EnergySource", 12, "str", FIELDS["EnergySource"].help),
+        Field("Coverage", 8, "percent", "time-weighted share of wall time with data"),
+        Field("CarbonIntensity", 15, "intensity", FIELDS["CarbonIntensity"].help),
+        Field("CO2e", 10, "co2e", FIELDS["CO2e"].help),
+    )
+}
 
-TOTAL_KEYS = {"user": "User", "account": "Account", "partition": "Partition", "tag": "Tag",
-              "day": "Day", "month": "Month"}
-DEFAULT_FORMAT = ("JobID", "JobName", "User", "Account", "Partition", "State", "Elapsed",
-                  "NNodes", "ConsumedEnergy", "EnergySource", "CO2e")
-DEFAULT_TOTALS_FORMAT = ("NJobs", "Elapsed", "GPUHours", "ConsumedEnergy", "GPUEnergy",
-                         "EnergySource", "CO2e")
+TOTAL_KEYS = {
+    "user": "User",
+    "account": "Account",
+    "partition": "Partition",
+    "tag": "Tag",
+    "day": "Day",
+    "month": "Month",
+}
+DEFAULT_FORMAT = (
+    "JobID",
+    "JobName",
+    "User",
+    "Account",
+    "Partition",
+    "State",
+    "Elapsed",
+    "NNodes",
+    "ConsumedEnergy",
+    "EnergySource",
+    "CO2e",
+)
+DEFAULT_TOTALS_FORMAT = (
+    "NJobs",
+    "Elapsed",
+    "GPUHours",
+    "ConsumedEnergy",
+    "GPUEnergy",
+    "EnergySource",
+    "CO2e",
+)
 CARBON_FIELDS = frozenset({"CarbonIntensity", "CO2e"})
 ENERGY_PREFIXES = ("", "K", "M", "G", "T", "P")  # --units, and the suffixes of energy fields
 
@@ -122,8 +171,7 @@ def parse_format(text: str | None, totals_by: str | None = None) -> list[Column]
     """
     catalogue = TOTAL_FIELDS if totals_by else FIELDS
     if text is None:
-        names = ((TOTAL_KEYS[totals_by],) + DEFAULT_TOTALS_FORMAT) if totals_by \
-            else DEFAULT_FORMAT
+        names = ((TOTAL_KEYS[totals_by],) + DEFAULT_TOTALS_FORMAT) if totals_by else DEFAULT_FORMAT
         return [Column(catalogue[n], catalogue[n].width) for n in names]
     columns = []
     for item in text.split(","):
@@ -148,9 +196,9 @@ def helpformat(totals: bool = False) -> str:
     """The field names, four to a line, like ``sacct -e``; then what each one means."""
     catalogue = TOTAL_FIELDS if totals else FIELDS
     names = list(catalogue)
-    lines = ["".join(f"{n:<20}" for n in names[i:i + 4]).rstrip()
-             for i in range(0, len(names), 4)]
+    lines = [
+        "".join(f"{n:<20}" for n in names[i : i + 4]).rstrip() for i in range(0, len(names), 4)
+    ]
     lines.append("")
     lines += [f"{f.name:<18} {f.help}" for f in catalogue.values()]
     return "\n".join(lines) + "\n"
-

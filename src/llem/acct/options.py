@@ -16,10 +16,28 @@ from llem.units import NS_PER_S
 
 # -- sacct's syntax --------------------------------------------------------------------------
 
-_UNITS_S = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "m": 60, "min": 60,
-            "mins": 60, "minute": 60, "minutes": 60, "h": 3600, "hour": 3600, "hours": 3600,
-            "d": 86400, "day": 86400, "days": 86400, "w": 604800, "week": 604800,
-            "weeks": 604800}
+_UNITS_S = {
+    "": 1,
+    "s": 1,
+    "sec": 1,
+    "secs": 1,
+    "second": 1,
+    "seconds": 1,
+    "m": 60,
+    "min": 60,
+    "mins": 60,
+    "minute": 60,
+    "minutes": 60,
+    "h": 3600,
+    "hour": 3600,
+    "hours": 3600,
+    "d": 86400,
+    "day": 86400,
+    "days": 86400,
+    "w": 604800,
+    "week": 604800,
+    "weeks": 604800,
+}
 _NAMED_HOURS = {"midnight": 0, "noon": 12, "fika": 15, "teatime": 16}
 
 
@@ -55,19 +73,24 @@ def parse_time(text: str, now: datetime, option: str = "-S/--starttime") -> date
             return datetime(y, mo, d, hh, mm, ss)
         m = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", t)
         if m:
-            return today.replace(hour=int(m.group(1)), minute=int(m.group(2)),
-                                 second=int(m.group(3) or 0))
-        m = (re.fullmatch(r"(\d{2})(\d{2})(\d{2})?", t)
-             or re.fullmatch(r"(\d{1,2})/(\d{1,2})(?:/(\d{2}))?", t)
-             or re.fullmatch(r"(\d{1,2})\.(\d{1,2})(?:\.(\d{2}))?", t))
+            return today.replace(
+                hour=int(m.group(1)), minute=int(m.group(2)), second=int(m.group(3) or 0)
+            )
+        m = (
+            re.fullmatch(r"(\d{2})(\d{2})(\d{2})?", t)
+            or re.fullmatch(r"(\d{1,2})/(\d{1,2})(?:/(\d{2}))?", t)
+            or re.fullmatch(r"(\d{1,2})\.(\d{1,2})(?:\.(\d{2}))?", t)
+        )
         if m:
             year = 2000 + int(m.group(3)) if m.group(3) else now.year
             return datetime(year, int(m.group(1)), int(m.group(2)))
     except ValueError as e:
         raise AcctUsageError(option, f"invalid time '{text}': {e}") from None
     raise AcctUsageError(
-        option, f"invalid time '{text}' (use YYYY-MM-DD[THH:MM[:SS]], MMDD[YY], HH:MM, "
-                "now[-N[units]], today or midnight)")
+        option,
+        f"invalid time '{text}' (use YYYY-MM-DD[THH:MM[:SS]], MMDD[YY], HH:MM, "
+        "now[-N[units]], today or midnight)",
+    )
 
 
 def parse_since(text: str) -> timedelta:
@@ -78,8 +101,7 @@ def parse_since(text: str) -> timedelta:
     """
     m = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text.lower())
     if not m or int(m.group(1)) == 0:
-        raise AcctUsageError("--since", f"invalid duration '{text}' (use e.g. 30d, 12h, 2w, "
-                                        "90m)")
+        raise AcctUsageError("--since", f"invalid duration '{text}' (use e.g. 30d, 12h, 2w, 90m)")
     return timedelta(seconds=int(m.group(1)) * _UNITS_S[m.group(2)])
 
 
@@ -96,8 +118,9 @@ def parse_jobs(text: str) -> tuple[JobSpec, ...]:
             continue
         m = re.fullmatch(r"(\d+)(?:_(\d+))?(?:\.(.+))?", item)
         if not m:
-            raise AcctUsageError("-j/--jobs", f"invalid job id '{item}' (use JOB, JOB.STEP or "
-                                              "JOB_TASK)")
+            raise AcctUsageError(
+                "-j/--jobs", f"invalid job id '{item}' (use JOB, JOB.STEP or JOB_TASK)"
+            )
         specs.append(JobSpec(m.group(1), m.group(2), m.group(3)))
     if not specs:
         raise AcctUsageError("-j/--jobs", "no job ids given")
@@ -105,10 +128,22 @@ def parse_jobs(text: str) -> tuple[JobSpec, ...]:
 
 
 STATE_ALIASES = {
-    "CD": "COMPLETED", "COMPLETED": "COMPLETED", "F": "FAILED", "FAILED": "FAILED",
-    "SIGNALED": "SIGNALED", "CA": "SIGNALED", "CANCELLED": "SIGNALED", "TO": "SIGNALED",
-    "TIMEOUT": "SIGNALED", "OOM": "SIGNALED", "OUT_OF_MEMORY": "SIGNALED", "NF": "SIGNALED",
-    "NODE_FAIL": "SIGNALED", "PR": "SIGNALED", "PREEMPTED": "SIGNALED", "UNKNOWN": "UNKNOWN",
+    "CD": "COMPLETED",
+    "COMPLETED": "COMPLETED",
+    "F": "FAILED",
+    "FAILED": "FAILED",
+    "SIGNALED": "SIGNALED",
+    "CA": "SIGNALED",
+    "CANCELLED": "SIGNALED",
+    "TO": "SIGNALED",
+    "TIMEOUT": "SIGNALED",
+    "OOM": "SIGNALED",
+    "OUT_OF_MEMORY": "SIGNALED",
+    "NF": "SIGNALED",
+    "NODE_FAIL": "SIGNALED",
+    "PR": "SIGNALED",
+    "PREEMPTED": "SIGNALED",
+    "UNKNOWN": "UNKNOWN",
 }
 
 
@@ -127,10 +162,13 @@ def parse_states(text: str) -> tuple[str, ...]:
         if not item:
             continue
         if item not in STATE_ALIASES:
-            raise AcctUsageError("-s/--state", f"unknown or unsupported state '{item}': the "
-                                 "ledger holds ended jobs (COMPLETED/CD, FAILED/F, SIGNALED, "
-                                 "CANCELLED/CA, TIMEOUT/TO, OUT_OF_MEMORY/OOM, NODE_FAIL/NF, "
-                                 "PREEMPTED/PR, UNKNOWN)")
+            raise AcctUsageError(
+                "-s/--state",
+                f"unknown or unsupported state '{item}': the "
+                "ledger holds ended jobs (COMPLETED/CD, FAILED/F, SIGNALED, "
+                "CANCELLED/CA, TIMEOUT/TO, OUT_OF_MEMORY/OOM, NODE_FAIL/NF, "
+                "PREEMPTED/PR, UNKNOWN)",
+            )
         if STATE_ALIASES[item] not in out:
             out.append(STATE_ALIASES[item])
     return tuple(out)
@@ -141,6 +179,7 @@ def split_list(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
     return tuple(item.strip() for item in text.split(",") if item.strip())
+
 
 def spec_text(spec: JobSpec) -> str:
     """A ``-j`` item as text again: ``JOB``, ``JOB_TASK``, ``JOB.STEP``."""
@@ -186,17 +225,37 @@ class AcctOptions:
     fields_given: bool = False
 
 
-def build_options(*, ledger: str, cluster: str, current_user: str, is_root: bool,
-                  now: datetime, jobs: str | None = None, users: str | None = None,
-                  allusers: bool = False, accounts: str | None = None,
-                  partitions: str | None = None, states: str | None = None,
-                  starttime: str | None = None, endtime: str | None = None,
-                  since: str | None = None, nodelist: str | None = None,
-                  allocations: bool = False, fmt: str | None = None, noheader: bool = False,
-                  parsable: bool = False, parsable2: bool = False, delimiter: str | None = None,
-                  as_json: bool = False, units: str | None = None, clusters: str | None = None,
-                  totals: str | None = None, statement: bool = False, names: str | None = None,
-                  duplicates: bool = False) -> AcctOptions:
+def build_options(
+    *,
+    ledger: str,
+    cluster: str,
+    current_user: str,
+    is_root: bool,
+    now: datetime,
+    jobs: str | None = None,
+    users: str | None = None,
+    allusers: bool = False,
+    accounts: str | None = None,
+    partitions: str | None = None,
+    states: str | None = None,
+    starttime: str | None = None,
+    endtime: str | None = None,
+    since: str | None = None,
+    nodelist: str | None = None,
+    allocations: bool = False,
+    fmt: str | None = None,
+    noheader: bool = False,
+    parsable: bool = False,
+    parsable2: bool = False,
+    delimiter: str | None = None,
+    as_json: bool = False,
+    units: str | None = None,
+    clusters: str | None = None,
+    totals: str | None = None,
+    statement: bool = False,
+    names: str | None = None,
+    duplicates: bool = False,
+) -> AcctOptions:
     """Turn the raw option values into :class:`AcctOptions`, with sacct's defaults.
 
     Defaults as sacct: without ``-S`` and ``-j``, runs since 00:00 today; ``-E`` defaults
@@ -207,43 +266,70 @@ def build_options(*, ledger: str, cluster: str, current_user: str, is_root: bool
     Raises:
         AcctUsageError: a bad value or a bad combination.
     """
-    _check_combinations(since=since, starttime=starttime, parsable=parsable,
-                        parsable2=parsable2, as_json=as_json, statement=statement,
-                        totals=totals, fmt=fmt)
+    _check_combinations(
+        since=since,
+        starttime=starttime,
+        parsable=parsable,
+        parsable2=parsable2,
+        as_json=as_json,
+        statement=statement,
+        totals=totals,
+        fmt=fmt,
+    )
     totals_by = _totals_key(totals)
     job_specs = parse_jobs(jobs) if jobs is not None else None
-    start, end = _time_window(now, since=since, starttime=starttime, endtime=endtime,
-                              default_today=job_specs is None)
+    start, end = _time_window(
+        now, since=since, starttime=starttime, endtime=endtime, default_today=job_specs is None
+    )
     nodes = _node_list(nodelist)
     units = _energy_unit(units)
     f = RunFilter(
         clusters=_cluster_list(clusters, cluster),
-        users=_user_list(users, allusers=allusers, own_only=job_specs is None and not is_root,
-                         current_user=current_user),
-        accounts=split_list(accounts), partitions=split_list(partitions),
+        users=_user_list(
+            users,
+            allusers=allusers,
+            own_only=job_specs is None and not is_root,
+            current_user=current_user,
+        ),
+        accounts=split_list(accounts),
+        partitions=split_list(partitions),
         states=parse_states(states) if states is not None else None,
-        start_ns=_to_ns(start), end_ns=_to_ns(end), jobs=job_specs, nodes=nodes,
-        names=split_list(names))
-    mode = "json" if as_json else "parsable" if parsable else "parsable2" if parsable2 \
-        else "table"
+        start_ns=_to_ns(start),
+        end_ns=_to_ns(end),
+        jobs=job_specs,
+        nodes=nodes,
+        names=split_list(names),
+    )
+    mode = "json" if as_json else "parsable" if parsable else "parsable2" if parsable2 else "table"
     return AcctOptions(
-        ledger=ledger, filter=f, allocations=allocations, duplicates=duplicates,
-        columns=tuple(parse_format(fmt, totals_by)), mode=mode,
-        delimiter="|" if delimiter is None else delimiter, noheader=noheader, units=units,
-        totals_by=totals_by, statement=statement, window=(start, end),
-        fields_given=fmt is not None)
+        ledger=ledger,
+        filter=f,
+        allocations=allocations,
+        duplicates=duplicates,
+        columns=tuple(parse_format(fmt, totals_by)),
+        mode=mode,
+        delimiter="|" if delimiter is None else delimiter,
+        noheader=noheader,
+        units=units,
+        totals_by=totals_by,
+        statement=statement,
+        window=(start, end),
+        fields_given=fmt is not None,
+    )
 
 
-def _check_combinations(*, since, starttime, parsable, parsable2, as_json, statement, totals,
-                        fmt) -> None:
+def _check_combinations(
+    *, since, starttime, parsable, parsable2, as_json, statement, totals, fmt
+) -> None:
     """Options that exclude each other."""
     if since is not None and starttime is not None:
         raise AcctUsageError("--since", "give either --since or -S/--starttime, not both")
     if sum(map(bool, (parsable, parsable2, as_json))) > 1:
         raise AcctUsageError("--json", "give only one of -p, -P and --json")
     if statement and (totals or as_json or parsable or parsable2 or fmt):
-        raise AcctUsageError("--statement", "--statement takes filters only (no -o, -p, -P, "
-                                            "--json or -T)")
+        raise AcctUsageError(
+            "--statement", "--statement takes filters only (no -o, -p, -P, --json or -T)"
+        )
 
 
 def _totals_key(totals: str | None) -> str | None:
@@ -251,14 +337,20 @@ def _totals_key(totals: str | None) -> str | None:
     if totals is None:
         return None
     if totals.lower() not in TOTAL_KEYS:
-        raise AcctUsageError("-T/--totals", f"unknown key '{totals}' (use one of "
-                                            f"{', '.join(TOTAL_KEYS)})")
+        raise AcctUsageError(
+            "-T/--totals", f"unknown key '{totals}' (use one of {', '.join(TOTAL_KEYS)})"
+        )
     return totals.lower()
 
 
-def _time_window(now: datetime, *, since: str | None, starttime: str | None,
-                 endtime: str | None, default_today: bool,
-                 ) -> tuple[datetime | None, datetime | None]:
+def _time_window(
+    now: datetime,
+    *,
+    since: str | None,
+    starttime: str | None,
+    endtime: str | None,
+    default_today: bool,
+) -> tuple[datetime | None, datetime | None]:
     """(start, end) in local time: ``--since`` or ``-S`` (else 00:00 today, unless ``-j``),
     and ``-E`` (else now, when there is a start)."""
     start = end = None
@@ -273,13 +365,15 @@ def _time_window(now: datetime, *, since: str | None, starttime: str | None,
     elif start is not None:
         end = now.replace(microsecond=0)
     if start is not None and end is not None and end < start:
-        raise AcctUsageError("-E/--endtime", f"end {end:%Y-%m-%dT%H:%M:%S} is before start "
-                                             f"{start:%Y-%m-%dT%H:%M:%S}")
+        raise AcctUsageError(
+            "-E/--endtime", f"end {end:%Y-%m-%dT%H:%M:%S} is before start {start:%Y-%m-%dT%H:%M:%S}"
+        )
     return start, end
 
 
-def _user_list(users: str | None, *, allusers: bool, own_only: bool,
-               current_user: str) -> tuple[str, ...] | None:
+def _user_list(
+    users: str | None, *, allusers: bool, own_only: bool, current_user: str
+) -> tuple[str, ...] | None:
     """``-u``'s users; by default the caller's own (``own_only``: no ``-j``, not root);
     everyone's with ``-a``."""
     if users is None:

@@ -39,7 +39,7 @@ def format_energy(joules: float | None, units: str | None = None) -> str:
         index = 0
         while abs(value) >= 1000 ** (index + 1) and index < len(ENERGY_PREFIXES) - 1:
             index += 1
-    value /= 1000 ** index
+    value /= 1000**index
     if index == 0:
         return str(round(value))
     return f"{value:.2f}{ENERGY_PREFIXES[index]}"
@@ -73,8 +73,9 @@ def format_time(ts_ns: int | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts_ns // NS_PER_S))
 
 
-_OUR_TEXT = frozenset({"energy", "time", "elapsed", "watts", "intensity", "float1", "percent",
-                       "co2e"})
+_OUR_TEXT = frozenset(
+    {"energy", "time", "elapsed", "watts", "intensity", "float1", "percent", "co2e"}
+)
 """Kinds whose text llem writes itself from a number: made of :data:`_OUR_CHARS` only, so
 they need escaping only when the delimiter uses one of those."""
 _OUR_CHARS = frozenset(string.ascii_letters + string.digits + ".:-+% ")
@@ -84,9 +85,13 @@ def _formatter(kind: str, units: str | None, delimiter: str = ""):
     """value -> text for a field kind (None -> empty, or ``Unknown`` for times); every
     text is made safe (:func:`llem.safetext.safe_text`): names are chosen by users."""
     simple = {
-        "energy": lambda v: format_energy(v, units), "time": format_time,
-        "elapsed": format_elapsed, "watts": "{:.1f}".format, "intensity": "{:.1f}".format,
-        "float1": "{:.1f}".format, "percent": lambda v: f"{v * 100:.1f}%",
+        "energy": lambda v: format_energy(v, units),
+        "time": format_time,
+        "elapsed": format_elapsed,
+        "watts": "{:.1f}".format,
+        "intensity": "{:.1f}".format,
+        "float1": "{:.1f}".format,
+        "percent": lambda v: f"{v * 100:.1f}%",
         "co2e": format_co2e,
     }.get(kind, str)
     empty = "Unknown" if kind == "time" else ""
@@ -98,29 +103,37 @@ def _formatter(kind: str, units: str | None, delimiter: str = ""):
 def _cell(text: str, width: int) -> str:
     size = abs(width)
     if len(text) > size:
-        text = text[:size - 1] + "+"
+        text = text[: size - 1] + "+"
     return text.ljust(size) if width < 0 else text.rjust(size)
 
 
-def render_table(columns: Sequence[Column], rows: Sequence[dict], *, noheader: bool,
-                 units: str | None) -> str:
+def render_table(
+    columns: Sequence[Column], rows: Sequence[dict], *, noheader: bool, units: str | None
+) -> str:
     """sacct's fixed-width table: right-justified cells (``%-N``, and JobID: left; headers
     always right), ``+`` marks a cut, one space after every cell, dashes under the header."""
     lines = []
     if not noheader:
         # sacct cuts header names without a '+' and right-justifies them
-        lines.append("".join(c.field.name[:abs(c.width)].rjust(abs(c.width)) + " "
-                             for c in columns))
+        lines.append(
+            "".join(c.field.name[: abs(c.width)].rjust(abs(c.width)) + " " for c in columns)
+        )
         lines.append("".join("-" * abs(c.width) + " " for c in columns))
     cols = [(c.field.name, _formatter(c.field.kind, units), c.width) for c in columns]
     for row in rows:
-        lines.append("".join([_cell(fmt(row.get(name)), width) + " "
-                              for name, fmt, width in cols]))
+        lines.append("".join([_cell(fmt(row.get(name)), width) + " " for name, fmt, width in cols]))
     return "".join(line + "\n" for line in lines)
 
 
-def render_parsable(columns: Sequence[Column], rows: Sequence[dict], *, noheader: bool,
-                    units: str | None, delimiter: str, trailing: bool) -> str:
+def render_parsable(
+    columns: Sequence[Column],
+    rows: Sequence[dict],
+    *,
+    noheader: bool,
+    units: str | None,
+    delimiter: str,
+    trailing: bool,
+) -> str:
     """``-p`` (a delimiter after every field) and ``-P`` (between fields only), as sacct;
     unlike sacct, a value's characters that occur in the delimiter are escaped (``\\x7c``),
     so that a name can never add a field or a row."""
@@ -152,17 +165,23 @@ def _json_value(value: Any, kind: str) -> Any:
     return value
 
 
-def render_json(columns: Sequence[Column], rows: Sequence[dict], *, opts: AcctOptions,
-                carbon: Carbon | None, generated_ns: int) -> str:
+def render_json(
+    columns: Sequence[Column],
+    rows: Sequence[dict],
+    *,
+    opts: AcctOptions,
+    carbon: Carbon | None,
+    generated_ns: int,
+) -> str:
     """The ``--json`` document (schema :data:`JSON_SCHEMA`, see docs/acct-json.md)."""
     start, end = opts.window
     f = opts.filter
     doc: dict[str, Any] = {
         "schema": JSON_SCHEMA,
-        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                      time.gmtime(generated_ns // NS_PER_S)),
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(generated_ns // NS_PER_S)),
         "query": {
-            "start": _iso_local(start), "end": _iso_local(end),
+            "start": _iso_local(start),
+            "end": _iso_local(end),
             "clusters": list(f.clusters) if f.clusters is not None else None,
             "users": list(f.users) if f.users is not None else None,
             "accounts": list(f.accounts) if f.accounts is not None else None,
@@ -172,14 +191,21 @@ def render_json(columns: Sequence[Column], rows: Sequence[dict], *, opts: AcctOp
             "jobs": [spec_text(s) for s in f.jobs] if f.jobs is not None else None,
             "totals_by": opts.totals_by,
         },
-        "units": {"energy": "J", "power": "W", "time": "s", "co2e": "g",
-                  "carbon_intensity": "gCO2e/kWh", "coverage": "fraction"},
+        "units": {
+            "energy": "J",
+            "power": "W",
+            "time": "s",
+            "co2e": "g",
+            "carbon_intensity": "gCO2e/kWh",
+            "coverage": "fraction",
+        },
         "carbon": _json_carbon(carbon),
         "fields": [c.field.name for c in columns],
     }
     doc["totals" if opts.totals_by else "jobs"] = [
         {c.field.name: _json_value(row.get(c.field.name), c.field.kind) for c in columns}
-        for row in rows]
+        for row in rows
+    ]
     return json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
 
@@ -187,12 +213,20 @@ def _json_carbon(carbon: Carbon | None) -> dict | None:
     if carbon is None:
         return None
     i = carbon.info
-    return {"region": i["region"], "intensity_g_per_kwh": i["intensity_g_per_kwh"],
-            "source": i["source"], "year": carbon.years(), "basis": i["basis"], "pue": i["pue"],
-            "hourly_source": i["hourly_source"], "embodied": i["embodied"],
-            "region_is_default": i["region_is_default"],
-            "intensity_by_year": {y: carbon.figures[y] for y in sorted(carbon.years_used)
-                                  if y in carbon.figures}}
+    return {
+        "region": i["region"],
+        "intensity_g_per_kwh": i["intensity_g_per_kwh"],
+        "source": i["source"],
+        "year": carbon.years(),
+        "basis": i["basis"],
+        "pue": i["pue"],
+        "hourly_source": i["hourly_source"],
+        "embodied": i["embodied"],
+        "region_is_default": i["region_is_default"],
+        "intensity_by_year": {
+            y: carbon.figures[y] for y in sorted(carbon.years_used) if y in carbon.figures
+        },
+    }
 
 
 def _iso_local(moment: datetime | None) -> str | None:

@@ -42,22 +42,31 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
     energy_j = run["energy_uj"] / UJ_PER_J
     return {
         "JobID": job_id_text(run["job_id"], run["array_job_id"], run["array_task_id"]),
-        "JobIDRaw": run["job_id"], "JobName": run["name"], "Cluster": run["cluster"],
-        "User": run["user"], "Account": run["account"], "Partition": run["partition"],
-        "State": run["state"] or "UNKNOWN", "Start": run["run_start_ns"],
-        "End": run["run_end_ns"], "Elapsed": elapsed_s, "NNodes": run["num_nodes"],
+        "JobIDRaw": run["job_id"],
+        "JobName": run["name"],
+        "Cluster": run["cluster"],
+        "User": run["user"],
+        "Account": run["account"],
+        "Partition": run["partition"],
+        "State": run["state"] or "UNKNOWN",
+        "Start": run["run_start_ns"],
+        "End": run["run_end_ns"],
+        "Elapsed": elapsed_s,
+        "NNodes": run["num_nodes"],
         "NodeList": run["nodelist"],
         "AllocGPUs": round(run["gpu_seconds"] / elapsed_s) if elapsed_s else 0,
-        "ConsumedEnergy": energy_j, "ConsumedEnergyRaw": round(energy_j),
+        "ConsumedEnergy": energy_j,
+        "ConsumedEnergyRaw": round(energy_j),
         "CPUEnergy": run["cpu_energy_uj"] / UJ_PER_J,
         "DRAMEnergy": run["dram_energy_uj"] / UJ_PER_J,
         "GPUEnergy": run["gpu_energy_uj"] / UJ_PER_J,
         "PlatformEnergy": run["other_energy_uj"] / UJ_PER_J,  # jobs' only 'other': platform
         "AvePower": energy_j / elapsed_s if elapsed_s else None,
         "EnergySource": energy_source(run["energy_uj"], run["estimated_energy_uj"]),
-        "Coverage": run["coverage"], "Tag": run["tag"],
+        "Coverage": run["coverage"],
+        "Tag": run["tag"],
         "Attribution": ",".join(sorted(set((run.get("attribution") or "").split(",")) - {""}))
-                       or None,
+        or None,
         "_gpu_hours": run["gpu_seconds"] / 3600,
         "_node_hours": (run["num_nodes"] or 0) * elapsed_s / 3600,
         "_key": (run["cluster"], run["job_id"], run["run_start_ns"]),
@@ -65,8 +74,11 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def window_rows(windows: Sequence[tuple], devices: Mapping[tuple, tuple[str, str]],
-                parents: Mapping[tuple, dict]) -> list[dict[str, Any]]:
+def window_rows(
+    windows: Sequence[tuple],
+    devices: Mapping[tuple, tuple[str, str]],
+    parents: Mapping[tuple, dict],
+) -> list[dict[str, Any]]:
     """One row per named window of a run (its nodes merged), like sacct's step rows.
 
     Args:
@@ -78,10 +90,19 @@ def window_rows(windows: Sequence[tuple], devices: Mapping[tuple, tuple[str, str
     for w in windows:
         w = dict(zip(WINDOW_COLUMNS, w))
         key = (w["cluster"], w["job_id"], w["run_start_ns"], w["name"], w["step_id"])
-        m = merged.setdefault(key, {"start": w["start_ns"], "end": w["end_ns"], "nodes": [],
-                                    "by": {"cpu": 0, "dram": 0, "gpu": 0, "platform": 0},
-                                    "energy": 0,
-                                    "estimated": 0, "gpus": 0, "status": w["status"]})
+        m = merged.setdefault(
+            key,
+            {
+                "start": w["start_ns"],
+                "end": w["end_ns"],
+                "nodes": [],
+                "by": {"cpu": 0, "dram": 0, "gpu": 0, "platform": 0},
+                "energy": 0,
+                "estimated": 0,
+                "gpus": 0,
+                "status": w["status"],
+            },
+        )
         m["start"] = min(m["start"], w["start_ns"])
         if w["end_ns"] is None or m["end"] is None:
             m["end"] = None
@@ -106,23 +127,36 @@ def window_rows(windows: Sequence[tuple], devices: Mapping[tuple, tuple[str, str
         elapsed_s = max(0, end - m["start"]) / NS_PER_S
         energy_j = m["energy"] / UJ_PER_J
         label = name or step_id
-        out.append({
-            **{k: parent[k] for k in ("Cluster", "User", "Account", "Partition", "Tag")},
-            "JobID": f"{parent['JobID']}.{label}", "JobIDRaw": f"{job_id}.{label}",
-            "JobName": name, "State": m["status"], "Start": m["start"], "End": m["end"],
-            "Elapsed": elapsed_s, "NNodes": len(set(m["nodes"])),
-            "NodeList": compress_hostlist(sorted(set(m["nodes"]))), "AllocGPUs": m["gpus"],
-            "ConsumedEnergy": energy_j, "ConsumedEnergyRaw": round(energy_j),
-            "CPUEnergy": m["by"]["cpu"] / UJ_PER_J, "DRAMEnergy": m["by"]["dram"] / UJ_PER_J,
-            "GPUEnergy": m["by"]["gpu"] / UJ_PER_J,
-            "PlatformEnergy": m["by"]["platform"] / UJ_PER_J,
-            "AvePower": energy_j / elapsed_s if elapsed_s else None,
-            "EnergySource": energy_source(m["energy"], m["estimated"]), "Coverage": None,
-            "_gpu_hours": m["gpus"] * elapsed_s / 3600,
-            "_node_hours": len(set(m["nodes"])) * elapsed_s / 3600,
-            "_key": None, "_step_id": step_id, "_parent": (cluster, job_id, run_start_ns),
-            "_hour": m["start"] // NS_PER_S // 3600 * 3600,
-        })
+        out.append(
+            {
+                **{k: parent[k] for k in ("Cluster", "User", "Account", "Partition", "Tag")},
+                "JobID": f"{parent['JobID']}.{label}",
+                "JobIDRaw": f"{job_id}.{label}",
+                "JobName": name,
+                "State": m["status"],
+                "Start": m["start"],
+                "End": m["end"],
+                "Elapsed": elapsed_s,
+                "NNodes": len(set(m["nodes"])),
+                "NodeList": compress_hostlist(sorted(set(m["nodes"]))),
+                "AllocGPUs": m["gpus"],
+                "ConsumedEnergy": energy_j,
+                "ConsumedEnergyRaw": round(energy_j),
+                "CPUEnergy": m["by"]["cpu"] / UJ_PER_J,
+                "DRAMEnergy": m["by"]["dram"] / UJ_PER_J,
+                "GPUEnergy": m["by"]["gpu"] / UJ_PER_J,
+                "PlatformEnergy": m["by"]["platform"] / UJ_PER_J,
+                "AvePower": energy_j / elapsed_s if elapsed_s else None,
+                "EnergySource": energy_source(m["energy"], m["estimated"]),
+                "Coverage": None,
+                "_gpu_hours": m["gpus"] * elapsed_s / 3600,
+                "_node_hours": len(set(m["nodes"])) * elapsed_s / 3600,
+                "_key": None,
+                "_step_id": step_id,
+                "_parent": (cluster, job_id, run_start_ns),
+                "_hour": m["start"] // NS_PER_S // 3600 * 3600,
+            }
+        )
     return out
 
 
@@ -132,10 +166,13 @@ def total_row(by: str, values: Sequence) -> dict[str, Any]:
     elapsed_s = (t["elapsed_ns"] or 0) / NS_PER_S
     energy_j = (t["energy_uj"] or 0) / UJ_PER_J
     return {
-        TOTAL_KEYS[by]: t["key"], "NJobs": t["njobs"], "Elapsed": elapsed_s,
+        TOTAL_KEYS[by]: t["key"],
+        "NJobs": t["njobs"],
+        "Elapsed": elapsed_s,
         "NodeHours": (t["node_ns"] or 0) / NS_PER_S / 3600,
         "GPUHours": (t["gpu_seconds"] or 0) / 3600,
-        "ConsumedEnergy": energy_j, "ConsumedEnergyRaw": round(energy_j),
+        "ConsumedEnergy": energy_j,
+        "ConsumedEnergyRaw": round(energy_j),
         "CPUEnergy": (t["cpu_energy_uj"] or 0) / UJ_PER_J,
         "DRAMEnergy": (t["dram_energy_uj"] or 0) / UJ_PER_J,
         "GPUEnergy": (t["gpu_energy_uj"] or 0) / UJ_PER_J,
@@ -144,7 +181,8 @@ def total_row(by: str, values: Sequence) -> dict[str, Any]:
         "EnergySource": energy_source(t["energy_uj"] or 0, t["estimated_energy_uj"] or 0),
         "Coverage": (t["covered_ns"] / t["coverage_ns"]) if t["coverage_ns"] else None,
         "_gpu_hours": (t["gpu_seconds"] or 0) / 3600,
-        "_node_hours": (t["node_ns"] or 0) / NS_PER_S / 3600, "_key": t["key"],
+        "_node_hours": (t["node_ns"] or 0) / NS_PER_S / 3600,
+        "_key": t["key"],
     }
 
 
@@ -162,8 +200,9 @@ def _shown(specs: tuple[JobSpec, ...] | None, run: dict, window: dict | None) ->
     for spec in specs:
         if not _spec_matches(spec, run):
             continue
-        if not spec.step or (window is not None
-                             and spec.step in (window["JobName"], window["_step_id"])):
+        if not spec.step or (
+            window is not None and spec.step in (window["JobName"], window["_step_id"])
+        ):
             return True
     return False
 
@@ -187,11 +226,16 @@ def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
     if not opts.duplicates:
         runs = latest_runs(runs)
     hourly = None
-    if carbon is not None and not carbon.constant and runs and not (
-            carbon.by_year_only and all(carbon.year_hour(r) is not None for r in runs)):
+    if (
+        carbon is not None
+        and not carbon.constant
+        and runs
+        and not (carbon.by_year_only and all(carbon.year_hour(r) is not None for r in runs))
+    ):
         hourly = {}
         for cluster, job_id, run_start_ns, hour_s, uj in q.hourly_energy(
-                ledger, opts.filter, "run"):
+            ledger, opts.filter, "run"
+        ):
             hourly.setdefault((cluster, job_id, run_start_ns), {})[hour_s] = uj / UJ_PER_J
     add_carbon(runs, carbon, hourly)
     specs = opts.filter.jobs
@@ -202,8 +246,11 @@ def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
     steps: list[dict] = []
     if windows:
         devices = q.device_components(ledger, {(w[0], w[10]) for w in windows})
-        steps = [w for w in window_rows(windows, devices, parents)
-                 if _shown(specs, parents[w["_parent"]], w)]
+        steps = [
+            w
+            for w in window_rows(windows, devices, parents)
+            if _shown(specs, parents[w["_parent"]], w)
+        ]
         add_carbon(steps, carbon)
     by_parent: dict[tuple, list[dict]] = {}
     for step in steps:
@@ -220,8 +267,9 @@ def total_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
     """One row per group of ``--totals``."""
     from llem.cluster import acct_queries as q
 
-    rows = [total_row(opts.totals_by, r)
-            for r in q.select_totals(ledger, opts.filter, opts.totals_by)]
+    rows = [
+        total_row(opts.totals_by, r) for r in q.select_totals(ledger, opts.filter, opts.totals_by)
+    ]
     hourly = None
     if carbon is not None and not carbon.constant and rows:
         hourly = {}
@@ -229,5 +277,3 @@ def total_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
             hourly.setdefault(key, {})[hour_s] = uj / UJ_PER_J
     add_carbon(rows, carbon, hourly)
     return rows
-
-

@@ -18,9 +18,14 @@ def describe_selection(opts: AcctOptions) -> str:
     """A short phrase for messages: ``user alice, 2026-11-01T00:00:00 to now``."""
     f = opts.filter
     parts = []
-    for label, values in (("user", f.users), ("account", f.accounts),
-                          ("partition", f.partitions), ("state", f.states),
-                          ("cluster", f.clusters), ("node", f.nodes)):
+    for label, values in (
+        ("user", f.users),
+        ("account", f.accounts),
+        ("partition", f.partitions),
+        ("state", f.states),
+        ("cluster", f.clusters),
+        ("node", f.nodes),
+    ):
         if values is not None:
             parts.append(f"{label} {','.join(values)}")
     if f.jobs is not None:
@@ -29,7 +34,6 @@ def describe_selection(opts: AcctOptions) -> str:
     if start is not None:
         parts.append(f"from {start:%Y-%m-%dT%H:%M:%S} to {end:%Y-%m-%dT%H:%M:%S}")
     return ", ".join(parts) or "all jobs"
-
 
 
 def statement_text(ledger, opts: AcctOptions, config) -> str:
@@ -43,25 +47,36 @@ def statement_text(ledger, opts: AcctOptions, config) -> str:
 
     totals = [dict(zip(TOTAL_COLUMNS, r)) for r in q.select_totals(ledger, opts.filter, "month")]
     if not totals:
-        return (f"No jobs match ({describe_selection(opts)}): nothing to state. Widen the "
-                "window with -S or --since, or use -a for all users.")
+        return (
+            f"No jobs match ({describe_selection(opts)}): nothing to state. Widen the "
+            "window with -S or --since, or use -a for all users."
+        )
     s = {k: sum((t[k] or 0) for t in totals) for k in TOTAL_COLUMNS[1:]}
     by_hour = {h: uj / UJ_PER_J for h, uj in q.hourly_energy(ledger, opts.filter)}
     gpu_hours = s["gpu_seconds"] / 3600
     node_hours = s["node_ns"] / NS_PER_S / 3600
     em = carbon.emissions(config, by_hour, gpu_hours, node_hours)
-    components = {"GPU": s["gpu_energy_uj"] / UJ_PER_J, "CPU": s["cpu_energy_uj"] / UJ_PER_J,
-                  "DRAM": s["dram_energy_uj"] / UJ_PER_J}
+    components = {
+        "GPU": s["gpu_energy_uj"] / UJ_PER_J,
+        "CPU": s["cpu_energy_uj"] / UJ_PER_J,
+        "DRAM": s["dram_energy_uj"] / UJ_PER_J,
+    }
     if s["other_energy_uj"]:
         components["other"] = s["other_energy_uj"] / UJ_PER_J
     nodes = q.run_nodes(ledger, opts.filter)
     clusters = sorted({c for c, _ in nodes})
-    hardware = (f"{len(nodes)} node(s) of cluster {', '.join(clusters) or 'n/a'} "
-                f"({gpu_hours:,.1f} GPU-hours, {node_hours:,.1f} node-hours)")
+    hardware = (
+        f"{len(nodes)} node(s) of cluster {', '.join(clusters) or 'n/a'} "
+        f"({gpu_hours:,.1f} GPU-hours, {node_hours:,.1f} node-hours)"
+    )
     return carbon.statement(
         energy_j_by_component=components,
         measured_j=(s["energy_uj"] - s["estimated_energy_uj"]) / UJ_PER_J,
-        estimated_j=s["estimated_energy_uj"] / UJ_PER_J, hardware=hardware,
-        co2e_g=em.co2e_g, operational_g=em.operational_g, embodied_g=em.embodied_g,
-        carbon=em.carbon, subject=f"The {s['njobs']} job run(s) ({describe_selection(opts)})")
-
+        estimated_j=s["estimated_energy_uj"] / UJ_PER_J,
+        hardware=hardware,
+        co2e_g=em.co2e_g,
+        operational_g=em.operational_g,
+        embodied_g=em.embodied_g,
+        carbon=em.carbon,
+        subject=f"The {s['njobs']} job run(s) ({describe_selection(opts)})",
+    )

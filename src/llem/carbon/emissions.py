@@ -129,8 +129,11 @@ class Factors:
     def constant(self) -> bool:
         """Whether every hour has the same factor (annual intensity, constant PUE): then a
         total energy needs no split by hour."""
-        return (self.model.hourly is None and not self.model.varies_by_year
-                and not isinstance(self.pue, Mapping))
+        return (
+            self.model.hourly is None
+            and not self.model.varies_by_year
+            and not isinstance(self.pue, Mapping)
+        )
 
     @property
     def embodied_enabled(self) -> bool:
@@ -312,8 +315,9 @@ def emissions(
         ValueError: a key that is not an hour start, or a negative energy.
     """
     if resolved is None:
-        resolved = factors(config, model, hours=list(energy_j_by_hour), cache_dir=cache_dir,
-                           share_dir=share_dir)
+        resolved = factors(
+            config, model, hours=list(energy_j_by_hour), cache_dir=cache_dir, share_dir=share_dir
+        )
     model = resolved.model
     grams, energy_kwh, facility_kwh, fields = operational(energy_j_by_hour, model, resolved.pue)
     embodied_grams, embodied_fields = embodied(resolved, gpu_hours, node_hours)

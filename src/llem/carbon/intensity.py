@@ -163,8 +163,10 @@ def resolve(
             False,
             row.licence,
         )
-        by_year = tuple((y, _annual_from_table(r, False)) for y, r in sorted(
-            tables.rows_by_year(row.region, directory=share_dir).items()))
+        by_year = tuple(
+            (y, _annual_from_table(r, False))
+            for y, r in sorted(tables.rows_by_year(row.region, directory=share_dir).items())
+        )
     else:
         world = tables.world(directory=share_dir)
         annual, region, default, licence = (

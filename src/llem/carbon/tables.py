@@ -189,8 +189,9 @@ def first_year(row: AnnualIntensity) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def rows_by_year(region: str, directory: str | os.PathLike | None = None
-                 ) -> dict[int, AnnualIntensity]:
+def rows_by_year(
+    region: str, directory: str | os.PathLike | None = None
+) -> dict[int, AnnualIntensity]:
     """Every shipped year of a region: data year -> row (a span counts as its first year).
 
     Raises:

@@ -14,5 +14,6 @@ def argument_parser(prog: str, description: str, epilog: str | None = None):
         def add_usage(self, usage, actions, groups, prefix=None):
             super().add_usage(usage, actions, groups, "Usage: " if prefix is None else prefix)
 
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                   formatter_class=Formatter)
+    return argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=Formatter
+    )

@@ -23,32 +23,64 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 def _filter_options(fn):
     """sacct's selection flags, with sacct's letters and meanings."""
     opts = [
-        click.option("-j", "--jobs", metavar="JOB[.STEP|_TASK][,...]",
-                     help="Only these jobs: JOB, JOB.STEP (a step or window name), array task "
-                          "JOB_TASK. No default time window then, and every user's jobs."),
-        click.option("-u", "--user", "users", metavar="USER[,...]",
-                     help="Only these users (names or uids). Default: yourself."),
+        click.option(
+            "-j",
+            "--jobs",
+            metavar="JOB[.STEP|_TASK][,...]",
+            help="Only these jobs: JOB, JOB.STEP (a step or window name), array task "
+            "JOB_TASK. No default time window then, and every user's jobs.",
+        ),
+        click.option(
+            "-u",
+            "--user",
+            "users",
+            metavar="USER[,...]",
+            help="Only these users (names or uids). Default: yourself.",
+        ),
         click.option("-a", "--allusers", is_flag=True, help="Every user's jobs."),
         click.option("-A", "--accounts", metavar="ACCOUNT[,...]", help="Only these accounts."),
-        click.option("-r", "--partition", "partitions", metavar="PART[,...]",
-                     help="Only these partitions."),
-        click.option("-s", "--state", "states", metavar="STATE[,...]",
-                     help="Only these states: CD, F, CA, TO, OOM, NF, PR or their names "
-                          "(CA/TO/OOM/NF/PR select SIGNALED), UNKNOWN."),
-        click.option("-S", "--starttime", metavar="TIME",
-                     help="Jobs that ran at or after TIME. Default 00:00 today (none with "
-                          "-j). TIME: YYYY-MM-DD[THH:MM[:SS]], MMDD[YY], HH:MM, "
-                          "now[-N[units]], today, midnight."),
-        click.option("-E", "--endtime", metavar="TIME",
-                     help="Jobs that started at or before TIME. Default now."),
-        click.option("--since", metavar="DURATION",
-                     help="Shorthand for -S now-DURATION: 30d, 12h, 2w, 90m."),
+        click.option(
+            "-r", "--partition", "partitions", metavar="PART[,...]", help="Only these partitions."
+        ),
+        click.option(
+            "-s",
+            "--state",
+            "states",
+            metavar="STATE[,...]",
+            help="Only these states: CD, F, CA, TO, OOM, NF, PR or their names "
+            "(CA/TO/OOM/NF/PR select SIGNALED), UNKNOWN.",
+        ),
+        click.option(
+            "-S",
+            "--starttime",
+            metavar="TIME",
+            help="Jobs that ran at or after TIME. Default 00:00 today (none with "
+            "-j). TIME: YYYY-MM-DD[THH:MM[:SS]], MMDD[YY], HH:MM, "
+            "now[-N[units]], today, midnight.",
+        ),
+        click.option(
+            "-E",
+            "--endtime",
+            metavar="TIME",
+            help="Jobs that started at or before TIME. Default now.",
+        ),
+        click.option(
+            "--since", metavar="DURATION", help="Shorthand for -S now-DURATION: 30d, 12h, 2w, 90m."
+        ),
         click.option("--name", "names", metavar="NAME[,...]", help="Only jobs with these names."),
-        click.option("-N", "--nodelist", metavar="HOSTLIST",
-                     help="Jobs that ran on any of these nodes (n[1-4],gpu01)."),
-        click.option("-M", "--clusters", metavar="CLUSTER[,...]|all",
-                     help="Only these clusters. Default: the configured cluster (all when "
-                          "none is configured)."),
+        click.option(
+            "-N",
+            "--nodelist",
+            metavar="HOSTLIST",
+            help="Jobs that ran on any of these nodes (n[1-4],gpu01).",
+        ),
+        click.option(
+            "-M",
+            "--clusters",
+            metavar="CLUSTER[,...]|all",
+            help="Only these clusters. Default: the configured cluster (all when "
+            "none is configured).",
+        ),
         click.option("-L", "--allclusters", is_flag=True, help="Every cluster (= -M all)."),
     ]
     return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
@@ -57,32 +89,56 @@ def _filter_options(fn):
 def _output_options(fn):
     """sacct's output flags, then llem's own."""
     opts = [
-        click.option("-X", "--allocations", is_flag=True,
-                     help="Only the jobs, no step (window) rows."),
-        click.option("-o", "--format", "fmt", metavar="FIELD[%WIDTH][,...]",
-                     help="Fields to show (-e lists them); %WIDTH sets a width, %-WIDTH "
-                          "left-justifies."),
-        click.option("-D", "--duplicates", is_flag=True,
-                     help="Every run of a requeued job (default: only its latest run)."),
+        click.option(
+            "-X", "--allocations", is_flag=True, help="Only the jobs, no step (window) rows."
+        ),
+        click.option(
+            "-o",
+            "--format",
+            "fmt",
+            metavar="FIELD[%WIDTH][,...]",
+            help="Fields to show (-e lists them); %WIDTH sets a width, %-WIDTH left-justifies.",
+        ),
+        click.option(
+            "-D",
+            "--duplicates",
+            is_flag=True,
+            help="Every run of a requeued job (default: only its latest run).",
+        ),
         click.option("-e", "--helpformat", is_flag=True, help="List the fields and exit."),
         click.option("-n", "--noheader", is_flag=True, help="No header lines."),
-        click.option("-p", "--parsable", is_flag=True,
-                     help="Fields separated by '|', with a '|' at the end of each line."),
-        click.option("-P", "--parsable2", is_flag=True,
-                     help="Fields separated by '|', nothing at the end."),
+        click.option(
+            "-p",
+            "--parsable",
+            is_flag=True,
+            help="Fields separated by '|', with a '|' at the end of each line.",
+        ),
+        click.option(
+            "-P", "--parsable2", is_flag=True, help="Fields separated by '|', nothing at the end."
+        ),
         click.option("--delimiter", metavar="TEXT", help="Separator for -p and -P."),
-        click.option("--json", "as_json", is_flag=True,
-                     help="JSON (schema llem.acct/1, docs/acct-json.md)."),
-        click.option("--units", metavar="[KMGTP]",
-                     help="Show energies in this unit (K = kJ, M = MJ, ...)."),
-        click.option("--totals", metavar="BY",
-                     help="One row per user, account, partition, tag, day or month (of the "
-                          "runs' start) instead of one per job."),
-        click.option("--statement", is_flag=True,
-                     help="Print a citable paragraph on the energy and emissions of the "
-                          "selected jobs."),
-        click.option("--ledger", metavar="PATH",
-                     help="The cluster ledger (default: 'ledger' in the llem configuration)."),
+        click.option(
+            "--json", "as_json", is_flag=True, help="JSON (schema llem.acct/1, docs/acct-json.md)."
+        ),
+        click.option(
+            "--units", metavar="[KMGTP]", help="Show energies in this unit (K = kJ, M = MJ, ...)."
+        ),
+        click.option(
+            "--totals",
+            metavar="BY",
+            help="One row per user, account, partition, tag, day or month (of the "
+            "runs' start) instead of one per job.",
+        ),
+        click.option(
+            "--statement",
+            is_flag=True,
+            help="Print a citable paragraph on the energy and emissions of the selected jobs.",
+        ),
+        click.option(
+            "--ledger",
+            metavar="PATH",
+            help="The cluster ledger (default: 'ledger' in the llem configuration).",
+        ),
         click.option("--debug", is_flag=True, help="Show tracebacks of errors."),
     ]
     return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
@@ -101,8 +157,14 @@ def _current_user() -> str:
 @_filter_options
 @_output_options
 @click.version_option(None, "-V", "--version", package_name="llem", prog_name="llem-acct")
-def acct(helpformat: bool, ledger: str | None, debug: bool, allclusters: bool,
-         clusters: str | None, **raw) -> int:
+def acct(
+    helpformat: bool,
+    ledger: str | None,
+    debug: bool,
+    allclusters: bool,
+    clusters: str | None,
+    **raw,
+) -> int:
     """Energy and CO2e of Slurm jobs, the sacct way.
 
     Reads the cluster ledger written by 'llem aggregate'. Without -a you see your own jobs;
@@ -125,9 +187,14 @@ def acct(helpformat: bool, ledger: str | None, debug: bool, allclusters: bool,
     cfg = config_mod.load()
     try:
         opts = lib.build_options(
-            ledger=ledger or cfg.ledger, cluster=cfg.cluster, current_user=_current_user(),
-            is_root=os.getuid() == 0, now=datetime.now(),
-            clusters="all" if allclusters else clusters, **raw)
+            ledger=ledger or cfg.ledger,
+            cluster=cfg.cluster,
+            current_user=_current_user(),
+            is_root=os.getuid() == 0,
+            now=datetime.now(),
+            clusters="all" if allclusters else clusters,
+            **raw,
+        )
     except lib.AcctUsageError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.option}'") from None
     with acct_queries.open_ledger(opts.ledger) as led:

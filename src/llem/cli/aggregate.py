@@ -12,20 +12,39 @@ from llem import config as config_mod
 
 
 def _summary(res) -> str:
-    text = (f"merged {res.merged} slice(s), {res.unchanged} already in the ledger, "
-            f"{len(res.quarantined)} quarantined, {res.jobs} job(s) updated, "
-            f"{res.incomplete} marked incomplete, in {res.elapsed_s:.2f} s")
+    text = (
+        f"merged {res.merged} slice(s), {res.unchanged} already in the ledger, "
+        f"{len(res.quarantined)} quarantined, {res.jobs} job(s) updated, "
+        f"{res.incomplete} marked incomplete, in {res.elapsed_s:.2f} s"
+    )
     return text
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--once", "mode", flag_value="once", default=True,
-              help="One pass over the spool, then exit (cron, systemd timer). The default.")
+@click.option(
+    "--once",
+    "mode",
+    flag_value="once",
+    default=True,
+    help="One pass over the spool, then exit (cron, systemd timer). The default.",
+)
 @click.option("--watch", "mode", flag_value="watch", help="Keep merging, every --every seconds.")
-@click.option("--every", "every_s", type=click.FloatRange(min=0.5), default=30.0,
-              show_default=True, help="Seconds between passes in --watch mode.")
-@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Seconds to wait for another aggregator's lock before giving up.")
+@click.option(
+    "--every",
+    "every_s",
+    type=click.FloatRange(min=0.5),
+    default=30.0,
+    show_default=True,
+    help="Seconds between passes in --watch mode.",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds to wait for another aggregator's lock before giving up.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the pass summary as JSON.")
 @click.option("--debug", is_flag=True, hidden=True)
 def aggregate(mode: str, every_s: float, wait_s: float, as_json: bool, debug: bool) -> int:
@@ -56,20 +75,31 @@ def aggregate(mode: str, every_s: float, wait_s: float, as_json: bool, debug: bo
         click.echo(f"llem aggregate: {e}", err=True)
         return 0
     if as_json:
-        click.echo(json.dumps({"merged": res.merged, "unchanged": res.unchanged,
-                               "quarantined": [{"file": f, "reason": r}
-                                               for f, r in res.quarantined],
-                               "newer_schema": res.newer, "jobs": res.jobs,
-                               "incomplete": res.incomplete,
-                               "elapsed_s": round(res.elapsed_s, 3)}, sort_keys=True))
+        click.echo(
+            json.dumps(
+                {
+                    "merged": res.merged,
+                    "unchanged": res.unchanged,
+                    "quarantined": [{"file": f, "reason": r} for f, r in res.quarantined],
+                    "newer_schema": res.newer,
+                    "jobs": res.jobs,
+                    "incomplete": res.incomplete,
+                    "elapsed_s": round(res.elapsed_s, 3),
+                },
+                sort_keys=True,
+            )
+        )
     else:
         click.echo(_summary(res))
     for name, reason in res.quarantined:
         click.echo(f"quarantined {name}: {reason}", err=True)
     if res.newer:
-        click.echo(f"Error: {len(res.newer)} slice(s) come from a newer llem "
-                   f"({', '.join(res.newer[:3])}{'...' if len(res.newer) > 3 else ''}); "
-                   "upgrade llem on this host; they stay in the spool", err=True)
+        click.echo(
+            f"Error: {len(res.newer)} slice(s) come from a newer llem "
+            f"({', '.join(res.newer[:3])}{'...' if len(res.newer) > 3 else ''}); "
+            "upgrade llem on this host; they stay in the spool",
+            err=True,
+        )
         return 1
     return 0
 

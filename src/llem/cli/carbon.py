@@ -77,8 +77,9 @@ def _row_for(region: str, year: str | None) -> tuple[tables.AnnualIntensity, str
     if not earlier:
         return tables.lookup(region, year), None  # the table's own "no figure" error
     used = max(earlier)
-    return by_year[used], (f"{wanted} not shipped: nearest earlier year {used}, as llem "
-                           f"prices energy used in {wanted}")
+    return by_year[used], (
+        f"{wanted} not shipped: nearest earlier year {used}, as llem prices energy used in {wanted}"
+    )
 
 
 @carbon.command("regions", context_settings=CONTEXT_SETTINGS)

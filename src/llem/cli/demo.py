@@ -13,13 +13,18 @@ UNITS = (
     "million J; 3.6M J = 1 kWh); AvePower in watts. Attribution: how the node's energy was\n"
     "split (hybrid: each job pays its CPUs' share of the idle power plus the power its work\n"
     "adds, so the idle job 102 is not free; exclusive: a job holding the whole node pays all\n"
-    "of it; see docs/methodology.md).")
+    "of it; see docs/methodology.md)."
+)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--dir", "base", type=click.Path(file_okay=False, path_type=Path),
-              help="Where to put the demo's config, stores, spool and ledger (default: a new "
-                   "temporary folder, kept so that you can explore it).")
+@click.option(
+    "--dir",
+    "base",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to put the demo's config, stores, spool and ledger (default: a new "
+    "temporary folder, kept so that you can explore it).",
+)
 def demo(base: Path | None) -> None:
     """Run simulated jobs through the real sampler, export, aggregate, and show the result.
 
@@ -35,9 +40,15 @@ def demo(base: Path | None) -> None:
     Demo(base, say=lambda line: click.echo(line)).run()
     ledger = base / "ledger.db"
     click.echo("")
-    for args in (["-a", "--totals", "user"], ["-a", "-o",
-                 "JobID,JobName,User,NNodes,Elapsed,ConsumedEnergy,AvePower,EnergySource,"
-                 "Attribution,Coverage,CO2e"]):
+    for args in (
+        ["-a", "--totals", "user"],
+        [
+            "-a",
+            "-o",
+            "JobID,JobName,User,NNodes,Elapsed,ConsumedEnergy,AvePower,EnergySource,"
+            "Attribution,Coverage,CO2e",
+        ],
+    ):
         cmd = ["llem-acct", "--ledger", str(ledger), "-S", "today", *args]
         click.echo("$ " + " ".join(cmd))
         subprocess.run([sys.executable, "-m", "llem.cli.acct", *cmd[1:]], check=False)

@@ -38,7 +38,11 @@ def _path_info(path: str) -> dict:
         owner = str(st.st_uid)
     info.update(
         exists=True,
-        type="symlink" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "file",
+        type="symlink"
+        if stat.S_ISLNK(st.st_mode)
+        else "dir"
+        if stat.S_ISDIR(st.st_mode)
+        else "file",
         owner=owner,
         mode=f"{stat.S_IMODE(st.st_mode):04o}",
         writable=os.access(p, os.W_OK),
@@ -78,8 +82,10 @@ def _spool(config, problems: list[str]) -> dict:
     if info["quarantined"]:
         problems.append(f"{len(info['quarantined'])} slice(s) in quarantine (see 'Spool')")
     if info["outbox_pending"]:
-        problems.append(f"{info['outbox_pending']} slice(s) wait in the outbox: is the spool "
-                        f"{config.spool_dir} reachable?")
+        problems.append(
+            f"{info['outbox_pending']} slice(s) wait in the outbox: is the spool "
+            f"{config.spool_dir} reachable?"
+        )
     return info
 
 
@@ -92,13 +98,19 @@ def _probe_window_server(path, pid: int | None) -> dict:
             return {"state": "stale", "problem": None}  # a dead sampler's socket: harmless
         return {"state": "no sampler", "problem": None}
     if not path.exists():
-        return {"state": "missing", "problem": f"the sampler (pid {pid}) has no socket at "
-                f"{path}: 'srun llem wrap' falls back to whole-node measurement"}
+        return {
+            "state": "missing",
+            "problem": f"the sampler (pid {pid}) has no socket at "
+            f"{path}: 'srun llem wrap' falls back to whole-node measurement",
+        }
     try:
         ping(path)
     except WindowError as e:
-        return {"state": "not answering", "problem": f"the sampler (pid {pid}) does not answer "
-                f"on {path} ({e}): 'srun llem wrap' falls back to whole-node measurement"}
+        return {
+            "state": "not answering",
+            "problem": f"the sampler (pid {pid}) does not answer "
+            f"on {path} ({e}): 'srun llem wrap' falls back to whole-node measurement",
+        }
     return {"state": "answering", "problem": None}
 
 
@@ -129,7 +141,8 @@ def _node_sampler(config, node: str, env: dict, problems: list[str]) -> dict:
         problems.append(
             f"the Slurm hooks look for the node sampler under {hook_run_dir} but the config's "
             f"run_dir is {config.run_dir}: set LLEM_RUN_DIR={config.run_dir} in "
-            f"{hook['_file']} (otherwise every job start pays for Python)")
+            f"{hook['_file']} (otherwise every job start pays for Python)"
+        )
     return info
 
 
@@ -150,8 +163,10 @@ def _sources(config, env: dict, report: dict) -> None:
         devices = [d for s in opened.sensors for d in s.devices()]
         platform = PlatformResidual.for_devices(devices)
         report["coverage"]["platform"] = (
-            f"measured ({', '.join(platform.meter_keys)} minus the parts)" if platform
-            else "none (no node meter: pm_counters, ACPI power meter or Grace Hopper module)")
+            f"measured ({', '.join(platform.meter_keys)} minus the parts)"
+            if platform
+            else "none (no node meter: pm_counters, ACPI power meter or Grace Hopper module)"
+        )
     finally:
         opened.close()
 
@@ -170,19 +185,33 @@ def _attribution(config, devices, store_path) -> dict:
     except Exception:  # noqa: BLE001 - an unreadable store only hides learned figures
         store = None
     try:
-        learner = IdleLearner(devices, store, config.attribution.idle_w,
-                              config.estimate.cpu_idle_fraction, tdp_w)
+        learner = IdleLearner(
+            devices, store, config.attribution.idle_w, config.estimate.cpu_idle_fraction, tdp_w
+        )
     except Exception:  # noqa: BLE001 - a store from an older llem has no idle_power yet
-        learner = IdleLearner(devices, None, config.attribution.idle_w,
-                              config.estimate.cpu_idle_fraction, tdp_w)
+        learner = IdleLearner(
+            devices, None, config.attribution.idle_w, config.estimate.cpu_idle_fraction, tdp_w
+        )
     finally:
         if store is not None:
             store.close()
     idle = learner.resolve()
-    return {"policy": config.attribution.policy,
-            "idle_w": {d.key: ({"w": idle[d.key].power_mw / 1000, "source": idle[d.key].source,
-                                "samples": idle[d.key].samples} if d.key in idle else None)
-                       for d in devices if d.component in ("cpu", "dram")}}
+    return {
+        "policy": config.attribution.policy,
+        "idle_w": {
+            d.key: (
+                {
+                    "w": idle[d.key].power_mw / 1000,
+                    "source": idle[d.key].source,
+                    "samples": idle[d.key].samples,
+                }
+                if d.key in idle
+                else None
+            )
+            for d in devices
+            if d.component in ("cpu", "dram")
+        },
+    }
 
 
 def diagnose(env: dict | None = None) -> dict:
@@ -215,8 +244,10 @@ def diagnose(env: dict | None = None) -> dict:
         {
             "sensor": p.sensor,
             "available": p.available,
-            "devices": [{"key": d.key, "component": d.component, "source": d.source,
-                         "method": d.method} for d in p.devices],
+            "devices": [
+                {"key": d.key, "component": d.component, "source": d.source, "method": d.method}
+                for d in p.devices
+            ],
             "problems": list(p.problems),
             "notes": list(p.notes),
         }
@@ -224,8 +255,13 @@ def diagnose(env: dict | None = None) -> dict:
     ]
     coverage = {}
     for component in ("cpu", "dram", "gpu"):
-        measured = [p.sensor for p in probes if p.available and p.sensor != "estimate"
-                    and any(d.component == component for d in p.devices)]
+        measured = [
+            p.sensor
+            for p in probes
+            if p.available
+            and p.sensor != "estimate"
+            and any(d.component == component for d in p.devices)
+        ]
         if measured:
             coverage[component] = f"measured ({', '.join(measured)})"
         elif component in ("cpu", "dram"):
@@ -247,8 +283,10 @@ def diagnose(env: dict | None = None) -> dict:
     from llem.paths import NodePaths
 
     report["attribution"] = _attribution(
-        config, [d for p in probes if p.available for d in p.devices],
-        NodePaths.of(config, report["node"]).store)
+        config,
+        [d for p in probes if p.available for d in p.devices],
+        NodePaths.of(config, report["node"]).store,
+    )
     report["environment"] = {k: v for k, v in sorted(env.items()) if k.startswith("LLEM_")}
     if os.geteuid() != 0:
         report["notes"] = ["not running as root: what root-only counters show may differ"]
@@ -256,8 +294,11 @@ def diagnose(env: dict | None = None) -> dict:
 
 
 def render(report: dict) -> str:
-    out = [f"llem {report['llem']} on {report['node']} (host {report['host']}, uid {report['uid']},"
-           f" Python {report['python']})", ""]
+    out = [
+        f"llem {report['llem']} on {report['node']} (host {report['host']}, uid {report['uid']},"
+        f" Python {report['python']})",
+        "",
+    ]
     out.append(f"Config: {report['config_source']}")
     if report["config_error"]:
         out.append(f"  ERROR {report['config_error']}")
@@ -282,22 +323,32 @@ def render(report: dict) -> str:
     out.append("Paths:")
     for name, info in report["paths"].items():
         if info["exists"]:
-            desc = (f"{info['type']}, owner {info['owner']}, mode {info['mode']}, "
-                    f"{'writable' if info['writable'] else 'not writable'} by this user")
+            desc = (
+                f"{info['type']}, owner {info['owner']}, mode {info['mode']}, "
+                f"{'writable' if info['writable'] else 'not writable'} by this user"
+            )
         elif "error" in info:
             desc = f"cannot inspect: {info['error']}"
         else:
-            desc = "missing (" + ("can be created" if info.get("creatable") else
-                                  "cannot be created by this user") + ")"
+            desc = (
+                "missing ("
+                + ("can be created" if info.get("creatable") else "cannot be created by this user")
+                + ")"
+            )
         out.append(f"  {name:<9} {info['path']}: {desc}")
     att = report["attribution"]
     out.append("")
-    out.append(f"Attribution: policy {att['policy']} (a job holding every CPU of the node: "
-               "exclusive, the whole node)")
+    out.append(
+        f"Attribution: policy {att['policy']} (a job holding every CPU of the node: "
+        "exclusive, the whole node)"
+    )
     for key, idle in att["idle_w"].items():
-        how = ("none: shared by use alone" if idle is None else
-               f"{idle['w']:.1f} W ({idle['source']}"
-               + (f", {idle['samples']} idle samples)" if idle["source"] == "learned" else ")"))
+        how = (
+            "none: shared by use alone"
+            if idle is None
+            else f"{idle['w']:.1f} W ({idle['source']}"
+            + (f", {idle['samples']} idle samples)" if idle["source"] == "learned" else ")")
+        )
         out.append(f"  idle power {key}: {how}")
     ns = report["node_sampler"]
     out.append("")

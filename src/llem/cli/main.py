@@ -80,8 +80,7 @@ def _fast_shim(name: str):
     doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()[0]
 
     # Every argument, -h/--help included, goes to the fast command: it answers them itself.
-    @click.command(name, context_settings={"ignore_unknown_options": True,
-                                           "help_option_names": []})
+    @click.command(name, context_settings={"ignore_unknown_options": True, "help_option_names": []})
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def shim(args: tuple[str, ...]) -> None:
         sys.exit(getattr(importlib.import_module(module), attr)(list(args)))
@@ -100,8 +99,9 @@ def run(command, argv: list[str] | None = None, prog_name: str = "llem") -> int:
 
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args or os.environ.get("LLEM_DEBUG") == "1"
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="llem: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, format="llem: %(levelname)s: %(message)s"
+    )
     try:
         result = command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:

@@ -9,11 +9,19 @@ import click
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--textfile", "textfile", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the metrics to this .prom file atomically (node_exporter's textfile "
-                   "directory) instead of printing them.")
-@click.option("--ledger", "ledger", type=click.Path(dir_okay=False, path_type=Path),
-              help="The ledger (default: 'ledger' of the configuration).")
+@click.option(
+    "--textfile",
+    "textfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the metrics to this .prom file atomically (node_exporter's textfile "
+    "directory) instead of printing them.",
+)
+@click.option(
+    "--ledger",
+    "ledger",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The ledger (default: 'ledger' of the configuration).",
+)
 @click.option("--debug", is_flag=True, hidden=True)
 def metrics(textfile: Path | None, ledger: Path | None, debug: bool) -> int:
     """Energy and CO2e per account and partition, and the aggregator's health, from the

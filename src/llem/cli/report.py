@@ -38,22 +38,46 @@ def report_options(func):
     """The options shared by ``monthly`` and ``account``."""
     decorators = [
         click.option("--month", metavar="YYYY-MM", help="Calendar month (UTC)."),
-        click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M"]),
-                     help="Start of any period (UTC, included); with --until."),
-        click.option("--until", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M"]),
-                     help="End of the period (UTC, excluded)."),
-        click.option("--format", "fmt", type=click.Choice(FORMATS), default="html",
-                     show_default=True, help="Output format."),
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-                     help="Directory for the report files (created). Default: html into the "
-                          "current directory; md, csv and json to standard output."),
+        click.option(
+            "--since",
+            type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M"]),
+            help="Start of any period (UTC, included); with --until.",
+        ),
+        click.option(
+            "--until",
+            type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M"]),
+            help="End of the period (UTC, excluded).",
+        ),
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(FORMATS),
+            default="html",
+            show_default=True,
+            help="Output format.",
+        ),
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Directory for the report files (created). Default: html into the "
+            "current directory; md, csv and json to standard output.",
+        ),
         click.option("--ledger", help="Ledger path (default: the config's `ledger`)."),
-        click.option("--idle-w", type=click.FloatRange(min=0), default=100.0,
-                     show_default=True,
-                     help="A GPU whose average power over its job stayed below this many "
-                          "watts counts as idle (waste)."),
-        click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
-                     help="Rows in the top-jobs and waste tables."),
+        click.option(
+            "--idle-w",
+            type=click.FloatRange(min=0),
+            default=100.0,
+            show_default=True,
+            help="A GPU whose average power over its job stayed below this many "
+            "watts counts as idle (waste).",
+        ),
+        click.option(
+            "--top",
+            type=click.IntRange(min=1),
+            default=20,
+            show_default=True,
+            help="Rows in the top-jobs and waste tables.",
+        ),
         click.option("--debug", is_flag=True, hidden=True),
     ]
     for decorator in reversed(decorators):
@@ -123,12 +147,12 @@ def _run(opts: ReportOptions) -> int:
     cfg = config_mod.load()
     ledger_path = opts.ledger or cfg.ledger
     with q.open_readonly(ledger_path) as ledger:
-        rep = build_report(ledger, cfg, period, account=opts.account, idle_w=opts.idle_w,
-                           top_n=opts.top)
+        rep = build_report(
+            ledger, cfg, period, account=opts.account, idle_w=opts.idle_w, top_n=opts.top
+        )
     if rep.empty:
         who = f" for account {opts.account}" if opts.account else ""
-        click.echo(f"llem report: no data in {ledger_path}{who} for {period.label}",
-                   err=True)
+        click.echo(f"llem report: no data in {ledger_path}{who} for {period.label}", err=True)
     kind = f"statement-{_safe(opts.account)}" if opts.account else f"report-{_safe(cfg.cluster)}"
     base = f"llem-{kind}-{_safe(period.label.replace('..', '_to_'))}"
     _write(rep, opts, base, render, plots)
@@ -153,8 +177,11 @@ def _modules(opts: ReportOptions) -> tuple[str, ...]:
 
 def _write(rep, opts: ReportOptions, base: str, render, plots) -> None:
     if opts.out is None and opts.fmt != "html":
-        text = {"md": lambda: render.to_markdown(rep), "csv": lambda: render.to_csv(rep),
-                "json": lambda: render.to_json(rep)}[opts.fmt]()
+        text = {
+            "md": lambda: render.to_markdown(rep),
+            "csv": lambda: render.to_csv(rep),
+            "json": lambda: render.to_json(rep),
+        }[opts.fmt]()
         click.echo(text, nl=False)
         return
     out = _checked_dir(opts.out or Path("."))

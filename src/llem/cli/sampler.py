@@ -32,16 +32,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--store", type=Path, help="node store file (default STATE_DIR/node-NODE.db)")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--node", help="run as the Slurm node sampler of NODE (started by the Prolog)")
-    p.add_argument("--daemon", action="store_true",
-                   help="with --node: log to RUN_DIR/NODE/sampler.log (stdio is /dev/null)")
+    p.add_argument(
+        "--daemon",
+        action="store_true",
+        help="with --node: log to RUN_DIR/NODE/sampler.log (stdio is /dev/null)",
+    )
     p.add_argument("--verbose", "-v", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="llem sampler: %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="llem sampler: %(levelname)s %(message)s",
+    )
     try:
         return _run(args)
     except LlemError as e:
@@ -61,8 +66,9 @@ def private_log_handler(path: Path, max_bytes: int = 1_000_000, backups: int = 2
 
     class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         def _open(self):
-            fd = os.open(self.baseFilename,
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, LOG_MODE)
+            fd = os.open(
+                self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, LOG_MODE
+            )
             os.fchmod(fd, LOG_MODE)
             return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
 

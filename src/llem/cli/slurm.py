@@ -12,7 +12,7 @@ _HOW_RUN = {
     "prolog": "Slurm's Prolog runs it, as root, through slurm/prolog.sh",
     "epilog": "Slurm's Epilog runs it, as root, through slurm/epilog.sh",
     "epilog-slurmctld": "Slurm's EpilogSlurmctld runs it, as root on the controller, through "
-                        "slurm/epilog-slurmctld.sh",
+    "slurm/epilog-slurmctld.sh",
 }
 
 
@@ -25,10 +25,11 @@ def _parse_args(kind: str, main, argv: list[str] | None) -> None:
 
     summary = (main.__doc__ or "").split(":", 1)[-1].strip()
     argument_parser(
-        prog=f"llem {kind}", description=summary[:1].upper() + summary[1:],
+        prog=f"llem {kind}",
+        description=summary[:1].upper() + summary[1:],
         epilog=f"{_HOW_RUN[kind]}, with the job's Slurm variables in its environment, and "
-               "takes no argument. It then always exits 0; problems go to stderr and to the "
-               "node's problems.log (llem doctor).",
+        "takes no argument. It then always exits 0; problems go to stderr and to the "
+        "node's problems.log (llem doctor).",
     ).parse_args(argv)
 
 

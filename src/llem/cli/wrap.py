@@ -19,8 +19,9 @@ from llem.units import format_energy_j
 from llem.wrap import Accumulator, ChildRunner, exit_status, result, run_sampler_thread
 
 
-def carbon_for(config: config_mod.Config, acc: Accumulator,
-               duration_s: float) -> tuple[dict, float | None, list[str]]:
+def carbon_for(
+    config: config_mod.Config, acc: Accumulator, duration_s: float
+) -> tuple[dict, float | None, list[str]]:
     """The carbon object and CO2e of the window; (carbon, co2e_g, notes).
 
     A carbon problem (an unknown region, a bad intensity file) never loses the measurement:
@@ -29,8 +30,14 @@ def carbon_for(config: config_mod.Config, acc: Accumulator,
     from llem import carbon
     from llem.errors import LlemError
 
-    unknown = {"region": config.carbon.region, "intensity_g_per_kwh": None, "source": None,
-               "year": None, "basis": None, "pue": None}
+    unknown = {
+        "region": config.carbon.region,
+        "intensity_g_per_kwh": None,
+        "source": None,
+        "year": None,
+        "basis": None,
+        "pue": None,
+    }
     if not acc.devices:
         return {**unknown, "reason": "no energy was measured"}, None, []
     energy_j = {hour: uj / 1e6 for hour, uj in acc.by_hour_uj.items()}
@@ -55,8 +62,11 @@ def render_summary(res: dict) -> str:
         power_s = f", average {power:.1f} W" if power is not None else ""
         lines.append(
             f"  energy {format_energy_j(res['energy_j'])}{power_s} ({res['source']}; "
-            + ("the job's attributed share of the node)" if res["scope"] == "job" else
-               "whole node while the command ran, not only the command)")
+            + (
+                "the job's attributed share of the node)"
+                if res["scope"] == "job"
+                else "whole node while the command ran, not only the command)"
+            )
         )
         width = max(len(c["device"]) for c in res["components"])
         for c in res["components"]:
@@ -96,9 +106,17 @@ def _emit(res: dict, as_json: bool, output: Path | None, quiet: bool) -> None:
         sys.stdout.flush()
 
 
-def _job_window(ctx: click.Context, config: config_mod.Config, path: Path, window: dict,
-                name: str | None, as_json: bool, output: Path | None, quiet: bool,
-                command: tuple[str, ...]) -> None:
+def _job_window(
+    ctx: click.Context,
+    config: config_mod.Config,
+    path: Path,
+    window: dict,
+    name: str | None,
+    as_json: bool,
+    output: Path | None,
+    quiet: bool,
+    command: tuple[str, ...],
+) -> None:
     """Run CMD inside a named window that the node sampler keeps for this job."""
     from llem.node.windows import WindowError, close_window
     from llem.sensors.base import Device
@@ -119,28 +137,43 @@ def _job_window(ctx: click.Context, config: config_mod.Config, path: Path, windo
     finally:
         duration_s = time.monotonic() - t0
         runner.restore()
-    notes = [f"window {window['window_id']} of Slurm job {os.environ.get('SLURM_JOB_ID')} "
-             f"on node {os.environ.get('SLURMD_NODENAME')}: the job's attributed share"]
+    notes = [
+        f"window {window['window_id']} of Slurm job {os.environ.get('SLURM_JOB_ID')} "
+        f"on node {os.environ.get('SLURMD_NODENAME')}: the job's attributed share"
+    ]
     acc = Accumulator()
     try:
         closed = close_window(path, os.environ, window["window_id"])
     except WindowError as e:
         notes.append(f"{e}: the window's energy is unknown")
-        closed = {"start_ns": window["start_ns"], "end_ns": window["start_ns"],
-                  "energy_uj": {}, "devices": {}, "coverage": 0.0}
+        closed = {
+            "start_ns": window["start_ns"],
+            "end_ns": window["start_ns"],
+            "energy_uj": {},
+            "devices": {},
+            "coverage": 0.0,
+        }
     span_ns = max(1, closed["end_ns"] - closed["start_ns"])
     acc.start_ns, acc.end_ns, acc.mono_ns = closed["start_ns"], closed["end_ns"], span_ns
     for key, meta in closed["devices"].items():
-        dev = Device(key, meta["component"], meta["device"], meta["sensor"], meta["source"],
-                     meta["method"])
+        dev = Device(
+            key, meta["component"], meta["device"], meta["sensor"], meta["source"], meta["method"]
+        )
         uj = int(closed["energy_uj"].get(key, 0))
         acc.devices[key] = DeviceTotal(dev, uj, int(closed["coverage"] * span_ns))
         for hour, part in split_by_hour(closed["start_ns"], closed["end_ns"], uj).items():
             acc.by_hour_uj[hour] = acc.by_hour_uj.get(hour, 0) + part
     carbon, co2e_g, carbon_notes = carbon_for(config, acc, duration_s)
-    res = result(acc, name=name, command=command, exit_code=exit_status(returncode),
-                 duration_s=duration_s, carbon=carbon, co2e_g=co2e_g,
-                 notes=notes + carbon_notes)
+    res = result(
+        acc,
+        name=name,
+        command=command,
+        exit_code=exit_status(returncode),
+        duration_s=duration_s,
+        carbon=carbon,
+        co2e_g=co2e_g,
+        notes=notes + carbon_notes,
+    )
     res["scope"] = "job"
     res["window_id"] = window["window_id"]
     _emit(res, as_json, output, quiet)
@@ -170,16 +203,30 @@ def _write_output(path: Path, text: str) -> None:
 )
 @click.option("--name", "-n", help="A name for this measurement window (at most 128 characters).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the JSON object to this file.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=None,
-              help="Seconds between sensor reads (default: the smaller of 1 s and "
-                   "sampler.interval_s).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the JSON object to this file.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Seconds between sensor reads (default: the smaller of 1 s and sampler.interval_s).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No summary on stderr.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def wrap(ctx: click.Context, name: str | None, as_json: bool, output: Path | None,
-         interval: float | None, quiet: bool, command: tuple[str, ...]) -> None:
+def wrap(
+    ctx: click.Context,
+    name: str | None,
+    as_json: bool,
+    output: Path | None,
+    interval: float | None,
+    quiet: bool,
+    command: tuple[str, ...],
+) -> None:
     """Run COMMAND and report the energy used while it ran.
 
     Exits with COMMAND's exit status (128+N when it is killed by signal N). The summary goes
@@ -200,8 +247,10 @@ def wrap(ctx: click.Context, name: str | None, as_json: bool, output: Path | Non
                 raise WindowError("SLURMD_NODENAME is not set")
             window = open_window(path, os.environ, name)
         except WindowError as e:
-            notes.append(f"inside Slurm job {os.environ['SLURM_JOB_ID']}: {e}; measured "
-                         "standalone instead (the whole node, not the job's share)")
+            notes.append(
+                f"inside Slurm job {os.environ['SLURM_JOB_ID']}: {e}; measured "
+                "standalone instead (the whole node, not the job's share)"
+            )
         else:
             _job_window(ctx, config, path, window, name, as_json, output, quiet, command)
     interval_s = interval if interval is not None else min(1.0, config.sampler.interval_s)
@@ -232,8 +281,15 @@ def wrap(ctx: click.Context, name: str | None, as_json: bool, output: Path | Non
         runner.restore()
         opened.close()
     carbon, co2e_g, carbon_notes = carbon_for(config, acc, duration_s)
-    res = result(acc, name=name, command=command, exit_code=exit_status(returncode),
-                 duration_s=duration_s, carbon=carbon, co2e_g=co2e_g,
-                 notes=notes + carbon_notes)
+    res = result(
+        acc,
+        name=name,
+        command=command,
+        exit_code=exit_status(returncode),
+        duration_s=duration_s,
+        carbon=carbon,
+        co2e_g=co2e_g,
+        notes=notes + carbon_notes,
+    )
     _emit(res, as_json, output, quiet)
     ctx.exit(exit_status(returncode))

@@ -23,25 +23,71 @@ from llem.errors import LedgerError
 log = logging.getLogger(__name__)
 
 RUN_COLUMNS = (
-    "cluster", "job_id", "run_start_ns", "run_end_ns", "array_job_id", "array_task_id",
-    "user", "uid", "account", "partition", "name", "tag", "nodelist", "num_nodes", "state",
-    "status", "energy_uj", "cpu_energy_uj", "dram_energy_uj", "gpu_energy_uj",
-    "other_energy_uj", "estimated_energy_uj", "gpu_seconds", "coverage", "attribution",
+    "cluster",
+    "job_id",
+    "run_start_ns",
+    "run_end_ns",
+    "array_job_id",
+    "array_task_id",
+    "user",
+    "uid",
+    "account",
+    "partition",
+    "name",
+    "tag",
+    "nodelist",
+    "num_nodes",
+    "state",
+    "status",
+    "energy_uj",
+    "cpu_energy_uj",
+    "dram_energy_uj",
+    "gpu_energy_uj",
+    "other_energy_uj",
+    "estimated_energy_uj",
+    "gpu_seconds",
+    "coverage",
+    "attribution",
 )
 """The columns of :func:`select_runs`' rows, in order: ``job_runs``'s, then the attribution
 policies of the run's nodes (comma-separated; None before ledger migration 3)."""
 
 _ATTRIBUTION_SQL = (
     "(SELECT group_concat(DISTINCT json_extract(n.attribution, '$.policy')) FROM job_nodes n "
-    "WHERE n.cluster = r.cluster AND n.job_id = r.job_id AND n.run_start_ns = r.run_start_ns)")
+    "WHERE n.cluster = r.cluster AND n.job_id = r.job_id AND n.run_start_ns = r.run_start_ns)"
+)
 
-WINDOW_COLUMNS = ("cluster", "job_id", "run_start_ns", "name", "step_id", "start_ns",
-                  "end_ns", "status", "nodes", "energy_uj", "node", "energy")
+WINDOW_COLUMNS = (
+    "cluster",
+    "job_id",
+    "run_start_ns",
+    "name",
+    "step_id",
+    "start_ns",
+    "end_ns",
+    "status",
+    "nodes",
+    "energy_uj",
+    "node",
+    "energy",
+)
 """The columns of :func:`select_windows`' rows, in order (one row per node of a window)."""
 
-TOTAL_COLUMNS = ("key", "njobs", "elapsed_ns", "energy_uj", "cpu_energy_uj", "dram_energy_uj",
-                 "gpu_energy_uj", "other_energy_uj", "estimated_energy_uj", "gpu_seconds",
-                 "node_ns", "covered_ns", "coverage_ns")
+TOTAL_COLUMNS = (
+    "key",
+    "njobs",
+    "elapsed_ns",
+    "energy_uj",
+    "cpu_energy_uj",
+    "dram_energy_uj",
+    "gpu_energy_uj",
+    "other_energy_uj",
+    "estimated_energy_uj",
+    "gpu_seconds",
+    "node_ns",
+    "covered_ns",
+    "coverage_ns",
+)
 """The columns of :func:`select_totals`' rows, in order."""
 
 GROUP_KEYS = {
@@ -107,11 +153,13 @@ def open_ledger(path: str | os.PathLike):
     if not path.exists():
         raise LedgerError(
             f"no ledger at {path}. Set 'ledger:' in the llem configuration (or LLEM_LEDGER), or "
-            "pass --ledger PATH; on a new installation run 'llem aggregate --once' first")
+            "pass --ledger PATH; on a new installation run 'llem aggregate --once' first"
+        )
     if not os.access(path, os.R_OK):
         raise LedgerError(
             f"{path}: permission denied reading the ledger; ask your administrator (the ledger "
-            "is normally mode 0644, see docs/ledger.md, Permissions)")
+            "is normally mode 0644, see docs/ledger.md, Permissions)"
+        )
     ledger = Ledger(path, readonly=True)
     try:
         ledger.db.execute("SELECT 1 FROM job_runs LIMIT 1").fetchall()
@@ -169,7 +217,9 @@ def where_clause(f: RunFilter) -> tuple[str, list]:
         where.append(
             "EXISTS (SELECT 1 FROM job_nodes jn WHERE jn.cluster = r.cluster AND "
             "jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns AND "
-            + _in("jn.node", f.nodes, params) + ")")
+            + _in("jn.node", f.nodes, params)
+            + ")"
+        )
     return " AND ".join(where) or "1", params
 
 
@@ -177,17 +227,19 @@ def select_runs(ledger, f: RunFilter) -> list[tuple]:
     """Runs matching ``f``, oldest start first, as tuples of :data:`RUN_COLUMNS`."""
     where, params = where_clause(f)
     cols = ", ".join(f"r.{c}" for c in RUN_COLUMNS[:-1])
-    has_column = any(row[1] == "attribution" for row in ledger.query(
-        "PRAGMA table_info(job_nodes)"))
+    has_column = any(
+        row[1] == "attribution" for row in ledger.query("PRAGMA table_info(job_nodes)")
+    )
     cols += ", " + (_ATTRIBUTION_SQL if has_column else "NULL")
     return ledger.query(
-        f"SELECT {cols} FROM job_runs r WHERE {where} "
-        "ORDER BY r.run_start_ns, r.cluster, r.job_id", params)
+        f"SELECT {cols} FROM job_runs r WHERE {where} ORDER BY r.run_start_ns, r.cluster, r.job_id",
+        params,
+    )
 
 
 def _chunks(items: Sequence, size: int = CHUNK) -> Iterable[Sequence]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 def select_windows(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
@@ -208,7 +260,9 @@ def select_windows(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
                 "SELECT jn.cluster, jn.job_id, jn.run_start_ns, w.name, w.step_id, w.start_ns,"
                 " w.end_ns, w.status, 1, w.energy_uj, jn.node, w.energy FROM job_nodes jn "
                 "JOIN windows w ON w.job_node_id = jn.id WHERE jn.cluster = ? AND "
-                f"jn.job_id IN ({', '.join('?' * len(chunk))})", params)
+                f"jn.job_id IN ({', '.join('?' * len(chunk))})",
+                params,
+            )
             out += [r for r in rows if (r[0], r[1], r[2]) in wanted]
     out.sort(key=lambda r: (r[5], r[3], r[10]))
     return out
@@ -223,8 +277,10 @@ def device_components(ledger, nodes: Iterable[tuple[str, str]]) -> dict[tuple, t
     for cluster, names in by_cluster.items():
         for chunk in _chunks(sorted(names)):
             for node, key, component, source in ledger.query(
-                    "SELECT node, device_key, component, source FROM devices WHERE cluster = ? "
-                    f"AND node IN ({', '.join('?' * len(chunk))})", [cluster, *chunk]):
+                "SELECT node, device_key, component, source FROM devices WHERE cluster = ? "
+                f"AND node IN ({', '.join('?' * len(chunk))})",
+                [cluster, *chunk],
+            ):
                 out[(cluster, node, key)] = (component, source)
     return out
 
@@ -244,7 +300,9 @@ def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
         "SUM(r.other_energy_uj), SUM(r.estimated_energy_uj), SUM(r.gpu_seconds), "
         f"SUM(COALESCE(r.num_nodes, 0) * {span}), SUM(r.coverage * {span}), "
         f"SUM(CASE WHEN r.coverage IS NOT NULL THEN {span} ELSE 0 END) "
-        f"FROM job_runs r WHERE {where} GROUP BY k ORDER BY k", params)
+        f"FROM job_runs r WHERE {where} GROUP BY k ORDER BY k",
+        params,
+    )
 
 
 def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]:
@@ -270,7 +328,9 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
         "CROSS JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id "
         "AND jn.run_start_ns = r.run_start_ns "
         f"JOIN job_energy e ON e.job_node_id = jn.id WHERE {where} "
-        f"GROUP BY {groups} ORDER BY {groups}", params)
+        f"GROUP BY {groups} ORDER BY {groups}",
+        params,
+    )
 
 
 def run_nodes(ledger, f: RunFilter) -> list[tuple[str, str]]:
@@ -281,7 +341,9 @@ def run_nodes(ledger, f: RunFilter) -> list[tuple[str, str]]:
         # in node order to save a sort (13 s instead of 0.2 s on a million jobs).
         "SELECT DISTINCT jn.cluster, jn.node FROM job_runs r CROSS JOIN job_nodes jn "
         "ON jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns"
-        f" WHERE {where} ORDER BY 1, 2", params)
+        f" WHERE {where} ORDER BY 1, 2",
+        params,
+    )
 
 
 def clusters(ledger) -> list[str]:

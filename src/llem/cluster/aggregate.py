@@ -85,9 +85,15 @@ class AggregateLock:
 
     def __enter__(self) -> AggregateLock:
         LEDGER_DATABASE.prepare_dir(self.path.parent)  # the ledger's own checks, first
-        self._held = locked(self.path, self.wait_s, poll_s=0.1, busy=lambda: LedgerBusy(
-            f"another llem aggregate holds {self.path}; nothing done (it will merge these "
-            "slices)"))
+        self._held = locked(
+            self.path,
+            self.wait_s,
+            poll_s=0.1,
+            busy=lambda: LedgerBusy(
+                f"another llem aggregate holds {self.path}; nothing done (it will merge these "
+                "slices)"
+            ),
+        )
         fd = self._held.__enter__()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -151,9 +157,14 @@ def _sweep_stale(entry: os.DirEntry, now_s: float) -> None:
 # -- one pass ----------------------------------------------------------------------------------
 
 
-def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float = 0.0,
-                   batch_size: int | None = None,
-                   after_commit: Callable[[int], None] | None = None) -> AggregateResult:
+def aggregate_once(
+    config: Config,
+    *,
+    now_ns: int | None = None,
+    wait_s: float = 0.0,
+    batch_size: int | None = None,
+    after_commit: Callable[[int], None] | None = None,
+) -> AggregateResult:
     """Merge everything in the spool into the ledger, once.
 
     Args:
@@ -173,14 +184,20 @@ def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float =
     result = AggregateResult()
     batch_size = max(1, batch_size or config.aggregate.batch_size)
     jobs: set = set()
-    with AggregateLock(config.ledger, wait_s), no_cyclic_gc(), \
-            Ledger(config.ledger, background_checkpoint=True) as ledger, \
-            _Disposer(config, now_ns) as disposer:
+    with (
+        AggregateLock(config.ledger, wait_s),
+        no_cyclic_gc(),
+        Ledger(config.ledger, background_checkpoint=True) as ledger,
+        _Disposer(config, now_ns) as disposer,
+    ):
         paths = list_spool(spool)
         readers = reader_count(config.aggregate.readers, len(paths))
-        candidates = read_all(paths, readers=readers,
-                              header_uids=_uids(config.aggregate.header_owners),
-                              ahead=2 * batch_size)
+        candidates = read_all(
+            paths,
+            readers=readers,
+            header_uids=_uids(config.aggregate.header_owners),
+            ahead=2 * batch_size,
+        )
         with contextlib.closing(candidates):
             for number in itertools.count():
                 batch = list(itertools.islice(candidates, batch_size))
@@ -196,8 +213,14 @@ def aggregate_once(config: Config, *, now_ns: int | None = None, wait_s: float =
     return result
 
 
-def _merge_batch(config: Config, ledger: Ledger, disposer: _Disposer, batch: list[Candidate],
-                 now_ns: int, result: AggregateResult) -> set:
+def _merge_batch(
+    config: Config,
+    ledger: Ledger,
+    disposer: _Disposer,
+    batch: list[Candidate],
+    now_ns: int,
+    result: AggregateResult,
+) -> set:
     good, bad = [], []
     for cand in batch:
         if cand.gone:
@@ -209,10 +232,15 @@ def _merge_batch(config: Config, ledger: Ledger, disposer: _Disposer, batch: lis
             bad.append(cand)
         else:
             good.append(cand)
-    entries = [QuarantineEntry(c.name, c.sha, c.reason or "", c.owner_uid, c.size, now_ns)
-               for c in bad]
-    stats = ledger.merge_prepared([c.prepared for c in good], now_ns=now_ns,
-                                  grace_s=config.aggregate.grace_s, quarantined=entries)
+    entries = [
+        QuarantineEntry(c.name, c.sha, c.reason or "", c.owner_uid, c.size, now_ns) for c in bad
+    ]
+    stats = ledger.merge_prepared(
+        [c.prepared for c in good],
+        now_ns=now_ns,
+        grace_s=config.aggregate.grace_s,
+        quarantined=entries,
+    )
     # Only now, with the merge committed, do files leave the spool.
     disposer.put([cand.path for cand in good])
     for cand in bad:
@@ -281,15 +309,22 @@ def _quarantine(config: Config, cand: Candidate) -> None:
     target = quarantine_dir(config)
     _private_dir(target)
     log.warning("quarantined %s: %s", cand.name, cand.reason)
-    reason = {"file": cand.name, "reason": cand.reason, "owner_uid": cand.owner_uid,
-              "size": cand.size, "sha256": cand.sha, "ts_ns": time.time_ns()}
+    reason = {
+        "file": cand.name,
+        "reason": cand.reason,
+        "owner_uid": cand.owner_uid,
+        "size": cand.size,
+        "sha256": cand.sha,
+        "ts_ns": time.time_ns(),
+    }
     # A name llem never wrote may be too long for a ".reason" beside it: fall back to its hash.
     reason_name = cand.name + ".reason"
     if len(reason_name.encode()) > 255:
         reason_name = f"sha256-{cand.sha}.reason"
     try:
-        write_atomic(target, reason_name,
-                     (json.dumps(reason, sort_keys=True) + "\n").encode(), 0o640)
+        write_atomic(
+            target, reason_name, (json.dumps(reason, sort_keys=True) + "\n").encode(), 0o640
+        )
         os.replace(cand.path, target / cand.name)
     except FileNotFoundError:
         pass
@@ -311,8 +346,13 @@ def _unlink(path: str) -> None:
         pass
 
 
-def watch(config: Config, every_s: float, *, stop: Callable[[], bool] = lambda: False,
-          on_pass: Callable[[AggregateResult], None] | None = None) -> None:
+def watch(
+    config: Config,
+    every_s: float,
+    *,
+    stop: Callable[[], bool] = lambda: False,
+    on_pass: Callable[[AggregateResult], None] | None = None,
+) -> None:
     """Aggregate every ``every_s`` seconds until ``stop()`` says so."""
     while not stop():
         try:

@@ -70,8 +70,9 @@ def derive_state(exit_code: int | None, signal: int | None, derived_ec: int | No
     return "COMPLETED"
 
 
-def header_slice_from_env(env: Mapping[str, str], cluster: str, *,
-                          now_ns: int | None = None) -> dict:
+def header_slice_from_env(
+    env: Mapping[str, str], cluster: str, *, now_ns: int | None = None
+) -> dict:
     """The job header slice from EpilogSlurmctld's environment.
 
     Uses SLURM_JOB_ID, SLURM_JOB_NAME, SLURM_JOB_NODELIST, SLURM_JOB_ACCOUNT, SLURM_JOB_USER,
@@ -93,22 +94,30 @@ def header_slice_from_env(env: Mapping[str, str], cluster: str, *,
     nodelist = (env.get("SLURM_JOB_NODELIST") or "").strip() or None
     job = {
         "job_id": (env.get("SLURM_JOB_ID") or "").strip(),
-        "name": env.get("SLURM_JOB_NAME"), "user": env.get("SLURM_JOB_USER"),
-        "uid": _env_int(env, "SLURM_JOB_UID"), "account": env.get("SLURM_JOB_ACCOUNT"),
-        "partition": env.get("SLURM_JOB_PARTITION"), "nodelist": nodelist,
+        "name": env.get("SLURM_JOB_NAME"),
+        "user": env.get("SLURM_JOB_USER"),
+        "uid": _env_int(env, "SLURM_JOB_UID"),
+        "account": env.get("SLURM_JOB_ACCOUNT"),
+        "partition": env.get("SLURM_JOB_PARTITION"),
+        "nodelist": nodelist,
         "num_nodes": _count_nodes(nodelist),
         "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
         "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
         "start_ns": start_s * NS_PER_S if start_s else None,
         "end_ns": end_s * NS_PER_S if end_s else now_ns,
-        "exit_code": exit_code, "signal": signal, "derived_exit_code": derived_ec,
+        "exit_code": exit_code,
+        "signal": signal,
+        "derived_exit_code": derived_ec,
         "state": derive_state(exit_code, signal, derived_ec),
     }
-    data = {"schema": slices.SCHEMA, "kind": "header",
-            "cluster": (env.get("SLURM_CLUSTER_NAME") or "").strip() or cluster,
-            "created_ns": now_ns, "producer": {"llem": __version__,
-                                               "host": socket.gethostname()},
-            "job": job}
+    data = {
+        "schema": slices.SCHEMA,
+        "kind": "header",
+        "cluster": (env.get("SLURM_CLUSTER_NAME") or "").strip() or cluster,
+        "created_ns": now_ns,
+        "producer": {"llem": __version__, "host": socket.gethostname()},
+        "job": job,
+    }
     return slices.checked(data)
 
 

@@ -47,7 +47,9 @@ HEADER_AFTER_NS = 600 * 10**9
 
 
 def _v1(db: sqlite3.Connection) -> None:
-    run_script(db, """
+    run_script(
+        db,
+        """
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE devices (
             cluster TEXT NOT NULL, node TEXT NOT NULL, device_key TEXT NOT NULL,
@@ -134,12 +136,18 @@ def _v1(db: sqlite3.Connection) -> None:
             owner_uid INTEGER, size INTEGER, ts_ns INTEGER NOT NULL,
             PRIMARY KEY (file, digest)
         )
-    """)
+    """,
+    )
 
 
-ENERGY_COLUMNS = ("energy_uj", "cpu_energy_uj", "dram_energy_uj", "gpu_energy_uj",
-                  "other_energy_uj", "estimated_energy_uj")
-
+ENERGY_COLUMNS = (
+    "energy_uj",
+    "cpu_energy_uj",
+    "dram_energy_uj",
+    "gpu_energy_uj",
+    "other_energy_uj",
+    "estimated_energy_uj",
+)
 
 
 def _v2(db: sqlite3.Connection) -> None:
@@ -148,10 +156,13 @@ def _v2(db: sqlite3.Connection) -> None:
     ``--user U --since 30d`` asks for runs that *ended* after the start of the window: the
     (user, run_start_ns) index cannot bound that, (user, run_end_ns) can.
     """
-    run_script(db, """
+    run_script(
+        db,
+        """
         CREATE INDEX IF NOT EXISTS job_runs_by_user_end ON job_runs (user, run_end_ns);
         CREATE INDEX IF NOT EXISTS job_runs_by_account_end ON job_runs (account, run_end_ns)
-    """)
+    """,
+    )
 
 
 def _v3(db: sqlite3.Connection) -> None:
@@ -172,8 +183,9 @@ def _check_parent(path: Path) -> None:
     # -wal) that root's aggregator would then extend and every report would trust.
     problem = dir_problem(path, create_mode=0o755)
     if problem is not None:
-        raise LedgerError(f"{path}: the ledger's directory {problem}; refusing to write "
-                          "the ledger there")
+        raise LedgerError(
+            f"{path}: the ledger's directory {problem}; refusing to write the ledger there"
+        )
 
 
 DATABASE = Database(
@@ -185,21 +197,24 @@ DATABASE = Database(
     pragmas=("PRAGMA foreign_keys = ON", "PRAGMA busy_timeout = 30000"),
     # Merges touch the job tables' right edges and their indexes: a 64 MB page cache keeps
     # them in memory (the default 2 MB thrashes past ~1e5 jobs).
-    write_pragmas=("PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL",
-                   "PRAGMA cache_size = -65536"),
+    write_pragmas=(
+        "PRAGMA journal_mode = WAL",
+        "PRAGMA synchronous = NORMAL",
+        "PRAGMA cache_size = -65536",
+    ),
     error=LedgerError,
     messages=Messages(
         not_a_database="{path}: not a usable ledger database: {error}",
         cannot_open="{path}: cannot open the ledger: {error}",
         newer="{path}: ledger schema {version} is newer than this llem knows ({known}); "
-              "upgrade llem",
+        "upgrade llem",
         needs_migrating="{path}: the ledger needs migrating by llem aggregate",
         migration_failed="{path}: ledger write failed: {error}",
         # WAL mode for good (see Ledger.close): only a ledger left in rollback-journal mode by
         # an older llem, with a reader in, can still make a writer wait, once.
         busy="{path}: the ledger is locked ({error}): a reader holds it in rollback-journal "
-             "mode (as earlier versions of llem left it; the next pass switches it to WAL for "
-             "good), or a process locks its files directly",
+        "mode (as earlier versions of llem left it; the next pass switches it to WAL for "
+        "good), or a process locks its files directly",
     ),
 )
 """How the ledger is opened: mode 0644 in a directory only root writes, WAL while writing.
@@ -215,18 +230,18 @@ CANONICAL_QUERIES = {
     "devices": "SELECT * FROM devices",
     "job_runs": "SELECT * FROM job_runs",
     "job_nodes": "SELECT cluster, job_id, node, start_ns, end_ns, run_start_ns, array_job_id, "
-                 "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, "
-                 "gpus, tag, name, node_state, coverage, flags, energy_uj, cpu_energy_uj, "
-                 "dram_energy_uj, gpu_energy_uj, other_energy_uj, estimated_energy_uj, "
-                 "created_ns, digest FROM job_nodes",
+    "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, "
+    "gpus, tag, name, node_state, coverage, flags, energy_uj, cpu_energy_uj, "
+    "dram_energy_uj, gpu_energy_uj, other_energy_uj, estimated_energy_uj, "
+    "created_ns, digest FROM job_nodes",
     "job_energy": f"SELECT {_NODE_KEY}, e.device_key, e.hour_s, e.method, e.component, "
-                  "e.source, e.sensor, e.energy_uj FROM job_energy e JOIN job_nodes jn "
-                  "ON jn.id = e.job_node_id",
+    "e.source, e.sensor, e.energy_uj FROM job_energy e JOIN job_nodes jn "
+    "ON jn.id = e.job_node_id",
     "job_node_totals": f"SELECT {_NODE_KEY}, t.device_key, t.measured_uj, t.attributed_uj, "
-                       "t.remainder_uj, t.gap_intervals FROM job_node_totals t "
-                       "JOIN job_nodes jn ON jn.id = t.job_node_id",
+    "t.remainder_uj, t.gap_intervals FROM job_node_totals t "
+    "JOIN job_nodes jn ON jn.id = t.job_node_id",
     "windows": f"SELECT {_NODE_KEY}, w.name, w.step_id, w.start_ns, w.end_ns, w.status, "
-               "w.energy_uj, w.energy FROM windows w JOIN job_nodes jn ON jn.id = w.job_node_id",
+    "w.energy_uj, w.energy FROM windows w JOIN job_nodes jn ON jn.id = w.job_node_id",
     "job_headers": "SELECT * FROM job_headers",
     "node_hours": "SELECT * FROM node_hours",
     "quarantine": "SELECT file, digest, reason, owner_uid, size FROM quarantine",
@@ -273,8 +288,13 @@ class Ledger:
             schema newer than this llem.
     """
 
-    def __init__(self, path: str | os.PathLike, *, readonly: bool = False,
-                 background_checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        readonly: bool = False,
+        background_checkpoint: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self._devices_seen: set[tuple] = set()
@@ -314,8 +334,14 @@ class Ledger:
 
     # -- merging -----------------------------------------------------------------------------
 
-    def merge(self, items: Iterable[tuple[dict, str]], *, now_ns: int, grace_s: float,
-              quarantined: Iterable[QuarantineEntry] = ()) -> MergeStats:
+    def merge(
+        self,
+        items: Iterable[tuple[dict, str]],
+        *,
+        now_ns: int,
+        grace_s: float,
+        quarantined: Iterable[QuarantineEntry] = (),
+    ) -> MergeStats:
         """Merge validated slices (with their digests) and log refused ones, in one transaction.
 
         Args:
@@ -324,11 +350,21 @@ class Ledger:
             grace_s: how long a run waits for missing nodes before it is incomplete.
             quarantined: refused slices to log.
         """
-        return self.merge_prepared((prepare(data, sha) for data, sha in items), now_ns=now_ns,
-                                   grace_s=grace_s, quarantined=quarantined)
+        return self.merge_prepared(
+            (prepare(data, sha) for data, sha in items),
+            now_ns=now_ns,
+            grace_s=grace_s,
+            quarantined=quarantined,
+        )
 
-    def merge_prepared(self, items: Iterable[Prepared], *, now_ns: int, grace_s: float,
-                       quarantined: Iterable[QuarantineEntry] = ()) -> MergeStats:
+    def merge_prepared(
+        self,
+        items: Iterable[Prepared],
+        *,
+        now_ns: int,
+        grace_s: float,
+        quarantined: Iterable[QuarantineEntry] = (),
+    ) -> MergeStats:
         """:meth:`merge` for slices already turned into rows by :func:`prepare`.
 
         The aggregator prepares slices in reader processes, so that this process only writes.
@@ -352,8 +388,15 @@ class Ledger:
             for entry in quarantined:
                 self.db.execute(
                     "INSERT OR IGNORE INTO quarantine VALUES (?, ?, ?, ?, ?, ?)",
-                    (entry.file, entry.digest, entry.reason, entry.owner_uid, entry.size,
-                     entry.ts_ns))
+                    (
+                        entry.file,
+                        entry.digest,
+                        entry.reason,
+                        entry.owner_uid,
+                        entry.size,
+                        entry.ts_ns,
+                    ),
+                )
             self._regroup(touched, now_ns, grace_s)
             stats.jobs_touched = touched
 
@@ -370,14 +413,18 @@ class Ledger:
             "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (cluster, node, device_key) DO UPDATE SET component = excluded.component,"
             " name = excluded.name, sensor = excluded.sensor, source = excluded.source, "
-            "method = excluded.method", rows)
+            "method = excluded.method",
+            rows,
+        )
 
     def _merge_job(self, item: Prepared) -> bool:
         _, _, created_ns, sha, devices, job_node, energy, totals, windows = item
         if not self.db.execute(_INSERT_JOB_NODE + _NEW_RUN_ONLY, job_node).rowcount:
             row = self.db.execute(
                 "SELECT id, created_ns, digest FROM job_nodes WHERE cluster = ? AND job_id = ? "
-                "AND node = ? AND start_ns = ?", job_node[:4]).fetchone()
+                "AND node = ? AND start_ns = ?",
+                job_node[:4],
+            ).fetchone()
             if (row[1], row[2]) >= (created_ns, sha):
                 return False  # the same slice again, or an older export of the run
             self.db.execute("DELETE FROM job_nodes WHERE id = ?", (row[0],))
@@ -388,13 +435,17 @@ class Ledger:
         self._upsert_devices(devices)
         self.db.executemany(
             "INSERT INTO job_energy VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT DO UPDATE SET energy_uj = energy_uj + excluded.energy_uj", energy)
+            "ON CONFLICT DO UPDATE SET energy_uj = energy_uj + excluded.energy_uj",
+            energy,
+        )
         self.db.executemany(
-            "INSERT INTO job_node_totals VALUES (last_insert_rowid(), ?, ?, ?, ?, ?)", totals)
+            "INSERT INTO job_node_totals VALUES (last_insert_rowid(), ?, ?, ?, ?, ?)", totals
+        )
         if windows:
             self.db.executemany(
                 "INSERT OR REPLACE INTO windows VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?)",
-                windows)
+                windows,
+            )
         return True
 
     def _merge_node(self, item: Prepared) -> bool:
@@ -411,23 +462,57 @@ class Ledger:
             "as_of_ns = excluded.as_of_ns "
             "WHERE (excluded.as_of_ns, excluded.measured_uj, excluded.attributed_uj, "
             "excluded.remainder_uj) > (node_hours.as_of_ns, node_hours.measured_uj, "
-            "node_hours.attributed_uj, node_hours.remainder_uj)", hours)
+            "node_hours.attributed_uj, node_hours.remainder_uj)",
+            hours,
+        )
         return self.db.total_changes - before > 0
 
     def _merge_header(self, item: Prepared) -> bool:
         cur = self.db.execute(
             "INSERT OR IGNORE INTO job_headers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " ?, ?, ?)", item[2])
+            " ?, ?, ?)",
+            item[2],
+        )
         return cur.rowcount > 0
 
     # -- runs and completeness ---------------------------------------------------------------
 
-    _NODE_COLS = ("id", "node", "start_ns", "end_ns", "array_job_id", "array_task_id", "user",
-                  "uid", "account", "partition", "name", "tag", "nodelist", "num_nodes", "gpus",
-                  "coverage", "run_start_ns") + ENERGY_COLUMNS
-    _HEADER_COLS = ("end_ns", "start_ns", "array_job_id", "array_task_id", "user", "uid",
-                    "account", "partition", "name", "nodelist", "num_nodes", "state",
-                    "exit_code", "signal", "derived_exit_code")
+    _NODE_COLS = (
+        "id",
+        "node",
+        "start_ns",
+        "end_ns",
+        "array_job_id",
+        "array_task_id",
+        "user",
+        "uid",
+        "account",
+        "partition",
+        "name",
+        "tag",
+        "nodelist",
+        "num_nodes",
+        "gpus",
+        "coverage",
+        "run_start_ns",
+    ) + ENERGY_COLUMNS
+    _HEADER_COLS = (
+        "end_ns",
+        "start_ns",
+        "array_job_id",
+        "array_task_id",
+        "user",
+        "uid",
+        "account",
+        "partition",
+        "name",
+        "nodelist",
+        "num_nodes",
+        "state",
+        "exit_code",
+        "signal",
+        "derived_exit_code",
+    )
     _REGROUP_CHUNK = 500
 
     def _regroup(self, jobs: Iterable[tuple[str, str]], now_ns: int, grace_s: float) -> None:
@@ -442,7 +527,7 @@ class Ledger:
         for cluster, ids in sorted(by_cluster.items()):
             ids.sort()
             for i in range(0, len(ids), self._REGROUP_CHUNK):
-                self._regroup_chunk(cluster, ids[i:i + self._REGROUP_CHUNK], now_ns, grace_s)
+                self._regroup_chunk(cluster, ids[i : i + self._REGROUP_CHUNK], now_ns, grace_s)
 
     def _regroup_chunk(self, cluster: str, part: list[str], now_ns: int, grace_s: float) -> None:
         where = f"cluster = ? AND job_id IN ({', '.join('?' * len(part))})"
@@ -459,21 +544,29 @@ class Ledger:
         self.db.executemany(_INSERT_JOB_RUN, rows)
         self.db.executemany("UPDATE job_nodes SET run_start_ns = ? WHERE id = ?", moved)
 
-    def _rows_by_job(self, table: str, columns: tuple[str, ...], where: str, cluster: str,
-                     job_ids: list[str]) -> dict[str, list[dict]]:
+    def _rows_by_job(
+        self, table: str, columns: tuple[str, ...], where: str, cluster: str, job_ids: list[str]
+    ) -> dict[str, list[dict]]:
         """``table``'s rows of these jobs as dicts of ``columns``, by job id."""
         out: dict[str, list[dict]] = {job_id: [] for job_id in job_ids}
-        for r in self.db.execute(f"SELECT job_id, {', '.join(columns)} FROM {table} "
-                                 f"WHERE {where}", (cluster, *job_ids)):
+        for r in self.db.execute(
+            f"SELECT job_id, {', '.join(columns)} FROM {table} WHERE {where}", (cluster, *job_ids)
+        ):
             out[r[0]].append(dict(zip(columns, r[1:])))
         return out
 
     def mark_incomplete(self, now_ns: int, grace_s: float) -> int:
         """Runs still pending past their grace period become incomplete; return how many."""
         cut_ns = now_ns - int(grace_s * 1e9)
-        return self._txn(lambda: self.db.execute(
-            "UPDATE job_runs SET status = 'incomplete' WHERE status = 'pending' "
-            "AND run_end_ns < ?", (cut_ns,)).rowcount)
+        return self._txn(
+            lambda: (
+                self.db.execute(
+                    "UPDATE job_runs SET status = 'incomplete' WHERE status = 'pending' "
+                    "AND run_end_ns < ?",
+                    (cut_ns,),
+                ).rowcount
+            )
+        )
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -495,7 +588,9 @@ class Ledger:
             params.append(cluster)
         cur = self.db.execute(
             f"SELECT * FROM job_runs WHERE {' AND '.join(where) or '1'} "
-            "ORDER BY run_start_ns DESC, cluster, job_id", params)
+            "ORDER BY run_start_ns DESC, cluster, job_id",
+            params,
+        )
         names = [d[0] for d in cur.description]
         out = [dict(zip(names, r)) for r in cur.fetchall()]
         for run in out:
@@ -504,16 +599,23 @@ class Ledger:
 
     def job_energy_by_node(self, cluster: str, job_id: str) -> dict[str, int]:
         """Total attributed energy per node of a job (all runs), microjoules."""
-        return dict(self.query(
-            "SELECT jn.node, SUM(e.energy_uj) FROM job_energy e JOIN job_nodes jn "
-            "ON jn.id = e.job_node_id WHERE jn.cluster = ? AND jn.job_id = ? GROUP BY jn.node",
-            (cluster, job_id)))
+        return dict(
+            self.query(
+                "SELECT jn.node, SUM(e.energy_uj) FROM job_energy e JOIN job_nodes jn "
+                "ON jn.id = e.job_node_id WHERE jn.cluster = ? AND jn.job_id = ? GROUP BY jn.node",
+                (cluster, job_id),
+            )
+        )
 
     def quarantine_log(self) -> list[QuarantineEntry]:
         """Every slice refused so far, oldest first."""
-        return [QuarantineEntry(*r) for r in self.query(
-            "SELECT file, digest, reason, owner_uid, size, ts_ns FROM quarantine "
-            "ORDER BY ts_ns, file")]
+        return [
+            QuarantineEntry(*r)
+            for r in self.query(
+                "SELECT file, digest, reason, owner_uid, size, ts_ns FROM quarantine "
+                "ORDER BY ts_ns, file"
+            )
+        ]
 
     def canonical_dump(self) -> str:
         """The ledger's facts as sorted JSON lines: equal dumps mean equal ledgers."""
@@ -573,8 +675,7 @@ class Ledger:
 def _wal_keeper(path: Path) -> sqlite3.Connection | None:
     """A read-only connection that has opened the WAL (see :meth:`Ledger.close`)."""
     try:
-        keeper = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                                 timeout=0)
+        keeper = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=0)
         keeper.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
         return keeper
     except sqlite3.Error as e:
@@ -588,8 +689,7 @@ def _checked_ledger(path: Path) -> bool:
     from llem.fsutil import dir_problem, file_problem
 
     try:
-        return (dir_problem(path.parent) is None
-                and file_problem(os.lstat(path)) is None)
+        return dir_problem(path.parent) is None and file_problem(os.lstat(path)) is None
     except OSError:
         return False
 
@@ -603,13 +703,19 @@ def keep_wal_files(path: str | os.PathLike) -> None:
     """
     for suffix in ("-wal", "-shm"):
         try:
-            fd = os.open(f"{path}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         LEDGER_MODE)
+            fd = os.open(
+                f"{path}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, LEDGER_MODE
+            )
         except FileExistsError:
             continue
         except OSError as e:
-            log.warning("%s%s: cannot create it (users without write access to the ledger's "
-                        "directory cannot read the ledger without it): %s", path, suffix, e)
+            log.warning(
+                "%s%s: cannot create it (users without write access to the ledger's "
+                "directory cannot read the ledger without it): %s",
+                path,
+                suffix,
+                e,
+            )
             continue
         try:
             os.fchmod(fd, LEDGER_MODE)
@@ -626,18 +732,42 @@ _INSERT_JOB_NODE = (
     "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, gpus, tag, "
     "name, node_state, coverage, flags, energy_uj, cpu_energy_uj, dram_energy_uj, "
     "gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest, attribution) "
-    f"VALUES ({', '.join('?' * 30)})")
+    f"VALUES ({', '.join('?' * 30)})"
+)
 _NEW_RUN_ONLY = " ON CONFLICT (cluster, job_id, node, start_ns) DO NOTHING"
 _SORTED_JSON = json.JSONEncoder(sort_keys=True)  # json.dumps(..., sort_keys=True), reused
 
 
-_RUN_COLUMNS = ("run_start_ns", "run_end_ns", "array_job_id", "array_task_id", "user", "uid",
-                "account", "partition", "name", "tag", "nodelist", "num_nodes", "state",
-                "exit_code", "signal", "derived_exit_code", "has_header", "status",
-                "nodes_reported", "missing_nodes", *ENERGY_COLUMNS, "gpu_seconds", "coverage")
+_RUN_COLUMNS = (
+    "run_start_ns",
+    "run_end_ns",
+    "array_job_id",
+    "array_task_id",
+    "user",
+    "uid",
+    "account",
+    "partition",
+    "name",
+    "tag",
+    "nodelist",
+    "num_nodes",
+    "state",
+    "exit_code",
+    "signal",
+    "derived_exit_code",
+    "has_header",
+    "status",
+    "nodes_reported",
+    "missing_nodes",
+    *ENERGY_COLUMNS,
+    "gpu_seconds",
+    "coverage",
+)
 """The columns :func:`summarize_run` fills, in its order."""
-_INSERT_JOB_RUN = (f"INSERT INTO job_runs (cluster, job_id, {', '.join(_RUN_COLUMNS)}) "
-                   f"VALUES ({', '.join('?' * (2 + len(_RUN_COLUMNS)))})")
+_INSERT_JOB_RUN = (
+    f"INSERT INTO job_runs (cluster, job_id, {', '.join(_RUN_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * (2 + len(_RUN_COLUMNS)))})"
+)
 
 
 def prepare(data: dict, sha: str) -> Prepared:
@@ -661,28 +791,68 @@ def prepare(data: dict, sha: str) -> Prepared:
 
 def _prepare_header(data: dict) -> Prepared:
     cluster, job = data["cluster"], data["job"]
-    return ("header", (cluster, job["job_id"]), (
-        cluster, job["job_id"], job["end_ns"], job.get("start_ns"), job.get("array_job_id"),
-        job.get("array_task_id"), job.get("user"), job.get("uid"), job.get("account"),
-        job.get("partition"), job.get("name"), job.get("nodelist"), job.get("num_nodes"),
-        job.get("state"), job.get("exit_code"), job.get("signal"),
-        job.get("derived_exit_code")))
+    return (
+        "header",
+        (cluster, job["job_id"]),
+        (
+            cluster,
+            job["job_id"],
+            job["end_ns"],
+            job.get("start_ns"),
+            job.get("array_job_id"),
+            job.get("array_task_id"),
+            job.get("user"),
+            job.get("uid"),
+            job.get("account"),
+            job.get("partition"),
+            job.get("name"),
+            job.get("nodelist"),
+            job.get("num_nodes"),
+            job.get("state"),
+            job.get("exit_code"),
+            job.get("signal"),
+            job.get("derived_exit_code"),
+        ),
+    )
 
 
 def _device_rows(data: dict) -> tuple:
     cluster, node = data["cluster"], data["node"]
-    return tuple((cluster, node, key, d["component"], d.get("name"), d["sensor"], d["source"],
-                  d["method"]) for key, d in sorted(data["devices"].items()))
+    return tuple(
+        (cluster, node, key, d["component"], d.get("name"), d["sensor"], d["source"], d["method"])
+        for key, d in sorted(data["devices"].items())
+    )
 
 
 def _prepare_node(data: dict) -> Prepared:
-    cluster, node, devices, as_of_ns = (data["cluster"], data["node"], data["devices"],
-                                        data["as_of_ns"])
-    return ("node", _device_rows(data), [
-        (cluster, node, r["hour_s"], r["device"], devices[r["device"]]["component"],
-         devices[r["device"]]["source"], r["measured_uj"], r["attributed_uj"],
-         r["remainder_uj"], r["intervals"], r["gap_intervals"], r["covered_ns"], as_of_ns)
-        for r in data["hours"]])
+    cluster, node, devices, as_of_ns = (
+        data["cluster"],
+        data["node"],
+        data["devices"],
+        data["as_of_ns"],
+    )
+    return (
+        "node",
+        _device_rows(data),
+        [
+            (
+                cluster,
+                node,
+                r["hour_s"],
+                r["device"],
+                devices[r["device"]]["component"],
+                devices[r["device"]]["source"],
+                r["measured_uj"],
+                r["attributed_uj"],
+                r["remainder_uj"],
+                r["intervals"],
+                r["gap_intervals"],
+                r["covered_ns"],
+                as_of_ns,
+            )
+            for r in data["hours"]
+        ],
+    )
 
 
 def _prepare_job(data: dict, sha: str) -> Prepared:
@@ -690,28 +860,67 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
     job_id = job["job_id"]
     device_rows = _device_rows(data)
     job_node = (
-        cluster, job_id, node, job["start_ns"], job["end_ns"], job.get("array_job_id"),
-        job.get("array_task_id"), job.get("user"), job.get("uid"), job.get("gid"),
-        job.get("account"), job.get("partition"), job.get("nodelist"), job.get("num_nodes"),
-        job.get("cpus"), json.dumps(sorted(job.get("gpus") or [])), job.get("tag"),
-        job.get("name"), job.get("state"), job.get("coverage"),
-        json.dumps(sorted(job.get("flags") or [])), *_component_totals(data),
-        data["created_ns"], sha,
-        _SORTED_JSON.encode(job["attribution"]) if job.get("attribution") else None)
+        cluster,
+        job_id,
+        node,
+        job["start_ns"],
+        job["end_ns"],
+        job.get("array_job_id"),
+        job.get("array_task_id"),
+        job.get("user"),
+        job.get("uid"),
+        job.get("gid"),
+        job.get("account"),
+        job.get("partition"),
+        job.get("nodelist"),
+        job.get("num_nodes"),
+        job.get("cpus"),
+        json.dumps(sorted(job.get("gpus") or [])),
+        job.get("tag"),
+        job.get("name"),
+        job.get("state"),
+        job.get("coverage"),
+        json.dumps(sorted(job.get("flags") or [])),
+        *_component_totals(data),
+        data["created_ns"],
+        sha,
+        _SORTED_JSON.encode(job["attribution"]) if job.get("attribution") else None,
+    )
     described = {key: (d["component"], d["source"], d["sensor"]) for key, d in devices.items()}
-    energy = [(r["device"], r["hour_s"], r["method"], *described[r["device"]], r["energy_uj"])
-              for r in data["energy"]]
-    totals = [(key, t["measured_uj"], t["attributed_uj"], t["remainder_uj"],
-               t.get("gap_intervals", 0)) for key, t in data["node_totals"].items()]
-    return ("job", (cluster, job_id), data["created_ns"], sha, device_rows, job_node, energy,
-            totals, _window_rows(data))
+    energy = [
+        (r["device"], r["hour_s"], r["method"], *described[r["device"]], r["energy_uj"])
+        for r in data["energy"]
+    ]
+    totals = [
+        (key, t["measured_uj"], t["attributed_uj"], t["remainder_uj"], t.get("gap_intervals", 0))
+        for key, t in data["node_totals"].items()
+    ]
+    return (
+        "job",
+        (cluster, job_id),
+        data["created_ns"],
+        sha,
+        device_rows,
+        job_node,
+        energy,
+        totals,
+        _window_rows(data),
+    )
 
 
 def _window_rows(data: dict) -> list[tuple]:
-    windows = [(w["name"], w.get("step_id") or "", w["start_ns"], w.get("end_ns"), w["status"],
-                sum((w.get("energy") or {}).values()),
-                _SORTED_JSON.encode(w.get("energy") or {}))
-               for w in data.get("windows", [])]
+    windows = [
+        (
+            w["name"],
+            w.get("step_id") or "",
+            w["start_ns"],
+            w.get("end_ns"),
+            w["status"],
+            sum((w.get("energy") or {}).values()),
+            _SORTED_JSON.encode(w.get("energy") or {}),
+        )
+        for w in data.get("windows", [])
+    ]
     if any(w[5] > slices.INT64_MAX for w in windows):
         raise slices.SliceError("a window's energy is beyond what the ledger stores")
     return windows
@@ -733,8 +942,15 @@ def _component_totals(data: dict) -> tuple[int, ...]:
     return total, by["cpu"], by["dram"], by["gpu"], by["other"], by["estimated"]
 
 
-PREPARE_CODE = (prepare, _prepare_header, _device_rows, _prepare_node, _prepare_job,
-                _window_rows, _component_totals)
+PREPARE_CODE = (
+    prepare,
+    _prepare_header,
+    _device_rows,
+    _prepare_node,
+    _prepare_job,
+    _window_rows,
+    _component_totals,
+)
 """The functions whose code makes the rows that reader processes hand over (see
 :func:`llem.cluster.readers.wire_fingerprint`)."""
 
@@ -754,8 +970,7 @@ class _Checkpointer:
         self.path = path
         self.wake = threading.Event()
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name="llem-ledger-checkpoint")
+        self.thread = threading.Thread(target=self._run, daemon=True, name="llem-ledger-checkpoint")
         self.thread.start()
 
     def poke(self) -> None:
@@ -803,12 +1018,19 @@ def group_runs(nodes: list[dict], headers: list[dict]) -> list[dict]:
             runs[-1]["nodes"].append(node)
             runs[-1]["end_ns"] = max(runs[-1]["end_ns"], node["end_ns"])
         else:
-            runs.append({"start_ns": node["start_ns"], "end_ns": node["end_ns"],
-                         "nodes": [node], "header": None})
+            runs.append(
+                {
+                    "start_ns": node["start_ns"],
+                    "end_ns": node["end_ns"],
+                    "nodes": [node],
+                    "header": None,
+                }
+            )
     orphans = []
     # A total order, so that headers with equal ends give the same result in any order.
-    for header in sorted(headers, key=lambda h: (h["end_ns"], json.dumps(h, sort_keys=True,
-                                                                        default=str))):
+    for header in sorted(
+        headers, key=lambda h: (h["end_ns"], json.dumps(h, sort_keys=True, default=str))
+    ):
         target = _run_of_header(runs, header)
         if target is None:
             orphans.append(header)
@@ -819,8 +1041,12 @@ def group_runs(nodes: list[dict], headers: list[dict]) -> list[dict]:
     alone: dict[int, dict] = {}
     for header in orphans:
         start = header["start_ns"] if header["start_ns"] is not None else header["end_ns"]
-        alone[start] = {"start_ns": start, "end_ns": header["end_ns"], "nodes": [],
-                        "header": header}
+        alone[start] = {
+            "start_ns": start,
+            "end_ns": header["end_ns"],
+            "nodes": [],
+            "header": header,
+        }
     runs += alone.values()
     return sorted(runs, key=lambda r: r["start_ns"])
 
@@ -831,8 +1057,11 @@ def _run_of_header(runs: list[dict], header: dict) -> dict | None:
             if abs(run["start_ns"] - header["start_ns"]) <= HEADER_SLACK_NS:
                 return run
     end_ns = header["end_ns"]
-    candidates = [r for r in runs if r["start_ns"] - HEADER_SLACK_NS <= end_ns
-                  <= r["end_ns"] + HEADER_AFTER_NS]
+    candidates = [
+        r
+        for r in runs
+        if r["start_ns"] - HEADER_SLACK_NS <= end_ns <= r["end_ns"] + HEADER_AFTER_NS
+    ]
     if not candidates:
         return None
     return min(candidates, key=lambda r: (abs(r["end_ns"] - end_ns), r["start_ns"]))
@@ -854,26 +1083,40 @@ def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
     reported = sorted({n["node"] for n in nodes})
     missing, num_nodes, complete = _completeness(nodelist, reported, pick)
     end_ns = max([run["end_ns"]] + ([header["end_ns"]] if header else []))
-    status = "complete" if complete else (
-        "incomplete" if now_ns - end_ns > grace_s * 1e9 else "pending")
+    status = (
+        "complete" if complete else ("incomplete" if now_ns - end_ns > grace_s * 1e9 else "pending")
+    )
     coverage = _coverage(nodes)
     return {
-        "run_start_ns": run["start_ns"], "run_end_ns": end_ns,
-        "array_job_id": pick("array_job_id"), "array_task_id": pick("array_task_id"),
-        "user": pick("user"), "uid": pick("uid"), "account": pick("account"),
-        "partition": pick("partition"), "name": pick("name"), "tag": first.get("tag"),
-        "nodelist": nodelist, "num_nodes": num_nodes, "state": header.get("state"),
-        "exit_code": header.get("exit_code"), "signal": header.get("signal"),
-        "derived_exit_code": header.get("derived_exit_code"), "has_header": int(bool(header)),
-        "status": status, "nodes_reported": len(reported), "missing_nodes": json.dumps(missing),
+        "run_start_ns": run["start_ns"],
+        "run_end_ns": end_ns,
+        "array_job_id": pick("array_job_id"),
+        "array_task_id": pick("array_task_id"),
+        "user": pick("user"),
+        "uid": pick("uid"),
+        "account": pick("account"),
+        "partition": pick("partition"),
+        "name": pick("name"),
+        "tag": first.get("tag"),
+        "nodelist": nodelist,
+        "num_nodes": num_nodes,
+        "state": header.get("state"),
+        "exit_code": header.get("exit_code"),
+        "signal": header.get("signal"),
+        "derived_exit_code": header.get("derived_exit_code"),
+        "has_header": int(bool(header)),
+        "status": status,
+        "nodes_reported": len(reported),
+        "missing_nodes": json.dumps(missing),
         **_energy_totals(nodes),
         "gpu_seconds": round(_gpu_seconds(nodes), 3),
         "coverage": round(coverage, 6) if coverage is not None else None,
     }
 
 
-def _completeness(nodelist: str | None, reported: list[str],
-                  pick: Callable[[str], Any]) -> tuple[list[str], int | None, bool]:
+def _completeness(
+    nodelist: str | None, reported: list[str], pick: Callable[[str], Any]
+) -> tuple[list[str], int | None, bool]:
     """(missing nodes, number of nodes, complete?) of a run that ``reported`` nodes sent.
 
     The nodelist (header or nodes) says which nodes to expect; without one, only how many
@@ -896,15 +1139,21 @@ def _energy_totals(nodes: list[dict]) -> dict[str, int]:
     totals = {col: sum(n[col] for n in nodes) for col in ENERGY_COLUMNS}
     for col, value in totals.items():
         if value > slices.INT64_MAX:
-            log.warning("run of %d node(s): %s %d uJ is beyond 64 bits; stored as %d",
-                        len(nodes), col, value, slices.INT64_MAX)
+            log.warning(
+                "run of %d node(s): %s %d uJ is beyond 64 bits; stored as %d",
+                len(nodes),
+                col,
+                value,
+                slices.INT64_MAX,
+            )
             totals[col] = slices.INT64_MAX
     return totals
 
 
 def _gpu_seconds(nodes: list[dict]) -> float:
-    return sum(len(json.loads(n["gpus"] or "[]")) * (n["end_ns"] - n["start_ns"]) / 1e9
-               for n in nodes)
+    return sum(
+        len(json.loads(n["gpus"] or "[]")) * (n["end_ns"] - n["start_ns"]) / 1e9 for n in nodes
+    )
 
 
 def _coverage(nodes: list[dict]) -> float | None:

@@ -69,23 +69,31 @@ def cluster_exposition(config, ledger, spool: SpoolState, passes) -> str:
         hours = hourly.setdefault((row.account, row.partition), {})
         hours[row.hour_s] = hours.get(row.hour_s, 0.0) + row.energy_uj / UJ_PER_J
     model = carbon.resolve(config)
-    co2e = {key: carbon.operational(hours, model, config.carbon.pue)[0]
-            for key, hours in hourly.items()}
+    co2e = {
+        key: carbon.operational(hours, model, config.carbon.pue)[0] for key, hours in hourly.items()
+    }
     pue = config.carbon.pue
     pue_text = f"{float(pue):g}" if not isinstance(pue, dict) else "by month"
     annual = model.annual
     source = annual.source + (f"; hourly: {model.hourly.source}" if model.hourly else "")
 
     out = Exposition()
-    out.add("llem_account_energy_joules_total", [
-        ((cluster, a, p, s), uj / UJ_PER_J) for (a, p, s), uj in sorted(energy.items())])
-    out.add("llem_account_co2e_grams_total", [
-        ((cluster, a, p), round(g, 6)) for (a, p), g in sorted(co2e.items())])
-    out.add("llem_carbon_info", [((model.region, source, str(annual.year), annual.basis,
-                                   pue_text), 1)])
+    out.add(
+        "llem_account_energy_joules_total",
+        [((cluster, a, p, s), uj / UJ_PER_J) for (a, p, s), uj in sorted(energy.items())],
+    )
+    out.add(
+        "llem_account_co2e_grams_total",
+        [((cluster, a, p), round(g, 6)) for (a, p), g in sorted(co2e.items())],
+    )
+    out.add(
+        "llem_carbon_info", [((model.region, source, str(annual.year), annual.basis, pue_text), 1)]
+    )
     by_status = q.job_runs_by_status(ledger, cluster)
-    out.add("llem_ledger_jobs", [((cluster, s), by_status.get(s, 0))
-                                 for s in ("complete", "pending", "incomplete")])
+    out.add(
+        "llem_ledger_jobs",
+        [((cluster, s), by_status.get(s, 0)) for s in ("complete", "pending", "incomplete")],
+    )
     if passes is not None:
         out.add("llem_aggregate_last_pass_timestamp_seconds", [((), passes.last_end_s)])
         out.add("llem_aggregate_last_pass_duration_seconds", [((), passes.last_duration_s)])
@@ -94,8 +102,7 @@ def cluster_exposition(config, ledger, spool: SpoolState, passes) -> str:
     out.add("llem_aggregate_slices_quarantined_total", [((), q.quarantined_slices(ledger))])
     out.add("llem_spool_slices", [((), spool.slices)])
     if spool.oldest_mtime_s is not None:
-        out.add("llem_spool_oldest_slice_timestamp_seconds",
-                [((), round(spool.oldest_mtime_s, 3))])
+        out.add("llem_spool_oldest_slice_timestamp_seconds", [((), round(spool.oldest_mtime_s, 3))])
     return out.text()
 
 
@@ -115,4 +122,3 @@ def collect(config, ledger_path: str | os.PathLike | None = None) -> str:
         return cluster_exposition(config, ledger, spool, read_pass_status(config))
     finally:
         ledger.close()
-

@@ -26,14 +26,19 @@ def energy_by_account_hour(ledger, cluster: str) -> list[HourEnergy]:
     rows = ledger.query(
         "SELECT COALESCE(jn.account, ''), COALESCE(jn.partition, ''), e.source, e.hour_s, "
         "SUM(e.energy_uj) FROM job_energy e JOIN job_nodes jn ON jn.id = e.job_node_id "
-        "WHERE jn.cluster = ? GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4", (cluster,))
+        "WHERE jn.cluster = ? GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+        (cluster,),
+    )
     return [HourEnergy(*r) for r in rows]
 
 
 def job_runs_by_status(ledger, cluster: str) -> dict[str, int]:
     """Job runs of ``cluster`` per status (complete, pending, incomplete)."""
-    return dict(ledger.query(
-        "SELECT status, COUNT(*) FROM job_runs WHERE cluster = ? GROUP BY status", (cluster,)))
+    return dict(
+        ledger.query(
+            "SELECT status, COUNT(*) FROM job_runs WHERE cluster = ? GROUP BY status", (cluster,)
+        )
+    )
 
 
 def quarantined_slices(ledger) -> int:

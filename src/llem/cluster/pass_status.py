@@ -57,7 +57,8 @@ def record_pass(config, result, duration_s: float, now_s: float | None = None) -
             merged_total=(before.merged_total if before else 0) + result.merged,
         )
         path = status_path(config)
-        write_atomic(path.parent, path.name,
-                     json.dumps(status.__dict__, sort_keys=True).encode(), mode=0o644)
+        write_atomic(
+            path.parent, path.name, json.dumps(status.__dict__, sort_keys=True).encode(), mode=0o644
+        )
     except Exception as e:  # noqa: BLE001 - monitoring must not fail a merge
         log.warning("could not record the aggregate pass for monitoring: %s", e)

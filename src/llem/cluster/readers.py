@@ -77,8 +77,16 @@ class Candidate:
         return os.path.basename(self.path)
 
     def to_wire(self) -> tuple:
-        return (self.path, self.prepared, self.sha, self.reason, self.newer,
-                self.owner_uid, self.size, self.gone)
+        return (
+            self.path,
+            self.prepared,
+            self.sha,
+            self.reason,
+            self.newer,
+            self.owner_uid,
+            self.size,
+            self.gone,
+        )
 
     @classmethod
     def from_wire(cls, wire: tuple) -> Candidate:
@@ -89,8 +97,9 @@ class Candidate:
 # -- one file ----------------------------------------------------------------------------------
 
 
-def read_candidate(path: str | os.PathLike, *, euid: int | None = None,
-                   header_uids: frozenset[int] = frozenset()) -> Candidate:
+def read_candidate(
+    path: str | os.PathLike, *, euid: int | None = None, header_uids: frozenset[int] = frozenset()
+) -> Candidate:
     """Read and check one spool file; never raises for a bad file (``reason`` says why).
 
     Args:
@@ -108,8 +117,9 @@ def read_candidate(path: str | os.PathLike, *, euid: int | None = None,
         cand.gone = True
         return cand
     except OSError as e:
-        cand.reason = ("a symlink, refused" if e.errno == errno.ELOOP
-                       else f"cannot open: {e.strerror}")
+        cand.reason = (
+            "a symlink, refused" if e.errno == errno.ELOOP else f"cannot open: {e.strerror}"
+        )
         return cand
     try:
         st = os.fstat(fd)
@@ -130,8 +140,10 @@ def _check_file(st: os.stat_result, euid: int, trusted: frozenset[int]) -> str |
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
     if euid == 0 and st.st_uid != 0 and st.st_uid not in trusted:
-        return (f"owned by uid {st.st_uid}, not root: slices come only from root's Epilog "
-                "(dropped by a user?)")
+        return (
+            f"owned by uid {st.st_uid}, not root: slices come only from root's Epilog "
+            "(dropped by a user?)"
+        )
     if st.st_mode & stat.S_IWOTH:
         return "writable by others"
     if st.st_size > MAX_SLICE_BYTES:
@@ -161,8 +173,11 @@ def _judge(cand: Candidate, raw: bytes) -> None:
     except json.JSONDecodeError as e:
         # A string left open reached the end of the data (json reports where it started).
         near_end = e.pos >= len(raw.rstrip()) - 1 or e.msg.startswith("Unterminated string")
-        cand.reason = (f"truncated: JSON ends early ({e.msg} at byte {e.pos})" if near_end
-                       else f"corrupt: not JSON ({e.msg} at byte {e.pos})")
+        cand.reason = (
+            f"truncated: JSON ends early ({e.msg} at byte {e.pos})"
+            if near_end
+            else f"corrupt: not JSON ({e.msg} at byte {e.pos})"
+        )
         return
     except RecursionError:
         cand.reason = "corrupt: JSON nested too deeply"
@@ -189,7 +204,7 @@ def _judge(cand: Candidate, raw: bytes) -> None:
     except Exception as e:  # RecursionError, MemoryError's kin: still this file's fault
         cand.reason = f"cannot be checked: {type(e).__name__}: {e}"
     if cand.reason is not None and len(cand.reason) > MAX_REASON_CHARS:
-        cand.reason = cand.reason[:MAX_REASON_CHARS - 3] + "..."
+        cand.reason = cand.reason[: MAX_REASON_CHARS - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -229,9 +244,13 @@ def reader_count(setting: str | int, n_slices: int, cpus: int | None = None) -> 
     return max(0, min(cpus - 1, MAX_READERS, n_slices // MIN_SLICES_PER_READER))
 
 
-def read_all(paths: list[str | os.PathLike], *, readers: int = 0,
-             header_uids: frozenset[int] = frozenset(),
-             ahead: int = AHEAD_SLICES) -> Iterator[Candidate]:
+def read_all(
+    paths: list[str | os.PathLike],
+    *,
+    readers: int = 0,
+    header_uids: frozenset[int] = frozenset(),
+    ahead: int = AHEAD_SLICES,
+) -> Iterator[Candidate]:
     """Read and judge ``paths``, yielding candidates in the same order.
 
     Args:
@@ -241,7 +260,7 @@ def read_all(paths: list[str | os.PathLike], *, readers: int = 0,
         ahead: how many slices the readers may have ready before they are taken.
     """
     names = [os.fspath(p) for p in paths]
-    chunks = [names[i:i + CHUNK] for i in range(0, len(names), CHUNK)]
+    chunks = [names[i : i + CHUNK] for i in range(0, len(names), CHUNK)]
     done = 0
     if readers > 0 and chunks:
         pool = None
@@ -267,8 +286,9 @@ class _ReaderFailed(Exception):
 class _Pool:
     """Reader processes, each given every n-th chunk; results are taken back in order."""
 
-    def __init__(self, n: int, chunks: list[list[str]], header_uids: frozenset[int],
-                 ahead: int) -> None:
+    def __init__(
+        self, n: int, chunks: list[list[str]], header_uids: frozenset[int], ahead: int
+    ) -> None:
         self.stop = threading.Event()
         self.readers: list[_Reader] = []
         per_reader = max(2, -(-ahead // (CHUNK * n)))
@@ -287,8 +307,7 @@ class _Pool:
                 status = reader.proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 status = None
-            raise _ReaderFailed(f"reader process {reader.proc.pid} ended early "
-                                f"(status {status})")
+            raise _ReaderFailed(f"reader process {reader.proc.pid} ended early (status {status})")
         try:
             status, payload = marshal.loads(item)
             if status == "ok":
@@ -306,27 +325,45 @@ class _Pool:
 # How a reader starts: isolated (-I: no PYTHON* variables, no user site, not the current
 # folder on sys.path, run from /), with the aggregator's own llem folder appended to the path
 # so that it finds llem even when only the aggregator's sys.path had it.
-_BOOT = ("import sys; sys.path.append(sys.argv[1]); "
-         f"from {__name__} import main; sys.exit(main(sys.argv[2:]))")
+_BOOT = (
+    "import sys; sys.path.append(sys.argv[1]); "
+    f"from {__name__} import main; sys.exit(main(sys.argv[2:]))"
+)
 
 
 class _Reader:
-    def __init__(self, chunks: list[list[str]], header_uids: frozenset[int],
-                 stop: threading.Event, ahead: int) -> None:
+    def __init__(
+        self,
+        chunks: list[list[str]],
+        header_uids: frozenset[int],
+        stop: threading.Event,
+        ahead: int,
+    ) -> None:
         if not sys.executable:
             raise OSError("no Python interpreter path (sys.executable is empty)")
         package_root = str(Path(llem.__file__).resolve().parent.parent)
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _BOOT, package_root, wire_fingerprint(),
-             ",".join(str(u) for u in sorted(header_uids))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/", close_fds=True)
+            [
+                sys.executable,
+                "-I",
+                "-c",
+                _BOOT,
+                package_root,
+                wire_fingerprint(),
+                ",".join(str(u) for u in sorted(header_uids)),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd="/",
+            close_fds=True,
+        )
         self.stop = stop
         self.results: queue.Queue[bytes | None] = queue.Queue(maxsize=ahead)
         self.threads = [
-            threading.Thread(target=self._send, args=(chunks,), daemon=True,
-                             name="llem-reader-send"),
-            threading.Thread(target=self._receive, daemon=True,
-                             name="llem-reader-receive"),
+            threading.Thread(
+                target=self._send, args=(chunks,), daemon=True, name="llem-reader-send"
+            ),
+            threading.Thread(target=self._receive, daemon=True, name="llem-reader-receive"),
         ]
         for thread in self.threads:
             thread.start()
@@ -418,12 +455,17 @@ def wire_fingerprint() -> str:
     from llem.cluster import ledger
 
     digest_ = hashlib.sha256()
-    for code in (*(f.__code__ for f in ledger.PREPARE_CODE),
-                 Candidate.to_wire.__code__, Candidate.from_wire.__func__.__code__,
-                 read_candidate.__code__, _judge.__code__):
+    for code in (
+        *(f.__code__ for f in ledger.PREPARE_CODE),
+        Candidate.to_wire.__code__,
+        Candidate.from_wire.__func__.__code__,
+        read_candidate.__code__,
+        _judge.__code__,
+    ):
         _code_digest(code, digest_)
-    digest_.update(repr((ledger._INSERT_JOB_NODE, ledger._RUN_COLUMNS,
-                         ledger.SCHEMA_VERSION)).encode())
+    digest_.update(
+        repr((ledger._INSERT_JOB_NODE, ledger._RUN_COLUMNS, ledger.SCHEMA_VERSION)).encode()
+    )
     return digest_.hexdigest()[:16]
 
 
@@ -450,8 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the aggregator's to handle
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != wire_fingerprint():
-        print(f"{__name__}: this llem ({wire_fingerprint()}) is not the aggregator's "
-              f"({argv[0] if argv else 'none'}); it reads the spool itself", file=sys.stderr)
+        print(
+            f"{__name__}: this llem ({wire_fingerprint()}) is not the aggregator's "
+            f"({argv[0] if argv else 'none'}); it reads the spool itself",
+            file=sys.stderr,
+        )
         return 3
     uids = argv[1] if len(argv) > 1 else ""
     header_uids = frozenset(int(u) for u in uids.split(",") if u)
@@ -473,8 +518,13 @@ def serve(inp: BinaryIO, out: BinaryIO, *, header_uids: frozenset[int], euid: in
     try:
         while (frame := _read_frame(inp)) is not None:
             try:
-                answer = ("ok", [read_candidate(p, euid=euid, header_uids=header_uids).to_wire()
-                                 for p in marshal.loads(frame)])
+                answer = (
+                    "ok",
+                    [
+                        read_candidate(p, euid=euid, header_uids=header_uids).to_wire()
+                        for p in marshal.loads(frame)
+                    ],
+                )
             except Exception:
                 answer = ("error", traceback.format_exc(limit=8))
             _write_frame(out, marshal.dumps(answer))

@@ -40,8 +40,12 @@ _NODES_CTE = """
 
 
 def _params(start_ns: int, end_ns: int, account: str | None) -> tuple[dict, str]:
-    params = {"start_ns": start_ns, "end_ns": end_ns,
-              "start_s": start_ns // 10**9, "end_s": -(-end_ns // 10**9)}
+    params = {
+        "start_ns": start_ns,
+        "end_ns": end_ns,
+        "start_s": start_ns // 10**9,
+        "end_s": -(-end_ns // 10**9),
+    }
     if account is None:
         return params, ""
     params["account"] = account
@@ -61,22 +65,42 @@ def open_readonly(path) -> Ledger:
 
 def load_hour_factors(ledger: Ledger, g_per_uj_by_hour: Mapping[int, float]) -> None:
     """(Re)load the per-hour carbon factors (grams CO2e per microjoule) into temp.factors."""
-    ledger.query("CREATE TEMP TABLE IF NOT EXISTS factors "
-                 "(hour_s INTEGER PRIMARY KEY, g_per_uj REAL NOT NULL)")
+    ledger.query(
+        "CREATE TEMP TABLE IF NOT EXISTS factors "
+        "(hour_s INTEGER PRIMARY KEY, g_per_uj REAL NOT NULL)"
+    )
     ledger.query("DELETE FROM temp.factors")
-    ledger.db.executemany("INSERT INTO temp.factors VALUES (?, ?)",
-                          sorted(g_per_uj_by_hour.items()))
+    ledger.db.executemany(
+        "INSERT INTO temp.factors VALUES (?, ?)", sorted(g_per_uj_by_hour.items())
+    )
 
 
-RUN_COLUMNS = ("run_id", "cluster", "job_id", "run_start_ns", "run_end_ns", "user", "account",
-               "partition", "tag", "name", "state", "status", "coverage", "num_nodes",
-               "overlap_s", "node_s", "gpu_s")
+RUN_COLUMNS = (
+    "run_id",
+    "cluster",
+    "job_id",
+    "run_start_ns",
+    "run_end_ns",
+    "user",
+    "account",
+    "partition",
+    "tag",
+    "name",
+    "state",
+    "status",
+    "coverage",
+    "num_nodes",
+    "overlap_s",
+    "node_s",
+    "gpu_s",
+)
 
 
 def runs(ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None) -> list[tuple]:
     """One row per job run overlapping the period, with its node- and GPU-seconds in it."""
     params, filt = _params(start_ns, end_ns, account)
-    return ledger.query(f"""
+    return ledger.query(
+        f"""
         WITH {_NODES_CTE.format(account_filter=filt)},
         per_run AS (
             SELECT run_id, SUM(overlap_s) AS node_s,
@@ -89,22 +113,35 @@ def runs(ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None)
                COALESCE(p.node_s, 0), COALESCE(p.gpu_s, 0)
         FROM job_runs r LEFT JOIN per_run p ON p.run_id = r.rowid
         WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {filt}
-    """, params)
+    """,
+        params,
+    )
 
 
-ENERGY_COLUMNS = ("run_id", "day_s", "energy_uj", "cpu_uj", "dram_uj", "gpu_uj", "other_uj",
-                  "estimated_uj", "operational_g")
+ENERGY_COLUMNS = (
+    "run_id",
+    "day_s",
+    "energy_uj",
+    "cpu_uj",
+    "dram_uj",
+    "gpu_uj",
+    "other_uj",
+    "estimated_uj",
+    "operational_g",
+)
 
 
-def energy_by_run_day(ledger: Ledger, start_ns: int, end_ns: int,
-                      account: str | None = None) -> list[tuple]:
+def energy_by_run_day(
+    ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None
+) -> list[tuple]:
     """Energy of each run per UTC day of the period, by component, with operational CO2e.
 
     Needs :func:`load_hour_factors` first; an hour without a factor counts 0 g (the caller
     loads every hour of the period).
     """
     params, filt = _params(start_ns, end_ns, account)
-    return ledger.query(f"""
+    return ledger.query(
+        f"""
         WITH {_NODES_CTE.format(account_filter=filt)}
         SELECT n.run_id, e.hour_s - e.hour_s % {DAY_S} AS day_s, SUM(e.energy_uj),
                SUM(CASE WHEN e.component = 'cpu' THEN e.energy_uj ELSE 0 END),
@@ -119,28 +156,41 @@ def energy_by_run_day(ledger: Ledger, start_ns: int, end_ns: int,
         LEFT JOIN temp.factors f ON f.hour_s = e.hour_s
         WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
         GROUP BY n.run_id, day_s
-    """, params)
+    """,
+        params,
+    )
 
 
-def energy_by_hour(ledger: Ledger, start_ns: int, end_ns: int,
-                   account: str | None = None) -> list[tuple]:
+def energy_by_hour(
+    ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None
+) -> list[tuple]:
     """(hour_s, energy_uj) of the jobs' energy over the period, for the carbon provenance."""
     params, filt = _params(start_ns, end_ns, account)
-    return ledger.query(f"""
+    return ledger.query(
+        f"""
         WITH {_NODES_CTE.format(account_filter=filt)}
         SELECT e.hour_s, SUM(e.energy_uj) FROM nodes n
         CROSS JOIN job_energy e ON e.job_node_id = n.node_id
         WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
         GROUP BY e.hour_s ORDER BY e.hour_s
-    """, params)
+    """,
+        params,
+    )
 
 
-IDLE_COLUMNS = ("run_id", "idle_gpus", "allocated_gpus", "idle_energy_uj", "idle_gpu_s",
-                "unresolved_gpus")
+IDLE_COLUMNS = (
+    "run_id",
+    "idle_gpus",
+    "allocated_gpus",
+    "idle_energy_uj",
+    "idle_gpu_s",
+    "unresolved_gpus",
+)
 
 
-def idle_gpus(ledger: Ledger, start_ns: int, end_ns: int, idle_w: float,
-              account: str | None = None) -> list[tuple]:
+def idle_gpus(
+    ledger: Ledger, start_ns: int, end_ns: int, idle_w: float, account: str | None = None
+) -> list[tuple]:
     """Per run: allocated GPUs whose average power over the job on that node was below
     ``idle_w`` watts, their energy inside the period (uJ) and their GPU-seconds in it.
 
@@ -152,7 +202,8 @@ def idle_gpus(ledger: Ledger, start_ns: int, end_ns: int, idle_w: float,
     """
     params, filt = _params(start_ns, end_ns, account)
     params["idle_w"] = idle_w
-    return ledger.query(f"""
+    return ledger.query(
+        f"""
         WITH {_NODES_CTE.format(account_filter=filt)},
         gpu AS (
             SELECT n.run_id, n.overlap_s, (n.end_ns - n.start_ns) / 1e9 AS span_s,
@@ -172,12 +223,24 @@ def idle_gpus(ledger: Ledger, start_ns: int, end_ns: int, idle_w: float,
                SUM(CASE WHEN idle THEN overlap_s ELSE 0 END),
                SUM(NOT resolved)
         FROM judged GROUP BY run_id
-    """, params)
+    """,
+        params,
+    )
 
 
-NODE_HOUR_COLUMNS = ("node", "component", "source", "measured_uj", "attributed_uj",
-                     "remainder_uj", "intervals", "gap_intervals", "covered_ns", "hours",
-                     "device_hours")
+NODE_HOUR_COLUMNS = (
+    "node",
+    "component",
+    "source",
+    "measured_uj",
+    "attributed_uj",
+    "remainder_uj",
+    "intervals",
+    "gap_intervals",
+    "covered_ns",
+    "hours",
+    "device_hours",
+)
 
 
 def node_hours(ledger: Ledger, start_ns: int, end_ns: int) -> list[tuple]:
@@ -187,7 +250,8 @@ def node_hours(ledger: Ledger, start_ns: int, end_ns: int) -> list[tuple]:
     ``node_hours_by_hour`` index every row is a random look-up into the table, 10x slower.
     """
     params, _ = _params(start_ns, end_ns, None)
-    return ledger.query("""
+    return ledger.query(
+        """
         SELECT h.node, h.component, h.source, SUM(h.measured_uj), SUM(h.attributed_uj),
                SUM(h.remainder_uj), SUM(h.intervals), SUM(h.gap_intervals),
                SUM(h.covered_ns), COUNT(DISTINCT h.hour_s), COUNT(*)
@@ -195,13 +259,21 @@ def node_hours(ledger: Ledger, start_ns: int, end_ns: int) -> list[tuple]:
         CROSS JOIN node_hours h ON h.cluster = d.cluster AND h.node = d.node
              AND h.hour_s >= :start_s AND h.hour_s < :end_s
         GROUP BY h.node, h.component, h.source
-    """, params)
+    """,
+        params,
+    )
 
 
 def job_nodes_in_period(ledger: Ledger, start_ns: int, end_ns: int) -> list[str]:
     """Nodes that ran a job overlapping the period (no pass over the energy rows)."""
     params, _ = _params(start_ns, end_ns, None)
-    return [r[0] for r in ledger.query(f"""
+    return [
+        r[0]
+        for r in ledger.query(
+            f"""
         WITH {_NODES_CTE.format(account_filter="")}
         SELECT DISTINCT node FROM nodes WHERE overlap_s > 0 ORDER BY node
-    """, params)]
+    """,
+            params,
+        )
+    ]

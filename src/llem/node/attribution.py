@@ -100,8 +100,9 @@ class NodeLoad:
     """Memory of the node, MemTotal (None: unknown)."""
 
 
-def _split(energy_uj: int, weights: Sequence[tuple[int, int]], total: int,
-           device_key: str, method: str) -> tuple[list[JobShare], int]:
+def _split(
+    energy_uj: int, weights: Sequence[tuple[int, int]], total: int, device_key: str, method: str
+) -> tuple[list[JobShare], int]:
     shares = []
     given = 0
     for run_id, weight in weights:
@@ -151,8 +152,15 @@ def _by_use(energy_uj: int, key: str, component: str, jobs, node) -> tuple[list,
     return _split(energy_uj, weights, total, key, method)
 
 
-def _cpu_dram(row: EnergyRow, component: str, jobs: Sequence[JobLoad], node: NodeLoad,
-              policy: str, idle_mw: int | None, interval_ns: int) -> tuple[list, int]:
+def _cpu_dram(
+    row: EnergyRow,
+    component: str,
+    jobs: Sequence[JobLoad],
+    node: NodeLoad,
+    policy: str,
+    idle_mw: int | None,
+    interval_ns: int,
+) -> tuple[list, int]:
     """Shares of one CPU package or DRAM row under ``policy``, and what is left."""
     energy = row.energy_uj
     alloc = None if policy == USE else _allocation_weights(component, jobs, node)
@@ -165,8 +173,7 @@ def _cpu_dram(row: EnergyRow, component: str, jobs: Sequence[JobLoad], node: Nod
     static = static_uj(idle_mw, interval_ns, energy)
     got_static, rest_static = [], 0
     if static:  # no idle power known: no static rows at all (the store writes every share)
-        got_static, rest_static = _split(static, weights, total, row.device_key,
-                                         IDLE_ALLOCATION)
+        got_static, rest_static = _split(static, weights, total, row.device_key, IDLE_ALLOCATION)
     got_dynamic, rest_dynamic = _by_use(energy - static, row.device_key, component, jobs, node)
     return got_static + got_dynamic, rest_static + rest_dynamic
 
@@ -210,27 +217,31 @@ def attribute(
         if component == "psys":
             pass  # shown, never added (the parts and the platform residual hold it)
         elif owners:
-            got, rest = _split(rest, [(r, 1) for r in owners], len(owners), row.device_key,
-                               EXCLUSIVE)
+            got, rest = _split(
+                rest, [(r, 1) for r in owners], len(owners), row.device_key, EXCLUSIVE
+            )
         elif component == "gpu":
             holders = [j.run_id for j in jobs if row.device_key in j.gpus]
             if holders:
                 method = GPU_ALLOCATION if len(holders) == 1 else GPU_SHARED
-                got, rest = _split(rest, [(r, 1) for r in holders], len(holders),
-                                   row.device_key, method)
+                got, rest = _split(
+                    rest, [(r, 1) for r in holders], len(holders), row.device_key, method
+                )
         elif component == "platform":
             got, rest = _platform(rest, row.device_key, jobs, node)
         elif component in ("cpu", "dram") and jobs:
-            got, rest = _cpu_dram(row, component, jobs, node, policy,
-                                  idle_mw.get(row.device_key), interval_ns)
+            got, rest = _cpu_dram(
+                row, component, jobs, node, policy, idle_mw.get(row.device_key), interval_ns
+            )
         shares += got
         if rest:
             remainder.append((row.device_key, rest))
     return shares, remainder
 
 
-def _platform(energy_uj: int, key: str, jobs: Sequence[JobLoad],
-              node: NodeLoad) -> tuple[list[JobShare], int]:
+def _platform(
+    energy_uj: int, key: str, jobs: Sequence[JobLoad], node: NodeLoad
+) -> tuple[list[JobShare], int]:
     """The platform's static power by allocated CPUs; by CPU time where that is unknown."""
     if not jobs:
         return [], energy_uj
@@ -277,10 +288,18 @@ class JobAttributor:
         idle: an :class:`llem.node.idle.IdleLearner` (None: one without config or store).
     """
 
-    def __init__(self, store, node: str, devices, started_ns: int,
-                 proc_root: str | os.PathLike = "/proc", cgroup_root: str | None = None,
-                 policy: str = HYBRID, idle=None,
-                 gres_conf: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        store,
+        node: str,
+        devices,
+        started_ns: int,
+        proc_root: str | os.PathLike = "/proc",
+        cgroup_root: str | None = None,
+        policy: str = HYBRID,
+        idle=None,
+        gres_conf: str | os.PathLike | None = None,
+    ) -> None:
         from llem.node.idle import IdleLearner
         from llem.node.slurm import GpuMap
         from llem.node.usage import CgroupLocator, ProcScanner
@@ -315,8 +334,7 @@ class JobAttributor:
         first interval, and stored (with any flag the resolution brings) in its record."""
         keys, flags = self.gpu_map.resolve(job.gpus)
         if keys != job.gpus or not set(flags) <= set(job.flags):
-            self.store.update_job(job.run_id, gpus=keys,
-                                  flags=sorted(set(job.flags) | set(flags)))
+            self.store.update_job(job.run_id, gpus=keys, flags=sorted(set(job.flags) | set(flags)))
         return keys
 
     def _node_busy_ns(self) -> int | None:
@@ -414,26 +432,38 @@ class JobAttributor:
             usage, has_cgroup = usages[job.run_id]
             alloc = self._allocation(job, has_cgroup)
             gpus = tuple(g for g in self._job_gpus(job) if g in self.devices)
-            loads.append(JobLoad(job.run_id, gpus, self._cpu_delta(job, usage),
-                                 usage.memory_bytes if usage else None,
-                                 alloc.cpus, alloc.memory_bytes, alloc.exclusive))
+            loads.append(
+                JobLoad(
+                    job.run_id,
+                    gpus,
+                    self._cpu_delta(job, usage),
+                    usage.memory_bytes if usage else None,
+                    alloc.cpus,
+                    alloc.memory_bytes,
+                    alloc.exclusive,
+                )
+            )
         live = {j.run_id for j in jobs}
         self._cpu_prev = {k: v for k, v in self._cpu_prev.items() if k in live}
         self._alloc = {k: v for k, v in self._alloc.items() if k in live}
         shares, rest = attribute(
-            interval.rows, self.devices, loads,
-            NodeLoad(busy_delta, self._node_used_memory(), self.node_cpus,
-                     self.node_memory_bytes),
-            policy=self.policy, idle_mw={k: v.power_mw for k, v in idle.items()},
-            interval_ns=interval_ns)
+            interval.rows,
+            self.devices,
+            loads,
+            NodeLoad(busy_delta, self._node_used_memory(), self.node_cpus, self.node_memory_bytes),
+            policy=self.policy,
+            idle_mw={k: v.power_mw for k, v in idle.items()},
+            interval_ns=interval_ns,
+        )
         self._record(jobs, loads, idle)
         return replace(interval, shares=tuple(shares), remainder=tuple(rest))
 
     def _record(self, jobs, loads, idle) -> None:
         """Keep the policy and idle powers in force with each run, when they change."""
         for job, load in zip(jobs, loads):
-            text = attribution_record(self.policy, load, idle, self.node_cpus,
-                                      self.node_memory_bytes)
+            text = attribution_record(
+                self.policy, load, idle, self.node_cpus, self.node_memory_bytes
+            )
             if self._recorded.get(job.run_id, job.attribution) != text:
                 self.store.update_job(job.run_id, attribution=text)
             self._recorded[job.run_id] = text
@@ -441,8 +471,9 @@ class JobAttributor:
         self._recorded = {k: v for k, v in self._recorded.items() if k in live}
 
 
-def attribution_record(policy: str, load: JobLoad, idle, node_cpus: int | None,
-                       node_memory_bytes: int | None) -> str:
+def attribution_record(
+    policy: str, load: JobLoad, idle, node_cpus: int | None, node_memory_bytes: int | None
+) -> str:
     """The JSON kept with a job run: the policy applied, its allocation and idle powers.
 
     ``policy`` is ``exclusive`` for a job holding the whole node; ``allocation_unknown`` is
@@ -453,11 +484,18 @@ def attribution_record(policy: str, load: JobLoad, idle, node_cpus: int | None,
     # Flagged only where it changed the charge: hybrid with an idle power, or allocation.
     wanted = policy == ALLOCATION or (policy == HYBRID and any(v.power_mw for v in idle.values()))
     unknown = wanted and not load.exclusive and not (load.alloc_cpus and node_cpus)
-    return json.dumps({
-        "policy": EXCLUSIVE if load.exclusive else policy,
-        "cpus": load.alloc_cpus, "node_cpus": node_cpus,
-        "memory_bytes": load.alloc_memory_bytes, "node_memory_bytes": node_memory_bytes,
-        "idle_w": {k: {"w": v.power_mw / 1000, "source": v.source, "samples": v.samples}
-                   for k, v in sorted(idle.items())},
-        "allocation_unknown": unknown,
-    }, sort_keys=True)
+    return json.dumps(
+        {
+            "policy": EXCLUSIVE if load.exclusive else policy,
+            "cpus": load.alloc_cpus,
+            "node_cpus": node_cpus,
+            "memory_bytes": load.alloc_memory_bytes,
+            "node_memory_bytes": node_memory_bytes,
+            "idle_w": {
+                k: {"w": v.power_mw / 1000, "source": v.source, "samples": v.samples}
+                for k, v in sorted(idle.items())
+            },
+            "allocation_unknown": unknown,
+        },
+        sort_keys=True,
+    )

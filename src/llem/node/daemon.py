@@ -62,8 +62,9 @@ def record_problem(paths: NodePaths, message: str) -> None:
 def sampler_pid(paths: NodePaths) -> int | None:
     """The live sampler's pid, or None when no sampler holds the node's sampler lock."""
     try:
-        fd = os.open(paths.sampler_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(
+            paths.sampler_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
     except OSError:
         return None
     try:
@@ -146,8 +147,13 @@ class Housekeeping:
     PRUNE_EVERY_S = 86400.0
     DELIVERY_TIMEOUT_S = 0.5
 
-    def __init__(self, store, config: Config, paths: NodePaths,
-                 monotonic_s: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store,
+        config: Config,
+        paths: NodePaths,
+        monotonic_s: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.config = config
         self.paths = paths
@@ -182,13 +188,17 @@ class Housekeeping:
         now = self.monotonic_s()
         if now >= self._next_node_export:
             self._next_node_export = now + self.NODE_EXPORT_EVERY_S
-            self._guard("node export", lambda: export_node_since_last(
-                self.store, self.config, self.paths.node))
+            self._guard(
+                "node export",
+                lambda: export_node_since_last(self.store, self.config, self.paths.node),
+            )
         if now >= self._next_flush:
             self._next_flush = now + self.FLUSH_EVERY_S
             if pending_slices(self.config):
-                self._guard("outbox flush", lambda: flush_outbox(
-                    self.config, timeout_s=self.DELIVERY_TIMEOUT_S))
+                self._guard(
+                    "outbox flush",
+                    lambda: flush_outbox(self.config, timeout_s=self.DELIVERY_TIMEOUT_S),
+                )
         if now >= self._next_prune:
             self._next_prune = now + self.PRUNE_EVERY_S
             self._guard("pruning", lambda: prune_by_config(self.store, self.config))
@@ -222,11 +232,19 @@ class NodeDaemon:
         cgroup_root: the cgroup tree the attribution reads (default /sys/fs/cgroup).
     """
 
-    def __init__(self, config: Config, node: str, *, interval_s: float | None = None,
-                 env: Mapping[str, str] | None = None,
-                 open_sensors: Callable[[Config, Mapping[str, str]], OpenedSensors] = _open_sensors,
-                 clock: Clock | None = None, handle_signals: bool = False,
-                 proc_root: str | os.PathLike = "/proc", cgroup_root: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        node: str,
+        *,
+        interval_s: float | None = None,
+        env: Mapping[str, str] | None = None,
+        open_sensors: Callable[[Config, Mapping[str, str]], OpenedSensors] = _open_sensors,
+        clock: Clock | None = None,
+        handle_signals: bool = False,
+        proc_root: str | os.PathLike = "/proc",
+        cgroup_root: str | None = None,
+    ) -> None:
         self.config = config
         self.node = node
         self.paths = NodePaths.of(config, node)
@@ -270,8 +288,9 @@ class NodeDaemon:
         """Take the node's sampler lock (held for the whole life) and write the pid file;
         False when another sampler holds it."""
         self.paths.ensure()
-        fd = os.open(self.paths.sampler_lock,
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            self.paths.sampler_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -296,12 +315,17 @@ class NodeDaemon:
         running = self.store.running_jobs()
         if running and last_ns is not None:
             gap_s = (self.started_ns - last_ns) / 1e9
-            self.store.add_events([Event(
-                self.started_ns, "sampler_restart",
-                f"no data for {gap_s:.1f} s before this start; jobs "
-                f"{','.join(j.job_id for j in running)}")])
-            record_problem(self.paths,
-                           f"sampler restarted with jobs running; gap of {gap_s:.1f} s")
+            self.store.add_events(
+                [
+                    Event(
+                        self.started_ns,
+                        "sampler_restart",
+                        f"no data for {gap_s:.1f} s before this start; jobs "
+                        f"{','.join(j.job_id for j in running)}",
+                    )
+                ]
+            )
+            record_problem(self.paths, f"sampler restarted with jobs running; gap of {gap_s:.1f} s")
         self.store.add_events([Event(self.started_ns, "sampler_start", f"pid {os.getpid()}")])
 
     def lower_priority(self) -> None:
@@ -318,25 +342,47 @@ class NodeDaemon:
             log.info("%s", note)
         devices = [d for s in self.sensors.sensors for d in s.devices()]
         attributor = JobAttributor(
-            self.store, self.node, devices, self.started_ns, proc_root=self.proc_root,
-            cgroup_root=self.cgroup_root, policy=self.config.attribution.policy,
-            idle=IdleLearner(devices, self.store, self.config.attribution.idle_w,
-                             self.config.estimate.cpu_idle_fraction,
-                             package_tdp_w(self.config.estimate, self.proc_root)),
-            gres_conf=gres_conf_path(self.env))
+            self.store,
+            self.node,
+            devices,
+            self.started_ns,
+            proc_root=self.proc_root,
+            cgroup_root=self.cgroup_root,
+            policy=self.config.attribution.policy,
+            idle=IdleLearner(
+                devices,
+                self.store,
+                self.config.attribution.idle_w,
+                self.config.estimate.cpu_idle_fraction,
+                package_tdp_w(self.config.estimate, self.proc_root),
+            ),
+            gres_conf=gres_conf_path(self.env),
+        )
         self.sampler = Sampler(
-            self.sensors.sensors, [self.store], clock=self.clock, interval_s=self.interval_s,
-            sampler_id=f"{self.node}-{os.getpid()}-{self.started_ns}", attribute=attributor)
-        self.windows = WindowServer(self.paths.socket, self.sampler, self.store,
-                                     self.take_registrations, pending_job=self.job_is_pending,
-                                     monotonic_s=lambda: self.clock.monotonic_ns() / 1e9)
-        self.chores = Housekeeping(self.store, self.config, self.paths,
-                                   lambda: self.clock.monotonic_ns() / 1e9)
+            self.sensors.sensors,
+            [self.store],
+            clock=self.clock,
+            interval_s=self.interval_s,
+            sampler_id=f"{self.node}-{os.getpid()}-{self.started_ns}",
+            attribute=attributor,
+        )
+        self.windows = WindowServer(
+            self.paths.socket,
+            self.sampler,
+            self.store,
+            self.take_registrations,
+            pending_job=self.job_is_pending,
+            monotonic_s=lambda: self.clock.monotonic_ns() / 1e9,
+        )
+        self.chores = Housekeeping(
+            self.store, self.config, self.paths, lambda: self.clock.monotonic_ns() / 1e9
+        )
         from llem.node.metrics import NodeMetrics  # textfile for node_exporter (docs/metrics.md)
 
         # The sampler's devices: the sensors' and, with a node meter, the platform residual.
-        self.metrics = NodeMetrics.from_config(self.config, self.store, self.node,
-                                               self.sampler.devices, self.sampler.interval_s)
+        self.metrics = NodeMetrics.from_config(
+            self.config, self.store, self.node, self.sampler.devices, self.sampler.interval_s
+        )
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT: stop after a final reading; SIGUSR1 (a hook handed a job
@@ -453,8 +499,9 @@ class NodeDaemon:
         if self.windows is not None:
             self.windows.close()
         if self.sampler is not None:
-            self.store.add_events([Event(self.clock.time_ns(), "sampler_stop",
-                                         f"pid {os.getpid()}")])
+            self.store.add_events(
+                [Event(self.clock.time_ns(), "sampler_stop", f"pid {os.getpid()}")]
+            )
         if self.sensors is not None:
             self.sensors.close()
         if self.store is not None:
@@ -462,7 +509,8 @@ class NodeDaemon:
         self.release_lock()
 
 
-def run_node_sampler(config: Config, node: str, interval_s: float | None = None,
-                     env: Mapping[str, str] | None = None) -> int:
+def run_node_sampler(
+    config: Config, node: str, interval_s: float | None = None, env: Mapping[str, str] | None = None
+) -> int:
     """The body of ``llem sampler --node NODE --daemon``; returns the exit status."""
     return NodeDaemon(config, node, interval_s=interval_s, env=env, handle_signals=True).run()

@@ -40,9 +40,13 @@ def _devices(store: NodeStore, keys: Iterable[str] | None = None) -> dict[str, d
         if wanted is not None and key not in wanted:
             continue
         component = device["component"]
-        out[key] = {"component": component if component in slices.COMPONENTS else "other",
-                    "name": device["name"], "sensor": device["sensor"],
-                    "source": device["source"], "method": device["method"]}
+        out[key] = {
+            "component": component if component in slices.COMPONENTS else "other",
+            "name": device["name"],
+            "sensor": device["sensor"],
+            "source": device["source"],
+            "method": device["method"],
+        }
     return out
 
 
@@ -53,8 +57,10 @@ def _job_energy(store: NodeStore, run_id: int) -> list[dict]:
         for hour_s, part_uj in split_by_hour(start_ns, end_ns, energy_uj).items():
             key = (device, hour_s, method)
             totals[key] = totals.get(key, 0) + part_uj
-    return [{"device": d, "hour_s": h, "method": m, "energy_uj": uj}
-            for (d, h, m), uj in sorted(totals.items())]
+    return [
+        {"device": d, "hour_s": h, "method": m, "energy_uj": uj}
+        for (d, h, m), uj in sorted(totals.items())
+    ]
 
 
 SLICE_WINDOWS_MAX = MAX_WINDOWS_PER_JOB
@@ -75,9 +81,14 @@ def _windows(store: NodeStore, run_id: int) -> tuple[list[dict], int]:
             energy_map = {str(k): int(v) for k, v in json.loads(energy or "{}").items()}
         except (ValueError, TypeError, AttributeError):
             energy_map = {}
-        win = {"name": str(name)[:MAX_NAME_CHARS],
-               "step_id": None if step_id is None else str(step_id)[:MAX_STEP_CHARS],
-               "start_ns": start_ns, "end_ns": end_ns, "status": status, "energy": energy_map}
+        win = {
+            "name": str(name)[:MAX_NAME_CHARS],
+            "step_id": None if step_id is None else str(step_id)[:MAX_STEP_CHARS],
+            "start_ns": start_ns,
+            "end_ns": end_ns,
+            "status": status,
+            "energy": energy_map,
+        }
         win_bytes = len(json.dumps(win)) + 2
         if len(out) >= SLICE_WINDOWS_MAX or size + win_bytes > SLICE_WINDOWS_MAX_BYTES:
             dropped += 1
@@ -89,12 +100,25 @@ def _windows(store: NodeStore, run_id: int) -> tuple[list[dict], int]:
 
 def _job_meta(job) -> dict:
     return {
-        "job_id": job.job_id, "array_job_id": job.array_job_id,
-        "array_task_id": job.array_task_id, "user": job.user, "uid": job.uid, "gid": job.gid,
-        "account": job.account, "partition": job.partition, "nodelist": job.nodelist,
-        "num_nodes": job.num_nodes, "cpus": job.cpus, "gpus": list(job.gpus), "tag": job.tag,
-        "name": job.name, "start_ns": job.start_ns, "end_ns": job.end_ns, "state": job.state,
-        "coverage": job.coverage, "flags": list(job.flags),
+        "job_id": job.job_id,
+        "array_job_id": job.array_job_id,
+        "array_task_id": job.array_task_id,
+        "user": job.user,
+        "uid": job.uid,
+        "gid": job.gid,
+        "account": job.account,
+        "partition": job.partition,
+        "nodelist": job.nodelist,
+        "num_nodes": job.num_nodes,
+        "cpus": job.cpus,
+        "gpus": list(job.gpus),
+        "tag": job.tag,
+        "name": job.name,
+        "start_ns": job.start_ns,
+        "end_ns": job.end_ns,
+        "state": job.state,
+        "coverage": job.coverage,
+        "flags": list(job.flags),
         **_attribution(job.attribution),
     }
 
@@ -108,8 +132,7 @@ def _attribution(text: str | None) -> dict:
     return {"attribution": value} if isinstance(value, dict) else {}
 
 
-def export_job(store: NodeStore, run_id: int, config: Config, *,
-               now_ns: int | None = None) -> dict:
+def export_job(store: NodeStore, run_id: int, config: Config, *, now_ns: int | None = None) -> dict:
     """Build the job slice of one job run on this node.
 
     Args:
@@ -142,14 +165,25 @@ def export_job(store: NodeStore, run_id: int, config: Config, *,
     windows, windows_dropped = _windows(store, run_id)
     if windows_dropped:
         meta["flags"] = sorted(set(meta["flags"]) | {"windows_dropped"})
-        log.warning("job %s: %d window(s) left out of its slice (at most %d, %d bytes)",
-                    job.job_id, windows_dropped, SLICE_WINDOWS_MAX, SLICE_WINDOWS_MAX_BYTES)
+        log.warning(
+            "job %s: %d window(s) left out of its slice (at most %d, %d bytes)",
+            job.job_id,
+            windows_dropped,
+            SLICE_WINDOWS_MAX,
+            SLICE_WINDOWS_MAX_BYTES,
+        )
     data = {
-        "schema": slices.SCHEMA, "kind": "job", "cluster": job.cluster or config.cluster,
-        "node": job.node, "created_ns": now_ns,
+        "schema": slices.SCHEMA,
+        "kind": "job",
+        "cluster": job.cluster or config.cluster,
+        "node": job.node,
+        "created_ns": now_ns,
         "producer": {"llem": __version__, "host": socket.gethostname()},
-        "job": meta, "devices": _devices(store, used), "energy": energy,
-        "windows": windows, "node_totals": totals,
+        "job": meta,
+        "devices": _devices(store, used),
+        "energy": energy,
+        "windows": windows,
+        "node_totals": totals,
     }
     if windows_dropped:
         data["windows_dropped"] = windows_dropped
@@ -159,8 +193,15 @@ def export_job(store: NodeStore, run_id: int, config: Config, *,
 # -- node slices -----------------------------------------------------------------------------
 
 
-def export_node(store: NodeStore, config: Config, node: str, *, since_ns: int,
-                until_ns: int | None = None, now_ns: int | None = None) -> dict | None:
+def export_node(
+    store: NodeStore,
+    config: Config,
+    node: str,
+    *,
+    since_ns: int,
+    until_ns: int | None = None,
+    now_ns: int | None = None,
+) -> dict | None:
     """Build the node slice: hourly totals per device from the hour of ``since_ns`` on.
 
     Every hour in the range is recomputed whole from all intervals that overlap it, so a later
@@ -181,13 +222,17 @@ def export_node(store: NodeStore, config: Config, node: str, *, since_ns: int,
     for _, start_ns, end_ns, device, energy_uj, kind, status, rem_uj, att_uj in rows:
         as_of_ns = max(as_of_ns, end_ns)
         no_data = kind in NO_DATA_KINDS or status != "ok"
-        for field_name, value in (("measured_uj", energy_uj), ("attributed_uj", att_uj),
-                                  ("remainder_uj", rem_uj)):
+        for field_name, value in (
+            ("measured_uj", energy_uj),
+            ("attributed_uj", att_uj),
+            ("remainder_uj", rem_uj),
+        ):
             for hour_s, part in split_by_hour(start_ns, end_ns, value).items():
                 _hour_row(hours, hour_s, device)[field_name] += part
         # The interval's time by clock hour (a zero-length interval still counts in its hour).
         spans = split_by_hour(start_ns, end_ns, end_ns - start_ns) or {
-            start_ns // HOUR_NS * 3600: 0}
+            start_ns // HOUR_NS * 3600: 0
+        }
         for hour_s, span_ns in spans.items():
             row = _hour_row(hours, hour_s, device)
             row["intervals"] += 1
@@ -195,10 +240,16 @@ def export_node(store: NodeStore, config: Config, node: str, *, since_ns: int,
             row["covered_ns"] += 0 if no_data else span_ns
     hour_rows = [row for (hour_s, _), row in sorted(hours.items()) if hour_s * NS_PER_S >= from_ns]
     data = {
-        "schema": slices.SCHEMA, "kind": "node", "cluster": config.cluster, "node": node,
-        "created_ns": now_ns, "producer": {"llem": __version__, "host": socket.gethostname()},
-        "from_hour_s": from_ns // NS_PER_S, "as_of_ns": as_of_ns,
-        "devices": _devices(store, {r["device"] for r in hour_rows}), "hours": hour_rows,
+        "schema": slices.SCHEMA,
+        "kind": "node",
+        "cluster": config.cluster,
+        "node": node,
+        "created_ns": now_ns,
+        "producer": {"llem": __version__, "host": socket.gethostname()},
+        "from_hour_s": from_ns // NS_PER_S,
+        "as_of_ns": as_of_ns,
+        "devices": _devices(store, {r["device"] for r in hour_rows}),
+        "hours": hour_rows,
     }
     return slices.checked(data)
 
@@ -207,13 +258,21 @@ def _hour_row(hours: dict, hour_s: int, device: str) -> dict:
     row = hours.get((hour_s, device))
     if row is None:
         row = hours[(hour_s, device)] = {
-            "hour_s": hour_s, "device": device, "measured_uj": 0, "attributed_uj": 0,
-            "remainder_uj": 0, "intervals": 0, "gap_intervals": 0, "covered_ns": 0}
+            "hour_s": hour_s,
+            "device": device,
+            "measured_uj": 0,
+            "attributed_uj": 0,
+            "remainder_uj": 0,
+            "intervals": 0,
+            "gap_intervals": 0,
+            "covered_ns": 0,
+        }
     return row
 
 
-def export_node_since_last(store: NodeStore, config: Config, node: str, *,
-                           now_ns: int | None = None) -> Path | None:
+def export_node_since_last(
+    store: NodeStore, config: Config, node: str, *, now_ns: int | None = None
+) -> Path | None:
     """Export the node's hours since the last node export and deliver them.
 
     The mark (the hour the last export reached, which was partial) lives in
@@ -236,8 +295,7 @@ def export_node_since_last(store: NodeStore, config: Config, node: str, *,
         return None
     path = deliver(config, data)
     ensure_private_dir(mark.parent)
-    write_atomic(mark.parent, mark.name, json.dumps({"as_of_ns": data["as_of_ns"]}).encode(),
-                 0o600)
+    write_atomic(mark.parent, mark.name, json.dumps({"as_of_ns": data["as_of_ns"]}).encode(), 0o600)
     return path
 
 
@@ -254,8 +312,9 @@ def _read_mark(mark: Path) -> int | None:
 # -- delivery --------------------------------------------------------------------------------
 
 
-def export_and_deliver(store: NodeStore, run_id: int, config: Config, *,
-                       now_ns: int | None = None) -> Path:
+def export_and_deliver(
+    store: NodeStore, run_id: int, config: Config, *, now_ns: int | None = None
+) -> Path:
     """What the Epilog calls for a finished run: build, deliver, mark the run exported."""
     data = export_job(store, run_id, config, now_ns=now_ns)
     path = deliver(config, data)

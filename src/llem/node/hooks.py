@@ -33,8 +33,12 @@ def _guarded(kind: str, body, env: Mapping[str, str]) -> int:
         message = f"llem {kind} job {env.get('SLURM_JOB_ID', '?')}: {type(e).__name__}: {e}"
         log.error("%s", message)
         _record(env, message)
-    log.info("llem %s job %s done in %.1f ms", kind, env.get("SLURM_JOB_ID", "?"),
-             (time.perf_counter() - t0) * 1000)
+    log.info(
+        "llem %s job %s done in %.1f ms",
+        kind,
+        env.get("SLURM_JOB_ID", "?"),
+        (time.perf_counter() - t0) * 1000,
+    )
     return 0
 
 
@@ -96,8 +100,11 @@ def epilog_body(env: Mapping[str, str]) -> None:
         with NodeStore(paths.store) as store:
             ingest(store, paths.jobs, config.cluster, node)
             ended = store.runs_of(job_id, "ended")
-            run = max(ended, key=lambda r: r.start_ns) if ended else end_job(
-                store, dict(env), config.cluster, time.time_ns())
+            run = (
+                max(ended, key=lambda r: r.start_ns)
+                if ended
+                else end_job(store, dict(env), config.cluster, time.time_ns())
+            )
             pid = sampler_pid(paths)
             if pid and pid > 0:
                 os.kill(pid, signal.SIGUSR1)  # it takes the final reading and seals the job
@@ -127,5 +134,6 @@ def slurmctld_epilog_body(env: Mapping[str, str]) -> None:
 
     config = config_mod.load(env=env)
     path = write_header(config, env)
-    log.info("llem epilog-slurmctld: header of job %s written (%s)", env.get("SLURM_JOB_ID"),
-             path.name)
+    log.info(
+        "llem epilog-slurmctld: header of job %s written (%s)", env.get("SLURM_JOB_ID"), path.name
+    )

@@ -107,8 +107,14 @@ class IdleLearner:
         tdp_w: the model's TDP of a package, for measured packages (:func:`package_tdp_w`).
     """
 
-    def __init__(self, devices: Iterable, store=None, idle_w: Mapping[str, float] | None = None,
-                 idle_fraction: float = 0.3, tdp_w: float | None = None) -> None:
+    def __init__(
+        self,
+        devices: Iterable,
+        store=None,
+        idle_w: Mapping[str, float] | None = None,
+        idle_fraction: float = 0.3,
+        tdp_w: float | None = None,
+    ) -> None:
         self.devices = {d.key: d for d in devices if d.component in ("cpu", "dram")}
         self.tdp_w = tdp_w
         self.store = store

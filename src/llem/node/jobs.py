@@ -60,8 +60,12 @@ def event_ns(env: dict[str, str], path: Path) -> tuple[int, tuple[str, ...]]:
     if event_us.isdigit():
         return int(event_us) * 1000, ()
     at_ns = path.stat().st_mtime_ns
-    log.warning("job registration %s has LLEM_EVENT_US %r: dated by its mtime (flag %s)",
-                path, event_us[:40], TIME_FROM_MTIME)
+    log.warning(
+        "job registration %s has LLEM_EVENT_US %r: dated by its mtime (flag %s)",
+        path,
+        event_us[:40],
+        TIME_FROM_MTIME,
+    )
     return at_ns, (TIME_FROM_MTIME,)
 
 
@@ -110,8 +114,9 @@ def ingest(store: NodeStore, jobs_dir: Path, cluster: str, node: str) -> list[tu
                 os.replace(path, bad / f"{path.name}.{time.time_ns()}")
             except OSError:
                 pass
-            _record_problem(store, jobs_dir, node,
-                            f"bad job registration {path.name} (kept in {bad}): {e}")
+            _record_problem(
+                store, jobs_dir, node, f"bad job registration {path.name} (kept in {bad}): {e}"
+            )
     return done
 
 
@@ -123,8 +128,9 @@ def _record_problem(store: NodeStore, jobs_dir: Path, node: str, message: str) -
     record_problem(NodePaths(node, jobs_dir.parent, store.path), message)
 
 
-def end_job(store: NodeStore, env: dict, cluster: str, end_ns: int,
-            extra_flags: Iterable[str] = ()) -> JobRecord:
+def end_job(
+    store: NodeStore, env: dict, cluster: str, end_ns: int, extra_flags: Iterable[str] = ()
+) -> JobRecord:
     """Mark the job's latest running run ended, adding ``extra_flags`` to its flags; a job
     the Prolog never registered gets a run of its own (flag ``no_prolog``) so that the ledger
     knows it ran without data."""
@@ -144,8 +150,9 @@ def end_job(store: NodeStore, env: dict, cluster: str, end_ns: int,
     return store.run(run.run_id)
 
 
-def seal_figures(store: NodeStore, run_id: int, start_ns: int,
-                 end_ns: int) -> tuple[float, set[str]]:
+def seal_figures(
+    store: NodeStore, run_id: int, start_ns: int, end_ns: int
+) -> tuple[float, set[str]]:
     """Coverage (share of the job's wall time inside sampler intervals) and flags."""
     span = max(1, end_ns - start_ns)
     covered, cursor = 0, start_ns
@@ -172,8 +179,9 @@ def seal_figures(store: NodeStore, run_id: int, start_ns: int,
     return coverage, flags
 
 
-def seal(store: NodeStore, run: JobRecord,
-         extra_flags: set[str] | frozenset = frozenset()) -> JobRecord:
+def seal(
+    store: NodeStore, run: JobRecord, extra_flags: set[str] | frozenset = frozenset()
+) -> JobRecord:
     """Compute coverage and flags of an ended run and mark it sealed."""
     assert run.end_ns is not None
     coverage, flags = seal_figures(store, run.run_id, run.start_ns, run.end_ns)
@@ -181,8 +189,12 @@ def seal(store: NodeStore, run: JobRecord,
         flags.add("allocation_unknown")  # charged by use: Slurm did not say its CPUs
     all_flags = sorted(set(run.flags) | flags | set(extra_flags))
     store.update_job(run.run_id, state="sealed", coverage=coverage, flags=all_flags)
-    log.info("job %s sealed: coverage %.3f, flags %s", run.job_id, coverage,
-             ",".join(all_flags) or "none")
+    log.info(
+        "job %s sealed: coverage %.3f, flags %s",
+        run.job_id,
+        coverage,
+        ",".join(all_flags) or "none",
+    )
     return store.run(run.run_id)
 
 
@@ -192,10 +204,22 @@ def finalize_ended(store: NodeStore, up_to_ns: int) -> list[JobRecord]:
 
 
 JOB_VARS = (
-    "SLURM_JOB_ID", "SLURM_JOB_UID", "SLURM_JOB_USER", "SLURM_JOB_GID", "SLURM_JOB_ACCOUNT",
-    "SLURM_JOB_PARTITION", "SLURM_CLUSTER_NAME", "SLURMD_NODENAME", "SLURM_NODELIST",
-    "SLURM_JOB_NUM_NODES", "SLURM_JOB_CPUS_PER_NODE", "SLURM_JOB_GPUS", "SLURM_JOB_NAME",
-    "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SPANK_LLEM_ENERGY_TAG",
+    "SLURM_JOB_ID",
+    "SLURM_JOB_UID",
+    "SLURM_JOB_USER",
+    "SLURM_JOB_GID",
+    "SLURM_JOB_ACCOUNT",
+    "SLURM_JOB_PARTITION",
+    "SLURM_CLUSTER_NAME",
+    "SLURMD_NODENAME",
+    "SLURM_NODELIST",
+    "SLURM_JOB_NUM_NODES",
+    "SLURM_JOB_CPUS_PER_NODE",
+    "SLURM_JOB_GPUS",
+    "SLURM_JOB_NAME",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SPANK_LLEM_ENERGY_TAG",
 )
 """The variables slurm/llem-hook.sh records (keep the two lists equal)."""
 

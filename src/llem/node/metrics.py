@@ -54,8 +54,9 @@ class BackgroundWriter:
 
     EXIT_WAIT_S = 1.0
 
-    def __init__(self, on_error: Callable[[Exception], None],
-                 on_success: Callable[[], None]) -> None:
+    def __init__(
+        self, on_error: Callable[[Exception], None], on_success: Callable[[], None]
+    ) -> None:
         self._on_error = on_error
         self._on_success = on_success
         self._cond = threading.Condition()
@@ -118,10 +119,16 @@ class NodeMetrics:
         clock: wall-clock seconds (injected in tests).
     """
 
-    def __init__(self, store, node: str, devices: Sequence[Device], interval_s: float,
-                 textfile_dir: str | os.PathLike | None,
-                 dcgm_mapping_dir: str | os.PathLike | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store,
+        node: str,
+        devices: Sequence[Device],
+        interval_s: float,
+        textfile_dir: str | os.PathLike | None,
+        dcgm_mapping_dir: str | os.PathLike | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.node = node
         self.devices = {d.key: d for d in devices}
@@ -149,21 +156,31 @@ class NodeMetrics:
                 totals = store.energy_by_device()
                 self.node_uj = {k: int(totals.get(k) or 0) for k in self.devices}
             except Exception as e:  # noqa: BLE001 - start from 0 (a counter reset), sample on
-                log.warning("metrics: the store's totals could not be read (%s); the energy "
-                            "counters start at 0", e)
+                log.warning(
+                    "metrics: the store's totals could not be read (%s); the energy "
+                    "counters start at 0",
+                    e,
+                )
         gpus = [d for d in devices if d.component == "gpu"]
         # Job records name their GPUs by device key once the sampler resolved Slurm's index
         # (at the job's first interval): dcgm-exporter's files are named by NVML index.
-        self._gpu_index = {d.key: str(d.attrs.get("index")) for d in gpus
-                           if d.attrs.get("index") is not None}
+        self._gpu_index = {
+            d.key: str(d.attrs.get("index")) for d in gpus if d.attrs.get("index") is not None
+        }
 
     @classmethod
-    def from_config(cls, config, store, node: str, devices: Sequence[Device],
-                    interval_s: float) -> NodeMetrics:
+    def from_config(
+        cls, config, store, node: str, devices: Sequence[Device], interval_s: float
+    ) -> NodeMetrics:
         metrics = getattr(config, "metrics", None)
-        return cls(store, node, devices, interval_s,
-                   getattr(metrics, "textfile_dir", None),
-                   getattr(metrics, "dcgm_job_mapping_dir", None))
+        return cls(
+            store,
+            node,
+            devices,
+            interval_s,
+            getattr(metrics, "textfile_dir", None),
+            getattr(metrics, "dcgm_job_mapping_dir", None),
+        )
 
     @property
     def enabled(self) -> bool:
@@ -198,8 +215,11 @@ class NodeMetrics:
 
     def _failed(self, e: Exception) -> None:
         if not self._failing:
-            log.warning("metrics: not written: %s: %s (logged once until it works again)",
-                        type(e).__name__, e)
+            log.warning(
+                "metrics: not written: %s: %s (logged once until it works again)",
+                type(e).__name__,
+                e,
+            )
             self._failing = True
 
     def _worked(self) -> None:
@@ -249,11 +269,17 @@ class NodeMetrics:
         node = self.node
         out = Exposition(cache=self._render_cache)
         devs = self.devices
-        out.add("llem_node_energy_joules_total", [
-            ((node, k, d.component, d.source), self.node_uj[k] / UJ_PER_J)
-            for k, d in devs.items()])
-        out.add("llem_node_power_watts", [
-            ((node, k, devs[k].component, devs[k].source), w) for k, w in self.power_w.items()])
+        out.add(
+            "llem_node_energy_joules_total",
+            [
+                ((node, k, d.component, d.source), self.node_uj[k] / UJ_PER_J)
+                for k, d in devs.items()
+            ],
+        )
+        out.add(
+            "llem_node_power_watts",
+            [((node, k, devs[k].component, devs[k].source), w) for k, w in self.power_w.items()],
+        )
         out.add("llem_node_running_jobs", [((node,), len(self.jobs))])
         job_series = []
         # Every component of the node, from 0: a job just started is there, and its counters
@@ -265,19 +291,22 @@ class NodeMetrics:
                 d = devs.get(key)
                 comp = (d.component, d.source) if d else ("other", "measured")
                 by_comp[comp] = by_comp.get(comp, 0) + uj
-            job_series += [((node, job_id, c, s), uj / UJ_PER_J)
-                           for (c, s), uj in sorted(by_comp.items())]
+            job_series += [
+                ((node, job_id, c, s), uj / UJ_PER_J) for (c, s), uj in sorted(by_comp.items())
+            ]
         out.add("llem_job_energy_joules_total", job_series)
         out.add("llem_job_info", [((node,) + info, 1) for info in self.jobs.values()])
         out.add("llem_sampler_start_time_seconds", [((node,), round(self.started_s, 3))])
         if self.last_tick_s is not None:
-            out.add("llem_sampler_last_tick_timestamp_seconds",
-                    [((node,), round(self.last_tick_s, 3))])
+            out.add(
+                "llem_sampler_last_tick_timestamp_seconds", [((node,), round(self.last_tick_s, 3))]
+            )
         out.add("llem_sampler_interval_seconds", [((node,), float(self.interval_s))])
         out.add("llem_sampler_intervals_total", [((node,), self.intervals)])
         out.add("llem_sampler_gaps_total", [((node, k), n) for k, n in self.gaps.items()])
-        out.add("llem_sampler_sensor_errors_total",
-                [((node, k), n) for k, n in self.errors.items()])
+        out.add(
+            "llem_sampler_sensor_errors_total", [((node, k), n) for k, n in self.errors.items()]
+        )
         return out.text()
 
     def write_dcgm_mapping(self, running: Sequence[tuple]) -> None:

@@ -67,8 +67,9 @@ def pending_slices(config: Config) -> list[Path]:
         names = os.listdir(outbox_dir(config))
     except FileNotFoundError:
         return []
-    return sorted(outbox_dir(config) / n for n in names if n.endswith(".json")
-                  and not n.startswith("."))
+    return sorted(
+        outbox_dir(config) / n for n in names if n.endswith(".json") and not n.startswith(".")
+    )
 
 
 def flush_outbox(config: Config, *, timeout_s: float = DELIVERY_TIMEOUT_S) -> FlushResult:
@@ -95,11 +96,19 @@ def flush_outbox(config: Config, *, timeout_s: float = DELIVERY_TIMEOUT_S) -> Fl
     os.close(read_fd)
     result.pending = len(pending_slices(config))
     if result.timed_out:
-        log.warning("spool %s did not answer within %.1f s; %d slice(s) wait in the outbox",
-                    config.spool_dir, timeout_s, result.pending)
+        log.warning(
+            "spool %s did not answer within %.1f s; %d slice(s) wait in the outbox",
+            config.spool_dir,
+            timeout_s,
+            result.pending,
+        )
     elif result.error:
-        log.warning("spool %s: %s; %d slice(s) wait in the outbox", config.spool_dir,
-                    result.error, result.pending)
+        log.warning(
+            "spool %s: %s; %d slice(s) wait in the outbox",
+            config.spool_dir,
+            result.error,
+            result.pending,
+        )
     return result
 
 
@@ -144,6 +153,7 @@ def _lock_within(lock_fd: int, wait_s: float) -> bool:
 
 def _flush_worker(config: Config, write_fd: int, lock_wait_s: float = 0.0) -> None:
     """The grandchild: move every outbox slice to the spool; report on ``write_fd``."""
+
     def say(line: str) -> None:
         try:
             os.write(write_fd, (line + "\n").encode())
@@ -169,8 +179,11 @@ def _flush_worker(config: Config, write_fd: int, lock_wait_s: float = 0.0) -> No
     except LedgerError as e:
         say(f"error {e}")
     except OSError as e:
-        reason = "the spool is full" if e.errno == errno.ENOSPC else (
-            "the spool is read-only" if e.errno == errno.EROFS else f"{e.strerror or e}")
+        reason = (
+            "the spool is full"
+            if e.errno == errno.ENOSPC
+            else ("the spool is read-only" if e.errno == errno.EROFS else f"{e.strerror or e}")
+        )
         say(f"error {reason}")
     except BaseException as e:  # noqa: BLE001 - a worker must never raise into a fork
         say(f"error {e!r}")

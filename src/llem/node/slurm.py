@@ -65,8 +65,9 @@ def tag_from_env(env: Mapping[str, str]) -> str | None:
     return tag
 
 
-def job_from_env(env: Mapping[str, str], cluster: str, start_ns: int,
-                 gpu_keys: tuple[str, ...] = ()) -> JobRecord:
+def job_from_env(
+    env: Mapping[str, str], cluster: str, start_ns: int, gpu_keys: tuple[str, ...] = ()
+) -> JobRecord:
     """A JobRecord from the slurmd Prolog/Epilog environment (Slurm 22.05 and later).
 
     Text that is not Unicode (names of non-UTF-8 bytes, which Python's environment holds as
@@ -87,9 +88,11 @@ def job_from_env(env: Mapping[str, str], cluster: str, start_ns: int,
         partition=env.get("SLURM_JOB_PARTITION") or None,
         nodelist=env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST") or None,
         num_nodes=_int(env.get("SLURM_JOB_NUM_NODES")),
-        cpus=_cpus_here(env.get("SLURM_JOB_CPUS_PER_NODE"),
-                        env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST"),
-                        node_name(env)),
+        cpus=_cpus_here(
+            env.get("SLURM_JOB_CPUS_PER_NODE"),
+            env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST"),
+            node_name(env),
+        ),
         gpus=gpu_keys,
         tag=tag_from_env(env),
         name=env.get("SLURM_JOB_NAME") or None,
@@ -98,8 +101,9 @@ def job_from_env(env: Mapping[str, str], cluster: str, start_ns: int,
     )
 
 
-def _cpus_here(value: str | None, nodelist: str | None = None,
-               node: str | None = None) -> int | None:
+def _cpus_here(
+    value: str | None, nodelist: str | None = None, node: str | None = None
+) -> int | None:
     """This node's figure of SLURM_JOB_CPUS_PER_NODE (``4(x2),2``: 4 on the first two nodes
     of SLURM_NODELIST, 2 on the third); the first figure when the node is not found."""
     counts: list[int] = []
@@ -211,11 +215,15 @@ class GpuMap:
         minor_of: a device file's minor number (a test seam; default: ``os.stat``).
     """
 
-    def __init__(self, devices, node: str, gres_conf: str | os.PathLike | None,
-                 minor_of=None) -> None:
+    def __init__(
+        self, devices, node: str, gres_conf: str | os.PathLike | None, minor_of=None
+    ) -> None:
         minor_of = minor_of or _device_minor
-        self.by_minor = {int(d.attrs["minor"]): d.key for d in devices
-                         if d.component == "gpu" and d.attrs.get("minor") is not None}
+        self.by_minor = {
+            int(d.attrs["minor"]): d.key
+            for d in devices
+            if d.component == "gpu" and d.attrs.get("minor") is not None
+        }
         self.keys = {d.key for d in devices if d.component == "gpu"}
         self.minors: list[int | None] | None = None
         self.source = "index = minor number (assumed)"
@@ -269,5 +277,3 @@ def _device_minor(path: str) -> int | None:
 
 
 # -- cgroups -------------------------------------------------------------------------------
-
-

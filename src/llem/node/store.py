@@ -75,7 +75,7 @@ def _v1(db: sqlite3.Connection) -> None:
             detail TEXT NOT NULL DEFAULT ''
         );
         CREATE INDEX events_by_time ON events (ts_ns);
-        """
+        """,
     )
 
 
@@ -197,7 +197,7 @@ DATABASE = Database(
         not_a_database="{path}: not a usable SQLite database: {error}",
         cannot_open="{path}: cannot open the node store: {error}",
         newer="{path}: schema version {version} is newer than this llem knows ({known}); "
-              "upgrade llem on this node",
+        "upgrade llem on this node",
         needs_migrating="{path}: schema version {version} needs migrating first",
         migration_failed="{path}: migrating the node store failed: {error}",
     ),
@@ -206,9 +206,29 @@ DATABASE = Database(
 
 
 JOB_COLUMNS = (
-    "job_id", "array_job_id", "array_task_id", "cluster", "node", "uid", "user", "gid",
-    "account", "partition", "nodelist", "num_nodes", "cpus", "gpus", "tag", "name", "cgroup",
-    "start_ns", "end_ns", "state", "coverage", "flags", "attribution",
+    "job_id",
+    "array_job_id",
+    "array_task_id",
+    "cluster",
+    "node",
+    "uid",
+    "user",
+    "gid",
+    "account",
+    "partition",
+    "nodelist",
+    "num_nodes",
+    "cpus",
+    "gpus",
+    "tag",
+    "name",
+    "cgroup",
+    "start_ns",
+    "end_ns",
+    "state",
+    "coverage",
+    "flags",
+    "attribution",
 )
 
 
@@ -273,8 +293,17 @@ class NodeStore:
 
     def register_devices(self, devices: Iterable[Device], ts_ns: int) -> None:
         rows = [
-            (d.key, d.component, d.name, d.sensor, d.source, d.method, d.max_range_uj,
-             json.dumps(dict(d.attrs), sort_keys=True, default=str), ts_ns)
+            (
+                d.key,
+                d.component,
+                d.name,
+                d.sensor,
+                d.source,
+                d.method,
+                d.max_range_uj,
+                json.dumps(dict(d.attrs), sort_keys=True, default=str),
+                ts_ns,
+            )
             for d in devices
         ]
         self._write(
@@ -294,22 +323,31 @@ class NodeStore:
             cur = self.db.execute(
                 "INSERT INTO intervals (sampler_id, start_ns, end_ns, mono_start_ns, mono_end_ns)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (interval.sampler_id, interval.start_ns, interval.end_ns,
-                 interval.mono_start_ns, interval.mono_end_ns),
+                (
+                    interval.sampler_id,
+                    interval.start_ns,
+                    interval.end_ns,
+                    interval.mono_start_ns,
+                    interval.mono_end_ns,
+                ),
             )
             interval_id = cur.lastrowid
             self.db.executemany(
                 "INSERT INTO energy (interval_id, device_key, energy_uj, kind, status, raw_uj) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                [(interval_id, r.device_key, r.energy_uj, r.kind, r.status, _int64(r.raw_uj))
-                 for r in interval.rows],
+                [
+                    (interval_id, r.device_key, r.energy_uj, r.kind, r.status, _int64(r.raw_uj))
+                    for r in interval.rows
+                ],
             )
             if interval.shares:
                 self.db.executemany(
                     "INSERT INTO job_energy (interval_id, run_id, device_key, energy_uj, method,"
                     " share) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(interval_id, j.run_id, j.device_key, j.energy_uj, j.method, j.share)
-                     for j in interval.shares],
+                    [
+                        (interval_id, j.run_id, j.device_key, j.energy_uj, j.method, j.share)
+                        for j in interval.shares
+                    ],
                 )
             if interval.remainder:
                 self.db.executemany(
@@ -366,10 +404,12 @@ class NodeStore:
                 f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})",
                 values,
             )
-            out.append(self.db.execute(
-                "SELECT run_id FROM jobs WHERE job_id = ? AND start_ns = ?",
-                (job.job_id, job.start_ns),
-            ).fetchone()[0])
+            out.append(
+                self.db.execute(
+                    "SELECT run_id FROM jobs WHERE job_id = ? AND start_ns = ?",
+                    (job.job_id, job.start_ns),
+                ).fetchone()[0]
+            )
 
         self._write(txn)
         return out[0]
@@ -404,8 +444,9 @@ class NodeStore:
     def runs_active_since(self, start_ns: int) -> list[JobRecord]:
         """Runs that use the node in an interval starting at ``start_ns``: running ones, and
         ended ones whose end falls in or after it."""
-        return self._select_jobs("state = 'running' OR (state = 'ended' AND end_ns >= ?)",
-                                 (start_ns,))
+        return self._select_jobs(
+            "state = 'running' OR (state = 'ended' AND end_ns >= ?)", (start_ns,)
+        )
 
     def unsealed_job_count(self) -> int:
         """Runs still running or ended but not yet sealed: the sampler has work while > 0."""
@@ -418,21 +459,28 @@ class NodeStore:
                 raise ValueError(f"unknown job column {key}")
         values = [json.dumps(list(v)) if k in ("gpus", "flags") else v for k, v in fields.items()]
         sets = ", ".join(f"{k} = ?" for k in fields)
-        self._write(lambda: self.db.execute(
-            f"UPDATE jobs SET {sets} WHERE run_id = ?", (*values, run_id)))
+        self._write(
+            lambda: self.db.execute(f"UPDATE jobs SET {sets} WHERE run_id = ?", (*values, run_id))
+        )
 
     def idle_powers(self) -> dict[str, tuple[int, int]]:
         """Learned idle power per device: (milliwatts, idle samples behind it)."""
-        return {k: (mw, n) for k, mw, n in self.query(
-            "SELECT device_key, power_mw, samples FROM idle_power")}
+        return {
+            k: (mw, n)
+            for k, mw, n in self.query("SELECT device_key, power_mw, samples FROM idle_power")
+        }
 
     def save_idle_power(self, device_key: str, power_mw: int, samples: int, ts_ns: int) -> None:
         """Keep a learned idle power (see :mod:`llem.node.idle`)."""
-        self._write(lambda: self.db.execute(
-            "INSERT INTO idle_power (device_key, power_mw, samples, updated_ns) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT (device_key) DO UPDATE SET "
-            "power_mw = excluded.power_mw, samples = excluded.samples, "
-            "updated_ns = excluded.updated_ns", (device_key, power_mw, samples, ts_ns)))
+        self._write(
+            lambda: self.db.execute(
+                "INSERT INTO idle_power (device_key, power_mw, samples, updated_ns) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (device_key) DO UPDATE SET "
+                "power_mw = excluded.power_mw, samples = excluded.samples, "
+                "updated_ns = excluded.updated_ns",
+                (device_key, power_mw, samples, ts_ns),
+            )
+        )
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -457,9 +505,16 @@ class NodeStore:
     def devices(self) -> dict[str, dict[str, str]]:
         """Every device the store knows: key -> component, name, sensor, source, method."""
         rows = self.query("SELECT key, component, name, sensor, source, method FROM devices")
-        return {key: {"component": component, "name": name, "sensor": sensor,
-                      "source": source, "method": method}
-                for key, component, name, sensor, source, method in rows}
+        return {
+            key: {
+                "component": component,
+                "name": name,
+                "sensor": sensor,
+                "source": source,
+                "method": method,
+            }
+            for key, component, name, sensor, source, method in rows
+        }
 
     # -- intervals ---------------------------------------------------------------------------
 
@@ -471,14 +526,15 @@ class NodeStore:
 
     def last_interval_id(self, sampler_id: str) -> int | None:
         """The id of the latest interval written by one sampler run."""
-        return self.query("SELECT MAX(id) FROM intervals WHERE sampler_id = ?",
-                          (sampler_id,))[0][0]
+        return self.query("SELECT MAX(id) FROM intervals WHERE sampler_id = ?", (sampler_id,))[0][0]
 
     def interval_spans(self, start_ns: int, end_ns: int) -> list[tuple[int, int]]:
         """(start_ns, end_ns) of the intervals overlapping a span, in time order."""
         return self.query(
             "SELECT start_ns, end_ns FROM intervals WHERE end_ns > ? AND start_ns < ? "
-            "ORDER BY start_ns", (start_ns, end_ns))
+            "ORDER BY start_ns",
+            (start_ns, end_ns),
+        )
 
     def covered_ns_between(self, after_id: int, up_to_id: int, run_id: int) -> int:
         """Wall time of the intervals with ``after_id < id <= up_to_id`` in which every device
@@ -489,25 +545,40 @@ class NodeStore:
         return self.query(
             "SELECT COALESCE(SUM(i.end_ns - i.start_ns), 0) FROM intervals i "
             f"WHERE i.id > ? AND i.id <= ? AND NOT {lost}",
-            (after_id, up_to_id, *params))[0][0]
+            (after_id, up_to_id, *params),
+        )[0][0]
 
     def _lost_in_interval(self, run_id: int) -> tuple[str, tuple]:
         """SQL (the interval as ``i``) and its parameters: a device the run draws energy from
         had no data in the interval; for a run that drew none (an idle job), no device had
         data. One index look-up per interval."""
-        devices = tuple(d for (d,) in self.query(
-            "SELECT DISTINCT device_key FROM job_energy WHERE run_id = ?", (run_id,)))
+        devices = tuple(
+            d
+            for (d,) in self.query(
+                "SELECT DISTINCT device_key FROM job_energy WHERE run_id = ?", (run_id,)
+            )
+        )
         if not devices:
-            return ("NOT EXISTS (SELECT 1 FROM energy e WHERE e.interval_id = i.id AND "
-                    f"e.kind NOT IN {NO_DATA_KINDS} AND e.status = 'ok')", ())
-        return ("EXISTS (SELECT 1 FROM energy e WHERE e.interval_id = i.id AND "
-                f"(e.kind IN {NO_DATA_KINDS} OR e.status != 'ok') AND "
-                f"e.device_key IN ({', '.join('?' * len(devices))}))", devices)
+            return (
+                "NOT EXISTS (SELECT 1 FROM energy e WHERE e.interval_id = i.id AND "
+                f"e.kind NOT IN {NO_DATA_KINDS} AND e.status = 'ok')",
+                (),
+            )
+        return (
+            "EXISTS (SELECT 1 FROM energy e WHERE e.interval_id = i.id AND "
+            f"(e.kind IN {NO_DATA_KINDS} OR e.status != 'ok') AND "
+            f"e.device_key IN ({', '.join('?' * len(devices))}))",
+            devices,
+        )
 
     def event_kinds_between(self, start_ns: int, end_ns: int) -> set[str]:
-        return {k for (k,) in self.query(
-            "SELECT DISTINCT kind FROM events WHERE ts_ns >= ? AND ts_ns <= ?",
-            (start_ns, end_ns))}
+        return {
+            k
+            for (k,) in self.query(
+                "SELECT DISTINCT kind FROM events WHERE ts_ns >= ? AND ts_ns <= ?",
+                (start_ns, end_ns),
+            )
+        }
 
     # -- a run's energy ------------------------------------------------------------------------
 
@@ -516,27 +587,37 @@ class NodeStore:
         return self.query(
             "SELECT je.device_key, je.method, i.start_ns, i.end_ns, je.energy_uj "
             "FROM job_energy je JOIN intervals i ON i.id = je.interval_id WHERE je.run_id = ?",
-            (run_id,))
+            (run_id,),
+        )
 
     def run_energy_between(self, run_id: int, after_id: int, up_to_id: int) -> dict[str, int]:
         """A run's energy per device over the intervals with ``after_id < id <= up_to_id``."""
-        return dict(self.query(
-            "SELECT device_key, SUM(energy_uj) FROM job_energy WHERE run_id = ? AND "
-            "interval_id > ? AND interval_id <= ? GROUP BY device_key",
-            (run_id, after_id, up_to_id)))
+        return dict(
+            self.query(
+                "SELECT device_key, SUM(energy_uj) FROM job_energy WHERE run_id = ? AND "
+                "interval_id > ? AND interval_id <= ? GROUP BY device_key",
+                (run_id, after_id, up_to_id),
+            )
+        )
 
     def run_energy_by_device(self, run_id: int) -> dict[str, int]:
         """A run's energy so far per device."""
-        return {k: int(v) for k, v in self.query(
-            "SELECT device_key, SUM(energy_uj) FROM job_energy WHERE run_id = ? "
-            "GROUP BY device_key", (run_id,))}
+        return {
+            k: int(v)
+            for k, v in self.query(
+                "SELECT device_key, SUM(energy_uj) FROM job_energy WHERE run_id = ? "
+                "GROUP BY device_key",
+                (run_id,),
+            )
+        }
 
     def running_job_labels(self) -> list[tuple[int, str, str, str, str, str]]:
         """(run_id, job_id, user, account, partition, gpus JSON) of the running runs, '' for
         what is unknown (the metrics' labels)."""
         return self.query(
             "SELECT run_id, job_id, COALESCE(user, ''), COALESCE(account, ''), "
-            "COALESCE(partition, ''), gpus FROM jobs WHERE state = 'running' ORDER BY run_id")
+            "COALESCE(partition, ''), gpus FROM jobs WHERE state = 'running' ORDER BY run_id"
+        )
 
     def meter_window_ms(self) -> int | None:
         """The longest averaging window of the node's power meters (hwmon), if any."""
@@ -552,14 +633,22 @@ class NodeStore:
 
     def run_last_data_ns(self, run_id: int) -> int | None:
         """The end of the last interval that gave the run energy."""
-        return self.query("SELECT MAX(i.end_ns) FROM job_energy je JOIN intervals i "
-                          "ON i.id = je.interval_id WHERE je.run_id = ?", (run_id,))[0][0]
+        return self.query(
+            "SELECT MAX(i.end_ns) FROM job_energy je JOIN intervals i "
+            "ON i.id = je.interval_id WHERE je.run_id = ?",
+            (run_id,),
+        )[0][0]
 
     def run_sources(self, run_id: int) -> set[str]:
         """``measured`` / ``estimated``: the sources of the devices that gave the run energy."""
-        return {s for (s,) in self.query(
-            "SELECT DISTINCT d.source FROM job_energy j JOIN devices d ON d.key = j.device_key "
-            "WHERE j.run_id = ?", (run_id,))}
+        return {
+            s
+            for (s,) in self.query(
+                "SELECT DISTINCT d.source FROM job_energy j JOIN devices d ON d.key = j.device_key "
+                "WHERE j.run_id = ?",
+                (run_id,),
+            )
+        }
 
     # -- the node's energy ---------------------------------------------------------------------
 
@@ -568,20 +657,31 @@ class NodeStore:
         data, over the intervals that overlap a span (counted whole)."""
         where = "WHERE interval_id IN (SELECT id FROM intervals WHERE end_ns > ? AND start_ns < ?)"
         queries = (
-            ("measured_uj", f"SELECT device_key, SUM(energy_uj) FROM energy {where} "
-                            "GROUP BY device_key"),
-            ("attributed_uj", f"SELECT device_key, SUM(energy_uj) FROM job_energy {where} "
-                              "GROUP BY device_key"),
-            ("remainder_uj", f"SELECT device_key, SUM(energy_uj) FROM remainder {where} "
-                             "GROUP BY device_key"),
-            ("gap_intervals", f"SELECT device_key, COUNT(*) FROM energy {where} AND "
-                              f"(kind IN {NO_DATA_KINDS} OR status != 'ok') GROUP BY device_key"),
+            (
+                "measured_uj",
+                f"SELECT device_key, SUM(energy_uj) FROM energy {where} GROUP BY device_key",
+            ),
+            (
+                "attributed_uj",
+                f"SELECT device_key, SUM(energy_uj) FROM job_energy {where} GROUP BY device_key",
+            ),
+            (
+                "remainder_uj",
+                f"SELECT device_key, SUM(energy_uj) FROM remainder {where} GROUP BY device_key",
+            ),
+            (
+                "gap_intervals",
+                f"SELECT device_key, COUNT(*) FROM energy {where} AND "
+                f"(kind IN {NO_DATA_KINDS} OR status != 'ok') GROUP BY device_key",
+            ),
         )
         out: dict[str, dict[str, int]] = {}
         for field_name, sql in queries:
             for device, value in self.query(sql, (start_ns, end_ns)):
-                row = out.setdefault(device, {"measured_uj": 0, "attributed_uj": 0,
-                                              "remainder_uj": 0, "gap_intervals": 0})
+                row = out.setdefault(
+                    device,
+                    {"measured_uj": 0, "attributed_uj": 0, "remainder_uj": 0, "gap_intervals": 0},
+                )
                 row[field_name] = int(value or 0)
         return out
 
@@ -601,35 +701,71 @@ class NodeStore:
 
     # -- windows -------------------------------------------------------------------------------
 
-    def open_window(self, run_id: int, job_id: str, step_id: str | None, name: str, uid: int,
-                    pid: int, start_ns: int, start_interval_id: int,
-                    counters: Mapping[str, int]) -> int:
+    def open_window(
+        self,
+        run_id: int,
+        job_id: str,
+        step_id: str | None,
+        name: str,
+        uid: int,
+        pid: int,
+        start_ns: int,
+        start_interval_id: int,
+        counters: Mapping[str, int],
+    ) -> int:
         """Record an open window; return its id. ``start_mono_ns`` holds the interval id the
         window starts after."""
         out: list[int] = []
-        self._write(lambda: out.append(self.db.execute(
-            "INSERT INTO windows (run_id, job_id, step_id, name, uid, pid, start_ns, "
-            "start_mono_ns, counters_start, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open')",
-            (run_id, job_id, step_id, name, uid, pid, start_ns, start_interval_id,
-             json.dumps(dict(counters))),
-        ).lastrowid))
+        self._write(
+            lambda: out.append(
+                self.db.execute(
+                    "INSERT INTO windows (run_id, job_id, step_id, name, uid, pid, start_ns, "
+                    "start_mono_ns, counters_start, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open')",
+                    (
+                        run_id,
+                        job_id,
+                        step_id,
+                        name,
+                        uid,
+                        pid,
+                        start_ns,
+                        start_interval_id,
+                        json.dumps(dict(counters)),
+                    ),
+                ).lastrowid
+            )
+        )
         return out[0]
 
     def window(self, window_id: object) -> tuple[int, int, int, str, int] | None:
         """(run_id, uid, start interval id, status, start_ns) of a window, or None."""
         rows = self.query(
             "SELECT run_id, uid, start_mono_ns, status, start_ns FROM windows WHERE id = ?",
-            (window_id,))
+            (window_id,),
+        )
         return rows[0] if rows else None
 
-    def close_window(self, window_id: int, end_ns: int, end_interval_id: int,
-                     counters: Mapping[str, int], energy: Mapping[str, int]) -> None:
-        self._write(lambda: self.db.execute(
-            "UPDATE windows SET end_ns = ?, end_mono_ns = ?, counters_end = ?, energy = ?, "
-            "status = 'closed' WHERE id = ?",
-            (end_ns, end_interval_id, json.dumps(dict(counters)),
-             json.dumps(dict(energy), sort_keys=True), window_id),
-        ))
+    def close_window(
+        self,
+        window_id: int,
+        end_ns: int,
+        end_interval_id: int,
+        counters: Mapping[str, int],
+        energy: Mapping[str, int],
+    ) -> None:
+        self._write(
+            lambda: self.db.execute(
+                "UPDATE windows SET end_ns = ?, end_mono_ns = ?, counters_end = ?, energy = ?, "
+                "status = 'closed' WHERE id = ?",
+                (
+                    end_ns,
+                    end_interval_id,
+                    json.dumps(dict(counters)),
+                    json.dumps(dict(energy), sort_keys=True),
+                    window_id,
+                ),
+            )
+        )
 
     def window_count(self, run_id: int) -> int:
         """How many windows a run has (open or not)."""
@@ -637,15 +773,20 @@ class NodeStore:
 
     def window_counts_of_running(self) -> dict[int, int]:
         """run_id -> number of windows, for the running runs that have any."""
-        return dict(self.query(
-            "SELECT w.run_id, COUNT(*) FROM windows w JOIN jobs j ON j.run_id = w.run_id "
-            "WHERE j.state = 'running' GROUP BY w.run_id"))
+        return dict(
+            self.query(
+                "SELECT w.run_id, COUNT(*) FROM windows w JOIN jobs j ON j.run_id = w.run_id "
+                "WHERE j.state = 'running' GROUP BY w.run_id"
+            )
+        )
 
     def run_windows(self, run_id: int) -> list[tuple]:
         """(name, step_id, start_ns, end_ns, status, energy JSON) of a run's windows."""
         return self.query(
             "SELECT name, step_id, start_ns, end_ns, status, energy FROM windows "
-            "WHERE run_id = ? ORDER BY start_ns, id", (run_id,))
+            "WHERE run_id = ? ORDER BY start_ns, id",
+            (run_id,),
+        )
 
     # -- retention -----------------------------------------------------------------------------
 
@@ -655,12 +796,18 @@ class NodeStore:
         counts: dict[str, int] = {}
 
         def txn() -> None:
-            runs = [r for (r,) in self.db.execute(
-                "SELECT run_id FROM jobs WHERE state = 'exported' AND end_ns IS NOT NULL "
-                "AND end_ns < ?", (older_than_ns,))]
+            runs = [
+                r
+                for (r,) in self.db.execute(
+                    "SELECT run_id FROM jobs WHERE state = 'exported' AND end_ns IS NOT NULL "
+                    "AND end_ns < ?",
+                    (older_than_ns,),
+                )
+            ]
             # Keep intervals that an unexported run still needs, whatever their age.
             keep_from = self.db.execute(
-                "SELECT MIN(start_ns) FROM jobs WHERE state != 'exported'").fetchone()[0]
+                "SELECT MIN(start_ns) FROM jobs WHERE state != 'exported'"
+            ).fetchone()[0]
             cut_ns = older_than_ns if keep_from is None else min(older_than_ns, keep_from)
             for table, sql, params in _prune_steps(runs, cut_ns):
                 if params:
@@ -709,5 +856,7 @@ def open_or_quarantine(path: str | os.PathLike) -> tuple[NodeStore, Path | None]
             os.replace(src, Path(str(moved) + suffix))
     log.error("node store %s was corrupt; moved to %s and started anew", path, moved)
     store = NodeStore(path)
-    store.add_events([Event(time.time_ns(), "store_quarantined", f"corrupt store moved to {moved}")])
+    store.add_events(
+        [Event(time.time_ns(), "store_quarantined", f"corrupt store moved to {moved}")]
+    )
     return store, moved

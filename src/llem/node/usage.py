@@ -69,8 +69,9 @@ class CgroupLocator:
                 base_cpu = self.root / "cpu,cpuacct" / slurm_dir
                 if not base_cpu.is_dir():
                     continue
-            uid_dirs = [f"uid_{uid}"] if uid is not None else [
-                p.name for p in base_cpu.glob("uid_*")]
+            uid_dirs = (
+                [f"uid_{uid}"] if uid is not None else [p.name for p in base_cpu.glob("uid_*")]
+            )
             for uid_dir in uid_dirs:
                 cpu = base_cpu / uid_dir / f"job_{job_id}"
                 if cpu.is_dir():
@@ -79,8 +80,7 @@ class CgroupLocator:
         return None
 
     def v2(self, job_id: str) -> Path | None:
-        for base in (self.root / "system.slice" / "slurmstepd.scope",
-                     self.root / "slurm"):
+        for base in (self.root / "system.slice" / "slurmstepd.scope", self.root / "slurm"):
             path = base / f"job_{job_id}"
             if (path / "cpu.stat").exists():
                 return path
@@ -91,13 +91,17 @@ class CgroupLocator:
         v2 = self.v2(job_id)
         if v2 is not None:
             usec = _cpu_stat_usec(v2 / "cpu.stat")
-            return JobUsage(None if usec is None else usec * 1000,
-                            _read_int(v2 / "memory.current"), "cgroup-v2")
+            return JobUsage(
+                None if usec is None else usec * 1000, _read_int(v2 / "memory.current"), "cgroup-v2"
+            )
         v1 = self.v1(job_id, uid, node)
         if v1 is not None:
             cpu, mem = v1
-            return JobUsage(_read_int(cpu / "cpuacct.usage"),
-                            _read_int(mem / "memory.usage_in_bytes"), "cgroup-v1")
+            return JobUsage(
+                _read_int(cpu / "cpuacct.usage"),
+                _read_int(mem / "memory.usage_in_bytes"),
+                "cgroup-v1",
+            )
         return None
 
 
@@ -138,8 +142,9 @@ def _read_limit(path: Path) -> int | None:
     return int(text)
 
 
-def cgroup_allocation(locator: CgroupLocator, job_id: str, uid: int | None,
-                      node: str) -> tuple[int | None, int | None]:
+def cgroup_allocation(
+    locator: CgroupLocator, job_id: str, uid: int | None, node: str
+) -> tuple[int | None, int | None]:
     """The job's CPUs (its cpuset) and memory limit from its cgroup; None where unknown.
 
     v1: ``cpuset/slurm[_<node>]/uid_<uid>/job_<id>/cpuset.effective_cpus`` (or
@@ -149,16 +154,20 @@ def cgroup_allocation(locator: CgroupLocator, job_id: str, uid: int | None,
     """
     v2 = locator.v2(job_id)
     if v2 is not None:
-        return (_read_cpus(v2 / "cpuset.cpus.effective", v2 / "cpuset.cpus"),
-                _read_limit(v2 / "memory.max"))
+        return (
+            _read_cpus(v2 / "cpuset.cpus.effective", v2 / "cpuset.cpus"),
+            _read_limit(v2 / "memory.max"),
+        )
     v1 = locator.v1(job_id, uid, node)
     if v1 is None:
         return None, None
     cpu, mem = v1
     relative = cpu.relative_to(cpu.parents[2])  # slurm_dir/uid_dir/job_dir
     cpuset = locator.root / "cpuset" / relative
-    return (_read_cpus(cpuset / "cpuset.effective_cpus", cpuset / "cpuset.cpus"),
-            _read_limit(mem / "memory.limit_in_bytes"))
+    return (
+        _read_cpus(cpuset / "cpuset.effective_cpus", cpuset / "cpuset.cpus"),
+        _read_limit(mem / "memory.limit_in_bytes"),
+    )
 
 
 STEPD_TITLE = re.compile(rb"slurmstepd: \[(\d+)\.[A-Za-z0-9_+-]+\]")
@@ -195,14 +204,15 @@ class ProcScanner:
 
     SOURCE = "proc-tree"
 
-    def __init__(self, proc_root: str | os.PathLike = "/proc",
-                 trusted_uids: frozenset[int] | None = None) -> None:
+    def __init__(
+        self, proc_root: str | os.PathLike = "/proc", trusted_uids: frozenset[int] | None = None
+    ) -> None:
         """Args:
-            proc_root: the /proc tree to read.
-            trusted_uids: owners whose processes may stand for a slurmstepd. Default: root
-                and this process's own user, which is root for the node sampler (a
-                sampler run by a user, as ``llem demo`` does, trusts only that user, who
-                owns its store anyway).
+        proc_root: the /proc tree to read.
+        trusted_uids: owners whose processes may stand for a slurmstepd. Default: root
+            and this process's own user, which is root for the node sampler (a
+            sampler run by a user, as ``llem demo`` does, trusts only that user, who
+            owns its store anyway).
         """
         self.proc = Path(proc_root)
         self.trusted = frozenset({0, os.geteuid()}) if trusted_uids is None else trusted_uids
@@ -242,11 +252,18 @@ class ProcScanner:
                     stepds[pid] = self._stepd[key]
         self._stepd = {k: v for k, v in self._stepd.items() if k in self._seen}
         self._uid = {k: v for k, v in self._uid.items() if k in self._seen}
-        return {job: self._job_usage(job, uid, stepds, procs, children)
-                for job, uid in owners.items()}
+        return {
+            job: self._job_usage(job, uid, stepds, procs, children) for job, uid in owners.items()
+        }
 
-    def _job_usage(self, job: str, uid: int | None, stepds: dict[int, str | None],
-                   procs: dict[int, _Proc], children: dict[int, list[int]]) -> JobUsage:
+    def _job_usage(
+        self,
+        job: str,
+        uid: int | None,
+        stepds: dict[int, str | None],
+        procs: dict[int, _Proc],
+        children: dict[int, list[int]],
+    ) -> JobUsage:
         """The processes under the job's slurmstepds that run as the job's owner."""
         cpu = mem = 0
         todo = [c for pid, j in stepds.items() if j == job for c in children.get(pid, [])]
@@ -269,7 +286,7 @@ class ProcScanner:
             text = (self.proc / str(pid) / "stat").read_text()
         except OSError:
             return None, 0
-        fields = text[text.rfind(")") + 2:].split()
+        fields = text[text.rfind(")") + 2 :].split()
         try:
             ppid = int(fields[1])
             ticks = int(fields[11]) + int(fields[12])

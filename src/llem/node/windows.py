@@ -82,8 +82,12 @@ def _exchange(path: Path, message: dict, timeout_s: float) -> bytes:
     return data
 
 
-def request(path: Path, message: dict, timeout_s: float = TIMEOUT_S,
-            sleep: Callable[[float], None] = time.sleep) -> dict:
+def request(
+    path: Path,
+    message: dict,
+    timeout_s: float = TIMEOUT_S,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict:
     """Send one request, return the sampler's answer; WindowError when refused or unreachable.
 
     A server that is busy (its connection caps are reached) is asked again, with a growing
@@ -114,20 +118,25 @@ def request(path: Path, message: dict, timeout_s: float = TIMEOUT_S,
 def open_window(path: Path, env: Mapping[str, str], name: str | None) -> dict:
     name = name or "window"
     if len(name) > MAX_NAME_CHARS:
-        raise WindowError(f"window names are at most {MAX_NAME_CHARS} characters "
-                          f"(this one has {len(name)})")
-    return request(path, {
-        "op": "open",
-        "job_id": env.get("SLURM_JOB_ID", ""),
-        "step_id": env.get("SLURM_STEP_ID"),
-        "name": name,
-        "pid": os.getpid(),
-    })
+        raise WindowError(
+            f"window names are at most {MAX_NAME_CHARS} characters (this one has {len(name)})"
+        )
+    return request(
+        path,
+        {
+            "op": "open",
+            "job_id": env.get("SLURM_JOB_ID", ""),
+            "step_id": env.get("SLURM_STEP_ID"),
+            "name": name,
+            "pid": os.getpid(),
+        },
+    )
 
 
 def close_window(path: Path, env: Mapping[str, str], window_id: int) -> dict:
-    return request(path, {"op": "close", "job_id": env.get("SLURM_JOB_ID", ""),
-                          "window_id": window_id})
+    return request(
+        path, {"op": "close", "job_id": env.get("SLURM_JOB_ID", ""), "window_id": window_id}
+    )
 
 
 def ping(path: Path, timeout_s: float = 2.0) -> dict:
@@ -200,9 +209,15 @@ class WindowServer:
         monotonic_s: the clock of the limits.
     """
 
-    def __init__(self, path: Path, sampler, store, ingest_pending=None,
-                 pending_job: Callable[[str], bool] | None = None,
-                 monotonic_s: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        path: Path,
+        sampler,
+        store,
+        ingest_pending=None,
+        pending_job: Callable[[str], bool] | None = None,
+        monotonic_s: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
         self.sampler = sampler
         self.store = store
@@ -293,34 +308,40 @@ class WindowServer:
         self.accept_errors += 1
         # Logged at the first error and then every 100th: a flood must not flood the log.
         if self.accept_errors == 1 or self.accept_errors % 100 == 0:
-            log.warning("window server: accept() failed (%s; %d so far); retrying in %.2f s",
-                        os.strerror(error.errno) if error.errno else error,
-                        self.accept_errors, pause)
+            log.warning(
+                "window server: accept() failed (%s; %d so far); retrying in %.2f s",
+                os.strerror(error.errno) if error.errno else error,
+                self.accept_errors,
+                pause,
+            )
 
     def _admit(self, conn: socket.socket) -> None:
         """Serve the connection in a thread of its own, or refuse it at once (caps reached)."""
         try:
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                    struct.calcsize("3i"))
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         except OSError:
             conn.close()
             return
         pid, uid, _gid = struct.unpack("3i", creds)
         with self._lock:
-            admitted = (self._active_total < MAX_CONNECTIONS
-                        and self._active.get(uid, 0) < MAX_CONNECTIONS_PER_UID)
+            admitted = (
+                self._active_total < MAX_CONNECTIONS
+                and self._active.get(uid, 0) < MAX_CONNECTIONS_PER_UID
+            )
             if admitted:
                 self._active_total += 1
                 self._active[uid] = self._active.get(uid, 0) + 1
         if not admitted:
             conn.setblocking(False)
-            self._reply(conn, {"ok": False, "busy": True,
-                               "error": "too many connections; try again"})
+            self._reply(
+                conn, {"ok": False, "busy": True, "error": "too many connections; try again"}
+            )
             conn.close()
             return
         try:
-            threading.Thread(target=self._handle, args=(conn, pid, uid),
-                             name="llem-window", daemon=True).start()
+            threading.Thread(
+                target=self._handle, args=(conn, pid, uid), name="llem-window", daemon=True
+            ).start()
         except RuntimeError:  # no thread to be had: the peer is refused like a busy one
             self._release(uid)
             conn.close()
@@ -377,7 +398,8 @@ class WindowServer:
                 chunk = conn.recv(MAX_REQUEST_BYTES + 1 - len(data))
             except TimeoutError:
                 raise Refused(
-                    f"the request did not arrive within {REQUEST_DEADLINE_S:g} s") from None
+                    f"the request did not arrive within {REQUEST_DEADLINE_S:g} s"
+                ) from None
             if not chunk:
                 break
             data += chunk
@@ -398,8 +420,10 @@ class WindowServer:
         if refusal is not None:
             raise Refused(refusal)
         if request["op"] == "open" and job.windows >= MAX_WINDOWS_PER_JOB:
-            raise Refused(f"job {job_id} has {MAX_WINDOWS_PER_JOB} windows on this node, "
-                          "the most one job may open")
+            raise Refused(
+                f"job {job_id} has {MAX_WINDOWS_PER_JOB} windows on this node, "
+                "the most one job may open"
+            )
 
     def _ask_for_reading(self, job_id: str, reply: queue.Queue) -> None:
         """Wake the sampler for the request, within the rate limits.
@@ -413,8 +437,11 @@ class WindowServer:
             now = self.monotonic_s()
             if self._planned_at is not None:
                 return
-            at = max(now, self._last_read_s + MIN_READ_SPACING_S,
-                     self._last_forced.get(job_id, float("-inf")) + 1 / FORCED_READS_PER_JOB_S)
+            at = max(
+                now,
+                self._last_read_s + MIN_READ_SPACING_S,
+                self._last_forced.get(job_id, float("-inf")) + 1 / FORCED_READS_PER_JOB_S,
+            )
             next_regular = getattr(self.sampler, "next_deadline_ns", None)
             if next_regular is not None and next_regular / 1e9 - at < MIN_READ_SPACING_S:
                 return  # the regular reading answers it
@@ -488,14 +515,24 @@ class WindowServer:
             runs = self.store.runs_of(job_id, "running")
         return max(runs, key=lambda r: r.start_ns) if runs else None
 
-    def _open(self, pid: int, uid: int, request: dict, job, interval_id: int,
-              interval) -> dict:
+    def _open(self, pid: int, uid: int, request: dict, job, interval_id: int, interval) -> dict:
         if self.store.window_count(job.run_id) >= MAX_WINDOWS_PER_JOB:
-            return {"ok": False, "error": f"job {job.job_id} has {MAX_WINDOWS_PER_JOB} windows "
-                                          "on this node, the most one job may open"}
-        window_id = self.store.open_window(job.run_id, job.job_id, request["step_id"],
-                                           request["name"], uid, pid, interval.end_ns,
-                                           interval_id, _raw_counters(interval))
+            return {
+                "ok": False,
+                "error": f"job {job.job_id} has {MAX_WINDOWS_PER_JOB} windows "
+                "on this node, the most one job may open",
+            }
+        window_id = self.store.open_window(
+            job.run_id,
+            job.job_id,
+            request["step_id"],
+            request["name"],
+            uid,
+            pid,
+            interval.end_ns,
+            interval_id,
+            _raw_counters(interval),
+        )
         with self._lock:
             known = self._jobs.get(job.job_id)
             if known is not None:
@@ -513,19 +550,33 @@ class WindowServer:
         if status != "open":
             return {"ok": False, "error": f"window {window_id} is already {status}"}
         energy = self.store.run_energy_between(run_id, start_interval, interval_id)
-        self.store.close_window(window_id, interval.end_ns, interval_id,
-                                _raw_counters(interval), energy)
+        self.store.close_window(
+            window_id, interval.end_ns, interval_id, _raw_counters(interval), energy
+        )
         covered_ns = self.store.covered_ns_between(start_interval, interval_id, run_id)
         span_ns = max(1, interval.end_ns - start_ns)
-        return {"ok": True, "window_id": window_id, "start_ns": start_ns,
-                "end_ns": interval.end_ns, "energy_uj": energy,
-                "devices": self._devices_of(energy),
-                "coverage": round(min(1.0, covered_ns / span_ns), 4)}
+        return {
+            "ok": True,
+            "window_id": window_id,
+            "start_ns": start_ns,
+            "end_ns": interval.end_ns,
+            "energy_uj": energy,
+            "devices": self._devices_of(energy),
+            "coverage": round(min(1.0, covered_ns / span_ns), 4),
+        }
 
     def _devices_of(self, energy: dict[str, int]) -> dict[str, dict]:
-        return {key: {"component": d["component"], "device": d["name"], "source": d["source"],
-                      "sensor": d["sensor"], "method": d["method"]}
-                for key, d in self.store.devices().items() if key in energy}
+        return {
+            key: {
+                "component": d["component"],
+                "device": d["name"],
+                "source": d["source"],
+                "sensor": d["sensor"],
+                "method": d["method"],
+            }
+            for key, d in self.store.devices().items()
+            if key in energy
+        }
 
 
 def _peer_refusal(pid: int, uid: int, job_id: str, job_uid: int | None) -> str | None:

@@ -36,13 +36,20 @@ def require(*modules: str) -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise ReportDependencyError(
-            f"llem report needs {' and '.join(missing)}: {INSTALL_HINT}")
+        raise ReportDependencyError(f"llem report needs {' and '.join(missing)}: {INSTALL_HINT}")
 
 
-def build_report(ledger, config, period: Period, *, account: str | None = None,
-                 idle_w: float | None = None, top_n: int = 20, model=None,
-                 with_previous: bool = True) -> Report:
+def build_report(
+    ledger,
+    config,
+    period: Period,
+    *,
+    account: str | None = None,
+    idle_w: float | None = None,
+    top_n: int = 20,
+    model=None,
+    with_previous: bool = True,
+) -> Report:
     """Compute a report of ``period`` from an open ledger.
 
     Args:
@@ -70,8 +77,9 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
     resolved = carbon.factors(config, model, hours=hours)
     # the report sums energy x factor in SQL: the per-hour factors and embodied rates come
     # from llem.carbon, as every other CO2e figure
-    factors = frames.Factors({h: resolved.g_per_uj(h) for h in hours},
-                             resolved.gpu_g_per_hour, resolved.node_g_per_hour)
+    factors = frames.Factors(
+        {h: resolved.g_per_uj(h) for h in hours}, resolved.gpu_g_per_hour, resolved.node_g_per_hour
+    )
     q.load_hour_factors(ledger, factors.g_per_uj_by_hour)
 
     # The previous period and the nodes' hourly totals are independent reads: each runs in
@@ -82,8 +90,10 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
         return frames.totals(_jobs(conn, previous, account, idle_w, factors)[0])
 
     def node_rows_of(conn) -> tuple:
-        return (q.node_hours(conn, period.start_ns, period.end_ns),
-                q.job_nodes_in_period(conn, period.start_ns, period.end_ns))
+        return (
+            q.node_hours(conn, period.start_ns, period.end_ns),
+            q.job_nodes_in_period(conn, period.start_ns, period.end_ns),
+        )
 
     side = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -93,8 +103,7 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
             side["nodes"] = pool.submit(_own_connection, ledger.path, node_rows_of)
         jobs, runs, energy = _jobs(ledger, period, account, idle_w, factors)
         totals = frames.totals(jobs)
-        carbon_fields = _carbon_fields(ledger, config, resolved, period, account, energy,
-                                       totals)
+        carbon_fields = _carbon_fields(ledger, config, resolved, period, account, energy, totals)
         previous_totals = side["previous"].result() if with_previous else {}
         recon = None
         if account is None:
@@ -102,13 +111,22 @@ def build_report(ledger, config, period: Period, *, account: str | None = None,
             recon = frames.reconciliation(node_rows, job_nodes, totals["energy_kwh"])
     gpu_values = jobs.loc[jobs["gpu_h"] > 0, "kwh_per_gpu_h"].dropna()
     return frames.Report(
-        period=period, previous=previous, cluster=config.cluster, account=account,
-        totals=totals, carbon=carbon_fields,
+        period=period,
+        previous=previous,
+        cluster=config.cluster,
+        account=account,
+        totals=totals,
+        carbon=carbon_fields,
         groups={key: frames.by_group(jobs, key) for key in frames.GROUP_KEYS},
-        top_jobs=frames.top_jobs(jobs, top_n), waste=frames.waste(jobs, top_n), idle_w=idle_w,
-        daily=frames.daily(energy, runs), gpu_energy=frames.gpu_energy_distribution(jobs),
-        kwh_per_gpu_h=gpu_values.reset_index(drop=True), reconciliation=recon,
-        change=frames.change(totals, previous_totals), previous_totals=previous_totals,
+        top_jobs=frames.top_jobs(jobs, top_n),
+        waste=frames.waste(jobs, top_n),
+        idle_w=idle_w,
+        daily=frames.daily(energy, runs),
+        gpu_energy=frames.gpu_energy_distribution(jobs),
+        kwh_per_gpu_h=gpu_values.reset_index(drop=True),
+        reconciliation=recon,
+        change=frames.change(totals, previous_totals),
+        previous_totals=previous_totals,
         notes=frames.notes_for(totals, carbon_fields),
     )
 
@@ -145,10 +163,13 @@ def _carbon_fields(ledger, config, resolved, period, account, energy_rows, total
         for row in energy_rows:
             by_hour[row[1]] = by_hour.get(row[1], 0.0) + row[2] / 1e6
     else:
-        by_hour = {h: uj / 1e6 for h, uj in
-                   q.energy_by_hour(ledger, period.start_ns, period.end_ns, account)}
-    result = carbon.emissions(config, by_hour, gpu_hours=totals["gpu_h"],
-                              node_hours=totals["node_h"], resolved=resolved)
+        by_hour = {
+            h: uj / 1e6
+            for h, uj in q.energy_by_hour(ledger, period.start_ns, period.end_ns, account)
+        }
+    result = carbon.emissions(
+        config, by_hour, gpu_hours=totals["gpu_h"], node_hours=totals["node_h"], resolved=resolved
+    )
     fields = dict(result.carbon)
     fields["operational_kg_check"] = result.operational_g / 1000.0
     return fields

@@ -68,8 +68,11 @@ def month_period(month: str) -> Period:
         start = datetime.strptime(month, "%Y-%m").replace(tzinfo=timezone.utc)
     except ValueError:
         raise ValueError(f"month must be YYYY-MM, got {month!r}") from None
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else \
-        start.replace(month=start.month + 1)
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
     return Period(int(start.timestamp()) * 10**9, int(end.timestamp()) * 10**9, month)
 
 
@@ -81,8 +84,9 @@ def range_period(since: datetime, until: datetime) -> Period:
     """
     since, until = (d if d.tzinfo else d.replace(tzinfo=timezone.utc) for d in (since, until))
     if until <= since:
-        raise ValueError(f"--until ({until:%Y-%m-%d %H:%M}) must be after --since "
-                         f"({since:%Y-%m-%d %H:%M})")
+        raise ValueError(
+            f"--until ({until:%Y-%m-%d %H:%M}) must be after --since ({since:%Y-%m-%d %H:%M})"
+        )
     label = f"{since:%Y-%m-%d}..{until:%Y-%m-%d}"
     return Period(int(since.timestamp() * 1e9), int(until.timestamp() * 1e9), label, "range")
 
@@ -91,8 +95,11 @@ def previous_period(period: Period) -> Period:
     """The calendar month before a month; the same length just before any other period."""
     if period.kind == "month":
         start = datetime.fromtimestamp(period.start_ns // 10**9, tz=timezone.utc)
-        prev = start.replace(year=start.year - 1, month=12) if start.month == 1 else \
-            start.replace(month=start.month - 1)
+        prev = (
+            start.replace(year=start.year - 1, month=12)
+            if start.month == 1
+            else start.replace(month=start.month - 1)
+        )
         return month_period(prev.strftime("%Y-%m"))
     length = period.end_ns - period.start_ns
     start, end = period.start_ns - length, period.start_ns
@@ -111,22 +118,39 @@ class Factors:
 # -- jobs --------------------------------------------------------------------------------------
 
 
-def jobs_frame(run_rows: Sequence[tuple], energy_rows: Sequence[tuple],
-               idle_rows: Sequence[tuple], factors: Factors) -> pd.DataFrame:
+def jobs_frame(
+    run_rows: Sequence[tuple],
+    energy_rows: Sequence[tuple],
+    idle_rows: Sequence[tuple],
+    factors: Factors,
+) -> pd.DataFrame:
     """One row per job run overlapping the period, with its figures inside the period."""
     runs = pd.DataFrame.from_records(run_rows, columns=q.RUN_COLUMNS)
     energy = pd.DataFrame.from_records(energy_rows, columns=q.ENERGY_COLUMNS)
     idle = pd.DataFrame.from_records(idle_rows, columns=q.IDLE_COLUMNS)
     sums = energy.drop(columns="day_s").groupby("run_id").sum()
-    jobs = runs.set_index("run_id").join(sums, how="left").join(
-        idle.set_index("run_id"), how="left")
+    jobs = (
+        runs.set_index("run_id").join(sums, how="left").join(idle.set_index("run_id"), how="left")
+    )
     numeric = [c for c in q.ENERGY_COLUMNS[2:]] + list(q.IDLE_COLUMNS[1:])
     jobs[numeric] = jobs[numeric].fillna(0)
     for col in ("user", "account", "partition", "tag"):
         jobs[col] = jobs[col].fillna(NONE_LABEL).replace("", NONE_LABEL)
     out = pd.DataFrame(index=jobs.index)
-    for col in ("cluster", "job_id", "user", "account", "partition", "tag", "name", "state",
-                "status", "run_start_ns", "run_end_ns", "num_nodes"):
+    for col in (
+        "cluster",
+        "job_id",
+        "user",
+        "account",
+        "partition",
+        "tag",
+        "name",
+        "state",
+        "status",
+        "run_start_ns",
+        "run_end_ns",
+        "num_nodes",
+    ):
         out[col] = jobs[col]
     out["energy_kwh"] = jobs["energy_uj"] / UJ_PER_KWH
     for comp in ("cpu", "dram", "gpu", "other"):
@@ -137,8 +161,9 @@ def jobs_frame(run_rows: Sequence[tuple], energy_rows: Sequence[tuple],
     out["overlap_h"] = jobs["overlap_s"] / 3600.0
     out["coverage"] = jobs["coverage"]
     out["operational_kg"] = jobs["operational_g"] / 1000.0
-    out["embodied_kg"] = (out["gpu_h"] * factors.embodied_gpu_g_per_h
-                          + out["node_h"] * factors.embodied_node_g_per_h) / 1000.0
+    out["embodied_kg"] = (
+        out["gpu_h"] * factors.embodied_gpu_g_per_h + out["node_h"] * factors.embodied_node_g_per_h
+    ) / 1000.0
     out["co2e_kg"] = out["operational_kg"] + out["embodied_kg"]
     out["kwh_per_gpu_h"] = (out["energy_kwh"] / out["gpu_h"]).where(out["gpu_h"] > 0)
     out["allocated_gpus"] = jobs["allocated_gpus"].astype(int)
@@ -184,8 +209,9 @@ def totals(jobs: pd.DataFrame) -> dict[str, Any]:
         "accounts": int(jobs["account"].nunique()),
         "gpu_h": gpu_h,
         "node_h": float(jobs["node_h"].sum()),
-        "kwh_per_gpu_h": (float(jobs.loc[jobs["gpu_h"] > 0, "energy_kwh"].sum()) / gpu_h
-                          if gpu_h > 0 else None),
+        "kwh_per_gpu_h": (
+            float(jobs.loc[jobs["gpu_h"] > 0, "energy_kwh"].sum()) / gpu_h if gpu_h > 0 else None
+        ),
         "coverage": coverage_of(jobs),
         "idle_kwh": float(jobs["idle_kwh"].sum()),
         "idle_gpu_h": float(jobs["idle_gpu_h"].sum()),
@@ -196,11 +222,19 @@ def totals(jobs: pd.DataFrame) -> dict[str, Any]:
 
 def by_group(jobs: pd.DataFrame, key: str) -> pd.DataFrame:
     """Energy, CO2e, GPU-hours and energy per GPU-hour per value of ``key``, largest first."""
-    cols = ["energy_kwh", "gpu_kwh", "estimated_kwh", "operational_kg", "embodied_kg",
-            "co2e_kg", "gpu_h"]
+    cols = [
+        "energy_kwh",
+        "gpu_kwh",
+        "estimated_kwh",
+        "operational_kg",
+        "embodied_kg",
+        "co2e_kg",
+        "gpu_h",
+    ]
     if jobs.empty:
-        return pd.DataFrame(columns=[key, "jobs", *cols, "kwh_per_gpu_h", "energy_share",
-                                     "measured_share"])
+        return pd.DataFrame(
+            columns=[key, "jobs", *cols, "kwh_per_gpu_h", "energy_share", "measured_share"]
+        )
     g = jobs.groupby(key, sort=False)
     out = g[cols].sum()
     out.insert(0, "jobs", g.size())
@@ -209,15 +243,29 @@ def by_group(jobs: pd.DataFrame, key: str) -> pd.DataFrame:
     total = out["energy_kwh"].sum()
     out["energy_share"] = out["energy_kwh"] / total if total > 0 else 0.0
     out["measured_share"] = (1 - out["estimated_kwh"] / out["energy_kwh"]).where(
-        out["energy_kwh"] > 0)
+        out["energy_kwh"] > 0
+    )
     out = out.drop(columns="estimated_kwh").reset_index()
     return out.sort_values(["energy_kwh", key], ascending=[False, True]).reset_index(drop=True)
 
 
 def top_jobs(jobs: pd.DataFrame, n: int = 20) -> pd.DataFrame:
     """The ``n`` jobs with most energy in the period, with their ``llem-acct -j`` command."""
-    cols = ["job_id", "user", "account", "partition", "name", "energy_kwh", "gpu_kwh",
-            "co2e_kg", "gpu_h", "kwh_per_gpu_h", "start", "state", "command"]
+    cols = [
+        "job_id",
+        "user",
+        "account",
+        "partition",
+        "name",
+        "energy_kwh",
+        "gpu_kwh",
+        "co2e_kg",
+        "gpu_h",
+        "kwh_per_gpu_h",
+        "start",
+        "state",
+        "command",
+    ]
     if jobs.empty:
         return pd.DataFrame(columns=cols)
     top = jobs.sort_values(["energy_kwh", "job_id"], ascending=[False, True]).head(n).copy()
@@ -231,10 +279,22 @@ def waste(jobs: pd.DataFrame, n: int = 20) -> dict[str, pd.DataFrame]:
     """Idle-GPU energy per job (top ``n``), per user and per account."""
     wasted = jobs[jobs["idle_gpus"] > 0]
     out: dict[str, pd.DataFrame] = {}
-    job_cols = ["job_id", "user", "account", "idle_gpus", "allocated_gpus", "idle_kwh",
-                "idle_gpu_h", "gpu_kwh", "command"]
-    top = wasted.sort_values(["idle_kwh", "idle_gpu_h", "job_id"],
-                             ascending=[False, False, True]).head(n).copy()
+    job_cols = [
+        "job_id",
+        "user",
+        "account",
+        "idle_gpus",
+        "allocated_gpus",
+        "idle_kwh",
+        "idle_gpu_h",
+        "gpu_kwh",
+        "command",
+    ]
+    top = (
+        wasted.sort_values(["idle_kwh", "idle_gpu_h", "job_id"], ascending=[False, False, True])
+        .head(n)
+        .copy()
+    )
     top["command"] = [f"llem-acct -j {j}" for j in top["job_id"]]
     out["jobs"] = top[job_cols].reset_index(drop=True)
     for key in ("user", "account"):
@@ -248,9 +308,11 @@ def waste(jobs: pd.DataFrame, n: int = 20) -> dict[str, pd.DataFrame]:
         gpu = jobs.groupby(key)["gpu_kwh"].sum().reindex(frame.index)
         frame["gpu_kwh"] = gpu
         frame["idle_share"] = (frame["idle_kwh"] / gpu).where(gpu > 0)
-        out[key] = frame.reset_index().sort_values(
-            ["idle_kwh", "idle_gpu_h", key], ascending=[False, False, True]
-        ).reset_index(drop=True)[cols]
+        out[key] = (
+            frame.reset_index()
+            .sort_values(["idle_kwh", "idle_gpu_h", key], ascending=[False, False, True])
+            .reset_index(drop=True)[cols]
+        )
     return out
 
 
@@ -266,8 +328,11 @@ def daily(energy_rows: Sequence[tuple], jobs_runs: Sequence[tuple]) -> pd.DataFr
     g["day"] = pd.to_datetime(g["day_s"], unit="s", utc=True).dt.strftime("%Y-%m-%d")
     g["energy_kwh"] = g["energy_uj"] / UJ_PER_KWH
     g["operational_kg"] = g["operational_g"] / 1000.0
-    return g[["day", "account", "energy_kwh", "operational_kg"]].sort_values(
-        ["day", "account"]).reset_index(drop=True)
+    return (
+        g[["day", "account", "energy_kwh", "operational_kg"]]
+        .sort_values(["day", "account"])
+        .reset_index(drop=True)
+    )
 
 
 def gpu_energy_distribution(jobs: pd.DataFrame) -> dict[str, Any]:
@@ -277,15 +342,21 @@ def gpu_energy_distribution(jobs: pd.DataFrame) -> dict[str, Any]:
     if values.empty:
         return {"jobs": 0}
     qs = values.quantile([0.1, 0.5, 0.9])
-    return {"jobs": len(values), "p10": float(qs[0.1]), "median": float(qs[0.5]),
-            "p90": float(qs[0.9]), "max": float(values.max())}
+    return {
+        "jobs": len(values),
+        "p10": float(qs[0.1]),
+        "median": float(qs[0.5]),
+        "p90": float(qs[0.9]),
+        "max": float(values.max()),
+    }
 
 
 # -- reconciliation ------------------------------------------------------------------------------
 
 
-def reconciliation(node_rows: Sequence[tuple], job_nodes: Sequence[str],
-                   jobs_kwh: float) -> dict[str, Any]:
+def reconciliation(
+    node_rows: Sequence[tuple], job_nodes: Sequence[str], jobs_kwh: float
+) -> dict[str, Any]:
     """Node energy measured vs attributed to jobs vs the unattributed remainder, and gaps.
 
     ``node_rows`` come from the nodes' own hourly totals (``node_hours``); ``job_nodes`` are
@@ -294,15 +365,21 @@ def reconciliation(node_rows: Sequence[tuple], job_nodes: Sequence[str],
     slices delivered) means job slices not merged yet.
     """
     nodes = pd.DataFrame.from_records(node_rows, columns=q.NODE_HOUR_COLUMNS)
-    by_component = (nodes.groupby("component")[["measured_uj", "attributed_uj",
-                                                 "remainder_uj"]].sum() / UJ_PER_KWH)
+    by_component = (
+        nodes.groupby("component")[["measured_uj", "attributed_uj", "remainder_uj"]].sum()
+        / UJ_PER_KWH
+    )
     by_component.columns = ["measured_kwh", "attributed_kwh", "remainder_kwh"]
     counted = nodes[nodes["component"] != "psys"]  # a whole-node meter overlaps the parts
     measured = float(counted["measured_uj"].sum()) / UJ_PER_KWH
     per_node = nodes.groupby("node").agg(
-        hours=("hours", "max"), gap_intervals=("gap_intervals", "sum"),
-        intervals=("intervals", "sum"), covered_ns=("covered_ns", "sum"),
-        device_hours=("device_hours", "sum"), measured_uj=("measured_uj", "sum"))
+        hours=("hours", "max"),
+        gap_intervals=("gap_intervals", "sum"),
+        intervals=("intervals", "sum"),
+        covered_ns=("covered_ns", "sum"),
+        device_hours=("device_hours", "sum"),
+        measured_uj=("measured_uj", "sum"),
+    )
     per_node["covered_share"] = per_node["covered_ns"] / (per_node["device_hours"] * 3600e9)
     # Samplers run while jobs run, so hours without jobs are not covered: only recorded gaps
     # (counter resets, missed intervals) mark a node here; the covered share is shown beside.
@@ -316,18 +393,24 @@ def reconciliation(node_rows: Sequence[tuple], job_nodes: Sequence[str],
         "jobs_kwh": jobs_kwh,
         "nodes": len(per_node),
         "by_component": by_component.reset_index(),
-        "nodes_with_gaps": gaps.sort_values(["gap_intervals", "node"],
-                                            ascending=[False, True]).reset_index(drop=True),
+        "nodes_with_gaps": gaps.sort_values(
+            ["gap_intervals", "node"], ascending=[False, True]
+        ).reset_index(drop=True),
         "nodes_without_totals": without,
     }
 
 
 # -- change against the previous period ---------------------------------------------------------
 
-CHANGE_KEYS = (("energy_kwh", "Energy (kWh)"), ("co2e_kg", "CO2e (kg)"),
-               ("jobs", "Jobs"), ("gpu_h", "GPU-hours"),
-               ("kwh_per_gpu_h", "kWh per GPU-hour"), ("idle_kwh", "Idle-GPU energy (kWh)"),
-               ("measured_share", "Measured share"))
+CHANGE_KEYS = (
+    ("energy_kwh", "Energy (kWh)"),
+    ("co2e_kg", "CO2e (kg)"),
+    ("jobs", "Jobs"),
+    ("gpu_h", "GPU-hours"),
+    ("kwh_per_gpu_h", "kWh per GPU-hour"),
+    ("idle_kwh", "Idle-GPU energy (kWh)"),
+    ("measured_share", "Measured share"),
+)
 
 
 def change(current: Mapping[str, Any], previous: Mapping[str, Any]) -> pd.DataFrame:
@@ -338,8 +421,7 @@ def change(current: Mapping[str, Any], previous: Mapping[str, Any]) -> pd.DataFr
         rel = None
         if cur is not None and prev not in (None, 0) and not _nan(prev):
             rel = (cur - prev) / abs(prev)
-        rows.append({"figure": label, "key": key, "previous": prev, "current": cur,
-                     "change": rel})
+        rows.append({"figure": label, "key": key, "previous": prev, "current": cur, "change": rel})
     return pd.DataFrame(rows, dtype=object)
 
 
@@ -375,7 +457,8 @@ class Report:
     @property
     def empty(self) -> bool:
         return self.totals["jobs"] == 0 and not (
-            self.reconciliation and self.reconciliation["nodes"])
+            self.reconciliation and self.reconciliation["nodes"]
+        )
 
     @property
     def idle_definition(self) -> str:
@@ -386,18 +469,26 @@ def notes_for(totals: Mapping[str, Any], carbon: Mapping[str, Any]) -> list[str]
     """What the reader must know to trust the figures."""
     notes = []
     if totals["jobs"] and totals["measured_share"] == 0:
-        notes.append("All job energy in this period is estimated (no energy counters were "
-                     "available: the estimate model of docs/estimate-model.md); measured "
-                     "share 0 %.")
+        notes.append(
+            "All job energy in this period is estimated (no energy counters were "
+            "available: the estimate model of docs/estimate-model.md); measured "
+            "share 0 %."
+        )
     elif totals["measured_share"] is not None and totals["measured_share"] < 1:
-        notes.append(f"{(1 - totals['measured_share']) * 100:.1f} % of the job energy is "
-                     "estimated, not measured.")
+        notes.append(
+            f"{(1 - totals['measured_share']) * 100:.1f} % of the job energy is "
+            "estimated, not measured."
+        )
     if totals["incomplete_jobs"]:
-        notes.append(f"{totals['incomplete_jobs']} job run(s) are pending or incomplete "
-                     "(some nodes have not reported yet): their energy may still grow.")
+        notes.append(
+            f"{totals['incomplete_jobs']} job run(s) are pending or incomplete "
+            "(some nodes have not reported yet): their energy may still grow."
+        )
     if totals.get("unresolved_gpus"):
-        notes.append(f"{totals['unresolved_gpus']} allocated GPU(s) are known only by Slurm's "
-                     "index, not by device (slices from before llem resolved GPU identity, "
-                     "or a node without its gres.conf): they are not judged idle or busy.")
+        notes.append(
+            f"{totals['unresolved_gpus']} allocated GPU(s) are known only by Slurm's "
+            "index, not by device (slices from before llem resolved GPU identity, "
+            "or a node without its gres.conf): they are not judged idle or busy."
+        )
     notes.extend(carbon.get("notes") or [])
     return notes

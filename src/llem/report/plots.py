@@ -15,8 +15,18 @@ import numpy as np
 from llem.report.frames import Report
 
 HATCHES = ("", "///", "...", "xxx", "\\\\\\", "ooo", "---", "+++", "***", "|||")
-GREYS = ("#1b1b1b", "#4d4d4d", "#7a7a7a", "#a6a6a6", "#cfcfcf", "#2f5d8a", "#8a5d2f",
-         "#5d8a2f", "#8a2f5d", "#e0e0e0")
+GREYS = (
+    "#1b1b1b",
+    "#4d4d4d",
+    "#7a7a7a",
+    "#a6a6a6",
+    "#cfcfcf",
+    "#2f5d8a",
+    "#8a5d2f",
+    "#5d8a2f",
+    "#8a2f5d",
+    "#e0e0e0",
+)
 MAX_STACK = 7
 DPI = 100
 
@@ -32,8 +42,9 @@ def _pyplot():
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight",
-                metadata={"Software": None})  # no version stamp: reproducible bytes
+    fig.savefig(
+        buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None}
+    )  # no version stamp: reproducible bytes
     _pyplot().close(fig)
     return buf.getvalue()
 
@@ -45,8 +56,14 @@ def _num(value: float) -> str:
 def _label_bars(ax, bars) -> None:
     for bar in bars:
         w = bar.get_width()
-        ax.annotate(_num(w), (w, bar.get_y() + bar.get_height() / 2),
-                    xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.annotate(
+            _num(w),
+            (w, bar.get_y() + bar.get_height() / 2),
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
 
 
 def daily_by_account(report: Report) -> bytes:
@@ -59,11 +76,13 @@ def daily_by_account(report: Report) -> bytes:
     order = keep + (["other accounts"] if len(totals) > MAX_STACK else [])
     days = _days(report)
     fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    for ax, col, unit in ((axes[0], "energy_kwh", "energy (kWh)"),
-                          (axes[1], "operational_kg", "operational CO2e (kg)")):
-        pivot = d.pivot_table(index="day", columns="account", values=col, aggfunc="sum",
-                              fill_value=0.0).reindex(index=days, columns=order,
-                                                      fill_value=0.0)
+    for ax, col, unit in (
+        (axes[0], "energy_kwh", "energy (kWh)"),
+        (axes[1], "operational_kg", "operational CO2e (kg)"),
+    ):
+        pivot = d.pivot_table(
+            index="day", columns="account", values=col, aggfunc="sum", fill_value=0.0
+        ).reindex(index=days, columns=order, fill_value=0.0)
         # One stepped polygon per account (not one bar per day and account): 20x faster
         # to draw on a month with many accounts, and the same picture.
         n = len(pivot.index)
@@ -71,9 +90,16 @@ def daily_by_account(report: Report) -> bytes:
         bottom = np.zeros(n)
         for i, acct in enumerate(order):
             vals = pivot[acct].to_numpy(dtype=float)
-            ax.fill_between(x, np.repeat(bottom, 2), np.repeat(bottom + vals, 2), label=acct,
-                            facecolor=GREYS[i % len(GREYS)], hatch=HATCHES[i % len(HATCHES)],
-                            edgecolor="black", linewidth=0.4)
+            ax.fill_between(
+                x,
+                np.repeat(bottom, 2),
+                np.repeat(bottom + vals, 2),
+                label=acct,
+                facecolor=GREYS[i % len(GREYS)],
+                hatch=HATCHES[i % len(HATCHES)],
+                edgecolor="black",
+                linewidth=0.4,
+            )
             bottom = bottom + vals
         x = range(n)
         ax.set_ylabel(unit)
@@ -84,12 +110,16 @@ def daily_by_account(report: Report) -> bytes:
         ax.set_xticklabels([day[5:] for day in pivot.index], rotation=90, fontsize=7)
     axes[0].set_title(f"Daily energy and CO2e by account, {report.period.label} (UTC days)")
     handles, labels = axes[0].get_legend_handles_labels()  # legend top-down = stack
-    axes[0].legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left",
-                   bbox_to_anchor=(1.0, 1.0))
+    axes[0].legend(
+        handles[::-1], labels[::-1], fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0)
+    )
     axes[1].set_xlabel("day (MM-DD)")
     c = report.carbon
-    axes[1].set_title(f"CO2e at {c.get('intensity_g_per_kwh', 0):g} gCO2e/kWh "
-                      f"({c.get('region')}, {c.get('year')}), PUE {c.get('pue')}", fontsize=8)
+    axes[1].set_title(
+        f"CO2e at {c.get('intensity_g_per_kwh', 0):g} gCO2e/kWh "
+        f"({c.get('region')}, {c.get('year')}), PUE {c.get('pue')}",
+        fontsize=8,
+    )
     return _png(fig)
 
 
@@ -106,8 +136,13 @@ def top_users(report: Report, n: int = 15) -> bytes:
     plt = _pyplot()
     users = report.groups["user"].head(n).iloc[::-1]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(users) + 1.5))
-    bars = ax.barh(users["user"].astype(str), users["energy_kwh"], color="#7a7a7a",
-                   edgecolor="black", hatch="//")
+    bars = ax.barh(
+        users["user"].astype(str),
+        users["energy_kwh"],
+        color="#7a7a7a",
+        edgecolor="black",
+        hatch="//",
+    )
     _label_bars(ax, bars)
     ax.set_xlabel("energy (kWh)")
     ax.set_title(f"Top {len(users)} users by energy, {report.period.label}")
@@ -124,8 +159,13 @@ def gpu_energy_distribution(report: Report) -> bytes:
     ax.hist(values, bins=40, color="#a6a6a6", edgecolor="black", hatch="..")
     g = report.gpu_energy
     for key, style in (("p10", ":"), ("median", "-"), ("p90", "--")):
-        ax.axvline(g[key], color="black", linestyle=style, linewidth=1.4,
-                   label=f"{key} {g[key]:.3f} kWh/GPU-h")
+        ax.axvline(
+            g[key],
+            color="black",
+            linestyle=style,
+            linewidth=1.4,
+            label=f"{key} {g[key]:.3f} kWh/GPU-h",
+        )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     from matplotlib.ticker import MaxNLocator
 
@@ -141,16 +181,28 @@ def waste_by_account(report: Report, n: int = 15) -> bytes:
     plt = _pyplot()
     w = report.waste["account"].head(n).iloc[::-1]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(w) + 1.5))
-    bars = ax.barh(w["account"].astype(str), w["idle_kwh"], color="#4d4d4d",
-                   edgecolor="black", hatch="xx")
+    bars = ax.barh(
+        w["account"].astype(str), w["idle_kwh"], color="#4d4d4d", edgecolor="black", hatch="xx"
+    )
     for bar, share in zip(bars, w["idle_share"]):
-        text = _num(bar.get_width()) + (f" ({share * 100:.0f} % of GPU energy)"
-                                            if share is not None and not math.isnan(share) else "")
-        ax.annotate(text, (bar.get_width(), bar.get_y() + bar.get_height() / 2),
-                    xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        text = _num(bar.get_width()) + (
+            f" ({share * 100:.0f} % of GPU energy)"
+            if share is not None and not math.isnan(share)
+            else ""
+        )
+        ax.annotate(
+            text,
+            (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
     ax.set_xlabel("energy of idle allocated GPUs (kWh)")
-    ax.set_title(f"Idle-GPU energy by account, {report.period.label} "
-                 f"(idle: average < {report.idle_w:g} W per GPU)")
+    ax.set_title(
+        f"Idle-GPU energy by account, {report.period.label} "
+        f"(idle: average < {report.idle_w:g} W per GPU)"
+    )
     ax.grid(axis="x", alpha=0.3)
     ax.margins(x=0.35)
     return _png(fig)

@@ -22,25 +22,45 @@ JSON_SCHEMA = "llem.report/1"
 
 TOTAL_ROWS = (
     ("energy_kwh", "Energy, all components (kWh)"),
-    ("cpu_kwh", "  CPU (kWh)"), ("dram_kwh", "  DRAM (kWh)"), ("gpu_kwh", "  GPU (kWh)"),
+    ("cpu_kwh", "  CPU (kWh)"),
+    ("dram_kwh", "  DRAM (kWh)"),
+    ("gpu_kwh", "  GPU (kWh)"),
     ("other_kwh", "  other (kWh)"),
-    ("operational_kg", "CO2e operational (kg)"), ("embodied_kg", "CO2e embodied (kg)"),
+    ("operational_kg", "CO2e operational (kg)"),
+    ("embodied_kg", "CO2e embodied (kg)"),
     ("co2e_kg", "CO2e total (kg)"),
-    ("jobs", "Job runs"), ("users", "Users"), ("accounts", "Accounts"),
-    ("gpu_h", "GPU-hours"), ("node_h", "Node-hours"), ("kwh_per_gpu_h", "kWh per GPU-hour"),
-    ("measured_share", "Measured share of energy"), ("coverage", "Coverage (time with data)"),
-    ("idle_kwh", "Idle-GPU energy (kWh)"), ("idle_gpu_h", "Idle GPU-hours"),
+    ("jobs", "Job runs"),
+    ("users", "Users"),
+    ("accounts", "Accounts"),
+    ("gpu_h", "GPU-hours"),
+    ("node_h", "Node-hours"),
+    ("kwh_per_gpu_h", "kWh per GPU-hour"),
+    ("measured_share", "Measured share of energy"),
+    ("coverage", "Coverage (time with data)"),
+    ("idle_kwh", "Idle-GPU energy (kWh)"),
+    ("idle_gpu_h", "Idle GPU-hours"),
 )
-SHARE_KEYS = {"measured_share", "coverage", "energy_share", "idle_share", "covered_share",
-              "change"}
+SHARE_KEYS = {"measured_share", "coverage", "energy_share", "idle_share", "covered_share", "change"}
 HEADERS = {
-    "jobs": "jobs", "energy_kwh": "energy kWh", "gpu_kwh": "GPU kWh", "co2e_kg": "CO2e kg",
-    "operational_kg": "operational kg", "embodied_kg": "embodied kg", "gpu_h": "GPU-h",
-    "kwh_per_gpu_h": "kWh/GPU-h", "energy_share": "share", "measured_share": "measured",
-    "idle_gpus": "idle GPUs", "allocated_gpus": "GPUs", "idle_kwh": "idle kWh",
-    "idle_gpu_h": "idle GPU-h", "idle_share": "idle share of GPU kWh",
-    "covered_share": "covered", "gap_intervals": "gap intervals",
-    "measured_kwh": "measured kWh", "attributed_kwh": "attributed kWh",
+    "jobs": "jobs",
+    "energy_kwh": "energy kWh",
+    "gpu_kwh": "GPU kWh",
+    "co2e_kg": "CO2e kg",
+    "operational_kg": "operational kg",
+    "embodied_kg": "embodied kg",
+    "gpu_h": "GPU-h",
+    "kwh_per_gpu_h": "kWh/GPU-h",
+    "energy_share": "share",
+    "measured_share": "measured",
+    "idle_gpus": "idle GPUs",
+    "allocated_gpus": "GPUs",
+    "idle_kwh": "idle kWh",
+    "idle_gpu_h": "idle GPU-h",
+    "idle_share": "idle share of GPU kWh",
+    "covered_share": "covered",
+    "gap_intervals": "gap intervals",
+    "measured_kwh": "measured kWh",
+    "attributed_kwh": "attributed kWh",
     "remainder_kwh": "remainder kWh",
 }
 
@@ -63,14 +83,19 @@ def fmt(value: Any, key: str = "") -> str:
 def carbon_line(report: Report) -> str:
     """The provenance that every CO2e figure carries."""
     c = report.carbon
-    text = (f"CO2e uses grid intensity {c.get('intensity_g_per_kwh')} gCO2e/kWh for region "
-            f"{c.get('region')} (source: {c.get('source')}; year {c.get('year')}; basis "
-            f"{c.get('basis')}) and PUE {c.get('pue')}")
+    text = (
+        f"CO2e uses grid intensity {c.get('intensity_g_per_kwh')} gCO2e/kWh for region "
+        f"{c.get('region')} (source: {c.get('source')}; year {c.get('year')}; basis "
+        f"{c.get('basis')}) and PUE {c.get('pue')}"
+    )
     if c.get("pue_by_month"):
         text += f" (by month: {c['pue_by_month']})"
     emb = c.get("embodied")
-    text += (f"; embodied: {emb['source']}." if emb else "; embodied emissions not included "
-             "(embodied.enabled is off).")
+    text += (
+        f"; embodied: {emb['source']}."
+        if emb
+        else "; embodied emissions not included (embodied.enabled is off)."
+    )
     return text
 
 
@@ -81,15 +106,21 @@ def title(report: Report) -> str:
 
 
 def period_line(report: Report) -> str:
-    return (f"Period {report.period.start_iso} to {report.period.end_iso} (end excluded); "
-            f"previous: {report.previous.label}.")
+    return (
+        f"Period {report.period.start_iso} to {report.period.end_iso} (end excluded); "
+        f"previous: {report.previous.label}."
+    )
 
 
 def _table_specs(report: Report) -> list[tuple[str, str, pd.DataFrame]]:
     """(id, heading, frame) of every table, in reading order."""
     specs = [("totals", "Totals", totals_frame(report))]
-    names = {"account": "By account", "user": "By user", "partition": "By partition",
-             "tag": "By tag"}
+    names = {
+        "account": "By account",
+        "user": "By user",
+        "partition": "By partition",
+        "tag": "By tag",
+    }
     for key, heading in names.items():
         if report.account and key == "account":
             continue
@@ -102,24 +133,23 @@ def _table_specs(report: Report) -> list[tuple[str, str, pd.DataFrame]]:
     if report.reconciliation:
         r = report.reconciliation
         specs.append(("reconciliation", "Reconciliation", reconciliation_frame(report)))
-        specs.append(("reconciliation_components", "Reconciliation by component",
-                      r["by_component"]))
+        specs.append(
+            ("reconciliation_components", "Reconciliation by component", r["by_component"])
+        )
         specs.append(("nodes_with_gaps", "Nodes with gaps", r["nodes_with_gaps"]))
-    specs.append(("change", f"Change against {report.previous.label}",
-                  report.change))
+    specs.append(("change", f"Change against {report.previous.label}", report.change))
     return specs
 
 
 def totals_frame(report: Report) -> pd.DataFrame:
-    rows = [{"figure": label, "key": key, "value": report.totals.get(key)}
-            for key, label in TOTAL_ROWS]
+    rows = [
+        {"figure": label, "key": key, "value": report.totals.get(key)} for key, label in TOTAL_ROWS
+    ]
     c = report.carbon
     for key in ("region", "intensity_g_per_kwh", "source", "year", "basis", "pue"):
         # Shown as given (344.14, not 344.1): the factors are quoted, not measured.
-        rows.append({"figure": f"carbon {key}", "key": f"carbon_{key}",
-                     "value": str(c.get(key))})
-    rows.append({"figure": "idle threshold (W per GPU)", "key": "idle_w",
-                 "value": report.idle_w})
+        rows.append({"figure": f"carbon {key}", "key": f"carbon_{key}", "value": str(c.get(key))})
+    rows.append({"figure": "idle threshold (W per GPU)", "key": "idle_w", "value": report.idle_w})
     return pd.DataFrame(rows)
 
 
@@ -133,8 +163,13 @@ def reconciliation_frame(report: Report) -> pd.DataFrame:
         ("Nodes reporting hourly totals", "nodes"),
     ]
     out = [{"figure": label, "key": key, "value": r[key]} for label, key in rows]
-    out.append({"figure": "Nodes with job energy but no hourly totals", "key": "without",
-                "value": ", ".join(r["nodes_without_totals"]) or "none"})
+    out.append(
+        {
+            "figure": "Nodes with job energy but no hourly totals",
+            "key": "without",
+            "value": ", ".join(r["nodes_without_totals"]) or "none",
+        }
+    )
     return pd.DataFrame(out)
 
 
@@ -156,15 +191,22 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 def to_dict(report: Report) -> dict:
     """The report as plain data (full precision), the JSON format's content."""
     out = {
-        "schema": JSON_SCHEMA, "cluster": report.cluster, "account": report.account,
-        "period": {"label": report.period.label, "start": report.period.start_iso,
-                   "end": report.period.end_iso,
-                   "start_ns": report.period.start_ns, "end_ns": report.period.end_ns},
+        "schema": JSON_SCHEMA,
+        "cluster": report.cluster,
+        "account": report.account,
+        "period": {
+            "label": report.period.label,
+            "start": report.period.start_iso,
+            "end": report.period.end_iso,
+            "start_ns": report.period.start_ns,
+            "end_ns": report.period.end_ns,
+        },
         "previous_period": report.previous.label,
         "empty": report.empty,
         "totals": {k: _plain(v) for k, v in report.totals.items()},
         "carbon": {k: v for k, v in report.carbon.items() if k != "operational_kg_check"},
-        "idle_threshold_w": report.idle_w, "idle_definition": report.idle_definition,
+        "idle_threshold_w": report.idle_w,
+        "idle_definition": report.idle_definition,
         "groups": {k: _records(v) for k, v in report.groups.items()},
         "top_jobs": _records(report.top_jobs),
         "waste": {k: _records(v) for k, v in report.waste.items()},
@@ -227,8 +269,11 @@ MAX_ROWS = 50
 
 def _more(frame: pd.DataFrame) -> str:
     extra = len(frame) - MAX_ROWS
-    return (f"... and {extra:,} more rows (every row is in the csv and json formats)"
-            if extra > 0 else "")
+    return (
+        f"... and {extra:,} more rows (every row is in the csv and json formats)"
+        if extra > 0
+        else ""
+    )
 
 
 VALUE_COLUMNS = ("value", "previous", "current")
@@ -264,17 +309,27 @@ def _md_table(frame: pd.DataFrame) -> str:
     texts = _texts(frame.to_dict("records"), cols)
     cells = [[markdown_cell(text) for text in row] for row in texts]
     # Cells are already formatted: no number parsing; keep the indent of sub-rows (CPU...).
-    table = tabulate(cells, headers=[HEADERS.get(c, c) for c in cols], tablefmt="pipe",
-                     colalign=align, disable_numparse=True, preserve_whitespace=True)
+    table = tabulate(
+        cells,
+        headers=[HEADERS.get(c, c) for c in cols],
+        tablefmt="pipe",
+        colalign=align,
+        disable_numparse=True,
+        preserve_whitespace=True,
+    )
     return table + "\n" + (f"\n{more}\n" if more else "")
 
 
 def to_markdown(report: Report, plot_files: list[str] = ()) -> str:
-    parts = [f"# {markdown_cell(title(report))}\n", period_line(report) + "\n",
-             markdown_cell(carbon_line(report)) + "\n"]
+    parts = [
+        f"# {markdown_cell(title(report))}\n",
+        period_line(report) + "\n",
+        markdown_cell(carbon_line(report)) + "\n",
+    ]
     if report.empty:
-        parts.append(f"**No data**: the ledger holds no job or node energy for "
-                     f"{report.period.label}.\n")
+        parts.append(
+            f"**No data**: the ledger holds no job or node energy for {report.period.label}.\n"
+        )
     for note in report.notes:
         parts.append(f"> {markdown_cell(note)}\n")
     for ident, heading, frame in _table_specs(report):
@@ -285,9 +340,11 @@ def to_markdown(report: Report, plot_files: list[str] = ()) -> str:
     g = report.gpu_energy
     if g.get("jobs"):
         parts.append("## Energy per GPU-hour\n")
-        parts.append(f"Over {g['jobs']:,} GPU jobs: p10 {g['p10']:.3f}, median "
-                     f"{g['median']:.3f}, p90 {g['p90']:.3f}, max {g['max']:.3f} kWh per "
-                     "GPU-hour.\n")
+        parts.append(
+            f"Over {g['jobs']:,} GPU jobs: p10 {g['p10']:.3f}, median "
+            f"{g['median']:.3f}, p90 {g['p90']:.3f}, max {g['max']:.3f} kWh per "
+            "GPU-hour.\n"
+        )
     for name in plot_files:
         parts.append(f"![{name}]({name})\n")
     return "\n".join(parts)
@@ -302,7 +359,7 @@ def to_markdown(report: Report, plot_files: list[str] = ()) -> str:
 
 PLOT_CAPTIONS = {
     "daily_energy_co2e_by_account.png": "Daily energy (kWh) and operational CO2e (kg) stacked "
-                                        "by account",
+    "by account",
     "top_users.png": "Top users by energy (kWh)",
     "energy_per_gpu_hour.png": "Distribution of energy per GPU-hour over GPU jobs",
     "waste_by_account.png": "Energy of idle allocated GPUs by account (kWh)",
@@ -320,8 +377,13 @@ def to_html(report: Report, plots: dict[str, bytes]) -> str:
 def _template():
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
-    env = Environment(loader=PackageLoader("llem.report", "templates"), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("llem.report", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     return env.get_template("report.html")
 
 
@@ -329,29 +391,48 @@ def _html_context(report: Report, plots: dict[str, bytes]) -> dict[str, Any]:
     """Everything the template shows, as plain data (strings, lists, dicts)."""
     figures = {name: _figure(name, data) for name, data in plots.items()}
     beside = _plots_beside(report)
-    sections = [_section(report, ident, heading, frame, figures.get(beside.get(ident)),
-                         figures.get(GPU_PLOT) if ident == "top_jobs" else None)
-                for ident, heading, frame in _table_specs(report)]
+    sections = [
+        _section(
+            report,
+            ident,
+            heading,
+            frame,
+            figures.get(beside.get(ident)),
+            figures.get(GPU_PLOT) if ident == "top_jobs" else None,
+        )
+        for ident, heading, frame in _table_specs(report)
+    ]
     placed = {s["figure"]["name"] for s in sections if s["figure"]}
     placed |= {s["after"]["figure"]["name"] for s in sections if s["after"]}
     return {
-        "title": title(report), "period_line": period_line(report),
-        "carbon_line": carbon_line(report), "empty": report.empty,
-        "period_label": report.period.label, "notes": report.notes, "kpis": _kpis(report),
+        "title": title(report),
+        "period_line": period_line(report),
+        "carbon_line": carbon_line(report),
+        "empty": report.empty,
+        "period_label": report.period.label,
+        "notes": report.notes,
+        "kpis": _kpis(report),
         "sections": sections,
         "other_figures": [f for name, f in figures.items() if name not in placed],
     }
 
 
-def _section(report: Report, ident: str, heading: str, frame: pd.DataFrame,
-             figure: dict | None, gpu_figure: dict | None) -> dict[str, Any]:
+def _section(
+    report: Report,
+    ident: str,
+    heading: str,
+    frame: pd.DataFrame,
+    figure: dict | None,
+    gpu_figure: dict | None,
+) -> dict[str, Any]:
     """One table with its heading, the plot above it and what follows it."""
     return {
-        "ident": ident, "heading": heading, "figure": figure,
+        "ident": ident,
+        "heading": heading,
+        "figure": figure,
         "idle_definition": report.idle_definition if ident == "waste_jobs" else None,
         "table": _html_table(frame),
-        "after": {"heading": "Energy per GPU-hour", "figure": gpu_figure} if gpu_figure
-        else None,
+        "after": {"heading": "Energy per GPU-hour", "figure": gpu_figure} if gpu_figure else None,
     }
 
 
@@ -359,17 +440,24 @@ def _plots_beside(report: Report) -> dict[str, str]:
     """Table id -> the plot shown above that table."""
     # A statement has no waste-by-account table: its waste plot goes with its users' waste.
     waste = "waste_users" if report.account else "waste_accounts"
-    return {"totals": "daily_energy_co2e_by_account.png", "by_user": "top_users.png",
-            waste: "waste_by_account.png"}
+    return {
+        "totals": "daily_energy_co2e_by_account.png",
+        "by_user": "top_users.png",
+        waste: "waste_by_account.png",
+    }
 
 
 def _kpis(report: Report) -> list[tuple[str, str]]:
     """The headline figures shown as boxes above the tables."""
     t = report.totals
-    return [("Energy", fmt(t["energy_kwh"]) + " kWh"), ("CO2e", fmt(t["co2e_kg"]) + " kg"),
-            ("Jobs", fmt(t["jobs"])), ("GPU-hours", fmt(t["gpu_h"])),
-            ("Measured", fmt(t["measured_share"], "measured_share")),
-            ("Idle-GPU energy", fmt(t["idle_kwh"]) + " kWh")]
+    return [
+        ("Energy", fmt(t["energy_kwh"]) + " kWh"),
+        ("CO2e", fmt(t["co2e_kg"]) + " kg"),
+        ("Jobs", fmt(t["jobs"])),
+        ("GPU-hours", fmt(t["gpu_h"])),
+        ("Measured", fmt(t["measured_share"], "measured_share")),
+        ("Idle-GPU energy", fmt(t["idle_kwh"]) + " kWh"),
+    ]
 
 
 class Cell(NamedTuple):
@@ -386,8 +474,10 @@ def _html_table(frame: pd.DataFrame) -> dict[str, Any]:
     frame = frame.head(MAX_ROWS)
     cols = _columns(frame)
     records = frame.to_dict("records")
-    rows = [[Cell(text, _is_number(record[c]), c == "command") for c, text in zip(cols, texts)]
-            for record, texts in zip(records, _texts(records, cols))]
+    rows = [
+        [Cell(text, _is_number(record[c]), c == "command") for c, text in zip(cols, texts)]
+        for record, texts in zip(records, _texts(records, cols))
+    ]
     return {"headers": [HEADERS.get(c, c) for c in cols], "rows": rows, "more": more}
 
 
@@ -396,5 +486,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _figure(name: str, png: bytes) -> dict[str, str]:
-    return {"name": name, "data": base64.b64encode(png).decode("ascii"),
-            "caption": PLOT_CAPTIONS.get(name, name)}
+    return {
+        "name": name,
+        "data": base64.b64encode(png).decode("ascii"),
+        "caption": PLOT_CAPTIONS.get(name, name),
+    }

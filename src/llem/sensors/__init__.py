@@ -67,8 +67,10 @@ def open_sensors(
     meter_parts = meters.open_meters(wanted, explicit, env, out)
     measured_components |= meter_parts
     if "rapl" in wanted and "cpu" in meter_parts:
-        out.notes.append("rapl: not read: pm_counters measures this node's CPUs and memory "
-                         "(one source per physical device)")
+        out.notes.append(
+            "rapl: not read: pm_counters measures this node's CPUs and memory "
+            "(one source per physical device)"
+        )
         wanted = tuple(w for w in wanted if w != "rapl")
 
     if "rapl" in wanted:
@@ -117,8 +119,9 @@ def open_sensors(
 
             try:
                 out.sensors.append(
-                    estimate.EstimateSensor(config.estimate, components=missing,
-                                            proc_root=proc_root)
+                    estimate.EstimateSensor(
+                        config.estimate, components=missing, proc_root=proc_root
+                    )
                 )
                 out.notes.append(
                     f"estimate: {', '.join(missing)} estimated by the model (no counter)"

@@ -46,8 +46,10 @@ CHECK_WAIT_S = 0.25
 # Drawing at least this much, a counter that does not move is stuck.
 STUCK_POWER_W = 5.0
 
-INSTALL_HELP = ("install ROCm's amd-smi-lib (it provides libamd_smi.so) or set ROCM_PATH to the "
-                "ROCm folder that holds lib/libamd_smi.so")
+INSTALL_HELP = (
+    "install ROCm's amd-smi-lib (it provides libamd_smi.so) or set ROCM_PATH to the "
+    "ROCm folder that holds lib/libamd_smi.so"
+)
 
 
 def load():
@@ -62,14 +64,16 @@ def load():
             import amdsmi
     except ModuleNotFoundError as e:
         if e.name == "amdsmi":
-            raise SensorUnavailable("the amdsmi package is not installed "
-                                    "(pip install 'llem[amd]')") from None
+            raise SensorUnavailable(
+                "the amdsmi package is not installed (pip install 'llem[amd]')"
+            ) from None
         raise SensorUnavailable(f"amdsmi cannot be imported: {e}") from None
     except Exception as e:  # the package fails with KeyError/OSError without its library
         said = " ".join(printed.getvalue().split())[:200]
         raise SensorUnavailable(
             f"amdsmi cannot load libamd_smi.so ({said or type(e).__name__ + ': ' + str(e)}); "
-            + INSTALL_HELP) from None
+            + INSTALL_HELP
+        ) from None
     return amdsmi
 
 
@@ -124,14 +128,18 @@ def check_counter(lib, handle, sleep: Callable[[float], None], wait_s: float) ->
     if power is not None and power >= 50.0:
         rate_w = (energy_uj(acc1, res) - energy_uj(acc0, res)) / UJ_PER_J / elapsed
         if not power / 3 <= rate_w <= power * 3:
-            return (f"energy counter rate {rate_w:.0f} W disagrees with the reported power "
-                    f"{power:.0f} W")
+            return (
+                f"energy counter rate {rate_w:.0f} W disagrees with the reported power "
+                f"{power:.0f} W"
+            )
     return None
 
 
 def _identity(lib, handle) -> dict:
-    attrs: dict[str, object] = {"bdf": lib.amdsmi_get_gpu_device_bdf(handle),
-                                "uuid": lib.amdsmi_get_gpu_device_uuid(handle)}
+    attrs: dict[str, object] = {
+        "bdf": lib.amdsmi_get_gpu_device_bdf(handle),
+        "uuid": lib.amdsmi_get_gpu_device_uuid(handle),
+    }
     try:
         info = lib.amdsmi_get_gpu_enumeration_info(handle)
         render = info.get("drm_render")
@@ -157,9 +165,13 @@ class AmdSmiSensor:
 
     name = "amdsmi"
 
-    def __init__(self, select: Iterable[str] | None = None, *,
-                 sleep: Callable[[float], None] = time.sleep,
-                 check_wait_s: float = CHECK_WAIT_S) -> None:
+    def __init__(
+        self,
+        select: Iterable[str] | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        check_wait_s: float = CHECK_WAIT_S,
+    ) -> None:
         self.lib = lib = load()
         self.notes: list[str] = []
         try:
@@ -177,8 +189,10 @@ class AmdSmiSensor:
                     continue
                 why = check_counter(lib, handle, sleep, check_wait_s)
                 if why is not None:
-                    self.notes.append(f"amdsmi {attrs['bdf']}: {why}; measured by integrating "
-                                      "its socket power instead")
+                    self.notes.append(
+                        f"amdsmi {attrs['bdf']}: {why}; measured by integrating "
+                        "its socket power instead"
+                    )
                 attrs["counter_unit_uj"] = f"{EXACT_NUM}/{EXACT_DEN}"
                 self._gpus.append(_Gpu(handle, self._device(attrs, why is None), why is None))
         except Exception as e:
@@ -186,16 +200,24 @@ class AmdSmiSensor:
             raise SensorUnavailable(f"amdsmi: cannot identify the GPUs: {e}") from None
         if not self._gpus:
             self.close()
-            raise SensorUnavailable("amdsmi sees no AMD GPU" if wanted is None
-                                    else f"amdsmi: none of the GPUs {sorted(wanted)} found")
+            raise SensorUnavailable(
+                "amdsmi sees no AMD GPU"
+                if wanted is None
+                else f"amdsmi: none of the GPUs {sorted(wanted)} found"
+            )
 
     def _device(self, attrs: dict, counter: bool) -> Device:
         minor = attrs.get("minor")
         return Device(
-            key=f"amdsmi:{attrs['uuid']}", component="gpu",
+            key=f"amdsmi:{attrs['uuid']}",
+            component="gpu",
             name=f"gpu{minor}" if minor is not None else str(attrs["bdf"]),
-            sensor="amdsmi", source=MEASURED, method=COUNTER if counter else POWER_POLL,
-            max_range_uj=None, max_power_w=GPU_MAX_POWER_W, attrs=attrs,
+            sensor="amdsmi",
+            source=MEASURED,
+            method=COUNTER if counter else POWER_POLL,
+            max_range_uj=None,
+            max_power_w=GPU_MAX_POWER_W,
+            attrs=attrs,
         )
 
     def devices(self) -> Sequence[Device]:
@@ -241,7 +263,6 @@ def probe() -> Probe:
         return Probe("amdsmi", False, (), (str(e),))
     try:
         problems = [r.error or r.device_key for r in sensor.read(0) if r.status != OK]
-        return Probe("amdsmi", True, tuple(sensor.devices()), tuple(problems),
-                     tuple(sensor.notes))
+        return Probe("amdsmi", True, tuple(sensor.devices()), tuple(problems), tuple(sensor.notes))
     finally:
         sensor.close()

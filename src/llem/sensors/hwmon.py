@@ -100,23 +100,29 @@ def find_meters(base: Path, notes: list[str] | None = None) -> list[Meter]:
                 window = _int(folder / f"power{k}_average_interval")
                 path = folder / f
                 if m := _MODULE.match(oem):
-                    found.append(Meter(path, "psys", f"module-{m.group(1)}", "module", window,
-                                       oem))
+                    found.append(Meter(path, "psys", f"module-{m.group(1)}", "module", window, oem))
                 elif m := _GRACE.match(oem):
                     found.append(Meter(path, "cpu", f"grace-{m.group(1)}", None, window, oem))
                 elif _RAIL.match(oem):
-                    notes.append(f"{path}: '{oem}' is a rail inside the Grace CPU, whose "
-                                 "'Grace Power' is read: not added")
+                    notes.append(
+                        f"{path}: '{oem}' is a rail inside the Grace CPU, whose "
+                        "'Grace Power' is read: not added"
+                    )
                 elif oem:
                     notes.append(f"{path}: power meter '{oem}' of unknown scope: not read")
                 else:
-                    found.append(Meter(path, "psys", f"node-{nodes}" if nodes else "node",
-                                       "node", window, oem))
+                    found.append(
+                        Meter(
+                            path, "psys", f"node-{nodes}" if nodes else "node", "node", window, oem
+                        )
+                    )
                     nodes += 1
             break  # hwmonN and hwmonN/device are the same meter
     if any(m.meter == "node" for m in found) and any(m.meter == "module" for m in found):
-        notes.append("both a node meter and module meters: the node meter is the meter, the "
-                     "modules are not read (they are inside it)")
+        notes.append(
+            "both a node meter and module meters: the node meter is the meter, the "
+            "modules are not read (they are inside it)"
+        )
         found = [m for m in found if m.meter != "module"]
     return found
 
@@ -130,8 +136,13 @@ def _device(m: Meter) -> Device:
         if m.meter == "module":
             attrs["scope"] = "the Grace Hopper modules, not the rest of the node"
     return Device(
-        key=f"hwmon:{m.name}", component=m.component, name=m.name, sensor="hwmon",
-        source=MEASURED, method=POWER_POLL, max_range_uj=None,
+        key=f"hwmon:{m.name}",
+        component=m.component,
+        name=m.name,
+        sensor="hwmon",
+        source=MEASURED,
+        method=POWER_POLL,
+        max_range_uj=None,
         max_power_w=METER_MAX_POWER_W if m.component == "psys" else GRACE_MAX_POWER_W,
         attrs=attrs,
     )
@@ -147,8 +158,10 @@ def read_power_uw(path: Path) -> int:
     try:
         text = path.read_text().strip()
     except PermissionError:
-        raise SensorPermissionError(f"{path}: permission denied (the node sampler runs as "
-                                    "root; ask an admin to make it group-readable)") from None
+        raise SensorPermissionError(
+            f"{path}: permission denied (the node sampler runs as "
+            "root; ask an admin to make it group-readable)"
+        ) from None
     except OSError as e:
         raise SensorReadError(f"{path}: {e.strerror or e}") from e
     try:
@@ -211,8 +224,9 @@ class HwmonSensor:
             if last is not None and mono_ns > last:
                 self._acc_uw_ns[i] += power_uw * (mono_ns - last)
             self._last_ns[i] = mono_ns
-            out.append(Reading(d.key, self._acc_uw_ns[i] // NS_PER_S, mono_ns, OK,
-                               epoch=self._epoch[i]))
+            out.append(
+                Reading(d.key, self._acc_uw_ns[i] // NS_PER_S, mono_ns, OK, epoch=self._epoch[i])
+            )
         return out
 
     def close(self) -> None:
@@ -227,14 +241,18 @@ def probe(base: str | os.PathLike | None = None) -> Probe:
     except SensorPermissionError as e:
         return Probe("hwmon", False, tuple(_device(m) for m in find_meters(path)), (str(e),))
     except SensorUnavailable as e:
-        why = str(e) + (": no ACPI 4.0 power meter (the acpi_power_meter module not loaded, "
-                        "or the firmware has none) and no Grace Hopper module sensors")
+        why = str(e) + (
+            ": no ACPI 4.0 power meter (the acpi_power_meter module not loaded, "
+            "or the firmware has none) and no Grace Hopper module sensors"
+        )
         return Probe("hwmon", False, (), (why,))
     notes = list(sensor.notes)
     for d in sensor.devices():
         window = d.attrs.get("averaging_window_ms")
-        notes.append(f"{d.name}: averaging window "
-                     + (f"{window} ms" if window is not None else "unknown")
-                     + "; shorter jobs are not resolved by this meter")
+        notes.append(
+            f"{d.name}: averaging window "
+            + (f"{window} ms" if window is not None else "unknown")
+            + "; shorter jobs are not resolved by this meter"
+        )
     problems = [r.error or r.device_key for r in sensor.read(0) if r.status != OK]
     return Probe("hwmon", True, tuple(sensor.devices()), tuple(problems), tuple(notes))

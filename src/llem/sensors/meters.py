@@ -18,8 +18,7 @@ from collections.abc import Mapping
 from llem.errors import SensorPermissionError, SensorUnavailable
 
 
-def open_meters(wanted: tuple[str, ...], explicit: bool, env: Mapping[str, str],
-                out) -> set[str]:
+def open_meters(wanted: tuple[str, ...], explicit: bool, env: Mapping[str, str], out) -> set[str]:
     """Open pm_counters and hwmon as asked; return the components they measure."""
     measured: set[str] = set()
     has_meter = False
@@ -40,8 +39,10 @@ def open_meters(wanted: tuple[str, ...], explicit: bool, env: Mapping[str, str],
         from llem.sensors import hwmon
 
         if has_meter:
-            out.notes.append("hwmon: power meters not read: pm_counters is this node's meter "
-                             "(one meter per node)")
+            out.notes.append(
+                "hwmon: power meters not read: pm_counters is this node's meter "
+                "(one meter per node)"
+            )
             return measured
         try:
             sensor = hwmon.HwmonSensor(hwmon.root(env))
@@ -58,12 +59,16 @@ def open_meters(wanted: tuple[str, ...], explicit: bool, env: Mapping[str, str],
 
 def one_source_per_gpu(out) -> None:
     """Drop pm_counters' accel counters when a vendor library measures the GPUs."""
-    vendor = [s for s in out.sensors if s.name in ("nvml", "amdsmi")
-              and any(d.component == "gpu" for d in s.devices())]
+    vendor = [
+        s
+        for s in out.sensors
+        if s.name in ("nvml", "amdsmi") and any(d.component == "gpu" for d in s.devices())
+    ]
     if not vendor:
         return
     for sensor in out.sensors:
         if sensor.name == "pm_counters":
-            sensor.drop("gpu", f"the GPUs are measured by {vendor[0].name} "
-                               "(one source per physical device)")
+            sensor.drop(
+                "gpu", f"the GPUs are measured by {vendor[0].name} (one source per physical device)"
+            )
             out.notes.extend(sensor.notes)

@@ -64,10 +64,17 @@ class PlatformResidual:
         parts = [d for d in devices if d.component in PARTS]
         measured = all(d.source == MEASURED for d in meter + parts)
         device = Device(
-            key=PLATFORM_KEY, component="platform", name="platform", sensor="platform",
-            source=MEASURED if measured else ESTIMATED, method=RESIDUAL,
-            attrs={"meter": [d.key for d in meter], "parts": [d.key for d in parts],
-                   "meter_kind": str(meter[0].attrs.get("meter"))},
+            key=PLATFORM_KEY,
+            component="platform",
+            name="platform",
+            sensor="platform",
+            source=MEASURED if measured else ESTIMATED,
+            method=RESIDUAL,
+            attrs={
+                "meter": [d.key for d in meter],
+                "parts": [d.key for d in parts],
+                "meter_kind": str(meter[0].attrs.get("meter")),
+            },
         )
         return cls(device, tuple(d.key for d in meter), tuple(d.key for d in parts))
 
@@ -84,11 +91,15 @@ class PlatformResidual:
         if residual >= 0:
             self.deficit_uj = 0
             return EnergyRow(self.device.key, residual, STEP_OK, OK, None)
-        events.append(Event(
-            ts_ns, "platform_negative",
-            f"meter {meter / UJ_PER_J:.3f} J < parts {parts / UJ_PER_J:.3f} J"
-            + (f" + carried {self.deficit_uj / UJ_PER_J:.3f} J" if self.deficit_uj else "")
-            + f": residual {residual / UJ_PER_J:.3f} J carried to the next interval",
-            self.device.key))
+        events.append(
+            Event(
+                ts_ns,
+                "platform_negative",
+                f"meter {meter / UJ_PER_J:.3f} J < parts {parts / UJ_PER_J:.3f} J"
+                + (f" + carried {self.deficit_uj / UJ_PER_J:.3f} J" if self.deficit_uj else "")
+                + f": residual {residual / UJ_PER_J:.3f} J carried to the next interval",
+                self.device.key,
+            )
+        )
         self.deficit_uj = -residual
         return EnergyRow(self.device.key, 0, STEP_OK, OK, None)

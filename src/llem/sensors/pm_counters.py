@@ -157,8 +157,11 @@ class PmCountersSensor:
 
     name = "pm_counters"
 
-    def __init__(self, base: str | os.PathLike | None = None,
-                 components: Iterable[str] = ("psys", "cpu", "dram", "gpu")) -> None:
+    def __init__(
+        self,
+        base: str | os.PathLike | None = None,
+        components: Iterable[str] = ("psys", "cpu", "dram", "gpu"),
+    ) -> None:
         self.base = Path(base) if base is not None else root()
         self.notes: list[str] = []
         wanted = set(components)
@@ -223,9 +226,11 @@ class PmCountersSensor:
             return None
         still_ns = mono_ns - self._fresh_since_ns
         if still_ns >= STALE_AFTER_NS:
-            return (f"{self.base}/freshness has stayed at {freshness} for "
-                    f"{still_ns / NS_PER_S:.1f} s: the node controller is not updating the "
-                    "counters (stale data, a recorded gap)")
+            return (
+                f"{self.base}/freshness has stayed at {freshness} for "
+                f"{still_ns / NS_PER_S:.1f} s: the node controller is not updating the "
+                "counters (stale data, a recorded gap)"
+            )
         return None
 
     def read(self, mono_ns: int) -> list[Reading]:
@@ -237,8 +242,10 @@ class PmCountersSensor:
             startup, values = self._snapshot()
         except SensorReadError as e:
             return [Reading(k, None, mono_ns, ERROR, str(e)) for k in keys]
-        return [Reading(k, joules * UJ_PER_J, mono_ns, OK, epoch=startup)
-                for k, (joules, _) in zip(keys, values)]
+        return [
+            Reading(k, joules * UJ_PER_J, mono_ns, OK, epoch=startup)
+            for k, (joules, _) in zip(keys, values)
+        ]
 
     def close(self) -> None:
         pass
@@ -252,8 +259,10 @@ def probe(base: str | os.PathLike | None = None) -> Probe:
     except SensorUnavailable as e:
         why = str(e)
         if not path.exists():
-            why = (f"{path} does not exist: not an HPE Cray EX node (the pm_counters interface "
-                   "is published by Cray's node controller driver)")
+            why = (
+                f"{path} does not exist: not an HPE Cray EX node (the pm_counters interface "
+                "is published by Cray's node controller driver)"
+            )
         return Probe("pm_counters", False, (), (why,))
     notes = []
     for extra in ("version", "generation", "raw_scan_hz"):

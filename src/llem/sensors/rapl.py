@@ -124,7 +124,10 @@ def find_zones(root: Path, notes: list[str] | None = None) -> list[Zone]:
     """The package and DRAM zones under a powercap root, MMIO duplicates removed."""
     notes = [] if notes is None else notes
     dirs = _zone_dirs(root)
-    packages: dict[str, dict[tuple[int, int | None], Zone]] = {"intel-rapl": {}, "intel-rapl-mmio": {}}
+    packages: dict[str, dict[tuple[int, int | None], Zone]] = {
+        "intel-rapl": {},
+        "intel-rapl-mmio": {},
+    }
     drams: list[Zone] = []
     for dirname in sorted(dirs, key=_zone_sort_key):
         m = _ZONE_DIR.match(dirname)
@@ -252,8 +255,12 @@ def _device(zone: Zone) -> Device:
         method=COUNTER,
         max_range_uj=_max_range(zone),
         max_power_w=max_power,
-        attrs={"socket": zone.socket, "die": zone.die, "layout": zone.layout,
-               "path": str(zone.energy_file)},
+        attrs={
+            "socket": zone.socket,
+            "die": zone.die,
+            "layout": zone.layout,
+            "path": str(zone.energy_file),
+        },
     )
 
 
