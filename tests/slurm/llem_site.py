@@ -159,6 +159,11 @@ class Site:
         except ImportError:
             pass
 
+    def install_hooks(self, cluster, kinds=("prolog", "epilog", "epilog-slurmctld")) -> None:
+        """Make ``cluster`` run this site's hooks (before ``cluster.start()``)."""
+        for kind in kinds:
+            setattr(cluster, kind.replace("-", "_"), self.hook(kind))
+
     def hook(self, kind: str, bash: str = "/bin/bash", no_epochrealtime: bool = False) -> Path:
         """A wrapper that gives the real slurm/<kind>.sh this site's settings.
 

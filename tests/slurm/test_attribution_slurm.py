@@ -37,9 +37,7 @@ def cluster(slurm_module_cluster_factory, site):
     c = slurm_module_cluster_factory(
         nodes=2, gpus_per_node=2, name="llemattr", node_prefix="t", port_base=17500, start=False
     )
-    c.prolog = site.hook("prolog")
-    c.epilog = site.hook("epilog")
-    c.epilog_slurmctld = site.hook("epilog-slurmctld")
+    site.install_hooks(c)
     c.start()
     return c
 

@@ -33,9 +33,7 @@ def cluster(slurm_module_cluster_factory, site):
     c = slurm_module_cluster_factory(
         nodes=1, gpus_per_node=2, name="llemdot", node_prefix="d.rack", port_base=17350, start=False
     )
-    c.prolog = site.hook("prolog")
-    c.epilog = site.hook("epilog")
-    c.epilog_slurmctld = site.hook("epilog-slurmctld")
+    site.install_hooks(c)
     c.start()
     return c
 

@@ -43,9 +43,7 @@ def cluster(slurm_module_cluster_factory, site):
         port_base=17500,
         start=False,
     )
-    c.prolog = site.hook("prolog")
-    c.epilog = site.hook("epilog")
-    c.epilog_slurmctld = site.hook("epilog-slurmctld")
+    site.install_hooks(c)
     c.start()
     return c
 

@@ -30,9 +30,7 @@ def cluster(slurm_module_cluster_factory, site):
     c = slurm_module_cluster_factory(
         nodes=3, gpus_per_node=2, name="llemsite", node_prefix="s", port_base=17300, start=False
     )
-    c.prolog = site.hook("prolog")
-    c.epilog = site.hook("epilog")
-    c.epilog_slurmctld = site.hook("epilog-slurmctld")
+    site.install_hooks(c)
     # The llem SPANK plugin, so that --energy-tag reaches the ledger.
     build = subprocess.run(
         ["make", "-C", str(REPO / "spank"), "all"],

@@ -40,8 +40,7 @@ def cluster(slurm_module_cluster_factory, site):
     c = slurm_module_cluster_factory(
         nodes=1, gpus_per_node=2, name="llemmetrics", node_prefix="p", port_base=17400, start=False
     )
-    c.prolog = site.hook("prolog")
-    c.epilog = site.hook("epilog")
+    site.install_hooks(c, ("prolog", "epilog"))
     c.start()
     return c
 

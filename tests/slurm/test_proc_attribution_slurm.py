@@ -39,8 +39,7 @@ def cluster(slurm_module_cluster_factory, site):
         start=False,
         use_cgroups=False,
     )
-    c.prolog = site.hook("prolog")
-    c.epilog = site.hook("epilog")
+    site.install_hooks(c, ("prolog", "epilog"))
     c.start()
     return c
 
