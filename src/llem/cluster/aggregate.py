@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llem.cluster.ledger import DATABASE as LEDGER_DATABASE
-from llem.cluster.ledger import Ledger, QuarantineEntry
+from llem.cluster.ledger import LEDGER_MODE, PRIVATE_MODE, Ledger, QuarantineEntry, set_access
 from llem.cluster.pass_status import record_pass
 from llem.cluster.readers import Candidate, no_cyclic_gc, read_all, reader_count
 from llem.config import Config
@@ -184,10 +184,15 @@ def aggregate_once(
     result = AggregateResult()
     batch_size = max(1, batch_size or config.aggregate.batch_size)
     jobs: set = set()
+    private = config.privacy != "none"
     with (
         AggregateLock(config.ledger, wait_s),
         no_cyclic_gc(),
-        Ledger(config.ledger, background_checkpoint=True) as ledger,
+        Ledger(
+            config.ledger,
+            background_checkpoint=True,
+            file_mode=PRIVATE_MODE if private else LEDGER_MODE,
+        ) as ledger,
         _Disposer(config, now_ns) as disposer,
     ):
         paths = list_spool(spool)
@@ -208,6 +213,9 @@ def aggregate_once(
                     after_commit(number)
         result.incomplete = ledger.mark_incomplete(now_ns, config.aggregate.grace_s)
         record_pass(config, result, time.monotonic() - t0)  # for `llem metrics`
+        set_access(config.ledger, private=private, group=config.aggregate.ledger_group)
+    # again once closed: the -wal and -shm that closing keeps for readers
+    set_access(config.ledger, private=private, group=config.aggregate.ledger_group)
     result.jobs = len(jobs)
     result.elapsed_s = time.monotonic() - t0
     return result
