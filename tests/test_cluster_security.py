@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from dataclasses import replace
 import shutil
 import sqlite3
 import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
