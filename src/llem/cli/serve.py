@@ -62,10 +62,8 @@ def serve(
             "llem serve runs as root: run it as the unprivileged llem user that may read the "
             "ledger (share/systemd/llem-gateway.service), or pass --allow-root"
         )
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+    # One line per request and refusal (the journal adds the time under systemd).
+    logging.getLogger("llem.gateway").setLevel(logging.DEBUG if debug else logging.INFO)
     cfg = config_mod.load()
     if ledger:
         cfg = replace(cfg, ledger=ledger)
