@@ -1,0 +1,229 @@
+"""The ledger gateway on its Unix socket, end to end (root only: real users, a real ``llem
+serve`` process as its own unprivileged user, a private ledger built by ``llem aggregate``).
+
+Over TCP with real MUNGE credentials: tests/slurm/test_gateway_munge_slurm.py. The request
+parser's fuzz test: tests/test_gateway_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.helpers.gateway import ADMIN, COORD, SINCE, A, B, Site
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users")
+
+FIELDS = ("-X", "-P", "-n", "-o", "JobID,User,Account")
+UNTIL = ("-E", "2030-01-01")
+
+
+@pytest.fixture(scope="module")
+def site():
+    s = Site()
+    s.start("--socket", str(s.socket))
+    yield s
+    s.close()
+
+
+def jobs_seen(site: Site, user: str, *args: str) -> list[str]:
+    r = site.acct(user, "--ledger", str(site.socket), *SINCE, *FIELDS, *args)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_each_user_sees_what_privacy_allows(site):
+    assert jobs_seen(site, A, "-a") == ["101|llemt-a|physics", "102|llemt-a|chem"]
+    assert jobs_seen(site, B, "-a") == ["201|llemt-b|physics", "202|llemt-b|bio"]
+    # asking for another user's jobs by name or by job id gives nothing of theirs
+    assert jobs_seen(site, A, "-u", B) == []
+    assert jobs_seen(site, A, "-j", "201,202") == []
+    assert jobs_seen(site, COORD, "-a") == ["101|llemt-a|physics", "201|llemt-b|physics"]
+    assert jobs_seen(site, ADMIN, "-a") == [
+        "101|llemt-a|physics",
+        "102|llemt-a|chem",
+        "201|llemt-b|physics",
+        "202|llemt-b|bio",
+    ]
+    r = site.acct(A, "--ledger", str(site.socket), "-a", *SINCE)
+    assert "privacy: the gateway shows you your own jobs" in r.stderr
+
+
+def test_totals_sum_only_what_the_caller_may_see(site):
+    def totals(user):
+        r = site.acct(
+            user,
+            "--ledger",
+            str(site.socket),
+            "-a",
+            *SINCE,
+            "--totals",
+            "account",
+            "-P",
+            "-n",
+            "-o",
+            "Account,NJobs",
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()
+
+    assert totals(A) == ["chem|1", "physics|1"]
+    assert totals(COORD) == ["physics|2"]
+    assert totals(ADMIN) == ["bio|1", "chem|1", "physics|2"]
+    r = site.acct(A, "--ledger", str(site.socket), "-a", *SINCE, "--statement")
+    assert r.returncode == 0 and "The 2 job run(s)" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_gateway_renders_exactly_as_a_local_ledger(site):
+    """An admin through the gateway and root on the ledger file get the same bytes."""
+    for args in (
+        ("-a",),
+        ("-a", "-p", "-o", "JobID,Start,End,Elapsed,ConsumedEnergy,AvePower,CO2e,Coverage"),
+        ("-a", "--totals", "user"),
+        ("-a", "--units", "K", "-X"),
+        ("-a", "--statement"),
+    ):
+        remote = site.acct(ADMIN, "--ledger", str(site.socket), *SINCE, *UNTIL, *args)
+        local = site.acct("root", "--ledger", str(site.ledger), *SINCE, *UNTIL, *args)
+        assert remote.returncode == local.returncode == 0, remote.stderr + local.stderr
+        assert remote.stdout == local.stdout, args
+        assert remote.stderr == local.stderr, args
+    remote = site.acct(ADMIN, "--ledger", str(site.socket), *SINCE, "-a", "--json")
+    local = site.acct("root", "--ledger", str(site.ledger), *SINCE, "-a", "--json")
+    r, lo = json.loads(remote.stdout), json.loads(local.stdout)
+    r.pop("generated_at"), lo.pop("generated_at")
+    assert r == lo
+    assert len(r["jobs"]) >= 4
+
+
+def test_a_user_cannot_read_the_ledger_file_and_is_told_to_use_the_gateway(site):
+    mode = os.stat(site.ledger).st_mode & 0o777
+    assert mode == 0o640
+    r = site.as_user(A, "import sys; open(sys.argv[1], 'rb')", str(site.ledger))
+    assert r.returncode == 1 and "PermissionError" in r.stderr
+    r = site.acct(A, "--ledger", str(site.ledger), "-a", *SINCE)
+    assert r.returncode == 1
+    assert "permission denied reading the ledger: it is private" in r.stderr
+    assert "ledger: llem://LEDGER_HOST" in r.stderr
+
+
+def test_slow_and_silent_clients_do_not_block_others(site):
+    """B holds more silent connections than a peer may have; A is served meanwhile."""
+    hold = (
+        "import socket, sys, time\n"
+        "held = []\n"
+        "for _ in range(40):\n"
+        "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); held.append(s)\n"
+        "print('held', flush=True); time.sleep(6)\n"
+    )
+    import subprocess
+
+    holder = subprocess.Popen(
+        [site.python, "-c", hold, str(site.socket)],
+        user=site.uid[B],
+        group=site.gid[B],
+        env=site.env_for(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        assert jobs_seen(site, A) == ["101|llemt-a|physics", "102|llemt-a|chem"]
+        assert time.monotonic() - t0 < 5
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _raw(site: Site, data: bytes, timeout: float = 20) -> dict:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(site.socket))
+        s.sendall(data)
+        out = b""
+        while not out.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    return json.loads(out)
+
+
+def test_malformed_oversized_and_late_requests_are_refused_and_logged(site):
+    from llem.gateway.wire import MAX_REQUEST_BYTES
+
+    assert _raw(site, b"\xff\xfe not json\n")["error"].startswith("bad request: not JSON")
+    assert _raw(site, b'{"v": 1, "request": "[[[[["}\n')["error"].startswith("bad request")
+    assert _raw(site, b'{"v": 9, "request": "{}"}\n')["error"].startswith(
+        "unsupported protocol version"
+    )
+    req = json.dumps({"op": "acct", "filter": {"users": "x"}})
+    assert (
+        "must be a list"
+        in _raw(site, (json.dumps({"v": 1, "request": req}) + "\n").encode())["error"]
+    )
+    big = b"x" * (MAX_REQUEST_BYTES + 10)
+    assert _raw(site, big)["error"] == f"requests are at most {MAX_REQUEST_BYTES} bytes"
+    t0 = time.monotonic()
+    late = _raw(site, b'{"v": 1, ')  # and then nothing
+    assert late["error"] == "the request did not arrive within 10 s"
+    assert 9 < time.monotonic() - t0 < 15
+    log = site.log.read_text()
+    assert "gateway: refused uid 0" in log and "requests are at most" in log
+    assert jobs_seen(site, A) == ["101|llemt-a|physics", "102|llemt-a|chem"]  # still serving
+
+
+def test_fifty_concurrent_clients_are_all_served(site):
+    from llem.cluster.acct_queries import RunFilter
+    from llem.gateway import client, wire
+
+    target = client.Target(path=str(site.socket))
+    request = wire.Request(
+        op="acct", cluster="c1", filter=RunFilter(start_ns=0), allocations=True, fields=("JobID",)
+    )
+    results: list = []
+
+    def one():
+        try:
+            results.append(len(client.ask(target, request)["document"]["jobs"]))
+        except Exception as e:  # noqa: BLE001
+            results.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [4] * 50  # root is an admin: all four jobs, fifty times
+
+
+def test_the_gateway_down_is_a_clear_error(site):
+    site.stop(signal.SIGTERM)
+    try:
+        r = site.acct(A, "--ledger", str(site.socket), "-a", *SINCE)
+        assert r.returncode == 1
+        assert "Error: the gateway at" in r.stderr and "is not reachable" in r.stderr
+        assert "is 'llem serve' running on the ledger host?" in r.stderr
+    finally:
+        site.start("--socket", str(site.socket))
+    assert jobs_seen(site, A) == ["101|llemt-a|physics", "102|llemt-a|chem"]
+
+
+def test_serve_refuses_root(site):
+    r = site.as_user("root", "from llem.cli.main import main; main()", "serve", "--no-socket")
+    assert r.returncode != 0
+    r = site.as_user(
+        "root",
+        "import sys; sys.argv[0] = 'llem'; from llem.cli.main import main; main()",
+        "serve",
+        "--socket",
+        str(site.root / "x.sock"),
+    )
+    assert r.returncode == 1 and "llem serve runs as root" in r.stderr
