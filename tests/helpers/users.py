@@ -45,19 +45,22 @@ def python_for_users(root: Path) -> tuple[str, dict] | None:
     """An interpreter and environment with which any user can run ``llem`` and ``llem-acct``
     (llem, click and yaml in a world-readable folder under ``root``), or None."""
     import click
+    import pynvml
     import yaml
 
     python = python_for_nobody(root)
     if python is None:
         return None
     src = root / "src"
-    for module in (click, yaml):
+    for module in (click, yaml, pynvml):
+        origin = Path(module.__file__)
+        if origin.name != "__init__.py":  # a single-file module
+            shutil.copy(origin, src / origin.name)
+            continue
         dest = src / module.__name__
         if not dest.exists():
             shutil.copytree(
-                Path(module.__file__).parent,
-                dest,
-                ignore=shutil.ignore_patterns("__pycache__", "*.so"),
+                origin.parent, dest, ignore=shutil.ignore_patterns("__pycache__", "*.so")
             )
     if not (src / "llem" / "share").exists():  # installed as llem.share
         shutil.copytree(
