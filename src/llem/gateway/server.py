@@ -254,6 +254,10 @@ class Gateway:
             return {"ok": False, "error": str(e)}
         except OSError as e:
             return {"ok": False, "error": f"bad request: {e}"}
+        except Exception:  # noqa: BLE001 - a parser bug: refused, logged, never fatal
+            self.refused += 1
+            log.exception("gateway: refused %s: a request the parser could not check", peer)
+            return {"ok": False, "error": "bad request: it could not be checked"}
         role = self.policy.role(caller)
         identity = {
             "user": caller.user,

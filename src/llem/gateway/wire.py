@@ -141,7 +141,7 @@ def parse_request(text: str) -> Request:
     if not isinstance(doc, dict):
         raise Refused("bad request: not a JSON object")
     op = doc.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise Refused(f"unknown op {str(op)[:20]!r}")
     cluster = doc.get("cluster")
     if cluster is not None:
@@ -173,7 +173,7 @@ def parse_request(text: str) -> Request:
             raise Refused(f"bad request: '{name}' must be true or false")
         flags[name] = value
     totals_by = doc.get("totals_by")
-    if totals_by is not None and totals_by not in TOTAL_KEYS:
+    if totals_by is not None and (not isinstance(totals_by, str) or totals_by not in TOTAL_KEYS):
         raise Refused(f"bad request: unknown totals key {str(totals_by)[:20]!r}")
     fields = _list(doc.get("fields"), "fields")
     if fields is not None and not set(fields) <= _ALL_FIELDS:
