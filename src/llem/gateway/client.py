@@ -29,6 +29,10 @@ class GatewayError(LlemError):
     """The gateway cannot be reached, refused the request, or answered nonsense."""
 
 
+class _Reset(GatewayError):
+    """The gateway reset the connection before answering (its caps were reached)."""
+
+
 @dataclass(frozen=True)
 class Target:
     """Where the gateway listens: a Unix socket ``path``, or TCP ``host`` and ``port``."""
@@ -86,7 +90,12 @@ def ask(
         cred = None
         if target.path is None:
             cred = _credential(text, munge_socket)
-        answer = _exchange(target, wire.encode_envelope(text, cred), timeout_s)
+        try:
+            answer = _exchange(target, wire.encode_envelope(text, cred), timeout_s)
+        except _Reset as e:  # refused over its caps before our request was read: busy
+            if time.monotonic() + pause >= deadline:
+                raise GatewayError(str(e)) from None
+            answer = {"ok": False, "busy": True}
         if answer.get("busy") and time.monotonic() + pause < deadline:
             time.sleep(pause)
             pause = min(2.0, pause * 2)
@@ -140,6 +149,10 @@ def _exchange(target: Target, data: bytes, timeout_s: float) -> dict:
         except TimeoutError:
             raise GatewayError(
                 f"the gateway at {target} did not answer within {timeout_s:g} s"
+            ) from None
+        except (ConnectionResetError, BrokenPipeError) as e:
+            raise _Reset(
+                f"the connection to the gateway at {target} failed: {e.strerror or e}"
             ) from None
         except OSError as e:
             raise GatewayError(

@@ -44,7 +44,10 @@ REQUEST_DEADLINE_S = 10.0
 MAX_CONNECTIONS = 256
 """Connections served at once, all peers together (one thread each)."""
 MAX_CONNECTIONS_PER_PEER = 32
-"""Connections served at once for one uid (Unix socket) or one address (TCP)."""
+"""Connections served at once for one uid (Unix socket)."""
+MAX_CONNECTIONS_PER_ADDRESS = 128
+"""Connections served at once from one address (TCP): a login node's users share it, and
+who they are is known only once the request's credential is checked."""
 MAX_QUERIES = 4
 """Queries running at once; more wait for a slot."""
 MAX_QUERIES_PER_UID = 2
@@ -141,6 +144,7 @@ class Gateway:
         self.listen = listen
         self.policy = policy or Policy(config)
         self.caps = ConnectionCaps(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER)
+        self.tcp_caps = ConnectionCaps(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS)
         self.slots = _Slots(MAX_QUERIES, MAX_QUERIES_PER_UID)
         self.replays = _ReplayCache()
         self.closing = threading.Event()
@@ -202,24 +206,28 @@ class Gateway:
         except OSError:
             conn.close()
             return
-        self._admit(conn, ("uid", uid), f"uid {uid} (pid {pid})", Caller.of(uid, gid))
+        self._admit(self.caps, conn, uid, f"uid {uid} (pid {pid})", Caller.of(uid, gid))
 
     def _admit_tcp(self, conn: socket.socket, address) -> None:
         host = address[0] if isinstance(address, tuple) else str(address)
-        self._admit(conn, ("addr", host), f"{host}:{address[1]}", None)
+        self._admit(self.tcp_caps, conn, host, f"{host}:{address[1]}", None)
 
-    def _admit(self, conn: socket.socket, key, peer: str, caller: Caller | None) -> None:
-        if not self.caps.admit(key):
-            self._refuse(conn, peer, "too many connections; try again", busy=True)
-            conn.close()
+    def _admit(
+        self, caps: ConnectionCaps, conn: socket.socket, key, peer: str, caller: Caller | None
+    ) -> None:
+        if not caps.admit(key):
+            _busy(conn)
             return
-        if not start_thread(lambda: self._handle(conn, key, peer, caller), "llem-gateway-conn"):
-            self.caps.release(key)
-            conn.close()
+        handle = lambda: self._handle(caps, conn, key, peer, caller)  # noqa: E731
+        if not start_thread(handle, "llem-gateway-conn"):
+            caps.release(key)
+            _busy(conn)
 
     # -- one connection --------------------------------------------------------------------
 
-    def _handle(self, conn: socket.socket, key, peer: str, caller: Caller | None) -> None:
+    def _handle(
+        self, caps: ConnectionCaps, conn: socket.socket, key, peer: str, caller: Caller | None
+    ) -> None:
         try:
             with conn:
                 answer = self._serve_one(conn, peer, caller)
@@ -238,7 +246,7 @@ class Gateway:
         except Exception:  # noqa: BLE001 - one connection never stops the gateway
             log.exception("gateway: serving %s failed", peer)
         finally:
-            self.caps.release(key)
+            caps.release(key)
 
     def _serve_one(self, conn: socket.socket, peer: str, caller: Caller | None) -> dict:
         try:
@@ -368,6 +376,23 @@ class Gateway:
         if role.visible is not None and _asks_beyond(request, caller):
             notes.append(f"llem-acct: privacy: the gateway shows you {role.describe()}")
         return {"ok": True, **answer, "notes": notes}
+
+
+def _busy(conn: socket.socket) -> None:
+    """Refuse a connection over the caps at once, without a thread: take what the peer has
+    already sent (closing over unread data would reset the connection and lose the answer),
+    say busy, close. The client asks again after a pause."""
+    try:
+        conn.setblocking(False)
+        try:
+            conn.recv(wire.MAX_REQUEST_BYTES)
+        except OSError:
+            pass
+        conn.send(b'{"ok": false, "busy": true, "error": "too many connections; try again"}\n')
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def _asks_beyond(request: wire.Request, caller: Caller) -> bool:
