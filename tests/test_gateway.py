@@ -103,8 +103,13 @@ def test_the_gateway_renders_exactly_as_a_local_ledger(site):
 
 
 def test_a_user_cannot_read_the_ledger_file_and_is_told_to_use_the_gateway(site):
-    mode = os.stat(site.ledger).st_mode & 0o777
-    assert mode == 0o640
+    import grp
+
+    from tests.helpers.gateway import LEDGER_GROUP
+
+    for name in (site.ledger, f"{site.ledger}-wal", f"{site.ledger}-shm"):  # by llem aggregate
+        st = os.stat(name)
+        assert (st.st_mode & 0o777, st.st_gid) == (0o640, grp.getgrnam(LEDGER_GROUP).gr_gid)
     r = site.as_user(A, "import sys; open(sys.argv[1], 'rb')", str(site.ledger))
     assert r.returncode == 1 and "PermissionError" in r.stderr
     r = site.acct(A, "--ledger", str(site.ledger), "-a", *SINCE)

@@ -95,6 +95,7 @@ class Site:
 
     def start(self, *args: str) -> str:
         """Start ``llem serve`` as SERVICE; returns its 'serving' log line."""
+        seen = self.log.stat().st_size if self.log.exists() else 0
         out = open(self.log, "ab")  # noqa: SIM115 - the process holds it
         self.proc = subprocess.Popen(
             [self.python, "-m", "llem.cli.main", "serve", *args],
@@ -109,7 +110,7 @@ class Site:
         out.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            found = re.findall(r"gateway: serving .*", self.log.read_text())
+            found = re.findall(r"gateway: serving .*", self.log.read_text()[seen:])
             if found:
                 return found[-1]
             if self.proc.poll() is not None:
