@@ -717,7 +717,8 @@ def set_access(path: str | os.PathLike, *, private: bool, group: str | None) -> 
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
-            log.warning(
+            # A demo or a site without the group: only the owner (root) reads it then.
+            log.info(
                 "%s: no group %r (aggregate.ledger_group): the ledger keeps its group", path, group
             )
     for name in (str(path), f"{path}-wal", f"{path}-shm"):
