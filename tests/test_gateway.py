@@ -102,6 +102,46 @@ def test_the_gateway_renders_exactly_as_a_local_ledger(site):
     assert len(r["jobs"]) >= 4
 
 
+def test_reports_through_the_gateway_for_admins_and_coordinators_only(site):
+    def report(user, *args, ledger=None):
+        code = "import sys; sys.argv[0] = 'llem'; from llem.cli.main import main; main()"
+        env = site.service_env() if ledger else None  # the local report needs pandas
+        ledger = ledger or str(site.socket)
+        return site.as_user(
+            user,
+            code,
+            "report",
+            *args,
+            "--ledger",
+            ledger,
+            "--format",
+            "json",
+            "--since",
+            "2000-01-01",
+            "--until",
+            "2030-01-01",
+            env=env,
+        )
+
+    remote = report(ADMIN, "monthly")
+    local = report("root", "monthly", ledger=str(site.ledger))
+    if "pandas" in local.stderr:
+        pytest.skip("no report extra here")
+    assert remote.returncode == local.returncode == 0, remote.stderr + local.stderr
+    r, lo = json.loads(remote.stdout), json.loads(local.stdout)
+    assert r == lo and r["totals"]["jobs"] == 4
+    r = report(COORD, "account", "physics")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["totals"]["jobs"] == 2
+    r = report(COORD, "account", "chem")
+    assert (
+        r.returncode == 1 and "privacy: you may have the statement of account physics" in r.stderr
+    )
+    r = report(A, "monthly")
+    assert r.returncode == 1
+    assert "privacy: reports are for admins and account coordinators" in r.stderr
+
+
 def test_a_user_cannot_read_the_ledger_file_and_is_told_to_use_the_gateway(site):
     import grp
 

@@ -51,6 +51,15 @@ def _valid_requests() -> list[str]:
                 )
             )
         )
+    out.append(
+        wire.request_text(
+            wire.Request(
+                op="report",
+                cluster="c1",
+                report=wire.ReportRequest(1, 2, "2026-03", "month", "physics", 100.0, 20, "json"),
+            )
+        )
+    )
     return out
 
 

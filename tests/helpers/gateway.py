@@ -60,6 +60,8 @@ class Site:
         self.socket = self.root / "run" / "gateway.sock"
         self.socket.parent.mkdir()
         shutil.chown(self.socket.parent, SERVICE)
+        (self.root / "mpl").mkdir()
+        shutil.chown(self.root / "mpl", SERVICE)
         self.config = self.root / "llem.yaml"
         self.config.write_text(
             CONFIG
@@ -93,6 +95,15 @@ class Site:
     def env_for(self, **extra: str) -> dict[str, str]:
         return {**self.env, "LLEM_CONFIG": str(self.config), "TZ": "UTC", **extra}
 
+    def service_env(self) -> dict[str, str]:
+        """The gateway's environment: the test venv's packages after llem's copy, so that it
+        can build reports (pandas, matplotlib) where the venv is readable to others."""
+        import sysconfig
+
+        env = self.env_for(MPLCONFIGDIR=str(self.root / "mpl"))
+        env["PYTHONPATH"] += os.pathsep + sysconfig.get_paths()["purelib"]
+        return env
+
     def start(self, *args: str) -> str:
         """Start ``llem serve`` as SERVICE; returns its 'serving' log line."""
         seen = self.log.stat().st_size if self.log.exists() else 0
@@ -102,7 +113,7 @@ class Site:
             user=self.uid[SERVICE],
             group=self.gid[SERVICE],
             extra_groups=[ensure_group(LEDGER_GROUP)],
-            env=self.env_for(),
+            env=self.service_env(),
             stdout=out,
             stderr=out,
             cwd="/",
@@ -132,13 +143,15 @@ class Site:
         """``llem-acct ARGS`` run as ``user``."""
         return self.as_user(user, "from llem.cli.acct import main; main()", *args, timeout=timeout)
 
-    def as_user(self, user: str, code: str, *args: str, timeout: float = 120, **extra_env):
+    def as_user(
+        self, user: str, code: str, *args: str, timeout: float = 120, env=None, **extra_env
+    ):
         return subprocess.run(
             [self.python, "-c", code, *args],
             user=self.uid[user] if user != "root" else 0,
             group=self.gid[user] if user != "root" else 0,
             extra_groups=[],
-            env=self.env_for(**extra_env),
+            env={**(env or self.env_for()), **extra_env},
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -281,9 +281,18 @@ class Gateway:
                 "gateway: %s (%s): no query slot within %g s", peer, caller.user, QUERY_SLOT_WAIT_S
             )
             return {"ok": False, "busy": True, "error": "the gateway is busy; try again"}
+        if request.op == "report":
+            refusal = _report_refusal(request.report, role)
+            if refusal is not None:
+                log.warning("gateway: refused %s (%s): %s", peer, caller.user, refusal)
+                return {"ok": False, "error": refusal, "identity": identity}
         t0 = time.monotonic()
         try:
-            answer = self._query(request, role, caller)
+            answer = (
+                self._report(request.report)
+                if request.op == "report"
+                else self._query(request, role, caller)
+            )
         finally:
             self.slots.release(caller.uid)
         self.served += 1
@@ -337,6 +346,40 @@ class Gateway:
 
     # -- the query -------------------------------------------------------------------------
 
+    def _report(self, req: wire.ReportRequest) -> dict:
+        """``llem report`` in the gateway: the rendered text (html with its plots inside)."""
+        from llem.cluster import report_queries
+        from llem.errors import LlemError
+        from llem.report import build_report
+        from llem.report.period import Period
+
+        period = Period(req.start_ns, req.end_ns, req.label, req.kind)
+        deadline = time.monotonic() + self.config.gateway.query_timeout_s
+        try:
+            with report_queries.open_readonly(self.ledger_path) as ledger:
+                ledger.db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+                rep = build_report(
+                    ledger,
+                    self.config,
+                    period,
+                    account=req.account,
+                    idle_w=req.idle_w,
+                    top_n=req.top,
+                )
+            text = _render_report(rep, req.format)
+        except LlemError as e:
+            return {"ok": False, "error": str(e)}
+        except Exception as e:  # noqa: BLE001
+            if "interrupted" in str(e):
+                return {
+                    "ok": False,
+                    "error": "the report ran longer than "
+                    f"{self.config.gateway.query_timeout_s:g} s",
+                }
+            log.exception("gateway: report failed")
+            return {"ok": False, "error": f"the report failed: {type(e).__name__}: {e}"}
+        return {"ok": True, "text": text, "empty": bool(rep.empty)}
+
     def _query(self, request: wire.Request, role: Role, caller: Caller) -> dict:
         from llem import acct
         from llem.cluster import acct_queries
@@ -378,6 +421,22 @@ class Gateway:
         return {"ok": True, **answer, "notes": notes}
 
 
+def _report_refusal(report: wire.ReportRequest, role: Role) -> str | None:
+    """Reports are cluster-wide: admins get any; a coordinator the statement of an account
+    they coordinate; a user none (``privacy: none``: everyone, as before)."""
+    if role.visible is None:
+        return None
+    if report.account is not None and report.account in role.visible.accounts:
+        return None
+    if role.visible.accounts:
+        return (
+            "privacy: you may have the statement of "
+            + ", ".join(f"account {a}" for a in role.visible.accounts)
+            + " ('llem report account ACCOUNT'), not this report"
+        )
+    return "privacy: reports are for admins and account coordinators; use llem-acct for your jobs"
+
+
 def _busy(conn: socket.socket) -> None:
     """Refuse a connection over the caps at once, without a thread: take what the peer has
     already sent (closing over unread data would reset the connection and lose the answer),
@@ -399,6 +458,16 @@ def _asks_beyond(request: wire.Request, caller: Caller) -> bool:
     """Whether the request may reach beyond the caller's own jobs (-a, -u, -j, -A)."""
     users = request.filter.users
     return users is None or not set(users) <= {caller.user, str(caller.uid)}
+
+
+def _render_report(rep, fmt: str) -> str:
+    from llem.report import render
+
+    if fmt == "html":
+        from llem.report import plots
+
+        return render.to_html(rep, plots.make_plots(rep))
+    return {"md": render.to_markdown, "csv": render.to_csv, "json": render.to_json}[fmt](rep)
 
 
 def _local(ns: int | None) -> datetime | None:

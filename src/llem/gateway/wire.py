@@ -43,7 +43,8 @@ MAX_ITEMS = 10_000
 MAX_ITEM_CHARS = 256
 """Characters of one item (a name, an account, a node)."""
 MAX_CRED_CHARS = 4096
-OPS = ("acct", "whoami", "ping")
+OPS = ("acct", "report", "whoami", "ping")
+REPORT_FORMATS = ("md", "csv", "json", "html")
 _LISTS = ("clusters", "users", "accounts", "partitions", "states", "nodes", "names")
 _FLAGS = ("allocations", "duplicates", "statement")
 _ALL_FIELDS = frozenset(FIELDS) | frozenset(TOTAL_FIELDS)
@@ -67,6 +68,21 @@ class Request:
     totals_by: str | None = None
     statement: bool = False
     fields: tuple[str, ...] | None = None
+    report: ReportRequest | None = None
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """``llem report monthly|account``'s options: the period as the client computed it."""
+
+    start_ns: int
+    end_ns: int
+    label: str
+    kind: str = "month"
+    account: str | None = None
+    idle_w: float = 100.0
+    top: int = 20
+    format: str = "json"
 
 
 def request_digest(request_text: str) -> bytes:
@@ -99,6 +115,22 @@ def request_text(request: Request) -> str:
         "statement": request.statement,
         "fields": list(request.fields) if request.fields is not None else None,
     }
+    if request.report is not None:
+        r = request.report
+        doc = {
+            "op": request.op,
+            "cluster": request.cluster,
+            "report": {
+                "start_ns": r.start_ns,
+                "end_ns": r.end_ns,
+                "label": r.label,
+                "kind": r.kind,
+                "account": r.account,
+                "idle_w": r.idle_w,
+                "top": r.top,
+                "format": r.format,
+            },
+        }
     return json.dumps(doc, separators=(",", ":"))
 
 
@@ -146,6 +178,8 @@ def parse_request(text: str) -> Request:
     cluster = doc.get("cluster")
     if cluster is not None:
         cluster = _item(cluster, "cluster")
+    if op == "report":
+        return Request(op=op, cluster=cluster, report=_report(doc.get("report")))
     if op != "acct":
         return Request(op=op, cluster=cluster)
     raw = doc.get("filter", {})
@@ -179,6 +213,31 @@ def parse_request(text: str) -> Request:
     if fields is not None and not set(fields) <= _ALL_FIELDS:
         raise Refused(f"bad request: unknown field {sorted(set(fields) - _ALL_FIELDS)[0]!r}")
     return Request(op=op, cluster=cluster, filter=f, totals_by=totals_by, fields=fields, **flags)
+
+
+def _report(raw) -> ReportRequest:
+    if not isinstance(raw, dict):
+        raise Refused("bad request: 'report' must be an object")
+    start, end = _ns(raw.get("start_ns"), "start_ns"), _ns(raw.get("end_ns"), "end_ns")
+    if start is None or end is None or end <= start:
+        raise Refused("bad request: a report needs a period (start_ns before end_ns)")
+    label = _item(raw.get("label"), "label")
+    kind = raw.get("kind")
+    if kind not in ("month", "range"):
+        raise Refused("bad request: the period's kind is month or range")
+    account = raw.get("account")
+    if account is not None:
+        account = _item(account, "account")
+    idle_w = raw.get("idle_w")
+    if type(idle_w) not in (int, float) or not 0 <= idle_w <= 1e6:
+        raise Refused("bad request: 'idle_w' must be watts, 0 to 1e6")
+    top = raw.get("top")
+    if type(top) is not int or not 1 <= top <= 10_000:
+        raise Refused("bad request: 'top' must be 1 to 10000")
+    fmt = raw.get("format")
+    if not isinstance(fmt, str) or fmt not in REPORT_FORMATS:
+        raise Refused(f"bad request: the report format is one of {', '.join(REPORT_FORMATS)}")
+    return ReportRequest(start, end, label, kind, account, float(idle_w), top, fmt)
 
 
 def _item(value, name: str) -> str:
