@@ -165,7 +165,11 @@ def test_slow_and_silent_clients_do_not_block_others(site):
         "held = []\n"
         "for _ in range(40):\n"
         "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); held.append(s)\n"
-        "print('held', flush=True); time.sleep(6)\n"
+        "    time.sleep(0.01)\n"
+        "busy = 0\n"
+        "for s in held[32:]:\n"
+        "    s.settimeout(5); busy += b'\"busy\": true' in s.recv(4096)\n"
+        "print('held', busy, flush=True); time.sleep(6)\n"
     )
     import subprocess
 
@@ -178,13 +182,32 @@ def test_slow_and_silent_clients_do_not_block_others(site):
         text=True,
     )
     try:
-        assert holder.stdout.readline().strip() == "held"
+        # the 8 over the per-uid cap of 32 were answered busy at once, without a thread
+        assert holder.stdout.readline().strip() == "held 8"
         t0 = time.monotonic()
         assert jobs_seen(site, A) == ["101|llemt-a|physics", "102|llemt-a|chem"]
         assert time.monotonic() - t0 < 5
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_replay_cache_and_query_slots():
+    from llem.gateway.server import _ReplayCache, _Slots
+
+    now = [1000.0]
+    cache = _ReplayCache(clock=lambda: now[0])
+    assert cache.first_use("MUNGE:abc:", 1300)
+    assert not cache.first_use("MUNGE:abc:", 1300)  # even if munged forgot it
+    now[0] = 1301
+    assert cache.first_use("MUNGE:abc:", 1600)  # expired entries are forgotten
+    slots = _Slots(total=3, per_uid=2)
+    assert slots.acquire(1, 0) and slots.acquire(1, 0)
+    assert not slots.acquire(1, 0.05)  # a third of uid 1 waits, then gives up
+    assert slots.acquire(2, 0)  # another uid still gets one
+    assert not slots.acquire(3, 0.05)  # all 3 taken
+    slots.release(1)
+    assert slots.acquire(3, 0)
 
 
 def _raw(site: Site, data: bytes, timeout: float = 20) -> dict:
