@@ -11,9 +11,12 @@ vouches for that user; the test, as root, then replays, tampers with or reuses i
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -117,6 +120,54 @@ def test_tampered_expired_foreign_and_missing_credentials_are_refused(site):
     log = site.log.read_text()
     for reason in ("replayed", "expired", "Invalid credential", "not 'elsewhere'"):
         assert re.search(rf"gateway: refused 127\.0\.0\.1:\d+: .*{reason}", log), reason
+
+
+@pytest.fixture
+def other_cluster_munged(tmp_path_factory):
+    """A second munged with a key of its own: another cluster's MUNGE."""
+    import os
+    import shutil
+    import subprocess
+
+    d = Path(tempfile.mkdtemp(prefix="llem-munge-other-"))
+    os.chmod(d, 0o755)
+    shutil.chown(d, "munge", "munge")
+    key = d / "munge.key"
+    subprocess.run(["/usr/sbin/mungekey", "--create", f"--keyfile={key}"], check=True, timeout=30)
+    shutil.chown(key, "munge", "munge")
+    key.chmod(0o400)
+    sock = d / "munge.socket"
+    args = [
+        f"--socket={sock}",
+        f"--key-file={key}",
+        f"--pid-file={d / 'munged.pid'}",
+        f"--seed-file={d / 'seed'}",
+        f"--log-file={d / 'munged.log'}",
+        "--force",
+    ]
+    subprocess.run(
+        ["/usr/sbin/runuser", "-u", "munge", "--", "/usr/sbin/munged", *args],
+        check=True,
+        timeout=30,
+    )
+    deadline = time.monotonic() + 10
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield sock
+    pid = int((d / "munged.pid").read_text().strip())
+    os.kill(pid, 15)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_credential_of_another_cluster_is_refused(site, other_cluster_munged):
+    os.chmod(other_cluster_munged.parent, 0o755)
+    code = MAKE.replace("ttl_s=ttl)", f"ttl_s=ttl, socket_path={str(other_cluster_munged)!r})")
+    r = site.as_user(A, code, "c1")
+    assert r.returncode == 0, r.stderr
+    text, cred = r.stdout.splitlines()
+    answer = send(site, text, cred)
+    assert answer["error"].startswith("credential refused: munge: Invalid credential")
+    assert "not made with this cluster's MUNGE key?" in answer["error"]
 
 
 def test_doctor_checks_the_path_to_the_gateway(site):
