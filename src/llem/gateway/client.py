@@ -47,7 +47,7 @@ class Target:
 
 def target_of(ledger: str) -> Target | None:
     """The gateway that ``ledger`` names, or None for a ledger file (or a database URL)."""
-    from llem.gateway.server import DEFAULT_PORT, parse_listen
+    from llem.gateway.wire import DEFAULT_PORT, parse_listen
 
     if ledger.startswith(SCHEME):
         rest = ledger[len(SCHEME) :].rstrip("/")

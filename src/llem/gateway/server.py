@@ -60,7 +60,8 @@ ANSWER_DEADLINE_S = 60.0
 """The client must read the whole answer within this time."""
 REPLAY_CACHE_MAX = 100_000
 """Credentials remembered (until they expire) by the gateway's own replay check."""
-DEFAULT_PORT = 6880
+DEFAULT_PORT = wire.DEFAULT_PORT
+parse_listen = wire.parse_listen
 
 
 class _Slots:
@@ -472,18 +473,3 @@ def _render_report(rep, fmt: str) -> str:
 
 def _local(ns: int | None) -> datetime | None:
     return None if ns is None else datetime.fromtimestamp(ns // 10**9)
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``HOST`` (port :data:`DEFAULT_PORT`)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.lstrip(":") or str(DEFAULT_PORT)
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, str(DEFAULT_PORT)
-    if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"bad port in {text!r}")
-    return host or "0.0.0.0", int(port)

@@ -36,6 +36,8 @@ from llem.cluster.acct_queries import JobSpec, RunFilter
 from llem.sockserve import Refused
 
 VERSION = 1
+DEFAULT_PORT = 6880
+"""The gateway's TCP port when ``llem://HOST`` or ``gateway.listen`` names none."""
 MAX_REQUEST_BYTES = 256 * 1024
 """One request line, credential included (a long -j or -N list fits)."""
 MAX_ITEMS = 10_000
@@ -290,3 +292,18 @@ def _jobs(value) -> tuple[JobSpec, ...] | None:
             step = _item(step, "jobs")
         specs.append(JobSpec(job, task, step))
     return tuple(specs)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``HOST`` (port :data:`DEFAULT_PORT`)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":") or str(DEFAULT_PORT)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, str(DEFAULT_PORT)
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host or "0.0.0.0", int(port)
