@@ -419,3 +419,56 @@ def test_a_package_where_all_members_report_is_not_split(state):
     sensor = amd.AmdSmiSensor(check_wait_s=0)
     assert all("package_split" not in d.attrs for d in sensor.devices())
     assert [r.energy_uj for r in sensor.read(0)] == [10_000_000, 20_000_000]
+
+
+def test_llem_wrap_json_shows_the_package_split(rocm, tmp_path):
+    """``llem wrap --json`` on a fake MI250X whose first die alone reports 300 W: both dies
+    show about 150 W, each with its ``package_split``."""
+    state = tmp_path / "amdsmi.state"
+    stop = threading.Event()
+
+    def at(acc):
+        g = mi250x(1)
+        g[0].acc = int(acc)
+        return g
+
+    write_state(state, at(0))
+
+    def writer():
+        acc, last = 0.0, time.monotonic()
+        while not stop.wait(0.05):
+            now = time.monotonic()
+            acc += 300 * (now - last) * UNIT
+            last = now
+            write_state(state, at(acc))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
+    env.update(
+        LLEM_CONFIG="/dev/null",
+        LLEM_SENSORS="amdsmi",
+        ROCM_PATH=str(rocm),
+        FAKE_AMDSMI_STATE=str(state),
+    )
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "llem.cli.main", "wrap", "--json", "--interval", "0.5"]
+            + ["--", "sleep", "2"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+    finally:
+        stop.set()
+        thread.join()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    by = {c["device"]: c for c in out["components"]}
+    assert set(by) == {"gpu0", "gpu1"}
+    for c in by.values():
+        assert c["package_split"]["share"] == "1/2"
+        assert c["package_split"]["product"] == "AMD Instinct MI250X"
+        assert c["energy_j"] / out["duration_s"] == pytest.approx(150, rel=0.25)
+    assert by["gpu0"]["energy_j"] == pytest.approx(by["gpu1"]["energy_j"], abs=0.001)
