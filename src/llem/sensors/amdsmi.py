@@ -280,6 +280,8 @@ def _identity(lib, handle) -> dict:
             attrs["minor"] = render - 128
         elif isinstance(info.get("drm_card"), int):
             attrs["minor"] = info["drm_card"]
+        if isinstance(info.get("drm_card"), int):
+            attrs["drm_card"] = info["drm_card"]
     except Exception:
         log.debug("amdsmi: no enumeration info", exc_info=True)
     try:
