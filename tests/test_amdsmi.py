@@ -472,3 +472,23 @@ def test_llem_wrap_json_shows_the_package_split(rocm, tmp_path):
         assert c["package_split"]["product"] == "AMD Instinct MI250X"
         assert c["energy_j"] / out["duration_s"] == pytest.approx(150, rel=0.25)
     assert by["gpu0"]["energy_j"] == pytest.approx(by["gpu1"]["energy_j"], abs=0.001)
+
+
+def test_a_silent_die_with_an_hwmon_file_still_takes_its_share(state, tmp_path):
+    """The second die of an MI250X has an amdgpu hwmon file reading 0 W: amdsmi's report of
+    the package wins, and the die is charged half of it, not 0 J from its own file."""
+    hw = FakeHwmon(tmp_path / "hwmon")
+
+    def at(t):
+        g = mi250x(1)
+        g[0].acc = 400 * t * UNIT
+        return g
+
+    hw.add_amdgpu(at(0)[1].bdf, 0)
+    write_state(state, at(0))
+    sensor = amd.AmdSmiSensor(check_wait_s=0, hwmon_root=hw.path)
+    devs = sensor.devices()
+    assert [d.attrs["package_split"]["reporting"] for d in devs] == [["0000:c1:00.0"]] * 2
+    assert [d.attrs["energy_source"] for d in devs] == ["counter", "counter"]
+    total = run_ticks(sensor, state, at, 2)
+    assert [total[d.key] for d in devs] == [400_000_000] * 2

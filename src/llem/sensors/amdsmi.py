@@ -46,7 +46,8 @@ so a job on one die of a busy package pays half the package, never 0 J. Every me
 one device whose counter is its share, with ``attrs["package_split"]`` saying the package,
 its members, the share and which member reports; a job charged through such a device is
 flagged ``gpu_package_split``. A group whose members all report is read member by member (no
-split); a group where none reports is not measured.
+split); a group where none reports is not measured. Within a package what amdsmi reports wins over
+the hwmon files (a silent die or partition may have one reading 0 W, or the package again).
 """
 
 from __future__ import annotations
@@ -369,6 +370,11 @@ class AmdSmiSensor:
         for i in chosen:
             members = package.get(i, [i])
             reporters = [j for j in members if sources[j] is not None]
+            # In a package, what amdsmi reports wins over the hwmon files: a silent die or
+            # partition may have an hwmon file reading 0 W or the package again.
+            by_amdsmi = [j for j in reporters if sources[j].kind != HWMON]  # type: ignore[union-attr]
+            if len(members) > 1 and by_amdsmi:
+                reporters = by_amdsmi
             attrs = dict(ids[i], counter_unit_uj=f"{EXACT_NUM}/{EXACT_DEN}")
             if not reporters:
                 self.notes.append(
@@ -376,7 +382,7 @@ class AmdSmiSensor:
                     "its package reports energy or power)"
                 )
                 continue
-            own = sources[i]
+            own = sources[i] if i in reporters else None
             if own is not None and len(reporters) == len(members):
                 attrs["energy_source"] = own.name()
                 gpus.append(_Gpu(self._device(attrs, own.kind == COUNTER_SOURCE), [own]))
