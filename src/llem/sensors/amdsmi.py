@@ -303,6 +303,24 @@ def _identity(lib, handle) -> dict:
     return attrs
 
 
+def packages(ids: Sequence[dict]) -> dict[int, list[int]]:
+    """GPU -> the GPUs of its package (two or more sharing a board serial: MI250X dies,
+    MI300X partitions); GPUs alone in their package are not in it."""
+    by_serial: dict[str, list[int]] = {}
+    for i, a in enumerate(ids):
+        if "serial" in a:
+            by_serial.setdefault(str(a["serial"]), []).append(i)
+    return {i: g for g in by_serial.values() if len(g) > 1 for i in g}
+
+
+def _reporters(members: list[int], sources: dict) -> list[int]:
+    """The members with a source. In a package, what amdsmi reports wins over the hwmon
+    files: a silent die or partition may have one reading 0 W, or the package again."""
+    found = [j for j in members if sources[j] is not None]
+    by_amdsmi = [j for j in found if sources[j].kind != HWMON]
+    return by_amdsmi if len(members) > 1 and by_amdsmi else found
+
+
 class AmdSmiSensor:
     """Every AMD GPU amdsmi sees (or those selected), each as one device.
 
@@ -354,11 +372,7 @@ class AmdSmiSensor:
             for i, a in enumerate(ids)
             if wanted is None or {str(a.get(k)) for k in ("uuid", "bdf", "minor")} & wanted
         ]
-        by_serial: dict[str, list[int]] = {}
-        for i, a in enumerate(ids):
-            if "serial" in a:
-                by_serial.setdefault(str(a["serial"]), []).append(i)
-        package = {i: g for g in by_serial.values() if len(g) > 1 for i in g}
+        package = packages(ids)
         needed = sorted({j for i in chosen for j in package.get(i, [i])})
         whys = check_counters(lib, [handles[i] for i in needed], sleep, wait_s)
         files = hwmon.amdgpu_power_files(Path(hwmon_root) if hwmon_root else hwmon.root())
@@ -369,41 +383,40 @@ class AmdSmiSensor:
         gpus = []
         for i in chosen:
             members = package.get(i, [i])
-            reporters = [j for j in members if sources[j] is not None]
-            # In a package, what amdsmi reports wins over the hwmon files: a silent die or
-            # partition may have an hwmon file reading 0 W or the package again.
-            by_amdsmi = [j for j in reporters if sources[j].kind != HWMON]  # type: ignore[union-attr]
-            if len(members) > 1 and by_amdsmi:
-                reporters = by_amdsmi
-            attrs = dict(ids[i], counter_unit_uj=f"{EXACT_NUM}/{EXACT_DEN}")
-            if not reporters:
-                self.notes.append(
-                    f"amdsmi {ids[i]['bdf']}: not measured (neither it nor another GPU of "
-                    "its package reports energy or power)"
-                )
-                continue
-            own = sources[i] if i in reporters else None
-            if own is not None and len(reporters) == len(members):
-                attrs["energy_source"] = own.name()
-                gpus.append(_Gpu(self._device(attrs, own.kind == COUNTER_SOURCE), [own]))
-                continue
-            via = [sources[j] for j in reporters]
-            attrs["energy_source"] = ",".join(s.name() for s in via)  # type: ignore[union-attr]
-            attrs["package_split"] = {
-                "package": ids[i]["serial"],
-                "product": ids[i].get("product"),
-                "members": [str(ids[j]["bdf"]) for j in members],
-                "reporting": [str(ids[j]["bdf"]) for j in reporters],
-                "share": f"1/{len(members)}",
-            }
-            self.notes.append(
-                f"amdsmi {ids[i]['bdf']}: charged 1/{len(members)} of package "
-                f"{ids[i]['serial']} ({ids[i].get('product') or 'AMD GPU'}), whose energy "
-                f"only {', '.join(str(ids[j]['bdf']) for j in reporters)} reports"
-            )
-            counter = all(s.kind == COUNTER_SOURCE for s in via)  # type: ignore[union-attr]
-            gpus.append(_Gpu(self._device(attrs, counter), via, len(members)))  # type: ignore[arg-type]
+            gpu = self._gpu(ids, i, members, _reporters(members, sources), sources)
+            if gpu is not None:
+                gpus.append(gpu)
         return gpus
+
+    def _gpu(self, ids, i: int, members: list[int], reporters: list[int], sources) -> _Gpu | None:
+        """GPU ``i`` read by its own source, or as its share of its package's reporters."""
+        attrs = dict(ids[i], counter_unit_uj=f"{EXACT_NUM}/{EXACT_DEN}")
+        if not reporters:
+            self.notes.append(
+                f"amdsmi {ids[i]['bdf']}: not measured (neither it nor another GPU of "
+                "its package reports energy or power)"
+            )
+            return None
+        if i in reporters and len(reporters) == len(members):
+            own = sources[i]
+            attrs["energy_source"] = own.name()
+            return _Gpu(self._device(attrs, own.kind == COUNTER_SOURCE), [own])
+        via = [sources[j] for j in reporters]
+        attrs["energy_source"] = ",".join(s.name() for s in via)
+        attrs["package_split"] = {
+            "package": ids[i]["serial"],
+            "product": ids[i].get("product"),
+            "members": [str(ids[j]["bdf"]) for j in members],
+            "reporting": [str(ids[j]["bdf"]) for j in reporters],
+            "share": f"1/{len(members)}",
+        }
+        self.notes.append(
+            f"amdsmi {ids[i]['bdf']}: charged 1/{len(members)} of package "
+            f"{ids[i]['serial']} ({ids[i].get('product') or 'AMD GPU'}), whose energy "
+            f"only {', '.join(str(ids[j]['bdf']) for j in reporters)} reports"
+        )
+        counter = all(s.kind == COUNTER_SOURCE for s in via)
+        return _Gpu(self._device(attrs, counter), via, len(members))
 
     def _device(self, attrs: dict, counter: bool) -> Device:
         minor = attrs.get("minor")

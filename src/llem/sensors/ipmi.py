@@ -98,6 +98,27 @@ def find_tool(tool: str) -> tuple[str, str]:
     )
 
 
+def bmc_device(tool: str, poll_s: float, lan: bool) -> Device:
+    """The BMC's meter: a whole-node ``psys`` device, its provenance in ``attrs``."""
+    return Device(
+        key=DEVICE_KEY,
+        component="psys",
+        name="bmc",
+        sensor="ipmi",
+        source=MEASURED,
+        method=POWER_POLL,
+        max_range_uj=None,
+        max_power_w=METER_MAX_POWER_W,
+        attrs={
+            "meter": "node",
+            "tool": tool,
+            "reading": "DCMI Get Power Reading: instantaneous power",
+            "poll_s": poll_s,
+            "bmc": "lan" if lan else "in-band",
+        },
+    )
+
+
 @dataclass
 class _Sample:
     watts: float
@@ -146,23 +167,7 @@ class IpmiSensor:
         except SensorReadError as e:
             raise SensorUnavailable(f"no DCMI power reading from the BMC: {e}") from None
         self._sample = first
-        self._device = Device(
-            key=DEVICE_KEY,
-            component="psys",
-            name="bmc",
-            sensor="ipmi",
-            source=MEASURED,
-            method=POWER_POLL,
-            max_range_uj=None,
-            max_power_w=METER_MAX_POWER_W,
-            attrs={
-                "meter": "node",
-                "tool": self.tool,
-                "reading": "DCMI Get Power Reading: instantaneous power",
-                "poll_s": poll_s,
-                "bmc": "lan" if self.args else "in-band",
-            },
-        )
+        self._device = bmc_device(self.tool, poll_s, lan=bool(self.args))
         self.notes.append(
             f"ipmi: the BMC answered {first.watts:.0f} W in {first.took_s * 1e3:.0f} ms "
             f"through {self.tool}; read every {poll_s:g} s in a thread"
