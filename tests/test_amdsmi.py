@@ -472,6 +472,15 @@ def test_llem_wrap_json_shows_the_package_split(rocm, tmp_path):
         assert c["package_split"]["product"] == "AMD Instinct MI250X"
         assert c["energy_j"] / out["duration_s"] == pytest.approx(150, rel=0.25)
     assert by["gpu0"]["energy_j"] == pytest.approx(by["gpu1"]["energy_j"], abs=0.001)
+    text = subprocess.run(  # the same on a terminal's text
+        [sys.executable, "-m", "llem.cli.main", "wrap", "--interval", "0.5", "--", "true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert text.returncode == 0, text.stderr
+    assert "(1/2 of its package, which only 0000:c1:00.0 reports)" in text.stderr + text.stdout
 
 
 def test_a_silent_die_with_an_hwmon_file_still_takes_its_share(state, tmp_path):
