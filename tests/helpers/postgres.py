@@ -1,0 +1,109 @@
+"""A throwaway PostgreSQL server for the tests: ``initdb`` in a temporary folder, started as an
+unprivileged user (uid 65534 when the tests run as root: PostgreSQL refuses to run as root),
+listening only on a Unix socket in that folder.
+
+The binaries are Debian's (``scripts/install-postgresql.sh``): a missing one is a test
+failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+SUPERUSER = "llem_test"
+
+
+def bin_dir() -> Path | None:
+    """The folder of ``initdb`` and ``postgres``: Debian's newest, else ``PATH``'s."""
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4])
+    )
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+class Server:
+    """One server: :meth:`database` gives a fresh database's connection string."""
+
+    def __init__(self) -> None:
+        binaries = bin_dir()
+        if binaries is None:
+            raise RuntimeError(
+                "PostgreSQL server binaries (initdb, postgres) not found: run "
+                "scripts/install-postgresql.sh as root (apt-get install postgresql)"
+            )
+        self.bin = binaries
+        self.root = Path(tempfile.mkdtemp(prefix="llem-pg-"))
+        self.uid = 65534 if os.geteuid() == 0 else None
+        if self.uid is not None:
+            os.chown(self.root, self.uid, self.uid)
+        os.chmod(self.root, 0o755)
+        self.data = self.root / "data"
+        self.socket_dir = str(self.root)
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-o",
+            f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=60",
+            "start",
+        )
+        self.count = 0
+
+    def _run(self, program: str, *args: str) -> None:
+        out = subprocess.run(
+            [str(self.bin / program), *args],
+            user=self.uid,
+            group=self.uid,
+            cwd=self.root,
+            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"{program} failed: {out.stdout}{out.stderr}")
+
+    def url(self, database: str = "postgres", user: str = SUPERUSER) -> str:
+        return f"postgresql://{user}@/{database}?host={self.socket_dir}"
+
+    def database(self, prefix: str = "ledger") -> str:
+        """A new, empty database; its connection string."""
+        import psycopg
+
+        self.count += 1
+        name = f"{prefix}_{self.count}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        finally:
+            time.sleep(0.1)
+            shutil.rmtree(self.root, ignore_errors=True)
