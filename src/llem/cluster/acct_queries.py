@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llem.cluster.dialect import settled
 from llem.errors import LedgerError
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
     """
     where, params = where_clause(f)
     span = "(r.run_end_ns - r.run_start_ns)"
-    return ledger.query(
+    rows = ledger.query(
         f"SELECT {group_key(ledger, by)} AS k, COUNT(*), SUM({span}), SUM(r.energy_uj), "
         "SUM(r.cpu_energy_uj), SUM(r.dram_energy_uj), SUM(r.gpu_energy_uj), "
         "SUM(r.other_energy_uj), SUM(r.estimated_energy_uj), SUM(r.gpu_seconds), "
@@ -318,6 +319,7 @@ def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
         f"FROM job_runs r WHERE {where} GROUP BY k ORDER BY k",
         params,
     )
+    return settled(rows, 9, 11)
 
 
 def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]:

@@ -603,6 +603,29 @@ class Ledger:
     def has_column(self, table: str, column: str) -> bool:
         return column in self.columns(table)
 
+    # -- copying (llem ledger copy) ------------------------------------------------------------
+
+    def write(self, statements: Sequence[tuple[str, Sequence[Sequence]]]) -> None:
+        """Run (statement, rows) pairs in one transaction."""
+        self._txn(lambda: [self.db.executemany(sql, rows) for sql, rows in statements])
+
+    def insert_missing(self, table: str, columns: Sequence[str], rows: Sequence[Sequence]) -> int:
+        """Insert the rows whose key the table does not hold yet; return how many."""
+        cols = ", ".join(f'"{c}"' if c == "user" else c for c in columns)
+
+        def body() -> int:
+            before = self.db.total_changes
+            self.db.executemany(
+                f"INSERT OR IGNORE INTO {table} ({cols}) VALUES ({', '.join('?' * len(columns))})",
+                rows,
+            )
+            return self.db.total_changes - before
+
+        return self._txn(body)
+
+    def after_copy(self) -> None:
+        """Nothing to do on SQLite (row ids follow the largest one)."""
+
     def columns(self, table: str) -> list[str]:
         """The table's columns, in order."""
         return [r[1] for r in self.query(f"PRAGMA table_info({table})")]

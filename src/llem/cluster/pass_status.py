@@ -29,6 +29,12 @@ class PassStatus:
 
 
 def status_path(config) -> Path:
+    """Beside an SQLite ledger; in the state folder of the aggregator's host for a
+    PostgreSQL ledger (which has no folder)."""
+    from llem.cluster.pg_ledger import is_postgres
+
+    if is_postgres(config.ledger):
+        return Path(config.state_dir) / "ledger.passes.json"
     ledger = Path(config.ledger)
     return ledger.with_name(ledger.name + ".passes.json")
 

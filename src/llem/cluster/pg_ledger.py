@@ -651,6 +651,49 @@ class PgLedger:
             )
             return cur.rowcount
 
+    # -- copying (llem ledger copy) ------------------------------------------------------------
+
+    def write(self, statements) -> None:
+        """Run (statement, rows) pairs in one transaction (``?`` parameters)."""
+        with self._txn() as cur:
+            for sql, rows in statements:
+                cur.executemany(pg_params(sql), list(rows))
+
+    def insert_missing(self, table: str, columns: Sequence[str], rows: Sequence[Sequence]) -> int:
+        """``COPY`` the rows into a staging table, then insert those whose key is new."""
+        stage = f"copy_{table}"
+        with self._txn() as cur:
+            cur.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
+                f"SELECT {_cols(columns)} FROM {table} WITH NO DATA"
+            )
+            if table in pg_schema.PARTITIONED:
+                at = columns.index("hour_s")
+                self._ensure_partitions(cur, table, {r[at] for r in rows})
+            self._copy(cur, stage, rows, columns)
+            cur.execute(
+                f"INSERT INTO {table} ({_cols(columns)}) SELECT {_cols(columns)} FROM {stage} "
+                "ON CONFLICT DO NOTHING"
+            )
+            return cur.rowcount
+
+    def after_copy(self) -> None:
+        """Identity columns continue after the ids copied; statistics for the planner."""
+        with self._txn() as cur:
+            for table in ("job_nodes", "job_runs"):
+                cur.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                    f"COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"
+                )
+        self.db.execute("ANALYZE")
+
+    def _ensure_partitions(self, cur, table: str, hours: Iterable[int]) -> None:
+        names = {pg_schema.partition_name(table, h): h for h in hours}
+        for name, hour_s in sorted(names.items()):
+            if name not in self._partitions:
+                cur.execute(pg_schema.partition_ddl(table, hour_s))
+                self._partitions.add(name)
+
     # -- retention and partitions -----------------------------------------------------------
 
     def partitions(self) -> list[tuple[str, str, int]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from llem.cluster.dialect import settled
 from llem.cluster.ledger import Ledger
 
 HOUR_S = 3600
@@ -29,9 +30,10 @@ DAY_S = 86400
 _NODES_CTE = """
     nodes AS (
         SELECT jn.id AS node_id, {run_id} AS run_id, jn.node AS node, jn.gpus AS gpus,
-               jn.start_ns AS start_ns, jn.end_ns AS end_ns,
+               jn.start_ns AS start_ns, jn.end_ns AS end_ns, r.cluster AS cluster,
+               r.job_id AS job_id, r.run_start_ns AS run_start_ns,
                {greatest}(0, {least}(jn.end_ns, :end_ns) - {greatest}(jn.start_ns, :start_ns))
-                   / {seconds} AS overlap_s
+                   AS overlap_ns
         FROM job_runs r
         {fixed_join} job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id
                          AND jn.run_start_ns = r.run_start_ns
@@ -39,7 +41,12 @@ _NODES_CTE = """
     )
 """
 SECONDS = "CAST(1e9 AS DOUBLE PRECISION)"
-"""Nanoseconds per second, as a float on both backends (PostgreSQL's 1e9 is numeric)."""
+"""Nanoseconds per second, as a float on both backends (PostgreSQL's 1e9 is numeric).
+
+Times are summed in integer nanoseconds and divided once, and rows come in the order of the
+runs' natural keys, so that both backends (which add rows in different orders) give the same
+floats; the one sum of floats left (operational CO2e) is
+:func:`llem.cluster.dialect.settled`."""
 
 
 def _nodes_cte(ledger, account_filter: str) -> str:
@@ -124,17 +131,18 @@ def runs(ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None)
         f"""
         WITH {_nodes_cte(ledger, filt)},
         per_run AS (
-            SELECT run_id, SUM(overlap_s) AS node_s,
-                   SUM({ledger.dialect.json_length("gpus")} * overlap_s) AS gpu_s
+            SELECT run_id, SUM(overlap_ns) AS node_ns,
+                   SUM({ledger.dialect.json_length("gpus")} * overlap_ns) AS gpu_ns
             FROM nodes GROUP BY run_id
         )
         SELECT {d.run_id}, r.cluster, r.job_id, r.run_start_ns, r.run_end_ns, r.user,
                r.account, r.partition, r.tag, r.name, r.state, r.status, r.coverage,
                r.num_nodes, {d.greatest}(0, {d.least}(r.run_end_ns, :end_ns)
                    - {d.greatest}(r.run_start_ns, :start_ns)) / {SECONDS},
-               COALESCE(p.node_s, 0), COALESCE(p.gpu_s, 0)
+               COALESCE(p.node_ns, 0) / {SECONDS}, COALESCE(p.gpu_ns, 0) / {SECONDS}
         FROM job_runs r LEFT JOIN per_run p ON p.run_id = {d.run_id}
         WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {filt}
+        ORDER BY r.cluster, r.job_id, r.run_start_ns
     """,
         params,
     )
@@ -162,7 +170,7 @@ def energy_by_run_day(
     loads every hour of the period).
     """
     params, filt = _params(start_ns, end_ns, account)
-    return ledger.query(
+    rows = ledger.query(
         f"""
         WITH {_nodes_cte(ledger, filt)}
         SELECT n.run_id, e.hour_s - e.hour_s % {DAY_S} AS day_s, SUM(e.energy_uj),
@@ -177,10 +185,12 @@ def energy_by_run_day(
         {ledger.dialect.fixed_join} job_energy e ON e.job_node_id = n.node_id
         LEFT JOIN {ledger.dialect.temp}factors f ON f.hour_s = e.hour_s
         WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
-        GROUP BY n.run_id, day_s
+        GROUP BY n.run_id, n.cluster, n.job_id, n.run_start_ns, day_s
+        ORDER BY n.cluster, n.job_id, n.run_start_ns, day_s
     """,
         params,
     )
+    return settled(rows, 8)
 
 
 def energy_by_hour(
@@ -229,7 +239,8 @@ def idle_gpus(
         f"""
         WITH {_nodes_cte(ledger, filt)},
         gpu AS (
-            SELECT n.run_id, n.overlap_s, (n.end_ns - n.start_ns) / {SECONDS} AS span_s,
+            SELECT n.run_id, n.cluster, n.job_id, n.run_start_ns, n.overlap_ns,
+                   (n.end_ns - n.start_ns) / {SECONDS} AS span_s,
                    (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
                      WHERE e.job_node_id = n.node_id AND e.device_key = g.value) AS total_uj,
                    (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
@@ -246,9 +257,10 @@ def idle_gpus(
         )
         SELECT run_id, SUM(idle), COUNT(*),
                SUM(CASE WHEN idle = 1 THEN period_uj ELSE 0 END),
-               SUM(CASE WHEN idle = 1 THEN overlap_s ELSE 0 END),
+               SUM(CASE WHEN idle = 1 THEN overlap_ns ELSE 0 END) / {SECONDS},
                SUM(1 - resolved)
-        FROM judged GROUP BY run_id
+        FROM judged GROUP BY run_id, cluster, job_id, run_start_ns
+        ORDER BY cluster, job_id, run_start_ns
     """,
         params,
     )
@@ -285,6 +297,7 @@ def node_hours(ledger: Ledger, start_ns: int, end_ns: int) -> list[tuple]:
         {ledger.dialect.fixed_join} node_hours h ON h.cluster = d.cluster AND h.node = d.node
              AND h.hour_s >= :start_s AND h.hour_s < :end_s
         GROUP BY h.node, h.component, h.source
+        ORDER BY h.node, h.component, h.source
     """,
         params,
     )
@@ -298,7 +311,7 @@ def job_nodes_in_period(ledger: Ledger, start_ns: int, end_ns: int) -> list[str]
         for r in ledger.query(
             f"""
         WITH {_nodes_cte(ledger, "")}
-        SELECT DISTINCT node FROM nodes WHERE overlap_s > 0 ORDER BY node
+        SELECT DISTINCT node FROM nodes WHERE overlap_ns > 0 ORDER BY node
     """,
             params,
         )
