@@ -33,7 +33,9 @@ def bin_dir() -> Path | None:
 class Server:
     """One server: :meth:`database` gives a fresh database's connection string."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False, settings: str = "") -> None:
+        """``durable``: PostgreSQL's defaults (fsync, synchronous commit, full page writes),
+        for benchmarks; the tests turn them off. ``settings``: more ``-c name=value``."""
         binaries = bin_dir()
         if binaries is None:
             raise RuntimeError(
@@ -68,8 +70,9 @@ class Server:
             str(self.root / "log"),
             "-w",
             "-o",
-            f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=60",
+            f"-k {self.socket_dir} -c listen_addresses='' -c max_connections=60 "
+            + ("" if durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off ")
+            + settings,
             "start",
         )
         self.count = 0

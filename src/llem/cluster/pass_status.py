@@ -63,6 +63,7 @@ def record_pass(config, result, duration_s: float, now_s: float | None = None) -
             merged_total=(before.merged_total if before else 0) + result.merged,
         )
         path = status_path(config)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         write_atomic(
             path.parent, path.name, json.dumps(status.__dict__, sort_keys=True).encode(), mode=0o644
         )

@@ -11,7 +11,7 @@ Merging a batch is one transaction:
    of each job node, the newest row of each node hour, the last description of each device);
 2. rows are loaded with binary ``COPY`` into temporary staging tables, then moved with
    ``INSERT ... SELECT ... ON CONFLICT`` on the natural keys (a newer export of a job node
-   deletes the older one first, its energy, totals and windows going with it by cascade);
+   deletes the older one first, and its energy, totals and windows);
 3. the energy, totals and windows of the job nodes just inserted are copied straight into
    their tables (their job node ids are new, so nothing can conflict);
 4. the touched jobs' runs are recomputed (:func:`llem.cluster.ledger.group_runs`, the same
@@ -483,16 +483,21 @@ class PgLedger:
         return n
 
     def _need_partitions(self, cur, jobs: Iterable[Prepared], hours: Iterable[tuple]) -> None:
+        needed = {
+            "job_energy": {row[1] for item in jobs for row in item[6]},
+            "node_hours": {row[2] for row in hours},
+        }
         months: dict[str, tuple[str, int]] = {}
-        for item in jobs:
-            for row in item[6]:
-                name = pg_schema.partition_name("job_energy", row[1])
+        for table, hour_set in needed.items():
+            seen_days: set[int] = set()
+            for hour_s in hour_set:
+                day = hour_s // 86400
+                if day in seen_days:
+                    continue
+                seen_days.add(day)
+                name = pg_schema.partition_name(table, hour_s)
                 if name not in self._partitions:
-                    months[name] = ("job_energy", row[1])
-        for row in hours:
-            name = pg_schema.partition_name("node_hours", row[2])
-            if name not in self._partitions:
-                months[name] = ("node_hours", row[2])
+                    months[name] = (table, hour_s)
         if not months:
             return
         existing = {
@@ -512,12 +517,16 @@ class PgLedger:
         if not jobs:
             return set()
         self._copy(cur, "stage_job_nodes", (item[5] for item in jobs.values()))
-        # an older export of the same run goes, with its energy, totals and windows (cascade)
+        # an older export of the same run goes, with its energy, totals and windows
         cur.execute(
             "DELETE FROM job_nodes j USING stage_job_nodes s WHERE j.cluster = s.cluster "
             "AND j.job_id = s.job_id AND j.node = s.node AND j.start_ns = s.start_ns "
-            "AND (j.created_ns, j.digest) < (s.created_ns, s.digest)"
+            "AND (j.created_ns, j.digest) < (s.created_ns, s.digest) RETURNING j.id"
         )
+        replaced = [r[0] for r in cur.fetchall()]
+        if replaced:
+            for table in ("job_energy", "job_node_totals", "windows"):
+                cur.execute(f"DELETE FROM {table} WHERE job_node_id = ANY(%s)", (replaced,))
         cur.execute(
             f"INSERT INTO job_nodes ({_cols(_JOB_NODE_COLUMNS)}) "
             f"SELECT {_cols(_JOB_NODE_COLUMNS)} FROM stage_job_nodes "
@@ -530,23 +539,27 @@ class PgLedger:
         energy, totals, windows = [], [], []
         for key, node_id in ids.items():
             item = jobs[key]
-            summed: dict[tuple, list] = {}
-            for device, hour_s, method, component, source, sensor, uj in item[6]:
-                row = summed.get((device, hour_s, method))
-                if row is None:  # as SQLite: the first row's description, energies summed
-                    summed[(device, hour_s, method)] = [
-                        node_id,
-                        device,
-                        hour_s,
-                        method,
-                        component,
-                        source,
-                        sensor,
-                        uj,
-                    ]
-                else:
-                    row[7] += uj
-            energy += summed.values()
+            rows = item[6]
+            if len({(r[0], r[1], r[2]) for r in rows}) == len(rows):
+                energy += [(node_id, *r) for r in rows]
+            else:  # as SQLite: the first row's description, energies of one key summed
+                summed: dict[tuple, list] = {}
+                for device, hour_s, method, component, source, sensor, uj in rows:
+                    row = summed.get((device, hour_s, method))
+                    if row is None:
+                        summed[(device, hour_s, method)] = [
+                            node_id,
+                            device,
+                            hour_s,
+                            method,
+                            component,
+                            source,
+                            sensor,
+                            uj,
+                        ]
+                    else:
+                        row[7] += uj
+                energy += summed.values()
             totals += [(node_id, *t) for t in item[7]]
             last = {(w[0], w[1], w[2]): w for w in item[8]}  # INSERT OR REPLACE: the last wins
             windows += [(node_id, *w) for w in last.values()]
@@ -821,6 +834,14 @@ class PgLedger:
     def integrity_check(self) -> str:
         self.db.execute("SELECT 1").fetchall()
         return "ok"
+
+    def size_bytes(self) -> int:
+        """Bytes of the ledger's tables, partitions, indexes and TOAST on disk."""
+        return self.db.execute(
+            "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relkind = 'r'"
+        ).fetchone()[0]
 
     def server_version(self) -> str:
         return self.db.execute("SHOW server_version").fetchone()[0]
