@@ -216,3 +216,10 @@ def test_partition_names_and_cuts():
     assert pg_schema.expired_partitions(
         ["job_energy_p202309", "job_energy_p202310", "job_energy_p202311", "meta"], t, 1
     ) == ["job_energy_p202309"]
+
+
+def test_repeated_energy_rows_of_one_slice_add_up_as_on_sqlite(tmp_path, pg_url):
+    (data,) = job_slices(tmp_path, "100", nodes=("n1",))
+    data["energy"].append(dict(data["energy"][0]))  # the same device, hour and method twice
+    data["windows"].append(dict(data["windows"][0], status="ended"))  # the last one wins
+    _same_merges(tmp_path, pg_url, [[data]], "dup")
