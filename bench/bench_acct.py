@@ -178,31 +178,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _to_postgres(args):
     sys.path.insert(0, str(HERE.parent))  # for tests.helpers
-    from llem.cluster.ledger import Ledger
-    from llem.cluster.ledger_tools import copy_ledger
-    from llem.cluster.pg_ledger import PgLedger
-    from tests.helpers.postgres import Server
+    from tests.helpers.postgres import Server, copy_into
 
     server = Server(durable=True, settings=f"-c shared_buffers={args.pg_shared_buffers}")
-    url = server.database("acct")
-    t0 = time.perf_counter()
-    last = [0.0]
-
-    def progress(table: str, done: int, total: int) -> None:
-        if time.perf_counter() - last[0] > 10:
-            last[0] = time.perf_counter()
-            print(f"  copying {table}: {done:,}/{total:,} rows", flush=True)
-
-    with Ledger(args.ledger, readonly=True) as src, PgLedger(url) as dst:
-        res = copy_ledger(src, dst, source_name=args.ledger, progress=progress)
-        elapsed = time.perf_counter() - t0
-        rows = sum(n for n, _ in res.counts.values())
-        jobs = res.counts["job_runs"][0]
-        size = dst.size_bytes()
+    url, m = copy_into(server, args.ledger, "acct")
     print(
-        f"copied into PostgreSQL: {rows:,} rows in {elapsed:.0f} s ({rows / elapsed:,.0f} rows/s, "
-        f"{jobs / elapsed:,.0f} jobs/s); {size / 1e6:,.0f} MB, {size / jobs:,.0f} bytes per job "
-        f"(SQLite: {os.path.getsize(args.ledger) / jobs:,.0f})"
+        f"copied into PostgreSQL: {m['rows']:,} rows in {m['seconds']:.0f} s "
+        f"({m['rows'] / m['seconds']:,.0f} rows/s, {m['jobs'] / m['seconds']:,.0f} jobs/s); "
+        f"{m['bytes'] / 1e6:,.0f} MB, {m['bytes'] / m['jobs']:,.0f} bytes per job "
+        f"(SQLite: {m['sqlite_bytes'] / m['jobs']:,.0f})"
     )
     return server, url
 

@@ -217,3 +217,21 @@ def test_llem_report_csv_files_are_the_same_on_both(pairs, monkeypatch, tmp_path
     assert folders[0] == folders[1] and len(folders[0]) >= 7
     totals = json.dumps(sorted(folders[0]))
     assert "totals.csv" in totals
+
+
+def test_llem_metrics_queries_answer_the_same_on_both(pairs):
+    from llem.cluster import acct_queries, metrics_queries
+
+    answers = []
+    for spec in pairs["spool"]:
+        with acct_queries.open_ledger(spec) as led:
+            answers.append(
+                (
+                    metrics_queries.energy_by_account_hour(led, "c1"),
+                    metrics_queries.job_runs_by_status(led, "c1"),
+                    metrics_queries.quarantined_slices(led),
+                    acct_queries.clusters(led),
+                )
+            )
+    assert answers[0] == answers[1]
+    assert answers[0][0] and answers[0][1]

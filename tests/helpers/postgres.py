@@ -110,3 +110,32 @@ class Server:
         finally:
             time.sleep(0.1)
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def copy_into(server: Server, sqlite_path, name: str = "copy") -> tuple[str, dict]:
+    """Copy an SQLite ledger into a new database of ``server`` with ``llem ledger copy``'s code
+    (for the benchmarks); return its connection string and what the copy measured."""
+    from llem.cluster.ledger import Ledger
+    from llem.cluster.ledger_tools import copy_ledger
+    from llem.cluster.pg_ledger import PgLedger
+
+    url = server.database(name)
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def progress(table: str, done: int, total: int) -> None:
+        if time.perf_counter() - last[0] > 15:
+            last[0] = time.perf_counter()
+            print(f"  copying {table}: {done:,}/{total:,} rows", flush=True)
+
+    with Ledger(sqlite_path, readonly=True) as src, PgLedger(url) as dst:
+        res = copy_ledger(src, dst, source_name=str(sqlite_path), progress=progress)
+        size = dst.size_bytes()
+    elapsed = time.perf_counter() - t0
+    return url, {
+        "rows": sum(n for n, _ in res.counts.values()),
+        "jobs": res.counts["job_runs"][0],
+        "seconds": elapsed,
+        "bytes": size,
+        "sqlite_bytes": os.path.getsize(sqlite_path),
+    }
