@@ -223,3 +223,20 @@ def test_repeated_energy_rows_of_one_slice_add_up_as_on_sqlite(tmp_path, pg_url)
     data["energy"].append(dict(data["energy"][0]))  # the same device, hour and method twice
     data["windows"].append(dict(data["windows"][0], status="ended"))  # the last one wins
     _same_merges(tmp_path, pg_url, [[data]], "dup")
+
+
+def test_a_failed_batch_leaves_nothing_and_the_next_one_merges(tmp_path, pg_url):
+    from llem.cluster.ledger import prepare
+
+    good = job_slices(tmp_path, "100")
+    bad = copy.deepcopy(good[0])
+    bad["job"]["job_id"] = "666"
+    bad["energy"][0]["energy_uj"] = -1  # what validation refuses; the database too
+    raw = json.dumps(bad, sort_keys=True).encode()
+    with PgLedger(pg_url) as pg, Ledger(tmp_path / "l.db") as sq:
+        with pytest.raises(LedgerError, match="ledger write failed"):
+            pg.merge_prepared([prepare(bad, digest(raw))], now_ns=NOW, grace_s=3600.0)
+        assert pg.query("SELECT COUNT(*) FROM job_nodes") == [(0,)]
+        merge(pg, good)
+        merge(sq, good)
+        assert pg.canonical_dump() == sq.canonical_dump()

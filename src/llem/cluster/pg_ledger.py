@@ -55,6 +55,7 @@ LOCK_CLASS = 0x6C6C656D  # 'llem'
 AGGREGATE_LOCK = 1
 """Advisory lock (``LOCK_CLASS``, this) held by an aggregator for its whole pass."""
 MIGRATE_LOCK = 2
+CONNECT_TIMEOUT_S = 10
 _JOB_NODE_COLUMNS = (
     "cluster",
     "job_id",
@@ -244,8 +245,13 @@ class PgLedger:
         check_spec(spec)
         psycopg = _psycopg()
         self._errors = psycopg.Error
+        from psycopg.conninfo import conninfo_to_dict
+
+        options = {"autocommit": True, "application_name": "llem"}
+        if "connect_timeout" not in conninfo_to_dict(spec):
+            options["connect_timeout"] = CONNECT_TIMEOUT_S  # libpq's default is to wait forever
         try:
-            self.db = psycopg.connect(spec, autocommit=True, application_name="llem")
+            self.db = psycopg.connect(spec, **options)
         except psycopg.Error as e:
             raise LedgerError(f"{redact(spec)}: cannot connect to the ledger: {e}") from None
         _register_loaders(self.db)
@@ -291,11 +297,17 @@ class PgLedger:
             with self.db.transaction(), self.db.cursor() as cur:
                 yield cur
         except self._errors as e:
-            self._partitions.clear()
+            self._forget()
             raise LedgerError(f"{redact(self.spec)}: ledger write failed: {e}") from e
         except BaseException:
-            self._partitions.clear()
+            self._forget()
             raise
+
+    def _forget(self) -> None:
+        """What a rolled-back transaction may have undone: partitions and staging tables it
+        created."""
+        self._partitions.clear()
+        self._stages_made = False
 
     def schema_version(self) -> int:
         row = self.db.execute(
