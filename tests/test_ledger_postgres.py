@@ -240,3 +240,18 @@ def test_a_failed_batch_leaves_nothing_and_the_next_one_merges(tmp_path, pg_url)
         merge(pg, good)
         merge(sq, good)
         assert pg.canonical_dump() == sq.canonical_dump()
+
+
+def test_runs_are_recomputed_from_the_table_when_the_plan_missed(tmp_path, pg_url, monkeypatch):
+    """Another writer (none takes the lock, e.g. a copy into a live ledger) inserting between
+    the plan and the insert: the runs come from the table instead."""
+    plan_runs = PgLedger._plan_runs
+
+    def missed(self, *args):
+        plan = plan_runs(self, *args)
+        plan.inserted = set(list(plan.inserted)[1:])
+        return plan
+
+    monkeypatch.setattr(PgLedger, "_plan_runs", missed)
+    items = job_slices(tmp_path, "100") + job_slices(tmp_path, "101", nodes=("n1",))
+    _same_merges(tmp_path, pg_url, [items[:2], items[2:]], "missed")

@@ -31,6 +31,7 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from llem.cluster import pg_schema
@@ -157,7 +158,7 @@ _WINDOW_COLUMNS = (
     "energy",
 )
 _STAGES = {
-    "stage_job_nodes": ("job_nodes", _JOB_NODE_COLUMNS),
+    "stage_job_nodes": ("job_nodes", (*_JOB_NODE_COLUMNS, "run_start_ns")),
     "stage_headers": ("job_headers", _HEADER_COLUMNS),
     "stage_node_hours": ("node_hours", _NODE_HOUR_COLUMNS),
     "stage_devices": ("devices", _DEVICE_COLUMNS),
@@ -421,9 +422,10 @@ class PgLedger:
                     "devices.method) IS DISTINCT FROM (excluded.component, excluded.name, "
                     "excluded.sensor, excluded.source, excluded.method)"
                 )
-            new_nodes = self._merge_job_nodes(cur, jobs)
             new_hours = self._merge_hours(cur, hours)
             new_headers = self._merge_headers(cur, headers)
+            plan = self._plan_runs(cur, jobs, new_headers, now_ns, grace_s)
+            new_nodes = self._merge_job_nodes(cur, jobs, plan.run_starts)
             touched: set[tuple[str, str]] = set()
             for item in items:
                 kind = item[0]
@@ -446,7 +448,11 @@ class PgLedger:
                         for e in quarantined
                     ],
                 )
-            self._regroup(cur, touched, now_ns, grace_s)
+            if new_nodes == plan.inserted:
+                self._write_runs(cur, plan)
+            else:  # another writer got in between (none takes the lock): from the table
+                log.info("job nodes changed during the merge; runs recomputed from the table")
+                self._regroup(cur, touched, now_ns, grace_s)
             stats.jobs_touched = touched
             if items or quarantined:
                 cur.execute(
@@ -524,11 +530,80 @@ class PgLedger:
                 cur.execute(pg_schema.partition_ddl(table, hour_s))
         self._partitions |= existing | set(months)
 
-    def _merge_job_nodes(self, cur, jobs: dict[tuple, Prepared]) -> set[tuple]:
-        """Insert the newest export of each job node; return the keys inserted (new or newer)."""
+    def _plan_runs(self, cur, jobs, new_headers, now_ns: int, grace_s: float) -> _RunPlan:
+        """The runs of the jobs this batch changes, computed before its job nodes go in.
+
+        Which staged job nodes will be inserted (new, or newer than the one there) is read
+        from the table; their runs are then known, so that they are inserted with their
+        ``run_start_ns`` instead of updated after (an ``UPDATE`` rewrites the whole row).
+        """
+        plan = _RunPlan()
+        candidates = {key[:2] for key in jobs} | {h[:2] for h in new_headers}
+        if not candidates:
+            return plan
+        wanted = (*self._NODE_COLS, "created_ns", "digest")
+        existing = self._rows_of(cur, "job_nodes", wanted, candidates)
+        nodes: dict[tuple[str, str], dict[tuple, dict]] = {
+            job: {(n["node"], n["start_ns"]): n for n in rows} for job, rows in existing.items()
+        }
+        for key, item in jobs.items():
+            old = nodes[key[:2]].get(key[2:])
+            if old is None or (old["created_ns"], old["digest"]) < (item[2], item[3]):
+                plan.inserted.add(key)
+                new = dict(zip(_JOB_NODE_COLUMNS, item[5]))
+                new.update(id=None, run_start_ns=None, key=key)
+                nodes[key[:2]][key[2:]] = new
+        plan.touched = {k[:2] for k in plan.inserted} | {h[:2] for h in new_headers}
+        headers = self._rows_of(cur, "job_headers", self._HEADER_COLS, plan.touched)
+        for job in sorted(plan.touched):
+            for run in group_runs(list(nodes[job].values()), headers[job]):
+                row = summarize_run(run, now_ns, grace_s)
+                plan.runs.append((*job, *[row[c] for c in _RUN_COLUMNS]))
+                start = row["run_start_ns"]
+                for n in run["nodes"]:
+                    if n["id"] is None:
+                        plan.run_starts[n["key"]] = start
+                    elif n["run_start_ns"] != start:
+                        plan.moved.append((n["id"], start))
+        return plan
+
+    def _rows_of(self, cur, table, columns, jobs: set[tuple[str, str]]) -> dict:
+        """``table``'s rows of these (cluster, job_id)s as dicts of ``columns``."""
+        out: dict[tuple[str, str], list[dict]] = {job: [] for job in jobs}
+        by_cluster: dict[str, list[str]] = {}
+        for cluster, job_id in jobs:
+            by_cluster.setdefault(cluster, []).append(job_id)
+        for cluster, ids in sorted(by_cluster.items()):
+            for job_id, rows in self._rows_by_job(cur, table, columns, cluster, ids).items():
+                out[(cluster, job_id)] = rows
+        return out
+
+    def _write_runs(self, cur, plan: _RunPlan) -> None:
+        by_cluster: dict[str, list[str]] = {}
+        for cluster, job_id in plan.touched:
+            by_cluster.setdefault(cluster, []).append(job_id)
+        for cluster, ids in sorted(by_cluster.items()):
+            cur.execute(
+                "DELETE FROM job_runs WHERE cluster = %s AND job_id = ANY(%s)", (cluster, ids)
+            )
+        self._copy(cur, "job_runs", plan.runs, ("cluster", "job_id", *_RUN_COLUMNS))
+        if plan.moved:
+            self._copy(cur, "stage_moved", plan.moved)
+            cur.execute(
+                "UPDATE job_nodes j SET run_start_ns = m.run_start_ns FROM stage_moved m "
+                "WHERE j.id = m.id"
+            )
+
+    def _merge_job_nodes(self, cur, jobs: dict[tuple, Prepared], run_starts: dict) -> set[tuple]:
+        """Insert the newest export of each job node (with its run's start, when known);
+        return the keys inserted (new or newer)."""
         if not jobs:
             return set()
-        self._copy(cur, "stage_job_nodes", (item[5] for item in jobs.values()))
+        self._copy(
+            cur,
+            "stage_job_nodes",
+            ((*item[5], run_starts.get(key)) for key, item in jobs.items()),
+        )
         # an older export of the same run goes, with its energy, totals and windows
         cur.execute(
             "DELETE FROM job_nodes j USING stage_job_nodes s WHERE j.cluster = s.cluster "
@@ -539,9 +614,9 @@ class PgLedger:
         if replaced:
             for table in ("job_energy", "job_node_totals", "windows"):
                 cur.execute(f"DELETE FROM {table} WHERE job_node_id = ANY(%s)", (replaced,))
+        columns = _cols((*_JOB_NODE_COLUMNS, "run_start_ns"))
         cur.execute(
-            f"INSERT INTO job_nodes ({_cols(_JOB_NODE_COLUMNS)}) "
-            f"SELECT {_cols(_JOB_NODE_COLUMNS)} FROM stage_job_nodes "
+            f"INSERT INTO job_nodes ({columns}) SELECT {columns} FROM stage_job_nodes "
             "ON CONFLICT (cluster, job_id, node, start_ns) DO NOTHING "
             "RETURNING id, cluster, job_id, node, start_ns"
         )
@@ -875,6 +950,22 @@ class PgLedger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class _RunPlan:
+    """What :meth:`PgLedger._plan_runs` decided for one batch."""
+
+    inserted: set = field(default_factory=set)
+    """Keys of the staged job nodes that go in."""
+    touched: set = field(default_factory=set)
+    """(cluster, job_id) whose runs change."""
+    runs: list = field(default_factory=list)
+    """Their new ``job_runs`` rows."""
+    run_starts: dict = field(default_factory=dict)
+    """Run start of each job node going in, by key."""
+    moved: list = field(default_factory=list)
+    """(id, run start) of job nodes already there whose run changed."""
 
 
 def _hour_rank(row: tuple) -> tuple:
