@@ -255,3 +255,17 @@ def test_runs_are_recomputed_from_the_table_when_the_plan_missed(tmp_path, pg_ur
     monkeypatch.setattr(PgLedger, "_plan_runs", missed)
     items = job_slices(tmp_path, "100") + job_slices(tmp_path, "101", nodes=("n1",))
     _same_merges(tmp_path, pg_url, [items[:2], items[2:]], "missed")
+
+
+def test_the_bench_generator_writes_the_same_ledger_on_both(tmp_path, pg_url):
+    from llem.cluster.ledger_tools import check_ledger
+    from tests.helpers import make_ledger
+
+    jobs = list(make_ledger.generate(300, seed=4, now_s=1_780_000_000, days=60))
+    path = tmp_path / "lib" / "ledger.db"
+    path.parent.mkdir(mode=0o755)
+    assert make_ledger.write_jobs(path, jobs) == make_ledger.write_jobs_pg(pg_url, jobs) == 300
+    sq, pg = Ledger(path, readonly=True), PgLedger(pg_url, readonly=True)
+    with sq, pg:
+        assert pg.canonical_dump() == sq.canonical_dump()
+        assert check_ledger(pg) == [] and check_ledger(sq) == []
