@@ -185,12 +185,13 @@ def energy_by_run_day(
         {ledger.dialect.fixed_join} job_energy e ON e.job_node_id = n.node_id
         LEFT JOIN {ledger.dialect.temp}factors f ON f.hour_s = e.hour_s
         WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
-        GROUP BY n.run_id, n.cluster, n.job_id, n.run_start_ns, day_s
-        ORDER BY n.cluster, n.job_id, n.run_start_ns, day_s
+        GROUP BY n.run_id, day_s
     """,
         params,
     )
-    return settled(rows, 8)
+    # In an order of values, not of row ids (which differ between backends); rows equal in
+    # every value but the run id add up the same in any order.
+    return sorted(settled(rows, 8), key=lambda r: r[1:])
 
 
 def energy_by_hour(
