@@ -43,10 +43,10 @@ _NODES_CTE = """
 SECONDS = "CAST(1e9 AS DOUBLE PRECISION)"
 """Nanoseconds per second, as a float on both backends (PostgreSQL's 1e9 is numeric).
 
-Times are summed in integer nanoseconds and divided once, and rows come in the order of the
-runs' natural keys, so that both backends (which add rows in different orders) give the same
-floats; the one sum of floats left (operational CO2e) is
-:func:`llem.cluster.dialect.settled`."""
+Times are summed in integer nanoseconds and divided once, and rows come in an order both
+backends share (the runs' natural keys, or the rows' values), so that both backends (which
+add rows up in different orders) give the same floats; the one sum of floats left
+(operational CO2e) is :func:`llem.cluster.dialect.settled`."""
 
 
 def _nodes_cte(ledger, account_filter: str) -> str:
