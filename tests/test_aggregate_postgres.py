@@ -188,7 +188,7 @@ def test_check_names_broken_invariants_on_either_backend(tmp_path, pg_url):
             ]
 
 
-def test_llem_ledger_init_with_roles_and_a_reader_that_cannot_write(pg_server, monkeypatch):
+def test_llem_ledger_init_with_roles_and_a_reader_that_cannot_write(pg_server, tmp_path):
     import psycopg
 
     from llem.cli.ledger import ledger as ledger_cli
@@ -204,12 +204,29 @@ def test_llem_ledger_init_with_roles_and_a_reader_that_cannot_write(pg_server, m
             for r in conn.execute("SELECT tableowner FROM pg_tables WHERE schemaname = 'public'")
         }
         assert owners == {"llem_writer"}
+        conn.execute("DROP ROLE IF EXISTS aggregator")
+        conn.execute("CREATE ROLE aggregator LOGIN IN ROLE llem_writer")
+    # the aggregator's login merges; the month partitions it creates belong to llem_writer
+    with PgLedger(url.replace("llem_test@", "aggregator@")) as led:
+        merge(led, job_slices(tmp_path, "100"))
+    assert run(ledger_cli, ["check", "--ledger", url], prog_name="llem ledger") == 0
+    with PgLedger(url.replace("llem_test@", "aggregator@")) as led:
+        assert led.apply_retention(1, (T0 + 400 * 86400 * S) / S)  # and it may drop them
+        merge(led, job_slices(tmp_path / "b", "101"))
+    with psycopg.connect(url, autocommit=True) as conn:
+        owners = {
+            r[0]
+            for r in conn.execute(
+                "SELECT tableowner FROM pg_tables WHERE schemaname = 'public' "
+                "AND tablename LIKE '%%_p2%%'"
+            )
+        }
+        assert owners == {"llem_writer"}
     reader = url.replace("llem_test@", "alice@")
     with PgLedger(reader, readonly=True) as led:
-        assert led.query("SELECT COUNT(*) FROM job_runs") == [(0,)]
+        assert led.query("SELECT COUNT(*) FROM job_runs") == [(2,)]
         with pytest.raises(LedgerError, match="permission denied"):
             led.query("DELETE FROM job_runs")
-    assert run(ledger_cli, ["check", "--ledger", url], prog_name="llem ledger") == 0
 
 
 def test_doctor_shows_backend_schema_partitions_and_last_merge(tmp_path, pg_url, monkeypatch):

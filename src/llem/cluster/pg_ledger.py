@@ -257,6 +257,8 @@ class PgLedger:
             raise LedgerError(f"{redact(spec)}: cannot connect to the ledger: {e}") from None
         _register_loaders(self.db)
         self._session_setup()
+        if not readonly:
+            self._act_as_writer()
         self._partitions: set[str] = set()
         self._stages_made = False
         self._copy_types: dict[str, list[str]] = {}
@@ -336,19 +338,32 @@ class PgLedger:
         return before, pg_schema.SCHEMA_VERSION
 
     def grant_roles(self) -> None:
-        """Create ``llem_writer`` and ``llem_reader`` and give them the ledger's tables."""
+        """Create ``llem_writer`` and ``llem_reader`` and give them the ledger's tables
+        (month partitions included)."""
         with self._txn() as cur:
-            for statement in pg_schema.role_statements(self.tables()):
+            for statement in pg_schema.role_statements(self.tables(partitions=True)):
                 cur.execute(statement)
 
-    def tables(self) -> list[str]:
-        """The ledger's tables (partitions excluded)."""
+    def _act_as_writer(self) -> None:
+        """A member of ``llem_writer`` writes as it, so that the partitions it creates belong
+        to the role (aggregators on other hosts, with other logins, may drop them later)."""
+        row = self.db.execute(
+            "SELECT current_user <> %s AND pg_has_role(%s, 'MEMBER') FROM pg_roles "
+            "WHERE rolname = %s",
+            (pg_schema.WRITER_ROLE,) * 3,
+        ).fetchone()
+        if row and row[0]:
+            self.db.execute(f"SET ROLE {pg_schema.WRITER_ROLE}")
+
+    def tables(self, *, partitions: bool = False) -> list[str]:
+        """The ledger's tables (month partitions only when asked)."""
         return [
             r[0]
             for r in self.db.execute(
                 "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') "
-                "AND NOT c.relispartition ORDER BY 1"
+                "AND (%s OR NOT c.relispartition) ORDER BY 1",
+                (partitions,),
             )
         ]
 
