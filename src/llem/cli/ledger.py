@@ -85,9 +85,11 @@ def copy(src: str, dst: str, chunk: int) -> int:
     first. The row counts of both ledgers are compared at the end (exit status 1 if they
     differ).
     """
+    import os
+
     from llem.cluster.ledger import open_ledger
     from llem.cluster.ledger_tools import copy_ledger
-    from llem.cluster.pg_ledger import redact
+    from llem.cluster.pg_ledger import is_postgres, redact
 
     tty = sys.stderr.isatty()
 
@@ -100,7 +102,11 @@ def copy(src: str, dst: str, chunk: int) -> int:
 
     with open_ledger(src, readonly=True) as source, open_ledger(dst) as target:
         res = copy_ledger(
-            source, target, source_name=redact(src), progress=progress, chunk_rows=chunk
+            source,
+            target,
+            source_name=redact(src) if is_postgres(src) else os.path.realpath(src),
+            progress=progress,
+            chunk_rows=chunk,
         )
     if tty:
         click.echo("", err=True)

@@ -846,7 +846,8 @@ class PgLedger:
         if translated is None:
             translated = self._query_cache[sql] = pg_params(sql)
         try:
-            cur = self.db.execute(translated, params if params else None)
+            # always with parameters, so that psycopg turns the doubled % back into one
+            cur = self.db.execute(translated, params if params else ())
             return cur.fetchall() if cur.description is not None else []
         except self._errors as e:
             raise LedgerError(f"{redact(self.spec)}: query failed: {e}") from e
