@@ -345,11 +345,13 @@ class PgLedger:
                 cur.execute(statement)
 
     def _act_as_writer(self) -> None:
-        """A member of ``llem_writer`` writes as it, so that the partitions it creates belong
-        to the role (aggregators on other hosts, with other logins, may drop them later)."""
+        """A member of ``llem_writer`` writes as it when the role owns the ledger (``llem
+        ledger init --roles``), so that the partitions it creates belong to the role
+        (aggregators on other hosts, with other logins, may drop them later)."""
         row = self.db.execute(
-            "SELECT current_user <> %s AND pg_has_role(%s, 'MEMBER') FROM pg_roles "
-            "WHERE rolname = %s",
+            "SELECT current_user <> %s AND pg_has_role(%s, 'MEMBER') FROM pg_tables "
+            "WHERE schemaname = current_schema() AND tablename = 'job_runs' "
+            "AND tableowner = %s",
             (pg_schema.WRITER_ROLE,) * 3,
         ).fetchone()
         if row and row[0]:
