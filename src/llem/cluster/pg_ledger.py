@@ -324,17 +324,27 @@ class PgLedger:
         return int(got[0]) if got else 0
 
     def migrate(self) -> tuple[int, int]:
-        """Apply the missing migrations in one transaction; return (from, to) versions."""
-        with self._txn() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, MIGRATE_LOCK))
-            before = self.schema_version()
-            for number in range(before, pg_schema.SCHEMA_VERSION):
-                pg_schema.MIGRATIONS[number](cur)
-            cur.execute(
-                "INSERT INTO meta VALUES ('schema_version', %s) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (str(pg_schema.SCHEMA_VERSION),),
-            )
+        """Apply the missing migrations in one transaction; return (from, to) versions.
+
+        Under a session advisory lock taken before the transaction begins: a transaction that
+        began before another writer's migration committed might not see its tables.
+        """
+        self.db.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, MIGRATE_LOCK))
+        try:
+            with self._txn() as cur:
+                before = self.schema_version()
+                for number in range(before, pg_schema.SCHEMA_VERSION):
+                    pg_schema.MIGRATIONS[number](cur)
+                cur.execute(
+                    "INSERT INTO meta VALUES ('schema_version', %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(pg_schema.SCHEMA_VERSION),),
+                )
+        finally:
+            try:
+                self.db.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, MIGRATE_LOCK))
+            except self._errors:  # the session is gone, and the lock with it
+                pass
         return before, pg_schema.SCHEMA_VERSION
 
     def grant_roles(self) -> None:
