@@ -37,6 +37,7 @@ from typing import Any
 from llem.cluster import pg_schema
 from llem.cluster.dialect import POSTGRESQL, pg_params
 from llem.cluster.ledger import (
+    _INSERT_JOB_NODE,
     _RUN_COLUMNS,
     CANONICAL_QUERIES,
     ENERGY_COLUMNS,
@@ -57,35 +58,15 @@ AGGREGATE_LOCK = 1
 """Advisory lock (``LOCK_CLASS``, this) held by an aggregator for its whole pass."""
 MIGRATE_LOCK = 2
 CONNECT_TIMEOUT_S = 10
-_JOB_NODE_COLUMNS = (
-    "cluster",
-    "job_id",
-    "node",
-    "start_ns",
-    "end_ns",
-    "array_job_id",
-    "array_task_id",
-    "user",
-    "uid",
-    "gid",
-    "account",
-    "partition",
-    "nodelist",
-    "num_nodes",
-    "cpus",
-    "gpus",
-    "tag",
-    "name",
-    "node_state",
-    "coverage",
-    "flags",
-    *ENERGY_COLUMNS,
-    "created_ns",
-    "digest",
-    "attribution",
+_JOB_NODE_COLUMNS = tuple(
+    c.strip().strip('"')
+    for c in _INSERT_JOB_NODE[_INSERT_JOB_NODE.index("(") + 1 : _INSERT_JOB_NODE.index(")")].split(
+        ","
+    )
 )
-"""The columns of a prepared job node row (``llem.cluster.ledger._INSERT_JOB_NODE``)."""
-_HEADER_COLUMNS = (
+"""The columns of a prepared job node row: those of the SQLite ledger's insert, so that a
+column added there (and to both schemas) needs nothing here."""
+_HEADER_COLUMNS = (  # what runs are computed from (group_runs, summarize_run)
     "cluster",
     "job_id",
     "end_ns",
@@ -103,31 +84,6 @@ _HEADER_COLUMNS = (
     "exit_code",
     "signal",
     "derived_exit_code",
-)
-_NODE_HOUR_COLUMNS = (
-    "cluster",
-    "node",
-    "hour_s",
-    "device_key",
-    "component",
-    "source",
-    "measured_uj",
-    "attributed_uj",
-    "remainder_uj",
-    "intervals",
-    "gap_intervals",
-    "covered_ns",
-    "as_of_ns",
-)
-_DEVICE_COLUMNS = (
-    "cluster",
-    "node",
-    "device_key",
-    "component",
-    "name",
-    "sensor",
-    "source",
-    "method",
 )
 _ENERGY_COLUMNS = (
     "job_node_id",
@@ -158,11 +114,13 @@ _WINDOW_COLUMNS = (
     "energy",
 )
 _STAGES = {
-    "stage_job_nodes": ("job_nodes", (*_JOB_NODE_COLUMNS, "run_start_ns")),
-    "stage_headers": ("job_headers", _HEADER_COLUMNS),
-    "stage_node_hours": ("node_hours", _NODE_HOUR_COLUMNS),
-    "stage_devices": ("devices", _DEVICE_COLUMNS),
+    "stage_job_nodes": "job_nodes",
+    "stage_headers": "job_headers",
+    "stage_node_hours": "node_hours",
+    "stage_devices": "devices",
 }
+"""Staging tables: the job nodes' columns of a prepared row and their run's start; every
+column of the others, in order (SQLite's inserts of those rows name no columns either)."""
 _PG_TYPES = {"bigint": "int8", "text": "text", "double precision": "float8", "integer": "int4"}
 REGROUP_CHUNK = 5000
 
@@ -441,7 +399,7 @@ class PgLedger:
             if devices:
                 self._copy(cur, "stage_devices", devices.values())
                 cur.execute(
-                    f"INSERT INTO devices SELECT {_cols(_DEVICE_COLUMNS)} FROM stage_devices "
+                    "INSERT INTO devices SELECT * FROM stage_devices "
                     "ON CONFLICT (cluster, node, device_key) DO UPDATE SET "
                     "component = excluded.component, name = excluded.name, "
                     "sensor = excluded.sensor, source = excluded.source, method = excluded.method "
@@ -491,7 +449,8 @@ class PgLedger:
     def _stages(self, cur) -> None:
         if self._stages_made:
             return
-        for stage, (table, columns) in _STAGES.items():
+        for stage, table in _STAGES.items():
+            columns = self._stage_columns(table)
             cur.execute(
                 f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
                 f"SELECT {_cols(columns)} FROM {table} WITH NO DATA"
@@ -501,6 +460,11 @@ class PgLedger:
             "ON COMMIT DELETE ROWS"
         )
         self._stages_made = True
+
+    def _stage_columns(self, table: str) -> tuple[str, ...]:
+        if table == "job_nodes":
+            return (*_JOB_NODE_COLUMNS, "run_start_ns")
+        return tuple(self.columns(table))
 
     def _copy(self, cur, table: str, rows: Iterable[Sequence], columns: Sequence[str] = ()) -> int:
         """Binary ``COPY`` of ``rows`` into ``table`` (all its columns, or ``columns``)."""
@@ -687,9 +651,10 @@ class PgLedger:
         if not hours:
             return set()
         self._copy(cur, "stage_node_hours", hours.values())
-        updates = ", ".join(f"{c} = excluded.{c}" for c in _NODE_HOUR_COLUMNS[4:])
+        columns = self._stage_columns("node_hours")
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns[4:])
         cur.execute(
-            f"INSERT INTO node_hours SELECT {_cols(_NODE_HOUR_COLUMNS)} FROM stage_node_hours "
+            f"INSERT INTO node_hours ({_cols(columns)}) SELECT * FROM stage_node_hours "
             f"ON CONFLICT (cluster, node, hour_s, device_key) DO UPDATE SET {updates} "
             "WHERE (excluded.as_of_ns, excluded.measured_uj, excluded.attributed_uj, "
             "excluded.remainder_uj) > (node_hours.as_of_ns, node_hours.measured_uj, "
@@ -703,7 +668,8 @@ class PgLedger:
             return set()
         self._copy(cur, "stage_headers", headers.values())
         cur.execute(
-            f"INSERT INTO job_headers SELECT {_cols(_HEADER_COLUMNS)} FROM stage_headers "
+            f"INSERT INTO job_headers ({_cols(self._stage_columns('job_headers'))}) "
+            "SELECT * FROM stage_headers "
             "ON CONFLICT DO NOTHING RETURNING cluster, job_id, end_ns"
         )
         return {tuple(r) for r in cur.fetchall()}
