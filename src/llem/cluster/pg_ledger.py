@@ -12,10 +12,13 @@ Merging a batch is one transaction:
 2. rows are loaded with binary ``COPY`` into temporary staging tables, then moved with
    ``INSERT ... SELECT ... ON CONFLICT`` on the natural keys (a newer export of a job node
    deletes the older one first, and its energy, totals and windows);
-3. the energy, totals and windows of the job nodes just inserted are copied straight into
-   their tables (their job node ids are new, so nothing can conflict);
-4. the touched jobs' runs are recomputed (:func:`llem.cluster.ledger.group_runs`, the same
-   code as on SQLite) and a row is added to ``merges``.
+3. before the job nodes go in, the runs of the jobs they change are computed from the rows
+   already there and the new ones (:func:`llem.cluster.ledger.group_runs`, the same code as
+   on SQLite), so that each job node is inserted with its run's start; the jobs' ``job_runs``
+   rows are then replaced;
+4. the energy, totals and windows of the job nodes just inserted are copied straight into
+   their tables (their job node ids are new, so nothing can conflict), and a row is added to
+   ``merges``.
 
 The month partitions that the batch's hours need are created first (``CREATE TABLE ... PARTITION
 OF``, idempotent). ``psycopg`` (``pip install 'llem[postgresql]'``) is imported only here, and
@@ -220,6 +223,7 @@ class PgLedger:
         self._partitions: set[str] = set()
         self._stages_made = False
         self._copy_types: dict[str, list[str]] = {}
+        self._table_columns: dict[str, tuple[str, ...]] = {}
         self._query_cache: dict[str, str] = {}
         version = self.schema_version()
         if version > pg_schema.SCHEMA_VERSION:
@@ -464,7 +468,9 @@ class PgLedger:
     def _stage_columns(self, table: str) -> tuple[str, ...]:
         if table == "job_nodes":
             return (*_JOB_NODE_COLUMNS, "run_start_ns")
-        return tuple(self.columns(table))
+        if table not in self._table_columns:
+            self._table_columns[table] = tuple(self.columns(table))
+        return self._table_columns[table]
 
     def _copy(self, cur, table: str, rows: Iterable[Sequence], columns: Sequence[str] = ()) -> int:
         """Binary ``COPY`` of ``rows`` into ``table`` (all its columns, or ``columns``)."""
