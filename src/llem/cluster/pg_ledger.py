@@ -61,6 +61,8 @@ AGGREGATE_LOCK = 1
 """Advisory lock (``LOCK_CLASS``, this) held by an aggregator for its whole pass."""
 MIGRATE_LOCK = 2
 CONNECT_TIMEOUT_S = 10
+ANALYZE_FIRST = 2000
+"""Slices merged by a session before its first ``ANALYZE`` of the job tables."""
 _JOB_NODE_COLUMNS = tuple(
     c.strip().strip('"')
     for c in _INSERT_JOB_NODE[_INSERT_JOB_NODE.index("(") + 1 : _INSERT_JOB_NODE.index(")")].split(
@@ -224,6 +226,7 @@ class PgLedger:
         self._stages_made = False
         self._copy_types: dict[str, list[str]] = {}
         self._table_columns: dict[str, tuple[str, ...]] = {}
+        self._merged, self._analyze_at = 0, ANALYZE_FIRST
         self._query_cache: dict[str, str] = {}
         version = self.schema_version()
         if version > pg_schema.SCHEMA_VERSION:
@@ -448,7 +451,25 @@ class PgLedger:
                     "INSERT INTO merges (ts_ns, host, slices, jobs) VALUES (%s, %s, %s, %s)",
                     (time.time_ns(), socket.gethostname(), len(items), len(touched)),
                 )
+        self._analyze_as_it_grows(len(items))
         return stats
+
+    def _analyze_as_it_grows(self, merged: int) -> None:
+        """``ANALYZE`` the job tables after each doubling of what this session merged.
+
+        Autovacuum analyzes a table a minute or more after it grew; meanwhile the planner
+        takes a fresh ledger for an empty one and scans every run of the cluster to replace
+        a batch's runs (the cost of a pass grew with the square of its size). A few hundred
+        milliseconds, a handful of times in a long pass.
+        """
+        self._merged += merged
+        if self._merged < self._analyze_at:
+            return
+        self._analyze_at = 2 * self._merged
+        try:
+            self.db.execute("ANALYZE job_runs, job_nodes, job_headers")
+        except self._errors as e:  # statistics are an optimisation: never fail a pass
+            log.info("ANALYZE of the job tables: %s", e)
 
     def _stages(self, cur) -> None:
         if self._stages_made:
