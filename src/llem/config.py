@@ -190,7 +190,11 @@ class Config:
     spool_dir: str = "/var/spool/llem"
     """Shared directory where epilogs drop finished jobs' slices."""
     ledger: str = "/var/lib/llem/ledger.db"
-    """Path of the cluster ledger (SQLite)."""
+    """The cluster ledger: a path (SQLite), or a PostgreSQL ``postgresql://`` URL or
+    ``service=NAME`` (never with a password)."""
+    ledger_retention_months: int | None = None
+    """PostgreSQL ledger: whole months of hourly energy rows kept (older month partitions are
+    dropped after each merge pass); None keeps everything."""
     run_dir: str = "/run/llem"
     """Node-local runtime folder: the sampler's lock, pid file and the socket of `llem wrap`."""
     sensors: str | tuple[str, ...] = "auto"
