@@ -216,11 +216,15 @@ class Config:
     spool_dir: str = "/var/spool/llem"
     """Shared directory where epilogs drop finished jobs' slices."""
     ledger: str = "/var/lib/llem/ledger.db"
-    """Path of the cluster ledger (SQLite), or the gateway: llem://HOST[:PORT] or its
+    """The cluster ledger: a path (SQLite), a PostgreSQL ``postgresql://`` URL or
+    ``service=NAME`` (never with a password), or the gateway: llem://HOST[:PORT] or its
     socket's path."""
     privacy: str = "jobs,usage"
     """Like Slurm's PrivateData=jobs,usage, enforced by the gateway: users see their own jobs,
     coordinators their accounts', admins all; 'none': everyone sees everything."""
+    ledger_retention_months: int | None = None
+    """PostgreSQL ledger: whole months of hourly energy rows kept (older month partitions are
+    dropped after each merge pass); None keeps everything."""
     run_dir: str = "/run/llem"
     """Node-local runtime folder: the sampler's lock, pid file and the socket of `llem wrap`."""
     sensors: str | tuple[str, ...] = "auto"

@@ -18,6 +18,7 @@ COMMANDS = {
     "doctor": "llem.cli.doctor:doctor",
     "carbon": "llem.cli.carbon:carbon",
     "aggregate": "llem.cli.aggregate:aggregate",
+    "ledger": "llem.cli.ledger:ledger",
     "demo": "llem.cli.demo:demo",
     "acct": "llem.cli.acct:acct",
     "report": "llem.cli.report:report",

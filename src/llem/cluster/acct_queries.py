@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llem.cluster.dialect import settled
 from llem.errors import LedgerError
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,14 @@ RUN_COLUMNS = (
 """The columns of :func:`select_runs`' rows, in order: ``job_runs``'s, then the attribution
 policies of the run's nodes (comma-separated; None before ledger migration 3)."""
 
-_ATTRIBUTION_SQL = (
-    "(SELECT group_concat(DISTINCT json_extract(n.attribution, '$.policy')) FROM job_nodes n "
-    "WHERE n.cluster = r.cluster AND n.job_id = r.job_id AND n.run_start_ns = r.run_start_ns)"
-)
+
+def _attribution_sql(ledger) -> str:
+    policies = ledger.dialect.policies("n.attribution")
+    return (
+        f"(SELECT {policies} FROM job_nodes n WHERE n.cluster = r.cluster "
+        "AND n.job_id = r.job_id AND n.run_start_ns = r.run_start_ns)"
+    )
+
 
 WINDOW_COLUMNS = (
     "cluster",
@@ -90,15 +95,20 @@ TOTAL_COLUMNS = (
 )
 """The columns of :func:`select_totals`' rows, in order."""
 
-GROUP_KEYS = {
-    "user": "COALESCE(r.user, '')",
-    "account": "COALESCE(r.account, '')",
-    "partition": "COALESCE(r.partition, '')",
-    "tag": "COALESCE(r.tag, '')",
-    "day": "date(r.run_start_ns / 1000000000, 'unixepoch', 'localtime')",
-    "month": "strftime('%Y-%m', r.run_start_ns / 1000000000, 'unixepoch', 'localtime')",
-}
-"""SQL of each ``--totals`` key; days and months are those of the run's start, local time."""
+GROUP_KEYS = ("user", "account", "partition", "tag", "day", "month")
+"""The ``--totals`` keys; days and months are those of the run's start, local time."""
+
+
+def group_key(ledger, by: str) -> str:
+    """SQL of a ``--totals`` key (a member of :data:`GROUP_KEYS`)."""
+    if by == "day":
+        return ledger.dialect.day("r.run_start_ns")
+    if by == "month":
+        return ledger.dialect.month("r.run_start_ns")
+    if by not in GROUP_KEYS:
+        raise KeyError(by)
+    return f"COALESCE(r.{by}, '')"
+
 
 CHUNK = 400  # bound parameters per IN list, well under SQLite's limit
 
@@ -159,11 +169,19 @@ class RunFilter:
 def open_ledger(path: str | os.PathLike):
     """Open the ledger read-only, with a message that says what to do when that fails.
 
+    ``path`` is a file (SQLite) or a PostgreSQL connection string (``postgresql://...``,
+    ``service=NAME``).
+
     Raises:
         LedgerError: no such file, not readable, not a ledger, or a newer schema.
     """
     from llem.cluster.ledger import Ledger
+    from llem.cluster.pg_ledger import PgLedger, is_postgres
 
+    if is_postgres(path):
+        ledger = PgLedger(str(path), readonly=True)
+        ledger.query("SELECT 1 FROM job_runs LIMIT 1")
+        return ledger
     path = Path(path)
     if not path.exists():
         raise LedgerError(
@@ -244,17 +262,15 @@ def where_clause(f: RunFilter) -> tuple[str, list]:
         if f.visible.accounts:
             either.append(_in("r.account", f.visible.accounts, params))
         where.append(f"({' OR '.join(either)})")
-    return " AND ".join(where) or "1", params
+    return " AND ".join(where) or "TRUE", params
 
 
 def select_runs(ledger, f: RunFilter) -> list[tuple]:
     """Runs matching ``f``, oldest start first, as tuples of :data:`RUN_COLUMNS`."""
     where, params = where_clause(f)
     cols = ", ".join(f"r.{c}" for c in RUN_COLUMNS[:-1])
-    has_column = any(
-        row[1] == "attribution" for row in ledger.query("PRAGMA table_info(job_nodes)")
-    )
-    cols += ", " + (_ATTRIBUTION_SQL if has_column else "NULL")
+    has_column = ledger.has_column("job_nodes", "attribution")
+    cols += ", " + (_attribution_sql(ledger) if has_column else "NULL")
     return ledger.query(
         f"SELECT {cols} FROM job_runs r WHERE {where} ORDER BY r.run_start_ns, r.cluster, r.job_id",
         params,
@@ -310,7 +326,7 @@ def device_components(ledger, nodes: Iterable[tuple[str, str]]) -> dict[tuple, t
 
 
 def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
-    """Sums over the runs matching ``f`` grouped by ``by`` (a key of :data:`GROUP_KEYS`).
+    """Sums over the runs matching ``f`` grouped by ``by`` (a member of :data:`GROUP_KEYS`).
 
     Rows are tuples of :data:`TOTAL_COLUMNS`, ordered by key: ``elapsed_ns`` is the sum of
     the runs' wall times, ``node_ns`` of nodes x wall time, ``covered_ns`` of coverage x wall
@@ -318,8 +334,8 @@ def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
     """
     where, params = where_clause(f)
     span = "(r.run_end_ns - r.run_start_ns)"
-    return ledger.query(
-        f"SELECT {GROUP_KEYS[by]} AS k, COUNT(*), SUM({span}), SUM(r.energy_uj), "
+    rows = ledger.query(
+        f"SELECT {group_key(ledger, by)} AS k, COUNT(*), SUM({span}), SUM(r.energy_uj), "
         "SUM(r.cpu_energy_uj), SUM(r.dram_energy_uj), SUM(r.gpu_energy_uj), "
         "SUM(r.other_energy_uj), SUM(r.estimated_energy_uj), SUM(r.gpu_seconds), "
         f"SUM(COALESCE(r.num_nodes, 0) * {span}), SUM(r.coverage * {span}), "
@@ -327,6 +343,7 @@ def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
         f"FROM job_runs r WHERE {where} GROUP BY k ORDER BY k",
         params,
     )
+    return settled(rows, 9, 11)
 
 
 def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]:
@@ -337,7 +354,7 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
         f: the selection.
         group: None for one series over all runs (rows ``(hour_s, energy_uj)``); ``"run"``
             for one per run (rows ``(cluster, job_id, run_start_ns, hour_s, energy_uj)``); or
-            a key of :data:`GROUP_KEYS` (rows ``(key, hour_s, energy_uj)``).
+            a member of :data:`GROUP_KEYS` (rows ``(key, hour_s, energy_uj)``).
     """
     where, params = where_clause(f)
     if group is None:
@@ -345,11 +362,11 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
     elif group == "run":
         keys, n = "r.cluster, r.job_id, r.run_start_ns, ", 3
     else:
-        keys, n = f"{GROUP_KEYS[group]}, ", 1
+        keys, n = f"{group_key(ledger, group)}, ", 1
     groups = ", ".join(str(i) for i in range(1, n + 2))
     return ledger.query(
         f"SELECT {keys}e.hour_s, SUM(e.energy_uj) FROM job_runs r "
-        "CROSS JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id "
+        f"{ledger.dialect.fixed_join} job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id "
         "AND jn.run_start_ns = r.run_start_ns "
         f"JOIN job_energy e ON e.job_node_id = jn.id WHERE {where} "
         f"GROUP BY {groups} ORDER BY {groups}",
@@ -363,7 +380,8 @@ def run_nodes(ledger, f: RunFilter) -> list[tuple[str, str]]:
     return ledger.query(
         # CROSS JOIN keeps job_runs outermost: left free, the planner scans all of job_nodes
         # in node order to save a sort (13 s instead of 0.2 s on a million jobs).
-        "SELECT DISTINCT jn.cluster, jn.node FROM job_runs r CROSS JOIN job_nodes jn "
+        f"SELECT DISTINCT jn.cluster, jn.node FROM job_runs r {ledger.dialect.fixed_join} "
+        "job_nodes jn "
         "ON jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns"
         f" WHERE {where} ORDER BY 1, 2",
         params,

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from llem import slices
+from llem.cluster.dialect import SQLITE
 from llem.errors import LedgerError
 from llem.hostlist import expand_hostlist
 from llem.sqlite import Database, Messages, open_database, run_script
@@ -233,7 +234,7 @@ CANONICAL_QUERIES = {
     "devices": "SELECT * FROM devices",
     "job_runs": "SELECT * FROM job_runs",
     "job_nodes": "SELECT cluster, job_id, node, start_ns, end_ns, run_start_ns, array_job_id, "
-    "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, "
+    'array_task_id, "user", uid, gid, account, partition, nodelist, num_nodes, cpus, '
     "gpus, tag, name, node_state, coverage, flags, energy_uj, cpu_energy_uj, "
     "dram_energy_uj, gpu_energy_uj, other_energy_uj, estimated_energy_uj, "
     "created_ns, digest FROM job_nodes",
@@ -277,6 +278,19 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def open_ledger(spec: str | os.PathLike, *, readonly: bool = False, **options: Any):
+    """The ledger that a ``ledger:`` setting names: :class:`Ledger` for a path (SQLite),
+    :class:`llem.cluster.pg_ledger.PgLedger` for a ``postgresql://`` URL or ``service=NAME``
+    (psycopg is imported only then). ``options`` go to the SQLite ledger only."""
+    from llem.cluster.pg_ledger import is_postgres
+
+    if is_postgres(spec):
+        from llem.cluster.pg_ledger import PgLedger
+
+        return PgLedger(str(spec), readonly=readonly)
+    return Ledger(spec, readonly=readonly, **options)
+
+
 class Ledger:
     """The cluster ledger (SQLite).
 
@@ -290,6 +304,8 @@ class Ledger:
         LedgerError: cannot open or create it, a symlink in its place, not a database, or a
             schema newer than this llem.
     """
+
+    dialect = SQLITE
 
     def __init__(
         self,
@@ -585,6 +601,43 @@ class Ledger:
         except sqlite3.DatabaseError as e:
             raise LedgerError(f"{self.path}: query failed: {e}") from e
 
+    def executemany(self, sql: str, rows: Iterable[Sequence]) -> None:
+        """Run one statement for many rows (temporary tables of the read-only queries)."""
+        try:
+            self.db.executemany(sql, rows)
+        except sqlite3.DatabaseError as e:
+            raise LedgerError(f"{self.path}: query failed: {e}") from e
+
+    def has_column(self, table: str, column: str) -> bool:
+        return column in self.columns(table)
+
+    # -- copying (llem ledger copy) ------------------------------------------------------------
+
+    def write(self, statements: Sequence[tuple[str, Sequence[Sequence]]]) -> None:
+        """Run (statement, rows) pairs in one transaction."""
+        self._txn(lambda: [self.db.executemany(sql, rows) for sql, rows in statements])
+
+    def insert_missing(self, table: str, columns: Sequence[str], rows: Sequence[Sequence]) -> int:
+        """Insert the rows whose key the table does not hold yet; return how many."""
+        cols = ", ".join(f'"{c}"' if c == "user" else c for c in columns)
+
+        def body() -> int:
+            before = self.db.total_changes
+            self.db.executemany(
+                f"INSERT OR IGNORE INTO {table} ({cols}) VALUES ({', '.join('?' * len(columns))})",
+                rows,
+            )
+            return self.db.total_changes - before
+
+        return self._txn(body)
+
+    def after_copy(self) -> None:
+        """Nothing to do on SQLite (row ids follow the largest one)."""
+
+    def columns(self, table: str) -> list[str]:
+        """The table's columns, in order."""
+        return [r[1] for r in self.query(f"PRAGMA table_info({table})")]
+
     def job_runs(self, job_id: str | None = None, cluster: str | None = None) -> list[dict]:
         """Job runs as dicts (``missing_nodes`` decoded), newest first."""
         where, params = [], []
@@ -774,7 +827,7 @@ processes can hand it over with :mod:`marshal`."""
 
 _INSERT_JOB_NODE = (
     "INSERT INTO job_nodes (cluster, job_id, node, start_ns, end_ns, array_job_id, "
-    "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, gpus, tag, "
+    'array_task_id, "user", uid, gid, account, partition, nodelist, num_nodes, cpus, gpus, tag, '
     "name, node_state, coverage, flags, energy_uj, cpu_energy_uj, dram_energy_uj, "
     "gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest, attribution) "
     f"VALUES ({', '.join('?' * 30)})"

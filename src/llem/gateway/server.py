@@ -358,7 +358,7 @@ class Gateway:
         deadline = time.monotonic() + self.config.gateway.query_timeout_s
         try:
             with report_queries.open_readonly(self.ledger_path) as ledger:
-                ledger.db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+                _bound_time(ledger, deadline, self.config.gateway.query_timeout_s)
                 rep = build_report(
                     ledger,
                     self.config,
@@ -371,7 +371,7 @@ class Gateway:
         except LlemError as e:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # noqa: BLE001
-            if "interrupted" in str(e):
+            if "interrupted" in str(e) or "statement timeout" in str(e):
                 return {
                     "ok": False,
                     "error": "the report ran longer than "
@@ -403,12 +403,12 @@ class Gateway:
         deadline = time.monotonic() + self.config.gateway.query_timeout_s
         try:
             with acct_queries.open_ledger(self.ledger_path) as ledger:
-                ledger.db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+                _bound_time(ledger, deadline, self.config.gateway.query_timeout_s)
                 answer = acct.gateway_answer(ledger, opts, self.config, want_carbon)
         except LlemError as e:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # noqa: BLE001
-            if "interrupted" in str(e):
+            if "interrupted" in str(e) or "statement timeout" in str(e):
                 return {
                     "ok": False,
                     "error": f"the query ran longer than {self.config.gateway.query_timeout_s:g} s; "
@@ -459,6 +459,18 @@ def _asks_beyond(request: wire.Request, caller: Caller) -> bool:
     """Whether the request may reach beyond the caller's own jobs (-a, -u, -j, -A)."""
     users = request.filter.users
     return users is None or not set(users) <= {caller.user, str(caller.uid)}
+
+
+def _bound_time(ledger, deadline: float, timeout_s: float) -> None:
+    """Stop the ledger's queries past ``deadline``: SQLite's progress handler, PostgreSQL's
+    ``statement_timeout`` (per statement)."""
+    db = getattr(ledger, "db", None)
+    if hasattr(db, "set_progress_handler"):
+        db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+    else:
+        ledger.query(
+            "SELECT set_config('statement_timeout', ?, false)", [str(int(timeout_s * 1000))]
+        )
 
 
 def _render_report(rep, fmt: str) -> str:
