@@ -142,6 +142,37 @@ def test_reports_through_the_gateway_for_admins_and_coordinators_only(site):
     assert "privacy: reports are for admins and account coordinators" in r.stderr
 
 
+@pytest.mark.postgres
+def test_privacy_on_a_postgresql_ledger(site, pg_server):
+    """The same ledger copied into PostgreSQL by ``llem ledger copy``'s code, served by a
+    second gateway: the same rows for each role, the same bytes as the SQLite gateway."""
+    from tests.helpers.postgres import copy_into
+
+    url, _ = copy_into(pg_server, site.ledger, "gateway")
+    sock = site.socket.parent / "pg.sock"
+    proc, line = site.spawn("--socket", str(sock), "--ledger", url, log=site.root / "pg.log")
+    try:
+        assert "(privacy: jobs,usage)" in line
+
+        def seen(user, *args):
+            r = site.acct(user, "--ledger", str(sock), *SINCE, *FIELDS, *args)
+            assert r.returncode == 0, r.stderr
+            return r.stdout.splitlines()
+
+        assert seen(A, "-a") == ["101|llemt-a|physics", "102|llemt-a|chem"]
+        assert seen(B, "-j", "101,102") == []
+        assert seen(COORD, "-a") == ["101|llemt-a|physics", "201|llemt-b|physics"]
+        assert len(seen(ADMIN, "-a")) == 4
+        for args in (("-a",), ("-a", "--totals", "account"), ("-a", "--statement")):
+            on_pg = site.acct(COORD, "--ledger", str(sock), *SINCE, *UNTIL, *args)
+            on_file = site.acct(COORD, "--ledger", str(site.socket), *SINCE, *UNTIL, *args)
+            assert on_pg.returncode == on_file.returncode == 0, on_pg.stderr
+            assert (on_pg.stdout, on_pg.stderr) == (on_file.stdout, on_file.stderr), args
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 def test_a_user_cannot_read_the_ledger_file_and_is_told_to_use_the_gateway(site):
     import grp
 

@@ -106,9 +106,16 @@ class Site:
 
     def start(self, *args: str) -> str:
         """Start ``llem serve`` as SERVICE; returns its 'serving' log line."""
-        seen = self.log.stat().st_size if self.log.exists() else 0
-        out = open(self.log, "ab")  # noqa: SIM115 - the process holds it
-        self.proc = subprocess.Popen(
+        self.proc, line = self.spawn(*args)
+        return line
+
+    def spawn(self, *args: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+        """Another ``llem serve ARGS`` as SERVICE, logging to ``log``: (process, 'serving'
+        line). The caller stops it."""
+        log = log or self.log
+        seen = log.stat().st_size if log.exists() else 0
+        out = open(log, "ab")  # noqa: SIM115 - the process holds it
+        proc = subprocess.Popen(
             [self.python, "-m", "llem.cli.main", "serve", *args],
             user=self.uid[SERVICE],
             group=self.gid[SERVICE],
@@ -121,13 +128,14 @@ class Site:
         out.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            found = re.findall(r"gateway: serving .*", self.log.read_text()[seen:])
+            found = re.findall(r"gateway: serving .*", log.read_text()[seen:])
             if found:
-                return found[-1]
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llem serve exited: {self.log.read_text()}")
+                return proc, found[-1]
+            if proc.poll() is not None:
+                raise RuntimeError(f"llem serve exited: {log.read_text()}")
             time.sleep(0.05)
-        raise RuntimeError(f"llem serve did not start: {self.log.read_text()}")
+        proc.kill()
+        raise RuntimeError(f"llem serve did not start: {log.read_text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
