@@ -172,7 +172,32 @@ def _v3(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE job_nodes ADD COLUMN attribution TEXT")
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3)
+def _v4_work_and_power(db: sqlite3.Connection) -> None:
+    """Work per window (a count and its unit) and each job's coarse power series (one point
+    per device per step, ``llem.slice/2``; issue 18)."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(windows)")}
+    if "work" not in columns:
+        db.execute("ALTER TABLE windows ADD COLUMN work REAL")
+    if "unit" not in columns:
+        db.execute("ALTER TABLE windows ADD COLUMN unit TEXT")
+    db.execute(
+        """
+        CREATE TABLE IF NOT EXISTS job_power (
+            job_node_id INTEGER NOT NULL REFERENCES job_nodes (id) ON DELETE CASCADE,
+            device_key TEXT NOT NULL, t_s INTEGER NOT NULL, step_s INTEGER NOT NULL,
+            energy_uj INTEGER NOT NULL CHECK (energy_uj >= 0), span_ms INTEGER NOT NULL,
+            PRIMARY KEY (job_node_id, device_key, t_s)
+        ) WITHOUT ROWID
+        """
+    )
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
+    _v1,
+    _v2,
+    _v3,
+    _v4_work_and_power,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -241,7 +266,10 @@ CANONICAL_QUERIES = {
     "t.remainder_uj, t.gap_intervals FROM job_node_totals t "
     "JOIN job_nodes jn ON jn.id = t.job_node_id",
     "windows": f"SELECT {_NODE_KEY}, w.name, w.step_id, w.start_ns, w.end_ns, w.status, "
-    "w.energy_uj, w.energy FROM windows w JOIN job_nodes jn ON jn.id = w.job_node_id",
+    "w.energy_uj, w.energy, w.work, w.unit FROM windows w JOIN job_nodes jn "
+    "ON jn.id = w.job_node_id",
+    "job_power": f"SELECT {_NODE_KEY}, p.device_key, p.t_s, p.step_s, p.energy_uj, p.span_ms "
+    "FROM job_power p JOIN job_nodes jn ON jn.id = p.job_node_id",
     "job_headers": "SELECT * FROM job_headers",
     "node_hours": "SELECT * FROM node_hours",
     "quarantine": "SELECT file, digest, reason, owner_uid, size FROM quarantine",
@@ -418,7 +446,7 @@ class Ledger:
         )
 
     def _merge_job(self, item: Prepared) -> bool:
-        _, _, created_ns, sha, devices, job_node, energy, totals, windows = item
+        _, _, created_ns, sha, devices, job_node, energy, totals, windows, power = item
         if not self.db.execute(_INSERT_JOB_NODE + _NEW_RUN_ONLY, job_node).rowcount:
             row = self.db.execute(
                 "SELECT id, created_ns, digest FROM job_nodes WHERE cluster = ? AND job_id = ? "
@@ -443,8 +471,15 @@ class Ledger:
         )
         if windows:
             self.db.executemany(
-                "INSERT OR REPLACE INTO windows VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO windows (job_node_id, name, step_id, start_ns, end_ns, "
+                "status, energy_uj, energy, work, unit) "
+                "VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 windows,
+            )
+        if power:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO job_power VALUES (last_insert_rowid(), ?, ?, ?, ?, ?)",
+                power,
             )
         return True
 
@@ -777,7 +812,7 @@ def prepare(data: dict, sha: str) -> Prepared:
 
     * job: ``("job", (cluster, job_id), created_ns, digest, device rows, job_nodes row (its
       first four values are the natural key), job_energy rows, job_node_totals rows, windows
-      rows)``, the last three without their ``job_node_id``;
+      rows, job_power rows)``, the last four without their ``job_node_id``;
     * node: ``("node", device rows, node_hours rows)``;
     * header: ``("header", (cluster, job_id), job_headers row)``.
     """
@@ -905,6 +940,7 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         energy,
         totals,
         _window_rows(data),
+        _power_rows(data),
     )
 
 
@@ -918,12 +954,23 @@ def _window_rows(data: dict) -> list[tuple]:
             w["status"],
             sum((w.get("energy") or {}).values()),
             _SORTED_JSON.encode(w.get("energy") or {}),
+            None if w.get("work") is None else float(w["work"]),
+            w.get("unit"),
         )
         for w in data.get("windows", [])
     ]
     if any(w[5] > slices.INT64_MAX for w in windows):
         raise slices.SliceError("a window's energy is beyond what the ledger stores")
     return windows
+
+
+def _power_rows(data: dict) -> list[tuple]:
+    """The job's power series (``llem.slice/2``; none in a version 1 slice)."""
+    power = data.get("power")
+    if not power:
+        return []
+    step = power["step_s"]
+    return [(p["device"], p["t_s"], step, p["energy_uj"], p["span_ms"]) for p in power["points"]]
 
 
 def _component_totals(data: dict) -> tuple[int, ...]:
@@ -949,6 +996,7 @@ PREPARE_CODE = (
     _prepare_node,
     _prepare_job,
     _window_rows,
+    _power_rows,
     _component_totals,
 )
 """The functions whose code makes the rows that reader processes hand over (see

@@ -23,7 +23,7 @@ from llem.fsutil import ensure_private_dir, write_atomic
 from llem.node.outbox import deliver
 from llem.node.store import NO_DATA_KINDS, NodeStore
 from llem.node.windows import MAX_NAME_CHARS, MAX_STEP_CHARS, MAX_WINDOWS_PER_JOB
-from llem.units import HOUR_NS, NS_PER_S, split_by_hour
+from llem.units import HOUR_NS, NS_PER_S, split_by_hour, split_by_step
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _windows(store: NodeStore, run_id: int) -> tuple[list[dict], int]:
     and how many were left out."""
     out: list[dict] = []
     size = dropped = 0
-    for name, step_id, start_ns, end_ns, status, energy in store.run_windows(run_id):
+    for name, step_id, start_ns, end_ns, status, energy, work, unit in store.run_windows(run_id):
         try:
             energy_map = {str(k): int(v) for k, v in json.loads(energy or "{}").items()}
         except (ValueError, TypeError, AttributeError):
@@ -89,6 +89,10 @@ def _windows(store: NodeStore, run_id: int) -> tuple[list[dict], int]:
             "status": status,
             "energy": energy_map,
         }
+        if work is not None:
+            win["work"] = float(work)
+        if unit is not None:
+            win["unit"] = str(unit)[: slices.MAX_UNIT_CHARS]
         win_bytes = len(json.dumps(win)) + 2
         if len(out) >= SLICE_WINDOWS_MAX or size + win_bytes > SLICE_WINDOWS_MAX_BYTES:
             dropped += 1
@@ -96,6 +100,41 @@ def _windows(store: NodeStore, run_id: int) -> tuple[list[dict], int]:
         size += win_bytes
         out.append(win)
     return out, dropped
+
+
+POWER_STEPS_S = (60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400)
+"""The steps a power series may take: one minute, widened until the series fits."""
+
+
+def _power_series(store: NodeStore, run_id: int) -> dict | None:
+    """The run's coarse power series: its attributed energy per device per step (one minute,
+    or the first wider step with at most ``slices.MAX_POWER_POINTS`` points), and the time
+    each point had data. None when the run has no energy rows."""
+    rows = store.run_energy_rows(run_id)
+    if not rows:
+        return None
+    devices = {r[0] for r in rows}
+    first = min(r[2] for r in rows) // NS_PER_S
+    last = max(r[3] for r in rows) // NS_PER_S
+    for step in POWER_STEPS_S:
+        if ((last - first) // step + 2) * len(devices) <= slices.MAX_POWER_POINTS:
+            break
+    energy: dict[tuple[str, int], int] = {}
+    spans: dict[tuple[str, int], int] = {}
+    seen: set[tuple[str, int]] = set()  # (device, interval start): a span counts once
+    for device, _method, start_ns, end_ns, energy_uj in rows:
+        counted = (device, start_ns) in seen
+        seen.add((device, start_ns))
+        for t_s, part_uj, span_ns in split_by_step(start_ns, end_ns, energy_uj, step):
+            energy[(device, t_s)] = energy.get((device, t_s), 0) + part_uj
+            if not counted:
+                spans[(device, t_s)] = spans.get((device, t_s), 0) + span_ns
+    points = []
+    for (device, t_s), uj in sorted(energy.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        span_ms = min(step * 1000, spans.get((device, t_s), 0) // 10**6)
+        if span_ms > 0:
+            points.append({"t_s": t_s, "device": device, "energy_uj": uj, "span_ms": span_ms})
+    return {"step_s": step, "points": points[: slices.MAX_POWER_POINTS]}
 
 
 def _job_meta(job) -> dict:
@@ -143,7 +182,7 @@ def export_job(store: NodeStore, run_id: int, config: Config, *, now_ns: int | N
             has none yet (flagged ``end_estimated``).
 
     Returns:
-        A validated ``llem.slice/1`` job slice.
+        A validated ``llem.slice/2`` job slice.
 
     Raises:
         LedgerError: no such run, or the data does not make a valid slice.
@@ -172,6 +211,9 @@ def export_job(store: NodeStore, run_id: int, config: Config, *, now_ns: int | N
             SLICE_WINDOWS_MAX,
             SLICE_WINDOWS_MAX_BYTES,
         )
+    power = _power_series(store, run_id)
+    if power is not None:
+        used |= {p["device"] for p in power["points"]}
     data = {
         "schema": slices.SCHEMA,
         "kind": "job",
@@ -187,6 +229,8 @@ def export_job(store: NodeStore, run_id: int, config: Config, *, now_ns: int | N
     }
     if windows_dropped:
         data["windows_dropped"] = windows_dropped
+    if power is not None:
+        data["power"] = power
     return slices.checked(data)
 
 
