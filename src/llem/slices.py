@@ -328,7 +328,9 @@ def _validate_power(power: Any, devices: Mapping, start_ns: int, end_ns: int) ->
             raise SliceError(f"{where}: device {_show(p.get('device'))} is not in 'devices'")
         t_s = p.get("t_s")
         if not _is_int(t_s) or t_s % step or not first <= t_s <= last:
-            raise SliceError(f"{where}: 't_s' must be a step start within the job, got {_show(t_s)}")
+            raise SliceError(
+                f"{where}: 't_s' must be a step start within the job, got {_show(t_s)}"
+            )
         span = p.get("span_ms")
         if not _is_int(span) or not 0 < span <= step * 1000:
             raise SliceError(f"{where}: 'span_ms' must be within the step, got {_show(span)}")
