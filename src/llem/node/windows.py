@@ -618,6 +618,7 @@ class WindowServer:
             "coverage": round(min(1.0, covered_ns / span_ns), 4),
             "work": request.get("work"),
             "unit": request.get("unit"),
+            "policy": _policy(getattr(job, "attribution", None)),
         }
 
     def _devices_of(self, energy: dict[str, int]) -> dict[str, dict]:
@@ -646,6 +647,15 @@ def _peer_refusal(pid: int, uid: int, job_id: str, job_uid: int | None) -> str |
     if pid_in_job_cgroup(pid, job_id) is False:
         return f"permission denied: process {pid} is not in job {job_id}"
     return None
+
+
+def _policy(attribution: str | None) -> str | None:
+    """The attribution policy of a run (``exclusive``, ``hybrid``...), or None."""
+    try:
+        value = json.loads(attribution) if attribution else None
+    except ValueError:
+        return None
+    return value.get("policy") if isinstance(value, dict) else None
 
 
 def _raw_counters(interval) -> dict[str, int]:
