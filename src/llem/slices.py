@@ -17,8 +17,9 @@ A slice is one JSON object with ``"schema": "llem.slice/2"`` and a ``kind``:
 Energies are integers in microjoules, times integers in nanoseconds since the epoch, hours
 the epoch second of the UTC hour's start.
 
-Version 2 (issue 18) adds, to job slices only and both optional: ``work`` and ``unit`` in a
-window (the work it did), and ``power``, the job's coarse power series (one point per device
+Version 2 (issue 18) adds, to job slices only and all optional: ``work`` and ``unit`` in a
+window (the work it did) and ``merged`` (how many overlapping windows of one name, step and
+unit it stands for, their energy counted once), and ``power``, the job's coarse power series (one point per device
 per ``step_s``, at most :data:`MAX_POWER_POINTS`). A version 1 slice is a version 2 slice
 without them, so older slices still validate and merge. :func:`validate` says precisely what is wrong with
 a slice; a newer schema raises :class:`NewerSchema` instead, since it is not damage but a
@@ -492,6 +493,9 @@ def _validate_window(win: Any, where: str) -> None:
             f"{where}: 'unit' must be a word of at most {MAX_UNIT_CHARS} characters, "
             f"got {_show(unit)}"
         )
+    merged = win.get("merged", 1)
+    if not _is_int(merged) or merged < 1:
+        raise SliceError(f"{where}: 'merged' must be a count of windows, got {_show(merged)}")
     energy = win.get("energy") or {}
     if not isinstance(energy, dict):
         raise SliceError(f"{where}: 'energy' must be an object of device -> uJ")

@@ -22,6 +22,7 @@ COMMANDS = {
     "acct": "llem.cli.acct:acct",
     "report": "llem.cli.report:report",
     "metrics": "llem.cli.metrics:metrics",
+    "history": "llem.cli.history:history",
 }
 # Commands on the job start-up path: argparse-based, dispatched before click is imported.
 # They are listed in `llem --help` through small click shims.

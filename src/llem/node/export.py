@@ -73,26 +73,15 @@ ledger, whatever its store holds."""
 
 def _windows(store: NodeStore, run_id: int) -> tuple[list[dict], int]:
     """The run's windows for its slice, first opened first, within the slice's bounds;
-    and how many were left out."""
+    and how many were left out.
+
+    Closed windows of one name, step and unit whose spans overlap (the ranks of a
+    ``torchrun`` on this node, each with its own ``llem.window``) become one window: its
+    energy is the job's over the union of their spans, counted once, its work the sum of
+    theirs, and ``merged`` says how many there were."""
     out: list[dict] = []
     size = dropped = 0
-    for name, step_id, start_ns, end_ns, status, energy, work, unit in store.run_windows(run_id):
-        try:
-            energy_map = {str(k): int(v) for k, v in json.loads(energy or "{}").items()}
-        except (ValueError, TypeError, AttributeError):
-            energy_map = {}
-        win = {
-            "name": str(name)[:MAX_NAME_CHARS],
-            "step_id": None if step_id is None else str(step_id)[:MAX_STEP_CHARS],
-            "start_ns": start_ns,
-            "end_ns": end_ns,
-            "status": status,
-            "energy": energy_map,
-        }
-        if work is not None:
-            win["work"] = float(work)
-        if unit is not None:
-            win["unit"] = str(unit)[: slices.MAX_UNIT_CHARS]
+    for win in _merged(store, run_id, store.run_windows(run_id)):
         win_bytes = len(json.dumps(win)) + 2
         if len(out) >= SLICE_WINDOWS_MAX or size + win_bytes > SLICE_WINDOWS_MAX_BYTES:
             dropped += 1
@@ -100,6 +89,69 @@ def _windows(store: NodeStore, run_id: int) -> tuple[list[dict], int]:
         size += win_bytes
         out.append(win)
     return out, dropped
+
+
+def _window_entry(row: tuple) -> dict:
+    name, step_id, start_ns, end_ns, status, energy, work, unit = row[:8]
+    try:
+        energy_map = {str(k): int(v) for k, v in json.loads(energy or "{}").items()}
+    except (ValueError, TypeError, AttributeError):
+        energy_map = {}
+    win = {
+        "name": str(name)[:MAX_NAME_CHARS],
+        "step_id": None if step_id is None else str(step_id)[:MAX_STEP_CHARS],
+        "start_ns": start_ns,
+        "end_ns": end_ns,
+        "status": status,
+        "energy": energy_map,
+    }
+    if work is not None:
+        win["work"] = float(work)
+    if unit is not None:
+        win["unit"] = str(unit)[: slices.MAX_UNIT_CHARS]
+    return win
+
+
+def _merged(store: NodeStore, run_id: int, rows: list[tuple]) -> list[dict]:
+    """The window entries, overlapping closed windows of one (name, step, unit) merged."""
+    groups: dict[tuple, list[tuple]] = {}
+    entries: list[tuple[int, dict]] = []
+    for i, row in enumerate(rows):
+        if row[4] == "closed" and row[8] is not None and row[9] is not None:
+            groups.setdefault((row[0], row[1], row[7]), []).append((i, row))
+        else:
+            entries.append((i, _window_entry(row)))
+    for members in groups.values():
+        members.sort(key=lambda m: (m[1][8], m[1][9]))
+        cluster: list[tuple[int, tuple]] = []
+        reach = None
+        for member in members + [None]:  # type: ignore[list-item]
+            if member is not None and (reach is None or member[1][8] < reach):
+                cluster.append(member)
+                reach = max(reach or 0, member[1][9])
+                continue
+            if cluster:
+                entries.append((cluster[0][0], _merge(store, run_id, cluster)))
+            cluster = [member] if member is not None else []
+            reach = member[1][9] if member is not None else None
+    return [entry for _, entry in sorted(entries, key=lambda e: e[0])]
+
+
+def _merge(store: NodeStore, run_id: int, cluster: list[tuple[int, tuple]]) -> dict:
+    if len(cluster) == 1:
+        return _window_entry(cluster[0][1])
+    rows = [row for _, row in cluster]
+    win = _window_entry(rows[0])
+    first = min(r[8] for r in rows)
+    last = max(r[9] for r in rows)
+    win["start_ns"] = min(r[2] for r in rows)
+    win["end_ns"] = max(r[3] for r in rows)
+    win["energy"] = {k: int(v) for k, v in store.run_energy_between(run_id, first, last).items()}
+    works = [r[6] for r in rows if r[6] is not None]
+    if works:
+        win["work"] = float(sum(works))
+    win["merged"] = len(rows)
+    return win
 
 
 POWER_STEPS_S = (60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400)

@@ -796,10 +796,11 @@ class NodeStore:
         )
 
     def run_windows(self, run_id: int) -> list[tuple]:
-        """(name, step_id, start_ns, end_ns, status, energy JSON, work, unit) of a run's
-        windows."""
+        """(name, step_id, start_ns, end_ns, status, energy JSON, work, unit, start interval
+        id, end interval id) of a run's windows."""
         return self.query(
-            "SELECT name, step_id, start_ns, end_ns, status, energy, work, unit FROM windows "
+            "SELECT name, step_id, start_ns, end_ns, status, energy, work, unit, start_mono_ns, "
+            "end_mono_ns FROM windows "
             "WHERE run_id = ? ORDER BY start_ns, id",
             (run_id,),
         )
