@@ -143,9 +143,7 @@ def result(
     }
 
 
-def carbon_for(
-    config, acc: Accumulator, duration_s: float
-) -> tuple[dict, float | None, list[str]]:
+def carbon_for(config, acc: Accumulator, duration_s: float) -> tuple[dict, float | None, list[str]]:
     """The carbon object and CO2e of the window; (carbon, co2e_g, notes).
 
     A carbon problem (an unknown region, a bad intensity file) never loses the measurement:
@@ -206,9 +204,7 @@ def per_unit_basis(res: dict, policy: str | None = None) -> str | None:
     return "measured"
 
 
-def add_work(
-    res: dict, work: float | None, unit: str | None, policy: str | None = None
-) -> dict:
+def add_work(res: dict, work: float | None, unit: str | None, policy: str | None = None) -> dict:
     """Add the work keys to a ``--json`` object (the same keys in ``llem.window``'s
     ``to_dict()``): ``work``, ``unit``, ``energy_per_unit_j`` (the result's scope: the node,
     or the job's share), ``gpu_energy_per_unit_j`` (GPUs only, ML.ENERGY's scope),

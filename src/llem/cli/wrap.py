@@ -308,9 +308,7 @@ def wrap(
                 "standalone instead (the whole node, not the job's share)"
             )
         else:
-            _job_window(
-                ctx, config, path, window, name, as_json, output, quiet, command, work_of
-            )
+            _job_window(ctx, config, path, window, name, as_json, output, quiet, command, work_of)
     interval_s = interval if interval is not None else min(1.0, config.sampler.interval_s)
     opened = open_sensors(config)
     notes += opened.notes
