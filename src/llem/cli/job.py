@@ -81,16 +81,29 @@ def job(
     """
     from llem import config as config_mod
     from llem.cluster.acct_queries import open_ledger
-    from llem.cluster.job_queries import load_job
+    from llem.cluster.job_queries import clusters_of_job, load_job
     from llem.report import jobview
     from llem.slices import is_identifier
 
     if not is_identifier(job_id):
         raise click.BadParameter("a Slurm job id such as 1234 or 1234_7", param_hint="JOBID")
     cfg = config_mod.load()
+    explicit = cluster is not None
     cluster = cluster or cfg.cluster
     with open_ledger(ledger or cfg.ledger) as led:
         data = load_job(led, cluster, job_id)
+        if data is None and not explicit:
+            # This cluster has no such job: one other cluster of the ledger may (a shared
+            # ledger, or a cluster named differently in Slurm and in the configuration).
+            others = clusters_of_job(led, job_id)
+            if len(others) == 1:
+                cluster = others[0]
+                data = load_job(led, cluster, job_id)
+            elif len(others) > 1:
+                raise LlemError(
+                    f"job {safe_text(job_id)} is on clusters {safe_text(', '.join(others))}: "
+                    "choose one with --cluster"
+                )
     if data is None:
         raise LlemError(
             f"no job {safe_text(job_id)} on cluster {safe_text(cluster)} in the ledger (it "

@@ -86,6 +86,19 @@ def job_ids_of_array(ledger, cluster: str, job_id: str) -> str:
     return rows[0][0] if rows else job_id
 
 
+def clusters_of_job(ledger, job_id: str) -> list[str]:
+    """The clusters whose ledger rows hold a job ``job_id`` (or array task ``A_T``)."""
+    if "_" in job_id:
+        array, task = job_id.split("_", 1)
+        rows = ledger.query(
+            "SELECT DISTINCT cluster FROM job_runs WHERE array_job_id = ? AND array_task_id = ?",
+            (array, task),
+        )
+    else:
+        rows = ledger.query("SELECT DISTINCT cluster FROM job_runs WHERE job_id = ?", (job_id,))
+    return sorted(r[0] for r in rows)
+
+
 def load_job(ledger, cluster: str, job_id: str) -> JobData | None:
     """The latest run of ``job_id`` on ``cluster`` with its nodes, windows and power series;
     None when the ledger has no such job."""
