@@ -6,6 +6,7 @@ merged ranks, power series), the ledger and ``llem-acct``. The daemon is the rea
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -179,3 +180,52 @@ def test_the_socket_refuses_bad_work_and_keeps_the_window_open(node, work, unit,
     assert node.query("SELECT status, work FROM windows") == [("open", None)]
     closed = close_window(node.paths.socket, env, opened["window_id"], 2, "samples")
     assert (closed["work"], closed["unit"]) == (2.0, "samples")
+
+
+def _as_version_1(data: dict) -> dict:
+    """The slice as llem wrote it before issue 18 (``llem.slice/1``: no work, no power)."""
+    old = json.loads(json.dumps(data))
+    old["schema"] = "llem.slice/1"
+    old.pop("power", None)
+    for w in old.get("windows", []):
+        for key in ("work", "unit", "merged"):
+            w.pop(key, None)
+    return old
+
+
+def test_a_ledger_before_work_is_read_as_it_is_then_migrated_and_v1_slices_still_merge(
+    tmp_path, monkeypatch
+):
+    from tests.helpers.ledger import merge
+    from tests.helpers.nodes import job_slices
+
+    old, new = job_slices(tmp_path, "100", nodes=("n1",)), job_slices(tmp_path, "101", ("n1",))
+    path = tmp_path / "lib" / "ledger.db"
+    path.parent.mkdir(mode=0o755)
+    with Ledger(path) as ledger:
+        merge(ledger, [_as_version_1(old[0])])
+    # The ledger as llem left it before migration _v4_work_and_power.
+    db = sqlite3.connect(path)
+    db.executescript(
+        "DROP TABLE job_power; ALTER TABLE windows DROP COLUMN work; "
+        "ALTER TABLE windows DROP COLUMN unit; PRAGMA user_version = 3"
+    )
+    db.close()
+    monkeypatch.setenv("LLEM_CONFIG", "/dev/null")
+    fields = "JobID,Work,WorkUnit,EnergyPerWork"
+    status, out, err = acct_run("--ledger", str(path), "-M", "c1", "-j", "100", "-P", "-o", fields)
+    assert status == 0, err  # read as it is: windows without work
+    assert out.splitlines()[1:] == ["100|||", "100.epoch 1|||"]
+    with Ledger(path) as ledger:  # the next writer migrates
+        merge(ledger, new)
+        assert (
+            ledger.query(
+                "SELECT COUNT(*) FROM job_power jp JOIN job_nodes jn "
+                "ON jn.id = jp.job_node_id WHERE jn.job_id = '101'"
+            )[0][0]
+            == 180
+        )
+        assert ledger.query("SELECT COUNT(*) FROM job_power")[0][0] == 180  # none for v1
+        assert ledger.query("SELECT work FROM windows") == [(None,), (None,)]
+    status, out, err = acct_run("--ledger", str(path), "-M", "c1", "-j", "101", "-P", "-o", fields)
+    assert status == 0, err
