@@ -257,7 +257,7 @@ def test_zeus_style_begin_end_and_the_decorator(tree, tmp_path):
             llem.begin_window("twice")
         except llem.WindowStateError as e:
             errors.append(str(e))
-        llem.end_window("twice")
+        llem.end_window("twice", cancel=True)  # closed, not recorded
         print(json.dumps({
             "time": m.time, "total": m.total_energy, "cpu": m.cpu_energy, "dram": m.dram_energy,
             "gpu": m.gpu_energy, "work": m.work, "eval": evaluate.last_measurement.to_dict(),
@@ -273,6 +273,12 @@ def test_zeus_style_begin_end_and_the_decorator(tree, tmp_path):
     assert out["eval"]["name"] == "eval" and out["eval"]["work"] == 100
     assert "no window 'never'" in out["errors"][0]
     assert "already open" in out["errors"][1]
+    recorded = [
+        json.loads(line)["name"]
+        for line in history(tree, tmp_path, "--json").stdout.split("\n")
+        if line
+    ]
+    assert recorded == ["epoch", "eval"]
 
 
 def test_multiprocessing_children_measure_and_record_their_own_windows(tree, tmp_path):

@@ -569,9 +569,24 @@ def measured(
     return decorate
 
 
-def begin_window(name: str, unit: str | None = None) -> Window:
+def _synchronize_cuda() -> None:
+    """Wait for the GPU work queued so far (Zeus's ``sync_execution``), when PyTorch is in
+    use: CUDA runs asynchronously, and queued kernels belong to the window that queued them."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001, S110 - a broken CUDA setup must not lose the window
+        pass
+
+
+def begin_window(name: str, unit: str | None = None, sync_execution: bool = True) -> Window:
     """Open a named window (Zeus's ``begin_window``); one window per name at a time in a
-    process."""
+    process. ``sync_execution``: first wait for queued GPU work (PyTorch), as Zeus does."""
+    if sync_execution:
+        _synchronize_cuda()
     w = Window(name, unit)
     with _named_lock:
         if name in _named:
@@ -585,13 +600,22 @@ def begin_window(name: str, unit: str | None = None) -> Window:
         raise
 
 
-def end_window(name: str, work: float | None = None) -> Measurement:
+def end_window(
+    name: str, work: float | None = None, sync_execution: bool = True, cancel: bool = False
+) -> Measurement:
     """Close the window ``name`` opened by :func:`begin_window` and return its measurement;
-    ``work``, when given, is added to the window's work."""
+    ``work``, when given, is added to the window's work. As in Zeus, ``sync_execution``
+    waits for queued GPU work first, and ``cancel`` closes the window without recording it
+    in the local history (inside a job the node sampler has it already: it stays in the
+    ledger, like any window)."""
     with _named_lock:
         w = _named.pop(name, None)
     if w is None:
         raise WindowStateError(f"no window {name!r} was begun in this process")
+    if sync_execution:
+        _synchronize_cuda()
     if work is not None:
         w.add(work)
+    if cancel:
+        w.record = False
     return w.stop()
