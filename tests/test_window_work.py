@@ -134,6 +134,27 @@ def test_python_windows_in_a_job_reach_the_ledger_and_acct_with_work(node, tmp_p
     assert windows["train"]["Work"] == "4000" and windows["train"]["NJobs"] == "1"
 
 
+def test_wrap_in_a_job_sends_its_work_with_the_window(node):
+    running_job(node)
+    env = {
+        **slurm_env(JOB),
+        "PATH": "/usr/bin:/bin",
+        "LLEM_CONFIG": "/dev/null",
+        "LLEM_RUN_DIR": node.config.run_dir,
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "llem.cli.main", "wrap", "--json", "--name", "eval",
+         "--work", "500", "--unit", "samples", "--", "sleep", "0.5"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["scope"] == "job" and (res["work"], res["unit"]) == (500, "samples")
+    assert res["per_unit_basis"] == "attributed" and res["coverage"] is not None
+    assert node.query("SELECT name, work, unit FROM windows") == [("eval", 500.0, "samples")]
+    assert "per sample (the job's share, attributed)" in r.stderr
+
+
 def test_overlapping_windows_of_ranks_count_the_energy_once_and_add_the_work(node):
     running_job(node)
     env = slurm_env(JOB)
