@@ -50,10 +50,11 @@ def _devices(store: NodeStore, keys: Iterable[str] | None = None) -> dict[str, d
     return out
 
 
-def _job_energy(store: NodeStore, run_id: int) -> list[dict]:
-    """The run's energy per device, UTC hour and attribution method."""
+def _job_energy(rows: list[tuple]) -> list[dict]:
+    """The run's energy per device, UTC hour and attribution method, from its energy rows
+    (``store.run_energy_rows``)."""
     totals: dict[tuple[str, int, str], int] = {}
-    for device, method, start_ns, end_ns, energy_uj in store.run_energy_rows(run_id):
+    for device, method, start_ns, end_ns, energy_uj in rows:
         for hour_s, part_uj in split_by_hour(start_ns, end_ns, energy_uj).items():
             key = (device, hour_s, method)
             totals[key] = totals.get(key, 0) + part_uj
@@ -158,11 +159,11 @@ POWER_STEPS_S = (60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400)
 """The steps a power series may take: one minute, widened until the series fits."""
 
 
-def _power_series(store: NodeStore, run_id: int) -> dict | None:
-    """The run's coarse power series: its attributed energy per device per step (one minute,
-    or the first wider step with at most ``slices.MAX_POWER_POINTS`` points), and the time
-    each point had data. None when the run has no energy rows."""
-    rows = store.run_energy_rows(run_id)
+def _power_series(rows: list[tuple]) -> dict | None:
+    """The run's coarse power series from its energy rows (``store.run_energy_rows``): its
+    attributed energy per device per step (one minute, or the first wider step with at most
+    ``slices.MAX_POWER_POINTS`` points), and the time each point had data. None when the
+    run has no energy rows."""
     if not rows:
         return None
     devices = {r[0] for r in rows}
@@ -171,16 +172,26 @@ def _power_series(store: NodeStore, run_id: int) -> dict | None:
     for step in POWER_STEPS_S:
         if ((last - first) // step + 2) * len(devices) <= slices.MAX_POWER_POINTS:
             break
+    step_ns = step * NS_PER_S
     energy: dict[tuple[str, int], int] = {}
     spans: dict[tuple[str, int], int] = {}
     seen: set[tuple[str, int]] = set()  # (device, interval start): a span counts once
     for device, _method, start_ns, end_ns, energy_uj in rows:
         counted = (device, start_ns) in seen
-        seen.add((device, start_ns))
-        for t_s, part_uj, span_ns in split_by_step(start_ns, end_ns, energy_uj, step):
-            energy[(device, t_s)] = energy.get((device, t_s), 0) + part_uj
+        if not counted:
+            seen.add((device, start_ns))
+        bucket = start_ns // step_ns
+        if end_ns <= (bucket + 1) * step_ns:  # the usual case: the interval is in one step
+            key = (device, bucket * step)
+            energy[key] = energy.get(key, 0) + energy_uj
             if not counted:
-                spans[(device, t_s)] = spans.get((device, t_s), 0) + span_ns
+                spans[key] = spans.get(key, 0) + end_ns - start_ns
+            continue
+        for t_s, part_uj, span_ns in split_by_step(start_ns, end_ns, energy_uj, step):
+            key = (device, t_s)
+            energy[key] = energy.get(key, 0) + part_uj
+            if not counted:
+                spans[key] = spans.get(key, 0) + span_ns
     points = []
     for (device, t_s), uj in sorted(energy.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         span_ms = min(step * 1000, spans.get((device, t_s), 0) // 10**6)
@@ -248,7 +259,8 @@ def export_job(store: NodeStore, run_id: int, config: Config, *, now_ns: int | N
         last = store.run_last_data_ns(run_id)
         meta["end_ns"] = max(job.start_ns, last or now_ns)
         meta["flags"] = sorted(set(meta["flags"]) | {"end_estimated"})
-    energy = _job_energy(store, run_id)
+    rows = store.run_energy_rows(run_id)
+    energy = _job_energy(rows)
     # Intervals overlapping the run count whole: they are a few seconds, and the run's own
     # Prolog and Epilog bound it.
     totals = store.device_totals(job.start_ns, meta["end_ns"])
@@ -263,7 +275,7 @@ def export_job(store: NodeStore, run_id: int, config: Config, *, now_ns: int | N
             SLICE_WINDOWS_MAX,
             SLICE_WINDOWS_MAX_BYTES,
         )
-    power = _power_series(store, run_id)
+    power = _power_series(rows)
     if power is not None:
         used |= {p["device"] for p in power["points"]}
     data = {
