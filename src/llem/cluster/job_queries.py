@@ -189,14 +189,18 @@ def load_job(ledger, cluster: str, job_id: str) -> JobData | None:
     power: list = []
     has_power = _has(ledger, "job_power")
     if has_power:
-        power = [
-            (ids[jid].node, key, t_s, step_s, uj, span_ms)
-            for jid, key, t_s, step_s, uj, span_ms in ledger.query(
-                "SELECT job_node_id, device_key, t_s, step_s, energy_uj, span_ms FROM job_power "
-                f"WHERE job_node_id IN ({marks}) ORDER BY t_s",
-                tuple(ids),
-            )
-        ]
+        for jid, step_s, devices, points in ledger.query(
+            f"SELECT job_node_id, step_s, devices, points FROM job_power WHERE job_node_id IN ({marks})",
+            tuple(ids),
+        ):
+            keys = _json_list(devices)
+            for point in _json_list(points):
+                try:
+                    t_s, i, uj, span_ms = point
+                    power.append((ids[jid].node, keys[i], int(t_s), step_s, int(uj), int(span_ms)))
+                except (ValueError, TypeError, IndexError):
+                    continue  # a damaged point is left out, not guessed
+        power.sort(key=lambda p: p[2])
     hourly = dict(
         ledger.query(
             f"SELECT hour_s, SUM(energy_uj) FROM job_energy WHERE job_node_id IN ({marks}) "

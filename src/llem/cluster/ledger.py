@@ -173,8 +173,10 @@ def _v3(db: sqlite3.Connection) -> None:
 
 
 def _v4_work_and_power(db: sqlite3.Connection) -> None:
-    """Work per window (a count and its unit) and each job's coarse power series (one point
-    per device per step, ``llem.slice/2``; issue 18)."""
+    """Work per window (a count and its unit) and each job node's coarse power series (one
+    point per device per step, ``llem.slice/2``; issue 18): one row per job node, the points
+    as compact JSON (``[[t_s, device index, energy_uj, span_ms], ...]`` with the device keys
+    listed once), so that a million jobs make a million rows, not a billion."""
     columns = {r[1] for r in db.execute("PRAGMA table_info(windows)")}
     if "work" not in columns:
         db.execute("ALTER TABLE windows ADD COLUMN work REAL")
@@ -184,9 +186,8 @@ def _v4_work_and_power(db: sqlite3.Connection) -> None:
         """
         CREATE TABLE IF NOT EXISTS job_power (
             job_node_id INTEGER NOT NULL REFERENCES job_nodes (id) ON DELETE CASCADE,
-            device_key TEXT NOT NULL, t_s INTEGER NOT NULL, step_s INTEGER NOT NULL,
-            energy_uj INTEGER NOT NULL CHECK (energy_uj >= 0), span_ms INTEGER NOT NULL,
-            PRIMARY KEY (job_node_id, device_key, t_s)
+            step_s INTEGER NOT NULL, devices TEXT NOT NULL, points TEXT NOT NULL,
+            PRIMARY KEY (job_node_id)
         ) WITHOUT ROWID
         """
     )
@@ -268,7 +269,7 @@ CANONICAL_QUERIES = {
     "windows": f"SELECT {_NODE_KEY}, w.name, w.step_id, w.start_ns, w.end_ns, w.status, "
     "w.energy_uj, w.energy, w.work, w.unit FROM windows w JOIN job_nodes jn "
     "ON jn.id = w.job_node_id",
-    "job_power": f"SELECT {_NODE_KEY}, p.device_key, p.t_s, p.step_s, p.energy_uj, p.span_ms "
+    "job_power": f"SELECT {_NODE_KEY}, p.step_s, p.devices, p.points "
     "FROM job_power p JOIN job_nodes jn ON jn.id = p.job_node_id",
     "job_headers": "SELECT * FROM job_headers",
     "node_hours": "SELECT * FROM node_hours",
@@ -477,10 +478,7 @@ class Ledger:
                 windows,
             )
         if power:
-            self.db.executemany(
-                "INSERT OR REPLACE INTO job_power VALUES (last_insert_rowid(), ?, ?, ?, ?, ?)",
-                power,
-            )
+            self.db.execute("INSERT INTO job_power VALUES (last_insert_rowid(), ?, ?, ?)", power)
         return True
 
     def _merge_node(self, item: Prepared) -> bool:
@@ -812,7 +810,7 @@ def prepare(data: dict, sha: str) -> Prepared:
 
     * job: ``("job", (cluster, job_id), created_ns, digest, device rows, job_nodes row (its
       first four values are the natural key), job_energy rows, job_node_totals rows, windows
-      rows, job_power rows)``, the last four without their ``job_node_id``;
+      rows, the job_power row or None)``, the last four without their ``job_node_id``;
     * node: ``("node", device rows, node_hours rows)``;
     * header: ``("header", (cluster, job_id), job_headers row)``.
     """
@@ -964,13 +962,20 @@ def _window_rows(data: dict) -> list[tuple]:
     return windows
 
 
-def _power_rows(data: dict) -> list[tuple]:
-    """The job's power series (``llem.slice/2``; none in a version 1 slice)."""
+def _power_rows(data: dict) -> tuple | None:
+    """The job node's ``job_power`` row (without its id): step, device keys, compact points;
+    None for a slice without a series (``llem.slice/1``, or no energy)."""
     power = data.get("power")
-    if not power:
-        return []
-    step = power["step_s"]
-    return [(p["device"], p["t_s"], step, p["energy_uj"], p["span_ms"]) for p in power["points"]]
+    if not power or not power["points"]:
+        return None
+    keys = sorted({p["device"] for p in power["points"]})
+    index = {k: i for i, k in enumerate(keys)}
+    points = [[p["t_s"], index[p["device"]], p["energy_uj"], p["span_ms"]] for p in power["points"]]
+    return (
+        power["step_s"],
+        json.dumps(keys, separators=(",", ":")),
+        json.dumps(points, separators=(",", ":")),
+    )
 
 
 def _component_totals(data: dict) -> tuple[int, ...]:
