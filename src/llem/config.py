@@ -167,6 +167,22 @@ class AttributionConfig:
 
 
 @dataclass(frozen=True)
+class IpmiConfig:
+    enabled: bool = False
+    """Read the node's power from its BMC over IPMI DCMI (sensor 'ipmi'), where no other node
+    meter (pm_counters, an ACPI power meter) is found; needs root and a DCMI BMC."""
+    tool: str = "auto"
+    """'auto' (FreeIPMI's ipmi-dcmi, else ipmitool), 'ipmi-dcmi' or 'ipmitool'."""
+    args: str = ""
+    """Arguments put before the tool's command (shell words), e.g. a LAN BMC's
+    '-I lanplus -H bmc1 -U llem -f /etc/llem/bmc.pass'; empty: the local BMC (in-band)."""
+    poll_s: float = 1.0
+    """Seconds between two BMC reads, in a thread of the sampler (never in its tick)."""
+    timeout_s: float = 10.0
+    """A BMC read that takes longer is killed, and the node meter has a gap."""
+
+
+@dataclass(frozen=True)
 class Config:
     cluster: str = "default"
     """Cluster name; Slurm's SLURM_CLUSTER_NAME wins inside jobs."""
@@ -180,7 +196,7 @@ class Config:
     """Node-local runtime folder: the sampler's lock, pid file and the socket of `llem wrap`."""
     sensors: str | tuple[str, ...] = "auto"
     """'auto', or a list of sensor names among 'rapl', 'nvml', 'estimate', 'pm_counters',
-    'hwmon', 'amdsmi'."""
+    'hwmon', 'amdsmi', 'ipmi' ('auto' reads the BMC only with ipmi.enabled)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
@@ -188,14 +204,16 @@ class Config:
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    ipmi: IpmiConfig = field(default_factory=IpmiConfig)
     source: str = "defaults"
     """Where this configuration came from (a path, or 'defaults'); not a key."""
 
 
-SENSOR_NAMES = ("rapl", "nvml", "estimate", "pm_counters", "hwmon", "amdsmi")
+SENSOR_NAMES = ("rapl", "nvml", "estimate", "pm_counters", "hwmon", "amdsmi", "ipmi")
 CHOICES = {
     "aggregate.processed": ("archive", "delete"),
     "attribution.policy": ("hybrid", "use", "allocation"),
+    "ipmi.tool": ("auto", "ipmi-dcmi", "ipmitool"),
 }
 _SECTIONS = {
     "sampler": SamplerConfig,
@@ -205,6 +223,7 @@ _SECTIONS = {
     "aggregate": AggregateConfig,
     "metrics": MetricsConfig,
     "attribution": AttributionConfig,
+    "ipmi": IpmiConfig,
 }
 _TOP_KEYS = tuple(f.name for f in fields(Config) if f.name != "source")
 
@@ -364,6 +383,8 @@ def _check_range(key: str, value: float, where: str) -> None:
         raise ConfigError(f"{where}: 'carbon.pue' must be at least 1.0, got {value}")
     if key == "estimate.cpu_idle_fraction" and not 0.0 <= value <= 1.0:
         raise ConfigError(f"{where}: 'estimate.cpu_idle_fraction' must be between 0 and 1")
+    if key in ("ipmi.poll_s", "ipmi.timeout_s") and value < MIN_INTERVAL_S:
+        raise ConfigError(f"{where}: '{key}' must be at least {MIN_INTERVAL_S} s")
     if value < 0:
         raise ConfigError(f"{where}: '{key}' may not be negative, got {value}")
 
@@ -447,7 +468,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         value: Any = raw
         if key == "sensors" and raw != "auto":
             value = [s.strip() for s in raw.split(",") if s.strip()]
-        elif key == "embodied.enabled":
+        elif key in ("embodied.enabled", "ipmi.enabled"):
             value = raw.strip().lower() in ("1", "true", "yes", "on")
         elif key in ("sampler.nice",):
             try:

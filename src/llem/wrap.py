@@ -108,17 +108,18 @@ def result(
     components = []
     for total in acc.devices.values():
         d = total.device
-        components.append(
-            {
-                "component": d.component,
-                "device": d.name,
-                "energy_j": round(uj_to_j(total.energy_uj), 6),
-                "source": d.source,
-                "sensor": d.sensor,
-                "method": d.method,
-                "coverage": round(min(1.0, total.covered_ns / window_ns), 4),
-            }
-        )
+        component = {
+            "component": d.component,
+            "device": d.name,
+            "energy_j": round(uj_to_j(total.energy_uj), 6),
+            "source": d.source,
+            "sensor": d.sensor,
+            "method": d.method,
+            "coverage": round(min(1.0, total.covered_ns / window_ns), 4),
+        }
+        if d.attrs.get("package_split"):  # an MI250X die, an MI300X partition: a share
+            component["package_split"] = d.attrs["package_split"]
+        components.append(component)
     counted = [c for c in components if c["component"] != "psys"]
     energy_j = round(sum(c["energy_j"] for c in counted), 6)
     return {

@@ -85,6 +85,12 @@ FIELDS: dict[str, Field] = {
         Field(
             "PlatformEnergy", 14, "energy", "node meter minus CPU, DRAM, GPUs, joules (suffixed)"
         ),
+        Field(
+            "PlatformShare",
+            13,
+            "percent",
+            "PlatformEnergy / ConsumedEnergy; blank without a node meter",
+        ),
         Field("AvePower", 10, "watts", "mean power, watts (energy / elapsed)"),
         Field("EnergySource", 12, "str", "measured, estimated, mixed (or none: no energy)"),
         Field("Coverage", 8, "percent", "share of the wall time with data"),
@@ -127,6 +133,7 @@ TOTAL_FIELDS: dict[str, Field] = {
         Field("DRAMEnergy", 10, "energy", FIELDS["DRAMEnergy"].help),
         Field("GPUEnergy", 10, "energy", FIELDS["GPUEnergy"].help),
         Field("PlatformEnergy", 14, "energy", FIELDS["PlatformEnergy"].help),
+        Field("PlatformShare", 13, "percent", FIELDS["PlatformShare"].help),
         Field("AvePower", 10, "watts", "mean power over the summed wall time, watts"),
         Field("EnergySource", 12, "str", FIELDS["EnergySource"].help),
         Field("Coverage", 8, "percent", "time-weighted share of wall time with data"),

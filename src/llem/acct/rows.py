@@ -61,6 +61,7 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "DRAMEnergy": run["dram_energy_uj"] / UJ_PER_J,
         "GPUEnergy": run["gpu_energy_uj"] / UJ_PER_J,
         "PlatformEnergy": run["other_energy_uj"] / UJ_PER_J,  # jobs' only 'other': platform
+        "PlatformShare": platform_share(run["other_energy_uj"], run["energy_uj"]),
         "AvePower": energy_j / elapsed_s if elapsed_s else None,
         "EnergySource": energy_source(run["energy_uj"], run["estimated_energy_uj"]),
         "Coverage": run["coverage"],
@@ -72,6 +73,11 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "_key": (run["cluster"], run["job_id"], run["run_start_ns"]),
         "_array": (run["array_job_id"], run["array_task_id"]),
     }
+
+
+def platform_share(platform_uj: int, energy_uj: int) -> float | None:
+    """The platform's part of the energy; None where there is none (no node meter)."""
+    return platform_uj / energy_uj if platform_uj > 0 and energy_uj > 0 else None
 
 
 def window_rows(
@@ -151,6 +157,7 @@ def window_rows(
                 "DRAMEnergy": m["by"]["dram"] / UJ_PER_J,
                 "GPUEnergy": m["by"]["gpu"] / UJ_PER_J,
                 "PlatformEnergy": m["by"]["platform"] / UJ_PER_J,
+                "PlatformShare": platform_share(m["by"]["platform"], m["energy"]),
                 "AvePower": energy_j / elapsed_s if elapsed_s else None,
                 "EnergySource": energy_source(m["energy"], m["estimated"]),
                 "Coverage": None,
@@ -252,6 +259,7 @@ def total_row(by: str, values: Sequence) -> dict[str, Any]:
         "DRAMEnergy": (t["dram_energy_uj"] or 0) / UJ_PER_J,
         "GPUEnergy": (t["gpu_energy_uj"] or 0) / UJ_PER_J,
         "PlatformEnergy": (t["other_energy_uj"] or 0) / UJ_PER_J,
+        "PlatformShare": platform_share(t["other_energy_uj"] or 0, t["energy_uj"] or 0),
         "AvePower": energy_j / elapsed_s if elapsed_s else None,
         "EnergySource": energy_source(t["energy_uj"] or 0, t["estimated_energy_uj"] or 0),
         "Coverage": (t["covered_ns"] / t["coverage_ns"]) if t["coverage_ns"] else None,

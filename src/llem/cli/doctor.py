@@ -165,7 +165,8 @@ def _sources(config, env: dict, report: dict) -> None:
         report["coverage"]["platform"] = (
             f"measured ({', '.join(platform.meter_keys)} minus the parts)"
             if platform
-            else "none (no node meter: pm_counters, ACPI power meter or Grace Hopper module)"
+            else "none (no node meter: pm_counters, ACPI power meter, Grace Hopper module, "
+            "or a BMC with ipmi.enabled)"
         )
     finally:
         opened.close()

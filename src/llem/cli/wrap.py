@@ -50,6 +50,9 @@ def render_summary(res: dict) -> str:
         for c in res["components"]:
             how = f"{c['source']}, {c['sensor']} {c['method'].replace('_', ' ')}"
             extra = "  (not added: overlaps others)" if c["component"] == "psys" else ""
+            if c.get("package_split"):  # an MI250X die, an MI300X partition
+                extra = f"  ({c['package_split']['share']} of its package, which only "
+                extra += f"{', '.join(c['package_split']['reporting'])} reports)"
             lines.append(
                 f"  {c['component']:<4} {c['device']:<{width}} {format_energy_j(c['energy_j']):>12}"
                 f"  {how}, coverage {c['coverage'] * 100:.0f}%{extra}"

@@ -173,6 +173,8 @@ def seal_figures(
             flags.add(kind)
     if "estimated" in store.run_sources(run_id):
         flags.add("estimated")
+    if store.run_split_devices(run_id):
+        flags.add("gpu_package_split")  # a GPU charged a share of its package (MI250X, MI300X)
     window_ms = store.meter_window_ms()
     if window_ms and end_ns - start_ns < window_ms * 1_000_000:
         flags.add("shorter_than_meter_window")  # the power meter averages over longer

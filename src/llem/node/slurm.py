@@ -264,16 +264,37 @@ class GpuMap:
         return tuple(out), tuple(sorted(flags))
 
 
-def _device_minor(path: str) -> int | None:
-    """The minor number of a character device file (``/dev/nvidia3`` -> 3 on most nodes,
-    but only the device node itself says so)."""
+DRM_MAJOR = 226
+DRM_RENDER_BASE = 128
+
+
+def _device_minor(path: str, sys_root: str = "/sys") -> int | None:
+    """The GPU number of a character device file, as the sensors count GPUs (``minor``).
+
+    ``/dev/nvidiaN`` (NVIDIA): the device's minor number (3 on most nodes for nvidia3, but
+    only the device node itself says so). DRM nodes (AMD, ``AutoDetect=rsmi`` and gres.conf
+    ``File=/dev/dri/renderD128``): the render node's minor minus 128, the amdsmi sensor's
+    ``minor``; a card node (``/dev/dri/card1``) is taken to its GPU's render node through
+    sysfs, as card numbers count other display devices too (a BMC's VGA is often card0)."""
     import stat
 
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return os.minor(st.st_rdev) if stat.S_ISCHR(st.st_mode) else None
+    if not stat.S_ISCHR(st.st_mode):
+        return None
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    if major != DRM_MAJOR:
+        return minor
+    if minor >= DRM_RENDER_BASE:
+        return minor - DRM_RENDER_BASE
+    try:
+        names = os.listdir(f"{sys_root}/dev/char/{DRM_MAJOR}:{minor}/device/drm")
+    except OSError:
+        return None
+    renders = [int(n[7:]) for n in names if n.startswith("renderD") and n[7:].isdigit()]
+    return renders[0] - DRM_RENDER_BASE if len(renders) == 1 else None
 
 
 # -- cgroups -------------------------------------------------------------------------------

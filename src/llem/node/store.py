@@ -641,6 +641,19 @@ class NodeStore:
                 windows.append(value)
         return max(windows, default=None)
 
+    def run_split_devices(self, run_id: int) -> list[str]:
+        """The devices that gave the run energy as a share of a package (``package_split``:
+        an MI250X die, an MI300X partition)."""
+        return [
+            key
+            for key, attrs in self.query(
+                "SELECT d.key, d.attrs FROM devices d WHERE d.key IN "
+                "(SELECT DISTINCT device_key FROM job_energy WHERE run_id = ?)",
+                (run_id,),
+            )
+            if '"package_split"' in attrs
+        ]
+
     def run_last_data_ns(self, run_id: int) -> int | None:
         """The end of the last interval that gave the run energy."""
         return self.query(

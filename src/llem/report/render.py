@@ -25,7 +25,8 @@ TOTAL_ROWS = (
     ("cpu_kwh", "  CPU (kWh)"),
     ("dram_kwh", "  DRAM (kWh)"),
     ("gpu_kwh", "  GPU (kWh)"),
-    ("other_kwh", "  other (kWh)"),
+    ("other_kwh", "  platform: node meter minus the parts (kWh)"),
+    ("platform_share", "Platform share of energy (nodes with a meter)"),
     ("operational_kg", "CO2e operational (kg)"),
     ("embodied_kg", "CO2e embodied (kg)"),
     ("co2e_kg", "CO2e total (kg)"),
@@ -40,7 +41,15 @@ TOTAL_ROWS = (
     ("idle_kwh", "Idle-GPU energy (kWh)"),
     ("idle_gpu_h", "Idle GPU-hours"),
 )
-SHARE_KEYS = {"measured_share", "coverage", "energy_share", "idle_share", "covered_share", "change"}
+SHARE_KEYS = {
+    "measured_share",
+    "coverage",
+    "energy_share",
+    "idle_share",
+    "covered_share",
+    "change",
+    "platform_share",
+}
 HEADERS = {
     "jobs": "jobs",
     "energy_kwh": "energy kWh",
@@ -52,6 +61,7 @@ HEADERS = {
     "kwh_per_gpu_h": "kWh/GPU-h",
     "energy_share": "share",
     "measured_share": "measured",
+    "platform_share": "platform",
     "idle_gpus": "idle GPUs",
     "allocated_gpus": "GPUs",
     "idle_kwh": "idle kWh",
