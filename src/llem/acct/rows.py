@@ -387,6 +387,7 @@ def window_total_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[
             "DRAMEnergy": sum(m["DRAMEnergy"] for m in members),
             "GPUEnergy": sum(m["GPUEnergy"] for m in members),
             "PlatformEnergy": sum(m["PlatformEnergy"] for m in members),
+            "PlatformShare": platform_share(sum(m["PlatformEnergy"] for m in members), energy_j),
             "AvePower": energy_j / elapsed_s if elapsed_s else None,
             "EnergySource": (
                 "none"
