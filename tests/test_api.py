@@ -291,7 +291,7 @@ def test_multiprocessing_children_measure_and_record_their_own_windows(tree, tmp
 
         def rank(i):
             with llem.window("rank", unit="tokens") as w:
-                time.sleep(0.8)
+                time.sleep(1.0)
                 w.add(1000)
 
         if __name__ == "__main__":
@@ -310,8 +310,8 @@ def test_multiprocessing_children_measure_and_record_their_own_windows(tree, tmp
     parent = [e for e in entries if e["name"] == "parent"]
     assert len(ranks) == 2 and len(parent) == 1
     assert len({e["pid"] for e in ranks} | {parent[0]["pid"]}) == 3
-    for e in ranks:
-        assert near(e["energy_j"], NODE_W * e["duration_s"], 0.03), e
+    for e in ranks:  # three processes and the fake's writer share a loaded machine: 5 %
+        assert near(e["energy_j"], NODE_W * e["duration_s"], 0.05), e
     # Totals count the time the windows share once: the parent's window holds the
     # children's, so the total is the parent's energy, not the sum of all three.
     assert counted_shares(entries) == [1.0 if e["name"] == "parent" else 0.0 for e in entries]
@@ -381,8 +381,13 @@ def test_bad_work_is_refused_before_anything_is_measured(tree, tmp_path):
             llem.window("x" * 129)
         except ValueError:
             print("refused")
+        for unit in ("u" * 33, "tok\\nens", " tokens"):
+            try:
+                llem.window("w", unit=unit)
+            except ValueError:
+                print("refused")
         """,
         powered=False,
     )
-    assert r.stdout.split() == ["refused"] * 6
+    assert r.stdout.split() == ["refused"] * 9
     assert not (tmp_path / "history.jsonl").exists()

@@ -364,6 +364,10 @@ class Window:
         name = name or "window"
         if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
             raise ValueError(f"window names are strings of at most {MAX_NAME_CHARS} characters")
+        if unit is not None:
+            from llem.node.windows import check_work
+
+            check_work(None, unit)  # ValueError: the same rule in and outside a job
         self.name = name
         self.unit = unit
         self.record = record
@@ -403,10 +407,15 @@ class Window:
                 raise WindowStateError(f"window {self.name!r} was already started")
             self._state = "open"
         self._t0 = time.monotonic()
-        if os.environ.get("SLURM_JOB_ID"):
-            self._job = self._open_in_job()
-        if self._job is None:
-            self._snapshot = _get_meter().acquire()
+        try:
+            if os.environ.get("SLURM_JOB_ID"):
+                self._job = self._open_in_job()
+            if self._job is None:
+                self._snapshot = _get_meter().acquire()
+        except BaseException:
+            with self._lock:
+                self._state = "new"  # nothing was opened: the window may be started again
+            raise
         _open.add(self)
         return self
 
@@ -522,8 +531,17 @@ class Window:
         note = None
         if exc_type is not None:
             note = f"the block raised {exc_type.__name__}: the window closed there"
-        if self._state == "open":
+        if self._state != "open":
+            return False
+        if exc_type is None:
+            self.stop()
+            return False
+        try:  # the block's own exception goes on, whatever closing the window meets
             self.stop(note=note)
+        except Exception as e:  # noqa: BLE001
+            import logging
+
+            logging.getLogger(__name__).warning("llem: window %r not measured: %s", self.name, e)
         return False
 
 
