@@ -85,3 +85,45 @@ class FakePowercap:
         if max_range is not None:
             value %= max_range
         self.set(dirname, value)
+
+
+class ConstantPower:
+    """A thread that advances zones' counters as hardware at a constant power would.
+
+    Every ``step_s`` each zone's ``energy_uj`` becomes its start value plus watts x elapsed
+    time (wrapping at its range), written atomically (a new file renamed over the old one)
+    so that a reader never sees a half-written counter. Use as a context manager.
+    """
+
+    def __init__(self, tree: FakePowercap, watts: dict[str, float], step_s: float = 0.005):
+        import threading
+
+        self.tree, self.watts, self.step_s = tree, dict(watts), step_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import time
+
+        start = {z: self.tree.get(z) for z in self.watts}
+        ranges = {
+            z: int((self.tree.zones[z] / "max_energy_range_uj").read_text()) for z in self.watts
+        }
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            elapsed = time.monotonic() - t0
+            for zone, watts in self.watts.items():
+                value = (start[zone] + int(watts * elapsed * 1e6)) % ranges[zone]
+                path = self.tree.zones[zone] / "energy_uj"
+                tmp = path.with_name(".energy_uj.tmp")
+                tmp.write_text(f"{value}\n")
+                os.replace(tmp, path)
+            self._stop.wait(self.step_s)
+
+    def __enter__(self) -> ConstantPower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -181,7 +181,17 @@ def _v3(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3)
+def _v4_window_work(db: sqlite3.Connection) -> None:
+    """The work a window did (issue 18): a count and its unit (tokens, samples, ...), sent
+    by the window's owner when it closes the window."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(windows)")}
+    if "work" not in columns:
+        db.execute("ALTER TABLE windows ADD COLUMN work REAL")
+    if "unit" not in columns:
+        db.execute("ALTER TABLE windows ADD COLUMN unit TEXT")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3, _v4_window_work)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 DATABASE = Database(
@@ -765,16 +775,21 @@ class NodeStore:
         end_interval_id: int,
         counters: Mapping[str, int],
         energy: Mapping[str, int],
+        work: float | None = None,
+        unit: str | None = None,
     ) -> None:
+        """Close a window; ``work`` and ``unit``: the work it did, when its owner said."""
         self._write(
             lambda: self.db.execute(
                 "UPDATE windows SET end_ns = ?, end_mono_ns = ?, counters_end = ?, energy = ?, "
-                "status = 'closed' WHERE id = ?",
+                "work = ?, unit = ?, status = 'closed' WHERE id = ?",
                 (
                     end_ns,
                     end_interval_id,
                     json.dumps(dict(counters)),
                     json.dumps(dict(energy), sort_keys=True),
+                    work,
+                    unit,
                     window_id,
                 ),
             )
@@ -794,9 +809,11 @@ class NodeStore:
         )
 
     def run_windows(self, run_id: int) -> list[tuple]:
-        """(name, step_id, start_ns, end_ns, status, energy JSON) of a run's windows."""
+        """(name, step_id, start_ns, end_ns, status, energy JSON, work, unit, start interval
+        id, end interval id) of a run's windows."""
         return self.query(
-            "SELECT name, step_id, start_ns, end_ns, status, energy FROM windows "
+            "SELECT name, step_id, start_ns, end_ns, status, energy, work, unit, start_mono_ns, "
+            "end_mono_ns FROM windows "
             "WHERE run_id = ? ORDER BY start_ns, id",
             (run_id,),
         )
