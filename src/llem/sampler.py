@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from llem.model import EnergyRow, Event, Interval
+from llem.model import EnergyRow, Event, Interval, Remainder
 from llem.sensors.base import OK, Device, Reading, Sensor
 from llem.sensors.platform import PlatformResidual
 from llem.units import FIRST, GAP, NS_PER_S, RESET, UJ_PER_J, WRAP, CounterDelta, counter_delta
@@ -247,7 +247,7 @@ class Sampler:
         except Exception as e:
             # Never lose the node's energy because attribution broke: all of it is remainder.
             log.exception("attribution failed")
-            rest = tuple((r.device_key, r.energy_uj) for r in interval.rows if r.energy_uj)
+            rest = tuple(Remainder(r.device_key, r.energy_uj) for r in interval.rows if r.energy_uj)
             event = Event(interval.end_ns, "attribution_error", f"{type(e).__name__}: {e}")
             return replace(interval, remainder=rest, shares=(), events=interval.events + (event,))
 

@@ -67,11 +67,27 @@ def run_energy(db, run_id):
     return by
 
 
+def static_split(db):
+    """Per CPU package and interval in which a job was charged idle power: (interval id,
+    span, energy, static part charged to jobs, remainder labelled idle_unallocated)."""
+    return db.execute(
+        "SELECT i.id, i.end_ns - i.start_ns, e.energy_uj, "
+        "(SELECT SUM(j.energy_uj) FROM job_energy j WHERE j.interval_id = i.id "
+        " AND j.device_key = e.device_key AND j.method = 'idle_allocation'), "
+        "(SELECT COALESCE(SUM(r.energy_uj), 0) FROM remainder r WHERE r.interval_id = i.id "
+        " AND r.device_key = e.device_key AND r.label = 'idle_unallocated') "
+        "FROM intervals i JOIN energy e ON e.interval_id = i.id "
+        "JOIN devices d ON d.key = e.device_key WHERE d.component = 'cpu' AND EXISTS "
+        "(SELECT 1 FROM job_energy j WHERE j.interval_id = i.id AND j.device_key = e.device_key"
+        " AND j.method = 'idle_allocation')"
+    ).fetchall()
+
+
 def invariant_violations(db):
     return db.execute(
         "SELECT e.interval_id, e.device_key, e.energy_uj, "
         "COALESCE((SELECT SUM(energy_uj) FROM job_energy j WHERE j.interval_id = e.interval_id"
-        " AND j.device_key = e.device_key), 0) + COALESCE((SELECT energy_uj FROM remainder r"
+        " AND j.device_key = e.device_key), 0) + COALESCE((SELECT SUM(energy_uj) FROM remainder r"
         " WHERE r.interval_id = e.interval_id AND r.device_key = e.device_key), 0) AS parts "
         "FROM energy e WHERE e.energy_uj != parts"
     ).fetchall()
@@ -133,6 +149,7 @@ def test_shared_node_busy_and_idle_pay_reservation_plus_use(cluster, site):
     try:
         by_b, by_i = run_energy(db, b[0]), run_energy(db, i[0])
         assert invariant_violations(db) == []
+        static = static_split(db)
         records = [
             json.loads(
                 db.execute("SELECT attribution FROM jobs WHERE run_id = ?", (r[0],)).fetchone()[0]
@@ -153,6 +170,12 @@ def test_shared_node_busy_and_idle_pay_reservation_plus_use(cluster, site):
         ), (by, span_s)
     # The use: the busy job also pays for the CPU time it used; the sleeping one next to none.
     assert by_b.get(("cpu_time", "cpu"), 0) > 5 * max(1, by_i.get(("cpu_time", "cpu"), 0))
+    # The static part of each package, in every interval a job ran: what the allocations
+    # took plus the remainder labelled idle_unallocated (the CPU no job held) is all of it.
+    assert static, "no interval charged by allocation"
+    for interval_id, span_ns, energy_uj, charged, unallocated in static:
+        expected = min(energy_uj, int(IDLE_CPU_W * 1000) * span_ns // 1_000_000)
+        assert charged + unallocated == expected, (interval_id, charged, unallocated, expected)
     # GPUs stay allocation-based: none were asked for, so neither job pays for one.
     assert not any(c == "gpu" for _, c in by_b) and not any(c == "gpu" for _, c in by_i)
 

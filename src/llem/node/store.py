@@ -25,7 +25,7 @@ from pathlib import Path
 
 from llem.errors import StoreError
 from llem.fsutil import ensure_private_dir
-from llem.model import Event, Interval, JobRecord
+from llem.model import LABELLED, Event, Interval, JobRecord, Remainder
 from llem.sensors.base import Device
 from llem.sqlite import Database, Messages, open_database, run_script
 
@@ -181,7 +181,30 @@ def _v3(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3)
+def _v4_remainder_label(db: sqlite3.Connection) -> None:
+    """Why energy is in the remainder (issue 13): a device's remainder in one interval is one
+    row per label (``unattributed``, ``idle_unallocated``, ``unallocated``; see
+    llem.model). Older rows are ``unattributed``: they were written before the label existed.
+    """
+    run_script(
+        db,
+        """
+        CREATE TABLE remainder_v4 (
+            interval_id INTEGER NOT NULL REFERENCES intervals (id),
+            device_key TEXT NOT NULL REFERENCES devices (key),
+            label TEXT NOT NULL DEFAULT 'unattributed',
+            energy_uj INTEGER NOT NULL CHECK (energy_uj >= 0),
+            PRIMARY KEY (interval_id, device_key, label)
+        ) WITHOUT ROWID;
+        INSERT INTO remainder_v4 (interval_id, device_key, label, energy_uj)
+            SELECT interval_id, device_key, 'unattributed', energy_uj FROM remainder;
+        DROP TABLE remainder;
+        ALTER TABLE remainder_v4 RENAME TO remainder;
+        """,
+    )
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3, _v4_remainder_label)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 DATABASE = Database(
@@ -351,8 +374,9 @@ class NodeStore:
                 )
             if interval.remainder:
                 self.db.executemany(
-                    "INSERT INTO remainder (interval_id, device_key, energy_uj) VALUES (?, ?, ?)",
-                    [(interval_id, key, uj) for key, uj in interval.remainder],
+                    "INSERT INTO remainder (interval_id, device_key, energy_uj, label) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(interval_id, *Remainder(*r)) for r in interval.remainder],
                 )
             self._insert_events(interval.events)
             result.append(interval_id)
@@ -653,8 +677,9 @@ class NodeStore:
     # -- the node's energy ---------------------------------------------------------------------
 
     def device_totals(self, start_ns: int, end_ns: int) -> dict[str, dict[str, int]]:
-        """Per device: measured, attributed and unattributed energy, and intervals without
-        data, over the intervals that overlap a span (counted whole)."""
+        """Per device: measured, attributed and remainder energy, the parts of the remainder
+        with a label of their own (``<label>_uj`` for each of llem.model.LABELLED), and
+        intervals without data, over the intervals that overlap a span (counted whole)."""
         where = "WHERE interval_id IN (SELECT id FROM intervals WHERE end_ns > ? AND start_ns < ?)"
         queries = (
             (
@@ -674,27 +699,43 @@ class NodeStore:
                 f"SELECT device_key, COUNT(*) FROM energy {where} AND "
                 f"(kind IN {NO_DATA_KINDS} OR status != 'ok') GROUP BY device_key",
             ),
+        ) + tuple(
+            (
+                f"{label}_uj",
+                f"SELECT device_key, SUM(energy_uj) FROM remainder {where} "
+                f"AND label = '{label}' GROUP BY device_key",
+            )
+            for label in LABELLED
+        )
+        zero = dict.fromkeys(
+            ("measured_uj", "attributed_uj", "remainder_uj", "gap_intervals")
+            + tuple(f"{label}_uj" for label in LABELLED),
+            0,
         )
         out: dict[str, dict[str, int]] = {}
         for field_name, sql in queries:
             for device, value in self.query(sql, (start_ns, end_ns)):
-                row = out.setdefault(
-                    device,
-                    {"measured_uj": 0, "attributed_uj": 0, "remainder_uj": 0, "gap_intervals": 0},
-                )
+                row = out.setdefault(device, dict(zero))
                 row[field_name] = int(value or 0)
         return out
 
     def device_interval_rows(self, from_ns: int, until_ns: int) -> list[tuple]:
         """One row per interval overlapping the span and device: (interval id, start_ns,
-        end_ns, device_key, measured energy_uj, kind, status, remainder_uj, attributed_uj)."""
+        end_ns, device_key, measured energy_uj, kind, status, remainder_uj, attributed_uj,
+        then the remainder of each label of llem.model.LABELLED)."""
+        labelled = "".join(
+            f", (SELECT COALESCE(SUM(r.energy_uj), 0) FROM remainder r WHERE r.interval_id = "
+            f"i.id AND r.device_key = e.device_key AND r.label = '{label}')"
+            for label in LABELLED
+        )
         return self.query(
             "SELECT i.id, i.start_ns, i.end_ns, e.device_key, e.energy_uj, e.kind, e.status, "
-            "COALESCE(r.energy_uj, 0), "
+            "(SELECT COALESCE(SUM(r.energy_uj), 0) FROM remainder r "
+            " WHERE r.interval_id = i.id AND r.device_key = e.device_key), "
             "(SELECT COALESCE(SUM(je.energy_uj), 0) FROM job_energy je "
-            " WHERE je.interval_id = i.id AND je.device_key = e.device_key) "
+            " WHERE je.interval_id = i.id AND je.device_key = e.device_key)"
+            f"{labelled} "
             "FROM intervals i JOIN energy e ON e.interval_id = i.id "
-            "LEFT JOIN remainder r ON r.interval_id = i.id AND r.device_key = e.device_key "
             "WHERE i.end_ns > ? AND i.start_ns < ?",
             (from_ns, until_ns),
         )
