@@ -452,3 +452,61 @@ def test_doctor_probe_finds_a_live_server_answering(tmp_path):
         assert daemon.daemon.windows.forced_reads == before  # a ping reads nothing
     finally:
         daemon.stop()
+
+
+# -- 10: what error texts tell a user --------------------------------------------------------
+
+
+def test_error_texts_name_no_path_and_echo_no_exception_while_roots_log_keeps_them(
+    tmp_path, caplog
+):
+    from llem.errors import StoreError
+
+    daemon = Daemon(tmp_path, linger_s=600.0)
+    secret = str(daemon.paths.socket.parent / "store" / "node.db")
+    try:
+        daemon.prolog(JOB)
+        daemon.start()
+        sock = daemon.paths.socket
+        server = daemon.daemon.windows
+
+        def broken(*args, **kwargs):
+            raise StoreError(f"{secret}: disk I/O error")
+
+        server.store.open_window = broken  # the store failing under a request
+        with caplog.at_level("DEBUG", logger="llem.node.windows"):
+            with pytest.raises(WindowError) as refused:
+                open_window(sock, slurm_env(JOB), "w")
+            # Bytes that are not UTF-8: the decoder's own message stays in the log.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+                raw.settimeout(10)
+                raw.connect(str(sock))
+                raw.sendall(b"\xff\xfe{}\n")
+                answer = json.loads(raw.makefile("rb").readline())
+        assert ping(sock) == {"ok": True, "op": "ping"}  # the server goes on
+    finally:
+        daemon.stop()
+    told = str(refused.value)
+    assert told == f"node sampler refused: {windows.INTERNAL_ERROR}"
+    assert secret not in told and "StoreError" not in told and "disk I/O" not in told
+    assert answer == {"ok": False, "error": "bad request: not one line of JSON"}
+    logged = caplog.text
+    assert secret in logged and "disk I/O error" in logged  # root's log keeps the detail
+    assert "utf-8" in logged
+
+
+def test_an_unreachable_sampler_is_named_without_its_socket_path(tmp_path):
+    path = tmp_path / "hidden-dir" / "sampler.sock"
+    with pytest.raises(WindowError) as missing:
+        ping(path, timeout_s=0.5)
+    assert str(missing.value) == "node sampler not reachable (No such file or directory)"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path.parent.mkdir()
+    dead.bind(str(path))  # bound, never listening
+    try:
+        with pytest.raises(WindowError) as refused:
+            ping(path, timeout_s=0.5)
+    finally:
+        dead.close()
+    assert str(refused.value) == "node sampler not reachable (Connection refused)"
+    assert "hidden-dir" not in str(missing.value) + str(refused.value)
