@@ -560,6 +560,16 @@ class NodeStore:
             (start_ns, end_ns),
         )
 
+    def covered_spans(self, start_ns: int, end_ns: int, run_id: int) -> list[tuple[int, int]]:
+        """(start_ns, end_ns) of the intervals overlapping a span in which every device the run
+        draws energy from had data (see :meth:`covered_ns_between`), in time order."""
+        lost, params = self._lost_in_interval(run_id)
+        return self.query(
+            "SELECT i.start_ns, i.end_ns FROM intervals i WHERE i.end_ns > ? AND i.start_ns < ? "
+            f"AND NOT {lost} ORDER BY i.start_ns",
+            (start_ns, end_ns, *params),
+        )
+
     def covered_ns_between(self, after_id: int, up_to_id: int, run_id: int) -> int:
         """Wall time of the intervals with ``after_id < id <= up_to_id`` in which every device
         the run draws energy from had data: an interval where one of them had a gap, a reset
