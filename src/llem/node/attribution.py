@@ -321,9 +321,10 @@ class JobAttributor:
         policy: str = HYBRID,
         idle=None,
         gres_conf: str | os.PathLike | None = None,
+        slurm_conf: str | os.PathLike | None = None,
     ) -> None:
         from llem.node.idle import IdleLearner
-        from llem.node.slurm import GpuMap
+        from llem.node.slurm import GpuMap, slurm_node_cpus
         from llem.node.usage import CgroupLocator, ProcScanner
 
         if policy not in POLICIES:
@@ -343,7 +344,14 @@ class JobAttributor:
         self.scanner = ProcScanner(proc_root)
         self.policy = policy
         self.idle = idle if idle is not None else IdleLearner(devices)
-        self.node_cpus = node_cpus(proc_root)
+        # The node's CPUs in Slurm's units (the job's CPUs come from SLURM_JOB_CPUS_PER_NODE,
+        # in the same units): slurm.conf's figure, read once per sampler life; else the
+        # kernel's count of logical CPUs (docs/methodology.md, "Allocation").
+        slurm_cpus = slurm_node_cpus(slurm_conf, node)
+        self.node_cpus = slurm_cpus or node_cpus(proc_root)
+        self.node_cpus_source = (
+            "slurm.conf" if slurm_cpus else "/proc/stat" if self.node_cpus else None
+        )
         self.node_memory_bytes = self._meminfo().get("MemTotal")
         self._cpu_prev: dict[int, int] = {}
         self._busy_prev: int | None = None
@@ -484,7 +492,12 @@ class JobAttributor:
         """Keep the policy and idle powers in force with each run, when they change."""
         for job, load in zip(jobs, loads):
             text = attribution_record(
-                self.policy, load, idle, self.node_cpus, self.node_memory_bytes
+                self.policy,
+                load,
+                idle,
+                self.node_cpus,
+                self.node_memory_bytes,
+                node_cpus_source=self.node_cpus_source,
             )
             if self._recorded.get(job.run_id, job.attribution) != text:
                 self.store.update_job(job.run_id, attribution=text)
@@ -494,12 +507,19 @@ class JobAttributor:
 
 
 def attribution_record(
-    policy: str, load: JobLoad, idle, node_cpus: int | None, node_memory_bytes: int | None
+    policy: str,
+    load: JobLoad,
+    idle,
+    node_cpus: int | None,
+    node_memory_bytes: int | None,
+    node_cpus_source: str | None = None,
 ) -> str:
     """The JSON kept with a job run: the policy applied, its allocation and idle powers.
 
     ``policy`` is ``exclusive`` for a job holding the whole node; ``allocation_unknown`` is
-    true when the job's CPUs could not be known and it was charged by use.
+    true when the job's CPUs could not be known and it was charged by use;
+    ``node_cpus_source`` says where the node's CPUs came from (``slurm.conf`` or
+    ``/proc/stat``).
     """
     import json
 
@@ -511,6 +531,7 @@ def attribution_record(
             "policy": EXCLUSIVE if load.exclusive else policy,
             "cpus": load.alloc_cpus,
             "node_cpus": node_cpus,
+            "node_cpus_source": node_cpus_source,
             "memory_bytes": load.alloc_memory_bytes,
             "node_memory_bytes": node_memory_bytes,
             "idle_w": {
