@@ -41,20 +41,22 @@ def hybrid_store(tmp_path):
 
 def test_the_unallocated_static_share_is_labelled_in_the_node_store(tmp_path):
     store, run_id = hybrid_store(tmp_path)
-    by_label = dict(
-        store.query(
-            "SELECT label, SUM(energy_uj) FROM remainder WHERE device_key = ? GROUP BY label",
-            (PKG,),
-        )
+    ((idle_unallocated, unallocated),) = store.query(
+        "SELECT SUM(idle_unallocated_uj), SUM(unallocated_uj) FROM remainder WHERE device_key = ?",
+        (PKG,),
     )
-    assert by_label["idle_unallocated"] == IDLE_UNALLOCATED_UJ * INTERVALS
+    assert (idle_unallocated, unallocated) == (IDLE_UNALLOCATED_UJ * INTERVALS, 0)
+    # The labelled parts are parts: never more than the row's remainder.
+    assert store.query(
+        "SELECT COUNT(*) FROM remainder WHERE idle_unallocated_uj + unallocated_uj > energy_uj"
+    ) == [(0,)]
     idle_charged = store.query(
         "SELECT SUM(energy_uj) FROM job_energy WHERE run_id = ? AND device_key = ? "
         "AND method = 'idle_allocation'",
         (run_id, PKG),
     )[0][0]
-    assert idle_charged + by_label["idle_unallocated"] == STATIC_UJ * INTERVALS
-    # The invariant, per interval and device, over every label of the remainder.
+    assert idle_charged + idle_unallocated == STATIC_UJ * INTERVALS
+    # The invariant, per interval and device.
     broken = store.query(
         "SELECT e.interval_id, e.device_key FROM energy e WHERE e.energy_uj != "
         "COALESCE((SELECT SUM(j.energy_uj) FROM job_energy j WHERE j.interval_id = "
@@ -140,7 +142,7 @@ def test_an_older_node_store_keeps_its_remainder_as_unattributed(tmp_path):
         store.write(
             Interval("s", T0, T0 + S, 0, 1, (EnergyRow(PKG, 5, "ok", "ok", 5),), remainder=())
         )
-    # Back to schema 3, as llem before the labels left it: a remainder row without a label.
+    # Back to schema 3, as llem before the labels left it: a remainder row without parts.
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 3")
     db.executescript(
@@ -151,7 +153,9 @@ def test_an_older_node_store_keeps_its_remainder_as_unattributed(tmp_path):
     )
     db.close()
     with NodeStore(path) as store:
-        assert store.query("SELECT label, energy_uj FROM remainder") == [("unattributed", 5)]
+        assert store.query(
+            "SELECT energy_uj, idle_unallocated_uj, unallocated_uj FROM remainder"
+        ) == [(5, 0, 0)]  # all of it unattributed
         store.write(
             Interval(
                 "s",

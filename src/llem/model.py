@@ -90,8 +90,9 @@ UNALLOCATED = "unallocated"
 """Remainder label: under ``allocation``, the share of a device no job's allocation covers."""
 REMAINDER_LABELS = (UNATTRIBUTED, IDLE_UNALLOCATED, UNALLOCATED)
 LABELLED = (IDLE_UNALLOCATED, UNALLOCATED)
-"""The labels the node totals, slices and ledger carry as their own figures
-(``<label>_uj``, a part of ``remainder_uj``); the rest of the remainder is unattributed."""
+"""The labels the node store's remainder rows, the node totals, the slices and the ledger
+carry as figures of their own (``<label>_uj``, a part of the remainder's energy); the rest of
+the remainder is unattributed."""
 
 
 class Remainder(NamedTuple):

@@ -181,30 +181,23 @@ def _v3(db: sqlite3.Connection) -> None:
     )
 
 
-def _v4_remainder_label(db: sqlite3.Connection) -> None:
-    """Why energy is in the remainder (issue 13): a device's remainder in one interval is one
-    row per label (``unattributed``, ``idle_unallocated``, ``unallocated``; see
-    llem.model). Older rows are ``unattributed``: they were written before the label existed.
-    """
-    run_script(
-        db,
-        """
-        CREATE TABLE remainder_v4 (
-            interval_id INTEGER NOT NULL REFERENCES intervals (id),
-            device_key TEXT NOT NULL REFERENCES devices (key),
-            label TEXT NOT NULL DEFAULT 'unattributed',
-            energy_uj INTEGER NOT NULL CHECK (energy_uj >= 0),
-            PRIMARY KEY (interval_id, device_key, label)
-        ) WITHOUT ROWID;
-        INSERT INTO remainder_v4 (interval_id, device_key, label, energy_uj)
-            SELECT interval_id, device_key, 'unattributed', energy_uj FROM remainder;
-        DROP TABLE remainder;
-        ALTER TABLE remainder_v4 RENAME TO remainder;
-        """,
-    )
+def _v4_remainder_labels(db: sqlite3.Connection) -> None:
+    """Why energy is in the remainder (issue 13): the parts of a device's remainder in one
+    interval that carry a label of their own (``idle_unallocated``, ``unallocated``; see
+    llem.model), as columns of its row; the rest of ``energy_uj`` is unattributed. Rows
+    written before the labels existed have 0 in both: all of their remainder is unattributed.
+    Adding columns with a constant default rewrites nothing: the migration costs the same on a
+    store of a month of intervals as on an empty one (the Prolog may be the one to run it)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(remainder)")}
+    for label in LABELLED:
+        if f"{label}_uj" not in have:
+            db.execute(
+                f"ALTER TABLE remainder ADD COLUMN {label}_uj INTEGER NOT NULL DEFAULT 0 "
+                f"CHECK ({label}_uj >= 0)"
+            )
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3, _v4_remainder_label)
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3, _v4_remainder_labels)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 DATABASE = Database(
@@ -260,6 +253,22 @@ def _job_from_row(row: Sequence) -> JobRecord:
     values["gpus"] = tuple(json.loads(values["gpus"] or "[]"))
     values["flags"] = tuple(json.loads(values["flags"] or "[]"))
     return JobRecord(**values)
+
+
+_PART_COLUMNS = ", ".join(f"{label}_uj" for label in LABELLED)
+
+
+def _remainder_rows(remainder) -> list[tuple]:
+    """One row per device: (device_key, energy_uj, then each labelled part), from the
+    interval's remainder entries (several labels per device)."""
+    rows: dict[str, list[int]] = {}
+    for entry in remainder:
+        key, uj, label = Remainder(*entry)
+        row = rows.setdefault(key, [0] * (1 + len(LABELLED)))
+        row[0] += uj
+        if label in LABELLED:
+            row[1 + LABELLED.index(label)] += uj
+    return [(key, *row) for key, row in rows.items()]
 
 
 NO_DATA_KINDS = ("first", "reset", "gap")
@@ -374,9 +383,9 @@ class NodeStore:
                 )
             if interval.remainder:
                 self.db.executemany(
-                    "INSERT INTO remainder (interval_id, device_key, energy_uj, label) "
-                    "VALUES (?, ?, ?, ?)",
-                    [(interval_id, *Remainder(*r)) for r in interval.remainder],
+                    f"INSERT INTO remainder (interval_id, device_key, energy_uj, {_PART_COLUMNS}) "
+                    f"VALUES (?, ?, ?, {', '.join('?' * len(LABELLED))})",
+                    [(interval_id, *row) for row in _remainder_rows(interval.remainder)],
                 )
             self._insert_events(interval.events)
             result.append(interval_id)
@@ -712,8 +721,7 @@ class NodeStore:
         ) + tuple(
             (
                 f"{label}_uj",
-                f"SELECT device_key, SUM(energy_uj) FROM remainder {where} "
-                f"AND label = '{label}' GROUP BY device_key",
+                f"SELECT device_key, SUM({label}_uj) FROM remainder {where} GROUP BY device_key",
             )
             for label in LABELLED
         )
@@ -733,19 +741,15 @@ class NodeStore:
         """One row per interval overlapping the span and device: (interval id, start_ns,
         end_ns, device_key, measured energy_uj, kind, status, remainder_uj, attributed_uj,
         then the remainder of each label of llem.model.LABELLED)."""
-        labelled = "".join(
-            f", (SELECT COALESCE(SUM(r.energy_uj), 0) FROM remainder r WHERE r.interval_id = "
-            f"i.id AND r.device_key = e.device_key AND r.label = '{label}')"
-            for label in LABELLED
-        )
+        labelled = "".join(f", COALESCE(r.{label}_uj, 0)" for label in LABELLED)
         return self.query(
             "SELECT i.id, i.start_ns, i.end_ns, e.device_key, e.energy_uj, e.kind, e.status, "
-            "(SELECT COALESCE(SUM(r.energy_uj), 0) FROM remainder r "
-            " WHERE r.interval_id = i.id AND r.device_key = e.device_key), "
+            "COALESCE(r.energy_uj, 0), "
             "(SELECT COALESCE(SUM(je.energy_uj), 0) FROM job_energy je "
             " WHERE je.interval_id = i.id AND je.device_key = e.device_key)"
             f"{labelled} "
             "FROM intervals i JOIN energy e ON e.interval_id = i.id "
+            "LEFT JOIN remainder r ON r.interval_id = i.id AND r.device_key = e.device_key "
             "WHERE i.end_ns > ? AND i.start_ns < ?",
             (from_ns, until_ns),
         )
