@@ -10,6 +10,7 @@ so both walks are exercised.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 # The range of a typical Xeon package counter (2^32 * 61 uJ units ~ 262 kJ).
@@ -72,7 +73,21 @@ class FakePowercap:
             self.add_zone(f"{socket}:1", "dram", energy_uj // 10, max_range_uj)
 
     def set(self, dirname: str, energy_uj: int | str) -> None:
-        (self.zones[dirname] / "energy_uj").write_text(f"{energy_uj}\n")
+        """Write the counter as sysfs shows it: whole, never an empty or half-written file
+        (a truncate-then-write left readers an empty file now and then, which the sensor
+        rightly took as a read error). The file's mode and owner are kept."""
+        path = self.zones[dirname] / "energy_uj"
+        tmp = path.with_name(".energy_uj.tmp")
+        tmp.write_text(f"{energy_uj}\n")
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            pass
+        else:
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+                os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, path)
 
     def get(self, dirname: str) -> int:
         return int((self.zones[dirname] / "energy_uj").read_text())

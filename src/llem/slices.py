@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from llem.errors import LedgerError
+from llem.model import LABELLED
 
 SCHEMA = "llem.slice/2"
 SCHEMA_PREFIX = "llem.slice/"
@@ -421,6 +422,21 @@ def _validate_node_totals(totals: Any, devices: Mapping) -> None:
             _node_total_row(key, row, devices)
 
 
+REMAINDER_PART_FIELDS = tuple(f"{label}_uj" for label in LABELLED)
+"""Optional parts of ``remainder_uj`` by label (node totals and node hours): absent in slices
+written before the labels existed, which the ledger keeps as NULL (not known)."""
+
+
+def _remainder_parts(row: Mapping, remainder: int, where: str) -> None:
+    """The labelled parts of a remainder: absent, or energies that fit in it (the hourly
+    split rounds each figure on its own: a few uJ of slack, as for attributed + remainder)."""
+    for field in REMAINDER_PART_FIELDS:
+        if field in row and _energy(row[field], f"{where}.{field}") > remainder + 1000:
+            raise SliceError(
+                f"{where}: {field} ({row[field]} uJ) exceeds remainder_uj ({remainder} uJ)"
+            )
+
+
 def _node_total_is_valid(key: Any, row: Any, devices: Mapping) -> bool:
     if key not in devices or type(row) is not dict:
         return False
@@ -429,14 +445,20 @@ def _node_total_is_valid(key: Any, row: Any, devices: Mapping) -> bool:
     except KeyError:
         return False
     gaps = row.get("gap_intervals", 0)
-    return (
+    if not (
         type(m) is int
         and type(a) is int
         and type(r) is int
         and type(gaps) is int
         and 0 <= min(m, a, r, gaps)
         and max(m, a, r, gaps) <= INT64_MAX
-    )
+    ):
+        return False
+    try:
+        _remainder_parts(row, r, "")
+    except SliceError:
+        return False
+    return True
 
 
 def _node_total_row(key: Any, row: Any, devices: Mapping) -> None:
@@ -445,6 +467,7 @@ def _node_total_row(key: Any, row: Any, devices: Mapping) -> None:
         raise SliceError(f"{where}: unknown device or not an object")
     for field in ("measured_uj", "attributed_uj", "remainder_uj"):
         _energy(row.get(field), f"{where}.{field}")
+    _remainder_parts(row, row["remainder_uj"], where)
     gaps = row.get("gap_intervals", 0)
     if not _is_int(gaps) or gaps < 0:
         raise SliceError(
@@ -524,6 +547,7 @@ def _validate_node(data: Mapping, devices: Mapping) -> None:
                 f"{where}: attributed + remainder ({attributed + remainder} uJ) "
                 f"exceeds measured ({measured} uJ)"
             )
+        _remainder_parts(row, remainder, where)
         for field in ("intervals", "gap_intervals", "covered_ns"):
             value = row.get(field)
             if not _is_int(value) or value < 0:

@@ -194,11 +194,24 @@ def _v4_work_and_power(db: sqlite3.Connection) -> None:
     )
 
 
+def _v5_remainder_labels(db: sqlite3.Connection) -> None:
+    """The parts of a node's remainder with a label of their own (issue 13): the static part
+    no job's allocation covers (``idle_unallocated_uj``) and, under the ``allocation``
+    policy, the unallocated share (``unallocated_uj``), in node hours and job node totals.
+    NULL: not known (merged from a slice written before the labels existed)."""
+    for table in ("node_hours", "job_node_totals"):
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        for column in ("idle_unallocated_uj", "unallocated_uj"):
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
+
+
 MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v1,
     _v2,
     _v3,
     _v4_work_and_power,
+    _v5_remainder_labels,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -265,7 +278,8 @@ CANONICAL_QUERIES = {
     "e.source, e.sensor, e.energy_uj FROM job_energy e JOIN job_nodes jn "
     "ON jn.id = e.job_node_id",
     "job_node_totals": f"SELECT {_NODE_KEY}, t.device_key, t.measured_uj, t.attributed_uj, "
-    "t.remainder_uj, t.gap_intervals FROM job_node_totals t "
+    "t.remainder_uj, t.gap_intervals, t.idle_unallocated_uj, t.unallocated_uj "
+    "FROM job_node_totals t "
     "JOIN job_nodes jn ON jn.id = t.job_node_id",
     "windows": f"SELECT {_NODE_KEY}, w.name, w.step_id, w.start_ns, w.end_ns, w.status, "
     "w.energy_uj, w.energy, w.work, w.unit FROM windows w JOIN job_nodes jn "
@@ -484,7 +498,10 @@ class Ledger:
             energy,
         )
         self.db.executemany(
-            "INSERT INTO job_node_totals VALUES (last_insert_rowid(), ?, ?, ?, ?, ?)", totals
+            "INSERT INTO job_node_totals (job_node_id, device_key, measured_uj, attributed_uj, "
+            "remainder_uj, gap_intervals, idle_unallocated_uj, unallocated_uj) "
+            "VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?)",
+            totals,
         )
         if windows:
             self.db.executemany(
@@ -502,11 +519,16 @@ class Ledger:
         self._upsert_devices(devices)
         before = self.db.total_changes
         self.db.executemany(
-            "INSERT INTO node_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "INSERT INTO node_hours (cluster, node, hour_s, device_key, component, source, "
+            "measured_uj, attributed_uj, remainder_uj, intervals, gap_intervals, covered_ns, "
+            "as_of_ns, idle_unallocated_uj, unallocated_uj) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (cluster, node, hour_s, device_key) DO UPDATE SET "
             "component = excluded.component, source = excluded.source, "
             "measured_uj = excluded.measured_uj, attributed_uj = excluded.attributed_uj, "
             "remainder_uj = excluded.remainder_uj, intervals = excluded.intervals, "
+            "idle_unallocated_uj = excluded.idle_unallocated_uj, "
+            "unallocated_uj = excluded.unallocated_uj, "
             "gap_intervals = excluded.gap_intervals, covered_ns = excluded.covered_ns, "
             "as_of_ns = excluded.as_of_ns "
             "WHERE (excluded.as_of_ns, excluded.measured_uj, excluded.attributed_uj, "
@@ -935,6 +957,8 @@ def _prepare_node(data: dict) -> Prepared:
                 r["gap_intervals"],
                 r["covered_ns"],
                 as_of_ns,
+                r.get("idle_unallocated_uj"),
+                r.get("unallocated_uj"),
             )
             for r in data["hours"]
         ],
@@ -978,7 +1002,15 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         for r in data["energy"]
     ]
     totals = [
-        (key, t["measured_uj"], t["attributed_uj"], t["remainder_uj"], t.get("gap_intervals", 0))
+        (
+            key,
+            t["measured_uj"],
+            t["attributed_uj"],
+            t["remainder_uj"],
+            t.get("gap_intervals", 0),
+            t.get("idle_unallocated_uj"),
+            t.get("unallocated_uj"),
+        )
         for key, t in data["node_totals"].items()
     ]
     return (

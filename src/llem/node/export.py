@@ -20,6 +20,7 @@ from llem import __version__, slices
 from llem.config import Config
 from llem.errors import LedgerError
 from llem.fsutil import ensure_private_dir, write_atomic
+from llem.model import LABELLED
 from llem.node.outbox import deliver
 from llem.node.store import NO_DATA_KINDS, NodeStore
 from llem.node.windows import MAX_NAME_CHARS, MAX_STEP_CHARS, MAX_WINDOWS_PER_JOB
@@ -327,13 +328,14 @@ def export_node(
         return None
     hours: dict[tuple[int, str], dict] = {}
     as_of_ns = 0
-    for _, start_ns, end_ns, device, energy_uj, kind, status, rem_uj, att_uj in rows:
+    for _, start_ns, end_ns, device, energy_uj, kind, status, rem_uj, att_uj, *labelled in rows:
         as_of_ns = max(as_of_ns, end_ns)
         no_data = kind in NO_DATA_KINDS or status != "ok"
         for field_name, value in (
             ("measured_uj", energy_uj),
             ("attributed_uj", att_uj),
             ("remainder_uj", rem_uj),
+            *((f"{label}_uj", uj) for label, uj in zip(LABELLED, labelled, strict=True)),
         ):
             for hour_s, part in split_by_hour(start_ns, end_ns, value).items():
                 _hour_row(hours, hour_s, device)[field_name] += part
@@ -371,6 +373,7 @@ def _hour_row(hours: dict, hour_s: int, device: str) -> dict:
             "measured_uj": 0,
             "attributed_uj": 0,
             "remainder_uj": 0,
+            **{f"{label}_uj": 0 for label in LABELLED},
             "intervals": 0,
             "gap_intervals": 0,
             "covered_ns": 0,

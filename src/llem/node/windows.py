@@ -60,6 +60,11 @@ ACCEPT_BACKOFF_S = (0.05, 2.0)
 """First and longest pause after a failed ``accept()``."""
 
 
+INTERNAL_ERROR = "the node sampler could not serve this request (its log has the reason)"
+"""What a peer is told when serving its request failed inside the sampler: never the
+exception's text, which can name root's paths."""
+
+
 class WindowError(LlemError):
     """The node sampler refused or could not be reached."""
 
@@ -102,13 +107,15 @@ def request(
         try:
             data = _exchange(path, message, max(0.1, deadline - time.monotonic()))
         except OSError as e:
-            raise WindowError(f"node sampler not reachable at {path}: {e.strerror or e}") from e
+            # The reason, never the socket's path: llem doctor names it for the admin.
+            reason = "timed out" if isinstance(e, TimeoutError) else e.strerror or "failed"
+            raise WindowError(f"node sampler not reachable ({reason})") from e
         try:
             answer = json.loads(data.decode())
         except ValueError as e:
-            raise WindowError(f"node sampler gave a malformed answer: {data[:80]!r}") from e
+            raise WindowError("node sampler gave a malformed answer") from e
         if not isinstance(answer, dict):
-            raise WindowError(f"node sampler gave a malformed answer: {data[:80]!r}")
+            raise WindowError("node sampler gave a malformed answer")
         if answer.get("busy") and time.monotonic() + pause < deadline:
             sleep(pause)
             pause = min(1.0, pause * 2)
@@ -421,7 +428,10 @@ class WindowServer:
         except Refused as e:
             return {"ok": False, "error": str(e)}
         except (OSError, ValueError) as e:
-            return {"ok": False, "error": f"bad request: {e}"}
+            # The peer gets a fixed text; the exception's own (a decoder's, an OS error's)
+            # stays in root's log.
+            log.debug("window server: bad request from uid %d: %s", uid, e)
+            return {"ok": False, "error": "bad request: not one line of JSON"}
         except RecursionError:  # JSON nested deeper than the parser goes
             return {"ok": False, "error": "bad request: nested too deep"}
         reply: queue.Queue = queue.Queue(maxsize=1)
@@ -533,9 +543,10 @@ class WindowServer:
                 break
             try:
                 reply.put(self._answer(pid, uid, request, interval_id, interval))
-            except Exception as e:  # one bad request must not stop the sampler
-                log.exception("window request failed")
-                reply.put({"ok": False, "error": f"{type(e).__name__}: {e}"})
+            except Exception:  # one bad request must not stop the sampler
+                # The detail (an exception naming the store's path, say) is root's: the log.
+                log.exception("window request of uid %d failed: %r", uid, request)
+                reply.put({"ok": False, "error": INTERNAL_ERROR})
         self.refresh_jobs()
 
     def _answer(self, pid: int, uid: int, request: dict, interval_id: int, interval) -> dict:
