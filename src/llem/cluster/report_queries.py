@@ -293,9 +293,9 @@ def node_hours(ledger: Ledger, start_ns: int, end_ns: int) -> list[tuple]:
     params, _ = _params(start_ns, end_ns, None)
     # The labelled parts of the remainder: NULL in rows merged from older slices (SUM skips
     # them), and absent from a ledger that ``llem aggregate`` has not migrated yet.
-    have = {r[1] for r in ledger.query("PRAGMA table_info(node_hours)")}
     labelled = ", ".join(
-        f"SUM(h.{c})" if c in have else "NULL" for c in ("idle_unallocated_uj", "unallocated_uj")
+        f"SUM(h.{c})" if ledger.has_column("node_hours", c) else "NULL"
+        for c in ("idle_unallocated_uj", "unallocated_uj")
     )
     return ledger.query(
         f"""
