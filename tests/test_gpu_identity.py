@@ -134,7 +134,7 @@ def test_the_attributor_stores_the_keys_and_flags_at_the_first_interval(tmp_path
         assert store.run(run).flags == ("x",)
         got = {(s.device_key, s.energy_uj) for s in out.shares}
         assert got == {("nvml:GPU-m2", 1_000_000), ("nvml:GPU-m0", 2_000_000)}
-        assert dict(out.remainder) == {"nvml:GPU-m1": 3_000_000}
+        assert out.remainder == (("nvml:GPU-m1", 3_000_000, "unattributed"),)
 
 
 def test_the_sampler_keeps_slurmds_config_path_and_drops_the_jobs_variables():

@@ -36,6 +36,7 @@ NON_KEY_ENV = frozenset(
         "LLEM_SHARE_DIR",
         "LLEM_DEBUG",
         "LLEM_PM_COUNTERS_ROOT",
+        "LLEM_HISTORY",  # the Python API's local history (llem.history)
         # read by the Slurm hook scripts (slurm/llem-hook.sh), not by llem itself
         "LLEM_BIN",
         "LLEM_TIMEOUT",

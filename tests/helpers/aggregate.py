@@ -50,6 +50,8 @@ def template_spool(tmp_path) -> tuple[Path, list]:
             for w in d["windows"]:
                 w["start_ns"] += j * 7200 * S
                 w["end_ns"] += j * 7200 * S
+            for point in d.get("power", {}).get("points", []):
+                point["t_s"] += j * 7200
             items.append(d)
     items.append(header_slice_from_env({**ENV, "SLURM_JOB_ID": "1000"}, "c1", now_ns=T0 + 5401 * S))
     for d in items:

@@ -213,7 +213,11 @@ class Writer:
             self.nodes,
         )
         db.executemany("INSERT INTO job_energy VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.energy)
-        db.executemany("INSERT INTO windows VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.windows)
+        db.executemany(
+            "INSERT INTO windows (job_node_id, name, step_id, start_ns, end_ns, status, "
+            "energy_uj, energy) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self.windows,
+        )
         db.executemany(
             "INSERT OR IGNORE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             list(self.devices.values()),

@@ -74,7 +74,18 @@ def format_time(ts_ns: int | None) -> str:
 
 
 _OUR_TEXT = frozenset(
-    {"energy", "time", "elapsed", "watts", "intensity", "float1", "percent", "co2e"}
+    {
+        "energy",
+        "time",
+        "elapsed",
+        "watts",
+        "intensity",
+        "float1",
+        "percent",
+        "co2e",
+        "count",
+        "perwork",
+    }
 )
 """Kinds whose text llem writes itself from a number: made of :data:`_OUR_CHARS` only, so
 they need escaping only when the delimiter uses one of those."""
@@ -93,6 +104,8 @@ def _formatter(kind: str, units: str | None, delimiter: str = ""):
         "float1": "{:.1f}".format,
         "percent": lambda v: f"{v * 100:.1f}%",
         "co2e": format_co2e,
+        "count": "{:.6g}".format,
+        "perwork": "{:.4g}".format,
     }.get(kind, str)
     empty = "Unknown" if kind == "time" else ""
     if kind in _OUR_TEXT and not set(delimiter) & _OUR_CHARS:
@@ -164,6 +177,8 @@ def _json_value(value: Any, kind: str, precise: bool = False) -> Any:
         return round(value, 3)
     if kind == "percent":
         return round(value, 4)
+    if kind in ("count", "perwork"):
+        return float(f"{value:.6g}")
     return value
 
 

@@ -249,8 +249,21 @@ def _sources(config, env: dict, report: dict) -> None:
         opened.close()
 
 
-def _attribution(config, devices, store_path) -> dict:
-    """The attribution policy and the idle power in force for each CPU and DRAM device."""
+def _node_cpus(node: str, env) -> dict:
+    """The node's CPUs as the sampler takes them for allocation shares, and where from."""
+    from llem.node.attribution import node_cpus
+    from llem.node.slurm import slurm_conf_path, slurm_node_cpus
+
+    path = slurm_conf_path(env)
+    cpus = slurm_node_cpus(path, node)
+    if cpus:
+        return {"cpus": cpus, "source": f"slurm.conf ({path})"}
+    return {"cpus": node_cpus(), "source": "/proc/stat (slurm.conf does not say)"}
+
+
+def _attribution(config, devices, store_path, node: str = "", env=None) -> dict:
+    """The attribution policy, the node's CPUs and the idle power in force for each CPU and
+    DRAM device."""
     from llem.node.idle import IdleLearner, package_tdp_w
 
     tdp_w = package_tdp_w(config.estimate)
@@ -276,6 +289,7 @@ def _attribution(config, devices, store_path) -> dict:
     idle = learner.resolve()
     return {
         "policy": config.attribution.policy,
+        "node_cpus": _node_cpus(node, env or {}),
         "idle_w": {
             d.key: (
                 {
@@ -412,6 +426,8 @@ def diagnose(env: dict | None = None) -> dict:
         config,
         [d for p in probes if p.available for d in p.devices],
         NodePaths.of(config, report["node"]).store,
+        report["node"],
+        env,
     )
     report["environment"] = {k: v for k, v in sorted(env.items()) if k.startswith("LLEM_")}
     if os.geteuid() != 0:
@@ -482,6 +498,8 @@ def render(report: dict) -> str:
         f"Attribution: policy {att['policy']} (a job holding every CPU of the node: "
         "exclusive, the whole node)"
     )
+    cpus = att["node_cpus"]
+    out.append(f"  node CPUs for allocation shares: {cpus['cpus'] or 'unknown'} ({cpus['source']})")
     for key, idle in att["idle_w"].items():
         how = (
             "none: shared by use alone"

@@ -23,6 +23,8 @@ COMMANDS = {
     "acct": "llem.cli.acct:acct",
     "report": "llem.cli.report:report",
     "metrics": "llem.cli.metrics:metrics",
+    "history": "llem.cli.history:history",
+    "job": "llem.cli.job:job",
     "serve": "llem.cli.serve:serve",
 }
 # Commands on the job start-up path: argparse-based, dispatched before click is imported.

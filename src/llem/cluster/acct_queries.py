@@ -75,8 +75,11 @@ WINDOW_COLUMNS = (
     "energy_uj",
     "node",
     "energy",
+    "work",
+    "unit",
 )
-"""The columns of :func:`select_windows`' rows, in order (one row per node of a window)."""
+"""The columns of :func:`select_windows`' rows, in order (one row per node of a window;
+``work`` and ``unit`` None before ledger migration ``_v4_work_and_power``)."""
 
 TOTAL_COLUMNS = (
     "key",
@@ -293,12 +296,14 @@ def select_windows(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
     for cluster, job_id, _ in wanted:
         by_cluster.setdefault(cluster, []).append(job_id)
     out = []
+    has_work = any(row[1] == "work" for row in ledger.query("PRAGMA table_info(windows)"))
+    work = "w.work, w.unit" if has_work else "NULL, NULL"
     for cluster, job_ids in by_cluster.items():
         for chunk in _chunks(sorted(set(job_ids))):
             params = [cluster, *chunk]
             rows = ledger.query(
                 "SELECT jn.cluster, jn.job_id, jn.run_start_ns, w.name, w.step_id, w.start_ns,"
-                " w.end_ns, w.status, 1, w.energy_uj, jn.node, w.energy FROM job_nodes jn "
+                f" w.end_ns, w.status, 1, w.energy_uj, jn.node, w.energy, {work} FROM job_nodes jn "
                 "JOIN windows w ON w.job_node_id = jn.id WHERE jn.cluster = ? AND "
                 f"jn.job_id IN ({', '.join('?' * len(chunk))})",
                 params,

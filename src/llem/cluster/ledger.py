@@ -176,7 +176,46 @@ def _v3(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE job_nodes ADD COLUMN attribution TEXT")
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3)
+def _v4_work_and_power(db: sqlite3.Connection) -> None:
+    """Work per window (a count and its unit) and each job node's coarse power series (one
+    point per device per step, ``llem.slice/2``; issue 18): one row per job node, the points
+    as compact JSON (``[[t_s, device index, energy_uj, span_ms], ...]`` with the device keys
+    listed once), so that a million jobs make a million rows, not a billion."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(windows)")}
+    if "work" not in columns:
+        db.execute("ALTER TABLE windows ADD COLUMN work REAL")
+    if "unit" not in columns:
+        db.execute("ALTER TABLE windows ADD COLUMN unit TEXT")
+    db.execute(
+        """
+        CREATE TABLE IF NOT EXISTS job_power (
+            job_node_id INTEGER NOT NULL REFERENCES job_nodes (id) ON DELETE CASCADE,
+            step_s INTEGER NOT NULL, devices TEXT NOT NULL, points TEXT NOT NULL,
+            PRIMARY KEY (job_node_id)
+        ) WITHOUT ROWID
+        """
+    )
+
+
+def _v5_remainder_labels(db: sqlite3.Connection) -> None:
+    """The parts of a node's remainder with a label of their own (issue 13): the static part
+    no job's allocation covers (``idle_unallocated_uj``) and, under the ``allocation``
+    policy, the unallocated share (``unallocated_uj``), in node hours and job node totals.
+    NULL: not known (merged from a slice written before the labels existed)."""
+    for table in ("node_hours", "job_node_totals"):
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        for column in ("idle_unallocated_uj", "unallocated_uj"):
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
+    _v1,
+    _v2,
+    _v3,
+    _v4_work_and_power,
+    _v5_remainder_labels,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -242,10 +281,14 @@ CANONICAL_QUERIES = {
     "e.source, e.sensor, e.energy_uj FROM job_energy e JOIN job_nodes jn "
     "ON jn.id = e.job_node_id",
     "job_node_totals": f"SELECT {_NODE_KEY}, t.device_key, t.measured_uj, t.attributed_uj, "
-    "t.remainder_uj, t.gap_intervals FROM job_node_totals t "
+    "t.remainder_uj, t.gap_intervals, t.idle_unallocated_uj, t.unallocated_uj "
+    "FROM job_node_totals t "
     "JOIN job_nodes jn ON jn.id = t.job_node_id",
     "windows": f"SELECT {_NODE_KEY}, w.name, w.step_id, w.start_ns, w.end_ns, w.status, "
-    "w.energy_uj, w.energy FROM windows w JOIN job_nodes jn ON jn.id = w.job_node_id",
+    "w.energy_uj, w.energy, w.work, w.unit FROM windows w JOIN job_nodes jn "
+    "ON jn.id = w.job_node_id",
+    "job_power": f"SELECT {_NODE_KEY}, p.step_s, p.devices, p.points "
+    "FROM job_power p JOIN job_nodes jn ON jn.id = p.job_node_id",
     "job_headers": "SELECT * FROM job_headers",
     "node_hours": "SELECT * FROM node_hours",
     "quarantine": "SELECT file, digest, reason, owner_uid, size FROM quarantine",
@@ -442,7 +485,7 @@ class Ledger:
         )
 
     def _merge_job(self, item: Prepared) -> bool:
-        _, _, created_ns, sha, devices, job_node, energy, totals, windows = item
+        _, _, created_ns, sha, devices, job_node, energy, totals, windows, power = item
         if not self.db.execute(_INSERT_JOB_NODE + _NEW_RUN_ONLY, job_node).rowcount:
             row = self.db.execute(
                 "SELECT id, created_ns, digest FROM job_nodes WHERE cluster = ? AND job_id = ? "
@@ -463,13 +506,20 @@ class Ledger:
             energy,
         )
         self.db.executemany(
-            "INSERT INTO job_node_totals VALUES (last_insert_rowid(), ?, ?, ?, ?, ?)", totals
+            "INSERT INTO job_node_totals (job_node_id, device_key, measured_uj, attributed_uj, "
+            "remainder_uj, gap_intervals, idle_unallocated_uj, unallocated_uj) "
+            "VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?)",
+            totals,
         )
         if windows:
             self.db.executemany(
-                "INSERT OR REPLACE INTO windows VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO windows (job_node_id, name, step_id, start_ns, end_ns, "
+                "status, energy_uj, energy, work, unit) "
+                "VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 windows,
             )
+        if power:
+            self.db.execute("INSERT INTO job_power VALUES (last_insert_rowid(), ?, ?, ?)", power)
         return True
 
     def _merge_node(self, item: Prepared) -> bool:
@@ -477,11 +527,16 @@ class Ledger:
         self._upsert_devices(devices)
         before = self.db.total_changes
         self.db.executemany(
-            "INSERT INTO node_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "INSERT INTO node_hours (cluster, node, hour_s, device_key, component, source, "
+            "measured_uj, attributed_uj, remainder_uj, intervals, gap_intervals, covered_ns, "
+            "as_of_ns, idle_unallocated_uj, unallocated_uj) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (cluster, node, hour_s, device_key) DO UPDATE SET "
             "component = excluded.component, source = excluded.source, "
             "measured_uj = excluded.measured_uj, attributed_uj = excluded.attributed_uj, "
             "remainder_uj = excluded.remainder_uj, intervals = excluded.intervals, "
+            "idle_unallocated_uj = excluded.idle_unallocated_uj, "
+            "unallocated_uj = excluded.unallocated_uj, "
             "gap_intervals = excluded.gap_intervals, covered_ns = excluded.covered_ns, "
             "as_of_ns = excluded.as_of_ns "
             "WHERE (excluded.as_of_ns, excluded.measured_uj, excluded.attributed_uj, "
@@ -875,7 +930,7 @@ def prepare(data: dict, sha: str) -> Prepared:
 
     * job: ``("job", (cluster, job_id), created_ns, digest, device rows, job_nodes row (its
       first four values are the natural key), job_energy rows, job_node_totals rows, windows
-      rows)``, the last three without their ``job_node_id``;
+      rows, the job_power row or None)``, the last four without their ``job_node_id``;
     * node: ``("node", device rows, node_hours rows)``;
     * header: ``("header", (cluster, job_id), job_headers row)``.
     """
@@ -947,6 +1002,8 @@ def _prepare_node(data: dict) -> Prepared:
                 r["gap_intervals"],
                 r["covered_ns"],
                 as_of_ns,
+                r.get("idle_unallocated_uj"),
+                r.get("unallocated_uj"),
             )
             for r in data["hours"]
         ],
@@ -990,7 +1047,15 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         for r in data["energy"]
     ]
     totals = [
-        (key, t["measured_uj"], t["attributed_uj"], t["remainder_uj"], t.get("gap_intervals", 0))
+        (
+            key,
+            t["measured_uj"],
+            t["attributed_uj"],
+            t["remainder_uj"],
+            t.get("gap_intervals", 0),
+            t.get("idle_unallocated_uj"),
+            t.get("unallocated_uj"),
+        )
         for key, t in data["node_totals"].items()
     ]
     return (
@@ -1003,6 +1068,7 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         energy,
         totals,
         _window_rows(data),
+        _power_rows(data),
     )
 
 
@@ -1016,12 +1082,30 @@ def _window_rows(data: dict) -> list[tuple]:
             w["status"],
             sum((w.get("energy") or {}).values()),
             _SORTED_JSON.encode(w.get("energy") or {}),
+            None if w.get("work") is None else float(w["work"]),
+            w.get("unit"),
         )
         for w in data.get("windows", [])
     ]
     if any(w[5] > slices.INT64_MAX for w in windows):
         raise slices.SliceError("a window's energy is beyond what the ledger stores")
     return windows
+
+
+def _power_rows(data: dict) -> tuple | None:
+    """The job node's ``job_power`` row (without its id): step, device keys, compact points;
+    None for a slice without a series (``llem.slice/1``, or no energy)."""
+    power = data.get("power")
+    if not power or not power["points"]:
+        return None
+    keys = sorted({p["device"] for p in power["points"]})
+    index = {k: i for i, k in enumerate(keys)}
+    points = [[p["t_s"], index[p["device"]], p["energy_uj"], p["span_ms"]] for p in power["points"]]
+    return (
+        power["step_s"],
+        json.dumps(keys, separators=(",", ":")),
+        json.dumps(points, separators=(",", ":")),
+    )
 
 
 def _component_totals(data: dict) -> tuple[int, ...]:
@@ -1047,6 +1131,7 @@ PREPARE_CODE = (
     _prepare_node,
     _prepare_job,
     _window_rows,
+    _power_rows,
     _component_totals,
 )
 """The functions whose code makes the rows that reader processes hand over (see

@@ -107,6 +107,8 @@ _TOTAL_COLUMNS = (
     "attributed_uj",
     "remainder_uj",
     "gap_intervals",
+    "idle_unallocated_uj",
+    "unallocated_uj",
 )
 _WINDOW_COLUMNS = (
     "job_node_id",

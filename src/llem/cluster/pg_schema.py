@@ -154,7 +154,15 @@ def _v3(cur: Any) -> None:
     cur.execute(f"ALTER TABLE job_nodes ADD COLUMN IF NOT EXISTS attribution {TEXT}")
 
 
-MIGRATIONS: Sequence[Callable[[Any], None]] = (_v1, _v2, _v3)
+def _v5_remainder_labels(cur: Any) -> None:
+    """The SQLite ledger's ``_v5_remainder_labels``: the labelled parts of the remainder in
+    node hours and job node totals (NULL: merged from a slice without them)."""
+    for table in ("node_hours", "job_node_totals"):
+        for column in ("idle_unallocated_uj", "unallocated_uj"):
+            cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} BIGINT")
+
+
+MIGRATIONS: Sequence[Callable[[Any], None]] = (_v1, _v2, _v3, _v5_remainder_labels)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 EXTRA_TABLES = ("merges",)

@@ -279,6 +279,8 @@ NODE_HOUR_COLUMNS = (
     "covered_ns",
     "hours",
     "device_hours",
+    "idle_unallocated_uj",
+    "unallocated_uj",
 )
 
 
@@ -289,11 +291,17 @@ def node_hours(ledger: Ledger, start_ns: int, end_ns: int) -> list[tuple]:
     ``node_hours_by_hour`` index every row is a random look-up into the table, 10x slower.
     """
     params, _ = _params(start_ns, end_ns, None)
+    # The labelled parts of the remainder: NULL in rows merged from older slices (SUM skips
+    # them), and absent from a ledger that ``llem aggregate`` has not migrated yet.
+    labelled = ", ".join(
+        f"SUM(h.{c})" if ledger.has_column("node_hours", c) else "NULL"
+        for c in ("idle_unallocated_uj", "unallocated_uj")
+    )
     return ledger.query(
         f"""
         SELECT h.node, h.component, h.source, SUM(h.measured_uj), SUM(h.attributed_uj),
                SUM(h.remainder_uj), SUM(h.intervals), SUM(h.gap_intervals),
-               SUM(h.covered_ns), COUNT(DISTINCT h.hour_s), COUNT(*)
+               SUM(h.covered_ns), COUNT(DISTINCT h.hour_s), COUNT(*), {labelled}
         FROM (SELECT DISTINCT cluster, node FROM devices) d
         {ledger.dialect.fixed_join} node_hours h ON h.cluster = d.cluster AND h.node = d.node
              AND h.hour_s >= :start_s AND h.hour_s < :end_s

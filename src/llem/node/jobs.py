@@ -153,10 +153,15 @@ def end_job(
 def seal_figures(
     store: NodeStore, run_id: int, start_ns: int, end_ns: int
 ) -> tuple[float, set[str]]:
-    """Coverage (share of the job's wall time inside sampler intervals) and flags."""
+    """Coverage and flags of a run.
+
+    Coverage is the share of the job's wall time inside sampler intervals in which every
+    device the run draws energy from had data (for a run that drew none, some device): an
+    interval with a gap, a reset or a read error of such a device is not covered, so lost
+    data is never claimed (issue 20)."""
     span = max(1, end_ns - start_ns)
     covered, cursor = 0, start_ns
-    for s, e in store.interval_spans(start_ns, end_ns):
+    for s, e in store.covered_spans(start_ns, end_ns, run_id):
         s, e = max(s, cursor, start_ns), min(e, end_ns)
         if e > s:
             covered += e - s

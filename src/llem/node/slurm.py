@@ -123,6 +123,78 @@ def _cpus_here(
     return counts[0]
 
 
+# -- the node's CPUs as Slurm counts them ----------------------------------------------------
+
+
+def slurm_conf_path(env: Mapping[str, str]) -> Path | None:
+    """slurm.conf: ``SLURM_CONF`` (slurmd gives it to the Prolog, and the Prolog to the
+    sampler), else the usual places, else a configless slurmd's cached copy."""
+    conf = env.get("SLURM_CONF")
+    if conf:
+        return Path(conf)
+    for candidate in (
+        Path("/etc/slurm/slurm.conf"),
+        Path("/etc/slurm-llnl/slurm.conf"),
+        Path("/run/slurm/conf/slurm.conf"),
+        Path("/var/spool/slurmd/conf-cache/slurm.conf"),
+    ):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+_TOPOLOGY = ("boards", "socketsperboard", "sockets", "corespersocket", "threadspercore")
+
+
+def slurm_conf_node_cpus(text: str, node: str) -> int | None:
+    """The CPUs slurm.conf gives ``node``: its ``NodeName=`` line's ``CPUs=`` (``Procs=``),
+    else Boards x Sockets x CoresPerSocket x ThreadsPerCore as slurmctld derives it; values
+    of ``NodeName=DEFAULT`` lines apply to the lines after them. None when no line names the
+    node, or it gives neither CPUs nor topology (slurmd would then count the hardware).
+    ``Include`` files are not followed."""
+    from llem.hostlist import expand_hostlist
+
+    defaults: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        fields = _gres_fields(line)
+        names = fields.pop("nodename", None)
+        if names is None:
+            continue
+        if names.upper() == "DEFAULT":
+            defaults.update(fields)
+            continue
+        try:
+            if node not in expand_hostlist(names):
+                continue
+        except ValueError:
+            continue
+        merged = {**defaults, **fields}
+        cpus = _int(merged.get("cpus") or merged.get("procs"))
+        if cpus is not None and cpus > 0:
+            return cpus
+        if not any(k in merged for k in _TOPOLOGY):
+            return None
+        boards = _int(merged.get("boards")) or 1
+        sockets = _int(merged.get("socketsperboard")) or _int(merged.get("sockets")) or 1
+        cores = _int(merged.get("corespersocket")) or 1
+        threads = _int(merged.get("threadspercore")) or 1
+        return max(1, boards) * max(1, sockets) * max(1, cores) * max(1, threads)
+    return None
+
+
+def slurm_node_cpus(path: str | os.PathLike | None, node: str) -> int | None:
+    """:func:`slurm_conf_node_cpus` of a trusted slurm.conf (root's, written by no one
+    else: it decides what every job is charged); None when there is none or it says
+    nothing of the node."""
+    if path is None or not _trusted_file(Path(path)):
+        return None
+    try:
+        return slurm_conf_node_cpus(Path(path).read_text(errors="replace"), node)
+    except OSError:
+        return None
+
+
 # -- GPU identity --------------------------------------------------------------------------
 
 GPU_INDEX_ASSUMED_MINOR = "gpu_index_assumed_minor"

@@ -314,6 +314,11 @@ def gpu_energy_distribution(jobs: pd.DataFrame) -> dict[str, Any]:
 # -- reconciliation ------------------------------------------------------------------------------
 
 
+def _part_kwh(nodes: pd.DataFrame, column: str) -> float | None:
+    values = pd.to_numeric(nodes[column], errors="coerce").dropna()
+    return None if values.empty else float(values.sum()) / UJ_PER_KWH
+
+
 def reconciliation(
     node_rows: Sequence[tuple], job_nodes: Sequence[str], jobs_kwh: float
 ) -> dict[str, Any]:
@@ -350,6 +355,9 @@ def reconciliation(
         "measured_kwh": measured,
         "attributed_kwh": float(counted["attributed_uj"].sum()) / UJ_PER_KWH,
         "remainder_kwh": float(counted["remainder_uj"].sum()) / UJ_PER_KWH,
+        # Parts of the remainder by label; None where no node reported them (older slices).
+        "idle_unallocated_kwh": _part_kwh(counted, "idle_unallocated_uj"),
+        "unallocated_kwh": _part_kwh(counted, "unallocated_uj"),
         "jobs_kwh": jobs_kwh,
         "nodes": len(per_node),
         "by_component": by_component.reset_index(),

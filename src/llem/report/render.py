@@ -72,6 +72,8 @@ HEADERS = {
     "measured_kwh": "measured kWh",
     "attributed_kwh": "attributed kWh",
     "remainder_kwh": "remainder kWh",
+    "idle_unallocated_kwh": "idle unallocated kWh",
+    "unallocated_kwh": "unallocated kWh",
 }
 
 
@@ -168,7 +170,9 @@ def reconciliation_frame(report: Report) -> pd.DataFrame:
     rows = [
         ("Node energy measured (kWh)", "measured_kwh"),
         ("Attributed to jobs by the nodes (kWh)", "attributed_kwh"),
-        ("Unattributed remainder (kWh)", "remainder_kwh"),
+        ("Remainder, no job's (kWh)", "remainder_kwh"),
+        ("  of which idle power no job's allocation covers (kWh)", "idle_unallocated_kwh"),
+        ("  of which unallocated share, policy allocation (kWh)", "unallocated_kwh"),
         ("Job energy in the ledger (kWh)", "jobs_kwh"),
         ("Nodes reporting hourly totals", "nodes"),
     ]
