@@ -127,16 +127,25 @@ def test_merging_in_any_order_and_twice_gives_the_sqlite_ledger(tmp_path, pg_ser
 
 
 def test_a_newer_export_replaces_the_run_in_one_batch_or_two(tmp_path, pg_server):
-    old = job_slices(tmp_path, "100", nodes=("n1",))[0]
+    """With its windows' work and its power series: the older export's go with it."""
+    old = job_slices(tmp_path, "100", nodes=("n1",), work=1000.0, unit="tokens")[0]
     new = copy.deepcopy(old)
     new["created_ns"] += 1
     for row in new["energy"]:
         row["energy_uj"] //= 2
+    for point in new["power"]["points"]:
+        point["energy_uj"] //= 2
+    new["windows"][0]["work"] = 1500.0
     for n, batches in enumerate(([[old, new]], [[new, old]], [[old], [new]], [[new], [old]])):
         dump = _same_merges(tmp_path, pg_server.database(), batches, f"r{n}")
         assert f'"n1", {old["job"]["start_ns"]}' in dump
+        assert "# job_power 1\n" in dump and "# windows 1\n" in dump
+        assert '1500.0, "tokens"]' in dump and "1000.0" not in dump
     with PgLedger(pg_server.url(f"ledger_{pg_server.count}")) as pg:
         assert pg.job_runs("100")[0]["gpu_energy_uj"] == 250_000_000 * 3600 // 2
+        ((points,),) = pg.query("SELECT points FROM job_power")
+        half = old["power"]["points"][0]["energy_uj"] // 2
+        assert json.loads(points)[0][2] == half
 
 
 def test_node_hours_keep_the_latest_export_and_headers_win(tmp_path, pg_server):
