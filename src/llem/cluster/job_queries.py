@@ -67,6 +67,12 @@ class JobData:
     """The run's energy per UTC hour (epoch second of the hour), all nodes."""
 
 
+def _columns(names) -> str:
+    """Column names for SQL: ``user`` quoted (in PostgreSQL, bare ``user`` is the session's
+    login, not the column)."""
+    return ", ".join(f'"{n}"' if n == "user" else n for n in names)
+
+
 def _has(ledger, table: str, column: str | None = None) -> bool:
     """Whether the ledger (SQLite or PostgreSQL) has the table, or its column."""
     if column is None:
@@ -105,7 +111,7 @@ def load_job(ledger, cluster: str, job_id: str) -> JobData | None:
     None when the ledger has no such job."""
     job_id = job_ids_of_array(ledger, cluster, job_id)
     runs = ledger.query(
-        f"SELECT {', '.join(RUN_FIELDS)} FROM job_runs WHERE cluster = ? AND job_id = ? "
+        f"SELECT {_columns(RUN_FIELDS)} FROM job_runs WHERE cluster = ? AND job_id = ? "
         "ORDER BY run_start_ns DESC",
         (cluster, job_id),
     )
