@@ -278,3 +278,33 @@ def test_the_bench_generator_writes_the_same_ledger_on_both(tmp_path, pg_url):
     with sq, pg:
         assert pg.canonical_dump() == sq.canonical_dump()
         assert check_ledger(pg) == [] and check_ledger(sq) == []
+
+
+def test_a_migration_under_roles_gives_the_reader_its_new_table(pg_server, tmp_path):
+    """A ledger made by ``llem ledger init --roles`` before ``_v4_work_and_power``: the
+    aggregator's login migrates it as ``llem_writer``, and a reader may read ``job_power``
+    (``llem job`` on a login node) without another ``GRANT``."""
+    import psycopg
+
+    from llem.cli.ledger import ledger as ledger_cli
+    from llem.cli.main import run
+    from llem.cluster.ledger import MIGRATIONS, _v4_work_and_power
+
+    url = pg_server.database("rolesmig")
+    assert run(ledger_cli, ["init", "--roles", "--ledger", url], prog_name="llem ledger") == 0
+    before = MIGRATIONS.index(_v4_work_and_power)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE job_power")
+        conn.execute("ALTER TABLE windows DROP COLUMN work, DROP COLUMN unit")
+        conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(before),))
+        for role, group in (("migrator", "llem_writer"), ("carol", "llem_reader")):
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
+            conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE {group}")
+    with PgLedger(url.replace("llem_test@", "migrator@")) as led:  # migrates, then merges
+        assert led.schema_version() == SCHEMA_VERSION
+        merge(led, job_slices(tmp_path, "100", work=7.0, unit="tokens"))
+    with PgLedger(url.replace("llem_test@", "carol@"), readonly=True) as led:
+        assert led.query("SELECT COUNT(*) FROM job_power") == [(3,)]
+        assert led.query("SELECT DISTINCT work, unit FROM windows") == [(7.0, "tokens")]
+        ((owner,),) = led.query("SELECT tableowner FROM pg_tables WHERE tablename = 'job_power'")
+        assert owner == "llem_writer"
