@@ -290,7 +290,7 @@ def test_missing_and_unreadable_ledger_exit_1(tmp_path, env):
             status, _, err = acct_run("-a")
         finally:
             env.chmod(0o644)
-        assert status == 1 and "permission denied reading the ledger; ask your administrator" in err
+        assert status == 1 and "permission denied reading the ledger: it is private" in err
 
 
 def test_helpformat_lists_every_field(env):

@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -97,8 +98,9 @@ def test_a_ledger_file_writable_by_group_or_others_is_refused(tmp_path, suffix):
 def test_a_forged_ledger_swapped_in_by_a_group_member_is_refused(shared_tmp):
     """The attack: the ledger's directory is group-writable (root:65534, 0775); a member of
     that group builds a ledger of their own and renames it over the real one. Before the
-    fix, root's aggregator went on merging into the forged file."""
-    config = node_config(shared_tmp)
+    fix, root's aggregator went on merging into the forged file. (privacy: none, a 0644
+    ledger, so that the attacker can copy it into a plausible forgery.)"""
+    config = replace(node_config(shared_tmp), privacy="none")
     ledger = Path(config.ledger)
     ledger.parent.mkdir(mode=0o755)
     spool_one_job(config, shared_tmp, "100")
@@ -209,7 +211,8 @@ def test_a_reader_holding_a_transaction_cannot_stall_aggregate(shared_tmp, opene
     """The attack: a user holds ``BEGIN; SELECT`` open on the ledger. Before the fix the
     ledger was left in rollback-journal mode between passes, and the next pass waited for
     the reader's lock until "database is locked" (30 s), on every pass."""
-    config = node_config(shared_tmp)
+    # privacy: none: users read the ledger file themselves (0644), as before the gateway
+    config = replace(node_config(shared_tmp), privacy="none")
     ledger = Path(config.ledger)
     ledger.parent.mkdir(mode=0o755)
     spool_one_job(config, shared_tmp, "100")
@@ -471,7 +474,8 @@ def test_a_user_locking_the_ledger_files_directly_is_named(shared_tmp):
     """The limit that remains while users read the ledger file themselves: a POSIX read lock
     taken with fcntl on the -shm's write-lock byte (no SQLite involved) makes writes fail.
     The pass fails (the slice stays in the spool, nothing is lost) and names the culprit."""
-    config = node_config(shared_tmp)
+    # privacy: none: users read the ledger file themselves (0644), as before the gateway
+    config = replace(node_config(shared_tmp), privacy="none")
     ledger = Path(config.ledger)
     ledger.parent.mkdir(mode=0o755)
     spool_one_job(config, shared_tmp, "100")

@@ -144,6 +144,32 @@ class AggregateConfig:
     readers: str | int = "auto"
     """Processes that read and check slices while the aggregator writes the ledger: 'auto'
     (one fewer than the CPUs, at most 4, none for a small pass) or a number (0: none)."""
+    ledger_group: str | None = "llem"
+    """The group that may read the ledger (mode 0640; 0644 with privacy 'none'): the
+    gateway's user and admins. A group that does not exist leaves the file's group as is."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    socket: str = "/run/llem-gateway/gateway.sock"
+    """The gateway's Unix socket on the ledger host (clients identified by SO_PEERCRED)."""
+    listen: str | None = None
+    """HOST:PORT for remote clients (a MUNGE credential per request); None: no TCP."""
+    admins: str = ""
+    """Users (names or uids, comma-separated) who see every job, besides root and
+    slurm_user."""
+    admin_groups: str = ""
+    """Groups (comma-separated) whose members see every job."""
+    slurm_user: str = "slurm"
+    """SlurmUser: sees every job, as in Slurm."""
+    coordinators: dict[str, tuple[str, ...]] | None = None
+    """Account -> users who see that account's jobs and totals."""
+    coordinators_from_slurm: bool = False
+    """Also ask Slurm (sacctmgr, cached 5 minutes) who coordinates which account."""
+    munge_socket: str = "/run/munge/munge.socket.2"
+    """munged's socket (client and gateway)."""
+    query_timeout_s: float = 60.0
+    """A query running longer is stopped and the client told to narrow it."""
 
 
 @dataclass(frozen=True)
@@ -191,8 +217,12 @@ class Config:
     spool_dir: str = "/var/spool/llem"
     """Shared directory where epilogs drop finished jobs' slices."""
     ledger: str = "/var/lib/llem/ledger.db"
-    """The cluster ledger: a path (SQLite), or a PostgreSQL ``postgresql://`` URL or
-    ``service=NAME`` (never with a password)."""
+    """The cluster ledger: a path (SQLite), a PostgreSQL ``postgresql://`` URL or
+    ``service=NAME`` (never with a password), or the gateway: llem://HOST[:PORT] or its
+    socket's path."""
+    privacy: str = "jobs,usage"
+    """Like Slurm's PrivateData=jobs,usage, enforced by the gateway: users see their own jobs,
+    coordinators their accounts', admins all; 'none': everyone sees everything."""
     ledger_retention_months: int | None = None
     """PostgreSQL ledger: whole months of hourly energy rows kept (older month partitions are
     dropped after each merge pass); None keeps everything."""
@@ -208,6 +238,7 @@ class Config:
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     ipmi: IpmiConfig = field(default_factory=IpmiConfig)
     source: str = "defaults"
     """Where this configuration came from (a path, or 'defaults'); not a key."""
@@ -217,6 +248,7 @@ SENSOR_NAMES = ("rapl", "nvml", "estimate", "pm_counters", "hwmon", "amdsmi", "i
 CHOICES = {
     "aggregate.processed": ("archive", "delete"),
     "attribution.policy": ("hybrid", "use", "allocation"),
+    "privacy": ("jobs,usage", "none"),
     "ipmi.tool": ("auto", "ipmi-dcmi", "ipmitool"),
 }
 _SECTIONS = {
@@ -227,6 +259,7 @@ _SECTIONS = {
     "aggregate": AggregateConfig,
     "metrics": MetricsConfig,
     "attribution": AttributionConfig,
+    "gateway": GatewayConfig,
     "ipmi": IpmiConfig,
 }
 _TOP_KEYS = tuple(f.name for f in fields(Config) if f.name != "source")
@@ -315,6 +348,21 @@ def _check_idle_w(value: Any, where: str) -> dict[str, float]:
     return out
 
 
+def _check_coordinators(value: Any, where: str) -> dict[str, tuple[str, ...]]:
+    """Account -> coordinators (``{physics: [alice, carol]}`` or ``{physics: "alice,carol"}``)."""
+    key = "gateway.coordinators"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{key}' must map accounts to lists of users")
+    out = {}
+    for account, users in value.items():
+        if isinstance(users, str):
+            users = [u for u in users.split(",")]
+        if not isinstance(users, list) or not all(isinstance(u, (str, int)) for u in users):
+            raise ConfigError(f"{where}: '{key}.{account}' must be a list of users")
+        out[str(account)] = tuple(str(u).strip() for u in users if str(u).strip())
+    return out
+
+
 def _check_int(key: str, value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
@@ -348,6 +396,7 @@ _SPECIAL_KEYS = {
     "aggregate.readers": _check_readers,
     "carbon.pue": _check_pue,
     "attribution.idle_w": _check_idle_w,
+    "gateway.coordinators": _check_coordinators,
 }
 """Keys whose values are more than their annotation says."""
 _BY_TYPE = (

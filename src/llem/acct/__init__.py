@@ -19,6 +19,7 @@ is joules, as in sacct), seconds and grams CO2e.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -49,12 +50,15 @@ from llem.acct.render import (
     format_elapsed,
     format_energy,
     format_time,
+    json_document,
     render_json,
     render_parsable,
     render_table,
+    rows_of_document,
 )
 from llem.acct.rows import latest_runs, run_row, select_rows, total_row, total_rows, window_rows
 from llem.acct.statement import describe_selection, statement_text
+from llem.errors import LlemError
 
 
 @dataclass(frozen=True)
@@ -75,25 +79,80 @@ def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Repo
     """
     if opts.statement:
         return Report(statement_text(ledger, opts, config) + "\n")
-    names = {c.field.name for c in opts.columns}
-    needs_carbon = bool(names & CARBON_FIELDS) or (opts.mode == "json" and not opts.fields_given)
-    carbon = resolve_carbon(config) if needs_carbon else None
+    carbon = resolve_carbon(config) if needs_carbon(opts) else None
     rows = total_rows(ledger, opts, carbon) if opts.totals_by else select_rows(ledger, opts, carbon)
     now_ns = time.time_ns() if now_ns is None else now_ns
     columns = opts.columns
-    notes: list[str] = []
     if opts.mode == "json":
         if not opts.fields_given:
-            catalogue = TOTAL_FIELDS if opts.totals_by else FIELDS
-            names_all = ((TOTAL_KEYS[opts.totals_by],) if opts.totals_by else ()) + tuple(
-                n for n in catalogue if n not in TOTAL_KEYS.values() or not opts.totals_by
-            )
-            columns = tuple(Column(catalogue[n], catalogue[n].width) for n in names_all)
+            columns = all_columns(opts.totals_by)
         return Report(render_json(columns, rows, opts=opts, carbon=carbon, generated_ns=now_ns))
+    return _render(opts, columns, rows, carbon.footer() if carbon is not None else None)
+
+
+def gateway_answer(ledger, opts: AcctOptions, config, want_carbon: bool) -> dict:
+    """What the gateway answers for ``opts`` (already restricted to what the caller may see):
+    the ``llem.acct/1`` document with every field, unrounded, and the carbon footer; or the
+    statement's text."""
+    if opts.statement:
+        return {"statement": statement_text(ledger, opts, config)}
+    carbon = resolve_carbon(config) if want_carbon else None
+    rows = total_rows(ledger, opts, carbon) if opts.totals_by else select_rows(ledger, opts, carbon)
+    doc = json_document(
+        all_columns(opts.totals_by),
+        rows,
+        opts=opts,
+        carbon=carbon,
+        generated_ns=time.time_ns(),
+        precise=True,
+    )
+    return {"document": doc, "footer": carbon.footer() if carbon is not None and rows else None}
+
+
+def report_from_answer(
+    answer: dict, opts: AcctOptions, notes: tuple[str, ...] = (), now_ns: int | None = None
+) -> Report:
+    """The text ``llem-acct`` prints for a gateway's answer: exactly what :func:`report`
+    prints for the same rows of a local ledger."""
+    if opts.statement:
+        return Report(str(answer.get("statement", "")) + "\n", notes)
+    doc = answer.get("document")
+    if not isinstance(doc, dict) or doc.get("schema") != JSON_SCHEMA:
+        raise LlemError("the gateway's answer is not a llem.acct/1 document")
+    rows = rows_of_document(doc, all_columns(opts.totals_by))
+    if opts.mode == "json":
+        columns = opts.columns if opts.fields_given else all_columns(opts.totals_by)
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        out = json_document(columns, rows, opts=opts, carbon=None, generated_ns=now_ns)
+        out["carbon"] = doc.get("carbon")
+        return Report(json.dumps(out, indent=2, sort_keys=False) + "\n", notes)
+    return _render(opts, opts.columns, rows, answer.get("footer"), notes)
+
+
+def all_columns(totals_by: str | None) -> tuple[Column, ...]:
+    """Every field (``--json`` without ``-o``): the totals key first with ``--totals``."""
+    catalogue = TOTAL_FIELDS if totals_by else FIELDS
+    names_all = ((TOTAL_KEYS[totals_by],) if totals_by else ()) + tuple(
+        n for n in catalogue if n not in TOTAL_KEYS.values() or not totals_by
+    )
+    return tuple(Column(catalogue[n], catalogue[n].width) for n in names_all)
+
+
+def needs_carbon(opts: AcctOptions) -> bool:
+    """Whether the shown fields need CO2e (every field does, in ``--json`` without ``-o``)."""
+    names = {c.field.name for c in opts.columns}
+    return bool(names & CARBON_FIELDS) or (opts.mode == "json" and not opts.fields_given)
+
+
+def _render(
+    opts: AcctOptions, columns, rows: list[dict], footer: str | None, notes: tuple = ()
+) -> Report:
+    """The table or ``-p``/``-P`` text of rows, the carbon footer and the notes."""
+    notes = list(notes)
     if opts.mode == "table":
         text = render_table(columns, rows, noheader=opts.noheader, units=opts.units)
-        if carbon is not None and rows:
-            text += carbon.footer() + "\n"
+        if footer is not None and rows:
+            text += footer + "\n"
     else:
         text = render_parsable(
             columns,
@@ -103,8 +162,8 @@ def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Repo
             delimiter=opts.delimiter,
             trailing=opts.mode == "parsable",
         )
-        if carbon is not None and rows:
-            notes.append(carbon.footer())
+        if footer is not None and rows:
+            notes.append(footer)
     if not rows:
         notes.append(
             f"llem-acct: no jobs match ({describe_selection(opts)}); widen the window "

@@ -160,11 +160,13 @@ def render_parsable(
     return "".join(line + "\n" for line in lines)
 
 
-def _json_value(value: Any, kind: str) -> Any:
+def _json_value(value: Any, kind: str, precise: bool = False) -> Any:
     if value is None:
         return None
     if kind == "time":
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value // NS_PER_S))
+    if precise:  # the gateway's answers: the client rounds as it shows them
+        return value
     if kind == "elapsed":
         return int(round(value))
     if kind == "energy":
@@ -189,6 +191,21 @@ def render_json(
     generated_ns: int,
 ) -> str:
     """The ``--json`` document (schema :data:`JSON_SCHEMA`, see docs/acct-json.md)."""
+    doc = json_document(columns, rows, opts=opts, carbon=carbon, generated_ns=generated_ns)
+    return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+
+
+def json_document(
+    columns: Sequence[Column],
+    rows: Sequence[dict],
+    *,
+    opts: AcctOptions,
+    carbon: Carbon | None,
+    generated_ns: int,
+    precise: bool = False,
+) -> dict[str, Any]:
+    """The ``--json`` document as a dict; ``precise`` keeps numbers unrounded (the gateway's
+    answers, which the client rounds as a local ledger's rows)."""
     start, end = opts.window
     f = opts.filter
     doc: dict[str, Any] = {
@@ -218,10 +235,27 @@ def render_json(
         "fields": [c.field.name for c in columns],
     }
     doc["totals" if opts.totals_by else "jobs"] = [
-        {c.field.name: _json_value(row.get(c.field.name), c.field.kind) for c in columns}
+        {c.field.name: _json_value(row.get(c.field.name), c.field.kind, precise) for c in columns}
         for row in rows
     ]
-    return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+    return doc
+
+
+def rows_of_document(doc: dict[str, Any], columns: Sequence[Column]) -> list[dict[str, Any]]:
+    """A ``llem.acct/1`` document's rows as raw values again (times to epoch ns), for the
+    table, ``-p``/``-P`` and ``--json`` renderers."""
+    import calendar
+
+    kinds = {c.field.name: c.field.kind for c in columns}
+    out = []
+    for row in doc.get("totals") if "totals" in doc else doc.get("jobs", []):
+        raw = dict(row)
+        for name, value in row.items():
+            if kinds.get(name) == "time" and isinstance(value, str):
+                moment = time.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+                raw[name] = calendar.timegm(moment) * NS_PER_S
+        out.append(raw)
+    return out
 
 
 def _json_carbon(carbon: Carbon | None) -> dict | None:

@@ -137,8 +137,9 @@ def _output_options(fn):
         ),
         click.option(
             "--ledger",
-            metavar="PATH",
-            help="The cluster ledger (default: 'ledger' in the llem configuration).",
+            metavar="PATH|llem://HOST[:PORT]",
+            help="The cluster ledger, or the gateway that serves it (its socket's path, or "
+            "llem://HOST[:PORT]) (default: 'ledger' in the llem configuration).",
         ),
         click.option("--debug", is_flag=True, help="Show tracebacks of errors."),
     ]
@@ -199,13 +200,39 @@ def acct(
         )
     except lib.AcctUsageError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.option}'") from None
-    with acct_queries.open_ledger(opts.ledger) as led:
-        out = lib.report(led, opts, cfg)
+    out = _remote_report(opts, cfg)
+    if out is None:
+        with acct_queries.open_ledger(opts.ledger) as led:
+            out = lib.report(led, opts, cfg)
     sys.stdout.write(out.stdout)
     sys.stdout.flush()
     for note in out.notes:
         click.echo(note, err=True)
     return out.status
+
+
+def _remote_report(opts, cfg):
+    """The report through the gateway when the ledger names one (None otherwise)."""
+    from llem.gateway import client, wire
+
+    target = client.target_of(opts.ledger)
+    if target is None:
+        return None
+    request = wire.Request(
+        op="acct",
+        cluster=cfg.cluster,
+        filter=opts.filter,
+        allocations=opts.allocations,
+        duplicates=opts.duplicates,
+        totals_by=opts.totals_by,
+        statement=opts.statement,
+        fields=None
+        if opts.mode == "json" and not opts.fields_given
+        else tuple(c.field.name for c in opts.columns),
+    )
+    answer = client.ask(target, request, munge_socket=cfg.gateway.munge_socket)
+    notes = tuple(str(n) for n in answer.get("notes") or ())
+    return lib.report_from_answer(answer, opts, notes)
 
 
 def main() -> None:

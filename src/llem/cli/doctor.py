@@ -306,6 +306,49 @@ def _attribution(config, devices, store_path, node: str = "", env=None) -> dict:
     }
 
 
+def _gateway(config, problems: list[str]) -> dict | None:
+    """When ``ledger`` names the gateway: reachable, munge working (TCP), who it says you are."""
+    from llem.gateway import client, wire
+
+    try:
+        target = client.target_of(config.ledger)
+    except client.GatewayError as e:
+        problems.append(f"gateway: {e}")
+        return {"target": config.ledger, "state": "bad address", "error": str(e)}
+    if target is None:
+        return None
+    info: dict = {"target": str(target), "transport": "unix" if target.path else "tcp+munge"}
+    if target.path is None:
+        from llem import munge
+
+        try:
+            cred = munge.encode(b"llem doctor", config.gateway.munge_socket)
+            info["munge"] = "works (a credential was made)"
+            try:
+                munge.decode(cred, config.gateway.munge_socket)
+            except munge.MungeError as e:
+                info["munge"] = f"made a credential but cannot decode it locally: {e}"
+        except munge.MungeError as e:
+            info["munge"] = f"not working: {e}"
+            problems.append(
+                f"gateway: munge is not working ({e}); llem-acct cannot reach the gateway"
+            )
+    try:
+        answer = client.ask(
+            target,
+            wire.Request(op="whoami", cluster=config.cluster),
+            munge_socket=config.gateway.munge_socket,
+            timeout_s=10.0,
+        )
+    except client.GatewayError as e:
+        info.update(state="not working", error=str(e))
+        problems.append(f"gateway: {e}")
+        return info
+    identity = answer.get("identity") or {}
+    info.update(state="answers", identity=identity)
+    return info
+
+
 def diagnose(env: dict | None = None) -> dict:
     """Everything ``llem doctor`` reports, as data."""
     from llem.sensors import probe_all
@@ -374,6 +417,7 @@ def diagnose(env: dict | None = None) -> dict:
     for name, info in report["paths"].items():
         if info.get("warning"):
             report["problems"].append(f"{name} {info['path']}: {info['warning']}")
+    report["gateway"] = _gateway(config, report["problems"])
     report["node_sampler"] = _node_sampler(config, report["node"], env, report["problems"])
     report["spool"] = _spool(config, report["problems"])
     from llem.paths import NodePaths
@@ -434,6 +478,20 @@ def render(report: dict) -> str:
                 + ")"
             )
         out.append(f"  {name:<9} {info['path']}: {desc}")
+    gw = report.get("gateway")
+    if gw is not None:
+        out.append("")
+        out.append(f"Ledger gateway: {gw['target']} ({gw.get('transport', '?')})")
+        if "munge" in gw:
+            out.append(f"  munge: {gw['munge']}")
+        if gw.get("state") == "answers":
+            who = gw["identity"]
+            out.append(
+                f"  answers: you are {who.get('user')} (uid {who.get('uid')}), "
+                f"{who.get('role')}: you see {who.get('sees')} (privacy: {who.get('privacy')})"
+            )
+        else:
+            out.append(f"  {gw.get('state')}: {gw.get('error')}")
     att = report["attribution"]
     out.append("")
     out.append(

@@ -25,6 +25,7 @@ COMMANDS = {
     "metrics": "llem.cli.metrics:metrics",
     "history": "llem.cli.history:history",
     "job": "llem.cli.job:job",
+    "serve": "llem.cli.serve:serve",
 }
 # Commands on the job start-up path: argparse-based, dispatched before click is imported.
 # They are listed in `llem --help` through small click shims.

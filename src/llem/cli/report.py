@@ -62,7 +62,11 @@ def report_options(func):
             help="Directory for the report files (created). Default: html into the "
             "current directory; md, csv and json to standard output.",
         ),
-        click.option("--ledger", help="Ledger path (default: the config's `ledger`)."),
+        click.option(
+            "--ledger",
+            help="Ledger path, or the gateway (llem://HOST[:PORT] or its socket) (default: "
+            "the config's `ledger`).",
+        ),
         click.option(
             "--idle-w",
             type=click.FloatRange(min=0),
@@ -115,7 +119,7 @@ def account(account_name: str, **kwargs) -> int:
 
 
 def _period(opts: ReportOptions):
-    from llem.report import frames
+    from llem.report import period as frames
 
     if opts.month and (opts.since or opts.until):
         raise click.UsageError("give either --month or --since/--until, not both")
@@ -137,6 +141,13 @@ def _safe(text: str) -> str:
 
 
 def _run(opts: ReportOptions) -> int:
+    cfg = config_mod.load()
+    ledger_path = opts.ledger or cfg.ledger
+    from llem.gateway import client
+
+    target = client.target_of(ledger_path)
+    if target is not None:
+        return _run_remote(opts, cfg, target)
     from llem.report import require
 
     require(*_modules(opts))
@@ -144,8 +155,6 @@ def _run(opts: ReportOptions) -> int:
     from llem.report import build_report, plots, render
 
     period = _period(opts)
-    cfg = config_mod.load()
-    ledger_path = opts.ledger or cfg.ledger
     with q.open_readonly(ledger_path) as ledger:
         rep = build_report(
             ledger, cfg, period, account=opts.account, idle_w=opts.idle_w, top_n=opts.top
@@ -156,6 +165,47 @@ def _run(opts: ReportOptions) -> int:
     kind = f"statement-{_safe(opts.account)}" if opts.account else f"report-{_safe(cfg.cluster)}"
     base = f"llem-{kind}-{_safe(period.label.replace('..', '_to_'))}"
     _write(rep, opts, base, render, plots)
+    return 0
+
+
+def _run_remote(opts: ReportOptions, cfg, target) -> int:
+    """The report made by the ledger gateway (its host needs the report extra); md and csv
+    to standard output, json too, html written as one file (plots inside)."""
+    from llem.errors import LlemError
+    from llem.gateway import client, wire
+
+    if opts.out is not None and opts.fmt in ("md", "csv"):
+        raise LlemError(
+            "through the gateway, md and csv go to standard output (no --out); "
+            "use --format html or json with --out"
+        )
+    period = _period(opts)
+    request = wire.Request(
+        op="report",
+        cluster=cfg.cluster,
+        report=wire.ReportRequest(
+            period.start_ns,
+            period.end_ns,
+            period.label,
+            period.kind,
+            opts.account,
+            opts.idle_w,
+            opts.top,
+            opts.fmt,
+        ),
+    )
+    answer = client.ask(target, request, munge_socket=cfg.gateway.munge_socket)
+    if answer.get("empty"):
+        who = f" for account {opts.account}" if opts.account else ""
+        click.echo(f"llem report: no data in {target}{who} for {period.label}", err=True)
+    text = str(answer.get("text", ""))
+    if opts.fmt != "html" and opts.out is None:
+        click.echo(text, nl=False)
+        return 0
+    kind = f"statement-{_safe(opts.account)}" if opts.account else f"report-{_safe(cfg.cluster)}"
+    base = f"llem-{kind}-{_safe(period.label.replace('..', '_to_'))}"
+    out = _checked_dir(opts.out or Path("."))
+    click.echo(str(_save(out / f"{base}.{opts.fmt}", text.encode())))
     return 0
 
 

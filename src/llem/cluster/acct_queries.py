@@ -126,6 +126,19 @@ class JobSpec:
 
 
 @dataclass(frozen=True)
+class Visibility:
+    """The runs a caller may see when privacy applies (the gateway sets it, never a client).
+
+    Attributes:
+        uid: the caller's own runs (by uid, as Slurm recorded the job's owner).
+        accounts: accounts the caller coordinates: every run of these is visible too.
+    """
+
+    uid: int
+    accounts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RunFilter:
     """Which runs of ``job_runs`` to select; None means no restriction.
 
@@ -140,6 +153,7 @@ class RunFilter:
         jobs: job ids, array tasks (the step part is applied by the caller).
         nodes: host names; runs with at least one of them.
         names: job names.
+        visible: what privacy lets the caller see (None: everything).
     """
 
     clusters: tuple[str, ...] | None = None
@@ -152,6 +166,7 @@ class RunFilter:
     jobs: tuple[JobSpec, ...] | None = None
     nodes: tuple[str, ...] | None = None
     names: tuple[str, ...] | None = None
+    visible: Visibility | None = None
 
 
 def open_ledger(path: str | os.PathLike):
@@ -178,8 +193,11 @@ def open_ledger(path: str | os.PathLike):
         )
     if not os.access(path, os.R_OK):
         raise LedgerError(
-            f"{path}: permission denied reading the ledger; ask your administrator (the ledger "
-            "is normally mode 0644, see docs/ledger.md, Permissions)"
+            f"{path}: permission denied reading the ledger: it is private (only its group "
+            "reads it). Ask the ledger gateway instead: set 'ledger: llem://LEDGER_HOST' in "
+            "the llem configuration, or LLEM_LEDGER=llem://LEDGER_HOST, or pass --ledger "
+            "llem://LEDGER_HOST (on the ledger host itself: --ledger "
+            "/run/llem-gateway/gateway.sock). See docs/acct.md, 'Through the gateway'"
         )
     ledger = Ledger(path, readonly=True)
     try:
@@ -241,6 +259,12 @@ def where_clause(f: RunFilter) -> tuple[str, list]:
             + _in("jn.node", f.nodes, params)
             + ")"
         )
+    if f.visible is not None:
+        either = ["r.uid = ?"]
+        params.append(f.visible.uid)
+        if f.visible.accounts:
+            either.append(_in("r.account", f.visible.accounts, params))
+        where.append(f"({' OR '.join(either)})")
     return " AND ".join(where) or "TRUE", params
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llem.cluster.ledger import DATABASE as LEDGER_DATABASE
-from llem.cluster.ledger import Ledger, QuarantineEntry
+from llem.cluster.ledger import LEDGER_MODE, PRIVATE_MODE, Ledger, QuarantineEntry, set_access
 from llem.cluster.pass_status import record_pass
 from llem.cluster.pg_ledger import PgLedger, is_postgres
 from llem.cluster.readers import Candidate, no_cyclic_gc, read_all, reader_count
@@ -219,15 +219,23 @@ def aggregate_once(
     result = AggregateResult()
     batch_size = max(1, batch_size or config.aggregate.batch_size)
     jobs: set = set()
+    private = config.privacy != "none"
+    sqlite_file = not is_postgres(config.ledger)
     with contextlib.ExitStack() as stack:
-        if is_postgres(config.ledger):
+        if not sqlite_file:
             ledger = stack.enter_context(PgLedger(config.ledger))
             stack.enter_context(PgAggregateLock(ledger, wait_s))
             stack.enter_context(no_cyclic_gc())
         else:
             stack.enter_context(AggregateLock(config.ledger, wait_s))
             stack.enter_context(no_cyclic_gc())
-            ledger = stack.enter_context(Ledger(config.ledger, background_checkpoint=True))
+            ledger = stack.enter_context(
+                Ledger(
+                    config.ledger,
+                    background_checkpoint=True,
+                    file_mode=PRIVATE_MODE if private else LEDGER_MODE,
+                )
+            )
         disposer = stack.enter_context(_Disposer(config, now_ns))
         paths = list_spool(spool)
         readers = reader_count(config.aggregate.readers, len(paths))
@@ -249,6 +257,10 @@ def aggregate_once(
         if config.ledger_retention_months and isinstance(ledger, PgLedger):
             ledger.apply_retention(config.ledger_retention_months, now_ns / 1e9)
         record_pass(config, result, time.monotonic() - t0)  # for `llem metrics`
+        if sqlite_file:
+            set_access(config.ledger, private=private, group=config.aggregate.ledger_group)
+    if sqlite_file:  # again once closed: the -wal and -shm that closing keeps for readers
+        set_access(config.ledger, private=private, group=config.aggregate.ledger_group)
     result.jobs = len(jobs)
     result.elapsed_s = time.monotonic() - t0
     return result

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,9 @@ from llem.sqlite import Database, Messages, open_database, run_script
 log = logging.getLogger(__name__)
 
 LEDGER_MODE = 0o644
+"""Mode of a ledger created by :class:`Ledger` itself; ``llem aggregate`` sets the private mode
+(:data:`PRIVATE_MODE`) unless ``privacy: none`` (:func:`set_access`)."""
+PRIVATE_MODE = 0o640
 HEADER_SLACK_NS = 5 * 10**9
 """Clock skew allowed between slurmctld (header end time) and the nodes (run start)."""
 HEADER_AFTER_NS = 600 * 10**9
@@ -353,16 +356,21 @@ class Ledger:
         *,
         readonly: bool = False,
         background_checkpoint: bool = False,
+        file_mode: int = LEDGER_MODE,
     ) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self.file_mode = file_mode
         self._devices_seen: set[tuple] = set()
         self._checkpointer: _Checkpointer | None = None
         try:
-            self.db = open_database(self.path, DATABASE, readonly=readonly)
+            spec = DATABASE if file_mode == LEDGER_MODE else replace(DATABASE, file_mode=file_mode)
+            self.db = open_database(self.path, spec, readonly=readonly)
         except LedgerError:
             if not readonly and _checked_ledger(self.path):
-                keep_wal_files(self.path)  # a failed open may have deleted them: users need them
+                keep_wal_files(
+                    self.path, file_mode
+                )  # a failed open may have deleted them: users need them
             raise
         if background_checkpoint and not readonly:
             # The committing connection checkpoints only if the thread falls far behind.
@@ -771,7 +779,7 @@ class Ledger:
         if keeper is not None:
             keeper.close()
         if not self.readonly:
-            keep_wal_files(self.path)
+            keep_wal_files(self.path, self.file_mode)
 
     def __enter__(self) -> Ledger:
         return self
@@ -802,8 +810,45 @@ def _checked_ledger(path: Path) -> bool:
         return False
 
 
-def keep_wal_files(path: str | os.PathLike) -> None:
-    """Create the ledger's ``-wal`` and ``-shm`` (empty, :data:`LEDGER_MODE`) when absent.
+def set_access(path: str | os.PathLike, *, private: bool, group: str | None) -> None:
+    """The ledger's, ``-wal``'s and ``-shm``'s mode and group: 0640 and ``group`` when
+    ``private`` (users ask the gateway), 0644 otherwise (``privacy: none``).
+
+    Opened without following links (the directory is checked before any write); a group that
+    does not exist leaves the files' group as it is (logged once per call).
+    """
+    mode = PRIVATE_MODE if private else LEDGER_MODE
+    gid = None
+    if private and group:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            # A demo or a site without the group: only the owner (root) reads it then.
+            log.info(
+                "%s: no group %r (aggregate.ledger_group): the ledger keeps its group", path, group
+            )
+    for name in (str(path), f"{path}-wal", f"{path}-shm"):
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warning("%s: cannot set its mode: %s", name, e)
+            continue
+        try:
+            if gid is not None and os.fstat(fd).st_gid != gid:
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode)
+        except OSError as e:
+            log.warning("%s: cannot set its mode and group: %s", name, e)
+        finally:
+            os.close(fd)
+
+
+def keep_wal_files(path: str | os.PathLike, mode: int = LEDGER_MODE) -> None:
+    """Create the ledger's ``-wal`` and ``-shm`` (empty, ``mode``) when absent.
 
     Empty files are what SQLite itself leaves when it cannot delete them: a WAL with no
     frames, and a wal-index that the next connection rebuilds. ``O_EXCL | O_NOFOLLOW`` in
@@ -812,7 +857,7 @@ def keep_wal_files(path: str | os.PathLike) -> None:
     for suffix in ("-wal", "-shm"):
         try:
             fd = os.open(
-                f"{path}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, LEDGER_MODE
+                f"{path}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode
             )
         except FileExistsError:
             continue
@@ -826,7 +871,7 @@ def keep_wal_files(path: str | os.PathLike) -> None:
             )
             continue
         try:
-            os.fchmod(fd, LEDGER_MODE)
+            os.fchmod(fd, mode)
         finally:
             os.close(fd)
 

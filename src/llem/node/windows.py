@@ -20,7 +20,6 @@ import logging
 import os
 import queue
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +27,14 @@ from pathlib import Path
 
 from llem.errors import LlemError
 from llem.slices import MAX_UNIT_CHARS, MAX_WORK
+from llem.sockserve import (
+    ConnectionCaps,
+    Refused,
+    accept_forever,
+    peer_cred,
+    read_line,
+    start_thread,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +63,6 @@ FORCED_READS_PER_JOB_S = 1.0
 MIN_READ_SPACING_S = 0.25
 """A forced reading comes at least this long after the last reading and before the next
 regular one: reads closer than that could only turn a counter's update steps into gaps."""
-ACCEPT_BACKOFF_S = (0.05, 2.0)
-"""First and longest pause after a failed ``accept()``."""
 
 
 INTERNAL_ERROR = "the node sampler could not serve this request (its log has the reason)"
@@ -197,10 +202,6 @@ def ping(path: Path, timeout_s: float = 2.0) -> dict:
 # -- the server side, in the node sampler ----------------------------------------------------
 
 
-class Refused(Exception):
-    """A request that is refused before any work; the message goes back to the peer."""
-
-
 def check_request(message: object) -> dict:
     """The request's fields, checked and normalised; Refused with the reason otherwise."""
     if not isinstance(message, dict):
@@ -284,12 +285,10 @@ class WindowServer:
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
-        self._active: dict[int, int] = {}
-        self._active_total = 0
+        self._caps = ConnectionCaps(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_UID)
         self._planned_at: float | None = None
         self._last_forced: dict[str, float] = {}
         self._last_read_s = float("-inf")
-        self.accept_errors = 0
         self.forced_reads = 0
 
     # -- life ------------------------------------------------------------------------------
@@ -336,78 +335,26 @@ class WindowServer:
     # -- the accept loop -------------------------------------------------------------------
 
     def _serve(self) -> None:
-        pause = 0.0
-        while not self._closing.is_set():
-            try:
-                conn, _ = self._sock.accept()  # type: ignore[union-attr]
-            except OSError as e:
-                if self._closing.is_set():
-                    return
-                pause = min(ACCEPT_BACKOFF_S[1], max(ACCEPT_BACKOFF_S[0], pause * 2))
-                self._accept_failed(e, pause)
-                self._closing.wait(pause)
-                continue
-            except Exception:  # noqa: BLE001 - never a silently dead server
-                log.exception("window server: accept failed")
-                self._closing.wait(ACCEPT_BACKOFF_S[1])
-                continue
-            pause = 0.0
-            try:
-                self._admit(conn)
-            except Exception:  # noqa: BLE001
-                log.exception("window server: could not serve a connection")
-                conn.close()
+        accept_forever(self._sock, self._admit, self._closing, "window server")  # type: ignore[arg-type]
 
-    def _accept_failed(self, error: OSError, pause: float) -> None:
-        self.accept_errors += 1
-        # Logged at the first error and then every 100th: a flood must not flood the log.
-        if self.accept_errors == 1 or self.accept_errors % 100 == 0:
-            log.warning(
-                "window server: accept() failed (%s; %d so far); retrying in %.2f s",
-                os.strerror(error.errno) if error.errno else error,
-                self.accept_errors,
-                pause,
-            )
-
-    def _admit(self, conn: socket.socket) -> None:
+    def _admit(self, conn: socket.socket, _address: object = None) -> None:
         """Serve the connection in a thread of its own, or refuse it at once (caps reached)."""
         try:
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = peer_cred(conn)
         except OSError:
             conn.close()
             return
-        pid, uid, _gid = struct.unpack("3i", creds)
-        with self._lock:
-            admitted = (
-                self._active_total < MAX_CONNECTIONS
-                and self._active.get(uid, 0) < MAX_CONNECTIONS_PER_UID
-            )
-            if admitted:
-                self._active_total += 1
-                self._active[uid] = self._active.get(uid, 0) + 1
-        if not admitted:
+        if not self._caps.admit(uid):
             conn.setblocking(False)
             self._reply(
                 conn, {"ok": False, "busy": True, "error": "too many connections; try again"}
             )
             conn.close()
             return
-        try:
-            threading.Thread(
-                target=self._handle, args=(conn, pid, uid), name="llem-window", daemon=True
-            ).start()
-        except RuntimeError:  # no thread to be had: the peer is refused like a busy one
-            self._release(uid)
+        if not start_thread(lambda: self._handle(conn, pid, uid), "llem-window"):
+            # no thread to be had: the peer is refused like a busy one
+            self._caps.release(uid)
             conn.close()
-
-    def _release(self, uid: int) -> None:
-        with self._lock:
-            self._active_total -= 1
-            left = self._active.get(uid, 1) - 1
-            if left:
-                self._active[uid] = left
-            else:
-                self._active.pop(uid, None)
 
     # -- one connection --------------------------------------------------------------------
 
@@ -416,7 +363,7 @@ class WindowServer:
             with conn:
                 self._reply(conn, self._serve_one(conn, pid, uid))
         finally:
-            self._release(uid)
+            self._caps.release(uid)
 
     def _serve_one(self, conn: socket.socket, pid: int, uid: int) -> dict:
         try:
@@ -444,25 +391,12 @@ class WindowServer:
 
     def _read_request(self, conn: socket.socket) -> bytes:
         """One line, whole within the deadline (not a timeout re-armed by each byte)."""
-        deadline = self.monotonic_s() + REQUEST_DEADLINE_S
-        data = b""
-        while not data.endswith(b"\n"):
-            left = deadline - self.monotonic_s()
-            if left <= 0:
-                raise Refused(f"the request did not arrive within {REQUEST_DEADLINE_S:g} s")
-            conn.settimeout(left)
-            try:
-                chunk = conn.recv(MAX_REQUEST_BYTES + 1 - len(data))
-            except TimeoutError:
-                raise Refused(
-                    f"the request did not arrive within {REQUEST_DEADLINE_S:g} s"
-                ) from None
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > MAX_REQUEST_BYTES:
-                raise Refused(f"requests are at most {MAX_REQUEST_BYTES} bytes")
-        return data
+        return read_line(
+            conn,
+            max_bytes=MAX_REQUEST_BYTES,
+            deadline_s=REQUEST_DEADLINE_S,
+            monotonic_s=self.monotonic_s,
+        )
 
     def _admissible(self, pid: int, uid: int, request: dict) -> None:
         """Refuse a request the peer may not make, from what the server thread knows."""

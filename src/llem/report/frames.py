@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from llem.cluster import report_queries as q
+from llem.report.period import Period, _iso, month_period, range_period  # noqa: F401 - API
 from llem.units import UJ_PER_KWH
 
 GROUP_KEYS = ("account", "user", "partition", "tag")
@@ -29,66 +30,6 @@ IDLE_DEFINITION = (
     "about 30-90 W (A100, H100), busy power 200-700 W."
 )
 NONE_LABEL = "(none)"
-
-
-@dataclass(frozen=True)
-class Period:
-    """A half-open UTC period ``[start_ns, end_ns)`` with a label (``2026-10``)."""
-
-    start_ns: int
-    end_ns: int
-    label: str
-    kind: str = "month"  # or "range"
-
-    @property
-    def start_iso(self) -> str:
-        return _iso(self.start_ns)
-
-    @property
-    def end_iso(self) -> str:
-        return _iso(self.end_ns)
-
-    def hours(self) -> list[int]:
-        """UTC hour starts (epoch s) of every clock hour the period touches."""
-        first = self.start_ns // 10**9 // q.HOUR_S * q.HOUR_S
-        return list(range(first, -(-self.end_ns // 10**9), q.HOUR_S))
-
-
-def _iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def month_period(month: str) -> Period:
-    """The calendar month ``YYYY-MM`` (UTC).
-
-    Raises:
-        ValueError: not a ``YYYY-MM`` month.
-    """
-    try:
-        start = datetime.strptime(month, "%Y-%m").replace(tzinfo=timezone.utc)
-    except ValueError:
-        raise ValueError(f"month must be YYYY-MM, got {month!r}") from None
-    end = (
-        start.replace(year=start.year + 1, month=1)
-        if start.month == 12
-        else start.replace(month=start.month + 1)
-    )
-    return Period(int(start.timestamp()) * 10**9, int(end.timestamp()) * 10**9, month)
-
-
-def range_period(since: datetime, until: datetime) -> Period:
-    """Any period; naive datetimes are taken as UTC.
-
-    Raises:
-        ValueError: until is not after since.
-    """
-    since, until = (d if d.tzinfo else d.replace(tzinfo=timezone.utc) for d in (since, until))
-    if until <= since:
-        raise ValueError(
-            f"--until ({until:%Y-%m-%d %H:%M}) must be after --since ({since:%Y-%m-%d %H:%M})"
-        )
-    label = f"{since:%Y-%m-%d}..{until:%Y-%m-%d}"
-    return Period(int(since.timestamp() * 1e9), int(until.timestamp() * 1e9), label, "range")
 
 
 def previous_period(period: Period) -> Period:
