@@ -409,7 +409,10 @@ def test_the_rate_of_reads_attack_without_its_limits_shows_in_the_jobs_coverage(
         daemon.stop()
     assert got["readings"] > 3 * FLOOD_S / SLOW_INTERVAL_S, got  # the attack did read often
     assert gaps > 5, gaps
-    assert coverage < 0.9, coverage
+    # How much of the job the flood blinds depends on how fast the flood runs (a loaded
+    # machine reads less often: 0.91 seen under load, 0.6 idle); what the fix guarantees is
+    # that the coverage says so, where the old rule claimed 0.9975.
+    assert coverage < 0.97, coverage
     assert coverage == pytest.approx(honest, abs=1e-3)
 
 
