@@ -632,9 +632,9 @@ class SlurmCluster:
         self._wait_for(self._mariadb_up, timeout_s, "MariaDB to answer")
         password = "llem-" + os.urandom(8).hex()
         self._mariadb_sql(
-            "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{0}'; "
-            "ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{0}'; "
-            "GRANT ALL ON *.* TO 'slurm'@'127.0.0.1'".format(password)
+            f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+            f"ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+            "GRANT ALL ON *.* TO 'slurm'@'127.0.0.1'"
         )
         conf = self.conf_path.with_name("slurmdbd.conf")
         conf.write_text(
