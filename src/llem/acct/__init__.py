@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from llem.acct.co2e import Carbon, add_carbon, resolve_carbon
 from llem.acct.errors import AcctUsageError
 from llem.acct.fields import (
+    BRIEF_FORMAT,
     CARBON_FIELDS,
     FIELDS,
+    LONG_FORMAT,
     TOTAL_FIELDS,
     TOTAL_KEYS,
     Column,
@@ -52,9 +54,10 @@ from llem.acct.render import (
     render_json,
     render_parsable,
     render_table,
+    time_format,
 )
 from llem.acct.rows import latest_runs, run_row, select_rows, total_row, total_rows, window_rows
-from llem.acct.statement import describe_selection, statement_text
+from llem.acct.statement import describe_selection, describe_window, statement_text
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,17 @@ def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Repo
             )
             columns = tuple(Column(catalogue[n], catalogue[n].width) for n in names_all)
         return Report(render_json(columns, rows, opts=opts, carbon=carbon, generated_ns=now_ns))
+    time_fmt = time_format()
+    convert = not opts.noconvert
     if opts.mode == "table":
-        text = render_table(columns, rows, noheader=opts.noheader, units=opts.units)
+        text = render_table(
+            columns,
+            rows,
+            noheader=opts.noheader,
+            units=opts.units,
+            time_fmt=time_fmt,
+            convert=convert,
+        )
         if carbon is not None and rows:
             text += carbon.footer() + "\n"
     else:
@@ -102,6 +114,8 @@ def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Repo
             units=opts.units,
             delimiter=opts.delimiter,
             trailing=opts.mode == "parsable",
+            time_fmt=time_fmt,
+            convert=convert,
         )
         if carbon is not None and rows:
             notes.append(carbon.footer())
@@ -114,7 +128,10 @@ def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Repo
 
 
 __all__ = [
+    "BRIEF_FORMAT",
     "CARBON_FIELDS",
+    "LONG_FORMAT",
+    "describe_window",
     "FIELDS",
     "JSON_SCHEMA",
     "TOTAL_FIELDS",

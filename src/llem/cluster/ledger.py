@@ -79,9 +79,11 @@ SLURM_JOB_COLUMNS = (
     "derived_exit_code",
     "derived_signal",
     "timelimit",
+    "timelimit_min",
     "alloc_cpus",
     "alloc_tres",
     "req_mem",
+    "qos",
     "checked_ns",
 )
 """The columns of ``slurm_jobs``, in order."""
@@ -233,8 +235,8 @@ def _v4_slurm_accounting(db: sqlite3.Connection) -> None:
             cluster TEXT NOT NULL, job_id TEXT NOT NULL, start_ns INTEGER NOT NULL,
             end_ns INTEGER, submit_ns INTEGER, eligible_ns INTEGER, state TEXT NOT NULL,
             exit_code INTEGER, signal INTEGER, derived_exit_code INTEGER, derived_signal INTEGER,
-            timelimit TEXT, alloc_cpus INTEGER, alloc_tres TEXT, req_mem TEXT,
-            checked_ns INTEGER NOT NULL,
+            timelimit TEXT, timelimit_min INTEGER, alloc_cpus INTEGER, alloc_tres TEXT,
+            req_mem TEXT, qos TEXT, checked_ns INTEGER NOT NULL,
             PRIMARY KEY (cluster, job_id, start_ns)
         );
         CREATE TABLE IF NOT EXISTS slurm_checks (
@@ -252,6 +254,8 @@ def _v4_slurm_accounting(db: sqlite3.Connection) -> None:
         ("slurm_start_ns", "INTEGER"),
         ("slurm_end_ns", "INTEGER"),
         ("timelimit", "TEXT"),
+        ("timelimit_min", "INTEGER"),
+        ("qos", "TEXT"),
         ("alloc_cpus", "INTEGER"),
         ("alloc_tres", "TEXT"),
         ("req_mem", "TEXT"),
@@ -353,8 +357,8 @@ CANONICAL_QUERIES = {
     "w.energy_uj, w.energy FROM windows w JOIN job_nodes jn ON jn.id = w.job_node_id",
     "job_headers": "SELECT * FROM job_headers",
     "slurm_jobs": "SELECT cluster, job_id, start_ns, end_ns, submit_ns, eligible_ns, state, "
-    "exit_code, signal, derived_exit_code, derived_signal, timelimit, alloc_cpus, alloc_tres, "
-    "req_mem FROM slurm_jobs",
+    "exit_code, signal, derived_exit_code, derived_signal, timelimit, timelimit_min, alloc_cpus, "
+    "alloc_tres, req_mem, qos FROM slurm_jobs",
     "node_hours": "SELECT * FROM node_hours",
     "quarantine": "SELECT file, digest, reason, owner_uid, size FROM quarantine",
 }
@@ -958,6 +962,8 @@ _RUN_COLUMNS = (
     "slurm_start_ns",
     "slurm_end_ns",
     "timelimit",
+    "timelimit_min",
+    "qos",
     "alloc_cpus",
     "alloc_tres",
     "req_mem",
@@ -1362,6 +1368,8 @@ def _end_facts(header: dict, slurm: dict) -> dict:
         "slurm_start_ns": slurm.get("start_ns"),
         "slurm_end_ns": slurm.get("end_ns"),
         "timelimit": slurm.get("timelimit"),
+        "timelimit_min": slurm.get("timelimit_min"),
+        "qos": slurm.get("qos"),
         "alloc_cpus": slurm.get("alloc_cpus"),
         "alloc_tres": slurm.get("alloc_tres"),
         "req_mem": slurm.get("req_mem"),

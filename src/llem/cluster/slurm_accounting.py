@@ -51,9 +51,11 @@ SACCT_FIELDS = (
     "Start",
     "End",
     "Timelimit",
+    "TimelimitRaw",
     "AllocCPUS",
     "AllocTRES",
     "ReqMem",
+    "QOS",
 )
 """The fields asked of ``sacct``, in order."""
 
@@ -145,6 +147,7 @@ def parse_sacct(text: str, cluster: str) -> list[tuple]:
         exit_code, signal = _exit_pair(values["ExitCode"])
         derived, derived_signal = _exit_pair(values["DerivedExitCode"])
         cpus = values["AllocCPUS"].strip()
+        raw_limit = values["TimelimitRaw"].strip()  # minutes, or UNLIMITED, Partition_Limit
         rows.append(
             (
                 cluster,
@@ -159,9 +162,11 @@ def parse_sacct(text: str, cluster: str) -> list[tuple]:
                 derived,
                 derived_signal,
                 values["Timelimit"].strip() or None,
+                int(raw_limit) if raw_limit.isdigit() else None,
                 int(cpus) if cpus.isdigit() else None,
                 values["AllocTRES"].strip() or None,
                 values["ReqMem"].strip() or None,
+                values["QOS"].strip() or None,
             )
         )
     return rows
