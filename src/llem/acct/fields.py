@@ -195,7 +195,8 @@ def parse_format(text: str | None, totals_by: str | None = None) -> list[Column]
     As sacct: field names are case-insensitive and may be cut short (the first field in
     alphabetical order that starts so); ``ALL`` (or ``A``, ``AL``) is every field;
     ``%N`` sets the width and right-justifies, ``%-N`` left-justifies; without ``%`` a
-    field keeps its own width and justification (JobID and JobIDRaw: left).
+    field keeps its own width and justification (JobID and JobIDRaw: left). A field named
+    twice has its last width in both places, as in sacct.
 
     Raises:
         AcctUsageError: an unknown field, or a bad width.
@@ -222,7 +223,9 @@ def parse_format(text: str | None, totals_by: str | None = None) -> list[Column]
         columns += [Column(f, f.width if n is None else n) for f in picked]
     if not columns:
         raise AcctUsageError("-o/--format", "no fields given")
-    return columns
+    # sacct keeps one width per field: a field named twice takes its last width everywhere
+    last = {c.field.name: c.width for c in columns}
+    return [Column(c.field, last[c.field.name]) for c in columns]
 
 
 def helpformat(totals: bool = False) -> str:

@@ -42,9 +42,7 @@ _UNITS_S = {
 }
 # Unit words after now+/-N, longest first: Slurm's (seconds, minutes, hours, days, weeks,
 # singular or plural) and the abbreviations llem-acct has always taken (s, min, h, d, w).
-_DELTA_UNITS = tuple(
-    sorted(((w, m) for w, m in _UNITS_S.items() if w), key=lambda u: -len(u[0]))
-)
+_DELTA_UNITS = tuple(sorted(((w, m) for w, m in _UNITS_S.items() if w), key=lambda u: -len(u[0])))
 _NAMED_HOURS = {"midnight": 0, "noon": 12, "fika": 15, "teatime": 16}
 TIME_FORMS = (
     "YYYY-MM-DD[THH:MM[:SS]], MMDD[YY], MM/DD[/YY], MM.DD[.YY], HH:MM[:SS] [AM|PM], "

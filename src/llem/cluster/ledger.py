@@ -717,7 +717,9 @@ class Ledger:
         of the jobs ``asked`` about, note the try, and recompute those jobs' runs.
 
         A job asked about is tried again ``retry_ns(tries)`` later while one of its runs has
-        no record (slurmdbd may not have it yet); returns how many records were new or changed.
+        no record (slurmdbd may not have it yet); a job whose runs all have theirs is
+        forgotten, so that a later run of it (a requeue) is asked about in the next pass.
+        Returns how many records were new or changed.
         """
         records = [tuple(r) for r in records]
         asked = sorted(set(asked))
@@ -739,18 +741,28 @@ class Ledger:
                     (*r, now_ns),
                 )
                 changed += self.db.total_changes - before
+            self._regroup({(cluster, j) for j in asked}, now_ns, grace_s)
             for job_id in asked:
+                key = (cluster, job_id)
+                if not self.db.execute(
+                    "SELECT 1 FROM job_runs WHERE cluster = ? AND job_id = ? AND accounted = 0 "
+                    "LIMIT 1",
+                    key,
+                ).fetchone():
+                    # every run has its record: a later run (a requeue) is asked about at once
+                    self.db.execute(
+                        "DELETE FROM slurm_checks WHERE cluster = ? AND job_id = ?", key
+                    )
+                    continue
                 tries = self.db.execute(
-                    "SELECT tries FROM slurm_checks WHERE cluster = ? AND job_id = ?",
-                    (cluster, job_id),
+                    "SELECT tries FROM slurm_checks WHERE cluster = ? AND job_id = ?", key
                 ).fetchone()
                 n = (tries[0] if tries else 0) + 1
                 self.db.execute(
                     "INSERT INTO slurm_checks VALUES (?, ?, ?, ?) ON CONFLICT (cluster, job_id) "
                     "DO UPDATE SET tries = excluded.tries, next_ns = excluded.next_ns",
-                    (cluster, job_id, n, now_ns + retry_ns(n)),
+                    (*key, n, now_ns + retry_ns(n)),
                 )
-            self._regroup({(cluster, j) for j in asked}, now_ns, grace_s)
             return changed
 
         return self._txn(body)
