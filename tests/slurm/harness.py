@@ -92,9 +92,8 @@ def missing_accounting_requirements() -> list[str]:
     for path in (SLURMDBD, MARIADBD, MARIADB_INSTALL_DB, MARIADB_CLIENT, Path("/usr/bin/sacct")):
         if not path.exists():
             reasons.append(f"{path} missing (run scripts/install-slurm.sh)")
-    plugin = Path("/usr/lib/x86_64-linux-gnu/slurm-wlm/accounting_storage_mysql.so")
-    if not plugin.exists():
-        reasons.append(f"{plugin} missing (Debian package slurm-wlm-mysql-plugin)")
+    if not list(Path("/usr/lib").glob("*/slurm-wlm/accounting_storage_mysql.so")):
+        reasons.append("accounting_storage_mysql.so missing (package slurm-wlm-mysql-plugin)")
     return reasons
 
 

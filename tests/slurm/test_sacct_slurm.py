@@ -176,7 +176,9 @@ def jobs(cluster, site):
         if (ready and runs_of_requeued == 2) or time.monotonic() > deadline:
             break
         time.sleep(2)
-    assert ready and runs_of_requeued == 2, (rows, _explain(ledger, j["requeued"]))
+    if not (ready and runs_of_requeued == 2):
+        print("rows:", rows, "\nrequeued:", _explain(ledger, j["requeued"]))
+    assert ready and runs_of_requeued == 2
     return {"ids": j, "array": array, "tasks": tasks, "all": all_ids, "t0": t0}
 
 

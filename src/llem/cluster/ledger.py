@@ -1283,22 +1283,26 @@ def group_runs(
     runs.sort(key=lambda r: r["start_ns"])
     for run in runs:
         run["slurm"] = None
-    for record in sorted(accounted, key=lambda a: a["start_ns"]):
-        target = _run_of_record(runs, record)
-        if target is not None and target["slurm"] is None:
+    for record in sorted(accounted, key=lambda a: (a["start_ns"], a["end_ns"] or 0)):
+        target = _run_of_record([r for r in runs if r["slurm"] is None], record)
+        if target is not None:
             target["slurm"] = record
     return runs
 
 
-def _run_of_record(runs: list[dict], record: dict) -> dict | None:
-    """The run Slurm's record of a run belongs to: the nearest start within the slack, else
-    the run whose span holds the record's start."""
+def _run_of_record(free: list[dict], record: dict) -> dict | None:
+    """The run (among those without a record yet) that Slurm's record of a run belongs to:
+    the nearest start within :data:`HEADER_SLACK_NS` of the record's start, else the first
+    that started during the record's span (give or take the slack). Records are placed in
+    order of their start, so that a requeued job's runs pair up in turn even when the
+    nodes' starts lag Slurm's by a few seconds."""
     start = record["start_ns"]
-    near = [r for r in runs if abs(r["start_ns"] - start) <= HEADER_SLACK_NS]
+    near = [r for r in free if abs(r["start_ns"] - start) <= HEADER_SLACK_NS]
     if near:
         return min(near, key=lambda r: (abs(r["start_ns"] - start), r["start_ns"]))
-    for run in runs:
-        if run["start_ns"] <= start <= run["end_ns"]:
+    end = record["end_ns"] if record["end_ns"] is not None else start
+    for run in free:
+        if start - HEADER_SLACK_NS <= run["start_ns"] <= end + HEADER_SLACK_NS:
             return run
     return None
 
