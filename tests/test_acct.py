@@ -428,7 +428,7 @@ def test_requeued_job_latest_run_unless_duplicates(tmp_path, monkeypatch):
     make_ledger.write_jobs(
         ledger,
         [
-            job("7000", "alice", "physics", "cpu", T, T + 600, ["c0001"], state="SIGNALED"),
+            job("7000", "alice", "physics", "cpu", T, T + 600, ["c0001"], state="REQUEUED"),
             job("7000", "alice", "physics", "cpu", T + H, T + H + 900, ["c0002"]),
         ],
     )
@@ -439,7 +439,7 @@ def test_requeued_job_latest_run_unless_duplicates(tmp_path, monkeypatch):
     _, out, _ = acct_run(*WHOLE, *fields)
     assert out == "7000|COMPLETED|c0002|99000\n"
     _, out, _ = acct_run(*WHOLE, "-D", *fields)
-    assert out == "7000|SIGNALED|c0001|66000\n7000|COMPLETED|c0002|99000\n"
+    assert out == "7000|REQUEUED|c0001|66000\n7000|COMPLETED|c0002|99000\n"
     _, out, _ = acct_run(
         *WHOLE, "--totals", "user", "-P", "-n", "-o", "User,NJobs,ConsumedEnergyRaw"
     )
