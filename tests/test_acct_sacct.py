@@ -26,6 +26,7 @@ def _slurm(submit, eligible, start, end, state_exit=(0, 0), derived=(0, 0), **mo
         "alloc_cpus": more.get("alloc_cpus", 4),
         "alloc_tres": "billing=4,cpu=4,node=1",
         "req_mem": "1000M",
+        "cancelled_by": more.get("cancelled_by"),
     }
 
 
@@ -53,7 +54,9 @@ JOBS = [
         ["c0002"],
         state="CANCELLED",
         name="cancelled",
-        slurm=_slurm(T + 4 * H - 30, T + 4 * H - 30, T + 4 * H, T + 4 * H + 599, (0, 15)),
+        slurm=_slurm(
+            T + 4 * H - 30, T + 4 * H - 30, T + 4 * H, T + 4 * H + 599, (0, 15), cancelled_by=1001
+        ),
     ),
     job(
         "6003",
@@ -150,7 +153,7 @@ def test_rows_in_submit_order_and_sacct_s_fields(ledger):
         "billing=4,cpu=4,node=1|1000M|normal",
         "6001|COMPLETED|0:0|1:0|2026-03-01T10:00:00|2026-03-01T10:00:00|3598|01:00:00|60|4|"
         "billing=4,cpu=4,node=1|1000M|normal",
-        "6002|CANCELLED|0:15|0:0|2026-03-01T13:59:30|2026-03-01T13:59:30|599|01:00:00|60|4|"
+        "6002|CANCELLED by 1001|0:15|0:0|2026-03-01T13:59:30|2026-03-01T13:59:30|599|01:00:00|60|4|"
         "billing=4,cpu=4,node=1|1000M|normal",
         "6004|TIMEOUT|0:0|0:0|2026-03-01T16:00:00|2026-03-01T16:00:00|650|00:10:00|10|4|"
         "billing=4,cpu=4,node=1|1000M|low",

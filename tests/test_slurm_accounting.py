@@ -55,6 +55,7 @@ def test_parse_sacct_keeps_final_states_of_runs_that_started():
     )
     second = dict(zip(ledger_mod.SLURM_JOB_COLUMNS, rows[1]))
     assert (second["state"], second["signal"], second["timelimit_min"]) == ("CANCELLED", 15, 10)
+    assert (first["cancelled_by"], second["cancelled_by"]) == (None, 1001)
 
 
 def _header(job_id, exit_code="0", now_ns=T0 + 5402 * S):

@@ -86,6 +86,7 @@ SLURM_KEYS = (
     "alloc_cpus",
     "alloc_tres",
     "req_mem",
+    "cancelled_by",
 )
 """The keys of a job's optional ``slurm`` dict: what Slurm's accounting said of the run
 (times in epoch seconds), as ``llem aggregate`` stores it from sacct."""
@@ -273,7 +274,7 @@ class Writer:
                 "UPDATE job_runs SET submit_ns = ?, eligible_ns = ?, slurm_start_ns = ?, "
                 "slurm_end_ns = ?, exit_code = ?, signal = ?, derived_exit_code = ?, "
                 "derived_signal = ?, timelimit = ?, timelimit_min = ?, qos = ?, alloc_cpus = ?, "
-                "alloc_tres = ?, req_mem = ?, state_source = 'slurm', accounted = 1 "
+                "alloc_tres = ?, req_mem = ?, cancelled_by = ?, state_source = 'slurm', accounted = 1 "
                 "WHERE cluster = ? AND job_id = ? AND run_start_ns = ?",
                 self.slurm,
             )

@@ -43,6 +43,13 @@ def exit_text(code: int | None, signal: int | None) -> str | None:
     return f"{code}:{signal or 0}"
 
 
+def state_text(state: str | None, cancelled_by: int | None) -> str:
+    """The State field as sacct writes it: ``CANCELLED by UID`` names who cancelled."""
+    if state == "CANCELLED" and cancelled_by is not None:
+        return f"CANCELLED by {cancelled_by}"
+    return state or "UNKNOWN"
+
+
 NO_VAL = 0xFFFFFFFE
 """Slurm's array_task_id of a job that is not an array task (for sacct's row order)."""
 
@@ -86,7 +93,7 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "User": run["user"],
         "Account": run["account"],
         "Partition": run["partition"],
-        "State": run["state"] or "UNKNOWN",
+        "State": state_text(run["state"], run.get("cancelled_by")),
         "ExitCode": exit_text(run.get("exit_code"), run.get("signal")),
         "DerivedExitCode": exit_text(run.get("derived_exit_code"), run.get("derived_signal")),
         "Submit": run.get("submit_ns"),

@@ -61,6 +61,7 @@ RUN_COLUMNS = (
     "alloc_cpus",
     "alloc_tres",
     "req_mem",
+    "cancelled_by",
     "state_source",
     "attribution",
 )
@@ -81,6 +82,7 @@ SLURM_RUN_COLUMNS = frozenset(
         "alloc_cpus",
         "alloc_tres",
         "req_mem",
+        "cancelled_by",
         "state_source",
     }
 )

@@ -84,6 +84,7 @@ SLURM_JOB_COLUMNS = (
     "alloc_tres",
     "req_mem",
     "qos",
+    "cancelled_by",
     "checked_ns",
 )
 """The columns of ``slurm_jobs``, in order."""
@@ -236,7 +237,7 @@ def _v4_slurm_accounting(db: sqlite3.Connection) -> None:
             end_ns INTEGER, submit_ns INTEGER, eligible_ns INTEGER, state TEXT NOT NULL,
             exit_code INTEGER, signal INTEGER, derived_exit_code INTEGER, derived_signal INTEGER,
             timelimit TEXT, timelimit_min INTEGER, alloc_cpus INTEGER, alloc_tres TEXT,
-            req_mem TEXT, qos TEXT, checked_ns INTEGER NOT NULL,
+            req_mem TEXT, qos TEXT, cancelled_by INTEGER, checked_ns INTEGER NOT NULL,
             PRIMARY KEY (cluster, job_id, start_ns)
         );
         CREATE TABLE IF NOT EXISTS slurm_checks (
@@ -259,6 +260,7 @@ def _v4_slurm_accounting(db: sqlite3.Connection) -> None:
         ("alloc_cpus", "INTEGER"),
         ("alloc_tres", "TEXT"),
         ("req_mem", "TEXT"),
+        ("cancelled_by", "INTEGER"),
         ("state_source", "TEXT"),
         ("accounted", "INTEGER NOT NULL DEFAULT 0"),
     ):
@@ -358,7 +360,7 @@ CANONICAL_QUERIES = {
     "job_headers": "SELECT * FROM job_headers",
     "slurm_jobs": "SELECT cluster, job_id, start_ns, end_ns, submit_ns, eligible_ns, state, "
     "exit_code, signal, derived_exit_code, derived_signal, timelimit, timelimit_min, alloc_cpus, "
-    "alloc_tres, req_mem, qos FROM slurm_jobs",
+    "alloc_tres, req_mem, qos, cancelled_by FROM slurm_jobs",
     "node_hours": "SELECT * FROM node_hours",
     "quarantine": "SELECT file, digest, reason, owner_uid, size FROM quarantine",
 }
@@ -979,6 +981,7 @@ _RUN_COLUMNS = (
     "alloc_cpus",
     "alloc_tres",
     "req_mem",
+    "cancelled_by",
     "state_source",
     "accounted",
     "has_header",
@@ -1389,6 +1392,7 @@ def _end_facts(header: dict, slurm: dict) -> dict:
         "alloc_cpus": slurm.get("alloc_cpus"),
         "alloc_tres": slurm.get("alloc_tres"),
         "req_mem": slurm.get("req_mem"),
+        "cancelled_by": slurm.get("cancelled_by"),
         "state_source": "slurm" if slurm else ("header" if header else None),
         "accounted": int(bool(slurm)),
     }

@@ -140,7 +140,9 @@ def parse_sacct(text: str, cluster: str) -> list[tuple]:
             continue
         values = dict(zip(SACCT_FIELDS, parts))
         job_id = values["JobIDRaw"].strip()
-        state = (values["State"].split() or [""])[0].rstrip("+")
+        words = values["State"].split()  # "CANCELLED by 1001": who cancelled it
+        state = (words or [""])[0].rstrip("+")
+        by = words[2] if len(words) == 3 and words[1] == "by" and words[2].isdigit() else None
         start_ns = _epoch_ns(values["Start"])
         if not job_id.isdigit() or state not in FINAL_STATES or start_ns is None:
             continue
@@ -167,6 +169,7 @@ def parse_sacct(text: str, cluster: str) -> list[tuple]:
                 values["AllocTRES"].strip() or None,
                 values["ReqMem"].strip() or None,
                 values["QOS"].strip() or None,
+                int(by) if by is not None else None,
             )
         )
     return rows
