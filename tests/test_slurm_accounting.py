@@ -172,6 +172,13 @@ def test_a_failing_sacct_defers_the_jobs_and_never_fails(tmp_path):
         assert reconcile(config, ledger, now_ns=NOW).calls == 0  # not before then
         (run,) = ledger.job_runs("300")
         assert run["accounted"] == 0
+    # an id that is not Slurm's (only a header could bring one) never reaches sacct's
+    # command line; it counts as a try
+    with Ledger(config.ledger) as ledger:
+        merge(ledger, [_header("x-1", now_ns=NOW - 60 * S)])
+        res = reconcile(config, ledger, now_ns=NOW + 3600 * S)
+        assert res.calls == 1  # job 300 again, alone
+        assert ledger.query("SELECT tries FROM slurm_checks WHERE job_id = 'x-1'") == [(1,)]
     off = _config(tmp_path, sacct="off")
     with Ledger(off.ledger) as ledger:
         assert reconcile(off, ledger, now_ns=NOW).skipped == "aggregate.sacct is off"

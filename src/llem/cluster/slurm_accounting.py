@@ -230,8 +230,20 @@ def reconcile(config: Config, ledger, *, now_ns: int | None = None) -> Reconcile
     if not candidates:
         return result
     by_cluster: dict[str, list[str]] = {}
+    not_slurm: dict[str, list[str]] = {}
     for cluster, job_id in candidates:
-        by_cluster.setdefault(cluster, []).append(job_id)
+        # Only Slurm's job ids reach sacct's command line (a slice's id is any identifier).
+        target = by_cluster if job_id.isdigit() else not_slurm
+        target.setdefault(cluster, []).append(job_id)
+    for cluster, job_ids in sorted(not_slurm.items()):
+        ledger.store_accounting(
+            cluster,
+            [],
+            job_ids,
+            now_ns=now_ns,
+            retry_ns=retry_delay_ns,
+            grace_s=config.aggregate.grace_s,
+        )
     deadline = time.monotonic() + config.aggregate.sacct_timeout_s
     batch = max(1, config.aggregate.sacct_batch)
     for cluster, job_ids in sorted(by_cluster.items()):
