@@ -56,7 +56,9 @@ def aggregate(mode: str, every_s: float, wait_s: float, as_json: bool, debug: bo
     """Merge job and node slices from the spool into the cluster ledger.
 
     Idempotent: a slice merged twice changes nothing. Bad slices go to the quarantine folder
-    with a reason; slices from a newer llem stay in the spool (exit status 1).
+    with a reason; slices from a newer llem stay in the spool (exit status 1). After merging,
+    Slurm's accounting (sacct, per aggregate.sacct) is asked for the final state of the jobs
+    merged, within aggregate.sacct_timeout_s; when it fails, the jobs are asked again later.
     """
     from llem.cluster.aggregate import LedgerBusy, aggregate_once, watch
 
