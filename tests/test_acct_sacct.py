@@ -218,3 +218,44 @@ def test_table_cuts_as_sacct(ledger):
         # strings cut with '+', times cut without, elapsed and numbers never
         "60+ CANCE+ 2026-03-01 00:09:59 599 can+ ",
     ]
+
+
+def test_a_ledger_not_yet_migrated_is_read_with_the_nodes_times(ledger):
+    """Readers may come before the aggregator's migration: without the accounting columns
+    the windows use the nodes' times and Slurm-only fields are empty."""
+    import sqlite3
+
+    from llem.cluster.acct_queries import SLURM_RUN_COLUMNS
+
+    db = sqlite3.connect(ledger)
+    db.execute("DROP INDEX job_runs_unaccounted")
+    for column in (*SLURM_RUN_COLUMNS, "accounted"):
+        db.execute(f"ALTER TABLE job_runs DROP COLUMN {column}")
+    db.execute("DROP TABLE slurm_jobs")
+    db.execute("DROP TABLE slurm_checks")
+    db.execute("ALTER TABLE job_headers DROP COLUMN derived_signal")
+    db.execute("PRAGMA user_version = 3")
+    db.commit()
+    db.close()
+    status, out, err = acct_run(
+        "-a",
+        "-X",
+        "-P",
+        "-n",
+        "-S",
+        "2026-03-01",
+        "-E",
+        "2026-03-02",
+        "-o",
+        "JobID,State,Submit,Start,QOS",
+    )
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        "6001|COMPLETED|Unknown|2026-03-01T12:00:00|",
+        "6002|CANCELLED|Unknown|2026-03-01T14:00:00|",
+        "6003|FAILED|Unknown|2026-03-01T15:00:00|",
+        "6004|TIMEOUT|Unknown|2026-03-01T16:00:00|",
+    ]
+    # the pending-time window needs Slurm's eligible time: the nodes' start stands in
+    assert ids("-S", "2026-03-01T10:30", "-E", "2026-03-01T11:00") == []
+    assert ids("-S", "2026-03-01", "-E", "2026-03-02", "-q", "low") == []
