@@ -18,6 +18,11 @@ of an older schema gets its migrations then (schema 2 adds the two indexes by ru
 ``--since`` uses); the time that took is printed too.
 ``PYTHONDONTWRITEBYTECODE`` is removed from the children's environment so that they use
 compiled bytecode, as an installed llem does.
+
+With ``--postgres`` the same ledger is then copied (``llem ledger copy``'s code, timed) into a
+throwaway PostgreSQL server made with ``initdb`` (Debian's binaries, default settings but
+``shared_buffers`` of ``--pg-shared-buffers``), and every command is timed on both backends;
+the ledger's bytes per job on each are printed.
 """
 
 from __future__ import annotations
@@ -115,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         help="where to build it (a directory not writable by others)",
     )
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--postgres", action="store_true", help="also copy it into PostgreSQL and time both"
+    )
+    parser.add_argument("--pg-shared-buffers", default="512MB")
     args = parser.parse_args(argv)
     if args.ledger is None:
         if not args.jobs:
@@ -153,7 +162,38 @@ def main(argv: list[str] | None = None) -> int:
             "no runs ended in the last 30 days: build the ledger with a recent "
             "--now (make_ledger.py's default is the current time)"
         )
-    acct = _acct_cmd() + ["--ledger", args.ledger]
+    ledgers = [("SQLite", args.ledger)]
+    server = None
+    if args.postgres:
+        server, url = _to_postgres(args)
+        ledgers.append(("PostgreSQL", url))
+    try:
+        for backend, ledger in ledgers:
+            _time_cases(args, backend, ledger, users)
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
+def _to_postgres(args):
+    sys.path.insert(0, str(HERE.parent))  # for tests.helpers
+    from tests.helpers.postgres import Server, copy_into
+
+    server = Server(durable=True, settings=f"-c shared_buffers={args.pg_shared_buffers}")
+    url, m = copy_into(server, args.ledger, "acct")
+    print(
+        f"copied into PostgreSQL: {m['rows']:,} rows in {m['seconds']:.0f} s "
+        f"({m['rows'] / m['seconds']:,.0f} rows/s, {m['jobs'] / m['seconds']:,.0f} jobs/s); "
+        f"{m['bytes'] / 1e6:,.0f} MB, {m['bytes'] / m['jobs']:,.0f} bytes per job "
+        f"(SQLite: {m['sqlite_bytes'] / m['jobs']:,.0f})"
+    )
+    return server, url
+
+
+def _time_cases(args, backend: str, ledger: str, users) -> None:
+    print(f"-- {backend}")
+    acct = _acct_cmd() + ["--ledger", ledger]
     median_user, median_n = users[len(users) // 2]
     busiest, busiest_n = users[-1]
     cases = [
@@ -177,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             "" if target is None else (f"< {target} s " + ("ok" if med < target else "MISSED"))
         )
         print(f"{'llem-acct ' + label:<58} {best:7.3f} {med:8.3f} {lines:7d}  {verdict}")
+    if backend != "SQLite":
+        return
     ms, _, heavy = import_times(["-c", "import llem.cli.acct"])
     print(f"import llem.cli.acct (the console script's import): {ms:.1f} ms")
     ms, slowest, heavy_run = import_times(
-        ["-m", "llem.cli.acct", "--ledger", args.ledger, "--user", median_user, "--since", "30d"]
+        ["-m", "llem.cli.acct", "--ledger", ledger, "--user", median_user, "--since", "30d"]
     )
     print(
         f"every import of a whole `llem-acct --user U --since 30d` run: {ms:.1f} ms; slowest: "
@@ -190,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
         f"interpreter start (python -c pass): {start_ms():.0f} ms; heavy modules imported: "
         f"{', '.join(sorted(set(heavy) | set(heavy_run))) or 'none'}"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,8 +7,14 @@ into a fresh spool, flushes it to disk (``sync``: on a cluster the Epilogs wrote
 long before the pass) and times ``aggregate_once`` on a fresh ledger; then a second pass over
 an empty spool and a re-merge of the same slices (all unchanged, the idempotence path).
 
+With ``--postgres`` the ledger is on PostgreSQL: a throwaway server made with ``initdb`` in a
+temporary folder (Debian's binaries, PostgreSQL's durable defaults: fsync and synchronous
+commit on), or the server of ``--postgres-url`` (an empty database). Ledger bytes are then
+the tables', partitions' and indexes' on disk (``pg_total_relation_size``).
+
 Usage: python bench/bench_aggregate.py [--nodes N] [--jobs M] [--batch B] [--repeat R]
            [--processed archive|delete] [--readers auto|K] [--template DIR]
+           [--postgres | --postgres-url URL]
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ from tests.helpers.make_spool import make_spool  # noqa: E402
 
 
 def ledger_bytes(path: str) -> int:
+    from llem.cluster.pg_ledger import PgLedger, is_postgres
+
+    if is_postgres(path):
+        with PgLedger(path, readonly=True) as led:
+            return led.size_bytes()
     return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
 
 
@@ -73,8 +84,33 @@ def main() -> None:
     parser.add_argument(
         "--template", type=Path, help="keep the generated spool here and reuse it in later runs"
     )
+    parser.add_argument(
+        "--postgres", action="store_true", help="ledger on a throwaway PostgreSQL server"
+    )
+    parser.add_argument("--postgres-url", help="ledger on this (empty) PostgreSQL database")
     args = parser.parse_args()
     readers = args.readers if args.readers == "auto" else int(args.readers)
+    server = None
+    if args.postgres and not args.postgres_url:
+        from tests.helpers.postgres import Server
+
+        server = Server(durable=True)
+    try:
+        _run(args, readers, server)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _ledger(run: Path, args, server, rep: int) -> str:
+    if server is not None:
+        return server.database(f"bench{rep}")
+    if args.postgres_url:
+        return args.postgres_url
+    return str(run / "ledger" / "ledger.db")
+
+
+def _run(args, readers, server) -> None:
     with tempfile.TemporaryDirectory(prefix="llem-bench-") as tmp:
         root = Path(tmp)
         template = args.template or root / "template"
@@ -83,7 +119,8 @@ def main() -> None:
         size = sum(e.stat().st_size for e in os.scandir(template) if e.name.endswith(".json"))
         print(
             f"spool: {total} slices, {size / 1e6:.1f} MB; processed: {args.processed}, "
-            f"readers: {readers}, batch: {args.batch}, CPUs: {os.cpu_count()}"
+            f"readers: {readers}, batch: {args.batch}, CPUs: {os.cpu_count()}, ledger: "
+            + ("PostgreSQL" if server or args.postgres_url else "SQLite")
         )
         rates = []
         for rep in range(args.repeat):
@@ -92,7 +129,7 @@ def main() -> None:
                 cluster="bench",
                 state_dir=str(run / "state"),
                 spool_dir=str(run / "spool"),
-                ledger=str(run / "ledger" / "ledger.db"),
+                ledger=_ledger(run, args, server, rep),
                 aggregate=AggregateConfig(
                     processed=args.processed, batch_size=args.batch, readers=readers
                 ),

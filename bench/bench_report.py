@@ -9,7 +9,11 @@ the previous one; merged through ``Ledger.merge`` in batches, as ``llem aggregat
 each node's hourly totals. Building is the slow part (about 1,000 jobs/s); a big ledger from
 ``bench/make_ledger.py`` can be given with ``--ledger PATH --month YYYY-MM``.
 
+With ``--postgres`` the ledger is then copied (``llem ledger copy``'s code) into a throwaway
+PostgreSQL server made with ``initdb`` and the report is timed on both backends.
+
 Usage: python bench/bench_report.py [--jobs N] [--ledger PATH] [--month 2024-03] [--repeat R]
+           [--postgres]
 """
 
 from __future__ import annotations
@@ -101,8 +105,9 @@ def ledger_size(path: Path, month: str) -> dict:
         def count(sql, *a):
             return ledger.query(sql, a)[0][0]
 
+        size = ledger.size_bytes() if hasattr(ledger, "size_bytes") else os.path.getsize(path)
         return {
-            "file_mb": round(os.path.getsize(path) / 2**20, 1),
+            "file_mb": round(size / 2**20, 1),
             "job_runs": count("SELECT COUNT(*) FROM job_runs"),
             "job_runs_in_month": count(
                 "SELECT COUNT(*) FROM job_runs WHERE run_end_ns >= ? AND run_start_ns < ?",
@@ -171,12 +176,32 @@ def main() -> None:
     parser.add_argument("--ledger", type=Path, help="reuse this ledger (built when absent)")
     parser.add_argument("--month", default="2024-03")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--postgres", action="store_true", help="also time it on PostgreSQL")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llem-bench-report-"))
     path = args.ledger or work / "ledger.db"
     if not path.exists():
         print(f"building {path}: {args.jobs:,} jobs ...", flush=True)
         print("built:", build(path, args.jobs), flush=True)
+    targets = [("SQLite", path)]
+    server = None
+    if args.postgres:
+        from tests.helpers.postgres import Server, copy_into
+
+        server = Server(durable=True, settings="-c shared_buffers=512MB")
+        url, m = copy_into(server, path, "report")
+        print(f"copied into PostgreSQL in {m['seconds']:.0f} s ({m['rows']:,} rows)", flush=True)
+        targets.append(("PostgreSQL", url))
+    try:
+        for backend, ledger in targets:
+            print(f"-- {backend}", flush=True)
+            _time(args, ledger, work)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _time(args, path, work: Path) -> None:
     print("ledger:", json.dumps(ledger_size(path, args.month)), flush=True)
     for i in range(args.repeat):
         parts = time_in_process(path, args.month)

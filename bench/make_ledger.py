@@ -2,6 +2,7 @@
 """Build a realistic cluster ledger fast (``tests/helpers/make_ledger.py`` has the generator).
 
 python bench/make_ledger.py --jobs 1000000 --out /tmp/ledger.db [--seed 1] [--days 365]
+python bench/make_ledger.py --jobs 1000000 --out postgresql:///bench   # an empty database
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ try:
     import llem  # noqa: F401
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT / "src"))
-from tests.helpers.make_ledger import generate, write_jobs  # noqa: E402
+from llem.cluster.pg_ledger import PgLedger, is_postgres  # noqa: E402
+from tests.helpers.make_ledger import generate, write_jobs, write_jobs_pg  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,12 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=365, help="days of history (default 365)")
     parser.add_argument("--now", type=int, default=None, help="epoch second of 'now'")
     args = parser.parse_args(argv)
-    if os.path.exists(args.out):
+    pg = is_postgres(args.out)
+    if not pg and os.path.exists(args.out):
         parser.error(f"{args.out} exists; remove it first")
     t0 = time.perf_counter()
-    n = write_jobs(args.out, generate(args.jobs, seed=args.seed, now_s=args.now, days=args.days))
+    jobs = generate(args.jobs, seed=args.seed, now_s=args.now, days=args.days)
+    n = (write_jobs_pg if pg else write_jobs)(args.out, jobs)
     elapsed = time.perf_counter() - t0
-    size = os.path.getsize(args.out)
+    if pg:
+        with PgLedger(args.out, readonly=True) as led:
+            size = led.size_bytes()
+    else:
+        size = os.path.getsize(args.out)
     print(
         f"{n} jobs in {elapsed:.1f} s ({n / elapsed:,.0f} jobs/s), ledger "
         f"{size / 1e6:,.0f} MB ({size / max(n, 1):,.0f} B/job): {args.out}"

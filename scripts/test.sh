@@ -10,6 +10,8 @@ if [ "$(id -u)" = 0 ]; then
     bash scripts/install-slurm.sh
     bash scripts/install-chromium.sh
     bash scripts/install-prometheus.sh  # node_exporter, prometheus, promtool: metrics tests
+    bash scripts/install-ipmi.sh  # ipmi_sim, ipmi-dcmi, ipmitool: BMC power tests
+    bash scripts/install-postgresql.sh  # initdb, postgres: the PostgreSQL ledger's tests
 fi
 
 python3 -m venv .venv

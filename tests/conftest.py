@@ -34,3 +34,23 @@ def env(tmp_path, monkeypatch):
     cfg.write_text(acct_data.CONFIG + f"ledger: {ledger}\n")
     monkeypatch.setenv("LLEM_CONFIG", str(cfg))
     return ledger
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throwaway PostgreSQL server for the session (``tests.helpers.postgres``): missing
+    binaries fail the tests that need it, they never skip."""
+    from tests.helpers.postgres import Server
+
+    try:
+        server = Server()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """The connection string of a new, empty database on the session's server."""
+    return pg_server.database()

@@ -10,6 +10,7 @@ so both walks are exercised.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 # The range of a typical Xeon package counter (2^32 * 61 uJ units ~ 262 kJ).
@@ -72,7 +73,21 @@ class FakePowercap:
             self.add_zone(f"{socket}:1", "dram", energy_uj // 10, max_range_uj)
 
     def set(self, dirname: str, energy_uj: int | str) -> None:
-        (self.zones[dirname] / "energy_uj").write_text(f"{energy_uj}\n")
+        """Write the counter as sysfs shows it: whole, never an empty or half-written file
+        (a truncate-then-write left readers an empty file now and then, which the sensor
+        rightly took as a read error). The file's mode and owner are kept."""
+        path = self.zones[dirname] / "energy_uj"
+        tmp = path.with_name(".energy_uj.tmp")
+        tmp.write_text(f"{energy_uj}\n")
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            pass
+        else:
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+                os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, path)
 
     def get(self, dirname: str) -> int:
         return int((self.zones[dirname] / "energy_uj").read_text())
@@ -85,3 +100,45 @@ class FakePowercap:
         if max_range is not None:
             value %= max_range
         self.set(dirname, value)
+
+
+class ConstantPower:
+    """A thread that advances zones' counters as hardware at a constant power would.
+
+    Every ``step_s`` each zone's ``energy_uj`` becomes its start value plus watts x elapsed
+    time (wrapping at its range), written atomically (a new file renamed over the old one)
+    so that a reader never sees a half-written counter. Use as a context manager.
+    """
+
+    def __init__(self, tree: FakePowercap, watts: dict[str, float], step_s: float = 0.005):
+        import threading
+
+        self.tree, self.watts, self.step_s = tree, dict(watts), step_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import time
+
+        start = {z: self.tree.get(z) for z in self.watts}
+        ranges = {
+            z: int((self.tree.zones[z] / "max_energy_range_uj").read_text()) for z in self.watts
+        }
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            elapsed = time.monotonic() - t0
+            for zone, watts in self.watts.items():
+                value = (start[zone] + int(watts * elapsed * 1e6)) % ranges[zone]
+                path = self.tree.zones[zone] / "energy_uj"
+                tmp = path.with_name(".energy_uj.tmp")
+                tmp.write_text(f"{value}\n")
+                os.replace(tmp, path)
+            self._stop.wait(self.step_s)
+
+    def __enter__(self) -> ConstantPower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

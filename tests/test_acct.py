@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from llem.cli.acct import acct
 from llem.cluster import ledger as ledger_mod
 from tests.helpers import ROOT, make_ledger
-from tests.helpers.acct import CONFIG, JOBS, WHOLE, H, T, acct_run, job
+from tests.helpers.acct import CONFIG, FILTERS, JOBS, WHOLE, H, T, acct_run, job
 
 pytestmark = pytest.mark.usefixtures("utc")
 
@@ -196,32 +196,7 @@ def test_totals_per_user_account_day(env):
     assert out.splitlines()[-1].startswith("CO2e: grid intensity 400")
 
 
-@pytest.mark.parametrize(
-    "args, ids",
-    [
-        (("-u", "bob"), ["5009_1"]),
-        (("-A", "physics", "-X"), ["5001", "5003"]),
-        (("-r", "gpu"), ["5001", "5001.train"]),
-        (("-s", "F"), ["5009_1"]),
-        (("-s", "CD", "-X"), ["5001", "5003"]),
-        (("-N", "g[0002-0003]", "-X"), ["5001"]),
-        (("-j", "5009_1"), ["5009_1"]),
-        (("-j", "5009"), ["5009_1"]),
-        (("-j", "5001.train"), ["5001.train"]),
-        (("-j", "5001.0"), ["5001.train"]),
-        (("-j", "5001", "-X"), ["5001"]),
-        (("-j", "5001.train,5003"), ["5001.train", "5003"]),
-        (("-j", "5001.train", "-X"), []),
-        (("-j", "5009_1.0"), []),
-        (("-j", "5009_2"), []),
-        (("-j", "5001.nope"), []),
-        (("-S", "2026-03-01T14:00", "-X"), ["5003"]),
-        (("-E", "0301", "-S", "022826"), []),
-        (("-E", "2026-03-01T12:30"), ["5001", "5001.train"]),
-        (("-M", "other"), []),
-        (("--name", "sim,prep"), ["5009_1", "5003"]),
-    ],
-)
+@pytest.mark.parametrize("args, ids", FILTERS)
 def test_filters(env, args, ids):
     base = ["-a", "-S", "2026-03-01", "-E", "2026-03-03"]
     for opt in ("-S", "-E"):

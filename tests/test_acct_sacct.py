@@ -226,6 +226,7 @@ def test_a_ledger_not_yet_migrated_is_read_with_the_nodes_times(ledger):
     import sqlite3
 
     from llem.cluster.acct_queries import SLURM_RUN_COLUMNS
+    from llem.cluster.ledger import MIGRATIONS, _v6_slurm_accounting
 
     db = sqlite3.connect(ledger)
     db.execute("DROP INDEX job_runs_unaccounted")
@@ -234,7 +235,7 @@ def test_a_ledger_not_yet_migrated_is_read_with_the_nodes_times(ledger):
     db.execute("DROP TABLE slurm_jobs")
     db.execute("DROP TABLE slurm_checks")
     db.execute("ALTER TABLE job_headers DROP COLUMN derived_signal")
-    db.execute("PRAGMA user_version = 3")
+    db.execute(f"PRAGMA user_version = {MIGRATIONS.index(_v6_slurm_accounting)}")
     db.commit()
     db.close()
     status, out, err = acct_run(

@@ -22,6 +22,8 @@ from llem.errors import LedgerError
 from llem.fsutil import write_atomic
 from llem.paths import archive_dir, quarantine_dir
 from llem.slices import encode
+from tests.helpers.aggregate import aggregate_cli as _cli
+from tests.helpers.aggregate import template_spool as _template_spool
 from tests.helpers.make_spool import make_spool
 from tests.helpers.nodes import ENV, T0, S, job_slices, node_config, spool_slice
 
@@ -282,26 +284,6 @@ def test_second_aggregator_exits_cleanly_or_waits(tmp_path):
 # -- CLI -------------------------------------------------------------------------------------
 
 
-def _write_yaml(cfg, path: Path) -> Path:
-    agg = cfg.aggregate
-    path.write_text(
-        f"cluster: {cfg.cluster}\nstate_dir: {cfg.state_dir}\nspool_dir: {cfg.spool_dir}\n"
-        f"ledger: {cfg.ledger}\naggregate:\n  grace_s: {agg.grace_s}\n"
-        f"  processed: {agg.processed}\n  batch_size: {agg.batch_size}\n"
-        f"  readers: {agg.readers}\n"
-    )
-    return path
-
-
-def _cli(cfg, *args, **popen):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
-    env["LLEM_CONFIG"] = str(_write_yaml(cfg, Path(cfg.spool_dir).parent / "llem.yaml"))
-    cmd = [sys.executable, "-c", "from llem.cli.main import main; main()", "aggregate", *args]
-    if popen:
-        return subprocess.Popen(cmd, env=env, **popen)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-
-
 def test_cli_once_json_summary(tmp_path):
     cfg = config(tmp_path)
     for data in job_slices(tmp_path, "100"):
@@ -349,31 +331,6 @@ def test_cli_watch_merges_new_slices_and_stops_on_sigterm(tmp_path):
 
 
 # -- crash safety ----------------------------------------------------------------------------
-
-
-def _template_spool(tmp_path) -> tuple[Path, list]:
-    """300 job slices of 100 three-node jobs, a header and a truncated file."""
-    template = tmp_path / "template"
-    template.mkdir()
-    base = job_slices(tmp_path / "gen", "1")
-    items = []
-    for j in range(100):
-        for data in base:
-            d = json.loads(json.dumps(data))
-            d["job"]["job_id"] = str(1000 + j)
-            d["job"]["start_ns"] += j * 7200 * S
-            d["job"]["end_ns"] += j * 7200 * S
-            for row in d["energy"]:
-                row["hour_s"] += j * 7200
-            for w in d["windows"]:
-                w["start_ns"] += j * 7200 * S
-                w["end_ns"] += j * 7200 * S
-            items.append(d)
-    items.append(header_slice_from_env({**ENV, "SLURM_JOB_ID": "1000"}, "c1", now_ns=T0 + 5401 * S))
-    for d in items:
-        (template / slices.file_name(d)).write_bytes(encode(d))
-    (template / "job.c1.n1.9-9.9.json").write_bytes(b'{"schema": "llem.slice/1", "ki')
-    return template, items
 
 
 def _fresh(tmp_path, template, name, readers=0) -> object:

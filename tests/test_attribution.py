@@ -31,7 +31,7 @@ def test_gpu_goes_to_its_job_and_unallocated_gpu_to_the_remainder():
         NodeLoad(),
     )
     assert by(shares) == {(1, "nvml:GPU-a"): (1000, "gpu_allocation")}
-    assert rest == [("nvml:GPU-b", 300)]
+    assert rest == [("nvml:GPU-b", 300, "unattributed")]
 
 
 def test_shared_gpu_split_equally():
@@ -45,7 +45,7 @@ def test_shared_gpu_split_equally():
         (1, "nvml:GPU-a"): (500, "gpu_shared"),
         (2, "nvml:GPU-a"): (500, "gpu_shared"),
     }
-    assert rest == [("nvml:GPU-a", 1)]
+    assert rest == [("nvml:GPU-a", 1, "unattributed")]
 
 
 def test_cpu_split_by_cpu_time_over_node_busy_time():
@@ -59,14 +59,16 @@ def test_cpu_split_by_cpu_time_over_node_busy_time():
         (1, "rapl:package-0"): (6000, "cpu_time"),
         (2, "rapl:package-0"): (2000, "cpu_time"),
     }
-    assert rest == [("rapl:package-0", 2000)]  # the busy time of processes outside jobs
+    assert rest == [
+        ("rapl:package-0", 2000, "unattributed")
+    ]  # the busy time of processes outside jobs
 
 
 def test_idle_node_energy_is_remainder():
     shares, rest = attribute(
         [row("rapl:package-0", 500)], DEVICES, [JobLoad(1, cpu_ns=0)], NodeLoad(busy_cpu_ns=0)
     )
-    assert shares == [] and rest == [("rapl:package-0", 500)]
+    assert shares == [] and rest == [("rapl:package-0", 500, "unattributed")]
 
 
 def test_jobs_never_get_more_than_everything_when_accounting_disagrees():
@@ -88,13 +90,13 @@ def test_dram_by_memory_share_measured_or_estimated():
             NodeLoad(used_memory_bytes=8 * 2**30),
         )
         assert by(shares) == {(1, key): (250, "memory_share")}
-        assert rest == [(key, 750)]
+        assert rest == [(key, 750, "unattributed")]
 
 
 def test_no_jobs_everything_is_remainder():
     rows = [row(k, 77) for k in DEVICES]
     shares, rest = attribute(rows, DEVICES, [], NodeLoad(busy_cpu_ns=10, used_memory_bytes=10))
-    assert shares == [] and sorted(rest) == sorted((k, 77) for k in DEVICES)
+    assert shares == [] and sorted(rest) == sorted((k, 77, "unattributed") for k in DEVICES)
 
 
 @settings(max_examples=400, deadline=None)
@@ -119,6 +121,6 @@ def test_invariant_shares_plus_remainder_equal_the_node_energy(energies, jobs, b
     shares, rest = attribute(rows, DEVICES, loads, NodeLoad(busy, mem))
     for r in rows:
         got = sum(s.energy_uj for s in shares if s.device_key == r.device_key)
-        left = sum(uj for k, uj in rest if k == r.device_key)
+        left = sum(uj for k, uj, _ in rest if k == r.device_key)
         assert got + left == r.energy_uj
         assert all(s.energy_uj >= 0 and 0 <= s.share <= 1 for s in shares)

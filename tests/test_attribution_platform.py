@@ -53,7 +53,7 @@ def test_platform_by_allocated_cpus_unallocated_part_to_the_remainder():
         (1, "platform:node"): (160, PLATFORM_ALLOCATION),
         (2, "platform:node"): (320, PLATFORM_ALLOCATION),
     }
-    assert rest == [("platform:node", 800)]
+    assert rest == [("platform:node", 800, "idle_unallocated")]
 
 
 def test_an_exclusive_job_carries_the_whole_platform():
@@ -73,7 +73,7 @@ def test_unknown_allocation_falls_back_to_cpu_time_like_a_package():
         (1, "platform:node"): (600, PLATFORM_CPU_TIME),
         (2, "platform:node"): (200, PLATFORM_CPU_TIME),
     }
-    assert rest == [("platform:node", 200)]
+    assert rest == [("platform:node", 200, "unattributed")]
 
 
 def test_the_node_meter_is_never_charged_to_jobs():
@@ -83,7 +83,7 @@ def test_the_node_meter_is_never_charged_to_jobs():
         [JobLoad(1, alloc_cpus=8, cpu_ns=10)],
         NodeLoad(10, 10, 8),
     )
-    assert shares == [] and rest == [("pm_counters:node", 5000)]
+    assert shares == [] and rest == [("pm_counters:node", 5000, "unattributed")]
 
 
 @settings(max_examples=400, deadline=None)
@@ -115,8 +115,15 @@ def test_invariant_jobs_plus_remainder_equal_the_node_for_every_device(
     shares, rest = attribute(rows, DEVICES, loads, NodeLoad(busy, mem, cpus))
     for r in rows:
         got = sum(s.energy_uj for s in shares if s.device_key == r.device_key)
-        left = sum(uj for k, uj in rest if k == r.device_key)
+        left = sum(uj for k, uj, _ in rest if k == r.device_key)
         assert got + left == r.energy_uj
+    # The unallocated part of the platform's static power is labelled as such; by CPU time
+    # (an allocation unknown), what is left is unattributed.
+    platform = {label for k, _, label in rest if k == "platform:node"}
+    if cpus and loads and all(j.alloc_cpus is not None for j in loads):
+        assert platform <= {"idle_unallocated"}
+    else:
+        assert platform <= {"unattributed"}
     assert all(s.energy_uj >= 0 and 0 <= s.share <= 1 for s in shares)
     assert not any(s.device_key == "pm_counters:node" for s in shares)
 

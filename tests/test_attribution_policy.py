@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llem.model import EnergyRow, Interval, JobRecord
+from llem.model import REMAINDER_LABELS, EnergyRow, Interval, JobRecord
 from llem.node.attribution import POLICIES, JobAttributor, JobLoad, NodeLoad, attribute, static_uj
 from llem.node.idle import MIN_SAMPLES, IdleLearner, IdlePower, quantile
 from llem.node.store import NodeStore
@@ -40,7 +40,8 @@ def charged(shares):
 def test_idle_job_on_a_shared_node_is_charged_its_reservation_under_hybrid():
     # 10 s of a 40 W package (400 J) with 30 W idle: 300 J static, 100 J dynamic. Two 1-CPU
     # jobs on a 4-CPU node: each gets 75 J of the static part; the busy one (all the busy
-    # CPU time) also the 100 J dynamic; the two unallocated CPUs' 150 J stay with the node.
+    # CPU time) also the 100 J dynamic; the two unallocated CPUs' 150 J stay with the node,
+    # labelled idle_unallocated.
     jobs = [JobLoad(1, cpu_ns=10 * SECOND, alloc_cpus=1), JobLoad(2, cpu_ns=0, alloc_cpus=1)]
     node = NodeLoad(busy_cpu_ns=10 * SECOND, cpus=4)
     shares, rest = attribute(
@@ -57,7 +58,7 @@ def test_idle_job_on_a_shared_node_is_charged_its_reservation_under_hybrid():
         (1, PKG.key, "cpu_time"): 100_000_000,
         (2, PKG.key, "idle_allocation"): 75_000_000,
     }
-    assert rest == [(PKG.key, 150_000_000)]
+    assert rest == [(PKG.key, 150_000_000, "idle_unallocated")]
 
 
 def test_use_policy_is_todays_rule_and_leaves_the_idle_job_nothing():
@@ -93,7 +94,7 @@ def test_allocation_policy_splits_by_cpus_and_memory():
         (1, DRAM.key, "memory_allocation"): 10,
         (2, DRAM.key, "memory_allocation"): 30,
     }
-    assert dict(rest) == {PKG.key: 400, DRAM.key: 40}
+    assert rest == [(PKG.key, 400, "unallocated"), (DRAM.key, 40, "unallocated")]
 
 
 def test_exclusive_job_takes_every_device_of_the_node():
@@ -110,7 +111,7 @@ def test_exclusive_job_takes_every_device_of_the_node():
     }
     # psys (a whole-node meter, or RAPL's platform domain) overlaps the parts: never added,
     # so it stays in the remainder under an exclusive job too.
-    assert rest == [(PSYS.key, 50)]
+    assert rest == [(PSYS.key, 50, "unattributed")]
 
 
 def test_unknown_allocation_falls_back_to_use():
@@ -177,11 +178,29 @@ def test_invariant_is_exact_for_every_policy(energies, jobs, node, policy, idle,
     for key, uj in energies.items():
         parts = [s.energy_uj for s in shares if s.device_key == key]
         assert all(p >= 0 for p in parts)
-        assert sum(parts) + dict(rest).get(key, 0) == uj
+        assert sum(parts) + sum(r.energy_uj for r in rest if r.device_key == key) == uj
         assert all(0 <= s.share <= 1 for s in shares)
-    assert all(uj > 0 for _, uj in rest)
+    assert all(r.energy_uj > 0 and r.label in REMAINDER_LABELS for r in rest)
+    assert len({(r.device_key, r.label) for r in rest}) == len(rest)  # the store's key
+    labels = {r.label for r in rest}
     if any(j.exclusive for j in jobs):
         assert {s.method for s in shares} <= {"exclusive"}
+        assert labels <= {"unattributed"}
+    if policy != "allocation":
+        assert "unallocated" not in labels
+    if policy != "hybrid":
+        assert "idle_unallocated" not in labels
+    # Under hybrid, the idle_unallocated part of a package or DRAM is exactly its static part
+    # less what the jobs' allocations took of it.
+    for r in rest:
+        if r.label == "idle_unallocated":
+            static = static_uj(idle.get(r.device_key), interval_ns, energies[r.device_key])
+            took = sum(
+                s.energy_uj
+                for s in shares
+                if s.device_key == r.device_key and s.method == "idle_allocation"
+            )
+            assert r.energy_uj == static - took
 
 
 def test_quantile_is_low_and_ignores_one_odd_reading():

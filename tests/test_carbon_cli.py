@@ -7,6 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from llem.carbon import tables
 from llem.cli.carbon import carbon as carbon_group
 from llem.cli.main import cli, run
 
@@ -97,11 +98,33 @@ def test_unknown_region_is_error_exit_1(capsys):
     assert err.startswith("Error: unknown carbon region 'Germny'; close matches: DE")
 
 
-def test_missing_year_is_error_exit_1(capsys):
+def test_a_year_before_every_shipped_one_is_reported_not_available_exit_1(capsys):
+    """Years the sources llem could reach do not carry are not invented: the answer says
+    which years are shipped, why no earlier one is, and how energy of that year is priced."""
+    years = sorted(tables.rows_by_year("DE"))
     assert run(cli, ["carbon", "intensity", "DE", "--year", "2019"]) == 1
-    assert capsys.readouterr().err == (
-        "Error: region 'DE' has no figure for year 2019 (have: 2021, 2023, 2024)\n"
+    err = capsys.readouterr().err
+    assert err == (
+        "Error: no figure of DE for 2019 is available: the shipped sources carry DE for "
+        f"{', '.join(map(str, years))} only, and earlier years could not be sourced "
+        "(share/carbon/SOURCES.md; a site with the full Our World in Data export can add them "
+        f"with build_tables.py). Energy used in 2019 is priced with the {years[0]} figure, "
+        f"shown as '{years[0]} for 2019'.\n"
     )
+    # The pricing says the same.
+    from llem import carbon
+    from llem.config import CarbonConfig, Config
+
+    model = carbon.resolve(Config(carbon=CarbonConfig(region="DE")))
+    assert model.for_hour(1_546_300_800).year == f"{years[0]} for 2019"  # 2019-01-01
+
+
+def test_every_shipped_year_answers(capsys):
+    for region in ("DE", "US-CA", "FR"):
+        for year, row in tables.rows_by_year(region).items():
+            assert run(cli, ["carbon", "intensity", region, "--year", str(year)]) == 0
+            out = capsys.readouterr().out
+            assert f"  year:    {year}\n" in out and f"{row.g_per_kwh:g} gCO2e/kWh" in out
 
 
 def test_missing_argument_is_usage_error_exit_2(capsys):

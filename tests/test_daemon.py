@@ -46,11 +46,12 @@ def test_registered_job_gets_energy_and_jobs_plus_remainder_equal_the_node(node)
 
     # Every interval and device: what the jobs got plus the remainder is what was measured.
     rows = node.query(
-        "SELECT e.interval_id, e.device_key, e.energy_uj, COALESCE(r.energy_uj, 0), "
+        "SELECT e.interval_id, e.device_key, e.energy_uj, "
+        "(SELECT COALESCE(SUM(r.energy_uj), 0) FROM remainder r "
+        " WHERE r.interval_id = e.interval_id AND r.device_key = e.device_key), "
         "(SELECT COALESCE(SUM(je.energy_uj), 0) FROM job_energy je "
         " WHERE je.interval_id = e.interval_id AND je.device_key = e.device_key) "
-        "FROM energy e LEFT JOIN remainder r "
-        "ON r.interval_id = e.interval_id AND r.device_key = e.device_key"
+        "FROM energy e"
     )
     assert {device for _, device, *_ in rows} == {"fake:package", "fake:dram"}
     assert len(rows) >= 6

@@ -127,10 +127,19 @@ def test_attribution_policy_and_idle_powers_in_force(tmp_path):
     cfg.write_text(
         f"state_dir: {state}\nattribution:\n  policy: allocation\n  idle_w:\n    cpu: 42\n"
     )
-    env = {"LLEM_CONFIG": str(cfg), "LLEM_POWERCAP_ROOT": str(pc.path), "SLURMD_NODENAME": "n9"}
+    slurm_conf = tmp_path / "slurm.conf"
+    slurm_conf.write_text("NodeName=n[8-9] CPUs=48 RealMemory=1000\n")
+    slurm_conf.chmod(0o644)
+    env = {
+        "LLEM_CONFIG": str(cfg),
+        "LLEM_POWERCAP_ROOT": str(pc.path),
+        "SLURMD_NODENAME": "n9",
+        "SLURM_CONF": str(slurm_conf),
+    }
     r = doctor(env)
     assert r.returncode == 0, r.stderr
     assert "Attribution: policy allocation" in r.stdout
+    assert f"node CPUs for allocation shares: 48 (slurm.conf ({slurm_conf}))" in r.stdout
     assert "idle power rapl:package-0: 42.0 W (config)" in r.stdout
     assert "idle power rapl:dram-0: 3.5 W (learned, 240 idle samples)" in r.stdout
     report = json.loads(doctor(env, "--json").stdout)

@@ -43,7 +43,7 @@ from tests.helpers.nodes import (
 def test_job_slice_energy_per_device_and_clock_hour(tmp_path):
     store, run_id = build_store(tmp_path / "s" / "node.db")
     data = export_job(store, run_id, node_config(tmp_path), now_ns=T0 + 5 * 3600 * S)
-    assert data["schema"] == "llem.slice/1" and data["kind"] == "job"
+    assert data["schema"] == slices.SCHEMA and data["kind"] == "job"
     assert (data["cluster"], data["node"], data["job"]["job_id"], data["job"]["start_ns"]) == (
         "c1",
         "n1",

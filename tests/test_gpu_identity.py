@@ -134,7 +134,7 @@ def test_the_attributor_stores_the_keys_and_flags_at_the_first_interval(tmp_path
         assert store.run(run).flags == ("x",)
         got = {(s.device_key, s.energy_uj) for s in out.shares}
         assert got == {("nvml:GPU-m2", 1_000_000), ("nvml:GPU-m0", 2_000_000)}
-        assert dict(out.remainder) == {"nvml:GPU-m1": 3_000_000}
+        assert out.remainder == (("nvml:GPU-m1", 3_000_000, "unattributed"),)
 
 
 def test_the_sampler_keeps_slurmds_config_path_and_drops_the_jobs_variables():
@@ -149,3 +149,47 @@ def test_the_sampler_keeps_slurmds_config_path_and_drops_the_jobs_variables():
         }
     )
     assert env == {"SLURM_CONF": "/etc/slurm/slurm.conf", "PATH": "/bin"}
+
+
+def amd(minor: int) -> Device:
+    """An AMD GPU as the amdsmi sensor describes it: minor = its render node - 128."""
+    return Device(
+        key=f"amdsmi:uuid-{minor}",
+        component="gpu",
+        name=f"gpu{minor}",
+        sensor="amdsmi",
+        source="measured",
+        method="counter",
+        attrs={"uuid": f"uuid-{minor}", "minor": minor, "bdf": f"0000:c{minor}:00.0"},
+    )
+
+
+def test_amd_render_nodes_in_gres_conf_resolve_to_the_amdsmi_devices(tmp_path):
+    """gres.conf lists AMD GPUs by DRM render node (/dev/dri/renderD128 is char 226:128, the
+    amdsmi sensor's minor 0): the device's own numbers decide, not the file names."""
+    if os.geteuid() != 0:
+        pytest.skip("mknod needs root")
+    devs = tmp_path / "dri"
+    devs.mkdir()
+    for name, minor in (("renderD128", 129), ("renderD129", 128)):
+        os.mknod(devs / name, 0o600 | 0o020000, os.makedev(226, minor))
+    path = conf(tmp_path, f"Name=gpu File={devs}/renderD[128-129]\n")
+    two = [amd(0), amd(1)]
+    assert GpuMap(two, "n1", path).resolve(("0", "1")) == (("amdsmi:uuid-1", "amdsmi:uuid-0"), ())
+
+
+def test_a_drm_card_node_is_taken_to_its_render_node_through_sysfs(tmp_path):
+    """/dev/dri/card1 (226:1) whose GPU's render node is renderD128: GPU 0 (card0 being a
+    BMC's VGA without a render node)."""
+    from llem.node.slurm import _device_minor
+
+    if os.geteuid() != 0:
+        pytest.skip("mknod needs root")
+    card = tmp_path / "card1"
+    os.mknod(card, 0o600 | 0o020000, os.makedev(226, 1))
+    sysfs = tmp_path / "sys"
+    drm = sysfs / "dev" / "char" / "226:1" / "device" / "drm"
+    (drm / "card1").mkdir(parents=True)
+    (drm / "renderD128").mkdir()
+    assert _device_minor(str(card), sys_root=str(sysfs)) == 0
+    assert _device_minor(str(card), sys_root=str(tmp_path / "nosys")) is None  # unknown: unresolved

@@ -401,7 +401,7 @@ def test_header_validation_names_the_problem(damage, message):
 
 def test_newer_schema_is_its_own_error(tmp_path):
     data = _job(tmp_path)
-    data["schema"] = "llem.slice/2"
+    data["schema"] = f"llem.slice/{slices.SCHEMA_VERSION + 1}"
     with pytest.raises(slices.NewerSchema, match="upgrade llem"):
         slices.validate(data)
 

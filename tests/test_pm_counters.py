@@ -183,3 +183,42 @@ def test_probe_lists_devices_and_versions(fake):
     probe = pm_counters.probe(fake.path)
     assert probe.available and len(probe.devices) == 7
     assert "raw_scan_hz: 10" in probe.notes
+
+
+# -- the controller's timestamp -------------------------------------------------------------------
+
+
+def test_readings_are_dated_by_the_controllers_timestamp(fake):
+    """Values 0.5 s apart on the controller, read 1 s apart by the host: the readings are
+    0.5 s apart (what the sampler checks each step's power against)."""
+    sensor = pm_counters.PmCountersSensor(fake.path)
+    fake.advance(WATTS, 0.1)
+    first = sensor.read(10 * NS_PER_S)[0]
+    fake.advance(WATTS, 0.5)
+    second = sensor.read(11 * NS_PER_S)[0]
+    assert first.mono_ns == 10 * NS_PER_S
+    assert second.mono_ns - first.mono_ns == NS_PER_S // 2
+    assert second.mono_ns <= 11 * NS_PER_S  # never dated after its read
+
+
+def test_a_timestamp_going_back_without_a_restart_is_a_gap(fake):
+    sensor = pm_counters.PmCountersSensor(fake.path)
+    fake.advance(WATTS, 1.0)
+    assert sensor.read(NS_PER_S)[0].status == OK
+    fake.ts_us -= 10_000_000
+    fake.advance(WATTS, 1.0)
+    readings = sensor.read(2 * NS_PER_S)
+    assert all(r.status == ERROR for r in readings)
+    assert "timestamp went back" in readings[0].error
+
+
+def test_without_freshness_a_timestamp_that_does_not_move_is_stale(fake):
+    """Older firmware has no freshness file: the timestamps alone tell stale data."""
+    sensor = pm_counters.PmCountersSensor(fake.path)
+    fake.advance(WATTS, 1.0)
+    (fake.path / "freshness").unlink()
+    assert sensor.read(NS_PER_S)[0].status == OK
+    assert sensor.read(2 * NS_PER_S)[0].status == OK  # same values 1 s later: not yet stale
+    readings = sensor.read(3 * NS_PER_S + 1)
+    assert all(r.status == ERROR for r in readings)
+    assert "timestamp has stayed" in readings[0].error and "stale" in readings[0].error

@@ -244,7 +244,7 @@ def test_bobs_busy_loop_is_not_billed_to_alice_and_the_guess_is_flagged(node):
     # Of the node's 100 busy ticks, Alice's tree used 10 + 30 and Bob's job 5: Bob's 40 + 15
     # ticks outside his job (SLURM_JOB_ID=100, a forged title) are the node's remainder.
     assert share == {runs["100"]: 400_000, runs["200"]: 50_000}
-    assert sum(uj for _, uj in out.remainder) == 550_000
+    assert sum(r.energy_uj for r in out.remainder) == 550_000
     for job_id in ("100", "200"):
         assert PROC_TREE_FLAG in store.run(runs[job_id]).flags
 
@@ -259,4 +259,4 @@ def test_the_second_interval_credits_only_the_trees_delta(node):
     proc.set_node_busy(1100)
     out = attributor(interval(2, 1_000_000))
     assert {s.run_id for s in out.shares if s.energy_uj} == set()
-    assert sum(uj for _, uj in out.remainder) == 1_000_000
+    assert sum(r.energy_uj for r in out.remainder) == 1_000_000

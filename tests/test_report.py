@@ -227,10 +227,12 @@ def test_reconciliation_from_the_nodes_hourly_totals(ledger_path, nov):
 
 def test_nodes_with_gaps_and_without_hourly_totals_are_named():
     nodes = [
-        ("n1", "gpu", "measured", 100, 80, 20, 60, 3, 3000 * 10**9, 1, 1),
-        ("n2", "gpu", "measured", 100, 100, 0, 60, 0, 3600 * 10**9, 1, 1),
+        # The last two: the labelled parts of the remainder, unknown (slices from before them).
+        ("n1", "gpu", "measured", 100, 80, 20, 60, 3, 3000 * 10**9, 1, 1, None, None),
+        ("n2", "gpu", "measured", 100, 100, 0, 60, 0, 3600 * 10**9, 1, 1, None, None),
     ]
     r = frames.reconciliation(nodes, ["n1", "n9"], 85 / 3.6e12)
+    assert r["idle_unallocated_kwh"] is None and r["unallocated_kwh"] is None
     assert list(r["nodes_with_gaps"]["node"]) == ["n1"]
     assert r["nodes_with_gaps"].iloc[0]["covered_share"] == pytest.approx(3000 / 3600)
     assert r["nodes_without_totals"] == ["n9"]

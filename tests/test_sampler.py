@@ -4,7 +4,7 @@ import time
 import pytest
 
 from llem.node.store import NodeStore
-from llem.sampler import Sampler
+from llem.sampler import MIN_READ_SPACING_S, Sampler
 from llem.wrap import Accumulator
 from tests.fakes import BrokenSensor, FakeClock, FakeSensor
 
@@ -129,3 +129,41 @@ def test_wake_takes_an_extra_reading_without_moving_the_beat(tmp_path):
         s.stop()
         t.join(2)
     assert s.intervals == 2  # the final reading
+
+
+class SteppedCounter(FakeSensor):
+    """A counter that moves every 50 ms, like NVML's or pm_counters': 80 W of a 100 W bound.
+    Read a few ms after a step, the step looks like impossible power."""
+
+    def __init__(self) -> None:
+        super().__init__({"pkg": 0}, max_power_w=100.0)
+        self.t0 = time.monotonic()
+
+    def read(self, mono_ns: int):
+        self.counters["pkg"] = int(int((time.monotonic() - self.t0) / 0.05) * 0.05 * 80e6)
+        return super().read(mono_ns)
+
+
+def test_readings_on_request_and_the_final_one_keep_their_spacing():
+    """A wake right after a reading (a job's end registration, a window) and the final reading
+    right after the last one wait until MIN_READ_SPACING_S has passed: a reading a few ms
+    after the last one turned a stepped counter's step into a gap (the lab's lost end
+    intervals, issue 20)."""
+    intervals = []
+    s = Sampler([SteppedCounter()], [Accumulator()], interval_s=2.0)
+
+    def on_interval(interval):
+        intervals.append(interval)
+        if len(intervals) < 4:
+            s.wake.set()  # at once: the next reading is asked for right after this one
+        else:
+            s.stop()  # the final reading, right after the last one
+
+    t = threading.Thread(target=s.run, kwargs={"on_interval": on_interval})
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    assert len(intervals) == 5
+    for interval in intervals:
+        assert interval.mono_end_ns - interval.mono_start_ns >= MIN_READ_SPACING_S * 1e9 * 0.99
+        assert [r.kind for r in interval.rows] == ["ok"], interval.rows

@@ -193,13 +193,14 @@ def test_sacct_setting_is_checked(tmp_path, value):
 
 
 def test_old_headers_are_corrected_by_the_migration(tmp_path):
-    """A ledger of schema 3 with headers as llem wrote them before: COMPLETED guessed from
+    """A ledger of the schema before the accounting migration, with headers as llem wrote them before: COMPLETED guessed from
     exit 0:0, SIGNALED, and a derived exit code kept as a raw wait status."""
     path = tmp_path / "ledger.db"
     db = sqlite3.connect(path, isolation_level=None)
-    for migration in ledger_mod.MIGRATIONS[:3]:
+    before = ledger_mod.MIGRATIONS.index(ledger_mod._v6_slurm_accounting)
+    for migration in ledger_mod.MIGRATIONS[:before]:
         migration(db)
-    db.execute("PRAGMA user_version = 3")
+    db.execute(f"PRAGMA user_version = {before}")
     for job_id, state, derived in (
         ("1", "COMPLETED", 256),
         ("2", "SIGNALED", 0),

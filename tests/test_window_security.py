@@ -354,6 +354,83 @@ def test_coverage_of_a_window_never_claims_a_gap(tmp_path):
         assert store.covered_ns_between(0, 4, run_id) == 30 * 10**9
 
 
+def test_coverage_of_a_sealed_job_never_claims_a_gap(tmp_path):
+    from llem.node.jobs import seal
+
+    store, run_id = _gap_store(tmp_path / "n.db")
+    with store:
+        sealed = seal(store, store.run(run_id))
+    # The job's 40 s: the third 10 s interval lost its package's data. Before, any interval
+    # counted and the job claimed 1.0.
+    assert sealed.coverage == 0.75 and "gap" in sealed.flags
+
+
+def _covered_share(daemon: Daemon, job_id: str) -> tuple[float, float, int]:
+    """(coverage the job was sealed with, the share of its span in intervals whose package
+    had data, intervals with a gap of the package inside the span)."""
+    ((run_id, start_ns, end_ns, coverage),) = daemon.query(
+        "SELECT run_id, start_ns, end_ns, coverage FROM jobs WHERE job_id = ?", (job_id,)
+    )
+    spans = daemon.query(
+        "SELECT i.start_ns, i.end_ns, e.kind FROM intervals i JOIN energy e ON "
+        "e.interval_id = i.id AND e.device_key = 'fake:package' WHERE i.end_ns > ? AND "
+        "i.start_ns < ? ORDER BY i.start_ns",
+        (start_ns, end_ns),
+    )
+    covered = sum(
+        min(b, end_ns) - max(a, start_ns) for a, b, kind in spans if kind not in ("gap", "reset")
+    )
+    gaps = sum(1 for *_, kind in spans if kind == "gap")
+    return coverage, covered / (end_ns - start_ns), gaps
+
+
+@needs_root
+def test_the_rate_of_reads_attack_without_its_limits_shows_in_the_jobs_coverage(
+    shared_dir, monkeypatch
+):
+    """Item 3 replayed with the read limits lifted (as before the fix): the owner's flood
+    turns the 50 ms package counter's steps into gaps, and the sealed job's coverage drops
+    with them instead of claiming 1.0."""
+    monkeypatch.setattr(windows, "FORCED_READS_PER_JOB_S", 10_000.0)
+    monkeypatch.setattr(windows, "MIN_READ_SPACING_S", 0.0)
+    daemon = slow_daemon(shared_dir)
+    try:
+        daemon.node.add_job_cgroup(JOB)
+        daemon.prolog(JOB)
+        daemon.start()
+        daemon.daemon.sampler.spacing_s = 0.0
+        wait_for(lambda: daemon.job_state(JOB) == "running", "the job taken in")
+        got = flood(daemon, OWNER_UID)
+        daemon.daemon.sampler.spacing_s = 0.25
+        daemon.epilog(JOB)
+        wait_for(lambda: daemon.job_state(JOB) in ("sealed", "exported"), "the job sealed")
+        coverage, honest, gaps = _covered_share(daemon, JOB)
+    finally:
+        daemon.stop()
+    assert got["readings"] > 3 * FLOOD_S / SLOW_INTERVAL_S, got  # the attack did read often
+    assert gaps > 5, gaps
+    assert coverage < 0.9, coverage
+    assert coverage == pytest.approx(honest, abs=1e-3)
+
+
+@needs_root
+def test_with_its_limits_the_owners_flood_leaves_the_jobs_coverage_whole(shared_dir):
+    daemon = slow_daemon(shared_dir)
+    try:
+        daemon.node.add_job_cgroup(JOB)
+        daemon.prolog(JOB)
+        daemon.start()
+        wait_for(lambda: daemon.job_state(JOB) == "running", "the job taken in")
+        flood(daemon, OWNER_UID)
+        daemon.epilog(JOB)
+        wait_for(lambda: daemon.job_state(JOB) in ("sealed", "exported"), "the job sealed")
+        coverage, honest, gaps = _covered_share(daemon, JOB)
+    finally:
+        daemon.stop()
+    assert gaps == 0 and coverage == pytest.approx(honest, abs=1e-3)
+    assert coverage > 0.95, coverage
+
+
 # -- 5: windows without end --------------------------------------------------------------------
 
 
@@ -452,3 +529,61 @@ def test_doctor_probe_finds_a_live_server_answering(tmp_path):
         assert daemon.daemon.windows.forced_reads == before  # a ping reads nothing
     finally:
         daemon.stop()
+
+
+# -- 10: what error texts tell a user --------------------------------------------------------
+
+
+def test_error_texts_name_no_path_and_echo_no_exception_while_roots_log_keeps_them(
+    tmp_path, caplog
+):
+    from llem.errors import StoreError
+
+    daemon = Daemon(tmp_path, linger_s=600.0)
+    secret = str(daemon.paths.socket.parent / "store" / "node.db")
+    try:
+        daemon.prolog(JOB)
+        daemon.start()
+        sock = daemon.paths.socket
+        server = daemon.daemon.windows
+
+        def broken(*args, **kwargs):
+            raise StoreError(f"{secret}: disk I/O error")
+
+        server.store.open_window = broken  # the store failing under a request
+        with caplog.at_level("DEBUG", logger="llem.node.windows"):
+            with pytest.raises(WindowError) as refused:
+                open_window(sock, slurm_env(JOB), "w")
+            # Bytes that are not UTF-8: the decoder's own message stays in the log.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+                raw.settimeout(10)
+                raw.connect(str(sock))
+                raw.sendall(b"\xff\xfe{}\n")
+                answer = json.loads(raw.makefile("rb").readline())
+        assert ping(sock) == {"ok": True, "op": "ping"}  # the server goes on
+    finally:
+        daemon.stop()
+    told = str(refused.value)
+    assert told == f"node sampler refused: {windows.INTERNAL_ERROR}"
+    assert secret not in told and "StoreError" not in told and "disk I/O" not in told
+    assert answer == {"ok": False, "error": "bad request: not one line of JSON"}
+    logged = caplog.text
+    assert secret in logged and "disk I/O error" in logged  # root's log keeps the detail
+    assert "utf-8" in logged
+
+
+def test_an_unreachable_sampler_is_named_without_its_socket_path(tmp_path):
+    path = tmp_path / "hidden-dir" / "sampler.sock"
+    with pytest.raises(WindowError) as missing:
+        ping(path, timeout_s=0.5)
+    assert str(missing.value) == "node sampler not reachable (No such file or directory)"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path.parent.mkdir()
+    dead.bind(str(path))  # bound, never listening
+    try:
+        with pytest.raises(WindowError) as refused:
+            ping(path, timeout_s=0.5)
+    finally:
+        dead.close()
+    assert str(refused.value) == "node sampler not reachable (Connection refused)"
+    assert "hidden-dir" not in str(missing.value) + str(refused.value)

@@ -256,3 +256,35 @@ def test_unknown_region_keeps_the_measurement(tree):
     out = json.loads(r.stdout)
     assert out["co2e_g"] is None and "unknown carbon region 'Atlantis'" in out["carbon"]["reason"]
     assert out["components"]
+
+
+def test_work_file_gives_the_energy_per_unit_at_a_known_power(tree, tmp_path):
+    from tests.powercap import ConstantPower
+
+    count = tmp_path / "n.txt"
+    command = [sys.executable, "-c", f"import time; time.sleep(1.5); open({str(count)!r}, 'w').write('3000 tokens')"]  # fmt: skip
+    with ConstantPower(tree, {"intel-rapl:0": 40.0}):
+        r = wrap(["--json", "--interval", "0.1", "--work-file", str(count), "--", *command], tree)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["work"] == 3000 and out["unit"] == "tokens"
+    assert out["energy_per_unit_j"] == pytest.approx(out["energy_j"] / 3000)
+    # The command's time at 40 W, give or take the sampler's edges (0.1 s reads).
+    assert out["energy_j"] == pytest.approx(40.0 * out["duration_s"], rel=0.1)
+    assert out["per_unit_basis"] == "measured" and out["gpu_energy_per_unit_j"] is None
+    assert "work 3,000 tokens" in r.stderr or "work 3000 tokens" in r.stderr
+    assert "per token (whole node, measured)" in r.stderr
+
+
+def test_work_problems_are_notes_or_usage_errors(tree, tmp_path):
+    missing = wrap(["--json", "--work-file", str(tmp_path / "none"), "--", "true"], tree)
+    assert missing.returncode == 0
+    out = json.loads(missing.stdout)
+    assert out["work"] is None and out["energy_j"] >= 0  # the measurement is kept
+    assert any("work file" in n and "the work is unknown" in n for n in out["notes"])
+    both = wrap(["--work", "1", "--work-file", str(tmp_path / "n"), "--", "true"], tree)
+    assert both.returncode == 2 and "give one of them" in both.stderr
+    bad = wrap(["--work", "5", "--unit", "x" * 33, "--", "true"], tree)
+    assert bad.returncode == 2 and "unit of work" in bad.stderr
+    given = wrap(["--json", "--work", "10", "--", "true"], tree)
+    assert json.loads(given.stdout)["unit"] == "units"

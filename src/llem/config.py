@@ -36,6 +36,7 @@ NON_KEY_ENV = frozenset(
         "LLEM_SHARE_DIR",
         "LLEM_DEBUG",
         "LLEM_PM_COUNTERS_ROOT",
+        "LLEM_HISTORY",  # the Python API's local history (llem.history)
         # read by the Slurm hook scripts (slurm/llem-hook.sh), not by llem itself
         "LLEM_BIN",
         "LLEM_TIMEOUT",
@@ -175,6 +176,22 @@ class AttributionConfig:
 
 
 @dataclass(frozen=True)
+class IpmiConfig:
+    enabled: bool = False
+    """Read the node's power from its BMC over IPMI DCMI (sensor 'ipmi'), where no other node
+    meter (pm_counters, an ACPI power meter) is found; needs root and a DCMI BMC."""
+    tool: str = "auto"
+    """'auto' (FreeIPMI's ipmi-dcmi, else ipmitool), 'ipmi-dcmi' or 'ipmitool'."""
+    args: str = ""
+    """Arguments put before the tool's command (shell words), e.g. a LAN BMC's
+    '-I lanplus -H bmc1 -U llem -f /etc/llem/bmc.pass'; empty: the local BMC (in-band)."""
+    poll_s: float = 1.0
+    """Seconds between two BMC reads, in a thread of the sampler (never in its tick)."""
+    timeout_s: float = 10.0
+    """A BMC read that takes longer is killed, and the node meter has a gap."""
+
+
+@dataclass(frozen=True)
 class Config:
     cluster: str = "default"
     """Cluster name; Slurm's SLURM_CLUSTER_NAME wins inside jobs."""
@@ -183,12 +200,16 @@ class Config:
     spool_dir: str = "/var/spool/llem"
     """Shared directory where epilogs drop finished jobs' slices."""
     ledger: str = "/var/lib/llem/ledger.db"
-    """Path of the cluster ledger (SQLite)."""
+    """The cluster ledger: a path (SQLite), or a PostgreSQL ``postgresql://`` URL or
+    ``service=NAME`` (never with a password)."""
+    ledger_retention_months: int | None = None
+    """PostgreSQL ledger: whole months of hourly energy rows kept (older month partitions are
+    dropped after each merge pass); None keeps everything."""
     run_dir: str = "/run/llem"
     """Node-local runtime folder: the sampler's lock, pid file and the socket of `llem wrap`."""
     sensors: str | tuple[str, ...] = "auto"
     """'auto', or a list of sensor names among 'rapl', 'nvml', 'estimate', 'pm_counters',
-    'hwmon', 'amdsmi'."""
+    'hwmon', 'amdsmi', 'ipmi' ('auto' reads the BMC only with ipmi.enabled)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
@@ -196,14 +217,16 @@ class Config:
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    ipmi: IpmiConfig = field(default_factory=IpmiConfig)
     source: str = "defaults"
     """Where this configuration came from (a path, or 'defaults'); not a key."""
 
 
-SENSOR_NAMES = ("rapl", "nvml", "estimate", "pm_counters", "hwmon", "amdsmi")
+SENSOR_NAMES = ("rapl", "nvml", "estimate", "pm_counters", "hwmon", "amdsmi", "ipmi")
 CHOICES = {
     "aggregate.processed": ("archive", "delete"),
     "attribution.policy": ("hybrid", "use", "allocation"),
+    "ipmi.tool": ("auto", "ipmi-dcmi", "ipmitool"),
 }
 _SECTIONS = {
     "sampler": SamplerConfig,
@@ -213,6 +236,7 @@ _SECTIONS = {
     "aggregate": AggregateConfig,
     "metrics": MetricsConfig,
     "attribution": AttributionConfig,
+    "ipmi": IpmiConfig,
 }
 _TOP_KEYS = tuple(f.name for f in fields(Config) if f.name != "source")
 
@@ -381,6 +405,8 @@ def _check_range(key: str, value: float, where: str) -> None:
         raise ConfigError(f"{where}: 'carbon.pue' must be at least 1.0, got {value}")
     if key == "estimate.cpu_idle_fraction" and not 0.0 <= value <= 1.0:
         raise ConfigError(f"{where}: 'estimate.cpu_idle_fraction' must be between 0 and 1")
+    if key in ("ipmi.poll_s", "ipmi.timeout_s") and value < MIN_INTERVAL_S:
+        raise ConfigError(f"{where}: '{key}' must be at least {MIN_INTERVAL_S} s")
     if value < 0:
         raise ConfigError(f"{where}: '{key}' may not be negative, got {value}")
 
@@ -464,7 +490,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         value: Any = raw
         if key == "sensors" and raw != "auto":
             value = [s.strip() for s in raw.split(",") if s.strip()]
-        elif key == "embodied.enabled":
+        elif key in ("embodied.enabled", "ipmi.enabled"):
             value = raw.strip().lower() in ("1", "true", "yes", "on")
         elif key in ("sampler.nice",):
             try:

@@ -4,6 +4,7 @@ job records and job shares. Plain frozen dataclasses; no storage or I/O here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,29 @@ class JobShare:
     share: float
 
 
+UNATTRIBUTED = "unattributed"
+"""Remainder label: energy no job used or held (idle GPUs, processes outside jobs, psys,
+rounding)."""
+IDLE_UNALLOCATED = "idle_unallocated"
+"""Remainder label: the static (idle) part of a shared device that no job's allocation
+covers (``hybrid``), and the unallocated part of the platform's static power."""
+UNALLOCATED = "unallocated"
+"""Remainder label: under ``allocation``, the share of a device no job's allocation covers."""
+REMAINDER_LABELS = (UNATTRIBUTED, IDLE_UNALLOCATED, UNALLOCATED)
+LABELLED = (IDLE_UNALLOCATED, UNALLOCATED)
+"""The labels the node store's remainder rows, the node totals, the slices and the ledger
+carry as figures of their own (``<label>_uj``, a part of the remainder's energy); the rest of
+the remainder is unattributed."""
+
+
+class Remainder(NamedTuple):
+    """A device's energy in one interval that belongs to no job, and why (its label)."""
+
+    device_key: str
+    energy_uj: int
+    label: str = UNATTRIBUTED
+
+
 @dataclass(frozen=True)
 class Interval:
     """One sampler interval: wall-clock span, monotonic span, per-device energy, events."""
@@ -91,5 +115,6 @@ class Interval:
     rows: tuple[EnergyRow, ...]
     events: tuple[Event, ...] = ()
     shares: tuple[JobShare, ...] = ()
-    remainder: tuple[tuple[str, int], ...] = ()
-    """(device_key, energy_uj) that belongs to no job; with ``shares`` it sums to ``rows``."""
+    remainder: tuple[Remainder, ...] = ()
+    """Energy that belongs to no job, per device and label; with ``shares`` it sums to
+    ``rows``."""

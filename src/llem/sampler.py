@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from llem.model import EnergyRow, Event, Interval
+from llem.model import EnergyRow, Event, Interval, Remainder
 from llem.sensors.base import OK, Device, Reading, Sensor
 from llem.sensors.platform import PlatformResidual
 from llem.units import FIRST, GAP, NS_PER_S, RESET, UJ_PER_J, WRAP, CounterDelta, counter_delta
@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 CLOCK_JUMP_NS = 2 * NS_PER_S
 # Counters are never read faster than this, whatever their range (a sysfs read costs ~10 us).
 MIN_COUNTER_READ_S = 0.05
+MIN_READ_SPACING_S = 0.25
+"""A reading on request (a wake: a job ended, a window opened; the final reading) comes at
+least this long after the last one (at most half the interval). Counters move in steps (an
+NVML or pm_counters counter every 20 to 100 ms): read a few ms after the last reading, one
+step looks like impossible power and the interval becomes a gap (issue 20, item 3)."""
 
 
 def counter_read_s(device: Device) -> float | None:
@@ -154,6 +159,9 @@ class Sampler:
         self.stopping = threading.Event()
         self.next_deadline_ns: int | None = None
         """When the next regular reading is due (monotonic ns), while :meth:`run` runs."""
+        self.spacing_s = min(MIN_READ_SPACING_S, interval_s / 2)
+        """The least time between the last reading and one on request or the final one."""
+        self._pause = threading.Event()  # never set: an uninterruptible, bounded wait
         fast = {
             d.key: t
             for d in self.devices
@@ -247,7 +255,7 @@ class Sampler:
         except Exception as e:
             # Never lose the node's energy because attribution broke: all of it is remainder.
             log.exception("attribution failed")
-            rest = tuple((r.device_key, r.energy_uj) for r in interval.rows if r.energy_uj)
+            rest = tuple(Remainder(r.device_key, r.energy_uj) for r in interval.rows if r.energy_uj)
             event = Event(interval.end_ns, "attribution_error", f"{type(e).__name__}: {e}")
             return replace(interval, remainder=rest, shares=(), events=interval.events + (event,))
 
@@ -327,6 +335,8 @@ class Sampler:
             woken = self._wait_until(next_deadline)
             if stop.is_set():
                 break
+            if woken:
+                self._keep_spacing()
             interval = self.tick()
             if on_interval is not None:
                 on_interval(interval)
@@ -339,9 +349,19 @@ class Sampler:
             if next_deadline <= now:  # overran (suspended, stalled): skip the missed beats
                 missed = (now - next_deadline) // interval_ns + 1
                 next_deadline += missed * interval_ns
+        self._keep_spacing()
         interval = self.tick()  # the final reading: the last partial interval is not lost
         if on_interval is not None:
             on_interval(interval)
+
+    def _keep_spacing(self) -> None:
+        """Wait until :attr:`spacing_s` has passed since the last reading (at most that)."""
+        if self._last_mono is None or self.spacing_s <= 0:
+            return
+        spacing_ns = int(self.spacing_s * NS_PER_S)
+        left_ns = self._last_mono + spacing_ns - self.clock.monotonic_ns()
+        if left_ns > 0:
+            self._pause.wait(min(left_ns, spacing_ns) / NS_PER_S)
 
     def _wait_until(self, deadline_ns: int) -> bool:
         """Wait for the deadline or a wake-up (True), sub-reading fast counters meanwhile."""

@@ -1,6 +1,6 @@
 """The slice schema: what a node (or slurmctld) hands to the cluster ledger.
 
-A slice is one JSON object with ``"schema": "llem.slice/1"`` and a ``kind``:
+A slice is one JSON object with ``"schema": "llem.slice/2"`` and a ``kind``:
 
 ``job``
     one run of one job on one node: the job's metadata, its energy per device and UTC clock
@@ -15,7 +15,13 @@ A slice is one JSON object with ``"schema": "llem.slice/1"`` and a ``kind``:
     user, exit code. Natural key: (cluster, job_id, end_ns).
 
 Energies are integers in microjoules, times integers in nanoseconds since the epoch, hours
-the epoch second of the UTC hour's start. :func:`validate` says precisely what is wrong with
+the epoch second of the UTC hour's start.
+
+Version 2 (issue 18) adds, to job slices only and all optional: ``work`` and ``unit`` in a
+window (the work it did) and ``merged`` (how many overlapping windows of one name, step and
+unit it stands for, their energy counted once), and ``power``, the job's coarse power series (one point per device
+per ``step_s``, at most :data:`MAX_POWER_POINTS`). A version 1 slice is a version 2 slice
+without them, so older slices still validate and merge. :func:`validate` says precisely what is wrong with
 a slice; a newer schema raises :class:`NewerSchema` instead, since it is not damage but a
 sign that this llem must be upgraded.
 """
@@ -31,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from llem.errors import LedgerError
+from llem.model import LABELLED
 
-SCHEMA = "llem.slice/1"
+SCHEMA = "llem.slice/2"
 SCHEMA_PREFIX = "llem.slice/"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KINDS = ("job", "node", "header")
 
 # Names that may appear in a file name: admin-controlled identifiers only (cluster, node, job
@@ -60,6 +67,13 @@ MIN_TS_NS = 946_684_800 * 10**9  # 2000-01-01: a clock before that is broken
 MAX_TS_NS = 4_102_444_800 * 10**9  # 2100-01-01
 # 100 kW for an hour on one device: beyond any real device, so a sign of garbage.
 MAX_DEVICE_HOUR_UJ = 100_000 * 3600 * 10**6
+MAX_POWER_POINTS = 20_000
+"""The most points of a job slice's power series (all devices together): the node widens the
+step (1 min, 2 min, 5 min, ...) until the series fits."""
+MAX_UNIT_CHARS = 32
+"""The longest unit of work of a window (``tokens``, ``samples``, any word)."""
+MAX_WORK = 1e18
+"""The largest work count a window may carry: a count beyond it is a bug, not work."""
 
 
 class SliceError(ValueError):
@@ -295,6 +309,41 @@ def _validate_job(data: Mapping, devices: Mapping) -> None:
     if not _is_int(dropped) or not 0 <= dropped < 2**63:
         raise SliceError(f"slice: 'windows_dropped' must be a count, got {_show(dropped)}")
     _validate_node_totals(_need(data, "node_totals", "slice"), devices)
+    if "power" in data:
+        _validate_power(data["power"], devices, start_ns, end_ns)
+
+
+def _validate_power(power: Any, devices: Mapping, start_ns: int, end_ns: int) -> None:
+    """The job's coarse power series: ``{"step_s": S, "points": [{t_s, device, energy_uj,
+    span_ms}, ...]}``, a point being the energy a device used in the bucket starting at
+    ``t_s`` (epoch seconds, a multiple of S) over ``span_ms`` of data."""
+    if not isinstance(power, dict):
+        raise SliceError("slice: 'power' must be an object")
+    step = power.get("step_s")
+    if not _is_int(step) or not 1 <= step <= 86400:
+        raise SliceError(f"power: 'step_s' must be seconds (1 to 86400), got {_show(step)}")
+    points = power.get("points")
+    if not isinstance(points, list):
+        raise SliceError("power: 'points' must be a list")
+    if len(points) > MAX_POWER_POINTS:
+        raise SliceError(f"power: {len(points)} points, more than {MAX_POWER_POINTS}")
+    # A bucket may start before the job: the intervals overlapping its start count whole.
+    first, last = start_ns // 10**9 - step - 3600, end_ns // 10**9 + step
+    for i, p in enumerate(points):
+        where = f"power.points[{i}]"
+        if not isinstance(p, dict):
+            raise SliceError(f"{where}: must be an object")
+        if not _known(p.get("device"), devices):
+            raise SliceError(f"{where}: device {_show(p.get('device'))} is not in 'devices'")
+        t_s = p.get("t_s")
+        if not _is_int(t_s) or t_s % step or not first <= t_s <= last:
+            raise SliceError(
+                f"{where}: 't_s' must be a step start within the job, got {_show(t_s)}"
+            )
+        span = p.get("span_ms")
+        if not _is_int(span) or not 0 < span <= step * 1000:
+            raise SliceError(f"{where}: 'span_ms' must be within the step, got {_show(span)}")
+        _energy(p.get("energy_uj"), f"{where}.energy_uj", MAX_DEVICE_HOUR_UJ)
 
 
 def _validate_job_fields(job: Mapping) -> tuple[int, int]:
@@ -380,6 +429,21 @@ def _validate_node_totals(totals: Any, devices: Mapping) -> None:
             _node_total_row(key, row, devices)
 
 
+REMAINDER_PART_FIELDS = tuple(f"{label}_uj" for label in LABELLED)
+"""Optional parts of ``remainder_uj`` by label (node totals and node hours): absent in slices
+written before the labels existed, which the ledger keeps as NULL (not known)."""
+
+
+def _remainder_parts(row: Mapping, remainder: int, where: str) -> None:
+    """The labelled parts of a remainder: absent, or energies that fit in it (the hourly
+    split rounds each figure on its own: a few uJ of slack, as for attributed + remainder)."""
+    for field in REMAINDER_PART_FIELDS:
+        if field in row and _energy(row[field], f"{where}.{field}") > remainder + 1000:
+            raise SliceError(
+                f"{where}: {field} ({row[field]} uJ) exceeds remainder_uj ({remainder} uJ)"
+            )
+
+
 def _node_total_is_valid(key: Any, row: Any, devices: Mapping) -> bool:
     if key not in devices or type(row) is not dict:
         return False
@@ -388,14 +452,20 @@ def _node_total_is_valid(key: Any, row: Any, devices: Mapping) -> bool:
     except KeyError:
         return False
     gaps = row.get("gap_intervals", 0)
-    return (
+    if not (
         type(m) is int
         and type(a) is int
         and type(r) is int
         and type(gaps) is int
         and 0 <= min(m, a, r, gaps)
         and max(m, a, r, gaps) <= INT64_MAX
-    )
+    ):
+        return False
+    try:
+        _remainder_parts(row, r, "")
+    except SliceError:
+        return False
+    return True
 
 
 def _node_total_row(key: Any, row: Any, devices: Mapping) -> None:
@@ -404,6 +474,7 @@ def _node_total_row(key: Any, row: Any, devices: Mapping) -> None:
         raise SliceError(f"{where}: unknown device or not an object")
     for field in ("measured_uj", "attributed_uj", "remainder_uj"):
         _energy(row.get(field), f"{where}.{field}")
+    _remainder_parts(row, row["remainder_uj"], where)
     gaps = row.get("gap_intervals", 0)
     if not _is_int(gaps) or gaps < 0:
         raise SliceError(
@@ -442,6 +513,19 @@ def _validate_window(win: Any, where: str) -> None:
     _span(start_ns, _ts(win, "end_ns", where, optional=True), where)
     if win.get("status") not in WINDOW_STATUSES:
         raise SliceError(f"{where}: unknown status {_show(win.get('status'))}")
+    work, unit = win.get("work"), win.get("unit")
+    if work is not None and (type(work) not in (int, float) or not 0 <= work <= MAX_WORK):
+        raise SliceError(f"{where}: 'work' must be a count (0 to {MAX_WORK:g}), got {_show(work)}")
+    if unit is not None and (
+        type(unit) is not str or not 0 < len(unit) <= MAX_UNIT_CHARS or not unit.isprintable()
+    ):
+        raise SliceError(
+            f"{where}: 'unit' must be a word of at most {MAX_UNIT_CHARS} characters, "
+            f"got {_show(unit)}"
+        )
+    merged = win.get("merged", 1)
+    if not _is_int(merged) or merged < 1:
+        raise SliceError(f"{where}: 'merged' must be a count of windows, got {_show(merged)}")
     energy = win.get("energy") or {}
     if not isinstance(energy, dict):
         raise SliceError(f"{where}: 'energy' must be an object of device -> uJ")
@@ -470,6 +554,7 @@ def _validate_node(data: Mapping, devices: Mapping) -> None:
                 f"{where}: attributed + remainder ({attributed + remainder} uJ) "
                 f"exceeds measured ({measured} uJ)"
             )
+        _remainder_parts(row, remainder, where)
         for field in ("intervals", "gap_intervals", "covered_ns"):
             value = row.get(field)
             if not _is_int(value) or value < 0:

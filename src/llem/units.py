@@ -155,3 +155,27 @@ def split_by_hour(start_ns: int, end_ns: int, energy_uj: int) -> dict[int, int]:
         t = seg_end
     out[key] += energy_uj - given
     return out
+
+
+def split_by_step(start_ns: int, end_ns: int, energy_uj: int, step_s: int) -> list[tuple]:
+    """Split an interval over the ``step_s``-second buckets (epoch-aligned) it spans.
+
+    Returns:
+        ``[(bucket_start_epoch_s, energy_uj, span_ns), ...]``: energies in proportion to
+        time that add up exactly to ``energy_uj``, and the interval's time in each bucket.
+    """
+    step_ns = step_s * NS_PER_S
+    if end_ns <= start_ns:
+        return [((start_ns // step_ns) * step_s, energy_uj, 0)]
+    out: list[tuple] = []
+    total_ns = end_ns - start_ns
+    t, given = start_ns, 0
+    while t < end_ns:
+        bucket = (t // step_ns) * step_ns
+        seg_end = min(end_ns, bucket + step_ns)
+        share = energy_uj * (seg_end - t) // total_ns
+        out.append([bucket // NS_PER_S, share, seg_end - t])
+        given += share
+        t = seg_end
+    out[-1][1] += energy_uj - given
+    return [tuple(x) for x in out]

@@ -108,17 +108,18 @@ def result(
     components = []
     for total in acc.devices.values():
         d = total.device
-        components.append(
-            {
-                "component": d.component,
-                "device": d.name,
-                "energy_j": round(uj_to_j(total.energy_uj), 6),
-                "source": d.source,
-                "sensor": d.sensor,
-                "method": d.method,
-                "coverage": round(min(1.0, total.covered_ns / window_ns), 4),
-            }
-        )
+        component = {
+            "component": d.component,
+            "device": d.name,
+            "energy_j": round(uj_to_j(total.energy_uj), 6),
+            "source": d.source,
+            "sensor": d.sensor,
+            "method": d.method,
+            "coverage": round(min(1.0, total.covered_ns / window_ns), 4),
+        }
+        if d.attrs.get("package_split"):  # an MI250X die, an MI300X partition: a share
+            component["package_split"] = d.attrs["package_split"]
+        components.append(component)
     counted = [c for c in components if c["component"] != "psys"]
     energy_j = round(sum(c["energy_j"] for c in counted), 6)
     return {
@@ -141,6 +142,91 @@ def result(
         ],
         "notes": list(notes),
     }
+
+
+def carbon_for(config, acc: Accumulator, duration_s: float) -> tuple[dict, float | None, list[str]]:
+    """The carbon object and CO2e of the window; (carbon, co2e_g, notes).
+
+    A carbon problem (an unknown region, a bad intensity file) never loses the measurement:
+    the energy is still reported, with ``co2e_g`` null and the reason.
+    """
+    from llem import carbon
+    from llem.errors import LlemError
+
+    unknown = {
+        "region": config.carbon.region,
+        "intensity_g_per_kwh": None,
+        "source": None,
+        "year": None,
+        "basis": None,
+        "pue": None,
+    }
+    if not acc.devices:
+        return {**unknown, "reason": "no energy was measured"}, None, []
+    energy_j = {hour: uj / 1e6 for hour, uj in acc.by_hour_uj.items()}
+    n_gpus = sum(1 for t in acc.devices.values() if t.device.component == "gpu")
+    hours = duration_s / 3600
+    try:
+        result = carbon.emissions(config, energy_j, gpu_hours=n_gpus * hours, node_hours=hours)
+    except (LlemError, ValueError) as e:
+        return {**unknown, "reason": f"carbon: {e}"}, None, [f"carbon: {e}"]
+    return result.carbon, result.co2e_g, list(result.carbon.get("notes", []))
+
+
+def accumulator_of_window(closed: dict) -> Accumulator:
+    """The accumulator of a window the node sampler closed (its ``close`` answer)."""
+    acc = Accumulator()
+    span_ns = max(1, closed["end_ns"] - closed["start_ns"])
+    acc.start_ns, acc.end_ns, acc.mono_ns = closed["start_ns"], closed["end_ns"], span_ns
+    coverage = closed.get("coverage", 0.0)
+    for key, meta in closed.get("devices", {}).items():
+        dev = Device(
+            key, meta["component"], meta["device"], meta["sensor"], meta["source"], meta["method"]
+        )
+        uj = int(closed.get("energy_uj", {}).get(key, 0))
+        acc.devices[key] = DeviceTotal(dev, uj, int(coverage * span_ns))
+        for hour, part in split_by_hour(closed["start_ns"], closed["end_ns"], uj).items():
+            acc.by_hour_uj[hour] = acc.by_hour_uj.get(hour, 0) + part
+    return acc
+
+
+def per_unit_basis(res: dict, policy: str | None = None) -> str | None:
+    """How a per-unit figure of ``res`` was obtained (see docs/ml.md, "Scope"):
+    ``estimated``/``mixed`` when some energy is estimated; inside a job, ``measured`` only
+    where the job held the node alone (``exclusive``), else ``attributed`` (a proportional
+    share); outside Slurm ``measured`` (the whole node's counters)."""
+    source = res.get("source")
+    if source is None:
+        return None
+    if source in ("estimated", "mixed"):
+        return source
+    if res.get("scope") == "job" and policy != "exclusive":
+        return "attributed"
+    return "measured"
+
+
+def add_work(res: dict, work: float | None, unit: str | None, policy: str | None = None) -> dict:
+    """Add the work keys to a ``--json`` object (the same keys in ``llem.window``'s
+    ``to_dict()``): ``work``, ``unit``, ``energy_per_unit_j`` (the result's scope: the node,
+    or the job's share), ``gpu_energy_per_unit_j`` (GPUs only, ML.ENERGY's scope),
+    ``co2e_per_unit_g`` and ``per_unit_basis``; and the overall ``coverage``."""
+    counted = [c for c in res["components"] if c["component"] != "psys"]
+    if "coverage" not in res:
+        res["coverage"] = min((c["coverage"] for c in counted), default=None)
+    res["work"] = work
+    res["unit"] = unit
+    if work:
+        gpu_j = sum(c["energy_j"] for c in counted if c["component"] == "gpu")
+        res["energy_per_unit_j"] = res["energy_j"] / work if counted else None
+        res["gpu_energy_per_unit_j"] = (
+            gpu_j / work if any(c["component"] == "gpu" for c in counted) else None
+        )
+        res["co2e_per_unit_g"] = None if res["co2e_g"] is None else res["co2e_g"] / work
+        res["per_unit_basis"] = per_unit_basis(res, policy)
+    else:
+        res["energy_per_unit_j"] = res["gpu_energy_per_unit_j"] = None
+        res["co2e_per_unit_g"] = res["per_unit_basis"] = None
+    return res
 
 
 class ChildRunner:

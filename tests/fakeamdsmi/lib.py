@@ -72,13 +72,24 @@ class FakeAmdGpu:
     acc: int = 0
     res: float = 15.3
     power_w: int = 0
-    error: int = 0
+    error: int = 0  # answered by amdsmi_get_energy_count
+    perror: int = 0  # answered by amdsmi_get_power_info
+    serial: str = ""  # the board's product serial (shared by the dies/partitions of one GPU)
+    part: int = 0  # the KFD partition id
+    product: str = ""
+    kind: str = "plain"  # plain, mi250x or mi300x: see fake_amd_smi.c
 
     def line(self) -> str:
-        return (
-            f"gpu bdf={self.bdf} uuid={self.uuid} card={self.card} acc={self.acc} "
-            f"res={self.res} power_w={self.power_w} error={self.error}"
-        )
+        words = [
+            f"gpu bdf={self.bdf} uuid={self.uuid} card={self.card} acc={self.acc}",
+            f"res={self.res} power_w={self.power_w} error={self.error} perror={self.perror}",
+            f"part={self.part} kind={self.kind}",
+        ]
+        if self.serial:
+            words.append(f"serial={self.serial}")
+        if self.product:
+            words.append(f"product={self.product.replace(' ', '_')}")
+        return " ".join(words)
 
 
 def write_state(path: Path, gpus: Iterable[FakeAmdGpu], *, init_error: int = 0) -> None:

@@ -287,7 +287,11 @@ class Writer:
             self.nodes,
         )
         db.executemany("INSERT INTO job_energy VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.energy)
-        db.executemany("INSERT INTO windows VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.windows)
+        db.executemany(
+            "INSERT INTO windows (job_node_id, name, step_id, start_ns, end_ns, status, "
+            "energy_uj, energy) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self.windows,
+        )
         db.executemany(
             "INSERT OR IGNORE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             list(self.devices.values()),
@@ -423,4 +427,100 @@ def write_jobs(path: str | os.PathLike, jobs, *, bulk: bool = True) -> int:
         db.execute("ANALYZE")
         db.execute("PRAGMA journal_mode = DELETE")
     db.close()
+    return n
+
+
+class PgWriter(Writer):
+    """:class:`Writer` for a PostgreSQL ledger: each batch by binary ``COPY`` in one
+    transaction, month partitions created as the rows need them."""
+
+    def __init__(self, ledger) -> None:
+        self.ledger = ledger
+        self.next_id = (ledger.query("SELECT MAX(id) FROM job_nodes")[0][0] or 0) + 1
+        self.runs, self.nodes, self.energy, self.windows = [], [], [], []
+        self.devices = {}
+
+    def flush(self) -> None:
+        from llem.cluster.ledger import _RUN_COLUMNS
+
+        led = self.ledger
+        with led._txn() as cur:
+            led._ensure_partitions(cur, "job_energy", {r[2] for r in self.energy})
+            led._copy(cur, "job_runs", self.runs, ("cluster", "job_id", *_RUN_COLUMNS))
+            led._copy(cur, "job_nodes", self.nodes, PG_NODE_COLUMNS)
+            led._copy(
+                cur,
+                "job_energy",
+                self.energy,
+                ("job_node_id", "device_key", "hour_s", "method", "component", "source")
+                + ("sensor", "energy_uj"),
+            )
+            led._copy(
+                cur,
+                "windows",
+                self.windows,
+                ("job_node_id", "name", "step_id", "start_ns", "end_ns", "status", "energy_uj")
+                + ("energy",),
+            )
+            cur.executemany(
+                "INSERT INTO devices VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT DO NOTHING",
+                list(self.devices.values()),
+            )
+        self.runs, self.nodes, self.energy, self.windows = [], [], [], []
+        self.devices = {}
+
+
+PG_NODE_COLUMNS = (
+    "id",
+    "cluster",
+    "job_id",
+    "node",
+    "start_ns",
+    "end_ns",
+    "run_start_ns",
+    "array_job_id",
+    "array_task_id",
+    "user",
+    "uid",
+    "gid",
+    "account",
+    "partition",
+    "nodelist",
+    "num_nodes",
+    "cpus",
+    "gpus",
+    "tag",
+    "name",
+    "node_state",
+    "coverage",
+    "flags",
+    "energy_uj",
+    "cpu_energy_uj",
+    "dram_energy_uj",
+    "gpu_energy_uj",
+    "other_energy_uj",
+    "estimated_energy_uj",
+    "created_ns",
+    "digest",
+)
+"""The columns of :class:`Writer`'s job node rows."""
+
+
+def write_jobs_pg(url: str, jobs) -> int:
+    """:func:`write_jobs` for a PostgreSQL ledger (``url``): schema by ``PgLedger``, rows by
+    ``COPY`` (indexes kept), then the identity columns and planner statistics brought up to
+    date."""
+    from llem.cluster.pg_ledger import PgLedger
+
+    with PgLedger(url) as ledger:
+        writer = PgWriter(ledger)
+        n = 0
+        for job in jobs:
+            writer.add(job)
+            n += 1
+            if n % BATCH_JOBS == 0:
+                writer.flush()
+        writer.flush()
+        ledger.after_copy()
     return n

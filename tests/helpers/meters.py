@@ -69,3 +69,17 @@ class FakeHwmon:
 
     def set(self, key: str, power_uw: int | str) -> None:
         self.files[key].write_text(f"{power_uw}\n")
+
+    def add_amdgpu(self, bdf: str, power_uw: int, file: str = "power1_average") -> Path:
+        """An amdgpu ``hwmonN`` as the driver makes it: ``name`` amdgpu, ``device`` a link to
+        the GPU's PCI device folder (named by its BDF), the power file in microwatts."""
+        pci = self.path.parent / "devices" / bdf
+        pci.mkdir(parents=True, exist_ok=True)
+        hw = self.path / f"hwmon{self.n}"
+        self.n += 1
+        hw.mkdir(parents=True)
+        (hw / "name").write_text("amdgpu\n")
+        (hw / "device").symlink_to(pci)
+        (hw / file).write_text(f"{power_uw}\n")
+        self.files[bdf] = hw / file
+        return hw

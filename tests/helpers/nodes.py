@@ -24,10 +24,12 @@ from llem.hostlist import expand_hostlist
 from llem.model import EnergyRow, Interval
 from llem.node.attribution import JobAttributor
 from llem.node.export import export_job
+from llem.node.idle import IdleLearner
 from llem.node.jobs import ingest, seal, write_registration
 from llem.node.store import NodeStore
 from llem.node.usage import CLK_TCK
 from llem.sensors.base import Device
+from llem.sensors.platform import PlatformResidual
 from llem.slices import encode
 
 S = 10**9
@@ -53,6 +55,28 @@ DEVICES = (
         attrs={"uuid": GPU_UUID, "minor": GPU_MINOR, "index": 0},
     ),
 )
+
+METER = Device(
+    "hwmon:node",
+    "psys",
+    "node",
+    "hwmon",
+    "measured",
+    "power_poll",
+    attrs={"meter": "node", "averaging_window_ms": 1000},
+)
+"""A node with an ACPI power meter (as llem.sensors.hwmon describes one): with ``platform_uw``
+the builders add it and the platform residual the sampler derives from it."""
+
+
+def devices_of(platform_uw: int) -> tuple[Device, ...]:
+    """The node's devices: with a node meter and its platform device when it has one."""
+    if not platform_uw:
+        return DEVICES
+    residual = PlatformResidual.for_devices([*DEVICES, METER])
+    assert residual is not None
+    return (*DEVICES, METER, residual.device)
+
 
 JOB_CPU_SHARE = (6, 10)
 """The job's CPU time over the node's busy CPU time, every interval."""
@@ -128,20 +152,39 @@ def build_store(
     windows=True,
     end=True,
     gpus=str(GPU_MINOR),
+    platform_uw=0,
+    node_cpus=None,
+    idle_w=None,
 ) -> tuple[NodeStore, int]:
     """A node store with one job run on ``node``, sampled every ``step_s`` seconds.
+
+    ``node_cpus``: the CPUs /proc/stat lists (None: none listed, the node's size unknown, so
+    the job is charged by use); ``idle_w``: ``attribution.idle_w`` (the job holds 8 CPUs).
 
     Per interval: the CPU package draws ``cpu_uw`` microwatts and the job 60 % of the node's
     busy CPU time; DRAM 10 W, the job holding half the memory in use; the GPU ``gpu_uw``,
     all to the job when it holds the GPU (``gpus``: ``SLURM_JOB_GPUS``). The default run
-    starts at 21:30 and lasts an hour, so its energy falls in two clock hours.
+    starts at 21:30 and lasts an hour, so its energy falls in two clock hours. With
+    ``platform_uw`` the node has a power meter reading the parts plus that much, and the
+    sampler's platform residual is charged by the attributor.
     """
     store = NodeStore(path)
-    store.register_devices(DEVICES, start_ns)
+    store.register_devices(devices_of(platform_uw), start_ns)
     env = prolog_env(job_id, node, nodelist, user, name, gpus)
     register(store, "start", env, start_ns)
     (run_id,) = [r.run_id for r in store.runs_of(job_id, "running") if r.start_ns == start_ns]
-    add_intervals(store, run_id, start_ns, seconds, step_s, cpu_uw, gpu_uw)
+    add_intervals(
+        store,
+        run_id,
+        start_ns,
+        seconds,
+        step_s,
+        cpu_uw,
+        gpu_uw,
+        platform_uw=platform_uw,
+        node_cpus=node_cpus,
+        idle_w=idle_w,
+    )
     if windows:  # through the store's own window calls, as the window server makes them
         window_id = store.open_window(
             run_id, job_id, "0", "epoch 1", 1000, 4242, start_ns + 60 * S, 0, {}
@@ -153,7 +196,7 @@ def build_store(
     return store, run_id
 
 
-def _advance_usage(root: Path, job_id: str, seconds: int) -> None:
+def _advance_usage(root: Path, job_id: str, seconds: int, node_cpus: int | None = None) -> None:
     """The node was busy for ``seconds`` of CPU time, the job for 60 % of it."""
     proc = root / "proc"
     cgroup = root / "cgroup" / "system.slice" / "slurmstepd.scope" / f"job_{job_id}"
@@ -161,7 +204,8 @@ def _advance_usage(root: Path, job_id: str, seconds: int) -> None:
     cgroup.mkdir(parents=True, exist_ok=True)
     stat = proc / "stat"
     ticks = int(stat.read_text().split()[1]) if stat.exists() else 0
-    stat.write_text(f"cpu  {ticks + seconds * CLK_TCK} 0 0 0 0 0 0 0 0 0\n")
+    per_cpu = "".join(f"cpu{i} 0 0 0 0 0 0 0 0 0 0\n" for i in range(node_cpus or 0))
+    stat.write_text(f"cpu  {ticks + seconds * CLK_TCK} 0 0 0 0 0 0 0 0 0\n{per_cpu}")
     (proc / "meminfo").write_text(
         f"MemTotal: {MEMORY_TOTAL >> 10} kB\n"
         f"MemAvailable: {(MEMORY_TOTAL - NODE_MEMORY_USED) >> 10} kB\n"
@@ -174,43 +218,54 @@ def _advance_usage(root: Path, job_id: str, seconds: int) -> None:
 
 
 def add_intervals(
-    store, run_id, start_ns, seconds, step_s, cpu_uw=100_000_000, gpu_uw=250_000_000, first_id=0
+    store,
+    run_id,
+    start_ns,
+    seconds,
+    step_s,
+    cpu_uw=100_000_000,
+    gpu_uw=250_000_000,
+    first_id=0,
+    platform_uw=0,
+    node_cpus=None,
+    idle_w=None,
 ):
     """Sample ``seconds`` from ``start_ns`` while run ``run_id`` uses the node; the sampler's
-    JobAttributor splits each interval between the jobs the store holds as running."""
+    JobAttributor (policy ``hybrid``) splits each interval between the jobs the store holds
+    as running. With ``platform_uw``, the meter reads the parts plus that, and the platform
+    row is the sampler's residual (``PlatformResidual.row``)."""
+    devices = devices_of(platform_uw)
+    residual = PlatformResidual.for_devices(list(devices)) if platform_uw else None
     run = store.run(run_id)
     root = store.path.parent / "usage"
-    _advance_usage(root, run.job_id, 0)
+    _advance_usage(root, run.job_id, 0, node_cpus)
     attributor = JobAttributor(
         store,
         run.node,
-        DEVICES,
+        devices,
         started_ns=start_ns,
         proc_root=root / "proc",
         cgroup_root=str(root / "cgroup"),
+        idle=IdleLearner(devices, store, idle_w=idle_w),
     )
     attributor(Interval("s", start_ns, start_ns, first_id, first_id, ()))  # first reading
     for i in range(seconds // step_s):
         a = start_ns + i * step_s * S
         b = a + step_s * S
-        _advance_usage(root, run.job_id, step_s)
+        _advance_usage(root, run.job_id, step_s, node_cpus)
         cpu, dram, gpu = cpu_uw * step_s, 10_000_000 * step_s, gpu_uw * step_s
-        store.write(
-            attributor(
-                Interval(
-                    "s",
-                    a,
-                    b,
-                    first_id + i,
-                    first_id + i + 1,
-                    (
-                        EnergyRow("rapl:package-0", cpu, "ok", "ok", None),
-                        EnergyRow("rapl:dram-0", dram, "ok", "ok", None),
-                        EnergyRow(GPU_KEY, gpu, "ok", "ok", None),
-                    ),
-                )
-            )
-        )
+        rows = [
+            EnergyRow("rapl:package-0", cpu, "ok", "ok", None),
+            EnergyRow("rapl:dram-0", dram, "ok", "ok", None),
+            EnergyRow(GPU_KEY, gpu, "ok", "ok", None),
+        ]
+        events: list = []
+        if residual is not None:
+            meter = cpu + dram + gpu + platform_uw * step_s
+            rows.append(EnergyRow(METER.key, meter, "ok", "ok", None))
+            rows.append(residual.row(rows, b, events))
+        interval = Interval("s", a, b, first_id + i, first_id + i + 1, tuple(rows), tuple(events))
+        store.write(attributor(interval))
 
 
 def spool_slice(config: Config, data: dict) -> Path:

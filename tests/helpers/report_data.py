@@ -40,6 +40,7 @@ class Job:
     gpu_w: float = 250.0
     cpu_w: float = 100.0
     estimated: bool = False
+    platform_w: float = 0.0  # a node meter reading the parts plus this: the platform residual
 
 
 def job_and_node_slices(tmp_path: Path, job: Job) -> list[dict]:
@@ -57,6 +58,7 @@ def job_and_node_slices(tmp_path: Path, job: Job) -> list[dict]:
         name=f"job-{job.job_id}",
         cpu_uw=int(job.cpu_w * 1e6),
         gpu_uw=int(job.gpu_w * 1e6),
+        platform_uw=int(job.platform_w * 1e6),
     )
     cfg = node_config(tmp_path, job.node)
     end_ns = start_ns + job.seconds * S

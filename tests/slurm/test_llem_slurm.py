@@ -161,7 +161,7 @@ def test_shared_node_gpus_and_cpu_split_and_invariant(cluster, site):
         bad = db.execute(
             "SELECT e.interval_id, e.device_key, e.energy_uj, "
             "COALESCE((SELECT SUM(energy_uj) FROM job_energy j WHERE j.interval_id = e.interval_id"
-            " AND j.device_key = e.device_key), 0) + COALESCE((SELECT energy_uj FROM remainder r"
+            " AND j.device_key = e.device_key), 0) + COALESCE((SELECT SUM(energy_uj) FROM remainder r"
             " WHERE r.interval_id = e.interval_id AND r.device_key = e.device_key), 0) AS parts "
             "FROM energy e WHERE e.energy_uj != parts"
         ).fetchall()

@@ -8,110 +8,22 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from tests.fakeamdsmi import lib as fakeamdsmi
-from tests.pmcounters import FakePmCounters, PmWriter
-
-from .llem_site import REPO, Site, burn
+from .llem_site import burn
+from .meter_site import MeterSite
 
 pytestmark = pytest.mark.slurm
 
 AMD_W = (120.0, 280.0)  # GPU minor 0 (renderD128), minor 1
-UNIT = 65536  # amdsmi accumulator ticks per joule
-METER_W = {
-    "energy": 900,
-    "cpu_energy": 200,
-    "memory_energy": 60,
-    "accel0_energy": 120,
-    "accel1_energy": 280,
-}
-
-
-class AmdGpus:
-    def __init__(self, base) -> None:
-        self.rocm = fakeamdsmi.build(base / "rocm")
-        self.state = base / "amdsmi.state"
-        self.acc = [0.0, 0.0]
-        self.write()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def gpus(self):
-        return [
-            fakeamdsmi.FakeAmdGpu(
-                f"0000:{0xC1 + 0x10 * i:02x}:00.0",
-                f"5bff74bf-0000-1000-80ba-00000000000{i}",
-                card=i,
-                acc=int(self.acc[i]),
-                power_w=int(AMD_W[i]),
-            )
-            for i in range(2)
-        ]
-
-    def write(self) -> None:
-        fakeamdsmi.write_state(self.state, self.gpus())
-
-    def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(0.05):
-            now = time.monotonic()
-            for i, w in enumerate(AMD_W):
-                self.acc[i] += w * (now - last) * UNIT
-            last = now
-            self.write()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
-class MeterSite(Site):
-    """The llem site of the other real-Slurm tests, with AMD GPUs and a node meter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.amd = AmdGpus(self.base / "amd")
-        self.pm = FakePmCounters(self.base / "pm_counters", accels=2)
-        self.pm_writer = PmWriter(self.pm, METER_W, hz=10)
-        self.write_defaults(
-            LLEM_PM_COUNTERS_ROOT=str(self.pm.path),
-            LLEM_POWERCAP_ROOT=str(self.base / "no-powercap"),
-        )
-        for p in [self.base, *self.base.rglob("*")]:
-            if p.is_dir() and not p.is_symlink():
-                p.chmod(p.stat().st_mode | 0o755)
-
-    def hook(self, kind: str):
-        path = self.base / f"{kind}-wrapper.sh"
-        path.write_text(
-            "#!/bin/bash\n"
-            f"export LLEM_DEFAULTS_FILE={self.defaults}\n"
-            f"export ROCM_PATH={self.amd.rocm}\n"
-            f"export FAKE_AMDSMI_STATE={self.amd.state}\n"
-            f"exec /bin/bash {REPO / 'slurm' / (kind + '.sh')}\n"
-        )
-        path.chmod(0o755)
-        return path
-
-    def cleanup(self) -> None:
-        self.amd.stop()
-        self.pm_writer.stop()
-        super().cleanup()
 
 
 @pytest.fixture(scope="module")
 def site():
-    s = MeterSite()
-    s.hw.start()
-    s.amd.start()
-    s.pm_writer.start()
+    s = MeterSite(watts=AMD_W)
+    s.start()
     yield s
     s.cleanup()
 
@@ -185,7 +97,7 @@ def test_jobs_on_amd_gpus_get_their_own_gpu_and_a_platform_share(cluster, site):
         bad = db.execute(
             "SELECT e.interval_id, e.device_key, e.energy_uj, "
             "COALESCE((SELECT SUM(energy_uj) FROM job_energy j WHERE j.interval_id = e.interval_id"
-            " AND j.device_key = e.device_key), 0) + COALESCE((SELECT energy_uj FROM remainder r"
+            " AND j.device_key = e.device_key), 0) + COALESCE((SELECT SUM(energy_uj) FROM remainder r"
             " WHERE r.interval_id = e.interval_id AND r.device_key = e.device_key), 0) AS parts "
             "FROM energy e WHERE e.energy_uj != parts"
         ).fetchall()

@@ -23,6 +23,33 @@ class Field:
     help: str
 
 
+WORK_FIELDS: tuple[Field, ...] = (
+    Field("Work", 10, "count", "work done in the windows (llem.window, wrap --work)"),
+    Field("WorkUnit", 8, "str", "unit of Work: tokens, samples, steps, ..."),
+    Field(
+        "EnergyPerWork",
+        13,
+        "perwork",
+        "joules per unit of work: all components of the windows that carry work",
+    ),
+    Field(
+        "GPUEnergyPerWork",
+        16,
+        "perwork",
+        "joules per unit of work, GPUs only (the ML.ENERGY scope)",
+    ),
+    Field("CO2ePerWork", 11, "perwork", "grams CO2e per unit of work"),
+    Field(
+        "WorkBasis",
+        10,
+        "str",
+        "how the per-work energy was obtained: measured (whole node, exclusive), "
+        "attributed (a proportional share of a shared node), estimated, mixed",
+    ),
+)
+"""Work and energy per unit of work (issue 18): on window rows, on a job's row (its windows
+that carry work) and in ``--totals window``."""
+
 FIELDS: dict[str, Field] = {
     f.name: f
     for f in (
@@ -73,6 +100,12 @@ FIELDS: dict[str, Field] = {
         Field(
             "PlatformEnergy", 14, "energy", "node meter minus CPU, DRAM, GPUs, joules (suffixed)"
         ),
+        Field(
+            "PlatformShare",
+            13,
+            "percent",
+            "PlatformEnergy / ConsumedEnergy; blank without a node meter",
+        ),
         Field("AvePower", 10, "watts", "mean power, watts (energy / elapsed)"),
         Field("EnergySource", 12, "str", "measured, estimated, mixed (or none: no energy)"),
         Field("Coverage", 8, "percent", "share of the wall time with data"),
@@ -92,6 +125,7 @@ FIELDS: dict[str, Field] = {
             "node), hybrid (idle power by allocation + use), use, "
             "allocation",
         ),
+        *WORK_FIELDS,
     )
 }
 
@@ -114,11 +148,14 @@ TOTAL_FIELDS: dict[str, Field] = {
         Field("DRAMEnergy", 10, "energy", FIELDS["DRAMEnergy"].help),
         Field("GPUEnergy", 10, "energy", FIELDS["GPUEnergy"].help),
         Field("PlatformEnergy", 14, "energy", FIELDS["PlatformEnergy"].help),
+        Field("PlatformShare", 13, "percent", FIELDS["PlatformShare"].help),
         Field("AvePower", 10, "watts", "mean power over the summed wall time, watts"),
         Field("EnergySource", 12, "str", FIELDS["EnergySource"].help),
         Field("Coverage", 8, "percent", "time-weighted share of wall time with data"),
         Field("CarbonIntensity", 15, "intensity", FIELDS["CarbonIntensity"].help),
         Field("CO2e", 10, "co2e", FIELDS["CO2e"].help),
+        Field("Window", -12, "str", "window name (--totals window)"),
+        *(Field(f.name, f.width, f.kind, f.help + " (--totals window)") for f in WORK_FIELDS),
     )
 }
 
@@ -129,6 +166,7 @@ TOTAL_KEYS = {
     "tag": "Tag",
     "day": "Day",
     "month": "Month",
+    "window": "Window",
 }
 DEFAULT_FORMAT = (
     "JobID",
@@ -152,7 +190,20 @@ DEFAULT_TOTALS_FORMAT = (
     "EnergySource",
     "CO2e",
 )
-CARBON_FIELDS = frozenset({"CarbonIntensity", "CO2e"})
+DEFAULT_WINDOW_TOTALS_FORMAT = (
+    "NJobs",
+    "Elapsed",
+    "ConsumedEnergy",
+    "GPUEnergy",
+    "Work",
+    "WorkUnit",
+    "EnergyPerWork",
+    "GPUEnergyPerWork",
+    "WorkBasis",
+    "CO2e",
+)
+CARBON_FIELDS = frozenset({"CarbonIntensity", "CO2e", "CO2ePerWork"})
+WORK_FIELD_NAMES = frozenset(f.name for f in WORK_FIELDS)
 ENERGY_PREFIXES = ("", "K", "M", "G", "T", "P")  # --units, and the suffixes of energy fields
 
 
@@ -203,7 +254,8 @@ def parse_format(text: str | None, totals_by: str | None = None) -> list[Column]
     """
     catalogue = TOTAL_FIELDS if totals_by else FIELDS
     if text is None:
-        names = ((TOTAL_KEYS[totals_by],) + DEFAULT_TOTALS_FORMAT) if totals_by else DEFAULT_FORMAT
+        default = DEFAULT_WINDOW_TOTALS_FORMAT if totals_by == "window" else DEFAULT_TOTALS_FORMAT
+        names = ((TOTAL_KEYS[totals_by],) + default) if totals_by else DEFAULT_FORMAT
         return [Column(catalogue[n], catalogue[n].width) for n in names]
     columns = []
     for item in text.split(","):

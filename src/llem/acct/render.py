@@ -117,7 +117,18 @@ def format_time(ts_ns: int | None, fmt: str = STANDARD_TIME) -> str:
 
 
 _OUR_TEXT = frozenset(
-    {"energy", "time", "elapsed", "watts", "intensity", "float1", "percent", "co2e"}
+    {
+        "energy",
+        "time",
+        "elapsed",
+        "watts",
+        "intensity",
+        "float1",
+        "percent",
+        "co2e",
+        "count",
+        "perwork",
+    }
 )
 """Kinds whose text llem writes itself from a number: made of :data:`_OUR_CHARS` only, so
 they need escaping only when the delimiter uses one of those."""
@@ -138,6 +149,8 @@ def _formatter(
         "float1": "{:.1f}".format,
         "percent": lambda v: f"{v * 100:.1f}%",
         "co2e": format_co2e,
+        "count": "{:.6g}".format,
+        "perwork": "{:.4g}".format,
     }.get(kind, str)
     empty = "Unknown" if kind == "time" else ""
     if kind == "time" and tfmt != STANDARD_TIME:
@@ -242,6 +255,8 @@ def _json_value(value: Any, kind: str) -> Any:
         return round(value, 3)
     if kind == "percent":
         return round(value, 4)
+    if kind in ("count", "perwork"):
+        return float(f"{value:.6g}")
     return value
 
 

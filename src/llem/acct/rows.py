@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llem.acct.co2e import add_carbon
-from llem.acct.fields import TOTAL_KEYS
+from llem.acct.fields import TOTAL_KEYS, WORK_FIELD_NAMES
 from llem.cluster.acct_queries import RUN_COLUMNS, TOTAL_COLUMNS, WINDOW_COLUMNS, JobSpec
 from llem.hostlist import compress_hostlist
 from llem.units import NS_PER_S, UJ_PER_J
@@ -117,6 +117,7 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "DRAMEnergy": run["dram_energy_uj"] / UJ_PER_J,
         "GPUEnergy": run["gpu_energy_uj"] / UJ_PER_J,
         "PlatformEnergy": run["other_energy_uj"] / UJ_PER_J,  # jobs' only 'other': platform
+        "PlatformShare": platform_share(run["other_energy_uj"], run["energy_uj"]),
         "AvePower": energy_j / elapsed_s if elapsed_s else None,
         "EnergySource": energy_source(run["energy_uj"], run["estimated_energy_uj"]),
         "Coverage": run["coverage"],
@@ -128,6 +129,11 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "_key": (run["cluster"], run["job_id"], run["run_start_ns"]),
         "_array": (run["array_job_id"], run["array_task_id"]),
     }
+
+
+def platform_share(platform_uj: int, energy_uj: int) -> float | None:
+    """The platform's part of the energy; None where there is none (no node meter)."""
+    return platform_uj / energy_uj if platform_uj > 0 and energy_uj > 0 else None
 
 
 def window_rows(
@@ -157,8 +163,13 @@ def window_rows(
                 "estimated": 0,
                 "gpus": 0,
                 "status": w["status"],
+                "work": None,
+                "units": set(),
             },
         )
+        if w.get("work") is not None:
+            m["work"] = (m["work"] or 0.0) + w["work"]
+            m["units"].add(w.get("unit") or "units")
         m["start"] = min(m["start"], w["start_ns"])
         if w["end_ns"] is None or m["end"] is None:
             m["end"] = None
@@ -203,9 +214,16 @@ def window_rows(
                 "DRAMEnergy": m["by"]["dram"] / UJ_PER_J,
                 "GPUEnergy": m["by"]["gpu"] / UJ_PER_J,
                 "PlatformEnergy": m["by"]["platform"] / UJ_PER_J,
+                "PlatformShare": platform_share(m["by"]["platform"], m["energy"]),
                 "AvePower": energy_j / elapsed_s if elapsed_s else None,
                 "EnergySource": energy_source(m["energy"], m["estimated"]),
                 "Coverage": None,
+                "Work": m["work"],
+                "WorkUnit": _unit_of(m["units"]),
+                "WorkBasis": work_basis(parent.get("Attribution"), m["energy"], m["estimated"])
+                if m["work"] is not None
+                else None,
+                "_work_energy": (energy_j, m["by"]["gpu"] / UJ_PER_J),
                 "_gpu_hours": m["gpus"] * elapsed_s / 3600,
                 "_node_hours": len(set(m["nodes"])) * elapsed_s / 3600,
                 "_key": None,
@@ -215,6 +233,70 @@ def window_rows(
             }
         )
     return out
+
+
+def _unit_of(units: set[str]) -> str | None:
+    """The unit of a sum of work: the one unit, ``mixed`` (no per-unit figure), or None."""
+    if not units:
+        return None
+    return next(iter(units)) if len(units) == 1 else "mixed"
+
+
+def work_basis(attribution: str | None, energy_uj: float, estimated_uj: float) -> str:
+    """How a per-unit figure was obtained: ``estimated`` or ``mixed`` when some energy is
+    estimated; ``measured`` when every node was the job's alone (exclusive: the node's
+    counters); otherwise ``attributed``, a proportional share of a shared node's energy."""
+    source = energy_source(int(energy_uj), int(estimated_uj))
+    if source in ("estimated", "mixed"):
+        return source
+    policies = set((attribution or "").split(",")) - {""}
+    return "measured" if policies == {"exclusive"} else "attributed"
+
+
+def add_per_work(rows: list[dict]) -> None:
+    """Fill ``EnergyPerWork``, ``GPUEnergyPerWork`` and ``CO2ePerWork`` of rows that carry
+    work in one unit (``_work_energy``: the joules, all and GPU, of the work's windows;
+    ``_work_co2e``: their grams, else the row's ``CO2e``)."""
+    for row in rows:
+        work, energy = row.get("Work"), row.get("_work_energy")
+        if not work or energy is None or row.get("WorkUnit") in (None, "mixed"):
+            row.setdefault("EnergyPerWork", None)
+            row.setdefault("GPUEnergyPerWork", None)
+            row.setdefault("CO2ePerWork", None)
+            continue
+        row["EnergyPerWork"] = energy[0] / work
+        row["GPUEnergyPerWork"] = energy[1] / work
+        co2e = row.get("_work_co2e", row.get("CO2e"))
+        row["CO2ePerWork"] = None if co2e is None else co2e / work
+
+
+def add_job_work(runs: list[dict], steps: list[dict]) -> None:
+    """A job row's work: the sum over its windows that carry work, and their energy."""
+    by_parent: dict[tuple, list[dict]] = {}
+    for step in steps:
+        if step.get("Work") is not None:
+            by_parent.setdefault(step["_parent"], []).append(step)
+    for run in runs:
+        mine = by_parent.get(run["_key"], [])
+        if not mine:
+            continue
+        run["Work"] = sum(s["Work"] for s in mine)
+        run["WorkUnit"] = _unit_of({s["WorkUnit"] for s in mine})
+        run["_work_energy"] = (
+            sum(s["_work_energy"][0] for s in mine),
+            sum(s["_work_energy"][1] for s in mine),
+        )
+        co2e = [s.get("CO2e") for s in mine]
+        run["_work_co2e"] = None if None in co2e else sum(co2e)
+        run["WorkBasis"] = _combined_basis({s["WorkBasis"] for s in mine})
+
+
+def _combined_basis(bases: set[str]) -> str:
+    if len(bases) == 1:
+        return next(iter(bases))
+    if bases & {"estimated", "mixed"}:
+        return "mixed"
+    return "attributed"
 
 
 def total_row(by: str, values: Sequence) -> dict[str, Any]:
@@ -234,6 +316,7 @@ def total_row(by: str, values: Sequence) -> dict[str, Any]:
         "DRAMEnergy": (t["dram_energy_uj"] or 0) / UJ_PER_J,
         "GPUEnergy": (t["gpu_energy_uj"] or 0) / UJ_PER_J,
         "PlatformEnergy": (t["other_energy_uj"] or 0) / UJ_PER_J,
+        "PlatformShare": platform_share(t["other_energy_uj"] or 0, t["energy_uj"] or 0),
         "AvePower": energy_j / elapsed_s if elapsed_s else None,
         "EnergySource": energy_source(t["energy_uj"] or 0, t["estimated_energy_uj"] or 0),
         "Coverage": (t["covered_ns"] / t["coverage_ns"]) if t["coverage_ns"] else None,
@@ -311,19 +394,25 @@ def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
             hourly.setdefault((cluster, job_id, run_start_ns), {})[hour_s] = uj / UJ_PER_J
     add_carbon(runs, carbon, hourly)
     specs = opts.filter.jobs
-    if opts.allocations or not runs:
+    wants_work = bool({c.field.name for c in opts.columns} & WORK_FIELD_NAMES) or (
+        opts.mode == "json" and not opts.fields_given
+    )
+    if not runs or (opts.allocations and not wants_work):
+        add_per_work(runs)
         return [run for run in runs if _shown(specs, run, None)]
     parents = {r["_key"]: r for r in runs}
     windows = q.select_windows(ledger, list(parents))
     steps: list[dict] = []
     if windows:
         devices = q.device_components(ledger, {(w[0], w[10]) for w in windows})
-        steps = [
-            w
-            for w in window_rows(windows, devices, parents)
-            if _shown(specs, parents[w["_parent"]], w)
-        ]
+        steps = window_rows(windows, devices, parents)
         add_carbon(steps, carbon)
+        add_job_work(runs, steps)
+        add_per_work(steps)
+        steps = [w for w in steps if _shown(specs, parents[w["_parent"]], w)]
+    add_per_work(runs)
+    if opts.allocations:
+        return [run for run in runs if _shown(specs, run, None)]
     by_parent: dict[tuple, list[dict]] = {}
     for step in steps:
         by_parent.setdefault(step["_parent"], []).append(step)
@@ -335,10 +424,87 @@ def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
     return out
 
 
+def window_total_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
+    """``--totals window``: one row per window name (and unit of work) across the runs
+    matching the selection (every run, as the other totals)."""
+    from llem.cluster import acct_queries as q
+
+    runs = [run_row(dict(zip(RUN_COLUMNS, r))) for r in q.select_runs(ledger, opts.filter)]
+    parents = {r["_key"]: r for r in runs}
+    windows = q.select_windows(ledger, list(parents)) if parents else []
+    if not windows:
+        return []
+    devices = q.device_components(ledger, {(w[0], w[10]) for w in windows})
+    steps = window_rows(windows, devices, parents)
+    add_carbon(steps, carbon)
+    groups: dict[tuple, list[dict]] = {}
+    for step in steps:
+        groups.setdefault((step["JobName"] or "", step["WorkUnit"] or ""), []).append(step)
+    out = []
+    for (name, _), members in sorted(groups.items()):
+        energy_j = sum(m["ConsumedEnergy"] for m in members)
+        estimated = [m for m in members if m["EnergySource"] in ("estimated", "mixed")]
+        elapsed_s = sum(m["Elapsed"] for m in members)
+        co2e = [m["CO2e"] for m in members]
+        with_work = [m for m in members if m["Work"] is not None]
+        row = {
+            "Window": name,
+            "NJobs": len({m["_parent"] for m in members}),
+            "Elapsed": elapsed_s,
+            "NodeHours": sum(m["_node_hours"] for m in members),
+            "GPUHours": sum(m["_gpu_hours"] for m in members),
+            "ConsumedEnergy": energy_j,
+            "ConsumedEnergyRaw": round(energy_j),
+            "CPUEnergy": sum(m["CPUEnergy"] for m in members),
+            "DRAMEnergy": sum(m["DRAMEnergy"] for m in members),
+            "GPUEnergy": sum(m["GPUEnergy"] for m in members),
+            "PlatformEnergy": sum(m["PlatformEnergy"] for m in members),
+            "PlatformShare": platform_share(sum(m["PlatformEnergy"] for m in members), energy_j),
+            "AvePower": energy_j / elapsed_s if elapsed_s else None,
+            "EnergySource": (
+                "none"
+                if energy_j <= 0
+                else "measured"
+                if not estimated
+                else "estimated"
+                if len(estimated) == len(members)
+                else "mixed"
+            ),
+            "Coverage": None,
+            "CO2e": None if None in co2e else sum(co2e),
+            "CarbonIntensity": None,
+            "Work": sum(m["Work"] for m in with_work) if with_work else None,
+            "WorkUnit": _unit_of({m["WorkUnit"] for m in with_work}),
+            "WorkBasis": _combined_basis({m["WorkBasis"] for m in with_work})
+            if with_work
+            else None,
+            "_work_energy": (
+                sum(m["_work_energy"][0] for m in with_work),
+                sum(m["_work_energy"][1] for m in with_work),
+            ),
+            "_work_co2e": None
+            if any(m["CO2e"] is None for m in with_work)
+            else sum(m["CO2e"] for m in with_work),
+            "_key": name,
+        }
+        if row["CO2e"] is not None and energy_j > 0:
+            intensities = [m["CarbonIntensity"] for m in members if m["CarbonIntensity"]]
+            row["CarbonIntensity"] = (
+                sum(m["CarbonIntensity"] * m["ConsumedEnergy"] for m in members) / energy_j
+                if len(intensities) == len(members)
+                else None
+            )
+        out.append(row)
+    add_per_work(out)
+    return out
+
+
 def total_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
     """One row per group of ``--totals``."""
     from llem.cluster import acct_queries as q
 
+    if opts.totals_by == "window":
+        return window_total_rows(ledger, opts, carbon)
     rows = [
         total_row(opts.totals_by, r) for r in q.select_totals(ledger, opts.filter, opts.totals_by)
     ]

@@ -183,7 +183,8 @@ def _output_options(fn):
             "--totals",
             metavar="BY",
             help="One row per user, account, partition, tag, day or month (of the "
-            "runs' start) instead of one per job.",
+            "runs' start), or per window name (with its work and energy per unit), "
+            "instead of one per job.",
         ),
         click.option(
             "--statement",
@@ -235,6 +236,7 @@ def acct(
       llem-acct --since 30d
       llem-acct -j 1234 -o JobID,Elapsed,GPUEnergy,CO2e
       llem-acct -a --since 30d --totals account
+      llem-acct --since 7d --totals window
       llem-acct -S 2026-01-01 -E 2026-03-31 --statement
     """
     if helpformat:

@@ -12,6 +12,7 @@ import json
 import click
 
 from llem.carbon import tables
+from llem.errors import ConfigError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
@@ -75,7 +76,18 @@ def _row_for(region: str, year: str | None) -> tuple[tables.AnnualIntensity, str
         return by_year[wanted], None
     earlier = [y for y in by_year if y < wanted]
     if not earlier:
-        return tables.lookup(region, year), None  # the table's own "no figure" error
+        if not by_year:
+            return tables.lookup(region, year), None  # the table's own error
+        first = min(by_year)
+        code = by_year[first].region
+        have = ", ".join(str(y) for y in sorted(by_year))
+        raise ConfigError(
+            f"no figure of {code} for {wanted} is available: the shipped sources carry {code} "
+            f"for {have} only, and earlier years could not be sourced (share/carbon/SOURCES.md;"
+            f" a site with the full Our World in Data export can add them with build_tables.py)."
+            f" Energy used in {wanted} is priced with the {first} figure, shown as "
+            f"'{first} for {wanted}'."
+        )
     used = max(earlier)
     return by_year[used], (
         f"{wanted} not shipped: nearest earlier year {used}, as llem prices energy used in {wanted}"

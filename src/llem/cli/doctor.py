@@ -8,6 +8,7 @@ import platform
 import pwd
 import stat
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -50,6 +51,82 @@ def _path_info(path: str) -> dict:
     if st.st_mode & stat.S_IWOTH:
         info["warning"] = "writable by everyone"
     return info
+
+
+def _ledger(config, problems: list[str]) -> dict | None:
+    """The ledger as the admin node sees it: backend, version, schema, partitions, last
+    merge. None where there is no ledger to see (a compute node with an SQLite path)."""
+    from llem.cluster.pg_ledger import is_postgres, redact
+    from llem.errors import LedgerError
+
+    info: dict = {"ledger": redact(config.ledger)}
+    if not is_postgres(config.ledger):
+        if not Path(config.ledger).is_file():
+            return None
+        import sqlite3
+
+        from llem.cluster.ledger import Ledger
+        from llem.cluster.pass_status import read_pass_status
+
+        info.update(backend="sqlite", version=sqlite3.sqlite_version)
+        try:
+            with Ledger(config.ledger, readonly=True) as led:
+                info["schema"] = led.query("PRAGMA user_version")[0][0]
+                info["job_runs"] = led.query("SELECT COUNT(*) FROM job_runs")[0][0]
+        except LedgerError as e:
+            info["error"] = str(e)
+            problems.append(f"ledger: {e}")
+        status = read_pass_status(config)
+        info["last_merge"] = (
+            {"ts_s": status.last_end_s, "slices": status.last_merged} if status else None
+        )
+        return info
+    from llem.cluster.pg_ledger import INSTALL_HINT, PgLedger
+
+    info["backend"] = "postgresql"
+    try:
+        with PgLedger(config.ledger, readonly=True) as led:
+            info["version"] = led.server_version()
+            info["schema"] = led.schema_version()
+            info["job_runs"] = led.query("SELECT COUNT(*) FROM job_runs")[0][0]
+            parts = led.partitions()
+            info["partitions"] = [{"table": t, "name": n, "rows": r} for t, n, r in parts]
+            last = led.last_merge()
+            info["last_merge"] = (
+                {"ts_s": last["ts_ns"] / 1e9, "slices": last["slices"], "host": last["host"]}
+                if last
+                else None
+            )
+    except LedgerError as e:
+        info["error"] = str(e)
+        if INSTALL_HINT not in str(e):  # the driver is needed on the admin host only
+            problems.append(f"ledger: {e}")
+    return info
+
+
+def _render_ledger(info: dict) -> list[str]:
+    out = ["", f"Ledger: {info['ledger']}"]
+    if "version" in info:
+        out.append(f"  backend {info['backend']} {info['version']}, schema {info.get('schema')}")
+    if "error" in info:
+        out.append(f"  ERROR {info['error']}")
+        return out
+    out.append(f"  {info['job_runs']:,} job runs")
+    parts = info.get("partitions")
+    if parts is not None:
+        for table in ("job_energy", "node_hours"):
+            mine = [p for p in parts if p["table"] == table]
+            span = f", {mine[0]['name'][-6:]} to {mine[-1]['name'][-6:]}" if mine else ""
+            rows = sum(max(p["rows"], 0) for p in mine)
+            out.append(f"  {table}: {len(mine)} month partition(s){span}, ~{rows:,} rows")
+    last = info.get("last_merge")
+    if last:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last["ts_s"]))
+        host = f" on {last['host']}" if last.get("host") else ""
+        out.append(f"  last merge {when}{host}: {last['slices']} slice(s)")
+    else:
+        out.append("  no merge yet")
+    return out
 
 
 def _hook_defaults(env: dict) -> dict[str, str]:
@@ -165,14 +242,28 @@ def _sources(config, env: dict, report: dict) -> None:
         report["coverage"]["platform"] = (
             f"measured ({', '.join(platform.meter_keys)} minus the parts)"
             if platform
-            else "none (no node meter: pm_counters, ACPI power meter or Grace Hopper module)"
+            else "none (no node meter: pm_counters, ACPI power meter, Grace Hopper module, "
+            "or a BMC with ipmi.enabled)"
         )
     finally:
         opened.close()
 
 
-def _attribution(config, devices, store_path) -> dict:
-    """The attribution policy and the idle power in force for each CPU and DRAM device."""
+def _node_cpus(node: str, env) -> dict:
+    """The node's CPUs as the sampler takes them for allocation shares, and where from."""
+    from llem.node.attribution import node_cpus
+    from llem.node.slurm import slurm_conf_path, slurm_node_cpus
+
+    path = slurm_conf_path(env)
+    cpus = slurm_node_cpus(path, node)
+    if cpus:
+        return {"cpus": cpus, "source": f"slurm.conf ({path})"}
+    return {"cpus": node_cpus(), "source": "/proc/stat (slurm.conf does not say)"}
+
+
+def _attribution(config, devices, store_path, node: str = "", env=None) -> dict:
+    """The attribution policy, the node's CPUs and the idle power in force for each CPU and
+    DRAM device."""
     from llem.node.idle import IdleLearner, package_tdp_w
 
     tdp_w = package_tdp_w(config.estimate)
@@ -198,6 +289,7 @@ def _attribution(config, devices, store_path) -> dict:
     idle = learner.resolve()
     return {
         "policy": config.attribution.policy,
+        "node_cpus": _node_cpus(node, env or {}),
         "idle_w": {
             d.key: (
                 {
@@ -270,11 +362,15 @@ def diagnose(env: dict | None = None) -> dict:
             coverage[component] = "none (no NVIDIA or AMD GPU found)"
     report["coverage"] = coverage
     _sources(config, env, report)
+    from llem.cluster.pg_ledger import is_postgres
+
     report["paths"] = {
         "state_dir": _path_info(config.state_dir),
         "spool_dir": _path_info(config.spool_dir),
-        "ledger": _path_info(config.ledger),
     }
+    if not is_postgres(config.ledger):
+        report["paths"]["ledger"] = _path_info(config.ledger)
+    report["ledger"] = _ledger(config, report["problems"])
     for name, info in report["paths"].items():
         if info.get("warning"):
             report["problems"].append(f"{name} {info['path']}: {info['warning']}")
@@ -286,6 +382,8 @@ def diagnose(env: dict | None = None) -> dict:
         config,
         [d for p in probes if p.available for d in p.devices],
         NodePaths.of(config, report["node"]).store,
+        report["node"],
+        env,
     )
     report["environment"] = {k: v for k, v in sorted(env.items()) if k.startswith("LLEM_")}
     if os.geteuid() != 0:
@@ -342,6 +440,8 @@ def render(report: dict) -> str:
         f"Attribution: policy {att['policy']} (a job holding every CPU of the node: "
         "exclusive, the whole node)"
     )
+    cpus = att["node_cpus"]
+    out.append(f"  node CPUs for allocation shares: {cpus['cpus'] or 'unknown'} ({cpus['source']})")
     for key, idle in att["idle_w"].items():
         how = (
             "none: shared by use alone"
@@ -361,6 +461,8 @@ def render(report: dict) -> str:
         out.append(f"  {ns['pending_registrations']} job registration(s) waiting")
     for line in ns["recent_problems"]:
         out.append(f"  problem: {line}")
+    if report.get("ledger"):
+        out += _render_ledger(report["ledger"])
     sp = report["spool"]
     if sp["outbox_pending"] or sp["quarantined"]:
         out.append("")

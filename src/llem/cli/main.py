@@ -18,10 +18,13 @@ COMMANDS = {
     "doctor": "llem.cli.doctor:doctor",
     "carbon": "llem.cli.carbon:carbon",
     "aggregate": "llem.cli.aggregate:aggregate",
+    "ledger": "llem.cli.ledger:ledger",
     "demo": "llem.cli.demo:demo",
     "acct": "llem.cli.acct:acct",
     "report": "llem.cli.report:report",
     "metrics": "llem.cli.metrics:metrics",
+    "history": "llem.cli.history:history",
+    "job": "llem.cli.job:job",
 }
 # Commands on the job start-up path: argparse-based, dispatched before click is imported.
 # They are listed in `llem --help` through small click shims.

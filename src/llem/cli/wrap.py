@@ -16,38 +16,16 @@ from llem.safetext import safe_text
 from llem.sampler import Sampler
 from llem.sensors import open_sensors
 from llem.units import format_energy_j
-from llem.wrap import Accumulator, ChildRunner, exit_status, result, run_sampler_thread
-
-
-def carbon_for(
-    config: config_mod.Config, acc: Accumulator, duration_s: float
-) -> tuple[dict, float | None, list[str]]:
-    """The carbon object and CO2e of the window; (carbon, co2e_g, notes).
-
-    A carbon problem (an unknown region, a bad intensity file) never loses the measurement:
-    the energy is still reported, with ``co2e_g`` null and the reason.
-    """
-    from llem import carbon
-    from llem.errors import LlemError
-
-    unknown = {
-        "region": config.carbon.region,
-        "intensity_g_per_kwh": None,
-        "source": None,
-        "year": None,
-        "basis": None,
-        "pue": None,
-    }
-    if not acc.devices:
-        return {**unknown, "reason": "no energy was measured"}, None, []
-    energy_j = {hour: uj / 1e6 for hour, uj in acc.by_hour_uj.items()}
-    n_gpus = sum(1 for t in acc.devices.values() if t.device.component == "gpu")
-    hours = duration_s / 3600
-    try:
-        result = carbon.emissions(config, energy_j, gpu_hours=n_gpus * hours, node_hours=hours)
-    except (LlemError, ValueError) as e:
-        return {**unknown, "reason": f"carbon: {e}"}, None, [f"carbon: {e}"]
-    return result.carbon, result.co2e_g, list(result.carbon.get("notes", []))
+from llem.wrap import (
+    Accumulator,
+    ChildRunner,
+    accumulator_of_window,
+    add_work,
+    carbon_for,
+    exit_status,
+    result,
+    run_sampler_thread,
+)
 
 
 def render_summary(res: dict) -> str:
@@ -72,10 +50,14 @@ def render_summary(res: dict) -> str:
         for c in res["components"]:
             how = f"{c['source']}, {c['sensor']} {c['method'].replace('_', ' ')}"
             extra = "  (not added: overlaps others)" if c["component"] == "psys" else ""
+            if c.get("package_split"):  # an MI250X die, an MI300X partition
+                extra = f"  ({c['package_split']['share']} of its package, which only "
+                extra += f"{', '.join(c['package_split']['reporting'])} reports)"
             lines.append(
                 f"  {c['component']:<4} {c['device']:<{width}} {format_energy_j(c['energy_j']):>12}"
                 f"  {how}, coverage {c['coverage'] * 100:.0f}%{extra}"
             )
+    lines.extend(work_lines(res))
     carbon = res["carbon"]
     if res["co2e_g"] is None:
         lines.append(f"  CO2e n/a: {carbon.get('reason', 'no intensity')}")
@@ -93,6 +75,38 @@ def render_summary(res: dict) -> str:
         lines.append(f"  note: {note}")
     # The window name, the command and texts from the node sampler are not ours: made safe.
     return "\n".join(safe_text(line) for line in lines)
+
+
+def work_lines(res: dict) -> list[str]:
+    """The summary's line on the work and the energy per unit, when work was given."""
+    if res.get("work") is None:
+        return []
+    unit = res.get("unit") or "units"
+    line = f"  work {res['work']:.6g} {unit}"
+    if res.get("energy_per_unit_j") is not None:
+        scope = "the job's share" if res["scope"] == "job" else "whole node"
+        line += (
+            f": {format_per_unit(res['energy_per_unit_j'])} per {singular(unit)} "
+            f"({scope}, {res['per_unit_basis']})"
+        )
+        if res.get("gpu_energy_per_unit_j") is not None:
+            line += f", GPUs only {format_per_unit(res['gpu_energy_per_unit_j'])}"
+        if res.get("co2e_per_unit_g") is not None:
+            line += f", {res['co2e_per_unit_g']:.4g} gCO2e per {singular(unit)}"
+    return [line]
+
+
+def format_per_unit(joules: float) -> str:
+    """``0.412 J``, ``3.1 mJ``, ``12.5 kJ``: joules per unit with an SI prefix."""
+    for factor, prefix in ((1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "u")):
+        if abs(joules) >= factor:
+            return f"{joules / factor:.4g} {prefix}J"
+    return f"{joules:.3g} J"
+
+
+def singular(unit: str) -> str:
+    """``tokens`` -> ``token`` (the plural an English unit most often has), else as is."""
+    return unit[:-1] if len(unit) > 3 and unit.endswith("s") and not unit.endswith("ss") else unit
 
 
 def _emit(res: dict, as_json: bool, output: Path | None, quiet: bool) -> None:
@@ -116,12 +130,10 @@ def _job_window(
     output: Path | None,
     quiet: bool,
     command: tuple[str, ...],
+    work: _Work,
 ) -> None:
     """Run CMD inside a named window that the node sampler keeps for this job."""
     from llem.node.windows import WindowError, close_window
-    from llem.sensors.base import Device
-    from llem.units import split_by_hour
-    from llem.wrap import DeviceTotal
 
     runner = ChildRunner(command)
     t0 = time.monotonic()
@@ -141,28 +153,13 @@ def _job_window(
         f"window {window['window_id']} of Slurm job {os.environ.get('SLURM_JOB_ID')} "
         f"on node {os.environ.get('SLURMD_NODENAME')}: the job's attributed share"
     ]
-    acc = Accumulator()
+    count, unit = work.get(notes)
     try:
-        closed = close_window(path, os.environ, window["window_id"])
+        closed = close_window(path, os.environ, window["window_id"], count, unit)
     except WindowError as e:
         notes.append(f"{e}: the window's energy is unknown")
-        closed = {
-            "start_ns": window["start_ns"],
-            "end_ns": window["start_ns"],
-            "energy_uj": {},
-            "devices": {},
-            "coverage": 0.0,
-        }
-    span_ns = max(1, closed["end_ns"] - closed["start_ns"])
-    acc.start_ns, acc.end_ns, acc.mono_ns = closed["start_ns"], closed["end_ns"], span_ns
-    for key, meta in closed["devices"].items():
-        dev = Device(
-            key, meta["component"], meta["device"], meta["sensor"], meta["source"], meta["method"]
-        )
-        uj = int(closed["energy_uj"].get(key, 0))
-        acc.devices[key] = DeviceTotal(dev, uj, int(closed["coverage"] * span_ns))
-        for hour, part in split_by_hour(closed["start_ns"], closed["end_ns"], uj).items():
-            acc.by_hour_uj[hour] = acc.by_hour_uj.get(hour, 0) + part
+        closed = {"start_ns": window["start_ns"], "end_ns": window["start_ns"], "coverage": 0.0}
+    acc = accumulator_of_window(closed)
     carbon, co2e_g, carbon_notes = carbon_for(config, acc, duration_s)
     res = result(
         acc,
@@ -175,9 +172,40 @@ def _job_window(
         notes=notes + carbon_notes,
     )
     res["scope"] = "job"
+    res["coverage"] = closed.get("coverage")
+    add_work(res, count, unit, closed.get("policy"))
     res["window_id"] = window["window_id"]
     _emit(res, as_json, output, quiet)
     ctx.exit(exit_status(returncode))
+
+
+class _Work:
+    """The work of ``--work``/``--unit``/``--work-file``, read once the command has ended."""
+
+    def __init__(self, count: float | None, unit: str | None, path: Path | None) -> None:
+        self.count, self.unit, self.path = count, unit, path
+
+    def get(self, notes: list[str]) -> tuple[float | None, str | None]:
+        """(count, unit); a count file that is missing or unreadable is a note, not an
+        error: the measurement is kept without its work."""
+        from llem.node.windows import check_work
+
+        count, unit = self.count, self.unit
+        if self.path is not None:
+            try:
+                text = self.path.read_text(encoding="utf-8", errors="replace")[:200].split()
+                count = float(text[0])
+                if len(text) > 1 and unit is None:
+                    unit = text[1]
+            except (OSError, ValueError, IndexError) as e:
+                what = e.strerror if isinstance(e, OSError) else "no number in it"
+                notes.append(f"work file {self.path}: {what}; the work is unknown")
+                return None, None
+        try:
+            return check_work(count, unit)
+        except ValueError as e:
+            notes.append(f"work: {e}; the work is left out")
+            return None, None
 
 
 def _close_quietly(path: Path, window: dict) -> None:
@@ -215,6 +243,24 @@ def _write_output(path: Path, text: str) -> None:
     default=None,
     help="Seconds between sensor reads (default: the smaller of 1 s and sampler.interval_s).",
 )
+@click.option(
+    "--work",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="The work the command does (a count: tokens, samples, ...): the summary gives the "
+    "energy per unit.",
+)
+@click.option(
+    "--unit",
+    default=None,
+    help="The unit of the work (tokens, samples, steps, requests or any word; default units).",
+)
+@click.option(
+    "--work-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A file the command writes its work count into ('N' or 'N UNIT'), read when it ends.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No summary on stderr.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
@@ -224,6 +270,9 @@ def wrap(
     as_json: bool,
     output: Path | None,
     interval: float | None,
+    work: float | None,
+    unit: str | None,
+    work_file: Path | None,
     quiet: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -233,9 +282,19 @@ def wrap(
     to stderr; --json prints one object to stdout.
 
     \b
-    Example:
+    Examples:
       llem wrap --name train -- python train.py --epochs 3
+      llem wrap --name gen --work-file n.txt --unit tokens -- python gen.py --count-to n.txt
     """
+    if work is not None and work_file is not None:
+        raise click.UsageError("--work and --work-file: give one of them")
+    from llem.node.windows import check_work
+
+    try:
+        check_work(work, unit)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--unit") from None
+    work_of = _Work(work, unit, work_file)
     config = config_mod.load()
     notes: list[str] = []
     if os.environ.get("SLURM_JOB_ID"):
@@ -252,7 +311,7 @@ def wrap(
                 "standalone instead (the whole node, not the job's share)"
             )
         else:
-            _job_window(ctx, config, path, window, name, as_json, output, quiet, command)
+            _job_window(ctx, config, path, window, name, as_json, output, quiet, command, work_of)
     interval_s = interval if interval is not None else min(1.0, config.sampler.interval_s)
     opened = open_sensors(config)
     notes += opened.notes
@@ -280,6 +339,7 @@ def wrap(
         thread.join(timeout=10)
         runner.restore()
         opened.close()
+    count, work_unit = work_of.get(notes)
     carbon, co2e_g, carbon_notes = carbon_for(config, acc, duration_s)
     res = result(
         acc,
@@ -291,5 +351,6 @@ def wrap(
         co2e_g=co2e_g,
         notes=notes + carbon_notes,
     )
+    add_work(res, count, work_unit)
     _emit(res, as_json, output, quiet)
     ctx.exit(exit_status(returncode))

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llem.cluster.dialect import settled
 from llem.errors import LedgerError
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,14 @@ INDEX_SLACK_NS = 3600 * 10**9
 """The nodes' end of a run (``run_end_ns``, indexed) is never this much before Slurm's: a
 window on Slurm's end is first narrowed with the index, this much wider."""
 
-_ATTRIBUTION_SQL = (
-    "(SELECT group_concat(DISTINCT json_extract(n.attribution, '$.policy')) FROM job_nodes n "
-    "WHERE n.cluster = r.cluster AND n.job_id = r.job_id AND n.run_start_ns = r.run_start_ns)"
-)
+
+def _attribution_sql(ledger) -> str:
+    policies = ledger.dialect.policies("n.attribution")
+    return (
+        f"(SELECT {policies} FROM job_nodes n WHERE n.cluster = r.cluster "
+        "AND n.job_id = r.job_id AND n.run_start_ns = r.run_start_ns)"
+    )
+
 
 WINDOW_COLUMNS = (
     "cluster",
@@ -115,8 +120,11 @@ WINDOW_COLUMNS = (
     "energy_uj",
     "node",
     "energy",
+    "work",
+    "unit",
 )
-"""The columns of :func:`select_windows`' rows, in order (one row per node of a window)."""
+"""The columns of :func:`select_windows`' rows, in order (one row per node of a window;
+``work`` and ``unit`` None before ledger migration ``_v4_work_and_power``)."""
 
 TOTAL_COLUMNS = (
     "key",
@@ -135,15 +143,20 @@ TOTAL_COLUMNS = (
 )
 """The columns of :func:`select_totals`' rows, in order."""
 
-GROUP_KEYS = {
-    "user": "COALESCE(r.user, '')",
-    "account": "COALESCE(r.account, '')",
-    "partition": "COALESCE(r.partition, '')",
-    "tag": "COALESCE(r.tag, '')",
-    "day": "date(r.run_start_ns / 1000000000, 'unixepoch', 'localtime')",
-    "month": "strftime('%Y-%m', r.run_start_ns / 1000000000, 'unixepoch', 'localtime')",
-}
-"""SQL of each ``--totals`` key; days and months are those of the run's start, local time."""
+GROUP_KEYS = ("user", "account", "partition", "tag", "day", "month")
+"""The ``--totals`` keys; days and months are those of the run's start, local time."""
+
+
+def group_key(ledger, by: str) -> str:
+    """SQL of a ``--totals`` key (a member of :data:`GROUP_KEYS`)."""
+    if by == "day":
+        return ledger.dialect.day("r.run_start_ns")
+    if by == "month":
+        return ledger.dialect.month("r.run_start_ns")
+    if by not in GROUP_KEYS:
+        raise KeyError(by)
+    return f"COALESCE(r.{by}, '')"
+
 
 CHUNK = 400  # bound parameters per IN list, well under SQLite's limit
 
@@ -212,11 +225,19 @@ class RunFilter:
 def open_ledger(path: str | os.PathLike):
     """Open the ledger read-only, with a message that says what to do when that fails.
 
+    ``path`` is a file (SQLite) or a PostgreSQL connection string (``postgresql://...``,
+    ``service=NAME``).
+
     Raises:
         LedgerError: no such file, not readable, not a ledger, or a newer schema.
     """
     from llem.cluster.ledger import Ledger
+    from llem.cluster.pg_ledger import PgLedger, is_postgres
 
+    if is_postgres(path):
+        ledger = PgLedger(str(path), readonly=True)
+        ledger.query("SELECT 1 FROM job_runs LIMIT 1")
+        return ledger
     path = Path(path)
     if not path.exists():
         raise LedgerError(
@@ -299,7 +320,7 @@ def where_clause(f: RunFilter) -> tuple[str, list]:
             + _in("jn.node", f.nodes, params)
             + ")"
         )
-    return " AND ".join(where) or "1", params
+    return " AND ".join(where) or "TRUE", params
 
 
 def _window(f: RunFilter, params: list) -> list[str]:
@@ -341,21 +362,19 @@ def _window(f: RunFilter, params: list) -> list[str]:
         else:
             either.append(f"(COALESCE(r.state, 'UNKNOWN') = ? AND {ENDED} BETWEEN ? AND ?)")
             params += [state, start or 0, end if end is not None else 2**62]
-    out.append(f"({' OR '.join(either) or '0'})")
+    out.append(f"({' OR '.join(either) or '1 = 0'})")
     return out
 
 
 def run_columns_sql(ledger) -> str:
     """The select list of :data:`RUN_COLUMNS` over ``job_runs r`` for this ledger: NULL for
     the columns a ledger not yet migrated lacks."""
-    have = {row[1] for row in ledger.query("PRAGMA table_info(job_runs)")}
     cols = [
-        f"r.{c}" if c in have or c not in SLURM_RUN_COLUMNS else "NULL" for c in RUN_COLUMNS[:-1]
+        f"r.{c}" if c not in SLURM_RUN_COLUMNS or ledger.has_column("job_runs", c) else "NULL"
+        for c in RUN_COLUMNS[:-1]
     ]
-    has_column = any(
-        row[1] == "attribution" for row in ledger.query("PRAGMA table_info(job_nodes)")
-    )
-    cols.append(_ATTRIBUTION_SQL if has_column else "NULL")
+    has_column = ledger.has_column("job_nodes", "attribution")
+    cols.append(_attribution_sql(ledger) if has_column else "NULL")
     return ", ".join(cols)
 
 
@@ -377,13 +396,13 @@ def _where_for(ledger, f: RunFilter) -> tuple[str, list]:
     where, params = where_clause(f)
     if not _has_slurm_columns(ledger):
         if f.qos is not None or f.timelimit_min is not None:
-            return "0", []
+            return "1 = 0", []
         where = _unmigrated(where)
     return where, params
 
 
 def _has_slurm_columns(ledger) -> bool:
-    return any(row[1] == "submit_ns" for row in ledger.query("PRAGMA table_info(job_runs)"))
+    return ledger.has_column("job_runs", "submit_ns")
 
 
 def _unmigrated(where: str) -> str:
@@ -414,12 +433,14 @@ def select_windows(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
     for cluster, job_id, _ in wanted:
         by_cluster.setdefault(cluster, []).append(job_id)
     out = []
+    has_work = any(row[1] == "work" for row in ledger.query("PRAGMA table_info(windows)"))
+    work = "w.work, w.unit" if has_work else "NULL, NULL"
     for cluster, job_ids in by_cluster.items():
         for chunk in _chunks(sorted(set(job_ids))):
             params = [cluster, *chunk]
             rows = ledger.query(
                 "SELECT jn.cluster, jn.job_id, jn.run_start_ns, w.name, w.step_id, w.start_ns,"
-                " w.end_ns, w.status, 1, w.energy_uj, jn.node, w.energy FROM job_nodes jn "
+                f" w.end_ns, w.status, 1, w.energy_uj, jn.node, w.energy, {work} FROM job_nodes jn "
                 "JOIN windows w ON w.job_node_id = jn.id WHERE jn.cluster = ? AND "
                 f"jn.job_id IN ({', '.join('?' * len(chunk))})",
                 params,
@@ -447,7 +468,7 @@ def device_components(ledger, nodes: Iterable[tuple[str, str]]) -> dict[tuple, t
 
 
 def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
-    """Sums over the runs matching ``f`` grouped by ``by`` (a key of :data:`GROUP_KEYS`).
+    """Sums over the runs matching ``f`` grouped by ``by`` (a member of :data:`GROUP_KEYS`).
 
     Rows are tuples of :data:`TOTAL_COLUMNS`, ordered by key: ``elapsed_ns`` is the sum of
     the runs' wall times, ``node_ns`` of nodes x wall time, ``covered_ns`` of coverage x wall
@@ -455,8 +476,8 @@ def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
     """
     where, params = _where_for(ledger, f)
     span = "(r.run_end_ns - r.run_start_ns)"
-    return ledger.query(
-        f"SELECT {GROUP_KEYS[by]} AS k, COUNT(*), SUM({span}), SUM(r.energy_uj), "
+    rows = ledger.query(
+        f"SELECT {group_key(ledger, by)} AS k, COUNT(*), SUM({span}), SUM(r.energy_uj), "
         "SUM(r.cpu_energy_uj), SUM(r.dram_energy_uj), SUM(r.gpu_energy_uj), "
         "SUM(r.other_energy_uj), SUM(r.estimated_energy_uj), SUM(r.gpu_seconds), "
         f"SUM(COALESCE(r.num_nodes, 0) * {span}), SUM(r.coverage * {span}), "
@@ -464,6 +485,7 @@ def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
         f"FROM job_runs r WHERE {where} GROUP BY k ORDER BY k",
         params,
     )
+    return settled(rows, 9, 11)
 
 
 def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]:
@@ -474,7 +496,7 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
         f: the selection.
         group: None for one series over all runs (rows ``(hour_s, energy_uj)``); ``"run"``
             for one per run (rows ``(cluster, job_id, run_start_ns, hour_s, energy_uj)``); or
-            a key of :data:`GROUP_KEYS` (rows ``(key, hour_s, energy_uj)``).
+            a member of :data:`GROUP_KEYS` (rows ``(key, hour_s, energy_uj)``).
     """
     where, params = _where_for(ledger, f)
     if group is None:
@@ -482,11 +504,11 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
     elif group == "run":
         keys, n = "r.cluster, r.job_id, r.run_start_ns, ", 3
     else:
-        keys, n = f"{GROUP_KEYS[group]}, ", 1
+        keys, n = f"{group_key(ledger, group)}, ", 1
     groups = ", ".join(str(i) for i in range(1, n + 2))
     return ledger.query(
         f"SELECT {keys}e.hour_s, SUM(e.energy_uj) FROM job_runs r "
-        "CROSS JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id "
+        f"{ledger.dialect.fixed_join} job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id "
         "AND jn.run_start_ns = r.run_start_ns "
         f"JOIN job_energy e ON e.job_node_id = jn.id WHERE {where} "
         f"GROUP BY {groups} ORDER BY {groups}",
@@ -500,7 +522,8 @@ def run_nodes(ledger, f: RunFilter) -> list[tuple[str, str]]:
     return ledger.query(
         # CROSS JOIN keeps job_runs outermost: left free, the planner scans all of job_nodes
         # in node order to save a sort (13 s instead of 0.2 s on a million jobs).
-        "SELECT DISTINCT jn.cluster, jn.node FROM job_runs r CROSS JOIN job_nodes jn "
+        f"SELECT DISTINCT jn.cluster, jn.node FROM job_runs r {ledger.dialect.fixed_join} "
+        "job_nodes jn "
         "ON jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns"
         f" WHERE {where} ORDER BY 1, 2",
         params,

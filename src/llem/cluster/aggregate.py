@@ -1,6 +1,8 @@
 """Spool -> ledger: read, check, merge, then archive or delete; quarantine what is bad.
 
-One pass (:func:`aggregate_once`) under an exclusive lock (``flock`` on ``LEDGER.lock``):
+One pass (:func:`aggregate_once`) under an exclusive lock (``flock`` on ``LEDGER.lock``; on a
+PostgreSQL ledger, an advisory lock of the database, so that aggregators on several hosts
+never merge at once):
 
 1. list the spool (top level only; names starting with a dot are files still being
    written, folders such as ``archive`` and ``quarantine`` are skipped);
@@ -34,6 +36,7 @@ from pathlib import Path
 from llem.cluster.ledger import DATABASE as LEDGER_DATABASE
 from llem.cluster.ledger import Ledger, QuarantineEntry
 from llem.cluster.pass_status import record_pass
+from llem.cluster.pg_ledger import PgLedger, is_postgres
 from llem.cluster.readers import Candidate, no_cyclic_gc, read_all, reader_count
 from llem.cluster.slurm_accounting import ReconcileResult, reconcile
 from llem.config import Config
@@ -107,6 +110,38 @@ class AggregateLock:
         if self.fd is not None:
             self.fd = None
             self._held.__exit__(None, None, None)
+
+
+class PgAggregateLock:
+    """The PostgreSQL ledger's advisory lock: one aggregator at a time on any host.
+
+    Held by the ledger's session for the whole pass; PostgreSQL releases it when the session
+    ends, a killed aggregator's included.
+
+    Raises:
+        LedgerBusy: still held by another session after ``wait_s``.
+    """
+
+    def __init__(self, ledger: PgLedger, wait_s: float = 0.0) -> None:
+        self.ledger = ledger
+        self.wait_s = wait_s
+
+    def __enter__(self) -> PgAggregateLock:
+        deadline = time.monotonic() + self.wait_s
+        while not self.ledger.try_lock():
+            if time.monotonic() >= deadline:
+                raise LedgerBusy(
+                    "another llem aggregate holds the PostgreSQL ledger's lock; nothing done "
+                    "(it will merge these slices)"
+                )
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.ledger.unlock()
+        except Exception:  # the session is gone, and the lock with it
+            pass
 
 
 # -- reading slices ----------------------------------------------------------------------------
@@ -190,12 +225,16 @@ def aggregate_once(
     result = AggregateResult()
     batch_size = max(1, batch_size or config.aggregate.batch_size)
     jobs: set = set()
-    with (
-        AggregateLock(config.ledger, wait_s),
-        no_cyclic_gc(),
-        Ledger(config.ledger, background_checkpoint=True) as ledger,
-        _Disposer(config, now_ns) as disposer,
-    ):
+    with contextlib.ExitStack() as stack:
+        if is_postgres(config.ledger):
+            ledger = stack.enter_context(PgLedger(config.ledger))
+            stack.enter_context(PgAggregateLock(ledger, wait_s))
+            stack.enter_context(no_cyclic_gc())
+        else:
+            stack.enter_context(AggregateLock(config.ledger, wait_s))
+            stack.enter_context(no_cyclic_gc())
+            ledger = stack.enter_context(Ledger(config.ledger, background_checkpoint=True))
+        disposer = stack.enter_context(_Disposer(config, now_ns))
         paths = list_spool(spool)
         readers = reader_count(config.aggregate.readers, len(paths))
         candidates = read_all(
@@ -213,6 +252,8 @@ def aggregate_once(
                 if after_commit is not None:
                     after_commit(number)
         result.incomplete = ledger.mark_incomplete(now_ns, config.aggregate.grace_s)
+        if config.ledger_retention_months and isinstance(ledger, PgLedger):
+            ledger.apply_retention(config.ledger_retention_months, now_ns / 1e9)
         if accounting:
             result.accounting = _reconcile(config, ledger, now_ns)
         record_pass(config, result, time.monotonic() - t0)  # for `llem metrics`
@@ -222,7 +263,13 @@ def aggregate_once(
 
 
 def _reconcile(config: Config, ledger: Ledger, now_ns: int) -> ReconcileResult:
-    """Slurm's accounting after the merge: its failures are logged, never the pass's."""
+    """Slurm's accounting after the merge: its failures are logged, never the pass's.
+
+    The SQLite ledger only, for now: the PostgreSQL ledger has no twin of the accounting
+    tables yet (migration ``_v6_slurm_accounting``), so there the headers' states stay.
+    """
+    if not hasattr(ledger, "store_accounting"):
+        return ReconcileResult(skipped="the PostgreSQL ledger keeps no Slurm accounting yet")
     try:
         return reconcile(config, ledger, now_ns=now_ns)
     except LedgerError as e:  # the merge is committed; the next pass asks again

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from llem import slices
+from llem.cluster.dialect import SQLITE
 from llem.errors import LedgerError
 from llem.hostlist import expand_hostlist
 from llem.sqlite import Database, Messages, open_database, run_script
@@ -216,7 +217,40 @@ def _v3(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE job_nodes ADD COLUMN attribution TEXT")
 
 
-def _v4_slurm_accounting(db: sqlite3.Connection) -> None:
+def _v4_work_and_power(db: sqlite3.Connection) -> None:
+    """Work per window (a count and its unit) and each job node's coarse power series (one
+    point per device per step, ``llem.slice/2``; issue 18): one row per job node, the points
+    as compact JSON (``[[t_s, device index, energy_uj, span_ms], ...]`` with the device keys
+    listed once), so that a million jobs make a million rows, not a billion."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(windows)")}
+    if "work" not in columns:
+        db.execute("ALTER TABLE windows ADD COLUMN work REAL")
+    if "unit" not in columns:
+        db.execute("ALTER TABLE windows ADD COLUMN unit TEXT")
+    db.execute(
+        """
+        CREATE TABLE IF NOT EXISTS job_power (
+            job_node_id INTEGER NOT NULL REFERENCES job_nodes (id) ON DELETE CASCADE,
+            step_s INTEGER NOT NULL, devices TEXT NOT NULL, points TEXT NOT NULL,
+            PRIMARY KEY (job_node_id)
+        ) WITHOUT ROWID
+        """
+    )
+
+
+def _v5_remainder_labels(db: sqlite3.Connection) -> None:
+    """The parts of a node's remainder with a label of their own (issue 13): the static part
+    no job's allocation covers (``idle_unallocated_uj``) and, under the ``allocation``
+    policy, the unallocated share (``unallocated_uj``), in node hours and job node totals.
+    NULL: not known (merged from a slice written before the labels existed)."""
+    for table in ("node_hours", "job_node_totals"):
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        for column in ("idle_unallocated_uj", "unallocated_uj"):
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
+
+
+def _v6_slurm_accounting(db: sqlite3.Connection) -> None:
     """Slurm's accounting (``sacct``) as the authority for job facts (issue 19).
 
     ``slurm_jobs``: one row per run of a job as slurmdbd records it (``sacct -X -D``), keyed
@@ -287,7 +321,14 @@ def _v4_slurm_accounting(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3, _v4_slurm_accounting)
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
+    _v1,
+    _v2,
+    _v3,
+    _v4_work_and_power,
+    _v5_remainder_labels,
+    _v6_slurm_accounting,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -345,7 +386,7 @@ CANONICAL_QUERIES = {
     "devices": "SELECT * FROM devices",
     "job_runs": "SELECT * FROM job_runs",
     "job_nodes": "SELECT cluster, job_id, node, start_ns, end_ns, run_start_ns, array_job_id, "
-    "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, "
+    'array_task_id, "user", uid, gid, account, partition, nodelist, num_nodes, cpus, '
     "gpus, tag, name, node_state, coverage, flags, energy_uj, cpu_energy_uj, "
     "dram_energy_uj, gpu_energy_uj, other_energy_uj, estimated_energy_uj, "
     "created_ns, digest FROM job_nodes",
@@ -353,10 +394,14 @@ CANONICAL_QUERIES = {
     "e.source, e.sensor, e.energy_uj FROM job_energy e JOIN job_nodes jn "
     "ON jn.id = e.job_node_id",
     "job_node_totals": f"SELECT {_NODE_KEY}, t.device_key, t.measured_uj, t.attributed_uj, "
-    "t.remainder_uj, t.gap_intervals FROM job_node_totals t "
+    "t.remainder_uj, t.gap_intervals, t.idle_unallocated_uj, t.unallocated_uj "
+    "FROM job_node_totals t "
     "JOIN job_nodes jn ON jn.id = t.job_node_id",
     "windows": f"SELECT {_NODE_KEY}, w.name, w.step_id, w.start_ns, w.end_ns, w.status, "
-    "w.energy_uj, w.energy FROM windows w JOIN job_nodes jn ON jn.id = w.job_node_id",
+    "w.energy_uj, w.energy, w.work, w.unit FROM windows w JOIN job_nodes jn "
+    "ON jn.id = w.job_node_id",
+    "job_power": f"SELECT {_NODE_KEY}, p.step_s, p.devices, p.points "
+    "FROM job_power p JOIN job_nodes jn ON jn.id = p.job_node_id",
     "job_headers": "SELECT * FROM job_headers",
     "slurm_jobs": "SELECT cluster, job_id, start_ns, end_ns, submit_ns, eligible_ns, state, "
     "exit_code, signal, derived_exit_code, derived_signal, timelimit, timelimit_min, alloc_cpus, "
@@ -392,6 +437,19 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def open_ledger(spec: str | os.PathLike, *, readonly: bool = False, **options: Any):
+    """The ledger that a ``ledger:`` setting names: :class:`Ledger` for a path (SQLite),
+    :class:`llem.cluster.pg_ledger.PgLedger` for a ``postgresql://`` URL or ``service=NAME``
+    (psycopg is imported only then). ``options`` go to the SQLite ledger only."""
+    from llem.cluster.pg_ledger import is_postgres
+
+    if is_postgres(spec):
+        from llem.cluster.pg_ledger import PgLedger
+
+        return PgLedger(str(spec), readonly=readonly)
+    return Ledger(spec, readonly=readonly, **options)
+
+
 class Ledger:
     """The cluster ledger (SQLite).
 
@@ -405,6 +463,8 @@ class Ledger:
         LedgerError: cannot open or create it, a symlink in its place, not a database, or a
             schema newer than this llem.
     """
+
+    dialect = SQLITE
 
     def __init__(
         self,
@@ -536,7 +596,7 @@ class Ledger:
         )
 
     def _merge_job(self, item: Prepared) -> bool:
-        _, _, created_ns, sha, devices, job_node, energy, totals, windows = item
+        _, _, created_ns, sha, devices, job_node, energy, totals, windows, power = item
         if not self.db.execute(_INSERT_JOB_NODE + _NEW_RUN_ONLY, job_node).rowcount:
             row = self.db.execute(
                 "SELECT id, created_ns, digest FROM job_nodes WHERE cluster = ? AND job_id = ? "
@@ -557,13 +617,20 @@ class Ledger:
             energy,
         )
         self.db.executemany(
-            "INSERT INTO job_node_totals VALUES (last_insert_rowid(), ?, ?, ?, ?, ?)", totals
+            "INSERT INTO job_node_totals (job_node_id, device_key, measured_uj, attributed_uj, "
+            "remainder_uj, gap_intervals, idle_unallocated_uj, unallocated_uj) "
+            "VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?)",
+            totals,
         )
         if windows:
             self.db.executemany(
-                "INSERT OR REPLACE INTO windows VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO windows (job_node_id, name, step_id, start_ns, end_ns, "
+                "status, energy_uj, energy, work, unit) "
+                "VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 windows,
             )
+        if power:
+            self.db.execute("INSERT INTO job_power VALUES (last_insert_rowid(), ?, ?, ?)", power)
         return True
 
     def _merge_node(self, item: Prepared) -> bool:
@@ -571,11 +638,16 @@ class Ledger:
         self._upsert_devices(devices)
         before = self.db.total_changes
         self.db.executemany(
-            "INSERT INTO node_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "INSERT INTO node_hours (cluster, node, hour_s, device_key, component, source, "
+            "measured_uj, attributed_uj, remainder_uj, intervals, gap_intervals, covered_ns, "
+            "as_of_ns, idle_unallocated_uj, unallocated_uj) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (cluster, node, hour_s, device_key) DO UPDATE SET "
             "component = excluded.component, source = excluded.source, "
             "measured_uj = excluded.measured_uj, attributed_uj = excluded.attributed_uj, "
             "remainder_uj = excluded.remainder_uj, intervals = excluded.intervals, "
+            "idle_unallocated_uj = excluded.idle_unallocated_uj, "
+            "unallocated_uj = excluded.unallocated_uj, "
             "gap_intervals = excluded.gap_intervals, covered_ns = excluded.covered_ns, "
             "as_of_ns = excluded.as_of_ns "
             "WHERE (excluded.as_of_ns, excluded.measured_uj, excluded.attributed_uj, "
@@ -792,6 +864,43 @@ class Ledger:
         except sqlite3.DatabaseError as e:
             raise LedgerError(f"{self.path}: query failed: {e}") from e
 
+    def executemany(self, sql: str, rows: Iterable[Sequence]) -> None:
+        """Run one statement for many rows (temporary tables of the read-only queries)."""
+        try:
+            self.db.executemany(sql, rows)
+        except sqlite3.DatabaseError as e:
+            raise LedgerError(f"{self.path}: query failed: {e}") from e
+
+    def has_column(self, table: str, column: str) -> bool:
+        return column in self.columns(table)
+
+    # -- copying (llem ledger copy) ------------------------------------------------------------
+
+    def write(self, statements: Sequence[tuple[str, Sequence[Sequence]]]) -> None:
+        """Run (statement, rows) pairs in one transaction."""
+        self._txn(lambda: [self.db.executemany(sql, rows) for sql, rows in statements])
+
+    def insert_missing(self, table: str, columns: Sequence[str], rows: Sequence[Sequence]) -> int:
+        """Insert the rows whose key the table does not hold yet; return how many."""
+        cols = ", ".join(f'"{c}"' if c == "user" else c for c in columns)
+
+        def body() -> int:
+            before = self.db.total_changes
+            self.db.executemany(
+                f"INSERT OR IGNORE INTO {table} ({cols}) VALUES ({', '.join('?' * len(columns))})",
+                rows,
+            )
+            return self.db.total_changes - before
+
+        return self._txn(body)
+
+    def after_copy(self) -> None:
+        """Nothing to do on SQLite (row ids follow the largest one)."""
+
+    def columns(self, table: str) -> list[str]:
+        """The table's columns, in order."""
+        return [r[1] for r in self.query(f"PRAGMA table_info({table})")]
+
     def job_runs(self, job_id: str | None = None, cluster: str | None = None) -> list[dict]:
         """Job runs as dicts (``missing_nodes`` decoded), newest first."""
         where, params = [], []
@@ -944,7 +1053,7 @@ processes can hand it over with :mod:`marshal`."""
 
 _INSERT_JOB_NODE = (
     "INSERT INTO job_nodes (cluster, job_id, node, start_ns, end_ns, array_job_id, "
-    "array_task_id, user, uid, gid, account, partition, nodelist, num_nodes, cpus, gpus, tag, "
+    'array_task_id, "user", uid, gid, account, partition, nodelist, num_nodes, cpus, gpus, tag, '
     "name, node_state, coverage, flags, energy_uj, cpu_energy_uj, dram_energy_uj, "
     "gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest, attribution) "
     f"VALUES ({', '.join('?' * 30)})"
@@ -1006,7 +1115,7 @@ def prepare(data: dict, sha: str) -> Prepared:
 
     * job: ``("job", (cluster, job_id), created_ns, digest, device rows, job_nodes row (its
       first four values are the natural key), job_energy rows, job_node_totals rows, windows
-      rows)``, the last three without their ``job_node_id``;
+      rows, the job_power row or None)``, the last four without their ``job_node_id``;
     * node: ``("node", device rows, node_hours rows)``;
     * header: ``("header", (cluster, job_id), job_headers row)``.
     """
@@ -1079,6 +1188,8 @@ def _prepare_node(data: dict) -> Prepared:
                 r["gap_intervals"],
                 r["covered_ns"],
                 as_of_ns,
+                r.get("idle_unallocated_uj"),
+                r.get("unallocated_uj"),
             )
             for r in data["hours"]
         ],
@@ -1122,7 +1233,15 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         for r in data["energy"]
     ]
     totals = [
-        (key, t["measured_uj"], t["attributed_uj"], t["remainder_uj"], t.get("gap_intervals", 0))
+        (
+            key,
+            t["measured_uj"],
+            t["attributed_uj"],
+            t["remainder_uj"],
+            t.get("gap_intervals", 0),
+            t.get("idle_unallocated_uj"),
+            t.get("unallocated_uj"),
+        )
         for key, t in data["node_totals"].items()
     ]
     return (
@@ -1135,6 +1254,7 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         energy,
         totals,
         _window_rows(data),
+        _power_rows(data),
     )
 
 
@@ -1148,12 +1268,30 @@ def _window_rows(data: dict) -> list[tuple]:
             w["status"],
             sum((w.get("energy") or {}).values()),
             _SORTED_JSON.encode(w.get("energy") or {}),
+            None if w.get("work") is None else float(w["work"]),
+            w.get("unit"),
         )
         for w in data.get("windows", [])
     ]
     if any(w[5] > slices.INT64_MAX for w in windows):
         raise slices.SliceError("a window's energy is beyond what the ledger stores")
     return windows
+
+
+def _power_rows(data: dict) -> tuple | None:
+    """The job node's ``job_power`` row (without its id): step, device keys, compact points;
+    None for a slice without a series (``llem.slice/1``, or no energy)."""
+    power = data.get("power")
+    if not power or not power["points"]:
+        return None
+    keys = sorted({p["device"] for p in power["points"]})
+    index = {k: i for i, k in enumerate(keys)}
+    points = [[p["t_s"], index[p["device"]], p["energy_uj"], p["span_ms"]] for p in power["points"]]
+    return (
+        power["step_s"],
+        json.dumps(keys, separators=(",", ":")),
+        json.dumps(points, separators=(",", ":")),
+    )
 
 
 def _component_totals(data: dict) -> tuple[int, ...]:
@@ -1179,6 +1317,7 @@ PREPARE_CODE = (
     _prepare_node,
     _prepare_job,
     _window_rows,
+    _power_rows,
     _component_totals,
 )
 """The functions whose code makes the rows that reader processes hand over (see

@@ -29,6 +29,12 @@ class PassStatus:
 
 
 def status_path(config) -> Path:
+    """Beside an SQLite ledger; in the state folder of the aggregator's host for a
+    PostgreSQL ledger (which has no folder)."""
+    from llem.cluster.pg_ledger import is_postgres
+
+    if is_postgres(config.ledger):
+        return Path(config.state_dir) / "ledger.passes.json"
     ledger = Path(config.ledger)
     return ledger.with_name(ledger.name + ".passes.json")
 
@@ -57,6 +63,7 @@ def record_pass(config, result, duration_s: float, now_s: float | None = None) -
             merged_total=(before.merged_total if before else 0) + result.merged,
         )
         path = status_path(config)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         write_atomic(
             path.parent, path.name, json.dumps(status.__dict__, sort_keys=True).encode(), mode=0o644
         )

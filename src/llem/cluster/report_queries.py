@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from llem.cluster.dialect import settled
 from llem.cluster.ledger import Ledger
 
 HOUR_S = 3600
@@ -28,15 +29,36 @@ DAY_S = 86400
 # planner scans all of job_energy, which grows with the ledger's whole history.
 _NODES_CTE = """
     nodes AS (
-        SELECT jn.id AS node_id, r.rowid AS run_id, jn.node AS node, jn.gpus AS gpus,
-               jn.start_ns AS start_ns, jn.end_ns AS end_ns,
-               MAX(0, MIN(jn.end_ns, :end_ns) - MAX(jn.start_ns, :start_ns)) / 1e9 AS overlap_s
+        SELECT jn.id AS node_id, {run_id} AS run_id, jn.node AS node, jn.gpus AS gpus,
+               jn.start_ns AS start_ns, jn.end_ns AS end_ns, r.cluster AS cluster,
+               r.job_id AS job_id, r.run_start_ns AS run_start_ns,
+               {greatest}(0, {least}(jn.end_ns, :end_ns) - {greatest}(jn.start_ns, :start_ns))
+                   AS overlap_ns
         FROM job_runs r
-        CROSS JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id
+        {fixed_join} job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id
                          AND jn.run_start_ns = r.run_start_ns
         WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {account_filter}
     )
 """
+SECONDS = "CAST(1e9 AS DOUBLE PRECISION)"
+"""Nanoseconds per second, as a float on both backends (PostgreSQL's 1e9 is numeric).
+
+Times are summed in integer nanoseconds and divided once, and rows come in an order both
+backends share (the runs' natural keys, or the rows' values), so that both backends (which
+add rows up in different orders) give the same floats; the one sum of floats left
+(operational CO2e) is :func:`llem.cluster.dialect.settled`."""
+
+
+def _nodes_cte(ledger, account_filter: str) -> str:
+    d = ledger.dialect
+    return _NODES_CTE.format(
+        run_id=d.run_id,
+        greatest=d.greatest,
+        least=d.least,
+        seconds=SECONDS,
+        fixed_join=d.fixed_join,
+        account_filter=account_filter,
+    )
 
 
 def _params(start_ns: int, end_ns: int, account: str | None) -> tuple[dict, str]:
@@ -53,13 +75,17 @@ def _params(start_ns: int, end_ns: int, account: str | None) -> tuple[dict, str]
 
 
 def open_readonly(path) -> Ledger:
-    """The ledger opened for reading only (never created, never migrated).
+    """The ledger opened for reading only (never created, never migrated): a file (SQLite)
+    or a PostgreSQL connection string.
 
-    Memory-mapped reads (up to 4 GiB of the file): the report reads the period's rows
-    through primary keys, scattered over the file; mmap saves a copy per page (~25 %).
+    Memory-mapped reads on SQLite (up to 4 GiB of the file): the report reads the period's
+    rows through primary keys, scattered over the file; mmap saves a copy per page (~25 %).
     """
-    ledger = Ledger(path, readonly=True)
-    ledger.query("PRAGMA mmap_size = 4294967296")
+    from llem.cluster.ledger import open_ledger
+
+    ledger = open_ledger(path, readonly=True)
+    if ledger.dialect.name == "sqlite":
+        ledger.query("PRAGMA mmap_size = 4294967296")
     return ledger
 
 
@@ -67,11 +93,12 @@ def load_hour_factors(ledger: Ledger, g_per_uj_by_hour: Mapping[int, float]) -> 
     """(Re)load the per-hour carbon factors (grams CO2e per microjoule) into temp.factors."""
     ledger.query(
         "CREATE TEMP TABLE IF NOT EXISTS factors "
-        "(hour_s INTEGER PRIMARY KEY, g_per_uj REAL NOT NULL)"
+        "(hour_s BIGINT PRIMARY KEY, g_per_uj DOUBLE PRECISION NOT NULL)"
     )
-    ledger.query("DELETE FROM temp.factors")
-    ledger.db.executemany(
-        "INSERT INTO temp.factors VALUES (?, ?)", sorted(g_per_uj_by_hour.items())
+    ledger.query(f"DELETE FROM {ledger.dialect.temp}factors")
+    ledger.executemany(
+        f"INSERT INTO {ledger.dialect.temp}factors VALUES (?, ?)",
+        sorted(g_per_uj_by_hour.items()),
     )
 
 
@@ -99,20 +126,23 @@ RUN_COLUMNS = (
 def runs(ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None) -> list[tuple]:
     """One row per job run overlapping the period, with its node- and GPU-seconds in it."""
     params, filt = _params(start_ns, end_ns, account)
+    d = ledger.dialect
     return ledger.query(
         f"""
-        WITH {_NODES_CTE.format(account_filter=filt)},
+        WITH {_nodes_cte(ledger, filt)},
         per_run AS (
-            SELECT run_id, SUM(overlap_s) AS node_s,
-                   SUM(json_array_length(gpus) * overlap_s) AS gpu_s
+            SELECT run_id, SUM(overlap_ns) AS node_ns,
+                   SUM({ledger.dialect.json_length("gpus")} * overlap_ns) AS gpu_ns
             FROM nodes GROUP BY run_id
         )
-        SELECT r.rowid, r.cluster, r.job_id, r.run_start_ns, r.run_end_ns, r.user, r.account,
-               r.partition, r.tag, r.name, r.state, r.status, r.coverage, r.num_nodes,
-               MAX(0, MIN(r.run_end_ns, :end_ns) - MAX(r.run_start_ns, :start_ns)) / 1e9,
-               COALESCE(p.node_s, 0), COALESCE(p.gpu_s, 0)
-        FROM job_runs r LEFT JOIN per_run p ON p.run_id = r.rowid
+        SELECT {d.run_id}, r.cluster, r.job_id, r.run_start_ns, r.run_end_ns, r.user,
+               r.account, r.partition, r.tag, r.name, r.state, r.status, r.coverage,
+               r.num_nodes, {d.greatest}(0, {d.least}(r.run_end_ns, :end_ns)
+                   - {d.greatest}(r.run_start_ns, :start_ns)) / {SECONDS},
+               COALESCE(p.node_ns, 0) / {SECONDS}, COALESCE(p.gpu_ns, 0) / {SECONDS}
+        FROM job_runs r LEFT JOIN per_run p ON p.run_id = {d.run_id}
         WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {filt}
+        ORDER BY r.cluster, r.job_id, r.run_start_ns
     """,
         params,
     )
@@ -140,9 +170,9 @@ def energy_by_run_day(
     loads every hour of the period).
     """
     params, filt = _params(start_ns, end_ns, account)
-    return ledger.query(
+    rows = ledger.query(
         f"""
-        WITH {_NODES_CTE.format(account_filter=filt)}
+        WITH {_nodes_cte(ledger, filt)}
         SELECT n.run_id, e.hour_s - e.hour_s % {DAY_S} AS day_s, SUM(e.energy_uj),
                SUM(CASE WHEN e.component = 'cpu' THEN e.energy_uj ELSE 0 END),
                SUM(CASE WHEN e.component = 'dram' THEN e.energy_uj ELSE 0 END),
@@ -152,13 +182,16 @@ def energy_by_run_day(
                SUM(CASE WHEN e.source = 'estimated' THEN e.energy_uj ELSE 0 END),
                SUM(e.energy_uj * COALESCE(f.g_per_uj, 0))
         FROM nodes n
-        CROSS JOIN job_energy e ON e.job_node_id = n.node_id
-        LEFT JOIN temp.factors f ON f.hour_s = e.hour_s
+        {ledger.dialect.fixed_join} job_energy e ON e.job_node_id = n.node_id
+        LEFT JOIN {ledger.dialect.temp}factors f ON f.hour_s = e.hour_s
         WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
         GROUP BY n.run_id, day_s
     """,
         params,
     )
+    # In an order of values, not of row ids (which differ between backends); rows equal in
+    # every value but the run id add up the same in any order.
+    return sorted(settled(rows, 8), key=lambda r: r[1:])
 
 
 def energy_by_hour(
@@ -168,9 +201,9 @@ def energy_by_hour(
     params, filt = _params(start_ns, end_ns, account)
     return ledger.query(
         f"""
-        WITH {_NODES_CTE.format(account_filter=filt)}
+        WITH {_nodes_cte(ledger, filt)}
         SELECT e.hour_s, SUM(e.energy_uj) FROM nodes n
-        CROSS JOIN job_energy e ON e.job_node_id = n.node_id
+        {ledger.dialect.fixed_join} job_energy e ON e.job_node_id = n.node_id
         WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
         GROUP BY e.hour_s ORDER BY e.hour_s
     """,
@@ -202,27 +235,33 @@ def idle_gpus(
     """
     params, filt = _params(start_ns, end_ns, account)
     params["idle_w"] = idle_w
+    d = ledger.dialect
     return ledger.query(
         f"""
-        WITH {_NODES_CTE.format(account_filter=filt)},
+        WITH {_nodes_cte(ledger, filt)},
         gpu AS (
-            SELECT n.run_id, n.overlap_s, (n.end_ns - n.start_ns) / 1e9 AS span_s,
+            SELECT n.run_id, n.cluster, n.job_id, n.run_start_ns, n.overlap_ns,
+                   (n.end_ns - n.start_ns) / {SECONDS} AS span_s,
                    (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
                      WHERE e.job_node_id = n.node_id AND e.device_key = g.value) AS total_uj,
                    (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
                      WHERE e.job_node_id = n.node_id AND e.device_key = g.value
                        AND e.hour_s >= :start_s AND e.hour_s < :end_s) AS period_uj,
-                   instr(g.value, ':') > 0 AS resolved
-            FROM nodes n, json_each(n.gpus) g
+                   CASE WHEN {d.position("':'", "g.value")} > 0 THEN 1 ELSE 0 END
+                       AS resolved
+            FROM nodes n, {d.json_items("n.gpus", "g")}
         ),
         judged AS (
-            SELECT *, resolved AND total_uj < :idle_w * span_s * 1e6 AS idle FROM gpu
+            SELECT *, CASE WHEN resolved = 1 AND total_uj < :idle_w * span_s * 1000000
+                           THEN 1 ELSE 0 END AS idle
+            FROM gpu
         )
         SELECT run_id, SUM(idle), COUNT(*),
-               SUM(CASE WHEN idle THEN period_uj ELSE 0 END),
-               SUM(CASE WHEN idle THEN overlap_s ELSE 0 END),
-               SUM(NOT resolved)
-        FROM judged GROUP BY run_id
+               SUM(CASE WHEN idle = 1 THEN period_uj ELSE 0 END),
+               SUM(CASE WHEN idle = 1 THEN overlap_ns ELSE 0 END) / {SECONDS},
+               SUM(1 - resolved)
+        FROM judged GROUP BY run_id, cluster, job_id, run_start_ns
+        ORDER BY cluster, job_id, run_start_ns
     """,
         params,
     )
@@ -240,6 +279,8 @@ NODE_HOUR_COLUMNS = (
     "covered_ns",
     "hours",
     "device_hours",
+    "idle_unallocated_uj",
+    "unallocated_uj",
 )
 
 
@@ -250,15 +291,22 @@ def node_hours(ledger: Ledger, start_ns: int, end_ns: int) -> list[tuple]:
     ``node_hours_by_hour`` index every row is a random look-up into the table, 10x slower.
     """
     params, _ = _params(start_ns, end_ns, None)
+    # The labelled parts of the remainder: NULL in rows merged from older slices (SUM skips
+    # them), and absent from a ledger that ``llem aggregate`` has not migrated yet.
+    labelled = ", ".join(
+        f"SUM(h.{c})" if ledger.has_column("node_hours", c) else "NULL"
+        for c in ("idle_unallocated_uj", "unallocated_uj")
+    )
     return ledger.query(
-        """
+        f"""
         SELECT h.node, h.component, h.source, SUM(h.measured_uj), SUM(h.attributed_uj),
                SUM(h.remainder_uj), SUM(h.intervals), SUM(h.gap_intervals),
-               SUM(h.covered_ns), COUNT(DISTINCT h.hour_s), COUNT(*)
+               SUM(h.covered_ns), COUNT(DISTINCT h.hour_s), COUNT(*), {labelled}
         FROM (SELECT DISTINCT cluster, node FROM devices) d
-        CROSS JOIN node_hours h ON h.cluster = d.cluster AND h.node = d.node
+        {ledger.dialect.fixed_join} node_hours h ON h.cluster = d.cluster AND h.node = d.node
              AND h.hour_s >= :start_s AND h.hour_s < :end_s
         GROUP BY h.node, h.component, h.source
+        ORDER BY h.node, h.component, h.source
     """,
         params,
     )
@@ -271,8 +319,8 @@ def job_nodes_in_period(ledger: Ledger, start_ns: int, end_ns: int) -> list[str]
         r[0]
         for r in ledger.query(
             f"""
-        WITH {_NODES_CTE.format(account_filter="")}
-        SELECT DISTINCT node FROM nodes WHERE overlap_s > 0 ORDER BY node
+        WITH {_nodes_cte(ledger, "")}
+        SELECT DISTINCT node FROM nodes WHERE overlap_ns > 0 ORDER BY node
     """,
             params,
         )

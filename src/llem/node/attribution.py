@@ -17,25 +17,31 @@ worked example):
     remainder.
   - ``allocation``: in proportion to the job's allocated CPUs over the node's CPUs
     (``cpu_allocation``), DRAM by allocated memory over the node's memory
-    (``memory_allocation``); the unallocated share goes to the remainder.
+    (``memory_allocation``); the unallocated share goes to the remainder, labelled
+    ``unallocated``.
   - ``hybrid`` (the default): the device's *static* energy (its idle power x the interval, at
     most the interval's energy) is shared by allocation (``idle_allocation``), the *dynamic*
-    rest by use as above. The unallocated static share goes to the remainder.
+    rest by use as above. The unallocated static share goes to the remainder, labelled
+    ``idle_unallocated``.
 
   Where a job's allocation (or the node's size) is unknown, ``allocation`` and ``hybrid`` fall
   back to ``use`` for that device and interval; the job is flagged by the caller.
 * **Platform** (a node meter minus the parts: fans, NICs, disks, power-supply losses; see
   llem.sensors.platform): static power, charged by allocation: each job's allocated CPUs over
   the node's CPUs (``platform_allocation``), so the unallocated part of a shared node stays in
-  the remainder. Where a job's allocation is unknown, by CPU time like a package
+  the remainder (``idle_unallocated``). Where a job's allocation is unknown, by CPU time like a package
   (``platform_cpu_time``).
 * **Exclusive** jobs (holding all of the node's CPUs) take every device's energy (``exclusive``).
 * psys (a whole-node meter or RAPL's platform domain) is shown, never added: it always goes
   to the remainder, under an exclusive job too, since the parts and the platform residual
   already hold it.
 
+Everything else that no job takes (an unallocated GPU, busy time outside jobs, psys, the
+rounding of the splits by use) is remainder labelled ``unattributed``.
+
 Integer arithmetic (floor for each job, the rest to the remainder) makes the invariant exact:
-for every interval and device, the jobs' shares plus the remainder equal the node's energy.
+for every interval and device, the jobs' shares plus the remainder (all labels) equal the
+node's energy.
 """
 
 from __future__ import annotations
@@ -45,7 +51,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llem.model import EnergyRow, JobShare
+from llem.model import (
+    IDLE_UNALLOCATED,
+    UNALLOCATED,
+    UNATTRIBUTED,
+    EnergyRow,
+    JobShare,
+    Remainder,
+)
 from llem.sensors.base import Device
 from llem.sensors.platform import PlatformResidual
 
@@ -160,22 +173,24 @@ def _cpu_dram(
     policy: str,
     idle_mw: int | None,
     interval_ns: int,
-) -> tuple[list, int]:
-    """Shares of one CPU package or DRAM row under ``policy``, and what is left."""
+) -> tuple[list, list[tuple[str, int]]]:
+    """Shares of one CPU package or DRAM row under ``policy``, and what is left by label."""
     energy = row.energy_uj
     alloc = None if policy == USE else _allocation_weights(component, jobs, node)
     if alloc is None:
-        return _by_use(energy, row.device_key, component, jobs, node)
+        got, rest = _by_use(energy, row.device_key, component, jobs, node)
+        return got, [(UNATTRIBUTED, rest)]
     weights, total = alloc
     if policy == ALLOCATION:
         method = CPU_ALLOCATION if component == "cpu" else MEMORY_ALLOCATION
-        return _split(energy, weights, total, row.device_key, method)
+        got, rest = _split(energy, weights, total, row.device_key, method)
+        return got, [(UNALLOCATED, rest)]
     static = static_uj(idle_mw, interval_ns, energy)
     got_static, rest_static = [], 0
     if static:  # no idle power known: no static rows at all (the store writes every share)
         got_static, rest_static = _split(static, weights, total, row.device_key, IDLE_ALLOCATION)
     got_dynamic, rest_dynamic = _by_use(energy - static, row.device_key, component, jobs, node)
-    return got_static + got_dynamic, rest_static + rest_dynamic
+    return got_static + got_dynamic, [(IDLE_UNALLOCATED, rest_static), (UNATTRIBUTED, rest_dynamic)]
 
 
 def attribute(
@@ -187,8 +202,9 @@ def attribute(
     policy: str = USE,
     idle_mw: Mapping[str, int] | None = None,
     interval_ns: int = 0,
-) -> tuple[list[JobShare], list[tuple[str, int]]]:
-    """Split each row's energy between jobs; return (job shares, remainder per device).
+) -> tuple[list[JobShare], list[Remainder]]:
+    """Split each row's energy between jobs; return (job shares, remainder per device and
+    label).
 
     Args:
         rows: the interval's energy per device.
@@ -200,20 +216,22 @@ def attribute(
         interval_ns: the interval's length (``hybrid`` only).
 
     Rows without energy produce nothing. The result satisfies, for every row,
-    ``sum(shares of the device) + remainder of the device == row.energy_uj``.
+    ``sum(shares of the device) + sum(remainders of the device) == row.energy_uj``; a
+    remainder entry is never zero.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown attribution policy {policy!r}")
     idle_mw = idle_mw or {}
     owners = [j.run_id for j in jobs if j.exclusive]
     shares: list[JobShare] = []
-    remainder: list[tuple[str, int]] = []
+    remainder: list[Remainder] = []
     for row in rows:
         if row.energy_uj <= 0:
             continue
         component = devices[row.device_key].component
         rest = row.energy_uj
         got: list[JobShare] = []
+        rests: list[tuple[str, int]] | None = None
         if component == "psys":
             pass  # shown, never added (the parts and the platform residual hold it)
         elif owners:
@@ -228,32 +246,36 @@ def attribute(
                     rest, [(r, 1) for r in holders], len(holders), row.device_key, method
                 )
         elif component == "platform":
-            got, rest = _platform(rest, row.device_key, jobs, node)
+            got, rests = _platform(rest, row.device_key, jobs, node)
         elif component in ("cpu", "dram") and jobs:
-            got, rest = _cpu_dram(
+            got, rests = _cpu_dram(
                 row, component, jobs, node, policy, idle_mw.get(row.device_key), interval_ns
             )
         shares += got
-        if rest:
-            remainder.append((row.device_key, rest))
+        for label, uj in rests if rests is not None else [(UNATTRIBUTED, rest)]:
+            if uj:
+                remainder.append(Remainder(row.device_key, uj, label))
     return shares, remainder
 
 
 def _platform(
     energy_uj: int, key: str, jobs: Sequence[JobLoad], node: NodeLoad
-) -> tuple[list[JobShare], int]:
-    """The platform's static power by allocated CPUs; by CPU time where that is unknown."""
+) -> tuple[list[JobShare], list[tuple[str, int]]]:
+    """The platform's static power by allocated CPUs (the unallocated part is
+    ``idle_unallocated``); by CPU time where that is unknown."""
     if not jobs:
-        return [], energy_uj
+        return [], [(UNATTRIBUTED, energy_uj)]
     if node.cpus and all(j.alloc_cpus is not None for j in jobs):
         weights = [(j.run_id, max(0, j.alloc_cpus or 0)) for j in jobs]
         total = max(node.cpus, sum(w for _, w in weights))
-        return _split(energy_uj, weights, total, key, PLATFORM_ALLOCATION)
+        got, rest = _split(energy_uj, weights, total, key, PLATFORM_ALLOCATION)
+        return got, [(IDLE_UNALLOCATED, rest)]
     weights = [(j.run_id, max(0, j.cpu_ns or 0)) for j in jobs]
     total = max(node.busy_cpu_ns or 0, sum(w for _, w in weights))
     if total <= 0:
-        return [], energy_uj
-    return _split(energy_uj, weights, total, key, PLATFORM_CPU_TIME)
+        return [], [(UNATTRIBUTED, energy_uj)]
+    got, rest = _split(energy_uj, weights, total, key, PLATFORM_CPU_TIME)
+    return got, [(UNATTRIBUTED, rest)]
 
 
 @dataclass
@@ -299,9 +321,10 @@ class JobAttributor:
         policy: str = HYBRID,
         idle=None,
         gres_conf: str | os.PathLike | None = None,
+        slurm_conf: str | os.PathLike | None = None,
     ) -> None:
         from llem.node.idle import IdleLearner
-        from llem.node.slurm import GpuMap
+        from llem.node.slurm import GpuMap, slurm_node_cpus
         from llem.node.usage import CgroupLocator, ProcScanner
 
         if policy not in POLICIES:
@@ -321,7 +344,14 @@ class JobAttributor:
         self.scanner = ProcScanner(proc_root)
         self.policy = policy
         self.idle = idle if idle is not None else IdleLearner(devices)
-        self.node_cpus = node_cpus(proc_root)
+        # The node's CPUs in Slurm's units (the job's CPUs come from SLURM_JOB_CPUS_PER_NODE,
+        # in the same units): slurm.conf's figure, read once per sampler life; else the
+        # kernel's count of logical CPUs (docs/methodology.md, "Allocation").
+        slurm_cpus = slurm_node_cpus(slurm_conf, node)
+        self.node_cpus = slurm_cpus or node_cpus(proc_root)
+        self.node_cpus_source = (
+            "slurm.conf" if slurm_cpus else "/proc/stat" if self.node_cpus else None
+        )
         self.node_memory_bytes = self._meminfo().get("MemTotal")
         self._cpu_prev: dict[int, int] = {}
         self._busy_prev: int | None = None
@@ -462,7 +492,12 @@ class JobAttributor:
         """Keep the policy and idle powers in force with each run, when they change."""
         for job, load in zip(jobs, loads):
             text = attribution_record(
-                self.policy, load, idle, self.node_cpus, self.node_memory_bytes
+                self.policy,
+                load,
+                idle,
+                self.node_cpus,
+                self.node_memory_bytes,
+                node_cpus_source=self.node_cpus_source,
             )
             if self._recorded.get(job.run_id, job.attribution) != text:
                 self.store.update_job(job.run_id, attribution=text)
@@ -472,12 +507,19 @@ class JobAttributor:
 
 
 def attribution_record(
-    policy: str, load: JobLoad, idle, node_cpus: int | None, node_memory_bytes: int | None
+    policy: str,
+    load: JobLoad,
+    idle,
+    node_cpus: int | None,
+    node_memory_bytes: int | None,
+    node_cpus_source: str | None = None,
 ) -> str:
     """The JSON kept with a job run: the policy applied, its allocation and idle powers.
 
     ``policy`` is ``exclusive`` for a job holding the whole node; ``allocation_unknown`` is
-    true when the job's CPUs could not be known and it was charged by use.
+    true when the job's CPUs could not be known and it was charged by use;
+    ``node_cpus_source`` says where the node's CPUs came from (``slurm.conf`` or
+    ``/proc/stat``).
     """
     import json
 
@@ -489,6 +531,7 @@ def attribution_record(
             "policy": EXCLUSIVE if load.exclusive else policy,
             "cpus": load.alloc_cpus,
             "node_cpus": node_cpus,
+            "node_cpus_source": node_cpus_source,
             "memory_bytes": load.alloc_memory_bytes,
             "node_memory_bytes": node_memory_bytes,
             "idle_w": {

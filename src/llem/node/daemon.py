@@ -31,7 +31,7 @@ from llem.model import Event
 from llem.node.attribution import JobAttributor
 from llem.node.idle import IdleLearner, package_tdp_w
 from llem.node.jobs import finalize_ended, ingest, pending
-from llem.node.slurm import gres_conf_path
+from llem.node.slurm import gres_conf_path, slurm_conf_path
 from llem.node.store import open_or_quarantine
 from llem.node.windows import WindowServer
 from llem.paths import NodePaths
@@ -357,6 +357,7 @@ class NodeDaemon:
                 package_tdp_w(self.config.estimate, self.proc_root),
             ),
             gres_conf=gres_conf_path(self.env),
+            slurm_conf=slurm_conf_path(self.env),
         )
         self.sampler = Sampler(
             self.sensors.sensors,

@@ -20,10 +20,11 @@ from llem import __version__, slices
 from llem.config import Config
 from llem.errors import LedgerError
 from llem.fsutil import ensure_private_dir, write_atomic
+from llem.model import LABELLED
 from llem.node.outbox import deliver
 from llem.node.store import NO_DATA_KINDS, NodeStore
 from llem.node.windows import MAX_NAME_CHARS, MAX_STEP_CHARS, MAX_WINDOWS_PER_JOB
-from llem.units import HOUR_NS, NS_PER_S, split_by_hour
+from llem.units import HOUR_NS, NS_PER_S, split_by_hour, split_by_step
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,11 @@ def _devices(store: NodeStore, keys: Iterable[str] | None = None) -> dict[str, d
     return out
 
 
-def _job_energy(store: NodeStore, run_id: int) -> list[dict]:
-    """The run's energy per device, UTC hour and attribution method."""
+def _job_energy(rows: list[tuple]) -> list[dict]:
+    """The run's energy per device, UTC hour and attribution method, from its energy rows
+    (``store.run_energy_rows``)."""
     totals: dict[tuple[str, int, str], int] = {}
-    for device, method, start_ns, end_ns, energy_uj in store.run_energy_rows(run_id):
+    for device, method, start_ns, end_ns, energy_uj in rows:
         for hour_s, part_uj in split_by_hour(start_ns, end_ns, energy_uj).items():
             key = (device, hour_s, method)
             totals[key] = totals.get(key, 0) + part_uj
@@ -73,22 +75,15 @@ ledger, whatever its store holds."""
 
 def _windows(store: NodeStore, run_id: int) -> tuple[list[dict], int]:
     """The run's windows for its slice, first opened first, within the slice's bounds;
-    and how many were left out."""
+    and how many were left out.
+
+    Closed windows of one name, step and unit whose spans overlap (the ranks of a
+    ``torchrun`` on this node, each with its own ``llem.window``) become one window: its
+    energy is the job's over the union of their spans, counted once, its work the sum of
+    theirs, and ``merged`` says how many there were."""
     out: list[dict] = []
     size = dropped = 0
-    for name, step_id, start_ns, end_ns, status, energy in store.run_windows(run_id):
-        try:
-            energy_map = {str(k): int(v) for k, v in json.loads(energy or "{}").items()}
-        except (ValueError, TypeError, AttributeError):
-            energy_map = {}
-        win = {
-            "name": str(name)[:MAX_NAME_CHARS],
-            "step_id": None if step_id is None else str(step_id)[:MAX_STEP_CHARS],
-            "start_ns": start_ns,
-            "end_ns": end_ns,
-            "status": status,
-            "energy": energy_map,
-        }
+    for win in _merged(store, run_id, store.run_windows(run_id)):
         win_bytes = len(json.dumps(win)) + 2
         if len(out) >= SLICE_WINDOWS_MAX or size + win_bytes > SLICE_WINDOWS_MAX_BYTES:
             dropped += 1
@@ -96,6 +91,114 @@ def _windows(store: NodeStore, run_id: int) -> tuple[list[dict], int]:
         size += win_bytes
         out.append(win)
     return out, dropped
+
+
+def _window_entry(row: tuple) -> dict:
+    name, step_id, start_ns, end_ns, status, energy, work, unit = row[:8]
+    try:
+        energy_map = {str(k): int(v) for k, v in json.loads(energy or "{}").items()}
+    except (ValueError, TypeError, AttributeError):
+        energy_map = {}
+    win = {
+        "name": str(name)[:MAX_NAME_CHARS],
+        "step_id": None if step_id is None else str(step_id)[:MAX_STEP_CHARS],
+        "start_ns": start_ns,
+        "end_ns": end_ns,
+        "status": status,
+        "energy": energy_map,
+    }
+    if work is not None:
+        win["work"] = float(work)
+    if unit is not None:
+        win["unit"] = str(unit)[: slices.MAX_UNIT_CHARS]
+    return win
+
+
+def _merged(store: NodeStore, run_id: int, rows: list[tuple]) -> list[dict]:
+    """The window entries, overlapping closed windows of one (name, step, unit) merged."""
+    groups: dict[tuple, list[tuple]] = {}
+    entries: list[tuple[int, dict]] = []
+    for i, row in enumerate(rows):
+        if row[4] == "closed" and row[8] is not None and row[9] is not None:
+            groups.setdefault((row[0], row[1], row[7]), []).append((i, row))
+        else:
+            entries.append((i, _window_entry(row)))
+    for members in groups.values():
+        members.sort(key=lambda m: (m[1][8], m[1][9]))
+        cluster: list[tuple[int, tuple]] = []
+        reach = None
+        for member in members + [None]:  # type: ignore[list-item]
+            if member is not None and (reach is None or member[1][8] < reach):
+                cluster.append(member)
+                reach = max(reach or 0, member[1][9])
+                continue
+            if cluster:
+                entries.append((cluster[0][0], _merge(store, run_id, cluster)))
+            cluster = [member] if member is not None else []
+            reach = member[1][9] if member is not None else None
+    return [entry for _, entry in sorted(entries, key=lambda e: e[0])]
+
+
+def _merge(store: NodeStore, run_id: int, cluster: list[tuple[int, tuple]]) -> dict:
+    if len(cluster) == 1:
+        return _window_entry(cluster[0][1])
+    rows = [row for _, row in cluster]
+    win = _window_entry(rows[0])
+    first = min(r[8] for r in rows)
+    last = max(r[9] for r in rows)
+    win["start_ns"] = min(r[2] for r in rows)
+    win["end_ns"] = max(r[3] for r in rows)
+    win["energy"] = {k: int(v) for k, v in store.run_energy_between(run_id, first, last).items()}
+    works = [r[6] for r in rows if r[6] is not None]
+    if works:
+        win["work"] = float(sum(works))
+    win["merged"] = len(rows)
+    return win
+
+
+POWER_STEPS_S = (60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400)
+"""The steps a power series may take: one minute, widened until the series fits."""
+
+
+def _power_series(rows: list[tuple]) -> dict | None:
+    """The run's coarse power series from its energy rows (``store.run_energy_rows``): its
+    attributed energy per device per step (one minute, or the first wider step with at most
+    ``slices.MAX_POWER_POINTS`` points), and the time each point had data. None when the
+    run has no energy rows."""
+    if not rows:
+        return None
+    devices = {r[0] for r in rows}
+    first = min(r[2] for r in rows) // NS_PER_S
+    last = max(r[3] for r in rows) // NS_PER_S
+    for step in POWER_STEPS_S:
+        if ((last - first) // step + 2) * len(devices) <= slices.MAX_POWER_POINTS:
+            break
+    step_ns = step * NS_PER_S
+    energy: dict[tuple[str, int], int] = {}
+    spans: dict[tuple[str, int], int] = {}
+    seen: set[tuple[str, int]] = set()  # (device, interval start): a span counts once
+    for device, _method, start_ns, end_ns, energy_uj in rows:
+        counted = (device, start_ns) in seen
+        if not counted:
+            seen.add((device, start_ns))
+        bucket = start_ns // step_ns
+        if end_ns <= (bucket + 1) * step_ns:  # the usual case: the interval is in one step
+            key = (device, bucket * step)
+            energy[key] = energy.get(key, 0) + energy_uj
+            if not counted:
+                spans[key] = spans.get(key, 0) + end_ns - start_ns
+            continue
+        for t_s, part_uj, span_ns in split_by_step(start_ns, end_ns, energy_uj, step):
+            key = (device, t_s)
+            energy[key] = energy.get(key, 0) + part_uj
+            if not counted:
+                spans[key] = spans.get(key, 0) + span_ns
+    points = []
+    for (device, t_s), uj in sorted(energy.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        span_ms = min(step * 1000, spans.get((device, t_s), 0) // 10**6)
+        if span_ms > 0:
+            points.append({"t_s": t_s, "device": device, "energy_uj": uj, "span_ms": span_ms})
+    return {"step_s": step, "points": points[: slices.MAX_POWER_POINTS]}
 
 
 def _job_meta(job) -> dict:
@@ -143,7 +246,7 @@ def export_job(store: NodeStore, run_id: int, config: Config, *, now_ns: int | N
             has none yet (flagged ``end_estimated``).
 
     Returns:
-        A validated ``llem.slice/1`` job slice.
+        A validated ``llem.slice/2`` job slice.
 
     Raises:
         LedgerError: no such run, or the data does not make a valid slice.
@@ -157,7 +260,8 @@ def export_job(store: NodeStore, run_id: int, config: Config, *, now_ns: int | N
         last = store.run_last_data_ns(run_id)
         meta["end_ns"] = max(job.start_ns, last or now_ns)
         meta["flags"] = sorted(set(meta["flags"]) | {"end_estimated"})
-    energy = _job_energy(store, run_id)
+    rows = store.run_energy_rows(run_id)
+    energy = _job_energy(rows)
     # Intervals overlapping the run count whole: they are a few seconds, and the run's own
     # Prolog and Epilog bound it.
     totals = store.device_totals(job.start_ns, meta["end_ns"])
@@ -172,6 +276,9 @@ def export_job(store: NodeStore, run_id: int, config: Config, *, now_ns: int | N
             SLICE_WINDOWS_MAX,
             SLICE_WINDOWS_MAX_BYTES,
         )
+    power = _power_series(rows)
+    if power is not None:
+        used |= {p["device"] for p in power["points"]}
     data = {
         "schema": slices.SCHEMA,
         "kind": "job",
@@ -187,6 +294,8 @@ def export_job(store: NodeStore, run_id: int, config: Config, *, now_ns: int | N
     }
     if windows_dropped:
         data["windows_dropped"] = windows_dropped
+    if power is not None:
+        data["power"] = power
     return slices.checked(data)
 
 
@@ -219,13 +328,14 @@ def export_node(
         return None
     hours: dict[tuple[int, str], dict] = {}
     as_of_ns = 0
-    for _, start_ns, end_ns, device, energy_uj, kind, status, rem_uj, att_uj in rows:
+    for _, start_ns, end_ns, device, energy_uj, kind, status, rem_uj, att_uj, *labelled in rows:
         as_of_ns = max(as_of_ns, end_ns)
         no_data = kind in NO_DATA_KINDS or status != "ok"
         for field_name, value in (
             ("measured_uj", energy_uj),
             ("attributed_uj", att_uj),
             ("remainder_uj", rem_uj),
+            *((f"{label}_uj", uj) for label, uj in zip(LABELLED, labelled, strict=True)),
         ):
             for hour_s, part in split_by_hour(start_ns, end_ns, value).items():
                 _hour_row(hours, hour_s, device)[field_name] += part
@@ -263,6 +373,7 @@ def _hour_row(hours: dict, hour_s: int, device: str) -> dict:
             "measured_uj": 0,
             "attributed_uj": 0,
             "remainder_uj": 0,
+            **{f"{label}_uj": 0 for label in LABELLED},
             "intervals": 0,
             "gap_intervals": 0,
             "covered_ns": 0,

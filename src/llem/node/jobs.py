@@ -153,10 +153,15 @@ def end_job(
 def seal_figures(
     store: NodeStore, run_id: int, start_ns: int, end_ns: int
 ) -> tuple[float, set[str]]:
-    """Coverage (share of the job's wall time inside sampler intervals) and flags."""
+    """Coverage and flags of a run.
+
+    Coverage is the share of the job's wall time inside sampler intervals in which every
+    device the run draws energy from had data (for a run that drew none, some device): an
+    interval with a gap, a reset or a read error of such a device is not covered, so lost
+    data is never claimed (issue 20)."""
     span = max(1, end_ns - start_ns)
     covered, cursor = 0, start_ns
-    for s, e in store.interval_spans(start_ns, end_ns):
+    for s, e in store.covered_spans(start_ns, end_ns, run_id):
         s, e = max(s, cursor, start_ns), min(e, end_ns)
         if e > s:
             covered += e - s
@@ -173,6 +178,8 @@ def seal_figures(
             flags.add(kind)
     if "estimated" in store.run_sources(run_id):
         flags.add("estimated")
+    if store.run_split_devices(run_id):
+        flags.add("gpu_package_split")  # a GPU charged a share of its package (MI250X, MI300X)
     window_ms = store.meter_window_ms()
     if window_ms and end_ns - start_ns < window_ms * 1_000_000:
         flags.add("shorter_than_meter_window")  # the power meter averages over longer

@@ -123,6 +123,78 @@ def _cpus_here(
     return counts[0]
 
 
+# -- the node's CPUs as Slurm counts them ----------------------------------------------------
+
+
+def slurm_conf_path(env: Mapping[str, str]) -> Path | None:
+    """slurm.conf: ``SLURM_CONF`` (slurmd gives it to the Prolog, and the Prolog to the
+    sampler), else the usual places, else a configless slurmd's cached copy."""
+    conf = env.get("SLURM_CONF")
+    if conf:
+        return Path(conf)
+    for candidate in (
+        Path("/etc/slurm/slurm.conf"),
+        Path("/etc/slurm-llnl/slurm.conf"),
+        Path("/run/slurm/conf/slurm.conf"),
+        Path("/var/spool/slurmd/conf-cache/slurm.conf"),
+    ):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+_TOPOLOGY = ("boards", "socketsperboard", "sockets", "corespersocket", "threadspercore")
+
+
+def slurm_conf_node_cpus(text: str, node: str) -> int | None:
+    """The CPUs slurm.conf gives ``node``: its ``NodeName=`` line's ``CPUs=`` (``Procs=``),
+    else Boards x Sockets x CoresPerSocket x ThreadsPerCore as slurmctld derives it; values
+    of ``NodeName=DEFAULT`` lines apply to the lines after them. None when no line names the
+    node, or it gives neither CPUs nor topology (slurmd would then count the hardware).
+    ``Include`` files are not followed."""
+    from llem.hostlist import expand_hostlist
+
+    defaults: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        fields = _gres_fields(line)
+        names = fields.pop("nodename", None)
+        if names is None:
+            continue
+        if names.upper() == "DEFAULT":
+            defaults.update(fields)
+            continue
+        try:
+            if node not in expand_hostlist(names):
+                continue
+        except ValueError:
+            continue
+        merged = {**defaults, **fields}
+        cpus = _int(merged.get("cpus") or merged.get("procs"))
+        if cpus is not None and cpus > 0:
+            return cpus
+        if not any(k in merged for k in _TOPOLOGY):
+            return None
+        boards = _int(merged.get("boards")) or 1
+        sockets = _int(merged.get("socketsperboard")) or _int(merged.get("sockets")) or 1
+        cores = _int(merged.get("corespersocket")) or 1
+        threads = _int(merged.get("threadspercore")) or 1
+        return max(1, boards) * max(1, sockets) * max(1, cores) * max(1, threads)
+    return None
+
+
+def slurm_node_cpus(path: str | os.PathLike | None, node: str) -> int | None:
+    """:func:`slurm_conf_node_cpus` of a trusted slurm.conf (root's, written by no one
+    else: it decides what every job is charged); None when there is none or it says
+    nothing of the node."""
+    if path is None or not _trusted_file(Path(path)):
+        return None
+    try:
+        return slurm_conf_node_cpus(Path(path).read_text(errors="replace"), node)
+    except OSError:
+        return None
+
+
 # -- GPU identity --------------------------------------------------------------------------
 
 GPU_INDEX_ASSUMED_MINOR = "gpu_index_assumed_minor"
@@ -264,16 +336,37 @@ class GpuMap:
         return tuple(out), tuple(sorted(flags))
 
 
-def _device_minor(path: str) -> int | None:
-    """The minor number of a character device file (``/dev/nvidia3`` -> 3 on most nodes,
-    but only the device node itself says so)."""
+DRM_MAJOR = 226
+DRM_RENDER_BASE = 128
+
+
+def _device_minor(path: str, sys_root: str = "/sys") -> int | None:
+    """The GPU number of a character device file, as the sensors count GPUs (``minor``).
+
+    ``/dev/nvidiaN`` (NVIDIA): the device's minor number (3 on most nodes for nvidia3, but
+    only the device node itself says so). DRM nodes (AMD, ``AutoDetect=rsmi`` and gres.conf
+    ``File=/dev/dri/renderD128``): the render node's minor minus 128, the amdsmi sensor's
+    ``minor``; a card node (``/dev/dri/card1``) is taken to its GPU's render node through
+    sysfs, as card numbers count other display devices too (a BMC's VGA is often card0)."""
     import stat
 
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return os.minor(st.st_rdev) if stat.S_ISCHR(st.st_mode) else None
+    if not stat.S_ISCHR(st.st_mode):
+        return None
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    if major != DRM_MAJOR:
+        return minor
+    if minor >= DRM_RENDER_BASE:
+        return minor - DRM_RENDER_BASE
+    try:
+        names = os.listdir(f"{sys_root}/dev/char/{DRM_MAJOR}:{minor}/device/drm")
+    except OSError:
+        return None
+    renders = [int(n[7:]) for n in names if n.startswith("renderD") and n[7:].isdigit()]
+    return renders[0] - DRM_RENDER_BASE if len(renders) == 1 else None
 
 
 # -- cgroups -------------------------------------------------------------------------------

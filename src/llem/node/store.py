@@ -25,7 +25,7 @@ from pathlib import Path
 
 from llem.errors import StoreError
 from llem.fsutil import ensure_private_dir
-from llem.model import Event, Interval, JobRecord
+from llem.model import LABELLED, Event, Interval, JobRecord, Remainder
 from llem.sensors.base import Device
 from llem.sqlite import Database, Messages, open_database, run_script
 
@@ -181,7 +181,39 @@ def _v3(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2, _v3)
+def _v4_window_work(db: sqlite3.Connection) -> None:
+    """The work a window did (issue 18): a count and its unit (tokens, samples, ...), sent
+    by the window's owner when it closes the window."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(windows)")}
+    if "work" not in columns:
+        db.execute("ALTER TABLE windows ADD COLUMN work REAL")
+    if "unit" not in columns:
+        db.execute("ALTER TABLE windows ADD COLUMN unit TEXT")
+
+
+def _v5_remainder_labels(db: sqlite3.Connection) -> None:
+    """Why energy is in the remainder (issue 13): the parts of a device's remainder in one
+    interval that carry a label of their own (``idle_unallocated``, ``unallocated``; see
+    llem.model), as columns of its row; the rest of ``energy_uj`` is unattributed. Rows
+    written before the labels existed have 0 in both: all of their remainder is unattributed.
+    Adding columns with a constant default rewrites nothing: the migration costs the same on a
+    store of a month of intervals as on an empty one (the Prolog may be the one to run it)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(remainder)")}
+    for label in LABELLED:
+        if f"{label}_uj" not in have:
+            db.execute(
+                f"ALTER TABLE remainder ADD COLUMN {label}_uj INTEGER NOT NULL DEFAULT 0 "
+                f"CHECK ({label}_uj >= 0)"
+            )
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
+    _v1,
+    _v2,
+    _v3,
+    _v4_window_work,
+    _v5_remainder_labels,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 DATABASE = Database(
@@ -237,6 +269,22 @@ def _job_from_row(row: Sequence) -> JobRecord:
     values["gpus"] = tuple(json.loads(values["gpus"] or "[]"))
     values["flags"] = tuple(json.loads(values["flags"] or "[]"))
     return JobRecord(**values)
+
+
+_PART_COLUMNS = ", ".join(f"{label}_uj" for label in LABELLED)
+
+
+def _remainder_rows(remainder) -> list[tuple]:
+    """One row per device: (device_key, energy_uj, then each labelled part), from the
+    interval's remainder entries (several labels per device)."""
+    rows: dict[str, list[int]] = {}
+    for entry in remainder:
+        key, uj, label = Remainder(*entry)
+        row = rows.setdefault(key, [0] * (1 + len(LABELLED)))
+        row[0] += uj
+        if label in LABELLED:
+            row[1 + LABELLED.index(label)] += uj
+    return [(key, *row) for key, row in rows.items()]
 
 
 NO_DATA_KINDS = ("first", "reset", "gap")
@@ -351,8 +399,9 @@ class NodeStore:
                 )
             if interval.remainder:
                 self.db.executemany(
-                    "INSERT INTO remainder (interval_id, device_key, energy_uj) VALUES (?, ?, ?)",
-                    [(interval_id, key, uj) for key, uj in interval.remainder],
+                    f"INSERT INTO remainder (interval_id, device_key, energy_uj, {_PART_COLUMNS}) "
+                    f"VALUES (?, ?, ?, {', '.join('?' * len(LABELLED))})",
+                    [(interval_id, *row) for row in _remainder_rows(interval.remainder)],
                 )
             self._insert_events(interval.events)
             result.append(interval_id)
@@ -536,6 +585,16 @@ class NodeStore:
             (start_ns, end_ns),
         )
 
+    def covered_spans(self, start_ns: int, end_ns: int, run_id: int) -> list[tuple[int, int]]:
+        """(start_ns, end_ns) of the intervals overlapping a span in which every device the run
+        draws energy from had data (see :meth:`covered_ns_between`), in time order."""
+        lost, params = self._lost_in_interval(run_id)
+        return self.query(
+            "SELECT i.start_ns, i.end_ns FROM intervals i WHERE i.end_ns > ? AND i.start_ns < ? "
+            f"AND NOT {lost} ORDER BY i.start_ns",
+            (start_ns, end_ns, *params),
+        )
+
     def covered_ns_between(self, after_id: int, up_to_id: int, run_id: int) -> int:
         """Wall time of the intervals with ``after_id < id <= up_to_id`` in which every device
         the run draws energy from had data: an interval where one of them had a gap, a reset
@@ -631,6 +690,19 @@ class NodeStore:
                 windows.append(value)
         return max(windows, default=None)
 
+    def run_split_devices(self, run_id: int) -> list[str]:
+        """The devices that gave the run energy as a share of a package (``package_split``:
+        an MI250X die, an MI300X partition)."""
+        return [
+            key
+            for key, attrs in self.query(
+                "SELECT d.key, d.attrs FROM devices d WHERE d.key IN "
+                "(SELECT DISTINCT device_key FROM job_energy WHERE run_id = ?)",
+                (run_id,),
+            )
+            if '"package_split"' in attrs
+        ]
+
     def run_last_data_ns(self, run_id: int) -> int | None:
         """The end of the last interval that gave the run energy."""
         return self.query(
@@ -653,8 +725,9 @@ class NodeStore:
     # -- the node's energy ---------------------------------------------------------------------
 
     def device_totals(self, start_ns: int, end_ns: int) -> dict[str, dict[str, int]]:
-        """Per device: measured, attributed and unattributed energy, and intervals without
-        data, over the intervals that overlap a span (counted whole)."""
+        """Per device: measured, attributed and remainder energy, the parts of the remainder
+        with a label of their own (``<label>_uj`` for each of llem.model.LABELLED), and
+        intervals without data, over the intervals that overlap a span (counted whole)."""
         where = "WHERE interval_id IN (SELECT id FROM intervals WHERE end_ns > ? AND start_ns < ?)"
         queries = (
             (
@@ -674,25 +747,36 @@ class NodeStore:
                 f"SELECT device_key, COUNT(*) FROM energy {where} AND "
                 f"(kind IN {NO_DATA_KINDS} OR status != 'ok') GROUP BY device_key",
             ),
+        ) + tuple(
+            (
+                f"{label}_uj",
+                f"SELECT device_key, SUM({label}_uj) FROM remainder {where} GROUP BY device_key",
+            )
+            for label in LABELLED
+        )
+        zero = dict.fromkeys(
+            ("measured_uj", "attributed_uj", "remainder_uj", "gap_intervals")
+            + tuple(f"{label}_uj" for label in LABELLED),
+            0,
         )
         out: dict[str, dict[str, int]] = {}
         for field_name, sql in queries:
             for device, value in self.query(sql, (start_ns, end_ns)):
-                row = out.setdefault(
-                    device,
-                    {"measured_uj": 0, "attributed_uj": 0, "remainder_uj": 0, "gap_intervals": 0},
-                )
+                row = out.setdefault(device, dict(zero))
                 row[field_name] = int(value or 0)
         return out
 
     def device_interval_rows(self, from_ns: int, until_ns: int) -> list[tuple]:
         """One row per interval overlapping the span and device: (interval id, start_ns,
-        end_ns, device_key, measured energy_uj, kind, status, remainder_uj, attributed_uj)."""
+        end_ns, device_key, measured energy_uj, kind, status, remainder_uj, attributed_uj,
+        then the remainder of each label of llem.model.LABELLED)."""
+        labelled = "".join(f", COALESCE(r.{label}_uj, 0)" for label in LABELLED)
         return self.query(
             "SELECT i.id, i.start_ns, i.end_ns, e.device_key, e.energy_uj, e.kind, e.status, "
             "COALESCE(r.energy_uj, 0), "
             "(SELECT COALESCE(SUM(je.energy_uj), 0) FROM job_energy je "
-            " WHERE je.interval_id = i.id AND je.device_key = e.device_key) "
+            " WHERE je.interval_id = i.id AND je.device_key = e.device_key)"
+            f"{labelled} "
             "FROM intervals i JOIN energy e ON e.interval_id = i.id "
             "LEFT JOIN remainder r ON r.interval_id = i.id AND r.device_key = e.device_key "
             "WHERE i.end_ns > ? AND i.start_ns < ?",
@@ -752,16 +836,21 @@ class NodeStore:
         end_interval_id: int,
         counters: Mapping[str, int],
         energy: Mapping[str, int],
+        work: float | None = None,
+        unit: str | None = None,
     ) -> None:
+        """Close a window; ``work`` and ``unit``: the work it did, when its owner said."""
         self._write(
             lambda: self.db.execute(
                 "UPDATE windows SET end_ns = ?, end_mono_ns = ?, counters_end = ?, energy = ?, "
-                "status = 'closed' WHERE id = ?",
+                "work = ?, unit = ?, status = 'closed' WHERE id = ?",
                 (
                     end_ns,
                     end_interval_id,
                     json.dumps(dict(counters)),
                     json.dumps(dict(energy), sort_keys=True),
+                    work,
+                    unit,
                     window_id,
                 ),
             )
@@ -781,9 +870,11 @@ class NodeStore:
         )
 
     def run_windows(self, run_id: int) -> list[tuple]:
-        """(name, step_id, start_ns, end_ns, status, energy JSON) of a run's windows."""
+        """(name, step_id, start_ns, end_ns, status, energy JSON, work, unit, start interval
+        id, end interval id) of a run's windows."""
         return self.query(
-            "SELECT name, step_id, start_ns, end_ns, status, energy FROM windows "
+            "SELECT name, step_id, start_ns, end_ns, status, energy, work, unit, start_mono_ns, "
+            "end_mono_ns FROM windows "
             "WHERE run_id = ? ORDER BY start_ns, id",
             (run_id,),
         )

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from llem.errors import LlemError
+from llem.slices import MAX_UNIT_CHARS, MAX_WORK
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ MAX_WINDOWS_PER_JOB = 1000
 MAX_NAME_CHARS = 128
 """The longest window name."""
 MAX_STEP_CHARS = 32
+DEFAULT_UNIT = "units"
+"""The unit of a work count given without one."""
 FORCED_READS_PER_JOB_S = 1.0
 """Readings one job's requests may force per second; more requests share them."""
 MIN_READ_SPACING_S = 0.25
@@ -55,6 +58,11 @@ MIN_READ_SPACING_S = 0.25
 regular one: reads closer than that could only turn a counter's update steps into gaps."""
 ACCEPT_BACKOFF_S = (0.05, 2.0)
 """First and longest pause after a failed ``accept()``."""
+
+
+INTERNAL_ERROR = "the node sampler could not serve this request (its log has the reason)"
+"""What a peer is told when serving its request failed inside the sampler: never the
+exception's text, which can name root's paths."""
 
 
 class WindowError(LlemError):
@@ -99,13 +107,15 @@ def request(
         try:
             data = _exchange(path, message, max(0.1, deadline - time.monotonic()))
         except OSError as e:
-            raise WindowError(f"node sampler not reachable at {path}: {e.strerror or e}") from e
+            # The reason, never the socket's path: llem doctor names it for the admin.
+            reason = "timed out" if isinstance(e, TimeoutError) else e.strerror or "failed"
+            raise WindowError(f"node sampler not reachable ({reason})") from e
         try:
             answer = json.loads(data.decode())
         except ValueError as e:
-            raise WindowError(f"node sampler gave a malformed answer: {data[:80]!r}") from e
+            raise WindowError("node sampler gave a malformed answer") from e
         if not isinstance(answer, dict):
-            raise WindowError(f"node sampler gave a malformed answer: {data[:80]!r}")
+            raise WindowError("node sampler gave a malformed answer")
         if answer.get("busy") and time.monotonic() + pause < deadline:
             sleep(pause)
             pause = min(1.0, pause * 2)
@@ -133,10 +143,50 @@ def open_window(path: Path, env: Mapping[str, str], name: str | None) -> dict:
     )
 
 
-def close_window(path: Path, env: Mapping[str, str], window_id: int) -> dict:
-    return request(
-        path, {"op": "close", "job_id": env.get("SLURM_JOB_ID", ""), "window_id": window_id}
-    )
+def check_work(work: object, unit: object) -> tuple[float | None, str | None]:
+    """The work of a window, checked: a finite count in [0, MAX_WORK] (or None) and a unit
+    of at most MAX_UNIT_CHARS printable characters (``units`` when only a count is given).
+
+    Raises:
+        ValueError: the count or the unit is not acceptable; the message says why.
+    """
+    if work is not None:
+        if type(work) not in (int, float) or not (0 <= work <= MAX_WORK):  # NaN fails too
+            raise ValueError(f"work must be a count between 0 and {MAX_WORK:g}")
+        work = float(work)
+    if unit is not None:
+        if (
+            type(unit) is not str
+            or not 0 < len(unit) <= MAX_UNIT_CHARS
+            or not unit.isprintable()
+            or unit.strip() != unit
+        ):
+            raise ValueError(
+                f"the unit of work must be a word of at most {MAX_UNIT_CHARS} printable characters"
+            )
+    elif work is not None:
+        unit = DEFAULT_UNIT
+    return work, unit  # type: ignore[return-value]
+
+
+def close_window(
+    path: Path,
+    env: Mapping[str, str],
+    window_id: int,
+    work: float | None = None,
+    unit: str | None = None,
+) -> dict:
+    """Close a window; ``work`` and ``unit``, when given, are kept with it (issue 18)."""
+    message: dict = {"op": "close", "job_id": env.get("SLURM_JOB_ID", ""), "window_id": window_id}
+    try:
+        work, unit = check_work(work, unit)
+    except ValueError as e:
+        raise WindowError(str(e)) from e
+    if work is not None:
+        message["work"] = work
+    if unit is not None:
+        message["unit"] = unit
+    return request(path, message)
 
 
 def ping(path: Path, timeout_s: float = 2.0) -> dict:
@@ -178,6 +228,10 @@ def check_request(message: object) -> dict:
         if type(window_id) is not int or not 0 < window_id < 2**63:
             raise Refused("window_id must be a window id")
         out["window_id"] = window_id
+        try:
+            out["work"], out["unit"] = check_work(message.get("work"), message.get("unit"))
+        except ValueError as e:
+            raise Refused(str(e)) from None
     return out
 
 
@@ -374,7 +428,10 @@ class WindowServer:
         except Refused as e:
             return {"ok": False, "error": str(e)}
         except (OSError, ValueError) as e:
-            return {"ok": False, "error": f"bad request: {e}"}
+            # The peer gets a fixed text; the exception's own (a decoder's, an OS error's)
+            # stays in root's log.
+            log.debug("window server: bad request from uid %d: %s", uid, e)
+            return {"ok": False, "error": "bad request: not one line of JSON"}
         except RecursionError:  # JSON nested deeper than the parser goes
             return {"ok": False, "error": "bad request: nested too deep"}
         reply: queue.Queue = queue.Queue(maxsize=1)
@@ -486,9 +543,10 @@ class WindowServer:
                 break
             try:
                 reply.put(self._answer(pid, uid, request, interval_id, interval))
-            except Exception as e:  # one bad request must not stop the sampler
-                log.exception("window request failed")
-                reply.put({"ok": False, "error": f"{type(e).__name__}: {e}"})
+            except Exception:  # one bad request must not stop the sampler
+                # The detail (an exception naming the store's path, say) is root's: the log.
+                log.exception("window request of uid %d failed: %r", uid, request)
+                reply.put({"ok": False, "error": INTERNAL_ERROR})
         self.refresh_jobs()
 
     def _answer(self, pid: int, uid: int, request: dict, interval_id: int, interval) -> dict:
@@ -551,7 +609,13 @@ class WindowServer:
             return {"ok": False, "error": f"window {window_id} is already {status}"}
         energy = self.store.run_energy_between(run_id, start_interval, interval_id)
         self.store.close_window(
-            window_id, interval.end_ns, interval_id, _raw_counters(interval), energy
+            window_id,
+            interval.end_ns,
+            interval_id,
+            _raw_counters(interval),
+            energy,
+            request.get("work"),
+            request.get("unit"),
         )
         covered_ns = self.store.covered_ns_between(start_interval, interval_id, run_id)
         span_ns = max(1, interval.end_ns - start_ns)
@@ -563,6 +627,9 @@ class WindowServer:
             "energy_uj": energy,
             "devices": self._devices_of(energy),
             "coverage": round(min(1.0, covered_ns / span_ns), 4),
+            "work": request.get("work"),
+            "unit": request.get("unit"),
+            "policy": _policy(getattr(job, "attribution", None)),
         }
 
     def _devices_of(self, energy: dict[str, int]) -> dict[str, dict]:
@@ -591,6 +658,15 @@ def _peer_refusal(pid: int, uid: int, job_id: str, job_uid: int | None) -> str |
     if pid_in_job_cgroup(pid, job_id) is False:
         return f"permission denied: process {pid} is not in job {job_id}"
     return None
+
+
+def _policy(attribution: str | None) -> str | None:
+    """The attribution policy of a run (``exclusive``, ``hybrid``...), or None."""
+    try:
+        value = json.loads(attribution) if attribution else None
+    except ValueError:
+        return None
+    return value.get("policy") if isinstance(value, dict) else None
 
 
 def _raw_counters(interval) -> dict[str, int]:

@@ -198,6 +198,11 @@ def totals(jobs: pd.DataFrame) -> dict[str, Any]:
         "dram_kwh": float(jobs["dram_kwh"].sum()),
         "gpu_kwh": float(jobs["gpu_kwh"].sum()),
         "other_kwh": float(jobs["other_kwh"].sum()),
+        # Jobs' only "other" energy is the platform: what a node meter sees beyond the parts.
+        "platform_share": _share(float(jobs["other_kwh"].sum()), total)
+        if float(jobs["other_kwh"].sum()) > 0
+        else None,
+        "platform_jobs": int((jobs["other_kwh"] > 0).sum()),
         "measured_kwh": total - estimated,
         "estimated_kwh": estimated,
         "measured_share": _share(total - estimated, total),
@@ -225,6 +230,7 @@ def by_group(jobs: pd.DataFrame, key: str) -> pd.DataFrame:
     cols = [
         "energy_kwh",
         "gpu_kwh",
+        "other_kwh",
         "estimated_kwh",
         "operational_kg",
         "embodied_kg",
@@ -233,7 +239,15 @@ def by_group(jobs: pd.DataFrame, key: str) -> pd.DataFrame:
     ]
     if jobs.empty:
         return pd.DataFrame(
-            columns=[key, "jobs", *cols, "kwh_per_gpu_h", "energy_share", "measured_share"]
+            columns=[
+                key,
+                "jobs",
+                *(c for c in cols if c not in ("estimated_kwh", "other_kwh")),
+                "kwh_per_gpu_h",
+                "energy_share",
+                "measured_share",
+                "platform_share",
+            ]
         )
     g = jobs.groupby(key, sort=False)
     out = g[cols].sum()
@@ -245,7 +259,12 @@ def by_group(jobs: pd.DataFrame, key: str) -> pd.DataFrame:
     out["measured_share"] = (1 - out["estimated_kwh"] / out["energy_kwh"]).where(
         out["energy_kwh"] > 0
     )
-    out = out.drop(columns="estimated_kwh").reset_index()
+    # The platform (node meter minus the parts) in the group's energy; None where no job of
+    # the group ran on a node with a meter.
+    out["platform_share"] = (out["other_kwh"] / out["energy_kwh"]).where(
+        (out["energy_kwh"] > 0) & (out["other_kwh"] > 0)
+    )
+    out = out.drop(columns=["estimated_kwh", "other_kwh"]).reset_index()
     return out.sort_values(["energy_kwh", key], ascending=[False, True]).reset_index(drop=True)
 
 
@@ -354,6 +373,11 @@ def gpu_energy_distribution(jobs: pd.DataFrame) -> dict[str, Any]:
 # -- reconciliation ------------------------------------------------------------------------------
 
 
+def _part_kwh(nodes: pd.DataFrame, column: str) -> float | None:
+    values = pd.to_numeric(nodes[column], errors="coerce").dropna()
+    return None if values.empty else float(values.sum()) / UJ_PER_KWH
+
+
 def reconciliation(
     node_rows: Sequence[tuple], job_nodes: Sequence[str], jobs_kwh: float
 ) -> dict[str, Any]:
@@ -390,6 +414,9 @@ def reconciliation(
         "measured_kwh": measured,
         "attributed_kwh": float(counted["attributed_uj"].sum()) / UJ_PER_KWH,
         "remainder_kwh": float(counted["remainder_uj"].sum()) / UJ_PER_KWH,
+        # Parts of the remainder by label; None where no node reported them (older slices).
+        "idle_unallocated_kwh": _part_kwh(counted, "idle_unallocated_uj"),
+        "unallocated_kwh": _part_kwh(counted, "unallocated_uj"),
         "jobs_kwh": jobs_kwh,
         "nodes": len(per_node),
         "by_component": by_component.reset_index(),
@@ -478,6 +505,15 @@ def notes_for(totals: Mapping[str, Any], carbon: Mapping[str, Any]) -> list[str]
         notes.append(
             f"{(1 - totals['measured_share']) * 100:.1f} % of the job energy is "
             "estimated, not measured."
+        )
+    if totals.get("platform_share"):
+        notes.append(
+            f"{totals['platform_share'] * 100:.1f} % of the job energy is the platform: what "
+            "a node meter (pm_counters, an ACPI power meter, the BMC) measures beyond CPU, "
+            "DRAM and GPUs (fans, NICs, disks, power-supply losses), charged like static "
+            f"power by allocation ({totals['platform_jobs']} of {totals['jobs']} job "
+            "run(s) ran on nodes with a meter; jobs on nodes without one carry no platform "
+            "energy, so their figures are below wall-plug energy)."
         )
     if totals["incomplete_jobs"]:
         notes.append(

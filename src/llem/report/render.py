@@ -25,7 +25,8 @@ TOTAL_ROWS = (
     ("cpu_kwh", "  CPU (kWh)"),
     ("dram_kwh", "  DRAM (kWh)"),
     ("gpu_kwh", "  GPU (kWh)"),
-    ("other_kwh", "  other (kWh)"),
+    ("other_kwh", "  platform: node meter minus the parts (kWh)"),
+    ("platform_share", "Platform share of energy (nodes with a meter)"),
     ("operational_kg", "CO2e operational (kg)"),
     ("embodied_kg", "CO2e embodied (kg)"),
     ("co2e_kg", "CO2e total (kg)"),
@@ -40,7 +41,15 @@ TOTAL_ROWS = (
     ("idle_kwh", "Idle-GPU energy (kWh)"),
     ("idle_gpu_h", "Idle GPU-hours"),
 )
-SHARE_KEYS = {"measured_share", "coverage", "energy_share", "idle_share", "covered_share", "change"}
+SHARE_KEYS = {
+    "measured_share",
+    "coverage",
+    "energy_share",
+    "idle_share",
+    "covered_share",
+    "change",
+    "platform_share",
+}
 HEADERS = {
     "jobs": "jobs",
     "energy_kwh": "energy kWh",
@@ -52,6 +61,7 @@ HEADERS = {
     "kwh_per_gpu_h": "kWh/GPU-h",
     "energy_share": "share",
     "measured_share": "measured",
+    "platform_share": "platform",
     "idle_gpus": "idle GPUs",
     "allocated_gpus": "GPUs",
     "idle_kwh": "idle kWh",
@@ -62,6 +72,8 @@ HEADERS = {
     "measured_kwh": "measured kWh",
     "attributed_kwh": "attributed kWh",
     "remainder_kwh": "remainder kWh",
+    "idle_unallocated_kwh": "idle unallocated kWh",
+    "unallocated_kwh": "unallocated kWh",
 }
 
 
@@ -158,7 +170,9 @@ def reconciliation_frame(report: Report) -> pd.DataFrame:
     rows = [
         ("Node energy measured (kWh)", "measured_kwh"),
         ("Attributed to jobs by the nodes (kWh)", "attributed_kwh"),
-        ("Unattributed remainder (kWh)", "remainder_kwh"),
+        ("Remainder, no job's (kWh)", "remainder_kwh"),
+        ("  of which idle power no job's allocation covers (kWh)", "idle_unallocated_kwh"),
+        ("  of which unallocated share, policy allocation (kWh)", "unallocated_kwh"),
         ("Job energy in the ledger (kWh)", "jobs_kwh"),
         ("Nodes reporting hourly totals", "nodes"),
     ]

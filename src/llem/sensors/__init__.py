@@ -58,13 +58,15 @@ def open_sensors(
 
     env = os.environ if env is None else env
     wanted = AUTO if config.sensors == "auto" else tuple(config.sensors)
+    if config.sensors == "auto" and config.ipmi.enabled:
+        wanted = ("ipmi", *wanted)
     explicit = config.sensors != "auto"
     out = OpenedSensors()
     measured_components: set[str] = set()
 
     # Node meters first: pm_counters' parts are read by one controller at the instant of its
     # node meter, so they are preferred to RAPL for the platform residual (llem.sensors.meters).
-    meter_parts = meters.open_meters(wanted, explicit, env, out)
+    meter_parts = meters.open_meters(wanted, explicit, env, out, config.ipmi)
     measured_components |= meter_parts
     if "rapl" in wanted and "cpu" in meter_parts:
         out.notes.append(
@@ -139,7 +141,7 @@ def probe_all(
     proc_root: str | os.PathLike = "/proc",
 ) -> list[Probe]:
     """Every sensor's probe, for ``llem doctor``."""
-    from llem.sensors import amdsmi, estimate, hwmon, nvml, pm_counters, rapl
+    from llem.sensors import amdsmi, estimate, hwmon, ipmi, nvml, pm_counters, rapl
 
     env = os.environ if env is None else env
     return [
@@ -148,5 +150,6 @@ def probe_all(
         amdsmi.probe(),
         pm_counters.probe(pm_counters.root(env)),
         hwmon.probe(hwmon.root(env)),
+        ipmi.probe(config.ipmi),
         estimate.probe(proc_root=Path(proc_root), config=config.estimate),
     ]

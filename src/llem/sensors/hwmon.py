@@ -127,6 +127,31 @@ def find_meters(base: Path, notes: list[str] | None = None) -> list[Meter]:
     return found
 
 
+def amdgpu_power_files(base: Path) -> dict[str, Path]:
+    """The amdgpu driver's power file of each AMD GPU under an hwmon root, by PCI BDF.
+
+    Each GPU has an ``hwmonN`` named ``amdgpu`` whose ``device`` link is its PCI device
+    (``.../0000:c1:00.0``). The file is ``power1_average`` (MI100/MI200 and older: the average
+    over the firmware's window) or else ``power1_input`` (MI300 and RDNA3: the current power),
+    both in microwatts. Read by :mod:`llem.sensors.amdsmi` as its last fallback.
+    """
+    found: dict[str, Path] = {}
+    try:
+        hwmons = sorted(os.listdir(base), key=lambda n: (len(n), n))
+    except OSError:
+        return found
+    for hw in hwmons:
+        folder = base / hw
+        if _text(folder / "name") != "amdgpu":
+            continue
+        bdf = os.path.basename(os.path.realpath(folder / "device")).lower()
+        for f in ("power1_average", "power1_input"):
+            if (folder / f).exists():
+                found.setdefault(bdf, folder / f)
+                break
+    return found
+
+
 def _device(m: Meter) -> Device:
     attrs: dict[str, object] = {"path": str(m.path), "averaging_window_ms": m.window_ms}
     if m.oem_info:

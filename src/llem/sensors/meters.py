@@ -6,6 +6,8 @@ Called by :func:`llem.sensors.open_sensors`. The choices, each recorded as a not
   measures the CPUs, RAPL is not read (the same packages twice).
 * an hwmon meter (ACPI power meter, Grace Hopper modules) is read only when pm_counters gives
   no node meter: one meter per node.
+* the BMC (IPMI DCMI, :mod:`llem.sensors.ipmi`) is read only when neither gives a meter: it
+  is the slowest and coarsest of the three.
 * GPUs: a vendor library (NVML) that sees GPUs is preferred to pm_counters' ``accelN``
   counters (per-GPU identity by UUID and minor number, finer resolution), which are then not
   read; without one, the accel counters measure the GPUs.
@@ -18,8 +20,10 @@ from collections.abc import Mapping
 from llem.errors import SensorPermissionError, SensorUnavailable
 
 
-def open_meters(wanted: tuple[str, ...], explicit: bool, env: Mapping[str, str], out) -> set[str]:
-    """Open pm_counters and hwmon as asked; return the components they measure."""
+def open_meters(
+    wanted: tuple[str, ...], explicit: bool, env: Mapping[str, str], out, ipmi_config=None
+) -> set[str]:
+    """Open pm_counters, hwmon and the BMC as asked; return the components they measure."""
     measured: set[str] = set()
     has_meter = False
     if "pm_counters" in wanted:
@@ -43,17 +47,41 @@ def open_meters(wanted: tuple[str, ...], explicit: bool, env: Mapping[str, str],
                 "hwmon: power meters not read: pm_counters is this node's meter "
                 "(one meter per node)"
             )
+        else:
+            measured |= _open_hwmon(hwmon, explicit, env, out)
+            has_meter = any(
+                d.component == "psys" for s in out.sensors if s.name == "hwmon" for d in s.devices()
+            )
+    if "ipmi" in wanted and ipmi_config is not None:
+        if has_meter:
+            out.notes.append("ipmi: the BMC is not read: this node has a finer node meter")
             return measured
+        from llem.sensors import ipmi
+
         try:
-            sensor = hwmon.HwmonSensor(hwmon.root(env))
-        except (SensorUnavailable, SensorPermissionError) as e:
+            sensor = ipmi.open_from_config(ipmi_config)
+        except SensorUnavailable as e:
             if explicit:
                 raise
-            out.notes.append(f"hwmon: {e}")
+            out.notes.append(f"ipmi: {e}")
         else:
             out.sensors.append(sensor)
             out.notes.extend(sensor.notes)
-            measured |= {d.component for d in sensor.devices() if d.component != "psys"}
+    return measured
+
+
+def _open_hwmon(hwmon, explicit: bool, env: Mapping[str, str], out) -> set[str]:
+    measured: set[str] = set()
+    try:
+        sensor = hwmon.HwmonSensor(hwmon.root(env))
+    except (SensorUnavailable, SensorPermissionError) as e:
+        if explicit:
+            raise
+        out.notes.append(f"hwmon: {e}")
+    else:
+        out.sensors.append(sensor)
+        out.notes.extend(sensor.notes)
+        measured |= {d.component for d in sensor.devices() if d.component != "psys"}
     return measured
 
 

@@ -20,6 +20,15 @@ others) and :mod:`llem.sensors.platform` turns it into the ``platform`` residual
 of one read must carry the same controller timestamp (one update): a read that straddles an
 update is taken again.
 
+The controller's timestamp dates the values, not the host's read: each reading is dated at
+the controller's time of its values, mapped onto the host's monotonic clock by the smallest
+offset seen in the controller's life (the freshest values; taken again when the values fall
+behind by more than the stale limit, e.g. after a stall), so that the time between two
+readings, which the sampler checks each step's power against, is the controller's time
+between the two values, not the jitter of when the host happened to read them. A timestamp that goes backwards without a restart is a failed read (a gap); a
+timestamp that does not move for the stale limit is stale, like ``freshness`` (firmware
+without ``freshness`` is guarded by the timestamps alone).
+
 ``accelN`` follows the order of the node's GPUs, assumed to be their minor numbers (Slurm's GRES
 index). Where a vendor library (NVML, amdsmi) sees the GPUs, it is preferred and the accel
 counters are not read (one source per physical device, see :func:`llem.sensors.open_sensors`).
@@ -178,6 +187,11 @@ class PmCountersSensor:
         self._files = [self.base / c.file for c in counters]
         self._freshness: int | None = None
         self._fresh_since_ns: int | None = None
+        # The controller's time: the last values' (startup, timestamp), since when it has
+        # not moved (host ns), and the offset from controller ns to host monotonic ns.
+        self._last_ts: tuple[int, int] | None = None
+        self._ts_since_ns: int | None = None
+        self._offset: tuple[int, int] | None = None  # (startup, offset_ns)
         self.torn_reads = 0
         """Reads that straddled a controller update (each retried)."""
 
@@ -233,6 +247,42 @@ class PmCountersSensor:
             )
         return None
 
+    def _controller_time(self, startup: int, ts_us: int, mono_ns: int) -> int:
+        """The values' time on the host's monotonic clock.
+
+        Raises:
+            SensorReadError: the timestamp went backwards without a restart, or has not
+                moved for the stale limit.
+        """
+        last = self._last_ts
+        if last is not None and last[0] == startup:
+            if ts_us < last[1]:
+                raise SensorReadError(
+                    f"{self.base}: the controller's timestamp went back from {last[1]} to "
+                    f"{ts_us} us without a restart (a recorded gap)"
+                )
+            if ts_us == last[1]:
+                since = self._ts_since_ns if self._ts_since_ns is not None else mono_ns
+                if mono_ns - since >= STALE_AFTER_NS:
+                    raise SensorReadError(
+                        f"{self.base}: the controller's timestamp has stayed at {ts_us} us for "
+                        f"{(mono_ns - since) / NS_PER_S:.1f} s (stale data, a recorded gap)"
+                    )
+            else:
+                self._ts_since_ns = mono_ns
+        else:
+            self._ts_since_ns = mono_ns
+        self._last_ts = (startup, ts_us)
+        device_ns = ts_us * 1000
+        here = mono_ns - device_ns  # the host clock minus the controller's, plus the values' age
+        off = self._offset
+        # The offset is the smallest seen (the freshest values: a value is never dated after
+        # its read), taken again on a new controller life or when the values fall behind by
+        # more than the stale limit (a stall, a clock step).
+        if off is None or off[0] != startup or here < off[1] or here - off[1] > STALE_AFTER_NS:
+            self._offset = off = (startup, here)
+        return device_ns + off[1]
+
     def read(self, mono_ns: int) -> list[Reading]:
         keys = [d.key for d in self._devices]
         try:
@@ -240,10 +290,11 @@ class PmCountersSensor:
             if stale is not None:
                 raise SensorReadError(stale)
             startup, values = self._snapshot()
+            at_ns = self._controller_time(startup, max(ts for _, ts in values), mono_ns)
         except SensorReadError as e:
             return [Reading(k, None, mono_ns, ERROR, str(e)) for k in keys]
         return [
-            Reading(k, joules * UJ_PER_J, mono_ns, OK, epoch=startup)
+            Reading(k, joules * UJ_PER_J, at_ns, OK, epoch=startup)
             for k, (joules, _) in zip(keys, values)
         ]
 

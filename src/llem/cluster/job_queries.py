@@ -1,0 +1,227 @@
+"""The SQL of ``llem job JOBID``: one job run, its nodes, devices, windows and power series.
+
+Read-only. On a ledger not yet migrated to ``_v4_work_and_power`` the windows have no work
+and there is no power series (the view says so).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+RUN_FIELDS = (
+    "cluster",
+    "job_id",
+    "run_start_ns",
+    "run_end_ns",
+    "array_job_id",
+    "array_task_id",
+    "user",
+    "uid",
+    "account",
+    "partition",
+    "name",
+    "tag",
+    "nodelist",
+    "num_nodes",
+    "state",
+    "exit_code",
+    "status",
+    "missing_nodes",
+    "energy_uj",
+    "estimated_energy_uj",
+    "gpu_seconds",
+    "coverage",
+)
+
+
+@dataclass
+class JobNode:
+    """One node of the run: its span, coverage, flags, attribution and devices."""
+
+    node: str
+    start_ns: int
+    end_ns: int
+    coverage: float | None
+    flags: list[str]
+    gpus: list[str]
+    attribution: dict | None
+    devices: dict[str, dict] = field(default_factory=dict)
+    """device key -> {component, name, source, sensor, energy_uj, methods: {method: uJ}}."""
+
+
+@dataclass
+class JobData:
+    """What the ledger holds of one job run."""
+
+    run: dict
+    runs: int
+    nodes: list[JobNode]
+    windows: list[dict]
+    power: list[tuple[str, str, int, int, int, int]]
+    """(node, device key, t_s, step_s, energy_uj, span_ms), by time."""
+    has_power_table: bool
+    hourly_uj: dict[int, int] = field(default_factory=dict)
+    """The run's energy per UTC hour (epoch second of the hour), all nodes."""
+
+
+def _has(ledger, table: str, column: str | None = None) -> bool:
+    if column is None:
+        return bool(
+            ledger.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
+        )
+    return any(r[1] == column for r in ledger.query(f"PRAGMA table_info({table})"))
+
+
+def job_ids_of_array(ledger, cluster: str, job_id: str) -> str:
+    """``123_4`` (an array task) -> the task's own job id, when the ledger knows it."""
+    if "_" not in job_id:
+        return job_id
+    array, task = job_id.split("_", 1)
+    rows = ledger.query(
+        "SELECT job_id FROM job_runs WHERE cluster = ? AND array_job_id = ? AND array_task_id = ? "
+        "ORDER BY run_start_ns DESC LIMIT 1",
+        (cluster, array, task),
+    )
+    return rows[0][0] if rows else job_id
+
+
+def clusters_of_job(ledger, job_id: str) -> list[str]:
+    """The clusters whose ledger rows hold a job ``job_id`` (or array task ``A_T``)."""
+    if "_" in job_id:
+        array, task = job_id.split("_", 1)
+        rows = ledger.query(
+            "SELECT DISTINCT cluster FROM job_runs WHERE array_job_id = ? AND array_task_id = ?",
+            (array, task),
+        )
+    else:
+        rows = ledger.query("SELECT DISTINCT cluster FROM job_runs WHERE job_id = ?", (job_id,))
+    return sorted(r[0] for r in rows)
+
+
+def load_job(ledger, cluster: str, job_id: str) -> JobData | None:
+    """The latest run of ``job_id`` on ``cluster`` with its nodes, windows and power series;
+    None when the ledger has no such job."""
+    job_id = job_ids_of_array(ledger, cluster, job_id)
+    runs = ledger.query(
+        f"SELECT {', '.join(RUN_FIELDS)} FROM job_runs WHERE cluster = ? AND job_id = ? "
+        "ORDER BY run_start_ns DESC",
+        (cluster, job_id),
+    )
+    if not runs:
+        return None
+    run = dict(zip(RUN_FIELDS, runs[0]))
+    has_attribution = _has(ledger, "job_nodes", "attribution")
+    rows = ledger.query(
+        "SELECT id, node, start_ns, end_ns, coverage, flags, gpus, "
+        + ("attribution" if has_attribution else "NULL")
+        + " FROM job_nodes WHERE cluster = ? AND job_id = ? AND run_start_ns = ? ORDER BY node",
+        (cluster, job_id, run["run_start_ns"]),
+    )
+    nodes: list[JobNode] = []
+    ids: dict[int, JobNode] = {}
+    for jid, node, start_ns, end_ns, coverage, flags, gpus, attribution in rows:
+        jn = JobNode(
+            node,
+            start_ns,
+            end_ns,
+            coverage,
+            _json_list(flags),
+            _json_list(gpus),
+            _json_dict(attribution),
+        )
+        nodes.append(jn)
+        ids[jid] = jn
+    if not ids:
+        return JobData(run, len(runs), [], [], [], _has(ledger, "job_power"))
+    marks = ", ".join("?" * len(ids))
+    described = {
+        (node, key): (component, name, source, sensor)
+        for node, key, component, name, source, sensor in ledger.query(
+            "SELECT node, device_key, component, name, source, sensor FROM devices "
+            f"WHERE cluster = ? AND node IN ({', '.join('?' * len(nodes))})",
+            (cluster, *[n.node for n in nodes]),
+        )
+    }
+    for jid, key, method, component, source, sensor, uj in ledger.query(
+        "SELECT job_node_id, device_key, method, component, source, sensor, SUM(energy_uj) "
+        f"FROM job_energy WHERE job_node_id IN ({marks}) GROUP BY 1, 2, 3",
+        tuple(ids),
+    ):
+        jn = ids[jid]
+        name = described.get((jn.node, key), (None, key))[1] or key
+        dev = jn.devices.setdefault(
+            key,
+            {
+                "component": component,
+                "name": name,
+                "source": source,
+                "sensor": sensor,
+                "energy_uj": 0,
+                "methods": {},
+            },
+        )
+        dev["energy_uj"] += uj
+        dev["methods"][method] = dev["methods"].get(method, 0) + uj
+    has_work = _has(ledger, "windows", "work")
+    windows = [
+        {
+            "node": ids[jid].node,
+            "name": name,
+            "step_id": step_id,
+            "start_ns": start_ns,
+            "end_ns": end_ns,
+            "status": status,
+            "energy_uj": energy_uj,
+            "energy": _json_dict(energy) or {},
+            "work": work,
+            "unit": unit,
+        }
+        for jid, name, step_id, start_ns, end_ns, status, energy_uj, energy, work, unit in (
+            ledger.query(
+                "SELECT job_node_id, name, step_id, start_ns, end_ns, status, energy_uj, energy, "
+                + ("work, unit" if has_work else "NULL, NULL")
+                + f" FROM windows WHERE job_node_id IN ({marks}) ORDER BY start_ns, name",
+                tuple(ids),
+            )
+        )
+    ]
+    power: list = []
+    has_power = _has(ledger, "job_power")
+    if has_power:
+        for jid, step_s, devices, points in ledger.query(
+            f"SELECT job_node_id, step_s, devices, points FROM job_power WHERE job_node_id IN ({marks})",
+            tuple(ids),
+        ):
+            keys = _json_list(devices)
+            for point in _json_list(points):
+                try:
+                    t_s, i, uj, span_ms = point
+                    power.append((ids[jid].node, keys[i], int(t_s), step_s, int(uj), int(span_ms)))
+                except (ValueError, TypeError, IndexError):
+                    continue  # a damaged point is left out, not guessed
+        power.sort(key=lambda p: p[2])
+    hourly = dict(
+        ledger.query(
+            f"SELECT hour_s, SUM(energy_uj) FROM job_energy WHERE job_node_id IN ({marks}) "
+            "GROUP BY hour_s",
+            tuple(ids),
+        )
+    )
+    return JobData(run, len(runs), nodes, windows, power, has_power, hourly)
+
+
+def _json_list(text: str | None) -> list:
+    try:
+        value = json.loads(text) if text else []
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def _json_dict(text: str | None) -> dict | None:
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

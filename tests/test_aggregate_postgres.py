@@ -1,0 +1,247 @@
+"""``llem aggregate`` into a real PostgreSQL ledger: SIGKILL at random points, two aggregators
+at once, the advisory lock, retention after a pass, ``llem ledger`` and ``llem doctor``."""
+
+import os
+import random
+import shutil
+import subprocess
+import time
+from dataclasses import replace
+
+import pytest
+
+from llem.cluster.aggregate import LedgerBusy, aggregate_once
+from llem.cluster.ledger import Ledger
+from llem.cluster.ledger_tools import check_ledger, copy_ledger
+from llem.cluster.pg_ledger import PgLedger
+from llem.config import AggregateConfig
+from llem.errors import LedgerError
+from tests.helpers.aggregate import aggregate_cli, template_spool
+from tests.helpers.ledger import merge
+from tests.helpers.nodes import T0, S, job_slices, node_config
+
+pytestmark = pytest.mark.postgres
+
+
+def _fresh(tmp_path, template, name, ledger, readers=0):
+    root = tmp_path / name
+    root.mkdir()
+    cfg = replace(
+        node_config(root, "admin"),
+        ledger=ledger,
+        aggregate=AggregateConfig(grace_s=10**9, batch_size=4, readers=readers),
+    )
+    shutil.copytree(template, cfg.spool_dir)
+    os.chmod(cfg.spool_dir, 0o700)
+    return cfg
+
+
+def _spool_left(cfg) -> int:
+    return len([n for n in os.listdir(cfg.spool_dir) if n not in ("archive", "quarantine")])
+
+
+def _dump(spec) -> str:
+    cls = PgLedger if str(spec).startswith("postgresql") else Ledger
+    with cls(spec, readonly=True) as led:
+        return led.canonical_dump()
+
+
+def test_sigkill_at_random_points_then_rerun_gives_the_clean_ledger(tmp_path, pg_server):
+    template, items = template_spool(tmp_path)
+    total = len(items) + 1
+    clean = _fresh(tmp_path, template, "clean", pg_server.database("clean"))
+    t0 = time.monotonic()
+    proc = aggregate_cli(clean, "--once")
+    assert proc.returncode == 0, proc.stderr
+    clean_s = time.monotonic() - t0
+    expected = _dump(clean.ledger)
+    assert "# job_runs 100" in expected and "# quarantine 1" in expected
+    on_sqlite = _fresh(tmp_path, template, "sqlite", str(tmp_path / "sqlite" / "ledger.db"))
+    assert aggregate_cli(on_sqlite, "--once").returncode == 0
+    assert _dump(on_sqlite.ledger) == expected  # the same facts as on SQLite
+    rng = random.Random(7)
+    killed_mid_merge = 0
+    runs = 12
+    for run in range(runs):
+        cfg = _fresh(tmp_path, template, f"run{run}", pg_server.database("kill"), readers=run % 2)
+        proc = aggregate_cli(cfg, "--once", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if run % 3 == 0:  # anywhere: start-up, connection, lock, reading, merging
+            time.sleep(rng.uniform(0.0, clean_s))
+        else:  # somewhere in the merge
+            while proc.poll() is None and _spool_left(cfg) == total:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.5 * clean_s))
+        proc.kill()  # SIGKILL
+        proc.wait(10)
+        killed_mid_merge += 0 < _spool_left(cfg) < total
+        rerun = aggregate_cli(cfg, "--once")
+        assert rerun.returncode == 0, rerun.stderr
+        assert _dump(cfg.ledger) == expected, f"run {run}: ledger differs after a kill"
+        with PgLedger(cfg.ledger, readonly=True) as led:
+            assert check_ledger(led) == []
+        assert _spool_left(cfg) == 0
+    print(f"clean run {clean_s:.2f} s; {killed_mid_merge} of {runs} kills landed mid-merge")
+    assert killed_mid_merge >= 4, "the kills rarely landed inside a merge"
+
+
+def test_two_aggregators_at_once_merge_once(tmp_path, pg_server):
+    template, _ = template_spool(tmp_path)
+    clean = _fresh(tmp_path, template, "clean", pg_server.database("clean"))
+    assert aggregate_cli(clean, "--once").returncode == 0
+    cfg = _fresh(tmp_path, template, "both", pg_server.database("both"))
+    procs = [
+        aggregate_cli(
+            cfg, "--once", "--wait", "60", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    merged = sorted(int(out.split()[1]) for out, _ in outs)
+    assert merged == [0, 301]  # the second found the spool already merged
+    assert _dump(cfg.ledger) == _dump(clean.ledger)
+
+
+def test_the_advisory_lock_keeps_a_second_aggregator_out(tmp_path, pg_url):
+    cfg = replace(node_config(tmp_path, "admin"), ledger=pg_url)
+    os.makedirs(cfg.spool_dir, mode=0o700)
+    with PgLedger(pg_url) as other:  # an aggregator on another host
+        assert other.try_lock()
+        with pytest.raises(LedgerBusy, match="another llem aggregate"):
+            aggregate_once(cfg, wait_s=0.3)
+    assert aggregate_once(cfg).merged == 0  # its session ended: the lock went with it
+
+
+def test_retention_after_a_pass(tmp_path, pg_url):
+    month = 31 * 86400 * S
+    cfg = replace(node_config(tmp_path, "admin"), ledger=pg_url, ledger_retention_months=1)
+    os.makedirs(cfg.spool_dir, mode=0o700)
+    with PgLedger(pg_url) as led:
+        for k in range(3):
+            merge(
+                led,
+                job_slices(tmp_path / str(k), str(300 + k), nodes=("n1",), start_ns=T0 + k * month),
+            )
+    aggregate_once(cfg, now_ns=T0 + 2 * month)
+    with PgLedger(pg_url, readonly=True) as led:
+        months = sorted(p[1][-6:] for p in led.partitions() if p[0] == "job_energy")
+        assert len(months) == 2  # the month of now and the one before
+        assert led.query("SELECT COUNT(*) FROM job_runs") == [(3,)]
+        assert check_ledger(led, cut_ns=led.retention_cut_s(1, (T0 + 2 * month) / S) * S) == []
+        assert check_ledger(led) != []  # without the cut, the dropped rows are missed
+
+
+# -- llem ledger copy / check ---------------------------------------------------------------------
+
+
+def test_copy_both_ways_resumes_and_changes_nothing_twice(tmp_path, pg_server):
+    template, _ = template_spool(tmp_path)
+    src = _fresh(tmp_path, template, "src", str(tmp_path / "src" / "ledger.db"))
+    assert aggregate_cli(src, "--once").returncode == 0
+    pg = pg_server.database("copy")
+    seen = []
+    with Ledger(src.ledger, readonly=True) as a, PgLedger(pg) as b:
+        # interrupted: the first chunks of job_energy went in, then the copy died
+        calls = []
+
+        def die_in_energy(table, done, total):
+            calls.append(table)
+            if table == "job_energy" and calls.count(table) == 3:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            copy_ledger(a, b, source_name="src", progress=die_in_energy, chunk_rows=500)
+        res = copy_ledger(
+            a, b, source_name="src", progress=lambda *p: seen.append(p), chunk_rows=500
+        )
+        assert 0 < res.copied["job_energy"] < res.counts["job_energy"][0]  # resumed
+        assert res.copied["job_nodes"] == 0
+        again = copy_ledger(a, b, source_name="src", chunk_rows=500)
+        assert set(again.copied.values()) == {0}
+        with pytest.raises(LedgerError, match="a copy of src"):
+            copy_ledger(a, b, source_name="elsewhere")
+    assert seen[-1][1] == seen[-1][2]
+    assert _dump(pg) == _dump(src.ledger)
+    back = tmp_path / "back" / "ledger.db"
+    back.parent.mkdir(mode=0o755)
+    with PgLedger(pg, readonly=True) as a, Ledger(back) as b:
+        copy_ledger(a, b, source_name=pg)
+    assert _dump(back) == _dump(src.ledger)
+    # the copy is a working ledger: the aggregator carries on merging into it
+    with PgLedger(pg) as b:
+        merge(b, job_slices(tmp_path / "more", "9999"))
+        assert check_ledger(b) == []
+
+
+def test_check_names_broken_invariants_on_either_backend(tmp_path, pg_url):
+    items = job_slices(tmp_path, "100")
+    for led in (Ledger(tmp_path / "l.db"), PgLedger(pg_url)):
+        with led:
+            merge(led, items)
+            assert check_ledger(led) == []
+            led.write([("UPDATE job_runs SET energy_uj = energy_uj + ?", [(1,)])])
+            led.write([("DELETE FROM job_energy WHERE hour_s = ?", [(T0 // S,)])])
+            problems = check_ledger(led)
+            assert [p.split(":")[0] for p in problems] == [
+                "3 x job node energy differs from its hourly rows",
+                "1 x run totals differ from its job nodes'",
+            ]
+
+
+def test_llem_ledger_init_with_roles_and_a_reader_that_cannot_write(pg_server, tmp_path):
+    import psycopg
+
+    from llem.cli.ledger import ledger as ledger_cli
+    from llem.cli.main import run
+
+    url = pg_server.database("roles")
+    assert run(ledger_cli, ["init", "--roles", "--ledger", url], prog_name="llem ledger") == 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS alice")
+        conn.execute("CREATE ROLE alice LOGIN IN ROLE llem_reader")
+        owners = {
+            r[0]
+            for r in conn.execute("SELECT tableowner FROM pg_tables WHERE schemaname = 'public'")
+        }
+        assert owners == {"llem_writer"}
+        conn.execute("DROP ROLE IF EXISTS aggregator")
+        conn.execute("CREATE ROLE aggregator LOGIN IN ROLE llem_writer")
+    # the aggregator's login merges; the month partitions it creates belong to llem_writer
+    with PgLedger(url.replace("llem_test@", "aggregator@")) as led:
+        merge(led, job_slices(tmp_path, "100"))
+    assert run(ledger_cli, ["check", "--ledger", url], prog_name="llem ledger") == 0
+    with PgLedger(url.replace("llem_test@", "aggregator@")) as led:
+        assert led.apply_retention(1, (T0 + 400 * 86400 * S) / S)  # and it may drop them
+        merge(led, job_slices(tmp_path / "b", "101"))
+    with psycopg.connect(url, autocommit=True) as conn:
+        owners = {
+            r[0]
+            for r in conn.execute(
+                "SELECT tableowner FROM pg_tables WHERE schemaname = 'public' "
+                "AND tablename LIKE '%%_p2%%'"
+            )
+        }
+        assert owners == {"llem_writer"}
+    reader = url.replace("llem_test@", "alice@")
+    with PgLedger(reader, readonly=True) as led:
+        assert led.query("SELECT COUNT(*) FROM job_runs") == [(2,)]
+        with pytest.raises(LedgerError, match="permission denied"):
+            led.query("DELETE FROM job_runs")
+
+
+def test_doctor_shows_backend_schema_partitions_and_last_merge(tmp_path, pg_url, monkeypatch):
+    from llem.cli.doctor import diagnose, render
+
+    with PgLedger(pg_url) as led:
+        merge(led, job_slices(tmp_path, "100"))
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(f"cluster: c1\nstate_dir: {tmp_path / 'state'}\nledger: {pg_url}\n")
+    report = diagnose({"LLEM_CONFIG": str(cfg), "PATH": os.environ["PATH"]})
+    info = report["ledger"]
+    assert info["backend"] == "postgresql" and info["version"].startswith("15")
+    assert info["schema"] >= 3 and info["job_runs"] == 1
+    assert {p["table"] for p in info["partitions"]} == {"job_energy", "node_hours"} or {
+        p["table"] for p in info["partitions"]
+    } == {"job_energy"}
+    text = render(report)
+    assert "backend postgresql 15" in text and "last merge" in text and "month partition" in text

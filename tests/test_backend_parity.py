@@ -1,0 +1,248 @@
+"""Above the storage layer every command behaves identically on SQLite and PostgreSQL.
+
+One spool (real node stores -> job, node and header slices) is aggregated by ``llem
+aggregate``'s own code into an SQLite ledger and into a PostgreSQL one; the ``llem-acct``
+tests' ledger is copied into PostgreSQL by ``llem ledger copy``. The ``llem-acct`` matrix
+(``tests.helpers.acct.FILTERS``, every output form, ``--totals`` by every key, in two time
+zones, ``--statement``) and ``llem report`` (monthly and per account, every text format and
+the CSV files) run against both ledgers of each pair; outputs must be equal, byte for byte.
+"""
+
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from llem import slices
+from llem.cli.main import run
+from llem.cli.report import report as report_cli
+from llem.cluster.aggregate import aggregate_once
+from llem.cluster.header import header_slice_from_env
+from llem.cluster.ledger import Ledger
+from llem.cluster.pg_ledger import PgLedger
+from llem.config import AggregateConfig
+from llem.slices import encode
+from tests.helpers import acct as acct_data
+from tests.helpers import make_ledger
+from tests.helpers.make_spool import make_spool
+from tests.helpers.nodes import ENV, T0, S, job_slices, node_config
+from tests.helpers.report_data import ESTIMATED, NOVEMBER, job_and_node_slices
+
+pytestmark = pytest.mark.postgres
+
+NOW = T0 + 40 * 86400 * S
+ALL_TIME = ("-S", "2023-10-01", "-E", "2024-01-31")
+FIELDS = (
+    "JobID,JobIDRaw,JobName,User,UID,Account,Partition,Cluster,State,Start,End,Elapsed,"
+    "NNodes,NodeList,AllocGPUs,Tag,ConsumedEnergy,ConsumedEnergyRaw,CPUEnergy,DRAMEnergy,"
+    "GPUEnergy,OtherEnergy,EstimatedEnergy,EnergySource,Coverage,AveWatts,CarbonIntensity,CO2e,"
+    "Attribution"
+)
+
+
+def _spool(root: Path) -> Path:
+    template = root / "template"
+    template.mkdir()
+    items = []
+    for job in NOVEMBER + ESTIMATED:
+        items += job_and_node_slices(root / "stores", job)
+    items += job_slices(root / "multi", "100")  # three nodes, with a window
+    items += job_slices(root / "pair", "101", nodes=("n1", "n2"), nodelist="n[1-2]")
+    items.append(header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1", now_ns=T0 + 5401 * S))
+    for data in items:
+        (template / slices.file_name(data)).write_bytes(encode(data))
+    make_spool(template, nodes=8, jobs=3, seed=2)
+    return template
+
+
+def _aggregated(root: Path, template: Path, ledger: str | None):
+    root.mkdir()
+    cfg = replace(
+        node_config(root, "admin"), aggregate=AggregateConfig(grace_s=3600.0, batch_size=25)
+    )
+    if ledger is not None:
+        cfg = replace(cfg, ledger=ledger)
+    shutil.copytree(template, cfg.spool_dir)
+    os.chmod(cfg.spool_dir, 0o700)
+    res = aggregate_once(cfg, now_ns=NOW)
+    assert res.merged > 0 and not res.quarantined
+    return cfg.ledger
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, pg_server):
+    """{name: (sqlite ledger, postgresql ledger)} holding the same facts."""
+    root = tmp_path_factory.mktemp("parity")
+    template = _spool(root)
+    spooled = (
+        _aggregated(root / "sqlite", template, None),
+        _aggregated(root / "pg", template, pg_server.database("spool")),
+    )
+    acct_db = root / "acct" / "ledger.db"
+    acct_db.parent.mkdir(mode=0o755)
+    make_ledger.write_jobs(acct_db, acct_data.JOBS)
+    copied = pg_server.database("acct")
+    status = run(_ledger_cli(), ["copy", str(acct_db), copied], prog_name="llem ledger")
+    assert status == 0
+    return {"spool": spooled, "acct": (str(acct_db), copied)}
+
+
+def _ledger_cli():
+    from llem.cli.ledger import ledger
+
+    return ledger
+
+
+def _dump(spec: str) -> str:
+    cls = PgLedger if spec.startswith("postgresql") else Ledger
+    with cls(spec, readonly=True) as led:
+        return led.canonical_dump()
+
+
+@pytest.mark.parametrize("pair", ["spool", "acct"])
+def test_both_ledgers_hold_the_same_facts(pairs, pair):
+    sqlite, pg = pairs[pair]
+    dump = _dump(sqlite)
+    assert dump == _dump(pg)
+    assert "# job_runs 0" not in dump and "# job_energy 0" not in dump
+
+
+def _acct_matrix() -> list[tuple[str, ...]]:
+    base = ("-a", *ALL_TIME)
+    out = []
+    for args, _ in acct_data.FILTERS:
+        selection = ("-a", *args) if "-j" in args or "-S" in args or "-E" in args else base + args
+        out.append((*selection, "-P", "-n", "-o", "JobID"))
+    out += [
+        base,
+        (*base, "-X"),
+        (*base, "-D", "-p", "-o", FIELDS),
+        (*base, "-X", "-P", "-o", FIELDS),
+        (*base, "--json", "-o", FIELDS),
+        (*base, "-u", "alice", "-P", "-o", FIELDS),
+        (*base, "-A", "physics", "--json"),
+        (*base, "-N", "n[1-3]", "-P"),
+        (*base, "-j", "100.train", "-P", "-o", FIELDS),
+        (*base, "--statement"),
+        (*base, "-A", "physics", "--statement"),
+        (*base, "-s", "F", "-P"),
+        (*base, "--units", "K", "-X"),
+        ("-a", "-S", "2023-11-10", "-E", "2023-11-16", "-P", "-o", FIELDS),
+    ]
+    for key in ("user", "account", "partition", "tag", "day", "month"):
+        out.append((*base, "--totals", key, "-P"))
+        out.append((*base, "--totals", key, "--json"))
+    return out
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York"])
+@pytest.mark.parametrize("pair", ["spool", "acct"])
+def test_llem_acct_says_the_same_on_both(pairs, pair, zone, monkeypatch, tmp_path):
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(acct_data.CONFIG)
+    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        sqlite, pg = pairs[pair]
+        matrix = _acct_matrix()
+        if pair == "acct":  # the acct tests' jobs are in March 2026
+            matrix = [
+                tuple("2026-03-01" if a == "2023-10-01" else a for a in args) for args in matrix
+            ]
+            matrix = [tuple("2026-03-31" if a == "2024-01-31" else a for a in m) for m in matrix]
+        nonempty = 0
+        for args in matrix:
+            a = _timeless(acct_data.acct_run(*args, "--ledger", sqlite))
+            b = _timeless(acct_data.acct_run(*args, "--ledger", pg))
+            assert a == b, f"llem-acct {' '.join(args)}"
+            nonempty += a[0] == 0 and len(a[1].splitlines()) > 1
+        assert nonempty >= 15, "most of the matrix selected nothing"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+GENERATED = re.compile(r'"generated_at": "[^"]*"')
+
+
+def _timeless(result: tuple) -> tuple:
+    """The output without its time of generation (two runs may straddle a second)."""
+    return tuple(
+        GENERATED.sub('"generated_at": "-"', r) if isinstance(r, str) else r for r in result
+    )
+
+
+def _report(args, monkeypatch, tmp_path, ledger) -> tuple[int, str, str]:
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text("cluster: c1\ncarbon:\n  region: DE\n  pue: 1.2\n")
+    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    status = run(report_cli, [*args, "--ledger", ledger], prog_name="llem report")
+    monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["monthly", "--month", "2023-11", "--format", "md"],
+        ["monthly", "--month", "2023-11", "--format", "json", "--idle-w", "50"],
+        ["monthly", "--since", "2023-11-01", "--until", "2023-11-15", "--format", "md"],
+        ["account", "physics", "--month", "2023-11", "--format", "md"],
+        ["account", "astro", "--month", "2023-11", "--format", "json"],
+        ["monthly", "--month", "2023-12", "--format", "md"],
+    ],
+)
+def test_llem_report_says_the_same_on_both(pairs, args, monkeypatch, tmp_path):
+    sqlite, pg = pairs["spool"]
+    a = _timeless(_report(args, monkeypatch, tmp_path, sqlite))
+    b = _timeless(_report(args, monkeypatch, tmp_path, pg))
+    assert a[0] == 0 and len(a[1]) > 500
+    assert a == b, _diff(a[1], b[1])
+
+
+def _diff(a: str, b: str) -> str:
+    import difflib
+
+    return "\n".join(list(difflib.unified_diff(a.splitlines(), b.splitlines(), lineterm=""))[:40])
+
+
+def test_llem_report_csv_files_are_the_same_on_both(pairs, monkeypatch, tmp_path):
+    folders = []
+    for n, ledger in enumerate(pairs["spool"]):
+        out = tmp_path / f"out{n}"
+        args = ["monthly", "--month", "2023-11", "--format", "csv", "--out", str(out)]
+        assert _report(args, monkeypatch, tmp_path, ledger)[0] == 0
+        folders.append({p.name: p.read_bytes() for p in sorted(out.rglob("*.csv"))})
+    assert folders[0] == folders[1] and len(folders[0]) >= 7
+    totals = json.dumps(sorted(folders[0]))
+    assert "totals.csv" in totals
+
+
+def test_llem_metrics_queries_answer_the_same_on_both(pairs):
+    from llem.cluster import acct_queries, metrics_queries
+
+    answers = []
+    for spec in pairs["spool"]:
+        with acct_queries.open_ledger(spec) as led:
+            answers.append(
+                (
+                    metrics_queries.energy_by_account_hour(led, "c1"),
+                    metrics_queries.job_runs_by_status(led, "c1"),
+                    metrics_queries.quarantined_slices(led),
+                    acct_queries.clusters(led),
+                )
+            )
+    assert answers[0] == answers[1]
+    assert answers[0][0] and answers[0][1]
