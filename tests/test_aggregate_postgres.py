@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from llem.cluster.aggregate import LedgerBusy, aggregate_once
-from llem.cluster.ledger import Ledger
+from llem.cluster.ledger import MIGRATIONS, Ledger, _v4_work_and_power
 from llem.cluster.ledger_tools import check_ledger, copy_ledger
 from llem.cluster.pg_ledger import PgLedger
 from llem.config import AggregateConfig
@@ -161,7 +161,9 @@ def test_copy_both_ways_resumes_and_changes_nothing_twice(tmp_path, pg_server):
         with pytest.raises(LedgerError, match="a copy of src"):
             copy_ledger(a, b, source_name="elsewhere")
     assert seen[-1][1] == seen[-1][2]
+    assert res.counts["job_power"] == (300, 300) and res.counts["windows"] == (300, 300)
     assert _dump(pg) == _dump(src.ledger)
+    assert _dump(pg).count('2500.0, "tokens"]') == 300  # the windows' work came along
     back = tmp_path / "back" / "ledger.db"
     back.parent.mkdir(mode=0o755)
     with PgLedger(pg, readonly=True) as a, Ledger(back) as b:
@@ -171,6 +173,29 @@ def test_copy_both_ways_resumes_and_changes_nothing_twice(tmp_path, pg_server):
     with PgLedger(pg) as b:
         merge(b, job_slices(tmp_path / "more", "9999"))
         assert check_ledger(b) == []
+
+
+def test_copy_of_a_ledger_from_before_work_and_power(tmp_path, pg_url):
+    """A source not yet migrated to _v4_work_and_power (read-only: never migrated by the
+    copy): its windows arrive without work, and no power series."""
+    import sqlite3
+
+    path = tmp_path / "old" / "ledger.db"
+    path.parent.mkdir(mode=0o755)
+    with Ledger(path) as led:
+        merge(led, job_slices(tmp_path, "100", work=10.0, unit="tokens"))
+    db = sqlite3.connect(path)  # the ledger as llem left it before that migration
+    db.executescript(
+        "DROP TABLE job_power; ALTER TABLE windows DROP COLUMN work; "
+        "ALTER TABLE windows DROP COLUMN unit; "
+        f"PRAGMA user_version = {MIGRATIONS.index(_v4_work_and_power)}"
+    )
+    db.close()
+    with Ledger(path, readonly=True) as a, PgLedger(pg_url) as b:
+        res = copy_ledger(a, b, source_name=str(path))
+        assert res.counts["job_power"] == (0, 0) and res.counts["windows"] == (3, 3)
+        assert b.query("SELECT DISTINCT work, unit FROM windows") == [(None, None)]
+        assert check_ledger(a) == [] and check_ledger(b) == []
 
 
 def test_check_names_broken_invariants_on_either_backend(tmp_path, pg_url):
@@ -186,6 +211,11 @@ def test_check_names_broken_invariants_on_either_backend(tmp_path, pg_url):
                 "3 x job node energy differs from its hourly rows",
                 "1 x run totals differ from its job nodes'",
             ]
+    with PgLedger(pg_url) as led:  # no foreign keys on PostgreSQL: an orphan can exist
+        led.write([("DELETE FROM job_nodes WHERE node = ?", [("n1",)])])
+        problems = [p.split(":")[0] for p in check_ledger(led)]
+        assert "1 x power series of no job node" in problems
+        assert "1 x window of no job node" in problems
 
 
 def test_llem_ledger_init_with_roles_and_a_reader_that_cannot_write(pg_server, tmp_path):

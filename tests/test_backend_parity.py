@@ -1,11 +1,13 @@
 """Above the storage layer every command behaves identically on SQLite and PostgreSQL.
 
-One spool (real node stores -> job, node and header slices) is aggregated by ``llem
-aggregate``'s own code into an SQLite ledger and into a PostgreSQL one; the ``llem-acct``
-tests' ledger is copied into PostgreSQL by ``llem ledger copy``. The ``llem-acct`` matrix
-(``tests.helpers.acct.FILTERS``, every output form, ``--totals`` by every key, in two time
-zones, ``--statement``) and ``llem report`` (monthly and per account, every text format and
-the CSV files) run against both ledgers of each pair; outputs must be equal, byte for byte.
+One spool (real node stores -> job, node and header slices, with windows that did work and
+each node's power series) is aggregated by ``llem aggregate``'s own code into an SQLite
+ledger and into a PostgreSQL one; the ``llem-acct`` tests' ledger is copied into PostgreSQL
+by ``llem ledger copy``. The ``llem-acct`` matrix (``tests.helpers.acct.FILTERS``, every
+output form, the work fields, ``--totals`` by every key including ``window``, in two time
+zones, ``--statement``), ``llem job`` (text and JSON, every job) and ``llem report``
+(monthly and per account, every text format and the CSV files) run against both ledgers of
+each pair; outputs must be equal, byte for byte.
 """
 
 import io
@@ -45,6 +47,8 @@ FIELDS = (
     "GPUEnergy,OtherEnergy,EstimatedEnergy,EnergySource,Coverage,AveWatts,CarbonIntensity,CO2e,"
     "Attribution"
 )
+PER_WORK = "Work,WorkUnit,EnergyPerWork,GPUEnergyPerWork,CO2ePerWork,WorkBasis"
+WORK_FIELDS = f"JobID,JobName,{PER_WORK}"
 
 
 def _spool(root: Path) -> Path:
@@ -53,8 +57,12 @@ def _spool(root: Path) -> Path:
     items = []
     for job in NOVEMBER + ESTIMATED:
         items += job_and_node_slices(root / "stores", job)
-    items += job_slices(root / "multi", "100")  # three nodes, with a window
-    items += job_slices(root / "pair", "101", nodes=("n1", "n2"), nodelist="n[1-2]")
+    # three nodes, each with a window of 1000.5 tokens and its power series
+    items += job_slices(root / "multi", "100", work=1000.5, unit="tokens")
+    items += job_slices(
+        root / "pair", "101", nodes=("n1", "n2"), nodelist="n[1-2]", work=64, unit="samples"
+    )
+    items += job_slices(root / "plain", "102", nodes=("n4",), nodelist="n4")  # no work
     items.append(header_slice_from_env({**ENV, "SLURM_JOB_ID": "100"}, "c1", now_ns=T0 + 5401 * S))
     for data in items:
         (template / slices.file_name(data)).write_bytes(encode(data))
@@ -112,6 +120,9 @@ def test_both_ledgers_hold_the_same_facts(pairs, pair):
     dump = _dump(sqlite)
     assert dump == _dump(pg)
     assert "# job_runs 0" not in dump and "# job_energy 0" not in dump
+    if pair == "spool":  # windows with work and power series went through the merge
+        assert '1000.5, "tokens"]' in dump and '64.0, "samples"]' in dump
+        assert "# job_power 0" not in dump
 
 
 def _acct_matrix() -> list[tuple[str, ...]]:
@@ -134,9 +145,13 @@ def _acct_matrix() -> list[tuple[str, ...]]:
         (*base, "-A", "physics", "--statement"),
         (*base, "-s", "F", "-P"),
         (*base, "--units", "K", "-X"),
+        (*base, "-P", "-o", WORK_FIELDS),
+        (*base, "-X", "--json", "-o", WORK_FIELDS),
+        (*base, "-j", "100", "-P", "-o", WORK_FIELDS),
         ("-a", "-S", "2023-11-10", "-E", "2023-11-16", "-P", "-o", FIELDS),
     ]
-    for key in ("user", "account", "partition", "tag", "day", "month"):
+    out.append((*base, "--totals", "window", "-P", "-o", f"Window,NJobs,ConsumedEnergy,{PER_WORK}"))
+    for key in ("user", "account", "partition", "tag", "day", "month", "window"):
         out.append((*base, "--totals", key, "-P"))
         out.append((*base, "--totals", key, "--json"))
     return out
@@ -158,13 +173,18 @@ def test_llem_acct_says_the_same_on_both(pairs, pair, zone, monkeypatch, tmp_pat
                 tuple("2026-03-01" if a == "2023-10-01" else a for a in args) for args in matrix
             ]
             matrix = [tuple("2026-03-31" if a == "2024-01-31" else a for a in m) for m in matrix]
-        nonempty = 0
+        nonempty, work = 0, []
         for args in matrix:
             a = _timeless(acct_data.acct_run(*args, "--ledger", sqlite))
             b = _timeless(acct_data.acct_run(*args, "--ledger", pg))
             assert a == b, f"llem-acct {' '.join(args)}"
             nonempty += a[0] == 0 and len(a[1].splitlines()) > 1
+            if PER_WORK in ",".join(args):
+                work.append(a[1])
         assert nonempty >= 15, "most of the matrix selected nothing"
+        if pair == "spool":  # the work fields and --totals window had work to show
+            assert all("tokens" in out for out in work) and len(work) == 4
+            assert sum("samples" in out for out in work) == 3  # not in -j 100
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -246,3 +266,37 @@ def test_llem_metrics_queries_answer_the_same_on_both(pairs):
             )
     assert answers[0] == answers[1]
     assert answers[0][0] and answers[0][1]
+
+
+def _job_run(*args):
+    from click.testing import CliRunner
+
+    from llem.cli.job import job as job_cli
+
+    result = {}
+    with CliRunner().isolation() as streams:
+        result["status"] = run(job_cli, list(args), prog_name="llem job")
+        return result["status"], streams[0].getvalue().decode(), streams[1].getvalue().decode()
+
+
+def test_llem_job_says_the_same_on_both(pairs, monkeypatch, tmp_path):
+    """Every job of the spool, in words and in JSON: nodes, devices, windows with their work
+    and energy per unit, the power timeline, CO2e."""
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(acct_data.CONFIG)
+    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
+    sqlite, pg = pairs["spool"]
+    with Ledger(sqlite, readonly=True) as led:
+        jobs = sorted({r[0] for r in led.query("SELECT job_id FROM job_runs")})
+    assert len(jobs) >= 10
+    timelines = per_unit = 0
+    for job_id in jobs:
+        for form in ((), ("--json",)):
+            a = _job_run(job_id, *form, "--ledger", sqlite)
+            b = _job_run(job_id, *form, "--ledger", pg)
+            assert a[0] == 0, a[2]
+            assert a == b, f"llem job {job_id} {' '.join(form)}\n" + _diff(a[1], b[1])
+        view = json.loads(a[1])
+        timelines += bool(view["timeline"]["watts"])
+        per_unit += any(w["energy_per_unit_j"] for w in view["windows"])
+    assert timelines >= 3 and per_unit >= 2

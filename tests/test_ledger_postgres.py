@@ -127,16 +127,25 @@ def test_merging_in_any_order_and_twice_gives_the_sqlite_ledger(tmp_path, pg_ser
 
 
 def test_a_newer_export_replaces_the_run_in_one_batch_or_two(tmp_path, pg_server):
-    old = job_slices(tmp_path, "100", nodes=("n1",))[0]
+    """With its windows' work and its power series: the older export's go with it."""
+    old = job_slices(tmp_path, "100", nodes=("n1",), work=1000.0, unit="tokens")[0]
     new = copy.deepcopy(old)
     new["created_ns"] += 1
     for row in new["energy"]:
         row["energy_uj"] //= 2
+    for point in new["power"]["points"]:
+        point["energy_uj"] //= 2
+    new["windows"][0]["work"] = 1500.0
     for n, batches in enumerate(([[old, new]], [[new, old]], [[old], [new]], [[new], [old]])):
         dump = _same_merges(tmp_path, pg_server.database(), batches, f"r{n}")
         assert f'"n1", {old["job"]["start_ns"]}' in dump
+        assert "# job_power 1\n" in dump and "# windows 1\n" in dump
+        assert '1500.0, "tokens"]' in dump and "1000.0" not in dump
     with PgLedger(pg_server.url(f"ledger_{pg_server.count}")) as pg:
         assert pg.job_runs("100")[0]["gpu_energy_uj"] == 250_000_000 * 3600 // 2
+        ((points,),) = pg.query("SELECT points FROM job_power")
+        half = old["power"]["points"][0]["energy_uj"] // 2
+        assert json.loads(points)[0][2] == half
 
 
 def test_node_hours_keep_the_latest_export_and_headers_win(tmp_path, pg_server):
@@ -269,3 +278,33 @@ def test_the_bench_generator_writes_the_same_ledger_on_both(tmp_path, pg_url):
     with sq, pg:
         assert pg.canonical_dump() == sq.canonical_dump()
         assert check_ledger(pg) == [] and check_ledger(sq) == []
+
+
+def test_a_migration_under_roles_gives_the_reader_its_new_table(pg_server, tmp_path):
+    """A ledger made by ``llem ledger init --roles`` before ``_v4_work_and_power``: the
+    aggregator's login migrates it as ``llem_writer``, and a reader may read ``job_power``
+    (``llem job`` on a login node) without another ``GRANT``."""
+    import psycopg
+
+    from llem.cli.ledger import ledger as ledger_cli
+    from llem.cli.main import run
+    from llem.cluster.ledger import MIGRATIONS, _v4_work_and_power
+
+    url = pg_server.database("rolesmig")
+    assert run(ledger_cli, ["init", "--roles", "--ledger", url], prog_name="llem ledger") == 0
+    before = MIGRATIONS.index(_v4_work_and_power)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE job_power")
+        conn.execute("ALTER TABLE windows DROP COLUMN work, DROP COLUMN unit")
+        conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(before),))
+        for role, group in (("migrator", "llem_writer"), ("carol", "llem_reader")):
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
+            conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE {group}")
+    with PgLedger(url.replace("llem_test@", "migrator@")) as led:  # migrates, then merges
+        assert led.schema_version() == SCHEMA_VERSION
+        merge(led, job_slices(tmp_path, "100", work=7.0, unit="tokens"))
+    with PgLedger(url.replace("llem_test@", "carol@"), readonly=True) as led:
+        assert led.query("SELECT COUNT(*) FROM job_power") == [(3,)]
+        assert led.query("SELECT DISTINCT work, unit FROM windows") == [(7.0, "tokens")]
+        ((owner,),) = led.query("SELECT tableowner FROM pg_tables WHERE tablename = 'job_power'")
+        assert owner == "llem_writer"

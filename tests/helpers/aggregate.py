@@ -34,10 +34,11 @@ def aggregate_cli(cfg, *args, **popen):
 
 
 def template_spool(tmp_path) -> tuple[Path, list]:
-    """300 job slices of 100 three-node jobs, a header and a truncated file."""
+    """300 job slices of 100 three-node jobs (each node with its power series and a window
+    that did work), a header and a truncated file."""
     template = tmp_path / "template"
     template.mkdir()
-    base = job_slices(tmp_path / "gen", "1")
+    base = job_slices(tmp_path / "gen", "1", work=2500.0, unit="tokens")
     items = []
     for j in range(100):
         for data in base:

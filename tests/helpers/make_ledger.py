@@ -90,6 +90,14 @@ SLURM_KEYS = (
 )
 """The keys of a job's optional ``slurm`` dict: what Slurm's accounting said of the run
 (times in epoch seconds), as ``llem aggregate`` stores it from sacct."""
+SLURM_UPDATE = (
+    "UPDATE job_runs SET submit_ns = ?, eligible_ns = ?, slurm_start_ns = ?, slurm_end_ns = ?, "
+    "exit_code = ?, signal = ?, derived_exit_code = ?, derived_signal = ?, timelimit = ?, "
+    "timelimit_min = ?, qos = ?, alloc_cpus = ?, alloc_tres = ?, req_mem = ?, cancelled_by = ?, "
+    "state_source = 'slurm', accounted = 1 WHERE cluster = ? AND job_id = ? AND run_start_ns = ?"
+)
+"""A run's Slurm facts (values of :data:`SLURM_KEYS`, then its key), as the aggregator
+stores them from sacct."""
 
 
 class Writer:
@@ -270,14 +278,7 @@ class Writer:
             [r[: len(RUN_COLUMNS)] for r in self.runs],
         )
         if self.slurm:
-            db.executemany(
-                "UPDATE job_runs SET submit_ns = ?, eligible_ns = ?, slurm_start_ns = ?, "
-                "slurm_end_ns = ?, exit_code = ?, signal = ?, derived_exit_code = ?, "
-                "derived_signal = ?, timelimit = ?, timelimit_min = ?, qos = ?, alloc_cpus = ?, "
-                "alloc_tres = ?, req_mem = ?, cancelled_by = ?, state_source = 'slurm', accounted = 1 "
-                "WHERE cluster = ? AND job_id = ? AND run_start_ns = ?",
-                self.slurm,
-            )
+            db.executemany(SLURM_UPDATE, self.slurm)
         db.executemany(
             "INSERT INTO job_nodes (id, cluster, job_id, node, start_ns, end_ns, run_start_ns, "
             "array_job_id, array_task_id, user, uid, gid, account, partition, nodelist, "
@@ -439,14 +440,15 @@ class PgWriter(Writer):
         self.next_id = (ledger.query("SELECT MAX(id) FROM job_nodes")[0][0] or 0) + 1
         self.runs, self.nodes, self.energy, self.windows = [], [], [], []
         self.devices = {}
+        self.slurm = []
 
     def flush(self) -> None:
-        from llem.cluster.ledger import _RUN_COLUMNS
-
         led = self.ledger
         with led._txn() as cur:
             led._ensure_partitions(cur, "job_energy", {r[2] for r in self.energy})
-            led._copy(cur, "job_runs", self.runs, ("cluster", "job_id", *_RUN_COLUMNS))
+            led._copy(cur, "job_runs", [r[: len(RUN_COLUMNS)] for r in self.runs], RUN_COLUMNS)
+            if self.slurm:
+                cur.executemany(SLURM_UPDATE.replace("?", "%s"), self.slurm)
             led._copy(cur, "job_nodes", self.nodes, PG_NODE_COLUMNS)
             led._copy(
                 cur,

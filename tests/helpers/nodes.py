@@ -155,6 +155,8 @@ def build_store(
     platform_uw=0,
     node_cpus=None,
     idle_w=None,
+    work=None,
+    unit=None,
 ) -> tuple[NodeStore, int]:
     """A node store with one job run on ``node``, sampled every ``step_s`` seconds.
 
@@ -166,7 +168,8 @@ def build_store(
     all to the job when it holds the GPU (``gpus``: ``SLURM_JOB_GPUS``). The default run
     starts at 21:30 and lasts an hour, so its energy falls in two clock hours. With
     ``platform_uw`` the node has a power meter reading the parts plus that much, and the
-    sampler's platform residual is charged by the attributor.
+    sampler's platform residual is charged by the attributor. ``work`` and ``unit``: what
+    the window says it did when it closes (as ``llem.window(work=...)`` reports it).
     """
     store = NodeStore(path)
     store.register_devices(devices_of(platform_uw), start_ns)
@@ -189,7 +192,7 @@ def build_store(
         window_id = store.open_window(
             run_id, job_id, "0", "epoch 1", 1000, 4242, start_ns + 60 * S, 0, {}
         )
-        store.close_window(window_id, start_ns + 600 * S, 1, {}, {GPU_KEY: 135_000_000})
+        store.close_window(window_id, start_ns + 600 * S, 1, {}, {GPU_KEY: 135_000_000}, work, unit)
     if end:
         register(store, "end", env, start_ns + seconds * S)
         seal(store, store.run(run_id))

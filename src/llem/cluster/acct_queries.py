@@ -433,7 +433,7 @@ def select_windows(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
     for cluster, job_id, _ in wanted:
         by_cluster.setdefault(cluster, []).append(job_id)
     out = []
-    has_work = any(row[1] == "work" for row in ledger.query("PRAGMA table_info(windows)"))
+    has_work = ledger.has_column("windows", "work")
     work = "w.work, w.unit" if has_work else "NULL, NULL"
     for cluster, job_ids in by_cluster.items():
         for chunk in _chunks(sorted(set(job_ids))):

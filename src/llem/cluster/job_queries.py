@@ -1,6 +1,8 @@
 """The SQL of ``llem job JOBID``: one job run, its nodes, devices, windows and power series.
 
-Read-only. On a ledger not yet migrated to ``_v4_work_and_power`` the windows have no work
+Read-only, the same SQL on both backends (:mod:`llem.cluster.dialect`); every list comes
+out in an order of its own values, never in the order a database happened to return rows.
+On a ledger not yet migrated to ``_v4_work_and_power`` the windows have no work
 and there is no power series (the view says so).
 """
 
@@ -65,12 +67,17 @@ class JobData:
     """The run's energy per UTC hour (epoch second of the hour), all nodes."""
 
 
+def _columns(names) -> str:
+    """Column names for SQL: ``user`` quoted (in PostgreSQL, bare ``user`` is the session's
+    login, not the column)."""
+    return ", ".join(f'"{n}"' if n == "user" else n for n in names)
+
+
 def _has(ledger, table: str, column: str | None = None) -> bool:
+    """Whether the ledger (SQLite or PostgreSQL) has the table, or its column."""
     if column is None:
-        return bool(
-            ledger.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
-        )
-    return any(r[1] == column for r in ledger.query(f"PRAGMA table_info({table})"))
+        return bool(ledger.columns(table))
+    return ledger.has_column(table, column)
 
 
 def job_ids_of_array(ledger, cluster: str, job_id: str) -> str:
@@ -104,7 +111,7 @@ def load_job(ledger, cluster: str, job_id: str) -> JobData | None:
     None when the ledger has no such job."""
     job_id = job_ids_of_array(ledger, cluster, job_id)
     runs = ledger.query(
-        f"SELECT {', '.join(RUN_FIELDS)} FROM job_runs WHERE cluster = ? AND job_id = ? "
+        f"SELECT {_columns(RUN_FIELDS)} FROM job_runs WHERE cluster = ? AND job_id = ? "
         "ORDER BY run_start_ns DESC",
         (cluster, job_id),
     )
@@ -144,8 +151,10 @@ def load_job(ledger, cluster: str, job_id: str) -> JobData | None:
         )
     }
     for jid, key, method, component, source, sensor, uj in ledger.query(
-        "SELECT job_node_id, device_key, method, component, source, sensor, SUM(energy_uj) "
-        f"FROM job_energy WHERE job_node_id IN ({marks}) GROUP BY 1, 2, 3",
+        # one description per (device, method): the smallest, on either backend
+        "SELECT job_node_id, device_key, method, MIN(component), MIN(source), MIN(sensor), "
+        f"SUM(energy_uj) FROM job_energy WHERE job_node_id IN ({marks}) GROUP BY 1, 2, 3 "
+        "ORDER BY 1, 2, 3",
         tuple(ids),
     ):
         jn = ids[jid]
@@ -181,11 +190,12 @@ def load_job(ledger, cluster: str, job_id: str) -> JobData | None:
             ledger.query(
                 "SELECT job_node_id, name, step_id, start_ns, end_ns, status, energy_uj, energy, "
                 + ("work, unit" if has_work else "NULL, NULL")
-                + f" FROM windows WHERE job_node_id IN ({marks}) ORDER BY start_ns, name",
+                + f" FROM windows WHERE job_node_id IN ({marks})",
                 tuple(ids),
             )
         )
     ]
+    windows.sort(key=lambda w: (w["start_ns"], w["name"], w["step_id"], w["node"]))
     power: list = []
     has_power = _has(ledger, "job_power")
     if has_power:
@@ -200,11 +210,11 @@ def load_job(ledger, cluster: str, job_id: str) -> JobData | None:
                     power.append((ids[jid].node, keys[i], int(t_s), step_s, int(uj), int(span_ms)))
                 except (ValueError, TypeError, IndexError):
                     continue  # a damaged point is left out, not guessed
-        power.sort(key=lambda p: p[2])
+        power.sort(key=lambda p: (p[2], p[0], p[1]))
     hourly = dict(
         ledger.query(
             f"SELECT hour_s, SUM(energy_uj) FROM job_energy WHERE job_node_id IN ({marks}) "
-            "GROUP BY hour_s",
+            "GROUP BY hour_s ORDER BY hour_s",
             tuple(ids),
         )
     )

@@ -11,14 +11,14 @@ Merging a batch is one transaction:
    of each job node, the newest row of each node hour, the last description of each device);
 2. rows are loaded with binary ``COPY`` into temporary staging tables, then moved with
    ``INSERT ... SELECT ... ON CONFLICT`` on the natural keys (a newer export of a job node
-   deletes the older one first, and its energy, totals and windows);
+   deletes the older one first, and its energy, totals, windows and power series);
 3. before the job nodes go in, the runs of the jobs they change are computed from the rows
    already there and the new ones (:func:`llem.cluster.ledger.group_runs`, the same code as
    on SQLite), so that each job node is inserted with its run's start; the jobs' ``job_runs``
    rows are then replaced;
-4. the energy, totals and windows of the job nodes just inserted are copied straight into
-   their tables (their job node ids are new, so nothing can conflict), and a row is added to
-   ``merges``.
+4. the energy, totals, windows and power series of the job nodes just inserted are copied
+   straight into their tables (their job node ids are new, so nothing can conflict), and a
+   row is added to ``merges``.
 
 The month partitions that the batch's hours need are created first (``CREATE TABLE ... PARTITION
 OF``, idempotent). ``psycopg`` (``pip install 'llem[postgresql]'``) is imported only here, and
@@ -120,7 +120,10 @@ _WINDOW_COLUMNS = (
     "status",
     "energy_uj",
     "energy",
+    "work",
+    "unit",
 )
+_POWER_COLUMNS = ("job_node_id", "step_s", "devices", "points")
 _STAGES = {
     "stage_job_nodes": "job_nodes",
     "stage_headers": "job_headers",
@@ -129,6 +132,8 @@ _STAGES = {
 }
 """Staging tables: the job nodes' columns of a prepared row and their run's start; every
 column of the others, in order (SQLite's inserts of those rows name no columns either)."""
+_JOB_NODE_TABLES = ("job_energy", "job_node_totals", "windows", "job_power")
+"""The tables whose rows name a job node (deleted with it: no foreign keys, pg_schema)."""
 _PG_TYPES = {"bigint": "int8", "text": "text", "double precision": "float8", "integer": "int4"}
 REGROUP_CHUNK = 5000
 
@@ -625,7 +630,7 @@ class PgLedger:
             "stage_job_nodes",
             ((*item[5], run_starts.get(key)) for key, item in jobs.items()),
         )
-        # an older export of the same run goes, with its energy, totals and windows
+        # an older export of the same run goes, with its energy, totals, windows and series
         cur.execute(
             "DELETE FROM job_nodes j USING stage_job_nodes s WHERE j.cluster = s.cluster "
             "AND j.job_id = s.job_id AND j.node = s.node AND j.start_ns = s.start_ns "
@@ -633,7 +638,7 @@ class PgLedger:
         )
         replaced = [r[0] for r in cur.fetchall()]
         if replaced:
-            for table in ("job_energy", "job_node_totals", "windows"):
+            for table in _JOB_NODE_TABLES:
                 cur.execute(f"DELETE FROM {table} WHERE job_node_id = ANY(%s)", (replaced,))
         columns = _cols((*_JOB_NODE_COLUMNS, "run_start_ns"))
         cur.execute(
@@ -644,7 +649,7 @@ class PgLedger:
         ids = {tuple(r[1:]): r[0] for r in cur.fetchall()}
         if not ids:
             return set()
-        energy, totals, windows = [], [], []
+        energy, totals, windows, power = [], [], [], []
         for key, node_id in ids.items():
             item = jobs[key]
             rows = item[6]
@@ -671,10 +676,14 @@ class PgLedger:
             totals += [(node_id, *t) for t in item[7]]
             last = {(w[0], w[1], w[2]): w for w in item[8]}  # INSERT OR REPLACE: the last wins
             windows += [(node_id, *w) for w in last.values()]
+            if item[9]:
+                power.append((node_id, *item[9]))
         self._copy(cur, "job_energy", energy, _ENERGY_COLUMNS)
         self._copy(cur, "job_node_totals", totals, _TOTAL_COLUMNS)
         if windows:
             self._copy(cur, "windows", windows, _WINDOW_COLUMNS)
+        if power:
+            self._copy(cur, "job_power", power, _POWER_COLUMNS)
         return set(ids)
 
     def _merge_hours(self, cur, hours: dict[tuple, tuple]) -> set[tuple]:

@@ -3,7 +3,11 @@
 :data:`MIGRATIONS` mirrors :data:`llem.cluster.ledger.MIGRATIONS` one for one, so that both
 backends hold the same logical schema at the same version (``tests/test_ledger_postgres.py``
 compares their tables and columns). A column added to the SQLite ledger is added here too, in
-a function appended to :data:`MIGRATIONS`; nothing else in this module changes.
+a function appended to :data:`MIGRATIONS`; nothing else in this module changes. The twin
+carries the SQLite migration's name, is self-contained (``IF NOT EXISTS`` throughout), and
+sits at the same index: ``SCHEMA_VERSION`` is the same number on both backends. A table that
+hangs off ``job_nodes`` also needs its delete in ``PgLedger._merge_job_nodes``, its copy in
+the merge, and an entry in :data:`llem.cluster.ledger_tools.TABLES`.
 
 What differs from SQLite, and why:
 
@@ -15,10 +19,10 @@ What differs from SQLite, and why:
   are partitioned by month on ``hour_s`` (:func:`partition_ddl`); retention drops whole
   partitions (:func:`expired_partitions`);
 * ``"user"`` is quoted: it is a reserved word in PostgreSQL;
-* no foreign keys from ``job_energy``, ``job_node_totals`` and ``windows`` to ``job_nodes``:
-  checking one per hourly row cost 40 % of the merge rate. The merge deletes a replaced job
-  node's rows itself (:mod:`llem.cluster.pg_ledger`), and ``llem ledger check`` finds any
-  orphan.
+* no foreign keys from ``job_energy``, ``job_node_totals``, ``windows`` and ``job_power``
+  to ``job_nodes``: checking one per hourly row cost 40 % of the merge rate. The merge
+  deletes a replaced job node's rows itself (:mod:`llem.cluster.pg_ledger`), and ``llem
+  ledger check`` finds any orphan.
 
 No extension is needed. Row-level security is not enabled here: every row that names a user
 carries ``"user"`` and ``uid`` (or reaches them through ``job_nodes``), ready for policies.
@@ -154,6 +158,23 @@ def _v3(cur: Any) -> None:
     cur.execute(f"ALTER TABLE job_nodes ADD COLUMN IF NOT EXISTS attribution {TEXT}")
 
 
+def _v4_work_and_power(cur: Any) -> None:
+    """The SQLite ledger's ``_v4_work_and_power``: work per window (a count and its unit) and
+    each job node's coarse power series, one row per job node (device keys and points as
+    compact JSON text, exactly as the merge's prepared row holds them). No foreign key to
+    ``job_nodes``, as for ``windows``: the merge deletes a replaced job node's series."""
+    cur.execute(
+        f"""
+        ALTER TABLE windows ADD COLUMN IF NOT EXISTS work DOUBLE PRECISION;
+        ALTER TABLE windows ADD COLUMN IF NOT EXISTS unit {TEXT};
+        CREATE TABLE IF NOT EXISTS job_power (
+            job_node_id BIGINT NOT NULL PRIMARY KEY,
+            step_s BIGINT NOT NULL, devices {TEXT} NOT NULL, points {TEXT} NOT NULL
+        );
+        """
+    )
+
+
 def _v5_remainder_labels(cur: Any) -> None:
     """The SQLite ledger's ``_v5_remainder_labels``: the labelled parts of the remainder in
     node hours and job node totals (NULL: merged from a slice without them)."""
@@ -224,6 +245,7 @@ MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v1,
     _v2,
     _v3,
+    _v4_work_and_power,
     _v5_remainder_labels,
     _v6_slurm_accounting,
 )
