@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the real-Slurm tests (tests/slurm/) and the SPANK plugin (spank/) need:
 # slurmctld, slurmd, munged, Slurm's client commands, spank.h, a C compiler and runuser,
-# and shellcheck for the Slurm hook scripts (slurm/*.sh).
+# and shellcheck for the Slurm hook scripts (slurm/*.sh); slurmdbd and MariaDB for the tests
+# that compare llem-acct with sacct (the harness starts them on a temp datadir).
 #
 # Idempotent: does nothing when everything is already there. Never starts a daemon (the
 # test harness starts and stops its own). Exits non-zero with a message when something is
@@ -17,7 +18,8 @@ case "${1:-}" in
     *) echo "usage: $0 [--check]" >&2; exit 2 ;;
 esac
 
-packages=(slurm-wlm munge libslurm-dev gcc make libc6-dev binutils util-linux shellcheck)
+packages=(slurm-wlm munge libslurm-dev gcc make libc6-dev binutils util-linux shellcheck
+          slurmdbd mariadb-server)
 
 # path -> package that provides it
 declare -A wanted=(
@@ -32,6 +34,9 @@ declare -A wanted=(
     [/usr/bin/nm]=binutils
     [/usr/sbin/runuser]=util-linux
     [/usr/bin/shellcheck]=shellcheck
+    [/usr/sbin/slurmdbd]=slurmdbd
+    [/usr/sbin/mariadbd]=mariadb-server
+    [/usr/bin/mariadb-install-db]=mariadb-server
 )
 
 missing=()

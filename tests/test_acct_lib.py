@@ -79,21 +79,24 @@ def test_since_jobs_formats_and_hostlists():
         JobSpec("14", "2"),
         JobSpec("15", "3", "0"),
     )
-    assert [c.width for c in parse_format("jobid%20,co2e%-6,consumedenergy")] == [-20, -6, 14]
+    assert [c.width for c in parse_format("jobid%20,co2e%-6,consumedenergy")] == [20, -6, 14]
     assert [c.field.name for c in parse_format(None, "account")][:2] == ["Account", "NJobs"]
     with pytest.raises(AcctUsageError, match="bad width"):
         parse_format("JobID%x")
     with pytest.raises(AcctUsageError, match="unknown field 'JobID'"):
         parse_format("Account,JobID", "account")
+    # Slurm's convert_num_unit2 (divisor 1000): whole values without decimals
     assert [format_energy(v) for v in (0, 999.4, 1000, 1234.5, 15_984_000, 2.5e9, 7e12)] == [
         "0",
         "999",
-        "1.00K",
+        "1K",
         "1.23K",
         "15.98M",
         "2.50G",
-        "7.00T",
+        "7T",
     ]
+    assert (format_energy(16_000), format_energy(16_500)) == ("16K", "16.50K")
+    assert format_energy(16_500, convert=False) == "16500"
     assert format_energy(15_984_000, "G") == "0.02G"
     assert [format_elapsed(s) for s in (0, 59, 3600, 86400 + 3661)] == [
         "00:00:00",
@@ -249,6 +252,6 @@ def test_windows_of_a_ledger_filled_by_the_aggregator(tmp_path, monkeypatch):
     assert out == (
         "JobID|User|NNodes|NodeList|AllocGPUs|GPUEnergy|CPUEnergy|ConsumedEnergyRaw|"
         "EnergySource|State\n"
-        "100|alice|3|n[1-3]|3|2.70M|648.00K|3402000|measured|UNKNOWN\n"
+        "100|alice|3|n[1-3]|3|2.70M|648K|3402000|measured|UNKNOWN\n"
         "100.epoch 1|alice|3|n[1-3]|3|405|0|405|measured|closed\n"
     )

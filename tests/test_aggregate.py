@@ -110,7 +110,8 @@ def test_header_slice_through_the_spool(tmp_path):
     aggregate_once(cfg, now_ns=NOW)
     with Ledger(cfg.ledger, readonly=True) as ledger:
         (run,) = ledger.job_runs("100")
-        assert (run["has_header"], run["state"], run["name"]) == (1, "COMPLETED", "my job")
+        # exit 0:0 alone cannot tell COMPLETED from CANCELLED or TIMEOUT (Slurm 22.05)
+        assert (run["has_header"], run["state"], run["name"]) == (1, "UNKNOWN", "my job")
 
 
 # -- bad slices ------------------------------------------------------------------------------

@@ -377,21 +377,31 @@ def test_hung_spool_never_blocks_delivery_beyond_a_second(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra, state, exit_code, sig",
+    "extra, state, exit_code, sig, derived",
     [
-        ({}, "COMPLETED", 0, 0),
-        ({"SLURM_JOB_EXIT_CODE": str(3 << 8)}, "FAILED", 3, 0),
-        ({"SLURM_JOB_EXIT_CODE": "9"}, "SIGNALED", 0, 9),
-        ({"SLURM_JOB_EXIT_CODE2": "0:15"}, "SIGNALED", 0, 15),
-        ({"SLURM_JOB_DERIVED_EC": "2:0"}, "FAILED", 0, 0),
-        ({"SLURM_JOB_EXIT_CODE": ""}, "UNKNOWN", None, None),
+        # Slurm 22.05 gives 0:0 for completed, cancelled and timed-out jobs alike: UNKNOWN,
+        # never a guessed COMPLETED (only sacct tells them apart).
+        ({}, "UNKNOWN", 0, 0, (0, 0)),
+        ({"SLURM_JOB_EXIT_CODE": str(3 << 8)}, "FAILED", 3, 0, (0, 0)),
+        # a batch script killed by a signal: sacct says FAILED 0:9
+        ({"SLURM_JOB_EXIT_CODE": "9"}, "FAILED", 0, 9, (0, 0)),
+        ({"SLURM_JOB_EXIT_CODE2": "0:15"}, "FAILED", 0, 15, (0, 0)),
+        # exit 0 after a failed step: sacct says COMPLETED with derived 1:0; 22.05 passes the
+        # derived code as a raw wait status (256), other versions as E:S
+        ({"SLURM_JOB_DERIVED_EC": "256"}, "UNKNOWN", 0, 0, (1, 0)),
+        ({"SLURM_JOB_DERIVED_EC": "2:0"}, "UNKNOWN", 0, 0, (2, 0)),
+        ({"SLURM_JOB_DERIVED_EC": "9"}, "UNKNOWN", 0, 0, (0, 9)),
+        ({"SLURM_JOB_DERIVED_EC": "x"}, "UNKNOWN", 0, 0, (None, None)),
+        ({"SLURM_JOB_EXIT_CODE": ""}, "UNKNOWN", None, None, (0, 0)),
     ],
 )
-def test_header_from_epilog_slurmctld_env(extra, state, exit_code, sig):
-    data = header_slice_from_env({**ENV, **extra}, "other", now_ns=T0)
+def test_header_from_epilog_slurmctld_env(extra, state, exit_code, sig, derived):
+    env = {"SLURM_JOB_DERIVED_EC": "0", **ENV, **extra}
+    data = header_slice_from_env(env, "other", now_ns=T0)
     job = data["job"]
     assert data["cluster"] == "c1" and data["kind"] == "header"
     assert (job["state"], job["exit_code"], job["signal"]) == (state, exit_code, sig)
+    assert (job["derived_exit_code"], job["derived_signal"]) == derived
     assert (job["job_id"], job["name"], job["num_nodes"], job["end_ns"]) == (
         "4242",
         "my job",

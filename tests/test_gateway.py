@@ -88,6 +88,11 @@ def test_the_gateway_renders_exactly_as_a_local_ledger(site):
         ("-a", "--totals", "user"),
         ("-a", "--units", "K", "-X"),
         ("-a", "--statement"),
+        # sacct's selection rules travel in the request: a state window, -T, time limits,
+        # groups, QOS, and numbers without suffixes are the same through the gateway
+        ("-a", "-s", "CD,F,CA,TO", "-T", "-o", "JobID,State,Submit,Start,End,Elapsed,ExitCode"),
+        ("-a", "-k", "1", "-K", "100000", "--noconvert"),
+        ("-a", "-g", "0", "-q", "normal"),
     ):
         remote = site.acct(ADMIN, "--ledger", str(site.socket), *SINCE, *UNTIL, *args)
         local = site.acct("root", "--ledger", str(site.ledger), *SINCE, *UNTIL, *args)

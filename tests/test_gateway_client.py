@@ -55,3 +55,34 @@ def test_a_gateway_that_answers_nonsense_is_a_clear_error(tmp_path):
         ask(Target(path=str(path)), Request(op="ping"))
     t.join()
     server.close()
+
+
+def test_sacct_selection_rules_travel_in_the_request():
+    """What llem-acct's options put in the run filter (sacct's time windows, -g, -q, -k/-K)
+    and -T reach the gateway as they left the client; nonsense in them is refused."""
+    from llem.cluster.acct_queries import RunFilter
+    from llem.gateway.wire import parse_request, request_text
+    from llem.sockserve import Refused
+
+    f = RunFilter(
+        start_ns=1,
+        end_ns=2,
+        window="state",
+        groups=(0, 1000),
+        qos=("normal",),
+        timelimit_min=60,
+        timelimit_max=120,
+    )
+    sent = Request(op="acct", filter=f, truncate=True)
+    got = parse_request(request_text(sent))
+    assert got.filter == f
+    assert got.truncate is True
+    for bad in (
+        '{"op": "acct", "filter": {"window": "ever"}}',
+        '{"op": "acct", "filter": {"groups": [-1]}}',
+        '{"op": "acct", "filter": {"groups": ["wheel"]}}',
+        '{"op": "acct", "filter": {"timelimit_min": 1.5}}',
+        '{"op": "acct", "truncate": 1}',
+    ):
+        with pytest.raises(Refused):
+            parse_request(bad)

@@ -145,7 +145,7 @@ def test_the_valid_requests_parse_back_to_what_was_sent():
         '{"op": ["acct"]}',
         '{"op": {"acct": 1}}',
         '{"op": "acct", "filter": {"jobs": [["1", null, null, 4]]}}',
-        '{"op": "acct", "filter": {"states": ["RUNNING"]}}',
+        '{"op": "acct", "filter": {"states": ["SLEEPING"]}}',
         '{"op": "acct", "filter": {"start_ns": true}}',
         '{"op": "acct", "filter": {"users": ["a\u0000b"]}}',
         '{"op": "acct", "filter": {"users": ["\ud800"]}}',

@@ -147,6 +147,15 @@ class AggregateConfig:
     ledger_group: str | None = "llem"
     """The group that may read the ledger (mode 0640; 0644 with privacy 'none'): the
     gateway's user and admins. A group that does not exist leaves the file's group as is."""
+    sacct: str = "auto"
+    """Slurm's accounting as the authority for job states: 'auto' (sacct from PATH, when
+    there is one), 'off', or the absolute path of sacct (docs/ledger.md, Slurm's accounting)."""
+    sacct_batch: int = 200
+    """Jobs asked about per sacct call."""
+    sacct_timeout_s: float = 30.0
+    """Time all sacct calls of one pass may take together; the rest waits for the next pass."""
+    sacct_settle_s: float = 60.0
+    """How long after a job's end it is first asked about (slurmdbd records ends late)."""
 
 
 @dataclass(frozen=True)
@@ -391,8 +400,17 @@ def _check_str(key: str, value: Any, where: str) -> str:
     return str(value)
 
 
+def _check_sacct(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not (value in ("auto", "off") or value.startswith("/")):
+        raise ConfigError(
+            f"{where}: 'aggregate.sacct' must be 'auto', 'off' or an absolute path, got {value!r}"
+        )
+    return value
+
+
 _SPECIAL_KEYS = {
     "sensors": _check_sensors,
+    "aggregate.sacct": _check_sacct,
     "aggregate.readers": _check_readers,
     "carbon.pue": _check_pue,
     "attribution.idle_w": _check_idle_w,

@@ -178,7 +178,14 @@ HEADER_TEXT = (
     "name",
     "state",
 )
-HEADER_INTS = ("uid", "num_nodes", "exit_code", "signal", "derived_exit_code")
+HEADER_INTS = (
+    "uid",
+    "num_nodes",
+    "exit_code",
+    "signal",
+    "derived_exit_code",
+    "derived_signal",
+)
 
 
 def _optional_fields(job: Mapping, text: tuple[str, ...], ints: tuple[str, ...]) -> None:

@@ -40,6 +40,7 @@ def job(
     array=None,
     name="train",
     cluster="c1",
+    slurm=None,
 ):
     return {
         "cluster": cluster,
@@ -64,6 +65,7 @@ def job(
         "estimated": estimated,
         "coverage": 1.0,
         "windows": list(windows),
+        "slurm": slurm,
     }
 
 

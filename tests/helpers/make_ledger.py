@@ -14,7 +14,7 @@ What the jobs look like: 200 users in 40 accounts; partitions ``gpu`` (4 GPUs pe
 of jobs), ``cpu`` (40 %), ``bigmem`` (10 %), ``debug`` (5 %); 80 % one-node jobs, the rest 2,
 4 or 8 nodes; wall times from 2 minutes to 2 days (median about 40 minutes); 10 % array
 tasks; 10 % with one or two named windows (``train``, ``eval``); 20 % tagged; 5 % on nodes
-without RAPL (CPU and DRAM estimated); states 80 % COMPLETED, 12 % FAILED, 8 % SIGNALED; a
+without RAPL (CPU and DRAM estimated); states 80 % COMPLETED, 12 % FAILED, 5 % CANCELLED, 3 % TIMEOUT; a
 year of history. Per node and clock hour: one ``job_energy`` row per CPU package, DRAM and
 allocated GPU, summing exactly to the run's totals. ``job_node_totals``, ``node_hours`` and
 ``job_headers`` are left empty (``llem-acct`` does not read them).
@@ -38,6 +38,68 @@ PARTITIONS = (("gpu", 0.45), ("cpu", 0.40), ("bigmem", 0.10), ("debug", 0.05))
 NODE_PREFIX = {"gpu": ("g", 400), "cpu": ("c", 800), "bigmem": ("m", 40), "debug": ("d", 8)}
 
 
+RUN_COLUMNS = (
+    "cluster",
+    "job_id",
+    "run_start_ns",
+    "run_end_ns",
+    "array_job_id",
+    "array_task_id",
+    "user",
+    "uid",
+    "account",
+    "partition",
+    "name",
+    "tag",
+    "nodelist",
+    "num_nodes",
+    "state",
+    "exit_code",
+    "signal",
+    "derived_exit_code",
+    "has_header",
+    "status",
+    "nodes_reported",
+    "missing_nodes",
+    "energy_uj",
+    "cpu_energy_uj",
+    "dram_energy_uj",
+    "gpu_energy_uj",
+    "other_energy_uj",
+    "estimated_energy_uj",
+    "gpu_seconds",
+    "coverage",
+)
+"""The ``job_runs`` columns a run's row fills, in order (the others keep their defaults)."""
+SLURM_KEYS = (
+    "submit_s",
+    "eligible_s",
+    "slurm_start_s",
+    "slurm_end_s",
+    "exit_code",
+    "signal",
+    "derived_exit_code",
+    "derived_signal",
+    "timelimit",
+    "timelimit_min",
+    "qos",
+    "alloc_cpus",
+    "alloc_tres",
+    "req_mem",
+    "cancelled_by",
+)
+"""The keys of a job's optional ``slurm`` dict: what Slurm's accounting said of the run
+(times in epoch seconds), as ``llem aggregate`` stores it from sacct."""
+SLURM_UPDATE = (
+    "UPDATE job_runs SET submit_ns = ?, eligible_ns = ?, slurm_start_ns = ?, slurm_end_ns = ?, "
+    "exit_code = ?, signal = ?, derived_exit_code = ?, derived_signal = ?, timelimit = ?, "
+    "timelimit_min = ?, qos = ?, alloc_cpus = ?, alloc_tres = ?, req_mem = ?, cancelled_by = ?, "
+    "state_source = 'slurm', accounted = 1 WHERE cluster = ? AND job_id = ? AND run_start_ns = ?"
+)
+"""A run's Slurm facts (values of :data:`SLURM_KEYS`, then its key), as the aggregator
+stores them from sacct."""
+
+
 class Writer:
     """Accumulates the rows of jobs and writes them in batches.
 
@@ -45,7 +107,8 @@ class Writer:
     ``uid``, ``account``, ``partition``, ``name``, ``tag``, ``state``, ``start_s``, ``end_s``,
     ``nodes`` (names), ``gpus_per_node``, ``cpu_w``, ``dram_w``, ``gpu_w`` (per GPU; integer
     watts), ``estimated`` (CPU and DRAM from the model), ``coverage``, ``windows`` (list of
-    ``(name, step_id, start_s, end_s)``).
+    ``(name, step_id, start_s, end_s)``), and optionally ``slurm`` (a dict of
+    :data:`SLURM_KEYS`: the run as Slurm's accounting knows it).
     """
 
     def __init__(self, db: sqlite3.Connection) -> None:
@@ -56,6 +119,7 @@ class Writer:
         self.energy: list[tuple] = []
         self.windows: list[tuple] = []
         self.devices: dict[tuple, tuple] = {}
+        self.slurm: list[tuple] = []
 
     def add(self, job: dict) -> None:
         start_s, end_s = job["start_s"], job["end_s"]
@@ -199,11 +263,22 @@ class Writer:
                 job["coverage"],
             )
         )
+        slurm = job.get("slurm")
+        if slurm:
+            values = [slurm.get(k) for k in SLURM_KEYS]
+            values[:4] = [v * S if v is not None else None for v in values[:4]]
+            self.slurm.append((*values, cluster, job["job_id"], start_s * S))
 
     def flush(self) -> None:
         db = self.db
         db.execute("BEGIN")
-        db.executemany(f"INSERT INTO job_runs VALUES ({', '.join('?' * 30)})", self.runs)
+        db.executemany(
+            f"INSERT INTO job_runs ({', '.join(RUN_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
+            [r[: len(RUN_COLUMNS)] for r in self.runs],
+        )
+        if self.slurm:
+            db.executemany(SLURM_UPDATE, self.slurm)
         db.executemany(
             "INSERT INTO job_nodes (id, cluster, job_id, node, start_ns, end_ns, run_start_ns, "
             "array_job_id, array_task_id, user, uid, gid, account, partition, nodelist, "
@@ -225,6 +300,7 @@ class Writer:
         db.execute("COMMIT")
         self.runs, self.nodes, self.energy, self.windows = [], [], [], []
         self.devices = {}
+        self.slurm = []
 
 
 def nodelist(nodes: list[str]) -> str:
@@ -294,7 +370,9 @@ def generate(
             "partition": partition,
             "name": rng.choice(names),
             "tag": f"exp-{rng.randrange(50)}" if rng.random() < 0.2 else None,
-            "state": rng.choices(("COMPLETED", "FAILED", "SIGNALED"), (0.80, 0.12, 0.08))[0],
+            "state": rng.choices(
+                ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), (0.80, 0.12, 0.05, 0.03)
+            )[0],
             "start_s": start_s,
             "end_s": max(end_s, start_s + 60),
             "nodes": nodes,
@@ -362,14 +440,15 @@ class PgWriter(Writer):
         self.next_id = (ledger.query("SELECT MAX(id) FROM job_nodes")[0][0] or 0) + 1
         self.runs, self.nodes, self.energy, self.windows = [], [], [], []
         self.devices = {}
+        self.slurm = []
 
     def flush(self) -> None:
-        from llem.cluster.ledger import _RUN_COLUMNS
-
         led = self.ledger
         with led._txn() as cur:
             led._ensure_partitions(cur, "job_energy", {r[2] for r in self.energy})
-            led._copy(cur, "job_runs", self.runs, ("cluster", "job_id", *_RUN_COLUMNS))
+            led._copy(cur, "job_runs", [r[: len(RUN_COLUMNS)] for r in self.runs], RUN_COLUMNS)
+            if self.slurm:
+                cur.executemany(SLURM_UPDATE.replace("?", "%s"), self.slurm)
             led._copy(cur, "job_nodes", self.nodes, PG_NODE_COLUMNS)
             led._copy(
                 cur,

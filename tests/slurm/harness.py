@@ -37,6 +37,10 @@ SBIN = Path("/usr/sbin")
 SLURMCTLD = SBIN / "slurmctld"
 SLURMD = SBIN / "slurmd"
 MUNGED = SBIN / "munged"
+SLURMDBD = SBIN / "slurmdbd"
+MARIADBD = SBIN / "mariadbd"
+MARIADB_INSTALL_DB = Path("/usr/bin/mariadb-install-db")
+MARIADB_CLIENT = Path("/usr/bin/mariadb")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_SOCKET_DIR = Path("/run/munge")
 SPANK_HEADER = Path("/usr/include/slurm/spank.h")
@@ -79,6 +83,17 @@ def missing_requirements() -> list[str]:
     for path in (SLURMCTLD, SLURMD, MUNGED, SBIN / "runuser", Path("/usr/bin/sbatch")):
         if not path.exists():
             reasons.append(f"{path} missing (run scripts/install-slurm.sh)")
+    return reasons
+
+
+def missing_accounting_requirements() -> list[str]:
+    """Why a cluster with slurmdbd and MariaDB cannot run here; empty when it can."""
+    reasons = missing_requirements()
+    for path in (SLURMDBD, MARIADBD, MARIADB_INSTALL_DB, MARIADB_CLIENT, Path("/usr/bin/sacct")):
+        if not path.exists():
+            reasons.append(f"{path} missing (run scripts/install-slurm.sh)")
+    if not list(Path("/usr/lib").glob("*/slurm-wlm/accounting_storage_mysql.so")):
+        reasons.append("accounting_storage_mysql.so missing (package slurm-wlm-mysql-plugin)")
     return reasons
 
 
@@ -353,6 +368,11 @@ class SlurmCluster:
             ``port_base``.
         base_dir: where to put everything; a fresh ``/tmp/llem-slurm-*`` when None.
         keep_dir: keep ``base_dir`` after :meth:`stop` (for debugging).
+        accounting: also run slurmdbd on a MariaDB of its own (a fresh datadir under
+            ``base_dir``, listening on 127.0.0.1 only), with
+            ``AccountingStorageType=accounting_storage/slurmdbd``, so that ``sacct`` works.
+            MariaDB listens on ``port_base+90``, slurmdbd on ``port_base+91``. Costs about
+            3 s more at start: only tests that need ``sacct`` ask for it.
     """
 
     #: Clusters started and not yet stopped in this process (for failure reports).
@@ -380,6 +400,7 @@ class SlurmCluster:
         port_base: int = 17000,
         base_dir: str | os.PathLike | None = None,
         keep_dir: bool = False,
+        accounting: bool = False,
     ) -> None:
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
@@ -400,6 +421,7 @@ class SlurmCluster:
         self.port_base = port_base
         self._base_dir_arg = base_dir
         self.keep_dir = keep_dir
+        self.accounting = accounting
         self.base_dir: Path | None = None
         self._daemons: dict[str, subprocess.Popen] = {}
         self._munge_acquired = False
@@ -503,7 +525,7 @@ class SlurmCluster:
             HarnessError: a daemon died or the nodes did not become idle; the message holds
                 the daemons' logs. Everything started so far is stopped first.
         """
-        problems = missing_requirements()
+        problems = missing_accounting_requirements() if self.accounting else missing_requirements()
         if problems:
             raise HarnessError("cannot start a Slurm cluster: " + "; ".join(problems))
         t0 = time.monotonic()
@@ -513,6 +535,8 @@ class SlurmCluster:
         try:
             _Munge.acquire()
             self._munge_acquired = True
+            if self.accounting:
+                self._start_accounting(timeout_s)
             self._spawn("slurmctld", [str(SLURMCTLD), "-D", "-i", "-f", str(self.conf_path)])
             self._wait_for(self._controller_up, timeout_s, "slurmctld to answer")
             for node in self.nodes:
@@ -537,11 +561,14 @@ class SlurmCluster:
             SlurmCluster.running.remove(self)
         if self._daemons and self._daemon_alive("slurmctld"):
             self.cancel_all()
-        # slurmd first, so that no node is still reporting to a dying controller.
-        node_procs = [p for n, p in self._daemons.items() if n != "slurmctld"]
+        # slurmd first, so that no node is still reporting to a dying controller; then the
+        # controller, then slurmdbd (which the controller reports to), then its database.
+        last = ("slurmctld", "slurmdbd", "mariadbd")
+        node_procs = [p for n, p in self._daemons.items() if n not in last]
         _terminate_pids([p.pid for p in node_procs], own_children=True)
-        if "slurmctld" in self._daemons:
-            _terminate_pids([self._daemons["slurmctld"].pid], own_children=True)
+        for key in last:
+            if key in self._daemons:
+                _terminate_pids([self._daemons[key].pid], own_children=True, grace_s=10.0)
         for proc in self._daemons.values():
             proc.poll()
         self._daemons.clear()
@@ -553,6 +580,133 @@ class SlurmCluster:
         if self.base_dir is not None and not self.keep_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
             self.base_dir = None
+
+    # ------------------------------------------------------------------ accounting
+
+    @property
+    def mariadb_port(self) -> int:
+        return self.port_base + 90
+
+    @property
+    def dbd_port(self) -> int:
+        return self.port_base + 91
+
+    @property
+    def _db_socket(self) -> Path:
+        return self._dir / "run" / "mariadb.sock"
+
+    def _start_accounting(self, timeout_s: float) -> None:
+        """MariaDB in a fresh datadir, a user for slurmdbd, slurmdbd, and the cluster's row."""
+        datadir = self._dir / "mariadb"
+        if not (datadir / "mysql").is_dir():
+            _run(
+                [
+                    str(MARIADB_INSTALL_DB),
+                    "--no-defaults",
+                    f"--datadir={datadir}",
+                    "--user=root",
+                    "--auth-root-authentication-method=socket",
+                    "--skip-test-db",
+                ],
+                timeout=120,
+            )
+        self._spawn(
+            "mariadbd",
+            [
+                str(MARIADBD),
+                "--no-defaults",
+                f"--datadir={datadir}",
+                "--user=root",
+                f"--socket={self._db_socket}",
+                f"--port={self.mariadb_port}",
+                "--bind-address=127.0.0.1",
+                f"--pid-file={self._dir / 'run' / 'mariadbd.pid'}",
+                f"--log-error={self.log_dir / 'mariadbd.log'}",
+                "--innodb-buffer-pool-size=32M",
+                # slurmdbd's tables need a lock wait longer than the default on a slow host
+                "--innodb-lock-wait-timeout=900",
+                "--skip-log-bin",
+            ],
+        )
+        self._wait_for(self._mariadb_up, timeout_s, "MariaDB to answer")
+        password = "llem-" + os.urandom(8).hex()
+        self._mariadb_sql(
+            f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+            f"ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+            "GRANT ALL ON *.* TO 'slurm'@'127.0.0.1'"
+        )
+        conf = self.conf_path.with_name("slurmdbd.conf")
+        conf.write_text(
+            "\n".join(
+                [
+                    "AuthType=auth/munge",
+                    "DbdHost=localhost",
+                    "DbdAddr=127.0.0.1",
+                    f"DbdPort={self.dbd_port}",
+                    "SlurmUser=root",
+                    "DebugLevel=info",
+                    f"LogFile={self.log_dir / 'slurmdbd.log'}",
+                    f"PidFile={self._dir / 'run' / 'slurmdbd.pid'}",
+                    "StorageType=accounting_storage/mysql",
+                    "StorageHost=127.0.0.1",
+                    f"StoragePort={self.mariadb_port}",
+                    "StorageUser=slurm",
+                    f"StoragePass={password}",
+                    f"StorageLoc=slurm_acct_{self.name}",
+                ]
+            )
+            + "\n"
+        )
+        # slurmdbd refuses a slurmdbd.conf that others may read, or not owned by SlurmUser.
+        conf.chmod(0o600)
+        os.chown(conf, 0, 0)
+        # slurmdbd finds slurmdbd.conf beside the file SLURM_CONF names.
+        self._spawn("slurmdbd", [str(SLURMDBD), "-D"])
+        self._wait_for(self._dbd_up, timeout_s, "slurmdbd to answer")
+        res = self.run(["sacctmgr", "-i", "add", "cluster", self.name], timeout=30)
+        if res.returncode != 0 and "already exists" not in res.output.lower():
+            raise HarnessError(f"sacctmgr add cluster {self.name} failed: {res.output}")
+
+    def _mariadb_sql(self, sql: str) -> str:
+        return _run(
+            [
+                str(MARIADB_CLIENT),
+                "--no-defaults",
+                f"--socket={self._db_socket}",
+                "-u",
+                "root",
+                "-N",
+                "-e",
+                sql,
+            ],
+            timeout=30,
+        ).stdout
+
+    def _mariadb_up(self) -> bool:
+        try:
+            self._mariadb_sql("SELECT 1")
+        except (HarnessError, subprocess.TimeoutExpired):
+            return False
+        return True
+
+    def _dbd_up(self) -> bool:
+        return self.run(["sacctmgr", "-n", "list", "cluster"], timeout=10).returncode == 0
+
+    def stop_slurmdbd(self) -> None:
+        """Stop slurmdbd (only): ``sacct`` then fails, as when the accounting host is down."""
+        proc = self._daemons.pop("slurmdbd", None)
+        if proc is not None:
+            _terminate_pids([proc.pid], own_children=True, grace_s=10.0)
+            _Registry.write(self._dir.name, self._dir, [p.pid for p in self._daemons.values()])
+
+    def start_slurmdbd(self, timeout_s: float = 30.0) -> None:
+        """Start slurmdbd again after :meth:`stop_slurmdbd`."""
+        self._spawn("slurmdbd", [str(SLURMDBD), "-D"])
+        self._wait_for(self._dbd_up, timeout_s, "slurmdbd to answer")
+
+    def sacct(self, args: Sequence[str], timeout: float = 30) -> CommandResult:
+        """``sacct ARGS`` as root (every user's jobs need ``-a``)."""
+        return self.run(["sacct", *args], timeout=timeout)
 
     def _spawn(self, key: str, cmd: list[str]) -> None:
         env = dict(os.environ)
@@ -640,7 +794,6 @@ class SlurmCluster:
             "AuthType=auth/munge",
             "CredType=cred/munge",
             "MpiDefault=none",
-            "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={d / 'log' / 'jobcomp.txt'}",
             "SelectType=select/cons_tres",
@@ -669,6 +822,15 @@ class SlurmCluster:
             "SlurmdDebug=info",
             f"PlugStackConfig={self.plugstack_path}",
         ]
+        if self.accounting:
+            lines += [
+                "AccountingStorageType=accounting_storage/slurmdbd",
+                "AccountingStorageHost=127.0.0.1",
+                f"AccountingStoragePort={self.dbd_port}",
+                "JobAcctGatherFrequency=5",
+            ]
+        else:
+            lines.append("AccountingStorageType=accounting_storage/none")
         if self.use_cgroups:
             lines += [
                 "ProctrackType=proctrack/cgroup",

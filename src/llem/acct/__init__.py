@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from llem.acct.co2e import Carbon, add_carbon, resolve_carbon
 from llem.acct.errors import AcctUsageError
 from llem.acct.fields import (
+    BRIEF_FORMAT,
     CARBON_FIELDS,
     FIELDS,
+    LONG_FORMAT,
     TOTAL_FIELDS,
     TOTAL_KEYS,
     Column,
@@ -55,9 +57,10 @@ from llem.acct.render import (
     render_parsable,
     render_table,
     rows_of_document,
+    time_format,
 )
 from llem.acct.rows import latest_runs, run_row, select_rows, total_row, total_rows, window_rows
-from llem.acct.statement import describe_selection, statement_text
+from llem.acct.statement import describe_selection, describe_window, statement_text
 from llem.errors import LlemError
 
 
@@ -149,8 +152,17 @@ def _render(
 ) -> Report:
     """The table or ``-p``/``-P`` text of rows, the carbon footer and the notes."""
     notes = list(notes)
+    time_fmt = time_format()
+    convert = not opts.noconvert
     if opts.mode == "table":
-        text = render_table(columns, rows, noheader=opts.noheader, units=opts.units)
+        text = render_table(
+            columns,
+            rows,
+            noheader=opts.noheader,
+            units=opts.units,
+            time_fmt=time_fmt,
+            convert=convert,
+        )
         if footer is not None and rows:
             text += footer + "\n"
     else:
@@ -161,6 +173,8 @@ def _render(
             units=opts.units,
             delimiter=opts.delimiter,
             trailing=opts.mode == "parsable",
+            time_fmt=time_fmt,
+            convert=convert,
         )
         if footer is not None and rows:
             notes.append(footer)
@@ -173,7 +187,10 @@ def _render(
 
 
 __all__ = [
+    "BRIEF_FORMAT",
     "CARBON_FIELDS",
+    "LONG_FORMAT",
+    "describe_window",
     "FIELDS",
     "JSON_SCHEMA",
     "TOTAL_FIELDS",

@@ -64,11 +64,26 @@ FIELDS: dict[str, Field] = {
             "State",
             10,
             "str",
-            "COMPLETED, FAILED, SIGNALED or UNKNOWN; windows: closed/open/abandoned",
+            "Slurm's state (COMPLETED, FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, "
+            "PREEMPTED, REQUEUED, ...) from its accounting; UNKNOWN where only "
+            "EpilogSlurmctld saw the end (exit 0:0); windows: closed/open/abandoned",
         ),
+        Field("ExitCode", 8, "str", "the batch script's exit code and signal, N:S"),
+        Field(
+            "DerivedExitCode", 15, "str", "the highest exit code (and signal) of the job's steps"
+        ),
+        Field("Submit", 19, "time", "submit time (local time; Slurm's accounting)"),
+        Field("Eligible", 19, "time", "when the job became eligible (Slurm's accounting)"),
         Field("Start", 19, "time", "start (local time)"),
         Field("End", 19, "time", "end (local time)"),
         Field("Elapsed", 10, "elapsed", "wall time, [DD-]HH:MM:SS"),
+        Field("ElapsedRaw", 10, "int", "wall time in seconds"),
+        Field("Timelimit", 10, "str", "time limit as Slurm shows it (Slurm's accounting)"),
+        Field("TimelimitRaw", 10, "int", "time limit in minutes (Slurm's accounting)"),
+        Field("AllocCPUS", 10, "int", "CPUs allocated (Slurm's accounting)"),
+        Field("AllocTRES", 10, "str", "trackable resources allocated (Slurm's accounting)"),
+        Field("ReqMem", 10, "str", "memory requested (Slurm's accounting)"),
+        Field("QOS", 10, "str", "quality of service (Slurm's accounting)"),
         Field("NNodes", 8, "int", "number of nodes"),
         Field("NodeList", 15, "str", "nodes (Slurm hostlist)"),
         Field("AllocGPUs", 9, "int", "GPUs allocated (GPU-seconds / wall time)"),
@@ -192,6 +207,16 @@ WORK_FIELD_NAMES = frozenset(f.name for f in WORK_FIELDS)
 ENERGY_PREFIXES = ("", "K", "M", "G", "T", "P")  # --units, and the suffixes of energy fields
 
 
+BRIEF_FORMAT = "jobid,state,exitcode"
+"""``-b``'s fields (sacct's BRIEF_FIELDS)."""
+LONG_FORMAT = (
+    "jobid,jobidraw,jobname,partition,alloccpus,elapsed,state,exitcode,reqmem,consumedenergy,"
+    "alloctres"
+)
+"""``-l``'s fields: those of sacct's LONG_FIELDS that the ledger has (the others are task
+statistics llem does not keep), in sacct's order."""
+
+
 @dataclass(frozen=True)
 class Column:
     """A field of the output with its width (negative: left-justified, as in sacct)."""
@@ -201,8 +226,12 @@ class Column:
 
 
 def _lookup(name: str, catalogue: Mapping[str, Field]) -> Field:
-    for known in catalogue:
-        if known.lower() == name.lower():
+    """A field by its name or the start of it, case-insensitive, as sacct: the first name
+    in alphabetical order that starts with ``name`` (``elap`` is Elapsed, ``exit``
+    ExitCode)."""
+    lower = name.lower()
+    for known in sorted(catalogue, key=str.lower):
+        if known.lower().startswith(lower):
             return catalogue[known]
     import difflib  # only for the error message
 
@@ -214,8 +243,11 @@ def _lookup(name: str, catalogue: Mapping[str, Field]) -> Field:
 def parse_format(text: str | None, totals_by: str | None = None) -> list[Column]:
     """``-o`` text (``JobID,JobName%30,CO2e%-8``) into columns; default when None.
 
-    Field names are case-insensitive, as in sacct. ``%N`` sets the width; ``%-N``
-    left-justifies (JobID and JobIDRaw are always left-justified, as in sacct).
+    As sacct: field names are case-insensitive and may be cut short (the first field in
+    alphabetical order that starts so); ``ALL`` (or ``A``, ``AL``) is every field;
+    ``%N`` sets the width and right-justifies, ``%-N`` left-justifies; without ``%`` a
+    field keeps its own width and justification (JobID and JobIDRaw: left). A field named
+    twice has its last width in both places, as in sacct.
 
     Raises:
         AcctUsageError: an unknown field, or a bad width.
@@ -230,18 +262,22 @@ def parse_format(text: str | None, totals_by: str | None = None) -> list[Column]
         item = item.strip()
         if not item:
             continue
-        name, _, width = item.partition("%")
-        f = _lookup(name, catalogue)
-        if width:
+        name, pct, width = item.partition("%")
+        n = None
+        if pct:
             if not re.fullmatch(r"-?\d+", width) or int(width) == 0:
-                raise AcctUsageError("-o/--format", f"bad width '%{width}' of field {f.name}")
+                raise AcctUsageError("-o/--format", f"bad width '%{width}' of field {name}")
             n = int(width)
-            columns.append(Column(f, -abs(n) if f.width < 0 else n))
+        if name and "all".startswith(name.lower()):
+            picked = list(catalogue.values())
         else:
-            columns.append(Column(f, f.width))
+            picked = [_lookup(name, catalogue)]
+        columns += [Column(f, f.width if n is None else n) for f in picked]
     if not columns:
         raise AcctUsageError("-o/--format", "no fields given")
-    return columns
+    # sacct keeps one width per field: a field named twice takes its last width everywhere
+    last = {c.field.name: c.width for c in columns}
+    return [Column(c.field, last[c.field.name]) for c in columns]
 
 
 def helpformat(totals: bool = False) -> str:

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -38,59 +40,155 @@ _UNITS_S = {
     "week": 604800,
     "weeks": 604800,
 }
+# Unit words after now+/-N, longest first: Slurm's (seconds, minutes, hours, days, weeks,
+# singular or plural) and the abbreviations llem-acct has always taken (s, min, h, d, w).
+_DELTA_UNITS = tuple(sorted(((w, m) for w, m in _UNITS_S.items() if w), key=lambda u: -len(u[0])))
 _NAMED_HOURS = {"midnight": 0, "noon": 12, "fika": 15, "teatime": 16}
+TIME_FORMS = (
+    "YYYY-MM-DD[THH:MM[:SS]], MMDD[YY], MM/DD[/YY], MM.DD[.YY], HH:MM[:SS] [AM|PM], "
+    "MMDD-HH:MM, YYYY-MM-DD-HH:MM, now[{+|-}N[seconds|minutes|hours|days|weeks]], today, "
+    "tomorrow, midnight, noon, fika, teatime, uts<epoch>"
+)
+
+
+class _Bad(ValueError):
+    pass
+
+
+def _delta(t: str, i: int) -> tuple[int, int]:
+    """``now``'s ``+N[unit]``/``-N[unit]`` from ``t[i]`` (the sign): (seconds, next index)."""
+    count, digits, j = 0, 0, i + 1
+    while j < len(t):
+        if t[j].isspace():
+            j += 1
+            continue
+        unit = next(((w, m) for w, m in _DELTA_UNITS if t.startswith(w, j)), None)
+        if unit is not None:
+            count *= unit[1]
+            j += len(unit[0])
+            break
+        if not t[j].isdigit():
+            raise _Bad(f"unexpected '{t[j]}' after now{t[i]}")
+        count = count * 10 + int(t[j])
+        digits += 1
+        j += 1
+    if not digits:
+        raise _Bad(f"no number after now{t[i]}")
+    return (-count if t[i] == "-" else count), j
+
+
+def _clock(t: str, i: int) -> tuple[tuple[int, int, int], int]:
+    """``H[H]:MM[:SS][ ][am|pm]`` at ``t[i]``: ((hour, minute, second), next index)."""
+    m = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?\s*(am|pm)?").match(t, i)
+    if not m:
+        raise _Bad("bad time of day")
+    hour, minute, second = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+    if hour > 23 or minute > 59 or second > 59:
+        raise _Bad("hour, minute or second out of range")
+    if m.group(4) == "pm":
+        hour = 12 if hour == 12 else hour + 12
+        if hour > 23:
+            raise _Bad("hour out of range for pm")
+    elif m.group(4) == "am":
+        if hour > 12:
+            raise _Bad("hour out of range for am")
+        hour = 0 if hour == 12 else hour
+    return (hour, minute, second), m.end()
+
+
+def _date(t: str, i: int) -> tuple[tuple[int | None, int, int], int]:
+    """``YYYY-MM-DD`` or ``MM[./]DD[./][YY]`` at ``t[i]``: ((year or None, month, day), next)."""
+    m = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})").match(t, i)
+    if m and t[i + 4 : i + 5] == "-" and len(t) >= i + 8 and t[i + 7 : i + 8] == "-":
+        year, month, day = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        end = m.end()
+    else:
+        m = re.compile(r"(\d{1,2})[./]?(\d{1,2})[./]?(\d{2})?").match(t, i)
+        if not m:
+            raise _Bad("bad date")
+        month, day = int(m.group(1)), int(m.group(2))
+        year = 2000 + int(m.group(3)) if m.group(3) else None
+        end = m.end()
+        if end < len(t) and t[end].isdigit():
+            raise _Bad("a year has two digits here")
+    if not 1 <= month <= 12 or not 1 <= day <= 31:
+        raise _Bad("month or day out of range")
+    return (year, month, day), end
 
 
 def parse_time(text: str, now: datetime, option: str = "-S/--starttime") -> datetime:
-    """sacct's time syntax, in local time (``now`` is naive local time).
+    """sacct's time syntax (Slurm's ``parse_time`` with ``past`` set), in local time.
 
-    Accepted: ``YYYY-MM-DD[THH:MM[:SS]]``, ``MMDD[YY]``, ``MM/DD[/YY]``, ``MM.DD[.YY]``,
-    ``HH:MM[:SS]`` (today), ``now[{+|-}N[units]]`` (units: seconds (default), minutes, hours,
-    days, weeks), ``today``, ``midnight`` (today 00:00), ``noon``, ``fika`` (15:00),
-    ``teatime`` (16:00).
+    ``now`` is naive local time. The text is read as Slurm reads it: blanks, ``-`` and ``T``
+    between parts are skipped; each part is a word (``today``, ``tomorrow``, ``midnight``,
+    ``noon``, ``fika`` (15:00), ``teatime`` (16:00), ``now[{+|-}N[unit]]`` with units
+    ``seconds`` (default), ``minutes``, ``hours``, ``days``, ``weeks``), a time of day
+    ``HH:MM[:SS]`` with an optional ``AM``/``PM``, or a date ``YYYY-MM-DD`` or
+    ``MM[/.]DD[[/.]YY]``; ``uts<epoch>`` is a Unix time. A date without a year is this
+    year's, or last year's when its month is still to come (sacct looks back); a time
+    without a date is today's; a date without a time is its midnight.
 
     Raises:
         AcctUsageError: anything else, or an impossible date.
     """
     t = text.strip().lower()
-    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     try:
-        if t in ("today", "midnight"):
-            return today
-        if t in _NAMED_HOURS:
-            return today.replace(hour=_NAMED_HOURS[t])
-        m = re.fullmatch(r"now(?:([+-])(\d+)([a-z]*))?", t)
-        if m:
-            if not m.group(1):
-                return now.replace(microsecond=0)
-            if m.group(3) not in _UNITS_S:
-                raise ValueError(f"unknown unit '{m.group(3)}'")
-            delta = timedelta(seconds=int(m.group(2)) * _UNITS_S[m.group(3)])
-            return (now + delta if m.group(1) == "+" else now - delta).replace(microsecond=0)
-        m = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})(?:t(\d{1,2}):(\d{2})(?::(\d{2}))?)?", t)
-        if m:
-            y, mo, d, hh, mm, ss = (int(g) if g else 0 for g in m.groups())
-            return datetime(y, mo, d, hh, mm, ss)
-        m = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", t)
-        if m:
-            return today.replace(
-                hour=int(m.group(1)), minute=int(m.group(2)), second=int(m.group(3) or 0)
+        if not t:
+            raise _Bad("empty")
+        if t.startswith("uts"):
+            if not re.fullmatch(r"uts\d+", t) or int(t[3:]) < 1000000:
+                raise _Bad("uts wants a Unix time of at least 1000000")
+            return datetime.fromtimestamp(int(t[3:]))
+        clock: tuple[int, int, int] | None = None
+        date: tuple[int | None, int, int] | None = None
+        i = 0
+        while i < len(t):
+            c = t[i]
+            word = next(
+                (w for w in ("today", "tomorrow", "now", *_NAMED_HOURS) if t.startswith(w, i)),
+                None,
             )
-        m = (
-            re.fullmatch(r"(\d{2})(\d{2})(\d{2})?", t)
-            or re.fullmatch(r"(\d{1,2})/(\d{1,2})(?:/(\d{2}))?", t)
-            or re.fullmatch(r"(\d{1,2})\.(\d{1,2})(?:\.(\d{2}))?", t)
-        )
-        if m:
-            year = 2000 + int(m.group(3)) if m.group(3) else now.year
-            return datetime(year, int(m.group(1)), int(m.group(2)))
+            if word is None and (c.isspace() or c in "-t"):
+                i += 1
+                continue
+            if word in ("today", "tomorrow"):
+                day = now + timedelta(days=1 if word == "tomorrow" else 0)
+                date = (day.year, day.month, day.day)
+                i += len(word)
+            elif word in _NAMED_HOURS:
+                clock = (_NAMED_HOURS[word], 0, 0)
+                i += len(word)
+            elif word == "now":
+                j = i + 3
+                while j < len(t) and t[j].isspace():
+                    j += 1
+                seconds = 0
+                if j < len(t):
+                    if t[j] not in "+-":
+                        raise _Bad(f"unexpected '{t[j]}' after now")
+                    seconds, j = _delta(t, j)
+                moment = now.replace(microsecond=0) + timedelta(seconds=seconds)
+                date = (moment.year, moment.month, moment.day)
+                clock = (moment.hour, moment.minute, moment.second)
+                i = j
+            elif c.isdigit():
+                if t[i + 1 : i + 2] == ":" or t[i + 2 : i + 3] == ":":
+                    clock, i = _clock(t, i)
+                else:
+                    date, i = _date(t, i)
+            else:
+                raise _Bad(f"unexpected '{text.strip()[i:]}'")
+        if clock is None and date is None:
+            return datetime.fromtimestamp(0)
+        if date is None:
+            date = (now.year, now.month, now.day)
+        year, month, day = date
+        if year is None:
+            year = now.year - 1 if month > now.month else now.year
+        hour, minute, second = clock or (0, 0, 0)
+        return datetime(year, month, day, hour, minute, second)
     except ValueError as e:
-        raise AcctUsageError(option, f"invalid time '{text}': {e}") from None
-    raise AcctUsageError(
-        option,
-        f"invalid time '{text}' (use YYYY-MM-DD[THH:MM[:SS]], MMDD[YY], HH:MM, "
-        "now[-N[units]], today or midnight)",
-    )
+        raise AcctUsageError(option, f"invalid time '{text}': {e} (use {TIME_FORMS})") from None
 
 
 def parse_since(text: str) -> timedelta:
@@ -127,34 +225,35 @@ def parse_jobs(text: str) -> tuple[JobSpec, ...]:
     return tuple(specs)
 
 
-STATE_ALIASES = {
+JOB_STATES = {
+    "BF": "BOOT_FAIL",
+    "CA": "CANCELLED",
     "CD": "COMPLETED",
-    "COMPLETED": "COMPLETED",
+    "DL": "DEADLINE",
     "F": "FAILED",
-    "FAILED": "FAILED",
-    "SIGNALED": "SIGNALED",
-    "CA": "SIGNALED",
-    "CANCELLED": "SIGNALED",
-    "TO": "SIGNALED",
-    "TIMEOUT": "SIGNALED",
-    "OOM": "SIGNALED",
-    "OUT_OF_MEMORY": "SIGNALED",
-    "NF": "SIGNALED",
-    "NODE_FAIL": "SIGNALED",
-    "PR": "SIGNALED",
-    "PREEMPTED": "SIGNALED",
-    "UNKNOWN": "UNKNOWN",
+    "NF": "NODE_FAIL",
+    "OOM": "OUT_OF_MEMORY",
+    "PD": "PENDING",
+    "PR": "PREEMPTED",
+    "R": "RUNNING",
+    "RQ": "REQUEUED",
+    "RS": "RESIZING",
+    "RV": "REVOKED",
+    "S": "SUSPENDED",
+    "TO": "TIMEOUT",
 }
+"""sacct's state abbreviations and names (``-s``)."""
+STATE_ALIASES = {**JOB_STATES, **{name: name for name in JOB_STATES.values()}, "UNKNOWN": "UNKNOWN"}
 
 
 def parse_states(text: str) -> tuple[str, ...]:
-    """``-s``: sacct state names or abbreviations, mapped to the states the ledger knows.
+    """``-s``: sacct state names or abbreviations (case-insensitive), as full names.
 
-    CANCELLED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL and PREEMPTED select ``SIGNALED`` jobs (the
-    ledger's header cannot tell them apart, see docs/ledger.md).
+    ``UNKNOWN`` (not a sacct state) selects runs whose end only EpilogSlurmctld saw (no
+    Slurm accounting): a clean exit there may be a completion, a cancel or a time-out.
 
     Raises:
-        AcctUsageError: an unknown state, or a state of jobs that have not ended.
+        AcctUsageError: an unknown state.
     """
     out = []
     for item in text.split(","):
@@ -162,13 +261,8 @@ def parse_states(text: str) -> tuple[str, ...]:
         if not item:
             continue
         if item not in STATE_ALIASES:
-            raise AcctUsageError(
-                "-s/--state",
-                f"unknown or unsupported state '{item}': the "
-                "ledger holds ended jobs (COMPLETED/CD, FAILED/F, SIGNALED, "
-                "CANCELLED/CA, TIMEOUT/TO, OUT_OF_MEMORY/OOM, NODE_FAIL/NF, "
-                "PREEMPTED/PR, UNKNOWN)",
-            )
+            known = ", ".join(f"{name}/{abbr}" for abbr, name in sorted(JOB_STATES.items()))
+            raise AcctUsageError("-s/--state", f"unknown state '{item}' (known: {known}, UNKNOWN)")
         if STATE_ALIASES[item] not in out:
             out.append(STATE_ALIASES[item])
     return tuple(out)
@@ -208,6 +302,8 @@ class AcctOptions:
         statement: ``--statement``.
         window: (start, end) as local datetimes for messages (None where open).
         fields_given: whether ``-o`` was given (JSON then shows only those fields).
+        truncate: ``-T``: start and end cut to the window (elapsed too).
+        noconvert: ``--noconvert``: numbers without K/M/G suffixes.
     """
 
     ledger: str
@@ -223,6 +319,8 @@ class AcctOptions:
     statement: bool = False
     window: tuple[datetime | None, datetime | None] = (None, None)
     fields_given: bool = False
+    truncate: bool = False
+    noconvert: bool = False
 
 
 def build_options(
@@ -255,13 +353,24 @@ def build_options(
     statement: bool = False,
     names: str | None = None,
     duplicates: bool = False,
+    groups: str | None = None,
+    qos: str | None = None,
+    timelimit_min: str | None = None,
+    timelimit_max: str | None = None,
+    truncate: bool = False,
+    noconvert: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> AcctOptions:
     """Turn the raw option values into :class:`AcctOptions`, with sacct's defaults.
 
-    Defaults as sacct: without ``-S`` and ``-j``, runs since 00:00 today; ``-E`` defaults
-    to now; without ``-a``, ``-u`` or ``-j`` a user sees their own runs (root: everyone's).
-    ``cluster`` is the configured cluster: the default of ``-M`` (``default``, the
-    unconfigured value, and ``-M all`` select every cluster).
+    Defaults as sacct 22.05 (``slurmdb_job_cond_def_start_end``): without ``-s`` and
+    ``-j``, ``-S`` is 00:00 today and ``-E`` now; with ``-j`` only, Epoch 0 to now; with
+    ``-s`` only, ``-S`` is now and ``-E`` is ``-S`` (so ``-s CD`` alone asks for jobs that
+    end this very second); with ``-j`` and ``-s``, Epoch 0 and ``-E`` is ``-S`` when ``-S``
+    is given, else now. Without ``-a``, ``-u``, ``-j`` or ``-N`` a user sees their own runs
+    (root: everyone's). ``cluster`` is the configured cluster: the default of ``-M``
+    (``default``, the unconfigured value, and ``-M all`` select every cluster). ``env``
+    (default ``os.environ``) gives ``SACCT_FORMAT``.
 
     Raises:
         AcctUsageError: a bad value or a bad combination.
@@ -278,27 +387,43 @@ def build_options(
     )
     totals_by = _totals_key(totals)
     job_specs = parse_jobs(jobs) if jobs is not None else None
+    state_list = parse_states(states) if states is not None else None
     start, end = _time_window(
-        now, since=since, starttime=starttime, endtime=endtime, default_today=job_specs is None
+        now,
+        since=since,
+        starttime=starttime,
+        endtime=endtime,
+        jobs=job_specs is not None,
+        states=bool(state_list),
     )
     nodes = _node_list(nodelist)
+    if env is None:
+        env = os.environ
+    if fmt is None and totals_by is None and (env.get("SACCT_FORMAT") or "").strip():
+        fmt = env["SACCT_FORMAT"]
     units = _energy_unit(units)
     f = RunFilter(
         clusters=_cluster_list(clusters, cluster),
         users=_user_list(
             users,
             allusers=allusers,
-            own_only=job_specs is None and not is_root,
+            # sacct: -j or -N without -u means every user
+            own_only=job_specs is None and nodes is None and not is_root,
             current_user=current_user,
         ),
         accounts=split_list(accounts),
         partitions=split_list(partitions),
-        states=parse_states(states) if states is not None else None,
+        states=state_list or None,
         start_ns=_to_ns(start),
         end_ns=_to_ns(end),
         jobs=job_specs,
         nodes=nodes,
         names=split_list(names),
+        window="state" if state_list else ("submit" if job_specs is not None else "eligible"),
+        groups=_group_list(groups),
+        qos=split_list(qos),
+        timelimit_min=_minutes(timelimit_min, "-k/--timelimit-min"),
+        timelimit_max=_minutes(timelimit_max, "-K/--timelimit-max"),
     )
     mode = "json" if as_json else "parsable" if parsable else "parsable2" if parsable2 else "table"
     return AcctOptions(
@@ -315,6 +440,8 @@ def build_options(
         statement=statement,
         window=(start, end),
         fields_given=fmt is not None,
+        truncate=truncate,
+        noconvert=noconvert,
     )
 
 
@@ -349,26 +476,78 @@ def _time_window(
     since: str | None,
     starttime: str | None,
     endtime: str | None,
-    default_today: bool,
-) -> tuple[datetime | None, datetime | None]:
-    """(start, end) in local time: ``--since`` or ``-S`` (else 00:00 today, unless ``-j``),
-    and ``-E`` (else now, when there is a start)."""
+    jobs: bool,
+    states: bool,
+) -> tuple[datetime, datetime]:
+    """(start, end) in local time, with sacct's defaults (see :func:`build_options`);
+    ``--since`` stands for ``-S now-DURATION``."""
+    now = now.replace(microsecond=0)
     start = end = None
     if since is not None:
-        start = now.replace(microsecond=0) - parse_since(since)
+        start = now - parse_since(since)
     elif starttime is not None:
         start = parse_time(starttime, now)
-    elif default_today:
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     if endtime is not None:
         end = parse_time(endtime, now, "-E/--endtime")
-    elif start is not None:
-        end = now.replace(microsecond=0)
-    if start is not None and end is not None and end < start:
+    epoch = datetime.fromtimestamp(0)
+    if states:
+        if start is None and not jobs:
+            start = now
+        if end is None:
+            end = start if start is not None else now
+        start = epoch if start is None else start
+    else:
+        if start is None:
+            start = epoch if jobs else now.replace(hour=0, minute=0, second=0)
+        if end is None:
+            end = now
+    if end < start:
         raise AcctUsageError(
             "-E/--endtime", f"end {end:%Y-%m-%dT%H:%M:%S} is before start {start:%Y-%m-%dT%H:%M:%S}"
         )
     return start, end
+
+
+def _group_list(groups: str | None) -> tuple[int, ...] | None:
+    """``-g``'s groups (names or gids) as gids."""
+    if groups is None:
+        return None
+    import grp
+
+    out = []
+    for item in split_list(groups) or ():
+        if item.isdigit():
+            out.append(int(item))
+            continue
+        try:
+            out.append(grp.getgrnam(item).gr_gid)
+        except KeyError:
+            raise AcctUsageError("-g/--gid", f"no group '{item}' on this host") from None
+    return tuple(out)
+
+
+def _minutes(text: str | None, option: str) -> int | None:
+    """A time limit as Slurm writes it (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``)
+    in minutes, seconds rounded up as Slurm's ``time_str2mins`` does."""
+    if text is None:
+        return None
+    t = text.strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", t)
+    if not m:
+        raise AcctUsageError(option, f"invalid time limit '{text}' (use [D-]HH:MM:SS or MM)")
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:
+        hours, minutes, seconds = a, b or 0, c or 0
+    elif c is not None:
+        hours, minutes, seconds = a, b, c
+    elif b is not None:
+        hours, minutes, seconds = 0, a, b
+    else:
+        hours, minutes, seconds = 0, a, 0
+    total = ((days or 0) * 24 + hours) * 60 + minutes + (1 if seconds else 0)
+    if total <= 0:
+        raise AcctUsageError(option, f"invalid time limit '{text}'")
+    return total
 
 
 def _user_list(

@@ -7,10 +7,11 @@ Pure: rows of raw values (joules, seconds, epoch ns, grams) in, text out.
 from __future__ import annotations
 
 import json
+import os
 import string
 import time
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
 from llem.acct.fields import ENERGY_PREFIXES, Column
@@ -25,23 +26,29 @@ if TYPE_CHECKING:
 JSON_SCHEMA = "llem.acct/1"
 
 
-def format_energy(joules: float | None, units: str | None = None) -> str:
-    """sacct's way with ConsumedEnergy: ``850``, ``12.34K``, ``1.50M`` (x1000 steps).
+def format_energy(joules: float | None, units: str | None = None, convert: bool = True) -> str:
+    """sacct's way with ConsumedEnergy (Slurm's ``convert_num_unit2``, divisor 1000): whole
+    joules, divided by 1000 while at least 1000; a whole result without decimals (``16K``),
+    else two (``16.50K``). ``850``, ``0``.
 
-    With ``units`` (K, M, G, T, P) every value is shown in that unit.
+    With ``units`` (K, M, G, T, P) every value is shown in that unit; ``convert`` False
+    (``--noconvert``) shows plain joules.
     """
     if joules is None:
         return ""
-    value = float(joules)
+    value = float(round(joules))
+    if value == 0:
+        return "0"
+    index = 0
     if units:
         index = ENERGY_PREFIXES.index(units)
-    else:
-        index = 0
-        while abs(value) >= 1000 ** (index + 1) and index < len(ENERGY_PREFIXES) - 1:
+        value /= 1000**index
+    elif convert:
+        while abs(value) >= 1000 and index < len(ENERGY_PREFIXES) - 1:
+            value /= 1000
             index += 1
-    value /= 1000**index
-    if index == 0:
-        return str(round(value))
+    if value == int(value):
+        return f"{int(value)}{ENERGY_PREFIXES[index]}"
     return f"{value:.2f}{ENERGY_PREFIXES[index]}"
 
 
@@ -66,11 +73,47 @@ def format_elapsed(seconds: float | None) -> str:
     return f"{days}-{text}" if days else text
 
 
-def format_time(ts_ns: int | None) -> str:
-    """``YYYY-MM-DDTHH:MM:SS`` in local time (sacct's default); ``Unknown`` when absent."""
+def time_format(env: Mapping[str, str] | None = None) -> str:
+    """The strftime format of times, from ``SLURM_TIME_FORMAT`` as sacct reads it:
+    ``standard`` (or unset) is ``%Y-%m-%dT%H:%M:%S``, ``relative`` is sacct's relative
+    form, any other text with a ``%`` (under 32 characters) a strftime format."""
+    fmt = (os.environ if env is None else env).get("SLURM_TIME_FORMAT") or ""
+    if not fmt or fmt == "standard" or "%" not in fmt and fmt != "relative" or len(fmt) >= 32:
+        return STANDARD_TIME
+    return fmt
+
+
+STANDARD_TIME = "%Y-%m-%dT%H:%M:%S"
+
+
+def _relative(when: time.struct_time, now_s: float | None = None) -> str:
+    """sacct's ``relative`` format: by distance in days from today."""
+    today = time.localtime(time.time() if now_s is None else now_s)
+    distance = (
+        date(when.tm_year, when.tm_mon, when.tm_mday)
+        - date(today.tm_year, today.tm_mon, today.tm_mday)
+    ).days
+    if distance == -1:
+        return time.strftime("Ystday %H:%M", when)
+    if distance == 0:
+        return time.strftime("%H:%M:%S", when)
+    if distance == 1:
+        return time.strftime("Tomorr %H:%M", when)
+    if abs(distance) > 365:
+        return f"{when.tm_mday} " + time.strftime("%b %Y", when)
+    if distance < -1 or distance > 6:
+        return f"{when.tm_mday} " + time.strftime("%b %H:%M", when)
+    return time.strftime("%a %H:%M", when)
+
+
+def format_time(ts_ns: int | None, fmt: str = STANDARD_TIME) -> str:
+    """A time in local time (``fmt``: see :func:`time_format`); ``Unknown`` when absent."""
     if ts_ns is None:
         return "Unknown"
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts_ns // NS_PER_S))
+    when = time.localtime(ts_ns // NS_PER_S)
+    if fmt == "relative":
+        return _relative(when)
+    return time.strftime(fmt, when)
 
 
 _OUR_TEXT = frozenset(
@@ -92,12 +135,14 @@ they need escaping only when the delimiter uses one of those."""
 _OUR_CHARS = frozenset(string.ascii_letters + string.digits + ".:-+% ")
 
 
-def _formatter(kind: str, units: str | None, delimiter: str = ""):
+def _formatter(
+    kind: str, units: str | None, delimiter: str = "", tfmt: str = STANDARD_TIME, convert=True
+):
     """value -> text for a field kind (None -> empty, or ``Unknown`` for times); every
     text is made safe (:func:`llem.safetext.safe_text`): names are chosen by users."""
     simple = {
-        "energy": lambda v: format_energy(v, units),
-        "time": format_time,
+        "energy": lambda v: format_energy(v, units, convert),
+        "time": lambda v: format_time(v, tfmt),
         "elapsed": format_elapsed,
         "watts": "{:.1f}".format,
         "intensity": "{:.1f}".format,
@@ -108,33 +153,63 @@ def _formatter(kind: str, units: str | None, delimiter: str = ""):
         "perwork": "{:.4g}".format,
     }.get(kind, str)
     empty = "Unknown" if kind == "time" else ""
+    if kind == "time" and tfmt != STANDARD_TIME:
+        return lambda v: empty if v is None else safe_text(simple(v), delimiter)
     if kind in _OUR_TEXT and not set(delimiter) & _OUR_CHARS:
         return lambda v: empty if v is None else simple(v)
     return lambda v: empty if v is None else safe_text(simple(v), delimiter)
 
 
-def _cell(text: str, width: int) -> str:
+_NEVER_CUT = frozenset({"int", "elapsed"})
+"""Kinds sacct prints whole however narrow the column (numbers, elapsed times)."""
+
+
+def _cell(text: str, width: int, kind: str) -> str:
+    """One cell as sacct's ``print_fields``: text longer than the column is cut with a
+    ``+`` in its last place, times are cut without one, numbers and elapsed times never."""
     size = abs(width)
-    if len(text) > size:
-        text = text[: size - 1] + "+"
+    if len(text) > size and kind not in _NEVER_CUT:
+        text = text[:size] if kind == "time" else text[: size - 1] + "+"
     return text.ljust(size) if width < 0 else text.rjust(size)
 
 
 def render_table(
-    columns: Sequence[Column], rows: Sequence[dict], *, noheader: bool, units: str | None
+    columns: Sequence[Column],
+    rows: Sequence[dict],
+    *,
+    noheader: bool,
+    units: str | None,
+    time_fmt: str = STANDARD_TIME,
+    convert: bool = True,
 ) -> str:
-    """sacct's fixed-width table: right-justified cells (``%-N``, and JobID: left; headers
-    always right), ``+`` marks a cut, one space after every cell, dashes under the header."""
+    """sacct's fixed-width table: right-justified cells and headers (``%-N``, JobID and
+    JobIDRaw: left), cut as :func:`_cell` says (headers without ``+``), one space after
+    every cell, dashes under the header."""
     lines = []
     if not noheader:
-        # sacct cuts header names without a '+' and right-justifies them
         lines.append(
-            "".join(c.field.name[: abs(c.width)].rjust(abs(c.width)) + " " for c in columns)
+            "".join(
+                (name.ljust if c.width < 0 else name.rjust)(abs(c.width)) + " "
+                for c in columns
+                for name in (c.field.name[: abs(c.width)],)
+            )
         )
         lines.append("".join("-" * abs(c.width) + " " for c in columns))
-    cols = [(c.field.name, _formatter(c.field.kind, units), c.width) for c in columns]
+    cols = [
+        (
+            c.field.name,
+            _formatter(c.field.kind, units, tfmt=time_fmt, convert=convert),
+            c.width,
+            c.field.kind,
+        )
+        for c in columns
+    ]
     for row in rows:
-        lines.append("".join([_cell(fmt(row.get(name)), width) + " " for name, fmt, width in cols]))
+        lines.append(
+            "".join(
+                [_cell(fmt(row.get(name)), width, kind) + " " for name, fmt, width, kind in cols]
+            )
+        )
     return "".join(line + "\n" for line in lines)
 
 
@@ -146,6 +221,8 @@ def render_parsable(
     units: str | None,
     delimiter: str,
     trailing: bool,
+    time_fmt: str = STANDARD_TIME,
+    convert: bool = True,
 ) -> str:
     """``-p`` (a delimiter after every field) and ``-P`` (between fields only), as sacct;
     unlike sacct, a value's characters that occur in the delimiter are escaped (``\\x7c``),
@@ -154,7 +231,10 @@ def render_parsable(
     lines = []
     if not noheader:
         lines.append(delimiter.join(c.field.name for c in columns) + end)
-    cols = [(c.field.name, _formatter(c.field.kind, units, delimiter)) for c in columns]
+    cols = [
+        (c.field.name, _formatter(c.field.kind, units, delimiter, time_fmt, convert))
+        for c in columns
+    ]
     for row in rows:
         lines.append(delimiter.join([fmt(row.get(name)) for name, fmt in cols]) + end)
     return "".join(line + "\n" for line in lines)

@@ -36,9 +36,54 @@ def job_id_text(job_id: str, array_job_id: str | None, array_task_id: str | None
     return job_id
 
 
+def exit_text(code: int | None, signal: int | None) -> str | None:
+    """sacct's ``N:S``; None when unknown."""
+    if code is None:
+        return None
+    return f"{code}:{signal or 0}"
+
+
+def state_text(state: str | None, cancelled_by: int | None) -> str:
+    """The State field as sacct writes it: ``CANCELLED by UID`` names who cancelled."""
+    if state == "CANCELLED" and cancelled_by is not None:
+        return f"CANCELLED by {cancelled_by}"
+    return state or "UNKNOWN"
+
+
+NO_VAL = 0xFFFFFFFE
+"""Slurm's array_task_id of a job that is not an array task (for sacct's row order)."""
+
+
+def _int_or(text: str | None, default: int) -> int:
+    return int(text) if text is not None and str(text).isdigit() else default
+
+
+def sacct_order(row: Mapping[str, Any]) -> tuple:
+    """sacct's row order: submit time, then array job id, array task id, job id (and, for
+    runs of one job, their start)."""
+    array_job, array_task = row["_array"]
+    return (
+        row["Submit"] if row["Submit"] is not None else row["_key"][2],
+        _int_or(array_job, 0),
+        _int_or(array_task, NO_VAL),
+        _int_or(row["JobIDRaw"], 0),
+        row["_key"][2],
+    )
+
+
 def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
-    """The raw field values (joules, seconds, epoch ns) of one ``job_runs`` row."""
-    elapsed_s = max(0, (run["run_end_ns"] or run["run_start_ns"]) - run["run_start_ns"]) / NS_PER_S
+    """The raw field values (joules, seconds, epoch ns) of one ``job_runs`` row.
+
+    Start, End and Elapsed are Slurm's where its accounting gave them (sacct's, to the
+    second), else the nodes' (the Prolog's start, the last Epilog's end).
+    """
+    start_ns = run.get("slurm_start_ns") or run["run_start_ns"]
+    end_ns = run.get("slurm_end_ns") or run["run_end_ns"]
+    if run.get("slurm_start_ns") and not run.get("slurm_end_ns"):
+        end_ns = run["run_end_ns"]
+    elapsed_s = max(0, (end_ns or start_ns) - start_ns) / NS_PER_S
+    if run.get("slurm_start_ns") and run.get("slurm_end_ns"):
+        elapsed_s = round(elapsed_s)
     energy_j = run["energy_uj"] / UJ_PER_J
     return {
         "JobID": job_id_text(run["job_id"], run["array_job_id"], run["array_task_id"]),
@@ -48,10 +93,21 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "User": run["user"],
         "Account": run["account"],
         "Partition": run["partition"],
-        "State": run["state"] or "UNKNOWN",
-        "Start": run["run_start_ns"],
-        "End": run["run_end_ns"],
+        "State": state_text(run["state"], run.get("cancelled_by")),
+        "ExitCode": exit_text(run.get("exit_code"), run.get("signal")),
+        "DerivedExitCode": exit_text(run.get("derived_exit_code"), run.get("derived_signal")),
+        "Submit": run.get("submit_ns"),
+        "Eligible": run.get("eligible_ns"),
+        "Start": start_ns,
+        "End": end_ns,
         "Elapsed": elapsed_s,
+        "ElapsedRaw": int(elapsed_s),
+        "Timelimit": run.get("timelimit"),
+        "TimelimitRaw": run.get("timelimit_min"),
+        "AllocCPUS": run.get("alloc_cpus"),
+        "AllocTRES": run.get("alloc_tres"),
+        "ReqMem": run.get("req_mem"),
+        "QOS": run.get("qos"),
         "NNodes": run["num_nodes"],
         "NodeList": run["nodelist"],
         "AllocGPUs": round(run["gpu_seconds"] / elapsed_s) if elapsed_s else 0,
@@ -148,6 +204,7 @@ def window_rows(
                 "Start": m["start"],
                 "End": m["end"],
                 "Elapsed": elapsed_s,
+                "ElapsedRaw": int(elapsed_s),
                 "NNodes": len(set(m["nodes"])),
                 "NodeList": compress_hostlist(sorted(set(m["nodes"]))),
                 "AllocGPUs": m["gpus"],
@@ -290,6 +347,17 @@ def _shown(specs: tuple[JobSpec, ...] | None, run: dict, window: dict | None) ->
     return False
 
 
+def truncate(row: dict, start_ns: int | None, end_ns: int | None) -> None:
+    """``-T``: the row's start and end cut to the window, and its elapsed time with them."""
+    if start_ns is not None and row["Start"] is not None and row["Start"] < start_ns:
+        row["Start"] = start_ns
+    if end_ns is not None and row["End"] is not None and row["End"] > end_ns:
+        row["End"] = end_ns
+    if row["Start"] is not None and row["End"] is not None:
+        row["Elapsed"] = max(0, row["End"] - row["Start"]) / NS_PER_S
+        row["ElapsedRaw"] = int(row["Elapsed"])
+
+
 def latest_runs(runs: list[dict]) -> list[dict]:
     """Only the latest run of each job among ``runs`` (sacct without ``-D``), order kept."""
     latest: dict[tuple[str, str], int] = {}
@@ -308,6 +376,10 @@ def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
     runs = [run_row(dict(zip(RUN_COLUMNS, r))) for r in q.select_runs(ledger, opts.filter)]
     if not opts.duplicates:
         runs = latest_runs(runs)
+    runs.sort(key=sacct_order)
+    if opts.truncate:
+        for run in runs:
+            truncate(run, opts.filter.start_ns, opts.filter.end_ns)
     hourly = None
     if (
         carbon is not None

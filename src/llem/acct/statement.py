@@ -36,6 +36,20 @@ def describe_selection(opts: AcctOptions) -> str:
     return ", ".join(parts) or "all jobs"
 
 
+def describe_window(opts: AcctOptions) -> str:
+    """sacct's ``-v`` line: ``Jobs Eligible in the time window from ... to ...``."""
+    f = opts.filter
+    what = ",".join(f.states) if f.states else "Eligible"
+    start, end = opts.window
+    if start is None or end is None:
+        return f"Jobs {what} at any time"
+    begin = "Epoch 0" if start.timestamp() <= 0 else start.strftime("%a %b %d %H:%M:%S %Y")
+    finish = end.strftime("%a %b %d %H:%M:%S %Y")
+    if begin == finish:
+        return f"Jobs {what} at the time instant {finish}"
+    return f"Jobs {what} in the time window from {begin} to {finish}"
+
+
 def statement_text(ledger, opts: AcctOptions, config) -> str:
     """The citable paragraph (:func:`llem.carbon.statement`) over the selected runs.
 

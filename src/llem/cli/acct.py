@@ -33,6 +33,7 @@ def _filter_options(fn):
         click.option(
             "-u",
             "--user",
+            "--uid",
             "users",
             metavar="USER[,...]",
             help="Only these users (names or uids). Default: yourself.",
@@ -47,22 +48,26 @@ def _filter_options(fn):
             "--state",
             "states",
             metavar="STATE[,...]",
-            help="Only these states: CD, F, CA, TO, OOM, NF, PR or their names "
-            "(CA/TO/OOM/NF/PR select SIGNALED), UNKNOWN.",
+            help="Only jobs that ended in the window in these states: CD, F, CA, TO, OOM, "
+            "NF, PR, RQ, DL, BF (or their names; R: jobs that ran in the window, PD: jobs "
+            "pending in it), UNKNOWN (no Slurm accounting, exit 0:0). Without -S, only jobs "
+            "ending now (as sacct).",
         ),
         click.option(
             "-S",
             "--starttime",
             metavar="TIME",
-            help="Jobs that ran at or after TIME. Default 00:00 today (none with "
-            "-j). TIME: YYYY-MM-DD[THH:MM[:SS]], MMDD[YY], HH:MM, "
-            "now[-N[units]], today, midnight.",
+            help="Jobs eligible before -E that ended at or after TIME (with -s: that "
+            "ended between -S and -E). Default 00:00 today (Epoch with -j; now with -s). "
+            "TIME: YYYY-MM-DD[THH:MM[:SS]], MMDD[YY], MM/DD[/YY], HH:MM[:SS] [AM|PM], "
+            "MMDD-HH:MM, now[{+|-}N[seconds|minutes|hours|days|weeks]], today, tomorrow, "
+            "midnight, noon, uts<epoch>.",
         ),
         click.option(
             "-E",
             "--endtime",
             metavar="TIME",
-            help="Jobs that started at or before TIME. Default now.",
+            help="End of the window. Default now (with -s: -S).",
         ),
         click.option(
             "--since", metavar="DURATION", help="Shorthand for -S now-DURATION: 30d, 12h, 2w, 90m."
@@ -72,7 +77,25 @@ def _filter_options(fn):
             "-N",
             "--nodelist",
             metavar="HOSTLIST",
-            help="Jobs that ran on any of these nodes (n[1-4],gpu01).",
+            help="Jobs that ran on any of these nodes (n[1-4],gpu01); every user's.",
+        ),
+        click.option(
+            "-g", "--gid", "--group", "groups", metavar="GROUP[,...]", help="Only these groups."
+        ),
+        click.option(
+            "-q", "--qos", metavar="QOS[,...]", help="Only these QOS (Slurm's accounting)."
+        ),
+        click.option(
+            "-k",
+            "--timelimit-min",
+            metavar="TIME",
+            help="Only jobs with this time limit (with -K: at least this one).",
+        ),
+        click.option(
+            "-K",
+            "--timelimit-max",
+            metavar="TIME",
+            help="With -k: only jobs with a time limit at most this one.",
         ),
         click.option(
             "-M",
@@ -96,8 +119,41 @@ def _output_options(fn):
             "-o",
             "--format",
             "fmt",
+            multiple=True,
             metavar="FIELD[%WIDTH][,...]",
-            help="Fields to show (-e lists them); %WIDTH sets a width, %-WIDTH left-justifies.",
+            help="Fields to show (-e lists them; names may be cut short; ALL: every one); "
+            "%WIDTH sets a width, %-WIDTH left-justifies. Given twice, both lists. "
+            "Default: $SACCT_FORMAT, else llem-acct's own.",
+        ),
+        click.option("-b", "--brief", is_flag=True, help="Only JobID, State, ExitCode."),
+        click.option(
+            "-l",
+            "--long",
+            "long_",
+            is_flag=True,
+            help="sacct's long field list (the fields the ledger has).",
+        ),
+        click.option(
+            "-T",
+            "--truncate",
+            is_flag=True,
+            help="Cut start and end (and elapsed) to the -S/-E window.",
+        ),
+        click.option(
+            "--noconvert", is_flag=True, help="Energies in plain joules, no K/M/G suffixes."
+        ),
+        click.option(
+            "-c",
+            "--completion",
+            is_flag=True,
+            help="Accepted for sacct's sake: the ledger holds completion and accounting data "
+            "alike.",
+        ),
+        click.option(
+            "-v",
+            "--verbose",
+            count=True,
+            help="Say which time window and states were asked for (on stderr).",
         ),
         click.option(
             "-D",
@@ -165,6 +221,11 @@ def acct(
     debug: bool,
     allclusters: bool,
     clusters: str | None,
+    fmt: tuple[str, ...],
+    brief: bool,
+    long_: bool,
+    completion: bool,
+    verbose: int,
     **raw,
 ) -> int:
     """Energy and CO2e of Slurm jobs, the sacct way.
@@ -187,9 +248,16 @@ def acct(
     from llem import config as config_mod
     from llem.cluster import acct_queries
 
+    del completion  # one source: the ledger
+    if long_ and fmt:
+        raise click.UsageError("-o/--format and -l/--long exclude each other, as in sacct")
+    fields = (
+        list(fmt) + ([lib.BRIEF_FORMAT] if brief else []) + ([lib.LONG_FORMAT] if long_ else [])
+    )
     cfg = config_mod.load()
     try:
         opts = lib.build_options(
+            fmt=",".join(fields) if fields else None,
             ledger=ledger or cfg.ledger,
             cluster=cfg.cluster,
             current_user=_current_user(),
@@ -200,6 +268,8 @@ def acct(
         )
     except lib.AcctUsageError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.option}'") from None
+    if verbose:
+        click.echo(f"llem-acct: {lib.describe_window(opts)}", err=True)
     out = _remote_report(opts, cfg)
     if out is None:
         with acct_queries.open_ledger(opts.ledger) as led:
@@ -226,6 +296,7 @@ def _remote_report(opts, cfg):
         duplicates=opts.duplicates,
         totals_by=opts.totals_by,
         statement=opts.statement,
+        truncate=opts.truncate,
         fields=None
         if opts.mode == "json" and not opts.fields_given
         else tuple(c.field.name for c in opts.columns),

@@ -17,6 +17,11 @@ def _summary(res) -> str:
         f"{len(res.quarantined)} quarantined, {res.jobs} job(s) updated, "
         f"{res.incomplete} marked incomplete, in {res.elapsed_s:.2f} s"
     )
+    acc = res.accounting
+    if acc is not None and acc.error:
+        text += f"; sacct failed ({acc.error}): job states from Slurm in a later pass"
+    elif acc is not None and acc.asked:
+        text += f"; sacct: {acc.asked} job(s) asked, {acc.records} record(s) stored"
     return text
 
 
@@ -51,7 +56,9 @@ def aggregate(mode: str, every_s: float, wait_s: float, as_json: bool, debug: bo
     """Merge job and node slices from the spool into the cluster ledger.
 
     Idempotent: a slice merged twice changes nothing. Bad slices go to the quarantine folder
-    with a reason; slices from a newer llem stay in the spool (exit status 1).
+    with a reason; slices from a newer llem stay in the spool (exit status 1). After merging,
+    Slurm's accounting (sacct, per aggregate.sacct) is asked for the final state of the jobs
+    merged, within aggregate.sacct_timeout_s; when it fails, the jobs are asked again later.
     """
     from llem.cluster.aggregate import LedgerBusy, aggregate_once, watch
 
@@ -61,7 +68,8 @@ def aggregate(mode: str, every_s: float, wait_s: float, as_json: bool, debug: bo
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
 
         def report(res) -> None:
-            if res.merged or res.quarantined or res.newer:
+            acc = res.accounting
+            if res.merged or res.quarantined or res.newer or (acc and (acc.error or acc.asked)):
                 click.echo(_summary(res), err=True)
 
         try:
@@ -85,6 +93,15 @@ def aggregate(mode: str, every_s: float, wait_s: float, as_json: bool, debug: bo
                     "jobs": res.jobs,
                     "incomplete": res.incomplete,
                     "elapsed_s": round(res.elapsed_s, 3),
+                    "sacct": None
+                    if res.accounting is None
+                    else {
+                        "asked": res.accounting.asked,
+                        "records": res.accounting.records,
+                        "calls": res.accounting.calls,
+                        "error": res.accounting.error,
+                        "skipped": res.accounting.skipped,
+                    },
                 },
                 sort_keys=True,
             )

@@ -48,10 +48,55 @@ RUN_COLUMNS = (
     "estimated_energy_uj",
     "gpu_seconds",
     "coverage",
+    "exit_code",
+    "signal",
+    "derived_exit_code",
+    "derived_signal",
+    "submit_ns",
+    "eligible_ns",
+    "slurm_start_ns",
+    "slurm_end_ns",
+    "timelimit",
+    "timelimit_min",
+    "qos",
+    "alloc_cpus",
+    "alloc_tres",
+    "req_mem",
+    "cancelled_by",
+    "state_source",
     "attribution",
 )
-"""The columns of :func:`select_runs`' rows, in order: ``job_runs``'s, then the attribution
-policies of the run's nodes (comma-separated; None before ledger migration 3)."""
+"""The columns of :func:`select_runs`' rows, in order: ``job_runs``'s (None for those a ledger
+not yet migrated by ``llem aggregate`` lacks), then the attribution policies of the run's
+nodes (comma-separated; None before ledger migration 3)."""
+
+SLURM_RUN_COLUMNS = frozenset(
+    {
+        "derived_signal",
+        "submit_ns",
+        "eligible_ns",
+        "slurm_start_ns",
+        "slurm_end_ns",
+        "timelimit",
+        "timelimit_min",
+        "qos",
+        "alloc_cpus",
+        "alloc_tres",
+        "req_mem",
+        "cancelled_by",
+        "state_source",
+    }
+)
+"""``job_runs`` columns added by the ledger migration for Slurm's accounting."""
+
+STARTED = "COALESCE(r.slurm_start_ns, r.run_start_ns)"
+ENDED = "COALESCE(r.slurm_end_ns, r.run_end_ns)"
+ELIGIBLE = "COALESCE(r.eligible_ns, r.slurm_start_ns, r.run_start_ns)"
+SUBMITTED = "COALESCE(r.submit_ns, r.eligible_ns, r.slurm_start_ns, r.run_start_ns)"
+"""A run's times as sacct knows them: Slurm's own where it told us, else the nodes'."""
+INDEX_SLACK_NS = 3600 * 10**9
+"""The nodes' end of a run (``run_end_ns``, indexed) is never this much before Slurm's: a
+window on Slurm's end is first narrowed with the index, this much wider."""
 
 
 def _attribution_sql(ledger) -> str:
@@ -142,17 +187,35 @@ class Visibility:
 class RunFilter:
     """Which runs of ``job_runs`` to select; None means no restriction.
 
+    The time window is sacct's (``as_mysql_jobacct_process.c`` in Slurm 22.05), by
+    ``window``:
+
+    * ``eligible`` (no ``-s``, no ``-j``): runs eligible before ``end_ns`` that ended at or
+      after ``start_ns`` (pending time counts);
+    * ``submit`` (``-j`` without ``-s``): runs submitted before ``end_ns`` that ended at or
+      after ``start_ns``;
+    * ``state`` (``-s``): per state, runs in that state that *ended* within
+      [``start_ns``, ``end_ns``]; ``RUNNING``: runs that ran during the window, whatever
+      their state; ``PENDING``: runs eligible before ``end_ns`` that started after
+      ``start_ns``.
+
     Attributes:
         clusters: cluster names.
         users: user names; numeric items match the uid.
         accounts: account names.
         partitions: partition names.
-        states: ledger states (``COMPLETED``, ``FAILED``, ``SIGNALED``, ``UNKNOWN``).
-        start_ns: runs that ended at or after this time (ns since the epoch).
-        end_ns: runs that started at or before this time.
+        states: sacct state names (``COMPLETED``, ``CANCELLED``, ..., ``UNKNOWN``).
+        start_ns: the window's start (ns since the epoch).
+        end_ns: the window's end.
         jobs: job ids, array tasks (the step part is applied by the caller).
         nodes: host names; runs with at least one of them.
         names: job names.
+        window: ``eligible``, ``submit``, ``state`` or ``overlap`` (runs that ended at or
+            after ``start_ns`` and started at or before ``end_ns``).
+        groups: gids; runs whose job ran under one of them.
+        qos: QOS names (known from Slurm's accounting only).
+        timelimit_min, timelimit_max: minutes; as sacct, ``-k`` alone selects runs with that
+            very time limit, with ``-K`` the range; ``-K`` alone selects nothing less.
         visible: what privacy lets the caller see (None: everything).
     """
 
@@ -166,6 +229,11 @@ class RunFilter:
     jobs: tuple[JobSpec, ...] | None = None
     nodes: tuple[str, ...] | None = None
     names: tuple[str, ...] | None = None
+    window: str = "overlap"
+    groups: tuple[int, ...] | None = None
+    qos: tuple[str, ...] | None = None
+    timelimit_min: int | None = None
+    timelimit_max: int | None = None
     visible: Visibility | None = None
 
 
@@ -232,16 +300,27 @@ def where_clause(f: RunFilter) -> tuple[str, list]:
         where.append(_in("r.account", f.accounts, params))
     if f.partitions is not None:
         where.append(_in("r.partition", f.partitions, params))
-    if f.states is not None:
-        where.append(_in("COALESCE(r.state, 'UNKNOWN')", f.states, params))
     if f.names is not None:
         where.append(_in("r.name", f.names, params))
-    if f.start_ns is not None:
-        where.append("r.run_end_ns >= ?")
-        params.append(f.start_ns)
-    if f.end_ns is not None:
-        where.append("r.run_start_ns <= ?")
-        params.append(f.end_ns)
+    if f.states is not None and f.window != "state":
+        where.append(_in("COALESCE(r.state, 'UNKNOWN')", f.states, params))
+    where += _window(f, params)
+    if f.qos is not None:
+        where.append(_in("r.qos", f.qos, params))
+    if f.timelimit_min is not None:
+        if f.timelimit_max is not None:
+            where.append("r.timelimit_min BETWEEN ? AND ?")
+            params += [f.timelimit_min, f.timelimit_max]
+        else:
+            where.append("r.timelimit_min = ?")
+            params.append(f.timelimit_min)
+    if f.groups is not None:
+        where.append(
+            "EXISTS (SELECT 1 FROM job_nodes jn WHERE jn.cluster = r.cluster AND "
+            "jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns AND "
+            + _in("jn.gid", f.groups, params)
+            + ")"
+        )
     if f.jobs is not None:
         either = []
         for spec in f.jobs:
@@ -268,16 +347,98 @@ def where_clause(f: RunFilter) -> tuple[str, list]:
     return " AND ".join(where) or "TRUE", params
 
 
+def _window(f: RunFilter, params: list) -> list[str]:
+    """The time window's conditions (see :class:`RunFilter`)."""
+    start, end = f.start_ns, f.end_ns
+    out = []
+    if start is not None:
+        # The index on run_end_ns narrows first; the exact test is on Slurm's end.
+        out.append("r.run_end_ns >= ?")
+        params.append(start - INDEX_SLACK_NS)
+    if f.window == "overlap" or (f.window == "state" and f.states is None):
+        if start is not None:
+            out.append(f"{ENDED} >= ?")
+            params.append(start)
+        if end is not None:
+            out.append(f"{STARTED} <= ?")
+            params.append(end)
+        return out
+    if f.window in ("eligible", "submit"):
+        begin = ELIGIBLE if f.window == "eligible" else SUBMITTED
+        if end is not None:
+            out.append(f"{begin} < ?")
+            params.append(end)
+        if start is not None:
+            out.append(f"{ENDED} >= ?")
+            params.append(start)
+        return out
+    either = []
+    for state in f.states or ():
+        if start is None and end is None:
+            either.append("COALESCE(r.state, 'UNKNOWN') = ?")
+            params.append(state)
+        elif state == "RUNNING":
+            either.append(f"({ENDED} > ? AND {STARTED} < ?)")
+            params += [start or 0, end if end is not None else 2**62]
+        elif state == "PENDING":
+            either.append(f"({STARTED} > ? AND {ELIGIBLE} < ?)")
+            params += [start or 0, end if end is not None else 2**62]
+        else:
+            either.append(f"(COALESCE(r.state, 'UNKNOWN') = ? AND {ENDED} BETWEEN ? AND ?)")
+            params += [state, start or 0, end if end is not None else 2**62]
+    out.append(f"({' OR '.join(either) or '1 = 0'})")
+    return out
+
+
+def run_columns_sql(ledger) -> str:
+    """The select list of :data:`RUN_COLUMNS` over ``job_runs r`` for this ledger: NULL for
+    the columns a ledger not yet migrated lacks."""
+    cols = [
+        f"r.{c}" if c not in SLURM_RUN_COLUMNS or ledger.has_column("job_runs", c) else "NULL"
+        for c in RUN_COLUMNS[:-1]
+    ]
+    has_column = ledger.has_column("job_nodes", "attribution")
+    cols.append(_attribution_sql(ledger) if has_column else "NULL")
+    return ", ".join(cols)
+
+
 def select_runs(ledger, f: RunFilter) -> list[tuple]:
     """Runs matching ``f``, oldest start first, as tuples of :data:`RUN_COLUMNS`."""
     where, params = where_clause(f)
-    cols = ", ".join(f"r.{c}" for c in RUN_COLUMNS[:-1])
-    has_column = ledger.has_column("job_nodes", "attribution")
-    cols += ", " + (_attribution_sql(ledger) if has_column else "NULL")
+    if not _has_slurm_columns(ledger):
+        if f.qos is not None or f.timelimit_min is not None:
+            return []  # only Slurm's accounting knows them
+        where = _unmigrated(where)
+    cols = run_columns_sql(ledger)
     return ledger.query(
         f"SELECT {cols} FROM job_runs r WHERE {where} ORDER BY r.run_start_ns, r.cluster, r.job_id",
         params,
     )
+
+
+def _where_for(ledger, f: RunFilter) -> tuple[str, list]:
+    where, params = where_clause(f)
+    if not _has_slurm_columns(ledger):
+        if f.qos is not None or f.timelimit_min is not None:
+            return "1 = 0", []
+        where = _unmigrated(where)
+    return where, params
+
+
+def _has_slurm_columns(ledger) -> bool:
+    return ledger.has_column("job_runs", "submit_ns")
+
+
+def _unmigrated(where: str) -> str:
+    """``where`` for a ledger without the accounting columns: the nodes' times only."""
+    for expr, plain in (
+        (STARTED, "r.run_start_ns"),
+        (ENDED, "r.run_end_ns"),
+        (ELIGIBLE, "r.run_start_ns"),
+        (SUBMITTED, "r.run_start_ns"),
+    ):
+        where = where.replace(expr, plain)
+    return where
 
 
 def _chunks(items: Sequence, size: int = CHUNK) -> Iterable[Sequence]:
@@ -337,7 +498,7 @@ def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
     the runs' wall times, ``node_ns`` of nodes x wall time, ``covered_ns`` of coverage x wall
     time over the runs that have a coverage, whose wall time sums to ``coverage_ns``.
     """
-    where, params = where_clause(f)
+    where, params = _where_for(ledger, f)
     span = "(r.run_end_ns - r.run_start_ns)"
     rows = ledger.query(
         f"SELECT {group_key(ledger, by)} AS k, COUNT(*), SUM({span}), SUM(r.energy_uj), "
@@ -361,7 +522,7 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
             for one per run (rows ``(cluster, job_id, run_start_ns, hour_s, energy_uj)``); or
             a member of :data:`GROUP_KEYS` (rows ``(key, hour_s, energy_uj)``).
     """
-    where, params = where_clause(f)
+    where, params = _where_for(ledger, f)
     if group is None:
         keys, n = "", 0
     elif group == "run":
@@ -381,7 +542,7 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
 
 def run_nodes(ledger, f: RunFilter) -> list[tuple[str, str]]:
     """Distinct (cluster, node) of the runs matching ``f`` (for the statement's hardware)."""
-    where, params = where_clause(f)
+    where, params = _where_for(ledger, f)
     return ledger.query(
         # CROSS JOIN keeps job_runs outermost: left free, the planner scans all of job_nodes
         # in node order to save a sort (13 s instead of 0.2 s on a million jobs).

@@ -53,21 +53,40 @@ def _count_nodes(nodelist: str | None) -> int | None:
         return None
 
 
-def derive_state(exit_code: int | None, signal: int | None, derived_ec: int | None) -> str:
-    """What the header can honestly say of the job's end.
+def _derived_parts(env: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """(exit code, signal) of the highest step exit: ``E:S``, or a raw wait status (what
+    Slurm 22.05 gives in SLURM_JOB_DERIVED_EC: 256 is exit code 1)."""
+    text = (env.get("SLURM_JOB_DERIVED_EC") or "").strip()
+    exit_s, sep, sig_s = text.partition(":")
+    if sep:
+        if exit_s.isdigit() and sig_s.isdigit():
+            return int(exit_s), int(sig_s)
+        return None, None
+    if not text.isdigit():
+        return None, None
+    status = int(text)
+    if os.WIFSIGNALED(status):
+        return 0, os.WTERMSIG(status)
+    return os.WEXITSTATUS(status), 0
 
-    EpilogSlurmctld is not given the job state, only the batch script's wait status and the
-    highest step exit code, so: ``COMPLETED`` (0, no signal, no failed step), ``FAILED``
-    (non-zero exit), ``SIGNALED`` (killed by a signal: cancelled, timed out, out of memory or
-    node failure, which slurmctld does not tell apart here; sacct does) or ``UNKNOWN``.
+
+def derive_state(exit_code: int | None, signal: int | None, derived_ec: int | None = None) -> str:
+    """What the header can honestly say of the job's end, in sacct's words.
+
+    EpilogSlurmctld is not given the job state, only the batch script's exit status, and on
+    Slurm 22.05 that is ``0:0`` for a job that was cancelled or timed out as well as for one
+    that completed. So: ``FAILED`` when the batch script exited non-zero or was killed by a
+    signal (sacct says ``FAILED N:0`` or ``FAILED 0:S`` for those), else ``UNKNOWN``: only
+    Slurm's accounting (``sacct``, reconciled by ``llem aggregate``) tells ``COMPLETED`` from
+    ``CANCELLED`` or ``TIMEOUT``. ``derived_ec`` does not change the state: sacct shows a job
+    whose script exits 0 after a failed step as ``COMPLETED``.
     """
+    del derived_ec  # the state does not depend on it (see above)
     if exit_code is None:
         return "UNKNOWN"
-    if signal:
-        return "SIGNALED"
-    if exit_code != 0 or (derived_ec or 0) != 0:
+    if signal or exit_code != 0:
         return "FAILED"
-    return "COMPLETED"
+    return "UNKNOWN"
 
 
 def header_slice_from_env(
@@ -77,7 +96,8 @@ def header_slice_from_env(
 
     Uses SLURM_JOB_ID, SLURM_JOB_NAME, SLURM_JOB_NODELIST, SLURM_JOB_ACCOUNT, SLURM_JOB_USER,
     SLURM_JOB_UID, SLURM_JOB_PARTITION, SLURM_JOB_EXIT_CODE (wait status) or
-    SLURM_JOB_EXIT_CODE2 (``exit:signal``), SLURM_JOB_DERIVED_EC, SLURM_CLUSTER_NAME (wins over
+    SLURM_JOB_EXIT_CODE2 (``exit:signal``), SLURM_JOB_DERIVED_EC (``E:S`` or a wait status),
+    SLURM_CLUSTER_NAME (wins over
     ``cluster``), SLURM_ARRAY_JOB_ID/SLURM_ARRAY_TASK_ID, and SLURM_JOB_START_TIME /
     SLURM_JOB_END_TIME (epoch seconds) where this Slurm sets them; otherwise the end is now.
 
@@ -89,8 +109,7 @@ def header_slice_from_env(
     start_s = _env_int(env, "SLURM_JOB_START_TIME")
     end_s = _env_int(env, "SLURM_JOB_END_TIME")
     exit_code, signal = _exit_parts(env)
-    derived = (env.get("SLURM_JOB_DERIVED_EC") or "").partition(":")[0]
-    derived_ec = int(derived) if derived.strip().isdigit() else None
+    derived_ec, derived_signal = _derived_parts(env)
     nodelist = (env.get("SLURM_JOB_NODELIST") or "").strip() or None
     job = {
         "job_id": (env.get("SLURM_JOB_ID") or "").strip(),
@@ -108,6 +127,7 @@ def header_slice_from_env(
         "exit_code": exit_code,
         "signal": signal,
         "derived_exit_code": derived_ec,
+        "derived_signal": derived_signal,
         "state": derive_state(exit_code, signal, derived_ec),
     }
     data = {

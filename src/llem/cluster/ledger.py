@@ -49,6 +49,50 @@ HEADER_SLACK_NS = 5 * 10**9
 HEADER_AFTER_NS = 600 * 10**9
 """How long after its nodes' Epilogs slurmctld's EpilogSlurmctld may still run."""
 
+_HEADER_ROW = (
+    "cluster",
+    "job_id",
+    "end_ns",
+    "start_ns",
+    "array_job_id",
+    "array_task_id",
+    "user",
+    "uid",
+    "account",
+    "partition",
+    "name",
+    "nodelist",
+    "num_nodes",
+    "state",
+    "exit_code",
+    "signal",
+    "derived_exit_code",
+    "derived_signal",
+)
+"""The columns of a header's row (see :func:`prepare`), in order."""
+SLURM_JOB_COLUMNS = (
+    "cluster",
+    "job_id",
+    "start_ns",
+    "end_ns",
+    "submit_ns",
+    "eligible_ns",
+    "state",
+    "exit_code",
+    "signal",
+    "derived_exit_code",
+    "derived_signal",
+    "timelimit",
+    "timelimit_min",
+    "alloc_cpus",
+    "alloc_tres",
+    "req_mem",
+    "qos",
+    "cancelled_by",
+    "checked_ns",
+)
+"""The columns of ``slurm_jobs``, in order."""
+
 
 def _v1(db: sqlite3.Connection) -> None:
     run_script(
@@ -209,12 +253,84 @@ def _v5_remainder_labels(db: sqlite3.Connection) -> None:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
 
 
+def _v6_slurm_accounting(db: sqlite3.Connection) -> None:
+    """Slurm's accounting (``sacct``) as the authority for job facts (issue 19).
+
+    ``slurm_jobs``: one row per run of a job as slurmdbd records it (``sacct -X -D``), keyed
+    by its start; ``slurm_checks``: when each job was last asked about, for the retries.
+    ``job_runs`` gains the facts only Slurm knows (submit, eligible, time limit, allocation,
+    derived signal), where its state came from, and Slurm's own start and end.
+
+    Existing headers are corrected: on Slurm 22.05 EpilogSlurmctld sees exit code 0:0 for a
+    cancelled or timed-out job, so a header's ``COMPLETED`` was a guess (now ``UNKNOWN``);
+    ``SIGNALED`` becomes sacct's ``FAILED``; a derived exit code stored as a raw wait status
+    (a multiple of 256) becomes the exit code.
+    """
+    run_script(
+        db,
+        """
+        CREATE TABLE IF NOT EXISTS slurm_jobs (
+            cluster TEXT NOT NULL, job_id TEXT NOT NULL, start_ns INTEGER NOT NULL,
+            end_ns INTEGER, submit_ns INTEGER, eligible_ns INTEGER, state TEXT NOT NULL,
+            exit_code INTEGER, signal INTEGER, derived_exit_code INTEGER, derived_signal INTEGER,
+            timelimit TEXT, timelimit_min INTEGER, alloc_cpus INTEGER, alloc_tres TEXT,
+            req_mem TEXT, qos TEXT, cancelled_by INTEGER, checked_ns INTEGER NOT NULL,
+            PRIMARY KEY (cluster, job_id, start_ns)
+        );
+        CREATE TABLE IF NOT EXISTS slurm_checks (
+            cluster TEXT NOT NULL, job_id TEXT NOT NULL, tries INTEGER NOT NULL,
+            next_ns INTEGER NOT NULL,
+            PRIMARY KEY (cluster, job_id)
+        )
+    """,
+    )
+    have = {r[1] for r in db.execute("PRAGMA table_info(job_runs)")}
+    for column, decl in (
+        ("derived_signal", "INTEGER"),
+        ("submit_ns", "INTEGER"),
+        ("eligible_ns", "INTEGER"),
+        ("slurm_start_ns", "INTEGER"),
+        ("slurm_end_ns", "INTEGER"),
+        ("timelimit", "TEXT"),
+        ("timelimit_min", "INTEGER"),
+        ("qos", "TEXT"),
+        ("alloc_cpus", "INTEGER"),
+        ("alloc_tres", "TEXT"),
+        ("req_mem", "TEXT"),
+        ("cancelled_by", "INTEGER"),
+        ("state_source", "TEXT"),
+        ("accounted", "INTEGER NOT NULL DEFAULT 0"),
+    ):
+        if column not in have:
+            db.execute(f"ALTER TABLE job_runs ADD COLUMN {column} {decl}")
+    have = {r[1] for r in db.execute("PRAGMA table_info(job_headers)")}
+    if "derived_signal" not in have:
+        db.execute("ALTER TABLE job_headers ADD COLUMN derived_signal INTEGER")
+    run_script(
+        db,
+        """
+        CREATE INDEX IF NOT EXISTS job_runs_unaccounted ON job_runs (run_end_ns)
+            WHERE accounted = 0;
+        UPDATE job_headers SET derived_exit_code = derived_exit_code / 256
+            WHERE derived_exit_code >= 256 AND derived_exit_code % 256 = 0;
+        UPDATE job_runs SET derived_exit_code = derived_exit_code / 256
+            WHERE derived_exit_code >= 256 AND derived_exit_code % 256 = 0;
+        UPDATE job_headers SET state = 'UNKNOWN' WHERE state = 'COMPLETED';
+        UPDATE job_runs SET state = 'UNKNOWN' WHERE state = 'COMPLETED';
+        UPDATE job_headers SET state = 'FAILED' WHERE state = 'SIGNALED';
+        UPDATE job_runs SET state = 'FAILED' WHERE state = 'SIGNALED';
+        UPDATE job_runs SET state_source = 'header' WHERE has_header = 1
+    """,
+    )
+
+
 MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v1,
     _v2,
     _v3,
     _v4_work_and_power,
     _v5_remainder_labels,
+    _v6_slurm_accounting,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -290,6 +406,9 @@ CANONICAL_QUERIES = {
     "job_power": f"SELECT {_NODE_KEY}, p.step_s, p.devices, p.points "
     "FROM job_power p JOIN job_nodes jn ON jn.id = p.job_node_id",
     "job_headers": "SELECT * FROM job_headers",
+    "slurm_jobs": "SELECT cluster, job_id, start_ns, end_ns, submit_ns, eligible_ns, state, "
+    "exit_code, signal, derived_exit_code, derived_signal, timelimit, timelimit_min, alloc_cpus, "
+    "alloc_tres, req_mem, qos, cancelled_by FROM slurm_jobs",
     "node_hours": "SELECT * FROM node_hours",
     "quarantine": "SELECT file, digest, reason, owner_uid, size FROM quarantine",
 }
@@ -548,8 +667,8 @@ class Ledger:
 
     def _merge_header(self, item: Prepared) -> bool:
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO job_headers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " ?, ?, ?)",
+            f"INSERT OR IGNORE INTO job_headers ({', '.join(_HEADER_ROW)}) "
+            f"VALUES ({', '.join('?' * len(_HEADER_ROW))})",
             item[2],
         )
         return cur.rowcount > 0
@@ -591,7 +710,9 @@ class Ledger:
         "exit_code",
         "signal",
         "derived_exit_code",
+        "derived_signal",
     )
+    _SLURM_COLS = SLURM_JOB_COLUMNS[2:]
     _REGROUP_CHUNK = 500
 
     def _regroup(self, jobs: Iterable[tuple[str, str]], now_ns: int, grace_s: float) -> None:
@@ -612,10 +733,11 @@ class Ledger:
         where = f"cluster = ? AND job_id IN ({', '.join('?' * len(part))})"
         nodes = self._rows_by_job("job_nodes", self._NODE_COLS, where, cluster, part)
         headers = self._rows_by_job("job_headers", self._HEADER_COLS, where, cluster, part)
+        accounted = self._rows_by_job("slurm_jobs", self._SLURM_COLS, where, cluster, part)
         self.db.execute(f"DELETE FROM job_runs WHERE {where}", (cluster, *part))
         rows, moved = [], []
         for job_id in part:
-            for run in group_runs(nodes[job_id], headers[job_id]):
+            for run in group_runs(nodes[job_id], headers[job_id], accounted[job_id]):
                 row = summarize_run(run, now_ns, grace_s)
                 rows.append((cluster, job_id, *[row[c] for c in _RUN_COLUMNS]))
                 start = row["run_start_ns"]
@@ -646,6 +768,100 @@ class Ledger:
                 ).rowcount
             )
         )
+
+    # -- Slurm's accounting ------------------------------------------------------------------
+
+    def accounting_candidates(
+        self, *, ended_before_ns: int, now_ns: int, max_tries: int, limit: int
+    ) -> list[tuple[str, str]]:
+        """(cluster, job_id) of jobs with a run Slurm's accounting has not confirmed yet,
+        that ended before ``ended_before_ns`` and are due for a (re)try; oldest end first."""
+        return self.query(
+            "SELECT r.cluster, r.job_id FROM job_runs r LEFT JOIN slurm_checks c "
+            "ON c.cluster = r.cluster AND c.job_id = r.job_id "
+            "WHERE r.accounted = 0 AND r.run_end_ns <= ? "
+            "AND (c.next_ns IS NULL OR (c.next_ns <= ? AND c.tries < ?)) "
+            "GROUP BY r.cluster, r.job_id ORDER BY MIN(r.run_end_ns) LIMIT ?",
+            (ended_before_ns, now_ns, max_tries, limit),
+        )
+
+    def store_accounting(
+        self,
+        cluster: str,
+        records: Iterable[Sequence],
+        asked: Iterable[str],
+        *,
+        now_ns: int,
+        retry_ns: Callable[[int], int],
+        grace_s: float,
+    ) -> int:
+        """Store Slurm's records (rows of :data:`SLURM_JOB_COLUMNS` without ``checked_ns``)
+        of the jobs ``asked`` about, note the try, and recompute those jobs' runs.
+
+        A job asked about is tried again ``retry_ns(tries)`` later while one of its runs has
+        no record (slurmdbd may not have it yet); a job whose runs all have theirs is
+        forgotten, so that a later run of it (a requeue) is asked about in the next pass.
+        Returns how many records were new or changed.
+        """
+        records = [tuple(r) for r in records]
+        asked = sorted(set(asked))
+
+        def body() -> int:
+            changed = 0
+            for r in records:
+                before = self.db.total_changes
+                self.db.execute(
+                    f"INSERT INTO slurm_jobs ({', '.join(SLURM_JOB_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(SLURM_JOB_COLUMNS))}) "
+                    "ON CONFLICT (cluster, job_id, start_ns) DO UPDATE SET "
+                    + ", ".join(f"{c} = excluded.{c}" for c in SLURM_JOB_COLUMNS[3:-1])
+                    + " WHERE ("
+                    + ", ".join(f"slurm_jobs.{c}" for c in SLURM_JOB_COLUMNS[3:-1])
+                    + ") IS NOT ("
+                    + ", ".join(f"excluded.{c}" for c in SLURM_JOB_COLUMNS[3:-1])
+                    + ")",
+                    (*r, now_ns),
+                )
+                changed += self.db.total_changes - before
+            self._regroup({(cluster, j) for j in asked}, now_ns, grace_s)
+            for job_id in asked:
+                key = (cluster, job_id)
+                if not self.db.execute(
+                    "SELECT 1 FROM job_runs WHERE cluster = ? AND job_id = ? AND accounted = 0 "
+                    "LIMIT 1",
+                    key,
+                ).fetchone():
+                    # every run has its record: a later run (a requeue) is asked about at once
+                    self.db.execute(
+                        "DELETE FROM slurm_checks WHERE cluster = ? AND job_id = ?", key
+                    )
+                    continue
+                tries = self.db.execute(
+                    "SELECT tries FROM slurm_checks WHERE cluster = ? AND job_id = ?", key
+                ).fetchone()
+                n = (tries[0] if tries else 0) + 1
+                self.db.execute(
+                    "INSERT INTO slurm_checks VALUES (?, ?, ?, ?) ON CONFLICT (cluster, job_id) "
+                    "DO UPDATE SET tries = excluded.tries, next_ns = excluded.next_ns",
+                    (*key, n, now_ns + retry_ns(n)),
+                )
+            return changed
+
+        return self._txn(body)
+
+    def defer_accounting(self, cluster: str, job_ids: Iterable[str], next_ns: int) -> None:
+        """Ask about these jobs again no sooner than ``next_ns`` (sacct failed: slurmdbd down),
+        without counting a try."""
+        rows = [(cluster, j, next_ns) for j in sorted(set(job_ids))]
+
+        def body() -> None:
+            self.db.executemany(
+                "INSERT INTO slurm_checks VALUES (?, ?, 0, ?) ON CONFLICT (cluster, job_id) "
+                "DO UPDATE SET next_ns = excluded.next_ns",
+                rows,
+            )
+
+        self._txn(body)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -908,6 +1124,20 @@ _RUN_COLUMNS = (
     "exit_code",
     "signal",
     "derived_exit_code",
+    "derived_signal",
+    "submit_ns",
+    "eligible_ns",
+    "slurm_start_ns",
+    "slurm_end_ns",
+    "timelimit",
+    "timelimit_min",
+    "qos",
+    "alloc_cpus",
+    "alloc_tres",
+    "req_mem",
+    "cancelled_by",
+    "state_source",
+    "accounted",
     "has_header",
     "status",
     "nodes_reported",
@@ -965,6 +1195,7 @@ def _prepare_header(data: dict) -> Prepared:
             job.get("exit_code"),
             job.get("signal"),
             job.get("derived_exit_code"),
+            job.get("derived_signal"),
         ),
     )
 
@@ -1184,7 +1415,9 @@ class _Checkpointer:
             db.close()
 
 
-def group_runs(nodes: list[dict], headers: list[dict]) -> list[dict]:
+def group_runs(
+    nodes: list[dict], headers: list[dict], accounted: Sequence[dict] = ()
+) -> list[dict]:
     """Group a job's node runs into runs of the job, and attach each header to its run.
 
     Node runs that overlap in time belong to one run (all nodes of an allocation run
@@ -1192,8 +1425,11 @@ def group_runs(nodes: list[dict], headers: list[dict]) -> list[dict]:
     ended, so it opens a new run. A header goes to the run that starts at the header's start
     when slurmctld gave one, else to the run whose end is nearest the header's end among the
     runs that started before it and ended at most :data:`HEADER_AFTER_NS` before it; a header
-    with no run stands alone (its nodes have not reported yet). Pure: the same node runs and
-    headers give the same runs in any order.
+    with no run stands alone (its nodes have not reported yet). Slurm's own record of a run
+    (``accounted``, rows of ``slurm_jobs``) goes to the run that starts within
+    :data:`HEADER_SLACK_NS` of its start, or whose span holds it; records of runs no node
+    reported are left out. Pure: the same node runs and headers give the same runs in any
+    order.
     """
     runs: list[dict] = []
     for node in sorted(nodes, key=lambda n: (n["start_ns"], n["node"], n["end_ns"])):
@@ -1231,7 +1467,31 @@ def group_runs(nodes: list[dict], headers: list[dict]) -> list[dict]:
             "header": header,
         }
     runs += alone.values()
-    return sorted(runs, key=lambda r: r["start_ns"])
+    runs.sort(key=lambda r: r["start_ns"])
+    for run in runs:
+        run["slurm"] = None
+    for record in sorted(accounted, key=lambda a: (a["start_ns"], a["end_ns"] or 0)):
+        target = _run_of_record([r for r in runs if r["slurm"] is None], record)
+        if target is not None:
+            target["slurm"] = record
+    return runs
+
+
+def _run_of_record(free: list[dict], record: dict) -> dict | None:
+    """The run (among those without a record yet) that Slurm's record of a run belongs to:
+    the nearest start within :data:`HEADER_SLACK_NS` of the record's start, else the first
+    that started during the record's span (give or take the slack). Records are placed in
+    order of their start, so that a requeued job's runs pair up in turn even when the
+    nodes' starts lag Slurm's by a few seconds."""
+    start = record["start_ns"]
+    near = [r for r in free if abs(r["start_ns"] - start) <= HEADER_SLACK_NS]
+    if near:
+        return min(near, key=lambda r: (abs(r["start_ns"] - start), r["start_ns"]))
+    end = record["end_ns"] if record["end_ns"] is not None else start
+    for run in free:
+        if start - HEADER_SLACK_NS <= run["start_ns"] <= end + HEADER_SLACK_NS:
+            return run
+    return None
 
 
 def _run_of_header(runs: list[dict], header: dict) -> dict | None:
@@ -1251,8 +1511,10 @@ def _run_of_header(runs: list[dict], header: dict) -> dict | None:
 
 
 def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
-    """The ``job_runs`` row of one run: header fields first, node fields where it has none."""
+    """The ``job_runs`` row of one run: header fields first, node fields where it has none;
+    Slurm's accounting record, where there is one, for the job's end (state, exit codes)."""
     header = run["header"] or {}
+    slurm = run.get("slurm") or {}
     nodes = run["nodes"]
     first = nodes[0] if nodes else {}
 
@@ -1283,10 +1545,7 @@ def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
         "tag": first.get("tag"),
         "nodelist": nodelist,
         "num_nodes": num_nodes,
-        "state": header.get("state"),
-        "exit_code": header.get("exit_code"),
-        "signal": header.get("signal"),
-        "derived_exit_code": header.get("derived_exit_code"),
+        **_end_facts(header, slurm),
         "has_header": int(bool(header)),
         "status": status,
         "nodes_reported": len(reported),
@@ -1294,6 +1553,32 @@ def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
         **_energy_totals(nodes),
         "gpu_seconds": round(_gpu_seconds(nodes), 3),
         "coverage": round(coverage, 6) if coverage is not None else None,
+    }
+
+
+def _end_facts(header: dict, slurm: dict) -> dict:
+    """State, exit codes and Slurm-only facts of a run: Slurm's accounting record when there
+    is one (the authority), else what EpilogSlurmctld's header knew."""
+    source = slurm or header
+    return {
+        "state": source.get("state"),
+        "exit_code": source.get("exit_code"),
+        "signal": source.get("signal"),
+        "derived_exit_code": source.get("derived_exit_code"),
+        "derived_signal": source.get("derived_signal"),
+        "submit_ns": slurm.get("submit_ns"),
+        "eligible_ns": slurm.get("eligible_ns"),
+        "slurm_start_ns": slurm.get("start_ns"),
+        "slurm_end_ns": slurm.get("end_ns"),
+        "timelimit": slurm.get("timelimit"),
+        "timelimit_min": slurm.get("timelimit_min"),
+        "qos": slurm.get("qos"),
+        "alloc_cpus": slurm.get("alloc_cpus"),
+        "alloc_tres": slurm.get("alloc_tres"),
+        "req_mem": slurm.get("req_mem"),
+        "cancelled_by": slurm.get("cancelled_by"),
+        "state_source": "slurm" if slurm else ("header" if header else None),
+        "accounted": int(bool(slurm)),
     }
 
 

@@ -89,6 +89,7 @@ _HEADER_COLUMNS = (  # what runs are computed from (group_runs, summarize_run)
     "exit_code",
     "signal",
     "derived_exit_code",
+    "derived_signal",
 )
 _ENERGY_COLUMNS = (
     "job_node_id",

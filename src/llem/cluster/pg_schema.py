@@ -183,12 +183,71 @@ def _v5_remainder_labels(cur: Any) -> None:
             cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} BIGINT")
 
 
+def _v6_slurm_accounting(cur: Any) -> None:
+    """The SQLite ledger's ``_v6_slurm_accounting``: Slurm's records of the runs (``sacct``),
+    the retries, the job facts only Slurm knows, and the old headers' states corrected.
+    (``llem aggregate`` asks sacct only with the SQLite ledger for now: here the tables stay
+    empty and the states are the headers'.)"""
+    t = TEXT
+    cur.execute(
+        f"""
+        CREATE TABLE IF NOT EXISTS slurm_jobs (
+            cluster {t} NOT NULL, job_id {t} NOT NULL, start_ns BIGINT NOT NULL,
+            end_ns BIGINT, submit_ns BIGINT, eligible_ns BIGINT, state {t} NOT NULL,
+            exit_code BIGINT, signal BIGINT, derived_exit_code BIGINT, derived_signal BIGINT,
+            timelimit {t}, timelimit_min BIGINT, alloc_cpus BIGINT, alloc_tres {t},
+            req_mem {t}, qos {t}, cancelled_by BIGINT, checked_ns BIGINT NOT NULL,
+            PRIMARY KEY (cluster, job_id, start_ns)
+        );
+        CREATE TABLE IF NOT EXISTS slurm_checks (
+            cluster {t} NOT NULL, job_id {t} NOT NULL, tries BIGINT NOT NULL,
+            next_ns BIGINT NOT NULL,
+            PRIMARY KEY (cluster, job_id)
+        )
+        """
+    )
+    for column, decl in (
+        ("derived_signal", "BIGINT"),
+        ("submit_ns", "BIGINT"),
+        ("eligible_ns", "BIGINT"),
+        ("slurm_start_ns", "BIGINT"),
+        ("slurm_end_ns", "BIGINT"),
+        ("timelimit", t),
+        ("timelimit_min", "BIGINT"),
+        ("qos", t),
+        ("alloc_cpus", "BIGINT"),
+        ("alloc_tres", t),
+        ("req_mem", t),
+        ("cancelled_by", "BIGINT"),
+        ("state_source", t),
+        ("accounted", "BIGINT NOT NULL DEFAULT 0"),
+    ):
+        cur.execute(f"ALTER TABLE job_runs ADD COLUMN IF NOT EXISTS {column} {decl}")
+    cur.execute("ALTER TABLE job_headers ADD COLUMN IF NOT EXISTS derived_signal BIGINT")
+    cur.execute(
+        """
+        CREATE INDEX IF NOT EXISTS job_runs_unaccounted ON job_runs (run_end_ns)
+            WHERE accounted = 0;
+        UPDATE job_headers SET derived_exit_code = derived_exit_code / 256
+            WHERE derived_exit_code >= 256 AND derived_exit_code % 256 = 0;
+        UPDATE job_runs SET derived_exit_code = derived_exit_code / 256
+            WHERE derived_exit_code >= 256 AND derived_exit_code % 256 = 0;
+        UPDATE job_headers SET state = 'UNKNOWN' WHERE state = 'COMPLETED';
+        UPDATE job_runs SET state = 'UNKNOWN' WHERE state = 'COMPLETED';
+        UPDATE job_headers SET state = 'FAILED' WHERE state = 'SIGNALED';
+        UPDATE job_runs SET state = 'FAILED' WHERE state = 'SIGNALED';
+        UPDATE job_runs SET state_source = 'header' WHERE has_header = 1
+        """
+    )
+
+
 MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v1,
     _v2,
     _v3,
     _v4_work_and_power,
     _v5_remainder_labels,
+    _v6_slurm_accounting,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

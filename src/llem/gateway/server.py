@@ -396,6 +396,7 @@ class Gateway:
             mode="json",
             totals_by=request.totals_by,
             statement=request.statement,
+            truncate=request.truncate,
             window=(_local(f.start_ns), _local(f.end_ns)),
             fields_given=request.fields is not None,
         )

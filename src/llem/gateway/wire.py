@@ -47,8 +47,11 @@ MAX_ITEM_CHARS = 256
 MAX_CRED_CHARS = 4096
 OPS = ("acct", "report", "whoami", "ping")
 REPORT_FORMATS = ("md", "csv", "json", "html")
-_LISTS = ("clusters", "users", "accounts", "partitions", "states", "nodes", "names")
-_FLAGS = ("allocations", "duplicates", "statement")
+_LISTS = ("clusters", "users", "accounts", "partitions", "states", "nodes", "names", "qos")
+_FLAGS = ("allocations", "duplicates", "statement", "truncate")
+WINDOWS = ("overlap", "eligible", "submit", "state")
+"""How a run is selected by time (``RunFilter.window``: sacct's rules, docs/acct.md)."""
+MAX_TIMELIMIT_MIN = 10**9
 _ALL_FIELDS = frozenset(FIELDS) | frozenset(TOTAL_FIELDS)
 
 
@@ -69,6 +72,7 @@ class Request:
     duplicates: bool = False
     totals_by: str | None = None
     statement: bool = False
+    truncate: bool = False
     fields: tuple[str, ...] | None = None
     report: ReportRequest | None = None
 
@@ -110,11 +114,16 @@ def request_text(request: Request) -> str:
             "start_ns": f.start_ns,
             "end_ns": f.end_ns,
             "jobs": [[s.job_id, s.task_id, s.step] for s in f.jobs] if f.jobs is not None else None,
+            "window": f.window,
+            "groups": list(f.groups) if f.groups is not None else None,
+            "timelimit_min": f.timelimit_min,
+            "timelimit_max": f.timelimit_max,
         },
         "allocations": request.allocations,
         "duplicates": request.duplicates,
         "totals_by": request.totals_by,
         "statement": request.statement,
+        "truncate": request.truncate,
         "fields": list(request.fields) if request.fields is not None else None,
     }
     if request.report is not None:
@@ -187,7 +196,19 @@ def parse_request(text: str) -> Request:
     raw = doc.get("filter", {})
     if not isinstance(raw, dict):
         raise Refused("bad request: 'filter' must be an object")
-    unknown = set(raw) - set(_LISTS) - {"start_ns", "end_ns", "jobs"}
+    unknown = (
+        set(raw)
+        - set(_LISTS)
+        - {
+            "start_ns",
+            "end_ns",
+            "jobs",
+            "window",
+            "groups",
+            "timelimit_min",
+            "timelimit_max",
+        }
+    )
     if unknown:
         raise Refused(f"bad request: unknown filter key {str(sorted(unknown)[0])[:40]!r}")
     lists = {name: _list(raw.get(name), name) for name in _LISTS}
@@ -201,6 +222,10 @@ def parse_request(text: str) -> Request:
         start_ns=_ns(raw.get("start_ns"), "start_ns"),
         end_ns=_ns(raw.get("end_ns"), "end_ns"),
         jobs=_jobs(raw.get("jobs")),
+        window=_window(raw.get("window", "overlap")),
+        groups=_gids(raw.get("groups")),
+        timelimit_min=_minutes(raw.get("timelimit_min"), "timelimit_min"),
+        timelimit_max=_minutes(raw.get("timelimit_max"), "timelimit_max"),
     )
     flags = {}
     for name in _FLAGS:
@@ -215,6 +240,30 @@ def parse_request(text: str) -> Request:
     if fields is not None and not set(fields) <= _ALL_FIELDS:
         raise Refused(f"bad request: unknown field {sorted(set(fields) - _ALL_FIELDS)[0]!r}")
     return Request(op=op, cluster=cluster, filter=f, totals_by=totals_by, fields=fields, **flags)
+
+
+def _window(value) -> str:
+    if not isinstance(value, str) or value not in WINDOWS:
+        raise Refused(f"bad request: 'window' is one of {', '.join(WINDOWS)}")
+    return value
+
+
+def _gids(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_ITEMS:
+        raise Refused(f"bad request: 'groups' must be a list of at most {MAX_ITEMS} gids")
+    if not all(type(g) is int and 0 <= g < 2**32 for g in value):
+        raise Refused("bad request: 'groups' items must be gids (0 to 2^32 - 1)")
+    return tuple(value)
+
+
+def _minutes(value, name: str) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= MAX_TIMELIMIT_MIN:
+        raise Refused(f"bad request: '{name}' must be minutes, 0 to {MAX_TIMELIMIT_MIN}")
+    return value
 
 
 def _report(raw) -> ReportRequest:
