@@ -289,11 +289,12 @@ class Gateway:
                 return {"ok": False, "error": refusal, "identity": identity}
         t0 = time.monotonic()
         try:
-            answer = (
-                self._report(request.report)
-                if request.op == "report"
-                else self._query(request, role, caller)
-            )
+            if request.op == "report":
+                answer = self._report(request.report)
+            elif request.op == "job":
+                answer = self._job(request, role)
+            else:
+                answer = self._query(request, role, caller)
         finally:
             self.slots.release(caller.uid)
         self.served += 1
@@ -380,6 +381,71 @@ class Gateway:
             log.exception("gateway: report failed")
             return {"ok": False, "error": f"the report failed: {type(e).__name__}: {e}"}
         return {"ok": True, "text": text, "empty": bool(rep.empty)}
+
+    def _job(self, request: wire.Request, role: Role) -> dict:
+        """``llem job`` in the gateway: the ``llem.job/1`` view of a run the caller may see
+        (its owner, a coordinator of its account, an admin), built with this host's carbon and
+        idle-power settings. A job the caller may not see is answered as one the ledger does
+        not have: its existence is not disclosed."""
+        from llem.cluster import acct_queries
+        from llem.cluster.job_queries import clusters_of_job, load_job
+        from llem.errors import LlemError
+        from llem.report import jobview
+        from llem.safetext import safe_text
+
+        req = request.job
+        cluster = req.cluster or request.cluster or self.config.cluster
+        visible = role.visible
+        deadline = time.monotonic() + self.config.gateway.query_timeout_s
+        try:
+            with acct_queries.open_ledger(self.ledger_path) as ledger:
+                _bound_time(ledger, deadline, self.config.gateway.query_timeout_s)
+                data = load_job(ledger, cluster, req.job_id, visible)
+                if data is None and req.cluster is None:
+                    others = clusters_of_job(ledger, req.job_id, visible)
+                    if len(others) == 1:
+                        cluster = others[0]
+                        data = load_job(ledger, cluster, req.job_id, visible)
+                    elif len(others) > 1:
+                        return {
+                            "ok": False,
+                            "error": f"job {safe_text(req.job_id)} is on clusters "
+                            f"{safe_text(', '.join(others))}: choose one with --cluster",
+                        }
+        except LlemError as e:
+            return {"ok": False, "error": str(e)}
+        except Exception as e:  # noqa: BLE001
+            if "interrupted" in str(e) or "statement timeout" in str(e):
+                return {
+                    "ok": False,
+                    "error": f"the query ran longer than {self.config.gateway.query_timeout_s:g} s",
+                }
+            log.exception("gateway: job query failed")
+            return {"ok": False, "error": f"the query failed: {type(e).__name__}"}
+        if data is None:
+            where = f"no job {safe_text(req.job_id)} on cluster {safe_text(cluster)}"
+            if visible is not None:
+                return {
+                    "ok": False,
+                    "error": f"{where} among the jobs you may see (privacy: the gateway shows "
+                    f"you {role.describe()})",
+                }
+            return {
+                "ok": False,
+                "error": f"{where} in the ledger (it reaches the ledger after its Epilog and "
+                "the next aggregation pass)",
+            }
+        carbon = carbon_error = None
+        try:
+            from llem.acct.co2e import resolve_carbon
+
+            carbon = resolve_carbon(self.config)
+        except (LlemError, ValueError) as e:
+            carbon_error = f"carbon: {e}"
+        return {
+            "ok": True,
+            "view": jobview.build(data, carbon, carbon_error, self.config.attribution.idle_w),
+        }
 
     def _query(self, request: wire.Request, role: Role, caller: Caller) -> dict:
         from llem import acct
