@@ -146,15 +146,31 @@ def test_reports_through_the_gateway_for_admins_and_coordinators_only(site):
 
 @pytest.mark.postgres
 def test_privacy_on_a_postgresql_ledger(site, pg_server):
-    """The same ledger copied into PostgreSQL by ``llem ledger copy``'s code, served by a
-    second gateway: the same rows for each role, the same bytes as the SQLite gateway."""
+    """The same ledger copied into PostgreSQL by ``llem ledger copy``'s code, made private by
+    ``llem ledger init --roles`` and served by a second gateway whose login is a member of
+    ``llem_gateway`` (row-level security on): the same rows for each role, the same bytes as
+    the SQLite gateway, for llem-acct, llem job and reports."""
+    import psycopg
+
+    from llem.cluster.pg_ledger import PgLedger
     from tests.helpers.postgres import copy_into
 
     url, _ = copy_into(pg_server, site.ledger, "gateway")
+    with PgLedger(url) as led:
+        led.grant_roles()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS llemt_gateway")
+        conn.execute("CREATE ROLE llemt_gateway LOGIN IN ROLE llem_gateway")
+    url = url.replace("llem_test@", "llemt_gateway@")
     sock = site.socket.parent / "pg.sock"
-    proc, line = site.spawn("--socket", str(sock), "--ledger", url, log=site.root / "pg.log")
+    log = site.root / "pg.log"
+    proc, line = site.spawn("--socket", str(sock), "--ledger", url, log=log)
     try:
         assert "(privacy: jobs,usage)" in line
+        deadline = time.monotonic() + 10
+        while "row-level security" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "gateway: row-level security: on" in log.read_text()
 
         def seen(user, *args):
             r = site.acct(user, "--ledger", str(sock), *SINCE, *FIELDS, *args)
@@ -177,8 +193,29 @@ def test_privacy_on_a_postgresql_ledger(site, pg_server):
             assert (on_pg.returncode, on_pg.stdout, on_pg.stderr) == (
                 on_file.returncode,
                 on_file.stdout,
-                on_file.stderr,
+                on_file.stderr.replace(str(site.socket), str(sock)),
             ), (user, job)
+        # reports read on three connections at once: each carries the caller
+        for user, args in ((ADMIN, ("monthly",)), (COORD, ("account", "physics"))):
+            on_pg, on_file = (
+                site.as_user(
+                    user,
+                    "import sys; sys.argv[0] = 'llem'; from llem.cli.main import main; main()",
+                    "report",
+                    *args,
+                    "--ledger",
+                    str(where),
+                    "--format",
+                    "json",
+                    "--since",
+                    "2000-01-01",
+                    "--until",
+                    "2030-01-01",
+                )
+                for where in (sock, site.socket)
+            )
+            assert on_pg.returncode == on_file.returncode == 0, on_pg.stderr + on_file.stderr
+            assert json.loads(on_pg.stdout) == json.loads(on_file.stdout), args
     finally:
         proc.terminate()
         proc.wait(15)
