@@ -2,6 +2,7 @@
 partitions and retention, connection strings, the driver's absence."""
 
 import copy
+import dataclasses
 import json
 import random
 import re
@@ -468,3 +469,76 @@ def test_row_level_security_keeps_the_indexes(pg_server, tmp_path):
         assert gw.query(
             "SELECT COUNT(*) FROM job_runs WHERE cluster = ? AND job_id = ?", ("c1", job_id)
         ) == [(1,)]
+
+
+def test_a_gateway_whose_own_restriction_is_dropped_still_shows_only_the_callers_rows(
+    pg_server, tmp_path, monkeypatch
+):
+    """A real gateway on the row-level-secured ledger, with its query-side restriction
+    removed (as a bug would): a user's ``llem-acct -a`` still gets only their jobs, and
+    ``llem job`` of another user's job still finds nothing, because the database applies
+    the caller the gateway names per transaction."""
+    from llem.cluster import acct_queries, job_queries
+    from llem.config import Config
+    from llem.gateway import client, wire
+    from llem.gateway.privacy import Role
+    from llem.gateway.server import Gateway, row_security_line
+
+    owner_url, gw_url = _rls_ledger(pg_server, tmp_path, 300)
+    with PgLedger(owner_url, readonly=True) as owner:
+        others = owner.query("SELECT job_id FROM job_runs WHERE uid <> 10000 LIMIT 1")[0][0]
+        mine = sorted(
+            r[0]
+            for r in owner.query(
+                "SELECT COALESCE(array_job_id || '_' || array_task_id, job_id) FROM job_runs "
+                "WHERE uid = 10000"
+            )
+        )
+    assert row_security_line(gw_url).startswith("gateway: row-level security: on")
+    assert "OFF: this login is a superuser" in row_security_line(owner_url)
+
+    class OneUser:  # the caller is uid 10000, whoever connects
+        def role(self, caller):
+            return Role("user", acct_queries.Visibility(uid=10000))
+
+    real_where = acct_queries.where_clause
+    monkeypatch.setattr(
+        acct_queries, "where_clause", lambda f: real_where(dataclasses.replace(f, visible=None))
+    )
+    monkeypatch.setattr(job_queries, "_visible", lambda visible: ("", ()))
+    gw = Gateway(
+        Config(cluster="c1", ledger=gw_url),
+        socket_path=str(tmp_path / "gw.sock"),
+        policy=OneUser(),
+    )
+    gw.start()
+    try:
+        target = client.Target(path=str(tmp_path / "gw.sock"))
+        request = wire.Request(
+            op="acct",
+            cluster="c1",
+            filter=acct_queries.RunFilter(start_ns=0),
+            allocations=True,
+            fields=("JobID",),
+        )
+        jobs = client.ask(target, request)["document"]["jobs"]
+        assert sorted(j["JobID"] for j in jobs) == mine and mine
+        answer = client.ask(target, wire.Request("job", "c1", job=wire.JobRequest(mine[0])))
+        assert answer["view"]["user"] == "u000" and mine[0].startswith(answer["view"]["job_id"])
+        with pytest.raises(client.GatewayError, match=f"no job {others} on cluster c1 among"):
+            client.ask(target, wire.Request("job", "c1", job=wire.JobRequest(others)))
+    finally:
+        gw.close()
+    # and without row-level security (the owner's login) the dropped restriction would leak
+    gw = Gateway(
+        Config(cluster="c1", ledger=owner_url),
+        socket_path=str(tmp_path / "owner.sock"),
+        policy=OneUser(),
+    )
+    gw.start()
+    try:
+        target = client.Target(path=str(tmp_path / "owner.sock"))
+        jobs = client.ask(target, request)["document"]["jobs"]
+        assert len(jobs) > len(mine)
+    finally:
+        gw.close()
