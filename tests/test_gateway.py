@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -149,15 +151,31 @@ def test_reports_through_the_gateway_for_admins_and_coordinators_only(site):
 
 @pytest.mark.postgres
 def test_privacy_on_a_postgresql_ledger(site, pg_server):
-    """The same ledger copied into PostgreSQL by ``llem ledger copy``'s code, served by a
-    second gateway: the same rows for each role, the same bytes as the SQLite gateway."""
+    """The same ledger copied into PostgreSQL by ``llem ledger copy``'s code, made private by
+    ``llem ledger init --roles`` and served by a second gateway whose login is a member of
+    ``llem_gateway`` (row-level security on): the same rows for each role, the same bytes as
+    the SQLite gateway, for llem-acct, llem job and reports."""
+    import psycopg
+
+    from llem.cluster.pg_ledger import PgLedger
     from tests.helpers.postgres import copy_into
 
     url, _ = copy_into(pg_server, site.ledger, "gateway")
+    with PgLedger(url) as led:
+        led.grant_roles()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS llemt_gateway")
+        conn.execute("CREATE ROLE llemt_gateway LOGIN IN ROLE llem_gateway")
+    url = url.replace("llem_test@", "llemt_gateway@")
     sock = site.socket.parent / "pg.sock"
-    proc, line = site.spawn("--socket", str(sock), "--ledger", url, log=site.root / "pg.log")
+    log = site.root / "pg.log"
+    proc, line = site.spawn("--socket", str(sock), "--ledger", url, log=log)
     try:
         assert "(privacy: jobs,usage)" in line
+        deadline = time.monotonic() + 10
+        while "row-level security" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "gateway: row-level security: on" in log.read_text()
 
         def seen(user, *args):
             r = site.acct(user, "--ledger", str(sock), *SINCE, *FIELDS, *args)
@@ -173,9 +191,106 @@ def test_privacy_on_a_postgresql_ledger(site, pg_server):
             on_file = site.acct(COORD, "--ledger", str(site.socket), *SINCE, *UNTIL, *args)
             assert on_pg.returncode == on_file.returncode == 0, on_pg.stderr
             assert (on_pg.stdout, on_pg.stderr) == (on_file.stdout, on_file.stderr), args
+        # llem job: the same view from either backend, the same refusal
+        for user, job in ((A, "101"), (COORD, "201"), (A, "201")):
+            on_pg = llem_job(site, user, job, "--ledger", str(sock))
+            on_file = llem_job(site, user, job, "--ledger", str(site.socket))
+            assert (on_pg.returncode, on_pg.stdout, on_pg.stderr) == (
+                on_file.returncode,
+                on_file.stdout,
+                on_file.stderr.replace(str(site.socket), str(sock)),
+            ), (user, job)
+        # reports read on three connections at once: each carries the caller
+        for user, args in ((ADMIN, ("monthly",)), (COORD, ("account", "physics"))):
+            on_pg, on_file = (
+                site.as_user(
+                    user,
+                    "import sys; sys.argv[0] = 'llem'; from llem.cli.main import main; main()",
+                    "report",
+                    *args,
+                    "--ledger",
+                    str(where),
+                    "--format",
+                    "json",
+                    "--since",
+                    "2000-01-01",
+                    "--until",
+                    "2030-01-01",
+                )
+                for where in (sock, site.socket)
+            )
+            assert on_pg.returncode == on_file.returncode == 0, on_pg.stderr + on_file.stderr
+            assert json.loads(on_pg.stdout) == json.loads(on_file.stdout), args
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def llem_job(site: Site, user: str, *args: str, env=None) -> subprocess.CompletedProcess:
+    """``llem job ARGS`` run as ``user``."""
+    code = "import sys; sys.argv[0] = 'llem'; from llem.cli.main import main; main()"
+    return site.as_user(user, code, "job", *args, env=env)
+
+
+def test_llem_job_through_the_gateway_shows_what_privacy_allows_as_a_local_ledger_would(site):
+    """The owner, the account's coordinator and an admin get through the gateway exactly what
+    root prints from the ledger file (text with its sparkline, JSON, HTML); another user is
+    refused without learning whether the job exists."""
+    sock = ("--ledger", str(site.socket))
+    local = {
+        job: llem_job(site, "root", job, "--ledger", str(site.ledger))
+        for job in ("101", "201", "202")
+    }
+    for r in local.values():
+        assert r.returncode == 0, r.stderr
+    assert "power" in local["101"].stdout and any(c in local["101"].stdout for c in "▁▂▃▄▅▆▇█")
+    for user, job in ((A, "101"), (COORD, "201"), (ADMIN, "202"), (B, "202")):
+        r = llem_job(site, user, job, *sock)
+        assert r.returncode == 0, (user, job, r.stderr)
+        assert (r.stdout, r.stderr) == (local[job].stdout, local[job].stderr), (user, job)
+    remote = llem_job(site, A, "101", *sock, "--json")
+    lo = llem_job(site, "root", "101", "--ledger", str(site.ledger), "--json")
+    assert remote.returncode == lo.returncode == 0, remote.stderr + lo.stderr
+    assert json.loads(remote.stdout) == json.loads(lo.stdout)
+    assert json.loads(remote.stdout)["user"] == A
+    # refused: another user's job, and a coordinator's job outside their accounts, answered
+    # as a job the ledger does not have
+    for user, job in ((A, "201"), (B, "101"), (COORD, "202")):
+        r = llem_job(site, user, job, *sock)
+        assert r.returncode == 1 and r.stdout == "", (user, job, r.stdout)
+        assert f"no job {job} on cluster c1 among the jobs you may see" in r.stderr, r.stderr
+        assert "privacy: the gateway shows you your own jobs" in r.stderr
+    r = llem_job(site, ADMIN, "999", *sock)
+    assert r.returncode == 1 and "no job 999 on cluster c1 in the ledger" in r.stderr
+    assert "refused" in site.log.read_text()
+
+
+def test_llem_job_goes_through_the_local_gateway_when_the_ledger_is_private(site):
+    """A's configuration names the ledger file, which A cannot read: ``llem job`` asks the
+    gateway's socket (``gateway.socket``); ``--html`` and ``--plot`` are made by the client
+    from the answer, the same page as root's from the file."""
+    out = site.root / "job-out"
+    out.mkdir()
+    shutil.chown(out, A)
+    r = llem_job(site, A, "102", "--html", str(out / "a.html"))
+    assert r.returncode == 0, r.stderr
+    lo = llem_job(site, "root", "102", "--ledger", str(site.ledger), "--html", str(out / "r.html"))
+    assert lo.returncode == 0, lo.stderr
+    assert r.stdout == lo.stdout
+    page = (out / "a.html").read_text()
+    assert page == (out / "r.html").read_text() and "<svg" in page
+    env = {**site.service_env(), "MPLCONFIGDIR": str(out)}
+    r = llem_job(site, A, "102", "--plot", str(out / "a.png"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert (out / "a.png").read_bytes().startswith(b"\x89PNG")
+    # and the gateway down: the private ledger's hint, not a traceback
+    site.stop(signal.SIGTERM)
+    try:
+        r = llem_job(site, A, "102")
+        assert r.returncode == 1 and "permission denied reading the ledger" in r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        site.start("--socket", str(site.socket))
 
 
 def test_a_user_cannot_read_the_ledger_file_and_is_told_to_use_the_gateway(site):

@@ -60,6 +60,8 @@ def _valid_requests() -> list[str]:
             )
         )
     )
+    for job in (wire.JobRequest("5001"), wire.JobRequest("5009_1", "c2")):
+        out.append(wire.request_text(wire.Request(op="job", cluster="c1", job=job)))
     return out
 
 
@@ -150,6 +152,11 @@ def test_the_valid_requests_parse_back_to_what_was_sent():
         '{"op": "acct", "filter": {"users": ["a\u0000b"]}}',
         '{"op": "acct", "filter": {"users": ["\ud800"]}}',
         '{"op": "acct", "filter": {"jobs": [["\u0661", null, null]]}}',
+        '{"op": "job"}',
+        '{"op": "job", "job": {"id": "../1"}}',
+        '{"op": "job", "job": {"id": "1", "cluster": ""}}',
+        '{"op": "job", "job": {"id": "1", "user": "root"}}',
+        '{"op": "job", "job": {"id": ["1"]}}',
     ],
 )
 def test_replayed_bad_requests_are_refused(text):

@@ -2,8 +2,10 @@
 partitions and retention, connection strings, the driver's absence."""
 
 import copy
+import dataclasses
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -308,3 +310,235 @@ def test_a_migration_under_roles_gives_the_reader_its_new_table(pg_server, tmp_p
         assert led.query("SELECT DISTINCT work, unit FROM windows") == [(7.0, "tokens")]
         ((owner,),) = led.query("SELECT tableowner FROM pg_tables WHERE tablename = 'job_power'")
         assert owner == "llem_writer"
+
+
+# -- row-level security (llem ledger init --roles): the gateway's login sees its caller's rows
+
+
+def _rls_ledger(pg_server, tmp_path, n_jobs: int):
+    """A ledger of ``n_jobs`` generated jobs (200 users, 40 accounts) and two jobs merged
+    from real node stores (uid 7001's job 100 in physics and uid 7002's job 101 in chem, with
+    windows, power series and node hours), made private by ``llem ledger init --roles``;
+    returns (the owner's URL, the gateway login's URL)."""
+    import psycopg
+
+    from llem.cli.ledger import ledger as ledger_cli
+    from llem.cli.main import run
+    from llem.node.export import export_node
+    from tests.helpers import make_ledger
+    from tests.helpers.nodes import build_store, node_config
+
+    url = pg_server.database("rls")
+    jobs = list(make_ledger.generate(n_jobs, seed=7, now_s=1_780_000_000, days=60, cluster="c1"))
+    assert make_ledger.write_jobs_pg(url, jobs) == n_jobs
+    with PgLedger(url) as led:
+        for job_id, uid, account in (("100", 7001, "physics"), ("101", 7002, "chem")):
+            data = job_slices(tmp_path / job_id, job_id, nodes=("n1", "n2"), windows=True)
+            for d in data:
+                d["job"].update(uid=uid, account=account)
+            merge(led, data)
+        store, _ = build_store(tmp_path / "hours" / "node.db")
+        merge(led, [export_node(store, node_config(tmp_path), "n1", since_ns=T0, now_ns=NOW)])
+        store.close()
+        led.after_copy()
+    for _ in range(2):  # run again (after an upgrade) it replaces the policies
+        assert run(ledger_cli, ["init", "--roles", "--ledger", url], prog_name="llem ledger") == 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS gw")
+        conn.execute("CREATE ROLE gw LOGIN IN ROLE llem_gateway")
+    return url, url.replace("llem_test@", "gw@")
+
+
+def _count(led, sql, params=()):
+    return led.query(sql, params)[0][0]
+
+
+def test_row_level_security_shows_the_gateway_only_its_callers_rows(pg_server, tmp_path):
+    """Queries with no WHERE restriction at all, as the gateway's login with the caller set
+    as the gateway sets it: user 7001 gets their own rows of every job table, a coordinator
+    adds their account's, an admin all; node-level tables are for admins; with no caller set
+    (or after the transaction) nothing; month partitions are not the gateway's to read."""
+    owner_url, gw_url = _rls_ledger(pg_server, tmp_path, 300)
+    tables = ("job_runs", "job_nodes", "job_energy", "windows", "job_power", "job_node_totals")
+    with PgLedger(owner_url, readonly=True) as owner:
+        assert owner.row_security() == (
+            "this login is a superuser (superusers bypass row-level security)"
+        )
+        total = {t: _count(owner, f"SELECT COUNT(*) FROM {t}") for t in (*tables, "node_hours")}
+
+        def own(table, where):  # the rows of the runs matching ``where``, counted as owner
+            if table == "job_runs":
+                return _count(owner, f"SELECT COUNT(*) FROM job_runs r WHERE {where}")
+            nodes = (
+                "SELECT jn.id FROM job_nodes jn JOIN job_runs r USING (cluster, job_id) "
+                f"WHERE r.run_start_ns = jn.run_start_ns AND {where}"
+            )
+            if table == "job_nodes":
+                return _count(owner, f"SELECT COUNT(*) FROM ({nodes}) x")
+            return _count(owner, f"SELECT COUNT(*) FROM {table} WHERE job_node_id IN ({nodes})")
+
+        mine = {t: own(t, "r.uid = 7001") for t in tables}
+        coord = {t: own(t, "(r.uid = 7001 OR r.account = 'proj03')") for t in tables}
+        ((user_uid, user_runs),) = owner.query(
+            "SELECT uid, COUNT(*) FROM job_runs GROUP BY uid ORDER BY 2 DESC, 1 LIMIT 1"
+        )
+    assert all(mine[t] > 0 for t in tables) and all(total[t] > mine[t] for t in tables)
+    assert coord["job_runs"] > mine["job_runs"] and total["node_hours"] > 0
+    with PgLedger(gw_url, readonly=True) as gw:
+        assert gw.row_security() is None
+        for t in (*tables, "node_hours", "quarantine"):  # nobody set: nothing
+            assert _count(gw, f"SELECT COUNT(*) FROM {t}") == 0, t
+        assert _count(gw, "SELECT COUNT(*) FROM devices") > 0  # the nodes' hardware
+        with gw.as_caller(7001):
+            assert {t: _count(gw, f"SELECT COUNT(*) FROM {t}") for t in tables} == mine
+            assert gw.query("SELECT DISTINCT uid, account FROM job_runs") == [(7001, "physics")]
+            assert _count(gw, "SELECT COUNT(*) FROM node_hours") == 0
+        with gw.as_caller(7001, ["proj03", 'we"ird \\ acc']):
+            assert {t: _count(gw, f"SELECT COUNT(*) FROM {t}") for t in tables} == coord
+        with gw.as_caller(user_uid):
+            assert _count(gw, "SELECT COUNT(*) FROM job_runs") == user_runs
+        with gw.as_caller(None, admin=True):
+            assert {t: _count(gw, f"SELECT COUNT(*) FROM {t}") for t in tables} == {
+                t: total[t] for t in tables
+            }
+            assert _count(gw, "SELECT COUNT(*) FROM node_hours") == total["node_hours"]
+        assert _count(gw, "SELECT COUNT(*) FROM job_runs") == 0  # the caller ended with it
+        (partition,) = gw.query(
+            "SELECT relname FROM pg_class WHERE relispartition AND relkind = 'r' "
+            "AND relname LIKE 'job_energy_p%' LIMIT 1"
+        )[0]
+        with pytest.raises(LedgerError, match="permission denied"):
+            gw.query(f"SELECT COUNT(*) FROM {partition}")
+        with pytest.raises(LedgerError, match="permission denied"):
+            gw.query("DELETE FROM job_runs")
+    # the same caller on every connection of a request (llem report's side connections)
+    from llem.cluster.pg_ledger import caller_spec
+
+    with PgLedger(caller_spec(gw_url, 7001, ["x y", "z'"]), readonly=True) as gw:
+        assert gw.query("SELECT DISTINCT uid FROM job_runs") == [(7001,)]
+        assert gw.query("SELECT current_setting('llem.accounts')") == [('{"x y","z\'"}',)]
+
+
+def _plan(led, sql, params=()):
+    return "\n".join(r[0] for r in led.query("EXPLAIN " + sql, params))
+
+
+def test_row_level_security_keeps_the_indexes(pg_server, tmp_path):
+    """On a ledger of 20,000 runs, a user's queries through the gateway's login keep their
+    indexes: ``llem job``'s run and energy look-ups and ``llem-acct``'s time window, and the
+    policies' own look-ups go by primary key; no table is read whole."""
+    from llem.cluster.acct_queries import RunFilter, Visibility, where_clause
+    from llem.cluster.job_queries import RUN_FIELDS, _columns
+
+    owner_url, gw_url = _rls_ledger(pg_server, tmp_path, 20_000)
+    with PgLedger(owner_url, readonly=True) as owner:
+        ((job_id, start_ns, end_ns),) = owner.query(
+            "SELECT job_id, run_start_ns, run_end_ns FROM job_runs WHERE uid = 10000 "
+            "ORDER BY run_start_ns LIMIT 1"
+        )
+        ids = [r[0] for r in owner.query("SELECT id FROM job_nodes WHERE job_id = ?", (job_id,))]
+    with PgLedger(gw_url, readonly=True) as gw, gw.as_caller(10000):
+        run_plan = _plan(
+            gw,
+            f"SELECT {_columns(RUN_FIELDS)} FROM job_runs WHERE cluster = ? AND job_id = ? "
+            "ORDER BY run_start_ns DESC",
+            ("c1", job_id),
+        )
+        assert "job_runs_pkey" in run_plan and "Seq Scan" not in run_plan, run_plan
+        marks = ", ".join("?" * len(ids))
+        energy_plan = _plan(
+            gw,
+            "SELECT job_node_id, device_key, method, SUM(energy_uj) FROM job_energy "
+            f"WHERE job_node_id IN ({marks}) GROUP BY 1, 2, 3",
+            ids,
+        )
+        assert "Seq Scan" not in energy_plan, energy_plan
+        # the policies' look-ups: the job node by its key, its run by an index of job_runs
+        assert "Index Scan using job_nodes_pkey on job_nodes" in energy_plan, energy_plan
+        assert re.search(r"Index Scan using job_runs_\w+ on job_runs r", energy_plan), energy_plan
+        # llem-acct's restriction, as the gateway builds it, for a day around that run
+        where, params = where_clause(
+            RunFilter(
+                start_ns=start_ns - 43_200 * S,
+                end_ns=end_ns + 43_200 * S,
+                visible=Visibility(10000),
+            )
+        )
+        window_plan = _plan(gw, f"SELECT r.job_id FROM job_runs r WHERE {where}", params)
+        assert "Seq Scan" not in window_plan and "job_runs_by_" in window_plan, window_plan
+        assert gw.query(
+            "SELECT COUNT(*) FROM job_runs WHERE cluster = ? AND job_id = ?", ("c1", job_id)
+        ) == [(1,)]
+
+
+def test_a_gateway_whose_own_restriction_is_dropped_still_shows_only_the_callers_rows(
+    pg_server, tmp_path, monkeypatch
+):
+    """A real gateway on the row-level-secured ledger, with its query-side restriction
+    removed (as a bug would): a user's ``llem-acct -a`` still gets only their jobs, and
+    ``llem job`` of another user's job still finds nothing, because the database applies
+    the caller the gateway names per transaction."""
+    from llem.cluster import acct_queries, job_queries
+    from llem.config import Config
+    from llem.gateway import client, wire
+    from llem.gateway.privacy import Role
+    from llem.gateway.server import Gateway, row_security_line
+
+    owner_url, gw_url = _rls_ledger(pg_server, tmp_path, 300)
+    with PgLedger(owner_url, readonly=True) as owner:
+        others = owner.query("SELECT job_id FROM job_runs WHERE uid <> 10000 LIMIT 1")[0][0]
+        mine = sorted(
+            r[0]
+            for r in owner.query(
+                "SELECT COALESCE(array_job_id || '_' || array_task_id, job_id) FROM job_runs "
+                "WHERE uid = 10000"
+            )
+        )
+    assert row_security_line(gw_url).startswith("gateway: row-level security: on")
+    assert "OFF: this login is a superuser" in row_security_line(owner_url)
+
+    class OneUser:  # the caller is uid 10000, whoever connects
+        def role(self, caller):
+            return Role("user", acct_queries.Visibility(uid=10000))
+
+    real_where = acct_queries.where_clause
+    monkeypatch.setattr(
+        acct_queries, "where_clause", lambda f: real_where(dataclasses.replace(f, visible=None))
+    )
+    monkeypatch.setattr(job_queries, "_visible", lambda visible: ("", ()))
+    gw = Gateway(
+        Config(cluster="c1", ledger=gw_url),
+        socket_path=str(tmp_path / "gw.sock"),
+        policy=OneUser(),
+    )
+    gw.start()
+    try:
+        target = client.Target(path=str(tmp_path / "gw.sock"))
+        request = wire.Request(
+            op="acct",
+            cluster="c1",
+            filter=acct_queries.RunFilter(start_ns=0),
+            allocations=True,
+            fields=("JobID",),
+        )
+        jobs = client.ask(target, request)["document"]["jobs"]
+        assert sorted(j["JobID"] for j in jobs) == mine and mine
+        answer = client.ask(target, wire.Request("job", "c1", job=wire.JobRequest(mine[0])))
+        assert answer["view"]["user"] == "u000" and mine[0].startswith(answer["view"]["job_id"])
+        with pytest.raises(client.GatewayError, match=f"no job {others} on cluster c1 among"):
+            client.ask(target, wire.Request("job", "c1", job=wire.JobRequest(others)))
+    finally:
+        gw.close()
+    # and without row-level security (the owner's login) the dropped restriction would leak
+    gw = Gateway(
+        Config(cluster="c1", ledger=owner_url),
+        socket_path=str(tmp_path / "owner.sock"),
+        policy=OneUser(),
+    )
+    gw.start()
+    try:
+        target = client.Target(path=str(tmp_path / "owner.sock"))
+        jobs = client.ask(target, request)["document"]["jobs"]
+        assert len(jobs) > len(mine)
+    finally:
+        gw.close()

@@ -24,8 +24,8 @@ def _current_user() -> str:
 
 def refusal(run: dict, uid: int, user: str) -> str | None:
     """Why ``user`` (``uid``) may not see the run, or None: its owner (by uid or name) and
-    root may. (The ledger is readable by its users: a convenience, not a privacy boundary;
-    docs/security.md.)"""
+    root may. (Whoever reads the ledger file could read the run anyway: a convenience, not a
+    privacy boundary; the gateway is that boundary, docs/security.md.)"""
     if uid == 0 or run.get("uid") == uid or (run.get("user") and run["user"] == user):
         return None
     return (
@@ -58,7 +58,11 @@ def _write(path: Path, data: bytes) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write a self-contained HTML page of the job.",
 )
-@click.option("--ledger", type=click.Path(dir_okay=False), help="The ledger to read.")
+@click.option(
+    "--ledger",
+    type=click.Path(dir_okay=False),
+    help="The ledger, or the gateway that serves it (its socket's path, or llem://HOST[:PORT]).",
+)
 def job(
     job_id: str,
     cluster: str | None,
@@ -72,7 +76,9 @@ def job(
     its windows with energy per unit of work, and a power timeline.
 
     JOBID is a Slurm job id or an array task (1234_7); the latest run of a requeued job is
-    shown. A user sees their own jobs; root sees every job.
+    shown. A user sees their own jobs; root sees every job. Through the ledger gateway
+    ('ledger: llem://HOST', its socket, or when the ledger file is private and the gateway's
+    socket is here) coordinators see their accounts' jobs and admins every job.
 
     \b
     Examples:
@@ -80,14 +86,51 @@ def job(
       llem job 1234 --plot power.png --html job.html
     """
     from llem import config as config_mod
-    from llem.cluster.acct_queries import open_ledger
-    from llem.cluster.job_queries import clusters_of_job, load_job
+    from llem.gateway import client
     from llem.report import jobview
     from llem.slices import is_identifier
 
     if not is_identifier(job_id):
         raise click.BadParameter("a Slurm job id such as 1234 or 1234_7", param_hint="JOBID")
     cfg = config_mod.load()
+    target = client.target_for(str(ledger or cfg.ledger), cfg.gateway.socket)
+    if target is not None:
+        view = _remote_view(target, cfg, job_id, cluster)
+    else:
+        view = _local_view(cfg, job_id, cluster, ledger)
+    if plot is not None:
+        from llem.report import require
+
+        require("matplotlib")
+        _write(plot, jobview.render_png(view))
+    if html_file is not None:
+        _write(html_file, jobview.render_html(view).encode())
+    if as_json:
+        sys.stdout.write(json.dumps(view) + "\n")
+    else:
+        sys.stdout.write(jobview.render_text(view))
+    sys.stdout.flush()
+
+
+def _remote_view(target, cfg, job_id: str, cluster: str | None) -> dict:
+    """The job's ``llem.job/1`` view from the gateway (which decides what the caller may
+    see, and builds the view with the ledger host's carbon settings)."""
+    from llem.gateway import client, wire
+
+    request = wire.Request(op="job", cluster=cfg.cluster, job=wire.JobRequest(job_id, cluster))
+    answer = client.ask(target, request, munge_socket=cfg.gateway.munge_socket)
+    view = answer.get("view")
+    if not isinstance(view, dict) or view.get("schema") != "llem.job/1":
+        raise LlemError(f"the gateway at {target} did not answer with a llem.job/1 document")
+    return view
+
+
+def _local_view(cfg, job_id: str, cluster: str | None, ledger: str | None) -> dict:
+    """The job's view from a ledger this user reads (its owner or root may see it)."""
+    from llem.cluster.acct_queries import open_ledger
+    from llem.cluster.job_queries import clusters_of_job, load_job
+    from llem.report import jobview
+
     explicit = cluster is not None
     cluster = cluster or cfg.cluster
     with open_ledger(ledger or cfg.ledger) as led:
@@ -119,16 +162,4 @@ def job(
         carbon = resolve_carbon(cfg)
     except (LlemError, ValueError) as e:
         carbon_error = f"carbon: {e}"
-    view = jobview.build(data, carbon, carbon_error, cfg.attribution.idle_w)
-    if plot is not None:
-        from llem.report import require
-
-        require("matplotlib")
-        _write(plot, jobview.render_png(view))
-    if html_file is not None:
-        _write(html_file, jobview.render_html(view).encode())
-    if as_json:
-        sys.stdout.write(json.dumps(view) + "\n")
-    else:
-        sys.stdout.write(jobview.render_text(view))
-    sys.stdout.flush()
+    return jobview.build(data, carbon, carbon_error, cfg.attribution.idle_w)

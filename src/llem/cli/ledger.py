@@ -36,8 +36,9 @@ def ledger() -> None:
 @click.option(
     "--roles",
     is_flag=True,
-    help="PostgreSQL: also create the roles llem_writer (owns the tables: the aggregator) "
-    "and llem_reader (SELECT only: admins, reports) and give them the ledger.",
+    help="PostgreSQL: also create the roles llem_writer (owns the tables: the aggregator), "
+    "llem_reader (SELECT only: admins, reports) and llem_gateway (llem serve's login: "
+    "row-level security shows it only its caller's rows) and give them the ledger.",
 )
 def init(spec: str | None, roles: bool) -> int:
     """Create the ledger's schema (or bring it up to date). Run as the database's owner."""

@@ -86,7 +86,14 @@ def serve(
     logging.getLogger("llem.gateway.server").info(
         "gateway: serving %s (privacy: %s) on %s", cfg.ledger, cfg.privacy, ", ".join(where)
     )
-    if not os.access(cfg.ledger, os.R_OK):
+    from llem.cluster.pg_ledger import is_postgres
+    from llem.gateway.server import row_security_line
+
+    line = row_security_line(cfg.ledger)
+    if line is not None:
+        log = logging.getLogger("llem.gateway.server")
+        (log.info if ": on " in line else log.warning)("%s", line)
+    if not is_postgres(cfg.ledger) and not os.access(cfg.ledger, os.R_OK):
         logging.getLogger("llem.gateway.server").warning(
             "gateway: cannot read the ledger %s yet (uid %d): queries will fail until it can",
             cfg.ledger,

@@ -80,40 +80,61 @@ def _has(ledger, table: str, column: str | None = None) -> bool:
     return ledger.has_column(table, column)
 
 
-def job_ids_of_array(ledger, cluster: str, job_id: str) -> str:
+def _visible(visible) -> tuple[str, tuple]:
+    """`` AND (...)``: the runs ``visible`` (a :class:`llem.cluster.acct_queries.Visibility`)
+    lets the caller see, as in ``llem-acct`` through the gateway; nothing for None."""
+    if visible is None:
+        return "", ()
+    sql = "uid = ?"
+    if visible.accounts:
+        sql += f" OR account IN ({', '.join('?' * len(visible.accounts))})"
+    return f" AND ({sql})", (visible.uid, *visible.accounts)
+
+
+def job_ids_of_array(ledger, cluster: str, job_id: str, visible=None) -> str:
     """``123_4`` (an array task) -> the task's own job id, when the ledger knows it."""
     if "_" not in job_id:
         return job_id
     array, task = job_id.split("_", 1)
+    restrict, params = _visible(visible)
     rows = ledger.query(
-        "SELECT job_id FROM job_runs WHERE cluster = ? AND array_job_id = ? AND array_task_id = ? "
-        "ORDER BY run_start_ns DESC LIMIT 1",
-        (cluster, array, task),
+        "SELECT job_id FROM job_runs WHERE cluster = ? AND array_job_id = ? AND array_task_id = ?"
+        f"{restrict} ORDER BY run_start_ns DESC LIMIT 1",
+        (cluster, array, task, *params),
     )
     return rows[0][0] if rows else job_id
 
 
-def clusters_of_job(ledger, job_id: str) -> list[str]:
-    """The clusters whose ledger rows hold a job ``job_id`` (or array task ``A_T``)."""
+def clusters_of_job(ledger, job_id: str, visible=None) -> list[str]:
+    """The clusters whose ledger rows hold a job ``job_id`` (or array task ``A_T``); with
+    ``visible``, only where the caller may see it."""
+    restrict, params = _visible(visible)
     if "_" in job_id:
         array, task = job_id.split("_", 1)
         rows = ledger.query(
-            "SELECT DISTINCT cluster FROM job_runs WHERE array_job_id = ? AND array_task_id = ?",
-            (array, task),
+            "SELECT DISTINCT cluster FROM job_runs WHERE array_job_id = ? AND array_task_id = ?"
+            + restrict,
+            (array, task, *params),
         )
     else:
-        rows = ledger.query("SELECT DISTINCT cluster FROM job_runs WHERE job_id = ?", (job_id,))
+        rows = ledger.query(
+            "SELECT DISTINCT cluster FROM job_runs WHERE job_id = ?" + restrict,
+            (job_id, *params),
+        )
     return sorted(r[0] for r in rows)
 
 
-def load_job(ledger, cluster: str, job_id: str) -> JobData | None:
+def load_job(ledger, cluster: str, job_id: str, visible=None) -> JobData | None:
     """The latest run of ``job_id`` on ``cluster`` with its nodes, windows and power series;
-    None when the ledger has no such job."""
-    job_id = job_ids_of_array(ledger, cluster, job_id)
+    None when the ledger has no such job (with ``visible``, a
+    :class:`llem.cluster.acct_queries.Visibility`: none the caller may see; the gateway's
+    privacy, the same rule as ``llem-acct``'s)."""
+    job_id = job_ids_of_array(ledger, cluster, job_id, visible)
+    restrict, params = _visible(visible)
     runs = ledger.query(
-        f"SELECT {_columns(RUN_FIELDS)} FROM job_runs WHERE cluster = ? AND job_id = ? "
-        "ORDER BY run_start_ns DESC",
-        (cluster, job_id),
+        f"SELECT {_columns(RUN_FIELDS)} FROM job_runs WHERE cluster = ? AND job_id = ?"
+        f"{restrict} ORDER BY run_start_ns DESC",
+        (cluster, job_id, *params),
     )
     if not runs:
         return None

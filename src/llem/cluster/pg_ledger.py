@@ -162,6 +162,26 @@ def check_spec(spec: str) -> None:
         )
 
 
+def caller_spec(spec: str, uid: int | None, accounts: Sequence[str] = (), admin=False) -> str:
+    """``spec`` with the gateway's caller set for the whole session (libpq ``options``:
+    ``-c llem.uid=...``): for a request read on several connections at once (``llem report``
+    in the gateway), each opened again from the ledger's connection string. The one-
+    connection queries set the caller per transaction instead (:meth:`PgLedger.as_caller`)."""
+    from urllib.parse import quote
+
+    values = (
+        ("llem.uid", "" if uid is None else str(int(uid))),
+        ("llem.accounts", pg_schema.accounts_literal(accounts)),
+        ("llem.admin", "on" if admin else "off"),
+    )
+    options = " ".join(
+        f"-c {name}=" + value.replace("\\", "\\\\").replace(" ", "\\ ") for name, value in values
+    )
+    if spec.startswith(("postgresql://", "postgres://")):
+        return spec + ("&" if "?" in spec else "?") + "options=" + quote(options, safe="")
+    return spec + " options='" + options.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def redact(spec: str) -> str:
     """The connection string as it may be printed (no password, in case one slipped in)."""
     import re
@@ -326,6 +346,57 @@ class PgLedger:
         with self._txn() as cur:
             for statement in pg_schema.role_statements(self.tables(partitions=True)):
                 cur.execute(statement)
+
+    @contextmanager
+    def as_caller(self, uid: int | None, accounts: Sequence[str] = (), admin: bool = False):
+        """One transaction in which row-level security sees the gateway's caller: the
+        settings the policies read (:data:`pg_schema.CALLER_SETTINGS`) are set with ``SET
+        LOCAL`` semantics (``set_config(..., true)``), so they end with the transaction and
+        never outlive the request. Queries made inside run in it."""
+        try:
+            with self.db.transaction():
+                self.db.execute(
+                    "SELECT set_config('llem.uid', %s, true), "
+                    "set_config('llem.accounts', %s, true), set_config('llem.admin', %s, true)",
+                    (
+                        "" if uid is None else str(int(uid)),
+                        pg_schema.accounts_literal(accounts),
+                        "on" if admin else "off",
+                    ),
+                )
+                yield self
+        except self._errors as e:
+            raise LedgerError(f"{redact(self.spec)}: query failed: {e}") from e
+
+    def row_security(self) -> str | None:
+        """Why row-level security would not restrict this login, or None when it does
+        (the gateway says so when it starts; docs/ledger.md, "Row-level security")."""
+        (superuser, bypass, owner, reader, gateway, enabled) = (
+            self.db.execute(
+                "SELECT r.rolsuper, r.rolbypassrls, "
+                "pg_has_role(current_user, t.tableowner, 'MEMBER'), "
+                "pg_has_role(current_user, %s, 'MEMBER'), "
+                "pg_has_role(current_user, %s, 'MEMBER'), c.relrowsecurity "
+                "FROM pg_roles r, pg_tables t JOIN pg_class c ON c.oid = to_regclass('job_runs') "
+                "WHERE r.rolname = current_user AND t.schemaname = current_schema() "
+                "AND t.tablename = 'job_runs'",
+                (pg_schema.READER_ROLE, pg_schema.GATEWAY_ROLE),
+            ).fetchone()
+            or (None,) * 6
+        )
+        if not enabled:
+            return "the ledger has no row-level security (run 'llem ledger init --roles')"
+        if superuser:
+            return "this login is a superuser (superusers bypass row-level security)"
+        if bypass:
+            return "this login has BYPASSRLS"
+        if owner:
+            return "this login owns the ledger's tables (owners bypass row-level security)"
+        if reader:
+            return f"this login is a member of {pg_schema.READER_ROLE}, which sees every row"
+        if not gateway:
+            return f"this login is not a member of {pg_schema.GATEWAY_ROLE}"
+        return None
 
     def _act_as_writer(self) -> None:
         """A member of ``llem_writer`` writes as it when the role owns the ledger (``llem

@@ -24,8 +24,11 @@ What differs from SQLite, and why:
   deletes a replaced job node's rows itself (:mod:`llem.cluster.pg_ledger`), and ``llem
   ledger check`` finds any orphan.
 
-No extension is needed. Row-level security is not enabled here: every row that names a user
-carries ``"user"`` and ``uid`` (or reaches them through ``job_nodes``), ready for policies.
+No extension is needed. Row-level security is not a migration: it is made with the roles
+(:func:`role_statements`, ``llem ledger init --roles``), because its policies name the roles
+and :data:`MIGRATIONS` stays the SQLite list's twin, one for one (a ledger without roles has
+a single user, its owner, whom policies would not restrict anyway). See
+:func:`row_security_statements`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,28 @@ PARTITIONED = ("job_energy", "node_hours")
 """Tables partitioned by month on ``hour_s``."""
 WRITER_ROLE = "llem_writer"
 READER_ROLE = "llem_reader"
+GATEWAY_ROLE = "llem_gateway"
+"""The group role of ``llem serve``'s login: row-level security restricts it to the caller
+the gateway names per transaction (:data:`CALLER_SETTINGS`)."""
+CALLER_SETTINGS = ("llem.uid", "llem.accounts", "llem.admin")
+"""Custom settings the gateway sets per transaction and the policies read: the caller's uid,
+the accounts they coordinate (a PostgreSQL array literal) and ``on`` for an admin."""
+_ADMIN = "current_setting('llem.admin', true) = 'on'"
+_SEES = (
+    "(uid = NULLIF(current_setting('llem.uid', true), '')::bigint OR account = ANY "
+    "(COALESCE(NULLIF(current_setting('llem.accounts', true), ''), '{}')::text[]))"
+)
+RLS_RUN_TABLES = ("job_runs", "job_headers")
+"""Tables whose rows carry the job's ``uid`` and ``account``: visible as the run is."""
+RLS_JOB_NODE_TABLES = ("job_energy", "job_node_totals", "windows", "job_power")
+"""Tables that hang off ``job_nodes`` by ``job_node_id``: visible as the job node is."""
+RLS_ADMIN_TABLES = ("node_hours", "quarantine")
+"""Node-level and operational tables: admins only."""
+RLS_TABLES = (*RLS_RUN_TABLES, "job_nodes", *RLS_JOB_NODE_TABLES, *RLS_ADMIN_TABLES)
+GATEWAY_TABLES = (*RLS_TABLES, "meta", "devices")
+"""What the gateway's role may ``SELECT`` (never a month partition: those have no policies).
+``devices`` (each node's hardware: component, model name, sensor) has no policy, as Slurm
+shows every user the nodes' configuration; ``meta`` holds the schema version."""
 _PARTITION_NAME = re.compile(r"^(job_energy|node_hours)_p(\d{4})(\d{2})$")
 
 
@@ -324,6 +349,7 @@ def role_statements(tables: Iterable[str]) -> list[str]:
     site grants them to its login roles (``GRANT llem_reader TO alice``), which authenticate
     as the site's PostgreSQL requires (peer, GSSAPI, certificates, ``.pgpass``).
     """
+    tables = list(tables)
     out = [
         "DO $$ BEGIN "
         f"IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') "
@@ -339,4 +365,62 @@ def role_statements(tables: Iterable[str]) -> list[str]:
         f"ALTER DEFAULT PRIVILEGES FOR ROLE {WRITER_ROLE} IN SCHEMA public "
         f"GRANT SELECT ON TABLES TO {READER_ROLE}"
     )
+    return out + row_security_statements(tables)
+
+
+def row_security_statements(tables: Iterable[str]) -> list[str]:
+    """``llem_gateway`` and the row-level security that restricts it (of ``tables``, those
+    the ledger has).
+
+    Policies (permissive, ``FOR SELECT``): ``llem_reader`` sees every row (admins' logins,
+    as before); ``llem_gateway`` sees a row of ``job_runs``/``job_headers`` when the
+    transaction's caller is an admin (``llem.admin = on``), owns it (``uid = llem.uid``) or
+    coordinates its account (``account = ANY (llem.accounts)``); a ``job_nodes`` row when its
+    run is visible (the run's primary key, under ``job_runs``' policy); a row of the tables
+    hanging off a job node when that job node is visible (``job_nodes``' primary key);
+    ``node_hours`` and ``quarantine`` for admins only. Unset settings match nothing.
+
+    Row-level security is enabled, not forced: the tables' owner (``llem_writer``, the
+    aggregator) and superusers bypass it, so the gateway's login must be neither (nor
+    ``BYPASSRLS``, nor a member of ``llem_reader``): :func:`llem.cluster.pg_ledger.PgLedger.
+    row_security` says whether it is. The expressions are plain SQL of ``current_setting``
+    (stable), so the planner keeps the queries' indexes (``tests/test_ledger_postgres.py``
+    checks the plans with ``EXPLAIN``).
+    """
+    tables = set(tables)
+    g, r = GATEWAY_ROLE, READER_ROLE
+    out = [
+        "DO $$ BEGIN "
+        f"IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{g}') "
+        f"THEN CREATE ROLE {g} NOLOGIN; END IF; END $$",
+        f"GRANT USAGE ON SCHEMA public TO {g}",
+    ]
+    using = {t: f"{_ADMIN} OR {_SEES}" for t in RLS_RUN_TABLES}
+    using["job_nodes"] = (
+        f"{_ADMIN} OR EXISTS (SELECT 1 FROM job_runs r WHERE r.cluster = job_nodes.cluster "
+        "AND r.job_id = job_nodes.job_id AND r.run_start_ns = job_nodes.run_start_ns)"
+    )
+    for t in RLS_JOB_NODE_TABLES:
+        using[t] = f"{_ADMIN} OR EXISTS (SELECT 1 FROM job_nodes jn WHERE jn.id = {t}.job_node_id)"
+    for t in RLS_ADMIN_TABLES:
+        using[t] = _ADMIN
+    for t in RLS_TABLES:
+        if t not in tables:
+            continue
+        out += [
+            f"ALTER TABLE {t} ENABLE ROW LEVEL SECURITY",
+            f"DROP POLICY IF EXISTS llem_reader_all ON {t}",
+            f"CREATE POLICY llem_reader_all ON {t} FOR SELECT TO {r} USING (true)",
+            f"DROP POLICY IF EXISTS llem_gateway_caller ON {t}",
+            f"CREATE POLICY llem_gateway_caller ON {t} FOR SELECT TO {g} USING ({using[t]})",
+        ]
+    out += [f"GRANT SELECT ON {t} TO {g}" for t in GATEWAY_TABLES if t in tables]
     return out
+
+
+def accounts_literal(accounts: Iterable[str]) -> str:
+    """A PostgreSQL ``text[]`` literal of ``accounts`` (each quoted and escaped)."""
+    items = []
+    for a in accounts:
+        items.append('"' + a.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return "{" + ",".join(items) + "}"

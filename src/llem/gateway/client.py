@@ -69,6 +69,27 @@ def target_of(ledger: str) -> Target | None:
     return None
 
 
+def target_for(ledger: str, socket_path: str | None) -> Target | None:
+    """The gateway to ask for ``ledger``: the one it names (:func:`target_of`), or, when it is
+    a ledger file this user cannot read (private: 0640 to the ledger's group) and the local
+    gateway's socket ``socket_path`` (``gateway.socket``) exists, that socket. None: read the
+    ledger itself (where an unreadable file gets the error that says how to use the
+    gateway)."""
+    target = target_of(ledger)
+    if target is not None or not socket_path:
+        return target
+    from llem.cluster.pg_ledger import is_postgres
+
+    if is_postgres(ledger) or not os.path.exists(ledger) or os.access(ledger, os.R_OK):
+        return None
+    try:
+        if stat.S_ISSOCK(os.stat(socket_path).st_mode):
+            return Target(path=socket_path)
+    except OSError:
+        pass
+    return None
+
+
 def ask(
     target: Target,
     request: wire.Request,

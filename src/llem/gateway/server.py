@@ -289,11 +289,12 @@ class Gateway:
                 return {"ok": False, "error": refusal, "identity": identity}
         t0 = time.monotonic()
         try:
-            answer = (
-                self._report(request.report)
-                if request.op == "report"
-                else self._query(request, role, caller)
-            )
+            if request.op == "report":
+                answer = self._report(request.report, role)
+            elif request.op == "job":
+                answer = self._job(request, role)
+            else:
+                answer = self._query(request, role, caller)
         finally:
             self.slots.release(caller.uid)
         self.served += 1
@@ -347,7 +348,18 @@ class Gateway:
 
     # -- the query -------------------------------------------------------------------------
 
-    def _report(self, req: wire.ReportRequest) -> dict:
+    def _spec_for(self, role: Role):
+        """The ledger's connection string with the caller set for the session, for requests
+        read on several connections (PostgreSQL: row-level security; the file otherwise)."""
+        from llem.cluster.pg_ledger import caller_spec, is_postgres
+
+        if not is_postgres(self.ledger_path):
+            return self.ledger_path
+        if role.visible is None:
+            return caller_spec(str(self.ledger_path), None, admin=True)
+        return caller_spec(str(self.ledger_path), role.visible.uid, role.visible.accounts)
+
+    def _report(self, req: wire.ReportRequest, role: Role) -> dict:
         """``llem report`` in the gateway: the rendered text (html with its plots inside)."""
         from llem.cluster import report_queries
         from llem.errors import LlemError
@@ -357,7 +369,7 @@ class Gateway:
         period = Period(req.start_ns, req.end_ns, req.label, req.kind)
         deadline = time.monotonic() + self.config.gateway.query_timeout_s
         try:
-            with report_queries.open_readonly(self.ledger_path) as ledger:
+            with report_queries.open_readonly(self._spec_for(role)) as ledger:
                 _bound_time(ledger, deadline, self.config.gateway.query_timeout_s)
                 rep = build_report(
                     ledger,
@@ -381,6 +393,74 @@ class Gateway:
             return {"ok": False, "error": f"the report failed: {type(e).__name__}: {e}"}
         return {"ok": True, "text": text, "empty": bool(rep.empty)}
 
+    def _job(self, request: wire.Request, role: Role) -> dict:
+        """``llem job`` in the gateway: the ``llem.job/1`` view of a run the caller may see
+        (its owner, a coordinator of its account, an admin), built with this host's carbon and
+        idle-power settings. A job the caller may not see is answered as one the ledger does
+        not have: its existence is not disclosed."""
+        from llem.cluster import acct_queries
+        from llem.cluster.job_queries import clusters_of_job, load_job
+        from llem.errors import LlemError
+        from llem.report import jobview
+        from llem.safetext import safe_text
+
+        req = request.job
+        cluster = req.cluster or request.cluster or self.config.cluster
+        visible = role.visible
+        deadline = time.monotonic() + self.config.gateway.query_timeout_s
+        try:
+            with (
+                acct_queries.open_ledger(self.ledger_path) as ledger,
+                _as_caller(ledger, role),
+            ):
+                _bound_time(ledger, deadline, self.config.gateway.query_timeout_s)
+                data = load_job(ledger, cluster, req.job_id, visible)
+                if data is None and req.cluster is None:
+                    others = clusters_of_job(ledger, req.job_id, visible)
+                    if len(others) == 1:
+                        cluster = others[0]
+                        data = load_job(ledger, cluster, req.job_id, visible)
+                    elif len(others) > 1:
+                        return {
+                            "ok": False,
+                            "error": f"job {safe_text(req.job_id)} is on clusters "
+                            f"{safe_text(', '.join(others))}: choose one with --cluster",
+                        }
+        except LlemError as e:
+            return {"ok": False, "error": str(e)}
+        except Exception as e:  # noqa: BLE001
+            if "interrupted" in str(e) or "statement timeout" in str(e):
+                return {
+                    "ok": False,
+                    "error": f"the query ran longer than {self.config.gateway.query_timeout_s:g} s",
+                }
+            log.exception("gateway: job query failed")
+            return {"ok": False, "error": f"the query failed: {type(e).__name__}"}
+        if data is None:
+            where = f"no job {safe_text(req.job_id)} on cluster {safe_text(cluster)}"
+            if visible is not None:
+                return {
+                    "ok": False,
+                    "error": f"{where} among the jobs you may see (privacy: the gateway shows "
+                    f"you {role.describe()})",
+                }
+            return {
+                "ok": False,
+                "error": f"{where} in the ledger (it reaches the ledger after its Epilog and "
+                "the next aggregation pass)",
+            }
+        carbon = carbon_error = None
+        try:
+            from llem.acct.co2e import resolve_carbon
+
+            carbon = resolve_carbon(self.config)
+        except (LlemError, ValueError) as e:
+            carbon_error = f"carbon: {e}"
+        return {
+            "ok": True,
+            "view": jobview.build(data, carbon, carbon_error, self.config.attribution.idle_w),
+        }
+
     def _query(self, request: wire.Request, role: Role, caller: Caller) -> dict:
         from llem import acct
         from llem.cluster import acct_queries
@@ -403,7 +483,10 @@ class Gateway:
         want_carbon = request.fields is None or bool(set(request.fields) & acct.CARBON_FIELDS)
         deadline = time.monotonic() + self.config.gateway.query_timeout_s
         try:
-            with acct_queries.open_ledger(self.ledger_path) as ledger:
+            with (
+                acct_queries.open_ledger(self.ledger_path) as ledger,
+                _as_caller(ledger, role),
+            ):
                 _bound_time(ledger, deadline, self.config.gateway.query_timeout_s)
                 answer = acct.gateway_answer(ledger, opts, self.config, want_carbon)
         except LlemError as e:
@@ -460,6 +543,39 @@ def _asks_beyond(request: wire.Request, caller: Caller) -> bool:
     """Whether the request may reach beyond the caller's own jobs (-a, -u, -j, -A)."""
     users = request.filter.users
     return users is None or not set(users) <= {caller.user, str(caller.uid)}
+
+
+def _as_caller(ledger, role: Role):
+    """On PostgreSQL, the transaction in which row-level security sees the caller (their uid
+    and coordinated accounts; admins, and everyone with ``privacy: none``, see all): the
+    database enforces the same visibility as the queries' own restriction (defence in
+    depth, docs/ledger.md). Nothing on SQLite, a file the gateway alone reads."""
+    from contextlib import nullcontext
+
+    if not hasattr(ledger, "as_caller"):
+        return nullcontext(ledger)
+    if role.visible is None:
+        return ledger.as_caller(None, (), admin=True)
+    return ledger.as_caller(role.visible.uid, role.visible.accounts)
+
+
+def row_security_line(ledger_path) -> str | None:
+    """The gateway's start-up line about row-level security on a PostgreSQL ledger (None on
+    SQLite): on, or why not (a warning: the queries' own restriction still applies)."""
+    from llem.cluster import acct_queries
+    from llem.cluster.pg_ledger import is_postgres
+    from llem.errors import LlemError
+
+    if not is_postgres(ledger_path):
+        return None
+    try:
+        with acct_queries.open_ledger(ledger_path) as ledger:
+            why = ledger.row_security()
+    except LlemError as e:
+        return f"gateway: row-level security: cannot check ({e})"
+    if why is None:
+        return "gateway: row-level security: on (the database shows each caller their rows)"
+    return f"gateway: row-level security: OFF: {why}; the gateway's own restriction applies"
 
 
 def _bound_time(ledger, deadline: float, timeout_s: float) -> None:

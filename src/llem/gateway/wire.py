@@ -15,7 +15,10 @@ The request itself::
      "allocations": false, "duplicates": false, "totals_by": null, "statement": false,
      "fields": ["JobID", ...] | null}
 
-``op`` is ``acct`` (a query), ``whoami`` (who the gateway thinks you are and what you may
+``op`` is ``acct`` (a query), ``report`` (``{"report": {...}}``, the options of ``llem
+report``), ``job`` (``{"job": {"id": "1234" | "1234_7", "cluster": str | null}}``: ``llem job
+JOBID``; a null cluster is the request's, else the one other cluster that has the job; the
+answer's ``view`` is the ``llem.job/1`` document), ``whoami`` (who the gateway thinks you are and what you may
 see) or ``ping``. Gateway to client, one line: ``{"ok": true, "identity": {...}, "answer":
 {llem.acct/1 document}, "footer": str | null, "notes": [...]}`` or ``{"ok": false,
 "error": "...", "busy": true?}``.
@@ -45,7 +48,7 @@ MAX_ITEMS = 10_000
 MAX_ITEM_CHARS = 256
 """Characters of one item (a name, an account, a node)."""
 MAX_CRED_CHARS = 4096
-OPS = ("acct", "report", "whoami", "ping")
+OPS = ("acct", "report", "job", "whoami", "ping")
 REPORT_FORMATS = ("md", "csv", "json", "html")
 _LISTS = ("clusters", "users", "accounts", "partitions", "states", "nodes", "names", "qos")
 _FLAGS = ("allocations", "duplicates", "statement", "truncate")
@@ -75,6 +78,16 @@ class Request:
     truncate: bool = False
     fields: tuple[str, ...] | None = None
     report: ReportRequest | None = None
+    job: JobRequest | None = None
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """``llem job JOBID [--cluster C]``: ``cluster`` None is the request's cluster (or the
+    one other cluster that has the job)."""
+
+    job_id: str
+    cluster: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,12 @@ def request_text(request: Request) -> str:
         "truncate": request.truncate,
         "fields": list(request.fields) if request.fields is not None else None,
     }
+    if request.job is not None:
+        doc = {
+            "op": request.op,
+            "cluster": request.cluster,
+            "job": {"id": request.job.job_id, "cluster": request.job.cluster},
+        }
     if request.report is not None:
         r = request.report
         doc = {
@@ -191,6 +210,8 @@ def parse_request(text: str) -> Request:
         cluster = _item(cluster, "cluster")
     if op == "report":
         return Request(op=op, cluster=cluster, report=_report(doc.get("report")))
+    if op == "job":
+        return Request(op=op, cluster=cluster, job=_job(doc.get("job")))
     if op != "acct":
         return Request(op=op, cluster=cluster)
     raw = doc.get("filter", {})
@@ -289,6 +310,20 @@ def _report(raw) -> ReportRequest:
     if not isinstance(fmt, str) or fmt not in REPORT_FORMATS:
         raise Refused(f"bad request: the report format is one of {', '.join(REPORT_FORMATS)}")
     return ReportRequest(start, end, label, kind, account, float(idle_w), top, fmt)
+
+
+def _job(raw) -> JobRequest:
+    from llem.slices import is_identifier
+
+    if not isinstance(raw, dict) or set(raw) - {"id", "cluster"}:
+        raise Refused("bad request: 'job' must be an object with 'id' and 'cluster'")
+    job_id = raw.get("id")
+    if not isinstance(job_id, str) or len(job_id) > 64 or not is_identifier(job_id):
+        raise Refused("bad request: 'job.id' must be a Slurm job id such as 1234 or 1234_7")
+    cluster = raw.get("cluster")
+    if cluster is not None:
+        cluster = _item(cluster, "job.cluster")
+    return JobRequest(job_id, cluster)
 
 
 def _item(value, name: str) -> str:
