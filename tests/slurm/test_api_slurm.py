@@ -46,6 +46,9 @@ with open(os.path.join(out, name + ".json"), "w") as f:
 @pytest.fixture(scope="module")
 def site():
     s = Site()
+    # The job's owner reads the ledger file here (privacy: none, as before issue 15); the
+    # private ledger and llem job through the gateway are tested in tests/test_gateway.py.
+    s.config.write_text(s.config.read_text() + "privacy: none\n")
     s.hw.start()
     yield s
     s.cleanup()
