@@ -95,8 +95,9 @@ ELIGIBLE = "COALESCE(r.eligible_ns, r.slurm_start_ns, r.run_start_ns)"
 SUBMITTED = "COALESCE(r.submit_ns, r.eligible_ns, r.slurm_start_ns, r.run_start_ns)"
 """A run's times as sacct knows them: Slurm's own where it told us, else the nodes'."""
 INDEX_SLACK_NS = 3600 * 10**9
-"""The nodes' end of a run (``run_end_ns``, indexed) is never this much before Slurm's: a
-window on Slurm's end is first narrowed with the index, this much wider."""
+"""The nodes' end of a run (``run_end_ns``, indexed) is never this much before Slurm's, nor
+their start (``run_start_ns``, indexed) this much after Slurm's: a window on Slurm's times is
+first narrowed with the indexes, this much wider."""
 
 
 def _attribution_sql(ledger) -> str:
@@ -360,6 +361,11 @@ def _window(f: RunFilter, params: list) -> list[str]:
             out.append(f"{ENDED} >= ?")
             params.append(start)
         if end is not None:
+            # and the index on run_start_ns bounds the other side (the nodes' start is never
+            # this much after Slurm's): a window in the past reads its own runs, not every
+            # run since
+            out.append("r.run_start_ns <= ?")
+            params.append(end + INDEX_SLACK_NS)
             out.append(f"{STARTED} <= ?")
             params.append(end)
         return out

@@ -453,7 +453,62 @@ def open_ledger(spec: str | os.PathLike, *, readonly: bool = False, **options: A
     return Ledger(spec, readonly=readonly, **options)
 
 
-class Ledger:
+class LedgerCommon:
+    """What both ledger backends do the same way above their SQL (:class:`Ledger` on SQLite,
+    ``pg_ledger.PgLedger`` on PostgreSQL): each provides ``merge_prepared``, ``query`` (with
+    ``?`` placeholders) and ``close``."""
+
+    def merge(
+        self,
+        items: Iterable[tuple[dict, str]],
+        *,
+        now_ns: int,
+        grace_s: float,
+        quarantined: Iterable[QuarantineEntry] = (),
+    ) -> MergeStats:
+        """Merge validated slices (with their digests) and log refused ones, in one transaction.
+
+        Args:
+            items: (slice, digest of its bytes) pairs, already validated.
+            now_ns: the time that decides whether a pending job is past its grace period.
+            grace_s: how long a run waits for missing nodes before it is incomplete.
+            quarantined: refused slices to log.
+        """
+        return self.merge_prepared(
+            (prepare(data, sha) for data, sha in items),
+            now_ns=now_ns,
+            grace_s=grace_s,
+            quarantined=quarantined,
+        )
+
+    def job_energy_by_node(self, cluster: str, job_id: str) -> dict[str, int]:
+        """Total attributed energy per node of a job (all runs), microjoules."""
+        return dict(
+            self.query(
+                "SELECT jn.node, SUM(e.energy_uj) FROM job_energy e JOIN job_nodes jn "
+                "ON jn.id = e.job_node_id WHERE jn.cluster = ? AND jn.job_id = ? GROUP BY jn.node",
+                (cluster, job_id),
+            )
+        )
+
+    def quarantine_log(self) -> list[QuarantineEntry]:
+        """Every slice refused so far, oldest first."""
+        return [
+            QuarantineEntry(*r)
+            for r in self.query(
+                "SELECT file, digest, reason, owner_uid, size, ts_ns FROM quarantine "
+                "ORDER BY ts_ns, file"
+            )
+        ]
+
+    def __enter__(self) -> LedgerCommon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Ledger(LedgerCommon):
     """The cluster ledger (SQLite).
 
     Args:
@@ -519,29 +574,6 @@ class Ledger:
             self.db.execute("ROLLBACK")
 
     # -- merging -----------------------------------------------------------------------------
-
-    def merge(
-        self,
-        items: Iterable[tuple[dict, str]],
-        *,
-        now_ns: int,
-        grace_s: float,
-        quarantined: Iterable[QuarantineEntry] = (),
-    ) -> MergeStats:
-        """Merge validated slices (with their digests) and log refused ones, in one transaction.
-
-        Args:
-            items: (slice, digest of its bytes) pairs, already validated.
-            now_ns: the time that decides whether a pending job is past its grace period.
-            grace_s: how long a run waits for missing nodes before it is incomplete.
-            quarantined: refused slices to log.
-        """
-        return self.merge_prepared(
-            (prepare(data, sha) for data, sha in items),
-            now_ns=now_ns,
-            grace_s=grace_s,
-            quarantined=quarantined,
-        )
 
     def merge_prepared(
         self,
@@ -929,26 +961,6 @@ class Ledger:
             run["missing_nodes"] = json.loads(run["missing_nodes"])
         return out
 
-    def job_energy_by_node(self, cluster: str, job_id: str) -> dict[str, int]:
-        """Total attributed energy per node of a job (all runs), microjoules."""
-        return dict(
-            self.query(
-                "SELECT jn.node, SUM(e.energy_uj) FROM job_energy e JOIN job_nodes jn "
-                "ON jn.id = e.job_node_id WHERE jn.cluster = ? AND jn.job_id = ? GROUP BY jn.node",
-                (cluster, job_id),
-            )
-        )
-
-    def quarantine_log(self) -> list[QuarantineEntry]:
-        """Every slice refused so far, oldest first."""
-        return [
-            QuarantineEntry(*r)
-            for r in self.query(
-                "SELECT file, digest, reason, owner_uid, size, ts_ns FROM quarantine "
-                "ORDER BY ts_ns, file"
-            )
-        ]
-
     def canonical_dump(self) -> str:
         """The ledger's facts as sorted JSON lines: equal dumps mean equal ledgers."""
         lines = []
@@ -996,12 +1008,6 @@ class Ledger:
             keeper.close()
         if not self.readonly:
             keep_wal_files(self.path, self.file_mode)
-
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _wal_keeper(path: Path) -> sqlite3.Connection | None:

@@ -44,11 +44,11 @@ from llem.cluster.ledger import (
     _RUN_COLUMNS,
     CANONICAL_QUERIES,
     ENERGY_COLUMNS,
+    LedgerCommon,
     MergeStats,
     Prepared,
     QuarantineEntry,
     group_runs,
-    prepare,
     summarize_run,
 )
 from llem.errors import LedgerError
@@ -214,7 +214,7 @@ def local_zone() -> str:
     return link[link.index(marker) + len(marker) :] if marker in link else "UTC"
 
 
-class PgLedger:
+class PgLedger(LedgerCommon):
     """The cluster ledger on PostgreSQL.
 
     Args:
@@ -435,14 +435,6 @@ class PgLedger:
         self.db.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, AGGREGATE_LOCK))
 
     # -- merging ---------------------------------------------------------------------------
-
-    def merge(self, items, *, now_ns: int, grace_s: float, quarantined=()) -> MergeStats:
-        return self.merge_prepared(
-            (prepare(data, sha) for data, sha in items),
-            now_ns=now_ns,
-            grace_s=grace_s,
-            quarantined=quarantined,
-        )
 
     def merge_prepared(
         self,
@@ -988,24 +980,6 @@ class PgLedger:
             run["missing_nodes"] = json.loads(run["missing_nodes"])
         return out
 
-    def job_energy_by_node(self, cluster: str, job_id: str) -> dict[str, int]:
-        return dict(
-            self.query(
-                "SELECT jn.node, SUM(e.energy_uj) FROM job_energy e JOIN job_nodes jn "
-                "ON jn.id = e.job_node_id WHERE jn.cluster = ? AND jn.job_id = ? GROUP BY jn.node",
-                (cluster, job_id),
-            )
-        )
-
-    def quarantine_log(self) -> list[QuarantineEntry]:
-        return [
-            QuarantineEntry(*r)
-            for r in self.query(
-                "SELECT file, digest, reason, owner_uid, size, ts_ns FROM quarantine "
-                "ORDER BY ts_ns, file"
-            )
-        ]
-
     def canonical_queries(self) -> dict[str, str]:
         out = dict(CANONICAL_QUERIES)
         for table, sql in CANONICAL_QUERIES.items():
@@ -1048,12 +1022,6 @@ class PgLedger:
             self.db.close()
         except Exception:  # already broken: nothing to release
             pass
-
-    def __enter__(self) -> PgLedger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass
