@@ -348,3 +348,34 @@ def test_old_headers_are_corrected_by_the_postgresql_migration(pg_url):
             ("FAILED",),
             ("FAILED",),
         ]
+
+
+@pytest.mark.postgres
+def test_llem_ledger_copy_carries_slurm_s_records_and_the_tries(tmp_path, pg_url):
+    """An SQLite ledger moved to PostgreSQL keeps Slurm's records (a run recomputed after
+    the copy keeps Slurm's facts) and the jobs still waiting for theirs (not asked sooner)."""
+    from llem.cluster.ledger_tools import copy_ledger
+
+    path = tmp_path / "ledger.db"
+    with open_ledger(path) as ledger:
+        merge(ledger, [*job_slices(tmp_path, "101"), *job_slices(tmp_path / "b", "200")])
+        for job_id in ("101", "200"):  # sacct knows 101, not (yet) 200
+            ledger.store_accounting(
+                "c1",
+                parse_sacct(SACCT_OUT, "c1"),
+                [job_id],
+                now_ns=NOW,
+                retry_ns=retry_delay_ns,
+                grace_s=3600,
+            )
+    with open_ledger(path, readonly=True) as src, open_ledger(pg_url) as dst:
+        res = copy_ledger(src, dst, source_name=str(path))
+        assert res.counts["slurm_jobs"] == (2, 2) and res.counts["slurm_checks"] == (1, 1)
+        assert dst.canonical_dump() == src.canonical_dump()
+        assert dst.query("SELECT * FROM slurm_checks") == src.query("SELECT * FROM slurm_checks")
+        merge(dst, [_header("101")])  # regrouped on PostgreSQL: Slurm's record still wins
+        (run,) = dst.job_runs("101")
+        assert (run["state"], run["state_source"], run["has_header"]) == ("CANCELLED", "slurm", 1)
+        assert not dst.accounting_candidates(
+            ended_before_ns=NOW, now_ns=NOW, max_tries=MAX_TRIES, limit=10
+        )
