@@ -4,8 +4,9 @@ The query modules (:mod:`llem.cluster.acct_queries`, :mod:`llem.cluster.report_q
 :mod:`llem.cluster.metrics_queries`) write one statement per question, in the SQL both
 SQLite and PostgreSQL accept, and take from the ledger's :class:`Dialect` only what the two
 spell differently: local dates, JSON, ``GREATEST``/``LEAST``, the join that fixes SQLite's
-join order, the run's row id, null-safe inequality. Parameters are written SQLite's way (``?`` and ``:name``);
-the PostgreSQL ledger translates them (:func:`pg_params`).
+join order, the run's row id, null-safe inequality (Slurm's accounting records, in
+:func:`llem.cluster.ledger.upsert_slurm_job`). Parameters are written SQLite's way (``?``
+and ``:name``); the PostgreSQL ledger translates them (:func:`pg_params`).
 """
 
 from __future__ import annotations
