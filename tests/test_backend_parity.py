@@ -2,7 +2,9 @@
 
 One spool (real node stores -> job, node and header slices, with windows that did work and
 each node's power series) is aggregated by ``llem aggregate``'s own code into an SQLite
-ledger and into a PostgreSQL one; the ``llem-acct`` tests' ledger is copied into PostgreSQL
+ledger and into a PostgreSQL one, and each ledger's due jobs get Slurm's accounting records
+(sacct's lines: every end state, exit codes, submit, eligible, time limit, TRES; one job
+without its record, asked again later) through the ledger's own accounting step; the ``llem-acct`` tests' ledger is copied into PostgreSQL
 by ``llem ledger copy``. The ``llem-acct`` matrix (``tests.helpers.acct.FILTERS``, every
 output form, the work fields, ``--totals`` by every key including ``window``, in two time
 zones, ``--statement``), ``llem job`` (text and JSON, every job) and ``llem report``
@@ -27,8 +29,15 @@ from llem.cli.main import run
 from llem.cli.report import report as report_cli
 from llem.cluster.aggregate import aggregate_once
 from llem.cluster.header import header_slice_from_env
-from llem.cluster.ledger import Ledger
+from llem.cluster.ledger import Ledger, open_ledger
 from llem.cluster.pg_ledger import PgLedger
+from llem.cluster.slurm_accounting import (
+    CANDIDATES_PER_PASS,
+    MAX_TRIES,
+    SACCT_FIELDS,
+    parse_sacct,
+    retry_delay_ns,
+)
 from llem.config import AggregateConfig
 from llem.slices import encode
 from tests.helpers import acct as acct_data
@@ -46,6 +55,10 @@ FIELDS = (
     "NNodes,NodeList,AllocGPUs,Tag,ConsumedEnergy,ConsumedEnergyRaw,CPUEnergy,DRAMEnergy,"
     "GPUEnergy,OtherEnergy,EstimatedEnergy,EnergySource,Coverage,AveWatts,CarbonIntensity,CO2e,"
     "Attribution"
+)
+SLURM_FIELDS = (
+    "JobID,State,ExitCode,DerivedExitCode,Submit,Eligible,Start,End,Timelimit,AllocCPUS,"
+    "AllocTRES,ReqMem,QOS"
 )
 PER_WORK = "Work,WorkUnit,EnergyPerWork,GPUEnergyPerWork,CO2ePerWork,WorkBasis"
 WORK_FIELDS = f"JobID,JobName,{PER_WORK}"
@@ -72,9 +85,9 @@ def _spool(root: Path) -> Path:
 
 def _aggregated(root: Path, template: Path, ledger: str | None):
     root.mkdir()
-    cfg = replace(
-        node_config(root, "admin"), aggregate=AggregateConfig(grace_s=3600.0, batch_size=25)
-    )
+    # sacct is asked below, with Slurm's recorded answers, not of whatever Slurm this host has
+    aggregate = AggregateConfig(grace_s=3600.0, batch_size=25, sacct="off")
+    cfg = replace(node_config(root, "admin"), aggregate=aggregate)
     if ledger is not None:
         cfg = replace(cfg, ledger=ledger)
     shutil.copytree(template, cfg.spool_dir)
@@ -82,6 +95,70 @@ def _aggregated(root: Path, template: Path, ledger: str | None):
     res = aggregate_once(cfg, now_ns=NOW)
     assert res.merged > 0 and not res.quarantined
     return cfg.ledger
+
+
+# sacct's answer for a job, by its place among the jobs due: state, ExitCode, DerivedExitCode,
+# Timelimit, TimelimitRaw; None: no record yet (slurmdbd behind), asked again later.
+ENDS = (
+    ("COMPLETED", "0:0", "0:0", "UNLIMITED", "UNLIMITED"),
+    ("CANCELLED by 1001", "0:15", "0:0", "02:00:00", "120"),
+    ("TIMEOUT", "0:0", "0:0", "01:00:00", "60"),
+    ("FAILED", "3:0", "3:0", "1-00:00:00", "1440"),
+    ("OUT_OF_MEMORY", "0:125", "0:0", "Partition_Limit", "Partition_Limit"),
+    ("CANCELLED by 0", "0:9", "2:0", "00:30:00", "30"),
+    None,
+)
+
+
+def _sacct_lines(ledger, job_ids: list[str]) -> str:
+    """What ``sacct -X -D -P -n`` prints of these jobs' runs (times as epoch seconds), from
+    the runs the ledger holds: one end per job, by its place in :data:`ENDS`."""
+    lines = []
+    for n, job_id in enumerate(job_ids):
+        end = ENDS[n % len(ENDS)]
+        if end is None:
+            continue
+        state, exit_code, derived, limit, raw = end
+        for job_run in sorted(ledger.job_runs(job_id), key=lambda r: r["run_start_ns"]):
+            start = job_run["run_start_ns"] // S
+            values = {
+                "JobIDRaw": job_id,
+                "State": state,
+                "ExitCode": exit_code,
+                "DerivedExitCode": derived,
+                "Submit": str(start - 300 - n),
+                "Eligible": str(start - 60 - n % 7),
+                "Start": str(start),
+                "End": str(-(-job_run["run_end_ns"] // S)),
+                "Timelimit": limit,
+                "TimelimitRaw": raw,
+                "AllocCPUS": str(8 * (n % 3 + 1)),
+                "AllocTRES": f"billing={n % 5 + 1},cpu={8 * (n % 3 + 1)},mem=16G,node=1",
+                "ReqMem": "16G",
+                "QOS": "normal" if n % 2 else "high",
+            }
+            lines.append("|".join(values[f] for f in SACCT_FIELDS))
+    return "\n".join(lines) + "\n"
+
+
+def _account(spec: str) -> list[tuple[str, str]]:
+    """The accounting step of ``llem aggregate`` (:func:`slurm_accounting.reconcile`'s
+    ledger calls) with sacct's answers for the due jobs; returns the jobs that were due."""
+    with open_ledger(spec) as ledger:
+        due = ledger.accounting_candidates(
+            ended_before_ns=NOW, now_ns=NOW, max_tries=MAX_TRIES, limit=CANDIDATES_PER_PASS
+        )
+        job_ids = [job_id for _, job_id in due]
+        stored = ledger.store_accounting(
+            "c1",
+            parse_sacct(_sacct_lines(ledger, job_ids), "c1"),
+            job_ids,
+            now_ns=NOW,
+            retry_ns=retry_delay_ns,
+            grace_s=3600.0,
+        )
+        assert stored >= len(job_ids) // 2
+    return due
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +170,8 @@ def pairs(tmp_path_factory, pg_server):
         _aggregated(root / "sqlite", template, None),
         _aggregated(root / "pg", template, pg_server.database("spool")),
     )
+    due = [_account(spec) for spec in spooled]
+    assert due[0] == due[1] and len(due[0]) >= 10
     acct_db = root / "acct" / "ledger.db"
     acct_db.parent.mkdir(mode=0o755)
     make_ledger.write_jobs(acct_db, acct_data.JOBS)
@@ -123,6 +202,24 @@ def test_both_ledgers_hold_the_same_facts(pairs, pair):
     if pair == "spool":  # windows with work and power series went through the merge
         assert '1000.5, "tokens"]' in dump and '64.0, "samples"]' in dump
         assert "# job_power 0" not in dump
+        # Slurm's records, paired with the runs; the jobs still waiting for theirs
+        assert "# slurm_jobs 0" not in dump and '"TIMEOUT"' in dump
+        checks = []
+        for spec in (sqlite, pg):
+            with open_ledger(spec, readonly=True) as led:
+                checks.append(
+                    sorted(led.query("SELECT * FROM slurm_checks"))
+                    + sorted(
+                        led.query(
+                            "SELECT state_source, accounted, COUNT(*) FROM job_runs "
+                            "GROUP BY state_source, accounted"
+                        ),
+                        key=repr,
+                    )
+                )
+        assert checks[0] == checks[1]
+        assert (1, NOW + retry_delay_ns(1)) in [c[2:] for c in checks[0] if len(c) == 4]
+        assert ("slurm", 1) in [c[:2] for c in checks[0] if len(c) == 3]
 
 
 def _acct_matrix() -> list[tuple[str, ...]]:
@@ -144,6 +241,11 @@ def _acct_matrix() -> list[tuple[str, ...]]:
         (*base, "--statement"),
         (*base, "-A", "physics", "--statement"),
         (*base, "-s", "F", "-P"),
+        (*base, "-s", "CA", "-P", "-o", SLURM_FIELDS),
+        (*base, "-s", "TO", "-P", "-o", SLURM_FIELDS),
+        (*base, "-s", "OOM,CD", "-D", "-P", "-o", SLURM_FIELDS),
+        (*base, "-X", "-o", SLURM_FIELDS),
+        (*base, "-X", "--json", "-o", SLURM_FIELDS),
         (*base, "--units", "K", "-X"),
         (*base, "-P", "-o", WORK_FIELDS),
         (*base, "-X", "--json", "-o", WORK_FIELDS),
@@ -173,7 +275,7 @@ def test_llem_acct_says_the_same_on_both(pairs, pair, zone, monkeypatch, tmp_pat
                 tuple("2026-03-01" if a == "2023-10-01" else a for a in args) for args in matrix
             ]
             matrix = [tuple("2026-03-31" if a == "2024-01-31" else a for a in m) for m in matrix]
-        nonempty, work = 0, []
+        nonempty, work, slurm = 0, [], {}
         for args in matrix:
             a = _timeless(acct_data.acct_run(*args, "--ledger", sqlite))
             b = _timeless(acct_data.acct_run(*args, "--ledger", pg))
@@ -181,10 +283,16 @@ def test_llem_acct_says_the_same_on_both(pairs, pair, zone, monkeypatch, tmp_pat
             nonempty += a[0] == 0 and len(a[1].splitlines()) > 1
             if PER_WORK in ",".join(args):
                 work.append(a[1])
+            if SLURM_FIELDS in args and "-s" in args:
+                slurm[args[args.index("-s") + 1]] = a[1]
         assert nonempty >= 15, "most of the matrix selected nothing"
         if pair == "spool":  # the work fields and --totals window had work to show
             assert all("tokens" in out for out in work) and len(work) == 4
             assert sum("samples" in out for out in work) == 3  # not in -j 100
+            # Slurm's facts, stored by the accounting step, selected and shown alike
+            assert "CANCELLED by 1001|0:15|0:0|" in slurm["CA"] and "|02:00:00|" in slurm["CA"]
+            assert "|TIMEOUT|0:0|0:0|" in slurm["TO"] and "mem=16G" in slurm["TO"]
+            assert "OUT_OF_MEMORY|0:125" in slurm["OOM,CD"] and "COMPLETED" in slurm["OOM,CD"]
     finally:
         monkeypatch.undo()
         time.tzset()

@@ -276,6 +276,80 @@ def test_table_layout_is_sacct_s(cluster, site, jobs):
         assert mine == theirs, f"\n{mine}\n{theirs}"
 
 
+@pytest.fixture(scope="module")
+def pg_ledger(cluster, site, jobs, pg_server):
+    """The same slices (the first ledger's archive, copied into a new spool) aggregated into
+    a PostgreSQL ledger by ``llem aggregate``, which asks the same sacct; its URL."""
+    import shutil
+    import stat
+
+    url = pg_server.database("sacct")
+    spool = site.base / "spool-pg"
+    spool.mkdir()
+    st = site.spool_dir.stat()
+    os.chown(spool, st.st_uid, st.st_gid)
+    os.chmod(spool, stat.S_IMODE(st.st_mode))
+    for path in sorted((site.spool_dir / "archive").rglob("*")):
+        if path.is_file():
+            shutil.copy2(path, spool / path.name)
+    state = site.base / "state-pg"
+    state.mkdir(mode=0o755)
+    config = site.base / "llem-pg.yaml"
+    config.write_text(
+        f"cluster: {cluster.name}\nstate_dir: {state}\nrun_dir: {site.run_dir}\n"
+        f"spool_dir: {spool}\nledger: {url}\ncarbon:\n  region: FR\n"
+        "aggregate:\n  sacct: /usr/bin/sacct\n  sacct_settle_s: 0\n"
+    )
+    config.chmod(0o644)
+    env = {**os.environ, "LLEM_CONFIG": str(config), "SLURM_CONF": str(cluster.conf_path)}
+    env.pop("LLEM_POWERCAP_ROOT", None)
+    from llem.cluster.pg_ledger import PgLedger
+
+    for _ in range(3):  # one pass should do; sacct may be slow to answer under load
+        r = subprocess.run(
+            [sys.executable, "-m", "llem.cli.main", "aggregate", "--once", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        with PgLedger(url, readonly=True) as led:
+            rows = led.query(
+                "SELECT job_id, accounted, has_header, status FROM job_runs WHERE job_id IN "
+                f"({','.join('?' * len(jobs['all']))})",
+                jobs["all"],
+            )
+        if {r[0] for r in rows} == set(jobs["all"]) and all(
+            r[1:] == (1, 1, "complete") for r in rows
+        ):
+            break
+    assert sum(r[0] == jobs["ids"]["requeued"] for r in rows) == 2, rows
+    assert all(r[1:] == (1, 1, "complete") for r in rows), rows
+    return url
+
+
+def test_a_postgresql_ledger_gets_the_same_facts_from_sacct(cluster, site, jobs, pg_ledger):
+    """The accounting step on PostgreSQL: llem-acct on that ledger says what sacct says, and
+    what llem-acct says on the SQLite ledger, field by field and filter by filter."""
+    ids = ",".join(jobs["all"])
+    fields = f"{FIELDS},Eligible,Timelimit,AllocCPUS,AllocTRES,ReqMem,QOS"
+    for extra in ((), ("-D",)):
+        args = ("-X", "-P", "-n", "-o", fields, "-j", ids, *extra)
+        on_pg = _acct(cluster, site, *args, "--ledger", pg_ledger)
+        assert on_pg == _acct(cluster, site, *args), extra
+        mine = [r[: len(FIELDS.split(","))] for r in _rows(on_pg)]
+        theirs = _rows(_sacct(cluster, "-X", "-P", "-n", "-o", FIELDS, "-j", ids, *extra))
+        assert mine == theirs, (extra, mine, theirs)
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(jobs["t0"] - 5))
+    for states in ("CA", "TO", "CD", "F", "RQ"):
+        args = ("-X", "-P", "-n", "-o", "JobIDRaw", "-a", "-s", states, "-S", start, "-E", "now")
+        mine = {r[0] for r in _rows(_acct(cluster, site, *args, "--ledger", pg_ledger))}
+        theirs = {r[0] for r in _rows(_sacct(cluster, *args))}
+        assert mine & set(jobs["all"]) == theirs & set(jobs["all"]) != set(), states
+
+
 def test_without_slurmdbd_the_pass_goes_on_and_asks_later(cluster, site, jobs):
     """slurmdbd down: the job is merged with its header's state, sacct's failure is said,
     and the job waits for a later pass (not counted as a try)."""

@@ -275,13 +275,8 @@ def aggregate_once(
 
 
 def _reconcile(config: Config, ledger: Ledger, now_ns: int) -> ReconcileResult:
-    """Slurm's accounting after the merge: its failures are logged, never the pass's.
-
-    The SQLite ledger only, for now: the PostgreSQL ledger has no twin of the accounting
-    tables yet (migration ``_v6_slurm_accounting``), so there the headers' states stay.
-    """
-    if not hasattr(ledger, "store_accounting"):
-        return ReconcileResult(skipped="the PostgreSQL ledger keeps no Slurm accounting yet")
+    """Slurm's accounting after the merge, on either ledger (SQLite or PostgreSQL): its
+    failures are logged, never the pass's."""
     try:
         return reconcile(config, ledger, now_ns=now_ns)
     except LedgerError as e:  # the merge is committed; the next pass asks again

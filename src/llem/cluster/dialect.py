@@ -4,8 +4,9 @@ The query modules (:mod:`llem.cluster.acct_queries`, :mod:`llem.cluster.report_q
 :mod:`llem.cluster.metrics_queries`) write one statement per question, in the SQL both
 SQLite and PostgreSQL accept, and take from the ledger's :class:`Dialect` only what the two
 spell differently: local dates, JSON, ``GREATEST``/``LEAST``, the join that fixes SQLite's
-join order, the run's row id. Parameters are written SQLite's way (``?`` and ``:name``);
-the PostgreSQL ledger translates them (:func:`pg_params`).
+join order, the run's row id, null-safe inequality (Slurm's accounting records, in
+:func:`llem.cluster.ledger.upsert_slurm_job`). Parameters are written SQLite's way (``?``
+and ``:name``); the PostgreSQL ledger translates them (:func:`pg_params`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Dialect:
     """The row id of ``job_runs r``."""
     temp: str
     """Prefix of a temporary table."""
+    distinct: str
+    """Null-safe inequality of two values or rows (SQLite: ``IS NOT``)."""
     _day: str
     _month: str
     _policies: str
@@ -64,6 +67,7 @@ SQLITE = Dialect(
     least="MIN",
     run_id="r.rowid",
     temp="temp.",
+    distinct="IS NOT",
     _day="date({ns} / 1000000000, 'unixepoch', 'localtime')",
     _month="strftime('%Y-%m', {ns} / 1000000000, 'unixepoch', 'localtime')",
     _policies="group_concat(DISTINCT json_extract({x}, '$.policy'))",
@@ -79,6 +83,7 @@ POSTGRESQL = Dialect(
     least="LEAST",
     run_id="r.id",
     temp="pg_temp.",
+    distinct="IS DISTINCT FROM",
     # the session's TimeZone is the client's local zone (see pg_ledger.local_zone)
     _day="to_char(to_timestamp({ns} / 1000000000), 'YYYY-MM-DD')",
     _month="to_char(to_timestamp({ns} / 1000000000), 'YYYY-MM')",

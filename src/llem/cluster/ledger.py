@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from llem import slices
-from llem.cluster.dialect import SQLITE
+from llem.cluster.dialect import SQLITE, Dialect
 from llem.errors import LedgerError
 from llem.hostlist import expand_hostlist
 from llem.sqlite import Database, Messages, open_database, run_script
@@ -92,6 +92,46 @@ SLURM_JOB_COLUMNS = (
     "checked_ns",
 )
 """The columns of ``slurm_jobs``, in order."""
+
+# Slurm's accounting, in the SQL both backends take (``?`` parameters; the PostgreSQL ledger
+# translates them): the same candidates, records, tries and delays on both.
+ACCOUNTING_CANDIDATES = (
+    "SELECT r.cluster, r.job_id FROM job_runs r LEFT JOIN slurm_checks c "
+    "ON c.cluster = r.cluster AND c.job_id = r.job_id "
+    "WHERE r.accounted = 0 AND r.run_end_ns <= ? "
+    "AND (c.next_ns IS NULL OR (c.next_ns <= ? AND c.tries < ?)) "
+    "GROUP BY r.cluster, r.job_id ORDER BY MIN(r.run_end_ns), r.cluster, r.job_id LIMIT ?"
+)
+"""Jobs due for a (re)try: ended before, a run unconfirmed, not given up; oldest end first
+(ties by key, so that both backends choose the same jobs when a pass cannot take all)."""
+UNACCOUNTED_RUN = (
+    "SELECT 1 FROM job_runs WHERE cluster = ? AND job_id = ? AND accounted = 0 LIMIT 1"
+)
+FORGET_CHECK = "DELETE FROM slurm_checks WHERE cluster = ? AND job_id = ?"
+CHECK_TRIES = "SELECT tries FROM slurm_checks WHERE cluster = ? AND job_id = ?"
+SAVE_CHECK = (
+    "INSERT INTO slurm_checks VALUES (?, ?, ?, ?) ON CONFLICT (cluster, job_id) "
+    "DO UPDATE SET tries = excluded.tries, next_ns = excluded.next_ns"
+)
+DEFER_CHECK = (
+    "INSERT INTO slurm_checks VALUES (?, ?, 0, ?) ON CONFLICT (cluster, job_id) "
+    "DO UPDATE SET next_ns = excluded.next_ns"
+)
+"""A try that does not count (sacct failed): only the delay."""
+
+
+def upsert_slurm_job(dialect: Dialect) -> str:
+    """Insert a record of ``slurm_jobs`` (its columns' values, ``checked_ns`` last), or
+    update the one of that run when a fact changed (one change counted, none when equal)."""
+    facts = SLURM_JOB_COLUMNS[3:-1]
+    return (
+        f"INSERT INTO slurm_jobs ({', '.join(SLURM_JOB_COLUMNS)}) "
+        f"VALUES ({', '.join('?' * len(SLURM_JOB_COLUMNS))}) "
+        "ON CONFLICT (cluster, job_id, start_ns) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in facts)
+        + f" WHERE ({', '.join(f'slurm_jobs.{c}' for c in facts)}) {dialect.distinct} "
+        f"({', '.join(f'excluded.{c}' for c in facts)})"
+    )
 
 
 def _v1(db: sqlite3.Connection) -> None:
@@ -808,14 +848,7 @@ class Ledger(LedgerCommon):
     ) -> list[tuple[str, str]]:
         """(cluster, job_id) of jobs with a run Slurm's accounting has not confirmed yet,
         that ended before ``ended_before_ns`` and are due for a (re)try; oldest end first."""
-        return self.query(
-            "SELECT r.cluster, r.job_id FROM job_runs r LEFT JOIN slurm_checks c "
-            "ON c.cluster = r.cluster AND c.job_id = r.job_id "
-            "WHERE r.accounted = 0 AND r.run_end_ns <= ? "
-            "AND (c.next_ns IS NULL OR (c.next_ns <= ? AND c.tries < ?)) "
-            "GROUP BY r.cluster, r.job_id ORDER BY MIN(r.run_end_ns) LIMIT ?",
-            (ended_before_ns, now_ns, max_tries, limit),
-        )
+        return self.query(ACCOUNTING_CANDIDATES, (ended_before_ns, now_ns, max_tries, limit))
 
     def store_accounting(
         self,
@@ -837,46 +870,24 @@ class Ledger(LedgerCommon):
         """
         records = [tuple(r) for r in records]
         asked = sorted(set(asked))
+        upsert = upsert_slurm_job(self.dialect)
 
         def body() -> int:
             changed = 0
             for r in records:
                 before = self.db.total_changes
-                self.db.execute(
-                    f"INSERT INTO slurm_jobs ({', '.join(SLURM_JOB_COLUMNS)}) "
-                    f"VALUES ({', '.join('?' * len(SLURM_JOB_COLUMNS))}) "
-                    "ON CONFLICT (cluster, job_id, start_ns) DO UPDATE SET "
-                    + ", ".join(f"{c} = excluded.{c}" for c in SLURM_JOB_COLUMNS[3:-1])
-                    + " WHERE ("
-                    + ", ".join(f"slurm_jobs.{c}" for c in SLURM_JOB_COLUMNS[3:-1])
-                    + ") IS NOT ("
-                    + ", ".join(f"excluded.{c}" for c in SLURM_JOB_COLUMNS[3:-1])
-                    + ")",
-                    (*r, now_ns),
-                )
+                self.db.execute(upsert, (*r, now_ns))
                 changed += self.db.total_changes - before
             self._regroup({(cluster, j) for j in asked}, now_ns, grace_s)
             for job_id in asked:
                 key = (cluster, job_id)
-                if not self.db.execute(
-                    "SELECT 1 FROM job_runs WHERE cluster = ? AND job_id = ? AND accounted = 0 "
-                    "LIMIT 1",
-                    key,
-                ).fetchone():
+                if not self.db.execute(UNACCOUNTED_RUN, key).fetchone():
                     # every run has its record: a later run (a requeue) is asked about at once
-                    self.db.execute(
-                        "DELETE FROM slurm_checks WHERE cluster = ? AND job_id = ?", key
-                    )
+                    self.db.execute(FORGET_CHECK, key)
                     continue
-                tries = self.db.execute(
-                    "SELECT tries FROM slurm_checks WHERE cluster = ? AND job_id = ?", key
-                ).fetchone()
+                tries = self.db.execute(CHECK_TRIES, key).fetchone()
                 n = (tries[0] if tries else 0) + 1
-                self.db.execute(
-                    "INSERT INTO slurm_checks VALUES (?, ?, ?, ?) ON CONFLICT (cluster, job_id) "
-                    "DO UPDATE SET tries = excluded.tries, next_ns = excluded.next_ns",
-                    (*key, n, now_ns + retry_ns(n)),
-                )
+                self.db.execute(SAVE_CHECK, (*key, n, now_ns + retry_ns(n)))
             return changed
 
         return self._txn(body)
@@ -885,15 +896,7 @@ class Ledger(LedgerCommon):
         """Ask about these jobs again no sooner than ``next_ns`` (sacct failed: slurmdbd down),
         without counting a try."""
         rows = [(cluster, j, next_ns) for j in sorted(set(job_ids))]
-
-        def body() -> None:
-            self.db.executemany(
-                "INSERT INTO slurm_checks VALUES (?, ?, 0, ?) ON CONFLICT (cluster, job_id) "
-                "DO UPDATE SET next_ns = excluded.next_ns",
-                rows,
-            )
-
-        self._txn(body)
+        self._txn(lambda: self.db.executemany(DEFER_CHECK, rows))
 
     # -- reading -----------------------------------------------------------------------------
 

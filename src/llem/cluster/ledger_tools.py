@@ -32,6 +32,8 @@ TABLES = (
     ("job_runs", ("cluster", "job_id", "run_start_ns")),
     ("node_hours", ("cluster", "node", "hour_s", "device_key")),
     ("quarantine", ("file", "digest")),
+    ("slurm_jobs", ("cluster", "job_id", "start_ns")),
+    ("slurm_checks", ("cluster", "job_id")),
 )
 """The ledger's tables in the order they are copied (job nodes before the rows naming them),
 with their primary keys. A table the source does not have yet (a ledger before the migration

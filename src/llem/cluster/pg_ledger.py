@@ -32,7 +32,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,14 +42,19 @@ from llem.cluster.dialect import POSTGRESQL, pg_params
 from llem.cluster.ledger import (
     _INSERT_JOB_NODE,
     _RUN_COLUMNS,
+    ACCOUNTING_CANDIDATES,
     CANONICAL_QUERIES,
+    DEFER_CHECK,
     ENERGY_COLUMNS,
+    SAVE_CHECK,
+    SLURM_JOB_COLUMNS,
     LedgerCommon,
     MergeStats,
     Prepared,
     QuarantineEntry,
     group_runs,
     summarize_run,
+    upsert_slurm_job,
 )
 from llem.errors import LedgerError
 
@@ -644,8 +649,9 @@ class PgLedger(LedgerCommon):
                 nodes[key[:2]][key[2:]] = new
         plan.touched = {k[:2] for k in plan.inserted} | {h[:2] for h in new_headers}
         headers = self._rows_of(cur, "job_headers", self._HEADER_COLS, plan.touched)
+        accounted = self._rows_of(cur, "slurm_jobs", self._SLURM_COLS, plan.touched)
         for job in sorted(plan.touched):
-            for run in group_runs(list(nodes[job].values()), headers[job]):
+            for run in group_runs(list(nodes[job].values()), headers[job], accounted[job]):
                 row = summarize_run(run, now_ns, grace_s)
                 plan.runs.append((*job, *[row[c] for c in _RUN_COLUMNS]))
                 start = row["run_start_ns"]
@@ -796,6 +802,7 @@ class PgLedger(LedgerCommon):
         "run_start_ns",
     ) + ENERGY_COLUMNS
     _HEADER_COLS = _HEADER_COLUMNS[2:]
+    _SLURM_COLS = SLURM_JOB_COLUMNS[2:]
 
     def _regroup(self, cur, jobs: Iterable[tuple[str, str]], now_ns: int, grace_s: float) -> None:
         """Recompute these jobs' runs from their node runs and headers (as on SQLite)."""
@@ -810,10 +817,11 @@ class PgLedger(LedgerCommon):
     def _regroup_chunk(self, cur, cluster: str, part: list[str], now_ns, grace_s) -> None:
         nodes = self._rows_by_job(cur, "job_nodes", self._NODE_COLS, cluster, part)
         headers = self._rows_by_job(cur, "job_headers", self._HEADER_COLS, cluster, part)
+        accounted = self._rows_by_job(cur, "slurm_jobs", self._SLURM_COLS, cluster, part)
         cur.execute("DELETE FROM job_runs WHERE cluster = %s AND job_id = ANY(%s)", (cluster, part))
         rows, moved = [], []
         for job_id in part:
-            for run in group_runs(nodes[job_id], headers[job_id]):
+            for run in group_runs(nodes[job_id], headers[job_id], accounted[job_id]):
                 row = summarize_run(run, now_ns, grace_s)
                 rows.append((cluster, job_id, *[row[c] for c in _RUN_COLUMNS]))
                 start = row["run_start_ns"]
@@ -845,6 +853,68 @@ class PgLedger(LedgerCommon):
                 (cut_ns,),
             )
             return cur.rowcount
+
+    # -- Slurm's accounting (the SQLite ledger's statements and rules) -------------------------
+
+    def accounting_candidates(
+        self, *, ended_before_ns: int, now_ns: int, max_tries: int, limit: int
+    ) -> list[tuple[str, str]]:
+        """As :meth:`Ledger.accounting_candidates`."""
+        return self.query(ACCOUNTING_CANDIDATES, (ended_before_ns, now_ns, max_tries, limit))
+
+    def store_accounting(
+        self,
+        cluster: str,
+        records: Iterable[Sequence],
+        asked: Iterable[str],
+        *,
+        now_ns: int,
+        retry_ns: Callable[[int], int],
+        grace_s: float,
+    ) -> int:
+        """As :meth:`Ledger.store_accounting`: Slurm's records stored, the jobs asked about
+        regrouped, the tries noted, in one transaction; returns the records new or changed."""
+        records = [tuple(r) for r in records]
+        asked = sorted(set(asked))
+        upsert = pg_params(upsert_slurm_job(self.dialect))
+        with self._txn() as cur:
+            self._stages(cur)
+            changed = 0
+            for r in records:
+                cur.execute(upsert, (*r, now_ns))
+                changed += cur.rowcount
+            self._regroup(cur, {(cluster, j) for j in asked}, now_ns, grace_s)
+            cur.execute(
+                "SELECT DISTINCT job_id FROM job_runs WHERE cluster = %s AND job_id = ANY(%s) "
+                "AND accounted = 0",
+                (cluster, asked),
+            )
+            waiting = sorted(r[0] for r in cur.fetchall())
+            done = sorted(set(asked) - set(waiting))
+            if done:  # every run has its record: a later run (a requeue) is asked at once
+                cur.execute(
+                    "DELETE FROM slurm_checks WHERE cluster = %s AND job_id = ANY(%s)",
+                    (cluster, done),
+                )
+            if waiting:
+                cur.execute(
+                    "SELECT job_id, tries FROM slurm_checks WHERE cluster = %s "
+                    "AND job_id = ANY(%s)",
+                    (cluster, waiting),
+                )
+                tries = dict(cur.fetchall())
+                rows = []
+                for job_id in waiting:
+                    n = tries.get(job_id, 0) + 1
+                    rows.append((cluster, job_id, n, now_ns + retry_ns(n)))
+                cur.executemany(pg_params(SAVE_CHECK), rows)
+        return changed
+
+    def defer_accounting(self, cluster: str, job_ids: Iterable[str], next_ns: int) -> None:
+        """As :meth:`Ledger.defer_accounting`."""
+        rows = [(cluster, j, next_ns) for j in sorted(set(job_ids))]
+        with self._txn() as cur:
+            cur.executemany(pg_params(DEFER_CHECK), rows)
 
     # -- copying (llem ledger copy) ------------------------------------------------------------
 

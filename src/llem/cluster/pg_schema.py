@@ -210,9 +210,8 @@ def _v5_remainder_labels(cur: Any) -> None:
 
 def _v6_slurm_accounting(cur: Any) -> None:
     """The SQLite ledger's ``_v6_slurm_accounting``: Slurm's records of the runs (``sacct``),
-    the retries, the job facts only Slurm knows, and the old headers' states corrected.
-    (``llem aggregate`` asks sacct only with the SQLite ledger for now: here the tables stay
-    empty and the states are the headers'.)"""
+    the retries, the job facts only Slurm knows, and the old headers' states corrected
+    (``llem aggregate`` fills them as on SQLite)."""
     t = TEXT
     cur.execute(
         f"""
