@@ -238,7 +238,7 @@ def test_zeus_style_begin_end_and_the_decorator(tree, tmp_path):
         import llem
 
         llem.begin_window("epoch", unit="samples")
-        time.sleep(0.8)
+        time.sleep(1.5)
         m = llem.end_window("epoch", work=640)
 
         @llem.measured("eval", unit="samples", work=len)
@@ -266,8 +266,10 @@ def test_zeus_style_begin_end_and_the_decorator(tree, tmp_path):
         """,
     )
     out = json.loads(r.stdout)
-    assert near(out["total"], NODE_W * out["time"], 0.03)
-    assert set(out["cpu"]) == {"0"} and near(out["cpu"]["0"], PACKAGE_W * out["time"], 0.03)
+    # the shape is what this test is about (the 2 % figure is the test above's, on a longer
+    # window): one late update of the fake counter under load is 3 % of a 1.5 s window
+    assert near(out["total"], NODE_W * out["time"], 0.05)
+    assert set(out["cpu"]) == {"0"} and near(out["cpu"]["0"], PACKAGE_W * out["time"], 0.05)
     assert set(out["dram"]) == {"0"} and out["gpu"] == {}
     assert out["work"] == 640
     assert out["eval"]["name"] == "eval" and out["eval"]["work"] == 100
