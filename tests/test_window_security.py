@@ -413,8 +413,8 @@ def test_the_rate_of_reads_attack_without_its_limits_shows_in_the_jobs_coverage(
     # machine reads less often: 0.91 and 0.988 seen under load, 0.6 idle); what the fix
     # guarantees is that the coverage says so: the share of the job's time with data, below
     # 1 by the gaps' time, where the old rule claimed 0.9975 whatever the gaps.
-    assert honest < 1.0 - 1e-3, honest
-    assert coverage == pytest.approx(honest, abs=1e-4)
+    assert honest < 0.997, honest  # the gaps show: below what the old rule said
+    assert coverage == pytest.approx(honest, abs=2e-4)  # stored to 4 decimals
 
 
 @needs_root
