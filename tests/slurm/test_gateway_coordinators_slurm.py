@@ -15,7 +15,7 @@ import pytest
 
 from llem.gateway.privacy import SACCTMGR, parse_sacctmgr_coordinators
 from tests.helpers.acct import CONFIG
-from tests.helpers.gateway import ADMIN_GROUP, COORD, SINCE, A, B, Site
+from tests.helpers.gateway import ADMIN_GROUP, COORD, SERVICE, SINCE, A, B, Site
 
 pytestmark = pytest.mark.slurm
 
@@ -129,3 +129,34 @@ def test_a_plain_user_sees_only_their_own_jobs(site):
 def test_the_gateway_log_names_no_sacctmgr_failure(site):
     site.acct(COORD, *gw(site), *FIELDS)
     assert "cannot read coordinators" not in site.log.read_text()
+
+
+def test_with_private_accounts_the_gateway_reads_no_coordinators_and_says_why(cluster, site):
+    """slurmdbd's ``PrivateData=accounts`` refuses the listing to a user who coordinates none,
+    such as the gateway's: the lookup fails closed (no coordinator) and the log says why."""
+    conf = cluster.conf_path.with_name("slurmdbd.conf")
+    before = conf.read_text()
+    code = (
+        "import logging; logging.basicConfig(level=logging.WARNING)\n"
+        "from llem.config import load\n"
+        "from llem.gateway.privacy import Policy\n"
+        "print(Policy(load()).coordinators())\n"
+    )
+    try:
+        cluster.stop_slurmdbd()
+        conf.write_text(before + "PrivateData=accounts\n")
+        cluster.start_slurmdbd()
+        cmd = ("-nP", "show", "account", "withcoord", "format=Account,Coordinators")
+        coordinator = sacctmgr(cluster, *cmd, user=COORD)
+        assert parse_sacctmgr_coordinators(coordinator) == {"hep": (COORD,), "physics": (COORD,)}
+        r = site.as_user(SERVICE, code, env=site.service_env())
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "{}\n"
+        assert "cannot read coordinators from sacctmgr: sacctmgr: error: Access/permission" in (
+            r.stderr
+        )
+        assert "PrivateData=accounts" in r.stderr
+    finally:
+        cluster.stop_slurmdbd()
+        conf.write_text(before)
+        cluster.start_slurmdbd()
