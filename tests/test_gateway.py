@@ -101,8 +101,8 @@ def test_the_gateway_renders_exactly_as_a_local_ledger(site):
         assert remote.returncode == local.returncode == 0, remote.stderr + local.stderr
         assert remote.stdout == local.stdout, args
         assert remote.stderr == local.stderr, args
-    remote = site.acct(ADMIN, "--ledger", str(site.socket), *SINCE, "-a", "--json")
-    local = site.acct("root", "--ledger", str(site.ledger), *SINCE, "-a", "--json")
+    remote = site.acct(ADMIN, "--ledger", str(site.socket), *SINCE, *UNTIL, "-a", "--json")
+    local = site.acct("root", "--ledger", str(site.ledger), *SINCE, *UNTIL, "-a", "--json")
     r, lo = json.loads(remote.stdout), json.loads(local.stdout)
     r.pop("generated_at"), lo.pop("generated_at")
     assert r == lo

@@ -55,7 +55,7 @@ def test_admin_groups_count_supplementary_groups():
     assert not policy(admin_groups="no-such-group-x").is_admin(Caller(99999, 12345, "zz"))
 
 
-def test_sacctmgr_answers_are_cached_and_failures_keep_the_last_answer():
+def test_sacctmgr_answers_are_cached_and_failures_keep_the_last_answer(caplog):
     calls = []
     now = [0.0]
 
@@ -72,6 +72,7 @@ def test_sacctmgr_answers_are_cached_and_failures_keep_the_last_answer():
     assert len(calls) == 1  # cached
     now[0] = 400
     assert p.role(Caller(8, 8, "erin")).visible.accounts == ("bio",)  # failed: last answer kept
+    assert "cannot read coordinators from sacctmgr: sacctmgr: error: slurmdbd down" in caplog.text
     assert calls[0][:3] == ["/usr/bin/sacctmgr", "-nP", "show"]
 
 

@@ -33,9 +33,14 @@ SINCE = ("-S", "2000-01-01")
 
 
 class Site:
-    """Users, the ledger, the config and the interpreter; :meth:`start` runs a gateway."""
+    """Users, the ledger, the config and the interpreter; :meth:`start` runs a gateway.
 
-    def __init__(self) -> None:
+    Args:
+        jobs: (job id, user, account) of the ledger's jobs.
+    """
+
+    def __init__(self, jobs: tuple[tuple[str, str, str], ...] = JOBS) -> None:
+        self.jobs = jobs
         self.root = Path(tempfile.mkdtemp(prefix="llem-gw-"))
         os.chmod(self.root, 0o755)
         ensure_group(LEDGER_GROUP)
@@ -83,13 +88,13 @@ class Site:
         )
         Path(cfg.ledger).parent.mkdir(parents=True, mode=0o755)
         os.chmod(self.root / "site", 0o755)
-        for job_id, user, account in JOBS:
+        for job_id, user, account in self.jobs:
             data = job_slices(self.root / "src" / job_id, job_id, nodes=("n1",), user=user)[0]
             data["job"].update(uid=self.uid[user], gid=self.gid[user], account=account)
             slices.validate(data)
             spool_slice(cfg, data)
         result = aggregate_once(cfg)
-        assert result.merged == len(JOBS), result
+        assert result.merged == len(self.jobs), result
         return Path(cfg.ledger)
 
     def env_for(self, **extra: str) -> dict[str, str]:

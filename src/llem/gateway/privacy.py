@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llem.cluster.acct_queries import Visibility
+from llem.safetext import safe_text
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +168,26 @@ class Policy:
                 )
                 found = parse_sacctmgr_coordinators(text)
             except (OSError, subprocess.SubprocessError) as e:
-                log.warning("gateway: cannot read coordinators from sacctmgr: %s", e)
+                log.warning("gateway: cannot read coordinators from sacctmgr: %s", _failure(e))
                 found = self._cached[1] if self._cached is not None else {}
             self._cached = (now, found)
             return found
+
+
+def _failure(e: OSError | subprocess.SubprocessError) -> str:
+    """Why sacctmgr gave no answer, with its own words (escaped, bounded) and, for a refusal,
+    the likely cause: slurmdbd's ``PrivateData=accounts`` hides the accounts from a user who
+    coordinates none (as the gateway's user; checked with Slurm 22.05)."""
+    if not isinstance(e, subprocess.CalledProcessError):
+        return safe_text(e)
+    said = " ".join((e.stderr or "").split())[:300] or f"exit status {e.returncode}"
+    why = safe_text(said)
+    if "permission denied" in said.lower():
+        why += (
+            " (slurmdbd's PrivateData=accounts hides accounts from this user:"
+            " list the coordinators in gateway.coordinators)"
+        )
+    return why
 
 
 def os_grouplist(user: str, gid: int) -> list[int]:
