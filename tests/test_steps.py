@@ -190,3 +190,24 @@ def test_older_slices_merge_beside_slices_with_steps(tmp_path, monkeypatch):
         "102.0",
         "102.epoch 1",
     ]
+
+
+def test_a_sampler_restarted_mid_job_counts_steps_from_its_first_reading(tmp_path):
+    from tests.helpers.nodes import add_intervals
+
+    start = T0 + 1800 * S
+    store, run_id = build_store(
+        tmp_path / "node" / "node.db", start_ns=start, seconds=600, end=False, steps=STEPS
+    )
+    try:
+        # a new sampler (started after the job) reads the steps' counters, already high
+        add_intervals(store, run_id, start + 900 * S, 600, 60, first_id=100, steps=STEPS)
+        per_interval = store.query(
+            "SELECT cpu_ns FROM step_use WHERE run_id = ? AND step = 'batch' ORDER BY interval_id",
+            (run_id,),
+        )
+    finally:
+        store.close()
+    # 60 s x 60 % of the node x a quarter, every interval of both samplers: the second
+    # sampler's first reading was a baseline, not 600 s of the step's past
+    assert per_interval == [(9 * S,)] * 20
