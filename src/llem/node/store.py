@@ -936,15 +936,24 @@ class NodeStore:
             entry["end_ns"] = max(entry["end_ns"], end_ns)
             entry["cpu_ns"] += cpu_ns
         energy: dict[str, dict[str, int]] = {}
-        for step, cpu_ns, job_cpu_ns, device, uj in self.query(
-            "SELECT s.step, s.cpu_ns, s.job_cpu_ns, e.device_key, SUM(e.energy_uj) "
-            "FROM step_use s JOIN job_energy e ON e.run_id = s.run_id "
-            "AND e.interval_id = s.interval_id WHERE s.run_id = ? AND s.cpu_ns > 0 "
-            "GROUP BY s.step, s.interval_id, e.device_key",
-            (run_id,),
+        # Summed in SQL (a day of 1 s intervals is 10^5 rows per step and device): each
+        # interval's part truncated (floor), the ratio in floating point to keep the product
+        # within 64 bits; what that rounding could add beyond the job is taken back below.
+        for step, device, uj in self.query(
+            "SELECT s.step, e.device_key, SUM(CAST(e.uj * (CAST(s.cpu_ns AS REAL) / "
+            "s.job_cpu_ns) AS INTEGER)) FROM step_use s JOIN (SELECT interval_id, device_key, "
+            "SUM(energy_uj) AS uj FROM job_energy WHERE run_id = ? "
+            "GROUP BY interval_id, device_key) e ON e.interval_id = s.interval_id "
+            "WHERE s.run_id = ? AND s.cpu_ns > 0 GROUP BY s.step, e.device_key",
+            (run_id, run_id),
         ):
-            by_device = energy.setdefault(step, {})
-            by_device[device] = by_device.get(device, 0) + uj * cpu_ns // job_cpu_ns
+            energy.setdefault(step, {})[device] = max(0, uj)
+        job = self.run_energy_by_device(run_id)
+        for device, total in job.items():
+            holders = sorted((by[device], step) for step, by in energy.items() if device in by)
+            excess = sum(uj for uj, _ in holders) - total
+            if excess > 0 and holders:  # never more than the job: the largest step gives back
+                energy[holders[-1][1]][device] = max(0, holders[-1][0] - excess)
         for step, entry in steps.items():
             entry["energy"] = dict(sorted(energy.get(step, {}).items()))
         return sorted(steps.values(), key=_step_order)
