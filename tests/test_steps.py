@@ -211,3 +211,14 @@ def test_a_sampler_restarted_mid_job_counts_steps_from_its_first_reading(tmp_pat
     # 60 s x 60 % of the node x a quarter, every interval of both samplers: the second
     # sampler's first reading was a baseline, not 600 s of the step's past
     assert per_interval == [(9 * S,)] * 20
+
+
+def test_retention_prunes_the_steps_with_their_run(tmp_path):
+    store, run_id = build_store(tmp_path / "node" / "node.db", seconds=600, steps=STEPS)
+    try:
+        store.update_job(run_id, state="exported")
+        counts = store.prune(T0 + 100 * 3600 * S)
+        assert counts["step_use"] == 3 * 10 and counts["jobs"] == 1
+        assert store.query("SELECT COUNT(*) FROM step_use") == [(0,)]
+    finally:
+        store.close()
