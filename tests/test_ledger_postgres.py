@@ -282,6 +282,20 @@ def test_the_bench_generator_writes_the_same_ledger_on_both(tmp_path, pg_url):
         assert check_ledger(pg) == [] and check_ledger(sq) == []
 
 
+def test_steps_merge_and_are_replaced_as_on_sqlite(tmp_path, pg_server):
+    """A job's Slurm steps (issue 19): merged as on SQLite, beside a slice without steps;
+    a newer export of the run replaces its steps."""
+    steps = {"batch": 1, "0": 3}
+    old = job_slices(tmp_path, "100", nodes=("n1",), steps=steps)[0]
+    new = copy.deepcopy(old)
+    new["created_ns"] += 1
+    new["steps"] = new["steps"][:1]
+    plain = job_slices(tmp_path, "101", nodes=("n1",))[0]
+    for n, batches in enumerate(([[old, plain]], [[old], [new, plain]], [[new, old, plain]])):
+        dump = _same_merges(tmp_path, pg_server.database(), batches, f"s{n}")
+        assert f"# job_steps {2 if n == 0 else 1}\n" in dump
+
+
 def test_a_migration_under_roles_gives_the_reader_its_new_table(pg_server, tmp_path):
     """A ledger made by ``llem ledger init --roles`` before ``_v4_work_and_power``: the
     aggregator's login migrates it as ``llem_writer``, and a reader may read ``job_power``

@@ -80,6 +80,20 @@ class JobShare:
     share: float
 
 
+@dataclass(frozen=True)
+class StepUse:
+    """A job step's CPU time in one interval, out of its job's (see llem.node.attribution):
+    the step's part of the job's energy in the interval is ``cpu_ns / job_cpu_ns``."""
+
+    run_id: int
+    step: str
+    """Slurm's step name: ``batch``, ``extern``, ``0``, ...; ``other``: the steps beyond the
+    cap, together."""
+    cpu_ns: int
+    job_cpu_ns: int
+    """The job's CPU time in the interval, at least the sum of its steps' (0: nothing ran)."""
+
+
 UNATTRIBUTED = "unattributed"
 """Remainder label: energy no job used or held (idle GPUs, processes outside jobs, psys,
 rounding)."""
@@ -118,3 +132,5 @@ class Interval:
     remainder: tuple[Remainder, ...] = ()
     """Energy that belongs to no job, per device and label; with ``shares`` it sums to
     ``rows``."""
+    steps: tuple[StepUse, ...] = ()
+    """The CPU time of each job step (its own cgroup) in the interval."""

@@ -21,7 +21,11 @@ Version 2 (issue 18) adds, to job slices only and all optional: ``work`` and ``u
 window (the work it did) and ``merged`` (how many overlapping windows of one name, step and
 unit it stands for, their energy counted once), and ``power``, the job's coarse power series (one point per device
 per ``step_s``, at most :data:`MAX_POWER_POINTS`). A version 1 slice is a version 2 slice
-without them, so older slices still validate and merge. :func:`validate` says precisely what is wrong with
+without them, so older slices still validate and merge. Also optional (issue 19, no new
+version: a slice without it is what it was): ``steps``, the job's Slurm steps on this node
+(``batch``, ``extern``, ``0``, ...; ``other`` for the steps beyond the node's cap), each with
+its span, CPU time and energy per device, a part of the job's split by the step's CPU time
+(docs/methodology.md, "Steps"): per device, the steps together never exceed the job. :func:`validate` says precisely what is wrong with
 a slice; a newer schema raises :class:`NewerSchema` instead, since it is not damage but a
 sign that this llem must be upgraded.
 """
@@ -70,6 +74,11 @@ MAX_DEVICE_HOUR_UJ = 100_000 * 3600 * 10**6
 MAX_POWER_POINTS = 20_000
 """The most points of a job slice's power series (all devices together): the node widens the
 step (1 min, 2 min, 5 min, ...) until the series fits."""
+MAX_STEPS = 65
+"""The most steps of a job slice: the node's 64 per job run, and ``other`` for the rest."""
+STEP_NAME = re.compile(r"[A-Za-z0-9_+]{1,32}")
+"""A step's name: Slurm's (``batch``, ``extern``, ``interactive``, ``0``, ``1``...) or
+``other``."""
 MAX_UNIT_CHARS = 32
 """The longest unit of work of a window (``tokens``, ``samples``, any word)."""
 MAX_WORK = 1e18
@@ -309,8 +318,49 @@ def _validate_job(data: Mapping, devices: Mapping) -> None:
     if not _is_int(dropped) or not 0 <= dropped < 2**63:
         raise SliceError(f"slice: 'windows_dropped' must be a count, got {_show(dropped)}")
     _validate_node_totals(_need(data, "node_totals", "slice"), devices)
+    if "steps" in data:
+        _validate_steps(data["steps"], data["energy"], devices)
     if "power" in data:
         _validate_power(data["power"], devices, start_ns, end_ns)
+
+
+def _validate_steps(steps: Any, energy: list, devices: Mapping) -> None:
+    """The job's steps: ``[{step, start_ns, end_ns, cpu_ns, energy: {device: uj}}, ...]``,
+    distinct names, and per device the steps' energy at most the job's."""
+    if not isinstance(steps, list):
+        raise SliceError("slice: 'steps' must be a list")
+    if len(steps) > MAX_STEPS:
+        raise SliceError(f"slice: {len(steps)} steps, more than {MAX_STEPS}")
+    job: dict[str, int] = {}
+    for row in energy:
+        job[row["device"]] = job.get(row["device"], 0) + row["energy_uj"]
+    seen: set[str] = set()
+    used: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        where = f"steps[{i}]"
+        if not isinstance(step, dict):
+            raise SliceError(f"{where}: must be an object")
+        name = step.get("step")
+        if type(name) is not str or not STEP_NAME.fullmatch(name):
+            raise SliceError(f"{where}: 'step' must be a step name, got {_show(name)}")
+        if name in seen:
+            raise SliceError(f"{where}: step {name!r} twice")
+        seen.add(name)
+        _span(_ts(step, "start_ns", where), _ts(step, "end_ns", where), where)
+        cpu = step.get("cpu_ns")
+        if not _is_int(cpu) or cpu < 0:
+            raise SliceError(f"{where}: 'cpu_ns' must be a count, got {_show(cpu)}")
+        by_device = step.get("energy")
+        if not isinstance(by_device, dict):
+            raise SliceError(f"{where}: 'energy' must be an object of device -> uJ")
+        for key, value in by_device.items():
+            if key not in devices:
+                raise SliceError(f"{where}: unknown device {_show(key)}")
+            _energy(value, f"{where}.energy[{_show(key)}]")
+            used[key] = used.get(key, 0) + value
+    for key, uj in used.items():
+        if uj > job.get(key, 0):
+            raise SliceError(f"steps: {uj} uJ of {_show(key)}, more than the job's")
 
 
 def _validate_power(power: Any, devices: Mapping, start_ns: int, end_ns: int) -> None:

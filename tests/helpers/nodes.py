@@ -157,6 +157,7 @@ def build_store(
     idle_w=None,
     work=None,
     unit=None,
+    steps=None,
 ) -> tuple[NodeStore, int]:
     """A node store with one job run on ``node``, sampled every ``step_s`` seconds.
 
@@ -170,6 +171,7 @@ def build_store(
     ``platform_uw`` the node has a power meter reading the parts plus that much, and the
     sampler's platform residual is charged by the attributor. ``work`` and ``unit``: what
     the window says it did when it closes (as ``llem.window(work=...)`` reports it).
+    ``steps``: the job's step cgroups and their weights in its CPU time (``_advance_usage``).
     """
     store = NodeStore(path)
     store.register_devices(devices_of(platform_uw), start_ns)
@@ -187,6 +189,7 @@ def build_store(
         platform_uw=platform_uw,
         node_cpus=node_cpus,
         idle_w=idle_w,
+        steps=steps,
     )
     if windows:  # through the store's own window calls, as the window server makes them
         window_id = store.open_window(
@@ -199,8 +202,16 @@ def build_store(
     return store, run_id
 
 
-def _advance_usage(root: Path, job_id: str, seconds: int, node_cpus: int | None = None) -> None:
-    """The node was busy for ``seconds`` of CPU time, the job for 60 % of it."""
+def _advance_usage(
+    root: Path,
+    job_id: str,
+    seconds: int,
+    node_cpus: int | None = None,
+    steps: dict[str, int] | None = None,
+) -> None:
+    """The node was busy for ``seconds`` of CPU time, the job for 60 % of it; with ``steps``
+    (step name -> weight), the job's step cgroups (``step_<name>``, as slurmstepd makes them)
+    share the job's CPU time by weight (a weight of 0: the step exists, idle)."""
     proc = root / "proc"
     cgroup = root / "cgroup" / "system.slice" / "slurmstepd.scope" / f"job_{job_id}"
     proc.mkdir(parents=True, exist_ok=True)
@@ -215,8 +226,15 @@ def _advance_usage(root: Path, job_id: str, seconds: int, node_cpus: int | None 
     )
     cpu = cgroup / "cpu.stat"
     usec = int(cpu.read_text().split()[1]) if cpu.exists() else 0
-    usec += seconds * 1_000_000 * JOB_CPU_SHARE[0] // JOB_CPU_SHARE[1]
-    cpu.write_text(f"usage_usec {usec}\n")
+    delta = seconds * 1_000_000 * JOB_CPU_SHARE[0] // JOB_CPU_SHARE[1]
+    cpu.write_text(f"usage_usec {usec + delta}\n")
+    total = sum((steps or {}).values())
+    for step, weight in (steps or {}).items():
+        folder = cgroup / f"step_{step}"
+        folder.mkdir(exist_ok=True)
+        stat = folder / "cpu.stat"
+        before = int(stat.read_text().split()[1]) if stat.exists() else 0
+        stat.write_text(f"usage_usec {before + (delta * weight // total if total else 0)}\n")
     (cgroup / "memory.current").write_text(f"{JOB_MEMORY}\n")
 
 
@@ -232,6 +250,7 @@ def add_intervals(
     platform_uw=0,
     node_cpus=None,
     idle_w=None,
+    steps=None,
 ):
     """Sample ``seconds`` from ``start_ns`` while run ``run_id`` uses the node; the sampler's
     JobAttributor (policy ``hybrid``) splits each interval between the jobs the store holds
@@ -241,7 +260,7 @@ def add_intervals(
     residual = PlatformResidual.for_devices(list(devices)) if platform_uw else None
     run = store.run(run_id)
     root = store.path.parent / "usage"
-    _advance_usage(root, run.job_id, 0, node_cpus)
+    _advance_usage(root, run.job_id, 0, node_cpus, steps)
     attributor = JobAttributor(
         store,
         run.node,
@@ -255,7 +274,7 @@ def add_intervals(
     for i in range(seconds // step_s):
         a = start_ns + i * step_s * S
         b = a + step_s * S
-        _advance_usage(root, run.job_id, step_s, node_cpus)
+        _advance_usage(root, run.job_id, step_s, node_cpus, steps)
         cpu, dram, gpu = cpu_uw * step_s, 10_000_000 * step_s, gpu_uw * step_s
         rows = [
             EnergyRow("rapl:package-0", cpu, "ok", "ok", None),

@@ -235,6 +235,22 @@ def window_rows(
     return out
 
 
+def step_rows(
+    steps: Sequence[tuple],
+    devices: Mapping[tuple, tuple[str, str]],
+    parents: Mapping[tuple, dict],
+) -> list[dict[str, Any]]:
+    """One row per Slurm step of a run (its nodes merged), as sacct lists them: ``J.batch``,
+    ``J.extern``, ``J.0``... (rows of :func:`llem.cluster.acct_queries.select_steps`). The
+    step's name is its JobName (sacct shows the command of a numbered step: the ledger does
+    not keep it); its coverage is its run's, whose intervals it was split from."""
+    out = window_rows(steps, devices, parents)
+    for row in out:
+        row["JobName"] = row["_step_id"]
+        row["Coverage"] = parents[row["_parent"]]["Coverage"]
+    return out
+
+
 def _unit_of(units: set[str]) -> str | None:
     """The unit of a sum of work: the one unit, ``mixed`` (no per-unit figure), or None."""
     if not units:
@@ -402,14 +418,21 @@ def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
         return [run for run in runs if _shown(specs, run, None)]
     parents = {r["_key"]: r for r in runs}
     windows = q.select_windows(ledger, list(parents))
+    slurm_steps = [] if opts.allocations else q.select_steps(ledger, list(parents))
     steps: list[dict] = []
+    if slurm_steps:
+        devices = q.device_components(ledger, {(s[0], s[10]) for s in slurm_steps})
+        slurm = step_rows(slurm_steps, devices, parents)
+        add_carbon(slurm, carbon)
+        add_per_work(slurm)
+        steps += [s for s in slurm if _shown(specs, parents[s["_parent"]], s)]
     if windows:
         devices = q.device_components(ledger, {(w[0], w[10]) for w in windows})
-        steps = window_rows(windows, devices, parents)
-        add_carbon(steps, carbon)
-        add_job_work(runs, steps)
-        add_per_work(steps)
-        steps = [w for w in steps if _shown(specs, parents[w["_parent"]], w)]
+        named = window_rows(windows, devices, parents)
+        add_carbon(named, carbon)
+        add_job_work(runs, named)
+        add_per_work(named)
+        steps += [w for w in named if _shown(specs, parents[w["_parent"]], w)]
     add_per_work(runs)
     if opts.allocations:
         return [run for run in runs if _shown(specs, run, None)]

@@ -480,6 +480,45 @@ def select_windows(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
     return out
 
 
+STEP_STATE = "UNKNOWN"
+"""The state of a step row: the ledger keeps no step's state (sacct has it)."""
+
+
+def select_steps(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
+    """The Slurm steps (``batch``, ``extern``, ``0``, ...) of runs given as (cluster, job_id,
+    run_start_ns), shaped as :func:`select_windows`' rows (:data:`WINDOW_COLUMNS`): one row
+    per node of each step, ``name`` empty, ``step_id`` the step, ``status``
+    :data:`STEP_STATE`, ``work`` and ``unit`` None. None on a ledger before ``_v7_job_steps``.
+    """
+    if not ledger.has_column("job_steps", "step"):
+        return []
+    wanted = set(runs)
+    by_cluster: dict[str, list[str]] = {}
+    for cluster, job_id, _ in wanted:
+        by_cluster.setdefault(cluster, []).append(job_id)
+    out = []
+    for cluster, job_ids in by_cluster.items():
+        for chunk in _chunks(sorted(set(job_ids))):
+            rows = ledger.query(
+                "SELECT jn.cluster, jn.job_id, jn.run_start_ns, '', s.step, s.start_ns, "
+                f"s.end_ns, '{STEP_STATE}', 1, s.energy_uj, jn.node, s.energy, NULL, NULL "
+                "FROM job_nodes jn JOIN job_steps s ON s.job_node_id = jn.id "
+                f"WHERE jn.cluster = ? AND jn.job_id IN ({', '.join('?' * len(chunk))})",
+                [cluster, *chunk],
+            )
+            out += [r for r in rows if (r[0], r[1], r[2]) in wanted]
+    out.sort(key=lambda r: (r[0], r[1], r[2], step_order(r[4]), r[10]))
+    return out
+
+
+def step_order(step: str) -> tuple:
+    """sacct's order of a job's steps: ``batch``, ``extern`` (and ``interactive``), then the
+    numbered steps by number, then anything else (``other``)."""
+    if step.isdigit():
+        return (1, int(step), "")
+    return (0 if step in ("batch", "extern", "interactive") else 2, 0, step)
+
+
 def device_components(ledger, nodes: Iterable[tuple[str, str]]) -> dict[tuple, tuple[str, str]]:
     """(cluster, node, device_key) -> (component, source) for the given (cluster, node)s."""
     by_cluster: dict[str, set[str]] = {}

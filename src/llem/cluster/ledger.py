@@ -364,6 +364,24 @@ def _v6_slurm_accounting(db: sqlite3.Connection) -> None:
     )
 
 
+def _v7_job_steps(db: sqlite3.Connection) -> None:
+    """Per-step energy (issue 19): the Slurm steps of each job node (``batch``, ``extern``,
+    ``0``, ...; ``other`` for the steps beyond the node's cap) with their span, CPU time and
+    energy per device (JSON, as windows keep theirs; ``energy_uj`` its sum), a part of the
+    job node's energy split by the step's CPU time. A new table: costs nothing on a big
+    ledger; job nodes merged before it have no steps."""
+    db.execute(
+        """
+        CREATE TABLE IF NOT EXISTS job_steps (
+            job_node_id INTEGER NOT NULL REFERENCES job_nodes (id) ON DELETE CASCADE,
+            step TEXT NOT NULL, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
+            cpu_ns INTEGER NOT NULL, energy_uj INTEGER NOT NULL, energy TEXT NOT NULL,
+            PRIMARY KEY (job_node_id, step)
+        ) WITHOUT ROWID
+        """
+    )
+
+
 MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v1,
     _v2,
@@ -371,6 +389,7 @@ MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v4_work_and_power,
     _v5_remainder_labels,
     _v6_slurm_accounting,
+    _v7_job_steps,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -445,6 +464,8 @@ CANONICAL_QUERIES = {
     "ON jn.id = w.job_node_id",
     "job_power": f"SELECT {_NODE_KEY}, p.step_s, p.devices, p.points "
     "FROM job_power p JOIN job_nodes jn ON jn.id = p.job_node_id",
+    "job_steps": f"SELECT {_NODE_KEY}, s.step, s.start_ns, s.end_ns, s.cpu_ns, s.energy_uj, "
+    "s.energy FROM job_steps s JOIN job_nodes jn ON jn.id = s.job_node_id",
     "job_headers": "SELECT * FROM job_headers",
     "slurm_jobs": "SELECT cluster, job_id, start_ns, end_ns, submit_ns, eligible_ns, state, "
     "exit_code, signal, derived_exit_code, derived_signal, timelimit, timelimit_min, alloc_cpus, "
@@ -676,7 +697,7 @@ class Ledger(LedgerCommon):
         )
 
     def _merge_job(self, item: Prepared) -> bool:
-        _, _, created_ns, sha, devices, job_node, energy, totals, windows, power = item
+        _, _, created_ns, sha, devices, job_node, energy, totals, windows, power, steps = item
         if not self.db.execute(_INSERT_JOB_NODE + _NEW_RUN_ONLY, job_node).rowcount:
             row = self.db.execute(
                 "SELECT id, created_ns, digest FROM job_nodes WHERE cluster = ? AND job_id = ? "
@@ -711,6 +732,12 @@ class Ledger(LedgerCommon):
             )
         if power:
             self.db.execute("INSERT INTO job_power VALUES (last_insert_rowid(), ?, ?, ?)", power)
+        if steps:
+            self.db.executemany(
+                "INSERT INTO job_steps (job_node_id, step, start_ns, end_ns, cpu_ns, energy_uj, "
+                "energy) VALUES (last_insert_rowid(), ?, ?, ?, ?, ?, ?)",
+                steps,
+            )
         return True
 
     def _merge_node(self, item: Prepared) -> bool:
@@ -1169,7 +1196,8 @@ def prepare(data: dict, sha: str) -> Prepared:
 
     * job: ``("job", (cluster, job_id), created_ns, digest, device rows, job_nodes row (its
       first four values are the natural key), job_energy rows, job_node_totals rows, windows
-      rows, the job_power row or None)``, the last four without their ``job_node_id``;
+      rows, the job_power row or None, job_steps rows)``, the last five without their
+      ``job_node_id``;
     * node: ``("node", device rows, node_hours rows)``;
     * header: ``("header", (cluster, job_id), job_headers row)``.
     """
@@ -1309,6 +1337,7 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         totals,
         _window_rows(data),
         _power_rows(data),
+        _step_rows(data),
     )
 
 
@@ -1330,6 +1359,25 @@ def _window_rows(data: dict) -> list[tuple]:
     if any(w[5] > slices.INT64_MAX for w in windows):
         raise slices.SliceError("a window's energy is beyond what the ledger stores")
     return windows
+
+
+def _step_rows(data: dict) -> list[tuple]:
+    """The job node's ``job_steps`` rows (without its id): step, span, CPU time, energy
+    (sum, and per device as sorted JSON); none for a slice without steps."""
+    steps = [
+        (
+            s["step"],
+            s["start_ns"],
+            s["end_ns"],
+            s["cpu_ns"],
+            sum(s["energy"].values()),
+            _SORTED_JSON.encode(s["energy"]),
+        )
+        for s in data.get("steps", [])
+    ]
+    if any(s[4] > slices.INT64_MAX for s in steps):
+        raise slices.SliceError("a step's energy is beyond what the ledger stores")
+    return steps
 
 
 def _power_rows(data: dict) -> tuple | None:
@@ -1372,6 +1420,7 @@ PREPARE_CODE = (
     _prepare_job,
     _window_rows,
     _power_rows,
+    _step_rows,
     _component_totals,
 )
 """The functions whose code makes the rows that reader processes hand over (see

@@ -28,6 +28,7 @@ TABLES = (
     ("job_node_totals", ("job_node_id", "device_key")),
     ("windows", ("job_node_id", "name", "step_id", "start_ns")),
     ("job_power", ("job_node_id",)),
+    ("job_steps", ("job_node_id", "step")),
     ("job_headers", ("cluster", "job_id", "end_ns")),
     ("job_runs", ("cluster", "job_id", "run_start_ns")),
     ("node_hours", ("cluster", "node", "hour_s", "device_key")),
@@ -184,6 +185,11 @@ CHECKS = (
         "(SELECT 1 FROM job_nodes jn WHERE jn.id = p.job_node_id)",
     ),
     (
+        "step of no job node",
+        "SELECT s.job_node_id, s.step, 0 FROM job_steps s WHERE NOT EXISTS "
+        "(SELECT 1 FROM job_nodes jn WHERE jn.id = s.job_node_id)",
+    ),
+    (
         "energy row of a device the node never described",
         "SELECT jn.node, e.device_key, MIN(e.hour_s) FROM job_energy e "
         "JOIN job_nodes jn ON jn.id = e.job_node_id WHERE NOT EXISTS "
@@ -193,7 +199,7 @@ CHECKS = (
 )
 """(problem, SQL naming the rows that have it); ``:cut_ns``: hourly rows dropped by retention
 before this time are not expected."""
-NEEDS = {"power series of no job node": "job_power"}
+NEEDS = {"power series of no job node": "job_power", "step of no job node": "job_steps"}
 """Checks of a table a ledger before its migration lacks (skipped there)."""
 MAX_NAMED = 20
 

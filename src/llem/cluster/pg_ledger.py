@@ -16,7 +16,7 @@ Merging a batch is one transaction:
    already there and the new ones (:func:`llem.cluster.ledger.group_runs`, the same code as
    on SQLite), so that each job node is inserted with its run's start; the jobs' ``job_runs``
    rows are then replaced;
-4. the energy, totals, windows and power series of the job nodes just inserted are copied
+4. the energy, totals, windows, power series and steps of the job nodes just inserted are copied
    straight into their tables (their job node ids are new, so nothing can conflict), and a
    row is added to ``merges``.
 
@@ -129,6 +129,7 @@ _WINDOW_COLUMNS = (
     "unit",
 )
 _POWER_COLUMNS = ("job_node_id", "step_s", "devices", "points")
+_STEP_COLUMNS = ("job_node_id", "step", "start_ns", "end_ns", "cpu_ns", "energy_uj", "energy")
 _STAGES = {
     "stage_job_nodes": "job_nodes",
     "stage_headers": "job_headers",
@@ -137,7 +138,7 @@ _STAGES = {
 }
 """Staging tables: the job nodes' columns of a prepared row and their run's start; every
 column of the others, in order (SQLite's inserts of those rows name no columns either)."""
-_JOB_NODE_TABLES = ("job_energy", "job_node_totals", "windows", "job_power")
+_JOB_NODE_TABLES = ("job_energy", "job_node_totals", "windows", "job_power", "job_steps")
 """The tables whose rows name a job node (deleted with it: no foreign keys, pg_schema)."""
 _PG_TYPES = {"bigint": "int8", "text": "text", "double precision": "float8", "integer": "int4"}
 REGROUP_CHUNK = 5000
@@ -718,7 +719,7 @@ class PgLedger(LedgerCommon):
         ids = {tuple(r[1:]): r[0] for r in cur.fetchall()}
         if not ids:
             return set()
-        energy, totals, windows, power = [], [], [], []
+        energy, totals, windows, power, steps = [], [], [], [], []
         for key, node_id in ids.items():
             item = jobs[key]
             rows = item[6]
@@ -747,12 +748,15 @@ class PgLedger(LedgerCommon):
             windows += [(node_id, *w) for w in last.values()]
             if item[9]:
                 power.append((node_id, *item[9]))
+            steps += [(node_id, *row) for row in item[10]]
         self._copy(cur, "job_energy", energy, _ENERGY_COLUMNS)
         self._copy(cur, "job_node_totals", totals, _TOTAL_COLUMNS)
         if windows:
             self._copy(cur, "windows", windows, _WINDOW_COLUMNS)
         if power:
             self._copy(cur, "job_power", power, _POWER_COLUMNS)
+        if steps:
+            self._copy(cur, "job_steps", steps, _STEP_COLUMNS)
         return set(ids)
 
     def _merge_hours(self, cur, hours: dict[tuple, tuple]) -> set[tuple]:

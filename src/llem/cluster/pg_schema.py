@@ -19,7 +19,7 @@ What differs from SQLite, and why:
   are partitioned by month on ``hour_s`` (:func:`partition_ddl`); retention drops whole
   partitions (:func:`expired_partitions`);
 * ``"user"`` is quoted: it is a reserved word in PostgreSQL;
-* no foreign keys from ``job_energy``, ``job_node_totals``, ``windows`` and ``job_power``
+* no foreign keys from ``job_energy``, ``job_node_totals``, ``windows``, ``job_power`` and ``job_steps``
   to ``job_nodes``: checking one per hourly row cost 40 % of the merge rate. The merge
   deletes a replaced job node's rows itself (:mod:`llem.cluster.pg_ledger`), and ``llem
   ledger check`` finds any orphan.
@@ -265,6 +265,23 @@ def _v6_slurm_accounting(cur: Any) -> None:
     )
 
 
+def _v7_job_steps(cur: Any) -> None:
+    """The SQLite ledger's ``_v7_job_steps``: each job node's Slurm steps with their span, CPU
+    time and energy (per device as JSON text). No foreign key to ``job_nodes``, as for
+    ``windows``: the merge deletes a replaced job node's steps."""
+    t = TEXT
+    cur.execute(
+        f"""
+        CREATE TABLE IF NOT EXISTS job_steps (
+            job_node_id BIGINT NOT NULL,
+            step {t} NOT NULL, start_ns BIGINT NOT NULL, end_ns BIGINT NOT NULL,
+            cpu_ns BIGINT NOT NULL, energy_uj BIGINT NOT NULL, energy {t} NOT NULL,
+            PRIMARY KEY (job_node_id, step)
+        );
+        """
+    )
+
+
 MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v1,
     _v2,
@@ -272,6 +289,7 @@ MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v4_work_and_power,
     _v5_remainder_labels,
     _v6_slurm_accounting,
+    _v7_job_steps,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -58,9 +58,11 @@ from llem.model import (
     EnergyRow,
     JobShare,
     Remainder,
+    StepUse,
 )
 from llem.sensors.base import Device
 from llem.sensors.platform import PlatformResidual
+from llem.slices import MAX_STEPS
 
 GPU_ALLOCATION = "gpu_allocation"
 GPU_SHARED = "gpu_shared"
@@ -76,6 +78,12 @@ EXCLUSIVE = "exclusive"
 USE, ALLOCATION, HYBRID = "use", "allocation", "hybrid"
 POLICIES = (HYBRID, USE, ALLOCATION)
 """The configurable policies (``attribution.policy``); ``exclusive`` applies by itself."""
+
+MAX_STEPS_PER_JOB = MAX_STEPS - 1
+"""Steps of one job run recorded each on their own; the steps seen after them are recorded
+together as step ``other`` and the run is flagged :data:`STEPS_CAPPED_FLAG`."""
+OTHER_STEP = "other"
+STEPS_CAPPED_FLAG = "steps_capped"
 
 PROC_TREE_FLAG = "proc_tree"
 """Job flag: its CPU time and memory came from the process tree under its slurmstepd (no job
@@ -354,6 +362,8 @@ class JobAttributor:
         )
         self.node_memory_bytes = self._meminfo().get("MemTotal")
         self._cpu_prev: dict[int, int] = {}
+        self._step_prev: dict[int, dict[str, int]] = {}
+        self._step_names: dict[int, set[str]] = {}
         self._busy_prev: int | None = None
         self._alloc: dict[int, _Allocation] = {}
         self._recorded: dict[int, str] = {}
@@ -437,6 +447,35 @@ class JobAttributor:
                 out[job.run_id] = (usage, True)
         return out
 
+    def _steps(self, job, job_cpu_ns: int | None, first_reading: bool) -> list[StepUse]:
+        """The CPU time each of the job's steps used in the interval (their cgroups), the
+        steps beyond :data:`MAX_STEPS_PER_JOB` summed as ``other``. A step first seen counts
+        from zero, except at the sampler's first reading of a job it did not see start
+        (restarted mid-job): then, as for the job, that reading is only a baseline."""
+        cumulative = self.locator.step_cpu(job.job_id, job.uid, self.node)
+        if not cumulative:
+            self._step_prev.pop(job.run_id, None)
+            return []
+        prev = self._step_prev.get(job.run_id, {})
+        baseline = first_reading and job.start_ns < self.started_ns
+        names = self._step_names.setdefault(job.run_id, set())
+        deltas: dict[str, int] = {}
+        capped = False
+        for step, ns in cumulative.items():
+            before = prev.get(step, ns if baseline else 0)
+            if step not in names and len(names) >= MAX_STEPS_PER_JOB:
+                capped = True
+                key = OTHER_STEP
+            else:
+                names.add(step)
+                key = step
+            deltas[key] = deltas.get(key, 0) + max(0, ns - before)
+        self._step_prev[job.run_id] = dict(cumulative)
+        if capped and STEPS_CAPPED_FLAG not in job.flags:
+            self.store.update_job(job.run_id, flags=sorted({*job.flags, STEPS_CAPPED_FLAG}))
+        total = max(job_cpu_ns or 0, sum(deltas.values()))
+        return [StepUse(job.run_id, k, v, total) for k, v in sorted(deltas.items())]
+
     def _cpu_delta(self, job, usage) -> int | None:
         if usage is None or usage.cpu_ns is None:
             return None
@@ -458,15 +497,20 @@ class JobAttributor:
         idle = self.idle.resolve()
         usages = self._usage(jobs)
         loads = []
+        steps: list[StepUse] = []
         for job in jobs:
             usage, has_cgroup = usages[job.run_id]
             alloc = self._allocation(job, has_cgroup)
             gpus = tuple(g for g in self._job_gpus(job) if g in self.devices)
+            first_reading = job.run_id not in self._cpu_prev
+            cpu_delta = self._cpu_delta(job, usage)
+            if has_cgroup:
+                steps += self._steps(job, cpu_delta, first_reading)
             loads.append(
                 JobLoad(
                     job.run_id,
                     gpus,
-                    self._cpu_delta(job, usage),
+                    cpu_delta,
                     usage.memory_bytes if usage else None,
                     alloc.cpus,
                     alloc.memory_bytes,
@@ -476,6 +520,8 @@ class JobAttributor:
         live = {j.run_id for j in jobs}
         self._cpu_prev = {k: v for k, v in self._cpu_prev.items() if k in live}
         self._alloc = {k: v for k, v in self._alloc.items() if k in live}
+        self._step_prev = {k: v for k, v in self._step_prev.items() if k in live}
+        self._step_names = {k: v for k, v in self._step_names.items() if k in live}
         shares, rest = attribute(
             interval.rows,
             self.devices,
@@ -486,7 +532,7 @@ class JobAttributor:
             interval_ns=interval_ns,
         )
         self._record(jobs, loads, idle)
-        return replace(interval, shares=tuple(shares), remainder=tuple(rest))
+        return replace(interval, shares=tuple(shares), remainder=tuple(rest), steps=tuple(steps))
 
     def _record(self, jobs, loads, idle) -> None:
         """Keep the policy and idle powers in force with each run, when they change."""

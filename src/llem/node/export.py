@@ -296,6 +296,9 @@ def export_job(store: NodeStore, run_id: int, config: Config, *, now_ns: int | N
         data["windows_dropped"] = windows_dropped
     if power is not None:
         data["power"] = power
+    steps = store.run_steps(run_id)
+    if steps:
+        data["steps"] = steps
     return slices.checked(data)
 
 

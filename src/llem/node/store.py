@@ -207,12 +207,32 @@ def _v5_remainder_labels(db: sqlite3.Connection) -> None:
             )
 
 
+def _v6_step_use(db: sqlite3.Connection) -> None:
+    """Per-step use (issue 19): each job step's CPU time in each interval, from the step's own
+    cgroup, and the job's in the same interval (at least the steps' sum), by which the job's
+    energy of the interval is split between its steps at export. A new table: costs nothing
+    on a store of a month of intervals."""
+    db.execute(
+        """
+        CREATE TABLE IF NOT EXISTS step_use (
+            run_id INTEGER NOT NULL REFERENCES jobs (run_id),
+            interval_id INTEGER NOT NULL REFERENCES intervals (id),
+            step TEXT NOT NULL,
+            cpu_ns INTEGER NOT NULL CHECK (cpu_ns >= 0),
+            job_cpu_ns INTEGER NOT NULL CHECK (job_cpu_ns >= cpu_ns),
+            PRIMARY KEY (run_id, interval_id, step)
+        ) WITHOUT ROWID
+        """
+    )
+
+
 MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v1,
     _v2,
     _v3,
     _v4_window_work,
     _v5_remainder_labels,
+    _v6_step_use,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -297,10 +317,12 @@ def _prune_steps(runs: list[int], cut_ns: int) -> list[tuple[str, str, list[int]
     marks = ",".join("?" * len(runs))
     return [
         ("windows", f"DELETE FROM windows WHERE run_id IN ({marks})", runs),
+        ("step_use", f"DELETE FROM step_use WHERE run_id IN ({marks})", runs),
         ("job_energy", f"DELETE FROM job_energy WHERE run_id IN ({marks})", runs),
         ("jobs", f"DELETE FROM jobs WHERE run_id IN ({marks})", runs),
         ("job_energy_old", f"DELETE FROM job_energy WHERE interval_id IN ({old})", [cut_ns]),
         ("remainder", f"DELETE FROM remainder WHERE interval_id IN ({old})", [cut_ns]),
+        ("step_use_old", f"DELETE FROM step_use WHERE interval_id IN ({old})", [cut_ns]),
         ("energy", f"DELETE FROM energy WHERE interval_id IN ({old})", [cut_ns]),
         ("intervals", "DELETE FROM intervals WHERE end_ns < ?", [cut_ns]),
         ("events", "DELETE FROM events WHERE ts_ns < ?", [cut_ns]),
@@ -308,6 +330,14 @@ def _prune_steps(runs: list[int], cut_ns: int) -> list[tuple[str, str, list[int]
 
 
 INT64_MAX = 2**63 - 1
+
+
+def _step_order(step: dict) -> tuple:
+    """sacct's order of steps: ``batch`` and ``extern`` first, numbered steps by number."""
+    name = step["step"]
+    if name.isdigit():
+        return (1, int(name), "")
+    return (0 if name in ("batch", "extern", "interactive") else 2, 0, name)
 
 
 def _int64(value: int | None) -> int | None:
@@ -402,6 +432,15 @@ class NodeStore:
                     f"INSERT INTO remainder (interval_id, device_key, energy_uj, {_PART_COLUMNS}) "
                     f"VALUES (?, ?, ?, {', '.join('?' * len(LABELLED))})",
                     [(interval_id, *row) for row in _remainder_rows(interval.remainder)],
+                )
+            if interval.steps:
+                self.db.executemany(
+                    "INSERT INTO step_use (run_id, interval_id, step, cpu_ns, job_cpu_ns) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (u.run_id, interval_id, u.step, u.cpu_ns, u.job_cpu_ns)
+                        for u in interval.steps
+                    ],
                 )
             self._insert_events(interval.events)
             result.append(interval_id)
@@ -878,6 +917,46 @@ class NodeStore:
             "WHERE run_id = ? ORDER BY start_ns, id",
             (run_id,),
         )
+
+    def run_steps(self, run_id: int) -> list[dict]:
+        """A run's steps, each with its span (the intervals it was seen in), CPU time and
+        energy per device: in each interval, the job's energy of each device times the
+        step's CPU time over the job's (floored), so that the steps never hold more than the
+        job. An interval in which the job used no CPU time gives its steps nothing."""
+        steps: dict[str, dict] = {}
+        for step, cpu_ns, start_ns, end_ns in self.query(
+            "SELECT s.step, s.cpu_ns, i.start_ns, i.end_ns FROM step_use s "
+            "JOIN intervals i ON i.id = s.interval_id WHERE s.run_id = ?",
+            (run_id,),
+        ):
+            entry = steps.setdefault(
+                step, {"step": step, "start_ns": start_ns, "end_ns": end_ns, "cpu_ns": 0}
+            )
+            entry["start_ns"] = min(entry["start_ns"], start_ns)
+            entry["end_ns"] = max(entry["end_ns"], end_ns)
+            entry["cpu_ns"] += cpu_ns
+        energy: dict[str, dict[str, int]] = {}
+        # Summed in SQL (a day of 1 s intervals is 10^5 rows per step and device): each
+        # interval's part truncated (floor), the ratio in floating point to keep the product
+        # within 64 bits; what that rounding could add beyond the job is taken back below.
+        for step, device, uj in self.query(
+            "SELECT s.step, e.device_key, SUM(CAST(e.uj * (CAST(s.cpu_ns AS REAL) / "
+            "s.job_cpu_ns) AS INTEGER)) FROM step_use s JOIN (SELECT interval_id, device_key, "
+            "SUM(energy_uj) AS uj FROM job_energy WHERE run_id = ? "
+            "GROUP BY interval_id, device_key) e ON e.interval_id = s.interval_id "
+            "WHERE s.run_id = ? AND s.cpu_ns > 0 GROUP BY s.step, e.device_key",
+            (run_id, run_id),
+        ):
+            energy.setdefault(step, {})[device] = max(0, uj)
+        job = self.run_energy_by_device(run_id)
+        for device, total in job.items():
+            holders = sorted((by[device], step) for step, by in energy.items() if device in by)
+            excess = sum(uj for uj, _ in holders) - total
+            if excess > 0 and holders:  # never more than the job: the largest step gives back
+                energy[holders[-1][1]][device] = max(0, holders[-1][0] - excess)
+        for step, entry in steps.items():
+            entry["energy"] = dict(sorted(energy.get(step, {}).items()))
+        return sorted(steps.values(), key=_step_order)
 
     # -- retention -----------------------------------------------------------------------------
 

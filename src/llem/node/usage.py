@@ -12,6 +12,10 @@ interval until found. Layouts:
   the process tree under the job's root-owned ``slurmstepd`` (never from a process's own
   environment, which its user writes), run by the job's owner, and their CPU time summed;
   the job is then flagged ``proc_tree`` (docs/methodology.md).
+
+Each job step has a cgroup of its own under the job's (``step_batch``, ``step_extern``,
+``step_0``, ...; cgroup v1 and v2 alike): :meth:`CgroupLocator.step_cpu` reads their CPU time,
+which splits the job's energy between its steps (docs/methodology.md, "Steps").
 """
 
 from __future__ import annotations
@@ -56,6 +60,15 @@ def _cpu_stat_usec(path: Path) -> int | None:
     return None
 
 
+STEP_NAME = re.compile(r"[A-Za-z0-9_+]{1,32}")
+"""A step's name as Slurm names its cgroup folder ``step_<name>``: ``batch``, ``extern``,
+``interactive``, ``0``, ``1``, ... (anything else under the job's folder is not a step; the
+same rule as the slice's, llem.slices.STEP_NAME)."""
+MAX_STEP_DIRS = 4096
+"""The most entries of a job's cgroup folder read per interval (Slurm makes one per step;
+srun can start many): beyond them, steps are not seen and their CPU time stays the job's."""
+
+
 @dataclass
 class CgroupLocator:
     """Finds a job's cgroup folder(s) under a cgroup root (v1 or v2)."""
@@ -85,6 +98,34 @@ class CgroupLocator:
             if (path / "cpu.stat").exists():
                 return path
         return None
+
+    def step_cpu(self, job_id: str, uid: int | None, node: str) -> dict[str, int] | None:
+        """Cumulative CPU time (ns) of each step cgroup under the job's: ``{"batch": ns,
+        "0": ns, ...}``; None without a job cgroup. A step without a readable counter (its
+        cgroup just created or just removed) is left out. At most :data:`MAX_STEP_DIRS`
+        folders are looked at (a job cannot make the sampler read without bound)."""
+        v2 = self.v2(job_id)
+        if v2 is not None:
+            folder, counter, scale = v2, "cpu.stat", 1000
+        else:
+            v1 = self.v1(job_id, uid, node)
+            if v1 is None:
+                return None
+            folder, counter, scale = v1[0], "cpuacct.usage", 1
+        out: dict[str, int] = {}
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return out
+        for entry in entries[:MAX_STEP_DIRS]:
+            step = entry.name[len("step_") :]
+            if not entry.name.startswith("step_") or not STEP_NAME.fullmatch(step):
+                continue
+            path = Path(entry.path) / counter
+            value = _cpu_stat_usec(path) if scale == 1000 else _read_int(path)
+            if value is not None:
+                out[step] = value * scale
+        return out
 
     def usage(self, job_id: str, uid: int | None, node: str) -> JobUsage | None:
         """The job's cumulative CPU time and current memory, or None if no cgroup (yet)."""
