@@ -556,3 +556,31 @@ def test_a_gateway_whose_own_restriction_is_dropped_still_shows_only_the_callers
         assert len(jobs) > len(mine)
     finally:
         gw.close()
+
+
+def test_every_table_of_job_rows_has_a_row_security_policy(pg_server):
+    """A table added to the ledger that holds a job's rows (by ``job_node_id``, or a run's
+    ``uid``) must be in row-level security's lists, or the gateway's role would be refused
+    it (no grant) or, granted, see every user's rows (job_steps was missed once)."""
+    from llem.cluster import pg_schema
+
+    url = pg_server.database("rls_tables")
+    with PgLedger(url) as led:
+        by_node = {
+            t
+            for (t,) in led.query(
+                "SELECT c.table_name FROM information_schema.columns c JOIN pg_class k "
+                "ON k.relname = c.table_name WHERE c.table_schema = 'public' "
+                "AND c.column_name = 'job_node_id' AND NOT k.relispartition"
+            )
+        }
+        by_uid = {
+            t
+            for (t,) in led.query(
+                "SELECT c.table_name FROM information_schema.columns c JOIN pg_class k "
+                "ON k.relname = c.table_name WHERE c.table_schema = 'public' "
+                "AND c.column_name = 'uid' AND NOT k.relispartition"
+            )
+        }
+    assert by_node == set(pg_schema.RLS_JOB_NODE_TABLES)
+    assert by_uid == {*pg_schema.RLS_RUN_TABLES, "job_nodes"}  # job_nodes: as its run is

@@ -56,7 +56,7 @@ _SEES = (
 )
 RLS_RUN_TABLES = ("job_runs", "job_headers")
 """Tables whose rows carry the job's ``uid`` and ``account``: visible as the run is."""
-RLS_JOB_NODE_TABLES = ("job_energy", "job_node_totals", "windows", "job_power")
+RLS_JOB_NODE_TABLES = ("job_energy", "job_node_totals", "windows", "job_power", "job_steps")
 """Tables that hang off ``job_nodes`` by ``job_node_id``: visible as the job node is."""
 RLS_ADMIN_TABLES = ("node_hours", "quarantine")
 """Node-level and operational tables: admins only."""
