@@ -514,10 +514,56 @@ def open_ledger(spec: str | os.PathLike, *, readonly: bool = False, **options: A
     return Ledger(spec, readonly=readonly, **options)
 
 
+HEADER_COLUMNS = (
+    "cluster",
+    "job_id",
+    "end_ns",
+    "start_ns",
+    "array_job_id",
+    "array_task_id",
+    "user",
+    "uid",
+    "account",
+    "partition",
+    "name",
+    "nodelist",
+    "num_nodes",
+    "state",
+    "exit_code",
+    "signal",
+    "derived_exit_code",
+    "derived_signal",
+)
+"""The columns of a job header that runs are computed from (``group_runs``, ``summarize_run``)."""
+
+
 class LedgerCommon:
     """What both ledger backends do the same way above their SQL (:class:`Ledger` on SQLite,
     ``pg_ledger.PgLedger`` on PostgreSQL): each provides ``merge_prepared``, ``query`` (with
     ``?`` placeholders) and ``close``."""
+
+    # the columns a job's runs are recomputed from
+    _NODE_COLS = (
+        "id",
+        "node",
+        "start_ns",
+        "end_ns",
+        "array_job_id",
+        "array_task_id",
+        "user",
+        "uid",
+        "account",
+        "partition",
+        "name",
+        "tag",
+        "nodelist",
+        "num_nodes",
+        "gpus",
+        "coverage",
+        "run_start_ns",
+    ) + ENERGY_COLUMNS
+    _HEADER_COLS = HEADER_COLUMNS[2:]
+    _SLURM_COLS = SLURM_JOB_COLUMNS[2:]
 
     def merge(
         self,
@@ -774,44 +820,6 @@ class Ledger(LedgerCommon):
 
     # -- runs and completeness ---------------------------------------------------------------
 
-    _NODE_COLS = (
-        "id",
-        "node",
-        "start_ns",
-        "end_ns",
-        "array_job_id",
-        "array_task_id",
-        "user",
-        "uid",
-        "account",
-        "partition",
-        "name",
-        "tag",
-        "nodelist",
-        "num_nodes",
-        "gpus",
-        "coverage",
-        "run_start_ns",
-    ) + ENERGY_COLUMNS
-    _HEADER_COLS = (
-        "end_ns",
-        "start_ns",
-        "array_job_id",
-        "array_task_id",
-        "user",
-        "uid",
-        "account",
-        "partition",
-        "name",
-        "nodelist",
-        "num_nodes",
-        "state",
-        "exit_code",
-        "signal",
-        "derived_exit_code",
-        "derived_signal",
-    )
-    _SLURM_COLS = SLURM_JOB_COLUMNS[2:]
     _REGROUP_CHUNK = 500
 
     def _regroup(self, jobs: Iterable[tuple[str, str]], now_ns: int, grace_s: float) -> None:

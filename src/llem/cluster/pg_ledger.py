@@ -45,9 +45,7 @@ from llem.cluster.ledger import (
     ACCOUNTING_CANDIDATES,
     CANONICAL_QUERIES,
     DEFER_CHECK,
-    ENERGY_COLUMNS,
     SAVE_CHECK,
-    SLURM_JOB_COLUMNS,
     LedgerCommon,
     MergeStats,
     Prepared,
@@ -76,26 +74,6 @@ _JOB_NODE_COLUMNS = tuple(
 )
 """The columns of a prepared job node row: those of the SQLite ledger's insert, so that a
 column added there (and to both schemas) needs nothing here."""
-_HEADER_COLUMNS = (  # what runs are computed from (group_runs, summarize_run)
-    "cluster",
-    "job_id",
-    "end_ns",
-    "start_ns",
-    "array_job_id",
-    "array_task_id",
-    "user",
-    "uid",
-    "account",
-    "partition",
-    "name",
-    "nodelist",
-    "num_nodes",
-    "state",
-    "exit_code",
-    "signal",
-    "derived_exit_code",
-    "derived_signal",
-)
 _ENERGY_COLUMNS = (
     "job_node_id",
     "device_key",
@@ -785,28 +763,6 @@ class PgLedger(LedgerCommon):
             "ON CONFLICT DO NOTHING RETURNING cluster, job_id, end_ns"
         )
         return {tuple(r) for r in cur.fetchall()}
-
-    _NODE_COLS = (
-        "id",
-        "node",
-        "start_ns",
-        "end_ns",
-        "array_job_id",
-        "array_task_id",
-        "user",
-        "uid",
-        "account",
-        "partition",
-        "name",
-        "tag",
-        "nodelist",
-        "num_nodes",
-        "gpus",
-        "coverage",
-        "run_start_ns",
-    ) + ENERGY_COLUMNS
-    _HEADER_COLS = _HEADER_COLUMNS[2:]
-    _SLURM_COLS = SLURM_JOB_COLUMNS[2:]
 
     def _regroup(self, cur, jobs: Iterable[tuple[str, str]], now_ns: int, grace_s: float) -> None:
         """Recompute these jobs' runs from their node runs and headers (as on SQLite)."""
