@@ -164,6 +164,14 @@ class Site:
         for kind in kinds:
             setattr(cluster, kind.replace("-", "_"), self.hook(kind))
 
+    def started_cluster(self, factory, **kwargs):
+        """A cluster from ``factory`` (``slurm_module_cluster_factory``) that runs this
+        site's hooks, started."""
+        cluster = factory(**kwargs, start=False)
+        self.install_hooks(cluster)
+        cluster.start()
+        return cluster
+
     def hook(self, kind: str, bash: str = "/bin/bash", no_epochrealtime: bool = False) -> Path:
         """A wrapper that gives the real slurm/<kind>.sh this site's settings.
 

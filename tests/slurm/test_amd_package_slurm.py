@@ -31,12 +31,14 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(
-        nodes=1, gpus_per_node=2, name="llemmi250", node_prefix="x", port_base=17450, start=False
+    return site.started_cluster(
+        slurm_module_cluster_factory,
+        nodes=1,
+        gpus_per_node=2,
+        name="llemmi250",
+        node_prefix="x",
+        port_base=17450,
     )
-    site.install_hooks(c)
-    c.start()
-    return c
 
 
 def test_each_die_is_charged_half_its_package_never_0_j(cluster, site):

@@ -56,12 +56,14 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(
-        nodes=1, gpus_per_node=2, name="llemapi", node_prefix="w", port_base=17700, start=False
+    return site.started_cluster(
+        slurm_module_cluster_factory,
+        nodes=1,
+        gpus_per_node=2,
+        name="llemapi",
+        node_prefix="w",
+        port_base=17700,
     )
-    site.install_hooks(c)
-    c.start()
-    return c
 
 
 def aggregate(site, job: str) -> None:

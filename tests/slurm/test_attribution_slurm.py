@@ -34,12 +34,14 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(
-        nodes=2, gpus_per_node=2, name="llemattr", node_prefix="t", port_base=17500, start=False
+    return site.started_cluster(
+        slurm_module_cluster_factory,
+        nodes=2,
+        gpus_per_node=2,
+        name="llemattr",
+        node_prefix="t",
+        port_base=17500,
     )
-    site.install_hooks(c)
-    c.start()
-    return c
 
 
 def submit(cluster, site, args):

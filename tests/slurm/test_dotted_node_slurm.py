@@ -30,12 +30,14 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(
-        nodes=1, gpus_per_node=2, name="llemdot", node_prefix="d.rack", port_base=17350, start=False
+    return site.started_cluster(
+        slurm_module_cluster_factory,
+        nodes=1,
+        gpus_per_node=2,
+        name="llemdot",
+        node_prefix="d.rack",
+        port_base=17350,
     )
-    site.install_hooks(c)
-    c.start()
-    return c
 
 
 def test_a_job_on_a_node_with_a_dot_is_measured_exported_and_merged(cluster, site):

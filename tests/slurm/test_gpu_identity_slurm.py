@@ -34,18 +34,15 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(
+    return site.started_cluster(
+        slurm_module_cluster_factory,
         nodes=1,
         gpus_per_node=2,
         gpu_minors=(1, 0),
         name="llemgpu",
         node_prefix="g",
         port_base=17500,
-        start=False,
     )
-    site.install_hooks(c)
-    c.start()
-    return c
 
 
 def run_job(cluster, site, args):

@@ -30,12 +30,14 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(
-        nodes=1, gpus_per_node=2, name="llemmeters", node_prefix="m", port_base=17400, start=False
+    return site.started_cluster(
+        slurm_module_cluster_factory,
+        nodes=1,
+        gpus_per_node=2,
+        name="llemmeters",
+        node_prefix="m",
+        port_base=17400,
     )
-    site.install_hooks(c)
-    c.start()
-    return c
 
 
 def test_jobs_on_amd_gpus_get_their_own_gpu_and_a_platform_share(cluster, site):

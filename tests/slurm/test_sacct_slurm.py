@@ -40,18 +40,15 @@ def cluster(slurm_module_cluster_factory, site, slurm_available):
     problems = missing_accounting_requirements()
     if problems:
         pytest.skip("slurmdbd or MariaDB missing: " + "; ".join(problems))
-    c = slurm_module_cluster_factory(
+    return site.started_cluster(
+        slurm_module_cluster_factory,
         nodes=2,
         cpus_per_node=8,  # sleeping jobs: all of them at once, none waits for a CPU
         name="llemacct",
         node_prefix="q",
         port_base=17500,
         accounting=True,
-        start=False,
     )
-    site.install_hooks(c)
-    c.start()
-    return c
 
 
 def _submit(cluster, site, args):

@@ -26,12 +26,14 @@ def site():
 
 @pytest.fixture(scope="module")
 def cluster(slurm_module_cluster_factory, site):
-    c = slurm_module_cluster_factory(
-        nodes=1, gpus_per_node=2, name="llemsteps", node_prefix="k", port_base=17600, start=False
+    return site.started_cluster(
+        slurm_module_cluster_factory,
+        nodes=1,
+        gpus_per_node=2,
+        name="llemsteps",
+        node_prefix="k",
+        port_base=17600,
     )
-    site.install_hooks(c)
-    c.start()
-    return c
 
 
 def _acct(site, *args) -> subprocess.CompletedProcess:
