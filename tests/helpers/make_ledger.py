@@ -17,7 +17,9 @@ tasks; 10 % with one or two named windows (``train``, ``eval``); 20 % tagged; 5 
 without RAPL (CPU and DRAM estimated); states 80 % COMPLETED, 12 % FAILED, 5 % CANCELLED, 3 % TIMEOUT; a
 year of history. Per node and clock hour: one ``job_energy`` row per CPU package, DRAM and
 allocated GPU, summing exactly to the run's totals. ``job_node_totals``, ``node_hours`` and
-``job_headers`` are left empty (``llem-acct`` does not read them).
+``job_headers`` are left empty (``llem-acct`` does not read them). The report's roll-ups
+(``llem.cluster.rollups``) are filled by production code: ``rollups.rebuild_sqlite`` after
+the load (SQLite), ``PgLedger._rollup_job_nodes`` per batch (PostgreSQL, as the merge).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import random
 import sqlite3
 import time
 
+from llem.cluster import rollups
 from llem.cluster.ledger import Ledger
 
 S = 10**9
@@ -422,6 +425,7 @@ def write_jobs(path: str | os.PathLike, jobs, *, bulk: bool = True) -> int:
         if n % BATCH_JOBS == 0:
             writer.flush()
     writer.flush()
+    rollups.rebuild_sqlite(db)  # the report's roll-ups, by the migration's own SQL
     for _, sql in indexes:
         db.execute(sql)
     if bulk:
@@ -464,6 +468,8 @@ class PgWriter(Writer):
                 ("job_node_id", "name", "step_id", "start_ns", "end_ns", "status", "energy_uj")
                 + ("energy",),
             )
+            # the report's roll-ups of these job nodes, as the merge makes them
+            led._rollup_job_nodes(cur, [r[0] for r in self.nodes], {r[2] for r in self.energy})
             cur.executemany(
                 "INSERT INTO devices VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT DO NOTHING",

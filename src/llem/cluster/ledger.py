@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from llem import slices
+from llem.cluster import rollups
 from llem.cluster.dialect import SQLITE, Dialect
 from llem.errors import LedgerError
 from llem.hostlist import expand_hostlist
@@ -382,6 +383,15 @@ def _v7_job_steps(db: sqlite3.Connection) -> None:
     )
 
 
+def _v8_report_rollups(db: sqlite3.Connection) -> None:
+    """The report's roll-ups (issue 14), ``llem.cluster.rollups``: ``job_node_hours`` (per
+    job node and clock hour, energy by component) and ``job_node_gpus`` (per job node and
+    allocated GPU, its energy and first and last hour), filled from the energy rows already
+    merged by one ``INSERT ... SELECT ... GROUP BY`` each, then kept by every merge."""
+    run_script(db, rollups.SQLITE_DDL)
+    rollups.rebuild_sqlite(db)
+
+
 MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v1,
     _v2,
@@ -390,6 +400,7 @@ MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v5_remainder_labels,
     _v6_slurm_accounting,
     _v7_job_steps,
+    _v8_report_rollups,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -763,6 +774,7 @@ class Ledger(LedgerCommon):
             "ON CONFLICT DO UPDATE SET energy_uj = energy_uj + excluded.energy_uj",
             energy,
         )
+        self._rollup_job_node()
         self.db.executemany(
             "INSERT INTO job_node_totals (job_node_id, device_key, measured_uj, attributed_uj, "
             "remainder_uj, gap_intervals, idle_unallocated_uj, unallocated_uj) "
@@ -785,6 +797,17 @@ class Ledger(LedgerCommon):
                 steps,
             )
         return True
+
+    def _rollup_job_node(self) -> None:
+        """The report's roll-up rows of the job node just inserted, from its energy rows
+        (:mod:`llem.cluster.rollups`); a replaced job node's go with it (``ON DELETE
+        CASCADE``)."""
+        for sql in rollups.SQLITE_MERGE:
+            self.db.execute(sql)
+
+    def rebuild_rollups(self) -> None:
+        """Refill the report's roll-ups from every energy row (``make_ledger``, repairs)."""
+        self._txn(lambda: rollups.rebuild_sqlite(self.db))
 
     def _merge_node(self, item: Prepared) -> bool:
         _, devices, hours = item

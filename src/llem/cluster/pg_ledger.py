@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from llem.cluster import pg_schema
+from llem.cluster import pg_schema, rollups
 from llem.cluster.dialect import POSTGRESQL, pg_params
 from llem.cluster.ledger import (
     _INSERT_JOB_NODE,
@@ -116,7 +116,15 @@ _STAGES = {
 }
 """Staging tables: the job nodes' columns of a prepared row and their run's start; every
 column of the others, in order (SQLite's inserts of those rows name no columns either)."""
-_JOB_NODE_TABLES = ("job_energy", "job_node_totals", "windows", "job_power", "job_steps")
+_JOB_NODE_TABLES = (
+    "job_energy",
+    "job_node_totals",
+    "windows",
+    "job_power",
+    "job_steps",
+    "job_node_hours",
+    "job_node_gpus",
+)
 """The tables whose rows name a job node (deleted with it: no foreign keys, pg_schema)."""
 _PG_TYPES = {"bigint": "int8", "text": "text", "double precision": "float8", "integer": "int4"}
 REGROUP_CHUNK = 5000
@@ -728,6 +736,7 @@ class PgLedger(LedgerCommon):
                 power.append((node_id, *item[9]))
             steps += [(node_id, *row) for row in item[10]]
         self._copy(cur, "job_energy", energy, _ENERGY_COLUMNS)
+        self._rollup_job_nodes(cur, list(ids.values()), {r[2] for r in energy})
         self._copy(cur, "job_node_totals", totals, _TOTAL_COLUMNS)
         if windows:
             self._copy(cur, "windows", windows, _WINDOW_COLUMNS)
@@ -736,6 +745,29 @@ class PgLedger(LedgerCommon):
         if steps:
             self._copy(cur, "job_steps", steps, _STEP_COLUMNS)
         return set(ids)
+
+    def _rollup_job_nodes(self, cur, ids: list[int], hours: set[int]) -> None:
+        """The report's roll-up rows of the job nodes ``ids`` just inserted, from their energy
+        rows (all in ``hours``), by :mod:`llem.cluster.rollups`' SQL; a replaced job node's
+        are deleted with it (:data:`_JOB_NODE_TABLES`)."""
+        if not ids or not hours:
+            return
+        # the months of job_energy's partitions the rows went into (days: fewer names to make)
+        self._ensure_partitions(cur, "job_node_hours", {h - h % 86400 for h in hours})
+        params = {"ids": ids, "lo": min(hours), "hi": max(hours)}
+        cur.execute(rollups.PG_MERGE_HOURS, params)
+        cur.execute(rollups.PG_MERGE_GPUS, params)
+
+    def rebuild_rollups(self) -> None:
+        """Refill the report's roll-ups from every energy row (``make_ledger``, repairs)."""
+        with self._txn() as cur:
+            pairs = []
+            for table, name, _ in self.partitions():
+                if table == "job_energy":
+                    hour_s = pg_schema.parse_partition(name)[1]
+                    self._ensure_partitions(cur, "job_node_hours", {hour_s})
+                    pairs.append((name, pg_schema.partition_name("job_node_hours", hour_s)))
+            rollups.rebuild_pg(cur, pairs)
 
     def _merge_hours(self, cur, hours: dict[tuple, tuple]) -> set[tuple]:
         if not hours:
@@ -926,7 +958,7 @@ class PgLedger(LedgerCommon):
         rows = self.db.execute(
             "SELECT p.relname, c.relname, GREATEST(c.reltuples, 0)::bigint FROM pg_inherits i "
             "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent "
-            "WHERE p.relname IN ('job_energy', 'node_hours') AND p.relnamespace = "
+            "WHERE p.relname IN ('job_energy', 'node_hours', 'job_node_hours') AND p.relnamespace = "
             "(SELECT oid FROM pg_namespace WHERE nspname = current_schema()) ORDER BY 2"
         ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 TEXT = 'TEXT COLLATE "C"'
-PARTITIONED = ("job_energy", "node_hours")
+PARTITIONED = ("job_energy", "node_hours", "job_node_hours")
 """Tables partitioned by month on ``hour_s``."""
 WRITER_ROLE = "llem_writer"
 READER_ROLE = "llem_reader"
@@ -56,7 +56,15 @@ _SEES = (
 )
 RLS_RUN_TABLES = ("job_runs", "job_headers")
 """Tables whose rows carry the job's ``uid`` and ``account``: visible as the run is."""
-RLS_JOB_NODE_TABLES = ("job_energy", "job_node_totals", "windows", "job_power", "job_steps")
+RLS_JOB_NODE_TABLES = (
+    "job_energy",
+    "job_node_totals",
+    "windows",
+    "job_power",
+    "job_steps",
+    "job_node_hours",
+    "job_node_gpus",
+)
 """Tables that hang off ``job_nodes`` by ``job_node_id``: visible as the job node is."""
 RLS_ADMIN_TABLES = ("node_hours", "quarantine")
 """Node-level and operational tables: admins only."""
@@ -65,7 +73,7 @@ GATEWAY_TABLES = (*RLS_TABLES, "meta", "devices")
 """What the gateway's role may ``SELECT`` (never a month partition: those have no policies).
 ``devices`` (each node's hardware: component, model name, sensor) has no policy, as Slurm
 shows every user the nodes' configuration; ``meta`` holds the schema version."""
-_PARTITION_NAME = re.compile(r"^(job_energy|node_hours)_p(\d{4})(\d{2})$")
+_PARTITION_NAME = re.compile(r"^(job_energy|node_hours|job_node_hours)_p(\d{4})(\d{2})$")
 
 
 def _v1(cur: Any) -> None:
@@ -282,6 +290,29 @@ def _v7_job_steps(cur: Any) -> None:
     )
 
 
+def _v8_report_rollups(cur: Any) -> None:
+    """The SQLite ledger's ``_v8_report_rollups`` (:mod:`llem.cluster.rollups`):
+    ``job_node_hours`` partitioned by month on ``hour_s`` as ``job_energy`` (a partition for
+    each of ``job_energy``'s, filled from it month by month, so that each ``GROUP BY`` holds
+    one month), ``job_node_gpus`` filled in one ``INSERT ... SELECT``. Set-based: no row
+    passes through Python."""
+    from llem.cluster import rollups
+
+    cur.execute(rollups.pg_ddl(TEXT))
+    cur.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'job_energy'::regclass ORDER BY 1"
+    )
+    pairs = []
+    for (name,) in cur.fetchall():
+        parsed = parse_partition(name)
+        if parsed is None:
+            continue
+        cur.execute(partition_ddl("job_node_hours", parsed[1]))
+        pairs.append((name, partition_name("job_node_hours", parsed[1])))
+    rollups.rebuild_pg(cur, pairs)
+
+
 MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v1,
     _v2,
@@ -290,6 +321,7 @@ MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v5_remainder_labels,
     _v6_slurm_accounting,
     _v7_job_steps,
+    _v8_report_rollups,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -161,28 +161,59 @@ ENERGY_COLUMNS = (
 )
 
 
-def energy_by_run_day(
-    ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None
-) -> list[tuple]:
-    """Energy of each run per UTC day of the period, by component, with operational CO2e.
+def uses_rollups(ledger: Ledger, rollups: bool = True) -> bool:
+    """Whether the report reads the roll-ups (:mod:`llem.cluster.rollups`): asked for, and
+    the ledger has them (a ledger ``llem aggregate`` has not migrated yet has not)."""
+    return rollups and ledger.has_column("job_node_hours", "hour_s")
 
-    Needs :func:`load_hour_factors` first; an hour without a factor counts 0 g (the caller
-    loads every hour of the period).
-    """
-    params, filt = _params(start_ns, end_ns, account)
-    rows = ledger.query(
-        f"""
-        WITH {_nodes_cte(ledger, filt)}
-        SELECT n.run_id, e.hour_s - e.hour_s % {DAY_S} AS day_s, SUM(e.energy_uj),
+
+def _energy_source(ledger: Ledger, rollups: bool) -> tuple[str, str]:
+    """(FROM clause of the hourly energy ``e`` of the job nodes ``n``, its energy columns).
+
+    From the roll-up, one row per job node and hour; from the raw rows, one per device,
+    hour and method: the same integer sums either way."""
+    join = ledger.dialect.fixed_join
+    if uses_rollups(ledger, rollups):
+        return (
+            f"{join} job_node_hours e ON e.job_node_id = n.node_id",
+            "SUM(e.energy_uj), SUM(e.cpu_uj), SUM(e.dram_uj), SUM(e.gpu_uj), SUM(e.other_uj), "
+            "SUM(e.estimated_uj)",
+        )
+    return (
+        f"{join} job_energy e ON e.job_node_id = n.node_id",
+        """SUM(e.energy_uj),
                SUM(CASE WHEN e.component = 'cpu' THEN e.energy_uj ELSE 0 END),
                SUM(CASE WHEN e.component = 'dram' THEN e.energy_uj ELSE 0 END),
                SUM(CASE WHEN e.component = 'gpu' THEN e.energy_uj ELSE 0 END),
                SUM(CASE WHEN e.component NOT IN ('cpu', 'dram', 'gpu')
                         THEN e.energy_uj ELSE 0 END),
-               SUM(CASE WHEN e.source = 'estimated' THEN e.energy_uj ELSE 0 END),
+               SUM(CASE WHEN e.source = 'estimated' THEN e.energy_uj ELSE 0 END)""",
+    )
+
+
+def energy_by_run_day(
+    ledger: Ledger,
+    start_ns: int,
+    end_ns: int,
+    account: str | None = None,
+    *,
+    rollups: bool = True,
+) -> list[tuple]:
+    """Energy of each run per UTC day of the period, by component, with operational CO2e.
+
+    Needs :func:`load_hour_factors` first; an hour without a factor counts 0 g (the caller
+    loads every hour of the period). ``rollups=False`` sums the raw energy rows instead of
+    the roll-ups (``llem ledger check`` and the tests compare the two).
+    """
+    params, filt = _params(start_ns, end_ns, account)
+    source, sums = _energy_source(ledger, rollups)
+    rows = ledger.query(
+        f"""
+        WITH {_nodes_cte(ledger, filt)}
+        SELECT n.run_id, e.hour_s - e.hour_s % {DAY_S} AS day_s, {sums},
                SUM(e.energy_uj * COALESCE(f.g_per_uj, 0))
         FROM nodes n
-        {ledger.dialect.fixed_join} job_energy e ON e.job_node_id = n.node_id
+        {source}
         LEFT JOIN {ledger.dialect.temp}factors f ON f.hour_s = e.hour_s
         WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
         GROUP BY n.run_id, day_s
@@ -195,15 +226,21 @@ def energy_by_run_day(
 
 
 def energy_by_hour(
-    ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None
+    ledger: Ledger,
+    start_ns: int,
+    end_ns: int,
+    account: str | None = None,
+    *,
+    rollups: bool = True,
 ) -> list[tuple]:
     """(hour_s, energy_uj) of the jobs' energy over the period, for the carbon provenance."""
     params, filt = _params(start_ns, end_ns, account)
+    source, _ = _energy_source(ledger, rollups)
     return ledger.query(
         f"""
         WITH {_nodes_cte(ledger, filt)}
         SELECT e.hour_s, SUM(e.energy_uj) FROM nodes n
-        {ledger.dialect.fixed_join} job_energy e ON e.job_node_id = n.node_id
+        {source}
         WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
         GROUP BY e.hour_s ORDER BY e.hour_s
     """,
@@ -222,7 +259,13 @@ IDLE_COLUMNS = (
 
 
 def idle_gpus(
-    ledger: Ledger, start_ns: int, end_ns: int, idle_w: float, account: str | None = None
+    ledger: Ledger,
+    start_ns: int,
+    end_ns: int,
+    idle_w: float,
+    account: str | None = None,
+    *,
+    rollups: bool = True,
 ) -> list[tuple]:
     """Per run: allocated GPUs whose average power over the job on that node was below
     ``idle_w`` watts, their energy inside the period (uJ) and their GPU-seconds in it.
@@ -232,21 +275,42 @@ def idle_gpus(
     GPUs named by device key (``nvml:GPU-...``, as the energy rows) are judged; an entry
     without one (a Slurm index the node could not resolve, or a slice from before llem
     resolved them) is counted in ``unresolved_gpus``, never called idle.
+
+    From the roll-up ``job_node_gpus`` (one row per job node and GPU: its total and its first
+    and last hour), the energy inside the period is the total when all its hours lie in the
+    period; only the GPUs of job nodes that cross the period's bounds read raw rows.
     """
     params, filt = _params(start_ns, end_ns, account)
     params["idle_w"] = idle_w
     d = ledger.dialect
+    in_period = (
+        "(SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e "
+        "WHERE e.job_node_id = {node} AND e.device_key = {device} "
+        "AND e.hour_s >= :start_s AND e.hour_s < :end_s)"
+    )
+    if uses_rollups(ledger, rollups):
+        totals = f"""
+                   COALESCE((SELECT x.energy_uj FROM job_node_gpus x
+                     WHERE x.job_node_id = n.node_id AND x.device_key = g.value), 0) AS total_uj,
+                   COALESCE((SELECT CASE WHEN x.first_hour_s >= :start_s
+                                          AND x.last_hour_s < :end_s THEN x.energy_uj
+                                     ELSE {
+            in_period.format(node="x.job_node_id", device="x.device_key")
+        } END
+                     FROM job_node_gpus x
+                     WHERE x.job_node_id = n.node_id AND x.device_key = g.value), 0)
+                       AS period_uj,"""
+    else:
+        totals = f"""
+                   (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
+                     WHERE e.job_node_id = n.node_id AND e.device_key = g.value) AS total_uj,
+                   {in_period.format(node="n.node_id", device="g.value")} AS period_uj,"""
     return ledger.query(
         f"""
         WITH {_nodes_cte(ledger, filt)},
         gpu AS (
             SELECT n.run_id, n.cluster, n.job_id, n.run_start_ns, n.overlap_ns,
-                   (n.end_ns - n.start_ns) / {SECONDS} AS span_s,
-                   (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
-                     WHERE e.job_node_id = n.node_id AND e.device_key = g.value) AS total_uj,
-                   (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
-                     WHERE e.job_node_id = n.node_id AND e.device_key = g.value
-                       AND e.hour_s >= :start_s AND e.hour_s < :end_s) AS period_uj,
+                   (n.end_ns - n.start_ns) / {SECONDS} AS span_s,{totals}
                    CASE WHEN {d.position("':'", "g.value")} > 0 THEN 1 ELSE 0 END
                        AS resolved
             FROM nodes n, {d.json_items("n.gpus", "g")}

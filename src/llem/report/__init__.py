@@ -49,6 +49,7 @@ def build_report(
     top_n: int = 20,
     model=None,
     with_previous: bool = True,
+    rollups: bool = True,
 ) -> Report:
     """Compute a report of ``period`` from an open ledger.
 
@@ -61,6 +62,9 @@ def build_report(
         top_n: rows of the top-jobs and waste tables.
         model: a resolved carbon IntensityModel (default: resolved from ``config``).
         with_previous: also compute the previous period's totals for the change table.
+        rollups: read the roll-ups kept at merge time (``llem.cluster.rollups``) where the
+            ledger has them; False sums the raw energy rows (the same report, slower: the
+            tests and ``bench/bench_report.py --raw`` compare the two).
 
     Raises:
         ConfigError: the carbon configuration cannot be resolved (unknown region, ...).
@@ -87,7 +91,7 @@ def build_report(
     # beside the current period's queries on the caller's connection.
     def previous_totals_of(conn) -> dict:
         q.load_hour_factors(conn, factors.g_per_uj_by_hour)
-        return frames.totals(_jobs(conn, previous, account, idle_w, factors)[0])
+        return frames.totals(_jobs(conn, previous, account, idle_w, factors, rollups)[0])
 
     def node_rows_of(conn) -> tuple:
         return (
@@ -101,9 +105,11 @@ def build_report(
             side["previous"] = pool.submit(_own_connection, ledger.path, previous_totals_of)
         if account is None:
             side["nodes"] = pool.submit(_own_connection, ledger.path, node_rows_of)
-        jobs, runs, energy = _jobs(ledger, period, account, idle_w, factors)
+        jobs, runs, energy = _jobs(ledger, period, account, idle_w, factors, rollups)
         totals = frames.totals(jobs)
-        carbon_fields = _carbon_fields(ledger, config, resolved, period, account, energy, totals)
+        carbon_fields = _carbon_fields(
+            ledger, config, resolved, period, account, energy, totals, rollups
+        )
         previous_totals = side["previous"].result() if with_previous else {}
         recon = None
         if account is None:
@@ -138,17 +144,19 @@ def _own_connection(path, body):
         return body(conn)
 
 
-def _jobs(ledger, period, account, idle_w, factors):
+def _jobs(ledger, period, account, idle_w, factors, rollups=True):
     from llem.cluster import report_queries as q
     from llem.report import frames
 
     runs = q.runs(ledger, period.start_ns, period.end_ns, account)
-    energy = q.energy_by_run_day(ledger, period.start_ns, period.end_ns, account)
-    idle = q.idle_gpus(ledger, period.start_ns, period.end_ns, idle_w, account)
+    energy = q.energy_by_run_day(ledger, period.start_ns, period.end_ns, account, rollups=rollups)
+    idle = q.idle_gpus(ledger, period.start_ns, period.end_ns, idle_w, account, rollups=rollups)
     return frames.jobs_frame(runs, energy, idle, factors), runs, energy
 
 
-def _carbon_fields(ledger, config, resolved, period, account, energy_rows, totals) -> dict:
+def _carbon_fields(
+    ledger, config, resolved, period, account, energy_rows, totals, rollups=True
+) -> dict:
     """The factors used (region, intensity, source, year, basis, PUE), via carbon.emissions.
 
     With only an annual intensity, the factors are the same in every hour of a day (PUE
@@ -165,7 +173,9 @@ def _carbon_fields(ledger, config, resolved, period, account, energy_rows, total
     else:
         by_hour = {
             h: uj / 1e6
-            for h, uj in q.energy_by_hour(ledger, period.start_ns, period.end_ns, account)
+            for h, uj in q.energy_by_hour(
+                ledger, period.start_ns, period.end_ns, account, rollups=rollups
+            )
         }
     result = carbon.emissions(
         config, by_hour, gpu_hours=totals["gpu_h"], node_hours=totals["node_h"], resolved=resolved

@@ -1,0 +1,195 @@
+"""The report's roll-ups: sums of ``job_energy`` kept beside it at merge time, on both backends.
+
+``llem report`` sums a month's energy rows (one per device, clock hour and method of every
+job node): on a large ledger that is tens of millions of rows a month. Two smaller tables
+hold what the report needs of them, computed by the SQL below and nothing else:
+
+* ``job_node_hours``: per job node and clock hour, the energy by component (CPU, DRAM, GPU,
+  other), the estimated part and the total. The devices collapse, the clock hour stays, so
+  the per-hour carbon factors apply as on the raw rows (operational CO2e is a per-hour sum).
+* ``job_node_gpus``: per job node and allocated GPU (a device key listed in the job node's
+  ``gpus``), its energy over the whole job on that node and its first and last clock hour,
+  for the idle-GPU judgement (a GPU is judged over the whole job on its node; its energy
+  inside a period is the total when its hours all lie in the period, else the raw rows').
+
+Both are keyed by the job node and change only with it: a merge that inserts a job node
+inserts its roll-up rows from its energy rows (:func:`hours_select` and :func:`gpus_select`
+filtered to it), and a job node replaced by a newer export takes its roll-up rows with it
+(SQLite: ``ON DELETE CASCADE``; PostgreSQL: the merge's delete of the rows that name a
+replaced job node). A slice merged again changes nothing, so nothing is counted twice;
+runs regrouped (a requeue, a late header) do not touch them, as they name no run. The same
+SELECTs fill them in the migration (a site upgrading keeps its history), rebuild them
+(:func:`rebuild_sqlite`, ``PgLedger.rebuild_rollups``, ``tests/helpers/make_ledger.py``) and
+check them (:data:`CHECKS`, ``llem ledger check``): roll-ups equal a rebuild from the raw rows.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from llem.cluster.dialect import POSTGRESQL, SQLITE, Dialect
+
+HOURS_TABLE = "job_node_hours"
+GPUS_TABLE = "job_node_gpus"
+TABLES = (HOURS_TABLE, GPUS_TABLE)
+HOURS_COLUMNS = (
+    "job_node_id",
+    "hour_s",
+    "energy_uj",
+    "cpu_uj",
+    "dram_uj",
+    "gpu_uj",
+    "other_uj",
+    "estimated_uj",
+)
+GPUS_COLUMNS = ("job_node_id", "device_key", "energy_uj", "first_hour_s", "last_hour_s")
+
+
+def hours_select(where: str = "1 = 1") -> str:
+    """``job_node_hours``' rows computed from ``job_energy e`` rows matching ``where``."""
+    return f"""
+        SELECT e.job_node_id AS job_node_id, e.hour_s AS hour_s, SUM(e.energy_uj) AS energy_uj,
+               SUM(CASE WHEN e.component = 'cpu' THEN e.energy_uj ELSE 0 END) AS cpu_uj,
+               SUM(CASE WHEN e.component = 'dram' THEN e.energy_uj ELSE 0 END) AS dram_uj,
+               SUM(CASE WHEN e.component = 'gpu' THEN e.energy_uj ELSE 0 END) AS gpu_uj,
+               SUM(CASE WHEN e.component NOT IN ('cpu', 'dram', 'gpu')
+                        THEN e.energy_uj ELSE 0 END) AS other_uj,
+               SUM(CASE WHEN e.source = 'estimated' THEN e.energy_uj ELSE 0 END)
+                   AS estimated_uj
+        FROM job_energy e WHERE {where}
+        GROUP BY e.job_node_id, e.hour_s
+    """
+
+
+def gpus_select(dialect: Dialect, where: str = "1 = 1") -> str:
+    """``job_node_gpus``' rows computed from the job nodes ``jn`` and their energy rows ``e``
+    matching ``where``: the rows of the devices the job node lists among its GPUs."""
+    return f"""
+        SELECT e.job_node_id AS job_node_id, e.device_key AS device_key,
+               SUM(e.energy_uj) AS energy_uj, MIN(e.hour_s) AS first_hour_s,
+               MAX(e.hour_s) AS last_hour_s
+        FROM job_nodes jn {dialect.fixed_join} job_energy e ON e.job_node_id = jn.id
+        WHERE {where} AND EXISTS (SELECT 1 FROM {dialect.json_items("jn.gpus", "g")}
+                                  WHERE g.value = e.device_key)
+        GROUP BY e.job_node_id, e.device_key
+    """
+
+
+def insert_sql(table: str, select: str) -> str:
+    columns = HOURS_COLUMNS if table == HOURS_TABLE else GPUS_COLUMNS
+    return f"INSERT INTO {table} ({', '.join(columns)}) {select}"
+
+
+# -- SQLite ----------------------------------------------------------------------------------
+
+SQLITE_DDL = """
+    CREATE TABLE IF NOT EXISTS job_node_hours (
+        job_node_id INTEGER NOT NULL REFERENCES job_nodes (id) ON DELETE CASCADE,
+        hour_s INTEGER NOT NULL, energy_uj INTEGER NOT NULL, cpu_uj INTEGER NOT NULL,
+        dram_uj INTEGER NOT NULL, gpu_uj INTEGER NOT NULL, other_uj INTEGER NOT NULL,
+        estimated_uj INTEGER NOT NULL,
+        PRIMARY KEY (job_node_id, hour_s)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS job_node_gpus (
+        job_node_id INTEGER NOT NULL REFERENCES job_nodes (id) ON DELETE CASCADE,
+        device_key TEXT NOT NULL, energy_uj INTEGER NOT NULL,
+        first_hour_s INTEGER NOT NULL, last_hour_s INTEGER NOT NULL,
+        PRIMARY KEY (job_node_id, device_key)
+    ) WITHOUT ROWID;
+"""
+
+SQLITE_MERGE = (
+    insert_sql(HOURS_TABLE, hours_select("e.job_node_id = last_insert_rowid()")),
+    insert_sql(GPUS_TABLE, gpus_select(SQLITE, "jn.id = last_insert_rowid()")),
+)
+"""The roll-up rows of the job node just inserted (``last_insert_rowid()``: inserts into
+``WITHOUT ROWID`` tables, as these, leave it alone)."""
+
+
+def rebuild_sqlite(db: sqlite3.Connection) -> None:
+    """Empty and refill both roll-ups from every job node's energy rows (set-based)."""
+    for table in TABLES:
+        db.execute(f"DELETE FROM {table}")
+    db.execute(insert_sql(HOURS_TABLE, hours_select()))
+    db.execute(insert_sql(GPUS_TABLE, gpus_select(SQLITE)))
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def pg_ddl(text: str) -> str:
+    """The PostgreSQL tables: ``job_node_hours`` partitioned by month on ``hour_s`` as
+    ``job_energy`` is (retention drops its partitions with ``job_energy``'s), no foreign
+    keys (the merge deletes a replaced job node's rows, as for ``job_energy``)."""
+    return f"""
+        CREATE TABLE IF NOT EXISTS job_node_hours (
+            job_node_id BIGINT NOT NULL, hour_s BIGINT NOT NULL, energy_uj BIGINT NOT NULL,
+            cpu_uj BIGINT NOT NULL, dram_uj BIGINT NOT NULL, gpu_uj BIGINT NOT NULL,
+            other_uj BIGINT NOT NULL, estimated_uj BIGINT NOT NULL,
+            PRIMARY KEY (job_node_id, hour_s)
+        ) PARTITION BY RANGE (hour_s);
+        CREATE TABLE IF NOT EXISTS job_node_gpus (
+            job_node_id BIGINT NOT NULL, device_key {text} NOT NULL,
+            energy_uj BIGINT NOT NULL, first_hour_s BIGINT NOT NULL,
+            last_hour_s BIGINT NOT NULL,
+            PRIMARY KEY (job_node_id, device_key)
+        );
+    """
+
+
+PG_MERGE_HOURS = insert_sql(
+    HOURS_TABLE,
+    hours_select("e.job_node_id = ANY(%(ids)s) AND e.hour_s >= %(lo)s AND e.hour_s <= %(hi)s"),
+)
+PG_MERGE_GPUS = insert_sql(
+    GPUS_TABLE,
+    gpus_select(POSTGRESQL, "jn.id = ANY(%(ids)s) AND e.hour_s >= %(lo)s AND e.hour_s <= %(hi)s"),
+)
+"""The roll-up rows of the job nodes ``ids`` just inserted, whose energy rows all lie in
+the clock hours ``lo`` to ``hi`` (the bounds let PostgreSQL visit only those months'
+partitions)."""
+
+
+def rebuild_pg(cur, month_partitions: list[tuple[str, str]]) -> None:
+    """Empty and refill both roll-ups on PostgreSQL: ``job_node_hours`` month by month (each
+    ``job_energy`` partition into its twin, already created: ``month_partitions`` holds
+    (job_energy partition, job_node_hours partition) pairs), ``job_node_gpus`` at once."""
+    cur.execute("TRUNCATE job_node_hours, job_node_gpus")
+    for energy_part, hours_part in month_partitions:
+        cur.execute(
+            insert_sql(hours_part, hours_select()).replace(
+                "FROM job_energy e", f"FROM {energy_part} e"
+            )
+        )
+    cur.execute(insert_sql(GPUS_TABLE, gpus_select(POSTGRESQL)))
+
+
+# -- checks (llem ledger check) ------------------------------------------------------------------
+
+
+def checks(dialect: Dialect) -> tuple[tuple[str, str], ...]:
+    """(problem, SQL naming the rows that have it): roll-ups that differ from a rebuild.
+
+    Job nodes that started before ``:cut_ns`` (hourly rows dropped by retention) are not
+    checked: their GPU totals keep the dropped hours."""
+    hours_cols = ", ".join(f"h.{c}" for c in HOURS_COLUMNS)
+    gpus_cols = ", ".join(f"x.{c}" for c in GPUS_COLUMNS)
+    kept = "SELECT id FROM job_nodes WHERE start_ns >= :cut_ns"
+    rebuilt_hours = hours_select(f"e.job_node_id IN ({kept})")
+    rebuilt_gpus = gpus_select(dialect, "jn.start_ns >= :cut_ns")
+    kept_hours = f"SELECT {hours_cols} FROM job_node_hours h WHERE h.job_node_id IN ({kept})"
+    kept_gpus = f"SELECT {gpus_cols} FROM job_node_gpus x WHERE x.job_node_id IN ({kept})"
+    return (
+        (
+            "hourly roll-up row differs from a rebuild from job_energy",
+            f"SELECT d.job_node_id, d.hour_s, d.energy_uj FROM ({kept_hours} EXCEPT "
+            f"{rebuilt_hours}) d UNION ALL SELECT d.job_node_id, d.hour_s, d.energy_uj "
+            f"FROM ({rebuilt_hours} EXCEPT {kept_hours}) d",
+        ),
+        (
+            "GPU roll-up row differs from a rebuild from job_energy",
+            f"SELECT d.job_node_id, d.device_key, d.energy_uj FROM ({kept_gpus} EXCEPT "
+            f"{rebuilt_gpus}) d UNION ALL SELECT d.job_node_id, d.device_key, d.energy_uj "
+            f"FROM ({rebuilt_gpus} EXCEPT {kept_gpus}) d",
+        ),
+    )
