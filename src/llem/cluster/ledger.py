@@ -477,6 +477,11 @@ CANONICAL_QUERIES = {
     "FROM job_power p JOIN job_nodes jn ON jn.id = p.job_node_id",
     "job_steps": f"SELECT {_NODE_KEY}, s.step, s.start_ns, s.end_ns, s.cpu_ns, s.energy_uj, "
     "s.energy FROM job_steps s JOIN job_nodes jn ON jn.id = s.job_node_id",
+    "job_node_hours": f"SELECT {_NODE_KEY}, h.hour_s, h.energy_uj, h.cpu_uj, h.dram_uj, "
+    "h.gpu_uj, h.other_uj, h.estimated_uj FROM job_node_hours h "
+    "JOIN job_nodes jn ON jn.id = h.job_node_id",
+    "job_node_gpus": f"SELECT {_NODE_KEY}, x.device_key, x.energy_uj, x.first_hour_s, "
+    "x.last_hour_s FROM job_node_gpus x JOIN job_nodes jn ON jn.id = x.job_node_id",
     "job_headers": "SELECT * FROM job_headers",
     "slurm_jobs": "SELECT cluster, job_id, start_ns, end_ns, submit_ns, eligible_ns, state, "
     "exit_code, signal, derived_exit_code, derived_signal, timelimit, timelimit_min, alloc_cpus, "

@@ -288,18 +288,19 @@ def idle_gpus(
         "WHERE e.job_node_id = {node} AND e.device_key = {device} "
         "AND e.hour_s >= :start_s AND e.hour_s < :end_s)"
     )
+    source = f"nodes n, {d.json_items('n.gpus', 'g')}"
     if uses_rollups(ledger, rollups):
+        # one look-up per GPU (a LEFT JOIN in an order both backends read the same way)
+        source = (
+            f"nodes n CROSS JOIN {d.json_items('n.gpus', 'g')} LEFT JOIN job_node_gpus x "
+            "ON x.job_node_id = n.node_id AND x.device_key = g.value"
+        )
+        raw = in_period.format(node="x.job_node_id", device="x.device_key")
         totals = f"""
-                   COALESCE((SELECT x.energy_uj FROM job_node_gpus x
-                     WHERE x.job_node_id = n.node_id AND x.device_key = g.value), 0) AS total_uj,
-                   COALESCE((SELECT CASE WHEN x.first_hour_s >= :start_s
-                                          AND x.last_hour_s < :end_s THEN x.energy_uj
-                                     ELSE {
-            in_period.format(node="x.job_node_id", device="x.device_key")
-        } END
-                     FROM job_node_gpus x
-                     WHERE x.job_node_id = n.node_id AND x.device_key = g.value), 0)
-                       AS period_uj,"""
+                   COALESCE(x.energy_uj, 0) AS total_uj,
+                   CASE WHEN x.energy_uj IS NULL THEN 0
+                        WHEN x.first_hour_s >= :start_s AND x.last_hour_s < :end_s
+                        THEN x.energy_uj ELSE {raw} END AS period_uj,"""
     else:
         totals = f"""
                    (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
@@ -313,7 +314,7 @@ def idle_gpus(
                    (n.end_ns - n.start_ns) / {SECONDS} AS span_s,{totals}
                    CASE WHEN {d.position("':'", "g.value")} > 0 THEN 1 ELSE 0 END
                        AS resolved
-            FROM nodes n, {d.json_items("n.gpus", "g")}
+            FROM {source}
         ),
         judged AS (
             SELECT *, CASE WHEN resolved = 1 AND total_uj < :idle_w * span_s * 1000000

@@ -76,7 +76,8 @@ def gpus_select(dialect: Dialect, where: str = "1 = 1") -> str:
 
 
 def insert_sql(table: str, select: str) -> str:
-    columns = HOURS_COLUMNS if table == HOURS_TABLE else GPUS_COLUMNS
+    """``INSERT`` of ``select``'s rows into a roll-up (or a month partition of one)."""
+    columns = GPUS_COLUMNS if table == GPUS_TABLE else HOURS_COLUMNS
     return f"INSERT INTO {table} ({', '.join(columns)}) {select}"
 
 

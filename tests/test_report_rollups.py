@@ -1,0 +1,202 @@
+"""The report's roll-ups (``llem.cluster.rollups``): kept exactly by the merge on both backends,
+filled by the migration from a ledger's history, checked by ``llem ledger check``, and giving
+the same report, byte for byte, as the raw energy rows.
+
+Ledgers are built by production code: slices exported from real node stores and merged
+(``tests.helpers.report_data``, ``tests.helpers.nodes``), on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime
+
+import pytest
+
+from llem.cluster import ledger as ledger_mod
+from llem.cluster import pg_schema
+from llem.cluster import report_queries as q
+from llem.cluster.ledger import Ledger, digest
+from llem.cluster.ledger_tools import check_ledger, copy_ledger
+from llem.cluster.pg_ledger import PgLedger
+from llem.report import build_report, frames, render
+from tests.helpers.ledger import merge
+from tests.helpers.nodes import GPU_KEY, T0, S, job_slices
+from tests.helpers.report_data import (
+    ESTIMATED,
+    NOVEMBER,
+    Job,
+    build_ledger,
+    job_and_node_slices,
+    report_config,
+    utc_ns,
+)
+
+CROSSING = [  # a GPU job over the month's end, a busy one and an idle one (waste), 2 days long
+    Job("301", "n8", "2023-10-31 20:00", 8 * 3600, "erin", "astro", gpu_w=30.0),
+    Job("302", "n9", "2023-11-29 12:00", 40 * 3600, "frank", "astro", gpu_w=300.0),
+]
+PERIODS = [
+    frames.month_period("2023-11"),
+    frames.month_period("2023-12"),
+    # bounds inside a clock hour and a day: job nodes that cross them read the raw rows
+    frames.range_period(datetime(2023, 11, 1, 6, 30), datetime(2023, 11, 30, 13, 45)),
+]
+
+
+@pytest.fixture(scope="module")
+def ledger_path(tmp_path_factory):
+    return build_ledger(tmp_path_factory.mktemp("rollups"), NOVEMBER + ESTIMATED + CROSSING)
+
+
+def _rendered(ledger, path, period, *, rollups: bool, account=None) -> tuple[str, ...]:
+    rep = build_report(ledger, report_config(path), period, account=account, rollups=rollups)
+    return render.to_markdown(rep), render.to_json(rep), render.to_csv(rep)
+
+
+@pytest.mark.parametrize("period", PERIODS, ids=lambda p: p.label)
+@pytest.mark.parametrize("account", [None, "astro"])
+def test_report_from_rollups_is_byte_identical_to_the_raw_rows(ledger_path, period, account):
+    with q.open_readonly(ledger_path) as ledger:
+        assert q.uses_rollups(ledger)
+        fast = _rendered(ledger, ledger_path, period, rollups=True, account=account)
+        slow = _rendered(ledger, ledger_path, period, rollups=False, account=account)
+    assert fast == slow
+    assert "astro" in fast[0]  # the crossing jobs are in every period's report
+
+
+def test_every_query_gives_the_raw_rows_answer(ledger_path):
+    """Each roll-up query against its raw-row twin (not only the rounded report)."""
+    period = frames.month_period("2023-11")
+    s, e = period.start_ns, period.end_ns
+    with q.open_readonly(ledger_path) as ledger:
+        q.load_hour_factors(ledger, {h: 1e-7 * (1 + h % 7) for h in period.hours()})
+        for f in (
+            lambda r: q.energy_by_run_day(ledger, s, e, rollups=r),
+            lambda r: q.energy_by_hour(ledger, s, e, rollups=r),
+            lambda r: q.idle_gpus(ledger, s, e, 100.0, rollups=r),
+        ):
+            fast, slow = f(True), f(False)
+            assert fast == slow and fast
+        idle = q.idle_gpus(ledger, s, e, 100.0)
+        assert any(row[1] > 0 for row in idle)  # job 104 and 301 idle: judged from roll-ups
+
+
+def test_rollups_hold_fewer_rows_than_the_energy_rows(ledger_path):
+    with q.open_readonly(ledger_path) as ledger:
+        (hours,) = ledger.query("SELECT COUNT(*) FROM job_node_hours")[0]
+        (energy,) = ledger.query("SELECT COUNT(*) FROM job_energy")[0]
+        (gpus,) = ledger.query("SELECT COUNT(*) FROM job_node_gpus")[0]
+        assert 0 < hours < energy and gpus > 0
+        assert check_ledger(ledger) == []
+
+
+def _dump(ledger) -> str:
+    return ledger.canonical_dump()
+
+
+def test_merge_keeps_rollups_equal_to_a_rebuild(tmp_path):
+    """Re-merged slices count once; a newer export replaces its job node's roll-ups; a
+    requeued job's two runs keep theirs; a rebuild from the raw rows changes nothing."""
+    old = job_slices(tmp_path / "a", "100", nodes=("n1", "n2"))
+    newer = copy.deepcopy(old[0])
+    newer["created_ns"] += 1
+    for row in newer["energy"]:
+        row["energy_uj"] //= 3
+    requeued = job_slices(tmp_path / "b", "100", start_ns=T0 + 7200 * S, seconds=600)
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        merge(ledger, old)
+        first = _dump(ledger)
+        merge(ledger, old)  # the same slices again
+        assert _dump(ledger) == first
+        merge(ledger, [newer] + requeued)
+        assert check_ledger(ledger) == []
+        (hours,) = ledger.query(
+            "SELECT SUM(h.energy_uj) FROM job_node_hours h JOIN job_nodes jn "
+            "ON jn.id = h.job_node_id WHERE jn.node = 'n1' AND jn.start_ns = ?",
+            (newer["job"]["start_ns"],),
+        )[0]
+        assert hours == sum(r["energy_uj"] for r in newer["energy"])
+        kept = _dump(ledger)
+        assert "job_node_hours" in kept and "job_node_gpus" in kept
+        ledger.rebuild_rollups()
+        assert _dump(ledger) == kept
+
+
+def test_check_names_a_drifted_rollup(tmp_path):
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        merge(ledger, job_slices(tmp_path, "100"))
+        assert check_ledger(ledger) == []
+        ledger.write([("UPDATE job_node_hours SET gpu_uj = gpu_uj + ?", [(1,)])])
+        ledger.write([("DELETE FROM job_node_gpus WHERE device_key = ?", [(GPU_KEY,)])])
+        problems = check_ledger(ledger)
+    assert any("hourly roll-up row differs" in p for p in problems), problems
+    assert any("GPU roll-up row differs" in p for p in problems), problems
+
+
+def _migration(migrations):
+    (mig,) = [m for m in migrations if m.__name__.endswith("_report_rollups")]
+    return mig
+
+
+def test_migration_fills_rollups_from_the_history(ledger_path, tmp_path):
+    """A site upgrading keeps its history: the migration's backfill gives the roll-ups the
+    merge kept."""
+    path = tmp_path / "copy.db"
+    path.write_bytes(ledger_path.read_bytes())
+    with Ledger(path) as ledger:
+        merged = _dump(ledger)
+
+        def upgrade() -> None:
+            ledger.db.execute("DROP TABLE job_node_hours")
+            ledger.db.execute("DROP TABLE job_node_gpus")
+            _migration(ledger_mod.MIGRATIONS)(ledger.db)
+
+        ledger._txn(upgrade)
+        assert _dump(ledger) == merged
+        assert check_ledger(ledger) == []
+
+
+@pytest.mark.postgres
+def test_postgres_merge_and_migration_keep_the_same_rollups(ledger_path, pg_server, tmp_path):
+    """The same slices merged into PostgreSQL give SQLite's roll-ups (natural keys); a
+    newer export replaces them; the PostgreSQL migration's backfill and ``llem ledger copy``
+    give them too, and the report reads them there byte-identical to the raw rows."""
+    items = []
+    for job in NOVEMBER + CROSSING:
+        for d in job_and_node_slices(tmp_path, job):
+            items.append((d, digest(json.dumps(d, sort_keys=True).encode())))
+    url = pg_server.database("rollups_merge")
+    with PgLedger(url) as pg, Ledger(tmp_path / "twin.db") as lite:
+        for led in (pg, lite):
+            led.merge(items, now_ns=utc_ns("2024-02-01 00:00"), grace_s=3600.0)
+            led.merge(items, now_ns=utc_ns("2024-02-01 00:00"), grace_s=3600.0)
+        assert pg.canonical_dump() == lite.canonical_dump()
+        assert check_ledger(pg) == []
+        newer = copy.deepcopy(items[0][0])
+        newer["created_ns"] += 1
+        for row in newer["energy"]:
+            row["energy_uj"] //= 3
+        for led in (pg, lite):
+            led.merge([(newer, "x" * 64)], now_ns=utc_ns("2024-02-01 00:00"), grace_s=3600.0)
+        assert pg.canonical_dump() == lite.canonical_dump()
+        assert check_ledger(pg) == []
+        merged = pg.canonical_dump()
+        with pg._txn() as cur:
+            cur.execute("DROP TABLE job_node_hours, job_node_gpus")
+            _migration(pg_schema.MIGRATIONS)(cur)
+        assert pg.canonical_dump() == merged
+        pg.rebuild_rollups()
+        assert pg.canonical_dump() == merged
+        period = frames.month_period("2023-11")
+        fast = _rendered(pg, ledger_path, period, rollups=True)
+        assert fast == _rendered(pg, ledger_path, period, rollups=False)
+        assert fast == _rendered(lite, ledger_path, period, rollups=True)
+    copy_url = pg_server.database("rollups_copy")
+    with q.open_readonly(ledger_path) as src, PgLedger(copy_url) as dst:
+        copy_ledger(src, dst, source_name=str(ledger_path))
+        assert check_ledger(dst) == []
+        assert dst.query("SELECT COUNT(*) FROM job_node_hours") == src.query(
+            "SELECT COUNT(*) FROM job_node_hours"
+        )
