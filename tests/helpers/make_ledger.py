@@ -19,7 +19,7 @@ year of history. Per node and clock hour: one ``job_energy`` row per CPU package
 allocated GPU, summing exactly to the run's totals. ``job_node_totals``, ``node_hours`` and
 ``job_headers`` are left empty (``llem-acct`` does not read them). The report's roll-ups
 (``llem.cluster.rollups``) are filled by production code: ``rollups.rebuild_sqlite`` after
-the load (SQLite), ``PgLedger._rollup_job_nodes`` per batch (PostgreSQL, as the merge).
+the load (SQLite), ``PgLedger.rebuild_rollups`` (PostgreSQL): the migration's SQL.
 """
 
 from __future__ import annotations
@@ -468,8 +468,6 @@ class PgWriter(Writer):
                 ("job_node_id", "name", "step_id", "start_ns", "end_ns", "status", "energy_uj")
                 + ("energy",),
             )
-            # the report's roll-ups of these job nodes, as the merge makes them
-            led._rollup_job_nodes(cur, [r[0] for r in self.nodes], {r[2] for r in self.energy})
             cur.executemany(
                 "INSERT INTO devices VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT DO NOTHING",
@@ -530,5 +528,6 @@ def write_jobs_pg(url: str, jobs) -> int:
             if n % BATCH_JOBS == 0:
                 writer.flush()
         writer.flush()
+        ledger.rebuild_rollups()  # the report's roll-ups, by the migration's own SQL
         ledger.after_copy()
     return n

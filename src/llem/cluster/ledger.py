@@ -779,7 +779,7 @@ class Ledger(LedgerCommon):
             "ON CONFLICT DO UPDATE SET energy_uj = energy_uj + excluded.energy_uj",
             energy,
         )
-        self._rollup_job_node()
+        self._rollup_job_node(energy, job_node[_GPUS_AT])
         self.db.executemany(
             "INSERT INTO job_node_totals (job_node_id, device_key, measured_uj, attributed_uj, "
             "remainder_uj, gap_intervals, idle_unallocated_uj, unallocated_uj) "
@@ -803,12 +803,14 @@ class Ledger(LedgerCommon):
             )
         return True
 
-    def _rollup_job_node(self) -> None:
+    def _rollup_job_node(self, energy: Sequence[tuple], gpus_json: str) -> None:
         """The report's roll-up rows of the job node just inserted, from its energy rows
-        (:mod:`llem.cluster.rollups`); a replaced job node's go with it (``ON DELETE
-        CASCADE``)."""
-        for sql in rollups.SQLITE_MERGE:
-            self.db.execute(sql)
+        (:func:`llem.cluster.rollups.rows_of`); a replaced job node's go with it (``ON
+        DELETE CASCADE``)."""
+        hours, gpus = rollups.rows_of(energy, gpus_json)
+        self.db.executemany(rollups.SQLITE_MERGE[0], hours)
+        if gpus:
+            self.db.executemany(rollups.SQLITE_MERGE[1], gpus)
 
     def rebuild_rollups(self) -> None:
         """Refill the report's roll-ups from every energy row (``make_ledger``, repairs)."""
@@ -1175,6 +1177,10 @@ _INSERT_JOB_NODE = (
     "gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest, attribution) "
     f"VALUES ({', '.join('?' * 30)})"
 )
+_GPUS_AT = [
+    c.strip() for c in _INSERT_JOB_NODE[_INSERT_JOB_NODE.index("(") + 1 :].split(")")[0].split(",")
+].index("gpus")
+"""Where a prepared job node row holds its GPUs (JSON), for the report's roll-ups."""
 _NEW_RUN_ONLY = " ON CONFLICT (cluster, job_id, node, start_ns) DO NOTHING"
 _SORTED_JSON = json.JSONEncoder(sort_keys=True)  # json.dumps(..., sort_keys=True), reused
 

@@ -74,6 +74,7 @@ _JOB_NODE_COLUMNS = tuple(
 )
 """The columns of a prepared job node row: those of the SQLite ledger's insert, so that a
 column added there (and to both schemas) needs nothing here."""
+_GPUS_AT = _JOB_NODE_COLUMNS.index("gpus")
 _ENERGY_COLUMNS = (
     "job_node_id",
     "device_key",
@@ -736,7 +737,7 @@ class PgLedger(LedgerCommon):
                 power.append((node_id, *item[9]))
             steps += [(node_id, *row) for row in item[10]]
         self._copy(cur, "job_energy", energy, _ENERGY_COLUMNS)
-        self._rollup_job_nodes(cur, list(ids.values()), {r[2] for r in energy})
+        self._rollup_job_nodes(cur, ids, jobs)
         self._copy(cur, "job_node_totals", totals, _TOTAL_COLUMNS)
         if windows:
             self._copy(cur, "windows", windows, _WINDOW_COLUMNS)
@@ -746,17 +747,22 @@ class PgLedger(LedgerCommon):
             self._copy(cur, "job_steps", steps, _STEP_COLUMNS)
         return set(ids)
 
-    def _rollup_job_nodes(self, cur, ids: list[int], hours: set[int]) -> None:
-        """The report's roll-up rows of the job nodes ``ids`` just inserted, from their energy
-        rows (all in ``hours``), by :mod:`llem.cluster.rollups`' SQL; a replaced job node's
-        are deleted with it (:data:`_JOB_NODE_TABLES`)."""
-        if not ids or not hours:
-            return
-        # the months of job_energy's partitions the rows went into (days: fewer names to make)
-        self._ensure_partitions(cur, "job_node_hours", {h - h % 86400 for h in hours})
-        params = {"ids": ids, "lo": min(hours), "hi": max(hours)}
-        cur.execute(rollups.PG_MERGE_HOURS, params)
-        cur.execute(rollups.PG_MERGE_GPUS, params)
+    def _rollup_job_nodes(self, cur, ids: dict[tuple, int], jobs: dict[tuple, Prepared]) -> None:
+        """The report's roll-up rows of the job nodes just inserted (``ids``: key -> job node
+        id), from their energy rows (:func:`llem.cluster.rollups.rows_of`), by ``COPY``; a
+        replaced job node's are deleted with it (:data:`_JOB_NODE_TABLES`)."""
+        hours, gpus = [], []
+        for key, node_id in ids.items():
+            item = jobs[key]
+            h, g = rollups.rows_of(item[6], item[5][_GPUS_AT])
+            hours += [(node_id, *r) for r in h]
+            gpus += [(node_id, *r) for r in g]
+        if hours:
+            # the months of job_energy's partitions these hours went into (days: fewer names)
+            self._ensure_partitions(cur, "job_node_hours", {r[1] - r[1] % 86400 for r in hours})
+            self._copy(cur, "job_node_hours", hours, rollups.HOURS_COLUMNS)
+        if gpus:
+            self._copy(cur, "job_node_gpus", gpus, rollups.GPUS_COLUMNS)
 
     def rebuild_rollups(self) -> None:
         """Refill the report's roll-ups from every energy row (``make_ledger``, repairs)."""
