@@ -12,8 +12,11 @@ each node's hourly totals. Building is the slow part (about 1,000 jobs/s); a big
 With ``--postgres`` the ledger is then copied (``llem ledger copy``'s code) into a throwaway
 PostgreSQL server made with ``initdb`` and the report is timed on both backends.
 
+With ``--raw`` the in-process report is also timed from the raw energy rows, without the
+roll-ups kept at merge time (``llem.cluster.rollups``), for the comparison.
+
 Usage: python bench/bench_report.py [--jobs N] [--ledger PATH] [--month 2024-03] [--repeat R]
-           [--postgres]
+           [--postgres] [--raw]
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def ledger_size(path: Path, month: str) -> dict:
         }
 
 
-def time_in_process(path: Path, month: str) -> dict[str, float]:
+def time_in_process(path: Path, month: str, rollups: bool = True) -> dict[str, float]:
     from llem.cluster import report_queries as q
     from llem.config import CarbonConfig, Config
     from llem.report import build_report, frames, plots, render
@@ -128,7 +131,7 @@ def time_in_process(path: Path, month: str) -> dict[str, float]:
     cfg = Config(cluster="bench", ledger=str(path), carbon=CarbonConfig(region="DE", pue=1.3))
     t0 = time.perf_counter()
     with q.open_readonly(path) as ledger:
-        rep = build_report(ledger, cfg, frames.month_period(month))
+        rep = build_report(ledger, cfg, frames.month_period(month), rollups=rollups)
     t1 = time.perf_counter()
     pngs = plots.make_plots(rep)
     t2 = time.perf_counter()
@@ -177,6 +180,11 @@ def main() -> None:
     parser.add_argument("--month", default="2024-03")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--postgres", action="store_true", help="also time it on PostgreSQL")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="also time the in-process report from the raw energy rows (no roll-ups)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llem-bench-report-"))
     path = args.ledger or work / "ledger.db"
@@ -214,6 +222,13 @@ def _time(args, path, work: Path) -> None:
             f"{parts['jobs_in_report']:,} jobs, {parts['energy_kwh']:,.0f} kWh",
             flush=True,
         )
+        if args.raw:
+            raw = time_in_process(path, args.month, rollups=False)
+            print(
+                f"run {i + 1}, raw energy rows (no roll-ups), in-process: queries+frames "
+                f"{raw['queries_and_frames_s']:.2f} s, plots {raw['plots_s']:.2f} s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
