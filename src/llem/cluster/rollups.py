@@ -192,7 +192,8 @@ def rebuild_pg(cur, month_partitions: list[tuple[str, str]]) -> None:
 
 
 def checks(dialect: Dialect) -> tuple[tuple[str, str], ...]:
-    """(problem, SQL naming the rows that have it): roll-ups that differ from a rebuild.
+    """(problem, SQL naming the rows that have it): roll-up rows of no job node, and roll-ups
+    that differ from a rebuild.
 
     Job nodes that started before ``:cut_ns`` (hourly rows dropped by retention) are not
     checked: their GPU totals keep the dropped hours."""
@@ -204,6 +205,16 @@ def checks(dialect: Dialect) -> tuple[tuple[str, str], ...]:
     kept_hours = f"SELECT {hours_cols} FROM job_node_hours h WHERE h.job_node_id IN ({kept})"
     kept_gpus = f"SELECT {gpus_cols} FROM job_node_gpus x WHERE x.job_node_id IN ({kept})"
     return (
+        (
+            "hourly roll-up row of no job node",
+            "SELECT h.job_node_id, h.hour_s, 0 FROM job_node_hours h WHERE NOT EXISTS "
+            "(SELECT 1 FROM job_nodes jn WHERE jn.id = h.job_node_id)",
+        ),
+        (
+            "GPU roll-up row of no job node",
+            "SELECT x.job_node_id, x.device_key, 0 FROM job_node_gpus x WHERE NOT EXISTS "
+            "(SELECT 1 FROM job_nodes jn WHERE jn.id = x.job_node_id)",
+        ),
         (
             "hourly roll-up row differs from a rebuild from job_energy",
             f"SELECT d.job_node_id, d.hour_s, d.energy_uj FROM ({kept_hours} EXCEPT "
