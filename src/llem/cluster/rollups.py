@@ -2,7 +2,8 @@
 
 ``llem report`` sums a month's energy rows (one per device, clock hour and method of every
 job node): on a large ledger that is tens of millions of rows a month. Two smaller tables
-hold what the report needs of them, computed by the SQL below and nothing else:
+hold what the report needs of them, defined by the SQL below (:func:`hours_select`,
+:func:`gpus_select`):
 
 * ``job_node_hours``: per job node and clock hour, the energy by component (CPU, DRAM, GPU,
   other), the estimated part and the total. The devices collapse, the clock hour stays, so
@@ -20,11 +21,13 @@ replaced job node). A slice merged again changes nothing, so nothing is counted 
 runs regrouped (a requeue, a late header) do not touch them, as they name no run. The same
 SELECTs fill them in the migration (a site upgrading keeps its history), rebuild them
 (:func:`rebuild_sqlite`, ``PgLedger.rebuild_rollups``, ``tests/helpers/make_ledger.py``) and
-check them (:data:`CHECKS`, ``llem ledger check``): roll-ups equal a rebuild from the raw rows.
+check them (:func:`checks`, ``llem ledger check``): roll-ups equal a rebuild from the raw rows,
+which is what proves the merge's :func:`rows_of` gives what the SQL gives.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 from llem.cluster.dialect import POSTGRESQL, SQLITE, Dialect
@@ -93,7 +96,6 @@ def rows_of(energy, gpus_json: str) -> tuple[list[list], list[list]]:
     The merge's way, row by row in Python on the rows at hand: computing them back from the
     table was a quarter of the merge's time. It gives what :func:`hours_select` and
     :func:`gpus_select` give (``llem ledger check`` and the tests compare them)."""
-    import json
 
     hours: dict[int, list] = {}
     gpus = set(json.loads(gpus_json or "[]"))
