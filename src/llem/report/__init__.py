@@ -148,15 +148,17 @@ def _jobs(ledger, period, account, idle_w, factors, rollups=True):
     from llem.cluster import report_queries as q
     from llem.report import frames
 
-    runs = q.runs(ledger, period.start_ns, period.end_ns, account)
-    energy = q.energy_by_run_day(ledger, period.start_ns, period.end_ns, account, rollups=rollups)
+    runs = frames.records(q.runs(ledger, period.start_ns, period.end_ns, account), q.RUN_COLUMNS)
+    energy = frames.records(
+        q.energy_by_run_day(ledger, period.start_ns, period.end_ns, account, rollups=rollups),
+        q.ENERGY_COLUMNS,
+    )
     idle = q.idle_gpus(ledger, period.start_ns, period.end_ns, idle_w, account, rollups=rollups)
+    # each query's frame is made once: the jobs frame and the daily series share them
     return frames.jobs_frame(runs, energy, idle, factors), runs, energy
 
 
-def _carbon_fields(
-    ledger, config, resolved, period, account, energy_rows, totals, rollups=True
-) -> dict:
+def _carbon_fields(ledger, config, resolved, period, account, energy, totals, rollups=True) -> dict:
     """The factors used (region, intensity, source, year, basis, PUE), via carbon.emissions.
 
     With only an annual intensity, the factors are the same in every hour of a day (PUE
@@ -168,8 +170,9 @@ def _carbon_fields(
 
     if resolved.model.hourly is None:
         by_hour: dict[int, float] = {}
-        for row in energy_rows:
-            by_hour[row[1]] = by_hour.get(row[1], 0.0) + row[2] / 1e6
+        # the energy frame's rows in order, as Python ints (the same float sums as before)
+        for day_s, uj in zip(energy["day_s"].tolist(), energy["energy_uj"].tolist()):
+            by_hour[day_s] = by_hour.get(day_s, 0.0) + uj / 1e6
     else:
         by_hour = {
             h: uj / 1e6

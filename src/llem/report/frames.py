@@ -56,19 +56,27 @@ class Factors:
     embodied_node_g_per_h: float = 0.0
 
 
+def records(rows: Sequence[tuple] | pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Rows of a query as a frame with its columns; a frame made already is passed through
+    (the report builds each query's frame once and hands it to every function here)."""
+    if isinstance(rows, pd.DataFrame):
+        return rows
+    return pd.DataFrame.from_records(rows, columns=columns)
+
+
 # -- jobs --------------------------------------------------------------------------------------
 
 
 def jobs_frame(
-    run_rows: Sequence[tuple],
-    energy_rows: Sequence[tuple],
-    idle_rows: Sequence[tuple],
+    run_rows: Sequence[tuple] | pd.DataFrame,
+    energy_rows: Sequence[tuple] | pd.DataFrame,
+    idle_rows: Sequence[tuple] | pd.DataFrame,
     factors: Factors,
 ) -> pd.DataFrame:
     """One row per job run overlapping the period, with its figures inside the period."""
-    runs = pd.DataFrame.from_records(run_rows, columns=q.RUN_COLUMNS)
-    energy = pd.DataFrame.from_records(energy_rows, columns=q.ENERGY_COLUMNS)
-    idle = pd.DataFrame.from_records(idle_rows, columns=q.IDLE_COLUMNS)
+    runs = records(run_rows, q.RUN_COLUMNS)
+    energy = records(energy_rows, q.ENERGY_COLUMNS)
+    idle = records(idle_rows, q.IDLE_COLUMNS)
     sums = energy.drop(columns="day_s").groupby("run_id").sum()
     jobs = (
         runs.set_index("run_id").join(sums, how="left").join(idle.set_index("run_id"), how="left")
@@ -276,15 +284,24 @@ def waste(jobs: pd.DataFrame, n: int = 20) -> dict[str, pd.DataFrame]:
     return out
 
 
-def daily(energy_rows: Sequence[tuple], jobs_runs: Sequence[tuple]) -> pd.DataFrame:
+def daily(
+    energy_rows: Sequence[tuple] | pd.DataFrame, jobs_runs: Sequence[tuple] | pd.DataFrame
+) -> pd.DataFrame:
     """Energy and operational CO2e per UTC day and account (for the stacked plot)."""
-    energy = pd.DataFrame.from_records(energy_rows, columns=q.ENERGY_COLUMNS)
+    energy = records(energy_rows, q.ENERGY_COLUMNS)
     if energy.empty:
         return pd.DataFrame(columns=["day", "account", "energy_kwh", "operational_kg"])
-    runs = pd.DataFrame.from_records(jobs_runs, columns=q.RUN_COLUMNS)[["run_id", "account"]]
-    runs["account"] = runs["account"].fillna(NONE_LABEL).replace("", NONE_LABEL)
-    merged = energy.merge(runs, on="run_id", how="left")
-    g = merged.groupby(["day_s", "account"])[["energy_uj", "operational_g"]].sum().reset_index()
+    runs = records(jobs_runs, q.RUN_COLUMNS)
+    accounts = runs["account"].fillna(NONE_LABEL).replace("", NONE_LABEL)
+    # each energy row's account by its run id, in the energy rows' order (as a left merge)
+    account = energy["run_id"].map(pd.Series(accounts.to_numpy(), index=runs["run_id"]))
+    g = (
+        energy[["day_s", "energy_uj", "operational_g"]]
+        .assign(account=account)
+        .groupby(["day_s", "account"])[["energy_uj", "operational_g"]]
+        .sum()
+        .reset_index()
+    )
     g["day"] = pd.to_datetime(g["day_s"], unit="s", utc=True).dt.strftime("%Y-%m-%d")
     g["energy_kwh"] = g["energy_uj"] / UJ_PER_KWH
     g["operational_kg"] = g["operational_g"] / 1000.0
