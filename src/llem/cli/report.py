@@ -155,10 +155,16 @@ def _run(opts: ReportOptions) -> int:
     from llem.report import build_report, plots, render
 
     period = _period(opts)
-    with q.open_readonly(ledger_path) as ledger:
-        rep = build_report(
-            ledger, cfg, period, account=opts.account, idle_w=opts.idle_w, top_n=opts.top
-        )
+    # pyplot imported while the queries run (it waits on the ledger anyway)
+    importing = plots.preload() if _wants_plots(opts) else None
+    try:
+        with q.open_readonly(ledger_path) as ledger:
+            rep = build_report(
+                ledger, cfg, period, account=opts.account, idle_w=opts.idle_w, top_n=opts.top
+            )
+    finally:
+        if importing is not None:
+            importing.join()
     if rep.empty:
         who = f" for account {opts.account}" if opts.account else ""
         click.echo(f"llem report: no data in {ledger_path}{who} for {period.label}", err=True)
