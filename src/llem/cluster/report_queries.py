@@ -123,8 +123,23 @@ RUN_COLUMNS = (
 )
 
 
-def runs(ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None) -> list[tuple]:
+# what only names a run (not read by the period's totals)
+_LABELS = ("cluster", "job_id", "partition", "tag", "name", "state")
+
+
+def runs(
+    ledger: Ledger,
+    start_ns: int,
+    end_ns: int,
+    account: str | None = None,
+    *,
+    totals_only: bool = False,
+) -> list[tuple]:
     """One row per job run overlapping the period, with its node- and GPU-seconds in it.
+
+    ``totals_only``: the columns that only name a run (cluster, job id, partition, tag,
+    name, state) are NULL (the previous period's totals, for the change table, read none of
+    them: a sixth of the rows' objects not made).
 
     One pass: the runs in their key order, each joined to its node runs and grouped on the
     spot (no per-run table materialised and joined back: that was a second scan of
@@ -135,10 +150,12 @@ def runs(ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None)
     overlap = (
         f"{d.greatest}(0, {d.least}(jn.end_ns, :end_ns) - {d.greatest}(jn.start_ns, :start_ns))"
     )
+    c = {k: "NULL" if totals_only else f"r.{k}" for k in _LABELS}
     return ledger.query(
         f"""
-        SELECT {d.run_id}, r.cluster, r.job_id, r.run_start_ns, r.run_end_ns, r.user,
-               r.account, r.partition, r.tag, r.name, r.state, r.status, r.coverage,
+        SELECT {d.run_id}, {c["cluster"]}, {c["job_id"]}, r.run_start_ns, r.run_end_ns, r.user,
+               r.account, {c["partition"]}, {c["tag"]}, {c["name"]}, {c["state"]}, r.status,
+               r.coverage,
                r.num_nodes, {d.greatest}(0, {d.least}(r.run_end_ns, :end_ns)
                    - {d.greatest}(r.run_start_ns, :start_ns)) / {SECONDS},
                COALESCE(SUM({overlap}), 0) / {SECONDS},

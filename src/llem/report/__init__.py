@@ -91,7 +91,8 @@ def build_report(
     # beside the current period's queries on the caller's connection.
     def previous_totals_of(conn) -> dict:
         q.load_hour_factors(conn, factors.g_per_uj_by_hour)
-        return frames.totals(_jobs(conn, previous, account, idle_w, factors, rollups)[0])
+        jobs = _jobs(conn, previous, account, idle_w, factors, rollups, totals_only=True)[0]
+        return frames.totals(jobs)
 
     def node_rows_of(conn) -> tuple:
         return (
@@ -144,11 +145,14 @@ def _own_connection(path, body):
         return body(conn)
 
 
-def _jobs(ledger, period, account, idle_w, factors, rollups=True):
+def _jobs(ledger, period, account, idle_w, factors, rollups=True, totals_only=False):
     from llem.cluster import report_queries as q
     from llem.report import frames
 
-    runs = frames.records(q.runs(ledger, period.start_ns, period.end_ns, account), q.RUN_COLUMNS)
+    runs = frames.records(
+        q.runs(ledger, period.start_ns, period.end_ns, account, totals_only=totals_only),
+        q.RUN_COLUMNS,
+    )
     energy = frames.records(
         q.energy_by_run_day(ledger, period.start_ns, period.end_ns, account, rollups=rollups),
         q.ENERGY_COLUMNS,
