@@ -52,6 +52,28 @@ def cpu_s() -> tuple[float, float]:
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
+def server_cpu_s(server) -> float:
+    """CPU seconds of the throwaway PostgreSQL server's processes so far (those whose working
+    folder is its data folder: postmaster, backends, WAL writer, checkpointer), or 0."""
+    if server is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    data = os.path.realpath(server.data)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") != data:
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone, or not ours to read
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def template_spool(path: Path, nodes: int, jobs: int) -> dict[str, int]:
     """Generate the spool once; reuse it when a previous run left it (``--template``)."""
     marker = path / ".counts"
@@ -88,13 +110,18 @@ def main() -> None:
         "--postgres", action="store_true", help="ledger on a throwaway PostgreSQL server"
     )
     parser.add_argument("--postgres-url", help="ledger on this (empty) PostgreSQL database")
+    parser.add_argument(
+        "--pg-settings",
+        default="",
+        help="server settings for --postgres, as '-c name=value ...' (docs/admin-install.md)",
+    )
     args = parser.parse_args()
     readers = args.readers if args.readers == "auto" else int(args.readers)
     server = None
     if args.postgres and not args.postgres_url:
         from tests.helpers.postgres import Server
 
-        server = Server(durable=True)
+        server = Server(durable=True, settings=args.pg_settings)
     try:
         _run(args, readers, server)
     finally:
@@ -121,6 +148,7 @@ def _run(args, readers, server) -> None:
             f"spool: {total} slices, {size / 1e6:.1f} MB; processed: {args.processed}, "
             f"readers: {readers}, batch: {args.batch}, CPUs: {os.cpu_count()}, ledger: "
             + ("PostgreSQL" if server or args.postgres_url else "SQLite")
+            + (f" ({args.pg_settings or 'default settings'})" if server else "")
         )
         rates = []
         for rep in range(args.repeat):
@@ -136,9 +164,9 @@ def _run(args, readers, server) -> None:
             )
             shutil.copytree(template, cfg.spool_dir, ignore=shutil.ignore_patterns(".counts"))
             os.sync()
-            (me0, kids0) = cpu_s()
+            (me0, kids0), db0, load0 = cpu_s(), server_cpu_s(server), os.getloadavg()[0]
             res = aggregate_once(cfg)
-            (me1, kids1) = cpu_s()
+            (me1, kids1), db1 = cpu_s(), server_cpu_s(server)
             assert res.merged == total, (res.merged, total)
             rates.append(res.merged / res.elapsed_s)
             print(
@@ -146,6 +174,8 @@ def _run(args, readers, server) -> None:
                 f"slices/s, {res.jobs / res.elapsed_s:,.0f} jobs/s ({res.jobs} jobs, "
                 f"{len(res.quarantined)} quarantined); CPU: aggregator {me1 - me0:.1f} s, "
                 f"readers {kids1 - kids0:.1f} s"
+                + (f", server {db1 - db0:.1f} s" if server else "")
+                + f"; load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after"
             )
             if rep < args.repeat - 1:
                 shutil.rmtree(run)
