@@ -94,7 +94,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=100, help="job slices per node")
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument(
+        "--batch",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="aggregate.batch_size (auto: 500 on SQLite, 2000 on PostgreSQL)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="first passes to time")
     parser.add_argument(
         "--processed",
@@ -114,6 +119,9 @@ def main() -> None:
         "--pg-settings",
         default="",
         help="server settings for --postgres, as '-c name=value ...' (docs/admin-install.md)",
+    )
+    parser.add_argument(
+        "--first-only", action="store_true", help="time first passes only (no second pass)"
     )
     args = parser.parse_args()
     readers = args.readers if args.readers == "auto" else int(args.readers)
@@ -184,6 +192,8 @@ def _run(args, readers, server) -> None:
                 f"first pass over {args.repeat} runs: best {max(rates):,.0f}, median "
                 f"{statistics.median(rates):,.0f}, worst {min(rates):,.0f} slices/s"
             )
+        if args.first_only:
+            return
         res2 = aggregate_once(cfg)
         print(f"second pass, nothing new: {res2.elapsed_s * 1000:.0f} ms")
         size = ledger_bytes(cfg.ledger)
