@@ -53,13 +53,15 @@ def cpu_s() -> tuple[float, float]:
 
 
 def server_cpu_s(server) -> float:
-    """CPU seconds of the throwaway PostgreSQL server's processes so far (those whose working
-    folder is its data folder: postmaster, backends, WAL writer, checkpointer), or 0."""
+    """CPU seconds of the throwaway PostgreSQL server so far: its processes alive now (their
+    working folder is its data folder) and, through the postmaster's count of its reaped
+    children, the backends that have ended (an aggregator's, once its pass closed it)."""
     if server is None:
         return 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
     data = os.path.realpath(server.data)
+    with open(os.path.join(data, "postmaster.pid")) as f:
+        postmaster = f.readline().strip()
+    total = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -71,7 +73,9 @@ def server_cpu_s(server) -> float:
         except OSError:  # gone, or not ours to read
             continue
         total += int(fields[11]) + int(fields[12])
-    return total / tick
+        if pid == postmaster:
+            total += int(fields[13]) + int(fields[14])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def template_spool(path: Path, nodes: int, jobs: int) -> dict[str, int]:
