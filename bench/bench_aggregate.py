@@ -14,7 +14,8 @@ the tables', partitions' and indexes' on disk (``pg_total_relation_size``).
 
 Usage: python bench/bench_aggregate.py [--nodes N] [--jobs M] [--batch B] [--repeat R]
            [--processed archive|delete] [--readers auto|K] [--template DIR]
-           [--postgres | --postgres-url URL]
+           [--postgres [--pg-settings '-c name=value ...'] | --postgres-url URL]
+           [--first-only]
 """
 
 from __future__ import annotations
