@@ -14,7 +14,8 @@ the tables', partitions' and indexes' on disk (``pg_total_relation_size``).
 
 Usage: python bench/bench_aggregate.py [--nodes N] [--jobs M] [--batch B] [--repeat R]
            [--processed archive|delete] [--readers auto|K] [--template DIR]
-           [--postgres | --postgres-url URL]
+           [--postgres [--pg-settings '-c name=value ...'] | --postgres-url URL]
+           [--first-only]
 """
 
 from __future__ import annotations
@@ -52,6 +53,32 @@ def cpu_s() -> tuple[float, float]:
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
+def server_cpu_s(server) -> float:
+    """CPU seconds of the throwaway PostgreSQL server so far: its processes alive now (their
+    working folder is its data folder) and, through the postmaster's count of its reaped
+    children, the backends that have ended (an aggregator's, once its pass closed it)."""
+    if server is None:
+        return 0.0
+    data = os.path.realpath(server.data)
+    with open(os.path.join(data, "postmaster.pid")) as f:
+        postmaster = f.readline().strip()
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") != data:
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone, or not ours to read
+            continue
+        total += int(fields[11]) + int(fields[12])
+        if pid == postmaster:
+            total += int(fields[13]) + int(fields[14])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def template_spool(path: Path, nodes: int, jobs: int) -> dict[str, int]:
     """Generate the spool once; reuse it when a previous run left it (``--template``)."""
     marker = path / ".counts"
@@ -72,7 +99,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=100, help="job slices per node")
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument(
+        "--batch",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="aggregate.batch_size (auto: 500 on SQLite, 2000 on PostgreSQL)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="first passes to time")
     parser.add_argument(
         "--processed",
@@ -88,13 +120,21 @@ def main() -> None:
         "--postgres", action="store_true", help="ledger on a throwaway PostgreSQL server"
     )
     parser.add_argument("--postgres-url", help="ledger on this (empty) PostgreSQL database")
+    parser.add_argument(
+        "--pg-settings",
+        default="",
+        help="server settings for --postgres, as '-c name=value ...' (docs/admin-install.md)",
+    )
+    parser.add_argument(
+        "--first-only", action="store_true", help="time first passes only (no second pass)"
+    )
     args = parser.parse_args()
     readers = args.readers if args.readers == "auto" else int(args.readers)
     server = None
     if args.postgres and not args.postgres_url:
         from tests.helpers.postgres import Server
 
-        server = Server(durable=True)
+        server = Server(durable=True, settings=args.pg_settings)
     try:
         _run(args, readers, server)
     finally:
@@ -121,6 +161,7 @@ def _run(args, readers, server) -> None:
             f"spool: {total} slices, {size / 1e6:.1f} MB; processed: {args.processed}, "
             f"readers: {readers}, batch: {args.batch}, CPUs: {os.cpu_count()}, ledger: "
             + ("PostgreSQL" if server or args.postgres_url else "SQLite")
+            + (f" ({args.pg_settings or 'default settings'})" if server else "")
         )
         rates = []
         for rep in range(args.repeat):
@@ -136,9 +177,9 @@ def _run(args, readers, server) -> None:
             )
             shutil.copytree(template, cfg.spool_dir, ignore=shutil.ignore_patterns(".counts"))
             os.sync()
-            (me0, kids0) = cpu_s()
+            (me0, kids0), db0, load0 = cpu_s(), server_cpu_s(server), os.getloadavg()[0]
             res = aggregate_once(cfg)
-            (me1, kids1) = cpu_s()
+            (me1, kids1), db1 = cpu_s(), server_cpu_s(server)
             assert res.merged == total, (res.merged, total)
             rates.append(res.merged / res.elapsed_s)
             print(
@@ -146,6 +187,8 @@ def _run(args, readers, server) -> None:
                 f"slices/s, {res.jobs / res.elapsed_s:,.0f} jobs/s ({res.jobs} jobs, "
                 f"{len(res.quarantined)} quarantined); CPU: aggregator {me1 - me0:.1f} s, "
                 f"readers {kids1 - kids0:.1f} s"
+                + (f", server {db1 - db0:.1f} s" if server else "")
+                + f"; load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after"
             )
             if rep < args.repeat - 1:
                 shutil.rmtree(run)
@@ -154,6 +197,8 @@ def _run(args, readers, server) -> None:
                 f"first pass over {args.repeat} runs: best {max(rates):,.0f}, median "
                 f"{statistics.median(rates):,.0f}, worst {min(rates):,.0f} slices/s"
             )
+        if args.first_only:
+            return
         res2 = aggregate_once(cfg)
         print(f"second pass, nothing new: {res2.elapsed_s * 1000:.0f} ms")
         size = ledger_bytes(cfg.ledger)

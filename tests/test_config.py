@@ -219,3 +219,11 @@ def test_aggregate_readers_is_auto_or_a_count(tmp_path):
     for bad in ("-1", "many", "true", "1.5"):
         with pytest.raises(ConfigError, match="'aggregate.readers' must be 'auto' or a whole"):
             load_text(tmp_path, f"aggregate:\n  readers: {bad}\n")
+
+
+def test_aggregate_batch_size_is_auto_or_a_count(tmp_path):
+    assert config.load(env={"LLEM_CONFIG": "/dev/null"}).aggregate.batch_size == "auto"
+    assert load_text(tmp_path, "aggregate:\n  batch_size: 1500\n").aggregate.batch_size == 1500
+    for bad in ("0", "-1", "many", "true", "1.5"):
+        with pytest.raises(ConfigError, match="'aggregate.batch_size' must be 'auto' or a whole"):
+            load_text(tmp_path, f"aggregate:\n  batch_size: {bad}\n")

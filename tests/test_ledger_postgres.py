@@ -584,3 +584,40 @@ def test_every_table_of_job_rows_has_a_row_security_policy(pg_server):
         }
     assert by_node == set(pg_schema.RLS_JOB_NODE_TABLES)
     assert by_uid == {*pg_schema.RLS_RUN_TABLES, "job_nodes"}  # job_nodes: as its run is
+
+
+def test_an_older_export_committed_by_another_writer_mid_batch_is_still_replaced(
+    tmp_path, pg_server, caplog
+):
+    """A writer without the aggregators' lock commits an older export of a job node after
+    this batch planned its runs: the newer export still replaces it (its energy with it),
+    and the runs are recomputed from the table; the ledger is SQLite's."""
+    from llem.cluster.ledger import prepare
+    from llem.cluster.pg_ledger import _JOB_NODE_COLUMNS, _cols
+
+    old = job_slices(tmp_path, "100", nodes=("n1",))[0]
+    new = copy.deepcopy(old)
+    new["created_ns"] += 1
+    for row in new["energy"]:
+        row["energy_uj"] //= 2
+    sq, pg = both(tmp_path, pg_server.database(), "race")
+    with sq, pg, PgLedger(pg.spec) as other:
+        merge(sq, [old])
+        merge(sq, [new])
+        plan = pg._plan_runs
+
+        def plan_then_another_writer(*args, **kwargs):
+            result = plan(*args, **kwargs)
+            row = prepare(old, digest(json.dumps(old, sort_keys=True).encode()))[5]
+            other.db.execute(
+                f"INSERT INTO job_nodes ({_cols(_JOB_NODE_COLUMNS)}) "
+                f"VALUES ({', '.join(['%s'] * len(row))})",
+                row,
+            )
+            return result
+
+        pg._plan_runs = plan_then_another_writer
+        with caplog.at_level("INFO", logger="llem.cluster.pg_ledger"):
+            merge(pg, [new])
+        assert "runs recomputed from the table" in caplog.text
+        assert pg.canonical_dump() == sq.canonical_dump()

@@ -235,3 +235,10 @@ def test_validate_alone_accepts_or_raises_slice_error(case):
         slices.validate(data)
     except slices.SliceError as e:
         assert str(e) and len(str(e)) <= MAX_REASON, str(e)[:2000]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=80), st.text(alphabet=st.characters(), max_size=70)))
+def test_a_value_in_a_reason_reads_as_reprlib_cuts_it(text):
+    """The validator's fast path for short names says exactly what ``reprlib`` would."""
+    assert slices._show(text) == slices._REPR.repr(text)

@@ -139,8 +139,10 @@ class AggregateConfig:
     header_owners: str = "slurm"
     """Users besides root (names or uids, comma-separated) whose job header slices the
     aggregator accepts: EpilogSlurmctld runs as SlurmctldUser."""
-    batch_size: int = 500
-    """Slices merged per ledger transaction (short transactions keep readers and crashes cheap)."""
+    batch_size: str | int = "auto"
+    """Slices merged per ledger transaction: 'auto' (500 on SQLite, where short transactions
+    keep readers and crashes cheap; 2000 on PostgreSQL, whose server spends less per slice in
+    larger transactions) or a number."""
     readers: str | int = "auto"
     """Processes that read and check slices while the aggregator writes the ledger: 'auto'
     (one fewer than the CPUs, at most 4, none for a small pass) or a number (0: none)."""
@@ -330,6 +332,19 @@ def _check_readers(value: Any, where: str) -> Any:
     return value
 
 
+def _check_batch_size(value: Any, where: str) -> Any:
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"{where}: 'aggregate.batch_size' must be 'auto' or a whole number "
+            f"of slices (1 or more), got {value!r}"
+        )
+    return value
+
+
 def _check_pue(value: Any, where: str) -> Any:
     """A constant PUE, or one per month (``{"2026-01": 1.3, ...}``)."""
     key = "carbon.pue"
@@ -412,6 +427,7 @@ _SPECIAL_KEYS = {
     "sensors": _check_sensors,
     "aggregate.sacct": _check_sacct,
     "aggregate.readers": _check_readers,
+    "aggregate.batch_size": _check_batch_size,
     "carbon.pue": _check_pue,
     "attribution.idle_w": _check_idle_w,
     "gateway.coordinators": _check_coordinators,

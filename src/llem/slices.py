@@ -105,6 +105,12 @@ _REPR.maxlevel = 2
 
 def _show(value: Any) -> str:
     """``repr(value)``, cut short: a reason names the value, it does not copy a huge one."""
+    if type(value) is str and len(value) <= _REPR.maxstring:
+        # the common case (device keys, in every slice's checks): reprlib gives repr(value)
+        # whenever that fits, and costs several times more to say so
+        shown = repr(value)
+        if len(shown) <= _REPR.maxstring:
+            return shown
     try:
         return _REPR.repr(value)
     except (ValueError, RecursionError):  # an integer past Python's digit limit, say

@@ -481,7 +481,7 @@ class PgLedger(LedgerCommon):
             new_hours = self._merge_hours(cur, hours)
             new_headers = self._merge_headers(cur, headers)
             plan = self._plan_runs(cur, jobs, new_headers, now_ns, grace_s)
-            new_nodes = self._merge_job_nodes(cur, jobs, plan.run_starts)
+            new_nodes = self._merge_job_nodes(cur, jobs, plan)
             touched: set[tuple[str, str]] = set()
             for item in items:
                 kind = item[0]
@@ -504,7 +504,7 @@ class PgLedger(LedgerCommon):
                         for e in quarantined
                     ],
                 )
-            if new_nodes == plan.inserted:
+            if new_nodes == plan.inserted and not plan.raced:
                 self._write_runs(cur, plan)
             else:  # another writer got in between (none takes the lock): from the table
                 log.info("job nodes changed during the merge; runs recomputed from the table")
@@ -632,6 +632,8 @@ class PgLedger(LedgerCommon):
             old = nodes[key[:2]].get(key[2:])
             if old is None or (old["created_ns"], old["digest"]) < (item[2], item[3]):
                 plan.inserted.add(key)
+                if old is not None:
+                    plan.replaced.append(old["id"])
                 new = dict(zip(_JOB_NODE_COLUMNS, item[5]))
                 new.update(id=None, run_start_ns=None, key=key)
                 nodes[key[:2]][key[2:]] = new
@@ -677,33 +679,41 @@ class PgLedger(LedgerCommon):
                 "WHERE j.id = m.id"
             )
 
-    def _merge_job_nodes(self, cur, jobs: dict[tuple, Prepared], run_starts: dict) -> set[tuple]:
+    def _merge_job_nodes(self, cur, jobs: dict[tuple, Prepared], plan: _RunPlan) -> set[tuple]:
         """Insert the newest export of each job node (with its run's start, when known);
-        return the keys inserted (new or newer)."""
+        return the keys inserted (new or newer).
+
+        An older export of the same job node goes first, with its energy, totals, windows
+        and series: those the plan found, by id (a join of the staged rows with every job
+        node cost a scan of the table per batch, which grew with the ledger during a
+        pass). Should the insert still meet a row the plan did not see (a writer without
+        the lock got in between), the older ones are found by that join and the insert is
+        done again; the runs are then recomputed from the table (``plan.raced``).
+        """
         if not jobs:
             return set()
         self._copy(
             cur,
             "stage_job_nodes",
-            ((*item[5], run_starts.get(key)) for key, item in jobs.items()),
+            ((*item[5], plan.run_starts.get(key)) for key, item in jobs.items()),
         )
-        # an older export of the same run goes, with its energy, totals, windows and series
-        cur.execute(
-            "DELETE FROM job_nodes j USING stage_job_nodes s WHERE j.cluster = s.cluster "
-            "AND j.job_id = s.job_id AND j.node = s.node AND j.start_ns = s.start_ns "
-            "AND (j.created_ns, j.digest) < (s.created_ns, s.digest) RETURNING j.id"
-        )
-        replaced = [r[0] for r in cur.fetchall()]
+        replaced = []
+        if plan.replaced:
+            cur.execute("DELETE FROM job_nodes WHERE id = ANY(%s) RETURNING id", (plan.replaced,))
+            replaced = [r[0] for r in cur.fetchall()]
+        ids = self._insert_job_nodes(cur)
+        if set(ids) != plan.inserted:
+            plan.raced = True
+            cur.execute(
+                "DELETE FROM job_nodes j USING stage_job_nodes s WHERE j.cluster = s.cluster "
+                "AND j.job_id = s.job_id AND j.node = s.node AND j.start_ns = s.start_ns "
+                "AND (j.created_ns, j.digest) < (s.created_ns, s.digest) RETURNING j.id"
+            )
+            replaced += [r[0] for r in cur.fetchall()]
+            ids.update(self._insert_job_nodes(cur))
         if replaced:
             for table in _JOB_NODE_TABLES:
                 cur.execute(f"DELETE FROM {table} WHERE job_node_id = ANY(%s)", (replaced,))
-        columns = _cols((*_JOB_NODE_COLUMNS, "run_start_ns"))
-        cur.execute(
-            f"INSERT INTO job_nodes ({columns}) SELECT {columns} FROM stage_job_nodes "
-            "ON CONFLICT (cluster, job_id, node, start_ns) DO NOTHING "
-            "RETURNING id, cluster, job_id, node, start_ns"
-        )
-        ids = {tuple(r[1:]): r[0] for r in cur.fetchall()}
         if not ids:
             return set()
         energy, totals, windows, power, steps = [], [], [], [], []
@@ -774,6 +784,17 @@ class PgLedger(LedgerCommon):
                     self._ensure_partitions(cur, "job_node_hours", {hour_s})
                     pairs.append((name, pg_schema.partition_name("job_node_hours", hour_s)))
             rollups.rebuild_pg(cur, pairs)
+
+    @staticmethod
+    def _insert_job_nodes(cur) -> dict[tuple, int]:
+        """The staged job nodes whose key is not in the table yet, inserted: {key: id}."""
+        columns = _cols((*_JOB_NODE_COLUMNS, "run_start_ns"))
+        cur.execute(
+            f"INSERT INTO job_nodes ({columns}) SELECT {columns} FROM stage_job_nodes "
+            "ON CONFLICT (cluster, job_id, node, start_ns) DO NOTHING "
+            "RETURNING id, cluster, job_id, node, start_ns"
+        )
+        return {tuple(r[1:]): r[0] for r in cur.fetchall()}
 
     def _merge_hours(self, cur, hours: dict[tuple, tuple]) -> set[tuple]:
         if not hours:
@@ -1106,6 +1127,10 @@ class _RunPlan:
     """Run start of each job node going in, by key."""
     moved: list = field(default_factory=list)
     """(id, run start) of job nodes already there whose run changed."""
+    replaced: list = field(default_factory=list)
+    """Ids of the job nodes there that a newer export in the batch replaces."""
+    raced: bool = False
+    """The table changed between the plan and the insert: runs come from the table."""
 
 
 def _hour_rank(row: tuple) -> tuple:
