@@ -3,6 +3,7 @@
 
     python bench/bench_acct.py --ledger /tmp/bench/ledger.db        # an existing ledger
     python bench/bench_acct.py --jobs 1000000 --dir /tmp/bench      # build one first
+    python bench/bench_acct.py --ledger postgresql://...            # a PostgreSQL ledger
 
 Figures printed (wall seconds, best and median of ``--repeat`` runs, each a fresh process):
 
@@ -100,6 +101,19 @@ def start_ms(repeat: int = 5) -> float:
 
 
 def users_by_jobs(ledger: str, start_ns: int) -> list[tuple[str, int]]:
+    from llem.cluster.pg_ledger import is_postgres
+
+    if is_postgres(ledger):
+        from llem.cluster.pg_ledger import PgLedger
+
+        with PgLedger(ledger, readonly=True) as led:
+            rows = led.query(
+                "SELECT \"user\", COUNT(*) FROM job_runs WHERE run_end_ns >= :s "
+                "GROUP BY \"user\" ORDER BY 2, 1",
+                {"s": start_ns},
+            )
+            total = led.query("SELECT COUNT(*) FROM job_runs")[0][0]
+        return [tuple(r) for r in rows], total
     db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     rows = db.execute(
         "SELECT user, COUNT(*) FROM job_runs WHERE run_end_ns >= ? GROUP BY user ORDER BY 2",
@@ -138,8 +152,25 @@ def main(argv: list[str] | None = None) -> int:
             make_ledger.write_jobs(args.ledger, make_ledger.generate(args.jobs))
             print(f"built {args.jobs:,} jobs in {time.perf_counter() - t0:.1f} s")
     from llem.cluster.ledger import Ledger
+    from llem.cluster.pg_ledger import PgLedger, is_postgres
     from llem.errors import LedgerError
 
+    if is_postgres(args.ledger):  # an existing PostgreSQL ledger: time it as it is
+        if args.postgres:
+            parser.error("--postgres copies an SQLite ledger; this one is PostgreSQL already")
+        t0 = time.perf_counter()
+        with PgLedger(args.ledger) as led:  # migrates, as the next `llem aggregate` would
+            version, size = led.schema_version(), led.size_bytes()
+        print(f"ledger schema {version}, migrated, after {time.perf_counter() - t0:.2f} s")
+        month_ns = (int(time.time()) - 30 * 86400) * 10**9
+        users, total = users_by_jobs(args.ledger, month_ns)
+        print(
+            f"ledger: PostgreSQL: {total:,} job runs, {size / 1e6:,.0f} MB "
+            f"({size / max(total, 1):,.0f} bytes per run); "
+            f"{sum(n for _, n in users):,} runs in the last 30 days, {len(users)} users"
+        )
+        _time_cases(args, "PostgreSQL", args.ledger, users)
+        return 0
     t0 = time.perf_counter()
     try:
         Ledger(args.ledger).close()  # migrates, as the next `llem aggregate` would
