@@ -511,16 +511,19 @@ def period_totals(
         params,
     )
     out["energy_by_hour"] = sorted(tuple(int(v) for v in row) for row in hours)
-    (platform,), *_ = ledger.query(
-        f"""
-        WITH {nodes}
-        SELECT COUNT(DISTINCT n.run_id) FROM nodes n
-        {source}
-        WHERE e.hour_s >= :start_s AND e.hour_s < :end_s AND {other} > 0
-    """,
-        params,
-    )
-    out["platform_runs"] = int(platform)
+    out["platform_runs"] = 0
+    if sum(row[PERIOD_SUMS.index("other_uj") + 1] for row in out["energy_by_hour"]):
+        # a second pass, only where some run has platform energy (rows are never negative)
+        (platform,), *_ = ledger.query(
+            f"""
+            WITH {nodes}
+            SELECT COUNT(DISTINCT n.run_id) FROM nodes n
+            {source}
+            WHERE e.hour_s >= :start_s AND e.hour_s < :end_s AND {other} > 0
+        """,
+            params,
+        )
+        out["platform_runs"] = int(platform)
     (idle_uj, idle_ns, unresolved), *_ = ledger.query(
         _idle_sql(ledger, filt, rollups, totals=True), {**params, "idle_w": idle_w}
     )
