@@ -37,6 +37,9 @@ CROSSING = [  # a GPU job over the month's end, a busy one and an idle one (wast
     Job("301", "n8", "2023-10-31 20:00", 8 * 3600, "erin", "astro", gpu_w=30.0),
     Job("302", "n9", "2023-11-29 12:00", 40 * 3600, "frank", "astro", gpu_w=300.0),
 ]
+PLATFORM = [  # a node meter reading 80 W beyond the parts: "other" energy (the platform)
+    Job("401", "n4", "2023-11-12 08:00", 3600, "gina", "bio", platform_w=80.0),
+]
 PERIODS = [
     frames.month_period("2023-11"),
     frames.month_period("2023-12"),
@@ -47,7 +50,9 @@ PERIODS = [
 
 @pytest.fixture(scope="module")
 def ledger_path(tmp_path_factory):
-    return build_ledger(tmp_path_factory.mktemp("rollups"), NOVEMBER + ESTIMATED + CROSSING)
+    return build_ledger(
+        tmp_path_factory.mktemp("rollups"), NOVEMBER + ESTIMATED + CROSSING + PLATFORM
+    )
 
 
 def _rendered(ledger, path, period, *, rollups: bool, account=None) -> tuple[str, ...]:
@@ -81,6 +86,36 @@ def test_every_query_gives_the_raw_rows_answer(ledger_path):
             assert fast == slow and fast
         idle = q.idle_gpus(ledger, s, e, 100.0)
         assert any(row[1] > 0 for row in idle)  # job 104 and 301 idle: judged from roll-ups
+
+
+@pytest.mark.parametrize("rollups", [True, False], ids=["rollups", "raw"])
+@pytest.mark.parametrize("account", [None, "astro"])
+@pytest.mark.parametrize("period", PERIODS, ids=lambda p: p.label)
+def test_a_periods_totals_from_sql_sums_match_the_jobs_frame(ledger_path, period, account, rollups):
+    """The previous period's totals (the change table) come from integer sums in SQL, no
+    per-run rows: the same figures as the jobs frame's, to the last digits of a float."""
+    s, e = period.start_ns, period.end_ns
+    factors = frames.Factors({h: 1e-7 * (1 + h // 3600 % 7) for h in period.hours()}, 3.0, 7.0)
+    with q.open_readonly(ledger_path) as ledger:
+        q.load_hour_factors(ledger, factors.g_per_uj_by_hour)
+        sums = q.period_totals(ledger, s, e, 100.0, account, rollups=rollups)
+        jobs = frames.jobs_frame(
+            q.runs(ledger, s, e, account),
+            q.energy_by_run_day(ledger, s, e, account, rollups=rollups),
+            q.idle_gpus(ledger, s, e, 100.0, account, rollups=rollups),
+            factors,
+        )
+    new, old = frames.totals_of_sums(sums, factors), frames.totals(jobs)
+    assert new.keys() == old.keys()
+    for key, value in old.items():
+        if isinstance(value, float):
+            assert new[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+        else:
+            assert new[key] == value and type(new[key]) is type(value), key
+    assert old["jobs"] > 0
+    if period.label == "2023-11":  # every kind of figure is there to compare
+        assert old["idle_kwh"] > 0 and old["estimated_kwh"] > 0 and old["coverage"] > 0
+        assert old["platform_jobs"] == (1 if account is None else 0)
 
 
 def test_rollups_hold_fewer_rows_than_the_energy_rows(ledger_path):

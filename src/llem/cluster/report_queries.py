@@ -123,23 +123,8 @@ RUN_COLUMNS = (
 )
 
 
-# what only names a run (not read by the period's totals)
-_LABELS = ("cluster", "job_id", "partition", "tag", "name", "state")
-
-
-def runs(
-    ledger: Ledger,
-    start_ns: int,
-    end_ns: int,
-    account: str | None = None,
-    *,
-    totals_only: bool = False,
-) -> list[tuple]:
+def runs(ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None) -> list[tuple]:
     """One row per job run overlapping the period, with its node- and GPU-seconds in it.
-
-    ``totals_only``: the columns that only name a run (cluster, job id, partition, tag,
-    name, state) are NULL (the previous period's totals, for the change table, read none of
-    them: a sixth of the rows' objects not made).
 
     One pass: the runs in their key order, each joined to its node runs and grouped on the
     spot (no per-run table materialised and joined back: that was a second scan of
@@ -150,12 +135,10 @@ def runs(
     overlap = (
         f"{d.greatest}(0, {d.least}(jn.end_ns, :end_ns) - {d.greatest}(jn.start_ns, :start_ns))"
     )
-    c = {k: "NULL" if totals_only else f"r.{k}" for k in _LABELS}
     return ledger.query(
         f"""
-        SELECT {d.run_id}, {c["cluster"]}, {c["job_id"]}, r.run_start_ns, r.run_end_ns, r.user,
-               r.account, {c["partition"]}, {c["tag"]}, {c["name"]}, {c["state"]}, r.status,
-               r.coverage,
+        SELECT {d.run_id}, r.cluster, r.job_id, r.run_start_ns, r.run_end_ns, r.user,
+               r.account, r.partition, r.tag, r.name, r.state, r.status, r.coverage,
                r.num_nodes, {d.greatest}(0, {d.least}(r.run_end_ns, :end_ns)
                    - {d.greatest}(r.run_start_ns, :start_ns)) / {SECONDS},
                COALESCE(SUM({overlap}), 0) / {SECONDS},
@@ -305,6 +288,13 @@ def idle_gpus(
     """
     params, filt = _params(start_ns, end_ns, account)
     params["idle_w"] = idle_w
+    return ledger.query(_idle_sql(ledger, filt, rollups), params)
+
+
+def _idle_sql(ledger: Ledger, filt: str, rollups: bool, totals: bool = False) -> str:
+    """The idle-GPU statement of :func:`idle_gpus`; ``totals``: one row of the period's
+    integer sums (idle energy in uJ, idle GPU time in ns, unresolved GPUs) instead of one
+    row per run."""
     d = ledger.dialect
     in_period = (
         "(SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e "
@@ -319,22 +309,34 @@ def idle_gpus(
             "ON x.job_node_id = n.node_id AND x.device_key = g.value"
         )
         raw = in_period.format(node="x.job_node_id", device="x.device_key")
-        totals = f"""
+        gpu_sums = f"""
                    COALESCE(x.energy_uj, 0) AS total_uj,
                    CASE WHEN x.energy_uj IS NULL THEN 0
                         WHEN x.first_hour_s >= :start_s AND x.last_hour_s < :end_s
                         THEN x.energy_uj ELSE {raw} END AS period_uj,"""
     else:
-        totals = f"""
+        gpu_sums = f"""
                    (SELECT COALESCE(SUM(e.energy_uj), 0) FROM job_energy e
                      WHERE e.job_node_id = n.node_id AND e.device_key = g.value) AS total_uj,
                    {in_period.format(node="n.node_id", device="g.value")} AS period_uj,"""
-    return ledger.query(
-        f"""
+    if totals:
+        last = """
+        SELECT SUM(CASE WHEN idle = 1 THEN period_uj ELSE 0 END),
+               SUM(CASE WHEN idle = 1 THEN overlap_ns ELSE 0 END), SUM(1 - resolved)
+        FROM judged"""
+    else:
+        last = f"""
+        SELECT run_id, SUM(idle), COUNT(*),
+               SUM(CASE WHEN idle = 1 THEN period_uj ELSE 0 END),
+               SUM(CASE WHEN idle = 1 THEN overlap_ns ELSE 0 END) / {SECONDS},
+               SUM(1 - resolved)
+        FROM judged GROUP BY run_id, cluster, job_id, run_start_ns
+        ORDER BY cluster, job_id, run_start_ns"""
+    return f"""
         WITH {_nodes_cte(ledger, filt)},
         gpu AS (
             SELECT n.run_id, n.cluster, n.job_id, n.run_start_ns, n.overlap_ns,
-                   (n.end_ns - n.start_ns) / {SECONDS} AS span_s,{totals}
+                   (n.end_ns - n.start_ns) / {SECONDS} AS span_s,{gpu_sums}
                    CASE WHEN {d.position("':'", "g.value")} > 0 THEN 1 ELSE 0 END
                        AS resolved
             FROM {source}
@@ -343,16 +345,8 @@ def idle_gpus(
             SELECT *, CASE WHEN resolved = 1 AND total_uj < :idle_w * span_s * 1000000
                            THEN 1 ELSE 0 END AS idle
             FROM gpu
-        )
-        SELECT run_id, SUM(idle), COUNT(*),
-               SUM(CASE WHEN idle = 1 THEN period_uj ELSE 0 END),
-               SUM(CASE WHEN idle = 1 THEN overlap_ns ELSE 0 END) / {SECONDS},
-               SUM(1 - resolved)
-        FROM judged GROUP BY run_id, cluster, job_id, run_start_ns
-        ORDER BY cluster, job_id, run_start_ns
-    """,
-        params,
-    )
+        ){last}
+    """
 
 
 NODE_HOUR_COLUMNS = (
@@ -413,3 +407,129 @@ def job_nodes_in_period(ledger: Ledger, start_ns: int, end_ns: int) -> list[str]
             params,
         )
     ]
+
+
+# -- a period's totals by aggregates (the change table's previous period) ---------------------
+
+PERIOD_SUMS = (
+    "energy_uj",
+    "cpu_uj",
+    "dram_uj",
+    "gpu_uj",
+    "other_uj",
+    "estimated_uj",
+    "gpu_runs_energy_uj",
+)
+"""The integer sums per clock hour of :func:`period_totals`' ``energy_by_hour``."""
+
+
+def period_totals(
+    ledger: Ledger,
+    start_ns: int,
+    end_ns: int,
+    idle_w: float,
+    account: str | None = None,
+    *,
+    rollups: bool = True,
+) -> dict:
+    """The period's totals over all its runs as integer sums, no per-run row fetched.
+
+    Returns a dict: ``runs``, ``users``, ``accounts`` (distinct, a missing or empty name
+    counting as one), ``incomplete_runs``, ``node_ns``, ``gpu_ns`` (integer nanoseconds),
+    ``coverage`` (sorted ``(coverage, overlap_ns)`` pairs: the runs' time inside the period
+    per coverage value, for the time-weighted coverage), ``energy_by_hour`` (sorted
+    ``(hour_s, *PERIOD_SUMS)``: integer microjoules per clock hour, for CO2e with each
+    hour's factor), ``platform_runs`` (runs with energy of another component than cpu, dram
+    and gpu), ``idle_uj``, ``idle_gpu_ns`` and ``unresolved_gpus``.
+
+    Every figure is an integer sum or count: both backends give the same numbers whatever
+    order they add rows in, and a float is made once from each (by the caller).
+    """
+    params, filt = _params(start_ns, end_ns, account)
+    d = ledger.dialect
+    overlap = (
+        f"{d.greatest}(0, {d.least}(jn.end_ns, :end_ns) - {d.greatest}(jn.start_ns, :start_ns))"
+    )
+    out: dict = {}
+    runs_where = f"r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {filt}"
+    (count, users, accounts), *_ = ledger.query(
+        f"""
+        SELECT COUNT(*), COUNT(DISTINCT COALESCE(NULLIF(r.user, ''), '(none)')),
+               COUNT(DISTINCT COALESCE(NULLIF(r.account, ''), '(none)'))
+        FROM job_runs r WHERE {runs_where}
+    """,
+        params,
+    )
+    out.update(runs=int(count), users=int(users), accounts=int(accounts))
+    by_coverage = ledger.query(
+        f"""
+        WITH per_run AS (
+            SELECT r.coverage AS coverage, r.status AS status,
+                   {d.greatest}(0, {d.least}(r.run_end_ns, :end_ns)
+                       - {d.greatest}(r.run_start_ns, :start_ns)) AS overlap_ns,
+                   COALESCE(SUM({overlap}), 0) AS node_ns,
+                   COALESCE(SUM({d.json_length("jn.gpus")} * {overlap}), 0) AS gpu_ns
+            FROM job_runs r
+            LEFT JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id
+                                   AND jn.run_start_ns = r.run_start_ns
+            WHERE {runs_where}
+            GROUP BY r.cluster, r.job_id, r.run_start_ns
+        )
+        SELECT coverage, SUM(overlap_ns), SUM(node_ns), SUM(gpu_ns),
+               SUM(CASE WHEN status = 'complete' THEN 0 ELSE 1 END)
+        FROM per_run GROUP BY coverage
+    """,
+        params,
+    )
+    out["node_ns"] = sum(int(r[2]) for r in by_coverage)
+    out["gpu_ns"] = sum(int(r[3]) for r in by_coverage)
+    out["incomplete_runs"] = sum(int(r[4]) for r in by_coverage)
+    out["coverage"] = sorted((r[0], int(r[1])) for r in by_coverage if r[0] is not None)
+
+    source, sums = _energy_source(ledger, rollups)
+    other = (
+        "e.other_uj"
+        if uses_rollups(ledger, rollups)
+        else ("CASE WHEN e.component NOT IN ('cpu', 'dram', 'gpu') THEN e.energy_uj ELSE 0 END")
+    )
+    nodes = _nodes_cte(ledger, filt)
+    hours = ledger.query(
+        f"""
+        WITH {nodes},
+        gpu_runs AS (
+            SELECT run_id FROM nodes GROUP BY run_id
+            HAVING SUM({d.json_length("gpus")} * overlap_ns) > 0
+        )
+        SELECT e.hour_s, {sums},
+               SUM(CASE WHEN g.run_id IS NULL THEN 0 ELSE e.energy_uj END)
+        FROM nodes n
+        {source}
+        LEFT JOIN gpu_runs g ON g.run_id = n.run_id
+        WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
+        GROUP BY e.hour_s
+    """,
+        params,
+    )
+    out["energy_by_hour"] = sorted(tuple(int(v) for v in row) for row in hours)
+    out["platform_runs"] = 0
+    if sum(row[PERIOD_SUMS.index("other_uj") + 1] for row in out["energy_by_hour"]):
+        # a second pass, only where some run has platform energy (rows are never negative)
+        (platform,), *_ = ledger.query(
+            f"""
+            WITH {nodes}
+            SELECT COUNT(DISTINCT n.run_id) FROM nodes n
+            {source}
+            WHERE e.hour_s >= :start_s AND e.hour_s < :end_s AND {other} > 0
+        """,
+            params,
+        )
+        out["platform_runs"] = int(platform)
+    (idle_uj, idle_ns, unresolved), *_ = ledger.query(
+        _idle_sql(ledger, filt, rollups, totals=True), {**params, "idle_w": idle_w}
+    )
+    out.update(
+        idle_uj=int(idle_uj or 0),
+        idle_gpu_ns=int(idle_ns or 0),
+        unresolved_gpus=int(unresolved or 0),
+    )
+    return out

@@ -91,8 +91,10 @@ def build_report(
     # beside the current period's queries on the caller's connection.
     def previous_totals_of(conn) -> dict:
         q.load_hour_factors(conn, factors.g_per_uj_by_hour)
-        jobs = _jobs(conn, previous, account, idle_w, factors, rollups, totals_only=True)[0]
-        return frames.totals(jobs)
+        sums = q.period_totals(
+            conn, previous.start_ns, previous.end_ns, idle_w, account, rollups=rollups
+        )
+        return frames.totals_of_sums(sums, factors)
 
     def node_rows_of(conn) -> tuple:
         return (
@@ -145,12 +147,12 @@ def _own_connection(path, body):
         return body(conn)
 
 
-def _jobs(ledger, period, account, idle_w, factors, rollups=True, totals_only=False):
+def _jobs(ledger, period, account, idle_w, factors, rollups=True):
     from llem.cluster import report_queries as q
     from llem.report import frames
 
     runs = frames.records(
-        q.runs(ledger, period.start_ns, period.end_ns, account, totals_only=totals_only),
+        q.runs(ledger, period.start_ns, period.end_ns, account),
         q.RUN_COLUMNS,
     )
     energy = frames.records(

@@ -174,6 +174,60 @@ def totals(jobs: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+NS_PER_H = 3600 * 10**9
+
+
+def totals_of_sums(sums: Mapping[str, Any], factors: Factors) -> dict[str, Any]:
+    """:func:`totals`' figures from a period's integer sums
+    (:func:`llem.cluster.report_queries.period_totals`), no per-run rows.
+
+    Each energy figure is its integer microjoules converted once (not a sum of per-run
+    floats: the same up to the last digits, and the same on both backends); operational
+    CO2e is each clock hour's energy times that hour's factor, added in hour order.
+    """
+    hours = sums["energy_by_hour"]
+    uj = [sum(row[i] for row in hours) for i in range(1, len(q.PERIOD_SUMS) + 1)]
+    energy, cpu, dram, gpu, other, estimated, gpu_runs_energy = uj
+    g_per_uj = factors.g_per_uj_by_hour
+    operational_g = 0.0
+    for row in hours:
+        operational_g += row[1] * g_per_uj.get(row[0], 0.0)
+    gpu_h = sums["gpu_ns"] / NS_PER_H
+    node_h = sums["node_ns"] / NS_PER_H
+    operational = operational_g / 1000.0
+    embodied = (
+        gpu_h * factors.embodied_gpu_g_per_h + node_h * factors.embodied_node_g_per_h
+    ) / 1000.0
+    weight = sum(ns for _, ns in sums["coverage"])
+    total = energy / UJ_PER_KWH
+    return {
+        "energy_kwh": total,
+        "cpu_kwh": cpu / UJ_PER_KWH,
+        "dram_kwh": dram / UJ_PER_KWH,
+        "gpu_kwh": gpu / UJ_PER_KWH,
+        "other_kwh": other / UJ_PER_KWH,
+        "platform_share": _share(other / UJ_PER_KWH, total) if other > 0 else None,
+        "platform_jobs": sums["platform_runs"],
+        "measured_kwh": (energy - estimated) / UJ_PER_KWH,
+        "estimated_kwh": estimated / UJ_PER_KWH,
+        "measured_share": _share((energy - estimated) / UJ_PER_KWH, total),
+        "operational_kg": operational,
+        "embodied_kg": embodied,
+        "co2e_kg": operational + embodied,
+        "jobs": sums["runs"],
+        "users": sums["users"],
+        "accounts": sums["accounts"],
+        "gpu_h": gpu_h,
+        "node_h": node_h,
+        "kwh_per_gpu_h": gpu_runs_energy / UJ_PER_KWH / gpu_h if gpu_h > 0 else None,
+        "coverage": (sum(c * ns for c, ns in sums["coverage"]) / weight if weight else None),
+        "idle_kwh": sums["idle_uj"] / UJ_PER_KWH,
+        "idle_gpu_h": sums["idle_gpu_ns"] / NS_PER_H,
+        "unresolved_gpus": sums["unresolved_gpus"],
+        "incomplete_jobs": sums["incomplete_runs"],
+    }
+
+
 def by_group(jobs: pd.DataFrame, key: str) -> pd.DataFrame:
     """Energy, CO2e, GPU-hours and energy per GPU-hour per value of ``key``, largest first."""
     cols = [
