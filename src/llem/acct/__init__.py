@@ -83,12 +83,16 @@ def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Repo
     if opts.statement:
         return Report(statement_text(ledger, opts, config) + "\n")
     carbon = resolve_carbon(config) if needs_carbon(opts) else None
-    rows = total_rows(ledger, opts, carbon) if opts.totals_by else select_rows(ledger, opts, carbon)
-    now_ns = time.time_ns() if now_ns is None else now_ns
     columns = opts.columns
+    if opts.mode == "json" and not opts.fields_given:
+        columns = all_columns(opts.totals_by)
+    rows = (
+        total_rows(ledger, opts, carbon)
+        if opts.totals_by
+        else select_rows(ledger, opts, carbon, [c.field.name for c in columns])
+    )
+    now_ns = time.time_ns() if now_ns is None else now_ns
     if opts.mode == "json":
-        if not opts.fields_given:
-            columns = all_columns(opts.totals_by)
         return Report(render_json(columns, rows, opts=opts, carbon=carbon, generated_ns=now_ns))
     return _render(opts, columns, rows, carbon.footer() if carbon is not None else None)
 

@@ -6,12 +6,12 @@ after it, and ``--totals`` rows. All SQL is in :mod:`llem.cluster.acct_queries`.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llem.acct.co2e import add_carbon
 from llem.acct.fields import TOTAL_KEYS, WORK_FIELD_NAMES
-from llem.cluster.acct_queries import RUN_COLUMNS, TOTAL_COLUMNS, WINDOW_COLUMNS, JobSpec
+from llem.cluster.acct_queries import TOTAL_COLUMNS, WINDOW_COLUMNS, JobSpec
 from llem.hostlist import compress_hostlist
 from llem.units import NS_PER_S, UJ_PER_J
 
@@ -60,14 +60,19 @@ def _int_or(text: str | None, default: int) -> int:
 
 def sacct_order(row: Mapping[str, Any]) -> tuple:
     """sacct's row order: submit time, then array job id, array task id, job id (and, for
-    runs of one job, their start)."""
+    runs of one job, their start; then the cluster and job id text, so that the order is
+    total)."""
     array_job, array_task = row["_array"]
+    cluster, job_id, start_ns = row["_key"]
+    submit_ns = row["Submit"]
     return (
-        row["Submit"] if row["Submit"] is not None else row["_key"][2],
+        submit_ns if submit_ns is not None else start_ns,
         _int_or(array_job, 0),
         _int_or(array_task, NO_VAL),
-        _int_or(row["JobIDRaw"], 0),
-        row["_key"][2],
+        _int_or(job_id, 0),
+        start_ns,
+        cluster,
+        job_id,
     )
 
 
@@ -129,6 +134,208 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "_key": (run["cluster"], run["job_id"], run["run_start_ns"]),
         "_array": (run["array_job_id"], run["array_task_id"]),
     }
+
+
+RUN_KEY_COLUMNS = frozenset(
+    {
+        "cluster",
+        "job_id",
+        "run_start_ns",
+        "run_end_ns",
+        "array_job_id",
+        "array_task_id",
+        "submit_ns",
+        "slurm_start_ns",
+        "slurm_end_ns",
+        "energy_uj",
+        "gpu_seconds",
+        "num_nodes",
+    }
+)
+"""The ledger columns every job row reads: its key, sacct's order and selection, its times
+and what its CO2e is priced from."""
+
+FIELD_RUN_COLUMNS: dict[str, tuple[str, ...]] = {
+    "JobID": (),
+    "JobIDRaw": (),
+    "JobName": ("name",),
+    "Cluster": (),
+    "User": ("user",),
+    "Account": ("account",),
+    "Partition": ("partition",),
+    "State": ("state", "cancelled_by"),
+    "ExitCode": ("exit_code", "signal"),
+    "DerivedExitCode": ("derived_exit_code", "derived_signal"),
+    "Submit": (),
+    "Eligible": ("eligible_ns",),
+    "Start": (),
+    "End": (),
+    "Elapsed": (),
+    "ElapsedRaw": (),
+    "Timelimit": ("timelimit",),
+    "TimelimitRaw": ("timelimit_min",),
+    "AllocCPUS": ("alloc_cpus",),
+    "AllocTRES": ("alloc_tres",),
+    "ReqMem": ("req_mem",),
+    "QOS": ("qos",),
+    "NNodes": (),
+    "NodeList": ("nodelist",),
+    "AllocGPUs": (),
+    "ConsumedEnergy": (),
+    "ConsumedEnergyRaw": (),
+    "CPUEnergy": ("cpu_energy_uj",),
+    "DRAMEnergy": ("dram_energy_uj",),
+    "GPUEnergy": ("gpu_energy_uj",),
+    "PlatformEnergy": ("other_energy_uj",),
+    "PlatformShare": ("other_energy_uj",),
+    "AvePower": (),
+    "EnergySource": ("estimated_energy_uj",),
+    "Coverage": ("coverage",),
+    "CarbonIntensity": (),
+    "CO2e": (),
+    "Tag": ("tag",),
+    "Attribution": ("attribution",),
+}
+"""The ledger columns (besides :data:`RUN_KEY_COLUMNS`) each shown field of a job row, and of
+the window and step rows under it, is made from. The work fields are not here: they read
+everything."""
+
+
+def run_columns_for(fields: Iterable[str] | None) -> frozenset[str] | None:
+    """The ledger columns that rows showing ``fields`` need (None: all of them, for None or
+    a field not in :data:`FIELD_RUN_COLUMNS`)."""
+    if fields is None:
+        return None
+    out = set(RUN_KEY_COLUMNS)
+    for name in fields:
+        columns = FIELD_RUN_COLUMNS.get(name)
+        if columns is None:
+            return None
+        out.update(columns)
+    return frozenset(out)
+
+
+def run_rows(runs: Sequence[tuple]) -> list[dict[str, Any]]:
+    """:func:`run_row` of many ``job_runs`` rows given as tuples of :data:`RUN_COLUMNS`, the
+    same dicts built without a dict per ledger row nor a call per field (a month of a large
+    cluster is 80,000 rows and more: this loop is most of ``llem-acct -a``'s time)."""
+    out = []
+    append = out.append
+    for (
+        cluster,
+        job_id,
+        run_start_ns,
+        run_end_ns,
+        array_job_id,
+        array_task_id,
+        user,
+        _uid,
+        account,
+        partition,
+        name,
+        tag,
+        nodelist,
+        num_nodes,
+        state,
+        _status,
+        energy_uj,
+        cpu_energy_uj,
+        dram_energy_uj,
+        gpu_energy_uj,
+        other_energy_uj,
+        estimated_energy_uj,
+        gpu_seconds,
+        coverage,
+        exit_code,
+        signal,
+        derived_exit_code,
+        derived_signal,
+        submit_ns,
+        eligible_ns,
+        slurm_start_ns,
+        slurm_end_ns,
+        timelimit,
+        timelimit_min,
+        qos,
+        alloc_cpus,
+        alloc_tres,
+        req_mem,
+        cancelled_by,
+        _state_source,
+        attribution,
+    ) in runs:
+        start_ns = slurm_start_ns or run_start_ns
+        end_ns = slurm_end_ns or run_end_ns
+        elapsed_s = max(0, (end_ns or start_ns) - start_ns) / NS_PER_S
+        if slurm_start_ns and slurm_end_ns:
+            elapsed_s = round(elapsed_s)
+        energy_j = energy_uj / UJ_PER_J
+        if energy_uj <= 0:
+            source = "none"
+        elif estimated_energy_uj <= 0:
+            source = "measured"
+        else:
+            source = "estimated" if estimated_energy_uj >= energy_uj else "mixed"
+        if attribution:
+            policies = set(attribution.split(","))
+            policies.discard("")
+            attribution = ",".join(sorted(policies)) or None
+        else:
+            attribution = None
+        append(
+            {
+                "JobID": f"{array_job_id}_{array_task_id}"
+                if array_job_id and array_task_id is not None
+                else job_id,
+                "JobIDRaw": job_id,
+                "JobName": name,
+                "Cluster": cluster,
+                "User": user,
+                "Account": account,
+                "Partition": partition,
+                "State": f"CANCELLED by {cancelled_by}"
+                if state == "CANCELLED" and cancelled_by is not None
+                else state or "UNKNOWN",
+                "ExitCode": None if exit_code is None else f"{exit_code}:{signal or 0}",
+                "DerivedExitCode": None
+                if derived_exit_code is None
+                else f"{derived_exit_code}:{derived_signal or 0}",
+                "Submit": submit_ns,
+                "Eligible": eligible_ns,
+                "Start": start_ns,
+                "End": end_ns,
+                "Elapsed": elapsed_s,
+                "ElapsedRaw": int(elapsed_s),
+                "Timelimit": timelimit,
+                "TimelimitRaw": timelimit_min,
+                "AllocCPUS": alloc_cpus,
+                "AllocTRES": alloc_tres,
+                "ReqMem": req_mem,
+                "QOS": qos,
+                "NNodes": num_nodes,
+                "NodeList": nodelist,
+                "AllocGPUs": round(gpu_seconds / elapsed_s) if elapsed_s else 0,
+                "ConsumedEnergy": energy_j,
+                "ConsumedEnergyRaw": round(energy_j),
+                "CPUEnergy": cpu_energy_uj / UJ_PER_J,
+                "DRAMEnergy": dram_energy_uj / UJ_PER_J,
+                "GPUEnergy": gpu_energy_uj / UJ_PER_J,
+                "PlatformEnergy": other_energy_uj / UJ_PER_J,
+                "PlatformShare": other_energy_uj / energy_uj
+                if other_energy_uj > 0 and energy_uj > 0
+                else None,
+                "AvePower": energy_j / elapsed_s if elapsed_s else None,
+                "EnergySource": source,
+                "Coverage": coverage,
+                "Tag": tag,
+                "Attribution": attribution,
+                "_gpu_hours": gpu_seconds / 3600,
+                "_node_hours": (num_nodes or 0) * elapsed_s / 3600,
+                "_key": (cluster, job_id, run_start_ns),
+                "_array": (array_job_id, array_task_id),
+            }
+        )
+    return out
 
 
 def platform_share(platform_uj: int, energy_uj: int) -> float | None:
@@ -381,15 +588,20 @@ def latest_runs(runs: list[dict]) -> list[dict]:
         cluster, job_id, start_ns = run["_key"]
         if start_ns > latest.get((cluster, job_id), -1):
             latest[(cluster, job_id)] = start_ns
+    if len(latest) == len(runs):  # no job ran twice
+        return list(runs)
     return [run for run in runs if latest[run["_key"][:2]] == run["_key"][2]]
 
 
-def select_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
+def select_rows(
+    ledger, opts: AcctOptions, carbon: Carbon | None, fields: Iterable[str] | None = None
+) -> list[dict]:
     """Job rows (and their window rows, unless ``-X``), in sacct's order: a job, then its
-    steps."""
+    steps. With ``fields`` (names), only those need to be right: the ledger columns no
+    other field needs are not read (:func:`run_columns_for`)."""
     from llem.cluster import acct_queries as q
 
-    runs = [run_row(dict(zip(RUN_COLUMNS, r))) for r in q.select_runs(ledger, opts.filter)]
+    runs = run_rows(q.select_runs(ledger, opts.filter, run_columns_for(fields), ordered=False))
     if not opts.duplicates:
         runs = latest_runs(runs)
     runs.sort(key=sacct_order)
@@ -452,7 +664,7 @@ def window_total_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[
     matching the selection (every run, as the other totals)."""
     from llem.cluster import acct_queries as q
 
-    runs = [run_row(dict(zip(RUN_COLUMNS, r))) for r in q.select_runs(ledger, opts.filter)]
+    runs = run_rows(q.select_runs(ledger, opts.filter))
     parents = {r["_key"]: r for r in runs}
     windows = q.select_windows(ledger, list(parents)) if parents else []
     if not windows:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 from llem.cluster.dialect import settled
@@ -396,30 +397,64 @@ def _window(f: RunFilter, params: list) -> list[str]:
     return out
 
 
-def run_columns_sql(ledger) -> str:
-    """The select list of :data:`RUN_COLUMNS` over ``job_runs r`` for this ledger: NULL for
-    the columns a ledger not yet migrated lacks."""
-    cols = [
-        f"r.{c}" if c not in SLURM_RUN_COLUMNS or ledger.has_column("job_runs", c) else "NULL"
-        for c in RUN_COLUMNS[:-1]
-    ]
-    has_column = ledger.has_column("job_nodes", "attribution")
-    cols.append(_attribution_sql(ledger) if has_column else "NULL")
+ZERO_RUN_COLUMNS = frozenset(
+    {
+        "energy_uj",
+        "cpu_energy_uj",
+        "dram_energy_uj",
+        "gpu_energy_uj",
+        "other_energy_uj",
+        "estimated_energy_uj",
+        "gpu_seconds",
+    }
+)
+"""Columns that are never NULL (``NOT NULL DEFAULT 0``): 0 stands for them when not read
+(:func:`select_runs`)."""
+
+
+def run_columns_sql(ledger, columns: Sequence[str] = RUN_COLUMNS) -> str:
+    """The select list of ``columns`` (of :data:`RUN_COLUMNS`) over ``job_runs r`` for this
+    ledger: NULL for the columns a ledger not yet migrated lacks."""
+    cols = []
+    for c in columns:
+        if c == "attribution":
+            has_column = ledger.has_column("job_nodes", "attribution")
+            cols.append(_attribution_sql(ledger) if has_column else "NULL")
+        elif c not in SLURM_RUN_COLUMNS or ledger.has_column("job_runs", c):
+            cols.append(f"r.{c}")
+        else:
+            cols.append("NULL")
     return ", ".join(cols)
 
 
-def select_runs(ledger, f: RunFilter) -> list[tuple]:
-    """Runs matching ``f``, oldest start first, as tuples of :data:`RUN_COLUMNS`."""
+def select_runs(
+    ledger, f: RunFilter, columns: Collection[str] | None = None, ordered: bool = True
+) -> list[tuple]:
+    """Runs matching ``f``, oldest start first (in no order unless ``ordered``), as tuples of
+    :data:`RUN_COLUMNS`.
+
+    With ``columns`` (names of :data:`RUN_COLUMNS`) only those are read, and None, or 0 for
+    :data:`ZERO_RUN_COLUMNS`, stands for the others: a month of a large cluster is 80,000
+    rows and more, and every value the database hands over costs (padding the tuples here
+    costs less than reading NULLs).
+    """
     where, params = where_clause(f)
     if not _has_slurm_columns(ledger):
         if f.qos is not None or f.timelimit_min is not None:
             return []  # only Slurm's accounting knows them
         where = _unmigrated(where)
-    cols = run_columns_sql(ledger)
-    return ledger.query(
-        f"SELECT {cols} FROM job_runs r WHERE {where} ORDER BY r.run_start_ns, r.cluster, r.job_id",
-        params,
+    read = RUN_COLUMNS if columns is None else [c for c in RUN_COLUMNS if c in columns]
+    order = " ORDER BY r.run_start_ns, r.cluster, r.job_id" if ordered else ""
+    rows = ledger.query(
+        f"SELECT {run_columns_sql(ledger, read)} FROM job_runs r WHERE {where}{order}", params
     )
+    if len(read) == len(RUN_COLUMNS):
+        return rows
+    rest = [c for c in RUN_COLUMNS if c not in columns]
+    pad = tuple(0 if c in ZERO_RUN_COLUMNS else None for c in rest)
+    at = {c: i for i, c in enumerate([*read, *rest])}
+    shape = itemgetter(*(at[c] for c in RUN_COLUMNS))
+    return [shape(r + pad) for r in rows]
 
 
 def _where_for(ledger, f: RunFilter) -> tuple[str, list]:
