@@ -255,3 +255,68 @@ def test_windows_of_a_ledger_filled_by_the_aggregator(tmp_path, monkeypatch):
         "100|alice|3|n[1-3]|3|2.70M|648K|3402000|measured|UNKNOWN\n"
         "100.epoch 1|alice|3|n[1-3]|3|405|0|405|measured|closed\n"
     )
+
+
+def test_rows_built_in_one_loop_equal_run_row(env):
+    """``run_rows`` (the fast loop of ``llem-acct``) builds exactly ``run_row``'s dicts, for
+    every run of the ledger and with every column read."""
+    from llem.acct.rows import run_row, run_rows
+    from llem.cluster import acct_queries as q
+
+    with q.open_ledger(env) as led:
+        runs = q.select_runs(led, q.RunFilter())
+    assert len(runs) >= 3
+    assert run_rows(runs) == [run_row(dict(zip(q.RUN_COLUMNS, r))) for r in runs]
+    # the odd values too: no Slurm times, a cancel by uid, no exit code, no attribution
+    odd = [dict(zip(q.RUN_COLUMNS, r)) for r in runs[:2]]
+    odd[0].update(state="CANCELLED", cancelled_by=1001, slurm_start_ns=None, attribution=None)
+    odd[1].update(exit_code=None, energy_uj=0, attribution="use,,exclusive,use")
+    assert run_rows([tuple(r.values()) for r in odd]) == [run_row(r) for r in odd]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ("JobID", "State", "CO2e"),
+        ("JobID", "JobName", "User", "Account", "Partition", "State", "Elapsed", "NNodes"),
+        ("JobID", "ExitCode", "NodeList", "Attribution", "Coverage", "PlatformShare"),
+    ],
+)
+def test_only_the_columns_the_fields_need_are_read(env, fields):
+    """``select_runs`` with a set of columns returns the same values for those (and for the
+    key, order and pricing columns every row reads), None or 0 for the others; and the rows
+    built from them show the same fields as rows built from every column."""
+    from llem.acct.rows import run_columns_for, run_rows
+    from llem.cluster import acct_queries as q
+
+    with q.open_ledger(env) as led:
+        full = q.select_runs(led, q.RunFilter())
+        wanted = run_columns_for(fields)
+        assert (
+            wanted is not None
+            and "job_id" in wanted
+            and "attribution" not in wanted
+            or ("Attribution" in fields)
+        )
+        some = q.select_runs(led, q.RunFilter(), wanted, ordered=False)
+    assert len(some) == len(full)
+    by_key = {r[:3]: r for r in some}
+    for row in full:
+        got = by_key[row[:3]]
+        for i, column in enumerate(q.RUN_COLUMNS):
+            if column in wanted:
+                assert got[i] == row[i], column
+            else:
+                assert got[i] == (0 if column in q.ZERO_RUN_COLUMNS else None), column
+    shown = {r["_key"]: {f: r.get(f) for f in fields} for r in run_rows(some)}
+    assert shown == {r["_key"]: {f: r.get(f) for f in fields} for r in run_rows(full)}
+
+
+def test_a_field_not_mapped_reads_every_column():
+    from llem.acct.fields import FIELDS, WORK_FIELD_NAMES
+    from llem.acct.rows import FIELD_RUN_COLUMNS, run_columns_for
+
+    assert run_columns_for(None) is None
+    assert run_columns_for(["JobID", "Work"]) is None  # work: windows and attribution
+    # every job field is either mapped or a work field (a new field must be added there)
+    assert set(FIELDS) == set(FIELD_RUN_COLUMNS) | WORK_FIELD_NAMES
