@@ -746,7 +746,14 @@ def total_rows(ledger, opts: AcctOptions, carbon: Carbon | None) -> list[dict]:
     hourly = None
     if carbon is not None and not carbon.constant and rows:
         hourly = {}
-        for key, hour_s, uj in q.hourly_energy(ledger, opts.filter, opts.totals_by):
-            hourly.setdefault(key, {})[hour_s] = uj / UJ_PER_J
+        if carbon.by_year_only:
+            # a run inside one UTC year counts with its total, as on the job rows: summed
+            # by group and year in SQL, not read hour by hour
+            for key, hour_s, uj in q.energy_by_year(ledger, opts.filter, opts.totals_by):
+                by_hour = hourly.setdefault(key, {})
+                by_hour[hour_s] = by_hour.get(hour_s, 0.0) + uj / UJ_PER_J
+        else:
+            for key, hour_s, uj in q.hourly_energy(ledger, opts.filter, opts.totals_by):
+                hourly.setdefault(key, {})[hour_s] = uj / UJ_PER_J
     add_carbon(rows, carbon, hourly)
     return rows

@@ -592,7 +592,9 @@ def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
     return settled(rows, 9, 11)
 
 
-def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]:
+def hourly_energy(
+    ledger, f: RunFilter, group: str | None = None, extra: tuple[str, list] | None = None
+) -> list[tuple]:
     """Attributed energy per clock hour of the runs matching ``f``.
 
     Args:
@@ -601,8 +603,12 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
         group: None for one series over all runs (rows ``(hour_s, energy_uj)``); ``"run"``
             for one per run (rows ``(cluster, job_id, run_start_ns, hour_s, energy_uj)``); or
             a member of :data:`GROUP_KEYS` (rows ``(key, hour_s, energy_uj)``).
+        extra: one more condition over ``job_runs r`` and its parameters.
     """
     where, params = _where_for(ledger, f)
+    if extra is not None:
+        where = f"{where} AND {extra[0]}"
+        params = [*params, *extra[1]]
     if group is None:
         keys, n = "", 0
     elif group == "run":
@@ -618,6 +624,55 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
         f"GROUP BY {groups} ORDER BY {groups}",
         params,
     )
+
+
+def energy_by_year(ledger, f: RunFilter, group: str) -> list[tuple]:
+    """Energy of the runs matching ``f`` for carbon figures that change only with the year:
+    rows ``(key, hour_s, energy_uj)`` by ``group`` (a member of :data:`GROUP_KEYS`), where
+    the runs that start and end in one UTC year count with their total (``hour_s`` is then
+    that year's first hour), and the few that span a new year with their energy by hour.
+
+    Two aggregates in SQL, whatever the number of runs: the first reads ``job_runs`` only,
+    the second joins the hourly energy of the runs that span a year (none in most windows).
+    """
+    import calendar
+    import time
+
+    first = time.gmtime(f.start_ns // 10**9 if f.start_ns is not None else 0).tm_year - 1
+    last = time.gmtime(max(time.time(), (f.end_ns or 0) / 10**9)).tm_year + 1
+    starts = [calendar.timegm((y, 1, 1, 0, 0, 0)) for y in range(max(first, 1970), last + 1)]
+
+    def year_of(expr: str, params: list) -> str:
+        """Which of ``starts`` the time is in: 1 for the first year, 0 before it, and
+        ``len(starts)`` after the last (an open end)."""
+        whens = []
+        for i in range(len(starts), 0, -1):
+            whens.append(f"WHEN {expr} >= ? THEN {i}")
+            params.append(starts[i - 1] * 10**9)
+        return f"(CASE {' '.join(whens)} ELSE 0 END)"
+
+    def one_year(params: list) -> str:
+        start = year_of("r.run_start_ns", params)
+        end = year_of("r.run_end_ns", params)
+        start_again = year_of("r.run_start_ns", params)
+        params.append(len(starts) - 1)
+        return f"(r.run_end_ns IS NOT NULL AND {start} = {end} AND {start_again} BETWEEN 1 AND ?)"
+
+    where, params = _where_for(ledger, f)
+    key = group_key(ledger, group)
+    select_params: list = []
+    year = year_of("r.run_start_ns", select_params)
+    cond_params: list = []
+    cond = one_year(cond_params)
+    totals = ledger.query(
+        f"SELECT {key}, {year}, SUM(r.energy_uj) FROM job_runs r WHERE {where} AND {cond} "
+        "GROUP BY 1, 2 ORDER BY 1, 2",
+        [*select_params, *params, *cond_params],
+    )
+    out = [(k, starts[i - 1], uj) for k, i, uj in totals]
+    spanning_params: list = []
+    spanning = f"NOT {one_year(spanning_params)}"
+    return out + hourly_energy(ledger, f, group, (spanning, spanning_params))
 
 
 def run_nodes(ledger, f: RunFilter) -> list[tuple[str, str]]:
