@@ -320,3 +320,18 @@ def test_a_field_not_mapped_reads_every_column():
     assert run_columns_for(["JobID", "Work"]) is None  # work: windows and attribution
     # every job field is either mapped or a work field (a new field must be added there)
     assert set(FIELDS) == set(FIELD_RUN_COLUMNS) | WORK_FIELD_NAMES
+
+
+def test_slim_rows_hold_the_same_values_as_full_rows(env):
+    """``run_rows(slim=True)`` (output showing only :data:`SLIM_FIELDS`) has those fields and
+    the private ones with the full rows' values, and no other."""
+    from llem.acct.rows import SLIM_FIELDS, run_rows
+    from llem.cluster import acct_queries as q
+
+    with q.open_ledger(env) as led:
+        runs = q.select_runs(led, q.RunFilter())
+    full, slim = run_rows(runs), run_rows(runs, slim=True)
+    carbon = {"CO2e", "CarbonIntensity"}  # added by add_carbon
+    for f, s in zip(full, slim, strict=True):
+        assert set(s) == (SLIM_FIELDS - carbon) | {k for k in f if k.startswith("_")}
+        assert s == {k: f[k] for k in s}

@@ -215,10 +215,42 @@ def run_columns_for(fields: Iterable[str] | None) -> frozenset[str] | None:
     return frozenset(out)
 
 
-def run_rows(runs: Sequence[tuple]) -> list[dict[str, Any]]:
+SLIM_FIELDS = frozenset(
+    {
+        "JobID",
+        "JobIDRaw",
+        "JobName",
+        "Cluster",
+        "User",
+        "Account",
+        "Partition",
+        "State",
+        "Submit",
+        "Start",
+        "End",
+        "Elapsed",
+        "ElapsedRaw",
+        "NNodes",
+        "ConsumedEnergy",
+        "EnergySource",
+        "CO2e",
+        "CarbonIntensity",
+        "Tag",
+        "Coverage",
+    }
+)
+"""Fields of :func:`run_rows`' slim rows: the default format's, and those the rest of the
+selection reads (sacct's order, ``-T``, CO2e, the parent of a window or step row)."""
+
+
+def run_rows(runs: Sequence[tuple], slim: bool = False) -> list[dict[str, Any]]:
     """:func:`run_row` of many ``job_runs`` rows given as tuples of :data:`RUN_COLUMNS`, the
     same dicts built without a dict per ledger row nor a call per field (a month of a large
-    cluster is 80,000 rows and more: this loop is most of ``llem-acct -a``'s time)."""
+    cluster is 80,000 rows and more: this loop is most of ``llem-acct -a``'s time).
+
+    ``slim``: only the fields of :data:`SLIM_FIELDS` (and the private ones), for output that
+    shows no other (the renderers read absent fields as None).
+    """
     out = []
     append = out.append
     for (
@@ -276,6 +308,38 @@ def run_rows(runs: Sequence[tuple]) -> list[dict[str, Any]]:
             source = "measured"
         else:
             source = "estimated" if estimated_energy_uj >= energy_uj else "mixed"
+        if slim:
+            append(
+                {
+                    "JobID": f"{array_job_id}_{array_task_id}"
+                    if array_job_id and array_task_id is not None
+                    else job_id,
+                    "JobIDRaw": job_id,
+                    "JobName": name,
+                    "Cluster": cluster,
+                    "User": user,
+                    "Account": account,
+                    "Partition": partition,
+                    "State": f"CANCELLED by {cancelled_by}"
+                    if state == "CANCELLED" and cancelled_by is not None
+                    else state or "UNKNOWN",
+                    "Submit": submit_ns,
+                    "Start": start_ns,
+                    "End": end_ns,
+                    "Elapsed": elapsed_s,
+                    "ElapsedRaw": int(elapsed_s),
+                    "NNodes": num_nodes,
+                    "ConsumedEnergy": energy_j,
+                    "EnergySource": source,
+                    "Coverage": coverage,
+                    "Tag": tag,
+                    "_gpu_hours": gpu_seconds / 3600,
+                    "_node_hours": (num_nodes or 0) * elapsed_s / 3600,
+                    "_key": (cluster, job_id, run_start_ns),
+                    "_array": (array_job_id, array_task_id),
+                }
+            )
+            continue
         if attribution:
             policies = set(attribution.split(","))
             policies.discard("")
@@ -601,7 +665,9 @@ def select_rows(
     other field needs are not read (:func:`run_columns_for`)."""
     from llem.cluster import acct_queries as q
 
-    runs = run_rows(q.select_runs(ledger, opts.filter, run_columns_for(fields), ordered=False))
+    shown = None if fields is None else set(fields)
+    slim = shown is not None and shown <= SLIM_FIELDS
+    runs = run_rows(q.select_runs(ledger, opts.filter, run_columns_for(shown), ordered=False), slim)
     if not opts.duplicates:
         runs = latest_runs(runs)
     runs.sort(key=sacct_order)
@@ -626,7 +692,10 @@ def select_rows(
         opts.mode == "json" and not opts.fields_given
     )
     if not runs or (opts.allocations and not wants_work):
-        add_per_work(runs)
+        if not slim:  # (slim rows show no work field: None, as absent)
+            add_per_work(runs)
+        if specs is None or not any(s.step for s in specs):
+            return runs
         return [run for run in runs if _shown(specs, run, None)]
     parents = {r["_key"]: r for r in runs}
     windows = q.select_windows(ledger, list(parents))
