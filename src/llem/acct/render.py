@@ -268,9 +268,9 @@ def _column_texts(
             return [format_energy(v, units, convert) for v in values]
     if kind in _OUR_TEXT:  # a format of its own; the other kinds are str()
         return list(map(_formatter(kind, units, delimiter, tfmt, convert), values))
-    return safe_texts(
-        ["" if v is None else v if v.__class__ is str else str(v) for v in values], delimiter
-    )
+    if set(map(type, values)) != {str}:  # (else the values are their texts already)
+        values = ["" if v is None else v if v.__class__ is str else str(v) for v in values]
+    return safe_texts(values, delimiter)
 
 
 def _json_value(value: Any, kind: str, precise: bool = False) -> Any:
