@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from llem.acct.co2e import add_carbon
@@ -90,7 +91,7 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
     if run.get("slurm_start_ns") and run.get("slurm_end_ns"):
         elapsed_s = round(elapsed_s)
     energy_j = run["energy_uj"] / UJ_PER_J
-    return {
+    row = {
         "JobID": job_id_text(run["job_id"], run["array_job_id"], run["array_task_id"]),
         "JobIDRaw": run["job_id"],
         "JobName": run["name"],
@@ -134,6 +135,8 @@ def run_row(run: Mapping[str, Any]) -> dict[str, Any]:
         "_key": (run["cluster"], run["job_id"], run["run_start_ns"]),
         "_array": (run["array_job_id"], run["array_task_id"]),
     }
+    row["_order"] = sacct_order(row)
+    return row
 
 
 RUN_KEY_COLUMNS = frozenset(
@@ -308,6 +311,17 @@ def run_rows(runs: Sequence[tuple], slim: bool = False) -> list[dict[str, Any]]:
             source = "measured"
         else:
             source = "estimated" if estimated_energy_uj >= energy_uj else "mixed"
+        order = (
+            submit_ns if submit_ns is not None else run_start_ns,
+            int(array_job_id) if array_job_id is not None and str(array_job_id).isdigit() else 0,
+            int(array_task_id)
+            if array_task_id is not None and str(array_task_id).isdigit()
+            else NO_VAL,
+            int(job_id) if job_id is not None and str(job_id).isdigit() else 0,
+            run_start_ns,
+            cluster,
+            job_id,
+        )
         if slim:
             append(
                 {
@@ -337,6 +351,7 @@ def run_rows(runs: Sequence[tuple], slim: bool = False) -> list[dict[str, Any]]:
                     "_node_hours": (num_nodes or 0) * elapsed_s / 3600,
                     "_key": (cluster, job_id, run_start_ns),
                     "_array": (array_job_id, array_task_id),
+                    "_order": order,
                 }
             )
             continue
@@ -397,6 +412,7 @@ def run_rows(runs: Sequence[tuple], slim: bool = False) -> list[dict[str, Any]]:
                 "_node_hours": (num_nodes or 0) * elapsed_s / 3600,
                 "_key": (cluster, job_id, run_start_ns),
                 "_array": (array_job_id, array_task_id),
+                "_order": order,
             }
         )
     return out
@@ -670,7 +686,7 @@ def select_rows(
     runs = run_rows(q.select_runs(ledger, opts.filter, run_columns_for(shown), ordered=False), slim)
     if not opts.duplicates:
         runs = latest_runs(runs)
-    runs.sort(key=sacct_order)
+    runs.sort(key=itemgetter("_order"))  # sacct_order, computed by run_rows
     if opts.truncate:
         for run in runs:
             truncate(run, opts.filter.start_ns, opts.filter.end_ns)
