@@ -500,17 +500,16 @@ def select_windows(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
     out = []
     has_work = ledger.has_column("windows", "work")
     work = "w.work, w.unit" if has_work else "NULL, NULL"
+    ids = ledger.dialect.any_of("jn.job_id")
     for cluster, job_ids in by_cluster.items():
-        for chunk in _chunks(sorted(set(job_ids))):
-            params = [cluster, *chunk]
-            rows = ledger.query(
-                "SELECT jn.cluster, jn.job_id, jn.run_start_ns, w.name, w.step_id, w.start_ns,"
-                f" w.end_ns, w.status, 1, w.energy_uj, jn.node, w.energy, {work} FROM job_nodes jn "
-                "JOIN windows w ON w.job_node_id = jn.id WHERE jn.cluster = ? AND "
-                f"jn.job_id IN ({', '.join('?' * len(chunk))})",
-                params,
-            )
-            out += [r for r in rows if (r[0], r[1], r[2]) in wanted]
+        # one statement per cluster: the job ids as one list parameter
+        rows = ledger.query(
+            "SELECT jn.cluster, jn.job_id, jn.run_start_ns, w.name, w.step_id, w.start_ns,"
+            f" w.end_ns, w.status, 1, w.energy_uj, jn.node, w.energy, {work} FROM job_nodes jn "
+            f"JOIN windows w ON w.job_node_id = jn.id WHERE jn.cluster = ? AND {ids}",
+            [cluster, ledger.dialect.list_param(sorted(set(job_ids)))],
+        )
+        out += [r for r in rows if (r[0], r[1], r[2]) in wanted]
     out.sort(key=lambda r: (r[5], r[3], r[10]))
     return out
 
@@ -532,16 +531,16 @@ def select_steps(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
     for cluster, job_id, _ in wanted:
         by_cluster.setdefault(cluster, []).append(job_id)
     out = []
+    ids = ledger.dialect.any_of("jn.job_id")
     for cluster, job_ids in by_cluster.items():
-        for chunk in _chunks(sorted(set(job_ids))):
-            rows = ledger.query(
-                "SELECT jn.cluster, jn.job_id, jn.run_start_ns, '', s.step, s.start_ns, "
-                f"s.end_ns, '{STEP_STATE}', 1, s.energy_uj, jn.node, s.energy, NULL, NULL "
-                "FROM job_nodes jn JOIN job_steps s ON s.job_node_id = jn.id "
-                f"WHERE jn.cluster = ? AND jn.job_id IN ({', '.join('?' * len(chunk))})",
-                [cluster, *chunk],
-            )
-            out += [r for r in rows if (r[0], r[1], r[2]) in wanted]
+        rows = ledger.query(
+            "SELECT jn.cluster, jn.job_id, jn.run_start_ns, '', s.step, s.start_ns, "
+            f"s.end_ns, '{STEP_STATE}', 1, s.energy_uj, jn.node, s.energy, NULL, NULL "
+            "FROM job_nodes jn JOIN job_steps s ON s.job_node_id = jn.id "
+            f"WHERE jn.cluster = ? AND {ids}",
+            [cluster, ledger.dialect.list_param(sorted(set(job_ids)))],
+        )
+        out += [r for r in rows if (r[0], r[1], r[2]) in wanted]
     out.sort(key=lambda r: (r[0], r[1], r[2], step_order(r[4]), r[10]))
     return out
 
