@@ -500,7 +500,7 @@ def select_windows(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
     out = []
     has_work = ledger.has_column("windows", "work")
     work = "w.work, w.unit" if has_work else "NULL, NULL"
-    ids = ledger.dialect.any_of("jn.job_id")
+    ids = ledger.dialect.any_text("jn.job_id")
     for cluster, job_ids in by_cluster.items():
         # one statement per cluster: the job ids as one list parameter
         rows = ledger.query(
@@ -531,7 +531,7 @@ def select_steps(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
     for cluster, job_id, _ in wanted:
         by_cluster.setdefault(cluster, []).append(job_id)
     out = []
-    ids = ledger.dialect.any_of("jn.job_id")
+    ids = ledger.dialect.any_text("jn.job_id")
     for cluster, job_ids in by_cluster.items():
         rows = ledger.query(
             "SELECT jn.cluster, jn.job_id, jn.run_start_ns, '', s.step, s.start_ns, "
