@@ -22,6 +22,8 @@ from llem.carbon.statement import format_co2e, format_kwh
 from llem.cluster.acct_queries import JobSpec
 from llem.config import load
 from llem.hostlist import compress_hostlist
+from tests.helpers import acct as acct_data
+from tests.helpers import make_ledger
 from tests.helpers.acct import CONFIG, WHOLE, T, acct_run
 
 pytestmark = pytest.mark.usefixtures("utc")
@@ -335,3 +337,119 @@ def test_slim_rows_hold_the_same_values_as_full_rows(env):
     for f, s in zip(full, slim, strict=True):
         assert set(s) == (SLIM_FIELDS - carbon) | {k for k in f if k.startswith("_")}
         assert s == {k: f[k] for k in s}
+
+
+# Jobs for the by-column path: hostile names (a delimiter, a newline, terminal escapes), NULL
+# fields (no tag, no Slurm facts, no array), a cancel by uid, an array task, a job run twice
+# (requeued: only its latest run shows without -D) and a job with no energy.
+HOSTILE = "evil|x\n\x1b]0;pwned\x07\x1b[2J;"
+COLUMN_JOBS = [
+    *acct_data.JOBS,
+    acct_data.job("6001", HOSTILE, "a|b", "p;q", T + 600, T + 4000, ["c0003"], name=HOSTILE),
+    acct_data.job("6002", "carol", "chem", "cpu", T + 700, T + 800, ["c0004"], tag=HOSTILE),
+    acct_data.job("6003", "carol", "chem", "cpu", T + 900, T + 1900, ["c0004"], state="FAILED"),
+    acct_data.job(
+        "6003",
+        "carol",
+        "chem",
+        "cpu",
+        T + 2000,
+        T + 2500,
+        ["c0004"],
+        state="CANCELLED",
+        slurm={
+            "submit_s": T + 850,
+            "slurm_start_s": T + 2001,
+            "slurm_end_s": T + 2499,
+            "cancelled_by": 1001,
+            "qos": "high|er",
+            "req_mem": "4G",
+            "alloc_cpus": 8,
+        },
+    ),
+    acct_data.job("6004", "dave", "phys", "gpu", T + 50, T + 50, ["g0009"], cpu_w=0, dram_w=0),
+    acct_data.job("6006", "dave", "phys", "gpu", T + 60, T + 999, ["g0009"], array=("6005", "3")),
+]
+COLUMN_CASES = [
+    ("-X", "-P"),
+    ("-X", "-p"),
+    ("-X", "-P", "-D"),
+    ("-X", "-p", "-n", "--delimiter", ";"),
+    ("-X", "-P", "--delimiter", "0"),
+    ("-X", "-P", "-u", "carol"),
+    ("-X", "-P", "-j", "6003,5009_1"),
+    ("-X", "-P", "--units", "K"),
+    ("-X", "-P", "--noconvert", "-D"),
+    (
+        "-X",
+        "-p",
+        "-D",
+        "-o",
+        "JobID,JobIDRaw,JobName,Cluster,User,Account,Partition,State,Submit,Eligible,Start,"
+        "End,Elapsed,ElapsedRaw,Timelimit,TimelimitRaw,AllocCPUS,AllocTRES,ReqMem,QOS,NNodes,"
+        "NodeList,ConsumedEnergy,EnergySource,Coverage,Tag,CO2e,CarbonIntensity",
+    ),
+    ("-X", "-P", "-o", "JobID,State"),  # no carbon at all
+    ("-X", "-P", "-A", "nosuchaccount"),  # no run
+]
+
+
+def _both_paths(ledger, args, monkeypatch):
+    """llem-acct's output for ``args`` by column and by row (the by-column path turned off),
+    and how many times the by-column path ran."""
+    import llem.acct as lib
+
+    calls = []
+    real = lib.select_columns
+    monkeypatch.setattr(lib, "select_columns", lambda *a: calls.append(a) or real(*a))
+    by_column = acct_data.acct_run(*WHOLE, *args, "--ledger", ledger)
+    with monkeypatch.context() as m:
+        m.setattr(lib, "columns_apply", lambda *a: False)
+        by_row = acct_data.acct_run(*WHOLE, *args, "--ledger", ledger)
+    return by_column, by_row, len(calls)
+
+
+def _check_column_cases(ledger, monkeypatch):
+    shown = 0
+    for args in COLUMN_CASES:
+        by_column, by_row, calls = _both_paths(ledger, args, monkeypatch)
+        assert by_column == by_row, args
+        assert calls == 1, args  # the by-column path was taken
+        shown += by_column[1].count("\n")
+    out = _both_paths(ledger, ("-X", "-P", "-o", "JobID,JobName"), monkeypatch)[0][1]
+    # escaped: one row, two fields; the requeued job once; 8 jobs
+    assert "\n6001|evil\\x7cx\\n\\x1b]0;pwned\\x07\\x1b[2J;\n" in out
+    assert len(out.splitlines()) == 1 + 8 and out.count("\n6003|") == 1
+    return shown
+
+
+def test_rows_by_column_print_the_same_bytes(tmp_path, monkeypatch):
+    """-X with -p/-P and plain fields is printed from rows held by column
+    (``rows.select_columns``): byte for byte what the rows built as dicts give, for hostile
+    names, NULL fields, a requeued job, arrays, other delimiters and units."""
+    ledger = tmp_path / "ledger.db"
+    make_ledger.write_jobs(ledger, COLUMN_JOBS)
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(acct_data.CONFIG.replace("  region: DE\n", ""))  # a constant factor
+    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
+    assert _check_column_cases(str(ledger), monkeypatch) > 60
+
+
+@pytest.mark.postgres
+def test_rows_by_column_print_the_same_bytes_on_postgresql(tmp_path, monkeypatch, pg_server):
+    """The same on PostgreSQL, the ledger copied by ``llem ledger copy``."""
+    from llem.cli.ledger import ledger as ledger_cli
+    from llem.cli.main import run
+
+    ledger = tmp_path / "ledger.db"
+    make_ledger.write_jobs(ledger, COLUMN_JOBS)
+    url = pg_server.database("bycolumn")
+    assert run(ledger_cli, ["copy", str(ledger), url], prog_name="llem ledger") == 0
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(acct_data.CONFIG.replace("  region: DE\n", ""))
+    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
+    on_pg = _check_column_cases(url, monkeypatch)
+    assert on_pg == _check_column_cases(str(ledger), monkeypatch)
+    for args in COLUMN_CASES:
+        a = acct_data.acct_run(*WHOLE, *args, "--ledger", str(ledger))
+        assert a == acct_data.acct_run(*WHOLE, *args, "--ledger", url), args

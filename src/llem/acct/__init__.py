@@ -59,7 +59,16 @@ from llem.acct.render import (
     rows_of_document,
     time_format,
 )
-from llem.acct.rows import latest_runs, run_row, select_rows, total_row, total_rows, window_rows
+from llem.acct.rows import (
+    columns_apply,
+    latest_runs,
+    run_row,
+    select_columns,
+    select_rows,
+    total_row,
+    total_rows,
+    window_rows,
+)
 from llem.acct.statement import describe_selection, describe_window, statement_text
 from llem.errors import LlemError
 
@@ -86,11 +95,13 @@ def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Repo
     columns = opts.columns
     if opts.mode == "json" and not opts.fields_given:
         columns = all_columns(opts.totals_by)
-    rows = (
-        total_rows(ledger, opts, carbon)
-        if opts.totals_by
-        else select_rows(ledger, opts, carbon, [c.field.name for c in columns])
-    )
+    names = [c.field.name for c in columns]
+    if opts.totals_by:
+        rows = total_rows(ledger, opts, carbon)
+    elif opts.mode in ("parsable", "parsable2") and columns_apply(opts, carbon, names):
+        rows = select_columns(ledger, opts, carbon, names)  # the same rows, by column
+    else:
+        rows = select_rows(ledger, opts, carbon, names)
     now_ns = time.time_ns() if now_ns is None else now_ns
     if opts.mode == "json":
         return Report(render_json(columns, rows, opts=opts, carbon=carbon, generated_ns=now_ns))

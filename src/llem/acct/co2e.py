@@ -122,6 +122,31 @@ class Carbon:
         self.years_used[year] = used
         self.figures[year] = g_per_kwh
 
+    def constant_column(
+        self, energy_j: list[float], gpu_hours: list[float], node_hours: list[float]
+    ) -> tuple[list[float], float]:
+        """:meth:`add_constant` by column: the CO2e of each run (same arithmetic, same order
+        of the year's sum) and the factor, for rows held by column."""
+        from llem.units import J_PER_KWH
+
+        f = self.factors
+        annual = f.model.annual
+        g_per_kwh, pue, year = annual.g_per_kwh, f.pue, annual.year
+        if not energy_j:
+            return [], g_per_kwh
+        grams = [e / J_PER_KWH * pue * g_per_kwh for e in energy_j]
+        used = self.years_used.get(year, 0.0)
+        for g in grams:
+            used += g
+        if f.embodied_enabled:
+            embodied = f.embodied_g
+            grams = [g + embodied(gh, nh) for g, gh, nh in zip(grams, gpu_hours, node_hours)]
+        else:
+            grams = [g + 0.0 for g in grams]
+        self.years_used[year] = used
+        self.figures[year] = g_per_kwh
+        return grams, g_per_kwh
+
     def _count_year(self, year: str, grams: float, g_per_kwh: float | None = None) -> None:
         self.years_used[year] = self.years_used.get(year, 0.0) + grams
         if g_per_kwh is not None:

@@ -227,16 +227,23 @@ def render_parsable(
 ) -> str:
     """``-p`` (a delimiter after every field) and ``-P`` (between fields only), as sacct;
     unlike sacct, a value's characters that occur in the delimiter are escaped (``\\x7c``),
-    so that a name can never add a field or a row."""
+    so that a name can never add a field or a row.
+
+    ``rows``: dicts, or an object with ``values`` (field name -> list of values) and a
+    length (:class:`llem.acct.rows.RunColumns`).
+    """
     end = delimiter if trailing else ""
     lines = []
     if not noheader:
         lines.append(delimiter.join(c.field.name for c in columns) + end)
     if rows:
         # column by column: a month of a large cluster is 80,000 rows and more
+        by_column = getattr(rows, "values", None)  # rows held by column (RunColumns)
         texts = [
             _column_texts(
-                list(map(dict.get, rows, repeat(c.field.name))),
+                list(map(dict.get, rows, repeat(c.field.name)))
+                if by_column is None
+                else by_column.get(c.field.name) or [None] * len(rows),
                 c.field.kind,
                 units,
                 delimiter,

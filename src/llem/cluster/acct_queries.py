@@ -428,7 +428,11 @@ def run_columns_sql(ledger, columns: Sequence[str] = RUN_COLUMNS) -> str:
 
 
 def select_runs(
-    ledger, f: RunFilter, columns: Collection[str] | None = None, ordered: bool = True
+    ledger,
+    f: RunFilter,
+    columns: Collection[str] | None = None,
+    ordered: bool = True,
+    padded: bool = True,
 ) -> list[tuple]:
     """Runs matching ``f``, oldest start first (in no order unless ``ordered``), as tuples of
     :data:`RUN_COLUMNS`.
@@ -436,7 +440,8 @@ def select_runs(
     With ``columns`` (names of :data:`RUN_COLUMNS`) only those are read, and None, or 0 for
     :data:`ZERO_RUN_COLUMNS`, stands for the others: a month of a large cluster is 80,000
     rows and more, and every value the database hands over costs (padding the tuples here
-    costs less than reading NULLs).
+    costs less than reading NULLs). Not ``padded``: the tuples hold only the columns read,
+    in :data:`RUN_COLUMNS`' order (for callers that read them by column).
     """
     where, params = where_clause(f)
     if not _has_slurm_columns(ledger):
@@ -448,7 +453,7 @@ def select_runs(
     rows = ledger.query(
         f"SELECT {run_columns_sql(ledger, read)} FROM job_runs r WHERE {where}{order}", params
     )
-    if len(read) == len(RUN_COLUMNS):
+    if len(read) == len(RUN_COLUMNS) or not padded:
         return rows
     rest = [c for c in RUN_COLUMNS if c not in columns]
     pad = tuple(0 if c in ZERO_RUN_COLUMNS else None for c in rest)
