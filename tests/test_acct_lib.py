@@ -22,6 +22,8 @@ from llem.carbon.statement import format_co2e, format_kwh
 from llem.cluster.acct_queries import JobSpec
 from llem.config import load
 from llem.hostlist import compress_hostlist
+from tests.helpers import acct as acct_data
+from tests.helpers import make_ledger
 from tests.helpers.acct import CONFIG, WHOLE, T, acct_run
 
 pytestmark = pytest.mark.usefixtures("utc")
@@ -255,3 +257,199 @@ def test_windows_of_a_ledger_filled_by_the_aggregator(tmp_path, monkeypatch):
         "100|alice|3|n[1-3]|3|2.70M|648K|3402000|measured|UNKNOWN\n"
         "100.epoch 1|alice|3|n[1-3]|3|405|0|405|measured|closed\n"
     )
+
+
+def test_rows_built_in_one_loop_equal_run_row(env):
+    """``run_rows`` (the fast loop of ``llem-acct``) builds exactly ``run_row``'s dicts, for
+    every run of the ledger and with every column read."""
+    from llem.acct.rows import run_row, run_rows
+    from llem.cluster import acct_queries as q
+
+    with q.open_ledger(env) as led:
+        runs = q.select_runs(led, q.RunFilter())
+    assert len(runs) >= 3
+    assert run_rows(runs) == [run_row(dict(zip(q.RUN_COLUMNS, r))) for r in runs]
+    # the odd values too: no Slurm times, a cancel by uid, no exit code, no attribution
+    odd = [dict(zip(q.RUN_COLUMNS, r)) for r in runs[:2]]
+    odd[0].update(state="CANCELLED", cancelled_by=1001, slurm_start_ns=None, attribution=None)
+    odd[1].update(exit_code=None, energy_uj=0, attribution="use,,exclusive,use")
+    assert run_rows([tuple(r.values()) for r in odd]) == [run_row(r) for r in odd]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ("JobID", "State", "CO2e"),
+        ("JobID", "JobName", "User", "Account", "Partition", "State", "Elapsed", "NNodes"),
+        ("JobID", "ExitCode", "NodeList", "Attribution", "Coverage", "PlatformShare"),
+    ],
+)
+def test_only_the_columns_the_fields_need_are_read(env, fields):
+    """``select_runs`` with a set of columns returns the same values for those (and for the
+    key, order and pricing columns every row reads), None or 0 for the others; and the rows
+    built from them show the same fields as rows built from every column."""
+    from llem.acct.rows import run_columns_for, run_rows
+    from llem.cluster import acct_queries as q
+
+    with q.open_ledger(env) as led:
+        full = q.select_runs(led, q.RunFilter())
+        wanted = run_columns_for(fields)
+        assert (
+            wanted is not None
+            and "job_id" in wanted
+            and "attribution" not in wanted
+            or ("Attribution" in fields)
+        )
+        some = q.select_runs(led, q.RunFilter(), wanted, ordered=False)
+    assert len(some) == len(full)
+    by_key = {r[:3]: r for r in some}
+    for row in full:
+        got = by_key[row[:3]]
+        for i, column in enumerate(q.RUN_COLUMNS):
+            if column in wanted:
+                assert got[i] == row[i], column
+            else:
+                assert got[i] == (0 if column in q.ZERO_RUN_COLUMNS else None), column
+    shown = {r["_key"]: {f: r.get(f) for f in fields} for r in run_rows(some)}
+    assert shown == {r["_key"]: {f: r.get(f) for f in fields} for r in run_rows(full)}
+
+
+def test_a_field_not_mapped_reads_every_column():
+    from llem.acct.fields import FIELDS, WORK_FIELD_NAMES
+    from llem.acct.rows import FIELD_RUN_COLUMNS, run_columns_for
+
+    assert run_columns_for(None) is None
+    assert run_columns_for(["JobID", "Work"]) is None  # work: windows and attribution
+    # every job field is either mapped or a work field (a new field must be added there)
+    assert set(FIELDS) == set(FIELD_RUN_COLUMNS) | WORK_FIELD_NAMES
+
+
+def test_slim_rows_hold_the_same_values_as_full_rows(env):
+    """``run_rows(slim=True)`` (output showing only :data:`SLIM_FIELDS`) has those fields and
+    the private ones with the full rows' values, and no other."""
+    from llem.acct.rows import SLIM_FIELDS, run_rows
+    from llem.cluster import acct_queries as q
+
+    with q.open_ledger(env) as led:
+        runs = q.select_runs(led, q.RunFilter())
+    full, slim = run_rows(runs), run_rows(runs, slim=True)
+    carbon = {"CO2e", "CarbonIntensity"}  # added by add_carbon
+    for f, s in zip(full, slim, strict=True):
+        assert set(s) == (SLIM_FIELDS - carbon) | {k for k in f if k.startswith("_")}
+        assert s == {k: f[k] for k in s}
+
+
+# Jobs for the by-column path: hostile names (a delimiter, a newline, terminal escapes), NULL
+# fields (no tag, no Slurm facts, no array), a cancel by uid, an array task, a job run twice
+# (requeued: only its latest run shows without -D) and a job with no energy.
+HOSTILE = "evil|x\n\x1b]0;pwned\x07\x1b[2J;"
+COLUMN_JOBS = [
+    *acct_data.JOBS,
+    acct_data.job("6001", HOSTILE, "a|b", "p;q", T + 600, T + 4000, ["c0003"], name=HOSTILE),
+    acct_data.job("6002", "carol", "chem", "cpu", T + 700, T + 800, ["c0004"], tag=HOSTILE),
+    acct_data.job("6003", "carol", "chem", "cpu", T + 900, T + 1900, ["c0004"], state="FAILED"),
+    acct_data.job(
+        "6003",
+        "carol",
+        "chem",
+        "cpu",
+        T + 2000,
+        T + 2500,
+        ["c0004"],
+        state="CANCELLED",
+        slurm={
+            "submit_s": T + 850,
+            "slurm_start_s": T + 2001,
+            "slurm_end_s": T + 2499,
+            "cancelled_by": 1001,
+            "qos": "high|er",
+            "req_mem": "4G",
+            "alloc_cpus": 8,
+        },
+    ),
+    acct_data.job("6004", "dave", "phys", "gpu", T + 50, T + 50, ["g0009"], cpu_w=0, dram_w=0),
+    acct_data.job("6006", "dave", "phys", "gpu", T + 60, T + 999, ["g0009"], array=("6005", "3")),
+]
+COLUMN_CASES = [
+    ("-X", "-P"),
+    ("-X", "-p"),
+    ("-X", "-P", "-D"),
+    ("-X", "-p", "-n", "--delimiter", ";"),
+    ("-X", "-P", "--delimiter", "0"),
+    ("-X", "-P", "-u", "carol"),
+    ("-X", "-P", "-j", "6003,5009_1"),
+    ("-X", "-P", "--units", "K"),
+    ("-X", "-P", "--noconvert", "-D"),
+    (
+        "-X",
+        "-p",
+        "-D",
+        "-o",
+        "JobID,JobIDRaw,JobName,Cluster,User,Account,Partition,State,Submit,Eligible,Start,"
+        "End,Elapsed,ElapsedRaw,Timelimit,TimelimitRaw,AllocCPUS,AllocTRES,ReqMem,QOS,NNodes,"
+        "NodeList,ConsumedEnergy,EnergySource,Coverage,Tag,CO2e,CarbonIntensity",
+    ),
+    ("-X", "-P", "-o", "JobID,State"),  # no carbon at all
+    ("-X", "-P", "-A", "nosuchaccount"),  # no run
+]
+
+
+def _both_paths(ledger, args, monkeypatch):
+    """llem-acct's output for ``args`` by column and by row (the by-column path turned off),
+    and how many times the by-column path ran."""
+    import llem.acct as lib
+
+    calls = []
+    real = lib.select_columns
+    monkeypatch.setattr(lib, "select_columns", lambda *a: calls.append(a) or real(*a))
+    by_column = acct_data.acct_run(*WHOLE, *args, "--ledger", ledger)
+    with monkeypatch.context() as m:
+        m.setattr(lib, "columns_apply", lambda *a: False)
+        by_row = acct_data.acct_run(*WHOLE, *args, "--ledger", ledger)
+    return by_column, by_row, len(calls)
+
+
+def _check_column_cases(ledger, monkeypatch):
+    shown = 0
+    for args in COLUMN_CASES:
+        by_column, by_row, calls = _both_paths(ledger, args, monkeypatch)
+        assert by_column == by_row, args
+        assert calls == 1, args  # the by-column path was taken
+        shown += by_column[1].count("\n")
+    out = _both_paths(ledger, ("-X", "-P", "-o", "JobID,JobName"), monkeypatch)[0][1]
+    # escaped: one row, two fields; the requeued job once; 8 jobs
+    assert "\n6001|evil\\x7cx\\n\\x1b]0;pwned\\x07\\x1b[2J;\n" in out
+    assert len(out.splitlines()) == 1 + 8 and out.count("\n6003|") == 1
+    return shown
+
+
+def test_rows_by_column_print_the_same_bytes(tmp_path, monkeypatch):
+    """-X with -p/-P and plain fields is printed from rows held by column
+    (``rows.select_columns``): byte for byte what the rows built as dicts give, for hostile
+    names, NULL fields, a requeued job, arrays, other delimiters and units."""
+    ledger = tmp_path / "ledger.db"
+    make_ledger.write_jobs(ledger, COLUMN_JOBS)
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(acct_data.CONFIG.replace("  region: DE\n", ""))  # a constant factor
+    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
+    assert _check_column_cases(str(ledger), monkeypatch) > 60
+
+
+@pytest.mark.postgres
+def test_rows_by_column_print_the_same_bytes_on_postgresql(tmp_path, monkeypatch, pg_server):
+    """The same on PostgreSQL, the ledger copied by ``llem ledger copy``."""
+    from llem.cli.ledger import ledger as ledger_cli
+    from llem.cli.main import run
+
+    ledger = tmp_path / "ledger.db"
+    make_ledger.write_jobs(ledger, COLUMN_JOBS)
+    url = pg_server.database("bycolumn")
+    assert run(ledger_cli, ["copy", str(ledger), url], prog_name="llem ledger") == 0
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(acct_data.CONFIG.replace("  region: DE\n", ""))
+    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
+    on_pg = _check_column_cases(url, monkeypatch)
+    assert on_pg == _check_column_cases(str(ledger), monkeypatch)
+    for args in COLUMN_CASES:
+        a = acct_data.acct_run(*WHOLE, *args, "--ledger", str(ledger))
+        assert a == acct_data.acct_run(*WHOLE, *args, "--ledger", url), args

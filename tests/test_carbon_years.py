@@ -109,3 +109,59 @@ def test_llem_acct_and_statement_price_each_year_and_name_the_years(tmp_path, mo
     status, out, err = acct_run(*window, "--statement")
     assert status == 0, err
     assert "data year 2023; 2024;" in out or "data year 2024; 2023;" in out
+
+
+def test_totals_price_runs_of_one_year_from_their_total_and_new_years_runs_by_hour(
+    tmp_path, monkeypatch
+):
+    """``--totals`` with figures by year: a run inside one UTC year counts with its total
+    at its year's figure (summed in SQL by group and year), a run over a new year with its
+    energy by hour; the CO2e equals a direct sum over the ledger's hours, and the sum of the
+    job rows."""
+    import json
+    import sqlite3
+
+    from tests.helpers import make_ledger
+    from tests.helpers.acct import acct_run, job
+
+    t23, t24 = hour(2023, 3), hour(2024, 3)
+    eve = int(datetime(2023, 12, 31, 22, tzinfo=timezone.utc).timestamp())
+    ledger = tmp_path / "ledger.db"
+    make_ledger.write_jobs(
+        ledger,
+        [
+            job("7001", "alice", "physics", "cpu", t23, t23 + 3600, ["c0001"], cpu_w=900),
+            job("7002", "alice", "physics", "cpu", t24, t24 + 7200, ["c0001"], cpu_w=500),
+            job("7003", "bob", "physics", "cpu", eve, eve + 4 * 3600, ["c0002"], cpu_w=900),
+            job("7004", "bob", "chem", "cpu", t24, t24 + 3600, ["c0003"], cpu_w=300),
+        ],
+    )
+    db = sqlite3.connect(ledger)
+    hours = db.execute(
+        "SELECT r.user, e.hour_s, SUM(e.energy_uj) FROM job_runs r JOIN job_nodes jn ON "
+        "jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns "
+        "JOIN job_energy e ON e.job_node_id = jn.id GROUP BY 1, 2"
+    ).fetchall()
+    db.close()
+    by_user: dict[str, dict[int, float]] = {}
+    for user, hour_s, uj in hours:
+        by_user.setdefault(user, {})[hour_s] = uj / 1e6
+    assert len({h for h in by_user["bob"] if h < hour(2024, 1)}) == 2  # the new year's run
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(f"cluster: c1\nledger: {ledger}\ncarbon:\n  region: DE\n  pue: 1.0\n")
+    monkeypatch.setenv("LLEM_CONFIG", str(cfg))
+    window = ("-a", "-S", "2023-01-01", "-E", "2025-01-01")
+    status, out, err = acct_run(*window, "--totals", "user", "--json", "-o", "User,CO2e")
+    assert status == 0, err
+    totals = {t["User"]: t["CO2e"] for t in json.loads(out)["totals"]}
+    config = de_config()
+    for user, by_hour in by_user.items():
+        assert totals[user] == pytest.approx(carbon.emissions(config, by_hour).co2e_g, abs=1e-3)
+    status, out, err = acct_run(*window, "--json", "-o", "JobID,User,CO2e")
+    assert status == 0, err
+    jobs = json.loads(out)["jobs"]
+    for user in by_user:
+        assert totals[user] == pytest.approx(sum(j["CO2e"] for j in jobs if j["User"] == user))
+    # the new year's run priced with one year's figure would be wrong: the test would see it
+    whole = {hour(2023, 12): sum(by_user["bob"].values())}
+    assert abs(totals["bob"] - carbon.emissions(config, whole).co2e_g) > 1

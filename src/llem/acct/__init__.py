@@ -59,7 +59,16 @@ from llem.acct.render import (
     rows_of_document,
     time_format,
 )
-from llem.acct.rows import latest_runs, run_row, select_rows, total_row, total_rows, window_rows
+from llem.acct.rows import (
+    columns_apply,
+    latest_runs,
+    run_row,
+    select_columns,
+    select_rows,
+    total_row,
+    total_rows,
+    window_rows,
+)
 from llem.acct.statement import describe_selection, describe_window, statement_text
 from llem.errors import LlemError
 
@@ -83,12 +92,18 @@ def report(ledger, opts: AcctOptions, config, now_ns: int | None = None) -> Repo
     if opts.statement:
         return Report(statement_text(ledger, opts, config) + "\n")
     carbon = resolve_carbon(config) if needs_carbon(opts) else None
-    rows = total_rows(ledger, opts, carbon) if opts.totals_by else select_rows(ledger, opts, carbon)
-    now_ns = time.time_ns() if now_ns is None else now_ns
     columns = opts.columns
+    if opts.mode == "json" and not opts.fields_given:
+        columns = all_columns(opts.totals_by)
+    names = [c.field.name for c in columns]
+    if opts.totals_by:
+        rows = total_rows(ledger, opts, carbon)
+    elif opts.mode in ("parsable", "parsable2") and columns_apply(opts, carbon, names):
+        rows = select_columns(ledger, opts, carbon, names)  # the same rows, by column
+    else:
+        rows = select_rows(ledger, opts, carbon, names)
+    now_ns = time.time_ns() if now_ns is None else now_ns
     if opts.mode == "json":
-        if not opts.fields_given:
-            columns = all_columns(opts.totals_by)
         return Report(render_json(columns, rows, opts=opts, carbon=carbon, generated_ns=now_ns))
     return _render(opts, columns, rows, carbon.footer() if carbon is not None else None)
 

@@ -12,11 +12,12 @@ import string
 import time
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from llem.acct.fields import ENERGY_PREFIXES, Column
 from llem.acct.options import spec_text
-from llem.safetext import safe_text
+from llem.safetext import safe_text, safe_texts
 from llem.units import NS_PER_S
 
 if TYPE_CHECKING:
@@ -67,10 +68,12 @@ def format_elapsed(seconds: float | None) -> str:
     """``[DD-]HH:MM:SS``, as sacct."""
     if seconds is None:
         return ""
-    total = int(round(seconds))
-    days, rest = divmod(total, 86400)
-    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{text}" if days else text
+    days, rest = divmod(int(round(seconds)), 86400)
+    hours, rest = divmod(rest, 3600)
+    # %-formatting: a third less time than an f-string of three :02d (80,000 rows a month)
+    if days:
+        return "%d-%02d:%02d:%02d" % (days, hours, rest // 60, rest % 60)  # noqa: UP031
+    return "%02d:%02d:%02d" % (hours, rest // 60, rest % 60)  # noqa: UP031
 
 
 def time_format(env: Mapping[str, str] | None = None) -> str:
@@ -226,18 +229,57 @@ def render_parsable(
 ) -> str:
     """``-p`` (a delimiter after every field) and ``-P`` (between fields only), as sacct;
     unlike sacct, a value's characters that occur in the delimiter are escaped (``\\x7c``),
-    so that a name can never add a field or a row."""
+    so that a name can never add a field or a row.
+
+    ``rows``: dicts, or an object with ``values`` (field name -> list of values) and a
+    length (:class:`llem.acct.rows.RunColumns`).
+    """
     end = delimiter if trailing else ""
     lines = []
     if not noheader:
         lines.append(delimiter.join(c.field.name for c in columns) + end)
-    cols = [
-        (c.field.name, _formatter(c.field.kind, units, delimiter, time_fmt, convert))
-        for c in columns
-    ]
-    for row in rows:
-        lines.append(delimiter.join([fmt(row.get(name)) for name, fmt in cols]) + end)
-    return "".join(line + "\n" for line in lines)
+    if rows:
+        # column by column: a month of a large cluster is 80,000 rows and more
+        by_column = getattr(rows, "values", None)  # rows held by column (RunColumns)
+        texts = [
+            _column_texts(
+                list(map(dict.get, rows, repeat(c.field.name)))
+                if by_column is None
+                else by_column.get(c.field.name) or [None] * len(rows),
+                c.field.kind,
+                units,
+                delimiter,
+                time_fmt,
+                convert,
+            )
+            for c in columns
+        ]
+        lines += (
+            map(delimiter.join, zip(*texts))
+            if not end
+            else (delimiter.join(cells) + end for cells in zip(*texts))
+        )
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _column_texts(
+    values: list, kind: str, units: str | None, delimiter: str, tfmt: str, convert: bool
+) -> list[str]:
+    """The texts of one column's values, as :func:`_formatter`'s; values shown as ``str()``
+    (names, counts) are made safe with one search over the whole column."""
+    if kind in _OUR_TEXT and not set(delimiter) & _OUR_CHARS:
+        # these formats give "" for None and need no escaping: no wrapper per value
+        if kind == "elapsed":
+            return [format_elapsed(v) for v in values]
+        if kind == "co2e":
+            return [format_co2e(v) for v in values]
+        if kind == "energy":
+            return [format_energy(v, units, convert) for v in values]
+    if kind in _OUR_TEXT:  # a format of its own; the other kinds are str()
+        return list(map(_formatter(kind, units, delimiter, tfmt, convert), values))
+    if set(map(type, values)) != {str}:  # (else the values are their texts already)
+        values = ["" if v is None else v if v.__class__ is str else str(v) for v in values]
+    return safe_texts(values, delimiter)
 
 
 def _json_value(value: Any, kind: str, precise: bool = False) -> Any:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 from llem.cluster.dialect import settled
@@ -396,30 +397,69 @@ def _window(f: RunFilter, params: list) -> list[str]:
     return out
 
 
-def run_columns_sql(ledger) -> str:
-    """The select list of :data:`RUN_COLUMNS` over ``job_runs r`` for this ledger: NULL for
-    the columns a ledger not yet migrated lacks."""
-    cols = [
-        f"r.{c}" if c not in SLURM_RUN_COLUMNS or ledger.has_column("job_runs", c) else "NULL"
-        for c in RUN_COLUMNS[:-1]
-    ]
-    has_column = ledger.has_column("job_nodes", "attribution")
-    cols.append(_attribution_sql(ledger) if has_column else "NULL")
+ZERO_RUN_COLUMNS = frozenset(
+    {
+        "energy_uj",
+        "cpu_energy_uj",
+        "dram_energy_uj",
+        "gpu_energy_uj",
+        "other_energy_uj",
+        "estimated_energy_uj",
+        "gpu_seconds",
+    }
+)
+"""Columns that are never NULL (``NOT NULL DEFAULT 0``): 0 stands for them when not read
+(:func:`select_runs`)."""
+
+
+def run_columns_sql(ledger, columns: Sequence[str] = RUN_COLUMNS) -> str:
+    """The select list of ``columns`` (of :data:`RUN_COLUMNS`) over ``job_runs r`` for this
+    ledger: NULL for the columns a ledger not yet migrated lacks."""
+    cols = []
+    for c in columns:
+        if c == "attribution":
+            has_column = ledger.has_column("job_nodes", "attribution")
+            cols.append(_attribution_sql(ledger) if has_column else "NULL")
+        elif c not in SLURM_RUN_COLUMNS or ledger.has_column("job_runs", c):
+            cols.append(f"r.{c}")
+        else:
+            cols.append("NULL")
     return ", ".join(cols)
 
 
-def select_runs(ledger, f: RunFilter) -> list[tuple]:
-    """Runs matching ``f``, oldest start first, as tuples of :data:`RUN_COLUMNS`."""
+def select_runs(
+    ledger,
+    f: RunFilter,
+    columns: Collection[str] | None = None,
+    ordered: bool = True,
+    padded: bool = True,
+) -> list[tuple]:
+    """Runs matching ``f``, oldest start first (in no order unless ``ordered``), as tuples of
+    :data:`RUN_COLUMNS`.
+
+    With ``columns`` (names of :data:`RUN_COLUMNS`) only those are read, and None, or 0 for
+    :data:`ZERO_RUN_COLUMNS`, stands for the others: a month of a large cluster is 80,000
+    rows and more, and every value the database hands over costs (padding the tuples here
+    costs less than reading NULLs). Not ``padded``: the tuples hold only the columns read,
+    in :data:`RUN_COLUMNS`' order (for callers that read them by column).
+    """
     where, params = where_clause(f)
     if not _has_slurm_columns(ledger):
         if f.qos is not None or f.timelimit_min is not None:
             return []  # only Slurm's accounting knows them
         where = _unmigrated(where)
-    cols = run_columns_sql(ledger)
-    return ledger.query(
-        f"SELECT {cols} FROM job_runs r WHERE {where} ORDER BY r.run_start_ns, r.cluster, r.job_id",
-        params,
+    read = RUN_COLUMNS if columns is None else [c for c in RUN_COLUMNS if c in columns]
+    order = " ORDER BY r.run_start_ns, r.cluster, r.job_id" if ordered else ""
+    rows = ledger.query(
+        f"SELECT {run_columns_sql(ledger, read)} FROM job_runs r WHERE {where}{order}", params
     )
+    if len(read) == len(RUN_COLUMNS) or not padded:
+        return rows
+    rest = [c for c in RUN_COLUMNS if c not in columns]
+    pad = tuple(0 if c in ZERO_RUN_COLUMNS else None for c in rest)
+    at = {c: i for i, c in enumerate([*read, *rest])}
+    shape = itemgetter(*(at[c] for c in RUN_COLUMNS))
+    return [shape(r + pad) for r in rows]
 
 
 def _where_for(ledger, f: RunFilter) -> tuple[str, list]:
@@ -465,17 +505,16 @@ def select_windows(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
     out = []
     has_work = ledger.has_column("windows", "work")
     work = "w.work, w.unit" if has_work else "NULL, NULL"
+    ids = ledger.dialect.any_text("jn.job_id")
     for cluster, job_ids in by_cluster.items():
-        for chunk in _chunks(sorted(set(job_ids))):
-            params = [cluster, *chunk]
-            rows = ledger.query(
-                "SELECT jn.cluster, jn.job_id, jn.run_start_ns, w.name, w.step_id, w.start_ns,"
-                f" w.end_ns, w.status, 1, w.energy_uj, jn.node, w.energy, {work} FROM job_nodes jn "
-                "JOIN windows w ON w.job_node_id = jn.id WHERE jn.cluster = ? AND "
-                f"jn.job_id IN ({', '.join('?' * len(chunk))})",
-                params,
-            )
-            out += [r for r in rows if (r[0], r[1], r[2]) in wanted]
+        # one statement per cluster: the job ids as one list parameter
+        rows = ledger.query(
+            "SELECT jn.cluster, jn.job_id, jn.run_start_ns, w.name, w.step_id, w.start_ns,"
+            f" w.end_ns, w.status, 1, w.energy_uj, jn.node, w.energy, {work} FROM job_nodes jn "
+            f"JOIN windows w ON w.job_node_id = jn.id WHERE jn.cluster = ? AND {ids}",
+            [cluster, ledger.dialect.list_param(sorted(set(job_ids)))],
+        )
+        out += [r for r in rows if (r[0], r[1], r[2]) in wanted]
     out.sort(key=lambda r: (r[5], r[3], r[10]))
     return out
 
@@ -497,16 +536,16 @@ def select_steps(ledger, runs: Sequence[tuple[str, str, int]]) -> list[tuple]:
     for cluster, job_id, _ in wanted:
         by_cluster.setdefault(cluster, []).append(job_id)
     out = []
+    ids = ledger.dialect.any_text("jn.job_id")
     for cluster, job_ids in by_cluster.items():
-        for chunk in _chunks(sorted(set(job_ids))):
-            rows = ledger.query(
-                "SELECT jn.cluster, jn.job_id, jn.run_start_ns, '', s.step, s.start_ns, "
-                f"s.end_ns, '{STEP_STATE}', 1, s.energy_uj, jn.node, s.energy, NULL, NULL "
-                "FROM job_nodes jn JOIN job_steps s ON s.job_node_id = jn.id "
-                f"WHERE jn.cluster = ? AND jn.job_id IN ({', '.join('?' * len(chunk))})",
-                [cluster, *chunk],
-            )
-            out += [r for r in rows if (r[0], r[1], r[2]) in wanted]
+        rows = ledger.query(
+            "SELECT jn.cluster, jn.job_id, jn.run_start_ns, '', s.step, s.start_ns, "
+            f"s.end_ns, '{STEP_STATE}', 1, s.energy_uj, jn.node, s.energy, NULL, NULL "
+            "FROM job_nodes jn JOIN job_steps s ON s.job_node_id = jn.id "
+            f"WHERE jn.cluster = ? AND {ids}",
+            [cluster, ledger.dialect.list_param(sorted(set(job_ids)))],
+        )
+        out += [r for r in rows if (r[0], r[1], r[2]) in wanted]
     out.sort(key=lambda r: (r[0], r[1], r[2], step_order(r[4]), r[10]))
     return out
 
@@ -557,7 +596,9 @@ def select_totals(ledger, f: RunFilter, by: str) -> list[tuple]:
     return settled(rows, 9, 11)
 
 
-def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]:
+def hourly_energy(
+    ledger, f: RunFilter, group: str | None = None, extra: tuple[str, list] | None = None
+) -> list[tuple]:
     """Attributed energy per clock hour of the runs matching ``f``.
 
     Args:
@@ -566,8 +607,12 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
         group: None for one series over all runs (rows ``(hour_s, energy_uj)``); ``"run"``
             for one per run (rows ``(cluster, job_id, run_start_ns, hour_s, energy_uj)``); or
             a member of :data:`GROUP_KEYS` (rows ``(key, hour_s, energy_uj)``).
+        extra: one more condition over ``job_runs r`` and its parameters.
     """
     where, params = _where_for(ledger, f)
+    if extra is not None:
+        where = f"{where} AND {extra[0]}"
+        params = [*params, *extra[1]]
     if group is None:
         keys, n = "", 0
     elif group == "run":
@@ -583,6 +628,56 @@ def hourly_energy(ledger, f: RunFilter, group: str | None = None) -> list[tuple]
         f"GROUP BY {groups} ORDER BY {groups}",
         params,
     )
+
+
+def energy_by_year(ledger, f: RunFilter, group: str) -> list[tuple]:
+    """Energy of the runs matching ``f`` for carbon figures that change only with the year:
+    rows ``(key, hour_s, energy_uj)`` by ``group`` (a member of :data:`GROUP_KEYS`), where
+    the runs that start and end in one UTC year count with their total (``hour_s`` is then
+    that year's first hour), and the few that span a new year with their energy by hour.
+
+    Two aggregates in SQL, whatever the number of runs: the first reads ``job_runs`` only,
+    the second joins the hourly energy of the runs that span a year (none in most windows).
+    """
+    import calendar
+    import time
+
+    first = time.gmtime(f.start_ns // 10**9 if f.start_ns is not None else 0).tm_year - 1
+    last = time.gmtime(max(time.time(), (f.end_ns or 0) / 10**9)).tm_year + 1
+    starts = [calendar.timegm((y, 1, 1, 0, 0, 0)) for y in range(max(first, 1970), last + 1)]
+
+    def year_of(expr: str, params: list) -> str:
+        """Which of ``starts`` the time is in: 1 for the first year, 0 before it, and
+        ``len(starts)`` after the last (an open end)."""
+        whens = []
+        for i in range(len(starts), 0, -1):
+            whens.append(f"WHEN {expr} >= ? THEN {i}")
+            params.append(starts[i - 1] * 10**9)
+        return f"(CASE {' '.join(whens)} ELSE 0 END)"
+
+    def one_year(params: list) -> str:
+        start = year_of("r.run_start_ns", params)
+        end = year_of("r.run_end_ns", params)
+        start_again = year_of("r.run_start_ns", params)
+        params.append(len(starts) - 1)
+        return f"(r.run_end_ns IS NOT NULL AND {start} = {end} AND {start_again} BETWEEN 1 AND ?)"
+
+    where, params = _where_for(ledger, f)
+    key = group_key(ledger, group)
+    # the year in the select list (0: not one year), not in WHERE, whose estimate would
+    # make PostgreSQL sort every run instead of hashing a few groups
+    select_params: list = []
+    cond = one_year(select_params)
+    year = year_of("r.run_start_ns", select_params)
+    totals = ledger.query(
+        f"SELECT {key}, CASE WHEN {cond} THEN {year} ELSE 0 END, SUM(r.energy_uj) "
+        f"FROM job_runs r WHERE {where} GROUP BY 1, 2",
+        [*select_params, *params],
+    )
+    out = [(k, starts[i - 1], uj) for k, i, uj in totals if i]
+    spanning_params: list = []
+    spanning = f"NOT {one_year(spanning_params)}"
+    return out + hourly_energy(ledger, f, group, (spanning, spanning_params))
 
 
 def run_nodes(ledger, f: RunFilter) -> list[tuple[str, str]]:
