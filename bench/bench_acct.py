@@ -108,8 +108,8 @@ def users_by_jobs(ledger: str, start_ns: int) -> list[tuple[str, int]]:
 
         with PgLedger(ledger, readonly=True) as led:
             rows = led.query(
-                "SELECT \"user\", COUNT(*) FROM job_runs WHERE run_end_ns >= :s "
-                "GROUP BY \"user\" ORDER BY 2, 1",
+                'SELECT "user", COUNT(*) FROM job_runs WHERE run_end_ns >= :s '
+                'GROUP BY "user" ORDER BY 2, 1',
                 {"s": start_ns},
             )
             total = led.query("SELECT COUNT(*) FROM job_runs")[0][0]

@@ -621,3 +621,30 @@ def test_an_older_export_committed_by_another_writer_mid_batch_is_still_replaced
             merge(pg, [new])
         assert "runs recomputed from the table" in caplog.text
         assert pg.canonical_dump() == sq.canonical_dump()
+
+
+def _rows_per_job_id(led) -> float:
+    plan = led.query("EXPLAIN SELECT id FROM job_nodes WHERE cluster = 'x' AND job_id = '1'")
+    return float(re.search(r"rows=(\d+)", plan[0][0]).group(1))
+
+
+def test_the_planner_expects_a_few_job_nodes_per_job_id_whatever_analyze_samples(pg_url):
+    """ANALYZE's sample sees nearly every job id once and its estimate of distinct ids stops
+    growing with the table: on 10,000,000 jobs it expected 27 job nodes per id and planned
+    llem-acct's windows of a user's 2,000 jobs as a scan of every window. The migration
+    (_v9_planner_statistics) fixes the estimate as a fraction of the rows, which every later
+    ANALYZE keeps; a small sample (statistics target 1: 300 rows) cannot undo it."""
+    from tests.helpers import make_ledger
+
+    make_ledger.write_jobs_pg(
+        pg_url, make_ledger.generate(3000, seed=5, now_s=1_780_000_000, days=60)
+    )
+    with PgLedger(pg_url) as led:
+        (options,), *_ = led.query(
+            "SELECT attoptions FROM pg_attribute "
+            "WHERE attrelid = 'job_nodes'::regclass AND attname = 'job_id'"
+        )
+        assert options == ["n_distinct=-0.5"]
+        led.query("ALTER TABLE job_nodes ALTER COLUMN job_id SET STATISTICS 1")
+        led.query("ANALYZE job_nodes")
+        assert _rows_per_job_id(led) <= 3

@@ -283,6 +283,8 @@ def acct(
 
 def _remote_report(opts, cfg):
     """The report through the gateway when the ledger names one (None otherwise)."""
+    if opts.ledger.startswith(("postgresql://", "postgres://", "service=")):
+        return None  # a database, never a gateway: no need to import the client (12 ms)
     from llem.gateway import client, wire
 
     target = client.target_of(opts.ledger)

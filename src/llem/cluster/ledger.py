@@ -392,6 +392,12 @@ def _v8_report_rollups(db: sqlite3.Connection) -> None:
     rollups.rebuild_sqlite(db)
 
 
+def _v9_planner_statistics(db: sqlite3.Connection) -> None:
+    """Nothing on SQLite: its planner takes an equality on the leading columns of a unique
+    index (job nodes by cluster and job id) without statistics. The PostgreSQL twin fixes
+    that planner's estimate of distinct job ids (:mod:`llem.cluster.pg_schema`)."""
+
+
 MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v1,
     _v2,
@@ -401,6 +407,7 @@ MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v6_slurm_accounting,
     _v7_job_steps,
     _v8_report_rollups,
+    _v9_planner_statistics,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -496,15 +496,18 @@ def period_totals(
     hours = ledger.query(
         f"""
         WITH {nodes},
-        gpu_runs AS (
-            SELECT run_id FROM nodes GROUP BY run_id
-            HAVING SUM({d.json_length("gpus")} * overlap_ns) > 0
+        flagged AS (
+            -- a run's GPU flag beside each of its node runs (a window, not a join of the
+            -- CTE with its own aggregate: PostgreSQL estimates the CTE at one row and
+            -- nested-looped that join, 850,000 x 400,000 on a 10,000,000-job ledger)
+            SELECT node_id, CASE WHEN SUM({d.json_length("gpus")} * overlap_ns)
+                                 OVER (PARTITION BY run_id) > 0 THEN 1 ELSE 0 END AS gpu_run
+            FROM nodes
         )
         SELECT e.hour_s, {sums},
-               SUM(CASE WHEN g.run_id IS NULL THEN 0 ELSE e.energy_uj END)
-        FROM nodes n
+               SUM(CASE WHEN n.gpu_run = 1 THEN e.energy_uj ELSE 0 END)
+        FROM flagged n
         {source}
-        LEFT JOIN gpu_runs g ON g.run_id = n.run_id
         WHERE e.hour_s >= :start_s AND e.hour_s < :end_s
         GROUP BY e.hour_s
     """,
