@@ -150,13 +150,13 @@ def _run(opts: ReportOptions) -> int:
         return _run_remote(opts, cfg, target)
     from llem.report import require
 
-    require(*_modules(opts))
+    require(*_modules(opts), load=False)  # imported beside the queries (build_report)
     from llem.cluster import report_queries as q
-    from llem.report import build_report, plots, render
+    from llem.report import build_report, preload_plots
 
     period = _period(opts)
-    # pyplot imported while the queries run (it waits on the ledger anyway)
-    importing = plots.preload() if _wants_plots(opts) else None
+    # pyplot, numpy and pandas imported while the queries run (they wait on the ledger anyway)
+    importing = preload_plots() if _wants_plots(opts) else None
     try:
         with q.open_readonly(ledger_path) as ledger:
             rep = build_report(
@@ -165,6 +165,8 @@ def _run(opts: ReportOptions) -> int:
     finally:
         if importing is not None:
             importing.join()
+    from llem.report import plots, render
+
     if rep.empty:
         who = f" for account {opts.account}" if opts.account else ""
         click.echo(f"llem report: no data in {ledger_path}{who} for {period.label}", err=True)

@@ -23,6 +23,8 @@ from llem.cluster.ledger import Ledger
 
 HOUR_S = 3600
 DAY_S = 86400
+DEFAULT_IDLE_W = 100.0
+"""Watts below which a GPU's average power over its job counts as idle (``--idle-w``)."""
 
 # Runs that overlap the period, joined to their node runs. CROSS JOIN fixes the join order
 # (runs by time index -> node runs by key -> energy rows by primary key): left to itself the

@@ -12,6 +12,8 @@ import this package. :func:`require` turns their absence into a clear error.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -27,16 +29,53 @@ class ReportDependencyError(LlemError):
     """pandas or matplotlib is missing."""
 
 
-def require(*modules: str) -> None:
-    """Import ``modules`` or raise :class:`ReportDependencyError` naming the extra."""
-    missing = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
+def require(*modules: str, load: bool = True) -> None:
+    """Import ``modules`` or raise :class:`ReportDependencyError` naming the extra.
+
+    ``load`` False only checks that they are installed (no import: pandas and matplotlib
+    take about a second of CPU, which :func:`build_report` spends beside the ledger's
+    queries); an import that fails later raises the same error (:func:`_imported`).
+    """
+    missing = [name for name in modules if not (_imported(name) if load else _installed(name))]
     if missing:
         raise ReportDependencyError(f"llem report needs {' and '.join(missing)}: {INSTALL_HINT}")
+
+
+def _imported(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def _installed(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None  # None: blocked (its import raises)
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def preload_plots():
+    """Import the plotting side (matplotlib's pyplot, numpy, pandas: about a second of CPU)
+    in a background thread, so that it overlaps the ledger queries (SQLite and PostgreSQL
+    release the GIL while a query runs). Returns the thread: join it before plotting or
+    leaving."""
+    import threading
+
+    def load() -> None:
+        try:
+            from llem.report import plots
+
+            plots._pyplot()
+        except Exception:  # noqa: BLE001 - the first plot imports it again and says why
+            pass
+
+    thread = threading.Thread(target=load, name="llem-import-plots", daemon=True)
+    thread.start()
+    return thread
 
 
 def build_report(
@@ -70,54 +109,72 @@ def build_report(
         ConfigError: the carbon configuration cannot be resolved (unknown region, ...).
         LedgerError: the ledger cannot be read.
     """
-    require("pandas")
+    require("pandas", load=False)
     from llem import carbon
     from llem.cluster import report_queries as q
-    from llem.report import frames
+    from llem.report.period import previous_period
 
-    idle_w = frames.DEFAULT_IDLE_W if idle_w is None else idle_w
-    previous = frames.previous_period(period)
+    idle_w = q.DEFAULT_IDLE_W if idle_w is None else idle_w
+    previous = previous_period(period)
     hours = previous.hours() + period.hours() if with_previous else period.hours()
     resolved = carbon.factors(config, model, hours=hours)
     # the report sums energy x factor in SQL: the per-hour factors and embodied rates come
     # from llem.carbon, as every other CO2e figure
-    factors = frames.Factors(
-        {h: resolved.g_per_uj(h) for h in hours}, resolved.gpu_g_per_hour, resolved.node_g_per_hour
-    )
-    q.load_hour_factors(ledger, factors.g_per_uj_by_hour)
+    g_per_uj = {h: resolved.g_per_uj(h) for h in hours}
+    q.load_hour_factors(ledger, g_per_uj)
+    start_ns, end_ns = period.start_ns, period.end_ns
 
-    # The previous period and the nodes' hourly totals are independent reads: each runs in
-    # its own read-only connection and thread (sqlite3 releases the GIL while a query runs),
-    # beside the current period's queries on the caller's connection.
-    def previous_totals_of(conn) -> dict:
-        q.load_hour_factors(conn, factors.g_per_uj_by_hour)
-        sums = q.period_totals(
+    # Every read but the runs runs in its own read-only connection and thread (SQLite and
+    # PostgreSQL release the GIL while a query runs), longest first, while this thread
+    # reads the runs and then imports pandas: on two cores the queries and the imports
+    # overlap instead of following each other.
+    def previous_sums_of(conn) -> dict:
+        q.load_hour_factors(conn, g_per_uj)
+        return q.period_totals(
             conn, previous.start_ns, previous.end_ns, idle_w, account, rollups=rollups
         )
-        return frames.totals_of_sums(sums, factors)
+
+    def energy_of(conn) -> list[tuple]:
+        q.load_hour_factors(conn, g_per_uj)
+        return q.energy_by_run_day(conn, start_ns, end_ns, account, rollups=rollups)
+
+    def idle_of(conn) -> list[tuple]:
+        return q.idle_gpus(conn, start_ns, end_ns, idle_w, account, rollups=rollups)
 
     def node_rows_of(conn) -> tuple:
-        return (
-            q.node_hours(conn, period.start_ns, period.end_ns),
-            q.job_nodes_in_period(conn, period.start_ns, period.end_ns),
-        )
+        return q.node_hours(conn, start_ns, end_ns), q.job_nodes_in_period(conn, start_ns, end_ns)
 
-    side = {}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        if with_previous:
-            side["previous"] = pool.submit(_own_connection, ledger.path, previous_totals_of)
-        if account is None:
-            side["nodes"] = pool.submit(_own_connection, ledger.path, node_rows_of)
-        jobs, runs, energy = _jobs(ledger, period, account, idle_w, factors, rollups)
-        totals = frames.totals(jobs)
-        carbon_fields = _carbon_fields(
-            ledger, config, resolved, period, account, energy, totals, rollups
-        )
-        previous_totals = side["previous"].result() if with_previous else {}
-        recon = None
-        if account is None:
-            node_rows, job_nodes = side["nodes"].result()
-            recon = frames.reconciliation(node_rows, job_nodes, totals["energy_kwh"])
+    reads = {"previous": previous_sums_of} if with_previous else {}
+    reads.update(energy=energy_of, idle=idle_of)
+    if account is None:
+        reads["nodes"] = node_rows_of
+    with ThreadPoolExecutor(max_workers=len(reads)) as pool:
+        side = {
+            name: pool.submit(_own_connection, ledger.path, read) for name, read in reads.items()
+        }
+        try:
+            run_rows = q.runs(ledger, start_ns, end_ns, account)
+            frames = _frames()
+            factors = frames.Factors(g_per_uj, resolved.gpu_g_per_hour, resolved.node_g_per_hour)
+            # each query's frame is made once: the jobs frame and the daily series share them
+            runs = frames.records(run_rows, q.RUN_COLUMNS)
+            del run_rows
+            energy = frames.records(side["energy"].result(), q.ENERGY_COLUMNS)
+            jobs = frames.jobs_frame(runs, energy, side["idle"].result(), factors)
+            totals = frames.totals(jobs)
+            carbon_fields = _carbon_fields(
+                ledger, config, resolved, period, account, energy, totals, rollups
+            )
+            previous_totals = (
+                frames.totals_of_sums(side["previous"].result(), factors) if with_previous else {}
+            )
+            recon = None
+            if account is None:
+                node_rows, job_nodes = side["nodes"].result()
+                recon = frames.reconciliation(node_rows, job_nodes, totals["energy_kwh"])
+        finally:
+            for future in side.values():
+                future.cancel()
     gpu_values = jobs.loc[jobs["gpu_h"] > 0, "kwh_per_gpu_h"].dropna()
     return frames.Report(
         period=period,
@@ -147,21 +204,14 @@ def _own_connection(path, body):
         return body(conn)
 
 
-def _jobs(ledger, period, account, idle_w, factors, rollups=True):
-    from llem.cluster import report_queries as q
-    from llem.report import frames
-
-    runs = frames.records(
-        q.runs(ledger, period.start_ns, period.end_ns, account),
-        q.RUN_COLUMNS,
-    )
-    energy = frames.records(
-        q.energy_by_run_day(ledger, period.start_ns, period.end_ns, account, rollups=rollups),
-        q.ENERGY_COLUMNS,
-    )
-    idle = q.idle_gpus(ledger, period.start_ns, period.end_ns, idle_w, account, rollups=rollups)
-    # each query's frame is made once: the jobs frame and the daily series share them
-    return frames.jobs_frame(runs, energy, idle, factors), runs, energy
+def _frames():
+    """:mod:`llem.report.frames` (which imports pandas), or the error naming the extra."""
+    try:
+        from llem.report import frames
+    except ImportError:
+        require("pandas")  # says which module is missing
+        raise
+    return frames
 
 
 def _carbon_fields(ledger, config, resolved, period, account, energy, totals, rollups=True) -> dict:

@@ -12,17 +12,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import pandas as pd
 
 from llem.cluster import report_queries as q
-from llem.report.period import Period, _iso, month_period, range_period  # noqa: F401 - API
+from llem.report.period import (  # noqa: F401 - API
+    Period,
+    _iso,
+    month_period,
+    previous_period,
+    range_period,
+)
 from llem.units import UJ_PER_KWH
 
 GROUP_KEYS = ("account", "user", "partition", "tag")
-DEFAULT_IDLE_W = 100.0
+DEFAULT_IDLE_W = q.DEFAULT_IDLE_W
 IDLE_DEFINITION = (
     "a GPU allocated to a job counts as idle when its average power over the job's time on "
     "its node (its measured or estimated energy divided by that time) stayed below {w:g} W; "
@@ -30,21 +35,6 @@ IDLE_DEFINITION = (
     "about 30-90 W (A100, H100), busy power 200-700 W."
 )
 NONE_LABEL = "(none)"
-
-
-def previous_period(period: Period) -> Period:
-    """The calendar month before a month; the same length just before any other period."""
-    if period.kind == "month":
-        start = datetime.fromtimestamp(period.start_ns // 10**9, tz=timezone.utc)
-        prev = (
-            start.replace(year=start.year - 1, month=12)
-            if start.month == 1
-            else start.replace(month=start.month - 1)
-        )
-        return month_period(prev.strftime("%Y-%m"))
-    length = period.end_ns - period.start_ns
-    start, end = period.start_ns - length, period.start_ns
-    return Period(start, end, f"{_iso(start)[:10]}..{_iso(end)[:10]}", "range")
 
 
 @dataclass(frozen=True)

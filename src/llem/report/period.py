@@ -67,3 +67,18 @@ def range_period(since: datetime, until: datetime) -> Period:
         )
     label = f"{since:%Y-%m-%d}..{until:%Y-%m-%d}"
     return Period(int(since.timestamp() * 1e9), int(until.timestamp() * 1e9), label, "range")
+
+
+def previous_period(period: Period) -> Period:
+    """The calendar month before a month; the same length just before any other period."""
+    if period.kind == "month":
+        start = datetime.fromtimestamp(period.start_ns // 10**9, tz=timezone.utc)
+        prev = (
+            start.replace(year=start.year - 1, month=12)
+            if start.month == 1
+            else start.replace(month=start.month - 1)
+        )
+        return month_period(prev.strftime("%Y-%m"))
+    length = period.end_ns - period.start_ns
+    start, end = period.start_ns - length, period.start_ns
+    return Period(start, end, f"{_iso(start)[:10]}..{_iso(end)[:10]}", "range")

@@ -40,23 +40,6 @@ def _pyplot():
     return plt
 
 
-def preload():
-    """Import matplotlib's pyplot (about half a second of CPU) in a background thread, so
-    that it overlaps the ledger queries (SQLite and PostgreSQL release the GIL while a query
-    runs). Returns the thread: join it before plotting or leaving."""
-    import threading
-
-    def load() -> None:
-        try:
-            _pyplot()
-        except Exception:  # noqa: BLE001 - the first plot imports it again and says why
-            pass
-
-    thread = threading.Thread(target=load, name="llem-import-pyplot", daemon=True)
-    thread.start()
-    return thread
-
-
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(
