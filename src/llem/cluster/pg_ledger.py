@@ -277,6 +277,10 @@ class PgLedger(LedgerCommon):
         except self._errors as e:
             log.warning("cannot use the local time zone in the ledger session (%s); UTC", e)
             self.db.execute("SET TimeZone = 'UTC'")
+        # No JIT compilation: llem's statements run once each, and on a large ledger their
+        # cost estimates pass jit_inline_above_cost, so PostgreSQL spent 0.1-0.7 s compiling
+        # each of the report's queries that then ran in 0.4 s (docs/performance.md).
+        self.db.execute("SET jit = off")
 
     @contextmanager
     def _txn(self):
