@@ -149,8 +149,8 @@ def build_report(
     if account is None:
         reads["nodes"] = node_rows_of
     # two side reads at a time: on the 10,000,000-job PostgreSQL ledger (every statement with
-    # PostgreSQL's own parallel workers, two cores) all four at once took 74 s, two 70 s, one
-    # 80 s; on SQLite (1,000,000 jobs) two, three and four gave the same 4.2-4.8 s
+    # PostgreSQL's own parallel workers, two cores) all four at once took 74 s, two 70-74 s
+    # (mean 72), one 80 s; on SQLite (1,000,000 jobs) two, three and four gave 4.2-4.8 s
     with ThreadPoolExecutor(max_workers=2) as pool:
         side = {
             name: pool.submit(_own_connection, ledger.path, read) for name, read in reads.items()
