@@ -370,7 +370,8 @@ class Gateway:
         deadline = time.monotonic() + self.config.gateway.query_timeout_s
         try:
             with report_queries.open_readonly(self._spec_for(role)) as ledger:
-                _bound_time(ledger, deadline, self.config.gateway.query_timeout_s)
+                timeout_s = self.config.gateway.query_timeout_s
+                _bound_time(ledger, deadline, timeout_s)
                 rep = build_report(
                     ledger,
                     self.config,
@@ -378,17 +379,19 @@ class Gateway:
                     account=req.account,
                     idle_w=req.idle_w,
                     top_n=req.top,
+                    # the report's side connections too, not only this one
+                    prepare=lambda conn: _bound_time(conn, deadline, timeout_s),
                 )
             text = _render_report(rep, req.format)
-        except LlemError as e:
-            return {"ok": False, "error": str(e)}
         except Exception as e:  # noqa: BLE001
-            if "interrupted" in str(e) or "statement timeout" in str(e):
+            if _timed_out(e):  # a LedgerError on PostgreSQL: its text names the database
                 return {
                     "ok": False,
                     "error": "the report ran longer than "
                     f"{self.config.gateway.query_timeout_s:g} s",
                 }
+            if isinstance(e, LlemError):
+                return {"ok": False, "error": str(e)}
             log.exception("gateway: report failed")
             return {"ok": False, "error": f"the report failed: {type(e).__name__}: {e}"}
         return {"ok": True, "text": text, "empty": bool(rep.empty)}
@@ -426,14 +429,14 @@ class Gateway:
                             "error": f"job {safe_text(req.job_id)} is on clusters "
                             f"{safe_text(', '.join(others))}: choose one with --cluster",
                         }
-        except LlemError as e:
-            return {"ok": False, "error": str(e)}
         except Exception as e:  # noqa: BLE001
-            if "interrupted" in str(e) or "statement timeout" in str(e):
+            if _timed_out(e):  # a LedgerError on PostgreSQL: its text names the database
                 return {
                     "ok": False,
                     "error": f"the query ran longer than {self.config.gateway.query_timeout_s:g} s",
                 }
+            if isinstance(e, LlemError):
+                return {"ok": False, "error": str(e)}
             log.exception("gateway: job query failed")
             return {"ok": False, "error": f"the query failed: {type(e).__name__}"}
         if data is None:
@@ -489,15 +492,15 @@ class Gateway:
             ):
                 _bound_time(ledger, deadline, self.config.gateway.query_timeout_s)
                 answer = acct.gateway_answer(ledger, opts, self.config, want_carbon)
-        except LlemError as e:
-            return {"ok": False, "error": str(e)}
         except Exception as e:  # noqa: BLE001
-            if "interrupted" in str(e) or "statement timeout" in str(e):
+            if _timed_out(e):  # a LedgerError on PostgreSQL: its text names the database
                 return {
                     "ok": False,
                     "error": f"the query ran longer than {self.config.gateway.query_timeout_s:g} s; "
                     "narrow it (-S/-E, -u, -A, -j)",
                 }
+            if isinstance(e, LlemError):
+                return {"ok": False, "error": str(e)}
             log.exception("gateway: query failed")
             return {"ok": False, "error": f"the query failed: {type(e).__name__}"}
         notes = []
@@ -576,6 +579,12 @@ def row_security_line(ledger_path) -> str | None:
     if why is None:
         return "gateway: row-level security: on (the database shows each caller their rows)"
     return f"gateway: row-level security: OFF: {why}; the gateway's own restriction applies"
+
+
+def _timed_out(e: Exception) -> bool:
+    """Whether ``e`` is a statement stopped by :func:`_bound_time` (SQLite's interrupt,
+    PostgreSQL's statement timeout)."""
+    return "interrupted" in str(e) or "statement timeout" in str(e)
 
 
 def _bound_time(ledger, deadline: float, timeout_s: float) -> None:

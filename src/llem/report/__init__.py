@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llem.errors import LlemError
 
@@ -89,6 +90,7 @@ def build_report(
     model=None,
     with_previous: bool = True,
     rollups: bool = True,
+    prepare: Callable[[Any], None] | None = None,
 ) -> Report:
     """Compute a report of ``period`` from an open ledger.
 
@@ -104,6 +106,10 @@ def build_report(
         rollups: read the roll-ups kept at merge time (``llem.cluster.rollups``) where the
             ledger has them; False sums the raw energy rows (the same report, slower: the
             tests and ``bench/bench_report.py --raw`` compare the two).
+        prepare: called with each connection that the report opens for itself (its side
+            reads, on the ledger's path) before it reads: ``llem serve`` bounds their time
+            as it bounds ``ledger``'s (a caller's report must not outlast the gateway's
+            ``query_timeout_s`` on any connection).
 
     Raises:
         ConfigError: the carbon configuration cannot be resolved (unknown region, ...).
@@ -153,7 +159,8 @@ def build_report(
     # (mean 72), one 80 s; on SQLite (1,000,000 jobs) two, three and four gave 4.2-4.8 s
     with ThreadPoolExecutor(max_workers=2) as pool:
         side = {
-            name: pool.submit(_own_connection, ledger.path, read) for name, read in reads.items()
+            name: pool.submit(_own_connection, ledger.path, read, prepare)
+            for name, read in reads.items()
         }
         try:
             run_rows = q.runs(ledger, start_ns, end_ns, account)
@@ -200,10 +207,12 @@ def build_report(
     )
 
 
-def _own_connection(path, body):
+def _own_connection(path, body, prepare=None):
     from llem.cluster import report_queries as q
 
     with q.open_readonly(path) as conn:
+        if prepare is not None:
+            prepare(conn)
         return body(conn)
 
 
