@@ -14,7 +14,6 @@ import time
 import pytest
 
 from llem.cluster import report_queries
-from llem.cluster.ledger import Ledger
 from llem.config import Config, GatewayConfig
 from llem.gateway import wire
 from llem.gateway.privacy import Role
@@ -37,9 +36,8 @@ def _ledger(backend: str, tmp_path, pg_server) -> str:
     if backend == "sqlite":
         path = str(tmp_path / "ledger.db")
         make_ledger.write_jobs(path, jobs)
-        Ledger(path).close()
         return path
-    url = pg_server.database(f"bound_{int(time.time_ns())}")
+    url = pg_server.database()
     make_ledger.write_jobs_pg(url, jobs)
     return url
 

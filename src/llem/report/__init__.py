@@ -124,10 +124,10 @@ def build_report(
     previous = previous_period(period)
     hours = previous.hours() + period.hours() if with_previous else period.hours()
     resolved = carbon.factors(config, model, hours=hours)
-    # the report sums energy x factor in SQL: the per-hour factors and embodied rates come
-    # from llem.carbon, as every other CO2e figure
+    # the report sums energy x factor in SQL (the energy per run and day, the only statement
+    # that reads temp.factors): the per-hour factors and embodied rates come from
+    # llem.carbon, as every other CO2e figure
     g_per_uj = {h: resolved.g_per_uj(h) for h in hours}
-    q.load_hour_factors(ledger, g_per_uj)
     start_ns, end_ns = period.start_ns, period.end_ns
 
     # Every read but the runs runs in its own read-only connection and thread (SQLite and
@@ -135,7 +135,6 @@ def build_report(
     # reads the runs and then imports pandas: the queries and the imports overlap instead
     # of following each other.
     def previous_sums_of(conn) -> dict:
-        q.load_hour_factors(conn, g_per_uj)
         return q.period_totals(
             conn, previous.start_ns, previous.end_ns, idle_w, account, rollups=rollups
         )
