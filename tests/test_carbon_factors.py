@@ -66,6 +66,28 @@ def test_report_factor_per_microjoule_is_intensity_times_pue_of_that_hour(tmp_pa
     assert summed == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("shape", ["hourly", "pue-by-month", "year-tables", "constant"])
+def test_factors_of_many_hours_at_once_equal_hour_by_hour(tmp_path, shape):
+    """The report's per-month shortcut (g_per_uj_by_hour) gives each hour's own factor:
+    across month and year changes, inside and outside the hourly series, in any order."""
+    config = {
+        "hourly": _hourly_config(tmp_path),
+        "pue-by-month": from_mapping({"carbon": {"region": "FR", "pue": PUE}}),
+        "year-tables": from_mapping({"carbon": {"region": "DE", "pue": 1.3}}),
+        "constant": from_mapping({"carbon": {"intensity_g_per_kwh": 312.5, "pue": 1.2}}),
+    }[shape]
+    f = carbon.factors(config)
+    first = hour(2026, 1, 1, 0) if isinstance(f.pue, dict) else hour(2019, 12, 31, 20)
+    hours = list(range(first, hour(2026, 3, 2, 3), 3600))
+    one_by_one = {h: f.g_per_uj(h) for h in hours}
+    assert f.g_per_uj_by_hour(hours) == one_by_one
+    assert f.g_per_uj_by_hour(reversed(hours)) == one_by_one
+    assert f.g_per_uj_by_hour(hours[::7] + hours[3::5]) == {
+        h: one_by_one[h] for h in hours[::7] + hours[3::5]
+    }
+    assert len(set(one_by_one.values())) > (1 if shape != "constant" else 0)
+
+
 def test_acct_rows_apply_the_same_figures_as_emissions(tmp_path):
     config = _hourly_config(tmp_path)
     c = resolve_carbon(config)

@@ -164,6 +164,37 @@ def test_replayed_bad_requests_are_refused(text):
         wire.parse_request(text)
 
 
+def _report_of(years: int) -> str:
+    end_ns = int(years * 365.25 * 86400) * 10**9
+    return json.dumps(
+        {
+            "op": "report",
+            "report": {
+                "start_ns": 0,
+                "end_ns": end_ns,
+                "label": "x",
+                "kind": "range",
+                "idle_w": 100,
+                "top": 20,
+                "format": "json",
+            },
+        }
+    )
+
+
+def test_a_report_of_more_than_40_years_is_refused_before_any_work():
+    """Replays a 146-year report: its 2.5 million hourly carbon factors were built (7.7 s of
+    CPU, 290 MB) before the query's time bound applied."""
+    assert wire.parse_request(_report_of(40)).report.end_ns == _report_of_ns(40)
+    for years in (41, 146):
+        with pytest.raises(Refused, match="a report covers at most 40 years"):
+            wire.parse_request(_report_of(years))
+
+
+def _report_of_ns(years: int) -> int:
+    return json.loads(_report_of(years))["report"]["end_ns"]
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(mutated())
 def test_a_mutated_request_is_parsed_or_refused_never_raises(text):

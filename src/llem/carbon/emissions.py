@@ -17,7 +17,7 @@ factor changes old reports, and every result carries the factors it used (``carb
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -65,6 +65,14 @@ class Emissions:
 def month_of(hour_start_utc: int) -> str:
     """``YYYY-MM`` of a UTC epoch second."""
     return datetime.fromtimestamp(hour_start_utc, tz=timezone.utc).strftime("%Y-%m")
+
+
+def _month_bounds(epoch_s: int) -> tuple[int, int]:
+    """[start, end) in epoch seconds of the UTC month of ``epoch_s``."""
+    t = datetime.fromtimestamp(epoch_s, tz=timezone.utc)
+    year, month = (t.year + 1, 1) if t.month == 12 else (t.year, t.month + 1)
+    start = datetime(t.year, t.month, 1, tzinfo=timezone.utc)
+    return int(start.timestamp()), int(datetime(year, month, 1, tzinfo=timezone.utc).timestamp())
 
 
 def pue_for_month(pue: float | Mapping[str, float], month: str) -> float:
@@ -152,6 +160,26 @@ class Factors:
         factor of :func:`operational_g` for sums that run elsewhere (``llem report`` in SQL)."""
         hi, pue = self.of_hour(hour_start_utc)
         return hi.g_per_kwh * pue / UJ_PER_KWH
+
+    def g_per_uj_by_hour(self, hours: Iterable[int]) -> dict[int, float]:
+        """:meth:`g_per_uj` of each of ``hours`` (UTC hour starts), computed once
+        per calendar month for every hour without an hourly intensity of its own: the
+        annual figure changes by year and the PUE by month, so within a month such hours
+        share one factor (a 30-year report's 263,000 hours: 2.3 s of CPU hour by hour)."""
+        series = self.model.hourly.g_per_kwh_by_hour if self.model.hourly is not None else {}
+        out: dict[int, float] = {}
+        month_start = month_end = 0
+        month_g = 0.0
+        for hour in hours:
+            if hour in series:
+                out[hour] = self.g_per_uj(hour)
+                continue
+            if not month_start <= hour < month_end:
+                month_start, month_end = _month_bounds(hour)
+                hi = self.model.annual_for(hour)
+                month_g = hi.g_per_kwh * self.pue_of_month(month_of(hour)) / UJ_PER_KWH
+            out[hour] = month_g
+        return out
 
     def embodied_g(self, gpu_hours: float, node_hours: float) -> float:
         """Embodied grams CO2e of GPU-hours and node-hours (0 when disabled)."""

@@ -127,7 +127,7 @@ def build_report(
     # the report sums energy x factor in SQL (the energy per run and day, the only statement
     # that reads temp.factors): the per-hour factors and embodied rates come from
     # llem.carbon, as every other CO2e figure
-    g_per_uj = {h: resolved.g_per_uj(h) for h in hours}
+    g_per_uj = resolved.g_per_uj_by_hour(hours)
     start_ns, end_ns = period.start_ns, period.end_ns
 
     # Every read but the runs runs in its own read-only connection and thread (SQLite and
