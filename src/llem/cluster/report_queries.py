@@ -26,9 +26,10 @@ DAY_S = 86400
 DEFAULT_IDLE_W = 100.0
 """Watts below which a GPU's average power over its job counts as idle (``--idle-w``)."""
 
-# Runs that overlap the period, joined to their node runs. CROSS JOIN fixes the join order
-# (runs by time index -> node runs by key -> energy rows by primary key): left to itself the
-# planner scans all of job_energy, which grows with the ledger's whole history.
+# Runs that overlap the period, joined to their node runs. The join order is fixed (runs by
+# time index -> node runs by key (Dialect.node_runs) -> energy rows by primary key): left to
+# itself the planner scans all of job_energy or job_nodes, which grow with the ledger's whole
+# history.
 _NODES_CTE = """
     nodes AS (
         SELECT jn.id AS node_id, {run_id} AS run_id, jn.node AS node, jn.gpus AS gpus,
@@ -36,9 +37,7 @@ _NODES_CTE = """
                r.job_id AS job_id, r.run_start_ns AS run_start_ns,
                {greatest}(0, {least}(jn.end_ns, :end_ns) - {greatest}(jn.start_ns, :start_ns))
                    AS overlap_ns
-        FROM job_runs r
-        {fixed_join} job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id
-                         AND jn.run_start_ns = r.run_start_ns
+        FROM job_runs r {node_runs}
         WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {account_filter}
     )
 """
@@ -58,7 +57,7 @@ def _nodes_cte(ledger, account_filter: str) -> str:
         greatest=d.greatest,
         least=d.least,
         seconds=SECONDS,
-        fixed_join=d.fixed_join,
+        node_runs=d.node_runs(),
         account_filter=account_filter,
     )
 
@@ -145,9 +144,7 @@ def runs(ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None)
                    - {d.greatest}(r.run_start_ns, :start_ns)) / {SECONDS},
                COALESCE(SUM({overlap}), 0) / {SECONDS},
                COALESCE(SUM({d.json_length("jn.gpus")} * {overlap}), 0) / {SECONDS}
-        FROM job_runs r
-        LEFT JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id
-                               AND jn.run_start_ns = r.run_start_ns
+        FROM job_runs r {d.node_runs(left=True)}
         WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {filt}
         GROUP BY r.cluster, r.job_id, r.run_start_ns
         ORDER BY r.cluster, r.job_id, r.run_start_ns
@@ -471,9 +468,7 @@ def period_totals(
                        - {d.greatest}(r.run_start_ns, :start_ns)) AS overlap_ns,
                    COALESCE(SUM({overlap}), 0) AS node_ns,
                    COALESCE(SUM({d.json_length("jn.gpus")} * {overlap}), 0) AS gpu_ns
-            FROM job_runs r
-            LEFT JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id
-                                   AND jn.run_start_ns = r.run_start_ns
+            FROM job_runs r {d.node_runs(left=True)}
             WHERE {runs_where}
             GROUP BY r.cluster, r.job_id, r.run_start_ns
         )
