@@ -7,18 +7,46 @@ Real files (HPE Cray EX node controller): ``energy``, ``cpu_energy``, ``memory_e
 Each update is a folder of its own, swapped in atomically (see FakePmCounters).
 
 :class:`PmWriter` advances the tree in a background thread at fixed powers, ten updates a
-second like the controller, with whole-joule counters carried as exact fractions.
+second like the controller, with whole-joule counters carried as exact fractions. Like the
+controller's scans, the updates are whole periods of the controller's own clock (timestamps
+100 000 us apart at 10 Hz), paced against the host's monotonic clock without drift; they are
+not the host thread's jittery wake-up times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
 FILES = ("energy", "cpu_energy", "memory_energy")
+
+
+@contextlib.contextmanager
+def memory_dir(fallback: Path) -> Iterator[Path]:
+    """A fresh directory in memory (``/dev/shm``) for a tree a writer updates live, else
+    ``fallback``.
+
+    sysfs is served from memory. On a journaled disk file system a scan's publication (a
+    folder of files, a symlink swapped, an old folder removed) can wait out a journal commit:
+    hundreds of milliseconds under load, a controller late by several scans, which a real
+    one never is.
+    """
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK | os.X_OK)):
+        yield fallback
+        return
+    path = Path(tempfile.mkdtemp(prefix="llem-pm-counters-", dir=shm))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class FakePmCounters:
@@ -80,7 +108,7 @@ class FakePmCounters:
         with self.lock:
             for name, w in watts.items():
                 self.joules[name] += Fraction(w) * Fraction(seconds)
-            self.ts_us += int(seconds * 1e6)
+            self.ts_us += int(Fraction(seconds) * 10**6)
             self.publish(watts)
 
     def restart(self, startup_us: int | None = None) -> None:
@@ -96,7 +124,14 @@ class FakePmCounters:
 
 
 class PmWriter(threading.Thread):
-    """Advances a fake tree at fixed powers, ten updates a second, until stopped."""
+    """Advances a fake tree at fixed powers, ten updates a second, until stopped.
+
+    Each update is a whole number of scan periods (``1/hz`` s exactly) of the controller's
+    clock: scan ``k`` is due at ``t0 + k/hz`` on the host's monotonic clock, and a late wake
+    publishes every scan then due in one update. So each counter holds ``watts * k / hz``
+    exactly, and what its whole-joule file truncates is set by the power and the scan count
+    (none at all where a scan's energy is a whole joule), never by the host's timing.
+    """
 
     def __init__(
         self,
@@ -105,20 +140,23 @@ class PmWriter(threading.Thread):
         hz: float = 10.0,
     ) -> None:
         super().__init__(daemon=True, name="pm-writer")
-        self.fake, self.watts, self.period = fake, watts, 1.0 / hz
+        self.fake, self.watts = fake, watts
+        self.scan_s = 1 / Fraction(hz).limit_denominator(1000)  # exact: 1/20, 1/10
+        self.period = float(self.scan_s)
         self.stopping = threading.Event()
         self.restart_at: float | None = None
 
     def run(self) -> None:
-        last = time.monotonic()
-        t0 = last
-        while not self.stopping.wait(self.period):
+        t0 = time.monotonic()
+        scans = 0
+        while not self.stopping.wait(max(0.0, t0 + (scans + 1) * self.period - time.monotonic())):
             now = time.monotonic()
             if self.restart_at is not None and now - t0 >= self.restart_at:
                 self.restart_at = None
                 self.fake.restart()
-            self.fake.advance(self.watts, now - last)
-            last = now
+            due = max(scans + 1, int((now - t0) / self.period))
+            self.fake.advance(self.watts, (due - scans) * self.scan_s)
+            scans = due
 
     def stop(self) -> None:
         self.stopping.set()
