@@ -79,14 +79,17 @@ class Dialect:
 
     def node_runs(self, left: bool = False) -> str:
         """The join of the statement's runs ``r`` to their node runs ``job_nodes jn`` (by the
-        run's key; ``left``: a run without node runs stays, with NULLs).
+        run's key; ``left``: a run without node runs stays, with NULLs), run by run through
+        job_nodes' unique key (cluster, job_id, ...).
 
-        Run by run through job_nodes' unique key (cluster, job_id, ...), on both backends.
         PostgreSQL's planner, left to itself, hashed the whole of job_nodes (every node run
-        in the ledger's history: 1.44 million rows to join the 82,000 runs of one month on
-        the 1,000,000-job ledger, 1.37 s; 0.72 s run by run): the LATERAL sub-query with
-        ``OFFSET 0`` (which the planner does not flatten) keeps the look-ups, whose cost
-        grows with the period, not with the history (docs/performance.md)."""
+        of the ledger's history) to join one month's runs: on the 10,000,000-job ledger the
+        report's runs query took 31 s that way and 9.5-11.6 s run by run (822,000 runs,
+        14.4 million node runs; EXPLAIN ANALYZE, docs/performance.md). The LATERAL sub-query
+        with ``OFFSET 0``, which the planner does not flatten, keeps the look-ups, whose cost
+        grows with the period, not with the history. Not for statements that go on to look
+        up roll-up rows per node run: there the hash join's parallel workers share those
+        look-ups (report_queries' node runs CTE)."""
         return self._node_runs_left if left else self._node_runs
 
     def position(self, needle: str, text: str) -> str:
