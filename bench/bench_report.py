@@ -15,7 +15,7 @@ PostgreSQL server made with ``initdb`` and the report is timed on both backends.
 With ``--raw`` the in-process report is also timed from the raw energy rows, without the
 roll-ups kept at merge time (``llem.cluster.rollups``), for the comparison.
 
-Usage: python bench/bench_report.py [--jobs N] [--ledger PATH] [--month 2024-03] [--repeat R]
+Usage: python bench/bench_report.py [--jobs N] [--ledger PATH|URL] [--month 2024-03] [--repeat R]
            [--postgres] [--raw]
 """
 
@@ -176,7 +176,10 @@ def time_cli(path: Path, month: str, out: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs to generate")
-    parser.add_argument("--ledger", type=Path, help="reuse this ledger (built when absent)")
+    parser.add_argument(
+        "--ledger",
+        help="reuse this ledger (a file, built when absent, or a PostgreSQL URL)",
+    )
     parser.add_argument("--month", default="2024-03")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--postgres", action="store_true", help="also time it on PostgreSQL")
@@ -187,11 +190,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llem-bench-report-"))
-    path = args.ledger or work / "ledger.db"
-    if not path.exists():
-        print(f"building {path}: {args.jobs:,} jobs ...", flush=True)
-        print("built:", build(path, args.jobs), flush=True)
-    targets = [("SQLite", path)]
+    from llem.cluster.pg_ledger import is_postgres
+
+    if args.ledger and is_postgres(args.ledger):
+        # an existing PostgreSQL ledger (bench/make_ledger.py --out postgresql://...)
+        if args.postgres:
+            parser.error("--postgres copies a SQLite ledger; --ledger is PostgreSQL already")
+        targets = [("PostgreSQL", args.ledger)]
+    else:
+        path = Path(args.ledger) if args.ledger else work / "ledger.db"
+        if not path.exists():
+            print(f"building {path}: {args.jobs:,} jobs ...", flush=True)
+            print("built:", build(path, args.jobs), flush=True)
+        targets = [("SQLite", path)]
     server = None
     if args.postgres:
         from tests.helpers.postgres import Server, copy_into
