@@ -57,8 +57,9 @@ WINDOWS = ("overlap", "eligible", "submit", "state")
 MAX_TIMELIMIT_MIN = 10**9
 MAX_REPORT_YEARS = 40
 """Longest report period: a report's carbon factors (one per clock hour of the period and
-of the previous one, loaded into the query's temp table) are built before the query's time
-bound applies; 40 years and their previous 40 are 700,000 hours, about 0.3 s of CPU."""
+of the previous one) are built before the query's time bound applies and then loaded into a
+temp table; 40 years and their previous 40 are 702,720 hours: 0.23 s to build, 1.9 s
+(SQLite) or 2.2 s (PostgreSQL) to load."""
 MAX_REPORT_NS = MAX_REPORT_YEARS * 366 * 86400 * 10**9
 _ALL_FIELDS = frozenset(FIELDS) | frozenset(TOTAL_FIELDS)
 
