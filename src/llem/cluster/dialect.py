@@ -35,7 +35,6 @@ class Dialect:
     _json_items: str
     _position: str
     _node_runs: str
-    _node_runs_left: str
 
     def day(self, ns: str) -> str:
         """Local date ``YYYY-MM-DD`` of a time in ns (text)."""
@@ -77,9 +76,9 @@ class Dialect:
             return json.dumps(values)
         return values
 
-    def node_runs(self, left: bool = False) -> str:
-        """The join of the statement's runs ``r`` to their node runs ``job_nodes jn`` (by the
-        run's key; ``left``: a run without node runs stays, with NULLs), run by run through
+    def node_runs(self) -> str:
+        """``LEFT JOIN`` of the statement's runs ``r`` to their node runs ``job_nodes jn``
+        (by the run's key; a run without node runs stays, with NULLs), run by run through
         job_nodes' unique key (cluster, job_id, ...).
 
         PostgreSQL's planner, left to itself, hashed the whole of job_nodes (every node run
@@ -90,12 +89,17 @@ class Dialect:
         grows with the period, not with the history. Not for statements that go on to look
         up roll-up rows per node run: there the hash join's parallel workers share those
         look-ups (report_queries' node runs CTE)."""
-        return self._node_runs_left if left else self._node_runs
+        return self._node_runs
 
     def position(self, needle: str, text: str) -> str:
         """1-based position of ``needle`` in ``text``, 0 when absent."""
         return self._position.format(n=needle, x=text)
 
+
+_RUN_OF_NODE = (
+    "jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns"
+)
+"""A node run ``jn`` of the run ``r``."""
 
 SQLITE = Dialect(
     name="sqlite",
@@ -111,8 +115,7 @@ SQLITE = Dialect(
     _json_length="json_array_length({x})",
     _json_items="json_each({x}) {a}",
     _position="instr({x}, {n})",
-    _node_runs="CROSS JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns",
-    _node_runs_left="LEFT JOIN job_nodes jn ON jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns",
+    _node_runs=f"LEFT JOIN job_nodes jn ON {_RUN_OF_NODE}",
 )
 
 POSTGRESQL = Dialect(
@@ -130,9 +133,8 @@ POSTGRESQL = Dialect(
     _json_length="json_array_length(({x})::json)",
     _json_items="json_array_elements_text(({x})::json) AS {a}(value)",
     _position="strpos({x}, {n})",
-    _node_runs="CROSS JOIN LATERAL (SELECT * FROM job_nodes jn WHERE jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns OFFSET 0) jn",
-    _node_runs_left=(
-        "LEFT JOIN LATERAL (SELECT * FROM job_nodes jn WHERE jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns OFFSET 0) jn ON TRUE"
+    _node_runs=(
+        f"LEFT JOIN LATERAL (SELECT * FROM job_nodes jn WHERE {_RUN_OF_NODE} OFFSET 0) jn ON TRUE"
     ),
 )
 

@@ -156,7 +156,7 @@ def runs(ledger: Ledger, start_ns: int, end_ns: int, account: str | None = None)
                    - {d.greatest}(r.run_start_ns, :start_ns)) / {SECONDS},
                COALESCE(SUM({overlap}), 0) / {SECONDS},
                COALESCE(SUM({d.json_length("jn.gpus")} * {overlap}), 0) / {SECONDS}
-        FROM job_runs r {d.node_runs(left=True)}
+        FROM job_runs r {d.node_runs()}
         WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {filt}
         GROUP BY r.cluster, r.job_id, r.run_start_ns
         ORDER BY r.cluster, r.job_id, r.run_start_ns
@@ -480,7 +480,7 @@ def period_totals(
                        - {d.greatest}(r.run_start_ns, :start_ns)) AS overlap_ns,
                    COALESCE(SUM({overlap}), 0) AS node_ns,
                    COALESCE(SUM({d.json_length("jn.gpus")} * {overlap}), 0) AS gpu_ns
-            FROM job_runs r {d.node_runs(left=True)}
+            FROM job_runs r {d.node_runs()}
             WHERE {runs_where}
             GROUP BY r.cluster, r.job_id, r.run_start_ns
         )
