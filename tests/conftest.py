@@ -23,6 +23,16 @@ def utc(monkeypatch):
 
 
 @pytest.fixture
+def live_tmp(tmp_path):
+    """A directory in memory for a fake hardware tree whose counters a thread advances while
+    llem reads them (``tests.helpers.memory``); removed after the test."""
+    from tests.helpers.memory import memory_dir
+
+    with memory_dir(tmp_path) as path:
+        yield path
+
+
+@pytest.fixture
 def env(tmp_path, monkeypatch):
     """A ledger of ``tests.helpers.acct.JOBS`` and a config naming it; LLEM_CONFIG points at
     the config. Returns the ledger's path."""

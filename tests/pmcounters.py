@@ -15,38 +15,13 @@ not the host thread's jittery wake-up times.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
 FILES = ("energy", "cpu_energy", "memory_energy")
-
-
-@contextlib.contextmanager
-def memory_dir(fallback: Path) -> Iterator[Path]:
-    """A fresh directory in memory (``/dev/shm``) for a tree a writer updates live, else
-    ``fallback``.
-
-    sysfs is served from memory. On a journaled disk file system a scan's publication (a
-    folder of files, a symlink swapped, an old folder removed) can wait out a journal commit:
-    hundreds of milliseconds under load, a controller late by several scans, which a real
-    one never is.
-    """
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK | os.X_OK)):
-        yield fallback
-        return
-    path = Path(tempfile.mkdtemp(prefix="llem-pm-counters-", dir=shm))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class FakePmCounters:
@@ -144,15 +119,18 @@ class PmWriter(threading.Thread):
         self.scan_s = 1 / Fraction(hz).limit_denominator(1000)  # exact: 1/20, 1/10
         self.period = float(self.scan_s)
         self.stopping = threading.Event()
-        self.restart_at: float | None = None
+        # Restart the controller (counters from zero) once this file exists: the test's
+        # command makes it, so the restart falls inside the measured window however slowly
+        # the measuring process started.
+        self.restart_when: Path | None = None
 
     def run(self) -> None:
         t0 = time.monotonic()
         scans = 0
         while not self.stopping.wait(max(0.0, t0 + (scans + 1) * self.period - time.monotonic())):
             now = time.monotonic()
-            if self.restart_at is not None and now - t0 >= self.restart_at:
-                self.restart_at = None
+            if self.restart_when is not None and self.restart_when.exists():
+                self.restart_when = None
                 self.fake.restart()
             due = max(scans + 1, int((now - t0) / self.period))
             self.fake.advance(self.watts, (due - scans) * self.scan_s)

@@ -153,8 +153,8 @@ def test_missing_library_is_a_reason_not_a_crash_nor_stdout(tmp_path):
     assert "cannot load libamd_smi.so" in problems[0] and "amd-smi-lib" in problems[0]
 
 
-def test_llem_wrap_json_with_fake_amd_gpus(rocm, tmp_path):
-    state = tmp_path / "amdsmi.state"
+def test_llem_wrap_json_with_fake_amd_gpus(rocm, live_tmp):
+    state = live_tmp / "amdsmi.state"
     accs = [0, 0]
     write_state(state, gpus(2, acc=0, power_w=0))
     stop = threading.Event()
@@ -421,10 +421,10 @@ def test_a_package_where_all_members_report_is_not_split(state):
     assert [r.energy_uj for r in sensor.read(0)] == [10_000_000, 20_000_000]
 
 
-def test_llem_wrap_json_shows_the_package_split(rocm, tmp_path):
+def test_llem_wrap_json_shows_the_package_split(rocm, live_tmp):
     """``llem wrap --json`` on a fake MI250X whose first die alone reports 300 W: both dies
     show about 150 W, each with its ``package_split``."""
-    state = tmp_path / "amdsmi.state"
+    state = live_tmp / "amdsmi.state"
     stop = threading.Event()
 
     def at(acc):

@@ -23,8 +23,8 @@ TOLERANCE = 0.02  # the issue's bound: energy and J/token within 2 %
 
 
 @pytest.fixture
-def tree(tmp_path):
-    pc = FakePowercap(tmp_path / "pc")
+def tree(live_tmp):
+    pc = FakePowercap(live_tmp / "pc")
     pc.add_socket(0)
     return pc
 

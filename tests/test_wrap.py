@@ -34,8 +34,8 @@ def wrap(args, tree=None, **kw):
 
 
 @pytest.fixture
-def tree(tmp_path):
-    pc = FakePowercap(tmp_path / "pc")
+def tree(live_tmp):
+    pc = FakePowercap(live_tmp / "pc")
     pc.add_socket(0, energy_uj=1_000_000)
     pc.add_socket(1, energy_uj=2_000_000)
     return pc

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from tests.pmcounters import FakePmCounters, PmWriter, memory_dir
+from tests.helpers.memory import memory_dir
+from tests.pmcounters import FakePmCounters, PmWriter
 
 LLEM = [sys.executable, "-m", "llem.cli.main"]
 WATTS = {
@@ -35,7 +36,7 @@ EXPECTED_W = {
 }
 
 
-def wrap_json(fake, seconds, tmp_path):
+def wrap_json(fake, seconds, tmp_path, command=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
     env.update(
         LLEM_CONFIG="/dev/null",
@@ -45,7 +46,7 @@ def wrap_json(fake, seconds, tmp_path):
         LLEM_SENSORS="auto",
     )
     r = subprocess.run(
-        LLEM + ["wrap", "--json", "--interval", "0.5", "--", "sleep", str(seconds)],
+        LLEM + ["wrap", "--json", "--interval", "0.5", "--", *(command or ["sleep", str(seconds)])],
         capture_output=True,
         text=True,
         env=env,
@@ -101,13 +102,16 @@ def test_node_energy_and_each_domain_within_2_percent_with_the_platform_residual
 def test_a_counter_restart_mid_run_is_a_recorded_gap(fake, tmp_path):
     fake.advance(WATTS, 3600.0)  # an hour of counts before the restart: 1.44 MJ on the node
     writer = PmWriter(fake, WATTS, hz=20)
-    writer.restart_at = 1.5
+    flag = tmp_path / "restart-now"
+    writer.restart_when = flag
     writer.start()
     try:
-        out, _ = wrap_json(fake, 4, tmp_path)
+        # The command asks for the restart 1.5 s in: llem wrap has read the counters by then
+        # (its first reading precedes the command), however long its own start took.
+        out, _ = wrap_json(fake, 4, tmp_path, ["sh", "-c", f"sleep 1.5; : > '{flag}'; sleep 2.5"])
     finally:
         writer.stop()
-    assert writer.restart_at is None, "the writer did not restart the counters"
+    assert writer.restart_when is None, "the writer did not restart the counters"
     resets = [e for e in out["events"] if e["kind"] == "counter_reset"]
     assert {e["device"] for e in resets} >= {
         "pm_counters:node",

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from tests.fakenvml import lib as fakenvml
+from tests.helpers.memory import memory_tempdir
 from tests.powercap import FakePowercap
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,20 +31,25 @@ OLD_BASHES = [b for b in os.environ.get("TEST_OLD_BASH", "").split(":") if b]
 
 
 class Hardware:
-    """Counters advanced by a thread at fixed powers: RAPL (uJ, wraps) and NVML (mJ)."""
+    """Counters advanced by a thread at fixed powers: RAPL (uJ, wraps) and NVML (mJ).
 
-    def __init__(self, base: Path, gpu_w: tuple[float, ...] = GPU_W) -> None:
+    The fake NVML library is built under ``base``; the files the thread rewrites (the powercap
+    tree, NVML's state) live under ``live``, a directory in memory (tests.helpers.memory).
+    """
+
+    def __init__(self, base: Path, live: Path, gpu_w: tuple[float, ...] = GPU_W) -> None:
         self.gpu_w = gpu_w
-        self.powercap = FakePowercap(base / "powercap")
+        self.powercap = FakePowercap(live / "powercap")
         self.powercap.add_zone("0", "package-0", 0, max_range_uj=2**32)
         self.powercap.add_zone("0:0", "dram", 0, max_range_uj=2**32)
         self.nvml_dir = fakenvml.build(base / "nvml")
-        self.nvml_state = base / "nvml.state"
+        self.nvml_state = live / "nvml.state"
         self.gpus = [
             fakenvml.FakeGpu(uuid=f"GPU-llemtest-{i}", minor=i, power_mw=int(w * 1000))
             for i, w in enumerate(gpu_w)
         ]
         self._energy_mj = [0.0 for _ in self.gpus]
+        self.max_gap_s = 0.0
         fakenvml.write_state(self.nvml_state, self.gpus)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -61,6 +67,9 @@ class Hardware:
             now = time.monotonic()
             dt = now - last
             last = now
+            # The longest time the counters stood still (0.05 s when all is well): a test whose
+            # energy is off names it, so that a stalled fake is not taken for llem's error.
+            self.max_gap_s = max(self.max_gap_s, dt)
             self.powercap.advance("intel-rapl:0", int(PACKAGE_W * dt * 1e6))
             self.powercap.advance("intel-rapl:0:0", int(DRAM_W * dt * 1e6))
             for i, gpu in enumerate(self.gpus):
@@ -87,7 +96,9 @@ class Site:
     def __init__(self, gpu_w: tuple[float, ...] = GPU_W) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="llem-site-"))
         os.chmod(self.base, 0o755)
-        self.hw = Hardware(self.base / "hw", gpu_w)
+        # The live counters in memory, beside base: see tests.helpers.memory.
+        self.live = memory_tempdir("llem-site-live-", fallback=self.base)
+        self.hw = Hardware(self.base / "hw", self.live / "hw", gpu_w)
         self.config = self.base / "llem.yaml"
         self.defaults = self.base / "default-llem"
         self.userlib = self.base / "userlib"
@@ -101,7 +112,7 @@ class Site:
         self._user_copy()
         self.out.mkdir()
         os.chmod(self.out, 0o1777)
-        for p in [self.base, *self.base.rglob("*")]:
+        for p in [self.base, *self.base.rglob("*"), self.live, *self.live.rglob("*")]:
             if p.is_dir() and not p.is_symlink() and p != self.out:
                 p.chmod(p.stat().st_mode | 0o755)
             elif p.is_file():
@@ -237,7 +248,56 @@ class Site:
             except sqlite3.Error:
                 pass
             time.sleep(0.1)
-        raise AssertionError(f"job {job_id} not sealed on {node} within {timeout} s")
+        raise AssertionError(
+            f"job {job_id} not sealed on {node} within {timeout} s\n" + self.diagnose(node, job_id)
+        )
+
+    def diagnose(self, node: str, job_id: str) -> str:
+        """What the node's sampler and store say about a job, for a failed test's message."""
+        lines = []
+        pid = self.sampler_pid(node)
+        alive = pid is not None and Path(f"/proc/{pid}").exists()
+        lines.append(f"sampler pid {pid} ({'running' if alive else 'not running'})")
+        if alive:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                lines.append(
+                    f"sampler state {stat[0]}, utime+stime {int(stat[11]) + int(stat[12])}"
+                )
+            except (OSError, IndexError, ValueError):
+                pass
+        try:
+            db = self.store(node)
+            try:
+                lines.append(
+                    "job rows: "
+                    + repr(
+                        db.execute(
+                            "SELECT run_id, state, start_ns, end_ns FROM jobs WHERE job_id = ?",
+                            (job_id,),
+                        ).fetchall()
+                    )
+                )
+                lines.append(
+                    "last interval: "
+                    + repr(db.execute("SELECT max(id), max(end_ns) FROM intervals").fetchone())
+                    + f" (now {time.time_ns()})"
+                )
+            finally:
+                db.close()
+        except sqlite3.Error as e:
+            lines.append(f"store: {e}")
+        jobs_dir = self.run_dir / node / "jobs"
+        try:
+            lines.append(f"job requests: {sorted(p.name for p in jobs_dir.iterdir())}")
+        except OSError as e:
+            lines.append(f"job requests: {e}")
+        try:
+            log = (self.run_dir / node / "sampler.log").read_text(errors="replace")
+            lines.append("sampler.log (last 30 lines):\n" + "\n".join(log.splitlines()[-30:]))
+        except OSError as e:
+            lines.append(f"sampler.log: {e}")
+        return "\n".join(lines)
 
     def cleanup(self) -> None:
         self.hw.stop()
@@ -250,8 +310,9 @@ class Site:
                     pass
         time.sleep(0.5)
         if os.environ.get("LLEM_KEEP_SITE"):
-            print(f"llem site kept at {self.base}")
+            print(f"llem site kept at {self.base} (live counters at {self.live})")
             return
+        shutil.rmtree(self.live, ignore_errors=True)
         shutil.rmtree(self.base, ignore_errors=True)
 
 

@@ -56,16 +56,19 @@ def mi250x(acc: list[float], watts: tuple[float, ...]) -> list[fakeamdsmi.FakeAm
 
 
 class AmdGpus:
-    """The fake library's state, counters advanced at ``watts`` by a thread."""
+    """The fake library's state, counters advanced at ``watts`` by a thread: the library is
+    built under ``base``, the state it rewrites lives under ``live`` (in memory)."""
 
     def __init__(
         self,
         base,
+        live,
         watts: tuple[float, ...] = (120.0, 280.0),
         make: Callable[[list[float], tuple[float, ...]], list] = two_gpus,
     ) -> None:
         self.rocm = fakeamdsmi.build(base / "rocm")
-        self.state = base / "amdsmi.state"
+        live.mkdir(parents=True, exist_ok=True)
+        self.state = live / "amdsmi.state"
         self.watts, self.make = watts, make
         self.acc = [0.0 for _ in watts]
         self.write()
@@ -97,14 +100,14 @@ class MeterSite(Site):
 
     def __init__(self, **amd) -> None:
         super().__init__()
-        self.amd = AmdGpus(self.base / "amd", **amd)
-        self.pm = FakePmCounters(self.base / "pm_counters", accels=2)
+        self.amd = AmdGpus(self.base / "amd", self.live / "amd", **amd)
+        self.pm = FakePmCounters(self.live / "pm_counters", accels=2)
         self.pm_writer = PmWriter(self.pm, METER_W, hz=10)
         self.write_defaults(
             LLEM_PM_COUNTERS_ROOT=str(self.pm.path),
             LLEM_POWERCAP_ROOT=str(self.base / "no-powercap"),
         )
-        for p in [self.base, *self.base.rglob("*")]:
+        for p in [self.base, *self.base.rglob("*"), self.live, *self.live.rglob("*")]:
             if p.is_dir() and not p.is_symlink():
                 p.chmod(p.stat().st_mode | 0o755)
 

@@ -149,6 +149,8 @@ def test_exclusive_sleeping_jobs_pay_the_whole_node_on_every_node(cluster, site)
                 node,
                 by,
                 span_s,
+                coverage,
+                f"fake counters' longest stall {site.hw.max_gap_s:.3f} s",
             )
 
 
@@ -182,7 +184,7 @@ def test_shared_node_busy_and_idle_pay_reservation_plus_use(cluster, site):
         span_s = (r[6] - r[5]) / 1e9
         assert by[("idle_allocation", "cpu")] / 1e6 == pytest.approx(
             IDLE_CPU_W / 2 * span_s, rel=0.15
-        ), (by, span_s)
+        ), (by, span_s, f"fake counters' longest stall {site.hw.max_gap_s:.3f} s")
     # The use: the busy job also pays for the CPU time it used; the sleeping one next to none.
     assert by_b.get(("cpu_time", "cpu"), 0) > 5 * max(1, by_i.get(("cpu_time", "cpu"), 0))
     # The static part of each package, in every interval a job ran: what the allocations
