@@ -29,6 +29,7 @@ from llem.model import EnergyRow, Event, Interval, Remainder
 from llem.sensors.base import OK, Device, Reading, Sensor
 from llem.sensors.platform import PlatformResidual
 from llem.units import FIRST, GAP, NS_PER_S, RESET, UJ_PER_J, WRAP, CounterDelta, counter_delta
+from llem.wakeup import SignalSafeEvent
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +155,11 @@ class Sampler:
         self._last_wall: int | None = None
         self.intervals = 0
         self.attribute = attribute
-        self.wake = threading.Event()
+        # Both are set from signal handlers (the node daemon's SIGUSR1, SIGTERM): see
+        # llem.wakeup for why they are not threading.Event.
+        self.wake = SignalSafeEvent()
         """Set it to make the loop take a reading now (a job ends, a window opens)."""
-        self.stopping = threading.Event()
+        self.stopping = SignalSafeEvent()
         self.next_deadline_ns: int | None = None
         """When the next regular reading is due (monotonic ns), while :meth:`run` runs."""
         self.spacing_s = min(MIN_READ_SPACING_S, interval_s / 2)

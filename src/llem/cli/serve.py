@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 
 import click
 
@@ -76,7 +75,9 @@ def serve(
     if path is None and tcp is None:
         raise click.UsageError("nothing to listen on: give --listen or drop --no-socket")
     gateway = Gateway(cfg, socket_path=path, listen=tcp)
-    stop = threading.Event()
+    from llem.wakeup import SignalSafeEvent
+
+    stop = SignalSafeEvent()  # set by the handlers below: see llem.wakeup
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     gateway.start()

@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -36,6 +35,7 @@ from llem.node.store import open_or_quarantine
 from llem.node.windows import WindowServer
 from llem.paths import NodePaths
 from llem.sampler import Clock, Sampler, SystemClock
+from llem.wakeup import SignalSafeEvent
 
 if TYPE_CHECKING:
     from llem.sensors import OpenedSensors
@@ -255,7 +255,7 @@ class NodeDaemon:
         self.handle_signals = handle_signals
         self.proc_root = proc_root
         self.cgroup_root = cgroup_root
-        self.terminating = threading.Event()
+        self.terminating = SignalSafeEvent()  # set by SIGTERM's handler: see llem.wakeup
         self.lock_fd = -1
         self.started_ns = 0
         self.store = None
