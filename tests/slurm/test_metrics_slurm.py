@@ -64,8 +64,15 @@ def _read(path):
 
 def test_a_running_job_is_in_the_textfile_and_the_gpu_mapping_until_its_epilog(cluster, site):
     node = cluster.nodes[0]
+    # The job runs until the test has seen it in the textfile and the mapping (at most 60 s):
+    # a job of fixed length could end before a sampler slow to start on a loaded machine
+    # showed it, and the mapping would be empty again by the time the test looked.
+    release = site.out / "release-metrics-job"
+    wait = f"for i in $(seq 600); do [ -e {release} ] && break; sleep 0.1; done"
     job = cluster.submit(
-        ["-w", node, "-n1", "--gres=gpu:1", "--wrap", burn(4)], user=TEST_USER, env=site.user_env
+        ["-w", node, "-n1", "--gres=gpu:1", "--wrap", f"{burn(1)}; {wait}"],
+        user=TEST_USER,
+        env=site.user_env,
     )
     textfile = site.textfiles / f"llem_node_{node}.prom"
     gpu_energy = re.compile(
@@ -90,6 +97,7 @@ def test_a_running_job_is_in_the_textfile_and_the_gpu_mapping_until_its_epilog(c
     )
     assert len(mapping) == 1 and mapping[0] in ("0", "1")
 
+    release.touch()
     assert cluster.wait_job(job, timeout=60) == "COMPLETED"
     _poll(
         "the job to leave the textfile",
