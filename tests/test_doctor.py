@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 from llem.cli.main import COMMANDS, FAST_COMMANDS
 from tests.powercap import FakePowercap
@@ -148,3 +149,67 @@ def test_attribution_policy_and_idle_powers_in_force(tmp_path):
         "source": "learned",
         "samples": 240,
     }
+
+
+def test_a_live_sampler_without_a_recent_reading_is_reported_stuck(tmp_path):
+    """What a hung sampler leaves (see tests/test_wakeup.py): the node's lock held by a live
+    process, a store whose last reading is old. Its readings were written by the real node
+    daemon, on a wall clock two hours behind."""
+    import time
+
+    from llem.node.daemon import NodeDaemon
+    from tests.helpers.daemon import NODE, Daemon, wait_for
+
+    class TwoHoursAgo:
+        def monotonic_ns(self) -> int:
+            return time.monotonic_ns()
+
+        def time_ns(self) -> int:
+            return time.time_ns() - 7200 * 10**9
+
+    node = Daemon(tmp_path, linger_s=600.0)
+    node.prolog("301")
+    old = NodeDaemon(
+        node.config,
+        NODE,
+        env={},
+        open_sensors=node.node.open_sensors,
+        clock=TwoHoursAgo(),
+        proc_root=node.node.proc,
+        cgroup_root=str(node.node.cgroup),
+    )
+    node.daemon = old
+    node.thread = threading.Thread(target=old.run, daemon=True)
+    node.thread.start()
+    wait_for(node.wrote_an_interval, "the daemon's first interval")
+    node.stop()
+    cfg = tmp_path / "llem.yaml"
+    cfg.write_text(
+        f"cluster: c1\nstate_dir: {node.config.state_dir}\nrun_dir: {node.config.run_dir}\n"
+        f"spool_dir: {node.config.spool_dir}\nsampler:\n  interval_s: 0.2\n"
+    )
+    env = {"LLEM_CONFIG": str(cfg), "SLURMD_NODENAME": NODE, "LLEM_POWERCAP_ROOT": "/nonexistent"}
+    # As the daemon that stopped above, a sampler that still holds the lock: this process.
+    hung = node.make()
+    assert hung.acquire_lock()
+    try:
+        r = doctor(env, "--json")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["node_sampler"]["pid"] == os.getpid()
+        assert 7100 < report["node_sampler"]["last_reading_s"] < 7300
+        stuck = [p for p in report["problems"] if "it is stuck" in p]
+        assert len(stuck) == 1 and f"kill {os.getpid()}" in stuck[0], report["problems"]
+        text = doctor(env).stdout
+        assert "last reading ended" in text and "it is stuck" in text
+    finally:
+        hung.release_lock()
+    # A sampler whose readings are current is not: the same node with a normal clock.
+    node.start()
+    try:
+        report = json.loads(doctor(env, "--json").stdout)
+        assert report["node_sampler"]["pid"] == os.getpid()
+        assert report["node_sampler"]["last_reading_s"] < 30
+        assert not [p for p in report["problems"] if "stuck" in p], report["problems"]
+    finally:
+        node.stop()

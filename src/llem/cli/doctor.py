@@ -191,6 +191,39 @@ def _probe_window_server(path, pid: int | None) -> dict:
     return {"state": "answering", "problem": None}
 
 
+STUCK_AFTER_MIN_S = 60.0
+"""A live sampler with no reading for this long (or ten of its intervals, if longer) is stuck."""
+
+
+def _stuck_sampler(config, paths, pid: int) -> dict:
+    """How long ago the live sampler's last reading ended, and a problem when it is stuck:
+    alive and holding the node's lock, so that no other sampler starts, but reading nothing
+    (its jobs are neither measured nor sealed). Its window socket may still answer."""
+    import time
+
+    from llem.errors import StoreError
+    from llem.node.store import NodeStore
+
+    try:
+        with NodeStore(paths.store, readonly=True) as store:
+            last_ns = store.last_interval_end_ns()
+    except (StoreError, OSError):
+        return {"last_reading_s": None, "problem": None}  # not made yet, or unreadable
+    if last_ns is None:
+        return {"last_reading_s": None, "problem": None}  # no reading yet: just started
+    ago_s = (time.time_ns() - last_ns) / 1e9
+    limit_s = max(STUCK_AFTER_MIN_S, 10 * config.sampler.interval_s)
+    problem = None
+    if ago_s > limit_s:
+        problem = (
+            f"the node sampler (pid {pid}) holds the node's lock but its last reading ended "
+            f"{ago_s:.0f} s ago (interval {config.sampler.interval_s:g} s): it is stuck, and "
+            f"no job on this node is measured or sealed. Stop it (kill {pid}; kill -9 if it "
+            "stays): the next Prolog starts a new sampler, which records the gap"
+        )
+    return {"last_reading_s": round(ago_s, 1), "problem": problem}
+
+
 def _node_sampler(config, node: str, env: dict, problems: list[str]) -> dict:
     from llem.node.daemon import sampler_pid
     from llem.node.jobs import pending
@@ -211,6 +244,12 @@ def _node_sampler(config, node: str, env: dict, problems: list[str]) -> dict:
     info["window_server"] = _probe_window_server(paths.socket, pid)
     if info["window_server"]["problem"]:
         problems.append(f"window server of {node}: {info['window_server']['problem']}")
+    info["last_reading_s"] = None
+    if pid:
+        stuck = _stuck_sampler(config, paths, pid)
+        info["last_reading_s"] = stuck["last_reading_s"]
+        if stuck["problem"]:
+            problems.append(stuck["problem"])
     hook = _hook_defaults(env)
     info["hook_settings"] = hook
     hook_run_dir = hook.get("LLEM_RUN_DIR", "/run/llem")
@@ -515,6 +554,8 @@ def render(report: dict) -> str:
     out.append(f"  {state}; run dir {ns['run_dir']}; store {ns['store']}")
     if ns["pid"]:
         out.append(f"  window socket: {ns['window_server']['state']}")
+        if ns.get("last_reading_s") is not None:
+            out.append(f"  last reading ended {ns['last_reading_s']:g} s ago")
     if ns["pending_registrations"]:
         out.append(f"  {ns['pending_registrations']} job registration(s) waiting")
     for line in ns["recent_problems"]:
