@@ -25,6 +25,7 @@ from tests.helpers.daemon import (
     NODE,
     PACKAGE_UJ_PER_READ,
     Daemon,
+    process_env,
     slurm_env,
     wait_for,
 )
@@ -199,24 +200,10 @@ def test_restart_after_a_crash_at_a_commit_point_is_recorded_on_the_job(tmp_path
     """The node sampler dies right after its 3rd committed interval (a deterministic crash
     point, see tests/crash_sampler.py) with a job running; the next sampler takes over."""
     from tests.crash_sampler import CRASH_EXIT
-    from tests.powercap import FakePowercap
 
     node = Daemon(tmp_path, linger_s=600.0)
-    tree = FakePowercap(tmp_path / "powercap")
-    tree.add_socket(0)
     node.prolog("107")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
-    env.update(
-        LLEM_CONFIG="/dev/null",
-        LLEM_POWERCAP_ROOT=str(tree.path),
-        LLEM_SENSORS="rapl",
-        LLEM_CLUSTER="c1",
-        LLEM_STATE_DIR=node.config.state_dir,
-        LLEM_SPOOL_DIR=node.config.spool_dir,
-        LLEM_RUN_DIR=node.config.run_dir,
-        LLEM_SAMPLER_NICE="0",
-        LLEM_TEST_CRASH_AFTER_COMMITS="3",
-    )
+    env = process_env(node, LLEM_TEST_CRASH_AFTER_COMMITS="3")
     crashed = subprocess.run(
         [sys.executable, "-m", "tests.crash_sampler", "--node", NODE, "--interval", "0.1"],
         env=env,

@@ -10,7 +10,6 @@ each of three tries within 3 s, and so does a real node sampler.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 
 from llem.errors import StoreError
 from llem.wakeup import SignalSafeEvent
-from tests.helpers.daemon import NODE, WAIT_S, Daemon, wait_for
+from tests.helpers.daemon import NODE, WAIT_S, Daemon, process_env, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,23 +116,9 @@ def test_a_node_sampler_under_a_sigusr1_storm_seals_its_job_and_stops_on_sigterm
     """The real ``llem sampler --node`` process with its real signal handlers: a storm of the
     hooks' SIGUSR1 while its job ends. It must still seal and export the job, and stop after
     a final reading on SIGTERM."""
-    from tests.powercap import FakePowercap
-
     node = Daemon(tmp_path, linger_s=600.0)
-    tree = FakePowercap(tmp_path / "powercap")
-    tree.add_socket(0)
     node.prolog("108")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
-    env.update(
-        LLEM_CONFIG="/dev/null",
-        LLEM_POWERCAP_ROOT=str(tree.path),
-        LLEM_SENSORS="rapl",
-        LLEM_CLUSTER="c1",
-        LLEM_STATE_DIR=node.config.state_dir,
-        LLEM_SPOOL_DIR=node.config.spool_dir,
-        LLEM_RUN_DIR=node.config.run_dir,
-        LLEM_SAMPLER_NICE="0",
-    )
+    env = process_env(node)
     sampler = subprocess.Popen(
         [sys.executable, "-m", "llem.cli.sampler", "--node", NODE, "--interval", "0.1"],
         env=env,

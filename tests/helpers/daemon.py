@@ -122,6 +122,7 @@ class Daemon:
             # The figures below are the use rule's; the policies have tests of their own.
             attribution=AttributionConfig(policy="use"),
         )
+        self.root = tmp_path
         self.paths = NodePaths.of(self.config, NODE)
         self.paths.ensure()
         self.node = BusyNode(tmp_path / "node")
@@ -196,6 +197,28 @@ class Daemon:
         if self.thread is not None and self.thread.is_alive():
             self.daemon.terminate()
             self.thread.join(WAIT_S)
+
+
+def process_env(node: Daemon, **extra: str) -> dict[str, str]:
+    """The environment of a real ``llem sampler --node NODE`` process for ``node``'s folders,
+    on a RAPL tree made here (one socket, counters that stay put)."""
+    from tests.powercap import FakePowercap
+
+    tree = FakePowercap(node.root / "powercap")
+    tree.add_socket(0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLEM_")}
+    env.update(
+        LLEM_CONFIG="/dev/null",
+        LLEM_POWERCAP_ROOT=str(tree.path),
+        LLEM_SENSORS="rapl",
+        LLEM_CLUSTER="c1",
+        LLEM_STATE_DIR=node.config.state_dir,
+        LLEM_SPOOL_DIR=node.config.spool_dir,
+        LLEM_RUN_DIR=node.config.run_dir,
+        LLEM_SAMPLER_NICE="0",
+        **extra,
+    )
+    return env
 
 
 def wait_for(predicate, what: str, timeout_s: float = WAIT_S):
