@@ -156,3 +156,69 @@ def test_a_node_sampler_under_a_sigusr1_storm_seals_its_job_and_stops_on_sigterm
         if sampler.poll() is None:
             sampler.kill()
             sampler.wait()
+
+
+def start_sampler(node: Daemon) -> subprocess.Popen:
+    """A real ``llem sampler --node`` process, returned the moment its pid file names it
+    (the lock is held: from then on the hooks signal it)."""
+    sampler = subprocess.Popen(
+        [sys.executable, "-m", "llem.cli.sampler", "--node", NODE, "--interval", "0.1"],
+        env=process_env(node),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline and sampler.poll() is None:
+        try:
+            if int(node.paths.pid_file.read_text()) == sampler.pid:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.001)
+    return sampler
+
+
+def test_a_sigusr1_as_soon_as_the_pid_file_names_a_new_sampler_does_not_kill_it(tmp_path):
+    """A second job's hook signals the sampler named by the pid file the moment the lock is
+    held. The first sampler of the node was still opening its store and sensors then, with
+    SIGUSR1 at its default action (end the process): it died, and the jobs of the node went
+    unmeasured (seen in test_llem_slurm: an srun job started beside a batch job)."""
+    node = Daemon(tmp_path, linger_s=600.0)
+    node.prolog("109")
+    sampler = start_sampler(node)
+    try:
+        # What each of many hooks does, from the first moment it may.
+        for _ in range(50):
+            if sampler.poll() is not None:
+                break
+            sampler.send_signal(signal.SIGUSR1)
+            time.sleep(0.002)
+        wait_for(lambda: state_of(node, "109") == "running", "job 109 taken in")
+        assert sampler.poll() is None, (sampler.returncode, sampler.stderr.read())
+        node.epilog("109")
+        sampler.send_signal(signal.SIGUSR1)
+        wait_for(lambda: node.job_state("109") == "exported", "job 109 exported")
+        sampler.send_signal(signal.SIGTERM)
+        assert sampler.wait(WAIT_S) == 0, sampler.stderr.read()
+    finally:
+        if sampler.poll() is None:
+            sampler.kill()
+            sampler.wait()
+
+
+def test_sigterm_before_the_sampler_is_running_stops_it_after_one_reading(tmp_path):
+    """The handlers are in place from the start; a SIGTERM that comes while the store and
+    sensors are being opened is not lost: the sampler takes its reading and leaves."""
+    node = Daemon(tmp_path, linger_s=600.0)
+    node.prolog("110")
+    sampler = start_sampler(node)
+    try:
+        sampler.send_signal(signal.SIGTERM)
+        assert sampler.wait(WAIT_S) == 0, sampler.stderr.read()
+        assert node.query("SELECT COUNT(*) FROM events WHERE kind = 'sampler_stop'") == [(1,)]
+    finally:
+        if sampler.poll() is None:
+            sampler.kill()
+            sampler.wait()

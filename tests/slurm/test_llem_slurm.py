@@ -352,18 +352,23 @@ def test_end_to_end_epilogs_export_and_the_ledger_holds_every_job(cluster, site)
         ["-w", n2, "-J", "e2e-single", "--gres=gpu:1"],
         script="#!/bin/bash\n#SBATCH --energy-tag=exp3\nsleep 1\n",
     )
-    r = cluster.srun(["-w", n1, "--energy-tag=exp1", "-J", "e2e-srun", "true"], env=site.user_env)
+    r = cluster.srun(
+        ["-w", n1, "--energy-tag=exp1", "-J", "e2e-srun", "sh", "-c", "echo $SLURM_JOB_ID"],
+        env=site.user_env,
+    )
     assert r.returncode == 0, r.output
+    srun_job = r.stdout.strip()
+    assert srun_job.isdigit(), r.output
     assert finished(cluster, multi) == "COMPLETED"
     assert finished(cluster, single) == "COMPLETED"
-    for node in (n1, n2, n3):
+    for node, job in ((n1, multi), (n2, multi), (n3, multi), (n1, srun_job)):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            row = site.wait_sealed(node, multi)
+            row = site.wait_sealed(node, job)
             if row[1] == "exported":
                 break
             time.sleep(0.2)
-        assert row[1] == "exported", (node, row)
+        assert row[1] == "exported", (node, job, row, site.diagnose(node, job))
     env = {**os.environ, "LLEM_CONFIG": str(site.config)}
     env.pop("LLEM_POWERCAP_ROOT", None)
     deadline = time.monotonic() + 30
@@ -382,9 +387,10 @@ def test_end_to_end_epilogs_export_and_the_ledger_holds_every_job(cluster, site)
             job: db.execute("SELECT status, name FROM job_runs WHERE job_id = ?", (job,)).fetchone()
             for job in (multi, single)
         }
-        # The srun job's node slice too (its tag comes with it): its sampler may export it
-        # after the batch jobs' on a loaded machine.
-        srun_run = db.execute("SELECT status FROM job_runs WHERE name = 'e2e-srun'").fetchone()
+        # The srun job's run too: its tag comes with its node slice (exported above).
+        srun_run = db.execute(
+            "SELECT status FROM job_runs WHERE job_id = ?", (srun_job,)
+        ).fetchone()
         done = all(r and r[1] for r in runs.values()) and srun_run == ("complete",)
         if done or time.monotonic() > deadline:
             break

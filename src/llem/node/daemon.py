@@ -267,6 +267,13 @@ class NodeDaemon:
 
     def run(self) -> int:
         """Serve the node until the sampler may leave; return the exit status."""
+        # The handlers first: once the pid file names this process, a hook may send SIGUSR1
+        # (another job starts or ends), and SIGUSR1's default action ends the process. With
+        # the handlers installed only after the sensors were open, a second job starting
+        # within those few hundred milliseconds killed the new sampler (replayed in
+        # tests/test_wakeup.py).
+        if self.handle_signals:
+            self.install_signal_handlers()
         if not self.acquire_lock():
             log.info("a sampler for %s is already running", self.node)
             return 0
@@ -275,8 +282,6 @@ class NodeDaemon:
             self.note_start()
             self.lower_priority()
             self.open_sensors()
-            if self.handle_signals:
-                self.install_signal_handlers()
             self.sample()
         finally:
             self.shutdown()
@@ -398,6 +403,8 @@ class NodeDaemon:
         """Sample until told to stop, or until idle and allowed out by :meth:`leave`."""
         self.windows.start()
         self.sampler.start()
+        if self.terminating.is_set():  # SIGTERM before the sampler existed: one reading, out
+            self.sampler.stop()
         while True:
             self.sampler.run(on_interval=self.on_interval)
             if self.terminating.is_set() or self.leave():
