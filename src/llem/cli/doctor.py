@@ -199,8 +199,6 @@ def _stuck_sampler(config, paths, pid: int) -> dict:
     """How long ago the live sampler's last reading ended, and a problem when it is stuck:
     alive and holding the node's lock, so that no other sampler starts, but reading nothing
     (its jobs are neither measured nor sealed). Its window socket may still answer."""
-    import time
-
     from llem.errors import StoreError
     from llem.node.store import NodeStore
 
@@ -215,10 +213,13 @@ def _stuck_sampler(config, paths, pid: int) -> dict:
     limit_s = max(STUCK_AFTER_MIN_S, 10 * config.sampler.interval_s)
     problem = None
     if ago_s > limit_s:
+        # pid -1: the lock is held but the pid file unreadable; never advise "kill -1"
+        who = f"pid {pid}" if pid > 0 else f"the holder of {paths.sampler_lock}: fuser -v it"
+        stop = f"kill {pid}" if pid > 0 else "kill the holder"
         problem = (
-            f"the node sampler (pid {pid}) holds the node's lock but its last reading ended "
+            f"the node sampler ({who}) holds the node's lock but its last reading ended "
             f"{ago_s:.0f} s ago (interval {config.sampler.interval_s:g} s): it is stuck, and "
-            f"no job on this node is measured or sealed. Stop it (kill {pid}; kill -9 if it "
+            f"no job on this node is measured or sealed. Stop it ({stop}; kill -9 if it "
             "stays): the next Prolog starts a new sampler, which records the gap"
         )
     return {"last_reading_s": round(ago_s, 1), "problem": problem}

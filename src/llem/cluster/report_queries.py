@@ -108,11 +108,12 @@ def load_hour_factors(ledger: Ledger, g_per_uj_by_hour: Mapping[int, float]) -> 
         # gateway): 702,720 hours (the gateway's longest report and its previous period) in
         # 2.2 s, against 6.4 s of one INSERT per row
         ledger.query(
-            "INSERT INTO pg_temp.factors SELECT * FROM unnest(?::bigint[], ?::double precision[])",
+            f"INSERT INTO {ledger.dialect.temp}factors "
+            "SELECT * FROM unnest(?::bigint[], ?::double precision[])",
             [[h for h, _ in rows], [g for _, g in rows]],
         )
         return
-    ledger.executemany("INSERT INTO temp.factors VALUES (?, ?)", rows)
+    ledger.executemany(f"INSERT INTO {ledger.dialect.temp}factors VALUES (?, ?)", rows)
 
 
 RUN_COLUMNS = (
