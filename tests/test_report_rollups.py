@@ -235,3 +235,138 @@ def test_postgres_merge_and_migration_keep_the_same_rollups(ledger_path, pg_serv
         assert dst.query("SELECT COUNT(*) FROM job_node_hours") == src.query(
             "SELECT COUNT(*) FROM job_node_hours"
         )
+
+
+# -- runs inside the period, read from job_runs (schema 10) ---------------------------------
+
+
+def _constant_factors(period) -> dict[int, float]:
+    """An annual intensity's factors: one per month, so every day has one."""
+    return {h: 2.5e-7 for h in period.hours()}
+
+
+def _inside_and_fast(ledger, period) -> tuple[int, int, int]:
+    """(runs, runs inside the period, runs read whole from job_runs) of the period."""
+    params = {
+        "start_ns": period.start_ns,
+        "end_ns": period.end_ns,
+        "start_s": period.start_ns // S,
+        "end_s": -(-period.end_ns // S),
+    }
+    where = "r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns"
+    return tuple(
+        ledger.query(f"SELECT COUNT(*) FROM job_runs r WHERE {where} AND {cond}", params)[0][0]
+        for cond in ("1 = 1", q.INSIDE, q._fast(ledger))
+    )
+
+
+@pytest.mark.parametrize("period", PERIODS, ids=lambda p: p.label)
+def test_runs_inside_the_period_give_what_their_rollups_give(ledger_path, period):
+    """With one carbon factor per day (an annual intensity), a run inside the period and one
+    UTC day is read whole from ``job_runs``: per run, per day and in the period's sums the
+    same figures as its job nodes and hourly roll-ups (CO2e to a float's last digits)."""
+    s, e = period.start_ns, period.end_ns
+    factors = _constant_factors(period)
+    with q.open_readonly(ledger_path) as ledger:
+        assert q.uses_run_spans(ledger)
+        q.load_hour_factors(ledger, factors)
+        runs, inside, fast = _inside_and_fast(ledger, period)
+        assert fast <= inside < runs  # the crossing jobs are not inside any period
+        assert fast > 0 or period.label == "2023-12"  # December holds only a crossing job
+        assert q.runs(ledger, s, e) == q.runs(ledger, s, e, rollups=False)
+        by_day = q.energy_by_run_day(ledger, s, e)
+        raw = q.energy_by_run_day(ledger, s, e, rollups=False)
+        assert [r[:8] for r in by_day] == [r[:8] for r in raw] and by_day
+        assert [r[8] for r in by_day] == pytest.approx([r[8] for r in raw], rel=1e-12)
+        with_factors = q.period_totals(ledger, s, e, 100.0, g_per_uj_by_hour=factors)
+        hourly = q.period_totals(ledger, s, e, 100.0, rollups=False)
+    assert with_factors.keys() == hourly.keys()
+    for key in with_factors:
+        if key != "energy_by_hour":
+            assert with_factors[key] == hourly[key], key
+    f = frames.Factors(factors, 3.0, 7.0)
+    new, old = frames.totals_of_sums(with_factors, f), frames.totals_of_sums(hourly, f)
+    for key, value in old.items():
+        assert new[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
+
+
+def test_a_run_inside_the_period_is_read_from_job_runs_and_checked(ledger_path, tmp_path):
+    """The fast path really reads ``job_runs``: a run whose stored figures drift shows the
+    drift in the report's queries (and not in the raw rows'), and ``llem ledger check``
+    names it."""
+    path = tmp_path / "drift.db"
+    path.write_bytes(ledger_path.read_bytes())
+    period = frames.month_period("2023-11")
+    s, e = period.start_ns, period.end_ns
+    with Ledger(path) as ledger:
+        params = {"start_ns": s, "end_ns": e, "start_s": s // S, "end_s": e // S}
+        (cluster, job_id, start), *_ = ledger.query(
+            "SELECT r.cluster, r.job_id, r.run_start_ns FROM job_runs r "
+            f"WHERE {q.INSIDE} AND r.gpu_ns > 0 ORDER BY r.job_id",
+            params,
+        )
+        ledger.write(
+            [
+                (
+                    "UPDATE job_runs SET gpu_ns = gpu_ns + ?, cpu_energy_uj = cpu_energy_uj + 1 "
+                    "WHERE cluster = ? AND job_id = ? AND run_start_ns = ?",
+                    [(3600 * S, cluster, job_id, start)],
+                )
+            ]
+        )
+        problems = check_ledger(ledger)
+    assert len(problems) == 1 and "GPU time" in problems[0] and job_id in problems[0], problems
+    with q.open_readonly(path) as ledger:
+        q.load_hour_factors(ledger, _constant_factors(period))
+        fast = {r[2]: r for r in q.runs(ledger, s, e)}
+        slow = {r[2]: r for r in q.runs(ledger, s, e, rollups=False)}
+        assert fast[job_id][-1] == slow[job_id][-1] + 3600.0
+        cpu = {r[0]: r[3] for r in q.energy_by_run_day(ledger, s, e)}
+        raw = {r[0]: r[3] for r in q.energy_by_run_day(ledger, s, e, rollups=False)}
+    assert sum(cpu.values()) == sum(raw.values()) + 1
+
+
+def _run_spans(led) -> list[tuple]:
+    return led.query(
+        "SELECT cluster, job_id, run_start_ns, node_ns, gpu_ns FROM job_runs "
+        "ORDER BY cluster, job_id, run_start_ns"
+    )
+
+
+def test_migration_fills_run_spans_as_the_merge_does(ledger_path, tmp_path):
+    path = tmp_path / "copy.db"
+    path.write_bytes(ledger_path.read_bytes())
+    (migration,) = [m for m in ledger_mod.MIGRATIONS if m.__name__ == "_v10_run_spans"]
+    with Ledger(path) as ledger:
+        merged = _run_spans(ledger)
+        assert any(r[4] > 0 for r in merged) and all(r[3] > 0 for r in merged)
+        ledger.write([("UPDATE job_runs SET node_ns = ?, gpu_ns = ?", [(0, 0)])])
+        ledger._txn(lambda: migration(ledger.db))
+        assert _run_spans(ledger) == merged
+        assert check_ledger(ledger) == []
+
+
+@pytest.mark.postgres
+def test_postgres_migration_fills_run_spans_and_reads_them(ledger_path, pg_server):
+    """``llem ledger copy`` carries ``node_ns`` and ``gpu_ns``; the PostgreSQL migration
+    computes them as the merge did; the report's queries give SQLite's answers."""
+    url = pg_server.database("run_spans")
+    (migration,) = [m for m in pg_schema.MIGRATIONS if m.__name__ == "_v10_run_spans"]
+    period = frames.month_period("2023-11")
+    s, e = period.start_ns, period.end_ns
+    with q.open_readonly(ledger_path) as src, PgLedger(url) as pg:
+        copy_ledger(src, pg, source_name=str(ledger_path))
+        merged = _run_spans(src)
+        assert _run_spans(pg) == merged
+        with pg._txn() as cur:
+            cur.execute("UPDATE job_runs SET node_ns = 0, gpu_ns = 0")
+            migration(cur)
+        assert _run_spans(pg) == merged
+        assert check_ledger(pg) == []
+        for led in (src, pg):
+            q.load_hour_factors(led, _constant_factors(period))
+        assert q.runs(pg, s, e) == q.runs(src, s, e)
+        assert q.energy_by_run_day(pg, s, e) == q.energy_by_run_day(src, s, e)
+        assert q.period_totals(
+            pg, s, e, 100.0, g_per_uj_by_hour=_constant_factors(period)
+        ) == q.period_totals(src, s, e, 100.0, g_per_uj_by_hour=_constant_factors(period))

@@ -72,6 +72,8 @@ RUN_COLUMNS = (
     "estimated_energy_uj",
     "gpu_seconds",
     "coverage",
+    "node_ns",
+    "gpu_ns",
 )
 """The ``job_runs`` columns a run's row fills, in order (the others keep their defaults)."""
 SLURM_KEYS = (
@@ -264,6 +266,8 @@ class Writer:
                 totals["cpu"] + totals["dram"] if estimated else 0,
                 float(n * job["gpus_per_node"] * (end_s - start_s)),
                 job["coverage"],
+                n * (end_s - start_s) * S,
+                n * job["gpus_per_node"] * (end_s - start_s) * S,
             )
         )
         slurm = job.get("slurm")

@@ -96,9 +96,7 @@ class Dialect:
         return self._position.format(n=needle, x=text)
 
 
-_RUN_OF_NODE = (
-    "jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns"
-)
+RUN_OF_NODE = "jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns"
 """A node run ``jn`` of the run ``r``."""
 
 SQLITE = Dialect(
@@ -115,7 +113,7 @@ SQLITE = Dialect(
     _json_length="json_array_length({x})",
     _json_items="json_each({x}) {a}",
     _position="instr({x}, {n})",
-    _node_runs=f"LEFT JOIN job_nodes jn ON {_RUN_OF_NODE}",
+    _node_runs=f"LEFT JOIN job_nodes jn ON {RUN_OF_NODE}",
 )
 
 POSTGRESQL = Dialect(
@@ -134,7 +132,7 @@ POSTGRESQL = Dialect(
     _json_items="json_array_elements_text(({x})::json) AS {a}(value)",
     _position="strpos({x}, {n})",
     _node_runs=(
-        f"LEFT JOIN LATERAL (SELECT * FROM job_nodes jn WHERE {_RUN_OF_NODE} OFFSET 0) jn ON TRUE"
+        f"LEFT JOIN LATERAL (SELECT * FROM job_nodes jn WHERE {RUN_OF_NODE} OFFSET 0) jn ON TRUE"
     ),
 )
 

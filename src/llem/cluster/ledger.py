@@ -398,6 +398,32 @@ def _v9_planner_statistics(db: sqlite3.Connection) -> None:
     that planner's estimate of distinct job ids (:mod:`llem.cluster.pg_schema`)."""
 
 
+RUN_SPAN_SQL = """
+    UPDATE job_runs SET node_ns = s.node_ns, gpu_ns = s.gpu_ns
+    FROM (SELECT jn.cluster AS cluster, jn.job_id AS job_id, jn.run_start_ns AS run_start_ns,
+                 SUM(jn.end_ns - jn.start_ns) AS node_ns,
+                 SUM({json_length} * (jn.end_ns - jn.start_ns)) AS gpu_ns
+          FROM job_nodes jn GROUP BY jn.cluster, jn.job_id, jn.run_start_ns) s
+    WHERE job_runs.cluster = s.cluster AND job_runs.job_id = s.job_id
+      AND job_runs.run_start_ns = s.run_start_ns
+"""
+"""Fills ``job_runs.node_ns`` and ``gpu_ns`` from the job nodes (``_v10_run_spans``); a run
+without job nodes (a header alone) keeps 0."""
+
+
+def _v10_run_spans(db: sqlite3.Connection) -> None:
+    """A run's node time and GPU time (``node_ns``: the sum of its job nodes' spans;
+    ``gpu_ns``: each span times the node's allocated GPUs), integers kept by every regroup
+    (:func:`summarize_run`), so that ``llem report`` reads a run that lies inside its period
+    from ``job_runs`` alone instead of looking up its job nodes (issue 14: the runs of a
+    month of a 10,000,000-job ledger). Filled from the job nodes here."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(job_runs)")}
+    for column in ("node_ns", "gpu_ns"):
+        if column not in have:
+            db.execute(f"ALTER TABLE job_runs ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    db.execute(RUN_SPAN_SQL.format(json_length="json_array_length(jn.gpus)"))
+
+
 MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v1,
     _v2,
@@ -408,6 +434,7 @@ MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v7_job_steps,
     _v8_report_rollups,
     _v9_planner_statistics,
+    _v10_run_spans,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1230,6 +1257,8 @@ _RUN_COLUMNS = (
     *ENERGY_COLUMNS,
     "gpu_seconds",
     "coverage",
+    "node_ns",
+    "gpu_ns",
 )
 """The columns :func:`summarize_run` fills, in its order."""
 _INSERT_JOB_RUN = (
@@ -1660,6 +1689,7 @@ def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
         **_energy_totals(nodes),
         "gpu_seconds": round(_gpu_seconds(nodes), 3),
         "coverage": round(coverage, 6) if coverage is not None else None,
+        **_spans(nodes),
     }
 
 
@@ -1723,6 +1753,16 @@ def _energy_totals(nodes: list[dict]) -> dict[str, int]:
             )
             totals[col] = slices.INT64_MAX
     return totals
+
+
+def _spans(nodes: list[dict]) -> dict[str, int]:
+    """The run's node time and GPU time in integer nanoseconds (``node_ns``, ``gpu_ns``)."""
+    node_ns = gpu_ns = 0
+    for n in nodes:
+        span = n["end_ns"] - n["start_ns"]
+        node_ns += span
+        gpu_ns += len(json.loads(n["gpus"] or "[]")) * span
+    return {"node_ns": min(node_ns, slices.INT64_MAX), "gpu_ns": min(gpu_ns, slices.INT64_MAX)}
 
 
 def _gpu_seconds(nodes: list[dict]) -> float:

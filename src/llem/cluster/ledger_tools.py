@@ -213,12 +213,36 @@ NEEDS = {"power series of no job node": "job_power", "step of no job node": "job
 MAX_NAMED = 20
 
 
+def run_figure_check(dialect) -> tuple[str, str]:
+    """(problem, SQL): a run whose figures that ``llem report`` reads from ``job_runs`` for a
+    run inside its period (``report_queries.INSIDE``: node and GPU time, energy by component)
+    differ from its job nodes'."""
+    gpus = dialect.json_length("gpus")
+    return (
+        "run node time, GPU time or energy by component differs from its job nodes'",
+        "SELECT r.cluster, r.job_id, r.run_start_ns FROM job_runs r LEFT JOIN "
+        "(SELECT cluster, job_id, run_start_ns, SUM(end_ns - start_ns) AS node_ns, "
+        f"SUM({gpus} * (end_ns - start_ns)) AS gpu_ns, SUM(cpu_energy_uj) AS cpu, "
+        "SUM(dram_energy_uj) AS dram, SUM(gpu_energy_uj) AS gpu, "
+        "SUM(other_energy_uj) AS other, SUM(estimated_energy_uj) AS est "
+        "FROM job_nodes GROUP BY cluster, job_id, run_start_ns) jn "
+        "ON jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns "
+        "WHERE r.node_ns != COALESCE(jn.node_ns, 0) OR r.gpu_ns != COALESCE(jn.gpu_ns, 0) "
+        "OR r.cpu_energy_uj != COALESCE(jn.cpu, 0) OR r.dram_energy_uj != COALESCE(jn.dram, 0) "
+        "OR r.gpu_energy_uj != COALESCE(jn.gpu, 0) OR r.other_energy_uj != COALESCE(jn.other, 0) "
+        "OR r.estimated_energy_uj != COALESCE(jn.est, 0)",
+    )
+
+
 def check_ledger(ledger, *, cut_ns: int = 0) -> list[str]:
     """The ledger's broken invariants, one line each (at most :data:`MAX_NAMED` rows named
     per problem); an empty list when it is sound."""
     problems = []
     has_rollups = bool(ledger.columns(rollups.HOURS_TABLE))
-    for problem, sql in (*CHECKS, *(rollups.checks(ledger.dialect) if has_rollups else ())):
+    checks = [*CHECKS, *(rollups.checks(ledger.dialect) if has_rollups else ())]
+    if ledger.has_column("job_runs", "node_ns"):
+        checks.append(run_figure_check(ledger.dialect))
+    for problem, sql in checks:
         if problem in NEEDS and not ledger.columns(NEEDS[problem]):
             continue
         rows = ledger.query(sql, {"cut_ns": cut_ns} if ":cut_ns" in sql else ())

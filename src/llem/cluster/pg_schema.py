@@ -328,6 +328,19 @@ def _v9_planner_statistics(cur: Any) -> None:
     cur.execute("ANALYZE job_nodes")
 
 
+def _v10_run_spans(cur: Any) -> None:
+    """The SQLite ledger's ``_v10_run_spans``: ``job_runs.node_ns`` and ``gpu_ns``, filled
+    from the job nodes in one ``UPDATE ... FROM`` (a rewrite of every run row: minutes on a
+    10,000,000-job ledger, once, docs/performance.md)."""
+    from llem.cluster.ledger import RUN_SPAN_SQL
+
+    for column in ("node_ns", "gpu_ns"):
+        cur.execute(
+            f"ALTER TABLE job_runs ADD COLUMN IF NOT EXISTS {column} BIGINT NOT NULL DEFAULT 0"
+        )
+    cur.execute(RUN_SPAN_SQL.format(json_length="json_array_length(jn.gpus::json)"))
+
+
 MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v1,
     _v2,
@@ -338,6 +351,7 @@ MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v7_job_steps,
     _v8_report_rollups,
     _v9_planner_statistics,
+    _v10_run_spans,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -136,7 +136,13 @@ def build_report(
     # of following each other.
     def previous_sums_of(conn) -> dict:
         return q.period_totals(
-            conn, previous.start_ns, previous.end_ns, idle_w, account, rollups=rollups
+            conn,
+            previous.start_ns,
+            previous.end_ns,
+            idle_w,
+            account,
+            rollups=rollups,
+            g_per_uj_by_hour=g_per_uj,
         )
 
     def energy_of(conn) -> list[tuple]:
@@ -162,7 +168,7 @@ def build_report(
             for name, read in reads.items()
         }
         try:
-            run_rows = q.runs(ledger, start_ns, end_ns, account)
+            run_rows = q.runs(ledger, start_ns, end_ns, account, rollups=rollups)
             frames = _frames()
             factors = frames.Factors(g_per_uj, resolved.gpu_g_per_hour, resolved.node_g_per_hour)
             # each query's frame is made once: the jobs frame and the daily series share them
