@@ -347,26 +347,128 @@ def test_migration_fills_run_spans_as_the_merge_does(ledger_path, tmp_path):
 
 
 @pytest.mark.postgres
-def test_postgres_migration_fills_run_spans_and_reads_them(ledger_path, pg_server):
-    """``llem ledger copy`` carries ``node_ns`` and ``gpu_ns``; the PostgreSQL migration
-    computes them as the merge did; the report's queries give SQLite's answers."""
+def test_postgres_migration_fills_run_figures_and_reads_them(ledger_path, pg_server):
+    """``llem ledger copy`` carries ``node_ns``, ``gpu_ns`` and the GPU floors; the
+    PostgreSQL migrations compute them as the merge did; the report's queries give SQLite's
+    answers."""
     url = pg_server.database("run_spans")
     (migration,) = [m for m in pg_schema.MIGRATIONS if m.__name__ == "_v10_run_spans"]
+    (floors,) = [m for m in pg_schema.MIGRATIONS if m.__name__ == "_v11_idle_floor"]
     period = frames.month_period("2023-11")
     s, e = period.start_ns, period.end_ns
     with q.open_readonly(ledger_path) as src, PgLedger(url) as pg:
         copy_ledger(src, pg, source_name=str(ledger_path))
         merged = _run_spans(src)
         assert _run_spans(pg) == merged
+        dump = pg.canonical_dump()
         with pg._txn() as cur:
             cur.execute("UPDATE job_runs SET node_ns = 0, gpu_ns = 0")
             migration(cur)
-        assert _run_spans(pg) == merged
+            cur.execute("UPDATE job_nodes SET gpu_min_uj = NULL")
+            cur.execute("UPDATE job_runs SET gpu_count = 0, gpu_floor_w = NULL")
+            floors(cur)
+        assert _run_spans(pg) == merged and pg.canonical_dump() == dump
         assert check_ledger(pg) == []
         for led in (src, pg):
             q.load_hour_factors(led, _constant_factors(period))
         assert q.runs(pg, s, e) == q.runs(src, s, e)
         assert q.energy_by_run_day(pg, s, e) == q.energy_by_run_day(src, s, e)
+        assert q.idle_gpus(pg, s, e, 100.0) == q.idle_gpus(src, s, e, 100.0)
         assert q.period_totals(
             pg, s, e, 100.0, g_per_uj_by_hour=_constant_factors(period)
         ) == q.period_totals(src, s, e, 100.0, g_per_uj_by_hour=_constant_factors(period))
+
+
+def test_idle_gpus_are_judged_only_in_runs_that_may_have_one(ledger_path, tmp_path):
+    """Schema 11: a run inside the period whose least-used GPU averaged at least the idle
+    threshold gives its row from ``job_runs``; the idle ones (jobs 104 and 301) are still
+    judged from their GPUs. A run whose stored floor lies is believed (so the fast path is
+    what the report reads) and ``llem ledger check`` names it."""
+    period = frames.month_period("2023-11")
+    s, e = period.start_ns, period.end_ns
+    params = {"start_ns": s, "end_ns": e, "start_s": s // S, "end_s": e // S, "idle_w": 100.0}
+    with q.open_readonly(ledger_path) as ledger:
+        assert q.uses_gpu_floor(ledger)
+        skipped = ledger.query(
+            f"SELECT r.job_id FROM job_runs r WHERE r.gpu_count > 0 AND {q.NOT_IDLE}", params
+        )
+        idle = q.idle_gpus(ledger, s, e, 100.0)
+        assert idle == q.idle_gpus(ledger, s, e, 100.0, rollups=False)
+        # every threshold: below every GPU, above every GPU, between them
+        for watts in (0.0, 50.0, 250.0, 1e6):
+            assert q.idle_gpus(ledger, s, e, watts) == q.idle_gpus(
+                ledger, s, e, watts, rollups=False
+            )
+    idle_jobs = {r[0] for r in idle if r[1] > 0}
+    assert skipped and not idle_jobs & {r[0] for r in skipped}
+    path = tmp_path / "floor.db"
+    path.write_bytes(ledger_path.read_bytes())
+    with Ledger(path) as ledger:
+        (run_id, job_id), *_ = ledger.query(
+            "SELECT r.rowid, r.job_id FROM job_runs r WHERE r.gpu_floor_w < 100 AND "
+            f"{q.INSIDE} ORDER BY r.job_id",
+            params,
+        )
+        ledger.write([("UPDATE job_runs SET gpu_floor_w = 1e9 WHERE rowid = ?", [(run_id,)])])
+        problems = check_ledger(ledger)
+        assert len(problems) == 1 and "least GPU power" in problems[0], problems
+        assert job_id in problems[0]
+        before = {r[0]: r for r in idle}
+        after = {r[0]: r for r in q.idle_gpus(ledger, s, e, 100.0)}
+    assert before[run_id][1] > 0 and after[run_id][1] == 0
+
+
+def test_migration_fills_gpu_floors_as_the_merge_does(ledger_path, tmp_path):
+    path = tmp_path / "copy.db"
+    path.write_bytes(ledger_path.read_bytes())
+    (migration,) = [m for m in ledger_mod.MIGRATIONS if m.__name__ == "_v11_idle_floor"]
+    with Ledger(path) as ledger:
+        merged = _dump(ledger)
+        assert ledger.query("SELECT COUNT(*) FROM job_runs WHERE gpu_floor_w > 0")[0][0] > 0
+        ledger.write(
+            [
+                ("UPDATE job_nodes SET gpu_min_uj = NULL", [()]),
+                (
+                    "UPDATE job_runs SET gpu_count = 0, unresolved_gpus = 0, gpu_floor_w = NULL",
+                    [()],
+                ),
+            ]
+        )
+        assert _dump(ledger) != merged
+        ledger._txn(lambda: migration(ledger.db))
+        assert _dump(ledger) == merged
+        assert check_ledger(ledger) == []
+
+
+def test_a_node_with_one_idle_and_one_busy_gpu_is_judged_from_its_gpus(tmp_path):
+    """The floor is the least-used GPU's: a job node whose second GPU idled beside a busy
+    one is never taken for a busy run. The slice is a real export with a second GPU added
+    as a two-GPU node exports it (its device, energy rows and totals, 1 % of the first's)."""
+    first = job_slices(tmp_path, "100", nodes=("n1",))
+    data = copy.deepcopy(first[0])
+    second = GPU_KEY.replace("GPU-a", "GPU-b")
+    data["devices"][second] = dict(data["devices"][GPU_KEY], name="gpu1")
+    data["energy"] += [
+        dict(row, device=second, energy_uj=row["energy_uj"] // 100)
+        for row in data["energy"]
+        if row["device"] == GPU_KEY
+    ]
+    totals = data["node_totals"][GPU_KEY]
+    data["node_totals"][second] = {
+        k: v // 100 if isinstance(v, int) else v for k, v in totals.items()
+    }
+    data["job"]["gpus"] = [GPU_KEY, second]
+    busy = sum(r["energy_uj"] for r in data["energy"] if r["device"] == GPU_KEY)
+    span_s = (data["job"]["end_ns"] - data["job"]["start_ns"]) / S
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        merge(ledger, [data])
+        assert check_ledger(ledger) == []
+        assert ledger.query("SELECT gpu_min_uj FROM job_nodes") == [(busy // 100,)]
+        (count, floor), *_ = ledger.query("SELECT gpu_count, gpu_floor_w FROM job_runs")
+        assert count == 2 and floor == pytest.approx(busy / 100 / span_s / 1e6, rel=1e-9)
+        start = data["job"]["start_ns"] - 86400 * S
+        end = data["job"]["end_ns"] + 86400 * S
+        for watts in (floor / 2, floor * 10, busy / span_s / 1e6 * 2):
+            fast = q.idle_gpus(ledger, start, end, watts)
+            assert fast == q.idle_gpus(ledger, start, end, watts, rollups=False)
+            assert fast[0][1:3] == ((0 if watts < floor else 1 if watts < 50 else 2), 2)

@@ -74,6 +74,9 @@ RUN_COLUMNS = (
     "coverage",
     "node_ns",
     "gpu_ns",
+    "gpu_count",
+    "unresolved_gpus",
+    "gpu_floor_w",
 )
 """The ``job_runs`` columns a run's row fills, in order (the others keep their defaults)."""
 SLURM_KEYS = (
@@ -179,6 +182,8 @@ class Writer:
                         "counter",
                     )
             node_total = sum(node_by.values())
+            # every GPU of the node draws gpu_w: the least-used one's energy (the merge's)
+            gpu_min_uj = (end_s - start_s) * job["gpu_w"] * UJ if job["gpus_per_node"] else None
             # the GPUs' device keys, as the sampler stores them (the energy rows' names)
             gpus = json.dumps(sorted(f"nvml:GPU-{node}-{i}" for i in range(job["gpus_per_node"])))
             self.nodes.append(
@@ -214,6 +219,7 @@ class Writer:
                     node_by["cpu"] + node_by["dram"] if estimated else 0,
                     end_s * S,
                     f"bench-{job['job_id']}-{node}",
+                    gpu_min_uj,
                 )
             )
             for name, step_id, w_start, w_end in job["windows"]:
@@ -268,6 +274,11 @@ class Writer:
                 job["coverage"],
                 n * (end_s - start_s) * S,
                 n * job["gpus_per_node"] * (end_s - start_s) * S,
+                n * job["gpus_per_node"],
+                0,
+                float(gpu_min_uj * 1000) / float((end_s - start_s) * S)
+                if gpu_min_uj is not None and end_s > start_s
+                else None,
             )
         )
         slurm = job.get("slurm")
@@ -291,7 +302,7 @@ class Writer:
             "array_job_id, array_task_id, user, uid, gid, account, partition, nodelist, "
             "num_nodes, cpus, gpus, tag, name, node_state, coverage, flags, energy_uj, "
             "cpu_energy_uj, dram_energy_uj, gpu_energy_uj, other_energy_uj, "
-            f"estimated_energy_uj, created_ns, digest) VALUES ({', '.join('?' * 31)})",
+            f"estimated_energy_uj, created_ns, digest, gpu_min_uj) VALUES ({', '.join('?' * 32)})",
             self.nodes,
         )
         db.executemany("INSERT INTO job_energy VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.energy)
@@ -513,6 +524,7 @@ PG_NODE_COLUMNS = (
     "estimated_energy_uj",
     "created_ns",
     "digest",
+    "gpu_min_uj",
 )
 """The columns of :class:`Writer`'s job node rows."""
 

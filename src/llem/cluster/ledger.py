@@ -424,6 +424,60 @@ def _v10_run_spans(db: sqlite3.Connection) -> None:
     db.execute(RUN_SPAN_SQL.format(json_length="json_array_length(jn.gpus)"))
 
 
+GPU_MIN_SQL = """
+    UPDATE job_nodes SET gpu_min_uj = (
+        SELECT MIN(COALESCE(x.energy_uj, 0)) FROM {items}
+        LEFT JOIN job_node_gpus x ON x.job_node_id = job_nodes.id AND x.device_key = g.value
+        WHERE {resolved})
+    WHERE gpus != '[]'
+"""
+"""Fills ``job_nodes.gpu_min_uj`` from the GPU roll-up (``_v11_idle_floor``)."""
+GPU_FLOOR_SQL = """
+    UPDATE job_runs SET gpu_count = s.gpu_count, unresolved_gpus = s.unresolved,
+                        gpu_floor_w = s.floor
+    FROM (SELECT jn.cluster AS cluster, jn.job_id AS job_id, jn.run_start_ns AS run_start_ns,
+                 SUM({length}) AS gpu_count, SUM({length} - {resolved_count}) AS unresolved,
+                 MIN(CASE WHEN jn.gpu_min_uj IS NOT NULL AND jn.end_ns > jn.start_ns
+                          THEN CAST(jn.gpu_min_uj * 1000 AS {double})
+                               / CAST(jn.end_ns - jn.start_ns AS {double}) END) AS floor
+          FROM job_nodes jn WHERE jn.gpus != '[]'
+          GROUP BY jn.cluster, jn.job_id, jn.run_start_ns) s
+    WHERE job_runs.cluster = s.cluster AND job_runs.job_id = s.job_id
+      AND job_runs.run_start_ns = s.run_start_ns
+"""
+"""Fills ``job_runs.gpu_count``, ``unresolved_gpus`` and ``gpu_floor_w`` from the job
+nodes (``_v11_idle_floor``), as :func:`_gpu_counts` computes them."""
+
+
+def _v11_idle_floor(db: sqlite3.Connection) -> None:
+    """What the report needs to judge idle GPUs only where one may be (issue 14): the job
+    node's least GPU energy (``job_nodes.gpu_min_uj``), and per run its GPUs, those known
+    only by index, and its least-used GPU's average power (``job_runs.gpu_count``,
+    ``unresolved_gpus``, ``gpu_floor_w``). Filled from the GPU roll-up and the job nodes."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(job_nodes)")}
+    if "gpu_min_uj" not in have:
+        db.execute("ALTER TABLE job_nodes ADD COLUMN gpu_min_uj INTEGER")
+    have = {r[1] for r in db.execute("PRAGMA table_info(job_runs)")}
+    for column, decl in (
+        ("gpu_count", "INTEGER NOT NULL DEFAULT 0"),
+        ("unresolved_gpus", "INTEGER NOT NULL DEFAULT 0"),
+        ("gpu_floor_w", "REAL"),
+    ):
+        if column not in have:
+            db.execute(f"ALTER TABLE job_runs ADD COLUMN {column} {decl}")
+    db.execute(
+        GPU_MIN_SQL.format(items="json_each(job_nodes.gpus) g", resolved="instr(g.value, ':') > 0")
+    )
+    db.execute(
+        GPU_FLOOR_SQL.format(
+            length="json_array_length(jn.gpus)",
+            resolved_count="(SELECT COUNT(*) FROM json_each(jn.gpus) g "
+            "WHERE instr(g.value, ':') > 0)",
+            double="REAL",
+        )
+    )
+
+
 MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v1,
     _v2,
@@ -435,6 +489,7 @@ MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (
     _v8_report_rollups,
     _v9_planner_statistics,
     _v10_run_spans,
+    _v11_idle_floor,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -611,6 +666,7 @@ class LedgerCommon:
         "gpus",
         "coverage",
         "run_start_ns",
+        "gpu_min_uj",
     ) + ENERGY_COLUMNS
     _HEADER_COLS = HEADER_COLUMNS[2:]
     _SLURM_COLS = SLURM_JOB_COLUMNS[2:]
@@ -1208,8 +1264,8 @@ _INSERT_JOB_NODE = (
     "INSERT INTO job_nodes (cluster, job_id, node, start_ns, end_ns, array_job_id, "
     'array_task_id, "user", uid, gid, account, partition, nodelist, num_nodes, cpus, gpus, tag, '
     "name, node_state, coverage, flags, energy_uj, cpu_energy_uj, dram_energy_uj, "
-    "gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest, attribution) "
-    f"VALUES ({', '.join('?' * 30)})"
+    "gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest, attribution, "
+    f"gpu_min_uj) VALUES ({', '.join('?' * 31)})"
 )
 _GPUS_AT = [
     c.strip() for c in _INSERT_JOB_NODE[_INSERT_JOB_NODE.index("(") + 1 :].split(")")[0].split(",")
@@ -1259,6 +1315,9 @@ _RUN_COLUMNS = (
     "coverage",
     "node_ns",
     "gpu_ns",
+    "gpu_count",
+    "unresolved_gpus",
+    "gpu_floor_w",
 )
 """The columns :func:`summarize_run` fills, in its order."""
 _INSERT_JOB_RUN = (
@@ -1386,6 +1445,7 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         data["created_ns"],
         sha,
         _SORTED_JSON.encode(job["attribution"]) if job.get("attribution") else None,
+        _gpu_min_uj(data),
     )
     described = {key: (d["component"], d["source"], d["sensor"]) for key, d in devices.items()}
     energy = [
@@ -1474,6 +1534,21 @@ def _power_rows(data: dict) -> tuple | None:
     )
 
 
+def _gpu_min_uj(data: dict) -> int | None:
+    """The energy of the job node's least-used GPU: the least over the allocated GPUs known
+    by device key (``nvml:GPU-...``; a GPU without energy rows drew 0), None without any.
+    Its run's ``gpu_floor_w`` comes from it: the report judges idle GPUs only in runs where
+    one may be (``report_queries.idle_gpus``)."""
+    resolved = {g for g in data["job"].get("gpus") or () if ":" in g}
+    if not resolved:
+        return None
+    by = dict.fromkeys(resolved, 0)
+    for row in data["energy"]:
+        if row["device"] in by:
+            by[row["device"]] += row["energy_uj"]
+    return min(by.values())
+
+
 def _component_totals(data: dict) -> tuple[int, ...]:
     """A job slice's energy in the order of :data:`ENERGY_COLUMNS`."""
     devices = data["devices"]
@@ -1496,6 +1571,7 @@ PREPARE_CODE = (
     _device_rows,
     _prepare_node,
     _prepare_job,
+    _gpu_min_uj,
     _window_rows,
     _power_rows,
     _step_rows,
@@ -1690,6 +1766,7 @@ def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
         "gpu_seconds": round(_gpu_seconds(nodes), 3),
         "coverage": round(coverage, 6) if coverage is not None else None,
         **_spans(nodes),
+        **_gpu_counts(nodes),
     }
 
 
@@ -1763,6 +1840,26 @@ def _spans(nodes: list[dict]) -> dict[str, int]:
         node_ns += span
         gpu_ns += len(json.loads(n["gpus"] or "[]")) * span
     return {"node_ns": min(node_ns, slices.INT64_MAX), "gpu_ns": min(gpu_ns, slices.INT64_MAX)}
+
+
+def _gpu_counts(nodes: list[dict]) -> dict[str, Any]:
+    """The run's allocated GPUs (``gpu_count``: entries of its job nodes' ``gpus``), those
+    known only by Slurm's index (``unresolved_gpus``: no device key), and the average power
+    in watts of its least-used GPU known by key over its job node's span (``gpu_floor_w``,
+    None without such a GPU on a node of non-zero span). No GPU of a run whose floor is at
+    or above the report's idle threshold can be idle, so the report judges them without
+    reading their GPUs. The float is made as SQL makes it (``GPU_FLOOR_SQL``)."""
+    count = unresolved = 0
+    floor = None
+    for n in nodes:
+        gpus = json.loads(n["gpus"] or "[]")
+        count += len(gpus)
+        unresolved += sum(1 for g in gpus if ":" not in g)
+        span = n["end_ns"] - n["start_ns"]
+        if n.get("gpu_min_uj") is not None and span > 0:
+            watts = float(n["gpu_min_uj"] * 1000) / float(span)
+            floor = watts if floor is None else min(floor, watts)
+    return {"gpu_count": count, "unresolved_gpus": unresolved, "gpu_floor_w": floor}
 
 
 def _gpu_seconds(nodes: list[dict]) -> float:

@@ -213,25 +213,67 @@ NEEDS = {"power series of no job node": "job_power", "step of no job node": "job
 MAX_NAMED = 20
 
 
-def run_figure_check(dialect) -> tuple[str, str]:
-    """(problem, SQL): a run whose figures that ``llem report`` reads from ``job_runs`` for a
-    run inside its period (``report_queries.INSIDE``: node and GPU time, energy by component)
-    differ from its job nodes'."""
-    gpus = dialect.json_length("gpus")
-    return (
-        "run node time, GPU time or energy by component differs from its job nodes'",
-        "SELECT r.cluster, r.job_id, r.run_start_ns FROM job_runs r LEFT JOIN "
-        "(SELECT cluster, job_id, run_start_ns, SUM(end_ns - start_ns) AS node_ns, "
-        f"SUM({gpus} * (end_ns - start_ns)) AS gpu_ns, SUM(cpu_energy_uj) AS cpu, "
-        "SUM(dram_energy_uj) AS dram, SUM(gpu_energy_uj) AS gpu, "
-        "SUM(other_energy_uj) AS other, SUM(estimated_energy_uj) AS est "
-        "FROM job_nodes GROUP BY cluster, job_id, run_start_ns) jn "
-        "ON jn.cluster = r.cluster AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns "
-        "WHERE r.node_ns != COALESCE(jn.node_ns, 0) OR r.gpu_ns != COALESCE(jn.gpu_ns, 0) "
-        "OR r.cpu_energy_uj != COALESCE(jn.cpu, 0) OR r.dram_energy_uj != COALESCE(jn.dram, 0) "
-        "OR r.gpu_energy_uj != COALESCE(jn.gpu, 0) OR r.other_energy_uj != COALESCE(jn.other, 0) "
-        "OR r.estimated_energy_uj != COALESCE(jn.est, 0)",
-    )
+def run_figure_checks(ledger) -> list[tuple[str, str]]:
+    """(problem, SQL) pairs: runs and job nodes whose figures that ``llem report`` reads
+    instead of the job nodes and GPU roll-ups (``report_queries.INSIDE``, ``NOT_IDLE``)
+    differ from a recomputation; for the columns the ledger has (schema 10 and 11)."""
+    d = ledger.dialect
+    gpus = d.json_length("gpus")
+    out = []
+    if ledger.has_column("job_runs", "node_ns"):
+        out.append(
+            (
+                "run node time, GPU time or energy by component differs from its job nodes'",
+                "SELECT r.cluster, r.job_id, r.run_start_ns FROM job_runs r LEFT JOIN "
+                "(SELECT cluster, job_id, run_start_ns, SUM(end_ns - start_ns) AS node_ns, "
+                f"SUM({gpus} * (end_ns - start_ns)) AS gpu_ns, SUM(cpu_energy_uj) AS cpu, "
+                "SUM(dram_energy_uj) AS dram, SUM(gpu_energy_uj) AS gpu, "
+                "SUM(other_energy_uj) AS other, SUM(estimated_energy_uj) AS est "
+                "FROM job_nodes GROUP BY cluster, job_id, run_start_ns) jn "
+                "ON jn.cluster = r.cluster AND jn.job_id = r.job_id "
+                "AND jn.run_start_ns = r.run_start_ns "
+                "WHERE r.node_ns != COALESCE(jn.node_ns, 0) OR r.gpu_ns != COALESCE(jn.gpu_ns, 0) "
+                "OR r.cpu_energy_uj != COALESCE(jn.cpu, 0) "
+                "OR r.dram_energy_uj != COALESCE(jn.dram, 0) "
+                "OR r.gpu_energy_uj != COALESCE(jn.gpu, 0) "
+                "OR r.other_energy_uj != COALESCE(jn.other, 0) "
+                "OR r.estimated_energy_uj != COALESCE(jn.est, 0)",
+            )
+        )
+    if ledger.has_column("job_runs", "gpu_floor_w"):
+        double = "REAL" if d.name == "sqlite" else "DOUBLE PRECISION"
+        resolved = (
+            f"(SELECT COUNT(*) FROM {d.json_items('gpus', 'g')} "
+            f"WHERE {d.position(chr(39) + ':' + chr(39), 'g.value')} > 0)"
+        )
+        out.append(
+            (
+                "run GPU counts or least GPU power differ from its job nodes'",
+                "SELECT r.cluster, r.job_id, r.run_start_ns FROM job_runs r LEFT JOIN "
+                f"(SELECT cluster, job_id, run_start_ns, SUM({gpus}) AS n, "
+                f"SUM({gpus} - {resolved}) AS unresolved, "
+                "MIN(CASE WHEN gpu_min_uj IS NOT NULL AND end_ns > start_ns "
+                f"THEN CAST(gpu_min_uj * 1000 AS {double}) "
+                f"/ CAST(end_ns - start_ns AS {double}) END) AS floor "
+                "FROM job_nodes GROUP BY cluster, job_id, run_start_ns) jn "
+                "ON jn.cluster = r.cluster AND jn.job_id = r.job_id "
+                "AND jn.run_start_ns = r.run_start_ns "
+                "WHERE r.gpu_count != COALESCE(jn.n, 0) "
+                "OR r.unresolved_gpus != COALESCE(jn.unresolved, 0) "
+                f"OR r.gpu_floor_w {d.distinct} jn.floor",
+            )
+        )
+        out.append(
+            (
+                "job node least GPU energy differs from its GPU roll-up rows",
+                "SELECT jn.cluster, jn.job_id, jn.node FROM job_nodes jn "
+                f"WHERE jn.gpu_min_uj {d.distinct} (SELECT MIN(COALESCE(x.energy_uj, 0)) "
+                f"FROM {d.json_items('jn.gpus', 'g')} LEFT JOIN job_node_gpus x "
+                "ON x.job_node_id = jn.id AND x.device_key = g.value "
+                f"WHERE {d.position(chr(39) + ':' + chr(39), 'g.value')} > 0)",
+            )
+        )
+    return out
 
 
 def check_ledger(ledger, *, cut_ns: int = 0) -> list[str]:
@@ -240,8 +282,7 @@ def check_ledger(ledger, *, cut_ns: int = 0) -> list[str]:
     problems = []
     has_rollups = bool(ledger.columns(rollups.HOURS_TABLE))
     checks = [*CHECKS, *(rollups.checks(ledger.dialect) if has_rollups else ())]
-    if ledger.has_column("job_runs", "node_ns"):
-        checks.append(run_figure_check(ledger.dialect))
+    checks += run_figure_checks(ledger)
     for problem, sql in checks:
         if problem in NEEDS and not ledger.columns(NEEDS[problem]):
             continue

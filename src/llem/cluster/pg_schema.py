@@ -341,6 +341,36 @@ def _v10_run_spans(cur: Any) -> None:
     cur.execute(RUN_SPAN_SQL.format(json_length="json_array_length(jn.gpus::json)"))
 
 
+def _v11_idle_floor(cur: Any) -> None:
+    """The SQLite ledger's ``_v11_idle_floor``: ``job_nodes.gpu_min_uj`` and
+    ``job_runs.gpu_count``, ``unresolved_gpus`` and ``gpu_floor_w``, filled from the GPU
+    roll-up and the job nodes (a rewrite of every job node with GPUs and every run with
+    GPUs: minutes on a 10,000,000-job ledger, once, docs/performance.md)."""
+    from llem.cluster.ledger import GPU_FLOOR_SQL, GPU_MIN_SQL
+
+    cur.execute("ALTER TABLE job_nodes ADD COLUMN IF NOT EXISTS gpu_min_uj BIGINT")
+    for column, decl in (
+        ("gpu_count", "BIGINT NOT NULL DEFAULT 0"),
+        ("unresolved_gpus", "BIGINT NOT NULL DEFAULT 0"),
+        ("gpu_floor_w", "DOUBLE PRECISION"),
+    ):
+        cur.execute(f"ALTER TABLE job_runs ADD COLUMN IF NOT EXISTS {column} {decl}")
+    cur.execute(
+        GPU_MIN_SQL.format(
+            items="json_array_elements_text(job_nodes.gpus::json) AS g(value)",
+            resolved="strpos(g.value, ':') > 0",
+        )
+    )
+    cur.execute(
+        GPU_FLOOR_SQL.format(
+            length="json_array_length(jn.gpus::json)",
+            resolved_count="(SELECT COUNT(*) FROM json_array_elements_text(jn.gpus::json) "
+            "AS g(value) WHERE strpos(g.value, ':') > 0)",
+            double="DOUBLE PRECISION",
+        )
+    )
+
+
 MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v1,
     _v2,
@@ -352,6 +382,7 @@ MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v8_report_rollups,
     _v9_planner_statistics,
     _v10_run_spans,
+    _v11_idle_floor,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
