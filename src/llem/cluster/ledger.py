@@ -446,7 +446,7 @@ GPU_FLOOR_SQL = """
       AND job_runs.run_start_ns = s.run_start_ns
 """
 """Fills ``job_runs.gpu_count``, ``unresolved_gpus`` and ``gpu_floor_w`` from the job
-nodes (``_v11_idle_floor``), as :func:`_gpu_counts` computes them."""
+nodes (``_v11_idle_floor``), as :func:`_node_figures` computes them."""
 
 
 def _v11_idle_floor(db: sqlite3.Connection) -> None:
@@ -1763,10 +1763,8 @@ def summarize_run(run: dict, now_ns: int, grace_s: float) -> dict:
         "nodes_reported": len(reported),
         "missing_nodes": json.dumps(missing),
         **_energy_totals(nodes),
-        "gpu_seconds": round(_gpu_seconds(nodes), 3),
         "coverage": round(coverage, 6) if coverage is not None else None,
-        **_spans(nodes),
-        **_gpu_counts(nodes),
+        **_node_figures(nodes),
     }
 
 
@@ -1832,40 +1830,42 @@ def _energy_totals(nodes: list[dict]) -> dict[str, int]:
     return totals
 
 
-def _spans(nodes: list[dict]) -> dict[str, int]:
-    """The run's node time and GPU time in integer nanoseconds (``node_ns``, ``gpu_ns``)."""
-    node_ns = gpu_ns = 0
-    for n in nodes:
-        span = n["end_ns"] - n["start_ns"]
-        node_ns += span
-        gpu_ns += len(json.loads(n["gpus"] or "[]")) * span
-    return {"node_ns": min(node_ns, slices.INT64_MAX), "gpu_ns": min(gpu_ns, slices.INT64_MAX)}
+def _node_figures(nodes: list[dict]) -> dict[str, Any]:
+    """What a run sums from its job nodes beyond energy, in one pass over their GPUs:
 
-
-def _gpu_counts(nodes: list[dict]) -> dict[str, Any]:
-    """The run's allocated GPUs (``gpu_count``: entries of its job nodes' ``gpus``), those
-    known only by Slurm's index (``unresolved_gpus``: no device key), and the average power
-    in watts of its least-used GPU known by key over its job node's span (``gpu_floor_w``,
-    None without such a GPU on a node of non-zero span). No GPU of a run whose floor is at
-    or above the report's idle threshold can be idle, so the report judges them without
-    reading their GPUs. The float is made as SQL makes it (``GPU_FLOOR_SQL``)."""
-    count = unresolved = 0
+    * ``gpu_seconds`` (float, 3 decimals: ``llem-acct``'s), ``node_ns`` and ``gpu_ns`` (the
+      spans, and spans times allocated GPUs, integer ns: the report reads them for a run
+      inside its period, ``report_queries.INSIDE``);
+    * ``gpu_count`` (allocated GPUs), ``unresolved_gpus`` (those known only by Slurm's
+      index, no device key) and ``gpu_floor_w``: the average power in watts of the
+      least-used GPU known by key over its job node's span (None without such a GPU on a
+      node of non-zero span). No GPU of a run whose floor is at or above the report's idle
+      threshold can be idle, so the report judges them without reading their GPUs
+      (``report_queries.NOT_IDLE``). The float is made as the migration's SQL makes it
+      (``GPU_FLOOR_SQL``), so that both give the same.
+    """
+    gpu_seconds = 0.0
+    node_ns = gpu_ns = count = unresolved = 0
     floor = None
     for n in nodes:
         gpus = json.loads(n["gpus"] or "[]")
+        span = n["end_ns"] - n["start_ns"]
+        gpu_seconds += len(gpus) * span / 1e9
+        node_ns += span
+        gpu_ns += len(gpus) * span
         count += len(gpus)
         unresolved += sum(1 for g in gpus if ":" not in g)
-        span = n["end_ns"] - n["start_ns"]
         if n.get("gpu_min_uj") is not None and span > 0:
             watts = float(n["gpu_min_uj"] * 1000) / float(span)
             floor = watts if floor is None else min(floor, watts)
-    return {"gpu_count": count, "unresolved_gpus": unresolved, "gpu_floor_w": floor}
-
-
-def _gpu_seconds(nodes: list[dict]) -> float:
-    return sum(
-        len(json.loads(n["gpus"] or "[]")) * (n["end_ns"] - n["start_ns"]) / 1e9 for n in nodes
-    )
+    return {
+        "gpu_seconds": round(gpu_seconds, 3),
+        "node_ns": min(node_ns, slices.INT64_MAX),
+        "gpu_ns": min(gpu_ns, slices.INT64_MAX),
+        "gpu_count": count,
+        "unresolved_gpus": unresolved,
+        "gpu_floor_w": floor,
+    }
 
 
 def _coverage(nodes: list[dict]) -> float | None:
