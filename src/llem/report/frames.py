@@ -242,11 +242,17 @@ def by_group(jobs: pd.DataFrame, key: str) -> pd.DataFrame:
                 "platform_share",
             ]
         )
-    g = jobs.groupby(key, sort=False)
-    out = g[cols].sum()
+    # grouped by the key's integer codes, made once (a groupby on the names themselves
+    # factorizes them every time: most of this function's time on 850,000 jobs); the groups
+    # and the rows in each come in the same order, so the sums are the same
+    codes, labels = pd.factorize(jobs[key], sort=False)
+    g = jobs[cols].groupby(codes, sort=False)
+    out = g.sum()
     out.insert(0, "jobs", g.size())
-    gpu_energy = jobs[jobs["gpu_h"] > 0].groupby(key)["energy_kwh"].sum()
+    with_gpus = jobs["gpu_h"].to_numpy() > 0
+    gpu_energy = jobs["energy_kwh"][with_gpus].groupby(codes[with_gpus]).sum()
     out["kwh_per_gpu_h"] = (gpu_energy.reindex(out.index) / out["gpu_h"]).where(out["gpu_h"] > 0)
+    out.index = pd.Index(labels.take(out.index.to_numpy()), name=key)
     total = out["energy_kwh"].sum()
     out["energy_share"] = out["energy_kwh"] / total if total > 0 else 0.0
     out["measured_share"] = (1 - out["estimated_kwh"] / out["energy_kwh"]).where(
@@ -280,6 +286,10 @@ def top_jobs(jobs: pd.DataFrame, n: int = 20) -> pd.DataFrame:
     ]
     if jobs.empty:
         return pd.DataFrame(columns=cols)
+    if 0 < n < len(jobs):
+        # only the jobs that can be among the n largest (ties at the n-th included) are
+        # sorted: a sort of every job by energy and id took 2 s on 850,000 jobs
+        jobs = jobs[jobs["energy_kwh"] >= jobs["energy_kwh"].nlargest(n, keep="all").min()]
     top = jobs.sort_values(["energy_kwh", "job_id"], ascending=[False, True]).head(n).copy()
     top["start"] = [_iso(ns) for ns in top["run_start_ns"]]
     top["command"] = [f"llem-acct -j {j}" for j in top["job_id"]]
