@@ -361,6 +361,11 @@ def test_postgres_migration_fills_run_figures_and_reads_them(ledger_path, pg_ser
         merged = _run_spans(src)
         assert _run_spans(pg) == merged
         dump = pg.canonical_dump()
+        indexes = pg.query(
+            "SELECT tablename, indexname, indexdef FROM pg_indexes "
+            "WHERE tablename IN ('job_runs', 'job_nodes') ORDER BY 1, 2"
+        )
+        assert len(indexes) >= 12  # the runs' ten and the job nodes' (made again after)
         with pg._txn() as cur:
             cur.execute("UPDATE job_runs SET node_ns = 0, gpu_ns = 0")
             migration(cur)
@@ -368,6 +373,10 @@ def test_postgres_migration_fills_run_figures_and_reads_them(ledger_path, pg_ser
             cur.execute("UPDATE job_runs SET gpu_count = 0, gpu_floor_w = NULL")
             floors(cur)
         assert _run_spans(pg) == merged and pg.canonical_dump() == dump
+        assert pg.query(
+            "SELECT tablename, indexname, indexdef FROM pg_indexes "
+            "WHERE tablename IN ('job_runs', 'job_nodes') ORDER BY 1, 2"
+        ) == indexes
         assert check_ledger(pg) == []
         for led in (src, pg):
             q.load_hour_factors(led, _constant_factors(period))

@@ -34,6 +34,7 @@ a single user, its owner, whom policies would not restrict anyway). See
 from __future__ import annotations
 
 import calendar
+import contextlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -328,24 +329,50 @@ def _v9_planner_statistics(cur: Any) -> None:
     cur.execute("ANALYZE job_nodes")
 
 
+@contextlib.contextmanager
+def _secondary_indexes_dropped(cur: Any, *tables: str):
+    """Drop the tables' indexes that back no constraint for the block, and make them again
+    after it, from their own definitions (``pg_get_indexdef``).
+
+    An ``UPDATE`` of every row writes a new version of each row into every index, one random
+    insert at a time: on the 10,000,000-job bench ledger, ``_v10_run_spans`` rewrote
+    ``job_runs`` (ten indexes, 3.9 GB) in 42 minutes that way, mostly waiting on the disk.
+    Building an index afterwards is one sort. The keys and unique constraints stay (the
+    migration's joins use them)."""
+    cur.execute("SET LOCAL maintenance_work_mem = '512MB'")
+    cur.execute(
+        "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+        "WHERE i.indrelid = ANY(%s::regclass[]) AND NOT EXISTS "
+        "(SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid) ORDER BY 1",
+        (list(tables),),
+    )
+    indexes = cur.fetchall()
+    for name, _ in indexes:
+        cur.execute(f"DROP INDEX {name}")
+    yield
+    for _, ddl in indexes:
+        cur.execute(ddl)
+
+
 def _v10_run_spans(cur: Any) -> None:
     """The SQLite ledger's ``_v10_run_spans``: ``job_runs.node_ns`` and ``gpu_ns``, filled
-    from the job nodes in one ``UPDATE ... FROM`` (a rewrite of every run row: minutes on a
-    10,000,000-job ledger, once, docs/performance.md)."""
+    from the job nodes in one ``UPDATE ... FROM``, a rewrite of every run row (with the
+    run's secondary indexes made again after it: :func:`_secondary_indexes_dropped`)."""
     from llem.cluster.ledger import RUN_SPAN_SQL
 
     for column in ("node_ns", "gpu_ns"):
         cur.execute(
             f"ALTER TABLE job_runs ADD COLUMN IF NOT EXISTS {column} BIGINT NOT NULL DEFAULT 0"
         )
-    cur.execute(RUN_SPAN_SQL.format(json_length="json_array_length(jn.gpus::json)"))
+    with _secondary_indexes_dropped(cur, "job_runs"):
+        cur.execute(RUN_SPAN_SQL.format(json_length="json_array_length(jn.gpus::json)"))
 
 
 def _v11_idle_floor(cur: Any) -> None:
     """The SQLite ledger's ``_v11_idle_floor``: ``job_nodes.gpu_min_uj`` and
     ``job_runs.gpu_count``, ``unresolved_gpus`` and ``gpu_floor_w``, filled from the GPU
-    roll-up and the job nodes (a rewrite of every job node with GPUs and every run with
-    GPUs: minutes on a 10,000,000-job ledger, once, docs/performance.md)."""
+    roll-up and the job nodes (a rewrite of every job node and run with GPUs, with their
+    secondary indexes made again after it)."""
     from llem.cluster.ledger import GPU_FLOOR_SQL, GPU_MIN_SQL
 
     cur.execute("ALTER TABLE job_nodes ADD COLUMN IF NOT EXISTS gpu_min_uj BIGINT")
@@ -355,20 +382,21 @@ def _v11_idle_floor(cur: Any) -> None:
         ("gpu_floor_w", "DOUBLE PRECISION"),
     ):
         cur.execute(f"ALTER TABLE job_runs ADD COLUMN IF NOT EXISTS {column} {decl}")
-    cur.execute(
-        GPU_MIN_SQL.format(
-            items="json_array_elements_text(job_nodes.gpus::json) AS g(value)",
-            resolved="strpos(g.value, ':') > 0",
+    with _secondary_indexes_dropped(cur, "job_runs", "job_nodes"):
+        cur.execute(
+            GPU_MIN_SQL.format(
+                items="json_array_elements_text(job_nodes.gpus::json) AS g(value)",
+                resolved="strpos(g.value, ':') > 0",
+            )
         )
-    )
-    cur.execute(
-        GPU_FLOOR_SQL.format(
-            length="json_array_length(jn.gpus::json)",
-            resolved_count="(SELECT COUNT(*) FROM json_array_elements_text(jn.gpus::json) "
-            "AS g(value) WHERE strpos(g.value, ':') > 0)",
-            double="DOUBLE PRECISION",
+        cur.execute(
+            GPU_FLOOR_SQL.format(
+                length="json_array_length(jn.gpus::json)",
+                resolved_count="(SELECT COUNT(*) FROM json_array_elements_text(jn.gpus::json) "
+                "AS g(value) WHERE strpos(g.value, ':') > 0)",
+                double="DOUBLE PRECISION",
+            )
         )
-    )
 
 
 MIGRATIONS: Sequence[Callable[[Any], None]] = (
