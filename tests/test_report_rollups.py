@@ -373,10 +373,13 @@ def test_postgres_migration_fills_run_figures_and_reads_them(ledger_path, pg_ser
             cur.execute("UPDATE job_runs SET gpu_count = 0, gpu_floor_w = NULL")
             floors(cur)
         assert _run_spans(pg) == merged and pg.canonical_dump() == dump
-        assert pg.query(
-            "SELECT tablename, indexname, indexdef FROM pg_indexes "
-            "WHERE tablename IN ('job_runs', 'job_nodes') ORDER BY 1, 2"
-        ) == indexes
+        assert (
+            pg.query(
+                "SELECT tablename, indexname, indexdef FROM pg_indexes "
+                "WHERE tablename IN ('job_runs', 'job_nodes') ORDER BY 1, 2"
+            )
+            == indexes
+        )
         assert check_ledger(pg) == []
         for led in (src, pg):
             q.load_hour_factors(led, _constant_factors(period))
