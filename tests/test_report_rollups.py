@@ -37,6 +37,9 @@ CROSSING = [  # a GPU job over the month's end, a busy one and an idle one (wast
     Job("301", "n8", "2023-10-31 20:00", 8 * 3600, "erin", "astro", gpu_w=30.0),
     Job("302", "n9", "2023-11-29 12:00", 40 * 3600, "frank", "astro", gpu_w=300.0),
 ]
+MIDNIGHT = [  # inside November, across a midnight: its energy per day from its hours
+    Job("303", "n7", "2023-11-20 20:00", 8 * 3600, "erin", "astro"),
+]
 PLATFORM = [  # a node meter reading 80 W beyond the parts: "other" energy (the platform)
     Job("401", "n4", "2023-11-12 08:00", 3600, "gina", "bio", platform_w=80.0),
 ]
@@ -51,7 +54,7 @@ PERIODS = [
 @pytest.fixture(scope="module")
 def ledger_path(tmp_path_factory):
     return build_ledger(
-        tmp_path_factory.mktemp("rollups"), NOVEMBER + ESTIMATED + CROSSING + PLATFORM
+        tmp_path_factory.mktemp("rollups"), NOVEMBER + ESTIMATED + CROSSING + PLATFORM + MIDNIGHT
     )
 
 
