@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -74,8 +75,11 @@ def test_sigkill_at_random_points_then_rerun_gives_the_clean_ledger(tmp_path, pg
         proc.kill()  # SIGKILL
         proc.wait(10)
         killed_mid_merge += 0 < _spool_left(cfg) < total
-        rerun = aggregate_cli(cfg, "--once")
+        # As the next pass from cron: it waits for the killed one's session to go (its
+        # backend may still be finishing the statement it was running).
+        rerun = aggregate_cli(cfg, "--once", "--wait", "30")
         assert rerun.returncode == 0, rerun.stderr
+        assert "nothing done" not in rerun.stderr
         assert _dump(cfg.ledger) == expected, f"run {run}: ledger differs after a kill"
         with PgLedger(cfg.ledger, readonly=True) as led:
             assert check_ledger(led) == []
@@ -107,9 +111,47 @@ def test_the_advisory_lock_keeps_a_second_aggregator_out(tmp_path, pg_url):
     os.makedirs(cfg.spool_dir, mode=0o700)
     with PgLedger(pg_url) as other:  # an aggregator on another host
         assert other.try_lock()
-        with pytest.raises(LedgerBusy, match="another llem aggregate"):
+        with pytest.raises(LedgerBusy, match="another llem aggregate") as busy:
             aggregate_once(cfg, wait_s=0.3)
+        pid = other.query("SELECT pg_backend_pid()")[0][0]
+        assert f"backend pid {pid} (llem from a local socket, idle, connected " in str(busy.value)
     assert aggregate_once(cfg).merged == 0  # its session ended: the lock went with it
+
+
+_HOLD_AND_SLEEP = """
+import sys
+from llem.cluster.pg_ledger import PgLedger
+led = PgLedger(sys.argv[1])
+assert led.try_lock()
+led.db.execute("SET application_name = 'x\\x1b[31m'")
+print("held", flush=True)
+led.db.execute("SELECT pg_sleep(120)")
+"""
+
+
+def test_a_killed_aggregator_mid_statement_frees_the_lock_within_seconds(tmp_path, pg_url):
+    """Replays the flake of stop 27: the killed aggregator's backend went on with its statement,
+    its session and so the advisory lock with it, and the next pass found the ledger busy."""
+    cfg = replace(node_config(tmp_path, "admin"), ledger=pg_url)
+    os.makedirs(cfg.spool_dir, mode=0o700)
+    PgLedger(pg_url).close()  # initialised
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AND_SLEEP, pg_url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(LedgerBusy) as busy:
+            aggregate_once(cfg, wait_s=0.3)
+        # PostgreSQL keeps application_name printable (ESC becomes ?), safe_text besides
+        assert "(x?[31m from a local socket, active, connected" in str(busy.value)
+        holder.kill()  # SIGKILL, its backend 120 s into nothing
+        holder.wait(10)
+        t0 = time.monotonic()
+        assert aggregate_once(cfg, wait_s=60).merged == 0
+        freed_s = time.monotonic() - t0
+    finally:
+        holder.kill()
+    assert freed_s < 10, f"the lock was held {freed_s:.1f} s after its client died"
 
 
 def test_retention_after_a_pass(tmp_path, pg_url):

@@ -43,6 +43,7 @@ from llem.config import Config
 from llem.errors import LedgerError
 from llem.fsutil import locked, write_atomic
 from llem.paths import archive_dir, quarantine_dir
+from llem.safetext import safe_text
 from llem.slices import check_spool_dir
 
 log = logging.getLogger(__name__)
@@ -134,9 +135,11 @@ class PgAggregateLock:
         deadline = time.monotonic() + self.wait_s
         while not self.ledger.try_lock():
             if time.monotonic() >= deadline:
+                holder = self.ledger.lock_holder()
                 raise LedgerBusy(
-                    "another llem aggregate holds the PostgreSQL ledger's lock; nothing done "
-                    "(it will merge these slices)"
+                    "another llem aggregate holds the PostgreSQL ledger's lock"
+                    + (f" ({safe_text(holder)})" if holder else "")
+                    + "; nothing done (it will merge these slices)"
                 )
             time.sleep(0.1)
         return self

@@ -63,6 +63,8 @@ LOCK_CLASS = 0x6C6C656D  # 'llem'
 AGGREGATE_LOCK = 1
 """Advisory lock (``LOCK_CLASS``, this) held by an aggregator for its whole pass."""
 MIGRATE_LOCK = 2
+CLIENT_CHECK_MS = 1000
+"""How often a backend checks, during a statement, that its client is still there."""
 CONNECT_TIMEOUT_S = 10
 ANALYZE_FIRST = 2000
 """Slices merged by a session before its first ``ANALYZE`` of the job tables."""
@@ -280,7 +282,16 @@ class PgLedger(LedgerCommon):
         # No JIT compilation: llem's statements run once each, and on a large ledger their
         # cost estimates pass jit_inline_above_cost, so PostgreSQL spent 0.1-0.7 s compiling
         # each of the report's queries that then ran in 0.4 s (docs/performance.md).
-        self.db.execute("SET jit = off")
+        #
+        # A client killed mid-statement (an aggregator's SIGKILL, a login node's crash) leaves
+        # its backend running the statement to the end, with the session's advisory lock held,
+        # so the next aggregator finds the ledger "busy". PostgreSQL 14+ checks the socket
+        # during a statement when asked (Linux: POLLRDHUP) and ends such a session within a
+        # second.
+        sets = "SET jit = off"
+        if self.db.info.server_version >= 140000:
+            sets += f"; SET client_connection_check_interval = {CLIENT_CHECK_MS}"
+        self.db.execute(sets)
 
     @contextmanager
     def _txn(self):
@@ -430,6 +441,29 @@ class PgLedger(LedgerCommon):
 
     def unlock(self) -> None:
         self.db.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, AGGREGATE_LOCK))
+
+    def lock_holder(self) -> str:
+        """Who holds the aggregators' lock, for an admin: backend pid, host, state, since.
+
+        Empty when nobody does (any more) or when this role may not see it.
+        """
+        try:
+            rows = self.db.execute(
+                "SELECT a.pid, a.client_addr::text, a.client_hostname, a.state, "
+                "a.backend_start, a.application_name FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s "
+                "AND l.objid = %s AND l.objsubid = 2",
+                (LOCK_CLASS, AGGREGATE_LOCK),
+            ).fetchall()
+        except self._errors:
+            return ""
+        if not rows:
+            return ""
+        pid, addr, host, state, since, app = rows[0]
+        where = host or addr or "a local socket"
+        when = f", connected {since:%Y-%m-%d %H:%M:%S %Z}" if since is not None else ""
+        return f"backend pid {pid} ({app or 'no name'} from {where}, {state or 'unknown'}{when})"
 
     # -- merging ---------------------------------------------------------------------------
 
