@@ -173,6 +173,56 @@ def test_check_names_a_drifted_rollup(tmp_path):
     assert any("GPU roll-up row differs" in p for p in problems), problems
 
 
+def test_check_says_which_check_runs_on_a_terminal_and_nothing_in_cron(tmp_path):
+    """``llem ledger check`` runs one statement per invariant over whole tables (minutes on a
+    ledger of ten million jobs): on a terminal it says which check runs; off one (cron, a
+    pipe) its stderr stays empty."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    path = tmp_path / "ledger.db"
+    with Ledger(path) as ledger:
+        merge(ledger, job_slices(tmp_path, "100"))
+        seen: list[tuple[int, int, str]] = []
+        assert check_ledger(ledger, progress=lambda *a: seen.append(a)) == []
+    total = seen[0][1]
+    assert [s[0] for s in seen] == list(range(total + 1)) and {s[1] for s in seen} == {total}
+    assert all(s[2] for s in seen[:-1]) and seen[-1][2] == ""
+    assert "window of no job node" in {s[2] for s in seen}
+
+    cmd = [sys.executable, "-m", "llem.cli.main", "ledger", "check", "--ledger", str(path)]
+    config = tmp_path / "llem.yaml"
+    config.write_text(f"cluster: test\nledger: {path}\n")
+    env = dict(os.environ, LLEM_CONFIG=str(config))
+    piped = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stderr == "" and "ok (" in piped.stdout
+    main, term = pty.openpty()
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=term, env=env, timeout=120)
+        os.close(term)
+        term = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(main)
+        if term != -1:
+            os.close(term)
+    assert proc.returncode == 0
+    text = shown.decode()
+    assert f"0/{total} checks" in text and f"{total}/{total} checks" in text, text
+    assert "window of no job node" in text
+
+
 def _migration(migrations):
     (mig,) = [m for m in migrations if m.__name__.endswith("_report_rollups")]
     return mig

@@ -122,19 +122,32 @@ def copy(src: str, dst: str, chunk: int) -> int:
 def check(spec: str | None) -> int:
     """Verify the ledger's invariants: job node energy = its hourly rows, run totals = its
     nodes', no orphan rows. Exit status 1 when one is broken."""
+    import time
+
     from llem.cluster.acct_queries import open_ledger
     from llem.cluster.ledger_tools import check_ledger
 
     cfg = config_mod.load()
     spec = spec or cfg.ledger
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+
+    def progress(done: int, total: int, problem: str) -> None:
+        # on a terminal only (quiet in cron): which check runs, and for how long so far
+        if tty:
+            now = f"{done}/{total} checks, {time.monotonic() - started:.0f} s"
+            click.echo(f"\r{now}{': ' + problem if problem else ''}\x1b[K", err=True, nl=False)
+
     with open_ledger(spec) as led:
         cut = (
             led.retention_cut_s(cfg.ledger_retention_months)
             if hasattr(led, "retention_cut_s")
             else None
         )
-        problems = check_ledger(led, cut_ns=(cut or 0) * 10**9)
+        problems = check_ledger(led, cut_ns=(cut or 0) * 10**9, progress=progress)
         runs = led.query("SELECT COUNT(*) FROM job_runs")[0][0]
+    if tty:
+        click.echo("", err=True)
     if problems:
         from llem.safetext import safe_text as safe
 
