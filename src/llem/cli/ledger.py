@@ -31,6 +31,22 @@ def ledger() -> None:
     """Create, migrate, copy and check the cluster ledger (docs/ledger.md)."""
 
 
+class _StatusLine:
+    """One line of progress on stderr, rewritten in place, shown only on a terminal: a run
+    from cron or into a pipe prints nothing but its result."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+
+    def show(self, text: str) -> None:
+        if self.tty:
+            click.echo(f"\r{text}\x1b[K", err=True, nl=False)
+
+    def end(self) -> None:
+        if self.tty:
+            click.echo("", err=True)
+
+
 @ledger.command()
 @click.option("--ledger", "spec", help=_LEDGER_HELP)
 @click.option(
@@ -92,14 +108,11 @@ def copy(src: str, dst: str, chunk: int) -> int:
     from llem.cluster.ledger_tools import copy_ledger
     from llem.cluster.pg_ledger import is_postgres, redact
 
-    tty = sys.stderr.isatty()
+    status = _StatusLine()
 
     def progress(table: str, done: int, total: int) -> None:
-        if tty:
-            pct = 100.0 * done / total if total else 100.0
-            click.echo(
-                f"\r{table:<16} {done:>12,}/{total:,} rows {pct:5.1f} %\x1b[K", err=True, nl=False
-            )
+        pct = 100.0 * done / total if total else 100.0
+        status.show(f"{table:<16} {done:>12,}/{total:,} rows {pct:5.1f} %")
 
     with open_ledger(src, readonly=True) as source, open_ledger(dst) as target:
         res = copy_ledger(
@@ -109,8 +122,7 @@ def copy(src: str, dst: str, chunk: int) -> int:
             progress=progress,
             chunk_rows=chunk,
         )
-    if tty:
-        click.echo("", err=True)
+    status.end()
     for table, (n, _) in res.counts.items():
         click.echo(f"{table:<16} {n:>12,} rows ({res.copied[table]:,} copied now)")
     click.echo(f"copied {_shown(src)} to {_shown(dst)} in {res.elapsed_s:.1f} s; counts match")
@@ -129,14 +141,13 @@ def check(spec: str | None) -> int:
 
     cfg = config_mod.load()
     spec = spec or cfg.ledger
-    tty = sys.stderr.isatty()
+    status = _StatusLine()
     started = time.monotonic()
 
     def progress(done: int, total: int, problem: str) -> None:
-        # on a terminal only (quiet in cron): which check runs, and for how long so far
-        if tty:
-            now = f"{done}/{total} checks, {time.monotonic() - started:.0f} s"
-            click.echo(f"\r{now}{': ' + problem if problem else ''}\x1b[K", err=True, nl=False)
+        # which check runs, and for how long so far
+        now = f"{done}/{total} checks, {time.monotonic() - started:.0f} s"
+        status.show(f"{now}{': ' + problem if problem else ''}")
 
     with open_ledger(spec) as led:
         cut = (
@@ -146,8 +157,7 @@ def check(spec: str | None) -> int:
         )
         problems = check_ledger(led, cut_ns=(cut or 0) * 10**9, progress=progress)
         runs = led.query("SELECT COUNT(*) FROM job_runs")[0][0]
-    if tty:
-        click.echo("", err=True)
+    status.end()
     if problems:
         from llem.safetext import safe_text as safe
 
