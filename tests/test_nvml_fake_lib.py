@@ -304,3 +304,46 @@ def test_no_library_means_no_gpus(child: Callable[..., Child], state: Path, tmp_
         "problems": ["no NVIDIA driver: libnvidia-ml.so.1 not found"],
         "notes": [],
     }
+
+
+def test_bench_nvml_runs_on_the_fake_driver_and_says_when_there_is_none(
+    lib_dir: Path, state: Path, tmp_path: Path
+) -> None:
+    """bench/bench_nvml.py is run by hand on GPU nodes (docs/nvml.md): it must not rot here.
+    Through the real pynvml on the fake library it times the calls and writes its figures;
+    with no library it says so and exits 0."""
+    write_state(state, [FakeGpu(uuid=UUIDS[0], minor=0, energy_mj=5_000, power_mw=250_000)])
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_nvml.py"
+    out = tmp_path / "nvml.json"
+    env = dict(os.environ, LD_LIBRARY_PATH=str(lib_dir), FAKE_NVML_STATE=str(state))
+    run = subprocess.run(
+        [sys.executable, str(bench), "--calls", "50", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(out.read_text())
+    assert figures["gpus"] == 1 and figures["power_limit_mw"] == 400_000
+    assert set(figures["cost"]) == {
+        "energy_counter",
+        "power_usage",
+        "NvmlSensor.read (all GPUs)",
+    }
+    assert all(c["n"] == 50 and c["median_ms"] >= 0 for c in figures["cost"].values())
+    assert "update intervals, idle" in run.stdout
+
+    if ctypes.util.find_library("nvidia-ml"):
+        return  # a real driver here: its absence cannot be simulated
+    empty = tmp_path / "no-nvml"
+    empty.mkdir()
+    none = subprocess.run(
+        [sys.executable, str(bench)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, LD_LIBRARY_PATH=str(empty)),
+        timeout=60,
+    )
+    assert none.returncode == 0, none.stderr
+    assert none.stdout.startswith("no NVIDIA driver here")
