@@ -251,6 +251,15 @@ def test_empty_result_says_so_and_exits_0(env):
     )
 
 
+def test_jobs_alone_are_named_up_to_now_not_from_1970(env):
+    """-j alone selects from Epoch 0, as sacct; the selection's phrase (messages, --statement)
+    says "up to", never "from 1970-01-01" (seen in a statement on the GPU machine)."""
+    status, _, err = acct_run("-j", "424242")
+    assert status == 0
+    assert err.startswith("llem-acct: no jobs match (cluster c1, job 424242, up to 20"), err
+    assert "1970" not in err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

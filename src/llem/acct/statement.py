@@ -31,7 +31,9 @@ def describe_selection(opts: AcctOptions) -> str:
     if f.jobs is not None:
         parts.append("job " + ",".join(spec_text(s) for s in f.jobs))
     start, end = opts.window
-    if start is not None:
+    if start is not None and start.timestamp() <= 0:  # sacct's Epoch 0 (-j alone): no start
+        parts.append(f"up to {end:%Y-%m-%dT%H:%M:%S}")
+    elif start is not None:
         parts.append(f"from {start:%Y-%m-%dT%H:%M:%S} to {end:%Y-%m-%dT%H:%M:%S}")
     return ", ".join(parts) or "all jobs"
 
