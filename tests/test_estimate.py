@@ -254,6 +254,16 @@ def test_unknown_cpu_uses_the_per_core_fallback(tmp_path):
     assert sensor.read(10 * S)[0].energy_uj == 120_000_000  # 40 W x 0.3 x 10 s
 
 
+def test_the_fallback_warning_is_logged_once_per_process(tmp_path, caplog):
+    """llem doctor opens the sensor twice: its warning came twice (seen on the GPU machine)."""
+    proc = FakeProc(tmp_path / "proc", model="Mystery CPU 9001", cores=3)
+    with caplog.at_level("WARNING", logger=estimate.log.name):
+        for _ in range(3):
+            EstimateSensor(components=("cpu",), proc_root=proc.root)
+    warnings = [r for r in caplog.records if "not in the TDP table" in r.getMessage()]
+    assert len(warnings) == 1 and "Mystery CPU 9001" in warnings[0].getMessage()
+
+
 def test_fallback_is_capped_at_the_largest_tdp(tmp_path):
     table = write_table(tmp_path / "tdp.csv", [("X", "A", "alpha 1", 100, 10, "s1")])
     proc = FakeProc(tmp_path / "proc", model="Mystery", cores=64)

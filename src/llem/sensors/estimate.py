@@ -30,6 +30,7 @@ import csv
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,6 +400,20 @@ class _Counter:
         self.energy_uj += whole
 
 
+_warned: set[tuple] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(key: tuple) -> bool:
+    """True the first time ``key`` is seen in this process: a program that opens the sensor
+    twice (``llem doctor`` does) logs the same warning once."""
+    with _warned_lock:
+        if key in _warned:
+            return False
+        _warned.add(key)
+        return True
+
+
 class EstimateSensor:
     """Model-based CPU package and DRAM energy counters (``source="estimated"``).
 
@@ -466,7 +481,7 @@ class EstimateSensor:
         memory_total_bytes = self._memory_total_bytes()
         table = self._table(tdp_table)
         self.tdp = choose_tdp(self.cpu, self._config, table)
-        if self.tdp.fallback:
+        if self.tdp.fallback and _warn_once(("tdp", self.cpu.model_name, self.tdp.source)):
             log.warning(
                 "estimate: CPU model %r is not in the TDP table; using %.1f W (%s)",
                 self.cpu.model_name,
