@@ -258,6 +258,11 @@ def test_jobs_alone_are_named_up_to_now_not_from_1970(env):
     assert status == 0
     assert err.startswith("llem-acct: no jobs match (cluster c1, job 424242, up to 20"), err
     assert "1970" not in err
+    # -j alone already means every user and all time: the hint says where jobs come from
+    assert err.endswith(
+        "; a job is in the ledger once llem aggregate has merged it after it ended; "
+        "-L looks in every cluster\n"
+    ), err
 
 
 @pytest.mark.parametrize(

@@ -194,10 +194,16 @@ def _render(
         if footer is not None and rows:
             notes.append(footer)
     if not rows:
-        notes.append(
-            f"llem-acct: no jobs match ({describe_selection(opts)}); widen the window "
-            "with -S or --since, or use -a for all users"
-        )
+        start = opts.window[0]
+        if start is not None and start.timestamp() <= 0:
+            # -j alone (sacct: Epoch 0, every user): widening would change nothing
+            hint = (
+                "a job is in the ledger once llem aggregate has merged it after it ended; "
+                "-L looks in every cluster"
+            )
+        else:
+            hint = "widen the window with -S or --since, or use -a for all users"
+        notes.append(f"llem-acct: no jobs match ({describe_selection(opts)}); {hint}")
     return Report(text, tuple(notes))
 
 
