@@ -225,3 +225,63 @@ def test_hook_with_no_clock_leaves_the_job_to_llem(kind, tmp_path, live_sampler,
     assert r.returncode == 0, r.stderr
     assert seen.read_text() == f"{kind} 42\n"
     assert sorted(p.name for p in (live_sampler / "jobs").iterdir()) == []
+
+
+def test_a_cold_prolog_returns_once_the_new_sampler_listens_for_windows(tmp_path):
+    """The first job after an idle period: the real Prolog starts the node sampler, and the
+    job starts as soon as the Prolog returns. A window the job opens at once must reach the
+    sampler (and wait for its sensors to open), not find no socket and be measured
+    standalone: a real-Slurm test saw exactly that (the first job's Python window got scope
+    "node", "node sampler not reachable")."""
+    import signal
+    import socket
+    import sys
+
+    from llem.node.windows import ping
+
+    if os.geteuid() != 0:
+        pytest.skip("the Prolog runs as root (it starts the root sampler)")
+    run_dir = tmp_path / "run"
+    config = tmp_path / "llem.yaml"
+    config.write_text(
+        f"state_dir: {tmp_path / 'state'}\nrun_dir: {run_dir}\nspool_dir: {tmp_path / 'spool'}\n"
+        "sensors: [estimate]\nsampler:\n  interval_s: 10\n  linger_s: 600\n"
+    )
+    dfile = tmp_path / "default-llem"
+    dfile.write_text(
+        f"LLEM_BIN={Path(sys.executable).with_name('llem')}\nLLEM_CONFIG={config}\n"
+        f"LLEM_RUN_DIR={run_dir}\n"
+    )
+    env = {
+        "SLURM_JOB_ID": "77",
+        "SLURMD_NODENAME": "t1",
+        "SLURM_JOB_UID": "0",
+        "SLURM_JOB_USER": "root",
+        "LLEM_DEFAULTS_FILE": str(dfile),
+    }
+    sock_path = run_dir / "t1" / "sampler.sock"
+    r = subprocess.run(
+        ["/bin/bash", str(REPO / "slurm" / "prolog.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    pid_file = run_dir / "t1" / "sampler.pid"
+    try:
+        assert r.returncode == 0, r.stderr
+        # at once, as the job's first window would: the socket is there and listening
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(sock_path))
+        assert ping(sock_path, timeout_s=30)["ok"]
+    finally:
+        try:
+            pid = int(pid_file.read_text())
+        except (OSError, ValueError):
+            pid = None
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while pid_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)

@@ -32,12 +32,14 @@ from llem.node.idle import IdleLearner, package_tdp_w
 from llem.node.jobs import finalize_ended, ingest, pending
 from llem.node.slurm import gres_conf_path, slurm_conf_path
 from llem.node.store import open_or_quarantine
-from llem.node.windows import WindowServer
+from llem.node.windows import WindowServer, listen_socket
 from llem.paths import NodePaths
 from llem.sampler import Clock, Sampler, SystemClock
 from llem.wakeup import SignalSafeEvent
 
 if TYPE_CHECKING:
+    import socket
+
     from llem.sensors import OpenedSensors
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,33 @@ def spawn_sampler(node: str, env: Mapping[str, str], timeout_s: float = 2.0) -> 
     if not data:
         raise LlemError("the sampler did not report its start in time")
     return int(data)
+
+
+SERVING_WAIT_S = 5.0
+"""How long the cold Prolog waits for the sampler it spawned to hold the node's lock and
+listen on its window socket (Python's start and llem's imports: 0.1-0.3 s, more on a loaded
+node). The hook's own limit (LLEM_TIMEOUT, 10 s) is above it."""
+
+
+def wait_until_serving(paths: NodePaths, pid: int, timeout_s: float = SERVING_WAIT_S) -> bool:
+    """Wait until the sampler ``pid`` (just spawned) listens on its window socket, or another
+    sampler holds the lock instead (two Prologs spawned one each; the later one left). False
+    when neither happened within ``timeout_s``: the job starts anyway, and its first windows
+    may then be measured standalone (each says so in its notes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        live = sampler_pid(paths)
+        if live == pid:  # its pid file is written after the socket listens
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:  # it left: another sampler won the lock
+            return live is not None and live > 0
+        except PermissionError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 # -- the sampler process -----------------------------------------------------------------
@@ -262,6 +291,7 @@ class NodeDaemon:
         self.sensors: OpenedSensors | None = None
         self.sampler: Sampler | None = None
         self.windows: WindowServer | None = None
+        self.early_socket: socket.socket | None = None
         self.chores: Housekeeping | None = None
         self._idle_since: float | None = None
 
@@ -302,6 +332,15 @@ class NodeDaemon:
             os.close(fd)
             return False
         self.lock_fd = fd
+        # The window socket before the pid file: once the pid file names this process, the
+        # cold Prolog lets the job start, and the job's windows find a socket to wait on while
+        # the sensors open (llem.node.windows.listen_socket).
+        try:
+            self.early_socket = listen_socket(self.paths.socket)
+        except OSError as e:
+            log.warning(
+                "window socket %s: %s (made again when sampling starts)", self.paths.socket, e
+            )
         self.paths.pid_file.write_text(f"{os.getpid()}\n")
         return True
 
@@ -379,7 +418,9 @@ class NodeDaemon:
             self.take_registrations,
             pending_job=self.job_is_pending,
             monotonic_s=lambda: self.clock.monotonic_ns() / 1e9,
+            sock=self.early_socket,
         )
+        self.early_socket = None  # the window server's now: it closes it
         self.chores = Housekeeping(
             self.store, self.config, self.paths, lambda: self.clock.monotonic_ns() / 1e9
         )
@@ -506,6 +547,10 @@ class NodeDaemon:
         """Close whatever was opened, record the stop, and let go of the lock."""
         if self.windows is not None:
             self.windows.close()
+        elif self.early_socket is not None:  # stopped before the sensors were open
+            self.early_socket.close()
+            self.early_socket = None
+            self.paths.socket.unlink(missing_ok=True)
         if self.sampler is not None:
             self.store.add_events(
                 [Event(self.clock.time_ns(), "sampler_stop", f"pid {os.getpid()}")]

@@ -72,20 +72,31 @@ def _context(env: Mapping[str, str]):
 
 def prolog_body(env: Mapping[str, str]) -> None:
     from llem.fsutil import locked
-    from llem.node.daemon import sampler_pid, spawn_sampler
+    from llem.node.daemon import SERVING_WAIT_S, sampler_pid, spawn_sampler, wait_until_serving
     from llem.node.jobs import ingest
     from llem.node.slurm import gpu_indices, job_from_env
     from llem.node.store import NodeStore
 
     config, node, paths, job_id = _context(env)
+    spawned = None
     with locked(paths.node_lock):
         with NodeStore(paths.store) as store:
             ingest(store, paths.jobs, config.cluster, node)
             if not store.runs_of(job_id, "running"):
                 store.add_job(job_from_env(env, config.cluster, time.time_ns(), gpu_indices(env)))
         if sampler_pid(paths) is None:
-            pid = spawn_sampler(node, env)
-            log.info("llem: started the node sampler for %s (pid %d)", node, pid)
+            spawned = spawn_sampler(node, env)
+            log.info("llem: started the node sampler for %s (pid %d)", node, spawned)
+    # Outside the node lock: the job's windows need the new sampler's socket before the job
+    # starts, or they find none and are measured standalone.
+    if spawned is not None and not wait_until_serving(paths, spawned):
+        log.warning(
+            "llem prolog: the node sampler (pid %d) did not listen on its window socket "
+            "within %g s; job %s starts anyway",
+            spawned,
+            SERVING_WAIT_S,
+            job_id,
+        )
     log.info("llem prolog: job %s registered on %s", job_id, node)
 
 

@@ -81,6 +81,30 @@ def socket_path(run_dir: str, env: Mapping[str, str]) -> Path | None:
     return Path(run_dir) / node / "sampler.sock"
 
 
+def listen_socket(path: Path) -> socket.socket:
+    """The window server's listening socket at ``path`` (a stale one replaced), open to every
+    user: each request is checked when it is served.
+
+    The node sampler makes it as soon as it holds the node's lock, before it opens its
+    sensors (which can take seconds), and the cold Prolog waits for that. A job that starts
+    meanwhile connects at once and waits in the backlog for its answer, where it used to find
+    no socket and measure standalone (seen in a real-Slurm test: the first job's window).
+    """
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o666)  # any user may connect; each request is checked
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _exchange(path: Path, message: dict, timeout_s: float) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
@@ -262,6 +286,8 @@ class WindowServer:
         ingest_pending: called when a request names a job not registered yet.
         pending_job: whether a job's start registration waits to be taken in.
         monotonic_s: the clock of the limits.
+        sock: the listening socket, when made beforehand (:func:`listen_socket`); else
+            :meth:`start` makes it.
     """
 
     def __init__(
@@ -272,6 +298,7 @@ class WindowServer:
         ingest_pending=None,
         pending_job: Callable[[str], bool] | None = None,
         monotonic_s: Callable[[], float] = time.monotonic,
+        sock: socket.socket | None = None,
     ) -> None:
         self.path = path
         self.sampler = sampler
@@ -280,7 +307,7 @@ class WindowServer:
         self.pending_job = pending_job
         self.monotonic_s = monotonic_s
         self.requests: queue.Queue = queue.Queue()
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | None = sock  # made early by the sampler, or by start()
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._lock = threading.Lock()
@@ -294,16 +321,9 @@ class WindowServer:
     # -- life ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
         self.refresh_jobs()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.path))
-        os.chmod(self.path, 0o666)  # any user may connect; each request is checked
-        sock.listen(64)
-        self._sock = sock
+        if self._sock is None:
+            self._sock = listen_socket(self.path)
         self._thread = threading.Thread(target=self._serve, name="llem-windows", daemon=True)
         self._thread.start()
 
