@@ -236,3 +236,51 @@ def test_restart_after_a_crash_at_a_commit_point_is_recorded_on_the_job(tmp_path
         ("sampler_stop",),
     ]
     assert "sampler restarted with jobs running" in node.paths.problems.read_text()
+
+
+def test_a_leaving_sampler_never_removes_its_successors_socket(tmp_path, monkeypatch):
+    """A sampler that leaves (idle past linger_s) lets the lock go; a Prolog's new sampler
+    takes it at once and listens on the same path. The one leaving used to remove the socket
+    file after letting the lock go, i.e. the successor's: the successor then served no
+    windows for its whole life. Replayed: the successor takes the lock in that instant."""
+    import fcntl
+    import socket
+
+    import llem.node.daemon as daemon_mod
+
+    def socket_inode(path):
+        return os.lstat(path).st_ino if path.exists() else None
+
+    node = Daemon(tmp_path, linger_s=0.5)
+    successor = node.make()
+    real_pending = daemon_mod.pending
+    seen: dict = {}
+
+    def pending(jobs):
+        out = real_pending(jobs)
+        if not out and seen.get("armed") and "inode" not in seen:
+            try:  # the lock is free: leave() has let it go, the successor takes it now
+                fcntl.flock(node.daemon.lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(node.daemon.lock_fd, fcntl.LOCK_UN)
+            except OSError:
+                return out
+            assert successor.acquire_lock()
+            seen["inode"] = socket_inode(node.paths.socket)
+        return out
+
+    monkeypatch.setattr(daemon_mod, "pending", pending)
+    try:
+        node.prolog("106")
+        node.start()
+        seen["armed"] = True
+        node.epilog("106")
+        node.join()
+        assert "inode" in seen, "the successor never got the lock while the first one left"
+        # the successor's socket is still there, and it is the successor's
+        assert socket_inode(node.paths.socket) == seen["inode"]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(node.paths.socket))
+    finally:
+        node.stop()
+        successor.shutdown()
+    assert not node.paths.socket.exists()  # and the successor removes its own when it stops

@@ -268,7 +268,6 @@ def test_a_cold_prolog_returns_once_the_new_sampler_listens_for_windows(tmp_path
         timeout=60,
         check=False,
     )
-    pid_file = run_dir / "t1" / "sampler.pid"
     try:
         assert r.returncode == 0, r.stderr
         # at once, as the job's first window would: the socket is there and listening
@@ -276,12 +275,18 @@ def test_a_cold_prolog_returns_once_the_new_sampler_listens_for_windows(tmp_path
             s.connect(str(sock_path))
         assert ping(sock_path, timeout_s=30)["ok"]
     finally:
-        try:
-            pid = int(pid_file.read_text())
-        except (OSError, ValueError):
-            pid = None
+        # The sampler serves job 77 until its Epilog, which never comes: stop it, also when
+        # the test failed before its pid file was written.
+        from llem.node.daemon import sampler_pid
+        from llem.paths import NodePaths
+
+        paths = NodePaths("t1", run_dir / "t1", tmp_path / "state" / "node-t1.db")
+        deadline = time.monotonic() + 20
+        pid = sampler_pid(paths)
+        while pid is not None and pid <= 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pid = sampler_pid(paths)
         if pid:
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while pid_file.exists() and time.monotonic() < deadline:
+            while sampler_pid(paths) is not None and time.monotonic() < deadline:
                 time.sleep(0.05)

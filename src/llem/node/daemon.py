@@ -32,7 +32,7 @@ from llem.node.idle import IdleLearner, package_tdp_w
 from llem.node.jobs import finalize_ended, ingest, pending
 from llem.node.slurm import gres_conf_path, slurm_conf_path
 from llem.node.store import open_or_quarantine
-from llem.node.windows import WindowServer, listen_socket
+from llem.node.windows import WindowServer, listen_socket, socket_inode, unlink_if_ours
 from llem.paths import NodePaths
 from llem.sampler import Clock, Sampler, SystemClock
 from llem.wakeup import SignalSafeEvent
@@ -129,22 +129,34 @@ listen on its window socket (Python's start and llem's imports: 0.1-0.3 s, more 
 node). The hook's own limit (LLEM_TIMEOUT, 10 s) is above it."""
 
 
+def _gone(pid: int) -> bool:
+    """No process ``pid``, or only its zombie (a container whose first process reaps nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - one read
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].startswith("Z")
+
+
 def wait_until_serving(paths: NodePaths, pid: int, timeout_s: float = SERVING_WAIT_S) -> bool:
     """Wait until the sampler ``pid`` (just spawned) listens on its window socket, or another
-    sampler holds the lock instead (two Prologs spawned one each; the later one left). False
-    when neither happened within ``timeout_s``: the job starts anyway, and its first windows
-    may then be measured standalone (each says so in its notes)."""
+    sampler that does holds the lock instead (two Prologs spawned one each; the later one
+    left). Its pid file is written after its socket listens. False when neither happened
+    within ``timeout_s``: the job starts anyway, and its first windows may then be measured
+    standalone (each says so in its notes)."""
     deadline = time.monotonic() + timeout_s
     while True:
         live = sampler_pid(paths)
-        if live == pid:  # its pid file is written after the socket listens
+        if live == pid:
             return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:  # it left: another sampler won the lock
-            return live is not None and live > 0
-        except PermissionError:
-            pass
+        if live is not None and live > 0 and _gone(pid):
+            return True  # another sampler won the lock and serves
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.01)
@@ -341,8 +353,19 @@ class NodeDaemon:
             log.warning(
                 "window socket %s: %s (made again when sampling starts)", self.paths.socket, e
             )
-        self.paths.pid_file.write_text(f"{os.getpid()}\n")
+        try:
+            self.paths.pid_file.write_text(f"{os.getpid()}\n")
+        except BaseException:
+            self._close_early_socket()
+            raise
         return True
+
+    def _close_early_socket(self) -> None:
+        if self.early_socket is not None:
+            inode = socket_inode(self.paths.socket)
+            self.early_socket.close()
+            self.early_socket = None
+            unlink_if_ours(self.paths.socket, inode)
 
     def open_store(self) -> None:
         """Open the node store; a corrupt one is moved aside and recorded as a problem."""
@@ -411,15 +434,7 @@ class NodeDaemon:
             sampler_id=f"{self.node}-{os.getpid()}-{self.started_ns}",
             attribute=attributor,
         )
-        self.windows = WindowServer(
-            self.paths.socket,
-            self.sampler,
-            self.store,
-            self.take_registrations,
-            pending_job=self.job_is_pending,
-            monotonic_s=lambda: self.clock.monotonic_ns() / 1e9,
-            sock=self.early_socket,
-        )
+        self.windows = self._window_server(self.early_socket)
         self.early_socket = None  # the window server's now: it closes it
         self.chores = Housekeeping(
             self.store, self.config, self.paths, lambda: self.clock.monotonic_ns() / 1e9
@@ -429,6 +444,17 @@ class NodeDaemon:
         # The sampler's devices: the sensors' and, with a node meter, the platform residual.
         self.metrics = NodeMetrics.from_config(
             self.config, self.store, self.node, self.sampler.devices, self.sampler.interval_s
+        )
+
+    def _window_server(self, sock=None) -> WindowServer:
+        return WindowServer(
+            self.paths.socket,
+            self.sampler,
+            self.store,
+            self.take_registrations,
+            pending_job=self.job_is_pending,
+            monotonic_s=lambda: self.clock.monotonic_ns() / 1e9,
+            sock=sock,
         )
 
     def install_signal_handlers(self) -> None:
@@ -516,17 +542,35 @@ class NodeDaemon:
             if self.has_work():
                 self.resume()
                 return False
+            # The socket and the pid file go while the sampler lock is still ours: a successor
+            # makes its own as soon as it holds the lock, and removing ours after that would
+            # remove its (the same paths).
+            self.windows.close()
+            if _pid_is_mine(self.paths):
+                self.paths.pid_file.unlink(missing_ok=True)
             fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
         if pending(self.paths.jobs):
             try:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.resume()
-                return False
             except BlockingIOError:
                 pass
-        self.windows.close()
+            else:
+                self.serve_again()
+                self.resume()
+                return False
         self.release_lock()
         return True
+
+    def serve_again(self) -> None:
+        """The lock taken back after :meth:`leave` let it go: a new window socket, then the
+        pid file (in that order, as at the start)."""
+        try:
+            self.windows = self._window_server()
+            self.windows.start()
+        except OSError as e:
+            log.error("window socket %s: %s; windows are measured standalone", self.paths.socket, e)
+            record_problem(self.paths, f"window socket not made again: {e}")
+        self.paths.pid_file.write_text(f"{os.getpid()}\n")
 
     def resume(self) -> None:
         self.sampler.stopping.clear()
@@ -547,10 +591,7 @@ class NodeDaemon:
         """Close whatever was opened, record the stop, and let go of the lock."""
         if self.windows is not None:
             self.windows.close()
-        elif self.early_socket is not None:  # stopped before the sensors were open
-            self.early_socket.close()
-            self.early_socket = None
-            self.paths.socket.unlink(missing_ok=True)
+        self._close_early_socket()  # stopped before the sensors were open
         if self.sampler is not None:
             self.store.add_events(
                 [Event(self.clock.time_ns(), "sampler_stop", f"pid {os.getpid()}")]

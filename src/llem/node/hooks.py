@@ -22,6 +22,10 @@ from collections.abc import Mapping
 
 log = logging.getLogger("llem.slurm")
 
+PROLOG_BUDGET_S = 8.0
+"""The cold Prolog stops waiting for the new sampler this long after it began (the hook's own
+limit, LLEM_TIMEOUT, is 10 s by default)."""
+
 
 def _guarded(kind: str, body, env: Mapping[str, str]) -> int:
     """Run the hook; any failure is logged and recorded, never returned to Slurm."""
@@ -77,6 +81,7 @@ def prolog_body(env: Mapping[str, str]) -> None:
     from llem.node.slurm import gpu_indices, job_from_env
     from llem.node.store import NodeStore
 
+    started = time.monotonic()
     config, node, paths, job_id = _context(env)
     spawned = None
     with locked(paths.node_lock):
@@ -89,12 +94,15 @@ def prolog_body(env: Mapping[str, str]) -> None:
             log.info("llem: started the node sampler for %s (pid %d)", node, spawned)
     # Outside the node lock: the job's windows need the new sampler's socket before the job
     # starts, or they find none and are measured standalone.
-    if spawned is not None and not wait_until_serving(paths, spawned):
+    # Within the Prolog's budget (the hook kills llem after LLEM_TIMEOUT, 10 s by default);
+    # the job is registered already, so running out only costs its first windows.
+    budget = max(0.5, min(SERVING_WAIT_S, PROLOG_BUDGET_S - (time.monotonic() - started)))
+    if spawned is not None and not wait_until_serving(paths, spawned, budget):
         log.warning(
             "llem prolog: the node sampler (pid %d) did not listen on its window socket "
             "within %g s; job %s starts anyway",
             spawned,
-            SERVING_WAIT_S,
+            budget,
             job_id,
         )
     log.info("llem prolog: job %s registered on %s", job_id, node)

@@ -105,6 +105,23 @@ def listen_socket(path: Path) -> socket.socket:
     return sock
 
 
+def socket_inode(path: Path) -> int | None:
+    """The inode of the file at ``path`` (None when there is none): a listener removes the
+    socket file only while it is still its own, never a successor's made at the same path."""
+    try:
+        return os.lstat(path).st_ino
+    except OSError:
+        return None
+
+
+def unlink_if_ours(path: Path, inode: int | None) -> None:
+    if inode is not None and socket_inode(path) == inode:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
 def _exchange(path: Path, message: dict, timeout_s: float) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
@@ -308,6 +325,7 @@ class WindowServer:
         self.monotonic_s = monotonic_s
         self.requests: queue.Queue = queue.Queue()
         self._sock: socket.socket | None = sock  # made early by the sampler, or by start()
+        self._inode = socket_inode(path) if sock is not None else None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._lock = threading.Lock()
@@ -324,10 +342,13 @@ class WindowServer:
         self.refresh_jobs()
         if self._sock is None:
             self._sock = listen_socket(self.path)
+            self._inode = socket_inode(self.path)
         self._thread = threading.Thread(target=self._serve, name="llem-windows", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
+        """Stop serving and remove the socket file, if it is still this server's (closing
+        twice, or after a successor bound the path, removes nothing of the successor's)."""
         self._closing.set()
         if self._sock is not None:
             try:
@@ -338,10 +359,8 @@ class WindowServer:
                 self._sock.close()
             except OSError:
                 pass
-        try:
-            self.path.unlink()
-        except OSError:
-            pass
+        unlink_if_ours(self.path, self._inode)
+        self._inode = None
         while True:  # nobody waits forever on a sampler that is going away
             try:
                 _, reply = self.requests.get_nowait()
