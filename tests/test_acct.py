@@ -263,6 +263,11 @@ def test_jobs_alone_are_named_up_to_now_not_from_1970(env):
         "; a job is in the ledger once llem aggregate has merged it after it ended; "
         "-L looks in every cluster\n"
     ), err
+    # -j with a user: -a would widen it; -L given: no need to name it
+    _, _, err = acct_run("-j", "424242", "-u", "nobody")
+    assert err.endswith("widen the window with -S or --since, or use -a for all users\n"), err
+    _, _, err = acct_run("-j", "424242", "-L")
+    assert err.endswith("has merged it after it ended\n"), err
 
 
 @pytest.mark.parametrize(

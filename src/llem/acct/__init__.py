@@ -194,13 +194,12 @@ def _render(
         if footer is not None and rows:
             notes.append(footer)
     if not rows:
-        start = opts.window[0]
-        if start is not None and start.timestamp() <= 0:
+        start, f = opts.window[0], opts.filter
+        if f.jobs is not None and f.users is None and start is not None and start.timestamp() <= 0:
             # -j alone (sacct: Epoch 0, every user): widening would change nothing
-            hint = (
-                "a job is in the ledger once llem aggregate has merged it after it ended; "
-                "-L looks in every cluster"
-            )
+            hint = "a job is in the ledger once llem aggregate has merged it after it ended"
+            if f.clusters is not None:
+                hint += "; -L looks in every cluster"
         else:
             hint = "widen the window with -S or --since, or use -a for all users"
         notes.append(f"llem-acct: no jobs match ({describe_selection(opts)}); {hint}")
