@@ -69,7 +69,7 @@ from llem.acct.rows import (
     total_rows,
     window_rows,
 )
-from llem.acct.statement import describe_selection, describe_window, statement_text
+from llem.acct.statement import describe_selection, describe_window, from_epoch, statement_text
 from llem.errors import LlemError
 
 
@@ -194,8 +194,8 @@ def _render(
         if footer is not None and rows:
             notes.append(footer)
     if not rows:
-        start, f = opts.window[0], opts.filter
-        if f.jobs is not None and f.users is None and start is not None and start.timestamp() <= 0:
+        f = opts.filter
+        if f.jobs is not None and f.users is None and from_epoch(opts.window[0]):
             # -j alone (sacct: Epoch 0, every user): widening would change nothing
             hint = "a job is in the ledger once llem aggregate has merged it after it ended"
             if f.clusters is not None:

@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     from llem.acct.options import AcctOptions
 
 
+def from_epoch(start) -> bool:
+    """The window starts at sacct's Epoch 0 (``-j`` alone): it has no start worth naming."""
+    return start is not None and start.timestamp() <= 0
+
+
 def describe_selection(opts: AcctOptions) -> str:
     """A short phrase for messages: ``user alice, 2026-11-01T00:00:00 to now``."""
     f = opts.filter
@@ -31,7 +36,7 @@ def describe_selection(opts: AcctOptions) -> str:
     if f.jobs is not None:
         parts.append("job " + ",".join(spec_text(s) for s in f.jobs))
     start, end = opts.window
-    if start is not None and start.timestamp() <= 0:  # sacct's Epoch 0 (-j alone): no start
+    if from_epoch(start):
         parts.append(f"up to {end:%Y-%m-%dT%H:%M:%S}")
     elif start is not None:
         parts.append(f"from {start:%Y-%m-%dT%H:%M:%S} to {end:%Y-%m-%dT%H:%M:%S}")
@@ -45,7 +50,7 @@ def describe_window(opts: AcctOptions) -> str:
     start, end = opts.window
     if start is None or end is None:
         return f"Jobs {what} at any time"
-    begin = "Epoch 0" if start.timestamp() <= 0 else start.strftime("%a %b %d %H:%M:%S %Y")
+    begin = "Epoch 0" if from_epoch(start) else start.strftime("%a %b %d %H:%M:%S %Y")
     finish = end.strftime("%a %b %d %H:%M:%S %Y")
     if begin == finish:
         return f"Jobs {what} at the time instant {finish}"
