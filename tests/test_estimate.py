@@ -254,9 +254,9 @@ def test_unknown_cpu_uses_the_per_core_fallback(tmp_path):
     assert sensor.read(10 * S)[0].energy_uj == 120_000_000  # 40 W x 0.3 x 10 s
 
 
-def test_the_fallback_warning_is_logged_once_per_process(tmp_path, caplog, monkeypatch):
+def test_the_fallback_warning_is_logged_once_per_process(tmp_path, caplog):
     """llem doctor opens the sensor twice: its warning came twice (seen on the GPU machine)."""
-    monkeypatch.setattr(estimate, "_warned", set())  # whatever ran before in this process
+    estimate._warn_fallback.cache_clear()  # whatever ran before in this process
     proc = FakeProc(tmp_path / "proc", model="Mystery CPU 9001", cores=3)
     with caplog.at_level("WARNING", logger=estimate.log.name):
         for _ in range(3):

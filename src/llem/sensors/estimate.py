@@ -27,10 +27,10 @@ sampler and ``llem doctor`` start fast.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import re
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -400,18 +400,13 @@ class _Counter:
         self.energy_uj += whole
 
 
-_warned: set[tuple] = set()
-_warned_lock = threading.Lock()
-
-
-def _warn_once(key: tuple) -> bool:
-    """True the first time ``key`` is seen in this process: a program that opens the sensor
-    twice (``llem doctor`` does) logs the same warning once."""
-    with _warned_lock:
-        if key in _warned:
-            return False
-        _warned.add(key)
-        return True
+@functools.cache
+def _warn_fallback(model: str, tdp_w: float, source: str) -> None:
+    """Once per process and CPU model: a program that opens the sensor twice (``llem doctor``
+    does) logs the same warning once."""
+    log.warning(
+        "estimate: CPU model %r is not in the TDP table; using %.1f W (%s)", model, tdp_w, source
+    )
 
 
 class EstimateSensor:
@@ -481,13 +476,8 @@ class EstimateSensor:
         memory_total_bytes = self._memory_total_bytes()
         table = self._table(tdp_table)
         self.tdp = choose_tdp(self.cpu, self._config, table)
-        if self.tdp.fallback and _warn_once(("tdp", self.cpu.model_name, self.tdp.source)):
-            log.warning(
-                "estimate: CPU model %r is not in the TDP table; using %.1f W (%s)",
-                self.cpu.model_name,
-                self.tdp.tdp_w,
-                self.tdp.source,
-            )
+        if self.tdp.fallback:
+            _warn_fallback(self.cpu.model_name, self.tdp.tdp_w, self.tdp.source)
         for socket in range(self.cpu.sockets):
             key = f"estimate:cpu-{socket}"
             self._cpu_keys.append(key)
