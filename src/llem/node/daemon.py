@@ -32,7 +32,7 @@ from llem.node.idle import IdleLearner, package_tdp_w
 from llem.node.jobs import finalize_ended, ingest, pending
 from llem.node.slurm import gres_conf_path, slurm_conf_path
 from llem.node.store import open_or_quarantine
-from llem.node.windows import WindowServer, listen_socket, socket_inode, unlink_if_ours
+from llem.node.windows import WindowServer, listen_socket
 from llem.paths import NodePaths
 from llem.sampler import Clock, Sampler, SystemClock
 from llem.wakeup import SignalSafeEvent
@@ -361,11 +361,12 @@ class NodeDaemon:
         return True
 
     def _close_early_socket(self) -> None:
+        """The socket made in :meth:`acquire_lock`, never handed to a window server; the
+        sampler lock is still ours, so the file at its path is ours too."""
         if self.early_socket is not None:
-            inode = socket_inode(self.paths.socket)
             self.early_socket.close()
             self.early_socket = None
-            unlink_if_ours(self.paths.socket, inode)
+            self.paths.socket.unlink(missing_ok=True)
 
     def open_store(self) -> None:
         """Open the node store; a corrupt one is moved aside and recorded as a problem."""
@@ -546,8 +547,7 @@ class NodeDaemon:
             # makes its own as soon as it holds the lock, and removing ours after that would
             # remove its (the same paths).
             self.windows.close()
-            if _pid_is_mine(self.paths):
-                self.paths.pid_file.unlink(missing_ok=True)
+            self._remove_pid_file()
             fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
         if pending(self.paths.jobs):
             try:
@@ -582,10 +582,13 @@ class NodeDaemon:
         """Remove the pid file (when still ours) and let go of the sampler lock."""
         if self.lock_fd < 0:
             return
-        if _pid_is_mine(self.paths):
-            self.paths.pid_file.unlink(missing_ok=True)
+        self._remove_pid_file()
         os.close(self.lock_fd)
         self.lock_fd = -1
+
+    def _remove_pid_file(self) -> None:
+        if _pid_is_mine(self.paths):
+            self.paths.pid_file.unlink(missing_ok=True)
 
     def shutdown(self) -> None:
         """Close whatever was opened, record the stop, and let go of the lock."""

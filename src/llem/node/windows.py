@@ -105,7 +105,7 @@ def listen_socket(path: Path) -> socket.socket:
     return sock
 
 
-def socket_inode(path: Path) -> int | None:
+def _socket_inode(path: Path) -> int | None:
     """The inode of the file at ``path`` (None when there is none): a listener removes the
     socket file only while it is still its own, never a successor's made at the same path."""
     try:
@@ -114,8 +114,8 @@ def socket_inode(path: Path) -> int | None:
         return None
 
 
-def unlink_if_ours(path: Path, inode: int | None) -> None:
-    if inode is not None and socket_inode(path) == inode:
+def _unlink_if_ours(path: Path, inode: int | None) -> None:
+    if inode is not None and _socket_inode(path) == inode:
         try:
             path.unlink()
         except OSError:
@@ -325,7 +325,7 @@ class WindowServer:
         self.monotonic_s = monotonic_s
         self.requests: queue.Queue = queue.Queue()
         self._sock: socket.socket | None = sock  # made early by the sampler, or by start()
-        self._inode = socket_inode(path) if sock is not None else None
+        self._inode = _socket_inode(path) if sock is not None else None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._lock = threading.Lock()
@@ -342,7 +342,7 @@ class WindowServer:
         self.refresh_jobs()
         if self._sock is None:
             self._sock = listen_socket(self.path)
-            self._inode = socket_inode(self.path)
+            self._inode = _socket_inode(self.path)
         self._thread = threading.Thread(target=self._serve, name="llem-windows", daemon=True)
         self._thread.start()
 
@@ -359,7 +359,7 @@ class WindowServer:
                 self._sock.close()
             except OSError:
                 pass
-        unlink_if_ours(self.path, self._inode)
+        _unlink_if_ours(self.path, self._inode)
         self._inode = None
         while True:  # nobody waits forever on a sampler that is going away
             try:
