@@ -284,3 +284,20 @@ def test_a_leaving_sampler_never_removes_its_successors_socket(tmp_path, monkeyp
         node.stop()
         successor.shutdown()
     assert not node.paths.socket.exists()  # and the successor removes its own when it stops
+
+
+def test_the_cold_prolog_does_not_wait_for_a_sampler_that_died_at_its_start(tmp_path):
+    """A sampler that cannot start (broken llem, a bad sensor) leaves at once: the Prolog
+    that spawned it must not wait out its whole budget for a socket that will never come."""
+    import time
+
+    from llem.node.daemon import wait_until_serving
+    from llem.paths import NodePaths
+
+    paths = NodePaths("n1", tmp_path / "run" / "n1", tmp_path / "node-n1.db")
+    paths.run.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    t0 = time.monotonic()
+    assert wait_until_serving(paths, dead.pid, timeout_s=5.0) is False
+    assert time.monotonic() - t0 < 1.0

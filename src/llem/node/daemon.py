@@ -155,8 +155,11 @@ def wait_until_serving(paths: NodePaths, pid: int, timeout_s: float = SERVING_WA
         live = sampler_pid(paths)
         if live == pid:
             return True
-        if live is not None and live > 0 and _gone(pid):
-            return True  # another sampler won the lock and serves
+        if _gone(pid):
+            if live is None:
+                return False  # it died and nobody holds the lock: nothing to wait for
+            if live > 0:
+                return True  # another sampler won the lock and serves
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.01)
