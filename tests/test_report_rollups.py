@@ -12,6 +12,7 @@ import copy
 import json
 from datetime import datetime
 
+import pandas as pd
 import pytest
 
 from llem.cluster import ledger as ledger_mod
@@ -343,6 +344,44 @@ def test_runs_inside_the_period_give_what_their_rollups_give(ledger_path, period
         assert new[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
 
 
+def _hourly_factors(period) -> dict[int, float]:
+    """An hourly series: no day has one factor, so no run is read whole."""
+    return {h: 1e-7 * (1 + h // 3600 % 7) for h in period.hours()}
+
+
+@pytest.mark.parametrize("hourly", [False, True], ids=["annual", "hourly"])
+@pytest.mark.parametrize("account", [None, "astro"])
+@pytest.mark.parametrize("period", PERIODS, ids=lambda p: p.label)
+def test_the_energy_frame_made_from_the_runs_read_is_the_energy_read(
+    ledger_path, period, account, hourly
+):
+    """The report reads the month's runs once: the energy rows of the runs inside one day of
+    one factor are made from the runs' own row (``runs(fast_energy=True)``), the others read
+    (``energy_by_run_day(fast_apart=True)``). The frame is the one of every row read, to the
+    last bit of every float, in the same order and with the same dtypes."""
+    s, e = period.start_ns, period.end_ns
+    # an annual factor with every bit of a float used: the products are rounded as the
+    # read's sums are (dialect.settle)
+    factors = _hourly_factors(period) if hourly else dict.fromkeys(period.hours(), 1e-6 / 3)
+    with q.open_readonly(ledger_path) as ledger:
+        q.load_hour_factors(ledger, factors)
+        whole = frames.records(q.energy_by_run_day(ledger, s, e, account), q.ENERGY_COLUMNS)
+        read = q.energy_by_run_day(ledger, s, e, account, fast_apart=True)
+        runs = q.runs(ledger, s, e, account, fast_energy=True)
+        assert [row[: len(q.RUN_COLUMNS)] for row in runs] == q.runs(ledger, s, e, account)
+        with pytest.raises(ValueError, match="run spans"):
+            q.runs(ledger, s, e, account, rollups=False, fast_energy=True)
+    made = frames.energy_frame(
+        read, frames.records(runs, q.RUN_COLUMNS + q.FAST_COLUMNS), q.uniform_days(factors)
+    )
+    pd.testing.assert_frame_equal(made, whole, check_exact=True)
+    assert len(whole)
+    if hourly or period.label == "2023-12":  # December holds only a crossing job
+        assert len(read) == len(whole)
+    else:
+        assert len(read) < len(whole)  # most rows made from the runs
+
+
 def test_a_run_inside_the_period_is_read_from_job_runs_and_checked(ledger_path, tmp_path):
     """The fast path really reads ``job_runs``: a run whose stored figures drift shows the
     drift in the report's queries (and not in the raw rows'), and ``llem ledger check``
@@ -438,6 +477,10 @@ def test_postgres_migration_fills_run_figures_and_reads_them(ledger_path, pg_ser
             q.load_hour_factors(led, _constant_factors(period))
         assert q.runs(pg, s, e) == q.runs(src, s, e)
         assert q.energy_by_run_day(pg, s, e) == q.energy_by_run_day(src, s, e)
+        assert q.runs(pg, s, e, fast_energy=True) == q.runs(src, s, e, fast_energy=True)
+        assert q.energy_by_run_day(pg, s, e, fast_apart=True) == q.energy_by_run_day(
+            src, s, e, fast_apart=True
+        )
         assert q.idle_gpus(pg, s, e, 100.0) == q.idle_gpus(src, s, e, 100.0)
         assert q.period_totals(
             pg, s, e, 100.0, g_per_uj_by_hour=_constant_factors(period)

@@ -165,6 +165,11 @@ def settled(rows: list[tuple], *columns: int) -> list[tuple]:
         row = list(row)
         for i in columns:
             if isinstance(row[i], float):
-                row[i] = float(f"{row[i]:.{SIGNIFICANT_DIGITS}g}")
+                row[i] = settle(row[i])
         out.append(tuple(row))
     return out
+
+
+def settle(value: float) -> float:
+    """A float sum rounded as :func:`settled` rounds it."""
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")

@@ -152,17 +152,9 @@ def open_readonly(path) -> Ledger:
     return ledger
 
 
-def load_day_factors(ledger: Ledger, g_per_uj_by_hour: Mapping[int, float]) -> None:
-    """(Re)load into temp.day_factors the UTC days whose loaded hours all have the same
-    carbon factor (an annual intensity: every day; an hourly series: usually none), with that
-    factor: a run inside such a day has its operational CO2e computed from its total
-    (:func:`_fast`), the same figure as its hours' sum up to the last bits of a float."""
-    d = ledger.dialect
-    ledger.query(
-        "CREATE TEMP TABLE IF NOT EXISTS day_factors "
-        "(day_s BIGINT PRIMARY KEY, g_per_uj DOUBLE PRECISION NOT NULL)"
-    )
-    ledger.query(f"DELETE FROM {d.temp}day_factors")
+def uniform_days(g_per_uj_by_hour: Mapping[int, float]) -> dict[int, float]:
+    """The UTC days whose given hours all have the same carbon factor (an annual intensity:
+    every day; an hourly series: usually none), with that factor, in day order."""
     days: dict[int, float | None] = {}
     for hour_s, g in g_per_uj_by_hour.items():
         day = hour_s - hour_s % DAY_S
@@ -170,7 +162,20 @@ def load_day_factors(ledger: Ledger, g_per_uj_by_hour: Mapping[int, float]) -> N
             days[day] = g
         elif days[day] != g:
             days[day] = None
-    rows = sorted((day, g) for day, g in days.items() if g is not None)
+    return {day: g for day, g in sorted(days.items()) if g is not None}
+
+
+def load_day_factors(ledger: Ledger, g_per_uj_by_hour: Mapping[int, float]) -> None:
+    """(Re)load into temp.day_factors the days of :func:`uniform_days`: a run inside such a
+    day has its operational CO2e computed from its total (:func:`_fast`), the same figure as
+    its hours' sum up to the last bits of a float."""
+    d = ledger.dialect
+    ledger.query(
+        "CREATE TEMP TABLE IF NOT EXISTS day_factors "
+        "(day_s BIGINT PRIMARY KEY, g_per_uj DOUBLE PRECISION NOT NULL)"
+    )
+    ledger.query(f"DELETE FROM {d.temp}day_factors")
+    rows = list(uniform_days(g_per_uj_by_hour).items())
     if rows:
         ledger.executemany(f"INSERT INTO {d.temp}day_factors VALUES (?, ?)", rows)
 
@@ -219,6 +224,21 @@ RUN_COLUMNS = (
 )
 
 
+FAST_COLUMNS = (
+    "fast_day_s",
+    "fast_energy_uj",
+    "fast_cpu_uj",
+    "fast_dram_uj",
+    "fast_gpu_uj",
+    "fast_other_uj",
+    "fast_estimated_uj",
+)
+"""The columns that :func:`runs` adds with ``fast_energy``: the UTC day of a run inside the
+period and one UTC day (:data:`INSIDE`, :data:`ONE_DAY`; -1 for any other run) and the run's
+energy totals from ``job_runs`` (whole-run figures: its energy in the period only for such a
+run). ``llem.report.frames.energy_frame`` makes those runs' energy rows from them."""
+
+
 def runs(
     ledger: Ledger,
     start_ns: int,
@@ -226,22 +246,37 @@ def runs(
     account: str | None = None,
     *,
     rollups: bool = True,
+    fast_energy: bool = False,
 ) -> list[tuple]:
     """One row per job run overlapping the period, with its node- and GPU-seconds in it.
 
     One pass over the runs in their key order: a run inside the period has its node- and
     GPU-seconds in ``job_runs`` (:data:`INSIDE`); only a run across the period's bounds looks
-    up its node runs (``rollups=False``: every run does, for the comparison)."""
+    up its node runs (``rollups=False``: every run does, for the comparison).
+
+    ``fast_energy`` (with :func:`uses_run_spans` only): each row also carries
+    :data:`FAST_COLUMNS`, so that the report reads the month's runs once, not a second time
+    for the energy of the runs inside one day (``energy_by_run_day(..., fast_apart=True)``).
+    """
     params, filt = _params(start_ns, end_ns, account)
     d = ledger.dialect
     node_ns, gpu_ns = _node_ns(ledger, rollups)
+    fast = ""
+    if fast_energy:
+        if not uses_run_spans(ledger, rollups):
+            raise ValueError("fast_energy needs the run spans of job_runs (uses_run_spans)")
+        fast = (
+            f", CASE WHEN {INSIDE} AND {ONE_DAY} THEN r.run_start_ns / {DAY_NS} * {DAY_S} "
+            "ELSE -1 END, r.energy_uj, r.cpu_energy_uj, r.dram_energy_uj, r.gpu_energy_uj, "
+            "r.other_energy_uj, r.estimated_energy_uj"
+        )
     return ledger.query(
         f"""
         SELECT {d.run_id}, r.cluster, r.job_id, r.run_start_ns, r.run_end_ns, r.user,
                r.account, r.partition, r.tag, r.name, r.state, r.status, r.coverage,
                r.num_nodes, {d.greatest}(0, {d.least}(r.run_end_ns, :end_ns)
                    - {d.greatest}(r.run_start_ns, :start_ns)) / {SECONDS},
-               {node_ns} / {SECONDS}, {gpu_ns} / {SECONDS}
+               {node_ns} / {SECONDS}, {gpu_ns} / {SECONDS}{fast}
         FROM job_runs r
         WHERE r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns {filt}
         ORDER BY r.cluster, r.job_id, r.run_start_ns
@@ -300,6 +335,7 @@ def energy_by_run_day(
     account: str | None = None,
     *,
     rollups: bool = True,
+    fast_apart: bool = False,
 ) -> list[tuple]:
     """Energy of each run per UTC day of the period, by component, with operational CO2e.
 
@@ -309,6 +345,10 @@ def energy_by_run_day(
     roll-ups of their node runs. ``rollups=False`` sums the raw energy rows of every run
     instead (``llem ledger check`` and the tests compare the two). A run and day without
     energy gives no row.
+
+    ``fast_apart``: leave out the runs of :func:`_fast`, whose rows the caller makes from
+    :func:`runs`' ``fast_energy`` columns (``llem.report.frames.energy_frame``): about 90 %
+    of a month's rows, which this read would fetch, round and sort a second time.
     """
     params, filt = _params(start_ns, end_ns, account)
     source, sums = _energy_source(ledger, rollups)
@@ -327,7 +367,7 @@ def energy_by_run_day(
     """,
         params,
     )
-    if fast:
+    if fast and not fast_apart:
         # the runs inside one day of one factor, from their totals
         rows += ledger.query(
             f"""

@@ -145,9 +145,15 @@ def build_report(
             g_per_uj_by_hour=g_per_uj,
         )
 
+    # the runs inside one day of one factor have their energy rows made from the runs' read
+    # (frames.energy_frame), not read a second time
+    apart = q.uses_run_spans(ledger, rollups)
+
     def energy_of(conn) -> list[tuple]:
         q.load_hour_factors(conn, g_per_uj)
-        return q.energy_by_run_day(conn, start_ns, end_ns, account, rollups=rollups)
+        return q.energy_by_run_day(
+            conn, start_ns, end_ns, account, rollups=rollups, fast_apart=apart
+        )
 
     def idle_of(conn) -> list[tuple]:
         return q.idle_gpus(conn, start_ns, end_ns, idle_w, account, rollups=rollups)
@@ -168,13 +174,19 @@ def build_report(
             for name, read in reads.items()
         }
         try:
-            run_rows = q.runs(ledger, start_ns, end_ns, account, rollups=rollups)
+            run_rows = q.runs(ledger, start_ns, end_ns, account, rollups=rollups, fast_energy=apart)
             frames = _frames()
             factors = frames.Factors(g_per_uj, resolved.gpu_g_per_hour, resolved.node_g_per_hour)
             # each query's frame is made once: the jobs frame and the daily series share them
-            runs = frames.records(run_rows, q.RUN_COLUMNS)
+            runs = frames.records(run_rows, q.RUN_COLUMNS + (q.FAST_COLUMNS if apart else ()))
             del run_rows
-            energy = frames.records(side["energy"].result(), q.ENERGY_COLUMNS)
+            if apart:
+                energy = frames.energy_frame(
+                    side["energy"].result(), runs, q.uniform_days(g_per_uj)
+                )
+                runs = runs.drop(columns=list(q.FAST_COLUMNS))
+            else:
+                energy = frames.records(side["energy"].result(), q.ENERGY_COLUMNS)
             jobs = frames.jobs_frame(runs, energy, side["idle"].result(), factors)
             totals = frames.totals(jobs)
             carbon_fields = _carbon_fields(
