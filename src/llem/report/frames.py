@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from llem.cluster import report_queries as q
-from llem.cluster.dialect import settle
+from llem.cluster.dialect import settle_all
 from llem.report.period import (  # noqa: F401 - API
     Period,
     _iso,
@@ -66,9 +66,10 @@ def energy_frame(
     The runs inside the period and one UTC day of one carbon factor (``g_per_uj_by_day``:
     ``report_queries.uniform_days`` of the factors loaded for the read) get one row each,
     computed as the SQL computes it: their totals, and their energy times the day's factor
-    (a float product, rounded by ``settle``). Making them here instead of fetching them saves
-    reading the month's runs twice: on the 10,000,000-job PostgreSQL ledger 770,000 of the
-    month's 872,000 rows (``docs/performance.md``).
+    (a float product, rounded as the read rounds it: ``dialect.settle_all``). Making them
+    here instead of fetching them saves reading the month's runs twice: on the
+    10,000,000-job PostgreSQL ledger 770,000 of the month's 872,000 rows
+    (``docs/performance.md``).
     """
     parts = [records(node_rows, q.ENERGY_COLUMNS)]
     if len(runs):
@@ -79,7 +80,7 @@ def energy_frame(
         for column in q.ENERGY_COLUMNS[2:-1]:
             fast[column] = runs[f"fast_{column}"].to_numpy()[keep]
         product = fast["energy_uj"].astype(np.float64) * g[keep]
-        fast["operational_g"] = np.array([settle(x) for x in product.tolist()], dtype=np.float64)
+        fast["operational_g"] = np.array(settle_all(product.tolist()), dtype=np.float64)
         parts.append(pd.DataFrame(fast))
     parts = [part for part in parts if len(part)]
     if not parts:
