@@ -849,7 +849,7 @@ class Ledger(LedgerCommon):
         )
 
     def _merge_job(self, item: Prepared) -> bool:
-        _, _, created_ns, sha, devices, job_node, energy, totals, windows, power, steps = item
+        _, _, created_ns, sha, devices, job_node, energy, totals, windows, power, steps = item[:11]
         if not self.db.execute(_INSERT_JOB_NODE + _NEW_RUN_ONLY, job_node).rowcount:
             row = self.db.execute(
                 "SELECT id, created_ns, digest FROM job_nodes WHERE cluster = ? AND job_id = ? "
@@ -869,7 +869,9 @@ class Ledger(LedgerCommon):
             "ON CONFLICT DO UPDATE SET energy_uj = energy_uj + excluded.energy_uj",
             energy,
         )
-        self._rollup_job_node(energy, job_node[_GPUS_AT])
+        self.db.executemany(rollups.SQLITE_MERGE[0], item[11])
+        if item[12]:
+            self.db.executemany(rollups.SQLITE_MERGE[1], item[12])
         self.db.executemany(
             "INSERT INTO job_node_totals (job_node_id, device_key, measured_uj, attributed_uj, "
             "remainder_uj, gap_intervals, idle_unallocated_uj, unallocated_uj) "
@@ -892,15 +894,6 @@ class Ledger(LedgerCommon):
                 steps,
             )
         return True
-
-    def _rollup_job_node(self, energy: Sequence[tuple], gpus_json: str) -> None:
-        """The report's roll-up rows of the job node just inserted, from its energy rows
-        (:func:`llem.cluster.rollups.rows_of`); a replaced job node's go with it (``ON
-        DELETE CASCADE``)."""
-        hours, gpus = rollups.rows_of(energy, gpus_json)
-        self.db.executemany(rollups.SQLITE_MERGE[0], hours)
-        if gpus:
-            self.db.executemany(rollups.SQLITE_MERGE[1], gpus)
 
     def rebuild_rollups(self) -> None:
         """Refill the report's roll-ups from every energy row (``make_ledger``, repairs)."""
@@ -1333,8 +1326,10 @@ def prepare(data: dict, sha: str) -> Prepared:
 
     * job: ``("job", (cluster, job_id), created_ns, digest, device rows, job_nodes row (its
       first four values are the natural key), job_energy rows, job_node_totals rows, windows
-      rows, the job_power row or None, job_steps rows)``, the last five without their
-      ``job_node_id``;
+      rows, the job_power row or None, job_steps rows, job_node_hours rows, job_node_gpus
+      rows)``, the last seven without their ``job_node_id``; the two roll-ups
+      (:func:`llem.cluster.rollups.rows_of`) are made here, in the reader processes, not in
+      the aggregator, whose single thread bounds a pass;
     * node: ``("node", device rows, node_hours rows)``;
     * header: ``("header", (cluster, job_id), job_headers row)``.
     """
@@ -1464,6 +1459,7 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         )
         for key, t in data["node_totals"].items()
     ]
+    hours, gpus = rollups.rows_of(energy, job_node[_GPUS_AT])
     return (
         "job",
         (cluster, job_id),
@@ -1476,6 +1472,8 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         _window_rows(data),
         _power_rows(data),
         _step_rows(data),
+        hours,
+        gpus,
     )
 
 

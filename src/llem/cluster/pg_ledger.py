@@ -76,7 +76,6 @@ _JOB_NODE_COLUMNS = tuple(
 )
 """The columns of a prepared job node row: those of the SQLite ledger's insert, so that a
 column added there (and to both schemas) needs nothing here."""
-_GPUS_AT = _JOB_NODE_COLUMNS.index("gpus")
 _ENERGY_COLUMNS = (
     "job_node_id",
     "device_key",
@@ -797,14 +796,13 @@ class PgLedger(LedgerCommon):
 
     def _rollup_job_nodes(self, cur, ids: dict[tuple, int], jobs: dict[tuple, Prepared]) -> None:
         """The report's roll-up rows of the job nodes just inserted (``ids``: key -> job node
-        id), from their energy rows (:func:`llem.cluster.rollups.rows_of`), by ``COPY``; a
-        replaced job node's are deleted with it (:data:`_JOB_NODE_TABLES`)."""
+        id), made from their energy rows by ``prepare`` (:func:`llem.cluster.rollups.rows_of`),
+        by ``COPY``; a replaced job node's are deleted with it (:data:`_JOB_NODE_TABLES`)."""
         hours, gpus = [], []
         for key, node_id in ids.items():
             item = jobs[key]
-            h, g = rollups.rows_of(item[6], item[5][_GPUS_AT])
-            hours += [(node_id, *r) for r in h]
-            gpus += [(node_id, *r) for r in g]
+            hours += [(node_id, *r) for r in item[11]]
+            gpus += [(node_id, *r) for r in item[12]]
         if hours:
             # the months of job_energy's partitions these hours went into (days: fewer names)
             self._ensure_partitions(cur, "job_node_hours", {r[1] - r[1] % 86400 for r in hours})
