@@ -266,3 +266,27 @@ def test_a_pass_with_readers_gives_the_ledger_of_a_pass_without(tmp_path):
         with Ledger(cfg.ledger, readonly=True) as ledger:
             dumps.append(ledger.canonical_dump())
     assert dumps[0] == dumps[1]
+
+
+def test_a_reader_that_sends_garbage_is_replaced_by_reading_here(tmp_path, monkeypatch, caplog):
+    """A frame that does not unmarshal into candidates (decoded in the receiving thread)
+    stops the readers; the aggregator reads the rest itself and loses nothing."""
+    monkeypatch.setattr(slicereader, "CHUNK", 2)
+    make_spool(tmp_path / "spool", nodes=5, jobs=4)
+    paths = sorted(str(p) for p in (tmp_path / "spool").iterdir())
+    expected = _wire(read_all(paths, readers=0))
+    real = slicereader._candidates
+    frames = []
+
+    def second_is_garbage(frame):
+        frames.append(frame)
+        return real(b"\x00garbage" if len(frames) == 2 else frame)
+
+    monkeypatch.setattr(slicereader, "_candidates", second_is_garbage)
+    with caplog.at_level(logging.WARNING, logger="llem.cluster.readers"):
+        assert _wire(read_all(paths, readers=1)) == expected
+    assert any(
+        "sent garbage" in r.message and "reading the rest of the spool" in r.message
+        for r in caplog.records
+    )
+    assert _reader_children() == []

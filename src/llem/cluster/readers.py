@@ -308,13 +308,9 @@ class _Pool:
             except subprocess.TimeoutExpired:
                 status = None
             raise _ReaderFailed(f"reader process {reader.proc.pid} ended early (status {status})")
-        try:
-            status, payload = marshal.loads(item)
-            if status == "ok":
-                return [Candidate.from_wire(w) for w in payload]
-        except (ValueError, TypeError, EOFError) as e:
-            raise _ReaderFailed(f"reader process {reader.proc.pid} sent garbage: {e}") from e
-        raise _ReaderFailed(f"reader process {reader.proc.pid} failed: {payload}")
+        if isinstance(item, str):
+            raise _ReaderFailed(f"reader process {reader.proc.pid} {item}")
+        return item
 
     def close(self) -> None:
         self.stop.set()
@@ -358,7 +354,8 @@ class _Reader:
             close_fds=True,
         )
         self.stop = stop
-        self.results: queue.Queue[bytes | None] = queue.Queue(maxsize=ahead)
+        # a chunk's candidates, a failure's words, or None at the end
+        self.results: queue.Queue[list[Candidate] | str | None] = queue.Queue(maxsize=ahead)
         self.threads = [
             threading.Thread(
                 target=self._send, args=(chunks,), daemon=True, name="llem-reader-send"
@@ -384,19 +381,23 @@ class _Reader:
                 pass
 
     def _receive(self) -> None:
+        """Read the reader's frames and turn each into its candidates here, in this thread:
+        the aggregator's own thread waits for the database much of the time (without the
+        GIL), and unmarshalling meanwhile takes that much off the pass's longest chain."""
         assert self.proc.stdout is not None
         while not self.stop.is_set():
             try:
                 frame = _read_frame(self.proc.stdout)
             except (OSError, ValueError):
                 frame = None
+            item = None if frame is None else _candidates(frame)
             while not self.stop.is_set():
                 try:
-                    self.results.put(frame, timeout=0.2)
+                    self.results.put(item, timeout=0.2)
                     break
                 except queue.Full:
                     continue
-            if frame is None:
+            if not isinstance(item, list):
                 return
 
     def close(self) -> None:
@@ -411,6 +412,17 @@ class _Reader:
                     pipe.close()
             except OSError:
                 pass
+
+
+def _candidates(frame: bytes) -> list[Candidate] | str:
+    """A reader's frame as its candidates, or why it cannot be used."""
+    try:
+        status, payload = marshal.loads(frame)
+        if status == "ok":
+            return [Candidate.from_wire(w) for w in payload]
+    except (ValueError, TypeError, EOFError) as e:
+        return f"sent garbage: {e}"
+    return f"failed: {payload}"
 
 
 def _write_frame(out: BinaryIO, payload: bytes) -> None:
