@@ -198,22 +198,36 @@ def render_table(
             )
         )
         lines.append("".join("-" * abs(c.width) + " " for c in columns))
-    cols = [
-        (
-            c.field.name,
-            _formatter(c.field.kind, units, tfmt=time_fmt, convert=convert),
-            c.width,
-            c.field.kind,
-        )
-        for c in columns
-    ]
-    for row in rows:
-        lines.append(
-            "".join(
-                [_cell(fmt(row.get(name)), width, kind) + " " for name, fmt, width, kind in cols]
+    if rows:
+        # column by column, as render_parsable: one format, escape and pad per column
+        by_column = getattr(rows, "values", None)  # rows held by column (RunColumns)
+        cells = [
+            _cells(
+                _column_texts(
+                    list(map(dict.get, rows, repeat(c.field.name)))
+                    if by_column is None
+                    else by_column.get(c.field.name) or [None] * len(rows),
+                    c.field.kind,
+                    units,
+                    "",
+                    time_fmt,
+                    convert,
+                ),
+                c.width,
+                c.field.kind,
             )
-        )
+            for c in columns
+        ]
+        lines += (" ".join(row) + " " for row in zip(*cells))
     return "".join(line + "\n" for line in lines)
+
+
+def _cells(texts: list[str], width: int, kind: str) -> list[str]:
+    """:func:`_cell` of each text of one column."""
+    size = abs(width)
+    if kind not in _NEVER_CUT:
+        texts = [_cell(t, width, kind) if len(t) > size else t for t in texts]
+    return list(map(str.ljust if width < 0 else str.rjust, texts, repeat(size)))
 
 
 def render_parsable(
