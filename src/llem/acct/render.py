@@ -200,24 +200,8 @@ def render_table(
         lines.append("".join("-" * abs(c.width) + " " for c in columns))
     if rows:
         # column by column, as render_parsable: one format, escape and pad per column
-        by_column = getattr(rows, "values", None)  # rows held by column (RunColumns)
-        cells = [
-            _cells(
-                _column_texts(
-                    list(map(dict.get, rows, repeat(c.field.name)))
-                    if by_column is None
-                    else by_column.get(c.field.name) or [None] * len(rows),
-                    c.field.kind,
-                    units,
-                    "",
-                    time_fmt,
-                    convert,
-                ),
-                c.width,
-                c.field.kind,
-            )
-            for c in columns
-        ]
+        texts = _columns_texts(columns, rows, units, "", time_fmt, convert)
+        cells = [_cells(t, c.width, c.field.kind) for t, c in zip(texts, columns)]
         lines += (" ".join(row) + " " for row in zip(*cells))
     return "".join(line + "\n" for line in lines)
 
@@ -253,27 +237,35 @@ def render_parsable(
     if not noheader:
         lines.append(delimiter.join(c.field.name for c in columns) + end)
     if rows:
-        # column by column: a month of a large cluster is 80,000 rows and more
-        by_column = getattr(rows, "values", None)  # rows held by column (RunColumns)
-        texts = [
-            _column_texts(
-                list(map(dict.get, rows, repeat(c.field.name)))
-                if by_column is None
-                else by_column.get(c.field.name) or [None] * len(rows),
-                c.field.kind,
-                units,
-                delimiter,
-                time_fmt,
-                convert,
-            )
-            for c in columns
-        ]
+        texts = _columns_texts(columns, rows, units, delimiter, time_fmt, convert)
         lines += (
             map(delimiter.join, zip(*texts))
             if not end
             else (delimiter.join(cells) + end for cells in zip(*texts))
         )
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def _columns_texts(
+    columns: Sequence[Column], rows, units: str | None, delimiter: str, tfmt: str, convert: bool
+) -> list[list[str]]:
+    """Each column's texts (:func:`_column_texts`), column by column: a month of a large
+    cluster is 80,000 rows and more. ``rows``: dicts, or rows held by column (an object
+    with ``values``, :class:`llem.acct.rows.RunColumns`)."""
+    by_column = getattr(rows, "values", None)
+    return [
+        _column_texts(
+            list(map(dict.get, rows, repeat(c.field.name)))
+            if by_column is None
+            else by_column.get(c.field.name) or [None] * len(rows),
+            c.field.kind,
+            units,
+            delimiter,
+            tfmt,
+            convert,
+        )
+        for c in columns
+    ]
 
 
 def _column_texts(
