@@ -290,3 +290,35 @@ def test_a_reader_that_sends_garbage_is_replaced_by_reading_here(tmp_path, monke
         for r in caplog.records
     )
     assert _reader_children() == []
+
+
+def test_a_frame_that_breaks_decoding_in_any_way_never_leaves_the_aggregator_waiting(
+    tmp_path, monkeypatch, caplog
+):
+    """Whatever decoding a frame raises, the receiving thread hands the failure over (a
+    thread that died would leave the aggregator waiting for ever, with its lock held)."""
+    import threading
+    import types
+
+    make_spool(tmp_path / "spool", nodes=5, jobs=4)
+    paths = sorted(str(p) for p in (tmp_path / "spool").iterdir())
+    expected = _wire(read_all(paths, readers=0))
+    calls = []
+
+    def breaks_once(data):
+        calls.append(data)
+        if len(calls) == 1:
+            raise RuntimeError("unexpected")
+        return marshal.loads(data)
+
+    monkeypatch.setattr(
+        slicereader, "marshal", types.SimpleNamespace(dumps=marshal.dumps, loads=breaks_once)
+    )
+    got = []
+    with caplog.at_level(logging.WARNING, logger="llem.cluster.readers"):
+        thread = threading.Thread(target=lambda: got.append(_wire(read_all(paths, readers=1))))
+        thread.start()
+        thread.join(timeout=60)
+    assert not thread.is_alive(), "the pass waits for a result that never comes"
+    assert got == [expected]
+    assert any("sent garbage: unexpected" in r.message for r in caplog.records)

@@ -415,12 +415,14 @@ class _Reader:
 
 
 def _candidates(frame: bytes) -> list[Candidate] | str:
-    """A reader's frame as its candidates, or why it cannot be used."""
+    """A reader's frame as its candidates, or why it cannot be used. Never raises: it runs
+    in the receiving thread, and a thread that died would leave the aggregator waiting for
+    its next result, with the lock held, for ever."""
     try:
         status, payload = marshal.loads(frame)
         if status == "ok":
             return [Candidate.from_wire(w) for w in payload]
-    except (ValueError, TypeError, EOFError) as e:
+    except Exception as e:  # noqa: BLE001 - any shape of garbage: the aggregator reads on
         return f"sent garbage: {e}"
     return f"failed: {payload}"
 
