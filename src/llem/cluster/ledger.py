@@ -849,7 +849,21 @@ class Ledger(LedgerCommon):
         )
 
     def _merge_job(self, item: Prepared) -> bool:
-        _, _, created_ns, sha, devices, job_node, energy, totals, windows, power, steps = item[:11]
+        (
+            _,
+            _,
+            created_ns,
+            sha,
+            devices,
+            job_node,
+            energy,
+            totals,
+            windows,
+            power,
+            steps,
+            hours,
+            gpus,
+        ) = item
         if not self.db.execute(_INSERT_JOB_NODE + _NEW_RUN_ONLY, job_node).rowcount:
             row = self.db.execute(
                 "SELECT id, created_ns, digest FROM job_nodes WHERE cluster = ? AND job_id = ? "
@@ -869,9 +883,9 @@ class Ledger(LedgerCommon):
             "ON CONFLICT DO UPDATE SET energy_uj = energy_uj + excluded.energy_uj",
             energy,
         )
-        self.db.executemany(rollups.SQLITE_MERGE[0], item[11])
-        if item[12]:
-            self.db.executemany(rollups.SQLITE_MERGE[1], item[12])
+        self.db.executemany(rollups.SQLITE_MERGE[0], hours)
+        if gpus:
+            self.db.executemany(rollups.SQLITE_MERGE[1], gpus)
         self.db.executemany(
             "INSERT INTO job_node_totals (job_node_id, device_key, measured_uj, attributed_uj, "
             "remainder_uj, gap_intervals, idle_unallocated_uj, unallocated_uj) "
@@ -1260,10 +1274,6 @@ _INSERT_JOB_NODE = (
     "gpu_energy_uj, other_energy_uj, estimated_energy_uj, created_ns, digest, attribution, "
     f"gpu_min_uj) VALUES ({', '.join('?' * 31)})"
 )
-_GPUS_AT = [
-    c.strip() for c in _INSERT_JOB_NODE[_INSERT_JOB_NODE.index("(") + 1 :].split(")")[0].split(",")
-].index("gpus")
-"""Where a prepared job node row holds its GPUs (JSON), for the report's roll-ups."""
 _NEW_RUN_ONLY = " ON CONFLICT (cluster, job_id, node, start_ns) DO NOTHING"
 _SORTED_JSON = json.JSONEncoder(sort_keys=True)  # json.dumps(..., sort_keys=True), reused
 
@@ -1459,7 +1469,7 @@ def _prepare_job(data: dict, sha: str) -> Prepared:
         )
         for key, t in data["node_totals"].items()
     ]
-    hours, gpus = rollups.rows_of(energy, job_node[_GPUS_AT])
+    hours, gpus = rollups.rows_of(energy, job.get("gpus") or ())
     return (
         "job",
         (cluster, job_id),

@@ -27,8 +27,8 @@ which is what proves the merge's :func:`rows_of` gives what the SQL gives.
 
 from __future__ import annotations
 
-import json
 import sqlite3
+from collections.abc import Iterable
 
 from llem.cluster.dialect import POSTGRESQL, SQLITE, Dialect
 
@@ -87,18 +87,19 @@ def insert_sql(table: str, select: str) -> str:
 _PART = {"cpu": 1, "dram": 2, "gpu": 3}
 
 
-def rows_of(energy, gpus_json: str) -> tuple[list[list], list[list]]:
-    """The roll-up rows of one job node from its energy rows as the merge holds them
+def rows_of(energy, gpus: Iterable[str]) -> tuple[list[list], list[list]]:
+    """The roll-up rows of one job node from its energy rows as ``ledger.prepare`` makes them
     ((device, hour_s, method, component, source, sensor, energy_uj), in any order, duplicate
-    keys included: the ledger sums those): (``job_node_hours`` rows, ``job_node_gpus`` rows),
-    each without the leading ``job_node_id``.
+    keys included: the ledger sums those) and its allocated GPUs (the job's ``gpus``):
+    (``job_node_hours`` rows, ``job_node_gpus`` rows), each without the leading
+    ``job_node_id``.
 
-    The merge's way, row by row in Python on the rows at hand: computing them back from the
-    table was a quarter of the merge's time. It gives what :func:`hours_select` and
+    Row by row in Python on the rows at hand, in the reader processes: computing them back
+    from the table was a quarter of the merge's time. It gives what :func:`hours_select` and
     :func:`gpus_select` give (``llem ledger check`` and the tests compare them)."""
 
     hours: dict[int, list] = {}
-    gpus = set(json.loads(gpus_json or "[]"))
+    gpus = set(gpus)
     by_gpu: dict[str, list] = {}
     for device, hour_s, _method, component, source, _sensor, uj in energy:
         row = hours.get(hour_s)
