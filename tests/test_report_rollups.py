@@ -344,6 +344,25 @@ def test_runs_inside_the_period_give_what_their_rollups_give(ledger_path, period
         assert new[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
 
 
+@pytest.mark.parametrize("period", PERIODS, ids=lambda p: p.label)
+def test_the_nodes_that_ran_a_job_are_those_of_the_runs_node_runs(ledger_path, period):
+    """``job_nodes_in_period`` walks the nodes one by one; it names the nodes that a join of
+    the period's runs to their node runs names (a node run with time in the period)."""
+    s, e = period.start_ns, period.end_ns
+    with q.open_readonly(ledger_path) as ledger:
+        joined = ledger.query(
+            "SELECT DISTINCT jn.node FROM job_runs r JOIN job_nodes jn ON jn.cluster = r.cluster "
+            "AND jn.job_id = r.job_id AND jn.run_start_ns = r.run_start_ns "
+            "WHERE r.run_end_ns > ? AND r.run_start_ns < ? "
+            "AND MIN(jn.end_ns, ?) > MAX(jn.start_ns, ?) ORDER BY jn.node",
+            (s, e, e, s),
+        )
+        every = ledger.query("SELECT DISTINCT node FROM job_nodes")
+        assert q.job_nodes_in_period(ledger, s, e) == [n for (n,) in joined]
+    if period.label == "2023-12":
+        assert 0 < len(joined) < len(every)  # only the job across the month's end ran
+
+
 def _hourly_factors(period) -> dict[int, float]:
     """An hourly series: no day has one factor, so no run is read whole."""
     return {h: 1e-7 * (1 + h // 3600 % 7) for h in period.hours()}

@@ -586,14 +586,36 @@ def node_hours(ledger: Ledger, start_ns: int, end_ns: int) -> list[tuple]:
 
 
 def job_nodes_in_period(ledger: Ledger, start_ns: int, end_ns: int) -> list[str]:
-    """Nodes that ran a job overlapping the period (no pass over the energy rows)."""
+    """Nodes that ran a job overlapping the period: the nodes with a node run whose time
+    overlaps it (every node run belongs to a run, which then overlaps the period too:
+    ``llem ledger check``'s "no orphans").
+
+    Node by node through ``job_nodes_by_node`` (node, start_ns): the distinct nodes one index
+    step each, then each node's latest node run starting before the period's end, read
+    backwards until one ends inside or after the period (for a node that ran a job in the
+    period, the first it reads). On the 10,000,000-job PostgreSQL ledger 0.04 s, against
+    2.2 s (4 s of the server's CPU) for a join of the period's runs to their node runs
+    (``docs/performance.md``).
+    """
     params, _ = _params(start_ns, end_ns, None)
     return [
         r[0]
         for r in ledger.query(
-            f"""
-        WITH {_nodes_cte(ledger, "")}
-        SELECT DISTINCT node FROM nodes WHERE overlap_ns > 0 ORDER BY node
+            """
+        WITH RECURSIVE nodes(node) AS (
+            SELECT MIN(node) FROM job_nodes
+            UNION ALL
+            SELECT (SELECT MIN(jn.node) FROM job_nodes jn WHERE jn.node > nodes.node)
+            FROM nodes WHERE nodes.node IS NOT NULL
+        )
+        SELECT n.node FROM nodes n
+        WHERE n.node IS NOT NULL AND (
+            SELECT 1 FROM job_nodes jn
+            WHERE jn.node = n.node AND jn.start_ns < :end_ns AND jn.end_ns > :start_ns
+              AND jn.end_ns > jn.start_ns
+            ORDER BY jn.node DESC, jn.start_ns DESC LIMIT 1
+        ) IS NOT NULL
+        ORDER BY n.node
     """,
             params,
         )
