@@ -1062,8 +1062,11 @@ class Ledger(LedgerCommon):
 
     # -- reading -----------------------------------------------------------------------------
 
-    def query(self, sql: str, params: Sequence = ()) -> list[tuple]:
-        """Run a read-only query (the place where report and acct SQL will grow)."""
+    def query(self, sql: str, params: Sequence = (), *, binary: bool = False) -> list[tuple]:
+        """Run a read-only query (the place where report and acct SQL will grow).
+
+        ``binary``: fetch the rows in PostgreSQL's binary format (:meth:`PgLedger.query`);
+        SQLite hands Python values over as they are, so nothing changes here."""
         try:
             return self.db.execute(sql, params).fetchall()
         except sqlite3.DatabaseError as e:

@@ -282,6 +282,7 @@ def runs(
         ORDER BY r.cluster, r.job_id, r.run_start_ns
     """,
         params,
+        binary=True,
     )
 
 
