@@ -338,10 +338,21 @@ def test_runs_inside_the_period_give_what_their_rollups_give(ledger_path, period
     for key in with_factors:
         if key != "energy_by_hour":
             assert with_factors[key] == hourly[key], key
+    # one factor in every hour: each run inside the period is read whole (not only those
+    # inside one day), and CO2e is the same float however the energy is spread over hours
+    assert q._one_factor(factors, s // S, -(-e // S))
     f = frames.Factors(factors, 3.0, 7.0)
-    new, old = frames.totals_of_sums(with_factors, f), frames.totals_of_sums(hourly, f)
-    for key, value in old.items():
-        assert new[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
+    assert frames.totals_of_sums(with_factors, f) == frames.totals_of_sums(hourly, f)
+
+
+def test_a_factor_missing_in_one_hour_is_not_one_factor():
+    period = frames.month_period("2023-11")
+    s, e = period.start_ns // S, -(-period.end_ns // S)
+    factors = _constant_factors(period)
+    assert q._one_factor(factors, s, e)
+    assert not q._one_factor({**factors, s + 7200: 1e-7}, s, e)
+    del factors[e - 3600]
+    assert not q._one_factor(factors, s, e)
 
 
 @pytest.mark.parametrize("period", PERIODS, ids=lambda p: p.label)

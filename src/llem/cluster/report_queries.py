@@ -305,13 +305,26 @@ def uses_rollups(ledger: Ledger, rollups: bool = True) -> bool:
     return rollups and ledger.has_column("job_node_hours", "hour_s")
 
 
-def _energy_source(ledger: Ledger, rollups: bool) -> tuple[str, str]:
+def _energy_source(ledger: Ledger, rollups: bool, few: bool = False) -> tuple[str, str]:
     """(FROM clause of the hourly energy ``e`` of the job nodes ``n``, its energy columns).
 
     From the roll-up, one row per job node and hour; from the raw rows, one per device,
-    hour and method: the same integer sums either way."""
+    hour and method: the same integer sums either way.
+
+    ``few``: ``n`` holds only the node runs of the runs across the period's bounds. On
+    PostgreSQL their rows are then looked up node run by node run: the planner, which
+    cannot tell how few they are, hashed the month's every hourly roll-up row to join them
+    (3,079,474 rows for 5,037 node runs: 1.8 s against 0.1 s on the 10,000,000-job ledger).
+    """
     join = ledger.dialect.fixed_join
     if uses_rollups(ledger, rollups):
+        if few and ledger.dialect.name == "postgresql":
+            return (
+                "JOIN LATERAL (SELECT * FROM job_node_hours e WHERE e.job_node_id = n.node_id "
+                "AND e.hour_s >= :start_s AND e.hour_s < :end_s OFFSET 0) e ON TRUE",
+                "SUM(e.energy_uj), SUM(e.cpu_uj), SUM(e.dram_uj), SUM(e.gpu_uj), "
+                "SUM(e.other_uj), SUM(e.estimated_uj)",
+            )
         return (
             f"{join} job_node_hours e ON e.job_node_id = n.node_id",
             "SUM(e.energy_uj), SUM(e.cpu_uj), SUM(e.dram_uj), SUM(e.gpu_uj), SUM(e.other_uj), "
@@ -637,6 +650,15 @@ PERIOD_SUMS = (
 """The integer sums per clock hour of :func:`period_totals`' ``energy_by_hour``."""
 
 
+def _one_factor(g_per_uj_by_hour: Mapping[int, float], start_s: int, end_s: int) -> bool:
+    """Whether every clock hour in ``[start_s, end_s)`` (the hours that a run :data:`INSIDE`
+    the period may have energy in) has a carbon factor, the same in every one: an annual
+    intensity over a month, whose PUE is one figure."""
+    first = -(-start_s // HOUR_S) * HOUR_S
+    factors = {g_per_uj_by_hour.get(hour_s) for hour_s in range(first, end_s, HOUR_S)}
+    return len(factors) == 1 and None not in factors
+
+
 def period_totals(
     ledger: Ledger,
     start_ns: int,
@@ -660,8 +682,11 @@ def period_totals(
     ``g_per_uj_by_hour``: the carbon factors the caller applies to ``energy_by_hour``. With
     them, a run inside one UTC day of one factor (:func:`_fast`) is read from its totals in
     ``job_runs`` and counted whole in the hour it started (the same CO2e: every hour of its
-    day has that factor); without them every run's energy is summed from the roll-ups hour
-    by hour.
+    day has that factor), and where every hour of the period has the same factor
+    (:func:`_one_factor`: a month of an annual intensity), so is every run inside the
+    period: only the runs across its bounds are summed from their node runs' roll-ups (on
+    the 10,000,000-job ledger 3,400 runs of a month instead of 52,000). Without them every
+    run's energy is summed from the roll-ups hour by hour.
 
     Every figure is an integer sum or count: both backends give the same numbers whatever
     order they add rows in, and a float is made once from each (by the caller).
@@ -701,16 +726,20 @@ def period_totals(
     out["incomplete_runs"] = sum(int(r[4]) for r in by_coverage)
     out["coverage"] = sorted((r[0], int(r[1])) for r in by_coverage if r[0] is not None)
 
-    source, sums = _energy_source(ledger, rollups)
+    fast = ""
+    if g_per_uj_by_hour is not None and uses_run_spans(ledger, rollups):
+        if _one_factor(g_per_uj_by_hour, params["start_s"], params["end_s"]):
+            # every hour a run inside the period may have energy in has the same factor
+            fast = INSIDE
+        else:
+            load_day_factors(ledger, g_per_uj_by_hour)
+            fast = _fast(ledger)
+    source, sums = _energy_source(ledger, rollups, few=fast == INSIDE)
     other = (
         "e.other_uj"
         if uses_rollups(ledger, rollups)
         else ("CASE WHEN e.component NOT IN ('cpu', 'dram', 'gpu') THEN e.energy_uj ELSE 0 END")
     )
-    fast = ""
-    if g_per_uj_by_hour is not None and uses_run_spans(ledger, rollups):
-        load_day_factors(ledger, g_per_uj_by_hour)
-        fast = _fast(ledger)
     nodes = _nodes_cte(ledger, filt, exclude=fast)
     hours = ledger.query(
         f"""

@@ -209,15 +209,22 @@ def totals_of_sums(sums: Mapping[str, Any], factors: Factors) -> dict[str, Any]:
 
     Each energy figure is its integer microjoules converted once (not a sum of per-run
     floats: the same up to the last digits, and the same on both backends); operational
-    CO2e is each clock hour's energy times that hour's factor, added in hour order.
+    CO2e is, for each carbon factor of the period's hours, the integer energy of its hours
+    times that factor, added in the factors' order. So it does not depend on which hour of
+    one factor a run's energy is counted in (``period_totals`` counts a run read whole from
+    ``job_runs`` in the hour it started): the same float either way.
     """
     hours = sums["energy_by_hour"]
     uj = [sum(row[i] for row in hours) for i in range(1, len(q.PERIOD_SUMS) + 1)]
     energy, cpu, dram, gpu, other, estimated, gpu_runs_energy = uj
     g_per_uj = factors.g_per_uj_by_hour
-    operational_g = 0.0
+    by_factor: dict[float, int] = {}
     for row in hours:
-        operational_g += row[1] * g_per_uj.get(row[0], 0.0)
+        g = g_per_uj.get(row[0], 0.0)
+        by_factor[g] = by_factor.get(g, 0) + row[1]
+    operational_g = 0.0
+    for g in sorted(by_factor):
+        operational_g += by_factor[g] * g
     gpu_h = sums["gpu_ns"] / NS_PER_H
     node_h = sums["node_ns"] / NS_PER_H
     operational = operational_g / 1000.0
