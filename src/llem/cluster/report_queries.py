@@ -203,6 +203,17 @@ def load_hour_factors(ledger: Ledger, g_per_uj_by_hour: Mapping[int, float]) -> 
     ledger.executemany(f"INSERT INTO {ledger.dialect.temp}factors VALUES (?, ?)", rows)
 
 
+NONE_LABEL = "(none)"
+"""The name the report gives a missing or empty user, account, partition or tag."""
+
+
+def _named(column: str) -> str:
+    """``column`` with a missing or empty name as :data:`NONE_LABEL` (in SQL: a pass over
+    text the server makes anyway, where pandas took 0.55 s for four columns of a month's
+    822,579 runs on the 10M-job ledger)."""
+    return f"COALESCE(NULLIF({column}, ''), '{NONE_LABEL}')"
+
+
 RUN_COLUMNS = (
     "run_id",
     "cluster",
@@ -248,7 +259,8 @@ def runs(
     rollups: bool = True,
     fast_energy: bool = False,
 ) -> list[tuple]:
-    """One row per job run overlapping the period, with its node- and GPU-seconds in it.
+    """One row per job run overlapping the period, with its node- and GPU-seconds in it
+    (a missing or empty user, account, partition or tag named :data:`NONE_LABEL`).
 
     One pass over the runs in their key order: a run inside the period has its node- and
     GPU-seconds in ``job_runs`` (:data:`INSIDE`); only a run across the period's bounds looks
@@ -272,8 +284,9 @@ def runs(
         )
     return ledger.query(
         f"""
-        SELECT {d.run_id}, r.cluster, r.job_id, r.run_start_ns, r.run_end_ns, r.user,
-               r.account, r.partition, r.tag, r.name, r.state, r.status, r.coverage,
+        SELECT {d.run_id}, r.cluster, r.job_id, r.run_start_ns, r.run_end_ns,
+               {_named("r.user")}, {_named("r.account")}, {_named("r.partition")},
+               {_named("r.tag")}, r.name, r.state, r.status, r.coverage,
                r.num_nodes, {d.greatest}(0, {d.least}(r.run_end_ns, :end_ns)
                    - {d.greatest}(r.run_start_ns, :start_ns)) / {SECONDS},
                {node_ns} / {SECONDS}, {gpu_ns} / {SECONDS}{fast}
@@ -709,12 +722,10 @@ def period_totals(
     (count, users, accounts), *_ = ledger.query(
         f"""
         SELECT COALESCE(SUM(runs), 0), COUNT(DISTINCT user_name), COUNT(DISTINCT account_name)
-        FROM (SELECT COALESCE(NULLIF(r.user, ''), '(none)') AS user_name,
-                     COALESCE(NULLIF(r.account, ''), '(none)') AS account_name,
+        FROM (SELECT {_named("r.user")} AS user_name, {_named("r.account")} AS account_name,
                      COUNT(*) AS runs
               FROM job_runs r WHERE {runs_where}
-              GROUP BY COALESCE(NULLIF(r.user, ''), '(none)'),
-                       COALESCE(NULLIF(r.account, ''), '(none)')) pairs
+              GROUP BY {_named("r.user")}, {_named("r.account")}) pairs
     """,
         params,
     )

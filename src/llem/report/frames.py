@@ -36,7 +36,7 @@ IDLE_DEFINITION = (
     "waste is the energy such GPUs drew inside the period. Idle power of data-centre GPUs is "
     "about 30-90 W (A100, H100), busy power 200-700 W."
 )
-NONE_LABEL = "(none)"
+NONE_LABEL = q.NONE_LABEL
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,7 @@ def jobs_frame(
     )
     numeric = [c for c in q.ENERGY_COLUMNS[2:]] + list(q.IDLE_COLUMNS[1:])
     jobs[numeric] = jobs[numeric].fillna(0)
-    for col in ("user", "account", "partition", "tag"):
-        jobs[col] = jobs[col].fillna(NONE_LABEL).replace("", NONE_LABEL)
+    # user, account, partition and tag come named already (NONE_LABEL: report_queries.runs)
     out = pd.DataFrame(index=jobs.index)
     for col in (
         "cluster",
@@ -389,7 +388,7 @@ def daily(
     if energy.empty:
         return pd.DataFrame(columns=["day", "account", "energy_kwh", "operational_kg"])
     runs = records(jobs_runs, q.RUN_COLUMNS)
-    accounts = runs["account"].fillna(NONE_LABEL).replace("", NONE_LABEL)
+    accounts = runs["account"]  # named in SQL (NONE_LABEL: report_queries.runs)
     # each energy row's account by its run id, in the energy rows' order (as a left merge)
     account = energy["run_id"].map(pd.Series(accounts.to_numpy(), index=runs["run_id"]))
     g = (
