@@ -1051,7 +1051,7 @@ class PgLedger(LedgerCommon):
         ``binary``: the server sends the rows in binary, not as text: the same Python values
         (integers, floats, strings, ``Decimal``), without formatting every number as text
         and parsing it back. For the report's large reads: the 822,579 runs of a month of
-        the 10,000,000-job ledger in 1.5 s of client CPU instead of 2.3-2.5 s
+        the 10,000,000-job ledger in 1.5-1.8 s of client CPU instead of 2.2-2.7 s
         (``docs/performance.md``)."""
         translated = self._query_cache.get(sql)
         if translated is None:

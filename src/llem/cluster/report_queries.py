@@ -331,15 +331,14 @@ def _energy_source(ledger: Ledger, rollups: bool, few: bool = False) -> tuple[st
     """
     join = ledger.dialect.fixed_join
     if uses_rollups(ledger, rollups):
+        source = f"{join} job_node_hours e ON e.job_node_id = n.node_id"
         if few and ledger.dialect.name == "postgresql":
-            return (
+            source = (
                 "JOIN LATERAL (SELECT * FROM job_node_hours e WHERE e.job_node_id = n.node_id "
-                "AND e.hour_s >= :start_s AND e.hour_s < :end_s OFFSET 0) e ON TRUE",
-                "SUM(e.energy_uj), SUM(e.cpu_uj), SUM(e.dram_uj), SUM(e.gpu_uj), "
-                "SUM(e.other_uj), SUM(e.estimated_uj)",
+                "AND e.hour_s >= :start_s AND e.hour_s < :end_s OFFSET 0) e ON TRUE"
             )
         return (
-            f"{join} job_node_hours e ON e.job_node_id = n.node_id",
+            source,
             "SUM(e.energy_uj), SUM(e.cpu_uj), SUM(e.dram_uj), SUM(e.gpu_uj), SUM(e.other_uj), "
             "SUM(e.estimated_uj)",
         )
@@ -752,15 +751,17 @@ def period_totals(
     out["incomplete_runs"] = sum(int(r[4]) for r in by_coverage)
     out["coverage"] = sorted((r[0], int(r[1])) for r in by_coverage if r[0] is not None)
 
-    fast = ""
+    fast, whole_period = "", False
     if g_per_uj_by_hour is not None and uses_run_spans(ledger, rollups):
-        if _one_factor(g_per_uj_by_hour, params["start_s"], params["end_s"]):
-            # every hour a run inside the period may have energy in has the same factor
+        # every hour a run inside the period may have energy in has the same factor: every
+        # such run is read whole, and only the runs across the period's bounds are summed
+        whole_period = _one_factor(g_per_uj_by_hour, params["start_s"], params["end_s"])
+        if whole_period:
             fast = INSIDE
         else:
             load_day_factors(ledger, g_per_uj_by_hour)
             fast = _fast(ledger)
-    source, sums = _energy_source(ledger, rollups, few=fast == INSIDE)
+    source, sums = _energy_source(ledger, rollups, few=whole_period)
     other = (
         "e.other_uj"
         if uses_rollups(ledger, rollups)
