@@ -9,6 +9,9 @@ readable). The report runs these reads at the same time on two cores, so its wal
 about the sum of all CPU over two, not the longest read: this is where to look for what to
 cut (``docs/performance.md``).
 
+The carbon factors are those of the configuration in effect (``LLEM_CONFIG``), as the
+report's: the previous period is read differently for an annual intensity and an hourly series.
+
 Usage: python bench/bench_report_reads.py --ledger PATH|URL --month YYYY-MM [--pgdata DIR]
            [--repeat R] [--account A]
 """
@@ -16,6 +19,7 @@ Usage: python bench/bench_report_reads.py --ledger PATH|URL --month YYYY-MM [--p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -24,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from llem import carbon  # noqa: E402
+from llem import config as config_mod  # noqa: E402
 from llem.cluster import report_queries as q  # noqa: E402
-from llem.config import Config  # noqa: E402
 from llem.report.period import month_period, previous_period  # noqa: E402
 
 
@@ -59,7 +63,9 @@ def main() -> int:
     ap.add_argument("--account")
     args = ap.parse_args()
 
-    config = Config(ledger=args.ledger)
+    # the carbon factors of the configuration in effect (LLEM_CONFIG, as the report's): an
+    # annual intensity and an hourly series read the previous period differently
+    config = dataclasses.replace(config_mod.load(), ledger=args.ledger)
     period = month_period(args.month)
     previous = previous_period(period)
     hours = previous.hours() + period.hours()
