@@ -621,3 +621,111 @@ def test_a_node_with_one_idle_and_one_busy_gpu_is_judged_from_its_gpus(tmp_path)
             fast = q.idle_gpus(ledger, start, end, watts)
             assert fast == q.idle_gpus(ledger, start, end, watts, rollups=False)
             assert fast[0][1:3] == ((0 if watts < floor else 1 if watts < 50 else 2), 2)
+
+
+# -- the runs' start floor (schema 12) -------------------------------------------------------
+
+
+def _without_length_index(ledger_path, tmp_path):
+    """A copy of the ledger as schema 11 left it: no ``job_runs_by_length``."""
+    path = tmp_path / "schema11.db"
+    path.write_bytes(ledger_path.read_bytes())
+    with Ledger(path) as ledger:
+        ledger.write([("DROP INDEX job_runs_by_length", [()])])
+    return path
+
+
+@pytest.mark.parametrize("period", PERIODS, ids=lambda p: p.label)
+def test_the_start_floor_is_the_periods_start_less_the_longest_run(ledger_path, period):
+    """Every run overlapping the period starts after the floor; the floor is one step of the
+    run-length index (SQLite's plan searches it: no scan of the runs), and no later than
+    needed: the longest run (302, 40 h over November's end) starts just after it in
+    December."""
+    s, e = period.start_ns, period.end_ns
+    with q.open_readonly(ledger_path) as ledger:
+        assert ledger.has_index("job_runs_by_length")
+        floor = q.run_start_floor(ledger, s)
+        runs = ledger.query("SELECT run_start_ns, run_end_ns FROM job_runs")
+        plan = " ".join(
+            row[-1]
+            for row in ledger.query(
+                "EXPLAIN QUERY PLAN SELECT MAX(run_end_ns - run_start_ns) FROM job_runs"
+            )
+        )
+    assert floor == s - max(end - start for start, end in runs)
+    overlapping = [start for start, end in runs if end > s and start < e]
+    assert overlapping and all(start > floor for start in overlapping)
+    assert plan == "SEARCH job_runs USING INDEX job_runs_by_length", plan
+    if period.label == "2023-12":
+        assert min(overlapping) - floor == 4 * 3600 * S  # 302: 40 h from Nov 29 12:00
+
+
+def test_no_floor_without_the_index_or_without_a_run(ledger_path, tmp_path):
+    """A ledger not migrated yet (``MAX`` would read every run) and an empty one give none:
+    the report then reads every run that ends after the period's start, as before."""
+    s = frames.month_period("2023-11").start_ns
+    with q.open_readonly(_without_length_index(ledger_path, tmp_path)) as ledger:
+        assert not ledger.has_index("job_runs_by_length")
+        assert q.run_start_floor(ledger, s) is None
+    with Ledger(tmp_path / "empty.db") as ledger:
+        assert ledger.has_index("job_runs_by_length")
+        assert q.run_start_floor(ledger, s) is None
+        assert q.runs(ledger, s, s + 86400 * S) == []
+
+
+@pytest.mark.parametrize("period", PERIODS, ids=lambda p: p.label)
+@pytest.mark.parametrize("account", [None, "astro"])
+def test_the_report_is_the_same_with_the_floor_and_without(ledger_path, tmp_path, period, account):
+    """The floor only narrows the index range the runs are found in: the report (jobs
+    across the period's start included: 301 into November, 302 into December) is the one of
+    a ledger without the index, byte for byte, from the roll-ups and from the raw rows."""
+    plain = _without_length_index(ledger_path, tmp_path)
+    for rollups in (True, False):
+        with q.open_readonly(ledger_path) as ledger:
+            assert q.run_start_floor(ledger, period.start_ns) is not None
+            with_floor = _rendered(ledger, ledger_path, period, rollups=rollups, account=account)
+        with q.open_readonly(plain) as ledger:
+            without = _rendered(ledger, ledger_path, period, rollups=rollups, account=account)
+        assert with_floor == without
+        assert "erin" in with_floor[0] or "frank" in with_floor[0]
+
+
+def test_migration_12_indexes_the_run_lengths(ledger_path, tmp_path):
+    """A schema-11 ledger opened by a writer (``llem aggregate``, ``llem ledger migrate``)
+    gets the index; nothing else changes."""
+    path = _without_length_index(ledger_path, tmp_path)
+    with Ledger(path) as ledger:
+        dump = _dump(ledger)
+        ledger.write([("PRAGMA user_version = 11", [()])])
+    with Ledger(path) as ledger:
+        assert ledger.query("PRAGMA user_version") == [(ledger_mod.SCHEMA_VERSION,)]
+        assert ledger_mod.SCHEMA_VERSION == 12
+        assert ledger.has_index("job_runs_by_length")
+        assert _dump(ledger) == dump
+        assert check_ledger(ledger) == []
+
+
+@pytest.mark.postgres
+def test_postgres_floor_and_migration_12(ledger_path, pg_server):
+    """PostgreSQL's ledger has the index from its schema and from the migration, and gives
+    SQLite's floor and answers with it."""
+    url = pg_server.database("run_length")
+    (migration,) = [m for m in pg_schema.MIGRATIONS if m.__name__ == "_v12_run_length"]
+    period = frames.month_period("2023-12")
+    s, e = period.start_ns, period.end_ns
+    with q.open_readonly(ledger_path) as src, PgLedger(url) as pg:
+        copy_ledger(src, pg, source_name=str(ledger_path))
+        assert pg.has_index("job_runs_by_length") and not pg.has_index("no_such_index")
+        floor = q.run_start_floor(pg, s)
+        assert floor == q.run_start_floor(src, s) is not None
+        for led in (src, pg):
+            q.load_hour_factors(led, _constant_factors(period))
+        runs = q.runs(pg, s, e)
+        assert runs == q.runs(src, s, e) and runs  # 302, across November's end
+        with pg._txn() as cur:
+            cur.execute("DROP INDEX job_runs_by_length")
+        assert q.run_start_floor(pg, s) is None
+        assert q.runs(pg, s, e) == runs
+        with pg._txn() as cur:
+            migration(cur)
+        assert q.run_start_floor(pg, s) == floor

@@ -1079,6 +1079,9 @@ class PgLedger(LedgerCommon):
             ).fetchone()
         )
 
+    def has_index(self, name: str) -> bool:
+        return bool(self.db.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0])
+
     def columns(self, table: str) -> list[str]:
         """The table's columns in order, without those only this backend has."""
         extra = pg_schema.EXTRA_COLUMNS.get(table, ())

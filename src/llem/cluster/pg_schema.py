@@ -399,6 +399,15 @@ def _v11_idle_floor(cur: Any) -> None:
         )
 
 
+def _v12_run_length(cur: Any) -> None:
+    """The SQLite ledger's ``_v12_run_length``: the index of each run's length
+    (``llem.cluster.ledger.RUN_LENGTH_INDEX``), one sort of ``job_runs``."""
+    from llem.cluster.ledger import RUN_LENGTH_INDEX
+
+    cur.execute("SET LOCAL maintenance_work_mem = '512MB'")
+    cur.execute(RUN_LENGTH_INDEX)
+
+
 MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v1,
     _v2,
@@ -411,6 +420,7 @@ MIGRATIONS: Sequence[Callable[[Any], None]] = (
     _v9_planner_statistics,
     _v10_run_spans,
     _v11_idle_floor,
+    _v12_run_length,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
