@@ -729,3 +729,32 @@ def test_postgres_floor_and_migration_12(ledger_path, pg_server):
         with pg._txn() as cur:
             migration(cur)
         assert q.run_start_floor(pg, s) == floor
+
+
+@pytest.mark.parametrize("rollups", [True, False], ids=["rollups", "raw"])
+def test_a_days_co2e_of_one_factor_is_its_energy_times_that_factor(
+    ledger_path, rollups, monkeypatch
+):
+    """A day of one factor: CO2e is its integer energy times the factor, one product, as
+    for a run read whole: the same float, to the last bit before any rounding, whatever
+    order the database adds the hours in. A day of an hourly series still adds each hour's
+    product."""
+    monkeypatch.setattr(q, "settled", lambda rows, *columns: rows)  # every bit compared
+    period = frames.month_period("2023-11")
+    s, e = period.start_ns, period.end_ns
+    g = 1e-6 / 3  # every bit of the float used
+    with q.open_readonly(ledger_path) as ledger:
+        q.load_hour_factors(ledger, dict.fromkeys(period.hours(), g))
+        annual = q.energy_by_run_day(ledger, s, e, rollups=rollups)
+        hourly_factors = _hourly_factors(period)
+        q.load_hour_factors(ledger, hourly_factors)
+        hourly = q.energy_by_run_day(ledger, s, e, rollups=rollups)
+        by_hour = ledger.query(
+            "SELECT hour_s, SUM(energy_uj) FROM job_energy "
+            "WHERE hour_s >= ? AND hour_s < ? GROUP BY hour_s",
+            (s // S, e // S),
+        )
+    assert annual and all(row[8] == float(row[2]) * g for row in annual)
+    total = sum(energy * hourly_factors[hour] for hour, energy in by_hour)
+    assert sum(row[8] for row in hourly) == pytest.approx(total, rel=1e-12)
+    assert sum(row[8] for row in hourly) != pytest.approx(sum(row[2] for row in hourly) * g)
