@@ -143,16 +143,21 @@ def run_start_floor(ledger: Ledger, start_ns: int) -> int | None:
     return None if longest is None else start_ns - int(longest)
 
 
-def _params(ledger: Ledger, start_ns: int, end_ns: int, account: str | None) -> tuple[dict, str]:
-    """The period's parameters, and the conditions on the run ``r`` that follow
-    ``r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns``: its start after
-    :func:`run_start_floor`, its account."""
-    params = {
+def _period(start_ns: int, end_ns: int) -> dict:
+    """The period's bounds in ns and in whole seconds (the hours' keys)."""
+    return {
         "start_ns": start_ns,
         "end_ns": end_ns,
         "start_s": start_ns // 10**9,
         "end_s": -(-end_ns // 10**9),
     }
+
+
+def _params(ledger: Ledger, start_ns: int, end_ns: int, account: str | None) -> tuple[dict, str]:
+    """The period's parameters, and the conditions on the run ``r`` that follow
+    ``r.run_end_ns > :start_ns AND r.run_start_ns < :end_ns``: its start after
+    :func:`run_start_floor`, its account."""
+    params = _period(start_ns, end_ns)
     filt = ""
     floor = run_start_floor(ledger, start_ns)
     if floor is not None:
@@ -631,7 +636,7 @@ def node_hours(ledger: Ledger, start_ns: int, end_ns: int) -> list[tuple]:
     Walks the primary key node by node (cluster, node, hour range): through the
     ``node_hours_by_hour`` index every row is a random look-up into the table, 10x slower.
     """
-    params, _ = _params(ledger, start_ns, end_ns, None)
+    params = _period(start_ns, end_ns)  # no run is read: no floor to look up
     # The labelled parts of the remainder: NULL in rows merged from older slices (SUM skips
     # them), and absent from a ledger that ``llem aggregate`` has not migrated yet.
     labelled = ", ".join(
