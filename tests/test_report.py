@@ -7,9 +7,11 @@ the sampling parameters, never from the report's own code.
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -638,6 +640,52 @@ def test_plots_are_png_with_units(nov):
     }
     assert all(p[:4] == b"\x89PNG" for p in pngs.values())
     assert plots.make_plots(nov) == pngs  # reproducible bytes
+
+
+def test_plots_drawn_in_a_forked_child_are_the_same_bytes(nov, monkeypatch):
+    # pytest runs no other thread here: the default forks, and must give the serial bytes
+    assert threading.active_count() == 1
+    serial = plots.make_plots(nov, fork=False)
+    forks = []
+    real_fork = os.fork
+
+    def counted_fork():
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", counted_fork)
+    assert plots.make_plots(nov) == serial
+    assert list(plots.make_plots(nov)) == list(serial)  # the same order of files
+    assert len(forks) == 2
+
+
+def test_a_plot_child_that_fails_has_its_plots_drawn_in_the_parent(nov, monkeypatch):
+    serial = plots.make_plots(nov, fork=False)
+    parent = os.getpid()
+    real = plots.daily_by_account
+
+    def fails_in_child(report):
+        if os.getpid() != parent:
+            raise RuntimeError("child broken")
+        return real(report)
+
+    name = "daily_energy_co2e_by_account.png"
+    monkeypatch.setattr(
+        plots, "PLOTS", tuple((n, fails_in_child if n == name else d, h) for n, d, h in plots.PLOTS)
+    )
+    assert plots.make_plots(nov, fork=True) == serial
+
+
+def test_plots_are_not_forked_beside_other_threads(nov, monkeypatch):
+    monkeypatch.setattr(os, "fork", lambda: pytest.fail("forked beside another thread"))
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert set(plots.make_plots(nov)) == set(plots.make_plots(nov, fork=False))
+    finally:
+        stop.set()
+        other.join()
 
 
 def test_the_queries_module_holds_the_sql():

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import struct
+import threading
 import time
 
 import numpy as np
@@ -208,17 +211,83 @@ def waste_by_account(report: Report, n: int = 15) -> bytes:
     return _png(fig)
 
 
-def make_plots(report: Report) -> dict[str, bytes]:
-    """File name -> PNG bytes of every plot that has data."""
+PLOTS = (
+    ("daily_energy_co2e_by_account.png", daily_by_account, lambda r: not r.daily.empty),
+    ("top_users.png", top_users, lambda r: not r.groups["user"].empty),
+    ("energy_per_gpu_hour.png", gpu_energy_distribution, lambda r: bool(r.gpu_energy.get("jobs"))),
+    ("waste_by_account.png", waste_by_account, lambda r: not r.waste["account"].empty),
+)
+"""Every plot: its file name, the function that draws it, and whether a report has its data."""
+
+
+def make_plots(report: Report, *, fork: bool | None = None) -> dict[str, bytes]:
+    """File name -> PNG bytes of every plot that has data.
+
+    ``fork`` (default: where the process has one thread and ``os.fork``): the daily plot,
+    the longest to draw, is drawn in a forked child while this process draws the others
+    (matplotlib holds the GIL while it draws: threads would take turns). The report is
+    made by then, so the child has its figures without any copy; it sends the PNG bytes
+    back through a pipe. The bytes are the same either way; a child that fails or dies has
+    its plots drawn here. Never forked beside other threads (``llem serve``'s): a fork
+    copies only the calling thread, and a lock another thread held stays held in the child.
+    """
     if report.empty:
         return {}
-    out = {}
-    if not report.daily.empty:
-        out["daily_energy_co2e_by_account.png"] = daily_by_account(report)
-    if not report.groups["user"].empty:
-        out["top_users.png"] = top_users(report)
-    if report.gpu_energy.get("jobs"):
-        out["energy_per_gpu_hour.png"] = gpu_energy_distribution(report)
-    if not report.waste["account"].empty:
-        out["waste_by_account.png"] = waste_by_account(report)
+    wanted = [(name, draw) for name, draw, has in PLOTS if has(report)]
+    if fork is None:
+        fork = hasattr(os, "fork") and threading.active_count() == 1
+    drawn: dict[str, bytes] = {}
+    if fork and len(wanted) > 1:
+        drawn = _in_child(report, wanted[:1], lambda: _draw(report, wanted[1:]))
+    return {name: drawn[name] if name in drawn else draw(report) for name, draw in wanted}
+
+
+def _draw(report: Report, wanted) -> dict[str, bytes]:
+    return {name: draw(report) for name, draw in wanted}
+
+
+def _in_child(report: Report, wanted, meanwhile) -> dict[str, bytes]:
+    """``wanted`` drawn in a forked child while ``meanwhile()`` runs here; both results in
+    one dict (the child's missing where it failed: the caller draws them)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_fd)
+        os.close(write_fd)
+        return meanwhile()
+    if pid == 0:  # the child: draw, send, leave without running any exit handler
+        code = 1
+        try:
+            os.close(read_fd)
+            with os.fdopen(write_fd, "wb") as pipe:
+                for name, data in _draw(report, wanted).items():
+                    pipe.write(struct.pack("!II", len(name.encode()), len(data)))
+                    pipe.write(name.encode() + data)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        out = meanwhile()
+    finally:
+        with os.fdopen(read_fd, "rb") as pipe:
+            sent = pipe.read()  # to the child's end: its bytes are ours to parse
+        _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        return out
+    got: dict[str, bytes] = {}
+    at = 0
+    names = {name for name, _ in wanted}
+    while at + 8 <= len(sent):
+        name_len, data_len = struct.unpack_from("!II", sent, at)
+        at += 8
+        name = sent[at : at + name_len].decode(errors="replace")
+        data = sent[at + name_len : at + name_len + data_len]
+        at += name_len + data_len
+        if name in names and len(data) == data_len:
+            got[name] = data
+    if at != len(sent):
+        return out
+    out.update(got)
     return out
