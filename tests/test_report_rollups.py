@@ -523,6 +523,12 @@ def test_postgres_migration_fills_run_figures_and_reads_them(ledger_path, pg_ser
             src, s, e, fast_apart=True
         )
         assert q.idle_gpus(pg, s, e, 100.0) == q.idle_gpus(src, s, e, 100.0)
+        assert q.runs(pg, s, e, fast_energy=True, idle_w=100.0) == q.runs(
+            src, s, e, fast_energy=True, idle_w=100.0
+        )
+        assert q.idle_gpus(pg, s, e, 100.0, fast_apart=True) == q.idle_gpus(
+            src, s, e, 100.0, fast_apart=True
+        )
         assert q.period_totals(
             pg, s, e, 100.0, g_per_uj_by_hour=_constant_factors(period)
         ) == q.period_totals(src, s, e, 100.0, g_per_uj_by_hour=_constant_factors(period))
@@ -565,6 +571,68 @@ def test_idle_gpus_are_judged_only_in_runs_that_may_have_one(ledger_path, tmp_pa
         before = {r[0]: r for r in idle}
         after = {r[0]: r for r in q.idle_gpus(ledger, s, e, 100.0)}
     assert before[run_id][1] > 0 and after[run_id][1] == 0
+
+
+@pytest.mark.parametrize("watts", [0.0, 50.0, 100.0, 250.0, 1e6])
+@pytest.mark.parametrize("account", [None, "astro"])
+@pytest.mark.parametrize("period", PERIODS, ids=lambda p: p.label)
+def test_the_idle_frame_made_from_the_runs_read_is_the_idle_read(
+    ledger_path, period, account, watts
+):
+    """The runs with GPUs of which none may be idle (``NOT_IDLE``) have their idle-GPU row
+    made from the runs' own row (``runs(idle_w=...)``), the others read
+    (``idle_gpus(fast_apart=True)``): the same row for every run as the whole read, at every
+    threshold (below every GPU, between them, above every GPU), and so the same jobs frame."""
+    s, e = period.start_ns, period.end_ns
+    with q.open_readonly(ledger_path) as ledger:
+        q.load_hour_factors(ledger, _constant_factors(period))
+        whole = q.idle_gpus(ledger, s, e, watts, account)
+        read = q.idle_gpus(ledger, s, e, watts, account, fast_apart=True)
+        runs = q.runs(ledger, s, e, account, fast_energy=True, idle_w=watts)
+        assert [row[: len(q.RUN_COLUMNS) + len(q.FAST_COLUMNS)] for row in runs] == q.runs(
+            ledger, s, e, account, fast_energy=True
+        )
+        energy = q.energy_by_run_day(ledger, s, e, account)
+        with pytest.raises(ValueError, match="fast_energy"):
+            q.runs(ledger, s, e, account, idle_w=watts)
+        with pytest.raises(ValueError, match="gpu_floor_w"):
+            q.idle_gpus(ledger, s, e, watts, account, rollups=False, fast_apart=True)
+    columns = q.RUN_COLUMNS + q.FAST_COLUMNS + q.FAST_IDLE_COLUMNS
+    made = frames.idle_frame(read, frames.records(runs, columns, frames.NUMBERS))
+    by_run = {row[0]: row for row in whole}
+    assert sorted(made.itertuples(index=False, name=None)) == sorted(by_run.values())
+    assert len(made) == len(whole)
+    if period.label == "2023-11" and watts <= 100.0:  # the test GPUs draw 30-300 W
+        assert len(read) < len(whole)  # rows made from the runs
+    factors = frames.Factors(_constant_factors(period))
+    plain = frames.records(runs, columns).drop(columns=list(q.FAST_COLUMNS + q.FAST_IDLE_COLUMNS))
+    pd.testing.assert_frame_equal(
+        frames.jobs_frame(plain, energy, made, factors),
+        frames.jobs_frame(plain, energy, whole, factors),
+        check_exact=True,
+    )
+
+
+@pytest.mark.parametrize("period", PERIODS, ids=lambda p: p.label)
+def test_the_runs_frame_made_by_column_type_is_pandas_own(ledger_path, period):
+    """``frames.records`` with the runs' column types gives ``from_records``' frame: values,
+    dtypes, NaN, on the real rows and with a NULL put in each column in turn."""
+    s, e = period.start_ns, period.end_ns
+    columns = q.RUN_COLUMNS + q.FAST_COLUMNS + q.FAST_IDLE_COLUMNS
+    with q.open_readonly(ledger_path) as ledger:
+        rows = q.runs(ledger, s, e, fast_energy=True, idle_w=100.0)
+    assert rows
+    cases = [rows] + [
+        [tuple(None if j == k else v for j, v in enumerate(rows[0]))] + rows[1:]
+        for k in range(len(columns))
+    ]
+    for case in cases:
+        pd.testing.assert_frame_equal(
+            frames.records(case, columns, frames.NUMBERS),
+            pd.DataFrame.from_records(case, columns=columns),
+            check_exact=True,
+        )
+    assert frames.records([], columns, frames.NUMBERS).empty
 
 
 def test_migration_fills_gpu_floors_as_the_merge_does(ledger_path, tmp_path):

@@ -148,6 +148,9 @@ def build_report(
     # the runs inside one day of one factor have their energy rows made from the runs' read
     # (frames.energy_frame), not read a second time
     apart = q.uses_run_spans(ledger, rollups)
+    # and the runs without a possibly idle GPU have their idle-GPU rows made from it too
+    # (frames.idle_frame)
+    idle_apart = apart and q.uses_gpu_floor(ledger, rollups)
 
     def energy_of(conn) -> list[tuple]:
         q.load_hour_factors(conn, g_per_uj)
@@ -156,7 +159,9 @@ def build_report(
         )
 
     def idle_of(conn) -> list[tuple]:
-        return q.idle_gpus(conn, start_ns, end_ns, idle_w, account, rollups=rollups)
+        return q.idle_gpus(
+            conn, start_ns, end_ns, idle_w, account, rollups=rollups, fast_apart=idle_apart
+        )
 
     def node_rows_of(conn) -> tuple:
         return q.node_hours(conn, start_ns, end_ns), q.job_nodes_in_period(conn, start_ns, end_ns)
@@ -174,20 +179,33 @@ def build_report(
             for name, read in reads.items()
         }
         try:
-            run_rows = q.runs(ledger, start_ns, end_ns, account, rollups=rollups, fast_energy=apart)
+            run_rows = q.runs(
+                ledger,
+                start_ns,
+                end_ns,
+                account,
+                rollups=rollups,
+                fast_energy=apart,
+                idle_w=idle_w if idle_apart else None,
+            )
             frames = _frames()
             factors = frames.Factors(g_per_uj, resolved.gpu_g_per_hour, resolved.node_g_per_hour)
             # each query's frame is made once: the jobs frame and the daily series share them
-            runs = frames.records(run_rows, q.RUN_COLUMNS + (q.FAST_COLUMNS if apart else ()))
+            fast = (q.FAST_COLUMNS if apart else ()) + (q.FAST_IDLE_COLUMNS if idle_apart else ())
+            runs = frames.records(run_rows, q.RUN_COLUMNS + fast, frames.NUMBERS)
             del run_rows
             if apart:
                 energy = frames.energy_frame(
                     side["energy"].result(), runs, q.uniform_days(g_per_uj)
                 )
-                runs = runs.drop(columns=list(q.FAST_COLUMNS))
             else:
                 energy = frames.records(side["energy"].result(), q.ENERGY_COLUMNS)
-            jobs = frames.jobs_frame(runs, energy, side["idle"].result(), factors)
+            if idle_apart:
+                idle = frames.idle_frame(side["idle"].result(), runs)
+            else:
+                idle = frames.records(side["idle"].result(), q.IDLE_COLUMNS)
+            runs = runs.drop(columns=list(fast))
+            jobs = frames.jobs_frame(runs, energy, idle, factors)
             totals = frames.totals(jobs)
             carbon_fields = _carbon_fields(
                 ledger, config, resolved, period, account, energy, totals, rollups
