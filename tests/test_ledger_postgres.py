@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -435,6 +436,62 @@ def test_row_level_security_shows_the_gateway_only_its_callers_rows(pg_server, t
 
 def _plan(led, sql, params=()):
     return "\n".join(r[0] for r in led.query("EXPLAIN " + sql, params))
+
+
+def test_a_caller_row_security_restricts_gets_no_start_floor(pg_server, tmp_path):
+    """Replays a coordinator's statement of an account without runs through the gateway's
+    login: the report's start floor (``MAX`` of the run lengths, down the length index)
+    walked every index entry past the policy, 41-52 s on the 10M-job ledger, for each of the
+    report's statements. Such a caller gets no floor (the reads of before schema 12), and
+    the report is the one read with the floor by a login that sees every run; the owner,
+    ``llem_reader`` and the gateway for an admin keep it."""
+    import psycopg
+
+    from llem.cluster import report_queries as q
+    from llem.cluster.pg_ledger import caller_spec
+    from llem.report import build_report, render
+    from llem.report.period import month_period
+    from tests.helpers.report_data import report_config
+
+    owner_url, gw_url = _rls_ledger(pg_server, tmp_path, 2_000)
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS rd")
+        conn.execute("CREATE ROLE rd LOGIN IN ROLE llem_reader")
+    reader_url = owner_url.replace("llem_test@", "rd@")
+    with PgLedger(owner_url, readonly=True) as owner:
+        ((last_ns, account),) = owner.query(
+            "SELECT MAX(run_end_ns), MIN(account) FROM job_runs WHERE account LIKE 'proj%'"
+        )
+    period = month_period(time.strftime("%Y-%m", time.gmtime(last_ns // S - 40 * 86400)))
+    with PgLedger(owner_url, readonly=True) as owner:
+        floor = q.run_start_floor(owner, period.start_ns)
+    assert floor is not None and floor < period.start_ns
+    sees_all = [
+        reader_url,
+        caller_spec(gw_url, None, (), admin=True),
+    ]
+    for spec in sees_all:
+        with PgLedger(spec, readonly=True) as led:
+            assert led.sees_every_run()
+            assert q.run_start_floor(led, period.start_ns) == floor
+    restricted = [
+        gw_url,  # no caller set: no run at all
+        caller_spec(gw_url, 7001),
+        caller_spec(gw_url, None, ["no-such-account"]),
+        caller_spec(gw_url, None, [account]),
+    ]
+    for spec in restricted:
+        with PgLedger(spec, readonly=True) as led:
+            assert not led.sees_every_run()
+            assert q.run_start_floor(led, period.start_ns) is None
+            assert "floor_ns" not in q._params(led, period.start_ns, period.end_ns, None)[0]
+    config = report_config(tmp_path / "unused.db")
+    texts = []
+    for spec in (caller_spec(gw_url, None, [account]), owner_url):
+        with q.open_readonly(spec) as led:
+            rep = build_report(led, config, period, account=account)
+        texts.append(render.to_json(rep))
+    assert texts[0] == texts[1] and rep.totals["jobs"] > 0
 
 
 def test_row_level_security_keeps_the_indexes(pg_server, tmp_path):

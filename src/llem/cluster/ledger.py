@@ -1106,6 +1106,11 @@ class Ledger(LedgerCommon):
             self.query("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,))
         )
 
+    def sees_every_run(self) -> bool:
+        """Whether this connection sees every run: always on SQLite (no row-level security;
+        :meth:`llem.cluster.pg_ledger.PgLedger.sees_every_run`)."""
+        return True
+
     # -- copying (llem ledger copy) ------------------------------------------------------------
 
     def write(self, statements: Sequence[tuple[str, Sequence[Sequence]]]) -> None:

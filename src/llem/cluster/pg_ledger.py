@@ -1082,6 +1082,20 @@ class PgLedger(LedgerCommon):
     def has_index(self, name: str) -> bool:
         return bool(self.db.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0])
 
+    def sees_every_run(self) -> bool:
+        """Whether this connection sees every run of ``job_runs``: row-level security does not
+        restrict it (the owner, a superuser), or its policy shows it all (``llem_reader``, or
+        the gateway's login for an admin caller). False for the gateway's login for a user or
+        coordinator, and with no caller set."""
+        (sees,) = self.db.execute(
+            "SELECT NOT row_security_active('job_runs') "
+            "OR COALESCE(current_setting('llem.admin', true), '') = 'on' "
+            "OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %s "
+            "AND pg_has_role(current_user, oid, 'MEMBER'))",
+            (pg_schema.READER_ROLE,),
+        ).fetchone()
+        return bool(sees)
+
     def columns(self, table: str) -> list[str]:
         """The table's columns in order, without those only this backend has."""
         extra = pg_schema.EXTRA_COLUMNS.get(table, ())

@@ -136,8 +136,16 @@ def run_start_floor(ledger: Ledger, start_ns: int) -> int | None:
     the ledger's last (the change table's previous month) the runs of every later month as
     well (1,790,000 index entries for October's 850,381 runs on the 10,000,000-job bench
     ledger). A very long run makes the floor early and the planner keeps the end-time index.
+
+    None too for a connection that row-level security restricts to some runs (the gateway's
+    login for a user or a coordinator, :meth:`~llem.cluster.pg_ledger.PgLedger.sees_every_run`):
+    ``MAX`` then walks the index from the longest run down, checking the policy at each
+    entry, until a run the caller may see, and for a caller who sees few or none, that is
+    the whole index (41-52 s on the 10,000,000-job ledger for a coordinator of an account
+    without runs, past the gateway's ``query_timeout_s``: docs/security.md). Such a report
+    is read as before schema 12, from the end-time index.
     """
-    if not ledger.has_index("job_runs_by_length"):
+    if not ledger.has_index("job_runs_by_length") or not ledger.sees_every_run():
         return None
     (longest,), *_ = ledger.query("SELECT MAX(run_end_ns - run_start_ns) FROM job_runs")
     return None if longest is None else start_ns - int(longest)
