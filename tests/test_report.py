@@ -8,9 +8,11 @@ the sampling parameters, never from the report's own code.
 import io
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -642,38 +644,78 @@ def test_plots_are_png_with_units(nov):
     assert plots.make_plots(nov) == pngs  # reproducible bytes
 
 
-def test_plots_drawn_in_a_forked_child_are_the_same_bytes(nov, monkeypatch):
-    # pytest runs no other thread here: the default forks, and must give the serial bytes
-    assert threading.active_count() == 1
-    serial = plots.make_plots(nov, fork=False)
-    forks = []
-    real_fork = os.fork
-
-    def counted_fork():
-        forks.append(1)
-        return real_fork()
-
-    monkeypatch.setattr(os, "fork", counted_fork)
-    assert plots.make_plots(nov) == serial
-    assert list(plots.make_plots(nov)) == list(serial)  # the same order of files
-    assert len(forks) == 2
-
-
-def test_a_plot_child_that_fails_has_its_plots_drawn_in_the_parent(nov, monkeypatch):
-    serial = plots.make_plots(nov, fork=False)
-    parent = os.getpid()
-    real = plots.daily_by_account
-
-    def fails_in_child(report):
-        if os.getpid() != parent:
-            raise RuntimeError("child broken")
-        return real(report)
-
-    name = "daily_energy_co2e_by_account.png"
-    monkeypatch.setattr(
-        plots, "PLOTS", tuple((n, fails_in_child if n == name else d, h) for n, d, h in plots.PLOTS)
+def _plots_in_a_fresh_process(tmp_path, report, body: str) -> dict:
+    """Run ``body`` (which prints one JSON line) in a new Python process holding ``report``
+    as ``rep``: a fork must not be tried from the test process, where other tests' threads
+    may still run."""
+    path = tmp_path / "report.pickle"
+    path.write_bytes(pickle.dumps(report))
+    head = (
+        "import json, os, pickle, sys, threading\n"
+        "from llem.report import plots\n"
+        "rep = pickle.loads(open(sys.argv[1], 'rb').read())\n"
     )
-    assert plots.make_plots(nov, fork=True) == serial
+    res = subprocess.run(
+        [sys.executable, "-c", head + textwrap.dedent(body), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_plots_drawn_in_a_forked_child_are_the_same_bytes(nov, tmp_path):
+    # a process of one thread (the CLI's): the default forks, and gives the serial bytes
+    got = _plots_in_a_fresh_process(
+        tmp_path,
+        nov,
+        """
+        serial = plots.make_plots(rep, fork=False)
+        forks = []
+        real_fork = os.fork
+
+        def counted_fork():
+            forks.append(1)
+            return real_fork()
+
+        os.fork = counted_fork
+        threads = threading.active_count()
+        forked = plots.make_plots(rep)
+        print(json.dumps({
+            "threads": threads,
+            "same": forked == serial,
+            "order": list(forked) == list(serial),
+            "files": len(serial),
+            "forks": len(forks),
+        }))
+        """,
+    )
+    assert got == {"threads": 1, "same": True, "order": True, "files": 4, "forks": 1}
+
+
+def test_a_plot_child_that_fails_has_its_plots_drawn_in_the_parent(nov, tmp_path):
+    got = _plots_in_a_fresh_process(
+        tmp_path,
+        nov,
+        """
+        serial = plots.make_plots(rep, fork=False)
+        parent = os.getpid()
+        real = plots.daily_by_account
+
+        def fails_in_child(report):
+            if os.getpid() != parent:
+                raise RuntimeError("child broken")
+            return real(report)
+
+        name = "daily_energy_co2e_by_account.png"
+        plots.PLOTS = tuple(
+            (n, fails_in_child if n == name else d, h) for n, d, h in plots.PLOTS
+        )
+        print(json.dumps({"same": plots.make_plots(rep, fork=True) == serial}))
+        """,
+    )
+    assert got == {"same": True}
 
 
 def test_plots_are_not_forked_beside_other_threads(nov, monkeypatch):
