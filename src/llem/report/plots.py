@@ -7,9 +7,9 @@ values as direct labels, and every axis names its unit.
 from __future__ import annotations
 
 import io
+import marshal
 import math
 import os
-import struct
 import threading
 import time
 
@@ -261,9 +261,7 @@ def _in_child(report: Report, wanted, meanwhile) -> dict[str, bytes]:
         try:
             os.close(read_fd)
             with os.fdopen(write_fd, "wb") as pipe:
-                for name, data in _draw(report, wanted).items():
-                    pipe.write(struct.pack("!II", len(name.encode()), len(data)))
-                    pipe.write(name.encode() + data)
+                pipe.write(marshal.dumps(_draw(report, wanted)))
             code = 0
         finally:
             os._exit(code)
@@ -276,18 +274,11 @@ def _in_child(report: Report, wanted, meanwhile) -> dict[str, bytes]:
         _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         return out
-    got: dict[str, bytes] = {}
-    at = 0
-    names = {name for name, _ in wanted}
-    while at + 8 <= len(sent):
-        name_len, data_len = struct.unpack_from("!II", sent, at)
-        at += 8
-        name = sent[at : at + name_len].decode(errors="replace")
-        data = sent[at + name_len : at + name_len + data_len]
-        at += name_len + data_len
-        if name in names and len(data) == data_len:
-            got[name] = data
-    if at != len(sent):
+    try:
+        got = marshal.loads(sent)  # our own child's dict of str -> bytes
+    except (EOFError, ValueError, TypeError):
         return out
-    out.update(got)
+    names = {name for name, _ in wanted}
+    if isinstance(got, dict):
+        out.update((k, v) for k, v in got.items() if k in names and isinstance(v, bytes))
     return out
